@@ -1,0 +1,1 @@
+"""The math of jaxattn, once: pure functions over arrays and weight pytrees."""
