@@ -68,7 +68,7 @@ def init_dense(
     std: float | None = None,
     dtype: DType = jnp.float32,
 ) -> DenseWeights:
-    """Initialise a dense layer: ``w ~ N(0, std^2)`` (default ``std = 1/sqrt(in_dim)``), ``b = 0``."""
+    """Initialise a dense layer: ``w ~ N(0, std^2)``, ``std = 1/sqrt(in_dim)`` by default."""
     std = 1.0 / math.sqrt(in_dim) if std is None else std
     w = std * jax.random.normal(rng, (in_dim, out_dim), dtype)
     b = jnp.zeros((out_dim,), dtype) if use_bias else None
@@ -139,7 +139,9 @@ class LayerNormWeights(NamedTuple):
     bias: Array | None
 
 
-def init_layer_norm(dim: int, *, use_bias: bool = True, dtype: DType = jnp.float32) -> LayerNormWeights:
+def init_layer_norm(
+    dim: int, *, use_bias: bool = True, dtype: DType = jnp.float32
+) -> LayerNormWeights:
     """Initialise layer norm to the identity affine map (scale 1, bias 0)."""
     return LayerNormWeights(jnp.ones((dim,), dtype), jnp.zeros((dim,), dtype) if use_bias else None)
 
@@ -211,14 +213,15 @@ def init_feed_forward(
 ) -> FeedForwardWeights:
     """Initialise ``down(act(up(x)))``; ``out_std`` lets GPT scale the residual projection."""
     rng_up, rng_down = jax.random.split(rng)
+    out_std = std if out_std is None else out_std  # not `out_std or std`: 0.0 is a valid std
     return FeedForwardWeights(
         init_dense(rng_up, dim, hidden_dim, use_bias=use_bias, std=std, dtype=dtype),
-        init_dense(rng_down, hidden_dim, dim, use_bias=use_bias, std=out_std or std, dtype=dtype),
+        init_dense(rng_down, hidden_dim, dim, use_bias=use_bias, std=out_std, dtype=dtype),
     )
 
 
 def feed_forward(weights: FeedForwardWeights, x: Array, *, approximate_gelu: bool = True) -> Array:
-    """Position-wise MLP ``gelu(x W_up + b_up) W_down + b_down``. ``x: [..., D]`` -> ``[..., D]``."""
+    """Position-wise MLP ``gelu(x W_up + b_up) W_down + b_down``: ``[..., D]`` -> ``[..., D]``."""
     return dense(weights.down, gelu(dense(weights.up, x), approximate=approximate_gelu))
 
 
@@ -233,7 +236,7 @@ class SwiGLUWeights(NamedTuple):
 def init_swiglu(
     rng: Array, dim: int, hidden_dim: int, *, use_bias: bool = False, dtype: DType = jnp.float32
 ) -> SwiGLUWeights:
-    """Initialise a SwiGLU feed-forward block (Shazeer, 2020, "GLU Variants Improve Transformer")."""
+    """Initialise a SwiGLU block (Shazeer, 2020, "GLU Variants Improve Transformer")."""
     rng_gate, rng_up, rng_down = jax.random.split(rng, 3)
     return SwiGLUWeights(
         init_dense(rng_gate, dim, hidden_dim, use_bias=use_bias, dtype=dtype),

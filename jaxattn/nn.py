@@ -1,0 +1,239 @@
+"""Flax NNX modules: thin owners of the same weight pytrees the pure functions take.
+
+Each module stores one weights NamedTuple (the tree ``jaxattn.ops``/``jaxattn.models``
+build) with every array wrapped in ``nnx.Param``; ``__call__`` unwraps it and calls the pure
+function. There is no math here, so a module and its function compute the same numbers,
+and the two forms convert both ways::
+
+    lstm = LSTM.from_weights(weights)    # pure tree -> module
+    weights = lstm.pure_weights()              # module -> pure tree
+    nnx.state(lstm, nnx.Param)                 # the same leaves, by path, for optimisers
+
+Modules: ``LSTM`` (stacked/bidirectional, like ``torch.nn.LSTM(batch_first=True)``),
+``GeneralAttention`` (Luong), ``AdditiveAttention`` (Bahdanau), ``MultiHeadAttention``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.ops import attention as attention_ops
+from jaxattn.ops import lstm as lstm_ops
+
+Array = jax.Array
+
+
+def _is_param(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+class WeightsModule(nnx.Module):
+    """Base class: owns ``self.weights``, a weights NamedTuple whose arrays are ``nnx.Param``s."""
+
+    def __init__(self, weights: Any):
+        self.weights = nnx.data(jax.tree.map(nnx.Param, weights))
+
+    @classmethod
+    def from_weights(cls, weights: Any, **options: Any):
+        """Build a module that owns ``weights`` (a pure pytree), e.g. a converted checkpoint.
+
+        The constructor's sizes are read off the weights' shapes (``_sizes``); the module is
+        built abstractly (``nnx.eval_shape``, no random init) and then given ``weights``.
+        """
+        sizes = cls._sizes(weights)
+        module = nnx.eval_shape(lambda: cls(**sizes, **options, rngs=nnx.Rngs(0)))
+        module.weights = nnx.data(jax.tree.map(nnx.Param, weights))
+        return module
+
+    @staticmethod
+    def _sizes(weights: Any) -> dict[str, Any]:
+        """The constructor arguments that reproduce ``weights``' shapes."""
+        raise NotImplementedError
+
+    def pure_weights(self) -> Any:
+        """The weights as the plain pytree the pure functions take."""
+        return jax.tree.map(lambda p: p[...], self.weights, is_leaf=_is_param)
+
+
+class LSTM(WeightsModule):
+    """Stacked, optionally bidirectional LSTM over ``[B, T, I]`` inputs (see ``ops.lstm_stack``)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(
+            lstm_ops.init_lstm_stack(
+                rngs.params(),
+                input_size,
+                hidden_size,
+                num_layers=num_layers,
+                bidirectional=bidirectional,
+            )
+        )
+        self.dropout_rate = dropout_rate
+
+    @staticmethod
+    def _sizes(weights: Any) -> dict[str, Any]:
+        first = weights[0]
+        bidirectional = isinstance(first, lstm_ops.BidirectionalWeights)
+        w = first.forward if bidirectional else first
+        return dict(
+            input_size=w.w_ih.shape[0],
+            hidden_size=w.w_hh.shape[0],
+            num_layers=len(weights),
+            bidirectional=bidirectional,
+        )
+
+    def __call__(
+        self,
+        xs: Array,
+        carry: tuple[Array, Array] | None = None,
+        *,
+        lengths: Array | None = None,
+        rng: Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, tuple[Array, Array]]:
+        """``xs: [B, T, I]`` -> ``(ys [B, T, dirs*h], (h_n, c_n) [L*dirs, B, h])``."""
+        return lstm_ops.lstm_stack(
+            self.pure_weights(),
+            xs,
+            carry,
+            lengths=lengths,
+            dropout_rate=self.dropout_rate,
+            rng=rng,
+            deterministic=deterministic,
+        )
+
+
+class _ScoredAttention(WeightsModule):
+    """Seq2seq attention: ``context = softmax(scores(query, keys)) values``."""
+
+    def _scores(self, query: Array, keys: Array) -> Array:
+        raise NotImplementedError
+
+    def __call__(
+        self, query: Array, keys: Array, values: Array | None = None, *, mask: Array | None = None
+    ) -> tuple[Array, Array]:
+        """Attend from ``query: [..., Tq, dq]`` over ``keys: [..., Tk, dk]``.
+
+        ``values`` default to the keys (the encoder states); ``mask`` is broadcastable to
+        ``[..., Tq, Tk]``, True = attend.
+        Returns ``(context [..., Tq, dv], weights [..., Tq, Tk])``.
+        """
+        scores = self._scores(query, keys)
+        return attention_ops.attend(scores, keys if values is None else values, mask)
+
+
+class GeneralAttention(_ScoredAttention):
+    """Luong "general" attention: ``scores = q W kᵀ``."""
+
+    def __init__(self, query_dim: int, key_dim: int, *, rngs: nnx.Rngs):
+        super().__init__(attention_ops.init_general(rngs.params(), query_dim, key_dim))
+
+    @staticmethod
+    def _sizes(weights: Any) -> dict[str, Any]:
+        query_dim, key_dim = weights.shape
+        return dict(query_dim=query_dim, key_dim=key_dim)
+
+    def _scores(self, query: Array, keys: Array) -> Array:
+        return attention_ops.general_scores(self.pure_weights(), query, keys)
+
+
+class AdditiveAttention(_ScoredAttention):
+    """Bahdanau additive attention: ``scores = v · tanh(q W_q + k W_k)``."""
+
+    def __init__(self, query_dim: int, key_dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
+        super().__init__(attention_ops.init_additive(rngs.params(), query_dim, key_dim, hidden_dim))
+
+    def _scores(self, query: Array, keys: Array) -> Array:
+        return attention_ops.additive_scores(self.pure_weights(), query, keys)
+
+
+class MultiHeadAttention(WeightsModule):
+    """Multi-head (self- or cross-) attention, GQA when ``num_kv_heads < num_heads``."""
+
+    def __init__(
+        self,
+        q_dim: int,
+        num_heads: int,
+        *,
+        head_dim: int | None = None,
+        kv_dim: int | None = None,
+        num_kv_heads: int | None = None,
+        out_dim: int | None = None,
+        use_bias: bool = True,
+        dropout_rate: float = 0.0,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(
+            attention_ops.init_multi_head_attention(
+                rngs.params(),
+                q_dim,
+                num_heads,
+                head_dim=head_dim,
+                kv_dim=kv_dim,
+                num_kv_heads=num_kv_heads,
+                out_dim=out_dim,
+                use_bias=use_bias,
+                dtype=dtype,
+            )
+        )
+        self.dropout_rate = dropout_rate
+
+    @staticmethod
+    def _sizes(weights: Any) -> dict[str, Any]:
+        q_dim, num_heads, head_dim = weights.w_q.shape
+        kv_dim, num_kv_heads, _ = weights.w_k.shape
+        return dict(
+            q_dim=q_dim,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            kv_dim=kv_dim,
+            num_kv_heads=num_kv_heads,
+            out_dim=weights.w_o.shape[-1],
+            use_bias=weights.b_q is not None,
+            dtype=weights.w_q.dtype,
+        )
+
+    def __call__(
+        self,
+        x_q: Array,
+        x_kv: Array | None = None,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        is_causal: bool = False,
+        return_weights: bool = False,
+        implementation: str | None = None,
+        rng: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array | tuple[Array, Array]:
+        """``x_q: [B, T, Dq]``, ``x_kv: [B, S, Dkv]`` -> ``[B, T, Dout]``.
+
+        See ``jaxattn.ops.multi_head_attention`` for the arguments.
+        """
+        return attention_ops.multi_head_attention(
+            self.pure_weights(),
+            x_q,
+            x_kv,
+            mask=mask,
+            bias=bias,
+            is_causal=is_causal,
+            return_weights=return_weights,
+            implementation=implementation,
+            dropout_rate=self.dropout_rate,
+            rng=rng,
+            deterministic=deterministic,
+        )

@@ -1,0 +1,553 @@
+"""Attention: seq2seq scores, scaled dot-product attention and multi-head attention.
+
+Shape glossary: B batch, T query time, S key time, N query heads, K key/value heads
+(``N % K == 0``), G = N // K query heads per key/value head, H head dim, D model dim
+(Dq for queries, Dkv for keys/values, Dout for the output).
+
+Seq2seq scores (one query sequence against one key sequence, any leading axes ``...``):
+
+- dot (Luong et al., 2015, "Effective Approaches to Attention-based NMT"): ``q · k``;
+- general (Luong et al., 2015): ``q W kᵀ``;
+- additive (Bahdanau et al., 2015, "Neural Machine Translation by Jointly Learning to
+  Align and Translate"): ``v · tanh(q W_q + k W_k)``;
+
+and ``attend`` turns scores into ``weights = softmax(scores)`` and ``context = weights V``.
+
+Scaled dot-product attention (Vaswani et al., 2017, "Attention Is All You Need"):
+``softmax(scale · Q Kᵀ + bias, masked) V`` with ``scale = 1/sqrt(H)``, per head, in the
+``[B, T, N, H]`` layout of ``jax.nn.dot_product_attention``. With K < N key/value heads
+(grouped-query attention, Ainslie et al., 2023, "GQA: Training Generalized Multi-Query
+Transformer Models from Multi-Head Checkpoints"; K = 1 is multi-query attention) query head
+n reads key/value head ``n // (N // K)``.
+
+Masks are boolean with True = attend (see ``jaxattn.ops.masks``); a query with nothing to
+attend to gets a zero output and finite gradients, never NaN. Causal masks treat the T
+queries as the last T of the S key positions (cached decoding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.ops.layers import dropout, project
+from jaxattn.ops.masks import causal_mask, combine_masks, masked_softmax
+
+Array = jax.Array
+DType = jnp.dtype | type | str
+
+# ----------------------------------------------------------------------------------------
+# Seq2seq scores
+# ----------------------------------------------------------------------------------------
+
+
+def _check_qk(name: str, query: Array, keys: Array) -> None:
+    if query.ndim < 2 or keys.ndim < 2:
+        raise ValueError(
+            f"{name}: query [..., Tq, dq] and keys [..., Tk, dk] need rank >= 2, got "
+            f"{query.shape} and {keys.shape}"
+        )
+
+
+def dot_scores(query: Array, keys: Array, *, scale: float | None = None) -> Array:
+    """Score each query against each key by a dot product: ``s_ij = scale · q_i · k_j``.
+
+    Args:
+      query: ``[..., Tq, d]``.
+      keys: ``[..., Tk, d]``.
+      scale: optional multiplier (e.g. ``1/sqrt(d)``); None = unscaled (Luong's "dot").
+
+    Returns:
+      ``[..., Tq, Tk]``.
+    """
+    _check_qk("dot_scores", query, keys)
+    if query.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"dot_scores: feature dims differ: query {query.shape}, keys {keys.shape}")
+    scores = jnp.einsum("...qd,...kd->...qk", query, keys)  # [..., Tq, Tk]
+    return scores if scale is None else scores * scale
+
+
+def init_general(
+    rng: Array,
+    query_dim: int,
+    key_dim: int,
+    *,
+    std: float | None = None,
+    dtype: DType = jnp.float32,
+) -> Array:
+    """Initialise Luong's "general" bilinear matrix ``W: [dq, dk] ~ N(0, std^2)``.
+
+    ``std`` defaults to ``1/sqrt(dq)``.
+    """
+    std = 1.0 / math.sqrt(query_dim) if std is None else std
+    return std * jax.random.normal(rng, (query_dim, key_dim), dtype)
+
+
+def general_scores(w: Array, query: Array, keys: Array) -> Array:
+    """Score with a learned bilinear form: ``s_ij = q_i W k_jᵀ`` (Luong et al., 2015).
+
+    Args:
+      w: ``[dq, dk]``.
+      query: ``[..., Tq, dq]``.
+      keys: ``[..., Tk, dk]``.
+
+    Returns:
+      ``[..., Tq, Tk]``.
+    """
+    _check_qk("general_scores", query, keys)
+    if w.ndim != 2 or w.shape != (query.shape[-1], keys.shape[-1]):
+        raise ValueError(
+            f"general_scores: w must be [dq, dk] = {(query.shape[-1], keys.shape[-1])}, got "
+            f"{w.shape} (query {query.shape}, keys {keys.shape})"
+        )
+    return dot_scores(project(query, w), keys)  # [..., Tq, Tk]
+
+
+class AdditiveWeights(NamedTuple):
+    """Bahdanau attention. ``w_query: [dq, d]``, ``w_key: [dk, d]``, ``v: [d]``."""
+
+    w_query: Array
+    w_key: Array
+    v: Array
+
+
+def init_additive(
+    rng: Array, query_dim: int, key_dim: int, hidden_dim: int, *, dtype: DType = jnp.float32
+) -> AdditiveWeights:
+    """Initialise additive attention with ``N(0, 1/fan_in)`` entries."""
+    rng_q, rng_k, rng_v = jax.random.split(rng, 3)
+    return AdditiveWeights(
+        jax.random.normal(rng_q, (query_dim, hidden_dim), dtype) / math.sqrt(query_dim),
+        jax.random.normal(rng_k, (key_dim, hidden_dim), dtype) / math.sqrt(key_dim),
+        jax.random.normal(rng_v, (hidden_dim,), dtype) / math.sqrt(hidden_dim),
+    )
+
+
+def additive_scores(weights: AdditiveWeights, query: Array, keys: Array) -> Array:
+    """Score with a one-hidden-layer MLP: ``s_ij = v · tanh(q_i W_q + k_j W_k)``.
+
+    (Bahdanau et al., 2015.) Keys are projected once, not once per query.
+
+    Args:
+      weights: ``AdditiveWeights(w_query [dq, d], w_key [dk, d], v [d])``.
+      query: ``[..., Tq, dq]``.
+      keys: ``[..., Tk, dk]``.
+
+    Returns:
+      ``[..., Tq, Tk]``.
+    """
+    _check_qk("additive_scores", query, keys)
+    d = weights.v.shape[-1]
+    if weights.v.ndim != 1 or weights.w_query.shape[-1] != d or weights.w_key.shape[-1] != d:
+        raise ValueError(
+            f"additive_scores: inconsistent weights w_query {weights.w_query.shape}, "
+            f"w_key {weights.w_key.shape}, v {weights.v.shape}"
+        )
+    q = project(query, weights.w_query)[..., :, None, :]  # [..., Tq, 1, d]
+    k = project(keys, weights.w_key)[..., None, :, :]  # [..., 1, Tk, d]
+    return jnp.tanh(q + k) @ weights.v.astype(q.dtype)  # [..., Tq, Tk]
+
+
+def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Array, Array]:
+    """Normalise scores and average the values: ``w = softmax(s)``, ``c_i = sum_j w_ij v_j``.
+
+    Args:
+      scores: ``[..., Tq, Tk]``.
+      values: ``[..., Tk, dv]``.
+      mask: boolean, broadcastable to ``scores``; True = attend.
+
+    Returns:
+      ``(context [..., Tq, dv]`` in ``values``' dtype, ``weights [..., Tq, Tk]`` float32).
+    """
+    if scores.ndim < 2 or values.ndim < 2 or scores.shape[-1] != values.shape[-2]:
+        raise ValueError(
+            f"attend: scores [..., Tq, Tk] and values [..., Tk, dv] disagree: scores "
+            f"{scores.shape}, values {values.shape}"
+        )
+    weights = masked_softmax(scores, mask)  # [..., Tq, Tk]
+    context = jnp.einsum("...qk,...kd->...qd", weights.astype(values.dtype), values)
+    return context, weights
+
+
+# ----------------------------------------------------------------------------------------
+# Scaled dot-product attention, [B, T, N, H] layout
+# ----------------------------------------------------------------------------------------
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def _check_broadcast(name: str, x: Array, target: tuple[int, ...]) -> Array:
+    """Left-pad ``x`` to rank 4 and check it broadcasts to ``target = (B, N, T, S)``."""
+    if x.ndim > 4 or any(d not in (1, t) for d, t in zip(x.shape[::-1], target[::-1])):
+        raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = {target}")
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _check_inputs(q, k, v, mask, bias):
+    """Validate shapes/dtypes; return (mask, bias) as rank-4 arrays (or None)."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"dot_product_attention: q [B, T, N, H], k, v [B, S, K, H] must be rank 4, got "
+            f"q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    (b, _, n, h), (bk, s, kh, hk) = q.shape, k.shape
+    if bk != b or hk != h or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            "dot_product_attention: expected q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], "
+            f"got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if kh == 0 or n % kh != 0:
+        raise ValueError(
+            f"dot_product_attention: query heads N={n} must be a multiple of key/value heads "
+            f"K={kh} (q {q.shape}, k {k.shape})"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"dot_product_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    target = (b, n, q.shape[1], s)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"dot_product_attention: mask must be boolean, got {mask.dtype}")
+        mask = _check_broadcast("mask", mask, target)
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise ValueError(f"dot_product_attention: bias must be float, got {bias.dtype}")
+        bias = _check_broadcast("bias", bias, target)
+    return mask, bias
+
+
+def _grouped(x: Array | None, num_kv_heads: int) -> Array | None:
+    """``[b, N | 1, t, s]`` -> ``[b, K | 1, G | 1, t, s]`` matching the grouped logits."""
+    if x is None:
+        return None
+    b, n, t, s = x.shape
+    if n == 1:
+        return x[:, :, None]  # [b, 1, 1, t, s]
+    return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)  # [b, K, G, t, s]
+
+
+def _grouped_probs(q, k, mask, bias, is_causal, scale) -> Array:
+    """The one formula: ``softmax(scale q kᵀ + bias, mask)`` -> float32 ``[B, K, G, T, S]``."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]: head n = k * G + g
+    # Accumulate in float32 even for bf16 inputs; softmax needs the precision.
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scale = 1.0 / math.sqrt(h) if scale is None else scale
+    logits = logits * jnp.asarray(scale, jnp.float32)  # [B, K, G, T, S]
+    if bias is not None:
+        logits = logits + _grouped(bias.astype(jnp.float32), kh)
+    mask = combine_masks(_grouped(mask, kh), causal_mask(t, s)[:, :, None] if is_causal else None)
+    return masked_softmax(logits, mask)  # [B, K, G, T, S]
+
+
+def _attention_xla_core(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
+    """Reference einsum path -> (out ``[B, T, N, Hv]``, pre-dropout probs ``[B, K, G, T, S]``).
+
+    GQA groups the query heads instead of repeating k/v in memory.
+    """
+    b, t, n, _ = q.shape
+    probs = _grouped_probs(q, k, mask, bias, is_causal, scale)  # [B, K, G, T, S]
+    p = dropout(dropout_rng, probs, dropout_rate) if dropout_rate > 0.0 else probs
+    out = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v)  # [B, T, K, G, Hv]
+    return out.reshape(b, t, n, v.shape[-1]), probs  # [B, T, N, Hv]
+
+
+def _attention_xla(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
+    return _attention_xla_core(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng)[0]
+
+
+def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
+    """cuDNN fused attention via ``jax.nn.dot_product_attention`` (GPU only)."""
+    del dropout_rng  # rejected earlier: dropout_rate == 0 here
+    if jax.default_backend() != "gpu":
+        raise ValueError(
+            f'dot_product_attention: implementation="cudnn" needs a GPU, but the default '
+            f"backend is {jax.default_backend()!r}; use implementation=None or 'xla'"
+        )
+    t, s = q.shape[1], k.shape[1]
+    if is_causal and t != s:
+        # cuDNN's causal mask is top-left aligned; ours puts the queries last.
+        mask, is_causal = combine_masks(mask, causal_mask(t, s)), False
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias, mask, scale=scale, is_causal=is_causal, implementation="cudnn"
+    )
+    if mask is not None:
+        # cuDNN turns the mask into a bias, so an empty row would average every key.
+        has_key = jnp.any(mask, axis=-1)  # [b, n, T]
+        out = jnp.where(jnp.transpose(has_key, (0, 2, 1))[..., None], out, jnp.zeros_like(out))
+    return out
+
+
+_KERNELS = {"xla": _attention_xla, "cudnn": _attention_cudnn}
+
+
+def _select_implementation(q: Array, k: Array, dropout_rate: float) -> str:
+    """Pick a kernel for ``implementation=None``.
+
+    Only the einsum path exists so far. This is the single place to choose a faster kernel
+    per backend and shape (blockwise on CPU, cuDNN on GPU, Pallas on TPU); any kernel chosen
+    here must honour the contract of ``dot_product_attention`` (empty rows give zeros).
+    """
+    del q, k, dropout_rate
+    return "xla"
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> Array:
+    """Scaled dot-product attention: ``out = softmax(scale · q kᵀ + bias, mask) v`` per head.
+
+    (Vaswani et al., 2017; grouped-query attention, Ainslie et al., 2023.) Query head n
+    reads key/value head ``n // (N // K)``. Logits and softmax are float32; the matmuls run
+    in the inputs' dtype. A query row with nothing to attend to outputs zeros.
+
+    Args:
+      q: ``[B, T, N, H]`` queries.
+      k: ``[B, S, K, H]`` keys, ``N % K == 0``.
+      v: ``[B, S, K, Hv]`` values (same dtype as q and k).
+      mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend.
+      bias: float, broadcastable to ``[B, N, T, S]``, added to the scaled logits.
+      is_causal: also mask key ``s > t + S - T`` (queries are the last T key positions).
+      scale: logit scale, default ``1/sqrt(H)``.
+      implementation: None (auto), ``"xla"`` (einsum reference) or ``"cudnn"`` (GPU only).
+      dropout_rate: dropout on the attention probabilities (``"xla"`` only).
+      dropout_rng: PRNG key, required when ``dropout_rate > 0``.
+
+    Returns:
+      ``[B, T, N, Hv]`` in q's dtype.
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    mask, bias = _check_inputs(q, k, v, mask, bias)
+    if implementation is None:
+        implementation = _select_implementation(q, k, dropout_rate)
+    if implementation not in _KERNELS:
+        raise ValueError(
+            f"dot_product_attention: unknown implementation {implementation!r}; "
+            f"expected None or one of {IMPLEMENTATIONS}"
+        )
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dot_product_attention: dropout_rate {dropout_rate} is not in [0, 1)")
+    if dropout_rate > 0.0 and implementation != "xla":
+        raise ValueError(
+            f"dot_product_attention: attention dropout is only supported by the 'xla' "
+            f"implementation, got implementation={implementation!r}"
+        )
+    return _KERNELS[implementation](
+        q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng
+    )
+
+
+def attention_weights(
+    q: Array,
+    k: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Array:
+    """Return the attention probabilities ``softmax(scale · q kᵀ + bias, mask)``.
+
+    The same formula as the ``"xla"`` path of ``dot_product_attention`` (for plotting).
+
+    Args:
+      q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; mask, bias, is_causal, scale: as in
+        ``dot_product_attention``.
+
+    Returns:
+      ``[B, N, T, S]`` float32; rows sum to 1, or are all 0 if nothing may be attended.
+    """
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    mask, bias = _check_inputs(q, k, k, mask, bias)
+    b, t, n, _ = q.shape
+    probs = _grouped_probs(q, k, mask, bias, is_causal, scale)  # [B, K, G, T, S]
+    return probs.reshape(b, n, t, k.shape[1])  # [B, N, T, S]
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-head attention
+# ----------------------------------------------------------------------------------------
+
+
+class MultiHeadAttentionWeights(NamedTuple):
+    """Multi-head attention projections; N, K, H are read from the shapes.
+
+    ``w_q: [Dq, N, H]``, ``w_k, w_v: [Dkv, K, H]``, ``w_o: [N, H, Dout]``,
+    ``b_q: [N, H]``, ``b_k, b_v: [K, H]``, ``b_o: [Dout]`` (biases may be None).
+    """
+
+    w_q: Array
+    w_k: Array
+    w_v: Array
+    w_o: Array
+    b_q: Array | None
+    b_k: Array | None
+    b_v: Array | None
+    b_o: Array | None
+
+
+def init_multi_head_attention(
+    rng: Array,
+    q_dim: int,
+    num_heads: int,
+    *,
+    head_dim: int | None = None,
+    kv_dim: int | None = None,
+    num_kv_heads: int | None = None,
+    out_dim: int | None = None,
+    use_bias: bool = True,
+    std: float | None = None,
+    out_std: float | None = None,
+    dtype: DType = jnp.float32,
+) -> MultiHeadAttentionWeights:
+    """Initialise multi-head attention with ``N(0, std^2)`` kernels and zero biases.
+
+    Defaults: ``head_dim = q_dim // num_heads``, ``kv_dim = out_dim = q_dim``,
+    ``num_kv_heads = num_heads``; ``std = 1/sqrt(fan_in)`` per input projection and
+    ``out_std = 1/sqrt(N H)`` (GPT-2 passes a smaller ``out_std`` for the residual branch).
+    """
+    if head_dim is None:
+        if q_dim % num_heads != 0:
+            raise ValueError(
+                f"init_multi_head_attention: q_dim={q_dim} is not divisible by "
+                f"num_heads={num_heads}; pass head_dim"
+            )
+        head_dim = q_dim // num_heads
+    kv_dim = q_dim if kv_dim is None else kv_dim
+    out_dim = q_dim if out_dim is None else out_dim
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"init_multi_head_attention: num_heads={num_heads} must be a multiple of "
+            f"num_kv_heads={num_kv_heads}"
+        )
+    n, kh, h = num_heads, num_kv_heads, head_dim
+    std_q = 1.0 / math.sqrt(q_dim) if std is None else std
+    std_kv = 1.0 / math.sqrt(kv_dim) if std is None else std
+    out_std = 1.0 / math.sqrt(n * h) if out_std is None else out_std
+    rq, rk, rv, ro = jax.random.split(rng, 4)
+
+    def zeros(*shape):
+        return jnp.zeros(shape, dtype) if use_bias else None
+
+    return MultiHeadAttentionWeights(
+        w_q=std_q * jax.random.normal(rq, (q_dim, n, h), dtype),
+        w_k=std_kv * jax.random.normal(rk, (kv_dim, kh, h), dtype),
+        w_v=std_kv * jax.random.normal(rv, (kv_dim, kh, h), dtype),
+        w_o=out_std * jax.random.normal(ro, (n, h, out_dim), dtype),
+        b_q=zeros(n, h),
+        b_k=zeros(kh, h),
+        b_v=zeros(kh, h),
+        b_o=zeros(out_dim),
+    )
+
+
+def project_qkv(
+    weights: MultiHeadAttentionWeights, x_q: Array, x_kv: Array | None = None
+) -> tuple[Array, Array, Array]:
+    """Project inputs to per-head queries, keys and values: ``q = x_q W_q + b_q`` etc.
+
+    Args:
+      weights: ``MultiHeadAttentionWeights``.
+      x_q: ``[B, T, Dq]``.
+      x_kv: ``[B, S, Dkv]``, or None for self-attention (``x_kv = x_q``).
+
+    Returns:
+      ``(q [B, T, N, H], k [B, S, K, H], v [B, S, K, H])``.
+    """
+    x_kv = x_q if x_kv is None else x_kv
+    q = project(x_q, weights.w_q, weights.b_q)  # [B, T, N, H]
+    k = project(x_kv, weights.w_k, weights.b_k)  # [B, S, K, H]
+    v = project(x_kv, weights.w_v, weights.b_v)  # [B, S, K, H]
+    return q, k, v
+
+
+def project_output(weights: MultiHeadAttentionWeights, context: Array) -> Array:
+    """Merge the heads: ``out = sum_{n,h} context[..., n, h] W_o[n, h, :] + b_o``.
+
+    Args:
+      context: ``[B, T, N, H]``.
+
+    Returns:
+      ``[B, T, Dout]``.
+    """
+    return project(context, weights.w_o, weights.b_o, contract_dims=2)  # [B, T, Dout]
+
+
+def multi_head_attention(
+    weights: MultiHeadAttentionWeights,
+    x_q: Array,
+    x_kv: Array | None = None,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    return_weights: bool = False,
+    implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    rng: Array | None = None,
+    deterministic: bool = True,
+) -> Array | tuple[Array, Array]:
+    """Multi-head attention: ``concat_n(attention(x_q W_q^n, x_kv W_k^n, x_kv W_v^n)) W_o``.
+
+    (Vaswani et al., 2017; K < N key/value heads is GQA, Ainslie et al., 2023.)
+
+    Args:
+      weights: ``MultiHeadAttentionWeights``.
+      x_q: ``[B, T, Dq]`` queries' inputs.
+      x_kv: ``[B, S, Dkv]`` keys'/values' inputs, or None for self-attention.
+      mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend.
+      bias: float, broadcastable to ``[B, N, T, S]``.
+      is_causal: causal masking (queries are the last T key positions).
+      return_weights: also return the attention probabilities (forces the "xla" path).
+      implementation: see ``dot_product_attention``.
+      dropout_rate: dropout on the attention probabilities when not ``deterministic``.
+      rng: PRNG key for dropout.
+      deterministic: disable dropout (evaluation).
+
+    Returns:
+      ``[B, T, Dout]``, or ``(out, weights [B, N, T, S])`` when ``return_weights``; the
+      returned weights are the probabilities before dropout.
+    """
+    x_q = jnp.asarray(x_q)
+    if x_q.ndim != 3 or (x_kv is not None and jnp.ndim(x_kv) != 3):
+        raise ValueError(
+            f"multi_head_attention: x_q [B, T, Dq] and x_kv [B, S, Dkv] must be rank 3, got "
+            f"x_q {x_q.shape}, x_kv {None if x_kv is None else jnp.shape(x_kv)}"
+        )
+    q, k, v = project_qkv(weights, x_q, x_kv)
+    rate = 0.0 if deterministic else dropout_rate
+    if not return_weights:
+        context = dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            is_causal=is_causal,
+            implementation=implementation,
+            dropout_rate=rate,
+            dropout_rng=rng,
+        )
+        return project_output(weights, context)
+    mask, bias = _check_inputs(q, k, v, mask, bias)
+    context, probs = _attention_xla_core(q, k, v, mask, bias, is_causal, None, rate, rng)
+    b, kh, g, t, s = probs.shape
+    return project_output(weights, context), probs.reshape(b, kh * g, t, s)  # [B, N, T, S]

@@ -1,0 +1,372 @@
+"""Long short-term memory: one cell, a scan over time, stacked and bidirectional layers.
+
+Shape glossary: B batch, T time, I input features, h hidden size (also the name of the
+hidden state in the formulas), L layers, dirs 1 or 2 directions.
+
+The LSTM of Hochreiter & Schmidhuber (1997, "Long Short-Term Memory"), with the forget
+gate of Gers et al. (2000), in PyTorch's gate order (i, f, g, o)::
+
+    [i, f, g, o] = x_t W_ih + h_{t-1} W_hh + b          # each [B, h]; W_ih [I, 4h]
+    c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)   # memory cell
+    h_t = sigmoid(o) * tanh(c_t)                        # output / hidden state
+
+``W_ih`` and ``W_hh`` are PyTorch's ``weight_ih_l0.T`` and ``weight_hh_l0.T``; ``b`` is
+``bias_ih_l0 + bias_hh_l0`` (two biases that are only ever added are one bias).
+
+Speed: ``x_t W_ih + b`` does not depend on the recurrence, so ``lstm_scan`` computes it
+for all T steps as one ``[T*B, I] x [I, 4h]`` matmul before ``lax.scan``; each step then
+runs a single ``[B, h] x [h, 4h]`` matmul and splits the result into the four gates.
+
+Padding: with ``lengths`` a row's steps ``t >= length`` leave its state unchanged and
+output zeros, so the final state is PyTorch's on a ``pack_padded_sequence`` input; run in
+reverse, such a row starts from its last valid step ``length - 1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn.ops.layers import dropout, project
+
+Array = jax.Array
+DType = jnp.dtype | type | str
+Carry = tuple[Array, Array]
+
+
+class LSTMWeights(NamedTuple):
+    """One LSTM layer, gates in PyTorch order (i, f, g, o).
+
+    ``w_ih: [I, 4h]``, ``w_hh: [h, 4h]``, ``b: [4h]`` (PyTorch's ``b_ih + b_hh``).
+    """
+
+    w_ih: Array
+    w_hh: Array
+    b: Array
+
+
+class BidirectionalWeights(NamedTuple):
+    """A bidirectional layer: one ``LSTMWeights`` per direction, same shapes."""
+
+    forward: LSTMWeights
+    backward: LSTMWeights
+
+
+def init_lstm(
+    rng: Array,
+    input_size: int,
+    hidden_size: int,
+    *,
+    forget_bias: float = 0.0,
+    dtype: DType = jnp.float32,
+) -> LSTMWeights:
+    """Initialise one LSTM layer like ``torch.nn.LSTM``.
+
+    Every entry of ``W_ih``, ``W_hh`` and of PyTorch's two biases is drawn from
+    ``U(-k, k)``, ``k = 1/sqrt(h)``; ``b`` is the sum of the two bias draws, so it has the
+    same (triangular) distribution as PyTorch's effective bias.
+
+    Forget bias: Gers et al. (2000) and Jozefowicz et al. (2015, "An Empirical Exploration
+    of Recurrent Network Architectures") add 1 to the forget-gate bias so that the cell
+    remembers by default early in training. PyTorch does not; ``forget_bias`` (default 0,
+    PyTorch's init) is added to ``b[h:2h]``.
+
+    Args:
+      rng: PRNG key.
+      input_size: I.
+      hidden_size: h.
+      forget_bias: constant added to the forget-gate bias.
+      dtype: parameter dtype.
+
+    Returns:
+      ``LSTMWeights(w_ih [I, 4h], w_hh [h, 4h], b [4h])``.
+    """
+    k = 1.0 / math.sqrt(hidden_size)
+    r_ih, r_hh, r_b1, r_b2 = jax.random.split(rng, 4)
+    g = 4 * hidden_size
+    uniform = lambda r, shape: jax.random.uniform(r, shape, dtype, -k, k)
+    b = uniform(r_b1, (g,)) + uniform(r_b2, (g,))
+    b = b.at[hidden_size : 2 * hidden_size].add(jnp.asarray(forget_bias, dtype))
+    return LSTMWeights(uniform(r_ih, (input_size, g)), uniform(r_hh, (hidden_size, g)), b)
+
+
+def _check_weights(weights: LSTMWeights, where: str) -> tuple[int, int]:
+    """Return ``(I, h)`` after checking that the three arrays agree."""
+    w_ih, w_hh, b = weights
+    if w_hh.ndim != 2 or w_hh.shape[1] != 4 * w_hh.shape[0]:
+        raise ValueError(f"{where}: w_hh must be [h, 4h], got {w_hh.shape}")
+    h = w_hh.shape[0]
+    if w_ih.ndim != 2 or w_ih.shape[1] != 4 * h or b.shape != (4 * h,):
+        raise ValueError(
+            f"{where}: expected w_ih [I, {4 * h}] and b [{4 * h}] for w_hh {w_hh.shape}, "
+            f"got w_ih {w_ih.shape} and b {b.shape}"
+        )
+    return w_ih.shape[0], h
+
+
+def _check_carry(carry: Carry, batch: int, hidden: int, where: str) -> None:
+    shapes = tuple(jnp.shape(a) for a in carry) if len(carry) == 2 else None
+    if shapes != ((batch, hidden), (batch, hidden)):
+        raise ValueError(
+            f"{where}: carry must be (h [B, h], c [B, h]) = "
+            f"({(batch, hidden)}, {(batch, hidden)}), got {shapes}"
+        )
+
+
+def _check_lengths(lengths: Array, batch: int, steps: int, where: str) -> None:
+    if jnp.shape(lengths) != (batch,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise ValueError(
+            f"{where}: lengths must be integers of shape [B] = ({batch},), got "
+            f"{jnp.result_type(lengths)} {jnp.shape(lengths)}"
+        )
+    if isinstance(lengths, jax.core.Tracer) or batch == 0:
+        return  # values are unknown under jit; the data pipeline validates them
+    lo, hi = int(np.min(lengths)), int(np.max(lengths))
+    if lo < 0 or hi > steps:
+        raise ValueError(f"{where}: lengths must lie in [0, T={steps}], got [{lo}, {hi}]")
+
+
+def _step(w_hh: Array, carry: Carry, gx: Array) -> Carry:
+    """The LSTM formula, given the input part ``gx = x_t W_ih + b: [B, 4h]``."""
+    h, c = carry
+    gates = gx + h @ w_hh  # [B, 4h]
+    i, f, g, o = jnp.split(gates, 4, axis=-1)  # each [B, h]
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return h, c
+
+
+def lstm_cell(weights: LSTMWeights, carry: Carry, x: Array) -> Carry:
+    """Run one LSTM step (the formula in the module docstring).
+
+    Args:
+      weights: ``LSTMWeights(w_ih [I, 4h], w_hh [h, 4h], b [4h])``.
+      carry: ``(h [B, h], c [B, h])``, the previous state.
+      x: ``[B, I]``, the input at this step.
+
+    Returns:
+      The new state ``(h [B, h], c [B, h])`` in ``x``'s dtype; ``h`` is also the output.
+    """
+    in_size, hidden = _check_weights(weights, "lstm_cell")
+    if x.ndim != 2 or x.shape[1] != in_size:
+        raise ValueError(f"lstm_cell: x must be [B, I={in_size}], got {x.shape}")
+    _check_carry(carry, x.shape[0], hidden, "lstm_cell")
+    carry = (carry[0].astype(x.dtype), carry[1].astype(x.dtype))
+    return _step(weights.w_hh.astype(x.dtype), carry, project(x, weights.w_ih, weights.b))
+
+
+def lstm_scan(
+    weights: LSTMWeights,
+    xs: Array,
+    carry: Carry | None = None,
+    *,
+    lengths: Array | None = None,
+    reverse: bool = False,
+) -> tuple[Array, Carry]:
+    """Run an LSTM over a batch of sequences with ``lax.scan``.
+
+    ``(h_t, c_t) = lstm_cell(weights, (h_{t-1}, c_{t-1}), xs[:, t])`` for t = 0..T-1, or
+    t = T-1..0 when ``reverse``. With ``lengths``, row b's steps ``t >= lengths[b]`` keep
+    its state and output 0, so a reverse pass starts at ``t = lengths[b] - 1`` from
+    ``carry`` (as PyTorch's packed bidirectional LSTM does).
+
+    Args:
+      weights: ``LSTMWeights(w_ih [I, 4h], w_hh [h, 4h], b [4h])``.
+      xs: ``[B, T, I]`` inputs, batch first; sets the compute dtype.
+      carry: initial ``(h [B, h], c [B, h])``; None means zeros.
+      lengths: optional ``[B]`` integers in ``[0, T]``, the valid prefix of each row.
+      reverse: run from the last (valid) step to the first.
+
+    Returns:
+      ``(ys [B, T, h], (h [B, h], c [B, h]))``: the output at every step (zero past a row's
+      length) and the final state (for ``reverse``, the state after step 0).
+    """
+    in_size, hidden = _check_weights(weights, "lstm_scan")
+    if xs.ndim != 3 or xs.shape[2] != in_size:
+        raise ValueError(
+            f"lstm_scan: xs must be [B, T, I={in_size}] for w_ih {weights.w_ih.shape}, "
+            f"got {xs.shape}"
+        )
+    batch, steps, _ = xs.shape
+    if carry is None:
+        carry = (jnp.zeros((batch, hidden), xs.dtype), jnp.zeros((batch, hidden), xs.dtype))
+    _check_carry(carry, batch, hidden, "lstm_scan")
+    if lengths is not None:
+        lengths = jnp.asarray(lengths)
+        _check_lengths(lengths, batch, steps, "lstm_scan")
+    ys, carry = _scan(weights, xs, carry, lengths, reverse)  # ys [T, B, h]
+    return jnp.swapaxes(ys, 0, 1), carry  # [B, T, h]
+
+
+# Jitted so that eager callers (notebooks, tests) reuse one compiled scan per shape
+# instead of re-tracing the closure on every call; under an outer jit it is inlined.
+@functools.partial(jax.jit, static_argnames="reverse")
+def _scan(
+    weights: LSTMWeights, xs: Array, carry: Carry, lengths: Array | None, reverse: bool
+) -> tuple[Array, Carry]:
+    """``lstm_scan`` on checked inputs; returns time-major ``ys [T, B, h]``."""
+    dtype = xs.dtype
+    carry = (carry[0].astype(dtype), carry[1].astype(dtype))
+    w_hh = weights.w_hh.astype(dtype)
+    # Time-major before the projection: the transpose moves I (not 4h) features per step.
+    gx = project(jnp.swapaxes(xs, 0, 1), weights.w_ih, weights.b)  # [T, B, 4h]
+    if lengths is None:
+
+        def body(state: Carry, gx_t: Array) -> tuple[Carry, Array]:
+            state = _step(w_hh, state, gx_t)
+            return state, state[0]
+
+        carry, ys = jax.lax.scan(body, carry, gx, reverse=reverse)
+        return ys, carry
+
+    steps_idx = jnp.arange(xs.shape[1], dtype=lengths.dtype)
+    valid = steps_idx[:, None, None] < lengths[None, :, None]  # [T, B, 1]
+
+    def masked_body(state: Carry, inputs: tuple[Array, Array]) -> tuple[Carry, Array]:
+        gx_t, valid_t = inputs
+        new = _step(w_hh, state, gx_t)
+        h = jnp.where(valid_t, new[0], state[0])
+        c = jnp.where(valid_t, new[1], state[1])
+        return (h, c), jnp.where(valid_t, new[0], jnp.zeros_like(h))
+
+    # Reversed, a row is frozen at its initial carry until t = length - 1: exactly
+    # PyTorch's packed reverse direction, with no flipping of the padded rows.
+    carry, ys = jax.lax.scan(masked_body, carry, (gx, valid), reverse=reverse)
+    return ys, carry
+
+
+def bidirectional_lstm(
+    weights: BidirectionalWeights,
+    xs: Array,
+    carry: tuple[Carry, Carry] | None = None,
+    *,
+    lengths: Array | None = None,
+) -> tuple[Array, tuple[Carry, Carry]]:
+    """Run a forward and a backward LSTM over ``xs`` and concatenate their outputs.
+
+    ``ys[:, t] = [h_fwd_t, h_bwd_t]``, where the backward LSTM reads each row from its last
+    valid step to step 0 (Schuster & Paliwal, 1997, "Bidirectional Recurrent Neural
+    Networks").
+
+    Args:
+      weights: ``BidirectionalWeights(forward, backward)``, both ``LSTMWeights`` of one shape.
+      xs: ``[B, T, I]``.
+      carry: initial ``((h_f, c_f), (h_b, c_b))``, each ``[B, h]``; None means zeros.
+      lengths: optional ``[B]`` valid lengths (see ``lstm_scan``).
+
+    Returns:
+      ``(ys [B, T, 2h], ((h_f, c_f), (h_b, c_b)))``: outputs (forward half first, zero past
+      a row's length) and the final state of each direction (the backward one after step 0).
+    """
+    if not isinstance(weights, BidirectionalWeights):
+        raise ValueError(f"bidirectional_lstm: expected BidirectionalWeights, got {type(weights)}")
+    shapes = [tuple(a.shape for a in w) for w in weights]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"bidirectional_lstm: direction shapes differ: {shapes[0]} vs {shapes[1]}")
+    carry_f, carry_b = (None, None) if carry is None else carry
+    ys_f, final_f = lstm_scan(weights.forward, xs, carry_f, lengths=lengths)
+    ys_b, final_b = lstm_scan(weights.backward, xs, carry_b, lengths=lengths, reverse=True)
+    return jnp.concatenate([ys_f, ys_b], axis=-1), (final_f, final_b)  # [B, T, 2h]
+
+
+def init_lstm_stack(
+    rng: Array,
+    input_size: int,
+    hidden_size: int,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    forget_bias: float = 0.0,
+    dtype: DType = jnp.float32,
+) -> tuple[LSTMWeights | BidirectionalWeights, ...]:
+    """Initialise the layers of a ``torch.nn.LSTM(input_size, hidden_size, num_layers, ...)``.
+
+    Layer 0 reads ``I = input_size`` features, later layers ``dirs * h``; each layer is an
+    ``LSTMWeights`` or, if ``bidirectional``, a ``BidirectionalWeights``. See ``init_lstm``.
+    """
+    if num_layers < 1:
+        raise ValueError(f"init_lstm_stack: num_layers must be >= 1, got {num_layers}")
+    dirs = 2 if bidirectional else 1
+    keys = jax.random.split(rng, num_layers * dirs)
+    layers = []
+    for layer in range(num_layers):
+        in_size = input_size if layer == 0 else dirs * hidden_size
+        w = [
+            init_lstm(
+                keys[layer * dirs + d], in_size, hidden_size, forget_bias=forget_bias, dtype=dtype
+            )
+            for d in range(dirs)
+        ]
+        layers.append(BidirectionalWeights(*w) if bidirectional else w[0])
+    return tuple(layers)
+
+
+def lstm_stack(
+    layers: tuple[LSTMWeights | BidirectionalWeights, ...],
+    xs: Array,
+    carry: Carry | None = None,
+    *,
+    lengths: Array | None = None,
+    dropout_rate: float = 0.0,
+    rng: Array | None = None,
+    deterministic: bool = True,
+) -> tuple[Array, Carry]:
+    """Run stacked (optionally bidirectional) LSTM layers like ``torch.nn.LSTM``.
+
+    Layer l reads layer l-1's outputs; as in PyTorch, dropout hits the outputs of every
+    layer except the last (and never the states), and only when not ``deterministic``.
+
+    Args:
+      layers: from ``init_lstm_stack``: all ``LSTMWeights`` or all ``BidirectionalWeights``.
+      xs: ``[B, T, I]``.
+      carry: initial ``(h_0 [L*dirs, B, h], c_0 [L*dirs, B, h])`` in PyTorch's layout (row
+        ``l * dirs + d`` is layer l, direction d, backward d = 1); None means zeros.
+      lengths: optional ``[B]`` valid lengths (see ``lstm_scan``).
+      dropout_rate: inter-layer dropout probability.
+      rng: PRNG key, needed when dropout is active.
+      deterministic: disable dropout (evaluation).
+
+    Returns:
+      ``(ys [B, T, dirs*h], (h_n [L*dirs, B, h], c_n [L*dirs, B, h]))``: the last layer's
+      outputs and every layer's final state, PyTorch's layout.
+    """
+    if not layers:
+        raise ValueError("lstm_stack: got no layers")
+    bidirectional = isinstance(layers[0], BidirectionalWeights)
+    if any(isinstance(w, BidirectionalWeights) != bidirectional for w in layers):
+        raise ValueError(
+            f"lstm_stack: mixed uni- and bidirectional layers: {[type(w).__name__ for w in layers]}"
+        )
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"lstm_stack: dropout_rate must be in [0, 1), got {dropout_rate}")
+    dirs = 2 if bidirectional else 1
+    hidden = (layers[0].forward if bidirectional else layers[0]).w_hh.shape[0]
+    if carry is not None:
+        want = (len(layers) * dirs, xs.shape[0] if xs.ndim else 0, hidden)
+        got = tuple(jnp.shape(a) for a in carry)
+        if got != (want, want):
+            raise ValueError(f"lstm_stack: carry must be (h_0 {want}, c_0 {want}), got {got}")
+    drop = dropout_rate > 0.0 and not deterministic and len(layers) > 1
+    if drop and rng is None:
+        raise ValueError("lstm_stack: dropout_rate > 0 with deterministic=False needs an rng key")
+    h_n, c_n = [], []
+    for layer, weights in enumerate(layers):
+        # This layer's initial state per direction (rows l*dirs + d of h_0, c_0).
+        rows = range(layer * dirs, (layer + 1) * dirs)
+        start = [None] * dirs if carry is None else [(carry[0][i], carry[1][i]) for i in rows]
+        if bidirectional:
+            xs, finals = bidirectional_lstm(weights, xs, tuple(start), lengths=lengths)
+        else:
+            xs, final = lstm_scan(weights, xs, start[0], lengths=lengths)
+            finals = (final,)
+        h_n += [h for h, _ in finals]
+        c_n += [c for _, c in finals]
+        if drop and layer < len(layers) - 1:
+            rng, sub = jax.random.split(rng)
+            xs = dropout(sub, xs, dropout_rate)
+    return xs, (jnp.stack(h_n), jnp.stack(c_n))

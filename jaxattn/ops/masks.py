@@ -1,0 +1,154 @@
+"""Attention masks and a softmax that respects them.
+
+Every mask here is boolean with **True = attend** (the convention of
+``jax.nn.dot_product_attention``; PyTorch's ``key_padding_mask`` is the opposite).
+
+Shape glossary: B batch, T query time, S key time, N heads.
+
+A query row that may attend to nothing (a padded query, or a cached decode step whose keys
+are all padding) is legal: ``masked_softmax`` gives it all-zero probabilities and zero,
+finite gradients, so the attention output there is 0 instead of NaN or a uniform average.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = jnp.dtype | type | str
+
+# Finite stand-in for -inf: exp(_NEG - max) underflows to 0 without inf - inf = NaN.
+_NEG = float(np.finfo(np.float32).min) / 2
+
+
+def causal_mask(q_len: int, kv_len: int | None = None, *, dtype: DType = bool) -> Array:
+    """Build a causal mask whose queries are the last ``q_len`` key positions.
+
+    ``mask[i, j] = j <= i + (S - T)``: query ``i`` sits at key position ``i + S - T`` (as in
+    cached decoding, where T new tokens follow S - T cached ones) and may see itself and the
+    past. For ``T == S`` this is the usual lower triangle. If ``S < T`` the first ``T - S``
+    queries see nothing.
+
+    Args:
+      q_len: T, the number of queries.
+      kv_len: S, the number of keys (default ``q_len``).
+      dtype: the result's dtype.
+
+    Returns:
+      ``[1, 1, T, S]``, True where attention is allowed.
+    """
+    kv_len = q_len if kv_len is None else kv_len
+    if q_len < 0 or kv_len < 0:
+        raise ValueError(f"causal_mask: lengths must be >= 0, got q_len={q_len}, kv_len={kv_len}")
+    q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)  # [T, 1] absolute positions
+    k_pos = jnp.arange(kv_len)[None, :]  # [1, S]
+    return (k_pos <= q_pos).astype(dtype)[None, None]  # [1, 1, T, S]
+
+
+def padding_mask(lengths: Array, max_len: int) -> Array:
+    """Mark the first ``lengths[b]`` positions of each sequence as real tokens.
+
+    ``mask[b, t] = t < lengths[b]``.
+
+    Args:
+      lengths: ``[B]`` integer lengths.
+      max_len: the padded length.
+
+    Returns:
+      ``[B, max_len]``, True for real tokens.
+    """
+    lengths = jnp.asarray(lengths)
+    if lengths.ndim != 1:
+        raise ValueError(f"padding_mask: lengths must have shape [B], got {lengths.shape}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"padding_mask: lengths must be integers, got dtype {lengths.dtype}")
+    return jnp.arange(max_len, dtype=lengths.dtype)[None, :] < lengths[:, None]  # [B, max_len]
+
+
+def attention_mask(q_valid: Array | None, kv_valid: Array) -> Array:
+    """Combine query and key padding into a mask over (query, key) pairs.
+
+    ``mask[b, 0, t, s] = q_valid[b, t] and kv_valid[b, s]``.
+
+    Args:
+      q_valid: ``[B, T]`` True for real queries, or None (every query is real).
+      kv_valid: ``[B, S]`` True for real keys.
+
+    Returns:
+      ``[B, 1, T, S]`` (``[B, 1, 1, S]`` when ``q_valid`` is None), True = attend.
+    """
+    kv_valid = jnp.asarray(kv_valid, bool)
+    if kv_valid.ndim != 2:
+        raise ValueError(f"attention_mask: kv_valid must have shape [B, S], got {kv_valid.shape}")
+    mask = kv_valid[:, None, None, :]  # [B, 1, 1, S]
+    if q_valid is None:
+        return mask
+    q_valid = jnp.asarray(q_valid, bool)
+    if q_valid.ndim != 2 or q_valid.shape[0] != kv_valid.shape[0]:
+        raise ValueError(
+            f"attention_mask: q_valid must have shape [B, T] with B={kv_valid.shape[0]}, "
+            f"got {q_valid.shape} (kv_valid {kv_valid.shape})"
+        )
+    return jnp.logical_and(q_valid[:, None, :, None], mask)  # [B, 1, T, S]
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+    """AND boolean masks together with broadcasting, skipping None.
+
+    Returns:
+      The broadcast logical AND, or None if every mask is None.
+    """
+    present = [jnp.asarray(m, bool) for m in masks if m is not None]
+    if not present:
+        return None
+    try:
+        np.broadcast_shapes(*(m.shape for m in present))
+    except ValueError:
+        shapes = ", ".join(str(m.shape) for m in present)
+        raise ValueError(f"combine_masks: shapes do not broadcast: {shapes}") from None
+    out = present[0]
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> Array:
+    """Softmax over ``axis`` in float32 that ignores masked entries.
+
+    ``p_j = mask_j exp(x_j - m) / sum_k mask_k exp(x_k - m)`` with ``m`` the row max; a row
+    with no unmasked entry gives all zeros (not NaN, not uniform) and zero, finite gradients.
+
+    Args:
+      scores: ``[..., S]`` logits (any float dtype).
+      mask: boolean, broadcastable to ``scores.shape``; True = attend. None = no mask.
+      axis: the axis to normalise over.
+
+    Returns:
+      Probabilities with ``scores``' shape, float32.
+    """
+    x = jnp.asarray(scores).astype(jnp.float32)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"masked_softmax: mask must be boolean, got dtype {mask.dtype}")
+        try:
+            shape = np.broadcast_shapes(mask.shape, x.shape)
+        except ValueError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(
+                f"masked_softmax: mask {mask.shape} does not broadcast to scores {x.shape}"
+            )
+        # Fill before the max so huge masked logits cannot dominate it or overflow exp.
+        x = jnp.where(mask, x, _NEG)
+    row_max = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+    # A row of -inf logits (e.g. from a user bias) would give -inf - -inf = NaN.
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    e = jnp.exp(x - row_max)
+    if mask is not None:
+        # A fully masked row has every entry at _NEG, so exp(0) = 1 there: zero it.
+        e = jnp.where(mask, e, 0.0)
+    total = jnp.sum(e, axis=axis, keepdims=True)
+    return e / jnp.where(total > 0, total, 1.0)

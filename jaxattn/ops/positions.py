@@ -1,0 +1,171 @@
+"""Position information: sinusoidal tables, learned tables and rotary embeddings (RoPE).
+
+Attention is permutation-invariant, so a transformer is told where each token sits either
+by adding a position vector to the token embedding (sinusoidal, learned) or by rotating the
+queries and keys so that their dot product depends on the relative offset (RoPE).
+
+Shape glossary: B batch, T time (positions), N heads, H head dim, D model dim.
+
+Formulas (``i`` indexes frequency pairs, ``0 <= i < D/2`` or ``H/2``):
+
+- Sinusoidal (Vaswani et al., 2017, "Attention Is All You Need"), interleaved::
+
+      PE[pos, 2i]     = sin(pos / base^(2i/D))
+      PE[pos, 2i + 1] = cos(pos / base^(2i/D))
+
+- Learned (GPT-2): ``P[pos] = table[pos]``, a trained ``[max_len, D]`` table.
+- RoPE (Su et al., 2021, "RoFormer"), in the rotate-half convention of GPT-NeoX and
+  Hugging Face LLaMA, which pairs ``x[i]`` with ``x[i + H/2]``::
+
+      theta_i = pos / base^(2i/H)
+      y[i]       = x[i] cos(theta_i) - x[i + H/2] sin(theta_i)
+      y[i + H/2] = x[i + H/2] cos(theta_i) + x[i] sin(theta_i)
+
+  Each pair is rotated by an angle proportional to its position, so
+  ``<rope(q, m), rope(k, n)>`` depends on ``m - n`` only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn.ops.layers import check_token_ids
+
+Array = jax.Array
+DType = jnp.dtype | type | str
+
+
+def _inverse_frequencies(dim: int, base: float) -> np.ndarray:
+    """``base^(-2i/dim)`` for ``i < dim/2`` in float64 (``dim`` is static: a constant)."""
+    return base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)  # [dim/2]
+
+
+def sinusoidal_positions(
+    length: int, dim: int, *, base: float = 10000.0, dtype: DType = jnp.float32
+) -> Array:
+    """Return the fixed sinusoidal position table of Vaswani et al. (2017).
+
+    ``PE[pos, 2i] = sin(pos / base^(2i/D))``, ``PE[pos, 2i+1] = cos(pos / base^(2i/D))``.
+
+    ``length`` and ``dim`` are Python ints, so the table is a constant: it is computed in
+    float64 NumPy (angles up to ``length`` radians lose ~1e-3 rad in float32) whether or not
+    ``jax_enable_x64`` is set, then cast to ``dtype``.
+
+    Args:
+      length: number of positions ``T`` (``pos = 0 .. T-1``).
+      dim: model dim ``D``; must be even.
+      base: wavelength base (10000 in the paper).
+      dtype: dtype of the result.
+
+    Returns:
+      ``[T, D]`` table.
+    """
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"sinusoidal_positions: dim must be a positive even number, got {dim}")
+    if length < 0:
+        raise ValueError(f"sinusoidal_positions: length must be >= 0, got {length}")
+    angles = np.arange(length, dtype=np.float64)[:, None] * _inverse_frequencies(dim, base)
+    table = np.stack([np.sin(angles), np.cos(angles)], axis=-1)  # [T, D/2, 2]
+    return jnp.asarray(table.reshape(length, dim), dtype=dtype)  # [T, D], interleaved
+
+
+class LearnedPositionWeights(NamedTuple):
+    """Trained position table. ``table: [max_len, D]``."""
+
+    table: Array
+
+
+def init_learned_positions(
+    rng: Array, max_len: int, dim: int, *, std: float = 0.02, dtype: DType = jnp.float32
+) -> LearnedPositionWeights:
+    """Initialise a learned position table with ``N(0, std^2)`` entries (as GPT-2)."""
+    return LearnedPositionWeights(std * jax.random.normal(rng, (max_len, dim), dtype))
+
+
+def learned_positions(weights: LearnedPositionWeights, positions: Array) -> Array:
+    """Look up ``table[positions]``.
+
+    Concrete positions outside ``[0, max_len)`` raise ``ValueError``: the model was asked for
+    a longer context than it was built for. Under ``jit`` positions are tracers and are not
+    checked (validate at the boundary, as for token ids).
+
+    Args:
+      weights: ``LearnedPositionWeights(table [max_len, D])``.
+      positions: ``[...]`` integer positions, e.g. ``[T]`` or ``[B, T]``.
+
+    Returns:
+      ``[..., D]``.
+    """
+    max_len = weights.table.shape[0]
+    positions = jnp.asarray(positions)
+    check_token_ids(positions, max_len, f"positions (the table was built for max_len={max_len})")
+    return jnp.take(weights.table, positions, axis=0)  # [..., D]
+
+
+def rope_frequencies(
+    positions: Array, head_dim: int, *, base: float = 10000.0
+) -> tuple[Array, Array]:
+    """Return ``sin(theta)``, ``cos(theta)`` for ``theta[..., t, i] = pos[..., t] / base^(2i/H)``.
+
+    Args:
+      positions: ``[T]`` or ``[B, T]`` positions (integer or float; may be traced, e.g. a
+        decoding offset).
+      head_dim: ``H``; must be even.
+      base: wavelength base (10000 in RoFormer and LLaMA).
+
+    Returns:
+      ``(sin, cos)``, each ``[..., T, H/2]`` float32.
+    """
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(
+            f"rope_frequencies: head_dim must be a positive even number, got {head_dim}"
+        )
+    positions = jnp.asarray(positions)
+    if positions.ndim not in (1, 2):
+        raise ValueError(
+            f"rope_frequencies: positions must be [T] or [B, T], got {positions.shape}"
+        )
+    inv_freq = jnp.asarray(_inverse_frequencies(head_dim, base), dtype=jnp.float32)  # [H/2]
+    theta = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, H/2]
+    return jnp.sin(theta), jnp.cos(theta)
+
+
+def apply_rope(x: Array, positions: Array, *, base: float = 10000.0) -> Array:
+    """Rotate queries or keys by their positions (RoPE, rotate-half convention).
+
+    ``y[i] = x[i] cos(theta_i) - x[i + H/2] sin(theta_i)``,
+    ``y[i + H/2] = x[i + H/2] cos(theta_i) + x[i] sin(theta_i)``, ``theta_i = pos / base^(2i/H)``.
+    Computed in float32; returned in ``x``'s dtype. (Su et al., 2021, "RoFormer".)
+
+    Args:
+      x: ``[B, T, N, H]`` queries or keys; ``H`` must be even.
+      positions: ``[T]`` (shared by the batch) or ``[B, T]`` (per-row, e.g. left padding or
+        a KV-cache offset).
+      base: wavelength base.
+
+    Returns:
+      ``[B, T, N, H]``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"apply_rope: x must be [B, T, N, H], got shape {x.shape}")
+    b, t, _, h = x.shape
+    positions = jnp.asarray(positions)
+    if positions.shape not in ((t,), (b, t)):
+        raise ValueError(
+            f"apply_rope: positions must be [T]={(t,)} or [B, T]={(b, t)} for x of shape "
+            f"{x.shape}, got {positions.shape}"
+        )
+    if h % 2:
+        raise ValueError(f"apply_rope: head dim H must be even, got x of shape {x.shape}")
+    sin, cos = rope_frequencies(positions, h, base=base)  # [T, H/2] or [B, T, H/2]
+    if positions.ndim == 1:
+        sin, cos = sin[None], cos[None]  # [1, T, H/2]
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]  # [B or 1, T, 1, H/2]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : h // 2], x32[..., h // 2 :]  # [B, T, N, H/2] each
+    y = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [B, T, N, H]
+    return y.astype(x.dtype)

@@ -1,0 +1,599 @@
+"""Tests for jaxattn.ops.attention against float64 NumPy, PyTorch and jax.nn."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from jaxattn.ops.attention import (
+    AdditiveWeights,
+    MultiHeadAttentionWeights,
+    additive_scores,
+    attend,
+    attention_weights,
+    dot_product_attention,
+    dot_scores,
+    general_scores,
+    init_additive,
+    init_general,
+    init_multi_head_attention,
+    multi_head_attention,
+    project_output,
+    project_qkv,
+)
+
+B, T, S, N, H = 2, 5, 7, 6, 4
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+GRADS = {"order": 1, "modes": ["rev"], "eps": 1e-2, "atol": 1e-2, "rtol": 1e-2}  # check_grads
+
+
+def normal(np_rng, *shape, scale=1.0):
+    return jnp.asarray(scale * np_rng.standard_normal(shape), jnp.float32)
+
+
+def f64(x):
+    return np.asarray(x, np.float64)
+
+
+def np_causal(t, s):
+    """Query i is at key position i + s - t and sees positions up to it."""
+    return np.array([[j <= i + (s - t) for j in range(s)] for i in range(t)])
+
+
+def np_masked_softmax_rows(logits, allowed):
+    """Softmax of each row over its allowed entries; rows with none allowed are zero."""
+    probs = np.zeros_like(logits)
+    for t in range(logits.shape[0]):
+        m = allowed[t]
+        if m.any():
+            e = np.exp(logits[t, m] - logits[t, m].max())
+            probs[t, m] = e / e.sum()
+    return probs
+
+
+def np_attention(q, k, v, mask=None, bias=None, is_causal=False, scale=None):
+    """Float64 loop over batch and heads; query head n reads kv head n // (N // K)."""
+    q, k, v = f64(q), f64(k), f64(v)
+    b_, t_, n_, h_ = q.shape
+    s_, k_ = k.shape[1], k.shape[2]
+    scale = 1 / np.sqrt(h_) if scale is None else scale
+    allowed = np.ones((b_, n_, t_, s_), bool)
+    if mask is not None:
+        allowed = allowed & np.asarray(mask)
+    if is_causal:
+        allowed = allowed & np_causal(t_, s_)
+    bias = np.zeros((b_, n_, t_, s_)) if bias is None else np.broadcast_to(f64(bias), allowed.shape)
+    out = np.zeros((b_, t_, n_, v.shape[-1]))
+    probs = np.zeros((b_, n_, t_, s_))
+    for b in range(b_):
+        for n in range(n_):
+            j = n // (n_ // k_)
+            logits = scale * q[b, :, n] @ k[b, :, j].T + bias[b, n]
+            probs[b, n] = np_masked_softmax_rows(logits, allowed[b, n])
+            out[b, :, n] = probs[b, n] @ v[b, :, j]
+    return out, probs
+
+
+def qkv(np_rng, k_heads, t=T, s=S, h=H, n=N, b=B):
+    return (
+        normal(np_rng, b, t, n, h),
+        normal(np_rng, b, s, k_heads, h),
+        normal(np_rng, b, s, k_heads, h),
+    )
+
+
+def random_mask(np_rng, shape):
+    """A random boolean mask whose every row keeps key 0 (torch gives NaN on empty rows)."""
+    mask = np_rng.random(shape) > 0.4
+    mask[..., 0] = True
+    return mask
+
+
+# ------------------------------------------------------------------ seq2seq scores
+
+
+def test_dot_general_additive_scores_match_numpy(rng, np_rng):
+    tq, tk, dq, dk, d = 3, 7, 5, 11, 13
+    query, keys, keys5 = (
+        normal(np_rng, 2, tq, dq),
+        normal(np_rng, 2, tk, dk),
+        normal(np_rng, 2, tk, dq),
+    )
+    want = np.einsum("bqd,bkd->bqk", f64(query), f64(keys5))
+    np.testing.assert_allclose(dot_scores(query, keys5), want, **TOL)
+    np.testing.assert_allclose(dot_scores(query, keys5, scale=0.3), 0.3 * want, **TOL)
+
+    w = init_general(rng, dq, dk)
+    assert w.shape == (dq, dk)
+    want = np.array([f64(query[b]) @ f64(w) @ f64(keys[b]).T for b in range(2)])
+    np.testing.assert_allclose(general_scores(w, query, keys), want, **TOL)
+
+    aw = init_additive(rng, dq, dk, d)
+    assert isinstance(aw, AdditiveWeights)
+    assert (aw.w_query.shape, aw.w_key.shape, aw.v.shape) == ((dq, d), (dk, d), (d,))
+    want = np.zeros((2, tq, tk))
+    for b in range(2):
+        for i in range(tq):
+            for j in range(tk):
+                hidden = np.tanh(
+                    f64(query[b, i]) @ f64(aw.w_query) + f64(keys[b, j]) @ f64(aw.w_key)
+                )
+                want[b, i, j] = hidden @ f64(aw.v)
+    np.testing.assert_allclose(additive_scores(aw, query, keys), want, **TOL)
+
+
+def test_attend_matches_numpy_and_weights_sum_to_one(np_rng):
+    tq, tk, dv = 3, 7, 11
+    scores, values = normal(np_rng, 2, tq, tk), normal(np_rng, 2, tk, dv)
+    mask = np_rng.random((2, 1, tk)) > 0.4
+    mask[1] = False  # batch 1 has no keys at all
+    mask[0, 0, 2] = True
+    context, weights = attend(scores, values, jnp.asarray(mask))
+    assert context.shape == (2, tq, dv) and weights.shape == (2, tq, tk)
+    want_w = np.stack(
+        [np_masked_softmax_rows(f64(scores[b]), np.repeat(mask[b], tq, 0)) for b in range(2)]
+    )
+    np.testing.assert_allclose(weights, want_w, **TOL)
+    np.testing.assert_allclose(context, want_w @ f64(values), **TOL)
+    np.testing.assert_allclose(np.sum(weights[0], -1), np.ones(tq), rtol=1e-6)
+    assert np.all(np.asarray(weights)[0][:, ~mask[0, 0]] == 0)
+    assert np.all(np.asarray(context)[1] == 0)
+
+
+def test_seq2seq_scores_jit_vmap_grad(np_rng):
+    query, keys, values = normal(np_rng, 3, 5), normal(np_rng, 7, 11), normal(np_rng, 7, 2)
+    aw = AdditiveWeights(normal(np_rng, 5, 3), normal(np_rng, 11, 3), normal(np_rng, 3))
+    w = normal(np_rng, 5, 11, scale=0.3)
+
+    def f(aw, w, query, keys, values):
+        c1, _ = attend(additive_scores(aw, query, keys), values)
+        c2, _ = attend(general_scores(w, query, keys), values)
+        return c1 + c2
+
+    jitted = jax.jit(f)
+    eager = f(aw, w, query, keys, values)
+    np.testing.assert_allclose(jitted(aw, w, query, keys, values), eager, **TOL)
+    batched = jax.vmap(f, in_axes=(None, None, 0, 0, 0))(
+        aw, w, jnp.stack([query, 2 * query]), jnp.stack([keys, keys]), jnp.stack([values, values])
+    )
+    np.testing.assert_allclose(batched[0], eager, **TOL)
+    np.testing.assert_allclose(batched[1], jitted(aw, w, 2 * query, keys, values), **TOL)
+    check_grads(jitted, (aw, w, query, keys, values), **GRADS)
+
+
+def test_seq2seq_bad_inputs():
+    with pytest.raises(ValueError, match=r"\(3, 5\).*\(7, 11\)"):
+        dot_scores(jnp.zeros((3, 5)), jnp.zeros((7, 11)))
+    with pytest.raises(ValueError, match=r"\(11, 5\)"):
+        general_scores(jnp.zeros((11, 5)), jnp.zeros((3, 5)), jnp.zeros((7, 11)))
+    with pytest.raises(ValueError, match="rank"):
+        dot_scores(jnp.zeros((5,)), jnp.zeros((7, 5)))
+    with pytest.raises(ValueError, match=r"\(3, 7\).*\(6, 2\)"):
+        attend(jnp.zeros((3, 7)), jnp.zeros((6, 2)))
+    aw = AdditiveWeights(jnp.zeros((5, 3)), jnp.zeros((11, 2)), jnp.zeros((3,)))
+    with pytest.raises(ValueError, match=r"\(11, 2\)"):
+        additive_scores(aw, jnp.zeros((3, 5)), jnp.zeros((7, 11)))
+
+
+# ------------------------------------------------------------------ dot_product_attention
+
+CASES = {  # name: (make_case kwargs); t=3 < S puts the queries last in the causal cases
+    "mha": dict(k_heads=6),
+    "gqa2_mask": dict(k_heads=2, mask=(B, 1, T, S), t=3),
+    "gqa3_headmask": dict(k_heads=3, mask=(B, N, T, S)),
+    "mqa_causal": dict(k_heads=1, is_causal=True, t=3),
+    "gqa3_causal_mask_scale": dict(k_heads=3, is_causal=True, mask=(1, N, 1, S), scale=0.37),
+    "gqa2_bias": dict(k_heads=2, bias=(B, N, T, S), mask=(B, 1, 1, S)),
+    "mha_bias_bcast_causal": dict(k_heads=6, bias=(1, N, 1, S), is_causal=True, t=3),
+}
+
+
+def make_case(np_rng, k_heads, mask=None, bias=None, is_causal=False, scale=None, t=T, s=S):
+    q, k, v = qkv(np_rng, k_heads, t=t, s=s)
+    kwargs = dict(is_causal=is_causal, scale=scale)
+    fit = lambda shape: (*shape[:2], t if shape[2] == T else 1, s if shape[3] == S else 1)
+    kwargs["mask"] = None if mask is None else jnp.asarray(random_mask(np_rng, fit(mask)))
+    kwargs["bias"] = None if bias is None else normal(np_rng, *fit(bias))
+    return q, k, v, kwargs
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_dot_product_attention_matches_numpy(np_rng, name):
+    q, k, v, kw = make_case(np_rng, **CASES[name])
+    t = q.shape[1]
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, **kw))(q, k, v)
+    want, want_p = np_attention(q, k, v, **kw)
+    assert out.shape == (B, t, N, H) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, want, **TOL)
+    probs = jax.jit(lambda q, k: attention_weights(q, k, **kw))(q, k)
+    np.testing.assert_allclose(probs, want_p, **TOL)
+    np.testing.assert_allclose(np.sum(probs, -1), np.ones((B, N, t)), rtol=1e-5)
+
+
+def torch_sdpa(q, k, v, cotangent, *, mask=None, is_causal=False, scale=None, gqa="enable"):
+    """Torch SDPA in float64 on [B, N, T, H] tensors; returns (out, (dq, dk, dv)) in our layout."""
+    torch = pytest.importorskip("torch")
+    tq, tk, tv = (torch.tensor(f64(a).transpose(0, 2, 1, 3), requires_grad=True) for a in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    kwargs = {}
+    kk, vv = tk, tv
+    if group > 1 and gqa == "enable":
+        kwargs["enable_gqa"] = True
+    elif group > 1:  # repeat_interleave: kv head j serves query heads j*G .. j*G + G-1
+        kk, vv = tk.repeat_interleave(group, dim=1), tv.repeat_interleave(group, dim=1)
+    attn_mask = None if mask is None else torch.tensor(np.asarray(mask))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        tq, kk, vv, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **kwargs
+    )
+    out.backward(torch.tensor(f64(cotangent).transpose(0, 2, 1, 3)))
+    back = lambda x: x.detach().numpy().transpose(0, 2, 1, 3)
+    return back(out), (back(tq.grad), back(tk.grad), back(tv.grad))
+
+
+@pytest.mark.parametrize(
+    "k_heads, t, mask, is_causal, scale, gqa",
+    [
+        (6, T, None, False, None, "enable"),
+        (2, T, (B, N, T, S), False, 0.29, "enable"),
+        (3, T, None, True, None, "repeat"),  # torch's is_causal is top-left: needs T == S
+        (1, 3, (B, 1, 1, S), "mask", 0.5, "enable"),  # bottom-right causal via an explicit mask
+        (2, 3, (B, N, 3, S), False, None, "repeat"),
+    ],
+)
+def test_dot_product_attention_matches_torch_with_grads(
+    np_rng, k_heads, t, mask, is_causal, scale, gqa
+):
+    s = S if t != T or not is_causal else T
+    q, k, v = qkv(np_rng, k_heads, t=t, s=s)
+    mask = None if mask is None else random_mask(np_rng, mask)
+    ours_causal = is_causal is not False
+    torch_mask = mask
+    if is_causal == "mask":
+        torch_mask = np.broadcast_to(mask, (B, N, t, s)) & np_causal(t, s)
+        mask = torch_mask  # key 0 is kept, so no row is empty (torch would give NaN)
+    cot = normal(np_rng, B, t, N, H)
+
+    def f(q, k, v):
+        m = None if mask is None else jnp.asarray(mask)
+        return dot_product_attention(q, k, v, mask=m, is_causal=ours_causal, scale=scale)
+
+    out, vjp = jax.vjp(jax.jit(f), q, k, v)
+    grads = vjp(cot)
+    want, want_grads = torch_sdpa(
+        q, k, v, cot, mask=torch_mask, is_causal=is_causal is True, scale=scale, gqa=gqa
+    )
+    np.testing.assert_allclose(out, want, **TOL)
+    for got_g, want_g in zip(grads, want_grads):
+        np.testing.assert_allclose(got_g, want_g, **TOL)
+
+
+def test_gqa_head_mapping_is_n_div_group(np_rng):
+    # Make kv head j's values the constant j: output head n must then equal n // (N // K).
+    k_heads = 3
+    q, k, _ = qkv(np_rng, k_heads)
+    v = jnp.broadcast_to(
+        jnp.arange(k_heads, dtype=jnp.float32)[None, None, :, None], (B, S, k_heads, H)
+    )
+    out = dot_product_attention(q, k, v)
+    want = (np.arange(N) // (N // k_heads)).astype(np.float32)
+    np.testing.assert_allclose(
+        out, np.broadcast_to(want[None, None, :, None], out.shape), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("name", ["gqa3_headmask", "mqa_causal", "gqa2_bias"])
+def test_dot_product_attention_matches_jax_nn(np_rng, name):
+    # jax.nn's causal mask is top-left aligned, so compare with T == S only.
+    q, k, v, kw = make_case(np_rng, **{**CASES[name], "t": S})
+
+    @jax.jit
+    def both(q, k, v):
+        theirs = jax.nn.dot_product_attention(
+            q, k, v, kw["bias"], kw["mask"], is_causal=kw["is_causal"], scale=kw["scale"]
+        )
+        return dot_product_attention(q, k, v, **kw), theirs
+
+    ours, theirs = both(q, k, v)
+    np.testing.assert_allclose(ours, theirs, **TOL)
+
+
+def test_fully_masked_rows_give_zeros_and_finite_grads(np_rng):
+    q, k, v = qkv(np_rng, 2, t=5, s=7)
+    mask = random_mask(np_rng, (B, N, 5, 7))
+    mask[0, :, 1] = False  # query 1 of batch 0 sees nothing in any head
+    mask[1, 4, 3] = False  # one head of one query
+    mask = jnp.asarray(mask)
+    out = dot_product_attention(q, k, v, mask=mask)
+    want, _ = np_attention(q, k, v, mask=np.asarray(mask))
+    np.testing.assert_allclose(out, want, **TOL)
+    assert np.all(np.asarray(out)[0, 1] == 0) and np.all(np.asarray(out)[1, 3, 4] == 0)
+    assert np.all(np.asarray(attention_weights(q, k, mask=mask))[0, :, 1] == 0)
+
+    f = lambda q, k, v: dot_product_attention(q, k, v, mask=mask)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))(q, k, v)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    assert np.all(np.asarray(grads[0])[0, 1] == 0) and np.all(np.asarray(grads[0])[1, 3, 4] == 0)
+    # Finite differences also agree with the gradients around the empty rows.
+    small = (q[:1, :3, :2, :3], k[:1, :4, :1, :3], v[:1, :4, :1, :3])
+    small_mask = mask[:1, :2, :3, :4].at[0, :, 1].set(False)
+    g = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=small_mask))
+    check_grads(g, small, **GRADS)
+
+
+@pytest.mark.parametrize("t, s", [(5, 5), (3, 7)])
+def test_causality_via_grad(np_rng, t, s):
+    q, k, v = qkv(np_rng, 2, t=t, s=s)
+
+    def dependence(wrt):
+        f = lambda x: dot_product_attention(q, *((x, v) if wrt == 0 else (k, x)), is_causal=True)
+        jac = jax.jit(jax.jacrev(f))(k if wrt == 0 else v)  # [B, t, N, H, B, s, K, H]
+        return np.abs(np.asarray(jac)).sum(axis=(0, 2, 3, 4, 6, 7))  # [t, s]
+
+    for wrt in (0, 1):
+        dep = dependence(wrt)
+        allowed = np_causal(t, s)
+        assert np.all(dep[~allowed] == 0), "output at t depends on a future key"
+        # A query with a single visible key puts weight 1 there whatever the key: skip k.
+        informative = allowed & (allowed.sum(1, keepdims=True) > 1) if wrt == 0 else allowed
+        assert np.all(dep[informative] > 0)
+
+
+def test_jit_vmap_check_grads(np_rng):
+    q, k, v, kw = make_case(np_rng, k_heads=2, mask=(B, 1, T, S), bias=(1, N, T, S), is_causal=True)
+    f = lambda q, k, v: dot_product_attention(q, k, v, **kw)
+    eager = f(q, k, v)
+    np.testing.assert_allclose(jax.jit(f)(q, k, v), eager, **TOL)
+    stacked = [jnp.stack([x, -x, 0.5 * x]) for x in (q, k, v)]
+    batched = jax.vmap(f)(*stacked)
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], f(*(x[i] for x in stacked)), **TOL)
+    small = (q[:1, :3, :2, :3], k[:1, :5, :1, :3], v[:1, :5, :1, :3])
+    g = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, is_causal=True, scale=0.7))
+    check_grads(g, small, **GRADS)
+
+
+def test_bfloat16_inputs(np_rng):
+    q, k, v = qkv(np_rng, 3)
+    out = dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), is_causal=True)
+    assert out.dtype == jnp.bfloat16
+    want, _ = np_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=5e-2, rtol=5e-2)
+
+
+def test_attention_dropout(rng, np_rng):
+    # With v the identity over keys (Hv = S), each output row IS the dropped probability row.
+    rate = 0.4
+    q, k, _ = qkv(np_rng, 2)
+    v = jnp.broadcast_to(jnp.eye(S, dtype=jnp.float32)[None, :, None, :], (B, S, 2, S))
+    probs = np.asarray(attention_weights(q, k)).transpose(0, 2, 1, 3)  # [B, T, N, S]
+    out = np.asarray(dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=rng))
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], probs[kept] / (1 - rate), rtol=1e-5)
+    assert 0.2 < 1 - kept.mean() < 0.6
+    again = dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=rng)
+    np.testing.assert_array_equal(out, again)
+    with pytest.raises(ValueError, match="rng"):
+        dot_product_attention(q, k, v, dropout_rate=rate)
+
+
+def test_dot_product_attention_bad_inputs(np_rng):
+    q, k, v = qkv(np_rng, 2)
+    with pytest.raises(ValueError, match=r"rank 4.*\(5, 6, 4\)"):
+        dot_product_attention(q[0], k, v)
+    with pytest.raises(ValueError, match=r"\(2, 5, 6, 4\).*\(1, 7, 2, 4\)"):
+        dot_product_attention(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match=r"\(2, 7, 2, 3\)"):
+        dot_product_attention(q, k[..., :3], v)
+    with pytest.raises(ValueError, match=r"N=6.*K=4"):
+        dot_product_attention(q, *qkv(np_rng, 4)[1:])
+    with pytest.raises(ValueError, match=r"\(2, 6, 5, 6\).*\(2, 6, 5, 7\)"):
+        dot_product_attention(q, k, v, mask=jnp.ones((B, N, T, S - 1), bool))
+    with pytest.raises(ValueError, match=r"\(3, 1, 1, 7\)"):
+        dot_product_attention(q, k, v, mask=jnp.ones((3, 1, 1, S), bool))
+    with pytest.raises(ValueError, match="boolean"):
+        dot_product_attention(q, k, v, mask=jnp.ones((B, N, T, S), jnp.float32))
+    with pytest.raises(ValueError, match=r"bias.*\(2, 6, 4, 7\)"):
+        dot_product_attention(q, k, v, bias=jnp.ones((B, N, 4, S)))
+    with pytest.raises(ValueError, match="dtypes"):
+        dot_product_attention(q, k.astype(jnp.bfloat16), v)
+    with pytest.raises(ValueError, match="unknown implementation"):
+        dot_product_attention(q, k, v, implementation="flash")
+    with pytest.raises(ValueError, match="dropout"):
+        dot_product_attention(q, k, v, implementation="cudnn", dropout_rate=0.1)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error off GPU")
+def test_cudnn_off_gpu_raises(np_rng):
+    with pytest.raises(ValueError, match=r"cudnn.*GPU"):
+        dot_product_attention(*qkv(np_rng, 2), implementation="cudnn")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
+@pytest.mark.parametrize(
+    "t, is_causal, with_mask", [(8, True, False), (4, True, True), (8, False, True)]
+)
+def test_cudnn_matches_xla(np_rng, t, is_causal, with_mask):
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(np_rng, 2, t=t, s=8, h=64, n=4))
+    mask = None
+    if with_mask:
+        mask = np_rng.random((2, 1, t, 8)) > 0.3
+        mask[0, 0, 1] = False  # an empty row must still give zeros
+        mask = jnp.asarray(mask)
+    kw = dict(mask=mask, is_causal=is_causal)
+    got = dot_product_attention(q, k, v, implementation="cudnn", **kw)
+    want = dot_product_attention(q, k, v, implementation="xla", **kw)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------ multi-head attention
+
+
+def weights_from_torch(mha, e, n, kdim):
+    """Copy torch.nn.MultiheadAttention's parameters into our [D, N, H] layout."""
+    h = e // n
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.detach().numpy().reshape(3, e, e)
+    else:
+        wq, wk, wv = (getattr(mha, f"{p}_proj_weight").detach().numpy() for p in "qkv")
+    bq, bk, bv = mha.in_proj_bias.detach().numpy().reshape(3, n, h)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    return MultiHeadAttentionWeights(
+        w_q=f32(wq.T.reshape(e, n, h)),
+        w_k=f32(wk.T.reshape(kdim, n, h)),
+        w_v=f32(wv.T.reshape(kdim, n, h)),
+        w_o=f32(mha.out_proj.weight.detach().numpy().T.reshape(n, h, e)),
+        b_q=f32(bq),
+        b_k=f32(bk),
+        b_v=f32(bv),
+        b_o=f32(mha.out_proj.bias.detach().numpy()),
+    )
+
+
+@pytest.mark.parametrize("kdim, is_causal", [(None, True), (None, False), (11, False)])
+def test_multi_head_attention_matches_torch(np_rng, kdim, is_causal):
+    torch = pytest.importorskip("torch")
+    e, n, t = 24, 6, 5
+    s = t if kdim is None else S
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(
+        e, n, kdim=kdim, vdim=kdim, batch_first=True, dtype=torch.float64
+    ).eval()
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.normal_(0.0, 0.3)  # nonzero biases too
+    weights = weights_from_torch(mha, e, n, kdim or e)
+    x_q = normal(np_rng, B, t, e)
+    x_kv = None if kdim is None else normal(np_rng, B, s, kdim)
+    valid = np_rng.random((B, s)) > 0.3
+    valid[:, 0] = True
+    cot = normal(np_rng, B, t, e)
+
+    mask = jnp.asarray(valid)[:, None, None, :]  # [B, 1, 1, S]
+
+    def ours(x_q, x_kv):
+        return multi_head_attention(
+            weights, x_q, x_kv, mask=mask, is_causal=is_causal, return_weights=True
+        )
+
+    out, probs = ours(x_q, x_kv)
+    tx_q = torch.tensor(f64(x_q), requires_grad=True)
+    tx_kv = tx_q if x_kv is None else torch.tensor(f64(x_kv), requires_grad=True)
+    attn_mask = torch.tensor(~np_causal(t, s)) if is_causal else None  # torch: True = ignore
+    kpm = torch.tensor(~valid)
+    want, want_avg = mha(tx_q, tx_kv, tx_kv, key_padding_mask=kpm, attn_mask=attn_mask)
+    _, want_heads = mha(
+        tx_q, tx_kv, tx_kv, key_padding_mask=kpm, attn_mask=attn_mask, average_attn_weights=False
+    )
+    np.testing.assert_allclose(out, want.detach().numpy(), **TOL)
+    assert probs.shape == (B, n, t, s)
+    np.testing.assert_allclose(probs, want_heads.detach().numpy(), **TOL)
+    np.testing.assert_allclose(np.mean(probs, axis=1), want_avg.detach().numpy(), **TOL)
+    plain = multi_head_attention(weights, x_q, x_kv, mask=mask, is_causal=is_causal)
+    np.testing.assert_allclose(plain, out, **TOL)
+
+    # Gradients wrt the inputs agree with torch autograd.
+    want.backward(torch.tensor(f64(cot)))
+    loss = lambda x_q, x_kv: jnp.sum(ours(x_q, x_kv)[0] * cot)
+    g_q, g_kv = jax.jit(jax.grad(loss, argnums=(0, 1)))(x_q, x_kv)
+    np.testing.assert_allclose(g_q, tx_q.grad.numpy(), **TOL)
+    if x_kv is not None:
+        np.testing.assert_allclose(g_kv, tx_kv.grad.numpy(), **TOL)
+
+
+def random_mha_weights(np_rng, dq, n, h, dkv, k_heads, dout):
+    """Random weights (nonzero biases) built directly, so init is not under test here."""
+    return MultiHeadAttentionWeights(
+        *(normal(np_rng, *shape, scale=0.4) for shape in [(dq, n, h), (dkv, k_heads, h)]),
+        normal(np_rng, dkv, k_heads, h, scale=0.4),
+        normal(np_rng, n, h, dout, scale=0.3),
+        *(normal(np_rng, *shape, scale=0.1) for shape in [(n, h), (k_heads, h), (k_heads, h)]),
+        normal(np_rng, dout, scale=0.1),
+    )
+
+
+def test_multi_head_attention_gqa_matches_numpy(np_rng):
+    dq, dkv, dout, n, k_heads, h = 7, 11, 13, 6, 2, 5
+    w = random_mha_weights(np_rng, dq, n, h, dkv, k_heads, dout)
+    x_q, x_kv = normal(np_rng, B, T, dq), normal(np_rng, B, S, dkv)
+    mask = random_mask(np_rng, (B, 1, T, S))
+    f = jax.jit(lambda w, a, b: multi_head_attention(w, a, b, mask=mask, is_causal=True))
+    out = f(w, x_q, x_kv)
+    assert out.shape == (B, T, dout)
+    q = np.einsum("btd,dnh->btnh", f64(x_q), f64(w.w_q)) + f64(w.b_q)
+    k = np.einsum("bsd,dkh->bskh", f64(x_kv), f64(w.w_k)) + f64(w.b_k)
+    v = np.einsum("bsd,dkh->bskh", f64(x_kv), f64(w.w_v)) + f64(w.b_v)
+    ctx, _ = np_attention(q, k, v, mask=mask, is_causal=True)
+    want = np.einsum("btnh,nho->bto", ctx, f64(w.w_o)) + f64(w.b_o)
+    np.testing.assert_allclose(out, want, **TOL)
+    # The pieces agree with the references.
+    pq, pk, pv = jax.jit(project_qkv)(w, x_q, x_kv)
+    assert (pq.shape, pk.shape, pv.shape) == ((B, T, n, h), (B, S, k_heads, h), (B, S, k_heads, h))
+    for got, ref in ((pq, q), (pk, k), (pv, v)):
+        np.testing.assert_allclose(got, ref, **TOL)
+    np.testing.assert_allclose(project_output(w, jnp.asarray(ctx, jnp.float32)), want, **TOL)
+
+
+def test_init_multi_head_attention(rng):
+    w = init_multi_head_attention(rng, 24, 6, kv_dim=11, num_kv_heads=3, out_dim=13)
+    shapes = [None if a is None else a.shape for a in w]
+    assert shapes == [(24, 6, 4), (11, 3, 4), (11, 3, 4), (6, 4, 13), (6, 4), (3, 4), (3, 4), (13,)]
+    assert all(a.dtype == jnp.float32 for a in w)
+    assert not np.any(w.b_q) and not np.any(w.b_o)
+    np.testing.assert_allclose(np.std(w.w_q), 1 / np.sqrt(24), rtol=0.15)
+    np.testing.assert_allclose(np.std(w.w_k), 1 / np.sqrt(11), rtol=0.15)
+    np.testing.assert_allclose(np.std(w.w_o), 1 / np.sqrt(24), rtol=0.15)
+    # Explicit stds and no biases (same shapes: the eager PRNG compiles are reused).
+    w2 = init_multi_head_attention(
+        rng, 24, 6, kv_dim=11, num_kv_heads=3, out_dim=13, std=0.5, out_std=0.01, use_bias=False
+    )
+    assert w2.b_q is None and w2.b_k is None and w2.b_v is None and w2.b_o is None
+    np.testing.assert_allclose(np.std(w2.w_v), 0.5, rtol=0.15)
+    np.testing.assert_allclose(np.std(w2.w_o), 0.01, rtol=0.15)
+    with pytest.raises(ValueError, match=r"num_heads=6.*num_kv_heads=4"):
+        init_multi_head_attention(rng, 24, 6, num_kv_heads=4)
+    with pytest.raises(ValueError, match="q_dim=25"):
+        init_multi_head_attention(rng, 25, 6)
+
+
+def test_multi_head_attention_self_attention_vmap_grad(np_rng):
+    w = random_mha_weights(np_rng, 24, 6, 4, 24, 2, 24)
+    x = normal(np_rng, B, T, 24)
+    f = jax.jit(lambda w, x, x_kv: multi_head_attention(w, x, x_kv, is_causal=True))
+    np.testing.assert_allclose(f(w, x, None), f(w, x, x), **TOL)
+    batched = jax.vmap(lambda x: multi_head_attention(w, x, is_causal=True))(jnp.stack([x, 2 * x]))
+    np.testing.assert_allclose(batched[1], f(w, 2 * x, None), **TOL)
+    small = random_mha_weights(np_rng, 5, 2, 3, 5, 1, 5)
+    check_grads(jax.jit(lambda w, x: f(w, x, None)), (small, x[:1, :3, :5]), **GRADS)
+
+
+def test_multi_head_attention_dropout(rng, np_rng):
+    w = random_mha_weights(np_rng, 24, 6, 4, 24, 6, 24)
+    x = normal(np_rng, B, T, 24)
+    f = jax.jit(
+        multi_head_attention, static_argnames=("dropout_rate", "deterministic", "return_weights")
+    )
+    base = f(w, x)
+    np.testing.assert_array_equal(f(w, x, dropout_rate=0.5, rng=rng), base)  # deterministic
+    dropped = f(w, x, dropout_rate=0.5, rng=rng, deterministic=False)
+    assert not np.allclose(dropped, base)
+    out, probs = f(w, x, dropout_rate=0.5, rng=rng, deterministic=False, return_weights=True)
+    np.testing.assert_allclose(out, dropped, **TOL)  # same key, same dropped entries
+    np.testing.assert_allclose(probs, attention_weights(*project_qkv(w, x)[:2]), **TOL)
+    with pytest.raises(ValueError, match="rng"):
+        multi_head_attention(w, x, dropout_rate=0.5, deterministic=False)
+
+
+def test_multi_head_attention_bad_inputs(np_rng):
+    w = random_mha_weights(np_rng, 24, 6, 4, 24, 6, 24)
+    with pytest.raises(ValueError, match=r"rank 3.*\(5, 24\)"):
+        multi_head_attention(w, normal(np_rng, T, 24))
+    with pytest.raises(ValueError, match=r"\(2, 5, 23\)"):
+        multi_head_attention(w, normal(np_rng, B, T, 23))
+    with pytest.raises(ValueError, match=r"\(2, 5, 6, 4\).*\(3, 7, 6, 4\)"):
+        multi_head_attention(w, normal(np_rng, B, T, 24), normal(np_rng, 3, S, 24))
+    with pytest.raises(ValueError, match=r"\(2, 6, 5, 7\)"):
+        multi_head_attention(
+            w, normal(np_rng, B, T, 24), normal(np_rng, B, S, 24), mask=jnp.ones((B, 1, S), bool)
+        )

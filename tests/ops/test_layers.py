@@ -1,0 +1,478 @@
+"""Tests for jaxattn.ops.layers against float64 NumPy references and PyTorch layers."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from jaxattn.ops.layers import (
+    DenseWeights,
+    EmbeddingWeights,
+    FeedForwardWeights,
+    LayerNormWeights,
+    RMSNormWeights,
+    SwiGLUWeights,
+    check_token_ids,
+    dense,
+    dropout,
+    embed,
+    feed_forward,
+    gelu,
+    init_dense,
+    init_embedding,
+    init_feed_forward,
+    init_layer_norm,
+    init_rms_norm,
+    init_swiglu,
+    layer_norm,
+    project,
+    rms_norm,
+    swiglu,
+    unembed,
+)
+
+B, T, D, F, V = 3, 5, 7, 11, 13
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+GRAD_TOL = {"order": 1, "modes": ["rev"], "eps": 1e-2, "atol": 1e-2, "rtol": 1e-2}
+
+
+def f32(np_rng, *shape, scale=1.0):
+    return jnp.asarray(scale * np_rng.standard_normal(shape), jnp.float32)
+
+
+def f64(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+# ----- NumPy float64 references (written independently of jaxattn) -----
+
+
+def np_gelu_exact(x):
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def np_gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def np_layer_norm(x, scale, bias, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    y = (x - mu) / np.sqrt(var + eps) * scale
+    return y if bias is None else y + bias
+
+
+def np_rms_norm(x, scale, eps):
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * scale
+
+
+def np_silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def random_dense(np_rng, n_in, n_out, bias=True):
+    return DenseWeights(f32(np_rng, n_in, n_out), f32(np_rng, n_out) if bias else None)
+
+
+# ----- project / dense -----
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (3, 5), (2, 3, 5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_project_contract_one_matches_numpy(np_rng, lead, with_bias):
+    x, w = f32(np_rng, *lead, D), f32(np_rng, D, F)
+    b = f32(np_rng, F) if with_bias else None
+    y = project(x, w, b)
+    want = np.einsum("...i,io->...o", f64(x), f64(w)) + (f64(b) if with_bias else 0.0)
+    assert y.shape == (*lead, F) and y.dtype == jnp.float32
+    np.testing.assert_allclose(y, want, **TOL)
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (3, 2)])
+@pytest.mark.parametrize("out_shape", [(11,), (3, 11)])
+def test_project_contract_two_matches_numpy(np_rng, lead, out_shape):
+    # e.g. the output projection of attention: [B, T, N, H] x [N, H, D] -> [B, T, D].
+    x, w, b = f32(np_rng, *lead, 5, 7), f32(np_rng, 5, 7, *out_shape), f32(np_rng, *out_shape)
+    y = project(x, w, b, contract_dims=2)
+    want = np.tensordot(f64(x), f64(w), axes=([-2, -1], [0, 1])) + f64(b)
+    assert y.shape == (*lead, *out_shape)
+    np.testing.assert_allclose(y, want, **TOL)
+
+
+def test_project_heads_out(np_rng):
+    # [B, T, D] x [D, N, H] -> [B, T, N, H]: contract one axis, several out axes.
+    x, w = f32(np_rng, B, T, D), f32(np_rng, D, 3, 11)
+    np.testing.assert_allclose(project(x, w), np.einsum("btd,dnh->btnh", f64(x), f64(w)), **TOL)
+
+
+def test_project_casts_kernel_to_x_dtype(np_rng):
+    x, w, b = f32(np_rng, B, D).astype(jnp.bfloat16), f32(np_rng, D, F), f32(np_rng, F)
+    y = project(x, w, b)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f64(y), f64(x) @ f64(w) + f64(b), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "contract_dims"),
+    [((B, T, D), (F, D), 1), ((B, 5, 7), (7, 5, F), 2), ((D,), (D, F), 2), ((B, D), (D + 1, F), 1)],
+)
+def test_project_shape_error(x_shape, w_shape, contract_dims):
+    with pytest.raises(ValueError, match=r"project: x has shape"):
+        project(jnp.zeros(x_shape), jnp.zeros(w_shape), contract_dims=contract_dims)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_init_dense(rng, use_bias):
+    w = init_dense(rng, 64, 96, use_bias=use_bias)
+    assert w.w.shape == (64, 96) and w.w.dtype == jnp.float32
+    np.testing.assert_allclose(np.std(np.asarray(w.w)), 1 / 8, rtol=0.05)
+    if use_bias:
+        assert w.b.shape == (96,) and not np.any(np.asarray(w.b))
+    else:
+        assert w.b is None
+    w = init_dense(rng, 64, 96, std=0.5, dtype=jnp.bfloat16)
+    assert w.w.dtype == jnp.bfloat16 and w.b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.std(f64(w.w)), 0.5, rtol=0.05)
+
+
+def test_dense_matches_numpy_and_torch_linear(np_rng):
+    torch = pytest.importorskip("torch")
+    weights, x = random_dense(np_rng, D, F), f32(np_rng, B, T, D)
+    y = dense(weights, x)
+    np.testing.assert_allclose(y, f64(x) @ f64(weights.w) + f64(weights.b), **TOL)
+    lin = torch.nn.Linear(D, F).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(f64(weights.w).T))  # torch stores [out, in]
+        lin.bias.copy_(torch.from_numpy(f64(weights.b)))
+        want = lin(torch.from_numpy(f64(x))).numpy()
+    np.testing.assert_allclose(y, want, **TOL)
+
+
+def test_dense_grads_jit_vmap(np_rng):
+    weights, x = random_dense(np_rng, D, F), f32(np_rng, T, D)
+    check_grads(dense, (weights, x), **GRAD_TOL)
+    xs = f32(np_rng, B, T, D)
+    np.testing.assert_allclose(
+        jax.vmap(dense, in_axes=(None, 0))(weights, xs), dense(weights, xs), **TOL
+    )
+    np.testing.assert_allclose(jax.jit(dense)(weights, xs), dense(weights, xs), **TOL)
+
+
+def test_project_grad_matches_torch(np_rng):
+    torch = pytest.importorskip("torch")
+    x, w, b = f32(np_rng, B, 5, 7), f32(np_rng, 5, 7, F), f32(np_rng, F)
+    g = f32(np_rng, B, F)
+    grads = jax.grad(lambda x, w, b: jnp.sum(project(x, w, b, contract_dims=2) * g), (0, 1, 2))(
+        x, w, b
+    )
+    tx, tw, tb = (torch.tensor(f64(a), requires_grad=True) for a in (x, w, b))
+    (torch.einsum("bij,ijo->bo", tx, tw) + tb).backward(torch.from_numpy(f64(g)))
+    for got, want in zip(grads, (tx.grad, tw.grad, tb.grad)):
+        np.testing.assert_allclose(got, want.numpy(), **TOL)
+
+
+# ----- embeddings -----
+
+
+def test_init_embedding(rng):
+    e = init_embedding(rng, 96, 64, std=0.5)
+    assert e.table.shape == (96, 64) and e.table.dtype == jnp.float32
+    np.testing.assert_allclose(np.std(np.asarray(e.table)), 0.5, rtol=0.05)
+
+
+def test_embed_and_unembed_match_numpy_and_torch(np_rng):
+    torch = pytest.importorskip("torch")
+    weights = EmbeddingWeights(f32(np_rng, V, D))
+    ids = jnp.asarray(np_rng.integers(0, V, (B, T)), jnp.int32)
+    y = embed(weights, ids)
+    assert y.shape == (B, T, D)
+    np.testing.assert_array_equal(y, np.asarray(weights.table)[np.asarray(ids)])
+    emb = torch.nn.Embedding(V, D).double()
+    with torch.no_grad():
+        emb.weight.copy_(torch.from_numpy(f64(weights.table)))
+        np.testing.assert_allclose(y, emb(torch.from_numpy(np.asarray(ids, np.int64))), **TOL)
+        x = f32(np_rng, B, T, D)
+        logits = unembed(weights, x)
+        assert logits.shape == (B, T, V)
+        np.testing.assert_allclose(logits, f64(x) @ f64(weights.table).T, **TOL)
+        tied = torch.nn.functional.linear(torch.from_numpy(f64(x)), emb.weight)
+        np.testing.assert_allclose(logits, tied.numpy(), **TOL)
+
+
+def test_embed_grad_accumulates_repeated_ids(np_rng):
+    weights = EmbeddingWeights(f32(np_rng, V, D))
+    ids = jnp.asarray([[0, 3, 3], [12, 0, 3]], jnp.int32)
+    g = f32(np_rng, 2, 3, D)
+    grad = jax.grad(lambda w: jnp.sum(embed(w, ids) * g))(weights).table
+    want = np.zeros((V, D))
+    np.add.at(want, np.asarray(ids), f64(g))
+    np.testing.assert_allclose(grad, want, **TOL)
+    check_grads(lambda t: embed(EmbeddingWeights(t), ids), (weights.table,), **GRAD_TOL)
+    check_grads(unembed, (weights, f32(np_rng, T, D)), **GRAD_TOL)
+
+
+def test_embed_jit_vmap(np_rng):
+    weights = EmbeddingWeights(f32(np_rng, V, D))
+    ids = jnp.asarray(np_rng.integers(0, V, (B, T)), jnp.int32)
+    np.testing.assert_array_equal(jax.jit(embed)(weights, ids), embed(weights, ids))
+    np.testing.assert_array_equal(
+        jax.vmap(embed, in_axes=(None, 0))(weights, ids), embed(weights, ids)
+    )
+
+
+@pytest.mark.parametrize(
+    ("ids", "match"),
+    [
+        (jnp.asarray([0, 5, V], jnp.int32), rf"must lie in \[0, {V}\), got values in \[0, {V}\]"),
+        (jnp.asarray([[1, -1]], jnp.int32), rf"must lie in \[0, {V}\), got values in \[-1, 1\]"),
+        (jnp.asarray([1.0, 2.0], jnp.float32), "must be integers, got dtype float32"),
+        (jnp.asarray([True, False]), "must be integers, got dtype bool"),
+    ],
+)
+def test_check_token_ids_errors(ids, match):
+    with pytest.raises(ValueError, match=match):
+        check_token_ids(ids, V)
+    with pytest.raises(ValueError, match=match):
+        embed(EmbeddingWeights(jnp.zeros((V, D))), ids)
+
+
+def test_check_token_ids_accepts_valid_and_names_what():
+    check_token_ids(jnp.asarray([0, V - 1], jnp.int32), V)
+    check_token_ids(np.asarray([0, V - 1], np.int64), V)
+    check_token_ids(jnp.zeros((0,), jnp.int32), V)  # empty batch
+    with pytest.raises(ValueError, match="labels must lie"):
+        check_token_ids(jnp.asarray([V], jnp.int32), V, "labels")
+    # Under jit the ids are tracers: the check is documented to be a no-op there.
+    jax.jit(lambda i: check_token_ids(i, V) or i)(jnp.asarray([V + 5], jnp.int32))
+
+
+# ----- norms -----
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_layer_norm_matches_numpy_and_torch(np_rng, use_bias):
+    torch = pytest.importorskip("torch")
+    x = f32(np_rng, B, T, D, scale=3.0) + 2.0
+    weights = LayerNormWeights(f32(np_rng, D), f32(np_rng, D) if use_bias else None)
+    y = layer_norm(weights, x, eps=1e-5)
+    bias = f64(weights.bias) if use_bias else None
+    want = np_layer_norm(f64(x), f64(weights.scale), bias, 1e-5)
+    np.testing.assert_allclose(y, want, **TOL)
+    ln = torch.nn.LayerNorm(D, eps=1e-5, bias=use_bias).double()
+    with torch.no_grad():
+        ln.weight.copy_(torch.from_numpy(f64(weights.scale)))
+        if use_bias:
+            ln.bias.copy_(torch.from_numpy(f64(weights.bias)))
+        np.testing.assert_allclose(y, ln(torch.from_numpy(f64(x))).numpy(), **TOL)
+
+
+def test_layer_norm_eps_and_init(np_rng):
+    x = f32(np_rng, T, D, scale=0.01)
+    init = init_layer_norm(D)
+    assert init.scale.shape == init.bias.shape == (D,)
+    assert init_layer_norm(D, use_bias=False).bias is None
+    for eps in (1e-5, 1e-3):
+        want = np_layer_norm(f64(x), 1.0, 0.0, eps)
+        np.testing.assert_allclose(layer_norm(init, x, eps=eps), want, **TOL)
+
+
+def test_layer_norm_bfloat16_keeps_stats_in_float32(np_rng):
+    # A large offset with small spread: bfloat16 statistics would lose the spread.
+    x = (f32(np_rng, B, T, 64, scale=4.0) + 100.0).astype(jnp.bfloat16)
+    weights = LayerNormWeights(f32(np_rng, 64), f32(np_rng, 64))
+    y = layer_norm(weights, x)
+    assert y.dtype == jnp.bfloat16
+    want = np_layer_norm(f64(x), f64(weights.scale), f64(weights.bias), 1e-5)
+    np.testing.assert_allclose(f64(y), want, rtol=1e-2, atol=2e-2)
+    # Params in bfloat16 are upcast as well; the output follows x.
+    half = LayerNormWeights(*(p.astype(jnp.bfloat16) for p in weights))
+    assert layer_norm(half, x.astype(jnp.float32)).dtype == jnp.float32
+
+
+def test_rms_norm_matches_numpy_and_torch(np_rng):
+    torch = pytest.importorskip("torch")
+    x = f32(np_rng, B, T, D, scale=3.0)
+    weights = RMSNormWeights(f32(np_rng, D))
+    y = rms_norm(weights, x, eps=1e-6)
+    np.testing.assert_allclose(y, np_rms_norm(f64(x), f64(weights.scale), 1e-6), **TOL)
+    rms = torch.nn.RMSNorm(D, eps=1e-6).double()
+    with torch.no_grad():
+        rms.weight.copy_(torch.from_numpy(f64(weights.scale)))
+        np.testing.assert_allclose(y, rms(torch.from_numpy(f64(x))).numpy(), **TOL)
+    init = init_rms_norm(D)
+    assert init.scale.shape == (D,)
+    np.testing.assert_allclose(rms_norm(init, x), np_rms_norm(f64(x), 1.0, 1e-6), **TOL)
+
+
+def test_rms_norm_bfloat16(np_rng):
+    x = f32(np_rng, B, T, 64, scale=30.0).astype(jnp.bfloat16)
+    weights = RMSNormWeights(f32(np_rng, 64))
+    y = rms_norm(weights, x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        f64(y), np_rms_norm(f64(x), f64(weights.scale), 1e-6), rtol=1e-2, atol=2e-2
+    )
+
+
+def test_norm_grads_jit_vmap(np_rng):
+    x = f32(np_rng, T, D) + 1.0
+    ln = LayerNormWeights(f32(np_rng, D), f32(np_rng, D))
+    rms = RMSNormWeights(f32(np_rng, D))
+    check_grads(layer_norm, (ln, x), **GRAD_TOL)
+    check_grads(rms_norm, (rms, x), **GRAD_TOL)
+    xs = f32(np_rng, B, T, D)
+    for fn, w in ((layer_norm, ln), (rms_norm, rms)):
+        np.testing.assert_allclose(jax.jit(fn)(w, xs), fn(w, xs), **TOL)
+        np.testing.assert_allclose(jax.vmap(fn, in_axes=(None, 0))(w, xs), fn(w, xs), **TOL)
+
+
+def test_layer_norm_grad_matches_torch(np_rng):
+    torch = pytest.importorskip("torch")
+    x, g = f32(np_rng, B, D), f32(np_rng, B, D)
+    weights = LayerNormWeights(f32(np_rng, D), f32(np_rng, D))
+    grads = jax.grad(lambda w, x: jnp.sum(layer_norm(w, x) * g), (0, 1))(weights, x)
+    tx = torch.tensor(f64(x), requires_grad=True)
+    ts, tb = (torch.tensor(f64(p), requires_grad=True) for p in weights)
+    torch.nn.functional.layer_norm(tx, (D,), ts, tb, eps=1e-5).backward(torch.from_numpy(f64(g)))
+    np.testing.assert_allclose(grads[0].scale, ts.grad.numpy(), **TOL)
+    np.testing.assert_allclose(grads[0].bias, tb.grad.numpy(), **TOL)
+    np.testing.assert_allclose(grads[1], tx.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+# ----- activations and feed-forward blocks -----
+
+
+def test_gelu_matches_formulas_and_torch(np_rng):
+    torch = pytest.importorskip("torch")
+    x = f32(np_rng, B, T, D, scale=3.0)
+    np.testing.assert_allclose(gelu(x, approximate=False), np_gelu_exact(f64(x)), **TOL)
+    np.testing.assert_allclose(gelu(x, approximate=True), np_gelu_tanh(f64(x)), **TOL)
+    np.testing.assert_array_equal(gelu(x), gelu(x, approximate=True))  # tanh is the default
+    tx = torch.from_numpy(f64(x))
+    F_ = torch.nn.functional
+    np.testing.assert_allclose(gelu(x), F_.gelu(tx, approximate="tanh").numpy(), **TOL)
+    np.testing.assert_allclose(gelu(x, approximate=False), F_.gelu(tx).numpy(), **TOL)
+    # The two differ by up to ~1e-3 (e.g. near x = -2.6), so the flag really matters.
+    grid = jnp.linspace(-4.0, 4.0, 801, dtype=jnp.float32)
+    assert float(jnp.max(jnp.abs(gelu(grid) - gelu(grid, approximate=False)))) > 1e-4
+    check_grads(lambda x: gelu(x, approximate=False), (x,), **GRAD_TOL)
+    check_grads(gelu, (x,), **GRAD_TOL)
+
+
+def random_feed_forward(np_rng, bias=True):
+    return FeedForwardWeights(random_dense(np_rng, D, F, bias), random_dense(np_rng, F, D, bias))
+
+
+@pytest.mark.parametrize("approximate", [True, False])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_feed_forward_matches_numpy(np_rng, approximate, use_bias):
+    weights, x = random_feed_forward(np_rng, use_bias), f32(np_rng, B, T, D)
+    y = feed_forward(weights, x, approximate_gelu=approximate)
+    act = np_gelu_tanh if approximate else np_gelu_exact
+    up, down = weights
+    h = f64(x) @ f64(up.w) + (f64(up.b) if use_bias else 0.0)
+    want = act(h) @ f64(down.w) + (f64(down.b) if use_bias else 0.0)
+    assert y.shape == (B, T, D)
+    np.testing.assert_allclose(y, want, **TOL)
+
+
+def test_feed_forward_matches_torch(np_rng):
+    torch = pytest.importorskip("torch")
+    weights, x = random_feed_forward(np_rng), f32(np_rng, B, T, D)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(D, F), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(F, D)
+    ).double()
+    with torch.no_grad():
+        for layer, w in ((mlp[0], weights.up), (mlp[2], weights.down)):
+            layer.weight.copy_(torch.from_numpy(f64(w.w).T))
+            layer.bias.copy_(torch.from_numpy(f64(w.b)))
+        want = mlp(torch.from_numpy(f64(x))).numpy()
+    np.testing.assert_allclose(feed_forward(weights, x), want, **TOL)
+
+
+def test_init_feed_forward(rng):
+    ff = init_feed_forward(rng, 64, 96, std=0.5, out_std=0.25)
+    assert ff.up.w.shape == (64, 96) and ff.down.w.shape == (96, 64)
+    assert ff.up.b.shape == (96,) and ff.down.b.shape == (64,)
+    np.testing.assert_allclose(np.std(np.asarray(ff.up.w)), 0.5, rtol=0.05)
+    np.testing.assert_allclose(np.std(np.asarray(ff.down.w)), 0.25, rtol=0.05)
+    assert not np.any(np.asarray(init_feed_forward(rng, 64, 96, out_std=0.0).down.w))
+    ff = init_feed_forward(rng, 64, 96, use_bias=False)  # default std 1/sqrt(fan_in)
+    assert ff.up.b is None and ff.down.b is None
+    np.testing.assert_allclose(np.std(np.asarray(ff.up.w)), 1 / 8, rtol=0.05)
+    np.testing.assert_allclose(np.std(np.asarray(ff.down.w)), 1 / math.sqrt(96), rtol=0.05)
+
+
+def test_swiglu_matches_numpy(np_rng, rng):
+    weights = SwiGLUWeights(*(random_dense(np_rng, *s) for s in ((D, F), (D, F), (F, D))))
+    x = f32(np_rng, B, T, D)
+    gate, up, down = weights
+    a = f64(x) @ f64(gate.w) + f64(gate.b)
+    want = (np_silu(a) * (f64(x) @ f64(up.w) + f64(up.b))) @ f64(down.w) + f64(down.b)
+    np.testing.assert_allclose(swiglu(weights, x), want, **TOL)
+    init = init_swiglu(rng, D, F)
+    assert init.gate.w.shape == init.up.w.shape == (D, F) and init.down.w.shape == (F, D)
+    assert init.gate.b is None and init_swiglu(rng, D, F, use_bias=True).down.b.shape == (D,)
+    # The gate and up projections get different keys.
+    assert not np.allclose(init.gate.w, init.up.w)
+
+
+def test_feed_forward_grads_jit_vmap(np_rng):
+    ff, x = random_feed_forward(np_rng), f32(np_rng, T, D)
+    sw = SwiGLUWeights(*(random_dense(np_rng, *s) for s in ((D, F), (D, F), (F, D))))
+    check_grads(feed_forward, (ff, x), **GRAD_TOL)
+    check_grads(swiglu, (sw, x), **GRAD_TOL)
+    xs = f32(np_rng, B, T, D)
+    for fn, w in ((feed_forward, ff), (swiglu, sw)):
+        np.testing.assert_allclose(jax.jit(fn)(w, xs), fn(w, xs), **TOL)
+        np.testing.assert_allclose(jax.vmap(fn, in_axes=(None, 0))(w, xs), fn(w, xs), **TOL)
+
+
+# ----- dropout -----
+
+
+def test_dropout_identity_cases(np_rng, rng):
+    x = f32(np_rng, B, T, D)
+    np.testing.assert_array_equal(dropout(None, x, 0.5, deterministic=True), x)
+    np.testing.assert_array_equal(dropout(rng, x, 0.5, deterministic=True), x)
+    np.testing.assert_array_equal(dropout(None, x, 0.0), x)
+    np.testing.assert_array_equal(dropout(rng, x, 0.0), x)
+
+
+def test_dropout_statistics(rng):
+    rate, n = 0.3, 200_000
+    x = jnp.ones((n,), jnp.float32)
+    y = np.asarray(dropout(rng, x, rate))
+    zeros = y == 0.0
+    assert abs(zeros.mean() - rate) < 0.01  # std of the fraction ~ 1e-3
+    np.testing.assert_allclose(y[~zeros], 1.0 / (1.0 - rate), rtol=1e-6)
+    assert abs(y.mean() - 1.0) < 0.01  # inverted dropout keeps the expectation
+
+
+def test_dropout_keys_and_values(np_rng, rng):
+    x = f32(np_rng, 3, 5, 77)
+    k1, k2 = jax.random.split(rng)
+    a, b, c = dropout(k1, x, 0.5), dropout(k1, x, 0.5), dropout(k2, x, 0.5)
+    np.testing.assert_array_equal(a, b)  # same key, same mask
+    assert np.any(np.asarray(a != c))
+    kept = np.asarray(a) != 0
+    np.testing.assert_allclose(np.asarray(a)[kept], 2 * np.asarray(x)[kept], rtol=1e-6)
+    np.testing.assert_array_equal(jax.jit(dropout, static_argnums=2)(k1, x, 0.5), a)
+    # vmap over keys: each row its own mask.
+    rows = jax.vmap(lambda k: dropout(k, x[0], 0.5))(jax.random.split(k1, 3))
+    assert rows.shape == (3, 5, 77) and np.any(np.asarray(rows[0] != rows[1]))
+    # Gradient is the same mask, scaled.
+    g = jax.grad(lambda x: jnp.sum(dropout(k1, x, 0.5)))(x)
+    np.testing.assert_array_equal(np.asarray(g), np.where(kept, 2.0, 0.0))
+
+
+def test_dropout_bad_inputs(rng):
+    x = jnp.ones((3, 5))
+    with pytest.raises(ValueError, match="needs an rng"):
+        dropout(None, x, 0.1)
+    for rate in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\)"):
+            dropout(rng, x, rate)

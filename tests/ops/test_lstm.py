@@ -1,0 +1,408 @@
+"""Tests for jaxattn.ops.lstm: a float64 NumPy reference, torch.nn.LSTM parity, transforms."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from jaxattn.ops.lstm import (
+    BidirectionalWeights,
+    LSTMWeights,
+    bidirectional_lstm,
+    init_lstm,
+    init_lstm_stack,
+    lstm_cell,
+    lstm_scan,
+    lstm_stack,
+)
+
+B, T, IN, HID = 3, 7, 5, 11
+LENGTHS = np.array([7, 2, 5])  # one full row, two padded rows (unsorted)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def reference_lstm(weights, xs, h0, c0, lengths=None, reverse=False):
+    """Float64 LSTM, one row at a time, visiting only each row's valid steps."""
+    w_ih, w_hh, b = (np.asarray(a, np.float64) for a in weights)
+    xs = np.asarray(xs, np.float64)
+    n_hid = w_hh.shape[0]
+    batch, steps, _ = xs.shape
+    ys = np.zeros((batch, steps, n_hid))
+    h_n, c_n = np.zeros((batch, n_hid)), np.zeros((batch, n_hid))
+    for row in range(batch):
+        h, c = np.array(h0[row], np.float64), np.array(c0[row], np.float64)
+        n = steps if lengths is None else int(lengths[row])
+        for t in reversed(range(n)) if reverse else range(n):
+            z = xs[row, t] @ w_ih + h @ w_hh + b
+            i, f = _sigmoid(z[:n_hid]), _sigmoid(z[n_hid : 2 * n_hid])
+            g, o = np.tanh(z[2 * n_hid : 3 * n_hid]), _sigmoid(z[3 * n_hid :])
+            c = f * c + i * g
+            h = o * np.tanh(c)
+            ys[row, t] = h
+        h_n[row], c_n[row] = h, c
+    return ys, (h_n, c_n)
+
+
+def _inputs(np_rng, batch=B, steps=T, in_size=IN, hidden=HID):
+    xs = np_rng.normal(size=(batch, steps, in_size)).astype(np.float32)
+    h0 = np_rng.normal(size=(batch, hidden)).astype(np.float32)
+    c0 = np_rng.normal(size=(batch, hidden)).astype(np.float32)
+    return jnp.asarray(xs), jnp.asarray(h0), jnp.asarray(c0)
+
+
+# --- NumPy reference -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [None, LENGTHS, np.array([0, 7, 4])])
+def test_lstm_scan_matches_numpy_reference(rng, np_rng, reverse, lengths):
+    weights = init_lstm(rng, IN, HID)
+    xs, h0, c0 = _inputs(np_rng)
+    ys, (h, c) = lstm_scan(weights, xs, (h0, c0), lengths=lengths, reverse=reverse)
+    ys_ref, (h_ref, c_ref) = reference_lstm(weights, xs, h0, c0, lengths, reverse)
+    assert ys.shape == (B, T, HID) and h.shape == c.shape == (B, HID)
+    np.testing.assert_allclose(ys, ys_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h, h_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(c, c_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lstm_cell_matches_numpy_reference(rng, np_rng):
+    weights = init_lstm(rng, IN, HID)
+    xs, h0, c0 = _inputs(np_rng)
+    h, c = lstm_cell(weights, (h0, c0), xs[:, 3])
+    _, (h_ref, c_ref) = reference_lstm(weights, xs[:, 3:4], h0, c0)
+    np.testing.assert_allclose(h, h_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(c, c_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_carry_is_the_default(rng, np_rng):
+    weights = init_lstm(rng, IN, HID)
+    xs, _, _ = _inputs(np_rng)
+    zeros = jnp.zeros((B, HID))
+    ys, carry = lstm_scan(weights, xs, lengths=LENGTHS)
+    ys0, carry0 = lstm_scan(weights, xs, (zeros, zeros), lengths=LENGTHS)
+    np.testing.assert_array_equal(ys, ys0)
+    np.testing.assert_array_equal(carry[1], carry0[1])
+
+
+# --- scan vs cell --------------------------------------------------------------------------
+
+
+def test_lstm_cell_equals_one_scan_step(rng, np_rng):
+    weights = init_lstm(rng, IN, HID)
+    xs, h0, c0 = _inputs(np_rng)
+    ys, (h, c) = lstm_scan(weights, xs[:, :1], (h0, c0))
+    h1, c1 = lstm_cell(weights, (h0, c0), xs[:, 0])
+    np.testing.assert_allclose(ys[:, 0], h1, atol=1e-6)
+    np.testing.assert_allclose(h, h1, atol=1e-6)
+    np.testing.assert_allclose(c, c1, atol=1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_equals_python_loop_over_cell(rng, np_rng, reverse):
+    weights = init_lstm(rng, IN, HID)
+    xs, h0, c0 = _inputs(np_rng)
+    ys, (h, c) = lstm_scan(weights, xs, (h0, c0), reverse=reverse)
+    carry, outs = (h0, c0), [None] * T
+    for t in reversed(range(T)) if reverse else range(T):
+        carry = lstm_cell(weights, carry, xs[:, t])
+        outs[t] = carry[0]
+    np.testing.assert_allclose(ys, jnp.stack(outs, axis=1), atol=1e-5)
+    np.testing.assert_allclose(h, carry[0], atol=1e-5)
+    np.testing.assert_allclose(c, carry[1], atol=1e-5)
+
+
+# --- PyTorch parity ------------------------------------------------------------------------
+
+
+def _torch_lstm(num_layers, bidirectional, seed=0):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    return torch.nn.LSTM(
+        IN, HID, num_layers=num_layers, bidirectional=bidirectional, batch_first=True
+    )
+
+
+def _torch_layers(module, get):
+    """``module``'s layers in our layout, reading each torch tensor through ``get``."""
+    layers = []
+    for layer in range(module.num_layers):
+        directions = []
+        for suffix in ["", "_reverse"] if module.bidirectional else [""]:
+            w = {
+                name: get(getattr(module, f"{name}_l{layer}{suffix}"))
+                for name in ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+            }
+            directions.append(
+                LSTMWeights(w["weight_ih"].T, w["weight_hh"].T, w["bias_ih"] + w["bias_hh"])
+            )
+        layers.append(BidirectionalWeights(*directions) if module.bidirectional else directions[0])
+    return tuple(layers)
+
+
+def _weights_from_torch(module):
+    return jax.tree.map(jnp.asarray, _torch_layers(module, lambda p: p.detach().numpy()))
+
+
+def _run_torch(module, xs, carry, lengths):
+    """Torch outputs ``[B, T, dirs*h]`` (zeros past length) and ``(h_n, c_n)``."""
+    torch = pytest.importorskip("torch")
+    pack = torch.nn.utils.rnn
+    x = xs if isinstance(xs, torch.Tensor) else torch.from_numpy(np.asarray(xs))
+    steps = x.shape[1]
+    if lengths is not None:
+        x = pack.pack_padded_sequence(
+            x, torch.from_numpy(lengths), batch_first=True, enforce_sorted=False
+        )
+    hc = None if carry is None else tuple(torch.from_numpy(np.asarray(a)) for a in carry)
+    ys, (h_n, c_n) = module(x, hc)
+    if lengths is not None:
+        ys, _ = pack.pad_packed_sequence(ys, batch_first=True, total_length=steps)
+    return ys, h_n, c_n
+
+
+@pytest.mark.parametrize(
+    "num_layers, bidirectional, packed, with_carry",
+    list(itertools.product([1, 2], [False, True], [False, True], [False, True])),
+)
+def test_lstm_stack_matches_torch(np_rng, num_layers, bidirectional, packed, with_carry):
+    module = _torch_lstm(num_layers, bidirectional)
+    layers = _weights_from_torch(module)
+    dirs = 2 if bidirectional else 1
+    xs = np_rng.normal(size=(B, T, IN)).astype(np.float32)
+    carry = None
+    if with_carry:
+        carry = tuple(
+            np_rng.normal(size=(num_layers * dirs, B, HID)).astype(np.float32) for _ in range(2)
+        )
+    lengths = LENGTHS if packed else None
+    ys_t, h_t, c_t = _run_torch(module, xs, carry, lengths)
+    ys, (h_n, c_n) = lstm_stack(
+        layers,
+        jnp.asarray(xs),
+        None if carry is None else tuple(map(jnp.asarray, carry)),
+        lengths=lengths,
+    )
+    assert ys.shape == (B, T, dirs * HID)
+    assert h_n.shape == c_n.shape == (num_layers * dirs, B, HID)
+    np.testing.assert_allclose(ys, ys_t.detach().numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h_n, h_t.detach().numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(c_n, c_t.detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_lstm_scan_and_bidirectional_match_torch(np_rng):
+    """The single-layer entry points give torch's numbers too (not only through the stack)."""
+    uni, bi = _torch_lstm(1, False), _torch_lstm(1, True, seed=1)
+    xs = np_rng.normal(size=(B, T, IN)).astype(np.float32)
+    ys_t, h_t, c_t = _run_torch(uni, xs, None, LENGTHS)
+    ys, (h, c) = lstm_scan(_weights_from_torch(uni)[0], jnp.asarray(xs), lengths=LENGTHS)
+    np.testing.assert_allclose(ys, ys_t.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(h, h_t[0].detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(c, c_t[0].detach().numpy(), atol=1e-5)
+
+    ys_t, h_t, c_t = _run_torch(bi, xs, None, LENGTHS)
+    ys, ((h_f, c_f), (h_b, c_b)) = bidirectional_lstm(
+        _weights_from_torch(bi)[0], jnp.asarray(xs), lengths=LENGTHS
+    )
+    np.testing.assert_allclose(ys, ys_t.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(jnp.stack([h_f, h_b]), h_t.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(jnp.stack([c_f, c_b]), c_t.detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers, bidirectional, packed", [(1, False, False), (2, True, True)])
+def test_gradients_match_torch(np_rng, num_layers, bidirectional, packed):
+    torch = pytest.importorskip("torch")
+    module = _torch_lstm(num_layers, bidirectional)
+    layers = _weights_from_torch(module)
+    dirs = 2 if bidirectional else 1
+    xs = np_rng.normal(size=(B, T, IN)).astype(np.float32)
+    probe = np_rng.normal(size=(B, T, dirs * HID)).astype(np.float32)
+    probe_h = np_rng.normal(size=(num_layers * dirs, B, HID)).astype(np.float32)
+    lengths = LENGTHS if packed else None
+
+    x_t = torch.from_numpy(xs).requires_grad_()
+    ys_t, h_t, _ = _run_torch(module, x_t, None, lengths)
+    loss_t = (ys_t * torch.from_numpy(probe)).sum() + (h_t * torch.from_numpy(probe_h)).sum()
+    loss_t.backward()
+
+    def loss(layers, xs):
+        ys, (h_n, _) = lstm_stack(layers, xs, lengths=lengths)
+        return jnp.sum(ys * probe) + jnp.sum(h_n * probe_h)
+
+    g_layers, g_xs = jax.jit(jax.grad(loss, argnums=(0, 1)))(layers, jnp.asarray(xs))
+    np.testing.assert_allclose(loss(layers, jnp.asarray(xs)), loss_t.item(), rtol=1e-5)
+    np.testing.assert_allclose(g_xs, x_t.grad.numpy(), atol=1e-4, rtol=1e-4)
+    g_torch = _torch_grads(module)
+    for got, want in zip(jax.tree.leaves(g_layers), jax.tree.leaves(g_torch)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _torch_grads(module):
+    """Torch's gradients in our layout: d/d b = d/d bias_ih = d/d bias_hh, so halve the sum."""
+    grads = _torch_layers(module, lambda p: p.grad.numpy())
+    is_layer = lambda w: isinstance(w, LSTMWeights)
+    return jax.tree.map(lambda w: w._replace(b=w.b / 2), grads, is_leaf=is_layer)
+
+
+# --- transforms ----------------------------------------------------------------------------
+
+
+def test_jit_matches_eager_with_traced_lengths(rng, np_rng):
+    layers = init_lstm_stack(rng, IN, HID, num_layers=2, bidirectional=True)
+    xs, h0, c0 = _inputs(np_rng)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    eager = lstm_stack(layers, xs, lengths=lengths)
+    jitted = jax.jit(lambda w, x, n: lstm_stack(w, x, lengths=n))(layers, xs, lengths)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    scan = jax.jit(lstm_scan, static_argnames="reverse")
+    want = lstm_scan(layers[0].forward, xs, (h0, c0), lengths=lengths, reverse=True)
+    got = scan(layers[0].forward, xs, (h0, c0), lengths=lengths, reverse=True)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_vmap_over_weights_and_over_inputs(rng, np_rng):
+    n = 3
+    stacked = jax.vmap(lambda k: init_lstm(k, IN, HID))(jax.random.split(rng, n))
+    xs, _, _ = _inputs(np_rng)
+    ys = jax.vmap(lambda w: lstm_scan(w, xs, lengths=LENGTHS)[0])(stacked)
+    for e in range(n):
+        single = jax.tree.map(lambda a, e=e: a[e], stacked)
+        np.testing.assert_allclose(ys[e], lstm_scan(single, xs, lengths=LENGTHS)[0], atol=1e-6)
+
+    weights = jax.tree.map(lambda a: a[0], stacked)
+    many = jnp.asarray(np_rng.normal(size=(n, B, T, IN)), jnp.float32)
+    many_lengths = jnp.asarray(np_rng.integers(0, T + 1, size=(n, B)), jnp.int32)
+    fn = jax.jit(lambda x, n_: lstm_scan(weights, x, lengths=n_, reverse=True))
+    ys, (h, _) = jax.vmap(fn)(many, many_lengths)
+    for e in range(n):
+        want_ys, (want_h, _) = fn(many[e], many_lengths[e])
+        np.testing.assert_allclose(ys[e], want_ys, atol=1e-6)
+        np.testing.assert_allclose(h[e], want_h, atol=1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_check_grads(rng, np_rng, reverse):
+    batch, steps, in_size, hidden = 2, 3, 3, 5
+    weights = init_lstm(rng, in_size, hidden)
+    xs, h0, c0 = _inputs(np_rng, batch, steps, in_size, hidden)
+    lengths = np.array([3, 2])
+    f = lambda w, x, h, c: lstm_scan(w, x, (h, c), lengths=lengths, reverse=reverse)
+    args = (weights, xs, h0, c0)
+    check_grads(jax.jit(f), args, order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+# --- dropout, dtypes, init -----------------------------------------------------------------
+
+
+def test_dropout_only_between_layers(rng, np_rng):
+    layers = init_lstm_stack(rng, IN, HID, num_layers=2)
+    xs, _, _ = _inputs(np_rng)
+    ys0, (h0, c0) = lstm_stack(layers, xs, dropout_rate=0.5, rng=rng)  # deterministic default
+    ys1, (h1, c1) = lstm_stack(layers, xs, dropout_rate=0.5, rng=rng, deterministic=False)
+    np.testing.assert_array_equal(ys0, lstm_stack(layers, xs)[0])
+    # Layer 0's states see no dropout; layer 1 reads dropped outputs; the last layer's
+    # outputs are not dropped (no exact zeros), as in torch.nn.LSTM.
+    np.testing.assert_array_equal(h1[0], h0[0])
+    np.testing.assert_array_equal(c1[0], c0[0])
+    assert not np.allclose(h1[1], h0[1])
+    assert np.all(ys1 != 0)
+    single = init_lstm_stack(rng, IN, HID)
+    np.testing.assert_array_equal(
+        lstm_stack(single, xs, dropout_rate=0.5, rng=rng, deterministic=False)[0],
+        lstm_stack(single, xs)[0],
+    )
+
+
+def test_bfloat16_inputs_compute_in_bfloat16(rng, np_rng):
+    weights = init_lstm(rng, IN, HID)
+    xs, _, _ = _inputs(np_rng)
+    ys, (h, c) = lstm_scan(weights, xs.astype(jnp.bfloat16), lengths=LENGTHS)
+    assert ys.dtype == h.dtype == c.dtype == jnp.bfloat16
+    ys32, _ = lstm_scan(weights, xs, lengths=LENGTHS)
+    np.testing.assert_allclose(ys.astype(jnp.float32), ys32, atol=5e-2)
+
+
+def test_init_matches_torch_ranges(rng):
+    k = 1.0 / np.sqrt(HID)
+    w = init_lstm(rng, IN, HID)
+    assert (w.w_ih.shape, w.w_hh.shape, w.b.shape) == ((IN, 4 * HID), (HID, 4 * HID), (4 * HID,))
+    for a, bound in [(w.w_ih, k), (w.w_hh, k), (w.b, 2 * k)]:
+        assert a.dtype == jnp.float32
+        assert np.all(np.abs(a) <= bound) and np.max(np.abs(a)) > 0.5 * bound
+    shifted = init_lstm(rng, IN, HID, forget_bias=1.0)
+    delta = np.asarray(shifted.b - w.b)
+    np.testing.assert_allclose(delta[HID : 2 * HID], 1.0, atol=1e-6)
+    np.testing.assert_array_equal(np.delete(delta, np.s_[HID : 2 * HID]), 0.0)
+    np.testing.assert_array_equal(shifted.w_ih, w.w_ih)
+
+
+def test_init_lstm_stack_structure(rng):
+    layers = init_lstm_stack(rng, IN, HID, num_layers=3, bidirectional=True)
+    assert len(layers) == 3 and all(isinstance(w, BidirectionalWeights) for w in layers)
+    assert layers[0].forward.w_ih.shape == (IN, 4 * HID)
+    assert layers[1].backward.w_ih.shape == (2 * HID, 4 * HID)
+    assert not np.allclose(layers[0].forward.w_hh, layers[0].backward.w_hh)
+    uni = init_lstm_stack(rng, IN, HID, num_layers=2, dtype=jnp.bfloat16)
+    assert all(isinstance(w, LSTMWeights) for w in uni)
+    assert uni[1].w_ih.shape == (HID, 4 * HID) and uni[1].b.dtype == jnp.bfloat16
+
+
+# --- bad inputs ----------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise(rng):
+    w = init_lstm(rng, IN, HID)
+    xs = jnp.zeros((B, T, IN))
+    zeros = jnp.zeros((B, HID))
+    with pytest.raises(ValueError, match=r"xs must be \[B, T, I=5\].*\(3, 7, 4\)"):
+        lstm_scan(w, jnp.zeros((B, T, 4)))
+    with pytest.raises(ValueError, match="xs must be"):
+        lstm_scan(w, jnp.zeros((T, IN)))
+    with pytest.raises(ValueError, match=r"w_hh must be \[h, 4h\], got \(11, 40\)"):
+        lstm_scan(w._replace(w_hh=jnp.zeros((HID, 40))), xs)
+    with pytest.raises(ValueError, match=r"b \(43,\)"):
+        lstm_scan(w._replace(b=jnp.zeros((43,))), xs)
+    with pytest.raises(ValueError, match=r"carry must be.*\(3, 13\)"):
+        lstm_scan(w, xs, (zeros, jnp.zeros((B, 13))))
+    with pytest.raises(ValueError, match=r"lengths must be integers of shape \[B\].*\(2,\)"):
+        lstm_scan(w, xs, lengths=np.array([1, 2]))
+    with pytest.raises(ValueError, match=r"lengths must be integers.*float32"):
+        lstm_scan(w, xs, lengths=np.array([1.0, 2.0, 3.0], np.float32))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=7\], got \[1, 8\]"):
+        lstm_scan(w, xs, lengths=np.array([1, 8, 3]))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=7\], got \[-1, 3\]"):
+        lstm_scan(w, xs, lengths=np.array([1, -1, 3]))
+    with pytest.raises(ValueError, match=r"x must be \[B, I=5\], got \(3, 6\)"):
+        lstm_cell(w, (zeros, zeros), jnp.zeros((B, 6)))
+    with pytest.raises(ValueError, match=r"carry must be.*\(2, 11\)"):
+        lstm_cell(w, (jnp.zeros((2, HID)), zeros), jnp.zeros((B, IN)))
+
+
+def test_bad_stack_inputs_raise(rng):
+    bi = init_lstm_stack(rng, IN, HID, num_layers=2, bidirectional=True)
+    xs = jnp.zeros((B, T, IN))
+    with pytest.raises(ValueError, match=r"carry must be \(h_0 \(4, 3, 11\)"):
+        lstm_stack(bi, xs, (jnp.zeros((2, B, HID)), jnp.zeros((2, B, HID))))
+    with pytest.raises(ValueError, match="mixed uni- and bidirectional"):
+        lstm_stack((bi[0], bi[1].forward), xs)
+    with pytest.raises(ValueError, match="no layers"):
+        lstm_stack((), xs)
+    with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\), got 1.0"):
+        lstm_stack(bi, xs, dropout_rate=1.0)
+    with pytest.raises(ValueError, match="needs an rng key"):
+        lstm_stack(bi, xs, dropout_rate=0.1, deterministic=False)
+    with pytest.raises(ValueError, match=r"xs must be \[B, T, I=22\]"):
+        lstm_stack((bi[1],), xs)
+    lopsided = BidirectionalWeights(bi[0].forward, bi[1].backward)
+    with pytest.raises(ValueError, match="direction shapes differ"):
+        bidirectional_lstm(lopsided, xs)
+    with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
+        init_lstm_stack(rng, IN, HID, num_layers=0)

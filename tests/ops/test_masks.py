@@ -1,0 +1,178 @@
+"""Tests for jaxattn.ops.masks against NumPy built independently."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattn.ops.masks import (
+    attention_mask,
+    causal_mask,
+    combine_masks,
+    masked_softmax,
+    padding_mask,
+)
+
+
+def np_causal(t, s):
+    """Query i sits at absolute position i + s - t and sees keys at positions <= that."""
+    out = np.zeros((t, s), bool)
+    for i in range(t):
+        for j in range(s):
+            out[i, j] = j <= i + (s - t)
+    return out
+
+
+def np_masked_softmax(x, mask):
+    x = np.asarray(x, np.float64)
+    mask = np.broadcast_to(mask, x.shape)
+    out = np.zeros_like(x)
+    for idx in np.ndindex(x.shape[:-1]):
+        m = mask[idx]
+        if m.any():
+            e = np.exp(x[idx][m] - x[idx][m].max())
+            out[idx][m] = e / e.sum()
+    return out
+
+
+@pytest.mark.parametrize("t, s", [(5, 5), (3, 7), (7, 3), (1, 6), (4, 0)])
+def test_causal_mask(t, s):
+    got = causal_mask(t, s)
+    assert got.shape == (1, 1, t, s) and got.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(got)[0, 0], np_causal(t, s))
+
+
+def test_causal_mask_square_default_is_lower_triangle():
+    np.testing.assert_array_equal(np.asarray(causal_mask(5))[0, 0], np.tril(np.ones((5, 5), bool)))
+    got = causal_mask(3, 7, dtype=jnp.float32)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got)[0, 0], np_causal(3, 7).astype(np.float32))
+
+
+def test_causal_mask_last_row_sees_everything_when_decoding():
+    # A single decode step after 6 cached tokens sees all 7 keys.
+    assert bool(jnp.all(causal_mask(1, 7)))
+
+
+def test_padding_mask():
+    lengths = np.array([3, 0, 7])
+    want = np.array([[j < n for j in range(7)] for n in lengths])
+    got = padding_mask(jnp.asarray(lengths), 7)
+    assert got.shape == (3, 7) and got.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(got), want)
+    jitted = jax.jit(padding_mask, static_argnums=1)
+    np.testing.assert_array_equal(np.asarray(jitted(lengths, 7)), want)
+
+
+def test_padding_mask_bad_inputs():
+    with pytest.raises(ValueError, match=r"\[B\]"):
+        padding_mask(jnp.ones((2, 3), jnp.int32), 5)
+    with pytest.raises(ValueError, match="integers"):
+        padding_mask(jnp.ones((2,), jnp.float32), 5)
+
+
+def test_attention_mask(np_rng):
+    q_valid = np_rng.random((3, 5)) > 0.3
+    kv_valid = np_rng.random((3, 7)) > 0.3
+    want = np.zeros((3, 1, 5, 7), bool)
+    for b in range(3):
+        for t in range(5):
+            for s in range(7):
+                want[b, 0, t, s] = q_valid[b, t] and kv_valid[b, s]
+    np.testing.assert_array_equal(np.asarray(attention_mask(q_valid, kv_valid)), want)
+    only_kv = attention_mask(None, kv_valid)
+    assert only_kv.shape == (3, 1, 1, 7)
+    np.testing.assert_array_equal(np.asarray(only_kv)[:, 0, 0], kv_valid)
+
+
+def test_attention_mask_bad_inputs():
+    with pytest.raises(ValueError, match=r"\(3, 7, 1\)"):
+        attention_mask(None, np.ones((3, 7, 1), bool))
+    with pytest.raises(ValueError, match=r"\(2, 5\)"):
+        attention_mask(np.ones((2, 5), bool), np.ones((3, 7), bool))
+
+
+def test_combine_masks(np_rng):
+    a = np_rng.random((3, 1, 5, 7)) > 0.5
+    b = np_rng.random((1, 6, 5, 1)) > 0.5
+    c = np_causal(5, 7)
+    got = combine_masks(a, None, b, c)
+    np.testing.assert_array_equal(np.asarray(got), a & b & c)
+    assert got.shape == (3, 6, 5, 7)
+    np.testing.assert_array_equal(np.asarray(combine_masks(None, a)), a)
+    assert combine_masks() is None and combine_masks(None, None) is None
+    with pytest.raises(ValueError, match=r"\(3, 1, 5, 7\).*\(4, 7\)"):
+        combine_masks(a, np.ones((4, 7), bool))
+
+
+def test_masked_softmax_matches_numpy(np_rng):
+    x = 3 * np_rng.standard_normal((3, 5, 7)).astype(np.float32)
+    mask = np_rng.random((3, 5, 7)) > 0.4
+    mask[0, 1] = False  # one fully masked row
+    got = masked_softmax(jnp.asarray(x), jnp.asarray(mask))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np_masked_softmax(x, mask), rtol=1e-5, atol=1e-6)
+    # No mask: plain softmax; a broadcast mask; another axis.
+    np.testing.assert_allclose(
+        np.asarray(masked_softmax(x)), np_masked_softmax(x, True), rtol=1e-5, atol=1e-6
+    )
+    key_mask = mask[:, :1, :]  # [3, 1, 7] broadcasts over queries
+    got = masked_softmax(x, key_mask)
+    want = np_masked_softmax(x, key_mask)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(masked_softmax(x, mask, axis=1)),
+        np.moveaxis(np_masked_softmax(np.moveaxis(x, 1, -1), np.moveaxis(mask, 1, -1)), -1, 1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_masked_softmax_bfloat16_input_is_float32(np_rng):
+    x = np_rng.standard_normal((5, 7)).astype(np.float32)
+    got = masked_softmax(jnp.asarray(x, jnp.bfloat16))
+    assert got.dtype == jnp.float32
+    want = np_masked_softmax(np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)), True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_softmax_ignores_huge_masked_logits():
+    x = jnp.array([[1.0, 2.0, 1e38, -1e38]], jnp.float32)
+    mask = jnp.array([[True, True, False, False]])
+    got = np.asarray(masked_softmax(x, mask))
+    np.testing.assert_allclose(got, np_masked_softmax(np.asarray(x), np.asarray(mask)), rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(masked_softmax(x, mask) * jnp.arange(4.0)))(x)
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[0, 2:] == 0)
+
+
+def test_masked_softmax_fully_masked_row_zero_with_finite_zero_grad(np_rng):
+    x = jnp.asarray(np_rng.standard_normal((3, 7)).astype(np.float32))
+    mask = jnp.asarray(np.array([[True] * 7, [False] * 7, [False, True] + [False] * 5]))
+    probs = masked_softmax(x, mask)
+    np.testing.assert_array_equal(np.asarray(probs)[1], np.zeros(7))
+    np.testing.assert_allclose(np.asarray(probs)[2], np.eye(7)[1], atol=1e-7)
+    np.testing.assert_allclose(np.asarray(probs).sum(-1), [1.0, 0.0, 1.0], rtol=1e-6)
+    w = jnp.asarray(np_rng.standard_normal((3, 7)).astype(np.float32))
+    grad = jax.grad(lambda x: jnp.sum(masked_softmax(x, mask) * w))(x)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    np.testing.assert_array_equal(np.asarray(grad)[1:], np.zeros((2, 7)))
+    # Row 0: the softmax Jacobian p * (w - p·w), independently in NumPy.
+    p = np_masked_softmax(np.asarray(x), np.asarray(mask))[0]
+    w0 = np.asarray(w, np.float64)[0]
+    np.testing.assert_allclose(np.asarray(grad)[0], p * (w0 - p @ w0), rtol=1e-4, atol=1e-6)
+
+
+def test_masked_softmax_all_neg_inf_row_is_zero():
+    x = jnp.array([[-jnp.inf] * 3, [0.0, -jnp.inf, 1.0]], jnp.float32)
+    probs = np.asarray(masked_softmax(x))
+    np.testing.assert_array_equal(probs[0], np.zeros(3))
+    e = np.exp([0.0, 1.0])
+    np.testing.assert_allclose(probs[1], [e[0] / e.sum(), 0.0, e[1] / e.sum()], rtol=1e-6)
+
+
+def test_masked_softmax_bad_mask():
+    x = jnp.zeros((5, 7))
+    with pytest.raises(ValueError, match=r"\(5, 3\).*\(5, 7\)"):
+        masked_softmax(x, jnp.ones((5, 3), bool))
+    with pytest.raises(ValueError, match="boolean"):
+        masked_softmax(x, jnp.ones((5, 7), jnp.float32))
