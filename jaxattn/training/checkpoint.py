@@ -1,0 +1,290 @@
+"""Checkpoints: orbax ``CheckpointManager`` in ``WORKDIR/checkpoints/<step>/``.
+
+Each step directory holds three items:
+
+- ``state``: the ``TrainState`` pytree (orbax ``StandardSave``),
+- ``data``: the grain iterator state (grain's orbax handler; optional),
+- ``meta``: a JSON object with the caller's metadata (config, vocabulary, ...) and the
+  *tree signature* of the state: ``[path, shape, dtype]`` of every leaf.
+
+Before any array is read, ``restore`` compares the saved signature with the target tree and
+raises ``IncompatibleCheckpointError`` naming the first mismatched leaf, so a workdir that
+holds another model's checkpoint is an error that deletes and overwrites nothing. Saves are
+asynchronous (orbax copies the arrays to host memory before ``save`` returns, so the
+caller may donate them to the next step). Kept: the ``max_to_keep`` latest steps, plus
+the step with the best ``best_metric`` (lowest) among those saved with metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+
+class _DropNoMetricsWarning(logging.Filter):
+    """Hide orbax's warning for a save without metrics: ours are intentional (see save)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropNoMetricsWarning())
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but cannot be read (corrupt, incomplete, or missing an item)."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint's tree (structure, shapes or dtypes) differs from the restore target."""
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    """``('params', 'blocks', 'w')``-style key path as ``params/blocks/w``."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def tree_signature(tree: Any) -> list[list[Any]]:
+    """Return ``[[path, shape, dtype], ...]`` for every array leaf of ``tree`` (JSON-ready)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [[_path_str(p), list(np.shape(x)), str(x.dtype)] for p, x in leaves]
+
+
+def check_compatible(saved: list[list[Any]], target: Any, *, where: str = "checkpoint") -> None:
+    """Raise IncompatibleCheckpointError naming the first leaf where the trees differ.
+
+    Args:
+      saved: a ``tree_signature`` stored with a checkpoint.
+      target: the pytree to restore into (arrays or ``jax.ShapeDtypeStruct``).
+      where: the checkpoint's location, for the message.
+    """
+    wanted = tree_signature(target)
+    saved_by_path = {p: (tuple(s), d) for p, s, d in saved}
+    wanted_by_path = {p: (tuple(s), d) for p, s, d in wanted}
+    hint = " (a different model or config?); nothing was restored or overwritten"
+    for path, (shape, dtype) in wanted_by_path.items():
+        if path not in saved_by_path:
+            raise IncompatibleCheckpointError(
+                f"{where} is incompatible: leaf {path!r} {shape} {dtype} of the target is "
+                f"missing from the checkpoint{hint}"
+            )
+        s_shape, s_dtype = saved_by_path[path]
+        if (s_shape, s_dtype) != (shape, dtype):
+            raise IncompatibleCheckpointError(
+                f"{where} is incompatible: leaf {path!r} has shape {s_shape} {s_dtype} in the "
+                f"checkpoint but {shape} {dtype} in the target{hint}"
+            )
+    extra = [p for p in saved_by_path if p not in wanted_by_path]
+    if extra:
+        raise IncompatibleCheckpointError(
+            f"{where} is incompatible: checkpoint leaf {extra[0]!r} "
+            f"{saved_by_path[extra[0]][0]} is not in the target{hint}"
+        )
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    """Shape, dtype (PRNG key dtypes included) and sharding of a leaf, without its data."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    sharding = x.sharding if isinstance(x, jax.Array) else None
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+class Checkpointer:
+    """Save and restore ``(TrainState, data iterator, metadata)`` by step under ``directory``.
+
+    Args:
+      directory: the checkpoints folder (``WORKDIR/checkpoints``); steps go in ``<step>/``.
+      max_to_keep: how many of the latest steps to keep (None keeps all).
+      best_metric: metric name (lower is better) whose best step is kept as well; None to
+        keep only the latest.
+      async_save: write in a background thread; ``wait()``/``close()`` joins it.
+      read_only: for reading (sampling, inspection): never creates the folder; ``save``
+        raises.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        best_metric: str | None = "val_loss",
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        self.read_only = read_only
+        policy: Any = ocm.LatestN(max_to_keep)
+        if best_metric is not None:
+            best = ocm.BestN(
+                get_metric_fn=lambda m: -float(m[best_metric]),  # BestN keeps the largest.
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+            policy = ocm.AnyPreservationPolicy([policy, best])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy,
+            # With best_fn set orbax also writes each step's metrics to disk, so the best
+            # step survives a restart (retention itself is the policy above).
+            best_fn=None if best_metric is None else (lambda m: float(m[best_metric])),
+            best_mode="min",
+            enable_async_checkpointing=async_save,
+            create=not read_only,  # (orbax's own read_only mode logs a warning on open)
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the lowest ``best_metric`` (None if none was saved with it)."""
+        if self.best_metric is None:
+            return None
+        self.wait()  # A step's metrics are registered when its save finishes.
+        return self._manager.best_step()
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_iter: grain.DatasetIterator | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
+        """Start saving ``state`` (and ``data_iter``'s position) as ``<step>/``.
+
+        Args:
+          step: the step number (directory name); must not exist yet.
+          state: the train state pytree.
+          data_iter: a grain iterator whose ``get_state`` is saved (optional).
+          metadata: JSON-serialisable dict saved as the ``meta`` item.
+          metrics: e.g. ``{"val_loss": 1.9}``; ranks this step for keep-best.
+        """
+        if self.read_only:
+            raise ValueError(f"cannot save: Checkpointer({self.directory}) is read-only")
+        if step in self._manager.all_steps():
+            raise ValueError(f"checkpoint step {step} already exists in {self.directory}")
+        meta = dict(metadata or {})
+        meta["step"] = int(step)
+        meta["tree_signature"] = tree_signature(state)
+        items: dict[str, Any] = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if metrics is not None and self.best_metric is not None and self.best_metric in metrics:
+            metrics = {k: float(v) for k, v in metrics.items()}
+        else:
+            metrics = None  # Not a candidate for "best" (BestN needs best_metric).
+        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    def _resolve_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
+            )
+        return step
+
+    def read_metadata(self, step: int | None = None) -> dict[str, Any]:
+        """Return the ``meta`` JSON of ``step`` (default: latest)."""
+        step = self._resolve_step(step)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+            meta = dict(restored["meta"])
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} is corrupt or incomplete: cannot read its "
+                f"metadata ({type(e).__name__}: {e})"
+            ) from e
+        if "tree_signature" not in meta:
+            raise CheckpointError(f"checkpoint {self.step_dir(step)} has no tree signature")
+        return meta
+
+    def restore(
+        self,
+        target: Any,
+        *,
+        step: int | None = None,
+        data_iter: grain.DatasetIterator | None = None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """Restore ``step`` (default: latest) into the structure of ``target``.
+
+        Args:
+          target: a pytree like the saved state (arrays or ``jax.ShapeDtypeStruct``).
+          step: which step; None for the latest.
+          data_iter: if given, its position is set to the saved one (in place).
+
+        Returns:
+          ``(state, metadata)``.
+
+        Raises:
+          FileNotFoundError: no checkpoint (or not that step).
+          IncompatibleCheckpointError: the saved tree differs from ``target``.
+          CheckpointError: the checkpoint cannot be read.
+        """
+        step = self._resolve_step(step)
+        meta = self.read_metadata(step)
+        check_compatible(meta["tree_signature"], target, where=f"checkpoint {self.step_dir(step)}")
+        abstract = jax.tree.map(_abstract, target)
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract)}
+        if data_iter is not None:
+            if not (self.step_dir(step) / "data").is_dir():
+                raise CheckpointError(
+                    f"checkpoint {self.step_dir(step)} has no data iterator state to resume from"
+                )
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} is corrupt or incomplete: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        return restored["state"], meta
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,189 @@
+"""Character-level text data: tokenizer, train/val split, and a deterministic grain pipeline.
+
+Shape glossary: B batch, T sequence length (the model's block size).
+
+The pipeline follows nanoGPT's ``get_batch``: each batch holds B windows of T + 1
+consecutive tokens at uniformly random offsets; ``inputs`` are the first T tokens of each
+window and ``targets`` the last T (the same window shifted by one). It is a grain
+``MapDataset`` over an unbounded range of batch indices, and batch ``i`` draws its
+offsets from a generator seeded by ``(seed, i)``. So the batch sequence is a pure function
+of the seed, and the iterator state saved in a checkpoint is just the next index: a
+resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grain
+import numpy as np
+
+DEFAULT_TEXT = "tinyshakespeare.txt"
+
+
+def default_text_path(name: str = DEFAULT_TEXT) -> Path:
+    """Return the path of a text file shipped in ``jaxattn/data`` (tinyshakespeare)."""
+    path = importlib.resources.files("jaxattn").joinpath("data", name)
+    return Path(str(path))
+
+
+def load_text(path: str | os.PathLike | None = None) -> str:
+    """Read a UTF-8 text file; ``None`` or ``""`` means the bundled tinyshakespeare.
+
+    Raises:
+      FileNotFoundError: naming the path when it does not exist.
+    """
+    path = default_text_path() if not path else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text data file not found: {str(path)!r}")
+    return path.read_text(encoding="utf-8")
+
+
+class CharTokenizer:
+    """Map each distinct character to an id: the vocabulary is the sorted distinct characters.
+
+    Example::
+
+        tok = CharTokenizer.from_text("hello")   # vocab "ehlo"
+        tok.encode("hole")                       # array([1, 3, 2, 0], dtype=int32)
+        tok.decode([1, 3, 2, 0])                 # "hole"
+    """
+
+    def __init__(self, chars: str | Sequence[str]):
+        vocab = sorted(set(chars))
+        if not vocab or any(len(c) != 1 for c in vocab):
+            raise ValueError(f"vocabulary must be non-empty single characters, got {chars!r}")
+        self.chars: str = "".join(vocab)
+        # Code points, sorted, so encoding is one vectorised searchsorted.
+        self._codes = np.array([ord(c) for c in vocab], dtype=np.int64)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """Build the vocabulary of ``text``."""
+        return cls(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Return the ids of ``text`` as int32 ``[len(text)]``.
+
+        Raises:
+          ValueError: naming the first character not in the vocabulary and its position.
+        """
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        ids = np.searchsorted(self._codes, codes)
+        known = self._codes[np.minimum(ids, len(self._codes) - 1)] == codes
+        if not known.all():
+            pos = int(np.argmin(known))
+            raise ValueError(
+                f"character {text[pos]!r} at position {pos} is not in the vocabulary "
+                f"of {self.vocab_size} characters"
+            )
+        return ids.astype(np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Return the text of 1-D ``ids``.
+
+        Raises:
+          ValueError: naming the first id outside ``[0, vocab_size)``.
+        """
+        ids = np.asarray(ids)
+        if ids.ndim != 1:
+            raise ValueError(f"decode expects 1-D ids, got shape {ids.shape}")
+        check_token_ids(ids, self.vocab_size)
+        return "".join(self.chars[i] for i in ids.tolist())
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
+    """Raise ValueError naming the first id outside ``[0, vocab_size)``."""
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        pos = np.unravel_index(int(np.argmax(bad)), ids.shape)
+        raise ValueError(
+            f"token id {int(ids[pos])} at index {tuple(int(p) for p in pos)} is outside "
+            f"the vocabulary [0, {vocab_size})"
+        )
+
+
+def train_val_split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """Split a token stream: the first ``int(n * train_fraction)`` tokens train, the rest val."""
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    n = int(len(ids) * train_fraction)
+    return ids[:n], ids[n:]
+
+
+class _RandomWindows(grain.transforms.RandomMap):
+    """Map a batch index to B random windows of T + 1 tokens (nanoGPT's get_batch)."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int):
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+
+    def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        del element  # The generator is already seeded by (seed, index).
+        # Offsets in [0, n - T): the window [o, o + T] (T + 1 tokens) always fits.
+        offsets = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        windows = self.tokens[offsets[:, None] + np.arange(self.seq_len + 1)]  # [B, T + 1]
+        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+def lm_dataset(
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    vocab_size: int,
+) -> grain.MapDataset:
+    """Return an unbounded grain dataset of random-window LM batches.
+
+    Args:
+      tokens: 1-D integer token stream ``[n]`` with ``n > seq_len``.
+      batch_size: B, windows per batch.
+      seq_len: T, tokens per window (the model's block size).
+      seed: the batch sequence is a pure function of it.
+      vocab_size: every id must lie in ``[0, vocab_size)``.
+
+    Returns:
+      A ``grain.MapDataset`` whose element ``i`` is
+      ``{"inputs": [B, T] int32, "targets": [B, T] int32}``, ``targets[:, t] ==
+      inputs[:, t + 1]`` for ``t < T - 1``.
+
+    Raises:
+      ValueError: bad shapes, a stream too short for one window, or an id out of range.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"need batch_size >= 1 and seq_len >= 1, got {batch_size}, {seq_len}")
+    if len(tokens) <= seq_len:
+        raise ValueError(
+            f"a token stream of length {len(tokens)} is too short for windows of "
+            f"seq_len + 1 = {seq_len + 1} tokens"
+        )
+    check_token_ids(tokens, vocab_size)
+    tokens = tokens.astype(np.int32)
+    ds = grain.MapDataset.range(sys.maxsize)  # Unbounded: an index per batch.
+    return ds.random_map(_RandomWindows(tokens, batch_size, seq_len), seed=seed)
+
+
+def batch_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
+    """Return a checkpointable iterator over ``dataset``, read in the calling thread.
+
+    The data are in memory and a batch costs microseconds, so grain's reader threads would
+    only compete with XLA for the CPU cores (grain recommends ``num_threads=0`` then).
+    """
+    options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return iter(dataset.to_iter_dataset(options))

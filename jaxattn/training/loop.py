@@ -1,0 +1,397 @@
+"""The training loop: jitted pure step functions and ``fit``, which drives them.
+
+A loss function is all the loop knows about a model::
+
+    loss_fn(params, batch, rng) -> (loss, aux)
+
+``loss`` is a float32 scalar (mean over the batch), ``aux`` a dict of float32 scalars to
+log. ``rng`` is a PRNG key while training and ``None`` in evaluation: a loss function uses
+dropout exactly when it gets a key. ``train_step(state, batch) -> (state, metrics)`` is
+pure, jitted once, and donates the old state; metrics are ``{name: Mean(total, count)}``
+reduced on the host (see ``metrics.py``).
+
+``fit`` resumes from the latest checkpoint in the workdir, shows a tqdm bar with loss and
+tokens/s, evaluates, logs, checkpoints, stops with ``NonFiniteLossError`` when a loss or
+gradient norm is not finite (saving nothing after the last good checkpoint), and on
+SIGTERM/SIGINT saves a checkpoint at the current step and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm.auto import tqdm
+
+from jaxattn.training.checkpoint import Checkpointer
+from jaxattn.training.metrics import Mean, MetricsWriter, reduce_means
+from jaxattn.training.state import TrainState
+
+Batch = Any
+LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, Mapping[str, jax.Array]]]
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, Mean]]]
+EvalFn = Callable[[Any, Batch], dict[str, Mean]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN or infinite; training stopped."""
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum_steps: int = 1,
+    learning_rate_fn: optax.Schedule | None = None,
+) -> StepFn:
+    """Return a jitted ``train_step(state, batch) -> (state, metrics)`` that donates ``state``.
+
+    With ``grad_accum_steps = k > 1`` every batch leaf's leading axis is split into k
+    microbatches, ``lax.scan`` sums their gradients, and the optimizer is applied once to
+    the mean: the same update as one batch of all the rows, in the memory of one
+    microbatch. Microbatch ``i`` of step ``s`` gets the key ``fold_in(fold_in(rng, s), i)``.
+
+    Metrics: ``train_loss`` and ``train_<aux>`` (means over microbatches), ``grad_norm``
+    (global norm of the mean gradient, before clipping) and ``learning_rate`` when
+    ``learning_rate_fn`` is given.
+    """
+    k = grad_accum_steps
+    if k < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {k}")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % k:
+            raise ValueError(
+                f"batch leading axis {x.shape[0]} (shape {x.shape}) is not divisible by "
+                f"grad_accum_steps={k}"
+            )
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:])  # [k, B/k, ...]
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Mean]]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        if k == 1:
+            (loss, aux), grads = grad_fn(state.params, batch, rng)
+        else:
+
+            def body(carry, inputs):
+                i, microbatch = inputs
+                out = grad_fn(state.params, microbatch, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, out), None  # ((loss, aux), grads) sums
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, batch, rng))
+            ((loss, aux), grads), _ = jax.lax.scan(
+                body, zeros, (jnp.arange(k), jax.tree.map(split, batch))
+            )
+            grads = jax.tree.map(lambda g: g / k, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        count = jnp.float32(k)  # loss and aux above are sums over k microbatch means.
+        metrics = {"train_loss": Mean(loss, count)}
+        metrics |= {f"train_{name}": Mean(value, count) for name, value in aux.items()}
+        metrics["grad_norm"] = Mean(optax.tree.norm(grads), jnp.float32(1))
+        if learning_rate_fn is not None:
+            lr = jnp.float32(learning_rate_fn(state.step))
+            metrics["learning_rate"] = Mean(lr, jnp.float32(1))
+        new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(loss_fn: LossFn, *, prefix: str = "val") -> EvalFn:
+    """Return a jitted ``eval_step(params, batch) -> {f"{prefix}_loss": Mean, ...}``, no dropout."""
+
+    def eval_step(params: Any, batch: Batch) -> dict[str, Mean]:
+        loss, aux = loss_fn(params, batch, None)
+        one = jnp.float32(1)
+        return {f"{prefix}_loss": Mean(loss, one)} | {
+            f"{prefix}_{name}": Mean(value, one) for name, value in aux.items()
+        }
+
+    return jax.jit(eval_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """When ``fit`` trains, evaluates, logs and checkpoints (all counted in updates)."""
+
+    num_steps: int  # Train until state.step == num_steps.
+    eval_every: int = 0  # Evaluate every N steps, at step 0 and at the end (0: only those).
+    eval_batches: int = 0  # Batches per evaluation; 0 disables evaluation.
+    log_every: int = 10  # Write train metrics every N steps (one host sync per window).
+    checkpoint_every: int = 0  # Save every N steps; 0: only at the end and on SIGTERM.
+    max_to_keep: int = 3  # Latest checkpoints kept (plus the best by val_loss).
+    keep_best: bool = True  # Save whenever val_loss improves; keep the best step.
+    async_checkpointing: bool = True  # Write checkpoints in a background thread.
+    progress: bool = True  # Show a tqdm progress bar.
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"LoopConfig.{f.name} must be an integer >= 0, got {value!r}")
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> LoopConfig:
+        """Read the fields present in an ml_collections config (others keep defaults)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {name: config[name] for name in fields if name in config}
+        return cls(**(values | overrides))
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What ``fit`` ended with."""
+
+    state: TrainState
+    step: int
+    interrupted: bool  # True when a signal stopped the run (a checkpoint was saved).
+    last_eval: dict[str, float]
+
+
+class _StopOnSignal:
+    """Turn SIGTERM/SIGINT into a flag checked between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+        # A second Ctrl-C kills as usual.
+        signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Run ``train_step`` to ``loop.num_steps`` with evaluation, logging and checkpoints.
+
+    ``Trainer(...).fit(state, train_iter)``; see ``fit`` for the arguments. One instance
+    drives one run; the loop is plain Python around the jitted step, so placing the state
+    and batches on a device mesh later only touches ``fit``'s first lines and ``next``.
+    """
+
+    def __init__(
+        self,
+        train_step: StepFn,
+        *,
+        workdir: str | os.PathLike,
+        loop: LoopConfig,
+        eval_step: EvalFn | None = None,
+        eval_data: Callable[[], Iterator[Batch]] | None = None,
+        tokens_per_step: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        self.train_step, self.eval_step, self.eval_data = train_step, eval_step, eval_data
+        self.workdir, self.loop = Path(workdir), loop
+        self.tokens_per_step, self.metadata = tokens_per_step, dict(metadata or {})
+        self.say = tqdm.write if loop.progress else print
+        self.evaluating = eval_step is not None and eval_data is not None and loop.eval_batches > 0
+
+    def fit(self, state: TrainState, train_iter: Iterator[Batch]) -> FitResult:
+        loop = self.loop
+        self.ckpt = Checkpointer(
+            self.workdir / "checkpoints",
+            max_to_keep=loop.max_to_keep,
+            best_metric="val_loss" if loop.keep_best else None,
+            async_save=loop.async_checkpointing,
+        )
+        self.state, self.train_iter = state, train_iter
+        # Only grain iterators have a position to save; others restart (resume not exact).
+        self.saved_iter = train_iter if isinstance(train_iter, grain.DatasetIterator) else None
+        self.saved_step: int | None = None
+        self.best_val = math.inf
+        self.pending: list[tuple[int, dict[str, Mean]]] = []
+        self.last_eval: dict[str, float] = {}
+        try:
+            if self.ckpt.latest_step() is not None:
+                self.state, meta = self.ckpt.restore(state, data_iter=self.saved_iter)
+                self.best_val = meta.get("best_val_loss") or math.inf
+                self.saved_step = int(self.state.step)
+                self.say(f"Resumed from {self.ckpt.step_dir(self.saved_step)}")
+            self.step = int(self.state.step)
+            with MetricsWriter(self.workdir) as self.writer, _StopOnSignal() as stop:
+                if self.evaluating and self.step == 0 and self.saved_step is None:
+                    self.last_eval = self._evaluate()
+                    self.writer.write(0, self.last_eval | {"tokens_per_s": None})
+                    self.say(f"step 0: val loss {self.last_eval['val_loss']:.4f}")
+                self._train(stop)
+                if stop.signal_name is not None:
+                    if self.pending:
+                        self.writer.write(self.step, self._flush() | {"tokens_per_s": None})
+                    self._save()
+                    self.ckpt.wait()
+                    self.say(
+                        f"{stop.signal_name}: saved a checkpoint at step {self.step} in "
+                        f"{self.ckpt.directory}"
+                    )
+            return FitResult(self.state, self.step, stop.signal_name is not None, self.last_eval)
+        finally:
+            self.ckpt.close()
+
+    def _train(self, stop: _StopOnSignal) -> None:
+        loop = self.loop
+        bar = tqdm(
+            total=loop.num_steps, initial=self.step, disable=not loop.progress, unit="step",
+            dynamic_ncols=True, mininterval=0.5,
+        )  # fmt: skip
+        t0, timed, tokens_per_s = None, 0, None
+        with bar:
+            while self.step < loop.num_steps and stop.signal_name is None:
+                try:
+                    batch = next(self.train_iter)
+                except StopIteration:
+                    raise RuntimeError(f"train_iter ran out at step {self.step}") from None
+                if self.tokens_per_step is None:
+                    self.tokens_per_step = math.prod(jax.tree.leaves(batch)[0].shape)
+                self.state, metrics = self.train_step(self.state, batch)
+                self.step += 1
+                self.pending.append((self.step, metrics))
+                if t0 is None:  # The first step compiles: keep it out of the timing.
+                    jax.block_until_ready(metrics)
+                    t0 = time.perf_counter()
+                    bar.unpause()  # ... and out of the bar's rate and ETA.
+                else:
+                    timed += 1
+                bar.update(1)
+                last = self.step == loop.num_steps
+                eval_now = self.evaluating and (last or _every(self.step, loop.eval_every))
+                ckpt_now = last or _every(self.step, loop.checkpoint_every)
+                if not (eval_now or ckpt_now or _every(self.step, loop.log_every)):
+                    continue
+                record = self._flush()
+                if timed:
+                    elapsed = time.perf_counter() - t0
+                    tokens_per_s = timed * self.tokens_per_step / elapsed
+                    record["step_time_ms"] = 1000 * elapsed / timed
+                record["tokens_per_s"] = tokens_per_s
+                bar.set_postfix(
+                    loss=f"{record['train_loss']:.4f}",
+                    tok_s="-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
+                )
+                if eval_now:
+                    self.last_eval = self._evaluate()
+                    record |= self.last_eval
+                    val_loss = self.last_eval["val_loss"]
+                    self.say(
+                        f"step {self.step}: train loss {record['train_loss']:.4f}, "
+                        f"val loss {val_loss:.4f}"
+                    )
+                    improved = val_loss < self.best_val
+                    self.best_val = min(self.best_val, val_loss)
+                    if ckpt_now or (loop.keep_best and improved):
+                        self._save(self.last_eval)
+                elif ckpt_now:
+                    self._save()
+                self.writer.write(self.step, record)
+                t0, timed = time.perf_counter(), 0  # Eval and saving stay out of the timing.
+
+    def _evaluate(self) -> dict[str, float]:
+        batches = self.eval_data()
+        params = self.state.params
+        return reduce_means(
+            self.eval_step(params, next(batches)) for _ in range(self.loop.eval_batches)
+        )
+
+    def _save(self, metrics: Mapping[str, float] | None = None) -> None:
+        if self.saved_step == self.step:
+            return
+        best = self.best_val if math.isfinite(self.best_val) else None
+        meta = self.metadata | {"best_val_loss": best}
+        self.ckpt.save(
+            self.step, self.state, data_iter=self.saved_iter, metadata=meta, metrics=metrics
+        )
+        self.saved_step = self.step
+
+    def _flush(self) -> dict[str, float]:
+        """Fetch the pending step metrics (one host sync) and apply the NaN guard."""
+        host = jax.device_get(self.pending)
+        self.pending.clear()
+        for step, metrics in host:
+            for name in ("train_loss", "grad_norm"):
+                value = float(metrics[name].total)
+                if not math.isfinite(value):
+                    self.ckpt.wait()
+                    kept = self.ckpt.latest_step()
+                    where = "none" if kept is None else f"step {kept} in {self.ckpt.directory}"
+                    raise NonFiniteLossError(
+                        f"{name} is {value} at step {step}: training stopped. Nothing was "
+                        f"saved after it; the last good checkpoint is {where}."
+                    )
+        return reduce_means(m for _, m in host)
+
+
+def fit(
+    state: TrainState,
+    train_step: StepFn,
+    train_iter: Iterator[Batch],
+    *,
+    workdir: str | os.PathLike,
+    loop: LoopConfig,
+    eval_step: EvalFn | None = None,
+    eval_data: Callable[[], Iterator[Batch]] | None = None,
+    tokens_per_step: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> FitResult:
+    """Train ``state`` to ``loop.num_steps``, resuming from ``workdir/checkpoints`` if present.
+
+    Evaluates at step 0 (fresh runs), every ``eval_every`` steps and at the end; writes
+    train metrics every ``log_every`` steps; saves every ``checkpoint_every`` steps, at the
+    end, whenever val loss improves (``keep_best``), and on SIGTERM/SIGINT (then returns
+    with ``interrupted=True``). A finished run (``state.step >= num_steps`` after restoring)
+    returns at once and writes nothing.
+
+    Args:
+      state: the initial state (also the restore target: a checkpoint must match its tree).
+      train_step: from ``make_train_step``.
+      train_iter: batches; a grain ``DatasetIterator``'s position is saved and restored
+        (any other iterator starts afresh on resume, so the resume is not exact).
+      workdir: holds ``checkpoints/<step>/``, ``metrics.jsonl`` and ``tb/``.
+      loop: when to evaluate, log and checkpoint.
+      eval_step: from ``make_eval_step``; used with ``eval_data``.
+      eval_data: returns a fresh iterator over validation batches (the same ones each time).
+      tokens_per_step: for tokens/s; default: the size of the first batch leaf.
+      metadata: JSON-serialisable dict saved with every checkpoint (config, vocabulary).
+
+    Returns:
+      A ``FitResult``.
+
+    Raises:
+      NonFiniteLossError: a loss or gradient norm was not finite (names the step).
+      IncompatibleCheckpointError, CheckpointError: the workdir's checkpoint cannot be used.
+    """
+    trainer = Trainer(
+        train_step,
+        workdir=workdir,
+        loop=loop,
+        eval_step=eval_step,
+        eval_data=eval_data,
+        tokens_per_step=tokens_per_step,
+        metadata=metadata,
+    )
+    return trainer.fit(state, train_iter)
+
+
+def _every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0

@@ -1,0 +1,105 @@
+"""Metrics: device-side sums and counts, reduced on the host; JSONL and TensorBoard output.
+
+A step function returns ``{name: Mean(total, count)}``. The host adds totals and counts over
+any number of steps (a logging window, all eval batches) and divides once, so averages are
+exact whatever the window and nothing is averaged on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+
+class Mean(NamedTuple):
+    """A running mean as ``total / count``; both are scalars (device arrays in steps)."""
+
+    total: Any
+    count: Any
+
+
+def reduce_means(steps: Iterable[Mapping[str, Mean]]) -> dict[str, float]:
+    """Fetch and combine per-step ``{name: Mean}`` dicts into ``{name: total / count}``.
+
+    One ``jax.device_get`` for the whole list, so a window costs one host sync.
+    """
+    totals: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for metrics in jax.device_get(list(steps)):
+        for name, mean in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(np.sum(mean.total))
+            counts[name] = counts.get(name, 0.0) + float(np.sum(mean.count))
+    return {name: totals[name] / counts[name] if counts[name] else math.nan for name in totals}
+
+
+def _json_value(value: Any) -> Any:
+    """Plain-JSON version of a scalar: non-finite floats become null (JSON has no NaN)."""
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        value = np.asarray(value).item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Append one JSON object per record to ``WORKDIR/metrics.jsonl``; mirror to TensorBoard.
+
+    Each line is ``{"step": int, "time": unix seconds, **scalars}``. After a resume the
+    steps after the restored checkpoint are written again; readers keep the last record
+    per step and key. TensorBoard event files go to ``WORKDIR/tb/``.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.path = self.workdir / "metrics.jsonl"
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # Imported lazily: heavy, optional.
+
+            self._tb = SummaryWriter(logdir=str(self.workdir / "tb"))
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Record ``scalars`` at ``step`` (None values go to JSON only, as null)."""
+        record = {"step": int(step), "time": round(time.time(), 3)}
+        record.update({k: _json_value(v) for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in scalars.items():
+                value = _json_value(value)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(name, value, global_step=int(step))
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Parse a metrics.jsonl file into a list of dicts (one per line)."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

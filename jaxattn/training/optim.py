@@ -1,0 +1,156 @@
+"""Optimizer: AdamW with warmup + cosine learning rate, decoupled weight decay on matrices
+only, and global-norm gradient clipping, built from optax pieces.
+
+Learning rate at update ``t`` (0-based count of updates already applied; nanoGPT's
+``get_lr``)::
+
+    t <  warmup:       lr * (t + 1) / (warmup + 1)
+    t >  decay_steps:  min_lr
+    otherwise:         min_lr + 0.5 * (1 + cos(pi * (t - warmup) / (decay_steps - warmup)))
+                                * (lr - min_lr)
+
+By default weight decay applies to leaves with ``ndim >= 2`` (weight matrices and
+embeddings), never to biases, norm scales or other vectors, like nanoGPT's two parameter
+groups. Models whose biases are not 1-D (per-head ``[N, H]`` biases) or whose layers are
+stacked along a leading ``[L]`` axis pass their own ``decay_mask``.
+
+Gradient accumulation is not an optax wrapper here: ``loop.make_train_step`` scans over
+``grad_accum_steps`` microbatches inside one jitted step and applies this optimizer once to
+the mean gradient. Compared with ``optax.MultiSteps`` that keeps one train step = one
+optimizer update (so ``step``, the schedule, ``eval_every`` and checkpoints all count
+updates), adds nothing to the optimizer state that checkpoints carry, and needs one host
+call per update instead of one per microbatch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(
+    learning_rate: float,
+    *,
+    warmup_steps: int,
+    lr_decay_steps: int,
+    min_lr: float,
+) -> optax.Schedule:
+    """Return nanoGPT's linear-warmup + cosine-decay schedule as an optax schedule.
+
+    Args:
+      learning_rate: peak rate, reached at the end of the warmup.
+      warmup_steps: updates of linear warmup, ``lr * (t + 1) / (warmup + 1)``.
+      lr_decay_steps: update at which the cosine reaches ``min_lr`` (kept after it).
+      min_lr: final rate.
+
+    Returns:
+      ``schedule(count) -> rate``, ``count`` the number of updates already applied.
+    """
+    if warmup_steps < 0 or lr_decay_steps < warmup_steps:
+        raise ValueError(
+            f"need 0 <= warmup_steps <= lr_decay_steps, got warmup_steps={warmup_steps}, "
+            f"lr_decay_steps={lr_decay_steps}"
+        )
+    if learning_rate < 0 or min_lr < 0:
+        raise ValueError(f"learning rates must be >= 0, got {learning_rate=}, {min_lr=}")
+    cosine_steps = max(lr_decay_steps - warmup_steps, 1)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        t = jnp.asarray(count).astype(jnp.float32)
+        warm = learning_rate * (t + 1.0) / (warmup_steps + 1.0)
+        ratio = jnp.clip((t - warmup_steps) / cosine_steps, 0.0, 1.0)
+        cosine = min_lr + 0.5 * (1.0 + jnp.cos(math.pi * ratio)) * (learning_rate - min_lr)
+        return jnp.where(t < warmup_steps, warm, jnp.where(t > lr_decay_steps, min_lr, cosine))
+
+    return schedule
+
+
+def decay_mask(params: Any) -> Any:
+    """Return a pytree of bools like ``params``: True where weight decay applies (ndim >= 2)."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(
+    learning_rate: float | optax.Schedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = None,
+    decay_mask: Callable[[Any], Any] = decay_mask,
+) -> optax.GradientTransformation:
+    """Build AdamW (decay on matrices only) preceded by global-norm clipping.
+
+    ``g <- g * min(1, grad_clip / ||g||_2)`` over all leaves, then AdamW with
+    ``p <- p - lr * (adam(g) + weight_decay * p * [p.ndim >= 2])``
+    (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization").
+
+    Args:
+      learning_rate: a constant or an optax schedule (e.g. ``learning_rate_schedule``).
+      b1, b2, eps: Adam moment decay rates and denominator epsilon (PyTorch defaults eps).
+      weight_decay: decoupled decay coefficient for leaves with ``ndim >= 2``.
+      grad_clip: maximum global gradient norm; None or <= 0 disables clipping.
+      decay_mask: ``params -> pytree of bools`` (True = decay); default ``ndim >= 2``.
+
+    Returns:
+      An optax gradient transformation.
+    """
+    parts = []
+    if grad_clip is not None and grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(grad_clip))
+    adamw = optax.adamw(
+        learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
+    )
+    parts.append(adamw)
+    return _standard_promotion(optax.chain(*parts))
+
+
+def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run ``tx.update`` under JAX's standard dtype promotion.
+
+    optax's Adam computes its bias correction as ``b ** count`` (a Python float to the
+    power of an int32 count), which ``jax_numpy_dtype_promotion="strict"`` (the test
+    suite's setting) rejects; standard promotion gives float32, as optax intends.
+    """
+
+    def update(updates, state, params=None, **extra_args):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def optimizer_from_config(
+    config: Any, *, decay_mask: Callable[[Any], Any] = decay_mask
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Build the optimizer and its schedule from a run config.
+
+    Reads ``learning_rate, min_lr, warmup_steps, lr_decay_steps, b1, b2, weight_decay,
+    grad_clip`` (and ``eps`` if present) from ``config`` (an ml_collections ConfigDict or
+    any object with those attributes).
+
+    Returns:
+      ``(optimizer, schedule)``; the schedule is returned for logging the rate.
+    """
+    schedule = learning_rate_schedule(
+        config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        lr_decay_steps=config.lr_decay_steps,
+        min_lr=config.min_lr,
+    )
+    optimizer = make_optimizer(
+        schedule,
+        b1=config.b1,
+        b2=config.b2,
+        eps=getattr(config, "eps", 1e-8),
+        weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip,
+        decay_mask=decay_mask,
+    )
+    return optimizer, schedule

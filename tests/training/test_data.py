@@ -1,0 +1,127 @@
+"""Character data: tokenizer, split, and the deterministic, resumable grain pipeline."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from jaxattn.training import data
+
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def test_tokenizer_round_trip_and_sorted_vocabulary():
+    text = "to be, or not to be:\nthat is the question?"
+    tok = data.CharTokenizer.from_text(text)
+    assert tok.chars == "".join(sorted(set(text)))
+    ids = tok.encode(text)
+    assert ids.dtype == np.int32 and ids.shape == (len(text),)
+    assert [tok.chars[i] for i in ids] == list(text)
+    assert tok.decode(ids) == text
+
+
+def test_tokenizer_handles_non_ascii():
+    text = "¿Qué tal? ñandú — 東京"
+    tok = data.CharTokenizer.from_text(text)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.vocab_size == len(set(text))
+
+
+def test_unknown_character_is_named():
+    tok = data.CharTokenizer.from_text("abc")
+    with pytest.raises(ValueError, match=r"'z' at position 2"):
+        tok.encode("abzc")
+
+
+def test_decode_rejects_out_of_range_ids():
+    tok = data.CharTokenizer.from_text("abc")
+    with pytest.raises(ValueError, match="token id 3"):
+        tok.decode([0, 3])
+    with pytest.raises(ValueError, match="token id -1"):
+        tok.decode([-1])
+
+
+def test_bundled_tinyshakespeare():
+    path = data.default_text_path()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SHAKESPEARE_SHA256
+    text = data.load_text()
+    tok = data.CharTokenizer.from_text(text)
+    assert tok.vocab_size == 65
+    ids = tok.encode(text)
+    train, val = data.train_val_split(ids)
+    # nanoGPT's prepare.py: the first int(n * 0.9) characters train, the rest validate.
+    assert len(train) == int(len(text) * 0.9) == 1_003_854
+    assert len(val) == len(text) - len(train) == 111_540
+    np.testing.assert_array_equal(np.concatenate([train, val]), ids)
+
+
+def test_load_text_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
+        data.load_text(tmp_path / "nope.txt")
+
+
+def _stream(n=1000):
+    # Distinct ids (id == position), so a window reveals its offset.
+    return np.arange(n, dtype=np.int32)
+
+
+def test_batches_are_contiguous_windows_with_shifted_targets():
+    b, t, n = 7, 13, 500
+    ds = data.lm_dataset(_stream(n), batch_size=b, seq_len=t, seed=3, vocab_size=n)
+    offsets = []
+    for i in range(5):
+        batch = ds[i]
+        assert set(batch) == {"inputs", "targets"}
+        for name in ("inputs", "targets"):
+            assert batch[name].shape == (b, t) and batch[name].dtype == np.int32
+        start = batch["inputs"][:, :1]  # [B, 1]
+        np.testing.assert_array_equal(batch["inputs"], start + np.arange(t))
+        np.testing.assert_array_equal(batch["targets"], start + 1 + np.arange(t))
+        offsets.append(start.ravel())
+    offsets = np.concatenate(offsets)
+    # nanoGPT samples offsets in [0, n - T); they vary.
+    assert offsets.min() >= 0 and offsets.max() < n - t
+    assert len(set(offsets.tolist())) > 20
+
+
+def test_batches_depend_only_on_seed():
+    def batches(seed, count=4):
+        it = data.batch_iterator(
+            data.lm_dataset(_stream(), batch_size=3, seq_len=5, seed=seed, vocab_size=1000)
+        )
+        return np.stack([next(it)["inputs"] for _ in range(count)])
+
+    np.testing.assert_array_equal(batches(11), batches(11))
+    assert not np.array_equal(batches(11), batches(12))
+
+
+def test_iterator_state_round_trip_resumes_the_same_sequence():
+    ds = data.lm_dataset(_stream(), batch_size=4, seq_len=6, seed=5, vocab_size=1000)
+    it = data.batch_iterator(ds)
+    uninterrupted = [next(it)["inputs"] for _ in range(9)]
+    it = data.batch_iterator(ds)
+    for _ in range(4):
+        next(it)
+    saved = it.get_state()
+    resumed = data.batch_iterator(ds)  # A fresh process would start here.
+    resumed.set_state(saved)
+    rest = [next(resumed)["inputs"] for _ in range(5)]
+    for want, got in zip(uninterrupted[4:], rest):
+        np.testing.assert_array_equal(want, got)
+
+
+def test_token_ids_are_validated():
+    tokens = np.array([0, 1, 2, 9, 3, 4, 5, 6], np.int32)
+    with pytest.raises(ValueError, match=r"token id 9 at index \(3,\)"):
+        data.lm_dataset(tokens, batch_size=2, seq_len=3, seed=0, vocab_size=5)
+    with pytest.raises(ValueError, match="too short"):
+        data.lm_dataset(_stream(4), batch_size=2, seq_len=4, seed=0, vocab_size=4)
+    with pytest.raises(ValueError, match="1-D"):
+        data.lm_dataset(np.zeros((2, 8), np.int32), batch_size=2, seq_len=3, seed=0, vocab_size=4)
+    with pytest.raises(ValueError, match="integers"):
+        data.lm_dataset(np.zeros(8, np.float32), batch_size=2, seq_len=3, seed=0, vocab_size=4)
+
+
+def test_train_val_split_rejects_bad_fraction():
+    with pytest.raises(ValueError, match="train_fraction"):
+        data.train_val_split(_stream(), 1.0)

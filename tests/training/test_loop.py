@@ -1,0 +1,330 @@
+"""The loop: jitted steps, gradient accumulation, fit, NaN guard, exact resume, SIGTERM."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattn.training import data
+from jaxattn.training.checkpoint import Checkpointer, IncompatibleCheckpointError
+from jaxattn.training.loop import (
+    LoopConfig,
+    NonFiniteLossError,
+    fit,
+    make_eval_step,
+    make_train_step,
+)
+from jaxattn.training.metrics import read_metrics
+from jaxattn.training.state import create_train_state
+
+
+def snapshot(directory):
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def leaves_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_step_decreases_loss(toy):
+    step = make_train_step(toy.loss, toy.optimizer())
+    state, it = toy.state(), toy.iterator()
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, next(it))
+        losses.append(float(metrics["train_loss"].total))
+    assert int(state.step) == 40
+    assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5])
+    assert set(metrics) == {"train_loss", "train_mae", "grad_norm"}
+
+
+def test_train_step_donates_the_state(toy):
+    step = make_train_step(toy.loss, toy.optimizer())
+    state = toy.state()
+    new_state, _ = step(state, next(toy.iterator()))
+    assert state.params["w"].is_deleted() and state.opt_state[1][0].mu["w"].is_deleted()
+    assert not new_state.params["w"].is_deleted()
+
+
+def test_learning_rate_is_reported(toy):
+    step = make_train_step(
+        toy.loss, toy.optimizer(), learning_rate_fn=lambda s: 0.5 * (s.astype(jnp.float32) + 1)
+    )
+    state, it = toy.state(), toy.iterator()
+    for want in (0.5, 1.0):
+        state, metrics = step(state, next(it))
+        assert float(metrics["learning_rate"].total) == want
+
+
+def test_gradient_accumulation_equals_one_big_batch(toy):
+    def loss(params, batch, rng):
+        return toy.loss(params, batch, None)  # Deterministic, so both paths are comparable.
+
+    k = 4
+    big = make_train_step(loss, toy.optimizer())
+    accum = make_train_step(loss, toy.optimizer(), grad_accum_steps=k)
+    it = toy.iterator()
+    batches = [
+        jax.tree.map(lambda *xs: np.concatenate(xs), *[next(it) for _ in range(k)])
+        for _ in range(3)
+    ]
+    s_big, s_acc = toy.state(), toy.state()
+    for batch in batches:
+        s_big, m_big = big(s_big, batch)
+        s_acc, m_acc = accum(s_acc, batch)
+        # The accumulated metric is a sum over k microbatch means with count k.
+        assert float(m_acc["train_loss"].count) == k
+        np.testing.assert_allclose(
+            float(m_acc["train_loss"].total) / k, float(m_big["train_loss"].total), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            float(m_acc["grad_norm"].total), float(m_big["grad_norm"].total), rtol=1e-5
+        )
+    for x, y in zip(jax.tree.leaves(s_acc.params), jax.tree.leaves(s_big.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not divisible by grad_accum_steps=4"):
+        accum(s_acc, next(it))  # 6 rows, not 4 microbatches
+
+
+def test_train_step_uses_a_fresh_key_each_step(toy):
+    def loss(params, batch, rng):
+        noise = jax.random.normal(rng, ())
+        return jnp.mean(params["w"]) * 0.0 + noise, {}
+
+    step = make_train_step(loss, toy.optimizer())
+    state, it = toy.state(), toy.iterator()
+    values = []
+    for _ in range(3):
+        state, metrics = step(state, next(it))
+        values.append(float(metrics["train_loss"].total))
+    assert len(set(values)) == 3
+
+
+def test_eval_step_is_deterministic_loss(toy):
+    calls = []
+
+    def loss(params, batch, rng):
+        calls.append(rng)
+        return toy.loss(params, batch, rng)
+
+    evaluate = make_eval_step(loss)
+    params, batch = toy.params(), next(toy.iterator())
+    metrics = evaluate(params, batch)
+    assert calls == [None]
+    want = float(toy.loss(params, batch, None)[0])
+    assert float(metrics["val_loss"].total) == pytest.approx(want)
+    assert set(metrics) == {"val_loss", "val_mae"}
+
+
+def _fit(toy, workdir, *, num_steps, dataset=None, state=None, **loop_kwargs):
+    loop_kwargs = dict(eval_every=5, eval_batches=2, log_every=2, checkpoint_every=4) | loop_kwargs
+    optimizer = toy.optimizer()
+    return fit(
+        state
+        if state is not None
+        else create_train_state(toy.params(), optimizer, jax.random.key(7)),
+        make_train_step(toy.loss, optimizer),
+        data.batch_iterator(dataset if dataset is not None else toy.dataset(0)),
+        workdir=workdir,
+        loop=LoopConfig(num_steps=num_steps, progress=False, **loop_kwargs),
+        eval_step=make_eval_step(toy.loss),
+        eval_data=lambda: data.batch_iterator(toy.dataset(1)),
+        metadata={"note": "toy"},
+    )
+
+
+def test_fit_logs_evaluates_and_checkpoints(tmp_path, toy):
+    result = _fit(toy, tmp_path, num_steps=10, max_to_keep=10)
+    assert result.step == 10 and not result.interrupted and int(result.state.step) == 10
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    for r in records:
+        assert "step" in r and "tokens_per_s" in r and ("train_loss" in r or "val_loss" in r)
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 5, 10]
+    assert [r["step"] for r in records if "train_loss" in r] == [2, 4, 5, 6, 8, 10]
+    assert all(r["tokens_per_s"] > 0 for r in records if r["step"] > 2)
+    assert result.last_eval["val_loss"] == records[-1]["val_loss"]
+    # Every 4 steps, at the end, and whenever val loss improved (5).
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [4, 5, 8, 10]
+        assert ckpt.read_metadata()["note"] == "toy"
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+class _CrashAt(grain.transforms.RandomMap):
+    """The toy data, except that reading batch ``index`` kills the run."""
+
+    def __init__(self, toy_data, index):
+        self.toy_data, self.index = toy_data, index
+
+    def random_map(self, element, rng):
+        if element == self.index:
+            raise RuntimeError("simulated crash")
+        return self.toy_data.random_map(element, rng)
+
+
+def test_resume_after_a_crash_gives_bitwise_identical_state(tmp_path, toy):
+    straight = _fit(toy, tmp_path / "straight", num_steps=12, checkpoint_every=6)
+    crashing = grain.MapDataset.range(sys.maxsize).random_map(_CrashAt(toy.Regression(), 8), seed=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(toy, tmp_path / "resumed", num_steps=12, checkpoint_every=6, dataset=crashing)
+    with Checkpointer(tmp_path / "resumed" / "checkpoints") as ckpt:
+        assert ckpt.latest_step() == 6  # Steps 7 and 8 were lost with the crash.
+    resumed = _fit(toy, tmp_path / "resumed", num_steps=12, checkpoint_every=6)
+    assert resumed.step == 12
+    leaves_equal(resumed.state, straight.state)
+
+    # The resumed run's train losses after step 6 match the uninterrupted run's.
+    def losses(workdir):
+        return {
+            r["step"]: r["train_loss"]
+            for r in read_metrics(workdir / "metrics.jsonl")
+            if "train_loss" in r
+        }
+
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert all(a[s] == b[s] for s in a if s > 6)
+
+
+def test_finished_run_is_not_overwritten(tmp_path, toy):
+    _fit(toy, tmp_path, num_steps=4)
+    before = snapshot(tmp_path / "checkpoints")
+    result = _fit(toy, tmp_path, num_steps=4)
+    assert result.step == 4 and snapshot(tmp_path / "checkpoints") == before
+
+
+def test_incompatible_checkpoint_in_workdir_is_an_error(tmp_path, toy):
+    _fit(toy, tmp_path, num_steps=4)
+    before = snapshot(tmp_path / "checkpoints")
+    optimizer = toy.optimizer()
+    wide = {"w": jnp.zeros((toy.D, 3)), "b": jnp.zeros((3,))}
+    with pytest.raises(IncompatibleCheckpointError, match=r"'params/b' has shape \(1,\)"):
+        _fit(
+            toy, tmp_path, num_steps=8, state=create_train_state(wide, optimizer, jax.random.key(0))
+        )
+    assert snapshot(tmp_path / "checkpoints") == before
+
+
+class _NanAt(grain.transforms.RandomMap):
+    def __init__(self, toy_data):
+        self.toy_data = toy_data
+
+    def random_map(self, element, rng):
+        batch = self.toy_data.random_map(element, rng)
+        if element == 7:  # The 8th batch, read by step 8.
+            batch["x"][0, 0] = np.nan
+        return batch
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, toy):
+    poisoned = grain.MapDataset.range(sys.maxsize).random_map(_NanAt(toy.Regression()), seed=0)
+    with pytest.raises(NonFiniteLossError, match=r"train_loss is nan at step 8.*step 5 in"):
+        _fit(
+            toy,
+            tmp_path,
+            num_steps=20,
+            dataset=poisoned,
+            checkpoint_every=5,
+            log_every=10,
+            eval_every=0,
+        )
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [5]
+        restored, _ = ckpt.restore(toy.state())
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+
+
+_SIGTERM_CHILD = """
+import sys
+sys.path.insert(0, {tests_dir!r})
+import jax
+from conftest import toy_dataset, toy_loss, toy_params, toy_optimizer
+from jaxattn.training import data
+from jaxattn.training.loop import LoopConfig, fit, make_train_step
+from jaxattn.training.state import create_train_state
+
+optimizer = toy_optimizer()
+result = fit(
+    create_train_state(toy_params(), optimizer, jax.random.key(0)),
+    make_train_step(toy_loss, optimizer),
+    data.batch_iterator(toy_dataset(0)),
+    workdir={workdir!r},
+    loop=LoopConfig(num_steps=10**9, log_every=50, progress=False),
+)
+print(f"returned step={{result.step}} interrupted={{result.interrupted}}", flush=True)
+"""
+
+
+def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, toy):
+    script = tmp_path / "child.py"
+    workdir = tmp_path / "run"
+    script.write_text(
+        _SIGTERM_CHILD.format(tests_dir=str(Path(__file__).parent), workdir=str(workdir))
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "the child never logged a step"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = re.search(r"SIGTERM: saved a checkpoint at step (\d+)", out)
+    assert saved, out
+    step = int(saved.group(1))
+    assert f"returned step={step} interrupted=True" in out
+    assert step >= json.loads(metrics.read_text().splitlines()[0])["step"]
+    with Checkpointer(workdir / "checkpoints") as ckpt:
+        assert ckpt.latest_step() == step
+        restored, _ = ckpt.restore(toy.state(), data_iter=toy.iterator())
+    assert int(restored.step) == step
+
+
+def test_loop_config_validates_and_reads_a_config():
+    ml_collections = pytest.importorskip("ml_collections")
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 0"):
+        LoopConfig(num_steps=-1)
+    config = ml_collections.ConfigDict({"num_steps": 7, "eval_every": 3, "learning_rate": 0.1})
+    loop = LoopConfig.from_config(config, progress=False)
+    assert (loop.num_steps, loop.eval_every, loop.progress, loop.log_every) == (7, 3, False, 10)
+
+
+def test_fit_accepts_a_plain_iterator_without_evaluation(tmp_path, toy):
+    it = toy.iterator()
+    plain = (next(it) for _ in range(100))  # No get_state: the data position is not saved.
+    optimizer = toy.optimizer()
+    result = fit(
+        create_train_state(toy.params(), optimizer, jax.random.key(0)),
+        make_train_step(toy.loss, optimizer),
+        plain,
+        workdir=tmp_path,
+        loop=LoopConfig(num_steps=3, progress=False),
+    )
+    assert result.step == 3 and result.last_eval == {}
+    assert not (tmp_path / "checkpoints" / "3" / "data").exists()
+    assert all("val_loss" not in r for r in read_metrics(tmp_path / "metrics.jsonl"))

@@ -1,0 +1,48 @@
+"""Metrics: host reduction of sums and counts, JSONL lines, TensorBoard event files."""
+
+import json
+import math
+
+import jax.numpy as jnp
+import pytest
+
+from jaxattn.training.metrics import Mean, MetricsWriter, read_metrics, reduce_means
+
+
+def test_reduce_means_weights_by_count():
+    steps = [
+        {"loss": Mean(jnp.float32(3.0), jnp.float32(3)), "gn": Mean(jnp.float32(2.0), 1.0)},
+        {"loss": Mean(jnp.float32(1.0), jnp.float32(1)), "gn": Mean(jnp.float32(4.0), 1.0)},
+    ]
+    got = reduce_means(steps)
+    assert got == pytest.approx({"loss": 4.0 / 4.0, "gn": 3.0})
+
+
+def test_reduce_means_of_nothing_is_empty():
+    assert reduce_means([]) == {}
+
+
+def test_writer_lines_parse_and_mirror_to_tensorboard(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        writer.write(10, {"train_loss": 2.5, "tokens_per_s": 1234.0})
+        writer.write(20, {"val_loss": jnp.float32(2.25), "tokens_per_s": None})
+        writer.write(30, {"train_loss": math.nan, "tokens_per_s": 1.0})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # Strict JSON: no NaN tokens.
+    assert records == read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [10, 20, 30]
+    for r in records:
+        assert "tokens_per_s" in r and ("train_loss" in r or "val_loss" in r)
+    assert records[0]["train_loss"] == 2.5
+    assert records[1]["val_loss"] == pytest.approx(2.25)
+    assert records[2]["train_loss"] is None  # NaN is written as null.
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_writer_appends_across_runs(tmp_path):
+    for step in (1, 2):
+        with MetricsWriter(tmp_path, tensorboard=False) as writer:
+            writer.write(step, {"train_loss": 1.0, "tokens_per_s": 1.0})
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert not (tmp_path / "tb").exists()

@@ -1,0 +1,191 @@
+"""Optimizer: nanoGPT's schedule, AdamW with decay on matrices only, clipping.
+
+References are written here independently: nanoGPT's ``get_lr`` and a float64 NumPy AdamW
+with PyTorch's update rule (and torch.optim.AdamW itself when torch is installed).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxattn.training import optim
+
+
+def nanogpt_get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
+    # nanoGPT train.py: linear warmup, cosine decay, then constant min_lr.
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+@pytest.mark.parametrize(
+    "lr, warmup, decay, min_lr", [(1e-3, 100, 2000, 1e-4), (6e-4, 7, 53, 0.0), (1e-2, 0, 11, 1e-3)]
+)
+def test_schedule_matches_nanogpt(lr, warmup, decay, min_lr):
+    schedule = optim.learning_rate_schedule(
+        lr, warmup_steps=warmup, lr_decay_steps=decay, min_lr=min_lr
+    )
+    steps = np.arange(decay + 50)
+    got = np.asarray(jax.jit(jax.vmap(schedule))(jnp.asarray(steps, jnp.int32)))
+    want = np.array([nanogpt_get_lr(int(i), lr, warmup, decay, min_lr) for i in steps])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+
+
+def test_schedule_rejects_bad_steps():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        optim.learning_rate_schedule(1e-3, warmup_steps=10, lr_decay_steps=5, min_lr=0.0)
+
+
+def _params():
+    rng = np.random.default_rng(1)
+    return {
+        "matrix": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+        "embedding": jnp.asarray(rng.normal(size=(7, 3)), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+        "scale": jnp.asarray(rng.normal(size=(11,)), jnp.float32),
+        "absent": None,
+    }
+
+
+def test_decay_mask_marks_matrices_only():
+    mask = optim.decay_mask(_params())
+    assert mask == {
+        "matrix": True,
+        "embedding": True,
+        "bias": False,
+        "scale": False,
+        "absent": None,
+    }
+
+
+def test_zero_gradient_step_decays_only_matrices():
+    # With zero gradients Adam's step is 0/(0 + eps) = 0, so only weight decay moves params.
+    params = _params()
+    lr, wd = 0.5, 0.1
+    opt = optim.make_optimizer(lr, weight_decay=wd, grad_clip=1.0)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    for name in ("bias", "scale"):
+        np.testing.assert_array_equal(new[name], params[name])
+    for name in ("matrix", "embedding"):
+        np.testing.assert_allclose(new[name], params[name] * (1 - lr * wd), rtol=1e-6)
+
+
+def test_custom_decay_mask_is_used():
+    params = _params()
+    opt = optim.make_optimizer(
+        0.5, weight_decay=0.1, decay_mask=lambda p: jax.tree.map(lambda x: x.ndim == 1, p)
+    )
+    grads = jax.tree.map(jnp.zeros_like, params)
+    new = optax.apply_updates(params, jax.jit(opt.update)(grads, opt.init(params), params)[0])
+    np.testing.assert_array_equal(new["matrix"], params["matrix"])
+    assert not np.allclose(new["bias"], params["bias"])
+
+
+def numpy_adamw(params, grads_seq, lrs, *, b1, b2, eps, wd, clip):
+    """float64 AdamW as in torch.optim.AdamW + clip_grad_norm_, decay on ndim >= 2."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items() if v is not None}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, (g, lr) in enumerate(zip(grads_seq, lrs), start=1):
+        g = {k: np.asarray(x, np.float64) for k, x in g.items() if x is not None}
+        norm = math.sqrt(sum(float(np.sum(x**2)) for x in g.values()))
+        scale = min(1.0, clip / (norm + 1e-6)) if clip else 1.0
+        for k in p:
+            gk = g[k] * scale
+            if p[k].ndim >= 2:
+                p[k] = p[k] * (1 - lr * wd)
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk**2
+            mhat, vhat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
+            p[k] = p[k] - lr * mhat / (np.sqrt(vhat) + eps)
+    return p
+
+
+def _grads_seq(params, n, scales):
+    rng = np.random.default_rng(2)
+    return [
+        {
+            k: None if x is None else rng.normal(size=x.shape).astype(np.float32) * s
+            for k, x in params.items()
+        }
+        for s in scales[:n]
+    ]
+
+
+def test_adamw_schedule_and_clipping_match_numpy_reference():
+    params = _params()
+    hp = dict(learning_rate=1e-2, warmup_steps=2, lr_decay_steps=6, min_lr=1e-3)
+    schedule = optim.learning_rate_schedule(
+        hp["learning_rate"],
+        warmup_steps=hp["warmup_steps"],
+        lr_decay_steps=hp["lr_decay_steps"],
+        min_lr=hp["min_lr"],
+    )
+    opt = optim.make_optimizer(schedule, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
+    # Norms far above and below the clip threshold, so clipping changes the result.
+    grads_seq = _grads_seq(params, 7, [20.0, 0.05, 3.0, 0.01, 7.0, 0.2, 1.0])
+    state, p = opt.init(params), params
+    update = jax.jit(opt.update)
+    for g in grads_seq:
+        updates, state = update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    lrs = [nanogpt_get_lr(i, hp["learning_rate"], 2, 6, hp["min_lr"]) for i in range(7)]
+    want = numpy_adamw(params, grads_seq, lrs, b1=0.9, b2=0.99, eps=1e-8, wd=0.1, clip=1.0)
+    for k, x in want.items():
+        np.testing.assert_allclose(np.asarray(p[k]), x, rtol=2e-5, atol=1e-6, err_msg=k)
+    # And clipping matters here: without it the result differs.
+    unclipped = numpy_adamw(params, grads_seq, lrs, b1=0.9, b2=0.99, eps=1e-8, wd=0.1, clip=None)
+    assert not np.allclose(unclipped["matrix"], want["matrix"], rtol=1e-3)
+
+
+def test_adamw_matches_torch():
+    torch = pytest.importorskip("torch")
+    params = {k: v for k, v in _params().items() if v is not None}
+    grads_seq = _grads_seq(params, 5, [9.0, 0.1, 2.0, 0.5, 4.0])
+    lrs = [nanogpt_get_lr(i, 1e-2, 2, 4, 1e-3) for i in range(5)]
+    tp = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in params.items()}
+    groups = [
+        {"params": [t for t in tp.values() if t.dim() >= 2], "weight_decay": 0.1},
+        {"params": [t for t in tp.values() if t.dim() < 2], "weight_decay": 0.0},
+    ]
+    topt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.99))
+    for g, lr in zip(grads_seq, lrs):
+        for k, t in tp.items():
+            t.grad = torch.tensor(g[k])
+        torch.nn.utils.clip_grad_norm_(list(tp.values()), 1.0)
+        for group in topt.param_groups:
+            group["lr"] = lr
+        topt.step()
+    schedule = optim.learning_rate_schedule(1e-2, warmup_steps=2, lr_decay_steps=4, min_lr=1e-3)
+    opt = optim.make_optimizer(schedule, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
+    state, p = opt.init(params), params
+    update = jax.jit(opt.update)
+    for g in grads_seq:
+        updates, state = update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    for k, t in tp.items():
+        np.testing.assert_allclose(np.asarray(p[k]), t.detach().numpy(), rtol=2e-5, atol=1e-6)
+
+
+def test_optimizer_from_config():
+    ml_collections = pytest.importorskip("ml_collections")
+    config = ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-3, min_lr=1e-4, warmup_steps=3, lr_decay_steps=9,
+            b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0,
+        )
+    )  # fmt: skip
+    opt, schedule = optim.optimizer_from_config(config)
+    assert float(schedule(jnp.int32(1))) == pytest.approx(nanogpt_get_lr(1, 1e-3, 3, 9, 1e-4))
+    params = _params()
+    jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
