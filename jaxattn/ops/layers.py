@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -109,11 +110,14 @@ def check_token_ids(ids: Array, vocab_size: int, what: str = "token ids") -> Non
     """
     if isinstance(ids, jax.core.Tracer):
         return
-    if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
-        raise ValueError(f"{what} must be integers, got dtype {jnp.asarray(ids).dtype}")
+    # On the host: a concrete array closed over by a jitted function is not a tracer, but
+    # jnp.min of it would be traced and could not be converted to an int.
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{what} must be integers, got dtype {ids.dtype}")
     if ids.size == 0:
         return
-    lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+    lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"{what} must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
 

@@ -476,3 +476,13 @@ def test_dropout_bad_inputs(rng):
     for rate in (-0.1, 1.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\)"):
             dropout(rng, x, rate)
+
+
+def test_check_token_ids_on_constant_closed_over_by_jit():
+    """A concrete array captured by a jitted function is still checked, not traced."""
+    table = EmbeddingWeights(jnp.ones((V, 3)))
+    good = jnp.asarray([0, V - 1], jnp.int32)
+    bad = jnp.asarray([0, V], jnp.int32)
+    assert jax.jit(lambda w: embed(w, good))(table).shape == (2, 3)
+    with pytest.raises(ValueError, match=rf"\[0, {V}\)"):
+        jax.jit(lambda w: embed(w, bad))(table)

@@ -1,0 +1,155 @@
+"""Autoregressive decoding for any model: sampling from logits and a cached generation loop.
+
+Shape glossary: B batch, T0 prompt length, t tokens fed in one call, V vocab.
+
+Models plug in through one protocol, a *decode function* closed over their weights::
+
+    decode_fn(tokens [B, t], cache) -> (logits [B, t, V], cache)
+
+It runs ``t`` new tokens at the cache's current position, returns their logits and the cache
+with their keys/values written (``gpt.gpt_decode`` is one). ``generate`` prefills the prompt
+with a single call, then samples one token per ``lax.scan`` step.
+
+Jitting: everything here is traceable. Jit the *caller* with the sampling settings and
+``max_new_tokens`` static and the weights as traced arguments, building ``decode_fn`` inside,
+e.g. (what ``gpt.generate`` does)::
+
+    @functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature"))
+    def run(weights, prompt, rng, max_new_tokens, temperature):
+        cache = init_cache(config, prompt.shape[0], prompt.shape[1] + max_new_tokens)
+        fn = lambda toks, c: gpt_decode(weights, toks, c, config)
+        return generate(fn, cache, prompt, max_new_tokens, rng=rng, temperature=temperature)
+
+so it compiles once per prompt shape and setting. (Closing a fresh lambda over the weights
+*outside* jit and jitting ``generate`` itself would retrace on every call.)
+
+Beam search (for the translation models) will reuse ``decode_fn`` and add a
+``reorder_cache(cache, beam_indices)`` hook, since it must gather cache rows by beam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Cache = Any  # any pytree the decode function understands
+DecodeFn = Callable[[Array, Cache], tuple[Array, Cache]]
+
+
+def check_sampling(
+    *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> None:
+    """Raise ``ValueError`` for invalid sampling settings (Python values, checked eagerly)."""
+    if not temperature >= 0.0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def sample_logits(
+    rng: Array,
+    logits: Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+) -> Array:
+    """Draw one token per row from ``softmax(logits / temperature)``, optionally filtered.
+
+    - ``greedy`` or ``temperature == 0``: ``argmax`` (``rng`` unused).
+    - ``top_k``: keep the k largest logits (ties with the k-th are kept too).
+    - ``top_p`` (nucleus, Holtzman et al., 2020, "The Curious Case of Neural Text
+      Degeneration"): keep the smallest set of most likely tokens whose probability (after
+      temperature and top-k) sums to ``>= top_p``.
+
+    Everything is computed in float32.
+
+    Args:
+      rng: PRNG key.
+      logits: ``[B, V]``.
+      temperature, top_k, top_p: Python values (static under ``jit``).
+
+    Returns:
+      ``[B]`` int32 token ids.
+    """
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    if logits.ndim != 2:
+        raise ValueError(f"sample_logits: logits must be [B, V], got shape {logits.shape}")
+    logits = logits.astype(jnp.float32)
+    if greedy or temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    vocab = logits.shape[-1]
+    if top_k is not None and top_k < vocab:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1] k-th largest
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Token i (in sorted order) is needed iff the mass strictly before it is < top_p;
+        # the most likely token always is.
+        needed = jnp.cumsum(probs, axis=-1) - probs < top_p  # [B, V]
+        count = jnp.sum(needed, axis=-1, keepdims=True)  # [B, 1] >= 1
+        threshold = jnp.take_along_axis(sorted_logits, count - 1, axis=-1)  # [B, 1]
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    decode_fn: DecodeFn,
+    cache: Cache,
+    prompt: Array,
+    max_new_tokens: int,
+    *,
+    rng: Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Array:
+    """Extend ``prompt`` by ``max_new_tokens`` tokens sampled with ``sample_logits``.
+
+    The prompt is prefilled with one ``decode_fn`` call; each further token is one
+    ``lax.scan`` step feeding the previous sample. The cache must have room for
+    ``T0 + max_new_tokens - 1`` positions (the last sample is never fed back).
+
+    Args:
+      decode_fn: ``(tokens [B, t], cache) -> (logits [B, t, V], cache)``.
+      cache: the decode function's empty cache.
+      prompt: ``[B, T0]`` integer ids, ``T0 >= 1``.
+      max_new_tokens: Python int >= 0.
+      rng: sampling key (split once per new token).
+
+    Returns:
+      ``[B, T0 + max_new_tokens]`` int32.
+    """
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"generate: prompt must be [B, T0] with T0 >= 1, got {prompt.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    prompt = prompt.astype(jnp.int32)
+    if max_new_tokens == 0:
+        return prompt
+
+    def sample(key, logits):  # [B, t, V] -> [B]
+        return sample_logits(key, logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p)
+
+    keys = jax.random.split(rng, max_new_tokens)
+    logits, cache = decode_fn(prompt, cache)
+    first = sample(keys[0], logits)  # [B]
+
+    def step(carry, key):
+        token, cache = carry
+        logits, cache = decode_fn(token[:, None], cache)
+        return (sample(key, logits), cache), token
+
+    (last, _), fed = jax.lax.scan(step, (first, cache), keys[1:])  # fed: [n - 1, B]
+    return jnp.concatenate([prompt, fed.T, last[:, None]], axis=1)  # [B, T0 + n]

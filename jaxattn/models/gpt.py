@@ -1,0 +1,567 @@
+"""GPT: a decoder-only transformer language model (the nanoGPT / GPT-2 architecture).
+
+``logits = unembed(ln_f(block_L(... block_1(embed(tokens) + pos))))`` where each pre-LN block
+is ``x = x + attn(ln1(x))``, ``x = x + mlp(ln2(x))`` with causal multi-head self-attention
+(Radford et al., 2019, "Language Models are Unsupervised Multitask Learners").
+
+Shape glossary: B batch, T query time, S key time (cache length), L layers, N heads, K kv
+heads, H head dim, D model dim, F MLP width, V vocab.
+
+The blocks' weights are stacked along a leading layer axis ``[L, ...]`` and run with
+``lax.scan``, so compile time does not grow with depth. One block function serves both the
+full causal pass (``gpt``) and cached decoding (``gpt_decode``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxattn.models import decoding
+from jaxattn.ops.attention import (
+    MultiHeadAttentionWeights,
+    dot_product_attention,
+    init_multi_head_attention,
+    project_output,
+    project_qkv,
+)
+from jaxattn.ops.layers import (
+    DenseWeights,
+    EmbeddingWeights,
+    FeedForwardWeights,
+    LayerNormWeights,
+    check_token_ids,
+    dense,
+    dropout,
+    embed,
+    feed_forward,
+    init_dense,
+    init_embedding,
+    init_feed_forward,
+    init_layer_norm,
+    layer_norm,
+    unembed,
+)
+from jaxattn.ops.positions import (
+    LearnedPositionWeights,
+    apply_rope,
+    init_learned_positions,
+    learned_positions,
+)
+
+Array = jax.Array
+
+_POSITIONS = ("learned", "rope")
+_DTYPES = ("float32", "bfloat16")
+# What the backward pass keeps of each block: matmul outputs. Everything elementwise (GELU,
+# layer norm, softmax) is recomputed from them inside the fused backward; a plain scan would
+# instead write every elementwise residual to a stacked [L, ...] buffer, which made the
+# nanoGPT-sized CPU step ~1.6x slower. Attention logits (dots with batch dims) are recomputed
+# too, so no [B, N, T, S] tensor is stored per layer.
+_SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """GPT hyper-parameters; frozen and hashable, so it can be a static ``jit`` argument."""
+
+    vocab_size: int
+    block_size: int  # longest context (the learned position table's length)
+    num_layers: int
+    num_heads: int
+    embed_dim: int
+    num_kv_heads: int | None = None  # None = num_heads; fewer = grouped-query attention
+    mlp_ratio: int = 4  # F = mlp_ratio * D
+    dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
+    use_bias: bool = True  # biases in dense layers and layer norms
+    positions: str = "learned"  # "learned" (GPT-2) or "rope" (rotary, no position table)
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True  # output layer = token embedding transposed
+    dtype: str = "float32"  # compute dtype; params and losses stay float32
+    remat: bool = False  # jax.checkpoint each block: recompute activations in the backward
+    attention_implementation: str | None = None  # passed to dot_product_attention
+    layer_norm_eps: float = 1e-5
+    gelu_approximate: bool = True  # tanh GELU (GPT-2); False = exact erf GELU (nanoGPT)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "num_layers", "num_heads", "embed_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"GPTConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"GPTConfig: embed_dim={self.embed_dim} is not divisible by "
+                f"num_heads={self.num_heads}"
+            )
+        if self.num_kv_heads is not None and (
+            self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads
+        ):
+            raise ValueError(
+                f"GPTConfig: num_heads={self.num_heads} must be a multiple of a positive "
+                f"num_kv_heads, got num_kv_heads={self.num_kv_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.positions not in _POSITIONS:
+            raise ValueError(
+                f"GPTConfig.positions must be one of {_POSITIONS}, got {self.positions!r}"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"GPTConfig: rope needs an even head_dim, got {self.head_dim}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(
+                f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """H = D / N."""
+        return self.embed_dim // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """K, the number of key/value heads."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        """F, the MLP's hidden width."""
+        return self.mlp_ratio * self.embed_dim
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The dtype activations are computed in."""
+        return jnp.dtype(self.dtype)
+
+
+class BlockWeights(NamedTuple):
+    """One pre-LN transformer block; in ``GPTWeights.blocks`` every leaf has a leading ``[L]``."""
+
+    ln1: LayerNormWeights
+    attn: MultiHeadAttentionWeights
+    ln2: LayerNormWeights
+    mlp: FeedForwardWeights
+
+
+class GPTWeights(NamedTuple):
+    """All GPT parameters (float32)."""
+
+    token_embedding: EmbeddingWeights  # table [V, D]
+    position_embedding: LearnedPositionWeights | None  # table [block_size, D]; None for rope
+    blocks: BlockWeights  # stacked: every leaf [L, ...]
+    ln_f: LayerNormWeights
+    head: DenseWeights | None  # untied output [D, V] (no bias); None when tied
+
+
+class KVCache(NamedTuple):
+    """Keys and values of the tokens decoded so far.
+
+    ``k, v: [L, B, S, K, H]``; ``index``: int32 scalar, how many positions are filled (the
+    absolute position of the next token).
+    """
+
+    k: Array
+    v: Array
+    index: Array
+
+
+def _init_block(rng: Array, config: GPTConfig) -> BlockWeights:
+    """Initialise one block: N(0, 0.02^2) matrices, residual projections scaled by 1/sqrt(2L)."""
+    rng_attn, rng_mlp = jax.random.split(rng)
+    d, std = config.embed_dim, 0.02
+    # GPT-2: the residual stream sums 2L branches, so their output projections shrink.
+    out_std = std / math.sqrt(2 * config.num_layers)
+    return BlockWeights(
+        ln1=init_layer_norm(d, use_bias=config.use_bias),
+        attn=init_multi_head_attention(
+            rng_attn,
+            d,
+            config.num_heads,
+            head_dim=config.head_dim,
+            num_kv_heads=config.kv_heads,
+            use_bias=config.use_bias,
+            std=std,
+            out_std=out_std,
+        ),
+        ln2=init_layer_norm(d, use_bias=config.use_bias),
+        mlp=init_feed_forward(
+            rng_mlp, d, config.mlp_dim, use_bias=config.use_bias, std=std, out_std=out_std
+        ),
+    )
+
+
+def init_gpt(rng: Array, config: GPTConfig) -> GPTWeights:
+    """Initialise GPT weights as nanoGPT does (normal std 0.02, zero biases, unit norms).
+
+    Runs as one jitted program (op-by-op dispatch of the random draws is far slower),
+    compiled once per parameter structure: fields that do not change the weights (dropout,
+    dtype, remat, ...) are reset so that such configs share the compiled init.
+
+    Returns:
+      ``GPTWeights`` (float32) whose ``blocks`` leaves are stacked ``[L, ...]``.
+    """
+    structure = dataclasses.replace(
+        config,
+        dropout=0.0,
+        rope_base=10000.0,
+        dtype="float32",
+        remat=False,
+        attention_implementation=None,
+        layer_norm_eps=1e-5,
+    )
+    return _init_gpt(rng, structure)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _init_gpt(rng: Array, config: GPTConfig) -> GPTWeights:
+    rng_tok, rng_pos, rng_blocks, rng_head = jax.random.split(rng, 4)
+    d = config.embed_dim
+    blocks = jax.vmap(lambda r: _init_block(r, config))(
+        jax.random.split(rng_blocks, config.num_layers)
+    )
+    return GPTWeights(
+        token_embedding=init_embedding(rng_tok, config.vocab_size, d, std=0.02),
+        position_embedding=(
+            init_learned_positions(rng_pos, config.block_size, d, std=0.02)
+            if config.positions == "learned"
+            else None
+        ),
+        blocks=blocks,
+        ln_f=init_layer_norm(d, use_bias=config.use_bias),
+        head=(
+            None
+            if config.tie_embeddings
+            else init_dense(rng_head, d, config.vocab_size, use_bias=False, std=0.02)
+        ),
+    )
+
+
+def _cast(tree, dtype: jnp.dtype):
+    """Cast the floating leaves of a pytree to the compute dtype (a no-op for float32)."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def _block(
+    blk: BlockWeights,
+    x: Array,
+    positions: Array,
+    config: GPTConfig,
+    *,
+    rng: Array | None,
+    deterministic: bool,
+    cache: tuple[Array, Array, Array] | None = None,
+) -> tuple[Array, tuple[Array, Array] | None]:
+    """Apply one pre-LN block; with a cache, write this chunk's k/v into it and attend over it.
+
+    Args:
+      blk: one layer's ``BlockWeights`` (no layer axis).
+      x: ``[B, T, D]`` residual stream.
+      positions: ``[T]`` absolute positions of the T tokens.
+      rng: key for dropout (None when deterministic or dropout is 0).
+      cache: ``(k [B, S, K, H], v [B, S, K, H], index)`` or None for a full causal pass.
+
+    Returns:
+      ``(x [B, T, D], (k, v) updated cache slices or None)``.
+    """
+    rate = 0.0 if deterministic else config.dropout
+    rng_attn, rng_res1, rng_res2 = jax.random.split(rng, 3) if rate > 0 else (None,) * 3
+    eps = config.layer_norm_eps
+
+    q, k, v = project_qkv(blk.attn, layer_norm(blk.ln1, x, eps=eps))  # [B, T, N|K, H]
+    if config.positions == "rope":
+        q = apply_rope(q, positions, base=config.rope_base)
+        k = apply_rope(k, positions, base=config.rope_base)
+    attention = functools.partial(
+        dot_product_attention,
+        implementation=config.attention_implementation,
+        dropout_rate=rate,
+        dropout_rng=rng_attn,
+    )
+    if cache is None:
+        ctx = attention(q, k, v, is_causal=True)  # [B, T, N, H]
+        new_cache = None
+    else:
+        k_cache, v_cache, index = cache
+        start = (0, index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+        # Key j is visible to the query at absolute position p iff j <= p; this also hides
+        # the unfilled slots j >= index + T.
+        mask = jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None]  # [T, S]
+        ctx = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask[None, None])
+        new_cache = (k_cache, v_cache)
+    x = x + dropout(rng_res1, project_output(blk.attn, ctx), rate)
+    h = feed_forward(
+        blk.mlp, layer_norm(blk.ln2, x, eps=eps), approximate_gelu=config.gelu_approximate
+    )
+    x = x + dropout(rng_res2, h, rate)
+    return x, new_cache
+
+
+def _embed(weights: GPTWeights, tokens: Array, positions: Array, config: GPTConfig) -> Array:
+    """Token (+ learned position) embeddings in the compute dtype. -> ``[B, T, D]``."""
+    x = embed(weights.token_embedding, tokens)  # [B, T, D]
+    if weights.position_embedding is not None:
+        x = x + learned_positions(weights.position_embedding, positions)  # [T, D] broadcast
+    return x
+
+
+def _logits(weights: GPTWeights, x: Array, config: GPTConfig) -> Array:
+    """Final layer norm and output layer; logits in float32. ``[B, T, D]`` -> ``[B, T, V]``."""
+    x = layer_norm(weights.ln_f, x, eps=config.layer_norm_eps)
+    if weights.head is None:
+        logits = unembed(weights.token_embedding, x)
+    else:
+        logits = dense(weights.head, x)
+    return logits.astype(jnp.float32)
+
+
+def _check_tokens(tokens: Array, config: GPTConfig, where: str) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"{where}: tokens must be [B, T], got shape {tokens.shape}")
+    check_token_ids(tokens, config.vocab_size, f"{where}: token ids")
+
+
+def gpt(
+    weights: GPTWeights,
+    tokens: Array,
+    config: GPTConfig,
+    *,
+    rng: Array | None = None,
+    deterministic: bool = True,
+) -> Array:
+    """Run the causal language model over whole sequences.
+
+    Jit with ``config`` static: ``jax.jit(gpt, static_argnames=("config", "deterministic"))``.
+
+    Args:
+      weights: ``GPTWeights`` from ``init_gpt``.
+      tokens: ``[B, T]`` integer ids in ``[0, V)``, ``T <= block_size``.
+      config: the model's ``GPTConfig``.
+      rng: dropout key; required when ``deterministic=False`` and ``config.dropout > 0``.
+      deterministic: disable dropout (evaluation).
+
+    Returns:
+      ``[B, T, V]`` float32 logits; position t depends only on tokens ``0..t``.
+    """
+    tokens = jnp.asarray(tokens)
+    _check_tokens(tokens, config, "gpt")
+    t = tokens.shape[1]
+    if t > config.block_size:
+        raise ValueError(
+            f"gpt: sequence length T={t} exceeds block_size={config.block_size} "
+            f"(tokens shape {tokens.shape})"
+        )
+    use_dropout = not deterministic and config.dropout > 0
+    if use_dropout and rng is None:
+        raise ValueError("gpt: dropout > 0 with deterministic=False needs an rng key")
+    weights = _cast(weights, config.compute_dtype)
+    positions = jnp.arange(t)
+    rng_embed, rng_layers = jax.random.split(rng) if use_dropout else (None, None)
+    x = dropout(
+        rng_embed,
+        _embed(weights, tokens, positions, config),
+        config.dropout,
+        deterministic=not use_dropout,
+    )
+
+    def body(x, layer):
+        blk, rng_layer = layer
+        x, _ = _block(blk, x, positions, config, rng=rng_layer, deterministic=not use_dropout)
+        return x, None
+
+    # remat: save nothing but the block inputs and recompute each block in the backward.
+    policy = jax.checkpoint_policies.nothing_saveable if config.remat else _SAVE_DOTS
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # safe inside scan
+    layer_rngs = jax.random.split(rng_layers, config.num_layers) if use_dropout else None
+    x, _ = jax.lax.scan(body, x, (weights.blocks, layer_rngs))
+    return _logits(weights, x, config)
+
+
+def gpt_loss(
+    weights: GPTWeights,
+    tokens: Array,
+    targets: Array,
+    config: GPTConfig,
+    *,
+    rng: Array | None = None,
+    deterministic: bool = True,
+    mask: Array | None = None,
+) -> Array:
+    """Mean next-token cross-entropy ``-log softmax(logits)[target]`` in float32.
+
+    Args:
+      tokens: ``[B, T]`` inputs.
+      targets: ``[B, T]`` ids in ``[0, V)`` (usually ``tokens`` shifted left by one).
+      mask: optional ``[B, T]``; the loss is the mean over positions where it is nonzero
+        (True = count this token).
+
+    Returns:
+      Scalar float32 loss.
+    """
+    targets = jnp.asarray(targets)
+    if targets.shape != jnp.shape(tokens):
+        raise ValueError(f"gpt_loss: targets {targets.shape} must match tokens {jnp.shape(tokens)}")
+    check_token_ids(targets, config.vocab_size, "gpt_loss: targets")
+    logits = gpt(weights, tokens, config, rng=rng, deterministic=deterministic)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
+    if mask is None:
+        return jnp.mean(losses)
+    mask = jnp.asarray(mask)
+    if mask.shape != targets.shape:
+        raise ValueError(f"gpt_loss: mask {mask.shape} must match targets {targets.shape}")
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def weight_decay_mask(weights: GPTWeights):
+    """True for the leaves nanoGPT decays: matmul kernels (``w``, ``w_q`` ...) and tables.
+
+    The rule ``ndim >= 2`` does not fit these weights: the blocks' leaves carry a leading
+    layer axis (a layer-norm scale is ``[L, D]``) and attention biases are ``[N, H]``.
+    """
+
+    def decays(path, leaf):
+        name = getattr(path[-1], "name", getattr(path[-1], "key", ""))
+        return name == "table" or name == "w" or name.startswith("w_")
+
+    return jax.tree_util.tree_map_with_path(decays, weights)
+
+
+def init_cache(
+    config: GPTConfig, batch_size: int, max_len: int, dtype: jnp.dtype | str | None = None
+) -> KVCache:
+    """Allocate an empty KV cache: ``k, v: [L, B, max_len, K, H]`` zeros, ``index = 0``.
+
+    ``dtype`` defaults to the compute dtype. ``max_len`` may not exceed ``block_size``.
+    """
+    if not 0 < max_len <= config.block_size:
+        raise ValueError(
+            f"init_cache: max_len={max_len} must be in [1, block_size={config.block_size}]"
+        )
+    if batch_size <= 0:
+        raise ValueError(f"init_cache: batch_size must be positive, got {batch_size}")
+    dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
+    shape = (config.num_layers, batch_size, max_len, config.kv_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def gpt_decode(
+    weights: GPTWeights, tokens: Array, cache: KVCache, config: GPTConfig
+) -> tuple[Array, KVCache]:
+    """Run T new tokens at positions ``index .. index+T-1`` against a KV cache (no dropout).
+
+    Used to prefill a prompt in one pass (T = prompt length) and to decode one token per
+    step (T = 1); either way the logits equal those of ``gpt`` on the whole prefix.
+    Under ``jit`` the index is traced and not checked: the caller keeps ``index + T <= S``
+    (``dynamic_update_slice`` would otherwise clamp the write silently).
+
+    Args:
+      tokens: ``[B, T]`` ids.
+      cache: ``KVCache(k, v [L, B, S, K, H], index)``.
+
+    Returns:
+      ``(logits [B, T, V] float32, cache with the new k/v written and index + T)``.
+    """
+    tokens = jnp.asarray(tokens)
+    _check_tokens(tokens, config, "gpt_decode")
+    _, b, s, _, _ = cache.k.shape
+    t = tokens.shape[1]
+    if tokens.shape[0] != b or t > s:
+        raise ValueError(
+            f"gpt_decode: tokens {tokens.shape} do not fit a cache of batch {b} and length {s}"
+        )
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > s:
+        raise ValueError(
+            f"gpt_decode: writing T={t} tokens at index {int(cache.index)} overflows the "
+            f"cache length S={s}"
+        )
+    weights = _cast(weights, config.compute_dtype)
+    positions = cache.index + jnp.arange(t, dtype=jnp.int32)  # [T]
+    x = _embed(weights, tokens, positions, config)
+
+    def body(x, layer):
+        blk, k_layer, v_layer = layer
+        x, (k_layer, v_layer) = _block(
+            blk,
+            x,
+            positions,
+            config,
+            rng=None,
+            deterministic=True,
+            cache=(k_layer, v_layer, cache.index),
+        )
+        return x, (k_layer, v_layer)
+
+    x, (k, v) = jax.lax.scan(body, x, (weights.blocks, cache.k, cache.v))
+    return _logits(weights, x, config), KVCache(k, v, cache.index + t)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p")
+)
+def _generate_jit(weights, prompt, rng, config, max_new_tokens, temperature, top_k, top_p):
+    cache = init_cache(config, prompt.shape[0], prompt.shape[1] + max_new_tokens)
+    return decoding.generate(
+        lambda toks, c: gpt_decode(weights, toks, c, config),
+        cache,
+        prompt,
+        max_new_tokens,
+        rng=rng,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
+
+
+def generate(
+    weights: GPTWeights,
+    config: GPTConfig,
+    prompt: Array,
+    max_new_tokens: int,
+    *,
+    rng: Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Array:
+    """Continue ``prompt`` by ``max_new_tokens`` sampled tokens (temperature 0 = greedy).
+
+    Compiled once per (prompt shape, max_new_tokens, sampling settings, config): the prompt
+    is prefilled in one pass, then one token per ``lax.scan`` step against the KV cache.
+
+    Args:
+      prompt: ``[B, T0]`` ids; ``T0 + max_new_tokens <= block_size``.
+      rng: sampling key.
+
+    Returns:
+      ``[B, T0 + max_new_tokens]`` int32: the prompt followed by the new tokens.
+    """
+    prompt = jnp.asarray(prompt)
+    _check_tokens(prompt, config, "generate")
+    if prompt.shape[1] == 0:
+        raise ValueError(f"generate: the prompt must hold at least one token, got {prompt.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    total = prompt.shape[1] + max_new_tokens
+    if total > config.block_size:
+        raise ValueError(
+            f"generate: prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = "
+            f"{total} exceeds block_size={config.block_size}"
+        )
+    # Validate the sampling settings eagerly, before anything is traced.
+    decoding.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    return _generate_jit(
+        weights, prompt.astype(jnp.int32), rng, config, max_new_tokens, temperature, top_k, top_p
+    )

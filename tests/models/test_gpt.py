@@ -1,0 +1,495 @@
+"""Tests for jaxattn.models.gpt: config checks, init, a float64 NumPy reference, PyTorch parity
+(logits and gradients), causality, dropout, remat, bfloat16 and bad inputs."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattn.models.gpt import (
+    GPTConfig,
+    GPTWeights,
+    gpt,
+    gpt_loss,
+    init_gpt,
+    weight_decay_mask,
+)
+
+# Odd, distinct sizes: V=13, block=11, L=2, N=3, D=12 (H=4, even for rope), F=48.
+BASE = GPTConfig(vocab_size=13, block_size=11, num_layers=2, num_heads=3, embed_dim=12)
+GQA = dataclasses.replace(BASE, num_heads=4, num_kv_heads=2, embed_dim=20)  # H=5, K=2
+ROPE = dataclasses.replace(BASE, positions="rope")
+UNTIED = dataclasses.replace(BASE, tie_embeddings=False, use_bias=False)
+B, T = 2, 11  # T = block_size: the longest allowed context; one shape for every test
+
+STATIC = ("config", "deterministic")
+gpt_jit = jax.jit(gpt, static_argnames=STATIC)
+loss_jit = jax.jit(gpt_loss, static_argnames=STATIC)
+value_and_grad_jit = jax.jit(jax.value_and_grad(gpt_loss), static_argnames=STATIC)
+
+
+def key(seed: int) -> jax.Array:
+    """A PRNG key whose draws compile ~5x faster on CPU than threefry's (same semantics)."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def random_weights(config: GPTConfig, seed: int = 0) -> GPTWeights:
+    """Random weights of ``init_gpt``'s structure: every leaf noisy, so biases and norms matter.
+
+    Drawn with NumPy from ``jax.eval_shape(init_gpt)``: no init program to compile per config.
+    """
+    np_rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0  # layer-norm gains
+        return jnp.asarray(base + 0.3 * np_rng.standard_normal(shape.shape), jnp.float32)
+
+    shapes = jax.eval_shape(lambda key: init_gpt(key, config), jax.random.key(0))
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def tokens_for(config: GPTConfig, shape=(B, T), seed: int = 0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).integers(0, config.vocab_size, shape), jnp.int32)
+
+
+# --------------------------------------------------------------------------------------
+# float64 NumPy reference: an explicit loop over layers and heads.
+# --------------------------------------------------------------------------------------
+
+
+def np_layer_norm(x, scale, bias, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    y = (x - mu) / np.sqrt(var + eps) * scale
+    return y if bias is None else y + bias
+
+
+def np_gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def np_gelu_erf(x):
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def np_rope(x, base=10000.0):
+    """x: [B, T, H]; rotate-half RoPE at positions 0..T-1."""
+    h = x.shape[-1]
+    inv = base ** (-np.arange(0, h, 2) / h)  # [H/2]
+    theta = np.arange(x.shape[1])[:, None] * inv  # [T, H/2]
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
+    return np.concatenate(
+        [x1 * np.cos(theta) - x2 * np.sin(theta), x2 * np.cos(theta) + x1 * np.sin(theta)], -1
+    )
+
+
+def np_gpt(weights: GPTWeights, tokens, config: GPTConfig):
+    w = jax.tree.map(lambda a: np.asarray(a, np.float64), weights)
+    tokens = np.asarray(tokens)
+    t = tokens.shape[1]
+    n, k, h = config.num_heads, config.kv_heads, config.head_dim
+    x = w.token_embedding.table[tokens]  # [B, T, D]
+    if config.positions == "learned":
+        x = x + w.position_embedding.table[:t]
+    causal = np.tril(np.ones((t, t), bool))
+
+    def bias(b, *idx):
+        return 0.0 if b is None else b[idx]
+
+    for layer in range(config.num_layers):
+        blk = jax.tree.map(lambda a, layer=layer: a[layer], w.blocks)
+        a = blk.attn
+        hid = np_layer_norm(x, blk.ln1.scale, blk.ln1.bias)
+        out = np.zeros_like(x)
+        for head in range(n):
+            g = head // (n // k)  # the kv head this query head reads
+            q = hid @ a.w_q[:, head] + bias(a.b_q, head)  # [B, T, H]
+            key = hid @ a.w_k[:, g] + bias(a.b_k, g)
+            val = hid @ a.w_v[:, g] + bias(a.b_v, g)
+            if config.positions == "rope":
+                q, key = np_rope(q, config.rope_base), np_rope(key, config.rope_base)
+            s = q @ key.transpose(0, 2, 1) / math.sqrt(h)  # [B, T, T]
+            s = np.where(causal, s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            out += (p @ val) @ a.w_o[head]  # [B, T, D]
+        x = x + out + bias(a.b_o, slice(None))
+        hid = np_layer_norm(x, blk.ln2.scale, blk.ln2.bias)
+        act = np_gelu_tanh if config.gelu_approximate else np_gelu_erf
+        up = act(hid @ blk.mlp.up.w + bias(blk.mlp.up.b, slice(None)))
+        x = x + up @ blk.mlp.down.w + bias(blk.mlp.down.b, slice(None))
+    x = np_layer_norm(x, w.ln_f.scale, w.ln_f.bias)
+    return x @ (w.token_embedding.table.T if w.head is None else w.head.w)
+
+
+def np_cross_entropy(logits, targets):
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]  # [B, T]
+
+
+# --------------------------------------------------------------------------------------
+# Config and init
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (dict(embed_dim=13), "divisible"),
+        (dict(num_kv_heads=2), "num_kv_heads"),
+        (dict(num_kv_heads=0), "num_kv_heads"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(positions="sinusoidal"), "positions"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(num_layers=0), "num_layers"),
+        (dict(vocab_size=-1), "vocab_size"),
+        (dict(block_size=0), "block_size"),
+        (dict(num_heads=4, embed_dim=12, positions="rope"), "even head_dim"),  # H=3
+    ],
+)
+def test_config_validation(changes, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(BASE, **changes)
+
+
+def test_config_is_hashable_and_has_properties():
+    assert hash(BASE) == hash(dataclasses.replace(BASE))
+    assert {BASE: 1}[GPTConfig(13, 11, 2, 3, 12)] == 1
+    assert (GQA.head_dim, GQA.kv_heads, GQA.mlp_dim) == (5, 2, 80)
+    assert (BASE.kv_heads, jnp.dtype(BASE.compute_dtype)) == (3, jnp.float32)
+
+
+@pytest.mark.parametrize("config", [BASE, GQA, UNTIED], ids=["base", "gqa", "untied"])
+def test_param_shapes_and_count(config):
+    w = jax.eval_shape(lambda key: init_gpt(key, config), jax.random.key(0))
+    v, d, L, f = config.vocab_size, config.embed_dim, config.num_layers, config.mlp_dim
+    n, k, h = config.num_heads, config.kv_heads, config.head_dim
+    assert w.token_embedding.table.shape == (v, d)
+    assert w.position_embedding.table.shape == (config.block_size, d)
+    assert w.blocks.attn.w_q.shape == (L, d, n, h)
+    assert w.blocks.attn.w_k.shape == w.blocks.attn.w_v.shape == (L, d, k, h)
+    assert w.blocks.attn.w_o.shape == (L, n, h, d)
+    assert w.blocks.mlp.up.w.shape == (L, d, f)
+    assert w.blocks.mlp.down.w.shape == (L, f, d)
+    assert w.blocks.ln1.scale.shape == (L, d)
+    bias = config.use_bias
+    per_layer = (d * n * h + 2 * d * k * h + n * h * d) + 2 * d * f  # attention + mlp kernels
+    per_layer += bias * ((n + 2 * k) * h + d + f + d) + 2 * d * (1 + bias)  # biases, 2 norms
+    expected = v * d + config.block_size * d + L * per_layer + d * (1 + bias)
+    expected += 0 if config.tie_embeddings else d * v
+    assert sum(math.prod(a.shape) for a in jax.tree.leaves(w)) == expected
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(w))
+    assert (w.head is None) == config.tie_embeddings
+    assert (w.blocks.attn.b_q is None) == (not bias)
+
+
+def test_init_matches_nanogpt():
+    # Same shapes as BASE apart from the init-irrelevant fields: init compiles once for both.
+    config = dataclasses.replace(BASE, dropout=0.1, dtype="bfloat16", remat=True)
+    w = init_gpt(key(1), config)
+    resid_std = 0.02 / math.sqrt(2 * config.num_layers)  # 0.01: half the others
+    for arr, std in [
+        (w.token_embedding.table, 0.02),
+        (w.position_embedding.table, 0.02),
+        (w.blocks.attn.w_q, 0.02),
+        (w.blocks.attn.w_k, 0.02),
+        (w.blocks.mlp.up.w, 0.02),
+        (w.blocks.attn.w_o, resid_std),
+        (w.blocks.mlp.down.w, resid_std),
+    ]:
+        np.testing.assert_allclose(np.std(np.asarray(arr)), std, rtol=0.2)  # >= 144 samples each
+    for arr in (w.blocks.attn.b_q, w.blocks.attn.b_o, w.blocks.mlp.up.b, w.ln_f.bias):
+        np.testing.assert_array_equal(arr, 0.0)
+    np.testing.assert_array_equal(w.blocks.ln1.scale, 1.0)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(w))  # params stay float32
+    # vmap over split keys: every layer gets its own draw.
+    assert not np.allclose(w.blocks.attn.w_q[0], w.blocks.attn.w_q[1])
+    # Deterministic in the key.
+    np.testing.assert_array_equal(init_gpt(key(1), BASE).blocks.mlp.up.w, w.blocks.mlp.up.w)
+
+
+# --------------------------------------------------------------------------------------
+# Forward pass against the reference (scan over layers == explicit loop)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [BASE, GQA, ROPE, UNTIED, dataclasses.replace(BASE, gelu_approximate=False)],
+    ids=["base", "gqa", "rope", "untied", "erf-gelu"],
+)
+def test_matches_numpy_reference(config):
+    w = random_weights(config)
+    tokens = tokens_for(config)
+    logits = gpt_jit(w, tokens, config)
+    assert logits.shape == (B, T, config.vocab_size) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, np_gpt(w, tokens, config), atol=1e-4, rtol=1e-4)
+
+
+def test_vmap_over_a_leading_axis():
+    w = random_weights(BASE)
+    tokens = tokens_for(BASE, (3, B, T))
+    out = jax.vmap(lambda t: gpt(w, t, BASE))(tokens)
+    np.testing.assert_allclose(out[1], gpt_jit(w, tokens[1], BASE), atol=1e-5)
+
+
+def test_loss_matches_reference_with_and_without_mask():
+    w = random_weights(BASE)
+    tokens, targets = tokens_for(BASE, seed=1), tokens_for(BASE, seed=2)
+    ce = np_cross_entropy(np_gpt(w, tokens, BASE), targets)  # [B, T]
+    np.testing.assert_allclose(
+        value_and_grad_jit(w, tokens, targets, BASE)[0], ce.mean(), rtol=1e-4
+    )
+    mask = np.arange(T)[None, :] < np.array([[3], [8]])  # [B, T]
+    np.testing.assert_allclose(
+        loss_jit(w, tokens, targets, BASE, mask=mask), ce[mask].mean(), rtol=1e-4
+    )
+    empty = loss_jit(w, tokens, targets, BASE, mask=np.zeros((B, T), bool))
+    assert float(empty) == 0.0
+    with pytest.raises(ValueError, match="targets"):
+        gpt_loss(w, tokens, targets[:, :-1], BASE)
+    with pytest.raises(ValueError, match="mask"):
+        gpt_loss(w, tokens, targets, BASE, mask=mask[:, :-1])
+    with pytest.raises(ValueError, match="targets"):
+        gpt_loss(w, tokens, jnp.full((B, T), 13), BASE)
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch parity: a nanoGPT-style model with copied weights
+# --------------------------------------------------------------------------------------
+
+
+def _torch_gpt(config: GPTConfig):
+    torch = pytest.importorskip("torch")
+    nn, F = torch.nn, torch.nn.functional
+    d, n = config.embed_dim, config.num_heads
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
+            q, k, v = (z.view(b, t, n, c // n).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(config.vocab_size, d)
+            self.wpe = nn.Embedding(config.block_size, d)
+            self.h = nn.ModuleList([Block() for _ in range(config.num_layers)])
+            self.ln_f = nn.LayerNorm(d)
+
+        def forward(self, idx):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.h:
+                x = block(x)
+            return self.ln_f(x) @ self.wte.weight.T  # tied head
+
+    return torch, GPT()
+
+
+def _torch_params(model, w: GPTWeights, config: GPTConfig):
+    """Pairs (torch parameter, function mapping a GPTWeights-shaped tree to its torch layout)."""
+    d = config.embed_dim
+    pairs = [
+        (model.wte.weight, lambda t: t.token_embedding.table),
+        (model.wpe.weight, lambda t: t.position_embedding.table),
+        (model.ln_f.weight, lambda t: t.ln_f.scale),
+        (model.ln_f.bias, lambda t: t.ln_f.bias),
+    ]
+    for i, blk in enumerate(model.h):
+
+        def at(f, i=i):
+            return lambda t: np.asarray(f(t.blocks))[i]
+
+        qkv_w = lambda b: np.concatenate(
+            [
+                np.asarray(x).reshape(-1, d, d).transpose(0, 2, 1)
+                for x in (b.attn.w_q, b.attn.w_k, b.attn.w_v)
+            ],
+            1,
+        )
+        qkv_b = lambda b: np.concatenate(
+            [np.asarray(x).reshape(-1, d) for x in (b.attn.b_q, b.attn.b_k, b.attn.b_v)], 1
+        )
+        pairs += [
+            (blk.ln_1.weight, at(lambda b: b.ln1.scale)),
+            (blk.ln_1.bias, at(lambda b: b.ln1.bias)),
+            (blk.c_attn.weight, at(qkv_w)),
+            (blk.c_attn.bias, at(qkv_b)),
+            (
+                blk.c_proj.weight,
+                at(lambda b: np.asarray(b.attn.w_o).reshape(-1, d, d).transpose(0, 2, 1)),
+            ),
+            (blk.c_proj.bias, at(lambda b: b.attn.b_o)),
+            (blk.ln_2.weight, at(lambda b: b.ln2.scale)),
+            (blk.ln_2.bias, at(lambda b: b.ln2.bias)),
+            (blk.c_fc.weight, at(lambda b: np.asarray(b.mlp.up.w).transpose(0, 2, 1))),
+            (blk.c_fc.bias, at(lambda b: b.mlp.up.b)),
+            (blk.mlp_proj.weight, at(lambda b: np.asarray(b.mlp.down.w).transpose(0, 2, 1))),
+            (blk.mlp_proj.bias, at(lambda b: b.mlp.down.b)),
+        ]
+    return pairs
+
+
+def test_pytorch_parity_logits_and_gradients():
+    torch, model = _torch_gpt(BASE)
+    w = random_weights(BASE)
+    pairs = _torch_params(model, w, BASE)
+    assert len(pairs) == len(list(model.parameters()))
+    with torch.no_grad():
+        for param, to_torch in pairs:
+            param.copy_(torch.tensor(np.asarray(to_torch(w), np.float32)))
+    tokens, targets = tokens_for(BASE, seed=4), tokens_for(BASE, seed=5)
+
+    logits_t = model(torch.tensor(np.asarray(tokens), dtype=torch.long))
+    np.testing.assert_allclose(gpt_jit(w, tokens, BASE), logits_t.detach().numpy(), atol=2e-5)
+
+    loss_t = torch.nn.functional.cross_entropy(
+        logits_t.reshape(-1, BASE.vocab_size),
+        torch.tensor(np.asarray(targets), dtype=torch.long).reshape(-1),
+    )
+    loss_t.backward()
+    loss, grads = value_and_grad_jit(w, tokens, targets, BASE)
+    np.testing.assert_allclose(loss, loss_t.item(), rtol=1e-5)
+    for param, to_torch in pairs:
+        np.testing.assert_allclose(to_torch(grads), param.grad.numpy(), atol=2e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# Causality
+# --------------------------------------------------------------------------------------
+
+
+def test_causality_by_gradient():
+    """d logits[:, t] / d position_table[s] is exactly zero for every s > t."""
+    w = random_weights(BASE)
+    tokens = tokens_for(BASE)
+
+    def per_position(table, tokens):  # [T]: sum of the logits at each position
+        weights = w._replace(position_embedding=w.position_embedding._replace(table=table))
+        return jnp.sum(gpt(weights, tokens, BASE), axis=(0, 2))
+
+    jac = np.asarray(jax.jit(jax.jacrev(per_position))(w.position_embedding.table, tokens))
+    assert jac.shape == (T, BASE.block_size, BASE.embed_dim)
+    for t in range(T):
+        np.testing.assert_array_equal(jac[t, t + 1 :], 0.0)
+        assert np.all(np.abs(jac[t, : t + 1]).sum(-1) > 0)  # every past position matters
+
+
+@pytest.mark.parametrize("config", [GQA, ROPE], ids=["gqa", "rope"])
+def test_causality_by_changing_future_tokens(config):
+    w = random_weights(config)
+    tokens = tokens_for(config)
+    base = gpt_jit(w, tokens, config)
+    for t in (0, 4, T - 2):
+        changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 5) % config.vocab_size)
+        out = gpt_jit(w, changed, config)
+        np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-6)
+        assert not np.allclose(out[:, t + 1], base[:, t + 1], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# Dropout, remat, bfloat16
+# --------------------------------------------------------------------------------------
+
+
+def test_dropout():
+    config = dataclasses.replace(BASE, dropout=0.3)
+    w = random_weights(BASE)
+    tokens = tokens_for(config)
+    k1, k2 = key(1), key(2)
+    evaluate = gpt_jit(w, tokens, config)
+    np.testing.assert_allclose(evaluate, gpt_jit(w, tokens, config, rng=k1), atol=1e-6)
+    np.testing.assert_allclose(evaluate, gpt_jit(w, tokens, BASE), atol=1e-6)  # rate unused
+    train1 = gpt_jit(w, tokens, config, rng=k1, deterministic=False)
+    np.testing.assert_allclose(train1, gpt_jit(w, tokens, config, rng=k1, deterministic=False))
+    assert not np.allclose(train1, evaluate, atol=1e-3)
+    assert not np.allclose(
+        train1, gpt_jit(w, tokens, config, rng=k2, deterministic=False), atol=1e-3
+    )
+    with pytest.raises(ValueError, match="rng"):
+        gpt(w, tokens, config, deterministic=False)
+    # Rate 0 needs no key even in training mode.
+    np.testing.assert_allclose(gpt_jit(w, tokens, BASE, deterministic=False), evaluate, atol=1e-6)
+
+
+def test_remat_gives_same_loss_and_grads():
+    remat = dataclasses.replace(BASE, remat=True)
+    w = random_weights(BASE)
+    tokens, targets = tokens_for(BASE, seed=6), tokens_for(BASE, seed=7)
+    loss, grads = value_and_grad_jit(w, tokens, targets, BASE)
+    loss_r, grads_r = value_and_grad_jit(w, tokens, targets, remat)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+        np.testing.assert_allclose(g_r, g, atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_compute():
+    config = dataclasses.replace(BASE, dtype="bfloat16")
+    w = random_weights(BASE)
+    tokens, targets = tokens_for(BASE), tokens_for(BASE, seed=1)
+
+    def loss_and_logits(w, tokens, targets):
+        logits = gpt(w, tokens, config)
+        return gpt_loss(w, tokens, targets, config), logits
+
+    loss, logits = jax.jit(loss_and_logits)(w, tokens, targets)
+    assert logits.dtype == loss.dtype == jnp.float32
+    ref = np_gpt(w, tokens, BASE)
+    err = np.abs(np.asarray(logits) - ref).max()
+    assert err < 0.05 * np.abs(ref).max(), err  # bf16 keeps ~3 significant digits
+    assert 0 < err  # it really ran in bfloat16
+    np.testing.assert_allclose(loss, np_cross_entropy(ref, targets).mean(), rtol=0.05)
+    # Gradients reach the float32 params as float32 (shapes only: no backward to compile).
+    grads = jax.eval_shape(jax.grad(lambda *a: loss_and_logits(*a)[0]), w, tokens, targets)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+# --------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise():
+    w = random_weights(BASE)
+    with pytest.raises(ValueError, match=r"T=12.*block_size=11"):
+        gpt(w, jnp.zeros((1, 12), jnp.int32), BASE)
+    with pytest.raises(ValueError, match=r"\[0, 13\)"):
+        gpt(w, jnp.full((1, 3), 13), BASE)
+    with pytest.raises(ValueError, match=r"\[0, 13\)"):
+        gpt(w, jnp.array([[0, -1, 2]]), BASE)
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        gpt(w, jnp.zeros((5,), jnp.int32), BASE)
+    with pytest.raises(ValueError, match="integers"):
+        gpt(w, jnp.zeros((1, 3), jnp.float32), BASE)
+
+
+def test_weight_decay_groups_match_nanogpt():
+    v, t, d, n_layers = 65, 64, 128, 4
+    model = GPTConfig(
+        vocab_size=v, block_size=t, num_layers=n_layers, num_heads=4, embed_dim=d, use_bias=True
+    )
+    weights = jax.eval_shape(lambda: init_gpt(jax.random.key(0), model))
+    mask = weight_decay_mask(weights)
+    leaves = zip(jax.tree.leaves(weights), jax.tree.leaves(mask), strict=True)
+    sizes = [(int(np.prod(w.shape)), m) for w, m in leaves]
+    # nanoGPT decays every 2-D tensor: wte, wpe, and per layer c_attn, c_proj, c_fc, mlp.c_proj.
+    decayed = v * d + t * d + n_layers * (d * 3 * d + d * d + d * 4 * d + 4 * d * d)
+    # ... and not the 1-D ones: per layer ln_1 and ln_2 (weight, bias) and four biases, ln_f.
+    not_decayed = n_layers * (4 * d + 3 * d + d + 4 * d + d) + 2 * d
+    assert sum(size for size, m in sizes if m) == decayed
+    assert sum(size for size, m in sizes if not m) == not_decayed

@@ -1,0 +1,163 @@
+"""train/lm.py end to end, as a user runs it: a subprocess with the tiny config.
+
+Training runs take tens of seconds (mostly XLA compiling the GPT step), so they share one
+module-scoped run and are marked slow; the argument errors fail before any compile.
+"""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxattn.training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "train" / "lm.py"
+TINY = REPO / "train" / "configs" / "tiny.py"
+
+
+CACHE = {}  # The module's JAX compilation cache dir: later runs reuse compiled steps.
+
+
+def run_lm(*args, check=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if "dir" in CACHE:
+        env |= {
+            "JAX_COMPILATION_CACHE_DIR": str(CACHE["dir"]),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        }
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), f"--config={TINY}", "--noprogress", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lm.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def snapshot(directory):
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def saved_state(workdir, step):
+    """The raw saved TrainState of a step, restored without a target (nested dicts)."""
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 8-step tiny run: (workdir, completed process)."""
+    CACHE["dir"] = tmp_path_factory.mktemp("jax_cache")
+    workdir = tmp_path_factory.mktemp("lm") / "run"
+    return workdir, run_lm(f"--workdir={workdir}", "--sample_tokens=12", "--num_samples=2")
+
+
+@pytest.mark.slow
+def test_training_writes_metrics_checkpoints_and_samples(trained):
+    workdir, proc = trained
+    records = read_metrics(workdir / "metrics.jsonl")
+    for r in records:
+        assert "step" in r and "tokens_per_s" in r and ("train_loss" in r or "val_loss" in r)
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert sorted(val) == [0, 4, 8]
+    assert val[8] < val[0]  # ~ln(65) = 4.17 at step 0.
+    assert max(r["step"] for r in records if "train_loss" in r) == 8
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4, 8]
+    assert (workdir / "tb").is_dir()
+    assert "step 8: train loss" in proc.stdout
+    assert "---------- sample 0 ----------" in proc.stdout
+    assert "---------- sample 1 ----------" in proc.stdout
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted_run(trained, tmp_path):
+    workdir, _ = trained
+    # A run killed after its step-4 checkpoint: the same workdir without step 8.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "8")
+    proc = run_lm(f"--workdir={resumed}", "--num_samples=0")
+    assert f"Resumed from {resumed / 'checkpoints' / '4'}" in proc.stdout
+    assert "sample 0" not in proc.stdout
+    a, b = saved_state(resumed, 8), saved_state(workdir, 8)
+    assert int(a["step"]) == 8
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_sample_only_loads_the_latest_checkpoint(trained):
+    workdir, _ = trained
+    proc = run_lm(
+        f"--workdir={workdir}", "--sample_only", "--prompt=ROMEO:", "--num_samples=3",
+        "--sample_tokens=20",
+    )  # fmt: skip
+    assert f"Sampling from {workdir / 'checkpoints' / '8'}" in proc.stdout
+    samples = proc.stdout.split("---------- sample ")[1:]
+    assert len(samples) == 3
+    for i, sample in enumerate(samples):
+        header, text = sample.split("\n", 1)
+        assert header == f"{i} ----------"
+        assert text.startswith("ROMEO:") and len(text.rstrip("\n")) <= 26
+
+
+@pytest.mark.slow
+def test_sample_prompt_with_unknown_character(trained):
+    workdir, _ = trained
+    proc = run_lm(f"--workdir={workdir}", "--sample_only", "--prompt=€uro", check=False)
+    assert proc.returncode == 1
+    assert "'€' at position 0 is not in the vocabulary" in proc.stderr
+
+
+@pytest.mark.slow
+def test_incompatible_checkpoint_is_an_error_and_nothing_is_overwritten(trained):
+    workdir, _ = trained
+    before = snapshot(workdir / "checkpoints")
+    proc = run_lm(f"--workdir={workdir}", "--config.model.embed_dim=32", check=False)
+    assert proc.returncode == 1
+    assert "is incompatible: leaf 'params/token_embedding/table'" in proc.stderr
+    assert "(65, 16)" in proc.stderr and "(65, 32)" in proc.stderr
+    assert snapshot(workdir / "checkpoints") == before
+
+
+def _load_lm_module():
+    spec = importlib.util.spec_from_file_location("lm_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # Defines the script's absl flags once in this process.
+    return module
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    proc = run_lm(f"--workdir={tmp_path}", "--config.num_stepz=3", check=False)
+    assert proc.returncode == 2
+    assert "unknown config key 'num_stepz' in --config.num_stepz=3" in proc.stderr
+    assert "did you mean 'num_steps'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_data_file_is_an_error(tmp_path):
+    missing = tmp_path / "no_such_text.txt"
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", f"--config.data_path={missing}", check=False)
+    assert proc.returncode == 1
+    assert f"text data file not found: '{missing}'" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,60 @@
+"""nanoGPT's CPU Shakespeare run: a 4-layer character GPT, 2000 steps (~0.8M parameters).
+
+Same settings as nanoGPT's README command for a CPU
+(``config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
+--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
+--max_iters=2000 --lr_decay_iters=2000 --dropout=0.0``), which reaches val loss ~1.88.
+
+    python train/lm.py --config=train/configs/shakespeare_char_cpu.py --workdir=DIR
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Data.
+    config.data_path = ""  # UTF-8 text file; "" = the bundled tinyshakespeare (jaxattn/data).
+    config.train_fraction = 0.9  # First 90% of the characters train, the last 10% validate.
+
+    # Model: GPTConfig fields (vocab_size comes from the data).
+    config.model = ml_collections.ConfigDict()
+    config.model.num_layers = 4  # n_layer
+    config.model.num_heads = 4  # n_head
+    config.model.embed_dim = 128  # n_embd
+    config.model.block_size = 64  # Context length = training window T.
+    config.model.mlp_ratio = 4  # MLP width = 4 * embed_dim.
+    config.model.dropout = 0.0  # No dropout for this small, short run.
+    config.model.use_bias = False  # nanoGPT train.py's default (bias=False), not overridden.
+    config.model.gelu_approximate = False  # nanoGPT's MLP uses nn.GELU(): the exact erf form.
+    config.model.positions = "learned"  # GPT-2 learned position table.
+    config.model.tie_embeddings = True  # Output layer = token embedding (weight tying).
+    config.model.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators).
+    config.model.remat = False  # Recompute block activations in the backward pass.
+
+    # Batches.
+    config.batch_size = 12  # Windows per microbatch.
+    config.grad_accum_steps = 1  # Microbatches per optimizer step (batch = 12 * 1).
+
+    # Optimizer: AdamW, warmup + cosine (nanoGPT's get_lr), decay on matrices only.
+    config.learning_rate = 1e-3  # Peak learning rate.
+    config.min_lr = 1e-4  # Final learning rate (learning_rate / 10).
+    config.warmup_steps = 100  # Linear warmup steps (warmup_iters).
+    config.lr_decay_steps = 2000  # Cosine reaches min_lr here (lr_decay_iters).
+    config.b1 = 0.9  # Adam beta1.
+    config.b2 = 0.99  # Adam beta2 (higher than GPT-2's 0.95: few tokens per step).
+    config.weight_decay = 0.1  # Decoupled weight decay on matrices and embeddings.
+    config.grad_clip = 1.0  # Global gradient-norm clip (0 disables).
+
+    # Loop.
+    config.num_steps = 2000  # Optimizer steps (max_iters).
+    config.eval_every = 250  # Evaluate every N steps (eval_interval), and at 0 and the end.
+    config.eval_batches = 20  # Validation batches per evaluation (eval_iters).
+    config.log_every = 10  # Write train metrics every N steps.
+    config.checkpoint_every = 250  # Save every N steps (and at the end, on improvement, SIGTERM).
+    config.max_to_keep = 3  # Latest checkpoints kept, plus the best by val loss.
+    config.keep_best = True  # Also save whenever val loss improves; keep the best.
+    config.async_checkpointing = True  # Write checkpoints in the background.
+    config.seed = 1337  # Initialisation, dropout and batch sampling.
+    return config

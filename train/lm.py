@@ -1,0 +1,231 @@
+"""Train a character-level GPT on tinyshakespeare (or any text file), or sample from one.
+
+    python train/lm.py --config=train/configs/shakespeare_char_cpu.py --workdir=DIR
+    python train/lm.py --config=... --config.num_steps=500 --config.eval_every=100
+    python train/lm.py --workdir=DIR --sample_only --prompt="ROMEO:" --num_samples=3
+
+Training shows a progress bar, evaluates, writes ``DIR/metrics.jsonl`` and TensorBoard
+events in ``DIR/tb/``, checkpoints to ``DIR/checkpoints/<step>/``, and prints samples at the
+end. Running it again with the same ``--workdir`` resumes from the latest checkpoint
+(bitwise the same run as an uninterrupted one); SIGTERM or Ctrl-C saves and exits. The
+default workdir is ``workdirs/<config file name>``.
+
+Samples longer than the context are generated in windows: each window prefills the last
+``block_size // 2`` characters and samples up to ``block_size`` (nanoGPT instead crops the
+context to the last ``block_size`` characters at every token, without a KV cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt, weight_decay_mask
+from jaxattn.training import data
+from jaxattn.training.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpointError
+from jaxattn.training.loop import (
+    LoopConfig,
+    NonFiniteLossError,
+    fit,
+    make_eval_step,
+    make_train_step,
+)
+from jaxattn.training.optim import optimizer_from_config
+from jaxattn.training.state import create_train_state
+
+_DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "shakespeare_char_cpu.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default workdirs/<config>).")
+_SAMPLE_ONLY = flags.DEFINE_bool("sample_only", False, "Only sample from the latest checkpoint.")
+_PROMPT = flags.DEFINE_string("prompt", "\n", "Text the samples continue.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Samples to print (0: none).")
+_SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 500, "Characters per sample.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).")
+_TOP_K = flags.DEFINE_integer("top_k", 200, "Sample among the k most likely characters.")
+_SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "Seed for sampling.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def make_loss_fn(model: GPTConfig):
+    """``loss_fn(params, batch, rng)`` for the loop: dropout iff a key is given."""
+
+    def loss_fn(params, batch, rng):
+        loss = gpt_loss(
+            params, batch["inputs"], batch["targets"], model, rng=rng, deterministic=rng is None
+        )
+        return loss, {}
+
+    return loss_fn
+
+
+def sample_text(params, model: GPTConfig, tokenizer: data.CharTokenizer, *, rng) -> list[str]:
+    """Continue ``--prompt`` by ``--sample_tokens`` characters, ``--num_samples`` times."""
+    if not _PROMPT.value:
+        raise ValueError("--prompt must hold at least one character")
+    prompt = tokenizer.encode(_PROMPT.value)
+    out = np.tile(prompt, (_NUM_SAMPLES.value, 1))  # [B, T0]
+    keep = max(1, model.block_size // 2)
+    top_k = min(_TOP_K.value, model.vocab_size) if _TOP_K.value > 0 else None
+    produced = 0
+    while produced < _SAMPLE_TOKENS.value:
+        context = out[:, -keep:]  # [B, <= keep]
+        new = model.block_size - context.shape[1]
+        rng, key = jax.random.split(rng)
+        window = generate(
+            params, model, context, new, rng=key, temperature=_TEMPERATURE.value, top_k=top_k
+        )
+        out = np.concatenate([out, np.asarray(window)[:, context.shape[1] :]], axis=1)
+        produced += new
+    out = out[:, : len(prompt) + _SAMPLE_TOKENS.value]
+    return [tokenizer.decode(row) for row in out]
+
+
+def print_samples(params, model, tokenizer, seed: int) -> None:
+    for i, text in enumerate(sample_text(params, model, tokenizer, rng=jax.random.key(seed))):
+        print(f"---------- sample {i} ----------\n{text}")
+
+
+def _abstract_state(model: GPTConfig, config: ml_collections.ConfigDict):
+    optimizer, _ = optimizer_from_config(config, decay_mask=weight_decay_mask)
+    return jax.eval_shape(
+        lambda: create_train_state(init_gpt(jax.random.key(0), model), optimizer, jax.random.key(0))
+    )
+
+
+def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    text = data.load_text(config.data_path)
+    tokenizer = data.CharTokenizer.from_text(text)
+    ids = tokenizer.encode(text)
+    train_ids, val_ids = data.train_val_split(ids, config.train_fraction)
+    model = GPTConfig(vocab_size=tokenizer.vocab_size, **config.model.to_dict())
+    _check_workdir_vocabulary(workdir, tokenizer)
+
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    params = jax.jit(init_gpt, static_argnums=1)(init_rng, model)  # One compile, not per op.
+    optimizer, schedule = optimizer_from_config(config, decay_mask=weight_decay_mask)
+    state = create_train_state(params, optimizer, train_rng)
+    loss_fn = make_loss_fn(model)
+    rows = config.batch_size * config.grad_accum_steps
+    train_ds = data.lm_dataset(
+        train_ids, batch_size=rows, seq_len=model.block_size, seed=config.seed,
+        vocab_size=tokenizer.vocab_size,
+    )  # fmt: skip
+    val_ds = data.lm_dataset(
+        val_ids, batch_size=config.batch_size, seq_len=model.block_size, seed=config.seed + 1,
+        vocab_size=tokenizer.vocab_size,
+    )  # fmt: skip
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(
+        f"data: {len(text):,} characters, vocabulary {tokenizer.vocab_size}, "
+        f"train {len(train_ids):,} / val {len(val_ids):,}\n"
+        f"model: GPT {model.num_layers} layers, {model.num_heads} heads, width "
+        f"{model.embed_dim}, context {model.block_size}: {n_params / 1e6:.2f}M parameters\n"
+        f"workdir: {workdir}",
+        flush=True,
+    )
+    result = fit(
+        state,
+        make_train_step(
+            loss_fn, optimizer, grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule
+        ),
+        data.batch_iterator(train_ds),
+        workdir=workdir,
+        loop=LoopConfig.from_config(config, progress=_PROGRESS.value),
+        eval_step=make_eval_step(loss_fn),
+        eval_data=lambda: data.batch_iterator(val_ds),
+        tokens_per_step=rows * model.block_size,
+        metadata={
+            "config": config.to_dict(),
+            "model": dataclasses.asdict(model),
+            "vocab": tokenizer.chars,
+        },
+    )
+    if result.interrupted:
+        print(f"Stopped at step {result.step}; run the same command again to resume.")
+        return
+    val_loss = result.last_eval.get("val_loss", float("nan"))
+    print(f"Done: step {result.step}, val loss {val_loss:.4f}")
+    if _NUM_SAMPLES.value > 0:
+        print_samples(result.state.params, model, tokenizer, _SAMPLE_SEED.value)
+
+
+def _check_workdir_vocabulary(workdir: Path, tokenizer: data.CharTokenizer) -> None:
+    """A checkpoint trained on other characters would decode wrongly even if shapes match."""
+    ckpt_dir = workdir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return
+    with Checkpointer(ckpt_dir, read_only=True) as ckpt:
+        if ckpt.latest_step() is None:
+            return
+        saved = ckpt.read_metadata().get("vocab")
+    if saved is not None and saved != tokenizer.chars:
+        raise IncompatibleCheckpointError(
+            f"{ckpt_dir} was trained on a different character vocabulary "
+            f"({len(saved)} characters, this data has {tokenizer.vocab_size}); nothing was "
+            f"restored or overwritten. Use another --workdir."
+        )
+
+
+def sample(workdir: Path) -> None:
+    """Load the latest checkpoint in ``workdir`` and print samples."""
+    with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
+        meta = ckpt.read_metadata()
+        config = ml_collections.ConfigDict(meta["config"])
+        model = GPTConfig(**meta["model"])
+        state, _ = ckpt.restore(_abstract_state(model, config))
+    print(f"Sampling from {ckpt.step_dir(int(state.step))}")
+    print_samples(state.params, model, data.CharTokenizer(meta["vocab"]), _SAMPLE_SEED.value)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
+    workdir = _WORKDIR.value
+    if workdir is None:
+        config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+        workdir = Path("workdirs") / Path(config_file).stem
+    workdir = Path(workdir)
+    try:
+        if _SAMPLE_ONLY.value:
+            sample(workdir)
+        else:
+            train(config, workdir)
+    except (
+        FileNotFoundError, ValueError, CheckpointError, IncompatibleCheckpointError,
+        NonFiniteLossError,
+    ) as e:  # fmt: skip
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a clear message for an unknown ``--config.<key>`` override."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # How ml_collections reports an unknown field.
+        message = re.sub(r"\\+", "", str(e))  # The key arrives quoted and escaped.
+        key = re.search(r"'(\w+)'", message)
+        key = key.group(1) if key else message
+        hint = re.search(r'Did you mean "(\w+)"', message)
+        overrides = [a for a in argv if a.startswith("--config.") and key in a]
+        print(
+            f"error: unknown config key {key!r} in {overrides[0] if overrides else argv}"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
