@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxattn.models import decoding
 from jaxattn.ops.attention import (
@@ -48,6 +47,7 @@ from jaxattn.ops.layers import (
     layer_norm,
     unembed,
 )
+from jaxattn.ops.losses import cross_entropy
 from jaxattn.ops.positions import (
     LearnedPositionWeights,
     apply_rope,
@@ -414,15 +414,10 @@ def gpt_loss(
     if targets.shape != jnp.shape(tokens):
         raise ValueError(f"gpt_loss: targets {targets.shape} must match tokens {jnp.shape(tokens)}")
     check_token_ids(targets, config.vocab_size, "gpt_loss: targets")
+    if mask is not None and jnp.shape(mask) != targets.shape:
+        raise ValueError(f"gpt_loss: mask {jnp.shape(mask)} must match targets {targets.shape}")
     logits = gpt(weights, tokens, config, rng=rng, deterministic=deterministic)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
-    if mask is None:
-        return jnp.mean(losses)
-    mask = jnp.asarray(mask)
-    if mask.shape != targets.shape:
-        raise ValueError(f"gpt_loss: mask {mask.shape} must match targets {targets.shape}")
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return cross_entropy(logits, targets, mask)
 
 
 def weight_decay_mask(weights: GPTWeights):

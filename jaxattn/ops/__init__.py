@@ -45,6 +45,7 @@ from jaxattn.ops.layers import (
     swiglu,
     unembed,
 )
+from jaxattn.ops.losses import cross_entropy
 from jaxattn.ops.lstm import (
     BidirectionalWeights,
     LSTMWeights,
@@ -92,6 +93,7 @@ __all__ = [
     "causal_mask",
     "check_token_ids",
     "combine_masks",
+    "cross_entropy",
     "dense",
     "dot_product_attention",
     "dot_scores",

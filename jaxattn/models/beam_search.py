@@ -1,0 +1,278 @@
+"""Greedy decoding and beam search for any autoregressive model, fixed shapes, jit-able.
+
+Shape glossary: B batch, k beams (``beam_size``), L ``max_len`` generated tokens, V vocab,
+R rows fed to the model (B for greedy, B*k for beam search).
+
+A model plugs in through a *step function* closed over its weights (and encoder outputs)::
+
+    step_fn(tokens [R], state) -> (log_probs [R, V], state)
+
+It feeds one token per row (BOS first, then the token chosen at the previous step) and
+returns the next token's log-probabilities and its updated state (LSTM carry, KV cache).
+``state`` is any pytree whose leaves have the batch on axis ``state_batch_axis`` (leaves
+of lower rank, e.g. a cache's scalar write index, are shared by all rows). In beam search
+row ``b*k + j`` is beam j of sentence b: beam search repeats ``init_state`` k times and
+gathers state rows by beam index with ``gather_rows`` after every step.
+
+Beam search scores a hypothesis ``y`` of ``|y|`` tokens (EOS included) with the GNMT
+length penalty (Wu et al., 2016, "Google's Neural Machine Translation System")::
+
+    score(y) = log P(y) / lp(y),   lp(y) = ((5 + |y|) / 6) ** alpha
+
+Each step extends the k live hypotheses by every token. An EOS extension that ranks among
+the step's top k candidates (by log P) ends: it leaves the beam with its score and never
+grows again. The top k non-EOS extensions stay alive, so the beam stays full. A sentence
+is done once it holds k ended hypotheses (as fairseq and Hugging Face's
+``early_stopping=True``; a longer hypothesis could in principle still have scored higher
+under ``alpha > 0``); hypotheses still alive after L tokens end there without EOS. With
+``beam_size=1`` this is exactly ``greedy_decode``. Output sequences exclude BOS, hold EOS
+when one was chosen, and are ``pad_id`` after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+State = Any
+StepFn = Callable[[Array, State], tuple[Array, State]]
+
+
+class BeamSearchResult(NamedTuple):
+    """Beam search output, best first.
+
+    ``sequences: [B, L]`` and ``scores: [B]`` (the best hypothesis per sentence),
+    ``beam_sequences: [B, k, L]`` and ``beam_scores: [B, k]`` (all k, descending score).
+    """
+
+    sequences: Array
+    scores: Array
+    beam_sequences: Array
+    beam_scores: Array
+
+
+def gnmt_length_penalty(length: Array, alpha: float) -> Array:
+    """GNMT length penalty ``((5 + length) / 6) ** alpha`` in float32 (Wu et al., 2016)."""
+    return ((5.0 + jnp.asarray(length).astype(jnp.float32)) / 6.0) ** alpha
+
+
+def forbid_tokens(logits: Array, token_ids: tuple[int, ...]) -> Array:
+    """Set ``logits[:, id] = -inf`` for each id (e.g. pad and BOS, which are never generated).
+
+    Args:
+      logits: ``[R, V]`` logits or log-probabilities.
+      token_ids: static ids to forbid.
+
+    Returns:
+      ``[R, V]`` float32.
+    """
+    logits = logits.astype(jnp.float32)
+    return logits.at[:, jnp.asarray(token_ids, jnp.int32)].set(-jnp.inf) if token_ids else logits
+
+
+def gather_rows(tree: State, indices: Array, *, axis: int = 0) -> State:
+    """Select rows ``indices`` along ``axis`` of every leaf with more than ``axis`` dims.
+
+    ``out = x.take(indices, axis)``; leaves of rank ``<= axis`` (shared scalars) pass through.
+
+    Args:
+      tree: a pytree of arrays.
+      indices: ``[R']`` integer row indices.
+      axis: the batch axis of the leaves.
+
+    Returns:
+      The tree with ``R'`` rows on ``axis``.
+    """
+    return jax.tree.map(
+        lambda x: jnp.take(x, indices, axis=axis) if jnp.ndim(x) > axis else x, tree
+    )
+
+
+def _check_step(
+    step_fn: StepFn, tokens: Array, state: State, where: str, state_batch_axis: int
+) -> int:
+    """Trace ``step_fn`` once (no FLOPs) and return V after checking its output shapes."""
+    rows = tokens.shape[0]
+    for leaf in jax.tree.leaves(state):
+        if jnp.ndim(leaf) > state_batch_axis and jnp.shape(leaf)[state_batch_axis] != rows:
+            raise ValueError(
+                f"{where}: a state leaf of shape {jnp.shape(leaf)} has no {rows} rows on "
+                f"state_batch_axis={state_batch_axis}"
+            )
+    log_probs, new_state = jax.eval_shape(step_fn, tokens, state)
+    if len(log_probs.shape) != 2 or log_probs.shape[0] != rows or log_probs.shape[1] < 2:
+        raise ValueError(
+            f"{where}: step_fn must return log_probs [R={rows}, V >= 2], got {log_probs.shape}"
+        )
+    before = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), state)
+    after = jax.tree.map(lambda x: (x.shape, x.dtype), new_state)
+    if jax.tree.structure(before) != jax.tree.structure(after) or jax.tree.leaves(
+        before
+    ) != jax.tree.leaves(after):
+        raise ValueError(f"{where}: step_fn changed the state's structure, shapes or dtypes")
+    return log_probs.shape[1]
+
+
+def _first_tokens(
+    batch_size: int, max_len: int, bos_id: int | Array, eos_id: int, where: str
+) -> Array:
+    """Check the arguments; return the first tokens fed, ``[B]`` int32."""
+    if batch_size < 1 or max_len < 1:
+        raise ValueError(
+            f"{where}: batch_size and max_len must be >= 1, got {batch_size} and {max_len}"
+        )
+    if eos_id < 0:
+        raise ValueError(f"{where}: eos_id must be >= 0, got {eos_id}")
+    bos = jnp.asarray(bos_id)
+    if bos.shape not in ((), (batch_size,)) or not jnp.issubdtype(bos.dtype, jnp.integer):
+        raise ValueError(
+            f"{where}: bos_id must be an int or [B={batch_size}] ints, got {bos.shape}"
+        )
+    return jnp.broadcast_to(bos.astype(jnp.int32), (batch_size,))
+
+
+def greedy_decode(
+    step_fn: StepFn,
+    init_state: State,
+    batch_size: int,
+    *,
+    max_len: int,
+    bos_id: int | Array,
+    eos_id: int,
+    pad_id: int = 0,
+    state_batch_axis: int = 0,
+) -> Array:
+    """Decode by taking the most likely token at every step: ``y_t = argmax log P(y_t | y_<t)``.
+
+    Stops early (``lax.while_loop``) once every row has produced EOS.
+
+    Args:
+      step_fn: ``(tokens [B], state) -> (log_probs [B, V], state)``; logits work too.
+      init_state: the state for the BOS step, B rows on ``state_batch_axis``.
+      batch_size: B.
+      max_len: L, the most tokens generated per row (EOS included).
+      bos_id: the first token fed: an int, or ``[B]`` ints (e.g. each prompt's last token
+        after prefilling a language model's cache with the rest).
+      eos_id, pad_id: special token ids.
+      state_batch_axis: the axis of the state's leaves that holds the rows.
+
+    Returns:
+      ``[B, L]`` int32 tokens (no BOS), ``pad_id`` after a row's EOS.
+    """
+    tokens = _first_tokens(batch_size, max_len, bos_id, eos_id, "greedy_decode")
+    _check_step(step_fn, tokens, init_state, "greedy_decode", state_batch_axis)
+    out = jnp.full((batch_size, max_len), pad_id, jnp.int32)
+    done = jnp.zeros((batch_size,), bool)
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < max_len) & ~jnp.all(done)
+
+    def body(carry):
+        i, out, last, done, state = carry
+        log_probs, state = step_fn(last, state)
+        token = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)  # [B]
+        token = jnp.where(done, pad_id, token)
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+        return i + 1, out, token, done | (token == eos_id), state
+
+    carry = (jnp.zeros((), jnp.int32), out, tokens, done, init_state)
+    return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def beam_search(
+    step_fn: StepFn,
+    init_state: State,
+    batch_size: int,
+    *,
+    beam_size: int,
+    max_len: int,
+    bos_id: int | Array,
+    eos_id: int,
+    length_penalty: float = 0.6,
+    pad_id: int = 0,
+    state_batch_axis: int = 0,
+) -> BeamSearchResult:
+    """Find high-scoring sequences with a beam of ``beam_size`` hypotheses per sentence.
+
+    ``score(y) = log P(y) / ((5 + |y|) / 6) ** alpha`` (GNMT); see the module docstring for
+    how hypotheses end. One ``lax.while_loop`` over at most L steps with fixed shapes.
+
+    Args:
+      step_fn: ``(tokens [B*k], state) -> (log_probs [B*k, V], state)``; must return
+        normalised log-probabilities (e.g. ``jax.nn.log_softmax(logits)``).
+      init_state: the state for the BOS step with B rows on ``state_batch_axis``; it is
+        repeated to B*k rows (row ``b*k + j`` = sentence b, beam j).
+      batch_size: B.
+      beam_size: k >= 1.
+      max_len: L, the most tokens per hypothesis (EOS included).
+      bos_id: the first token fed: an int or ``[B]`` ints (see ``greedy_decode``).
+      eos_id, pad_id: special token ids.
+      length_penalty: alpha >= 0 (0 = rank by log P; GNMT uses 0.6 to 1).
+      state_batch_axis: the axis of the state's leaves that holds the rows.
+
+    Returns:
+      ``BeamSearchResult(sequences [B, L], scores [B], beam_sequences [B, k, L],
+      beam_scores [B, k])``, int32 tokens (no BOS, ``pad_id`` after EOS) and float32
+      scores, best first.
+    """
+    first = _first_tokens(batch_size, max_len, bos_id, eos_id, "beam_search")
+    if beam_size < 1:
+        raise ValueError(f"beam_search: beam_size must be >= 1, got {beam_size}")
+    if not length_penalty >= 0.0:
+        raise ValueError(f"beam_search: length_penalty must be >= 0, got {length_penalty}")
+    b, k, steps = batch_size, beam_size, max_len
+    neg_inf = jnp.float32(-jnp.inf)
+    state = gather_rows(init_state, jnp.repeat(jnp.arange(b), k), axis=state_batch_axis)
+    last = jnp.repeat(first, k)  # [B*k]
+    vocab = _check_step(step_fn, last, state, "beam_search", state_batch_axis)
+    if eos_id >= vocab:
+        raise ValueError(f"beam_search: eos_id={eos_id} is outside the vocabulary V={vocab}")
+    seqs = jnp.full((b, k, steps), pad_id, jnp.int32)
+    # Only beam 0 is live at first, so the k beams do not all extend the same BOS.
+    alive_logp = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg_inf), (b, 1))  # [B, k]
+    ended_scores = jnp.full((b, k), neg_inf)
+    rows = jnp.arange(b)[:, None]  # [B, 1]
+
+    def done(ended_scores):
+        return jnp.all(jnp.isfinite(ended_scores), axis=1)  # [B]: k hypotheses have ended
+
+    def cond(carry):
+        i, _, _, _, ended_scores, _, _ = carry
+        return (i < steps) & ~jnp.all(done(ended_scores))
+
+    def body(carry):
+        i, alive_seqs, alive_logp, ended_seqs, ended_scores, last, state = carry
+        log_probs, state = step_fn(last, state)
+        logp = alive_logp[:, :, None] + log_probs.astype(jnp.float32).reshape(b, k, vocab)
+        # Hypotheses that end now: EOS extensions among the top k of all k*V candidates.
+        top_logp, top_idx = jax.lax.top_k(logp.reshape(b, k * vocab), k)  # [B, k]
+        top_beam, top_token = top_idx // vocab, top_idx % vocab
+        eos_seqs = alive_seqs[rows, top_beam].at[:, :, i].set(eos_id)  # [B, k, L]
+        eos_scores = top_logp / gnmt_length_penalty(i + 1, length_penalty)
+        eos_scores = jnp.where(top_token == eos_id, eos_scores, neg_inf)
+        # The k best non-EOS extensions stay alive, so the beam stays full.
+        grow = logp.at[:, :, eos_id].set(neg_inf).reshape(b, k * vocab)
+        alive_logp, grow_idx = jax.lax.top_k(grow, k)  # [B, k]
+        beam, token = grow_idx // vocab, grow_idx % vocab
+        alive_seqs = alive_seqs[rows, beam].at[:, :, i].set(token)  # [B, k, L]
+        # After the last step the live hypotheses end too, without EOS.
+        cut_scores = alive_logp / gnmt_length_penalty(steps, length_penalty)
+        cut_scores = jnp.where(i == steps - 1, cut_scores, neg_inf)
+        # A done sentence takes no more hypotheses; the k best of old and new ones stay.
+        frozen = done(ended_scores)[:, None]  # [B, 1]
+        new_scores = jnp.where(frozen, neg_inf, jnp.concatenate([eos_scores, cut_scores], 1))
+        pool_scores = jnp.concatenate([ended_scores, new_scores], axis=1)  # [B, 3k]
+        pool_seqs = jnp.concatenate([ended_seqs, eos_seqs, alive_seqs], axis=1)  # [B, 3k, L]
+        ended_scores, keep = jax.lax.top_k(pool_scores, k)  # [B, k], descending
+        ended_seqs = pool_seqs[rows, keep]  # [B, k, L]
+        state = gather_rows(state, (rows * k + beam).reshape(-1), axis=state_batch_axis)
+        return i + 1, alive_seqs, alive_logp, ended_seqs, ended_scores, token.reshape(-1), state
+
+    carry = (jnp.zeros((), jnp.int32), seqs, alive_logp, seqs, ended_scores, last, state)
+    _, _, _, ended_seqs, ended_scores, _, _ = jax.lax.while_loop(cond, body, carry)
+    return BeamSearchResult(ended_seqs[:, 0], ended_scores[:, 0], ended_seqs, ended_scores)

@@ -1,0 +1,456 @@
+"""LSTM encoder–decoder with optional attention: the "let's go" -> "vamos" model.
+
+Shape glossary: B batch, S source time, T target time, E embedding dim, h LSTM hidden
+size, L layers, V target vocab.
+
+The encoder (Sutskever et al., 2014, "Sequence to Sequence Learning with Neural
+Networks") reads the embedded source with a stacked, optionally bidirectional LSTM; the
+decoder LSTM starts from the encoder's final state and is fed its previous target token.
+Without attention that final state is the whole message. With attention (Luong et al.,
+2015, "Effective Approaches to Attention-based Neural Machine Translation") each decoder
+output ``h_t`` scores every encoder output ``m_s`` (dot, general or additive), and::
+
+    a_t = softmax_s(score(h_t, m_s))         # zero on source padding
+    c_t = sum_s a_ts m_s                     # context
+    h~_t = tanh(W_c [c_t; h_t])              # Luong's attentional hidden state (eq. 5)
+    logits_t = W_s h~_t + b_s                # without attention: W_s h_t + b_s
+
+Attention joins after the LSTM and is not fed back into it (no "input feeding"), so in
+teacher forcing one ``lax.scan`` runs the decoder and all T attention steps are one
+batched matmul.
+
+Bidirectional encoder: its outputs ``[fwd; bwd]`` (2h) are projected to h by a bias-free
+dense layer ``memory`` so that every score (dot included) and the context have size h;
+the decoder's initial state per layer is the sum of the two directions' final (h, c)
+(parameter-free; a dense "bridge" is the alternative).
+
+Batch dict (``seq2seq_loss``, also used by the transformer): ``src [B, S]`` and
+``src_lengths [B]`` (real tokens first, then padding), ``tgt_in [B, T]`` (BOS y_1 ..
+y_n), ``tgt_out [B, T]`` (y_1 .. y_n EOS) and ``tgt_mask [B, T]`` (True on the n + 1 real
+target positions).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.models import beam_search as search
+from jaxattn.ops.attention import (
+    AdditiveWeights,
+    additive_scores,
+    attend,
+    dot_scores,
+    general_scores,
+    init_additive,
+    init_general,
+)
+from jaxattn.ops.layers import (
+    DenseWeights,
+    EmbeddingWeights,
+    check_token_ids,
+    dense,
+    dropout,
+    embed,
+    init_dense,
+    init_embedding,
+)
+from jaxattn.ops.losses import cross_entropy
+from jaxattn.ops.lstm import (
+    BidirectionalWeights,
+    LSTMWeights,
+    init_lstm_stack,
+    lstm_cell,
+    lstm_stack,
+)
+from jaxattn.ops.masks import padding_mask
+
+Array = jax.Array
+Carry = tuple[Array, Array]
+ATTENTION = ("none", "dot", "general", "additive")
+
+
+@dataclass(frozen=True)
+class Seq2SeqConfig:
+    """Seq2seq hyper-parameters; frozen and hashable (a static ``jit`` argument)."""
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    embed_dim: int  # E, both embeddings
+    hidden_size: int  # h, every LSTM layer (per direction in the encoder)
+    num_layers: int = 1  # L, encoder and decoder alike
+    bidirectional_encoder: bool = False
+    attention: str = "none"  # "none", "dot", "general" or "additive"
+    attention_dim: int | None = None  # additive attention's hidden size (default h)
+    dropout: float = 0.0  # on embeddings, between LSTM layers and before the output layer
+    forget_bias: float = 1.0  # added to the LSTM forget gates at init (Jozefowicz et al.)
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self):
+        for name in ("src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden_size", "num_layers"):
+            if int(getattr(self, name)) <= 0:
+                value = getattr(self, name)
+                raise ValueError(f"Seq2SeqConfig.{name} must be positive, got {value}")
+        if self.attention not in ATTENTION:
+            raise ValueError(
+                f"Seq2SeqConfig.attention must be one of {ATTENTION}, got {self.attention!r}"
+            )
+        if self.attention_dim is not None and (
+            self.attention != "additive" or self.attention_dim <= 0
+        ):
+            raise ValueError(
+                f"Seq2SeqConfig.attention_dim={self.attention_dim} needs attention='additive' "
+                f"and a positive size (attention={self.attention!r})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"Seq2SeqConfig.dropout must be in [0, 1), got {self.dropout}")
+        ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
+        for name, value in ids.items():
+            if not 0 <= value < min(self.src_vocab_size, self.tgt_vocab_size):
+                raise ValueError(
+                    f"Seq2SeqConfig.{name}={value} is outside the vocabularies "
+                    f"({self.src_vocab_size}, {self.tgt_vocab_size})"
+                )
+        if len(set(ids.values())) != 3:
+            raise ValueError(f"Seq2SeqConfig: pad, bos and eos ids must differ, got {ids}")
+
+
+class Seq2SeqWeights(NamedTuple):
+    """All seq2seq parameters (float32); ``None`` where the config has no such part."""
+
+    src_embedding: EmbeddingWeights  # [Vs, E]
+    tgt_embedding: EmbeddingWeights  # [V, E]
+    encoder: tuple[LSTMWeights | BidirectionalWeights, ...]  # L layers
+    decoder: tuple[LSTMWeights, ...]  # L layers, hidden h
+    memory: DenseWeights | None  # [2h, h], no bias: bidirectional outputs -> h (attention only)
+    attention: Array | AdditiveWeights | None  # general W [h, h] or additive weights
+    combine: DenseWeights | None  # W_c [2h, h] over [c; h] (attention only)
+    output: DenseWeights  # W_s [h, V], b_s [V]
+
+
+def init_seq2seq(rng: Array, config: Seq2SeqConfig) -> Seq2SeqWeights:
+    """Initialise: N(0, 1) embeddings (PyTorch's), PyTorch LSTM init, N(0, 1/fan_in) dense."""
+    keys = jax.random.split(rng, 8)
+    e, h, att = config.embed_dim, config.hidden_size, config.attention
+    lstm = functools.partial(
+        init_lstm_stack,
+        hidden_size=h,
+        num_layers=config.num_layers,
+        forget_bias=config.forget_bias,
+    )
+    attention = None
+    if att == "general":
+        attention = init_general(keys[4], h, h)
+    elif att == "additive":
+        attention = init_additive(keys[4], h, h, config.attention_dim or h)
+    use_memory = att != "none" and config.bidirectional_encoder
+    return Seq2SeqWeights(
+        src_embedding=init_embedding(keys[0], config.src_vocab_size, e, std=1.0),
+        tgt_embedding=init_embedding(keys[1], config.tgt_vocab_size, e, std=1.0),
+        encoder=lstm(keys[2], e, bidirectional=config.bidirectional_encoder),
+        decoder=lstm(keys[3], e),
+        memory=init_dense(keys[5], 2 * h, h, use_bias=False) if use_memory else None,
+        attention=attention,
+        combine=init_dense(keys[6], 2 * h, h) if att != "none" else None,
+        output=init_dense(keys[7], h, config.tgt_vocab_size),
+    )
+
+
+def _split(rng: Array | None, n: int, active: bool) -> tuple[Array | None, ...]:
+    return tuple(jax.random.split(rng, n)) if active else (None,) * n
+
+
+def _check_source(src: Array, src_lengths: Array, config: Seq2SeqConfig, where: str) -> None:
+    if src.ndim != 2 or jnp.shape(src_lengths) != src.shape[:1]:
+        raise ValueError(
+            f"{where}: expected src [B, S] and src_lengths [B], got {src.shape} and "
+            f"{jnp.shape(src_lengths)}"
+        )
+    check_token_ids(src, config.src_vocab_size, f"{where}: src ids")
+
+
+def encode(
+    weights: Seq2SeqWeights,
+    src: Array,
+    src_lengths: Array,
+    config: Seq2SeqConfig,
+    *,
+    rng: Array | None = None,
+    deterministic: bool = True,
+) -> tuple[Array, Carry]:
+    """Run the encoder LSTM over padded source sentences.
+
+    Args:
+      src: ``[B, S]`` ids; row b's tokens ``>= src_lengths[b]`` are padding and ignored.
+      src_lengths: ``[B]`` integers in ``[0, S]``.
+      rng: dropout key (needed when ``deterministic=False`` and ``config.dropout > 0``).
+
+    Returns:
+      ``(outputs [B, S, h'], (h_n, c_n) [L*dirs, B, h])``: the encoder outputs (zero on
+      padding; ``h' = h`` when attention reads them, else ``dirs * h``) and PyTorch-layout
+      final states (row ``l * dirs + d``).
+    """
+    src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
+    _check_source(src, src_lengths, config, "encode")
+    active = not deterministic and config.dropout > 0
+    rng_embed, rng_lstm = _split(rng, 2, active)
+    x = dropout(
+        rng_embed, embed(weights.src_embedding, src), config.dropout, deterministic=not active
+    )
+    ys, final = lstm_stack(
+        weights.encoder,
+        x,
+        lengths=src_lengths,
+        dropout_rate=config.dropout,
+        rng=rng_lstm,
+        deterministic=not active,
+    )
+    if weights.memory is not None:
+        ys = dense(weights.memory, ys)  # [B, S, h]; zero stays zero (no bias)
+    return ys, final
+
+
+def init_decode_state(final_state: Carry, config: Seq2SeqConfig) -> Carry:
+    """Decoder's initial state from the encoder's: as is, or summed over the two directions.
+
+    Args:
+      final_state: ``(h_n, c_n)``, each ``[L*dirs, B, h]`` from ``encode``.
+
+    Returns:
+      ``(h, c)``, each ``[L, B, h]``.
+    """
+    if not config.bidirectional_encoder:
+        return final_state
+    h_n, c_n = final_state
+    lb = (config.num_layers, 2, *h_n.shape[1:])
+    return h_n.reshape(lb).sum(1), c_n.reshape(lb).sum(1)  # [L, B, h]
+
+
+def _scores(weights: Seq2SeqWeights, query: Array, memory: Array, config: Seq2SeqConfig) -> Array:
+    """Score ``query [B, T, h]`` against ``memory [B, S, h]`` -> ``[B, T, S]``."""
+    if config.attention == "dot":
+        return dot_scores(query, memory)
+    if config.attention == "general":
+        return general_scores(weights.attention, query, memory)
+    return additive_scores(weights.attention, query, memory)
+
+
+def _head(
+    weights: Seq2SeqWeights,
+    dec_out: Array,
+    memory: Array,
+    src_mask: Array,
+    config: Seq2SeqConfig,
+    rng: Array | None,
+    active: bool,
+) -> tuple[Array, Array | None]:
+    """Attention and output layer: ``dec_out [B, T, h]`` -> (logits [B, T, V], a [B, T, S])."""
+    hidden, weights_ts = dec_out, None
+    if config.attention != "none":
+        scores = _scores(weights, dec_out, memory, config)  # [B, T, S]
+        context, weights_ts = attend(scores, memory, src_mask[:, None, :])  # [B, T, h]
+        hidden = jnp.tanh(dense(weights.combine, jnp.concatenate([context, dec_out], -1)))
+    hidden = dropout(rng, hidden, config.dropout, deterministic=not active)
+    return dense(weights.output, hidden).astype(jnp.float32), weights_ts
+
+
+def seq2seq_logits(
+    weights: Seq2SeqWeights,
+    src: Array,
+    src_lengths: Array,
+    tgt_in: Array,
+    config: Seq2SeqConfig,
+    *,
+    rng: Array | None = None,
+    deterministic: bool = True,
+) -> tuple[Array, Array | None]:
+    """Teacher-forced decoding: the decoder reads ``tgt_in`` (BOS, then the true tokens).
+
+    Jit with ``static_argnames=("config", "deterministic")``.
+
+    Args:
+      src: ``[B, S]`` ids, ``src_lengths: [B]``.
+      tgt_in: ``[B, T]`` target ids fed to the decoder; position t sees ``tgt_in[:, :t+1]``.
+      rng: dropout key; deterministic: disable dropout.
+
+    Returns:
+      ``(logits [B, T, V] float32, attention [B, T, S] float32 or None)``; attention rows sum
+      to 1 over the real source tokens and are 0 on padding.
+    """
+    tgt_in = jnp.asarray(tgt_in)
+    if tgt_in.ndim != 2 or tgt_in.shape[0] != jnp.shape(src)[0]:
+        raise ValueError(
+            f"seq2seq_logits: tgt_in must be [B, T], got {tgt_in.shape} for src {jnp.shape(src)}"
+        )
+    check_token_ids(tgt_in, config.tgt_vocab_size, "seq2seq_logits: tgt_in ids")
+    active = not deterministic and config.dropout > 0
+    if active and rng is None:
+        raise ValueError("seq2seq_logits: dropout > 0 with deterministic=False needs an rng key")
+    rng_enc, rng_embed, rng_lstm, rng_out = _split(rng, 4, active)
+    memory, final = encode(
+        weights, src, src_lengths, config, rng=rng_enc, deterministic=deterministic
+    )
+    x = dropout(
+        rng_embed, embed(weights.tgt_embedding, tgt_in), config.dropout, deterministic=not active
+    )
+    dec_out, _ = lstm_stack(
+        weights.decoder,
+        x,
+        init_decode_state(final, config),
+        dropout_rate=config.dropout,
+        rng=rng_lstm,
+        deterministic=not active,
+    )
+    src_mask = padding_mask(jnp.asarray(src_lengths), memory.shape[1])  # [B, S]
+    return _head(weights, dec_out, memory, src_mask, config, rng_out, active)
+
+
+def check_batch(batch: dict, tgt_vocab_size: int, where: str) -> None:
+    """Raise ``ValueError`` unless ``batch`` holds the documented keys with matching shapes."""
+    keys = ("src", "src_lengths", "tgt_in", "tgt_out", "tgt_mask")
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        raise ValueError(f"{where}: batch lacks {missing}; it needs {keys}")
+    shapes = {key: jnp.shape(batch[key]) for key in keys[2:]}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"{where}: tgt_in, tgt_out and tgt_mask must be [B, T], got {shapes}")
+    check_token_ids(jnp.asarray(batch["tgt_out"]), tgt_vocab_size, f"{where}: tgt_out ids")
+
+
+def seq2seq_loss(
+    weights: Seq2SeqWeights,
+    batch: dict,
+    config: Seq2SeqConfig,
+    *,
+    rng: Array | None = None,
+    deterministic: bool = True,
+    label_smoothing: float = 0.0,
+) -> Array:
+    """Teacher-forced cross-entropy per real target token (``ops.losses.cross_entropy``).
+
+    Args:
+      batch: dict with ``src, src_lengths, tgt_in, tgt_out, tgt_mask`` (module docstring).
+
+    Returns:
+      Scalar float32 loss.
+    """
+    check_batch(batch, config.tgt_vocab_size, "seq2seq_loss")
+    logits, _ = seq2seq_logits(
+        weights,
+        batch["src"],
+        batch["src_lengths"],
+        batch["tgt_in"],
+        config,
+        rng=rng,
+        deterministic=deterministic,
+    )
+    return cross_entropy(
+        logits, jnp.asarray(batch["tgt_out"]), batch["tgt_mask"], label_smoothing=label_smoothing
+    )
+
+
+def decode_step(
+    weights: Seq2SeqWeights,
+    state: Carry,
+    token: Array,
+    encoder_outputs: Array,
+    src_mask: Array,
+    config: Seq2SeqConfig,
+) -> tuple[Array, Carry, Array | None]:
+    """Decode one token for inference (no dropout); equals ``seq2seq_logits`` step by step.
+
+    Args:
+      state: ``(h, c)``, each ``[L, B, h]``: from ``init_decode_state`` or the last step.
+      token: ``[B]`` the previous token (BOS first).
+      encoder_outputs: ``[B, S, h']`` from ``encode``.
+      src_mask: ``[B, S]`` boolean, True on real source tokens.
+
+    Returns:
+      ``(logits [B, V] float32, new state, attention [B, S] or None)``.
+    """
+    token = jnp.asarray(token)
+    h, c = state
+    want = (config.num_layers, token.shape[0] if token.ndim == 1 else -1, config.hidden_size)
+    if token.ndim != 1 or h.shape != want or c.shape != want:
+        raise ValueError(
+            f"decode_step: expected token [B] and state (h, c) of shape {want}, got token "
+            f"{token.shape}, h {h.shape}, c {c.shape}"
+        )
+    if jnp.shape(src_mask) != encoder_outputs.shape[:2] or encoder_outputs.shape[0] != want[1]:
+        raise ValueError(
+            f"decode_step: encoder_outputs [B, S, h'] and src_mask [B, S] disagree with B="
+            f"{want[1]}: {encoder_outputs.shape}, {jnp.shape(src_mask)}"
+        )
+    x = embed(weights.tgt_embedding, token)  # [B, E]
+    new_h, new_c = [], []
+    for layer, w in enumerate(weights.decoder):
+        h_l, c_l = lstm_cell(w, (h[layer], c[layer]), x)
+        new_h.append(h_l)
+        new_c.append(c_l)
+        x = h_l
+    logits, attention = _head(weights, x[:, None], encoder_outputs, src_mask, config, None, False)
+    attention = None if attention is None else attention[:, 0]
+    return logits[:, 0], (jnp.stack(new_h), jnp.stack(new_c)), attention
+
+
+@functools.partial(jax.jit, static_argnames=("config", "beam_size", "max_len", "length_penalty"))
+def _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty):
+    memory, final = encode(weights, src, src_lengths, config)
+    src_mask = padding_mask(src_lengths, src.shape[1])  # [B, S]
+    state = init_decode_state(final, config)
+    b = src.shape[0]
+    ids = dict(max_len=max_len, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id)
+    # Every beam of a sentence reads the same encoder outputs: repeat them once, here.
+    k = beam_size
+    memory_k, mask_k = jnp.repeat(memory, k, axis=0), jnp.repeat(src_mask, k, axis=0)
+
+    def step(token, state):  # [B*k] -> log-probs [B*k, V]; pad and BOS are never generated
+        logits, state, _ = decode_step(weights, state, token, memory_k, mask_k, config)
+        logits = search.forbid_tokens(logits, (config.pad_id, config.bos_id))
+        return jax.nn.log_softmax(logits), state
+
+    if k == 1:
+        return search.greedy_decode(step, state, b, state_batch_axis=1, **ids)
+    return search.beam_search(
+        step, state, b, beam_size=k, length_penalty=length_penalty, state_batch_axis=1, **ids
+    ).sequences
+
+
+def translate(
+    weights: Seq2SeqWeights,
+    config: Seq2SeqConfig,
+    src: Array,
+    src_lengths: Array,
+    *,
+    beam_size: int = 1,
+    max_len: int = 50,
+    length_penalty: float = 0.6,
+) -> Array:
+    """Translate a batch of source sentences: greedy (``beam_size=1``) or beam search.
+
+    The decoder never emits pad or BOS (their logits are set to -inf).
+
+    Compiled once per (source shape, config, beam size, max_len, length penalty).
+
+    Args:
+      src: ``[B, S]`` ids; src_lengths: ``[B]``.
+      beam_size: 1 = greedy; k > 1 = beam search with the GNMT length penalty.
+      max_len: most target tokens (EOS included).
+
+    Returns:
+      ``[B, max_len]`` int32 target ids without BOS, ending in EOS (unless cut at max_len)
+      and padded with ``pad_id``.
+    """
+    src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
+    _check_source(src, src_lengths, config, "translate")
+    if beam_size < 1 or max_len < 1:
+        raise ValueError(
+            f"translate: beam_size and max_len must be >= 1, got {beam_size} and {max_len}"
+        )
+    return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

@@ -1,0 +1,577 @@
+"""Encoder–decoder Transformer (Vaswani et al., 2017, "Attention Is All You Need").
+
+Shape glossary: B batch, S source time, T target time, L layers, N heads, H head dim,
+D model dim, F MLP width, V target vocab.
+
+::
+
+    x = embed_src(src) * sqrt(D) + PE[:S]              # sinusoidal positions
+    encoder layer:  x = x + SelfAttn(LN(x); key = real source token)
+                    x = x + MLP(LN(x))
+    memory = LN_enc(x)
+    y = embed_tgt(tgt_in) * sqrt(D) + PE[:T]
+    decoder layer:  y = y + SelfAttn(LN(y); causal)
+                    y = y + CrossAttn(LN(y), memory; key = real source token)
+                    y = y + MLP(LN(y))
+    logits = LN_dec(y) E_tgtᵀ                          # tied, or a dense head
+
+That is the pre-LN arrangement (Xiong et al., 2020, "On Layer Normalization in the
+Transformer Architecture"), which trains without warm-up tricks; ``pre_ln=False`` gives
+the paper's post-LN ``x = LN(x + sublayer(x))`` with no final norms. The MLP is
+jaxattn's GELU feed-forward (the paper used ReLU).
+
+Layers of each stack are stacked along a leading axis ``[L, ...]`` and run with
+``lax.scan`` (compile time flat in depth), as in ``gpt.py``. Incremental decoding keeps a
+``KVCache`` of the decoder's self-attention keys/values (``[L, B, T_max, N, H]``, written
+one step at a time) and computes the cross-attention keys/values once per source batch
+(``cross_kv``); ``decode_step`` then equals ``decode``'s teacher-forced logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.models import beam_search as search
+from jaxattn.models.gpt import KVCache
+from jaxattn.models.seq2seq import check_batch
+from jaxattn.ops.attention import (
+    MultiHeadAttentionWeights,
+    dot_product_attention,
+    init_multi_head_attention,
+    project_output,
+    project_qkv,
+)
+from jaxattn.ops.layers import (
+    DenseWeights,
+    EmbeddingWeights,
+    FeedForwardWeights,
+    LayerNormWeights,
+    check_token_ids,
+    dense,
+    dropout,
+    embed,
+    feed_forward,
+    init_dense,
+    init_embedding,
+    init_feed_forward,
+    init_layer_norm,
+    layer_norm,
+    project,
+    unembed,
+)
+from jaxattn.ops.losses import cross_entropy
+from jaxattn.ops.masks import padding_mask
+from jaxattn.ops.positions import sinusoidal_positions
+
+Array = jax.Array
+_DTYPES = ("float32", "bfloat16")
+# Keep matmul outputs for the backward pass and recompute elementwise ops (see gpt.py).
+_SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Transformer hyper-parameters; frozen and hashable (a static ``jit`` argument)."""
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    embed_dim: int  # D
+    num_heads: int  # N, H = D / N
+    num_encoder_layers: int
+    num_decoder_layers: int
+    mlp_ratio: int = 4  # F = mlp_ratio * D
+    dropout: float = 0.0  # embeddings, attention probabilities, residual branches
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    max_len: int = 256  # longest source or target (the position table's length)
+    tie_embeddings: bool = True  # output layer = target embedding transposed
+    pre_ln: bool = True  # False: the paper's post-LN
+    dtype: str = "float32"  # compute dtype; params, softmax and loss stay float32
+    remat: bool = False  # recompute each layer in the backward pass (saves memory)
+    layer_norm_eps: float = 1e-5
+    attention_implementation: str | None = None  # see ops.attention.dot_product_attention
+
+    def __post_init__(self):
+        for name in (
+            "src_vocab_size",
+            "tgt_vocab_size",
+            "embed_dim",
+            "num_heads",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "mlp_ratio",
+            "max_len",
+        ):
+            if int(getattr(self, name)) <= 0:
+                value = getattr(self, name)
+                raise ValueError(f"TransformerConfig.{name} must be positive, got {value}")
+        if self.embed_dim % self.num_heads or self.embed_dim % 2:
+            raise ValueError(
+                f"TransformerConfig: embed_dim={self.embed_dim} must be even (sinusoidal "
+                f"positions) and divisible by num_heads={self.num_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(
+                f"TransformerConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}"
+            )
+        ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
+        for name, value in ids.items():
+            if not 0 <= value < min(self.src_vocab_size, self.tgt_vocab_size):
+                raise ValueError(f"TransformerConfig.{name}={value} is outside the vocabularies")
+        if len(set(ids.values())) != 3:
+            raise ValueError(f"TransformerConfig: pad, bos and eos ids must differ, got {ids}")
+
+    @property
+    def head_dim(self) -> int:
+        """H = D / N."""
+        return self.embed_dim // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+class EncoderLayerWeights(NamedTuple):
+    """One encoder layer; in ``TransformerWeights.encoder`` every leaf has a leading ``[L]``."""
+
+    ln1: LayerNormWeights
+    attn: MultiHeadAttentionWeights
+    ln2: LayerNormWeights
+    mlp: FeedForwardWeights
+
+
+class DecoderLayerWeights(NamedTuple):
+    """One decoder layer; in ``TransformerWeights.decoder`` every leaf has a leading ``[L]``."""
+
+    ln1: LayerNormWeights
+    self_attn: MultiHeadAttentionWeights
+    ln2: LayerNormWeights
+    cross_attn: MultiHeadAttentionWeights
+    ln3: LayerNormWeights
+    mlp: FeedForwardWeights
+
+
+class TransformerWeights(NamedTuple):
+    """All parameters (float32); the final norms exist only for pre-LN."""
+
+    src_embedding: EmbeddingWeights  # [Vs, D]
+    tgt_embedding: EmbeddingWeights  # [V, D]
+    encoder: EncoderLayerWeights  # stacked [Le, ...]
+    encoder_norm: LayerNormWeights | None
+    decoder: DecoderLayerWeights  # stacked [Ld, ...]
+    decoder_norm: LayerNormWeights | None
+    head: DenseWeights | None  # [D, V] without bias; None when tied
+
+
+class CrossKV(NamedTuple):
+    """Cross-attention keys and values of every decoder layer: ``k, v: [Ld, B, S, N, H]``."""
+
+    k: Array
+    v: Array
+
+
+def init_transformer(rng: Array, config: TransformerConfig) -> TransformerWeights:
+    """Initialise: N(0, 1/D) embeddings (unit variance after the sqrt(D) scale), N(0, 1/fan_in)
+    projections, zero biases, unit layer norms."""
+    d, n, f = config.embed_dim, config.num_heads, config.mlp_ratio * config.embed_dim
+    keys = jax.random.split(rng, 5)
+    attn = functools.partial(init_multi_head_attention, q_dim=d, num_heads=n)
+    norm = functools.partial(init_layer_norm, d)
+
+    def encoder_layer(key):
+        k_attn, k_mlp = jax.random.split(key)
+        return EncoderLayerWeights(norm(), attn(k_attn), norm(), init_feed_forward(k_mlp, d, f))
+
+    def decoder_layer(key):
+        k_self, k_cross, k_mlp = jax.random.split(key, 3)
+        return DecoderLayerWeights(
+            norm(), attn(k_self), norm(), attn(k_cross), norm(), init_feed_forward(k_mlp, d, f)
+        )
+
+    std = 1.0 / math.sqrt(d)
+    return TransformerWeights(
+        src_embedding=init_embedding(keys[0], config.src_vocab_size, d, std=std),
+        tgt_embedding=init_embedding(keys[1], config.tgt_vocab_size, d, std=std),
+        encoder=jax.vmap(encoder_layer)(jax.random.split(keys[2], config.num_encoder_layers)),
+        encoder_norm=norm() if config.pre_ln else None,
+        decoder=jax.vmap(decoder_layer)(jax.random.split(keys[3], config.num_decoder_layers)),
+        decoder_norm=norm() if config.pre_ln else None,
+        head=(
+            None
+            if config.tie_embeddings
+            else init_dense(keys[4], d, config.tgt_vocab_size, use_bias=False)
+        ),
+    )
+
+
+def _cast(tree, dtype: jnp.dtype):
+    """Cast the floating leaves of a pytree to the compute dtype (a no-op for float32)."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def _embed(table: EmbeddingWeights, tokens: Array, positions: Array, config) -> Array:
+    """``embed(tokens) * sqrt(D) + PE[positions]``: ``[B, T]`` -> ``[B, T, D]``."""
+    pe = sinusoidal_positions(config.max_len, config.embed_dim, dtype=table.table.dtype)
+    return embed(table, tokens) * math.sqrt(config.embed_dim) + jnp.take(pe, positions, axis=0)
+
+
+def _sublayer(x, ln, fn, config, rate, rng):
+    """Residual sublayer around ``fn(h) -> (out, aux)``: pre-LN or post-LN; returns (x, aux)."""
+    eps = config.layer_norm_eps
+    if config.pre_ln:
+        out, aux = fn(layer_norm(ln, x, eps=eps))
+        return x + dropout(rng, out, rate), aux
+    out, aux = fn(x)
+    return layer_norm(ln, x + dropout(rng, out, rate), eps=eps), aux
+
+
+def _keys(rng: Array | None, n: int) -> tuple[Array | None, ...]:
+    return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
+
+
+def _attention(config, rate, rng, q, k, v, **kw) -> Array:
+    """``dot_product_attention`` with the config's kernel and attention dropout."""
+    kw.update(implementation=config.attention_implementation, dropout_rate=rate, dropout_rng=rng)
+    return dot_product_attention(q, k, v, **kw)
+
+
+def _encoder_layer(lw: EncoderLayerWeights, x, mask, config, rate, rng):
+    r_attn, r1, r2 = _keys(rng, 3)
+
+    def self_attention(h):
+        ctx = _attention(config, rate, r_attn, *project_qkv(lw.attn, h), mask=mask)
+        return project_output(lw.attn, ctx), None
+
+    x, _ = _sublayer(x, lw.ln1, self_attention, config, rate, r1)
+    x, _ = _sublayer(x, lw.ln2, lambda h: (feed_forward(lw.mlp, h), None), config, rate, r2)
+    return x
+
+
+def _decoder_layer(
+    lw: DecoderLayerWeights, y, cross, mask, positions, config, rate, rng, cache=None
+):
+    """One decoder layer; ``cache = (k, v [B, T_max, N, H], index)`` for incremental decoding.
+
+    Returns ``(y [B, T, D], (k, v) with this step written, or None)``.
+    """
+    r_self, r_cross, r1, r2, r3 = _keys(rng, 5)
+
+    def self_attention(h):
+        q, k, v = project_qkv(lw.self_attn, h)  # [B, T, N, H]
+        if cache is None:
+            ctx = _attention(config, rate, r_self, q, k, v, is_causal=True)
+            return project_output(lw.self_attn, ctx), None
+        k_cache, v_cache, index = cache
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        # Cached key j is visible to the query at position p iff j <= p (also hides the
+        # slots not written yet).
+        visible = jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None]  # [T, T_max]
+        k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)  # [B, T_max, N, H]
+        ctx = _attention(config, rate, r_self, q, k_all, v_all, mask=visible[None, None])
+        return project_output(lw.self_attn, ctx), (k_cache, v_cache)
+
+    def cross_attention(h):
+        q = project(h, lw.cross_attn.w_q, lw.cross_attn.b_q)  # [B, T, N, H]
+        ctx = _attention(config, rate, r_cross, q, cross[0], cross[1], mask=mask)
+        return project_output(lw.cross_attn, ctx), None
+
+    y, new_cache = _sublayer(y, lw.ln1, self_attention, config, rate, r1)
+    y, _ = _sublayer(y, lw.ln2, cross_attention, config, rate, r2)
+    y, _ = _sublayer(y, lw.ln3, lambda h: (feed_forward(lw.mlp, h), None), config, rate, r3)
+    return y, new_cache
+
+
+def _check(tokens: Array, vocab: int, config: TransformerConfig, what: str) -> None:
+    if tokens.ndim != 2 or tokens.shape[1] > config.max_len:
+        raise ValueError(
+            f"{what} must be [B, T] with T <= max_len={config.max_len}, got {tokens.shape}"
+        )
+    check_token_ids(tokens, vocab, what)
+
+
+def _dropout_setup(rng, deterministic, config, where) -> tuple[float, Array | None]:
+    rate = 0.0 if deterministic else config.dropout
+    if rate > 0 and rng is None:
+        raise ValueError(f"{where}: dropout > 0 with deterministic=False needs an rng key")
+    return rate, (rng if rate > 0 else None)
+
+
+def _scan_layers(body, x, xs, config):
+    policy = jax.checkpoint_policies.nothing_saveable if config.remat else _SAVE_DOTS
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # safe inside scan
+    return jax.lax.scan(body, x, xs)
+
+
+def encode(
+    weights: TransformerWeights,
+    src: Array,
+    src_lengths: Array,
+    config: TransformerConfig,
+    *,
+    rng: Array | None = None,
+    deterministic: bool = True,
+) -> Array:
+    """Encode padded source sentences.
+
+    Args:
+      src: ``[B, S]`` ids, ``S <= max_len``; row b's tokens ``>= src_lengths[b]`` are padding.
+      src_lengths: ``[B]`` integers.
+      rng: dropout key; deterministic: disable dropout.
+
+    Returns:
+      ``memory [B, S, D]`` in the compute dtype (padding rows are defined but never read).
+    """
+    src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
+    _check(src, config.src_vocab_size, config, "encode: src")
+    if src_lengths.shape != src.shape[:1]:
+        raise ValueError(
+            f"encode: src_lengths must be [B]={src.shape[:1]}, got {src_lengths.shape}"
+        )
+    rate, rng = _dropout_setup(rng, deterministic, config, "encode")
+    w = _cast(weights, config.compute_dtype)
+    r_embed, r_layers = _keys(rng, 2)
+    x = dropout(r_embed, _embed(w.src_embedding, src, jnp.arange(src.shape[1]), config), rate)
+    mask = padding_mask(src_lengths, src.shape[1])[:, None, None, :]  # [B, 1, 1, S]
+    layer_keys = None if rng is None else jax.random.split(r_layers, config.num_encoder_layers)
+
+    def body(x, layer):
+        lw, key = layer
+        return _encoder_layer(lw, x, mask, config, rate, key), None
+
+    x, _ = _scan_layers(body, x, (w.encoder, layer_keys), config)
+    return x if w.encoder_norm is None else layer_norm(w.encoder_norm, x, eps=config.layer_norm_eps)
+
+
+def cross_kv(weights: TransformerWeights, memory: Array, config: TransformerConfig) -> CrossKV:
+    """Project ``memory [B, S, D]`` to every decoder layer's cross-attention keys and values.
+
+    Returns:
+      ``CrossKV(k, v)``, each ``[Ld, B, S, N, H]`` in the compute dtype.
+    """
+    attn = _cast(weights.decoder.cross_attn, config.compute_dtype)
+    memory = memory.astype(config.compute_dtype)
+    kv = lambda a: (project(memory, a.w_k, a.b_k), project(memory, a.w_v, a.b_v))
+    return CrossKV(*jax.vmap(kv)(attn))
+
+
+def _logits(w: TransformerWeights, y: Array, config: TransformerConfig) -> Array:
+    if w.decoder_norm is not None:
+        y = layer_norm(w.decoder_norm, y, eps=config.layer_norm_eps)
+    out = unembed(w.tgt_embedding, y) if w.head is None else dense(w.head, y)
+    return out.astype(jnp.float32)
+
+
+def decode(
+    weights: TransformerWeights,
+    memory: Array,
+    src_mask: Array,
+    tgt_in: Array,
+    config: TransformerConfig,
+    *,
+    rng: Array | None = None,
+    deterministic: bool = True,
+) -> Array:
+    """Teacher-forced decoding of ``tgt_in`` (BOS, then the true tokens) against ``memory``.
+
+    Args:
+      memory: ``[B, S, D]`` from ``encode``.
+      src_mask: ``[B, S]`` boolean, True on real source tokens.
+      tgt_in: ``[B, T]`` ids; position t sees ``tgt_in[:, :t+1]``.
+
+    Returns:
+      ``[B, T, V]`` float32 logits.
+    """
+    tgt_in = jnp.asarray(tgt_in)
+    _check(tgt_in, config.tgt_vocab_size, config, "decode: tgt_in")
+    if (
+        memory.ndim != 3
+        or jnp.shape(src_mask) != memory.shape[:2]
+        or (memory.shape[0] != tgt_in.shape[0])
+    ):
+        raise ValueError(
+            f"decode: expected memory [B, S, D], src_mask [B, S], tgt_in [B, T], "
+            f"got {memory.shape}, {jnp.shape(src_mask)}, {tgt_in.shape}"
+        )
+    rate, rng = _dropout_setup(rng, deterministic, config, "decode")
+    w = _cast(weights, config.compute_dtype)
+    cross = cross_kv(weights, memory, config)
+    r_embed, r_layers = _keys(rng, 2)
+    positions = jnp.arange(tgt_in.shape[1])
+    y = dropout(r_embed, _embed(w.tgt_embedding, tgt_in, positions, config), rate)
+    mask = jnp.asarray(src_mask, bool)[:, None, None, :]  # [B, 1, 1, S]
+    layer_keys = None if rng is None else jax.random.split(r_layers, config.num_decoder_layers)
+
+    def body(y, layer):
+        lw, k, v, key = layer
+        return _decoder_layer(lw, y, (k, v), mask, positions, config, rate, key)[0], None
+
+    y, _ = _scan_layers(body, y, (w.decoder, cross.k, cross.v, layer_keys), config)
+    return _logits(w, y, config)
+
+
+def transformer_logits(
+    weights: TransformerWeights,
+    src: Array,
+    src_lengths: Array,
+    tgt_in: Array,
+    config: TransformerConfig,
+    *,
+    rng: Array | None = None,
+    deterministic: bool = True,
+) -> Array:
+    """``decode(encode(src), tgt_in)``: teacher-forced logits ``[B, T, V]`` (float32)."""
+    r_enc, r_dec = _keys(rng, 2)
+    memory = encode(weights, src, src_lengths, config, rng=r_enc, deterministic=deterministic)
+    src_mask = padding_mask(jnp.asarray(src_lengths), memory.shape[1])
+    return decode(weights, memory, src_mask, tgt_in, config, rng=r_dec, deterministic=deterministic)
+
+
+def transformer_loss(
+    weights: TransformerWeights,
+    batch: dict,
+    config: TransformerConfig,
+    *,
+    rng: Array | None = None,
+    deterministic: bool = True,
+    label_smoothing: float = 0.0,
+) -> Array:
+    """Cross-entropy per real target token; ``batch`` as in ``seq2seq`` (src, src_lengths,
+    tgt_in, tgt_out, tgt_mask). Returns a float32 scalar."""
+    check_batch(batch, config.tgt_vocab_size, "transformer_loss")
+    logits = transformer_logits(
+        weights,
+        batch["src"],
+        batch["src_lengths"],
+        batch["tgt_in"],
+        config,
+        rng=rng,
+        deterministic=deterministic,
+    )
+    return cross_entropy(
+        logits, jnp.asarray(batch["tgt_out"]), batch["tgt_mask"], label_smoothing=label_smoothing
+    )
+
+
+def init_cache(
+    config: TransformerConfig, batch_size: int, max_len: int, dtype: str | None = None
+) -> KVCache:
+    """Empty decoder self-attention cache: ``k, v [Ld, B, max_len, N, H]`` zeros, index 0."""
+    if not 0 < max_len <= config.max_len or batch_size <= 0:
+        raise ValueError(
+            f"init_cache: need 0 < max_len <= {config.max_len} and batch_size > 0, "
+            f"got max_len={max_len}, batch_size={batch_size}"
+        )
+    dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
+    shape = (config.num_decoder_layers, batch_size, max_len, config.num_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def decode_step(
+    weights: TransformerWeights,
+    cache: KVCache,
+    token: Array,
+    cross: CrossKV,
+    src_mask: Array,
+    config: TransformerConfig,
+) -> tuple[Array, KVCache]:
+    """Decode one token at position ``cache.index`` (no dropout).
+
+    Args:
+      cache: ``KVCache(k, v [Ld, B, T_max, N, H], index)``; the caller keeps index < T_max.
+      token: ``[B]`` the previous token (BOS first).
+      cross: ``cross_kv(weights, memory, config)``.
+      src_mask: ``[B, S]`` boolean, True on real source tokens.
+
+    Returns:
+      ``(logits [B, V] float32, cache with this step's keys/values and index + 1)``.
+    """
+    token = jnp.asarray(token)
+    _, b, t_max, _, _ = cache.k.shape
+    if token.shape != (b,) or cross.k.shape[1] != b or jnp.shape(src_mask) != cross.k.shape[1:3]:
+        raise ValueError(
+            f"decode_step: expected token [B={b}], cross k/v [Ld, B, S, N, H] and "
+            f"src_mask [B, S], got {token.shape}, {cross.k.shape}, "
+            f"{jnp.shape(src_mask)}"
+        )
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) >= t_max:
+        raise ValueError(f"decode_step: the cache of length {t_max} is full")
+    w = _cast(weights, config.compute_dtype)
+    positions = cache.index[None]  # [1]
+    y = _embed(w.tgt_embedding, token[:, None], positions, config)  # [B, 1, D]
+    mask = jnp.asarray(src_mask, bool)[:, None, None, :]
+
+    def body(y, layer):
+        lw, k_cache, v_cache, k, v = layer
+        y, new = _decoder_layer(
+            lw, y, (k, v), mask, positions, config, 0.0, None, cache=(k_cache, v_cache, cache.index)
+        )
+        return y, new
+
+    y, (k, v) = jax.lax.scan(body, y, (w.decoder, cache.k, cache.v, cross.k, cross.v))
+    return _logits(w, y, config)[:, 0], KVCache(k, v, cache.index + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "beam_size", "max_len", "length_penalty"))
+def _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty):
+    k = beam_size
+    memory = encode(weights, src, src_lengths, config)
+    # Every beam of a sentence reads the same cross k/v: repeat them once, here.
+    cross = jax.tree.map(lambda a: jnp.repeat(a, k, axis=1), cross_kv(weights, memory, config))
+    src_mask = jnp.repeat(padding_mask(src_lengths, src.shape[1]), k, axis=0)  # [B*k, S]
+    b = src.shape[0]
+    ids = dict(max_len=max_len, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id)
+
+    def step(token, cache):  # pad and BOS are never generated
+        logits, cache = decode_step(weights, cache, token, cross, src_mask, config)
+        return jax.nn.log_softmax(
+            search.forbid_tokens(logits, (config.pad_id, config.bos_id))
+        ), cache
+
+    cache = init_cache(config, b, max_len)
+    if k == 1:
+        return search.greedy_decode(step, cache, b, state_batch_axis=1, **ids)
+    return search.beam_search(
+        step, cache, b, beam_size=k, length_penalty=length_penalty, state_batch_axis=1, **ids
+    ).sequences
+
+
+def translate(
+    weights: TransformerWeights,
+    config: TransformerConfig,
+    src: Array,
+    src_lengths: Array,
+    *,
+    beam_size: int = 1,
+    max_len: int = 50,
+    length_penalty: float = 0.6,
+) -> Array:
+    """Translate: greedy (``beam_size=1``) or beam search, with the KV cache.
+
+    Args:
+      src: ``[B, S]`` ids; src_lengths: ``[B]``.
+      max_len: most target tokens (EOS included), ``<= config.max_len``.
+
+    Returns:
+      ``[B, max_len]`` int32 ids without BOS, ending in EOS (unless cut) and padded with
+      ``pad_id``; pad and BOS are never generated.
+    """
+    src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
+    _check(src, config.src_vocab_size, config, "translate: src")
+    if beam_size < 1 or not 0 < max_len <= config.max_len:
+        raise ValueError(
+            f"translate: need beam_size >= 1 and 0 < max_len <= {config.max_len}, "
+            f"got {beam_size} and {max_len}"
+        )
+    return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

@@ -1,0 +1,61 @@
+"""Losses over token logits.
+
+Shape glossary: B batch, T time, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+def cross_entropy(
+    logits: Array,
+    targets: Array,
+    mask: Array | None = None,
+    *,
+    label_smoothing: float = 0.0,
+) -> Array:
+    """Mean token cross-entropy ``-sum_v p(v) log softmax(logits)_v`` in float32.
+
+    ``p`` is the one-hot target, or with label smoothing ``eps`` the distribution
+    ``(1 - eps) onehot + eps / V`` (Szegedy et al., 2016, "Rethinking the Inception
+    Architecture"). With a mask the mean runs over the counted tokens only:
+    ``sum(mask * CE) / max(sum(mask), 1)``.
+
+    Args:
+      logits: ``[..., V]`` (any float dtype; computed in float32).
+      targets: ``[...]`` integer ids in ``[0, V)``.
+      mask: optional ``[...]``, True (or nonzero) = count this token.
+      label_smoothing: ``eps`` in ``[0, 1)``.
+
+    Returns:
+      Scalar float32 loss.
+    """
+    targets = jnp.asarray(targets)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"cross_entropy: targets {targets.shape} must be logits {logits.shape} without "
+            "the vocab axis"
+        )
+    if mask is not None and jnp.shape(mask) != targets.shape:
+        raise ValueError(
+            f"cross_entropy: mask {jnp.shape(mask)} must match targets {targets.shape}"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(
+            f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}"
+        )
+    logits = logits.astype(jnp.float32)
+    if label_smoothing > 0.0:
+        labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
+        losses = optax.softmax_cross_entropy(logits, labels)  # [...]
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [...]
+    if mask is None:
+        return jnp.mean(losses)
+    mask = jnp.asarray(mask).astype(jnp.float32)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -1,0 +1,286 @@
+"""Tests for jaxattn.models.beam_search on hand-built step functions whose answers are known.
+
+The step function looks up log-probabilities in a random table indexed by (sentence, whole
+prefix), so every sequence has a log-probability that the tests can enumerate in NumPy.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattn.models.beam_search import (
+    BeamSearchResult,
+    beam_search,
+    gather_rows,
+    gnmt_length_penalty,
+    greedy_decode,
+)
+
+BOS = 99  # outside the table's tokens: the step function recognises the first step by it
+
+
+def prefix_table(np_rng, batch, vocab, max_len, *, scale=2.0, bias=None):
+    """Random log-probabilities ``[B, C, V]`` for every prefix code C (see ``code_of``)."""
+    codes = sum((vocab + 1) ** d for d in range(max_len + 1))
+    logits = scale * np_rng.standard_normal((batch, codes, vocab))
+    if bias is not None:
+        logits = logits + bias  # [V], e.g. to make EOS rarer
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # float64 log-softmax
+
+
+def code_of(prefix, vocab):
+    """Unique code of a token prefix: base-(V+1) digits ``token + 1``."""
+    code = 0
+    for t in prefix:
+        code = code * (vocab + 1) + t + 1
+    return code
+
+
+def make_step(table, *, axis=0):
+    """``step_fn`` over state ``(sentence id, prefix code)``, rows on ``axis``."""
+    table = jnp.asarray(table, jnp.float32)
+    vocab = table.shape[-1]
+
+    def step(tokens, state):
+        sent, code = state
+        if axis == 1:
+            sent, code = sent[0], code[0]
+        code = jnp.where(tokens == BOS, code, code * (vocab + 1) + tokens + 1)
+        log_probs = table[sent, code]  # [R, V]
+        new = (sent, code) if axis == 0 else (sent[None], code[None])
+        return log_probs, new
+
+    return step
+
+
+def init_state(batch, axis=0):
+    sent, code = jnp.arange(batch, dtype=jnp.int32), jnp.zeros((batch,), jnp.int32)
+    return (sent, code) if axis == 0 else (sent[None], code[None])
+
+
+@functools.partial(
+    jax.jit, static_argnames=("beam_size", "max_len", "eos_id", "alpha", "pad_id", "axis")
+)
+def run_beam(table, *, beam_size, max_len, eos_id, alpha=0.6, pad_id=0, axis=0):
+    """Jitted beam search over ``make_step(table)`` (compiled once per setting)."""
+    b = table.shape[0]
+    return beam_search(
+        make_step(table, axis=axis),
+        init_state(b, axis),
+        b,
+        beam_size=beam_size,
+        max_len=max_len,
+        bos_id=BOS,
+        eos_id=eos_id,
+        length_penalty=alpha,
+        pad_id=pad_id,
+        state_batch_axis=axis,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("max_len", "eos_id", "pad_id"))
+def run_greedy(table, *, max_len, eos_id, pad_id=0):
+    b = table.shape[0]
+    return greedy_decode(
+        make_step(table),
+        init_state(b),
+        b,
+        max_len=max_len,
+        bos_id=BOS,
+        eos_id=eos_id,
+        pad_id=pad_id,
+    )
+
+
+def enumerate_hypotheses(table_b, vocab, max_len, eos, alpha):
+    """All hypotheses of one sentence: (tokens, score), EOS only last or length max_len."""
+    out = []
+    for length in range(1, max_len + 1):
+        for seq in itertools.product(range(vocab), repeat=length):
+            if eos in seq[:-1] or (length < max_len and seq[-1] != eos):
+                continue
+            logp = sum(table_b[code_of(seq[:t], vocab), seq[t]] for t in range(length))
+            lp = ((5.0 + length) / 6.0) ** alpha
+            out.append((seq, logp / lp))
+    return sorted(out, key=lambda h: -h[1])
+
+
+def padded(seq, max_len, pad):
+    return list(seq) + [pad] * (max_len - len(seq))
+
+
+@pytest.mark.parametrize(("alpha", "axis"), [(0.0, 0), (0.6, 1), (3.0, 0)])
+def test_exhaustive_beam_equals_enumeration(np_rng, alpha, axis):
+    # V=3 (EOS=1), L=3: the last step has 4 live prefixes x 3 tokens = 12 candidates, so a
+    # beam of 12 keeps every hypothesis and must rank all 1 + 2 + 4 + 8 = 15 exactly.
+    b, vocab, max_len, eos, k, pad = 2, 3, 3, 1, 12, -1
+    table = prefix_table(np_rng, b, vocab, max_len)
+    result = run_beam(
+        table, beam_size=k, max_len=max_len, eos_id=eos, alpha=alpha, pad_id=pad, axis=axis
+    )
+    assert isinstance(result, BeamSearchResult)
+    assert result.beam_sequences.shape == (b, k, max_len) and result.beam_scores.shape == (b, k)
+    for row in range(b):
+        hyps = enumerate_hypotheses(table[row], vocab, max_len, eos, alpha)
+        assert len(hyps) == 15
+        want_scores = np.array([s for _, s in hyps[:k]])
+        np.testing.assert_allclose(result.beam_scores[row], want_scores, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(result.sequences[row], padded(hyps[0][0], max_len, pad))
+        np.testing.assert_allclose(result.scores[row], hyps[0][1], rtol=1e-5)
+        got = {tuple(s) for s in np.asarray(result.beam_sequences[row]).tolist()}
+        assert got == {tuple(padded(s, max_len, pad)) for s, _ in hyps[:k]}
+
+
+def test_length_penalty_changes_the_winner():
+    # Built by hand, table[sentence, code, token], EOS = 0. With beam 2:
+    #   step 0: [2] 0.55 and [EOS] 0.45 are the top 2 -> [EOS] ends, log P = log 0.45.
+    #   step 1: [2, 2] and [2, 1] beat [2, EOS] -> nothing ends.
+    #   step 2: [2, 2, EOS] ends with log P = log(0.55 * 0.95 * 0.8) = log 0.418.
+    # Unpenalised [EOS] wins; with alpha = 1 (lp 1 vs 8/6) the longer hypothesis wins.
+    vocab, eos, max_len = 3, 0, 3
+    table = np.full((1, code_of([2, 2, 2], vocab) + 1, vocab), np.log(1 / 3))
+    table[0, 0] = np.log([0.45, 1e-4, 0.55 - 1e-4])
+    table[0, code_of([2], vocab)] = np.log([0.01, 0.04, 0.95])
+    table[0, code_of([2, 2], vocab)] = np.log([0.8, 0.1, 0.1])
+    short, long = np.log(0.45), np.log((0.55 - 1e-4) * 0.95 * 0.8)
+    for alpha, want, score in [
+        (0.0, [eos, -1, -1], short),
+        (1.0, [2, 2, eos], long / (8 / 6)),
+    ]:
+        res = run_beam(table, beam_size=2, max_len=max_len, eos_id=eos, alpha=alpha, pad_id=-1)
+        np.testing.assert_array_equal(res.sequences[0], want)
+        np.testing.assert_allclose(res.scores[0], score, rtol=1e-5)
+        # Both ended hypotheses are kept with their own (penalised) scores.
+        np.testing.assert_allclose(
+            sorted(np.asarray(res.beam_scores[0])),
+            sorted([short, long / (8 / 6) ** alpha]),
+            rtol=1e-5,
+        )
+    greedy = run_greedy(table, max_len=max_len, eos_id=eos)
+    np.testing.assert_array_equal(greedy[0], [2, 2, eos])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.5])
+def test_beam_one_equals_greedy(np_rng, alpha):
+    b, vocab, max_len, eos = 7, 4, 5, 3
+    table = prefix_table(np_rng, b, vocab, max_len, scale=1.0, bias=np.array([0, 0, 0, -1.0]))
+    greedy = run_greedy(table, max_len=max_len, eos_id=eos)
+    beam = run_beam(table, beam_size=1, max_len=max_len, eos_id=eos, alpha=alpha)
+    np.testing.assert_array_equal(beam.sequences, greedy)
+    assert beam.beam_sequences.shape == (b, 1, max_len)
+    # Independent greedy reference in NumPy.
+    for row in range(b):
+        prefix = []
+        while len(prefix) < max_len and (not prefix or prefix[-1] != eos):
+            prefix.append(int(np.argmax(table[row, code_of(prefix, vocab)])))
+        np.testing.assert_array_equal(greedy[row], padded(prefix, max_len, 0))
+    # Both endings occur: some rows stop at EOS, some run to max_len.
+    assert np.any(np.asarray(greedy) == eos) and np.any(np.asarray(greedy)[:, -1] != 0)
+
+
+def test_per_row_first_tokens(np_rng):
+    # Row 1 is fed token 2 first instead of BOS, as after prefilling a prompt ending in 2:
+    # its output continues the prefix [2].
+    b, vocab, max_len, eos = 2, 4, 3, 3
+    table = prefix_table(np_rng, b, vocab, max_len + 1, scale=1.0, bias=np.array([0, 0, 0, -2.0]))
+    first = jnp.array([BOS, 2], jnp.int32)
+    greedy = jax.jit(
+        lambda t, f: greedy_decode(
+            make_step(t), init_state(b), b, max_len=max_len, bos_id=f, eos_id=eos
+        )
+    )(table, first)
+    beam = jax.jit(
+        lambda t, f: (
+            beam_search(
+                make_step(t), init_state(b), b, beam_size=1, max_len=max_len, bos_id=f, eos_id=eos
+            ).sequences
+        )
+    )(table, first)
+    np.testing.assert_array_equal(beam, greedy)
+    for row, prefix in [(0, []), (1, [2])]:
+        out = []
+        while len(out) < max_len and (not out or out[-1] != eos):
+            out.append(int(np.argmax(table[row, code_of(prefix + out, vocab)])))
+        np.testing.assert_array_equal(greedy[row], padded(out, max_len, 0))
+    with pytest.raises(ValueError, match="bos_id"):
+        greedy_decode(make_step(table), init_state(b), b, max_len=2, bos_id=first[:1], eos_id=eos)
+
+
+def test_eos_handling():
+    # Row 0 ends at once (EOS is almost certain); row 1 never produces EOS.
+    vocab, eos, max_len, k = 4, 2, 4, 3
+    codes = code_of([3] * max_len, vocab) + 1
+    table = np.full((2, codes, vocab), np.log(0.3))
+    table[0, :, eos] = np.log(0.97)
+    table[0, :, [0, 1, 3]] = np.log(0.01)
+    table[1, :, eos] = -1e9
+    res = run_beam(table, beam_size=k, max_len=max_len, eos_id=eos, alpha=1.0)
+    np.testing.assert_array_equal(res.sequences[0], [eos, 0, 0, 0])
+    np.testing.assert_allclose(res.scores[0], np.log(0.97) / (6 / 6), rtol=1e-6)
+    assert not np.any(np.asarray(res.beam_sequences[1]) == eos)  # cut at max_len, no EOS
+    np.testing.assert_allclose(res.beam_scores[1], 4 * np.log(0.3) / (9 / 6), rtol=1e-5)
+    seqs = np.asarray(res.beam_sequences).reshape(-1, max_len)
+    for seq in seqs:  # nothing but padding follows an EOS
+        hit = np.flatnonzero(seq == eos)
+        if hit.size:
+            assert np.all(seq[hit[0] + 1 :] == 0)
+    # Greedy pads after EOS too.
+    greedy = run_greedy(table, max_len=max_len, eos_id=eos)
+    np.testing.assert_array_equal(greedy[0], [eos, 0, 0, 0])
+    assert not np.any(np.asarray(greedy[1]) == eos)
+
+
+def test_jit_matches_eager(np_rng):
+    b, vocab, max_len, eos = 3, 5, 4, 4
+    table = prefix_table(np_rng, b, vocab, max_len)
+
+    def run(table):
+        step = make_step(table)
+        res = beam_search(
+            step, init_state(b), b, beam_size=3, max_len=max_len, bos_id=BOS, eos_id=eos
+        )
+        return res, greedy_decode(step, init_state(b), b, max_len=max_len, bos_id=BOS, eos_id=eos)
+
+    eager = run(jnp.asarray(table, jnp.float32))
+    jitted = jax.jit(run)(jnp.asarray(table, jnp.float32))
+    for a, c in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        np.testing.assert_allclose(a, c, rtol=1e-6)
+
+
+def test_length_penalty_and_gather_rows():
+    np.testing.assert_allclose(gnmt_length_penalty(jnp.int32(7), 0.6), (12 / 6) ** 0.6, rtol=1e-6)
+    np.testing.assert_allclose(gnmt_length_penalty(3, 0.0), 1.0)
+    tree = {"x": jnp.arange(6).reshape(3, 2), "n": jnp.int32(5), "y": jnp.arange(3)}
+    out = gather_rows(tree, jnp.array([2, 0]))
+    np.testing.assert_array_equal(out["x"], [[4, 5], [0, 1]])
+    np.testing.assert_array_equal(out["y"], [2, 0])
+    assert int(out["n"]) == 5
+    out = gather_rows(tree, jnp.array([1, 1, 0]), axis=1)
+    np.testing.assert_array_equal(out["x"], [[1, 1, 0], [3, 3, 2], [5, 5, 4]])
+    np.testing.assert_array_equal(out["y"], jnp.arange(3))  # rank 1 <= axis: shared
+
+
+def test_bad_inputs_raise(np_rng):
+    table = prefix_table(np_rng, 2, 3, 2)
+    step = make_step(table)
+    kw = dict(max_len=2, bos_id=BOS, eos_id=1)
+    with pytest.raises(ValueError, match="beam_size"):
+        beam_search(step, init_state(2), 2, beam_size=0, **kw)
+    with pytest.raises(ValueError, match="length_penalty"):
+        beam_search(step, init_state(2), 2, beam_size=2, length_penalty=-1.0, **kw)
+    with pytest.raises(ValueError, match="max_len"):
+        greedy_decode(step, init_state(2), 2, max_len=0, bos_id=BOS, eos_id=1)
+    with pytest.raises(ValueError, match="rows"):
+        greedy_decode(step, init_state(3), 2, **kw)
+    with pytest.raises(ValueError, match="eos_id=5"):
+        beam_search(step, init_state(2), 2, beam_size=2, max_len=2, bos_id=BOS, eos_id=5)
+    bad_shape = lambda tokens, state: (jnp.zeros((tokens.shape[0],)), state)
+    with pytest.raises(ValueError, match="log_probs"):
+        greedy_decode(bad_shape, init_state(2), 2, **kw)
+    bad_state = lambda tokens, state: (jnp.zeros((tokens.shape[0], 3)), state[0])
+    with pytest.raises(ValueError, match="structure"):
+        beam_search(bad_state, init_state(2), 2, beam_size=2, **kw)

@@ -1,0 +1,383 @@
+"""Tests for jaxattn.models.seq2seq: a float64 NumPy reference of the whole model, teacher
+forcing vs step-by-step decoding, padding invariance, attention weights, the masked loss,
+dropout, bad inputs, and overfitting a tiny corpus that includes "let's go" -> "vamos"."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxattn.models import beam_search as search
+from jaxattn.models import seq2seq
+from jaxattn.models.seq2seq import (
+    Seq2SeqConfig,
+    decode_step,
+    encode,
+    init_decode_state,
+    init_seq2seq,
+    seq2seq_logits,
+    seq2seq_loss,
+    translate,
+)
+from jaxattn.ops.losses import cross_entropy
+from jaxattn.ops.lstm import BidirectionalWeights
+
+PAD, BOS, EOS = 0, 1, 2
+# Odd, distinct sizes: Vs=11, V=13, E=5, h=7, attention_dim=3.
+BASE = Seq2SeqConfig(src_vocab_size=11, tgt_vocab_size=13, embed_dim=5, hidden_size=7)
+VARIANTS = [
+    dataclasses.replace(BASE, attention="none", bidirectional_encoder=True, num_layers=2),
+    dataclasses.replace(BASE, attention="dot", bidirectional_encoder=True),
+    dataclasses.replace(BASE, attention="general", num_layers=2),
+    dataclasses.replace(BASE, attention="additive", attention_dim=3),
+]
+IDS = [f"{c.attention}-bi{c.bidirectional_encoder:d}-L{c.num_layers}" for c in VARIANTS]
+WITH_ATTENTION = VARIANTS[1:]
+
+# Compiled once per config and shape and shared by the tests (eager dispatch compiles every
+# op separately). XLA's backend optimisations are off: this halves compile time, which is
+# most of these tests' cost, and changes no result beyond float rounding.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+logits_jit = jit(seq2seq_logits, static_argnames=("config", "deterministic"))
+encode_jit = jit(encode, static_argnames=("config",))
+loss_and_grad_jit = jit(jax.value_and_grad(seq2seq_loss), static_argnames=("config",))
+step_jit = jit(decode_step, static_argnames=("config",))
+
+
+def random_weights(config, seed=0, scale=0.5):
+    """Weights of ``init_seq2seq``'s structure filled with N(0, scale^2) NumPy draws.
+
+    (Drawing them with jax.random would compile a PRNG kernel per shape.)
+    """
+    shapes = jax.eval_shape(lambda key: init_seq2seq(key, config), jax.random.key(0))
+    np_rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(scale * np_rng.standard_normal(s.shape), s.dtype), shapes
+    )
+
+
+def example_batch(config, np_rng):
+    """B=3 sources of lengths 5, 2, 4 (padded to S=5) and targets of T=4."""
+    lengths = np.array([5, 2, 4], np.int32)
+    src = np_rng.integers(3, config.src_vocab_size, (3, 5)).astype(np.int32)
+    src[np.arange(5)[None] >= lengths[:, None]] = PAD
+    tgt_in = np_rng.integers(3, config.tgt_vocab_size, (3, 4)).astype(np.int32)
+    tgt_in[:, 0] = BOS
+    return jnp.asarray(src), jnp.asarray(lengths), jnp.asarray(tgt_in)
+
+
+# --------------------------------------------------------------------------------------
+# float64 NumPy reference: explicit loops over rows and time.
+# --------------------------------------------------------------------------------------
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def np_lstm(w, xs, lengths, h0, c0, reverse=False):
+    """One LSTM layer over rows of different lengths; returns (ys, h, c)."""
+    w_ih, w_hh, b = (np.asarray(a, np.float64) for a in w)
+    hid = w_hh.shape[0]
+    ys = np.zeros((*xs.shape[:2], hid))
+    h, c = h0.copy(), c0.copy()
+    for row in range(xs.shape[0]):
+        steps = range(lengths[row])
+        for t in reversed(steps) if reverse else steps:
+            i, f, g, o = np.split(xs[row, t] @ w_ih + h[row] @ w_hh + b, 4)
+            c[row] = sigmoid(f) * c[row] + sigmoid(i) * np.tanh(g)
+            h[row] = sigmoid(o) * np.tanh(c[row])
+            ys[row, t] = h[row]
+    return ys, h, c
+
+
+def np_forward(w, config, src, lengths, tgt_in):
+    """Teacher-forced logits [B, T, V] and attention [B, T, S] of the whole model."""
+    f64 = lambda a: np.asarray(a, np.float64)
+    src, lengths, tgt_in = np.asarray(src), np.asarray(lengths), np.asarray(tgt_in)
+    b, s = src.shape
+    hid = config.hidden_size
+    zeros = lambda: np.zeros((b, hid))
+    xs, finals = f64(w.src_embedding.table)[src], []
+    for layer in w.encoder:
+        if isinstance(layer, BidirectionalWeights):
+            yf, hf, cf = np_lstm(layer.forward, xs, lengths, zeros(), zeros())
+            yb, hb, cb = np_lstm(layer.backward, xs, lengths, zeros(), zeros(), reverse=True)
+            xs = np.concatenate([yf, yb], -1)
+            finals.append((hf + hb, cf + cb))  # bridge: sum of the directions
+        else:
+            xs, h, c = np_lstm(layer, xs, lengths, zeros(), zeros())
+            finals.append((h, c))
+    memory = xs @ f64(w.memory.w) if w.memory is not None else xs
+    ys = f64(w.tgt_embedding.table)[tgt_in]
+    t_len = np.full(b, tgt_in.shape[1])
+    for layer, (h0, c0) in zip(w.decoder, finals):
+        ys, _, _ = np_lstm(layer, ys, t_len, h0, c0)
+    if config.attention == "none":
+        hidden, att = ys, None
+    else:
+        if config.attention == "dot":
+            scores = ys @ memory.transpose(0, 2, 1)
+        elif config.attention == "general":
+            scores = ys @ f64(w.attention) @ memory.transpose(0, 2, 1)
+        else:
+            wq, wk, v = (f64(a) for a in w.attention)
+            scores = np.tanh((ys @ wq)[:, :, None] + (memory @ wk)[:, None]) @ v
+        real = np.arange(s)[None, None] < lengths[:, None, None]  # [B, 1, S]
+        e = np.where(real, np.exp(scores - scores.max(-1, keepdims=True)), 0.0)
+        att = e / e.sum(-1, keepdims=True)
+        context = att @ memory
+        hidden = np.tanh(np.concatenate([context, ys], -1) @ f64(w.combine.w) + f64(w.combine.b))
+    return hidden @ f64(w.output.w) + f64(w.output.b), att
+
+
+@pytest.mark.parametrize("config", VARIANTS, ids=IDS)
+def test_matches_numpy_reference(config, np_rng):
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    logits, att = logits_jit(w, src, lengths, tgt_in, config)
+    want_logits, want_att = np_forward(w, config, src, lengths, tgt_in)
+    assert logits.shape == (3, 4, 13) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, want_logits, rtol=2e-4, atol=2e-4)
+    if config.attention == "none":
+        assert att is None
+    else:
+        assert att.shape == (3, 4, 5)
+        np.testing.assert_allclose(att, want_att, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", VARIANTS, ids=IDS)
+def test_teacher_forcing_equals_decode_step_loop(config, np_rng):
+    w = random_weights(config, seed=3)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    logits, att = logits_jit(w, src, lengths, tgt_in, config)
+    memory, final = encode_jit(w, src, lengths, config)
+    state = init_decode_state(final, config)
+    src_mask = jnp.arange(src.shape[1])[None] < lengths[:, None]
+    for t in range(tgt_in.shape[1]):
+        step_logits, state, step_att = step_jit(w, state, tgt_in[:, t], memory, src_mask, config)
+        np.testing.assert_allclose(step_logits, logits[:, t], rtol=1e-5, atol=1e-5)
+        if att is None:
+            assert step_att is None
+        else:
+            np.testing.assert_allclose(step_att, att[:, t], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", VARIANTS[1:2], ids=IDS[1:2])
+def test_padding_does_not_change_a_sentence(config, np_rng):
+    w = random_weights(config, seed=5)
+    src, lengths, tgt_in = example_batch(config, np_rng)  # row 1 has 2 real tokens of 5
+    alone = src[1:2, :2], lengths[1:2], tgt_in[1:2]
+    mem_alone, (h_alone, c_alone) = encode_jit(w, *alone[:2], config)
+    mem_batch, (h_batch, c_batch) = encode_jit(w, src, lengths, config)
+    np.testing.assert_allclose(mem_batch[1, :2], mem_alone[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(mem_batch[1, 2:], 0.0)  # padding outputs are zero
+    np.testing.assert_allclose(h_batch[:, 1], h_alone[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c_batch[:, 1], c_alone[:, 0], rtol=1e-5, atol=1e-6)
+    logits_alone, att_alone = logits_jit(w, *alone, config)
+    logits_batch, att_batch = logits_jit(w, src, lengths, tgt_in, config)
+    np.testing.assert_allclose(logits_batch[1], logits_alone[0], rtol=1e-5, atol=1e-5)
+    if att_alone is not None:
+        np.testing.assert_allclose(att_batch[1, :, :2], att_alone[0], rtol=1e-5, atol=1e-6)
+    # Different pad ids behind the real tokens change nothing either.
+    logits_junk, _ = logits_jit(w, src.at[1, 2:].set(7), lengths, tgt_in, config)
+    np.testing.assert_array_equal(logits_junk, logits_batch)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [c for c in VARIANTS if c.attention != "none"],
+    ids=[i for i, c in zip(IDS, VARIANTS) if c.attention != "none"],
+)
+def test_attention_sums_to_one_over_real_tokens(config, np_rng):
+    w = random_weights(config, seed=7)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    _, att = logits_jit(w, src, lengths, tgt_in, config)
+    real = np.arange(5)[None, None] < np.asarray(lengths)[:, None, None]  # [B, 1, S]
+    np.testing.assert_array_equal(np.where(real, 0.0, att), 0.0)
+    np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-6)
+    assert np.all(np.asarray(att)[np.broadcast_to(real, att.shape)] > 0)
+
+
+def test_loss_masks_padding_and_label_smoothing(np_rng):
+    config = VARIANTS[3]
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    tgt_out = jnp.concatenate([tgt_in[:, 1:], jnp.full((3, 1), EOS, jnp.int32)], axis=1)
+    mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], bool)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_out, tgt_mask=mask)
+    loss, grads = loss_and_grad_jit(w, batch, config)
+    logits = np.asarray(logits_jit(w, src, lengths, tgt_in, config)[0], np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, np.asarray(tgt_out)[..., None], -1)[..., 0]
+    m = np.asarray(mask, np.float64)
+    np.testing.assert_allclose(loss, (nll * m).sum() / m.sum(), rtol=1e-5)
+    # Targets under the mask are ignored.
+    junk = dict(batch, tgt_out=jnp.where(mask, tgt_out, 5))
+    np.testing.assert_allclose(loss_and_grad_jit(w, junk, config)[0], loss, rtol=1e-6)
+    # Label smoothing eps: (1 - eps) * nll + eps * mean_v(-log p_v).
+    eps = 0.1
+    smooth = (1 - eps) * nll + eps * (-logp.mean(-1))
+    smoothed = jax.jit(functools.partial(cross_entropy, label_smoothing=eps))
+    got = smoothed(jnp.asarray(logits, jnp.float32), tgt_out, mask)
+    np.testing.assert_allclose(got, (smooth * m).sum() / m.sum(), rtol=1e-5)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_dropout(np_rng):
+    config = dataclasses.replace(VARIANTS[2], dropout=0.3)
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    plain = logits_jit(w, src, lengths, tgt_in, VARIANTS[2])[0]  # = config's deterministic pass
+    kw = dict(config=config, deterministic=False)
+    a = logits_jit(w, src, lengths, tgt_in, rng=jax.random.key(1), **kw)[0]
+    b = logits_jit(w, src, lengths, tgt_in, rng=jax.random.key(2), **kw)[0]
+    assert not np.allclose(a, plain) and not np.allclose(a, b)
+    np.testing.assert_array_equal(
+        a, logits_jit(w, src, lengths, tgt_in, rng=jax.random.key(1), **kw)[0]
+    )
+    with pytest.raises(ValueError, match="rng"):
+        seq2seq_logits(w, src, lengths, tgt_in, config, deterministic=False)
+
+
+def test_beam_one_equals_greedy_on_the_model(np_rng):
+    config = VARIANTS[1]
+    w = random_weights(config, seed=11)
+    src, lengths, _ = example_batch(config, np_rng)
+
+    @jit
+    def greedy_and_beam_one(w, src, lengths):
+        # translate's compiled body, here without XLA optimisations (faster to compile).
+        greedy = seq2seq._translate.__wrapped__(w, src, lengths, config, 1, 6, 0.6)
+        memory, final = encode(w, src, lengths, config)
+        src_mask = jnp.arange(5)[None] < lengths[:, None]
+
+        def step(token, state):
+            logits, state, _ = decode_step(w, state, token, memory, src_mask, config)
+            return jax.nn.log_softmax(search.forbid_tokens(logits, (PAD, BOS))), state
+
+        state = init_decode_state(final, config)
+        beam = search.beam_search(
+            step, state, 3, beam_size=1, max_len=6, bos_id=BOS, eos_id=EOS, state_batch_axis=1
+        )
+        return greedy, beam.sequences
+
+    greedy, beam = greedy_and_beam_one(w, src, lengths)
+    np.testing.assert_array_equal(beam, greedy)
+    assert greedy.shape == (3, 6) and greedy.dtype == jnp.int32
+    assert not np.any(np.asarray(greedy) == BOS)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (dict(attention="luong"), "attention must be one of"),
+        (dict(attention_dim=4), "attention_dim"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(eos_id=BOS), "must differ"),
+        (dict(pad_id=11), "pad_id"),
+    ],
+)
+def test_config_validation(changes, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(BASE, **changes)
+
+
+def test_bad_inputs_raise(np_rng):
+    config = VARIANTS[3]
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    with pytest.raises(ValueError, match="src_lengths"):
+        encode(w, src, lengths[:2], config)
+    with pytest.raises(ValueError, match="src ids"):
+        encode(w, src.at[0, 0].set(11), lengths, config)
+    with pytest.raises(ValueError, match="tgt_in"):
+        seq2seq_logits(w, src, lengths, tgt_in[:2], config)
+    with pytest.raises(ValueError, match="lacks"):
+        seq2seq_loss(w, dict(src=src, src_lengths=lengths, tgt_in=tgt_in), config)
+    memory, final = encode_jit(w, src, lengths, config)
+    with pytest.raises(ValueError, match="state"):
+        decode_step(w, final, tgt_in[:2, 0], memory, lengths > 0, config)
+
+
+# --------------------------------------------------------------------------------------
+# Overfitting a tiny corpus: "let's go" -> "vamos" and friends.
+# --------------------------------------------------------------------------------------
+
+PAIRS = [
+    ("let's go", "vamos"),
+    ("let's eat", "comamos"),
+    ("i am cold", "tengo frío"),
+    ("she is here", "ella está aquí"),
+    ("we are very happy", "estamos muy felices"),
+    ("go away", "vete"),
+]
+
+
+def vocab(sentences):
+    words = sorted({w for s in sentences for w in s.split()})
+    return {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", *words])}
+
+
+def tiny_corpus():
+    """Word-level ids, the batch dict of ``seq2seq_loss`` and the expected outputs."""
+    src_vocab, tgt_vocab = vocab(p[0] for p in PAIRS), vocab(p[1] for p in PAIRS)
+    src_ids = [[src_vocab[w] for w in s.split()] for s, _ in PAIRS]
+    tgt_ids = [[tgt_vocab[w] for w in t.split()] for _, t in PAIRS]
+    s_len, t_len = max(map(len, src_ids)), max(map(len, tgt_ids)) + 1
+    pad = lambda seqs, n: np.array([s + [PAD] * (n - len(s)) for s in seqs], np.int32)
+    batch = dict(
+        src=pad(src_ids, s_len),
+        src_lengths=np.array([len(s) for s in src_ids], np.int32),
+        tgt_in=pad([[BOS, *t] for t in tgt_ids], t_len),
+        tgt_out=pad([[*t, EOS] for t in tgt_ids], t_len),
+        tgt_mask=pad([[1] * (len(t) + 1) for t in tgt_ids], t_len).astype(bool),
+    )
+    return batch, batch["tgt_out"], len(src_vocab), len(tgt_vocab)
+
+
+@functools.partial(jit, static_argnames=("config", "steps"))
+def train(weights, batch, config, steps):
+    """``steps`` Adam updates on one batch, all inside one compiled ``lax.scan``."""
+    optimizer = optax.adam(0.03)
+
+    def update(carry, _):
+        weights, opt_state = carry
+        loss, grads = jax.value_and_grad(seq2seq_loss)(weights, batch, config)
+        with jax.numpy_dtype_promotion("standard"):  # optax's Adam: float ** int32 count
+            updates, opt_state = optimizer.update(grads, opt_state, weights)
+        return (optax.apply_updates(weights, updates), opt_state), loss
+
+    (weights, _), losses = jax.lax.scan(update, (weights, optimizer.init(weights)), length=steps)
+    return weights, losses
+
+
+@pytest.mark.slow  # compiling training and decoding dominates (several seconds each)
+@pytest.mark.parametrize(
+    ("attention", "bidirectional", "layers"),
+    [("none", False, 1), ("dot", True, 1), ("general", False, 2), ("additive", False, 1)],
+)
+def test_overfits_tiny_corpus(attention, bidirectional, layers):
+    batch, want, vs, vt = tiny_corpus()
+    config = Seq2SeqConfig(
+        src_vocab_size=vs,
+        tgt_vocab_size=vt,
+        embed_dim=15,
+        hidden_size=31,
+        num_layers=layers,
+        bidirectional_encoder=bidirectional,
+        attention=attention,
+    )
+    weights = init_seq2seq(jax.random.key(0), config)  # eager: PRNG kernels shared by variants
+    weights, losses = train(weights, batch, config, 150)
+    assert float(losses[-1]) < 0.05 < float(losses[0])
+    src, lengths = batch["src"], batch["src_lengths"]
+    for beam in (1, 3) if attention == "dot" else (1,):  # beam search compiles slowly
+        out = np.asarray(translate(weights, config, src, lengths, beam_size=beam, max_len=5))
+        np.testing.assert_array_equal(out[:, : want.shape[1]], want)
+        np.testing.assert_array_equal(out[:, want.shape[1] :], PAD)

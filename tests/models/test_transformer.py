@@ -1,0 +1,404 @@
+"""Tests for jaxattn.models.transformer: PyTorch parity (pre- and post-LN), cached decoding
+vs the teacher-forced pass, padding invariance, the masked loss, dropout, bfloat16, bad
+inputs, and overfitting a tiny corpus that includes "let's go" -> "vamos"."""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxattn.models import beam_search as search
+from jaxattn.models import transformer
+from jaxattn.models.transformer import (
+    TransformerConfig,
+    cross_kv,
+    decode,
+    decode_step,
+    encode,
+    init_cache,
+    init_transformer,
+    transformer_logits,
+    transformer_loss,
+    translate,
+)
+
+PAD, BOS, EOS = 0, 1, 2
+# Odd, distinct sizes: Vs=11, V=13, D=12 (N=3, H=4), F=24, Le=2, Ld=3, max_len=9.
+BASE = TransformerConfig(
+    src_vocab_size=11,
+    tgt_vocab_size=13,
+    embed_dim=12,
+    num_heads=3,
+    num_encoder_layers=2,
+    num_decoder_layers=3,
+    mlp_ratio=2,
+    max_len=9,
+)
+POST_LN_UNTIED = dataclasses.replace(BASE, pre_ln=False, tie_embeddings=False)
+
+# Compiled once per config and shape and shared by the tests; XLA's backend optimisations
+# are off (halves compile time, the tests' main cost; results differ only by rounding).
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+logits_jit = jit(transformer_logits, static_argnames=("config", "deterministic"))
+encode_jit = jit(encode, static_argnames=("config",))
+loss_and_grad_jit = jit(jax.value_and_grad(transformer_loss), static_argnames=("config",))
+
+
+@functools.partial(jit, static_argnames=("config",))
+def cached_logits(weights, src, lengths, tgt_in, config):
+    """Teacher-forced logits recomputed one ``decode_step`` at a time (a Python loop)."""
+    memory = encode(weights, src, lengths, config)
+    cross = cross_kv(weights, memory, config)
+    src_mask = jnp.arange(src.shape[1])[None] < lengths[:, None]
+    cache = init_cache(config, src.shape[0], config.max_len)
+    out = []
+    for t in range(tgt_in.shape[1]):
+        logits, cache = decode_step(weights, cache, tgt_in[:, t], cross, src_mask, config)
+        out.append(logits)
+    return jnp.stack(out, axis=1), cache.index
+
+
+def random_weights(config, seed=0, scale=0.5):
+    """Weights of ``init_transformer``'s structure filled with N(0, scale^2) NumPy draws."""
+    shapes = jax.eval_shape(lambda key: init_transformer(key, config), jax.random.key(0))
+    np_rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(scale * np_rng.standard_normal(s.shape), s.dtype), shapes
+    )
+
+
+def example_batch(config, np_rng):
+    """B=3 sources of lengths 5, 2, 4 (S=5) and targets of T=4."""
+    lengths = np.array([5, 2, 4], np.int32)
+    src = np_rng.integers(3, config.src_vocab_size, (3, 5)).astype(np.int32)
+    src[np.arange(5)[None] >= lengths[:, None]] = PAD
+    tgt_in = np_rng.integers(3, config.tgt_vocab_size, (3, 4)).astype(np.int32)
+    tgt_in[:, 0] = BOS
+    return jnp.asarray(src), jnp.asarray(lengths), jnp.asarray(tgt_in)
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch reference: nn.TransformerEncoder / nn.TransformerDecoder in float64.
+# --------------------------------------------------------------------------------------
+
+
+def np_sinusoidal(length, dim):
+    angles = np.arange(length)[:, None] / 10000 ** (np.arange(0, dim, 2) / dim)
+    pe = np.zeros((length, dim))
+    pe[:, 0::2], pe[:, 1::2] = np.sin(angles), np.cos(angles)
+    return pe
+
+
+def torch_model(weights, config):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    d = config.embed_dim
+    t = lambda a: torch.tensor(np.asarray(a, np.float64))
+    gelu = lambda x: nn.functional.gelu(x, approximate="tanh")
+    kw = dict(
+        d_model=d,
+        nhead=config.num_heads,
+        dim_feedforward=config.mlp_ratio * d,
+        dropout=0.0,
+        activation=gelu,
+        batch_first=True,
+        norm_first=config.pre_ln,
+        dtype=torch.float64,
+    )
+
+    def load_attention(mha, w, layer):
+        get = lambda a: np.asarray(a[layer], np.float64)
+        qkv = [get(x).reshape(d, d).T for x in (w.w_q, w.w_k, w.w_v)]
+        mha.in_proj_weight.copy_(t(np.concatenate(qkv)))
+        mha.in_proj_bias.copy_(
+            t(np.concatenate([get(b).reshape(d) for b in (w.b_q, w.b_k, w.b_v)]))
+        )
+        mha.out_proj.weight.copy_(t(get(w.w_o).reshape(d, d).T))
+        mha.out_proj.bias.copy_(t(get(w.b_o)))
+
+    def load_norm(norm, w, layer=None):
+        norm.weight.copy_(t(w.scale if layer is None else w.scale[layer]))
+        norm.bias.copy_(t(w.bias if layer is None else w.bias[layer]))
+
+    def load_mlp(mod, w, layer):
+        mod.linear1.weight.copy_(t(np.asarray(w.up.w[layer]).T))
+        mod.linear1.bias.copy_(t(w.up.b[layer]))
+        mod.linear2.weight.copy_(t(np.asarray(w.down.w[layer]).T))
+        mod.linear2.bias.copy_(t(w.down.b[layer]))
+
+    final = (lambda: nn.LayerNorm(d, dtype=torch.float64)) if config.pre_ln else (lambda: None)
+    enc = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(**kw),
+        config.num_encoder_layers,
+        norm=final(),
+        enable_nested_tensor=False,
+    )
+    dec = nn.TransformerDecoder(
+        nn.TransformerDecoderLayer(**kw), config.num_decoder_layers, norm=final()
+    )
+    with torch.no_grad():
+        for i, layer in enumerate(enc.layers):
+            load_attention(layer.self_attn, weights.encoder.attn, i)
+            load_norm(layer.norm1, weights.encoder.ln1, i)
+            load_norm(layer.norm2, weights.encoder.ln2, i)
+            load_mlp(layer, weights.encoder.mlp, i)
+        for i, layer in enumerate(dec.layers):
+            load_attention(layer.self_attn, weights.decoder.self_attn, i)
+            load_attention(layer.multihead_attn, weights.decoder.cross_attn, i)
+            for n, ln in enumerate((weights.decoder.ln1, weights.decoder.ln2, weights.decoder.ln3)):
+                load_norm(getattr(layer, f"norm{n + 1}"), ln, i)
+            load_mlp(layer, weights.decoder.mlp, i)
+        if config.pre_ln:
+            load_norm(enc.norm, weights.encoder_norm)
+            load_norm(dec.norm, weights.decoder_norm)
+    return enc.eval(), dec.eval()
+
+
+@pytest.mark.parametrize("config", [BASE, POST_LN_UNTIED], ids=["pre-ln-tied", "post-ln-untied"])
+def test_matches_pytorch(config, np_rng):
+    torch = pytest.importorskip("torch")
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    enc, dec = torch_model(w, config)
+    d = config.embed_dim
+    pe = np_sinusoidal(config.max_len, d)
+    x = np.asarray(w.src_embedding.table, np.float64)[np.asarray(src)] * math.sqrt(d) + pe[:5]
+    y = np.asarray(w.tgt_embedding.table, np.float64)[np.asarray(tgt_in)] * math.sqrt(d) + pe[:4]
+    ignore = torch.tensor(np.arange(5)[None] >= np.asarray(lengths)[:, None])  # True = padding
+    causal = torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1)  # True = masked
+    with torch.no_grad():
+        memory = enc(torch.tensor(x), src_key_padding_mask=ignore)
+        out = dec(torch.tensor(y), memory, tgt_mask=causal, memory_key_padding_mask=ignore)
+    head = w.tgt_embedding.table.T if w.head is None else w.head.w
+    want_logits = out.numpy() @ np.asarray(head, np.float64)
+    got_memory = encode_jit(w, src, lengths, config)
+    real = np.arange(5)[None] < np.asarray(lengths)[:, None]
+    np.testing.assert_allclose(
+        np.asarray(got_memory)[real], memory.numpy()[real], rtol=2e-4, atol=2e-4
+    )
+    got = logits_jit(w, src, lengths, tgt_in, config)
+    assert got.shape == (3, 4, 13) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want_logits, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("config", [BASE, POST_LN_UNTIED], ids=["pre-ln-tied", "post-ln-untied"])
+def test_cached_decode_step_equals_teacher_forcing(config, np_rng):
+    w = random_weights(config, seed=3)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    want = logits_jit(w, src, lengths, tgt_in, config)
+    got, index = cached_logits(w, src, lengths, tgt_in, config)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert int(index) == tgt_in.shape[1]
+
+
+def test_padding_does_not_change_a_sentence(np_rng):
+    config = BASE
+    w = random_weights(config, seed=5)
+    src, lengths, tgt_in = example_batch(config, np_rng)  # row 1: 2 real tokens of 5
+    np.testing.assert_allclose(
+        encode_jit(w, src, lengths, config)[1, :2],
+        encode_jit(w, src[1:2, :2], lengths[1:2], config)[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    batch_logits = logits_jit(w, src, lengths, tgt_in, config)
+    alone = logits_jit(w, src[1:2, :2], lengths[1:2], tgt_in[1:2], config)
+    np.testing.assert_allclose(batch_logits[1], alone[0], rtol=1e-5, atol=1e-5)
+    junk = logits_jit(w, src.at[1, 2:].set(7), lengths, tgt_in, config)  # other pad ids
+    np.testing.assert_allclose(junk, batch_logits, rtol=1e-6, atol=1e-6)
+    # Causality: changing a later target token leaves earlier logits alone.
+    later = logits_jit(w, src, lengths, tgt_in.at[:, 2].set(4), config)
+    np.testing.assert_array_equal(later[:, :2], batch_logits[:, :2])
+    assert not np.allclose(later[:, 2:], batch_logits[:, 2:])
+
+
+def test_loss_masks_padding_and_grads(np_rng):
+    config = BASE
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    tgt_out = jnp.concatenate([tgt_in[:, 1:], jnp.full((3, 1), EOS, jnp.int32)], axis=1)
+    mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], bool)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_out, tgt_mask=mask)
+    loss, grads = loss_and_grad_jit(w, batch, config)
+    logits = np.asarray(logits_jit(w, src, lengths, tgt_in, config), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, np.asarray(tgt_out)[..., None], -1)[..., 0]
+    m = np.asarray(mask, np.float64)
+    np.testing.assert_allclose(loss, (nll * m).sum() / m.sum(), rtol=1e-5)
+    junk = dict(batch, tgt_out=jnp.where(mask, tgt_out, 5))
+    np.testing.assert_allclose(loss_and_grad_jit(w, junk, config)[0], loss, rtol=1e-6)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    # The source embedding gets gradient exactly for the real source tokens: padding is
+    # never read.
+    src_grad = np.abs(np.asarray(grads.src_embedding.table)).sum(-1)
+    used = np.unique(np.asarray(src)[np.arange(5)[None] < np.asarray(lengths)[:, None]])
+    assert np.all(src_grad[used] > 0) and np.all(np.delete(src_grad, used) == 0)
+
+
+def test_dropout_and_bfloat16(np_rng):
+    config = dataclasses.replace(BASE, dropout=0.3)
+    w = random_weights(config, seed=2)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    plain = logits_jit(w, src, lengths, tgt_in, BASE)  # = config's deterministic pass
+    kw = dict(config=config, deterministic=False)
+    a = logits_jit(w, src, lengths, tgt_in, rng=jax.random.key(1), **kw)
+    b = logits_jit(w, src, lengths, tgt_in, rng=jax.random.key(2), **kw)
+    assert not np.allclose(a, plain) and not np.allclose(a, b)
+    with pytest.raises(ValueError, match="rng"):
+        transformer_logits(w, src, lengths, tgt_in, config, deterministic=False)
+    bf16 = dataclasses.replace(BASE, dtype="bfloat16")
+    low = logits_jit(w, src, lengths, tgt_in, bf16)
+    assert low.dtype == jnp.float32
+    scale = float(np.abs(np.asarray(plain)).max())
+    np.testing.assert_allclose(low, plain, atol=0.08 * scale)
+
+
+def test_beam_one_equals_greedy_on_the_model(np_rng):
+    config = POST_LN_UNTIED
+    w = random_weights(config, seed=11)
+    src, lengths, _ = example_batch(config, np_rng)
+
+    @jit
+    def greedy_and_beam_one(w, src, lengths):
+        # translate's compiled body, here without XLA optimisations (faster to compile).
+        greedy = transformer._translate.__wrapped__(w, src, lengths, config, 1, 6, 0.6)
+        memory = encode(w, src, lengths, config)
+        cross, src_mask = cross_kv(w, memory, config), jnp.arange(5)[None] < lengths[:, None]
+
+        def step(token, cache):
+            logits, cache = decode_step(w, cache, token, cross, src_mask, config)
+            return jax.nn.log_softmax(search.forbid_tokens(logits, (PAD, BOS))), cache
+
+        cache = init_cache(config, 3, 6)
+        kw = dict(max_len=6, bos_id=BOS, eos_id=EOS, state_batch_axis=1)
+        return greedy, search.beam_search(step, cache, 3, beam_size=1, **kw).sequences
+
+    greedy, beam = greedy_and_beam_one(w, src, lengths)
+    np.testing.assert_array_equal(beam, greedy)
+    assert greedy.shape == (3, 6) and not np.any(np.asarray(greedy) == BOS)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (dict(num_heads=5), "divisible"),
+        (dict(embed_dim=9, num_heads=3), "even"),
+        (dict(num_decoder_layers=0), "num_decoder_layers"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(bos_id=EOS), "must differ"),
+    ],
+)
+def test_config_validation(changes, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(BASE, **changes)
+
+
+def test_bad_inputs_raise(np_rng):
+    config = BASE
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    with pytest.raises(ValueError, match="src_lengths"):
+        encode(w, src, lengths[:2], config)
+    with pytest.raises(ValueError, match="max_len"):
+        encode(w, jnp.zeros((1, 10), jnp.int32), jnp.array([3]), config)
+    with pytest.raises(ValueError, match="src"):
+        encode(w, src.at[0, 0].set(11), lengths, config)
+    memory = jnp.zeros((3, 5, 12))
+    with pytest.raises(ValueError, match="src_mask"):
+        decode(w, memory, jnp.ones((3, 4), bool), tgt_in, config)
+    with pytest.raises(ValueError, match="max_len"):
+        init_cache(config, 3, 10)
+    with pytest.raises(ValueError, match="full"):
+        cache = init_cache(config, 3, 2)._replace(index=jnp.int32(2))
+        cross = cross_kv(w, memory, config)
+        decode_step(w, cache, tgt_in[:, 0], cross, jnp.ones((3, 5), bool), config)
+    with pytest.raises(ValueError, match="max_len"):
+        translate(w, config, src, lengths, max_len=10)
+
+
+# --------------------------------------------------------------------------------------
+# Overfitting a tiny corpus: "let's go" -> "vamos" and friends.
+# --------------------------------------------------------------------------------------
+
+PAIRS = [
+    ("let's go", "vamos"),
+    ("let's eat", "comamos"),
+    ("i am cold", "tengo frío"),
+    ("she is here", "ella está aquí"),
+    ("we are very happy", "estamos muy felices"),
+    ("go away", "vete"),
+]
+
+
+def tiny_corpus():
+    """Word-level ids as the batch dict of ``transformer_loss`` (pad 0, BOS 1, EOS 2)."""
+    vocab = lambda sents: {
+        w: i
+        for i, w in enumerate(
+            ["<pad>", "<bos>", "<eos>", *sorted({w for s in sents for w in s.split()})]
+        )
+    }
+    sv, tv = vocab(p[0] for p in PAIRS), vocab(p[1] for p in PAIRS)
+    src = [[sv[w] for w in s.split()] for s, _ in PAIRS]
+    tgt = [[tv[w] for w in t.split()] for _, t in PAIRS]
+    s_len, t_len = max(map(len, src)), max(map(len, tgt)) + 1
+    pad = lambda seqs, n: np.array([s + [PAD] * (n - len(s)) for s in seqs], np.int32)
+    batch = dict(
+        src=pad(src, s_len),
+        src_lengths=np.array([len(s) for s in src], np.int32),
+        tgt_in=pad([[BOS, *t] for t in tgt], t_len),
+        tgt_out=pad([[*t, EOS] for t in tgt], t_len),
+        tgt_mask=pad([[1] * (len(t) + 1) for t in tgt], t_len).astype(bool),
+    )
+    return batch, len(sv), len(tv)
+
+
+@functools.partial(jit, static_argnames=("config", "steps"))
+def train(weights, batch, config, steps):
+    optimizer = optax.adam(3e-3)
+
+    def update(carry, _):
+        weights, opt_state = carry
+        loss, grads = jax.value_and_grad(transformer_loss)(weights, batch, config)
+        with jax.numpy_dtype_promotion("standard"):  # optax's Adam: float ** int32 count
+            updates, opt_state = optimizer.update(grads, opt_state, weights)
+        return (optax.apply_updates(weights, updates), opt_state), loss
+
+    (weights, _), losses = jax.lax.scan(update, (weights, optimizer.init(weights)), length=steps)
+    return weights, losses
+
+
+@pytest.mark.slow  # compiling training and decoding dominates (several seconds each)
+def test_overfits_tiny_corpus():
+    batch, vs, vt = tiny_corpus()
+    config = TransformerConfig(
+        src_vocab_size=vs,
+        tgt_vocab_size=vt,
+        embed_dim=32,
+        num_heads=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        mlp_ratio=2,
+        max_len=8,
+    )
+    weights = jit(init_transformer, static_argnames="config")(jax.random.key(0), config)
+    assert weights.head is None and weights.decoder.self_attn.w_q.shape == (2, 32, 4, 8)
+    std = float(jnp.std(weights.tgt_embedding.table))
+    assert 0.7 / math.sqrt(32) < std < 1.3 / math.sqrt(32)
+    weights, losses = train(weights, batch, config, 150)
+    assert float(losses[-1]) < 0.05 < float(losses[0])
+    want = batch["tgt_out"]
+    for beam in (1, 3):
+        out = np.asarray(
+            translate(
+                weights, config, batch["src"], batch["src_lengths"], beam_size=beam, max_len=5
+            )
+        )
+        np.testing.assert_array_equal(out[:, : want.shape[1]], want)
+        np.testing.assert_array_equal(out[:, want.shape[1] :], PAD)
