@@ -23,8 +23,9 @@ e.g. (what ``gpt.generate`` does)::
 so it compiles once per prompt shape and setting. (Closing a fresh lambda over the weights
 *outside* jit and jitting ``generate`` itself would retrace on every call.)
 
-Beam search (for the translation models) will reuse ``decode_fn`` and add a
-``reorder_cache(cache, beam_indices)`` hook, since it must gather cache rows by beam.
+Greedy and beam search for encoder-decoder models live in ``beam_search.py``; their step
+function returns log-probabilities and their state rows are gathered by beam index along
+``state_batch_axis`` (1 for a ``gpt.KVCache``, whose leaves are ``[L, B, ...]``).
 """
 
 from __future__ import annotations
