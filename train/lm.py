@@ -18,7 +18,6 @@ context to the last ``block_size`` characters at every token, without a KV cache
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from common import parse_flags  # train/common.py (this script's directory)
 from ml_collections import config_flags
 
 from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt, weight_decay_mask
@@ -209,23 +209,5 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a clear message for an unknown ``--config.<key>`` override."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:  # How ml_collections reports an unknown field.
-        message = re.sub(r"\\+", "", str(e))  # The key arrives quoted and escaped.
-        key = re.search(r"'(\w+)'", message)
-        key = key.group(1) if key else message
-        hint = re.search(r'Did you mean "(\w+)"', message)
-        overrides = [a for a in argv if a.startswith("--config.") and key in a]
-        print(
-            f"error: unknown config key {key!r} in {overrides[0] if overrides else argv}"
-            + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
-            file=sys.stderr,
-        )
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)

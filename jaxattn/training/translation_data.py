@@ -1,0 +1,278 @@
+"""Sentence-pair data for translation: corpus, split, sentencepiece, bucketed grain batches.
+
+Shape glossary: B batch, S source time, T target time (both padded to a bucket length L).
+
+Pipeline: ``load_pairs`` reads ``English<TAB>Spanish`` lines (the bundled Tatoeba corpus by
+default); ``split_pairs`` shuffles the *distinct source sentences* with a fixed seed and
+cuts them into train/val/test, so every translation of one English sentence lands in the
+same split (Tatoeba often has several) and the test sources are never seen in training;
+``train_sentencepiece`` fits one joint English+Spanish unigram model on the train split
+only, with ``pad=0, bos=1, eos=2, unk=3`` (the models' ids), cached in the workdir;
+``encode_pairs`` turns pairs into id arrays; ``translation_dataset`` yields batches::
+
+    src [B, L] int32, src_lengths [B] int32,
+    tgt_in [B, L] (BOS y_1 .. y_n), tgt_out [B, L] (y_1 .. y_n EOS), tgt_mask [B, L] bool
+
+Every batch holds examples of one length bucket (the smallest ``L`` in ``buckets`` that
+fits both the source and ``n + 1``), so jit compiles one shape per bucket. Epoch ``e``'s
+batch order is a pure function of ``(seed, e)``: a grain ``MapDataset`` over an unbounded
+range of batch indices maps index ``i`` to batch ``i % n`` of epoch ``i // n``. The
+iterator state in a checkpoint is that index, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import grain
+import numpy as np
+
+from jaxattn.training.data import check_token_ids
+
+DEFAULT_CORPUS = "spa-eng.txt.gz"
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+
+class Split(NamedTuple):
+    """Train/val/test lists of ``(source, target)`` sentence pairs."""
+
+    train: list[tuple[str, str]]
+    val: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+
+
+def default_corpus_path() -> Path:
+    """Return the path of the bundled English–Spanish corpus (``jaxattn/data``)."""
+    return Path(str(importlib.resources.files("jaxattn").joinpath("data", DEFAULT_CORPUS)))
+
+
+def load_pairs(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """Read ``source<TAB>target`` lines (``.gz`` or plain UTF-8); ``None``/``""``: bundled.
+
+    Raises:
+      FileNotFoundError: naming the path; ValueError: naming a line without exactly one tab.
+    """
+    path = default_corpus_path() if not path else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"translation corpus not found: {str(path)!r}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+            raise ValueError(f"{path}:{number}: expected 'source<TAB>target', got {line!r}")
+        pairs.append((fields[0].strip(), fields[1].strip()))
+    return pairs
+
+
+def split_pairs(
+    pairs: Sequence[tuple[str, str]], *, seed: int, fractions: tuple[float, float] = (0.9, 0.05)
+) -> Split:
+    """Split by distinct source sentence: shuffle the sources with ``seed``, cut by fraction.
+
+    ``fractions`` are (train, val) of the distinct sources; test takes the rest. Pairs keep
+    their corpus order inside each split.
+    """
+    train_f, val_f = fractions
+    if not (0 < train_f and 0 < val_f and train_f + val_f < 1):
+        raise ValueError(f"fractions must be positive with a sum below 1, got {fractions}")
+    sources = sorted({s for s, _ in pairs})  # Sorted: independent of the corpus order.
+    order = np.random.default_rng(seed).permutation(len(sources))
+    n_train, n_val = int(len(sources) * train_f), int(len(sources) * val_f)
+    which = np.empty(len(sources), np.int8)
+    which[order[:n_train]], which[order[n_train : n_train + n_val]] = 0, 1
+    which[order[n_train + n_val :]] = 2
+    index = dict(zip(sources, which.tolist()))
+    out: tuple[list, list, list] = ([], [], [])
+    for pair in pairs:
+        out[index[pair[0]]].append(tuple(pair))
+    return Split(*out)
+
+
+def train_sentencepiece(
+    sentences: Sequence[str], model_prefix: str | os.PathLike, *, vocab_size: int
+):
+    """Train (or load, when ``<model_prefix>.model`` exists) a unigram sentencepiece model.
+
+    The ids are ``pad=0, bos=1, eos=2, unk=3``. ``vocab_size`` is an upper bound on a
+    small corpus (``hard_vocab_limit=False``).
+
+    Returns:
+      A ``sentencepiece.SentencePieceProcessor``.
+    """
+    import sentencepiece as spm  # The train extra; only the translation data needs it.
+
+    model_file = Path(f"{model_prefix}.model")
+    if not model_file.is_file():
+        if not sentences:
+            raise ValueError("train_sentencepiece: no sentences to train on")
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_prefix=str(model_prefix),
+            vocab_size=vocab_size,
+            model_type="unigram",
+            character_coverage=1.0,
+            pad_id=PAD_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            hard_vocab_limit=False,
+            num_threads=2,
+            minloglevel=2,
+        )
+    return spm.SentencePieceProcessor(model_file=str(model_file))
+
+
+def encode_pairs(
+    sp, pairs: Sequence[tuple[str, str]], *, max_len: int | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Encode pairs to id arrays (no BOS/EOS); drop pairs with ``len(src)`` or
+    ``len(tgt) + 1`` above ``max_len``, and empty ones."""
+    src = sp.encode([s for s, _ in pairs])
+    tgt = sp.encode([t for _, t in pairs])
+    keep_src, keep_tgt = [], []
+    for s, t in zip(src, tgt):
+        if not s or not t or (max_len and (len(s) > max_len or len(t) + 1 > max_len)):
+            continue
+        keep_src.append(np.asarray(s, np.int32))
+        keep_tgt.append(np.asarray(t, np.int32))
+    return keep_src, keep_tgt
+
+
+def bucket_of(length: int, buckets: Sequence[int]) -> int:
+    """Index of the smallest bucket length ``>= length``; ValueError if none fits."""
+    i = int(np.searchsorted(np.asarray(buckets), length))
+    if i == len(buckets):
+        raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+    return i
+
+
+def make_batch(
+    src: Sequence[np.ndarray], tgt: Sequence[np.ndarray] | None, length: int
+) -> dict[str, np.ndarray]:
+    """Pad a list of examples to ``[B, length]`` (see the module docstring for the keys).
+
+    With ``tgt=None`` only ``src`` and ``src_lengths`` are returned (for decoding).
+    """
+    b = len(src)
+    out = {"src": np.full((b, length), PAD_ID, np.int32), "src_lengths": np.zeros(b, np.int32)}
+    for i, s in enumerate(src):
+        if len(s) > length:
+            raise ValueError(f"source {i} has {len(s)} tokens, more than the length {length}")
+        out["src"][i, : len(s)] = s
+        out["src_lengths"][i] = len(s)
+    if tgt is None:
+        return out
+    tgt_in = np.full((b, length), PAD_ID, np.int32)
+    tgt_out = np.full((b, length), PAD_ID, np.int32)
+    for i, t in enumerate(tgt):
+        if len(t) + 1 > length:
+            raise ValueError(f"target {i} has {len(t)} + 1 tokens, more than the length {length}")
+        tgt_in[i, 0], tgt_in[i, 1 : len(t) + 1] = BOS_ID, t
+        tgt_out[i, : len(t)], tgt_out[i, len(t)] = t, EOS_ID
+    lengths = np.array([len(t) + 1 for t in tgt])
+    out |= {
+        "tgt_in": tgt_in,
+        "tgt_out": tgt_out,
+        "tgt_mask": np.arange(length)[None, :] < lengths[:, None],
+    }
+    return out
+
+
+class _BucketedBatches(grain.transforms.Map):
+    """Map a global batch index to its batch; epoch ``e``'s plan is seeded by ``(seed, e)``."""
+
+    def __init__(self, src, tgt, buckets, batch_size, seed):
+        self.src, self.tgt, self.buckets = src, tgt, tuple(buckets)
+        self.batch_size, self.seed = batch_size, seed
+        keys = [bucket_of(max(len(s), len(t) + 1), buckets) for s, t in zip(src, tgt)]
+        self.members = [np.flatnonzero(np.asarray(keys) == k) for k in range(len(buckets))]
+        self.num_batches = sum(len(m) // batch_size for m in self.members)
+        if self.num_batches == 0:
+            raise ValueError(
+                f"no bucket holds a full batch of {batch_size} examples "
+                f"({len(src)} examples in buckets {self.buckets})"
+            )
+        self._plan: tuple[int, list] | None = None
+
+    def _epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        if self._plan is None or self._plan[0] != epoch:
+            rng = np.random.default_rng((self.seed, epoch))
+            batches = []
+            for k, members in enumerate(self.members):
+                rows = rng.permutation(members)
+                full = len(rows) // self.batch_size * self.batch_size  # Drop the remainder.
+                batches += [(k, chunk) for chunk in rows[:full].reshape(-1, self.batch_size)]
+            order = rng.permutation(len(batches))
+            self._plan = (epoch, [batches[j] for j in order])
+        return self._plan[1]
+
+    def map(self, element: int) -> dict[str, np.ndarray]:
+        epoch, j = divmod(int(element), self.num_batches)
+        k, rows = self._epoch_plan(epoch)[j]
+        return make_batch([self.src[r] for r in rows], [self.tgt[r] for r in rows], self.buckets[k])
+
+
+def translation_dataset(
+    src: Sequence[np.ndarray],
+    tgt: Sequence[np.ndarray],
+    *,
+    batch_size: int,
+    buckets: Sequence[int],
+    seed: int,
+    vocab_size: int,
+) -> grain.MapDataset:
+    """Return an unbounded grain dataset of bucketed, per-epoch shuffled batches.
+
+    Args:
+      src, tgt: equal-length lists of 1-D id arrays (no BOS/EOS), as from ``encode_pairs``.
+      batch_size: B rows per batch; each epoch drops each bucket's last partial batch.
+      buckets: increasing padded lengths; every example must fit the largest.
+      seed: the batch sequence is a pure function of it.
+      vocab_size: every id must lie in ``[0, vocab_size)``.
+
+    Returns:
+      A ``grain.MapDataset``; element ``i`` is the batch dict of the module docstring.
+
+    Raises:
+      ValueError: mismatched lists, unsorted buckets, ids out of range, an example longer
+        than the largest bucket, or no bucket with a full batch.
+    """
+    if len(src) != len(tgt):
+        raise ValueError(f"src and tgt differ in length: {len(src)} vs {len(tgt)}")
+    if batch_size < 1 or not buckets or list(buckets) != sorted(set(buckets)):
+        raise ValueError(
+            f"need batch_size >= 1 and increasing buckets, got {batch_size}, {buckets}"
+        )
+    for ids in (*src, *tgt):
+        check_token_ids(ids, vocab_size)
+    ds = grain.MapDataset.range(sys.maxsize)  # Unbounded: an index per batch.
+    return ds.map(_BucketedBatches(list(src), list(tgt), buckets, batch_size, seed))
+
+
+def decode_batches(
+    src: Sequence[np.ndarray], *, batch_size: int, buckets: Sequence[int]
+) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Group sources by bucket for decoding: ``[(example indices, batch)]`` covering all.
+
+    The last batch of a bucket is filled up with copies of its first row (so every batch
+    has B rows and jit sees few shapes); ``indices`` names only the real rows, in order.
+    """
+    keys = np.array([bucket_of(len(s), buckets) for s in src])
+    out = []
+    for k, length in enumerate(buckets):
+        members = np.flatnonzero(keys == k)
+        for start in range(0, len(members), batch_size):
+            rows = members[start : start + batch_size]
+            padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+            out.append((rows, make_batch([src[r] for r in padded], None, length)))
+    return out

@@ -1,0 +1,103 @@
+"""train/translate.py end to end, as a user runs it: subprocesses with the tiny config.
+
+Each training run takes tens of seconds (XLA compiling the train step and the decoders),
+so they are module-scoped and marked slow; the argument errors fail before any compile.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxattn.training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "train" / "translate.py"
+TINY = REPO / "train" / "configs" / "translate_tiny.py"
+
+
+CACHE = {}  # The module's JAX compilation cache dir: later runs reuse compiled functions.
+
+
+def run_translate(*args, config=str(TINY), check=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if "dir" in CACHE:
+        env |= {
+            "JAX_COMPILATION_CACHE_DIR": str(CACHE["dir"]),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        }
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), f"--config={config}", "--noprogress", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        code = proc.returncode
+        raise AssertionError(f"translate.py failed ({code}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def lstm_run(tmp_path_factory):
+    CACHE["dir"] = tmp_path_factory.mktemp("jax_cache")
+    workdir = tmp_path_factory.mktemp("lstm") / "run"
+    return workdir, run_translate(f"--workdir={workdir}")
+
+
+def _check_finished_run(workdir, proc, num_steps=6):
+    records = read_metrics(workdir / "metrics.jsonl")
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert sorted(val) == [0, 3, 6]
+    bleu = [r for r in records if "test_bleu" in r]
+    assert len(bleu) == 1 and bleu[0]["step"] == num_steps
+    assert 0.0 <= bleu[0]["test_bleu"] <= 100.0
+    assert (workdir / "checkpoints" / str(num_steps)).is_dir()
+    assert (workdir / "spm.model").is_file()
+    assert "test BLEU" in proc.stdout
+
+
+@pytest.mark.slow
+def test_lstm_attention_run_writes_bleu_checkpoints_and_heatmap(lstm_run):
+    workdir, proc = lstm_run
+    _check_finished_run(workdir, proc)
+    png = workdir / "attention.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_translate_mode_prints_translations(lstm_run):
+    workdir, _ = lstm_run
+    spm_before = (workdir / "spm.model").read_bytes()
+    proc = run_translate(f"--workdir={workdir}", "--translate=let's go", "--translate=Hi.")
+    lines = [line for line in proc.stdout.splitlines() if " -> " in line]
+    assert len(lines) == 2
+    assert lines[0].startswith("let's go -> ") and lines[1].startswith("Hi. -> ")
+    assert (workdir / "spm.model").read_bytes() == spm_before  # reused, not retrained
+
+
+@pytest.mark.slow
+def test_transformer_run(tmp_path):
+    workdir = tmp_path / "run"
+    proc = run_translate(f"--workdir={workdir}", config=f"{TINY}:transformer")
+    _check_finished_run(workdir, proc)
+    assert not (workdir / "attention.png").exists()  # heat-maps are for the LSTM models
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    proc = run_translate(f"--workdir={tmp_path}", "--config.beam_sise=3", check=False)
+    assert proc.returncode == 2
+    assert "unknown config key 'beam_sise' in --config.beam_sise=3" in proc.stderr
+    assert "did you mean 'beam_size'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_translate_without_checkpoint_is_an_error(tmp_path):
+    proc = run_translate(f"--workdir={tmp_path / 'none'}", "--translate=hello", check=False)
+    assert proc.returncode == 1
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,176 @@
+"""Translation data: corpus, split by source sentence, sentencepiece ids, bucketed batches."""
+
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+
+from jaxattn.training import data
+from jaxattn.training import translation_data as td
+
+SPA_ENG_SHA256 = "6ec60e212f812ee3430f7568ea6f33b6fb080e32193c5952e8da0ee8ba45574c"
+
+# A toy corpus: 60 distinct sources, some with two translations (like Tatoeba).
+WORDS = ["go", "run", "eat", "see", "stop", "wait", "look", "sing", "swim", "read"]
+PAIRS = [(f"we {a} and {b}.", f"nosotros {b} y {a}.") for a in WORDS for b in WORDS[:6]]
+PAIRS += [(s, t.upper()) for s, t in PAIRS[::4]]  # 15 second translations
+
+
+def test_bundled_corpus_is_the_published_file():
+    path = td.default_corpus_path()
+    with gzip.open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == SPA_ENG_SHA256
+    pairs = td.load_pairs()
+    assert len(pairs) == 118_964
+    assert pairs[0] == ("Go.", "Ve.")
+
+
+def test_load_pairs_plain_file_and_errors(tmp_path):
+    good = tmp_path / "c.txt"
+    good.write_text("Hi.\tHola.\nLet's go!\t¡Vamos!\n", encoding="utf-8")
+    assert td.load_pairs(good) == [("Hi.", "Hola."), ("Let's go!", "¡Vamos!")]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Hi.\tHola.\nno tab here\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.txt:2"):
+        td.load_pairs(bad)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        td.load_pairs(tmp_path / "nope.txt")
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    a = td.split_pairs(PAIRS, seed=3, fractions=(0.6, 0.2))
+    b = td.split_pairs(list(reversed(PAIRS)), seed=3, fractions=(0.6, 0.2))
+    sources = [{s for s, _ in part} for part in a]
+    # Disjoint by source sentence: every translation of a sentence is in one split.
+    assert not (sources[0] & sources[1] or sources[0] & sources[2] or sources[1] & sources[2])
+    assert sorted(p for part in a for p in part) == sorted(PAIRS)
+    assert [len(s) for s in sources] == [36, 12, 12]  # int(60 * 0.6), int(60 * 0.2), rest
+    # The assignment depends on the seed, not on the corpus order.
+    assert [{s for s, _ in part} for part in b] == sources
+    c = td.split_pairs(PAIRS, seed=4, fractions=(0.6, 0.2))
+    assert {s for s, _ in c.test} != sources[2]
+    with pytest.raises(ValueError, match="fractions"):
+        td.split_pairs(PAIRS, seed=0, fractions=(0.9, 0.2))
+
+
+@pytest.fixture(scope="module")
+def sp(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("spm") / "spm"
+    return td.train_sentencepiece([s for p in PAIRS for s in p], prefix, vocab_size=60)
+
+
+def test_sentencepiece_special_ids_and_round_trip(sp):
+    assert sp.pad_id() == td.PAD_ID == 0
+    assert sp.bos_id() == td.BOS_ID == 1
+    assert sp.eos_id() == td.EOS_ID == 2
+    assert sp.unk_id() == td.UNK_ID == 3
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<pad>", "<s>", "</s>", "<unk>"]
+    text = "we swim and stop."
+    ids = sp.encode(text)
+    assert min(ids) > td.UNK_ID and sp.decode(ids) == text
+
+
+def test_sentencepiece_is_cached(sp, tmp_path_factory):
+    prefix = tmp_path_factory.getbasetemp() / "spm0" / "spm"  # the fixture's directory
+    model = prefix.with_suffix(".model")
+    before = model.read_bytes()
+    again = td.train_sentencepiece([], prefix, vocab_size=60)  # no sentences: must load
+    assert model.read_bytes() == before
+    assert again.encode("we go and run.") == sp.encode("we go and run.")
+
+
+def test_make_batch_places_bos_eos_and_masks():
+    src = [np.array([5, 6, 7], np.int32), np.array([8], np.int32)]
+    tgt = [np.array([9, 10], np.int32), np.array([11, 12, 13, 14], np.int32)]
+    b = td.make_batch(src, tgt, 6)
+    np.testing.assert_array_equal(b["src"], [[5, 6, 7, 0, 0, 0], [8, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b["src_lengths"], [3, 1])
+    np.testing.assert_array_equal(b["tgt_in"], [[1, 9, 10, 0, 0, 0], [1, 11, 12, 13, 14, 0]])
+    np.testing.assert_array_equal(b["tgt_out"], [[9, 10, 2, 0, 0, 0], [11, 12, 13, 14, 2, 0]])
+    np.testing.assert_array_equal(
+        b["tgt_mask"], [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
+    )  # n + 1 real positions
+    assert b["tgt_mask"].dtype == bool and b["src"].dtype == np.int32
+    with pytest.raises(ValueError, match="target 1 has 4 \\+ 1 tokens"):
+        td.make_batch(src, tgt, 4)
+
+
+def _examples(n, rng):
+    lengths = rng.integers(1, 15, size=(n, 2))
+    src = [rng.integers(4, 50, size=a).astype(np.int32) for a, _ in lengths]
+    tgt = [rng.integers(4, 50, size=b).astype(np.int32) for _, b in lengths]
+    return src, tgt
+
+
+def test_batches_are_bucketed_and_cover_each_epoch_once(np_rng):
+    src, tgt = _examples(101, np_rng)
+    buckets = (4, 8, 16)
+    ds = td.translation_dataset(src, tgt, batch_size=5, buckets=buckets, seed=0, vocab_size=50)
+    per_epoch = sum(
+        sum(1 for s, t in zip(src, tgt) if td.bucket_of(max(len(s), len(t) + 1), buckets) == k) // 5
+        for k in range(3)
+    )
+    seen = []
+    for i in range(per_epoch):
+        b = ds[i]
+        length = b["src"].shape[1]
+        assert length in buckets and b["tgt_in"].shape == (5, length)
+        for row in range(5):
+            s_len = int(b["src_lengths"][row])
+            n_tgt = int(b["tgt_mask"][row].sum())  # y + EOS
+            need = max(s_len, n_tgt)
+            smaller = buckets[buckets.index(length) - 1] if length > buckets[0] else 0
+            assert smaller < need <= length  # the smallest bucket that fits
+            assert b["tgt_in"][row, 0] == td.BOS_ID and b["tgt_out"][row, n_tgt - 1] == td.EOS_ID
+            seen.append((tuple(b["src"][row, :s_len]), tuple(b["tgt_out"][row, : n_tgt - 1])))
+    # Each example at most once per epoch; only each bucket's remainder (< 5) left out.
+    assert len(seen) == len(set(seen)) == per_epoch * 5
+    assert len(src) - len(seen) < 5 * len(buckets)
+    assert set(seen) <= {(tuple(s), tuple(t)) for s, t in zip(src, tgt)}
+    # The next epoch is a different order of the same kind of batches.
+    first = [ds[i]["src"].tobytes() for i in range(per_epoch)]
+    second = [ds[per_epoch + i]["src"].tobytes() for i in range(per_epoch)]
+    assert first != second
+
+
+def test_batches_are_deterministic_and_resume_exactly(np_rng):
+    src, tgt = _examples(60, np_rng)
+    kw = dict(batch_size=4, buckets=(8, 16), vocab_size=50)
+    it = data.batch_iterator(td.translation_dataset(src, tgt, seed=7, **kw))
+    for _ in range(9):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(30)]  # crosses epoch boundaries (~13 batches each)
+    fresh = data.batch_iterator(td.translation_dataset(src, tgt, seed=7, **kw))
+    fresh.set_state(state)
+    for want in expected:
+        got = next(fresh)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    other = td.translation_dataset(src, tgt, seed=8, **kw)
+    assert any(other[i]["src"].tobytes() != expected[i - 9]["src"].tobytes() for i in range(9, 14))
+
+
+def test_dataset_validates_inputs(np_rng):
+    src, tgt = _examples(20, np_rng)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 40\)"):
+        td.translation_dataset(src, tgt, batch_size=2, buckets=(16,), seed=0, vocab_size=40)
+    with pytest.raises(ValueError, match="exceeds the largest bucket 8"):
+        td.translation_dataset(src, tgt, batch_size=2, buckets=(8,), seed=0, vocab_size=50)
+    with pytest.raises(ValueError, match="increasing buckets"):
+        td.translation_dataset(src, tgt, batch_size=2, buckets=(16, 8), seed=0, vocab_size=50)
+    with pytest.raises(ValueError, match="no bucket holds a full batch"):
+        td.translation_dataset(src, tgt, batch_size=64, buckets=(16,), seed=0, vocab_size=50)
+
+
+def test_decode_batches_cover_every_source_once(np_rng):
+    src, _ = _examples(23, np_rng)
+    batches = td.decode_batches(src, batch_size=4, buckets=(4, 8, 16))
+    rows = np.concatenate([r for r, _ in batches])
+    assert sorted(rows.tolist()) == list(range(23))
+    for r, b in batches:
+        assert b["src"].shape[0] == 4 and set(b) == {"src", "src_lengths"}
+        for i, row in enumerate(r):
+            np.testing.assert_array_equal(b["src"][i, : len(src[row])], src[row])
+            assert b["src_lengths"][i] == len(src[row])

@@ -1,0 +1,256 @@
+"""Train an English->Spanish translator (LSTM seq2seq ± attention, or a Transformer).
+
+    python train/translate.py --config=train/configs/lstm_dot_cpu.py --workdir=DIR
+    python train/translate.py --config=... --config.num_steps=500
+    python train/translate.py --workdir=DIR --translate="let's go" --translate="I am hungry."
+
+Training reuses the generic loop (``jaxattn.training.loop.fit``): progress bar, val loss,
+``DIR/metrics.jsonl``, checkpoints in ``DIR/checkpoints/<step>/``, exact resume with the
+same ``--workdir``. The sentencepiece model is trained on the train split only and cached
+as ``DIR/spm.model``. At the end the run decodes the test split (greedy or beam search),
+appends ``{"step": ..., "test_bleu": ...}`` (sacrebleu corpus BLEU) to ``DIR/metrics.jsonl``
+and, for the LSTM attention models, draws ``DIR/attention.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from common import parse_flags  # train/common.py (this script's directory)
+from ml_collections import config_flags
+
+from jaxattn.models import seq2seq, transformer
+from jaxattn.training import translation_data as td
+from jaxattn.training.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpointError
+from jaxattn.training.data import batch_iterator
+from jaxattn.training.loop import (
+    LoopConfig,
+    NonFiniteLossError,
+    fit,
+    make_eval_step,
+    make_train_step,
+)
+from jaxattn.training.optim import optimizer_from_config
+from jaxattn.training.state import create_train_state
+
+_DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lstm_dot_cpu.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default workdirs/<config>).")
+_TRANSLATE = flags.DEFINE_multi_string(
+    "translate", None, "Only translate these sentences with the latest checkpoint."
+)
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+# Each model kind: (config class, init, loss, translate, logits for attention plots).
+MODELS = {
+    "seq2seq": (seq2seq.Seq2SeqConfig, seq2seq.init_seq2seq, seq2seq.seq2seq_loss,
+                seq2seq.translate),
+    "transformer": (transformer.TransformerConfig, transformer.init_transformer,
+                    transformer.transformer_loss, transformer.translate),
+}  # fmt: skip
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int):
+    """Return ``(kind, model config)`` with the vocabulary sizes from the tokenizer."""
+    fields = config.model.to_dict()
+    kind = fields.pop("kind")
+    if kind not in MODELS:
+        raise ValueError(f"config.model.kind must be one of {sorted(MODELS)}, got {kind!r}")
+    ids = dict(pad_id=td.PAD_ID, bos_id=td.BOS_ID, eos_id=td.EOS_ID)
+    return kind, MODELS[kind][0](src_vocab_size=vocab_size, tgt_vocab_size=vocab_size, **ids,
+                                 **fields)  # fmt: skip
+
+
+def make_loss_fn(kind: str, model, label_smoothing: float):
+    """``loss_fn(params, batch, rng) -> (loss, {})`` for the loop: dropout iff a key is given."""
+    loss = MODELS[kind][2]
+
+    def loss_fn(params, batch, rng):
+        value = loss(params, batch, model, rng=rng, deterministic=rng is None,
+                     label_smoothing=label_smoothing)  # fmt: skip
+        return value, {}
+
+    return loss_fn
+
+
+def _abstract_state(kind, model, config):
+    optimizer, _ = optimizer_from_config(config)
+    init = MODELS[kind][1]
+    return jax.eval_shape(
+        lambda: create_train_state(init(jax.random.key(0), model), optimizer, jax.random.key(0))
+    )
+
+
+def translate_ids(params, kind, model, config, sources: list[np.ndarray]) -> list[list[int]]:
+    """Decode id arrays in bucketed batches; return each hypothesis's ids before EOS."""
+    out: list[list[int]] = [[] for _ in sources]
+    batches = td.decode_batches(
+        sources, batch_size=config.decode_batch_size, buckets=tuple(config.buckets)
+    )
+    for rows, batch in batches:
+        ids = MODELS[kind][3](
+            params, model, batch["src"], batch["src_lengths"],
+            beam_size=config.beam_size, max_len=config.decode_max_len,
+        )  # fmt: skip
+        ids = np.asarray(ids)
+        for r, row in zip(rows, ids):
+            row = row.tolist()
+            out[r] = row[: row.index(td.EOS_ID)] if td.EOS_ID in row else row
+    return out
+
+
+def test_bleu(params, kind, model, config, sp, test_pairs) -> tuple[float, list[str]]:
+    """Corpus BLEU (sacrebleu, default 13a tokenisation) of the test sources' translations.
+
+    Sources longer than ``config.max_len`` tokens are skipped (none at the default 64).
+    """
+    import sacrebleu
+
+    encoded = [np.asarray(sp.encode(s), np.int32) for s, _ in test_pairs]
+    keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= config.max_len]
+    ids = translate_ids(params, kind, model, config, [encoded[i] for i in keep])
+    hyps = [sp.decode(h) for h in ids]
+    refs = [test_pairs[i][1] for i in keep]
+    return sacrebleu.corpus_bleu(hyps, [refs]).score, hyps
+
+
+def plot_attention(params, model, sp, sentences: list[str], path: Path, config) -> None:
+    """Heat-map of the LSTM attention weights for the greedy translations of ``sentences``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    src = [np.asarray(sp.encode(s), np.int32) for s in sentences]
+    hyps = [np.asarray(h, np.int32) for h in translate_ids(params, "seq2seq", model, config, src)]
+    # Teacher-force the model on its own output: one padded batch, one compiled call.
+    length = max(max(len(s) for s in src), max(len(h) for h in hyps) + 1)
+    batch = td.make_batch(src, hyps, length)
+    logits_fn = jax.jit(seq2seq.seq2seq_logits, static_argnames="config")
+    _, attn = logits_fn(params, batch["src"], batch["src_lengths"], batch["tgt_in"], config=model)
+    attn = np.asarray(attn)  # [B, T, S]
+    fig, axes = plt.subplots(1, len(src), figsize=(4.5 * len(src), 4.5), squeeze=False)
+    for ax, s, h, a in zip(axes[0], src, hyps, attn):
+        ax.imshow(a[: len(h) + 1, : len(s)], cmap="viridis", vmin=0.0, vmax=1.0)  # last: EOS
+        ax.set_xticks(range(len(s)), [sp.id_to_piece(int(i)) for i in s], rotation=90)
+        ax.set_yticks(range(len(h) + 1), [sp.id_to_piece(int(i)) for i in h] + ["</s>"])
+        ax.set_xlabel("source")
+        ax.set_ylabel("output")
+    fig.suptitle(f"{model.attention} attention")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_data(config, workdir: Path):
+    """Split, train/load the workdir's sentencepiece model, encode train and val."""
+    pairs = td.load_pairs(config.data_path)
+    split = td.split_pairs(pairs, seed=config.split_seed)
+    train_pairs = split.train[: config.max_train_examples or None]
+    sentences = [s for pair in train_pairs for s in pair]
+    sp = td.train_sentencepiece(sentences, workdir / "spm", vocab_size=config.vocab_size)
+    train = td.encode_pairs(sp, train_pairs, max_len=config.max_len)
+    val = td.encode_pairs(sp, split.val[: config.max_eval_examples or None], max_len=config.max_len)
+    test = split.test[: config.max_test_examples or None]
+    return sp, split, train, val, test
+
+
+def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
+    vocab = sp.get_piece_size()
+    kind, model = build_model(config, vocab)
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    params = jax.jit(MODELS[kind][1], static_argnums=1)(init_rng, model)
+    optimizer, schedule = optimizer_from_config(config)
+    state = create_train_state(params, optimizer, train_rng)
+    loss_fn = make_loss_fn(kind, model, config.label_smoothing)
+    buckets = tuple(config.buckets)
+    data_kw = dict(batch_size=config.batch_size, buckets=buckets, vocab_size=vocab)
+    train_ds = td.translation_dataset(train_src, train_tgt, seed=config.seed, **data_kw)
+    val_ds = td.translation_dataset(val_src, val_tgt, seed=config.seed + 1, **data_kw)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(
+        f"data: {len(split.train):,}/{len(split.val):,}/{len(split.test):,} train/val/test "
+        f"pairs; using {len(train_src):,} train, {len(val_src):,} val, {len(test_pairs):,} "
+        f"test; sentencepiece vocab {vocab}\n"
+        f"model: {kind} {json.dumps(config.model.to_dict())}: {n_params / 1e6:.2f}M params\n"
+        f"workdir: {workdir}",
+        flush=True,
+    )
+    result = fit(
+        state,
+        make_train_step(loss_fn, optimizer, learning_rate_fn=schedule),
+        batch_iterator(train_ds),
+        workdir=workdir,
+        loop=LoopConfig.from_config(config, progress=_PROGRESS.value),
+        eval_step=make_eval_step(loss_fn),
+        eval_data=lambda: batch_iterator(val_ds),
+        metadata={"config": config.to_dict(), "kind": kind, "model": dataclasses.asdict(model)},
+    )
+    if result.interrupted:
+        print(f"Stopped at step {result.step}; run the same command again to resume.")
+        return
+    t0 = time.perf_counter()
+    bleu, hyps = test_bleu(result.state.params, kind, model, config, sp, test_pairs)
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": result.step, "test_bleu": bleu}) + "\n")
+    print(f"Done: step {result.step}, test BLEU {bleu:.2f} on {len(hyps)} sentences "
+          f"({time.perf_counter() - t0:.1f} s to decode)")  # fmt: skip
+    for (s, r), h in list(zip(test_pairs, hyps))[:3]:
+        print(f"  {s}  ->  {h}   (reference: {r})")
+    if kind == "seq2seq" and model.attention != "none":
+        plot_attention(result.state.params, model, sp, [s for s, _ in test_pairs[:3]],
+                       workdir / "attention.png", config)  # fmt: skip
+        print(f"Attention heat-map: {workdir / 'attention.png'}")
+
+
+def translate_only(workdir: Path, sentences: list[str]) -> None:
+    """Load the latest checkpoint in ``workdir`` and print a translation per sentence."""
+    with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
+        meta = ckpt.read_metadata()
+        config = ml_collections.ConfigDict(meta["config"])
+        kind = meta["kind"]
+        model = MODELS[kind][0](**meta["model"])
+        state, _ = ckpt.restore(_abstract_state(kind, model, config))
+    sp = td.train_sentencepiece([], workdir / "spm", vocab_size=config.vocab_size)
+    src = [np.asarray(sp.encode(s), np.int32) for s in sentences]
+    if any(len(s) == 0 or len(s) > config.buckets[-1] for s in src):
+        raise ValueError(f"each sentence needs 1 to {config.buckets[-1]} tokens")
+    for s, ids in zip(sentences, translate_ids(state.params, kind, model, config, src)):
+        print(f"{s} -> {sp.decode(ids)}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
+    workdir = _WORKDIR.value
+    if workdir is None:
+        config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+        workdir = Path("workdirs") / Path(config_file).stem
+    workdir = Path(workdir)
+    try:
+        if _TRANSLATE.value:
+            translate_only(workdir, _TRANSLATE.value)
+        else:
+            train(_CONFIG.value, workdir)
+    except (
+        FileNotFoundError, ValueError, CheckpointError, IncompatibleCheckpointError,
+        NonFiniteLossError,
+    ) as e:  # fmt: skip
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
