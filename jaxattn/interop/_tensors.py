@@ -1,0 +1,56 @@
+"""Tensor helpers shared by the converters: to NumPy, to PyTorch, checked state-dict reads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+_FRAMEWORKS = ("pt", "np")
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Return a NumPy copy of a torch tensor, JAX array or array-like (keeps the dtype)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor, without importing torch
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()  # NumPy has no bfloat16; a float32 copy is exact
+        return x.numpy().copy()
+    return np.array(x)
+
+
+def state_dict_of(source: Any) -> Mapping[str, Any]:
+    """Accept a ``torch.nn.Module`` (its ``state_dict()``) or a mapping of name -> tensor."""
+    if hasattr(source, "state_dict") and callable(source.state_dict):
+        return source.state_dict()
+    if isinstance(source, Mapping):
+        return source
+    raise TypeError(f"expected a torch.nn.Module or a state dict mapping, got {type(source)}")
+
+
+def get(state: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Read ``state[name]`` as NumPy, raising KeyError/ValueError that name the tensor."""
+    if name not in state:
+        near = sorted(k for k in state if k.split(".")[-1] == name.split(".")[-1])[:5]
+        hint = f"; keys with the same suffix: {near}" if near else ""
+        raise KeyError(f"missing tensor {name!r} (expected shape {shape}){hint}")
+    arr = to_numpy(state[name])
+    if arr.shape != tuple(shape):
+        raise ValueError(f"tensor {name!r} has shape {arr.shape}, expected {tuple(shape)}")
+    return arr
+
+
+def check_framework(framework: str) -> None:
+    if framework not in _FRAMEWORKS:
+        raise ValueError(f"framework must be one of {_FRAMEWORKS}, got {framework!r}")
+
+
+def export(arr: Any, framework: str) -> Any:
+    """Return a contiguous NumPy copy of ``arr``, or a torch tensor owning its own memory."""
+    out = np.ascontiguousarray(np.asarray(arr))
+    if framework == "np":
+        return out.copy()
+    import torch
+
+    return torch.tensor(out)  # copies: exported tensors never share storage (safetensors-safe)

@@ -1,0 +1,209 @@
+"""Convert Hugging Face ``transformers`` GPT-2 weights to and from ``jaxattn.models.gpt``.
+
+Shape glossary: L layers, N heads, H head dim, D model dim, F MLP width, V vocab, P
+positions (``n_positions``, jaxattn's ``block_size``).
+
+GPT-2 stores its linear layers as ``Conv1D`` with the weight already ``[in, out]`` (jaxattn's
+layout, no transpose): ``attn.c_attn.weight [D, 3D]`` holds q, k, v side by side (columns
+n H .. (n+1) H - 1 of each third are head n), ``attn.c_proj.weight [D, D]``,
+``mlp.c_fc.weight [D, F]``, ``mlp.c_proj.weight [F, D]``; ``wte [V, D]``, learned
+positions ``wpe [P, D]``, and ``lm_head.weight`` tied to ``wte``. Its ``"gelu_new"`` is the
+tanh GELU (``GPTConfig.gelu_approximate=True``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn.interop._tensors import check_framework, export, get, state_dict_of
+from jaxattn.models.gpt import BlockWeights, GPTConfig, GPTWeights
+from jaxattn.ops.attention import MultiHeadAttentionWeights
+from jaxattn.ops.layers import DenseWeights, EmbeddingWeights, FeedForwardWeights, LayerNormWeights
+from jaxattn.ops.positions import LearnedPositionWeights
+
+_GELU = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True, "gelu": False}
+
+
+def gpt2_config_from_hf(hf_config: Any, **overrides: Any) -> GPTConfig:
+    """Build the ``GPTConfig`` of a ``transformers.GPT2Config`` (or its ``to_dict()``).
+
+    Dropout is 0 (inference); pass ``dropout=...`` (or any other ``GPTConfig`` field) in
+    ``overrides`` to change it. Raises ValueError for GPT-2 options jaxattn does not
+    implement (``scale_attn_by_inverse_layer_idx``, unscaled attention, other activations,
+    cross-attention, an MLP width that is not a multiple of D).
+    """
+    c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    d = c["n_embd"]
+    inner = c.get("n_inner") or 4 * d
+    act = c.get("activation_function", "gelu_new")
+    problems = []
+    if inner % d:
+        problems.append(f"n_inner={inner} is not a multiple of n_embd={d}")
+    if act not in _GELU:
+        problems.append(f"activation_function={act!r} (supported: {sorted(_GELU)})")
+    if c.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("scale_attn_by_inverse_layer_idx=True")
+    if not c.get("scale_attn_weights", True):
+        problems.append("scale_attn_weights=False")
+    if c.get("add_cross_attention", False):
+        problems.append("add_cross_attention=True")
+    if problems:
+        raise ValueError("gpt2_config_from_hf: unsupported GPT-2 options: " + "; ".join(problems))
+    fields = dict(
+        vocab_size=c["vocab_size"],
+        block_size=c["n_positions"],
+        num_layers=c["n_layer"],
+        num_heads=c["n_head"],
+        embed_dim=d,
+        mlp_ratio=inner // d,
+        dropout=0.0,
+        use_bias=True,
+        positions="learned",
+        tie_embeddings=c.get("tie_word_embeddings", True),
+        layer_norm_eps=c.get("layer_norm_epsilon", 1e-5),
+        gelu_approximate=_GELU[act],
+    )
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+def _load_state(source: Any) -> dict[str, Any]:
+    """A state dict from a module, a mapping or a ``.safetensors`` path; drop the prefix."""
+    if isinstance(source, (str, os.PathLike)):
+        from safetensors.numpy import load_file
+
+        state = load_file(os.fspath(source))
+    else:
+        state = dict(state_dict_of(source))
+    # GPT2LMHeadModel prefixes "transformer."; GPT2Model and the hub's files do not.
+    return {k.removeprefix("transformer."): v for k, v in state.items()}
+
+
+def _check_config(config: GPTConfig) -> None:
+    bad = []
+    if config.positions != "learned":
+        bad.append(f"positions={config.positions!r} (GPT-2 has learned positions)")
+    if not config.use_bias:
+        bad.append("use_bias=False")
+    if config.kv_heads != config.num_heads:
+        bad.append(f"num_kv_heads={config.num_kv_heads}")
+    if bad:
+        raise ValueError("GPT-2 layout needs " + ", ".join(bad) + " changed")
+
+
+def gpt2_from_hf(source: Any, config: GPTConfig) -> GPTWeights:
+    """Import GPT-2 weights from a ``GPT2LMHeadModel``/``GPT2Model``, its state dict, or a
+    ``model.safetensors`` path.
+
+    Extra entries (``attn.bias`` mask buffers of older ``transformers``) are ignored; with
+    ``config.tie_embeddings`` a stored ``lm_head.weight`` is ignored too (it is ``wte``).
+
+    Args:
+      source: module, ``{name: tensor or array}``, or a path to a ``.safetensors`` file.
+      config: from ``gpt2_config_from_hf``.
+
+    Returns:
+      float32 ``GPTWeights`` with blocks stacked ``[L, ...]``.
+
+    Raises:
+      KeyError: a tensor is missing (the message names it and its expected shape).
+      ValueError: a tensor's shape differs (name, expected and actual shape).
+    """
+    _check_config(config)
+    state = _load_state(source)
+    d, n, h, f, v = (config.embed_dim, config.num_heads, config.head_dim, config.mlp_dim,
+                     config.vocab_size)  # fmt: skip
+    f32 = lambda a: np.asarray(a, np.float32)
+
+    def layer_norm(name: str) -> LayerNormWeights:
+        scale = f32(get(state, f"{name}.weight", (d,)))
+        return LayerNormWeights(scale, f32(get(state, f"{name}.bias", (d,))))
+
+    blocks = []
+    for i in range(config.num_layers):
+        p = f"h.{i}."
+        w_qkv = f32(get(state, p + "attn.c_attn.weight", (d, 3 * d))).reshape(d, 3, n, h)
+        b_qkv = f32(get(state, p + "attn.c_attn.bias", (3 * d,))).reshape(3, n, h)
+        attn = MultiHeadAttentionWeights(
+            w_q=w_qkv[:, 0], w_k=w_qkv[:, 1], w_v=w_qkv[:, 2],
+            w_o=f32(get(state, p + "attn.c_proj.weight", (d, d))).reshape(n, h, d),
+            b_q=b_qkv[0], b_k=b_qkv[1], b_v=b_qkv[2],
+            b_o=f32(get(state, p + "attn.c_proj.bias", (d,))),
+        )  # fmt: skip
+        mlp = FeedForwardWeights(
+            up=DenseWeights(f32(get(state, p + "mlp.c_fc.weight", (d, f))),
+                            f32(get(state, p + "mlp.c_fc.bias", (f,)))),
+            down=DenseWeights(f32(get(state, p + "mlp.c_proj.weight", (f, d))),
+                              f32(get(state, p + "mlp.c_proj.bias", (d,)))),
+        )  # fmt: skip
+        blocks.append(BlockWeights(layer_norm(p + "ln_1"), attn, layer_norm(p + "ln_2"), mlp))
+    stacked = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *blocks)
+    head = None
+    if not config.tie_embeddings:
+        head = DenseWeights(jnp.asarray(f32(get(state, "lm_head.weight", (v, d))).T), None)
+    return GPTWeights(
+        token_embedding=EmbeddingWeights(jnp.asarray(f32(get(state, "wte.weight", (v, d))))),
+        position_embedding=LearnedPositionWeights(
+            jnp.asarray(f32(get(state, "wpe.weight", (config.block_size, d))))
+        ),
+        blocks=stacked,
+        ln_f=jax.tree.map(jnp.asarray, layer_norm("ln_f")),
+        head=head,
+    )
+
+
+def gpt2_to_hf_state_dict(
+    weights: GPTWeights, config: GPTConfig, *, framework: str = "pt"
+) -> dict[str, Any]:
+    """Export ``GPTWeights`` as a ``GPT2LMHeadModel`` state dict.
+
+    Load it with ``GPT2LMHeadModel(hf_config).load_state_dict(sd)``, where ``hf_config`` has
+    ``n_embd=D, n_head=N, n_layer=L, n_positions=block_size, vocab_size=V, n_inner=F``,
+    ``activation_function="gelu_new"`` (or ``"gelu"`` if not ``gelu_approximate``),
+    ``layer_norm_epsilon`` and ``tie_word_embeddings`` matching ``config``. With tied
+    embeddings ``lm_head.weight`` is a separate copy of ``wte`` (safetensors refuses shared
+    tensors).
+
+    Args:
+      framework: ``"pt"`` for torch tensors, ``"np"`` for NumPy arrays.
+
+    Returns:
+      ``{"transformer.wte.weight": [V, D], ..., "lm_head.weight": [V, D]}``.
+    """
+    check_framework(framework)
+    _check_config(config)
+    d, f = config.embed_dim, config.mlp_dim
+    np_w = jax.tree.map(np.asarray, weights)
+    b = np_w.blocks
+    got = b.attn.w_q.shape
+    if got != (config.num_layers, d, config.num_heads, config.head_dim):
+        want = (config.num_layers, d, config.num_heads, config.head_dim)
+        raise ValueError(f"gpt2_to_hf_state_dict: blocks.attn.w_q is {got}, config says {want}")
+    a = b.attn
+    out: dict[str, np.ndarray] = {
+        "transformer.wte.weight": np_w.token_embedding.table,
+        "transformer.wpe.weight": np_w.position_embedding.table,
+    }
+    for i in range(config.num_layers):
+        p = f"transformer.h.{i}."
+        w_qkv = np.stack([a.w_q[i], a.w_k[i], a.w_v[i]], axis=1).reshape(d, 3 * d)
+        out.update({
+            p + "ln_1.weight": b.ln1.scale[i], p + "ln_1.bias": b.ln1.bias[i],
+            p + "attn.c_attn.weight": w_qkv,
+            p + "attn.c_attn.bias": np.stack([a.b_q[i], a.b_k[i], a.b_v[i]]).reshape(3 * d),
+            p + "attn.c_proj.weight": a.w_o[i].reshape(d, d),
+            p + "attn.c_proj.bias": a.b_o[i],
+            p + "ln_2.weight": b.ln2.scale[i], p + "ln_2.bias": b.ln2.bias[i],
+            p + "mlp.c_fc.weight": b.mlp.up.w[i].reshape(d, f), p + "mlp.c_fc.bias": b.mlp.up.b[i],
+            p + "mlp.c_proj.weight": b.mlp.down.w[i], p + "mlp.c_proj.bias": b.mlp.down.b[i],
+        })  # fmt: skip
+    out["transformer.ln_f.weight"] = np_w.ln_f.scale
+    out["transformer.ln_f.bias"] = np_w.ln_f.bias
+    head = np_w.token_embedding.table if np_w.head is None else np_w.head.w.T
+    out["lm_head.weight"] = head
+    return {k: export(val, framework) for k, val in out.items()}

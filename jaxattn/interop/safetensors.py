@@ -1,0 +1,89 @@
+"""Save and load any jaxattn weight pytree as a ``.safetensors`` file.
+
+Each array leaf is stored under its key path joined by ``/``: NamedTuple fields by name, dict
+keys as strings, tuple/list items by index, e.g. ``blocks/attn/w_q`` or ``0/forward/w_ih``.
+``None`` leaves (absent biases) are not stored; loading takes a template (``like``) with the
+same structure, so they come back as ``None``. dtypes (bfloat16 included) are kept exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def flatten_with_names(tree: Any) -> dict[str, Any]:
+    """Return ``{"a/b/c": leaf}`` for every leaf of ``tree`` (``None`` leaves are skipped)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out: dict[str, Any] = {}
+    for path, leaf in leaves:
+        name = "/".join(_key_name(p) for p in path)
+        if name in out:
+            raise ValueError(f"two leaves share the name {name!r}")
+        out[name] = leaf
+    return out
+
+
+def save_safetensors(
+    weights: Any, path: str | os.PathLike, *, metadata: dict[str, str] | None = None
+) -> None:
+    """Write every array leaf of ``weights`` to ``path`` (see the module docstring for names).
+
+    Args:
+      weights: any pytree of arrays (``GPTWeights``, LSTM layers, a dict ...).
+      path: the file to write.
+      metadata: optional string-to-string metadata stored in the header.
+    """
+    from safetensors.flax import save_file
+
+    flat = {name: jnp.asarray(leaf) for name, leaf in flatten_with_names(weights).items()}
+    save_file(flat, os.fspath(path), metadata=metadata)
+
+
+def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool = True) -> Any:
+    """Read a file written by ``save_safetensors`` into the structure of ``like``.
+
+    Args:
+      path: the ``.safetensors`` file.
+      like: a template pytree (e.g. ``init_gpt(rng, config)`` or ``jax.eval_shape`` of it)
+        whose leaves give the expected shapes; None returns the flat ``{name: array}`` dict.
+      strict: raise if the file holds tensors the template has no place for.
+
+    Returns:
+      A pytree like ``like`` with the file's arrays (their stored dtype).
+
+    Raises:
+      KeyError: a leaf of ``like`` has no tensor in the file (the message names it).
+      ValueError: a tensor's shape differs from the template's (name and both shapes), or
+        with ``strict`` the file has unexpected tensors.
+    """
+    from safetensors.flax import load_file
+
+    stored = load_file(os.fspath(path))
+    if like is None:
+        return stored
+    expected = flatten_with_names(like)
+    missing = [name for name in expected if name not in stored]
+    if missing:
+        raise KeyError(f"{os.fspath(path)}: missing tensors {missing}")
+    for name, leaf in expected.items():
+        if tuple(stored[name].shape) != tuple(jnp.shape(leaf)):
+            raise ValueError(
+                f"{os.fspath(path)}: tensor {name!r} has shape {tuple(stored[name].shape)}, "
+                f"expected {tuple(jnp.shape(leaf))}"
+            )
+    extra = sorted(set(stored) - set(expected))
+    if strict and extra:
+        raise ValueError(f"{os.fspath(path)}: unexpected tensors {extra} (pass strict=False)")
+    treedef = jax.tree_util.tree_structure(like)
+    return jax.tree_util.tree_unflatten(treedef, [stored[name] for name in expected])

@@ -1,0 +1,178 @@
+"""Hugging Face GPT-2 <-> jaxattn GPT: logits, greedy generation, round trips, errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from jaxattn.interop.gpt2 import (  # noqa: E402
+    gpt2_config_from_hf,
+    gpt2_from_hf,
+    gpt2_to_hf_state_dict,
+)
+from jaxattn.models.gpt import GPTConfig, generate, gpt, init_gpt  # noqa: E402
+
+
+def _hf_model(seed: int = 0, **kwargs):
+    """A small random GPT-2, weights scaled up so that logits are far from ties."""
+    fields = dict(n_layer=2, n_head=3, n_embd=12, vocab_size=31, n_positions=17)
+    fields.update(bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    fields.update(kwargs)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**fields)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _random_weights(config: GPTConfig, seed: int):
+    """jaxattn GPT weights with every leaf random (norms and biases too), so that a swapped
+    or dropped tensor shows; the shapes come from ``init_gpt`` without compiling it."""
+    shapes = jax.eval_shape(lambda: init_gpt(jax.random.key(0), config))
+    gen = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(gen.normal(size=s.shape).astype(np.float32)), shapes)
+
+
+def _close(a, b, atol=1e-4):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-4)
+
+
+def test_config_from_hf():
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_head=3, n_embd=12, vocab_size=31, n_positions=17, n_inner=36,
+        layer_norm_epsilon=1e-3, tie_word_embeddings=False, activation_function="gelu",
+    )  # fmt: skip
+    got = gpt2_config_from_hf(cfg)
+    assert (got.num_layers, got.num_heads, got.embed_dim, got.vocab_size) == (2, 3, 12, 31)
+    assert (got.block_size, got.mlp_dim, got.layer_norm_eps) == (17, 36, 1e-3)
+    assert not got.tie_embeddings and not got.gelu_approximate and got.positions == "learned"
+    assert gpt2_config_from_hf(transformers.GPT2Config()).gelu_approximate  # "gelu_new"
+    assert gpt2_config_from_hf(cfg, dropout=0.1).dropout == 0.1
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        gpt2_config_from_hf(transformers.GPT2Config(scale_attn_by_inverse_layer_idx=True))
+    with pytest.raises(ValueError, match="relu"):
+        gpt2_config_from_hf(transformers.GPT2Config(activation_function="relu"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_match_hf_with_right_padding(tied):
+    model = _hf_model(tie_word_embeddings=tied)
+    config = gpt2_config_from_hf(model.config)
+    weights = gpt2_from_hf(model, config)
+    assert (weights.head is None) == tied
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, 31, size=(3, 17))
+    lengths = np.array([17, 11, 4])
+    mask = np.arange(17)[None, :] < lengths[:, None]
+    tokens = np.where(mask, tokens, 0)  # right padding with id 0
+    with torch.no_grad():
+        want = model(
+            input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64))
+        ).logits.numpy()
+    got = np.asarray(gpt(weights, tokens.astype(np.int32), config))
+    assert got.shape == want.shape == (3, 17, 31)
+    assert np.abs(want).max() > 1.0  # the comparison is not between near-zero numbers
+    _close(got[mask], want[mask])
+
+
+def test_safetensors_file_import(tmp_path):
+    model = _hf_model(seed=3)
+    model.save_pretrained(tmp_path)  # the hub's format: model.safetensors, tied head dropped
+    config = gpt2_config_from_hf(transformers.GPT2Config.from_pretrained(tmp_path))
+    weights = gpt2_from_hf(tmp_path / "model.safetensors", config)
+    tokens = np.random.default_rng(2).integers(0, 31, size=(2, 9))
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(tokens)).logits.numpy()
+    _close(gpt(weights, tokens.astype(np.int32), config), want)
+
+
+def test_greedy_generation_matches_hf():
+    # 7 prompt tokens + 20 new ones must fit the position table (n_positions).
+    model = _hf_model(seed=4, n_positions=27)
+    config = gpt2_config_from_hf(model.config)
+    weights = gpt2_from_hf(model, config)
+    prompt = np.random.default_rng(5).integers(1, 31, size=(2, 7))
+    with torch.no_grad():
+        want = model.generate(
+            torch.tensor(prompt),
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+        ).numpy()
+    got = generate(
+        weights, config, prompt.astype(np.int32), 20, rng=jax.random.key(0), temperature=0.0
+    )
+    assert want.shape == (2, 27)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_round_trip_through_torch_is_exact(tied):
+    config = GPTConfig(
+        vocab_size=31, block_size=17, num_layers=2, num_heads=3, embed_dim=12, mlp_ratio=3,
+        tie_embeddings=tied, layer_norm_eps=1e-3,
+    )  # fmt: skip
+    weights = _random_weights(config, seed=7)
+    hf_config = transformers.GPT2Config(
+        n_layer=2, n_head=3, n_embd=12, vocab_size=31, n_positions=17, n_inner=36,
+        layer_norm_epsilon=1e-3, tie_word_embeddings=tied,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    model.load_state_dict(gpt2_to_hf_state_dict(weights, config))  # strict: every name used
+    back = gpt2_from_hf(model, gpt2_config_from_hf(hf_config))
+    assert jax.tree.structure(back) == jax.tree.structure(weights)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(weights)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # ... and torch computes the same logits as jaxattn on the exported weights.
+    tokens = np.random.default_rng(0).integers(0, 31, size=(2, 13))
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(tokens)).logits.numpy()
+    _close(gpt(weights, tokens.astype(np.int32), config), want, atol=1e-3)
+
+
+def test_numpy_export_matches_torch_export():
+    config = GPTConfig(vocab_size=31, block_size=17, num_layers=2, num_heads=3, embed_dim=12)
+    weights = _random_weights(config, seed=8)
+    as_np = gpt2_to_hf_state_dict(weights, config, framework="np")
+    as_pt = gpt2_to_hf_state_dict(weights, config)
+    assert as_np.keys() == as_pt.keys()
+    for k in as_np:
+        assert isinstance(as_np[k], np.ndarray)
+        np.testing.assert_array_equal(as_np[k], as_pt[k].numpy())
+    with pytest.raises(ValueError, match="framework"):
+        gpt2_to_hf_state_dict(weights, config, framework="tf")
+    with pytest.raises(ValueError, match="rope"):
+        gpt2_to_hf_state_dict(weights, dataclasses.replace(config, positions="rope"))
+
+
+def test_errors_name_the_tensor():
+    model = _hf_model()
+    config = gpt2_config_from_hf(model.config)
+    state = dict(model.state_dict())
+    del state["transformer.h.1.mlp.c_fc.bias"]
+    with pytest.raises(KeyError, match=r"h\.1\.mlp\.c_fc\.bias.*\(48,\)"):
+        gpt2_from_hf(state, config)
+    state = dict(model.state_dict())
+    state["transformer.h.0.attn.c_attn.weight"] = torch.zeros(36, 12)  # transposed
+    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn\.weight.*\(36, 12\).*\(12, 36\)"):
+        gpt2_from_hf(state, config)
+    wrong = dataclasses.replace(config, vocab_size=32)
+    with pytest.raises(ValueError, match=r"wte\.weight.*\(31, 12\).*\(32, 12\)"):
+        gpt2_from_hf(model, wrong)
+    untied = dataclasses.replace(config, tie_embeddings=False)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(KeyError, match=r"lm_head\.weight"):
+        gpt2_from_hf(state, untied)

@@ -1,0 +1,69 @@
+"""save_safetensors / load_safetensors on jaxattn weight pytrees."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors")
+
+from jaxattn.interop.safetensors import (
+    flatten_with_names,
+    load_safetensors,
+    save_safetensors,
+)
+from jaxattn.ops.attention import MultiHeadAttentionWeights
+from jaxattn.ops.lstm import BidirectionalWeights, LSTMWeights
+
+
+def _tree(seed: int = 0):
+    """Two bidirectional LSTM layers, bias-free attention (None leaves), bf16 and int leaves."""
+    gen = np.random.default_rng(seed)
+    arr = lambda *shape: jnp.asarray(gen.normal(size=shape).astype(np.float32))
+    lstm = lambda i: LSTMWeights(arr(i, 20), arr(5, 20), arr(20))
+    attn = MultiHeadAttentionWeights(
+        arr(15, 3, 5), arr(7, 3, 5), arr(7, 3, 5), arr(3, 5, 15), None, None, None, None
+    )
+    return {
+        "encoder": tuple(BidirectionalWeights(lstm(i), lstm(i)) for i in (3, 10)),
+        "attn": attn,
+        "scale": jnp.asarray([1.5, -2.0], jnp.bfloat16),
+        "step": jnp.asarray(7, jnp.int32),
+    }
+
+
+def test_names():
+    names = flatten_with_names(_tree())
+    assert "encoder/1/backward/w_ih" in names and "attn/w_k" in names
+    assert names["attn/w_k"].shape == (7, 3, 5)
+    assert not any(n.startswith("attn/b_") for n in names)  # None leaves are not stored
+
+
+def test_round_trip_is_exact(tmp_path):
+    tree = _tree()
+    path = tmp_path / "w.safetensors"
+    save_safetensors(tree, path, metadata={"model": "test"})
+    back = load_safetensors(path, like=jax.eval_shape(lambda: tree))
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    assert back["attn"].b_q is None
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    flat = load_safetensors(path)
+    assert set(flat) == set(flatten_with_names(tree))
+
+
+def test_errors(tmp_path):
+    tree = _tree()
+    path = tmp_path / "w.safetensors"
+    save_safetensors(tree, path)
+    bigger = dict(tree, extra=jnp.zeros(3))
+    with pytest.raises(KeyError, match="'extra'"):
+        load_safetensors(path, like=bigger)
+    smaller = {k: v for k, v in tree.items() if k != "step"}
+    with pytest.raises(ValueError, match=r"unexpected tensors.*'step'"):
+        load_safetensors(path, like=smaller)
+    assert "step" not in load_safetensors(path, like=smaller, strict=False)
+    wrong = dict(tree, scale=jnp.zeros(3, jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"'scale' has shape \(2,\), expected \(3,\)"):
+        load_safetensors(path, like=wrong)

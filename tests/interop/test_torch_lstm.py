@@ -1,0 +1,86 @@
+"""torch.nn.LSTM <-> jaxattn LSTM stack: parity after import, exact round trip, errors."""
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from jaxattn.interop.torch_lstm import lstm_from_torch, lstm_to_torch_state_dict  # noqa: E402
+from jaxattn.ops.lstm import BidirectionalWeights, LSTMWeights, lstm_stack  # noqa: E402
+
+D_IN, H, B, T = 5, 7, 3, 11
+
+
+def _torch_lstm(layers, bidirectional, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.LSTM(
+        D_IN, H, num_layers=layers, bidirectional=bidirectional, bias=bias, batch_first=True
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    ("layers", "bidirectional", "bias"),
+    [(1, False, True), (2, False, True), (3, True, True), (2, True, False)],
+)
+def test_import_matches_torch(layers, bidirectional, bias):
+    module = _torch_lstm(layers, bidirectional, bias)
+    weights = lstm_from_torch(module)
+    assert len(weights) == layers
+    kind = BidirectionalWeights if bidirectional else LSTMWeights
+    assert all(isinstance(w, kind) for w in weights)
+    xs = np.random.default_rng(0).normal(size=(B, T, D_IN)).astype(np.float32)
+    with torch.no_grad():
+        want_ys, (want_h, want_c) = module(torch.tensor(xs))
+    ys, (h, c) = lstm_stack(weights, xs)
+    np.testing.assert_allclose(np.asarray(ys), want_ys.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(h), want_h.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(c), want_c.numpy(), atol=1e-5)
+
+
+def test_state_dict_with_prefix_and_numpy_values():
+    module = _torch_lstm(2, True)
+    state = {f"encoder.rnn.{k}": v.numpy() for k, v in module.state_dict().items()}
+    state["encoder.embedding.weight"] = np.zeros((3, 5), np.float32)  # ignored: other prefix
+    got = lstm_from_torch(state, prefix="encoder.rnn.")
+    want = lstm_from_torch(module)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    sd = module.state_dict()
+    np.testing.assert_array_equal(
+        np.asarray(got[1].backward.w_hh), sd["weight_hh_l1_reverse"].numpy().T
+    )
+    np.testing.assert_array_equal(
+        np.asarray(got[0].forward.b), (sd["bias_ih_l0"] + sd["bias_hh_l0"]).numpy()
+    )
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_round_trip_through_torch_is_exact(bidirectional):
+    weights = lstm_from_torch(_torch_lstm(2, bidirectional, seed=1))
+    target = _torch_lstm(2, bidirectional, seed=2)
+    target.load_state_dict(lstm_to_torch_state_dict(weights))  # strict: every name matches
+    assert not target.bias_hh_l0.detach().any()  # the whole bias goes to bias_ih
+    back = lstm_from_torch(target)
+    assert jax.tree.structure(back) == jax.tree.structure(weights)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(weights)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np_sd = lstm_to_torch_state_dict(weights, framework="np", prefix="rnn.")
+    assert all(isinstance(v, np.ndarray) for v in np_sd.values())
+    assert np_sd["rnn.weight_ih_l1"].shape == (4 * H, (2 if bidirectional else 1) * H)
+
+
+def test_errors_name_the_tensor():
+    state = dict(_torch_lstm(2, False).state_dict())
+    del state["bias_hh_l1"]
+    with pytest.raises(KeyError, match="bias_hh_l1"):
+        lstm_from_torch(state)
+    state = dict(_torch_lstm(2, False).state_dict())
+    state["weight_ih_l1"] = torch.zeros(4 * H, H + 1)
+    with pytest.raises(ValueError, match=r"weight_ih_l1.*\(28, 8\).*\(28, 7\)"):
+        lstm_from_torch(state)
+    with pytest.raises(KeyError, match="no LSTM tensors"):
+        lstm_from_torch({"weight": torch.zeros(3)})
+    proj = torch.nn.LSTM(D_IN, H, proj_size=3)
+    with pytest.raises(ValueError, match="proj_size"):
+        lstm_from_torch(proj)

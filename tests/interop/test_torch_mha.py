@@ -1,0 +1,87 @@
+"""torch.nn.MultiheadAttention <-> MultiHeadAttentionWeights: parity, round trip, errors."""
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from jaxattn.interop.torch_mha import mha_from_torch, mha_to_torch_state_dict  # noqa: E402
+from jaxattn.ops.attention import multi_head_attention  # noqa: E402
+
+E, N, B, T, S = 15, 3, 2, 7, 5  # head dim 5
+
+
+def _mha(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    module = torch.nn.MultiheadAttention(E, N, batch_first=True, **kwargs).eval()
+    with torch.no_grad():  # torch initialises biases to zero; make them matter
+        for name, p in module.named_parameters():
+            if "bias" in name:
+                p.copy_(torch.randn_like(p))
+    return module
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_self_attention_matches_torch(bias):
+    module = _mha(bias=bias)
+    weights = mha_from_torch(module)
+    assert (weights.b_q is None) == (not bias)
+    assert weights.w_q.shape == (E, N, E // N) and weights.w_o.shape == (N, E // N, E)
+    x = np.random.default_rng(0).normal(size=(B, T, E)).astype(np.float32)
+    causal = np.tril(np.ones((T, T), bool))
+    with torch.no_grad():
+        want, _ = module(*[torch.tensor(x)] * 3, attn_mask=torch.tensor(~causal))  # True = hide
+    got = multi_head_attention(weights, x, mask=causal)
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5)
+
+
+def test_cross_attention_kdim_matches_torch():
+    kdim = 11
+    module = _mha(seed=1, kdim=kdim, vdim=kdim)
+    weights = mha_from_torch(module.state_dict(), num_heads=N)
+    assert weights.w_k.shape == (kdim, N, E // N)
+    gen = np.random.default_rng(1)
+    x_q = gen.normal(size=(B, T, E)).astype(np.float32)
+    x_kv = gen.normal(size=(B, S, kdim)).astype(np.float32)
+    keep = np.arange(S)[None, :] < np.array([S, 2])[:, None]  # [B, S] key padding
+    with torch.no_grad():
+        want, _ = module(
+            torch.tensor(x_q), torch.tensor(x_kv), torch.tensor(x_kv),
+            key_padding_mask=torch.tensor(~keep),
+        )  # fmt: skip
+    got = multi_head_attention(weights, x_q, x_kv, mask=keep[:, None, None, :])
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"bias": False}, {"kdim": 11, "vdim": 11}, {"kdim": 11, "vdim": 13}]
+)
+def test_round_trip_through_torch_is_exact(kwargs):
+    weights = mha_from_torch(_mha(seed=2, **kwargs))
+    target = _mha(seed=3, **kwargs)
+    target.load_state_dict(mha_to_torch_state_dict(weights))  # strict: names and layout
+    back = mha_from_torch(target)
+    assert jax.tree.structure(back) == jax.tree.structure(weights)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(weights)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if "vdim" in kwargs:
+        assert back.w_v.shape == (kwargs["vdim"], N, E // N)
+
+
+def test_errors():
+    state = dict(_mha().state_dict())
+    del state["out_proj.bias"]
+    with pytest.raises(KeyError, match=r"out_proj\.bias"):
+        mha_from_torch(state, num_heads=N)
+    state = dict(_mha().state_dict())
+    state["in_proj_weight"] = torch.zeros(3 * E, E + 1)
+    with pytest.raises(ValueError, match=r"in_proj_weight.*\(45, 16\).*\(45, 15\)"):
+        mha_from_torch(state, num_heads=N)
+    with pytest.raises(ValueError, match="num_heads"):
+        mha_from_torch(_mha().state_dict())
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        mha_from_torch(_mha(add_bias_kv=True))
+    weights = mha_from_torch(_mha())
+    with pytest.raises(ValueError, match="all four biases"):
+        mha_to_torch_state_dict(weights._replace(b_o=None))
