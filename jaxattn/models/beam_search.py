@@ -276,3 +276,48 @@ def beam_search(
     carry = (jnp.zeros((), jnp.int32), seqs, alive_logp, seqs, ended_scores, last, state)
     _, _, _, ended_seqs, ended_scores, _, _ = jax.lax.while_loop(cond, body, carry)
     return BeamSearchResult(ended_seqs[:, 0], ended_scores[:, 0], ended_seqs, ended_scores)
+
+
+def decode_sequences(
+    logits_fn: StepFn,
+    init_state: State,
+    batch_size: int,
+    *,
+    beam_size: int,
+    max_len: int,
+    bos_id: int | Array,
+    eos_id: int,
+    pad_id: int = 0,
+    length_penalty: float = 0.6,
+    state_batch_axis: int = 0,
+    forbidden: tuple[int, ...] = (),
+) -> Array:
+    """Best sequence per row: ``greedy_decode`` when ``beam_size == 1``, else ``beam_search``.
+
+    Args:
+      logits_fn: ``(tokens [R], state) -> (logits [R, V], state)``, a model's decode step.
+      forbidden: token ids never generated (e.g. pad and BOS).
+      Others: as in ``beam_search``.
+
+    Returns:
+      ``[B, max_len]`` int32 token ids, pad after EOS.
+    """
+
+    def step(tokens: Array, state: State) -> tuple[Array, State]:
+        logits, state = logits_fn(tokens, state)
+        if forbidden:
+            logits = forbid_tokens(logits, forbidden)
+        return jax.nn.log_softmax(logits), state
+
+    common = dict(
+        max_len=max_len,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        state_batch_axis=state_batch_axis,
+    )
+    if beam_size == 1:
+        return greedy_decode(step, init_state, batch_size, **common)
+    return beam_search(
+        step, init_state, batch_size, beam_size=beam_size, length_penalty=length_penalty, **common
+    ).sequences

@@ -404,22 +404,27 @@ def _translate(weights, src, src_lengths, config, beam_size, max_len, length_pen
     memory, final = encode(weights, src, src_lengths, config)
     src_mask = padding_mask(src_lengths, src.shape[1])  # [B, S]
     state = init_decode_state(final, config)
-    b = src.shape[0]
-    ids = dict(max_len=max_len, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id)
     # Every beam of a sentence reads the same encoder outputs: repeat them once, here.
-    k = beam_size
-    memory_k, mask_k = jnp.repeat(memory, k, axis=0), jnp.repeat(src_mask, k, axis=0)
+    memory_k = jnp.repeat(memory, beam_size, axis=0)
+    mask_k = jnp.repeat(src_mask, beam_size, axis=0)
 
-    def step(token, state):  # [B*k] -> log-probs [B*k, V]; pad and BOS are never generated
+    def logits_fn(token, state):  # [B*k] -> logits [B*k, V]
         logits, state, _ = decode_step(weights, state, token, memory_k, mask_k, config)
-        logits = search.forbid_tokens(logits, (config.pad_id, config.bos_id))
-        return jax.nn.log_softmax(logits), state
+        return logits, state
 
-    if k == 1:
-        return search.greedy_decode(step, state, b, state_batch_axis=1, **ids)
-    return search.beam_search(
-        step, state, b, beam_size=k, length_penalty=length_penalty, state_batch_axis=1, **ids
-    ).sequences
+    return search.decode_sequences(
+        logits_fn,
+        state,
+        src.shape[0],
+        beam_size=beam_size,
+        max_len=max_len,
+        bos_id=config.bos_id,
+        eos_id=config.eos_id,
+        pad_id=config.pad_id,
+        length_penalty=length_penalty,
+        state_batch_axis=1,
+        forbidden=(config.pad_id, config.bos_id),  # never generated
+    )
 
 
 def translate(

@@ -530,21 +530,23 @@ def _translate(weights, src, src_lengths, config, beam_size, max_len, length_pen
     # Every beam of a sentence reads the same cross k/v: repeat them once, here.
     cross = jax.tree.map(lambda a: jnp.repeat(a, k, axis=1), cross_kv(weights, memory, config))
     src_mask = jnp.repeat(padding_mask(src_lengths, src.shape[1]), k, axis=0)  # [B*k, S]
-    b = src.shape[0]
-    ids = dict(max_len=max_len, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id)
 
-    def step(token, cache):  # pad and BOS are never generated
-        logits, cache = decode_step(weights, cache, token, cross, src_mask, config)
-        return jax.nn.log_softmax(
-            search.forbid_tokens(logits, (config.pad_id, config.bos_id))
-        ), cache
+    def logits_fn(token, cache):  # [B*k] -> logits [B*k, V]
+        return decode_step(weights, cache, token, cross, src_mask, config)
 
-    cache = init_cache(config, b, max_len)
-    if k == 1:
-        return search.greedy_decode(step, cache, b, state_batch_axis=1, **ids)
-    return search.beam_search(
-        step, cache, b, beam_size=k, length_penalty=length_penalty, state_batch_axis=1, **ids
-    ).sequences
+    return search.decode_sequences(
+        logits_fn,
+        init_cache(config, src.shape[0], max_len),
+        src.shape[0],
+        beam_size=k,
+        max_len=max_len,
+        bos_id=config.bos_id,
+        eos_id=config.eos_id,
+        pad_id=config.pad_id,
+        length_penalty=length_penalty,
+        state_batch_axis=1,
+        forbidden=(config.pad_id, config.bos_id),  # never generated
+    )
 
 
 def translate(
