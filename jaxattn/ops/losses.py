@@ -46,9 +46,7 @@ def cross_entropy(
             f"cross_entropy: mask {jnp.shape(mask)} must match targets {targets.shape}"
         )
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(
-            f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}"
-        )
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
     logits = logits.astype(jnp.float32)
     if label_smoothing > 0.0:
         labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
