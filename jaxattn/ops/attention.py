@@ -33,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxattn.ops.flash import flash_attention
 from jaxattn.ops.layers import dropout, project
 from jaxattn.ops.masks import causal_mask, combine_masks, masked_softmax
 
@@ -176,7 +177,7 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
 # Scaled dot-product attention, [B, T, N, H] layout
 # ----------------------------------------------------------------------------------------
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "pallas")
 
 
 def _check_broadcast(name: str, x: Array, target: tuple[int, ...]) -> Array:
@@ -285,18 +286,105 @@ def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropou
     return out
 
 
-_KERNELS = {"xla": _attention_xla, "cudnn": _attention_cudnn}
+def _attention_blockwise(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
+    """Blockwise online-softmax kernel (``jaxattn.ops.flash``): O(T) memory, any backend."""
+    del dropout_rate, dropout_rng  # rejected earlier: dropout_rate == 0 here
+    return flash_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal, scale=scale)
 
 
-def _select_implementation(q: Array, k: Array, dropout_rate: float) -> str:
-    """Pick a kernel for ``implementation=None``.
+def _pallas_fits(q, k, v, mask, bias, is_causal) -> bool:
+    """Whether the Pallas TPU kernel computes exactly our function for these inputs.
 
-    Only the einsum path exists so far. This is the single place to choose a faster kernel
-    per backend and shape (blockwise on CPU, cuDNN on GPU, Pallas on TPU); any kernel chosen
-    here must honour the contract of ``dot_product_attention`` (empty rows give zeros).
+    It takes no boolean mask (empty rows could not arise), no GQA, equal key/value head
+    dims, lengths in whole 128-row blocks, and a top-left causal mask (ours only if T == S).
     """
-    del q, k, dropout_rate
-    return "xla"
+    t, n, h = q.shape[1:]
+    s, kh = k.shape[1:3]
+    return (
+        mask is None
+        and bias is None
+        and n == kh
+        and v.shape[-1] == h
+        and t % 128 == 0
+        and s % 128 == 0
+        and (t == s or not is_causal)
+    )
+
+
+def _attention_pallas(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
+    """Pallas FlashAttention for TPU (``jax.experimental.pallas.ops.tpu.flash_attention``).
+
+    Untested on hardware here (CI runs it in Pallas' TPU interpret mode on CPU).
+    """
+    del dropout_rate, dropout_rng  # rejected earlier: dropout_rate == 0 here
+    if jax.default_backend() != "tpu":
+        raise ValueError(
+            f'dot_product_attention: implementation="pallas" needs a TPU, but the default '
+            f"backend is {jax.default_backend()!r}; use implementation=None or 'blockwise'"
+        )
+    if not _pallas_fits(q, k, v, mask, bias, is_causal):
+        raise ValueError(
+            'dot_product_attention: implementation="pallas" needs no mask or bias, K == N, '
+            f"lengths divisible by 128 and T == S if causal; got q {q.shape}, k {k.shape}, "
+            f"v {v.shape}, mask={mask is not None}, bias={bias is not None}, "
+            f"is_causal={is_causal}; use implementation=None or 'blockwise'"
+        )
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [B, N, T, H]
+    out = tpu_flash.flash_attention(
+        heads_first(q), heads_first(k), heads_first(v), causal=is_causal, sm_scale=scale
+    )
+    return heads_first(out)  # [B, T, N, H]
+
+
+_KERNELS = {
+    "xla": _attention_xla,
+    "cudnn": _attention_cudnn,
+    "blockwise": _attention_blockwise,
+    "pallas": _attention_pallas,
+}
+
+# CPU: blockwise wins once both T and S reach this (measured crossover, benchmarks/README.md).
+_CPU_BLOCKWISE_MIN_LEN = 128
+# Any backend: never materialise dense float32 scores larger than this.
+_DENSE_SCORES_MAX_BYTES = 1 << 30
+
+
+def _pallas_importable() -> bool:
+    try:
+        from jax.experimental.pallas.ops.tpu import flash_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate) -> str:
+    """Pick the fastest kernel that computes exactly our function (``implementation=None``).
+
+    - dropout: ``"xla"`` (the only kernel with attention dropout);
+    - GPU: ``"cudnn"`` for float16/bfloat16 with equal q/v head dims, a multiple of 8 up to
+      128 (cuDNN's fused kernels), else as below;
+    - TPU: ``"pallas"`` when importable and ``_pallas_fits``, else as below;
+    - CPU: ``"blockwise"`` when T and S are both >= ``_CPU_BLOCKWISE_MIN_LEN``;
+    - otherwise ``"xla"``, or ``"blockwise"`` when the dense float32 scores ``[B, N, T, S]``
+      would exceed ``_DENSE_SCORES_MAX_BYTES``.
+    """
+    if dropout_rate > 0.0:
+        return "xla"
+    (b, t, n, h), s = q.shape, k.shape[1]
+    backend = jax.default_backend()
+    if backend == "gpu":
+        low_precision = q.dtype in (jnp.float16, jnp.bfloat16)
+        if low_precision and v.shape[-1] == h and h % 8 == 0 and h <= 128:
+            return "cudnn"
+    elif backend == "tpu":
+        if _pallas_fits(q, k, v, mask, bias, is_causal) and _pallas_importable():
+            return "pallas"
+    elif backend == "cpu" and min(t, s) >= _CPU_BLOCKWISE_MIN_LEN:
+        return "blockwise"
+    return "blockwise" if 4 * b * n * t * s > _DENSE_SCORES_MAX_BYTES else "xla"
 
 
 def dot_product_attention(
@@ -326,7 +414,12 @@ def dot_product_attention(
       bias: float, broadcastable to ``[B, N, T, S]``, added to the scaled logits.
       is_causal: also mask key ``s > t + S - T`` (queries are the last T key positions).
       scale: logit scale, default ``1/sqrt(H)``.
-      implementation: None (auto), ``"xla"`` (einsum reference) or ``"cudnn"`` (GPU only).
+      implementation: None picks the fastest exact kernel for the backend and shape (see
+        ``_select_implementation``: cuDNN on GPU, Pallas on TPU, blockwise on CPU for long
+        sequences, else the einsum path); or one of ``"xla"`` (einsum reference, dense
+        ``[B, N, T, S]`` scores), ``"blockwise"`` (``jaxattn.ops.flash``: online softmax,
+        O(T) memory, any backend), ``"cudnn"`` (GPU only), ``"pallas"`` (TPU only; no
+        mask, bias or GQA).
       dropout_rate: dropout on the attention probabilities (``"xla"`` only).
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
 
@@ -336,7 +429,7 @@ def dot_product_attention(
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = _check_inputs(q, k, v, mask, bias)
     if implementation is None:
-        implementation = _select_implementation(q, k, dropout_rate)
+        implementation = _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate)
     if implementation not in _KERNELS:
         raise ValueError(
             f"dot_product_attention: unknown implementation {implementation!r}; "

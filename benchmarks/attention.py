@@ -1,0 +1,294 @@
+"""Causal attention on this machine: jaxattn vs jax.nn vs einsum vs Flax vs PyTorch.
+
+    python benchmarks/attention.py            # T = 256 .. 8192, forward and forward+backward
+    python benchmarks/attention.py --quick    # T = 256, 1024, 2048 with 3 repeats
+    python benchmarks/attention.py --long     # also peak RSS of blockwise fwd+bwd at T = 32768
+    python benchmarks/attention.py --wait-quiet   # on a shared machine: time only when idle
+
+Layout ``[B, T, N, H]`` with N = 8 heads of H = 64, float32, causal self-attention; B = 4
+up to T = 2048, then halved whenever T doubles (B T = 8192 tokens) so the dense baselines
+fit in memory. Times are the median of ``--repeats`` calls after one warm-up call (fewer
+when a single call takes over ``--slow`` seconds; the ``n`` column says how many), with the
+process CPU time (all threads) of the same calls: on a machine shared with other jobs the
+CPU time is the steadier figure, and wall < CPU shows how well both cores were used.
+Memory of forward+backward: for JAX the temporary buffers XLA allocates for the compiled
+step (``memory_analysis().temp_size_in_bytes``, exact); for PyTorch the growth of the peak
+resident set (VmHWM) of a fresh subprocess over one call. Ratios are to PyTorch's
+``F.scaled_dot_product_attention`` measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn.ops.attention import dot_product_attention
+
+N, H = 8, 64
+
+
+def machine() -> str:
+    """CPU model and core count (lscpu), for the table's header."""
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in out.splitlines()
+            if line.startswith("Model name")
+        )
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {jax.default_backend()}"
+
+
+def wait_quiet(limit: float = 30.0) -> None:
+    """Wait (up to ``limit`` s) until no other task is runnable (Linux ``/proc/loadavg``)."""
+    deadline, calm = time.monotonic() + limit, 0
+    while time.monotonic() < deadline and calm < 5:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        calm = calm + 1 if running <= 1 else 0
+        time.sleep(0.02)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM) in bytes.
+
+    Unlike ``ru_maxrss``, which a child inherits from its parent across fork and exec,
+    VmHWM starts afresh in the new program.
+    """
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return 1024 * int(line.split()[1])
+
+
+def timed(fn, repeats: int, slow: float, quiet: bool) -> tuple[float, float, int]:
+    """Median (wall s, CPU s) of ``repeats`` calls after one warm-up (2 if one is slow)."""
+    start = time.perf_counter()
+    fn()
+    if time.perf_counter() - start > slow:
+        repeats = min(repeats, 2)
+    walls, cpus = [], []
+    for _ in range(repeats):
+        if quiet:
+            wait_quiet()
+        cpu, start = time.process_time(), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return float(np.median(walls)), float(np.median(cpus)), repeats
+
+
+# ------------------------------------------------------------------ JAX implementations
+
+
+def einsum_attention(q, k, v):
+    """Plain softmax attention: what one writes without a library."""
+    t, s = q.shape[1], k.shape[1]
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1]).astype(np.float32)
+    logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, -jnp.inf)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+
+
+def flax_attention(q, k, v):
+    """Flax linen's einsum attention (``flax.nnx.dot_product_attention`` calls jax.nn's)."""
+    import flax.linen as nn
+
+    t = q.shape[1]
+    return nn.dot_product_attention(q, k, v, mask=jnp.tril(jnp.ones((1, 1, t, t), bool)))
+
+
+JAX_IMPLS = {
+    "jaxattn auto": lambda q, k, v: dot_product_attention(q, k, v, is_causal=True),
+    "jaxattn blockwise": lambda q, k, v: dot_product_attention(
+        q, k, v, is_causal=True, implementation="blockwise"
+    ),
+    "jax.nn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+    "einsum": einsum_attention,
+    "flax linen": flax_attention,
+}
+DENSE = {"jax.nn", "einsum", "flax linen"}
+
+
+def jax_calls(name, b, t):
+    """Compiled (fwd, fwd+bwd) closures and the fwd+bwd step's XLA temp bytes."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, N, H)), jnp.float32) for _ in range(3))
+    f = JAX_IMPLS[name]
+    fwd = jax.jit(f).lower(q, k, v).compile()
+    loss = lambda *a: jnp.sum(f(*a))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    temp = grad.memory_analysis().temp_size_in_bytes
+    return (
+        lambda: fwd(q, k, v).block_until_ready(),
+        lambda: jax.block_until_ready(grad(q, k, v)),
+        temp,
+    )
+
+
+def torch_calls(b, t):
+    import torch
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(b, N, t, H, requires_grad=True) for _ in range(3))
+
+    def fwd():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        q.grad = k.grad = v.grad = None
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    return fwd, fwd_bwd
+
+
+# ------------------------------------------------------------------ the table
+
+
+def torch_memory_child(b: int, t: int) -> None:
+    """Print the peak-RSS growth (bytes) of one torch fwd+bwd in this fresh process."""
+    _, fwd_bwd = torch_calls(b, t)
+    before = peak_rss()
+    fwd_bwd()
+    print(peak_rss() - before)
+
+
+def torch_memory(b: int, t: int) -> int:
+    cmd = [sys.executable, __file__, "--torch-memory-child", str(b), str(t)]
+    return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> None:
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    import flax
+
+    print(f"# Causal attention, float32, [B, T, N={N}, H={H}]")
+    print(f"machine: {machine()}; date: {datetime.date.today()}")
+    print(f"jax {jax.__version__}, flax {flax.__version__}, torch {torch_version or 'absent'}")
+    print(f"median of {repeats} after a warm-up; B = 4 up to T = 2048, then B T = 8192")
+    print(f"timed only when the machine was idle: {quiet}\n")
+    print(
+        "| T | B | implementation | fwd ms | fwd+bwd ms | fwd+bwd CPU s | n "
+        "| fwd+bwd / torch (wall, CPU) | fwd+bwd MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for t in lengths:
+        b = max(1, min(4, 8192 // t))
+        rows, torch_fb = [], None
+        names = list(JAX_IMPLS) + (["torch SDPA"] if torch_version else [])
+        for name in names:
+            dense_gib = 3 * 4 * b * N * t * t / 2**30  # logits, probs, their cotangent
+            if name in DENSE and dense_gib > max_dense_gib:
+                rows.append((name, None, f"skipped: ~{dense_gib:.0f} GiB dense"))
+                continue
+            if name == "torch SDPA":
+                (fwd, fwd_bwd), mem = torch_calls(b, t), torch_memory(b, t)
+            else:
+                fwd, fwd_bwd, mem = jax_calls(name, b, t)
+            tf, _, _ = timed(fwd, repeats, slow, quiet)
+            tfb, cfb, n = timed(fwd_bwd, repeats, slow, quiet)
+            if name == "torch SDPA":
+                torch_fb = (tfb, cfb)
+            rows.append((name, (tf, tfb, cfb, n, mem / 2**20), None))
+        for name, r, note in rows:
+            if note:
+                print(f"| {t} | {b} | {name} | - | - | - | - | - | {note} |")
+                continue
+            tf, tfb, cfb, n, mem = r
+            ratio = f"{tfb / torch_fb[0]:.2f}, {cfb / torch_fb[1]:.2f}" if torch_fb else "-"
+            print(
+                f"| {t} | {b} | {name} | {1e3 * tf:.0f} | {1e3 * tfb:.0f} | {cfb:.2f} | {n} "
+                f"| {ratio} | {mem:.0f} |",
+                flush=True,
+            )
+
+
+def long_child(t: int) -> None:
+    """Run blockwise causal fwd+bwd at [1, t, N, H]; print baseline and peak RSS (MiB)."""
+    q, k, v = (
+        jnp.asarray(np.random.default_rng(i).standard_normal((1, t, N, H)), jnp.float32)
+        for i in range(3)
+    )
+    f = lambda *a: jnp.sum(dot_product_attention(*a, is_causal=True, implementation="blockwise"))
+    grad = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    base = peak_rss() / 2**20
+    start = time.perf_counter()
+    grads = jax.block_until_ready(grad(q, k, v))
+    seconds = time.perf_counter() - start
+    finite = all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    peak = peak_rss() / 2**20
+    print(f"{t} {seconds:.1f} {base:.0f} {peak:.0f} {finite}")
+
+
+def run_long(t: int) -> None:
+    out = subprocess.run(
+        [sys.executable, __file__, "--long-child", str(t)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    seconds, base, peak, finite = out[1], out[2], out[3], out[4]
+    dense = 4 * N * t * t / 2**30
+    print(f"\n# Long sequence: blockwise causal fwd+bwd, [B=1, T={t}, N={N}, H={H}], float32")
+    print(
+        f"peak RSS of the process {float(peak) / 1024:.2f} GiB (after compiling, before the "
+        f"step: {float(base) / 1024:.2f} GiB); {seconds} s; grads finite: {finite}; the dense "
+        f"[N, T, T] float32 scores alone would be {dense:.0f} GiB"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T = 256, 1024, 2048; 3 repeats")
+    parser.add_argument("--lengths", type=int, nargs="*", help="override the T values")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5)")
+    parser.add_argument(
+        "--slow",
+        type=float,
+        default=10.0,
+        help="seconds per call above which only 2 calls are timed",
+    )
+    parser.add_argument(
+        "--max-dense-gib",
+        type=float,
+        default=8.0,
+        help="skip dense baselines whose [B, N, T, T] buffers exceed this",
+    )
+    parser.add_argument("--long", action="store_true", help="also run T = 32768 (minutes)")
+    parser.add_argument(
+        "--wait-quiet", action="store_true", help="before each timed call, wait for an idle CPU"
+    )
+    parser.add_argument("--long-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--torch-memory-child", type=int, nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.long_child:
+        return long_child(args.long_child)
+    if args.torch_memory_child:
+        return torch_memory_child(*args.torch_memory_child)
+    lengths = args.lengths or (
+        [256, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
+    )
+    repeats = args.repeats or (3 if args.quick else 5)
+    run_table(lengths, repeats, args.slow, args.max_dense_gib, args.wait_quiet)
+    if args.long:
+        run_long(32768)
+
+
+if __name__ == "__main__":
+    main()

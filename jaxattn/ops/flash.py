@@ -1,0 +1,453 @@
+"""Blockwise ("flash") attention: online softmax over key blocks, O(T) memory.
+
+Shape glossary: B batch, T query time, S key time, N query heads, K key/value heads
+(``N % K == 0``), G = N // K query heads per key/value head, H head dim (Hv for values).
+Inside the kernel: Z = B K (batch, key/value head) pairs, R = G bq rows of a query block
+(the G query heads that share a key/value head, stacked), C = bk columns of a key block.
+
+The queries are cut into blocks of ``bq`` rows and the keys into blocks of ``bk``. For each
+query block a loop over key blocks keeps a running row max ``m``, normaliser ``l`` and
+unnormalised output ``acc`` (Rabe & Staats, 2021, "Self-attention Does Not Need O(n²)
+Memory"; Dao et al., 2022, "FlashAttention")::
+
+    s = q_i k_jᵀ (scaled) + bias, masked entries -inf
+    m' = max(m, rowmax s);  p = exp(s - m');  l = l e^{m - m'} + rowsum p
+    acc = acc e^{m - m'} + p v_j;             out_i = acc / l,  lse_i = m + log l
+
+The backward pass (a ``jax.custom_vjp``) recomputes ``p = exp(s - lse)`` block by block
+from (q, k, v, out, lse) instead of storing the [T, S] probabilities (FlashAttention-2,
+Dao, 2023): with ``D = rowsum(dout * out)``, ``dv_j += pᵀ dout_i``, ``ds = p (dout_i v_jᵀ -
+D)``, ``dk_j += dsᵀ q_i``, ``dq_i += ds k_j``. Memory is O(B N T H) in both directions.
+
+Causal masking skips every block it hides entirely and masks only blocks that straddle the
+diagonal; key and query padding (T, S not multiples of the block) is masked the same way.
+A query row with nothing to attend to gets output 0, zero gradients and ``lse = +inf``,
+as in the einsum path of ``jaxattn.ops.attention``. Queries are the last T of the S key
+positions (``jaxattn.ops.masks.causal_mask``).
+
+Layout and speed (measured on a 2-core CPU, see ``benchmarks/README.md``): the loops run
+over the Z (batch, key/value head) pairs, then query blocks, then key blocks, on 2-D tiles:
+query-side arrays are ``[Z, nq, R, H]`` (one matmul serves the G query heads of a key/value
+head: GQA without copying K/V), key-side arrays ``[Z, nk, C, H]``. Tiles of 512 x 512 are
+about the smallest whose matmuls XLA:CPU splits over two cores, and still fit a core's L2
+cache; batching all heads into each tile instead keeps every matmul on one core. The
+backward works on transposed tiles ``[C, R]`` and keeps ``dqᵀ``, so all five matmuls are
+plain or ``A Bᵀ`` products (a transposed left operand falls back to a slower kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+# Block edge when the caller does not choose one: 512 x 512 tiles per head were fastest on
+# CPU at T = 2048..8192 (benchmarks/README.md). Blocks never exceed the length rounded to 8.
+DEFAULT_BLOCK = 512
+
+_F32 = jnp.float32
+
+
+class _Plan(NamedTuple):
+    """Static sizes of one call (hashable: the custom_vjp's non-differentiable argument)."""
+
+    t: int
+    s: int
+    bq: int
+    bk: int
+    causal: bool
+    scale: float
+
+    @property
+    def nq(self) -> int:
+        return -(-self.t // self.bq)
+
+    @property
+    def nk(self) -> int:
+        return -(-self.s // self.bk)
+
+
+# ----------------------------------------------------------------------------------------
+# Layout: [B, T, N, H] <-> per-head blocks
+# ----------------------------------------------------------------------------------------
+
+
+def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _q_blocks(x: Array, num_kv: int, bq: int) -> Array:
+    """``[B, T, N, H]`` -> ``[B*K, nq, G*bq, H]`` (rows ordered head-major, then time)."""
+    b, t, n, h = x.shape
+    nq = -(-t // bq)
+    x = _pad_axis(x, 1, nq * bq).reshape(b, nq, bq, num_kv, n // num_kv, h)
+    return x.transpose(0, 3, 1, 4, 2, 5).reshape(b * num_kv, nq, -1, h)  # [Z, nq, R, H]
+
+
+def _q_unblock(x: Array, batch: int, num_heads: int, t: int) -> Array:
+    """Inverse of ``_q_blocks``: ``[B*K, nq, G*bq, H]`` -> ``[B, T, N, H]``."""
+    z, nq, r, h = x.shape
+    kh = z // batch
+    g = num_heads // kh
+    x = x.reshape(batch, kh, nq, g, r // g, h).transpose(0, 2, 4, 1, 3, 5)  # [B, nq, bq, K, G, H]
+    return x.reshape(batch, -1, num_heads, h)[:, :t]
+
+
+def _k_blocks(x: Array, bk: int) -> Array:
+    """``[B, S, K, H]`` -> ``[B*K, nk, bk, H]``."""
+    b, s, kh, h = x.shape
+    nk = -(-s // bk)
+    x = _pad_axis(x, 1, nk * bk).reshape(b, nk, bk, kh, h)
+    return x.transpose(0, 3, 1, 2, 4).reshape(b * kh, nk, bk, h)  # [Z, nk, C, H]
+
+
+def _k_unblock(x: Array, batch: int, s: int) -> Array:
+    """Inverse of ``_k_blocks``."""
+    z, nk, c, h = x.shape
+    x = x.reshape(batch, z // batch, nk, c, h).transpose(0, 2, 3, 1, 4)  # [B, nk, C, K, H]
+    return x.reshape(batch, nk * c, z // batch, h)[:, :s]
+
+
+def _pair_blocks(x: Array, num_kv: int, plan: _Plan, transposed: bool, fill) -> Array:
+    """Cut a mask or bias ``[b, n, t, s]`` (each dim full or 1) into (query, key) tiles.
+
+    Returns ``[b, K|1, nq|1, nk|1, G|1, bq|1, bk|1]``, or with ``transposed`` the tiles of
+    its transpose ``[b, K|1, nk|1, nq|1, bk|1, G|1, bq|1]``; padding is ``fill``. Broadcast
+    dims stay 1, so a ``[B, 1, 1, S]`` padding mask costs O(B S).
+    """
+    b, n, t, s = x.shape
+    kh, g = (num_kv, n // num_kv) if n > 1 else (1, 1)
+    bq, nq = (plan.bq, plan.nq) if t > 1 else (1, 1)
+    bk, nk = (plan.bk, plan.nk) if s > 1 else (1, 1)
+    x = _pad_axis(_pad_axis(x, 2, nq * bq, fill), 3, nk * bk, fill)
+    x = x.reshape(b, kh, g, nq, bq, nk, bk)
+    if transposed:
+        return x.transpose(0, 1, 5, 3, 6, 2, 4)  # [b, K, nk, nq, bk, G, bq]
+    return x.transpose(0, 1, 3, 5, 2, 4, 6)  # [b, K, nq, nk, G, bq, bk]
+
+
+def _pair_unblock_t(x: Array, shape: tuple[int, ...]) -> Array:
+    """Inverse of ``_pair_blocks(..., transposed=True)`` back to ``shape = [b, n, t, s]``."""
+    b, kh, nk, nq, bk, g, bq = x.shape
+    x = x.transpose(0, 1, 5, 3, 6, 2, 4).reshape(b, kh * g, nq * bq, nk * bk)
+    return x[:, :, : shape[2], : shape[3]]
+
+
+def _head_tiles(blocks: Array | None, z, num_kv: int) -> Array | None:
+    """The tiles of flat head ``z = b K + k`` (index 0 along broadcast axes)."""
+    if blocks is None:
+        return None
+    b = z // num_kv if blocks.shape[0] > 1 else 0
+    return blocks[b, z % num_kv if blocks.shape[1] > 1 else 0]
+
+
+def _tile(tiles: Array | None, i, j) -> Array | None:
+    """Tile (i, j) of one head's ``[n_i|1, n_j|1, ...]`` tiles."""
+    if tiles is None:
+        return None
+    return tiles[i if tiles.shape[0] > 1 else 0, j if tiles.shape[1] > 1 else 0]
+
+
+# ----------------------------------------------------------------------------------------
+# Which key blocks a query block sees, and vice versa
+# ----------------------------------------------------------------------------------------
+
+
+def _key_range(i, p: _Plan):
+    """Key blocks ``[0, full)`` need no mask, ``[full, end)`` need one, the rest are hidden."""
+    if not p.causal:
+        return p.s // p.bk, p.nk
+    off = p.s - p.t  # query row r sits at key position r + off
+    first_row, last_row = i * p.bq, jnp.minimum(i * p.bq + p.bq, p.t) - 1
+    full = jnp.clip((first_row + off + 1) // p.bk, 0, p.s // p.bk)
+    end = jnp.clip((last_row + off) // p.bk + 1, 0, p.nk)
+    return full, end
+
+
+def _query_range(j, p: _Plan):
+    """Query blocks ``[start, full)`` need a mask for key block j, ``[full, nq)`` do not."""
+    padded = (j + 1) * p.bk > p.s  # the last key block holds padding columns
+    if not p.causal:
+        return 0, jnp.where(padded, p.nq, 0)
+    off = p.s - p.t
+    first_col = j * p.bk
+    start = jnp.where(first_col - off > p.t - 1, p.nq, jnp.clip((first_col - off) // p.bq, 0, p.nq))
+    full = jnp.clip(-(-(first_col + p.bk - 1 - off) // p.bq), 0, p.nq)
+    return start, jnp.where(padded, p.nq, jnp.maximum(full, start))
+
+
+def _visible(i, j, rows: int, p: _Plan, transposed: bool) -> Array:
+    """Causal and padding visibility of tile (i, j): ``[R, C]``, or ``[C, R]`` transposed."""
+    shape = (p.bk, rows) if transposed else (rows, p.bk)
+    row_axis, col_axis = (1, 0) if transposed else (0, 1)
+    row = i * p.bq + lax.broadcasted_iota(jnp.int32, shape, row_axis) % p.bq
+    col = j * p.bk + lax.broadcasted_iota(jnp.int32, shape, col_axis)
+    visible = col < p.s
+    if p.causal:
+        visible &= col <= row + (p.s - p.t)
+    return visible
+
+
+def _mask_and_bias(s: Array, vis, mask_tile, bias_tile, g: int, transposed: bool) -> Array:
+    """Add a bias tile, then set entries that are not visible to -inf.
+
+    ``s`` is ``[R, C]`` (``[C, R]`` transposed) and ``vis`` the same shape or None. Mask
+    and bias tiles are ``[G|1, bq|1, C|1]`` (``[C|1, G|1, bq|1]``), so ``[B, 1, 1, S]``
+    padding masks and per-head biases broadcast without copies.
+    """
+    if mask_tile is None and bias_tile is None:
+        return s if vis is None else jnp.where(vis, s, -jnp.inf)
+    shape = s.shape
+    split = (shape[0], g, shape[1] // g) if transposed else (g, shape[0] // g, shape[1])
+    x = s.reshape(split)  # [G, bq, C] or [C, G, bq]
+    if bias_tile is not None:
+        x = x + bias_tile.astype(_F32)
+    keep = mask_tile
+    if vis is not None:
+        vis = vis.reshape(split)
+        keep = vis if keep is None else keep & vis
+    if keep is not None:
+        x = jnp.where(keep, x, -jnp.inf)
+    return x.reshape(shape)
+
+
+def _add_tile(acc: Array, index: tuple, tile: Array) -> Array:
+    """Sum ``tile`` over the axes that ``acc``'s tiles broadcast, then add it at ``index``."""
+    target = acc.shape[len(index) :]
+    axes = tuple(a for a, (n, m) in enumerate(zip(target, tile.shape)) if n == 1 and m > 1)
+    tile = jnp.sum(tile, axis=axes, keepdims=True)
+    index = tuple(i if d > 1 else 0 for i, d in zip(index, acc.shape))
+    return acc.at[index].add(tile)
+
+
+# ----------------------------------------------------------------------------------------
+# Forward and backward kernels: one (batch, key/value head) pair at a time
+# ----------------------------------------------------------------------------------------
+
+
+def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
+    """Online-softmax attention -> (out ``[B, T, N, Hv]``, lse ``[B*K, nq, R]`` float32)."""
+    b, _, n, _ = q.shape
+    kh, hv = k.shape[2], v.shape[3]
+    g, rows = n // kh, (n // kh) * p.bq
+    qs = _q_blocks(q * jnp.asarray(p.scale, q.dtype), kh, p.bq)  # [Z, nq, R, H]
+    ks, vs = _k_blocks(k, p.bk), _k_blocks(v, p.bk)  # [Z, nk, C, H]
+    masks = None if mask is None else _pair_blocks(mask, kh, p, False, False)
+    biases = None if bias is None else _pair_blocks(bias, kh, p, False, 0)
+
+    def head(args):
+        z, qz, kz, vz = args  # [nq, R, H], [nk, C, H], [nk, C, Hv]
+        mz, bz = _head_tiles(masks, z, kh), _head_tiles(biases, z, kh)
+
+        def query_block(i):
+            qi = qz[i]
+
+            def step(j, carry, edge):
+                m, denom, acc = carry
+                s = jnp.einsum("rh,ch->rc", qi, kz[j], preferred_element_type=_F32)
+                vis = _visible(i, j, rows, p, transposed=False) if edge else None
+                s = _mask_and_bias(s, vis, _tile(mz, i, j), _tile(bz, i, j), g, False)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                # A row that has seen only -inf keeps m = -inf; subtracting 0 then gives 0.
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                probs = jnp.exp(s - m_safe[:, None])  # [R, C]
+                alpha = jnp.exp(m - m_safe)
+                denom = denom * alpha + jnp.sum(probs, axis=-1)
+                pv = jnp.dot(probs.astype(v.dtype), vz[j], preferred_element_type=_F32)
+                return m_new, denom, acc * alpha[:, None] + pv
+
+            full, end = _key_range(i, p)
+            init = (
+                jnp.full((rows,), -jnp.inf, _F32),
+                jnp.zeros((rows,), _F32),
+                jnp.zeros((rows, hv), _F32),
+            )
+            carry = lax.fori_loop(0, full, partial(step, edge=False), init)
+            m, denom, acc = lax.fori_loop(full, end, partial(step, edge=True), carry)
+            out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]  # empty rows: 0 / 1
+            lse = jnp.where(denom > 0, m + jnp.log(denom), jnp.inf)  # exp(s - inf) = 0
+            return out.astype(q.dtype), lse
+
+        return lax.map(query_block, jnp.arange(p.nq))  # [nq, R, Hv], [nq, R]
+
+    out, lse = lax.map(head, (jnp.arange(qs.shape[0]), qs, ks, vs))
+    return _q_unblock(out, b, n, p.t), lse
+
+
+def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
+    """Recompute probabilities tile by tile -> (dq, dk, dv, dbias or None)."""
+    b, _, n, h = q.shape
+    kh, hv = k.shape[2], v.shape[3]
+    g, rows = n // kh, (n // kh) * p.bq
+    qs = _q_blocks(q * jnp.asarray(p.scale, q.dtype), kh, p.bq)  # [Z, nq, R, H]
+    dos = _q_blocks(dout, kh, p.bq)  # [Z, nq, R, Hv]
+    delta = jnp.sum(out.astype(_F32) * dout.astype(_F32), axis=-1, keepdims=True)  # [B, T, N, 1]
+    delta = _q_blocks(delta, kh, p.bq)[..., 0]  # [Z, nq, R]
+    ks, vs = _k_blocks(k, p.bk), _k_blocks(v, p.bk)  # [Z, nk, C, H]
+    masks = None if mask is None else _pair_blocks(mask, kh, p, True, False)
+    biases = None if bias is None else _pair_blocks(bias, kh, p, True, 0)
+
+    def head(dbias, args):
+        z, qz, doz, lsez, deltaz, kz, vz = args
+        mz, bz = _head_tiles(masks, z, kh), _head_tiles(biases, z, kh)
+        ktz = jnp.swapaxes(kz, 1, 2)  # [nk, H, C]: dqᵀ = kᵀ dsᵀ is then a plain matmul
+
+        def key_block(carry, j):
+            kj, vj = kz[j], vz[j]
+
+            def step(i, carry, edge):
+                dqt, dk, dv, dbias = carry
+                qi, doi = qz[i], doz[i]
+                # Transposed tiles [C, R]: dk and dv then contract over the minor axis.
+                st = jnp.einsum("ch,rh->cr", kj, qi, preferred_element_type=_F32)
+                vis = _visible(i, j, rows, p, transposed=True) if edge else None
+                st = _mask_and_bias(st, vis, _tile(mz, j, i), _tile(bz, j, i), g, True)
+                pt = jnp.exp(st - lsez[i][None, :])  # [C, R]
+                dpt = jnp.einsum("ch,rh->cr", vj, doi, preferred_element_type=_F32)
+                dst = pt * (dpt - deltaz[i][None, :])  # d loss / d logits, transposed
+                dv = dv + jnp.dot(pt.astype(dout.dtype), doi, preferred_element_type=_F32)
+                ds_in = dst.astype(q.dtype)
+                dk = dk + jnp.dot(ds_in, qi, preferred_element_type=_F32)
+                dqt_i = jnp.dot(ktz[j], ds_in, preferred_element_type=_F32)  # [H, R]
+                if dbias is not None:
+                    dbias = _add_tile(dbias, (z // kh, z % kh, j, i), dst.reshape(-1, g, p.bq))
+                return dqt.at[i].add(dqt_i), dk, dv, dbias
+
+            dqt, dbias = carry
+            start, full = _query_range(j, p)
+            zeros = (jnp.zeros((p.bk, h), _F32), jnp.zeros((p.bk, hv), _F32))
+            carry = lax.fori_loop(start, full, partial(step, edge=True), (dqt, *zeros, dbias))
+            dqt, dk, dv, dbias = lax.fori_loop(full, p.nq, partial(step, edge=False), carry)
+            return (dqt, dbias), (dk, dv)
+
+        dqt0 = jnp.zeros((p.nq, h, rows), _F32)
+        (dqt, dbias), (dk, dv) = lax.scan(key_block, (dqt0, dbias), jnp.arange(p.nk))
+        return dbias, (jnp.swapaxes(dqt, 1, 2), dk, dv)
+
+    dbias0 = None if biases is None else jnp.zeros(biases.shape, _F32)
+    heads = (jnp.arange(qs.shape[0]), qs, dos, lse, delta, ks, vs)
+    dbias, (dq, dk, dv) = lax.scan(head, dbias0, heads)
+    dq = _q_unblock(dq * p.scale, b, n, p.t).astype(q.dtype)
+    dk, dv = _k_unblock(dk, b, p.s).astype(k.dtype), _k_unblock(dv, b, p.s).astype(v.dtype)
+    if dbias is not None:
+        dbias = _pair_unblock_t(dbias, bias.shape).astype(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, mask, bias, plan: _Plan) -> Array:
+    return _forward(q, k, v, mask, bias, plan)[0]
+
+
+def _flash_fwd(q, k, v, mask, bias, plan):
+    out, lse = _forward(q, k, v, mask, bias, plan)
+    return out, (q, k, v, mask, bias, out, lse)
+
+
+def _flash_bwd(plan, residuals, dout):
+    q, k, v, mask, bias, out, lse = residuals
+    dq, dk, dv, dbias = _backward(q, k, v, mask, bias, out, lse, dout, plan)
+    return dq, dk, dv, None, dbias  # no cotangent for the boolean mask
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------
+
+
+def _as_rank4(name: str, x, dtype_ok, kind: str, target: tuple[int, ...]) -> Array | None:
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if not dtype_ok(x.dtype):
+        raise ValueError(f"flash_attention: {name} must be {kind}, got dtype {x.dtype}")
+    if x.ndim > 4 or any(d not in (1, t) for d, t in zip(x.shape[::-1], target[::-1])):
+        raise ValueError(
+            f"flash_attention: {name} of shape {x.shape} does not broadcast to {target}"
+        )
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def block_sizes(t: int, s: int, block_q: int | None = None, block_k: int | None = None):
+    """Return the ``(block_q, block_k)`` used for T queries and S keys.
+
+    Defaults are ``DEFAULT_BLOCK``, shrunk to the sequence length rounded up to 8.
+    """
+    bq = DEFAULT_BLOCK if block_q is None else block_q
+    bk = DEFAULT_BLOCK if block_k is None else block_k
+    if bq < 1 or bk < 1:
+        raise ValueError(f"flash_attention: block sizes must be >= 1, got {bq}, {bk}")
+    round8 = lambda x: -(-x // 8) * 8
+    return min(bq, round8(t)), min(bk, round8(s))
+
+
+def flash_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> Array:
+    """Blockwise attention ``softmax(scale · q kᵀ + bias, mask) v`` in O(T) memory.
+
+    The same function as ``dot_product_attention(..., implementation="xla")`` (Dao et al.,
+    2022; Rabe & Staats, 2021), computed tile by tile with an online softmax; the gradient
+    recomputes the tiles. Softmax statistics and accumulators are float32.
+
+    Args:
+      q: ``[B, T, N, H]`` queries.
+      k: ``[B, S, K, H]`` keys, ``N % K == 0``; query head n reads key head ``n // (N // K)``.
+      v: ``[B, S, K, Hv]`` values (same dtype as q and k).
+      mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend. Cut into tiles, so a
+        ``[B, 1, 1, S]`` padding mask costs O(B S).
+      bias: float, broadcastable to ``[B, N, T, S]``, added to the scaled logits
+        (differentiable).
+      is_causal: also hide key ``s > t + S - T`` (queries are the last T key positions);
+        tiles above the diagonal are skipped.
+      scale: logit scale, default ``1/sqrt(H)``.
+      block_q: query rows per tile (default ``DEFAULT_BLOCK``).
+      block_k: keys per tile (default ``DEFAULT_BLOCK``).
+
+    Returns:
+      ``[B, T, N, Hv]`` in q's dtype; rows with nothing to attend to are 0.
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"flash_attention: q [B, T, N, H], k, v [B, S, K, H] must be rank 4, got "
+            f"q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    (b, t, n, h), (s, kh) = q.shape, k.shape[1:3]
+    if k.shape[0] != b or k.shape[3] != h or v.shape[:3] != k.shape[:3] or kh == 0 or n % kh:
+        raise ValueError(
+            "flash_attention: expected q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv] with "
+            f"N % K == 0, got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if t == 0 or s == 0:
+        raise ValueError(f"flash_attention: empty sequence: q {q.shape}, k {k.shape}")
+    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(
+            f"flash_attention: q, k, v need one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    target = (b, n, t, s)
+    mask = _as_rank4("mask", mask, lambda d: d == jnp.bool_, "boolean", target)
+    bias = _as_rank4("bias", bias, lambda d: jnp.issubdtype(d, jnp.floating), "float", target)
+    bq, bk = block_sizes(t, s, block_q, block_k)
+    scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+    return _flash(q, k, v, mask, bias, _Plan(t, s, bq, bk, bool(is_causal), scale))

@@ -1,0 +1,307 @@
+"""Tests for jaxattn.ops.flash (blockwise attention) and the kernel dispatch.
+
+Outputs and gradients (q, k, v, bias) are checked against a float64 NumPy forward and
+backward written here, and against ``dot_product_attention(implementation="xla")``, with
+small blocks so that every case spans many tiles, partial tiles and the causal diagonal.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from jaxattn.ops import attention
+from jaxattn.ops.attention import dot_product_attention
+from jaxattn.ops.flash import _key_range, _Plan, _query_range, block_sizes, flash_attention
+
+B, N, H = 2, 6, 8
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+GRAD_TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def normal(np_rng, *shape):
+    return jnp.asarray(np_rng.standard_normal(shape), jnp.float32)
+
+
+def np_causal(t, s):
+    """Query i is at key position i + s - t and sees keys up to it."""
+    return np.arange(s)[None, :] <= np.arange(t)[:, None] + (s - t)
+
+
+def sum_to(x, shape):
+    """Sum a [B, N, T, S] array down to a shape that broadcasts to it."""
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead)))
+    axes = tuple(a for a, d in enumerate(shape) if d == 1 and x.shape[a] > 1)
+    return x.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+def np_attention_vjp(q, k, v, cot, mask=None, bias=None, is_causal=False, scale=None):
+    """Float64 attention and its vector-Jacobian product, one (batch, head) at a time.
+
+    Returns ``(out, (dq, dk, dv, dbias))``; rows with nothing to attend to give 0.
+    """
+    q, k, v, cot = (np.asarray(a, np.float64) for a in (q, k, v, cot))
+    b_, t_, n_, h_ = q.shape
+    s_, k_ = k.shape[1], k.shape[2]
+    scale = 1 / np.sqrt(h_) if scale is None else scale
+    allowed = np.ones((b_, n_, t_, s_), bool)
+    if mask is not None:
+        allowed &= np.asarray(mask)
+    if is_causal:
+        allowed &= np_causal(t_, s_)
+    full_bias = np.zeros(allowed.shape)
+    if bias is not None:
+        full_bias = np.broadcast_to(np.asarray(bias, np.float64), allowed.shape)
+    out, dq = np.zeros((b_, t_, n_, v.shape[-1])), np.zeros(q.shape)
+    dk, dv, dlogits = np.zeros(k.shape), np.zeros(v.shape), np.zeros(allowed.shape)
+    for b in range(b_):
+        for n in range(n_):
+            j = n // (n_ // k_)
+            logits = scale * q[b, :, n] @ k[b, :, j].T + full_bias[b, n]
+            probs = np.zeros_like(logits)
+            for t in range(t_):
+                keep = allowed[b, n, t]
+                if keep.any():
+                    e = np.exp(logits[t, keep] - logits[t, keep].max())
+                    probs[t, keep] = e / e.sum()
+            out[b, :, n] = probs @ v[b, :, j]
+            dprobs = cot[b, :, n] @ v[b, :, j].T
+            ds = probs * (dprobs - (dprobs * probs).sum(-1, keepdims=True))
+            dq[b, :, n] = scale * ds @ k[b, :, j]
+            dk[b, :, j] += scale * ds.T @ q[b, :, n]
+            dv[b, :, j] += probs.T @ cot[b, :, n]
+            dlogits[b, n] = ds
+    dbias = None if bias is None else sum_to(dlogits, np.shape(bias))
+    return out, (dq, dk, dv, dbias)
+
+
+def random_mask(np_rng, shape, empty_row=False):
+    mask = np_rng.random(shape) > 0.3
+    if empty_row:
+        mask[0, ..., 3, :] = False  # query 3 of batch 0 sees nothing (in every head)
+    return mask
+
+
+# name: (t, s, K, mask shape, bias shape, is_causal, scale, block_q, block_k)
+# name: (t, s, K, mask shape, bias shape, is_causal, scale, block_q, block_k, vs xla too)
+CASES = {
+    "causal": (37, 37, 6, None, None, True, None, 16, 8, False),
+    "padding_causal_t<s_gqa2": (21, 53, 2, "padding", None, True, None, 8, 16, False),
+    "causal_t>s_gqa3": (53, 21, 3, None, None, True, 0.3, 16, 16, True),  # 32 empty rows
+    "mask_bias_gqa3": (37, 53, 3, (B, N, 37, 53), (1, N, 37, 53), False, None, 8, 16, True),
+    "cross_mqa_key_bias": (29, 53, 1, None, (B, 1, 1, 53), False, 0.5, 16, 8, False),
+    "rank2_bias_mask": (37, 37, 2, (1, 1, 37, 37), (37, 37), True, None, 16, 16, False),
+}
+
+
+def make_case(np_rng, name):
+    t, s, k_heads, mask_shape, bias_shape, is_causal, scale, bq, bk, _ = CASES[name]
+    q, k = normal(np_rng, B, t, N, H), normal(np_rng, B, s, k_heads, H)
+    v = normal(np_rng, B, s, k_heads, H)
+    mask = None
+    if mask_shape == "padding":
+        lengths = np.array([s, s // 2])
+        mask = (np.arange(s)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    elif mask_shape is not None:
+        mask = random_mask(np_rng, mask_shape, empty_row=True)
+    bias = None if bias_shape is None else normal(np_rng, *bias_shape)
+    kw = {"mask": None if mask is None else jnp.asarray(mask), "is_causal": is_causal}
+    kw["scale"] = scale
+    return (q, k, v, bias), kw, (bq, bk)
+
+
+def vjp_of(impl, q, k, v, bias, cot, kw, blocks):
+    """Output and (dq, dk, dv, dbias) of ``impl`` ("flash" with ``blocks``, or "xla")."""
+
+    def f(q, k, v, bias):
+        if impl == "flash":
+            return flash_attention(q, k, v, bias=bias, block_q=blocks[0], block_k=blocks[1], **kw)
+        return dot_product_attention(q, k, v, bias=bias, implementation=impl, **kw)
+
+    out, vjp = jax.vjp(f, q, k, v, bias)
+    return out, vjp(cot)
+
+
+def assert_all_close(out, grads, want, want_grads):
+    np.testing.assert_allclose(out, want, **TOL)
+    for got, ref in zip(grads, want_grads):
+        assert (got is None) == (ref is None)
+        if ref is not None:
+            np.testing.assert_allclose(got, ref, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_outputs_and_grads_match_numpy_and_xla(np_rng, name):
+    (q, k, v, bias), kw, blocks = make_case(np_rng, name)
+    cot = normal(np_rng, *q.shape)
+    impls = ("flash", "xla") if CASES[name][-1] else ("flash",)
+    results = jax.jit(lambda *a: [vjp_of(i, *a, kw, blocks) for i in impls])(q, k, v, bias, cot)
+    (out, grads), others = results[0], results[1:]
+    assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, bias=bias, **kw))
+    for want, want_grads in others:  # the einsum path of dot_product_attention
+        assert_all_close(out, grads, want, want_grads)
+
+
+def test_fully_masked_rows_give_zeros_and_finite_grads(np_rng):
+    q, k, v = normal(np_rng, B, 13, N, H), normal(np_rng, B, 11, 2, H), normal(np_rng, B, 11, 2, H)
+    mask = random_mask(np_rng, (B, N, 13, 11))
+    mask[0, :, 5] = False  # every head of query 5, batch 0
+    mask[1, 4, 9] = False  # one head of one query
+    mask = jnp.asarray(mask)
+    f = lambda q, k, v: jnp.sin(flash_attention(q, k, v, mask=mask, block_q=4, block_k=4))
+    out, grads = jax.jit(lambda *a: (f(*a), jax.grad(lambda *b: jnp.sum(f(*b)), (0, 1, 2))(*a)))(
+        q, k, v
+    )
+    assert np.all(np.asarray(out)[0, 5] == 0) and np.all(np.asarray(out)[1, 9, 4] == 0)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    assert np.all(np.asarray(grads[0])[0, 5] == 0) and np.all(np.asarray(grads[0])[1, 9, 4] == 0)
+    # Causal with T > S: the first T - S queries see no key at all.
+    out = jax.jit(lambda *a: flash_attention(*a, is_causal=True, block_q=4, block_k=4))(q, k, v)
+    assert np.all(np.asarray(out)[:, :2] == 0) and np.all(np.asarray(out)[:, 2:] != 0)
+
+
+@pytest.mark.parametrize("t, s, bq, bk", [(37, 53, 16, 8), (53, 37, 8, 16), (5, 40, 8, 8)])
+def test_block_ranges_are_exact(t, s, bq, bk):
+    """Unmasked tiles are fully visible, skipped tiles fully hidden, and no tile is wasted."""
+    vis = np.zeros((-(-t // bq) * bq, -(-s // bk) * bk), bool)
+    vis[:t, :s] = np_causal(t, s)
+    tile = lambda i, j: vis[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
+    p = _Plan(t, s, bq, bk, True, 1.0)
+    for i in range(p.nq):
+        full, end = (int(x) for x in _key_range(i, p))
+        assert all(tile(i, j)[: t - i * bq].all() for j in range(full))
+        assert not any(tile(i, j).any() for j in range(end, p.nk))
+        assert end == full or tile(i, end - 1).any()
+    for j in range(p.nk):
+        start, full = (int(x) for x in _query_range(j, p))
+        assert not any(tile(i, j).any() for i in range(start))
+        assert all(tile(i, j)[: t - i * bq].all() for i in range(full, p.nq))
+        assert start == p.nq or tile(start, j).any()
+
+
+def test_jit_vmap_check_grads(np_rng):
+    q, k = normal(np_rng, 3, B, 9, N, H), normal(np_rng, 3, B, 7, 3, H)
+    v = normal(np_rng, 3, B, 7, 3, H)
+    mask = jnp.asarray(random_mask(np_rng, (B, 1, 9, 7)))
+    f = lambda q, k, v: flash_attention(q, k, v, mask=mask, is_causal=True, block_q=4, block_k=2)
+    batched = jax.jit(jax.vmap(f))(q, k, v)
+    for i in range(3):
+        want, _ = np_attention_vjp(q[i], k[i], v[i], q[i], mask=mask, is_causal=True)
+        np.testing.assert_allclose(batched[i], want, **TOL)
+    small = (q[0, :1, :5, :2, :3], k[0, :1, :6, :1, :3], v[0, :1, :6, :1, :3])
+    bias = normal(np_rng, 1, 2, 5, 6)
+    g = jax.jit(
+        lambda q, k, v, bias: flash_attention(
+            q, k, v, bias=bias, is_causal=True, scale=0.7, block_q=2, block_k=4
+        )
+    )
+    check_grads(g, (*small, bias), order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+def test_bfloat16_inputs(np_rng):
+    q, k, v = normal(np_rng, B, 37, N, H), normal(np_rng, B, 37, 3, H), normal(np_rng, B, 37, 3, H)
+    low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    f = lambda *a: flash_attention(*a, is_causal=True, block_q=16, block_k=16)
+    cot = q.astype(jnp.bfloat16)
+    out, grads = jax.jit(lambda *a: (f(*a), jax.vjp(f, *a)[1](cot)))(*low)
+    assert out.dtype == jnp.bfloat16
+    want, want_grads = np_attention_vjp(*low, cot, is_causal=True)
+    np.testing.assert_allclose(out.astype(jnp.float32), want, atol=3e-2, rtol=3e-2)
+    for got, ref in zip(grads, want_grads):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(got.astype(jnp.float32), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_backward_memory_is_linear_in_length():
+    """XLA's temp buffers for fwd+bwd at T = S = 4096 stay far below one dense [T, S] matrix."""
+    t, n, h = 4096, 2, 16
+    x = jax.ShapeDtypeStruct((1, t, n, h), jnp.float32)
+
+    def temp_bytes(impl):
+        f = lambda q, k, v: dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2)))
+        return grad.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
+    dense = 4 * n * t * t  # float32 [N, T, S] scores for one batch element: 128 MiB
+    assert temp_bytes("xla") >= dense  # the reference does materialise them
+    assert temp_bytes("blockwise") < dense / 16
+
+
+def test_dot_product_attention_dispatches_to_blockwise(np_rng):
+    (q, k, v, bias), kw, _ = make_case(np_rng, "mask_bias_gqa3")
+    run = lambda impl: dot_product_attention(q, k, v, bias=bias, implementation=impl, **kw)
+    got, want = jax.jit(lambda: (run("blockwise"), run("xla")))()
+    np.testing.assert_allclose(got, want, **TOL)
+
+    def blockwise_used(impl, *qkv):  # only the blockwise kernel has a custom_vjp
+        f = partial(dot_product_attention, implementation=impl)
+        return "custom_vjp" in str(jax.make_jaxpr(f)(*qkv))
+
+    assert blockwise_used("blockwise", q, k, v) and not blockwise_used("xla", q, k, v)
+    long = jax.ShapeDtypeStruct((1, attention._CPU_BLOCKWISE_MIN_LEN, 2, 8), jnp.float32)
+    if jax.default_backend() == "cpu":
+        assert blockwise_used(None, long, long, long) and not blockwise_used(None, q, k, v)
+
+
+def test_select_implementation(monkeypatch):
+    def pick(t, s, dtype=jnp.float32, h=64, k_heads=8, backend="cpu", dropout=0.0, **kw):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        q = jax.ShapeDtypeStruct((2, t, 8, h), dtype)
+        k = jax.ShapeDtypeStruct((2, s, k_heads, h), dtype)
+        kw = {"mask": None, "bias": None, "is_causal": True, **kw}
+        return attention._select_implementation(
+            q, k, k, kw["mask"], kw["bias"], kw["is_causal"], dropout
+        )
+
+    long = attention._CPU_BLOCKWISE_MIN_LEN
+    assert pick(long, long) == "blockwise"
+    assert pick(4 * long, 4 * long) == "blockwise"
+    assert pick(long // 2, long // 2) == "xla"
+    assert pick(1, 4 * long) == "xla"  # one decoding step: the dense row is small
+    assert pick(4 * long, 4 * long, dropout=0.1) == "xla"
+    assert pick(256, 256, jnp.bfloat16, backend="gpu") == "cudnn"
+    assert pick(256, 256, jnp.bfloat16, h=73, backend="gpu") == "xla"  # head dim not 8k
+    assert pick(256, 256, backend="gpu") == "xla"  # float32: cuDNN's fused path is low precision
+    assert pick(16384, 16384, backend="gpu") == "blockwise"  # dense scores would be 16 GiB
+    assert pick(256, 256, backend="tpu") == ("pallas" if attention._pallas_importable() else "xla")
+    assert pick(256, 256, backend="tpu", k_heads=2) == "xla"  # GQA: not the Pallas kernel
+    assert pick(256, 384, backend="tpu") == "xla"  # causal needs T == S for Pallas
+
+
+def test_pallas_tpu_kernel_in_interpret_mode(np_rng, monkeypatch):
+    """The TPU path's layout and arguments, run by Pallas' TPU interpreter on CPU.
+
+    Forward only: its backward is Pallas' own, and interpreting it takes ~10 s here.
+    """
+    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+    if not hasattr(pltpu, "force_tpu_interpret_mode"):
+        pytest.skip("this jax has no Pallas TPU interpret mode")
+    q, k, v = (normal(np_rng, 1, 128, 2, 64) for _ in range(3))
+    want = dot_product_attention(q, k, v, is_causal=True, scale=0.2, implementation="xla")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pltpu.force_tpu_interpret_mode():
+        got = dot_product_attention(q, k, v, is_causal=True, scale=0.2, implementation="pallas")
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_bad_inputs(np_rng):
+    q, k = normal(np_rng, B, 5, N, H), normal(np_rng, B, 7, 2, H)
+    with pytest.raises(ValueError, match="rank 4"):
+        flash_attention(q[0], k, k)
+    with pytest.raises(ValueError, match="N % K"):
+        flash_attention(q, k[:, :, :1].repeat(4, axis=2), k[:, :, :1].repeat(4, axis=2))
+    with pytest.raises(ValueError, match="boolean"):
+        flash_attention(q, k, k, mask=jnp.ones((B, 1, 5, 7), jnp.float32))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        flash_attention(q, k, k, bias=jnp.zeros((B, 1, 5, 6)))
+    with pytest.raises(ValueError, match="block sizes"):
+        flash_attention(q, k, k, block_q=0)
+    with pytest.raises(ValueError, match="needs a TPU"):
+        dot_product_attention(
+            *(normal(np_rng, 1, 128, 2, 8) for _ in range(3)), implementation="pallas"
+        )
+    assert block_sizes(5, 1000) == (8, 512) and block_sizes(300, 300, 64, 32) == (64, 32)
