@@ -3,13 +3,8 @@
 python train/translate.py --config=train/configs/lstm_general.py --workdir=DIR
 """
 
-from configs.translate_base import base_config  # train/ is on sys.path (the script's dir).
+from configs.translate_base import lstm_config  # train/ is on sys.path (the script's dir).
 
 
 def get_config():
-    config = base_config("seq2seq")
-    config.model.attention = "general"
-    config.model.num_layers = 2
-    config.model.bidirectional_encoder = True
-    config.beam_size = 4
-    return config
+    return lstm_config("general")
