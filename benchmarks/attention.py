@@ -3,7 +3,7 @@
     python benchmarks/attention.py            # T = 256 .. 8192, forward and forward+backward
     python benchmarks/attention.py --quick    # T = 256, 1024, 2048 with 3 repeats
     python benchmarks/attention.py --long     # also peak RSS of blockwise fwd+bwd at T = 32768
-    python benchmarks/attention.py --wait-quiet   # on a shared machine: time only when idle
+    python benchmarks/attention.py --wait-quiet 5   # shared machine: wait <= 5 s for idle CPUs
 
 Layout ``[B, T, N, H]`` with N = 8 heads of H = 64, float32, causal self-attention; B = 4
 up to T = 2048, then halved whenever T doubles (B T = 8192 tokens) so the dense baselines
@@ -72,7 +72,7 @@ def peak_rss() -> int:
     return 1024 * int(line.split()[1])
 
 
-def timed(fn, repeats: int, slow: float, quiet: bool) -> tuple[float, float, int]:
+def timed(fn, repeats: int, slow: float, quiet: float) -> tuple[float, float, int]:
     """Median (wall s, CPU s) of ``repeats`` calls after one warm-up (2 if one is slow)."""
     start = time.perf_counter()
     fn()
@@ -81,7 +81,7 @@ def timed(fn, repeats: int, slow: float, quiet: bool) -> tuple[float, float, int
     walls, cpus = [], []
     for _ in range(repeats):
         if quiet:
-            wait_quiet()
+            wait_quiet(quiet)
         cpu, start = time.process_time(), time.perf_counter()
         fn()
         walls.append(time.perf_counter() - start)
@@ -182,7 +182,7 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> None:
     print(f"machine: {machine()}; date: {datetime.date.today()}")
     print(f"jax {jax.__version__}, flax {flax.__version__}, torch {torch_version or 'absent'}")
     print(f"median of {repeats} after a warm-up; B = 4 up to T = 2048, then B T = 8192")
-    print(f"timed only when the machine was idle: {quiet}\n")
+    print(f"each timed call waited up to {quiet} s for no other runnable task\n")
     print(
         "| T | B | implementation | fwd ms | fwd+bwd ms | fwd+bwd CPU s | n "
         "| fwd+bwd / torch (wall, CPU) | fwd+bwd MiB |"
@@ -272,7 +272,11 @@ def main() -> None:
     )
     parser.add_argument("--long", action="store_true", help="also run T = 32768 (minutes)")
     parser.add_argument(
-        "--wait-quiet", action="store_true", help="before each timed call, wait for an idle CPU"
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each timed call, wait up to this long for no other runnable task",
     )
     parser.add_argument("--long-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--torch-memory-child", type=int, nargs=2, help=argparse.SUPPRESS)
