@@ -408,7 +408,9 @@ def flash_attention(
 
     The same function as ``dot_product_attention(..., implementation="xla")`` (Dao et al.,
     2022; Rabe & Staats, 2021), computed tile by tile with an online softmax; the gradient
-    recomputes the tiles. Softmax statistics and accumulators are float32.
+    recomputes the tiles. Softmax statistics and accumulators are float32; the matmuls run
+    in the inputs' dtype, with q scaled in that dtype first (exact when scale is a power of
+    two, e.g. H = 64).
 
     Args:
       q: ``[B, T, N, H]`` queries.
