@@ -1,0 +1,70 @@
+"""The Colab notebooks in ``colabs/``: stored clean, and executed top to bottom.
+
+Every ``colabs/*.ipynb`` is picked up (a new notebook needs no change here). The slow test
+runs each one in a fresh ``python3`` kernel (this interpreter: jupyter_client launches the
+kernelspec's ``python`` as ``sys.executable``) with ``JAXATTN_SMALL=1`` (the notebooks'
+small settings), ``MPLBACKEND=Agg`` and a temporary working directory, and fails on the
+first cell that raises.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbclient  # the notebooks extra, part of the test extra
+import nbformat
+import pytest
+
+COLABS = Path(__file__).resolve().parents[2] / "colabs"
+NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
+
+
+def _ids(path: Path) -> str:
+    return path.name
+
+
+def test_colabs_has_notebooks():
+    assert NOTEBOOKS, f"no notebooks found in {COLABS}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+def test_notebook_is_clean_and_framed(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", path.name
+    cells = nb.cells
+    assert len(cells) >= 3, f"{path.name}: only {len(cells)} cells"
+    assert cells[0].cell_type == "markdown", f"{path.name}: must open with a markdown cell"
+    assert cells[-1].cell_type == "markdown", f"{path.name}: must end with a markdown cell"
+    assert "where to go next" in cells[-1].source.lower(), (
+        f"{path.name}: the last cell should say where to go next"
+    )
+    code = [cell.source for cell in cells if cell.cell_type == "code"]
+    install = [src for src in code if "%pip install" in src and "jaxattn" in src]
+    assert install and ("find_spec" in install[0] or "ImportError" in install[0]), (
+        f"{path.name}: needs a cell that installs jaxattn only when it is not importable"
+    )
+    assert any("JAXATTN_SMALL" in src for src in code), (
+        f"{path.name}: must read JAXATTN_SMALL to select its small settings"
+    )
+    for i, cell in enumerate(cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}: cell {i} has stored outputs"
+            assert cell.execution_count is None, f"{path.name}: cell {i} has an execution count"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # The kernel inherits this environment: small settings, no display, nothing in the repo.
+    monkeypatch.setenv("JAXATTN_SMALL", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.chdir(tmp_path)
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,  # per cell
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError naming the failing cell
