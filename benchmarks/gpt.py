@@ -33,13 +33,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The configs import their shared parts as ``configs.*`` (train/ is on the scripts' path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+
+from configs import shakespeare_char_cpu
 
 from jaxattn.models import gpt
 from jaxattn.training.loop import make_train_step
 from jaxattn.training.optim import optimizer_from_config
 from jaxattn.training.state import create_train_state
-from train.configs import shakespeare_char_cpu
 
 VOCAB = 65  # tinyshakespeare's characters
 

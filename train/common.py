@@ -1,11 +1,27 @@
-"""Helpers shared by the training scripts in ``train/`` (flag parsing)."""
+"""Helpers shared by the training scripts in ``train/``: flag parsing, processes, mesh."""
 
 from __future__ import annotations
 
 import re
 import sys
 
-from absl import app
+import jax
+import ml_collections
+from absl import app, flags
+
+from jaxattn.training import sharding
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, to join processes (jax.distributed)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. N-1.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join the other processes with jax.distributed.initialize() and no arguments: on TPU "
+    "VMs (and SLURM/Open MPI clusters) JAX finds the coordinator and process ids itself.",
+)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -24,3 +40,47 @@ def parse_flags(argv: list[str]) -> list[str]:
             file=sys.stderr,
         )
         sys.exit(2)
+
+
+def initialize_distributed() -> None:
+    """Join the other processes of a multi-host run, before anything touches a device.
+
+    ``--coordinator_address --num_processes --process_id`` (all three) or ``--distributed``
+    (auto-detect); with neither, the run is one process.
+
+    Raises:
+      ValueError: some but not all of the three explicit flags were given.
+    """
+    explicit = {
+        "coordinator_address": _COORDINATOR.value,
+        "num_processes": _NUM_PROCESSES.value,
+        "process_id": _PROCESS_ID.value,
+    }
+    given = {k: v for k, v in explicit.items() if v is not None}
+    if given and len(given) != len(explicit):
+        missing = sorted(set(explicit) - set(given))
+        raise ValueError(f"--{' --'.join(missing)} missing: joining processes needs all three")
+    if given:
+        jax.distributed.initialize(**given)
+    elif _DISTRIBUTED.value:
+        jax.distributed.initialize()
+
+
+def setup_mesh(config: ml_collections.ConfigDict):
+    """``(mesh, batch_sharding)`` from ``config.mesh`` over all devices of all processes."""
+    mesh = sharding.make_mesh(**config.mesh.to_dict())
+    return mesh, sharding.batch_sharding(mesh)
+
+
+def describe_mesh(mesh) -> str:
+    sizes = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    return (
+        f"mesh: {sizes} over {mesh.size} {jax.devices()[0].platform} devices, "
+        f"process {jax.process_index()} of {jax.process_count()}"
+    )
+
+
+def print_once(*args, **kwargs) -> None:
+    """``print`` on process 0 only (every process runs the same script)."""
+    if jax.process_index() == 0:
+        print(*args, **kwargs)

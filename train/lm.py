@@ -25,11 +25,19 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from common import parse_flags  # train/common.py (this script's directory)
+from common import (  # train/common.py (this script's directory)
+    describe_mesh,
+    initialize_distributed,
+    parse_flags,
+    print_once,
+    setup_mesh,
+)
+from etils import epath
 from ml_collections import config_flags
 
 from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt, weight_decay_mask
-from jaxattn.training import data
+from jaxattn.models.partitioning import TRANSFORMER_RULES
+from jaxattn.training import data, sharding
 from jaxattn.training.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpointError
 from jaxattn.training.loop import (
     LoopConfig,
@@ -100,7 +108,7 @@ def _abstract_state(model: GPTConfig, config: ml_collections.ConfigDict):
     )
 
 
-def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     text = data.load_text(config.data_path)
     tokenizer = data.CharTokenizer.from_text(text)
     ids = tokenizer.encode(text)
@@ -108,38 +116,53 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     model = GPTConfig(vocab_size=tokenizer.vocab_size, **config.model.to_dict())
     _check_workdir_vocabulary(workdir, tokenizer)
 
+    mesh, batch_sharding = setup_mesh(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    params = jax.jit(init_gpt, static_argnums=1)(init_rng, model)  # One compile, not per op.
     optimizer, schedule = optimizer_from_config(config, decay_mask=weight_decay_mask)
-    state = create_train_state(params, optimizer, train_rng)
+    # Built straight into its shardings: each device only ever holds its own shards.
+    state, state_sharding = sharding.create_sharded(
+        lambda: create_train_state(init_gpt(init_rng, model), optimizer, train_rng),
+        TRANSFORMER_RULES,
+        mesh,
+    )
+    params = state.params
     loss_fn = make_loss_fn(model)
     rows = config.batch_size * config.grad_accum_steps
     train_ds = data.lm_dataset(
         train_ids, batch_size=rows, seq_len=model.block_size, seed=config.seed,
         vocab_size=tokenizer.vocab_size,
+        process_rows=sharding.process_batch_slice(batch_sharding, rows),
     )  # fmt: skip
     val_ds = data.lm_dataset(
         val_ids, batch_size=config.batch_size, seq_len=model.block_size, seed=config.seed + 1,
         vocab_size=tokenizer.vocab_size,
+        process_rows=sharding.process_batch_slice(batch_sharding, config.batch_size),
     )  # fmt: skip
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(
+    print_once(
         f"data: {len(text):,} characters, vocabulary {tokenizer.vocab_size}, "
         f"train {len(train_ids):,} / val {len(val_ids):,}\n"
         f"model: GPT {model.num_layers} layers, {model.num_heads} heads, width "
         f"{model.embed_dim}, context {model.block_size}: {n_params / 1e6:.2f}M parameters\n"
+        f"{describe_mesh(mesh)}\n"
         f"workdir: {workdir}",
         flush=True,
     )
+    train_step = make_train_step(
+        loss_fn, optimizer, grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule,
+        state_sharding=state_sharding, batch_sharding=batch_sharding,
+    )  # fmt: skip
+    eval_step = make_eval_step(
+        loss_fn, params_sharding=state_sharding.params, batch_sharding=batch_sharding
+    )
     result = fit(
         state,
-        make_train_step(
-            loss_fn, optimizer, grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule
-        ),
+        train_step,
         data.batch_iterator(train_ds),
         workdir=workdir,
         loop=LoopConfig.from_config(config, progress=_PROGRESS.value),
-        eval_step=make_eval_step(loss_fn),
+        batch_sharding=batch_sharding,
+        eval_step=eval_step,
         eval_data=lambda: data.batch_iterator(val_ds),
         tokens_per_step=rows * model.block_size,
         metadata={
@@ -149,15 +172,16 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         },
     )
     if result.interrupted:
-        print(f"Stopped at step {result.step}; run the same command again to resume.")
+        print_once(f"Stopped at step {result.step}; run the same command again to resume.")
         return
     val_loss = result.last_eval.get("val_loss", float("nan"))
-    print(f"Done: step {result.step}, val loss {val_loss:.4f}")
-    if _NUM_SAMPLES.value > 0:
-        print_samples(result.state.params, model, tokenizer, _SAMPLE_SEED.value)
+    print_once(f"Done: step {result.step}, val loss {val_loss:.4f}")
+    params = sharding.gather_params(result.state.params)  # Every process: the whole model.
+    if _NUM_SAMPLES.value > 0 and jax.process_index() == 0:
+        print_samples(params, model, tokenizer, _SAMPLE_SEED.value)
 
 
-def _check_workdir_vocabulary(workdir: Path, tokenizer: data.CharTokenizer) -> None:
+def _check_workdir_vocabulary(workdir: epath.Path, tokenizer: data.CharTokenizer) -> None:
     """A checkpoint trained on other characters would decode wrongly even if shapes match."""
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.is_dir():
@@ -174,7 +198,7 @@ def _check_workdir_vocabulary(workdir: Path, tokenizer: data.CharTokenizer) -> N
         )
 
 
-def sample(workdir: Path) -> None:
+def sample(workdir: epath.Path) -> None:
     """Load the latest checkpoint in ``workdir`` and print samples."""
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         meta = ckpt.read_metadata()
@@ -195,8 +219,9 @@ def main(argv: list[str]) -> None:
     if workdir is None:
         config_file = config_flags.get_config_filename(flags.FLAGS["config"])
         workdir = Path("workdirs") / Path(config_file).stem
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)  # A local folder or gs://bucket/... (TPU pods).
     try:
+        initialize_distributed()
         if _SAMPLE_ONLY.value:
             sample(workdir)
         else:

@@ -24,10 +24,19 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from common import parse_flags  # train/common.py (this script's directory)
+from common import (  # train/common.py (this script's directory)
+    describe_mesh,
+    initialize_distributed,
+    parse_flags,
+    print_once,
+    setup_mesh,
+)
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from jaxattn.models import seq2seq, transformer
+from jaxattn.models.partitioning import SEQ2SEQ_RULES, TRANSFORMER_RULES
+from jaxattn.training import sharding
 from jaxattn.training import translation_data as td
 from jaxattn.training.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpointError
 from jaxattn.training.data import batch_iterator
@@ -49,12 +58,12 @@ _TRANSLATE = flags.DEFINE_multi_string(
 )
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
-# Each model kind: (config class, init, loss, translate, logits for attention plots).
+# Each model kind: (config class, init, loss, translate, partition rules).
 MODELS = {
     "seq2seq": (seq2seq.Seq2SeqConfig, seq2seq.init_seq2seq, seq2seq.seq2seq_loss,
-                seq2seq.translate),
+                seq2seq.translate, SEQ2SEQ_RULES),
     "transformer": (transformer.TransformerConfig, transformer.init_transformer,
-                    transformer.transformer_loss, transformer.translate),
+                    transformer.transformer_loss, transformer.translate, TRANSFORMER_RULES),
 }  # fmt: skip
 
 
@@ -156,7 +165,13 @@ def load_data(config, workdir: Path):
     split = td.split_pairs(pairs, seed=config.split_seed)
     train_pairs = split.train[: config.max_train_examples or None]
     sentences = [s for pair in train_pairs for s in pair]
-    sp = td.train_sentencepiece(sentences, workdir / "spm", vocab_size=config.vocab_size)
+    # Process 0 trains and caches the model; the others then load the same file.
+    if jax.process_index() == 0:
+        sp = td.train_sentencepiece(sentences, workdir / "spm", vocab_size=config.vocab_size)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("sentencepiece model written")
+    if jax.process_index() != 0:
+        sp = td.train_sentencepiece(sentences, workdir / "spm", vocab_size=config.vocab_size)
     train = td.encode_pairs(sp, train_pairs, max_len=config.max_len)
     val = td.encode_pairs(sp, split.val[: config.max_eval_examples or None], max_len=config.max_len)
     test = split.test[: config.max_test_examples or None]
@@ -168,39 +183,61 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()
     kind, model = build_model(config, vocab)
+    mesh, batch_sharding = setup_mesh(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    params = jax.jit(MODELS[kind][1], static_argnums=1)(init_rng, model)
     optimizer, schedule = optimizer_from_config(config)
-    state = create_train_state(params, optimizer, train_rng)
+    init = MODELS[kind][1]
+    # Built straight into its shardings: each device only ever holds its own shards.
+    state, state_sharding = sharding.create_sharded(
+        lambda: create_train_state(init(init_rng, model), optimizer, train_rng),
+        MODELS[kind][4],
+        mesh,
+    )
+    params = state.params
     loss_fn = make_loss_fn(kind, model, config.label_smoothing)
     buckets = tuple(config.buckets)
-    data_kw = dict(batch_size=config.batch_size, buckets=buckets, vocab_size=vocab)
+    data_kw = dict(
+        batch_size=config.batch_size, buckets=buckets, vocab_size=vocab,
+        process_rows=sharding.process_batch_slice(batch_sharding, config.batch_size),
+    )  # fmt: skip
     train_ds = td.translation_dataset(train_src, train_tgt, seed=config.seed, **data_kw)
     val_ds = td.translation_dataset(val_src, val_tgt, seed=config.seed + 1, **data_kw)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(
+    print_once(
         f"data: {len(split.train):,}/{len(split.val):,}/{len(split.test):,} train/val/test "
         f"pairs; using {len(train_src):,} train, {len(val_src):,} val, {len(test_pairs):,} "
         f"test; sentencepiece vocab {vocab}\n"
         f"model: {kind} {json.dumps(config.model.to_dict())}: {n_params / 1e6:.2f}M params\n"
+        f"{describe_mesh(mesh)}\n"
         f"workdir: {workdir}",
         flush=True,
     )
+    train_step = make_train_step(
+        loss_fn, optimizer, learning_rate_fn=schedule,
+        state_sharding=state_sharding, batch_sharding=batch_sharding,
+    )  # fmt: skip
+    eval_step = make_eval_step(
+        loss_fn, params_sharding=state_sharding.params, batch_sharding=batch_sharding
+    )
     result = fit(
         state,
-        make_train_step(loss_fn, optimizer, learning_rate_fn=schedule),
+        train_step,
         batch_iterator(train_ds),
         workdir=workdir,
         loop=LoopConfig.from_config(config, progress=_PROGRESS.value),
-        eval_step=make_eval_step(loss_fn),
+        batch_sharding=batch_sharding,
+        eval_step=eval_step,
         eval_data=lambda: batch_iterator(val_ds),
         metadata={"config": config.to_dict(), "kind": kind, "model": dataclasses.asdict(model)},
     )
     if result.interrupted:
-        print(f"Stopped at step {result.step}; run the same command again to resume.")
+        print_once(f"Stopped at step {result.step}; run the same command again to resume.")
         return
+    params = sharding.gather_params(result.state.params)  # Every process: the whole model.
+    if jax.process_index() != 0:
+        return  # Process 0 decodes the test set and reports.
     t0 = time.perf_counter()
-    bleu, hyps = test_bleu(result.state.params, kind, model, config, sp, test_pairs)
+    bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": result.step, "test_bleu": bleu}) + "\n")
     print(f"Done: step {result.step}, test BLEU {bleu:.2f} on {len(hyps)} sentences "
@@ -208,7 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     for (s, r), h in list(zip(test_pairs, hyps))[:3]:
         print(f"  {s}  ->  {h}   (reference: {r})")
     if kind == "seq2seq" and model.attention != "none":
-        plot_attention(result.state.params, model, sp, [s for s, _ in test_pairs[:3]],
+        plot_attention(params, model, sp, [s for s, _ in test_pairs[:3]],
                        workdir / "attention.png", config)  # fmt: skip
         print(f"Attention heat-map: {workdir / 'attention.png'}")
 
@@ -240,6 +277,7 @@ def main(argv: list[str]) -> None:
         workdir = Path("workdirs") / Path(config_file).stem
     workdir = Path(workdir)
     try:
+        initialize_distributed()
         if _TRANSLATE.value:
             translate_only(workdir, _TRANSLATE.value)
         else:

@@ -20,14 +20,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from jaxattn.training.metrics import is_remote
+from jaxattn.training.sharding import path_string
 
 
 class _DropNoMetricsWarning(logging.Filter):
@@ -48,23 +51,10 @@ class IncompatibleCheckpointError(ValueError):
     """A checkpoint's tree (structure, shapes or dtypes) differs from the restore target."""
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-    """``('params', 'blocks', 'w')``-style key path as ``params/blocks/w``."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def tree_signature(tree: Any) -> list[list[Any]]:
     """Return ``[[path, shape, dtype], ...]`` for every array leaf of ``tree`` (JSON-ready)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [[_path_str(p), list(np.shape(x)), str(x.dtype)] for p, x in leaves]
+    return [[path_string(p), list(np.shape(x)), str(x.dtype)] for p, x in leaves]
 
 
 def check_compatible(saved: list[list[Any]], target: Any, *, where: str = "checkpoint") -> None:
@@ -100,10 +90,14 @@ def check_compatible(saved: list[list[Any]], target: Any, *, where: str = "check
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
-    """Shape, dtype (PRNG key dtypes included) and sharding of a leaf, without its data."""
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
-    sharding = x.sharding if isinstance(x, jax.Array) else None
+    """Shape, dtype (PRNG key dtypes included) and sharding of a leaf, without its data.
+
+    The restored array takes this sharding whatever mesh saved it (8 devices -> 1); a
+    leaf without one goes to this process's first device.
+    """
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
@@ -129,7 +123,11 @@ class Checkpointer:
         async_save: bool = True,
         read_only: bool = False,
     ):
-        self.directory = Path(directory).absolute()
+        # epath: local folders and object stores alike (gs://bucket/run/checkpoints on TPU
+        # pods, where every host must see the same folder).
+        self.directory = epath.Path(directory)
+        if not is_remote(self.directory):
+            self.directory = self.directory.absolute()
         self.best_metric = best_metric
         self.read_only = read_only
         policy: Any = ocm.LatestN(max_to_keep)
@@ -164,7 +162,7 @@ class Checkpointer:
         self.wait()  # A step's metrics are registered when its save finishes.
         return self._manager.best_step()
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     def save(

@@ -125,15 +125,17 @@ def train_val_split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.nd
 class _RandomWindows(grain.transforms.RandomMap):
     """Map a batch index to B random windows of T + 1 tokens (nanoGPT's get_batch)."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int):
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, rows: slice):
         self.tokens = tokens
         self.batch_size = batch_size
         self.seq_len = seq_len
+        self.rows = rows
 
     def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         del element  # The generator is already seeded by (seed, index).
         # Offsets in [0, n - T): the window [o, o + T] (T + 1 tokens) always fits.
         offsets = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        offsets = offsets[self.rows]  # This process's rows of the global batch.
         windows = self.tokens[offsets[:, None] + np.arange(self.seq_len + 1)]  # [B, T + 1]
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
@@ -145,6 +147,7 @@ def lm_dataset(
     seq_len: int,
     seed: int,
     vocab_size: int,
+    process_rows: slice | None = None,
 ) -> grain.MapDataset:
     """Return an unbounded grain dataset of random-window LM batches.
 
@@ -154,6 +157,9 @@ def lm_dataset(
       seq_len: T, tokens per window (the model's block size).
       seed: the batch sequence is a pure function of it.
       vocab_size: every id must lie in ``[0, vocab_size)``.
+      process_rows: on a multi-process run, the rows of each global batch this process
+        loads (``sharding.process_batch_slice``). Every process draws the same B offsets,
+        so the global batch is the same for any number of processes.
 
     Returns:
       A ``grain.MapDataset`` whose element ``i`` is
@@ -174,9 +180,12 @@ def lm_dataset(
             f"seq_len + 1 = {seq_len + 1} tokens"
         )
     check_token_ids(tokens, vocab_size)
+    rows = slice(None) if process_rows is None else process_rows
+    if len(range(batch_size)[rows]) == 0:
+        raise ValueError(f"process_rows {rows} selects no row of a batch of {batch_size}")
     tokens = tokens.astype(np.int32)
     ds = grain.MapDataset.range(sys.maxsize)  # Unbounded: an index per batch.
-    return ds.random_map(_RandomWindows(tokens, batch_size, seq_len), seed=seed)
+    return ds.random_map(_RandomWindows(tokens, batch_size, seq_len, rows), seed=seed)
 
 
 def batch_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:

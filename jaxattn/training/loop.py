@@ -25,17 +25,20 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from jaxattn.training.checkpoint import Checkpointer
 from jaxattn.training.metrics import Mean, MetricsWriter, reduce_means
+from jaxattn.training.sharding import global_batch, replicated, to_host
 from jaxattn.training.state import TrainState
 
 Batch = Any
@@ -54,6 +57,8 @@ def make_train_step(
     *,
     grad_accum_steps: int = 1,
     learning_rate_fn: optax.Schedule | None = None,
+    state_sharding: Any = None,
+    batch_sharding: NamedSharding | None = None,
 ) -> StepFn:
     """Return a jitted ``train_step(state, batch) -> (state, metrics)`` that donates ``state``.
 
@@ -65,6 +70,10 @@ def make_train_step(
     Metrics: ``train_loss`` and ``train_<aux>`` (means over microbatches), ``grad_norm``
     (global norm of the mean gradient, before clipping) and ``learning_rate`` when
     ``learning_rate_fn`` is given.
+
+    On a device mesh pass ``state_sharding`` (a ``NamedSharding`` per state leaf, see
+    ``sharding.tree_shardings``) and ``batch_sharding``: the step then keeps the state in
+    those shardings from step to step and returns replicated metrics.
     """
     k = grad_accum_steps
     if k < 1:
@@ -107,11 +116,28 @@ def make_train_step(
         new_state = TrainState(state.step + 1, params, opt_state, state.rng)
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(train_step, donate_argnums=0)
+    metrics_sharding = replicated(jax.tree.leaves(state_sharding)[0].mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, metrics_sharding),
+        donate_argnums=0,
+    )
 
 
-def make_eval_step(loss_fn: LossFn, *, prefix: str = "val") -> EvalFn:
-    """Return a jitted ``eval_step(params, batch) -> {f"{prefix}_loss": Mean, ...}``, no dropout."""
+def make_eval_step(
+    loss_fn: LossFn,
+    *,
+    prefix: str = "val",
+    params_sharding: Any = None,
+    batch_sharding: NamedSharding | None = None,
+) -> EvalFn:
+    """Return a jitted ``eval_step(params, batch) -> {f"{prefix}_loss": Mean, ...}``, no dropout.
+
+    ``params_sharding`` and ``batch_sharding`` place it on a mesh as in ``make_train_step``.
+    """
 
     def eval_step(params: Any, batch: Batch) -> dict[str, Mean]:
         loss, aux = loss_fn(params, batch, None)
@@ -120,7 +146,14 @@ def make_eval_step(loss_fn: LossFn, *, prefix: str = "val") -> EvalFn:
             f"{prefix}_{name}": Mean(value, one) for name, value in aux.items()
         }
 
-    return jax.jit(eval_step)
+    if params_sharding is None:
+        return jax.jit(eval_step)
+    metrics_sharding = replicated(jax.tree.leaves(params_sharding)[0].mesh)
+    return jax.jit(
+        eval_step,
+        in_shardings=(params_sharding, batch_sharding),
+        out_shardings=metrics_sharding,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,19 +195,33 @@ class FitResult:
 
 
 class _StopOnSignal:
-    """Turn SIGTERM/SIGINT into a flag checked between steps (main thread only)."""
+    """Turn SIGTERM/SIGINT into a flag checked between steps (main thread only).
+
+    With several processes a signal reaches one host, but all must stop at the same step
+    to save one checkpoint together: JAX's preemption service (started by
+    ``jax.distributed.initialize`` unless ``jax_enable_preemption_service`` is off)
+    catches SIGTERM on any host and agrees on a step with the others, which ``poll`` asks
+    for after every step. Python handlers are then left out, so as not to take SIGTERM
+    from it.
+    """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._old: dict[int, Any] = {}
+        self.multihost = jax.process_count() > 1
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
         # A second Ctrl-C kills as usual.
         signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
 
+    def poll(self, step: int) -> None:
+        """Call after every step; on several hosts this is where they agree to stop."""
+        if self.multihost and multihost_utils.reached_preemption_sync_point(step):
+            self.signal_name = "SIGTERM (preemption notice, all processes)"
+
     def __enter__(self) -> _StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not self.multihost:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -188,8 +235,9 @@ class Trainer:
     """Run ``train_step`` to ``loop.num_steps`` with evaluation, logging and checkpoints.
 
     ``Trainer(...).fit(state, train_iter)``; see ``fit`` for the arguments. One instance
-    drives one run; the loop is plain Python around the jitted step, so placing the state
-    and batches on a device mesh later only touches ``fit``'s first lines and ``next``.
+    drives one run; the loop is plain Python around the jitted step. On a mesh the state
+    arrives sharded (and restores into the same shardings) and each process's batch rows
+    become global arrays through ``batch_sharding``; only process 0 prints and logs.
     """
 
     def __init__(
@@ -202,11 +250,14 @@ class Trainer:
         eval_data: Callable[[], Iterator[Batch]] | None = None,
         tokens_per_step: int | None = None,
         metadata: Mapping[str, Any] | None = None,
+        batch_sharding: NamedSharding | None = None,
     ):
         self.train_step, self.eval_step, self.eval_data = train_step, eval_step, eval_data
-        self.workdir, self.loop = Path(workdir), loop
+        self.workdir, self.loop = epath.Path(workdir), loop
         self.tokens_per_step, self.metadata = tokens_per_step, dict(metadata or {})
-        self.say = tqdm.write if loop.progress else print
+        self.batch_sharding = batch_sharding
+        self.primary = jax.process_index() == 0
+        self.say = (tqdm.write if loop.progress else print) if self.primary else _silent
         self.evaluating = eval_step is not None and eval_data is not None and loop.eval_batches > 0
 
     def fit(self, state: TrainState, train_iter: Iterator[Batch]) -> FitResult:
@@ -231,7 +282,8 @@ class Trainer:
                 self.saved_step = int(self.state.step)
                 self.say(f"Resumed from {self.ckpt.step_dir(self.saved_step)}")
             self.step = int(self.state.step)
-            with MetricsWriter(self.workdir) as self.writer, _StopOnSignal() as stop:
+            writer = MetricsWriter(self.workdir, active=self.primary)
+            with writer as self.writer, _StopOnSignal() as stop:
                 if self.evaluating and self.step == 0 and self.saved_step is None:
                     self.last_eval = self._evaluate()
                     self.writer.write(0, self.last_eval | {"tokens_per_s": None})
@@ -253,20 +305,22 @@ class Trainer:
     def _train(self, stop: _StopOnSignal) -> None:
         loop = self.loop
         bar = tqdm(
-            total=loop.num_steps, initial=self.step, disable=not loop.progress, unit="step",
+            total=loop.num_steps, initial=self.step, unit="step",
+            disable=not (loop.progress and self.primary),
             dynamic_ncols=True, mininterval=0.5,
         )  # fmt: skip
         t0, timed, tokens_per_s = None, 0, None
         with bar:
             while self.step < loop.num_steps and stop.signal_name is None:
                 try:
-                    batch = next(self.train_iter)
+                    batch = self._place(next(self.train_iter))
                 except StopIteration:
                     raise RuntimeError(f"train_iter ran out at step {self.step}") from None
                 if self.tokens_per_step is None:
                     self.tokens_per_step = math.prod(jax.tree.leaves(batch)[0].shape)
                 self.state, metrics = self.train_step(self.state, batch)
                 self.step += 1
+                stop.poll(self.step)
                 self.pending.append((self.step, metrics))
                 if t0 is None:  # The first step compiles: keep it out of the timing.
                     jax.block_until_ready(metrics)
@@ -311,8 +365,15 @@ class Trainer:
         batches = self.eval_data()
         params = self.state.params
         return reduce_means(
-            self.eval_step(params, next(batches)) for _ in range(self.loop.eval_batches)
+            to_host(self.eval_step(params, self._place(next(batches))))
+            for _ in range(self.loop.eval_batches)
         )
+
+    def _place(self, batch: Batch) -> Batch:
+        """This process's rows -> global arrays on the mesh (a no-op without one)."""
+        if self.batch_sharding is None:
+            return batch
+        return global_batch(batch, self.batch_sharding)
 
     def _save(self, metrics: Mapping[str, float] | None = None) -> None:
         if self.saved_step == self.step:
@@ -326,7 +387,7 @@ class Trainer:
 
     def _flush(self) -> dict[str, float]:
         """Fetch the pending step metrics (one host sync) and apply the NaN guard."""
-        host = jax.device_get(self.pending)
+        host = to_host(self.pending)
         self.pending.clear()
         for step, metrics in host:
             for name in ("train_loss", "grad_norm"):
@@ -353,6 +414,7 @@ def fit(
     eval_data: Callable[[], Iterator[Batch]] | None = None,
     tokens_per_step: int | None = None,
     metadata: Mapping[str, Any] | None = None,
+    batch_sharding: NamedSharding | None = None,
 ) -> FitResult:
     """Train ``state`` to ``loop.num_steps``, resuming from ``workdir/checkpoints`` if present.
 
@@ -373,6 +435,9 @@ def fit(
       eval_data: returns a fresh iterator over validation batches (the same ones each time).
       tokens_per_step: for tokens/s; default: the size of the first batch leaf.
       metadata: JSON-serialisable dict saved with every checkpoint (config, vocabulary).
+      batch_sharding: on a device mesh, how batches are split (``sharding.batch_sharding``);
+        ``train_iter`` and ``eval_data`` then yield this process's rows only
+        (``sharding.process_batch_slice``). ``state`` must already be on the mesh.
 
     Returns:
       A ``FitResult``.
@@ -389,9 +454,14 @@ def fit(
         eval_data=eval_data,
         tokens_per_step=tokens_per_step,
         metadata=metadata,
+        batch_sharding=batch_sharding,
     )
     return trainer.fit(state, train_iter)
 
 
 def _every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """``print`` for the processes that do not report (all but process 0)."""

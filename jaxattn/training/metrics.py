@@ -12,11 +12,11 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from etils import epath
 
 
 class Mean(NamedTuple):
@@ -55,25 +55,49 @@ class MetricsWriter:
     Each line is ``{"step": int, "time": unix seconds, **scalars}``. After a resume the
     steps after the restored checkpoint are written again; readers keep the last record
     per step and key. TensorBoard event files go to ``WORKDIR/tb/``.
+
+    ``active=False`` writes nothing (the processes other than 0 of a multi-host run, which
+    all compute the same replicated metrics).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self, workdir: str | os.PathLike, *, tensorboard: bool = True, active: bool = True
+    ):
+        self.workdir = epath.Path(workdir)
         self.path = self.workdir / "metrics.jsonl"
-        self._file = self.path.open("a", encoding="utf-8")
+        self.active = active
+        # Object stores (gs://) cannot append: keep the lines and rewrite the file, which
+        # stays small (one line per logged step). TensorBoard files stay local-only.
+        self.remote = is_remote(self.workdir)
+        self._lines: list[str] = []
+        self._file = None
         self._tb = None
-        if tensorboard:
+        if not active:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.remote:
+            if self.path.exists():
+                self._lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        else:
+            self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard and not self.remote:
             from tensorboardX import SummaryWriter  # Imported lazily: heavy, optional.
 
             self._tb = SummaryWriter(logdir=str(self.workdir / "tb"))
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Record ``scalars`` at ``step`` (None values go to JSON only, as null)."""
+        if not self.active:
+            return
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({k: _json_value(v) for k, v in scalars.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines), encoding="utf-8")
+        else:
+            self._file.write(line)
+            self._file.flush()
         if self._tb is not None:
             for name, value in scalars.items():
                 value = _json_value(value)
@@ -81,12 +105,13 @@ class MetricsWriter:
                     self._tb.add_scalar(name, value, global_step=int(step))
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
@@ -99,7 +124,12 @@ class MetricsWriter:
         self.close()
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for object-store paths such as ``gs://bucket/run`` (not a local folder)."""
+    return "://" in str(path)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Parse a metrics.jsonl file into a list of dicts (one per line)."""
-    with Path(path).open(encoding="utf-8") as f:
+    with epath.Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

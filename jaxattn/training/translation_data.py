@@ -191,9 +191,9 @@ def make_batch(
 class _BucketedBatches(grain.transforms.Map):
     """Map a global batch index to its batch; epoch ``e``'s plan is seeded by ``(seed, e)``."""
 
-    def __init__(self, src, tgt, buckets, batch_size, seed):
+    def __init__(self, src, tgt, buckets, batch_size, seed, process_rows):
         self.src, self.tgt, self.buckets = src, tgt, tuple(buckets)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.process_rows = batch_size, seed, process_rows
         keys = [bucket_of(max(len(s), len(t) + 1), buckets) for s, t in zip(src, tgt)]
         self.members = [np.flatnonzero(np.asarray(keys) == k) for k in range(len(buckets))]
         self.num_batches = sum(len(m) // batch_size for m in self.members)
@@ -219,6 +219,7 @@ class _BucketedBatches(grain.transforms.Map):
     def map(self, element: int) -> dict[str, np.ndarray]:
         epoch, j = divmod(int(element), self.num_batches)
         k, rows = self._epoch_plan(epoch)[j]
+        rows = rows[self.process_rows]  # This process's rows of the global batch.
         return make_batch([self.src[r] for r in rows], [self.tgt[r] for r in rows], self.buckets[k])
 
 
@@ -230,6 +231,7 @@ def translation_dataset(
     buckets: Sequence[int],
     seed: int,
     vocab_size: int,
+    process_rows: slice | None = None,
 ) -> grain.MapDataset:
     """Return an unbounded grain dataset of bucketed, per-epoch shuffled batches.
 
@@ -239,6 +241,9 @@ def translation_dataset(
       buckets: increasing padded lengths; every example must fit the largest.
       seed: the batch sequence is a pure function of it.
       vocab_size: every id must lie in ``[0, vocab_size)``.
+      process_rows: on a multi-process run, the rows of each global batch this process
+        loads (``sharding.process_batch_slice``); every process plans the same global
+        batches, so all of them pad a step's batch to the same bucket.
 
     Returns:
       A ``grain.MapDataset``; element ``i`` is the batch dict of the module docstring.
@@ -255,8 +260,11 @@ def translation_dataset(
         )
     for ids in (*src, *tgt):
         check_token_ids(ids, vocab_size)
+    rows = slice(None) if process_rows is None else process_rows
+    if len(range(batch_size)[rows]) == 0:
+        raise ValueError(f"process_rows {rows} selects no row of a batch of {batch_size}")
     ds = grain.MapDataset.range(sys.maxsize)  # Unbounded: an index per batch.
-    return ds.map(_BucketedBatches(list(src), list(tgt), buckets, batch_size, seed))
+    return ds.map(_BucketedBatches(list(src), list(tgt), buckets, batch_size, seed, rows))
 
 
 def decode_batches(

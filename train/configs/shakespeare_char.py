@@ -7,6 +7,7 @@ steps on a GPU); on a CPU use ``shakespeare_char_cpu.py``.
 """
 
 import ml_collections
+from configs.mesh import mesh_config  # train/ is on sys.path (the script's dir).
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -55,4 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_best = True  # Also save whenever val loss improves; keep the best.
     config.async_checkpointing = True  # Write checkpoints in the background.
     config.seed = 1337  # Initialisation, dropout and batch sampling.
+
+    # Devices: data x fsdp x tensor = the device count (-1: all the others leave).
+    config.mesh = mesh_config()
     return config

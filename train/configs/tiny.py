@@ -4,6 +4,7 @@ python train/lm.py --config=train/configs/tiny.py --workdir=DIR
 """
 
 import ml_collections
+from configs.mesh import mesh_config  # train/ is on sys.path (the script's dir).
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -51,4 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_best = True  # Also save whenever val loss improves; keep the best.
     config.async_checkpointing = True  # Write checkpoints in the background.
     config.seed = 0  # Initialisation, dropout and batch sampling.
+
+    # Devices: data x fsdp x tensor = the device count (-1: all the others leave).
+    config.mesh = mesh_config()
     return config

@@ -4,6 +4,7 @@ Each ``train/configs/<name>.py`` calls ``base_config()`` and changes what differ
 """
 
 import ml_collections
+from configs.mesh import mesh_config  # train/ is on sys.path (the script's dir).
 
 
 def base_config(kind: str = "seq2seq") -> ml_collections.ConfigDict:
@@ -67,6 +68,9 @@ def base_config(kind: str = "seq2seq") -> ml_collections.ConfigDict:
     config.beam_size = 1  # 1: greedy; k > 1: beam search with the GNMT length penalty.
     config.decode_max_len = 64  # Most output tokens (EOS included).
     config.decode_batch_size = 128  # Test sentences per decoding batch.
+
+    # Devices: data x fsdp x tensor = the device count (-1: all the others leave).
+    config.mesh = mesh_config()
     return config
 
 

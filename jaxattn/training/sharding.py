@@ -1,0 +1,249 @@
+"""SPMD training on a device mesh: mesh, partition rules, batch and state shardings.
+
+jaxattn scales out with JAX's own engine: the train step is one ``jax.jit`` program whose
+inputs carry ``NamedSharding``s over a mesh with three named axes, and XLA's SPMD
+partitioner inserts the collectives. Any axis may have size 1.
+
+- ``data``: batch rows split across devices; parameters replicated (plain data parallel).
+- ``fsdp``: batch rows split *and* large matrices split along their model dimension
+  (ZeRO-3 / FSDP: weights are all-gathered per use, gradients reduce-scattered).
+- ``tensor``: attention heads, MLP width and the vocabulary split across devices
+  (Megatron-style tensor parallelism); the batch is replicated along it.
+
+Models name the axes of their parameters with *logical* names through path rules (see
+``models/partitioning.py``), e.g. ``("attn/w_q$", ("embed", "heads", None))``; this module
+maps logical names to mesh axes (``LOGICAL_TO_MESH``), so the training code never needs
+to know a model's structure. A rule names the *trailing* axes of a leaf, so stacked
+layers (a leading ``[L]`` axis) and optimizer moments (the same paths under
+``opt_state/...``) match the same rule. A dimension that a mesh axis does not divide is
+replicated instead (e.g. 65 characters over ``tensor=2``).
+
+With several processes (``jax.distributed.initialize``), every process runs the same
+program; each loads only the batch rows that its own devices hold
+(``process_batch_slice``) and ``global_batch`` assembles the global array from them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch (leading) axis of every input is split over both data-parallel axes.
+BATCH_AXES = ("data", "fsdp")
+# Logical parameter axis -> mesh axis; names not listed here stay replicated.
+LOGICAL_TO_MESH: Mapping[str, str] = {
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+# (path regex, logical names of the leaf's trailing axes); first match wins.
+Rules = Sequence[tuple[str, tuple[str | None, ...]]]
+
+
+def make_mesh(
+    data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[Any] | None = None
+) -> Mesh:
+    """Build a ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices).
+
+    One size may be ``-1``: it takes whatever the others leave. The product must equal
+    the number of devices (every device of every process on a multi-host run).
+
+    Raises:
+      ValueError: naming the sizes and the device count when they do not fit.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    if any(not isinstance(s, int) or (s < 1 and s != -1) for s in sizes.values()):
+        raise ValueError(f"mesh sizes must be integers >= 1 (or one -1), got {sizes}")
+    free = [name for name, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {sizes}")
+    if free:
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"mesh {sizes} does not divide the {len(devices)} devices")
+        sizes[free[0]] = len(devices) // known
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = "
+            f"{math.prod(shape)} devices, but there are {len(devices)} "
+            f"({devices[0].platform}); the product must equal the device count"
+        )
+    # Auto axes: the partitioner propagates shardings through model code that has no
+    # sharding annotations of its own.
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def path_string(path: tuple[Any, ...]) -> str:
+    """``(GetAttrKey('params'), DictKey('w'), SequenceKey(0))`` -> ``"params/w/0"``."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def leaf_spec(
+    path: str,
+    shape: tuple[int, ...],
+    rules: Rules,
+    mesh: Mesh,
+    logical_to_mesh: Mapping[str, str] = LOGICAL_TO_MESH,
+) -> PartitionSpec:
+    """The ``PartitionSpec`` of one leaf: the first rule whose regex ``re.search``-es ``path``.
+
+    The rule's logical names cover the leaf's trailing axes (leading axes are replicated);
+    a logical name becomes its mesh axis only when that axis has size > 1, divides the
+    dimension and is not used by an earlier dimension of the same leaf.
+
+    Raises:
+      ValueError: a rule names more axes than the leaf has.
+    """
+    match = next(((p, names) for p, names in rules if re.search(p, path)), None)
+    if match is None:
+        return PartitionSpec()
+    pattern, logical = match
+    if len(logical) > len(shape):
+        raise ValueError(
+            f"partition rule {pattern!r} names {len(logical)} axes {logical} but {path} has "
+            f"shape {shape}"
+        )
+    padded = (None,) * (len(shape) - len(logical)) + tuple(logical)
+    spec, used = [], set()
+    for dim, name in zip(shape, padded, strict=True):
+        axis = logical_to_mesh.get(name) if name is not None else None
+        size = mesh.shape[axis] if axis is not None else 1
+        if axis is None or size == 1 or dim % size or axis in used:
+            spec.append(None)
+        else:
+            spec.append(axis)
+            used.add(axis)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(
+    tree: Any,
+    rules: Rules,
+    mesh: Mesh,
+    logical_to_mesh: Mapping[str, str] = LOGICAL_TO_MESH,
+) -> Any:
+    """A ``NamedSharding`` per leaf of ``tree`` (arrays or ``ShapeDtypeStruct``s).
+
+    Pass the whole ``TrainState``: optimizer moments live under paths that end like their
+    parameter's (``opt_state/.../mu/blocks/attn/w_q``), so they shard like it; leaves no
+    rule matches (step, PRNG key, counters, norms) are replicated.
+    """
+
+    def sharding(path, leaf):
+        spec = leaf_spec(path_string(path), tuple(np.shape(leaf)), rules, mesh, logical_to_mesh)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def create_sharded(init_fn: Callable[[], Any], rules: Rules, mesh: Mesh) -> tuple[Any, Any]:
+    """Run ``init_fn`` (e.g. building a ``TrainState``) directly into its shardings.
+
+    One jitted program with ``out_shardings`` from ``rules``: each device computes and
+    holds only its own shards, so a model too large for one device can be initialised.
+
+    Returns:
+      ``(tree, shardings)``: the initialised pytree and its ``NamedSharding`` per leaf.
+    """
+    shardings = tree_shardings(jax.eval_shape(init_fn), rules, mesh)
+    return jax.jit(init_fn, out_shardings=shardings)(), shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Split the leading (batch) axis over ``data`` and ``fsdp``; replicate over ``tensor``."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same full value on every device (scalars, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def process_batch_slice(sharding: NamedSharding, global_batch_size: int) -> slice:
+    """The rows of a ``[global_batch_size, ...]`` batch that this process's devices hold.
+
+    With the batch split over ``data`` x ``fsdp`` and devices grouped by process, they are
+    one contiguous range; a process loads only those rows.
+
+    Raises:
+      ValueError: the batch does not split evenly over the devices, or this process's rows
+        are not contiguous.
+    """
+    shards = math.prod(sharding.mesh.shape[a] for a in BATCH_AXES)
+    if global_batch_size % shards:
+        raise ValueError(
+            f"batch size {global_batch_size} does not split over data x fsdp = {shards} devices"
+        )
+    index_map = sharding.addressable_devices_indices_map((global_batch_size,))
+    rows = sorted({(s[0].start or 0, s[0].stop or global_batch_size) for s in index_map.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    if sum(b - a for a, b in rows) != stop - start:
+        raise ValueError(f"this process's batch rows {rows} are not one contiguous range")
+    return slice(start, stop)
+
+
+def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
+    """Assemble global arrays from this process's rows (``process_batch_slice``) of a batch.
+
+    Args:
+      local_batch: pytree of NumPy arrays ``[local_rows, ...]``; on one process, the
+        whole batch.
+      sharding: from ``batch_sharding``.
+
+    Returns:
+      The same pytree of ``jax.Array``s ``[local_rows * processes, ...]`` split by
+      ``sharding`` (the global size is inferred: every process holds equally many rows).
+    """
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
+
+
+def to_host(tree: Any) -> Any:
+    """Fetch replicated (e.g. metric) arrays to NumPy, also when other processes hold devices
+    of the array: every process reads its own copy instead of gathering."""
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                raise ValueError(f"cannot fetch a sharded array {x.shape} across processes")
+            return np.asarray(x.addressable_data(0))
+        return x
+
+    return jax.device_get(jax.tree.map(fetch, tree))
+
+
+def gather_params(tree: Any) -> Any:
+    """The whole value of every leaf on this host, for work one host does alone (sampling,
+    decoding a test set). One process: the tree itself (jit reads sharded arrays as they
+    are). Several: NumPy copies gathered from all processes (a collective: every process
+    must call it).
+    """
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -1,0 +1,151 @@
+"""train/lm.py across processes: two local processes joined by ``jax.distributed``.
+
+Each process simulates 4 CPU devices, so the run has 8 devices on a (2, 2, 2) mesh and the
+processes talk through gloo on 127.0.0.1. The test trains, checkpoints, resumes, checks
+the losses against a one-device run, and samples from the checkpoint on one device.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxattn.training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "train" / "lm.py"
+TINY = REPO / "train" / "configs" / "tiny.py"
+COMMON = [
+    f"--config={TINY}", "--noprogress", "--num_samples=0", "--config.batch_size=8",
+    "--config.eval_every=2", "--config.eval_batches=2", "--config.checkpoint_every=50",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(workdir, num_steps, *, processes=2, devices_each=4, mesh=(2, 2, 2)):
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
+    )
+    args = [
+        *COMMON, f"--workdir={workdir}", f"--config.num_steps={num_steps}",
+        f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}",
+        f"--config.mesh.tensor={mesh[2]}",
+    ]  # fmt: skip
+    if processes > 1:
+        args += [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={processes}"]
+    return [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args] + ([f"--process_id={i}"] if processes > 1 else []),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+
+
+def finish(procs):
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=900)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-4000:]
+    return outputs
+
+
+def val_losses(workdir):
+    """{step: val_loss} (the last record per step)."""
+    records = read_metrics(workdir / "metrics.jsonl")
+    return {r["step"]: r["val_loss"] for r in records if r.get("val_loss") is not None}
+
+
+def wait_for_step(workdir, step, procs, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = workdir / "metrics.jsonl"
+        if path.is_file() and any(r["step"] >= step for r in read_metrics(path)):
+            return
+        assert all(p.poll() is None for p in procs), "a process exited before the signal"
+        time.sleep(0.2)
+    raise AssertionError(f"no metrics for step {step} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_resume_and_match_one_device(tmp_path):
+    workdir = tmp_path / "two_processes"
+    procs = start_processes(workdir, 500)
+    wait_for_step(workdir, 4, procs)
+    procs[1].send_signal(signal.SIGTERM)  # Preemption reaches one host only ...
+    first = finish(procs)  # ... and both save one checkpoint at the same step and exit.
+    match = re.search(r"saved a checkpoint at step (\d+)", first[0])
+    assert match, first[0][-3000:]
+    stopped = int(match.group(1))
+    assert 4 <= stopped < 500
+    assert "over 8 cpu devices, process 0 of 2" in first[0]
+    assert "data:" not in first[1]  # Only process 0 prints.
+    data_dir = workdir / "checkpoints" / str(stopped) / "data"
+    assert sorted(p.name for p in data_dir.iterdir()) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json",
+    ]  # fmt: skip
+
+    second = finish(start_processes(workdir, stopped + 2))
+    assert "Resumed from" in second[0] and f"Done: step {stopped + 2}" in second[0]
+
+    reference = tmp_path / "one_device"
+    finish(start_processes(reference, stopped + 2, processes=1, devices_each=1, mesh=(1, 1, 1)))
+    got, want = val_losses(workdir), val_losses(reference)
+    common = sorted(set(got) & set(want))
+    assert stopped + 2 in common and len(common) >= 3, (got, want)
+    for step in common:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got, want)
+
+    # The 8-device checkpoint of two processes samples on one device.
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), f"--workdir={workdir}", "--sample_only",
+         "--num_samples=1", "--sample_tokens=20"],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Sampling from {workdir / 'checkpoints' / str(stopped + 2)}" in proc.stdout
+
+
+def test_joining_processes_needs_all_three_flags(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *COMMON, f"--workdir={tmp_path}",
+         "--coordinator_address=127.0.0.1:1234", "--num_processes=2"],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "--process_id missing" in proc.stderr
+    assert not any(tmp_path.iterdir())  # Nothing written.
+
+
+def test_a_mesh_that_does_not_fit_the_devices_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *COMMON, f"--workdir={tmp_path}", "--config.mesh.data=2"],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "product must equal the device count" in proc.stderr

@@ -1,0 +1,190 @@
+"""Mesh, partition rules and batch placement on this process's devices (one CPU here).
+
+The multi-device and multi-process behaviour is tested in subprocesses:
+``test_sharding_multidevice.py`` and ``tests/train/test_lm_distributed.py``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from jaxattn.models import gpt, transformer
+from jaxattn.models.partitioning import SEQ2SEQ_RULES, TRANSFORMER_RULES
+from jaxattn.models.seq2seq import Seq2SeqConfig, init_seq2seq
+from jaxattn.training import data, sharding, translation_data
+from jaxattn.training.metrics import MetricsWriter
+
+MESH_222 = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+RULES = (
+    (r"attn/w_q$", ("embed", "heads", None)),
+    (r"attn/w_o$", ("heads", None, "embed")),
+    (r"table$", ("vocab", "embed")),
+)
+
+
+def test_make_mesh_uses_every_device_and_names_axes():
+    mesh = sharding.make_mesh()
+    assert mesh.axis_names == sharding.MESH_AXES
+    assert mesh.size == jax.device_count()
+    assert sharding.make_mesh(1, -1, 1).shape["fsdp"] == jax.device_count()
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        ((2, 1, 1), "product must equal the device count"),
+        ((-1, -1, 1), "only one mesh axis may be -1"),
+        ((0, 1, 1), "integers >= 1"),
+    ],
+)
+def test_make_mesh_rejects_sizes_that_do_not_fit(sizes, message):
+    devices = jax.devices()[:1]
+    with pytest.raises(ValueError, match=message):
+        sharding.make_mesh(*sizes, devices=devices)
+
+
+def test_leaf_spec_names_trailing_axes_and_skips_the_layer_axis():
+    # [L, D, N, H]: layers replicated, D over fsdp, N over tensor, H whole.
+    spec = sharding.leaf_spec("params/blocks/attn/w_q", (3, 4, 6, 5), RULES, MESH_222)
+    assert spec == PartitionSpec(None, "fsdp", "tensor")
+    spec = sharding.leaf_spec("params/blocks/attn/w_o", (3, 6, 5, 4), RULES, MESH_222)
+    assert spec == PartitionSpec(None, "tensor", None, "fsdp")
+
+
+def test_leaf_spec_matches_optimizer_moments_like_their_parameter():
+    path = "opt_state/1/0/mu/blocks/attn/w_q"
+    assert sharding.leaf_spec(path, (3, 4, 6, 5), RULES, MESH_222) == PartitionSpec(
+        None, "fsdp", "tensor"
+    )
+
+
+def test_leaf_spec_replicates_what_the_mesh_does_not_divide():
+    # 65 characters over tensor=2: the vocabulary axis stays whole, D still splits.
+    assert sharding.leaf_spec("table", (65, 8), RULES, MESH_222) == PartitionSpec(None, "fsdp")
+    # Size-1 mesh axes never appear in a spec.
+    mesh = AbstractMesh((8, 1, 1), sharding.MESH_AXES)
+    assert sharding.leaf_spec("table", (64, 8), RULES, mesh) == PartitionSpec()
+    # Unmatched leaves (norms, step, keys) are replicated.
+    assert sharding.leaf_spec("blocks/ln1/scale", (3, 8), RULES, MESH_222) == PartitionSpec()
+
+
+def test_leaf_spec_rejects_a_rule_longer_than_the_leaf():
+    with pytest.raises(ValueError, match=r"names 3 axes .* has shape \(4,\)"):
+        sharding.leaf_spec("attn/w_q", (4,), RULES, MESH_222)
+
+
+def _split_leaves(params, rules, mesh):
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = sharding.path_string(path)
+        out[name] = sharding.leaf_spec(name, leaf.shape, rules, mesh)
+    return out
+
+
+@pytest.mark.parametrize("model", ["gpt", "transformer"])
+def test_transformer_rules_split_every_matrix_of_both_models(model):
+    """Renaming a weight must not silently leave it replicated on every device."""
+    if model == "gpt":
+        config = gpt.GPTConfig(
+            vocab_size=16, block_size=8, num_layers=2, num_heads=4, embed_dim=8, use_bias=True,
+            tie_embeddings=False,
+        )  # fmt: skip
+        params = jax.eval_shape(lambda: gpt.init_gpt(jax.random.key(0), config))
+    else:
+        config = transformer.TransformerConfig(
+            src_vocab_size=16, tgt_vocab_size=16, embed_dim=8, num_heads=4,
+            num_encoder_layers=1, num_decoder_layers=1, max_len=8,
+        )  # fmt: skip
+        params = jax.eval_shape(lambda: transformer.init_transformer(jax.random.key(0), config))
+    specs = _split_leaves(params, TRANSFORMER_RULES, MESH_222)
+    matrices = {
+        name: spec
+        for name, spec in specs.items()
+        if not any(part in name for part in ("ln", "norm", "/b_o", "down/b"))
+        and name.rsplit("/", 1)[-1] != "bias"
+    }
+    assert matrices, specs
+    unsplit = [name for name, spec in matrices.items() if spec == PartitionSpec()]
+    assert not unsplit, f"no rule splits {unsplit}"
+    for name, spec in specs.items():
+        if "ln" in name or "norm" in name:
+            assert spec == PartitionSpec(), name
+
+
+def test_seq2seq_rules_split_the_vocabulary_and_keep_lstm_matrices_whole():
+    config = Seq2SeqConfig(
+        src_vocab_size=16, tgt_vocab_size=16, embed_dim=8, hidden_size=8, attention="dot"
+    )
+    params = jax.eval_shape(lambda: init_seq2seq(jax.random.key(0), config))
+    specs = _split_leaves(params, SEQ2SEQ_RULES, MESH_222)
+    assert specs["src_embedding/table"] == PartitionSpec("tensor", "fsdp")
+    assert specs["output/w"] == PartitionSpec("fsdp", "tensor")
+    assert all(spec == PartitionSpec() for name, spec in specs.items() if "w_hh" in name)
+
+
+def test_create_sharded_places_the_tree_and_returns_its_shardings():
+    mesh = sharding.make_mesh()
+    tree, shardings = sharding.create_sharded(
+        lambda: {"attn": {"w_q": jnp.ones((4, 2, 3))}, "step": jnp.int32(0)}, RULES, mesh
+    )
+    assert tree["attn"]["w_q"].sharding == shardings["attn"]["w_q"]
+    np.testing.assert_array_equal(tree["attn"]["w_q"], np.ones((4, 2, 3)))
+
+
+def test_one_process_loads_the_whole_batch_and_global_batch_keeps_it():
+    mesh = sharding.make_mesh()
+    batch_sharding = sharding.batch_sharding(mesh)
+    assert sharding.process_batch_slice(batch_sharding, 6) == slice(0, 6)
+    local = {"inputs": np.arange(12, dtype=np.int32).reshape(6, 2)}
+    placed = sharding.global_batch(local, batch_sharding)
+    assert placed["inputs"].sharding == batch_sharding
+    np.testing.assert_array_equal(placed["inputs"], local["inputs"])
+    np.testing.assert_array_equal(sharding.to_host(placed)["inputs"], local["inputs"])
+
+
+def test_lm_dataset_process_rows_are_slices_of_the_same_global_batch():
+    tokens = np.arange(200, dtype=np.int32) % 7
+    kw = dict(batch_size=6, seq_len=5, seed=3, vocab_size=7)
+    whole = data.lm_dataset(tokens, **kw)[4]
+    parts = [data.lm_dataset(tokens, process_rows=slice(i, i + 2), **kw)[4] for i in (0, 2, 4)]
+    for key in ("inputs", "targets"):
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+    with pytest.raises(ValueError, match="selects no row"):
+        data.lm_dataset(tokens, process_rows=slice(6, 8), **kw)
+
+
+def test_translation_dataset_process_rows_share_the_global_batch_bucket():
+    rng = np.random.default_rng(0)
+    src = [rng.integers(3, 9, size=n).astype(np.int32) for n in rng.integers(1, 11, size=40)]
+    tgt = [rng.integers(3, 9, size=n).astype(np.int32) for n in rng.integers(1, 11, size=40)]
+    kw = dict(batch_size=4, buckets=(4, 8, 12), seed=1, vocab_size=9)
+    whole = translation_data.translation_dataset(src, tgt, **kw)[5]
+    halves = [
+        translation_data.translation_dataset(src, tgt, process_rows=rows, **kw)[5]
+        for rows in (slice(0, 2), slice(2, 4))
+    ]
+    for key, value in whole.items():
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), value)
+
+
+def test_inactive_metrics_writer_writes_nothing(tmp_path):
+    with MetricsWriter(tmp_path / "run", active=False) as writer:
+        writer.write(1, {"train_loss": 1.0})
+    assert not (tmp_path / "run").exists()
+
+
+def test_metrics_writer_rewrites_instead_of_appending_on_object_stores(tmp_path, monkeypatch):
+    """gs:// cannot append: the remote path keeps the lines and rewrites the whole file."""
+    from jaxattn.training import metrics
+
+    monkeypatch.setattr(metrics, "is_remote", lambda path: True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 3.0}\n')
+    with MetricsWriter(tmp_path) as writer:
+        assert writer.remote and writer._tb is None
+        writer.write(2, {"train_loss": 2.0})
+        writer.write(3, {"val_loss": 1.5})
+    records = metrics.read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[1]["train_loss"] == 2.0 and records[2]["val_loss"] == 1.5
