@@ -40,3 +40,20 @@ def test_training_imports_no_model():
     for path in training_dir.glob("*.py"):
         text = path.read_text()
         assert "jaxattn.models" not in text and "jaxattn.nn" not in text, path.name
+
+
+def test_importing_jaxattn_leaves_the_backend_uninitialised():
+    """jax.distributed.initialize must run before any backend use, so imports must not
+    touch a device (e.g. a module-level jax.default_backend())."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax._src.xla_bridge as xb\n"
+        "import jaxattn.ops, jaxattn.models.gpt, jaxattn.models.seq2seq\n"
+        "import jaxattn.models.transformer, jaxattn.nn, jaxattn.training.loop\n"
+        "import jaxattn.training.sharding, jaxattn.interop\n"
+        "assert not xb.backends_are_initialized(), 'an import initialised the backend'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

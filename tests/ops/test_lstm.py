@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from jaxattn.ops import lstm as lstm_module
 from jaxattn.ops.lstm import (
     BidirectionalWeights,
     LSTMWeights,
@@ -406,3 +407,138 @@ def test_bad_stack_inputs_raise(rng):
         bidirectional_lstm(lopsided, xs)
     with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
         init_lstm_stack(rng, IN, HID, num_layers=0)
+
+
+# --- implementations: hand-written backward, cuDNN packing ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "hoist, lengths, reverse",
+    [(False, None, False), (False, None, True), (False, np.array([7, 0, 4]), False)]
+    + [(hoist, np.array([7, 0, 4]), True) for hoist in [False, True]]
+    + [(True, None, False)],
+)
+def test_custom_backward_matches_autodiff_of_the_scan(
+    rng, np_rng, monkeypatch, reverse, lengths, hoist
+):
+    """The hand-written backward ("scan") equals jax.grad of the plain scan ("autodiff"),
+    with the input projection per step (CPU) and hoisted out of the loop (accelerators)."""
+    monkeypatch.setattr(lstm_module, "_hoist", lambda: hoist)
+    weights = init_lstm(rng, IN, HID)
+    xs, h0, c0 = _inputs(np_rng)
+    cts = (
+        jnp.asarray(np_rng.normal(size=(B, T, HID)), jnp.float32),
+        (
+            jnp.asarray(np_rng.normal(size=(B, HID)), jnp.float32),
+            jnp.asarray(np_rng.normal(size=(B, HID)), jnp.float32),
+        ),
+    )
+
+    def vjp(implementation):
+        f = lambda w, x, h, c: lstm_scan(
+            w, x, (h, c), lengths=lengths, reverse=reverse, implementation=implementation
+        )
+        out, pullback = jax.vjp(jax.jit(f), weights, xs, h0, c0)
+        return out, pullback(cts)
+
+    (out, grads), (out_ref, grads_ref) = vjp("scan"), vjp("autodiff")
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    if lengths is not None:  # a row of length 0 passes its carry's gradient straight through
+        np.testing.assert_array_equal(grads[2][1], cts[1][0][1])
+        np.testing.assert_array_equal(grads[1][1], 0.0)
+
+
+def test_custom_backward_in_bfloat16(rng, np_rng):
+    weights = init_lstm(rng, IN, HID)
+    xs = jnp.asarray(np_rng.normal(size=(B, T, IN)), jnp.float32)
+    loss = lambda w, x: jnp.sum(lstm_scan(w, x, lengths=LENGTHS)[0].astype(jnp.float32))
+    g16 = jax.grad(loss)(weights, xs.astype(jnp.bfloat16))
+    g32 = jax.grad(loss)(weights, xs)
+    for a, b in zip(g16, g32):
+        assert a.dtype == jnp.float32  # gradients of float32 weights stay float32
+        np.testing.assert_allclose(a, b, atol=0.05 * float(jnp.max(jnp.abs(b))))
+
+
+def _lstm_ref_fn(x, h0, c0, packed, n, in_size, hidden, layers, dropout, bidirectional):
+    """``jax.experimental.rnn.lstm``'s CPU reference, reading the same packed weights."""
+    rnn = pytest.importorskip("jax.experimental.rnn")
+    w_ih, w_hh, b_ih, b_hh = rnn.unpack_lstm_weights(packed, in_size, hidden, layers, bidirectional)
+    args = (n, in_size, hidden, layers, dropout, bidirectional)
+    return rnn.lstm_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *args)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [None, np.array([7, 2, 5])])
+def test_cudnn_weight_packing_against_jax_reference(rng, np_rng, reverse, lengths):
+    """Our weights packed into cuDNN's flat layout give our numbers through jax's reference.
+
+    The reference unpacks with ``rnn.unpack_lstm_weights`` (independent of our packing);
+    the reverse-only case checks our per-row flip. (Its reference mishandles length 0, so
+    that case is covered by the GPU test.)
+    """
+    from jaxattn.ops.lstm import _cudnn_layer
+
+    weights = init_lstm(rng, IN, HID)
+    xs, h0, c0 = _inputs(np_rng)
+    n = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    ys, [(h, c)] = _cudnn_layer([weights], xs, [(h0, c0)], n, reverse, lstm_fn=_lstm_ref_fn)
+    ys_want, (h_want, c_want) = lstm_scan(weights, xs, (h0, c0), lengths=n, reverse=reverse)
+    np.testing.assert_allclose(ys, ys_want, atol=1e-5)
+    np.testing.assert_allclose(h, h_want, atol=1e-5)
+    np.testing.assert_allclose(c, c_want, atol=1e-5)
+
+
+def test_cudnn_bidirectional_packing_against_jax_reference(rng, np_rng):
+    from jaxattn.ops.lstm import _cudnn_layer
+
+    layer = init_lstm_stack(rng, IN, HID, bidirectional=True)[0]
+    xs, h0, c0 = _inputs(np_rng)
+    carries = [(h0, c0), (c0, h0)]
+    n = jnp.asarray(LENGTHS, jnp.int32)
+    ys, finals = _cudnn_layer(list(layer), xs, carries, n, lstm_fn=_lstm_ref_fn)
+    ys_want, finals_want = bidirectional_lstm(layer, xs, tuple(carries), lengths=n)
+    np.testing.assert_allclose(ys, ys_want, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(finals), jax.tree.leaves(finals_want)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cudnn_matches_scan_on_gpu(rng, np_rng, bidirectional):
+    layers = init_lstm_stack(rng, IN, HID, num_layers=2, bidirectional=bidirectional)
+    xs, _, _ = _inputs(np_rng)
+    lengths = jnp.asarray([7, 0, 4], jnp.int32)
+
+    def loss_and_grads(implementation):
+        def loss(layers, xs):
+            ys, (h_n, c_n) = lstm_stack(layers, xs, lengths=lengths, implementation=implementation)
+            return jnp.sum(ys * ys) + jnp.sum(h_n) + jnp.sum(c_n * c_n)
+
+        with jax.default_matmul_precision("highest"):  # no TF32, to compare with float32
+            return jax.value_and_grad(loss, argnums=(0, 1))(layers, xs)
+
+    got, want = loss_and_grads("cudnn"), loss_and_grads("scan")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_implementation_choice(rng):
+    w = init_lstm(rng, IN, HID)
+    xs = jnp.zeros((B, T, IN))
+    with pytest.raises(ValueError, match=r"implementation must be one of .* got 'pallas'"):
+        lstm_scan(w, xs, implementation="pallas")
+    bf16 = xs.astype(jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"implementation='cudnn' needs a GPU .*bfloat16"):
+        lstm_scan(w, bf16, implementation="cudnn")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs a GPU backend"):
+            lstm_stack((w,), xs, implementation="cudnn")
+        with pytest.raises(ValueError, match="needs a GPU backend"):
+            bidirectional_lstm(BidirectionalWeights(w, w), xs, implementation="cudnn")
+    # Forward mode needs the differentiable scan: "autodiff" supports jax.jvp.
+    ys, tangent = jax.jvp(lambda x: lstm_scan(w, x, implementation="autodiff")[0], (xs,), (xs,))
+    assert ys.shape == tangent.shape == (B, T, HID)
