@@ -62,10 +62,11 @@ def make_train_step(
 ) -> StepFn:
     """Return a jitted ``train_step(state, batch) -> (state, metrics)`` that donates ``state``.
 
-    With ``grad_accum_steps = k > 1`` every batch leaf's leading axis is split into k
-    microbatches, ``lax.scan`` sums their gradients, and the optimizer is applied once to
-    the mean: the same update as one batch of all the rows, in the memory of one
-    microbatch. Microbatch ``i`` of step ``s`` gets the key ``fold_in(fold_in(rng, s), i)``.
+    With ``grad_accum_steps = k > 1`` every batch leaf's leading axis is dealt into k
+    microbatches (row r goes to microbatch r mod k), ``lax.scan`` sums their gradients,
+    and the optimizer is applied once to the mean: the same update as one batch of all
+    the rows, in the memory of one microbatch. Microbatch ``i`` of step ``s`` gets the
+    key ``fold_in(fold_in(rng, s), i)``.
 
     Metrics: ``train_loss`` and ``train_<aux>`` (means over microbatches), ``grad_norm``
     (global norm of the mean gradient, before clipping) and ``learning_rate`` when
@@ -86,7 +87,9 @@ def make_train_step(
                 f"batch leading axis {x.shape[0]} (shape {x.shape}) is not divisible by "
                 f"grad_accum_steps={k}"
             )
-        return x.reshape(k, x.shape[0] // k, *x.shape[1:])  # [k, B/k, ...]
+        # Microbatch i takes rows i, i + k, i + 2k, ...: on a mesh each device's block of
+        # rows then feeds every microbatch, so no rows move between devices.
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)  # [k, B/k, ...]
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Mean]]:
         rng = jax.random.fold_in(state.rng, state.step)
