@@ -19,13 +19,10 @@ Speed: ``x_t W_ih + b`` does not depend on the recurrence, so on accelerators
 result into the four gates. On CPU each step projects its own ``x_t`` instead (measured
 faster on XLA:CPU; see ``_hoist``).
 
-The backward is written by hand (``jax.custom_vjp``): the forward saves the activated
-gates and the states, a reverse scan carries only ``(dh, dc)`` and emits the gate
-pre-activation gradients ``dz: [T, B, 4h]``, and the weight gradients are then single
-matmuls over all T*B rows (``dW_hh = h_prev^T dz``, ``dW_ih = x^T dz``, ``dxs = dz W_ih^T``)
-instead of T small accumulations inside the scan. On GPU, float32 layers can run cuDNN's
-fused LSTM (``implementation="cudnn"``, through ``jax.experimental.rnn``).
-``benchmarks/lstm.py`` compares with Flax and PyTorch.
+The backward is written by hand (``jax.custom_vjp``, in ``lstm_kernels.py``): a reverse
+scan carries only ``(dh, dc)`` and the weight gradients are single matmuls over all T*B
+rows. On GPU, float32 layers can run cuDNN's fused LSTM (``implementation="cudnn"``,
+through ``jax.experimental.rnn``). ``benchmarks/lstm.py`` compares with Flax and PyTorch.
 
 Padding: with ``lengths`` a row's steps ``t >= length`` leave its state unchanged and
 output zeros, so the final state is PyTorch's on a ``pack_padded_sequence`` input; run in
@@ -43,6 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.ops.layers import dropout, project
+from jaxattn.ops.lstm_kernels import (
+    _cudnn_layer,
+    _hoist,
+    _scan,
+    _scan_autodiff,
+    _step,
+)
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -140,24 +144,6 @@ def _check_lengths(lengths: Array, batch: int, steps: int, where: str) -> None:
     lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi > steps:
         raise ValueError(f"{where}: lengths must lie in [0, T={steps}], got [{lo}, {hi}]")
-
-
-def _cell(w_hh: Array, carry: Carry, gx: Array) -> tuple[tuple[Array, ...], Carry]:
-    """The LSTM formula, given ``gx = x_t W_ih + b: [B, 4h]``.
-
-    Returns the activated gates ``(i, f, g, o)``, each ``[B, h]`` (the hand-written
-    backward needs them), and the new state ``(h, c)``.
-    """
-    h, c = carry
-    z = gx + h @ w_hh  # [B, 4h]
-    zi, zf, zg, zo = jnp.split(z, 4, axis=-1)  # each [B, h]
-    i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
-    c = f * c + i * g
-    return (i, f, g, o), (o * jnp.tanh(c), c)
-
-
-def _step(w_hh: Array, carry: Carry, gx: Array) -> Carry:
-    return _cell(w_hh, carry, gx)[1]
 
 
 def lstm_cell(weights: LSTMWeights, carry: Carry, x: Array) -> Carry:
@@ -268,198 +254,6 @@ def _pick(implementation, directions, xs, carries, where) -> str:
             f"and carry; got backend {jax.default_backend()!r}, dtypes {sorted(map(str, dtypes))}"
         )
     return implementation
-
-
-# Jitted so that eager callers (notebooks, tests) reuse one compiled scan per shape
-# instead of re-tracing the closure on every call; under an outer jit it is inlined.
-@functools.partial(jax.jit, static_argnames="reverse")
-def _scan_autodiff(
-    weights: LSTMWeights, xs: Array, carry: Carry, lengths: Array | None, reverse: bool
-) -> tuple[Array, Carry]:
-    """``lstm_scan`` on checked inputs, differentiated by JAX; ``ys [T, B, h]``."""
-    dtype = xs.dtype
-    carry = (carry[0].astype(dtype), carry[1].astype(dtype))
-    w_hh = weights.w_hh.astype(dtype)
-    # Time-major before the projection: the transpose moves I (not 4h) features per step.
-    gx = project(jnp.swapaxes(xs, 0, 1), weights.w_ih, weights.b)  # [T, B, 4h]
-    valid = _valid(lengths, xs.shape[1])
-    (hs, _), carry = _forward(w_hh, gx, carry, valid, reverse)
-    return _outputs(hs, valid), carry
-
-
-# Whether "scan" hoists the input projection out of the loop. XLA:CPU runs the loop
-# faster with x_t W_ih inside each step (about 25% less CPU time forward, 10% forward +
-# backward at B=64, T=200, I=256, h=512; benchmarks/README.md): the hoisted
-# [T*B, I] x [I, 4h] product streams a [T, B, 4h] buffer through memory, while a step's
-# [B, 4h] stays in cache. Accelerators prefer the one big matmul.
-def _hoist() -> bool:
-    # Asked at call time, never at import: querying the backend initialises it, after
-    # which jax.distributed.initialize can no longer join processes.
-    return jax.default_backend() != "cpu"
-
-
-@functools.partial(jax.jit, static_argnames=("reverse", "hoist"))
-def _scan(
-    weights: LSTMWeights,
-    xs: Array,
-    carry: Carry,
-    lengths: Array | None,
-    reverse: bool,
-    hoist: bool,
-) -> tuple[Array, Carry]:
-    """``lstm_scan`` on checked inputs with the hand-written backward; ``ys [T, B, h]``."""
-    dtype = xs.dtype
-    carry = (carry[0].astype(dtype), carry[1].astype(dtype))
-    valid = _valid(lengths, xs.shape[1])
-    w_hh = weights.w_hh.astype(dtype)
-    if hoist:
-        gx = project(jnp.swapaxes(xs, 0, 1), weights.w_ih, weights.b)  # [T, B, 4h]
-        return _recurrence(None, w_hh, gx, carry, valid, reverse)
-    proj = (weights.w_ih.astype(dtype), weights.b.astype(dtype))
-    return _recurrence(proj, w_hh, jnp.swapaxes(xs, 0, 1), carry, valid, reverse)  # [T, B, I]
-
-
-def _valid(lengths: Array | None, steps: int) -> Array | None:
-    if lengths is None:
-        return None
-    return jnp.arange(steps, dtype=lengths.dtype)[:, None, None] < lengths[None, :, None]
-
-
-def _outputs(hs: Array, valid: Array | None) -> Array:
-    """Outputs from the state sequence: zero where a row is past its length."""
-    return hs if valid is None else jnp.where(valid, hs, jnp.zeros_like(hs))
-
-
-def _forward(w_hh, gx, carry, valid, reverse, save_gates=False, proj=None):
-    """Scan the recurrence: returns ``((hs, cs), final)`` or, with ``save_gates``, also
-    the gates ``(i, f, g, o)``, each ``[T, B, h]``; ``hs, cs`` are the states after each
-    step (a row past its length repeats its state). With ``proj = (w_ih, b)``, ``gx`` is
-    the input ``[T, B, I]`` and each step projects its slice."""
-
-    def body(state: Carry, inputs: tuple[Array, Array | None]):
-        gx_t, valid_t = inputs
-        if proj is not None:
-            gx_t = gx_t @ proj[0] + proj[1]  # [B, 4h]
-        gates, new = _cell(w_hh, state, gx_t)
-        if valid_t is not None:
-            new = (jnp.where(valid_t, new[0], state[0]), jnp.where(valid_t, new[1], state[1]))
-        return new, (new, gates) if save_gates else new
-
-    # Reversed, a row is frozen at its initial carry until t = length - 1: exactly
-    # PyTorch's packed reverse direction, with no flipping of the padded rows.
-    final, per_step = jax.lax.scan(body, carry, (gx, valid), reverse=reverse)
-    return (*per_step, final) if save_gates else (per_step, final)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _recurrence(proj, w_hh, gx, carry, valid, reverse):
-    """``(ys [T, B, h], final)`` of the recurrence over ``gx: [T, B, 4h]``, or over the
-    inputs ``[T, B, I]`` projected per step when ``proj = (w_ih, b)``."""
-    (hs, _), final = _forward(w_hh, gx, carry, valid, reverse, proj=proj)
-    return _outputs(hs, valid), final
-
-
-def _recurrence_fwd(proj, w_hh, gx, carry, valid, reverse):
-    (hs, cs), gates, final = _forward(w_hh, gx, carry, valid, reverse, True, proj)
-    inputs = None if proj is None else gx
-    return (_outputs(hs, valid), final), (proj, inputs, w_hh, gates, hs, cs, carry, valid)
-
-
-def _before(seq: Array, first: Array, reverse: bool) -> Array:
-    """The state before each step: ``seq`` shifted one step against the scan direction."""
-    if reverse:
-        return jnp.concatenate([seq, first[None]])[1:]  # [T, B, h]
-    return jnp.concatenate([first[None], seq])[:-1]  # [T, B, h]
-
-
-def _recurrence_bwd(reverse, residuals, cotangents):
-    """Backward: a reverse scan carrying ``(dh, dc)`` that emits the pre-activation
-    gradients ``dz: [T, B, 4h]``; then ``dW_hh = h_prev^T dz`` as one matmul over T*B
-    rows, and ``dz`` itself is the cotangent of ``gx`` (so ``dW_ih`` and ``dxs`` are also
-    single matmuls, in ``project``'s backward)."""
-    proj, xs_t, w_hh, gates, hs, cs, (h0, c0), valid = residuals
-    dys, (dh_n, dc_n) = cotangents
-    h_prev, c_prev = _before(hs, h0, reverse), _before(cs, c0, reverse)
-    w_hh_t = w_hh.T  # [4h, h]: the per-step matmul is then a plain dz @ w_hh_t
-
-    def body(d_state: Carry, inputs):
-        dh, dc = d_state
-        (i, f, g, o), c, c_before, dy, valid_t = inputs
-        dh_new, dc_new = dh + dy, dc  # cotangents of this step's new (h, c)
-        if valid_t is not None:  # past a row's length the step is the identity
-            dh_new, dc_new = jnp.where(valid_t, dh_new, 0), jnp.where(valid_t, dc_new, 0)
-        tanh_c = jnp.tanh(c)
-        dc_new = dc_new + dh_new * o * (1 - tanh_c * tanh_c)
-        dz = jnp.concatenate(
-            [
-                dc_new * g * i * (1 - i),
-                dc_new * c_before * f * (1 - f),
-                dc_new * i * (1 - g * g),
-                dh_new * tanh_c * o * (1 - o),
-            ],
-            axis=-1,
-        )  # [B, 4h]
-        dh_prev, dc_prev = dz @ w_hh_t, dc_new * f
-        if valid_t is not None:
-            dh_prev, dc_prev = jnp.where(valid_t, dh_prev, dh), jnp.where(valid_t, dc_prev, dc)
-        return (dh_prev, dc_prev), dz
-
-    inputs = (gates, cs, c_prev, dys, valid)
-    (dh0, dc0), dz = jax.lax.scan(body, (dh_n, dc_n), inputs, reverse=not reverse)
-    hidden = w_hh.shape[0]
-    dz_rows = dz.reshape(-1, 4 * hidden)  # [T*B, 4h]
-    dw_hh = h_prev.reshape(-1, hidden).T @ dz_rows  # [h, 4h]
-    if proj is None:
-        return None, dw_hh, dz, (dh0, dc0), None
-    w_ih, _ = proj
-    x_rows = xs_t.reshape(-1, w_ih.shape[0])  # [T*B, I]
-    dxs = (dz_rows @ w_ih.T).reshape(xs_t.shape)  # [T, B, I]
-    return (x_rows.T @ dz_rows, dz_rows.sum(0)), dw_hh, dxs, (dh0, dc0), None
-
-
-_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
-
-
-def _cudnn_layer(directions, xs, carries, lengths, reverse=False, lstm_fn=None):
-    """One layer (one or two directions, bidirectional when two) through cuDNN.
-
-    ``jax.experimental.rnn.lstm`` takes PyTorch's weights (gate order i, f, g, o) packed
-    into one flat vector: per direction ``W_ih [4h, I]`` then ``W_hh [4h, h]`` (row-major),
-    then per direction ``b_ih`` and ``b_hh``; our single bias is ``b_ih`` and ``b_hh = 0``.
-    A reverse-only run flips each row's valid prefix, runs forward and flips back.
-    ``lstm_fn`` replaces ``rnn.lstm`` (tests run its reference on CPU).
-
-    Returns ``(ys [B, T, dirs*h], [(h, c) per direction])``.
-    """
-    from jax.experimental import rnn  # imported late: only the cuDNN path needs it
-
-    batch, steps, in_size = xs.shape
-    hidden = directions[0].w_hh.shape[0]
-    dirs = len(directions)
-    packed = jnp.concatenate(
-        [m for w in directions for m in (w.w_ih.T.ravel(), w.w_hh.T.ravel())]
-        + [v for w in directions for v in (w.b, jnp.zeros_like(w.b))]
-    )
-    h0 = jnp.stack([c[0] for c in carries]).astype(xs.dtype)  # [dirs, B, h]
-    c0 = jnp.stack([c[1] for c in carries]).astype(xs.dtype)
-    n = jnp.full((batch,), steps, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-    if reverse:
-        # Position t of row b reads step n_b - 1 - t (t < n_b); the map is its own inverse.
-        t = jnp.arange(steps, dtype=jnp.int32)[None, :]
-        flip = jnp.where(t < n[:, None], n[:, None] - 1 - t, t)  # [B, T]
-        xs = jnp.take_along_axis(xs, flip[:, :, None], axis=1)
-    lstm_fn = rnn.lstm if lstm_fn is None else lstm_fn
-    ys, h_n, c_n = lstm_fn(xs, h0, c0, packed, n, in_size, hidden, 1, 0.0, dirs == 2)
-    if reverse:
-        ys = jnp.take_along_axis(ys, flip[:, :, None], axis=1)
-    if lengths is not None:
-        # Our semantics for what cuDNN leaves unspecified: zero outputs past a row's
-        # length, and the initial state for a row of length 0.
-        mask = jnp.arange(steps)[None, :, None] < n[:, None, None]  # [B, T, 1]
-        ys = jnp.where(mask, ys, jnp.zeros_like(ys))
-        h_n = jnp.where((n == 0)[None, :, None], h0, h_n)
-        c_n = jnp.where((n == 0)[None, :, None], c0, c_n)
-    return ys, [(h_n[d], c_n[d]) for d in range(dirs)]
 
 
 def bidirectional_lstm(
