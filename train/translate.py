@@ -3,6 +3,7 @@
     python train/translate.py --config=train/configs/lstm_dot_cpu.py --workdir=DIR
     python train/translate.py --config=... --config.num_steps=500
     python train/translate.py --workdir=DIR --translate="let's go" --translate="I am hungry."
+    python train/translate.py --workdir=DIR --bleu_only   # score the latest checkpoint
 
 Training reuses the generic loop (``jaxattn.training.loop.fit``): progress bar, val loss,
 ``DIR/metrics.jsonl``, checkpoints in ``DIR/checkpoints/<step>/``, exact resume with the
@@ -55,6 +56,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default workdirs/<config>).")
 _TRANSLATE = flags.DEFINE_multi_string(
     "translate", None, "Only translate these sentences with the latest checkpoint."
+)
+_BLEU_ONLY = flags.DEFINE_bool(
+    "bleu_only", False, "Only score the latest checkpoint on the test split (BLEU)."
 )
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
@@ -117,17 +121,20 @@ def translate_ids(params, kind, model, config, sources: list[np.ndarray]) -> lis
 
 
 def test_bleu(params, kind, model, config, sp, test_pairs) -> tuple[float, list[str]]:
-    """Corpus BLEU (sacrebleu, default 13a tokenisation) of the test sources' translations.
+    """Corpus BLEU (sacrebleu, default 13a tokenisation) over every test pair.
 
-    Sources longer than ``config.max_len`` tokens are skipped (none at the default 64).
+    A source longer than the largest bucket (64 pieces by default; none in the corpus) is
+    not decoded and scores as an empty translation, so no pair leaves the score.
     """
     import sacrebleu
 
     encoded = [np.asarray(sp.encode(s), np.int32) for s, _ in test_pairs]
-    keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= config.max_len]
+    keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= config.buckets[-1]]
     ids = translate_ids(params, kind, model, config, [encoded[i] for i in keep])
-    hyps = [sp.decode(h) for h in ids]
-    refs = [test_pairs[i][1] for i in keep]
+    hyps = [""] * len(test_pairs)
+    for i, h in zip(keep, ids):
+        hyps[i] = sp.decode(h)
+    refs = [target for _, target in test_pairs]
     return sacrebleu.corpus_bleu(hyps, [refs]).score, hyps
 
 
@@ -250,8 +257,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         print(f"Attention heat-map: {workdir / 'attention.png'}")
 
 
-def translate_only(workdir: Path, sentences: list[str]) -> None:
-    """Load the latest checkpoint in ``workdir`` and print a translation per sentence."""
+def _restore(workdir: Path):
+    """The latest checkpoint's ``(config, kind, model, params, step)`` and sentencepiece."""
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         meta = ckpt.read_metadata()
         config = ml_collections.ConfigDict(meta["config"])
@@ -259,11 +266,28 @@ def translate_only(workdir: Path, sentences: list[str]) -> None:
         model = MODELS[kind][0](**meta["model"])
         state, _ = ckpt.restore(_abstract_state(kind, model, config))
     sp = td.train_sentencepiece([], workdir / "spm", vocab_size=config.vocab_size)
+    return config, kind, model, state.params, int(state.step), sp
+
+
+def translate_only(workdir: Path, sentences: list[str]) -> None:
+    """Load the latest checkpoint in ``workdir`` and print a translation per sentence."""
+    config, kind, model, params, _, sp = _restore(workdir)
     src = [np.asarray(sp.encode(s), np.int32) for s in sentences]
     if any(len(s) == 0 or len(s) > config.buckets[-1] for s in src):
         raise ValueError(f"each sentence needs 1 to {config.buckets[-1]} tokens")
-    for s, ids in zip(sentences, translate_ids(state.params, kind, model, config, src)):
+    for s, ids in zip(sentences, translate_ids(params, kind, model, config, src)):
         print(f"{s} -> {sp.decode(ids)}")
+
+
+def bleu_only(workdir: Path) -> None:
+    """Score the latest checkpoint on the test split again; append it to metrics.jsonl."""
+    config, kind, model, params, step, sp = _restore(workdir)
+    split = td.split_pairs(td.load_pairs(config.data_path), seed=config.split_seed)
+    test_pairs = split.test[: config.max_test_examples or None]
+    bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "test_bleu": bleu}) + "\n")
+    print(f"step {step}: test BLEU {bleu:.2f} on {len(hyps)} sentences")
 
 
 def main(argv: list[str]) -> None:
@@ -280,6 +304,8 @@ def main(argv: list[str]) -> None:
         initialize_distributed()
         if _TRANSLATE.value:
             translate_only(workdir, _TRANSLATE.value)
+        elif _BLEU_ONLY.value:
+            bleu_only(workdir)
         else:
             train(_CONFIG.value, workdir)
     except (

@@ -81,6 +81,18 @@ def test_translate_mode_prints_translations(lstm_run):
 
 
 @pytest.mark.slow
+def test_bleu_only_rescores_the_checkpoint_to_the_same_bleu(lstm_run):
+    workdir, _ = lstm_run
+    before = [r for r in read_metrics(workdir / "metrics.jsonl") if "test_bleu" in r]
+    proc = run_translate(f"--workdir={workdir}", "--bleu_only")
+    after = [r for r in read_metrics(workdir / "metrics.jsonl") if "test_bleu" in r]
+    assert len(after) == len(before) + 1
+    assert after[-1]["step"] == before[-1]["step"]
+    assert after[-1]["test_bleu"] == pytest.approx(before[-1]["test_bleu"], abs=1e-9)
+    assert f"test BLEU {after[-1]['test_bleu']:.2f}" in proc.stdout
+
+
+@pytest.mark.slow
 def test_transformer_run(tmp_path):
     workdir = tmp_path / "run"
     proc = run_translate(f"--workdir={workdir}", config=f"{TINY}:transformer")
