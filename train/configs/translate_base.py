@@ -86,12 +86,14 @@ def lstm_cpu_config(attention: str) -> ml_collections.ConfigDict:
     config.model.hidden_size = 256
     config.model.dropout = 0.1
     config.batch_size = 64
-    config.num_steps = 3000  # ~0.5 s/step measured on the shared 2-core box: ~25 min.
-    config.lr_decay_steps = 3000
+    # 5000 steps (~3 epochs): 0.13-0.2 s/step on a quiet 2-core CPU, ~15 min.
+    config.num_steps = 5000
+    config.lr_decay_steps = 5000
     config.eval_every = 1000
     config.checkpoint_every = 1000
     config.max_eval_examples = 2000
-    config.max_test_examples = 2000  # Decode 2,000 test pairs (of 5,945) to save time.
+    config.max_test_examples = 0  # BLEU on the whole test split (5,945 pairs).
+    config.beam_size = 4  # Beam search (+~1 BLEU over greedy for a few seconds per 1,000).
     return config
 
 
