@@ -51,6 +51,17 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {jax.default_backend()}"
 
 
+def add_wait_quiet_flag(parser: argparse.ArgumentParser) -> None:
+    """``--wait-quiet SECONDS``, shared by the benchmark scripts (see ``wait_quiet``)."""
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each timed call, wait up to this long for no other runnable task",
+    )
+
+
 def wait_quiet(limit: float = 30.0) -> None:
     """Wait (up to ``limit`` s) until no other task is runnable (Linux ``/proc/loadavg``)."""
     deadline, calm = time.monotonic() + limit, 0
@@ -271,13 +282,7 @@ def main() -> None:
         help="skip dense baselines whose [B, N, T, T] buffers exceed this",
     )
     parser.add_argument("--long", action="store_true", help="also run T = 32768 (minutes)")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="before each timed call, wait up to this long for no other runnable task",
-    )
+    add_wait_quiet_flag(parser)
     parser.add_argument("--long-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--torch-memory-child", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.attention import machine, timed  # shared timing helpers
+from benchmarks.attention import add_wait_quiet_flag, machine, timed  # shared helpers
 from jaxattn.ops import lstm as lstm_ops
 
 
@@ -178,13 +178,7 @@ def main() -> None:
     parser.add_argument(
         "--slow", type=float, default=10.0, help="seconds per call above which 2 calls are timed"
     )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="before each timed call, wait up to this long for no other runnable task",
-    )
+    add_wait_quiet_flag(parser)
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 5)
     run_table(tuple(args.shape), repeats, args.slow, args.wait_quiet)
