@@ -33,7 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops.flash import flash_attention
+from jaxattn.ops.flash import check_attention_inputs, flash_attention
 from jaxattn.ops.layers import dropout, project
 from jaxattn.ops.masks import causal_mask, combine_masks, masked_softmax
 
@@ -178,49 +178,6 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
 # ----------------------------------------------------------------------------------------
 
 IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "pallas")
-
-
-def _check_broadcast(name: str, x: Array, target: tuple[int, ...]) -> Array:
-    """Left-pad ``x`` to rank 4 and check it broadcasts to ``target = (B, N, T, S)``."""
-    if x.ndim > 4 or any(d not in (1, t) for d, t in zip(x.shape[::-1], target[::-1])):
-        raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = {target}")
-    return x.reshape((1,) * (4 - x.ndim) + x.shape)
-
-
-def _check_inputs(q, k, v, mask, bias):
-    """Validate shapes/dtypes; return (mask, bias) as rank-4 arrays (or None)."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"dot_product_attention: q [B, T, N, H], k, v [B, S, K, H] must be rank 4, got "
-            f"q {q.shape}, k {k.shape}, v {v.shape}"
-        )
-    (b, _, n, h), (bk, s, kh, hk) = q.shape, k.shape
-    if bk != b or hk != h or v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            "dot_product_attention: expected q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], "
-            f"got q {q.shape}, k {k.shape}, v {v.shape}"
-        )
-    if kh == 0 or n % kh != 0:
-        raise ValueError(
-            f"dot_product_attention: query heads N={n} must be a multiple of key/value heads "
-            f"K={kh} (q {q.shape}, k {k.shape})"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"dot_product_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
-        )
-    target = (b, n, q.shape[1], s)
-    if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.dtype != jnp.bool_:
-            raise ValueError(f"dot_product_attention: mask must be boolean, got {mask.dtype}")
-        mask = _check_broadcast("mask", mask, target)
-    if bias is not None:
-        bias = jnp.asarray(bias)
-        if not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise ValueError(f"dot_product_attention: bias must be float, got {bias.dtype}")
-        bias = _check_broadcast("bias", bias, target)
-    return mask, bias
 
 
 def _grouped(x: Array | None, num_kv_heads: int) -> Array | None:
@@ -427,7 +384,7 @@ def dot_product_attention(
       ``[B, T, N, Hv]`` in q's dtype.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    mask, bias = _check_inputs(q, k, v, mask, bias)
+    mask, bias = check_attention_inputs("dot_product_attention", q, k, v, mask, bias)
     if implementation is None:
         implementation = _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate)
     if implementation not in _KERNELS:
@@ -468,7 +425,7 @@ def attention_weights(
       ``[B, N, T, S]`` float32; rows sum to 1, or are all 0 if nothing may be attended.
     """
     q, k = jnp.asarray(q), jnp.asarray(k)
-    mask, bias = _check_inputs(q, k, k, mask, bias)
+    mask, bias = check_attention_inputs("attention_weights", q, k, k, mask, bias)
     b, t, n, _ = q.shape
     probs = _grouped_probs(q, k, mask, bias, is_causal, scale)  # [B, K, G, T, S]
     return probs.reshape(b, n, t, k.shape[1])  # [B, N, T, S]
@@ -640,7 +597,7 @@ def multi_head_attention(
             dropout_rng=rng,
         )
         return project_output(weights, context)
-    mask, bias = _check_inputs(q, k, v, mask, bias)
+    mask, bias = check_attention_inputs("multi_head_attention", q, k, v, mask, bias)
     context, probs = _attention_xla_core(q, k, v, mask, bias, is_causal, None, rate, rng)
     b, kh, g, t, s = probs.shape
     return project_output(weights, context), probs.reshape(b, kh * g, t, s)  # [B, N, T, S]

@@ -366,17 +366,63 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------------------
 
 
-def _as_rank4(name: str, x, dtype_ok, kind: str, target: tuple[int, ...]) -> Array | None:
-    if x is None:
-        return None
-    x = jnp.asarray(x)
-    if not dtype_ok(x.dtype):
-        raise ValueError(f"flash_attention: {name} must be {kind}, got dtype {x.dtype}")
+def _broadcast_rank4(where: str, name: str, x: Array, target: tuple[int, ...]) -> Array:
+    """Left-pad ``x`` to rank 4 and check it broadcasts to ``target = (B, N, T, S)``."""
     if x.ndim > 4 or any(d not in (1, t) for d, t in zip(x.shape[::-1], target[::-1])):
         raise ValueError(
-            f"flash_attention: {name} of shape {x.shape} does not broadcast to {target}"
+            f"{where}: {name} of shape {x.shape} does not broadcast to [B, N, T, S] = {target}"
         )
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def check_attention_inputs(
+    where: str, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None
+) -> tuple[Array | None, Array | None]:
+    """Validate attention inputs; return ``(mask, bias)`` as rank-4 arrays (or None).
+
+    Shared by every attention entry point, so each reports bad input the same way.
+
+    Args:
+      where: the public function's name, put in front of each message.
+      q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Hv]``; one float dtype,
+        ``N % K == 0``, ``T, S > 0``.
+      mask: boolean, broadcastable to ``[B, N, T, S]``.
+      bias: float, broadcastable to ``[B, N, T, S]``.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"{where}: q [B, T, N, H], k, v [B, S, K, H] must be rank 4, got "
+            f"q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    (b, t, n, h), (s, kh) = q.shape, k.shape[1:3]
+    if k.shape[0] != b or k.shape[3] != h or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"{where}: expected q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], "
+            f"got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if kh == 0 or n % kh:
+        raise ValueError(
+            f"{where}: query heads N={n} must be a multiple of key/value heads K={kh} "
+            f"(N % K == 0), got q {q.shape}, k {k.shape}"
+        )
+    if t == 0 or s == 0:
+        raise ValueError(f"{where}: empty sequence: q {q.shape}, k {k.shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{where}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"{where}: q, k, v must be floating point, got {q.dtype}")
+    target = (b, n, t, s)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"{where}: mask must be boolean, got {mask.dtype}")
+        mask = _broadcast_rank4(where, "mask", mask, target)
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise ValueError(f"{where}: bias must be float, got {bias.dtype}")
+        bias = _broadcast_rank4(where, "bias", bias, target)
+    return mask, bias
 
 
 def block_sizes(t: int, s: int, block_q: int | None = None, block_k: int | None = None):
@@ -430,26 +476,8 @@ def flash_attention(
       ``[B, T, N, Hv]`` in q's dtype; rows with nothing to attend to are 0.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"flash_attention: q [B, T, N, H], k, v [B, S, K, H] must be rank 4, got "
-            f"q {q.shape}, k {k.shape}, v {v.shape}"
-        )
-    (b, t, n, h), (s, kh) = q.shape, k.shape[1:3]
-    if k.shape[0] != b or k.shape[3] != h or v.shape[:3] != k.shape[:3] or kh == 0 or n % kh:
-        raise ValueError(
-            "flash_attention: expected q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv] with "
-            f"N % K == 0, got q {q.shape}, k {k.shape}, v {v.shape}"
-        )
-    if t == 0 or s == 0:
-        raise ValueError(f"flash_attention: empty sequence: q {q.shape}, k {k.shape}")
-    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(
-            f"flash_attention: q, k, v need one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
-    target = (b, n, t, s)
-    mask = _as_rank4("mask", mask, lambda d: d == jnp.bool_, "boolean", target)
-    bias = _as_rank4("bias", bias, lambda d: jnp.issubdtype(d, jnp.floating), "float", target)
+    mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)
+    t, s, h = q.shape[1], k.shape[1], q.shape[3]
     bq, bk = block_sizes(t, s, block_q, block_k)
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     return _flash(q, k, v, mask, bias, _Plan(t, s, bq, bk, bool(is_causal), scale))

@@ -397,6 +397,10 @@ def test_dot_product_attention_bad_inputs(np_rng):
         dot_product_attention(q, k, v, bias=jnp.ones((B, N, 4, S)))
     with pytest.raises(ValueError, match="dtypes"):
         dot_product_attention(q, k.astype(jnp.bfloat16), v)
+    with pytest.raises(ValueError, match=r"floating point, got int32"):
+        dot_product_attention(*(x.astype(jnp.int32) for x in (q, k, v)))
+    with pytest.raises(ValueError, match=r"dot_product_attention: empty sequence"):
+        dot_product_attention(q, k[:, :0], v[:, :0])
     with pytest.raises(ValueError, match="unknown implementation"):
         dot_product_attention(q, k, v, implementation="flash")
     with pytest.raises(ValueError, match="dropout"):

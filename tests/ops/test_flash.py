@@ -298,6 +298,8 @@ def test_bad_inputs(np_rng):
         flash_attention(q, k, k, mask=jnp.ones((B, 1, 5, 7), jnp.float32))
     with pytest.raises(ValueError, match="does not broadcast"):
         flash_attention(q, k, k, bias=jnp.zeros((B, 1, 5, 6)))
+    with pytest.raises(ValueError, match=r"flash_attention: empty sequence"):
+        flash_attention(q[:, :0], k, k)
     with pytest.raises(ValueError, match="block sizes"):
         flash_attention(q, k, k, block_q=0)
     with pytest.raises(ValueError, match="needs a TPU"):
