@@ -7,14 +7,10 @@ module-scoped run and are marked slow; the argument errors fail before any compi
 import hashlib
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxattn.training.metrics import read_metrics
@@ -55,11 +51,6 @@ def snapshot(directory):
     }
 
 
-def saved_state(workdir, step):
-    """The raw saved TrainState of a step, restored without a target (nested dicts)."""
-    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One 8-step tiny run: (workdir, completed process)."""
@@ -87,21 +78,14 @@ def test_training_writes_metrics_checkpoints_and_samples(trained):
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted_run(trained, tmp_path):
+def test_resumed_run_equals_uninterrupted_run(trained, killed_run_copy, assert_same_saved_state):
     workdir, _ = trained
     # A run killed after its step-4 checkpoint: the same workdir without step 8.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(workdir, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "8")
+    resumed = killed_run_copy(workdir, 8)
     proc = run_lm(f"--workdir={resumed}", "--num_samples=0")
     assert f"Resumed from {resumed / 'checkpoints' / '4'}" in proc.stdout
     assert "sample 0" not in proc.stdout
-    a, b = saved_state(resumed, 8), saved_state(workdir, 8)
-    assert int(a["step"]) == 8
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x, y = jax.random.key_data(x), jax.random.key_data(y)
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert_same_saved_state(resumed, workdir, 8)
 
 
 @pytest.mark.slow

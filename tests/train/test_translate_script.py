@@ -93,6 +93,19 @@ def test_bleu_only_rescores_the_checkpoint_to_the_same_bleu(lstm_run):
 
 
 @pytest.mark.slow
+def test_resumed_run_equals_uninterrupted_run(lstm_run, killed_run_copy, assert_same_saved_state):
+    workdir, _ = lstm_run
+    # A run killed after its step-3 checkpoint: the same workdir without step 6.
+    resumed = killed_run_copy(workdir, 6)
+    bleu_before = [r for r in read_metrics(resumed / "metrics.jsonl") if "test_bleu" in r]
+    proc = run_translate(f"--workdir={resumed}")
+    assert f"Resumed from {resumed / 'checkpoints' / '3'}" in proc.stdout
+    assert_same_saved_state(resumed, workdir, 6)
+    bleu = [r for r in read_metrics(resumed / "metrics.jsonl") if "test_bleu" in r]
+    assert len(bleu) == len(bleu_before) + 1 and bleu[-1]["step"] == 6
+
+
+@pytest.mark.slow
 def test_transformer_run(tmp_path):
     workdir = tmp_path / "run"
     proc = run_translate(f"--workdir={workdir}", config=f"{TINY}:transformer")
