@@ -12,6 +12,10 @@ Sections (each prints a table):
    the whole context for every token (jaxattn without a cache, and nanoGPT's ``generate``
    loop in PyTorch, which has no cache).
 3. compile time of the jitted train step at depth 4 vs 48 (layers are a ``lax.scan``).
+4. matmul: the dense-layer products of one train step (forward ``x W``, input gradient
+   ``dy Wᵀ``, weight gradient ``xᵀ dy``; the three query/key/value products in one call),
+   XLA:CPU against ``torch.mm``: milliseconds, GFLOP/s and cores used (process CPU time /
+   wall time), and their sum over the step: the floor that model code cannot lower.
 
 Step times are medians after warm-up; both frameworks see the same machine at the same
 time, so compare ratios within one run.
@@ -33,7 +37,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-# The configs import their shared parts as ``configs.*`` (train/ is on the scripts' path).
+# The configs import their shared parts as ``configs.*`` (train/ is on the scripts' path);
+# the repository root makes ``benchmarks.torch_nanogpt`` importable however this file runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
 from configs import shakespeare_char_cpu
@@ -56,6 +62,15 @@ def machine() -> str:
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} cores"
+
+
+def _torch():
+    """The torch module, or None when PyTorch is not installed (its rows are then left out)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
 
 
 def timed(fn, repeats: int) -> float:
@@ -106,12 +121,11 @@ def bench_train_step(run, repeats: int) -> list[tuple[str, float]]:
         jax_once()
     rows = [("jaxattn (jit, XLA:CPU)", timed(jax_once, repeats))]
 
-    try:
-        import torch
-
-        from benchmarks.torch_nanogpt import NanoGPT, make_optimizer
-    except ImportError:
+    torch = _torch()
+    if torch is None:
         return rows
+    from benchmarks.torch_nanogpt import NanoGPT, make_optimizer
+
     torch.manual_seed(0)
     net = NanoGPT(VOCAB, model.block_size, model.num_layers, model.num_heads, model.embed_dim)
     opt = make_optimizer(net, run.learning_rate, run.weight_decay, (run.b1, run.b2))
@@ -175,12 +189,11 @@ def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, floa
         ("jaxattn generate, KV cache", timed(cached, repeats)),
         ("jaxattn, full forward per token", timed(uncached, repeats)),
     ]
-    try:
-        import torch
-
-        from benchmarks.torch_nanogpt import NanoGPT
-    except ImportError:
+    torch = _torch()
+    if torch is None:
         return rows
+    from benchmarks.torch_nanogpt import NanoGPT
+
     net = NanoGPT(VOCAB, model.block_size, model.num_layers, model.num_heads, model.embed_dim)
     net.eval()
 
@@ -218,10 +231,73 @@ def bench_compile(run) -> list[tuple[str, float]]:
     return rows
 
 
+def bench_matmul(run, repeats: int) -> list[tuple[str, int, int, float, float, float, float]]:
+    """Time each dense-layer product of one step.
+
+    The queries, keys and values are three independent products (``GPTWeights`` keeps
+    ``w_q, w_k, w_v`` apart); their row times all three in one call, as one jitted step
+    leaves XLA free to run them side by side, and PyTorch's runs them one after another.
+
+    Returns rows (name, count per step, flops, jax s, jax cores, torch s, torch cores);
+    ``count`` is how often the row's call occurs in one step.
+    """
+    m, d = run.batch_size * run.model.block_size, run.model.embed_dim
+    layers = run.model.num_layers
+    f = 4 * d  # mlp_ratio 4
+    # (name, rows, contracted, cols, transposed lhs, independent products, count per step)
+    shapes = []
+    for name, k, n, parts in (
+        ("q, k, v", d, d, 3),
+        ("attn out", d, d, 1),
+        ("mlp up", d, f, 1),
+        ("mlp down", f, d, 1),
+    ):
+        times = f"{parts} x " if parts > 1 else ""
+        shapes += [
+            (f"{name}: x W, {times}[{m}x{k}]·[{k}x{n}]", m, k, n, False, parts, layers),
+            (f"{name}: dy Wᵀ, {times}[{m}x{n}]·[{n}x{k}]", m, n, k, False, parts, layers),
+            (f"{name}: xᵀ dy, {times}[{k}x{m}]·[{m}x{n}]", k, m, n, True, parts, layers),
+        ]
+    rng = np.random.default_rng(0)
+    torch = _torch()
+    rows = []
+    for name, rows_, inner, cols, transposed, parts, count in shapes:
+        lhs_shape = (inner, rows_) if transposed else (rows_, inner)
+        lhs = [rng.standard_normal(lhs_shape, np.float32) for _ in range(parts)]
+        rhs = [rng.standard_normal((inner, cols), np.float32) for _ in range(parts)]
+        dims = (((0,), (0,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+        fn = jax.jit(
+            lambda xs, ys, dims=dims: [jax.lax.dot_general(x, y, dims) for x, y in zip(xs, ys)]
+        )
+        ja, jb = [jnp.asarray(x) for x in lhs], [jnp.asarray(y) for y in rhs]
+        jax_s, jax_cores = timed_cores(
+            lambda fn=fn, ja=ja, jb=jb: jax.block_until_ready(fn(ja, jb)), repeats
+        )
+        torch_s = torch_cores = float("nan")
+        if torch is not None:
+            # The transposed lhs is a strided view, as autograd passes it.
+            ta = [torch.from_numpy(x).T if transposed else torch.from_numpy(x) for x in lhs]
+            tb = [torch.from_numpy(y) for y in rhs]
+            torch_s, torch_cores = timed_cores(
+                lambda ta=ta, tb=tb: [torch.mm(x, y) for x, y in zip(ta, tb)], repeats
+            )
+        flops = 2 * rows_ * inner * cols * parts
+        rows.append((name, count, flops, jax_s, jax_cores, torch_s, torch_cores))
+    return rows
+
+
+def timed_cores(fn, repeats: int) -> tuple[float, float]:
+    """(median wall seconds, cores used = process CPU time / wall time over the calls)."""
+    fn()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    median = timed(fn, repeats)
+    return median, (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--sections", default="train,generate,compile")
+    parser.add_argument("--sections", default="train,generate,compile,matmul")
     args = parser.parse_args()
     repeats = 10 if args.quick else 50
     run = shakespeare_char_cpu.get_config()
@@ -261,6 +337,23 @@ def main() -> None:
         print("|---|---|---|")
         for name, sec in rows:
             print(f"| {name} | {sec:.2f} | {sec / rows[0][1]:.2f}x |")
+    if "matmul" in sections:
+        rows = bench_matmul(run, repeats)
+        print("\n## matmul: the dense-layer products of one train step, float32")
+        print(
+            "| products | per step | XLA:CPU ms | GFLOP/s | cores | torch.mm ms | GFLOP/s | cores |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        totals = [0.0, 0.0]
+        for name, count, flops, jax_s, jax_cores, torch_s, torch_cores in rows:
+            totals[0] += count * jax_s
+            totals[1] += count * torch_s
+            print(
+                f"| {name} | {count} | {jax_s * 1e3:.2f} | {flops / jax_s / 1e9:.0f} "
+                f"| {jax_cores:.1f} | {torch_s * 1e3:.2f} | {flops / torch_s / 1e9:.0f} "
+                f"| {torch_cores:.1f} |"
+            )
+        print(f"| sum over one step | | {totals[0] * 1e3:.1f} | | | {totals[1] * 1e3:.1f} | | |")
 
 
 if __name__ == "__main__":
