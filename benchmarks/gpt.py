@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import statistics
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,24 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
 from configs import shakespeare_char_cpu
 
+from benchmarks.attention import machine  # shared helpers
+from benchmarks.attention import timed as timed_stats
 from jaxattn.models import gpt
 from jaxattn.training.loop import make_train_step
 from jaxattn.training.optim import optimizer_from_config
 from jaxattn.training.state import create_train_state
 
 VOCAB = 65  # tinyshakespeare's characters
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def _torch():
@@ -74,13 +62,9 @@ def _torch():
 
 
 def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` (which must block until its result is ready)."""
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    """Median seconds of ``repeats`` calls of ``fn()`` (which must block until its result
+    is ready), after one warm-up call."""
+    return timed_stats(fn, repeats, slow=math.inf, quiet=0.0)[0]
 
 
 def model_config(run: ml_collections.ConfigDict, **changes) -> gpt.GPTConfig:
@@ -287,8 +271,13 @@ def bench_matmul(run, repeats: int) -> list[tuple[str, int, int, float, float, f
 
 
 def timed_cores(fn, repeats: int) -> tuple[float, float]:
-    """(median wall seconds, cores used = process CPU time / wall time over the calls)."""
-    fn()
+    """(median wall seconds, cores used = process CPU time / wall time over all the calls).
+
+    The ratio is taken over the whole span, as in the tables of benchmarks/README.md. Per
+    call it differs for PyTorch (1.0 against 1.9 over the span): its OpenMP threads may
+    spin between calls, or their CPU time may lag within a sub-millisecond call.
+    """
+    fn()  # Compile outside the span.
     wall0, cpu0 = time.perf_counter(), time.process_time()
     median = timed(fn, repeats)
     return median, (time.process_time() - cpu0) / (time.perf_counter() - wall0)
@@ -302,10 +291,7 @@ def main() -> None:
     repeats = 10 if args.quick else 50
     run = shakespeare_char_cpu.get_config()
     sections = args.sections.split(",")
-    print(
-        f"# GPT benchmarks — {machine()}, jax {jax.__version__} ({jax.default_backend()}), "
-        f"{datetime.date.today()}"
-    )
+    print(f"# GPT benchmarks — {machine()}, jax {jax.__version__}, {datetime.date.today()}")
     tokens = run.batch_size * run.model.block_size
     if "train" in sections:
         rows = bench_train_step(run, repeats)
