@@ -48,6 +48,7 @@ from jaxattn.training.loop import (
     make_eval_step,
     make_train_step,
 )
+from jaxattn.training.metrics import MetricsWriter
 from jaxattn.training.optim import optimizer_from_config
 from jaxattn.training.state import create_train_state
 
@@ -245,8 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         return  # Process 0 decodes the test set and reports.
     t0 = time.perf_counter()
     bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)
-    with open(workdir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": result.step, "test_bleu": bleu}) + "\n")
+    record_test_bleu(workdir, result.step, bleu)
     print(f"Done: step {result.step}, test BLEU {bleu:.2f} on {len(hyps)} sentences "
           f"({time.perf_counter() - t0:.1f} s to decode)")  # fmt: skip
     for (s, r), h in list(zip(test_pairs, hyps))[:3]:
@@ -269,6 +269,12 @@ def _restore(workdir: Path):
     return config, kind, model, state.params, int(state.step), sp
 
 
+def record_test_bleu(workdir: Path, step: int, bleu: float) -> None:
+    """Append ``{"step": step, "time": ..., "test_bleu": bleu}`` to ``DIR/metrics.jsonl``."""
+    with MetricsWriter(workdir, tensorboard=False) as writer:
+        writer.write(step, {"test_bleu": bleu})
+
+
 def translate_only(workdir: Path, sentences: list[str]) -> None:
     """Load the latest checkpoint in ``workdir`` and print a translation per sentence."""
     config, kind, model, params, _, sp = _restore(workdir)
@@ -285,8 +291,7 @@ def bleu_only(workdir: Path) -> None:
     split = td.split_pairs(td.load_pairs(config.data_path), seed=config.split_seed)
     test_pairs = split.test[: config.max_test_examples or None]
     bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)
-    with open(workdir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "test_bleu": bleu}) + "\n")
+    record_test_bleu(workdir, step, bleu)
     print(f"step {step}: test BLEU {bleu:.2f} on {len(hyps)} sentences")
 
 
