@@ -31,7 +31,6 @@ reverse, such a row starts from its last valid step ``length - 1``.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -209,6 +208,11 @@ def lstm_scan(
     """
     carry, lengths = _check_inputs(weights, xs, carry, lengths, "lstm_scan")
     implementation = _pick(implementation, [weights], xs, [carry], "lstm_scan")
+    return _run(weights, xs, carry, lengths, reverse, implementation)
+
+
+def _run(weights, xs, carry, lengths, reverse, implementation) -> tuple[Array, Carry]:
+    """``lstm_scan`` on checked inputs with a resolved implementation."""
     if implementation == "cudnn":
         ys, (final,) = _cudnn_layer([weights], xs, [carry], lengths, reverse)
         return ys, final
@@ -294,9 +298,8 @@ def bidirectional_lstm(
     if implementation == "cudnn":
         ys, (final_f, final_b) = _cudnn_layer(list(weights), xs, [carry_f, carry_b], lengths)
         return ys, (final_f, final_b)
-    run = functools.partial(lstm_scan, xs=xs, lengths=lengths, implementation=implementation)
-    ys_f, final_f = run(weights.forward, carry=carry_f)
-    ys_b, final_b = run(weights.backward, carry=carry_b, reverse=True)
+    ys_f, final_f = _run(weights.forward, xs, carry_f, lengths, False, implementation)
+    ys_b, final_b = _run(weights.backward, xs, carry_b, lengths, True, implementation)
     return jnp.concatenate([ys_f, ys_b], axis=-1), (final_f, final_b)  # [B, T, 2h]
 
 
