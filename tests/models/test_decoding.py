@@ -47,13 +47,18 @@ def tokens_for(config: GPTConfig, shape, seed: int = 0) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["scan", "unstacked"])
 @pytest.mark.parametrize("config", [GQA, ROPE], ids=["gqa_learned", "rope"])
-def test_cached_decoding_equals_full_pass(config):
+def test_cached_decoding_equals_full_pass(config, per_layer):
     """Prefill 4 tokens in one pass, then feed 5 one at a time: same logits as ``gpt``."""
     w = random_weights(config)
     tokens = tokens_for(config, (B, 9))
     full = gpt_jit(w, tokens, config)
     cache = init_cache(config, B, config.block_size)
+    if per_layer:
+        w, cache = gpt_module.unstack_layers(w, cache)
+        assert len(w.blocks) == len(cache.k) == len(cache.v) == config.num_layers
+        assert cache.k[0].shape == (B, config.block_size, config.kv_heads, config.head_dim)
     logits, cache = decode_jit(w, tokens[:, :4], cache, config)
     pieces = [logits]
     for t in range(4, 9):
@@ -95,6 +100,11 @@ def test_cache_shapes_and_errors():
         gpt_decode(w, tokens_for(BASE, (1, 2)), cache, BASE)
     with pytest.raises(ValueError, match="do not fit"):
         gpt_decode(w, tokens_for(BASE, (2, 1)), cache, BASE)
+    per_layer_w, per_layer_cache = gpt_module.unstack_layers(w, cache)
+    with pytest.raises(ValueError, match="overflows"):
+        gpt_decode(per_layer_w, tokens_for(BASE, (1, 2)), per_layer_cache, BASE)
+    with pytest.raises(ValueError, match="both be stacked or both per layer"):
+        gpt_decode(per_layer_w, tokens_for(BASE, (1, 1)), cache, BASE)
 
 
 # --------------------------------------------------------------------------------------
@@ -208,7 +218,11 @@ def _reference_greedy(w, prompt, n, config):
     return seq
 
 
-@pytest.mark.parametrize("config", [BASE, ROPE], ids=["base", "rope"])
+# DEEP is past generate's unrolling depth, so its decode step keeps the layer scan.
+DEEP = dataclasses.replace(BASE, num_layers=gpt_module._UNROLLED_DECODE_MAX_LAYERS + 1)
+
+
+@pytest.mark.parametrize("config", [BASE, ROPE, DEEP], ids=["base", "rope", "deep"])
 def test_greedy_generate_equals_repeated_full_passes(config):
     w = random_weights(config, seed=2)
     prompt = tokens_for(config, (B, 3), seed=3)
@@ -218,6 +232,25 @@ def test_greedy_generate_equals_repeated_full_passes(config):
     if config is BASE:  # top_k=1 sampling is greedy too, whatever the key.
         top1 = gpt_module.generate(w, config, prompt, 6, rng=key(7), top_k=1)
         np.testing.assert_array_equal(top1, out)
+
+
+def test_sampled_generate_equals_sample_logits_step_by_step():
+    """generate draws token i with key i of ``split(rng, n)``, exactly as sample_logits.
+
+    With threefry keys (the default): generate draws the noise of all steps with one
+    ``vmap``, which for rbg keys gives other (equally random) numbers than one at a time.
+    """
+    w = random_weights(ROPE, seed=5)
+    prompt = tokens_for(ROPE, (B, 3), seed=6)
+    settings = dict(temperature=0.8, top_k=6, top_p=0.95)
+    rng = jax.random.key(4)
+    out = gpt_module.generate(w, ROPE, prompt, 5, rng=rng, **settings)
+    seq = np.zeros((B, 8), np.int32)
+    seq[:, :3] = prompt
+    for i, step_key in enumerate(jax.random.split(rng, 5)):
+        logits = gpt_jit(w, jnp.asarray(seq), ROPE)[:, 2 + i]
+        seq[:, 3 + i] = decoding.sample_logits(step_key, logits, **settings)
+    np.testing.assert_array_equal(out, seq)
 
 
 def test_sampled_generate():
