@@ -8,9 +8,10 @@ Sections (each prints a table):
    ``shakespeare_char_cpu`` model, batch 12 x 64 tokens: median ms and tokens/s for jaxattn
    (the same jitted step ``train/lm.py`` runs) and for nanoGPT's model in PyTorch
    (``benchmarks/torch_nanogpt.py``), and the projected 2000-step training time.
-2. generation: tokens/s at batch 1, jaxattn's KV-cache ``generate`` against regenerating
-   the whole context for every token (jaxattn without a cache, and nanoGPT's ``generate``
-   loop in PyTorch, which has no cache).
+2. generation: tokens/s at batch 1, jaxattn's KV-cache ``generate`` (with
+   ``unroll_layers=True`` and with the default layer scan) against regenerating the whole
+   context for every token (jaxattn without a cache, and nanoGPT's ``generate`` loop in
+   PyTorch, which has no cache); each row's time over each cache's.
 3. compile time of the jitted train step at depth 4 vs 48 (layers are a ``lax.scan``).
 4. matmul: the dense-layer products of one train step (forward ``x W``, input gradient
    ``dy Wᵀ``, weight gradient ``xᵀ dy``; the three query/key/value products in one call),
@@ -144,8 +145,14 @@ def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, floa
     prompt = jnp.zeros((1, 1), jnp.int32)
     rng = jax.random.key(3)
 
-    def cached():
-        jax.block_until_ready(gpt.generate(weights, model, prompt, new_tokens, rng=rng, top_k=200))
+    def cached(unroll_layers=False):
+        out = gpt.generate(
+            weights, model, prompt, new_tokens, rng=rng, top_k=200, unroll_layers=unroll_layers
+        )
+        jax.block_until_ready(out)
+
+    def cached_unrolled():
+        cached(unroll_layers=True)
 
     # Without a cache: a full causal forward pass over the whole (fixed-size, right-padded)
     # context for every new token, as nanoGPT's generate does; causality makes the padding
@@ -168,9 +175,11 @@ def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, floa
         jax.block_until_ready(full_pass_generate(weights, rng))
 
     cached()
+    cached_unrolled()
     uncached()
     rows = [
-        ("jaxattn generate, KV cache", timed(cached, repeats)),
+        ("jaxattn generate, KV cache, unroll_layers=True", timed(cached_unrolled, repeats)),
+        ("jaxattn generate, KV cache (layer scan, the default)", timed(cached, repeats)),
         ("jaxattn, full forward per token", timed(uncached, repeats)),
     ]
     torch = _torch()
@@ -310,12 +319,15 @@ def main() -> None:
     if "generate" in sections:
         new = run.model.block_size - 1
         rows = bench_generation(run, new, max(3, repeats // 5))
-        cached = rows[0][1]
+        unrolled, scanned = rows[0][1], rows[1][1]
         print(f"\n## generation: batch 1, {new} new tokens (context {run.model.block_size})")
-        print("| implementation | tokens/s | KV cache speed-up |")
-        print("|---|---|---|")
+        print("| implementation | tokens/s | µs/token | ÷ unrolled cache | ÷ scan cache |")
+        print("|---|---|---|---|---|")
         for name, sec in rows:
-            print(f"| {name} | {new / sec:,.0f} | {sec / cached:.1f}x |")
+            print(
+                f"| {name} | {new / sec:,.0f} | {sec / new * 1e6:.0f} | {sec / unrolled:.1f}x "
+                f"| {sec / scanned:.1f}x |"
+            )
     if "compile" in sections:
         rows = bench_compile(run)
         print("\n## compile time (layers scanned)")

@@ -9,9 +9,9 @@ heads, H head dim, D model dim, F MLP width, V vocab.
 
 The blocks' weights are stacked along a leading layer axis ``[L, ...]`` and run with
 ``lax.scan``, so compile time does not grow with depth. One block function serves both the
-full causal pass (``gpt``) and cached decoding (``gpt_decode``). ``generate`` unrolls the
-layers of shallow models instead (``unstack_layers``): at batch 1 that halves the time per
-token on CPU.
+full causal pass (``gpt``) and cached decoding (``gpt_decode``). ``generate`` can unroll
+the layers instead (``unroll_layers=True``, ``unstack_layers``): slower to compile, but at
+batch 1 it halves the time per token on CPU.
 """
 
 from __future__ import annotations
@@ -67,9 +67,6 @@ _DTYPES = ("float32", "bfloat16")
 # nanoGPT-sized CPU step ~1.6x slower. Attention logits (dots with batch dims) are recomputed
 # too, so no [B, N, T, S] tensor is stored per layer.
 _SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-# generate unrolls the decode step's layers up to this depth (see unstack_layers); deeper
-# models keep the layer scan, so the decode step's compile time stays flat in depth.
-_UNROLLED_DECODE_MAX_LAYERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -467,8 +464,7 @@ def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVC
     matrix-vector product. For the 4-layer Shakespeare model at batch 1 that copying was
     about half the time per token (``benchmarks/gpt.py``, generation). The price is a
     decode step whose compile time grows with depth: ``generate`` for that model compiled
-    in 2.9 s instead of 1.5 s, so it unrolls only models of up to
-    ``_UNROLLED_DECODE_MAX_LAYERS`` layers.
+    in 2.9 s instead of 1.5 s.
 
     Returns:
       ``(weights with blocks: tuple of L BlockWeights, KVCache(k, v: tuples of L
@@ -548,14 +544,18 @@ def gpt_decode(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p")
-)
-def _generate_jit(weights, prompt, rng, config, max_new_tokens, temperature, top_k, top_p):
+    jax.jit,
+    static_argnames=(
+        "config", "max_new_tokens", "temperature", "top_k", "top_p", "unroll_layers"
+    ),
+)  # fmt: skip
+def _generate_jit(
+    weights, prompt, rng, config, max_new_tokens, temperature, top_k, top_p, unroll_layers
+):
     cache = init_cache(config, prompt.shape[0], prompt.shape[1] + max_new_tokens)
-    # Cast once here rather than on every token, and slice the layers out of their stack
-    # before the token loop (see unstack_layers).
+    # Cast once here rather than on every token.
     weights = _cast(weights, config.compute_dtype)
-    if config.num_layers <= _UNROLLED_DECODE_MAX_LAYERS:
+    if unroll_layers:  # slice the layers out of their stack before the token loop
         weights, cache = unstack_layers(weights, cache)
     return decoding.generate(
         lambda toks, c: gpt_decode(weights, toks, c, config),
@@ -579,15 +579,22 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    unroll_layers: bool = False,
 ) -> Array:
     """Continue ``prompt`` by ``max_new_tokens`` sampled tokens (temperature 0 = greedy).
 
-    Compiled once per (prompt shape, max_new_tokens, sampling settings, config): the prompt
-    is prefilled in one pass, then one token per ``lax.scan`` step against the KV cache.
+    Compiled once per (prompt shape, max_new_tokens, sampling settings, config,
+    unroll_layers): the prompt is prefilled in one pass, then one token per ``lax.scan``
+    step against the KV cache.
 
     Args:
       prompt: ``[B, T0]`` ids; ``T0 + max_new_tokens <= block_size``.
       rng: sampling key.
+      unroll_layers: run each token's layers unrolled (``unstack_layers``) instead of as a
+        layer scan. On CPU at batch 1 about 2x faster per token (4-layer Shakespeare model:
+        ~100 instead of ~220 us), but slower to compile (2.9 s instead of 1.5 s) and
+        growing with depth. Worth it when one compiled shape serves many calls (serving,
+        benchmarks); the default suits a few one-off samples.
 
     Returns:
       ``[B, T0 + max_new_tokens]`` int32: the prompt followed by the new tokens.
@@ -607,5 +614,13 @@ def generate(
     # Validate the sampling settings eagerly, before anything is traced.
     decoding.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     return _generate_jit(
-        weights, prompt.astype(jnp.int32), rng, config, max_new_tokens, temperature, top_k, top_p
+        weights,
+        prompt.astype(jnp.int32),
+        rng,
+        config,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        bool(unroll_layers),
     )

@@ -218,15 +218,14 @@ def _reference_greedy(w, prompt, n, config):
     return seq
 
 
-# DEEP is past generate's unrolling depth, so its decode step keeps the layer scan.
-DEEP = dataclasses.replace(BASE, num_layers=gpt_module._UNROLLED_DECODE_MAX_LAYERS + 1)
-
-
-@pytest.mark.parametrize("config", [BASE, ROPE, DEEP], ids=["base", "rope", "deep"])
-def test_greedy_generate_equals_repeated_full_passes(config):
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+@pytest.mark.parametrize("config", [BASE, ROPE], ids=["base", "rope"])
+def test_greedy_generate_equals_repeated_full_passes(config, unroll):
     w = random_weights(config, seed=2)
     prompt = tokens_for(config, (B, 3), seed=3)
-    out = gpt_module.generate(w, config, prompt, 6, rng=key(0), temperature=0.0)
+    out = gpt_module.generate(
+        w, config, prompt, 6, rng=key(0), temperature=0.0, unroll_layers=unroll
+    )
     assert out.shape == (B, 9) and out.dtype == jnp.int32
     np.testing.assert_array_equal(out, _reference_greedy(w, prompt, 6, config))
     if config is BASE:  # top_k=1 sampling is greedy too, whatever the key.
