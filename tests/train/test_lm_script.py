@@ -6,41 +6,16 @@ module-scoped run and are marked slow; the argument errors fail before any compi
 
 import hashlib
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from script_runs import REPO, ScriptRunner  # tests/train/script_runs.py
 
 from jaxattn.training.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "train" / "lm.py"
 TINY = REPO / "train" / "configs" / "tiny.py"
 
 
-CACHE = {}  # The module's JAX compilation cache dir: later runs reuse compiled steps.
-
-
-def run_lm(*args, check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    if "dir" in CACHE:
-        env |= {
-            "JAX_COMPILATION_CACHE_DIR": str(CACHE["dir"]),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        }
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), f"--config={TINY}", "--noprogress", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lm.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+run_lm = ScriptRunner("lm.py", TINY)
 
 
 def snapshot(directory):
@@ -54,7 +29,7 @@ def snapshot(directory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One 8-step tiny run: (workdir, completed process)."""
-    CACHE["dir"] = tmp_path_factory.mktemp("jax_cache")
+    run_lm.cache_dir = tmp_path_factory.mktemp("jax_cache")
     workdir = tmp_path_factory.mktemp("lm") / "run"
     return workdir, run_lm(f"--workdir={workdir}", "--sample_tokens=12", "--num_samples=2")
 
@@ -124,7 +99,7 @@ def test_incompatible_checkpoint_is_an_error_and_nothing_is_overwritten(trained)
 
 
 def _load_lm_module():
-    spec = importlib.util.spec_from_file_location("lm_script", SCRIPT)
+    spec = importlib.util.spec_from_file_location("lm_script", run_lm.script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # Defines the script's absl flags once in this process.
     return module

@@ -4,47 +4,20 @@ Each training run takes tens of seconds (XLA compiling the train step and the de
 so they are module-scoped and marked slow; the argument errors fail before any compile.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from script_runs import REPO, ScriptRunner  # tests/train/script_runs.py
 
 from jaxattn.training.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "train" / "translate.py"
 TINY = REPO / "train" / "configs" / "translate_tiny.py"
 
 
-CACHE = {}  # The module's JAX compilation cache dir: later runs reuse compiled functions.
-
-
-def run_translate(*args, config=str(TINY), check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    if "dir" in CACHE:
-        env |= {
-            "JAX_COMPILATION_CACHE_DIR": str(CACHE["dir"]),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        }
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), f"--config={config}", "--noprogress", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        code = proc.returncode
-        raise AssertionError(f"translate.py failed ({code}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+run_translate = ScriptRunner("translate.py", TINY)
 
 
 @pytest.fixture(scope="module")
 def lstm_run(tmp_path_factory):
-    CACHE["dir"] = tmp_path_factory.mktemp("jax_cache")
+    run_translate.cache_dir = tmp_path_factory.mktemp("jax_cache")
     workdir = tmp_path_factory.mktemp("lstm") / "run"
     return workdir, run_translate(f"--workdir={workdir}")
 

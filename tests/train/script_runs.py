@@ -1,0 +1,44 @@
+"""Run a ``train/`` script as a user does: a subprocess on the CPU with one config."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class ScriptRunner:
+    """``runner(*flags, config=None, check=True)`` runs ``train/<script>`` with ``--noprogress``.
+
+    Set ``cache_dir`` (the first run's fixture does) and later runs reuse the compiled
+    functions of earlier ones through JAX's persistent compilation cache.
+    """
+
+    def __init__(self, script: str, config: Path):
+        self.script = REPO / "train" / script
+        self.config = config
+        self.cache_dir: Path | None = None
+
+    def __call__(self, *args, config=None, check=True) -> subprocess.CompletedProcess:
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        if self.cache_dir is not None:
+            env |= {
+                "JAX_COMPILATION_CACHE_DIR": str(self.cache_dir),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            }
+        config = self.config if config is None else config
+        proc = subprocess.run(
+            [sys.executable, str(self.script), f"--config={config}", "--noprogress"]
+            + [str(a) for a in args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=600,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{self.script.name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
