@@ -98,3 +98,81 @@ def learning_rate(step: int, lr: float, min_lr: float, warmup: int, decay_steps:
         return min_lr
     ratio = (step - warmup) / (decay_steps - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def train_run(
+    text_path: str,
+    *,
+    steps: int = 2000,
+    eval_every: int = 250,
+    eval_iters: int = 20,
+    batch_size: int = 12,
+    block_size: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    dim: int = 128,
+    lr: float = 1e-3,
+    min_lr: float = 1e-4,
+    warmup: int = 100,
+    lr_decay_steps: int = 2000,
+    checkpoint_path: str | None = None,
+    seed: int = 1337,
+) -> float:
+    """nanoGPT's character-level training run, as its train.py does it on a CPU.
+
+    The defaults are its CPU Shakespeare command (``--device=cpu --compile=False
+    --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4
+    --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0``): 90/10 split of
+    the characters, batches of random windows, evaluation of both splits every
+    ``eval_every`` steps and at the end (and a checkpoint when val loss improves), the
+    loss fetched every step for the log. Returns the val loss at ``steps``.
+    """
+    import numpy as np
+
+    torch.manual_seed(seed)
+    with open(text_path, encoding="utf-8") as f:
+        text = f.read()
+    chars = sorted(set(text))
+    index = {c: i for i, c in enumerate(chars)}
+    data = np.array([index[c] for c in text], dtype=np.int64)
+    split = int(0.9 * len(data))
+    splits = {"train": torch.from_numpy(data[:split]), "val": torch.from_numpy(data[split:])}
+
+    def batch(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        d = splits[name]
+        starts = torch.randint(len(d) - block_size, (batch_size,))
+        x = torch.stack([d[s : s + block_size] for s in starts])
+        y = torch.stack([d[s + 1 : s + 1 + block_size] for s in starts])
+        return x, y
+
+    model = NanoGPT(len(chars), block_size, layers, heads, dim)
+    opt = make_optimizer(model, lr, 0.1, (0.9, 0.99))
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        out = {name: float(np.mean([model(*batch(name)).item() for _ in range(eval_iters)]))
+               for name in splits}  # fmt: skip
+        model.train()
+        return out
+
+    best, val = math.inf, math.nan
+    for step in range(steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, lr, min_lr, warmup, lr_decay_steps)
+        if step % eval_every == 0 or step == steps:
+            val = evaluate()["val"]
+            if val < best:
+                best = val
+                if step > 0 and checkpoint_path:
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict()},
+                               checkpoint_path)  # fmt: skip
+        if step == steps:
+            break
+        loss = model(*batch("train"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # log_interval=1: the loss is fetched every step
+    return val

@@ -1,0 +1,74 @@
+"""The whole Shakespeare job, jaxattn against nanoGPT in PyTorch, each as a user runs it.
+
+    python benchmarks/whole_run.py           # both runs, one after the other (~5 min)
+    python benchmarks/whole_run.py --steps 200   # a shorter check
+
+Runs ``python train/lm.py --config=train/configs/shakespeare_char_cpu.py --noprogress`` in a
+fresh process and times it from start to exit: imports, data, compilation, 2000 steps,
+nine evaluations, checkpoints and the two 500-character samples it prints. Then, when torch
+is installed, the same job in nanoGPT's way (``torch_nanogpt.train_run``: its train.py loop
+with the same config, evaluating both splits and checkpointing on improvement, no
+samples), also in a fresh process. Prints the wall time and final val loss of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.attention import machine  # noqa: E402
+
+TEXT = REPO / "jaxattn" / "data" / "tinyshakespeare.txt"
+
+
+def run(cmd: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return seconds, proc.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--torch-run", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.torch_run:  # the child process of the PyTorch row
+        from benchmarks.torch_nanogpt import train_run
+
+        with tempfile.TemporaryDirectory() as tmp:
+            val = train_run(str(TEXT), steps=args.steps, checkpoint_path=f"{tmp}/ckpt.pt")
+        print(f"val loss {val:.4f}")
+        return
+
+    print(f"# Whole Shakespeare run — {machine()}, {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    print(f"\n| job | wall s | val loss at step {args.steps} |\n|---|---|---|")
+    with tempfile.TemporaryDirectory() as workdir:
+        seconds, out = run(
+            [sys.executable, "train/lm.py", "--config=train/configs/shakespeare_char_cpu.py",
+             f"--workdir={workdir}", "--noprogress", f"--config.num_steps={args.steps}"]
+        )  # fmt: skip
+    val = re.search(r"Done: step \d+, val loss ([\d.]+)", out).group(1)
+    print(f"| jaxattn `train/lm.py` (with its samples) | {seconds:.0f} | {val} |", flush=True)
+    try:
+        import torch
+    except ImportError:
+        return
+    seconds, out = run([sys.executable, __file__, "--torch-run", f"--steps={args.steps}"])
+    val = re.search(r"val loss ([\d.]+)", out).group(1)
+    print(f"| PyTorch {torch.__version__} nanoGPT train loop | {seconds:.0f} | {val} |")
+
+
+if __name__ == "__main__":
+    main()
