@@ -79,6 +79,21 @@ def _gumbel(rng: Array, shape: tuple[int, ...]) -> Array:
     return jax.random.gumbel(rng, shape, jnp.float32)
 
 
+def _pick(
+    logits: Array,
+    noise: Array | None,
+    *,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> Array:
+    """``[B, V]`` -> ``[B]`` int32: argmax of the filtered logits plus ``noise`` (None: greedy)."""
+    if noise is None:
+        return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    logits = _filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
+
+
 def sample_logits(
     rng: Array,
     logits: Array,
@@ -110,10 +125,8 @@ def sample_logits(
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if logits.ndim != 2:
         raise ValueError(f"sample_logits: logits must be [B, V], got shape {logits.shape}")
-    if greedy or temperature == 0.0:
-        return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
-    logits = _filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return jnp.argmax(logits + _gumbel(rng, logits.shape), axis=-1).astype(jnp.int32)
+    noise = None if greedy or temperature == 0.0 else _gumbel(rng, logits.shape)
+    return _pick(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def generate(
@@ -160,8 +173,9 @@ def generate(
     )  # [B]
     # Draw every later step's noise here, in one vectorised call: inside the loop each
     # token's draw is a small threefry loop of its own, ~10 more ops per token (3-4% of
-    # the 4-layer Shakespeare model's time per token). With threefry keys token i gets
-    # the noise sample_logits(keys[i], ...) would draw, so the tokens are the same.
+    # the unrolled 4-layer Shakespeare model's time per token). With threefry keys (the
+    # default) token i gets the noise sample_logits(keys[i], ...) draws, so the tokens
+    # are the same; vmapped rbg keys draw other, equally random, numbers.
     sampled = temperature != 0.0
     noise_shape = (first.shape[0], logits.shape[-1])
     noise = jax.vmap(lambda k: _gumbel(k, noise_shape))(keys[1:]) if sampled else None
@@ -169,14 +183,8 @@ def generate(
     def step(carry, step_noise):  # step_noise: [B, V] or None (greedy)
         token, cache = carry
         logits, cache = decode_fn(token[:, None], cache)
-        if not sampled:
-            nxt = jnp.argmax(logits[:, -1].astype(jnp.float32), axis=-1)
-        else:
-            filtered = _filter_logits(
-                logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p
-            )
-            nxt = jnp.argmax(filtered + step_noise, axis=-1)
-        return (nxt.astype(jnp.int32), cache), token
+        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        return (_pick(logits[:, -1], step_noise, **settings), cache), token
 
     length = max_new_tokens - 1
     (last, _), fed = jax.lax.scan(step, (first, cache), noise, length=length)  # fed: [n-1, B]

@@ -505,6 +505,11 @@ def gpt_decode(
             "gpt_decode: weights and cache must both be stacked or both per layer "
             "(unstack_layers splits both)"
         )
+    if per_layer and not len(weights.blocks) == len(cache.k) == len(cache.v):
+        raise ValueError(
+            f"gpt_decode: {len(weights.blocks)} layers of weights but a cache of "
+            f"{len(cache.k)} (k) and {len(cache.v)} (v) layers"
+        )
     b, s = cache.k[0].shape[:2] if per_layer else cache.k.shape[1:3]
     t = tokens.shape[1]
     if tokens.shape[0] != b or t > s:

@@ -105,6 +105,9 @@ def test_cache_shapes_and_errors():
         gpt_decode(per_layer_w, tokens_for(BASE, (1, 2)), per_layer_cache, BASE)
     with pytest.raises(ValueError, match="both be stacked or both per layer"):
         gpt_decode(per_layer_w, tokens_for(BASE, (1, 1)), cache, BASE)
+    short_cache = per_layer_cache._replace(k=per_layer_cache.k[:1], v=per_layer_cache.v[:1])
+    with pytest.raises(ValueError, match="2 layers of weights but a cache of 1"):
+        gpt_decode(per_layer_w, tokens_for(BASE, (1, 1)), short_cache, BASE)
 
 
 # --------------------------------------------------------------------------------------
