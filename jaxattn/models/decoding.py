@@ -166,11 +166,10 @@ def generate(
     if max_new_tokens == 0:
         return prompt
 
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     keys = jax.random.split(rng, max_new_tokens)
     logits, cache = decode_fn(prompt, cache)  # [B, T0, V]
-    first = sample_logits(
-        keys[0], logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p
-    )  # [B]
+    first = sample_logits(keys[0], logits[:, -1], **settings)  # [B]
     # Draw every later step's noise here, in one vectorised call: inside the loop each
     # token's draw is a small threefry loop of its own, ~10 more ops per token (3-4% of
     # the unrolled 4-layer Shakespeare model's time per token). With threefry keys (the
@@ -183,7 +182,6 @@ def generate(
     def step(carry, step_noise):  # step_noise: [B, V] or None (greedy)
         token, cache = carry
         logits, cache = decode_fn(token[:, None], cache)
-        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         return (_pick(logits[:, -1], step_noise, **settings), cache), token
 
     length = max_new_tokens - 1
