@@ -180,40 +180,39 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
 IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "pallas")
 
 
-def _grouped(x: Array | None, num_kv_heads: int) -> Array | None:
-    """``[b, N | 1, t, s]`` -> ``[b, K | 1, G | 1, t, s]`` matching the grouped logits."""
-    if x is None:
-        return None
-    b, n, t, s = x.shape
-    if n == 1:
-        return x[:, :, None]  # [b, 1, 1, t, s]
-    return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)  # [b, K, G, t, s]
-
-
-def _grouped_probs(q, k, mask, bias, is_causal, scale) -> Array:
-    """The one formula: ``softmax(scale q kᵀ + bias, mask)`` -> float32 ``[B, K, G, T, S]``."""
+def _probs(q, k, mask, bias, is_causal, scale) -> Array:
+    """The one formula: ``softmax(scale q kᵀ + bias, mask)`` -> float32 ``[B, N, T, S]``."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]: head n = k * G + g
     # Accumulate in float32 even for bf16 inputs; softmax needs the precision.
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    if n == kh:
+        # No group axis: XLA:CPU runs this ~20% faster (fwd+bwd) than the same product
+        # with a size-1 group axis, and it is the common case.
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    else:
+        # GQA groups the query heads instead of repeating k/v in memory: head n = k * G + g.
+        qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+        logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+        logits = logits.reshape(b, n, t, s)  # [B, N, T, S]
     scale = 1.0 / math.sqrt(h) if scale is None else scale
-    logits = logits * jnp.asarray(scale, jnp.float32)  # [B, K, G, T, S]
+    logits = logits * jnp.asarray(scale, jnp.float32)  # [B, N, T, S]
     if bias is not None:
-        logits = logits + _grouped(bias.astype(jnp.float32), kh)
-    mask = combine_masks(_grouped(mask, kh), causal_mask(t, s)[:, :, None] if is_causal else None)
-    return masked_softmax(logits, mask)  # [B, K, G, T, S]
+        logits = logits + bias.astype(jnp.float32)
+    mask = combine_masks(mask, causal_mask(t, s) if is_causal else None)
+    return masked_softmax(logits, mask)  # [B, N, T, S]
 
 
 def _attention_xla_core(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
-    """Reference einsum path -> (out ``[B, T, N, Hv]``, pre-dropout probs ``[B, K, G, T, S]``).
-
-    GQA groups the query heads instead of repeating k/v in memory.
-    """
+    """Reference einsum path -> (out ``[B, T, N, Hv]``, pre-dropout probs ``[B, N, T, S]``)."""
     b, t, n, _ = q.shape
-    probs = _grouped_probs(q, k, mask, bias, is_causal, scale)  # [B, K, G, T, S]
+    kh = k.shape[2]
+    probs = _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]
     p = dropout(dropout_rng, probs, dropout_rate) if dropout_rate > 0.0 else probs
-    out = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v)  # [B, T, K, G, Hv]
+    p = p.astype(v.dtype)
+    if n == kh:
+        return jnp.einsum("bnts,bsnh->btnh", p, v), probs  # [B, T, N, Hv]
+    pg = p.reshape(b, kh, n // kh, t, -1)  # [B, K, G, T, S]
+    out = jnp.einsum("bkgts,bskh->btkgh", pg, v)  # [B, T, K, G, Hv]
     return out.reshape(b, t, n, v.shape[-1]), probs  # [B, T, N, Hv]
 
 
@@ -426,9 +425,7 @@ def attention_weights(
     """
     q, k = jnp.asarray(q), jnp.asarray(k)
     mask, bias = check_attention_inputs("attention_weights", q, k, k, mask, bias)
-    b, t, n, _ = q.shape
-    probs = _grouped_probs(q, k, mask, bias, is_causal, scale)  # [B, K, G, T, S]
-    return probs.reshape(b, n, t, k.shape[1])  # [B, N, T, S]
+    return _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]
 
 
 # ----------------------------------------------------------------------------------------
@@ -599,5 +596,4 @@ def multi_head_attention(
         return project_output(weights, context)
     mask, bias = check_attention_inputs("multi_head_attention", q, k, v, mask, bias)
     context, probs = _attention_xla_core(q, k, v, mask, bias, is_causal, None, rate, rng)
-    b, kh, g, t, s = probs.shape
-    return project_output(weights, context), probs.reshape(b, kh * g, t, s)  # [B, N, T, S]
+    return project_output(weights, context), probs  # probs: [B, N, T, S]
