@@ -18,7 +18,8 @@ Sections (each prints a table):
    XLA:CPU against ``torch.mm``: milliseconds, GFLOP/s and cores used (process CPU time /
    wall time), and their sum over the step: the floor that model code cannot lower.
 
-Step times are medians after warm-up; both frameworks see the same machine at the same
+Step times are medians after warm-up; the two train steps are timed in alternation, and all
+rows of a section run in the same process on the same machine at the same
 time, so compare ratios within one run.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,6 +70,22 @@ def timed(fn, repeats: int) -> float:
     return timed_stats(fn, repeats, slow=math.inf, quiet=0.0)[0]
 
 
+def timed_interleaved(fns, repeats: int, block: int = 10) -> list[float]:
+    """Median seconds of ``repeats`` calls of each of ``fns``, taken in alternating blocks of
+    ``block`` calls; the first call of each block is a warm-up and is not counted (PyTorch's
+    OpenMP threads may still spin from its previous call). Each ``fn()`` must block until
+    its result is ready."""
+    times = [[] for _ in fns]
+    while len(times[0]) < repeats:
+        for fn, samples in zip(fns, times):
+            fn()
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
+
+
 def model_config(run: ml_collections.ConfigDict, **changes) -> gpt.GPTConfig:
     return gpt.GPTConfig(vocab_size=VOCAB, **{**run.model.to_dict(), **changes})
 
@@ -104,11 +122,9 @@ def bench_train_step(run, repeats: int) -> list[tuple[str, float]]:
 
     for _ in range(5):
         jax_once()
-    rows = [("jaxattn (jit, XLA:CPU)", timed(jax_once, repeats))]
-
     torch = _torch()
     if torch is None:
-        return rows
+        return [("jaxattn (jit, XLA:CPU)", timed(jax_once, repeats))]
     from benchmarks.torch_nanogpt import NanoGPT, make_optimizer
 
     torch.manual_seed(0)
@@ -135,8 +151,13 @@ def bench_train_step(run, repeats: int) -> list[tuple[str, float]]:
 
     for _ in range(5):
         torch_once()
-    rows.append((f"PyTorch {torch.__version__} nanoGPT (eager)", timed(torch_once, repeats)))
-    return rows
+    # Alternate the two steps so that both see the same load: on a shared machine the load
+    # moves the medians of two back-to-back runs by more than the difference between them.
+    jax_s, torch_s = timed_interleaved([jax_once, torch_once], repeats)
+    return [
+        ("jaxattn (jit, XLA:CPU)", jax_s),
+        (f"PyTorch {torch.__version__} nanoGPT (eager)", torch_s),
+    ]
 
 
 def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, float]]:
