@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops.flash import check_attention_inputs, flash_attention
-from jaxattn.ops.layers import dropout, project
+from jaxattn.ops.layers import dropout, normal, project
 from jaxattn.ops.masks import causal_mask, combine_masks, masked_softmax
 
 Array = jax.Array
@@ -84,7 +84,7 @@ def init_general(
     ``std`` defaults to ``1/sqrt(dq)``.
     """
     std = 1.0 / math.sqrt(query_dim) if std is None else std
-    return std * jax.random.normal(rng, (query_dim, key_dim), dtype)
+    return normal(rng, (query_dim, key_dim), std, dtype)
 
 
 def general_scores(w: Array, query: Array, keys: Array) -> Array:
@@ -121,9 +121,9 @@ def init_additive(
     """Initialise additive attention with ``N(0, 1/fan_in)`` entries."""
     rng_q, rng_k, rng_v = jax.random.split(rng, 3)
     return AdditiveWeights(
-        jax.random.normal(rng_q, (query_dim, hidden_dim), dtype) / math.sqrt(query_dim),
-        jax.random.normal(rng_k, (key_dim, hidden_dim), dtype) / math.sqrt(key_dim),
-        jax.random.normal(rng_v, (hidden_dim,), dtype) / math.sqrt(hidden_dim),
+        normal(rng_q, (query_dim, hidden_dim), 1 / math.sqrt(query_dim), dtype),
+        normal(rng_k, (key_dim, hidden_dim), 1 / math.sqrt(key_dim), dtype),
+        normal(rng_v, (hidden_dim,), 1 / math.sqrt(hidden_dim), dtype),
     )
 
 
@@ -495,10 +495,10 @@ def init_multi_head_attention(
         return jnp.zeros(shape, dtype) if use_bias else None
 
     return MultiHeadAttentionWeights(
-        w_q=std_q * jax.random.normal(rq, (q_dim, n, h), dtype),
-        w_k=std_kv * jax.random.normal(rk, (kv_dim, kh, h), dtype),
-        w_v=std_kv * jax.random.normal(rv, (kv_dim, kh, h), dtype),
-        w_o=out_std * jax.random.normal(ro, (n, h, out_dim), dtype),
+        w_q=normal(rq, (q_dim, n, h), std_q, dtype),
+        w_k=normal(rk, (kv_dim, kh, h), std_kv, dtype),
+        w_v=normal(rv, (kv_dim, kh, h), std_kv, dtype),
+        w_o=normal(ro, (n, h, out_dim), out_std, dtype),
         b_q=zeros(n, h),
         b_k=zeros(kh, h),
         b_v=zeros(kh, h),

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops.layers import check_token_ids
+from jaxattn.ops.layers import check_token_ids, normal
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -83,7 +83,7 @@ def init_learned_positions(
     rng: Array, max_len: int, dim: int, *, std: float = 0.02, dtype: DType = jnp.float32
 ) -> LearnedPositionWeights:
     """Initialise a learned position table with ``N(0, std^2)`` entries (as GPT-2)."""
-    return LearnedPositionWeights(std * jax.random.normal(rng, (max_len, dim), dtype))
+    return LearnedPositionWeights(normal(rng, (max_len, dim), std, dtype))
 
 
 def learned_positions(weights: LearnedPositionWeights, positions: Array) -> Array:

@@ -28,6 +28,7 @@ from jaxattn.ops.layers import (
     init_rms_norm,
     init_swiglu,
     layer_norm,
+    normal,
     project,
     rms_norm,
     swiglu,
@@ -122,6 +123,16 @@ def test_project_casts_kernel_to_x_dtype(np_rng):
 def test_project_shape_error(x_shape, w_shape, contract_dims):
     with pytest.raises(ValueError, match=r"project: x has shape"):
         project(jnp.zeros(x_shape), jnp.zeros(w_shape), contract_dims=contract_dims)
+
+
+@pytest.mark.parametrize("shape", [(D,), (V, D), (D, 3, 5), (2, 3, 5, 7)])
+def test_normal_is_jax_random_normal_of_the_shape(rng, shape):
+    # The flat draw must not change the numbers: checkpoints and seeds stay comparable.
+    expected = 0.25 * jax.random.normal(rng, shape)
+    np.testing.assert_array_equal(normal(rng, shape, 0.25), expected)
+    x = jax.jit(normal, static_argnums=(1, 2, 3))(rng, shape, 1.0, jnp.bfloat16)
+    assert x.shape == shape and x.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(x, jax.random.normal(rng, shape, jnp.bfloat16))
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
