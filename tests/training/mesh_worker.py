@@ -71,9 +71,17 @@ def main(out_dir: Path) -> None:
         name = "x".join(map(str, shape)) + f"/accum{accum}"
         diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params,
                              ref_params)  # fmt: skip
+        # The key bias's true gradient is zero (it adds q·b_k to every logit of a query, and
+        # softmax ignores a shift), so its gradient is rounding noise, which differs with the
+        # mesh's reduction order and which Adam scales up to steps of lr·|g|/(|g| + eps).
+        compared = [
+            diff
+            for path, diff in jax.tree_util.tree_flatten_with_path(diffs)[0]
+            if jax.tree_util.keystr(path) != ".blocks.attn.b_k"
+        ]
         result[name] = {
             "losses": losses,
-            "max_param_diff": max(jax.tree.leaves(diffs)),
+            "max_param_diff": max(compared),
             "w_q_spec": list(state.params.blocks.attn.w_q.sharding.spec),
             "w_q_shard": list(state.params.blocks.attn.w_q.addressable_shards[0].data.shape),
         }
