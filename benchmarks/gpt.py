@@ -18,7 +18,7 @@ Sections (each prints a table):
    XLA:CPU against ``torch.mm``: milliseconds, GFLOP/s and cores used (process CPU time /
    wall time), and their sum over the step: the floor that model code cannot lower.
 
-Step times are medians after warm-up; the two train steps are timed in alternation, and all
+Step times are medians after warm-up; the two train steps are timed in alternating blocks, and all
 rows of a section run in the same process on the same machine at the same
 time, so compare ratios within one run.
 """
