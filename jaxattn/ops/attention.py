@@ -302,8 +302,9 @@ _KERNELS = {
     "pallas": _attention_pallas,
 }
 
-# CPU: blockwise wins once both T and S reach this (measured crossover, benchmarks/README.md).
-_CPU_BLOCKWISE_MIN_LEN = 128
+# CPU: blockwise wins once both T and S reach this (measured crossover between 256 and 384,
+# benchmarks/README.md "Kernel selection").
+_CPU_BLOCKWISE_MIN_LEN = 384
 # Any backend: never materialise dense float32 scores larger than this.
 _DENSE_SCORES_MAX_BYTES = 1 << 30
 
