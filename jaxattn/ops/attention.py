@@ -302,9 +302,11 @@ _KERNELS = {
     "pallas": _attention_pallas,
 }
 
-# CPU: blockwise wins once both T and S reach this (measured crossover between 256 and 384,
-# benchmarks/README.md "Kernel selection").
+# CPU: blockwise wins once both T and S reach this (measured crossovers, benchmarks/README.md
+# "Kernel selection"): from 384 for plain multi-head attention, from 256 with GQA, whose
+# einsum path keeps a group axis that XLA:CPU runs more slowly.
 _CPU_BLOCKWISE_MIN_LEN = 384
+_CPU_BLOCKWISE_MIN_LEN_GQA = 256
 # Any backend: never materialise dense float32 scores larger than this.
 _DENSE_SCORES_MAX_BYTES = 1 << 30
 
@@ -324,7 +326,8 @@ def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate) -> str:
     - GPU: ``"cudnn"`` for float16/bfloat16 with equal q/v head dims, a multiple of 8 up to
       128 (cuDNN's fused kernels), else as below;
     - TPU: ``"pallas"`` when importable and ``_pallas_fits``, else as below;
-    - CPU: ``"blockwise"`` when T and S are both >= ``_CPU_BLOCKWISE_MIN_LEN``;
+    - CPU: ``"blockwise"`` when T and S are both >= ``_CPU_BLOCKWISE_MIN_LEN`` (384), or
+      ``_CPU_BLOCKWISE_MIN_LEN_GQA`` (256) with grouped key/value heads;
     - otherwise ``"xla"``, or ``"blockwise"`` when the dense float32 scores ``[B, N, T, S]``
       would exceed ``_DENSE_SCORES_MAX_BYTES``.
     """
@@ -339,8 +342,10 @@ def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate) -> str:
     elif backend == "tpu":
         if _pallas_fits(q, k, v, mask, bias, is_causal) and _pallas_importable():
             return "pallas"
-    elif backend == "cpu" and min(t, s) >= _CPU_BLOCKWISE_MIN_LEN:
-        return "blockwise"
+    elif backend == "cpu":
+        grouped = k.shape[2] != n
+        if min(t, s) >= (_CPU_BLOCKWISE_MIN_LEN_GQA if grouped else _CPU_BLOCKWISE_MIN_LEN):
+            return "blockwise"
     return "blockwise" if 4 * b * n * t * s > _DENSE_SCORES_MAX_BYTES else "xla"
 
 

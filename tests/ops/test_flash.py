@@ -263,6 +263,10 @@ def test_select_implementation(monkeypatch):
     assert pick(long // 2, long // 2) == "xla"
     assert pick(1, 4 * long) == "xla"  # one decoding step: the dense row is small
     assert pick(4 * long, 4 * long, dropout=0.1) == "xla"
+    gqa = attention._CPU_BLOCKWISE_MIN_LEN_GQA
+    assert gqa < long  # the grouped einsum path is slower, so blockwise takes over sooner
+    assert pick(gqa, gqa, k_heads=2) == "blockwise" and pick(gqa, gqa) == "xla"
+    assert pick(gqa // 2, gqa // 2, k_heads=2) == "xla"
     assert pick(256, 256, jnp.bfloat16, backend="gpu") == "cudnn"
     assert pick(256, 256, jnp.bfloat16, h=73, backend="gpu") == "xla"  # head dim not 8k
     assert pick(256, 256, backend="gpu") == "xla"  # float32: cuDNN's fused path is low precision
