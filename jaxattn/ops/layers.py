@@ -73,6 +73,14 @@ def normal(
     return std * jax.random.normal(rng, (math.prod(shape),), dtype).reshape(shape)
 
 
+def uniform(
+    rng: Array, shape: tuple[int, ...], low: float, high: float, dtype: DType = jnp.float32
+) -> Array:
+    """Draw ``U(low, high)`` samples of ``shape``: the values of ``jax.random.uniform``,
+    drawn flat and reshaped for the same reason as ``normal``."""
+    return jax.random.uniform(rng, (math.prod(shape),), dtype, low, high).reshape(shape)
+
+
 def init_dense(
     rng: Array,
     in_dim: int,

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops.layers import dropout, project
+from jaxattn.ops.layers import dropout, project, uniform
 from jaxattn.ops.lstm_kernels import (
     _cudnn_layer,
     _hoist,
@@ -102,10 +102,10 @@ def init_lstm(
     k = 1.0 / math.sqrt(hidden_size)
     r_ih, r_hh, r_b1, r_b2 = jax.random.split(rng, 4)
     g = 4 * hidden_size
-    uniform = lambda r, shape: jax.random.uniform(r, shape, dtype, -k, k)
-    b = uniform(r_b1, (g,)) + uniform(r_b2, (g,))
+    draw = lambda r, shape: uniform(r, shape, -k, k, dtype)
+    b = draw(r_b1, (g,)) + draw(r_b2, (g,))
     b = b.at[hidden_size : 2 * hidden_size].add(jnp.asarray(forget_bias, dtype))
-    return LSTMWeights(uniform(r_ih, (input_size, g)), uniform(r_hh, (hidden_size, g)), b)
+    return LSTMWeights(draw(r_ih, (input_size, g)), draw(r_hh, (hidden_size, g)), b)
 
 
 def _check_weights(weights: LSTMWeights, where: str) -> tuple[int, int]:

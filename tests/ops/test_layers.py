@@ -33,6 +33,7 @@ from jaxattn.ops.layers import (
     rms_norm,
     swiglu,
     unembed,
+    uniform,
 )
 
 B, T, D, F, V = 3, 5, 7, 11, 13
@@ -133,6 +134,14 @@ def test_normal_is_jax_random_normal_of_the_shape(rng, shape):
     x = jax.jit(normal, static_argnums=(1, 2, 3))(rng, shape, 1.0, jnp.bfloat16)
     assert x.shape == shape and x.dtype == jnp.bfloat16
     np.testing.assert_array_equal(x, jax.random.normal(rng, shape, jnp.bfloat16))
+
+
+@pytest.mark.parametrize("shape", [(D,), (V, 4 * D), (D, 3, 5)])
+def test_uniform_is_jax_random_uniform_of_the_shape(rng, shape):
+    expected = jax.random.uniform(rng, shape, jnp.float32, -0.3, 0.2)
+    np.testing.assert_array_equal(uniform(rng, shape, -0.3, 0.2), expected)
+    x = uniform(rng, shape, -1.0, 1.0, jnp.bfloat16)
+    assert x.shape == shape and x.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
