@@ -167,23 +167,25 @@ def generate(
         return prompt
 
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    keys = jax.random.split(rng, max_new_tokens)
     logits, cache = decode_fn(prompt, cache)  # [B, T0, V]
-    first = sample_logits(keys[0], logits[:, -1], **settings)  # [B]
-    # Draw every later step's noise here, in one vectorised call: inside the loop each
-    # token's draw is a small threefry loop of its own, ~10 more ops per token (3-4% of
-    # the unrolled 4-layer Shakespeare model's time per token). With threefry keys (the
+    # Draw every step's noise here, in one vectorised call: inside the loop each token's
+    # draw is a small threefry loop of its own, ~10 more ops per token (3-4% of the
+    # unrolled 4-layer Shakespeare model's time per token). With threefry keys (the
     # default) token i gets the noise sample_logits(keys[i], ...) draws, so the tokens
     # are the same; vmapped rbg keys draw other, equally random, numbers.
-    sampled = temperature != 0.0
-    noise_shape = (first.shape[0], logits.shape[-1])
-    noise = jax.vmap(lambda k: _gumbel(k, noise_shape))(keys[1:]) if sampled else None
+    noise = None  # greedy
+    if temperature != 0.0:
+        keys = jax.random.split(rng, max_new_tokens)
+        noise_shape = (prompt.shape[0], logits.shape[-1])
+        noise = jax.vmap(lambda k: _gumbel(k, noise_shape))(keys)  # [n, B, V]
+    first = _pick(logits[:, -1], None if noise is None else noise[0], **settings)  # [B]
 
     def step(carry, step_noise):  # step_noise: [B, V] or None (greedy)
         token, cache = carry
         logits, cache = decode_fn(token[:, None], cache)
         return (_pick(logits[:, -1], step_noise, **settings), cache), token
 
+    later = None if noise is None else noise[1:]
     length = max_new_tokens - 1
-    (last, _), fed = jax.lax.scan(step, (first, cache), noise, length=length)  # fed: [n-1, B]
+    (last, _), fed = jax.lax.scan(step, (first, cache), later, length=length)  # fed: [n-1, B]
     return jnp.concatenate([prompt, fed.T, last[:, None]], axis=1)  # [B, T0 + n]
