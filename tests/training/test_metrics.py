@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import pytest
@@ -46,3 +48,21 @@ def test_writer_appends_across_runs(tmp_path):
             writer.write(step, {"train_loss": 1.0, "tokens_per_s": 1.0})
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert not (tmp_path / "tb").exists()
+
+
+def test_writer_does_not_import_torch(tmp_path):
+    """tensorboardX would import torch (~2 s) when installed; the writer keeps it out."""
+    pytest.importorskip("torch")
+    code = (
+        "import sys\n"
+        "from jaxattn.training.metrics import MetricsWriter\n"
+        f"with MetricsWriter({str(tmp_path)!r}) as w:\n"
+        "    w.write(1, {'loss': 0.5})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "import torch\n"  # ... and stays importable afterwards.
+        "print(float(torch.ones(1)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1.0"
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard still got its event file.
