@@ -34,8 +34,11 @@ def _cell(w_hh: Array, carry: Carry, gx: Array) -> tuple[tuple[Array, ...], Carr
     Returns the activated gates ``(i, f, g, o)``, each ``[B, h]`` (the hand-written
     backward needs them), and the new state ``(h, c)``.
     """
-    h, c = carry
-    z = gx + h @ w_hh  # [B, 4h]
+    return _activate(gx + carry[0] @ w_hh, carry[1])  # [B, 4h]
+
+
+def _activate(z: Array, c: Array) -> tuple[tuple[Array, ...], Carry]:
+    """Gates and new state from the pre-activations ``z = x_t W_ih + h W_hh + b: [B, 4h]``."""
     zi, zf, zg, zo = jnp.split(z, 4, axis=-1)  # each [B, h]
     i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
     c = f * c + i * g
@@ -112,11 +115,18 @@ def _forward(w_hh, gx, carry, valid, reverse, save_gates=False, proj=None):
     step (a row past its length repeats its state). With ``proj = (w_ih, b)``, ``gx`` is
     the input ``[T, B, I]`` and each step projects its slice."""
 
+    if proj is not None:
+        # Both products of a step as one: [x_t, h] @ [W_ih; W_hh] (5-10% less forward
+        # time on CPU than x_t W_ih + h W_hh, which makes two GEMM calls and an add pass).
+        w_in_hh = jnp.concatenate([proj[0], w_hh])  # [I + h, 4h]
+
     def body(state: Carry, inputs: tuple[Array, Array | None]):
         gx_t, valid_t = inputs
-        if proj is not None:
-            gx_t = gx_t @ proj[0] + proj[1]  # [B, 4h]
-        gates, new = _cell(w_hh, state, gx_t)
+        if proj is None:
+            gates, new = _cell(w_hh, state, gx_t)
+        else:
+            x_h = jnp.concatenate([gx_t, state[0]], axis=-1)  # [B, I + h]
+            gates, new = _activate(x_h @ w_in_hh + proj[1], state[1])
         if valid_t is not None:
             new = (jnp.where(valid_t, new[0], state[0]), jnp.where(valid_t, new[1], state[1]))
         return new, (new, gates) if save_gates else new
