@@ -83,21 +83,36 @@ def peak_rss() -> int:
     return 1024 * int(line.split()[1])
 
 
+def _timed_call(fn, quiet: float) -> tuple[float, float]:
+    """(wall s, process CPU s) of one ``fn()`` call, after waiting up to ``quiet`` s."""
+    if quiet:
+        wait_quiet(quiet)
+    cpu, start = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
 def timed(fn, repeats: int, slow: float, quiet: float) -> tuple[float, float, int]:
     """Median (wall s, CPU s) of ``repeats`` calls after one warm-up (2 if one is slow)."""
     start = time.perf_counter()
     fn()
     if time.perf_counter() - start > slow:
         repeats = min(repeats, 2)
-    walls, cpus = [], []
-    for _ in range(repeats):
-        if quiet:
-            wait_quiet(quiet)
-        cpu, start = time.process_time(), time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu)
+    walls, cpus = zip(*(_timed_call(fn, quiet) for _ in range(repeats)))
     return float(np.median(walls)), float(np.median(cpus)), repeats
+
+
+def timed_round_robin(fns, repeats: int, quiet: float) -> list[tuple[float, float]]:
+    """Median (wall s, CPU s) of each of ``fns``, timed in turn: round r calls every
+    function once, so a slow spell of a shared machine hits all of them alike. One
+    warm-up call each first."""
+    for fn in fns:
+        fn()
+    samples = [[_timed_call(fn, quiet) for fn in fns] for _ in range(repeats)]
+    return [
+        (float(np.median([s[i][0] for s in samples])), float(np.median([s[i][1] for s in samples])))
+        for i in range(len(fns))
+    ]
 
 
 # ------------------------------------------------------------------ JAX implementations

@@ -20,9 +20,10 @@ layer reading embeddings needs ``dxs``). Rows:
   load the machine, PyTorch's OpenMP threads wait on each other and its default-thread
   figures inflate most; the 1-thread CPU time is then the steadier measure of its work.
 
-Times are the median of ``--repeats`` calls after one warm-up call, with the process CPU
-time (all threads) of the same calls; ratios are to PyTorch measured in the same run (for
-each column the faster of its two rows).
+Times are the median of ``--repeats`` rounds after one warm-up call per row, with the
+process CPU time (all threads) of the same calls. Each round times every row once, in
+turn, so a slow spell of a shared machine hits all rows alike. Ratios are to PyTorch
+measured in the same run (for each column the faster of its two rows).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.attention import add_wait_quiet_flag, machine, timed  # shared helpers
+from benchmarks.attention import add_wait_quiet_flag, machine, timed_round_robin  # shared helpers
 from jaxattn.ops import lstm as lstm_ops
 
 
@@ -112,7 +113,7 @@ def torch_calls(xs, probe, h, threads=None):
     return fwd, fwd_bwd
 
 
-def run_table(shape, repeats, slow, quiet) -> None:
+def run_table(shape, repeats, quiet) -> None:
     try:
         import torch
 
@@ -128,8 +129,8 @@ def run_table(shape, repeats, slow, quiet) -> None:
     print(f"jax {jax.__version__}, flax {flax.__version__}, torch {torch_version or 'absent'}")
     with open("/proc/loadavg") as f:
         print(f"load average at start: {' '.join(f.read().split()[:3])}")
-    print(f"median of {repeats} after a warm-up; each timed call waited up to {quiet} s")
-    print("for no other runnable task\n")
+    print(f"median of {repeats} rounds after a warm-up; each round times every row once;")
+    print(f"each timed call waited up to {quiet} s for no other runnable task\n")
     calls = {
         "jaxattn lstm_scan": lambda: jaxattn_calls(xs, probe, lengths, h, None),
         "jaxattn, lengths": lambda: jaxattn_calls(xs, probe, lengths, h, "lengths"),
@@ -139,12 +140,10 @@ def run_table(shape, repeats, slow, quiet) -> None:
     if torch_version:
         calls["torch nn.LSTM"] = lambda: torch_calls(xs, probe, h)
         calls["torch nn.LSTM, 1 thread"] = lambda: torch_calls(xs, probe, h, threads=1)
-    rows = {}
-    for name, make in calls.items():
-        fwd, fwd_bwd = make()
-        tf, cf, _ = timed(fwd, repeats, slow, quiet)
-        tfb, cfb, n = timed(fwd_bwd, repeats, slow, quiet)
-        rows[name] = (tf, cf, tfb, cfb, n)
+    built = {name: make() for name, make in calls.items()}  # compile everything first
+    fwds = timed_round_robin([f for f, _ in built.values()], repeats, quiet)
+    fwd_bwds = timed_round_robin([fb for _, fb in built.values()], repeats, quiet)
+    rows = {name: (*f, *fb, repeats) for name, f, fb in zip(built, fwds, fwd_bwds)}
     # Ratios to the faster PyTorch configuration, per column: the stricter comparison.
     torch_rows = [r for name, r in rows.items() if name.startswith("torch")]
     ref = [min(r[k] for r in torch_rows) for k in range(4)] if torch_rows else None
@@ -175,13 +174,10 @@ def main() -> None:
         help="batch, time, input size, hidden size",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5)")
-    parser.add_argument(
-        "--slow", type=float, default=10.0, help="seconds per call above which 2 calls are timed"
-    )
     add_wait_quiet_flag(parser)
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 5)
-    run_table(tuple(args.shape), repeats, args.slow, args.wait_quiet)
+    run_table(tuple(args.shape), repeats, args.wait_quiet)
 
 
 if __name__ == "__main__":
