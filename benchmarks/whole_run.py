@@ -2,6 +2,7 @@
 
     python benchmarks/whole_run.py           # both runs, one after the other (~5 min)
     python benchmarks/whole_run.py --steps 200   # a shorter check
+    python benchmarks/whole_run.py --warm    # also rerun lm.py with its compiles cached
 
 Runs ``python train/lm.py --config=train/configs/shakespeare_char_cpu.py --noprogress`` in a
 fresh process and times it from start to exit: imports, data, compilation, 2000 steps,
@@ -9,6 +10,10 @@ nine evaluations, checkpoints and the two 500-character samples it prints. Then,
 is installed, the same job in nanoGPT's way (``torch_nanogpt.train_run``: its train.py loop
 with the same config, evaluating both splits and checkpointing on improvement, no
 samples), also in a fresh process. Prints the wall time and final val loss of each.
+
+lm.py starts with an empty compilation cache (``--compilation_cache`` set to a new
+folder), as on a fresh machine. With ``--warm`` it runs a second time over the cache the
+first run filled, as a rerun or a resumed run would.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def run(cmd: list[str]) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--warm", action="store_true", help="rerun lm.py over its cache")
     parser.add_argument("--torch-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_run:  # the child process of the PyTorch row
@@ -54,13 +60,17 @@ def main() -> None:
 
     print(f"# Whole Shakespeare run — {machine()}, {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"\n| job | wall s | val loss at step {args.steps} |\n|---|---|---|")
-    with tempfile.TemporaryDirectory() as workdir:
-        seconds, out = run(
-            [sys.executable, "train/lm.py", "--config=train/configs/shakespeare_char_cpu.py",
-             f"--workdir={workdir}", "--noprogress", f"--config.num_steps={args.steps}"]
-        )  # fmt: skip
-    val = re.search(r"Done: step \d+, val loss ([\d.]+)", out).group(1)
-    print(f"| jaxattn `train/lm.py` (with its samples) | {seconds:.0f} | {val} |", flush=True)
+    lm = [sys.executable, "train/lm.py", "--config=train/configs/shakespeare_char_cpu.py"]
+    with tempfile.TemporaryDirectory() as cache:
+        for row in ("", ", compiles cached") if args.warm else ("",):
+            with tempfile.TemporaryDirectory() as workdir:
+                seconds, out = run(
+                    [*lm, f"--workdir={workdir}", "--noprogress", f"--compilation_cache={cache}",
+                     f"--config.num_steps={args.steps}"]
+                )  # fmt: skip
+            val = re.search(r"Done: step \d+, val loss ([\d.]+)", out).group(1)
+            job = f"jaxattn `train/lm.py` (with its samples{row})"
+            print(f"| {job} | {seconds:.0f} | {val} |", flush=True)
     try:
         import torch
     except ImportError:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -24,6 +26,15 @@ _DISTRIBUTED = flags.DEFINE_bool(
 )
 
 
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jaxattn" / "xla"),
+    "Folder for JAX's persistent compilation cache, so that a rerun, a resumed run or "
+    "sampling loads its compiled steps instead of compiling them again ('' disables it; "
+    "JAX_COMPILATION_CACHE_DIR, when set, takes precedence).",
+)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a clear message for an unknown ``--config.<key>`` override."""
     try:
@@ -40,6 +51,21 @@ def parse_flags(argv: list[str]) -> list[str]:
             file=sys.stderr,
         )
         sys.exit(2)
+
+
+def enable_compilation_cache() -> None:
+    """Point JAX's persistent compilation cache at ``--compilation_cache``.
+
+    A run's compiles (the state init, train and eval steps, sampling) take about 8 s of
+    the Shakespeare run's start; a second run with the same shapes loads them instead.
+    Entries are keyed by the program, the JAX version and the backend, and an XLA:CPU
+    entry compiled for another CPU is recompiled rather than run.
+    """
+    if jax.config.jax_compilation_cache_dir or not _COMPILATION_CACHE.value:
+        return  # JAX_COMPILATION_CACHE_DIR already set it, or disabled.
+    jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
+    # JAX keeps only compiles over 1 s by default; the eval step takes about 0.5 s.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 
 
 def initialize_distributed() -> None:

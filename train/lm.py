@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     describe_mesh,
+    enable_compilation_cache,
     initialize_distributed,
     parse_flags,
     print_once,
@@ -221,6 +222,7 @@ def main(argv: list[str]) -> None:
         workdir = Path("workdirs") / Path(config_file).stem
     workdir = epath.Path(workdir)  # A local folder or gs://bucket/... (TPU pods).
     try:
+        enable_compilation_cache()
         initialize_distributed()
         if _SAMPLE_ONLY.value:
             sample(workdir)

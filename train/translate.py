@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     describe_mesh,
+    enable_compilation_cache,
     initialize_distributed,
     parse_flags,
     print_once,
@@ -306,6 +307,7 @@ def main(argv: list[str]) -> None:
         workdir = Path("workdirs") / Path(config_file).stem
     workdir = Path(workdir)
     try:
+        enable_compilation_cache()
         initialize_distributed()
         if _TRANSLATE.value:
             translate_only(workdir, _TRANSLATE.value)

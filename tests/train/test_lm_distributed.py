@@ -24,6 +24,7 @@ TINY = REPO / "train" / "configs" / "tiny.py"
 COMMON = [
     f"--config={TINY}", "--noprogress", "--num_samples=0", "--config.batch_size=8",
     "--config.eval_every=2", "--config.eval_batches=2", "--config.checkpoint_every=50",
+    "--compilation_cache=",  # Each test compiles afresh; nothing written to ~/.cache.
 ]  # fmt: skip
 
 

@@ -28,10 +28,25 @@ def snapshot(directory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One 8-step tiny run: (workdir, completed process)."""
-    run_lm.cache_dir = tmp_path_factory.mktemp("jax_cache")
+    """One 8-step tiny run: (workdir, completed process).
+
+    It fills a compilation cache through ``--compilation_cache``; later runs load from it
+    (``run_lm.cache_dir``, passed as ``JAX_COMPILATION_CACHE_DIR``).
+    """
+    cache = tmp_path_factory.mktemp("jax_cache")
     workdir = tmp_path_factory.mktemp("lm") / "run"
-    return workdir, run_lm(f"--workdir={workdir}", "--sample_tokens=12", "--num_samples=2")
+    proc = run_lm(
+        f"--workdir={workdir}", f"--compilation_cache={cache}", "--sample_tokens=12",
+        "--num_samples=2",
+    )  # fmt: skip
+    run_lm.cache_dir = cache
+    return workdir, proc
+
+
+@pytest.mark.slow
+def test_first_run_fills_the_compilation_cache(trained):
+    entries = [p.name for p in run_lm.cache_dir.iterdir()]
+    assert any(name.startswith("jit_train_step") for name in entries), entries
 
 
 @pytest.mark.slow
