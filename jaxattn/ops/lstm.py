@@ -16,8 +16,9 @@ gate of Gers et al. (2000), in PyTorch's gate order (i, f, g, o)::
 Speed: ``x_t W_ih + b`` does not depend on the recurrence, so on accelerators
 ``lstm_scan`` computes it for all T steps as one ``[T*B, I] x [I, 4h]`` matmul before
 ``lax.scan``; each step then runs a single ``[B, h] x [h, 4h]`` matmul and splits the
-result into the four gates. On CPU each step projects its own ``x_t`` instead (measured
-faster on XLA:CPU; see ``_hoist``).
+result into the four gates. On CPU each step instead runs one ``[B, I + h] x [I + h, 4h]``
+matmul of ``[x_t, h_{t-1}]`` against ``[W_ih; W_hh]`` (measured faster on XLA:CPU; see
+``_hoist`` in ``lstm_kernels.py``).
 
 The backward is written by hand (``jax.custom_vjp``, in ``lstm_kernels.py``): a reverse
 scan carries only ``(dh, dc)`` and the weight gradients are single matmuls over all T*B
