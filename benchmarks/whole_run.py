@@ -2,7 +2,7 @@
 
     python benchmarks/whole_run.py           # both runs, one after the other (~5 min)
     python benchmarks/whole_run.py --steps 200   # a shorter check
-    python benchmarks/whole_run.py --warm    # also rerun lm.py with its compiles cached
+    python benchmarks/whole_run.py --warm    # also rerun lm.py over its compile cache (~7 min)
 
 Runs ``python train/lm.py --config=train/configs/shakespeare_char_cpu.py --noprogress`` in a
 fresh process and times it from start to exit: imports, data, compilation, 2000 steps,

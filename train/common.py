@@ -30,9 +30,10 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache",
     str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jaxattn" / "xla"),
     "Folder for JAX's persistent compilation cache, so that a rerun, a resumed run or "
-    "sampling loads its compiled steps instead of compiling them again ('' disables it; "
-    "JAX_COMPILATION_CACHE_DIR, when set, takes precedence).",
+    "sampling loads its compiled programs instead of compiling them again ('' disables "
+    "it). Without this flag on the command line, JAX_COMPILATION_CACHE_DIR (when set) wins.",
 )
+_CACHE_MAX_BYTES = 1 << 30  # Least recently used entries go first beyond 1 GiB.
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -56,14 +57,31 @@ def parse_flags(argv: list[str]) -> list[str]:
 def enable_compilation_cache() -> None:
     """Point JAX's persistent compilation cache at ``--compilation_cache``.
 
-    A run's compiles (the state init, train and eval steps, sampling) take about 8 s of
-    the Shakespeare run's start; a second run with the same shapes loads them instead.
-    Entries are keyed by the program, the JAX version and the backend, and an XLA:CPU
-    entry compiled for another CPU is recompiled rather than run.
+    The Shakespeare run compiles for about 9 s (state init, train and eval steps at the
+    start, two sampling shapes at the end); a later run with the same programs loads them
+    instead. Entries are keyed by the program, the JAX version and the backend; an XLA:CPU
+    entry compiled for another CPU is recompiled rather than run. Only process 0 of a
+    multi-process run writes entries. Call before anything compiles; it does not touch a
+    device, so it may come before ``initialize_distributed``.
     """
-    if jax.config.jax_compilation_cache_dir or not _COMPILATION_CACHE.value:
-        return  # JAX_COMPILATION_CACHE_DIR already set it, or disabled.
-    jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
+    if jax.config.jax_compilation_cache_dir and not flags.FLAGS["compilation_cache"].present:
+        return  # JAX_COMPILATION_CACHE_DIR chose the folder and its settings.
+    path = _COMPILATION_CACHE.value
+    if path and "://" not in path:  # A local folder: make sure it can be written.
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            usable = os.access(path, os.W_OK)
+        except OSError:
+            usable = False
+        if not usable:
+            print(f"warning: cannot write the compilation cache {path}; not caching",
+                  file=sys.stderr)  # fmt: skip
+            path = ""
+    if not path:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_compilation_cache_max_size", _CACHE_MAX_BYTES)  # also file-locks
     # JAX keeps only compiles over 1 s by default; the eval step takes about 0.5 s.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -123,21 +124,27 @@ class MetricsWriter:
         self.close()
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
 def _summary_writer() -> type:
     """tensorboardX's ``SummaryWriter``, imported without importing PyTorch.
 
     tensorboardX imports torch when it is installed, only to accept torch tensors, which
     this writer never passes; that import costs ~2 s of every training run's start. A
-    ``None`` entry in ``sys.modules`` makes ``import torch`` fail fast for that one import.
+    ``None`` entry in ``sys.modules`` makes ``import torch`` fail fast for that one import
+    (another thread importing torch at that instant would fail too; writers are made once,
+    at the start of a run).
     """
-    if "torch" in sys.modules or "tensorboardX" in sys.modules:
-        from tensorboardX import SummaryWriter
-    else:
-        sys.modules["torch"] = None  # type: ignore[assignment]
-        try:
+    with _IMPORT_LOCK:  # sys.modules is process-wide: one importer at a time.
+        if "torch" in sys.modules or "tensorboardX" in sys.modules:
             from tensorboardX import SummaryWriter
-        finally:
-            del sys.modules["torch"]
+        else:
+            sys.modules["torch"] = None  # type: ignore[assignment]
+            try:
+                from tensorboardX import SummaryWriter
+            finally:
+                sys.modules.pop("torch", None)
     return SummaryWriter
 
 

@@ -28,7 +28,7 @@ def snapshot(directory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One 8-step tiny run: (workdir, completed process).
+    """One 8-step tiny run: (workdir, completed process, its compilation cache entries).
 
     It fills a compilation cache through ``--compilation_cache``; later runs load from it
     (``run_lm.cache_dir``, passed as ``JAX_COMPILATION_CACHE_DIR``).
@@ -39,19 +39,33 @@ def trained(tmp_path_factory):
         f"--workdir={workdir}", f"--compilation_cache={cache}", "--sample_tokens=12",
         "--num_samples=2",
     )  # fmt: skip
+    entries = sorted(p.name for p in cache.iterdir())  # Before any later run adds to it.
     run_lm.cache_dir = cache
-    return workdir, proc
+    return workdir, proc, entries
 
 
 @pytest.mark.slow
 def test_first_run_fills_the_compilation_cache(trained):
-    entries = [p.name for p in run_lm.cache_dir.iterdir()]
+    _, _, entries = trained
     assert any(name.startswith("jit_train_step") for name in entries), entries
+    assert any(name.startswith("jit__generate_jit") for name in entries), entries
+
+
+def test_unwritable_compilation_cache_is_a_warning(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    missing = tmp_path / "no_such_text.txt"  # Fails right after the cache is set up.
+    proc = run_lm(
+        f"--workdir={tmp_path / 'run'}", f"--compilation_cache={not_a_folder / 'xla'}",
+        f"--config.data_path={missing}", check=False,
+    )  # fmt: skip
+    assert f"warning: cannot write the compilation cache {not_a_folder / 'xla'}" in proc.stderr
+    assert f"text data file not found: '{missing}'" in proc.stderr  # The run went on.
 
 
 @pytest.mark.slow
 def test_training_writes_metrics_checkpoints_and_samples(trained):
-    workdir, proc = trained
+    workdir, proc, _ = trained
     records = read_metrics(workdir / "metrics.jsonl")
     for r in records:
         assert "step" in r and "tokens_per_s" in r and ("train_loss" in r or "val_loss" in r)
@@ -69,7 +83,7 @@ def test_training_writes_metrics_checkpoints_and_samples(trained):
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(trained, killed_run_copy, assert_same_saved_state):
-    workdir, _ = trained
+    workdir, *_ = trained
     # A run killed after its step-4 checkpoint: the same workdir without step 8.
     resumed = killed_run_copy(workdir, 8)
     proc = run_lm(f"--workdir={resumed}", "--num_samples=0")
@@ -80,7 +94,7 @@ def test_resumed_run_equals_uninterrupted_run(trained, killed_run_copy, assert_s
 
 @pytest.mark.slow
 def test_sample_only_loads_the_latest_checkpoint(trained):
-    workdir, _ = trained
+    workdir, *_ = trained
     proc = run_lm(
         f"--workdir={workdir}", "--sample_only", "--prompt=ROMEO:", "--num_samples=3",
         "--sample_tokens=20",
@@ -96,7 +110,7 @@ def test_sample_only_loads_the_latest_checkpoint(trained):
 
 @pytest.mark.slow
 def test_sample_prompt_with_unknown_character(trained):
-    workdir, _ = trained
+    workdir, *_ = trained
     proc = run_lm(f"--workdir={workdir}", "--sample_only", "--prompt=€uro", check=False)
     assert proc.returncode == 1
     assert "'€' at position 0 is not in the vocabulary" in proc.stderr
@@ -104,7 +118,7 @@ def test_sample_prompt_with_unknown_character(trained):
 
 @pytest.mark.slow
 def test_incompatible_checkpoint_is_an_error_and_nothing_is_overwritten(trained):
-    workdir, _ = trained
+    workdir, *_ = trained
     before = snapshot(workdir / "checkpoints")
     proc = run_lm(f"--workdir={workdir}", "--config.model.embed_dim=32", check=False)
     assert proc.returncode == 1
