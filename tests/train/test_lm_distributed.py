@@ -122,7 +122,7 @@ def test_two_processes_stop_together_resume_and_match_one_device(tmp_path):
     # The 8-device checkpoint of two processes samples on one device.
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), f"--workdir={workdir}", "--sample_only",
-         "--num_samples=1", "--sample_tokens=20"],
+         "--num_samples=1", "--sample_tokens=20", "--compilation_cache="],
         cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
