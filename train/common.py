@@ -12,6 +12,7 @@ import ml_collections
 from absl import app, flags
 
 from jaxattn.training import sharding
+from jaxattn.training.metrics import is_remote
 
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, to join processes (jax.distributed)."
@@ -67,7 +68,7 @@ def enable_compilation_cache() -> None:
     if jax.config.jax_compilation_cache_dir and not flags.FLAGS["compilation_cache"].present:
         return  # JAX_COMPILATION_CACHE_DIR chose the folder and its settings.
     path = _COMPILATION_CACHE.value
-    if path and "://" not in path:  # A local folder: make sure it can be written.
+    if path and not is_remote(path):  # A local folder: make sure it can be written.
         try:
             Path(path).mkdir(parents=True, exist_ok=True)
             usable = os.access(path, os.W_OK)
