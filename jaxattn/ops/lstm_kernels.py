@@ -193,15 +193,18 @@ def _recurrence_bwd(reverse, residuals, cotangents):
 
     inputs = (gates, cs, c_prev, dys, valid)
     (dh0, dc0), dz = jax.lax.scan(body, (dh_n, dc_n), inputs, reverse=not reverse)
-    hidden = w_hh.shape[0]
-    dz_rows = dz.reshape(-1, 4 * hidden)  # [T*B, 4h]
-    dw_hh = h_prev.reshape(-1, hidden).T @ dz_rows  # [h, 4h]
+    # The weight gradients contract over (t, b) as two axes, not over the rows of
+    # h_prev.reshape(-1, h).T: XLA:CPU then copies the left operand to [h, T*B] and runs
+    # a plain product in YNNPACK, where the transposed-operand form falls back to a slower
+    # Eigen kernel (115 against 150 GFLOP/s at [12800, 768]^T [12800, 2048]; fwd+bwd about
+    # 7% faster; benchmarks/README.md).
+    dw_hh = jnp.einsum("tbh,tbg->hg", h_prev, dz)  # [h, 4h]
     if proj is None:
         return None, dw_hh, dz, (dh0, dc0), None
     w_ih, _ = proj
-    x_rows = xs_t.reshape(-1, w_ih.shape[0])  # [T*B, I]
-    dxs = (dz_rows @ w_ih.T).reshape(xs_t.shape)  # [T, B, I]
-    return (x_rows.T @ dz_rows, dz_rows.sum(0)), dw_hh, dxs, (dh0, dc0), None
+    dw_ih = jnp.einsum("tbi,tbg->ig", xs_t, dz)  # [I, 4h]
+    dxs = jnp.einsum("tbg,ig->tbi", dz, w_ih)  # [T, B, I]
+    return (dw_ih, dz.sum((0, 1))), dw_hh, dxs, (dh0, dc0), None
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
