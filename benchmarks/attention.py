@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -60,6 +61,19 @@ def add_wait_quiet_flag(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="before each timed call, wait up to this long for no other runnable task",
     )
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """``--json FILE``, shared by the benchmark scripts (read by ``run_all.py``)."""
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+
+
+def write_json(path: str | None, results: dict) -> None:
+    """Write ``results`` (plus machine and date) to ``path``; a no-op without a path."""
+    if path:
+        header = {"machine": machine(), "date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}"}
+        with open(path, "w") as f:
+            json.dump(header | results, f, indent=1)
 
 
 def wait_quiet(limit: float = 30.0) -> None:
@@ -195,7 +209,8 @@ def torch_memory(b: int, t: int) -> int:
     return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
-def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> None:
+def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> dict:
+    """Print the table; return ``{T: {implementation: {fwd_s, fwd_bwd_s, ...}}}``."""
     try:
         import torch
 
@@ -214,6 +229,7 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> None:
         "| fwd+bwd / torch (wall, CPU) | fwd+bwd MiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    results = {}
     for t in lengths:
         b = max(1, min(4, 8192 // t))
         rows, torch_fb = [], None
@@ -237,12 +253,16 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> None:
                 print(f"| {t} | {b} | {name} | - | - | - | - | - | {note} |")
                 continue
             tf, tfb, cfb, n, mem = r
+            results.setdefault(str(t), {})[name] = {
+                "batch": b, "fwd_s": tf, "fwd_bwd_s": tfb, "fwd_bwd_cpu_s": cfb, "mib": mem
+            }  # fmt: skip
             ratio = f"{tfb / torch_fb[0]:.2f}, {cfb / torch_fb[1]:.2f}" if torch_fb else "-"
             print(
                 f"| {t} | {b} | {name} | {1e3 * tf:.0f} | {1e3 * tfb:.0f} | {cfb:.2f} | {n} "
                 f"| {ratio} | {mem:.0f} |",
                 flush=True,
             )
+    return results
 
 
 def long_child(t: int) -> None:
@@ -262,7 +282,7 @@ def long_child(t: int) -> None:
     print(f"{t} {seconds:.1f} {base:.0f} {peak:.0f} {finite}")
 
 
-def run_long(t: int) -> None:
+def run_long(t: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--long-child", str(t)],
         check=True,
@@ -277,6 +297,8 @@ def run_long(t: int) -> None:
         f"step: {float(base) / 1024:.2f} GiB); {seconds} s; grads finite: {finite}; the dense "
         f"[N, T, T] float32 scores alone would be {dense:.0f} GiB"
     )
+    peak_gib = float(peak) / 1024
+    return {"T": t, "peak_gib": peak_gib, "seconds": float(seconds), "finite": finite == "True"}
 
 
 def main() -> None:
@@ -298,6 +320,7 @@ def main() -> None:
     )
     parser.add_argument("--long", action="store_true", help="also run T = 32768 (minutes)")
     add_wait_quiet_flag(parser)
+    add_json_flag(parser)
     parser.add_argument("--long-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--torch-memory-child", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -309,9 +332,11 @@ def main() -> None:
         [256, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
     )
     repeats = args.repeats or (3 if args.quick else 5)
-    run_table(lengths, repeats, args.slow, args.max_dense_gib, args.wait_quiet)
+    table = run_table(lengths, repeats, args.slow, args.max_dense_gib, args.wait_quiet)
+    results = {"attention": table}
     if args.long:
-        run_long(32768)
+        results["long"] = run_long(32768)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

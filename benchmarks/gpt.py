@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
 from configs import shakespeare_char_cpu
 
-from benchmarks.attention import machine  # shared helpers
+from benchmarks.attention import add_json_flag, machine, write_json  # shared helpers
 from benchmarks.attention import timed as timed_stats
 from jaxattn.models import gpt
 from jaxattn.training.loop import make_train_step
@@ -317,7 +317,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--sections", default="train,generate,compile,matmul")
+    add_json_flag(parser)
     args = parser.parse_args()
+    results = {}
     repeats = 10 if args.quick else 50
     run = shakespeare_char_cpu.get_config()
     sections = args.sections.split(",")
@@ -325,6 +327,8 @@ def main() -> None:
     tokens = run.batch_size * run.model.block_size
     if "train" in sections:
         rows = bench_train_step(run, repeats)
+        torch_s = rows[1][1] if len(rows) > 1 else None
+        results["train_step"] = {"jaxattn_s": rows[0][1], "torch_s": torch_s}
         base = rows[-1][1]
         print(
             f"\n## train step: shakespeare_char_cpu, "
@@ -341,6 +345,8 @@ def main() -> None:
         new = run.model.block_size - 1
         rows = bench_generation(run, new, max(3, repeats // 5))
         unrolled, scanned = rows[0][1], rows[1][1]
+        keys = ("cached_unrolled_s", "cached_scan_s", "full_pass_s", "torch_no_cache_s")
+        results["generation"] = {"new_tokens": new} | {k: sec for k, (_, sec) in zip(keys, rows)}
         print(f"\n## generation: batch 1, {new} new tokens (context {run.model.block_size})")
         print("| implementation | tokens/s | µs/token | ÷ unrolled cache | ÷ scan cache |")
         print("|---|---|---|---|---|")
@@ -351,6 +357,7 @@ def main() -> None:
             )
     if "compile" in sections:
         rows = bench_compile(run)
+        results["compile"] = {"4_layers_s": rows[0][1], "48_layers_s": rows[1][1]}
         print("\n## compile time (layers scanned)")
         print("| what | seconds | vs 4 layers |")
         print("|---|---|---|")
@@ -373,6 +380,8 @@ def main() -> None:
                 f"| {torch_cores:.1f} |"
             )
         print(f"| sum over one step | | {totals[0] * 1e3:.1f} | | | {totals[1] * 1e3:.1f} | | |")
+        results["matmul"] = {"xla_sum_s": totals[0], "torch_sum_s": totals[1]}
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.attention import add_wait_quiet_flag, machine, timed_round_robin  # shared helpers
+from benchmarks.attention import (  # shared helpers
+    add_json_flag,
+    add_wait_quiet_flag,
+    machine,
+    timed_round_robin,
+    write_json,
+)
 from jaxattn.ops import lstm as lstm_ops
 
 
@@ -113,7 +119,8 @@ def torch_calls(xs, probe, h, threads=None):
     return fwd, fwd_bwd
 
 
-def run_table(shape, repeats, quiet) -> None:
+def run_table(shape, repeats, quiet) -> dict:
+    """Print the table; return ``{implementation: {fwd_s, fwd_cpu_s, fwd_bwd_s, ...}}``."""
     try:
         import torch
 
@@ -160,6 +167,8 @@ def run_table(shape, repeats, quiet) -> None:
             f"| {name} | {1e3 * tf:.0f} | {1e3 * tfb:.0f} | {cfb:.2f} | {n} | {rf} | {rfb} |",
             flush=True,
         )
+    keys = ("fwd_s", "fwd_cpu_s", "fwd_bwd_s", "fwd_bwd_cpu_s", "n")
+    return {name: dict(zip(keys, row)) for name, row in rows.items()}
 
 
 def main() -> None:
@@ -175,9 +184,11 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5)")
     add_wait_quiet_flag(parser)
+    add_json_flag(parser)
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 5)
-    run_table(tuple(args.shape), repeats, args.wait_quiet)
+    rows = run_table(tuple(args.shape), repeats, args.wait_quiet)
+    write_json(args.json, {"lstm": {"shape": list(args.shape), "rows": rows}})
 
 
 if __name__ == "__main__":

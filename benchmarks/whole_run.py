@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.attention import machine  # noqa: E402
+from benchmarks.attention import add_json_flag, machine, write_json  # noqa: E402
 
 TEXT = REPO / "jaxattn" / "data" / "tinyshakespeare.txt"
 
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--warm", action="store_true", help="rerun lm.py over its cache")
     parser.add_argument("--torch-run", action="store_true", help=argparse.SUPPRESS)
+    add_json_flag(parser)
     args = parser.parse_args()
     if args.torch_run:  # the child process of the PyTorch row
         from benchmarks.torch_nanogpt import train_run
@@ -61,6 +62,7 @@ def main() -> None:
     print(f"# Whole Shakespeare run — {machine()}, {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"\n| job | wall s | val loss at step {args.steps} |\n|---|---|---|")
     lm = [sys.executable, "train/lm.py", "--config=train/configs/shakespeare_char_cpu.py"]
+    results = {"steps": args.steps}
     with tempfile.TemporaryDirectory() as cache:
         for row in ("", ", compiles cached") if args.warm else ("",):
             with tempfile.TemporaryDirectory() as workdir:
@@ -71,13 +73,18 @@ def main() -> None:
             val = re.search(r"Done: step \d+, val loss ([\d.]+)", out).group(1)
             job = f"jaxattn `train/lm.py` (with its samples{row})"
             print(f"| {job} | {seconds:.0f} | {val} |", flush=True)
+            key = "jaxattn_cached" if row else "jaxattn"
+            results |= {f"{key}_s": seconds, f"{key}_val_loss": float(val)}
     try:
         import torch
     except ImportError:
-        return
-    seconds, out = run([sys.executable, __file__, "--torch-run", f"--steps={args.steps}"])
-    val = re.search(r"val loss ([\d.]+)", out).group(1)
-    print(f"| PyTorch {torch.__version__} nanoGPT train loop | {seconds:.0f} | {val} |")
+        torch = None
+    if torch is not None:
+        seconds, out = run([sys.executable, __file__, "--torch-run", f"--steps={args.steps}"])
+        val = re.search(r"val loss ([\d.]+)", out).group(1)
+        print(f"| PyTorch {torch.__version__} nanoGPT train loop | {seconds:.0f} | {val} |")
+        results |= {"torch_s": seconds, "torch_val_loss": float(val)}
+    write_json(args.json, {"whole_run": results})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""Every benchmark in one command, then the speed and memory targets in one table.
+
+    python benchmarks/run_all.py           # attention, LSTM, GPT, whole run (~35 min, 2 cores)
+    python benchmarks/run_all.py --quick   # fewer lengths and repeats, no whole run (~8 min)
+    python benchmarks/run_all.py --long    # also attention's T = 32768 peak memory
+    python benchmarks/run_all.py --only attention lstm
+
+Runs ``attention.py``, ``lstm.py``, ``gpt.py`` (train step, generation, compile time) and
+``whole_run.py``, each in a fresh process, one after the other; their own tables print as
+they finish. Each writes its figures with ``--json``, and this script then prints every
+target of issues 3 and 5 next to what this run measured (ratios within one run). A target
+whose benchmark did not run, or whose peer (PyTorch) is not installed, says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ("attention", "lstm", "gpt", "whole_run")
+
+
+class Target(NamedTuple):
+    """One target: what it asks, which issue, and how to read it from the results."""
+
+    text: str
+    issue: int
+    measure: Callable[[dict], tuple[str, bool] | str]  # (measured, met) or why there is none
+
+
+def _attention_2048(results: dict) -> dict:
+    rows = results["attention"]["attention"].get("2048", {})
+    return {name: row["fwd_bwd_s"] for name, row in rows.items()}
+
+
+def _vs_torch_sdpa(results: dict) -> tuple[str, bool] | str:
+    rows = _attention_2048(results)
+    if not rows:
+        return "T = 2048 not run"
+    if "torch SDPA" not in rows:
+        return "PyTorch not installed"
+    ratio = rows["jaxattn auto"] / rows["torch SDPA"]
+    return f"{rows['jaxattn auto']:.3f} s vs {rows['torch SDPA']:.3f} s: {ratio:.2f}x", ratio <= 1.5
+
+
+def _vs_jax_nn(results: dict) -> tuple[str, bool] | str:
+    rows = _attention_2048(results)
+    if "jax.nn" not in rows:
+        return "T = 2048 not run"
+    speedup = rows["jax.nn"] / rows["jaxattn auto"]
+    return f"{rows['jax.nn']:.3f} s vs {rows['jaxattn auto']:.3f} s: {speedup:.2f}x faster", (
+        speedup >= 5
+    )
+
+
+def _long_memory(results: dict) -> tuple[str, bool] | str:
+    long = results["attention"].get("long")
+    if long is None:
+        return "not run (--long)"
+    return f"{long['peak_gib']:.2f} GiB peak RSS, {long['seconds']:.0f} s", (
+        long["peak_gib"] < 4 and long["finite"]
+    )
+
+
+def _lstm(results: dict) -> tuple[str, bool] | str:
+    rows = results["lstm"]["lstm"]["rows"]
+    torch = [row["fwd_bwd_s"] for name, row in rows.items() if name.startswith("torch")]
+    if not torch:
+        return "PyTorch not installed"
+    ours = rows["jaxattn lstm_scan"]["fwd_bwd_s"]
+    ratio = ours / min(torch)
+    return f"{ours:.3f} s vs {min(torch):.3f} s: {ratio:.2f}x", ratio <= 1.0
+
+
+def _step(results: dict) -> tuple[str, bool] | str:
+    step = results["gpt"]["train_step"]
+    if step["torch_s"] is None:
+        return "PyTorch not installed"
+    ratio = step["jaxattn_s"] / step["torch_s"]
+    ours, theirs = 1e3 * step["jaxattn_s"], 1e3 * step["torch_s"]
+    return f"{ours:.1f} ms vs {theirs:.1f} ms: {ratio:.2f}x", ratio <= 1.0
+
+
+def _kv_cache(results: dict) -> tuple[str, bool]:
+    gen = results["gpt"]["generation"]
+    speedup = gen["full_pass_s"] / gen["cached_unrolled_s"]
+    per_token = [1e6 * gen[k] / gen["new_tokens"] for k in ("cached_unrolled_s", "full_pass_s")]
+    return f"{per_token[0]:.0f} vs {per_token[1]:.0f} µs/token: {speedup:.1f}x", speedup >= 20
+
+
+def _compile(results: dict) -> tuple[str, bool]:
+    c = results["gpt"]["compile"]
+    ratio = c["48_layers_s"] / c["4_layers_s"]
+    return f"{c['48_layers_s']:.2f} s vs {c['4_layers_s']:.2f} s: {ratio:.2f}x", ratio <= 1.5
+
+
+def _whole_run(results: dict) -> tuple[str, bool] | str:
+    run = results["whole_run"]["whole_run"]
+    if "torch_s" not in run:
+        return "PyTorch not installed"
+    ratio = run["jaxattn_s"] / run["torch_s"]
+    return f"{run['jaxattn_s']:.0f} s vs {run['torch_s']:.0f} s: {ratio:.2f}x", ratio <= 1.0
+
+
+def _val_loss(results: dict) -> tuple[str, bool] | str:
+    run = results["whole_run"]["whole_run"]
+    if run["steps"] != 2000:
+        return f"ran {run['steps']} steps, not 2000"
+    return f"{run['jaxattn_val_loss']:.4f}", run["jaxattn_val_loss"] <= 1.88
+
+
+TARGETS = {
+    "attention": [
+        Target("causal attention fwd+bwd, [4, 2048, 8, 64]: <= 1.5x SDPA", 5, _vs_torch_sdpa),
+        Target("the same: >= 5x faster than jax.nn.dot_product_attention", 5, _vs_jax_nn),
+        Target("causal fwd+bwd at T = 32768 (B=1, N=8, H=64): < 4 GiB peak", 5, _long_memory),
+    ],
+    "lstm": [
+        Target("LSTM fwd+bwd, B=64 T=200 I=256 h=512: <= 1.0x PyTorch nn.LSTM", 5, _lstm),
+    ],
+    "gpt": [
+        Target("GPT train step (shakespeare_char_cpu): <= 1.0x nanoGPT in PyTorch", 3, _step),
+        Target("KV-cache generation: >= 20x a full pass per token", 3, _kv_cache),
+        Target("train-step compile, 48 layers: <= 1.5x 4 layers", 3, _compile),
+    ],
+    "whole_run": [
+        Target("whole train/lm.py run: <= nanoGPT's run of the same config", 3, _whole_run),
+        Target("val loss at step 2000: <= 1.88", 3, _val_loss),
+    ],
+}
+
+
+def commands(quick: bool, long: bool) -> dict[str, list[str]]:
+    """The command line of each benchmark (without ``--json``)."""
+    fast = ["--quick"] if quick else []
+    return {
+        "attention": ["attention.py", *fast, *(["--long"] if long else [])],
+        "lstm": ["lstm.py", *fast],
+        "gpt": ["gpt.py", *fast, "--sections", "train,generate,compile"],
+        "whole_run": ["whole_run.py"],
+    }
+
+
+def summary(results: dict[str, dict], skipped: dict[str, str]) -> list[str]:
+    """The targets table as markdown lines; ``results`` holds each script's JSON."""
+    lines = ["| target | issue | measured | met |", "|---|---|---|---|"]
+    for script, targets in TARGETS.items():
+        for target in targets:
+            if script in results:
+                outcome = target.measure(results)
+            else:
+                outcome = skipped.get(script, "not run")
+            if isinstance(outcome, str):
+                measured, met = outcome, "-"
+            else:
+                measured, met = outcome[0], "yes" if outcome[1] else "**no**"
+            lines.append(f"| {target.text} | {target.issue} | {measured} | {met} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="quick modes, no whole run")
+    parser.add_argument("--long", action="store_true", help="also attention at T = 32768")
+    parser.add_argument("--only", nargs="+", choices=SCRIPTS, help="run only these")
+    args = parser.parse_args()
+    selected = args.only or [s for s in SCRIPTS if not (args.quick and s == "whole_run")]
+    results, skipped = {}, {}
+    started = datetime.datetime.now()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cmd in commands(args.quick, args.long).items():
+            if name not in selected:
+                skipped[name] = "not run (--quick)" if args.quick else "not run (--only)"
+                continue
+            out = Path(tmp, f"{name}.json")
+            print(f"\n$ python benchmarks/{' '.join(cmd)}", flush=True)
+            proc = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:], "--json", out])
+            if proc.returncode != 0 or not out.exists():
+                skipped[name] = f"{cmd[0]} failed (exit {proc.returncode})"
+                continue
+            results[name] = json.loads(out.read_text())
+    minutes = (datetime.datetime.now() - started).total_seconds() / 60
+    machine = next((r["machine"] for r in results.values()), "no benchmark ran")
+    print(f"\n# Targets — {machine}, {started:%Y-%m-%d %H:%M}, {minutes:.0f} min in all\n")
+    print("\n".join(summary(results, skipped)))
+
+
+if __name__ == "__main__":
+    main()

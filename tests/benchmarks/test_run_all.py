@@ -1,0 +1,90 @@
+"""benchmarks/run_all.py: the targets table, and the --json contract of the scripts it runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import run_all  # noqa: E402
+
+
+def _results(torch: bool = True) -> dict:
+    """Figures shaped as the scripts write them: some targets met, some missed."""
+    attention = {"jaxattn auto": 0.8, "jax.nn": 3.2} | ({"torch SDPA": 0.6} if torch else {})
+    lstm = {"jaxattn lstm_scan": 1.3}
+    whole = {"steps": 2000, "jaxattn_s": 130.0, "jaxattn_val_loss": 1.87}
+    if torch:
+        lstm |= {"torch nn.LSTM": 1.2, "torch nn.LSTM, 1 thread": 2.0}
+        whole |= {"torch_s": 120.0}
+    return {
+        "attention": {
+            "attention": {"2048": {k: {"fwd_bwd_s": v} for k, v in attention.items()}},
+            "long": {"peak_gib": 1.03, "seconds": 42.0, "finite": True},
+        },
+        "lstm": {"lstm": {"rows": {k: {"fwd_bwd_s": v} for k, v in lstm.items()}}},
+        "gpt": {
+            "train_step": {"jaxattn_s": 0.050, "torch_s": 0.055 if torch else None},
+            "generation": {"new_tokens": 63, "cached_unrolled_s": 0.0063, "full_pass_s": 0.252},
+            "compile": {"4_layers_s": 3.0, "48_layers_s": 3.3},
+        },
+        "whole_run": {"whole_run": whole},
+    }
+
+
+def _rows(lines: list[str]) -> dict[str, list[str]]:
+    """Targets table -> {target text: [issue, measured, met]}."""
+    cells = ([x.strip() for x in line.strip("|").split("|")] for line in lines[2:])
+    return {c[0]: c[1:] for c in cells}
+
+
+def test_summary_reads_each_target_against_its_threshold():
+    rows = _rows(run_all.summary(_results(), {}))
+    assert len(rows) == sum(len(t) for t in run_all.TARGETS.values())
+    met = {text: cells[2] for text, cells in rows.items()}
+    assert met["causal attention fwd+bwd, [4, 2048, 8, 64]: <= 1.5x SDPA"] == "yes"  # 1.33x
+    assert met["the same: >= 5x faster than jax.nn.dot_product_attention"] == "**no**"  # 4x
+    assert met["causal fwd+bwd at T = 32768 (B=1, N=8, H=64): < 4 GiB peak"] == "yes"
+    lstm = rows["LSTM fwd+bwd, B=64 T=200 I=256 h=512: <= 1.0x PyTorch nn.LSTM"]
+    assert lstm[2] == "**no**" and "1.08x" in lstm[1]  # against the faster torch row
+    assert met["GPT train step (shakespeare_char_cpu): <= 1.0x nanoGPT in PyTorch"] == "yes"
+    kv = rows["KV-cache generation: >= 20x a full pass per token"]
+    assert kv[2] == "yes" and "40.0x" in kv[1] and "100 vs 4000 µs/token" in kv[1]
+    assert met["train-step compile, 48 layers: <= 1.5x 4 layers"] == "yes"
+    assert met["whole train/lm.py run: <= nanoGPT's run of the same config"] == "**no**"
+    assert met["val loss at step 2000: <= 1.88"] == "yes"
+    assert {cells[0] for cells in rows.values()} == {"3", "5"}
+
+
+def test_summary_without_torch_or_without_a_benchmark_says_why():
+    results = _results(torch=False)
+    del results["whole_run"]
+    rows = _rows(run_all.summary(results, {"whole_run": "not run (--quick)"}))
+    no_torch = [text for text, cells in rows.items() if cells[1] == "PyTorch not installed"]
+    assert len(no_torch) == 3  # SDPA, nn.LSTM, nanoGPT's step
+    assert all(rows[text][2] == "-" for text in no_torch)
+    assert rows["val loss at step 2000: <= 1.88"][1:] == ["not run (--quick)", "-"]
+    assert rows["the same: >= 5x faster than jax.nn.dot_product_attention"][2] == "**no**"
+
+
+@pytest.mark.slow
+def test_lstm_script_writes_the_json_run_all_reads(tmp_path):
+    out = tmp_path / "lstm.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "lstm.py"), "--shape", "3", "5", "7", "11",
+           "--repeats", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert results["lstm"]["shape"] == [3, 5, 7, 11]
+    rows = results["lstm"]["rows"]
+    assert {"jaxattn lstm_scan", "jaxattn, lengths", "flax nn.RNN"} <= set(rows)
+    for row in rows.values():
+        assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0 and row["n"] == 1
+    line = _rows(run_all.summary({"lstm": results}, {}))[
+        "LSTM fwd+bwd, B=64 T=200 I=256 h=512: <= 1.0x PyTorch nn.LSTM"
+    ]
+    assert line[2] in {"yes", "**no**", "-"} and line[1] != "not run"
