@@ -196,8 +196,8 @@ def _recurrence_bwd(reverse, residuals, cotangents):
     # The weight gradients contract over (t, b) as two axes, not over the rows of
     # h_prev.reshape(-1, h).T: XLA:CPU then copies the left operand to [h, T*B] and runs
     # a plain product in YNNPACK, where the transposed-operand form falls back to a slower
-    # Eigen kernel (115 against 150 GFLOP/s at [12800, 768]^T [12800, 2048]; fwd+bwd about
-    # 7% faster; benchmarks/README.md).
+    # Eigen kernel (115 against 150 GFLOP/s at [12800, 768]^T [12800, 2048]; fwd+bwd 2-7%
+    # faster; benchmarks/README.md).
     dw_hh = jnp.einsum("tbh,tbg->hg", h_prev, dz)  # [h, 4h]
     if proj is None:
         return None, dw_hh, dz, (dh0, dc0), None
