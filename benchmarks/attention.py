@@ -334,9 +334,10 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     table = run_table(lengths, repeats, args.slow, args.max_dense_gib, args.wait_quiet)
     results = {"attention": table}
+    write_json(args.json, results)  # kept even if the long run below fails
     if args.long:
         results["long"] = run_long(32768)
-    write_json(args.json, results)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

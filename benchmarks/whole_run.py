@@ -75,6 +75,7 @@ def main() -> None:
             print(f"| {job} | {seconds:.0f} | {val} |", flush=True)
             key = "jaxattn_cached" if row else "jaxattn"
             results |= {f"{key}_s": seconds, f"{key}_val_loss": float(val)}
+            write_json(args.json, {"whole_run": results})  # kept if a later run fails
     try:
         import torch
     except ImportError:

@@ -162,8 +162,9 @@ def _before(seq: Array, first: Array, reverse: bool) -> Array:
 def _recurrence_bwd(reverse, residuals, cotangents):
     """Backward: a reverse scan carrying ``(dh, dc)`` that emits the pre-activation
     gradients ``dz: [T, B, 4h]``; then ``dW_hh = h_prev^T dz`` as one matmul over T*B
-    rows, and ``dz`` itself is the cotangent of ``gx`` (so ``dW_ih`` and ``dxs`` are also
-    single matmuls, in ``project``'s backward)."""
+    rows. With ``proj`` (the per-step projection, on CPU) ``dW_ih = x^T dz`` and ``dxs =
+    dz W_ih^T`` are single matmuls here too; hoisted, ``dz`` is the cotangent of ``gx``
+    and ``project``'s backward forms them."""
     proj, xs_t, w_hh, gates, hs, cs, (h0, c0), valid = residuals
     dys, (dh_n, dc_n) = cotangents
     h_prev, c_prev = _before(hs, h0, reverse), _before(cs, c0, reverse)
@@ -193,16 +194,17 @@ def _recurrence_bwd(reverse, residuals, cotangents):
 
     inputs = (gates, cs, c_prev, dys, valid)
     (dh0, dc0), dz = jax.lax.scan(body, (dh_n, dc_n), inputs, reverse=not reverse)
-    # The weight gradients contract over (t, b) as two axes, not over the rows of
-    # h_prev.reshape(-1, h).T: XLA:CPU then copies the left operand to [h, T*B] and runs
-    # a plain product in YNNPACK, where the transposed-operand form falls back to a slower
-    # Eigen kernel (115 against 150 GFLOP/s at [12800, 768]^T [12800, 2048]; fwd+bwd 2-7%
-    # faster; benchmarks/README.md).
-    dw_hh = jnp.einsum("tbh,tbg->hg", h_prev, dz)  # [h, 4h]
+    # The weight gradients contract (t, b) as two axes, not as h_prev.reshape(-1, h).T @
+    # dz_rows: XLA:CPU then copies h_prev (and x) to [h, T*B] and runs a plain product in
+    # YNNPACK, where the transposed-operand form falls back to a slower Eigen kernel (115
+    # against 141-150 GFLOP/s at [12800, 768]^T [12800, 2048]; fwd+bwd 3-7% faster;
+    # benchmarks/README.md). tensordot keeps the axes in (t, b) order, so dz is read as
+    # it lies ([T*B, 4h]); einsum would contract them as (b, t) and copy dz too.
+    dw_hh = jnp.tensordot(h_prev, dz, axes=((0, 1), (0, 1)))  # [h, 4h]
     if proj is None:
         return None, dw_hh, dz, (dh0, dc0), None
     w_ih, _ = proj
-    dw_ih = jnp.einsum("tbi,tbg->ig", xs_t, dz)  # [I, 4h]
+    dw_ih = jnp.tensordot(xs_t, dz, axes=((0, 1), (0, 1)))  # [I, 4h]
     dxs = jnp.einsum("tbg,ig->tbi", dz, w_ih)  # [T, B, I]
     return (dw_ih, dz.sum((0, 1))), dw_hh, dxs, (dh0, dc0), None
 
