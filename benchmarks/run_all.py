@@ -1,7 +1,7 @@
 """Every benchmark in one command, then the speed and memory targets in one table.
 
-    python benchmarks/run_all.py           # attention, LSTM, GPT, whole run (~35 min, 2 cores)
-    python benchmarks/run_all.py --quick   # fewer lengths and repeats, no whole run (~8 min)
+    python benchmarks/run_all.py           # attention, LSTM, GPT, whole run (~20 min, 2 cores)
+    python benchmarks/run_all.py --quick   # fewer lengths and repeats, no whole run
     python benchmarks/run_all.py --long    # also attention's T = 32768 peak memory
     python benchmarks/run_all.py --only attention lstm
 
