@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--json-dir", help="keep each script's JSON here (default: discard)")
     args = parser.parse_args()
     selected = args.only or [s for s in SCRIPTS if not (args.quick and s == "whole_run")]
-    results, skipped = {}, {}
+    results, skipped, failed = {}, {}, []
     started = datetime.datetime.now()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.json_dir or tmp)
@@ -193,15 +193,16 @@ def main() -> None:
             out.unlink(missing_ok=True)  # never read an older run's figures
             print(f"\n$ python benchmarks/{' '.join(cmd)}", flush=True)
             proc = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:], "--json", out])
-            if proc.returncode != 0 or not out.exists():
+            if proc.returncode != 0:
+                failed.append(f"{cmd[0]} failed (exit {proc.returncode})")
+            if out.exists():  # what a failing script measured before it failed still counts
+                results[name] = json.loads(out.read_text())
+            else:
                 skipped[name] = f"{cmd[0]} failed (exit {proc.returncode})"
-                continue
-            results[name] = json.loads(out.read_text())
     minutes = (datetime.datetime.now() - started).total_seconds() / 60
     machine = next((r["machine"] for r in results.values()), "no benchmark ran")
     print(f"\n# Targets — {machine}, {started:%Y-%m-%d %H:%M}, {minutes:.0f} min in all\n")
     print("\n".join(summary(results, skipped)))
-    failed = [why for why in skipped.values() if "failed" in why]
     if failed:
         sys.exit("; ".join(failed))
 
