@@ -36,6 +36,12 @@ class Target(NamedTuple):
     measure: Callable[[dict], tuple[str, bool] | str]  # (measured, met) or why there is none
 
 
+def _at_most(ours: float, theirs: float, limit: float, fmt: str = "{:.3f} s") -> tuple[str, bool]:
+    """``("OURS vs THEIRS: RATIOx", ratio <= limit)``, both figures written with ``fmt``."""
+    ratio = ours / theirs
+    return f"{fmt.format(ours)} vs {fmt.format(theirs)}: {ratio:.2f}x", ratio <= limit
+
+
 def _attention_2048(results: dict) -> dict:
     rows = results["attention"]["attention"].get("2048", {})
     return {name: row["fwd_bwd_s"] for name, row in rows.items()}
@@ -47,8 +53,7 @@ def _vs_torch_sdpa(results: dict) -> tuple[str, bool] | str:
         return "T = 2048 not run"
     if "torch SDPA" not in rows:
         return "PyTorch not installed"
-    ratio = rows["jaxattn auto"] / rows["torch SDPA"]
-    return f"{rows['jaxattn auto']:.3f} s vs {rows['torch SDPA']:.3f} s: {ratio:.2f}x", ratio <= 1.5
+    return _at_most(rows["jaxattn auto"], rows["torch SDPA"], 1.5)
 
 
 def _vs_jax_nn(results: dict) -> tuple[str, bool] | str:
@@ -75,18 +80,14 @@ def _lstm(results: dict) -> tuple[str, bool] | str:
     torch = [row["fwd_bwd_s"] for name, row in rows.items() if name.startswith("torch")]
     if not torch:
         return "PyTorch not installed"
-    ours = rows["jaxattn lstm_scan"]["fwd_bwd_s"]
-    ratio = ours / min(torch)
-    return f"{ours:.3f} s vs {min(torch):.3f} s: {ratio:.2f}x", ratio <= 1.0
+    return _at_most(rows["jaxattn lstm_scan"]["fwd_bwd_s"], min(torch), 1.0)
 
 
 def _step(results: dict) -> tuple[str, bool] | str:
     step = results["gpt"]["train_step"]
     if step["torch_s"] is None:
         return "PyTorch not installed"
-    ratio = step["jaxattn_s"] / step["torch_s"]
-    ours, theirs = 1e3 * step["jaxattn_s"], 1e3 * step["torch_s"]
-    return f"{ours:.1f} ms vs {theirs:.1f} ms: {ratio:.2f}x", ratio <= 1.0
+    return _at_most(1e3 * step["jaxattn_s"], 1e3 * step["torch_s"], 1.0, "{:.1f} ms")
 
 
 def _kv_cache(results: dict) -> tuple[str, bool]:
@@ -101,16 +102,14 @@ def _kv_cache(results: dict) -> tuple[str, bool]:
 
 def _compile(results: dict) -> tuple[str, bool]:
     c = results["gpt"]["compile"]
-    ratio = c["48_layers_s"] / c["4_layers_s"]
-    return f"{c['48_layers_s']:.2f} s vs {c['4_layers_s']:.2f} s: {ratio:.2f}x", ratio <= 1.5
+    return _at_most(c["48_layers_s"], c["4_layers_s"], 1.5, "{:.2f} s")
 
 
 def _whole_run(results: dict) -> tuple[str, bool] | str:
     run = results["whole_run"]["whole_run"]
     if "torch_s" not in run:
         return "PyTorch not installed"
-    ratio = run["jaxattn_s"] / run["torch_s"]
-    return f"{run['jaxattn_s']:.0f} s vs {run['torch_s']:.0f} s: {ratio:.2f}x", ratio <= 1.0
+    return _at_most(run["jaxattn_s"], run["torch_s"], 1.0, "{:.0f} s")
 
 
 def _val_loss(results: dict) -> tuple[str, bool] | str:
