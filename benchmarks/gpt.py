@@ -160,7 +160,8 @@ def bench_train_step(run, repeats: int) -> list[tuple[str, float]]:
     ]
 
 
-def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, float]]:
+def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, str, float]]:
+    """Rows ``(json key, label, seconds per call of new_tokens tokens)``."""
     model = model_config(run)
     weights = jax.jit(gpt.init_gpt, static_argnums=1)(jax.random.key(0), model)
     prompt = jnp.zeros((1, 1), jnp.int32)
@@ -199,9 +200,17 @@ def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, floa
     cached_unrolled()
     uncached()
     rows = [
-        ("jaxattn generate, KV cache, unroll_layers=True", timed(cached_unrolled, repeats)),
-        ("jaxattn generate, KV cache (layer scan, the default)", timed(cached, repeats)),
-        ("jaxattn, full forward per token", timed(uncached, repeats)),
+        (
+            "cached_unrolled_s",
+            "jaxattn generate, KV cache, unroll_layers=True",
+            timed(cached_unrolled, repeats),
+        ),
+        (
+            "cached_scan_s",
+            "jaxattn generate, KV cache (layer scan, the default)",
+            timed(cached, repeats),
+        ),
+        ("full_pass_s", "jaxattn, full forward per token", timed(uncached, repeats)),
     ]
     torch = _torch()
     if torch is None:
@@ -224,9 +233,8 @@ def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, floa
             idx = torch.cat([idx, nxt], dim=1)
 
     torch_generate()
-    rows.append(
-        (f"PyTorch {torch.__version__} nanoGPT generate (no cache)", timed(torch_generate, repeats))
-    )
+    label = f"PyTorch {torch.__version__} nanoGPT generate (no cache)"
+    rows.append(("torch_no_cache_s", label, timed(torch_generate, repeats)))
     return rows
 
 
@@ -344,13 +352,13 @@ def main() -> None:
     if "generate" in sections:
         new = run.model.block_size - 1
         rows = bench_generation(run, new, max(3, repeats // 5))
-        unrolled, scanned = rows[0][1], rows[1][1]
-        keys = ("cached_unrolled_s", "cached_scan_s", "full_pass_s", "torch_no_cache_s")
-        results["generation"] = {"new_tokens": new} | {k: sec for k, (_, sec) in zip(keys, rows)}
+        by_key = {key: sec for key, _, sec in rows}
+        unrolled, scanned = by_key["cached_unrolled_s"], by_key["cached_scan_s"]
+        results["generation"] = {"new_tokens": new} | by_key
         print(f"\n## generation: batch 1, {new} new tokens (context {run.model.block_size})")
         print("| implementation | tokens/s | µs/token | ÷ unrolled cache | ÷ scan cache |")
         print("|---|---|---|---|---|")
-        for name, sec in rows:
+        for _, name, sec in rows:
             print(
                 f"| {name} | {new / sec:,.0f} | {sec / new * 1e6:.0f} | {sec / unrolled:.1f}x "
                 f"| {sec / scanned:.1f}x |"
