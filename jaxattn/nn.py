@@ -156,6 +156,11 @@ class AdditiveAttention(_ScoredAttention):
     def __init__(self, query_dim: int, key_dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
         super().__init__(attention_ops.init_additive(rngs.params(), query_dim, key_dim, hidden_dim))
 
+    @staticmethod
+    def _sizes(weights: Any) -> dict[str, Any]:
+        query_dim, hidden_dim = weights.w_query.shape
+        return dict(query_dim=query_dim, key_dim=weights.w_key.shape[0], hidden_dim=hidden_dim)
+
     def _scores(self, query: Array, keys: Array) -> Array:
         return attention_ops.additive_scores(self.pure_weights(), query, keys)
 

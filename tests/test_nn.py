@@ -76,6 +76,9 @@ def test_seq2seq_attention_modules_equal_ops(cls, rng):
     np.testing.assert_array_equal(context, context_ref)
     np.testing.assert_array_equal(weights, weights_ref)
     assert context.shape == (2, 3, 11) and weights.shape == (2, 3, 7)
+    # Rebuilt from its pure weights (e.g. a converted checkpoint): the same module.
+    rebuilt = type(module).from_weights(module.pure_weights())
+    np.testing.assert_array_equal(rebuilt(query, keys, mask=mask)[0], context)
 
 
 def test_multi_head_attention_module_equals_ops_and_trains(rng):
