@@ -33,7 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops.flash import check_attention_inputs, flash_attention
+from jaxattn.ops.flash import check_attention_inputs, flash_attention, fold_traced_scale
 from jaxattn.ops.layers import dropout, normal, project
 from jaxattn.ops.masks import causal_mask, combine_masks, masked_softmax
 
@@ -232,12 +232,19 @@ def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropou
     if is_causal and t != s:
         # cuDNN's causal mask is top-left aligned; ours puts the queries last.
         mask, is_causal = combine_masks(mask, causal_mask(t, s)), False
+    # jax's cuDNN path takes a mask or bias only with whole T and S axes (a [B, 1, 1, S]
+    # padding mask is rejected), and the bias in the inputs' dtype.
+    full_mask = None if mask is None else jnp.broadcast_to(mask, (*mask.shape[:2], t, s))
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (*bias.shape[:2], t, s)).astype(q.dtype)
     out = jax.nn.dot_product_attention(
-        q, k, v, bias, mask, scale=scale, is_causal=is_causal, implementation="cudnn"
+        q, k, v, bias, full_mask, scale=scale, is_causal=is_causal, implementation="cudnn"
     )
     if mask is not None:
-        # cuDNN turns the mask into a bias, so an empty row would average every key.
-        has_key = jnp.any(mask, axis=-1)  # [b, n, T]
+        # cuDNN turns the mask into a large negative bias, so a row with no visible key
+        # would average its keys; the other kernels give 0 there. Visible = mask and causal.
+        visible = combine_masks(mask, causal_mask(t, s) if is_causal else None)
+        has_key = jnp.any(visible, axis=-1)  # [B|1, N|1, T]
         out = jnp.where(jnp.transpose(has_key, (0, 2, 1))[..., None], out, jnp.zeros_like(out))
     return out
 
@@ -381,7 +388,8 @@ def dot_product_attention(
         sequences, else the einsum path); or one of ``"xla"`` (einsum reference, dense
         ``[B, N, T, S]`` scores), ``"blockwise"`` (``jaxattn.ops.flash``: online softmax,
         O(T) memory, any backend), ``"cudnn"`` (GPU only), ``"pallas"`` (TPU only; no
-        mask, bias or GQA).
+        mask, bias or GQA). All support ``jax.grad``; only ``"xla"`` supports forward
+        mode (``jax.jvp``), since the others have custom gradients.
       dropout_rate: dropout on the attention probabilities (``"xla"`` only).
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
 
@@ -404,6 +412,8 @@ def dot_product_attention(
             f"dot_product_attention: attention dropout is only supported by the 'xla' "
             f"implementation, got implementation={implementation!r}"
         )
+    if implementation != "xla":  # the fused kernels take the scale as a Python number
+        q, scale = fold_traced_scale(q, scale)
     return _KERNELS[implementation](
         q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng
     )

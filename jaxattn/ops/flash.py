@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -425,6 +425,18 @@ def check_attention_inputs(
     return mask, bias
 
 
+def fold_traced_scale(q: Array, scale: Any) -> tuple[Array, float | None]:
+    """``(q, scale)`` for a kernel that needs a Python-number scale.
+
+    A traced scale (a learned temperature under ``jit`` or ``grad``) cannot be baked into
+    such a kernel; it is multiplied into ``q`` here instead, where autodiff sees it, and
+    the kernel runs with scale 1. Any other scale passes through unchanged.
+    """
+    if isinstance(scale, jax.core.Tracer):
+        return q * scale.astype(q.dtype), 1.0
+    return q, scale
+
+
 def block_sizes(t: int, s: int, block_q: int | None = None, block_k: int | None = None):
     """Return the ``(block_q, block_k)`` used for T queries and S keys.
 
@@ -468,16 +480,22 @@ def flash_attention(
         (differentiable).
       is_causal: also hide key ``s > t + S - T`` (queries are the last T key positions);
         tiles above the diagonal are skipped.
-      scale: logit scale, default ``1/sqrt(H)``.
+      scale: logit scale, default ``1/sqrt(H)``; a traced value (e.g. learned) is
+        multiplied into q before the kernel.
       block_q: query rows per tile (default ``DEFAULT_BLOCK``).
       block_k: keys per tile (default ``DEFAULT_BLOCK``).
 
     Returns:
       ``[B, T, N, Hv]`` in q's dtype; rows with nothing to attend to are 0.
+
+    Differentiable in reverse mode (``jax.grad``, ``jax.vjp``) only: the gradient is a
+    ``jax.custom_vjp``, so ``jax.jvp`` and forward-over-reverse Hessians need the einsum
+    path (``dot_product_attention(..., implementation="xla")``).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)
     t, s, h = q.shape[1], k.shape[1], q.shape[3]
     bq, bk = block_sizes(t, s, block_q, block_k)
+    q, scale = fold_traced_scale(q, scale)
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     return _flash(q, k, v, mask, bias, _Plan(t, s, bq, bk, bool(is_causal), scale))

@@ -413,18 +413,82 @@ def test_cudnn_off_gpu_raises(np_rng):
         dot_product_attention(*qkv(np_rng, 2), implementation="cudnn")
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
-@pytest.mark.parametrize(
-    "t, is_causal, with_mask", [(8, True, False), (4, True, True), (8, False, True)]
-)
-def test_cudnn_matches_xla(np_rng, t, is_causal, with_mask):
-    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(np_rng, 2, t=t, s=8, h=64, n=4))
-    mask = None
-    if with_mask:
+@pytest.mark.parametrize("implementation, t", [("blockwise", 13), (None, 384)])
+def test_traced_scale_matches_xla_with_gradients(np_rng, implementation, t):
+    """A learned temperature: the scale is traced under grad. The fused kernels take a
+    Python scale, so a traced one is folded into q; values and gradients (also the scale's)
+    match the einsum path. At T = 384 ``implementation=None`` picks blockwise on CPU."""
+    q, k, v = qkv(np_rng, 1, t=t, s=t, h=8, n=2, b=1)
+
+    def loss(q, scale, implementation):
+        out = dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, implementation=implementation
+        )
+        return jnp.sum(out * jnp.cos(out))
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    (value, (dq, dscale)) = grad(q, jnp.float32(0.3), implementation)
+    (value_ref, (dq_ref, dscale_ref)) = grad(q, jnp.float32(0.3), "xla")
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    np.testing.assert_allclose(dq, dq_ref, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(dscale, dscale_ref, rtol=1e-4)
+    assert abs(float(dscale)) > 0  # the scale does get a gradient
+
+
+def _cudnn_case(np_rng, t, is_causal, mask_kind, dtype):
+    """Inputs for the cuDNN path: ``mask_kind`` "none", "full" ([B, 1, T, S] with an empty
+    row), "padding" ([B, 1, 1, S]; with is_causal and T == S key 0 is padding, so query 0
+    sees no key) plus a [1, N, 1, S] float32 bias."""
+    q, k, v = (x.astype(dtype) for x in qkv(np_rng, 2, t=t, s=8, h=64, n=4))
+    kw = dict(is_causal=is_causal)
+    if mask_kind == "full":
         mask = np_rng.random((2, 1, t, 8)) > 0.3
         mask[0, 0, 1] = False  # an empty row must still give zeros
-        mask = jnp.asarray(mask)
-    kw = dict(mask=mask, is_causal=is_causal)
+        kw["mask"] = jnp.asarray(mask)
+    elif mask_kind == "padding":
+        valid = np.ones((2, 1, 1, 8), bool)
+        valid[0, ..., 0] = valid[1, ..., 6:] = False
+        kw["mask"] = jnp.asarray(valid)
+        kw["bias"] = jnp.asarray(np_rng.standard_normal((1, 4, 1, 8)), jnp.float32)
+    return (q, k, v), kw
+
+
+_CUDNN_CASES = [(8, True, "none"), (4, True, "full"), (8, False, "full"), (8, True, "padding")]
+
+
+@pytest.mark.parametrize("t, is_causal, mask_kind", _CUDNN_CASES)
+def test_cudnn_wrapper_on_an_emulated_kernel(monkeypatch, np_rng, t, is_causal, mask_kind):
+    """What our wrapper hands cuDNN and does with its output, off GPU: the kernel is
+    emulated by jax's XLA attention with cuDNN's input rules (whole [T, S] mask and bias,
+    bias in the inputs' dtype) and its mask semantics (a large negative bias, so a row
+    with no visible key averages its keys instead of giving 0)."""
+    real_attention = jax.nn.dot_product_attention
+
+    def emulated_cudnn(q, k, v, bias, mask, *, scale, is_causal, implementation):
+        assert implementation == "cudnn"
+        t, s = q.shape[1], k.shape[1]
+        for name, x in (("mask", mask), ("bias", bias)):
+            if x is not None and x.shape[2:] != (t, s):
+                raise ValueError(f"cuDNN: {name} must have whole T, S axes, got {x.shape}")
+        if bias is not None and bias.dtype != q.dtype:
+            raise ValueError(f"cuDNN: bias dtype {bias.dtype} != {q.dtype}")
+        if mask is not None:
+            as_bias = jnp.where(mask, 0.0, -1e9).astype(q.dtype)
+            bias = as_bias if bias is None else bias + as_bias
+        return real_attention(q, k, v, bias, None, scale=scale, is_causal=is_causal)
+
+    (q, k, v), kw = _cudnn_case(np_rng, t, is_causal, mask_kind, jnp.float32)
+    want = dot_product_attention(q, k, v, implementation="xla", **kw)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", emulated_cudnn)
+    got = dot_product_attention(q, k, v, implementation="cudnn", **kw)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
+@pytest.mark.parametrize("t, is_causal, mask_kind", _CUDNN_CASES)
+def test_cudnn_matches_xla(np_rng, t, is_causal, mask_kind):
+    (q, k, v), kw = _cudnn_case(np_rng, t, is_causal, mask_kind, jnp.bfloat16)
     got = dot_product_attention(q, k, v, implementation="cudnn", **kw)
     want = dot_product_attention(q, k, v, implementation="xla", **kw)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
