@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxattn.ops.layers import check_token_ids
+
 Array = jax.Array
 
 
@@ -24,12 +26,13 @@ def cross_entropy(
     ``p`` is the one-hot target, or with label smoothing ``eps`` the distribution
     ``(1 - eps) onehot + eps / V`` (Szegedy et al., 2016, "Rethinking the Inception
     Architecture"). With a mask the mean runs over the counted tokens only:
-    ``sum(mask * CE) / max(sum(mask), 1)``.
+    ``sum(CE over counted) / max(number counted, 1)``.
 
     Args:
       logits: ``[..., V]`` (any float dtype; computed in float32).
-      targets: ``[...]`` integer ids in ``[0, V)``.
-      mask: optional ``[...]``, True (or nonzero) = count this token.
+      targets: ``[...]`` integer ids in ``[0, V)`` (checked when concrete).
+      mask: optional ``[...]``, True (or nonzero) = count this token. Not a weight: a
+        count of 2 counts the token once.
       label_smoothing: ``eps`` in ``[0, 1)``.
 
     Returns:
@@ -47,6 +50,8 @@ def cross_entropy(
         )
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
+    # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
+    check_token_ids(targets, logits.shape[-1], "cross_entropy: targets")
     logits = logits.astype(jnp.float32)
     if label_smoothing > 0.0:
         labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
@@ -55,5 +60,5 @@ def cross_entropy(
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [...]
     if mask is None:
         return jnp.mean(losses)
-    mask = jnp.asarray(mask).astype(jnp.float32)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    counted = jnp.asarray(mask).astype(bool).astype(jnp.float32)
+    return jnp.sum(losses * counted) / jnp.maximum(jnp.sum(counted), 1.0)

@@ -62,3 +62,18 @@ def test_bad_shapes_raise():
         cross_entropy(logits, jnp.zeros((B, T), jnp.int32), jnp.ones((B,), bool))
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(logits, jnp.zeros((B, T), jnp.int32), label_smoothing=1.0)
+    out_of_range = r"cross_entropy: targets must lie in \[0, 7\), got values in \[7, 7\]"
+    with pytest.raises(ValueError, match=out_of_range):
+        cross_entropy(logits, jnp.full((B, T), V, jnp.int32))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 7\), got values in \[-1, 0\]"):
+        cross_entropy(logits, jnp.zeros((B, T), jnp.int32).at[0, 0].set(-1))
+
+
+def test_integer_mask_counts_tokens_it_does_not_weight_them(np_rng):
+    logits = jnp.asarray(np_rng.normal(size=(B, T, V)), jnp.float32)
+    targets = jnp.asarray(np_rng.integers(0, V, (B, T)), jnp.int32)
+    counts = np_rng.integers(0, 3, (B, T))  # 0, 1 or 2
+    counts[0, 0] = 2
+    got = cross_entropy(logits, targets, jnp.asarray(counts, jnp.int32))
+    want = np_cross_entropy(np.asarray(logits), np.asarray(targets), (counts != 0).astype(float))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
