@@ -64,7 +64,9 @@ def padding_mask(lengths: Array, max_len: int) -> Array:
         raise ValueError(f"padding_mask: lengths must have shape [B], got {lengths.shape}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"padding_mask: lengths must be integers, got dtype {lengths.dtype}")
-    return jnp.arange(max_len, dtype=lengths.dtype)[None, :] < lengths[:, None]  # [B, max_len]
+    # Compare in int32: positions in a narrow dtype (uint8 lengths, max_len 300) would wrap.
+    positions = jnp.arange(max_len, dtype=jnp.int32)
+    return positions[None, :] < lengths[:, None].astype(jnp.int32)  # [B, max_len]
 
 
 def attention_mask(q_valid: Array | None, kv_valid: Array) -> Array:

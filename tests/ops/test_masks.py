@@ -64,6 +64,11 @@ def test_padding_mask():
     np.testing.assert_array_equal(np.asarray(jitted(lengths, 7)), want)
 
 
+def test_padding_mask_narrow_length_dtype_does_not_wrap():
+    got = padding_mask(jnp.asarray([200, 255], jnp.uint8), 300)
+    np.testing.assert_array_equal(np.asarray(got).sum(axis=1), [200, 255])
+
+
 def test_padding_mask_bad_inputs():
     with pytest.raises(ValueError, match=r"\[B\]"):
         padding_mask(jnp.ones((2, 3), jnp.int32), 5)
