@@ -177,7 +177,7 @@ def greedy_decode(
         log_probs, state = step_fn(last, state)
         token = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)  # [B]
         token = jnp.where(done, pad_id, token)
-        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
         return i + 1, out, token, done | (token == eos_id), state
 
     carry = (jnp.zeros((), jnp.int32), out, tokens, done, init_state)
@@ -236,7 +236,7 @@ def beam_search(
     # Only beam 0 is live at first, so the k beams do not all extend the same BOS.
     alive_logp = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg_inf), (b, 1))  # [B, k]
     ended_scores = jnp.full((b, k), neg_inf)
-    rows = jnp.arange(b)[:, None]  # [B, 1]
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]  # [B, 1], int32 like top_k indices
 
     def done(ended_scores):
         return jnp.all(jnp.isfinite(ended_scores), axis=1)  # [B]: k hypotheses have ended

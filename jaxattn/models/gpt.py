@@ -296,12 +296,15 @@ def _block(
         new_cache = None
     else:
         k_cache, v_cache, index = cache
-        start = (0, index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+        # _in_dim builds the other start indices in index's dtype (int32 under x64 too).
+        write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=index, axis=1)
+        k_cache = write(k_cache, k.astype(k_cache.dtype))
+        v_cache = write(v_cache, v.astype(v_cache.dtype))
         # Key j is visible to the query at absolute position p iff j <= p; this also hides
         # the unfilled slots j >= index + T.
-        mask = jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None]  # [T, S]
+        mask = (
+            jnp.arange(k_cache.shape[1], dtype=positions.dtype)[None, :] <= positions[:, None]
+        )  # [T, S]
         ctx = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask[None, None])
         new_cache = (k_cache, v_cache)
     x = x + dropout(rng_res1, project_output(blk.attn, ctx), rate)

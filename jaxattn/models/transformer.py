@@ -273,11 +273,14 @@ def _decoder_layer(
             ctx = _attention(config, rate, r_self, q, k, v, is_causal=True)
             return project_output(lw.self_attn, ctx), None
         k_cache, v_cache, index = cache
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        # _in_dim builds the other start indices in index's dtype (int32 under x64 too).
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
         # Cached key j is visible to the query at position p iff j <= p (also hides the
         # slots not written yet).
-        visible = jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None]  # [T, T_max]
+        visible = (
+            jnp.arange(k_cache.shape[1], dtype=positions.dtype)[None, :] <= positions[:, None]
+        )  # [T, T_max]
         k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)  # [B, T_max, N, H]
         ctx = _attention(config, rate, r_self, q, k_all, v_all, mask=visible[None, None])
         return project_output(lw.self_attn, ctx), (k_cache, v_cache)

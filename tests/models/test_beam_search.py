@@ -182,6 +182,13 @@ def test_beam_one_equals_greedy(np_rng, alpha):
     assert np.any(np.asarray(greedy) == eos) and np.any(np.asarray(greedy)[:, -1] != 0)
 
 
+def test_greedy_under_x64_equals_default(np_rng):
+    table = prefix_table(np_rng, 3, 4, 4)
+    with jax.enable_x64(True):
+        wide = run_greedy(table, max_len=4, eos_id=3)
+    np.testing.assert_array_equal(wide, run_greedy(table, max_len=4, eos_id=3))
+
+
 def test_per_row_first_tokens(np_rng):
     # Row 1 is fed token 2 first instead of BOS, as after prefilling a prompt ending in 2:
     # its output continues the prefix [2].

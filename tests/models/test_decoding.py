@@ -236,6 +236,19 @@ def test_greedy_generate_equals_repeated_full_passes(config, unroll):
         np.testing.assert_array_equal(top1, out)
 
 
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_generate_under_x64_equals_default(unroll):
+    """With jax_enable_x64 the cache write's start indices must share the index's dtype."""
+    w = random_weights(ROPE, seed=2)
+    prompt = tokens_for(ROPE, (B, 3), seed=3)
+    run = functools.partial(
+        gpt_module.generate, w, ROPE, prompt, 5, rng=key(0), temperature=0.0, unroll_layers=unroll
+    )
+    with jax.enable_x64(True):
+        wide = run()
+    np.testing.assert_array_equal(wide, run())
+
+
 def test_sampled_generate_equals_sample_logits_step_by_step():
     """generate draws token i with key i of ``split(rng, n)``, exactly as sample_logits.
 

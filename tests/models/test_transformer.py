@@ -196,6 +196,17 @@ def test_cached_decode_step_equals_teacher_forcing(config, np_rng):
     assert int(index) == tgt_in.shape[1]
 
 
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_translate_under_x64_equals_default(np_rng, beam_size):
+    """With jax_enable_x64 the cache write's start indices must share the index's dtype."""
+    w = random_weights(BASE, seed=3)
+    src, lengths, _ = example_batch(BASE, np_rng)
+    run = functools.partial(translate, w, BASE, src, lengths, beam_size=beam_size, max_len=5)
+    with jax.enable_x64(True):
+        wide = run()
+    np.testing.assert_array_equal(wide, run())
+
+
 def test_padding_does_not_change_a_sentence(np_rng):
     config = BASE
     w = random_weights(config, seed=5)
