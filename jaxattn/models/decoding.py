@@ -30,15 +30,19 @@ function returns log-probabilities and their state rows are gathered by beam ind
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Cache = Any  # any pytree the decode function understands
 DecodeFn = Callable[[Array, Cache], tuple[Array, Cache]]
+
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 def check_sampling(
@@ -47,24 +51,47 @@ def check_sampling(
     """Raise ``ValueError`` for invalid sampling settings (Python values, checked eagerly)."""
     if not temperature >= 0.0:  # also rejects NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if 0.0 < temperature < _TINY:  # would flush to 0 in float32
+        raise ValueError(
+            f"temperature must be 0 (greedy) or at least {_TINY:.3g}, the smallest normal "
+            f"float32, got {temperature}"
+        )
     if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+def check_max_new_tokens(max_new_tokens: int) -> int:
+    """Return ``max_new_tokens`` as an int; ``ValueError`` unless it is an integer >= 0."""
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, numbers.Integral)
+        or max_new_tokens < 0
+    ):
+        raise ValueError(
+            f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}"
+        )
+    return int(max_new_tokens)
+
+
 def _filter_logits(
     logits: Array, *, temperature: float, top_k: int | None, top_p: float | None
 ) -> Array:
-    """``logits / temperature`` in float32 with the top-k / top-p rejects set to -inf."""
-    logits = logits.astype(jnp.float32) / temperature
+    """Float32 ``logits`` with the top-k / top-p rejects (at ``temperature``) set to -inf.
+
+    The logits are not divided by the temperature: ``_pick`` scales the noise instead,
+    which picks the same token and cannot overflow for small temperatures.
+    """
+    logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
     if top_k is not None and top_k < vocab:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1] k-th largest
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p is not None and top_p < 1.0:
         sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V] descending
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # softmax(l / T) from l - max(l), which is <= 0, so the division cannot overflow.
+        probs = jax.nn.softmax((sorted_logits - sorted_logits[:, :1]) / temperature, axis=-1)
         # Token i (in sorted order) is needed iff the mass strictly before it is < top_p;
         # the most likely token always is.
         needed = jnp.cumsum(probs, axis=-1) - probs < top_p  # [B, V]
@@ -87,11 +114,12 @@ def _pick(
     top_k: int | None,
     top_p: float | None,
 ) -> Array:
-    """``[B, V]`` -> ``[B]`` int32: argmax of the filtered logits plus ``noise`` (None: greedy)."""
+    """``[B, V]`` -> ``[B]`` int32: ``argmax(filtered logits / T + noise)`` (None: greedy),
+    computed as ``argmax(filtered logits + T noise)``, the same token for ``T > 0``."""
     if noise is None:
         return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
     logits = _filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits + temperature * noise, axis=-1).astype(jnp.int32)
 
 
 def sample_logits(
@@ -111,8 +139,9 @@ def sample_logits(
       Degeneration"): keep the smallest set of most likely tokens whose probability (after
       temperature and top-k) sums to ``>= top_p``.
 
-    The draw is the Gumbel-max trick, ``argmax(filtered logits + Gumbel noise from rng)``.
-    Everything is computed in float32.
+    The draw is the Gumbel-max trick, ``argmax(filtered logits / T + Gumbel noise from
+    rng)``, computed as ``argmax(filtered logits + T · noise)`` (the same token; no overflow
+    for small ``T``). Everything is computed in float32.
 
     Args:
       rng: PRNG key.
@@ -160,8 +189,7 @@ def generate(
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"generate: prompt must be [B, T0] with T0 >= 1, got {prompt.shape}")
-    if max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     prompt = prompt.astype(jnp.int32)
     if max_new_tokens == 0:
         return prompt

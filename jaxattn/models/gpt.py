@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -95,8 +96,12 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "num_layers", "num_heads", "embed_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"GPTConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if isinstance(self.mlp_ratio, bool) or not (
+            isinstance(self.mlp_ratio, numbers.Integral) and self.mlp_ratio > 0
+        ):
+            raise ValueError(f"GPTConfig.mlp_ratio must be a positive int, got {self.mlp_ratio!r}")
+        if not self.rope_base > 0:  # also rejects NaN
+            raise ValueError(f"GPTConfig.rope_base must be positive, got {self.rope_base}")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"GPTConfig: embed_dim={self.embed_dim} is not divisible by "
@@ -339,6 +344,25 @@ def _check_tokens(tokens: Array, config: GPTConfig, where: str) -> None:
     check_token_ids(tokens, config.vocab_size, f"{where}: token ids")
 
 
+def _check_weights(weights: GPTWeights, config: GPTConfig, where: str) -> None:
+    """Raise ``ValueError`` when ``weights`` were not made for ``config`` (shapes only)."""
+    per_layer = not isinstance(weights.blocks, BlockWeights)  # a tuple of BlockWeights
+    w_q = weights.blocks[0].attn.w_q if per_layer else weights.blocks.attn.w_q
+    layers = len(weights.blocks) if per_layer else w_q.shape[0]
+    d, n, h = config.embed_dim, config.num_heads, config.head_dim
+    got = dict(layers=layers, w_q=tuple(w_q.shape[-3:]), table=weights.token_embedding.table.shape)
+    want = dict(layers=config.num_layers, w_q=(d, n, h), table=(config.vocab_size, d))
+    learned = config.positions == "learned"
+    if got != want or (weights.position_embedding is not None) != learned:
+        raise ValueError(
+            f"{where}: weights do not fit the config: {config.num_layers} layers, per layer "
+            f"w_q [D={d}, N={n}, H={h}], token table [V={config.vocab_size}, D={d}], "
+            f"{'a' if learned else 'no'} learned position table; got {got['layers']} layers, "
+            f"w_q {got['w_q']}, token table {got['table']}, "
+            f"{'a' if weights.position_embedding is not None else 'no'} position table"
+        )
+
+
 def gpt(
     weights: GPTWeights,
     tokens: Array,
@@ -363,6 +387,7 @@ def gpt(
     """
     tokens = jnp.asarray(tokens)
     _check_tokens(tokens, config, "gpt")
+    _check_weights(weights, config, "gpt")
     t = tokens.shape[1]
     if t > config.block_size:
         raise ValueError(
@@ -513,7 +538,16 @@ def gpt_decode(
             f"gpt_decode: {len(weights.blocks)} layers of weights but a cache of "
             f"{len(cache.k)} (k) and {len(cache.v)} (v) layers"
         )
-    b, s = cache.k[0].shape[:2] if per_layer else cache.k.shape[1:3]
+    _check_weights(weights, config, "gpt_decode")
+    layer_shape = cache.k[0].shape if per_layer else cache.k.shape[1:]  # [B, S, K, H]
+    layers = len(cache.k) if per_layer else cache.k.shape[0]
+    if layers != config.num_layers or layer_shape[2:] != (config.kv_heads, config.head_dim):
+        raise ValueError(
+            f"gpt_decode: the cache does not fit the config ({config.num_layers} layers of "
+            f"[B, S, K={config.kv_heads}, H={config.head_dim}]): got {layers} layers of "
+            f"{tuple(layer_shape)} (build it with init_cache(config, ...))"
+        )
+    b, s = layer_shape[:2]
     t = tokens.shape[1]
     if tokens.shape[0] != b or t > s:
         raise ValueError(
@@ -611,8 +645,7 @@ def generate(
     _check_tokens(prompt, config, "generate")
     if prompt.shape[1] == 0:
         raise ValueError(f"generate: the prompt must hold at least one token, got {prompt.shape}")
-    if max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    max_new_tokens = decoding.check_max_new_tokens(max_new_tokens)
     total = prompt.shape[1] + max_new_tokens
     if total > config.block_size:
         raise ValueError(

@@ -108,6 +108,10 @@ def test_cache_shapes_and_errors():
     short_cache = per_layer_cache._replace(k=per_layer_cache.k[:1], v=per_layer_cache.v[:1])
     with pytest.raises(ValueError, match="2 layers of weights but a cache of 1"):
         gpt_decode(per_layer_w, tokens_for(BASE, (1, 1)), short_cache, BASE)
+    # A cache made for another config (other heads, other depth) is named as such.
+    for other in (GQA, dataclasses.replace(BASE, num_layers=3)):
+        with pytest.raises(ValueError, match="the cache does not fit the config"):
+            gpt_decode(w, tokens_for(BASE, (1, 1)), init_cache(other, 1, 4), BASE)
 
 
 # --------------------------------------------------------------------------------------
@@ -189,11 +193,21 @@ def test_greedy_limits_equal_argmax():
         (dict(top_k=1.5), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
+        (dict(temperature=1e-39), "smallest normal float32"),  # would flush to 0
     ],
 )
 def test_sample_logits_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         decoding.sample_logits(key(0), jnp.zeros((2, 5)), **kwargs)
+
+
+def test_tiny_temperature_with_large_logits_samples_the_argmax():
+    """logits / T would overflow to inf (ties); the noise is scaled by T instead."""
+    logits = jnp.array([[1e3, 3e3, 2e3, -1e3]])
+    for temperature in (1e-30, 1e-3):
+        for seed in range(5):
+            got = decoding.sample_logits(key(seed), logits, temperature=temperature, top_p=0.9)
+            assert int(got[0]) == 1
 
 
 def test_sample_logits_rejects_bad_shape():
@@ -290,6 +304,8 @@ def test_generate_rejects_bad_requests():
         gpt_module.generate(w, BASE, prompt, 8, rng=key(0))  # 4 + 8 > 11
     with pytest.raises(ValueError, match="max_new_tokens"):
         gpt_module.generate(w, BASE, prompt, -1, rng=key(0))
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an integer >= 0, got 2\.0"):
+        gpt_module.generate(w, BASE, prompt, 2.0, rng=key(0))
     with pytest.raises(ValueError, match="top_p"):
         gpt_module.generate(w, BASE, prompt, 2, rng=key(0), top_p=2.0)
     with pytest.raises(ValueError, match=r"\[0, 13\)"):
