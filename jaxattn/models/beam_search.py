@@ -135,6 +135,12 @@ def _first_tokens(
     return jnp.broadcast_to(bos.astype(jnp.int32), (batch_size,))
 
 
+def _check_eos(eos_id: int, vocab: int, where: str) -> None:
+    # An EOS the step function can never emit would silently decode to max_len.
+    if eos_id >= vocab:
+        raise ValueError(f"{where}: eos_id={eos_id} is outside the vocabulary V={vocab}")
+
+
 def greedy_decode(
     step_fn: StepFn,
     init_state: State,
@@ -164,7 +170,8 @@ def greedy_decode(
       ``[B, L]`` int32 tokens (no BOS), ``pad_id`` after a row's EOS.
     """
     tokens = _first_tokens(batch_size, max_len, bos_id, eos_id, "greedy_decode")
-    _check_step(step_fn, tokens, init_state, "greedy_decode", state_batch_axis)
+    vocab = _check_step(step_fn, tokens, init_state, "greedy_decode", state_batch_axis)
+    _check_eos(eos_id, vocab, "greedy_decode")
     out = jnp.full((batch_size, max_len), pad_id, jnp.int32)
     done = jnp.zeros((batch_size,), bool)
 
@@ -230,8 +237,7 @@ def beam_search(
     state = gather_rows(init_state, jnp.repeat(jnp.arange(b), k), axis=state_batch_axis)
     last = jnp.repeat(first, k)  # [B*k]
     vocab = _check_step(step_fn, last, state, "beam_search", state_batch_axis)
-    if eos_id >= vocab:
-        raise ValueError(f"beam_search: eos_id={eos_id} is outside the vocabulary V={vocab}")
+    _check_eos(eos_id, vocab, "beam_search")
     seqs = jnp.full((b, k, steps), pad_id, jnp.int32)
     # Only beam 0 is live at first, so the k beams do not all extend the same BOS.
     alive_logp = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg_inf), (b, 1))  # [B, k]

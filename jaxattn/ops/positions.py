@@ -124,6 +124,8 @@ def rope_frequencies(
         raise ValueError(
             f"rope_frequencies: head_dim must be a positive even number, got {head_dim}"
         )
+    if not base > 0:  # also rejects NaN; base^(2i/H) must be a positive wavelength
+        raise ValueError(f"rope_frequencies: base must be positive, got {base}")
     positions = jnp.asarray(positions)
     if positions.ndim not in (1, 2):
         raise ValueError(

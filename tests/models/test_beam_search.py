@@ -285,6 +285,8 @@ def test_bad_inputs_raise(np_rng):
         greedy_decode(step, init_state(3), 2, **kw)
     with pytest.raises(ValueError, match="eos_id=5"):
         beam_search(step, init_state(2), 2, beam_size=2, max_len=2, bos_id=BOS, eos_id=5)
+    with pytest.raises(ValueError, match=r"greedy_decode: eos_id=3 is outside the vocabulary V=3"):
+        greedy_decode(step, init_state(2), 2, max_len=2, bos_id=BOS, eos_id=3)
     bad_shape = lambda tokens, state: (jnp.zeros((tokens.shape[0],)), state)
     with pytest.raises(ValueError, match="log_probs"):
         greedy_decode(bad_shape, init_state(2), 2, **kw)

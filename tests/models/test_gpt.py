@@ -150,6 +150,10 @@ def np_cross_entropy(logits, targets):
         (dict(vocab_size=-1), "vocab_size"),
         (dict(block_size=0), "block_size"),
         (dict(num_heads=4, embed_dim=12, positions="rope"), "even head_dim"),  # H=3
+        (dict(mlp_ratio=2.5), "mlp_ratio must be a positive int"),
+        (dict(mlp_ratio=0), "mlp_ratio must be a positive int"),
+        (dict(rope_base=0.0), "rope_base must be positive"),
+        (dict(rope_base=float("nan")), "rope_base must be positive"),
     ],
 )
 def test_config_validation(changes, match):
@@ -476,6 +480,16 @@ def test_bad_inputs_raise():
         gpt(w, jnp.zeros((5,), jnp.int32), BASE)
     with pytest.raises(ValueError, match="integers"):
         gpt(w, jnp.zeros((1, 3), jnp.float32), BASE)
+    # Weights made for another config: fewer layers, other heads, other positions.
+    tokens = jnp.zeros((1, 3), jnp.int32)
+    for other in (
+        dataclasses.replace(BASE, num_layers=BASE.num_layers + 1),
+        dataclasses.replace(BASE, num_heads=BASE.num_heads * 2),
+        dataclasses.replace(BASE, positions="rope"),
+        dataclasses.replace(BASE, vocab_size=BASE.vocab_size + 1),
+    ):
+        with pytest.raises(ValueError, match="gpt: weights do not fit the config"):
+            gpt(w, tokens, other)
 
 
 def test_weight_decay_groups_match_nanogpt():

@@ -281,3 +281,6 @@ def test_rope_frequencies_bad_inputs():
         rope_frequencies(jnp.arange(T), 7)
     with pytest.raises(ValueError, match=r"positions must be \[T\] or \[B, T\]"):
         rope_frequencies(jnp.zeros((B, T, 1), jnp.int32), H)
+    for base in (0.0, -10000.0, float("nan")):
+        with pytest.raises(ValueError, match="base must be positive"):
+            rope_frequencies(jnp.arange(T), H, base=base)
