@@ -48,7 +48,14 @@ EvalFn = Callable[[Any, Batch], dict[str, Mean]]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm became NaN or infinite; training stopped."""
+    """The loss, the gradient norm or the state became NaN or infinite; training stopped."""
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """True iff every floating-point leaf of ``tree`` is finite (one reduction)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def make_train_step(
@@ -194,7 +201,7 @@ class FitResult:
     state: TrainState
     step: int
     interrupted: bool  # True when a signal stopped the run (a checkpoint was saved).
-    last_eval: dict[str, float]
+    last_eval: dict[str, float]  # the last evaluation (of a finished run: from its checkpoint)
 
 
 class _StopOnSignal:
@@ -282,9 +289,14 @@ class Trainer:
             if self.ckpt.latest_step() is not None:
                 self.state, meta = self.ckpt.restore(state, data_iter=self.saved_iter)
                 self.best_val = meta.get("best_val_loss") or math.inf
+                self.last_eval = meta.get("eval") or {}
                 self.saved_step = int(self.state.step)
                 self.say(f"Resumed from {self.ckpt.step_dir(self.saved_step)}")
             self.step = int(self.state.step)
+            if self.step >= self.loop.num_steps and self.saved_step is not None:
+                # A finished run: nothing to train, evaluate or write (not even a TB file).
+                self.say(f"Step {self.step} >= num_steps={self.loop.num_steps}: nothing to do.")
+                return FitResult(self.state, self.step, False, self.last_eval)
             writer = MetricsWriter(self.workdir, active=self.primary)
             with writer as self.writer, _StopOnSignal() as stop:
                 if self.evaluating and self.step == 0 and self.saved_step is None:
@@ -381,8 +393,17 @@ class Trainer:
     def _save(self, metrics: Mapping[str, float] | None = None) -> None:
         if self.saved_step == self.step:
             return
+        # The loss and gradients checked by _flush come from the state before the last
+        # update; an update can still make the state non-finite (e.g. a huge learning
+        # rate). Never save such a state: the last saved checkpoint must stay a good one.
+        if not bool(_all_finite((self.state.params, self.state.opt_state))):
+            self._stop_non_finite(
+                f"the parameters or optimizer state after step {self.step} are not finite"
+            )
         best = self.best_val if math.isfinite(self.best_val) else None
-        meta = self.metadata | {"best_val_loss": best}
+        # This step's evaluation, if it had one: a finished run reports it when rerun.
+        evaluation = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        meta = self.metadata | {"best_val_loss": best, "eval": evaluation}
         self.ckpt.save(
             self.step, self.state, data_iter=self.saved_iter, metadata=meta, metrics=metrics
         )
@@ -396,14 +417,17 @@ class Trainer:
             for name in ("train_loss", "grad_norm"):
                 value = float(metrics[name].total)
                 if not math.isfinite(value):
-                    self.ckpt.wait()
-                    kept = self.ckpt.latest_step()
-                    where = "none" if kept is None else f"step {kept} in {self.ckpt.directory}"
-                    raise NonFiniteLossError(
-                        f"{name} is {value} at step {step}: training stopped. Nothing was "
-                        f"saved after it; the last good checkpoint is {where}."
-                    )
+                    self._stop_non_finite(f"{name} is {value} at step {step}")
         return reduce_means(m for _, m in host)
+
+    def _stop_non_finite(self, what: str) -> None:
+        self.ckpt.wait()
+        kept = self.ckpt.latest_step()
+        where = "none" if kept is None else f"step {kept} in {self.ckpt.directory}"
+        raise NonFiniteLossError(
+            f"{what}: training stopped. Nothing was saved after it; the last good "
+            f"checkpoint is {where}."
+        )
 
 
 def fit(

@@ -30,7 +30,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+# The schedule runs in float32: a larger rate would be inf there.
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def learning_rate_schedule(
@@ -56,8 +60,10 @@ def learning_rate_schedule(
             f"need 0 <= warmup_steps <= lr_decay_steps, got warmup_steps={warmup_steps}, "
             f"lr_decay_steps={lr_decay_steps}"
         )
-    if learning_rate < 0 or min_lr < 0:
-        raise ValueError(f"learning rates must be >= 0, got {learning_rate=}, {min_lr=}")
+    if not (0 <= learning_rate <= _F32_MAX and 0 <= min_lr <= _F32_MAX):  # also NaN
+        raise ValueError(
+            f"learning rates must be finite float32 values >= 0, got {learning_rate=}, {min_lr=}"
+        )
     cosine_steps = max(lr_decay_steps - warmup_steps, 1)
 
     def schedule(count: jax.Array) -> jax.Array:

@@ -250,6 +250,29 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, toy):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
 
 
+def test_nan_guard_never_saves_a_non_finite_state(tmp_path, toy):
+    """An update can make the state non-finite while the loss and gradients it was computed
+    from were finite (they come from the state before it): that state is not saved."""
+    optimizer = toy.optimizer()
+    step = make_train_step(toy.loss, optimizer)
+
+    def poisoning_step(state, batch):
+        state, metrics = step(state, batch)
+        poison = jnp.where(state.step == 10, jnp.nan, 0.0)  # only the update to step 10
+        return state._replace(params=jax.tree.map(lambda p: p + poison, state.params)), metrics
+
+    with pytest.raises(NonFiniteLossError, match=r"after step 10 are not finite.*step 5 in"):
+        fit(
+            create_train_state(toy.params(), optimizer, jax.random.key(7)),
+            poisoning_step,
+            data.batch_iterator(toy.dataset(0)),
+            workdir=tmp_path,
+            loop=LoopConfig(num_steps=20, checkpoint_every=5, log_every=5, progress=False),
+        )
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [5]
+
+
 _SIGTERM_CHILD = """
 import sys
 sys.path.insert(0, {tests_dir!r})

@@ -42,6 +42,10 @@ def test_schedule_matches_nanogpt(lr, warmup, decay, min_lr):
 def test_schedule_rejects_bad_steps():
     with pytest.raises(ValueError, match="warmup_steps"):
         optim.learning_rate_schedule(1e-3, warmup_steps=10, lr_decay_steps=5, min_lr=0.0)
+    # Negative, NaN, or beyond float32 (1e39 would be inf in the float32 schedule).
+    for lr, min_lr in ((-1e-3, 0.0), (1e-3, -1.0), (float("nan"), 0.0), (1e39, 0.0)):
+        with pytest.raises(ValueError, match="finite float32 values >= 0"):
+            optim.learning_rate_schedule(lr, warmup_steps=1, lr_decay_steps=5, min_lr=min_lr)
 
 
 def _params():
