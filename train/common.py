@@ -36,6 +36,10 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 )
 _CACHE_MAX_BYTES = 1 << 30  # Least recently used entries go first beyond 1 GiB.
 
+# Exit status of a run stopped by SIGTERM or Ctrl-C after saving (128 + SIGTERM, as if
+# killed): job schedulers then see an unfinished job and can requeue it, which resumes.
+INTERRUPTED_EXIT_CODE = 143
+
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a clear message for an unknown ``--config.<key>`` override."""

@@ -7,8 +7,9 @@
 Training shows a progress bar, evaluates, writes ``DIR/metrics.jsonl`` and TensorBoard
 events in ``DIR/tb/``, checkpoints to ``DIR/checkpoints/<step>/``, and prints samples at the
 end. Running it again with the same ``--workdir`` resumes from the latest checkpoint
-(bitwise the same run as an uninterrupted one); SIGTERM or Ctrl-C saves and exits. The
-default workdir is ``workdirs/<config file name>``.
+(bitwise the same run as an uninterrupted one); SIGTERM or Ctrl-C saves and exits with
+status 143, so that a job scheduler sees an unfinished job and can requeue it. The default
+workdir is ``workdirs/<config file name>``.
 
 Samples longer than the context are generated in windows: each window prefills the last
 ``block_size // 2`` characters and samples up to ``block_size`` (nanoGPT instead crops the
@@ -26,6 +27,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
+    INTERRUPTED_EXIT_CODE,
     describe_mesh,
     enable_compilation_cache,
     initialize_distributed,
@@ -75,10 +77,17 @@ def make_loss_fn(model: GPTConfig):
     return loss_fn
 
 
-def sample_text(params, model: GPTConfig, tokenizer: data.CharTokenizer, *, rng) -> list[str]:
-    """Continue ``--prompt`` by ``--sample_tokens`` characters, ``--num_samples`` times."""
+def _check_sampling(model: GPTConfig, tokenizer: data.CharTokenizer) -> None:
     if not _PROMPT.value:
         raise ValueError("--prompt must hold at least one character")
+    tokenizer.encode(_PROMPT.value)  # raises for characters outside the vocabulary
+    if model.block_size < 2:  # a window must hold a context character and a new one
+        raise ValueError(f"sampling needs block_size >= 2, got {model.block_size}")
+
+
+def sample_text(params, model: GPTConfig, tokenizer: data.CharTokenizer, *, rng) -> list[str]:
+    """Continue ``--prompt`` by ``--sample_tokens`` characters, ``--num_samples`` times."""
+    _check_sampling(model, tokenizer)
     prompt = tokenizer.encode(_PROMPT.value)
     out = np.tile(prompt, (_NUM_SAMPLES.value, 1))  # [B, T0]
     keep = max(1, model.block_size // 2)
@@ -116,6 +125,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     train_ids, val_ids = data.train_val_split(ids, config.train_fraction)
     model = GPTConfig(vocab_size=tokenizer.vocab_size, **config.model.to_dict())
     _check_workdir_vocabulary(workdir, tokenizer)
+    if _NUM_SAMPLES.value > 0:  # Fail now, not after training.
+        _check_sampling(model, tokenizer)
 
     mesh, batch_sharding = setup_mesh(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
@@ -131,12 +142,13 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     rows = config.batch_size * config.grad_accum_steps
     train_ds = data.lm_dataset(
         train_ids, batch_size=rows, seq_len=model.block_size, seed=config.seed,
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=tokenizer.vocab_size, name="train split",
         process_rows=sharding.process_batch_slice(batch_sharding, rows),
     )  # fmt: skip
     val_ds = data.lm_dataset(
         val_ids, batch_size=config.batch_size, seq_len=model.block_size, seed=config.seed + 1,
         vocab_size=tokenizer.vocab_size,
+        name=f"validation split (the last {1 - config.train_fraction:.0%} of the text)",
         process_rows=sharding.process_batch_slice(batch_sharding, config.batch_size),
     )  # fmt: skip
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -174,9 +186,11 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     )
     if result.interrupted:
         print_once(f"Stopped at step {result.step}; run the same command again to resume.")
-        return
-    val_loss = result.last_eval.get("val_loss", float("nan"))
-    print_once(f"Done: step {result.step}, val loss {val_loss:.4f}")
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    val_loss = result.last_eval.get("val_loss")
+    print_once(
+        f"Done: step {result.step}" + ("" if val_loss is None else f", val loss {val_loss:.4f}")
+    )
     params = sharding.gather_params(result.state.params)  # Every process: the whole model.
     if _NUM_SAMPLES.value > 0 and jax.process_index() == 0:
         print_samples(params, model, tokenizer, _SAMPLE_SEED.value)

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
+    INTERRUPTED_EXIT_CODE,
     describe_mesh,
     enable_compilation_cache,
     initialize_distributed,
@@ -241,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     )
     if result.interrupted:
         print_once(f"Stopped at step {result.step}; run the same command again to resume.")
-        return
+        sys.exit(INTERRUPTED_EXIT_CODE)
     params = sharding.gather_params(result.state.params)  # Every process: the whole model.
     if jax.process_index() != 0:
         return  # Process 0 decodes the test set and reports.

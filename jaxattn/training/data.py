@@ -148,6 +148,7 @@ def lm_dataset(
     seed: int,
     vocab_size: int,
     process_rows: slice | None = None,
+    name: str = "token stream",
 ) -> grain.MapDataset:
     """Return an unbounded grain dataset of random-window LM batches.
 
@@ -160,6 +161,7 @@ def lm_dataset(
       process_rows: on a multi-process run, the rows of each global batch this process
         loads (``sharding.process_batch_slice``). Every process draws the same B offsets,
         so the global batch is the same for any number of processes.
+      name: what ``tokens`` are, for error messages (e.g. "validation split").
 
     Returns:
       A ``grain.MapDataset`` whose element ``i`` is
@@ -176,7 +178,7 @@ def lm_dataset(
         raise ValueError(f"need batch_size >= 1 and seq_len >= 1, got {batch_size}, {seq_len}")
     if len(tokens) <= seq_len:
         raise ValueError(
-            f"a token stream of length {len(tokens)} is too short for windows of "
+            f"the {name} holds {len(tokens)} tokens, too short for one window of "
             f"seq_len + 1 = {seq_len + 1} tokens"
         )
     check_token_ids(tokens, vocab_size)

@@ -109,6 +109,17 @@ def test_sample_only_loads_the_latest_checkpoint(trained):
 
 
 @pytest.mark.slow
+def test_rerunning_a_finished_run_reports_it_and_writes_nothing(trained):
+    workdir, *_ = trained
+    before = snapshot(workdir)
+    proc = run_lm(f"--workdir={workdir}", "--num_samples=0")
+    final = read_metrics(workdir / "metrics.jsonl")[-1]["val_loss"]
+    assert "Step 8 >= num_steps=8: nothing to do." in proc.stdout
+    assert f"Done: step 8, val loss {final:.4f}" in proc.stdout  # from the checkpoint
+    assert snapshot(workdir) == before  # no new TensorBoard file, no checkpoint
+
+
+@pytest.mark.slow
 def test_sample_prompt_with_unknown_character(trained):
     workdir, *_ = trained
     proc = run_lm(f"--workdir={workdir}", "--sample_only", "--prompt=€uro", check=False)
@@ -141,6 +152,21 @@ def test_unknown_config_key_is_an_error(tmp_path):
     assert "did you mean 'num_steps'?" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--prompt=€uro", "'€' at position 0 is not in the vocabulary"),
+        ("--prompt=", "--prompt must hold at least one character"),
+        ("--config.model.block_size=1", "sampling needs block_size >= 2, got 1"),
+    ],
+)
+def test_bad_sampling_settings_fail_before_training(tmp_path, flag, message):
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", flag, check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 
 def test_missing_data_file_is_an_error(tmp_path):

@@ -114,8 +114,12 @@ def test_token_ids_are_validated():
     tokens = np.array([0, 1, 2, 9, 3, 4, 5, 6], np.int32)
     with pytest.raises(ValueError, match=r"token id 9 at index \(3,\)"):
         data.lm_dataset(tokens, batch_size=2, seq_len=3, seed=0, vocab_size=5)
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match="the token stream holds 4 tokens, too short"):
         data.lm_dataset(_stream(4), batch_size=2, seq_len=4, seed=0, vocab_size=4)
+    with pytest.raises(ValueError, match=r"the validation split holds 4 tokens.* 5 tokens"):
+        data.lm_dataset(
+            _stream(4), batch_size=2, seq_len=4, seed=0, vocab_size=4, name="validation split"
+        )
     with pytest.raises(ValueError, match="1-D"):
         data.lm_dataset(np.zeros((2, 8), np.int32), batch_size=2, seq_len=3, seed=0, vocab_size=4)
     with pytest.raises(ValueError, match="integers"):
