@@ -38,6 +38,7 @@ from common import (  # train/common.py (this script's directory)
 from etils import epath
 from ml_collections import config_flags
 
+from jaxattn.models.decoding import check_sampling
 from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt, weight_decay_mask
 from jaxattn.models.partitioning import TRANSFORMER_RULES
 from jaxattn.training import data, sharding
@@ -77,7 +78,12 @@ def make_loss_fn(model: GPTConfig):
     return loss_fn
 
 
+def _top_k(model: GPTConfig) -> int | None:
+    return min(_TOP_K.value, model.vocab_size) if _TOP_K.value > 0 else None
+
+
 def _check_sampling(model: GPTConfig, tokenizer: data.CharTokenizer) -> None:
+    check_sampling(temperature=_TEMPERATURE.value, top_k=_top_k(model))
     if not _PROMPT.value:
         raise ValueError("--prompt must hold at least one character")
     tokenizer.encode(_PROMPT.value)  # raises for characters outside the vocabulary
@@ -91,7 +97,7 @@ def sample_text(params, model: GPTConfig, tokenizer: data.CharTokenizer, *, rng)
     prompt = tokenizer.encode(_PROMPT.value)
     out = np.tile(prompt, (_NUM_SAMPLES.value, 1))  # [B, T0]
     keep = max(1, model.block_size // 2)
-    top_k = min(_TOP_K.value, model.vocab_size) if _TOP_K.value > 0 else None
+    top_k = _top_k(model)
     produced = 0
     while produced < _SAMPLE_TOKENS.value:
         context = out[:, -keep:]  # [B, <= keep]

@@ -80,8 +80,8 @@ def _filter_logits(
 ) -> Array:
     """Float32 ``logits`` with the top-k / top-p rejects (at ``temperature``) set to -inf.
 
-    The logits are not divided by the temperature: ``_pick`` scales the noise instead,
-    which picks the same token and cannot overflow for small temperatures.
+    The logits are not divided by the temperature here: ``_pick`` decides how to apply it
+    without overflow.
     """
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
@@ -114,12 +114,16 @@ def _pick(
     top_k: int | None,
     top_p: float | None,
 ) -> Array:
-    """``[B, V]`` -> ``[B]`` int32: ``argmax(filtered logits / T + noise)`` (None: greedy),
-    computed as ``argmax(filtered logits + T noise)``, the same token for ``T > 0``."""
+    """``[B, V]`` -> ``[B]`` int32: ``argmax(filtered logits / T + noise)`` (None: greedy).
+
+    For ``T < 1`` computed as ``argmax(filtered logits + T noise)``, the same token:
+    dividing by a small T could overflow float32, and multiplying by a large one could.
+    """
     if noise is None:
         return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
     logits = _filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return jnp.argmax(logits + temperature * noise, axis=-1).astype(jnp.int32)
+    scores = logits + temperature * noise if temperature < 1.0 else logits / temperature + noise
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
 def sample_logits(
@@ -140,8 +144,8 @@ def sample_logits(
       temperature and top-k) sums to ``>= top_p``.
 
     The draw is the Gumbel-max trick, ``argmax(filtered logits / T + Gumbel noise from
-    rng)``, computed as ``argmax(filtered logits + T · noise)`` (the same token; no overflow
-    for small ``T``). Everything is computed in float32.
+    rng)``; for ``T < 1`` as ``argmax(filtered logits + T · noise)``, the same token without
+    overflow for tiny ``T``. Everything is computed in float32.
 
     Args:
       rng: PRNG key.

@@ -11,8 +11,9 @@ pure, jitted once, and donates the old state; metrics are ``{name: Mean(total, c
 reduced on the host (see ``metrics.py``).
 
 ``fit`` resumes from the latest checkpoint in the workdir, shows a tqdm bar with loss and
-tokens/s, evaluates, logs, checkpoints, stops with ``NonFiniteLossError`` when a loss or
-gradient norm is not finite (saving nothing after the last good checkpoint), and on
+tokens/s, evaluates, logs, checkpoints, stops with ``NonFiniteLossError`` when a loss,
+gradient norm or the state to be saved is not finite (saving nothing after the last good
+checkpoint), and on
 SIGTERM/SIGINT saves a checkpoint at the current step and returns.
 """
 
@@ -55,7 +56,7 @@ class NonFiniteLossError(FloatingPointError):
 def _all_finite(tree: Any) -> jax.Array:
     """True iff every floating-point leaf of ``tree`` is finite (one reduction)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] + [jnp.bool_(True)]))
 
 
 def make_train_step(
@@ -470,7 +471,8 @@ def fit(
       A ``FitResult``.
 
     Raises:
-      NonFiniteLossError: a loss or gradient norm was not finite (names the step).
+      NonFiniteLossError: a loss or gradient norm, or the parameters or optimizer state
+        about to be saved, were not finite (names the step).
       IncompatibleCheckpointError, CheckpointError: the workdir's checkpoint cannot be used.
     """
     trainer = Trainer(

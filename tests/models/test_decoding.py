@@ -201,6 +201,12 @@ def test_sample_logits_rejects_bad_settings(kwargs, match):
         decoding.sample_logits(key(0), jnp.zeros((2, 5)), **kwargs)
 
 
+def test_huge_temperature_samples_uniformly():
+    """logits / T -> 0: uniform. (T * noise would overflow for T >= ~1e37.)"""
+    for temperature in (1e38, float("inf")):
+        np.testing.assert_allclose(_frequencies(temperature=temperature), 1 / 7, atol=0.015)
+
+
 def test_tiny_temperature_with_large_logits_samples_the_argmax():
     """logits / T would overflow to inf (ties); the noise is scaled by T instead."""
     logits = jnp.array([[1e3, 3e3, 2e3, -1e3]])

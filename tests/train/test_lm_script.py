@@ -160,6 +160,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
         ("--prompt=€uro", "'€' at position 0 is not in the vocabulary"),
         ("--prompt=", "--prompt must hold at least one character"),
         ("--config.model.block_size=1", "sampling needs block_size >= 2, got 1"),
+        ("--temperature=-1", "temperature must be >= 0, got -1.0"),
     ],
 )
 def test_bad_sampling_settings_fail_before_training(tmp_path, flag, message):

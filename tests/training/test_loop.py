@@ -351,3 +351,11 @@ def test_fit_accepts_a_plain_iterator_without_evaluation(tmp_path, toy):
     assert result.step == 3 and result.last_eval == {}
     assert not (tmp_path / "checkpoints" / "3" / "data").exists()
     assert all("val_loss" not in r for r in read_metrics(tmp_path / "metrics.jsonl"))
+
+
+def test_all_finite_reads_float_leaves_only():
+    from jaxattn.training.loop import _all_finite
+
+    assert bool(_all_finite({"count": jnp.int32(3), "key": jax.random.key(0)}))  # no floats
+    assert bool(_all_finite({"w": jnp.ones(3, jnp.bfloat16), "count": jnp.int32(3)}))
+    assert not bool(_all_finite({"w": jnp.array([1.0, jnp.inf]), "count": jnp.int32(3)}))
