@@ -32,6 +32,7 @@ from jaxattn.ops.attention import (
     init_multi_head_attention,
     project_output,
     project_qkv,
+    write_kv_cache,
 )
 from jaxattn.ops.layers import (
     DenseWeights,
@@ -301,16 +302,8 @@ def _block(
         new_cache = None
     else:
         k_cache, v_cache, index = cache
-        # _in_dim builds the other start indices in index's dtype (int32 under x64 too).
-        write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=index, axis=1)
-        k_cache = write(k_cache, k.astype(k_cache.dtype))
-        v_cache = write(v_cache, v.astype(v_cache.dtype))
-        # Key j is visible to the query at absolute position p iff j <= p; this also hides
-        # the unfilled slots j >= index + T.
-        mask = (
-            jnp.arange(k_cache.shape[1], dtype=positions.dtype)[None, :] <= positions[:, None]
-        )  # [T, S]
-        ctx = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask[None, None])
+        k_cache, v_cache, visible = write_kv_cache(k_cache, v_cache, k, v, index)  # [1, 1, T, S]
+        ctx = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=visible)
         new_cache = (k_cache, v_cache)
     x = x + dropout(rng_res1, project_output(blk.attn, ctx), rate)
     h = feed_forward(

@@ -46,6 +46,7 @@ from jaxattn.ops.attention import (
     init_multi_head_attention,
     project_output,
     project_qkv,
+    write_kv_cache,
 )
 from jaxattn.ops.layers import (
     DenseWeights,
@@ -258,9 +259,7 @@ def _encoder_layer(lw: EncoderLayerWeights, x, mask, config, rate, rng):
     return x
 
 
-def _decoder_layer(
-    lw: DecoderLayerWeights, y, cross, mask, positions, config, rate, rng, cache=None
-):
+def _decoder_layer(lw: DecoderLayerWeights, y, cross, mask, config, rate, rng, cache=None):
     """One decoder layer; ``cache = (k, v [B, T_max, N, H], index)`` for incremental decoding.
 
     Returns ``(y [B, T, D], (k, v) with this step written, or None)``.
@@ -273,16 +272,9 @@ def _decoder_layer(
             ctx = _attention(config, rate, r_self, q, k, v, is_causal=True)
             return project_output(lw.self_attn, ctx), None
         k_cache, v_cache, index = cache
-        # _in_dim builds the other start indices in index's dtype (int32 under x64 too).
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
-        # Cached key j is visible to the query at position p iff j <= p (also hides the
-        # slots not written yet).
-        visible = (
-            jnp.arange(k_cache.shape[1], dtype=positions.dtype)[None, :] <= positions[:, None]
-        )  # [T, T_max]
+        k_cache, v_cache, visible = write_kv_cache(k_cache, v_cache, k, v, index)  # [1,1,T,T_max]
         k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)  # [B, T_max, N, H]
-        ctx = _attention(config, rate, r_self, q, k_all, v_all, mask=visible[None, None])
+        ctx = _attention(config, rate, r_self, q, k_all, v_all, mask=visible)
         return project_output(lw.self_attn, ctx), (k_cache, v_cache)
 
     def cross_attention(h):
@@ -418,7 +410,7 @@ def decode(
 
     def body(y, layer):
         lw, k, v, key = layer
-        return _decoder_layer(lw, y, (k, v), mask, positions, config, rate, key)[0], None
+        return _decoder_layer(lw, y, (k, v), mask, config, rate, key)[0], None
 
     y, _ = _scan_layers(body, y, (w.decoder, cross.k, cross.v, layer_keys), config)
     return _logits(w, y, config)
@@ -518,7 +510,7 @@ def decode_step(
     def body(y, layer):
         lw, k_cache, v_cache, k, v = layer
         y, new = _decoder_layer(
-            lw, y, (k, v), mask, positions, config, 0.0, None, cache=(k_cache, v_cache, cache.index)
+            lw, y, (k, v), mask, config, 0.0, None, cache=(k_cache, v_cache, cache.index)
         )
         return y, new
 

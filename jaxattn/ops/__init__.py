@@ -19,6 +19,7 @@ from jaxattn.ops.attention import (
     multi_head_attention,
     project_output,
     project_qkv,
+    write_kv_cache,
 )
 from jaxattn.ops.layers import (
     DenseWeights,
@@ -130,4 +131,5 @@ __all__ = [
     "sinusoidal_positions",
     "swiglu",
     "unembed",
+    "write_kv_cache",
 ]

@@ -28,6 +28,7 @@ queries as the last T of the S key positions (cached decoding).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -552,6 +553,32 @@ def project_output(weights: MultiHeadAttentionWeights, context: Array) -> Array:
       ``[B, T, Dout]``.
     """
     return project(context, weights.w_o, weights.b_o, contract_dims=2)  # [B, T, Dout]
+
+
+def write_kv_cache(
+    k_cache: Array, v_cache: Array, k: Array, v: Array, index: Array
+) -> tuple[Array, Array, Array]:
+    """Write a chunk's keys and values into a KV cache at position ``index``.
+
+    Args:
+      k_cache, v_cache: ``[B, S, K, H]`` cached keys and values (any dtype).
+      k, v: ``[B, T, K, H]`` the chunk's keys and values, for positions ``index ..
+        index + T - 1``.
+      index: int32 scalar (may be traced), the position of the chunk's first token.
+
+    Returns:
+      ``(k_cache, v_cache, visible)`` with the chunk written and ``visible: [1, 1, T, S]``
+      True where cached key j is visible to the chunk's query at position p, ``j <= p``;
+      this also hides the slots not written yet.
+    """
+    # _in_dim builds the other start indices in index's dtype (int32 under x64 too).
+    write = partial(jax.lax.dynamic_update_slice_in_dim, start_index=index, axis=1)
+    k_cache = write(k_cache, k.astype(k_cache.dtype))
+    v_cache = write(v_cache, v.astype(v_cache.dtype))
+    index = jnp.asarray(index)
+    positions = index + jnp.arange(k.shape[1], dtype=index.dtype)  # [T]
+    keys = jnp.arange(k_cache.shape[1], dtype=index.dtype)  # [S]
+    return k_cache, v_cache, (keys[None, :] <= positions[:, None])[None, None]
 
 
 def multi_head_attention(

@@ -21,6 +21,7 @@ from jaxattn.ops.attention import (
     multi_head_attention,
     project_output,
     project_qkv,
+    write_kv_cache,
 )
 
 B, T, S, N, H = 2, 5, 7, 6, 4
@@ -665,3 +666,21 @@ def test_multi_head_attention_bad_inputs(np_rng):
         multi_head_attention(
             w, normal(np_rng, B, T, 24), normal(np_rng, B, S, 24), mask=jnp.ones((B, 1, S), bool)
         )
+
+
+def test_write_kv_cache_writes_the_chunk_and_masks_later_keys(np_rng):
+    k_cache = np_rng.standard_normal((B, S, 3, H)).astype(np.float32)
+    v_cache = np_rng.standard_normal((B, S, 3, H)).astype(np.float32)
+    k, v = (np_rng.standard_normal((B, 2, 3, H)).astype(np.float32) for _ in range(2))
+    write = jax.jit(write_kv_cache)
+    got_k, got_v, visible = write(k_cache, v_cache, k, v, jnp.int32(3))
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    want_k[:, 3:5], want_v[:, 3:5] = k, v
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)
+    # Queries at positions 3 and 4 see keys 0..3 and 0..4.
+    want_visible = np.arange(S)[None, :] <= np.array([3, 4])[:, None]
+    np.testing.assert_array_equal(visible, want_visible[None, None])
+    # The cache keeps its dtype; the chunk is cast to it.
+    bf16 = write(k_cache.astype(jnp.bfloat16), v_cache, k, v, jnp.int32(0))[0]
+    assert bf16.dtype == jnp.bfloat16
