@@ -192,12 +192,13 @@ def main() -> None:
             out.unlink(missing_ok=True)  # never read an older run's figures
             print(f"\n$ python benchmarks/{' '.join(cmd)}", flush=True)
             proc = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:], "--json", out])
+            why = f"{cmd[0]} failed (exit {proc.returncode})"
             if proc.returncode != 0:
-                failed.append(f"{cmd[0]} failed (exit {proc.returncode})")
+                failed.append(why)
             if out.exists():  # what a failing script measured before it failed still counts
                 results[name] = json.loads(out.read_text())
             else:
-                skipped[name] = f"{cmd[0]} failed (exit {proc.returncode})"
+                skipped[name] = why
     minutes = (datetime.datetime.now() - started).total_seconds() / 60
     machine = next((r["machine"] for r in results.values()), "no benchmark ran")
     print(f"\n# Targets — {machine}, {started:%Y-%m-%d %H:%M}, {minutes:.0f} min in all\n")
