@@ -485,8 +485,10 @@ def test_cudnn_weight_packing_against_jax_reference(rng, np_rng, reverse, length
     weights = init_lstm(rng, IN, HID)
     xs, h0, c0 = _inputs(np_rng)
     n = None if lengths is None else jnp.asarray(lengths, jnp.int32)
-    ys, [(h, c)] = _cudnn_layer([weights], xs, [(h0, c0)], n, reverse, lstm_fn=_lstm_ref_fn)
-    ys_want, (h_want, c_want) = lstm_scan(weights, xs, (h0, c0), lengths=n, reverse=reverse)
+    # Highest precision: on a GPU both sides would otherwise use TF32 matmuls (~1e-4 apart).
+    with jax.default_matmul_precision("highest"):
+        ys, [(h, c)] = _cudnn_layer([weights], xs, [(h0, c0)], n, reverse, lstm_fn=_lstm_ref_fn)
+        ys_want, (h_want, c_want) = lstm_scan(weights, xs, (h0, c0), lengths=n, reverse=reverse)
     np.testing.assert_allclose(ys, ys_want, atol=1e-5)
     np.testing.assert_allclose(h, h_want, atol=1e-5)
     np.testing.assert_allclose(c, c_want, atol=1e-5)
@@ -499,8 +501,9 @@ def test_cudnn_bidirectional_packing_against_jax_reference(rng, np_rng):
     xs, h0, c0 = _inputs(np_rng)
     carries = [(h0, c0), (c0, h0)]
     n = jnp.asarray(LENGTHS, jnp.int32)
-    ys, finals = _cudnn_layer(list(layer), xs, carries, n, lstm_fn=_lstm_ref_fn)
-    ys_want, finals_want = bidirectional_lstm(layer, xs, tuple(carries), lengths=n)
+    with jax.default_matmul_precision("highest"):  # no TF32 on a GPU, as above
+        ys, finals = _cudnn_layer(list(layer), xs, carries, n, lstm_fn=_lstm_ref_fn)
+        ys_want, finals_want = bidirectional_lstm(layer, xs, tuple(carries), lengths=n)
     np.testing.assert_allclose(ys, ys_want, atol=1e-5)
     for a, b in zip(jax.tree.leaves(finals), jax.tree.leaves(finals_want)):
         np.testing.assert_allclose(a, b, atol=1e-5)
