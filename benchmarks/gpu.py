@@ -1,0 +1,457 @@
+"""Attention and LSTM on a GPU: correctness of each kernel, then time and memory against
+jax.nn and PyTorch, in one run.
+
+    python benchmarks/gpu.py                    # checks, attention T = 1024 .. 16384, LSTM
+    python benchmarks/gpu.py --quick            # T = 1024, 4096; fewer repeats
+    python benchmarks/gpu.py --sections checks  # any of: checks attention long lstm
+    python benchmarks/gpu.py --json FILE
+
+Made for a GPU; off one it still runs (the cuDNN rows are skipped, PyTorch runs on the
+CPU), which only shows that the script works.
+
+- ``checks``: every attention kernel (``cudnn``, ``blockwise``, ``xla``, and what
+  ``implementation=None`` picks) in bfloat16 against a float32 reference written here
+  (einsum at ``precision="highest"``), on causal, padded, grouped-query, queries-last
+  (T < S), biased and H = 128 cases: the output and the gradients of q, k and v, as
+  ``max |got - want| / max |want|``. Also ``blockwise`` in float32 at highest precision.
+- ``attention``: causal self-attention in bfloat16, ``[B, T, N=16, H=128]`` with
+  B T = 32768 tokens, forward and forward+backward: jaxattn's kernels, ``jax.nn`` with
+  ``implementation="xla"`` and ``"cudnn"``, and PyTorch's ``scaled_dot_product_attention``.
+  Times are the median of ``--repeats`` rounds; each round runs a row back to back until
+  about 0.1 s have passed, then waits for the device, so launch overhead is amortised as
+  in a training loop. Memory: XLA's temporary buffers of the compiled step
+  (``memory_analysis``), PyTorch's peak allocation above its inputs.
+- ``long``: causal fwd+bwd at T = 32768 (B = 1, N = 8, H = 64): blockwise in float32 and
+  cuDNN in bfloat16, time and XLA temporary memory.
+- ``lstm``: one layer, float32, B = 64, T = 200, I = 256, h = 512 (issue 5's shape):
+  jaxattn's pick (cuDNN on GPU), its scan, the scan with ``lengths``, Flax ``nn.RNN`` and
+  PyTorch ``nn.LSTM`` (cuDNN), plus the cuDNN path's error against the scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.attention import add_json_flag, machine, write_json  # shared helpers
+from jaxattn.ops import lstm as lstm_ops
+from jaxattn.ops.attention import _select_implementation, dot_product_attention
+from jaxattn.ops.masks import padding_mask
+
+ON_GPU = jax.default_backend() == "gpu"
+SECTIONS = ("checks", "attention", "long", "lstm")
+
+
+def _torch():
+    """(torch module, device string), or (None, None) without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    return torch, "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.device_kind} ({d.platform})"
+
+
+def time_call(fn, sync, repeats: int, budget: float = 0.1) -> float:
+    """Median seconds per call: each of ``repeats`` rounds calls ``fn`` back to back for
+    about ``budget`` seconds (at least once), then ``sync()``s. One warm-up round first."""
+    fn()
+    sync()
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < budget:  # calls per round, from the warm-up pace
+        fn()
+        calls += 1
+    sync()
+    calls = max(1, int(calls * budget / max(time.perf_counter() - start, 1e-9)))
+    rounds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn()
+        sync(out)
+        rounds.append((time.perf_counter() - start) / calls)
+    return float(np.median(rounds))
+
+
+def jax_sync(out=None) -> None:
+    jax.block_until_ready(out)
+
+
+# ------------------------------------------------------------------ checks
+
+
+def reference_attention(q, k, v, mask, bias, is_causal):
+    """Float32 softmax attention at highest precision; queries are the last T of S keys,
+    GQA by repeating key/value heads, and a row with no visible key outputs 0."""
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    t, n, h = q.shape[1:]
+    s, kv = k.shape[1:3]
+    k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, precision="highest") / np.float32(np.sqrt(h))
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    visible = jnp.ones((1, 1, t, s), bool)
+    if mask is not None:
+        visible = visible & mask
+    if is_causal:
+        visible = visible & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))
+    logits = jnp.where(visible, logits, np.float32(-1e30))
+    probs = jax.nn.softmax(logits, axis=-1) * jnp.any(visible, axis=-1, keepdims=True)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v, precision="highest")
+
+
+CASES = {  # name: (B, T, S, N, K, H, is_causal, extra)
+    "causal T=S=1024": (2, 1024, 1024, 8, 8, 64, True, None),
+    "causal T=S=1000, padding": (2, 1000, 1000, 8, 8, 64, True, "padding"),
+    "causal GQA N=8 K=2": (2, 1024, 1024, 8, 2, 64, True, None),
+    "causal T=256 < S=1024": (2, 256, 1024, 8, 8, 64, True, None),
+    "bias, not causal, 512": (2, 512, 512, 8, 8, 64, False, "bias"),
+    "causal H=128, 2048": (1, 2048, 2048, 8, 8, 128, True, None),
+}
+
+
+def _case_inputs(case, dtype):
+    b, t, s, n, kv, h, is_causal, extra = case
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)), dtype)
+    k = jnp.asarray(rng.standard_normal((b, s, kv, h)), dtype)
+    v = jnp.asarray(rng.standard_normal((b, s, kv, h)), dtype)
+    probe = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    kw = {"is_causal": is_causal}
+    if extra == "padding":  # row 1 keeps only its first 600 keys
+        kw["mask"] = padding_mask(jnp.asarray([s, 600], jnp.int32), s)[:, None, None, :]
+    if extra == "bias":
+        kw["bias"] = jnp.asarray(rng.standard_normal((1, n, t, s)), dtype)
+    return (q, k, v), probe, kw
+
+
+def _out_and_grads(fn, qkv, probe):
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * probe)
+    out = jax.jit(fn)(*qkv)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*qkv)
+    return [out, *grads]
+
+
+def _rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def run_checks() -> dict:
+    print("# Correctness: max |got - want| / max |want| against a float32 einsum reference")
+    print("(out, dq, dk, dv; the loss is sum(out * probe)). Tolerance: 3e-2 in bfloat16,")
+    print("1e-4 for float32 at highest precision.\n")
+    print("| case | dtype | implementation | out | dq | dk | dv | ok |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = {}
+    runs = [(jnp.bfloat16, impl) for impl in ("auto", "cudnn", "blockwise", "xla")]
+    runs.append((jnp.float32, "blockwise"))
+    for name, case in CASES.items():
+        for dtype, impl in runs:
+            qkv, probe, kw = _case_inputs(case, dtype)
+            tol = 3e-2 if dtype == jnp.bfloat16 else 1e-4
+            label = impl
+            if impl == "auto":
+                picked = _select_implementation(*qkv, kw.get("mask"), kw.get("bias"),
+                                                kw["is_causal"], 0.0)  # fmt: skip
+                label = f"auto ({picked})"
+            if impl == "cudnn" and not ON_GPU:
+                continue
+            impl_arg = None if impl == "auto" else impl
+            fn = functools.partial(dot_product_attention, implementation=impl_arg, **kw)
+            ref = functools.partial(
+                reference_attention,
+                mask=kw.get("mask"),
+                bias=kw.get("bias"),
+                is_causal=kw["is_causal"],
+            )
+            dname = jnp.dtype(dtype).name
+            try:
+                precision = "highest" if dtype == jnp.float32 else "default"
+                with jax.default_matmul_precision(precision):
+                    got = _out_and_grads(fn, qkv, probe)
+                want = _out_and_grads(ref, qkv, probe)
+                errs = [_rel_err(g, w) for g, w in zip(got, want)]
+            except Exception as e:  # report, go on with the other rows
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+                print(f"| {name} | {dname} | {label} | error: {msg} | | | | **no** |")
+                results.setdefault(name, {})[f"{dname} {impl}"] = {"error": msg}
+                continue
+            ok = all(e <= tol for e in errs)
+            cells = " | ".join(f"{e:.1e}" for e in errs)
+            print(f"| {name} | {dname} | {label} | {cells} | {'yes' if ok else '**no**'} |",
+                  flush=True)  # fmt: skip
+            results.setdefault(name, {})[f"{dname} {impl}"] = {"errors": errs, "ok": ok}
+    return results
+
+
+# ------------------------------------------------------------------ attention timing
+
+N_HEADS, HEAD_DIM, TOKENS = 16, 128, 32768
+
+JAX_ROWS = {
+    "jaxattn auto": lambda q, k, v: dot_product_attention(q, k, v, is_causal=True),
+    "jaxattn blockwise": lambda q, k, v: dot_product_attention(
+        q, k, v, is_causal=True, implementation="blockwise"
+    ),
+    "jaxattn xla": lambda q, k, v: dot_product_attention(
+        q, k, v, is_causal=True, implementation="xla"
+    ),
+    "jax.nn xla": lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="xla"
+    ),
+    "jax.nn cudnn": lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn"
+    ),
+}
+DENSE_ROWS = {"jaxattn xla", "jax.nn xla"}
+GPU_ONLY_ROWS = {"jax.nn cudnn"}
+
+
+def _jax_attention_calls(name, q, k, v):
+    f = JAX_ROWS[name]
+    fwd = jax.jit(f).lower(q, k, v).compile()
+    loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    temp = grad.memory_analysis().temp_size_in_bytes
+    return (lambda: fwd(q, k, v)), (lambda: grad(q, k, v)), temp
+
+
+def _torch_attention_calls(torch, device, b, t):
+    import torch.nn.functional as F
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (
+        torch.randn(b, N_HEADS, t, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(3)
+    )
+
+    def fwd():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        q.grad = k.grad = v.grad = None
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
+
+    mem = 0
+    if device == "cuda":
+        fwd_bwd()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        mem = torch.cuda.max_memory_allocated() - base
+    return fwd, fwd_bwd, mem
+
+
+def run_attention(lengths, repeats, max_dense_gib) -> dict:
+    torch, device = _torch()
+    dtype = jnp.bfloat16 if ON_GPU else jnp.float32
+    dname = jnp.dtype(dtype).name
+    print(f"\n# Causal attention, {dname}, [B, T, N={N_HEADS}, H={HEAD_DIM}], B T = {TOKENS}")
+    print(f"median of {repeats} rounds of ~0.1 s each; TFLOP/s counts the causal half only")
+    print("(fwd 2 B N T² H, fwd+bwd 3.5x that); ratios are to PyTorch SDPA's fwd+bwd\n")
+    print("| T | B | implementation | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | / torch | MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = {}
+    for t in lengths:
+        b = max(1, TOKENS // t)
+        rng = np.random.default_rng(0)
+        q, k, v = (
+            jnp.asarray(rng.standard_normal((b, t, N_HEADS, HEAD_DIM)), dtype) for _ in range(3)
+        )
+        flops = 3.5 * 2 * b * N_HEADS * t * t * HEAD_DIM
+        rows = {}
+        names = [n for n in JAX_ROWS if ON_GPU or n not in GPU_ONLY_ROWS]
+        for name in names + (["torch SDPA"] if torch else []):
+            dense_gib = 3 * 4 * b * N_HEADS * t * t / 2**30  # f32 logits, probs, cotangent
+            if name in DENSE_ROWS and dense_gib > max_dense_gib:
+                rows[name] = f"skipped: ~{dense_gib:.0f} GiB dense"
+                continue
+            try:
+                if name == "torch SDPA":
+                    fwd, fwd_bwd, mem = _torch_attention_calls(torch, device, b, t)
+                    sync = (lambda out=None: torch.cuda.synchronize()) if device == "cuda" \
+                        else (lambda out=None: None)  # fmt: skip
+                else:
+                    fwd, fwd_bwd, mem = _jax_attention_calls(name, q, k, v)
+                    sync = jax_sync
+                rows[name] = (time_call(fwd, sync, repeats), time_call(fwd_bwd, sync, repeats),
+                              mem / 2**20)  # fmt: skip
+            except Exception as e:  # report, go on with the other rows
+                rows[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        ref = rows.get("torch SDPA")
+        for name, r in rows.items():
+            if isinstance(r, str):
+                print(f"| {t} | {b} | {name} | {r} | | | | |")
+                results.setdefault(str(t), {})[name] = {"note": r}
+                continue
+            tf, tfb, mib = r
+            ratio = f"{tfb / ref[1]:.2f}" if isinstance(ref, tuple) else "-"
+            print(f"| {t} | {b} | {name} | {1e3 * tf:.2f} | {1e3 * tfb:.2f} "
+                  f"| {flops / tfb / 1e12:.0f} | {ratio} | {mib:.0f} |", flush=True)  # fmt: skip
+            results.setdefault(str(t), {})[name] = {
+                "batch": b, "fwd_s": tf, "fwd_bwd_s": tfb, "mib": mib
+            }  # fmt: skip
+    return results
+
+
+def run_long(t: int = 32768) -> dict:
+    print(f"\n# Long sequence: causal fwd+bwd, [B=1, T={t}, N=8, H=64]")
+    print("| implementation | dtype | seconds | XLA temp GiB | grads finite |")
+    print("|---|---|---|---|---|")
+    results = {}
+    impls = [("blockwise", jnp.float32)] + ([("cudnn", jnp.bfloat16)] if ON_GPU else [])
+    for impl, dtype in impls:
+        rng = np.random.default_rng(0)
+        q, k, v = (jnp.asarray(rng.standard_normal((1, t, 8, 64)), dtype) for _ in range(3))
+        f = lambda *a, impl=impl: jnp.sum(
+            dot_product_attention(*a, is_causal=True, implementation=impl).astype(jnp.float32)
+        )
+        grad = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, k, v).compile()
+        temp = grad.memory_analysis().temp_size_in_bytes / 2**30
+        grads = jax.block_until_ready(grad(q, k, v))  # warm-up
+        start = time.perf_counter()
+        grads = jax.block_until_ready(grad(q, k, v))
+        seconds = time.perf_counter() - start
+        finite = all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+        name = jnp.dtype(dtype).name
+        print(f"| {impl} | {name} | {seconds:.3f} | {temp:.2f} | {finite} |", flush=True)
+        results[impl] = {"dtype": name, "seconds": seconds, "temp_gib": temp, "finite": finite}
+    return results
+
+
+# ------------------------------------------------------------------ LSTM
+
+
+def run_lstm(repeats: int, shape=(64, 200, 256, 512)) -> dict:
+    from benchmarks.lstm import _inputs, flax_calls
+
+    torch, device = _torch()
+    b, t, i, h = shape
+    xs, probe, lengths = _inputs(b, t, i, h)
+    print(f"\n# One LSTM layer, float32, B={b}, T={t}, I={i}, h={h}; grads of weights and xs")
+    weights = lstm_ops.init_lstm(jax.random.key(0), i, h)
+    x, p, n = jnp.asarray(xs), jnp.asarray(probe), jnp.asarray(lengths)
+
+    def jaxattn(impl, with_lengths=False):
+        apply = lambda w, x: lstm_ops.lstm_scan(
+            w, x, lengths=n if with_lengths else None, implementation=impl
+        )[0]
+        loss = lambda w, x: jnp.sum(apply(w, x) * p)
+        fwd = jax.jit(apply).lower(weights, x).compile()
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(weights, x).compile()
+        return (lambda: fwd(weights, x)), (lambda: grad(weights, x))
+
+    picked = "cudnn" if ON_GPU else "scan"
+    calls = {
+        f"jaxattn auto ({picked})": lambda: jaxattn(None),
+        f"jaxattn auto ({picked}), lengths": lambda: jaxattn(None, True),
+        "jaxattn scan": lambda: jaxattn("scan"),
+        "flax nn.RNN": lambda: flax_calls(xs, probe, h),
+    }
+    if ON_GPU:  # the cuDNN path against the scan, values and gradients
+        with jax.default_matmul_precision("highest"):
+            grads = {
+                impl: jax.jit(jax.grad(lambda w, x, impl=impl: jnp.sum(
+                    lstm_ops.lstm_scan(w, x, lengths=n, implementation=impl)[0] * p),
+                    argnums=(0, 1)))(weights, x)
+                for impl in ("cudnn", "scan")
+            }  # fmt: skip
+        errs = jax.tree.map(_rel_err, grads["cudnn"], grads["scan"])
+        print(f"cuDNN vs scan (with lengths), max relative gradient error: "
+              f"{max(jax.tree.leaves(errs)):.1e}")  # fmt: skip
+    rows = {}
+    for name, make in calls.items():
+        fwd, fwd_bwd = make()
+        rows[name] = (fwd, fwd_bwd, jax_sync)
+    if torch:
+        torch.manual_seed(0)
+        module = torch.nn.LSTM(i, h, batch_first=True).to(device)
+        tx = torch.from_numpy(xs).to(device).requires_grad_()
+        tp = torch.from_numpy(probe).to(device)
+
+        def t_fwd():
+            with torch.no_grad():
+                return module(tx)
+
+        def t_fwd_bwd():
+            module.zero_grad(set_to_none=True)
+            tx.grad = None
+            (module(tx)[0] * tp).sum().backward()
+
+        sync = (lambda out=None: torch.cuda.synchronize()) if device == "cuda" \
+            else (lambda out=None: None)  # fmt: skip
+        rows[f"torch nn.LSTM ({device})"] = (t_fwd, t_fwd_bwd, sync)
+    timed = {
+        n: (time_call(f, s, repeats), time_call(fb, s, repeats)) for n, (f, fb, s) in rows.items()
+    }
+    ref = next((v for n, v in timed.items() if n.startswith("torch")), None)
+    print("| implementation | fwd ms | fwd+bwd ms | fwd+bwd / torch |")
+    print("|---|---|---|---|")
+    for name, (tf, tfb) in timed.items():
+        ratio = f"{tfb / ref[1]:.2f}" if ref else "-"
+        print(f"| {name} | {1e3 * tf:.2f} | {1e3 * tfb:.2f} | {ratio} |")
+    return {name: {"fwd_s": tf, "fwd_bwd_s": tfb} for name, (tf, tfb) in timed.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T = 1024, 4096; 3 repeats")
+    parser.add_argument("--lengths", type=int, nargs="*", help="override the T values")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7)")
+    parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument(
+        "--max-dense-gib",
+        type=float,
+        default=24.0,
+        help="skip dense rows whose float32 [B, N, T, T] buffers exceed this",
+    )
+    add_json_flag(parser)
+    args = parser.parse_args()
+    repeats = args.repeats or (3 if args.quick else 7)
+    lengths = args.lengths or ([1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384])
+    torch, device = _torch()
+    print(
+        f"machine: {machine()}; device: {device_name()}; date: {datetime.datetime.now():%F %H:%M}"
+    )
+    print(
+        f"jax {jax.__version__}; torch {torch.__version__ + ' on ' + device if torch else 'absent'}"
+    )
+    if not ON_GPU:
+        print("no GPU: the cuDNN rows are skipped; figures only show that the script runs")
+    run = {
+        "checks": run_checks,
+        "attention": lambda: run_attention(lengths, repeats, args.max_dense_gib),
+        "long": run_long,
+        "lstm": lambda: run_lstm(repeats),
+    }
+    results = {"device": device_name()}
+    for section in args.sections:
+        try:
+            results[section] = run[section]()
+        except Exception:  # a failed section must not hide the others
+            traceback.print_exc()
+            results[section] = {"error": traceback.format_exc(limit=1)}
+        write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
