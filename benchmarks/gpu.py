@@ -62,6 +62,13 @@ def _torch():
     return torch, "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def torch_sync(torch, device):
+    """``sync(out=None)`` for ``time_call``: wait for the CUDA stream; nothing on CPU."""
+    if device == "cuda":
+        return lambda out=None: torch.cuda.synchronize()
+    return lambda out=None: None
+
+
 def device_name() -> str:
     d = jax.devices()[0]
     return f"{d.device_kind} ({d.platform})"
@@ -159,44 +166,40 @@ def run_checks() -> dict:
     print("| case | dtype | implementation | out | dq | dk | dv | ok |")
     print("|---|---|---|---|---|---|---|---|")
     results = {}
-    runs = [(jnp.bfloat16, impl) for impl in ("auto", "cudnn", "blockwise", "xla")]
-    runs.append((jnp.float32, "blockwise"))
+    runs = {jnp.bfloat16: ("auto", "cudnn", "blockwise", "xla"), jnp.float32: ("blockwise",)}
     for name, case in CASES.items():
-        for dtype, impl in runs:
+        for dtype, impls in runs.items():
+            # Inputs and the reference once per case and dtype: every kernel is held to them.
             qkv, probe, kw = _case_inputs(case, dtype)
+            mask, bias, is_causal = kw.get("mask"), kw.get("bias"), kw["is_causal"]
+            ref = functools.partial(reference_attention, mask=mask, bias=bias, is_causal=is_causal)
+            want = _out_and_grads(ref, qkv, probe)
             tol = 3e-2 if dtype == jnp.bfloat16 else 1e-4
-            label = impl
-            if impl == "auto":
-                picked = _select_implementation(*qkv, kw.get("mask"), kw.get("bias"),
-                                                kw["is_causal"], 0.0)  # fmt: skip
-                label = f"auto ({picked})"
-            if impl == "cudnn" and not ON_GPU:
-                continue
-            impl_arg = None if impl == "auto" else impl
-            fn = functools.partial(dot_product_attention, implementation=impl_arg, **kw)
-            ref = functools.partial(
-                reference_attention,
-                mask=kw.get("mask"),
-                bias=kw.get("bias"),
-                is_causal=kw["is_causal"],
-            )
+            precision = "highest" if dtype == jnp.float32 else "default"
             dname = jnp.dtype(dtype).name
-            try:
-                precision = "highest" if dtype == jnp.float32 else "default"
-                with jax.default_matmul_precision(precision):
-                    got = _out_and_grads(fn, qkv, probe)
-                want = _out_and_grads(ref, qkv, probe)
-                errs = [_rel_err(g, w) for g, w in zip(got, want)]
-            except Exception as e:  # report, go on with the other rows
-                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
-                print(f"| {name} | {dname} | {label} | error: {msg} | | | | **no** |")
-                results.setdefault(name, {})[f"{dname} {impl}"] = {"error": msg}
-                continue
-            ok = all(e <= tol for e in errs)
-            cells = " | ".join(f"{e:.1e}" for e in errs)
-            print(f"| {name} | {dname} | {label} | {cells} | {'yes' if ok else '**no**'} |",
-                  flush=True)  # fmt: skip
-            results.setdefault(name, {})[f"{dname} {impl}"] = {"errors": errs, "ok": ok}
+            for impl in impls:
+                if impl == "cudnn" and not ON_GPU:
+                    continue
+                label = impl
+                if impl == "auto":
+                    picked = _select_implementation(*qkv, mask, bias, is_causal, 0.0)
+                    label = f"auto ({picked})"
+                impl_arg = None if impl == "auto" else impl
+                fn = functools.partial(dot_product_attention, implementation=impl_arg, **kw)
+                try:
+                    with jax.default_matmul_precision(precision):
+                        got = _out_and_grads(fn, qkv, probe)
+                    errs = [_rel_err(g, w) for g, w in zip(got, want)]
+                except Exception as e:  # report, go on with the other rows
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+                    print(f"| {name} | {dname} | {label} | error: {msg} | | | | **no** |")
+                    results.setdefault(name, {})[f"{dname} {impl}"] = {"error": msg}
+                    continue
+                ok = all(e <= tol for e in errs)
+                cells = " | ".join(f"{e:.1e}" for e in errs)
+                print(f"| {name} | {dname} | {label} | {cells} | {'yes' if ok else '**no**'} |",
+                      flush=True)  # fmt: skip
+                results.setdefault(name, {})[f"{dname} {impl}"] = {"errors": errs, "ok": ok}
     return results
 
 
@@ -280,16 +283,15 @@ def run_attention(lengths, repeats, max_dense_gib) -> dict:
         flops = 3.5 * 2 * b * N_HEADS * t * t * HEAD_DIM
         rows = {}
         names = [n for n in JAX_ROWS if ON_GPU or n not in GPU_ONLY_ROWS]
+        dense_gib = 3 * 4 * b * N_HEADS * t * t / 2**30  # f32 logits, probs, cotangent
         for name in names + (["torch SDPA"] if torch else []):
-            dense_gib = 3 * 4 * b * N_HEADS * t * t / 2**30  # f32 logits, probs, cotangent
             if name in DENSE_ROWS and dense_gib > max_dense_gib:
                 rows[name] = f"skipped: ~{dense_gib:.0f} GiB dense"
                 continue
             try:
                 if name == "torch SDPA":
                     fwd, fwd_bwd, mem = _torch_attention_calls(torch, device, b, t)
-                    sync = (lambda out=None: torch.cuda.synchronize()) if device == "cuda" \
-                        else (lambda out=None: None)  # fmt: skip
+                    sync = torch_sync(torch, device)
                 else:
                     fwd, fwd_bwd, mem = _jax_attention_calls(name, q, k, v)
                     sync = jax_sync
@@ -342,7 +344,7 @@ def run_long(t: int = 32768) -> dict:
 
 
 def run_lstm(repeats: int, shape=(64, 200, 256, 512)) -> dict:
-    from benchmarks.lstm import _inputs, flax_calls
+    from benchmarks.lstm import _inputs, flax_calls, jaxattn_calls, torch_calls
 
     torch, device = _torch()
     b, t, i, h = shape
@@ -350,23 +352,18 @@ def run_lstm(repeats: int, shape=(64, 200, 256, 512)) -> dict:
     print(f"\n# One LSTM layer, float32, B={b}, T={t}, I={i}, h={h}; grads of weights and xs")
     weights = lstm_ops.init_lstm(jax.random.key(0), i, h)
     x, p, n = jnp.asarray(xs), jnp.asarray(probe), jnp.asarray(lengths)
-
-    def jaxattn(impl, with_lengths=False):
-        apply = lambda w, x: lstm_ops.lstm_scan(
-            w, x, lengths=n if with_lengths else None, implementation=impl
-        )[0]
-        loss = lambda w, x: jnp.sum(apply(w, x) * p)
-        fwd = jax.jit(apply).lower(weights, x).compile()
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(weights, x).compile()
-        return (lambda: fwd(weights, x)), (lambda: grad(weights, x))
-
-    picked = "cudnn" if ON_GPU else "scan"
+    picked = lstm_ops._pick(None, [weights], x, [], "run_lstm")
+    # Each call returns when its work is done, so time_call needs no sync of its own.
     calls = {
-        f"jaxattn auto ({picked})": lambda: jaxattn(None),
-        f"jaxattn auto ({picked}), lengths": lambda: jaxattn(None, True),
-        "jaxattn scan": lambda: jaxattn("scan"),
+        f"jaxattn auto ({picked})": lambda: jaxattn_calls(xs, probe, lengths, h, None),
+        f"jaxattn auto ({picked}), lengths": lambda: jaxattn_calls(
+            xs, probe, lengths, h, "lengths"
+        ),
+        "jaxattn scan": lambda: jaxattn_calls(xs, probe, lengths, h, "scan"),
         "flax nn.RNN": lambda: flax_calls(xs, probe, h),
     }
+    if torch:
+        calls[f"torch nn.LSTM ({device})"] = lambda: torch_calls(xs, probe, h, device=device)
     if ON_GPU:  # the cuDNN path against the scan, values and gradients
         with jax.default_matmul_precision("highest"):
             grads = {
@@ -378,30 +375,11 @@ def run_lstm(repeats: int, shape=(64, 200, 256, 512)) -> dict:
         errs = jax.tree.map(_rel_err, grads["cudnn"], grads["scan"])
         print(f"cuDNN vs scan (with lengths), max relative gradient error: "
               f"{max(jax.tree.leaves(errs)):.1e}")  # fmt: skip
-    rows = {}
-    for name, make in calls.items():
-        fwd, fwd_bwd = make()
-        rows[name] = (fwd, fwd_bwd, jax_sync)
-    if torch:
-        torch.manual_seed(0)
-        module = torch.nn.LSTM(i, h, batch_first=True).to(device)
-        tx = torch.from_numpy(xs).to(device).requires_grad_()
-        tp = torch.from_numpy(probe).to(device)
-
-        def t_fwd():
-            with torch.no_grad():
-                return module(tx)
-
-        def t_fwd_bwd():
-            module.zero_grad(set_to_none=True)
-            tx.grad = None
-            (module(tx)[0] * tp).sum().backward()
-
-        sync = (lambda out=None: torch.cuda.synchronize()) if device == "cuda" \
-            else (lambda out=None: None)  # fmt: skip
-        rows[f"torch nn.LSTM ({device})"] = (t_fwd, t_fwd_bwd, sync)
+    built = {name: make() for name, make in calls.items()}
+    no_sync = lambda out=None: None
     timed = {
-        n: (time_call(f, s, repeats), time_call(fb, s, repeats)) for n, (f, fb, s) in rows.items()
+        name: (time_call(fwd, no_sync, repeats), time_call(fwd_bwd, no_sync, repeats))
+        for name, (fwd, fwd_bwd) in built.items()
     }
     ref = next((v for n, v in timed.items() if n.startswith("torch")), None)
     print("| implementation | fwd ms | fwd+bwd ms | fwd+bwd / torch |")

@@ -71,9 +71,11 @@ def _jax_calls(apply, params, xs, probe):
 
 
 def jaxattn_calls(xs, probe, lengths, h, variant):
+    """``variant``: None (``implementation=None``), ``"lengths"`` (the same with
+    ``lengths``), or an explicit implementation (``"scan"``, ``"autodiff"``, ``"cudnn"``)."""
     weights = lstm_ops.init_lstm(jax.random.key(0), xs.shape[2], h)
     n = jnp.asarray(lengths) if variant == "lengths" else None
-    impl = "autodiff" if variant == "autodiff" else None
+    impl = None if variant in (None, "lengths") else variant
     apply = lambda w, x: lstm_ops.lstm_scan(w, x, lengths=n, implementation=impl)[0]
     return _jax_calls(apply, weights, xs, probe)
 
@@ -86,13 +88,14 @@ def flax_calls(xs, probe, h):
     return _jax_calls(module.apply, params, xs, probe)
 
 
-def torch_calls(xs, probe, h, threads=None):
-    """PyTorch's fwd and fwd+bwd; ``threads`` sets ``torch.set_num_threads`` for the calls."""
+def torch_calls(xs, probe, h, threads=None, device="cpu"):
+    """PyTorch's fwd and fwd+bwd, each returning when its work is done (on ``"cuda"``
+    after a synchronize); ``threads`` sets ``torch.set_num_threads`` for the calls."""
     import torch
 
     if threads:
         default = torch.get_num_threads()
-        fwd, fwd_bwd = torch_calls(xs, probe, h)
+        fwd, fwd_bwd = torch_calls(xs, probe, h, device=device)
 
         def with_threads(fn):
             torch.set_num_threads(threads)
@@ -103,18 +106,21 @@ def torch_calls(xs, probe, h, threads=None):
 
         return lambda: with_threads(fwd), lambda: with_threads(fwd_bwd)
     torch.manual_seed(0)
-    module = torch.nn.LSTM(xs.shape[2], h, batch_first=True)
-    x = torch.from_numpy(xs).requires_grad_()
-    p = torch.from_numpy(probe)
+    module = torch.nn.LSTM(xs.shape[2], h, batch_first=True).to(device)
+    x = torch.from_numpy(xs).to(device).requires_grad_()
+    p = torch.from_numpy(probe).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def fwd():
         with torch.no_grad():
             module(x)
+        sync()
 
     def fwd_bwd():
         module.zero_grad(set_to_none=True)
         x.grad = None
         (module(x)[0] * p).sum().backward()
+        sync()
 
     return fwd, fwd_bwd
 
