@@ -15,7 +15,16 @@ from jax.test_util import check_grads
 
 from jaxattn.ops import attention
 from jaxattn.ops.attention import dot_product_attention
-from jaxattn.ops.flash import _key_range, _Plan, _query_range, block_sizes, flash_attention
+from jaxattn.ops.flash import (
+    ACCELERATOR_BLOCK,
+    DEFAULT_BLOCK,
+    _key_range,
+    _Plan,
+    _query_range,
+    block_sizes,
+    default_batch_heads,
+    flash_attention,
+)
 
 B, N, H = 2, 6, 8
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -114,12 +123,16 @@ def make_case(np_rng, name):
     return (q, k, v, bias), kw, (bq, bk)
 
 
-def vjp_of(impl, q, k, v, bias, cot, kw, blocks):
-    """Output and (dq, dk, dv, dbias) of ``impl`` ("flash" with ``blocks``, or "xla")."""
+def vjp_of(impl, q, k, v, bias, cot, kw, blocks, batch_heads=False):
+    """Output and (dq, dk, dv, dbias) of ``impl`` ("flash" with ``blocks`` and the
+    ``batch_heads`` layout, or "xla")."""
 
     def f(q, k, v, bias):
         if impl == "flash":
-            return flash_attention(q, k, v, bias=bias, block_q=blocks[0], block_k=blocks[1], **kw)
+            bq, bk = blocks
+            return flash_attention(
+                q, k, v, bias=bias, block_q=bq, block_k=bk, batch_heads=batch_heads, **kw
+            )
         return dot_product_attention(q, k, v, bias=bias, implementation=impl, **kw)
 
     out, vjp = jax.vjp(f, q, k, v, bias)
@@ -134,12 +147,17 @@ def assert_all_close(out, grads, want, want_grads):
             np.testing.assert_allclose(got, ref, **GRAD_TOL)
 
 
+@pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_outputs_and_grads_match_numpy_and_xla(np_rng, name):
+def test_outputs_and_grads_match_numpy_and_xla(np_rng, name, batch_heads):
+    """Both loop orders: one (batch, kv-head) pair at a time (CPU) and all pairs batched
+    in each tile step (GPU/TPU)."""
     (q, k, v, bias), kw, blocks = make_case(np_rng, name)
     cot = normal(np_rng, *q.shape)
     impls = ("flash", "xla") if CASES[name][-1] else ("flash",)
-    results = jax.jit(lambda *a: [vjp_of(i, *a, kw, blocks) for i in impls])(q, k, v, bias, cot)
+    results = jax.jit(lambda *a: [vjp_of(i, *a, kw, blocks, batch_heads) for i in impls])(
+        q, k, v, bias, cot
+    )
     (out, grads), others = results[0], results[1:]
     assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, bias=bias, **kw))
     for want, want_grads in others:  # the einsum path of dot_product_attention
@@ -170,7 +188,7 @@ def test_block_ranges_are_exact(t, s, bq, bk):
     vis = np.zeros((-(-t // bq) * bq, -(-s // bk) * bk), bool)
     vis[:t, :s] = np_causal(t, s)
     tile = lambda i, j: vis[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
-    p = _Plan(t, s, bq, bk, True, 1.0)
+    p = _Plan(t, s, bq, bk, True, 1.0, False)
     for i in range(p.nq):
         full, end = (int(x) for x in _key_range(i, p))
         assert all(tile(i, j)[: t - i * bq].all() for j in range(full))
@@ -229,6 +247,18 @@ def test_backward_memory_is_linear_in_length():
     dense = 4 * n * t * t  # float32 [N, T, S] scores for one batch element: 128 MiB
     assert temp_bytes("xla") >= dense  # the reference does materialise them
     assert temp_bytes("blockwise") < dense / 16
+    # The accelerator layout keeps one [Z, 256, 256] tile per step: still far below dense.
+    f = lambda q, k, v: flash_attention(q, k, v, is_causal=True, batch_heads=True)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2)))
+    assert grad.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes < dense / 16
+
+
+def test_layout_and_block_defaults_follow_the_backend():
+    assert default_batch_heads() == (jax.default_backend() != "cpu")
+    assert block_sizes(4096, 4096) == (DEFAULT_BLOCK, DEFAULT_BLOCK)
+    assert block_sizes(4096, 4096, batch_heads=True) == (ACCELERATOR_BLOCK, ACCELERATOR_BLOCK)
+    assert block_sizes(100, 30, batch_heads=True) == (104, 32)  # the lengths rounded up to 8
+    assert block_sizes(4096, 4096, 64, 128, batch_heads=True) == (64, 128)
 
 
 def test_dot_product_attention_dispatches_to_blockwise(np_rng):
