@@ -5,9 +5,12 @@ jax.nn and PyTorch, in one run.
     python benchmarks/gpu.py --quick            # T = 1024, 4096; fewer repeats
     python benchmarks/gpu.py --sections checks  # any of: checks attention long lstm
     python benchmarks/gpu.py --json FILE
+    python benchmarks/gpu.py --smoke            # every section at toy sizes (CI, on CPU)
 
 Made for a GPU; off one it still runs (the cuDNN rows are skipped, PyTorch runs on the
-CPU), which only shows that the script works.
+CPU), which only shows that the script works. ``--smoke`` shrinks every size (lengths by 8,
+B T = 1024 tokens, T = 2048 for ``long``, a small LSTM) so the whole script runs in
+seconds; the test suite runs it that way on CPU.
 
 - ``checks``: every attention kernel (``cudnn``, ``blockwise``, ``xla``, and what
   ``implementation=None`` picks) in bfloat16 against a float32 reference written here
@@ -80,10 +83,11 @@ def time_call(fn, sync, repeats: int, budget: float = 0.1) -> float:
     fn()
     sync()
     start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < budget:  # calls per round, from the warm-up pace
-        fn()
+    # Calls per round, from the warm-up pace. Syncing each warm-up call keeps the dispatch
+    # queue short: unsynced, a slow call (CPU) could queue up seconds of work in 0.1 s.
+    while time.perf_counter() - start < budget:
+        sync(fn())
         calls += 1
-    sync()
     calls = max(1, int(calls * budget / max(time.perf_counter() - start, 1e-9)))
     rounds = []
     for _ in range(repeats):
@@ -132,6 +136,12 @@ CASES = {  # name: (B, T, S, N, K, H, is_causal, extra)
 }
 
 
+def _shrink(case, factor: int):
+    """A case with T and S divided by ``factor`` (for ``--smoke``)."""
+    b, t, s, *rest = case
+    return (b, max(1, t // factor), max(1, s // factor), *rest)
+
+
 def _case_inputs(case, dtype):
     b, t, s, n, kv, h, is_causal, extra = case
     rng = np.random.default_rng(0)
@@ -140,8 +150,8 @@ def _case_inputs(case, dtype):
     v = jnp.asarray(rng.standard_normal((b, s, kv, h)), dtype)
     probe = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
     kw = {"is_causal": is_causal}
-    if extra == "padding":  # row 1 keeps only its first 600 keys
-        kw["mask"] = padding_mask(jnp.asarray([s, 600], jnp.int32), s)[:, None, None, :]
+    if extra == "padding":  # row 1 keeps only its first 60% of keys
+        kw["mask"] = padding_mask(jnp.asarray([s, s * 3 // 5], jnp.int32), s)[:, None, None, :]
     if extra == "bias":
         kw["bias"] = jnp.asarray(rng.standard_normal((1, n, t, s)), dtype)
     return (q, k, v), probe, kw
@@ -159,7 +169,7 @@ def _rel_err(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
-def run_checks() -> dict:
+def run_checks(shrink: int = 1) -> dict:
     print("# Correctness: max |got - want| / max |want| against a float32 einsum reference")
     print("(out, dq, dk, dv; the loss is sum(out * probe)). Tolerance: 3e-2 in bfloat16,")
     print("1e-4 for float32 at highest precision.\n")
@@ -170,7 +180,7 @@ def run_checks() -> dict:
     for name, case in CASES.items():
         for dtype, impls in runs.items():
             # Inputs and the reference once per case and dtype: every kernel is held to them.
-            qkv, probe, kw = _case_inputs(case, dtype)
+            qkv, probe, kw = _case_inputs(_shrink(case, shrink), dtype)
             mask, bias, is_causal = kw.get("mask"), kw.get("bias"), kw["is_causal"]
             ref = functools.partial(reference_attention, mask=mask, bias=bias, is_causal=is_causal)
             want = _out_and_grads(ref, qkv, probe)
@@ -264,18 +274,18 @@ def _torch_attention_calls(torch, device, b, t):
     return fwd, fwd_bwd, mem
 
 
-def run_attention(lengths, repeats, max_dense_gib) -> dict:
+def run_attention(lengths, repeats, max_dense_gib, tokens: int = TOKENS) -> dict:
     torch, device = _torch()
     dtype = jnp.bfloat16 if ON_GPU else jnp.float32
     dname = jnp.dtype(dtype).name
-    print(f"\n# Causal attention, {dname}, [B, T, N={N_HEADS}, H={HEAD_DIM}], B T = {TOKENS}")
+    print(f"\n# Causal attention, {dname}, [B, T, N={N_HEADS}, H={HEAD_DIM}], B T = {tokens}")
     print(f"median of {repeats} rounds of ~0.1 s each; TFLOP/s counts the causal half only")
     print("(fwd 2 B N T² H, fwd+bwd 3.5x that); ratios are to PyTorch SDPA's fwd+bwd\n")
     print("| T | B | implementation | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | / torch | MiB |")
     print("|---|---|---|---|---|---|---|---|")
     results = {}
     for t in lengths:
-        b = max(1, TOKENS // t)
+        b = max(1, tokens // t)
         rng = np.random.default_rng(0)
         q, k, v = (
             jnp.asarray(rng.standard_normal((b, t, N_HEADS, HEAD_DIM)), dtype) for _ in range(3)
@@ -393,6 +403,9 @@ def run_lstm(repeats: int, shape=(64, 200, 256, 512)) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="T = 1024, 4096; 3 repeats")
+    parser.add_argument(
+        "--smoke", action="store_true", help="toy sizes, 1 repeat: checks that the script runs"
+    )
     parser.add_argument("--lengths", type=int, nargs="*", help="override the T values")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7)")
     parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
@@ -404,8 +417,12 @@ def main() -> None:
     )
     add_json_flag(parser)
     args = parser.parse_args()
-    repeats = args.repeats or (3 if args.quick else 7)
-    lengths = args.lengths or ([1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384])
+    repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 7)
+    default_lengths = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    lengths = args.lengths or ([128, 256] if args.smoke else default_lengths)
+    # --smoke: the same code paths at sizes a 2-core CPU runs in seconds.
+    shrink, tokens, long_t = (8, 1024, 2048) if args.smoke else (1, TOKENS, 32768)
+    lstm_shape = (8, 20, 32, 64) if args.smoke else (64, 200, 256, 512)
     torch, device = _torch()
     print(
         f"machine: {machine()}; device: {device_name()}; date: {datetime.datetime.now():%F %H:%M}"
@@ -416,10 +433,10 @@ def main() -> None:
     if not ON_GPU:
         print("no GPU: the cuDNN rows are skipped; figures only show that the script runs")
     run = {
-        "checks": run_checks,
-        "attention": lambda: run_attention(lengths, repeats, args.max_dense_gib),
-        "long": run_long,
-        "lstm": lambda: run_lstm(repeats),
+        "checks": lambda: run_checks(shrink),
+        "attention": lambda: run_attention(lengths, repeats, args.max_dense_gib, tokens),
+        "long": lambda: run_long(long_t),
+        "lstm": lambda: run_lstm(repeats, lstm_shape),
     }
     results = {"device": device_name()}
     for section in args.sections:

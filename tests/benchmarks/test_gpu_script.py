@@ -1,0 +1,57 @@
+"""benchmarks/gpu.py runs end to end (``--smoke``, on whatever backend the tests run on).
+
+The script is made for a GPU, where it is run by hand; this keeps its CPU code paths (the
+correctness table, the timing rows, the long-sequence step and the LSTM rows) from rotting
+between those runs.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_runs_every_section(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+
+    # Correctness: every case ran every kernel available here, within tolerance.
+    checks = results["checks"]
+    assert set(checks) == {
+        "causal T=S=1024", "causal T=S=1000, padding", "causal GQA N=8 K=2",
+        "causal T=256 < S=1024", "bias, not causal, 512", "causal H=128, 2048",
+    }  # fmt: skip
+    for case, rows in checks.items():
+        assert {"bfloat16 auto", "bfloat16 blockwise", "bfloat16 xla", "float32 blockwise"} <= set(
+            rows
+        ), case
+        for row, result in rows.items():
+            assert result.get("ok") is True, (case, row, result)
+            assert len(result["errors"]) == 4  # out, dq, dk, dv
+
+    # Timing rows: positive times for each length, no row failed.
+    attention = results["attention"]
+    assert set(attention) == {"128", "256"}
+    for t, rows in attention.items():
+        assert {"jaxattn auto", "jaxattn blockwise", "jax.nn xla"} <= set(rows), t
+        for name, row in rows.items():
+            assert "note" not in row, (t, name, row)
+            assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0, (t, name)
+
+    assert results["long"]["blockwise"]["finite"] is True
+    lstm = results["lstm"]
+    assert "jaxattn scan" in lstm and "flax nn.RNN" in lstm
+    assert all(row["fwd_bwd_s"] > 0 for row in lstm.values())
