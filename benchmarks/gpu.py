@@ -8,9 +8,10 @@ jax.nn and PyTorch, in one run.
     python benchmarks/gpu.py --smoke            # every section at toy sizes (CI, on CPU)
 
 Made for a GPU; off one it still runs (the cuDNN rows are skipped, PyTorch runs on the
-CPU), which only shows that the script works. ``--smoke`` shrinks every size (lengths by 8,
-B T = 1024 tokens, T = 2048 for ``long``, a small LSTM) so the whole script runs in
-seconds; the test suite runs it that way on CPU.
+CPU), which only shows that the script works. ``--smoke`` shrinks every size (the check
+cases' T and S by 8, though they keep their names; timing at T = 128 and 256 with
+B T = 1024 tokens; T = 2048 for ``long``; a small LSTM) so that the whole script runs in
+about a minute on 2 CPU cores; the test suite runs it that way.
 
 - ``checks``: every attention kernel (``cudnn``, ``blockwise``, ``xla``, and what
   ``implementation=None`` picks) in bfloat16 against a float32 reference written here
@@ -80,8 +81,7 @@ def device_name() -> str:
 def time_call(fn, sync, repeats: int, budget: float = 0.1) -> float:
     """Median seconds per call: each of ``repeats`` rounds calls ``fn`` back to back for
     about ``budget`` seconds (at least once), then ``sync()``s. One warm-up round first."""
-    fn()
-    sync()
+    sync(fn())
     start, calls = time.perf_counter(), 0
     # Calls per round, from the warm-up pace. Syncing each warm-up call keeps the dispatch
     # queue short: unsynced, a slow call (CPU) could queue up seconds of work in 0.1 s.

@@ -37,10 +37,11 @@ plain or ``A Bᵀ`` products (a transposed left operand falls back to a slower k
 On GPU and TPU that order is the wrong one: every tile step is a handful of small kernel
 launches, and one head at a time on an H200 ran 86-141x slower than PyTorch SDPA (243 ms
 at T = 1024 with 512 (batch, head) pairs). There (``batch_heads=True``, the default off
-CPU) the Z pairs are ``vmap``-ed instead, so each tile step is one batched product
-``[Z, R, H]·[Z, C, H]ᵀ`` over all heads, on ``ACCELERATOR_BLOCK`` tiles: Z times fewer
-sequential steps at one block size, the same arithmetic, and memory still linear in T (Z
-tiles live at a time). Not yet timed on a GPU; on CPU it is the slower order.
+CPU without a bias) the Z pairs are ``vmap``-ed instead, so each tile step is one batched
+product ``[Z, R, H]·[Z, C, H]ᵀ`` over all heads, on ``ACCELERATOR_BLOCK`` tiles: Z times
+fewer sequential steps at one block size, the same arithmetic, and memory still linear in
+T (Z tiles live at a time; masks shared across heads are not copied per head). Not yet
+timed on a GPU; on CPU it is the slower order.
 """
 
 from __future__ import annotations
@@ -161,6 +162,37 @@ def _head_tiles(blocks: Array | None, z, num_kv: int) -> Array | None:
     return blocks[b, z % num_kv if blocks.shape[1] > 1 else 0]
 
 
+def _each_head(fn, per_head: tuple, tiles: tuple, batch: int, num_kv: int, p: _Plan):
+    """``fn(z, *per_head[z], *tiles of head z)`` for every flat head ``z = b K + k``, stacked.
+
+    ``per_head`` arrays are ``[Z, ...]``; ``tiles`` are mask/bias tiles ``[b|1, K|1, ...]``
+    (or None). Without ``p.batch_heads`` a ``lax.map`` runs one head at a time. With it,
+    two nested ``vmap``s over b and k run them all at once; a tile axis of size 1 stays
+    unmapped there, so a mask or bias shared across heads is never copied per head.
+    """
+    if not p.batch_heads:
+        heads = (jnp.arange(batch * num_kv), *per_head)
+        return lax.map(
+            lambda a: fn(a[0], *a[1:], *(_head_tiles(t, a[0], num_kv) for t in tiles)), heads
+        )
+    arrays = tuple(x.reshape(batch, num_kv, *x.shape[1:]) for x in per_head)  # [B, K, ...]
+    z = jnp.arange(batch * num_kv).reshape(batch, num_kv)
+
+    def unbroadcast(t):  # -> (t without its size-1 b and k axes, b's vmap axis, k's vmap axis)
+        if t is None:
+            return None, None, None
+        b_axis, k_axis = (None if d == 1 else 0 for d in t.shape[:2])
+        index = tuple(slice(None) if axis == 0 else 0 for axis in (b_axis, k_axis))
+        return t[index], b_axis, k_axis
+
+    squeezed, outer, inner = zip(*map(unbroadcast, tiles))
+    mapped = (0,) * (1 + len(arrays))
+    over_k = jax.vmap(fn, in_axes=(*mapped, *inner))
+    over_bk = jax.vmap(over_k, in_axes=(*mapped, *outer))
+    out = over_bk(z, *arrays, *squeezed)
+    return jax.tree.map(lambda y: y.reshape(batch * num_kv, *y.shape[2:]), out)
+
+
 def _tile(tiles: Array | None, i, j) -> Array | None:
     """Tile (i, j) of one head's ``[n_i|1, n_j|1, ...]`` tiles."""
     if tiles is None:
@@ -241,7 +273,7 @@ def _add_tile(acc: Array, index: tuple, tile: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------------------
-# Forward and backward kernels: one (batch, key/value head) pair at a time
+# Forward and backward kernels of one (batch, key/value head) pair, mapped over all pairs
 # ----------------------------------------------------------------------------------------
 
 
@@ -255,10 +287,7 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
     masks = None if mask is None else _pair_blocks(mask, kh, p, False, False)
     biases = None if bias is None else _pair_blocks(bias, kh, p, False, 0)
 
-    def head(args):
-        z, qz, kz, vz = args  # [nq, R, H], [nk, C, H], [nk, C, Hv]
-        mz, bz = _head_tiles(masks, z, kh), _head_tiles(biases, z, kh)
-
+    def head(z, qz, kz, vz, mz, bz):  # [nq, R, H], [nk, C, H], [nk, C, Hv], tiles or None
         def query_block(i):
             qi = qz[i]
 
@@ -290,8 +319,7 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
 
         return lax.map(query_block, jnp.arange(p.nq))  # [nq, R, Hv], [nq, R]
 
-    heads = (jnp.arange(qs.shape[0]), qs, ks, vs)
-    out, lse = jax.vmap(head)(heads) if p.batch_heads else lax.map(head, heads)
+    out, lse = _each_head(head, (qs, ks, vs), (masks, biases), b, kh, p)
     return _q_unblock(out, b, n, p.t), lse
 
 
@@ -308,9 +336,7 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
     masks = None if mask is None else _pair_blocks(mask, kh, p, True, False)
     biases = None if bias is None else _pair_blocks(bias, kh, p, True, 0)
 
-    def head(dbias, args):
-        z, qz, doz, lsez, deltaz, kz, vz = args
-        mz, bz = _head_tiles(masks, z, kh), _head_tiles(biases, z, kh)
+    def head(dbias, z, qz, doz, lsez, deltaz, kz, vz, mz, bz):
         ktz = jnp.swapaxes(kz, 1, 2)  # [nk, H, C]: dqᵀ = kᵀ dsᵀ is then a plain matmul
 
         def key_block(carry, j):
@@ -345,12 +371,19 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
         (dqt, dbias), (dk, dv) = lax.scan(key_block, (dqt0, dbias), jnp.arange(p.nk))
         return dbias, (jnp.swapaxes(dqt, 1, 2), dk, dv)
 
-    dbias0 = None if biases is None else jnp.zeros(biases.shape, _F32)
-    heads = (jnp.arange(qs.shape[0]), qs, dos, lse, delta, ks, vs)
-    if p.batch_heads and dbias0 is None:
-        dbias, (dq, dk, dv) = None, jax.vmap(lambda args: head(None, args)[1])(heads)
-    else:  # a bias gradient sums over heads that share bias tiles: loop over the heads
-        dbias, (dq, dk, dv) = lax.scan(head, dbias0, heads)
+    per_head = (qs, dos, lse, delta, ks, vs)
+    if biases is None:
+        dbias = None
+        no_dbias = lambda *args: head(None, *args)[1]  # (dq, dk, dv)
+        dq, dk, dv = _each_head(no_dbias, per_head, (masks, None), b, kh, p)
+    else:  # the bias gradient sums over heads that share bias tiles: loop over the heads
+
+        def one(dbias, args):
+            z, *arrays = args
+            return head(dbias, z, *arrays, _head_tiles(masks, z, kh), _head_tiles(biases, z, kh))
+
+        dbias0 = jnp.zeros(biases.shape, _F32)
+        dbias, (dq, dk, dv) = lax.scan(one, dbias0, (jnp.arange(b * kh), *per_head))
     dq = _q_unblock(dq * p.scale, b, n, p.t).astype(q.dtype)
     dk, dv = _k_unblock(dk, b, p.s).astype(k.dtype), _k_unblock(dv, b, p.s).astype(v.dtype)
     if dbias is not None:
@@ -453,9 +486,13 @@ def fold_traced_scale(q: Array, scale: Any) -> tuple[Array, float | None]:
     return q, scale
 
 
-def default_batch_heads() -> bool:
-    """The layout for this backend: loop over heads on CPU, batch them on GPU and TPU."""
-    return jax.default_backend() != "cpu"
+def default_batch_heads(has_bias: bool = False) -> bool:
+    """The loop order for this backend: over heads on CPU, all heads batched on GPU/TPU.
+
+    With a bias the backward loops over the heads in either order (heads that share bias
+    tiles add into the same bias gradient), so the per-head order is kept there too.
+    """
+    return jax.default_backend() != "cpu" and not has_bias
 
 
 def block_sizes(
@@ -516,8 +553,9 @@ def flash_attention(
         with ``batch_heads``).
       block_k: keys per tile (same default).
       batch_heads: run all (batch, kv-head) pairs in each tile step (``vmap``) instead of
-        one pair at a time. None: True off CPU (``default_batch_heads``). Same result
-        either way; it only changes the loop order.
+        one pair at a time. None: True off CPU when there is no bias
+        (``default_batch_heads``). The same function either way (to rounding: the default
+        block size differs); with a bias the backward still loops over the pairs.
 
     Returns:
       ``[B, T, N, Hv]`` in q's dtype; rows with nothing to attend to are 0.
@@ -529,9 +567,10 @@ def flash_attention(
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)
     t, s, h = q.shape[1], k.shape[1], q.shape[3]
-    batch_heads = default_batch_heads() if batch_heads is None else bool(batch_heads)
+    if batch_heads is None:
+        batch_heads = default_batch_heads(bias is not None)
     bq, bk = block_sizes(t, s, block_q, block_k, batch_heads)
     q, scale = fold_traced_scale(q, scale)
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-    plan = _Plan(t, s, bq, bk, bool(is_causal), scale, batch_heads)
+    plan = _Plan(t, s, bq, bk, bool(is_causal), scale, bool(batch_heads))
     return _flash(q, k, v, mask, bias, plan)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxattn.ops import attention
+from jaxattn.ops import attention, flash
 from jaxattn.ops.attention import dot_product_attention
 from jaxattn.ops.flash import (
     ACCELERATOR_BLOCK,
@@ -104,6 +104,9 @@ CASES = {
     "mask_bias_gqa3": (37, 53, 3, (B, N, 37, 53), (1, N, 37, 53), False, None, 8, 16, True),
     "cross_mqa_key_bias": (29, 53, 1, None, (B, 1, 1, 53), False, 0.5, 16, 8, False),
     "rank2_bias_mask": (37, 37, 2, (1, 1, 37, 37), (37, 37), True, None, 16, 16, False),
+    # Masks without a bias: with batch_heads the backward is vmapped too.
+    "head_mask_causal_gqa2": (37, 53, 2, (1, N, 37, 53), None, True, None, 16, 8, False),
+    "batch_mask_gqa3": (37, 37, 3, (B, 1, 37, 37), None, False, None, 8, 8, True),
 }
 
 
@@ -201,11 +204,13 @@ def test_block_ranges_are_exact(t, s, bq, bk):
         assert start == p.nq or tile(start, j).any()
 
 
-def test_jit_vmap_check_grads(np_rng):
+@pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
+def test_jit_vmap_check_grads(np_rng, batch_heads):
     q, k = normal(np_rng, 3, B, 9, N, H), normal(np_rng, 3, B, 7, 3, H)
     v = normal(np_rng, 3, B, 7, 3, H)
     mask = jnp.asarray(random_mask(np_rng, (B, 1, 9, 7)))
-    f = lambda q, k, v: flash_attention(q, k, v, mask=mask, is_causal=True, block_q=4, block_k=2)
+    kernel = partial(flash_attention, block_q=4, block_k=2, batch_heads=batch_heads)
+    f = lambda q, k, v: kernel(q, k, v, mask=mask, is_causal=True)
     batched = jax.jit(jax.vmap(f))(q, k, v)
     for i in range(3):
         want, _ = np_attention_vjp(q[i], k[i], v[i], q[i], mask=mask, is_causal=True)
@@ -214,9 +219,10 @@ def test_jit_vmap_check_grads(np_rng):
     bias = normal(np_rng, 1, 2, 5, 6)
     g = jax.jit(
         lambda q, k, v, bias: flash_attention(
-            q, k, v, bias=bias, is_causal=True, scale=0.7, block_q=2, block_k=4
+            q, k, v, bias=bias, is_causal=True, scale=0.7, block_q=2, block_k=4,
+            batch_heads=batch_heads,
         )
-    )
+    )  # fmt: skip
     check_grads(g, (*small, bias), order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
@@ -253,8 +259,47 @@ def test_backward_memory_is_linear_in_length():
     assert grad.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes < dense / 16
 
 
-def test_layout_and_block_defaults_follow_the_backend():
-    assert default_batch_heads() == (jax.default_backend() != "cpu")
+def test_batched_heads_do_not_copy_a_shared_bias_per_head(np_rng):
+    """A [1, N, T, S] bias is read by every batch element: with batch_heads it must stay
+    one array, not become one copy per (batch, kv-head) pair (B times the bias)."""
+    b, t, n, h = 8, 512, 4, 16
+    q, k = (
+        jax.ShapeDtypeStruct((b, t, n, h), jnp.float32),
+        jax.ShapeDtypeStruct((b, t, 2, h), jnp.float32),
+    )
+    bias = jax.ShapeDtypeStruct((1, n, t, t), jnp.float32)  # 4 MiB
+
+    def temp_bytes(batch_heads):
+        f = partial(flash_attention, block_q=64, block_k=64, batch_heads=batch_heads)
+        compiled = jax.jit(lambda q, k, v, bias: f(q, k, v, bias=bias)).lower(q, k, k, bias)
+        return compiled.compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(True) < 2 * temp_bytes(False)
+    assert temp_bytes(True) < 4 * b * n * t * t / 4  # a quarter of the dense scores
+
+
+def test_layout_and_block_defaults_follow_the_backend(np_rng, monkeypatch):
+    plans = []
+    original = flash._flash
+
+    def spy(q, k, v, mask, bias, plan):
+        plans.append(plan)
+        return original(q, k, v, mask, bias, plan)
+
+    monkeypatch.setattr(flash, "_flash", spy)
+    q, k = normal(np_rng, 1, 600, 2, 8), normal(np_rng, 1, 600, 2, 8)
+    bias = jnp.zeros((600, 600))
+    for backend, with_bias, batched, block in [
+        ("cpu", False, False, DEFAULT_BLOCK),
+        ("gpu", False, True, ACCELERATOR_BLOCK),
+        ("tpu", False, True, ACCELERATOR_BLOCK),
+        ("gpu", True, False, DEFAULT_BLOCK),  # a bias gradient loops over the heads anyway
+    ]:
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert default_batch_heads(with_bias) == batched
+        flash_attention(q, k, k, bias=bias if with_bias else None, is_causal=True)
+        assert (plans[-1].batch_heads, plans[-1].bq, plans[-1].bk) == (batched, block, block)
+    monkeypatch.undo()
     assert block_sizes(4096, 4096) == (DEFAULT_BLOCK, DEFAULT_BLOCK)
     assert block_sizes(4096, 4096, batch_heads=True) == (ACCELERATOR_BLOCK, ACCELERATOR_BLOCK)
     assert block_sizes(100, 30, batch_heads=True) == (104, 32)  # the lengths rounded up to 8
