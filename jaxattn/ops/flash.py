@@ -555,7 +555,8 @@ def flash_attention(
       batch_heads: run all (batch, kv-head) pairs in each tile step (``vmap``) instead of
         one pair at a time. None: True off CPU when there is no bias
         (``default_batch_heads``). The same function either way (to rounding: the default
-        block size differs); with a bias the backward still loops over the pairs.
+        block size differs); with a bias the backward still loops over the pairs, on this
+        layout's tiles.
 
     Returns:
       ``[B, T, N, Hv]`` in q's dtype; rows with nothing to attend to are 0.

@@ -275,7 +275,8 @@ def test_batched_heads_do_not_copy_a_shared_bias_per_head(np_rng):
         return compiled.compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(True) < 2 * temp_bytes(False)
-    assert temp_bytes(True) < 4 * b * n * t * t / 4  # a quarter of the dense scores
+    # One copy per batch element alone would be B x 4 MiB = the dense scores (32 MiB).
+    assert temp_bytes(True) < 4 * b * n * t * t / 2
 
 
 def test_layout_and_block_defaults_follow_the_backend(np_rng, monkeypatch):
