@@ -420,7 +420,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 7)
     default_lengths = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
     lengths = args.lengths or ([128, 256] if args.smoke else default_lengths)
-    # --smoke: the same code paths at sizes a 2-core CPU runs in seconds.
+    # --smoke: the same code paths at sizes a 2-core CPU runs in about a minute in all.
     shrink, tokens, long_t = (8, 1024, 2048) if args.smoke else (1, TOKENS, 32768)
     lstm_shape = (8, 20, 32, 64) if args.smoke else (64, 200, 256, 512)
     torch, device = _torch()
