@@ -116,14 +116,19 @@ def _pick(
 ) -> Array:
     """``[B, V]`` -> ``[B]`` int32: ``argmax(filtered logits / T + noise)`` (None: greedy).
 
-    For ``T < 1`` computed as ``argmax(filtered logits + T noise)``, the same token:
-    dividing by a small T could overflow float32, and multiplying by a large one could.
+    Computed as ``argmax((l - max l) / T + noise)`` over the kept tokens, the same token:
+    ``l - max l <= 0`` cannot overflow when divided by a tiny T, and the noise is added at
+    full size, so tokens tied for the maximum stay equally likely at any T (``l + T noise``
+    lost ``T noise`` to rounding beside a logit of 10 once T < 1e-6). Rejected tokens stay
+    -inf even at ``T = inf``, where ``-inf / inf`` would be NaN.
     """
     if noise is None:
         return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
     logits = _filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    scores = logits + temperature * noise if temperature < 1.0 else logits / temperature + noise
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    kept = logits > -jnp.inf
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    scaled = jnp.where(kept, (logits - top) / temperature, -jnp.inf)
+    return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
 
 
 def sample_logits(
@@ -141,11 +146,13 @@ def sample_logits(
     - ``top_k``: keep the k largest logits (ties with the k-th are kept too).
     - ``top_p`` (nucleus, Holtzman et al., 2020, "The Curious Case of Neural Text
       Degeneration"): keep the smallest set of most likely tokens whose probability (after
-      temperature and top-k) sums to ``>= top_p``.
+      temperature and top-k) sums to ``>= top_p``, plus any token tied with the last one
+      kept.
 
     The draw is the Gumbel-max trick, ``argmax(filtered logits / T + Gumbel noise from
-    rng)``; for ``T < 1`` as ``argmax(filtered logits + T · noise)``, the same token without
-    overflow for tiny ``T``. Everything is computed in float32.
+    rng)``, computed as ``(l - max l) / T`` so that a tiny ``T`` cannot overflow and tied
+    tokens stay equally likely; ``T = inf`` draws uniformly from the kept tokens.
+    Everything is computed in float32.
 
     Args:
       rng: PRNG key.

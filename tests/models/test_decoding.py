@@ -207,8 +207,24 @@ def test_huge_temperature_samples_uniformly():
         np.testing.assert_allclose(_frequencies(temperature=temperature), 1 / 7, atol=0.015)
 
 
+def test_infinite_temperature_keeps_the_filters():
+    """-inf / inf is NaN, which argmax would pick: rejected tokens must stay out."""
+    freq = _frequencies(temperature=float("inf"), top_k=3)  # keeps indices 0, 1, 6
+    np.testing.assert_array_equal(freq[[2, 3, 4, 5]], 0.0)
+    np.testing.assert_allclose(freq[[0, 1, 6]], 1 / 3, atol=0.015)
+
+
+def test_tied_logits_stay_equally_likely_at_tiny_temperature():
+    """logits + T * noise would lose the noise to rounding and always pick the first tie."""
+    logits = jnp.broadcast_to(jnp.array([10.0, 10.0, 0.0]), (N_SAMPLES, 3))
+    for temperature in (1e-7, 1e-30):
+        samples = decoding.sample_logits(key(1), logits, temperature=temperature)
+        freq = np.bincount(np.asarray(samples), minlength=3) / N_SAMPLES
+        np.testing.assert_allclose(freq, [0.5, 0.5, 0.0], atol=0.015, err_msg=str(temperature))
+
+
 def test_tiny_temperature_with_large_logits_samples_the_argmax():
-    """logits / T would overflow to inf (ties); the noise is scaled by T instead."""
+    """logits / T would overflow to inf (ties); (logits - max) / T cannot."""
     logits = jnp.array([[1e3, 3e3, 2e3, -1e3]])
     for temperature in (1e-36, 1e-3):  # 3e3 / 1e-36 = 3e39 is inf in float32
         for seed in range(5):
