@@ -50,12 +50,17 @@ def parse_flags(argv: list[str]) -> list[str]:
         key = re.search(r"'(\w+)'", message)
         key = key.group(1) if key else message
         hint = re.search(r'Did you mean "(\w+)"', message)
-        overrides = [a for a in argv if a.startswith("--config.") and key in a]
-        print(
-            f"error: unknown config key {key!r} in {overrides[0] if overrides else argv}"
-            + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
-            file=sys.stderr,
-        )
+        overrides = [a for a in argv if a.startswith("--config.")]
+        named = [a for a in overrides if key in a.split("=")[0].split(".")]
+        if named:
+            print(
+                f"error: unknown config key {key!r} in {named[0]}"
+                + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
+                file=sys.stderr,
+            )
+        else:  # e.g. a key below a number, --config.num_steps.x=1, reported as 'int'
+            overrides = " ".join(overrides)
+            print(f"error: bad config override in {overrides}: {message}", file=sys.stderr)
         sys.exit(2)
 
 

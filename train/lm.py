@@ -125,6 +125,10 @@ def _abstract_state(model: GPTConfig, config: ml_collections.ConfigDict):
 
 
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    for name in ("batch_size", "grad_accum_steps"):  # (rows = their product, used first)
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{name} must be an integer >= 1, got {value!r}")
     text = data.load_text(config.data_path)
     tokenizer = data.CharTokenizer.from_text(text)
     ids = tokenizer.encode(text)

@@ -18,6 +18,7 @@ the step with the best ``best_metric`` (lowest) among those saved with metrics.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -49,6 +50,12 @@ class CheckpointError(ValueError):
 
 class IncompatibleCheckpointError(ValueError):
     """A checkpoint's tree (structure, shapes or dtypes) differs from the restore target."""
+
+
+def _rankable(value: Any) -> float:
+    """A metric for ranking by "lower is better": NaN ranks last, never as the best."""
+    value = float(value)
+    return math.inf if math.isnan(value) else value
 
 
 def tree_signature(tree: Any) -> list[list[Any]]:
@@ -133,7 +140,7 @@ class Checkpointer:
         policy: Any = ocm.LatestN(max_to_keep)
         if best_metric is not None:
             best = ocm.BestN(
-                get_metric_fn=lambda m: -float(m[best_metric]),  # BestN keeps the largest.
+                get_metric_fn=lambda m: -_rankable(m[best_metric]),  # BestN keeps the largest.
                 n=1,
                 keep_checkpoints_without_metrics=False,
             )
@@ -142,7 +149,7 @@ class Checkpointer:
             preservation_policy=policy,
             # With best_fn set orbax also writes each step's metrics to disk, so the best
             # step survives a restart (retention itself is the policy above).
-            best_fn=None if best_metric is None else (lambda m: float(m[best_metric])),
+            best_fn=None if best_metric is None else (lambda m: _rankable(m[best_metric])),
             best_mode="min",
             enable_async_checkpointing=async_save,
             create=not read_only,  # (orbax's own read_only mode logs a warning on open)

@@ -175,7 +175,7 @@ class LoopConfig:
     eval_batches: int = 0  # Batches per evaluation; 0 disables evaluation.
     log_every: int = 10  # Write train metrics every N steps (one host sync per window).
     checkpoint_every: int = 0  # Save every N steps; 0: only at the end and on SIGTERM.
-    max_to_keep: int = 3  # Latest checkpoints kept (plus the best by val_loss).
+    max_to_keep: int = 3  # Latest checkpoints kept, >= 1 (plus the best by val_loss).
     keep_best: bool = True  # Save whenever val_loss improves; keep the best step.
     async_checkpointing: bool = True  # Write checkpoints in a background thread.
     progress: bool = True  # Show a tqdm progress bar.
@@ -185,6 +185,8 @@ class LoopConfig:
             value = getattr(self, f.name)
             if f.type == "int" and not (isinstance(value, int) and value >= 0):
                 raise ValueError(f"LoopConfig.{f.name} must be an integer >= 0, got {value!r}")
+        if self.max_to_keep < 1:  # 0 would delete every checkpoint, the last one included
+            raise ValueError(f"LoopConfig.max_to_keep must be >= 1, got {self.max_to_keep}")
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> LoopConfig:
@@ -304,6 +306,9 @@ class Trainer:
                     self.writer.write(0, self.last_eval | {"tokens_per_s": None})
                     self.say(f"step 0: val loss {self.last_eval['val_loss']:.4f}")
                 self._train(stop)
+                # Finish the final (async) save while a SIGTERM still only sets a flag:
+                # killed during the write, the run would lose its last checkpoint.
+                self.ckpt.wait()
                 if stop.signal_name is not None:
                     if self.pending:
                         self.writer.write(self.step, self._flush() | {"tokens_per_s": None})
@@ -379,10 +384,16 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         batches = self.eval_data()
         params = self.state.params
-        return reduce_means(
+        result = reduce_means(
             to_host(self.eval_step(params, self._place(next(batches))))
             for _ in range(self.loop.eval_batches)
         )
+        # A NaN val_loss would otherwise be saved as the step's metric (and compare as
+        # neither better nor worse than the best): stop as for a NaN train loss.
+        val_loss = result.get("val_loss")
+        if val_loss is not None and not math.isfinite(val_loss):
+            self._stop_non_finite(f"val_loss is {val_loss} at step {self.step}")
+        return result
 
     def _place(self, batch: Batch) -> Batch:
         """This process's rows -> global arrays on the mesh (a no-op without one)."""

@@ -152,6 +152,12 @@ def test_unknown_config_key_is_an_error(tmp_path):
     assert "did you mean 'num_steps'?" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())
+    # A key below a number names the override, not the number's type.
+    proc = run_lm(f"--workdir={tmp_path}", "--config.model.num_layers.x=2", check=False)
+    assert proc.returncode == 2
+    assert "bad config override in --config.model.num_layers.x=2:" in proc.stderr
+    assert "'int'" not in proc.stderr.split(":")[0]
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -161,9 +167,10 @@ def test_unknown_config_key_is_an_error(tmp_path):
         ("--prompt=", "--prompt must hold at least one character"),
         ("--config.model.block_size=1", "sampling needs block_size >= 2, got 1"),
         ("--temperature=-1", "temperature must be >= 0, got -1.0"),
+        ("--config.grad_accum_steps=0", "config.grad_accum_steps must be an integer >= 1, got 0"),
     ],
 )
-def test_bad_sampling_settings_fail_before_training(tmp_path, flag, message):
+def test_bad_settings_fail_before_training(tmp_path, flag, message):
     proc = run_lm(f"--workdir={tmp_path / 'run'}", flag, check=False)
     assert proc.returncode == 1
     assert message in proc.stderr

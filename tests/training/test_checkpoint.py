@@ -95,6 +95,15 @@ def test_keeps_latest_n_plus_best(tmp_path, toy):
         assert ckpt.all_steps() == [7, 8]
 
 
+def test_a_nan_metric_is_never_the_best(tmp_path, toy):
+    state = toy.state()
+    with Checkpointer(tmp_path, max_to_keep=1, async_save=False) as ckpt:
+        for step, val in {1: 1.0, 2: float("nan"), 3: 3.0}.items():
+            ckpt.save(step, state, metrics={"val_loss": val})
+        assert ckpt.all_steps() == [1, 3]
+        assert ckpt.best_step() == 1
+
+
 def test_saving_an_existing_step_is_refused(tmp_path, toy):
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, toy.state())

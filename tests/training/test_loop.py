@@ -250,6 +250,42 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, toy):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
 
 
+def test_nan_val_loss_stops_and_keeps_the_best_checkpoint(tmp_path, toy):
+    """A NaN val_loss must not be saved as a metric: it is neither better nor worse than the
+    best, and the best checkpoint could be deleted for it."""
+    evaluate, calls = make_eval_step(toy.loss), []
+
+    def nan_from_the_third_evaluation(params, batch):  # steps 0 and 5 fine, NaN at step 10
+        metrics = evaluate(params, batch)
+        calls.append(None)
+        if len(calls) > 4:  # (2 batches per evaluation)
+            metrics["val_loss"] = metrics["val_loss"]._replace(total=jnp.nan)
+        return metrics
+
+    optimizer = toy.optimizer()
+    with pytest.raises(NonFiniteLossError, match=r"val_loss is nan at step 10.*step 8 in"):
+        fit(
+            create_train_state(toy.params(), optimizer, jax.random.key(7)),
+            make_train_step(toy.loss, optimizer),
+            data.batch_iterator(toy.dataset(0)),
+            workdir=tmp_path,
+            loop=LoopConfig(
+                num_steps=20, eval_every=5, eval_batches=2, checkpoint_every=4, max_to_keep=1,
+                progress=False,
+            ),
+            eval_step=nan_from_the_third_evaluation,
+            eval_data=lambda: data.batch_iterator(toy.dataset(1)),
+        )  # fmt: skip
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [5, 8]  # the latest, and the best by val_loss
+        assert ckpt.best_step() == 5
+
+
+def test_loop_config_needs_a_checkpoint_to_keep():
+    with pytest.raises(ValueError, match="max_to_keep must be >= 1, got 0"):
+        LoopConfig(num_steps=1, max_to_keep=0)
+
+
 def test_nan_guard_never_saves_a_non_finite_state(tmp_path, toy):
     """An update can make the state non-finite while the loss and gradients it was computed
     from were finite (they come from the state before it): that state is not saved."""
