@@ -564,13 +564,22 @@ def write_kv_cache(
       k_cache, v_cache: ``[B, S, K, H]`` cached keys and values (any dtype).
       k, v: ``[B, T, K, H]`` the chunk's keys and values, for positions ``index ..
         index + T - 1``.
-      index: int32 scalar (may be traced), the position of the chunk's first token.
+      index: int32 scalar (may be traced), the position of the chunk's first token;
+        ``0 <= index <= S - T``. A concrete index outside that range is an error; a traced
+        one cannot be checked, and ``dynamic_update_slice`` would clamp it (overwriting
+        earlier keys), so callers keep count (``gpt.generate`` checks the room up front).
 
     Returns:
       ``(k_cache, v_cache, visible)`` with the chunk written and ``visible: [1, 1, T, S]``
       True where cached key j is visible to the chunk's query at position p, ``j <= p``;
       this also hides the slots not written yet.
     """
+    room = k_cache.shape[1] - k.shape[1]
+    if not isinstance(index, jax.core.Tracer) and not 0 <= int(index) <= room:
+        raise ValueError(
+            f"write_kv_cache: a chunk of {k.shape[1]} tokens at index {int(index)} does not "
+            f"fit a cache of {k_cache.shape[1]} positions (need 0 <= index <= {room})"
+        )
     # _in_dim builds the other start indices in index's dtype (int32 under x64 too).
     write = partial(jax.lax.dynamic_update_slice_in_dim, start_index=index, axis=1)
     k_cache = write(k_cache, k.astype(k_cache.dtype))

@@ -19,8 +19,6 @@ import numpy as np
 Array = jax.Array
 DType = jnp.dtype | type | str
 
-# Finite stand-in for -inf: exp(_NEG - max) underflows to 0 without inf - inf = NaN.
-_NEG = float(np.finfo(np.float32).min) / 2
 
 
 def causal_mask(q_len: int, kv_len: int | None = None, *, dtype: DType = bool) -> Array:
@@ -99,10 +97,20 @@ def attention_mask(q_valid: Array | None, kv_valid: Array) -> Array:
 def combine_masks(*masks: Array | None) -> Array | None:
     """AND boolean masks together with broadcasting, skipping None.
 
+    Integer 0/1 masks are read as booleans; float masks are refused, since an additive
+    float mask (0 = attend, -inf = hide) would be read the other way round.
+
     Returns:
       The broadcast logical AND, or None if every mask is None.
     """
-    present = [jnp.asarray(m, bool) for m in masks if m is not None]
+    present = [jnp.asarray(m) for m in masks if m is not None]
+    for m in present:
+        if jnp.issubdtype(m.dtype, jnp.floating):
+            raise ValueError(
+                f"combine_masks: masks must be boolean (True = attend), got {m.dtype}; an "
+                "additive float mask belongs in bias="
+            )
+    present = [m.astype(bool) for m in present]
     if not present:
         return None
     try:
@@ -143,14 +151,12 @@ def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> 
             raise ValueError(
                 f"masked_softmax: mask {mask.shape} does not broadcast to scores {x.shape}"
             )
-        # Fill before the max so huge masked logits cannot dominate it or overflow exp.
-        x = jnp.where(mask, x, _NEG)
+        # -inf before the max, so huge masked logits cannot dominate it or overflow exp. Not
+        # a finite stand-in: visible logits below it (a float32-min bias) would lose.
+        x = jnp.where(mask, x, -jnp.inf)
     row_max = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-    # A row of -inf logits (e.g. from a user bias) would give -inf - -inf = NaN.
+    # A row with nothing visible (all -inf) would give -inf - -inf = NaN: exp(-inf) = 0.
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     e = jnp.exp(x - row_max)
-    if mask is not None:
-        # A fully masked row has every entry at _NEG, so exp(0) = 1 there: zero it.
-        e = jnp.where(mask, e, 0.0)
     total = jnp.sum(e, axis=axis, keepdims=True)
     return e / jnp.where(total > 0, total, 1.0)

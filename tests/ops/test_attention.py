@@ -322,6 +322,19 @@ def test_fully_masked_rows_give_zeros_and_finite_grads(np_rng):
     check_grads(g, small, **GRADS)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+def test_float32_min_bias_with_a_mask_attends_to_the_visible_keys(np_rng, implementation):
+    """A Hugging Face style bias of finfo.min on a row plus the causal mask: the row still
+    averages its visible keys, in every kernel (a finite mask fill once zeroed it)."""
+    q, k, v = qkv(np_rng, N, t=5, s=5)
+    bias = np.zeros((1, 1, 5, 5), np.float32)
+    bias[..., 1, :] = np.finfo(np.float32).min
+    out = dot_product_attention(q, k, v, bias=bias, is_causal=True, implementation=implementation)
+    want, _ = np_attention(q, k, v, bias=bias, is_causal=True)
+    np.testing.assert_allclose(out, want, **TOL)
+    np.testing.assert_allclose(np.asarray(out)[:, 1], np.asarray(v)[:, :2].mean(1), **TOL)
+
+
 @pytest.mark.parametrize("t, s", [(5, 5), (3, 7)])
 def test_causality_via_grad(np_rng, t, s):
     q, k, v = qkv(np_rng, 2, t=t, s=s)
@@ -684,3 +697,9 @@ def test_write_kv_cache_writes_the_chunk_and_masks_later_keys(np_rng):
     # The cache keeps its dtype; the chunk is cast to it.
     bf16 = write(k_cache.astype(jnp.bfloat16), v_cache, k, v, jnp.int32(0))[0]
     assert bf16.dtype == jnp.bfloat16
+    # A concrete index where the chunk does not fit is refused (dynamic_update_slice
+    # would move it back over earlier keys); S - 2 is the last index that fits.
+    write_kv_cache(k_cache, v_cache, k, v, S - 2)
+    for index in (S - 1, -1):
+        with pytest.raises(ValueError, match=rf"2 tokens at index {index} .* {S} positions"):
+            write_kv_cache(k_cache, v_cache, k, v, index)

@@ -108,6 +108,10 @@ def test_combine_masks(np_rng):
     assert combine_masks() is None and combine_masks(None, None) is None
     with pytest.raises(ValueError, match=r"\(3, 1, 5, 7\).*\(4, 7\)"):
         combine_masks(a, np.ones((4, 7), bool))
+    # 0/1 integers read as booleans; an additive float mask (0 / -inf) is refused.
+    np.testing.assert_array_equal(np.asarray(combine_masks(a.astype(np.uint8))), a)
+    with pytest.raises(ValueError, match=r"boolean.*float32.*bias="):
+        combine_masks(a, np.where(c, 0.0, -np.inf).astype(np.float32))
 
 
 def test_masked_softmax_matches_numpy(np_rng):
@@ -148,6 +152,17 @@ def test_masked_softmax_ignores_huge_masked_logits():
     np.testing.assert_allclose(got, np_masked_softmax(np.asarray(x), np.asarray(mask)), rtol=1e-6)
     grad = jax.grad(lambda x: jnp.sum(masked_softmax(x, mask) * jnp.arange(4.0)))(x)
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[0, 2:] == 0)
+
+
+def test_masked_softmax_visible_logits_below_any_finite_fill():
+    """A float32-min bias on every visible logit still normalises over the visible keys."""
+    low = float(np.finfo(np.float32).min)
+    x = jnp.array([[low, low, 5.0], [low, 0.5 * low, 5.0]], jnp.float32)
+    mask = jnp.array([[True, True, False]] * 2)
+    probs = np.asarray(masked_softmax(x, mask))
+    np.testing.assert_allclose(probs, [[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]], rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(masked_softmax(x, mask) * jnp.arange(3.0)))(x)
+    assert np.all(np.isfinite(np.asarray(grad)))
 
 
 def test_masked_softmax_fully_masked_row_zero_with_finite_zero_grad(np_rng):
