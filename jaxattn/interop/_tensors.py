@@ -53,4 +53,6 @@ def export(arr: Any, framework: str) -> Any:
         return out.copy()
     import torch
 
+    if out.dtype.name == "bfloat16":  # torch cannot read ml_dtypes' bfloat16: pass the bits
+        return torch.from_numpy(out.view(np.uint16).copy()).view(torch.bfloat16)
     return torch.tensor(out)  # copies: exported tensors never share storage (safetensors-safe)

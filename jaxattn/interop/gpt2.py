@@ -101,7 +101,8 @@ def gpt2_from_hf(source: Any, config: GPTConfig) -> GPTWeights:
     ``model.safetensors`` path.
 
     Extra entries (``attn.bias`` mask buffers of older ``transformers``) are ignored; with
-    ``config.tie_embeddings`` a stored ``lm_head.weight`` is ignored too (it is ``wte``).
+    ``config.tie_embeddings`` a stored ``lm_head.weight`` must equal ``wte`` (it is a copy).
+    Blocks beyond ``config.num_layers`` are an error, not dropped.
 
     Args:
       source: module, ``{name: tensor or array}``, or a path to a ``.safetensors`` file.
@@ -112,10 +113,18 @@ def gpt2_from_hf(source: Any, config: GPTConfig) -> GPTWeights:
 
     Raises:
       KeyError: a tensor is missing (the message names it and its expected shape).
-      ValueError: a tensor's shape differs (name, expected and actual shape).
+      ValueError: a tensor's shape differs (name, expected and actual shape), the source
+        has more blocks than ``config.num_layers``, or a tied config meets an untied head.
     """
     _check_config(config)
     state = _load_state(source)
+    extra = sorted({k.split(".")[1] for k in state if k.startswith("h.")}, key=int)
+    extra = [i for i in extra if int(i) >= config.num_layers]
+    if extra:
+        raise ValueError(
+            f"gpt2_from_hf: the source has blocks h.{extra[0]}..h.{extra[-1]} beyond "
+            f"config.num_layers={config.num_layers}"
+        )
     d, n, h, f, v = (config.embed_dim, config.num_heads, config.head_dim, config.mlp_dim,
                      config.vocab_size)  # fmt: skip
     f32 = lambda a: np.asarray(a, np.float32)
@@ -143,11 +152,19 @@ def gpt2_from_hf(source: Any, config: GPTConfig) -> GPTWeights:
         )  # fmt: skip
         blocks.append(BlockWeights(layer_norm(p + "ln_1"), attn, layer_norm(p + "ln_2"), mlp))
     stacked = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *blocks)
+    wte = f32(get(state, "wte.weight", (v, d)))
     head = None
     if not config.tie_embeddings:
         head = DenseWeights(jnp.asarray(f32(get(state, "lm_head.weight", (v, d))).T), None)
+    elif "lm_head.weight" in state and not np.array_equal(
+        f32(get(state, "lm_head.weight", (v, d))), wte
+    ):
+        raise ValueError(
+            "gpt2_from_hf: config.tie_embeddings is True but the source's lm_head.weight "
+            "differs from wte.weight (an untied model: use tie_embeddings=False)"
+        )
     return GPTWeights(
-        token_embedding=EmbeddingWeights(jnp.asarray(f32(get(state, "wte.weight", (v, d))))),
+        token_embedding=EmbeddingWeights(jnp.asarray(wte)),
         position_embedding=LearnedPositionWeights(
             jnp.asarray(f32(get(state, "wpe.weight", (config.block_size, d))))
         ),
@@ -184,6 +201,17 @@ def gpt2_to_hf_state_dict(
     if got != (config.num_layers, d, config.num_heads, config.head_dim):
         want = (config.num_layers, d, config.num_heads, config.head_dim)
         raise ValueError(f"gpt2_to_hf_state_dict: blocks.attn.w_q is {got}, config says {want}")
+    if b.mlp.up.w.shape[1:] != (d, f):
+        raise ValueError(
+            f"gpt2_to_hf_state_dict: blocks.mlp.up.w is {b.mlp.up.w.shape}, config says "
+            f"{(config.num_layers, d, f)}"
+        )
+    if (np_w.head is None) != config.tie_embeddings:
+        has = "no output head (tied)" if np_w.head is None else "their own output head"
+        raise ValueError(
+            f"gpt2_to_hf_state_dict: the weights have {has} but config.tie_embeddings is "
+            f"{config.tie_embeddings}; a tied GPT2LMHeadModel would load lm_head into wte"
+        )
     a = b.attn
     out: dict[str, np.ndarray] = {
         "transformer.wte.weight": np_w.token_embedding.table,

@@ -3,7 +3,9 @@
 Each array leaf is stored under its key path joined by ``/``: NamedTuple fields by name, dict
 keys as strings, tuple/list items by index, e.g. ``blocks/attn/w_q`` or ``0/forward/w_ih``.
 ``None`` leaves (absent biases) are not stored; loading takes a template (``like``) with the
-same structure, so they come back as ``None``. dtypes (bfloat16 included) are kept exactly.
+same structure, so they come back as ``None``. The file holds each leaf's own dtype (bfloat16
+and 64-bit NumPy leaves included); loaded leaves are JAX arrays, so 64-bit tensors come back
+as 64-bit only with ``jax_enable_x64`` (as ``jnp.asarray`` would give them).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _key_name(entry: Any) -> str:
@@ -46,7 +49,9 @@ def save_safetensors(
     """
     from safetensors.flax import save_file
 
-    flat = {name: jnp.asarray(leaf) for name, leaf in flatten_with_names(weights).items()}
+    # np.asarray, not jnp.asarray: without x64, jnp would turn float64 / int64 leaves into
+    # 32-bit ones before they reach the file.
+    flat = {name: np.asarray(leaf) for name, leaf in flatten_with_names(weights).items()}
     save_file(flat, os.fspath(path), metadata=metadata)
 
 

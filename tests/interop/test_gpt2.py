@@ -176,3 +176,19 @@ def test_errors_name_the_tensor():
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     with pytest.raises(KeyError, match=r"lm_head\.weight"):
         gpt2_from_hf(state, untied)
+
+
+def test_config_and_weights_must_agree():
+    """Mismatches that would otherwise convert silently into a different model."""
+    tied_model, untied_model = _hf_model(), _hf_model(tie_word_embeddings=False)
+    config = gpt2_config_from_hf(tied_model.config)
+    with pytest.raises(ValueError, match=r"blocks h\.1\.\.h\.1 beyond config\.num_layers=1"):
+        gpt2_from_hf(tied_model, dataclasses.replace(config, num_layers=1))
+    with pytest.raises(ValueError, match=r"lm_head\.weight differs from wte\.weight"):
+        gpt2_from_hf(untied_model, config)  # a tied config
+    gpt2_from_hf(tied_model.state_dict(), config)  # a tied model's copy of wte is fine
+    untied = gpt2_from_hf(untied_model, dataclasses.replace(config, tie_embeddings=False))
+    with pytest.raises(ValueError, match=r"own output head but config\.tie_embeddings is True"):
+        gpt2_to_hf_state_dict(untied, config)
+    with pytest.raises(ValueError, match=r"mlp\.up\.w is \(2, 12, 48\), config says \(2, 12, 36\)"):
+        gpt2_to_hf_state_dict(untied, dataclasses.replace(config, mlp_ratio=3))

@@ -53,6 +53,18 @@ def test_round_trip_is_exact(tmp_path):
     assert set(flat) == set(flatten_with_names(tree))
 
 
+def test_the_file_keeps_64_bit_numpy_leaves(tmp_path):
+    """Without x64, jnp.asarray would have written float64 / int64 leaves as 32-bit."""
+    from safetensors.numpy import load_file
+
+    tree = {"a": np.arange(3, dtype=np.float64) / 3, "b": np.arange(2, dtype=np.int64) - 2**40}
+    save_safetensors(tree, tmp_path / "w.safetensors")
+    stored = load_file(tmp_path / "w.safetensors")
+    for name, leaf in tree.items():
+        assert stored[name].dtype == leaf.dtype
+        np.testing.assert_array_equal(stored[name], leaf)
+
+
 def test_errors(tmp_path):
     tree = _tree()
     path = tmp_path / "w.safetensors"

@@ -1,6 +1,7 @@
 """torch.nn.MultiheadAttention <-> MultiHeadAttentionWeights: parity, round trip, errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -67,6 +68,17 @@ def test_round_trip_through_torch_is_exact(kwargs):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     if "vdim" in kwargs:
         assert back.w_v.shape == (kwargs["vdim"], N, E // N)
+
+
+def test_bfloat16_weights_export_to_torch_bfloat16():
+    from jaxattn.ops.attention import init_multi_head_attention
+
+    weights = init_multi_head_attention(jax.random.key(0), E, N, dtype=jnp.bfloat16)
+    state = mha_to_torch_state_dict(weights)
+    assert state["in_proj_weight"].dtype == torch.bfloat16
+    back = mha_from_torch(state, num_heads=N)  # float32 again (bf16 -> f32 is exact)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(weights)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.float32)))
 
 
 def test_errors():
