@@ -85,6 +85,45 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
                                  **fields)  # fmt: skip
 
 
+# Settings that only shape decoding: a --bleu_only or --translate run, which takes the rest
+# of its config from the checkpoint, applies these from the command line.
+DECODE_SETTINGS = ("beam_size", "decode_max_len", "decode_batch_size", "max_test_examples")
+
+
+def check_decode_settings(config: ml_collections.ConfigDict) -> None:
+    """Refuse decoding settings that could only fail after training, with the reason."""
+    for name in ("beam_size", "decode_max_len", "decode_batch_size"):
+        if config[name] < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+    if config.model.kind == "transformer":
+        positions = config.model.max_len
+        if max(config.decode_max_len, config.buckets[-1]) > positions:
+            raise ValueError(
+                f"config.model.max_len={positions} (the position table) must hold "
+                f"config.decode_max_len={config.decode_max_len} and the largest bucket "
+                f"{config.buckets[-1]}"
+            )
+
+
+def apply_decode_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The checkpoint's ``config`` with the command line's ``DECODE_SETTINGS`` overrides.
+
+    Any other ``--config.*`` override would describe another run: it is an error rather
+    than silently ignored.
+    """
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    others = sorted(set(overrides) - set(DECODE_SETTINGS))
+    if others:
+        raise ValueError(
+            f"--config.{others[0]}: a --bleu_only or --translate run takes its config from "
+            f"the checkpoint; only {', '.join(DECODE_SETTINGS)} can be overridden"
+        )
+    config = config.copy_and_resolve_references()
+    for name, value in overrides.items():
+        config[name] = value
+    return config
+
+
 def make_loss_fn(kind: str, model, label_smoothing: float):
     """``loss_fn(params, batch, rng) -> (loss, {})`` for the loop: dropout iff a key is given."""
     loss = MODELS[kind][2]
@@ -189,6 +228,7 @@ def load_data(config, workdir: Path):
 
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    check_decode_settings(config)  # before training, not after it
     workdir.mkdir(parents=True, exist_ok=True)
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()
@@ -210,8 +250,12 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         batch_size=config.batch_size, buckets=buckets, vocab_size=vocab,
         process_rows=sharding.process_batch_slice(batch_sharding, config.batch_size),
     )  # fmt: skip
-    train_ds = td.translation_dataset(train_src, train_tgt, seed=config.seed, **data_kw)
-    val_ds = td.translation_dataset(val_src, val_tgt, seed=config.seed + 1, **data_kw)
+    train_ds = td.translation_dataset(
+        train_src, train_tgt, seed=config.seed, name="train split", **data_kw
+    )
+    val_ds = td.translation_dataset(
+        val_src, val_tgt, seed=config.seed + 1, name="validation split", **data_kw
+    )
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print_once(
         f"data: {len(split.train):,}/{len(split.val):,}/{len(split.test):,} train/val/test "
@@ -267,6 +311,8 @@ def _restore(workdir: Path):
         kind = meta["kind"]
         model = MODELS[kind][0](**meta["model"])
         state, _ = ckpt.restore(_abstract_state(kind, model, config))
+    config = apply_decode_overrides(config)
+    check_decode_settings(config)
     sp = td.train_sentencepiece([], workdir / "spm", vocab_size=config.vocab_size)
     return config, kind, model, state.params, int(state.step), sp
 

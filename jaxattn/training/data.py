@@ -96,6 +96,8 @@ class CharTokenizer:
         ids = np.asarray(ids)
         if ids.ndim != 1:
             raise ValueError(f"decode expects 1-D ids, got shape {ids.shape}")
+        if ids.size == 0:
+            return ""  # (np.asarray([]) is float64, which the id check would refuse)
         check_token_ids(ids, self.vocab_size)
         return "".join(self.chars[i] for i in ids.tolist())
 

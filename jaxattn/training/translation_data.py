@@ -62,8 +62,11 @@ def load_pairs(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"translation corpus not found: {str(path)!r}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    with opener(path, "rt", encoding="utf-8") as f:  # (universal newlines: \r\n -> \n)
+        # Not splitlines(): it also breaks at U+2028, form feeds and the like inside a line.
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
     pairs = []
     for number, line in enumerate(lines, 1):
         fields = line.split("\t")
@@ -191,7 +194,7 @@ def make_batch(
 class _BucketedBatches(grain.transforms.Map):
     """Map a global batch index to its batch; epoch ``e``'s plan is seeded by ``(seed, e)``."""
 
-    def __init__(self, src, tgt, buckets, batch_size, seed, process_rows):
+    def __init__(self, src, tgt, buckets, batch_size, seed, process_rows, name):
         self.src, self.tgt, self.buckets = src, tgt, tuple(buckets)
         self.batch_size, self.seed, self.process_rows = batch_size, seed, process_rows
         keys = [bucket_of(max(len(s), len(t) + 1), buckets) for s, t in zip(src, tgt)]
@@ -199,7 +202,7 @@ class _BucketedBatches(grain.transforms.Map):
         self.num_batches = sum(len(m) // batch_size for m in self.members)
         if self.num_batches == 0:
             raise ValueError(
-                f"no bucket holds a full batch of {batch_size} examples "
+                f"{name}: no bucket holds a full batch of {batch_size} examples "
                 f"({len(src)} examples in buckets {self.buckets})"
             )
         self._plan: tuple[int, list] | None = None
@@ -232,6 +235,7 @@ def translation_dataset(
     seed: int,
     vocab_size: int,
     process_rows: slice | None = None,
+    name: str = "translation data",
 ) -> grain.MapDataset:
     """Return an unbounded grain dataset of bucketed, per-epoch shuffled batches.
 
@@ -244,6 +248,7 @@ def translation_dataset(
       process_rows: on a multi-process run, the rows of each global batch this process
         loads (``sharding.process_batch_slice``); every process plans the same global
         batches, so all of them pad a step's batch to the same bucket.
+      name: what the data is (e.g. "validation split"), put in front of error messages.
 
     Returns:
       A ``grain.MapDataset``; element ``i`` is the batch dict of the module docstring.
@@ -264,7 +269,7 @@ def translation_dataset(
     if len(range(batch_size)[rows]) == 0:
         raise ValueError(f"process_rows {rows} selects no row of a batch of {batch_size}")
     ds = grain.MapDataset.range(sys.maxsize)  # Unbounded: an index per batch.
-    return ds.map(_BucketedBatches(list(src), list(tgt), buckets, batch_size, seed, rows))
+    return ds.map(_BucketedBatches(list(src), list(tgt), buckets, batch_size, seed, rows, name))
 
 
 def decode_batches(

@@ -66,6 +66,18 @@ def test_bleu_only_rescores_the_checkpoint_to_the_same_bleu(lstm_run):
 
 
 @pytest.mark.slow
+def test_bleu_only_takes_decode_overrides_and_refuses_the_rest(lstm_run):
+    workdir, _ = lstm_run
+    proc = run_translate(f"--workdir={workdir}", "--bleu_only", "--config.max_test_examples=5")
+    assert "on 5 sentences" in proc.stdout  # not the checkpoint's 24
+    proc = run_translate(
+        f"--workdir={workdir}", "--bleu_only", "--config.model.hidden_size=3", check=False
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--config.model.hidden_size: a --bleu_only or --translate run" in proc.stderr
+
+
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(lstm_run, killed_run_copy, assert_same_saved_state):
     workdir, _ = lstm_run
     # A run killed after its step-3 checkpoint: the same workdir without step 6.
@@ -92,6 +104,19 @@ def test_unknown_config_key_is_an_error(tmp_path):
     assert "unknown config key 'beam_sise' in --config.beam_sise=3" in proc.stderr
     assert "did you mean 'beam_size'?" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_decode_settings_are_checked_before_training(tmp_path):
+    """A decode setting that cannot work fails at once, not after the training."""
+    proc = run_translate(f"--workdir={tmp_path}", "--config.beam_size=0", check=False)
+    assert proc.returncode == 1 and "config.beam_size must be >= 1, got 0" in proc.stderr
+    proc = run_translate(
+        f"--workdir={tmp_path}", "--config.decode_max_len=20", config=f"{TINY}:transformer",
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "config.model.max_len=16 (the position table) must hold" in proc.stderr
     assert not any(tmp_path.iterdir())
 
 

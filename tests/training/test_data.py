@@ -39,6 +39,7 @@ def test_decode_rejects_out_of_range_ids():
         tok.decode([0, 3])
     with pytest.raises(ValueError, match="token id -1"):
         tok.decode([-1])
+    assert tok.decode([]) == ""
 
 
 def test_bundled_tinyshakespeare():

@@ -30,6 +30,10 @@ def test_load_pairs_plain_file_and_errors(tmp_path):
     good = tmp_path / "c.txt"
     good.write_text("Hi.\tHola.\nLet's go!\t¡Vamos!\n", encoding="utf-8")
     assert td.load_pairs(good) == [("Hi.", "Hola."), ("Let's go!", "¡Vamos!")]
+    # Only newlines end a line: U+2028 or a form feed inside a pair is text; CRLF is fine.
+    odd = tmp_path / "odd.txt"
+    odd.write_bytes("A\u2028B\tC\x0cD\r\nE\tF".encode())
+    assert td.load_pairs(odd) == [("A\u2028B", "C\x0cD"), ("E", "F")]
     bad = tmp_path / "bad.txt"
     bad.write_text("Hi.\tHola.\nno tab here\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad\.txt:2"):
@@ -160,8 +164,10 @@ def test_dataset_validates_inputs(np_rng):
         td.translation_dataset(src, tgt, batch_size=2, buckets=(8,), seed=0, vocab_size=50)
     with pytest.raises(ValueError, match="increasing buckets"):
         td.translation_dataset(src, tgt, batch_size=2, buckets=(16, 8), seed=0, vocab_size=50)
-    with pytest.raises(ValueError, match="no bucket holds a full batch"):
-        td.translation_dataset(src, tgt, batch_size=64, buckets=(16,), seed=0, vocab_size=50)
+    with pytest.raises(ValueError, match=r"^validation split: no bucket holds a full batch"):
+        td.translation_dataset(
+            src, tgt, batch_size=64, buckets=(16,), seed=0, vocab_size=50, name="validation split"
+        )
 
 
 def test_decode_batches_cover_every_source_once(np_rng):
