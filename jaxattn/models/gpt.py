@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxattn.models import decoding
+from jaxattn.models._config import check_positive, check_positive_ints
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
     dot_product_attention,
@@ -94,23 +94,19 @@ class GPTConfig:
     gelu_approximate: bool = True  # tanh GELU (GPT-2); False = exact erf GELU (nanoGPT)
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "num_layers", "num_heads", "embed_dim"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
-        if isinstance(self.mlp_ratio, bool) or not (
-            isinstance(self.mlp_ratio, numbers.Integral) and self.mlp_ratio > 0
-        ):
-            raise ValueError(f"GPTConfig.mlp_ratio must be a positive int, got {self.mlp_ratio!r}")
-        if not self.rope_base > 0:  # also rejects NaN
-            raise ValueError(f"GPTConfig.rope_base must be positive, got {self.rope_base}")
+        check_positive_ints(
+            self, ("vocab_size", "block_size", "num_layers", "num_heads", "embed_dim", "mlp_ratio")
+        )
+        check_positive(self, "rope_base")
+        check_positive(self, "layer_norm_eps")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"GPTConfig: embed_dim={self.embed_dim} is not divisible by "
                 f"num_heads={self.num_heads}"
             )
-        if self.num_kv_heads is not None and (
-            self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads
-        ):
+        if self.num_kv_heads is not None:
+            check_positive_ints(self, ("num_kv_heads",))
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"GPTConfig: num_heads={self.num_heads} must be a multiple of a positive "
                 f"num_kv_heads, got num_kv_heads={self.num_kv_heads}"
@@ -125,10 +121,6 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: rope needs an even head_dim, got {self.head_dim}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(
-                f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}"
-            )
 
     @property
     def head_dim(self) -> int:
@@ -340,18 +332,25 @@ def _check_tokens(tokens: Array, config: GPTConfig, where: str) -> None:
 def _check_weights(weights: GPTWeights, config: GPTConfig, where: str) -> None:
     """Raise ``ValueError`` when ``weights`` were not made for ``config`` (shapes only)."""
     per_layer = not isinstance(weights.blocks, BlockWeights)  # a tuple of BlockWeights
-    w_q = weights.blocks[0].attn.w_q if per_layer else weights.blocks.attn.w_q
+    attn = weights.blocks[0].attn if per_layer else weights.blocks.attn
+    w_q, w_k = attn.w_q, attn.w_k
     layers = len(weights.blocks) if per_layer else w_q.shape[0]
-    d, n, h = config.embed_dim, config.num_heads, config.head_dim
-    got = dict(layers=layers, w_q=tuple(w_q.shape[-3:]), table=weights.token_embedding.table.shape)
-    want = dict(layers=config.num_layers, w_q=(d, n, h), table=(config.vocab_size, d))
+    d, n, h, k = config.embed_dim, config.num_heads, config.head_dim, config.kv_heads
+    got = dict(
+        layers=layers, w_q=tuple(w_q.shape[-3:]), w_k=tuple(w_k.shape[-3:]),
+        table=weights.token_embedding.table.shape,
+    )  # fmt: skip
+    want = dict(
+        layers=config.num_layers, w_q=(d, n, h), w_k=(d, k, h), table=(config.vocab_size, d)
+    )
     learned = config.positions == "learned"
     if got != want or (weights.position_embedding is not None) != learned:
         raise ValueError(
             f"{where}: weights do not fit the config: {config.num_layers} layers, per layer "
-            f"w_q [D={d}, N={n}, H={h}], token table [V={config.vocab_size}, D={d}], "
-            f"{'a' if learned else 'no'} learned position table; got {got['layers']} layers, "
-            f"w_q {got['w_q']}, token table {got['table']}, "
+            f"w_q [D={d}, N={n}, H={h}] and w_k [D, K={k}, H], token table "
+            f"[V={config.vocab_size}, D={d}], {'a' if learned else 'no'} learned position "
+            f"table; got {got['layers']} layers, w_q {got['w_q']}, w_k {got['w_k']}, token "
+            f"table {got['table']}, "
             f"{'a' if weights.position_embedding is not None else 'no'} position table"
         )
 

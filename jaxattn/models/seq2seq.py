@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.models import beam_search as search
+from jaxattn.models._config import check_positive_ints
 from jaxattn.ops.attention import (
     AdditiveWeights,
     additive_scores,
@@ -93,10 +94,9 @@ class Seq2SeqConfig:
     eos_id: int = 2
 
     def __post_init__(self):
-        for name in ("src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden_size", "num_layers"):
-            if int(getattr(self, name)) <= 0:
-                value = getattr(self, name)
-                raise ValueError(f"Seq2SeqConfig.{name} must be positive, got {value}")
+        check_positive_ints(
+            self, ("src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden_size", "num_layers")
+        )
         if self.attention not in ATTENTION:
             raise ValueError(
                 f"Seq2SeqConfig.attention must be one of {ATTENTION}, got {self.attention!r}"

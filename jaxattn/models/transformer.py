@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.models import beam_search as search
+from jaxattn.models._config import check_positive, check_positive_ints
 from jaxattn.models.gpt import KVCache
 from jaxattn.models.seq2seq import check_batch
 from jaxattn.ops.attention import (
@@ -67,7 +68,7 @@ from jaxattn.ops.layers import (
     unembed,
 )
 from jaxattn.ops.losses import cross_entropy
-from jaxattn.ops.masks import padding_mask
+from jaxattn.ops.masks import check_lengths, padding_mask
 from jaxattn.ops.positions import sinusoidal_positions
 
 Array = jax.Array
@@ -100,19 +101,20 @@ class TransformerConfig:
     attention_implementation: str | None = None  # see ops.attention.dot_product_attention
 
     def __post_init__(self):
-        for name in (
-            "src_vocab_size",
-            "tgt_vocab_size",
-            "embed_dim",
-            "num_heads",
-            "num_encoder_layers",
-            "num_decoder_layers",
-            "mlp_ratio",
-            "max_len",
-        ):
-            if int(getattr(self, name)) <= 0:
-                value = getattr(self, name)
-                raise ValueError(f"TransformerConfig.{name} must be positive, got {value}")
+        check_positive_ints(
+            self,
+            (
+                "src_vocab_size",
+                "tgt_vocab_size",
+                "embed_dim",
+                "num_heads",
+                "num_encoder_layers",
+                "num_decoder_layers",
+                "mlp_ratio",
+                "max_len",
+            ),
+        )
+        check_positive(self, "layer_norm_eps")
         if self.embed_dim % self.num_heads or self.embed_dim % 2:
             raise ValueError(
                 f"TransformerConfig: embed_dim={self.embed_dim} must be even (sinusoidal "
@@ -322,7 +324,7 @@ def encode(
 
     Args:
       src: ``[B, S]`` ids, ``S <= max_len``; row b's tokens ``>= src_lengths[b]`` are padding.
-      src_lengths: ``[B]`` integers.
+      src_lengths: ``[B]`` integers in ``[0, S]`` (checked when concrete).
       rng: dropout key; deterministic: disable dropout.
 
     Returns:
@@ -330,10 +332,7 @@ def encode(
     """
     src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
     _check(src, config.src_vocab_size, config, "encode: src")
-    if src_lengths.shape != src.shape[:1]:
-        raise ValueError(
-            f"encode: src_lengths must be [B]={src.shape[:1]}, got {src_lengths.shape}"
-        )
+    check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
     rate, rng = _dropout_setup(rng, deterministic, config, "encode")
     w = _cast(weights, config.compute_dtype)
     r_embed, r_layers = _keys(rng, 2)

@@ -574,6 +574,12 @@ def write_kv_cache(
       True where cached key j is visible to the chunk's query at position p, ``j <= p``;
       this also hides the slots not written yet.
     """
+    chunk, cache = (k.shape, v.shape), (k_cache.shape, v_cache.shape)
+    if any(c[:1] + c[2:] != x[:1] + x[2:] or c[1] < x[1] for c, x in zip(cache, chunk)):
+        raise ValueError(
+            f"write_kv_cache: the chunk's k {k.shape}, v {v.shape} must be [B, T, K, H] with "
+            f"the caches' B, K, H and T <= S: k_cache {k_cache.shape}, v_cache {v_cache.shape}"
+        )
     room = k_cache.shape[1] - k.shape[1]
     if not isinstance(index, jax.core.Tracer) and not 0 <= int(index) <= room:
         raise ValueError(

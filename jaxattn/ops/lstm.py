@@ -37,7 +37,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxattn.ops.layers import dropout, project, uniform
 from jaxattn.ops.lstm_kernels import (
@@ -47,6 +46,7 @@ from jaxattn.ops.lstm_kernels import (
     _scan_autodiff,
     _step,
 )
+from jaxattn.ops.masks import check_lengths
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -130,20 +130,6 @@ def _check_carry(carry: Carry, batch: int, hidden: int, where: str) -> None:
             f"{where}: carry must be (h [B, h], c [B, h]) = "
             f"({(batch, hidden)}, {(batch, hidden)}), got {shapes}"
         )
-
-
-def _check_lengths(lengths: Array, batch: int, steps: int, where: str) -> None:
-    if jnp.shape(lengths) != (batch,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-        raise ValueError(
-            f"{where}: lengths must be integers of shape [B] = ({batch},), got "
-            f"{jnp.result_type(lengths)} {jnp.shape(lengths)}"
-        )
-    if isinstance(lengths, jax.core.Tracer) or batch == 0:
-        return  # values are unknown under jit; the data pipeline validates them
-    host = np.asarray(lengths)  # numpy: jnp ops on a closed-over array would trace under jit
-    lo, hi = int(host.min()), int(host.max())
-    if lo < 0 or hi > steps:
-        raise ValueError(f"{where}: lengths must lie in [0, T={steps}], got [{lo}, {hi}]")
 
 
 def lstm_cell(weights: LSTMWeights, carry: Carry, x: Array) -> Carry:
@@ -237,7 +223,7 @@ def _check_inputs(weights, xs, carry, lengths, where) -> tuple[Carry, Array | No
     _check_carry(carry, batch, hidden, where)
     if lengths is not None:
         lengths = jnp.asarray(lengths)
-        _check_lengths(lengths, batch, steps, where)
+        check_lengths(lengths, batch, steps, where)
     return carry, lengths
 
 

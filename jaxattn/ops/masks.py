@@ -67,6 +67,25 @@ def padding_mask(lengths: Array, max_len: int) -> Array:
     return positions[None, :] < lengths[:, None].astype(jnp.int32)  # [B, max_len]
 
 
+def check_lengths(lengths: Array, batch: int, steps: int, where: str) -> None:
+    """Raise unless ``lengths`` are ``[B]`` integers in ``[0, steps]`` (checked when concrete).
+
+    Under ``jit`` the values are unknown and only the shape and dtype are checked; the data
+    pipelines validate lengths when they build batches.
+    """
+    if jnp.shape(lengths) != (batch,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise ValueError(
+            f"{where}: lengths must be integers of shape [B] = ({batch},), got "
+            f"{jnp.result_type(lengths)} {jnp.shape(lengths)}"
+        )
+    if isinstance(lengths, jax.core.Tracer) or batch == 0:
+        return
+    host = np.asarray(lengths)  # numpy: jnp ops on a closed-over array would trace under jit
+    lo, hi = int(host.min()), int(host.max())
+    if lo < 0 or hi > steps:
+        raise ValueError(f"{where}: lengths must lie in [0, T={steps}], got [{lo}, {hi}]")
+
+
 def attention_mask(q_valid: Array | None, kv_valid: Array) -> Array:
     """Combine query and key padding into a mask over (query, key) pairs.
 

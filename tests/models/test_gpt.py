@@ -154,6 +154,8 @@ def np_cross_entropy(logits, targets):
         (dict(mlp_ratio=0), "mlp_ratio must be a positive int"),
         (dict(rope_base=0.0), "rope_base must be positive"),
         (dict(rope_base=float("nan")), "rope_base must be positive"),
+        (dict(layer_norm_eps=float("nan")), "layer_norm_eps must be positive"),
+        (dict(num_layers=2.5), "num_layers must be a positive int"),
     ],
 )
 def test_config_validation(changes, match):
@@ -487,6 +489,7 @@ def test_bad_inputs_raise():
         dataclasses.replace(BASE, num_heads=BASE.num_heads * 2),
         dataclasses.replace(BASE, positions="rope"),
         dataclasses.replace(BASE, vocab_size=BASE.vocab_size + 1),
+        dataclasses.replace(BASE, num_kv_heads=1),  # GQA weights made for MHA
     ):
         with pytest.raises(ValueError, match="gpt: weights do not fit the config"):
             gpt(w, tokens, other)

@@ -303,6 +303,10 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(dropout=-0.1), "dropout"),
         (dict(dtype="float16"), "dtype"),
         (dict(bos_id=EOS), "must differ"),
+        (dict(mlp_ratio=1.5), "mlp_ratio must be a positive int, got 1.5"),
+        (dict(num_encoder_layers=2.5), "num_encoder_layers must be a positive int"),
+        (dict(layer_norm_eps=-1.0), "layer_norm_eps must be positive"),
+        (dict(layer_norm_eps=float("nan")), "layer_norm_eps must be positive"),
     ],
 )
 def test_config_validation(changes, match):
@@ -316,6 +320,8 @@ def test_bad_inputs_raise(np_rng):
     src, lengths, tgt_in = example_batch(config, np_rng)
     with pytest.raises(ValueError, match="src_lengths"):
         encode(w, src, lengths[:2], config)
+    with pytest.raises(ValueError, match=r"src_lengths: lengths must lie in \[0, T="):
+        encode(w, src, lengths.at[0].set(-1), config)  # seq2seq refuses it too
     with pytest.raises(ValueError, match="max_len"):
         encode(w, jnp.zeros((1, 10), jnp.int32), jnp.array([3]), config)
     with pytest.raises(ValueError, match="src"):

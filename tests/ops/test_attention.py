@@ -703,3 +703,6 @@ def test_write_kv_cache_writes_the_chunk_and_masks_later_keys(np_rng):
     for index in (S - 1, -1):
         with pytest.raises(ValueError, match=rf"2 tokens at index {index} .* {S} positions"):
             write_kv_cache(k_cache, v_cache, k, v, index)
+    # A chunk with other heads (or batch, head dim) than the cache is refused, not padded.
+    with pytest.raises(ValueError, match=r"the caches' B, K, H"):
+        write_kv_cache(k_cache, v_cache, k[:, :, :2], v[:, :, :2], 0)
