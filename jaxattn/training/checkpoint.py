@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +57,21 @@ def _rankable(value: Any) -> float:
     """A metric for ranking by "lower is better": NaN ranks last, never as the best."""
     value = float(value)
     return math.inf if math.isnan(value) else value
+
+
+def _check_process_count(data_dir: epath.Path) -> None:
+    """grain keeps one iterator position per process (``process_<i>-of-<n>.json``): resuming
+    with another number of processes cannot see the batches the run would have."""
+    counts = set()
+    for path in data_dir.iterdir():
+        match = re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name)
+        if match:
+            counts.add(int(match.group(1)))
+    if counts and jax.process_count() not in counts:
+        raise CheckpointError(
+            f"{data_dir} holds the data positions of a run of {max(counts)} processes; this "
+            f"run has {jax.process_count()}: resume with the same number of processes"
+        )
 
 
 def tree_signature(tree: Any) -> list[list[Any]]:
@@ -266,10 +282,12 @@ class Checkpointer:
         abstract = jax.tree.map(_abstract, target)
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract)}
         if data_iter is not None:
-            if not (self.step_dir(step) / "data").is_dir():
+            data_dir = self.step_dir(step) / "data"
+            if not data_dir.is_dir():
                 raise CheckpointError(
                     f"checkpoint {self.step_dir(step)} has no data iterator state to resume from"
                 )
+            _check_process_count(data_dir)
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))

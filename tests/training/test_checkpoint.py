@@ -143,6 +143,19 @@ def test_missing_checkpoint_errors(tmp_path, toy):
             ckpt.restore(toy.state(), data_iter=toy.iterator())
 
 
+def test_resume_with_another_process_count_is_named(tmp_path, toy):
+    state, it = _trained_state(toy)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(3, state, data_iter=it)
+    data_dir = tmp_path / "3" / "data"
+    (written,) = [p for p in data_dir.iterdir() if p.name.startswith("process_")]
+    assert written.name == "process_0-of-1.json"
+    written.rename(data_dir / "process_0-of-2.json")  # as process 0 of a 2-process run
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError, match="a run of 2 processes; this run has 1"):
+            ckpt.restore(toy.state(), data_iter=toy.iterator())
+
+
 # orbax's background event loop may report a closed loop after the failed read.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["delete_state_files", "garble_meta"])
