@@ -162,17 +162,41 @@ def translate_ids(params, kind, model, config, sources: list[np.ndarray]) -> lis
     return out
 
 
+def _decode_shared(params, kind, model, config, sources: list[np.ndarray]) -> list[list[int]]:
+    """``translate_ids`` with the sources dealt round-robin to the processes; every process
+    gets every hypothesis back (a collective: all processes call it).
+
+    Each decodes its share on its own devices, so no process idles through the others'
+    decoding (JAX's shutdown barrier gives up on a process after 300 s).
+    """
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return translate_ids(params, kind, model, config, sources)
+    mine = translate_ids(params, kind, model, config, sources[index::count])
+    rows = -(-len(sources) // count)
+    packed = np.full((rows, config.decode_max_len), -1, np.int32)  # -1: past the hypothesis
+    for r, ids in enumerate(mine):
+        packed[r, : len(ids)] = ids
+    every = np.asarray(multihost_utils.process_allgather(packed))  # [processes, rows, L]
+    out: list[list[int]] = [[] for _ in sources]
+    for process in range(count):
+        for r, i in enumerate(range(process, len(sources), count)):
+            out[i] = [int(t) for t in every[process, r] if t >= 0]
+    return out
+
+
 def test_bleu(params, kind, model, config, sp, test_pairs) -> tuple[float, list[str]]:
     """Corpus BLEU (sacrebleu, default 13a tokenisation) over every test pair.
 
     A source longer than the largest bucket (64 pieces by default; none in the corpus) is
-    not decoded and scores as an empty translation, so no pair leaves the score.
+    not decoded and scores as an empty translation, so no pair leaves the score. On a
+    multi-process run every process decodes a share (a collective: all must call it).
     """
     import sacrebleu
 
     encoded = [np.asarray(sp.encode(s), np.int32) for s, _ in test_pairs]
     keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= config.buckets[-1]]
-    ids = translate_ids(params, kind, model, config, [encoded[i] for i in keep])
+    ids = _decode_shared(params, kind, model, config, [encoded[i] for i in keep])
     hyps = [""] * len(test_pairs)
     for i, h in zip(keep, ids):
         hyps[i] = sp.decode(h)
@@ -288,11 +312,11 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         print_once(f"Stopped at step {result.step}; run the same command again to resume.")
         sys.exit(INTERRUPTED_EXIT_CODE)
     params = sharding.gather_params(result.state.params)  # Every process: the whole model.
-    if jax.process_index() != 0:
-        return  # Process 0 decodes the test set and reports.
     t0 = time.perf_counter()
-    bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)
-    record_test_bleu(workdir, result.step, bleu)
+    bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)  # (all processes)
+    if jax.process_index() != 0:
+        return  # Process 0 reports.
+    record_test_bleu(workdir, result.step, bleu, test_pairs, hyps)
     print(f"Done: step {result.step}, test BLEU {bleu:.2f} on {len(hyps)} sentences "
           f"({time.perf_counter() - t0:.1f} s to decode)")  # fmt: skip
     for (s, r), h in list(zip(test_pairs, hyps))[:3]:
@@ -317,10 +341,14 @@ def _restore(workdir: Path):
     return config, kind, model, state.params, int(state.step), sp
 
 
-def record_test_bleu(workdir: Path, step: int, bleu: float) -> None:
-    """Append ``{"step": step, "time": ..., "test_bleu": bleu}`` to ``DIR/metrics.jsonl``."""
+def record_test_bleu(workdir: Path, step: int, bleu: float, test_pairs, hyps) -> None:
+    """Append ``{"step": step, "time": ..., "test_bleu": bleu}`` to ``DIR/metrics.jsonl`` and
+    write every scored translation to ``DIR/test_translations.tsv`` (source, reference,
+    hypothesis; one pair a line, in test-split order)."""
     with MetricsWriter(workdir, tensorboard=False) as writer:
         writer.write(step, {"test_bleu": bleu})
+    lines = "".join(f"{s}\t{r}\t{h}\n" for (s, r), h in zip(test_pairs, hyps))
+    (workdir / "test_translations.tsv").write_text(lines, encoding="utf-8")
 
 
 def translate_only(workdir: Path, sentences: list[str]) -> None:
@@ -338,9 +366,10 @@ def bleu_only(workdir: Path) -> None:
     config, kind, model, params, step, sp = _restore(workdir)
     split = td.split_pairs(td.load_pairs(config.data_path), seed=config.split_seed)
     test_pairs = split.test[: config.max_test_examples or None]
-    bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)
-    record_test_bleu(workdir, step, bleu)
-    print(f"step {step}: test BLEU {bleu:.2f} on {len(hyps)} sentences")
+    bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)  # (all processes)
+    if jax.process_index() == 0:
+        record_test_bleu(workdir, step, bleu, test_pairs, hyps)
+        print(f"step {step}: test BLEU {bleu:.2f} on {len(hyps)} sentences")
 
 
 def main(argv: list[str]) -> None:

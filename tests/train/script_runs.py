@@ -1,11 +1,19 @@
 """Run a ``train/`` script as a user does: a subprocess on the CPU with one config."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a jax.distributed coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class ScriptRunner:

@@ -8,13 +8,13 @@ the losses against a one-device run, and samples from the checkpoint on one devi
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from script_runs import free_port  # tests/train/script_runs.py
 
 from jaxattn.training.metrics import read_metrics
 
@@ -26,12 +26,6 @@ COMMON = [
     "--config.eval_every=2", "--config.eval_batches=2", "--config.checkpoint_every=50",
     "--compilation_cache=",  # Each test compiles afresh; nothing written to ~/.cache.
 ]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_processes(workdir, num_steps, *, processes=2, devices_each=4, mesh=(2, 2, 2)):
@@ -46,7 +40,7 @@ def start_processes(workdir, num_steps, *, processes=2, devices_each=4, mesh=(2,
         f"--config.mesh.tensor={mesh[2]}",
     ]  # fmt: skip
     if processes > 1:
-        args += [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={processes}"]
+        args += [f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={processes}"]
     return [
         subprocess.Popen(
             [sys.executable, str(SCRIPT), *args] + ([f"--process_id={i}"] if processes > 1 else []),

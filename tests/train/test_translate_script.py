@@ -4,8 +4,12 @@ Each training run takes tens of seconds (XLA compiling the train step and the de
 so they are module-scoped and marked slow; the argument errors fail before any compile.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
-from script_runs import REPO, ScriptRunner  # tests/train/script_runs.py
+from script_runs import REPO, ScriptRunner, free_port  # tests/train/script_runs.py
 
 from jaxattn.training.metrics import read_metrics
 
@@ -32,6 +36,8 @@ def _check_finished_run(workdir, proc, num_steps=6):
     assert (workdir / "checkpoints" / str(num_steps)).is_dir()
     assert (workdir / "spm.model").is_file()
     assert "test BLEU" in proc.stdout
+    rows = (workdir / "test_translations.tsv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 24 and all(len(row.split("\t")) == 3 for row in rows)  # max_test_examples
 
 
 @pytest.mark.slow
@@ -124,3 +130,32 @@ def test_translate_without_checkpoint_is_an_error(tmp_path):
     proc = run_translate(f"--workdir={tmp_path / 'none'}", "--translate=hello", check=False)
     assert proc.returncode == 1
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_test_decoding(tmp_path):
+    """Each process decodes a share of the test split and process 0 reassembles it: the
+    translations, in order, and the BLEU equal a one-process run on the same 2-device mesh."""
+    def launch(workdir, processes):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 // processes}"
+        args = [
+            sys.executable, str(run_translate.script), f"--config={TINY}", "--noprogress",
+            f"--workdir={workdir}", "--config.mesh.data=2", "--compilation_cache=",
+        ]  # fmt: skip
+        if processes > 1:
+            args += [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
+        ids = [[f"--process_id={i}"] for i in range(processes)] if processes > 1 else [[]]
+        pipe = dict(cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return [subprocess.Popen(args + i, **pipe) for i in ids]
+
+    runs = {n: (tmp_path / f"p{n}", launch(tmp_path / f"p{n}", n)) for n in (2, 1)}
+    for _, procs in runs.values():
+        for proc in procs:
+            out = proc.communicate(timeout=900)[0]
+            assert proc.returncode == 0, out[-4000:]
+    (two, _), (one, _) = runs[2], runs[1]
+    tsv = lambda w: (w / "test_translations.tsv").read_text(encoding="utf-8")
+    assert tsv(two) == tsv(one) and len(tsv(one).splitlines()) == 24
+    bleu = lambda w: [r["test_bleu"] for r in read_metrics(w / "metrics.jsonl") if "test_bleu" in r]
+    assert bleu(two) == bleu(one) and len(bleu(one)) == 1
