@@ -381,6 +381,12 @@ def main(argv: list[str]) -> None:
     if workdir is None:
         config_file = config_flags.get_config_filename(flags.FLAGS["config"])
         workdir = Path("workdirs") / Path(config_file).stem
+    if "://" in str(workdir):
+        # Path() would fold gs://bucket into gs:/bucket, a local folder on each host.
+        raise app.UsageError(
+            f"--workdir={workdir}: translate.py writes its sentencepiece model and outputs with "
+            "local file I/O; give it a local or shared-filesystem folder (lm.py takes gs://)"
+        )
     workdir = Path(workdir)
     try:
         enable_compilation_cache()

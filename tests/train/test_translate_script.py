@@ -7,6 +7,7 @@ so they are module-scoped and marked slow; the argument errors fail before any c
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from script_runs import REPO, ScriptRunner, free_port  # tests/train/script_runs.py
@@ -159,3 +160,11 @@ def test_two_processes_share_the_test_decoding(tmp_path):
     assert tsv(two) == tsv(one) and len(tsv(one).splitlines()) == 24
     bleu = lambda w: [r["test_bleu"] for r in read_metrics(w / "metrics.jsonl") if "test_bleu" in r]
     assert bleu(two) == bleu(one) and len(bleu(one)) == 1
+
+
+def test_object_store_workdir_is_refused(tmp_path):
+    """Path() would fold gs://bucket into a local gs:/bucket folder on each host."""
+    proc = run_translate("--workdir=gs://bucket/run", check=False)
+    assert proc.returncode != 0 and "--workdir=gs://bucket/run" in proc.stderr
+    assert "local or shared-filesystem folder" in proc.stderr
+    assert not (Path.cwd() / "gs:").exists() and not (REPO / "gs:").exists()
