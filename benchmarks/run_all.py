@@ -90,13 +90,19 @@ def _step(results: dict) -> tuple[str, bool] | str:
     return _at_most(1e3 * step["jaxattn_s"], 1e3 * step["torch_s"], 1.0, "{:.1f} ms")
 
 
-def _kv_cache(results: dict) -> tuple[str, bool]:
+def _kv_cache(results: dict) -> tuple[str, bool] | str:
+    """Judged against nanoGPT's generate, which runs the growing context (1..63 tokens) per
+    token: the issue's baseline. jaxattn's full pass runs all block_size positions every
+    token (one compiled shape), about 1.6x that work, so its ratio is only shown."""
     gen = results["gpt"]["generation"]
-    speedup = gen["full_pass_s"] / gen["cached_unrolled_s"]
-    per_token = [1e6 * gen[k] / gen["new_tokens"] for k in ("cached_unrolled_s", "full_pass_s")]
-    text = f"{per_token[0]:.0f} vs {per_token[1]:.0f} µs/token: {speedup:.1f}x"
-    if gen.get("torch_no_cache_s"):  # the stricter baseline: nanoGPT's own generate
-        text += f" ({gen['torch_no_cache_s'] / gen['cached_unrolled_s']:.1f}x nanoGPT's)"
+    cached, new = gen["cached_unrolled_s"], gen["new_tokens"]
+    padded = gen["full_pass_s"] / cached
+    padded_text = f"; {padded:.1f}x jaxattn's full pass padded to block_size"
+    if not gen.get("torch_no_cache_s"):
+        return "PyTorch not installed" + padded_text
+    speedup = gen["torch_no_cache_s"] / cached
+    per_token = [1e6 * t / new for t in (cached, gen["torch_no_cache_s"])]
+    text = f"{per_token[0]:.0f} vs {per_token[1]:.0f} µs/token: {speedup:.1f}x" + padded_text
     return text, speedup >= 20
 
 
@@ -130,7 +136,7 @@ TARGETS = {
     ],
     "gpt": [
         Target("GPT train step (shakespeare_char_cpu): <= 1.0x nanoGPT in PyTorch", 3, _step),
-        Target("KV-cache generation: >= 20x jaxattn's full pass per token", 3, _kv_cache),
+        Target("KV-cache generation: >= 20x nanoGPT's generate without a cache", 3, _kv_cache),
         Target("train-step compile, 48 layers: <= 1.5x 4 layers", 3, _compile),
     ],
     "whole_run": [
