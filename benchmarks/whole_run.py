@@ -30,8 +30,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.attention import add_json_flag, machine, write_json  # noqa: E402
-
 TEXT = REPO / "jaxattn" / "data" / "tinyshakespeare.txt"
 
 
@@ -49,15 +47,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--warm", action="store_true", help="rerun lm.py over its cache")
     parser.add_argument("--torch-run", action="store_true", help=argparse.SUPPRESS)
-    add_json_flag(parser)
-    args = parser.parse_args()
-    if args.torch_run:  # the child process of the PyTorch row
-        from benchmarks.torch_nanogpt import train_run
+    if "--torch-run" in sys.argv[1:]:  # the child process of the PyTorch row
+        from benchmarks.torch_nanogpt import train_run  # (and nothing that imports JAX)
 
+        args, _ = parser.parse_known_args()
         with tempfile.TemporaryDirectory() as tmp:
             val = train_run(str(TEXT), steps=args.steps, checkpoint_path=f"{tmp}/ckpt.pt")
         print(f"val loss {val:.4f}")
         return
+    from benchmarks.attention import add_json_flag, machine, write_json
+
+    add_json_flag(parser)
+    args = parser.parse_args()
 
     print(f"# Whole Shakespeare run — {machine()}, {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"\n| job | wall s | val loss at step {args.steps} |\n|---|---|---|")
