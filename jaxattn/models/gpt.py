@@ -106,11 +106,11 @@ class GPTConfig:
             )
         if self.num_kv_heads is not None:
             check_positive_ints(self, ("num_kv_heads",))
-        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"GPTConfig: num_heads={self.num_heads} must be a multiple of a positive "
-                f"num_kv_heads, got num_kv_heads={self.num_kv_heads}"
-            )
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(
+                    f"GPTConfig: num_heads={self.num_heads} must be a multiple of a positive "
+                    f"num_kv_heads, got num_kv_heads={self.num_kv_heads}"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.positions not in _POSITIONS:

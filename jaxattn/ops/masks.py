@@ -20,7 +20,6 @@ Array = jax.Array
 DType = jnp.dtype | type | str
 
 
-
 def causal_mask(q_len: int, kv_len: int | None = None, *, dtype: DType = bool) -> Array:
     """Build a causal mask whose queries are the last ``q_len`` key positions.
 
