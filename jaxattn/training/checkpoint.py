@@ -53,6 +53,39 @@ class IncompatibleCheckpointError(ValueError):
     """A checkpoint's tree (structure, shapes or dtypes) differs from the restore target."""
 
 
+class NotWritableError(OSError):
+    """A folder the run must write to (workdir, checkpoints) cannot be created or written."""
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Create ``directory`` if needed and check that this process can write a file in it.
+
+    Run before any work that a failed save would lose. Without it a read-only checkpoint
+    folder failed only at the first save, inside orbax's background thread, and the run
+    then waited 5 minutes at a barrier before failing with an unrelated timeout.
+
+    Raises:
+      NotWritableError: naming the folder and the reason.
+    """
+    directory = epath.Path(directory)
+    # One probe per process: the processes of a multi-host run share the folder.
+    probe = directory / f".write_test.{jax.process_index()}.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except Exception as e:  # OSError locally; object stores raise their own types.
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise NotWritableError(f"cannot write to {directory}: {reason}") from e
+
+
+def _first_line(e: Exception, limit: int = 300) -> str:
+    """``Type: message`` of ``e`` cut to its first line (orbax's errors run to pages)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}"
+
+
 def _rankable(value: Any) -> float:
     """A metric for ranking by "lower is better": NaN ranks last, never as the best."""
     value = float(value)
@@ -153,6 +186,8 @@ class Checkpointer:
             self.directory = self.directory.absolute()
         self.best_metric = best_metric
         self.read_only = read_only
+        if not read_only:
+            check_writable(self.directory)
         policy: Any = ocm.LatestN(max_to_keep)
         if best_metric is not None:
             best = ocm.BestN(
@@ -246,10 +281,7 @@ class Checkpointer:
             )
             meta = dict(restored["meta"])
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {self.step_dir(step)} is corrupt or incomplete: cannot read its "
-                f"metadata ({type(e).__name__}: {e})"
-            ) from e
+            raise self._corrupt(step, f"cannot read its metadata ({_first_line(e)})") from e
         if "tree_signature" not in meta:
             raise CheckpointError(f"checkpoint {self.step_dir(step)} has no tree signature")
         return meta
@@ -292,11 +324,21 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {self.step_dir(step)} is corrupt or incomplete: "
-                f"{type(e).__name__}: {e}"
-            ) from e
+            raise self._corrupt(step, _first_line(e)) from e
         return restored["state"], meta
+
+    def _corrupt(self, step: int, detail: str) -> CheckpointError:
+        """The error for an unreadable ``step``, pointing at the steps that could be used."""
+        others = [s for s in self.all_steps() if s != step]
+        hint = (
+            f"; the other steps here are {others}: move {self.step_dir(step)} out of the "
+            f"folder to use step {others[-1]}"
+            if others
+            else ""
+        )
+        return CheckpointError(
+            f"checkpoint {self.step_dir(step)} is corrupt or incomplete: {detail}{hint}"
+        )
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""

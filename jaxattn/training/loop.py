@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
-from jaxattn.training.checkpoint import Checkpointer
+from jaxattn.training.checkpoint import Checkpointer, check_writable
 from jaxattn.training.metrics import Mean, MetricsWriter, reduce_means
 from jaxattn.training.sharding import global_batch, replicated, to_host
 from jaxattn.training.state import TrainState
@@ -274,6 +274,8 @@ class Trainer:
 
     def fit(self, state: TrainState, train_iter: Iterator[Batch]) -> FitResult:
         loop = self.loop
+        if self.primary:  # metrics.jsonl and tb/; the Checkpointer checks its own folder
+            check_writable(self.workdir)
         self.ckpt = Checkpointer(
             self.workdir / "checkpoints",
             max_to_keep=loop.max_to_keep,
@@ -484,6 +486,8 @@ def fit(
       NonFiniteLossError: a loss or gradient norm, or the parameters or optimizer state
         about to be saved, were not finite (names the step).
       IncompatibleCheckpointError, CheckpointError: the workdir's checkpoint cannot be used.
+      NotWritableError: the workdir or its checkpoint folder cannot be written (checked
+        before the first step).
     """
     trainer = Trainer(
         train_step,

@@ -12,6 +12,8 @@ from jaxattn.training.checkpoint import (
     Checkpointer,
     CheckpointError,
     IncompatibleCheckpointError,
+    NotWritableError,
+    check_writable,
     tree_signature,
 )
 from jaxattn.training.state import create_train_state
@@ -172,6 +174,45 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, toy, damage):
     with Checkpointer(tmp_path) as ckpt:
         with pytest.raises(CheckpointError, match=r"checkpoint .*/1 is corrupt or incomplete"):
             ckpt.restore(toy.state())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_latest_step_names_the_intact_ones_in_one_line(tmp_path, toy):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, toy.state())
+        ckpt.save(2, toy.state())
+    # A truncated array chunk: orbax's own message spells out the whole TensorStore spec.
+    chunks = [p for p in (tmp_path / "2" / "state").rglob("d/*") if p.is_file()]
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(chunk.read_bytes()[:10])
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError) as info:
+            ckpt.restore(toy.state())
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 600
+    assert f"checkpoint {tmp_path / '2'} is corrupt or incomplete" in message
+    assert f"the other steps here are [1]: move {tmp_path / '2'} out of the folder" in message
+    with Checkpointer(tmp_path) as ckpt:  # and step 1 still restores
+        state, _ = ckpt.restore(toy.state(), step=1)
+    assert_trees_equal(state, toy.state())
+
+
+def test_unwritable_checkpoint_folder_fails_before_any_save(tmp_path, toy):
+    (tmp_path / "checkpoints").write_text("a file, not a folder")  # fails as root too
+    with pytest.raises(NotWritableError, match=f"cannot write to {tmp_path / 'checkpoints'}"):
+        Checkpointer(tmp_path / "checkpoints")
+    with Checkpointer(tmp_path / "checkpoints", read_only=True):  # reading needs no writes
+        pass
+    assert (tmp_path / "checkpoints").read_text() == "a file, not a folder"
+
+
+def test_check_writable_creates_the_folder_and_leaves_no_probe(tmp_path):
+    check_writable(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir() and not any((tmp_path / "a" / "b").iterdir())
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotWritableError, match=f"cannot write to {tmp_path / 'f' / 'x'}: "):
+        check_writable(tmp_path / "f" / "x")
 
 
 def test_tree_signature_lists_paths_shapes_dtypes(toy):

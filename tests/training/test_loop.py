@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 
 from jaxattn.training import data
-from jaxattn.training.checkpoint import Checkpointer, IncompatibleCheckpointError
+from jaxattn.training.checkpoint import (
+    Checkpointer,
+    IncompatibleCheckpointError,
+    NotWritableError,
+)
 from jaxattn.training.loop import (
     LoopConfig,
     NonFiniteLossError,
@@ -219,6 +223,14 @@ def test_incompatible_checkpoint_in_workdir_is_an_error(tmp_path, toy):
             toy, tmp_path, num_steps=8, state=create_train_state(wide, optimizer, jax.random.key(0))
         )
     assert snapshot(tmp_path / "checkpoints") == before
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path, toy):
+    workdir = tmp_path / "run"
+    workdir.write_text("a file, not a folder")  # (chmod would not stop root)
+    with pytest.raises(NotWritableError, match=f"cannot write to {workdir}: "):
+        _fit(toy, workdir, num_steps=4)
+    assert workdir.read_text() == "a file, not a folder"
 
 
 class _NanAt(grain.transforms.RandomMap):
