@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
 from absl import app, flags
+from ml_collections import config_flags
 
 from jaxattn.training import sharding
+from jaxattn.training.checkpoint import Checkpointer
+from jaxattn.training.loop import LoopConfig
 from jaxattn.training.metrics import is_remote
 
 _COORDINATOR = flags.DEFINE_string(
@@ -138,3 +145,79 @@ def print_once(*args, **kwargs) -> None:
     """``print`` on process 0 only (every process runs the same script)."""
     if jax.process_index() == 0:
         print(*args, **kwargs)
+
+
+def checkpoint_config_overrides(mode: str, allowed: Iterable[str] = ()) -> dict[str, Any]:
+    """The ``--config.*`` overrides of a run that takes its config from a checkpoint.
+
+    Only ``allowed`` settings may be overridden: any other would describe another run, so
+    it is an error rather than silently ignored.
+
+    Raises:
+      ValueError: naming the first override outside ``allowed``.
+    """
+    allowed = tuple(allowed)
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    others = sorted(set(overrides) - set(allowed))
+    if others:
+        can = (
+            f"only {', '.join(allowed)} can be overridden"
+            if allowed
+            else "sampling is set with its own flags (--prompt, --num_samples, ...)"
+        )
+        raise ValueError(
+            f"--config.{others[0]}: {mode} takes its config from the checkpoint; {can}"
+        )
+    return overrides
+
+
+# Settings a resumed run may change without changing the updates it computes: the loop's
+# length and bookkeeping, and the device mesh (checkpoints restore onto any mesh).
+_RESUMABLE_CHANGES = frozenset(f.name for f in dataclasses.fields(LoopConfig)) | {"mesh"}
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def latest_checkpoint_metadata(
+    workdir, config: ml_collections.ConfigDict, also_free: Iterable[str] = ()
+) -> dict[str, Any] | None:
+    """The metadata of ``workdir``'s latest checkpoint (None without one), after printing
+    which settings of ``config`` differ from those it was saved with.
+
+    A resumed run with another batch size, seed or learning rate is allowed but no longer
+    matches an uninterrupted one; the note says so instead of resuming silently. Loop
+    settings (``num_steps``, ``eval_every``, ...), the mesh and ``also_free`` may change.
+    """
+    ckpt_dir = workdir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return None
+    with Checkpointer(ckpt_dir, read_only=True) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            return None
+        meta = ckpt.read_metadata(step)
+        where = ckpt.step_dir(step)
+    free = _RESUMABLE_CHANGES | set(also_free)
+    saved = _flatten(meta.get("config") or {})
+    now = _flatten(json.loads(json.dumps(config.to_dict())))  # as saved: tuples -> lists
+    show = lambda flat, key: repr(flat[key]) if key in flat else "(unset)"
+    changed = [
+        f"{key} {show(saved, key)} -> {show(now, key)}"
+        for key in sorted(set(saved) | set(now))
+        if key.split(".")[0] not in free and saved.get(key) != now.get(key)
+    ]
+    if changed:
+        print_once(
+            f"note: {where} was saved with other settings: {', '.join(changed)}; the resumed "
+            "run will not match an uninterrupted one",
+            flush=True,
+        )
+    return meta

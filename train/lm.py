@@ -28,9 +28,11 @@ import numpy as np
 from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
+    checkpoint_config_overrides,
     describe_mesh,
     enable_compilation_cache,
     initialize_distributed,
+    latest_checkpoint_metadata,
     parse_flags,
     print_once,
     setup_mesh,
@@ -42,7 +44,13 @@ from jaxattn.models.decoding import check_sampling
 from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt, weight_decay_mask
 from jaxattn.models.partitioning import TRANSFORMER_RULES
 from jaxattn.training import data, sharding
-from jaxattn.training.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpointError
+from jaxattn.training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    IncompatibleCheckpointError,
+    NotWritableError,
+    check_writable,
+)
 from jaxattn.training.loop import (
     LoopConfig,
     NonFiniteLossError,
@@ -58,10 +66,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default workdirs/<config>).")
 _SAMPLE_ONLY = flags.DEFINE_bool("sample_only", False, "Only sample from the latest checkpoint.")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "Text the samples continue.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Samples to print (0: none).")
-_SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 500, "Characters per sample.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Samples to print (0: none).", lower_bound=0)
+_SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 500, "Characters per sample.", lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).")
-_TOP_K = flags.DEFINE_integer("top_k", 200, "Sample among the k most likely characters.")
+_TOP_K = flags.DEFINE_integer(
+    "top_k", 200, "Sample among the k most likely characters (0: all).", lower_bound=0
+)
 _SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "Seed for sampling.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
@@ -134,9 +144,10 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     ids = tokenizer.encode(text)
     train_ids, val_ids = data.train_val_split(ids, config.train_fraction)
     model = GPTConfig(vocab_size=tokenizer.vocab_size, **config.model.to_dict())
-    _check_workdir_vocabulary(workdir, tokenizer)
+    _check_vocabulary(latest_checkpoint_metadata(workdir, config), workdir, tokenizer)
     if _NUM_SAMPLES.value > 0:  # Fail now, not after training.
         _check_sampling(model, tokenizer)
+    check_writable(workdir / "checkpoints")  # (and workdir): before anything is built
 
     mesh, batch_sharding = setup_mesh(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
@@ -206,18 +217,12 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         print_samples(params, model, tokenizer, _SAMPLE_SEED.value)
 
 
-def _check_workdir_vocabulary(workdir: epath.Path, tokenizer: data.CharTokenizer) -> None:
+def _check_vocabulary(meta, workdir: epath.Path, tokenizer: data.CharTokenizer) -> None:
     """A checkpoint trained on other characters would decode wrongly even if shapes match."""
-    ckpt_dir = workdir / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return
-    with Checkpointer(ckpt_dir, read_only=True) as ckpt:
-        if ckpt.latest_step() is None:
-            return
-        saved = ckpt.read_metadata().get("vocab")
+    saved = None if meta is None else meta.get("vocab")
     if saved is not None and saved != tokenizer.chars:
         raise IncompatibleCheckpointError(
-            f"{ckpt_dir} was trained on a different character vocabulary "
+            f"{workdir / 'checkpoints'} was trained on a different character vocabulary "
             f"({len(saved)} characters, this data has {tokenizer.vocab_size}); nothing was "
             f"restored or overwritten. Use another --workdir."
         )
@@ -225,13 +230,18 @@ def _check_workdir_vocabulary(workdir: epath.Path, tokenizer: data.CharTokenizer
 
 def sample(workdir: epath.Path) -> None:
     """Load the latest checkpoint in ``workdir`` and print samples."""
+    checkpoint_config_overrides("--sample_only")  # none apply: refuse rather than ignore
+    if _NUM_SAMPLES.value == 0:
+        raise ValueError("--sample_only with --num_samples=0 has nothing to do")
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         meta = ckpt.read_metadata()
         config = ml_collections.ConfigDict(meta["config"])
         model = GPTConfig(**meta["model"])
+        tokenizer = data.CharTokenizer(meta["vocab"])
+        _check_sampling(model, tokenizer)
         state, _ = ckpt.restore(_abstract_state(model, config))
     print(f"Sampling from {ckpt.step_dir(int(state.step))}")
-    print_samples(state.params, model, data.CharTokenizer(meta["vocab"]), _SAMPLE_SEED.value)
+    print_samples(state.params, model, tokenizer, _SAMPLE_SEED.value)
 
 
 def main(argv: list[str]) -> None:
@@ -254,7 +264,7 @@ def main(argv: list[str]) -> None:
             train(config, workdir)
     except (
         FileNotFoundError, ValueError, CheckpointError, IncompatibleCheckpointError,
-        NonFiniteLossError,
+        NonFiniteLossError, NotWritableError,
     ) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

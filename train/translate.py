@@ -27,9 +27,11 @@ import numpy as np
 from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
+    checkpoint_config_overrides,
     describe_mesh,
     enable_compilation_cache,
     initialize_distributed,
+    latest_checkpoint_metadata,
     parse_flags,
     print_once,
     setup_mesh,
@@ -41,7 +43,13 @@ from jaxattn.models import seq2seq, transformer
 from jaxattn.models.partitioning import SEQ2SEQ_RULES, TRANSFORMER_RULES
 from jaxattn.training import sharding
 from jaxattn.training import translation_data as td
-from jaxattn.training.checkpoint import Checkpointer, CheckpointError, IncompatibleCheckpointError
+from jaxattn.training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    IncompatibleCheckpointError,
+    NotWritableError,
+    check_writable,
+)
 from jaxattn.training.data import batch_iterator
 from jaxattn.training.loop import (
     LoopConfig,
@@ -111,13 +119,7 @@ def apply_decode_overrides(config: ml_collections.ConfigDict) -> ml_collections.
     Any other ``--config.*`` override would describe another run: it is an error rather
     than silently ignored.
     """
-    overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    others = sorted(set(overrides) - set(DECODE_SETTINGS))
-    if others:
-        raise ValueError(
-            f"--config.{others[0]}: a --bleu_only or --translate run takes its config from "
-            f"the checkpoint; only {', '.join(DECODE_SETTINGS)} can be overridden"
-        )
+    overrides = checkpoint_config_overrides("a --bleu_only or --translate run", DECODE_SETTINGS)
     config = config.copy_and_resolve_references()
     for name, value in overrides.items():
         config[name] = value
@@ -253,7 +255,8 @@ def load_data(config, workdir: Path):
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     check_decode_settings(config)  # before training, not after it
-    workdir.mkdir(parents=True, exist_ok=True)
+    latest_checkpoint_metadata(workdir, config, also_free=DECODE_SETTINGS)  # notes changes
+    check_writable(workdir / "checkpoints")  # (and workdir): before anything is built
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()
     kind, model = build_model(config, vocab)
@@ -399,7 +402,7 @@ def main(argv: list[str]) -> None:
             train(_CONFIG.value, workdir)
     except (
         FileNotFoundError, ValueError, CheckpointError, IncompatibleCheckpointError,
-        NonFiniteLossError,
+        NonFiniteLossError, NotWritableError,
     ) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -88,6 +88,7 @@ def test_resumed_run_equals_uninterrupted_run(trained, killed_run_copy, assert_s
     resumed = killed_run_copy(workdir, 8)
     proc = run_lm(f"--workdir={resumed}", "--num_samples=0")
     assert f"Resumed from {resumed / 'checkpoints' / '4'}" in proc.stdout
+    assert "note:" not in proc.stdout  # the same settings: nothing to say
     assert "sample 0" not in proc.stdout
     assert_same_saved_state(resumed, workdir, 8)
 
@@ -136,6 +137,41 @@ def test_incompatible_checkpoint_is_an_error_and_nothing_is_overwritten(trained)
     assert "is incompatible: leaf 'params/token_embedding/table'" in proc.stderr
     assert "(65, 16)" in proc.stderr and "(65, 32)" in proc.stderr
     assert snapshot(workdir / "checkpoints") == before
+    # Printed first, as it would be before a resume that goes on with other settings:
+    assert (
+        f"note: {workdir / 'checkpoints' / '8'} was saved with other settings: "
+        "model.embed_dim 16 -> 32; the resumed run will not match an uninterrupted one"
+    ) in proc.stdout
+
+
+def test_unwritable_workdir_fails_before_anything_is_built(tmp_path):
+    workdir = tmp_path / "file"
+    workdir.write_text("not a folder")  # (a read-only folder would not stop root)
+    proc = run_lm(f"--workdir={workdir}", check=False)
+    assert proc.returncode == 1
+    assert f"error: cannot write to {workdir / 'checkpoints'}: Not a directory" in proc.stderr
+    assert "model: GPT" not in proc.stdout  # failed before the model was built
+    assert workdir.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--config.model.block_size=256"],
+            "--config.model.block_size: --sample_only takes its config from the checkpoint",
+        ),
+        (["--num_samples=0"], "--sample_only with --num_samples=0 has nothing to do"),
+        (["--num_samples=-1"], "flag --num_samples=-1: -1 is not a non-negative integer"),
+        (["--sample_tokens=0"], "flag --sample_tokens=0: 0 is not a positive integer"),
+        (["--top_k=-3"], "flag --top_k=-3: -3 is not a non-negative integer"),
+    ],
+)
+def test_sample_only_refuses_settings_it_would_ignore(tmp_path, flags, message):
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", "--sample_only", *flags, check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def _load_lm_module():

@@ -92,6 +92,7 @@ def test_resumed_run_equals_uninterrupted_run(lstm_run, killed_run_copy, assert_
     bleu_before = [r for r in read_metrics(resumed / "metrics.jsonl") if "test_bleu" in r]
     proc = run_translate(f"--workdir={resumed}")
     assert f"Resumed from {resumed / 'checkpoints' / '3'}" in proc.stdout
+    assert "note:" not in proc.stdout  # same settings (the saved JSON has lists for tuples)
     assert_same_saved_state(resumed, workdir, 6)
     bleu = [r for r in read_metrics(resumed / "metrics.jsonl") if "test_bleu" in r]
     assert len(bleu) == len(bleu_before) + 1 and bleu[-1]["step"] == 6
