@@ -35,12 +35,23 @@ def load_text(path: str | os.PathLike | None = None) -> str:
     """Read a UTF-8 text file; ``None`` or ``""`` means the bundled tinyshakespeare.
 
     Raises:
-      FileNotFoundError: naming the path when it does not exist.
+      FileNotFoundError: naming the path when it does not exist (or is a folder).
+      ValueError: naming the path when it is empty or not UTF-8.
     """
     path = default_text_path() if not path else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"text data file not found: {str(path)!r}")
-    return path.read_text(encoding="utf-8")
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"text data file {what}: {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"text data file {str(path)!r} is not UTF-8: byte {e.object[e.start]:#04x} at "
+            f"offset {e.start}"
+        ) from e
+    if not text:
+        raise ValueError(f"text data file {str(path)!r} is empty")
+    return text
 
 
 class CharTokenizer:

@@ -61,6 +61,25 @@ def test_load_text_missing_file(tmp_path):
         data.load_text(tmp_path / "nope.txt")
 
 
+@pytest.mark.parametrize(
+    ("content", "error", "message"),
+    [
+        (None, FileNotFoundError, "text data file is a folder, not a file: '{path}'"),
+        (b"", ValueError, "text data file '{path}' is empty"),
+        (b"ok\n\xff", ValueError, "text data file '{path}' is not UTF-8: byte 0xff at offset 3"),
+    ],
+)
+def test_load_text_names_the_file_and_what_is_wrong(tmp_path, content, error, message):
+    path = tmp_path / "text"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(error) as info:
+        data.load_text(path)
+    assert str(info.value) == message.format(path=path)
+
+
 def _stream(n=1000):
     # Distinct ids (id == position), so a window reveals its offset.
     return np.arange(n, dtype=np.int32)
