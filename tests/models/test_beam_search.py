@@ -241,6 +241,22 @@ def test_eos_handling():
     assert not np.any(np.asarray(greedy[1]) == eos)
 
 
+def test_a_done_sentence_takes_no_more_hypotheses():
+    # Beam 1, EOS = 0. Row 0: [EOS] ends at step 0 (p 0.6, score log 0.6), so row 0 is done.
+    # [2, EOS] (p 0.4 * 0.999) would score higher under alpha = 5 (lp (7/6)^5 = 2.16), but
+    # a done sentence takes no more hypotheses, even while row 1 (which never emits EOS)
+    # keeps the loop running: row 0's result must be the one it gets when decoded alone.
+    vocab, eos, max_len = 3, 0, 3
+    table = np.full((2, code_of([2, 2, 2], vocab) + 1, vocab), np.log(1 / 3))
+    table[0, 0] = np.log([0.6, 1e-4, 0.4 - 1e-4])
+    table[0, code_of([2], vocab)] = np.log([0.999, 5e-4, 5e-4])
+    table[1, :] = np.log([1e-9, 0.5, 0.5 - 1e-9])
+    for rows in (table[:1], table):
+        res = run_beam(rows, beam_size=1, max_len=max_len, eos_id=eos, alpha=5.0, pad_id=-1)
+        np.testing.assert_array_equal(res.sequences[0], [eos, -1, -1])
+        np.testing.assert_allclose(res.scores[0], np.log(0.6), rtol=1e-5)
+
+
 def test_jit_matches_eager(np_rng):
     b, vocab, max_len, eos = 3, 5, 4, 4
     table = prefix_table(np_rng, b, vocab, max_len)

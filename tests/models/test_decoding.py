@@ -164,6 +164,11 @@ def test_top_p_sampling():
     freq = _frequencies(temperature=0.5, top_k=3, top_p=0.8)
     np.testing.assert_array_equal(freq[[1, 2, 3, 4, 5]], 0.0)
     np.testing.assert_allclose(freq[[0, 6]], q[[0, 2]] / (q[0] + q[2]), atol=0.015)
+    # The nucleus is taken from the tempered distribution: at T=0.5 token 0 alone holds
+    # more than 0.6, at T=1 it would not (and token 6 would be kept as well).
+    assert q[0] > 0.6 > _softmax(LOGITS[[0, 1, 6]])[0]
+    freq = _frequencies(temperature=0.5, top_k=3, top_p=0.6)
+    np.testing.assert_array_equal(freq, np.eye(LOGITS.size)[0])
 
 
 def test_greedy_limits_equal_argmax():

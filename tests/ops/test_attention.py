@@ -658,6 +658,9 @@ def test_multi_head_attention_dropout(rng, np_rng):
     )
     base = f(w, x)
     np.testing.assert_array_equal(f(w, x, dropout_rate=0.5, rng=rng), base)  # deterministic
+    # return_weights takes its own path: deterministic=True must switch dropout off there too.
+    out_det, _ = f(w, x, dropout_rate=0.5, rng=rng, return_weights=True)
+    np.testing.assert_allclose(out_det, base, **TOL)
     dropped = f(w, x, dropout_rate=0.5, rng=rng, deterministic=False)
     assert not np.allclose(dropped, base)
     out, probs = f(w, x, dropout_rate=0.5, rng=rng, deterministic=False, return_weights=True)

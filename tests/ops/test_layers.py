@@ -297,6 +297,9 @@ def test_layer_norm_eps_and_init(np_rng):
     for eps in (1e-5, 1e-3):
         want = np_layer_norm(f64(x), 1.0, 0.0, eps)
         np.testing.assert_allclose(layer_norm(init, x, eps=eps), want, **TOL)
+    # The default eps is PyTorch's 1e-5; with var(x) ~ 1e-4 another default would show.
+    want = np_layer_norm(f64(x), 1.0, 0.0, 1e-5)
+    np.testing.assert_allclose(layer_norm(init, x), want, **TOL)
 
 
 def test_layer_norm_bfloat16_keeps_stats_in_float32(np_rng):
@@ -325,6 +328,9 @@ def test_rms_norm_matches_numpy_and_torch(np_rng):
     init = init_rms_norm(D)
     assert init.scale.shape == (D,)
     np.testing.assert_allclose(rms_norm(init, x), np_rms_norm(f64(x), 1.0, 1e-6), **TOL)
+    # The default eps (1e-6) only shows when mean(x^2) is near it.
+    small = f32(np_rng, B, T, D, scale=1e-3)
+    np.testing.assert_allclose(rms_norm(init, small), np_rms_norm(f64(small), 1.0, 1e-6), **TOL)
 
 
 def test_rms_norm_bfloat16(np_rng):

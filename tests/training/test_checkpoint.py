@@ -80,6 +80,16 @@ def test_restore_into_abstract_target(tmp_path, toy):
     assert_trees_equal(restored, state)
 
 
+def test_restore_defaults_to_the_latest_step(tmp_path, toy):
+    state, _ = _trained_state(toy)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, toy.state())
+        ckpt.save(3, state)
+        restored, meta = ckpt.restore(toy.state())
+        assert meta["step"] == 3 and ckpt.read_metadata()["step"] == 3
+    assert_trees_equal(restored, state)
+
+
 def test_keeps_latest_n_plus_best(tmp_path, toy):
     state = toy.state()
     val_losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: None, 5: 3.0, 6: None}

@@ -104,6 +104,17 @@ def test_batches_are_contiguous_windows_with_shifted_targets():
     assert len(set(offsets.tolist())) > 20
 
 
+def test_every_window_offset_is_drawn_including_the_last():
+    # n = T + 3 tokens hold exactly the windows at offsets 0, 1, 2 (T + 1 tokens each).
+    t = 5
+    ds = data.lm_dataset(_stream(t + 3), batch_size=16, seq_len=t, seed=0, vocab_size=t + 3)
+    starts = {int(s) for i in range(4) for s in ds[i]["inputs"][:, 0]}
+    assert starts == {0, 1, 2}
+    # One window exactly: n = T + 1.
+    one = data.lm_dataset(_stream(t + 1), batch_size=2, seq_len=t, seed=0, vocab_size=t + 1)
+    np.testing.assert_array_equal(one[0]["targets"], [np.arange(1, t + 1)] * 2)
+
+
 def test_batches_depend_only_on_seed():
     def batches(seed, count=4):
         it = data.batch_iterator(

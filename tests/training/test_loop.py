@@ -293,6 +293,56 @@ def test_nan_val_loss_stops_and_keeps_the_best_checkpoint(tmp_path, toy):
         assert ckpt.best_step() == 5
 
 
+def test_resume_remembers_the_best_val_loss(tmp_path, toy):
+    """After a resume, a val_loss worse than the best one before it is no improvement: no
+    extra keep-best save, and the metadata keeps the old best."""
+    evaluate, scripted = make_eval_step(toy.loss), iter([3.0, 1.0, 2.0, 2.5])
+
+    def eval_step(params, batch):  # val_loss at steps 0, 4 | resumed: 8, 12
+        metrics = evaluate(params, batch)
+        value = jnp.float32(next(scripted)) * metrics["val_loss"].count
+        return metrics | {"val_loss": metrics["val_loss"]._replace(total=value)}
+
+    optimizer = toy.optimizer()
+    for num_steps in (4, 12):
+        fit(
+            create_train_state(toy.params(), optimizer, jax.random.key(7)),
+            make_train_step(toy.loss, optimizer),
+            data.batch_iterator(toy.dataset(0)),
+            workdir=tmp_path,
+            loop=LoopConfig(
+                num_steps=num_steps, eval_every=4, eval_batches=1, checkpoint_every=0,
+                max_to_keep=10, progress=False,
+            ),
+            eval_step=eval_step,
+            eval_data=lambda: data.batch_iterator(toy.dataset(1)),
+        )  # fmt: skip
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [4, 12]  # not 8: 2.0 is worse than step 4's 1.0
+        assert ckpt.best_step() == 4
+        assert ckpt.read_metadata()["best_val_loss"] == 1.0
+
+
+def test_nan_guard_checks_the_gradient_norm(tmp_path, toy):
+    """A finite loss with a NaN gradient (d sqrt(x)/dx at 0) stops at that step."""
+
+    def loss(params, batch, rng):
+        value, aux = toy.loss(params, batch, rng)
+        return value + 0.0 * jnp.sqrt(jnp.sum(params["w"] ** 2)), aux  # w starts at 0
+
+    optimizer = toy.optimizer()
+    with pytest.raises(NonFiniteLossError, match=r"grad_norm is nan at step 1\b"):
+        fit(
+            create_train_state(toy.params(), optimizer, jax.random.key(7)),
+            make_train_step(loss, optimizer),
+            data.batch_iterator(toy.dataset(0)),
+            workdir=tmp_path,
+            loop=LoopConfig(num_steps=4, log_every=1, checkpoint_every=1, progress=False),
+        )
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == []
+
+
 def test_loop_config_needs_a_checkpoint_to_keep():
     with pytest.raises(ValueError, match="max_to_keep must be >= 1, got 0"):
         LoopConfig(num_steps=1, max_to_keep=0)

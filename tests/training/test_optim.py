@@ -193,3 +193,17 @@ def test_optimizer_from_config():
     assert float(schedule(jnp.int32(1))) == pytest.approx(nanogpt_get_lr(1, 1e-3, 3, 9, 1e-4))
     params = _params()
     jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    # The config's eps and a caller's decay_mask reach AdamW: the first update equals
+    # make_optimizer's with the same settings (eps = 0.5 is visible next to |g| ~ 1).
+    config.eps = 0.5
+    no_bias_decay = lambda p: jax.tree.map(lambda x: x.shape[-1] != 5, p)  # decays "scale"
+    opt, schedule = optim.optimizer_from_config(config, decay_mask=no_bias_decay)
+    want = optim.make_optimizer(
+        schedule, b1=0.9, b2=0.99, eps=0.5, weight_decay=0.1, grad_clip=1.0,
+        decay_mask=no_bias_decay,
+    )  # fmt: skip
+    grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+    got, _ = opt.update(grads, opt.init(params), params)
+    ref, _ = want.update(grads, want.init(params), params)
+    for name in ("matrix", "embedding", "bias", "scale"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, err_msg=name)
