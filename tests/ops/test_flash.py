@@ -5,6 +5,7 @@ backward written here, and against ``dot_product_attention(implementation="xla")
 small blocks so that every case spans many tiles, partial tiles and the causal diagonal.
 """
 
+import itertools
 from functools import partial
 
 import jax
@@ -185,23 +186,34 @@ def test_fully_masked_rows_give_zeros_and_finite_grads(np_rng):
     assert np.all(np.asarray(out)[:, :2] == 0) and np.all(np.asarray(out)[:, 2:] != 0)
 
 
-@pytest.mark.parametrize("t, s, bq, bk", [(37, 53, 16, 8), (53, 37, 8, 16), (5, 40, 8, 8)])
-def test_block_ranges_are_exact(t, s, bq, bk):
-    """Unmasked tiles are fully visible, skipped tiles fully hidden, and no tile is wasted."""
+def _check_block_ranges(t, s, bq, bk, causal):
     vis = np.zeros((-(-t // bq) * bq, -(-s // bk) * bk), bool)
-    vis[:t, :s] = np_causal(t, s)
-    tile = lambda i, j: vis[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
-    p = _Plan(t, s, bq, bk, True, 1.0, False)
+    vis[:t, :s] = np_causal(t, s) if causal else True
+    # Rows past t are padding that nothing reads: only the columns decide a tile.
+    tile = lambda i, j: vis[i * bq : min((i + 1) * bq, t), j * bk : (j + 1) * bk]
+    p = _Plan(t, s, bq, bk, causal, 1.0, False)
+    case = (t, s, bq, bk, causal)
     for i in range(p.nq):
         full, end = (int(x) for x in _key_range(i, p))
-        assert all(tile(i, j)[: t - i * bq].all() for j in range(full))
-        assert not any(tile(i, j).any() for j in range(end, p.nk))
-        assert end == full or tile(i, end - 1).any()
+        assert all(tile(i, j).all() for j in range(full)), case
+        assert full == p.nk or not tile(i, full).all(), case
+        assert not any(tile(i, j).any() for j in range(end, p.nk)), case
+        assert end == full or tile(i, end - 1).any(), case
     for j in range(p.nk):
         start, full = (int(x) for x in _query_range(j, p))
-        assert not any(tile(i, j).any() for i in range(start))
-        assert all(tile(i, j)[: t - i * bq].all() for i in range(full, p.nq))
-        assert start == p.nq or tile(start, j).any()
+        assert not any(tile(i, j).any() for i in range(start)), case
+        assert start == p.nq or tile(start, j).any(), case
+        assert all(tile(i, j).all() for i in range(full, p.nq)), case
+        assert full == start or not tile(full - 1, j).all(), case
+
+
+def test_block_ranges_are_exact():
+    """Unmasked tiles are fully visible, skipped tiles fully hidden, and no tile is wasted:
+    the unmasked range is as long as it can be and the visited range as short, for every
+    length up to a few blocks (boundaries are where off-by-ones hide)."""
+    sizes = itertools.product(range(1, 42, 4), range(1, 42, 5), (4, 8), (4, 16), (True, False))
+    for case in sizes:
+        _check_block_ranges(*case)
 
 
 @pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])

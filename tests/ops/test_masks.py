@@ -8,6 +8,7 @@ import pytest
 from jaxattn.ops.masks import (
     attention_mask,
     causal_mask,
+    check_lengths,
     combine_masks,
     masked_softmax,
     padding_mask,
@@ -196,3 +197,17 @@ def test_masked_softmax_bad_mask():
         masked_softmax(x, jnp.ones((5, 3), bool))
     with pytest.raises(ValueError, match="boolean"):
         masked_softmax(x, jnp.ones((5, 7), jnp.float32))
+
+
+def test_check_lengths_accepts_0_to_steps_and_names_the_rest():
+    check_lengths(jnp.array([0, 5, 3]), 3, 5, "f")  # both ends of [0, T] are lengths
+    jax.jit(lambda n: check_lengths(n, 3, 5, "f"))(jnp.array([9, 9, 9]))  # traced: shape only
+    check_lengths(jnp.zeros((0,), jnp.int32), 0, 5, "f")  # an empty batch
+    for lengths, message in [
+        (jnp.array([0, 6, 3]), r"f: lengths must lie in \[0, T=5\], got \[0, 6\]"),
+        (jnp.array([-1, 2, 3]), r"f: lengths must lie in \[0, T=5\], got \[-1, 3\]"),
+        (jnp.array([1, 2]), r"f: lengths must be integers of shape \[B\] = \(3,\), got int32"),
+        (jnp.array([1.0, 2.0, 3.0]), r"must be integers of shape \[B\] = \(3,\), got float32"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_lengths(lengths, 3, 5, "f")
