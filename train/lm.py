@@ -147,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     _check_vocabulary(latest_checkpoint_metadata(workdir, config), workdir, tokenizer)
     if _NUM_SAMPLES.value > 0:  # Fail now, not after training.
         _check_sampling(model, tokenizer)
-    check_writable(workdir / "checkpoints")  # (and workdir): before anything is built
+    check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
 
     mesh, batch_sharding = setup_mesh(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))

@@ -256,7 +256,7 @@ def load_data(config, workdir: Path):
 def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     check_decode_settings(config)  # before training, not after it
     latest_checkpoint_metadata(workdir, config, also_free=DECODE_SETTINGS)  # notes changes
-    check_writable(workdir / "checkpoints")  # (and workdir): before anything is built
+    check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()
     kind, model = build_model(config, vocab)
