@@ -144,10 +144,12 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     ids = tokenizer.encode(text)
     train_ids, val_ids = data.train_val_split(ids, config.train_fraction)
     model = GPTConfig(vocab_size=tokenizer.vocab_size, **config.model.to_dict())
-    _check_vocabulary(latest_checkpoint_metadata(workdir, config), workdir, tokenizer)
+    meta = latest_checkpoint_metadata(workdir, config)
+    _check_vocabulary(meta, workdir, tokenizer)
     if _NUM_SAMPLES.value > 0:  # Fail now, not after training.
         _check_sampling(model, tokenizer)
-    check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
+    if meta is None or meta["step"] < config.num_steps:  # (a finished run only samples)
+        check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
 
     mesh, batch_sharding = setup_mesh(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))

@@ -274,13 +274,24 @@ class Trainer:
 
     def fit(self, state: TrainState, train_iter: Iterator[Batch]) -> FitResult:
         loop = self.loop
-        if self.primary:  # metrics.jsonl and tb/; the Checkpointer checks its own folder
+        ckpt_dir = self.workdir / "checkpoints"
+        # A finished run only reads its checkpoint, so it may sit in a read-only folder.
+        finished = False
+        if ckpt_dir.is_dir():
+            with Checkpointer(ckpt_dir, read_only=True) as peek:
+                latest = peek.latest_step()
+            finished = latest is not None and latest >= loop.num_steps
+        if not finished:
+            # metrics.jsonl and tb/ (the Checkpointer checks its own folder). Every process
+            # probes: were only process 0 to fail, the others would wait 5 minutes at
+            # orbax's first barrier for it.
             check_writable(self.workdir)
         self.ckpt = Checkpointer(
-            self.workdir / "checkpoints",
+            ckpt_dir,
             max_to_keep=loop.max_to_keep,
             best_metric="val_loss" if loop.keep_best else None,
             async_save=loop.async_checkpointing,
+            read_only=finished,  # (otherwise it checks that it can write its folder)
         )
         self.state, self.train_iter = state, train_iter
         # Only grain iterators have a position to save; others restart (resume not exact).

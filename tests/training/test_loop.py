@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxattn.training import checkpoint as checkpoint_module
 from jaxattn.training import data
+from jaxattn.training import loop as loop_module
 from jaxattn.training.checkpoint import (
     Checkpointer,
     IncompatibleCheckpointError,
@@ -231,6 +233,20 @@ def test_unwritable_workdir_fails_before_training(tmp_path, toy):
     with pytest.raises(NotWritableError, match=f"cannot write to {workdir}: "):
         _fit(toy, workdir, num_steps=4)
     assert workdir.read_text() == "a file, not a folder"
+
+
+def test_a_finished_run_needs_no_write_access(tmp_path, toy, monkeypatch):
+    _fit(toy, tmp_path, num_steps=4)
+
+    def unwritable(directory):
+        raise NotWritableError(f"cannot write to {directory}: read-only (simulated)")
+
+    # Root ignores chmod, so fail every write probe instead, as a read-only mount would.
+    monkeypatch.setattr(loop_module, "check_writable", unwritable)
+    monkeypatch.setattr(checkpoint_module, "check_writable", unwritable)
+    assert _fit(toy, tmp_path, num_steps=4).step == 4  # reads its checkpoint, writes nothing
+    with pytest.raises(NotWritableError, match="read-only"):
+        _fit(toy, tmp_path, num_steps=8)  # more to train: fails before the first step
 
 
 class _NanAt(grain.transforms.RandomMap):
