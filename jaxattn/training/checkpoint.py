@@ -80,9 +80,14 @@ def check_writable(directory: str | os.PathLike) -> None:
 
 
 def _first_line(e: Exception, limit: int = 300) -> str:
-    """``Type: message`` of ``e`` cut to its first line (orbax's errors run to pages)."""
+    """``Type: message`` of ``e`` cut to its first line (orbax's errors run to pages).
+
+    TensorStore's errors nest their causes (``opening: reading: <the reason>``) and then
+    append the whole spec: the spec goes, and a long message keeps its end, the reason.
+    """
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    text = text.split(" [tensorstore_spec")[0]
+    text = text if len(text) <= limit else "..." + text[-(limit - 3) :]
     return f"{type(e).__name__}: {text}"
 
 
