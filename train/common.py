@@ -208,6 +208,11 @@ def latest_checkpoint_metadata(
     free = _RESUMABLE_CHANGES | set(also_free)
     saved = _flatten(meta.get("config") or {})
     now = _flatten(json.loads(json.dumps(config.to_dict())))  # as saved: tuples -> lists
+    # A model field the saved config did not set (the config file gained it since) took
+    # the value the checkpoint's resolved model records.
+    for key, value in _flatten({"model": meta.get("model") or {}}).items():
+        if key in now and key not in saved:
+            saved[key] = value
     show = lambda flat, key: repr(flat[key]) if key in flat else "(unset)"
     changed = [
         f"{key} {show(saved, key)} -> {show(now, key)}"
