@@ -139,7 +139,7 @@ def test_eval_step_is_deterministic_loss(toy):
     assert set(metrics) == {"val_loss", "val_mae"}
 
 
-def _fit(toy, workdir, *, num_steps, dataset=None, state=None, **loop_kwargs):
+def _fit(toy, workdir, *, num_steps, dataset=None, state=None, eval_step=None, **loop_kwargs):
     loop_kwargs = dict(eval_every=5, eval_batches=2, log_every=2, checkpoint_every=4) | loop_kwargs
     optimizer = toy.optimizer()
     return fit(
@@ -150,7 +150,7 @@ def _fit(toy, workdir, *, num_steps, dataset=None, state=None, **loop_kwargs):
         data.batch_iterator(dataset if dataset is not None else toy.dataset(0)),
         workdir=workdir,
         loop=LoopConfig(num_steps=num_steps, progress=False, **loop_kwargs),
-        eval_step=make_eval_step(toy.loss),
+        eval_step=eval_step or make_eval_step(toy.loss),
         eval_data=lambda: data.batch_iterator(toy.dataset(1)),
         metadata={"note": "toy"},
     )
@@ -290,20 +290,8 @@ def test_nan_val_loss_stops_and_keeps_the_best_checkpoint(tmp_path, toy):
             metrics["val_loss"] = metrics["val_loss"]._replace(total=jnp.nan)
         return metrics
 
-    optimizer = toy.optimizer()
     with pytest.raises(NonFiniteLossError, match=r"val_loss is nan at step 10.*step 8 in"):
-        fit(
-            create_train_state(toy.params(), optimizer, jax.random.key(7)),
-            make_train_step(toy.loss, optimizer),
-            data.batch_iterator(toy.dataset(0)),
-            workdir=tmp_path,
-            loop=LoopConfig(
-                num_steps=20, eval_every=5, eval_batches=2, checkpoint_every=4, max_to_keep=1,
-                progress=False,
-            ),
-            eval_step=nan_from_the_third_evaluation,
-            eval_data=lambda: data.batch_iterator(toy.dataset(1)),
-        )  # fmt: skip
+        _fit(toy, tmp_path, num_steps=20, eval_step=nan_from_the_third_evaluation, max_to_keep=1)
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [5, 8]  # the latest, and the best by val_loss
         assert ckpt.best_step() == 5
@@ -319,19 +307,10 @@ def test_resume_remembers_the_best_val_loss(tmp_path, toy):
         value = jnp.float32(next(scripted)) * metrics["val_loss"].count
         return metrics | {"val_loss": metrics["val_loss"]._replace(total=value)}
 
-    optimizer = toy.optimizer()
     for num_steps in (4, 12):
-        fit(
-            create_train_state(toy.params(), optimizer, jax.random.key(7)),
-            make_train_step(toy.loss, optimizer),
-            data.batch_iterator(toy.dataset(0)),
-            workdir=tmp_path,
-            loop=LoopConfig(
-                num_steps=num_steps, eval_every=4, eval_batches=1, checkpoint_every=0,
-                max_to_keep=10, progress=False,
-            ),
-            eval_step=eval_step,
-            eval_data=lambda: data.batch_iterator(toy.dataset(1)),
+        _fit(
+            toy, tmp_path, num_steps=num_steps, eval_step=eval_step, eval_every=4,
+            eval_batches=1, checkpoint_every=0, max_to_keep=10,
         )  # fmt: skip
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [4, 12]  # not 8: 2.0 is worse than step 4's 1.0
