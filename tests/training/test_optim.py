@@ -194,7 +194,7 @@ def test_optimizer_from_config():
     params = _params()
     jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     # The config's eps and a caller's decay_mask reach AdamW: the first update equals
-    # make_optimizer's with the same settings (eps = 0.5 is visible next to |g| ~ 1).
+    # make_optimizer's with the same settings (eps = 0.5 shows beside gradients of 0.1).
     config.eps = 0.5
     no_bias_decay = lambda p: jax.tree.map(lambda x: x.shape[-1] != 5, p)  # decays "scale"
     opt, schedule = optim.optimizer_from_config(config, decay_mask=no_bias_decay)
