@@ -85,8 +85,8 @@ def _first_line(e: Exception, limit: int = 300) -> str:
     TensorStore's errors nest their causes (``opening: reading: <the reason>``) and then
     append the whole spec: the spec goes, and a long message keeps its end, the reason.
     """
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = text.split(" [tensorstore_spec")[0]
+    lines = str(e).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
     text = text if len(text) <= limit else "..." + text[-(limit - 3) :]
     return f"{type(e).__name__}: {text}"
 
