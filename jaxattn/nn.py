@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
+from jaxattn.ops.layers import check_dropout_rate
 
 Array = jax.Array
 
@@ -31,11 +32,24 @@ def _is_param(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def _params(weights: Any) -> Any:
+    """Wrap every array of ``weights`` in ``nnx.Param``, copying NumPy arrays into JAX ones.
+
+    A NumPy leaf (e.g. a converted checkpoint) would otherwise stay the caller's mutable
+    buffer, so writing to it later would silently change the module's weights.
+    """
+
+    def own(a: Any) -> nnx.Param:
+        return nnx.Param(a if isinstance(a, (jax.Array, jax.ShapeDtypeStruct)) else jnp.asarray(a))
+
+    return jax.tree.map(own, weights)
+
+
 class WeightsModule(nnx.Module):
     """Base class: owns ``self.weights``, a weights NamedTuple whose arrays are ``nnx.Param``s."""
 
     def __init__(self, weights: Any):
-        self.weights = nnx.data(jax.tree.map(nnx.Param, weights))
+        self.weights = nnx.data(_params(weights))
 
     @classmethod
     def from_weights(cls, weights: Any, **options: Any):
@@ -44,15 +58,31 @@ class WeightsModule(nnx.Module):
         The constructor's sizes are read off the weights' shapes (``_sizes``); the module is
         built abstractly (``nnx.eval_shape``, no random init) and then given ``weights``.
         """
-        sizes = cls._sizes(weights)
+        try:
+            sizes = cls._sizes(weights)
+        except (AttributeError, TypeError, IndexError, ValueError) as e:
+            # A module, an nnx.State or another layer's tree: say so, not "no attribute w_q".
+            raise TypeError(
+                f"{cls.__name__}.from_weights: expected the pure weights tree of a "
+                f"{cls.__name__} (e.g. module.pure_weights()), got {type(weights).__name__}: {e}"
+            ) from e
         module = nnx.eval_shape(lambda: cls(**sizes, **options, rngs=nnx.Rngs(0)))
-        module.weights = nnx.data(jax.tree.map(nnx.Param, weights))
+        module.weights = nnx.data(_params(weights))
         return module
 
     @staticmethod
     def _sizes(weights: Any) -> dict[str, Any]:
         """The constructor arguments that reproduce ``weights``' shapes."""
         raise NotImplementedError
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Used by ``nnx.view(module, deterministic=...)``; a no-op without dropout.
+
+        Args:
+          deterministic: if True, disables dropout.
+        """
+        if deterministic is not None and hasattr(self, "deterministic"):
+            self.deterministic = deterministic
 
     def pure_weights(self) -> Any:
         """The weights as the plain pytree the pure functions take."""
@@ -70,6 +100,7 @@ class LSTM(WeightsModule):
         num_layers: int = 1,
         bidirectional: bool = False,
         dropout_rate: float = 0.0,
+        deterministic: bool = True,
         rngs: nnx.Rngs,
     ):
         super().__init__(
@@ -81,7 +112,10 @@ class LSTM(WeightsModule):
                 bidirectional=bidirectional,
             )
         )
+        check_dropout_rate(dropout_rate, "LSTM: dropout_rate")  # now, not at the first train call
         self.dropout_rate = dropout_rate
+        # An attribute, so that module.train() / .eval() / nnx.view(deterministic=...) reach it.
+        self.deterministic = deterministic
 
     @staticmethod
     def _sizes(weights: Any) -> dict[str, Any]:
@@ -102,9 +136,15 @@ class LSTM(WeightsModule):
         *,
         lengths: Array | None = None,
         rng: Array | None = None,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
     ) -> tuple[Array, tuple[Array, Array]]:
-        """``xs: [B, T, I]`` -> ``(ys [B, T, dirs*h], (h_n, c_n) [L*dirs, B, h])``."""
+        """``xs: [B, T, I]`` -> ``(ys [B, T, dirs*h], (h_n, c_n) [L*dirs, B, h])``.
+
+        Dropout (``dropout_rate``) is active when not ``deterministic`` and needs ``rng``;
+        ``deterministic=None`` uses ``self.deterministic`` (set by ``train()``/``eval()``).
+        """
+        if deterministic is None:
+            deterministic = self.deterministic
         return lstm_ops.lstm_stack(
             self.pure_weights(),
             xs,
@@ -179,6 +219,7 @@ class MultiHeadAttention(WeightsModule):
         out_dim: int | None = None,
         use_bias: bool = True,
         dropout_rate: float = 0.0,
+        deterministic: bool = True,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -195,7 +236,9 @@ class MultiHeadAttention(WeightsModule):
                 dtype=dtype,
             )
         )
+        check_dropout_rate(dropout_rate, "MultiHeadAttention: dropout_rate")
         self.dropout_rate = dropout_rate
+        self.deterministic = deterministic  # see LSTM
 
     @staticmethod
     def _sizes(weights: Any) -> dict[str, Any]:
@@ -223,12 +266,15 @@ class MultiHeadAttention(WeightsModule):
         return_weights: bool = False,
         implementation: str | None = None,
         rng: Array | None = None,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
     ) -> Array | tuple[Array, Array]:
         """``x_q: [B, T, Dq]``, ``x_kv: [B, S, Dkv]`` -> ``[B, T, Dout]``.
 
-        See ``jaxattn.ops.multi_head_attention`` for the arguments.
+        See ``jaxattn.ops.multi_head_attention`` for the arguments; ``deterministic=None``
+        uses ``self.deterministic`` (set by ``train()``/``eval()``).
         """
+        if deterministic is None:
+            deterministic = self.deterministic
         return attention_ops.multi_head_attention(
             self.pure_weights(),
             x_q,

@@ -105,3 +105,54 @@ def test_module_under_nnx_jit(rng):
     x = jax.random.normal(rng, (2, 5, 8))
     jitted = nnx.jit(lambda m, x: m(x, is_causal=True))
     np.testing.assert_allclose(jitted(module, x), module(x, is_causal=True), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", ["lstm", "mha"])
+def test_train_eval_and_view_switch_dropout(cls, rng):
+    """NNX's train()/eval()/nnx.view(deterministic=...) reach the modules' dropout."""
+    if cls == "lstm":
+        module = nn.LSTM(5, 7, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))
+        x = jax.random.normal(rng, (3, 11, 5))
+        out = lambda m, **kw: m(x, **kw)[0]
+    else:
+        module = nn.MultiHeadAttention(12, 3, dropout_rate=0.5, rngs=nnx.Rngs(0))
+        x = jax.random.normal(rng, (3, 11, 12))
+        out = lambda m, **kw: m(x, **kw)
+    key = jax.random.key(1)
+    evaluated = out(module)  # deterministic by default
+    train_view = nnx.view(module, deterministic=False)
+    assert not np.array_equal(out(train_view, rng=key), evaluated)
+    module.train()
+    with pytest.raises(ValueError, match="rng"):  # training without a key is loud, not a no-op
+        out(module)
+    np.testing.assert_array_equal(out(module, rng=key), out(train_view, rng=key))
+    np.testing.assert_array_equal(out(module, rng=key, deterministic=True), evaluated)
+    module.eval()
+    np.testing.assert_array_equal(out(module), evaluated)
+
+
+def test_from_weights_owns_a_copy_of_numpy_weights(rng):
+    weights = jax.tree.map(np.array, attention_ops.init_multi_head_attention(rng, 12, 3))
+    module = nn.MultiHeadAttention.from_weights(weights)
+    before = np.array(weights.w_q)
+    weights.w_q[:] = 0.0  # the caller reuses its buffer: the module must not change
+    np.testing.assert_array_equal(module.pure_weights().w_q, before)
+    assert isinstance(module.pure_weights().w_q, jax.Array)
+
+
+def test_from_weights_names_a_wrong_tree(rng):
+    mha = nn.MultiHeadAttention(12, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"MultiHeadAttention\.from_weights.*pure_weights.*got "):
+        nn.MultiHeadAttention.from_weights(mha)  # the module, not its tree
+    with pytest.raises(TypeError, match=r"LSTM\.from_weights.*got MultiHeadAttentionWeights"):
+        nn.LSTM.from_weights(mha.pure_weights())
+    with pytest.raises(TypeError, match=r"GeneralAttention\.from_weights.*got AdditiveWeights"):
+        nn.GeneralAttention.from_weights(attention_ops.init_additive(rng, 5, 11, 13))
+
+
+def test_a_bad_dropout_rate_fails_at_construction():
+    message = r"MultiHeadAttention: dropout_rate must be in \[0, 1\), got 1.5"
+    with pytest.raises(ValueError, match=message):
+        nn.MultiHeadAttention(12, 3, dropout_rate=1.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"LSTM: dropout_rate must be in \[0, 1\), got -0.1"):
+        nn.LSTM(5, 7, num_layers=2, dropout_rate=-0.1, rngs=nnx.Rngs(0))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,3 +57,16 @@ def export(arr: Any, framework: str) -> Any:
     if out.dtype.name == "bfloat16":  # torch cannot read ml_dtypes' bfloat16: pass the bits
         return torch.from_numpy(out.view(np.uint16).copy()).view(torch.bfloat16)
     return torch.tensor(out)  # copies: exported tensors never share storage (safetensors-safe)
+
+
+def read_safetensors(path: str | os.PathLike, load_file: Callable[[str], Any]) -> Any:
+    """``load_file(path)``, with errors that name the file (safetensors' own do not)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, expected a .safetensors file")
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(path)
+    except SafetensorError as e:  # truncated, empty or not a safetensors file at all
+        raise ValueError(f"{path}: not a valid .safetensors file ({e})") from e

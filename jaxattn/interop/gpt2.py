@@ -20,7 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.interop._tensors import check_framework, export, get, state_dict_of
+from jaxattn.interop._tensors import (
+    check_framework,
+    export,
+    get,
+    read_safetensors,
+    state_dict_of,
+)
 from jaxattn.models.gpt import BlockWeights, GPTConfig, GPTWeights
 from jaxattn.ops.attention import MultiHeadAttentionWeights
 from jaxattn.ops.layers import DenseWeights, EmbeddingWeights, FeedForwardWeights, LayerNormWeights
@@ -77,7 +83,7 @@ def _load_state(source: Any) -> dict[str, Any]:
     if isinstance(source, (str, os.PathLike)):
         from safetensors.numpy import load_file
 
-        state = load_file(os.fspath(source))
+        state = read_safetensors(source, load_file)
     else:
         state = dict(state_dict_of(source))
     # GPT2LMHeadModel prefixes "transformer."; GPT2Model and the hub's files do not.

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattn.interop._tensors import read_safetensors
+
 
 def _key_name(entry: Any) -> str:
     for attr in ("name", "key", "idx"):
@@ -43,7 +45,10 @@ def save_safetensors(
     """Write every array leaf of ``weights`` to ``path`` (see the module docstring for names).
 
     Args:
-      weights: any pytree of arrays (``GPTWeights``, LSTM layers, a dict ...).
+      weights: any pytree of arrays (``GPTWeights``, LSTM layers, a dict ...). For a
+        ``jaxattn.nn`` module pass ``module.pure_weights()``: the module itself or its
+        ``nnx.state`` would name tensors ``weights/0/w_ih/value``, which the pure trees'
+        templates (``0/w_ih``) do not match.
       path: the file to write.
       metadata: optional string-to-string metadata stored in the header.
     """
@@ -68,13 +73,14 @@ def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool 
       A pytree like ``like`` with the file's arrays (their stored dtype).
 
     Raises:
+      ValueError: ``path`` is not a valid safetensors file (truncated, empty, other format).
       KeyError: a leaf of ``like`` has no tensor in the file (the message names it).
       ValueError: a tensor's shape differs from the template's (name and both shapes), or
         with ``strict`` the file has unexpected tensors.
     """
     from safetensors.flax import load_file
 
-    stored = load_file(os.fspath(path))
+    stored = read_safetensors(path, load_file)
     if like is None:
         return stored
     expected = flatten_with_names(like)

@@ -8,7 +8,8 @@ and as ``q_proj_weight [E, E]``, ``k_proj_weight [E, Dkv]``, ``v_proj_weight [E,
 otherwise; ``in_proj_bias [3E]``, ``out_proj.weight [E, E]``, ``out_proj.bias [E]``.
 jaxattn keeps ``w_q [E, N, H]``, ``w_k [Dkv, N, H]``, ``w_v [Dv, N, H]``, ``w_o [N, H, E]``
 and per-head biases. ``batch_first`` does not touch the weights. Not supported:
-``add_bias_kv`` (``bias_k``/``bias_v``); ``add_zero_attn`` has no weights and is not detected.
+``add_bias_kv`` (``bias_k``/``bias_v``) and ``add_zero_attn`` (it has no weights: detected
+only when converting the module, not its state dict).
 
 ``multi_head_attention`` feeds one ``x_kv`` to both the key and value projections, so it can
 run imported weights only when ``kdim == vdim``; the conversion itself handles any dims.
@@ -37,7 +38,8 @@ def mha_from_torch(
 
     Args:
       module_or_state_dict: the module (``num_heads`` is read from it) or its state dict.
-      num_heads: N; required for a state dict (it holds no head count).
+      num_heads: N; required for a state dict (it holds no head count); for a module it must
+        equal the module's.
       prefix: prepended to every name, e.g. ``"layers.0.self_attn."``.
 
     Returns:
@@ -46,10 +48,18 @@ def mha_from_torch(
     Raises:
       KeyError / ValueError naming a missing or mis-shaped tensor.
     """
+    module_heads = getattr(module_or_state_dict, "num_heads", None)
     if num_heads is None:
-        num_heads = getattr(module_or_state_dict, "num_heads", None)
+        num_heads = module_heads
         if num_heads is None:
             raise ValueError("mha_from_torch: pass num_heads= when converting a state dict")
+    elif module_heads is not None and num_heads != module_heads:
+        # Another head count splits the same matrices into other heads: a different model.
+        raise ValueError(
+            f"mha_from_torch: num_heads={num_heads} but the module has num_heads={module_heads}"
+        )
+    if getattr(module_or_state_dict, "add_zero_attn", False):
+        raise ValueError("mha_from_torch: add_zero_attn=True is not supported")
     state = state_dict_of(module_or_state_dict)
     if f"{prefix}bias_k" in state or f"{prefix}bias_v" in state:
         raise ValueError("mha_from_torch: add_bias_kv=True (bias_k/bias_v) is not supported")
@@ -74,7 +84,8 @@ def mha_from_torch(
             d_in = e if name == "q" else int(np.shape(state[key])[-1])
             mats.append(get(state, key, (e, d_in)))
         w_q, w_k, w_v = mats
-    has_bias = f"{prefix}in_proj_bias" in state
+    # Either bias present means bias=True: a missing partner is an error, not silently None.
+    has_bias = f"{prefix}in_proj_bias" in state or f"{prefix}out_proj.bias" in state
     if has_bias:
         b = get(state, f"{prefix}in_proj_bias", (3 * e,)).reshape(3, num_heads, e // num_heads)
         b_o = jnp.asarray(get(state, f"{prefix}out_proj.bias", (e,)))

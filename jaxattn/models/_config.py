@@ -14,9 +14,7 @@ def check_positive_ints(owner: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(owner, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-            raise ValueError(
-                f"{type(owner).__name__}.{name} must be a positive int, got {value!r}"
-            )
+            raise ValueError(f"{type(owner).__name__}.{name} must be a positive int, got {value!r}")
 
 
 def check_positive(owner: Any, name: str) -> None:

@@ -39,6 +39,7 @@ from jaxattn.ops.layers import (
     EmbeddingWeights,
     FeedForwardWeights,
     LayerNormWeights,
+    check_dropout_rate,
     check_token_ids,
     dense,
     dropout,
@@ -111,8 +112,7 @@ class GPTConfig:
                     f"GPTConfig: num_heads={self.num_heads} must be a multiple of a positive "
                     f"num_kv_heads, got num_kv_heads={self.num_kv_heads}"
                 )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_dropout_rate(self.dropout, "GPTConfig.dropout")
         if self.positions not in _POSITIONS:
             raise ValueError(
                 f"GPTConfig.positions must be one of {_POSITIONS}, got {self.positions!r}"

@@ -53,6 +53,7 @@ from jaxattn.ops.attention import (
 from jaxattn.ops.layers import (
     DenseWeights,
     EmbeddingWeights,
+    check_dropout_rate,
     check_token_ids,
     dense,
     dropout,
@@ -108,8 +109,7 @@ class Seq2SeqConfig:
                 f"Seq2SeqConfig.attention_dim={self.attention_dim} needs attention='additive' "
                 f"and a positive size (attention={self.attention!r})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"Seq2SeqConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_dropout_rate(self.dropout, "Seq2SeqConfig.dropout")
         ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
         for name, value in ids.items():
             if not 0 <= value < min(self.src_vocab_size, self.tgt_vocab_size):

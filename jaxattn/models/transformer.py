@@ -54,6 +54,7 @@ from jaxattn.ops.layers import (
     EmbeddingWeights,
     FeedForwardWeights,
     LayerNormWeights,
+    check_dropout_rate,
     check_token_ids,
     dense,
     dropout,
@@ -120,8 +121,7 @@ class TransformerConfig:
                 f"TransformerConfig: embed_dim={self.embed_dim} must be even (sinusoidal "
                 f"positions) and divisible by num_heads={self.num_heads}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_dropout_rate(self.dropout, "TransformerConfig.dropout")
         if self.dtype not in _DTYPES:
             raise ValueError(
                 f"TransformerConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}"

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops.flash import check_attention_inputs, flash_attention, fold_traced_scale
-from jaxattn.ops.layers import dropout, normal, project
+from jaxattn.ops.layers import check_dropout_rate, dropout, normal, project
 from jaxattn.ops.masks import causal_mask, combine_masks, masked_softmax
 
 Array = jax.Array
@@ -406,8 +406,7 @@ def dot_product_attention(
             f"dot_product_attention: unknown implementation {implementation!r}; "
             f"expected None or one of {IMPLEMENTATIONS}"
         )
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dot_product_attention: dropout_rate {dropout_rate} is not in [0, 1)")
+    check_dropout_rate(dropout_rate, "dot_product_attention: dropout_rate")
     if dropout_rate > 0.0 and implementation != "xla":
         raise ValueError(
             f"dot_product_attention: attention dropout is only supported by the 'xla' "

@@ -284,14 +284,19 @@ def swiglu(weights: SwiGLUWeights, x: Array) -> Array:
     return dense(weights.down, jax.nn.silu(dense(weights.gate, x)) * dense(weights.up, x))
 
 
+def check_dropout_rate(rate: float, name: str) -> None:
+    """Raise ValueError naming ``name`` unless ``0 <= rate < 1`` (NaN fails too)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {rate}")
+
+
 def dropout(rng: Array | None, x: Array, rate: float, *, deterministic: bool = False) -> Array:
     """Zero each element with probability ``rate`` and scale survivors by ``1 / (1 - rate)``.
 
     Identity when ``deterministic`` or ``rate == 0``; otherwise ``rng`` is required (no
     hidden global RNG).
     """
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    check_dropout_rate(rate, "dropout rate")
     if deterministic or rate == 0.0:
         return x
     if rng is None:

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops.layers import dropout, project, uniform
+from jaxattn.ops.layers import check_dropout_rate, dropout, project, uniform
 from jaxattn.ops.lstm_kernels import (
     _cudnn_layer,
     _hoist,
@@ -361,8 +361,7 @@ def lstm_stack(
         raise ValueError(
             f"lstm_stack: mixed uni- and bidirectional layers: {[type(w).__name__ for w in layers]}"
         )
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"lstm_stack: dropout_rate must be in [0, 1), got {dropout_rate}")
+    check_dropout_rate(dropout_rate, "lstm_stack: dropout_rate")
     dirs = 2 if bidirectional else 1
     hidden = (layers[0].forward if bidirectional else layers[0]).w_hh.shape[0]
     if carry is not None:

@@ -192,3 +192,12 @@ def test_config_and_weights_must_agree():
         gpt2_to_hf_state_dict(untied, config)
     with pytest.raises(ValueError, match=r"mlp\.up\.w is \(2, 12, 48\), config says \(2, 12, 36\)"):
         gpt2_to_hf_state_dict(untied, dataclasses.replace(config, mlp_ratio=3))
+
+
+def test_unreadable_safetensors_path_is_named(tmp_path):
+    config = gpt2_config_from_hf(_hf_model().config)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        gpt2_from_hf(tmp_path, config)  # save_pretrained's folder, not its model.safetensors
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a valid \.safetensors"):
+        gpt2_from_hf(tmp_path / "model.safetensors", config)

@@ -79,3 +79,20 @@ def test_errors(tmp_path):
     wrong = dict(tree, scale=jnp.zeros(3, jnp.bfloat16))
     with pytest.raises(ValueError, match=r"'scale' has shape \(2,\), expected \(3,\)"):
         load_safetensors(path, like=wrong)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_safetensors(_tree(), path)
+    data = path.read_bytes()
+    for name, content in [
+        ("cut", data[: len(data) // 2]),
+        ("text", b"not safetensors"),
+        ("empty", b""),
+    ]:
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name}\.safetensors: not a valid \.safetensors"):
+            load_safetensors(bad, like=_tree())
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        load_safetensors(tmp_path, like=_tree())

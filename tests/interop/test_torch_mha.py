@@ -97,3 +97,15 @@ def test_errors():
     weights = mha_from_torch(_mha())
     with pytest.raises(ValueError, match="all four biases"):
         mha_to_torch_state_dict(weights._replace(b_o=None))
+
+
+def test_a_lone_bias_or_conflicting_options_are_errors_not_silent():
+    state = dict(_mha().state_dict())
+    del state["in_proj_bias"]  # out_proj.bias alone must not be dropped as if bias=False
+    with pytest.raises(KeyError, match=r"in_proj_bias"):
+        mha_from_torch(state, num_heads=N)
+    with pytest.raises(ValueError, match=r"num_heads=5 but the module has num_heads=3"):
+        mha_from_torch(_mha(), num_heads=5)  # would split the same matrices into other heads
+    assert mha_from_torch(_mha(), num_heads=N).w_q.shape == (E, N, E // N)
+    with pytest.raises(ValueError, match="add_zero_attn"):
+        mha_from_torch(_mha(add_zero_attn=True))
