@@ -31,7 +31,7 @@ def state_dict_of(source: Any) -> Mapping[str, Any]:
 
 
 def get(state: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Read ``state[name]`` as NumPy, raising KeyError/ValueError that name the tensor."""
+    """Read the weight ``state[name]`` as NumPy; KeyError/ValueError name the tensor."""
     if name not in state:
         near = sorted(k for k in state if k.split(".")[-1] == name.split(".")[-1])[:5]
         hint = f"; keys with the same suffix: {near}" if near else ""
@@ -39,6 +39,10 @@ def get(state: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> np.ndarr
     arr = to_numpy(state[name])
     if arr.shape != tuple(shape):
         raise ValueError(f"tensor {name!r} has shape {arr.shape}, expected {tuple(shape)}")
+    # Every tensor read here is a weight: an integer or boolean one is the wrong tensor (a
+    # mask buffer, a mislabelled file), not something to cast silently.
+    if not (arr.dtype.kind == "f" or arr.dtype.name == "bfloat16"):
+        raise ValueError(f"tensor {name!r} has dtype {arr.dtype}, expected a floating dtype")
     return arr
 
 

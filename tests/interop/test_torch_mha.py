@@ -109,3 +109,10 @@ def test_a_lone_bias_or_conflicting_options_are_errors_not_silent():
     assert mha_from_torch(_mha(), num_heads=N).w_q.shape == (E, N, E // N)
     with pytest.raises(ValueError, match="add_zero_attn"):
         mha_from_torch(_mha(add_zero_attn=True))
+
+
+def test_an_integer_weight_is_named():
+    state = {k: v.clone() for k, v in _mha().state_dict().items()}
+    state["in_proj_weight"] = state["in_proj_weight"].to(torch.int32)
+    with pytest.raises(ValueError, match=r"'in_proj_weight' has dtype int32, expected a floating"):
+        mha_from_torch(state, num_heads=N)
