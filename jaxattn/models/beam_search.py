@@ -92,17 +92,21 @@ def gather_rows(tree: State, indices: Array, *, axis: int = 0) -> State:
     )
 
 
-def _check_step(
-    step_fn: StepFn, tokens: Array, state: State, where: str, state_batch_axis: int
-) -> int:
-    """Trace ``step_fn`` once (no FLOPs) and return V after checking its output shapes."""
-    rows = tokens.shape[0]
+def _check_rows(state: State, rows: int, where: str, state_batch_axis: int) -> None:
     for leaf in jax.tree.leaves(state):
         if jnp.ndim(leaf) > state_batch_axis and jnp.shape(leaf)[state_batch_axis] != rows:
             raise ValueError(
                 f"{where}: a state leaf of shape {jnp.shape(leaf)} has no {rows} rows on "
                 f"state_batch_axis={state_batch_axis}"
             )
+
+
+def _check_step(
+    step_fn: StepFn, tokens: Array, state: State, where: str, state_batch_axis: int
+) -> int:
+    """Trace ``step_fn`` once (no FLOPs) and return V after checking its output shapes."""
+    rows = tokens.shape[0]
+    _check_rows(state, rows, where, state_batch_axis)
     log_probs, new_state = jax.eval_shape(step_fn, tokens, state)
     if len(log_probs.shape) != 2 or log_probs.shape[0] != rows or log_probs.shape[1] < 2:
         raise ValueError(
@@ -233,6 +237,8 @@ def beam_search(
     if not length_penalty >= 0.0:
         raise ValueError(f"beam_search: length_penalty must be >= 0, got {length_penalty}")
     b, k, steps = batch_size, beam_size, max_len
+    # Before the repeat: taking rows 0..B-1 would hide an init_state with other than B rows.
+    _check_rows(init_state, b, "beam_search: init_state", state_batch_axis)
     neg_inf = jnp.float32(-jnp.inf)
     state = gather_rows(init_state, jnp.repeat(jnp.arange(b), k), axis=state_batch_axis)
     last = jnp.repeat(first, k)  # [B*k]

@@ -69,7 +69,7 @@ from jaxattn.ops.lstm import (
     lstm_cell,
     lstm_stack,
 )
-from jaxattn.ops.masks import padding_mask
+from jaxattn.ops.masks import check_lengths, padding_mask
 
 Array = jax.Array
 Carry = tuple[Array, Array]
@@ -173,6 +173,8 @@ def _check_source(src: Array, src_lengths: Array, config: Seq2SeqConfig, where: 
             f"{jnp.shape(src_lengths)}"
         )
     check_token_ids(src, config.src_vocab_size, f"{where}: src ids")
+    # translate() jits its encoder, where lstm_scan's check would see only a tracer.
+    check_lengths(src_lengths, src.shape[0], src.shape[1], f"{where}: src_lengths")
 
 
 def encode(

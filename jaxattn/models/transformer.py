@@ -565,6 +565,8 @@ def translate(
     """
     src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
     _check(src, config.src_vocab_size, config, "translate: src")
+    # Checked here: inside _translate's jit encode() would see only a tracer.
+    check_lengths(src_lengths, src.shape[0], src.shape[1], "translate: src_lengths")
     if beam_size < 1 or not 0 < max_len <= config.max_len:
         raise ValueError(
             f"translate: need beam_size >= 1 and 0 < max_len <= {config.max_len}, "

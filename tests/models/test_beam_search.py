@@ -299,6 +299,8 @@ def test_bad_inputs_raise(np_rng):
         greedy_decode(step, init_state(2), 2, max_len=0, bos_id=BOS, eos_id=1)
     with pytest.raises(ValueError, match="rows"):
         greedy_decode(step, init_state(3), 2, **kw)
+    with pytest.raises(ValueError, match=r"init_state: a state leaf .* has no 2 rows"):
+        beam_search(step, init_state(3), 2, beam_size=2, **kw)  # not rows 0, 1 of 3
     with pytest.raises(ValueError, match="eos_id=5"):
         beam_search(step, init_state(2), 2, beam_size=2, max_len=2, bos_id=BOS, eos_id=5)
     with pytest.raises(ValueError, match=r"greedy_decode: eos_id=3 is outside the vocabulary V=3"):

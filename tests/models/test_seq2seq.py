@@ -300,6 +300,10 @@ def test_bad_inputs_raise(np_rng):
         seq2seq_logits(w, src, lengths, tgt_in[:2], config)
     with pytest.raises(ValueError, match="lacks"):
         seq2seq_loss(w, dict(src=src, src_lengths=lengths, tgt_in=tgt_in), config)
+    # translate jits its encoder: it checks the lengths first (not clipped to [0, S]).
+    for bad in (src.shape[1] + 1, -1):
+        with pytest.raises(ValueError, match=r"translate: src_lengths: lengths must lie in"):
+            translate(w, config, src, lengths.at[0].set(bad), max_len=4)
     memory, final = encode_jit(w, src, lengths, config)
     with pytest.raises(ValueError, match="state"):
         decode_step(w, final, tgt_in[:2, 0], memory, lengths > 0, config)

@@ -337,6 +337,10 @@ def test_bad_inputs_raise(np_rng):
         decode_step(w, cache, tgt_in[:, 0], cross, jnp.ones((3, 5), bool), config)
     with pytest.raises(ValueError, match="max_len"):
         translate(w, config, src, lengths, max_len=10)
+    # translate jits its encoder: it checks the lengths first (not clipped to [0, S]).
+    for bad in (src.shape[1] + 1, -1):
+        with pytest.raises(ValueError, match=r"translate: src_lengths: lengths must lie in"):
+            translate(w, config, src, lengths.at[0].set(bad), max_len=4)
 
 
 # --------------------------------------------------------------------------------------
