@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -56,15 +57,19 @@ def load_pairs(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
     """Read ``source<TAB>target`` lines (``.gz`` or plain UTF-8); ``None``/``""``: bundled.
 
     Raises:
-      FileNotFoundError: naming the path; ValueError: naming a line without exactly one tab.
+      FileNotFoundError: naming the path; ValueError: naming a line without exactly one tab,
+        or the path of a file that is not (gzipped) UTF-8 text.
     """
     path = default_corpus_path() if not path else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"translation corpus not found: {str(path)!r}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:  # (universal newlines: \r\n -> \n)
-        # Not splitlines(): it also breaks at U+2028, form feeds and the like inside a line.
-        lines = f.read().split("\n")
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:  # (universal newlines: \r\n -> \n)
+            # Not splitlines(): it also breaks at U+2028, form feeds and the like inside a line.
+            lines = f.read().split("\n")
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # Not gzip, truncated, not UTF-8.
+        raise ValueError(f"{path}: cannot read the corpus as UTF-8 text ({e})") from e
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line
     pairs = []
@@ -105,15 +110,22 @@ def train_sentencepiece(
 ):
     """Train (or load, when ``<model_prefix>.model`` exists) a unigram sentencepiece model.
 
+    Training also writes ``<model_prefix>.json`` (the ``vocab_size`` asked for), which a
+    later load checks.
+
     The ids are ``pad=0, bos=1, eos=2, unk=3``. ``vocab_size`` is an upper bound on a
     small corpus (``hard_vocab_limit=False``).
 
     Returns:
       A ``sentencepiece.SentencePieceProcessor``.
+
+    Raises:
+      ValueError: the cached model was trained with another ``vocab_size``.
     """
     import sentencepiece as spm  # The train extra; only the translation data needs it.
 
     model_file = Path(f"{model_prefix}.model")
+    trained_with = Path(f"{model_prefix}.json")  # the settings the cached model was trained with
     if not model_file.is_file():
         if not sentences:
             raise ValueError("train_sentencepiece: no sentences to train on")
@@ -132,7 +144,21 @@ def train_sentencepiece(
             num_threads=2,
             minloglevel=2,
         )
-    return spm.SentencePieceProcessor(model_file=str(model_file))
+        trained_with.write_text(json.dumps({"vocab_size": vocab_size}), encoding="utf-8")
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    # A model cached by a run with another vocab_size would otherwise be reused silently.
+    # The model itself records only the size reached (below vocab_size on a small corpus).
+    if trained_with.is_file():
+        asked = json.loads(trained_with.read_text(encoding="utf-8"))["vocab_size"]
+    else:  # Cached before the settings file existed: only a larger model is surely stale.
+        asked = sp.get_piece_size() if sp.get_piece_size() > vocab_size else vocab_size
+    if asked != vocab_size:
+        raise ValueError(
+            f"{model_file} was trained with vocab_size={asked}, not {vocab_size}: use "
+            "another workdir, or delete it (and any checkpoints trained with it) to train a "
+            "new one"
+        )
+    return sp
 
 
 def encode_pairs(

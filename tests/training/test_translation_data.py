@@ -42,6 +42,23 @@ def test_load_pairs_plain_file_and_errors(tmp_path):
         td.load_pairs(tmp_path / "nope.txt")
 
 
+def test_load_pairs_names_a_file_that_is_not_text(tmp_path):
+    """A corrupt .gz or a non-UTF-8 file is a ValueError naming the path, not a raw
+    BadGzipFile traceback or a UnicodeDecodeError without the file name."""
+    corrupt = tmp_path / "corrupt.txt.gz"
+    corrupt.write_bytes(b"not gzip at all\tno\n")
+    with pytest.raises(ValueError, match=r"corrupt\.txt\.gz: cannot read"):
+        td.load_pairs(corrupt)
+    truncated = tmp_path / "truncated.txt.gz"
+    truncated.write_bytes(gzip.compress(b"Hi.\tHola.\n" * 100)[:-12])
+    with pytest.raises(ValueError, match=r"truncated\.txt\.gz: cannot read"):
+        td.load_pairs(truncated)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Espa\u00f1a\tSpain\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt: cannot read"):
+        td.load_pairs(latin1)
+
+
 def test_split_is_deterministic_disjoint_and_complete():
     a = td.split_pairs(PAIRS, seed=3, fractions=(0.6, 0.2))
     b = td.split_pairs(list(reversed(PAIRS)), seed=3, fractions=(0.6, 0.2))
@@ -82,6 +99,9 @@ def test_sentencepiece_is_cached(sp, tmp_path_factory):
     again = td.train_sentencepiece([], prefix, vocab_size=60)  # no sentences: must load
     assert model.read_bytes() == before
     assert again.encode("we go and run.") == sp.encode("we go and run.")
+    # A cached model of another size is refused, not silently reused.
+    with pytest.raises(ValueError, match="trained with vocab_size=60, not 80"):
+        td.train_sentencepiece([], prefix, vocab_size=80)
 
 
 def test_make_batch_places_bos_eos_and_masks():
