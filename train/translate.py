@@ -8,9 +8,10 @@
 Training reuses the generic loop (``jaxattn.training.loop.fit``): progress bar, val loss,
 ``DIR/metrics.jsonl``, checkpoints in ``DIR/checkpoints/<step>/``, exact resume with the
 same ``--workdir``. The sentencepiece model is trained on the train split only and cached
-as ``DIR/spm.model``. At the end the run decodes the test split (greedy or beam search),
-appends ``{"step": ..., "test_bleu": ...}`` (sacrebleu corpus BLEU) to ``DIR/metrics.jsonl``
-and, for the LSTM attention models, draws ``DIR/attention.png``.
+as ``DIR/spm.model`` (a later run there asking for another ``vocab_size`` is refused). At
+the end the run decodes the test split (greedy or beam search), appends
+``{"step": ..., "test_bleu": ...}`` (sacrebleu corpus BLEU) to ``DIR/metrics.jsonl`` and,
+for the LSTM attention models, draws ``DIR/attention.png``.
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ def check_decode_settings(config: ml_collections.ConfigDict) -> None:
     for name in ("beam_size", "decode_max_len", "decode_batch_size"):
         if config[name] < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+    if config.max_test_examples < 0:  # [:-n] would silently drop the last n pairs
+        raise ValueError(
+            f"config.max_test_examples must be >= 0 (0: all), got {config.max_test_examples}"
+        )
     if config.model.kind == "transformer":
         positions = config.model.max_len
         if max(config.decode_max_len, config.buckets[-1]) > positions:
@@ -255,6 +260,12 @@ def load_data(config, workdir: Path):
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     check_decode_settings(config)  # before training, not after it
+    for name in ("max_train_examples", "max_eval_examples"):
+        if config[name] < 0:  # [:-n] would silently drop the last n pairs
+            raise ValueError(f"config.{name} must be >= 0 (0: all), got {config[name]}")
+    # The model fields' errors before the workdir and its sentencepiece model are made (the
+    # vocabulary's size is only an upper bound here; the real one comes from the tokenizer).
+    build_model(config, config.vocab_size)
     latest_checkpoint_metadata(workdir, config, also_free=DECODE_SETTINGS)  # notes changes
     check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
@@ -358,8 +369,12 @@ def translate_only(workdir: Path, sentences: list[str]) -> None:
     """Load the latest checkpoint in ``workdir`` and print a translation per sentence."""
     config, kind, model, params, _, sp = _restore(workdir)
     src = [np.asarray(sp.encode(s), np.int32) for s in sentences]
-    if any(len(s) == 0 or len(s) > config.buckets[-1] for s in src):
-        raise ValueError(f"each sentence needs 1 to {config.buckets[-1]} tokens")
+    for sentence, ids in zip(sentences, src):
+        if not 0 < len(ids) <= config.buckets[-1]:
+            raise ValueError(
+                f"--translate={sentence!r} has {len(ids)} tokens; each sentence needs 1 to "
+                f"{config.buckets[-1]} (the largest of config.buckets)"
+            )
     for s, ids in zip(sentences, translate_ids(params, kind, model, config, src)):
         print(f"{s} -> {sp.decode(ids)}")
 

@@ -58,6 +58,8 @@ def test_translate_mode_prints_translations(lstm_run):
     assert len(lines) == 2
     assert lines[0].startswith("let's go -> ") and lines[1].startswith("Hi. -> ")
     assert (workdir / "spm.model").read_bytes() == spm_before  # reused, not retrained
+    proc = run_translate(f"--workdir={workdir}", "--translate=Hi.", "--translate=", check=False)
+    assert proc.returncode == 1 and "--translate='' has 0 tokens" in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
@@ -126,6 +128,21 @@ def test_decode_settings_are_checked_before_training(tmp_path):
     assert proc.returncode == 1
     assert "config.model.max_len=16 (the position table) must hold" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_bad_example_counts_and_model_fail_before_anything_is_written(tmp_path):
+    """A negative max_*_examples would slice pairs off the end ([:-1]); a bad model field
+    used to fail only after the sentencepiece model was trained and cached."""
+    for override, message in [
+        ("--config.max_train_examples=-1", "config.max_train_examples must be >= 0"),
+        ("--config.max_test_examples=-3", "config.max_test_examples must be >= 0"),
+        ("--config.model.kind=rnn", "config.model.kind must be one of"),
+        ("--config.model.attention=luong", "Seq2SeqConfig.attention must be one of"),
+    ]:
+        proc = run_translate(f"--workdir={tmp_path / 'run'}", override, check=False)
+        assert proc.returncode == 1 and message in proc.stderr, (override, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "run").exists()
 
 
 def test_translate_without_checkpoint_is_an_error(tmp_path):
