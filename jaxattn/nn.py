@@ -11,6 +11,11 @@ and the two forms convert both ways::
 
 Modules: ``LSTM`` (stacked/bidirectional, like ``torch.nn.LSTM(batch_first=True)``),
 ``GeneralAttention`` (Luong), ``AdditiveAttention`` (Bahdanau), ``MultiHeadAttention``.
+
+Dropout follows NNX's switches: modules start deterministic (evaluation);
+``module.train()``, ``module.eval()`` and ``nnx.view(module, deterministic=...)`` set it,
+and a call's ``deterministic=`` overrides it. Randomness stays explicit, as in the pure
+functions: a training call takes ``rng=key`` (no RNG stream is kept in the module).
 """
 
 from __future__ import annotations
