@@ -218,6 +218,15 @@ def gpt2_to_hf_state_dict(
             f"gpt2_to_hf_state_dict: the weights have {has} but config.tie_embeddings is "
             f"{config.tie_embeddings}; a tied GPT2LMHeadModel would load lm_head into wte"
         )
+    embeddings = [
+        ("token_embedding.table", np_w.token_embedding.table, (config.vocab_size, d)),
+        ("position_embedding.table", np_w.position_embedding.table, (config.block_size, d)),
+    ]
+    if np_w.head is not None:
+        embeddings.append(("head.w", np_w.head.w, (d, config.vocab_size)))
+    for name, arr, want in embeddings:
+        if arr.shape != want:
+            raise ValueError(f"gpt2_to_hf_state_dict: {name} is {arr.shape}, config says {want}")
     a = b.attn
     out: dict[str, np.ndarray] = {
         "transformer.wte.weight": np_w.token_embedding.table,

@@ -194,6 +194,28 @@ def test_config_and_weights_must_agree():
         gpt2_to_hf_state_dict(untied, dataclasses.replace(config, mlp_ratio=3))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_checks_the_embeddings_against_the_config(tied):
+    """wte/wpe/lm_head sized otherwise than the config would not load into its GPT2LMHeadModel."""
+    config = GPTConfig(
+        vocab_size=31, block_size=17, num_layers=2, num_heads=3, embed_dim=12,
+        tie_embeddings=tied,
+    )  # fmt: skip
+    weights = _random_weights(config, seed=9)
+    with pytest.raises(
+        ValueError, match=r"position_embedding\.table is \(17, 12\), config says \(9, 12\)"
+    ):
+        gpt2_to_hf_state_dict(weights, dataclasses.replace(config, block_size=9))
+    with pytest.raises(
+        ValueError, match=r"token_embedding\.table is \(31, 12\), config says \(40, 12\)"
+    ):
+        gpt2_to_hf_state_dict(weights, dataclasses.replace(config, vocab_size=40))
+    if not tied:
+        wider_head = weights._replace(head=weights.head._replace(w=jnp.zeros((12, 40))))
+        with pytest.raises(ValueError, match=r"head\.w is \(12, 40\), config says \(12, 31\)"):
+            gpt2_to_hf_state_dict(wider_head, config)
+
+
 def test_unreadable_safetensors_path_is_named(tmp_path):
     config = gpt2_config_from_hf(_hf_model().config)
     with pytest.raises(IsADirectoryError, match="is a directory"):
