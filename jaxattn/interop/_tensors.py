@@ -30,6 +30,16 @@ def state_dict_of(source: Any) -> Mapping[str, Any]:
     raise TypeError(f"expected a torch.nn.Module or a state dict mapping, got {type(source)}")
 
 
+def pure_weights_of(weights: Any) -> Any:
+    """A ``jaxattn.nn`` module's ``pure_weights()``; anything else is returned unchanged.
+
+    Duck-typed (``hasattr``), so interop does not import ``jaxattn.nn``.
+    """
+    if hasattr(weights, "pure_weights") and callable(weights.pure_weights):
+        return weights.pure_weights()
+    return weights
+
+
 def get(state: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Read the weight ``state[name]`` as NumPy; KeyError/ValueError name the tensor."""
     if name not in state:

@@ -6,6 +6,10 @@ keys as strings, tuple/list items by index, e.g. ``blocks/attn/w_q`` or ``0/forw
 same structure, so they come back as ``None``. The file holds each leaf's own dtype (bfloat16
 and 64-bit NumPy leaves included); loaded leaves are JAX arrays, so 64-bit tensors come back
 as 64-bit only with ``jax_enable_x64`` (as ``jnp.asarray`` would give them).
+
+A ``jaxattn.nn`` module stands for its ``pure_weights()``: saved under the pure tree's names
+(``0/w_ih``), and as ``like`` it gives the pure tree back (``Module.from_weights(tree)``
+makes a module of it).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.interop._tensors import read_safetensors
+from jaxattn.interop._tensors import pure_weights_of, read_safetensors
 
 
 def _key_name(entry: Any) -> str:
@@ -45,10 +49,10 @@ def save_safetensors(
     """Write every array leaf of ``weights`` to ``path`` (see the module docstring for names).
 
     Args:
-      weights: any pytree of arrays (``GPTWeights``, LSTM layers, a dict ...). For a
-        ``jaxattn.nn`` module pass ``module.pure_weights()``: the module itself or its
-        ``nnx.state`` would name tensors ``weights/0/w_ih/value``, which the pure trees'
-        templates (``0/w_ih``) do not match.
+      weights: any pytree of arrays (``GPTWeights``, LSTM layers, a dict ...), or a
+        ``jaxattn.nn`` module: its ``pure_weights()`` are saved, so the names (``0/w_ih``)
+        match the pure trees' templates (an ``nnx.state`` would give
+        ``weights/0/w_ih/value``, which they do not).
       path: the file to write.
       metadata: optional string-to-string metadata stored in the header.
     """
@@ -56,7 +60,10 @@ def save_safetensors(
 
     # np.asarray, not jnp.asarray: without x64, jnp would turn float64 / int64 leaves into
     # 32-bit ones before they reach the file.
-    flat = {name: np.asarray(leaf) for name, leaf in flatten_with_names(weights).items()}
+    flat = {
+        name: np.asarray(leaf)
+        for name, leaf in flatten_with_names(pure_weights_of(weights)).items()
+    }
     save_file(flat, os.fspath(path), metadata=metadata)
 
 
@@ -67,6 +74,7 @@ def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool 
       path: the ``.safetensors`` file.
       like: a template pytree (e.g. ``init_gpt(rng, config)`` or ``jax.eval_shape`` of it)
         whose leaves give the expected shapes; None returns the flat ``{name: array}`` dict.
+        A ``jaxattn.nn`` module is read as its ``pure_weights()`` (that tree is returned).
       strict: raise if the file holds tensors the template has no place for.
 
     Returns:
@@ -83,6 +91,7 @@ def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool 
     stored = read_safetensors(path, load_file)
     if like is None:
         return stored
+    like = pure_weights_of(like)
     expected = flatten_with_names(like)
     missing = [name for name in expected if name not in stored]
     if missing:

@@ -10,6 +10,12 @@ the transposes ``w_ih [I, 4h]``, ``w_hh [h, 4h]`` and one bias ``b = bias_ih + b
 Export cannot split ``b`` back into two biases uniquely: it writes ``bias_ih = b`` and
 ``bias_hh = 0``, which computes the same LSTM, so jaxattn -> torch -> jaxattn is exact
 (torch -> jaxattn -> torch gives the same function, not the same two bias tensors).
+
+jaxattn always has a bias (``torch.nn.LSTM(bias=False)`` imports as ``b = 0``); export with
+``bias=False`` writes no bias tensors, for a ``bias=False`` module, and refuses a nonzero ``b``.
+
+``torch.nn.GRU`` and ``torch.nn.RNN`` share the LSTM's tensor names but have 3 and 1 gate
+blocks (``weight_hh [3h, h]``, ``[h, h]``): they are refused, not misread.
 """
 
 from __future__ import annotations
@@ -20,11 +26,22 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.interop._tensors import check_framework, export, get, state_dict_of
+from jaxattn.interop._tensors import check_framework, export, get, pure_weights_of, state_dict_of
 from jaxattn.ops.lstm import BidirectionalWeights, LSTMWeights
 
 Layers = tuple[LSTMWeights | BidirectionalWeights, ...]
 _KEY = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
+_NOT_LSTM = {3: "GRU", 1: "RNN"}  # gate blocks in weight_hh [gates * h, h] -> torch.nn class
+
+
+def _check_not_other_rnn(source: Any) -> None:
+    """Refuse a ``torch.nn.GRU`` / ``RNN`` module (by class name: torch is not imported)."""
+    for cls in type(source).__mro__:
+        if cls.__module__.startswith("torch.") and cls.__name__ in _NOT_LSTM.values():
+            raise ValueError(
+                f"lstm_from_torch: got a torch.nn.{cls.__name__}, not an LSTM (only "
+                "torch.nn.LSTM weights can be converted)"
+            )
 
 
 def _scan_keys(state, prefix: str) -> tuple[int, bool, bool]:
@@ -53,8 +70,17 @@ def _direction(state, prefix: str, layer: int, suffix: str, in_size: int | None,
     w_hh_name = f"{prefix}weight_hh_l{layer}{suffix}"
     if w_hh_name not in state:
         raise KeyError(f"missing tensor {w_hh_name!r}")
-    g = int(np.shape(state[w_hh_name])[0])
-    h = g // 4
+    shape = tuple(int(n) for n in np.shape(state[w_hh_name]))
+    if len(shape) != 2 or shape[0] != 4 * shape[1]:
+        gates = shape[0] // shape[1] if len(shape) == 2 and shape[1] else 0
+        if gates in _NOT_LSTM and shape[0] == gates * shape[1]:
+            raise ValueError(
+                f"tensor {w_hh_name!r} has shape {shape}, a torch.nn.{_NOT_LSTM[gates]}'s "
+                f"[{'3h' if gates == 3 else 'h'}, h]: not an LSTM (an LSTM's is [4h, h]; only "
+                "torch.nn.LSTM weights can be converted)"
+            )
+        raise ValueError(f"tensor {w_hh_name!r} has shape {shape}: an LSTM's is [4h, h]")
+    h = shape[1]
     w_hh = get(state, w_hh_name, (4 * h, h))
     if in_size is None:  # layer 0: the input size is whatever the checkpoint says
         if w_ih_name not in state:
@@ -89,9 +115,11 @@ def lstm_from_torch(module_or_state_dict: Any, *, prefix: str = "") -> Layers:
 
     Raises:
       KeyError: a tensor is missing (the message names it).
-      ValueError: a tensor has the wrong shape (name, expected and actual shape), or the LSTM
-        uses ``proj_size``.
+      ValueError: a tensor has the wrong shape (name, expected and actual shape), the LSTM
+        uses ``proj_size``, or the source is a ``torch.nn.GRU``/``RNN`` (its module, or a
+        ``weight_hh`` of shape ``[3h, h]``/``[h, h]``).
     """
+    _check_not_other_rnn(module_or_state_dict)
     state = state_dict_of(module_or_state_dict)
     num_layers, bidirectional, bias = _scan_keys(state, prefix)
     layers, in_size, hidden = [], None, None
@@ -112,22 +140,30 @@ def lstm_from_torch(module_or_state_dict: Any, *, prefix: str = "") -> Layers:
 
 
 def lstm_to_torch_state_dict(
-    layers: Layers, *, prefix: str = "", framework: str = "pt"
+    layers: Layers, *, prefix: str = "", framework: str = "pt", bias: bool = True
 ) -> dict[str, Any]:
     """Export ``lstm_stack`` layers as a ``torch.nn.LSTM`` state dict.
 
-    Load it with ``torch.nn.LSTM(I, h, num_layers=L, bidirectional=..., batch_first=True)
-    .load_state_dict(sd)``. ``bias_ih = b`` and ``bias_hh = 0`` (see the module docstring).
+    Load it with ``torch.nn.LSTM(I, h, num_layers=L, bidirectional=..., bias=bias,
+    batch_first=True).load_state_dict(sd)``. ``bias_ih = b`` and ``bias_hh = 0`` (see the
+    module docstring).
 
     Args:
-      layers: from ``init_lstm_stack`` or ``lstm_from_torch``.
+      layers: from ``init_lstm_stack`` or ``lstm_from_torch``, or a ``jaxattn.nn.LSTM``
+        (its ``pure_weights()`` are exported).
       prefix: prepended to every name.
       framework: ``"pt"`` for torch tensors, ``"np"`` for NumPy arrays.
+      bias: False writes no ``bias_ih``/``bias_hh`` tensors, for ``torch.nn.LSTM(bias=False)``;
+        every layer's ``b`` must then be zero.
 
     Returns:
       ``{name: tensor}`` with ``weight_ih_l{l}[_reverse] [4h, I]`` etc.
+
+    Raises:
+      ValueError: ``bias=False`` and a layer's ``b`` is nonzero (the message names it).
     """
     check_framework(framework)
+    layers = pure_weights_of(layers)
     if not layers:
         raise ValueError("lstm_to_torch_state_dict: got no layers")
     out: dict[str, Any] = {}
@@ -142,6 +178,15 @@ def lstm_to_torch_state_dict(
             b = np.asarray(w.b)
             out[f"{prefix}weight_ih_l{layer}{suffix}"] = export(np.asarray(w.w_ih).T, framework)
             out[f"{prefix}weight_hh_l{layer}{suffix}"] = export(np.asarray(w.w_hh).T, framework)
+            if not bias:
+                if np.any(b):
+                    raise ValueError(
+                        f"lstm_to_torch_state_dict: bias=False but layer {layer}"
+                        f"{' (reverse direction)' if suffix else ''} has a nonzero b (max |b| = "
+                        f"{float(np.max(np.abs(b))):g}); a bias-free torch.nn.LSTM would "
+                        "compute another function"
+                    )
+                continue
             out[f"{prefix}bias_ih_l{layer}{suffix}"] = export(b, framework)
             out[f"{prefix}bias_hh_l{layer}{suffix}"] = export(np.zeros_like(b), framework)
     return out

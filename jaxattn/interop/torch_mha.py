@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.interop._tensors import check_framework, export, get, state_dict_of
+from jaxattn.interop._tensors import check_framework, export, get, pure_weights_of, state_dict_of
 from jaxattn.ops.attention import MultiHeadAttentionWeights
 
 
@@ -108,12 +108,14 @@ def mha_to_torch_state_dict(
 
     Writes ``in_proj_weight`` when ``Dkv = Dv = E`` and ``q/k/v_proj_weight`` otherwise, as
     PyTorch expects for those dims. Requires ``K = N`` heads, ``N H = E`` and either all four
-    biases or none (PyTorch's layout has no room for GQA or partial biases).
+    biases or none (PyTorch's layout has no room for GQA or partial biases). A
+    ``jaxattn.nn.MultiHeadAttention`` module exports its ``pure_weights()``.
 
     Returns:
       ``{name: tensor}``; ``framework="np"`` gives NumPy arrays instead of torch tensors.
     """
     check_framework(framework)
+    weights = pure_weights_of(weights)
     w_q, w_k, w_v, w_o = (np.asarray(w) for w in weights[:4])
     e, n, h = w_q.shape
     if w_k.shape[1:] != (n, h) or w_v.shape[1:] != (n, h) or w_o.shape != (n, h, e) or n * h != e:

@@ -96,3 +96,23 @@ def test_unreadable_files_are_named(tmp_path):
             load_safetensors(bad, like=_tree())
     with pytest.raises(IsADirectoryError, match="is a directory"):
         load_safetensors(tmp_path, like=_tree())
+
+
+def test_a_jaxattn_nn_module_is_saved_and_loaded_as_its_pure_weights(tmp_path):
+    from flax import nnx
+
+    from jaxattn import nn
+    from jaxattn.ops.lstm import init_lstm_stack
+
+    module = nn.LSTM(3, 5, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+    path = tmp_path / "m.safetensors"
+    save_safetensors(module, path)
+    assert set(load_safetensors(path)) == set(flatten_with_names(module.pure_weights()))
+    template = jax.eval_shape(
+        lambda: init_lstm_stack(jax.random.key(0), 3, 5, num_layers=2, bidirectional=True)
+    )
+    for like in (template, module):  # a pure template or the module itself
+        back = load_safetensors(path, like=like)
+        assert jax.tree.structure(back) == jax.tree.structure(module.pure_weights())
+        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(module.pure_weights())):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -84,3 +84,47 @@ def test_errors_name_the_tensor():
     proj = torch.nn.LSTM(D_IN, H, proj_size=3)
     with pytest.raises(ValueError, match="proj_size"):
         lstm_from_torch(proj)
+
+
+def test_an_inconsistent_weight_hh_or_another_rnn_is_named():
+    """weight_hh [18, 5] is no LSTM's; a GRU ([3h, h]) or RNN ([h, h]) is said to be one."""
+    state = dict(_torch_lstm(1, False).state_dict())
+    state["weight_hh_l0"] = torch.zeros(18, 5)
+    with pytest.raises(ValueError, match=r"'weight_hh_l0' has shape \(18, 5\): an LSTM's is \["):
+        lstm_from_torch(state)
+    for cls, layout in [(torch.nn.GRU, r"GRU's \[3h, h\]"), (torch.nn.RNN, r"RNN's \[h, h\]")]:
+        with pytest.raises(ValueError, match=rf"got a torch\.nn\.{cls.__name__}, not an LSTM"):
+            lstm_from_torch(cls(D_IN, H, num_layers=2))
+        state = cls(D_IN, H, num_layers=2).state_dict()
+        with pytest.raises(ValueError, match=rf"'weight_hh_l0' has shape .*{layout}: not an LSTM"):
+            lstm_from_torch(state)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_bias_free_export_loads_into_a_bias_free_torch_lstm(bidirectional):
+    weights = lstm_from_torch(_torch_lstm(2, bidirectional, bias=False))  # b = 0
+    target = _torch_lstm(2, bidirectional, bias=False, seed=3)
+    target.load_state_dict(lstm_to_torch_state_dict(weights, bias=False), strict=True)
+    back = lstm_from_torch(target)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(weights), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with_bias = lstm_from_torch(_torch_lstm(2, bidirectional))
+    with pytest.raises(ValueError, match=r"bias=False but layer 0 has a nonzero b"):
+        lstm_to_torch_state_dict(with_bias, bias=False)
+    if bidirectional:  # only the backward bias is nonzero: the message says so
+        layer0 = BidirectionalWeights(weights[0].forward, with_bias[0].backward)
+        with pytest.raises(ValueError, match=r"layer 0 \(reverse direction\) has a nonzero b"):
+            lstm_to_torch_state_dict((layer0, weights[1]), bias=False)
+
+
+def test_a_jaxattn_nn_lstm_module_exports_its_pure_weights():
+    from flax import nnx
+
+    from jaxattn import nn
+
+    module = nn.LSTM(D_IN, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+    got = lstm_to_torch_state_dict(module, framework="np")
+    want = lstm_to_torch_state_dict(module.pure_weights(), framework="np")
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])

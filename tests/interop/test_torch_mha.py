@@ -116,3 +116,16 @@ def test_an_integer_weight_is_named():
     state["in_proj_weight"] = state["in_proj_weight"].to(torch.int32)
     with pytest.raises(ValueError, match=r"'in_proj_weight' has dtype int32, expected a floating"):
         mha_from_torch(state, num_heads=N)
+
+
+def test_a_jaxattn_nn_module_exports_its_pure_weights():
+    from flax import nnx
+
+    from jaxattn import nn
+
+    module = nn.MultiHeadAttention(E, N, rngs=nnx.Rngs(0))
+    got = mha_to_torch_state_dict(module, framework="np")
+    want = mha_to_torch_state_dict(module.pure_weights(), framework="np")
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
