@@ -17,6 +17,14 @@ def check_positive_ints(owner: Any, names: tuple[str, ...]) -> None:
             raise ValueError(f"{type(owner).__name__}.{name} must be a positive int, got {value!r}")
 
 
+def check_bools(owner: Any, names: tuple[str, ...]) -> None:
+    """Raise unless each field is a bool (a string such as ``"no"`` would count as true)."""
+    for name in names:
+        value = getattr(owner, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{type(owner).__name__}.{name} must be a bool, got {value!r}")
+
+
 def check_positive(owner: Any, name: str) -> None:
     """Raise unless the field is a number > 0 (written ``not > 0`` so NaN fails too)."""
     value = getattr(owner, name)

@@ -31,11 +31,13 @@ when one was chosen, and are ``pad_id`` after it.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 State = Any
@@ -60,16 +62,46 @@ def gnmt_length_penalty(length: Array, alpha: float) -> Array:
     return ((5.0 + jnp.asarray(length).astype(jnp.float32)) / 6.0) ** alpha
 
 
-def forbid_tokens(logits: Array, token_ids: tuple[int, ...]) -> Array:
+def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int; ``ValueError`` unless it is an integer ``>= minimum``.
+
+    Sizes fix array shapes, so bools and floats such as ``2.0`` are refused here rather
+    than deep inside JAX.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_in_vocab(ids: int | Array | tuple[int, ...], vocab: int, what: str) -> None:
+    """Raise ``ValueError`` if a concrete id lies outside ``[0, V)`` (tracers pass).
+
+    An EOS the step function never emits would silently decode to ``max_len``, a BOS
+    outside the vocabulary would be looked up out of range, and a forbidden id outside it
+    would be silently ignored.
+    """
+    if isinstance(ids, jax.core.Tracer):
+        return
+    values = np.asarray(ids).reshape(-1)
+    bad = values[(values < 0) | (values >= vocab)]
+    if bad.size:
+        raise ValueError(f"{what}={bad[0]} is outside the vocabulary V={vocab}")
+
+
+def forbid_tokens(
+    logits: Array, token_ids: tuple[int, ...], what: str = "forbid_tokens: token id"
+) -> Array:
     """Set ``logits[:, id] = -inf`` for each id (e.g. pad and BOS, which are never generated).
 
     Args:
       logits: ``[R, V]`` logits or log-probabilities.
-      token_ids: static ids to forbid.
+      token_ids: static ids to forbid, each in ``[0, V)`` (else ``ValueError``).
+      what: names the ids in that error.
 
     Returns:
       ``[R, V]`` float32.
     """
+    _check_in_vocab(token_ids, logits.shape[-1], what)
     logits = logits.astype(jnp.float32)
     return logits.at[:, jnp.asarray(token_ids, jnp.int32)].set(-jnp.inf) if token_ids else logits
 
@@ -125,10 +157,8 @@ def _first_tokens(
     batch_size: int, max_len: int, bos_id: int | Array, eos_id: int, where: str
 ) -> Array:
     """Check the arguments; return the first tokens fed, ``[B]`` int32."""
-    if batch_size < 1 or max_len < 1:
-        raise ValueError(
-            f"{where}: batch_size and max_len must be >= 1, got {batch_size} and {max_len}"
-        )
+    check_size(batch_size, "batch_size", where)
+    check_size(max_len, "max_len", where)
     if eos_id < 0:
         raise ValueError(f"{where}: eos_id must be >= 0, got {eos_id}")
     bos = jnp.asarray(bos_id)
@@ -139,10 +169,9 @@ def _first_tokens(
     return jnp.broadcast_to(bos.astype(jnp.int32), (batch_size,))
 
 
-def _check_eos(eos_id: int, vocab: int, where: str) -> None:
-    # An EOS the step function can never emit would silently decode to max_len.
-    if eos_id >= vocab:
-        raise ValueError(f"{where}: eos_id={eos_id} is outside the vocabulary V={vocab}")
+def _check_ids(bos_id: int | Array, eos_id: int, vocab: int, where: str) -> None:
+    _check_in_vocab(eos_id, vocab, f"{where}: eos_id")
+    _check_in_vocab(bos_id, vocab, f"{where}: bos_id")
 
 
 def greedy_decode(
@@ -175,7 +204,7 @@ def greedy_decode(
     """
     tokens = _first_tokens(batch_size, max_len, bos_id, eos_id, "greedy_decode")
     vocab = _check_step(step_fn, tokens, init_state, "greedy_decode", state_batch_axis)
-    _check_eos(eos_id, vocab, "greedy_decode")
+    _check_ids(bos_id, eos_id, vocab, "greedy_decode")
     out = jnp.full((batch_size, max_len), pad_id, jnp.int32)
     done = jnp.zeros((batch_size,), bool)
 
@@ -232,8 +261,7 @@ def beam_search(
       scores, best first.
     """
     first = _first_tokens(batch_size, max_len, bos_id, eos_id, "beam_search")
-    if beam_size < 1:
-        raise ValueError(f"beam_search: beam_size must be >= 1, got {beam_size}")
+    check_size(beam_size, "beam_size", "beam_search")
     if not length_penalty >= 0.0:
         raise ValueError(f"beam_search: length_penalty must be >= 0, got {length_penalty}")
     b, k, steps = batch_size, beam_size, max_len
@@ -243,7 +271,7 @@ def beam_search(
     state = gather_rows(init_state, jnp.repeat(jnp.arange(b), k), axis=state_batch_axis)
     last = jnp.repeat(first, k)  # [B*k]
     vocab = _check_step(step_fn, last, state, "beam_search", state_batch_axis)
-    _check_eos(eos_id, vocab, "beam_search")
+    _check_ids(bos_id, eos_id, vocab, "beam_search")
     seqs = jnp.full((b, k, steps), pad_id, jnp.int32)
     # Only beam 0 is live at first, so the k beams do not all extend the same BOS.
     alive_logp = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg_inf), (b, 1))  # [B, k]
@@ -308,17 +336,18 @@ def decode_sequences(
 
     Args:
       logits_fn: ``(tokens [R], state) -> (logits [R, V], state)``, a model's decode step.
-      forbidden: token ids never generated (e.g. pad and BOS).
+      forbidden: token ids in ``[0, V)`` never generated (e.g. pad and BOS).
       Others: as in ``beam_search``.
 
     Returns:
       ``[B, max_len]`` int32 token ids, pad after EOS.
     """
+    beam_size = check_size(beam_size, "beam_size", "decode_sequences")  # 1.0 is not greedy
 
     def step(tokens: Array, state: State) -> tuple[Array, State]:
         logits, state = logits_fn(tokens, state)
         if forbidden:
-            logits = forbid_tokens(logits, forbidden)
+            logits = forbid_tokens(logits, forbidden, "decode_sequences: forbidden id")
         return jax.nn.log_softmax(logits), state
 
     common = dict(

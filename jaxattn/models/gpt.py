@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.models import decoding
-from jaxattn.models._config import check_positive, check_positive_ints
+from jaxattn.models._config import check_bools, check_positive, check_positive_ints
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
     dot_product_attention,
@@ -98,6 +98,7 @@ class GPTConfig:
         check_positive_ints(
             self, ("vocab_size", "block_size", "num_layers", "num_heads", "embed_dim", "mlp_ratio")
         )
+        check_bools(self, ("use_bias", "tie_embeddings", "remat", "gelu_approximate"))
         check_positive(self, "rope_base")
         check_positive(self, "layer_norm_eps")
         if self.embed_dim % self.num_heads:

@@ -33,14 +33,15 @@ target positions).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxattn.models import beam_search as search
-from jaxattn.models._config import check_positive_ints
+from jaxattn.models._config import check_bools, check_positive_ints
 from jaxattn.ops.attention import (
     AdditiveWeights,
     additive_scores,
@@ -98,6 +99,7 @@ class Seq2SeqConfig:
         check_positive_ints(
             self, ("src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden_size", "num_layers")
         )
+        check_bools(self, ("bidirectional_encoder",))
         if self.attention not in ATTENTION:
             raise ValueError(
                 f"Seq2SeqConfig.attention must be one of {ATTENTION}, got {self.attention!r}"
@@ -162,6 +164,43 @@ def init_seq2seq(rng: Array, config: Seq2SeqConfig) -> Seq2SeqWeights:
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _init_shapes(init_fn: Callable, config: Any) -> dict[str, tuple[int, ...]]:
+    """``{path: shape}`` of ``init_fn(key, config)``'s leaves, traced once per config."""
+    tree = jax.eval_shape(lambda: init_fn(jax.random.key(0), config))  # no FLOPs
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def check_weights(weights: Any, init_fn: Callable, config: Any, where: str) -> None:
+    """Raise ``ValueError`` unless ``weights`` has the leaves (paths and shapes, not dtypes)
+    that ``init_fn(key, config)`` gives, e.g. dot-attention weights for a general config.
+
+    Cheap: compares ``jax.eval_shape`` of the init, cached per config, with the tree paths.
+    """
+    want = _init_shapes(init_fn, config)
+    leaves = jax.tree_util.tree_flatten_with_path(weights)[0]
+    got = {
+        jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ("not an array",)))
+        for path, leaf in leaves
+    }
+    if got == want:
+        return
+    missing = [key for key in want if key not in got]
+    extra = [key for key in got if key not in want]
+    shapes = [f"{k} {got[k]} != {want[k]}" for k in want if k in got and got[k] != want[k]]
+    found = [("missing", missing), ("unexpected", extra), ("shape (weights != config)", shapes)]
+    differences = "; ".join(
+        f"{what}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+        for what, items in found
+        if items
+    )
+    raise ValueError(
+        f"{where}: the weights ({type(weights).__name__}) do not match the "
+        f"{type(config).__name__}: {differences}"
+    )
+
+
 def _split(rng: Array | None, n: int, active: bool) -> tuple[Array | None, ...]:
     return tuple(jax.random.split(rng, n)) if active else (None,) * n
 
@@ -198,6 +237,7 @@ def encode(
       padding; ``h' = h`` when attention reads them, else ``dirs * h``) and PyTorch-layout
       final states (row ``l * dirs + d``).
     """
+    check_weights(weights, init_seq2seq, config, "encode")
     src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
     _check_source(src, src_lengths, config, "encode")
     active = not deterministic and config.dropout > 0
@@ -376,6 +416,7 @@ def decode_step(
     Returns:
       ``(logits [B, V] float32, new state, attention [B, S] or None)``.
     """
+    check_weights(weights, init_seq2seq, config, "decode_step")
     token = jnp.asarray(token)
     h, c = state
     want = (config.num_layers, token.shape[0] if token.ndim == 1 else -1, config.hidden_size)
@@ -447,17 +488,16 @@ def translate(
 
     Args:
       src: ``[B, S]`` ids; src_lengths: ``[B]``.
-      beam_size: 1 = greedy; k > 1 = beam search with the GNMT length penalty.
-      max_len: most target tokens (EOS included).
+      beam_size: int, 1 = greedy; k > 1 = beam search with the GNMT length penalty.
+      max_len: int, most target tokens (EOS included); an LSTM has no position limit.
 
     Returns:
       ``[B, max_len]`` int32 target ids without BOS, ending in EOS (unless cut at max_len)
       and padded with ``pad_id``.
     """
+    check_weights(weights, init_seq2seq, config, "translate")
     src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
     _check_source(src, src_lengths, config, "translate")
-    if beam_size < 1 or max_len < 1:
-        raise ValueError(
-            f"translate: beam_size and max_len must be >= 1, got {beam_size} and {max_len}"
-        )
+    beam_size = search.check_size(beam_size, "beam_size", "translate")
+    max_len = search.check_size(max_len, "max_len", "translate")
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

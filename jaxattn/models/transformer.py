@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.models import beam_search as search
-from jaxattn.models._config import check_positive, check_positive_ints
+from jaxattn.models._config import check_bools, check_positive, check_positive_ints
 from jaxattn.models.gpt import KVCache
-from jaxattn.models.seq2seq import check_batch
+from jaxattn.models.seq2seq import check_batch, check_weights
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
     dot_product_attention,
@@ -115,6 +115,7 @@ class TransformerConfig:
                 "max_len",
             ),
         )
+        check_bools(self, ("tie_embeddings", "pre_ln", "remat"))
         check_positive(self, "layer_norm_eps")
         if self.embed_dim % self.num_heads or self.embed_dim % 2:
             raise ValueError(
@@ -330,6 +331,7 @@ def encode(
     Returns:
       ``memory [B, S, D]`` in the compute dtype (padding rows are defined but never read).
     """
+    check_weights(weights, init_transformer, config, "encode")
     src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
     _check(src, config.src_vocab_size, config, "encode: src")
     check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
@@ -354,6 +356,7 @@ def cross_kv(weights: TransformerWeights, memory: Array, config: TransformerConf
     Returns:
       ``CrossKV(k, v)``, each ``[Ld, B, S, N, H]`` in the compute dtype.
     """
+    check_weights(weights, init_transformer, config, "cross_kv")
     attn = _cast(weights.decoder.cross_attn, config.compute_dtype)
     memory = memory.astype(config.compute_dtype)
     kv = lambda a: (project(memory, a.w_k, a.b_k), project(memory, a.w_v, a.b_v))
@@ -387,6 +390,7 @@ def decode(
     Returns:
       ``[B, T, V]`` float32 logits.
     """
+    check_weights(weights, init_transformer, config, "decode")
     tgt_in = jnp.asarray(tgt_in)
     _check(tgt_in, config.tgt_vocab_size, config, "decode: tgt_in")
     if (
@@ -462,10 +466,11 @@ def init_cache(
     config: TransformerConfig, batch_size: int, max_len: int, dtype: str | None = None
 ) -> KVCache:
     """Empty decoder self-attention cache: ``k, v [Ld, B, max_len, N, H]`` zeros, index 0."""
-    if not 0 < max_len <= config.max_len or batch_size <= 0:
+    batch_size = search.check_size(batch_size, "batch_size", "init_cache")
+    max_len = search.check_size(max_len, "max_len", "init_cache")
+    if max_len > config.max_len:
         raise ValueError(
-            f"init_cache: need 0 < max_len <= {config.max_len} and batch_size > 0, "
-            f"got max_len={max_len}, batch_size={batch_size}"
+            f"init_cache: need max_len <= config.max_len={config.max_len}, got {max_len}"
         )
     dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
     shape = (config.num_decoder_layers, batch_size, max_len, config.num_heads, config.head_dim)
@@ -491,6 +496,7 @@ def decode_step(
     Returns:
       ``(logits [B, V] float32, cache with this step's keys/values and index + 1)``.
     """
+    check_weights(weights, init_transformer, config, "decode_step")
     token = jnp.asarray(token)
     _, b, t_max, _, _ = cache.k.shape
     if token.shape != (b,) or cross.k.shape[1] != b or jnp.shape(src_mask) != cross.k.shape[1:3]:
@@ -550,26 +556,32 @@ def translate(
     src_lengths: Array,
     *,
     beam_size: int = 1,
-    max_len: int = 50,
+    max_len: int | None = None,
     length_penalty: float = 0.6,
 ) -> Array:
     """Translate: greedy (``beam_size=1``) or beam search, with the KV cache.
 
     Args:
       src: ``[B, S]`` ids; src_lengths: ``[B]``.
-      max_len: most target tokens (EOS included), ``<= config.max_len``.
+      beam_size: int, 1 = greedy; k > 1 = beam search with the GNMT length penalty.
+      max_len: int, most target tokens (EOS included), ``<= config.max_len`` (the position
+        table's length); None (the default) means ``config.max_len``.
 
     Returns:
       ``[B, max_len]`` int32 ids without BOS, ending in EOS (unless cut) and padded with
       ``pad_id``; pad and BOS are never generated.
     """
+    check_weights(weights, init_transformer, config, "translate")
     src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
     _check(src, config.src_vocab_size, config, "translate: src")
     # Checked here: inside _translate's jit encode() would see only a tracer.
     check_lengths(src_lengths, src.shape[0], src.shape[1], "translate: src_lengths")
-    if beam_size < 1 or not 0 < max_len <= config.max_len:
+    beam_size = search.check_size(beam_size, "beam_size", "translate")
+    max_len = search.check_size(
+        config.max_len if max_len is None else max_len, "max_len", "translate"
+    )
+    if max_len > config.max_len:
         raise ValueError(
-            f"translate: need beam_size >= 1 and 0 < max_len <= {config.max_len}, "
-            f"got {beam_size} and {max_len}"
+            f"translate: need 0 < max_len <= config.max_len={config.max_len}, got {max_len}"
         )
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

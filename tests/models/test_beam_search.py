@@ -15,12 +15,13 @@ import pytest
 from jaxattn.models.beam_search import (
     BeamSearchResult,
     beam_search,
+    decode_sequences,
     gather_rows,
     gnmt_length_penalty,
     greedy_decode,
 )
 
-BOS = 99  # outside the table's tokens: the step function recognises the first step by it
+BOS = 0  # a token of every table; fed first, it starts the empty prefix (see make_step)
 
 
 def prefix_table(np_rng, batch, vocab, max_len, *, scale=2.0, bias=None):
@@ -41,7 +42,11 @@ def code_of(prefix, vocab):
 
 
 def make_step(table, *, axis=0):
-    """``step_fn`` over state ``(sentence id, prefix code)``, rows on ``axis``."""
+    """``step_fn`` over state ``(sentence id, prefix code)``, rows on ``axis``.
+
+    The code is -1 before the first token: BOS fed then starts the empty prefix, any other
+    first token (a prefilled prompt's last) the prefix of that token.
+    """
     table = jnp.asarray(table, jnp.float32)
     vocab = table.shape[-1]
 
@@ -49,7 +54,8 @@ def make_step(table, *, axis=0):
         sent, code = state
         if axis == 1:
             sent, code = sent[0], code[0]
-        code = jnp.where(tokens == BOS, code, code * (vocab + 1) + tokens + 1)
+        extended = jnp.maximum(code, 0) * (vocab + 1) + tokens + 1
+        code = jnp.where((code < 0) & (tokens == BOS), 0, extended)
         log_probs = table[sent, code]  # [R, V]
         new = (sent, code) if axis == 0 else (sent[None], code[None])
         return log_probs, new
@@ -58,7 +64,7 @@ def make_step(table, *, axis=0):
 
 
 def init_state(batch, axis=0):
-    sent, code = jnp.arange(batch, dtype=jnp.int32), jnp.zeros((batch,), jnp.int32)
+    sent, code = jnp.arange(batch, dtype=jnp.int32), jnp.full((batch,), -1, jnp.int32)
     return (sent, code) if axis == 0 else (sent[None], code[None])
 
 
@@ -305,6 +311,26 @@ def test_bad_inputs_raise(np_rng):
         beam_search(step, init_state(2), 2, beam_size=2, max_len=2, bos_id=BOS, eos_id=5)
     with pytest.raises(ValueError, match=r"greedy_decode: eos_id=3 is outside the vocabulary V=3"):
         greedy_decode(step, init_state(2), 2, max_len=2, bos_id=BOS, eos_id=3)
+    # BOS and forbidden ids outside [0, V) are refused like EOS (not fed or ignored).
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=rf"greedy_decode: bos_id={bad} is outside .* V=3"):
+            greedy_decode(step, init_state(2), 2, max_len=2, bos_id=bad, eos_id=1)
+        with pytest.raises(ValueError, match=rf"beam_search: bos_id={bad} is outside .* V=3"):
+            beam_search(step, init_state(2), 2, beam_size=2, max_len=2, bos_id=bad, eos_id=1)
+        with pytest.raises(ValueError, match=rf"forbidden id={bad} is outside the vocab.* V=3"):
+            decode_sequences(step, init_state(2), 2, beam_size=1, forbidden=(2, bad), **kw)
+    with pytest.raises(ValueError, match=r"bos_id=3 is outside the vocabulary V=3"):
+        greedy_decode(step, init_state(2), 2, max_len=2, bos_id=jnp.array([0, 3]), eos_id=1)
+    # Sizes fix shapes: floats and bools are refused by name, not deep inside JAX.
+    for size in (2.0, True):
+        with pytest.raises(ValueError, match=r"greedy_decode: batch_size must be an int"):
+            greedy_decode(step, init_state(2), size, **kw)
+        with pytest.raises(ValueError, match=r"beam_search: beam_size must be an int"):
+            beam_search(step, init_state(2), 2, beam_size=size, **kw)
+        with pytest.raises(ValueError, match=r"decode_sequences: beam_size must be an int"):
+            decode_sequences(step, init_state(2), 2, beam_size=size, **kw)
+    with pytest.raises(ValueError, match=r"greedy_decode: max_len must be an int >= 1, got 2.0"):
+        greedy_decode(step, init_state(2), 2, max_len=2.0, bos_id=BOS, eos_id=1)
     bad_shape = lambda tokens, state: (jnp.zeros((tokens.shape[0],)), state)
     with pytest.raises(ValueError, match="log_probs"):
         greedy_decode(bad_shape, init_state(2), 2, **kw)

@@ -156,6 +156,10 @@ def np_cross_entropy(logits, targets):
         (dict(rope_base=float("nan")), "rope_base must be positive"),
         (dict(layer_norm_eps=float("nan")), "layer_norm_eps must be positive"),
         (dict(num_layers=2.5), "num_layers must be a positive int"),
+        (dict(use_bias="no"), "use_bias must be a bool, got 'no'"),
+        (dict(tie_embeddings=1), "tie_embeddings must be a bool"),
+        (dict(remat="false"), "remat must be a bool"),
+        (dict(gelu_approximate=None), "gelu_approximate must be a bool"),
     ],
 )
 def test_config_validation(changes, match):

@@ -281,6 +281,8 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(dropout=1.0), "dropout"),
         (dict(eos_id=BOS), "must differ"),
         (dict(pad_id=11), "pad_id"),
+        (dict(bidirectional_encoder="no"), "bidirectional_encoder must be a bool, got 'no'"),
+        (dict(bidirectional_encoder=1), "bidirectional_encoder must be a bool"),
     ],
 )
 def test_config_validation(changes, match):
@@ -307,6 +309,29 @@ def test_bad_inputs_raise(np_rng):
     memory, final = encode_jit(w, src, lengths, config)
     with pytest.raises(ValueError, match="state"):
         decode_step(w, final, tgt_in[:2, 0], memory, lengths > 0, config)
+    with pytest.raises(ValueError, match=r"translate: beam_size must be an int >= 1, got 2.0"):
+        translate(w, config, src, lengths, beam_size=2.0, max_len=4)
+    with pytest.raises(ValueError, match=r"translate: max_len must be an int >= 1, got True"):
+        translate(w, config, src, lengths, max_len=True)
+
+
+def test_weights_must_match_the_config(np_rng):
+    config = VARIANTS[2]  # general attention, 2 layers
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    dot = random_weights(dataclasses.replace(config, attention="dot"))  # no attention matrix
+    with pytest.raises(
+        ValueError, match=r"translate: the weights .* do not match .*missing: .attention$"
+    ):
+        translate(dot, config, src, lengths, max_len=4)
+    wide = random_weights(dataclasses.replace(config, hidden_size=8))
+    with pytest.raises(
+        ValueError, match=r"encode: .* shape .*\.encoder\[0\]\.w_hh \(8, 32\) != \(7, 28\)"
+    ):
+        seq2seq_logits(wide, src, lengths, tgt_in, config)
+    one_layer = random_weights(dataclasses.replace(config, num_layers=1))
+    state, memory = (jnp.zeros((2, 3, 7)),) * 2, jnp.zeros((3, 5, 7))  # [L, B, h], [B, S, h]
+    with pytest.raises(ValueError, match=r"decode_step: .*missing: .encoder\[1\]"):
+        decode_step(one_layer, state, tgt_in[:, 0], memory, lengths > 0, config)
 
 
 # --------------------------------------------------------------------------------------

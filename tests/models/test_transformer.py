@@ -15,6 +15,7 @@ import pytest
 from jaxattn.models import beam_search as search
 from jaxattn.models import transformer
 from jaxattn.models.transformer import (
+    CrossKV,
     TransformerConfig,
     cross_kv,
     decode,
@@ -307,6 +308,9 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(num_encoder_layers=2.5), "num_encoder_layers must be a positive int"),
         (dict(layer_norm_eps=-1.0), "layer_norm_eps must be positive"),
         (dict(layer_norm_eps=float("nan")), "layer_norm_eps must be positive"),
+        (dict(pre_ln="no"), "pre_ln must be a bool, got 'no'"),
+        (dict(tie_embeddings=0), "tie_embeddings must be a bool"),
+        (dict(remat="yes"), "remat must be a bool"),
     ],
 )
 def test_config_validation(changes, match):
@@ -337,10 +341,46 @@ def test_bad_inputs_raise(np_rng):
         decode_step(w, cache, tgt_in[:, 0], cross, jnp.ones((3, 5), bool), config)
     with pytest.raises(ValueError, match="max_len"):
         translate(w, config, src, lengths, max_len=10)
+    with pytest.raises(ValueError, match=r"translate: beam_size must be an int >= 1, got 2.0"):
+        translate(w, config, src, lengths, beam_size=2.0)
+    with pytest.raises(ValueError, match=r"translate: max_len must be an int >= 1, got 4.0"):
+        translate(w, config, src, lengths, max_len=4.0)
+    with pytest.raises(ValueError, match=r"init_cache: batch_size must be an int >= 1, got 3.0"):
+        init_cache(config, 3.0, 4)
     # translate jits its encoder: it checks the lengths first (not clipped to [0, S]).
     for bad in (src.shape[1] + 1, -1):
         with pytest.raises(ValueError, match=r"translate: src_lengths: lengths must lie in"):
             translate(w, config, src, lengths.at[0].set(bad), max_len=4)
+
+
+def test_translate_defaults_to_the_config_max_len(np_rng):
+    # The default max_len is config.max_len (9 here), the most the position table allows.
+    w = random_weights(BASE)
+    src, lengths, _ = example_batch(BASE, np_rng)
+    out = jax.eval_shape(lambda: translate(w, BASE, src, lengths))  # traced, not compiled
+    assert out.shape == (3, BASE.max_len) and out.dtype == jnp.int32
+
+
+def test_weights_must_match_the_config(np_rng):
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    untied = random_weights(POST_LN_UNTIED)  # a head, no final norms
+    with pytest.raises(
+        ValueError,
+        match=r"translate: the weights .* missing: .encoder_norm.scale.*unexpected: .head.w",
+    ):
+        translate(untied, BASE, src, lengths, max_len=4)
+    shallow = random_weights(dataclasses.replace(BASE, num_decoder_layers=2))
+    with pytest.raises(
+        ValueError, match=r"decode: .* shape .*\.decoder\.ln1\.scale \(2, 12\) != \(3, 12\)"
+    ):
+        decode(shallow, jnp.zeros((3, 5, 12)), jnp.ones((3, 5), bool), tgt_in, BASE)
+    with pytest.raises(ValueError, match=r"encode: the weights .* do not match"):
+        encode(shallow, src, lengths, BASE)
+    with pytest.raises(ValueError, match=r"cross_kv: the weights .* do not match"):
+        cross_kv(shallow, jnp.zeros((3, 5, 12)), BASE)
+    cache, cross = init_cache(BASE, 3, 4), CrossKV(*(jnp.zeros((3, 3, 5, 3, 4)),) * 2)
+    with pytest.raises(ValueError, match=r"decode_step: the weights .* do not match"):
+        decode_step(shallow, cache, tgt_in[:, 0], cross, jnp.ones((3, 5), bool), BASE)
 
 
 # --------------------------------------------------------------------------------------
