@@ -23,6 +23,7 @@ iterator state in a checkpoint is that index, so a resumed run sees the same bat
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
 import json
 import os
@@ -110,8 +111,11 @@ def train_sentencepiece(
 ):
     """Train (or load, when ``<model_prefix>.model`` exists) a unigram sentencepiece model.
 
-    Training also writes ``<model_prefix>.json`` (the ``vocab_size`` asked for), which a
-    later load checks.
+    Training also writes ``<model_prefix>.json``: the ``vocab_size`` asked for and
+    ``sentences_sha256``, the SHA-256 of the training sentences (in order, joined by
+    ``"\\n"``), which a later load checks. The hash is checked only when ``sentences`` are
+    given (a load with none, as a restore-only run does, takes the cached model as it is)
+    and the json records one (a model cached before it did is not checked).
 
     The ids are ``pad=0, bos=1, eos=2, unk=3``. ``vocab_size`` is an upper bound on a
     small corpus (``hard_vocab_limit=False``).
@@ -120,7 +124,8 @@ def train_sentencepiece(
       A ``sentencepiece.SentencePieceProcessor``.
 
     Raises:
-      ValueError: the cached model was trained with another ``vocab_size``.
+      ValueError: the cached model was trained with another ``vocab_size`` or on other
+        sentences.
     """
     import sentencepiece as spm  # The train extra; only the translation data needs it.
 
@@ -144,12 +149,15 @@ def train_sentencepiece(
             num_threads=2,
             minloglevel=2,
         )
-        trained_with.write_text(json.dumps({"vocab_size": vocab_size}), encoding="utf-8")
+        record = {"vocab_size": vocab_size, "sentences_sha256": sentences_sha256(sentences)}
+        trained_with.write_text(json.dumps(record), encoding="utf-8")
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     # A model cached by a run with another vocab_size would otherwise be reused silently.
     # The model itself records only the size reached (below vocab_size on a small corpus).
+    record = {}
     if trained_with.is_file():
-        asked = json.loads(trained_with.read_text(encoding="utf-8"))["vocab_size"]
+        record = json.loads(trained_with.read_text(encoding="utf-8"))
+        asked = record["vocab_size"]
     else:  # Cached before the settings file existed: only a larger model is surely stale.
         asked = sp.get_piece_size() if sp.get_piece_size() > vocab_size else vocab_size
     if asked != vocab_size:
@@ -158,7 +166,29 @@ def train_sentencepiece(
             "another workdir, or delete it (and any checkpoints trained with it) to train a "
             "new one"
         )
+    # Likewise a model trained on other sentences (another corpus, split or example count).
+    if sentences and "sentences_sha256" in record:
+        if record["sentences_sha256"] != sentences_sha256(sentences):
+            raise ValueError(
+                f"{model_file} was trained on other sentences than these {len(sentences):,} "
+                "(the training data changed: data_path, split_seed or max_train_examples): "
+                f"use another workdir, or delete {model_file} (and any checkpoints trained "
+                "with it) to train a new one"
+            )
     return sp
+
+
+def sentences_sha256(sentences: Sequence[str]) -> str:
+    """Hex SHA-256 of ``sentences`` in order, joined by ``"\\n"`` (UTF-8)."""
+    return hashlib.sha256("\n".join(sentences).encode("utf-8")).hexdigest()
+
+
+def unknown_pieces(sp, sentence: str) -> list[str]:
+    """The pieces of ``sentence`` that ``sp`` encodes as ``<unk>`` (``UNK_ID``), each once,
+    in order (as sentencepiece normalised them, without the word-boundary mark)."""
+    ids, pieces = sp.encode(sentence), sp.encode(sentence, out_type=str)
+    unknown = [p.lstrip("\u2581") for i, p in zip(ids, pieces) if i == UNK_ID]
+    return list(dict.fromkeys(p for p in unknown if p))
 
 
 def encode_pairs(

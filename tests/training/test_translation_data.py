@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -102,6 +103,36 @@ def test_sentencepiece_is_cached(sp, tmp_path_factory):
     # A cached model of another size is refused, not silently reused.
     with pytest.raises(ValueError, match="trained with vocab_size=60, not 80"):
         td.train_sentencepiece([], prefix, vocab_size=80)
+
+
+def test_cached_sentencepiece_of_other_sentences_is_refused(tmp_path):
+    """A workdir's spm.model trained on other sentences (another data_path, split_seed or
+    max_train_examples) is refused, not silently reused; a json of a model cached before
+    the hash was recorded is not checked."""
+    sentences = [s for p in PAIRS for s in p]
+    prefix = tmp_path / "spm"
+    td.train_sentencepiece(sentences, prefix, vocab_size=60)
+    record = json.loads(prefix.with_suffix(".json").read_text(encoding="utf-8"))
+    want = hashlib.sha256("\n".join(sentences).encode("utf-8")).hexdigest()
+    assert record == {"vocab_size": 60, "sentences_sha256": want}
+    td.train_sentencepiece(sentences, prefix, vocab_size=60)  # the same sentences: loads
+    td.train_sentencepiece([], prefix, vocab_size=60)  # none given: nothing to compare
+    with pytest.raises(ValueError, match="was trained on other sentences") as e:
+        td.train_sentencepiece(sentences[:-1], prefix, vocab_size=60)
+    assert "training data changed" in str(e.value) and "delete" in str(e.value)
+    assert "another workdir" in str(e.value)
+    with pytest.raises(ValueError, match="vocab_size=60, not 80"):  # still checked first
+        td.train_sentencepiece(sentences[:-1], prefix, vocab_size=80)
+    # An older workdir's json records only the vocab_size: no hash, no check.
+    prefix.with_suffix(".json").write_text(json.dumps({"vocab_size": 60}), encoding="utf-8")
+    td.train_sentencepiece(sentences[:-1], prefix, vocab_size=60)
+
+
+def test_unknown_pieces_names_what_encodes_as_unk(sp):
+    assert td.unknown_pieces(sp, "we swim and stop.") == []
+    sentence = "we 日本語 swim © and 日本語 stop Ω"
+    assert td.UNK_ID in sp.encode(sentence)
+    assert td.unknown_pieces(sp, sentence) == ["日本語", "©", "Ω"]  # each once, in order
 
 
 def test_make_batch_places_bos_eos_and_masks():
