@@ -186,6 +186,68 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _config_changes(
+    meta: Mapping[str, Any],
+    config: ml_collections.ConfigDict,
+    free: Iterable[str],
+    *,
+    both_only: bool = False,
+) -> list[str]:
+    """``"key saved -> now"`` for each setting of ``config`` that differs from the one the
+    checkpoint ``meta`` was saved with, but those in ``free`` (top-level names or dotted
+    keys); with ``both_only``, only the settings both of them set."""
+    free = set(free)
+    saved = _flatten(meta.get("config") or {})
+    now = _flatten(json.loads(json.dumps(config.to_dict())))  # as saved: tuples -> lists
+    # A model field the saved config did not set (the config file gained it since) took
+    # the value the checkpoint's resolved model records.
+    for key, value in _flatten({"model": meta.get("model") or {}}).items():
+        if key in now and key not in saved:
+            saved[key] = value
+    show = lambda flat, key: repr(flat[key]) if key in flat else "(unset)"
+    keys = set(saved) & set(now) if both_only else set(saved) | set(now)
+    return [
+        f"{key} {show(saved, key)} -> {show(now, key)}"
+        for key in sorted(keys)
+        if key.split(".")[0] not in free and key not in free and saved.get(key) != now.get(key)
+    ]
+
+
+def checkpoint_config_file(
+    mode: str, meta: Mapping[str, Any], where, allowed: Iterable[str] = ()
+) -> None:
+    """Refuse an explicit ``--config`` file that describes another run than the checkpoint
+    ``meta`` (saved in ``where``) of a run that takes its config from the checkpoint.
+
+    The file is still welcome when it is the run's own (it names the default workdir);
+    the loop's settings, the mesh and the ``--config.*`` overrides (which
+    ``checkpoint_config_overrides`` vets) may differ, and settings only one side has (a
+    field added to the config file since) are not compared. A differing setting in
+    ``allowed`` (those ``--config.*`` may override) is refused too, with that hint.
+
+    Raises:
+      ValueError: naming the config file and the first settings that differ.
+    """
+    if not flags.FLAGS["config"].present:
+        return
+    overridden = config_flags.get_override_values(flags.FLAGS["config"])
+    config = flags.FLAGS["config"].value
+    free = _RESUMABLE_CHANGES | set(overridden)
+    changed = _config_changes(meta, config, free, both_only=True)
+    if changed:
+        changed.sort(key=lambda change: not change.startswith("model."))  # the model first
+        shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+        keys = {change.split(" ")[0] for change in changed}
+        hint = sorted(keys & set(allowed))
+        hint = f" (and give --config.{hint[0]}=... and the like)" if hint else ""
+        raise ValueError(
+            f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: {mode} takes "
+            f"its config from the checkpoint, and {where} was saved with other settings "
+            f"(checkpoint -> config file: {shown}); leave out --config and name the run "
+            f"with --workdir{hint}"
+        )
+
+
 def latest_checkpoint_metadata(
     workdir, config: ml_collections.ConfigDict, also_free: Iterable[str] = ()
 ) -> dict[str, Any] | None:
@@ -205,20 +267,7 @@ def latest_checkpoint_metadata(
             return None
         meta = ckpt.read_metadata(step)
         where = ckpt.step_dir(step)
-    free = _RESUMABLE_CHANGES | set(also_free)
-    saved = _flatten(meta.get("config") or {})
-    now = _flatten(json.loads(json.dumps(config.to_dict())))  # as saved: tuples -> lists
-    # A model field the saved config did not set (the config file gained it since) took
-    # the value the checkpoint's resolved model records.
-    for key, value in _flatten({"model": meta.get("model") or {}}).items():
-        if key in now and key not in saved:
-            saved[key] = value
-    show = lambda flat, key: repr(flat[key]) if key in flat else "(unset)"
-    changed = [
-        f"{key} {show(saved, key)} -> {show(now, key)}"
-        for key in sorted(set(saved) | set(now))
-        if key.split(".")[0] not in free and saved.get(key) != now.get(key)
-    ]
+    changed = _config_changes(meta, config, _RESUMABLE_CHANGES | set(also_free))
     if changed:
         print_once(
             f"note: {where} was saved with other settings: {', '.join(changed)}; the resumed "

@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
+    checkpoint_config_file,
     checkpoint_config_overrides,
     describe_mesh,
     enable_compilation_cache,
@@ -237,6 +238,8 @@ def sample(workdir: epath.Path) -> None:
         raise ValueError("--sample_only with --num_samples=0 has nothing to do")
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         meta = ckpt.read_metadata()
+        # A --config file of another run would otherwise be ignored without a word.
+        checkpoint_config_file("--sample_only", meta, ckpt.step_dir(ckpt.latest_step()))
         config = ml_collections.ConfigDict(meta["config"])
         model = GPTConfig(**meta["model"])
         tokenizer = data.CharTokenizer(meta["vocab"])

@@ -8,10 +8,24 @@
 Training reuses the generic loop (``jaxattn.training.loop.fit``): progress bar, val loss,
 ``DIR/metrics.jsonl``, checkpoints in ``DIR/checkpoints/<step>/``, exact resume with the
 same ``--workdir``. The sentencepiece model is trained on the train split only and cached
-as ``DIR/spm.model`` (a later run there asking for another ``vocab_size`` is refused). At
-the end the run decodes the test split (greedy or beam search), appends
-``{"step": ..., "test_bleu": ...}`` (sacrebleu corpus BLEU) to ``DIR/metrics.jsonl`` and,
-for the LSTM attention models, draws ``DIR/attention.png``.
+as ``DIR/spm.model`` (a later run there asking for another ``vocab_size``, or training on
+other sentences: another ``data_path``, ``split_seed`` or ``max_train_examples``, is
+refused). At the end the run decodes the test split (greedy or beam search), appends
+``{"step": ..., "test_bleu": ..., "beam_size": ..., "decode_max_len": ...,
+"max_test_examples": ..., "test_sentences": ..., "translations": FILE}`` (sacrebleu corpus
+BLEU and the decode settings behind it) to ``DIR/metrics.jsonl``, writes every test
+translation to ``DIR/test_translations.tsv`` and, for the LSTM attention models, draws
+``DIR/attention.png``.
+
+``--translate`` and ``--bleu_only`` take the config from the checkpoint: only the decode
+settings (``--config.beam_size``, ``decode_max_len``, ``decode_batch_size``,
+``max_test_examples``) may be given, and a ``--config`` file that describes another run is
+refused (the run's own file is fine: it names the default workdir). ``--bleu_only`` appends
+its own ``test_bleu`` record (with its settings) and writes its translations to
+``DIR/test_translations_step<S>_beam<B>_len<L>_n<N>.tsv`` (S the checkpoint's step, N the
+sentences scored), leaving the training run's ``test_translations.tsv`` as it was.
+``--translate`` notes, on stderr, the pieces of a sentence outside the sentencepiece
+vocabulary (translated as ``<unk>``).
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import numpy as np
 from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
+    checkpoint_config_file,
     checkpoint_config_overrides,
     describe_mesh,
     enable_compilation_cache,
@@ -118,13 +133,16 @@ def check_decode_settings(config: ml_collections.ConfigDict) -> None:
             )
 
 
+_RESTORE_MODE = "a --bleu_only or --translate run"
+
+
 def apply_decode_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The checkpoint's ``config`` with the command line's ``DECODE_SETTINGS`` overrides.
 
     Any other ``--config.*`` override would describe another run: it is an error rather
     than silently ignored.
     """
-    overrides = checkpoint_config_overrides("a --bleu_only or --translate run", DECODE_SETTINGS)
+    overrides = checkpoint_config_overrides(_RESTORE_MODE, DECODE_SETTINGS)
     config = config.copy_and_resolve_references()
     for name, value in overrides.items():
         config[name] = value
@@ -330,7 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)  # (all processes)
     if jax.process_index() != 0:
         return  # Process 0 reports.
-    record_test_bleu(workdir, result.step, bleu, test_pairs, hyps)
+    record_test_bleu(workdir, result.step, bleu, config, test_pairs, hyps)
     print(f"Done: step {result.step}, test BLEU {bleu:.2f} on {len(hyps)} sentences "
           f"({time.perf_counter() - t0:.1f} s to decode)")  # fmt: skip
     for (s, r), h in list(zip(test_pairs, hyps))[:3]:
@@ -345,6 +363,10 @@ def _restore(workdir: Path):
     """The latest checkpoint's ``(config, kind, model, params, step)`` and sentencepiece."""
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         meta = ckpt.read_metadata()
+        # A --config file of another run would otherwise be silently ignored.
+        checkpoint_config_file(
+            _RESTORE_MODE, meta, ckpt.step_dir(ckpt.latest_step()), DECODE_SETTINGS
+        )
         config = ml_collections.ConfigDict(meta["config"])
         kind = meta["kind"]
         model = MODELS[kind][0](**meta["model"])
@@ -355,14 +377,30 @@ def _restore(workdir: Path):
     return config, kind, model, state.params, int(state.step), sp
 
 
-def record_test_bleu(workdir: Path, step: int, bleu: float, test_pairs, hyps) -> None:
-    """Append ``{"step": step, "time": ..., "test_bleu": bleu}`` to ``DIR/metrics.jsonl`` and
-    write every scored translation to ``DIR/test_translations.tsv`` (source, reference,
-    hypothesis; one pair a line, in test-split order)."""
-    with MetricsWriter(workdir, tensorboard=False) as writer:
-        writer.write(step, {"test_bleu": bleu})
+def record_test_bleu(
+    workdir: Path, step: int, bleu: float, config, test_pairs, hyps, *, rescore: bool = False
+) -> Path:
+    """Append ``{"step": step, "time": ..., "test_bleu": bleu}`` with the decode settings
+    that produced it to ``DIR/metrics.jsonl``, and write every scored translation (source,
+    reference, hypothesis; one pair a line, in test-split order) to
+    ``DIR/test_translations.tsv``, or for a ``rescore`` (``--bleu_only``) to a file named
+    after its step and settings, so the training run's stays. Returns the file."""
+    name = "test_translations.tsv"
+    if rescore:
+        name = (
+            f"test_translations_step{step}_beam{config.beam_size}_len{config.decode_max_len}"
+            f"_n{len(test_pairs)}.tsv"
+        )
     lines = "".join(f"{s}\t{r}\t{h}\n" for (s, r), h in zip(test_pairs, hyps))
-    (workdir / "test_translations.tsv").write_text(lines, encoding="utf-8")
+    (workdir / name).write_text(lines, encoding="utf-8")
+    with MetricsWriter(workdir, tensorboard=False) as writer:
+        writer.write(step, {
+            "test_bleu": bleu, "beam_size": config.beam_size,
+            "decode_max_len": config.decode_max_len,
+            "max_test_examples": config.max_test_examples,  # 0: all
+            "test_sentences": len(test_pairs), "translations": name,
+        })  # fmt: skip
+    return workdir / name
 
 
 def translate_only(workdir: Path, sentences: list[str]) -> None:
@@ -375,19 +413,27 @@ def translate_only(workdir: Path, sentences: list[str]) -> None:
                 f"--translate={sentence!r} has {len(ids)} tokens; each sentence needs 1 to "
                 f"{config.buckets[-1]} (the largest of config.buckets)"
             )
+    for sentence in sentences:
+        unknown = td.unknown_pieces(sp, sentence)
+        if unknown:
+            print(f"note: --translate={sentence!r}: {', '.join(map(repr, unknown))} not in the "
+                  "sentencepiece vocabulary, translated as <unk>", file=sys.stderr)  # fmt: skip
     for s, ids in zip(sentences, translate_ids(params, kind, model, config, src)):
         print(f"{s} -> {sp.decode(ids)}")
 
 
 def bleu_only(workdir: Path) -> None:
-    """Score the latest checkpoint on the test split again; append it to metrics.jsonl."""
+    """Score the latest checkpoint on the test split again; append it to metrics.jsonl
+    and write its translations next to, not over, the training run's."""
     config, kind, model, params, step, sp = _restore(workdir)
     split = td.split_pairs(td.load_pairs(config.data_path), seed=config.split_seed)
     test_pairs = split.test[: config.max_test_examples or None]
     bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)  # (all processes)
     if jax.process_index() == 0:
-        record_test_bleu(workdir, step, bleu, test_pairs, hyps)
-        print(f"step {step}: test BLEU {bleu:.2f} on {len(hyps)} sentences")
+        path = record_test_bleu(workdir, step, bleu, config, test_pairs, hyps, rescore=True)
+        print(f"step {step}: test BLEU {bleu:.2f} on {len(hyps)} sentences (beam_size "
+              f"{config.beam_size}, decode_max_len {config.decode_max_len}); translations: "
+              f"{path}")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:

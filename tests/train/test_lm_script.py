@@ -121,6 +121,16 @@ def test_rerunning_a_finished_run_reports_it_and_writes_nothing(trained):
 
 
 @pytest.mark.slow
+def test_sample_only_refuses_another_runs_config_file(trained):
+    workdir, *_ = trained
+    other = REPO / "train" / "configs" / "shakespeare_char_cpu.py"
+    proc = run_lm(f"--workdir={workdir}", "--sample_only", config=other, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--sample_only takes its config from the checkpoint" in proc.stderr
+    assert "model.embed_dim" in proc.stderr  # names what differs
+
+
+@pytest.mark.slow
 def test_sample_prompt_with_unknown_character(trained):
     workdir, *_ = trained
     proc = run_lm(f"--workdir={workdir}", "--sample_only", "--prompt=€uro", check=False)

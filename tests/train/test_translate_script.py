@@ -34,6 +34,7 @@ def _check_finished_run(workdir, proc, num_steps=6):
     bleu = [r for r in records if "test_bleu" in r]
     assert len(bleu) == 1 and bleu[0]["step"] == num_steps
     assert 0.0 <= bleu[0]["test_bleu"] <= 100.0
+    assert bleu[0]["test_sentences"] == 24 and bleu[0]["translations"] == "test_translations.tsv"
     assert (workdir / "checkpoints" / str(num_steps)).is_dir()
     assert (workdir / "spm.model").is_file()
     assert "test BLEU" in proc.stdout
@@ -53,11 +54,19 @@ def test_lstm_attention_run_writes_bleu_checkpoints_and_heatmap(lstm_run):
 def test_translate_mode_prints_translations(lstm_run):
     workdir, _ = lstm_run
     spm_before = (workdir / "spm.model").read_bytes()
-    proc = run_translate(f"--workdir={workdir}", "--translate=let's go", "--translate=Hi.")
+    proc = run_translate(
+        f"--workdir={workdir}", "--translate=let's go", "--translate=Hi.", "--translate=日本語 Ω"
+    )
     lines = [line for line in proc.stdout.splitlines() if " -> " in line]
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[0].startswith("let's go -> ") and lines[1].startswith("Hi. -> ")
     assert (workdir / "spm.model").read_bytes() == spm_before  # reused, not retrained
+    # Characters outside the sentencepiece vocabulary: a note naming them, not silence.
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: --translate='日本語 Ω': '日本語', 'Ω' not in the sentencepiece vocabulary, "
+        "translated as <unk>"
+    ], proc.stderr
     proc = run_translate(f"--workdir={workdir}", "--translate=Hi.", "--translate=", check=False)
     assert proc.returncode == 1 and "--translate='' has 0 tokens" in proc.stderr, proc.stderr
 
@@ -72,18 +81,50 @@ def test_bleu_only_rescores_the_checkpoint_to_the_same_bleu(lstm_run):
     assert after[-1]["step"] == before[-1]["step"]
     assert after[-1]["test_bleu"] == pytest.approx(before[-1]["test_bleu"], abs=1e-9)
     assert f"test BLEU {after[-1]['test_bleu']:.2f}" in proc.stdout
+    settings = dict(beam_size=1, decode_max_len=16, max_test_examples=24, test_sentences=24)
+    assert after[-1].items() >= settings.items()
+    assert after[-1]["translations"] == "test_translations_step6_beam1_len16_n24.tsv"
+    tsv = lambda name: (workdir / name).read_text(encoding="utf-8")
+    assert tsv(after[-1]["translations"]) == tsv("test_translations.tsv")  # same settings
 
 
 @pytest.mark.slow
 def test_bleu_only_takes_decode_overrides_and_refuses_the_rest(lstm_run):
     workdir, _ = lstm_run
+    tsv_before = (workdir / "test_translations.tsv").read_text(encoding="utf-8")
     proc = run_translate(f"--workdir={workdir}", "--bleu_only", "--config.max_test_examples=5")
     assert "on 5 sentences" in proc.stdout  # not the checkpoint's 24
+    # The rescoring says which settings it used and keeps the training run's translations.
+    record = [r for r in read_metrics(workdir / "metrics.jsonl") if "test_bleu" in r][-1]
+    assert record["max_test_examples"] == record["test_sentences"] == 5
+    assert record["beam_size"] == 1 and record["decode_max_len"] == 16
+    assert (workdir / "test_translations.tsv").read_text(encoding="utf-8") == tsv_before
+    rows = (workdir / record["translations"]).read_text(encoding="utf-8").splitlines()
+    assert record["translations"] == "test_translations_step6_beam1_len16_n5.tsv"
+    assert rows == tsv_before.splitlines()[:5]
     proc = run_translate(
         f"--workdir={workdir}", "--bleu_only", "--config.model.hidden_size=3", check=False
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--config.model.hidden_size: a --bleu_only or --translate run" in proc.stderr
+
+
+@pytest.mark.slow
+def test_restore_only_modes_refuse_another_runs_config_file(lstm_run):
+    """--translate and --bleu_only take the config from the checkpoint: a --config file of
+    another run is an error, not silently ignored (the run's own file, as every call here
+    passes, is fine)."""
+    workdir, _ = lstm_run
+    for config, mode, change in [
+        (f"{TINY}:transformer", "--translate=Hi.", "model.kind 'seq2seq' -> 'transformer'"),
+        (f"{TINY}:additive", "--bleu_only", "model.attention 'dot' -> 'additive'"),
+    ]:
+        proc = run_translate(f"--workdir={workdir}", mode, config=config, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        says = f"--config={config}: a --bleu_only or --translate run takes its config from"
+        assert says in proc.stderr, proc.stderr
+        assert change in proc.stderr and "leave out --config" in proc.stderr
+        assert " -> " not in proc.stdout and "test BLEU" not in proc.stdout
 
 
 @pytest.mark.slow
@@ -155,6 +196,7 @@ def test_translate_without_checkpoint_is_an_error(tmp_path):
 def test_two_processes_share_the_test_decoding(tmp_path):
     """Each process decodes a share of the test split and process 0 reassembles it: the
     translations, in order, and the BLEU equal a one-process run on the same 2-device mesh."""
+
     def launch(workdir, processes):
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 // processes}"
