@@ -51,7 +51,8 @@ def get(state: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> np.ndarr
         raise ValueError(f"tensor {name!r} has shape {arr.shape}, expected {tuple(shape)}")
     # Every tensor read here is a weight: an integer or boolean one is the wrong tensor (a
     # mask buffer, a mislabelled file), not something to cast silently.
-    if not (arr.dtype.kind == "f" or arr.dtype.name == "bfloat16"):
+    ml_float = arr.dtype.kind == "V" and arr.dtype.name.startswith(("bfloat", "float"))
+    if not (arr.dtype.kind == "f" or ml_float):  # ml_dtypes' bfloat16 / float8_* are kind V
         raise ValueError(f"tensor {name!r} has dtype {arr.dtype}, expected a floating dtype")
     return arr
 

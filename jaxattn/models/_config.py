@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import numpy as np
+
 
 def check_positive_ints(owner: Any, names: tuple[str, ...]) -> None:
     """Raise unless each field is an integer > 0 (bools, floats such as 2.5 and NaN fail).
@@ -18,10 +20,11 @@ def check_positive_ints(owner: Any, names: tuple[str, ...]) -> None:
 
 
 def check_bools(owner: Any, names: tuple[str, ...]) -> None:
-    """Raise unless each field is a bool (a string such as ``"no"`` would count as true)."""
+    """Raise unless each field is a bool or ``np.bool_`` (a string such as ``"no"`` would count
+    as true)."""
     for name in names:
         value = getattr(owner, name)
-        if not isinstance(value, bool):
+        if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{type(owner).__name__}.{name} must be a bool, got {value!r}")
 
 

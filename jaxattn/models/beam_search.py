@@ -31,7 +31,7 @@ when one was chosen, and are ``pad_id`` after it.
 
 from __future__ import annotations
 
-import numbers
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -66,19 +66,23 @@ def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
     """Return ``value`` as an int; ``ValueError`` unless it is an integer ``>= minimum``.
 
     Sizes fix array shapes, so bools and floats such as ``2.0`` are refused here rather
-    than deep inside JAX.
+    than deep inside JAX. Integer scalars that ``operator.index`` takes (``np.int64``, a
+    concrete 0-d JAX or NumPy integer array, as shapes accept) pass; tracers do not.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    try:
+        size = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:  # a float, a non-scalar array, a tracer
+        size = None
+    if size is None or size < minimum:
         raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+    return size
 
 
 def _check_in_vocab(ids: int | Array | tuple[int, ...], vocab: int, what: str) -> None:
     """Raise ``ValueError`` if a concrete id lies outside ``[0, V)`` (tracers pass).
 
-    An EOS the step function never emits would silently decode to ``max_len``, a BOS
-    outside the vocabulary would be looked up out of range, and a forbidden id outside it
-    would be silently ignored.
+    An EOS the step function never emits would silently decode to ``max_len``, and a
+    forbidden id outside it would be silently ignored.
     """
     if isinstance(ids, jax.core.Tracer):
         return
@@ -171,7 +175,10 @@ def _first_tokens(
 
 def _check_ids(bos_id: int | Array, eos_id: int, vocab: int, where: str) -> None:
     _check_in_vocab(eos_id, vocab, f"{where}: eos_id")
-    _check_in_vocab(bos_id, vocab, f"{where}: bos_id")
+    # BOS is only fed in: it may lie past the V tokens step_fn predicts (an input-only
+    # token), but a negative id would index the embedding from its end.
+    if not isinstance(bos_id, jax.core.Tracer) and np.any(np.asarray(bos_id) < 0):
+        raise ValueError(f"{where}: bos_id must be >= 0, got {np.asarray(bos_id).tolist()}")
 
 
 def greedy_decode(
@@ -195,7 +202,8 @@ def greedy_decode(
       batch_size: B.
       max_len: L, the most tokens generated per row (EOS included).
       bos_id: the first token fed: an int, or ``[B]`` ints (e.g. each prompt's last token
-        after prefilling a language model's cache with the rest).
+        after prefilling a language model's cache with the rest); ``>= 0``, and it may lie
+        past the V tokens ``step_fn`` predicts (a token that is only ever an input).
       eos_id, pad_id: special token ids.
       state_batch_axis: the axis of the state's leaves that holds the rows.
 

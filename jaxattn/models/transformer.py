@@ -565,7 +565,8 @@ def translate(
       src: ``[B, S]`` ids; src_lengths: ``[B]``.
       beam_size: int, 1 = greedy; k > 1 = beam search with the GNMT length penalty.
       max_len: int, most target tokens (EOS included), ``<= config.max_len`` (the position
-        table's length); None (the default) means ``config.max_len``.
+        table's length); None (the default) means ``min(50, config.max_len)``: 50 as before
+        (and as ``seq2seq.translate``), capped for a shorter position table.
 
     Returns:
       ``[B, max_len]`` int32 ids without BOS, ending in EOS (unless cut) and padded with
@@ -578,7 +579,7 @@ def translate(
     check_lengths(src_lengths, src.shape[0], src.shape[1], "translate: src_lengths")
     beam_size = search.check_size(beam_size, "beam_size", "translate")
     max_len = search.check_size(
-        config.max_len if max_len is None else max_len, "max_len", "translate"
+        min(50, config.max_len) if max_len is None else max_len, "max_len", "translate"
     )
     if max_len > config.max_len:
         raise ValueError(

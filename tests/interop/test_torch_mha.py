@@ -129,3 +129,15 @@ def test_a_jaxattn_nn_module_exports_its_pure_weights():
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_ml_dtypes_floats_are_weights_but_ints_are_not():
+    import ml_dtypes
+
+    from jaxattn.interop._tensors import get
+
+    for dtype in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, np.float16):
+        assert get({"w": np.ones((2, 2), dtype)}, "w", (2, 2)).dtype == dtype
+    for dtype in (np.int8, np.bool_, np.uint16):
+        with pytest.raises(ValueError, match="expected a floating dtype"):
+            get({"w": np.ones((2, 2), dtype)}, "w", (2, 2))

@@ -311,16 +311,18 @@ def test_bad_inputs_raise(np_rng):
         beam_search(step, init_state(2), 2, beam_size=2, max_len=2, bos_id=BOS, eos_id=5)
     with pytest.raises(ValueError, match=r"greedy_decode: eos_id=3 is outside the vocabulary V=3"):
         greedy_decode(step, init_state(2), 2, max_len=2, bos_id=BOS, eos_id=3)
-    # BOS and forbidden ids outside [0, V) are refused like EOS (not fed or ignored).
+    # Forbidden ids outside [0, V) are refused like EOS (they would be ignored).
     for bad in (3, -1):
-        with pytest.raises(ValueError, match=rf"greedy_decode: bos_id={bad} is outside .* V=3"):
-            greedy_decode(step, init_state(2), 2, max_len=2, bos_id=bad, eos_id=1)
-        with pytest.raises(ValueError, match=rf"beam_search: bos_id={bad} is outside .* V=3"):
-            beam_search(step, init_state(2), 2, beam_size=2, max_len=2, bos_id=bad, eos_id=1)
         with pytest.raises(ValueError, match=rf"forbidden id={bad} is outside the vocab.* V=3"):
             decode_sequences(step, init_state(2), 2, beam_size=1, forbidden=(2, bad), **kw)
-    with pytest.raises(ValueError, match=r"bos_id=3 is outside the vocabulary V=3"):
-        greedy_decode(step, init_state(2), 2, max_len=2, bos_id=jnp.array([0, 3]), eos_id=1)
+    # BOS is only fed in, so it may lie past the V predicted tokens; a negative one may not.
+    greedy_decode(step, init_state(2), 2, max_len=2, bos_id=3, eos_id=1)
+    beam_search(step, init_state(2), 2, beam_size=2, max_len=2, bos_id=3, eos_id=1)
+    with pytest.raises(ValueError, match=r"greedy_decode: bos_id must be >= 0, got -1"):
+        greedy_decode(step, init_state(2), 2, max_len=2, bos_id=-1, eos_id=1)
+    with pytest.raises(ValueError, match=r"beam_search: bos_id must be >= 0, got \[0, -2\]"):
+        beam_search(step, init_state(2), 2, beam_size=2, bos_id=jnp.array([0, -2]), max_len=2,
+                    eos_id=1)  # fmt: skip
     # Sizes fix shapes: floats and bools are refused by name, not deep inside JAX.
     for size in (2.0, True):
         with pytest.raises(ValueError, match=r"greedy_decode: batch_size must be an int"):
@@ -337,3 +339,18 @@ def test_bad_inputs_raise(np_rng):
     bad_state = lambda tokens, state: (jnp.zeros((tokens.shape[0], 3)), state[0])
     with pytest.raises(ValueError, match="structure"):
         beam_search(bad_state, init_state(2), 2, beam_size=2, **kw)
+
+
+def test_sizes_take_integer_scalars_that_shapes_take(np_rng):
+    """np.int64 and concrete 0-d JAX/NumPy integers are sizes (as before the int checks);
+    floats, bools (np.bool_ too) and 1-d arrays are not."""
+    table = prefix_table(np_rng, 2, 3, 2)
+    step = make_step(table)
+    kw = dict(bos_id=BOS, eos_id=1)
+    want = np.asarray(greedy_decode(step, init_state(2), 2, max_len=2, **kw))
+    for size in (np.int64(2), jnp.int32(2), np.array(2)):
+        got = greedy_decode(step, init_state(2), size, max_len=size, **kw)
+        np.testing.assert_array_equal(np.asarray(got), want)
+    for size in (np.True_, np.float64(2.0), jnp.array([2])):
+        with pytest.raises(ValueError, match=r"greedy_decode: max_len must be an int >= 1"):
+            greedy_decode(step, init_state(2), 2, max_len=size, **kw)

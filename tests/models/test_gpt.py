@@ -514,3 +514,11 @@ def test_weight_decay_groups_match_nanogpt():
     not_decayed = n_layers * (4 * d + 3 * d + d + 4 * d + d) + 2 * d
     assert sum(size for size, m in sizes if m) == decayed
     assert sum(size for size, m in sizes if not m) == not_decayed
+
+
+def test_config_takes_numpy_bools():
+    config = GPTConfig(
+        vocab_size=11, block_size=8, num_layers=1, num_heads=2, embed_dim=8,
+        use_bias=np.False_, tie_embeddings=np.True_,
+    )  # fmt: skip
+    assert not config.use_bias and config.tie_embeddings

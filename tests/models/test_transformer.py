@@ -463,3 +463,12 @@ def test_overfits_tiny_corpus():
         )
         np.testing.assert_array_equal(out[:, : want.shape[1]], want)
         np.testing.assert_array_equal(out[:, want.shape[1] :], PAD)
+
+
+def test_translate_default_max_len_stays_50_when_the_table_allows():
+    """The default was 50 before the None default: a config with a longer table keeps it."""
+    config = dataclasses.replace(BASE, max_len=64)
+    w = random_weights(config)
+    src, lengths = jnp.ones((3, 5), jnp.int32), jnp.array([5, 4, 3])
+    out = jax.eval_shape(lambda: translate(w, config, src, lengths))
+    assert out.shape == (3, 50)
