@@ -80,21 +80,32 @@ class WeightsModule(nnx.Module):
         """The constructor arguments that reproduce ``weights``' shapes."""
         raise NotImplementedError
 
-    def set_view(self, deterministic: bool | None = None) -> None:
-        """Used by ``nnx.view(module, deterministic=...)``; a no-op without dropout.
-
-        Args:
-          deterministic: if True, disables dropout.
-        """
-        if deterministic is not None and hasattr(self, "deterministic"):
-            self.deterministic = deterministic
-
     def pure_weights(self) -> Any:
         """The weights as the plain pytree the pure functions take."""
         return jax.tree.map(lambda p: p[...], self.weights, is_leaf=_is_param)
 
 
-class LSTM(WeightsModule):
+class _DropoutModule(WeightsModule):
+    """A module with dropout: ``self.deterministic`` follows NNX's switches.
+
+    ``module.train()``/``.eval()`` set the attribute by name; ``nnx.view`` calls
+    ``set_view``. Modules without dropout do not define it, so ``nnx.view(module,
+    deterministic=...)`` reports the key as unused there, as for ``nnx.Linear``.
+    """
+
+    deterministic: bool
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Used by ``nnx.view(module, deterministic=...)``.
+
+        Args:
+          deterministic: if True, disables dropout.
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+class LSTM(_DropoutModule):
     """Stacked, optionally bidirectional LSTM over ``[B, T, I]`` inputs (see ``ops.lstm_stack``)."""
 
     def __init__(
@@ -210,7 +221,7 @@ class AdditiveAttention(_ScoredAttention):
         return attention_ops.additive_scores(self.pure_weights(), query, keys)
 
 
-class MultiHeadAttention(WeightsModule):
+class MultiHeadAttention(_DropoutModule):
     """Multi-head (self- or cross-) attention, GQA when ``num_kv_heads < num_heads``."""
 
     def __init__(

@@ -156,3 +156,9 @@ def test_a_bad_dropout_rate_fails_at_construction():
         nn.MultiHeadAttention(12, 3, dropout_rate=1.5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"LSTM: dropout_rate must be in \[0, 1\), got -0.1"):
         nn.LSTM(5, 7, num_layers=2, dropout_rate=-0.1, rngs=nnx.Rngs(0))
+
+
+def test_view_reports_deterministic_as_unused_where_there_is_no_dropout(rng):
+    scored = nn.GeneralAttention(5, 5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="deterministic"):
+        nnx.view(scored, deterministic=False)  # as for nnx.Linear: nothing to switch

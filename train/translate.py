@@ -20,8 +20,10 @@ translation to ``DIR/test_translations.tsv`` and, for the LSTM attention models,
 ``--translate`` and ``--bleu_only`` take the config from the checkpoint: only the decode
 settings (``--config.beam_size``, ``decode_max_len``, ``decode_batch_size``,
 ``max_test_examples``) may be given, and a ``--config`` file that describes another run is
-refused (the run's own file is fine: it names the default workdir). ``--bleu_only`` appends
-its own ``test_bleu`` record (with its settings) and writes its translations to
+refused. The run's own file is fine (it names the default workdir), unless the run changed
+model or data settings on the command line, which the file then contradicts; leave
+``--config`` out then. ``--bleu_only`` appends its own ``test_bleu`` record (with its
+settings) and writes its translations to
 ``DIR/test_translations_step<S>_beam<B>_len<L>_n<N>.tsv`` (S the checkpoint's step, N the
 sentences scored), leaving the training run's ``test_translations.tsv`` as it was.
 ``--translate`` notes, on stderr, the pieces of a sentence outside the sentencepiece
