@@ -266,10 +266,16 @@ def load_data(config, workdir: Path):
     train_pairs = split.train[: config.max_train_examples or None]
     sentences = [s for pair in train_pairs for s in pair]
     # Process 0 trains and caches the model; the others then load the same file.
+    refused = None
     if jax.process_index() == 0:
-        sp = td.train_sentencepiece(sentences, workdir / "spm", vocab_size=config.vocab_size)
+        try:
+            sp = td.train_sentencepiece(sentences, workdir / "spm", vocab_size=config.vocab_size)
+        except ValueError as e:  # e.g. a cached model of other settings: every process
+            refused = e  # refuses it after the barrier, or the others would wait there
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("sentencepiece model written")
+    if refused is not None:
+        raise refused
     if jax.process_index() != 0:
         sp = td.train_sentencepiece(sentences, workdir / "spm", vocab_size=config.vocab_size)
     train = td.encode_pairs(sp, train_pairs, max_len=config.max_len)

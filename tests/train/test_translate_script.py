@@ -197,12 +197,13 @@ def test_two_processes_share_the_test_decoding(tmp_path):
     """Each process decodes a share of the test split and process 0 reassembles it: the
     translations, in order, and the BLEU equal a one-process run on the same 2-device mesh."""
 
-    def launch(workdir, processes):
+    def launch(workdir, processes, *extra):
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 // processes}"
         args = [
             sys.executable, str(run_translate.script), f"--config={TINY}", "--noprogress",
             f"--workdir={workdir}", "--config.mesh.data=2", "--compilation_cache=",
+            *extra,
         ]  # fmt: skip
         if processes > 1:
             args += [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
@@ -220,6 +221,11 @@ def test_two_processes_share_the_test_decoding(tmp_path):
     assert tsv(two) == tsv(one) and len(tsv(one).splitlines()) == 24
     bleu = lambda w: [r["test_bleu"] for r in read_metrics(w / "metrics.jsonl") if "test_bleu" in r]
     assert bleu(two) == bleu(one) and len(bleu(one)) == 1
+    # A cached sentencepiece model of other settings: every process refuses it (process 1
+    # must not wait at the barrier for a process 0 that has already stopped).
+    for proc in launch(two, 2, "--config.vocab_size=77"):
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 1 and "was trained with vocab_size=" in out, out[-4000:]
 
 
 def test_object_store_workdir_is_refused(tmp_path):
