@@ -1,10 +1,14 @@
-"""Checks shared by the model configs' ``__post_init__``."""
+"""Checks shared by the models: config fields (``__post_init__``), sizes, weights."""
 
 from __future__ import annotations
 
+import functools
 import numbers
+import operator
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -33,3 +37,56 @@ def check_positive(owner: Any, name: str) -> None:
     value = getattr(owner, name)
     if not value > 0:
         raise ValueError(f"{type(owner).__name__}.{name} must be positive, got {value!r}")
+
+
+def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int; ``ValueError`` unless it is an integer ``>= minimum``.
+
+    Sizes fix array shapes, so bools and floats such as ``2.0`` are refused here rather
+    than deep inside JAX. Integer scalars that ``operator.index`` takes (``np.int64``, a
+    concrete 0-d JAX or NumPy integer array, as shapes accept) pass; tracers do not.
+    """
+    try:
+        size = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:  # a float, a non-scalar array, a tracer
+        size = None
+    if size is None or size < minimum:
+        raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
+    return size
+
+
+@functools.lru_cache(maxsize=32)
+def _init_shapes(init_fn: Callable, config: Any) -> dict[str, tuple[int, ...]]:
+    """``{path: shape}`` of ``init_fn(key, config)``'s leaves, traced once per config."""
+    tree = jax.eval_shape(lambda: init_fn(jax.random.key(0), config))  # no FLOPs
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def check_weights(weights: Any, init_fn: Callable, config: Any, where: str) -> None:
+    """Raise ``ValueError`` unless ``weights`` has the leaves (paths and shapes, not dtypes)
+    that ``init_fn(key, config)`` gives, e.g. dot-attention weights for a general config.
+
+    Cheap: compares ``jax.eval_shape`` of the init, cached per config, with the tree paths.
+    """
+    want = _init_shapes(init_fn, config)
+    leaves = jax.tree_util.tree_flatten_with_path(weights)[0]
+    got = {
+        jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ("not an array",)))
+        for path, leaf in leaves
+    }
+    if got == want:
+        return
+    missing = [key for key in want if key not in got]
+    extra = [key for key in got if key not in want]
+    shapes = [f"{k} {got[k]} != {want[k]}" for k in want if k in got and got[k] != want[k]]
+    found = [("missing", missing), ("unexpected", extra), ("shape (weights != config)", shapes)]
+    differences = "; ".join(
+        f"{what}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+        for what, items in found
+        if items
+    )
+    raise ValueError(
+        f"{where}: the weights ({type(weights).__name__}) do not match the "
+        f"{type(config).__name__}: {differences}"
+    )

@@ -31,13 +31,14 @@ when one was chosen, and are ``pad_id`` after it.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxattn.models._config import check_size
 
 Array = jax.Array
 State = Any
@@ -60,22 +61,6 @@ class BeamSearchResult(NamedTuple):
 def gnmt_length_penalty(length: Array, alpha: float) -> Array:
     """GNMT length penalty ``((5 + length) / 6) ** alpha`` in float32 (Wu et al., 2016)."""
     return ((5.0 + jnp.asarray(length).astype(jnp.float32)) / 6.0) ** alpha
-
-
-def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
-    """Return ``value`` as an int; ``ValueError`` unless it is an integer ``>= minimum``.
-
-    Sizes fix array shapes, so bools and floats such as ``2.0`` are refused here rather
-    than deep inside JAX. Integer scalars that ``operator.index`` takes (``np.int64``, a
-    concrete 0-d JAX or NumPy integer array, as shapes accept) pass; tracers do not.
-    """
-    try:
-        size = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
-    except TypeError:  # a float, a non-scalar array, a tracer
-        size = None
-    if size is None or size < minimum:
-        raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
-    return size
 
 
 def _check_in_vocab(ids: int | Array | tuple[int, ...], vocab: int, what: str) -> None:

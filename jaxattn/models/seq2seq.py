@@ -33,15 +33,14 @@ target positions).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxattn.models import beam_search as search
-from jaxattn.models._config import check_bools, check_positive_ints
+from jaxattn.models._config import check_bools, check_positive_ints, check_size, check_weights
 from jaxattn.ops.attention import (
     AdditiveWeights,
     additive_scores,
@@ -161,43 +160,6 @@ def init_seq2seq(rng: Array, config: Seq2SeqConfig) -> Seq2SeqWeights:
         attention=attention,
         combine=init_dense(keys[6], 2 * h, h) if att != "none" else None,
         output=init_dense(keys[7], h, config.tgt_vocab_size),
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _init_shapes(init_fn: Callable, config: Any) -> dict[str, tuple[int, ...]]:
-    """``{path: shape}`` of ``init_fn(key, config)``'s leaves, traced once per config."""
-    tree = jax.eval_shape(lambda: init_fn(jax.random.key(0), config))  # no FLOPs
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
-
-
-def check_weights(weights: Any, init_fn: Callable, config: Any, where: str) -> None:
-    """Raise ``ValueError`` unless ``weights`` has the leaves (paths and shapes, not dtypes)
-    that ``init_fn(key, config)`` gives, e.g. dot-attention weights for a general config.
-
-    Cheap: compares ``jax.eval_shape`` of the init, cached per config, with the tree paths.
-    """
-    want = _init_shapes(init_fn, config)
-    leaves = jax.tree_util.tree_flatten_with_path(weights)[0]
-    got = {
-        jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ("not an array",)))
-        for path, leaf in leaves
-    }
-    if got == want:
-        return
-    missing = [key for key in want if key not in got]
-    extra = [key for key in got if key not in want]
-    shapes = [f"{k} {got[k]} != {want[k]}" for k in want if k in got and got[k] != want[k]]
-    found = [("missing", missing), ("unexpected", extra), ("shape (weights != config)", shapes)]
-    differences = "; ".join(
-        f"{what}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
-        for what, items in found
-        if items
-    )
-    raise ValueError(
-        f"{where}: the weights ({type(weights).__name__}) do not match the "
-        f"{type(config).__name__}: {differences}"
     )
 
 
@@ -498,6 +460,6 @@ def translate(
     check_weights(weights, init_seq2seq, config, "translate")
     src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
     _check_source(src, src_lengths, config, "translate")
-    beam_size = search.check_size(beam_size, "beam_size", "translate")
-    max_len = search.check_size(max_len, "max_len", "translate")
+    beam_size = check_size(beam_size, "beam_size", "translate")
+    max_len = check_size(max_len, "max_len", "translate")
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

@@ -38,9 +38,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.models import beam_search as search
-from jaxattn.models._config import check_bools, check_positive, check_positive_ints
+from jaxattn.models._config import (
+    check_bools,
+    check_positive,
+    check_positive_ints,
+    check_size,
+    check_weights,
+)
 from jaxattn.models.gpt import KVCache
-from jaxattn.models.seq2seq import check_batch, check_weights
+from jaxattn.models.seq2seq import check_batch
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
     dot_product_attention,
@@ -466,8 +472,8 @@ def init_cache(
     config: TransformerConfig, batch_size: int, max_len: int, dtype: str | None = None
 ) -> KVCache:
     """Empty decoder self-attention cache: ``k, v [Ld, B, max_len, N, H]`` zeros, index 0."""
-    batch_size = search.check_size(batch_size, "batch_size", "init_cache")
-    max_len = search.check_size(max_len, "max_len", "init_cache")
+    batch_size = check_size(batch_size, "batch_size", "init_cache")
+    max_len = check_size(max_len, "max_len", "init_cache")
     if max_len > config.max_len:
         raise ValueError(
             f"init_cache: need max_len <= config.max_len={config.max_len}, got {max_len}"
@@ -577,8 +583,8 @@ def translate(
     _check(src, config.src_vocab_size, config, "translate: src")
     # Checked here: inside _translate's jit encode() would see only a tracer.
     check_lengths(src_lengths, src.shape[0], src.shape[1], "translate: src_lengths")
-    beam_size = search.check_size(beam_size, "beam_size", "translate")
-    max_len = search.check_size(
+    beam_size = check_size(beam_size, "beam_size", "translate")
+    max_len = check_size(
         min(50, config.max_len) if max_len is None else max_len, "max_len", "translate"
     )
     if max_len > config.max_len:
