@@ -116,15 +116,20 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
 DECODE_SETTINGS = ("beam_size", "decode_max_len", "decode_batch_size", "max_test_examples")
 
 
+def check_example_counts(config: ml_collections.ConfigDict, names: tuple[str, ...]) -> None:
+    """Refuse a negative ``config.max_*_examples``: as a slice end, ``-n`` would silently
+    drop the last n pairs (0 means all)."""
+    for name in names:
+        if config[name] < 0:
+            raise ValueError(f"config.{name} must be >= 0 (0: all), got {config[name]}")
+
+
 def check_decode_settings(config: ml_collections.ConfigDict) -> None:
     """Refuse decoding settings that could only fail after training, with the reason."""
     for name in ("beam_size", "decode_max_len", "decode_batch_size"):
         if config[name] < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
-    if config.max_test_examples < 0:  # [:-n] would silently drop the last n pairs
-        raise ValueError(
-            f"config.max_test_examples must be >= 0 (0: all), got {config.max_test_examples}"
-        )
+    check_example_counts(config, ("max_test_examples",))
     if config.model.kind == "transformer":
         positions = config.model.max_len
         if max(config.decode_max_len, config.buckets[-1]) > positions:
@@ -286,9 +291,7 @@ def load_data(config, workdir: Path):
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     check_decode_settings(config)  # before training, not after it
-    for name in ("max_train_examples", "max_eval_examples"):
-        if config[name] < 0:  # [:-n] would silently drop the last n pairs
-            raise ValueError(f"config.{name} must be >= 0 (0: all), got {config[name]}")
+    check_example_counts(config, ("max_train_examples", "max_eval_examples"))
     # The model fields' errors before the workdir and its sentencepiece model are made (the
     # vocabulary's size is only an upper bound here; the real one comes from the tokenizer).
     build_model(config, config.vocab_size)
