@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.models._config import check_size
+from jaxattn.ops.layers import check_token_ids
 
 Array = jax.Array
 State = Any
@@ -63,22 +64,8 @@ def gnmt_length_penalty(length: Array, alpha: float) -> Array:
     return ((5.0 + jnp.asarray(length).astype(jnp.float32)) / 6.0) ** alpha
 
 
-def _check_in_vocab(ids: int | Array | tuple[int, ...], vocab: int, what: str) -> None:
-    """Raise ``ValueError`` if a concrete id lies outside ``[0, V)`` (tracers pass).
-
-    An EOS the step function never emits would silently decode to ``max_len``, and a
-    forbidden id outside it would be silently ignored.
-    """
-    if isinstance(ids, jax.core.Tracer):
-        return
-    values = np.asarray(ids).reshape(-1)
-    bad = values[(values < 0) | (values >= vocab)]
-    if bad.size:
-        raise ValueError(f"{what}={bad[0]} is outside the vocabulary V={vocab}")
-
-
 def forbid_tokens(
-    logits: Array, token_ids: tuple[int, ...], what: str = "forbid_tokens: token id"
+    logits: Array, token_ids: tuple[int, ...], what: str = "forbid_tokens: token ids"
 ) -> Array:
     """Set ``logits[:, id] = -inf`` for each id (e.g. pad and BOS, which are never generated).
 
@@ -90,7 +77,10 @@ def forbid_tokens(
     Returns:
       ``[R, V]`` float32.
     """
-    _check_in_vocab(token_ids, logits.shape[-1], what)
+    # An id outside [0, V) would be silently ignored. (np.asarray(()) is float64.)
+    check_token_ids(
+        np.asarray(token_ids, np.int64 if not token_ids else None), logits.shape[-1], what
+    )
     logits = logits.astype(jnp.float32)
     return logits.at[:, jnp.asarray(token_ids, jnp.int32)].set(-jnp.inf) if token_ids else logits
 
@@ -159,7 +149,8 @@ def _first_tokens(
 
 
 def _check_ids(bos_id: int | Array, eos_id: int, vocab: int, where: str) -> None:
-    _check_in_vocab(eos_id, vocab, f"{where}: eos_id")
+    # An EOS step_fn never emits would silently decode every row to max_len.
+    check_token_ids(np.asarray(eos_id), vocab, f"{where}: eos_id")
     # BOS is only fed in: it may lie past the V tokens step_fn predicts (an input-only
     # token), but a negative id would index the embedding from its end.
     if not isinstance(bos_id, jax.core.Tracer) and np.any(np.asarray(bos_id) < 0):
@@ -340,7 +331,7 @@ def decode_sequences(
     def step(tokens: Array, state: State) -> tuple[Array, State]:
         logits, state = logits_fn(tokens, state)
         if forbidden:
-            logits = forbid_tokens(logits, forbidden, "decode_sequences: forbidden id")
+            logits = forbid_tokens(logits, forbidden, "decode_sequences: forbidden ids")
         return jax.nn.log_softmax(logits), state
 
     common = dict(

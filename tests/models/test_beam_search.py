@@ -307,13 +307,18 @@ def test_bad_inputs_raise(np_rng):
         greedy_decode(step, init_state(3), 2, **kw)
     with pytest.raises(ValueError, match=r"init_state: a state leaf .* has no 2 rows"):
         beam_search(step, init_state(3), 2, beam_size=2, **kw)  # not rows 0, 1 of 3
-    with pytest.raises(ValueError, match="eos_id=5"):
+    with pytest.raises(
+        ValueError, match=r"beam_search: eos_id must lie in \[0, 3\), got values in \[5, 5\]"
+    ):
         beam_search(step, init_state(2), 2, beam_size=2, max_len=2, bos_id=BOS, eos_id=5)
-    with pytest.raises(ValueError, match=r"greedy_decode: eos_id=3 is outside the vocabulary V=3"):
+    with pytest.raises(
+        ValueError, match=r"greedy_decode: eos_id must lie in \[0, 3\), got .*\[3, 3\]"
+    ):
         greedy_decode(step, init_state(2), 2, max_len=2, bos_id=BOS, eos_id=3)
     # Forbidden ids outside [0, V) are refused like EOS (they would be ignored).
     for bad in (3, -1):
-        with pytest.raises(ValueError, match=rf"forbidden id={bad} is outside the vocab.* V=3"):
+        got = rf"\[{min(bad, 2)}, {max(bad, 2)}\]"  # the range of (2, bad)
+        with pytest.raises(ValueError, match=rf"forbidden ids must lie in \[0, 3\), got .*{got}"):
             decode_sequences(step, init_state(2), 2, beam_size=1, forbidden=(2, bad), **kw)
     # BOS is only fed in, so it may lie past the V predicted tokens; a negative one may not.
     greedy_decode(step, init_state(2), 2, max_len=2, bos_id=3, eos_id=1)
