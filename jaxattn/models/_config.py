@@ -15,11 +15,12 @@ import numpy as np
 def check_positive_ints(owner: Any, names: tuple[str, ...]) -> None:
     """Raise unless each field is an integer > 0 (bools, floats such as 2.5 and NaN fail).
 
-    ``int(2.5)`` would pass and fail later, in ``init``, as a shape TypeError.
+    ``int(2.5)`` would pass and fail later, in ``init``, as a shape TypeError. Unlike
+    ``check_size`` this refuses 0-d arrays: config fields are hashed.
     """
     for name in names:
         value = getattr(owner, name)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        if not isinstance(value, numbers.Integral) or _as_size(value, minimum=1) is None:
             raise ValueError(f"{type(owner).__name__}.{name} must be a positive int, got {value!r}")
 
 
@@ -39,6 +40,17 @@ def check_positive(owner: Any, name: str) -> None:
         raise ValueError(f"{type(owner).__name__}.{name} must be positive, got {value!r}")
 
 
+def _as_size(value: Any, minimum: int) -> int | None:
+    """``value`` as an int if it is an integer ``>= minimum`` (bools are not), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        size = operator.index(value)
+    except TypeError:  # a float, a non-scalar array, a tracer
+        return None
+    return size if size >= minimum else None
+
+
 def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
     """Return ``value`` as an int; ``ValueError`` unless it is an integer ``>= minimum``.
 
@@ -46,11 +58,8 @@ def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
     than deep inside JAX. Integer scalars that ``operator.index`` takes (``np.int64``, a
     concrete 0-d JAX or NumPy integer array, as shapes accept) pass; tracers do not.
     """
-    try:
-        size = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
-    except TypeError:  # a float, a non-scalar array, a tracer
-        size = None
-    if size is None or size < minimum:
+    size = _as_size(value, minimum)
+    if size is None:
         raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
     return size
 
