@@ -27,7 +27,8 @@ from jaxattn.interop._tensors import (
     read_safetensors,
     state_dict_of,
 )
-from jaxattn.models.gpt import BlockWeights, GPTConfig, GPTWeights
+from jaxattn.models._config import check_weights
+from jaxattn.models.gpt import BlockWeights, GPTConfig, GPTWeights, init_gpt
 from jaxattn.ops.attention import MultiHeadAttentionWeights
 from jaxattn.ops.layers import DenseWeights, EmbeddingWeights, FeedForwardWeights, LayerNormWeights
 from jaxattn.ops.positions import LearnedPositionWeights
@@ -203,30 +204,14 @@ def gpt2_to_hf_state_dict(
     d, f = config.embed_dim, config.mlp_dim
     np_w = jax.tree.map(np.asarray, weights)
     b = np_w.blocks
-    got = b.attn.w_q.shape
-    if got != (config.num_layers, d, config.num_heads, config.head_dim):
-        want = (config.num_layers, d, config.num_heads, config.head_dim)
-        raise ValueError(f"gpt2_to_hf_state_dict: blocks.attn.w_q is {got}, config says {want}")
-    if b.mlp.up.w.shape[1:] != (d, f):
-        raise ValueError(
-            f"gpt2_to_hf_state_dict: blocks.mlp.up.w is {b.mlp.up.w.shape}, config says "
-            f"{(config.num_layers, d, f)}"
-        )
     if (np_w.head is None) != config.tie_embeddings:
         has = "no output head (tied)" if np_w.head is None else "their own output head"
         raise ValueError(
             f"gpt2_to_hf_state_dict: the weights have {has} but config.tie_embeddings is "
             f"{config.tie_embeddings}; a tied GPT2LMHeadModel would load lm_head into wte"
         )
-    embeddings = [
-        ("token_embedding.table", np_w.token_embedding.table, (config.vocab_size, d)),
-        ("position_embedding.table", np_w.position_embedding.table, (config.block_size, d)),
-    ]
-    if np_w.head is not None:
-        embeddings.append(("head.w", np_w.head.w, (d, config.vocab_size)))
-    for name, arr, want in embeddings:
-        if arr.shape != want:
-            raise ValueError(f"gpt2_to_hf_state_dict: {name} is {arr.shape}, config says {want}")
+    # Every other shape (layers, widths, vocabulary, block size) against the config.
+    check_weights(np_w, init_gpt, config, "gpt2_to_hf_state_dict")
     a = b.attn
     out: dict[str, np.ndarray] = {
         "transformer.wte.weight": np_w.token_embedding.table,
