@@ -60,10 +60,21 @@ class MetricsWriter:
 
     ``active=False`` writes nothing (the processes other than 0 of a multi-host run, which
     all compute the same replicated metrics).
+
+    ``purge_step``: a resumed run passes the first step it will log (the checkpoint's step
+    + 1); TensorBoard then hides the events at that step and after that an earlier,
+    killed run wrote, instead of drawing both. Events reach the disk within a second
+    (tensorboardX's default is two minutes, which a killed run would lose, steps before
+    its last checkpoint included, that no resumed run writes again).
     """
 
     def __init__(
-        self, workdir: str | os.PathLike, *, tensorboard: bool = True, active: bool = True
+        self,
+        workdir: str | os.PathLike,
+        *,
+        tensorboard: bool = True,
+        active: bool = True,
+        purge_step: int | None = None,
     ):
         self.workdir = epath.Path(workdir)
         self.path = self.workdir / "metrics.jsonl"
@@ -83,7 +94,9 @@ class MetricsWriter:
         else:
             self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard and not self.remote:
-            self._tb = _summary_writer()(logdir=str(self.workdir / "tb"))
+            self._tb = _summary_writer()(
+                logdir=str(self.workdir / "tb"), purge_step=purge_step, flush_secs=1
+            )
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Record ``scalars`` at ``step`` (None values go to JSON only, as null)."""

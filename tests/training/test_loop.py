@@ -208,6 +208,21 @@ def test_resume_after_a_crash_gives_bitwise_identical_state(tmp_path, toy):
     assert all(a[s] == b[s] for s in a if s > 6)
 
 
+def test_resumed_run_purges_the_killed_runs_tensorboard_steps(tmp_path, toy):
+    from test_metrics import scalar_steps, tensorboard_events  # tests/training/test_metrics.py
+
+    crashing = grain.MapDataset.range(sys.maxsize).random_map(_CrashAt(toy.Regression(), 8), seed=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(toy, tmp_path, num_steps=12, checkpoint_every=6, log_every=1, dataset=crashing)
+    _fit(toy, tmp_path, num_steps=12, checkpoint_every=6, log_every=1)
+    (_, first), (_, second) = tensorboard_events(tmp_path / "tb")
+    assert scalar_steps(first, "train_loss") == [1, 2, 3, 4, 5, 6, 7, 8]
+    # Resumed from step 6: steps 7 and 8 are logged again, and TensorBoard is told to
+    # drop the crashed run's (a START session log at step 7).
+    assert [e.step for e in second if e.HasField("session_log")] == [7]
+    assert scalar_steps(second, "train_loss") == [7, 8, 9, 10, 11, 12]
+
+
 def test_finished_run_is_not_overwritten(tmp_path, toy):
     _fit(toy, tmp_path, num_steps=4)
     before = snapshot(tmp_path / "checkpoints")

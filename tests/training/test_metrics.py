@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import pytest
@@ -66,3 +67,52 @@ def test_writer_does_not_import_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1.0"
     assert list((tmp_path / "tb").iterdir())  # TensorBoard still got its event file.
+
+
+def tensorboard_events(tb_dir):
+    """``[(file name, [Event, ...]), ...]`` of the event files in ``tb_dir``, oldest first."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    files = []
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        events, data = [], path.read_bytes()
+        while len(data) >= 12:
+            (size,) = struct.unpack("<Q", data[:8])
+            if len(data) < 16 + size:
+                break
+            events.append(event_pb2.Event.FromString(data[12 : 12 + size]))
+            data = data[16 + size :]
+        files.append((path.name, events))
+    return files
+
+
+def scalar_steps(events, tag):
+    return [e.step for e in events if any(v.tag == tag for v in e.summary.value)]
+
+
+def test_tensorboard_events_reach_the_disk_before_close(tmp_path):
+    """A run killed with SIGKILL (OOM, lost VM) keeps the events it logged: tensorboardX
+    flushed every 2 minutes, and steps before the last checkpoint were lost for good."""
+    writer = MetricsWriter(tmp_path)
+    try:
+        for step in range(1, 6):
+            writer.write(step, {"train_loss": 1.0 / step})
+        deadline = time.monotonic() + 10
+        while True:
+            [(_, events)] = tensorboard_events(tmp_path / "tb")
+            if scalar_steps(events, "train_loss") == [1, 2, 3, 4, 5]:
+                break
+            assert time.monotonic() < deadline, scalar_steps(events, "train_loss")
+            time.sleep(0.2)
+    finally:
+        writer.close()
+
+
+def test_purge_step_hides_a_killed_runs_later_events(tmp_path):
+    with MetricsWriter(tmp_path, purge_step=7) as writer:
+        writer.write(7, {"train_loss": 1.0})
+    [(_, events)] = tensorboard_events(tmp_path / "tb")
+    starts = [e.step for e in events if e.HasField("session_log")]
+    assert starts == [7]  # TensorBoard drops earlier files' events at steps >= 7.
