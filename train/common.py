@@ -127,6 +127,22 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def workdir_from_flag(value: str | None) -> str:
+    """The run folder that ``--workdir`` names: ``workdirs/<config file name>`` when it is
+    left out, with ``~`` expanded (the shell leaves it in ``--workdir=~/run``).
+
+    Raises:
+      ValueError: the flag is empty (e.g. ``--workdir=$UNSET``), which would otherwise
+        train into the current folder.
+    """
+    if value is None:
+        config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+        return str(Path("workdirs") / Path(config_file).stem)
+    if not value.strip():
+        raise ValueError("--workdir is empty (leave it out for workdirs/<config name>)")
+    return value if is_remote(value) else os.path.expanduser(value)
+
+
 def setup_mesh(config: ml_collections.ConfigDict):
     """``(mesh, batch_sharding)`` from ``config.mesh`` over all devices of all processes."""
     mesh = sharding.make_mesh(**config.mesh.to_dict())

@@ -37,6 +37,7 @@ from common import (  # train/common.py (this script's directory)
     parse_flags,
     print_once,
     setup_mesh,
+    workdir_from_flag,
 )
 from etils import epath
 from ml_collections import config_flags
@@ -149,10 +150,15 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     _check_vocabulary(meta, workdir, tokenizer)
     if _NUM_SAMPLES.value > 0:  # Fail now, not after training.
         _check_sampling(model, tokenizer)
+    # Settings errors (loop, mesh, batch split) before the workdir is created.
+    loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
+    mesh, batch_sharding = setup_mesh(config)
+    rows = config.batch_size * config.grad_accum_steps
+    train_rows = sharding.process_batch_slice(batch_sharding, rows)
+    val_rows = sharding.process_batch_slice(batch_sharding, config.batch_size)
     if meta is None or meta["step"] < config.num_steps:  # (a finished run only samples)
         check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
 
-    mesh, batch_sharding = setup_mesh(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     optimizer, schedule = optimizer_from_config(config, decay_mask=weight_decay_mask)
     # Built straight into its shardings: each device only ever holds its own shards.
@@ -163,17 +169,16 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     )
     params = state.params
     loss_fn = make_loss_fn(model)
-    rows = config.batch_size * config.grad_accum_steps
     train_ds = data.lm_dataset(
         train_ids, batch_size=rows, seq_len=model.block_size, seed=config.seed,
         vocab_size=tokenizer.vocab_size, name="train split",
-        process_rows=sharding.process_batch_slice(batch_sharding, rows),
+        process_rows=train_rows,
     )  # fmt: skip
     val_ds = data.lm_dataset(
         val_ids, batch_size=config.batch_size, seq_len=model.block_size, seed=config.seed + 1,
         vocab_size=tokenizer.vocab_size,
         name=f"validation split (the last {1 - config.train_fraction:.0%} of the text)",
-        process_rows=sharding.process_batch_slice(batch_sharding, config.batch_size),
+        process_rows=val_rows,
     )  # fmt: skip
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print_once(
@@ -197,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         train_step,
         data.batch_iterator(train_ds),
         workdir=workdir,
-        loop=LoopConfig.from_config(config, progress=_PROGRESS.value),
+        loop=loop,
         batch_sharding=batch_sharding,
         eval_step=eval_step,
         eval_data=lambda: data.batch_iterator(val_ds),
@@ -255,12 +260,9 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
-    workdir = _WORKDIR.value
-    if workdir is None:
-        config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-        workdir = Path("workdirs") / Path(config_file).stem
-    workdir = epath.Path(workdir)  # A local folder or gs://bucket/... (TPU pods).
     try:
+        # A local folder or gs://bucket/... (TPU pods).
+        workdir = epath.Path(workdir_from_flag(_WORKDIR.value))
         enable_compilation_cache()
         initialize_distributed()
         if _SAMPLE_ONLY.value:

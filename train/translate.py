@@ -53,6 +53,7 @@ from common import (  # train/common.py (this script's directory)
     parse_flags,
     print_once,
     setup_mesh,
+    workdir_from_flag,
 )
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -296,11 +297,14 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     # vocabulary's size is only an upper bound here; the real one comes from the tokenizer).
     build_model(config, config.vocab_size)
     latest_checkpoint_metadata(workdir, config, also_free=DECODE_SETTINGS)  # notes changes
+    # Settings errors (loop, mesh, batch split) before the workdir is created.
+    loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
+    mesh, batch_sharding = setup_mesh(config)
+    process_rows = sharding.process_batch_slice(batch_sharding, config.batch_size)
     check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()
     kind, model = build_model(config, vocab)
-    mesh, batch_sharding = setup_mesh(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     optimizer, schedule = optimizer_from_config(config)
     init = MODELS[kind][1]
@@ -315,7 +319,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     buckets = tuple(config.buckets)
     data_kw = dict(
         batch_size=config.batch_size, buckets=buckets, vocab_size=vocab,
-        process_rows=sharding.process_batch_slice(batch_sharding, config.batch_size),
+        process_rows=process_rows,
     )  # fmt: skip
     train_ds = td.translation_dataset(
         train_src, train_tgt, seed=config.seed, name="train split", **data_kw
@@ -345,7 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         train_step,
         batch_iterator(train_ds),
         workdir=workdir,
-        loop=LoopConfig.from_config(config, progress=_PROGRESS.value),
+        loop=loop,
         batch_sharding=batch_sharding,
         eval_step=eval_step,
         eval_data=lambda: batch_iterator(val_ds),
@@ -452,18 +456,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
-    workdir = _WORKDIR.value
-    if workdir is None:
-        config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-        workdir = Path("workdirs") / Path(config_file).stem
-    if "://" in str(workdir):
+    if "://" in (_WORKDIR.value or ""):
         # Path() would fold gs://bucket into gs:/bucket, a local folder on each host.
         raise app.UsageError(
-            f"--workdir={workdir}: translate.py writes its sentencepiece model and outputs with "
-            "local file I/O; give it a local or shared-filesystem folder (lm.py takes gs://)"
+            f"--workdir={_WORKDIR.value}: translate.py writes its sentencepiece model and "
+            "outputs with local file I/O; give it a local or shared-filesystem folder (lm.py "
+            "takes gs://)"
         )
-    workdir = Path(workdir)
     try:
+        workdir = Path(workdir_from_flag(_WORKDIR.value))
         enable_compilation_cache()
         initialize_distributed()
         if _TRANSLATE.value:

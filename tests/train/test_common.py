@@ -72,3 +72,14 @@ def test_note_names_each_changed_setting(capsys, workdir):
 def test_no_checkpoint_no_metadata(capsys, tmp_path):
     assert common.latest_checkpoint_metadata(tmp_path, _config()) is None
     assert capsys.readouterr().out == ""
+
+
+def test_workdir_from_flag(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # The shell leaves ~ in --workdir=~/run: it was a folder named ~ in the current one.
+    assert common.workdir_from_flag("~/run") == str(tmp_path / "run")
+    assert common.workdir_from_flag("gs://bucket/~run") == "gs://bucket/~run"
+    assert common.workdir_from_flag("runs/a") == "runs/a"
+    for empty in ("", "  "):  # --workdir=$UNSET would train into the current folder
+        with pytest.raises(ValueError, match="--workdir is empty"):
+            common.workdir_from_flag(empty)

@@ -214,6 +214,8 @@ def test_unknown_config_key_is_an_error(tmp_path):
         ("--config.model.block_size=1", "sampling needs block_size >= 2, got 1"),
         ("--temperature=-1", "temperature must be >= 0, got -1.0"),
         ("--config.grad_accum_steps=0", "config.grad_accum_steps must be an integer >= 1, got 0"),
+        ("--config.mesh.data=3", "the product must equal the device count"),
+        ("--config.eval_every=-1", "LoopConfig.eval_every must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, flag, message):
@@ -229,3 +231,12 @@ def test_missing_data_file_is_an_error(tmp_path):
     assert proc.returncode == 1
     assert f"text data file not found: '{missing}'" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_empty_workdir_is_an_error_not_the_current_folder():
+    """``--workdir=$UNSET`` used to train into the current folder (here the repository)."""
+    before = sorted(p.name for p in REPO.iterdir())
+    proc = run_lm("--workdir=", "--config.num_steps=1", check=False)
+    assert proc.returncode == 1
+    assert "error: --workdir is empty" in proc.stderr
+    assert sorted(p.name for p in REPO.iterdir()) == before

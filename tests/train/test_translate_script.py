@@ -172,13 +172,16 @@ def test_decode_settings_are_checked_before_training(tmp_path):
 
 
 def test_bad_example_counts_and_model_fail_before_anything_is_written(tmp_path):
-    """A negative max_*_examples would slice pairs off the end ([:-1]); a bad model field
-    used to fail only after the sentencepiece model was trained and cached."""
+    """A negative max_*_examples would slice pairs off the end ([:-1]); a bad model field,
+    mesh or loop setting used to fail only after the workdir (or the sentencepiece model)
+    was made."""
     for override, message in [
         ("--config.max_train_examples=-1", "config.max_train_examples must be >= 0"),
         ("--config.max_test_examples=-3", "config.max_test_examples must be >= 0"),
         ("--config.model.kind=rnn", "config.model.kind must be one of"),
         ("--config.model.attention=luong", "Seq2SeqConfig.attention must be one of"),
+        ("--config.mesh.data=3", "the product must equal the device count"),
+        ("--config.eval_every=-1", "LoopConfig.eval_every must be an integer >= 0, got -1"),
     ]:
         proc = run_translate(f"--workdir={tmp_path / 'run'}", override, check=False)
         assert proc.returncode == 1 and message in proc.stderr, (override, proc.stderr)
