@@ -150,7 +150,7 @@ def _first_tokens(
 
 def _check_ids(bos_id: int | Array, eos_id: int, vocab: int, where: str) -> None:
     # An EOS step_fn never emits would silently decode every row to max_len.
-    check_token_ids(np.asarray(eos_id), vocab, f"{where}: eos_id")
+    check_token_ids(eos_id, vocab, f"{where}: eos_id")
     # BOS is only fed in: it may lie past the V tokens step_fn predicts (an input-only
     # token), but a negative id would index the embedding from its end.
     if not isinstance(bos_id, jax.core.Tracer) and np.any(np.asarray(bos_id) < 0):
