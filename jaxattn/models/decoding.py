@@ -91,11 +91,16 @@ def _filter_logits(
     if top_p is not None and top_p < 1.0:
         sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V] descending
         # softmax(l / T) from l - max(l), which is <= 0, so the division cannot overflow.
-        probs = jax.nn.softmax((sorted_logits - sorted_logits[:, :1]) / temperature, axis=-1)
+        # Rejected (-inf) tokens stay -inf: at T = inf, -inf / inf would be NaN.
+        scaled = jnp.where(
+            sorted_logits > -jnp.inf, (sorted_logits - sorted_logits[:, :1]) / temperature, -jnp.inf
+        )
+        probs = jax.nn.softmax(scaled, axis=-1)
         # Token i (in sorted order) is needed iff the mass strictly before it is < top_p;
-        # the most likely token always is.
+        # the most likely token always is (even for a top_p below float32's smallest
+        # normal, which compares as 0 once flushed).
         needed = jnp.cumsum(probs, axis=-1) - probs < top_p  # [B, V]
-        count = jnp.sum(needed, axis=-1, keepdims=True)  # [B, 1] >= 1
+        count = jnp.maximum(jnp.sum(needed, axis=-1, keepdims=True), 1)  # [B, 1] >= 1
         threshold = jnp.take_along_axis(sorted_logits, count - 1, axis=-1)  # [B, 1]
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return logits

@@ -219,6 +219,24 @@ def test_infinite_temperature_keeps_the_filters():
     np.testing.assert_allclose(freq[[0, 1, 6]], 1 / 3, atol=0.015)
 
 
+def test_infinite_temperature_keeps_the_nucleus():
+    """top_p after top_k at T = inf: the rejects' -inf / inf must not turn the nucleus NaN."""
+    # Uniform over the 3 kept tokens: top_p = 0.5 needs 2 of them (sorted order 0, 6).
+    freq = _frequencies(temperature=float("inf"), top_k=3, top_p=0.5)
+    np.testing.assert_array_equal(freq[[1, 2, 3, 4, 5]], 0.0)
+    np.testing.assert_allclose(freq[[0, 6]], 0.5, atol=0.015)
+
+
+def test_subnormal_top_p_is_greedy():
+    """A top_p below float32's smallest normal flushes to 0: the nucleus keeps the argmax."""
+    logits = jax.random.normal(key(5), (9, 11))
+    argmax = np.argmax(np.asarray(logits), axis=-1)
+    for top_p in (1e-39, 1e-45):
+        for seed in range(3):
+            out = decoding.sample_logits(key(seed), logits, top_p=top_p)
+            np.testing.assert_array_equal(out, argmax, err_msg=str(top_p))
+
+
 def test_tied_logits_stay_equally_likely_at_tiny_temperature():
     """logits + T * noise would lose the noise to rounding and always pick the first tie."""
     logits = jnp.broadcast_to(jnp.array([10.0, 10.0, 0.0]), (N_SAMPLES, 3))
