@@ -381,6 +381,11 @@ def gpt(
     tokens = jnp.asarray(tokens)
     _check_tokens(tokens, config, "gpt")
     _check_weights(weights, config, "gpt")
+    if not isinstance(weights.blocks, BlockWeights):  # a tuple: the layer scan needs stacks
+        raise ValueError(
+            "gpt: the weights hold per-layer blocks (from unstack_layers, for gpt_decode); "
+            "pass init_gpt's stacked weights"
+        )
     t = tokens.shape[1]
     if t > config.block_size:
         raise ValueError(

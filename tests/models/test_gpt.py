@@ -14,7 +14,9 @@ from jaxattn.models.gpt import (
     GPTWeights,
     gpt,
     gpt_loss,
+    init_cache,
     init_gpt,
+    unstack_layers,
     weight_decay_mask,
 )
 
@@ -497,6 +499,10 @@ def test_bad_inputs_raise():
     ):
         with pytest.raises(ValueError, match="gpt: weights do not fit the config"):
             gpt(w, tokens, other)
+    # unstack_layers' per-layer tuple is for gpt_decode; the scan would fail obscurely.
+    per_layer, _ = unstack_layers(w, init_cache(BASE, 1, BASE.block_size))
+    with pytest.raises(ValueError, match="gpt: the weights hold per-layer blocks"):
+        gpt(per_layer, tokens, BASE)
 
 
 def test_weight_decay_groups_match_nanogpt():
