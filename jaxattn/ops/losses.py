@@ -60,5 +60,8 @@ def cross_entropy(
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [...]
     if mask is None:
         return jnp.mean(losses)
-    counted = jnp.asarray(mask).astype(bool).astype(jnp.float32)
-    return jnp.sum(losses * counted) / jnp.maximum(jnp.sum(counted), 1.0)
+    counted = jnp.asarray(mask).astype(bool)
+    # where, not losses * counted: an uncounted token's loss may be inf (its target's
+    # logit is -inf, e.g. a pad target the model never predicts) and inf * 0 = NaN.
+    total = jnp.sum(jnp.where(counted, losses, 0.0))
+    return total / jnp.maximum(jnp.sum(counted.astype(jnp.float32)), 1.0)

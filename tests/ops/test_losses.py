@@ -77,3 +77,25 @@ def test_integer_mask_counts_tokens_it_does_not_weight_them(np_rng):
     got = cross_entropy(logits, targets, jnp.asarray(counts, jnp.int32))
     want = np_cross_entropy(np.asarray(logits), np.asarray(targets), (counts != 0).astype(float))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_uncounted_token_with_infinite_loss_is_ignored_like_torch_ignore_index(np_rng):
+    # A model that never predicts the pad id gives it logit -inf; padded positions hold the
+    # pad id as target and are masked out. Their loss is inf and must not leak as inf*0=NaN.
+    torch = pytest.importorskip("torch")
+    pad = 0
+    logits = np_rng.normal(size=(B, T, V)).astype(np.float32)
+    logits[..., pad] = -np.inf
+    targets = np_rng.integers(1, V, (B, T))
+    targets[:, -2:] = pad
+    mask = targets != pad
+    loss, grad = jax.value_and_grad(cross_entropy)(
+        jnp.asarray(logits), jnp.asarray(targets, jnp.int32), jnp.asarray(mask)
+    )
+    want = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits).reshape(-1, V),
+        torch.from_numpy(targets).reshape(-1),
+        ignore_index=pad,
+    )
+    np.testing.assert_allclose(loss, want.item(), rtol=1e-5)
+    assert bool(jnp.all(jnp.isfinite(grad)))
