@@ -589,9 +589,11 @@ def write_kv_cache(
     write = partial(jax.lax.dynamic_update_slice_in_dim, start_index=index, axis=1)
     k_cache = write(k_cache, k.astype(k_cache.dtype))
     v_cache = write(v_cache, v.astype(v_cache.dtype))
-    index = jnp.asarray(index)
-    positions = index + jnp.arange(k.shape[1], dtype=index.dtype)  # [T]
-    keys = jnp.arange(k_cache.shape[1], dtype=index.dtype)  # [S]
+    # int32 positions: in index's dtype (uint8, int8) a cache longer than its range would
+    # wrap and show unwritten slots.
+    index = jnp.asarray(index).astype(jnp.int32)
+    positions = index + jnp.arange(k.shape[1], dtype=jnp.int32)  # [T]
+    keys = jnp.arange(k_cache.shape[1], dtype=jnp.int32)  # [S]
     return k_cache, v_cache, (keys[None, :] <= positions[:, None])[None, None]
 
 

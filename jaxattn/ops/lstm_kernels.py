@@ -102,7 +102,10 @@ def _scan(
 def _valid(lengths: Array | None, steps: int) -> Array | None:
     if lengths is None:
         return None
-    return jnp.arange(steps, dtype=lengths.dtype)[:, None, None] < lengths[None, :, None]
+    # Compare in int32: steps in a narrow dtype (uint8 lengths, T = 300) would wrap, and
+    # a row would come back to life at t = 256.
+    steps_t = jnp.arange(steps, dtype=jnp.int32)[:, None, None]  # [T, 1, 1]
+    return steps_t < lengths.astype(jnp.int32)[None, :, None]  # [T, B, 1]
 
 
 def _outputs(hs: Array, valid: Array | None) -> Array:

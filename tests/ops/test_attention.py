@@ -684,6 +684,15 @@ def test_multi_head_attention_bad_inputs(np_rng):
         )
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_write_kv_cache_visible_with_a_narrow_index_dtype(dtype):
+    # A cache longer than the index dtype's range: key positions must not wrap.
+    cache = jnp.zeros((1, 300, 1, 2))
+    chunk = jnp.ones((1, 1, 1, 2))
+    visible = write_kv_cache(cache, cache, chunk, chunk, dtype(5))[2]
+    np.testing.assert_array_equal(visible, (np.arange(300) <= 5)[None, None, None])
+
+
 def test_write_kv_cache_writes_the_chunk_and_masks_later_keys(np_rng):
     k_cache = np_rng.standard_normal((B, S, 3, H)).astype(np.float32)
     v_cache = np_rng.standard_normal((B, S, 3, H)).astype(np.float32)

@@ -254,6 +254,23 @@ def _torch_grads(module):
 # --- transforms ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("implementation", ["scan", "autodiff"])
+def test_narrow_integer_lengths_do_not_wrap(rng, np_rng, implementation):
+    # uint8 lengths with T = 300: steps counted in uint8 would wrap at 256 and a row of
+    # length 100 would run again at steps 256..299.
+    steps = 300
+    weights = init_lstm(rng, IN, HID)
+    xs = jnp.asarray(np_rng.normal(size=(2, steps, IN)), jnp.float32)
+    lengths = np.array([100, 250])
+    want_ys, want_state = lstm_scan(weights, xs, lengths=lengths, implementation=implementation)
+    got_ys, got_state = lstm_scan(
+        weights, xs, lengths=lengths.astype(np.uint8), implementation=implementation
+    )
+    np.testing.assert_array_equal(got_ys, want_ys)
+    for got, want in zip(got_state, want_state):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_jit_matches_eager_with_traced_lengths(rng, np_rng):
     layers = init_lstm_stack(rng, IN, HID, num_layers=2, bidirectional=True)
     xs, h0, c0 = _inputs(np_rng)
