@@ -62,10 +62,10 @@ class MetricsWriter:
     all compute the same replicated metrics).
 
     ``purge_step``: a resumed run passes the first step it will log (the checkpoint's step
-    + 1); TensorBoard then hides the events at that step and after that an earlier,
-    killed run wrote, instead of drawing both. Events reach the disk within a second
-    (tensorboardX's default is two minutes, which a killed run would lose, steps before
-    its last checkpoint included, that no resumed run writes again).
+    + 1); TensorBoard then hides the events that an earlier, killed run wrote from that
+    step on, instead of drawing both. Events reach the disk within a second: with
+    tensorboardX's default of two minutes, a killed run lost events from before its last
+    checkpoint, which the resumed run does not write again.
     """
 
     def __init__(
