@@ -8,7 +8,8 @@
 Layout ``[B, T, N, H]`` with N = 8 heads of H = 64, float32, causal self-attention; B = 4
 up to T = 2048, then halved whenever T doubles (B T = 8192 tokens) so the dense baselines
 fit in memory. Times are the median of ``--repeats`` calls after one warm-up call (fewer
-when a single call takes over ``--slow`` seconds; the ``n`` column says how many), with the
+when a single call takes over ``--slow`` seconds; the ``n`` column says how many), all rows
+of one T timed in turn (each round calls every row once), with the
 process CPU time (all threads) of the same calls: on a machine shared with other jobs the
 CPU time is the steadier figure, and wall < CPU shows how well both cores were used.
 Memory of forward+backward: for JAX the temporary buffers XLA allocates for the compiled
@@ -129,6 +130,26 @@ def timed_round_robin(fns, repeats: int, quiet: float) -> list[tuple[float, floa
     ]
 
 
+def timed_rounds(fns, repeats: int, slow: float, quiet: float) -> list[tuple[float, float, int]]:
+    """``timed`` for several functions at once: one warm-up call each, then rounds that
+    call every function once in turn; a function whose warm-up took over ``slow`` seconds
+    is timed in the first 2 rounds only. Median (wall s, CPU s, n) of each."""
+    counts = []
+    for fn in fns:
+        start = time.perf_counter()
+        fn()
+        counts.append(min(repeats, 2) if time.perf_counter() - start > slow else repeats)
+    samples = [[] for _ in fns]
+    for r in range(repeats):
+        for fn, n, out in zip(fns, counts, samples):
+            if r < n:
+                out.append(_timed_call(fn, quiet))
+    return [
+        (float(np.median([w for w, _ in s])), float(np.median([c for _, c in s])), len(s))
+        for s in samples
+    ]
+
+
 # ------------------------------------------------------------------ JAX implementations
 
 
@@ -167,7 +188,10 @@ def jax_calls(name, b, t):
     f = JAX_IMPLS[name]
     fwd = jax.jit(f).lower(q, k, v).compile()
     loss = lambda *a: jnp.sum(f(*a))
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    # value_and_grad, not grad: under jax.grad the output O = P V is dead code (the
+    # gradient of sum(O) never reads it) and XLA drops it from the dense paths, while
+    # PyTorch's fwd+bwd (and any real training step) computes it.
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
     temp = grad.memory_analysis().temp_size_in_bytes
     return (
         lambda: fwd(q, k, v).block_until_ready(),
@@ -232,22 +256,31 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> dict:
     results = {}
     for t in lengths:
         b = max(1, min(4, 8192 // t))
-        rows, torch_fb = [], None
+        rows, torch_fb, built = [], None, {}
         names = list(JAX_IMPLS) + (["torch SDPA"] if torch_version else [])
         for name in names:
             dense_gib = 3 * 4 * b * N * t * t / 2**30  # logits, probs, their cotangent
             if name in DENSE and dense_gib > max_dense_gib:
-                rows.append((name, None, f"skipped: ~{dense_gib:.0f} GiB dense"))
                 continue
             if name == "torch SDPA":
                 (fwd, fwd_bwd), mem = torch_calls(b, t), torch_memory(b, t)
             else:
                 fwd, fwd_bwd, mem = jax_calls(name, b, t)
-            tf, _, _ = timed(fwd, repeats, slow, quiet)
-            tfb, cfb, n = timed(fwd_bwd, repeats, slow, quiet)
+            built[name] = (fwd, fwd_bwd, mem)
+        # Every row of this T timed in turn (round r calls each once), as lstm.py does, so
+        # a slow spell of the shared machine does not fall on one row (e.g. on SDPA alone).
+        fwds = timed_rounds([f for f, _, _ in built.values()], repeats, slow, quiet)
+        fwd_bwds = timed_rounds([fb for _, fb, _ in built.values()], repeats, slow, quiet)
+        for name in names:
+            if name not in built:
+                dense_gib = 3 * 4 * b * N * t * t / 2**30
+                rows.append((name, None, f"skipped: ~{dense_gib:.0f} GiB dense"))
+                continue
+            i = list(built).index(name)
+            (tf, _, _), (tfb, cfb, n) = fwds[i], fwd_bwds[i]
             if name == "torch SDPA":
                 torch_fb = (tfb, cfb)
-            rows.append((name, (tf, tfb, cfb, n, mem / 2**20), None))
+            rows.append((name, (tf, tfb, cfb, n, built[name][2] / 2**20), None))
         for name, r, note in rows:
             if note:
                 print(f"| {t} | {b} | {name} | - | - | - | - | - | {note} |")

@@ -202,25 +202,13 @@ def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, str,
     cached_unrolled()
     uncached()
     rows = [
-        (
-            "cached_unrolled_s",
-            "jaxattn generate, KV cache, unroll_layers=True",
-            timed(cached_unrolled, repeats),
-        ),
-        (
-            "cached_scan_s",
-            "jaxattn generate, KV cache (layer scan, the default)",
-            timed(cached, repeats),
-        ),
-        (
-            "full_pass_s",
-            "jaxattn, full forward per token, padded to block_size",
-            timed(uncached, repeats),
-        ),
+        ("cached_unrolled_s", "jaxattn generate, KV cache, unroll_layers=True", cached_unrolled),
+        ("cached_scan_s", "jaxattn generate, KV cache (layer scan, the default)", cached),
+        ("full_pass_s", "jaxattn, full forward per token, padded to block_size", uncached),
     ]
     torch = _torch()
     if torch is None:
-        return rows
+        return _timed_rows(rows, repeats)
     from benchmarks.torch_nanogpt import NanoGPT
 
     net = NanoGPT(VOCAB, model.block_size, model.num_layers, model.num_heads, model.embed_dim)
@@ -240,8 +228,16 @@ def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, str,
 
     torch_generate()
     label = f"PyTorch {torch.__version__} nanoGPT generate (no cache)"
-    rows.append(("torch_no_cache_s", label, timed(torch_generate, repeats)))
-    return rows
+    rows.append(("torch_no_cache_s", label, torch_generate))
+    return _timed_rows(rows, repeats)
+
+
+def _timed_rows(rows, repeats: int) -> list[tuple[str, str, float]]:
+    """Time the rows' functions in alternating blocks (as the train steps), so that a slow
+    spell of a shared machine does not land on one row alone (e.g. PyTorch's, the
+    KV-cache target's denominator)."""
+    seconds = timed_interleaved([fn for _, _, fn in rows], repeats, block=2)
+    return [(key, label, sec) for (key, label, _), sec in zip(rows, seconds)]
 
 
 def bench_compile(run) -> list[tuple[str, float]]:

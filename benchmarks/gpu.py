@@ -240,7 +240,9 @@ def _jax_attention_calls(name, q, k, v):
     f = JAX_ROWS[name]
     fwd = jax.jit(f).lower(q, k, v).compile()
     loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    # value_and_grad: as PyTorch's row, compute the output, its float32 cast and the sum
+    # (under jax.grad they are dead code and XLA drops them; the dense path loses P V).
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
     temp = grad.memory_analysis().temp_size_in_bytes
     return (lambda: fwd(q, k, v)), (lambda: grad(q, k, v)), temp
 

@@ -5,8 +5,8 @@ Architecture (nanoGPT's defaults: no biases in Linear and LayerNorm layers): tok
 position embeddings, pre-LN blocks (causal self-attention
 through ``F.scaled_dot_product_attention``, exact-erf GELU MLP of width 4D), final LayerNorm,
 output head tied to the token embedding; init N(0, 0.02) with residual projections scaled by
-1/sqrt(2L). Optimiser: AdamW with weight decay on >= 2-D parameters only, fused where torch
-offers it, global-norm clipping, warmup + cosine learning rate.
+1/sqrt(2L). Optimiser: AdamW with weight decay on >= 2-D parameters only, fused on CUDA
+only (as nanoGPT), global-norm clipping, warmup + cosine learning rate.
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ def make_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    # nanoGPT's configure_optimizers: fused only on CUDA (use_fused = fused_available and
+    # device_type == "cuda"); on a CPU it runs the default (foreach) AdamW.
+    fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
 
 
 def learning_rate(step: int, lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:
