@@ -94,9 +94,13 @@ class MetricsWriter:
         else:
             self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard and not self.remote:
+            # tensorboardX names a file by the second it opened it, so a run resumed within
+            # the same second would overwrite the last one's events; the nanosecond suffix
+            # keeps the names apart and in the order TensorBoard reads them.
             self._tb = _summary_writer()(
-                logdir=str(self.workdir / "tb"), purge_step=purge_step, flush_secs=1
-            )
+                logdir=str(self.workdir / "tb"), purge_step=purge_step, flush_secs=1,
+                filename_suffix=f".{time.time_ns()}",
+            )  # fmt: skip
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Record ``scalars`` at ``step`` (None values go to JSON only, as null)."""

@@ -116,3 +116,13 @@ def test_purge_step_hides_a_killed_runs_later_events(tmp_path):
     [(_, events)] = tensorboard_events(tmp_path / "tb")
     starts = [e.step for e in events if e.HasField("session_log")]
     assert starts == [7]  # TensorBoard drops earlier files' events at steps >= 7.
+
+
+def test_writers_opened_in_the_same_second_keep_their_own_event_files(tmp_path):
+    """tensorboardX names event files by the second; a resumed run (or a second fit in a
+    notebook) opened within it used to overwrite the first file's events."""
+    for step in (1, 2):
+        with MetricsWriter(tmp_path) as writer:
+            writer.write(step, {"train_loss": 1.0})
+    files = tensorboard_events(tmp_path / "tb")
+    assert [scalar_steps(events, "train_loss") for _, events in files] == [[1], [2]]
