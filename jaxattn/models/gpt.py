@@ -330,9 +330,17 @@ def _check_tokens(tokens: Array, config: GPTConfig, where: str) -> None:
     check_token_ids(tokens, config.vocab_size, f"{where}: token ids")
 
 
-def _check_weights(weights: GPTWeights, config: GPTConfig, where: str) -> None:
-    """Raise ``ValueError`` when ``weights`` were not made for ``config`` (shapes only)."""
+def _check_weights(
+    weights: GPTWeights, config: GPTConfig, where: str, *, per_layer_ok: bool = True
+) -> None:
+    """Raise ``ValueError`` when ``weights`` were not made for ``config`` (shapes only), or
+    hold ``unstack_layers``' per-layer blocks where only stacked ones will do."""
     per_layer = not isinstance(weights.blocks, BlockWeights)  # a tuple of BlockWeights
+    if per_layer and not per_layer_ok:  # the layer scan needs stacks
+        raise ValueError(
+            f"{where}: the weights hold per-layer blocks (from unstack_layers, for "
+            "gpt_decode); pass init_gpt's stacked weights"
+        )
     attn = weights.blocks[0].attn if per_layer else weights.blocks.attn
     w_q, w_k = attn.w_q, attn.w_k
     layers = len(weights.blocks) if per_layer else w_q.shape[0]
@@ -380,12 +388,7 @@ def gpt(
     """
     tokens = jnp.asarray(tokens)
     _check_tokens(tokens, config, "gpt")
-    _check_weights(weights, config, "gpt")
-    if not isinstance(weights.blocks, BlockWeights):  # a tuple: the layer scan needs stacks
-        raise ValueError(
-            "gpt: the weights hold per-layer blocks (from unstack_layers, for gpt_decode); "
-            "pass init_gpt's stacked weights"
-        )
+    _check_weights(weights, config, "gpt", per_layer_ok=False)
     t = tokens.shape[1]
     if t > config.block_size:
         raise ValueError(
