@@ -77,12 +77,11 @@ def forbid_tokens(
     Returns:
       ``[R, V]`` float32.
     """
-    # An id outside [0, V) would be silently ignored. (np.asarray(()) is float64.)
-    check_token_ids(
-        np.asarray(token_ids, np.int64 if not token_ids else None), logits.shape[-1], what
-    )
     logits = logits.astype(jnp.float32)
-    return logits.at[:, jnp.asarray(token_ids, jnp.int32)].set(-jnp.inf) if token_ids else logits
+    if not token_ids:
+        return logits
+    check_token_ids(np.asarray(token_ids), logits.shape[-1], what)  # else silently ignored
+    return logits.at[:, jnp.asarray(token_ids, jnp.int32)].set(-jnp.inf)
 
 
 def gather_rows(tree: State, indices: Array, *, axis: int = 0) -> State:
