@@ -77,7 +77,7 @@ from jaxattn.training.loop import (
     make_eval_step,
     make_train_step,
 )
-from jaxattn.training.metrics import MetricsWriter
+from jaxattn.training.metrics import MetricsWriter, is_remote
 from jaxattn.training.optim import optimizer_from_config
 from jaxattn.training.state import create_train_state
 
@@ -456,7 +456,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
-    if "://" in (_WORKDIR.value or ""):
+    if is_remote(_WORKDIR.value or ""):
         # Path() would fold gs://bucket into gs:/bucket, a local folder on each host.
         raise app.UsageError(
             f"--workdir={_WORKDIR.value}: translate.py writes its sentencepiece model and "
