@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -117,23 +118,13 @@ def timed(fn, repeats: int, slow: float, quiet: float) -> tuple[float, float, in
     return float(np.median(walls)), float(np.median(cpus)), repeats
 
 
-def timed_round_robin(fns, repeats: int, quiet: float) -> list[tuple[float, float]]:
-    """Median (wall s, CPU s) of each of ``fns``, timed in turn: round r calls every
+def timed_round_robin(
+    fns, repeats: int, quiet: float, slow: float = math.inf
+) -> list[tuple[float, float, int]]:
+    """Median (wall s, CPU s, n) of each of ``fns``, timed in turn: round r calls every
     function once, so a slow spell of a shared machine hits all of them alike. One
-    warm-up call each first."""
-    for fn in fns:
-        fn()
-    samples = [[_timed_call(fn, quiet) for fn in fns] for _ in range(repeats)]
-    return [
-        (float(np.median([s[i][0] for s in samples])), float(np.median([s[i][1] for s in samples])))
-        for i in range(len(fns))
-    ]
-
-
-def timed_rounds(fns, repeats: int, slow: float, quiet: float) -> list[tuple[float, float, int]]:
-    """``timed`` for several functions at once: one warm-up call each, then rounds that
-    call every function once in turn; a function whose warm-up took over ``slow`` seconds
-    is timed in the first 2 rounds only. Median (wall s, CPU s, n) of each."""
+    warm-up call each first; a function whose warm-up took over ``slow`` seconds is timed
+    in the first 2 rounds only (n = 2)."""
     counts = []
     for fn in fns:
         start = time.perf_counter()
@@ -269,8 +260,8 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> dict:
             built[name] = (fwd, fwd_bwd, mem)
         # Every row of this T timed in turn (round r calls each once), as lstm.py does, so
         # a slow spell of the shared machine does not fall on one row (e.g. on SDPA alone).
-        fwds = timed_rounds([f for f, _, _ in built.values()], repeats, slow, quiet)
-        fwd_bwds = timed_rounds([fb for _, fb, _ in built.values()], repeats, slow, quiet)
+        fwds = timed_round_robin([f for f, _, _ in built.values()], repeats, quiet, slow)
+        fwd_bwds = timed_round_robin([fb for _, fb, _ in built.values()], repeats, quiet, slow)
         for name in names:
             if name not in built:
                 dense_gib = 3 * 4 * b * N * t * t / 2**30

@@ -156,7 +156,7 @@ def run_table(shape, repeats, quiet) -> dict:
     built = {name: make() for name, make in calls.items()}  # compile everything first
     fwds = timed_round_robin([f for f, _ in built.values()], repeats, quiet)
     fwd_bwds = timed_round_robin([fb for _, fb in built.values()], repeats, quiet)
-    rows = {name: (*f, *fb, repeats) for name, f, fb in zip(built, fwds, fwd_bwds)}
+    rows = {name: (*f[:2], *fb) for name, f, fb in zip(built, fwds, fwd_bwds)}  # fb: n last
     # Ratios to the faster PyTorch configuration, per column: the stricter comparison.
     torch_rows = [r for name, r in rows.items() if name.startswith("torch")]
     ref = [min(r[k] for r in torch_rows) for k in range(4)] if torch_rows else None
