@@ -19,7 +19,7 @@ def cross_entropy(
     targets: Array,
     mask: Array | None = None,
     *,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Array = 0.0,
 ) -> Array:
     """Mean token cross-entropy ``-sum_v p(v) log softmax(logits)_v`` in float32.
 
@@ -33,7 +33,8 @@ def cross_entropy(
       targets: ``[...]`` integer ids in ``[0, V)`` (checked when concrete).
       mask: optional ``[...]``, True (or nonzero) = count this token. Not a weight: a
         count of 2 counts the token once.
-      label_smoothing: ``eps`` in ``[0, 1)``.
+      label_smoothing: ``eps`` in ``[0, 1)`` (checked when concrete; may be traced, e.g.
+        a scheduled value passed through ``jit``).
 
     Returns:
       Scalar float32 loss.
@@ -48,12 +49,13 @@ def cross_entropy(
         raise ValueError(
             f"cross_entropy: mask {jnp.shape(mask)} must match targets {targets.shape}"
         )
-    if not 0.0 <= label_smoothing < 1.0:
+    traced = isinstance(label_smoothing, jax.core.Tracer)
+    if not traced and not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
     # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
     check_token_ids(targets, logits.shape[-1], "cross_entropy: targets")
     logits = logits.astype(jnp.float32)
-    if label_smoothing > 0.0:
+    if traced or label_smoothing > 0.0:
         labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
         losses = optax.softmax_cross_entropy(logits, labels)  # [...]
     else:

@@ -34,6 +34,17 @@ def test_matches_numpy(np_rng, eps, masked):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_traced_label_smoothing(np_rng):
+    # A scheduled eps reaches the loss as a tracer: no Python bool of it, same numbers.
+    logits = np_rng.normal(size=(B, T, V)).astype(np.float32)
+    targets = np_rng.integers(0, V, (B, T))
+    mask = np_rng.random((B, T)) > 0.4
+    loss = jax.jit(lambda e: cross_entropy(logits, jnp.asarray(targets), mask, label_smoothing=e))
+    for eps in (0.0, 0.1):
+        want = np_cross_entropy(logits, targets, mask.astype(float), eps)
+        np.testing.assert_allclose(loss(jnp.float32(eps)), want, rtol=1e-5)
+
+
 def test_matches_torch(np_rng):
     torch = pytest.importorskip("torch")
     logits = np_rng.normal(size=(B, T, V)).astype(np.float32)
