@@ -11,9 +11,8 @@ end. Running it again with the same ``--workdir`` resumes from the latest checkp
 status 143, so that a job scheduler sees an unfinished job and can requeue it. The default
 workdir is ``workdirs/<config file name>``.
 
-Samples longer than the context are generated in windows: each window prefills the last
-``block_size // 2`` characters and samples up to ``block_size`` (nanoGPT instead crops the
-context to the last ``block_size`` characters at every token, without a KV cache).
+Samples come from ``gpt.generate``: a KV cache while the text fits the context, then, as in
+nanoGPT, each character drawn from a full pass over the last ``block_size`` characters.
 """
 
 from __future__ import annotations
@@ -99,29 +98,17 @@ def _check_sampling(model: GPTConfig, tokenizer: data.CharTokenizer) -> None:
     if not _PROMPT.value:
         raise ValueError("--prompt must hold at least one character")
     tokenizer.encode(_PROMPT.value)  # raises for characters outside the vocabulary
-    if model.block_size < 2:  # a window must hold a context character and a new one
-        raise ValueError(f"sampling needs block_size >= 2, got {model.block_size}")
 
 
 def sample_text(params, model: GPTConfig, tokenizer: data.CharTokenizer, *, rng) -> list[str]:
     """Continue ``--prompt`` by ``--sample_tokens`` characters, ``--num_samples`` times."""
     _check_sampling(model, tokenizer)
-    prompt = tokenizer.encode(_PROMPT.value)
-    out = np.tile(prompt, (_NUM_SAMPLES.value, 1))  # [B, T0]
-    keep = max(1, model.block_size // 2)
-    top_k = _top_k(model)
-    produced = 0
-    while produced < _SAMPLE_TOKENS.value:
-        context = out[:, -keep:]  # [B, <= keep]
-        new = model.block_size - context.shape[1]
-        rng, key = jax.random.split(rng)
-        window = generate(
-            params, model, context, new, rng=key, temperature=_TEMPERATURE.value, top_k=top_k
-        )
-        out = np.concatenate([out, np.asarray(window)[:, context.shape[1] :]], axis=1)
-        produced += new
-    out = out[:, : len(prompt) + _SAMPLE_TOKENS.value]
-    return [tokenizer.decode(row) for row in out]
+    prompt = np.tile(tokenizer.encode(_PROMPT.value), (_NUM_SAMPLES.value, 1))  # [B, T0]
+    out = generate(
+        params, model, prompt, _SAMPLE_TOKENS.value, rng=rng, temperature=_TEMPERATURE.value,
+        top_k=_top_k(model),
+    )  # fmt: skip
+    return [tokenizer.decode(row) for row in np.asarray(out)]
 
 
 def print_samples(params, model, tokenizer, seed: int) -> None:

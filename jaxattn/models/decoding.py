@@ -10,6 +10,10 @@ It runs ``t`` new tokens at the cache's current position, returns their logits a
 with their keys/values written (``gpt.gpt_decode`` is one). ``generate`` prefills the prompt
 with a single call, then samples one token per ``lax.scan`` step.
 
+Past the model's context, ``generate_cropped`` continues as nanoGPT's ``generate`` does: the
+model sees the last ``context`` tokens, one full pass per new token (with absolute
+positions a cache cannot slide along with the window).
+
 Jitting: everything here is traceable. Jit the *caller* with the sampling settings and
 ``max_new_tokens`` static and the weights as traced arguments, building ``decode_fn`` inside,
 e.g. (what ``gpt.generate`` does)::
@@ -233,3 +237,60 @@ def generate(
     length = max_new_tokens - 1
     (last, _), fed = jax.lax.scan(step, (first, cache), later, length=length)  # fed: [n-1, B]
     return jnp.concatenate([prompt, fed.T, last[:, None]], axis=1)  # [B, T0 + n]
+
+
+def generate_cropped(
+    next_logits_fn: Callable[[Array], Array],
+    tokens: Array,
+    max_new_tokens: int,
+    *,
+    context: int,
+    keys: Array | None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Array:
+    """Extend ``tokens`` by ``max_new_tokens``, each drawn from a pass over the last ``context``.
+
+    nanoGPT's ``generate`` once the sequence outgrows the model: token ``j`` is sampled from
+    ``next_logits_fn(sequence[:, j - context : j])``. One ``fori_loop`` step per token over
+    a fixed ``[B, T0 + max_new_tokens]`` buffer, so it compiles once.
+
+    Args:
+      next_logits_fn: ``(window [B, context]) -> [B, V]`` logits of the token after it.
+      tokens: ``[B, T0]`` integer ids, ``T0 >= context`` (a shorter sequence still fits the
+        model: ``generate`` with a cache serves it).
+      max_new_tokens: Python int >= 0.
+      context: the model's context length (window size), >= 1.
+      keys: ``[max_new_tokens]`` PRNG keys, new token i drawn as ``sample_logits(keys[i],
+        ...)`` would; ``None`` only when greedy (``temperature == 0``).
+
+    Returns:
+      ``[B, T0 + max_new_tokens]`` int32.
+    """
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not 1 <= context <= tokens.shape[1]:
+        raise ValueError(
+            f"generate_cropped: tokens must be [B, T0] with T0 >= context={context} >= 1, got "
+            f"{tokens.shape}"
+        )
+    greedy = temperature == 0.0
+    if not greedy and (keys is None or keys.shape != (max_new_tokens,)):
+        shape = None if keys is None else keys.shape
+        raise ValueError(
+            f"generate_cropped: sampling needs keys of shape ({max_new_tokens},), got {shape}"
+        )
+    b, t0 = tokens.shape
+    out = jnp.concatenate([tokens.astype(jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32)], 1)
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def step(i, out):
+        j = t0 + i  # the position written now
+        logits = next_logits_fn(jax.lax.dynamic_slice(out, (0, j - context), (b, context)))
+        noise = None if greedy else _gumbel(keys[i], logits.shape)
+        token = _pick(logits, noise, **settings)  # [B]
+        return jax.lax.dynamic_update_slice(out, token[:, None], (0, j))
+
+    return jax.lax.fori_loop(0, max_new_tokens, step, out)

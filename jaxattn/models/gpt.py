@@ -399,7 +399,14 @@ def gpt(
     if use_dropout and rng is None:
         raise ValueError("gpt: dropout > 0 with deterministic=False needs an rng key")
     weights = _cast(weights, config.compute_dtype)
-    positions = jnp.arange(t)
+    return _logits(weights, _trunk(weights, tokens, config, rng, use_dropout), config)
+
+
+def _trunk(
+    weights: GPTWeights, tokens: Array, config: GPTConfig, rng: Array | None, use_dropout: bool
+) -> Array:
+    """Embeddings and the layer scan (weights already cast). ``[B, T]`` -> ``[B, T, D]``."""
+    positions = jnp.arange(tokens.shape[1])
     rng_embed, rng_layers = jax.random.split(rng) if use_dropout else (None, None)
     x = dropout(
         rng_embed,
@@ -418,7 +425,7 @@ def gpt(
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # safe inside scan
     layer_rngs = jax.random.split(rng_layers, config.num_layers) if use_dropout else None
     x, _ = jax.lax.scan(body, x, (weights.blocks, layer_rngs))
-    return _logits(weights, x, config)
+    return x
 
 
 def gpt_loss(
@@ -595,21 +602,37 @@ def gpt_decode(
 def _generate_jit(
     weights, prompt, rng, config, max_new_tokens, temperature, top_k, top_p, unroll_layers
 ):
-    cache = init_cache(config, prompt.shape[0], prompt.shape[1] + max_new_tokens)
+    t0, block = prompt.shape[1], config.block_size
+    # New tokens whose whole context fits the model come from the KV cache: the last of them
+    # is predicted at position block - 1. Later ones see only the last block tokens.
+    cached = min(max_new_tokens, max(block + 1 - t0, 0))
+    cropped = max_new_tokens - cached
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     # Cast once here rather than on every token.
     weights = _cast(weights, config.compute_dtype)
-    if unroll_layers:  # slice the layers out of their stack before the token loop
-        weights, cache = unstack_layers(weights, cache)
-    return decoding.generate(
-        lambda toks, c: gpt_decode(weights, toks, c, config),
-        cache,
-        prompt,
-        max_new_tokens,
-        rng=rng,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-    )
+    out = prompt
+    if cached:
+        # (The last sample is never fed back, so block positions always suffice.)
+        cache = init_cache(config, prompt.shape[0], min(t0 + cached, block))
+        stepped, cache = unstack_layers(weights, cache) if unroll_layers else (weights, cache)
+        out = decoding.generate(
+            lambda toks, c: gpt_decode(stepped, toks, c, config), cache, prompt, cached,
+            rng=rng, **settings,
+        )  # fmt: skip
+    if cropped:
+        greedy = temperature == 0.0
+        # Token i of all max_new_tokens draws with key i of split(rng, max_new_tokens), as in
+        # the cached part (split's keys do not depend on how many are split off).
+        keys = None if greedy else jax.random.split(rng, max_new_tokens)[cached:]
+
+        def next_logits(window):  # [B, block] -> [B, V]: only the last position's logits
+            x = _trunk(weights, window, config, None, False)
+            return _logits(weights, x[:, -1:], config)[:, 0]
+
+        out = decoding.generate_cropped(
+            next_logits, out, cropped, context=block, keys=keys, **settings
+        )
+    return out
 
 
 def generate(
@@ -628,16 +651,21 @@ def generate(
 
     Compiled once per (prompt shape, max_new_tokens, sampling settings, config,
     unroll_layers): the prompt is prefilled in one pass, then one token per ``lax.scan``
-    step against the KV cache.
+    step against the KV cache. Beyond ``block_size`` tokens it goes on as nanoGPT's
+    ``generate``: each token is drawn from a full pass over the last ``block_size`` tokens
+    (a longer prompt is cropped the same way), in one ``fori_loop`` of the same program.
+
+    New token i is drawn with key i of ``jax.random.split(rng, max_new_tokens)``, as
+    ``decoding.sample_logits`` would draw it.
 
     Args:
-      prompt: ``[B, T0]`` ids; ``T0 + max_new_tokens <= block_size``.
+      prompt: ``[B, T0]`` ids, ``T0 >= 1``.
       rng: sampling key.
-      unroll_layers: run each token's layers unrolled (``unstack_layers``) instead of as a
-        layer scan. On CPU at batch 1 about 2x faster per token (4-layer Shakespeare model:
-        ~100 instead of ~220 us), but slower to compile (2.9 s instead of 1.5 s) and
-        growing with depth. Worth it when one compiled shape serves many calls (serving,
-        benchmarks); the default suits a few one-off samples.
+      unroll_layers: run each cached token's layers unrolled (``unstack_layers``) instead
+        of as a layer scan. On CPU at batch 1 about 2x faster per token (4-layer
+        Shakespeare model: ~100 instead of ~220 us), but slower to compile (2.9 s instead of
+        1.5 s) and growing with depth. Worth it when one compiled shape serves many calls
+        (serving, benchmarks); the default suits a few one-off samples.
 
     Returns:
       ``[B, T0 + max_new_tokens]`` int32: the prompt followed by the new tokens.
@@ -647,12 +675,7 @@ def generate(
     if prompt.shape[1] == 0:
         raise ValueError(f"generate: the prompt must hold at least one token, got {prompt.shape}")
     max_new_tokens = decoding.check_max_new_tokens(max_new_tokens)
-    total = prompt.shape[1] + max_new_tokens
-    if total > config.block_size:
-        raise ValueError(
-            f"generate: prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = "
-            f"{total} exceeds block_size={config.block_size}"
-        )
+    _check_weights(weights, config, "generate", per_layer_ok=False)  # (it unstacks them itself)
     # Validate the sampling settings eagerly, before anything is traced.
     decoding.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     return _generate_jit(

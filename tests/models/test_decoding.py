@@ -327,6 +327,64 @@ def test_sampled_generate_equals_sample_logits_step_by_step():
     np.testing.assert_array_equal(out, seq)
 
 
+def _reference_cropped(w, prompt, n, config, pick):
+    """nanoGPT's generate: token t from a full pass over the last block_size tokens.
+
+    ``pick(i, logits [B, V]) -> [B]`` chooses new token i. Each window is right-padded to
+    block_size (one compiled shape); causality hides the padding from position len - 1.
+    """
+    t0, block = prompt.shape[1], config.block_size
+    seq = np.zeros((prompt.shape[0], t0 + n), np.int32)
+    seq[:, :t0] = prompt
+    for t in range(t0, t0 + n):
+        window = seq[:, max(0, t - block) : t]
+        padded = np.zeros((seq.shape[0], block), np.int32)
+        padded[:, : window.shape[1]] = window
+        logits = gpt_jit(w, jnp.asarray(padded), config)[:, window.shape[1] - 1]
+        seq[:, t] = pick(t - t0, logits)
+    return seq
+
+
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+@pytest.mark.parametrize("config", [BASE, ROPE], ids=["base", "rope"])
+@pytest.mark.parametrize("t0", [3, 11, 14], ids=["short_prompt", "full_prompt", "long_prompt"])
+def test_greedy_generate_past_the_context_crops_as_nanogpt(config, unroll, t0):
+    """Past block_size = 11 each token sees the last 11 tokens; so does a longer prompt."""
+    w = random_weights(config, seed=2)
+    prompt = tokens_for(config, (B, t0), seed=3)
+    out = gpt_module.generate(
+        w, config, prompt, 12, rng=key(0), temperature=0.0, unroll_layers=unroll
+    )
+    assert out.shape == (B, t0 + 12) and out.dtype == jnp.int32
+    greedy = lambda i, logits: np.argmax(np.asarray(logits), -1)
+    np.testing.assert_array_equal(out, _reference_cropped(w, prompt, 12, config, greedy))
+
+
+def test_sampled_generate_past_the_context_draws_token_i_with_key_i():
+    """Both parts, cached and cropped, draw new token i with key i of split(rng, n)."""
+    w = random_weights(BASE, seed=5)
+    prompt = tokens_for(BASE, (B, 4), seed=6)
+    settings = dict(temperature=0.8, top_k=6, top_p=0.95)
+    rng = jax.random.key(4)  # threefry: see test_sampled_generate_equals_sample_logits...
+    out = gpt_module.generate(w, BASE, prompt, 16, rng=rng, **settings)
+    keys = jax.random.split(rng, 16)
+    sampled = lambda i, logits: decoding.sample_logits(keys[i], logits, **settings)
+    np.testing.assert_array_equal(out, _reference_cropped(w, prompt, 16, BASE, sampled))
+
+
+def test_generate_cropped_rejects_bad_requests():
+    fn = lambda window: jnp.zeros((window.shape[0], 5))
+    tokens = jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"T0 >= context=6 >= 1, got \(2, 4\)"):
+        decoding.generate_cropped(fn, tokens, 3, context=6, keys=None, temperature=0.0)
+    with pytest.raises(ValueError, match=r"keys of shape \(3,\), got None"):
+        decoding.generate_cropped(fn, tokens, 3, context=4, keys=None)
+    with pytest.raises(ValueError, match=r"keys of shape \(3,\), got \(2,\)"):
+        decoding.generate_cropped(fn, tokens, 3, context=4, keys=jax.random.split(key(0), 2))
+    greedy = decoding.generate_cropped(fn, tokens, 3, context=4, keys=None, temperature=0.0)
+    np.testing.assert_array_equal(greedy, jnp.zeros((2, 7), jnp.int32))  # argmax of zeros
+
+
 def test_sampled_generate():
     w = random_weights(BASE)
     prompt = tokens_for(BASE, (B, 2), seed=4)
@@ -345,8 +403,9 @@ def test_sampled_generate():
 def test_generate_rejects_bad_requests():
     w = random_weights(BASE)
     prompt = tokens_for(BASE, (1, 4))
-    with pytest.raises(ValueError, match="block_size"):
-        gpt_module.generate(w, BASE, prompt, 8, rng=key(0))  # 4 + 8 > 11
+    with pytest.raises(ValueError, match="per-layer blocks"):
+        gpt_module.generate(gpt_module.unstack_layers(w, init_cache(BASE, 1, 4))[0], BASE,
+                            prompt, 2, rng=key(0))  # fmt: skip
     with pytest.raises(ValueError, match="max_new_tokens"):
         gpt_module.generate(w, BASE, prompt, -1, rng=key(0))
     with pytest.raises(ValueError, match=r"max_new_tokens must be an integer >= 0, got 2\.0"):

@@ -211,7 +211,6 @@ def test_unknown_config_key_is_an_error(tmp_path):
     [
         ("--prompt=€uro", "'€' at position 0 is not in the vocabulary"),
         ("--prompt=", "--prompt must hold at least one character"),
-        ("--config.model.block_size=1", "sampling needs block_size >= 2, got 1"),
         ("--temperature=-1", "temperature must be >= 0, got -1.0"),
         ("--config.grad_accum_steps=0", "config.grad_accum_steps must be an integer >= 1, got 0"),
         ("--config.mesh.data=3", "the product must equal the device count"),
