@@ -12,6 +12,7 @@ only (as nanoGPT), global-norm clipping, warmup + cosine learning rate.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
@@ -120,7 +121,7 @@ def train_run(
     lr_decay_steps: int = 2000,
     checkpoint_path: str | None = None,
     seed: int = 1337,
-) -> float:
+) -> tuple[float, float]:
     """nanoGPT's character-level training run, as its train.py does it on a CPU.
 
     The defaults are its CPU Shakespeare command (``--device=cpu --compile=False
@@ -128,7 +129,8 @@ def train_run(
     --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0``): 90/10 split of
     the characters, batches of random windows, evaluation of both splits every
     ``eval_every`` steps and at the end (and a checkpoint when val loss improves), the
-    loss fetched every step for the log. Returns the val loss at ``steps``.
+    loss fetched every step for the log. Returns the val loss at ``steps`` and the seconds
+    spent in train steps (evaluations and checkpoints left out).
     """
     import numpy as np
 
@@ -159,7 +161,7 @@ def train_run(
         model.train()
         return out
 
-    best, val = math.inf, math.nan
+    best, val, step_seconds = math.inf, math.nan, 0.0
     for step in range(steps + 1):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, lr, min_lr, warmup, lr_decay_steps)
@@ -172,10 +174,12 @@ def train_run(
                                checkpoint_path)  # fmt: skip
         if step == steps:
             break
+        start = time.perf_counter()
         loss = model(*batch("train"))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()  # log_interval=1: the loss is fetched every step
-    return val
+        step_seconds += time.perf_counter() - start
+    return val, step_seconds
