@@ -75,7 +75,7 @@ def enable_compilation_cache() -> None:
     """Point JAX's persistent compilation cache at ``--compilation_cache``.
 
     The Shakespeare run compiles for about 9 s (state init, train and eval steps at the
-    start, two sampling shapes at the end); a later run with the same programs loads them
+    start, the sampling program at the end); a later run with the same programs loads them
     instead. Entries are keyed by the program, the JAX version and the backend; an XLA:CPU
     entry compiled for another CPU is recompiled rather than run. Only process 0 of a
     multi-process run writes entries. Call before anything compiles; it does not touch a
