@@ -656,7 +656,8 @@ def generate(
     (a longer prompt is cropped the same way), in one ``fori_loop`` of the same program.
 
     New token i is drawn with key i of ``jax.random.split(rng, max_new_tokens)``, as
-    ``decoding.sample_logits`` would draw it.
+    ``decoding.sample_logits`` would draw it (with threefry keys, the default; see
+    ``decoding.generate`` for rbg keys).
 
     Args:
       prompt: ``[B, T0]`` ids, ``T0 >= 1``.
