@@ -59,9 +59,11 @@ def save_safetensors(
     from safetensors.flax import save_file
 
     # np.asarray, not jnp.asarray: without x64, jnp would turn float64 / int64 leaves into
-    # 32-bit ones before they reach the file.
+    # 32-bit ones before they reach the file. order="C": safetensors writes the raw buffer
+    # from the array's data pointer, so a transposed or strided NumPy view would be stored
+    # in its memory order (silently scrambled); a C-contiguous copy is taken only for those.
     flat = {
-        name: np.asarray(leaf)
+        name: np.asarray(leaf, order="C")
         for name, leaf in flatten_with_names(pure_weights_of(weights)).items()
     }
     save_file(flat, os.fspath(path), metadata=metadata)

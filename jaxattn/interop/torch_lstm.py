@@ -164,6 +164,11 @@ def lstm_to_torch_state_dict(
     """
     check_framework(framework)
     layers = pure_weights_of(layers)
+    if isinstance(layers, (LSTMWeights, BidirectionalWeights)):  # one layer, not a tuple
+        raise ValueError(
+            "lstm_to_torch_state_dict: expected a tuple of layers (as init_lstm_stack returns), "
+            f"got a single {type(layers).__name__}: pass (weights,)"
+        )
     if not layers:
         raise ValueError("lstm_to_torch_state_dict: got no layers")
     out: dict[str, Any] = {}

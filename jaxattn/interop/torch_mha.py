@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.interop._tensors import check_framework, export, get, pure_weights_of, state_dict_of
+from jaxattn.models._config import check_size
 from jaxattn.ops.attention import MultiHeadAttentionWeights
 
 
@@ -53,7 +54,8 @@ def mha_from_torch(
         num_heads = module_heads
         if num_heads is None:
             raise ValueError("mha_from_torch: pass num_heads= when converting a state dict")
-    elif module_heads is not None and num_heads != module_heads:
+    num_heads = check_size(num_heads, "num_heads", "mha_from_torch")
+    if module_heads is not None and num_heads != module_heads:
         # Another head count splits the same matrices into other heads: a different model.
         raise ValueError(
             f"mha_from_torch: num_heads={num_heads} but the module has num_heads={module_heads}"

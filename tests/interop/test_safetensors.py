@@ -116,3 +116,16 @@ def test_a_jaxattn_nn_module_is_saved_and_loaded_as_its_pure_weights(tmp_path):
         assert jax.tree.structure(back) == jax.tree.structure(module.pure_weights())
         for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(module.pure_weights())):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_contiguous_numpy_leaves_are_saved_in_logical_order(tmp_path):
+    # safetensors writes raw memory from the data pointer: a transposed or strided NumPy
+    # view must be stored as its values, not as its underlying buffer.
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tree = {"w_t": w.T, "every_other": np.arange(8, dtype=np.float32)[::2], "s": np.float32(3)}
+    path = tmp_path / "views.safetensors"
+    save_safetensors(tree, path)
+    back = load_safetensors(path, tree)
+    for name, leaf in tree.items():
+        np.testing.assert_array_equal(np.asarray(back[name]), leaf)
+        assert back[name].shape == np.shape(leaf)

@@ -128,3 +128,13 @@ def test_a_jaxattn_nn_lstm_module_exports_its_pure_weights():
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_a_single_layer_not_in_a_tuple_is_named():
+    (layer,) = lstm_from_torch(_torch_lstm(1, False))
+    with pytest.raises(ValueError, match=r"expected a tuple of layers.*single LSTMWeights"):
+        lstm_to_torch_state_dict(layer)
+    assert (
+        lstm_to_torch_state_dict((layer,), framework="np").keys()
+        == _torch_lstm(1, False).state_dict().keys()
+    )

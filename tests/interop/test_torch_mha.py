@@ -141,3 +141,9 @@ def test_ml_dtypes_floats_are_weights_but_ints_are_not():
     for dtype in (np.int8, np.bool_, np.uint16):
         with pytest.raises(ValueError, match="expected a floating dtype"):
             get({"w": np.ones((2, 2), dtype)}, "w", (2, 2))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True])
+def test_a_bad_num_heads_is_named(bad):
+    with pytest.raises(ValueError, match=r"mha_from_torch: num_heads must be an int >= 1, got"):
+        mha_from_torch(_mha().state_dict(), num_heads=bad)
