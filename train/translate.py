@@ -125,6 +125,20 @@ def check_example_counts(config: ml_collections.ConfigDict, names: tuple[str, ..
             raise ValueError(f"config.{name} must be >= 0 (0: all), got {config[name]}")
 
 
+def check_data_settings(config: ml_collections.ConfigDict) -> None:
+    """Refuse buckets that cannot hold the train/val pairs ``config.max_len`` keeps: the
+    data pipeline would only fail after the workdir and its sentencepiece model were made,
+    naming neither setting."""
+    buckets = tuple(config.buckets)
+    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+        raise ValueError(f"config.buckets must be increasing lengths >= 1, got {buckets}")
+    if config.max_len > buckets[-1]:
+        raise ValueError(
+            f"config.max_len={config.max_len} keeps train/val pairs longer than the largest "
+            f"of config.buckets={buckets}: lower max_len or add a bucket >= {config.max_len}"
+        )
+
+
 def check_decode_settings(config: ml_collections.ConfigDict) -> None:
     """Refuse decoding settings that could only fail after training, with the reason."""
     for name in ("beam_size", "decode_max_len", "decode_batch_size"):
@@ -237,14 +251,19 @@ def test_bleu(params, kind, model, config, sp, test_pairs) -> tuple[float, list[
     return sacrebleu.corpus_bleu(hyps, [refs]).score, hyps
 
 
-def plot_attention(params, model, sp, sentences: list[str], path: Path, config) -> None:
-    """Heat-map of the LSTM attention weights for the greedy translations of ``sentences``."""
+def plot_attention(params, model, sp, sentences: list[str], path: Path, config) -> bool:
+    """Heat-map of the LSTM attention weights for the test decode's translations
+    (``config.beam_size``) of ``sentences``; a sentence that no bucket holds (which
+    ``test_bleu`` did not decode either) is left out. Returns whether it drew one."""
+    src = [np.asarray(sp.encode(s), np.int32) for s in sentences]
+    src = [ids for ids in src if 0 < len(ids) <= config.buckets[-1]]
+    if not src:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    src = [np.asarray(sp.encode(s), np.int32) for s in sentences]
     hyps = [np.asarray(h, np.int32) for h in translate_ids(params, "seq2seq", model, config, src)]
     # Teacher-force the model on its own output: one padded batch, one compiled call.
     length = max(max(len(s) for s in src), max(len(h) for h in hyps) + 1)
@@ -263,6 +282,7 @@ def plot_attention(params, model, sp, sentences: list[str], path: Path, config) 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def load_data(config, workdir: Path):
@@ -291,6 +311,7 @@ def load_data(config, workdir: Path):
 
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    check_data_settings(config)
     check_decode_settings(config)  # before training, not after it
     check_example_counts(config, ("max_train_examples", "max_eval_examples"))
     # The model fields' errors before the workdir and its sentencepiece model are made (the
@@ -369,9 +390,9 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     for (s, r), h in list(zip(test_pairs, hyps))[:3]:
         print(f"  {s}  ->  {h}   (reference: {r})")
     if kind == "seq2seq" and model.attention != "none":
-        plot_attention(params, model, sp, [s for s, _ in test_pairs[:3]],
-                       workdir / "attention.png", config)  # fmt: skip
-        print(f"Attention heat-map: {workdir / 'attention.png'}")
+        if plot_attention(params, model, sp, [s for s, _ in test_pairs[:3]],
+                          workdir / "attention.png", config):  # fmt: skip
+            print(f"Attention heat-map: {workdir / 'attention.png'}")
 
 
 def _restore(workdir: Path):

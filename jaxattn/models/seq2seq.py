@@ -203,6 +203,8 @@ def encode(
     src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
     _check_source(src, src_lengths, config, "encode")
     active = not deterministic and config.dropout > 0
+    if active and rng is None:  # else jax.random.split(None): "unexpected PRNG key type"
+        raise ValueError("encode: dropout > 0 with deterministic=False needs an rng key")
     rng_embed, rng_lstm = _split(rng, 2, active)
     x = dropout(
         rng_embed, embed(weights.src_embedding, src), config.dropout, deterministic=not active
@@ -257,8 +259,15 @@ def _head(
     """Attention and output layer: ``dec_out [B, T, h]`` -> (logits [B, T, V], a [B, T, S])."""
     hidden, weights_ts = dec_out, None
     if config.attention != "none":
-        scores = _scores(weights, dec_out, memory, config)  # [B, T, S]
-        context, weights_ts = attend(scores, memory, src_mask[:, None, :])  # [B, T, h]
+        if memory.shape[1] == 0:
+            # S = 0: nothing to attend to, as for a row of src_lengths 0 (zero weights, zero
+            # context); masked_softmax cannot reduce an empty axis.
+            b, t = dec_out.shape[:2]
+            context = jnp.zeros((b, t, memory.shape[-1]), dec_out.dtype)  # [B, T, memory width]
+            weights_ts = jnp.zeros((b, t, 0), jnp.float32)
+        else:
+            scores = _scores(weights, dec_out, memory, config)  # [B, T, S]
+            context, weights_ts = attend(scores, memory, src_mask[:, None, :])  # [B, T, h]
         hidden = jnp.tanh(dense(weights.combine, jnp.concatenate([context, dec_out], -1)))
     hidden = dropout(rng, hidden, config.dropout, deterministic=not active)
     return dense(weights.output, hidden).astype(jnp.float32), weights_ts

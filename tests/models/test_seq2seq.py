@@ -242,6 +242,25 @@ def test_dropout(np_rng):
     )
     with pytest.raises(ValueError, match="rng"):
         seq2seq_logits(w, src, lengths, tgt_in, config, deterministic=False)
+    # encode alone too, not jax.random.split(None)'s "unexpected PRNG key type".
+    with pytest.raises(ValueError, match="encode: dropout > 0 with deterministic=False needs"):
+        encode(w, src, lengths, config, deterministic=False)
+
+
+@pytest.mark.parametrize("config", VARIANTS[1:], ids=lambda c: c.attention)
+def test_empty_source_attends_to_nothing(config):
+    """S = 0 reads like a source of length 0: zero attention weights, zero context."""
+    w = random_weights(config)
+    tgt_in = jnp.array([[BOS, 4, 5], [BOS, 6, 7]])
+    empty = jnp.zeros((2, 0), jnp.int32), jnp.zeros((2,), jnp.int32)
+    padded = jnp.full((2, 1), PAD), jnp.zeros((2,), jnp.int32)
+    logits, attn = seq2seq_logits(w, *empty, tgt_in, config)
+    np.testing.assert_allclose(logits, seq2seq_logits(w, *padded, tgt_in, config)[0], atol=1e-6)
+    assert attn.shape == (2, 3, 0)
+    np.testing.assert_array_equal(
+        translate(w, config, *empty, beam_size=2, max_len=4),
+        translate(w, config, *padded, beam_size=2, max_len=4),
+    )
 
 
 def test_beam_one_equals_greedy_on_the_model(np_rng):

@@ -182,6 +182,8 @@ def test_bad_example_counts_and_model_fail_before_anything_is_written(tmp_path):
         ("--config.model.attention=luong", "Seq2SeqConfig.attention must be one of"),
         ("--config.mesh.data=3", "the product must equal the device count"),
         ("--config.eval_every=-1", "LoopConfig.eval_every must be an integer >= 0, got -1"),
+        ("--config.max_len=40", "config.max_len=40 keeps train/val pairs longer than the"),
+        ("--config.buckets=(16,8)", "config.buckets must be increasing lengths >= 1"),
     ]:
         proc = run_translate(f"--workdir={tmp_path / 'run'}", override, check=False)
         assert proc.returncode == 1 and message in proc.stderr, (override, proc.stderr)
@@ -237,3 +239,33 @@ def test_object_store_workdir_is_refused(tmp_path):
     assert proc.returncode != 0 and "--workdir=gs://bucket/run" in proc.stderr
     assert "local or shared-filesystem folder" in proc.stderr
     assert not (Path.cwd() / "gs:").exists() and not (REPO / "gs:").exists()
+
+
+def test_attention_plot_leaves_out_sources_no_bucket_holds(tmp_path):
+    """The heat-map runs after the test BLEU: a long source among its sentences (which
+    test_bleu skipped) used to fail the whole run with bucket_of's ValueError."""
+    import jax
+    import ml_collections
+
+    from jaxattn.models import seq2seq
+
+    sys.path.insert(0, str(REPO / "train"))
+    import translate
+
+    class FakePieces:  # a sentencepiece stand-in: one piece per character
+        def encode(self, s):
+            return [4 + ord(ch) % 8 for ch in s]
+
+        def id_to_piece(self, i):
+            return str(i)
+
+    model = seq2seq.Seq2SeqConfig(12, 12, 8, 8, attention="dot")
+    params = seq2seq.init_seq2seq(jax.random.key(0), model)
+    config = ml_collections.ConfigDict(
+        dict(buckets=(16,), beam_size=1, decode_max_len=8, decode_batch_size=4)
+    )
+    path = tmp_path / "attention.png"
+    long = "a sentence of more than sixteen pieces"
+    assert translate.plot_attention(params, model, FakePieces(), ["short", long], path, config)
+    assert path.is_file()
+    assert not translate.plot_attention(params, model, FakePieces(), [long], path, config)
