@@ -54,14 +54,15 @@ def step_seconds(metrics_jsonl: Path) -> float:
     """Seconds in train steps, from the ``step_time_ms`` of each logged window of lm.py.
 
     Each window's time runs from the end of the previous log, evaluation or save to the
-    host sync of its metrics, so it holds the steps and nothing else (the first, compiling
-    step is left out).
+    host sync of its metrics, so it holds the steps and nothing else. The first window's
+    average leaves out its first, compiling step, so it covers one step fewer.
     """
     total, last = 0.0, 0
     for line in metrics_jsonl.read_text().splitlines():
         record = json.loads(line)
         if record.get("step_time_ms") is not None:
-            total += record["step_time_ms"] / 1000 * (record["step"] - last)
+            timed = record["step"] - last - (1 if last == 0 else 0)  # (step 1 compiled)
+            total += record["step_time_ms"] / 1000 * timed
         last = record["step"]
     return total
 

@@ -262,8 +262,9 @@ def generate_cropped(
         model: ``generate`` with a cache serves it).
       max_new_tokens: Python int >= 0.
       context: the model's context length (window size), >= 1.
-      keys: ``[max_new_tokens]`` PRNG keys, new token i drawn as ``sample_logits(keys[i],
-        ...)`` would; ``None`` only when greedy (``temperature == 0``).
+      keys: ``[max_new_tokens]`` PRNG keys (raw ``[max_new_tokens, 2]`` uint32 ones, from
+        ``jax.random.PRNGKey``, too), new token i drawn as ``sample_logits(keys[i], ...)``
+        would; ``None`` only when greedy (``temperature == 0``).
 
     Returns:
       ``[B, T0 + max_new_tokens]`` int32.
@@ -277,6 +278,9 @@ def generate_cropped(
             f"{tokens.shape}"
         )
     greedy = temperature == 0.0
+    if keys is not None and not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        # Raw uint32 keys (jax.random.PRNGKey, split to [n, 2]): typed keys of the default impl.
+        keys = jax.random.wrap_key_data(keys)
     if not greedy and (keys is None or keys.shape != (max_new_tokens,)):
         shape = None if keys is None else keys.shape
         raise ValueError(

@@ -458,3 +458,12 @@ def test_generate_loop_with_a_toy_model():
     assert len(calls) == 2  # jitted once per shape
     with pytest.raises(ValueError, match="prompt"):
         decoding.generate(decode_fn, 0, jnp.zeros((2,), jnp.int32), 3, rng=key(0))
+
+
+def test_sampled_generate_past_the_context_takes_a_raw_prng_key():
+    """A legacy uint32 jax.random.PRNGKey draws as the typed threefry key of its data."""
+    w = random_weights(BASE, seed=5)
+    prompt = tokens_for(BASE, (B, 4), seed=6)
+    raw = gpt_module.generate(w, BASE, prompt, 10, rng=jax.random.PRNGKey(4), top_k=6)
+    typed = gpt_module.generate(w, BASE, prompt, 10, rng=jax.random.key(4), top_k=6)
+    np.testing.assert_array_equal(raw, typed)
