@@ -41,6 +41,7 @@ from common import (  # train/common.py (this script's directory)
 from etils import epath
 from ml_collections import config_flags
 
+from jaxattn.models._config import check_size
 from jaxattn.models.decoding import check_sampling
 from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt, weight_decay_mask
 from jaxattn.models.partitioning import TRANSFORMER_RULES
@@ -128,6 +129,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{name} must be an integer >= 1, got {value!r}")
+    # (grain refuses a negative seed only at the first batch, after the workdir is made)
+    check_size(config.seed, "config.seed", "train/lm.py", minimum=0)
     text = data.load_text(config.data_path)
     tokenizer = data.CharTokenizer.from_text(text)
     ids = tokenizer.encode(text)

@@ -59,6 +59,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from jaxattn.models import seq2seq, transformer
+from jaxattn.models._config import check_size
 from jaxattn.models.partitioning import SEQ2SEQ_RULES, TRANSFORMER_RULES
 from jaxattn.training import sharding
 from jaxattn.training import translation_data as td
@@ -126,9 +127,11 @@ def check_example_counts(config: ml_collections.ConfigDict, names: tuple[str, ..
 
 
 def check_data_settings(config: ml_collections.ConfigDict) -> None:
-    """Refuse buckets that cannot hold the train/val pairs ``config.max_len`` keeps: the
-    data pipeline would only fail after the workdir and its sentencepiece model were made,
-    naming neither setting."""
+    """Refuse seeds NumPy cannot use and buckets that cannot hold the train/val pairs
+    ``config.max_len`` keeps: the data pipeline would only fail after the workdir and its
+    sentencepiece model were made, naming neither setting."""
+    for name in ("seed", "split_seed"):
+        check_size(config[name], f"config.{name}", "train/translate.py", minimum=0)
     buckets = tuple(config.buckets)
     if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
         raise ValueError(f"config.buckets must be increasing lengths >= 1, got {buckets}")

@@ -22,6 +22,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from jaxattn.models._config import check_size
+
 DEFAULT_TEXT = "tinyshakespeare.txt"
 
 
@@ -87,7 +89,10 @@ class CharTokenizer:
         Raises:
           ValueError: naming the first character not in the vocabulary and its position.
         """
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        # surrogatepass: a lone surrogate (text read with errors="surrogateescape") is one
+        # character the constructor accepts, so encode must take it too.
+        raw = text.encode("utf-32-le", "surrogatepass")
+        codes = np.frombuffer(raw, dtype=np.uint32).astype(np.int64)
         ids = np.searchsorted(self._codes, codes)
         known = self._codes[np.minimum(ids, len(self._codes) - 1)] == codes
         if not known.all():
@@ -169,7 +174,7 @@ def lm_dataset(
       tokens: 1-D integer token stream ``[n]`` with ``n > seq_len``.
       batch_size: B, windows per batch.
       seq_len: T, tokens per window (the model's block size).
-      seed: the batch sequence is a pure function of it.
+      seed: integer >= 0; the batch sequence is a pure function of it.
       vocab_size: every id must lie in ``[0, vocab_size)``.
       process_rows: on a multi-process run, the rows of each global batch this process
         loads (``sharding.process_batch_slice``). Every process draws the same B offsets,
@@ -182,13 +187,15 @@ def lm_dataset(
       inputs[:, t + 1]`` for ``t < T - 1``.
 
     Raises:
-      ValueError: bad shapes, a stream too short for one window, or an id out of range.
+      ValueError: bad shapes, a negative seed, a stream too short for one window, or an id
+        out of range.
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"need batch_size >= 1 and seq_len >= 1, got {batch_size}, {seq_len}")
+    check_size(seed, "seed", name, minimum=0)  # (grain would refuse it at the first batch)
     if len(tokens) <= seq_len:
         raise ValueError(
             f"the {name} holds {len(tokens)} tokens, too short for one window of "

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
+from jaxattn.models._config import check_size
 from jaxattn.training.data import check_token_ids
 
 DEFAULT_CORPUS = "spa-eng.txt.gz"
@@ -299,7 +300,7 @@ def translation_dataset(
       src, tgt: equal-length lists of 1-D id arrays (no BOS/EOS), as from ``encode_pairs``.
       batch_size: B rows per batch; each epoch drops each bucket's last partial batch.
       buckets: increasing padded lengths; every example must fit the largest.
-      seed: the batch sequence is a pure function of it.
+      seed: integer >= 0; the batch sequence is a pure function of it.
       vocab_size: every id must lie in ``[0, vocab_size)``.
       process_rows: on a multi-process run, the rows of each global batch this process
         loads (``sharding.process_batch_slice``); every process plans the same global
@@ -319,6 +320,7 @@ def translation_dataset(
         raise ValueError(
             f"need batch_size >= 1 and increasing buckets, got {batch_size}, {buckets}"
         )
+    check_size(seed, "seed", name, minimum=0)  # (NumPy would refuse it at the first batch)
     for ids in (*src, *tgt):
         check_token_ids(ids, vocab_size)
     rows = slice(None) if process_rows is None else process_rows

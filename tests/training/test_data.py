@@ -160,3 +160,20 @@ def test_token_ids_are_validated():
 def test_train_val_split_rejects_bad_fraction():
     with pytest.raises(ValueError, match="train_fraction"):
         data.train_val_split(_stream(), 1.0)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_lm_dataset_refuses_a_seed_grain_cannot_use_when_built(seed):
+    # grain refuses a negative seed only when the first batch is drawn, naming nothing.
+    with pytest.raises(ValueError, match=r"train split: seed must be an int >= 0"):
+        data.lm_dataset(
+            np.arange(20) % 5, batch_size=2, seq_len=4, seed=seed, vocab_size=5, name="train split"
+        )
+
+
+def test_tokenizer_encodes_every_character_of_its_own_vocabulary():
+    # Lone surrogates (text read with errors="surrogateescape") are characters the
+    # constructor accepts; encoding them must not raise UnicodeEncodeError.
+    tok = data.CharTokenizer.from_text("ab\udc80\ud800")
+    text = "a\ud800b\udc80"
+    assert tok.decode(tok.encode(text)) == text

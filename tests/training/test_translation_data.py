@@ -215,6 +215,10 @@ def test_dataset_validates_inputs(np_rng):
         td.translation_dataset(src, tgt, batch_size=2, buckets=(8,), seed=0, vocab_size=50)
     with pytest.raises(ValueError, match="increasing buckets"):
         td.translation_dataset(src, tgt, batch_size=2, buckets=(16, 8), seed=0, vocab_size=50)
+    with pytest.raises(ValueError, match=r"^train split: seed must be an int >= 0, got -1"):
+        td.translation_dataset(
+            src, tgt, batch_size=2, buckets=(16,), seed=-1, vocab_size=50, name="train split"
+        )
     with pytest.raises(ValueError, match=r"^validation split: no bucket holds a full batch"):
         td.translation_dataset(
             src, tgt, batch_size=64, buckets=(16,), seed=0, vocab_size=50, name="validation split"
