@@ -357,6 +357,14 @@ def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate) -> str:
     return "blockwise" if 4 * b * n * t * s > _DENSE_SCORES_MAX_BYTES else "xla"
 
 
+def _check_implementation(implementation: str, where: str) -> None:
+    if implementation not in _KERNELS:
+        raise ValueError(
+            f"{where}: unknown implementation {implementation!r}; expected None or one of "
+            f"{IMPLEMENTATIONS}"
+        )
+
+
 def dot_product_attention(
     q: Array,
     k: Array,
@@ -401,11 +409,7 @@ def dot_product_attention(
     mask, bias = check_attention_inputs("dot_product_attention", q, k, v, mask, bias)
     if implementation is None:
         implementation = _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate)
-    if implementation not in _KERNELS:
-        raise ValueError(
-            f"dot_product_attention: unknown implementation {implementation!r}; "
-            f"expected None or one of {IMPLEMENTATIONS}"
-        )
+    _check_implementation(implementation, "dot_product_attention")
     check_dropout_rate(dropout_rate, "dot_product_attention: dropout_rate")
     if dropout_rate > 0.0 and implementation != "xla":
         raise ValueError(
@@ -486,6 +490,8 @@ def init_multi_head_attention(
     ``num_kv_heads = num_heads``; ``std = 1/sqrt(fan_in)`` per input projection and
     ``out_std = 1/sqrt(N H)`` (GPT-2 passes a smaller ``out_std`` for the residual branch).
     """
+    if num_heads <= 0:
+        raise ValueError(f"init_multi_head_attention: num_heads must be >= 1, got {num_heads}")
     if head_dim is None:
         if q_dim % num_heads != 0:
             raise ValueError(
@@ -574,6 +580,16 @@ def write_kv_cache(
       this also hides the slots not written yet.
     """
     chunk, cache = (k.shape, v.shape), (k_cache.shape, v_cache.shape)
+    if k_cache.ndim != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(
+            f"write_kv_cache: k_cache [B, S, K, H] and v_cache [B, S, K, Hv] must share B, S "
+            f"and K, got k_cache {k_cache.shape}, v_cache {v_cache.shape}"
+        )
+    if jnp.ndim(index) != 0 or not jnp.issubdtype(jnp.result_type(index), jnp.integer):
+        raise ValueError(
+            f"write_kv_cache: index must be an integer scalar, got "
+            f"{jnp.result_type(index)} of shape {jnp.shape(index)}"
+        )
     if any(c[:1] + c[2:] != x[:1] + x[2:] or c[1] < x[1] for c, x in zip(cache, chunk)):
         raise ValueError(
             f"write_kv_cache: the chunk's k {k.shape}, v {v.shape} must be [B, T, K, H] with "
@@ -653,6 +669,9 @@ def multi_head_attention(
             dropout_rng=rng,
         )
         return project_output(weights, context)
+    if implementation is not None:  # (the weights come from the einsum path whatever it says)
+        _check_implementation(implementation, "multi_head_attention")
+    check_dropout_rate(rate, "multi_head_attention: dropout_rate")
     mask, bias = check_attention_inputs("multi_head_attention", q, k, v, mask, bias)
     context, probs = _attention_xla_core(q, k, v, mask, bias, is_causal, None, rate, rng)
     return project_output(weights, context), probs  # probs: [B, N, T, S]

@@ -148,6 +148,8 @@ def embed(weights: EmbeddingWeights, ids: Array) -> Array:
 
     Out-of-range ids raise ``ValueError`` when ``ids`` is concrete (see ``check_token_ids``).
     """
+    if not isinstance(ids, jax.Array | np.ndarray):
+        ids = np.asarray(ids)  # lists, tuples: jnp.take refuses them
     check_token_ids(ids, weights.table.shape[0])
     return jnp.take(weights.table, ids, axis=0)
 
@@ -155,6 +157,16 @@ def embed(weights: EmbeddingWeights, ids: Array) -> Array:
 def unembed(weights: EmbeddingWeights, x: Array) -> Array:
     """Tied output layer: ``logits = x E^T``. ``x: [..., D]`` -> ``[..., V]``."""
     return project(x, weights.table.T)
+
+
+def _check_norm_dim(where: str, scale: Array, x: Array) -> None:
+    """Raise unless ``x``'s last axis is the norm's ``D`` (broadcasting would hide a mismatch:
+    ``x [..., 1]`` against ``scale [D]`` would silently come out ``[..., D]``)."""
+    if jnp.ndim(x) == 0 or jnp.shape(x)[-1:] != jnp.shape(scale):
+        raise ValueError(
+            f"{where}: x must be [..., D] with D = {jnp.shape(scale)[-1:]} (scale "
+            f"{jnp.shape(scale)}), got x of shape {jnp.shape(x)}"
+        )
 
 
 class LayerNormWeights(NamedTuple):
@@ -181,6 +193,7 @@ def layer_norm(weights: LayerNormWeights, x: Array, *, eps: float = 1e-5) -> Arr
       weights: ``LayerNormWeights(scale [D], bias [D] | None)``.
       x: ``[..., D]``.
     """
+    _check_norm_dim("layer_norm", weights.scale, x)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -209,6 +222,7 @@ def rms_norm(weights: RMSNormWeights, x: Array, *, eps: float = 1e-6) -> Array:
     Args:
       x: ``[..., D]``.
     """
+    _check_norm_dim("rms_norm", weights.scale, x)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return (y * weights.scale.astype(jnp.float32)).astype(x.dtype)

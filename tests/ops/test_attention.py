@@ -718,3 +718,37 @@ def test_write_kv_cache_writes_the_chunk_and_masks_later_keys(np_rng):
     # A chunk with other heads (or batch, head dim) than the cache is refused, not padded.
     with pytest.raises(ValueError, match=r"the caches' B, K, H"):
         write_kv_cache(k_cache, v_cache, k[:, :, :2], v[:, :, :2], 0)
+
+
+def test_write_kv_cache_refuses_caches_of_different_lengths():
+    # A shorter v_cache used to take the write silently, clamped to rows 2-3 instead of 3-4.
+    k_cache, v_cache = jnp.zeros((1, 6, 2, 4)), jnp.zeros((1, 4, 2, 4))
+    chunk = jnp.ones((1, 2, 2, 4))
+    with pytest.raises(ValueError, match=r"k_cache .* v_cache .* must share"):
+        write_kv_cache(k_cache, v_cache, chunk, chunk, 3)
+
+
+@pytest.mark.parametrize("index", [1.7, True, jnp.array([2])])
+def test_write_kv_cache_refuses_a_non_integer_or_non_scalar_index(index):
+    cache, chunk = jnp.zeros((1, 6, 2, 4)), jnp.ones((1, 2, 2, 4))
+    with pytest.raises(ValueError, match="index must be an integer scalar"):
+        write_kv_cache(cache, cache, chunk, chunk, index)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(implementation="foo"), "unknown implementation"),
+        (dict(dropout_rate=-0.5, deterministic=False), "dropout_rate"),
+        (dict(dropout_rate=float("nan"), deterministic=False), "dropout_rate"),
+    ],
+)
+def test_multi_head_attention_return_weights_checks_its_arguments(kwargs, match):
+    w = init_multi_head_attention(jax.random.PRNGKey(0), 4, 2)
+    with pytest.raises(ValueError, match=match):
+        multi_head_attention(w, jnp.ones((1, 2, 4)), return_weights=True, **kwargs)
+
+
+def test_init_multi_head_attention_refuses_zero_heads():
+    with pytest.raises(ValueError, match="num_heads must be >= 1"):
+        init_multi_head_attention(jax.random.PRNGKey(0), 8, 0)

@@ -512,3 +512,22 @@ def test_check_token_ids_on_constant_closed_over_by_jit():
     assert jax.jit(lambda w: embed(w, good))(table).shape == (2, 3)
     with pytest.raises(ValueError, match=rf"\[0, {V}\)"):
         jax.jit(lambda w: embed(w, bad))(table)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("d", [1, 5])
+def test_norms_refuse_a_last_axis_other_than_d(norm, d):
+    from jaxattn.ops import layers
+
+    weights = layers.init_layer_norm(4) if norm == "layer_norm" else layers.init_rms_norm(4)
+    with pytest.raises(ValueError, match=f"{norm}: x must be"):
+        getattr(layers, norm)(weights, jnp.ones((2, d)))
+
+
+def test_embed_takes_a_list_of_ids():
+    from jaxattn.ops import layers
+
+    weights = layers.EmbeddingWeights(jnp.arange(15.0).reshape(5, 3))
+    assert (layers.embed(weights, [1, 4]) == weights.table[jnp.array([1, 4])]).all()
+    with pytest.raises(ValueError, match="token ids"):
+        layers.embed(weights, (1, 5))
