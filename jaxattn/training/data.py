@@ -14,6 +14,7 @@ resumed run sees exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import importlib.resources
+import numbers
 import os
 import sys
 from collections.abc import Sequence
@@ -21,8 +22,6 @@ from pathlib import Path
 
 import grain
 import numpy as np
-
-from jaxattn.models._config import check_size
 
 DEFAULT_TEXT = "tinyshakespeare.txt"
 
@@ -132,6 +131,13 @@ def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
         )
 
 
+def check_seed(seed: int, where: str) -> None:
+    """Raise unless ``seed`` is an integer >= 0: grain's and NumPy's generators refuse a
+    negative one only when the first batch is drawn, naming nothing."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"{where}: seed must be an int >= 0, got {seed!r}")
+
+
 def train_val_split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """Split a token stream: the first ``int(n * train_fraction)`` tokens train, the rest val."""
     if not 0.0 < train_fraction < 1.0:
@@ -195,7 +201,7 @@ def lm_dataset(
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"need batch_size >= 1 and seq_len >= 1, got {batch_size}, {seq_len}")
-    check_size(seed, "seed", name, minimum=0)  # (grain would refuse it at the first batch)
+    check_seed(seed, name)
     if len(tokens) <= seq_len:
         raise ValueError(
             f"the {name} holds {len(tokens)} tokens, too short for one window of "

@@ -35,8 +35,7 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from jaxattn.models._config import check_size
-from jaxattn.training.data import check_token_ids
+from jaxattn.training.data import check_seed, check_token_ids
 
 DEFAULT_CORPUS = "spa-eng.txt.gz"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -320,7 +319,7 @@ def translation_dataset(
         raise ValueError(
             f"need batch_size >= 1 and increasing buckets, got {batch_size}, {buckets}"
         )
-    check_size(seed, "seed", name, minimum=0)  # (NumPy would refuse it at the first batch)
+    check_seed(seed, name)
     for ids in (*src, *tgt):
         check_token_ids(ids, vocab_size)
     rows = slice(None) if process_rows is None else process_rows
