@@ -249,8 +249,8 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> dict:
         b = max(1, min(4, 8192 // t))
         rows, torch_fb, built = [], None, {}
         names = list(JAX_IMPLS) + (["torch SDPA"] if torch_version else [])
+        dense_gib = 3 * 4 * b * N * t * t / 2**30  # logits, probs, their cotangent
         for name in names:
-            dense_gib = 3 * 4 * b * N * t * t / 2**30  # logits, probs, their cotangent
             if name in DENSE and dense_gib > max_dense_gib:
                 continue
             if name == "torch SDPA":
@@ -262,13 +262,12 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> dict:
         # a slow spell of the shared machine does not fall on one row (e.g. on SDPA alone).
         fwds = timed_round_robin([f for f, _, _ in built.values()], repeats, quiet, slow)
         fwd_bwds = timed_round_robin([fb for _, fb, _ in built.values()], repeats, quiet, slow)
+        timings = dict(zip(built, zip(fwds, fwd_bwds)))
         for name in names:
             if name not in built:
-                dense_gib = 3 * 4 * b * N * t * t / 2**30
                 rows.append((name, None, f"skipped: ~{dense_gib:.0f} GiB dense"))
                 continue
-            i = list(built).index(name)
-            (tf, _, _), (tfb, cfb, n) = fwds[i], fwd_bwds[i]
+            (tf, _, _), (tfb, cfb, n) = timings[name]
             if name == "torch SDPA":
                 torch_fb = (tfb, cfb)
             rows.append((name, (tf, tfb, cfb, n, built[name][2] / 2**20), None))
