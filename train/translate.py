@@ -132,9 +132,7 @@ def check_data_settings(config: ml_collections.ConfigDict) -> None:
     sentencepiece model were made, naming neither setting."""
     for name in ("seed", "split_seed"):
         check_size(config[name], f"config.{name}", "train/translate.py", minimum=0)
-    buckets = tuple(config.buckets)
-    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
-        raise ValueError(f"config.buckets must be increasing lengths >= 1, got {buckets}")
+    buckets = td.check_buckets(config.buckets, "train/translate.py", "config.buckets")
     if config.max_len > buckets[-1]:
         raise ValueError(
             f"config.max_len={config.max_len} keeps train/val pairs longer than the largest "

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import numbers
-import operator
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+
+from jaxattn.ops._checks import as_size, check_size
+
+__all__ = ["check_size"]  # re-exported: the models import their checks from here
 
 
 def check_positive_ints(owner: Any, names: tuple[str, ...]) -> None:
@@ -20,7 +23,7 @@ def check_positive_ints(owner: Any, names: tuple[str, ...]) -> None:
     """
     for name in names:
         value = getattr(owner, name)
-        if not isinstance(value, numbers.Integral) or _as_size(value, minimum=1) is None:
+        if not isinstance(value, numbers.Integral) or as_size(value, minimum=1) is None:
             raise ValueError(f"{type(owner).__name__}.{name} must be a positive int, got {value!r}")
 
 
@@ -38,30 +41,6 @@ def check_positive(owner: Any, name: str) -> None:
     value = getattr(owner, name)
     if not value > 0:
         raise ValueError(f"{type(owner).__name__}.{name} must be positive, got {value!r}")
-
-
-def _as_size(value: Any, minimum: int) -> int | None:
-    """``value`` as an int if it is an integer ``>= minimum`` (bools are not), else None."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    try:
-        size = operator.index(value)
-    except TypeError:  # a float, a non-scalar array, a tracer
-        return None
-    return size if size >= minimum else None
-
-
-def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
-    """Return ``value`` as an int; ``ValueError`` unless it is an integer ``>= minimum``.
-
-    Sizes fix array shapes, so bools and floats such as ``2.0`` are refused here rather
-    than deep inside JAX. Integer scalars that ``operator.index`` takes (``np.int64``, a
-    concrete 0-d JAX or NumPy integer array, as shapes accept) pass; tracers do not.
-    """
-    size = _as_size(value, minimum)
-    if size is None:
-        raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
-    return size
 
 
 @functools.lru_cache(maxsize=32)

@@ -140,7 +140,13 @@ def check_token_ids(ids: Array, vocab_size: int, what: str = "token ids") -> Non
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{what} must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
+        # The first bad id and where it is: in a long token stream the range alone is no help.
+        bad = (ids < 0) | (ids >= vocab_size)
+        pos = tuple(int(p) for p in np.unravel_index(int(np.argmax(bad)), ids.shape))
+        raise ValueError(
+            f"{what} must lie in [0, {vocab_size}), got values in [{lo}, {hi}] "
+            f"(first: token id {int(ids[pos])} at index {pos})"
+        )
 
 
 def embed(weights: EmbeddingWeights, ids: Array) -> Array:

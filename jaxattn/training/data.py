@@ -14,7 +14,6 @@ resumed run sees exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import importlib.resources
-import numbers
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +21,9 @@ from pathlib import Path
 
 import grain
 import numpy as np
+
+from jaxattn.ops._checks import check_size
+from jaxattn.ops.layers import check_token_ids
 
 DEFAULT_TEXT = "tinyshakespeare.txt"
 
@@ -117,27 +119,6 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids.tolist())
 
 
-def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
-    """Raise ValueError naming the first id outside ``[0, vocab_size)``."""
-    ids = np.asarray(ids)
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-        pos = np.unravel_index(int(np.argmax(bad)), ids.shape)
-        raise ValueError(
-            f"token id {int(ids[pos])} at index {tuple(int(p) for p in pos)} is outside "
-            f"the vocabulary [0, {vocab_size})"
-        )
-
-
-def check_seed(seed: int, where: str) -> None:
-    """Raise unless ``seed`` is an integer >= 0: grain's and NumPy's generators refuse a
-    negative one only when the first batch is drawn, naming nothing."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"{where}: seed must be an int >= 0, got {seed!r}")
-
-
 def train_val_split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """Split a token stream: the first ``int(n * train_fraction)`` tokens train, the rest val."""
     if not 0.0 < train_fraction < 1.0:
@@ -201,7 +182,7 @@ def lm_dataset(
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"need batch_size >= 1 and seq_len >= 1, got {batch_size}, {seq_len}")
-    check_seed(seed, name)
+    check_size(seed, "seed", name, minimum=0)
     if len(tokens) <= seq_len:
         raise ValueError(
             f"the {name} holds {len(tokens)} tokens, too short for one window of "

@@ -35,7 +35,8 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from jaxattn.training.data import check_seed, check_token_ids
+from jaxattn.ops._checks import as_size, check_size
+from jaxattn.ops.layers import check_token_ids
 
 DEFAULT_CORPUS = "spa-eng.txt.gz"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -207,6 +208,19 @@ def encode_pairs(
     return keep_src, keep_tgt
 
 
+def check_buckets(buckets: Sequence[int], where: str, name: str = "buckets") -> tuple[int, ...]:
+    """Return ``buckets`` as a tuple of ints; ``ValueError`` unless they are increasing
+    integers >= 1 (one check for the pipeline and the script's early config check)."""
+    buckets = tuple(buckets)
+    if (
+        not buckets
+        or any(as_size(b, minimum=1) is None for b in buckets)
+        or list(buckets) != sorted(set(buckets))
+    ):
+        raise ValueError(f"{where}: {name} must be increasing lengths >= 1, got {buckets}")
+    return tuple(int(b) for b in buckets)
+
+
 def bucket_of(length: int, buckets: Sequence[int]) -> int:
     """Index of the smallest bucket length ``>= length``; ValueError if none fits."""
     i = int(np.searchsorted(np.asarray(buckets), length))
@@ -315,11 +329,9 @@ def translation_dataset(
     """
     if len(src) != len(tgt):
         raise ValueError(f"src and tgt differ in length: {len(src)} vs {len(tgt)}")
-    if batch_size < 1 or not buckets or list(buckets) != sorted(set(buckets)):
-        raise ValueError(
-            f"need batch_size >= 1 and increasing buckets, got {batch_size}, {buckets}"
-        )
-    check_seed(seed, name)
+    check_size(batch_size, "batch_size", name)
+    buckets = check_buckets(buckets, name)
+    check_size(seed, "seed", name, minimum=0)
     for ids in (*src, *tgt):
         check_token_ids(ids, vocab_size)
     rows = slice(None) if process_rows is None else process_rows

@@ -209,12 +209,19 @@ def test_batches_are_deterministic_and_resume_exactly(np_rng):
 
 def test_dataset_validates_inputs(np_rng):
     src, tgt = _examples(20, np_rng)
-    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 40\)"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 40\)"):
         td.translation_dataset(src, tgt, batch_size=2, buckets=(16,), seed=0, vocab_size=40)
     with pytest.raises(ValueError, match="exceeds the largest bucket 8"):
         td.translation_dataset(src, tgt, batch_size=2, buckets=(8,), seed=0, vocab_size=50)
-    with pytest.raises(ValueError, match="increasing buckets"):
-        td.translation_dataset(src, tgt, batch_size=2, buckets=(16, 8), seed=0, vocab_size=50)
+    for buckets in ((16, 8), (), (0, 8), (8.0, 16), (8, 8)):
+        with pytest.raises(ValueError, match=r"^data: buckets must be increasing lengths >= 1"):
+            td.translation_dataset(
+                src, tgt, batch_size=2, buckets=buckets, seed=0, vocab_size=50, name="data"
+            )
+    with pytest.raises(ValueError, match=r"^data: batch_size must be an int >= 1, got 0"):
+        td.translation_dataset(
+            src, tgt, batch_size=0, buckets=(16,), seed=0, vocab_size=50, name="data"
+        )
     with pytest.raises(ValueError, match=r"^train split: seed must be an int >= 0, got -1"):
         td.translation_dataset(
             src, tgt, batch_size=2, buckets=(16,), seed=-1, vocab_size=50, name="train split"

@@ -1,0 +1,38 @@
+"""Argument checks shared by every layer above: sizes and seeds as integers.
+
+Kept in ``ops`` (the bottom layer) so that models, training and the scripts all import
+the one check, and the arrows between the layers still point down.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+
+
+def as_size(value: Any, minimum: int) -> int | None:
+    """``value`` as an int if it is an integer ``>= minimum`` (bools are not), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        size = operator.index(value)
+    except TypeError:  # a float, a non-scalar array, a tracer
+        return None
+    return size if size >= minimum else None
+
+
+def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int; ``ValueError`` unless it is an integer ``>= minimum``.
+
+    Sizes fix array shapes, so bools and floats such as ``2.0`` are refused here rather
+    than deep inside JAX. Integer scalars that ``operator.index`` takes (``np.int64``, a
+    concrete 0-d JAX or NumPy integer array, as shapes accept) pass; tracers do not.
+    Seeds use ``minimum=0``: grain's and NumPy's generators refuse a negative one only
+    when the first batch is drawn, naming nothing.
+    """
+    size = as_size(value, minimum)
+    if size is None:
+        raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
+    return size
