@@ -38,6 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxattn.ops._checks import check_size
 from jaxattn.ops.layers import check_dropout_rate, dropout, project, uniform
 from jaxattn.ops.lstm_kernels import (
     _cudnn_layer,
@@ -100,6 +101,8 @@ def init_lstm(
     Returns:
       ``LSTMWeights(w_ih [I, 4h], w_hh [h, 4h], b [4h])``.
     """
+    check_size(input_size, "input_size", "init_lstm", minimum=0)
+    hidden_size = check_size(hidden_size, "hidden_size", "init_lstm")
     k = 1.0 / math.sqrt(hidden_size)
     r_ih, r_hh, r_b1, r_b2 = jax.random.split(rng, 4)
     g = 4 * hidden_size
@@ -132,6 +135,15 @@ def _check_carry(carry: Carry, batch: int, hidden: int, where: str) -> None:
         )
 
 
+def _check_float(x: Array, name: str, where: str) -> None:
+    # The input sets the compute dtype: integers (token ids where embeddings belong) would
+    # otherwise fail deep inside the scan ("logistic does not accept dtype int32").
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{where}: {name} must be floating (it sets the compute dtype), got {x.dtype}"
+        )
+
+
 def lstm_cell(weights: LSTMWeights, carry: Carry, x: Array) -> Carry:
     """Run one LSTM step (the formula in the module docstring).
 
@@ -146,6 +158,7 @@ def lstm_cell(weights: LSTMWeights, carry: Carry, x: Array) -> Carry:
     in_size, hidden = _check_weights(weights, "lstm_cell")
     if x.ndim != 2 or x.shape[1] != in_size:
         raise ValueError(f"lstm_cell: x must be [B, I={in_size}], got {x.shape}")
+    _check_float(x, "x", "lstm_cell")
     _check_carry(carry, x.shape[0], hidden, "lstm_cell")
     carry = (carry[0].astype(x.dtype), carry[1].astype(x.dtype))
     return _step(weights.w_hh.astype(x.dtype), carry, project(x, weights.w_ih, weights.b))
@@ -185,7 +198,8 @@ def lstm_scan(
       weights: ``LSTMWeights(w_ih [I, 4h], w_hh [h, 4h], b [4h])``.
       xs: ``[B, T, I]`` inputs, batch first; sets the compute dtype.
       carry: initial ``(h [B, h], c [B, h])``; None means zeros.
-      lengths: optional ``[B]`` integers in ``[0, T]``, the valid prefix of each row.
+      lengths: optional ``[B]`` integers in ``[0, T]``, the valid prefix of each row; the
+        inputs past it are never read (NaN padding gives finite gradients).
       reverse: run from the last (valid) step to the first.
       implementation: ``"scan"``, ``"autodiff"``, ``"cudnn"`` or None (pick).
 
@@ -217,6 +231,7 @@ def _check_inputs(weights, xs, carry, lengths, where) -> tuple[Carry, Array | No
         raise ValueError(
             f"{where}: xs must be [B, T, I={in_size}] for w_ih {weights.w_ih.shape}, got {xs.shape}"
         )
+    _check_float(xs, "xs", where)
     batch, steps, _ = xs.shape
     if carry is None:
         carry = (jnp.zeros((batch, hidden), xs.dtype), jnp.zeros((batch, hidden), xs.dtype))
@@ -364,8 +379,10 @@ def lstm_stack(
     check_dropout_rate(dropout_rate, "lstm_stack: dropout_rate")
     dirs = 2 if bidirectional else 1
     hidden = (layers[0].forward if bidirectional else layers[0]).w_hh.shape[0]
+    if xs.ndim != 3:  # before the carry, whose expected shape needs B = xs.shape[0]
+        raise ValueError(f"lstm_stack: xs must be [B, T, I], got {xs.shape}")
     if carry is not None:
-        want = (len(layers) * dirs, xs.shape[0] if xs.ndim else 0, hidden)
+        want = (len(layers) * dirs, xs.shape[0], hidden)
         got = tuple(jnp.shape(a) for a in carry)
         if got != (want, want):
             raise ValueError(f"lstm_stack: carry must be (h_0 {want}, c_0 {want}), got {got}")

@@ -59,9 +59,10 @@ def _scan_autodiff(
     dtype = xs.dtype
     carry = (carry[0].astype(dtype), carry[1].astype(dtype))
     w_hh = weights.w_hh.astype(dtype)
-    # Time-major before the projection: the transpose moves I (not 4h) features per step.
-    gx = project(jnp.swapaxes(xs, 0, 1), weights.w_ih, weights.b)  # [T, B, 4h]
     valid = _valid(lengths, xs.shape[1])
+    # Time-major before the projection: the transpose moves I (not 4h) features per step.
+    xs_t = _zero_padding(jnp.swapaxes(xs, 0, 1), valid)  # [T, B, I]
+    gx = project(xs_t, weights.w_ih, weights.b)  # [T, B, 4h]
     (hs, _), carry = _forward(w_hh, gx, carry, valid, reverse)
     return _outputs(hs, valid), carry
 
@@ -92,11 +93,12 @@ def _scan(
     carry = (carry[0].astype(dtype), carry[1].astype(dtype))
     valid = _valid(lengths, xs.shape[1])
     w_hh = weights.w_hh.astype(dtype)
+    xs_t = _zero_padding(jnp.swapaxes(xs, 0, 1), valid)  # [T, B, I]
     if hoist:
-        gx = project(jnp.swapaxes(xs, 0, 1), weights.w_ih, weights.b)  # [T, B, 4h]
+        gx = project(xs_t, weights.w_ih, weights.b)  # [T, B, 4h]
         return _recurrence(None, w_hh, gx, carry, valid, reverse)
     proj = (weights.w_ih.astype(dtype), weights.b.astype(dtype))
-    return _recurrence(proj, w_hh, jnp.swapaxes(xs, 0, 1), carry, valid, reverse)  # [T, B, I]
+    return _recurrence(proj, w_hh, xs_t, carry, valid, reverse)
 
 
 def _valid(lengths: Array | None, steps: int) -> Array | None:
@@ -106,6 +108,17 @@ def _valid(lengths: Array | None, steps: int) -> Array | None:
     # a row would come back to life at t = 256.
     steps_t = jnp.arange(steps, dtype=jnp.int32)[:, None, None]  # [T, 1, 1]
     return steps_t < lengths.astype(jnp.int32)[None, :, None]  # [T, B, 1]
+
+
+def _zero_padding(xs_t: Array, valid: Array | None) -> Array:
+    """``xs_t: [T, B, I]`` with the steps past each row's length set to 0.
+
+    Padded steps are computed and then discarded, so their values never reach the outputs;
+    but a NaN or inf there (NaN-padded features, a float16 overflow) makes NaN gates, and
+    the backward's zero cotangent times a NaN gate derivative is NaN in every weight
+    gradient. PyTorch's packed LSTM never reads the padding; neither do these gradients.
+    """
+    return xs_t if valid is None else jnp.where(valid, xs_t, jnp.zeros_like(xs_t))
 
 
 def _outputs(hs: Array, valid: Array | None) -> Array:

@@ -402,6 +402,13 @@ def test_bad_inputs_raise(rng):
         lstm_cell(w, (zeros, zeros), jnp.zeros((B, 6)))
     with pytest.raises(ValueError, match=r"carry must be.*\(2, 11\)"):
         lstm_cell(w, (jnp.zeros((2, HID)), zeros), jnp.zeros((B, IN)))
+    # Integer inputs (token ids where embeddings belong) are named, not failed on deep inside.
+    with pytest.raises(ValueError, match=r"lstm_scan: xs must be floating.*int32"):
+        lstm_scan(w, jnp.zeros((B, T, IN), jnp.int32))
+    with pytest.raises(ValueError, match=r"lstm_cell: x must be floating.*bool"):
+        lstm_cell(w, (zeros, zeros), jnp.zeros((B, IN), bool))
+    with pytest.raises(ValueError, match=r"init_lstm: hidden_size must be an int >= 1, got 0"):
+        init_lstm(rng, IN, 0)
 
 
 def test_bad_stack_inputs_raise(rng):
@@ -409,6 +416,11 @@ def test_bad_stack_inputs_raise(rng):
     xs = jnp.zeros((B, T, IN))
     with pytest.raises(ValueError, match=r"carry must be \(h_0 \(4, 3, 11\)"):
         lstm_stack(bi, xs, (jnp.zeros((2, B, HID)), jnp.zeros((2, B, HID))))
+    # Unbatched xs [T, I] is named as such, not blamed on a correct carry (whose expected
+    # shape was built from xs.shape[0] = T).
+    good = (jnp.zeros((4, B, HID)), jnp.zeros((4, B, HID)))
+    with pytest.raises(ValueError, match=r"lstm_stack: xs must be \[B, T, I\], got \(7, 5\)"):
+        lstm_stack(bi, jnp.zeros((T, IN)), good)
     with pytest.raises(ValueError, match="mixed uni- and bidirectional"):
         lstm_stack((bi[0], bi[1].forward), xs)
     with pytest.raises(ValueError, match="no layers"):
@@ -467,6 +479,35 @@ def test_custom_backward_matches_autodiff_of_the_scan(
     if lengths is not None:  # a row of length 0 passes its carry's gradient straight through
         np.testing.assert_array_equal(grads[2][1], cts[1][0][1])
         np.testing.assert_array_equal(grads[1][1], 0.0)
+
+
+@pytest.mark.parametrize("implementation", ["scan", "autodiff"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("hoist", [False, True])
+def test_nonfinite_padding_does_not_reach_the_gradients(
+    rng, np_rng, monkeypatch, implementation, reverse, hoist
+):
+    """NaN or inf past a row's length (NaN-padded features, a float16 overflow) is never
+    read, as by PyTorch's packed LSTM: gradients equal those of zero padding. Before, the
+    padded steps' NaN gates times a zero cotangent made every weight gradient NaN."""
+    monkeypatch.setattr(lstm_module, "_hoist", lambda: hoist)
+    weights = init_lstm(rng, IN, HID)
+    xs, h0, c0 = _inputs(np_rng)
+    padded = np.arange(T)[None, :] >= LENGTHS[:, None]  # [B, T]
+    probe = jnp.asarray(np_rng.normal(size=(B, T, HID)), jnp.float32)
+
+    def loss(w, x, h, c):
+        ys, (h_n, c_n) = lstm_scan(
+            w, x, (h, c), lengths=LENGTHS, reverse=reverse, implementation=implementation
+        )
+        return jnp.sum(ys * probe) + jnp.sum(h_n * c_n)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    want = grad(weights, jnp.where(padded[..., None], 0.0, xs), h0, c0)
+    for pad in [np.nan, np.inf]:
+        got = grad(weights, jnp.where(padded[..., None], pad, xs), h0, c0)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_custom_backward_in_bfloat16(rng, np_rng):
