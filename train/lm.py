@@ -140,25 +140,14 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     _check_vocabulary(meta, workdir, tokenizer)
     if _NUM_SAMPLES.value > 0:  # Fail now, not after training.
         _check_sampling(model, tokenizer)
-    # Settings errors (loop, mesh, batch split) before the workdir is created.
+    # Settings errors (loop, mesh, batch split, optimizer, data splits) before the workdir
+    # is created.
     loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
     mesh, batch_sharding = setup_mesh(config)
     rows = config.batch_size * config.grad_accum_steps
     train_rows = sharding.process_batch_slice(batch_sharding, rows)
     val_rows = sharding.process_batch_slice(batch_sharding, config.batch_size)
-    if meta is None or meta["step"] < config.num_steps:  # (a finished run only samples)
-        check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
-
-    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     optimizer, schedule = optimizer_from_config(config, decay_mask=weight_decay_mask)
-    # Built straight into its shardings: each device only ever holds its own shards.
-    state, state_sharding = sharding.create_sharded(
-        lambda: create_train_state(init_gpt(init_rng, model), optimizer, train_rng),
-        TRANSFORMER_RULES,
-        mesh,
-    )
-    params = state.params
-    loss_fn = make_loss_fn(model)
     train_ds = data.lm_dataset(
         train_ids, batch_size=rows, seq_len=model.block_size, seed=config.seed,
         vocab_size=tokenizer.vocab_size, name="train split",
@@ -170,6 +159,18 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         name=f"validation split (the last {1 - config.train_fraction:.0%} of the text)",
         process_rows=val_rows,
     )  # fmt: skip
+    if meta is None or meta["step"] < config.num_steps:  # (a finished run only samples)
+        check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
+
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    # Built straight into its shardings: each device only ever holds its own shards.
+    state, state_sharding = sharding.create_sharded(
+        lambda: create_train_state(init_gpt(init_rng, model), optimizer, train_rng),
+        TRANSFORMER_RULES,
+        mesh,
+    )
+    params = state.params
+    loss_fn = make_loss_fn(model)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print_once(
         f"data: {len(text):,} characters, vocabulary {tokenizer.vocab_size}, "

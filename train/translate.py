@@ -319,16 +319,16 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     # vocabulary's size is only an upper bound here; the real one comes from the tokenizer).
     build_model(config, config.vocab_size)
     latest_checkpoint_metadata(workdir, config, also_free=DECODE_SETTINGS)  # notes changes
-    # Settings errors (loop, mesh, batch split) before the workdir is created.
+    # Settings errors (loop, mesh, batch split, optimizer) before the workdir is created.
     loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
     mesh, batch_sharding = setup_mesh(config)
     process_rows = sharding.process_batch_slice(batch_sharding, config.batch_size)
+    optimizer, schedule = optimizer_from_config(config)
     check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()
     kind, model = build_model(config, vocab)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    optimizer, schedule = optimizer_from_config(config)
     init = MODELS[kind][1]
     # Built straight into its shardings: each device only ever holds its own shards.
     state, state_sharding = sharding.create_sharded(

@@ -72,8 +72,11 @@ def make_train_step(
     With ``grad_accum_steps = k > 1`` every batch leaf's leading axis is dealt into k
     microbatches (row r goes to microbatch r mod k), ``lax.scan`` sums their gradients,
     and the optimizer is applied once to the mean: the same update as one batch of all
-    the rows, in the memory of one microbatch. Microbatch ``i`` of step ``s`` gets the
-    key ``fold_in(fold_in(rng, s), i)``.
+    the rows, in the memory of one microbatch, when ``loss_fn`` weighs every microbatch
+    alike (a mean over rows, or over tokens when each row has as many; a loss averaged
+    over a padding mask instead weighs a microbatch's tokens by 1 / its token count, as
+    nanoGPT's accumulation does). Microbatch ``i`` of step ``s`` gets the key
+    ``fold_in(fold_in(rng, s), i)``.
 
     Metrics: ``train_loss`` and ``train_<aux>`` (means over microbatches), ``grad_norm``
     (global norm of the mean gradient, before clipping) and ``learning_rate`` when

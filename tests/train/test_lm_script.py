@@ -216,6 +216,9 @@ def test_unknown_config_key_is_an_error(tmp_path):
         ("--config.mesh.data=3", "the product must equal the device count"),
         ("--config.eval_every=-1", "LoopConfig.eval_every must be an integer >= 0, got -1"),
         ("--config.seed=-1", "config.seed must be an int >= 0, got -1"),
+        # The optimizer's and the data splits' settings too (they used to leave checkpoints/).
+        ("--config.warmup_steps=30", "need 0 <= warmup_steps <= lr_decay_steps"),
+        ("--config.train_fraction=0.999999", "validation split (the last 0% of the text) holds"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, flag, message):

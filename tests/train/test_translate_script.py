@@ -186,6 +186,7 @@ def test_bad_example_counts_and_model_fail_before_anything_is_written(tmp_path):
         ("--config.buckets=(16,8)", "config.buckets must be increasing lengths >= 1"),
         ("--config.seed=-1", "config.seed must be an int >= 0, got -1"),
         ("--config.split_seed=-2", "config.split_seed must be an int >= 0, got -2"),
+        ("--config.learning_rate=-1", "learning rates must be finite float32 values >= 0"),
     ]:
         proc = run_translate(f"--workdir={tmp_path / 'run'}", override, check=False)
         assert proc.returncode == 1 and message in proc.stderr, (override, proc.stderr)
