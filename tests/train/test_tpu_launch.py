@@ -260,3 +260,21 @@ def test_run_reports_a_run_that_dies_at_once(fake_slice):
     assert result.returncode != 0
     assert "fake-run exited within 1s" in result.stderr
     assert "unknown config key 'bogus'" in result.stderr  # The log's tail is shown.
+
+
+def test_run_logs_and_stop_with_a_space_in_the_run_name(fake_slice):
+    """RUN_NAME comes from WORKDIR's last part; with a space it used to split the log and pid
+    paths in the worker's shell (output to a file `my`, no pid file, a false "exited")."""
+    home, env, started = fake_slice
+    install_python(home, FAKE_PYTHON_TRAINS)
+    env = env | {"WORKDIR": "gs://bucket/my run"}
+    result = launch("run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "started my run" in result.stdout
+    pid = int((home / "jaxattn-logs" / "my run.pid").read_text())
+    started.append(pid)
+    assert wait_for(lambda: "training..." in (home / "jaxattn-logs" / "my run.log").read_text())
+    assert "--workdir=gs://bucket/my run" in (home / "args.txt").read_text().splitlines()
+    assert "training..." in launch("logs", env=env).stdout
+    assert "SIGTERM sent to my run" in launch("stop", env=env).stdout
+    assert wait_for(lambda: (home / "term.txt").exists() and not alive(pid))

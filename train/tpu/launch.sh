@@ -108,6 +108,13 @@ on_all_workers() {
 # shellcheck disable=SC2016 # $HOME is expanded by the worker's shell, not here.
 log_dir='$HOME/jaxattn-logs'
 
+# Remote shell variables name, log and pid for RUN_NAME, quoted for the worker's shell (a
+# RUN_NAME taken from a WORKDIR like gs://b/my run has a space); use them as "$log" etc.
+run_vars() {
+  printf 'name=%s; log=%s/%s; pid=%s/%s; ' "$(quote "${RUN_NAME}")" \
+    "${log_dir}" "$(quote "${RUN_NAME}.log")" "${log_dir}" "$(quote "${RUN_NAME}.pid")"
+}
+
 cmd_create() {
   local spot=()
   [[ "${SPOT}" == 1 ]] && spot=(--spot)
@@ -176,27 +183,25 @@ cmd_run() {
     die "set WORKDIR=gs://BUCKET/path: every host must see the same checkpoints \
 (ALLOW_LOCAL_WORKDIR=1 to override on a single-host slice)"
   fi
-  local train log pid
+  local train
   # $HOME stays unquoted so the worker's shell expands it; the rest is quoted word by word.
   train="\$HOME/${REMOTE_VENV}/bin/python $(quote_all "${SCRIPT}" "--config=${CONFIG}" \
     --distributed "--workdir=${WORKDIR}" "$@")"
-  log="${log_dir}/${RUN_NAME}.log"
-  pid="${log_dir}/${RUN_NAME}.pid"
   # nohup + setsid + redirected stdio: the run outlives the ssh session that started it.
-  on_all_workers "set -e; mkdir -p ${log_dir}; \
-if [ -f ${pid} ] && kill -0 \"\$(cat ${pid})\" 2>/dev/null; then \
-echo \"already running: ${RUN_NAME} (pid \$(cat ${pid}))\" >&2; exit 1; fi; \
-cd \$HOME/${REMOTE_DIR}; setsid nohup ${train} > ${log} 2>&1 < /dev/null & \
-echo \$! > ${pid}; sleep ${START_CHECK_S}; \
-if ! kill -0 \"\$(cat ${pid})\" 2>/dev/null; then \
-echo \"${RUN_NAME} exited within ${START_CHECK_S}s on \$(hostname):\" >&2; tail -n 20 ${log} >&2; exit 1; fi; \
-echo \"started ${RUN_NAME} on \$(hostname): pid \$(cat ${pid}), log ${log}\""
+  on_all_workers "set -e; $(run_vars)mkdir -p ${log_dir}; \
+if [ -f \"\$pid\" ] && kill -0 \"\$(cat \"\$pid\")\" 2>/dev/null; then \
+echo \"already running: \$name (pid \$(cat \"\$pid\"))\" >&2; exit 1; fi; \
+cd \$HOME/${REMOTE_DIR}; setsid nohup ${train} > \"\$log\" 2>&1 < /dev/null & \
+echo \$! > \"\$pid\"; sleep ${START_CHECK_S}; \
+if ! kill -0 \"\$(cat \"\$pid\")\" 2>/dev/null; then \
+echo \"\$name exited within ${START_CHECK_S}s on \$(hostname):\" >&2; tail -n 20 \"\$log\" >&2; exit 1; fi; \
+echo \"started \$name on \$(hostname): pid \$(cat \"\$pid\"), log \$log\""
 }
 
 cmd_logs() {
   local tail_cmd="tail -n 100"
   [[ "${FOLLOW}" == 1 ]] && tail_cmd="tail -n 100 -f"
-  tpu_vm ssh "${TPU_NAME}" --worker="${WORKER}" --command="${tail_cmd} ${log_dir}/${RUN_NAME}.log"
+  tpu_vm ssh "${TPU_NAME}" --worker="${WORKER}" --command="$(run_vars)${tail_cmd} \"\$log\""
 }
 
 cmd_ssh() {
@@ -204,10 +209,9 @@ cmd_ssh() {
 }
 
 cmd_stop() {
-  local pid="${log_dir}/${RUN_NAME}.pid"
-  on_all_workers "if [ -f ${pid} ] && kill -0 \"\$(cat ${pid})\" 2>/dev/null; then \
-kill -TERM \"\$(cat ${pid})\" && echo \"SIGTERM sent to ${RUN_NAME} on \$(hostname)\"; \
-else echo \"${RUN_NAME} is not running on \$(hostname)\"; fi"
+  on_all_workers "$(run_vars)if [ -f \"\$pid\" ] && kill -0 \"\$(cat \"\$pid\")\" 2>/dev/null; then \
+kill -TERM \"\$(cat \"\$pid\")\" && echo \"SIGTERM sent to \$name on \$(hostname)\"; \
+else echo \"\$name is not running on \$(hostname)\"; fi"
 }
 
 cmd_delete() {
