@@ -398,7 +398,9 @@ def dot_product_attention(
         ``[B, N, T, S]`` scores), ``"blockwise"`` (``jaxattn.ops.flash``: online softmax,
         O(T) memory, any backend), ``"cudnn"`` (GPU only), ``"pallas"`` (TPU only; no
         mask, bias or GQA). All support ``jax.grad``; only ``"xla"`` supports forward
-        mode (``jax.jvp``), since the others have custom gradients.
+        mode (``jax.jvp``), since the others have custom gradients. ``"blockwise"`` has
+        forward-over-reverse second derivatives (``jax.hessian``) but not ``jax.grad`` of
+        ``jax.grad``.
       dropout_rate: dropout on the attention probabilities (``"xla"`` only).
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
 

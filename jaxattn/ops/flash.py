@@ -561,9 +561,12 @@ def flash_attention(
     Returns:
       ``[B, T, N, Hv]`` in q's dtype; rows with nothing to attend to are 0.
 
-    Differentiable in reverse mode (``jax.grad``, ``jax.vjp``) only: the gradient is a
-    ``jax.custom_vjp``, so ``jax.jvp`` and forward-over-reverse Hessians need the einsum
-    path (``dot_product_attention(..., implementation="xla")``).
+    Differentiable in reverse mode (``jax.grad``, ``jax.vjp``): the gradient is a
+    ``jax.custom_vjp``, so ``jax.jvp`` of the attention itself needs the einsum path
+    (``dot_product_attention(..., implementation="xla")``). Forward-over-reverse second
+    derivatives (``jax.jvp`` of ``jax.grad``, ``jax.hessian``) work; reverse-over-reverse
+    (``jax.grad`` of ``jax.grad``) does not, since the backward's loops have traced bounds
+    (the causal block skipping) and JAX differentiates such loops only forward.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)

@@ -238,6 +238,25 @@ def test_jit_vmap_check_grads(np_rng, batch_heads):
     check_grads(g, (*small, bias), order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
+def test_second_derivatives_forward_over_reverse_only(np_rng):
+    """As documented: ``jax.hessian`` (forward over reverse) matches the einsum path, bias
+    included; ``jax.grad`` of ``jax.grad`` is refused (the backward's loop bounds are traced)."""
+    q, k, v = normal(np_rng, 1, 3, 2, 2), normal(np_rng, 1, 4, 1, 2), normal(np_rng, 1, 4, 1, 2)
+    bias = normal(np_rng, 1, 2, 3, 4)
+
+    def loss(impl):
+        f = partial(dot_product_attention, k=k, v=v, is_causal=True, implementation=impl)
+        return lambda q, bias: jnp.sum(jnp.sin(f(q, bias=bias)))
+
+    got = jax.hessian(loss("blockwise"), argnums=(0, 1))(q, bias)
+    want = jax.hessian(loss("xla"), argnums=(0, 1))(q, bias)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, **GRAD_TOL)
+    grad_q = jax.grad(loss("blockwise"))
+    with pytest.raises(ValueError, match="Reverse-mode differentiation"):
+        jax.grad(lambda q: jnp.vdot(grad_q(q, bias), q))(q)
+
+
 def test_bfloat16_inputs(np_rng):
     q, k, v = normal(np_rng, B, 37, N, H), normal(np_rng, B, 37, 3, H), normal(np_rng, B, 37, 3, H)
     low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
