@@ -214,17 +214,8 @@ def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, str,
     net = NanoGPT(VOCAB, model.block_size, model.num_layers, model.num_heads, model.embed_dim)
     net.eval()
 
-    @torch.no_grad()
     def torch_generate():
-        idx = torch.zeros((1, 1), dtype=torch.long)
-        for _ in range(new_tokens):
-            ctx = idx[:, -model.block_size :]
-            x = net.wte(ctx) + net.wpe(torch.arange(ctx.shape[1]))
-            for block in net.blocks:
-                x = block(x)
-            logits = net.ln_f(x[:, -1]) @ net.wte.weight.T
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1)
-            idx = torch.cat([idx, nxt], dim=1)
+        net.generate(torch.zeros((1, 1), dtype=torch.long), new_tokens, top_k=200)
 
     torch_generate()
     label = f"PyTorch {torch.__version__} nanoGPT generate (no cache)"

@@ -57,6 +57,7 @@ class NanoGPT(nn.Module):
         bias: bool = False,
     ):
         super().__init__()
+        self.block_size = block
         self.wte = nn.Embedding(vocab, dim)
         self.wpe = nn.Embedding(block, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, dropout, bias) for _ in range(layers))
@@ -69,14 +70,35 @@ class NanoGPT(nn.Module):
             elif name.endswith("bias") and "ln" not in name:
                 nn.init.zeros_(p)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final-norm activations ``(B, T, C)`` of token ids ``idx: (B, T)``."""
         T = idx.shape[1]
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         x = F.dropout(x, self.dropout, self.training)
         for block in self.blocks:
             x = block(x)
-        logits = self.ln_f(x) @ self.wte.weight.T  # tied head
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.hidden(idx) @ self.wte.weight.T  # tied head
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    @torch.no_grad()
+    def generate(
+        self, idx: torch.Tensor, new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> torch.Tensor:
+        """nanoGPT's ``generate``, without a KV cache: for each new token a full forward over
+        the last ``block_size`` tokens, the last position's logits / temperature, top-k,
+        then a draw."""
+        for _ in range(new_tokens):
+            x = self.hidden(idx[:, -self.block_size :])
+            logits = x[:, -1] @ self.wte.weight.T / temperature  # (B, V): last position only
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits[logits < kth] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
 
 
 def make_optimizer(
@@ -170,8 +192,10 @@ def train_run(
             if val < best:
                 best = val
                 if step > 0 and checkpoint_path:
-                    torch.save({"model": model.state_dict(), "opt": opt.state_dict()},
-                               checkpoint_path)  # fmt: skip
+                    args = {"vocab": len(chars), "block": block_size, "layers": layers,
+                            "heads": heads, "dim": dim}  # fmt: skip
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                                "model_args": args}, checkpoint_path)  # fmt: skip
         if step == steps:
             break
         start = time.perf_counter()
@@ -183,3 +207,30 @@ def train_run(
         loss.item()  # log_interval=1: the loss is fetched every step
         step_seconds += time.perf_counter() - start
     return val, step_seconds
+
+
+def sample_run(
+    text_path: str,
+    checkpoint_path: str,
+    *,
+    num_samples: int = 2,
+    new_tokens: int = 500,
+    prompt: str = "\n",
+    temperature: float = 0.8,
+    top_k: int = 200,
+    seed: int = 1337,
+) -> list[str]:
+    """nanoGPT's sample.py after its train.py: load the checkpoint, then generate
+    ``num_samples`` continuations of ``prompt`` one after the other (batch 1), with its
+    defaults (temperature 0.8, top-k 200) and ``num_samples`` set to lm.py's 2."""
+    torch.manual_seed(seed)
+    with open(text_path, encoding="utf-8") as f:
+        chars = sorted(set(f.read()))  # sample.py reads them from the data's meta.pkl
+    index = {c: i for i, c in enumerate(chars)}
+    checkpoint = torch.load(checkpoint_path, map_location="cpu")
+    model = NanoGPT(**checkpoint["model_args"])
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    start = torch.tensor([[index[c] for c in prompt]], dtype=torch.long)
+    out = [model.generate(start, new_tokens, temperature, top_k)[0] for _ in range(num_samples)]
+    return ["".join(chars[i] for i in ids.tolist()) for ids in out]

@@ -1,20 +1,26 @@
 """The whole Shakespeare job, jaxattn against nanoGPT in PyTorch, each as a user runs it.
 
-    python benchmarks/whole_run.py           # both runs, one after the other (~5 min)
+    python benchmarks/whole_run.py           # the three runs below, one after another (~7 min)
     python benchmarks/whole_run.py --steps 200   # a shorter check
-    python benchmarks/whole_run.py --warm    # also rerun lm.py over its compile cache (~7 min)
-    python benchmarks/whole_run.py --repeats 3   # the two jobs taken in turn, 3 times each
+    python benchmarks/whole_run.py --warm    # also rerun lm.py over its compile cache (+2 min)
+    python benchmarks/whole_run.py --repeats 3   # the runs taken in turn, 3 times each
 
-With ``--repeats N`` the jobs alternate (jaxattn, PyTorch, jaxattn, ...) so that a slow
-spell of a shared machine falls on both; the table shows every run and the JSON the
-medians.
+With ``--repeats N`` the jobs alternate (jaxattn, PyTorch, jaxattn without samples,
+jaxattn, ...) so that a slow spell of a shared machine falls on all; the table shows every
+run and the JSON the medians.
 
-Runs ``python train/lm.py --config=train/configs/shakespeare_char_cpu.py --noprogress`` in a
-fresh process and times it from start to exit: imports, data, compilation, 2000 steps,
-nine evaluations, checkpoints and the two 500-character samples it prints. Then, when torch
-is installed, the same job in nanoGPT's way (``torch_nanogpt.train_run``: its train.py loop
-with the same config, evaluating both splits and checkpointing on improvement, no
-samples), also in a fresh process. Prints the wall time and final val loss of each.
+Two like-for-like pairs, each job in a fresh process timed from start to exit:
+
+- the job with samples: ``python train/lm.py --config=train/configs/shakespeare_char_cpu.py
+  --noprogress`` (imports, data, compilation, 2000 steps, nine evaluations, checkpoints and
+  the two 500-character samples it prints) against nanoGPT's train.py loop
+  (``torch_nanogpt.train_run``: the same config, evaluating both splits and checkpointing on
+  improvement) followed by its sample.py (``torch_nanogpt.sample_run``: loads that
+  checkpoint, two 500-character samples), as a nanoGPT user gets samples;
+- training alone: lm.py with ``--num_samples=0`` against nanoGPT's train.py loop alone.
+
+The PyTorch rows need torch. Prints the wall time, the seconds in train steps and the
+final val loss of each.
 
 lm.py starts with an empty compilation cache (``--compilation_cache`` set to a new
 folder), as on a fresh machine. With ``--warm`` it runs a second time over the cache the
@@ -72,13 +78,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--warm", action="store_true", help="rerun lm.py over its cache")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each job, in turn")
-    parser.add_argument("--torch-run", action="store_true", help=argparse.SUPPRESS)
-    if "--torch-run" in sys.argv[1:]:  # the child process of the PyTorch row
-        from benchmarks.torch_nanogpt import train_run  # (and nothing that imports JAX)
+    parser.add_argument("--torch-run", metavar="CKPT", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-sample", metavar="CKPT", help=argparse.SUPPRESS)
+    if any(a.startswith("--torch-") for a in sys.argv[1:]):  # a child process of a PyTorch row
+        from benchmarks import torch_nanogpt  # (and nothing that imports JAX)
 
         args, _ = parser.parse_known_args()
-        with tempfile.TemporaryDirectory() as tmp:
-            val, in_steps = train_run(str(TEXT), steps=args.steps, checkpoint_path=f"{tmp}/ckpt.pt")
+        if args.torch_sample:
+            for i, text in enumerate(torch_nanogpt.sample_run(str(TEXT), args.torch_sample)):
+                print(f"---------- sample {i} ----------\n{text}")
+            return
+        val, in_steps = torch_nanogpt.train_run(
+            str(TEXT), steps=args.steps, checkpoint_path=args.torch_run
+        )
         print(f"val loss {val:.4f}, train steps {in_steps:.2f} s")
         return
     from benchmarks.attention import add_json_flag, machine, write_json
@@ -104,24 +116,36 @@ def main() -> None:
         results.setdefault(f"{key}_steps_runs_s", []).append(steps_s)
         write_json(args.json, {"whole_run": results})  # kept if a later run fails
 
+    def lm_run(key: str, job: str, cache: str, *flags: str) -> None:
+        with tempfile.TemporaryDirectory() as workdir:
+            seconds, out = run(
+                [*LM, f"--workdir={workdir}", "--noprogress", f"--compilation_cache={cache}",
+                 f"--config.num_steps={args.steps}", *flags]
+            )  # fmt: skip
+            steps_s = step_seconds(Path(workdir) / "metrics.jsonl")
+        val = re.search(r"Done: step \d+, val loss ([\d.]+)", out).group(1)
+        record(key, job, seconds, steps_s, val)
+
     for _ in range(args.repeats):
-        with tempfile.TemporaryDirectory() as cache:
-            for row in ("", ", compiles cached") if args.warm else ("",):
-                with tempfile.TemporaryDirectory() as workdir:
-                    seconds, out = run(
-                        [*LM, f"--workdir={workdir}", "--noprogress",
-                         f"--compilation_cache={cache}", f"--config.num_steps={args.steps}"]
-                    )  # fmt: skip
-                    steps_s = step_seconds(Path(workdir) / "metrics.jsonl")
-                val = re.search(r"Done: step \d+, val loss ([\d.]+)", out).group(1)
-                key = "jaxattn_cached" if row else "jaxattn"
-                job = f"jaxattn `train/lm.py` (with its samples{row})"
-                record(key, job, seconds, steps_s, val)
+        with tempfile.TemporaryDirectory() as cache:  # empty: a first run compiles everything
+            lm_run("jaxattn", "jaxattn `train/lm.py` (with its 2 samples)", cache)
+            if args.warm:
+                job = "jaxattn `train/lm.py` (with its 2 samples, compiles cached)"
+                lm_run("jaxattn_cached", job, cache)
         if torch is not None:
-            seconds, out = run([sys.executable, __file__, "--torch-run", f"--steps={args.steps}"])
-            val, steps_s = re.search(r"val loss ([\d.]+), train steps ([\d.]+) s", out).groups()
-            job = f"PyTorch {torch.__version__} nanoGPT train loop"
-            record("torch", job, seconds, float(steps_s), val)
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = f"{tmp}/ckpt.pt"
+                cmd = [sys.executable, __file__, f"--steps={args.steps}"]
+                train_s, out = run([*cmd, f"--torch-run={ckpt}"])
+                val, steps_s = re.search(r"val loss ([\d.]+), train steps ([\d.]+) s", out).groups()
+                sample_s, _ = run([*cmd, f"--torch-sample={ckpt}"])
+            job = f"PyTorch {torch.__version__} nanoGPT train.py loop + sample.py (2 samples)"
+            record("torch_sampled", job, train_s + sample_s, float(steps_s), val)
+        with tempfile.TemporaryDirectory() as cache:
+            lm_run("jaxattn_no_samples", "jaxattn `train/lm.py --num_samples=0`", cache,
+                   "--num_samples=0")  # fmt: skip
+        if torch is not None:
+            record("torch", "the same nanoGPT train.py loop alone", train_s, float(steps_s), val)
     if args.repeats > 1:
         medians = ", ".join(f"{key} {statistics.median(t):.0f} s" for key, t in times.items())
         print(f"\nmedians of {args.repeats}: {medians}")

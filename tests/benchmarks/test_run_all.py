@@ -62,6 +62,18 @@ def test_summary_reads_each_target_against_its_threshold():
     assert {cells[0] for cells in rows.values()} == {"3", "5"}
 
 
+def test_whole_run_compares_like_for_like_pairs():
+    results = _results()
+    whole = results["whole_run"]["whole_run"]
+    target = "whole train/lm.py run: <= nanoGPT's run of the same config"
+    whole |= {"torch_sampled_s": 135.0, "jaxattn_no_samples_s": 118.0}  # 130/135, 118/120
+    _, measured, met = _rows(run_all.summary(results, {}))[target]
+    assert "with 2 samples: 130 s vs 135 s: 0.96x" in measured
+    assert "training only: 118 s vs 120 s: 0.98x" in measured and met == "yes"
+    whole["jaxattn_no_samples_s"] = 121.0  # one pair over: not met
+    assert _rows(run_all.summary(results, {}))[target][2] == "**no**"
+
+
 def test_summary_without_torch_or_without_a_benchmark_says_why():
     results = _results(torch=False)
     del results["whole_run"]
