@@ -30,6 +30,7 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from etils import epath
 from jax.experimental import multihost_utils
@@ -51,10 +52,28 @@ class NonFiniteLossError(FloatingPointError):
     """The loss, the gradient norm or the state became NaN or infinite; training stopped."""
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    """True iff every floating-point leaf of ``tree`` is finite (one reduction)."""
+def _all_finite(tree: Any) -> bool:
+    """True iff every floating-point leaf of ``tree`` is finite.
+
+    Arrays held whole on CPU devices are host memory: NumPy reads them in place (2-3 ms
+    for the Shakespeare model's state) where the jitted reduction first compiles one
+    kernel per leaf (0.5-0.8 s on 2 cores, once per run). Others (accelerators, arrays
+    split across processes) take the jitted reduction, which every process runs alike.
+    """
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    on_host = all(
+        isinstance(x, jax.Array)
+        and x.is_fully_addressable
+        and all(d.platform == "cpu" for d in x.devices())
+        for x in leaves
+    )
+    if on_host:
+        return all(bool(np.isfinite(np.asarray(x)).all()) for x in leaves)
+    return bool(_all_finite_on_device(leaves))
+
+
+@jax.jit
+def _all_finite_on_device(leaves: list[jax.Array]) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] + [jnp.bool_(True)]))
 
 
@@ -428,7 +447,7 @@ class Trainer:
         # The loss and gradients checked by _flush come from the state before the last
         # update; an update can still make the state non-finite (e.g. a huge learning
         # rate). Never save such a state: the last saved checkpoint must stay a good one.
-        if not bool(_all_finite((self.state.params, self.state.opt_state))):
+        if not _all_finite((self.state.params, self.state.opt_state)):
             self._stop_non_finite(
                 f"the parameters or optimizer state after step {self.step} are not finite"
             )

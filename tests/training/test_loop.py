@@ -467,3 +467,10 @@ def test_all_finite_reads_float_leaves_only():
     assert bool(_all_finite({"count": jnp.int32(3), "key": jax.random.key(0)}))  # no floats
     assert bool(_all_finite({"w": jnp.ones(3, jnp.bfloat16), "count": jnp.int32(3)}))
     assert not bool(_all_finite({"w": jnp.array([1.0, jnp.inf]), "count": jnp.int32(3)}))
+    assert not _all_finite({"w": jnp.array([1.0, jnp.nan], jnp.bfloat16)})
+    # The jitted path (accelerators, multi-process arrays) gives the same answers.
+    from jaxattn.training.loop import _all_finite_on_device
+
+    assert bool(_all_finite_on_device([jnp.ones(3, jnp.bfloat16)]))
+    assert bool(_all_finite_on_device([]))
+    assert not bool(_all_finite_on_device([jnp.ones(2), jnp.array([1.0, -jnp.inf])]))
