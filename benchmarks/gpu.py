@@ -58,12 +58,16 @@ SECTIONS = ("checks", "attention", "long", "lstm")
 
 
 def _torch():
-    """(torch module, device string), or (None, None) without torch."""
+    """(torch module, device string) on jax's kind of device, or (None, None) without torch,
+    or on a GPU with a CPU-only torch (its rows would time float32 on the CPU against
+    bfloat16 on the GPU)."""
     try:
         import torch
     except ImportError:
         return None, None
-    return torch, "cuda" if torch.cuda.is_available() else "cpu"
+    if ON_GPU and not torch.cuda.is_available():
+        return None, None
+    return torch, "cuda" if ON_GPU else "cpu"
 
 
 def torch_sync(torch, device):
@@ -431,6 +435,7 @@ def main() -> None:
     )
     print(
         f"jax {jax.__version__}; torch {torch.__version__ + ' on ' + device if torch else 'absent'}"
+        + ("" if torch or not ON_GPU else " or without CUDA: no PyTorch rows")
     )
     if not ON_GPU:
         print("no GPU: the cuDNN rows are skipped; figures only show that the script runs")

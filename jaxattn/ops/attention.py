@@ -332,7 +332,9 @@ def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate) -> str:
 
     - dropout: ``"xla"`` (the only kernel with attention dropout);
     - GPU: ``"cudnn"`` for float16/bfloat16 with equal q/v head dims, a multiple of 8 up to
-      128 (cuDNN's fused kernels), else as below;
+      128 (cuDNN's fused kernels), and even T and S when there is a mask or bias (cuDNN's
+      backward refuses odd lengths with one, and a ``T != S`` causal mask is one), else as
+      below;
     - TPU: ``"pallas"`` when importable and ``_pallas_fits``, else as below;
     - CPU: ``"blockwise"`` when T and S are both >= ``_CPU_BLOCKWISE_MIN_LEN`` (384), or
       ``_CPU_BLOCKWISE_MIN_LEN_GQA`` (256) with grouped key/value heads;
@@ -345,7 +347,10 @@ def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate) -> str:
     backend = jax.default_backend()
     if backend == "gpu":
         low_precision = q.dtype in (jnp.float16, jnp.bfloat16)
-        if low_precision and v.shape[-1] == h and h % 8 == 0 and h <= 128:
+        # cuDNN takes a mask as a bias, and its bias gradient needs even T and S.
+        biased = mask is not None or bias is not None or (is_causal and t != s)
+        even = t % 2 == 0 and s % 2 == 0
+        if low_precision and v.shape[-1] == h and h % 8 == 0 and h <= 128 and (even or not biased):
             return "cudnn"
     elif backend == "tpu":
         if _pallas_fits(q, k, v, mask, bias, is_causal) and _pallas_importable():
@@ -420,6 +425,9 @@ def dot_product_attention(
         )
     if implementation != "xla":  # the fused kernels take the scale as a Python number
         q, scale = fold_traced_scale(q, scale)
+        # A concrete array (jnp.float32(0.5)) is not hashable, as cuDNN's and Pallas'
+        # static scale must be.
+        scale = None if scale is None else float(scale)
     return _KERNELS[implementation](
         q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng
     )

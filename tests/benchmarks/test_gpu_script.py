@@ -55,3 +55,17 @@ def test_gpu_script_smoke_runs_every_section(tmp_path):
     lstm = results["lstm"]
     assert "jaxattn scan" in lstm and "flax nn.RNN" in lstm
     assert all(row["fwd_bwd_s"] > 0 for row in lstm.values())
+
+
+def test_no_torch_rows_on_a_gpu_with_a_cpu_only_torch(monkeypatch):
+    """On a GPU the PyTorch rows must run on CUDA too: a CPU-only torch would time float32
+    on the CPU against bfloat16 on the GPU (and take hours at T = 16384)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu, "ON_GPU", True)
+    assert gpu._torch() == (None, None)
+    monkeypatch.setattr(gpu, "ON_GPU", False)
+    assert gpu._torch() == (torch, "cpu")

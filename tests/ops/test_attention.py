@@ -9,6 +9,7 @@ from jax.test_util import check_grads
 from jaxattn.ops.attention import (
     AdditiveWeights,
     MultiHeadAttentionWeights,
+    _select_implementation,
     additive_scores,
     attend,
     attention_weights,
@@ -497,6 +498,46 @@ def test_cudnn_wrapper_on_an_emulated_kernel(monkeypatch, np_rng, t, is_causal, 
     monkeypatch.setattr(jax.nn, "dot_product_attention", emulated_cudnn)
     got = dot_product_attention(q, k, v, implementation="cudnn", **kw)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "t, s, kw, want",
+    [
+        (8, 8, {"mask": (2, 1, 1, 8)}, "cudnn"),
+        (8, 8, {"is_causal": True}, "cudnn"),
+        (9, 9, {"is_causal": True}, "cudnn"),  # no mask or bias: cuDNN's own causal mask
+        (9, 9, {"mask": (2, 1, 1, 9)}, "xla"),
+        (8, 7, {"bias": (1, 4, 8, 7)}, "xla"),
+        (3, 8, {"is_causal": True}, "xla"),  # queries last: a mask
+    ],
+)
+def test_gpu_picks_cudnn_only_where_its_backward_runs(monkeypatch, t, s, kw, want):
+    """jax's cuDNN backward refuses a mask or bias with odd T or S (NotImplementedError
+    under jax.grad), so implementation=None must not pick cuDNN there."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q = jnp.zeros((2, t, 4, 64), jnp.bfloat16)
+    k = v = jnp.zeros((2, s, 4, 64), jnp.bfloat16)
+    mask = jnp.ones(kw["mask"], bool) if "mask" in kw else None
+    bias = jnp.zeros(kw["bias"], jnp.bfloat16) if "bias" in kw else None
+    is_causal = kw.get("is_causal", False)
+    assert _select_implementation(q, k, v, mask, bias, is_causal, 0.0) == want
+
+
+def test_cudnn_gets_a_hashable_scale(monkeypatch, np_rng):
+    """A concrete array scale (jnp.float32) works on every backend: cuDNN's scale is a
+    static, hashable parameter, so the wrapper hands it a Python float."""
+    real_attention = jax.nn.dot_product_attention
+
+    def emulated_cudnn(q, k, v, bias, mask, *, scale, is_causal, implementation):
+        hash(scale)  # jax's cuDNN primitive hashes its parameters
+        return real_attention(q, k, v, bias, mask, scale=scale, is_causal=is_causal)
+
+    q, k, v = qkv(np_rng, 2, h=8)
+    want = dot_product_attention(q, k, v, scale=0.3, implementation="xla")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", emulated_cudnn)
+    got = dot_product_attention(q, k, v, scale=jnp.float32(0.3), implementation="cudnn")
+    np.testing.assert_allclose(got, want, **TOL)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
