@@ -27,6 +27,22 @@ def check_positive_ints(owner: Any, names: tuple[str, ...]) -> None:
             raise ValueError(f"{type(owner).__name__}.{name} must be a positive int, got {value!r}")
 
 
+def check_special_ids(owner: Any, vocab_size: int) -> None:
+    """Raise unless ``owner.pad_id``, ``bos_id`` and ``eos_id`` are distinct ints in
+    ``[0, vocab_size)`` (the smaller vocabulary of an encoder–decoder): 1.5 or True would
+    pass a range check and fail, or mislead, only in decoding."""
+    ids = {"pad_id": owner.pad_id, "bos_id": owner.bos_id, "eos_id": owner.eos_id}
+    for name, value in ids.items():
+        size = as_size(value, minimum=0) if isinstance(value, numbers.Integral) else None
+        if size is None or size >= vocab_size:
+            raise ValueError(
+                f"{type(owner).__name__}.{name} must be an int in [0, {vocab_size}) (inside "
+                f"both vocabularies), got {value!r}"
+            )
+    if len(set(ids.values())) != 3:
+        raise ValueError(f"{type(owner).__name__}: pad, bos and eos ids must differ, got {ids}")
+
+
 def check_bools(owner: Any, names: tuple[str, ...]) -> None:
     """Raise unless each field is a bool or ``np.bool_`` (a string such as ``"no"`` would count
     as true)."""

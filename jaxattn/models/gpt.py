@@ -25,8 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.models import decoding
-from jaxattn.models._config import check_bools, check_positive, check_positive_ints
+from jaxattn.models._config import (
+    check_bools,
+    check_positive,
+    check_positive_ints,
+    check_weights,
+)
 from jaxattn.ops.attention import (
+    IMPLEMENTATIONS,
     MultiHeadAttentionWeights,
     dot_product_attention,
     init_multi_head_attention,
@@ -122,6 +128,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: rope needs an even head_dim, got {self.head_dim}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.attention_implementation not in (None, *IMPLEMENTATIONS):
+            raise ValueError(
+                f"GPTConfig.attention_implementation must be None or one of "
+                f"{IMPLEMENTATIONS}, got {self.attention_implementation!r}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -333,8 +344,9 @@ def _check_tokens(tokens: Array, config: GPTConfig, where: str) -> None:
 def _check_weights(
     weights: GPTWeights, config: GPTConfig, where: str, *, per_layer_ok: bool = True
 ) -> None:
-    """Raise ``ValueError`` when ``weights`` were not made for ``config`` (shapes only), or
-    hold ``unstack_layers``' per-layer blocks where only stacked ones will do."""
+    """Raise ``ValueError`` when ``weights`` were not made for ``config`` (tree paths and
+    shapes, as ``init_gpt`` makes them), or hold ``unstack_layers``' per-layer blocks where
+    only stacked ones will do."""
     per_layer = not isinstance(weights.blocks, BlockWeights)  # a tuple of BlockWeights
     if per_layer and not per_layer_ok:  # the layer scan needs stacks
         raise ValueError(
@@ -362,6 +374,12 @@ def _check_weights(
             f"table {got['table']}, "
             f"{'a' if weights.position_embedding is not None else 'no'} position table"
         )
+    # The rest (output head, biases, MLP width, position table length) against init_gpt's
+    # tree: a tied model's weights would otherwise run silently under an untied config.
+    if per_layer:  # shapes only, stacked as init_gpt makes them
+        stack = lambda *a: jax.ShapeDtypeStruct((len(a), *a[0].shape), a[0].dtype)
+        weights = weights._replace(blocks=jax.tree.map(stack, *weights.blocks))
+    check_weights(weights, init_gpt, config, where)
 
 
 def gpt(

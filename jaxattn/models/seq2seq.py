@@ -40,7 +40,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.models import beam_search as search
-from jaxattn.models._config import check_bools, check_positive_ints, check_size, check_weights
+from jaxattn.models._config import (
+    check_bools,
+    check_positive_ints,
+    check_size,
+    check_special_ids,
+    check_weights,
+)
 from jaxattn.ops.attention import (
     AdditiveWeights,
     additive_scores,
@@ -111,15 +117,7 @@ class Seq2SeqConfig:
                 f"and a positive size (attention={self.attention!r})"
             )
         check_dropout_rate(self.dropout, "Seq2SeqConfig.dropout")
-        ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
-        for name, value in ids.items():
-            if not 0 <= value < min(self.src_vocab_size, self.tgt_vocab_size):
-                raise ValueError(
-                    f"Seq2SeqConfig.{name}={value} is outside the vocabularies "
-                    f"({self.src_vocab_size}, {self.tgt_vocab_size})"
-                )
-        if len(set(ids.values())) != 3:
-            raise ValueError(f"Seq2SeqConfig: pad, bos and eos ids must differ, got {ids}")
+        check_special_ids(self, min(self.src_vocab_size, self.tgt_vocab_size))
 
 
 class Seq2SeqWeights(NamedTuple):

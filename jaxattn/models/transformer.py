@@ -43,11 +43,13 @@ from jaxattn.models._config import (
     check_positive,
     check_positive_ints,
     check_size,
+    check_special_ids,
     check_weights,
 )
 from jaxattn.models.gpt import KVCache
 from jaxattn.models.seq2seq import check_batch
 from jaxattn.ops.attention import (
+    IMPLEMENTATIONS,
     MultiHeadAttentionWeights,
     dot_product_attention,
     init_multi_head_attention,
@@ -133,12 +135,12 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}"
             )
-        ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
-        for name, value in ids.items():
-            if not 0 <= value < min(self.src_vocab_size, self.tgt_vocab_size):
-                raise ValueError(f"TransformerConfig.{name}={value} is outside the vocabularies")
-        if len(set(ids.values())) != 3:
-            raise ValueError(f"TransformerConfig: pad, bos and eos ids must differ, got {ids}")
+        if self.attention_implementation not in (None, *IMPLEMENTATIONS):
+            raise ValueError(
+                f"TransformerConfig.attention_implementation must be None or one of "
+                f"{IMPLEMENTATIONS}, got {self.attention_implementation!r}"
+            )
+        check_special_ids(self, min(self.src_vocab_size, self.tgt_vocab_size))
 
     @property
     def head_dim(self) -> int:

@@ -13,6 +13,7 @@ from jaxattn.models.gpt import (
     GPTConfig,
     GPTWeights,
     gpt,
+    gpt_decode,
     gpt_loss,
     init_cache,
     init_gpt,
@@ -162,6 +163,7 @@ def np_cross_entropy(logits, targets):
         (dict(tie_embeddings=1), "tie_embeddings must be a bool"),
         (dict(remat="false"), "remat must be a bool"),
         (dict(gelu_approximate=None), "gelu_approximate must be a bool"),
+        (dict(attention_implementation="flash"), "attention_implementation must be None or"),
     ],
 )
 def test_config_validation(changes, match):
@@ -499,6 +501,20 @@ def test_bad_inputs_raise():
     ):
         with pytest.raises(ValueError, match="gpt: weights do not fit the config"):
             gpt(w, tokens, other)
+    # The parts the shapes above do not pin down: these ran silently with the wrong model
+    # (tied weights under an untied config, biases under use_bias=False, a 4x MLP as 2x).
+    for changes, match in (
+        (dict(tie_embeddings=False), r"missing: \.head\.w"),
+        (dict(use_bias=False), r"unexpected: .*\.b_q"),
+        (dict(mlp_ratio=2), r"\.blocks\.mlp\.up\.w \(2, 12, 48\) != \(2, 12, 24\)"),
+        (dict(block_size=12), r"\.position_embedding\.table \(11, 12\) != \(12, 12\)"),
+    ):
+        with pytest.raises(ValueError, match=r"gpt: the weights \(GPTWeights\) do not .*" + match):
+            gpt(w, tokens, dataclasses.replace(BASE, **changes))
+    untied = dataclasses.replace(BASE, tie_embeddings=False)
+    with pytest.raises(ValueError, match=r"gpt_decode: the weights .* missing: \.head\.w"):
+        per_layer_w, per_layer_cache = unstack_layers(w, init_cache(BASE, 1, 4))
+        gpt_decode(per_layer_w, tokens, per_layer_cache, untied)
     # unstack_layers' per-layer tuple is for gpt_decode; the scan would fail obscurely.
     per_layer, _ = unstack_layers(w, init_cache(BASE, 1, BASE.block_size))
     with pytest.raises(ValueError, match="gpt: the weights hold per-layer blocks"):

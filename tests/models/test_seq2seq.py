@@ -300,6 +300,8 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(dropout=1.0), "dropout"),
         (dict(eos_id=BOS), "must differ"),
         (dict(pad_id=11), "pad_id"),
+        (dict(bos_id=1.5), r"Seq2SeqConfig.bos_id must be an int in \[0, .*got 1.5"),
+        (dict(pad_id=True), r"Seq2SeqConfig.pad_id must be an int in \[0, .*got True"),
         (dict(bidirectional_encoder="no"), "bidirectional_encoder must be a bool, got 'no'"),
         (dict(bidirectional_encoder=1), "bidirectional_encoder must be a bool"),
     ],

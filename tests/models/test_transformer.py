@@ -311,6 +311,13 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(pre_ln="no"), "pre_ln must be a bool, got 'no'"),
         (dict(tie_embeddings=0), "tie_embeddings must be a bool"),
         (dict(remat="yes"), "remat must be a bool"),
+        # Ids that passed a range check and failed later, inside decoding (or not at all).
+        (dict(bos_id=1.5), r"bos_id must be an int in \[0, 11\) .*got 1.5"),
+        (dict(eos_id=2.0), r"eos_id must be an int in \[0, 11\) .*got 2.0"),
+        (dict(pad_id=True, bos_id=3), r"pad_id must be an int in \[0, 11\) .*got True"),
+        (dict(pad_id=-1), r"pad_id must be an int in \[0, 11\) .*got -1"),
+        (dict(eos_id=11), r"eos_id must be an int in \[0, 11\) .*got 11"),
+        (dict(attention_implementation="flash"), "attention_implementation must be None or"),
     ],
 )
 def test_config_validation(changes, match):
