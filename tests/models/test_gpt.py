@@ -441,6 +441,27 @@ def test_dropout():
     np.testing.assert_allclose(gpt_jit(w, tokens, BASE, deterministic=False), evaluate, atol=1e-6)
 
 
+def test_dropout_reaches_the_attention_probabilities(monkeypatch):
+    # The output checks above cannot tell attention-probability dropout from residual
+    # dropout: record what every attention call is given instead.
+    from jaxattn.models import gpt as gpt_module
+
+    config = dataclasses.replace(BASE, dropout=0.3)
+    w, tokens = random_weights(BASE), tokens_for(config)
+    real, seen = gpt_module.dot_product_attention, []
+
+    def spy(*args, dropout_rate=0.0, dropout_rng=None, **kwargs):
+        seen.append((dropout_rate, dropout_rng is not None))
+        return real(*args, dropout_rate=dropout_rate, dropout_rng=dropout_rng, **kwargs)
+
+    monkeypatch.setattr(gpt_module, "dot_product_attention", spy)
+    gpt(w, tokens, config, rng=key(1), deterministic=False)
+    assert seen and set(seen) == {(0.3, True)}
+    seen.clear()
+    gpt(w, tokens, config, rng=key(1))  # evaluation: no dropout anywhere
+    assert seen and set(seen) == {(0.0, False)}
+
+
 def test_remat_gives_same_loss_and_grads():
     remat = dataclasses.replace(BASE, remat=True)
     w = random_weights(BASE)

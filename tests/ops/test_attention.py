@@ -658,6 +658,28 @@ def test_multi_head_attention_gqa_matches_numpy(np_rng):
     np.testing.assert_allclose(project_output(w, jnp.asarray(ctx, jnp.float32)), want, **TOL)
 
 
+@pytest.mark.parametrize("return_weights", [False, True])
+def test_multi_head_attention_bias_matches_numpy(np_rng, return_weights):
+    # An additive bias (e.g. ALiBi or relative positions) reaches the logits on both paths.
+    dq, dkv, dout, n, k_heads, h = 7, 11, 13, 6, 2, 5
+    w = random_mha_weights(np_rng, dq, n, h, dkv, k_heads, dout)
+    x_q, x_kv = normal(np_rng, B, T, dq), normal(np_rng, B, S, dkv)
+    mask = random_mask(np_rng, (B, 1, 1, S))
+    bias = normal(np_rng, 1, n, T, S, scale=2.0)
+    got = multi_head_attention(
+        w, x_q, x_kv, mask=mask, bias=bias, is_causal=True, return_weights=return_weights
+    )
+    q = np.einsum("btd,dnh->btnh", f64(x_q), f64(w.w_q)) + f64(w.b_q)
+    k = np.einsum("bsd,dkh->bskh", f64(x_kv), f64(w.w_k)) + f64(w.b_k)
+    v = np.einsum("bsd,dkh->bskh", f64(x_kv), f64(w.w_v)) + f64(w.b_v)
+    ctx, probs = np_attention(q, k, v, mask=mask, bias=bias, is_causal=True)
+    want = np.einsum("btnh,nho->bto", ctx, f64(w.w_o)) + f64(w.b_o)
+    if return_weights:
+        got, got_probs = got
+        np.testing.assert_allclose(got_probs, probs, **TOL)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
 def test_init_multi_head_attention(rng):
     w = init_multi_head_attention(rng, 24, 6, kv_dim=11, num_kv_heads=3, out_dim=13)
     shapes = [None if a is None else a.shape for a in w]

@@ -9,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxattn.ops import lstm as lstm_module
+from jaxattn.ops.layers import dropout
 from jaxattn.ops.lstm import (
     BidirectionalWeights,
     LSTMWeights,
@@ -337,6 +338,24 @@ def test_dropout_only_between_layers(rng, np_rng):
         lstm_stack(single, xs, dropout_rate=0.5, rng=rng, deterministic=False)[0],
         lstm_stack(single, xs)[0],
     )
+
+
+def test_dropout_between_layers_matches_numpy(rng, np_rng):
+    # Layer 1 reads layer 0's float64 outputs times an inverted-dropout mask (0 or
+    # 1 / (1 - rate)); the stack draws that mask from the second half of split(rng).
+    rate = 0.5
+    layers = init_lstm_stack(rng, IN, HID, num_layers=2)
+    xs, _, _ = _inputs(np_rng)
+    ys, (h_n, c_n) = lstm_stack(layers, xs, dropout_rate=rate, rng=rng, deterministic=False)
+    _, sub = jax.random.split(rng)
+    keep = np.asarray(dropout(sub, jnp.ones((B, T, HID)), rate)) != 0  # that key's mask
+    assert 0 < keep.mean() < 1
+    zeros = np.zeros((B, HID))
+    ys0, _ = reference_lstm(layers[0], xs, zeros, zeros)
+    want, (h1, c1) = reference_lstm(layers[1], ys0 * keep / (1.0 - rate), zeros, zeros)
+    np.testing.assert_allclose(ys, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h_n[1], h1, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(c_n[1], c1, atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_inputs_compute_in_bfloat16(rng, np_rng):
