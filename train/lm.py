@@ -126,9 +126,7 @@ def _abstract_state(model: GPTConfig, config: ml_collections.ConfigDict):
 
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     for name in ("batch_size", "grad_accum_steps"):  # (rows = their product, used first)
-        value = config[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.{name} must be an integer >= 1, got {value!r}")
+        check_size(config[name], f"config.{name}", "train/lm.py")
     # (grain refuses a negative seed only at the first batch, after the workdir is made)
     check_size(config.seed, "config.seed", "train/lm.py", minimum=0)
     text = data.load_text(config.data_path)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from jaxattn.ops._checks import as_size, check_size
+from jaxattn.ops.attention import IMPLEMENTATIONS
 
 __all__ = ["check_size"]  # re-exported: the models import their checks from here
 
@@ -41,6 +42,17 @@ def check_special_ids(owner: Any, vocab_size: int) -> None:
             )
     if len(set(ids.values())) != 3:
         raise ValueError(f"{type(owner).__name__}: pad, bos and eos ids must differ, got {ids}")
+
+
+def check_attention_implementation(owner: Any) -> None:
+    """Raise unless ``owner.attention_implementation`` is None or a kernel name of
+    ``dot_product_attention``: a typo would otherwise pass until the first forward pass."""
+    value = owner.attention_implementation
+    if value not in (None, *IMPLEMENTATIONS):
+        raise ValueError(
+            f"{type(owner).__name__}.attention_implementation must be None or one of "
+            f"{IMPLEMENTATIONS}, got {value!r}"
+        )
 
 
 def check_bools(owner: Any, names: tuple[str, ...]) -> None:

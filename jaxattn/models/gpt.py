@@ -26,13 +26,13 @@ import jax.numpy as jnp
 
 from jaxattn.models import decoding
 from jaxattn.models._config import (
+    check_attention_implementation,
     check_bools,
     check_positive,
     check_positive_ints,
     check_weights,
 )
 from jaxattn.ops.attention import (
-    IMPLEMENTATIONS,
     MultiHeadAttentionWeights,
     dot_product_attention,
     init_multi_head_attention,
@@ -128,11 +128,7 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: rope needs an even head_dim, got {self.head_dim}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.attention_implementation not in (None, *IMPLEMENTATIONS):
-            raise ValueError(
-                f"GPTConfig.attention_implementation must be None or one of "
-                f"{IMPLEMENTATIONS}, got {self.attention_implementation!r}"
-            )
+        check_attention_implementation(self)
 
     @property
     def head_dim(self) -> int:

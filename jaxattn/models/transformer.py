@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jaxattn.models import beam_search as search
 from jaxattn.models._config import (
+    check_attention_implementation,
     check_bools,
     check_positive,
     check_positive_ints,
@@ -49,7 +50,6 @@ from jaxattn.models._config import (
 from jaxattn.models.gpt import KVCache
 from jaxattn.models.seq2seq import check_batch
 from jaxattn.ops.attention import (
-    IMPLEMENTATIONS,
     MultiHeadAttentionWeights,
     dot_product_attention,
     init_multi_head_attention,
@@ -135,11 +135,7 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}"
             )
-        if self.attention_implementation not in (None, *IMPLEMENTATIONS):
-            raise ValueError(
-                f"TransformerConfig.attention_implementation must be None or one of "
-                f"{IMPLEMENTATIONS}, got {self.attention_implementation!r}"
-            )
+        check_attention_implementation(self)
         check_special_ids(self, min(self.src_vocab_size, self.tgt_vocab_size))
 
     @property

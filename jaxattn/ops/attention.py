@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxattn.ops._checks import check_size
 from jaxattn.ops.flash import check_attention_inputs, flash_attention, fold_traced_scale
 from jaxattn.ops.layers import check_dropout_rate, dropout, normal, project
 from jaxattn.ops.masks import causal_mask, combine_masks, masked_softmax
@@ -500,8 +501,7 @@ def init_multi_head_attention(
     ``num_kv_heads = num_heads``; ``std = 1/sqrt(fan_in)`` per input projection and
     ``out_std = 1/sqrt(N H)`` (GPT-2 passes a smaller ``out_std`` for the residual branch).
     """
-    if num_heads <= 0:
-        raise ValueError(f"init_multi_head_attention: num_heads must be >= 1, got {num_heads}")
+    num_heads = check_size(num_heads, "num_heads", "init_multi_head_attention")
     if head_dim is None:
         if q_dim % num_heads != 0:
             raise ValueError(

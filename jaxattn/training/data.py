@@ -180,8 +180,8 @@ def lm_dataset(
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"need batch_size >= 1 and seq_len >= 1, got {batch_size}, {seq_len}")
+    check_size(batch_size, "batch_size", name)
+    check_size(seq_len, "seq_len", name)
     check_size(seed, "seed", name, minimum=0)
     if len(tokens) <= seq_len:
         raise ValueError(

@@ -813,5 +813,5 @@ def test_multi_head_attention_return_weights_checks_its_arguments(kwargs, match)
 
 
 def test_init_multi_head_attention_refuses_zero_heads():
-    with pytest.raises(ValueError, match="num_heads must be >= 1"):
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1, got 0"):
         init_multi_head_attention(jax.random.PRNGKey(0), 8, 0)

@@ -155,6 +155,15 @@ def test_token_ids_are_validated():
         data.lm_dataset(np.zeros((2, 8), np.int32), batch_size=2, seq_len=3, seed=0, vocab_size=4)
     with pytest.raises(ValueError, match="integers"):
         data.lm_dataset(np.zeros(8, np.float32), batch_size=2, seq_len=3, seed=0, vocab_size=4)
+    for batch_size, seq_len, bad in [
+        (0, 3, "batch_size"),
+        (2, 0, "seq_len"),
+        (2.0, 3, "batch_size"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^token stream: {bad} must be an int >= 1"):
+            data.lm_dataset(
+                _stream(), batch_size=batch_size, seq_len=seq_len, seed=0, vocab_size=1000
+            )
 
 
 def test_train_val_split_rejects_bad_fraction():
