@@ -122,8 +122,7 @@ def check_example_counts(config: ml_collections.ConfigDict, names: tuple[str, ..
     """Refuse a negative ``config.max_*_examples``: as a slice end, ``-n`` would silently
     drop the last n pairs (0 means all)."""
     for name in names:
-        if config[name] < 0:
-            raise ValueError(f"config.{name} must be >= 0 (0: all), got {config[name]}")
+        check_size(config[name], f"config.{name}", "train/translate.py", minimum=0)
 
 
 def check_data_settings(config: ml_collections.ConfigDict) -> None:
@@ -143,8 +142,7 @@ def check_data_settings(config: ml_collections.ConfigDict) -> None:
 def check_decode_settings(config: ml_collections.ConfigDict) -> None:
     """Refuse decoding settings that could only fail after training, with the reason."""
     for name in ("beam_size", "decode_max_len", "decode_batch_size"):
-        if config[name] < 1:
-            raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+        check_size(config[name], f"config.{name}", "train/translate.py")
     check_example_counts(config, ("max_test_examples",))
     if config.model.kind == "transformer":
         positions = config.model.max_len

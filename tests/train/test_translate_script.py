@@ -161,7 +161,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
 def test_decode_settings_are_checked_before_training(tmp_path):
     """A decode setting that cannot work fails at once, not after the training."""
     proc = run_translate(f"--workdir={tmp_path}", "--config.beam_size=0", check=False)
-    assert proc.returncode == 1 and "config.beam_size must be >= 1, got 0" in proc.stderr
+    assert proc.returncode == 1 and "config.beam_size must be an int >= 1, got 0" in proc.stderr
     proc = run_translate(
         f"--workdir={tmp_path}", "--config.decode_max_len=20", config=f"{TINY}:transformer",
         check=False,
@@ -176,8 +176,8 @@ def test_bad_example_counts_and_model_fail_before_anything_is_written(tmp_path):
     mesh or loop setting used to fail only after the workdir (or the sentencepiece model)
     was made."""
     for override, message in [
-        ("--config.max_train_examples=-1", "config.max_train_examples must be >= 0"),
-        ("--config.max_test_examples=-3", "config.max_test_examples must be >= 0"),
+        ("--config.max_train_examples=-1", "config.max_train_examples must be an int >= 0, got -1"),
+        ("--config.max_test_examples=-3", "config.max_test_examples must be an int >= 0, got -3"),
         ("--config.model.kind=rnn", "config.model.kind must be one of"),
         ("--config.model.attention=luong", "Seq2SeqConfig.attention must be one of"),
         ("--config.mesh.data=3", "the product must equal the device count"),
