@@ -538,3 +538,8 @@ def test_embed_takes_a_list_of_ids():
     assert (layers.embed(weights, [1, 4]) == weights.table[jnp.array([1, 4])]).all()
     with pytest.raises(ValueError, match="token ids"):
         layers.embed(weights, (1, 5))
+
+
+def test_init_embedding_default_std_is_gpt2s(rng):
+    e = init_embedding(rng, 96, 64)
+    np.testing.assert_allclose(np.std(np.asarray(e.table)), 0.02, rtol=0.05)

@@ -110,3 +110,18 @@ def test_uncounted_token_with_infinite_loss_is_ignored_like_torch_ignore_index(n
     )
     np.testing.assert_allclose(loss, want.item(), rtol=1e-5)
     assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_bfloat16_logits_are_reduced_in_float32(np_rng, eps):
+    # Mixed-precision models hand over bfloat16 logits: the softmax and the mean must not
+    # run in bfloat16 (8 bits of mantissa would be visible at the 1e-3 level).
+    logits = jnp.asarray(4.0 * np_rng.normal(size=(B, T, V)), jnp.bfloat16)
+    targets = np_rng.integers(0, V, (B, T))
+    mask = np_rng.random((B, T)) > 0.4
+    exact = np.asarray(logits, np.float64)  # the bfloat16 values, exactly
+    for m in (None, mask):
+        got = cross_entropy(logits, jnp.asarray(targets, jnp.int32), m, label_smoothing=eps)
+        assert got.dtype == jnp.float32
+        want = np_cross_entropy(exact, targets, None if m is None else m.astype(float), eps)
+        np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -233,3 +233,25 @@ def test_tree_signature_lists_paths_shapes_dtypes(toy):
     paths = [p for p, _, _ in sig]
     assert ["params/b", [1], "float32"] in sig and ["params/w", [5, 1], "float32"] in sig
     assert "step" in paths and "rng" in paths
+
+
+def test_a_dtype_or_an_extra_leaf_is_incompatible(tmp_path, toy):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(2, toy.state())
+    before = snapshot(tmp_path)
+    half = {"w": jnp.zeros((toy.D, 1), jnp.bfloat16), "b": jnp.zeros((1,), jnp.float32)}
+    other = create_train_state(half, toy.optimizer(), jax.random.key(0))
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(
+            IncompatibleCheckpointError,
+            match=r"'params/w' has shape \(5, 1\) float32 in the checkpoint but \(5, 1\) bfloat16",
+        ):
+            ckpt.restore(other)
+    no_bias = {"w": jnp.zeros((toy.D, 1), jnp.float32)}
+    other = create_train_state(no_bias, toy.optimizer(), jax.random.key(0))
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(
+            IncompatibleCheckpointError, match=r"checkpoint leaf 'params/b' \(1,\) is not in"
+        ):
+            ckpt.restore(other)
+    assert snapshot(tmp_path) == before

@@ -186,3 +186,14 @@ def test_tokenizer_encodes_every_character_of_its_own_vocabulary():
     tok = data.CharTokenizer.from_text("ab\udc80\ud800")
     text = "a\ud800b\udc80"
     assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int64])
+def test_batches_are_int32_whatever_the_stream_dtype(dtype):
+    # Token files are often uint16 (nanoGPT's .bin); the batches are int32 all the same.
+    n = 300
+    ds = data.lm_dataset(_stream(n).astype(dtype), batch_size=2, seq_len=4, seed=0, vocab_size=n)
+    batch = ds[0]
+    for name in ("inputs", "targets"):
+        assert batch[name].dtype == np.int32
+    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])

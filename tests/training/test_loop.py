@@ -1,12 +1,14 @@
 """The loop: jitted steps, gradient accumulation, fit, NaN guard, exact resume, SIGTERM."""
 
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import grain
@@ -30,7 +32,7 @@ from jaxattn.training.loop import (
     make_eval_step,
     make_train_step,
 )
-from jaxattn.training.metrics import read_metrics
+from jaxattn.training.metrics import read_metrics, reduce_means
 from jaxattn.training.state import create_train_state
 
 
@@ -474,3 +476,101 @@ def test_all_finite_reads_float_leaves_only():
     assert bool(_all_finite_on_device([jnp.ones(3, jnp.bfloat16)]))
     assert bool(_all_finite_on_device([]))
     assert not bool(_all_finite_on_device([jnp.ones(2), jnp.array([1.0, -jnp.inf])]))
+
+
+def test_microbatches_get_their_own_keys_and_rows(toy):
+    """Microbatch i of step s draws from fold_in(fold_in(rng, s), i) and holds rows i, i + k,
+    ...; its aux metrics are averaged over the k microbatches like the loss."""
+    k = 3
+
+    def loss(params, batch, rng):
+        noise = jax.random.normal(rng, ())
+        return jnp.sum(params["w"]) * 0.0 + noise, {"row0": batch["x"][0, 0]}
+
+    step = make_train_step(loss, toy.optimizer(), grad_accum_steps=k)
+    batch = next(toy.iterator())  # B = 6 rows: microbatch i holds rows i and i + 3
+    _, metrics = step(toy.state(seed=0), batch)
+    step_key = jax.random.fold_in(jax.random.key(0), 0)
+    noises = [float(jax.random.normal(jax.random.fold_in(step_key, i), ())) for i in range(k)]
+    assert len(set(noises)) == k
+    assert float(metrics["train_loss"].total) == pytest.approx(sum(noises), rel=1e-5, abs=1e-6)
+    reduced = reduce_means([metrics])
+    assert reduced["train_loss"] == pytest.approx(np.mean(noises), rel=1e-5, abs=1e-6)
+    assert reduced["train_row0"] == pytest.approx(float(np.mean(batch["x"][:k, 0])), rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_grad_norm_is_the_norm_of_the_mean_gradient_before_clipping(toy, k):
+    def loss(params, batch, rng):
+        return toy.loss(params, batch, None)
+
+    step = make_train_step(loss, toy.optimizer(), grad_accum_steps=k)  # clips at norm 1
+    batch = next(toy.iterator())
+    _, metrics = step(toy.state(), batch)
+    # float64 gradient of mean((x w + b - y)^2) at w = 0, b = 0.
+    x, y = np.asarray(batch["x"], np.float64), np.asarray(batch["y"], np.float64)
+    dpred = 2.0 * (0.0 - y) / len(x)  # [B, 1]
+    want = math.sqrt(np.sum((x.T @ dpred) ** 2) + np.sum(dpred) ** 2)
+    assert want > 1.0  # so that a norm taken after clipping would show
+    assert float(metrics["grad_norm"].total) == pytest.approx(want, rel=1e-5)
+
+
+def test_fit_logs_window_means_tokens_per_s_and_evaluates_fresh_batches(tmp_path, toy, monkeypatch):
+    """Logged train metrics average every step of the window; val metrics average
+    eval_batches batches from a fresh eval iterator; tokens/s leaves out the first (compiling)
+    step; a finished run reports its last evaluation again."""
+    clock = [0.0]
+    monkeypatch.setattr(loop_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    optimizer = toy.optimizer()
+    step = make_train_step(toy.loss, optimizer)
+
+    def timed_step(state, batch):  # every step takes 0.25 s on the fake clock
+        clock[0] += 0.25
+        return step(state, batch)
+
+    def run():
+        return fit(
+            create_train_state(toy.params(), optimizer, jax.random.key(7)),
+            timed_step,
+            data.batch_iterator(toy.dataset(0)),
+            workdir=tmp_path,
+            loop=LoopConfig(num_steps=6, eval_every=3, eval_batches=2, log_every=3, progress=False),
+            eval_step=make_eval_step(toy.loss),
+            eval_data=lambda: data.batch_iterator(toy.dataset(1)),
+        )
+
+    result = run()
+    records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert sorted(records) == [0, 3, 6]
+    assert set(records[3]) == {
+        "step", "time", "train_loss", "train_mae", "grad_norm", "tokens_per_s",
+        "step_time_ms", "val_loss", "val_mae",
+    }  # fmt: skip
+
+    # The same run by hand: per-step losses, and the params at each evaluation.
+    state, it = create_train_state(toy.params(), optimizer, jax.random.key(7)), toy.iterator()
+    losses, params_at = [], {0: jax.device_get(state.params)}
+    for s in range(1, 7):
+        state, metrics = step(state, next(it))
+        losses.append(float(metrics["train_loss"].total))
+        params_at[s] = jax.device_get(state.params)
+
+    def val_loss(params):
+        batches = toy.iterator(1)
+        return np.mean([float(toy.loss(params, next(batches), None)[0]) for _ in range(2)])
+
+    for s in (0, 3, 6):
+        assert records[s]["val_loss"] == pytest.approx(val_loss(params_at[s]), rel=1e-5)
+    for s in (3, 6):
+        assert records[s]["train_loss"] == pytest.approx(np.mean(losses[s - 3 : s]), rel=1e-5)
+    # Step 1 compiles: the window to step 3 times 2 steps, the next one 3, 0.25 s each.
+    tokens = toy.B * toy.D  # the first batch leaf, "x": [B, D]
+    for s in (3, 6):
+        assert records[s]["tokens_per_s"] == pytest.approx(tokens / 0.25)
+        assert records[s]["step_time_ms"] == pytest.approx(250.0)
+    assert records[0]["tokens_per_s"] is None
+
+    rerun = run()  # finished: restores the last evaluation from its checkpoint
+    assert rerun.step == 6
+    assert rerun.last_eval == pytest.approx(result.last_eval)
+    assert rerun.last_eval["val_loss"] == pytest.approx(records[6]["val_loss"])

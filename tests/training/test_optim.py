@@ -5,6 +5,7 @@ with PyTorch's update rule (and torch.optim.AdamW itself when torch is installed
 """
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -207,3 +208,40 @@ def test_optimizer_from_config():
     ref, _ = want.update(grads, want.init(params), params)
     for name in ("matrix", "embedding", "bias", "scale"):
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.0, -1.0])
+def test_non_positive_grad_clip_disables_clipping(grad_clip):
+    # nanoGPT's convention: grad_clip = 0.0 turns clipping off (it must not clip to norm 0).
+    params = _params()
+    grads_seq = _grads_seq(params, 2, [20.0, 5.0])  # norms far above any sane threshold
+    opt = optim.make_optimizer(1e-2, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=grad_clip)
+    state, p = opt.init(params), params
+    for g in grads_seq:
+        updates, state = jax.jit(opt.update)(g, state, p)
+        p = optax.apply_updates(p, updates)
+    want = numpy_adamw(params, grads_seq, [1e-2] * 2, b1=0.9, b2=0.99, eps=1e-8, wd=0.1, clip=None)
+    for k, x in want.items():
+        np.testing.assert_allclose(np.asarray(p[k]), x, rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_optimizer_from_config_matches_numpy_reference():
+    # Every setting read from the config reaches the optimizer: several steps with
+    # gradients far above grad_clip, so clipping, b1, b2 and the schedule all show.
+    config = types.SimpleNamespace(
+        learning_rate=1e-2, min_lr=1e-3, warmup_steps=2, lr_decay_steps=6,
+        b1=0.8, b2=0.95, weight_decay=0.1, grad_clip=0.5, eps=1e-6,
+    )  # fmt: skip
+    opt, schedule = optim.optimizer_from_config(config)
+    params = _params()
+    grads_seq = _grads_seq(params, 5, [20.0, 0.05, 3.0, 0.01, 7.0])
+    state, p = opt.init(params), params
+    update = jax.jit(opt.update)
+    for g in grads_seq:
+        updates, state = update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    lrs = [nanogpt_get_lr(i, 1e-2, 2, 6, 1e-3) for i in range(5)]
+    np.testing.assert_allclose([float(schedule(jnp.int32(i))) for i in range(5)], lrs, rtol=1e-5)
+    want = numpy_adamw(params, grads_seq, lrs, b1=0.8, b2=0.95, eps=1e-6, wd=0.1, clip=0.5)
+    for k, x in want.items():
+        np.testing.assert_allclose(np.asarray(p[k]), x, rtol=2e-5, atol=1e-6, err_msg=k)
