@@ -293,6 +293,53 @@ def test_length_penalty_and_gather_rows():
     np.testing.assert_array_equal(out["y"], jnp.arange(3))  # rank 1 <= axis: shared
 
 
+@functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "eos_id", "alpha", "pad_id"))
+def run_decode_sequences(logits, *, beam_size, max_len, eos_id, alpha, pad_id=0):
+    b = logits.shape[0]
+    return decode_sequences(
+        make_step(logits),
+        init_state(b),
+        b,
+        beam_size=beam_size,
+        max_len=max_len,
+        bos_id=BOS,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        length_penalty=alpha,
+    )
+
+
+def test_decode_sequences_normalises_logits_and_applies_the_length_penalty(np_rng):
+    # The table of test_length_penalty_changes_the_winner, as logits: every prefix gets its
+    # own offset, +4 after [2] and [2, 2]. Beam search must rank by log-probabilities
+    # (log_softmax removes the offsets; raw logits would favour the long hypothesis by 8)
+    # and with the given alpha (at the default 0.6 the long one would win as well).
+    vocab, eos, max_len = 3, 0, 3
+    table = np.full((1, code_of([2, 2, 2], vocab) + 1, vocab), np.log(1 / 3))
+    table[0, 0] = np.log([0.45, 1e-4, 0.55 - 1e-4])
+    table[0, code_of([2], vocab)] = np.log([0.01, 0.04, 0.95])
+    table[0, code_of([2, 2], vocab)] = np.log([0.8, 0.1, 0.1])
+    offset = np_rng.standard_normal((1, table.shape[1], 1))
+    offset[0, [code_of([2], vocab), code_of([2, 2], vocab)]] = 4.0
+    kw = dict(max_len=max_len, eos_id=eos, pad_id=-1)
+    for alpha, want in [(0.0, [eos, -1, -1]), (1.0, [2, 2, eos])]:
+        got = run_decode_sequences(table + offset, beam_size=2, alpha=alpha, **kw)
+        np.testing.assert_array_equal(got[0], want, err_msg=f"alpha={alpha}")
+        beam = run_beam(table, beam_size=2, alpha=alpha, **kw)
+        np.testing.assert_array_equal(got, beam.sequences)
+    greedy = run_decode_sequences(table + offset, beam_size=1, alpha=0.0, **kw)
+    np.testing.assert_array_equal(greedy[0], [2, 2, eos])
+    # Random tables: the same sequences as beam_search on the normalised log-probabilities.
+    b, vocab, max_len, eos = 3, 4, 4, 3
+    table = prefix_table(np_rng, b, vocab, max_len)
+    logits = table + 3.0 * np_rng.standard_normal((b, table.shape[1], 1))
+    for alpha in (0.0, 2.0):
+        kw = dict(beam_size=3, max_len=max_len, eos_id=eos, alpha=alpha)
+        np.testing.assert_array_equal(
+            run_decode_sequences(logits, **kw), run_beam(table, **kw).sequences
+        )
+
+
 def test_bad_inputs_raise(np_rng):
     table = prefix_table(np_rng, 2, 3, 2)
     step = make_step(table)

@@ -247,6 +247,58 @@ def test_dropout(np_rng):
         encode(w, src, lengths, config, deterministic=False)
 
 
+def test_dropout_reaches_every_site(np_rng, monkeypatch):
+    """dropout > 0 drops both embeddings, the LSTMs' inter-layer outputs of encoder and
+    decoder, and the output layer's input (a site left out still changes the logits, so
+    test_dropout cannot tell)."""
+    config = dataclasses.replace(VARIANTS[2], dropout=0.3)  # 2 layers: inter-layer dropout
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    drops, stacks = [], []
+    real_dropout, real_stack = seq2seq.dropout, seq2seq.lstm_stack
+
+    def spy_dropout(rng, x, rate, *, deterministic=False):
+        drops.append((rate, deterministic, rng is not None))
+        return real_dropout(rng, x, rate, deterministic=deterministic)
+
+    def spy_stack(*args, **kw):
+        stacks.append(
+            (kw.get("dropout_rate", 0.0), kw.get("deterministic"), kw.get("rng") is not None)
+        )
+        return real_stack(*args, **kw)
+
+    monkeypatch.setattr(seq2seq, "dropout", spy_dropout)
+    monkeypatch.setattr(seq2seq, "lstm_stack", spy_stack)
+    logits, _ = jax.eval_shape(
+        functools.partial(seq2seq_logits, config=config, deterministic=False),
+        w, src, lengths, tgt_in, rng=jax.random.key(0),
+    )  # fmt: skip
+    assert logits.shape == (3, 4, 13)
+    assert drops == [(0.3, False, True)] * 3  # source and target embeddings, output layer
+    assert stacks == [(0.3, False, True)] * 2  # encoder, decoder
+
+
+def test_translate_passes_its_settings_to_the_search(np_rng, monkeypatch):
+    """length_penalty (and beam_size, max_len) reach the beam search (traced, not run)."""
+    config = VARIANTS[1]
+    w = random_weights(config)
+    src, lengths, _ = example_batch(config, np_rng)
+    calls = []
+    real = search.decode_sequences
+
+    def spy(*args, **kw):
+        calls.append({key: kw[key] for key in ("beam_size", "max_len", "length_penalty")})
+        return real(*args, **kw)
+
+    monkeypatch.setattr(search, "decode_sequences", spy)
+    seq2seq._translate.clear_cache()  # so that translate's jit traces (and calls the spy)
+    out = jax.eval_shape(
+        lambda: translate(w, config, src, lengths, beam_size=3, max_len=3, length_penalty=1.375)
+    )
+    assert out.shape == (3, 3)
+    assert calls == [dict(beam_size=3, max_len=3, length_penalty=1.375)]
+
+
 @pytest.mark.parametrize("config", VARIANTS[1:], ids=lambda c: c.attention)
 def test_empty_source_attends_to_nothing(config):
     """S = 0 reads like a source of length 0: zero attention weights, zero context."""

@@ -270,6 +270,66 @@ def test_dropout_and_bfloat16(np_rng):
     np.testing.assert_allclose(low, plain, atol=0.08 * scale)
 
 
+def test_dropout_reaches_every_site(np_rng, monkeypatch):
+    """dropout > 0 drops the embeddings, every residual branch and every attention's
+    probabilities (a site left out still changes the logits, so the test above cannot
+    tell)."""
+    config = dataclasses.replace(BASE, dropout=0.3)
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    drops, attention = [], []
+    real_dropout, real_attention = transformer.dropout, transformer.dot_product_attention
+
+    def spy_dropout(rng, x, rate, **kw):
+        drops.append((rate, rng is not None))
+        return real_dropout(rng, x, rate, **kw)
+
+    def spy_attention(*args, **kw):
+        attention.append((kw["dropout_rate"], kw["dropout_rng"] is not None))
+        return real_attention(*args, **kw)
+
+    monkeypatch.setattr(transformer, "dropout", spy_dropout)
+    monkeypatch.setattr(transformer, "dot_product_attention", spy_attention)
+    logits = jax.eval_shape(
+        functools.partial(transformer_logits, config=config, deterministic=False),
+        w, src, lengths, tgt_in, rng=jax.random.key(0),
+    )  # fmt: skip
+    assert logits.shape == (3, 4, 13)
+    # Each layer body is traced at least once: 2 embeddings + 2 encoder and 3 decoder
+    # residual branches; encoder self-, decoder self- and cross-attention.
+    assert len(drops) >= 2 + 2 + 3 and set(drops) == {(0.3, True)}
+    assert len(attention) >= 3 and set(attention) == {(0.3, True)}
+
+
+def test_translate_passes_its_settings_to_the_search(np_rng, monkeypatch):
+    """length_penalty (and beam_size, max_len) reach the beam search (traced, not run)."""
+    w = random_weights(BASE)
+    src, lengths, _ = example_batch(BASE, np_rng)
+    calls = []
+    real = search.decode_sequences
+
+    def spy(*args, **kw):
+        calls.append({key: kw[key] for key in ("beam_size", "max_len", "length_penalty")})
+        return real(*args, **kw)
+
+    monkeypatch.setattr(search, "decode_sequences", spy)
+    transformer._translate.clear_cache()  # so that translate's jit traces (and calls the spy)
+    out = jax.eval_shape(
+        lambda: translate(w, BASE, src, lengths, beam_size=3, max_len=3, length_penalty=1.375)
+    )
+    assert out.shape == (3, 3)
+    assert calls == [dict(beam_size=3, max_len=3, length_penalty=1.375)]
+
+
+def test_init_cache_dtype():
+    bf16 = dataclasses.replace(BASE, dtype="bfloat16")
+    cache = init_cache(bf16, 2, 5)
+    assert cache.k.shape == cache.v.shape == (3, 2, 5, 3, 4)  # [Ld, B, T_max, N, H]
+    assert cache.k.dtype == cache.v.dtype == jnp.bfloat16 and cache.index.dtype == jnp.int32
+    assert init_cache(bf16, 2, 5, dtype="float32").k.dtype == jnp.float32
+    assert init_cache(BASE, 2, 5, dtype=jnp.bfloat16).v.dtype == jnp.bfloat16
+
+
 def test_beam_one_equals_greedy_on_the_model(np_rng):
     config = POST_LN_UNTIED
     w = random_weights(config, seed=11)
