@@ -1,10 +1,14 @@
 """train/common.py's helpers, in process: the note a resume with changed settings prints."""
 
 import sys
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
+from absl import flags
+from ml_collections import config_flags
 from script_runs import REPO  # tests/train/script_runs.py
 
 from jaxattn.training.checkpoint import Checkpointer
@@ -83,3 +87,90 @@ def test_workdir_from_flag(monkeypatch, tmp_path):
     for empty in ("", "  "):  # --workdir=$UNSET would train into the current folder
         with pytest.raises(ValueError, match="--workdir is empty"):
             common.workdir_from_flag(empty)
+
+
+@pytest.fixture
+def parse_flags():
+    """``parse(*argv)``: parse common.py's flags from ``argv``; unparsed again afterwards."""
+
+    def parse(*argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["test", *argv])
+
+    yield parse
+    flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture
+def jax_cache_config():
+    """Restores the compilation-cache settings that ``enable_compilation_cache`` changes."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_enable_compilation_cache",
+        "jax_compilation_cache_max_size",
+        "jax_persistent_cache_min_compile_time_secs",
+    )
+    saved = {name: getattr(jax.config, name) for name in names}
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+def test_compilation_cache_flag_wins_over_the_environment(parse_flags, jax_cache_config, tmp_path):
+    """JAX_COMPILATION_CACHE_DIR (here its config value) holds only without the flag."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "env"))
+    parse_flags()
+    common.enable_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+    parse_flags(f"--compilation_cache={tmp_path / 'flag'}")
+    common.enable_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "flag")
+    assert jax.config.jax_enable_compilation_cache
+    assert (tmp_path / "flag").is_dir()
+
+
+def test_empty_or_unwritable_compilation_cache_disables_it(
+    parse_flags, jax_cache_config, tmp_path, capsys
+):
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_enable_compilation_cache", True)
+    parse_flags("--compilation_cache=")
+    common.enable_compilation_cache()
+    assert not jax.config.jax_enable_compilation_cache
+    assert jax.config.jax_compilation_cache_dir is None
+    jax.config.update("jax_enable_compilation_cache", True)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    parse_flags(f"--compilation_cache={not_a_folder / 'xla'}")
+    common.enable_compilation_cache()
+    assert not jax.config.jax_enable_compilation_cache
+    assert jax.config.jax_compilation_cache_dir is None
+    assert "warning: cannot write the compilation cache" in capsys.readouterr().err
+
+
+def test_initialize_distributed_needs_all_three_flags_or_none(parse_flags, monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    parse_flags("--coordinator_address=127.0.0.1:1234", "--num_processes=2")
+    with pytest.raises(ValueError, match="--process_id missing: joining processes needs all"):
+        common.initialize_distributed()
+    assert calls == []
+    parse_flags()
+    common.initialize_distributed()  # one process
+    assert calls == []
+    parse_flags("--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=1")
+    common.initialize_distributed()
+    assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}]
+    parse_flags("--distributed")
+    common.initialize_distributed()  # auto-detect: no arguments
+    assert calls[-1] == {} and len(calls) == 2
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
+def test_default_workdir_is_named_after_the_config_file(monkeypatch):
+    config_file = REPO / "train" / "configs" / "tiny.py"
+    values = flags.FlagValues()  # a --config flag as the scripts define it
+    config_flags.DEFINE_config_file("config", str(config_file), "Run config.", flag_values=values)
+    values(["test", f"--config={config_file}"])
+    monkeypatch.setattr(flags, "FLAGS", values)
+    assert common.workdir_from_flag(None) == str(Path("workdirs") / "tiny")

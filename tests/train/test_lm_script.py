@@ -212,6 +212,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
         ("--prompt=€uro", "'€' at position 0 is not in the vocabulary"),
         ("--prompt=", "--prompt must hold at least one character"),
         ("--temperature=-1", "temperature must be >= 0, got -1.0"),
+        ("--config.batch_size=0", "config.batch_size must be an int >= 1, got 0"),
         ("--config.grad_accum_steps=0", "config.grad_accum_steps must be an int >= 1, got 0"),
         ("--config.mesh.data=3", "the product must equal the device count"),
         ("--config.eval_every=-1", "LoopConfig.eval_every must be an integer >= 0, got -1"),

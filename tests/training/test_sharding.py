@@ -70,6 +70,15 @@ def test_leaf_spec_replicates_what_the_mesh_does_not_divide():
     assert sharding.leaf_spec("blocks/ln1/scale", (3, 8), RULES, MESH_222) == PartitionSpec()
 
 
+def test_leaf_spec_uses_a_mesh_axis_once_per_leaf():
+    """Two logical names on one mesh axis: only the first dimension takes it (a spec that
+    names an axis twice is no valid sharding)."""
+    rules = ((r"up$", ("heads", "mlp")),)
+    assert sharding.leaf_spec("up", (4, 6), rules, MESH_222) == PartitionSpec("tensor")
+    # When the first does not divide, the second dimension still gets the axis.
+    assert sharding.leaf_spec("up", (3, 6), rules, MESH_222) == PartitionSpec(None, "tensor")
+
+
 def test_leaf_spec_rejects_a_rule_longer_than_the_leaf():
     with pytest.raises(ValueError, match=r"names 3 axes .* has shape \(4,\)"):
         sharding.leaf_spec("attn/w_q", (4,), RULES, MESH_222)

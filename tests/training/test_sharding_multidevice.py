@@ -72,3 +72,36 @@ def test_checkpoint_saved_on_8_devices_restores_on_1(worker_run):
     for i, leaf in enumerate(leaves):
         assert leaf.sharding.device_set == {jax.devices()[0]}
         np.testing.assert_array_equal(np.asarray(leaf), saved[f"arr_{i}"])
+
+
+LAYOUT = """
+import json, jax, numpy as np
+from jaxattn.training import sharding
+out = {"meshes": [dict(sharding.make_mesh(*s).shape) for s in ((2, 4, 1), (2, -1, 2), (-1, 1, 4))]}
+batch_sharding = sharding.batch_sharding(sharding.make_mesh(2, 2, 2))
+placed = sharding.global_batch({"x": np.arange(16).reshape(8, 2)}, batch_sharding)["x"]
+out["rows"] = sorted({tuple(np.asarray(s.data)[:, 0].tolist()) for s in placed.addressable_shards})
+try:
+    sharding.process_batch_slice(batch_sharding, 6)
+except ValueError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_mesh_sizes_and_batch_rows_on_8_devices():
+    """Each mesh axis gets its own size, and the batch rows split over data x fsdp (4
+    groups of 2 rows here), not only over data; a batch that does not split is refused."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, "-c", LAYOUT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["meshes"] == [
+        {"data": 2, "fsdp": 4, "tensor": 1},
+        {"data": 2, "fsdp": 2, "tensor": 2},
+        {"data": 2, "fsdp": 1, "tensor": 4},
+    ]
+    assert out["rows"] == [[0, 2], [4, 6], [8, 10], [12, 14]]
+    assert out["error"] == "batch size 6 does not split over data x fsdp = 4 devices"

@@ -135,6 +135,35 @@ def test_unknown_pieces_names_what_encodes_as_unk(sp):
     assert td.unknown_pieces(sp, sentence) == ["日本語", "©", "Ω"]  # each once, in order
 
 
+def test_encode_pairs_keeps_each_side_and_drops_by_max_len(sp):
+    """Sources and targets stay on their side; ``max_len`` counts the target's EOS (the
+    ``+ 1``) but not the source's, keeps a pair at exactly the limit, and empty sides go."""
+    pairs = [("we go and run.", "nosotros run y go."), ("we eat and see.", "NOSOTROS SEE Y EAT.")]
+    src, tgt = td.encode_pairs(sp, pairs)
+    assert [s.tolist() for s in src] == [sp.encode(s) for s, _ in pairs]
+    assert [t.tolist() for t in tgt] == [sp.encode(t) for _, t in pairs]
+    assert all(a.dtype == np.int32 for a in (*src, *tgt))
+    long_src, long_tgt = ("we go and run.", "y"), ("we go.", "nosotros run y go.")
+    n = {x: len(sp.encode(x)) for x in (*long_src, *long_tgt)}
+    assert n[long_src[0]] > n[long_src[1]] + 1 and n[long_tgt[1]] + 1 > n[long_tgt[0]]
+    limits = n[long_src[0]], n[long_tgt[1]] + 1  # the source; the target + EOS
+    for pair, limit in zip((long_src, long_tgt), limits, strict=True):
+        assert len(td.encode_pairs(sp, [pair], max_len=limit)[0]) == 1  # exactly at it
+        assert len(td.encode_pairs(sp, [pair], max_len=limit - 1)[0]) == 0
+    src, tgt = td.encode_pairs(sp, [("", "hola."), ("we go.", ""), pairs[0]])
+    assert [s.tolist() for s in src] == [sp.encode(pairs[0][0])]
+    assert [t.tolist() for t in tgt] == [sp.encode(pairs[0][1])]
+
+
+def test_load_pairs_strips_each_side(tmp_path):
+    path = tmp_path / "spaces.txt"
+    path.write_text(" Hi. \t Hola.  \n", encoding="utf-8")
+    assert td.load_pairs(path) == [("Hi.", "Hola.")]
+    path.write_text("Hi.\t  \n", encoding="utf-8")  # a blank side is no pair
+    with pytest.raises(ValueError, match=r"spaces\.txt:1"):
+        td.load_pairs(path)
+
+
 def test_make_batch_places_bos_eos_and_masks():
     src = [np.array([5, 6, 7], np.int32), np.array([8], np.int32)]
     tgt = [np.array([9, 10], np.int32), np.array([11, 12, 13, 14], np.int32)]
@@ -187,6 +216,27 @@ def test_batches_are_bucketed_and_cover_each_epoch_once(np_rng):
     first = [ds[i]["src"].tobytes() for i in range(per_epoch)]
     second = [ds[per_epoch + i]["src"].tobytes() for i in range(per_epoch)]
     assert first != second
+
+
+def test_each_epoch_mixes_buckets_and_regroups_examples(np_rng):
+    """An epoch's batches are not ordered by bucket (short ones first), and an example
+    meets other examples in the next epoch (the batches are not the same groups)."""
+    src, tgt = _examples(101, np_rng)
+    ds = td.translation_dataset(src, tgt, batch_size=5, buckets=(4, 8, 16), seed=0, vocab_size=50)
+    keys = [td.bucket_of(max(len(s), len(t) + 1), (4, 8, 16)) for s, t in zip(src, tgt)]
+    per_epoch = sum(keys.count(k) // 5 for k in range(3))
+
+    def epoch(e):
+        batches = [ds[e * per_epoch + i] for i in range(per_epoch)]
+        lengths = [b["src"].shape[1] for b in batches]
+        groups = {frozenset(row.tobytes() for row in b["src"]) for b in batches}
+        return lengths, groups
+
+    lengths0, groups0 = epoch(0)
+    lengths1, groups1 = epoch(1)
+    assert len(set(lengths0)) == 3
+    assert lengths0 != sorted(lengths0) and lengths1 != sorted(lengths1)
+    assert groups0 != groups1
 
 
 def test_batches_are_deterministic_and_resume_exactly(np_rng):
