@@ -162,3 +162,81 @@ def test_view_reports_deterministic_as_unused_where_there_is_no_dropout(rng):
     scored = nn.GeneralAttention(5, 5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="deterministic"):
         nnx.view(scored, deterministic=False)  # as for nnx.Linear: nothing to switch
+
+
+def test_constructors_build_the_same_trees_as_the_ops_inits():
+    """Every constructor option reaches the init: shapes, None biases, dtype and values."""
+    options = dict(
+        head_dim=3, kv_dim=5, num_kv_heads=2, out_dim=7, use_bias=False, dtype=jnp.bfloat16
+    )
+    mha = nn.MultiHeadAttention(12, 6, **options, rngs=nnx.Rngs(4))
+    want = attention_ops.init_multi_head_attention(nnx.Rngs(4).params(), 12, 6, **options)
+    _leaves_equal(mha.pure_weights(), want)
+    assert {leaf.dtype for leaf in jax.tree.leaves(mha.pure_weights())} == {jnp.dtype("bfloat16")}
+    lstm = nn.LSTM(5, 7, num_layers=2, bidirectional=True, rngs=nnx.Rngs(4))
+    want = lstm_ops.init_lstm_stack(nnx.Rngs(4).params(), 5, 7, num_layers=2, bidirectional=True)
+    _leaves_equal(lstm.pure_weights(), want)
+
+
+def test_multi_head_attention_module_forwards_each_call_option(rng):
+    module = nn.MultiHeadAttention(12, 3, rngs=nnx.Rngs(5))
+    weights = module.pure_weights()
+    x = jax.random.normal(rng, (2, 5, 12))
+    keep = jnp.arange(5)[None, None, None, :] < jnp.array([5, 2])[:, None, None, None]
+    bias = 3.0 * jax.random.normal(jax.random.key(1), (1, 3, 5, 5))
+    plain = module(x)
+    for options in ({"mask": keep}, {"bias": bias}, {"is_causal": True}):
+        got = module(x, **options)
+        np.testing.assert_array_equal(
+            got, attention_ops.multi_head_attention(weights, x, **options)
+        )
+        assert not np.allclose(got, plain), options  # the option changes the output
+    out, probs = module(x, is_causal=True, return_weights=True)
+    ref_out, ref_probs = attention_ops.multi_head_attention(
+        weights, x, is_causal=True, return_weights=True
+    )
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(probs, ref_probs)
+    assert probs.shape == (2, 3, 5, 5)
+
+
+def test_lstm_module_forwards_the_initial_carry(rng):
+    module = nn.LSTM(5, 7, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+    kx, kh, kc = jax.random.split(rng, 3)
+    xs = jax.random.normal(kx, (3, 4, 5))
+    carry = (jax.random.normal(kh, (4, 3, 7)), jax.random.normal(kc, (4, 3, 7)))
+    ys, (h, c) = module(xs, carry)
+    ys_ref, (h_ref, c_ref) = lstm_ops.lstm_stack(module.pure_weights(), xs, carry)
+    np.testing.assert_array_equal(ys, ys_ref)
+    np.testing.assert_array_equal(h, h_ref)
+    np.testing.assert_array_equal(c, c_ref)
+    assert not np.allclose(ys, module(xs)[0])  # a zero carry would give other outputs
+
+
+@pytest.mark.parametrize("cls", ["general", "additive"])
+def test_seq2seq_attention_modules_attend_over_given_values(cls, rng):
+    kq, kk, kv = jax.random.split(rng, 3)
+    query = jax.random.normal(kq, (2, 3, 5))
+    keys = jax.random.normal(kk, (2, 7, 11))
+    values = jax.random.normal(kv, (2, 7, 4))  # another width than the keys'
+    if cls == "general":
+        module = nn.GeneralAttention(5, 11, rngs=nnx.Rngs(1))
+        scores = attention_ops.general_scores(module.pure_weights(), query, keys)
+    else:
+        module = nn.AdditiveAttention(5, 11, 13, rngs=nnx.Rngs(1))
+        scores = attention_ops.additive_scores(module.pure_weights(), query, keys)
+    context, weights = module(query, keys, values)
+    context_ref, weights_ref = attention_ops.attend(scores, values, None)
+    assert context.shape == (2, 3, 4)
+    np.testing.assert_array_equal(context, context_ref)
+    np.testing.assert_array_equal(weights, weights_ref)
+
+
+def test_from_weights_passes_the_options_to_the_module(rng):
+    weights = lstm_ops.init_lstm_stack(rng, 5, 7, num_layers=2)
+    module = nn.LSTM.from_weights(weights, dropout_rate=0.25, deterministic=False)
+    assert module.dropout_rate == 0.25 and module.deterministic is False
+    mha = nn.MultiHeadAttention.from_weights(
+        attention_ops.init_multi_head_attention(rng, 12, 3), dropout_rate=0.5
+    )
+    assert mha.dropout_rate == 0.5 and mha.deterministic is True

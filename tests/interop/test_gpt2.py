@@ -221,3 +221,40 @@ def test_unreadable_safetensors_path_is_named(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match=r"model\.safetensors: not a valid \.safetensors"):
         gpt2_from_hf(tmp_path / "model.safetensors", config)
+
+
+@pytest.mark.parametrize(
+    ("activation", "tanh"),
+    [("gelu_new", True), ("gelu_pytorch_tanh", True), ("gelu_fast", True), ("gelu", False)],
+)
+def test_config_maps_each_gelu_to_its_approximation(activation, tanh):
+    cfg = transformers.GPT2Config(activation_function=activation)
+    assert gpt2_config_from_hf(cfg).gelu_approximate is tanh
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"scale_attn_weights": False}, r"scale_attn_weights=False"),
+        ({"add_cross_attention": True}, r"add_cross_attention=True"),
+        ({"n_embd": 12, "n_head": 3, "n_inner": 30}, r"n_inner=30 is not a multiple of n_embd=12"),
+    ],
+)
+def test_config_refuses_each_unsupported_option(options, message):
+    """Each would otherwise import as a model that computes something else than GPT-2's."""
+    with pytest.raises(ValueError, match=message):
+        gpt2_config_from_hf(transformers.GPT2Config(**options))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"use_bias": False}, r"use_bias=False"),
+        ({"num_kv_heads": 1}, r"num_kv_heads=1"),
+        ({"positions": "rope"}, r"positions='rope'"),
+    ],
+)
+def test_import_refuses_a_config_without_gpt2s_layout(changes, message):
+    config = GPTConfig(vocab_size=31, block_size=17, num_layers=2, num_heads=3, embed_dim=12)
+    with pytest.raises(ValueError, match=rf"GPT-2 layout needs {message}"):
+        gpt2_from_hf({}, dataclasses.replace(config, **changes))

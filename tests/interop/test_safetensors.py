@@ -129,3 +129,18 @@ def test_non_contiguous_numpy_leaves_are_saved_in_logical_order(tmp_path):
     for name, leaf in tree.items():
         np.testing.assert_array_equal(np.asarray(back[name]), leaf)
         assert back[name].shape == np.shape(leaf)
+
+
+def test_metadata_is_stored_in_the_header(tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "w.safetensors"
+    save_safetensors(_tree(), path, metadata={"model": "test", "step": "3"})
+    with safe_open(path, framework="numpy") as f:
+        assert f.metadata() == {"model": "test", "step": "3"}
+
+
+def test_two_leaves_with_one_name_are_refused_not_overwritten(tmp_path):
+    tree = {"a/b": jnp.zeros(2), "a": {"b": jnp.ones(2)}}  # both flatten to "a/b"
+    with pytest.raises(ValueError, match=r"two leaves share the name 'a/b'"):
+        save_safetensors(tree, tmp_path / "w.safetensors")

@@ -138,3 +138,13 @@ def test_a_single_layer_not_in_a_tuple_is_named():
         lstm_to_torch_state_dict((layer,), framework="np").keys()
         == _torch_lstm(1, False).state_dict().keys()
     )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_prefixed_export_names_every_tensor_with_the_prefix(bias):
+    module = _torch_lstm(2, True, bias=bias)
+    state = lstm_to_torch_state_dict(lstm_from_torch(module), prefix="encoder.rnn.", bias=bias)
+    assert set(state) == {f"encoder.rnn.{k}" for k in module.state_dict()}
+    back = lstm_from_torch(state, prefix="encoder.rnn.")
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(lstm_from_torch(module)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -147,3 +147,21 @@ def test_ml_dtypes_floats_are_weights_but_ints_are_not():
 def test_a_bad_num_heads_is_named(bad):
     with pytest.raises(ValueError, match=r"mha_from_torch: num_heads must be an int >= 1, got"):
         mha_from_torch(_mha().state_dict(), num_heads=bad)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"kdim": 11, "vdim": 13}])
+def test_a_prefixed_state_dict_imports_and_exports_every_tensor(kwargs):
+    """A submodule's entries in a whole model's state dict: every name carries the prefix,
+    so no tensor (the biases included) is dropped or written without it."""
+    prefix = "layers.0.self_attn."
+    module = _mha(seed=4, **kwargs)
+    state = {prefix + k: v for k, v in module.state_dict().items()}
+    state["layers.0.norm.weight"] = torch.ones(E)  # another submodule's entry: ignored
+    got = mha_from_torch(state, num_heads=N, prefix=prefix)
+    want = mha_from_torch(module)
+    assert got.b_q is not None and got.b_o is not None
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    exported = mha_to_torch_state_dict(got, prefix=prefix)
+    assert set(exported) == {prefix + k for k in module.state_dict()}

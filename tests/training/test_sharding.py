@@ -197,3 +197,27 @@ def test_metrics_writer_rewrites_instead_of_appending_on_object_stores(tmp_path,
     records = metrics.read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[1]["train_loss"] == 2.0 and records[2]["val_loss"] == 1.5
+
+
+def test_transformer_rules_put_each_logical_axis_on_its_own_dimension():
+    """A rule naming the right axes in the wrong order still splits every matrix: pin where."""
+    config = gpt.GPTConfig(
+        vocab_size=16, block_size=8, num_layers=2, num_heads=4, embed_dim=8, use_bias=True,
+        tie_embeddings=False,
+    )  # fmt: skip
+    params = jax.eval_shape(lambda: gpt.init_gpt(jax.random.key(0), config))
+    specs = _split_leaves(params, TRANSFORMER_RULES, MESH_222)
+    f, t = "fsdp", "tensor"  # embed -> fsdp; vocab, heads, mlp -> tensor
+    expected = {
+        "token_embedding/table": PartitionSpec(t, f),  # [V, D]
+        "position_embedding/table": PartitionSpec(None, f),  # [T, D]: positions not split
+        "blocks/attn/w_q": PartitionSpec(None, f, t),  # [L, D, N, H]
+        "blocks/attn/w_k": PartitionSpec(None, f, t),
+        "blocks/attn/w_o": PartitionSpec(None, t, None, f),  # [L, N, H, D]
+        "blocks/attn/b_q": PartitionSpec(None, t),  # [L, N, H]
+        "blocks/mlp/up/w": PartitionSpec(None, f, t),  # [L, D, F]
+        "blocks/mlp/up/b": PartitionSpec(None, t),  # [L, F]
+        "blocks/mlp/down/w": PartitionSpec(None, t, f),  # [L, F, D]
+        "head/w": PartitionSpec(f, t),  # [D, V]
+    }
+    assert {name: specs[name] for name in expected} == expected
