@@ -702,6 +702,20 @@ def test_init_multi_head_attention(rng):
         init_multi_head_attention(rng, 25, 6)
 
 
+def test_init_default_stds_follow_the_fan_in(rng):
+    """Default stds: 1/sqrt(N H) for w_o (not 1/sqrt(Dq): here N H = 64 != Dq = 8),
+    1/sqrt(dq) for Luong's general W, 1/sqrt(fan_in) for each additive weight."""
+    w = init_multi_head_attention(rng, 8, 2, head_dim=32)
+    assert w.w_o.shape == (2, 32, 8)
+    np.testing.assert_allclose(np.std(w.w_q), 1 / np.sqrt(8), rtol=0.15)
+    np.testing.assert_allclose(np.std(w.w_o), 1 / np.sqrt(64), rtol=0.15)
+    np.testing.assert_allclose(np.std(init_general(rng, 4, 64)), 1 / np.sqrt(4), rtol=0.15)
+    aw = init_additive(rng, 4, 64, 400)
+    np.testing.assert_allclose(np.std(aw.w_query), 1 / np.sqrt(4), rtol=0.15)
+    np.testing.assert_allclose(np.std(aw.w_key), 1 / np.sqrt(64), rtol=0.15)
+    np.testing.assert_allclose(np.std(aw.v), 1 / np.sqrt(400), rtol=0.15)
+
+
 def test_multi_head_attention_self_attention_vmap_grad(np_rng):
     w = random_mha_weights(np_rng, 24, 6, 4, 24, 2, 24)
     x = normal(np_rng, B, T, 24)

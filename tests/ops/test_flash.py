@@ -186,6 +186,37 @@ def test_fully_masked_rows_give_zeros_and_finite_grads(np_rng):
     assert np.all(np.asarray(out)[:, :2] == 0) and np.all(np.asarray(out)[:, 2:] != 0)
 
 
+@pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
+def test_value_head_dim_unlike_the_query_head_dim(np_rng, batch_heads):
+    """v: [B, S, K, Hv] with Hv != H (every other case has Hv == H): the output is
+    [B, T, N, Hv] and the accumulators of out and dv are Hv wide, dq and dk H wide."""
+    q, k = normal(np_rng, B, 13, N, H), normal(np_rng, B, 11, 2, H)
+    v, cot = normal(np_rng, B, 11, 2, 5), normal(np_rng, B, 13, N, 5)
+    mask = jnp.asarray(random_mask(np_rng, (B, 1, 1, 11)))
+    kernel = partial(flash_attention, block_q=4, block_k=4, batch_heads=batch_heads)
+    f = lambda q, k, v: kernel(q, k, v, mask=mask, is_causal=True)
+    out, grads = jax.jit(lambda *a: (lambda o, vjp: (o, vjp(cot)))(*jax.vjp(f, *a)))(q, k, v)
+    assert out.shape == (B, 13, N, 5)
+    want, want_grads = np_attention_vjp(q, k, v, cot, mask=mask, is_causal=True)
+    assert_all_close(out, grads, want, want_grads[:3])
+
+
+@pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
+@pytest.mark.parametrize("mask_shape", [(B, 1, 13, 1), (13, 1)])
+def test_mask_broadcast_along_the_keys(np_rng, mask_shape, batch_heads):
+    """A mask with a size-1 key axis (per-query validity, [B, 1, T, 1] or [T, 1]) applies
+    to every key block, not only to the first key (the others are not padding)."""
+    q, k, v = normal(np_rng, B, 13, N, H), normal(np_rng, B, 11, 3, H), normal(np_rng, B, 11, 3, H)
+    valid = np_rng.random(mask_shape) > 0.4
+    mask = jnp.asarray(valid)
+    cot = normal(np_rng, *q.shape)
+    kernel = partial(flash_attention, block_q=4, block_k=4, batch_heads=batch_heads)
+    f = lambda q, k, v: kernel(q, k, v, mask=mask)
+    out, grads = jax.jit(lambda *a: (lambda o, vjp: (o, vjp(cot)))(*jax.vjp(f, *a)))(q, k, v)
+    want, want_grads = np_attention_vjp(q, k, v, cot, mask=valid)
+    assert_all_close(out, grads, want, want_grads[:3])
+
+
 def _check_block_ranges(t, s, bq, bk, causal):
     vis = np.zeros((-(-t // bq) * bq, -(-s // bk) * bk), bool)
     vis[:t, :s] = np_causal(t, s) if causal else True
@@ -381,19 +412,53 @@ def test_select_implementation(monkeypatch):
     assert pick(256, 384, backend="tpu") == "xla"  # causal needs T == S for Pallas
 
 
-def test_pallas_tpu_kernel_in_interpret_mode(np_rng, monkeypatch):
+def test_select_implementation_respects_each_kernels_limits(monkeypatch):
+    """The dense [B, N, T, S] float32 scores switch to blockwise above 1 GiB counting all N
+    query heads (not the K key/value heads); cuDNN is not picked for head dims above 128 or
+    a value head dim unlike the query's; Pallas is not picked for a mask, a bias, lengths
+    outside whole 128-row blocks, or a value head dim unlike the query's."""
+
+    def pick(t, s, backend, dtype=jnp.float32, h=64, hv=None, k_heads=8, causal=False, **kw):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        q = jax.ShapeDtypeStruct((2, t, 8, h), dtype)
+        k = jax.ShapeDtypeStruct((2, s, k_heads, h), dtype)
+        v = jax.ShapeDtypeStruct((2, s, k_heads, h if hv is None else hv), dtype)
+        mask, bias = kw.get("mask"), kw.get("bias")
+        return attention._select_implementation(q, k, v, mask, bias, causal, 0.0)
+
+    # 4 B N T S bytes: 2 * 8 * 4096^2 * 4 is exactly 1 GiB (kept dense), 8192^2 is 4 GiB.
+    assert pick(4096, 4096, "gpu") == "xla"
+    assert pick(8192, 8192, "gpu") == "blockwise"
+    assert pick(8192, 8192, "gpu", k_heads=1) == "blockwise"  # MQA: still N score heads
+    assert pick(8192, 8192, "tpu", k_heads=2) == "blockwise"
+    bf16 = jnp.bfloat16
+    assert pick(256, 256, "gpu", bf16, h=128) == "cudnn"
+    assert pick(256, 256, "gpu", bf16, h=136) == "xla"  # a multiple of 8, but above 128
+    assert pick(256, 256, "gpu", bf16, hv=32) == "xla"  # Hv != H
+    if attention._pallas_importable():
+        assert pick(256, 384, "tpu") == "pallas"  # non-causal: T != S is fine
+    assert pick(256, 200, "tpu") == "xla"  # S not in whole 128-key blocks
+    assert pick(200, 256, "tpu") == "xla"  # T not in whole 128-query blocks
+    assert pick(256, 256, "tpu", mask=jnp.ones((2, 1, 1, 256), bool)) == "xla"
+    assert pick(256, 256, "tpu", bias=jnp.zeros((1, 8, 256, 256))) == "xla"
+    assert pick(256, 256, "tpu", hv=32) == "xla"
+
+
+@pytest.mark.parametrize("scale", [0.2, None])
+def test_pallas_tpu_kernel_in_interpret_mode(np_rng, monkeypatch, scale):
     """The TPU path's layout and arguments, run by Pallas' TPU interpreter on CPU.
 
     Forward only: its backward is Pallas' own, and interpreting it takes ~10 s here.
+    ``scale=None`` must reach the kernel as ``1/sqrt(H)`` (Pallas' own default is 1).
     """
     pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
     if not hasattr(pltpu, "force_tpu_interpret_mode"):
         pytest.skip("this jax has no Pallas TPU interpret mode")
     q, k, v = (normal(np_rng, 1, 128, 2, 64) for _ in range(3))
-    want = dot_product_attention(q, k, v, is_causal=True, scale=0.2, implementation="xla")
+    want = dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="xla")
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     with pltpu.force_tpu_interpret_mode():
-        got = dot_product_attention(q, k, v, is_causal=True, scale=0.2, implementation="pallas")
+        got = dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="pallas")
     np.testing.assert_allclose(got, want, **TOL)
 
 

@@ -199,6 +199,12 @@ def test_masked_softmax_bad_mask():
         masked_softmax(x, jnp.ones((5, 7), jnp.float32))
 
 
+def test_masked_softmax_refuses_a_mask_that_would_grow_the_scores():
+    # [2, 5, 7] broadcasts with [5, 7], but the probabilities must keep the scores' shape.
+    with pytest.raises(ValueError, match=r"\(2, 5, 7\).*\(5, 7\)"):
+        masked_softmax(jnp.zeros((5, 7)), jnp.ones((2, 5, 7), bool))
+
+
 def test_check_lengths_accepts_0_to_steps_and_names_the_rest():
     check_lengths(jnp.array([0, 5, 3]), 3, 5, "f")  # both ends of [0, T] are lengths
     jax.jit(lambda n: check_lengths(n, 3, 5, "f"))(jnp.array([9, 9, 9]))  # traced: shape only

@@ -94,6 +94,11 @@ def test_init_learned_positions(rng):
     assert init_learned_positions(rng, 13, 6, dtype=jnp.bfloat16).table.dtype == jnp.bfloat16
 
 
+def test_init_learned_positions_default_std_is_gpt2s(rng):
+    w = init_learned_positions(rng, 96, 64)
+    np.testing.assert_allclose(np.std(np.asarray(w.table)), 0.02, rtol=0.05)
+
+
 @pytest.mark.parametrize("shape", [(T,), (B, T)])
 def test_learned_positions_lookup_and_grad(np_rng, shape):
     weights = LearnedPositionWeights(f32(np_rng, 13, 6))
