@@ -115,8 +115,11 @@ def _whole_run(results: dict) -> tuple[str, bool] | str:
     """Like for like: lm.py with its samples against nanoGPT's train.py + sample.py, and
     lm.py without samples against train.py alone; met when both are."""
     run = results["whole_run"]["whole_run"]
-    if "torch_s" not in run:
-        return "PyTorch not installed"
+    if "torch_s" not in run and "torch_sampled_s" not in run:
+        # whole_run.py names the torch it found; older JSON: none means not installed.
+        if run.get("torch") is None:
+            return "PyTorch not installed"
+        return f"no PyTorch figure (torch {run['torch']}: its run failed)"
     if "torch_sampled_s" not in run:  # a JSON of the single pair whole_run.py used to time
         return _at_most(run["jaxattn_s"], run["torch_s"], 1.0, "{:.0f} s")
     pairs = [("with 2 samples", run["jaxattn_s"], run["torch_sampled_s"]),

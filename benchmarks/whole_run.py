@@ -106,7 +106,7 @@ def main() -> None:
     except ImportError:
         torch = None
     times: dict[str, list[float]] = {}
-    results: dict = {"steps": args.steps}
+    results: dict = {"steps": args.steps, "torch": torch.__version__ if torch else None}
 
     def record(key: str, job: str, seconds: float, steps_s: float, val: str) -> None:
         print(f"| {job} | {seconds:.0f} | {steps_s:.0f} | {val} |", flush=True)

@@ -118,6 +118,8 @@ def test_main_reports_skipped_and_failed_scripts(monkeypatch, capsys, tmp_path):
         return subprocess.CompletedProcess(cmd, 1 if script == "attention" else 0)
 
     monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    stale = {"machine": "an earlier run"} | figures["lstm"]  # must not stand in for this run's
+    (tmp_path / "lstm.json").write_text(json.dumps(stale))
     argv = ["run_all.py", "--only", "attention", "lstm", "gpt", "--json-dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     failures = r"attention\.py failed \(exit 1\); lstm\.py failed \(exit 3\)"
@@ -147,3 +149,87 @@ def test_a_missing_figure_is_reported_not_raised():
         "no figure (KeyError: 'compile')",
         "-",
     ]
+
+
+def _set(*path: str):
+    """A setter of the figure at ``path`` in ``_results()``."""
+
+    def set_figure(results: dict, value) -> None:
+        for key in path[:-1]:
+            results = results[key]
+        results[path[-1]] = value
+
+    return set_figure
+
+
+_ATTENTION_2048 = ("attention", "attention", "2048")
+_LSTM_ROWS = ("lstm", "lstm", "rows")
+_WHOLE = ("whole_run", "whole_run")
+
+
+# (target, figure set, value at the threshold, its measured text, value just past it); the
+# other figures of ``_results()`` are the reference: SDPA 0.6 s, jax.nn 3.2 s, the faster
+# torch nn.LSTM 1.2 s, nanoGPT's step 55 ms, its generate 0.189 s, 4 layers' compile 3.0 s.
+THRESHOLDS = [
+    ("causal attention fwd+bwd, [4, 2048, 8, 64]: <= 1.5x SDPA",
+     _set(*_ATTENTION_2048, "jaxattn auto", "fwd_bwd_s"), 0.9, "0.900 s vs 0.600 s: 1.50x", 0.901),
+    ("the same: >= 5x faster than jax.nn.dot_product_attention",
+     _set(*_ATTENTION_2048, "jaxattn auto", "fwd_bwd_s"), 0.64, "3.200 s vs 0.640 s: 5.00x faster",
+     0.641),
+    ("causal fwd+bwd at T = 32768 (B=1, N=8, H=64): < 4 GiB peak",
+     _set("attention", "long", "peak_gib"), 3.99, "3.99 GiB peak RSS, 42 s", 4.0),
+    ("LSTM fwd+bwd, B=64 T=200 I=256 h=512: <= 1.0x PyTorch nn.LSTM",
+     _set(*_LSTM_ROWS, "jaxattn lstm_scan", "fwd_bwd_s"), 1.2, "1.200 s vs 1.200 s: 1.00x", 1.201),
+    ("GPT train step (shakespeare_char_cpu): <= 1.0x nanoGPT in PyTorch",
+     _set("gpt", "train_step", "jaxattn_s"), 0.055, "55.0 ms vs 55.0 ms: 1.00x", 0.0551),
+    ("KV-cache generation: >= 20x nanoGPT's generate without a cache",
+     _set("gpt", "generation", "cached_unrolled_s"), 0.00945, "150 vs 3000 µs/token: 20.0x",
+     0.00946),
+    ("train-step compile, 48 layers: <= 1.5x 4 layers",
+     _set("gpt", "compile", "48_layers_s"), 4.5, "4.50 s vs 3.00 s: 1.50x", 4.51),
+    ("whole train/lm.py run: <= nanoGPT's run of the same config",
+     _set(*_WHOLE, "jaxattn_s"), 120.0, "120 s vs 120 s: 1.00x", 120.1),
+    ("val loss at step 2000: <= 1.88", _set(*_WHOLE, "jaxattn_val_loss"), 1.88, "1.8800", 1.8801),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "target, set_figure, at, text, past", THRESHOLDS, ids=[t[0].split(":")[0] for t in THRESHOLDS]
+)
+def test_each_target_is_met_at_its_threshold_and_missed_just_past_it(
+    target, set_figure, at, text, past
+):
+    results = _results()
+    set_figure(results, at)
+    _, measured, met = _rows(run_all.summary(results, {}))[target]
+    assert measured.startswith(text) and met == "yes"
+    set_figure(results, past)
+    assert _rows(run_all.summary(results, {}))[target][2] == "**no**"
+
+
+def test_targets_that_are_not_a_ratio_need_all_their_conditions():
+    results = _results()
+    results["attention"]["long"]["finite"] = False  # 1.03 GiB, but NaN or inf gradients
+    results["whole_run"]["whole_run"]["steps"] = 1999  # val loss 1.87, of another run
+    rows = _rows(run_all.summary(results, {}))
+    assert rows["causal fwd+bwd at T = 32768 (B=1, N=8, H=64): < 4 GiB peak"][2] == "**no**"
+    assert rows["val loss at step 2000: <= 1.88"][1:] == ["ran 1999 steps, not 2000", "-"]
+
+
+def test_whole_run_that_failed_part_way_is_not_judged():
+    target = "whole train/lm.py run: <= nanoGPT's run of the same config"
+    results = _results(torch=False)
+    whole = results["whole_run"]["whole_run"]
+    whole["torch"] = "2.13.0"  # installed, but its train.py run failed: only jaxattn's figure
+    assert _rows(run_all.summary(results, {}))[target][1:] == [
+        "no PyTorch figure (torch 2.13.0: its run failed)",
+        "-",
+    ]
+    whole["torch_sampled_s"] = 135.0  # the first pair ran, lm.py --num_samples=0 failed
+    assert _rows(run_all.summary(results, {}))[target][1:] == [
+        "no figure (KeyError: 'jaxattn_no_samples_s')",
+        "-",
+    ]
+    whole["torch"] = None  # what whole_run.py writes without torch
+    del whole["torch_sampled_s"]
+    assert _rows(run_all.summary(results, {}))[target][1:] == ["PyTorch not installed", "-"]
