@@ -79,6 +79,13 @@ def test_seq2seq_attention_modules_equal_ops(cls, rng):
     # Rebuilt from its pure weights (e.g. a converted checkpoint): the same module.
     rebuilt = type(module).from_weights(module.pure_weights())
     np.testing.assert_array_equal(rebuilt(query, keys, mask=mask)[0], context)
+    # Values other than the keys (here narrower) are what the weights average.
+    values = jax.random.normal(jax.random.key(3), (2, 7, 4))
+    context, weights = module(query, keys, values, mask=mask)
+    context_ref, weights_ref = attention_ops.attend(scores, values, mask)
+    assert context.shape == (2, 3, 4)
+    np.testing.assert_array_equal(context, context_ref)
+    np.testing.assert_array_equal(weights, weights_ref)
 
 
 def test_multi_head_attention_module_equals_ops_and_trains(rng):
@@ -211,25 +218,6 @@ def test_lstm_module_forwards_the_initial_carry(rng):
     np.testing.assert_array_equal(h, h_ref)
     np.testing.assert_array_equal(c, c_ref)
     assert not np.allclose(ys, module(xs)[0])  # a zero carry would give other outputs
-
-
-@pytest.mark.parametrize("cls", ["general", "additive"])
-def test_seq2seq_attention_modules_attend_over_given_values(cls, rng):
-    kq, kk, kv = jax.random.split(rng, 3)
-    query = jax.random.normal(kq, (2, 3, 5))
-    keys = jax.random.normal(kk, (2, 7, 11))
-    values = jax.random.normal(kv, (2, 7, 4))  # another width than the keys'
-    if cls == "general":
-        module = nn.GeneralAttention(5, 11, rngs=nnx.Rngs(1))
-        scores = attention_ops.general_scores(module.pure_weights(), query, keys)
-    else:
-        module = nn.AdditiveAttention(5, 11, 13, rngs=nnx.Rngs(1))
-        scores = attention_ops.additive_scores(module.pure_weights(), query, keys)
-    context, weights = module(query, keys, values)
-    context_ref, weights_ref = attention_ops.attend(scores, values, None)
-    assert context.shape == (2, 3, 4)
-    np.testing.assert_array_equal(context, context_ref)
-    np.testing.assert_array_equal(weights, weights_ref)
 
 
 def test_from_weights_passes_the_options_to_the_module(rng):

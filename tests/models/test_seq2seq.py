@@ -278,25 +278,17 @@ def test_dropout_reaches_every_site(np_rng, monkeypatch):
     assert stacks == [(0.3, False, True)] * 2  # encoder, decoder
 
 
-def test_translate_passes_its_settings_to_the_search(np_rng, monkeypatch):
+def test_translate_passes_its_settings_to_the_search(np_rng, search_calls):
     """length_penalty (and beam_size, max_len) reach the beam search (traced, not run)."""
     config = VARIANTS[1]
     w = random_weights(config)
     src, lengths, _ = example_batch(config, np_rng)
-    calls = []
-    real = search.decode_sequences
-
-    def spy(*args, **kw):
-        calls.append({key: kw[key] for key in ("beam_size", "max_len", "length_penalty")})
-        return real(*args, **kw)
-
-    monkeypatch.setattr(search, "decode_sequences", spy)
     seq2seq._translate.clear_cache()  # so that translate's jit traces (and calls the spy)
     out = jax.eval_shape(
         lambda: translate(w, config, src, lengths, beam_size=3, max_len=3, length_penalty=1.375)
     )
     assert out.shape == (3, 3)
-    assert calls == [dict(beam_size=3, max_len=3, length_penalty=1.375)]
+    assert search_calls == [dict(beam_size=3, max_len=3, length_penalty=1.375)]
 
 
 @pytest.mark.parametrize("config", VARIANTS[1:], ids=lambda c: c.attention)

@@ -301,24 +301,16 @@ def test_dropout_reaches_every_site(np_rng, monkeypatch):
     assert len(attention) >= 3 and set(attention) == {(0.3, True)}
 
 
-def test_translate_passes_its_settings_to_the_search(np_rng, monkeypatch):
+def test_translate_passes_its_settings_to_the_search(np_rng, search_calls):
     """length_penalty (and beam_size, max_len) reach the beam search (traced, not run)."""
     w = random_weights(BASE)
     src, lengths, _ = example_batch(BASE, np_rng)
-    calls = []
-    real = search.decode_sequences
-
-    def spy(*args, **kw):
-        calls.append({key: kw[key] for key in ("beam_size", "max_len", "length_penalty")})
-        return real(*args, **kw)
-
-    monkeypatch.setattr(search, "decode_sequences", spy)
     transformer._translate.clear_cache()  # so that translate's jit traces (and calls the spy)
     out = jax.eval_shape(
         lambda: translate(w, BASE, src, lengths, beam_size=3, max_len=3, length_penalty=1.375)
     )
     assert out.shape == (3, 3)
-    assert calls == [dict(beam_size=3, max_len=3, length_penalty=1.375)]
+    assert search_calls == [dict(beam_size=3, max_len=3, length_penalty=1.375)]
 
 
 def test_init_cache_dtype():

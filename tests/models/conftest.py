@@ -1,0 +1,20 @@
+"""Fixtures shared by the model tests."""
+
+import pytest
+
+from jaxattn.models import beam_search
+
+
+@pytest.fixture
+def search_calls(monkeypatch):
+    """The settings each traced call hands to ``beam_search.decode_sequences``, in order
+    (the search itself still runs)."""
+    calls = []
+    real = beam_search.decode_sequences
+
+    def spy(*args, **kw):
+        calls.append({key: kw[key] for key in ("beam_size", "max_len", "length_penalty")})
+        return real(*args, **kw)
+
+    monkeypatch.setattr(beam_search, "decode_sequences", spy)
+    return calls
