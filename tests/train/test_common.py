@@ -166,7 +166,6 @@ def test_initialize_distributed_needs_all_three_flags_or_none(parse_flags, monke
     assert calls[-1] == {} and len(calls) == 2
 
 
-@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
 def test_default_workdir_is_named_after_the_config_file(monkeypatch):
     config_file = REPO / "train" / "configs" / "tiny.py"
     values = flags.FlagValues()  # a --config flag as the scripts define it
