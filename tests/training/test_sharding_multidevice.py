@@ -22,16 +22,20 @@ from jaxattn.training.state import create_train_state
 WORKER = Path(__file__).with_name("mesh_worker.py")
 
 
+def run_on_8_devices(args: list[str], timeout: int) -> dict:
+    """Run ``python *args`` with 8 simulated CPU devices; its last stdout line, as JSON."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def worker_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mesh")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), out
+    return run_on_8_devices([str(WORKER), str(out)], timeout=900), out
 
 
 @pytest.mark.slow
@@ -92,12 +96,7 @@ print(json.dumps(out))
 def test_mesh_sizes_and_batch_rows_on_8_devices():
     """Each mesh axis gets its own size, and the batch rows split over data x fsdp (4
     groups of 2 rows here), not only over data; a batch that does not split is refused."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, "-c", LAYOUT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_on_8_devices(["-c", LAYOUT], timeout=300)
     assert out["meshes"] == [
         {"data": 2, "fsdp": 4, "tensor": 1},
         {"data": 2, "fsdp": 2, "tensor": 2},
