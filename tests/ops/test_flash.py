@@ -192,13 +192,12 @@ def test_value_head_dim_unlike_the_query_head_dim(np_rng, batch_heads):
     [B, T, N, Hv] and the accumulators of out and dv are Hv wide, dq and dk H wide."""
     q, k = normal(np_rng, B, 13, N, H), normal(np_rng, B, 11, 2, H)
     v, cot = normal(np_rng, B, 11, 2, 5), normal(np_rng, B, 13, N, 5)
-    mask = jnp.asarray(random_mask(np_rng, (B, 1, 1, 11)))
-    kernel = partial(flash_attention, block_q=4, block_k=4, batch_heads=batch_heads)
-    f = lambda q, k, v: kernel(q, k, v, mask=mask, is_causal=True)
-    out, grads = jax.jit(lambda *a: (lambda o, vjp: (o, vjp(cot)))(*jax.vjp(f, *a)))(q, k, v)
+    kw = {"mask": jnp.asarray(random_mask(np_rng, (B, 1, 1, 11))), "is_causal": True}
+    out, grads = jax.jit(lambda *a: vjp_of("flash", *a, kw, (4, 4), batch_heads))(
+        q, k, v, None, cot
+    )
     assert out.shape == (B, 13, N, 5)
-    want, want_grads = np_attention_vjp(q, k, v, cot, mask=mask, is_causal=True)
-    assert_all_close(out, grads, want, want_grads[:3])
+    assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, **kw))
 
 
 @pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
@@ -208,13 +207,12 @@ def test_mask_broadcast_along_the_keys(np_rng, mask_shape, batch_heads):
     to every key block, not only to the first key (the others are not padding)."""
     q, k, v = normal(np_rng, B, 13, N, H), normal(np_rng, B, 11, 3, H), normal(np_rng, B, 11, 3, H)
     valid = np_rng.random(mask_shape) > 0.4
-    mask = jnp.asarray(valid)
     cot = normal(np_rng, *q.shape)
-    kernel = partial(flash_attention, block_q=4, block_k=4, batch_heads=batch_heads)
-    f = lambda q, k, v: kernel(q, k, v, mask=mask)
-    out, grads = jax.jit(lambda *a: (lambda o, vjp: (o, vjp(cot)))(*jax.vjp(f, *a)))(q, k, v)
-    want, want_grads = np_attention_vjp(q, k, v, cot, mask=valid)
-    assert_all_close(out, grads, want, want_grads[:3])
+    kw = {"mask": jnp.asarray(valid)}
+    out, grads = jax.jit(lambda *a: vjp_of("flash", *a, kw, (4, 4), batch_heads))(
+        q, k, v, None, cot
+    )
+    assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, mask=valid))
 
 
 def _check_block_ranges(t, s, bq, bk, causal):
