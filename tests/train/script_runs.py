@@ -28,7 +28,7 @@ class ScriptRunner:
         self.config = config
         self.cache_dir: Path | None = None
 
-    def __call__(self, *args, config=None, check=True) -> subprocess.CompletedProcess:
+    def _command(self, args, config) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         if self.cache_dir is not None:
             env |= {
@@ -36,14 +36,19 @@ class ScriptRunner:
                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             }
         config = self.config if config is None else config
+        command = [sys.executable, str(self.script), f"--config={config}", "--noprogress"]
+        return command + [str(a) for a in args], env
+
+    def start(self, *args, config=None) -> subprocess.Popen:
+        """The same run in the background, its output piped (text)."""
+        command, env = self._command(args, config)
+        pipe = subprocess.PIPE
+        return subprocess.Popen(command, stdout=pipe, stderr=pipe, text=True, cwd=REPO, env=env)
+
+    def __call__(self, *args, config=None, check=True) -> subprocess.CompletedProcess:
+        command, env = self._command(args, config)
         proc = subprocess.run(
-            [sys.executable, str(self.script), f"--config={config}", "--noprogress"]
-            + [str(a) for a in args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=env,
-            timeout=600,
+            command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600
         )
         if check and proc.returncode != 0:
             raise AssertionError(

@@ -173,3 +173,55 @@ def test_default_workdir_is_named_after_the_config_file(monkeypatch):
     values(["test", f"--config={config_file}"])
     monkeypatch.setattr(flags, "FLAGS", values)
     assert common.workdir_from_flag(None) == str(Path("workdirs") / "tiny")
+
+
+@pytest.fixture
+def config_flag(monkeypatch, tmp_path):
+    """``parse(*overrides)``: a --config file flag (as the scripts define it) given on the
+    command line with those ``--config.*`` overrides. The file sets a field, ``added``,
+    that the checkpoints of ``_saved_meta`` lack (as a config file that gained it since)."""
+    config_file = tmp_path / "run_config.py"
+    config_file.write_text(
+        "import ml_collections\n\n\n"
+        "def get_config():\n"
+        "    return ml_collections.ConfigDict(\n"
+        "        {'beam_size': 1, 'num_steps': 9, 'added': 3, 'model': {'embed_dim': 32}}\n"
+        "    )\n"
+    )
+
+    def parse(*overrides):
+        argv = ["test", f"--config={config_file}", *overrides]
+        values = flags.FlagValues()  # (the overrides are found in sys_argv at definition)
+        config_flags.DEFINE_config_file(
+            "config", str(config_file), "Run.", flag_values=values, sys_argv=argv
+        )
+        values(argv)
+        monkeypatch.setattr(flags, "FLAGS", values)
+        return config_file
+
+    return parse
+
+
+def _saved_meta(beam_size=1, embed_dim=32):
+    return {"config": {"beam_size": beam_size, "num_steps": 100, "model": {"embed_dim": embed_dim}}}
+
+
+def test_checkpoint_config_file_accepts_the_runs_own_file(config_flag):
+    """The loop's settings may differ, and a field only the file sets is not compared."""
+    config_flag()
+    common.checkpoint_config_file("--mode", _saved_meta(), "ckpt/100", allowed=["beam_size"])
+    config_flag("--config.beam_size=4")  # an override: vetted by checkpoint_config_overrides
+    common.checkpoint_config_file("--mode", _saved_meta(), "ckpt/100", allowed=["beam_size"])
+
+
+def test_checkpoint_config_file_refuses_another_runs_file(config_flag):
+    config_file = config_flag()
+    with pytest.raises(ValueError) as error:
+        meta = _saved_meta(beam_size=4, embed_dim=16)
+        common.checkpoint_config_file("--mode", meta, "ckpt/100", allowed=["beam_size"])
+    assert str(error.value) == (
+        f"--config={config_file}: --mode takes its config from the checkpoint, and ckpt/100 "
+        "was saved with other settings (checkpoint -> config file: model.embed_dim 16 -> 32, "
+        "beam_size 4 -> 1); leave out --config and name the run with --workdir (and give "
+        "--config.beam_size=... and the like)"
+    )

@@ -7,15 +7,22 @@ module-scoped run and are marked slow; the argument errors fail before any compi
 import hashlib
 import importlib.util
 
+import jax.numpy as jnp
 import pytest
 from script_runs import REPO, ScriptRunner  # tests/train/script_runs.py
 
+from jaxattn.training.checkpoint import Checkpointer
 from jaxattn.training.metrics import read_metrics
 
 TINY = REPO / "train" / "configs" / "tiny.py"
 
 
 run_lm = ScriptRunner("lm.py", TINY)
+
+
+def samples_of(stdout):
+    """The texts of the samples a run printed, in order."""
+    return [s.split("\n", 1)[1] for s in stdout.split("---------- sample ")[1:]]
 
 
 def snapshot(directory):
@@ -98,7 +105,7 @@ def test_sample_only_loads_the_latest_checkpoint(trained):
     workdir, *_ = trained
     proc = run_lm(
         f"--workdir={workdir}", "--sample_only", "--prompt=ROMEO:", "--num_samples=3",
-        "--sample_tokens=20",
+        "--sample_tokens=20", "--top_k=1",
     )  # fmt: skip
     assert f"Sampling from {workdir / 'checkpoints' / '8'}" in proc.stdout
     samples = proc.stdout.split("---------- sample ")[1:]
@@ -107,17 +114,36 @@ def test_sample_only_loads_the_latest_checkpoint(trained):
         header, text = sample.split("\n", 1)
         assert header == f"{i} ----------"
         assert text.startswith("ROMEO:") and len(text.rstrip("\n")) <= 26
+    # top_k=1 leaves one choice a character: every sample is the same, greedy one.
+    assert len(set(samples_of(proc.stdout))) == 1
+
+
+@pytest.mark.slow
+def test_sample_only_temperature_zero_is_greedy(trained):
+    workdir, first, _ = trained
+    proc = run_lm(
+        f"--workdir={workdir}", "--sample_only", "--temperature=0", "--num_samples=2",
+        "--sample_tokens=12",
+    )  # fmt: skip
+    greedy = samples_of(proc.stdout)
+    assert len(greedy) == 2 and greedy[0] == greedy[1]
+    assert greedy != samples_of(first.stdout)  # the first run sampled at temperature 0.8
 
 
 @pytest.mark.slow
 def test_rerunning_a_finished_run_reports_it_and_writes_nothing(trained):
-    workdir, *_ = trained
+    workdir, first, _ = trained
     before = snapshot(workdir)
-    proc = run_lm(f"--workdir={workdir}", "--num_samples=0")
+    # A finished run only samples: here with another seed than the first run's (0).
+    proc = run_lm(
+        f"--workdir={workdir}", "--num_samples=2", "--sample_tokens=12", "--sample_seed=1"
+    )
     final = read_metrics(workdir / "metrics.jsonl")[-1]["val_loss"]
     assert "Step 8 >= num_steps=8: nothing to do." in proc.stdout
     assert f"Done: step 8, val loss {final:.4f}" in proc.stdout  # from the checkpoint
     assert snapshot(workdir) == before  # no new TensorBoard file, no checkpoint
+    samples = samples_of(proc.stdout)
+    assert len(samples) == 2 and samples != samples_of(first.stdout)
 
 
 @pytest.mark.slow
@@ -152,6 +178,35 @@ def test_incompatible_checkpoint_is_an_error_and_nothing_is_overwritten(trained)
         f"note: {workdir / 'checkpoints' / '8'} was saved with other settings: "
         "model.embed_dim 16 -> 32; the resumed run will not match an uninterrupted one"
     ) in proc.stdout
+
+
+def test_checkpoint_of_another_vocabulary_is_an_error(tmp_path):
+    """Same vocabulary size, other characters: the shapes match, the decoding would not."""
+    text = tmp_path / "text.txt"
+    text.write_text("abcd\n" * 200)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    with Checkpointer(checkpoints, async_save=False) as ckpt:
+        ckpt.save(4, {"w": jnp.zeros(2)}, metadata={"config": {}, "vocab": "\nabce"})
+    before = snapshot(checkpoints)
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", f"--config.data_path={text}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{checkpoints} was trained on a different character vocabulary" in proc.stderr
+    assert snapshot(checkpoints) == before
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_an_error(trained, tmp_path):
+    """A diverging run stops with the step and the last good checkpoint, no traceback.
+
+    (``trained`` only for its compilation cache.)"""
+    workdir = tmp_path / "run"
+    proc = run_lm(
+        f"--workdir={workdir}", "--config.learning_rate=1e30", "--config.min_lr=1e30",
+        "--config.warmup_steps=0", "--config.checkpoint_every=2", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "training stopped. Nothing was saved after it" in proc.stderr, proc.stderr[-3000:]
+    assert "sample 0" not in proc.stdout
 
 
 def test_unwritable_workdir_fails_before_anything_is_built(tmp_path):

@@ -5,13 +5,19 @@ so they are module-scoped and marked slow; the argument errors fail before any c
 """
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import ml_collections
+import numpy as np
 import pytest
 from script_runs import REPO, ScriptRunner, free_port  # tests/train/script_runs.py
 
+from jaxattn.training import translation_data as td
 from jaxattn.training.metrics import read_metrics
 
 TINY = REPO / "train" / "configs" / "translate_tiny.py"
@@ -107,6 +113,10 @@ def test_bleu_only_takes_decode_overrides_and_refuses_the_rest(lstm_run):
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--config.model.hidden_size: a --bleu_only or --translate run" in proc.stderr
+    # An allowed override is still checked, before any decoding.
+    proc = run_translate(f"--workdir={workdir}", "--bleu_only", "--config.beam_size=0", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: train/translate.py: config.beam_size must be an int >= 1" in proc.stderr
 
 
 @pytest.mark.slow
@@ -133,12 +143,40 @@ def test_resumed_run_equals_uninterrupted_run(lstm_run, killed_run_copy, assert_
     # A run killed after its step-3 checkpoint: the same workdir without step 6.
     resumed = killed_run_copy(workdir, 6)
     bleu_before = [r for r in read_metrics(resumed / "metrics.jsonl") if "test_bleu" in r]
-    proc = run_translate(f"--workdir={resumed}")
+    # A decode setting only shapes the final test decode: no note that the run differs.
+    proc = run_translate(f"--workdir={resumed}", "--config.max_test_examples=5")
     assert f"Resumed from {resumed / 'checkpoints' / '3'}" in proc.stdout
     assert "note:" not in proc.stdout  # same settings (the saved JSON has lists for tuples)
     assert_same_saved_state(resumed, workdir, 6)
     bleu = [r for r in read_metrics(resumed / "metrics.jsonl") if "test_bleu" in r]
     assert len(bleu) == len(bleu_before) + 1 and bleu[-1]["step"] == 6
+    assert bleu[-1]["test_sentences"] == 5
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_143_without_decoding(lstm_run, tmp_path):
+    """A preempted run saves a checkpoint and exits 143 (requeue), skipping the test BLEU."""
+    workdir, _ = lstm_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    proc = run_translate.start(f"--workdir={run}", "--config.num_steps=100000")
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r["step"] > 6 for r in read_metrics(run / "metrics.jsonl")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, (out, err)
+    assert "Stopped at step" in out and "test BLEU" not in out, out
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r for r in records if "test_bleu" in r] == [
+        r for r in read_metrics(workdir / "metrics.jsonl") if "test_bleu" in r
+    ]
+    saved = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert f"Stopped at step {saved};" in out
 
 
 @pytest.mark.slow
@@ -244,24 +282,63 @@ def test_object_store_workdir_is_refused(tmp_path):
     assert not (Path.cwd() / "gs:").exists() and not (REPO / "gs:").exists()
 
 
+class FakePieces:  # a sentencepiece stand-in: one piece per character
+    def encode(self, s):
+        return [4 + ord(ch) % 8 for ch in s]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+    def id_to_piece(self, i):
+        return str(i)
+
+
+def _import_translate():
+    sys.path.insert(0, str(REPO / "train"))
+    import translate  # train/translate.py, as the tests of its helpers use it
+
+    return translate
+
+
+def test_decoding_uses_the_decode_settings_and_stops_at_eos(monkeypatch):
+    """translate_ids gives the decoder config.beam_size, decode_max_len and batches of
+    decode_batch_size; each hypothesis ends before EOS, in its source's place. test_bleu
+    decodes every source the largest bucket holds (a longer one scores as empty)."""
+    translate = _import_translate()
+    calls = []
+
+    def fake_translate(params, model, src, src_lengths, *, beam_size, max_len):
+        calls.append((src.shape, beam_size, max_len))
+        out = np.full((src.shape[0], max_len), 7, np.int32)  # after EOS: to be dropped
+        out[:, 0], out[:, 1] = 10 + src_lengths, td.EOS_ID
+        return out
+
+    monkeypatch.setitem(translate.MODELS, "fake", (None, None, None, fake_translate, None))
+    config = ml_collections.ConfigDict(
+        dict(buckets=(4, 8), beam_size=3, decode_max_len=5, decode_batch_size=2)
+    )
+    sources = [np.arange(4, 4 + n, dtype=np.int32) for n in (6, 2, 3, 8, 1)]
+    assert translate.translate_ids(None, "fake", None, config, sources) == [
+        [16],
+        [12],
+        [13],
+        [18],
+        [11],
+    ]
+    assert sorted(calls) == [((2, 4), 3, 5), ((2, 4), 3, 5), ((2, 8), 3, 5)]
+    pairs = [("abcdefgh", "18"), ("ab", "12"), ("abcdefghi", "19")]  # 8, 2 and 9 pieces
+    _, hyps = translate.test_bleu(None, "fake", None, config, FakePieces(), pairs)
+    assert hyps == ["18", "12", ""]
+
+
 def test_attention_plot_leaves_out_sources_no_bucket_holds(tmp_path):
     """The heat-map runs after the test BLEU: a long source among its sentences (which
     test_bleu skipped) used to fail the whole run with bucket_of's ValueError."""
     import jax
-    import ml_collections
 
     from jaxattn.models import seq2seq
 
-    sys.path.insert(0, str(REPO / "train"))
-    import translate
-
-    class FakePieces:  # a sentencepiece stand-in: one piece per character
-        def encode(self, s):
-            return [4 + ord(ch) % 8 for ch in s]
-
-        def id_to_piece(self, i):
-            return str(i)
-
+    translate = _import_translate()
     model = seq2seq.Seq2SeqConfig(12, 12, 8, 8, attention="dot")
     params = seq2seq.init_seq2seq(jax.random.key(0), model)
     config = ml_collections.ConfigDict(
