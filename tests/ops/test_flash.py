@@ -6,6 +6,7 @@ small blocks so that every case spans many tiles, partial tiles and the causal d
 """
 
 import itertools
+import re
 from functools import partial
 
 import jax
@@ -107,6 +108,9 @@ CASES = {
     "rank2_bias_mask": (37, 37, 2, (1, 1, 37, 37), (37, 37), True, None, 16, 16, False),
     # Masks without a bias: with batch_heads the backward is vmapped too.
     "head_mask_causal_gqa2": (37, 53, 2, (1, N, 37, 53), None, True, None, 16, 8, False),
+    # Equal blocks, S - T a whole number of them: diagonal tiles in two halves (per head).
+    "padding_causal_t<s_split": (21, 53, 6, "padding", None, True, None, 16, 16, False),
+    "causal_bias_gqa3_split": (48, 48, 3, None, (N, 48, 48), True, None, 16, 16, True),
     "batch_mask_gqa3": (37, 37, 3, (B, 1, 37, 37), None, False, None, 8, 8, True),
 }
 
@@ -234,15 +238,53 @@ def _check_block_ranges(t, s, bq, bk, causal):
         assert start == p.nq or tile(start, j).any(), case
         assert all(tile(i, j).all() for i in range(full, p.nq)), case
         assert full == start or not tile(full - 1, j).all(), case
+    if p.diagonal_edges:  # each block's one partly hidden tile has the diagonal pattern
+        diagonal = np.arange(bk)[None, :] <= np.arange(bq)[:, None]
+        for i in range(p.nq):
+            full, end = (int(x) for x in _key_range(i, p))
+            assert end - full <= 1, case
+            if end > full:
+                rows = tile(i, full)
+                np.testing.assert_array_equal(rows, diagonal[: len(rows)], str(case))
+        for j in range(p.nk):
+            start, full = (int(x) for x in _query_range(j, p))
+            assert full - start <= 1, case
+            if full > start:
+                rows = tile(start, j)
+                np.testing.assert_array_equal(rows, diagonal[: len(rows)], str(case))
 
 
 def test_block_ranges_are_exact():
     """Unmasked tiles are fully visible, skipped tiles fully hidden, and no tile is wasted:
     the unmasked range is as long as it can be and the visited range as short, for every
     length up to a few blocks (boundaries are where off-by-ones hide)."""
-    sizes = itertools.product(range(1, 42, 4), range(1, 42, 5), (4, 8), (4, 16), (True, False))
+    sizes = itertools.product(range(1, 42, 4), range(1, 42, 5), (4, 8), (4, 8, 16), (True, False))
     for case in sizes:
         _check_block_ranges(*case)
+
+
+def test_diagonal_tiles_are_computed_in_halves(np_rng):
+    """Per head (the CPU layout) a diagonal 16 x 16 tile is two products, 8 x 8 and 8 x 16
+    logits (16 x 8 transposed in the backward); the batched layout keeps whole tiles."""
+    q, k, v = (normal(np_rng, 1, 32, 2, 4) for _ in range(3))
+
+    def logit_shapes(batch_heads):
+        f = partial(flash_attention, is_causal=True, block_q=16, block_k=16)
+        f = partial(f, batch_heads=batch_heads)
+        text = str(jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[1](a[0]))(q, k, v))
+        # The last two dims of each product's result (the batched layout adds batch dims).
+        return set(re.findall(r":f32\[(?:\d+,)*(\d+,\d+)\] = dot_general", text))
+
+    assert {"8,8", "8,16", "16,8"} <= logit_shapes(False)
+    assert "8,8" not in logit_shapes(True) and "16,16" in logit_shapes(True)
+
+
+def test_half_rows_split_each_head_and_merge_back():
+    x = np.arange(2 * 3 * 8 * 5).reshape(2, 3 * 8, 5)  # rows [G = 3, bq = 8] on axis 1
+    first, second = (flash._half_rows(x, 3, which, axis=1) for which in (True, False))
+    np.testing.assert_array_equal(first, x.reshape(2, 3, 8, 5)[:, :, :4].reshape(2, 12, 5))
+    np.testing.assert_array_equal(second, x.reshape(2, 3, 8, 5)[:, :, 4:].reshape(2, 12, 5))
+    np.testing.assert_array_equal(flash._merge_halves(first, second, 3, axis=1), x)
 
 
 @pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
