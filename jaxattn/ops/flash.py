@@ -282,6 +282,13 @@ def _merge_halves(first: Array, second: Array, g: int, axis: int = 0) -> Array:
     return jnp.moveaxis(x.reshape(-1, *x.shape[3:]), 0, axis)
 
 
+def _diagonal_halves(h: int) -> tuple:
+    """``(first, rows, keys)`` of a diagonal tile's two products: the first ``h`` time rows
+    against the first ``h`` keys (the other keys are hidden from them), then the second
+    half of the rows against all keys."""
+    return (True, slice(0, h), slice(0, h)), (False, slice(h, None), slice(None))
+
+
 def _part_tile(tile: Array | None, rows: slice, cols: slice, transposed: bool) -> Array | None:
     """Rows (time within the block) and columns (keys) of a mask or bias tile
     ``[G|1, bq|1, C|1]`` (``[C|1, G|1, bq|1]``); broadcast axes stay whole."""
@@ -379,15 +386,11 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
                 return update(s, vz[j], *carry)
 
             def diagonal_step(j, carry):
-                # The first half of the rows sees only the first half of the keys: those
-                # rows against those keys, then the second half against all keys.
+                # The top-right quarter is hidden: two products (_diagonal_halves).
                 h = p.bq // 2
                 tiles = _tile(mz, i, j), _tile(bz, i, j)
                 halves = []
-                for first, rows_in, keys in (
-                    (True, slice(0, h), slice(0, h)),
-                    (False, slice(h, None), slice(None)),
-                ):
+                for first, rows_in, keys in _diagonal_halves(h):
                     s = jnp.einsum(
                         "rh,ch->rc",
                         _half_rows(qi, g, first),
@@ -465,16 +468,12 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
                 return dqt.at[i].add(dqt_i), dk + dk_i, dv + dv_i, dbias
 
             def diagonal_step(i, carry):
-                # As in the forward: the first half of the query rows against the first
-                # half of the keys, then the second half against all keys.
+                # As in the forward, two products over half the query rows each.
                 dqt, dk, dv, dbias = carry
                 c = p.bk // 2
                 tiles = _tile(mz, j, i), _tile(bz, j, i)
                 grads = []
-                for first, rows_in, keys in (
-                    (True, slice(0, c), slice(0, c)),
-                    (False, slice(c, None), slice(None)),
-                ):
+                for first, rows_in, keys in _diagonal_halves(c):
                     half = partial(_half_rows, g=g, first=first)
                     qh = half(qz[i])
                     st = jnp.einsum("ch,rh->cr", kj[keys], qh, preferred_element_type=_F32)
