@@ -166,20 +166,28 @@ def test_initialize_distributed_needs_all_three_flags_or_none(parse_flags, monke
     assert calls[-1] == {} and len(calls) == 2
 
 
-def test_default_workdir_is_named_after_the_config_file(monkeypatch):
-    config_file = REPO / "train" / "configs" / "tiny.py"
-    values = flags.FlagValues()  # a --config flag as the scripts define it
-    config_flags.DEFINE_config_file("config", str(config_file), "Run config.", flag_values=values)
-    values(["test", f"--config={config_file}"])
+def use_config_flag(monkeypatch, config_file, *overrides):
+    """Make ``flags.FLAGS`` a --config file flag as the scripts define it, given on the
+    command line with those ``--config.*`` overrides."""
+    argv = ["test", f"--config={config_file}", *overrides]
+    values = flags.FlagValues()  # (the overrides are found in sys_argv at definition)
+    config_flags.DEFINE_config_file(
+        "config", str(config_file), "Run config.", flag_values=values, sys_argv=argv
+    )
+    values(argv)
     monkeypatch.setattr(flags, "FLAGS", values)
+
+
+def test_default_workdir_is_named_after_the_config_file(monkeypatch):
+    use_config_flag(monkeypatch, REPO / "train" / "configs" / "tiny.py")
     assert common.workdir_from_flag(None) == str(Path("workdirs") / "tiny")
 
 
 @pytest.fixture
 def config_flag(monkeypatch, tmp_path):
-    """``parse(*overrides)``: a --config file flag (as the scripts define it) given on the
-    command line with those ``--config.*`` overrides. The file sets a field, ``added``,
-    that the checkpoints of ``_saved_meta`` lack (as a config file that gained it since)."""
+    """``parse(*overrides)``: ``use_config_flag`` with a config file of its own. The file
+    sets a field, ``added``, that the checkpoints of ``_saved_meta`` lack (as a config
+    file that gained it since)."""
     config_file = tmp_path / "run_config.py"
     config_file.write_text(
         "import ml_collections\n\n\n"
@@ -190,13 +198,7 @@ def config_flag(monkeypatch, tmp_path):
     )
 
     def parse(*overrides):
-        argv = ["test", f"--config={config_file}", *overrides]
-        values = flags.FlagValues()  # (the overrides are found in sys_argv at definition)
-        config_flags.DEFINE_config_file(
-            "config", str(config_file), "Run.", flag_values=values, sys_argv=argv
-        )
-        values(argv)
-        monkeypatch.setattr(flags, "FLAGS", values)
+        use_config_flag(monkeypatch, config_file, *overrides)
         return config_file
 
     return parse
