@@ -32,8 +32,9 @@ positions (``jaxattn.ops.masks.causal_mask``).
 
 Layout and speed (measured on a 2-core CPU, see ``benchmarks/README.md``): on CPU the loops
 run over the Z (batch, key/value head) pairs, then query blocks, then key blocks, on 2-D tiles:
-query-side arrays are ``[Z, nq, R, H]`` (one matmul serves the G query heads of a key/value
-head: GQA without copying K/V), key-side arrays ``[Z, nk, C, H]``. Tiles of 512 x 512 are
+a pair's query-side blocks are ``[nq, R, H]`` (one matmul serves the G query heads of a
+key/value head: GQA without copying K/V), its key-side blocks ``[nk, C, H]``, each cut from
+the ``[B, T, N, H]`` inputs when the loop reaches the pair. Tiles of 512 x 512 are
 about the smallest whose matmuls XLA:CPU splits over two cores, and still fit a core's L2
 cache; batching all heads into each tile instead keeps every matmul on one core. The
 backward works on transposed tiles ``[C, R]`` and keeps ``dqᵀ``, so all five matmuls are
@@ -147,6 +148,47 @@ def _k_unblock(x: Array, batch: int, s: int) -> Array:
     return x.reshape(batch, nk * c, z // batch, h)[:, :s]
 
 
+def _blocks(x: Array, side: str, num_kv: int, p: _Plan) -> Array:
+    """Every head's blocks of ``x``: a "q"-side ``[B, T, N, D]`` array -> ``[Z, nq, R, D]``,
+    a "k"-side ``[B, S, K, D]`` one -> ``[Z, nk, C, D]``; "z" arrays are ``[Z, ...]``."""
+    if side == "q":
+        return _q_blocks(x, num_kv, p.bq)
+    return _k_blocks(x, p.bk) if side == "k" else x
+
+
+def _unblock(y: Array, side: str, shape: tuple[int, ...]) -> Array:
+    """Inverse of ``_blocks`` for an array of final ``shape``."""
+    if side == "q":
+        return _q_unblock(y, shape[0], shape[2], shape[1])
+    return _k_unblock(y, shape[0], shape[1]) if side == "k" else y
+
+
+def _head_blocks(x: Array, side: str, z, num_kv: int, p: _Plan) -> Array:
+    """Head ``z``'s blocks of ``x``: ``_blocks(x, side, num_kv, p)[z]``, cut from x itself."""
+    if side == "z":
+        return x[z]
+    _, length, heads, d = x.shape
+    g = heads // num_kv if side == "q" else 1  # the query heads of key/value head z % K
+    start = (z // num_kv, 0, (z % num_kv) * g, 0)
+    xz = lax.dynamic_slice(x, start, (1, length, g, d))[0]  # [L, G, D]
+    block = p.bq if side == "q" else p.bk
+    n = -(-length // block)
+    xz = _pad_axis(xz, 0, n * block).reshape(n, block, g, d)
+    return xz.transpose(0, 2, 1, 3).reshape(n, g * block, d)  # rows: head-major, then time
+
+
+def _put_head(out: Array, y: Array, side: str, z, num_kv: int) -> Array:
+    """Write head ``z``'s blocks ``y`` into ``out`` (the inverse of ``_head_blocks``)."""
+    if side == "z":
+        return out.at[z].set(y.astype(out.dtype))
+    _, length, heads, d = out.shape
+    g = heads // num_kv if side == "q" else 1
+    n, rows = y.shape[:2]
+    y = y.reshape(n, g, rows // g, d).transpose(0, 2, 1, 3).reshape(-1, g, d)[:length]
+    start = (z // num_kv, 0, (z % num_kv) * g, 0)
+    return lax.dynamic_update_slice(out, y[None].astype(out.dtype), start)
+
+
 def _pair_blocks(x: Array, num_kv: int, plan: _Plan, transposed: bool, fill) -> Array:
     """Cut a mask or bias ``[b, n, t, s]`` (each dim full or 1) into (query, key) tiles.
 
@@ -180,20 +222,41 @@ def _head_tiles(blocks: Array | None, z, num_kv: int) -> Array | None:
     return blocks[b, z % num_kv if blocks.shape[1] > 1 else 0]
 
 
-def _each_head(fn, per_head: tuple, tiles: tuple, batch: int, num_kv: int, p: _Plan):
-    """``fn(z, *per_head[z], *tiles of head z)`` for every flat head ``z = b K + k``, stacked.
+def _each_head(fn, inputs, tiles, outputs, batch: int, num_kv: int, p: _Plan, carry=None):
+    """Run ``fn`` on every flat head ``z = b K + k`` and assemble what it returns.
 
-    ``per_head`` arrays are ``[Z, ...]``; ``tiles`` are mask/bias tiles ``[b|1, K|1, ...]``
-    (or None). Without ``p.batch_heads`` a ``lax.map`` runs one head at a time. With it,
-    two nested ``vmap``s over b and k run them all at once; a tile axis of size 1 stays
-    unmapped there, so a mask or bias shared across heads is never copied per head.
+    ``inputs`` are ``(array, side)`` pairs (sides as in ``_blocks``): head z sees
+    ``_blocks(array, side, ...)[z]``. ``tiles`` are mask/bias tiles ``[b|1, K|1, ...]``
+    (or None). ``outputs`` are ``(side, shape, dtype)`` of the assembled results, one per
+    block array that ``fn(z, carry, *blocks, *tiles) -> (carry, blocks_out)`` returns.
+    Returns ``(carry, results)``.
+
+    Without ``p.batch_heads``, or with a ``carry`` (which only a loop can thread), a loop
+    runs one head at a time: it cuts each head's blocks out of the inputs and writes its
+    results in place, so no whole input or output is copied into the block layout (on CPU
+    those copies, into freshly mapped memory, took about a tenth of the forward's time).
+    With ``p.batch_heads``, two nested ``vmap``s over b and k run all heads at once on
+    arrays in the block layout; a tile axis of size 1 stays unmapped there, so a mask or
+    bias shared across heads is never copied per head.
     """
-    if not p.batch_heads:
-        heads = (jnp.arange(batch * num_kv), *per_head)
-        return lax.map(
-            lambda a: fn(a[0], *a[1:], *(_head_tiles(t, a[0], num_kv) for t in tiles)), heads
-        )
-    arrays = tuple(x.reshape(batch, num_kv, *x.shape[1:]) for x in per_head)  # [B, K, ...]
+    if carry is not None or not p.batch_heads:
+
+        def body(z, state):
+            carry, results = state
+            blocks = (_head_blocks(x, side, z, num_kv, p) for x, side in inputs)
+            carry, ys = fn(z, carry, *blocks, *(_head_tiles(t, z, num_kv) for t in tiles))
+            results = tuple(
+                _put_head(r, y, side, z, num_kv) for r, y, (side, _, _) in zip(results, ys, outputs)
+            )
+            return carry, results
+
+        init = tuple(jnp.zeros(shape, dtype) for _, shape, dtype in outputs)
+        return lax.fori_loop(0, batch * num_kv, body, (carry, init))
+
+    arrays = tuple(
+        (y := _blocks(x, side, num_kv, p)).reshape(batch, num_kv, *y.shape[1:])
+        for x, side in inputs
+    )  # [B, K, ...]
     z = jnp.arange(batch * num_kv).reshape(batch, num_kv)
 
     def unbroadcast(t):  # -> (t without its size-1 b and k axes, b's vmap axis, k's vmap axis)
@@ -205,10 +268,14 @@ def _each_head(fn, per_head: tuple, tiles: tuple, batch: int, num_kv: int, p: _P
 
     squeezed, outer, inner = zip(*map(unbroadcast, tiles))
     mapped = (0,) * (1 + len(arrays))
-    over_k = jax.vmap(fn, in_axes=(*mapped, *inner))
+    one = lambda z, *args: fn(z, None, *args)[1]
+    over_k = jax.vmap(one, in_axes=(*mapped, *inner))
     over_bk = jax.vmap(over_k, in_axes=(*mapped, *outer))
-    out = over_bk(z, *arrays, *squeezed)
-    return jax.tree.map(lambda y: y.reshape(batch * num_kv, *y.shape[2:]), out)
+    ys = over_bk(z, *arrays, *squeezed)
+    return None, tuple(
+        _unblock(y.reshape(batch * num_kv, *y.shape[2:]), side, shape).astype(dtype)
+        for y, (side, shape, dtype) in zip(ys, outputs)
+    )
 
 
 def _tile(tiles: Array | None, i, j) -> Array | None:
@@ -358,8 +425,6 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
     b, _, n, _ = q.shape
     kh, hv = k.shape[2], v.shape[3]
     g, rows = n // kh, (n // kh) * p.bq
-    qs = _q_blocks(q * jnp.asarray(p.scale, q.dtype), kh, p.bq)  # [Z, nq, R, H]
-    ks, vs = _k_blocks(k, p.bk), _k_blocks(v, p.bk)  # [Z, nk, C, H]
     masks = None if mask is None else _pair_blocks(mask, kh, p, False, False)
     biases = None if bias is None else _pair_blocks(bias, kh, p, False, 0)
 
@@ -375,7 +440,9 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
         pv = jnp.dot(probs.astype(v.dtype), vj, preferred_element_type=_F32)
         return m_new, denom, acc * alpha[:, None] + pv
 
-    def head(z, qz, kz, vz, mz, bz):  # [nq, R, H], [nk, C, H], [nk, C, Hv], tiles or None
+    def head(z, carry, qz, kz, vz, mz, bz):  # [nq, R, H], [nk, C, H], [nk, C, Hv], tiles
+        qz = qz * jnp.asarray(p.scale, qz.dtype)
+
         def query_block(i):
             qi = qz[i]
 
@@ -417,10 +484,12 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
             lse = jnp.where(denom > 0, m + jnp.log(denom), jnp.inf)  # exp(s - inf) = 0
             return out.astype(q.dtype), lse
 
-        return lax.map(query_block, jnp.arange(p.nq))  # [nq, R, Hv], [nq, R]
+        return carry, lax.map(query_block, jnp.arange(p.nq))  # [nq, R, Hv], [nq, R]
 
-    out, lse = _each_head(head, (qs, ks, vs), (masks, biases), b, kh, p)
-    return _q_unblock(out, b, n, p.t), lse
+    inputs = ((q, "q"), (k, "k"), (v, "k"))
+    outputs = (("q", (b, p.t, n, hv), q.dtype), ("z", (b * kh, p.nq, rows), _F32))
+    _, (out, lse) = _each_head(head, inputs, (masks, biases), outputs, b, kh, p)
+    return out, lse
 
 
 def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
@@ -428,11 +497,8 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
     b, _, n, h = q.shape
     kh, hv = k.shape[2], v.shape[3]
     g, rows = n // kh, (n // kh) * p.bq
-    qs = _q_blocks(q * jnp.asarray(p.scale, q.dtype), kh, p.bq)  # [Z, nq, R, H]
-    dos = _q_blocks(dout, kh, p.bq)  # [Z, nq, R, Hv]
     delta = jnp.sum(out.astype(_F32) * dout.astype(_F32), axis=-1, keepdims=True)  # [B, T, N, 1]
     delta = _q_blocks(delta, kh, p.bq)[..., 0]  # [Z, nq, R]
-    ks, vs = _k_blocks(k, p.bk), _k_blocks(v, p.bk)  # [Z, nk, C, H]
     masks = None if mask is None else _pair_blocks(mask, kh, p, True, False)
     biases = None if bias is None else _pair_blocks(bias, kh, p, True, 0)
 
@@ -449,7 +515,8 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
         dqt = jnp.dot(ktj, ds_in, preferred_element_type=_F32)  # [H, R]
         return dqt, dk, dv, dst
 
-    def head(dbias, z, qz, doz, lsez, deltaz, kz, vz, mz, bz):
+    def head(z, dbias, qz, doz, lsez, deltaz, kz, vz, mz, bz):
+        qz = qz * jnp.asarray(p.scale, qz.dtype)
         ktz = jnp.swapaxes(kz, 1, 2)  # [nk, H, C]: dqᵀ = kᵀ dsᵀ is then a plain matmul
 
         def key_block(carry, j):
@@ -512,23 +579,13 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
 
         dqt0 = jnp.zeros((p.nq, h, rows), _F32)
         (dqt, dbias), (dk, dv) = lax.scan(key_block, (dqt0, dbias), jnp.arange(p.nk))
-        return dbias, (jnp.swapaxes(dqt, 1, 2), dk, dv)
+        return dbias, (jnp.swapaxes(dqt, 1, 2) * p.scale, dk, dv)
 
-    per_head = (qs, dos, lse, delta, ks, vs)
-    if biases is None:
-        dbias = None
-        no_dbias = lambda *args: head(None, *args)[1]  # (dq, dk, dv)
-        dq, dk, dv = _each_head(no_dbias, per_head, (masks, None), b, kh, p)
-    else:  # the bias gradient sums over heads that share bias tiles: loop over the heads
-
-        def one(dbias, args):
-            z, *arrays = args
-            return head(dbias, z, *arrays, _head_tiles(masks, z, kh), _head_tiles(biases, z, kh))
-
-        dbias0 = jnp.zeros(biases.shape, _F32)
-        dbias, (dq, dk, dv) = lax.scan(one, dbias0, (jnp.arange(b * kh), *per_head))
-    dq = _q_unblock(dq * p.scale, b, n, p.t).astype(q.dtype)
-    dk, dv = _k_unblock(dk, b, p.s).astype(k.dtype), _k_unblock(dv, b, p.s).astype(v.dtype)
+    inputs = ((q, "q"), (dout, "q"), (lse, "z"), (delta, "z"), (k, "k"), (v, "k"))
+    outputs = (("q", q.shape, q.dtype), ("k", k.shape, k.dtype), ("k", v.shape, v.dtype))
+    # The bias gradient sums over heads that share bias tiles: a loop carries it.
+    dbias0 = None if biases is None else jnp.zeros(biases.shape, _F32)
+    dbias, (dq, dk, dv) = _each_head(head, inputs, (masks, biases), outputs, b, kh, p, dbias0)
     if dbias is not None:
         dbias = _pair_unblock_t(dbias, bias.shape).astype(bias.dtype)
     return dq, dk, dv, dbias

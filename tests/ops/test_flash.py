@@ -287,6 +287,24 @@ def test_half_rows_split_each_head_and_merge_back():
     np.testing.assert_array_equal(flash._merge_halves(first, second, 3, axis=1), x)
 
 
+@pytest.mark.parametrize("side", ["q", "k"])
+def test_one_heads_blocks_match_the_block_layout_and_write_back(side):
+    # The per-head loop cuts a head's blocks out of [B, L, heads, D] itself; they must be
+    # the block layout's (padding rows included), and writing them back must restore x.
+    num_kv, length, d = 2, 11, 3  # 11 rows: the last block of 4 is padded
+    heads = 3 * num_kv if side == "q" else num_kv
+    plan = _Plan(t=length, s=length, bq=4, bk=4, causal=False, scale=1.0, batch_heads=False)
+    x = jnp.arange(2 * length * heads * d, dtype=jnp.float32).reshape(2, length, heads, d)
+    blocked = flash._blocks(x, side, num_kv, plan)
+    out = jnp.zeros_like(x)
+    for z in range(2 * num_kv):
+        head = flash._head_blocks(x, side, jnp.int32(z), num_kv, plan)
+        np.testing.assert_array_equal(head, blocked[z])
+        out = flash._put_head(out, head, side, jnp.int32(z), num_kv)
+    np.testing.assert_array_equal(out, x)
+    np.testing.assert_array_equal(flash._unblock(blocked, side, x.shape), x)
+
+
 @pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
 def test_jit_vmap_check_grads(np_rng, batch_heads):
     q, k = normal(np_rng, 3, B, 9, N, H), normal(np_rng, 3, B, 7, 3, H)
