@@ -253,10 +253,11 @@ def _each_head(fn, inputs, tiles, outputs, batch: int, num_kv: int, p: _Plan, ca
         init = tuple(jnp.zeros(shape, dtype) for _, shape, dtype in outputs)
         return lax.fori_loop(0, batch * num_kv, body, (carry, init))
 
-    arrays = tuple(
-        (y := _blocks(x, side, num_kv, p)).reshape(batch, num_kv, *y.shape[1:])
-        for x, side in inputs
-    )  # [B, K, ...]
+    def by_b_and_k(x: Array, side: str) -> Array:  # [B, K, ...] blocks
+        blocks = _blocks(x, side, num_kv, p)
+        return blocks.reshape(batch, num_kv, *blocks.shape[1:])
+
+    arrays = tuple(by_b_and_k(x, side) for x, side in inputs)
     z = jnp.arange(batch * num_kv).reshape(batch, num_kv)
 
     def unbroadcast(t):  # -> (t without its size-1 b and k axes, b's vmap axis, k's vmap axis)
