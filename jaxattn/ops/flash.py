@@ -34,11 +34,12 @@ Layout and speed (measured on a 2-core CPU, see ``benchmarks/README.md``): on CP
 run over the Z (batch, key/value head) pairs, then query blocks, then key blocks, on 2-D tiles:
 a pair's query-side blocks are ``[nq, R, H]`` (one matmul serves the G query heads of a
 key/value head: GQA without copying K/V), its key-side blocks ``[nk, C, H]``, each cut from
-the ``[B, T, N, H]`` inputs when the loop reaches the pair. Tiles of 512 x 512 are
-about the smallest whose matmuls XLA:CPU splits over two cores, and still fit a core's L2
-cache; batching all heads into each tile instead keeps every matmul on one core. The
-backward works on transposed tiles ``[C, R]`` and keeps ``dqᵀ``, so all five matmuls are
-plain or ``A Bᵀ`` products (a transposed left operand falls back to a slower kernel).
+the ``[B, T, N, H]`` / ``[B, S, K, H]`` inputs when the loop reaches the pair. Tiles of
+512 x 512 are about the smallest whose matmuls XLA:CPU splits over two cores, and still fit
+a core's L2 cache; batching all heads into each tile instead keeps every matmul on one
+core. The backward works on transposed tiles ``[C, R]`` and keeps ``dqᵀ``, so all five
+matmuls are plain or ``A Bᵀ`` products (a transposed left operand falls back to a slower
+kernel).
 
 On GPU and TPU that order is the wrong one: every tile step is a handful of small kernel
 launches, and one head at a time on an H200 ran 86-141x slower than PyTorch SDPA (243 ms
@@ -164,7 +165,8 @@ def _unblock(y: Array, side: str, shape: tuple[int, ...]) -> Array:
 
 
 def _head_blocks(x: Array, side: str, z, num_kv: int, p: _Plan) -> Array:
-    """Head ``z``'s blocks of ``x``: ``_blocks(x, side, num_kv, p)[z]``, cut from x itself."""
+    """Pair ``z = b K + k``'s blocks of ``x``, ``_blocks(x, side, num_kv, p)[z]``, cut from x
+    itself: ``[nq, R, D]`` ("q"), ``[nk, C, D]`` ("k"), ``x[z]`` ("z")."""
     if side == "z":
         return x[z]
     _, length, heads, d = x.shape
@@ -178,7 +180,8 @@ def _head_blocks(x: Array, side: str, z, num_kv: int, p: _Plan) -> Array:
 
 
 def _put_head(out: Array, y: Array, side: str, z, num_kv: int) -> Array:
-    """Write head ``z``'s blocks ``y`` into ``out`` (the inverse of ``_head_blocks``)."""
+    """Write pair ``z``'s blocks ``y`` (as ``_head_blocks`` returns them) into ``out``
+    (``[B, T, N, D]``, ``[B, S, K, D]`` or ``[Z, ...]``), dropping padding rows."""
     if side == "z":
         return out.at[z].set(y.astype(out.dtype))
     _, length, heads, d = out.shape
@@ -233,8 +236,9 @@ def _each_head(fn, inputs, tiles, outputs, batch: int, num_kv: int, p: _Plan, ca
 
     Without ``p.batch_heads``, or with a ``carry`` (which only a loop can thread), a loop
     runs one head at a time: it cuts each head's blocks out of the inputs and writes its
-    results in place, so no whole input or output is copied into the block layout (on CPU
-    those copies, into freshly mapped memory, took about a tenth of the forward's time).
+    results in place, so no whole q, k, v, dout or output is copied into the block layout
+    (on CPU those copies, into freshly mapped memory, took about a tenth of the forward's
+    time; the small lse and delta ``[Z, nq, R]`` are passed in that layout).
     With ``p.batch_heads``, two nested ``vmap``s over b and k run all heads at once on
     arrays in the block layout; a tile axis of size 1 stays unmapped there, so a mask or
     bias shared across heads is never copied per head.
@@ -417,7 +421,7 @@ def _add_tile(acc: Array, index: tuple, tile: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------------------
-# Forward and backward kernels of one (batch, key/value head) pair, mapped over all pairs
+# Forward and backward kernels of one (batch, key/value head) pair, looped or vmapped over all
 # ----------------------------------------------------------------------------------------
 
 
@@ -441,7 +445,8 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
         pv = jnp.dot(probs.astype(v.dtype), vj, preferred_element_type=_F32)
         return m_new, denom, acc * alpha[:, None] + pv
 
-    def head(z, carry, qz, kz, vz, mz, bz):  # [nq, R, H], [nk, C, H], [nk, C, Hv], tiles
+    def head(z, carry, qz, kz, vz, mz, bz):  # carry: unused, passed through
+        # qz [nq, R, H], kz [nk, C, H], vz [nk, C, Hv]; mz, bz: this pair's tiles or None
         qz = qz * jnp.asarray(p.scale, qz.dtype)
 
         def query_block(i):
