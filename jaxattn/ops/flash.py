@@ -164,14 +164,20 @@ def _unblock(y: Array, side: str, shape: tuple[int, ...]) -> Array:
     return _k_unblock(y, shape[0], shape[1]) if side == "k" else y
 
 
+def _pair_slot(side: str, heads: int, z, num_kv: int) -> tuple[int, tuple]:
+    """``(G, start)``: pair z's heads in a "q"- or "k"-side ``[B, L, heads, D]`` array (the
+    G query heads of key/value head z % K, or that one head) and where they begin."""
+    g = heads // num_kv if side == "q" else 1
+    return g, (z // num_kv, 0, (z % num_kv) * g, 0)
+
+
 def _head_blocks(x: Array, side: str, z, num_kv: int, p: _Plan) -> Array:
     """Pair ``z = b K + k``'s blocks of ``x``, ``_blocks(x, side, num_kv, p)[z]``, cut from x
     itself: ``[nq, R, D]`` ("q"), ``[nk, C, D]`` ("k"), ``x[z]`` ("z")."""
     if side == "z":
         return x[z]
     _, length, heads, d = x.shape
-    g = heads // num_kv if side == "q" else 1  # the query heads of key/value head z % K
-    start = (z // num_kv, 0, (z % num_kv) * g, 0)
+    g, start = _pair_slot(side, heads, z, num_kv)
     xz = lax.dynamic_slice(x, start, (1, length, g, d))[0]  # [L, G, D]
     block = p.bq if side == "q" else p.bk
     n = -(-length // block)
@@ -185,10 +191,9 @@ def _put_head(out: Array, y: Array, side: str, z, num_kv: int) -> Array:
     if side == "z":
         return out.at[z].set(y.astype(out.dtype))
     _, length, heads, d = out.shape
-    g = heads // num_kv if side == "q" else 1
+    g, start = _pair_slot(side, heads, z, num_kv)
     n, rows = y.shape[:2]
     y = y.reshape(n, g, rows // g, d).transpose(0, 2, 1, 3).reshape(-1, g, d)[:length]
-    start = (z // num_kv, 0, (z % num_kv) * g, 0)
     return lax.dynamic_update_slice(out, y[None].astype(out.dtype), start)
 
 
