@@ -222,6 +222,23 @@ def _attention_xla(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_
     return _attention_xla_core(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng)[0]
 
 
+def _finite_cast(bias: Array, dtype) -> Array:
+    """Cast a bias to ``dtype`` with its finite values clipped to the dtype's range.
+
+    A plain cast rounds float32's ``finfo.min`` (a common mask value) to -inf in bfloat16
+    and float16, and ``-1e9`` too in float16. A row whose keys all carry such a bias then
+    holds no finite logit: under cuDNN's causal mask, which gives hidden keys float32's
+    lowest finite value, it attends to its hidden keys; without one it is NaN. The other
+    kernels add the bias in float32 and average the row's visible keys. Infinite values
+    stay infinite, and the gradient passes as if nothing were clipped.
+    """
+    info = jnp.finfo(dtype)
+    infinite = jnp.isinf(bias)
+    finite = jnp.where(infinite, bias, jnp.clip(bias, float(info.min), float(info.max)))
+    identity = jnp.where(infinite, 0.0, bias - jax.lax.stop_gradient(bias))  # 0, gradient 1
+    return (jax.lax.stop_gradient(finite) + identity).astype(dtype)
+
+
 def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
     """cuDNN fused attention via ``jax.nn.dot_product_attention`` (GPU only)."""
     del dropout_rng  # rejected earlier: dropout_rate == 0 here
@@ -238,7 +255,7 @@ def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropou
     # padding mask is rejected), and the bias in the inputs' dtype.
     full_mask = None if mask is None else jnp.broadcast_to(mask, (*mask.shape[:2], t, s))
     if bias is not None:
-        bias = jnp.broadcast_to(bias, (*bias.shape[:2], t, s)).astype(q.dtype)
+        bias = _finite_cast(jnp.broadcast_to(bias, (*bias.shape[:2], t, s)), q.dtype)
     out = jax.nn.dot_product_attention(
         q, k, v, bias, full_mask, scale=scale, is_causal=is_causal, implementation="cudnn"
     )
@@ -395,7 +412,9 @@ def dot_product_attention(
       k: ``[B, S, K, H]`` keys, ``N % K == 0``.
       v: ``[B, S, K, Hv]`` values (same dtype as q and k).
       mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend.
-      bias: float, broadcastable to ``[B, N, T, S]``, added to the scaled logits.
+      bias: float, broadcastable to ``[B, N, T, S]``, added to the scaled logits. cuDNN
+        takes it in the inputs' dtype, clipped to that dtype's finite range (a float32
+        ``finfo.min`` mask value would otherwise become -inf in bfloat16).
       is_causal: also mask key ``s > t + S - T`` (queries are the last T key positions).
       scale: logit scale, default ``1/sqrt(H)``.
       implementation: None picks the fastest exact kernel for the backend and shape (see

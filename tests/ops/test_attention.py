@@ -9,6 +9,7 @@ from jax.test_util import check_grads
 from jaxattn.ops.attention import (
     AdditiveWeights,
     MultiHeadAttentionWeights,
+    _finite_cast,
     _select_implementation,
     additive_scores,
     attend,
@@ -465,6 +466,10 @@ def _cudnn_case(np_rng, t, is_causal, mask_kind, dtype):
         valid[0, ..., 0] = valid[1, ..., 6:] = False
         kw["mask"] = jnp.asarray(valid)
         kw["bias"] = jnp.asarray(np_rng.standard_normal((1, 4, 1, 8)), jnp.float32)
+    elif mask_kind == "min_bias":  # float32's finfo.min on every key of query row 1
+        bias = np.zeros((1, 1, t, 8), np.float32)
+        bias[..., 1, :] = np.finfo(np.float32).min
+        kw["bias"] = jnp.asarray(bias)
     return (q, k, v), kw
 
 
@@ -498,6 +503,71 @@ def test_cudnn_wrapper_on_an_emulated_kernel(monkeypatch, np_rng, t, is_causal, 
     monkeypatch.setattr(jax.nn, "dot_product_attention", emulated_cudnn)
     got = dot_product_attention(q, k, v, implementation="cudnn", **kw)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _cudnn_causal_kernel(q, k, v, bias, mask, *, scale, is_causal, implementation):
+    """cuDNN's fused attention as cudnn-frontend builds it: float32 logits plus the bias
+    (in the inputs' dtype), and a causal mask that *selects* float32's lowest value (not
+    -inf) for hidden keys."""
+    assert implementation == "cudnn" and mask is None and bias.dtype == q.dtype
+    groups = q.shape[2] // k.shape[2]  # query head n reads key/value head n // groups
+    k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
+    scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = logits + bias.astype(jnp.float32)
+    if is_causal:
+        t, s = logits.shape[-2:]
+        lowest = float(np.finfo(np.float32).min)
+        logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, lowest)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cudnn_float32_min_bias_row_sees_only_its_visible_keys(monkeypatch, np_rng, dtype):
+    """cuDNN takes the bias in the inputs' dtype, where float32's finfo.min rounds to -inf;
+    its causal mask puts float32's lowest *finite* value on hidden keys, so a row biased
+    with -inf on every key would attend to its hidden keys. The wrapper clips the bias to
+    the dtype's range: the result is the XLA path's with that clipped bias, gradients too
+    (in bfloat16 the row still averages its visible keys, as with float32's finfo.min; in
+    float16, whose range ends at 65504, the clipped bias shifts the row's logits without
+    flattening them). Off GPU the kernel is emulated (``_cudnn_causal_kernel``)."""
+    if jax.default_backend() != "gpu":
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_causal_kernel)
+    (q, k, v), kw = _cudnn_case(np_rng, 8, True, "min_bias", dtype)
+    info = jnp.finfo(dtype)
+    clipped = jnp.clip(kw["bias"], float(info.min), float(info.max))  # float32
+
+    def loss(bias, implementation):
+        out = dot_product_attention(
+            q, k, v, bias=bias, is_causal=True, implementation=implementation
+        )
+        return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (want, out_want), dbias_want = grad(clipped, "xla")
+    (got, out), dbias = grad(kw["bias"], "cudnn")
+    np.testing.assert_allclose(np.asarray(out, np.float32), out_want, atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(got, want, rtol=2e-2)
+    assert bool(jnp.all(jnp.isfinite(dbias)))
+    np.testing.assert_allclose(dbias, dbias_want, atol=5e-2, rtol=5e-2)
+    assert float(jnp.max(jnp.abs(dbias[0, 0, 1, :2]))) > 0  # the row's visible keys
+    if dtype == jnp.bfloat16:
+        # Query 1 sees keys 0 and 1; query head n reads key/value head n // 2.
+        visible_mean = np.repeat(np.asarray(v, np.float32)[:, :2].mean(1), 2, axis=1)
+        np.testing.assert_allclose(np.asarray(out, np.float32)[:, 1], visible_mean, atol=1e-2)
+
+
+def test_finite_cast_keeps_infinities_and_ordinary_values():
+    bias = jnp.asarray([-np.inf, np.finfo(np.float32).min, -1e9, -3.5, 0.0, 2e38, np.inf])
+    got = np.asarray(_finite_cast(bias, jnp.float16), np.float32)
+    np.testing.assert_array_equal(got, [-np.inf, -65504, -65504, -3.5, 0, 65504, np.inf])
+    got = _finite_cast(bias, jnp.bfloat16)
+    np.testing.assert_array_equal(got[2:5], bias[2:5].astype(jnp.bfloat16))
+    assert bool(jnp.all(jnp.isfinite(got[1:-1]))) and np.isneginf(float(got[0]))
+    ones = jax.grad(lambda b: jnp.sum(_finite_cast(b, jnp.float16).astype(jnp.float32)))(bias)
+    np.testing.assert_array_equal(ones, [0, 1, 1, 1, 1, 1, 0])
 
 
 @pytest.mark.parametrize(
