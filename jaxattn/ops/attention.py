@@ -222,21 +222,36 @@ def _attention_xla(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_
     return _attention_xla_core(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng)[0]
 
 
-def _finite_cast(bias: Array, dtype) -> Array:
-    """Cast a bias to ``dtype`` with its finite values clipped to the dtype's range.
+def _cudnn_fill(dtype) -> float:
+    """The bias cuDNN gets on hidden keys: jax's own fill for a mask (-2^41 in bfloat16,
+    -2^15 in float16; jax's workaround for a cuDNN bug with two large negative values)."""
+    return -(2.0**15) if dtype == jnp.float16 else -(2.0**41)
 
-    A plain cast rounds float32's ``finfo.min`` (a common mask value) to -inf in bfloat16
-    and float16, and ``-1e9`` too in float16. A row whose keys all carry such a bias then
-    holds no finite logit: under cuDNN's causal mask, which gives hidden keys float32's
-    lowest finite value, it attends to its hidden keys; without one it is NaN. The other
-    kernels add the bias in float32 and average the row's visible keys. Infinite values
-    stay infinite, and the gradient passes as if nothing were clipped.
+
+def _cudnn_bias(visible: Array | None, bias: Array | None, t: int, s: int, dtype) -> Array:
+    """A mask and a bias as the one ``[B|1, N|1, T, S]`` bias in ``dtype`` that cuDNN takes.
+
+    The bias, clipped to half the fill's magnitude, where ``visible``; the fill elsewhere.
+    Folding here rather than in jax keeps every hidden key below every visible one: jax
+    adds its fill to the bias in ``dtype``, where it vanishes next to a bias of float32's
+    ``finfo.min`` (Hugging Face's mask value), which a plain cast also rounds to -inf. The
+    clip changes no float32 result for logits far below 2^40 (bfloat16): the other
+    kernels, adding ``finfo.min`` in float32, average a row biased so on every key, and
+    so does cuDNN. (float16 clips at 2^14, where logits still count.) The bias's gradient
+    passes through the clip unchanged.
     """
-    info = jnp.finfo(dtype)
-    infinite = jnp.isinf(bias)
-    finite = jnp.where(infinite, bias, jnp.clip(bias, float(info.min), float(info.max)))
-    identity = jnp.where(infinite, 0.0, bias - jax.lax.stop_gradient(bias))  # 0, gradient 1
-    return (jax.lax.stop_gradient(finite) + identity).astype(dtype)
+    fill = _cudnn_fill(dtype)
+    if bias is None:
+        folded = jnp.where(visible, 0.0, fill)
+    else:
+        bias = bias.astype(jnp.float32)
+        finite = jnp.isfinite(bias)
+        clipped = jnp.clip(jnp.where(finite, bias, 0.0), fill / 2, -fill / 2)
+        identity = jnp.where(finite, bias - jax.lax.stop_gradient(bias), 0.0)  # 0, gradient 1
+        folded = jax.lax.stop_gradient(clipped) + identity
+        if visible is not None:
+            folded = jnp.where(visible, folded, fill)
+    return jnp.broadcast_to(folded, (*folded.shape[:2], t, s)).astype(dtype)
 
 
 def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
@@ -251,17 +266,19 @@ def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropou
     if is_causal and t != s:
         # cuDNN's causal mask is top-left aligned; ours puts the queries last.
         mask, is_causal = combine_masks(mask, causal_mask(t, s)), False
-    # jax's cuDNN path takes a mask or bias only with whole T and S axes (a [B, 1, 1, S]
-    # padding mask is rejected), and the bias in the inputs' dtype.
-    full_mask = None if mask is None else jnp.broadcast_to(mask, (*mask.shape[:2], t, s))
     if bias is not None:
-        bias = _finite_cast(jnp.broadcast_to(bias, (*bias.shape[:2], t, s)), q.dtype)
+        # A -inf bias hides its key, as in the other kernels (and a row of them gives 0).
+        mask = combine_masks(mask, bias > -jnp.inf)
+    # jax's cuDNN path takes masks as part of the bias, with whole T and S axes, in the
+    # inputs' dtype; its own causal mask gives hidden keys float32's lowest value.
+    if mask is not None or bias is not None:
+        bias = _cudnn_bias(mask, bias, t, s, q.dtype)
     out = jax.nn.dot_product_attention(
-        q, k, v, bias, full_mask, scale=scale, is_causal=is_causal, implementation="cudnn"
+        q, k, v, bias, None, scale=scale, is_causal=is_causal, implementation="cudnn"
     )
     if mask is not None:
-        # cuDNN turns the mask into a large negative bias, so a row with no visible key
-        # would average its keys; the other kernels give 0 there. Visible = mask and causal.
+        # A row with no visible key averages its keys under the fill; the other kernels
+        # give 0 there. Visible = mask and causal.
         visible = combine_masks(mask, causal_mask(t, s) if is_causal else None)
         has_key = jnp.any(visible, axis=-1)  # [B|1, N|1, T]
         out = jnp.where(jnp.transpose(has_key, (0, 2, 1))[..., None], out, jnp.zeros_like(out))
@@ -413,8 +430,8 @@ def dot_product_attention(
       v: ``[B, S, K, Hv]`` values (same dtype as q and k).
       mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend.
       bias: float, broadcastable to ``[B, N, T, S]``, added to the scaled logits. cuDNN
-        takes it in the inputs' dtype, clipped to that dtype's finite range (a float32
-        ``finfo.min`` mask value would otherwise become -inf in bfloat16).
+        takes it in the inputs' dtype, clipped to ±2^40 (±2^14 in float16) so that a
+        float32 ``finfo.min`` mask value stays finite and below the masked keys' fill.
       is_causal: also mask key ``s > t + S - T`` (queries are the last T key positions).
       scale: logit scale, default ``1/sqrt(H)``.
       implementation: None picks the fastest exact kernel for the backend and shape (see

@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 from jaxattn.ops.attention import (
     AdditiveWeights,
     MultiHeadAttentionWeights,
-    _finite_cast,
+    _cudnn_bias,
     _select_implementation,
     additive_scores,
     attend,
@@ -466,108 +466,125 @@ def _cudnn_case(np_rng, t, is_causal, mask_kind, dtype):
         valid[0, ..., 0] = valid[1, ..., 6:] = False
         kw["mask"] = jnp.asarray(valid)
         kw["bias"] = jnp.asarray(np_rng.standard_normal((1, 4, 1, 8)), jnp.float32)
-    elif mask_kind == "min_bias":  # float32's finfo.min on every key of query row 1
-        bias = np.zeros((1, 1, t, 8), np.float32)
-        bias[..., 1, :] = np.finfo(np.float32).min
-        kw["bias"] = jnp.asarray(bias)
+    elif mask_kind == "min_bias":
+        kw["bias"] = jnp.asarray(_min_bias_row(t))
     return (q, k, v), kw
 
 
 _CUDNN_CASES = [(8, True, "none"), (4, True, "full"), (8, False, "full"), (8, True, "padding")]
 
 
-@pytest.mark.parametrize("t, is_causal, mask_kind", _CUDNN_CASES)
-def test_cudnn_wrapper_on_an_emulated_kernel(monkeypatch, np_rng, t, is_causal, mask_kind):
-    """What our wrapper hands cuDNN and does with its output, off GPU: the kernel is
-    emulated by jax's XLA attention with cuDNN's input rules (whole [T, S] mask and bias,
-    bias in the inputs' dtype) and its mask semantics (a large negative bias, so a row
-    with no visible key averages its keys instead of giving 0)."""
-    real_attention = jax.nn.dot_product_attention
-
-    def emulated_cudnn(q, k, v, bias, mask, *, scale, is_causal, implementation):
-        assert implementation == "cudnn"
-        t, s = q.shape[1], k.shape[1]
-        for name, x in (("mask", mask), ("bias", bias)):
-            if x is not None and x.shape[2:] != (t, s):
-                raise ValueError(f"cuDNN: {name} must have whole T, S axes, got {x.shape}")
-        if bias is not None and bias.dtype != q.dtype:
-            raise ValueError(f"cuDNN: bias dtype {bias.dtype} != {q.dtype}")
-        if mask is not None:
-            as_bias = jnp.where(mask, 0.0, -1e9).astype(q.dtype)
-            bias = as_bias if bias is None else bias + as_bias
-        return real_attention(q, k, v, bias, None, scale=scale, is_causal=is_causal)
-
-    (q, k, v), kw = _cudnn_case(np_rng, t, is_causal, mask_kind, jnp.float32)
-    want = dot_product_attention(q, k, v, implementation="xla", **kw)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax.nn, "dot_product_attention", emulated_cudnn)
-    got = dot_product_attention(q, k, v, implementation="cudnn", **kw)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-
-
-def _cudnn_causal_kernel(q, k, v, bias, mask, *, scale, is_causal, implementation):
-    """cuDNN's fused attention as cudnn-frontend builds it: float32 logits plus the bias
-    (in the inputs' dtype), and a causal mask that *selects* float32's lowest value (not
-    -inf) for hidden keys."""
-    assert implementation == "cudnn" and mask is None and bias.dtype == q.dtype
+def _cudnn_kernel(q, k, v, bias, mask, *, scale, is_causal, implementation):
+    """cuDNN's fused attention as jax and cudnn-frontend build it: a boolean mask becomes
+    -2^41 (bfloat16; -2^15 in float16) added to the bias in the inputs' dtype; logits are
+    float32 plus that bias; the causal mask *selects* float32's lowest finite value for
+    hidden keys."""
+    assert implementation == "cudnn"
+    t, s = q.shape[1], k.shape[1]
+    for name, x in (("mask", mask), ("bias", bias)):
+        if x is not None and x.shape[2:] != (t, s):
+            raise ValueError(f"cuDNN: {name} must have whole T, S axes, got {x.shape}")
+    if bias is not None and bias.dtype != q.dtype:
+        raise ValueError(f"cuDNN: bias dtype {bias.dtype} != {q.dtype}")
+    if mask is not None:
+        fill = -(2.0**15) if q.dtype == jnp.float16 else -(2.0**41)
+        as_bias = jnp.where(mask, 0.0, fill).astype(q.dtype)
+        bias = as_bias if bias is None else bias + as_bias
     groups = q.shape[2] // k.shape[2]  # query head n reads key/value head n // groups
     k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
     scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = logits + bias.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     if is_causal:
-        t, s = logits.shape[-2:]
         lowest = float(np.finfo(np.float32).min)
         logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, lowest)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
+@pytest.mark.parametrize("t, is_causal, mask_kind", _CUDNN_CASES)
+def test_cudnn_wrapper_on_an_emulated_kernel(monkeypatch, np_rng, t, is_causal, mask_kind):
+    """What our wrapper hands cuDNN and does with its output, off GPU: the kernel is
+    emulated (``_cudnn_kernel``) with cuDNN's input rules (whole [T, S] mask and bias, bias
+    in the inputs' dtype) and its mask semantics (a large negative bias, so a row with no
+    visible key averages its keys instead of giving 0)."""
+    (q, k, v), kw = _cudnn_case(np_rng, t, is_causal, mask_kind, jnp.float32)
+    want = dot_product_attention(q, k, v, implementation="xla", **kw)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_kernel)
+    got = dot_product_attention(q, k, v, implementation="cudnn", **kw)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_cudnn_float32_min_bias_row_sees_only_its_visible_keys(monkeypatch, np_rng, dtype):
-    """cuDNN takes the bias in the inputs' dtype, where float32's finfo.min rounds to -inf;
-    its causal mask puts float32's lowest *finite* value on hidden keys, so a row biased
-    with -inf on every key would attend to its hidden keys. The wrapper clips the bias to
-    the dtype's range: the result is the XLA path's with that clipped bias, gradients too
-    (in bfloat16 the row still averages its visible keys, as with float32's finfo.min; in
-    float16, whose range ends at 65504, the clipped bias shifts the row's logits without
-    flattening them). Off GPU the kernel is emulated (``_cudnn_causal_kernel``)."""
+@pytest.mark.parametrize("hidden_by", ["causal", "causal T < S", "padding mask"])
+def test_cudnn_float32_min_bias_row_sees_only_its_visible_keys(
+    monkeypatch, np_rng, dtype, hidden_by
+):
+    """Query row 1 carries float32's finfo.min on every key (Hugging Face's mask value),
+    and some keys are hidden (cuDNN's own causal mask; a causal mask with T < S, which the
+    wrapper passes as a mask; a padding mask). In cuDNN's dtype a plain cast makes that
+    bias -inf, and jax's mask fill, added to it, vanishes, so the row would attend to
+    hidden keys. The wrapper folds mask and bias itself (``_cudnn_bias``): in bfloat16 the
+    row averages its visible keys, as the other kernels do with float32's finfo.min; in
+    float16, which clips the bias at -2^14, it is their result for that clipped bias.
+    Gradients too. Off GPU the kernel is emulated (``_cudnn_kernel``)."""
     if jax.default_backend() != "gpu":
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-        monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_causal_kernel)
-    (q, k, v), kw = _cudnn_case(np_rng, 8, True, "min_bias", dtype)
-    info = jnp.finfo(dtype)
-    clipped = jnp.clip(kw["bias"], float(info.min), float(info.max))  # float32
+        monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_kernel)
+    t = 6 if hidden_by == "causal T < S" else 8
+    (q, k, v), kw = _cudnn_case(np_rng, t, hidden_by != "padding mask", "min_bias", dtype)
+    if hidden_by == "padding mask":
+        valid = np.ones((2, 1, 1, 8), bool)
+        valid[:, ..., 0] = valid[1, ..., 5:] = False
+        kw["mask"] = jnp.asarray(valid)
+    bias = kw.pop("bias")
+    floor = -(2.0**14) if dtype == jnp.float16 else float(np.finfo(np.float32).min)
 
     def loss(bias, implementation):
-        out = dot_product_attention(
-            q, k, v, bias=bias, is_causal=True, implementation=implementation
-        )
+        out = dot_product_attention(q, k, v, bias=bias, implementation=implementation, **kw)
         return jnp.sum(out.astype(jnp.float32) ** 2), out
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-    (want, out_want), dbias_want = grad(clipped, "xla")
-    (got, out), dbias = grad(kw["bias"], "cudnn")
+    (want, out_want), dbias_want = grad(jnp.maximum(bias, floor), "xla")
+    (got, out), dbias = grad(bias, "cudnn")
     np.testing.assert_allclose(np.asarray(out, np.float32), out_want, atol=2e-2, rtol=2e-2)
     np.testing.assert_allclose(got, want, rtol=2e-2)
     assert bool(jnp.all(jnp.isfinite(dbias)))
     np.testing.assert_allclose(dbias, dbias_want, atol=5e-2, rtol=5e-2)
-    assert float(jnp.max(jnp.abs(dbias[0, 0, 1, :2]))) > 0  # the row's visible keys
     if dtype == jnp.bfloat16:
-        # Query 1 sees keys 0 and 1; query head n reads key/value head n // 2.
-        visible_mean = np.repeat(np.asarray(v, np.float32)[:, :2].mean(1), 2, axis=1)
-        np.testing.assert_allclose(np.asarray(out, np.float32)[:, 1], visible_mean, atol=1e-2)
+        # Query head n reads key/value head n // 2; these are row 1's visible keys.
+        seen = {"causal": [0, 1], "causal T < S": [0, 1, 2, 3], "padding mask": [1, 2, 3, 4]}
+        mean = np.repeat(np.asarray(v, np.float32)[:, seen[hidden_by]].mean(1), 2, axis=1)
+        b = 1 if hidden_by == "padding mask" else 0  # batch 1: keys 5.. are padding too
+        np.testing.assert_allclose(np.asarray(out, np.float32)[b, 1], mean[b], atol=1e-2)
 
 
-def test_finite_cast_keeps_infinities_and_ordinary_values():
-    bias = jnp.asarray([-np.inf, np.finfo(np.float32).min, -1e9, -3.5, 0.0, 2e38, np.inf])
-    got = np.asarray(_finite_cast(bias, jnp.float16), np.float32)
-    np.testing.assert_array_equal(got, [-np.inf, -65504, -65504, -3.5, 0, 65504, np.inf])
-    got = _finite_cast(bias, jnp.bfloat16)
-    np.testing.assert_array_equal(got[2:5], bias[2:5].astype(jnp.bfloat16))
-    assert bool(jnp.all(jnp.isfinite(got[1:-1]))) and np.isneginf(float(got[0]))
-    ones = jax.grad(lambda b: jnp.sum(_finite_cast(b, jnp.float16).astype(jnp.float32)))(bias)
-    np.testing.assert_array_equal(ones, [0, 1, 1, 1, 1, 1, 0])
+def _min_bias_row(t: int) -> np.ndarray:
+    """A ``[1, 1, t, 8]`` float32 bias: finfo.min on every key of query row 1, else 0."""
+    bias = np.zeros((1, 1, t, 8), np.float32)
+    bias[..., 1, :] = np.finfo(np.float32).min
+    return bias
+
+
+def test_cudnn_bias_folds_mask_and_bias_below_the_visible_keys():
+    fill = -(2.0**41)
+    bias = jnp.asarray([[[[-np.inf, np.finfo(np.float32).min, -1e9, -3.5, 0.0, 2e38]]]])
+    visible = jnp.asarray([[[[True, True, True, True, False, True]]]])
+    got = _cudnn_bias(visible & (bias > -jnp.inf), bias, 1, 6, jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16 and got.shape == (1, 1, 1, 6)
+    want = [fill, fill / 2, -1e9, -3.5, fill, -fill / 2]
+    np.testing.assert_array_equal(
+        np.asarray(got, np.float64)[0, 0, 0],
+        np.asarray(jnp.asarray(want, jnp.bfloat16), np.float64),
+    )
+    got = _cudnn_bias(None, bias[..., 1:], 3, 5, jnp.float16)  # broadcast to [1, 1, 3, 5]
+    np.testing.assert_array_equal(got[0, 0, 2], [-16384, -16384, -3.5, 0, 16384])
+    got = _cudnn_bias(visible, None, 1, 6, jnp.float16)
+    np.testing.assert_array_equal(got[0, 0, 0], [0, 0, 0, 0, -32768, 0])
+    ones = jax.grad(lambda b: jnp.sum(_cudnn_bias(visible, b, 1, 6, jnp.float16)))(bias)
+    np.testing.assert_array_equal(ones[0, 0, 0], [0, 1, 1, 1, 0, 1])  # -inf: none
 
 
 @pytest.mark.parametrize(
