@@ -234,11 +234,13 @@ def _cudnn_bias(visible: Array | None, bias: Array | None, t: int, s: int, dtype
     The bias, clipped to half the fill's magnitude, where ``visible``; the fill elsewhere.
     Folding here rather than in jax keeps every hidden key below every visible one: jax
     adds its fill to the bias in ``dtype``, where it vanishes next to a bias of float32's
-    ``finfo.min`` (Hugging Face's mask value), which a plain cast also rounds to -inf. The
-    clip changes no float32 result for logits far below 2^40 (bfloat16): the other
-    kernels, adding ``finfo.min`` in float32, average a row biased so on every key, and
-    so does cuDNN. (float16 clips at 2^14, where logits still count.) The bias's gradient
-    passes through the clip unchanged.
+    ``finfo.min`` (Hugging Face's mask value), which a plain cast also rounds to -inf.
+
+    The clip at 2^40 (bfloat16) keeps the other kernels' float32 results: a bias below
+    -2^40 hides its key next to any key with an ordinary bias, and a row whose keys all
+    carry one is averaged, as float32 averages a row of ``finfo.min`` (logits under 2^16
+    vanish next to 2^40). Only a row mixing different biases beyond 2^40 differs. float16
+    clips at 2^14, where logits still count. The gradient passes through the clip.
     """
     fill = _cudnn_fill(dtype)
     if bias is None:
