@@ -232,25 +232,27 @@ def _cudnn_bias(visible: Array | None, bias: Array | None, t: int, s: int, dtype
     """A mask and a bias as the one ``[B|1, N|1, T, S]`` bias in ``dtype`` that cuDNN takes.
 
     The bias, clipped to half the fill's magnitude, where ``visible``; the fill elsewhere.
-    Folding here rather than in jax keeps every hidden key below every visible one: jax
-    adds its fill to the bias in ``dtype``, where it vanishes next to a bias of float32's
-    ``finfo.min`` (Hugging Face's mask value), which a plain cast also rounds to -inf.
+    ``visible`` must already hide the bias's -inf entries. Folding here rather than in jax
+    keeps every hidden key below every visible one: jax adds its fill to the bias in
+    ``dtype``, where it vanishes next to a bias of float32's ``finfo.min`` (Hugging Face's
+    mask value), which a plain cast also rounds to -inf.
 
-    The clip at 2^40 (bfloat16) keeps the other kernels' float32 results: a bias below
+    The clip at ±2^40 (bfloat16) keeps the other kernels' float32 results: a bias below
     -2^40 hides its key next to any key with an ordinary bias, and a row whose keys all
     carry one is averaged, as float32 averages a row of ``finfo.min`` (logits under 2^16
-    vanish next to 2^40). Only a row mixing different biases beyond 2^40 differs. float16
-    clips at 2^14, where logits still count. The gradient passes through the clip.
+    vanish next to 2^40). Only a row mixing different biases beyond ±2^40 differs, and
+    +inf becomes 2^40 (the other kernels give NaN). float16 clips at ±2^14, so there a
+    row mixing different biases beyond ±2^14 (ALiBi past 16k positions, say) differs
+    too. NaN stays NaN. The gradient passes through the clip.
     """
     fill = _cudnn_fill(dtype)
     if bias is None:
         folded = jnp.where(visible, 0.0, fill)
     else:
         bias = bias.astype(jnp.float32)
-        finite = jnp.isfinite(bias)
-        clipped = jnp.clip(jnp.where(finite, bias, 0.0), fill / 2, -fill / 2)
-        identity = jnp.where(finite, bias - jax.lax.stop_gradient(bias), 0.0)  # 0, gradient 1
-        folded = jax.lax.stop_gradient(clipped) + identity
+        clipped = jnp.clip(bias, fill / 2, -fill / 2)  # +-inf -> +-2^40; NaN stays
+        identity = jnp.where(jnp.isfinite(bias), bias - jax.lax.stop_gradient(bias), 0.0)
+        folded = jax.lax.stop_gradient(clipped) + identity  # identity: 0, gradient 1
         if visible is not None:
             folded = jnp.where(visible, folded, fill)
     return jnp.broadcast_to(folded, (*folded.shape[:2], t, s)).astype(dtype)
@@ -269,8 +271,9 @@ def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropou
         # cuDNN's causal mask is top-left aligned; ours puts the queries last.
         mask, is_causal = combine_masks(mask, causal_mask(t, s)), False
     if bias is not None:
-        # A -inf bias hides its key, as in the other kernels (and a row of them gives 0).
-        mask = combine_masks(mask, bias > -jnp.inf)
+        # A -inf bias hides its key, as in the other kernels (and a row of them gives 0);
+        # a NaN stays visible, and its row NaN, as there.
+        mask = combine_masks(mask, bias != -jnp.inf)
     # jax's cuDNN path takes masks as part of the bias, with whole T and S axes, in the
     # inputs' dtype; its own causal mask gives hidden keys float32's lowest value.
     if mask is not None or bias is not None:
@@ -433,7 +436,8 @@ def dot_product_attention(
       mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend.
       bias: float, broadcastable to ``[B, N, T, S]``, added to the scaled logits. cuDNN
         takes it in the inputs' dtype, clipped to ±2^40 (±2^14 in float16) so that a
-        float32 ``finfo.min`` mask value stays finite and below the masked keys' fill.
+        float32 ``finfo.min`` mask value stays finite, and above the fill that cuDNN
+        gives masked keys (see ``_cudnn_bias``).
       is_causal: also mask key ``s > t + S - T`` (queries are the last T key positions).
       scale: logit scale, default ``1/sqrt(H)``.
       implementation: None picks the fastest exact kernel for the backend and shape (see

@@ -503,18 +503,44 @@ def _cudnn_kernel(q, k, v, bias, mask, *, scale, is_causal, implementation):
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("t, is_causal, mask_kind", _CUDNN_CASES)
-def test_cudnn_wrapper_on_an_emulated_kernel(monkeypatch, np_rng, t, is_causal, mask_kind):
+def test_cudnn_wrapper_on_an_emulated_kernel(monkeypatch, np_rng, t, is_causal, mask_kind, dtype):
     """What our wrapper hands cuDNN and does with its output, off GPU: the kernel is
     emulated (``_cudnn_kernel``) with cuDNN's input rules (whole [T, S] mask and bias, bias
     in the inputs' dtype) and its mask semantics (a large negative bias, so a row with no
-    visible key averages its keys instead of giving 0)."""
-    (q, k, v), kw = _cudnn_case(np_rng, t, is_causal, mask_kind, jnp.float32)
+    visible key averages its keys instead of giving 0). float32 isolates the wrapper's
+    logic (cuDNN itself takes only 16-bit inputs); bfloat16 adds its rounding."""
+    (q, k, v), kw = _cudnn_case(np_rng, t, is_causal, mask_kind, dtype)
     want = dot_product_attention(q, k, v, implementation="xla", **kw)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_kernel)
     got = dot_product_attention(q, k, v, implementation="cudnn", **kw)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
+    )
+
+
+def test_cudnn_wrapper_non_finite_biases_as_the_other_kernels(monkeypatch, np_rng):
+    """A -inf bias hides its key (a row of them gives 0) and a NaN makes its row NaN, as on
+    the XLA path. The wrapper must hide the -inf keys itself: clipped, they would only be
+    very negative, and a row of them would average its keys."""
+    (q, k, v), _ = _cudnn_case(np_rng, 8, False, "none", jnp.bfloat16)
+    bias = np.asarray(np_rng.standard_normal((1, 4, 8, 8)), np.float32)
+    bias[0, :, 2, :] = -np.inf  # query row 2, every head
+    bias[0, 1, 3, ::2] = -np.inf  # every other key of row 3 in head 1
+    bias[0, 2, 5, 4] = np.nan
+    want = np.asarray(dot_product_attention(q, k, v, bias=bias, implementation="xla"), np.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_kernel)
+    got = dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+    got = np.asarray(got, np.float32)
+    nan = np.isnan(want)
+    assert nan[:, 5, 2].all() and nan.sum() == nan[:, 5, 2].size  # row 5 of head 2
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[:, 2], 0)
+    np.testing.assert_allclose(np.where(nan, 0, got), np.where(nan, 0, want), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -570,21 +596,21 @@ def _min_bias_row(t: int) -> np.ndarray:
 
 def test_cudnn_bias_folds_mask_and_bias_below_the_visible_keys():
     fill = -(2.0**41)
-    bias = jnp.asarray([[[[-np.inf, np.finfo(np.float32).min, -1e9, -3.5, 0.0, 2e38]]]])
-    visible = jnp.asarray([[[[True, True, True, True, False, True]]]])
-    got = _cudnn_bias(visible & (bias > -jnp.inf), bias, 1, 6, jnp.bfloat16)
-    assert got.dtype == jnp.bfloat16 and got.shape == (1, 1, 1, 6)
-    want = [fill, fill / 2, -1e9, -3.5, fill, -fill / 2]
-    np.testing.assert_array_equal(
-        np.asarray(got, np.float64)[0, 0, 0],
-        np.asarray(jnp.asarray(want, jnp.bfloat16), np.float64),
-    )
-    got = _cudnn_bias(None, bias[..., 1:], 3, 5, jnp.float16)  # broadcast to [1, 1, 3, 5]
+    bias = [-np.inf, np.finfo(np.float32).min, -1e9, -3.5, 0.0, 2e38, np.inf, np.nan]
+    bias = jnp.asarray(bias).reshape(1, 1, 1, 8)
+    visible = jnp.asarray([True, True, True, True, False, True, True, True]).reshape(bias.shape)
+    got = _cudnn_bias(visible & (bias != -jnp.inf), bias, 1, 8, jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16 and got.shape == (1, 1, 1, 8)
+    want = [fill, fill / 2, -1e9, -3.5, fill, -fill / 2, -fill / 2, np.nan]
+    want = np.asarray(jnp.asarray(want, jnp.bfloat16), np.float64)
+    np.testing.assert_array_equal(np.asarray(got, np.float64)[0, 0, 0], want)
+    got = _cudnn_bias(None, bias[..., 1:6], 3, 5, jnp.float16)  # broadcast to [1, 1, 3, 5]
     np.testing.assert_array_equal(got[0, 0, 2], [-16384, -16384, -3.5, 0, 16384])
-    got = _cudnn_bias(visible, None, 1, 6, jnp.float16)
-    np.testing.assert_array_equal(got[0, 0, 0], [0, 0, 0, 0, -32768, 0])
-    ones = jax.grad(lambda b: jnp.sum(_cudnn_bias(visible, b, 1, 6, jnp.float16)))(bias)
-    np.testing.assert_array_equal(ones[0, 0, 0], [0, 1, 1, 1, 0, 1])  # -inf: none
+    got = _cudnn_bias(visible, None, 1, 8, jnp.float16)
+    np.testing.assert_array_equal(got[0, 0, 0], [0, 0, 0, 0, -32768, 0, 0, 0])
+    # The gradient passes through the clip; none reaches a hidden or non-finite entry.
+    grad = jax.grad(lambda b: jnp.sum(_cudnn_bias(visible, b, 1, 8, jnp.float16)[..., :7]))
+    np.testing.assert_array_equal(grad(bias)[0, 0, 0], [0, 1, 1, 1, 0, 1, 0, 0])
 
 
 @pytest.mark.parametrize(
