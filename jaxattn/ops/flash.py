@@ -12,11 +12,13 @@ Memory"; Dao et al., 2022, "FlashAttention")::
 
     s = q_i k_jᵀ (scaled) + bias, masked entries -inf
     m' = max(m, rowmax s);  p = exp(s - m');  l = l e^{m - m'} + rowsum p
-    acc = acc e^{m - m'} + p v_j;             out_i = acc / l,  lse_i = m + log l
+    acc = acc e^{m - m'} + p v_j;             out_i = acc / l
 
-The backward pass (a ``jax.custom_vjp``) recomputes ``p = exp(s - lse)`` block by block
-from (q, k, v, out, lse) instead of storing the [T, S] probabilities (FlashAttention-2,
-Dao, 2023): with ``D = rowsum(dout * out)``, ``dv_j += pᵀ dout_i``, ``ds = p (dout_i v_jᵀ -
+The backward pass (a ``jax.custom_vjp``) recomputes ``p = exp(s - m - log l)`` block by
+block from (q, k, v, out, m, log l) instead of storing the [T, S] probabilities
+(FlashAttention-2, Dao, 2023, which keeps the sum ``m + log l``; kept apart, a row whose
+every logit carries a bias like float32's ``finfo.min`` keeps its ``log l``, which the sum
+would round away): with ``D = rowsum(dout * out)``, ``dv_j += pᵀ dout_i``, ``ds = p (dout_i v_jᵀ -
 D)``, ``dk_j += dsᵀ q_i``, ``dq_i += ds k_j``. Memory is O(B N T H) in both directions.
 
 Causal masking skips every block it hides entirely and masks only blocks that straddle the
@@ -26,7 +28,7 @@ the straddling tiles are exactly the diagonal ones: their mask is one constant t
 the per-head layout each is computed as its first half of rows against its first half of
 keys plus its second half of rows against all keys, since the top-right quarter is hidden
 (3/4 of the work: at T = 4 blocks the 10 tiles of a head cost 9).
-A query row with nothing to attend to gets output 0, zero gradients and ``lse = +inf``,
+A query row with nothing to attend to gets output 0, zero gradients and ``log l = +inf``,
 as in the einsum path of ``jaxattn.ops.attention``. Queries are the last T of the S key
 positions (``jaxattn.ops.masks.causal_mask``).
 
@@ -243,7 +245,7 @@ def _each_head(fn, inputs, tiles, outputs, batch: int, num_kv: int, p: _Plan, ca
     runs one head at a time: it cuts each head's blocks out of the inputs and writes its
     results in place, so no whole q, k, v, dout or output is copied into the block layout
     (on CPU those copies, into freshly mapped memory, took about a tenth of the forward's
-    time; the small lse and delta ``[Z, nq, R]`` are passed in that layout).
+    time; the small row statistics ``[Z, nq, R]`` are passed in that layout).
     With ``p.batch_heads``, two nested ``vmap``s over b and k run all heads at once on
     arrays in the block layout; a tile axis of size 1 stays unmapped there, so a mask or
     bias shared across heads is never copied per head.
@@ -431,7 +433,11 @@ def _add_tile(acc: Array, index: tuple, tile: Array) -> Array:
 
 
 def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
-    """Online-softmax attention -> (out ``[B, T, N, Hv]``, lse ``[B*K, nq, R]`` float32)."""
+    """Online-softmax attention -> (out ``[B, T, N, Hv]``, (m, log l)).
+
+    ``m`` (each row's logit max; 0 for a row that sees no key) and ``log l`` (its log
+    normaliser; +inf for such a row) are float32 ``[B*K, nq, R]``.
+    """
     b, _, n, _ = q.shape
     kh, hv = k.shape[2], v.shape[3]
     g, rows = n // kh, (n // kh) * p.bq
@@ -492,18 +498,20 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
             edge_step = diagonal_step if p.split_diagonal else partial(step, edge=True)
             m, denom, acc = lax.fori_loop(full, end, edge_step, carry)
             out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]  # empty rows: 0 / 1
-            lse = jnp.where(denom > 0, m + jnp.log(denom), jnp.inf)  # exp(s - inf) = 0
-            return out.astype(q.dtype), lse
+            row_max = jnp.where(denom > 0, m, 0.0)
+            log_l = jnp.where(denom > 0, jnp.log(denom), jnp.inf)  # exp(s - 0 - inf) = 0
+            return out.astype(q.dtype), row_max, log_l
 
-        return carry, lax.map(query_block, jnp.arange(p.nq))  # [nq, R, Hv], [nq, R]
+        return carry, lax.map(query_block, jnp.arange(p.nq))  # [nq, R, Hv], 2 x [nq, R]
 
     inputs = ((q, "q"), (k, "k"), (v, "k"))
-    outputs = (("q", (b, p.t, n, hv), q.dtype), ("z", (b * kh, p.nq, rows), _F32))
-    _, (out, lse) = _each_head(head, inputs, (masks, biases), outputs, b, kh, p)
-    return out, lse
+    stat = ("z", (b * kh, p.nq, rows), _F32)
+    outputs = (("q", (b, p.t, n, hv), q.dtype), stat, stat)
+    _, (out, row_max, log_l) = _each_head(head, inputs, (masks, biases), outputs, b, kh, p)
+    return out, (row_max, log_l)
 
 
-def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
+def _backward(q, k, v, mask, bias, out, stats, dout, p: _Plan):
     """Recompute probabilities tile by tile -> (dq, dk, dv, dbias or None)."""
     b, _, n, h = q.shape
     kh, hv = k.shape[2], v.shape[3]
@@ -515,9 +523,9 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
 
     diag_bias = _diagonal_bias(g, p.bq, True) if p.diagonal_edges else None
 
-    def tile_grads(st, ktj, vj, qi, doi, lse_i, delta_i):
+    def tile_grads(st, ktj, vj, qi, doi, max_i, log_l_i, delta_i):
         """A transposed tile's logits [C, R] -> (dqᵀ [H, R], dk [C, H], dv [C, Hv], dsᵀ)."""
-        pt = jnp.exp(st - lse_i[None, :])  # [C, R]
+        pt = jnp.exp(st - max_i[None, :] - log_l_i[None, :])  # [C, R]
         dpt = jnp.einsum("ch,rh->cr", vj, doi, preferred_element_type=_F32)
         dst = pt * (dpt - delta_i[None, :])  # d loss / d logits, transposed
         dv = jnp.dot(pt.astype(dout.dtype), doi, preferred_element_type=_F32)
@@ -526,7 +534,7 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
         dqt = jnp.dot(ktj, ds_in, preferred_element_type=_F32)  # [H, R]
         return dqt, dk, dv, dst
 
-    def head(z, dbias, qz, doz, lsez, deltaz, kz, vz, mz, bz):
+    def head(z, dbias, qz, doz, maxz, log_lz, deltaz, kz, vz, mz, bz):
         qz = qz * jnp.asarray(p.scale, qz.dtype)
         ktz = jnp.swapaxes(kz, 1, 2)  # [nk, H, C]: dqᵀ = kᵀ dsᵀ is then a plain matmul
 
@@ -540,7 +548,8 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
                 st = jnp.einsum("ch,rh->cr", kj, qi, preferred_element_type=_F32)
                 tiles = _tile(mz, j, i), _tile(bz, j, i)
                 st = _mask_logits(st, i, j, edge, diag_bias, *tiles, rows, g, p, True)
-                dqt_i, dk_i, dv_i, dst = tile_grads(st, ktz[j], vj, qi, doi, lsez[i], deltaz[i])
+                stats_i = maxz[i], log_lz[i], deltaz[i]
+                dqt_i, dk_i, dv_i, dst = tile_grads(st, ktz[j], vj, qi, doi, *stats_i)
                 if dbias is not None:
                     dbias = _add_tile(dbias, (z // kh, z % kh, j, i), dst.reshape(-1, g, p.bq))
                 return dqt.at[i].add(dqt_i), dk + dk_i, dv + dv_i, dbias
@@ -565,7 +574,8 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
                             vj[keys],
                             qh,
                             half(doz[i]),
-                            half(lsez[i]),
+                            half(maxz[i]),
+                            half(log_lz[i]),
                             half(deltaz[i]),
                         )
                     )
@@ -592,7 +602,8 @@ def _backward(q, k, v, mask, bias, out, lse, dout, p: _Plan):
         (dqt, dbias), (dk, dv) = lax.scan(key_block, (dqt0, dbias), jnp.arange(p.nk))
         return dbias, (jnp.swapaxes(dqt, 1, 2) * p.scale, dk, dv)
 
-    inputs = ((q, "q"), (dout, "q"), (lse, "z"), (delta, "z"), (k, "k"), (v, "k"))
+    row_max, log_l = stats
+    inputs = ((q, "q"), (dout, "q"), (row_max, "z"), (log_l, "z"), (delta, "z"), (k, "k"), (v, "k"))
     outputs = (("q", q.shape, q.dtype), ("k", k.shape, k.dtype), ("k", v.shape, v.dtype))
     # The bias gradient sums over heads that share bias tiles: a loop carries it.
     dbias0 = None if biases is None else jnp.zeros(biases.shape, _F32)
@@ -608,13 +619,13 @@ def _flash(q, k, v, mask, bias, plan: _Plan) -> Array:
 
 
 def _flash_fwd(q, k, v, mask, bias, plan):
-    out, lse = _forward(q, k, v, mask, bias, plan)
-    return out, (q, k, v, mask, bias, out, lse)
+    out, stats = _forward(q, k, v, mask, bias, plan)
+    return out, (q, k, v, mask, bias, out, stats)
 
 
 def _flash_bwd(plan, residuals, dout):
-    q, k, v, mask, bias, out, lse = residuals
-    dq, dk, dv, dbias = _backward(q, k, v, mask, bias, out, lse, dout, plan)
+    q, k, v, mask, bias, out, stats = residuals
+    dq, dk, dv, dbias = _backward(q, k, v, mask, bias, out, stats, dout, plan)
     return dq, dk, dv, None, dbias  # no cotangent for the boolean mask
 
 

@@ -172,6 +172,30 @@ def test_outputs_and_grads_match_numpy_and_xla(np_rng, name, batch_heads):
         assert_all_close(out, grads, want, want_grads)
 
 
+@pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
+@pytest.mark.parametrize("fill", [float(np.finfo(np.float32).min), -1e9], ids=["min", "-1e9"])
+def test_rows_biased_far_below_zero_keep_their_normaliser(np_rng, fill, batch_heads):
+    """A row whose every key carries a huge negative bias (float32's finfo.min or -1e9,
+    common mask values) averages its visible keys: its logits all round to the bias. The
+    backward must rebuild those probabilities as 1 / S: kept as one lse = m + log l, log l
+    rounded away next to |m| and every gradient of the row came out S times too large."""
+    q, k, v = normal(np_rng, B, 9, N, H), normal(np_rng, B, 7, 2, H), normal(np_rng, B, 7, 2, H)
+    bias = np.zeros((B, N, 9, 7), np.float32)
+    bias[0, :, 4] = fill  # query 4 of batch 0, every head
+    bias[1, 3, 6] = fill  # one head of one query
+    bias, cot = jnp.asarray(bias), normal(np_rng, *q.shape)
+    kw = {"mask": None, "is_causal": True, "scale": None}
+    (out, grads), (want, want_grads) = jax.jit(
+        lambda *a: [vjp_of(i, *a, kw, (4, 4), batch_heads) for i in ("flash", "xla")]
+    )(q, k, v, bias, cot)
+    assert_all_close(out, grads, want, want_grads)
+    if fill == float(np.finfo(np.float32).min):  # float64 rounds that bias away too
+        assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, bias=bias, is_causal=True))
+    # Query 4 of batch 0 sees keys 0..2 (causal, T - S = 2): their mean, in every head.
+    mean = np.repeat(np.asarray(v)[0, :3].mean(0), N // 2, axis=0)
+    np.testing.assert_allclose(np.asarray(out)[0, 4], mean, **TOL)
+
+
 def test_fully_masked_rows_give_zeros_and_finite_grads(np_rng):
     q, k, v = normal(np_rng, B, 13, N, H), normal(np_rng, B, 11, 2, H), normal(np_rng, B, 11, 2, H)
     mask = random_mask(np_rng, (B, N, 13, 11))
