@@ -16,10 +16,11 @@ Memory"; Dao et al., 2022, "FlashAttention")::
 
 The backward pass (a ``jax.custom_vjp``) recomputes ``p = exp(s - m - log l)`` block by
 block from (q, k, v, out, m, log l) instead of storing the [T, S] probabilities
-(FlashAttention-2, Dao, 2023, which keeps the sum ``m + log l``; kept apart, a row whose
-every logit carries a bias like float32's ``finfo.min`` keeps its ``log l``, which the sum
-would round away): with ``D = rowsum(dout * out)``, ``dv_j += pᵀ dout_i``, ``ds = p (dout_i v_jᵀ -
-D)``, ``dk_j += dsᵀ q_i``, ``dq_i += ds k_j``. Memory is O(B N T H) in both directions.
+(FlashAttention-2, Dao, 2023): with ``D = rowsum(dout * out)``, ``dv_j += pᵀ dout_i``,
+``ds = p (dout_i v_jᵀ - D)``, ``dk_j += dsᵀ q_i``, ``dq_i += ds k_j``. Memory is O(B N T H)
+in both directions. FlashAttention-2 keeps the one sum ``m + log l``; kept apart, a row
+whose every logit carries a bias like float32's ``finfo.min`` keeps its ``log l``, which
+the sum would round away (its gradients then came out S times too large).
 
 Causal masking skips every block it hides entirely and masks only blocks that straddle the
 diagonal; key and query padding (T, S not multiples of the block) is masked the same way.
@@ -432,7 +433,7 @@ def _add_tile(acc: Array, index: tuple, tile: Array) -> Array:
 # ----------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, Array]:
+def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, tuple[Array, Array]]:
     """Online-softmax attention -> (out ``[B, T, N, Hv]``, (m, log l)).
 
     ``m`` (each row's logit max; 0 for a row that sees no key) and ``log l`` (its log
