@@ -19,8 +19,9 @@ block from (q, k, v, out, m, log l) instead of storing the [T, S] probabilities
 (FlashAttention-2, Dao, 2023): with ``D = rowsum(dout * out)``, ``dv_j += pᵀ dout_i``,
 ``ds = p (dout_i v_jᵀ - D)``, ``dk_j += dsᵀ q_i``, ``dq_i += ds k_j``. Memory is O(B N T H)
 in both directions. FlashAttention-2 keeps the one sum ``m + log l``; kept apart, a row
-whose every logit carries a bias like float32's ``finfo.min`` keeps its ``log l``, which
-the sum would round away (its gradients then came out S times too large).
+whose every visible logit carries a huge negative bias (float32's ``finfo.min``, -1e9)
+keeps its ``log l``, which the sum would round away (its gradients then came out l times
+too large).
 
 Causal masking skips every block it hides entirely and masks only blocks that straddle the
 diagonal; key and query padding (T, S not multiples of the block) is masked the same way.

@@ -173,14 +173,17 @@ def test_outputs_and_grads_match_numpy_and_xla(np_rng, name, batch_heads):
 
 
 @pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
+@pytest.mark.parametrize("t, s", [(9, 7), (8, 12)], ids=["t>s", "split_diagonal"])
 @pytest.mark.parametrize("fill", [float(np.finfo(np.float32).min), -1e9], ids=["min", "-1e9"])
-def test_rows_biased_far_below_zero_keep_their_normaliser(np_rng, fill, batch_heads):
-    """A row whose every key carries a huge negative bias (float32's finfo.min or -1e9,
-    common mask values) averages its visible keys: its logits all round to the bias. The
-    backward must rebuild those probabilities as 1 / S: kept as one lse = m + log l, log l
-    rounded away next to |m| and every gradient of the row came out S times too large."""
-    q, k, v = normal(np_rng, B, 9, N, H), normal(np_rng, B, 7, 2, H), normal(np_rng, B, 7, 2, H)
-    bias = np.zeros((B, N, 9, 7), np.float32)
+def test_rows_biased_far_below_zero_keep_their_normaliser(np_rng, fill, t, s, batch_heads):
+    """A row whose every visible key carries a huge negative bias (float32's finfo.min or
+    -1e9, common mask values) averages those keys: its logits all round to the bias. The
+    backward must rebuild each of their probabilities as 1 / l, l the number of keys the
+    row sees: kept as one lse = m + log l, log l rounded away next to |m| and every
+    gradient of the row came out l times too large. Causal with blocks of 4: T > S, and
+    S - T = 4 (per head, the diagonal tiles then run as two half products)."""
+    q, k, v = normal(np_rng, B, t, N, H), normal(np_rng, B, s, 2, H), normal(np_rng, B, s, 2, H)
+    bias = np.zeros((B, N, t, s), np.float32)
     bias[0, :, 4] = fill  # query 4 of batch 0, every head
     bias[1, 3, 6] = fill  # one head of one query
     bias, cot = jnp.asarray(bias), normal(np_rng, *q.shape)
@@ -191,8 +194,9 @@ def test_rows_biased_far_below_zero_keep_their_normaliser(np_rng, fill, batch_he
     assert_all_close(out, grads, want, want_grads)
     if fill == float(np.finfo(np.float32).min):  # float64 rounds that bias away too
         assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, bias=bias, is_causal=True))
-    # Query 4 of batch 0 sees keys 0..2 (causal, T - S = 2): their mean, in every head.
-    mean = np.repeat(np.asarray(v)[0, :3].mean(0), N // 2, axis=0)
+    # Query 4 of batch 0 sees keys 0 .. 4 + S - T: their mean, in every head.
+    seen = 4 + s - t + 1
+    mean = np.repeat(np.asarray(v)[0, :seen].mean(0), N // 2, axis=0)
     np.testing.assert_allclose(np.asarray(out)[0, 4], mean, **TOL)
 
 
