@@ -228,7 +228,7 @@ def _cudnn_fill(dtype) -> float:
     return -(2.0**15) if dtype == jnp.float16 else -(2.0**41)
 
 
-def _cudnn_bias(visible: Array | None, bias: Array | None, t: int, s: int, dtype) -> Array:
+def _cudnn_bias(visible: Array, bias: Array | None, t: int, s: int, dtype) -> Array:
     """A mask and a bias as the one ``[B|1, N|1, T, S]`` bias in ``dtype`` that cuDNN takes.
 
     The bias, clipped to half the fill's magnitude, where ``visible``; the fill elsewhere.
@@ -246,15 +246,13 @@ def _cudnn_bias(visible: Array | None, bias: Array | None, t: int, s: int, dtype
     too. NaN stays NaN. The gradient passes through the clip.
     """
     fill = _cudnn_fill(dtype)
-    if bias is None:
-        folded = jnp.where(visible, 0.0, fill)
-    else:
+    folded = 0.0
+    if bias is not None:
         bias = bias.astype(jnp.float32)
         clipped = jnp.clip(bias, fill / 2, -fill / 2)  # +-inf -> +-2^40; NaN stays
         identity = jnp.where(jnp.isfinite(bias), bias - jax.lax.stop_gradient(bias), 0.0)
         folded = jax.lax.stop_gradient(clipped) + identity  # identity: 0, gradient 1
-        if visible is not None:
-            folded = jnp.where(visible, folded, fill)
+    folded = jnp.where(visible, folded, fill)
     return jnp.broadcast_to(folded, (*folded.shape[:2], t, s)).astype(dtype)
 
 
@@ -275,8 +273,9 @@ def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropou
         # a NaN stays visible, and its row NaN, as there.
         mask = combine_masks(mask, bias != -jnp.inf)
     # jax's cuDNN path takes masks as part of the bias, with whole T and S axes, in the
-    # inputs' dtype; its own causal mask gives hidden keys float32's lowest value.
-    if mask is not None or bias is not None:
+    # inputs' dtype; its own causal mask gives hidden keys float32's lowest value. (A bias
+    # always comes with a mask here, from its -inf entries.)
+    if mask is not None:
         bias = _cudnn_bias(mask, bias, t, s, q.dtype)
     out = jax.nn.dot_product_attention(
         q, k, v, bias, None, scale=scale, is_causal=is_causal, implementation="cudnn"

@@ -604,7 +604,8 @@ def test_cudnn_bias_folds_mask_and_bias_below_the_visible_keys():
     want = [fill, fill / 2, -1e9, -3.5, fill, -fill / 2, -fill / 2, np.nan]
     want = np.asarray(jnp.asarray(want, jnp.bfloat16), np.float64)
     np.testing.assert_array_equal(np.asarray(got, np.float64)[0, 0, 0], want)
-    got = _cudnn_bias(None, bias[..., 1:6], 3, 5, jnp.float16)  # broadcast to [1, 1, 3, 5]
+    everywhere = jnp.ones((1, 1, 1, 5), bool)
+    got = _cudnn_bias(everywhere, bias[..., 1:6], 3, 5, jnp.float16)  # to [1, 1, 3, 5]
     np.testing.assert_array_equal(got[0, 0, 2], [-16384, -16384, -3.5, 0, 16384])
     got = _cudnn_bias(visible, None, 1, 8, jnp.float16)
     np.testing.assert_array_equal(got[0, 0, 0], [0, 0, 0, 0, -32768, 0, 0, 0])
