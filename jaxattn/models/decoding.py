@@ -60,8 +60,11 @@ def check_sampling(
             f"temperature must be 0 (greedy) or at least {_TINY:.3g}, the smallest normal "
             f"float32, got {temperature}"
         )
-    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    # An integral float (2.0) would pass ``int(top_k) == top_k`` but crash ``lax.top_k``.
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+    ):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 

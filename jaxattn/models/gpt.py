@@ -635,9 +635,10 @@ def _generate_jit(
         )  # fmt: skip
     if cropped:
         # Token i of all max_new_tokens draws with key i of split(rng, max_new_tokens), as in
-        # the cached part (split's keys do not depend on how many are split off); a greedy
-        # generate_cropped ignores them.
-        keys = jax.random.split(rng, max_new_tokens)[cached:]
+        # the cached part (split's keys do not depend on how many are split off). Greedy
+        # needs none (and may have been given rng=None, as the cached part allows).
+        greedy = temperature == 0.0
+        keys = None if greedy else jax.random.split(rng, max_new_tokens)[cached:]
 
         def next_logits(window):  # [B, block] -> [B, V]: only the last position's logits
             x = _trunk(weights, window, config, None, False)

@@ -196,6 +196,7 @@ def test_greedy_limits_equal_argmax():
         (dict(temperature=float("nan")), "temperature"),
         (dict(top_k=0), "top_k"),
         (dict(top_k=1.5), "top_k"),
+        (dict(top_k=2.0), "top_k"),  # integral, but lax.top_k takes no float k
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(temperature=1e-39), "smallest normal float32"),  # would flush to 0
@@ -358,6 +359,16 @@ def test_greedy_generate_past_the_context_crops_as_nanogpt(config, unroll, t0):
     assert out.shape == (B, t0 + 12) and out.dtype == jnp.int32
     greedy = lambda i, logits: np.argmax(np.asarray(logits), -1)
     np.testing.assert_array_equal(out, _reference_cropped(w, prompt, 12, config, greedy))
+
+
+def test_greedy_generate_past_the_context_needs_no_key():
+    """Greedy ignores rng in the cached part; the cropped part must not split it either."""
+    w = random_weights(BASE, seed=2)
+    prompt = tokens_for(BASE, (B, 3), seed=3)
+    out = gpt_module.generate(w, BASE, prompt, 12, rng=None, temperature=0.0)
+    np.testing.assert_array_equal(
+        out, gpt_module.generate(w, BASE, prompt, 12, rng=key(0), temperature=0.0)
+    )
 
 
 def test_sampled_generate_past_the_context_draws_token_i_with_key_i():
