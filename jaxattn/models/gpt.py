@@ -520,6 +520,12 @@ def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVC
       ``(weights with blocks: tuple of L BlockWeights, KVCache(k, v: tuples of L
       [B, S, K, H], index))``.
     """
+    if not isinstance(weights.blocks, BlockWeights) or isinstance(cache.k, tuple):
+        raise ValueError(
+            "unstack_layers: weights.blocks and the cache must both be stacked [L, ...] "
+            f"(got {type(weights.blocks).__name__} blocks and {type(cache.k).__name__} "
+            "cache keys); unstack them once, together"
+        )
     layers = range(cache.k.shape[0])
     blocks = tuple(jax.tree.map(lambda a, i=i: a[i], weights.blocks) for i in layers)
     k, v = (tuple(stack[i] for i in layers) for stack in (cache.k, cache.v))

@@ -540,6 +540,11 @@ def test_bad_inputs_raise():
     per_layer, _ = unstack_layers(w, init_cache(BASE, 1, BASE.block_size))
     with pytest.raises(ValueError, match="gpt: the weights hold per-layer blocks"):
         gpt(per_layer, tokens, BASE)
+    # Unstacking twice, or one of weights and cache alone, is caught where it happens.
+    stacked_cache = init_cache(BASE, 1, 4)
+    for bad in ((per_layer, stacked_cache), (w, unstack_layers(w, stacked_cache)[1])):
+        with pytest.raises(ValueError, match="unstack_layers: .* must both be stacked"):
+            unstack_layers(*bad)
 
 
 def test_weight_decay_groups_match_nanogpt():
