@@ -543,7 +543,7 @@ def test_bad_inputs_raise():
     # Unstacking twice, or one of weights and cache alone, is caught where it happens.
     stacked_cache = init_cache(BASE, 1, 4)
     for bad in ((per_layer, stacked_cache), (w, unstack_layers(w, stacked_cache)[1])):
-        with pytest.raises(ValueError, match="unstack_layers: .* must both be stacked"):
+        with pytest.raises(ValueError, match=r"unstack_layers: .* must both be stacked"):
             unstack_layers(*bad)
 
 
