@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import ml_collections
@@ -49,26 +49,61 @@ INTERRUPTED_EXIT_CODE = 143
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a clear message for an unknown ``--config.<key>`` override."""
+    """absl's parsing, with a clear message for an unknown ``--config.<key>`` override and
+    for a ``--config`` file that cannot be loaded."""
     try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:  # How ml_collections reports an unknown field.
-        message = re.sub(r"\\+", "", str(e))  # The key arrives quoted and escaped.
-        key = re.search(r"'(\w+)'", message)
-        key = key.group(1) if key else message
-        hint = re.search(r'Did you mean "(\w+)"', message)
-        overrides = [a for a in argv if a.startswith("--config.")]
-        named = [a for a in overrides if key in a.split("=")[0].split(".")]
-        if named:
-            print(
-                f"error: unknown config key {key!r} in {named[0]}"
-                + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
-                file=sys.stderr,
-            )
-        else:  # e.g. a key below a number, --config.num_steps.x=1, reported as 'int'
-            overrides = " ".join(overrides)
-            print(f"error: bad config override in {overrides}: {message}", file=sys.stderr)
+        rest = app.parse_flags_with_usage(argv)
+        _check_config_loaded()
+        return rest
+    except OSError as e:  # ml_collections defers a missing file to the config's first use.
+        cause = str(e.__cause__ or e).strip().splitlines()
+        where = next((a for a in argv if a.startswith("--config=")), "--config")
+        print(f"error: cannot load {where}: {cause[-1].strip() if cause else e}", file=sys.stderr)
         sys.exit(2)
+    except (AttributeError, KeyError) as e:  # How ml_collections reports an unknown field.
+        _report_bad_override(e, argv)
+
+
+def define_config_file(default: str, help_string: str):
+    """``config_flags.DEFINE_config_file("config", default, ...)`` with ``parse_flags``'s
+    message for a bad ``--config.<key>`` override.
+
+    Without ``--config`` on the command line ml_collections loads the default file and
+    checks the overrides' keys right here, when the script's module defines its flags,
+    before ``parse_flags`` runs: an unknown key ended in a traceback.
+    """
+    try:
+        return config_flags.DEFINE_config_file("config", default, help_string)
+    except (AttributeError, KeyError) as e:
+        _report_bad_override(e, sys.argv)
+
+
+def _report_bad_override(e: Exception, argv: list[str]) -> NoReturn:
+    """Print what is wrong with a ``--config.<key>`` override and exit with status 2."""
+    message = re.sub(r"\\+", "", str(e))  # The key arrives quoted and escaped.
+    key = re.search(r"'(\w+)'", message)
+    key = key.group(1) if key else message
+    hint = re.search(r'Did you mean "(\w+)"', message)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    named = [a for a in overrides if key in a.split("=")[0].split(".")]
+    if named:
+        print(
+            f"error: unknown config key {key!r} in {named[0]}"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
+            file=sys.stderr,
+        )
+    else:  # e.g. a key below a number, --config.num_steps.x=1, reported as 'int'
+        overrides = " ".join(overrides)
+        print(f"error: bad config override in {overrides}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_config_loaded() -> None:
+    """Raise the deferred OSError of a ``--config`` file that could not be loaded (a typo in
+    its path): ml_collections otherwise raises it, with two tracebacks, where the run first
+    reads a setting."""
+    if "config" in flags.FLAGS:
+        hasattr(flags.FLAGS["config"].value, "to_dict")  # a failed load raises OSError here
 
 
 def enable_compilation_cache() -> None:

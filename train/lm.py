@@ -29,6 +29,7 @@ from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
     checkpoint_config_file,
     checkpoint_config_overrides,
+    define_config_file,
     describe_mesh,
     enable_compilation_cache,
     initialize_distributed,
@@ -39,7 +40,6 @@ from common import (  # train/common.py (this script's directory)
     workdir_from_flag,
 )
 from etils import epath
-from ml_collections import config_flags
 
 from jaxattn.models._config import check_size
 from jaxattn.models.decoding import check_sampling
@@ -64,7 +64,7 @@ from jaxattn.training.optim import optimizer_from_config
 from jaxattn.training.state import create_train_state
 
 _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "shakespeare_char_cpu.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.")
+_CONFIG = define_config_file(_DEFAULT_CONFIG, "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default workdirs/<config>).")
 _SAMPLE_ONLY = flags.DEFINE_bool("sample_only", False, "Only sample from the latest checkpoint.")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "Text the samples continue.")

@@ -46,6 +46,7 @@ from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
     checkpoint_config_file,
     checkpoint_config_overrides,
+    define_config_file,
     describe_mesh,
     enable_compilation_cache,
     initialize_distributed,
@@ -56,7 +57,6 @@ from common import (  # train/common.py (this script's directory)
     workdir_from_flag,
 )
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 from jaxattn.models import seq2seq, transformer
 from jaxattn.models._config import check_size
@@ -83,7 +83,7 @@ from jaxattn.training.optim import optimizer_from_config
 from jaxattn.training.state import create_train_state
 
 _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lstm_dot_cpu.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.")
+_CONFIG = define_config_file(_DEFAULT_CONFIG, "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default workdirs/<config>).")
 _TRANSLATE = flags.DEFINE_multi_string(
     "translate", None, "Only translate these sentences with the latest checkpoint."

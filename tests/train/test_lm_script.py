@@ -6,6 +6,7 @@ module-scoped run and are marked slow; the argument errors fail before any compi
 
 import hashlib
 import importlib.util
+import subprocess
 
 import jax.numpy as jnp
 import pytest
@@ -259,6 +260,31 @@ def test_unknown_config_key_is_an_error(tmp_path):
     assert "bad config override in --config.model.num_layers.x=2:" in proc.stderr
     assert "'int'" not in proc.stderr.split(":")[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_unknown_config_key_of_the_default_config_is_an_error(tmp_path):
+    """Without --config, ml_collections loads the default config and checks the overrides
+    when lm.py defines its flags, before parse_flags runs: this used to be a traceback."""
+    command, env = run_lm._command([f"--workdir={tmp_path}", "--config.num_stepz=3"], None)
+    command = [a for a in command if not a.startswith("--config=")]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 2
+    assert "unknown config key 'num_stepz' in --config.num_stepz=3" in proc.stderr
+    assert "did you mean 'num_steps'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("overrides", [[], ["--config.num_steps=3"]])
+def test_missing_config_file_is_an_error(tmp_path, overrides):
+    """ml_collections defers a config file's load error to its first use: a typo in the
+    path used to end in two tracebacks."""
+    missing = tmp_path / "no_such_config.py"
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", *overrides, config=missing, check=False)
+    assert proc.returncode == 2
+    assert f"error: cannot load --config={missing}: [Errno 2] No such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
