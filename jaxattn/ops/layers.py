@@ -47,7 +47,8 @@ def project(x: Array, w: Array, b: Array | None = None, *, contract_dims: int = 
         )
     lead = x.shape[: x.ndim - contract_dims]
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-    y = x.reshape(-1, n_in) @ w.reshape(n_in, n_out).astype(x.dtype)  # [B*T, out]
+    # math.prod(lead), not -1: with n_in = 0 (an LSTM with input_size 0) -1 is ambiguous.
+    y = x.reshape(math.prod(lead), n_in) @ w.reshape(n_in, n_out).astype(x.dtype)  # [B*T, out]
     if b is not None:
         y = y + b.reshape(n_out).astype(x.dtype)
     return y.reshape(*lead, *out_shape)

@@ -67,7 +67,9 @@ def load_pairs(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
         raise FileNotFoundError(f"translation corpus not found: {str(path)!r}")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:  # (universal newlines: \r\n -> \n)
+        # utf-8-sig: a byte-order mark (editors saving "UTF-8 with BOM") is not part of the
+        # first source sentence. Universal newlines: \r\n -> \n.
+        with opener(path, "rt", encoding="utf-8-sig") as f:
             # Not splitlines(): it also breaks at U+2028, form feeds and the like inside a line.
             lines = f.read().split("\n")
     except (OSError, EOFError, UnicodeDecodeError) as e:  # Not gzip, truncated, not UTF-8.

@@ -392,6 +392,34 @@ def test_init_lstm_stack_structure(rng):
     assert uni[1].w_ih.shape == (HID, 4 * HID) and uni[1].b.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("implementation", ["scan", "autodiff"])
+@pytest.mark.parametrize("hoist", [False, True])
+def test_input_size_zero(rng, np_rng, implementation, hoist, monkeypatch):
+    """init_lstm accepts input_size=0 (a recurrence driven by its state alone); the
+    projection x W_ih of [B, T, 0] inputs must be b, not a reshape error. ``hoist`` is
+    the accelerator path (one projection of all T steps), forced here on CPU."""
+    import jaxattn.ops.lstm as lstm_module
+
+    monkeypatch.setattr(lstm_module, "_hoist", lambda: hoist)
+    w = init_lstm(rng, 0, HID)
+    _, h0, c0 = _inputs(np_rng)
+    xs = jnp.zeros((B, T, 0))
+    ys, (h, c) = lstm_scan(w, xs, (h0, c0), implementation=implementation)
+    state, want = (h0, c0), []
+    for _ in range(T):
+        state = lstm_cell(w, state, jnp.zeros((B, 0)))
+        want.append(state[0])
+    np.testing.assert_allclose(ys, jnp.stack(want, 1), atol=1e-6)
+    np.testing.assert_allclose(h, state[0], atol=1e-6)
+    np.testing.assert_allclose(c, state[1], atol=1e-6)
+
+    def loss(w):
+        return lstm_scan(w, xs, (h0, c0), implementation=implementation)[0].sum()
+
+    grads = jax.grad(loss)(w)
+    assert grads.w_ih.shape == (0, 4 * HID) and bool(jnp.all(jnp.isfinite(grads.b)))
+
+
 # --- bad inputs ----------------------------------------------------------------------------
 
 

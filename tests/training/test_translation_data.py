@@ -164,6 +164,20 @@ def test_load_pairs_strips_each_side(tmp_path):
         td.load_pairs(path)
 
 
+def test_load_pairs_drops_a_byte_order_mark(tmp_path):
+    """A file saved as "UTF-8 with BOM" (plain or gzipped): the BOM is not part of the first
+    source, which would otherwise be a distinct sentence from the same text on a later line
+    (and could land in another split than its other translations)."""
+    for name, opener in (("bom.txt", open), ("bom.txt.gz", gzip.open)):
+        path = tmp_path / name
+        with opener(path, "wt", encoding="utf-8-sig") as f:
+            f.write("Go.\tVe.\nGo.\tVete.\n")
+        pairs = td.load_pairs(path)
+        assert pairs == [("Go.", "Ve."), ("Go.", "Vete.")]
+        split = td.split_pairs(pairs * 20 + [(f"s{i}", "t") for i in range(40)], seed=0)
+        assert sum(("Go.", "Ve.") in part for part in split) == 1
+
+
 def test_make_batch_places_bos_eos_and_masks():
     src = [np.array([5, 6, 7], np.int32), np.array([8], np.int32)]
     tgt = [np.array([9, 10], np.int32), np.array([11, 12, 13, 14], np.int32)]
