@@ -81,8 +81,13 @@ class WeightsModule(nnx.Module):
         raise NotImplementedError
 
     def pure_weights(self) -> Any:
-        """The weights as the plain pytree the pure functions take."""
-        return jax.tree.map(lambda p: p[...], self.weights, is_leaf=_is_param)
+        """The weights as the plain pytree the pure functions take.
+
+        ``get_value()``, not ``p[...]``: an abstract module (``nnx.eval_shape``, or
+        ``from_weights`` of a ``jax.eval_shape`` tree) holds ``ShapeDtypeStruct``s, which
+        cannot be indexed; its pure tree is then the shapes (a ``load_safetensors`` template).
+        """
+        return jax.tree.map(lambda p: p.get_value(), self.weights, is_leaf=_is_param)
 
 
 class _DropoutModule(WeightsModule):

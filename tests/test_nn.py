@@ -228,3 +228,24 @@ def test_from_weights_passes_the_options_to_the_module(rng):
         attention_ops.init_multi_head_attention(rng, 12, 3), dropout_rate=0.5
     )
     assert mha.dropout_rate == 0.5 and mha.deterministic is True
+
+
+def test_an_abstract_module_gives_its_pure_shapes(rng, tmp_path):
+    """nnx.eval_shape of a module (no init), or from_weights of a jax.eval_shape tree, holds
+    ShapeDtypeStructs: pure_weights() returns them, so the module can be a load template."""
+    pytest.importorskip("safetensors")
+    from jaxattn.interop.safetensors import load_safetensors, save_safetensors
+
+    module = nn.LSTM(3, 5, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+    abstract = nnx.eval_shape(
+        lambda: nn.LSTM(3, 5, num_layers=2, bidirectional=True, rngs=nnx.Rngs(1))
+    )
+    shapes = jax.eval_shape(lambda: module.pure_weights())
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), abstract.pure_weights()) == jax.tree.map(
+        lambda s: (s.shape, s.dtype), shapes
+    )
+    from_shapes = nn.LSTM.from_weights(shapes)
+    assert jax.tree.structure(from_shapes.pure_weights()) == jax.tree.structure(shapes)
+    path = tmp_path / "lstm.safetensors"
+    save_safetensors(module, path)
+    _leaves_equal(load_safetensors(path, like=abstract), module.pure_weights())
