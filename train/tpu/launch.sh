@@ -181,7 +181,7 @@ print(\"process\", jax.process_index(), \"of\", jax.process_count(), \"local dev
 cmd_run() {
   if [[ "${WORKDIR}" != gs://* && "${ALLOW_LOCAL_WORKDIR}" != 1 ]]; then
     die "set WORKDIR=gs://BUCKET/path: every host must see the same checkpoints \
-(ALLOW_LOCAL_WORKDIR=1 to override on a single-host slice)"
+(ALLOW_LOCAL_WORKDIR=1 to override: a single-host slice, or a folder every host mounts)"
   fi
   local train
   # $HOME stays unquoted so the worker's shell expands it; the rest is quoted word by word.
