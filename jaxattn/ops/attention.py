@@ -149,6 +149,12 @@ def additive_scores(weights: AdditiveWeights, query: Array, keys: Array) -> Arra
             f"additive_scores: inconsistent weights w_query {weights.w_query.shape}, "
             f"w_key {weights.w_key.shape}, v {weights.v.shape}"
         )
+    if weights.w_query.shape != (query.shape[-1], d) or weights.w_key.shape != (keys.shape[-1], d):
+        raise ValueError(
+            f"additive_scores: w_query must be [dq, d] = {(query.shape[-1], d)} and w_key "
+            f"[dk, d] = {(keys.shape[-1], d)}, got w_query {weights.w_query.shape}, w_key "
+            f"{weights.w_key.shape} (query {query.shape}, keys {keys.shape})"
+        )
     q = project(query, weights.w_query)[..., :, None, :]  # [..., Tq, 1, d]
     k = project(keys, weights.w_key)[..., None, :, :]  # [..., 1, Tk, d]
     return jnp.tanh(q + k) @ weights.v.astype(q.dtype)  # [..., Tq, Tk]
@@ -460,6 +466,10 @@ def dot_product_attention(
         implementation = _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate)
     _check_implementation(implementation, "dot_product_attention")
     check_dropout_rate(dropout_rate, "dot_product_attention: dropout_rate")
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError(
+            f"dot_product_attention: dropout_rate={dropout_rate} needs a dropout_rng key"
+        )
     if dropout_rate > 0.0 and implementation != "xla":
         raise ValueError(
             f"dot_product_attention: attention dropout is only supported by the 'xla' "
@@ -542,7 +552,14 @@ def init_multi_head_attention(
     ``num_kv_heads = num_heads``; ``std = 1/sqrt(fan_in)`` per input projection and
     ``out_std = 1/sqrt(N H)`` (GPT-2 passes a smaller ``out_std`` for the residual branch).
     """
-    num_heads = check_size(num_heads, "num_heads", "init_multi_head_attention")
+    where = "init_multi_head_attention"
+    num_heads = check_size(num_heads, "num_heads", where)
+    q_dim = check_size(q_dim, "q_dim", where)
+    head_dim = None if head_dim is None else check_size(head_dim, "head_dim", where)
+    kv_dim = None if kv_dim is None else check_size(kv_dim, "kv_dim", where)
+    out_dim = None if out_dim is None else check_size(out_dim, "out_dim", where)
+    if num_kv_heads is not None:
+        num_kv_heads = check_size(num_kv_heads, "num_kv_heads", where)
     if head_dim is None:
         if q_dim % num_heads != 0:
             raise ValueError(
@@ -707,6 +724,10 @@ def multi_head_attention(
         )
     q, k, v = project_qkv(weights, x_q, x_kv)
     rate = 0.0 if deterministic else dropout_rate
+    if rate > 0.0 and rng is None:
+        raise ValueError(
+            f"multi_head_attention: dropout_rate={rate} with deterministic=False needs an rng key"
+        )
     if not return_weights:
         context = dot_product_attention(
             q,

@@ -45,6 +45,13 @@ def project(x: Array, w: Array, b: Array | None = None, *, contract_dims: int = 
             f"project: x has shape {x.shape} but the kernel {w.shape} expects trailing "
             f"axes {tuple(in_shape)}"
         )
+    if b is not None and tuple(jnp.shape(b)) != tuple(out_shape):
+        # Not reshaped blindly: a bias of the right size but another shape (``[H, N]`` for
+        # ``[N, H]``) would silently be read in the wrong order.
+        raise ValueError(
+            f"project: bias has shape {jnp.shape(b)} but the kernel {w.shape} gives outputs "
+            f"of shape {tuple(out_shape)}"
+        )
     lead = x.shape[: x.ndim - contract_dims]
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     # math.prod(lead), not -1: with n_in = 0 (an LSTM with input_size 0) -1 is ambiguous.

@@ -943,3 +943,39 @@ def test_multi_head_attention_return_weights_checks_its_arguments(kwargs, match)
 def test_init_multi_head_attention_refuses_zero_heads():
     with pytest.raises(ValueError, match="num_heads must be an int >= 1, got 0"):
         init_multi_head_attention(jax.random.PRNGKey(0), 8, 0)
+
+
+def test_dropout_without_a_key_names_the_argument(np_rng):
+    q = normal(np_rng, 1, 3, 2, 4)
+    with pytest.raises(ValueError, match=r"dot_product_attention: .*dropout_rng"):
+        dot_product_attention(q, q, q, dropout_rate=0.1)
+    w = init_multi_head_attention(jax.random.key(0), 8, 2)
+    with pytest.raises(ValueError, match=r"multi_head_attention: .*rng"):
+        multi_head_attention(w, jnp.ones((1, 3, 8)), dropout_rate=0.1, deterministic=False)
+    with pytest.raises(ValueError, match=r"multi_head_attention: .*rng"):
+        multi_head_attention(
+            w, jnp.ones((1, 3, 8)), dropout_rate=0.1, deterministic=False, return_weights=True
+        )
+
+
+def test_additive_scores_names_a_projection_of_the_wrong_input_dim():
+    weights = init_additive(jax.random.key(0), 4, 6, 7)
+    with pytest.raises(ValueError, match=r"additive_scores: w_query must be \[dq, d\]"):
+        additive_scores(weights, jnp.ones((2, 3, 5)), jnp.ones((2, 5, 6)))
+    with pytest.raises(ValueError, match=r"additive_scores: w_query must be \[dq, d\]"):
+        additive_scores(weights, jnp.ones((2, 3, 4)), jnp.ones((2, 5, 5)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"head_dim": 0}, "head_dim"),
+        ({"head_dim": 2.5}, "head_dim"),
+        ({"num_kv_heads": 2.0}, "num_kv_heads"),
+        ({"kv_dim": 0}, "kv_dim"),
+        ({"out_dim": 4.0}, "out_dim"),
+    ],
+)
+def test_init_multi_head_attention_checks_sizes(kwargs, name):
+    with pytest.raises(ValueError, match=f"init_multi_head_attention: {name} must be an int"):
+        init_multi_head_attention(jax.random.key(0), 8, 2, **kwargs)

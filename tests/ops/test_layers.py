@@ -543,3 +543,11 @@ def test_embed_takes_a_list_of_ids():
 def test_init_embedding_default_std_is_gpt2s(rng):
     e = init_embedding(rng, 96, 64)
     np.testing.assert_allclose(np.std(np.asarray(e.table)), 0.02, rtol=0.05)
+
+
+def test_project_refuses_a_bias_of_another_shape():
+    # [H, N] for an [N, H] output has the right size: a blind reshape scrambled it silently.
+    x, w = jnp.ones((2, 4)), jnp.ones((4, 3, 2))
+    with pytest.raises(ValueError, match=r"project: bias has shape \(2, 3\)"):
+        project(x, w, jnp.ones((2, 3)))
+    assert project(x, w, jnp.ones((3, 2))).shape == (2, 3, 2)
