@@ -417,10 +417,16 @@ def test_dot_product_attention_bad_inputs(np_rng):
         dot_product_attention(*(x.astype(jnp.int32) for x in (q, k, v)))
     with pytest.raises(ValueError, match=r"dot_product_attention: empty sequence"):
         dot_product_attention(q, k[:, :0], v[:, :0])
+    with pytest.raises(ValueError, match=r"dot_product_attention: no query heads or an empty"):
+        dot_product_attention(q[..., :0], k[..., :0], v)  # H = 0
+    with pytest.raises(ValueError, match=r"dot_product_attention: no query heads or an empty"):
+        dot_product_attention(q[:, :, :0], k, v)  # N = 0
     with pytest.raises(ValueError, match="unknown implementation"):
         dot_product_attention(q, k, v, implementation="flash")
     with pytest.raises(ValueError, match="dropout"):
-        dot_product_attention(q, k, v, implementation="cudnn", dropout_rate=0.1)
+        dot_product_attention(
+            q, k, v, implementation="cudnn", dropout_rate=0.1, dropout_rng=jax.random.key(0)
+        )
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error off GPU")
