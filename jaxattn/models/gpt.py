@@ -45,6 +45,7 @@ from jaxattn.ops.layers import (
     EmbeddingWeights,
     FeedForwardWeights,
     LayerNormWeights,
+    check_dropout_key,
     check_dropout_rate,
     check_token_ids,
     dense,
@@ -410,8 +411,7 @@ def gpt(
             f"(tokens shape {tokens.shape})"
         )
     use_dropout = not deterministic and config.dropout > 0
-    if use_dropout and rng is None:
-        raise ValueError("gpt: dropout > 0 with deterministic=False needs an rng key")
+    check_dropout_key(rng, use_dropout, "gpt: dropout > 0 with deterministic=False")
     weights = _cast(weights, config.compute_dtype)
     return _logits(weights, _trunk(weights, tokens, config, rng, use_dropout), config)
 

@@ -59,6 +59,7 @@ from jaxattn.ops.attention import (
 from jaxattn.ops.layers import (
     DenseWeights,
     EmbeddingWeights,
+    check_dropout_key,
     check_dropout_rate,
     check_token_ids,
     dense,
@@ -201,8 +202,7 @@ def encode(
     src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
     _check_source(src, src_lengths, config, "encode")
     active = not deterministic and config.dropout > 0
-    if active and rng is None:  # else jax.random.split(None): "unexpected PRNG key type"
-        raise ValueError("encode: dropout > 0 with deterministic=False needs an rng key")
+    check_dropout_key(rng, active, "encode: dropout > 0 with deterministic=False")
     rng_embed, rng_lstm = _split(rng, 2, active)
     x = dropout(
         rng_embed, embed(weights.src_embedding, src), config.dropout, deterministic=not active
@@ -301,8 +301,7 @@ def seq2seq_logits(
         )
     check_token_ids(tgt_in, config.tgt_vocab_size, "seq2seq_logits: tgt_in ids")
     active = not deterministic and config.dropout > 0
-    if active and rng is None:
-        raise ValueError("seq2seq_logits: dropout > 0 with deterministic=False needs an rng key")
+    check_dropout_key(rng, active, "seq2seq_logits: dropout > 0 with deterministic=False")
     rng_enc, rng_embed, rng_lstm, rng_out = _split(rng, 4, active)
     memory, final = encode(
         weights, src, src_lengths, config, rng=rng_enc, deterministic=deterministic

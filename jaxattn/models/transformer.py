@@ -62,6 +62,7 @@ from jaxattn.ops.layers import (
     EmbeddingWeights,
     FeedForwardWeights,
     LayerNormWeights,
+    check_dropout_key,
     check_dropout_rate,
     check_token_ids,
     dense,
@@ -305,8 +306,7 @@ def _check(tokens: Array, vocab: int, config: TransformerConfig, what: str) -> N
 
 def _dropout_setup(rng, deterministic, config, where) -> tuple[float, Array | None]:
     rate = 0.0 if deterministic else config.dropout
-    if rate > 0 and rng is None:
-        raise ValueError(f"{where}: dropout > 0 with deterministic=False needs an rng key")
+    check_dropout_key(rng, rate > 0, f"{where}: dropout > 0 with deterministic=False")
     return rate, (rng if rate > 0 else None)
 
 

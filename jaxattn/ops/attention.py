@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from jaxattn.ops._checks import check_size
 from jaxattn.ops.flash import check_attention_inputs, flash_attention, fold_traced_scale
-from jaxattn.ops.layers import check_dropout_rate, dropout, normal, project
+from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, dropout, normal, project
 from jaxattn.ops.masks import causal_mask, combine_masks, masked_softmax
 
 Array = jax.Array
@@ -466,10 +466,12 @@ def dot_product_attention(
         implementation = _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate)
     _check_implementation(implementation, "dot_product_attention")
     check_dropout_rate(dropout_rate, "dot_product_attention: dropout_rate")
-    if dropout_rate > 0.0 and dropout_rng is None:
-        raise ValueError(
-            f"dot_product_attention: dropout_rate={dropout_rate} needs a dropout_rng key"
-        )
+    check_dropout_key(
+        dropout_rng,
+        dropout_rate > 0.0,
+        f"dot_product_attention: dropout_rate={dropout_rate}",
+        "a dropout_rng key",
+    )
     if dropout_rate > 0.0 and implementation != "xla":
         raise ValueError(
             f"dot_product_attention: attention dropout is only supported by the 'xla' "
@@ -724,10 +726,9 @@ def multi_head_attention(
         )
     q, k, v = project_qkv(weights, x_q, x_kv)
     rate = 0.0 if deterministic else dropout_rate
-    if rate > 0.0 and rng is None:
-        raise ValueError(
-            f"multi_head_attention: dropout_rate={rate} with deterministic=False needs an rng key"
-        )
+    check_dropout_key(
+        rng, rate > 0.0, f"multi_head_attention: dropout_rate={rate} with deterministic=False"
+    )
     if not return_weights:
         context = dot_product_attention(
             q,

@@ -318,6 +318,17 @@ def check_dropout_rate(rate: float, name: str) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {rate}")
 
 
+def check_dropout_key(rng: Array | None, active: bool, what: str, key: str = "an rng key") -> None:
+    """Raise ValueError ``"{what} needs {key}"`` when dropout is on and ``rng`` is None.
+
+    Dropout draws from an explicit key (no hidden global RNG), so a missing key is the
+    caller's error, reported before ``jax.random.split(None)`` fails with an unrelated
+    "unexpected PRNG key type".
+    """
+    if active and rng is None:
+        raise ValueError(f"{what} needs {key}")
+
+
 def dropout(rng: Array | None, x: Array, rate: float, *, deterministic: bool = False) -> Array:
     """Zero each element with probability ``rate`` and scale survivors by ``1 / (1 - rate)``.
 
@@ -327,7 +338,6 @@ def dropout(rng: Array | None, x: Array, rate: float, *, deterministic: bool = F
     check_dropout_rate(rate, "dropout rate")
     if deterministic or rate == 0.0:
         return x
-    if rng is None:
-        raise ValueError("dropout with rate > 0 and deterministic=False needs an rng key")
+    check_dropout_key(rng, True, "dropout with rate > 0 and deterministic=False")
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))

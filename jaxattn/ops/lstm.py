@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops._checks import check_size
-from jaxattn.ops.layers import check_dropout_rate, dropout, project, uniform
+from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, dropout, project, uniform
 from jaxattn.ops.lstm_kernels import (
     _cudnn_layer,
     _hoist,
@@ -387,8 +387,7 @@ def lstm_stack(
         if got != (want, want):
             raise ValueError(f"lstm_stack: carry must be (h_0 {want}, c_0 {want}), got {got}")
     drop = dropout_rate > 0.0 and not deterministic and len(layers) > 1
-    if drop and rng is None:
-        raise ValueError("lstm_stack: dropout_rate > 0 with deterministic=False needs an rng key")
+    check_dropout_key(rng, drop, "lstm_stack: dropout_rate > 0 with deterministic=False")
     h_n, c_n = [], []
     for layer, weights in enumerate(layers):
         # This layer's initial state per direction (rows l*dirs + d of h_0, c_0).

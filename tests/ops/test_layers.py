@@ -15,6 +15,7 @@ from jaxattn.ops.layers import (
     LayerNormWeights,
     RMSNormWeights,
     SwiGLUWeights,
+    check_dropout_key,
     check_token_ids,
     dense,
     dropout,
@@ -509,6 +510,13 @@ def test_dropout_bad_inputs(rng):
     for rate in (-0.1, 1.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\)"):
             dropout(rng, x, rate)
+
+
+def test_check_dropout_key(rng):
+    check_dropout_key(None, False, "f")  # dropout off: no key needed
+    check_dropout_key(rng, True, "f")
+    with pytest.raises(ValueError, match=r"^f: rate 0\.1 needs a dropout_rng key$"):
+        check_dropout_key(None, True, "f: rate 0.1", "a dropout_rng key")
 
 
 def test_check_token_ids_on_constant_closed_over_by_jit():
