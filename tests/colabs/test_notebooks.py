@@ -9,6 +9,7 @@ first cell that raises.
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import nbclient  # the notebooks extra, part of the test extra
@@ -51,6 +52,42 @@ def test_notebook_is_clean_and_framed(path: Path):
         if cell.cell_type == "code":
             assert cell.outputs == [], f"{path.name}: cell {i} has stored outputs"
             assert cell.execution_count is None, f"{path.name}: cell {i} has an execution count"
+
+
+def _assigned_names(tree: ast.AST) -> set[str]:
+    return {
+        node.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)
+    }
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+def test_fit_cells_can_be_rerun(path: Path):
+    """fit donates its state to the first train step: a cell that passes fit a state made in
+    an earlier cell fails when run again ("Array has been deleted"). Build it in the cell."""
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "fit(" not in cell.source:
+            continue
+        # IPython magics (%pip, !cmd) are not Python: blank them before parsing.
+        magic = ("%", "!")
+        lines = ["" if ln.lstrip().startswith(magic) else ln for ln in cell.source.splitlines()]
+        tree = ast.parse("\n".join(lines))
+        assigned = _assigned_names(tree)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "fit"
+                and node.args
+                and isinstance(node.args[0], ast.Name)
+            ):
+                name = node.args[0].id
+                assert name in assigned, (
+                    f"{path.name}: cell {i} passes fit the state {name!r} made in another "
+                    "cell; fit donates it, so running the cell again fails"
+                )
 
 
 @pytest.mark.slow
