@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,10 +31,12 @@ PER_DEVICE_ROWS = 12
 
 
 def meshes(n: int) -> list[tuple[int, int, int]]:
-    """Data parallel, FSDP, and (when n allows) 2-way tensor parallel with data on the rest."""
+    """Data parallel, FSDP, and (when n is even) 2-way tensor parallel with data on the rest;
+    each mesh's sizes multiply to ``n``."""
     out = [(n, 1, 1)]
     if n > 1:
         out.append((1, n, 1))
+    if n % 2 == 0:
         out.append((n // 2, 1, 2))
     return out
 
@@ -59,7 +62,9 @@ def worker(mesh_shape: tuple[int, int, int], steps: int) -> dict:
 
     run = shakespeare_char_cpu.get_config()
     model = gpt.GPTConfig(vocab_size=65, **run.model.to_dict())
-    mesh = sharding.make_mesh(*mesh_shape)
+    # The first n devices: with --real the host may hold more than this mesh uses.
+    # (make_mesh names the sizes when there are fewer devices than that.)
+    mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[: math.prod(mesh_shape)])
     optimizer, _ = optimizer_from_config(run, decay_mask=gpt.weight_decay_mask)
     state, state_sharding = sharding.create_sharded(
         lambda: create_train_state(
