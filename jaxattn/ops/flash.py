@@ -658,7 +658,7 @@ def check_attention_inputs(
     Args:
       where: the public function's name, put in front of each message.
       q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Hv]``; one float dtype,
-        ``N % K == 0``, ``T, S, N, H > 0``.
+        ``N % K == 0``, ``B, T, S, N, H, Hv > 0``.
       mask: boolean, broadcastable to ``[B, N, T, S]``.
       bias: float, broadcastable to ``[B, N, T, S]``.
     """
@@ -682,6 +682,8 @@ def check_attention_inputs(
         raise ValueError(f"{where}: empty sequence: q {q.shape}, k {k.shape}")
     if n == 0 or h == 0:  # (h would divide the default scale 1/sqrt(H))
         raise ValueError(f"{where}: no query heads or an empty head dim: q {q.shape}, k {k.shape}")
+    if b == 0 or v.shape[3] == 0:  # (the kernels' reshapes cannot infer a -1 next to a 0)
+        raise ValueError(f"{where}: empty batch or value head dim: q {q.shape}, v {v.shape}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"{where}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not jnp.issubdtype(q.dtype, jnp.floating):

@@ -421,6 +421,12 @@ def test_dot_product_attention_bad_inputs(np_rng):
         dot_product_attention(q[..., :0], k[..., :0], v)  # H = 0
     with pytest.raises(ValueError, match=r"dot_product_attention: no query heads or an empty"):
         dot_product_attention(q[:, :, :0], k, v)  # N = 0
+    # B = 0 (GQA: a reshape with -1) and Hv = 0 (blockwise) crashed inside the kernels.
+    for impl in ("xla", "blockwise"):
+        with pytest.raises(ValueError, match=r"dot_product_attention: empty batch or value"):
+            dot_product_attention(q[:0], k[:0, :, :2], v[:0, :, :2], implementation=impl)
+        with pytest.raises(ValueError, match=r"dot_product_attention: empty batch or value"):
+            dot_product_attention(q, k, v[..., :0], implementation=impl)
     with pytest.raises(ValueError, match="unknown implementation"):
         dot_product_attention(q, k, v, implementation="flash")
     with pytest.raises(ValueError, match="dropout"):
