@@ -153,7 +153,7 @@ def check_token_ids(ids: Array, vocab_size: int, what: str = "token ids") -> Non
         pos = tuple(int(p) for p in np.unravel_index(int(np.argmax(bad)), ids.shape))
         raise ValueError(
             f"{what} must lie in [0, {vocab_size}), got values in [{lo}, {hi}] "
-            f"(first: token id {int(ids[pos])} at index {pos})"
+            f"(first: {int(ids[pos])} at index {pos})"
         )
 
 

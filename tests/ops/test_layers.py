@@ -250,11 +250,11 @@ def test_embed_jit_vmap(np_rng):
         (
             jnp.asarray([0, 5, V], jnp.int32),
             rf"must lie in \[0, {V}\), got values in \[0, {V}\] "
-            rf"\(first: token id {V} at index \(2,\)\)",
+            rf"\(first: {V} at index \(2,\)\)",
         ),
         (
             jnp.asarray([[1, -1]], jnp.int32),
-            r"got values in \[-1, 1\] \(first: token id -1 at index \(0, 1\)\)",
+            r"got values in \[-1, 1\] \(first: -1 at index \(0, 1\)\)",
         ),
         (jnp.asarray([1.0, 2.0], jnp.float32), "must be integers, got dtype float32"),
         (jnp.asarray([True, False]), "must be integers, got dtype bool"),

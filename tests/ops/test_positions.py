@@ -146,8 +146,9 @@ def test_learned_positions_jit_vmap(np_rng):
 )
 def test_learned_positions_bad_inputs(positions, match):
     weights = LearnedPositionWeights(jnp.zeros((13, 6), jnp.float32))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as error:
         learned_positions(weights, jnp.asarray(positions))
+    assert "token" not in str(error.value)  # positions, not token ids
 
 
 # ----- RoPE -----
