@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 
 from jaxattn.ops._checks import as_size, check_size
 from jaxattn.ops.attention import IMPLEMENTATIONS
+from jaxattn.ops.layers import check_dropout_rate
 
 __all__ = ["check_size"]  # re-exported: the models import their checks from here
 
@@ -65,10 +67,31 @@ def check_bools(owner: Any, names: tuple[str, ...]) -> None:
 
 
 def check_positive(owner: Any, name: str) -> None:
-    """Raise unless the field is a number > 0 (written ``not > 0`` so NaN fails too)."""
+    """Raise unless the field is a finite real number > 0.
+
+    A string (``"1e-5"``) would otherwise fail with a ``TypeError`` naming no field, and
+    ``inf`` would pass and silently switch the layer off (a layer norm with ``eps = inf``
+    outputs its bias; rope with ``base = inf`` rotates nothing). A 0-d JAX array is
+    refused too: the config must stay hashable for ``jit``.
+    """
     value = getattr(owner, name)
-    if not value > 0:
-        raise ValueError(f"{type(owner).__name__}.{name} must be positive, got {value!r}")
+    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not (real and math.isfinite(value) and value > 0):  # isfinite: NaN fails too
+        raise ValueError(
+            f"{type(owner).__name__}.{name} must be positive (a finite number), got {value!r}"
+        )
+
+
+def check_rate(owner: Any, name: str) -> None:
+    """Raise unless the field is a real number in ``[0, 1)`` (a dropout rate).
+
+    ``check_dropout_rate`` alone raises a ``TypeError`` naming no field for a string or
+    None, and takes a 0-d JAX array, which leaves the config unhashable for ``jit``.
+    """
+    value = getattr(owner, name)
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{type(owner).__name__}.{name} must be a number in [0, 1), got {value!r}")
+    check_dropout_rate(value, f"{type(owner).__name__}.{name}")
 
 
 @functools.lru_cache(maxsize=32)

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxattn.models import decoding
 from jaxattn.models._config import (
@@ -30,6 +31,7 @@ from jaxattn.models._config import (
     check_bools,
     check_positive,
     check_positive_ints,
+    check_rate,
     check_weights,
 )
 from jaxattn.ops.attention import (
@@ -46,7 +48,6 @@ from jaxattn.ops.layers import (
     FeedForwardWeights,
     LayerNormWeights,
     check_dropout_key,
-    check_dropout_rate,
     check_token_ids,
     dense,
     dropout,
@@ -120,7 +121,7 @@ class GPTConfig:
                     f"GPTConfig: num_heads={self.num_heads} must be a multiple of a positive "
                     f"num_kv_heads, got num_kv_heads={self.num_kv_heads}"
                 )
-        check_dropout_rate(self.dropout, "GPTConfig.dropout")
+        check_rate(self, "dropout")
         if self.positions not in _POSITIONS:
             raise ValueError(
                 f"GPTConfig.positions must be one of {_POSITIONS}, got {self.positions!r}"
@@ -338,6 +339,20 @@ def _check_tokens(tokens: Array, config: GPTConfig, where: str) -> None:
     check_token_ids(tokens, config.vocab_size, f"{where}: token ids")
 
 
+def _as_ids(ids) -> Array | np.ndarray:
+    """JAX arrays (and tracers) as they are; anything else as NumPy, to be checked *before*
+    ``jnp.asarray``: with 64-bit types off that wraps an int64 id of ``2**32 + 5`` to 5,
+    which would then pass the range check and silently read another token."""
+    return ids if isinstance(ids, jax.Array) else np.asarray(ids)
+
+
+def _as_tokens(tokens, config: GPTConfig, where: str) -> Array:
+    """Check ``tokens`` (``[B, T]`` ids in ``[0, V)`` when concrete), then convert them."""
+    tokens = _as_ids(tokens)
+    _check_tokens(tokens, config, where)
+    return jnp.asarray(tokens)
+
+
 def _check_weights(
     weights: GPTWeights, config: GPTConfig, where: str, *, per_layer_ok: bool = True
 ) -> None:
@@ -401,8 +416,7 @@ def gpt(
     Returns:
       ``[B, T, V]`` float32 logits; position t depends only on tokens ``0..t``.
     """
-    tokens = jnp.asarray(tokens)
-    _check_tokens(tokens, config, "gpt")
+    tokens = _as_tokens(tokens, config, "gpt")
     _check_weights(weights, config, "gpt", per_layer_ok=False)
     t = tokens.shape[1]
     if t > config.block_size:
@@ -463,10 +477,11 @@ def gpt_loss(
     Returns:
       Scalar float32 loss.
     """
-    targets = jnp.asarray(targets)
+    targets = _as_ids(targets)  # checked before jnp.asarray (see _as_ids)
     if targets.shape != jnp.shape(tokens):
         raise ValueError(f"gpt_loss: targets {targets.shape} must match tokens {jnp.shape(tokens)}")
     check_token_ids(targets, config.vocab_size, "gpt_loss: targets")
+    targets = jnp.asarray(targets)
     if mask is not None and jnp.shape(mask) != targets.shape:
         raise ValueError(f"gpt_loss: mask {jnp.shape(mask)} must match targets {targets.shape}")
     logits = gpt(weights, tokens, config, rng=rng, deterministic=deterministic)
@@ -553,8 +568,7 @@ def gpt_decode(
       ``(logits [B, T, V] float32, cache with the new k/v written and index + T)``, stacked
       or per layer as given.
     """
-    tokens = jnp.asarray(tokens)
-    _check_tokens(tokens, config, "gpt_decode")
+    tokens = _as_tokens(tokens, config, "gpt_decode")
     per_layer = not isinstance(weights.blocks, BlockWeights)  # a tuple of BlockWeights
     if per_layer != isinstance(cache.k, tuple):
         raise ValueError(
@@ -692,8 +706,7 @@ def generate(
     Returns:
       ``[B, T0 + max_new_tokens]`` int32: the prompt followed by the new tokens.
     """
-    prompt = jnp.asarray(prompt)
-    _check_tokens(prompt, config, "generate")
+    prompt = _as_tokens(prompt, config, "generate")
     if prompt.shape[1] == 0:
         raise ValueError(f"generate: the prompt must hold at least one token, got {prompt.shape}")
     max_new_tokens = decoding.check_max_new_tokens(max_new_tokens)

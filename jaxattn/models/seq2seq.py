@@ -43,6 +43,7 @@ from jaxattn.models import beam_search as search
 from jaxattn.models._config import (
     check_bools,
     check_positive_ints,
+    check_rate,
     check_size,
     check_special_ids,
     check_weights,
@@ -60,7 +61,6 @@ from jaxattn.ops.layers import (
     DenseWeights,
     EmbeddingWeights,
     check_dropout_key,
-    check_dropout_rate,
     check_token_ids,
     dense,
     dropout,
@@ -117,7 +117,7 @@ class Seq2SeqConfig:
                 f"Seq2SeqConfig.attention_dim={self.attention_dim} needs attention='additive' "
                 f"and a positive size (attention={self.attention!r})"
             )
-        check_dropout_rate(self.dropout, "Seq2SeqConfig.dropout")
+        check_rate(self, "dropout")
         check_special_ids(self, min(self.src_vocab_size, self.tgt_vocab_size))
 
 

@@ -43,6 +43,7 @@ from jaxattn.models._config import (
     check_bools,
     check_positive,
     check_positive_ints,
+    check_rate,
     check_size,
     check_special_ids,
     check_weights,
@@ -63,7 +64,6 @@ from jaxattn.ops.layers import (
     FeedForwardWeights,
     LayerNormWeights,
     check_dropout_key,
-    check_dropout_rate,
     check_token_ids,
     dense,
     dropout,
@@ -131,7 +131,7 @@ class TransformerConfig:
                 f"TransformerConfig: embed_dim={self.embed_dim} must be even (sinusoidal "
                 f"positions) and divisible by num_heads={self.num_heads}"
             )
-        check_dropout_rate(self.dropout, "TransformerConfig.dropout")
+        check_rate(self, "dropout")
         if self.dtype not in _DTYPES:
             raise ValueError(
                 f"TransformerConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}"

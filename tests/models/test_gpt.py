@@ -164,6 +164,15 @@ def np_cross_entropy(logits, targets):
         (dict(remat="false"), "remat must be a bool"),
         (dict(gelu_approximate=None), "gelu_approximate must be a bool"),
         (dict(attention_implementation="flash"), "attention_implementation must be None or"),
+        # Not numbers: a TypeError naming no field; a JAX scalar: an unhashable config.
+        (dict(dropout="0.1"), "GPTConfig.dropout must be a number"),
+        (dict(dropout=None), "GPTConfig.dropout must be a number"),
+        (dict(dropout=jnp.float32(0.1)), "GPTConfig.dropout must be a number"),
+        (dict(layer_norm_eps="1e-5"), "layer_norm_eps must be positive"),
+        (dict(rope_base="1e4"), "rope_base must be positive"),
+        # inf passed and switched the layer off: layer norm outputs its bias, rope no turn.
+        (dict(layer_norm_eps=float("inf")), "layer_norm_eps must be positive"),
+        (dict(rope_base=float("inf")), "rope_base must be positive"),
     ],
 )
 def test_config_validation(changes, match):
@@ -545,6 +554,22 @@ def test_bad_inputs_raise():
     for bad in ((per_layer, stacked_cache), (w, unstack_layers(w, stacked_cache)[1])):
         with pytest.raises(ValueError, match=r"unstack_layers: .* must both be stacked"):
             unstack_layers(*bad)
+
+
+def test_int64_ids_are_checked_before_the_int32_conversion():
+    # jnp.asarray (64-bit types off) wraps the int64 id 2**32 + 5 to 5: it passed the range
+    # check and silently read token 5 (and scored target 5).
+    w = random_weights(BASE)
+    wrapped = np.array([[1, 2**32 + 5]], np.int64)
+    ok = np.array([[1, 2]], np.int64)
+    with pytest.raises(ValueError, match=r"gpt: token ids must lie in \[0, 13\)"):
+        gpt(w, wrapped, BASE)
+    with pytest.raises(ValueError, match=r"gpt_loss: targets must lie in \[0, 13\)"):
+        gpt_loss(w, ok, wrapped, BASE)
+    with pytest.raises(ValueError, match=r"gpt_decode: token ids must lie in \[0, 13\)"):
+        gpt_decode(w, wrapped, init_cache(BASE, 1, 4), BASE)
+    # In-range int64 ids and lists still work.
+    np.testing.assert_array_equal(gpt(w, ok, BASE), gpt(w, [[1, 2]], BASE))
 
 
 def test_weight_decay_groups_match_nanogpt():

@@ -342,6 +342,8 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(attention_dim=4), "attention_dim"),
         (dict(hidden_size=0), "hidden_size"),
         (dict(dropout=1.0), "dropout"),
+        (dict(dropout="0.1"), "Seq2SeqConfig.dropout must be a number"),
+        (dict(dropout=None), "Seq2SeqConfig.dropout must be a number"),
         (dict(eos_id=BOS), "must differ"),
         (dict(pad_id=11), "pad_id"),
         (dict(bos_id=1.5), r"Seq2SeqConfig.bos_id must be an int in \[0, .*got 1.5"),

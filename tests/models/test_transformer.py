@@ -354,6 +354,8 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(embed_dim=9, num_heads=3), "even"),
         (dict(num_decoder_layers=0), "num_decoder_layers"),
         (dict(dropout=-0.1), "dropout"),
+        (dict(dropout="0.1"), "TransformerConfig.dropout must be a number"),
+        (dict(layer_norm_eps=float("inf")), "layer_norm_eps must be positive"),
         (dict(dtype="float16"), "dtype"),
         (dict(bos_id=EOS), "must differ"),
         (dict(mlp_ratio=1.5), "mlp_ratio must be a positive int, got 1.5"),
