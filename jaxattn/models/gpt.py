@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxattn.models import decoding
 from jaxattn.models._config import (
@@ -53,6 +52,7 @@ from jaxattn.ops.layers import (
     dropout,
     embed,
     feed_forward,
+    ids_to_check,
     init_dense,
     init_embedding,
     init_feed_forward,
@@ -339,16 +339,9 @@ def _check_tokens(tokens: Array, config: GPTConfig, where: str) -> None:
     check_token_ids(tokens, config.vocab_size, f"{where}: token ids")
 
 
-def _as_ids(ids) -> Array | np.ndarray:
-    """JAX arrays (and tracers) as they are; anything else as NumPy, to be checked *before*
-    ``jnp.asarray``: with 64-bit types off that wraps an int64 id of ``2**32 + 5`` to 5,
-    which would then pass the range check and silently read another token."""
-    return ids if isinstance(ids, jax.Array) else np.asarray(ids)
-
-
 def _as_tokens(tokens, config: GPTConfig, where: str) -> Array:
     """Check ``tokens`` (``[B, T]`` ids in ``[0, V)`` when concrete), then convert them."""
-    tokens = _as_ids(tokens)
+    tokens = ids_to_check(tokens)
     _check_tokens(tokens, config, where)
     return jnp.asarray(tokens)
 
@@ -477,7 +470,7 @@ def gpt_loss(
     Returns:
       Scalar float32 loss.
     """
-    targets = _as_ids(targets)  # checked before jnp.asarray (see _as_ids)
+    targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
     if targets.shape != jnp.shape(tokens):
         raise ValueError(f"gpt_loss: targets {targets.shape} must match tokens {jnp.shape(tokens)}")
     check_token_ids(targets, config.vocab_size, "gpt_loss: targets")

@@ -65,6 +65,7 @@ from jaxattn.ops.layers import (
     dense,
     dropout,
     embed,
+    ids_to_check,
     init_dense,
     init_embedding,
 )
@@ -199,8 +200,9 @@ def encode(
       final states (row ``l * dirs + d``).
     """
     check_weights(weights, init_seq2seq, config, "encode")
-    src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
+    src, src_lengths = ids_to_check(src), jnp.asarray(src_lengths)
     _check_source(src, src_lengths, config, "encode")
+    src = jnp.asarray(src)
     active = not deterministic and config.dropout > 0
     check_dropout_key(rng, active, "encode: dropout > 0 with deterministic=False")
     rng_embed, rng_lstm = _split(rng, 2, active)
@@ -294,12 +296,13 @@ def seq2seq_logits(
       ``(logits [B, T, V] float32, attention [B, T, S] float32 or None)``; attention rows sum
       to 1 over the real source tokens and are 0 on padding.
     """
-    tgt_in = jnp.asarray(tgt_in)
+    tgt_in = ids_to_check(tgt_in)
     if tgt_in.ndim != 2 or tgt_in.shape[0] != jnp.shape(src)[0]:
         raise ValueError(
             f"seq2seq_logits: tgt_in must be [B, T], got {tgt_in.shape} for src {jnp.shape(src)}"
         )
     check_token_ids(tgt_in, config.tgt_vocab_size, "seq2seq_logits: tgt_in ids")
+    tgt_in = jnp.asarray(tgt_in)
     active = not deterministic and config.dropout > 0
     check_dropout_key(rng, active, "seq2seq_logits: dropout > 0 with deterministic=False")
     rng_enc, rng_embed, rng_lstm, rng_out = _split(rng, 4, active)
@@ -330,7 +333,7 @@ def check_batch(batch: dict, tgt_vocab_size: int, where: str) -> None:
     shapes = {key: jnp.shape(batch[key]) for key in keys[2:]}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"{where}: tgt_in, tgt_out and tgt_mask must be [B, T], got {shapes}")
-    check_token_ids(jnp.asarray(batch["tgt_out"]), tgt_vocab_size, f"{where}: tgt_out ids")
+    check_token_ids(ids_to_check(batch["tgt_out"]), tgt_vocab_size, f"{where}: tgt_out ids")
 
 
 def seq2seq_loss(
@@ -361,7 +364,7 @@ def seq2seq_loss(
         deterministic=deterministic,
     )
     return cross_entropy(
-        logits, jnp.asarray(batch["tgt_out"]), batch["tgt_mask"], label_smoothing=label_smoothing
+        logits, batch["tgt_out"], batch["tgt_mask"], label_smoothing=label_smoothing
     )
 
 
@@ -464,8 +467,9 @@ def translate(
       and padded with ``pad_id``.
     """
     check_weights(weights, init_seq2seq, config, "translate")
-    src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
+    src, src_lengths = ids_to_check(src), jnp.asarray(src_lengths)
     _check_source(src, src_lengths, config, "translate")
+    src = jnp.asarray(src)
     beam_size = check_size(beam_size, "beam_size", "translate")
     max_len = check_size(max_len, "max_len", "translate")
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

@@ -69,6 +69,7 @@ from jaxattn.ops.layers import (
     dropout,
     embed,
     feed_forward,
+    ids_to_check,
     init_dense,
     init_embedding,
     init_feed_forward,
@@ -336,8 +337,9 @@ def encode(
       ``memory [B, S, D]`` in the compute dtype (padding rows are defined but never read).
     """
     check_weights(weights, init_transformer, config, "encode")
-    src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
+    src, src_lengths = ids_to_check(src), jnp.asarray(src_lengths)
     _check(src, config.src_vocab_size, config, "encode: src")
+    src = jnp.asarray(src)
     check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
     rate, rng = _dropout_setup(rng, deterministic, config, "encode")
     w = _cast(weights, config.compute_dtype)
@@ -395,8 +397,9 @@ def decode(
       ``[B, T, V]`` float32 logits.
     """
     check_weights(weights, init_transformer, config, "decode")
-    tgt_in = jnp.asarray(tgt_in)
+    tgt_in = ids_to_check(tgt_in)
     _check(tgt_in, config.tgt_vocab_size, config, "decode: tgt_in")
+    tgt_in = jnp.asarray(tgt_in)
     if (
         memory.ndim != 3
         or jnp.shape(src_mask) != memory.shape[:2]
@@ -462,7 +465,7 @@ def transformer_loss(
         deterministic=deterministic,
     )
     return cross_entropy(
-        logits, jnp.asarray(batch["tgt_out"]), batch["tgt_mask"], label_smoothing=label_smoothing
+        logits, batch["tgt_out"], batch["tgt_mask"], label_smoothing=label_smoothing
     )
 
 
@@ -577,8 +580,9 @@ def translate(
       ``pad_id``; pad and BOS are never generated.
     """
     check_weights(weights, init_transformer, config, "translate")
-    src, src_lengths = jnp.asarray(src), jnp.asarray(src_lengths)
+    src, src_lengths = ids_to_check(src), jnp.asarray(src_lengths)
     _check(src, config.src_vocab_size, config, "translate: src")
+    src = jnp.asarray(src)
     # Checked here: inside _translate's jit encode() would see only a tracer.
     check_lengths(src_lengths, src.shape[0], src.shape[1], "translate: src_lengths")
     beam_size = check_size(beam_size, "beam_size", "translate")

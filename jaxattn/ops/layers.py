@@ -13,7 +13,7 @@ Dense layers flatten every leading (token) axis into one before the matmul: XLA:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +129,16 @@ def init_embedding(
 ) -> EmbeddingWeights:
     """Initialise an embedding table with ``N(0, std^2)`` entries."""
     return EmbeddingWeights(normal(rng, (vocab_size, dim), std, dtype))
+
+
+def ids_to_check(ids: Any) -> Array | np.ndarray:
+    """``ids`` as an array for ``check_token_ids``, not yet converted by ``jnp.asarray``.
+
+    JAX arrays (and tracers) come back as they are, anything else as NumPy. Check, then
+    convert: with 64-bit types off ``jnp.asarray`` wraps an int64 id of ``2**32 + 5`` to 5,
+    which would then pass the range check and silently stand for another token.
+    """
+    return ids if isinstance(ids, jax.Array) else np.asarray(ids)
 
 
 def check_token_ids(ids: Array, vocab_size: int, what: str = "token ids") -> None:

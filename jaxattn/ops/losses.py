@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxattn.ops.layers import check_token_ids
+from jaxattn.ops.layers import check_token_ids, ids_to_check
 
 Array = jax.Array
 
@@ -39,7 +39,7 @@ def cross_entropy(
     Returns:
       Scalar float32 loss.
     """
-    targets = jnp.asarray(targets)
+    targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
     if targets.shape != logits.shape[:-1]:
         raise ValueError(
             f"cross_entropy: targets {targets.shape} must be logits {logits.shape} without "
@@ -54,6 +54,7 @@ def cross_entropy(
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
     # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
     check_token_ids(targets, logits.shape[-1], "cross_entropy: targets")
+    targets = jnp.asarray(targets)
     logits = logits.astype(jnp.float32)
     if traced or label_smoothing > 0.0:
         labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)

@@ -382,6 +382,25 @@ def test_bad_inputs_raise(np_rng):
         translate(w, config, src, lengths, max_len=True)
 
 
+def test_int64_ids_are_checked_before_the_int32_conversion(np_rng):
+    # With 64-bit types off jnp.asarray wraps the int64 id 2**32 + 3 to 3, a valid id: it
+    # passed the range check and silently stood for token 3.
+    config = VARIANTS[3]
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    src64, tgt64 = np.asarray(src, np.int64), np.asarray(tgt_in, np.int64)
+    src64[0, 0] = tgt64[0, 1] = 2**32 + 3
+    with pytest.raises(ValueError, match=r"encode: src ids must lie in"):
+        encode(w, src64, lengths, config)
+    with pytest.raises(ValueError, match=r"translate: src ids must lie in"):
+        translate(w, config, src64, lengths, max_len=4)
+    with pytest.raises(ValueError, match=r"seq2seq_logits: tgt_in ids must lie in"):
+        seq2seq_logits(w, src, lengths, tgt64, config)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt64, tgt_mask=tgt64 > 0)
+    with pytest.raises(ValueError, match=r"seq2seq_loss: tgt_out ids must lie in"):
+        seq2seq_loss(w, batch, config)
+
+
 def test_weights_must_match_the_config(np_rng):
     config = VARIANTS[2]  # general attention, 2 layers
     src, lengths, tgt_in = example_batch(config, np_rng)

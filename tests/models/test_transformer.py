@@ -414,6 +414,23 @@ def test_bad_inputs_raise(np_rng):
             translate(w, config, src, lengths.at[0].set(bad), max_len=4)
 
 
+def test_int64_ids_are_checked_before_the_int32_conversion(np_rng):
+    # jnp.asarray (64-bit types off) wraps the int64 id 2**32 + 3 to the valid id 3.
+    w = random_weights(BASE)
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    src64, tgt64 = np.asarray(src, np.int64), np.asarray(tgt_in, np.int64)
+    src64[0, 0] = tgt64[0, 1] = 2**32 + 3
+    with pytest.raises(ValueError, match=r"encode: src must lie in"):
+        encode(w, src64, lengths, BASE)
+    with pytest.raises(ValueError, match=r"translate: src must lie in"):
+        translate(w, BASE, src64, lengths, max_len=4)
+    with pytest.raises(ValueError, match=r"decode: tgt_in must lie in"):
+        decode(w, jnp.zeros((3, 5, 12)), jnp.ones((3, 5), bool), tgt64, BASE)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt64, tgt_mask=tgt64 > 0)
+    with pytest.raises(ValueError, match=r"transformer_loss: tgt_out ids must lie in"):
+        transformer_loss(w, batch, BASE)
+
+
 def test_translate_defaults_to_the_config_max_len(np_rng):
     # The default max_len is config.max_len (9 here), the most the position table allows.
     w = random_weights(BASE)

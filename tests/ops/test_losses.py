@@ -78,6 +78,11 @@ def test_bad_shapes_raise():
         cross_entropy(logits, jnp.full((B, T), V, jnp.int32))
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 7\), got values in \[-1, 0\]"):
         cross_entropy(logits, jnp.zeros((B, T), jnp.int32).at[0, 0].set(-1))
+    # An int64 id that jnp.asarray (64-bit types off) would wrap to the valid id 1.
+    wrapped = np.zeros((B, T), np.int64)
+    wrapped[1, 2] = 2**32 + 1
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 7\).*first: 4294967297 at"):
+        cross_entropy(logits, wrapped)
 
 
 def test_integer_mask_counts_tokens_it_does_not_weight_them(np_rng):
