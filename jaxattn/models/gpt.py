@@ -334,8 +334,8 @@ def _logits(weights: GPTWeights, x: Array, config: GPTConfig) -> Array:
 
 
 def _check_tokens(tokens: Array, config: GPTConfig, where: str) -> None:
-    if tokens.ndim != 2:
-        raise ValueError(f"{where}: tokens must be [B, T], got shape {tokens.shape}")
+    if tokens.ndim != 2 or 0 in tokens.shape:  # (empty: else an error from inside attention)
+        raise ValueError(f"{where}: tokens must be [B, T] with B, T >= 1, got shape {tokens.shape}")
     check_token_ids(tokens, config.vocab_size, f"{where}: token ids")
 
 
@@ -700,8 +700,6 @@ def generate(
       ``[B, T0 + max_new_tokens]`` int32: the prompt followed by the new tokens.
     """
     prompt = _as_tokens(prompt, config, "generate")
-    if prompt.shape[1] == 0:
-        raise ValueError(f"generate: the prompt must hold at least one token, got {prompt.shape}")
     max_new_tokens = decoding.check_max_new_tokens(max_new_tokens)
     _check_weights(weights, config, "generate", per_layer_ok=False)  # (it unstacks them itself)
     # Validate the sampling settings eagerly, before anything is traced.

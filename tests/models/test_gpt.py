@@ -518,6 +518,11 @@ def test_bad_inputs_raise():
         gpt(w, jnp.array([[0, -1, 2]]), BASE)
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         gpt(w, jnp.zeros((5,), jnp.int32), BASE)
+    for empty in ((2, 0), (0, 3)):  # an error in gpt's terms, not from inside attention
+        with pytest.raises(ValueError, match=r"gpt: tokens must be \[B, T\] with B, T >= 1"):
+            gpt(w, jnp.zeros(empty, jnp.int32), BASE)
+        with pytest.raises(ValueError, match=r"gpt: tokens must be \[B, T\] with B, T >= 1"):
+            gpt_loss(w, jnp.zeros(empty, jnp.int32), jnp.zeros(empty, jnp.int32), BASE)
     with pytest.raises(ValueError, match="integers"):
         gpt(w, jnp.zeros((1, 3), jnp.float32), BASE)
     # Weights made for another config: fewer layers, other heads, other positions.
