@@ -66,6 +66,11 @@ def check_bools(owner: Any, names: tuple[str, ...]) -> None:
             raise ValueError(f"{type(owner).__name__}.{name} must be a bool, got {value!r}")
 
 
+def _is_real(value: Any) -> bool:
+    """A plain real number: not a bool, a string, None or a (0-d, unhashable) JAX array."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_positive(owner: Any, name: str) -> None:
     """Raise unless the field is a finite real number > 0.
 
@@ -75,8 +80,7 @@ def check_positive(owner: Any, name: str) -> None:
     refused too: the config must stay hashable for ``jit``.
     """
     value = getattr(owner, name)
-    real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    if not (real and math.isfinite(value) and value > 0):  # isfinite: NaN fails too
+    if not (_is_real(value) and math.isfinite(value) and value > 0):  # isfinite: NaN fails too
         raise ValueError(
             f"{type(owner).__name__}.{name} must be positive (a finite number), got {value!r}"
         )
@@ -89,7 +93,7 @@ def check_rate(owner: Any, name: str) -> None:
     None, and takes a 0-d JAX array, which leaves the config unhashable for ``jit``.
     """
     value = getattr(owner, name)
-    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+    if not _is_real(value):
         raise ValueError(f"{type(owner).__name__}.{name} must be a number in [0, 1), got {value!r}")
     check_dropout_rate(value, f"{type(owner).__name__}.{name}")
 

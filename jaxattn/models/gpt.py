@@ -333,16 +333,12 @@ def _logits(weights: GPTWeights, x: Array, config: GPTConfig) -> Array:
     return logits.astype(jnp.float32)
 
 
-def _check_tokens(tokens: Array, config: GPTConfig, where: str) -> None:
-    if tokens.ndim != 2 or 0 in tokens.shape:  # (empty: else an error from inside attention)
-        raise ValueError(f"{where}: tokens must be [B, T] with B, T >= 1, got shape {tokens.shape}")
-    check_token_ids(tokens, config.vocab_size, f"{where}: token ids")
-
-
 def _as_tokens(tokens, config: GPTConfig, where: str) -> Array:
     """Check ``tokens`` (``[B, T]`` ids in ``[0, V)`` when concrete), then convert them."""
     tokens = ids_to_check(tokens)
-    _check_tokens(tokens, config, where)
+    if tokens.ndim != 2 or 0 in tokens.shape:  # (empty: else an error from inside attention)
+        raise ValueError(f"{where}: tokens must be [B, T] with B, T >= 1, got shape {tokens.shape}")
+    check_token_ids(tokens, config.vocab_size, f"{where}: token ids")
     return jnp.asarray(tokens)
 
 

@@ -167,7 +167,10 @@ def _split(rng: Array | None, n: int, active: bool) -> tuple[Array | None, ...]:
     return tuple(jax.random.split(rng, n)) if active else (None,) * n
 
 
-def _check_source(src: Array, src_lengths: Array, config: Seq2SeqConfig, where: str) -> None:
+def _as_source(src, src_lengths, config: Seq2SeqConfig, where: str) -> tuple[Array, Array]:
+    """Check ``src [B, S]`` (ids checked before ``jnp.asarray``, see ``ids_to_check``) and
+    ``src_lengths [B]``, then return both as JAX arrays."""
+    src, src_lengths = ids_to_check(src), jnp.asarray(src_lengths)
     if src.ndim != 2 or jnp.shape(src_lengths) != src.shape[:1]:
         raise ValueError(
             f"{where}: expected src [B, S] and src_lengths [B], got {src.shape} and "
@@ -176,6 +179,7 @@ def _check_source(src: Array, src_lengths: Array, config: Seq2SeqConfig, where: 
     check_token_ids(src, config.src_vocab_size, f"{where}: src ids")
     # translate() jits its encoder, where lstm_scan's check would see only a tracer.
     check_lengths(src_lengths, src.shape[0], src.shape[1], f"{where}: src_lengths")
+    return jnp.asarray(src), src_lengths
 
 
 def encode(
@@ -200,9 +204,7 @@ def encode(
       final states (row ``l * dirs + d``).
     """
     check_weights(weights, init_seq2seq, config, "encode")
-    src, src_lengths = ids_to_check(src), jnp.asarray(src_lengths)
-    _check_source(src, src_lengths, config, "encode")
-    src = jnp.asarray(src)
+    src, src_lengths = _as_source(src, src_lengths, config, "encode")
     active = not deterministic and config.dropout > 0
     check_dropout_key(rng, active, "encode: dropout > 0 with deterministic=False")
     rng_embed, rng_lstm = _split(rng, 2, active)
@@ -467,9 +469,7 @@ def translate(
       and padded with ``pad_id``.
     """
     check_weights(weights, init_seq2seq, config, "translate")
-    src, src_lengths = ids_to_check(src), jnp.asarray(src_lengths)
-    _check_source(src, src_lengths, config, "translate")
-    src = jnp.asarray(src)
+    src, src_lengths = _as_source(src, src_lengths, config, "translate")
     beam_size = check_size(beam_size, "beam_size", "translate")
     max_len = check_size(max_len, "max_len", "translate")
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

@@ -297,12 +297,16 @@ def _decoder_layer(lw: DecoderLayerWeights, y, cross, mask, config, rate, rng, c
     return y, new_cache
 
 
-def _check(tokens: Array, vocab: int, config: TransformerConfig, what: str) -> None:
+def _as_tokens(tokens, vocab: int, config: TransformerConfig, what: str) -> Array:
+    """Check ``tokens [B, T]`` (ids checked before ``jnp.asarray``, see ``ids_to_check``),
+    then convert them."""
+    tokens = ids_to_check(tokens)
     if tokens.ndim != 2 or tokens.shape[1] > config.max_len:
         raise ValueError(
             f"{what} must be [B, T] with T <= max_len={config.max_len}, got {tokens.shape}"
         )
     check_token_ids(tokens, vocab, what)
+    return jnp.asarray(tokens)
 
 
 def _dropout_setup(rng, deterministic, config, where) -> tuple[float, Array | None]:
@@ -337,9 +341,8 @@ def encode(
       ``memory [B, S, D]`` in the compute dtype (padding rows are defined but never read).
     """
     check_weights(weights, init_transformer, config, "encode")
-    src, src_lengths = ids_to_check(src), jnp.asarray(src_lengths)
-    _check(src, config.src_vocab_size, config, "encode: src")
-    src = jnp.asarray(src)
+    src = _as_tokens(src, config.src_vocab_size, config, "encode: src")
+    src_lengths = jnp.asarray(src_lengths)
     check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
     rate, rng = _dropout_setup(rng, deterministic, config, "encode")
     w = _cast(weights, config.compute_dtype)
@@ -397,9 +400,7 @@ def decode(
       ``[B, T, V]`` float32 logits.
     """
     check_weights(weights, init_transformer, config, "decode")
-    tgt_in = ids_to_check(tgt_in)
-    _check(tgt_in, config.tgt_vocab_size, config, "decode: tgt_in")
-    tgt_in = jnp.asarray(tgt_in)
+    tgt_in = _as_tokens(tgt_in, config.tgt_vocab_size, config, "decode: tgt_in")
     if (
         memory.ndim != 3
         or jnp.shape(src_mask) != memory.shape[:2]
@@ -580,9 +581,8 @@ def translate(
       ``pad_id``; pad and BOS are never generated.
     """
     check_weights(weights, init_transformer, config, "translate")
-    src, src_lengths = ids_to_check(src), jnp.asarray(src_lengths)
-    _check(src, config.src_vocab_size, config, "translate: src")
-    src = jnp.asarray(src)
+    src = _as_tokens(src, config.src_vocab_size, config, "translate: src")
+    src_lengths = jnp.asarray(src_lengths)
     # Checked here: inside _translate's jit encode() would see only a tracer.
     check_lengths(src_lengths, src.shape[0], src.shape[1], "translate: src_lengths")
     beam_size = check_size(beam_size, "beam_size", "translate")
