@@ -150,6 +150,20 @@ def test_top_k_sampling():
     np.testing.assert_allclose(freq, expected, atol=0.015)
 
 
+def test_top_k_keeps_every_logit_tied_with_the_kth():
+    """The documented tie rule: top_k=2 over [2, 1, 1, 0, 1, -1] keeps 2 and all three 1s
+    (a top-k by index would keep 2 and one 1, giving token 0 a frequency of 0.73)."""
+    logits = np.array([2.0, 1.0, 1.0, 0.0, 1.0, -1.0])
+    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (N_SAMPLES, logits.size))
+    samples = jax.jit(functools.partial(decoding.sample_logits, top_k=2))(key(0), batch)
+    freq = np.bincount(np.asarray(samples), minlength=logits.size) / N_SAMPLES
+    keep = np.array([0, 1, 2, 4])
+    expected = np.zeros(logits.size)
+    expected[keep] = _softmax(logits[keep])
+    np.testing.assert_array_equal(freq[[3, 5]], 0.0)
+    np.testing.assert_allclose(freq, expected, atol=0.015)
+
+
 def test_top_p_sampling():
     p = _softmax(LOGITS)  # sorted: 0 (.34), 6 (.21), 1 (.13), 4 (.08), ...
     top_p = p[0] + p[6] + 0.5 * p[1]  # the smallest set reaching it is {0, 6, 1}
@@ -169,6 +183,21 @@ def test_top_p_sampling():
     assert q[0] > 0.6 > _softmax(LOGITS[[0, 1, 6]])[0]
     freq = _frequencies(temperature=0.5, top_k=3, top_p=0.6)
     np.testing.assert_array_equal(freq, np.eye(LOGITS.size)[0])
+
+
+def test_top_p_keeps_every_logit_tied_with_the_last_one_kept():
+    """The documented tie rule: p = [.53, .20, .20, .07]; top_p=0.6 needs tokens 0 and one
+    of the tied 1s, and keeps both 1s (a nucleus by sorted index would drop one)."""
+    logits = np.array([2.0, 1.0, 1.0, 0.0])
+    p = _softmax(logits)
+    assert p[0] < 0.6 < p[0] + p[1]
+    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (N_SAMPLES, logits.size))
+    samples = jax.jit(functools.partial(decoding.sample_logits, top_p=0.6))(key(0), batch)
+    freq = np.bincount(np.asarray(samples), minlength=logits.size) / N_SAMPLES
+    expected = np.zeros(logits.size)
+    expected[:3] = _softmax(logits[:3])
+    assert freq[3] == 0.0
+    np.testing.assert_allclose(freq, expected, atol=0.015)
 
 
 def test_greedy_limits_equal_argmax():

@@ -331,6 +331,22 @@ def test_decoding_uses_the_decode_settings_and_stops_at_eos(monkeypatch):
     assert hyps == ["18", "12", ""]
 
 
+def test_loss_fn_passes_the_label_smoothing_to_the_model_loss(monkeypatch):
+    """make_loss_fn hands config.label_smoothing (0.1 in translate_base) to the model's loss,
+    and dropout is on exactly when the loop passes a key."""
+    translate = _import_translate()
+    calls = []
+
+    def fake_loss(params, batch, model, *, rng, deterministic, label_smoothing):
+        calls.append((rng, deterministic, label_smoothing))
+        return 1.5
+
+    monkeypatch.setitem(translate.MODELS, "fake", (None, None, fake_loss, None, None))
+    loss_fn = translate.make_loss_fn("fake", None, 0.1)
+    assert loss_fn(None, None, "key") == (1.5, {}) and loss_fn(None, None, None) == (1.5, {})
+    assert calls == [("key", False, 0.1), (None, True, 0.1)]
+
+
 def test_attention_plot_leaves_out_sources_no_bucket_holds(tmp_path):
     """The heat-map runs after the test BLEU: a long source among its sentences (which
     test_bleu skipped) used to fail the whole run with bucket_of's ValueError."""
