@@ -162,9 +162,10 @@ def _case_inputs(case, dtype):
 
 
 def _out_and_grads(fn, qkv, probe):
+    """``[out, dq, dk, dv]`` of ``sum(fn(q, k, v) * probe)``, in one compiled program (one
+    compile per kernel and case instead of two: the checks are mostly compile time)."""
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * probe)
-    out = jax.jit(fn)(*qkv)
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*qkv)
+    out, grads = jax.jit(lambda *a: (fn(*a), jax.grad(loss, argnums=(0, 1, 2))(*a)))(*qkv)
     return [out, *grads]
 
 
