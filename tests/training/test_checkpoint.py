@@ -255,3 +255,14 @@ def test_a_dtype_or_an_extra_leaf_is_incompatible(tmp_path, toy):
         ):
             ckpt.restore(other)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_latest_step_points_at_the_step_that_would_be_used(tmp_path, toy):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, toy.state())
+    (tmp_path / "3" / "meta" / "metadata").write_text("{not json")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError, match=r"steps here are \[1, 2\]: .* to use step 2$"):
+            ckpt.restore(toy.state())

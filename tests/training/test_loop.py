@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -574,3 +575,79 @@ def test_fit_logs_window_means_tokens_per_s_and_evaluates_fresh_batches(tmp_path
     assert rerun.step == 6
     assert rerun.last_eval == pytest.approx(result.last_eval)
     assert rerun.last_eval["val_loss"] == pytest.approx(records[6]["val_loss"])
+
+
+def test_step_s_draws_from_the_base_key_folded_with_s(toy):
+    """The state's key never changes: step s uses fold_in(rng, s), not a chain of keys."""
+
+    def loss(params, batch, rng):
+        return jnp.sum(params["w"]) * 0.0 + jax.random.normal(rng, ()), {}
+
+    step = make_train_step(loss, toy.optimizer())
+    state, it = toy.state(seed=0), toy.iterator()
+    for s in range(3):
+        state, metrics = step(state, next(it))
+        want = float(jax.random.normal(jax.random.fold_in(jax.random.key(0), s), ()))
+        assert float(metrics["train_loss"].total) == pytest.approx(want, rel=1e-6)
+    leaves_equal(state.rng, jax.random.key(0))
+
+
+def test_eval_step_names_its_metrics_with_the_prefix(toy):
+    metrics = make_eval_step(toy.loss, prefix="test")(toy.params(), next(toy.iterator()))
+    assert set(metrics) == {"test_loss", "test_mae"}
+
+
+def test_fit_evaluates_at_the_end_off_the_eval_grid(tmp_path, toy):
+    """num_steps not a multiple of eval_every: the last step is evaluated all the same."""
+    result = _fit(toy, tmp_path, num_steps=5, eval_every=3, checkpoint_every=0)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 5]
+    assert result.last_eval["val_loss"] == records[-1]["val_loss"]
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.read_metadata()["eval"]["val_loss"] == pytest.approx(records[-1]["val_loss"])
+
+
+def test_keep_best_false_saves_only_on_schedule(tmp_path, toy):
+    _fit(toy, tmp_path, num_steps=6, eval_every=2, checkpoint_every=3, keep_best=False)
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [3, 6]  # not 2 and 4, where val loss improved
+
+
+def test_zero_eval_batches_disables_evaluation(tmp_path, toy):
+    result = _fit(toy, tmp_path, num_steps=3, eval_batches=0)
+    assert result.last_eval == {}
+    assert all("val_loss" not in r for r in read_metrics(tmp_path / "metrics.jsonl"))
+
+
+def test_finished_run_writes_nothing(tmp_path, toy):
+    """Not only the checkpoints: no metrics line and no TensorBoard file either."""
+    _fit(toy, tmp_path, num_steps=4)
+    before = snapshot(tmp_path)
+    assert _fit(toy, tmp_path, num_steps=4).step == 4
+    assert snapshot(tmp_path) == before
+
+
+def test_a_signal_at_a_checkpoint_step_saves_once_and_returns(tmp_path, toy):
+    """SIGTERM during a step that checkpoints: the step's checkpoint is the signal's one
+    (saving the same step again would raise), and fit returns interrupted."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("fit handles signals in the main thread only")
+    optimizer = toy.optimizer()
+    step = make_train_step(toy.loss, optimizer)
+
+    def signalling_step(state, batch):
+        state, metrics = step(state, batch)
+        if int(state.step) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return state, metrics
+
+    result = fit(
+        create_train_state(toy.params(), optimizer, jax.random.key(7)),
+        signalling_step,
+        data.batch_iterator(toy.dataset(0)),
+        workdir=tmp_path,
+        loop=LoopConfig(num_steps=20, checkpoint_every=4, log_every=4, progress=False),
+    )
+    assert result.interrupted and result.step == 4
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [4]

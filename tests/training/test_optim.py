@@ -245,3 +245,15 @@ def test_optimizer_from_config_matches_numpy_reference():
     want = numpy_adamw(params, grads_seq, lrs, b1=0.8, b2=0.95, eps=1e-6, wd=0.1, clip=0.5)
     for k, x in want.items():
         np.testing.assert_allclose(np.asarray(p[k]), x, rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_schedule_without_a_cosine_phase_is_finite(warmup):
+    # warmup_steps == lr_decay_steps (allowed): warm up to the peak, then min_lr at once.
+    # (nanoGPT's get_lr divides by zero there.)
+    schedule = optim.learning_rate_schedule(
+        1e-3, warmup_steps=warmup, lr_decay_steps=warmup, min_lr=1e-4
+    )
+    got = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(warmup + 3, dtype=jnp.int32)))
+    want = [1e-3 * (t + 1) / (warmup + 1) for t in range(warmup)] + [1e-3, 1e-4, 1e-4]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
