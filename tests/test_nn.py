@@ -249,3 +249,10 @@ def test_an_abstract_module_gives_its_pure_shapes(rng, tmp_path):
     path = tmp_path / "lstm.safetensors"
     save_safetensors(module, path)
     _leaves_equal(load_safetensors(path, like=abstract), module.pure_weights())
+
+
+def test_multi_head_attention_module_forwards_the_implementation(rng):
+    module = nn.MultiHeadAttention(8, 2, rngs=nnx.Rngs(6))
+    x = jax.random.normal(rng, (1, 4, 8))
+    with pytest.raises(ValueError, match="unknown implementation 'foo'"):
+        module(x, implementation="foo")

@@ -165,3 +165,25 @@ def test_a_prefixed_state_dict_imports_and_exports_every_tensor(kwargs):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     exported = mha_to_torch_state_dict(got, prefix=prefix)
     assert set(exported) == {prefix + k for k in module.state_dict()}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"kdim": E, "vdim": 13}])
+def test_torch_round_trip_gives_back_the_same_state_dict(kwargs):
+    """Each tensor lands in its own place. A key bias b_k cannot show in any output (it adds
+    q · b_k to a whole row of logits), and PyTorch packs in_proj_weight only when kdim and
+    vdim both equal E: compare the tensors themselves."""
+    module = _mha(seed=5, **kwargs)
+    exported = mha_to_torch_state_dict(mha_from_torch(module))
+    want = module.state_dict()
+    assert exported.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_numpy_export_owns_its_arrays():
+    # NumPy weights (a converted checkpoint): writing to the export must not change them.
+    weights = jax.tree.map(np.array, mha_from_torch(_mha(seed=6)))
+    exported = mha_to_torch_state_dict(weights, framework="np")
+    for name, arr in exported.items():
+        shared = [i for i, w in enumerate(weights) if np.shares_memory(arr, w)]
+        assert not shared, f"{name} shares memory with weights[{shared}]"

@@ -144,6 +144,15 @@ def test_attend_matches_numpy_and_weights_sum_to_one(np_rng):
     assert np.all(np.asarray(context)[1] == 0)
 
 
+def test_attend_returns_the_context_in_the_values_dtype(np_rng):
+    # The weights are float32; a bfloat16 model must get a bfloat16 context back.
+    scores = normal(np_rng, 2, 3, 7)
+    values = normal(np_rng, 2, 7, 4).astype(jnp.bfloat16)
+    context, weights = attend(scores, values)
+    assert context.dtype == jnp.bfloat16 and weights.dtype == jnp.float32
+    np.testing.assert_allclose(f64(context), f64(weights) @ f64(values), rtol=2e-2, atol=2e-2)
+
+
 def test_seq2seq_scores_jit_vmap_grad(np_rng):
     query, keys, values = normal(np_rng, 3, 5), normal(np_rng, 7, 11), normal(np_rng, 7, 2)
     aw = AdditiveWeights(normal(np_rng, 5, 3), normal(np_rng, 11, 3), normal(np_rng, 3))

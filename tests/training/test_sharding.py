@@ -221,3 +221,20 @@ def test_transformer_rules_put_each_logical_axis_on_its_own_dimension():
         "head/w": PartitionSpec(f, t),  # [D, V]
     }
     assert {name: specs[name] for name in expected} == expected
+
+
+def test_transformer_rules_split_gqa_key_value_heads_on_their_head_axis():
+    config = gpt.GPTConfig(
+        vocab_size=16, block_size=8, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=8,
+        use_bias=True,
+    )  # fmt: skip
+    params = jax.eval_shape(lambda: gpt.init_gpt(jax.random.key(0), config))
+    specs = _split_leaves(params, TRANSFORMER_RULES, MESH_222)
+    f, t = "fsdp", "tensor"  # kv_heads -> tensor
+    expected = {
+        "blocks/attn/w_k": PartitionSpec(None, f, t),  # [L, D, K, H]
+        "blocks/attn/w_v": PartitionSpec(None, f, t),
+        "blocks/attn/b_k": PartitionSpec(None, t),  # [L, K, H]: K split, not H
+        "blocks/attn/b_v": PartitionSpec(None, t),
+    }
+    assert {name: specs[name] for name in expected} == expected
