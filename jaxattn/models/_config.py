@@ -71,6 +71,10 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_finite_real(value: Any) -> bool:
+    return _is_real(value) and math.isfinite(value)  # NaN is not finite either
+
+
 def check_positive(owner: Any, name: str) -> None:
     """Raise unless the field is a finite real number > 0.
 
@@ -80,10 +84,21 @@ def check_positive(owner: Any, name: str) -> None:
     refused too: the config must stay hashable for ``jit``.
     """
     value = getattr(owner, name)
-    if not (_is_real(value) and math.isfinite(value) and value > 0):  # isfinite: NaN fails too
+    if not (_is_finite_real(value) and value > 0):
         raise ValueError(
             f"{type(owner).__name__}.{name} must be positive (a finite number), got {value!r}"
         )
+
+
+def check_finite(owner: Any, name: str) -> None:
+    """Raise unless the field is a finite real number (of either sign).
+
+    NaN or inf (an LSTM's ``forget_bias``) would pass into every weight it initialises and
+    show only as a NaN loss; a string would fail in ``init`` naming no field, or not at all.
+    """
+    value = getattr(owner, name)
+    if not _is_finite_real(value):
+        raise ValueError(f"{type(owner).__name__}.{name} must be a finite number, got {value!r}")
 
 
 def check_rate(owner: Any, name: str) -> None:

@@ -31,6 +31,7 @@ from jaxattn.models._config import (
     check_positive,
     check_positive_ints,
     check_rate,
+    check_size,
     check_weights,
 )
 from jaxattn.ops.attention import (
@@ -498,12 +499,13 @@ def init_cache(
 
     ``dtype`` defaults to the compute dtype. ``max_len`` may not exceed ``block_size``.
     """
-    if not 0 < max_len <= config.block_size:
+    # Sizes as ints: 2.5 failed inside jnp.zeros naming no argument, True made length 1.
+    batch_size = check_size(batch_size, "batch_size", "init_cache")
+    max_len = check_size(max_len, "max_len", "init_cache")
+    if max_len > config.block_size:
         raise ValueError(
             f"init_cache: max_len={max_len} must be in [1, block_size={config.block_size}]"
         )
-    if batch_size <= 0:
-        raise ValueError(f"init_cache: batch_size must be positive, got {batch_size}")
     dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
     shape = (config.num_layers, batch_size, max_len, config.kv_heads, config.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jaxattn.models import beam_search as search
 from jaxattn.models._config import (
     check_bools,
+    check_finite,
     check_positive_ints,
     check_rate,
     check_size,
@@ -111,13 +112,14 @@ class Seq2SeqConfig:
             raise ValueError(
                 f"Seq2SeqConfig.attention must be one of {ATTENTION}, got {self.attention!r}"
             )
-        if self.attention_dim is not None and (
-            self.attention != "additive" or self.attention_dim <= 0
-        ):
+        if self.attention_dim is not None and self.attention != "additive":
             raise ValueError(
-                f"Seq2SeqConfig.attention_dim={self.attention_dim} needs attention='additive' "
-                f"and a positive size (attention={self.attention!r})"
+                f"Seq2SeqConfig.attention_dim={self.attention_dim} needs attention='additive', "
+                f"got attention={self.attention!r}"
             )
+        if self.attention_dim is not None:  # 2.5 failed in init naming no field; True was 1
+            check_positive_ints(self, ("attention_dim",))
+        check_finite(self, "forget_bias")  # NaN would reach every forget-gate bias
         check_rate(self, "dropout")
         check_special_ids(self, min(self.src_vocab_size, self.tgt_vocab_size))
 

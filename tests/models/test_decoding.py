@@ -507,3 +507,38 @@ def test_sampled_generate_past_the_context_takes_a_raw_prng_key():
     raw = gpt_module.generate(w, BASE, prompt, 10, rng=jax.random.PRNGKey(4), top_k=6)
     typed = gpt_module.generate(w, BASE, prompt, 10, rng=jax.random.key(4), top_k=6)
     np.testing.assert_array_equal(raw, typed)
+
+
+def test_gpt_decode_computes_in_the_config_dtype(monkeypatch):
+    """gpt_decode casts init_gpt's float32 weights to bfloat16, as gpt does (uncast, the
+    decode step ran in float32 while the caches and the config said bfloat16)."""
+    bf16 = dataclasses.replace(BASE, dtype="bfloat16")
+    real, seen = gpt_module.feed_forward, []
+
+    def spy(weights, x, **kw):
+        seen.append(x.dtype)
+        return real(weights, x, **kw)
+
+    monkeypatch.setattr(gpt_module, "feed_forward", spy)
+    w, tokens = random_weights(BASE), tokens_for(BASE, (B, 3))
+    logits, _ = jax.eval_shape(lambda: gpt_decode(w, tokens, init_cache(bf16, B, 4), bf16))
+    assert logits.dtype == jnp.float32
+    assert seen and set(seen) == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_init_cache_refuses_sizes_that_are_not_ints():
+    # 2.5 failed inside jnp.zeros naming no argument; True made a cache of length 1.
+    for bad in (2.5, 4.0, True):
+        with pytest.raises(ValueError, match=r"init_cache: batch_size must be an int >= 1"):
+            init_cache(BASE, bad, 4)
+        with pytest.raises(ValueError, match=r"init_cache: max_len must be an int >= 1"):
+            init_cache(BASE, 1, bad)
+    assert init_cache(BASE, np.int64(2), np.int64(4)).k.shape == (2, 2, 4, 3, 4)
+
+
+def test_gpt_decode_may_fill_the_cache_to_its_last_slot():
+    # Only writes past the end overflow (eagerly checked; under jit the index is traced).
+    w = random_weights(BASE)
+    cache = init_cache(BASE, 1, 4)._replace(index=jnp.array(2, jnp.int32))  # 2 slots left
+    logits, cache = gpt_decode(w, tokens_for(BASE, (1, 2)), cache, BASE)
+    assert logits.shape == (1, 2, BASE.vocab_size) and int(cache.index) == 4

@@ -105,7 +105,7 @@ def np_gpt(weights: GPTWeights, tokens, config: GPTConfig):
     for layer in range(config.num_layers):
         blk = jax.tree.map(lambda a, layer=layer: a[layer], w.blocks)
         a = blk.attn
-        hid = np_layer_norm(x, blk.ln1.scale, blk.ln1.bias)
+        hid = np_layer_norm(x, blk.ln1.scale, blk.ln1.bias, config.layer_norm_eps)
         out = np.zeros_like(x)
         for head in range(n):
             g = head // (n // k)  # the kv head this query head reads
@@ -120,11 +120,11 @@ def np_gpt(weights: GPTWeights, tokens, config: GPTConfig):
             p /= p.sum(-1, keepdims=True)
             out += (p @ val) @ a.w_o[head]  # [B, T, D]
         x = x + out + bias(a.b_o, slice(None))
-        hid = np_layer_norm(x, blk.ln2.scale, blk.ln2.bias)
+        hid = np_layer_norm(x, blk.ln2.scale, blk.ln2.bias, config.layer_norm_eps)
         act = np_gelu_tanh if config.gelu_approximate else np_gelu_erf
         up = act(hid @ blk.mlp.up.w + bias(blk.mlp.up.b, slice(None)))
         x = x + up @ blk.mlp.down.w + bias(blk.mlp.down.b, slice(None))
-    x = np_layer_norm(x, w.ln_f.scale, w.ln_f.bias)
+    x = np_layer_norm(x, w.ln_f.scale, w.ln_f.bias, config.layer_norm_eps)
     return x @ (w.token_embedding.table.T if w.head is None else w.head.w)
 
 
@@ -600,3 +600,53 @@ def test_config_takes_numpy_bools():
         use_bias=np.False_, tie_embeddings=np.True_,
     )  # fmt: skip
     assert not config.use_bias and config.tie_embeddings
+
+
+def test_rope_base_and_layer_norm_eps_reach_the_model():
+    # Every other test runs both at their defaults, where a block that dropped either
+    # one (for q or k, or for one of the norms) still matched the reference.
+    config = dataclasses.replace(ROPE, rope_base=7.0, layer_norm_eps=0.5)
+    w, tokens = random_weights(config), tokens_for(config)
+    np.testing.assert_allclose(gpt_jit(w, tokens, config), np_gpt(w, tokens, config), atol=1e-4)
+
+
+def test_dropout_draws_a_fresh_mask_at_every_site(monkeypatch):
+    # Outputs cannot tell two residual branches dropped with one key (the same mask for
+    # both): record the key of every dropout call as it runs.
+    from jaxattn.models import gpt as gpt_module
+
+    config = dataclasses.replace(BASE, dropout=0.3)
+    w, tokens = random_weights(BASE), tokens_for(config)
+    real, seen = gpt_module.dropout, []
+
+    def spy(rng, x, rate, **kw):
+        if rng is not None:
+            record = lambda k: seen.append(np.asarray(k).tobytes())
+            jax.debug.callback(record, jax.random.key_data(rng))
+        return real(rng, x, rate, **kw)
+
+    monkeypatch.setattr(gpt_module, "dropout", spy)
+    jax.block_until_ready(gpt(w, tokens, config, rng=key(1), deterministic=False))
+    jax.effects_barrier()
+    # The embeddings, then two residual branches per layer, each with its own key.
+    assert len(seen) == 1 + 2 * config.num_layers and len(set(seen)) == len(seen)
+
+
+def test_remat_keeps_only_the_block_inputs_for_the_backward_pass():
+    # remat changes no value: count what the backward pass keeps from the layer scan.
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    w, tokens = random_weights(BASE), tokens_for(BASE)
+
+    def scan_residuals(config):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(lambda w: gpt_loss(w, tokens, tokens, config), w)
+        return [line for line in out.getvalue().splitlines() if "output of scan" in line]
+
+    kept = scan_residuals(dataclasses.replace(BASE, remat=True))
+    assert len(kept) == 1 and kept[0].startswith(f"f32[2,{B},{T},12] ")  # [L, B, T, D] inputs
+    assert len(scan_residuals(BASE)) > 1  # without remat: matmul outputs too

@@ -495,3 +495,47 @@ def test_overfits_tiny_corpus(attention, bidirectional, layers):
         out = np.asarray(translate(weights, config, src, lengths, beam_size=beam, max_len=5))
         np.testing.assert_array_equal(out[:, : want.shape[1]], want)
         np.testing.assert_array_equal(out[:, want.shape[1] :], PAD)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        # Passed the config and failed in init naming no field, or (True) made a size of 1.
+        (dict(attention="additive", attention_dim=2.5), "attention_dim must be a positive int"),
+        (dict(attention="additive", attention_dim=True), "attention_dim must be a positive int"),
+        (dict(attention="additive", attention_dim="3"), "attention_dim must be a positive int"),
+        (dict(attention="additive", attention_dim=0), "attention_dim must be a positive int"),
+        # NaN or inf reached every forget-gate bias: a NaN loss from the first step.
+        (dict(forget_bias=float("nan")), "forget_bias must be a finite number"),
+        (dict(forget_bias=float("inf")), "forget_bias must be a finite number"),
+        (dict(forget_bias="1.0"), "forget_bias must be a finite number"),
+    ],
+)
+def test_config_refuses_bad_attention_dim_and_forget_bias(changes, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(BASE, **changes)
+
+
+def test_init_follows_attention_dim_and_forget_bias(monkeypatch):
+    # Traced only (eval_shape): the sizes, and the forget bias each LSTM stack is given.
+    real, seen = seq2seq.init_lstm_stack, []
+
+    def spy(*args, **kw):
+        seen.append(kw["forget_bias"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(seq2seq, "init_lstm_stack", spy)
+    config = dataclasses.replace(VARIANTS[3], forget_bias=-0.5)
+    shapes = jax.eval_shape(lambda: init_seq2seq(jax.random.key(0), config))
+    assert shapes.attention.w_query.shape == (7, 3) and shapes.attention.v.shape == (3,)
+    assert seen == [-0.5, -0.5]  # encoder, decoder
+
+
+def test_translate_rows_do_not_depend_on_their_neighbours(np_rng):
+    # Beam search repeats each sentence's encoder outputs k times: repeat, not tile, or
+    # beam j of sentence b reads sentence (b*k + j) mod B's source.
+    config = VARIANTS[1]
+    w = random_weights(config, seed=11)
+    src, lengths, _ = example_batch(config, np_rng)
+    run = lambda s, n: np.asarray(translate(w, config, s, n, beam_size=2, max_len=5))
+    np.testing.assert_array_equal(run(src[::-1], lengths[::-1])[::-1], run(src, lengths))

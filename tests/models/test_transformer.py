@@ -109,6 +109,7 @@ def torch_model(weights, config):
         activation=gelu,
         batch_first=True,
         norm_first=config.pre_ln,
+        layer_norm_eps=config.layer_norm_eps,
         dtype=torch.float64,
     )
 
@@ -132,7 +133,10 @@ def torch_model(weights, config):
         mod.linear2.weight.copy_(t(np.asarray(w.down.w[layer]).T))
         mod.linear2.bias.copy_(t(w.down.b[layer]))
 
-    final = (lambda: nn.LayerNorm(d, dtype=torch.float64)) if config.pre_ln else (lambda: None)
+    eps = config.layer_norm_eps
+    final = (
+        (lambda: nn.LayerNorm(d, eps=eps, dtype=torch.float64)) if config.pre_ln else (lambda: None)
+    )
     enc = nn.TransformerEncoder(
         nn.TransformerEncoderLayer(**kw),
         config.num_encoder_layers,
@@ -158,6 +162,22 @@ def torch_model(weights, config):
             load_norm(enc.norm, weights.encoder_norm)
             load_norm(dec.norm, weights.decoder_norm)
     return enc.eval(), dec.eval()
+
+
+def torch_forward(enc, dec, w, config, src, lengths, tgt_in):
+    """Logits ``[B, T, V]`` (float64 NumPy) of ``torch_model``'s encoder–decoder pair."""
+    torch = pytest.importorskip("torch")
+    d, (s, t) = config.embed_dim, (src.shape[1], tgt_in.shape[1])
+    pe = np_sinusoidal(config.max_len, d)
+    x = np.asarray(w.src_embedding.table, np.float64)[np.asarray(src)] * math.sqrt(d) + pe[:s]
+    y = np.asarray(w.tgt_embedding.table, np.float64)[np.asarray(tgt_in)] * math.sqrt(d) + pe[:t]
+    ignore = torch.tensor(np.arange(s)[None] >= np.asarray(lengths)[:, None])  # True = padding
+    causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)  # True = masked
+    with torch.no_grad():
+        memory = enc(torch.tensor(x), src_key_padding_mask=ignore)
+        out = dec(torch.tensor(y), memory, tgt_mask=causal, memory_key_padding_mask=ignore)
+    head = w.tgt_embedding.table.T if w.head is None else w.head.w
+    return out.numpy() @ np.asarray(head, np.float64)
 
 
 @pytest.mark.parametrize("config", [BASE, POST_LN_UNTIED], ids=["pre-ln-tied", "post-ln-untied"])
@@ -556,3 +576,24 @@ def test_translate_default_max_len_stays_50_when_the_table_allows():
     src, lengths = jnp.ones((3, 5), jnp.int32), jnp.array([5, 4, 3])
     out = jax.eval_shape(lambda: translate(w, config, src, lengths))
     assert out.shape == (3, 50)
+
+
+def test_layer_norm_eps_reaches_every_norm(np_rng):
+    # Elsewhere eps is PyTorch's default, so a norm that dropped it still matched.
+    pytest.importorskip("torch")
+    config = dataclasses.replace(BASE, layer_norm_eps=0.5)
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    enc, dec = torch_model(w, config)
+    want_logits = torch_forward(enc, dec, w, config, src, lengths, tgt_in)
+    got = logits_jit(w, src, lengths, tgt_in, config)  # (the encoder's norms via memory)
+    np.testing.assert_allclose(got, want_logits, rtol=2e-4, atol=2e-4)
+
+
+def test_translate_rows_do_not_depend_on_their_neighbours(np_rng):
+    # Beam search repeats each sentence's source mask k times: repeat, not tile, or beam j
+    # of sentence b reads sentence (b*k + j) mod B's padding.
+    w = random_weights(BASE, seed=3)
+    src, lengths, _ = example_batch(BASE, np_rng)
+    run = lambda s, n: np.asarray(translate(w, BASE, s, n, beam_size=2, max_len=5))
+    np.testing.assert_array_equal(run(src[::-1], lengths[::-1])[::-1], run(src, lengths))
