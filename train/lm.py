@@ -117,8 +117,14 @@ def print_samples(params, model, tokenizer, seed: int) -> None:
         print(f"---------- sample {i} ----------\n{text}")
 
 
+def lm_optimizer(config: ml_collections.ConfigDict):
+    """``(optimizer, schedule)`` of ``config``, decaying only nanoGPT's leaves (kernels and
+    tables): optax's ``ndim >= 2`` default would also decay the ``[L, D]`` layer-norm stacks."""
+    return optimizer_from_config(config, decay_mask=weight_decay_mask)
+
+
 def _abstract_state(model: GPTConfig, config: ml_collections.ConfigDict):
-    optimizer, _ = optimizer_from_config(config, decay_mask=weight_decay_mask)
+    optimizer, _ = lm_optimizer(config)
     return jax.eval_shape(
         lambda: create_train_state(init_gpt(jax.random.key(0), model), optimizer, jax.random.key(0))
     )
@@ -145,7 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     rows = config.batch_size * config.grad_accum_steps
     train_rows = sharding.process_batch_slice(batch_sharding, rows)
     val_rows = sharding.process_batch_slice(batch_sharding, config.batch_size)
-    optimizer, schedule = optimizer_from_config(config, decay_mask=weight_decay_mask)
+    optimizer, schedule = lm_optimizer(config)
     train_ds = data.lm_dataset(
         train_ids, batch_size=rows, seq_len=model.block_size, seed=config.seed,
         vocab_size=tokenizer.vocab_size, name="train split",

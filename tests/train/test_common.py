@@ -227,3 +227,39 @@ def test_checkpoint_config_file_refuses_another_runs_file(config_flag):
         "beam_size 4 -> 1); leave out --config and name the run with --workdir (and give "
         "--config.beam_size=... and the like)"
     )
+
+
+def test_checkpoint_config_overrides_takes_only_the_allowed_ones(config_flag):
+    """A --bleu_only or --translate run may change the decode settings, nothing else."""
+    config_flag("--config.beam_size=4")
+    assert common.checkpoint_config_overrides("--mode", ["beam_size"]) == {"beam_size": 4}
+    config_flag("--config.beam_size=4", "--config.model.embed_dim=8")
+    with pytest.raises(ValueError) as error:
+        common.checkpoint_config_overrides("--mode", ["beam_size"])
+    assert str(error.value) == (
+        "--config.model.embed_dim: --mode takes its config from the checkpoint; only "
+        "beam_size can be overridden"
+    )
+
+
+def test_checkpoint_config_file_hints_only_at_allowed_overrides(config_flag):
+    """No "give --config.model.embed_dim=..." hint: a model setting cannot be overridden."""
+    config_flag()
+    with pytest.raises(ValueError) as error:
+        meta = _saved_meta(embed_dim=16)
+        common.checkpoint_config_file("--mode", meta, "ckpt/100", allowed=["beam_size"])
+    assert str(error.value).endswith("leave out --config and name the run with --workdir")
+
+
+def test_initialize_distributed_joins_once_with_explicit_flags_and_distributed(
+    parse_flags, monkeypatch
+):
+    """The explicit flags win over --distributed: a second initialize() would raise."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    parse_flags(
+        "--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=0",
+        "--distributed",
+    )  # fmt: skip
+    common.initialize_distributed()
+    assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 0}]

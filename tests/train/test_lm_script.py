@@ -4,14 +4,20 @@ Training runs take tens of seconds (mostly XLA compiling the GPT step), so they 
 module-scoped run and are marked slow; the argument errors fail before any compile.
 """
 
+import functools
 import hashlib
 import importlib.util
 import subprocess
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
+from absl import flags
+from ml_collections import config_flags
 from script_runs import REPO, ScriptRunner  # tests/train/script_runs.py
 
+from jaxattn.models.gpt import GPTConfig, init_gpt, weight_decay_mask
 from jaxattn.training.checkpoint import Checkpointer
 from jaxattn.training.metrics import read_metrics
 
@@ -327,3 +333,65 @@ def test_empty_workdir_is_an_error_not_the_current_folder():
     assert "error: --workdir is empty" in proc.stderr
     # Only what a run writes: other tests may add files to the repository meanwhile.
     assert not any(path.exists() for path in written)
+
+
+@pytest.fixture
+def lm(monkeypatch):
+    """train/lm.py imported in process, its absl flags defined in a FlagValues of their own
+    and parsed at their defaults: translate.py (which its tests import) defines flags of
+    the same names in absl's global FLAGS."""
+    monkeypatch.syspath_prepend(str(REPO / "train"))
+    importlib.import_module("common")  # train/common.py: its flags stay in absl's FLAGS
+    values = flags.FlagValues()
+    for name in ("DEFINE_string", "DEFINE_bool", "DEFINE_integer", "DEFINE_float"):
+        define = functools.partial(getattr(flags, name), flag_values=values)
+        monkeypatch.setattr(flags, name, define)
+    define = functools.partial(config_flags.DEFINE_config_file, flag_values=values)
+    monkeypatch.setattr(config_flags, "DEFINE_config_file", define)
+    module = _load_lm_module()
+    values(["lm.py"])
+    return module
+
+
+def test_loss_fn_turns_dropout_on_exactly_with_a_key(lm, monkeypatch):
+    """The loop passes a key to the train step only: the GPU config's dropout 0.2 (the
+    tiny config has none) must apply there and nowhere else."""
+    calls = []
+
+    def fake_loss(params, inputs, targets, model, *, rng, deterministic):
+        calls.append((inputs, targets, rng, deterministic))
+        return 2.5
+
+    monkeypatch.setattr(lm, "gpt_loss", fake_loss)
+    loss_fn = lm.make_loss_fn(None)
+    batch = {"inputs": "x", "targets": "y"}
+    assert loss_fn(None, batch, "key") == (2.5, {}) and loss_fn(None, batch, None) == (2.5, {})
+    assert calls == [("x", "y", "key", False), ("x", "y", None, True)]
+
+
+def test_optimizer_decays_only_the_leaves_nanogpt_decays(lm):
+    """Weight decay on the kernels and tables, not on the layer-norm scales and biases,
+    whose stacks over the layers are [L, D] (optax's ndim >= 2 default would decay them)."""
+    model = GPTConfig(vocab_size=11, block_size=8, num_layers=2, num_heads=2, embed_dim=8,
+                      use_bias=True)  # fmt: skip
+    shapes = jax.eval_shape(lambda: init_gpt(jax.random.key(0), model))
+    ones = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), shapes)
+    config = ml_collections.ConfigDict(dict(
+        learning_rate=1.0, min_lr=1.0, warmup_steps=0, lr_decay_steps=10, b1=0.9, b2=0.99,
+        weight_decay=0.5, grad_clip=0.0,
+    ))  # fmt: skip
+    optimizer, _ = lm.lm_optimizer(config)
+    # Zero gradients: Adam's step is 0 and only the decay, -lr * 0.5 * param, is left.
+    decay_only = lambda p: optimizer.update(jax.tree.map(jnp.zeros_like, p), optimizer.init(p), p)
+    updates, _ = jax.jit(decay_only)(ones)
+    decayed = jax.tree.leaves(jax.tree.map(lambda u: bool(jnp.all(u == -0.5)), updates))
+    kept = jax.tree.leaves(jax.tree.map(lambda u: bool(jnp.all(u == 0)), updates))
+    want = jax.tree.leaves(weight_decay_mask(ones))
+    assert decayed == want and kept == [not w for w in want]
+    assert not all(want) and any(x.ndim >= 2 and not w for x, w in zip(jax.tree.leaves(ones), want))
+
+
+def test_top_k_is_capped_at_the_vocabulary(lm):
+    """--top_k's default, 200, is more than the 65 characters: all of them, not an error."""
+    assert lm._top_k(GPTConfig(vocab_size=11, block_size=8, num_layers=1, num_heads=1,
+                               embed_dim=4)) == 11  # fmt: skip

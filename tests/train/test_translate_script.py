@@ -365,3 +365,61 @@ def test_attention_plot_leaves_out_sources_no_bucket_holds(tmp_path):
     assert translate.plot_attention(params, model, FakePieces(), ["short", long], path, config)
     assert path.is_file()
     assert not translate.plot_attention(params, model, FakePieces(), [long], path, config)
+
+
+def test_example_counts_of_zero_mean_all(monkeypatch, tmp_path):
+    """max_*_examples=0 (the base config's default) keeps every pair of its split, and is
+    accepted by the checks; -1 is refused."""
+    translate = _import_translate()
+    config = ml_collections.ConfigDict(dict(
+        data_path="", split_seed=0, max_train_examples=0, max_eval_examples=0,
+        max_test_examples=0, vocab_size=50, max_len=64,
+    ))  # fmt: skip
+    names = ("max_train_examples", "max_eval_examples", "max_test_examples")
+    translate.check_example_counts(config, names)
+    pairs = [(f"s{i}", f"t{i}") for i in range(200)]
+
+    class Pieces:  # train_sentencepiece's stand-in: one piece per character
+        def encode(self, sentences):
+            return [[4 + ord(ch) % 8 for ch in s] for s in sentences]
+
+    monkeypatch.setattr(td, "load_pairs", lambda path: pairs)
+    monkeypatch.setattr(td, "train_sentencepiece", lambda sentences, prefix, vocab_size: Pieces())
+    _, split, train, val, test = translate.load_data(config, tmp_path)
+    assert (len(train[0]), len(val[0]), len(test)) == (180, 10, 10)
+    assert (len(split.train), len(split.val), len(split.test)) == (180, 10, 10)
+    config.max_eval_examples, config.max_test_examples = 4, 3
+    _, _, _, val, test = translate.load_data(config, tmp_path)
+    assert (len(val[0]), len(test)) == (4, 3)
+    config.max_eval_examples = -1
+    with pytest.raises(ValueError, match=r"config.max_eval_examples must be an int >= 0, got -1"):
+        translate.check_example_counts(config, names)
+
+
+def test_rescored_translations_file_names_the_sentences_scored(tmp_path):
+    """With max_test_examples=0 (all), the file's n is the test split's size, not 0."""
+    translate = _import_translate()
+    config = ml_collections.ConfigDict(dict(beam_size=4, decode_max_len=16, max_test_examples=0))
+    pairs, hyps = [("a", "x"), ("b", "y"), ("c", "z")], ["x", "w", ""]
+    path = translate.record_test_bleu(tmp_path, 6, 12.5, config, pairs, hyps, rescore=True)
+    assert path == tmp_path / "test_translations_step6_beam4_len16_n3.tsv"
+    assert path.read_text(encoding="utf-8") == "a\tx\tx\nb\ty\tw\nc\tz\t\n"
+    (record,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert record.items() >= dict(
+        step=6, test_bleu=12.5, beam_size=4, decode_max_len=16, max_test_examples=0,
+        test_sentences=3, translations=path.name,
+    ).items()  # fmt: skip
+
+
+def test_transformer_position_table_must_hold_the_largest_bucket():
+    """Training batches pad to the largest bucket: a longer one than the position table
+    would fail only at the first step, after the workdir was made."""
+    translate = _import_translate()
+    config = ml_collections.ConfigDict(dict(
+        beam_size=1, decode_max_len=8, decode_batch_size=4, max_test_examples=0,
+        buckets=(8, 32), model=dict(kind="transformer", max_len=16),
+    ))  # fmt: skip
+    with pytest.raises(ValueError, match=r"must hold config.decode_max_len=8 and the largest"):
+        translate.check_decode_settings(config)
+    config.buckets = (8, 16)
+    translate.check_decode_settings(config)
