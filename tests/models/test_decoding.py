@@ -122,11 +122,11 @@ LOGITS = np.array([2.0, 1.0, 0.0, -1.0, 0.5, -0.5, 1.5])  # argmax 0; V=7
 N_SAMPLES = 20_000  # frequency std <= 0.0036; tolerance 0.015 is > 4 sigma
 
 
-def _frequencies(**kwargs) -> np.ndarray:
-    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (N_SAMPLES, LOGITS.size))
-    samples = jax.jit(functools.partial(decoding.sample_logits, **kwargs))(key(0), logits)
+def _frequencies(logits: np.ndarray = LOGITS, **kwargs) -> np.ndarray:
+    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (N_SAMPLES, logits.size))
+    samples = jax.jit(functools.partial(decoding.sample_logits, **kwargs))(key(0), batch)
     assert samples.shape == (N_SAMPLES,) and samples.dtype == jnp.int32
-    return np.bincount(np.asarray(samples), minlength=LOGITS.size) / N_SAMPLES
+    return np.bincount(np.asarray(samples), minlength=logits.size) / N_SAMPLES
 
 
 def _softmax(x):
@@ -154,9 +154,7 @@ def test_top_k_keeps_every_logit_tied_with_the_kth():
     """The documented tie rule: top_k=2 over [2, 1, 1, 0, 1, -1] keeps 2 and all three 1s
     (a top-k by index would keep 2 and one 1, giving token 0 a frequency of 0.73)."""
     logits = np.array([2.0, 1.0, 1.0, 0.0, 1.0, -1.0])
-    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (N_SAMPLES, logits.size))
-    samples = jax.jit(functools.partial(decoding.sample_logits, top_k=2))(key(0), batch)
-    freq = np.bincount(np.asarray(samples), minlength=logits.size) / N_SAMPLES
+    freq = _frequencies(logits, top_k=2)
     keep = np.array([0, 1, 2, 4])
     expected = np.zeros(logits.size)
     expected[keep] = _softmax(logits[keep])
@@ -191,9 +189,7 @@ def test_top_p_keeps_every_logit_tied_with_the_last_one_kept():
     logits = np.array([2.0, 1.0, 1.0, 0.0])
     p = _softmax(logits)
     assert p[0] < 0.6 < p[0] + p[1]
-    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (N_SAMPLES, logits.size))
-    samples = jax.jit(functools.partial(decoding.sample_logits, top_p=0.6))(key(0), batch)
-    freq = np.bincount(np.asarray(samples), minlength=logits.size) / N_SAMPLES
+    freq = _frequencies(logits, top_p=0.6)
     expected = np.zeros(logits.size)
     expected[:3] = _softmax(logits[:3])
     assert freq[3] == 0.0

@@ -165,7 +165,8 @@ def torch_model(weights, config):
 
 
 def torch_forward(enc, dec, w, config, src, lengths, tgt_in):
-    """Logits ``[B, T, V]`` (float64 NumPy) of ``torch_model``'s encoder–decoder pair."""
+    """Memory ``[B, S, D]`` and logits ``[B, T, V]`` (float64 NumPy) of ``torch_model``'s
+    encoder–decoder pair."""
     torch = pytest.importorskip("torch")
     d, (s, t) = config.embed_dim, (src.shape[1], tgt_in.shape[1])
     pe = np_sinusoidal(config.max_len, d)
@@ -177,31 +178,19 @@ def torch_forward(enc, dec, w, config, src, lengths, tgt_in):
         memory = enc(torch.tensor(x), src_key_padding_mask=ignore)
         out = dec(torch.tensor(y), memory, tgt_mask=causal, memory_key_padding_mask=ignore)
     head = w.tgt_embedding.table.T if w.head is None else w.head.w
-    return out.numpy() @ np.asarray(head, np.float64)
+    return memory.numpy(), out.numpy() @ np.asarray(head, np.float64)
 
 
 @pytest.mark.parametrize("config", [BASE, POST_LN_UNTIED], ids=["pre-ln-tied", "post-ln-untied"])
 def test_matches_pytorch(config, np_rng):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     w = random_weights(config)
     src, lengths, tgt_in = example_batch(config, np_rng)
     enc, dec = torch_model(w, config)
-    d = config.embed_dim
-    pe = np_sinusoidal(config.max_len, d)
-    x = np.asarray(w.src_embedding.table, np.float64)[np.asarray(src)] * math.sqrt(d) + pe[:5]
-    y = np.asarray(w.tgt_embedding.table, np.float64)[np.asarray(tgt_in)] * math.sqrt(d) + pe[:4]
-    ignore = torch.tensor(np.arange(5)[None] >= np.asarray(lengths)[:, None])  # True = padding
-    causal = torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1)  # True = masked
-    with torch.no_grad():
-        memory = enc(torch.tensor(x), src_key_padding_mask=ignore)
-        out = dec(torch.tensor(y), memory, tgt_mask=causal, memory_key_padding_mask=ignore)
-    head = w.tgt_embedding.table.T if w.head is None else w.head.w
-    want_logits = out.numpy() @ np.asarray(head, np.float64)
+    memory, want_logits = torch_forward(enc, dec, w, config, src, lengths, tgt_in)
     got_memory = encode_jit(w, src, lengths, config)
     real = np.arange(5)[None] < np.asarray(lengths)[:, None]
-    np.testing.assert_allclose(
-        np.asarray(got_memory)[real], memory.numpy()[real], rtol=2e-4, atol=2e-4
-    )
+    np.testing.assert_allclose(np.asarray(got_memory)[real], memory[real], rtol=2e-4, atol=2e-4)
     got = logits_jit(w, src, lengths, tgt_in, config)
     assert got.shape == (3, 4, 13) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want_logits, rtol=2e-4, atol=2e-4)
@@ -585,7 +574,7 @@ def test_layer_norm_eps_reaches_every_norm(np_rng):
     w = random_weights(config)
     src, lengths, tgt_in = example_batch(config, np_rng)
     enc, dec = torch_model(w, config)
-    want_logits = torch_forward(enc, dec, w, config, src, lengths, tgt_in)
+    _, want_logits = torch_forward(enc, dec, w, config, src, lengths, tgt_in)
     got = logits_jit(w, src, lengths, tgt_in, config)  # (the encoder's norms via memory)
     np.testing.assert_allclose(got, want_logits, rtol=2e-4, atol=2e-4)
 
