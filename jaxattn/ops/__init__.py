@@ -58,9 +58,12 @@ from jaxattn.ops.lstm import (
     lstm_stack,
 )
 from jaxattn.ops.masks import (
+    attention_dropout_keep,
+    attention_dropout_mask,
     attention_mask,
     causal_mask,
     combine_masks,
+    dropout_seed,
     masked_softmax,
     padding_mask,
 )
@@ -88,6 +91,8 @@ __all__ = [
     "additive_scores",
     "apply_rope",
     "attend",
+    "attention_dropout_keep",
+    "attention_dropout_mask",
     "attention_mask",
     "attention_weights",
     "bidirectional_lstm",
@@ -99,6 +104,7 @@ __all__ = [
     "dot_product_attention",
     "dot_scores",
     "dropout",
+    "dropout_seed",
     "embed",
     "feed_forward",
     "gelu",

@@ -8,6 +8,11 @@ Shape glossary: B batch, T query time, S key time, N heads.
 A query row that may attend to nothing (a padded query, or a cached decode step whose keys
 are all padding) is legal: ``masked_softmax`` gives it all-zero probabilities and zero,
 finite gradients, so the attention output there is 0 instead of NaN or a uniform average.
+
+Attention dropout draws its mask from a counter-based hash of each entry's (row, key)
+position (``attention_dropout_keep``), not from a stream over the array's shape, so any tile
+of the ``[B, N, T, S]`` mask can be rebuilt on its own: the blockwise kernel regenerates its
+tiles in the backward pass, and every implementation drops the same entries for one key.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry2x32_p
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -178,3 +184,81 @@ def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> 
     e = jnp.exp(x - row_max)
     total = jnp.sum(e, axis=axis, keepdims=True)
     return e / jnp.where(total > 0, total, 1.0)
+
+
+def dropout_seed(rng: Array) -> Array:
+    """The two uint32 words ``attention_dropout_keep`` hashes with, drawn from a PRNG key
+    (typed or raw, any implementation): ``[2]`` uint32."""
+    return jax.random.bits(rng, (2,), jnp.uint32)
+
+
+def attention_dropout_keep(
+    seed: Array,
+    rows: Array,
+    first_col,
+    num_cols: int,
+    rate: float,
+    *,
+    col_axis: int = -1,
+    even_start: bool | None = None,
+) -> Array:
+    """Which attention entries survive dropout, for a block of rows and contiguous keys.
+
+    Entry ``(row, col)`` is kept iff word ``col % 2`` of ``threefry2x32(seed, (row, col //
+    2))`` is at least ``rate · 2^32``: a pure function of the position, so a tile computed
+    alone matches the same entries of the whole mask, and each hash serves two neighbouring
+    keys. ``row`` numbers the rows of ``[B, N, T, S]`` as ``(b N + n) T + t`` (modulo
+    2^32); ``attention_dropout_mask`` builds the whole mask this way.
+
+    Args:
+      seed: ``[2]`` uint32 (``dropout_seed``).
+      rows: ``[R]`` integer row numbers.
+      first_col: the first key's index (an int or a traced scalar).
+      num_cols: C, the number of keys.
+      rate: drop probability in ``[0, 1)``.
+      col_axis: where the key axis goes: -1 gives ``[R, C]``, 0 gives ``[C, R]``.
+      even_start: the caller knows ``first_col`` is even (a traced block start), which
+        saves the hashes of one extra column pair. None: known only for an int.
+
+    Returns:
+      Boolean, True = keep, ``[R, C]`` (or ``[C, R]``).
+    """
+    if even_start is None:
+        even_start = isinstance(first_col, int) and first_col % 2 == 0
+    rows = jnp.asarray(rows).astype(jnp.uint32)
+    first = jnp.asarray(first_col).astype(jnp.uint32)
+    threshold = jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+    # The column pairs C keys can touch: one more when the start may be odd.
+    pairs = -(-num_cols // 2) + (0 if even_start else 1)
+    pair_ids = first // 2 + jnp.arange(pairs, dtype=jnp.uint32)
+    key_axis = 0 if col_axis == 0 else 1
+    row_ids, pair_ids = (
+        (rows[None, :], pair_ids[:, None]) if key_axis == 0 else (rows[:, None], pair_ids[None, :])
+    )
+    row_ids, pair_ids = jnp.broadcast_arrays(row_ids, pair_ids)
+    # Under vmap, threefry2x32's batching rule gives an unbatched counter size-1 batch axes,
+    # which its CPU lowering cannot broadcast: tie both counters to each other and to the
+    # seed, so that each carries every batch axis (over heads, tile starts or keys). The
+    # seed's words stay scalars. (``zeros_like`` would stay unbatched.)
+    zero = seed[0] * jnp.uint32(0) + seed[1] * jnp.uint32(0)
+    row_ids, pair_ids = (
+        row_ids + pair_ids * jnp.uint32(0) + zero,
+        pair_ids + row_ids * jnp.uint32(0) + zero,
+    )
+    even, odd = threefry2x32_p.bind(seed[0], seed[1], row_ids, pair_ids)
+    # Interleave the two words along the key axis: key 2c takes word 0, key 2c + 1 word 1.
+    bits = jnp.stack([even, odd], axis=key_axis + 1)  # [P, 2, R] or [R, P, 2]
+    bits = bits.reshape((2 * pairs, -1) if key_axis == 0 else (-1, 2 * pairs))
+    if even_start:
+        bits = jax.lax.slice_in_dim(bits, 0, num_cols, axis=key_axis)
+    else:  # an odd first key starts at the second word of its pair
+        bits = jax.lax.dynamic_slice_in_dim(bits, first % 2, num_cols, axis=key_axis)
+    return bits >= threshold
+
+
+def attention_dropout_mask(seed: Array, shape: tuple[int, int, int, int], rate: float) -> Array:
+    """The whole dropout mask ``[B, N, T, S]`` (True = keep) that ``attention_dropout_keep``
+    builds tile by tile."""
+    b, n, t, s = shape
+    rows = jnp.arange(b * n * t, dtype=jnp.uint32)
+    return attention_dropout_keep(seed, rows, 0, s, rate).reshape(shape)

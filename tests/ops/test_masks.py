@@ -1,15 +1,21 @@
 """Tests for jaxattn.ops.masks against NumPy built independently."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.random import threefry_2x32
 
 from jaxattn.ops.masks import (
+    attention_dropout_keep,
+    attention_dropout_mask,
     attention_mask,
     causal_mask,
     check_lengths,
     combine_masks,
+    dropout_seed,
     masked_softmax,
     padding_mask,
 )
@@ -217,3 +223,65 @@ def test_check_lengths_accepts_0_to_steps_and_names_the_rest():
     ]:
         with pytest.raises(ValueError, match=message):
             check_lengths(lengths, 3, 5, "f")
+
+
+def test_dropout_mask_is_the_threefry_hash_of_each_position():
+    """Entry (row, col) keeps iff word col % 2 of threefry2x32(seed, (row, col // 2)) >=
+    rate 2^32, with row = (b N + n) T + t: rebuilt here through JAX's public threefry_2x32,
+    which hashes count[i] with count[i + n/2]."""
+    seed = dropout_seed(jax.random.key(5))
+    shape, rate = (2, 3, 5, 7), 0.3
+    b, n, t, s = np.meshgrid(*(np.arange(d) for d in shape), indexing="ij")
+    rows = ((b * shape[1] + n) * shape[2] + t).astype(np.uint32).ravel()
+    pairs = (s // 2).astype(np.uint32).ravel()
+    words = np.asarray(threefry_2x32(seed, jnp.asarray(np.concatenate([rows, pairs]))))
+    first, second = words[: rows.size], words[rows.size :]
+    bits = np.where(s.ravel() % 2 == 0, first, second).reshape(shape)
+    want = bits >= np.uint32(round(rate * 2**32))
+    np.testing.assert_array_equal(attention_dropout_mask(seed, shape, rate), want)
+
+
+@pytest.mark.parametrize("col_axis", [-1, 0])
+def test_dropout_tiles_match_the_whole_mask(col_axis):
+    """Any rows and any run of keys, from an even or odd (traced) start, are the same entries
+    of the whole mask; ``col_axis=0`` gives the transposed tile."""
+    seed = dropout_seed(jax.random.key(1))
+    whole = np.asarray(attention_dropout_mask(seed, (1, 2, 4, 11), 0.4)).reshape(8, 11)
+    rows = np.array([6, 1, 4])
+
+    def want(start, count):
+        tile = whole[rows, start : start + count]
+        return tile.T if col_axis == 0 else tile
+
+    def tiles(starts, count, even_start):  # traced starts, one compile per count
+        keep = partial(attention_dropout_keep, seed, rows, num_cols=count, rate=0.4)
+        batched = jax.vmap(lambda first: keep(first, col_axis=col_axis, even_start=even_start))
+        return jax.jit(batched)(starts)
+
+    for count in (1, 4, 5):
+        starts = np.arange(12 - count)
+        for start, tile in zip(starts, tiles(starts, count, None)):
+            np.testing.assert_array_equal(tile, want(start, count))
+        evens = starts[starts % 2 == 0]  # the caller's promise skips the extra column pair
+        for start, tile in zip(evens, tiles(evens, count, True)):
+            np.testing.assert_array_equal(tile, want(start, count))
+    for start, count in [(0, 5), (3, 4)]:  # a Python int start
+        tile = attention_dropout_keep(seed, rows, start, count, 0.4, col_axis=col_axis)
+        np.testing.assert_array_equal(tile, want(start, count))
+
+
+def test_dropout_mask_statistics():
+    """The keep rate is 1 - rate to within 5 standard deviations; neighbouring keys (the two
+    words of one hash), neighbouring rows and two keys are unrelated; rate 0 keeps all."""
+    seed = dropout_seed(jax.random.key(2))
+    shape, rate = (4, 8, 128, 128), 0.2
+    keep = np.asarray(attention_dropout_mask(seed, shape, rate))
+    sigma = np.sqrt(rate * (1 - rate) / keep.size)
+    assert abs(keep.mean() - (1 - rate)) < 5 * sigma
+    x = keep.astype(np.float64) - keep.mean()
+    for a, b in [(x[..., ::2], x[..., 1::2]), (x[..., :-1, :], x[..., 1:, :]), (x[0], x[1])]:
+        corr = (a * b).mean() / x.var()
+        assert abs(corr) < 5 / np.sqrt(a.size), corr
+    other = np.asarray(attention_dropout_mask(dropout_seed(jax.random.key(3)), shape, rate))
+    assert abs((keep == other).mean() - (rate**2 + (1 - rate) ** 2)) < 0.01
+    assert np.asarray(attention_dropout_mask(seed, (1, 1, 3, 5), 0.0)).all()
