@@ -36,8 +36,14 @@ import jax.numpy as jnp
 
 from jaxattn.ops._checks import check_size
 from jaxattn.ops.flash import check_attention_inputs, flash_attention, fold_traced_scale
-from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, dropout, normal, project
-from jaxattn.ops.masks import causal_mask, combine_masks, masked_softmax
+from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, normal, project
+from jaxattn.ops.masks import (
+    attention_dropout_mask,
+    causal_mask,
+    combine_masks,
+    dropout_seed,
+    masked_softmax,
+)
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -215,7 +221,10 @@ def _attention_xla_core(q, k, v, mask, bias, is_causal, scale, dropout_rate, dro
     b, t, n, _ = q.shape
     kh = k.shape[2]
     probs = _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]
-    p = dropout(dropout_rng, probs, dropout_rate) if dropout_rate > 0.0 else probs
+    p = probs
+    if dropout_rate > 0.0:  # the blockwise kernel's mask, built whole (masks.py)
+        keep = attention_dropout_mask(dropout_seed(dropout_rng), probs.shape, dropout_rate)
+        p = jnp.where(keep, probs * jnp.float32(1.0 / (1.0 - dropout_rate)), 0.0)
     p = p.astype(v.dtype)
     if n == kh:
         return jnp.einsum("bnts,bsnh->btnh", p, v), probs  # [B, T, N, Hv]
@@ -297,8 +306,17 @@ def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropou
 
 def _attention_blockwise(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
     """Blockwise online-softmax kernel (``jaxattn.ops.flash``): O(T) memory, any backend."""
-    del dropout_rate, dropout_rng  # rejected earlier: dropout_rate == 0 here
-    return flash_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal, scale=scale)
+    return flash_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        scale=scale,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+    )
 
 
 def _pallas_fits(q, k, v, mask, bias, is_causal) -> bool:
@@ -360,6 +378,10 @@ _KERNELS = {
 # einsum path keeps a group axis that XLA:CPU runs more slowly.
 _CPU_BLOCKWISE_MIN_LEN = 384
 _CPU_BLOCKWISE_MIN_LEN_GQA = 256
+# With attention dropout the einsum path also passes a dense mask through memory: the
+# blockwise kernel led from T = S = 256 (85.8 against 108.3 ms at B = 4, N = 8, H = 64,
+# rate 0.1) and trailed at 128 (41.5 against 35.6 ms); benchmarks/README.md.
+_CPU_BLOCKWISE_MIN_LEN_DROPOUT = 256
 # Any backend: never materialise dense float32 scores larger than this.
 _DENSE_SCORES_MAX_BYTES = 1 << 30
 
@@ -375,34 +397,38 @@ def _pallas_importable() -> bool:
 def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate) -> str:
     """Pick the fastest kernel that computes exactly our function (``implementation=None``).
 
-    - dropout: ``"xla"`` (the only kernel with attention dropout);
-    - GPU: ``"cudnn"`` for float16/bfloat16 with equal q/v head dims, a multiple of 8 up to
-      128 (cuDNN's fused kernels), and even T and S when there is a mask or bias (cuDNN's
+    - GPU, without dropout (which cuDNN's and Pallas' kernels do not take here):
+      ``"cudnn"`` for float16/bfloat16 with equal q/v head dims, a multiple of 8 up to 128
+      (cuDNN's fused kernels), and even T and S when there is a mask or bias (cuDNN's
       backward refuses odd lengths with one, and a ``T != S`` causal mask is one), else as
       below;
-    - TPU: ``"pallas"`` when importable and ``_pallas_fits``, else as below;
+    - TPU, without dropout: ``"pallas"`` when importable and ``_pallas_fits``, else as below;
     - CPU: ``"blockwise"`` when T and S are both >= ``_CPU_BLOCKWISE_MIN_LEN`` (384), or
-      ``_CPU_BLOCKWISE_MIN_LEN_GQA`` (256) with grouped key/value heads;
+      ``_CPU_BLOCKWISE_MIN_LEN_GQA`` (256) with grouped key/value heads, or
+      ``_CPU_BLOCKWISE_MIN_LEN_DROPOUT`` (256) with dropout;
     - otherwise ``"xla"``, or ``"blockwise"`` when the dense float32 scores ``[B, N, T, S]``
       would exceed ``_DENSE_SCORES_MAX_BYTES``.
     """
-    if dropout_rate > 0.0:
-        return "xla"
     (b, t, n, h), s = q.shape, k.shape[1]
     backend = jax.default_backend()
-    if backend == "gpu":
+    dropout = dropout_rate > 0.0  # cuDNN's and Pallas' kernels take none here
+    if backend == "gpu" and not dropout:
         low_precision = q.dtype in (jnp.float16, jnp.bfloat16)
         # cuDNN takes a mask as a bias, and its bias gradient needs even T and S.
         biased = mask is not None or bias is not None or (is_causal and t != s)
         even = t % 2 == 0 and s % 2 == 0
         if low_precision and v.shape[-1] == h and h % 8 == 0 and h <= 128 and (even or not biased):
             return "cudnn"
-    elif backend == "tpu":
+    elif backend == "tpu" and not dropout:
         if _pallas_fits(q, k, v, mask, bias, is_causal) and _pallas_importable():
             return "pallas"
     elif backend == "cpu":
-        grouped = k.shape[2] != n
-        if min(t, s) >= (_CPU_BLOCKWISE_MIN_LEN_GQA if grouped else _CPU_BLOCKWISE_MIN_LEN):
+        min_len = _CPU_BLOCKWISE_MIN_LEN
+        if k.shape[2] != n:  # grouped: the einsum path keeps a group axis
+            min_len = min(min_len, _CPU_BLOCKWISE_MIN_LEN_GQA)
+        if dropout:  # the einsum path passes a dense mask through memory too
+            min_len = min(min_len, _CPU_BLOCKWISE_MIN_LEN_DROPOUT)
+        if min(t, s) >= min_len:
             return "blockwise"
     return "blockwise" if 4 * b * n * t * s > _DENSE_SCORES_MAX_BYTES else "xla"
 
@@ -454,7 +480,9 @@ def dot_product_attention(
         mode (``jax.jvp``), since the others have custom gradients. ``"blockwise"`` has
         forward-over-reverse second derivatives (``jax.hessian``) but not ``jax.grad`` of
         ``jax.grad``.
-      dropout_rate: dropout on the attention probabilities (``"xla"`` only).
+      dropout_rate: dropout on the attention probabilities (``"xla"`` and
+        ``"blockwise"``, which drop the same entries for one key: the mask is a hash of
+        each entry's position, ``jaxattn.ops.masks.attention_dropout_keep``).
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
 
     Returns:
@@ -472,10 +500,10 @@ def dot_product_attention(
         f"dot_product_attention: dropout_rate={dropout_rate}",
         "a dropout_rng key",
     )
-    if dropout_rate > 0.0 and implementation != "xla":
+    if dropout_rate > 0.0 and implementation not in ("xla", "blockwise"):
         raise ValueError(
-            f"dot_product_attention: attention dropout is only supported by the 'xla' "
-            f"implementation, got implementation={implementation!r}"
+            f"dot_product_attention: attention dropout is only supported by the 'xla' and "
+            f"'blockwise' implementations, got implementation={implementation!r}"
         )
     if implementation != "xla":  # the fused kernels take the scale as a Python number
         q, scale = fold_traced_scale(q, scale)

@@ -23,6 +23,14 @@ whose every visible logit carries a huge negative bias (float32's ``finfo.min``,
 keeps its ``log l``, which the sum would round away (its gradients then came out l times
 too large).
 
+Attention dropout multiplies ``p`` by ``keep / (1 - rate)`` in the product with v only (the
+normaliser ``l`` counts every key, as in ``softmax(s) * keep / (1 - rate) @ v``); then
+``dv_j += (p keep)ᵀ dout_i / (1 - rate)`` and ``dp`` takes the same multiplier, while ``D``
+is unchanged (``rowsum(dp p) = rowsum(dout * out)`` still). ``keep`` is a hash of each
+entry's (row, key) position (``jaxattn.ops.masks.attention_dropout_keep``), so each tile's
+mask is rebuilt in the backward instead of stored, and it is the mask that the einsum path
+draws whole for the same key.
+
 Causal masking skips every block it hides entirely and masks only blocks that straddle the
 diagonal; key and query padding (T, S not multiples of the block) is masked the same way.
 With equal query and key blocks and S - T a whole number of blocks (causal self-attention)
@@ -66,6 +74,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxattn.ops.layers import check_dropout_key, check_dropout_rate
+from jaxattn.ops.masks import attention_dropout_keep, dropout_seed
+
 Array = jax.Array
 
 # Block edge when the caller does not choose one: 512 x 512 tiles per head were fastest on
@@ -88,6 +99,7 @@ class _Plan(NamedTuple):
     causal: bool
     scale: float
     batch_heads: bool  # vmap over (batch, kv-head) pairs instead of looping over them
+    dropout_rate: float = 0.0  # on the probabilities; the key rides along as an array
 
     @property
     def diagonal_edges(self) -> bool:
@@ -429,13 +441,43 @@ def _add_tile(acc: Array, index: tuple, tile: Array) -> Array:
     return acc.at[index].add(tile)
 
 
+def _row_ids(z, i, g: int, p: _Plan) -> Array:
+    """The dropout row numbers ``(b N + n) T + t`` (``attention_dropout_keep``) of query
+    block i of pair ``z = b K + k``: ``[R]``, rows ordered ``[G, bq]`` (head n = k G + g,
+    so b N + n = z G + g)."""
+    heads = jnp.asarray(z).astype(jnp.uint32) * g + jnp.arange(g, dtype=jnp.uint32)
+    times = jnp.asarray(i).astype(jnp.uint32) * p.bq + jnp.arange(p.bq, dtype=jnp.uint32)
+    return (heads[:, None] * p.t + times[None, :]).reshape(-1)
+
+
+def _dropout_multiplier(seed, rows, j, num_cols: int, p: _Plan, transposed: bool):
+    """``1 / (1 - rate)`` on the kept entries of tile j's first ``num_cols`` keys, 0 on the
+    dropped ones: ``[R, C]`` (``[C, R]`` transposed); None without dropout."""
+    if seed is None:
+        return None
+    keep = attention_dropout_keep(
+        seed,
+        rows,
+        j * p.bk,
+        num_cols,
+        p.dropout_rate,
+        col_axis=0 if transposed else -1,
+        even_start=p.bk % 2 == 0,
+    )
+    return jnp.where(keep, _F32(1.0 / (1.0 - p.dropout_rate)), _F32(0.0))
+
+
 # ----------------------------------------------------------------------------------------
 # Forward and backward kernels of one (batch, key/value head) pair, looped or vmapped over all
 # ----------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, tuple[Array, Array]]:
+def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, Array]]:
     """Online-softmax attention -> (out ``[B, T, N, Hv]``, (m, log l)).
+
+    With dropout (``seed``, ``p.dropout_rate``) the normaliser ``l`` sums the probabilities
+    before dropout and only the product with v sees the dropped ones, as in
+    ``softmax(s) * keep / (1 - rate) @ v``.
 
     ``m`` (each row's logit max; 0 for a row that sees no key) and ``log l`` (its log
     normaliser; +inf for such a row) are float32 ``[B*K, nq, R]``.
@@ -448,14 +490,15 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, tuple[Array, Array]]
 
     diag_bias = _diagonal_bias(g, p.bq, False) if p.diagonal_edges else None
 
-    def update(s, vj, m, denom, acc):  # one online-softmax step over the logits s [R, C]
+    def update(s, vj, drop, m, denom, acc):  # one online-softmax step over the logits s [R, C]
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         # A row that has seen only -inf keeps m = -inf; subtracting 0 then gives 0.
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         probs = jnp.exp(s - m_safe[:, None])  # [R, C]
         alpha = jnp.exp(m - m_safe)
         denom = denom * alpha + jnp.sum(probs, axis=-1)
-        pv = jnp.dot(probs.astype(v.dtype), vj, preferred_element_type=_F32)
+        kept = probs if drop is None else probs * drop
+        pv = jnp.dot(kept.astype(v.dtype), vj, preferred_element_type=_F32)
         return m_new, denom, acc * alpha[:, None] + pv
 
     def head(z, carry, qz, kz, vz, mz, bz):  # carry: unused, passed through
@@ -464,12 +507,14 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, tuple[Array, Array]]
 
         def query_block(i):
             qi = qz[i]
+            row_ids = None if seed is None else _row_ids(z, i, g, p)
 
             def step(j, carry, edge):
                 s = jnp.einsum("rh,ch->rc", qi, kz[j], preferred_element_type=_F32)
                 tiles = _tile(mz, i, j), _tile(bz, i, j)
                 s = _mask_logits(s, i, j, edge, diag_bias, *tiles, rows, g, p, False)
-                return update(s, vz[j], *carry)
+                drop = _dropout_multiplier(seed, row_ids, j, p.bk, p, False)
+                return update(s, vz[j], drop, *carry)
 
             def diagonal_step(j, carry):
                 # The top-right quarter is hidden: two products (_diagonal_halves).
@@ -487,7 +532,9 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, tuple[Array, Array]]
                     mask_tile, bias_tile = (_part_tile(t, rows_in, keys, False) for t in tiles)
                     s = _mask_diagonal(s, edge, mask_tile, bias_tile, g, False)
                     state = (_half_rows(x, g, first) for x in carry)
-                    halves.append(update(s, vz[j][keys], *state))
+                    drop = None if seed is None else _half_rows(row_ids, g, first)
+                    drop = _dropout_multiplier(seed, drop, j, s.shape[1], p, False)
+                    halves.append(update(s, vz[j][keys], drop, *state))
                 return tuple(_merge_halves(a, b, g) for a, b in zip(*halves))
 
             full, end = _key_range(i, p)
@@ -513,7 +560,7 @@ def _forward(q, k, v, mask, bias, p: _Plan) -> tuple[Array, tuple[Array, Array]]
     return out, (row_max, log_l)
 
 
-def _backward(q, k, v, mask, bias, out, stats, dout, p: _Plan):
+def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
     """Recompute probabilities tile by tile -> (dq, dk, dv, dbias or None)."""
     b, _, n, h = q.shape
     kh, hv = k.shape[2], v.shape[3]
@@ -525,12 +572,19 @@ def _backward(q, k, v, mask, bias, out, stats, dout, p: _Plan):
 
     diag_bias = _diagonal_bias(g, p.bq, True) if p.diagonal_edges else None
 
-    def tile_grads(st, ktj, vj, qi, doi, max_i, log_l_i, delta_i):
-        """A transposed tile's logits [C, R] -> (dqᵀ [H, R], dk [C, H], dv [C, Hv], dsᵀ)."""
+    def tile_grads(st, drop_t, ktj, vj, qi, doi, max_i, log_l_i, delta_i):
+        """A transposed tile's logits [C, R] -> (dqᵀ [H, R], dk [C, H], dv [C, Hv], dsᵀ).
+
+        With dropout (``drop_t``: 1 / (1 - rate) or 0 per entry) the forward multiplied v by
+        the dropped probabilities, so dv and dp see the multiplier; ``delta`` = rowsum(dout
+        out) is still rowsum(dp p) over the probabilities before dropout."""
         pt = jnp.exp(st - max_i[None, :] - log_l_i[None, :])  # [C, R]
         dpt = jnp.einsum("ch,rh->cr", vj, doi, preferred_element_type=_F32)
+        if drop_t is not None:
+            dpt = dpt * drop_t
         dst = pt * (dpt - delta_i[None, :])  # d loss / d logits, transposed
-        dv = jnp.dot(pt.astype(dout.dtype), doi, preferred_element_type=_F32)
+        kept = pt if drop_t is None else pt * drop_t
+        dv = jnp.dot(kept.astype(dout.dtype), doi, preferred_element_type=_F32)
         ds_in = dst.astype(q.dtype)
         dk = jnp.dot(ds_in, qi, preferred_element_type=_F32)
         dqt = jnp.dot(ktj, ds_in, preferred_element_type=_F32)  # [H, R]
@@ -551,7 +605,9 @@ def _backward(q, k, v, mask, bias, out, stats, dout, p: _Plan):
                 tiles = _tile(mz, j, i), _tile(bz, j, i)
                 st = _mask_logits(st, i, j, edge, diag_bias, *tiles, rows, g, p, True)
                 stats_i = maxz[i], log_lz[i], deltaz[i]
-                dqt_i, dk_i, dv_i, dst = tile_grads(st, ktz[j], vj, qi, doi, *stats_i)
+                row_ids = None if seed is None else _row_ids(z, i, g, p)
+                drop_t = _dropout_multiplier(seed, row_ids, j, p.bk, p, True)
+                dqt_i, dk_i, dv_i, dst = tile_grads(st, drop_t, ktz[j], vj, qi, doi, *stats_i)
                 if dbias is not None:
                     dbias = _add_tile(dbias, (z // kh, z % kh, j, i), dst.reshape(-1, g, p.bq))
                 return dqt.at[i].add(dqt_i), dk + dk_i, dv + dv_i, dbias
@@ -569,9 +625,12 @@ def _backward(q, k, v, mask, bias, out, stats, dout, p: _Plan):
                     edge = _half_rows(diag_bias, g, first, axis=1)[keys]
                     mask_tile, bias_tile = (_part_tile(t, rows_in, keys, True) for t in tiles)
                     st = _mask_diagonal(st, edge, mask_tile, bias_tile, g, True)
+                    row_ids = None if seed is None else half(_row_ids(z, i, g, p))
+                    drop_t = _dropout_multiplier(seed, row_ids, j, st.shape[0], p, True)
                     grads.append(
                         tile_grads(
                             st,
+                            drop_t,
                             ktz[j][:, keys],
                             vj[keys],
                             qh,
@@ -615,20 +674,20 @@ def _backward(q, k, v, mask, bias, out, stats, dout, p: _Plan):
     return dq, dk, dv, dbias
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, mask, bias, plan: _Plan) -> Array:
-    return _forward(q, k, v, mask, bias, plan)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, mask, bias, seed, plan: _Plan) -> Array:
+    return _forward(q, k, v, mask, bias, seed, plan)[0]
 
 
-def _flash_fwd(q, k, v, mask, bias, plan):
-    out, stats = _forward(q, k, v, mask, bias, plan)
-    return out, (q, k, v, mask, bias, out, stats)
+def _flash_fwd(q, k, v, mask, bias, seed, plan):
+    out, stats = _forward(q, k, v, mask, bias, seed, plan)
+    return out, (q, k, v, mask, bias, seed, out, stats)
 
 
 def _flash_bwd(plan, residuals, dout):
-    q, k, v, mask, bias, out, stats = residuals
-    dq, dk, dv, dbias = _backward(q, k, v, mask, bias, out, stats, dout, plan)
-    return dq, dk, dv, None, dbias  # no cotangent for the boolean mask
+    q, k, v, mask, bias, seed, out, stats = residuals
+    dq, dk, dv, dbias = _backward(q, k, v, mask, bias, seed, out, stats, dout, plan)
+    return dq, dk, dv, None, dbias, None  # no cotangent for the boolean mask or the seed
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -756,6 +815,8 @@ def flash_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     batch_heads: bool | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
 ) -> Array:
     """Blockwise attention ``softmax(scale · q kᵀ + bias, mask) v`` in O(T) memory.
 
@@ -785,6 +846,12 @@ def flash_attention(
         (``default_batch_heads``). The same function either way (to rounding: the default
         block size differs); with a bias the backward still loops over the pairs, on this
         layout's tiles.
+      dropout_rate: dropout on the attention probabilities (after the softmax; the
+        normaliser counts every key). Each tile's mask is hashed from the entries'
+        positions (``jaxattn.ops.masks.attention_dropout_keep``) and rebuilt in the
+        backward, so no ``[T, S]`` mask is stored; for one key it drops the same entries
+        as the einsum path, at any block size and in either loop order.
+      dropout_rng: PRNG key, required when ``dropout_rate > 0``.
 
     Returns:
       ``[B, T, N, Hv]`` in q's dtype; rows with nothing to attend to are 0.
@@ -798,11 +865,20 @@ def flash_attention(
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)
+    check_dropout_rate(dropout_rate, "flash_attention: dropout_rate")
+    check_dropout_key(
+        dropout_rng,
+        dropout_rate > 0.0,
+        f"flash_attention: dropout_rate={dropout_rate}",
+        "a dropout_rng key",
+    )
+    seed = dropout_seed(dropout_rng) if dropout_rate > 0.0 else None
     t, s, h = q.shape[1], k.shape[1], q.shape[3]
     if batch_heads is None:
         batch_heads = default_batch_heads(bias is not None)
     bq, bk = block_sizes(t, s, block_q, block_k, batch_heads)
     q, scale = fold_traced_scale(q, scale)
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-    plan = _Plan(t, s, bq, bk, bool(is_causal), scale, bool(batch_heads))
-    return _flash(q, k, v, mask, bias, plan)
+    rate = float(dropout_rate) if seed is not None else 0.0
+    plan = _Plan(t, s, bq, bk, bool(is_causal), scale, bool(batch_heads), rate)
+    return _flash(q, k, v, mask, bias, seed, plan)

@@ -25,6 +25,7 @@ from jaxattn.ops.attention import (
     project_qkv,
     write_kv_cache,
 )
+from jaxattn.ops.masks import attention_dropout_mask, dropout_seed
 
 B, T, S, N, H = 2, 5, 7, 6, 4
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -396,6 +397,9 @@ def test_attention_dropout(rng, np_rng):
     kept = out != 0
     np.testing.assert_allclose(out[kept], probs[kept] / (1 - rate), rtol=1e-5)
     assert 0.2 < 1 - kept.mean() < 0.6
+    # The dropped entries are the position hash's, which the blockwise kernel draws too.
+    mask = attention_dropout_mask(dropout_seed(rng), (B, q.shape[2], T, S), rate)
+    np.testing.assert_array_equal(kept, np.asarray(mask).transpose(0, 2, 1, 3))
     again = dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=rng)
     np.testing.assert_array_equal(out, again)
     with pytest.raises(ValueError, match="rng"):

@@ -27,6 +27,7 @@ from jaxattn.ops.flash import (
     default_batch_heads,
     flash_attention,
 )
+from jaxattn.ops.masks import attention_dropout_mask, dropout_seed
 
 B, N, H = 2, 6, 8
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -50,10 +51,12 @@ def sum_to(x, shape):
     return x.sum(axis=axes, keepdims=True).reshape(shape)
 
 
-def np_attention_vjp(q, k, v, cot, mask=None, bias=None, is_causal=False, scale=None):
+def np_attention_vjp(q, k, v, cot, mask=None, bias=None, is_causal=False, scale=None, drop=None):
     """Float64 attention and its vector-Jacobian product, one (batch, head) at a time.
 
-    Returns ``(out, (dq, dk, dv, dbias))``; rows with nothing to attend to give 0.
+    ``drop``: a ``[B, N, T, S]`` dropout multiplier (0 or 1 / (1 - rate)) on the
+    probabilities. Returns ``(out, (dq, dk, dv, dbias))``; rows with nothing to attend to
+    give 0.
     """
     q, k, v, cot = (np.asarray(a, np.float64) for a in (q, k, v, cot))
     b_, t_, n_, h_ = q.shape
@@ -67,6 +70,7 @@ def np_attention_vjp(q, k, v, cot, mask=None, bias=None, is_causal=False, scale=
     full_bias = np.zeros(allowed.shape)
     if bias is not None:
         full_bias = np.broadcast_to(np.asarray(bias, np.float64), allowed.shape)
+    drop = np.ones(allowed.shape) if drop is None else np.asarray(drop, np.float64)
     out, dq = np.zeros((b_, t_, n_, v.shape[-1])), np.zeros(q.shape)
     dk, dv, dlogits = np.zeros(k.shape), np.zeros(v.shape), np.zeros(allowed.shape)
     for b in range(b_):
@@ -79,12 +83,13 @@ def np_attention_vjp(q, k, v, cot, mask=None, bias=None, is_causal=False, scale=
                 if keep.any():
                     e = np.exp(logits[t, keep] - logits[t, keep].max())
                     probs[t, keep] = e / e.sum()
-            out[b, :, n] = probs @ v[b, :, j]
-            dprobs = cot[b, :, n] @ v[b, :, j].T
+            dropped = probs * drop[b, n]
+            out[b, :, n] = dropped @ v[b, :, j]
+            dprobs = (cot[b, :, n] @ v[b, :, j].T) * drop[b, n]
             ds = probs * (dprobs - (dprobs * probs).sum(-1, keepdims=True))
             dq[b, :, n] = scale * ds @ k[b, :, j]
             dk[b, :, j] += scale * ds.T @ q[b, :, n]
-            dv[b, :, j] += probs.T @ cot[b, :, n]
+            dv[b, :, j] += dropped.T @ cot[b, :, n]
             dlogits[b, n] = ds
     dbias = None if bias is None else sum_to(dlogits, np.shape(bias))
     return out, (dq, dk, dv, dbias)
@@ -132,17 +137,17 @@ def make_case(np_rng, name):
     return (q, k, v, bias), kw, (bq, bk)
 
 
-def vjp_of(impl, q, k, v, bias, cot, kw, blocks, batch_heads=False):
+def vjp_of(impl, q, k, v, bias, cot, kw, blocks, batch_heads=False, **dropout):
     """Output and (dq, dk, dv, dbias) of ``impl`` ("flash" with ``blocks`` and the
-    ``batch_heads`` layout, or "xla")."""
+    ``batch_heads`` layout, or "xla"); ``dropout``: ``dropout_rate`` and ``dropout_rng``."""
 
     def f(q, k, v, bias):
         if impl == "flash":
             bq, bk = blocks
             return flash_attention(
-                q, k, v, bias=bias, block_q=bq, block_k=bk, batch_heads=batch_heads, **kw
+                q, k, v, bias=bias, block_q=bq, block_k=bk, batch_heads=batch_heads, **kw, **dropout
             )
-        return dot_product_attention(q, k, v, bias=bias, implementation=impl, **kw)
+        return dot_product_attention(q, k, v, bias=bias, implementation=impl, **kw, **dropout)
 
     out, vjp = jax.vjp(f, q, k, v, bias)
     return out, vjp(cot)
@@ -171,6 +176,61 @@ def test_outputs_and_grads_match_numpy_and_xla(np_rng, name, batch_heads):
     assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, bias=bias, **kw))
     for want, want_grads in others:  # the einsum path of dot_product_attention
         assert_all_close(out, grads, want, want_grads)
+
+
+# Both layouts, the split diagonal, padding, T > S, GQA/MQA, masks and every bias shape.
+DROPOUT_CASES = [
+    ("causal", False),
+    ("causal", True),
+    ("padding_causal_t<s_gqa2", True),
+    ("causal_t>s_gqa3", False),
+    ("mask_bias_gqa3", False),
+    ("cross_mqa_key_bias", True),
+    ("padding_causal_t<s_split", False),
+    ("causal_bias_gqa3_split", False),
+]
+
+
+@pytest.mark.parametrize("name, batch_heads", DROPOUT_CASES)
+def test_dropout_matches_numpy_and_xla(np_rng, name, batch_heads):
+    """With attention dropout the kernel rebuilds each tile's mask in the backward; outputs
+    and gradients match the float64 reference under the whole mask
+    (``attention_dropout_mask``) and the einsum path, which draws the same mask."""
+    (q, k, v, bias), kw, blocks = make_case(np_rng, name)
+    cot = normal(np_rng, *q.shape)
+    rate, rng = 0.3, jax.random.key(4)
+    dropout = {"dropout_rate": rate, "dropout_rng": rng}
+    results = jax.jit(
+        lambda *a: [vjp_of(i, *a, kw, blocks, batch_heads, **dropout) for i in ("flash", "xla")]
+    )(q, k, v, bias, cot)
+    (out, grads), (want, want_grads) = results
+    shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    keep = np.asarray(attention_dropout_mask(dropout_seed(rng), shape, rate))
+    assert 0.2 < 1 - keep.mean() < 0.4
+    drop = keep / (1 - rate)
+    assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, bias=bias, drop=drop, **kw))
+    assert_all_close(out, grads, want, want_grads)
+
+
+def test_dropout_is_one_function_of_the_key_at_any_block_size(np_rng):
+    """Odd blocks (tiles starting at odd keys), the default blocks and the einsum path drop
+    the same entries; under vmap over keys too, and another key drops others."""
+    q, k, v = (normal(np_rng, 2, 19, 4, H) for _ in range(3))
+    keys = jax.random.split(jax.random.key(9), 2)
+
+    @jax.jit
+    def run(rngs):  # [odd blocks, default blocks, einsum path] per key
+        def one(rng, **kw):
+            return flash_attention(q, k, v, is_causal=True, dropout_rate=0.5, dropout_rng=rng, **kw)
+
+        xla = partial(dot_product_attention, implementation="xla")
+        dense = lambda r: xla(q, k, v, is_causal=True, dropout_rate=0.5, dropout_rng=r)
+        return [jax.vmap(f)(rngs) for f in (partial(one, block_q=5, block_k=7), one, dense)]
+
+    odd, default, dense = run(keys)
+    np.testing.assert_allclose(odd, dense, **TOL)
+    np.testing.assert_allclose(default, dense, **TOL)
+    assert not np.allclose(odd[0], odd[1])
 
 
 @pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
@@ -403,6 +463,9 @@ def test_backward_memory_is_linear_in_length():
     dense = 4 * n * t * t  # float32 [N, T, S] scores for one batch element: 128 MiB
     assert temp_bytes(partial(causal, implementation="xla")) >= dense  # materialises them
     assert temp_bytes(partial(causal, implementation="blockwise")) < dense / 16
+    # Dropout keeps no mask: each tile's is rebuilt from its positions in the backward.
+    dropout = {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}
+    assert temp_bytes(partial(causal, implementation="blockwise", **dropout)) < dense / 16
     # The accelerator layout keeps one [Z, 256, 256] tile per step: still far below dense.
     assert temp_bytes(partial(flash_attention, is_causal=True, batch_heads=True)) < dense / 16
 
@@ -431,9 +494,9 @@ def test_layout_and_block_defaults_follow_the_backend(np_rng, monkeypatch):
     plans = []
     original = flash._flash
 
-    def spy(q, k, v, mask, bias, plan):
+    def spy(q, k, v, mask, bias, seed, plan):
         plans.append(plan)
-        return original(q, k, v, mask, bias, plan)
+        return original(q, k, v, mask, bias, seed, plan)
 
     monkeypatch.setattr(flash, "_flash", spy)
     q, k = normal(np_rng, 1, 600, 2, 8), normal(np_rng, 1, 600, 2, 8)
@@ -486,17 +549,24 @@ def test_select_implementation(monkeypatch):
     assert pick(4 * long, 4 * long) == "blockwise"
     assert pick(long // 2, long // 2) == "xla"
     assert pick(1, 4 * long) == "xla"  # one decoding step: the dense row is small
-    assert pick(4 * long, 4 * long, dropout=0.1) == "xla"
+    assert pick(4 * long, 4 * long, dropout=0.1) == "blockwise"  # the kernel drops too
+    short = attention._CPU_BLOCKWISE_MIN_LEN_DROPOUT
+    assert short < long  # the einsum path's dense mask: blockwise takes over sooner
+    assert pick(short, short, dropout=0.1) == "blockwise" and pick(short, short) == "xla"
+    assert pick(short // 2, short // 2, dropout=0.1) == "xla"
     gqa = attention._CPU_BLOCKWISE_MIN_LEN_GQA
     assert gqa < long  # the grouped einsum path is slower, so blockwise takes over sooner
     assert pick(gqa, gqa, k_heads=2) == "blockwise" and pick(gqa, gqa) == "xla"
     assert pick(gqa // 2, gqa // 2, k_heads=2) == "xla"
     assert pick(256, 256, jnp.bfloat16, backend="gpu") == "cudnn"
+    assert pick(256, 256, jnp.bfloat16, backend="gpu", dropout=0.1) == "xla"  # cuDNN: none
+    assert pick(16384, 16384, jnp.bfloat16, backend="gpu", dropout=0.1) == "blockwise"
     assert pick(256, 256, jnp.bfloat16, h=73, backend="gpu") == "xla"  # head dim not 8k
     assert pick(256, 256, backend="gpu") == "xla"  # float32: cuDNN's fused path is low precision
     assert pick(16384, 16384, backend="gpu") == "blockwise"  # dense scores would be 16 GiB
     assert pick(256, 256, backend="tpu") == ("pallas" if attention._pallas_importable() else "xla")
     assert pick(256, 256, backend="tpu", k_heads=2) == "xla"  # GQA: not the Pallas kernel
+    assert pick(256, 256, backend="tpu", dropout=0.1) == "xla"  # Pallas: no dropout
     assert pick(256, 384, backend="tpu") == "xla"  # causal needs T == S for Pallas
 
 
@@ -564,6 +634,10 @@ def test_bad_inputs(np_rng):
         flash_attention(q[:, :0], k, k)
     with pytest.raises(ValueError, match="block sizes"):
         flash_attention(q, k, k, block_q=0)
+    with pytest.raises(ValueError, match=r"flash_attention: dropout_rate=0.1 needs a dropout_rng"):
+        flash_attention(q, k, k, dropout_rate=0.1)
+    with pytest.raises(ValueError, match=r"flash_attention: dropout_rate must be in \[0, 1\)"):
+        flash_attention(q, k, k, dropout_rate=1.0, dropout_rng=jax.random.key(0))
     with pytest.raises(ValueError, match="needs a TPU"):
         dot_product_attention(
             *(normal(np_rng, 1, 128, 2, 8) for _ in range(3)), implementation="pallas"
