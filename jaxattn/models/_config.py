@@ -48,12 +48,18 @@ def check_special_ids(owner: Any, vocab_size: int) -> None:
 
 def check_attention_implementation(owner: Any) -> None:
     """Raise unless ``owner.attention_implementation`` is None or a kernel name of
-    ``dot_product_attention``: a typo would otherwise pass until the first forward pass."""
+    ``dot_product_attention`` that takes ``owner.dropout``: a typo, or cuDNN or Pallas with
+    attention dropout, would otherwise pass until the first (training) forward pass."""
     value = owner.attention_implementation
     if value not in (None, *IMPLEMENTATIONS):
         raise ValueError(
             f"{type(owner).__name__}.attention_implementation must be None or one of "
             f"{IMPLEMENTATIONS}, got {value!r}"
+        )
+    if owner.dropout > 0 and value not in (None, "xla", "blockwise"):
+        raise ValueError(
+            f"{type(owner).__name__}.attention_implementation={value!r} takes no attention "
+            f"dropout, got dropout={owner.dropout}; use None, 'xla' or 'blockwise'"
         )
 
 

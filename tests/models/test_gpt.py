@@ -164,6 +164,10 @@ def np_cross_entropy(logits, targets):
         (dict(remat="false"), "remat must be a bool"),
         (dict(gelu_approximate=None), "gelu_approximate must be a bool"),
         (dict(attention_implementation="flash"), "attention_implementation must be None or"),
+        (
+            dict(attention_implementation="cudnn", dropout=0.1),
+            r"GPTConfig.attention_implementation='cudnn' takes no attention dropout",
+        ),
         # Not numbers: a TypeError naming no field; a JAX scalar: an unhashable config.
         (dict(dropout="0.1"), "GPTConfig.dropout must be a number"),
         (dict(dropout=None), "GPTConfig.dropout must be a number"),
@@ -443,6 +447,11 @@ def test_dropout():
     assert not np.allclose(train1, evaluate, atol=1e-3)
     assert not np.allclose(
         train1, gpt_jit(w, tokens, config, rng=k2, deterministic=False), atol=1e-3
+    )
+    # The blockwise kernel drops the same attention entries as the einsum path.
+    blockwise = dataclasses.replace(config, attention_implementation="blockwise")
+    np.testing.assert_allclose(
+        gpt_jit(w, tokens, blockwise, rng=k1, deterministic=False), train1, atol=1e-5
     )
     with pytest.raises(ValueError, match="rng"):
         gpt(w, tokens, config, deterministic=False)

@@ -387,6 +387,10 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(pad_id=-1), r"pad_id must be an int in \[0, 11\) .*got -1"),
         (dict(eos_id=11), r"eos_id must be an int in \[0, 11\) .*got 11"),
         (dict(attention_implementation="flash"), "attention_implementation must be None or"),
+        (
+            dict(attention_implementation="cudnn", dropout=0.1),
+            r"TransformerConfig.attention_implementation='cudnn' takes no attention dropout",
+        ),
     ],
 )
 def test_config_validation(changes, match):
