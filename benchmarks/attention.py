@@ -4,6 +4,7 @@
     python benchmarks/attention.py --quick    # T = 256, 1024, 2048 with 3 repeats
     python benchmarks/attention.py --long     # also peak RSS of blockwise fwd+bwd at T = 32768
     python benchmarks/attention.py --wait-quiet 5   # shared machine: wait <= 5 s for idle CPUs
+    python benchmarks/attention.py --dropout 0.1    # with attention dropout (training)
 
 Layout ``[B, T, N, H]`` with N = 8 heads of H = 64, float32, causal self-attention; B = 4
 up to T = 2048, then halved whenever T doubles (B T = 8192 tokens) so the dense baselines
@@ -16,6 +17,10 @@ Memory of forward+backward: for JAX the temporary buffers XLA allocates for the 
 step (``memory_analysis().temp_size_in_bytes``, exact); for PyTorch the growth of the peak
 resident set (VmHWM) of a fresh subprocess over one call. Ratios are to PyTorch's
 ``F.scaled_dot_product_attention`` measured in the same run.
+
+With ``--dropout RATE`` every row drops attention probabilities as in training: jaxattn's
+kernels, its einsum path, Flax linen (``dropout_rng``) and PyTorch SDPA (``dropout_p``);
+``jax.nn.dot_product_attention`` and the plain einsum take no dropout and are left out.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import platform
 import subprocess
 import sys
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -152,12 +158,26 @@ def einsum_attention(q, k, v):
     return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
 
 
-def flax_attention(q, k, v):
+def flax_attention(q, k, v, dropout: float = 0.0):
     """Flax linen's einsum attention (``flax.nnx.dot_product_attention`` calls jax.nn's)."""
     import flax.linen as nn
 
     t = q.shape[1]
-    return nn.dot_product_attention(q, k, v, mask=jnp.tril(jnp.ones((1, 1, t, t), bool)))
+    mask = jnp.tril(jnp.ones((1, 1, t, t), bool))
+    if not dropout:
+        return nn.dot_product_attention(q, k, v, mask=mask)
+    # broadcast_dropout=False: Flax's default shares one [T, S] mask across batch and heads,
+    # which draws B N times fewer random bits than the other rows.
+    return nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        dropout_rng=DROPOUT_KEY,
+        dropout_rate=dropout,
+        broadcast_dropout=False,
+        deterministic=False,
+    )
 
 
 JAX_IMPLS = {
@@ -169,14 +189,30 @@ JAX_IMPLS = {
     "einsum": einsum_attention,
     "flax linen": flax_attention,
 }
-DENSE = {"jax.nn", "einsum", "flax linen"}
+DENSE = {"jax.nn", "einsum", "flax linen", "jaxattn xla (einsum)"}
+DROPOUT_KEY = jax.random.key(0)
 
 
-def jax_calls(name, b, t):
+def jax_impls(dropout: float) -> dict:
+    """The JAX rows; with attention dropout, those that take it."""
+    if not dropout:
+        return JAX_IMPLS
+    attend = partial(
+        dot_product_attention, is_causal=True, dropout_rate=dropout, dropout_rng=DROPOUT_KEY
+    )
+    return {
+        "jaxattn auto": attend,
+        "jaxattn blockwise": partial(attend, implementation="blockwise"),
+        "jaxattn xla (einsum)": partial(attend, implementation="xla"),
+        "flax linen": partial(flax_attention, dropout=dropout),
+    }
+
+
+def jax_calls(name, b, t, dropout=0.0):
     """Compiled (fwd, fwd+bwd) closures and the fwd+bwd step's XLA temp bytes."""
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((b, t, N, H)), jnp.float32) for _ in range(3))
-    f = JAX_IMPLS[name]
+    f = jax_impls(dropout)[name]
     fwd = jax.jit(f).lower(q, k, v).compile()
     loss = lambda *a: jnp.sum(f(*a))
     # value_and_grad, not grad: under jax.grad the output O = P V is dead code (the
@@ -191,7 +227,7 @@ def jax_calls(name, b, t):
     )
 
 
-def torch_calls(b, t):
+def torch_calls(b, t, dropout=0.0):
     import torch
     import torch.nn.functional as F
 
@@ -199,11 +235,12 @@ def torch_calls(b, t):
 
     def fwd():
         with torch.no_grad():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
 
     def fwd_bwd():
         q.grad = k.grad = v.grad = None
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        out.sum().backward()
 
     return fwd, fwd_bwd
 
@@ -211,20 +248,20 @@ def torch_calls(b, t):
 # ------------------------------------------------------------------ the table
 
 
-def torch_memory_child(b: int, t: int) -> None:
+def torch_memory_child(b: int, t: int, dropout: float) -> None:
     """Print the peak-RSS growth (bytes) of one torch fwd+bwd in this fresh process."""
-    _, fwd_bwd = torch_calls(b, t)
+    _, fwd_bwd = torch_calls(b, t, dropout)
     before = peak_rss()
     fwd_bwd()
     print(peak_rss() - before)
 
 
-def torch_memory(b: int, t: int) -> int:
-    cmd = [sys.executable, __file__, "--torch-memory-child", str(b), str(t)]
+def torch_memory(b: int, t: int, dropout: float) -> int:
+    cmd = [sys.executable, __file__, "--torch-memory-child", str(b), str(t), str(dropout)]
     return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
-def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> dict:
+def run_table(lengths, repeats, slow, max_dense_gib, quiet, dropout=0.0) -> dict:
     """Print the table; return ``{T: {implementation: {fwd_s, fwd_bwd_s, ...}}}``."""
     try:
         import torch
@@ -234,7 +271,8 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> dict:
         torch_version = None
     import flax
 
-    print(f"# Causal attention, float32, [B, T, N={N}, H={H}]")
+    title = f", attention dropout {dropout}" if dropout else ""
+    print(f"# Causal attention, float32, [B, T, N={N}, H={H}]{title}")
     print(f"machine: {machine()}; date: {datetime.date.today()}")
     print(f"jax {jax.__version__}, flax {flax.__version__}, torch {torch_version or 'absent'}")
     print(f"median of {repeats} after a warm-up; B = 4 up to T = 2048, then B T = 8192")
@@ -248,15 +286,15 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet) -> dict:
     for t in lengths:
         b = max(1, min(4, 8192 // t))
         rows, torch_fb, built = [], None, {}
-        names = list(JAX_IMPLS) + (["torch SDPA"] if torch_version else [])
+        names = list(jax_impls(dropout)) + (["torch SDPA"] if torch_version else [])
         dense_gib = 3 * 4 * b * N * t * t / 2**30  # logits, probs, their cotangent
         for name in names:
             if name in DENSE and dense_gib > max_dense_gib:
                 continue
             if name == "torch SDPA":
-                (fwd, fwd_bwd), mem = torch_calls(b, t), torch_memory(b, t)
+                (fwd, fwd_bwd), mem = torch_calls(b, t, dropout), torch_memory(b, t, dropout)
             else:
-                fwd, fwd_bwd, mem = jax_calls(name, b, t)
+                fwd, fwd_bwd, mem = jax_calls(name, b, t, dropout)
             built[name] = (fwd, fwd_bwd, mem)
         # Every row of this T timed in turn (round r calls each once), as lstm.py does, so
         # a slow spell of the shared machine does not fall on one row (e.g. on SDPA alone).
@@ -342,21 +380,27 @@ def main() -> None:
         help="skip dense baselines whose [B, N, T, T] buffers exceed this",
     )
     parser.add_argument("--long", action="store_true", help="also run T = 32768 (minutes)")
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="attention dropout rate of every row"
+    )
     add_wait_quiet_flag(parser)
     add_json_flag(parser)
     parser.add_argument("--long-child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--torch-memory-child", type=int, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--torch-memory-child", type=float, nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.long_child:
         return long_child(args.long_child)
     if args.torch_memory_child:
-        return torch_memory_child(*args.torch_memory_child)
+        b, t, dropout = args.torch_memory_child
+        return torch_memory_child(int(b), int(t), dropout)
     lengths = args.lengths or (
         [256, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
     )
     repeats = args.repeats or (3 if args.quick else 5)
-    table = run_table(lengths, repeats, args.slow, args.max_dense_gib, args.wait_quiet)
-    results = {"attention": table}
+    table = run_table(
+        lengths, repeats, args.slow, args.max_dense_gib, args.wait_quiet, args.dropout
+    )
+    results = {"attention_dropout" if args.dropout else "attention": table}
     write_json(args.json, results)  # kept even if the long run below fails
     if args.long:
         results["long"] = run_long(32768)

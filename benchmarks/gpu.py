@@ -17,7 +17,8 @@ about a minute on 2 CPU cores; the test suite runs it that way.
   ``implementation=None`` picks) in bfloat16 against a float32 reference written here
   (einsum at ``precision="highest"``), on causal, padded, grouped-query, queries-last
   (T < S), biased and H = 128 cases: the output and the gradients of q, k and v, as
-  ``max |got - want| / max |want|``. Also ``blockwise`` in float32 at highest precision.
+  ``max |got - want| / max |want|``. Also ``blockwise`` in float32 at highest precision,
+  and ``blockwise`` with attention dropout 0.1 against the einsum path with the same key.
 - ``attention``: causal self-attention in bfloat16, ``[B, T, N=16, H=128]`` with
   B T = 32768 tokens, forward and forward+backward: jaxattn's kernels, ``jax.nn`` with
   ``implementation="xla"`` and ``"cudnn"``, and PyTorch's ``scaled_dot_product_attention``.
@@ -174,10 +175,30 @@ def _rel_err(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
+def _check_row(results, row, fn, qkv, probe, want, tol, precision="default") -> None:
+    """Compare ``[out, dq, dk, dv]`` of ``fn`` on ``qkv`` with ``want``; print the table row
+    ``row = (case, dtype name, label, key)`` and record it as ``results[case][key]``. An
+    exception becomes a failed row."""
+    name, dname, label, key = row
+    try:
+        with jax.default_matmul_precision(precision):
+            errs = [_rel_err(g, w) for g, w in zip(_out_and_grads(fn, qkv, probe), want)]
+    except Exception as e:  # report, go on with the other rows
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+        print(f"| {name} | {dname} | {label} | error: {msg} | | | | **no** |")
+        results.setdefault(name, {})[key] = {"error": msg}
+        return
+    ok = all(e <= tol for e in errs)
+    cells = " | ".join(f"{e:.1e}" for e in errs)
+    print(f"| {name} | {dname} | {label} | {cells} | {'yes' if ok else '**no**'} |", flush=True)
+    results.setdefault(name, {})[key] = {"errors": errs, "ok": ok}
+
+
 def run_checks(shrink: int = 1) -> dict:
     print("# Correctness: max |got - want| / max |want| against a float32 einsum reference")
     print("(out, dq, dk, dv; the loss is sum(out * probe)). Tolerance: 3e-2 in bfloat16,")
-    print("1e-4 for float32 at highest precision.\n")
+    print("1e-4 for float32 at highest precision. With dropout 0.1 the reference is the")
+    print("einsum path in float32 at highest precision with the same key (same mask).\n")
     print("| case | dtype | implementation | out | dq | dk | dv | ok |")
     print("|---|---|---|---|---|---|---|---|")
     results = {}
@@ -201,20 +222,19 @@ def run_checks(shrink: int = 1) -> dict:
                     label = f"auto ({picked})"
                 impl_arg = None if impl == "auto" else impl
                 fn = functools.partial(dot_product_attention, implementation=impl_arg, **kw)
-                try:
-                    with jax.default_matmul_precision(precision):
-                        got = _out_and_grads(fn, qkv, probe)
-                    errs = [_rel_err(g, w) for g, w in zip(got, want)]
-                except Exception as e:  # report, go on with the other rows
-                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
-                    print(f"| {name} | {dname} | {label} | error: {msg} | | | | **no** |")
-                    results.setdefault(name, {})[f"{dname} {impl}"] = {"error": msg}
-                    continue
-                ok = all(e <= tol for e in errs)
-                cells = " | ".join(f"{e:.1e}" for e in errs)
-                print(f"| {name} | {dname} | {label} | {cells} | {'yes' if ok else '**no**'} |",
-                      flush=True)  # fmt: skip
-                results.setdefault(name, {})[f"{dname} {impl}"] = {"errors": errs, "ok": ok}
+                row = (name, dname, label, f"{dname} {impl}")
+                _check_row(results, row, fn, qkv, probe, want, tol, precision)
+        # Attention dropout: the blockwise kernel in bfloat16 against the einsum path, which
+        # draws the same position-hashed mask for the same key.
+        qkv, probe, kw = _case_inputs(_shrink(case, shrink), jnp.float32)
+        kw |= {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}
+        einsum = functools.partial(dot_product_attention, implementation="xla", **kw)
+        with jax.default_matmul_precision("highest"):
+            want = _out_and_grads(einsum, qkv, probe)
+        blockwise = functools.partial(dot_product_attention, implementation="blockwise", **kw)
+        bf16 = tuple(x.astype(jnp.bfloat16) for x in qkv)
+        row = (name, "bfloat16", "blockwise, dropout 0.1", "bfloat16 blockwise dropout")
+        _check_row(results, row, blockwise, bf16, probe, want, 3e-2)
     return results
 
 
