@@ -223,8 +223,11 @@ def _attention_xla_core(q, k, v, mask, bias, is_causal, scale, dropout_rate, dro
     probs = _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]
     p = probs
     if dropout_rate > 0.0:  # the blockwise kernel's mask, built whole (masks.py)
-        keep = attention_dropout_mask(dropout_seed(dropout_rng), probs.shape, dropout_rate)
-        p = jnp.where(keep, probs * jnp.float32(1.0 / (1.0 - dropout_rate)), 0.0)
+        # A Python float, as in the kernel's plan: a float32 rate's 1 / (1 - rate) would
+        # otherwise be rounded twice, an ulp off the kernel's for some rates.
+        rate = float(dropout_rate)
+        keep = attention_dropout_mask(dropout_seed(dropout_rng), probs.shape, rate)
+        p = jnp.where(keep, probs * jnp.float32(1.0 / (1.0 - rate)), 0.0)
     p = p.astype(v.dtype)
     if n == kh:
         return jnp.einsum("bnts,bsnh->btnh", p, v), probs  # [B, T, N, Hv]

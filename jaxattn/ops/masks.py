@@ -227,7 +227,9 @@ def attention_dropout_keep(
         even_start = isinstance(first_col, int) and first_col % 2 == 0
     rows = jnp.asarray(rows).astype(jnp.uint32)
     first = jnp.asarray(first_col).astype(jnp.uint32)
-    threshold = jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+    # float: a JAX scalar rate would keep round()'s result an array, and min() would then
+    # parse 2^32 - 1 as an int32 (OverflowError).
+    threshold = jnp.uint32(min(round(float(rate) * 2.0**32), 2**32 - 1))
     # The column pairs C keys can touch: one more when the start may be odd.
     pairs = -(-num_cols // 2) + (0 if even_start else 1)
     pair_ids = first // 2 + jnp.arange(pairs, dtype=jnp.uint32)

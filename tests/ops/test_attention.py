@@ -402,6 +402,11 @@ def test_attention_dropout(rng, np_rng):
     np.testing.assert_array_equal(kept, np.asarray(mask).transpose(0, 2, 1, 3))
     again = dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=rng)
     np.testing.assert_array_equal(out, again)
+    # A NumPy or JAX scalar is the same rate (0.375: exact in float32).
+    exact = dot_product_attention(q, k, v, dropout_rate=0.375, dropout_rng=rng)
+    for scalar in (np.float32(0.375), jnp.float32(0.375)):
+        got = dot_product_attention(q, k, v, dropout_rate=scalar, dropout_rng=rng)
+        np.testing.assert_array_equal(got, exact)
     with pytest.raises(ValueError, match="rng"):
         dot_product_attention(q, k, v, dropout_rate=rate)
 

@@ -214,23 +214,32 @@ def test_dropout_matches_numpy_and_xla(np_rng, name, batch_heads):
 
 def test_dropout_is_one_function_of_the_key_at_any_block_size(np_rng):
     """Odd blocks (tiles starting at odd keys), the default blocks and the einsum path drop
-    the same entries; under vmap over keys too, and another key drops others."""
-    q, k, v = (normal(np_rng, 2, 19, 4, H) for _ in range(3))
+    the same entries, in the forward and in the backward's transposed tiles; under vmap
+    over keys too, and another key drops others."""
+    q, k, v, cot = (normal(np_rng, 2, 19, 4, H) for _ in range(4))
     keys = jax.random.split(jax.random.key(9), 2)
 
     @jax.jit
-    def run(rngs):  # [odd blocks, default blocks, einsum path] per key
-        def one(rng, **kw):
+    def run(rngs):  # (out, (dq, dk, dv)) of [odd blocks, default blocks, einsum path] per key
+        def flash(q, k, v, rng, **kw):
             return flash_attention(q, k, v, is_causal=True, dropout_rate=0.5, dropout_rng=rng, **kw)
 
-        xla = partial(dot_product_attention, implementation="xla")
-        dense = lambda r: xla(q, k, v, is_causal=True, dropout_rate=0.5, dropout_rng=r)
-        return [jax.vmap(f)(rngs) for f in (partial(one, block_q=5, block_k=7), one, dense)]
+        def dense(q, k, v, rng):
+            return dot_product_attention(
+                q, k, v, is_causal=True, implementation="xla", dropout_rate=0.5, dropout_rng=rng
+            )
+
+        def out_and_grads(f, rng):
+            out, vjp = jax.vjp(partial(f, rng=rng), q, k, v)
+            return out, vjp(cot)
+
+        fns = (partial(flash, block_q=5, block_k=7), flash, dense)
+        return [jax.vmap(partial(out_and_grads, f))(rngs) for f in fns]
 
     odd, default, dense = run(keys)
-    np.testing.assert_allclose(odd, dense, **TOL)
-    np.testing.assert_allclose(default, dense, **TOL)
-    assert not np.allclose(odd[0], odd[1])
+    assert_all_close(*odd, *dense)
+    assert_all_close(*default, *dense)
+    assert not np.allclose(odd[0][0], odd[0][1])
 
 
 @pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])

@@ -239,6 +239,10 @@ def test_dropout_mask_is_the_threefry_hash_of_each_position():
     bits = np.where(s.ravel() % 2 == 0, first, second).reshape(shape)
     want = bits >= np.uint32(round(rate * 2**32))
     np.testing.assert_array_equal(attention_dropout_mask(seed, shape, rate), want)
+    # A NumPy or JAX scalar is the same rate (0.375: exact in float32).
+    exact = attention_dropout_mask(seed, shape, 0.375)
+    for scalar in (np.float32(0.375), jnp.float32(0.375)):
+        np.testing.assert_array_equal(attention_dropout_mask(seed, shape, scalar), exact)
 
 
 @pytest.mark.parametrize("col_axis", [-1, 0])
