@@ -59,7 +59,8 @@ def check_attention_implementation(owner: Any) -> None:
     if owner.dropout > 0 and value not in (None, "xla", "blockwise"):
         raise ValueError(
             f"{type(owner).__name__}.attention_implementation={value!r} takes no attention "
-            f"dropout, got dropout={owner.dropout}; use None, 'xla' or 'blockwise'"
+            f"dropout, got dropout={owner.dropout}; use None, 'xla' or 'blockwise', or "
+            f"dropout=0 (a config for inference only)"
         )
 
 
