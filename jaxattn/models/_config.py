@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from jaxattn.ops._checks import as_size, check_size
-from jaxattn.ops.attention import IMPLEMENTATIONS
+from jaxattn.ops.attention import DROPOUT_IMPLEMENTATIONS, IMPLEMENTATIONS
 from jaxattn.ops.layers import check_dropout_rate
 
 __all__ = ["check_size"]  # re-exported: the models import their checks from here
@@ -56,7 +56,7 @@ def check_attention_implementation(owner: Any) -> None:
             f"{type(owner).__name__}.attention_implementation must be None or one of "
             f"{IMPLEMENTATIONS}, got {value!r}"
         )
-    if owner.dropout > 0 and value not in (None, "xla", "blockwise"):
+    if owner.dropout > 0 and value not in (None, *DROPOUT_IMPLEMENTATIONS):
         raise ValueError(
             f"{type(owner).__name__}.attention_implementation={value!r} takes no attention "
             f"dropout, got dropout={owner.dropout}; use None, 'xla' or 'blockwise', or "

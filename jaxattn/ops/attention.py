@@ -35,12 +35,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops._checks import check_size
-from jaxattn.ops.flash import check_attention_inputs, flash_attention, fold_traced_scale
+from jaxattn.ops.flash import (
+    check_attention_dropout,
+    check_attention_inputs,
+    flash_attention,
+    fold_traced_scale,
+)
 from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, normal, project
 from jaxattn.ops.masks import (
     attention_dropout_mask,
     causal_mask,
     combine_masks,
+    dropout_scale,
     dropout_seed,
     masked_softmax,
 )
@@ -192,6 +198,7 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
 # ----------------------------------------------------------------------------------------
 
 IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "pallas")
+DROPOUT_IMPLEMENTATIONS = ("xla", "blockwise")  # the kernels that take attention dropout
 
 
 def _probs(q, k, mask, bias, is_causal, scale) -> Array:
@@ -223,11 +230,8 @@ def _attention_xla_core(q, k, v, mask, bias, is_causal, scale, dropout_rate, dro
     probs = _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]
     p = probs
     if dropout_rate > 0.0:  # the blockwise kernel's mask, built whole (masks.py)
-        # A Python float, as in the kernel's plan: a float32 rate's 1 / (1 - rate) would
-        # otherwise be rounded twice, an ulp off the kernel's for some rates.
-        rate = float(dropout_rate)
-        keep = attention_dropout_mask(dropout_seed(dropout_rng), probs.shape, rate)
-        p = jnp.where(keep, probs * jnp.float32(1.0 / (1.0 - rate)), 0.0)
+        keep = attention_dropout_mask(dropout_seed(dropout_rng), probs.shape, dropout_rate)
+        p = probs * dropout_scale(keep, dropout_rate)
     p = p.astype(v.dtype)
     if n == kh:
         return jnp.einsum("bnts,bsnh->btnh", p, v), probs  # [B, T, N, Hv]
@@ -496,14 +500,8 @@ def dot_product_attention(
     if implementation is None:
         implementation = _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate)
     _check_implementation(implementation, "dot_product_attention")
-    check_dropout_rate(dropout_rate, "dot_product_attention: dropout_rate")
-    check_dropout_key(
-        dropout_rng,
-        dropout_rate > 0.0,
-        f"dot_product_attention: dropout_rate={dropout_rate}",
-        "a dropout_rng key",
-    )
-    if dropout_rate > 0.0 and implementation not in ("xla", "blockwise"):
+    check_attention_dropout("dot_product_attention", dropout_rate, dropout_rng)
+    if dropout_rate > 0.0 and implementation not in DROPOUT_IMPLEMENTATIONS:
         raise ValueError(
             f"dot_product_attention: attention dropout is only supported by the 'xla' and "
             f"'blockwise' implementations, got implementation={implementation!r}"

@@ -75,7 +75,7 @@ import numpy as np
 from jax import lax
 
 from jaxattn.ops.layers import check_dropout_key, check_dropout_rate
-from jaxattn.ops.masks import attention_dropout_keep, dropout_seed
+from jaxattn.ops.masks import attention_dropout_keep, dropout_scale, dropout_seed
 
 Array = jax.Array
 
@@ -464,7 +464,7 @@ def _dropout_multiplier(seed, rows, j, num_cols: int, p: _Plan, transposed: bool
         col_axis=0 if transposed else -1,
         even_start=p.bk % 2 == 0,
     )
-    return jnp.where(keep, _F32(1.0 / (1.0 - p.dropout_rate)), _F32(0.0))
+    return dropout_scale(keep, p.dropout_rate)
 
 
 # ----------------------------------------------------------------------------------------
@@ -761,6 +761,16 @@ def check_attention_inputs(
     return mask, bias
 
 
+def check_attention_dropout(where: str, rate: float, rng: Array | None) -> Array | None:
+    """Validate attention dropout; return its ``dropout_seed`` (None when ``rate`` is 0).
+
+    Shared by every attention entry point: ``0 <= rate < 1`` and a key when ``rate > 0``.
+    """
+    check_dropout_rate(rate, f"{where}: dropout_rate")
+    check_dropout_key(rng, rate > 0.0, f"{where}: dropout_rate={rate}", "a dropout_rng key")
+    return dropout_seed(rng) if rate > 0.0 else None
+
+
 def fold_traced_scale(q: Array, scale: Any) -> tuple[Array, float | None]:
     """``(q, scale)`` for a kernel that needs a Python-number scale.
 
@@ -865,14 +875,7 @@ def flash_attention(
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)
-    check_dropout_rate(dropout_rate, "flash_attention: dropout_rate")
-    check_dropout_key(
-        dropout_rng,
-        dropout_rate > 0.0,
-        f"flash_attention: dropout_rate={dropout_rate}",
-        "a dropout_rng key",
-    )
-    seed = dropout_seed(dropout_rng) if dropout_rate > 0.0 else None
+    seed = check_attention_dropout("flash_attention", dropout_rate, dropout_rng)
     t, s, h = q.shape[1], k.shape[1], q.shape[3]
     if batch_heads is None:
         batch_heads = default_batch_heads(bias is not None)

@@ -258,6 +258,13 @@ def attention_dropout_keep(
     return bits >= threshold
 
 
+def dropout_scale(keep: Array, rate: float) -> Array:
+    """The multiplier of the probabilities under a dropout mask: ``1 / (1 - rate)`` where
+    ``keep``, else 0 (float32, ``keep``'s shape). One formula for every attention path, so
+    that they agree to the bit."""
+    return jnp.where(keep, jnp.float32(1.0 / (1.0 - float(rate))), jnp.float32(0.0))
+
+
 def attention_dropout_mask(seed: Array, shape: tuple[int, int, int, int], rate: float) -> Array:
     """The whole dropout mask ``[B, N, T, S]`` (True = keep) that ``attention_dropout_keep``
     builds tile by tile."""
