@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 from script_runs import REPO, ScriptRunner  # tests/train/script_runs.py
 
@@ -395,3 +396,26 @@ def test_top_k_is_capped_at_the_vocabulary(lm):
     """--top_k's default, 200, is more than the 65 characters: all of them, not an error."""
     assert lm._top_k(GPTConfig(vocab_size=11, block_size=8, num_layers=1, num_heads=1,
                                embed_dim=4)) == 11  # fmt: skip
+
+
+def test_tokens_per_step_counts_every_microbatch(lm, monkeypatch, tmp_path):
+    """tokens/s counts all batch_size * grad_accum_steps windows of an optimizer step (what
+    the train iterator hands the step), not one microbatch's."""
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_fit(state, train_step, batches, **kwargs):
+        seen["batch"], seen["tokens_per_step"] = next(batches), kwargs["tokens_per_step"]
+        raise Stop
+
+    monkeypatch.setattr(lm, "fit", fake_fit)
+    config = importlib.import_module("configs.tiny").get_config()
+    config.batch_size, config.grad_accum_steps = 3, 2
+    with pytest.raises(Stop):
+        lm.train(config, epath.Path(tmp_path / "run"))
+    block_size = config.model.block_size
+    assert seen["batch"]["inputs"].shape == (3 * 2, block_size)
+    assert seen["tokens_per_step"] == seen["batch"]["inputs"].size == 3 * 2 * block_size
