@@ -31,18 +31,31 @@ class Block(nn.Module):
         self.mlp_proj = nn.Linear(4 * dim, dim, bias=bias)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``x: (B, T, C)`` -> ``(x, (k, v))``; ``k, v: (B, nh, S, hs)`` of every position seen.
+
+        Without ``cache`` the T positions attend causally among themselves (training, or a
+        prompt's first pass). With the keys and values of the positions before (a KV cache,
+        not in nanoGPT) the new ones are appended to it; decoding passes one token (T = 1),
+        which may see every cached position, so no mask is needed.
+        """
         B, T, C = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
         q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            if T != 1:
+                raise ValueError(f"Block: a cached step takes one new token, got T={T}")
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         x = x + F.dropout(self.c_proj(y), p, self.training)
         h = self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
-        return x + F.dropout(h, p, self.training)
+        return x + F.dropout(h, p, self.training), (k, v)
 
 
 class NanoGPT(nn.Module):
@@ -76,7 +89,7 @@ class NanoGPT(nn.Module):
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         x = F.dropout(x, self.dropout, self.training)
         for block in self.blocks:
-            x = block(x)
+            x, _ = block(x)
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -92,13 +105,64 @@ class NanoGPT(nn.Module):
         then a draw."""
         for _ in range(new_tokens):
             x = self.hidden(idx[:, -self.block_size :])
-            logits = x[:, -1] @ self.wte.weight.T / temperature  # (B, V): last position only
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits[logits < kth] = -float("inf")
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat([idx, nxt], dim=1)
+            logits = x[:, -1] @ self.wte.weight.T  # (B, V): last position only
+            idx = torch.cat([idx, _draw(logits, temperature, top_k)], dim=1)
         return idx
+
+    @torch.no_grad()
+    def decode(
+        self,
+        idx: torch.Tensor,
+        start: int,
+        caches: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Logits ``(B, V)`` of the last of ``idx: (B, T)``, the tokens at positions
+        ``start .. start+T-1``, and every layer's keys and values so far.
+
+        ``caches=None`` runs a prompt (``start = 0``); after it, one token per call against
+        the returned caches (the same computation as ``hidden`` on the whole prefix).
+        """
+        T = idx.shape[1]
+        if start + T > self.block_size:
+            raise ValueError(
+                f"decode: positions up to {start + T - 1} exceed block_size={self.block_size}"
+            )
+        x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None if caches is None else caches[i])
+            new_caches.append(kv)
+        return self.ln_f(x[:, -1]) @ self.wte.weight.T, new_caches
+
+    @torch.no_grad()
+    def generate_cached(
+        self, idx: torch.Tensor, new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> torch.Tensor:
+        """``generate`` with a KV cache (a PyTorch user's own; nanoGPT has none): the
+        prompt in one pass, then one token per step against the cached keys and values
+        (appended with ``torch.cat``, as a growing cache does). The whole result must fit
+        ``block_size``."""
+        if idx.shape[1] + new_tokens - 1 > self.block_size:
+            raise ValueError(
+                f"generate_cached: {idx.shape[1]} + {new_tokens} tokens exceed block_size="
+                f"{self.block_size} (no cropping with a cache)"
+            )
+        logits, caches = self.decode(idx, 0, None)
+        for step in range(new_tokens):
+            nxt = _draw(logits, temperature, top_k)
+            idx = torch.cat([idx, nxt], dim=1)
+            if step + 1 < new_tokens:  # the last draw is not fed back
+                logits, caches = self.decode(nxt, idx.shape[1] - 1, caches)
+        return idx
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """nanoGPT's sampling: ``logits: (B, V)`` / temperature, keep the top k, draw ``(B, 1)``."""
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits[logits < kth] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
 def make_optimizer(
