@@ -166,7 +166,7 @@ def bench_train_step(run, repeats: int) -> list[tuple[str, float]]:
 def weight_products(weights: gpt.GPTWeights, new_tokens: int):
     """A jitted ``new_tokens``-step loop of only the matrix-vector products that one cached
     token step runs at batch 1: each layer's query, key, value, output, MLP up and MLP down
-    matrices and the tied output layer, once per token.
+    matrices and the output layer (the tied embedding, or ``head``), once per token.
 
     Each product takes the previous one's output, so none is skipped or hoisted out of the
     loop, and the loop reads the same weight bytes per token as ``gpt_decode`` (3.1 MB for
@@ -176,6 +176,7 @@ def weight_products(weights: gpt.GPTWeights, new_tokens: int):
     """
     table = weights.token_embedding.table  # [V, D]
     d = table.shape[1]
+    out = table if weights.head is None else weights.head.w.T  # [V, D]
     # Sliced here, outside the loop: a slice of the [L, ...] stacks inside it is copied on
     # every token (as in the layer scan; unstack_layers does the same for the decoder).
     layers = [
@@ -184,19 +185,19 @@ def weight_products(weights: gpt.GPTWeights, new_tokens: int):
     ]
 
     @jax.jit
-    def loop(layers, table):
+    def loop(layers, out):
         def token(_, x):  # x: [1, D]
             for attn, mlp in layers:
                 q, k, v = (x @ w.reshape(d, -1) for w in (attn.w_q, attn.w_k, attn.w_v))
                 heads = q + k.sum() + v.sum()  # (k, v: K·H wide; their sums keep them live)
                 x = x + heads @ attn.w_o.reshape(-1, d)
                 x = jnp.tanh(x + (x @ mlp.up.w) @ mlp.down.w)  # tanh: bounded, no denormals
-            logits = jax.lax.dot_general(x, table, (((1,), (1,)), ((), ())))  # [1, V]
+            logits = jax.lax.dot_general(x, out, (((1,), (1,)), ((), ())))  # [1, V]
             return x + logits.mean()
 
-        return jax.lax.fori_loop(0, new_tokens, token, jnp.ones((1, d), table.dtype))
+        return jax.lax.fori_loop(0, new_tokens, token, jnp.ones((1, d), out.dtype))
 
-    return lambda: jax.block_until_ready(loop(layers, table))
+    return lambda: jax.block_until_ready(loop(layers, out))
 
 
 def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, str, float]]:

@@ -1,0 +1,25 @@
+"""benchmarks/gpt.py: the generation section's floor row runs on any GPT's weights."""
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import gpt as gpt_bench  # noqa: E402
+from jaxattn.models import gpt  # noqa: E402
+
+
+@pytest.mark.parametrize("tie, kv_heads", [(True, None), (False, 2)])
+def test_weight_products_runs_on_tied_untied_and_grouped_query_models(tie, kv_heads):
+    config = gpt.GPTConfig(
+        vocab_size=13, block_size=8, num_layers=2, num_heads=4, embed_dim=16,
+        num_kv_heads=kv_heads, tie_embeddings=tie,
+    )  # fmt: skip
+    weights = gpt.init_gpt(jax.random.key(0), config)
+    out = gpt_bench.weight_products(weights, 3)()
+    assert out.shape == (1, 16) and np.isfinite(np.asarray(out)).all()
