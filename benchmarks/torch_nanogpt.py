@@ -7,6 +7,9 @@ through ``F.scaled_dot_product_attention``, exact-erf GELU MLP of width 4D), fin
 output head tied to the token embedding; init N(0, 0.02) with residual projections scaled by
 1/sqrt(2L). Optimiser: AdamW with weight decay on >= 2-D parameters only, fused on CUDA
 only (as nanoGPT), global-norm clipping, warmup + cosine learning rate.
+
+``generate`` is nanoGPT's (no KV cache); ``decode`` and ``generate_cached`` add one, the
+cached decoder a PyTorch user would write, for the generation benchmark.
 """
 
 from __future__ import annotations
