@@ -145,10 +145,12 @@ class NanoGPT(nn.Module):
         prompt in one pass, then one token per step against the cached keys and values
         (appended with ``torch.cat``, as a growing cache does). The whole result must fit
         ``block_size``."""
-        if idx.shape[1] + new_tokens - 1 > self.block_size:
+        positions = idx.shape[1] + new_tokens - 1  # (the last draw is never fed back)
+        if positions > self.block_size:
             raise ValueError(
-                f"generate_cached: {idx.shape[1]} + {new_tokens} tokens exceed block_size="
-                f"{self.block_size} (no cropping with a cache)"
+                f"generate_cached: a prompt of {idx.shape[1]} and {new_tokens} new tokens need "
+                f"{positions} positions, more than block_size={self.block_size} (a cache "
+                "does not crop)"
             )
         logits, caches = self.decode(idx, 0, None)
         for step in range(new_tokens):

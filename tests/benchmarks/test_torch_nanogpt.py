@@ -50,8 +50,9 @@ def test_generate_cached_draws_the_tokens_generate_draws():
 
 def test_cached_decoding_stops_at_block_size():
     net = _net(block=8)
-    with pytest.raises(ValueError, match="exceed block_size=8"):
+    with pytest.raises(ValueError, match="need 9 positions, more than block_size=8"):
         net.generate_cached(torch.tensor([[1, 2, 3]]), 7)
+    assert net.generate_cached(torch.tensor([[1, 2, 3]]), 6).shape == (1, 9)  # 8 positions
     _, caches = net.decode(torch.tensor([[1]]), 0, None)
     with pytest.raises(ValueError, match="positions up to 8 exceed block_size=8"):
         net.decode(torch.tensor([[2]]), 8, caches)
