@@ -163,7 +163,7 @@ def bench_train_step(run, repeats: int) -> list[tuple[str, float]]:
     ]
 
 
-def weight_products(weights: gpt.GPTWeights, new_tokens: int):
+def weight_products(weights: gpt.GPTWeights, config: gpt.GPTConfig, new_tokens: int):
     """A jitted ``new_tokens``-step loop of only the matrix-vector products that one cached
     token step runs at batch 1: each layer's query, key, value, output, MLP up and MLP down
     matrices and the output layer (the tied embedding, or ``head``), once per token.
@@ -177,12 +177,10 @@ def weight_products(weights: gpt.GPTWeights, new_tokens: int):
     table = weights.token_embedding.table  # [V, D]
     d = table.shape[1]
     out = table if weights.head is None else weights.head.w.T  # [V, D]
-    # Sliced here, outside the loop: a slice of the [L, ...] stacks inside it is copied on
-    # every token (as in the layer scan; unstack_layers does the same for the decoder).
-    layers = [
-        jax.tree.map(lambda a, i=i: a[i], (weights.blocks.attn, weights.blocks.mlp))
-        for i in range(weights.blocks.attn.w_q.shape[0])
-    ]
+    # Sliced once, outside the loop, as generate(unroll_layers=True) does: a slice of the
+    # [L, ...] stacks inside it would be copied on every token. (The cache goes unused.)
+    stepped, _ = gpt.unstack_layers(weights, gpt.init_cache(config, 1, 1))
+    layers = [(block.attn, block.mlp) for block in stepped.blocks]
 
     @jax.jit
     def loop(layers, out):
@@ -238,7 +236,7 @@ def bench_generation(run, new_tokens: int, repeats: int) -> list[tuple[str, str,
     def uncached():
         jax.block_until_ready(full_pass_generate(weights, rng))
 
-    floor = weight_products(weights, new_tokens)
+    floor = weight_products(weights, model, new_tokens)
     for fn in (cached, cached_unrolled, uncached, floor):
         fn()  # compile
     rows = [

@@ -21,5 +21,5 @@ def test_weight_products_runs_on_tied_untied_and_grouped_query_models(tie, kv_he
         num_kv_heads=kv_heads, tie_embeddings=tie,
     )  # fmt: skip
     weights = gpt.init_gpt(jax.random.key(0), config)
-    out = gpt_bench.weight_products(weights, 3)()
+    out = gpt_bench.weight_products(weights, config, 3)()
     assert out.shape == (1, 16) and np.isfinite(np.asarray(out)).all()
