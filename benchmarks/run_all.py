@@ -101,6 +101,7 @@ def _kv_cache(results: dict) -> tuple[str, bool] | str:
     padded_text = f"; {padded:.1f}x jaxattn's full pass padded to block_size"
     if not gen.get("torch_no_cache_s"):
         return "PyTorch not installed" + padded_text
+    target = 20  # the speed-up over nanoGPT's generate that issue 3 asks for
     speedup = gen["torch_no_cache_s"] / cached
     per_token = [1e6 * t / new for t in (cached, gen["torch_no_cache_s"])]
     text = f"{per_token[0]:.0f} vs {per_token[1]:.0f} µs/token: {speedup:.1f}x" + padded_text
@@ -108,11 +109,11 @@ def _kv_cache(results: dict) -> tuple[str, bool] | str:
     # floor row); absent from JSON written before that row existed.
     if gen.get("weight_products_s"):
         floor = 1e6 * gen["weight_products_s"] / new
-        text += f"; 20x needs <= {per_token[1] / 20:.0f} µs, "
+        text += f"; {target}x needs <= {per_token[1] / target:.0f} µs, "
         text += f"the weight products alone take {floor:.0f}"
     if gen.get("torch_cached_s"):
         text += f"; PyTorch with a KV cache {1e6 * gen['torch_cached_s'] / new:.0f} µs/token"
-    return text, speedup >= 20
+    return text, speedup >= target
 
 
 def _compile(results: dict) -> tuple[str, bool]:
