@@ -86,14 +86,23 @@ class NanoGPT(nn.Module):
             elif name.endswith("bias") and "ln" not in name:
                 nn.init.zeros_(p)
 
+    def _run(
+        self, idx: torch.Tensor, start: int, caches: list[tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Final-norm activations ``(B, T, C)`` of ``idx: (B, T)`` at positions ``start ..
+        start+T-1``, and every layer's keys and values so far (``caches``: those before)."""
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
+        x = F.dropout(x, self.dropout, self.training)
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None if caches is None else caches[i])
+            new_caches.append(kv)
+        return self.ln_f(x), new_caches
+
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Final-norm activations ``(B, T, C)`` of token ids ``idx: (B, T)``."""
-        T = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
-        x = F.dropout(x, self.dropout, self.training)
-        for block in self.blocks:
-            x, _ = block(x)
-        return self.ln_f(x)
+        return self._run(idx, 0, None)[0]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.hidden(idx) @ self.wte.weight.T  # tied head
@@ -130,12 +139,8 @@ class NanoGPT(nn.Module):
             raise ValueError(
                 f"decode: positions up to {start + T - 1} exceed block_size={self.block_size}"
             )
-        x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
-        new_caches = []
-        for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if caches is None else caches[i])
-            new_caches.append(kv)
-        return self.ln_f(x[:, -1]) @ self.wte.weight.T, new_caches
+        x, caches = self._run(idx, start, caches)
+        return x[:, -1] @ self.wte.weight.T, caches
 
     @torch.no_grad()
     def generate_cached(
