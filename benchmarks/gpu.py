@@ -3,7 +3,7 @@ jax.nn and PyTorch, in one run.
 
     python benchmarks/gpu.py                    # checks, attention T = 1024 .. 16384, LSTM
     python benchmarks/gpu.py --quick            # T = 1024, 4096; fewer repeats
-    python benchmarks/gpu.py --sections checks  # any of: checks attention long lstm
+    python benchmarks/gpu.py --sections checks  # any of: checks attention blocks long lstm
     python benchmarks/gpu.py --json FILE
     python benchmarks/gpu.py --smoke            # every section at toy sizes (CI, on CPU)
 
@@ -26,6 +26,10 @@ about a minute on 2 CPU cores; the test suite runs it that way.
   about 0.1 s have passed, then waits for the device, so launch overhead is amortised as
   in a training loop. Memory: XLA's temporary buffers of the compiled step
   (``memory_analysis``), PyTorch's peak allocation above its inputs.
+- ``blocks``: the blockwise kernel at T = 4096 in the attention section's shape: all
+  heads in each tile step (``batch_heads``) on 128, 256 and 512 tiles, against one head at
+  a time on 512 tiles (to set ``flash.ACCELERATOR_BLOCK``), and attention dropout 0.1 in
+  the blockwise kernel against the einsum path.
 - ``long``: causal fwd+bwd at T = 32768 (B = 1, N = 8, H = 64): blockwise in float32 and
   cuDNN in bfloat16, time and XLA temporary memory.
 - ``lstm``: one layer, float32, B = 64, T = 200, I = 256, h = 512 (issue 5's shape):
@@ -50,12 +54,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.attention import add_json_flag, machine, write_json  # shared helpers
+from jaxattn.ops import flash
 from jaxattn.ops import lstm as lstm_ops
 from jaxattn.ops.attention import _select_implementation, dot_product_attention
 from jaxattn.ops.masks import padding_mask
 
 ON_GPU = jax.default_backend() == "gpu"
-SECTIONS = ("checks", "attention", "long", "lstm")
+SECTIONS = ("checks", "attention", "blocks", "long", "lstm")
 
 
 def _torch():
@@ -261,8 +266,8 @@ DENSE_ROWS = {"jaxattn xla", "jax.nn xla"}
 GPU_ONLY_ROWS = {"jax.nn cudnn"}
 
 
-def _jax_attention_calls(name, q, k, v):
-    f = JAX_ROWS[name]
+def _jax_attention_calls(f, q, k, v):
+    """Compiled ``f(q, k, v)`` and its ``value_and_grad``, and the latter's XLA temp bytes."""
     fwd = jax.jit(f).lower(q, k, v).compile()
     loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
     # value_and_grad: as PyTorch's row, compute the output, its float32 cast and the sum
@@ -330,7 +335,7 @@ def run_attention(lengths, repeats, max_dense_gib, tokens: int = TOKENS) -> dict
                     fwd, fwd_bwd, mem = _torch_attention_calls(torch, device, b, t)
                     sync = torch_sync(torch, device)
                 else:
-                    fwd, fwd_bwd, mem = _jax_attention_calls(name, q, k, v)
+                    fwd, fwd_bwd, mem = _jax_attention_calls(JAX_ROWS[name], q, k, v)
                     sync = jax_sync
                 rows[name] = (time_call(fwd, sync, repeats), time_call(fwd_bwd, sync, repeats),
                               mem / 2**20)  # fmt: skip
@@ -349,6 +354,59 @@ def run_attention(lengths, repeats, max_dense_gib, tokens: int = TOKENS) -> dict
             results.setdefault(str(t), {})[name] = {
                 "batch": b, "fwd_s": tf, "fwd_bwd_s": tfb, "mib": mib
             }  # fmt: skip
+    return results
+
+
+def run_blocks(
+    t: int, repeats: int, blocks=(128, 256, 512), tokens: int = TOKENS, max_dense_gib=24.0
+) -> dict:
+    """The blockwise kernel's settings at one length, causal fwd+bwd in the attention
+    section's dtype and ``[B, T, N, H]``: every (batch, head) pair in each tile step
+    (``batch_heads=True``, the default off CPU) on square tiles of each size in ``blocks``,
+    to set ``flash.ACCELERATOR_BLOCK``; one pair at a time on ``DEFAULT_BLOCK`` tiles (the
+    CPU order); then attention dropout 0.1 in the two kernels that take it, blockwise and
+    the einsum path, to check which one ``_select_implementation`` should pick for it."""
+    dtype = jnp.bfloat16 if ON_GPU else jnp.float32
+    b = max(1, tokens // t)
+    rng = np.random.default_rng(0)
+    shape = (b, t, N_HEADS, HEAD_DIM)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
+    flops = 3.5 * 2 * b * N_HEADS * t * t * HEAD_DIM
+    print(f"\n# The blockwise kernel's settings, and dropout: {jnp.dtype(dtype).name}, causal,")
+    print(f"[B={b}, T={t}, N={N_HEADS}, H={HEAD_DIM}]; defaults on {jax.default_backend()}: "
+          f"batch_heads={flash.default_batch_heads(False)}, ACCELERATOR_BLOCK="
+          f"{flash.ACCELERATOR_BLOCK}, DEFAULT_BLOCK={flash.DEFAULT_BLOCK}\n")  # fmt: skip
+    calls = {
+        f"batch_heads, {n} x {n}": functools.partial(
+            flash.flash_attention, is_causal=True, batch_heads=True, block_q=n, block_k=n
+        )
+        for n in blocks
+    }
+    one_pair = f"one pair at a time, {flash.DEFAULT_BLOCK} x {flash.DEFAULT_BLOCK}"
+    calls[one_pair] = functools.partial(flash.flash_attention, is_causal=True, batch_heads=False)
+    dropout = {"is_causal": True, "dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}
+    for impl in ("blockwise", "xla"):
+        calls[f"{impl}, dropout 0.1"] = functools.partial(
+            dot_product_attention, implementation=impl, **dropout
+        )
+    dense_gib = 3 * 4 * b * N_HEADS * t * t / 2**30  # f32 logits, probs, cotangent
+    print("| setting | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | MiB |")
+    print("|---|---|---|---|---|")
+    results = {}
+    for name, f in calls.items():
+        try:
+            if name.startswith("xla") and dense_gib > max_dense_gib:
+                raise MemoryError(f"skipped: ~{dense_gib:.0f} GiB dense")
+            fwd, fwd_bwd, mem = _jax_attention_calls(f, q, k, v)
+            tf, tfb = time_call(fwd, jax_sync, repeats), time_call(fwd_bwd, jax_sync, repeats)
+        except Exception as e:  # report, go on with the other rows
+            note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            print(f"| {name} | {note} | | | |")
+            results[name] = {"note": note}
+            continue
+        print(f"| {name} | {1e3 * tf:.2f} | {1e3 * tfb:.2f} | {flops / tfb / 1e12:.1f} "
+              f"| {mem / 2**20:.0f} |", flush=True)  # fmt: skip
+        results[name] = {"fwd_s": tf, "fwd_bwd_s": tfb, "mib": mem / 2**20}
     return results
 
 
@@ -449,6 +507,7 @@ def main() -> None:
     lengths = args.lengths or ([128, 256] if args.smoke else default_lengths)
     # --smoke: the same code paths at sizes a 2-core CPU runs in about a minute in all.
     shrink, tokens, long_t = (8, 1024, 2048) if args.smoke else (1, TOKENS, 32768)
+    blocks_t, blocks = (256, (64, 128)) if args.smoke else (4096, (128, 256, 512))
     lstm_shape = (8, 20, 32, 64) if args.smoke else (64, 200, 256, 512)
     torch, device = _torch()
     print(
@@ -463,6 +522,7 @@ def main() -> None:
     run = {
         "checks": lambda: run_checks(shrink),
         "attention": lambda: run_attention(lengths, repeats, args.max_dense_gib, tokens),
+        "blocks": lambda: run_blocks(blocks_t, repeats, blocks, tokens, args.max_dense_gib),
         "long": lambda: run_long(long_t),
         "lstm": lambda: run_lstm(repeats, lstm_shape),
     }

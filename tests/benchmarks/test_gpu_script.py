@@ -1,8 +1,8 @@
 """benchmarks/gpu.py runs end to end (``--smoke``, on whatever backend the tests run on).
 
 The script is made for a GPU, where it is run by hand; this keeps its CPU code paths (the
-correctness table, the timing rows, the long-sequence step and the LSTM rows) from rotting
-between those runs.
+correctness table, the timing rows, the blockwise settings, the long-sequence step and the
+LSTM rows) from rotting between those runs.
 """
 
 import json
@@ -49,6 +49,16 @@ def test_gpu_script_smoke_runs_every_section(tmp_path):
         for name, row in rows.items():
             assert "note" not in row, (t, name, row)
             assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0, (t, name)
+
+    # The blockwise kernel's settings and the two kernels that take dropout, each timed.
+    blocks = results["blocks"]
+    assert set(blocks) == {
+        "batch_heads, 64 x 64", "batch_heads, 128 x 128", "one pair at a time, 512 x 512",
+        "blockwise, dropout 0.1", "xla, dropout 0.1",
+    }  # fmt: skip
+    for name, row in blocks.items():
+        assert "note" not in row, (name, row)
+        assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0, name
 
     assert results["long"]["blockwise"]["finite"] is True
     lstm = results["lstm"]
