@@ -24,6 +24,17 @@
 # that the commands work.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+all=(cudnn gpt_bf16 blocks lstm gpt_f32 attention checks)
+names=("$@")
+((${#names[@]})) || names=("${all[@]}")
+for name in "${names[@]}"; do
+  if [[ " ${all[*]} " != *" $name "* ]]; then
+    echo "gpu_check.sh: unknown check '$name'; the checks are: ${all[*]}" >&2
+    exit 2
+  fi
+done
+
 out="${OUT:-gpu_check_out}"
 mkdir -p "$out"
 work="$(mktemp -d)"
@@ -56,16 +67,6 @@ lm() { # lm NAME SECONDS STEPS [FLAGS...]: train/lm.py, no samples, no compilati
     --config.eval_every=$((num_steps / 4)) --config.eval_batches=20 \
     --config.checkpoint_every="$num_steps" "$@"
 }
-
-all=(cudnn gpt_bf16 blocks lstm gpt_f32 attention checks)
-names=("$@")
-((${#names[@]})) || names=("${all[@]}")
-for name in "${names[@]}"; do
-  if [[ " ${all[*]} " != *" $name "* ]]; then
-    echo "gpu_check.sh: unknown check '$name'; the checks are: ${all[*]}" >&2
-    exit 2
-  fi
-done
 
 "$python" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
 "optax", optax.__version__, "devices:", jax.devices())' 2>&1 | tee "$out/env.log"
