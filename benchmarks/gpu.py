@@ -32,9 +32,10 @@ about a minute on 2 CPU cores; the test suite runs it that way.
   the blockwise kernel against the einsum path.
 - ``long``: causal fwd+bwd at T = 32768 (B = 1, N = 8, H = 64): blockwise in float32 and
   cuDNN in bfloat16, time and XLA temporary memory.
-- ``lstm``: one layer, float32, B = 64, T = 200, I = 256, h = 512 (issue 5's shape):
-  jaxattn's pick (cuDNN on GPU), its scan, the scan with ``lengths``, Flax ``nn.RNN`` and
-  PyTorch ``nn.LSTM`` (cuDNN), plus the cuDNN path's error against the scan.
+- ``lstm``: one layer, float32, B = 64, T = 200, I = 256, h = 512 (issue 5's shape; more
+  shapes with ``--lstm-shapes``): jaxattn's pick (cuDNN on GPU), its scan, the scan with
+  ``lengths``, Flax ``nn.RNN`` and PyTorch ``nn.LSTM`` (cuDNN), plus the cuDNN path's
+  error against the scan.
 """
 
 from __future__ import annotations
@@ -485,6 +486,17 @@ def run_lstm(repeats: int, shape=(64, 200, 256, 512)) -> dict:
     return {name: {"fwd_s": tf, "fwd_bwd_s": tfb} for name, (tf, tfb) in timed.items()}
 
 
+def _lstm_shape(text: str) -> tuple[int, int, int, int]:
+    """``"64x200x256x512"`` -> ``(64, 200, 256, 512)``: batch, time, input and hidden size."""
+    try:
+        shape = tuple(int(n) for n in text.split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected B x T x I x h, e.g. 64x200x256x512: {text!r}")
+    return shape
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="T = 1024, 4096; 3 repeats")
@@ -494,6 +506,12 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", help="override the T values")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7)")
     parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument(
+        "--lstm-shapes",
+        nargs="+",
+        type=_lstm_shape,
+        help="LSTM shapes B x T x I x h (default 64x200x256x512, issue 5's)",
+    )
     parser.add_argument(
         "--max-dense-gib",
         type=float,
@@ -508,7 +526,7 @@ def main() -> None:
     # --smoke: the same code paths at sizes a 2-core CPU runs in about a minute in all.
     shrink, tokens, long_t = (8, 1024, 2048) if args.smoke else (1, TOKENS, 32768)
     blocks_t, blocks = (256, (64, 128)) if args.smoke else (4096, (128, 256, 512))
-    lstm_shape = (8, 20, 32, 64) if args.smoke else (64, 200, 256, 512)
+    lstm_shapes = args.lstm_shapes or [(8, 20, 32, 64) if args.smoke else (64, 200, 256, 512)]
     torch, device = _torch()
     print(
         f"machine: {machine()}; device: {device_name()}; date: {datetime.datetime.now():%F %H:%M}"
@@ -524,7 +542,9 @@ def main() -> None:
         "attention": lambda: run_attention(lengths, repeats, args.max_dense_gib, tokens),
         "blocks": lambda: run_blocks(blocks_t, repeats, blocks, tokens, args.max_dense_gib),
         "long": lambda: run_long(long_t),
-        "lstm": lambda: run_lstm(repeats, lstm_shape),
+        "lstm": lambda: {
+            "x".join(map(str, shape)): run_lstm(repeats, shape) for shape in lstm_shapes
+        },
     }
     results = {"device": device_name()}
     for section in args.sections:

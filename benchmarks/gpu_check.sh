@@ -11,7 +11,8 @@
 #              on a GPU)
 #   gpt_bf16   train/lm.py, nanoGPT's GPU config in bfloat16, 500 steps: step time, losses
 #   blocks     the blockwise kernel's tile sizes and head batching; dropout's two kernels
-#   lstm       the LSTM's automatic choice (cuDNN) against the scan, Flax and PyTorch
+#   lstm       the LSTM's automatic choice (cuDNN) against the scan, Flax and PyTorch, at
+#              two shapes
 #   gpt_f32    train/lm.py as gpt_bf16 in float32 (the config's default), 200 steps
 #   attention  causal attention fwd+bwd against jax.nn (XLA, cuDNN) and PyTorch SDPA
 #   checks     every attention kernel against a float32 reference, with and without dropout;
@@ -46,9 +47,13 @@ python="${PYTHON:-python3}"
 
 if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then
   config=train/configs/tiny.py steps=(8 4) bench=(--smoke) lengths=(256)
+  lstm=(--lstm-shapes 8x20x32x64 4x30x16x32)
 else
   config=train/configs/shakespeare_char.py steps=(500 200) bench=(--repeats 3)
   lengths=(4096 16384)
+  # Issue 5's shape, then a small batch over a long sequence, where cuDNN's fused steps
+  # should gain most on the scan's per-step launches.
+  lstm=(--lstm-shapes 64x200x256x512 8x1000x256x512)
 fi
 
 run() { # run NAME SECONDS COMMAND...: COMMAND under a time limit, its output in OUT_DIR
@@ -77,9 +82,9 @@ for name in "${names[@]}"; do
     gpt_bf16) lm gpt_bf16 80 "${steps[0]}" --config.model.dtype=bfloat16 ;;
     gpt_f32) lm gpt_f32 40 "${steps[1]}" ;;
     blocks) run blocks 100 "$python" benchmarks/gpu.py --sections blocks "${bench[@]}" ;;
-    lstm) run lstm 40 "$python" benchmarks/gpu.py --sections lstm "${bench[@]}" ;;
+    lstm) run lstm 60 "$python" benchmarks/gpu.py --sections lstm "${lstm[@]}" "${bench[@]}" ;;
     attention) run attention 40 "$python" benchmarks/gpu.py --sections attention \
       --lengths "${lengths[@]}" "${bench[@]}" ;;
-    checks) run checks 90 "$python" benchmarks/gpu.py --sections checks "${bench[@]}" ;;
+    checks) run checks 70 "$python" benchmarks/gpu.py --sections checks "${bench[@]}" ;;
   esac
 done
