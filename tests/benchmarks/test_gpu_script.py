@@ -5,6 +5,7 @@ correctness table, the timing rows, the blockwise settings, the long-sequence st
 LSTM rows) from rotting between those runs.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -78,3 +79,13 @@ def test_no_torch_rows_on_a_gpu_with_a_cpu_only_torch(monkeypatch):
     assert gpu._torch() == (None, None)
     monkeypatch.setattr(gpu, "ON_GPU", False)
     assert gpu._torch() == (torch, "cpu")
+
+
+def test_lstm_shapes_are_parsed_and_checked(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import gpu
+
+    assert gpu._lstm_shape("8x1000x256x512") == (8, 1000, 256, 512)
+    for bad in ("8x1000x256", "8x1000x256x0", "8x1000xIx512", "8 1000 256 512"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected B x T x I x h"):
+            gpu._lstm_shape(bad)
