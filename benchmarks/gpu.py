@@ -28,8 +28,10 @@ about a minute on 2 CPU cores; the test suite runs it that way.
   (``memory_analysis``), PyTorch's peak allocation above its inputs.
 - ``blocks``: the blockwise kernel at T = 4096 in the attention section's shape: all
   heads in each tile step (``batch_heads``) on 128, 256 and 512 tiles, against one head at
-  a time on 512 tiles (to set ``flash.ACCELERATOR_BLOCK``), and attention dropout 0.1 in
-  the blockwise kernel against the einsum path.
+  a time on 512 tiles (to set ``flash.ACCELERATOR_BLOCK``); and attention dropout 0.1 in
+  the blockwise kernel against the einsum path at the ``shakespeare_char`` GPT's
+  attention shape, ``[64, 256, 6, 64]``, where the dense scores are small enough that the
+  automatic choice takes the einsum path.
 - ``long``: causal fwd+bwd at T = 32768 (B = 1, N = 8, H = 64): blockwise in float32 and
   cuDNN in bfloat16, time and XLA temporary memory.
 - ``lstm``: one layer, float32, B = 64, T = 200, I = 256, h = 512 (issue 5's shape; more
@@ -359,55 +361,66 @@ def run_attention(lengths, repeats, max_dense_gib, tokens: int = TOKENS) -> dict
 
 
 def run_blocks(
-    t: int, repeats: int, blocks=(128, 256, 512), tokens: int = TOKENS, max_dense_gib=24.0
+    t: int,
+    repeats: int,
+    blocks=(128, 256, 512),
+    tokens: int = TOKENS,
+    dropout_shape=(64, 256, 6, 64),
 ) -> dict:
-    """The blockwise kernel's settings at one length, causal fwd+bwd in the attention
-    section's dtype and ``[B, T, N, H]``: every (batch, head) pair in each tile step
-    (``batch_heads=True``, the default off CPU) on square tiles of each size in ``blocks``,
-    to set ``flash.ACCELERATOR_BLOCK``; one pair at a time on ``DEFAULT_BLOCK`` tiles (the
-    CPU order); then attention dropout 0.1 in the two kernels that take it, blockwise and
-    the einsum path, to check which one ``_select_implementation`` should pick for it."""
+    """The blockwise kernel's settings and attention dropout's two kernels, causal fwd+bwd.
+
+    At T in the attention section's dtype and ``[B, T, N, H]``: every (batch, head) pair in
+    each tile step (``batch_heads=True``, the default off CPU) on square tiles of each size
+    in ``blocks``, to set ``flash.ACCELERATOR_BLOCK``, and one pair at a time (the CPU
+    order). Then dropout 0.1 in the blockwise kernel and the einsum path at
+    ``dropout_shape`` (``[B, T, N, H]``; default the ``shakespeare_char`` GPT's attention),
+    whose dense scores are under ``_DENSE_SCORES_MAX_BYTES``, where
+    ``_select_implementation`` picks the einsum path for dropout: is that the faster one?
+    """
     dtype = jnp.bfloat16 if ON_GPU else jnp.float32
-    b = max(1, tokens // t)
     rng = np.random.default_rng(0)
-    shape = (b, t, N_HEADS, HEAD_DIM)
-    q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
-    flops = 3.5 * 2 * b * N_HEADS * t * t * HEAD_DIM
-    print(f"\n# The blockwise kernel's settings, and dropout: {jnp.dtype(dtype).name}, causal,")
-    print(f"[B={b}, T={t}, N={N_HEADS}, H={HEAD_DIM}]; defaults on {jax.default_backend()}: "
-          f"batch_heads={flash.default_batch_heads(False)}, ACCELERATOR_BLOCK="
-          f"{flash.ACCELERATOR_BLOCK}, DEFAULT_BLOCK={flash.DEFAULT_BLOCK}\n")  # fmt: skip
-    calls = {
-        f"batch_heads, {n} x {n}": functools.partial(
-            flash.flash_attention, is_causal=True, batch_heads=True, block_q=n, block_k=n
-        )
-        for n in blocks
-    }
-    one_pair = f"one pair at a time, {flash.DEFAULT_BLOCK} x {flash.DEFAULT_BLOCK}"
-    calls[one_pair] = functools.partial(flash.flash_attention, is_causal=True, batch_heads=False)
+
+    def inputs(shape):
+        return tuple(jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
+
+    b = max(1, tokens // t)
+    kernel_shape = (b, t, N_HEADS, HEAD_DIM)
+    print(f"\n# The blockwise kernel's settings, and dropout's kernels: {jnp.dtype(dtype).name},")
+    print(f"causal; defaults on {jax.default_backend()}: batch_heads="
+          f"{flash.default_batch_heads(False)}, ACCELERATOR_BLOCK={flash.ACCELERATOR_BLOCK}, "
+          f"DEFAULT_BLOCK={flash.DEFAULT_BLOCK}\n")  # fmt: skip
+    causal = functools.partial(flash.flash_attention, is_causal=True)
+    rows = {}  # name: (shape, function)
+    for n in blocks:
+        f = functools.partial(causal, batch_heads=True, block_q=n, block_k=n)
+        rows[f"batch_heads, {n} x {n}"] = (kernel_shape, f)
+    one = flash.block_sizes(t, t, batch_heads=False)[0]  # DEFAULT_BLOCK, or T if shorter
+    rows[f"one pair at a time, {one} x {one}"] = (
+        kernel_shape,
+        functools.partial(causal, batch_heads=False),
+    )
     dropout = {"is_causal": True, "dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}
     for impl in ("blockwise", "xla"):
-        calls[f"{impl}, dropout 0.1"] = functools.partial(
-            dot_product_attention, implementation=impl, **dropout
-        )
-    dense_gib = 3 * 4 * b * N_HEADS * t * t / 2**30  # f32 logits, probs, cotangent
-    print("| setting | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | MiB |")
-    print("|---|---|---|---|---|")
+        f = functools.partial(dot_product_attention, implementation=impl, **dropout)
+        rows[f"{impl}, dropout 0.1"] = (dropout_shape, f)
+    print("| setting | [B, T, N, H] | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | MiB |")
+    print("|---|---|---|---|---|---|")
     results = {}
-    for name, f in calls.items():
+    for name, (shape, f) in rows.items():
+        bs, ts, ns, hs = shape
+        flops = 3.5 * 2 * bs * ns * ts * ts * hs
         try:
-            if name.startswith("xla") and dense_gib > max_dense_gib:
-                raise MemoryError(f"skipped: ~{dense_gib:.0f} GiB dense")
+            q, k, v = inputs(shape)
             fwd, fwd_bwd, mem = _jax_attention_calls(f, q, k, v)
             tf, tfb = time_call(fwd, jax_sync, repeats), time_call(fwd_bwd, jax_sync, repeats)
         except Exception as e:  # report, go on with the other rows
             note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            print(f"| {name} | {note} | | | |")
-            results[name] = {"note": note}
+            print(f"| {name} | {list(shape)} | {note} | | | |")
+            results[name] = {"shape": list(shape), "note": note}
             continue
-        print(f"| {name} | {1e3 * tf:.2f} | {1e3 * tfb:.2f} | {flops / tfb / 1e12:.1f} "
-              f"| {mem / 2**20:.0f} |", flush=True)  # fmt: skip
-        results[name] = {"fwd_s": tf, "fwd_bwd_s": tfb, "mib": mem / 2**20}
+        print(f"| {name} | {list(shape)} | {1e3 * tf:.2f} | {1e3 * tfb:.2f} "
+              f"| {flops / tfb / 1e12:.1f} | {mem / 2**20:.0f} |", flush=True)  # fmt: skip
+        results[name] = {"shape": list(shape), "fwd_s": tf, "fwd_bwd_s": tfb, "mib": mem / 2**20}
     return results
 
 
@@ -526,6 +539,7 @@ def main() -> None:
     # --smoke: the same code paths at sizes a 2-core CPU runs in about a minute in all.
     shrink, tokens, long_t = (8, 1024, 2048) if args.smoke else (1, TOKENS, 32768)
     blocks_t, blocks = (256, (64, 128)) if args.smoke else (4096, (128, 256, 512))
+    dropout_shape = (4, 64, 4, 32) if args.smoke else (64, 256, 6, 64)
     lstm_shapes = args.lstm_shapes or [(8, 20, 32, 64) if args.smoke else (64, 200, 256, 512)]
     torch, device = _torch()
     print(
@@ -540,7 +554,7 @@ def main() -> None:
     run = {
         "checks": lambda: run_checks(shrink),
         "attention": lambda: run_attention(lengths, repeats, args.max_dense_gib, tokens),
-        "blocks": lambda: run_blocks(blocks_t, repeats, blocks, tokens, args.max_dense_gib),
+        "blocks": lambda: run_blocks(blocks_t, repeats, blocks, tokens, dropout_shape),
         "long": lambda: run_long(long_t),
         "lstm": lambda: {
             "x".join(map(str, shape)): run_lstm(repeats, shape) for shape in lstm_shapes

@@ -9,8 +9,10 @@ test_gpu_script.py's.
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,11 +32,60 @@ def run_check(out: Path, *names: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_an_unknown_check_is_refused_before_anything_runs(tmp_path):
-    proc = run_check(tmp_path / "out", "gpt_bf16", "gpt_fp8")
+@pytest.mark.parametrize(
+    "names, bad",
+    [(("gpt_bf16", "gpt_fp8"), "gpt_fp8"), (("gpt_bf16 blocks",), "gpt_bf16 blocks")],
+)
+def test_an_unknown_check_is_refused_before_anything_runs(tmp_path, names, bad):
+    # One argument with two names in it (a quoted "$CHECKS") is no check either: it would
+    # pass a substring test and then run nothing.
+    proc = run_check(tmp_path / "out", *names)
     assert proc.returncode == 2
-    assert "unknown check 'gpt_fp8'" in proc.stderr and "gpt_bf16" in proc.stderr
+    assert f"unknown check '{bad}'" in proc.stderr and "gpt_bf16" in proc.stderr
     assert not (tmp_path / "out").exists()  # Nothing ran, gpt_bf16 included.
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_running_check_too(tmp_path, sig):
+    """Ctrl-C (SIGINT to the script's process group) or a TERM stops the script and the
+    check it is running: ``timeout`` puts the check in a process group of its own, which
+    neither signal reaches, so without the script's trap the check ran on to its limit
+    (Ctrl-C: and then the next one started)."""
+    pid_file = tmp_path / "check.pid"
+    fake = tmp_path / "python"  # the env line returns; a check records its pid and sleeps
+    fake.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 0\necho $$ > "{pid_file}"\nexec sleep 300\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake))
+    proc = subprocess.Popen([BASH, str(SCRIPT), "blocks", "lstm"], env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    pid = None
+    try:
+        for _ in range(200):
+            if pid_file.exists() and pid_file.read_text().strip():
+                pid = int(pid_file.read_text())
+                break
+            time.sleep(0.05)
+        assert pid is not None, "the check did not start"
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does (the TERM too, to the group)
+        proc.wait(timeout=30)
+        assert proc.returncode == 128 + sig
+        assert "lstm" not in proc.stdout.read()  # the next check did not start
+        for _ in range(100):  # ... and the running one is gone
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the check's process outlived the script")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.slow
@@ -48,6 +99,7 @@ def test_smoke_runs_both_gpt_checks(tmp_path):
         assert any(re.match(rf"{name}\s+exit\s+0\s", line) for line in lines), proc.stdout
         log = (out / f"{name}.log").read_text()
         assert f"Done: step {steps}" in log, log[-3000:]
+        assert '"step_time_ms"' in log, log[-3000:]  # the loop's metrics.jsonl, appended
     assert sorted(p.name for p in out.iterdir()) == ["env.log", "gpt_bf16.log", "gpt_f32.log"]
 
 

@@ -54,12 +54,13 @@ def test_gpu_script_smoke_runs_every_section(tmp_path):
     # The blockwise kernel's settings and the two kernels that take dropout, each timed.
     blocks = results["blocks"]
     assert set(blocks) == {
-        "batch_heads, 64 x 64", "batch_heads, 128 x 128", "one pair at a time, 512 x 512",
+        "batch_heads, 64 x 64", "batch_heads, 128 x 128", "one pair at a time, 256 x 256",
         "blockwise, dropout 0.1", "xla, dropout 0.1",
     }  # fmt: skip
     for name, row in blocks.items():
         assert "note" not in row, (name, row)
         assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0, name
+    assert blocks["xla, dropout 0.1"]["shape"] == [4, 64, 4, 32]  # --smoke's dropout shape
 
     assert results["long"]["blockwise"]["finite"] is True
     lstm = results["lstm"]["8x20x32x64"]  # --smoke's one shape
