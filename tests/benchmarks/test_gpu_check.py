@@ -56,8 +56,12 @@ def test_a_signal_stops_the_running_check_too(tmp_path, sig):
     fake.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 0\necho $$ > "{pid_file}"\nexec sleep 300\n')
     fake.chmod(0o755)
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake))
+    # A terminal's shell starts the script with SIGINT at its default; a test runner may run
+    # with it ignored (a background job), and bash cannot trap a signal ignored on entry.
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     proc = subprocess.Popen([BASH, str(SCRIPT), "blocks", "lstm"], env=env,
-                            start_new_session=True, stdout=subprocess.PIPE, text=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=default_sigint,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
     pid = None
     try:
         for _ in range(200):
