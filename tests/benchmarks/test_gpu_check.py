@@ -58,10 +58,15 @@ def test_a_signal_stops_the_running_check_too(tmp_path, sig):
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake))
     # A terminal's shell starts the script with SIGINT at its default; a test runner may run
     # with it ignored (a background job), and bash cannot trap a signal ignored on entry.
-    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
-    proc = subprocess.Popen([BASH, str(SCRIPT), "blocks", "lstm"], env=env,
-                            start_new_session=True, preexec_fn=default_sigint,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    # So a Python restores the default and execs the script (the same pid; no preexec_fn,
+    # whose fork in a process running JAX's threads risks a deadlock).
+    sigint_default = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    command = [sys.executable, "-c", sigint_default, BASH, str(SCRIPT), "blocks", "lstm"]
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
     pid = None
     try:
         for _ in range(200):
