@@ -116,6 +116,13 @@ def jax_sync(out=None) -> None:
     jax.block_until_ready(out)
 
 
+def _random_qkv(shape, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v of one ``[B, T, N, H]`` shape from standard normals, the same for every call
+    with that shape (seed 0), so rows timed on one shape see the same inputs."""
+    rng = np.random.default_rng(0)
+    return tuple(jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
+
+
 # ------------------------------------------------------------------ checks
 
 
@@ -321,10 +328,7 @@ def run_attention(lengths, repeats, max_dense_gib, tokens: int = TOKENS) -> dict
     results = {}
     for t in lengths:
         b = max(1, tokens // t)
-        rng = np.random.default_rng(0)
-        q, k, v = (
-            jnp.asarray(rng.standard_normal((b, t, N_HEADS, HEAD_DIM)), dtype) for _ in range(3)
-        )
+        q, k, v = _random_qkv((b, t, N_HEADS, HEAD_DIM), dtype)
         flops = 3.5 * 2 * b * N_HEADS * t * t * HEAD_DIM
         rows = {}
         names = [n for n in JAX_ROWS if ON_GPU or n not in GPU_ONLY_ROWS]
@@ -378,11 +382,6 @@ def run_blocks(
     ``_select_implementation`` picks the einsum path for dropout: is that the faster one?
     """
     dtype = jnp.bfloat16 if ON_GPU else jnp.float32
-    rng = np.random.default_rng(0)
-
-    def inputs(shape):
-        return tuple(jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
-
     b = max(1, tokens // t)
     kernel_shape = (b, t, N_HEADS, HEAD_DIM)
     print(f"\n# The blockwise kernel's settings, and dropout's kernels: {jnp.dtype(dtype).name},")
@@ -405,12 +404,13 @@ def run_blocks(
         rows[f"{impl}, dropout 0.1"] = (dropout_shape, f)
     print("| setting | [B, T, N, H] | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | MiB |")
     print("|---|---|---|---|---|---|")
+    inputs = {shape: _random_qkv(shape, dtype) for shape in (kernel_shape, dropout_shape)}
     results = {}
     for name, (shape, f) in rows.items():
         bs, ts, ns, hs = shape
         flops = 3.5 * 2 * bs * ns * ts * ts * hs
         try:
-            q, k, v = inputs(shape)
+            q, k, v = inputs[shape]
             fwd, fwd_bwd, mem = _jax_attention_calls(f, q, k, v)
             tf, tfb = time_call(fwd, jax_sync, repeats), time_call(fwd_bwd, jax_sync, repeats)
         except Exception as e:  # report, go on with the other rows
@@ -431,8 +431,7 @@ def run_long(t: int = 32768) -> dict:
     results = {}
     impls = [("blockwise", jnp.float32)] + ([("cudnn", jnp.bfloat16)] if ON_GPU else [])
     for impl, dtype in impls:
-        rng = np.random.default_rng(0)
-        q, k, v = (jnp.asarray(rng.standard_normal((1, t, 8, 64)), dtype) for _ in range(3))
+        q, k, v = _random_qkv((1, t, 8, 64), dtype)
         f = lambda *a, impl=impl: jnp.sum(
             dot_product_attention(*a, is_causal=True, implementation=impl).astype(jnp.float32)
         )
