@@ -329,15 +329,16 @@ def _attention_blockwise(q, k, v, mask, bias, is_causal, scale, dropout_rate, dr
 def _pallas_fits(q, k, v, mask, bias, is_causal) -> bool:
     """Whether the Pallas TPU kernel computes exactly our function for these inputs.
 
-    It takes no boolean mask (empty rows could not arise), no GQA, equal key/value head
-    dims, lengths in whole 128-row blocks, and a top-left causal mask (ours only if T == S).
+    It takes no bias; a mask only over keys (rank-4 ``[B or 1, 1, 1, S or 1]``, as a padding
+    mask is), which it gets as segment ids; GQA with its key/value heads repeated; equal
+    key/value head dims, lengths in whole 128-row blocks, and a top-left causal mask (ours
+    only if T == S).
     """
-    t, n, h = q.shape[1:]
-    s, kh = k.shape[1:3]
+    t, h = q.shape[1], q.shape[3]
+    s = k.shape[1]
     return (
-        mask is None
+        (mask is None or mask.shape[1:3] == (1, 1))
         and bias is None
-        and n == kh
         and v.shape[-1] == h
         and t % 128 == 0
         and s % 128 == 0
@@ -348,7 +349,9 @@ def _pallas_fits(q, k, v, mask, bias, is_causal) -> bool:
 def _attention_pallas(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
     """Pallas FlashAttention for TPU (``jax.experimental.pallas.ops.tpu.flash_attention``).
 
-    Untested on hardware here (CI runs it in Pallas' TPU interpret mode on CPU).
+    Grouped key/value heads are repeated to N heads first (K/V memory grows N/K-fold, still
+    O(S)); a mask over keys becomes the kernel's segment ids. Untested on hardware here (CI
+    runs it in Pallas' TPU interpret mode on CPU).
     """
     del dropout_rate, dropout_rng  # rejected earlier: dropout_rate == 0 here
     if jax.default_backend() != "tpu":
@@ -358,19 +361,44 @@ def _attention_pallas(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropo
         )
     if not _pallas_fits(q, k, v, mask, bias, is_causal):
         raise ValueError(
-            'dot_product_attention: implementation="pallas" needs no mask or bias, K == N, '
-            f"lengths divisible by 128 and T == S if causal; got q {q.shape}, k {k.shape}, "
-            f"v {v.shape}, mask={mask is not None}, bias={bias is not None}, "
+            'dot_product_attention: implementation="pallas" needs no bias, no mask or one '
+            "over keys only ([B, 1, 1, S]), equal q and v head dims, lengths divisible by 128 "
+            f"and T == S if causal; got q {q.shape}, k {k.shape}, v {v.shape}, "
+            f"mask {None if mask is None else mask.shape}, bias={bias is not None}, "
             f"is_causal={is_causal}; use implementation=None or 'blockwise'"
         )
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
+    (b, t, n, _), (s, kh) = q.shape, k.shape[1:3]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if kh != n:  # GQA: the kernel wants one key/value head per query head
+        k, v = (jnp.repeat(x, n // kh, axis=2) for x in (k, v))
+    segment_ids = None
+    if mask is not None:  # keys with segment 0 are hidden from every query (segment 1)
+        key_visible = jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
+        segment_ids = tpu_flash.SegmentIds(
+            q=jnp.ones((b, t), jnp.int32), kv=key_visible.astype(jnp.int32)
+        )
     heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [B, N, T, H]
-    out = tpu_flash.flash_attention(
-        heads_first(q), heads_first(k), heads_first(v), causal=is_causal, sm_scale=scale
-    )
-    return heads_first(out)  # [B, T, N, H]
+    out = heads_first(
+        tpu_flash.flash_attention(
+            heads_first(q),
+            heads_first(k),
+            heads_first(v),
+            segment_ids=segment_ids,
+            causal=is_causal,
+            sm_scale=scale,
+        )
+    )  # [B, T, N, H]
+    if mask is not None:
+        # A query that sees no key: ours outputs zeros, the kernel a mean of hidden values
+        # (it masks with a finite fill). Causal with T == S: query t sees keys 0..t.
+        if is_causal:
+            sees_a_key = jnp.cumsum(key_visible, axis=1) > 0  # [B, T]
+        else:
+            sees_a_key = jnp.any(key_visible, axis=1, keepdims=True)  # [B, 1]
+        out = jnp.where(sees_a_key[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return out
 
 
 _KERNELS = {
@@ -483,10 +511,10 @@ def dot_product_attention(
         sequences, else the einsum path); or one of ``"xla"`` (einsum reference, dense
         ``[B, N, T, S]`` scores), ``"blockwise"`` (``jaxattn.ops.flash``: online softmax,
         O(T) memory, any backend), ``"cudnn"`` (GPU only), ``"pallas"`` (TPU only; no
-        mask, bias or GQA). All support ``jax.grad``; only ``"xla"`` supports forward
-        mode (``jax.jvp``), since the others have custom gradients. ``"blockwise"`` has
-        forward-over-reverse second derivatives (``jax.hessian``) but not ``jax.grad`` of
-        ``jax.grad``.
+        bias, masks over keys only, T and S in whole 128-row blocks). All support
+        ``jax.grad``; only ``"xla"`` supports forward mode (``jax.jvp``), since the others
+        have custom gradients. ``"blockwise"`` has forward-over-reverse second derivatives
+        (``jax.hessian``) but not ``jax.grad`` of ``jax.grad``.
       dropout_rate: dropout on the attention probabilities (``"xla"`` and
         ``"blockwise"``, which drop the same entries for one key: the mask is a hash of
         each entry's position, ``jaxattn.ops.masks.attention_dropout_keep``).

@@ -574,7 +574,8 @@ def test_select_implementation(monkeypatch):
     assert pick(256, 256, backend="gpu") == "xla"  # float32: cuDNN's fused path is low precision
     assert pick(16384, 16384, backend="gpu") == "blockwise"  # dense scores would be 16 GiB
     assert pick(256, 256, backend="tpu") == ("pallas" if attention._pallas_importable() else "xla")
-    assert pick(256, 256, backend="tpu", k_heads=2) == "xla"  # GQA: not the Pallas kernel
+    if attention._pallas_importable():
+        assert pick(256, 256, backend="tpu", k_heads=2) == "pallas"  # GQA: K/V heads repeated
     assert pick(256, 256, backend="tpu", dropout=0.1) == "xla"  # Pallas: no dropout
     assert pick(256, 384, backend="tpu") == "xla"  # causal needs T == S for Pallas
 
@@ -582,8 +583,9 @@ def test_select_implementation(monkeypatch):
 def test_select_implementation_respects_each_kernels_limits(monkeypatch):
     """The dense [B, N, T, S] float32 scores switch to blockwise above 1 GiB counting all N
     query heads (not the K key/value heads); cuDNN is not picked for head dims above 128 or
-    a value head dim unlike the query's; Pallas is not picked for a mask, a bias, lengths
-    outside whole 128-row blocks, or a value head dim unlike the query's."""
+    a value head dim unlike the query's; Pallas is not picked for a bias, a mask that is not
+    over keys alone, lengths outside whole 128-row blocks, or a value head dim unlike the
+    query's."""
 
     def pick(t, s, backend, dtype=jnp.float32, h=64, hv=None, k_heads=8, causal=False, **kw):
         monkeypatch.setattr(jax, "default_backend", lambda: backend)
@@ -597,7 +599,9 @@ def test_select_implementation_respects_each_kernels_limits(monkeypatch):
     assert pick(4096, 4096, "gpu") == "xla"
     assert pick(8192, 8192, "gpu") == "blockwise"
     assert pick(8192, 8192, "gpu", k_heads=1) == "blockwise"  # MQA: still N score heads
-    assert pick(8192, 8192, "tpu", k_heads=2) == "blockwise"
+    assert pick(8192, 8192, "tpu", k_heads=2, hv=32) == "blockwise"  # Hv != H: not Pallas
+    if attention._pallas_importable():
+        assert pick(8192, 8192, "tpu", k_heads=2) == "pallas"  # O(T) memory too
     bf16 = jnp.bfloat16
     assert pick(256, 256, "gpu", bf16, h=128) == "cudnn"
     assert pick(256, 256, "gpu", bf16, h=136) == "xla"  # a multiple of 8, but above 128
@@ -606,7 +610,11 @@ def test_select_implementation_respects_each_kernels_limits(monkeypatch):
         assert pick(256, 384, "tpu") == "pallas"  # non-causal: T != S is fine
     assert pick(256, 200, "tpu") == "xla"  # S not in whole 128-key blocks
     assert pick(200, 256, "tpu") == "xla"  # T not in whole 128-query blocks
-    assert pick(256, 256, "tpu", mask=jnp.ones((2, 1, 1, 256), bool)) == "xla"
+    if attention._pallas_importable():  # a padding mask: the kernel's segment ids
+        assert pick(256, 256, "tpu", mask=jnp.ones((2, 1, 1, 256), bool)) == "pallas"
+        assert pick(256, 256, "tpu", mask=jnp.ones((1, 1, 1, 1), bool)) == "pallas"
+    assert pick(256, 256, "tpu", mask=jnp.ones((2, 1, 256, 256), bool)) == "xla"
+    assert pick(256, 256, "tpu", mask=jnp.ones((2, 8, 1, 256), bool)) == "xla"
     assert pick(256, 256, "tpu", bias=jnp.zeros((1, 8, 256, 256))) == "xla"
     assert pick(256, 256, "tpu", hv=32) == "xla"
 
@@ -627,6 +635,41 @@ def test_pallas_tpu_kernel_in_interpret_mode(np_rng, monkeypatch, scale):
     with pltpu.force_tpu_interpret_mode():
         got = dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="pallas")
     np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.slow  # interpreting the kernel's backward takes ~6 s a case here
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_pallas_tpu_kernel_takes_gqa_and_padding_in_interpret_mode(np_rng, monkeypatch, is_causal):
+    """Grouped key/value heads (repeated for the kernel) and a padding mask (its segment
+    ids), outputs and gradients against the einsum path. Queries that see no key (all of
+    batch 2; with ``is_causal`` also batch 0's first 100, before its left padding ends)
+    output zeros, as ours do, where the kernel alone gives a mean of hidden values."""
+    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+    if not hasattr(pltpu, "force_tpu_interpret_mode"):
+        pytest.skip("this jax has no Pallas TPU interpret mode")
+    t = 256
+    q = normal(np_rng, 3, t, 4, 32)
+    k, v = normal(np_rng, 3, t, 2, 32), normal(np_rng, 3, t, 2, 32)
+    keys = np.arange(t)
+    visible = np.stack([keys >= 100, keys < 200, keys < 0])  # left, right, all padding
+    mask = jnp.asarray(visible)[:, None, None, :]  # [B, 1, 1, S]
+    cotangent = normal(np_rng, 3, t, 4, 32)
+
+    def out_and_grads(implementation):
+        attend = lambda q, k, v: dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
+        )
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(cotangent)
+
+    want, want_grads = out_and_grads("xla")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pltpu.force_tpu_interpret_mode():
+        got, got_grads = out_and_grads("pallas")
+    np.testing.assert_allclose(got, want, **TOL)
+    assert not np.any(got[2]) and (not is_causal or not np.any(got[0, :100]))
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(g, w, **GRAD_TOL, err_msg=f"d{name}")
 
 
 def test_bad_inputs(np_rng):
