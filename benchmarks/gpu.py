@@ -1,5 +1,5 @@
-"""Attention and LSTM on a GPU: correctness of each kernel, then time and memory against
-jax.nn and PyTorch, in one run.
+"""Attention and LSTM on a GPU (or a TPU): correctness of each kernel, then time and memory
+against jax.nn and PyTorch, in one run.
 
     python benchmarks/gpu.py                    # checks, attention T = 1024 .. 16384, LSTM
     python benchmarks/gpu.py --quick            # T = 1024, 4096; fewer repeats
@@ -7,18 +7,20 @@ jax.nn and PyTorch, in one run.
     python benchmarks/gpu.py --json FILE
     python benchmarks/gpu.py --smoke            # every section at toy sizes (CI, on CPU)
 
-Made for a GPU; off one it still runs (the cuDNN rows are skipped, PyTorch runs on the
-CPU), which only shows that the script works. ``--smoke`` shrinks every size (the check
+Made for a GPU. On a TPU it checks and times the Pallas kernel in place of cuDNN, in
+bfloat16, without PyTorch rows. On a CPU it still runs (no cuDNN or Pallas rows, PyTorch
+on the CPU), which only shows that the script works. ``--smoke`` shrinks every size (the check
 cases' T and S by 8, though they keep their names; timing at T = 128 and 256 with
 B T = 1024 tokens; T = 2048 for ``long``; a small LSTM) so that the whole script runs in
 about a minute on 2 CPU cores; the test suite runs it that way.
 
-- ``checks``: every attention kernel (``cudnn``, ``blockwise``, ``xla``, and what
-  ``implementation=None`` picks) in bfloat16 against a float32 reference written here
-  (einsum at ``precision="highest"``), on causal, padded, grouped-query, queries-last
-  (T < S), biased and H = 128 cases: the output and the gradients of q, k and v, as
-  ``max |got - want| / max |want|``. Also ``blockwise`` in float32 at highest precision,
-  and ``blockwise`` with attention dropout 0.1 against the einsum path with the same key.
+- ``checks``: every attention kernel (``cudnn`` on a GPU, ``pallas`` on a TPU where its
+  limits allow, ``blockwise``, ``xla``, and what ``implementation=None`` picks) in
+  bfloat16 against a float32 reference written here (einsum at ``precision="highest"``),
+  on causal, padded, grouped-query with padding, queries-last (T < S), biased and H = 128
+  cases: the output and the gradients of q, k and v, as ``max |got - want| / max |want|``.
+  Also ``blockwise`` in float32 at highest precision, and ``blockwise`` with attention
+  dropout 0.1 against the einsum path with the same key.
 - ``attention``: causal self-attention in bfloat16, ``[B, T, N=16, H=128]`` with
   B T = 32768 tokens, forward and forward+backward: jaxattn's kernels, ``jax.nn`` with
   ``implementation="xla"`` and ``"cudnn"``, and PyTorch's ``scaled_dot_product_attention``.
@@ -33,7 +35,7 @@ about a minute on 2 CPU cores; the test suite runs it that way.
   attention shape, ``[64, 256, 6, 64]``, where the dense scores are small enough that the
   automatic choice takes the einsum path.
 - ``long``: causal fwd+bwd at T = 32768 (B = 1, N = 8, H = 64): blockwise in float32 and
-  cuDNN in bfloat16, time and XLA temporary memory.
+  cuDNN (GPU) or Pallas (TPU) in bfloat16, time and XLA temporary memory.
 - ``lstm``: one layer, float32, B = 64, T = 200, I = 256, h = 512 (issue 5's shape; more
   shapes with ``--lstm-shapes``): jaxattn's pick (cuDNN on GPU), its scan, the scan with
   ``lengths``, Flax ``nn.RNN`` and PyTorch ``nn.LSTM`` (cuDNN), plus the cuDNN path's
@@ -59,22 +61,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.attention import add_json_flag, machine, write_json  # shared helpers
 from jaxattn.ops import flash
 from jaxattn.ops import lstm as lstm_ops
-from jaxattn.ops.attention import _select_implementation, dot_product_attention
+from jaxattn.ops.attention import _pallas_fits, _select_implementation, dot_product_attention
 from jaxattn.ops.masks import padding_mask
 
 ON_GPU = jax.default_backend() == "gpu"
+ON_TPU = jax.default_backend() == "tpu"
 SECTIONS = ("checks", "attention", "blocks", "long", "lstm")
 
 
 def _torch():
     """(torch module, device string) on jax's kind of device, or (None, None) without torch,
-    or on a GPU with a CPU-only torch (its rows would time float32 on the CPU against
-    bfloat16 on the GPU)."""
+    on a TPU, or on a GPU with a CPU-only torch (its rows would time float32 on the CPU
+    against bfloat16 on the accelerator)."""
     try:
         import torch
     except ImportError:
         return None, None
-    if ON_GPU and not torch.cuda.is_available():
+    if ON_TPU or (ON_GPU and not torch.cuda.is_available()):
         return None, None
     return torch, "cuda" if ON_GPU else "cpu"
 
@@ -142,14 +145,15 @@ def reference_attention(q, k, v, mask, bias, is_causal):
     if is_causal:
         visible = visible & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))
     logits = jnp.where(visible, logits, np.float32(-1e30))
-    probs = jax.nn.softmax(logits, axis=-1) * jnp.any(visible, axis=-1, keepdims=True)
+    has_key = jnp.any(visible, axis=-1, keepdims=True).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1) * has_key
     return jnp.einsum("bnts,bsnh->btnh", probs, v, precision="highest")
 
 
 CASES = {  # name: (B, T, S, N, K, H, is_causal, extra)
     "causal T=S=1024": (2, 1024, 1024, 8, 8, 64, True, None),
     "causal T=S=1000, padding": (2, 1000, 1000, 8, 8, 64, True, "padding"),
-    "causal GQA N=8 K=2": (2, 1024, 1024, 8, 2, 64, True, None),
+    "causal GQA N=8 K=2, padding": (2, 1024, 1024, 8, 2, 64, True, "padding"),
     "causal T=256 < S=1024": (2, 256, 1024, 8, 8, 64, True, None),
     "bias, not causal, 512": (2, 512, 512, 8, 8, 64, False, "bias"),
     "causal H=128, 2048": (1, 2048, 2048, 8, 8, 128, True, None),
@@ -217,7 +221,10 @@ def run_checks(shrink: int = 1) -> dict:
     print("| case | dtype | implementation | out | dq | dk | dv | ok |")
     print("|---|---|---|---|---|---|---|---|")
     results = {}
-    runs = {jnp.bfloat16: ("auto", "cudnn", "blockwise", "xla"), jnp.float32: ("blockwise",)}
+    runs = {
+        jnp.bfloat16: ("auto", "cudnn", "pallas", "blockwise", "xla"),
+        jnp.float32: ("blockwise",),
+    }
     for name, case in CASES.items():
         for dtype, impls in runs.items():
             # Inputs and the reference once per case and dtype: every kernel is held to them.
@@ -230,6 +237,8 @@ def run_checks(shrink: int = 1) -> dict:
             dname = jnp.dtype(dtype).name
             for impl in impls:
                 if impl == "cudnn" and not ON_GPU:
+                    continue
+                if impl == "pallas" and not (ON_TPU and _pallas_fits(*qkv, mask, bias, is_causal)):
                     continue
                 label = impl
                 if impl == "auto":
@@ -318,7 +327,7 @@ def _torch_attention_calls(torch, device, b, t):
 
 def run_attention(lengths, repeats, max_dense_gib, tokens: int = TOKENS) -> dict:
     torch, device = _torch()
-    dtype = jnp.bfloat16 if ON_GPU else jnp.float32
+    dtype = jnp.bfloat16 if ON_GPU or ON_TPU else jnp.float32
     dname = jnp.dtype(dtype).name
     print(f"\n# Causal attention, {dname}, [B, T, N={N_HEADS}, H={HEAD_DIM}], B T = {tokens}")
     print(f"median of {repeats} rounds of ~0.1 s each; TFLOP/s counts the causal half only")
@@ -381,7 +390,7 @@ def run_blocks(
     whose dense scores are under ``_DENSE_SCORES_MAX_BYTES``, where
     ``_select_implementation`` picks the einsum path for dropout: is that the faster one?
     """
-    dtype = jnp.bfloat16 if ON_GPU else jnp.float32
+    dtype = jnp.bfloat16 if ON_GPU or ON_TPU else jnp.float32
     b = max(1, tokens // t)
     kernel_shape = (b, t, N_HEADS, HEAD_DIM)
     print(f"\n# The blockwise kernel's settings, and dropout's kernels: {jnp.dtype(dtype).name},")
@@ -429,7 +438,8 @@ def run_long(t: int = 32768) -> dict:
     print("| implementation | dtype | seconds | XLA temp GiB | grads finite |")
     print("|---|---|---|---|---|")
     results = {}
-    impls = [("blockwise", jnp.float32)] + ([("cudnn", jnp.bfloat16)] if ON_GPU else [])
+    impls = [("blockwise", jnp.float32)]
+    impls += [("cudnn", jnp.bfloat16)] if ON_GPU else [("pallas", jnp.bfloat16)] if ON_TPU else []
     for impl, dtype in impls:
         q, k, v = _random_qkv((1, t, 8, 64), dtype)
         f = lambda *a, impl=impl: jnp.sum(
@@ -544,11 +554,15 @@ def main() -> None:
     print(
         f"machine: {machine()}; device: {device_name()}; date: {datetime.datetime.now():%F %H:%M}"
     )
-    print(
-        f"jax {jax.__version__}; torch {torch.__version__ + ' on ' + device if torch else 'absent'}"
-        + ("" if torch or not ON_GPU else " or without CUDA: no PyTorch rows")
-    )
-    if not ON_GPU:
+    torch_note = torch.__version__ + " on " + device if torch else "absent"
+    if ON_TPU:
+        torch_note = "not timed on a TPU"
+    elif ON_GPU and not torch:
+        torch_note += " or without CUDA: no PyTorch rows"
+    print(f"jax {jax.__version__}; torch {torch_note}")
+    if ON_TPU:
+        print("TPU: Pallas rows in place of cuDNN's; no PyTorch rows")
+    elif not ON_GPU:
         print("no GPU: the cuDNN rows are skipped; figures only show that the script runs")
     run = {
         "checks": lambda: run_checks(shrink),

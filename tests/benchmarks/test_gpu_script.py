@@ -32,7 +32,7 @@ def test_gpu_script_smoke_runs_every_section(tmp_path):
     # Correctness: every case ran every kernel available here, within tolerance.
     checks = results["checks"]
     assert set(checks) == {
-        "causal T=S=1024", "causal T=S=1000, padding", "causal GQA N=8 K=2",
+        "causal T=S=1024", "causal T=S=1000, padding", "causal GQA N=8 K=2, padding",
         "causal T=256 < S=1024", "bias, not causal, 512", "causal H=128, 2048",
     }  # fmt: skip
     for case, rows in checks.items():
@@ -90,3 +90,34 @@ def test_lstm_shapes_are_parsed_and_checked(monkeypatch):
     for bad in ("8x1000x256", "8x1000x256x0", "8x1000xIx512", "8 1000 256 512"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected B x T x I x h"):
             gpu._lstm_shape(bad)
+
+
+@pytest.mark.slow  # the Pallas kernel's backward, interpreted, takes a few seconds a case
+def test_tpu_rows_check_the_pallas_kernel_in_interpret_mode(monkeypatch, capsys):
+    """On a TPU the checks hold the Pallas kernel to the float32 reference where its limits
+    allow (not at T = 1000), ``implementation=None`` picks it there, the long sequence runs
+    it, and no PyTorch rows are made. Here the TPU is Pallas' interpreter on CPU."""
+    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+    if not hasattr(pltpu, "force_tpu_interpret_mode"):
+        pytest.skip("this jax has no Pallas TPU interpret mode")
+    import jax
+
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import gpu
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(gpu, "ON_TPU", True)
+    names = ("causal GQA N=8 K=2, padding", "causal T=S=1000, padding")
+    monkeypatch.setattr(gpu, "CASES", {name: gpu.CASES[name] for name in names})
+    assert gpu._torch() == (None, None)
+    with pltpu.force_tpu_interpret_mode():
+        checks = gpu.run_checks(shrink=8)  # T = S = 128 and 125
+        long = gpu.run_long(128)
+    table = capsys.readouterr().out
+    fits, odd = (checks[name] for name in names)
+    assert "bfloat16 pallas" in fits and "bfloat16 pallas" not in odd
+    for rows in (fits, odd):
+        assert all(row.get("ok") is True for row in rows.values()), rows
+    assert f"| {names[0]} | bfloat16 | auto (pallas) |" in table
+    assert f"| {names[1]} | bfloat16 | auto (pallas) |" not in table
+    assert long["pallas"]["finite"] is True and long["pallas"]["dtype"] == "bfloat16"
