@@ -331,8 +331,8 @@ def _pallas_fits(q, k, v, mask, bias, is_causal) -> bool:
 
     It takes no bias; a mask only over keys (rank-4 ``[B or 1, 1, 1, S or 1]``, as a padding
     mask is), which it gets as segment ids; GQA with its key/value heads repeated; equal
-    key/value head dims, lengths in whole 128-row blocks, and a top-left causal mask (ours
-    only if T == S).
+    query/value head dims, up to 128 or a multiple of 128; lengths in whole 128-row blocks;
+    and a top-left causal mask (ours only if T == S).
     """
     t, h = q.shape[1], q.shape[3]
     s = k.shape[1]
@@ -340,6 +340,8 @@ def _pallas_fits(q, k, v, mask, bias, is_causal) -> bool:
         (mask is None or mask.shape[1:3] == (1, 1))
         and bias is None
         and v.shape[-1] == h
+        # Its blocks of 128 keys raise NotImplementedError for H = 192, say.
+        and (h <= 128 or h % 128 == 0)
         and t % 128 == 0
         and s % 128 == 0
         and (t == s or not is_causal)
@@ -362,10 +364,11 @@ def _attention_pallas(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropo
     if not _pallas_fits(q, k, v, mask, bias, is_causal):
         raise ValueError(
             'dot_product_attention: implementation="pallas" needs no bias, no mask or one '
-            "over keys only ([B, 1, 1, S]), equal q and v head dims, lengths divisible by 128 "
-            f"and T == S if causal; got q {q.shape}, k {k.shape}, v {v.shape}, "
-            f"mask {None if mask is None else mask.shape}, bias={bias is not None}, "
-            f"is_causal={is_causal}; use implementation=None or 'blockwise'"
+            "over keys only ([B, 1, 1, S]), equal q and v head dims up to 128 or a multiple "
+            f"of 128, lengths divisible by 128 and T == S if causal; got q {q.shape}, "
+            f"k {k.shape}, v {v.shape}, mask {None if mask is None else mask.shape}, "
+            f"bias={bias is not None}, is_causal={is_causal}; use implementation=None or "
+            "'blockwise'"
         )
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
@@ -511,10 +514,11 @@ def dot_product_attention(
         sequences, else the einsum path); or one of ``"xla"`` (einsum reference, dense
         ``[B, N, T, S]`` scores), ``"blockwise"`` (``jaxattn.ops.flash``: online softmax,
         O(T) memory, any backend), ``"cudnn"`` (GPU only), ``"pallas"`` (TPU only; no
-        bias, masks over keys only, T and S in whole 128-row blocks). All support
-        ``jax.grad``; only ``"xla"`` supports forward mode (``jax.jvp``), since the others
-        have custom gradients. ``"blockwise"`` has forward-over-reverse second derivatives
-        (``jax.hessian``) but not ``jax.grad`` of ``jax.grad``.
+        bias, masks over keys only, T and S in whole 128-row blocks, H up to 128 or a
+        multiple of 128). All support ``jax.grad``; only ``"xla"`` supports forward mode
+        (``jax.jvp``), since the others have custom gradients. ``"blockwise"`` has
+        forward-over-reverse second derivatives (``jax.hessian``) but not ``jax.grad`` of
+        ``jax.grad``.
       dropout_rate: dropout on the attention probabilities (``"xla"`` and
         ``"blockwise"``, which drop the same entries for one key: the mask is a hash of
         each entry's position, ``jaxattn.ops.masks.attention_dropout_keep``).

@@ -584,8 +584,8 @@ def test_select_implementation_respects_each_kernels_limits(monkeypatch):
     """The dense [B, N, T, S] float32 scores switch to blockwise above 1 GiB counting all N
     query heads (not the K key/value heads); cuDNN is not picked for head dims above 128 or
     a value head dim unlike the query's; Pallas is not picked for a bias, a mask that is not
-    over keys alone, lengths outside whole 128-row blocks, or a value head dim unlike the
-    query's."""
+    over keys alone, lengths outside whole 128-row blocks, a value head dim unlike the
+    query's, or a head dim above 128 that is not a multiple of 128."""
 
     def pick(t, s, backend, dtype=jnp.float32, h=64, hv=None, k_heads=8, causal=False, **kw):
         monkeypatch.setattr(jax, "default_backend", lambda: backend)
@@ -617,6 +617,9 @@ def test_select_implementation_respects_each_kernels_limits(monkeypatch):
     assert pick(256, 256, "tpu", mask=jnp.ones((2, 8, 1, 256), bool)) == "xla"
     assert pick(256, 256, "tpu", bias=jnp.zeros((1, 8, 256, 256))) == "xla"
     assert pick(256, 256, "tpu", hv=32) == "xla"
+    assert pick(256, 256, "tpu", h=192) == "xla"  # Pallas raises for H = 192 (not 128 k)
+    if attention._pallas_importable():
+        assert pick(256, 256, "tpu", h=256) == "pallas"
 
 
 @pytest.mark.parametrize("scale", [0.2, None])
