@@ -358,18 +358,21 @@ def run_attention(lengths, repeats, max_dense_gib, tokens: int = TOKENS) -> dict
             except Exception as e:  # report, go on with the other rows
                 rows[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
         ref = rows.get("torch SDPA")
+        picked = _select_implementation(q, k, v, None, None, True, 0.0)
         for name, r in rows.items():
+            label = f"{name} ({picked})" if name == "jaxattn auto" else name
             if isinstance(r, str):
-                print(f"| {t} | {b} | {name} | {r} | | | | |")
+                print(f"| {t} | {b} | {label} | {r} | | | | |")
                 results.setdefault(str(t), {})[name] = {"note": r}
                 continue
             tf, tfb, mib = r
             ratio = f"{tfb / ref[1]:.2f}" if isinstance(ref, tuple) else "-"
-            print(f"| {t} | {b} | {name} | {1e3 * tf:.2f} | {1e3 * tfb:.2f} "
+            print(f"| {t} | {b} | {label} | {1e3 * tf:.2f} | {1e3 * tfb:.2f} "
                   f"| {flops / tfb / 1e12:.0f} | {ratio} | {mib:.0f} |", flush=True)  # fmt: skip
-            results.setdefault(str(t), {})[name] = {
-                "batch": b, "fwd_s": tf, "fwd_bwd_s": tfb, "mib": mib
-            }  # fmt: skip
+            row = {"batch": b, "fwd_s": tf, "fwd_bwd_s": tfb, "mib": mib}
+            if name == "jaxattn auto":
+                row["picked"] = picked  # what implementation=None ran
+            results.setdefault(str(t), {})[name] = row
     return results
 
 

@@ -50,6 +50,7 @@ def test_gpu_script_smoke_runs_every_section(tmp_path):
         for name, row in rows.items():
             assert "note" not in row, (t, name, row)
             assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0, (t, name)
+        assert rows["jaxattn auto"]["picked"] == "xla"  # CPU, T < _CPU_BLOCKWISE_MIN_LEN
 
     # The blockwise kernel's settings and the two kernels that take dropout, each timed.
     blocks = results["blocks"]
