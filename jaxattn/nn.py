@@ -10,7 +10,8 @@ and the two forms convert both ways::
     nnx.state(lstm, nnx.Param)                 # the same leaves, by path, for optimisers
 
 Modules: ``LSTM`` (stacked/bidirectional, like ``torch.nn.LSTM(batch_first=True)``),
-``GeneralAttention`` (Luong), ``AdditiveAttention`` (Bahdanau), ``MultiHeadAttention``.
+``GeneralAttention`` (Luong), ``AdditiveAttention`` (Bahdanau), ``MultiHeadAttention``,
+and the whole ``GPT`` language model (``jaxattn.models.gpt``: logits, loss, sampling).
 
 Dropout follows NNX's switches: modules start deterministic (evaluation);
 ``module.train()``, ``module.eval()`` and ``nnx.view(module, deterministic=...)`` set it,
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.models import gpt as gpt_model
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
 from jaxattn.ops.layers import check_dropout_rate
@@ -308,4 +310,91 @@ class MultiHeadAttention(_DropoutModule):
             dropout_rate=self.dropout_rate,
             rng=rng,
             deterministic=deterministic,
+        )
+
+
+class GPT(_DropoutModule):
+    """Decoder-only transformer language model owning ``jaxattn.models.gpt``'s weights.
+
+    ``config`` (a frozen ``GPTConfig``) is a static attribute, so ``nnx.jit`` compiles once
+    per config; ``config.dropout`` is the dropout rate. Train it the NNX way::
+
+        model = GPT(config, rngs=nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+
+        @nnx.jit
+        def train_step(model, optimizer, tokens, targets, rng):
+            loss, grads = nnx.value_and_grad(
+                lambda m: m.loss(tokens, targets, rng=rng, deterministic=False)
+            )(model)
+            optimizer.update(model, grads)
+            return loss
+
+    or hand ``model.pure_weights()`` to ``jaxattn.training`` with ``gpt.gpt_loss``.
+    """
+
+    def __init__(self, config: gpt_model.GPTConfig, *, deterministic: bool = True, rngs: nnx.Rngs):
+        if not isinstance(config, gpt_model.GPTConfig):
+            raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        super().__init__(gpt_model.init_gpt(rngs.params(), config))
+        self.config = config
+        self.deterministic = deterministic  # see LSTM
+
+    @classmethod
+    def from_weights(cls, weights: gpt_model.GPTWeights, config: gpt_model.GPTConfig, **options):
+        """Build a module owning ``weights`` (e.g. ``init_gpt``'s, or a converted GPT-2), which
+        must fit ``config``: the sizes a GPT needs are not all in its weights' shapes."""
+        if isinstance(weights, nnx.Module) or not isinstance(weights, gpt_model.GPTWeights):
+            raise TypeError(
+                f"GPT.from_weights: expected the pure GPTWeights tree (e.g. "
+                f"module.pure_weights()), got {type(weights).__name__}"
+            )
+        gpt_model.check_gpt_weights(weights, config, "GPT.from_weights", per_layer_ok=False)
+        return super().from_weights(weights, config=config, **options)
+
+    @staticmethod
+    def _sizes(weights: Any) -> dict[str, Any]:
+        return {}  # all in ``config``, which from_weights passes on
+
+    def __call__(
+        self, tokens: Array, *, rng: Array | None = None, deterministic: bool | None = None
+    ) -> Array:
+        """``tokens: [B, T]`` ids -> ``[B, T, V]`` float32 logits (see ``gpt.gpt``).
+
+        Dropout needs ``rng`` when active; ``deterministic=None`` uses
+        ``self.deterministic`` (set by ``train()``/``eval()``).
+        """
+        if deterministic is None:
+            deterministic = self.deterministic
+        return gpt_model.gpt(
+            self.pure_weights(), tokens, self.config, rng=rng, deterministic=deterministic
+        )
+
+    def loss(
+        self,
+        tokens: Array,
+        targets: Array,
+        *,
+        mask: Array | None = None,
+        rng: Array | None = None,
+        deterministic: bool | None = None,
+    ) -> Array:
+        """Mean next-token cross-entropy of ``targets: [B, T]`` (see ``gpt.gpt_loss``)."""
+        if deterministic is None:
+            deterministic = self.deterministic
+        return gpt_model.gpt_loss(
+            self.pure_weights(),
+            tokens,
+            targets,
+            self.config,
+            rng=rng,
+            deterministic=deterministic,
+            mask=mask,
+        )
+
+    def generate(self, prompt: Array, max_new_tokens: int, *, rng: Array, **sampling: Any) -> Array:
+        """``prompt: [B, T0]`` -> ``[B, T0 + max_new_tokens]`` with a KV cache; ``sampling``:
+        ``temperature``, ``top_k``, ``top_p``, ``unroll_layers`` (see ``gpt.generate``)."""
+        return gpt_model.generate(
+            self.pure_weights(), self.config, prompt, max_new_tokens, rng=rng, **sampling
         )

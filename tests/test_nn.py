@@ -3,10 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from jaxattn import nn
+from jaxattn.models import gpt
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
 
@@ -256,3 +258,89 @@ def test_multi_head_attention_module_forwards_the_implementation(rng):
     x = jax.random.normal(rng, (1, 4, 8))
     with pytest.raises(ValueError, match="unknown implementation 'foo'"):
         module(x, implementation="foo")
+
+
+def _tiny_gpt(**changes) -> gpt.GPTConfig:
+    sizes = dict(vocab_size=11, block_size=8, num_layers=2, num_heads=2, embed_dim=8)
+    return gpt.GPTConfig(**(sizes | changes))
+
+
+def _tokens_and_targets(seed: int = 0):
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 11, (3, 8)), jnp.int32)
+    return tokens, jnp.roll(tokens, -1, axis=1)
+
+
+def test_gpt_module_computes_the_pure_functions():
+    config = _tiny_gpt(dropout=0.2, num_kv_heads=1)
+    model = nn.GPT(config, rngs=nnx.Rngs(0))
+    weights = model.pure_weights()
+    _leaves_equal(weights, gpt.init_gpt(nnx.Rngs(0).params(), config))
+    assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) == len(jax.tree.leaves(weights))
+    tokens, targets = _tokens_and_targets()
+    np.testing.assert_array_equal(model(tokens), gpt.gpt(weights, tokens, config))
+    assert model.loss(tokens, targets) == gpt.gpt_loss(weights, tokens, targets, config)
+    key = jax.random.key(1)
+    prompt = tokens[:, :3]
+    np.testing.assert_array_equal(
+        model.generate(prompt, 4, rng=key, top_k=3),
+        gpt.generate(weights, config, prompt, 4, rng=key, top_k=3),
+    )
+    # Dropout (config.dropout) follows train()/eval(), with an explicit key.
+    model.train()
+    dropped = gpt.gpt(weights, tokens, config, rng=key, deterministic=False)
+    np.testing.assert_array_equal(model(tokens, rng=key), dropped)
+    assert not np.allclose(dropped, model(tokens, deterministic=True))
+    with pytest.raises(ValueError, match="dropout"):
+        model(tokens)  # training, but no key
+    mask = jnp.ones_like(targets).at[:, :4].set(0)
+    want = gpt.gpt_loss(weights, tokens, targets, config, rng=key, deterministic=False, mask=mask)
+    assert model.loss(tokens, targets, rng=key, mask=mask) == want
+    model.eval()
+    np.testing.assert_array_equal(model(tokens), gpt.gpt(weights, tokens, config))
+
+
+def test_gpt_module_trains_with_an_nnx_optimizer_as_optax_on_the_pure_tree():
+    config = _tiny_gpt()
+    model = nn.GPT(config, rngs=nnx.Rngs(0))
+    weights, tx = model.pure_weights(), optax.adamw(1e-2)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    tokens, targets = _tokens_and_targets()
+
+    @nnx.jit
+    def module_step(model, optimizer, tokens, targets):
+        loss, grads = nnx.value_and_grad(lambda m: m.loss(tokens, targets))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    @jax.jit
+    def pure_step(weights, opt_state, tokens, targets):
+        loss, grads = jax.value_and_grad(gpt.gpt_loss)(weights, tokens, targets, config)
+        updates, opt_state = tx.update(grads, opt_state, weights)
+        return optax.apply_updates(weights, updates), opt_state, loss
+
+    opt_state = tx.init(weights)
+    losses = []
+    for _ in range(3):
+        with jax.numpy_dtype_promotion("standard"):  # optax's Adam: float ** int32 count
+            loss = module_step(model, optimizer, tokens, targets)
+            weights, opt_state, want = pure_step(weights, opt_state, tokens, targets)
+        np.testing.assert_allclose(loss, want, rtol=1e-6)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    _leaves_close(model.pure_weights(), weights)
+
+
+def test_gpt_from_weights_round_trips_and_checks_the_config():
+    config = _tiny_gpt(tie_embeddings=False)
+    weights = gpt.init_gpt(jax.random.key(0), config)
+    model = nn.GPT.from_weights(weights, config, deterministic=False)
+    assert model.config == config and model.deterministic is False
+    _leaves_equal(model.pure_weights(), weights)
+    with pytest.raises(ValueError, match=r"GPT\.from_weights: weights do not fit the config"):
+        nn.GPT.from_weights(weights, _tiny_gpt(tie_embeddings=False, num_layers=3))
+    with pytest.raises(ValueError, match=r"GPT\.from_weights"):
+        nn.GPT.from_weights(weights, _tiny_gpt())  # tied config, untied weights
+    with pytest.raises(TypeError, match="expected the pure GPTWeights tree"):
+        nn.GPT.from_weights(model, config)
+    with pytest.raises(TypeError, match="config must be a GPTConfig"):
+        nn.GPT({"vocab_size": 11}, rngs=nnx.Rngs(0))

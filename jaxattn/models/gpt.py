@@ -343,7 +343,7 @@ def _as_tokens(tokens, config: GPTConfig, where: str) -> Array:
     return jnp.asarray(tokens)
 
 
-def _check_weights(
+def check_gpt_weights(
     weights: GPTWeights, config: GPTConfig, where: str, *, per_layer_ok: bool = True
 ) -> None:
     """Raise ``ValueError`` when ``weights`` were not made for ``config`` (tree paths and
@@ -407,7 +407,7 @@ def gpt(
       ``[B, T, V]`` float32 logits; position t depends only on tokens ``0..t``.
     """
     tokens = _as_tokens(tokens, config, "gpt")
-    _check_weights(weights, config, "gpt", per_layer_ok=False)
+    check_gpt_weights(weights, config, "gpt", per_layer_ok=False)
     t = tokens.shape[1]
     if t > config.block_size:
         raise ValueError(
@@ -571,7 +571,7 @@ def gpt_decode(
             f"gpt_decode: {len(weights.blocks)} layers of weights but a cache of "
             f"{len(cache.k)} (k) and {len(cache.v)} (v) layers"
         )
-    _check_weights(weights, config, "gpt_decode")
+    check_gpt_weights(weights, config, "gpt_decode")
     layer_shape = cache.k[0].shape if per_layer else cache.k.shape[1:]  # [B, S, K, H]
     layers = len(cache.k) if per_layer else cache.k.shape[0]
     if layers != config.num_layers or layer_shape[2:] != (config.kv_heads, config.head_dim):
@@ -699,7 +699,7 @@ def generate(
     """
     prompt = _as_tokens(prompt, config, "generate")
     max_new_tokens = decoding.check_max_new_tokens(max_new_tokens)
-    _check_weights(weights, config, "generate", per_layer_ok=False)  # (it unstacks them itself)
+    check_gpt_weights(weights, config, "generate", per_layer_ok=False)  # (it unstacks them itself)
     # Validate the sampling settings eagerly, before anything is traced.
     decoding.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     return _generate_jit(
