@@ -11,7 +11,10 @@ and the two forms convert both ways::
 
 Modules: ``LSTM`` (stacked/bidirectional, like ``torch.nn.LSTM(batch_first=True)``),
 ``GeneralAttention`` (Luong), ``AdditiveAttention`` (Bahdanau), ``MultiHeadAttention``,
-and the whole ``GPT`` language model (``jaxattn.models.gpt``: logits, loss, sampling).
+and whole models: ``GPT`` (``jaxattn.models.gpt``: logits, loss, sampling), ``Seq2Seq``
+(the LSTM encoder-decoder, ``jaxattn.models.seq2seq``) and ``Transformer``
+(``jaxattn.models.transformer``): logits, loss, translation. A model module keeps its
+frozen config as a static attribute, so ``nnx.jit`` compiles once per config.
 
 Dropout follows NNX's switches: modules start deterministic (evaluation);
 ``module.train()``, ``module.eval()`` and ``nnx.view(module, deterministic=...)`` set it,
@@ -28,6 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.models import gpt as gpt_model
+from jaxattn.models import seq2seq as seq2seq_model
+from jaxattn.models import transformer as transformer_model
+from jaxattn.models._config import check_weights
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
 from jaxattn.ops.layers import check_dropout_rate
@@ -313,11 +319,60 @@ class MultiHeadAttention(_DropoutModule):
         )
 
 
-class GPT(_DropoutModule):
+class _ModelModule(_DropoutModule):
+    """A whole model of ``jaxattn.models``: its weights tree as ``nnx.Param``s, its frozen
+    config a static attribute. Subclasses name the config and weights types and the init."""
+
+    _config_type: type
+    _weights_type: type
+    _init: Any  # (rng, config) -> weights
+
+    def __init__(self, config: Any, *, deterministic: bool = True, rngs: nnx.Rngs):
+        name = type(self).__name__
+        if not isinstance(config, self._config_type):
+            raise TypeError(
+                f"{name}: config must be a {self._config_type.__name__}, got "
+                f"{type(config).__name__}"
+            )
+        super().__init__(type(self)._init(rngs.params(), config))
+        self.config = config
+        self.deterministic = deterministic  # see LSTM
+
+    @classmethod
+    def _check_weights(cls, weights: Any, config: Any, where: str) -> None:
+        check_weights(weights, cls._init, config, where)
+
+    @classmethod
+    def from_weights(cls, weights: Any, config: Any, **options: Any):
+        """Build a module owning ``weights`` (a pure tree: an init's, a checkpoint's, a
+        converted one), which must fit ``config``: a model's sizes are not all in its
+        weights' shapes, so the config comes along."""
+        where = f"{cls.__name__}.from_weights"
+        if isinstance(weights, nnx.Module) or not isinstance(weights, cls._weights_type):
+            raise TypeError(
+                f"{where}: expected the pure {cls._weights_type.__name__} tree (e.g. "
+                f"module.pure_weights()), got {type(weights).__name__}"
+            )
+        if not isinstance(config, cls._config_type):
+            raise TypeError(
+                f"{where}: config must be a {cls._config_type.__name__}, got "
+                f"{type(config).__name__}"
+            )
+        cls._check_weights(weights, config, where)
+        return super().from_weights(weights, config=config, **options)
+
+    @staticmethod
+    def _sizes(weights: Any) -> dict[str, Any]:
+        return {}  # all in the config, which from_weights passes on
+
+    def _deterministic(self, deterministic: bool | None) -> bool:
+        return self.deterministic if deterministic is None else deterministic
+
+
+class GPT(_ModelModule):
     """Decoder-only transformer language model owning ``jaxattn.models.gpt``'s weights.
 
-    ``config`` (a frozen ``GPTConfig``) is a static attribute, so ``nnx.jit`` compiles once
-    per config; ``config.dropout`` is the dropout rate. Train it the NNX way::
+    ``config.dropout`` is the dropout rate. Train it the NNX way::
 
         model = GPT(config, rngs=nnx.Rngs(0))
         optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
@@ -333,28 +388,13 @@ class GPT(_DropoutModule):
     or hand ``model.pure_weights()`` to ``jaxattn.training`` with ``gpt.gpt_loss``.
     """
 
-    def __init__(self, config: gpt_model.GPTConfig, *, deterministic: bool = True, rngs: nnx.Rngs):
-        if not isinstance(config, gpt_model.GPTConfig):
-            raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
-        super().__init__(gpt_model.init_gpt(rngs.params(), config))
-        self.config = config
-        self.deterministic = deterministic  # see LSTM
+    _config_type = gpt_model.GPTConfig
+    _weights_type = gpt_model.GPTWeights
+    _init = staticmethod(gpt_model.init_gpt)
 
     @classmethod
-    def from_weights(cls, weights: gpt_model.GPTWeights, config: gpt_model.GPTConfig, **options):
-        """Build a module owning ``weights`` (e.g. ``init_gpt``'s, or a converted GPT-2), which
-        must fit ``config``: the sizes a GPT needs are not all in its weights' shapes."""
-        if isinstance(weights, nnx.Module) or not isinstance(weights, gpt_model.GPTWeights):
-            raise TypeError(
-                f"GPT.from_weights: expected the pure GPTWeights tree (e.g. "
-                f"module.pure_weights()), got {type(weights).__name__}"
-            )
-        gpt_model.check_gpt_weights(weights, config, "GPT.from_weights", per_layer_ok=False)
-        return super().from_weights(weights, config=config, **options)
-
-    @staticmethod
-    def _sizes(weights: Any) -> dict[str, Any]:
-        return {}  # all in ``config``, which from_weights passes on
+    def _check_weights(cls, weights: Any, config: Any, where: str) -> None:
+        gpt_model.check_gpt_weights(weights, config, where, per_layer_ok=False)
 
     def __call__(
         self, tokens: Array, *, rng: Array | None = None, deterministic: bool | None = None
@@ -364,8 +404,7 @@ class GPT(_DropoutModule):
         Dropout needs ``rng`` when active; ``deterministic=None`` uses
         ``self.deterministic`` (set by ``train()``/``eval()``).
         """
-        if deterministic is None:
-            deterministic = self.deterministic
+        deterministic = self._deterministic(deterministic)
         return gpt_model.gpt(
             self.pure_weights(), tokens, self.config, rng=rng, deterministic=deterministic
         )
@@ -380,15 +419,13 @@ class GPT(_DropoutModule):
         deterministic: bool | None = None,
     ) -> Array:
         """Mean next-token cross-entropy of ``targets: [B, T]`` (see ``gpt.gpt_loss``)."""
-        if deterministic is None:
-            deterministic = self.deterministic
         return gpt_model.gpt_loss(
             self.pure_weights(),
             tokens,
             targets,
             self.config,
             rng=rng,
-            deterministic=deterministic,
+            deterministic=self._deterministic(deterministic),
             mask=mask,
         )
 
@@ -398,3 +435,84 @@ class GPT(_DropoutModule):
         return gpt_model.generate(
             self.pure_weights(), self.config, prompt, max_new_tokens, rng=rng, **sampling
         )
+
+
+class _Translator(_ModelModule):
+    """An encoder-decoder over ``[B, S]`` source ids: teacher-forced logits, the loss of a
+    batch (``src, src_lengths, tgt_in, tgt_out, tgt_mask``) and translation."""
+
+    _logits: Any  # (weights, src, src_lengths, tgt_in, config, *, rng, deterministic)
+    _loss: Any  # (weights, batch, config, *, rng, deterministic, label_smoothing)
+    _translate: Any  # (weights, config, src, src_lengths, *, beam_size, max_len, ...)
+
+    def __call__(
+        self,
+        src: Array,
+        src_lengths: Array,
+        tgt_in: Array,
+        *,
+        rng: Array | None = None,
+        deterministic: bool | None = None,
+    ):
+        """``src: [B, S]``, ``src_lengths: [B]``, ``tgt_in: [B, T]`` -> teacher-forced logits
+        (see the model's ``*_logits``); ``deterministic=None`` uses ``self.deterministic``."""
+        return type(self)._logits(
+            self.pure_weights(),
+            src,
+            src_lengths,
+            tgt_in,
+            self.config,
+            rng=rng,
+            deterministic=self._deterministic(deterministic),
+        )
+
+    def loss(
+        self,
+        batch: dict,
+        *,
+        rng: Array | None = None,
+        deterministic: bool | None = None,
+        label_smoothing: float = 0.0,
+    ) -> Array:
+        """Cross-entropy per real target token of ``batch`` (see the model's ``*_loss``)."""
+        return type(self)._loss(
+            self.pure_weights(),
+            batch,
+            self.config,
+            rng=rng,
+            deterministic=self._deterministic(deterministic),
+            label_smoothing=label_smoothing,
+        )
+
+    def translate(self, src: Array, src_lengths: Array, **options: Any) -> Array:
+        """Greedy or beam-search translations ``[B, max_len]``; ``options``: ``beam_size``,
+        ``max_len``, ``length_penalty`` (see the model's ``translate``)."""
+        return type(self)._translate(self.pure_weights(), self.config, src, src_lengths, **options)
+
+
+class Seq2Seq(_Translator):
+    """The LSTM encoder-decoder, with or without attention (``jaxattn.models.seq2seq``).
+
+    ``__call__`` returns ``(logits [B, T, V], attention [B, T, S] or None)``.
+    """
+
+    _config_type = seq2seq_model.Seq2SeqConfig
+    _weights_type = seq2seq_model.Seq2SeqWeights
+    _init = staticmethod(seq2seq_model.init_seq2seq)
+    _logits = staticmethod(seq2seq_model.seq2seq_logits)
+    _loss = staticmethod(seq2seq_model.seq2seq_loss)
+    _translate = staticmethod(seq2seq_model.translate)
+
+
+class Transformer(_Translator):
+    """The encoder-decoder Transformer (``jaxattn.models.transformer``).
+
+    ``__call__`` returns logits ``[B, T, V]``; ``translate`` decodes with a KV cache.
+    """
+
+    _config_type = transformer_model.TransformerConfig
+    _weights_type = transformer_model.TransformerWeights
+    _init = staticmethod(transformer_model.init_transformer)
+    _logits = staticmethod(transformer_model.transformer_logits)
+    _loss = staticmethod(transformer_model.transformer_loss)
+    _translate = staticmethod(transformer_model.translate)

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxattn import nn
-from jaxattn.models import gpt
+from jaxattn.models import gpt, seq2seq, transformer
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
 
@@ -344,3 +344,92 @@ def test_gpt_from_weights_round_trips_and_checks_the_config():
         nn.GPT.from_weights(model, config)
     with pytest.raises(TypeError, match="config must be a GPTConfig"):
         nn.GPT({"vocab_size": 11}, rngs=nnx.Rngs(0))
+
+
+def _seq2seq_config(**changes) -> seq2seq.Seq2SeqConfig:
+    sizes = dict(src_vocab_size=9, tgt_vocab_size=10, embed_dim=6, hidden_size=8)
+    return seq2seq.Seq2SeqConfig(**(sizes | dict(attention="general", dropout=0.3) | changes))
+
+
+def _transformer_config(**changes) -> transformer.TransformerConfig:
+    sizes = dict(src_vocab_size=9, tgt_vocab_size=10, embed_dim=8, num_heads=2, max_len=16)
+    layers = dict(num_encoder_layers=1, num_decoder_layers=2, dropout=0.1)
+    return transformer.TransformerConfig(**(sizes | layers | changes))
+
+
+TRANSLATORS = {  # module: (config, model's logits, loss, translate)
+    nn.Seq2Seq: (_seq2seq_config, seq2seq.seq2seq_logits, seq2seq.seq2seq_loss, seq2seq.translate),
+    nn.Transformer: (
+        _transformer_config,
+        transformer.transformer_logits,
+        transformer.transformer_loss,
+        transformer.translate,
+    ),
+}
+
+
+def _translation_batch() -> dict:
+    rng = np.random.default_rng(0)
+    src_lengths = np.array([5, 3])
+    src = np.where(np.arange(5) < src_lengths[:, None], rng.integers(3, 9, (2, 5)), 0)
+    tgt = rng.integers(3, 10, (2, 4))
+    tgt_in = np.concatenate([np.ones((2, 1), int), tgt[:, :-1]], axis=1)  # BOS first
+    tgt_mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    batch = dict(src=src, src_lengths=src_lengths, tgt_in=tgt_in, tgt_out=tgt, tgt_mask=tgt_mask)
+    return {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+
+
+@pytest.mark.slow  # compiles a model's loss and gradient twice: ~15-35 s
+@pytest.mark.parametrize("cls", list(TRANSLATORS), ids=lambda c: c.__name__)
+def test_translation_modules_compute_the_pure_functions(cls):
+    """Logits, loss (label smoothing; dropout after train()), its gradient and
+    translations of the module equal the model's functions on its pure weights."""
+    make_config, logits_fn, loss_fn, translate_fn = TRANSLATORS[cls]
+    config = make_config()
+    model = cls(config, rngs=nnx.Rngs(0))
+    weights, batch, key = model.pure_weights(), _translation_batch(), jax.random.key(3)
+    inputs = batch["src"], batch["src_lengths"], batch["tgt_in"]
+
+    @nnx.jit  # one compile per side: eager, the small ops dominate the test's time
+    def module_side(model, batch, key):
+        plain = model(*inputs), model.loss(batch, label_smoothing=0.1)
+        model.train()  # the config's dropout, with an explicit key
+        loss, grads = nnx.value_and_grad(lambda m: m.loss(batch, rng=key))(model)
+        dropped = model(*inputs, rng=key), loss
+        model.eval()
+        return plain, dropped, nnx.merge(nnx.graphdef(model), grads).pure_weights()
+
+    @jax.jit
+    def pure_side(weights, batch, key):
+        plain = (
+            logits_fn(weights, *inputs, config),
+            loss_fn(weights, batch, config, label_smoothing=0.1),
+        )
+        dropped_loss = lambda w: loss_fn(w, batch, config, rng=key, deterministic=False)
+        loss, grads = jax.value_and_grad(dropped_loss)(weights)
+        dropped = logits_fn(weights, *inputs, config, rng=key, deterministic=False), loss
+        return plain, dropped, grads
+
+    got, want = module_side(model, batch, key), pure_side(weights, batch, key)
+    _leaves_close(got, want)
+    assert not np.allclose(got[0][1], got[1][1])  # dropout was on
+    np.testing.assert_array_equal(
+        model.translate(batch["src"], batch["src_lengths"], beam_size=2, max_len=5),
+        translate_fn(weights, config, batch["src"], batch["src_lengths"], beam_size=2, max_len=5),
+    )
+
+
+@pytest.mark.parametrize("cls", list(TRANSLATORS), ids=lambda c: c.__name__)
+def test_translation_modules_from_weights_check_the_config(cls):
+    make_config = TRANSLATORS[cls][0]
+    config = make_config()
+    weights = cls(config, rngs=nnx.Rngs(1)).pure_weights()
+    model = cls.from_weights(weights, config, deterministic=False)
+    assert model.config == config and model.deterministic is False
+    _leaves_equal(model.pure_weights(), weights)
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.from_weights: the weights"):
+        cls.from_weights(weights, make_config(embed_dim=12))
+    with pytest.raises(TypeError, match="expected the pure"):
+        cls.from_weights(model, config)
+    with pytest.raises(TypeError, match="config must be a"):
+        cls.from_weights(weights, _tiny_gpt())
