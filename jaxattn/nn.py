@@ -14,7 +14,9 @@ Modules: ``LSTM`` (stacked/bidirectional, like ``torch.nn.LSTM(batch_first=True)
 and whole models: ``GPT`` (``jaxattn.models.gpt``: logits, loss, sampling), ``Seq2Seq``
 (the LSTM encoder-decoder, ``jaxattn.models.seq2seq``) and ``Transformer``
 (``jaxattn.models.transformer``): logits, loss, translation. A model module keeps its
-frozen config as a static attribute, so ``nnx.jit`` compiles once per config.
+frozen config as a static attribute, so ``nnx.jit`` compiles once per config. The
+partition rules of ``jaxattn.training.sharding`` match the pure tree's paths: shard
+``module.pure_weights()`` and build the module from the result with ``from_weights``.
 
 Dropout follows NNX's switches: modules start deterministic (evaluation);
 ``module.train()``, ``module.eval()`` and ``nnx.view(module, deterministic=...)`` set it,
@@ -348,10 +350,14 @@ class _ModelModule(_DropoutModule):
         converted one), which must fit ``config``: a model's sizes are not all in its
         weights' shapes, so the config comes along."""
         where = f"{cls.__name__}.from_weights"
-        if isinstance(weights, nnx.Module) or not isinstance(weights, cls._weights_type):
+        # ``module.weights`` is the same NamedTuple with nnx.Param leaves: refuse it here, or
+        # the weight check reports every path as missing and ``.value`` as unexpected.
+        wrapped = any(map(_is_param, jax.tree.leaves(weights, is_leaf=_is_param)))
+        if isinstance(weights, nnx.Module) or not isinstance(weights, cls._weights_type) or wrapped:
+            got = f"{type(weights).__name__} of nnx.Params" if wrapped else type(weights).__name__
             raise TypeError(
                 f"{where}: expected the pure {cls._weights_type.__name__} tree (e.g. "
-                f"module.pure_weights()), got {type(weights).__name__}"
+                f"module.pure_weights()), got {got}"
             )
         if not isinstance(config, cls._config_type):
             raise TypeError(

@@ -342,6 +342,8 @@ def test_gpt_from_weights_round_trips_and_checks_the_config():
         nn.GPT.from_weights(weights, _tiny_gpt())  # tied config, untied weights
     with pytest.raises(TypeError, match="expected the pure GPTWeights tree"):
         nn.GPT.from_weights(model, config)
+    with pytest.raises(TypeError, match=r"got GPTWeights of nnx\.Params"):
+        nn.GPT.from_weights(model.weights, config)  # not model.pure_weights()
     with pytest.raises(TypeError, match="config must be a GPTConfig"):
         nn.GPT({"vocab_size": 11}, rngs=nnx.Rngs(0))
 
@@ -412,7 +414,8 @@ def test_translation_modules_compute_the_pure_functions(cls):
 
     got, want = module_side(model, batch, key), pure_side(weights, batch, key)
     _leaves_close(got, want)
-    assert not np.allclose(got[0][1], got[1][1])  # dropout was on
+    plain_logits, dropped_logits = (jax.tree.leaves(side[0])[0] for side in got[:2])
+    assert not np.allclose(plain_logits, dropped_logits)  # dropout was on
     np.testing.assert_array_equal(
         model.translate(batch["src"], batch["src_lengths"], beam_size=2, max_len=5),
         translate_fn(weights, config, batch["src"], batch["src_lengths"], beam_size=2, max_len=5),
@@ -431,5 +434,50 @@ def test_translation_modules_from_weights_check_the_config(cls):
         cls.from_weights(weights, make_config(embed_dim=12))
     with pytest.raises(TypeError, match="expected the pure"):
         cls.from_weights(model, config)
+    with pytest.raises(TypeError, match=r"of nnx\.Params"):
+        cls.from_weights(model.weights, config)  # not model.pure_weights()
     with pytest.raises(TypeError, match="config must be a"):
         cls.from_weights(weights, _tiny_gpt())
+
+
+@pytest.mark.slow  # compiles each model's logits and loss twice: ~10-30 s
+@pytest.mark.parametrize("cls", [nn.GPT, *TRANSLATORS], ids=lambda c: c.__name__)
+def test_model_modules_deterministic_argument_overrides_train_and_eval(cls):
+    """A call's ``deterministic=`` wins over ``train()``/``eval()`` in ``__call__`` and
+    ``loss``: GPT's documented step, ``m.loss(..., deterministic=False)`` on a module in
+    eval mode, must train with dropout."""
+    key = jax.random.key(5)
+    if cls is nn.GPT:
+        config = _tiny_gpt(dropout=0.2)
+        tokens, targets = _tokens_and_targets()
+        args, loss_args = (tokens,), (tokens, targets)
+        logits = lambda w, **kw: gpt.gpt(w, tokens, config, **kw)
+        loss = lambda w, **kw: gpt.gpt_loss(w, tokens, targets, config, **kw)
+    else:
+        make_config, logits_fn, loss_fn, _ = TRANSLATORS[cls]
+        config, batch = make_config(), _translation_batch()
+        args, loss_args = (batch["src"], batch["src_lengths"], batch["tgt_in"]), (batch,)
+        logits = lambda w, **kw: logits_fn(w, *args, config, **kw)
+        loss = lambda w, **kw: loss_fn(w, batch, config, **kw)
+    model = cls(config, rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def module_side(model):
+        on = dict(rng=key, deterministic=False)  # while the module is in eval mode
+        dropped = model(*args, **on), model.loss(*loss_args, **on)
+        model.train()
+        plain = model(*args, deterministic=True), model.loss(*loss_args, deterministic=True)
+        model.eval()
+        return dropped, plain
+
+    @jax.jit
+    def pure_side(weights):
+        dropped = logits(weights, rng=key, deterministic=False)
+        return (dropped, loss(weights, rng=key, deterministic=False)), (
+            logits(weights),
+            loss(weights),
+        )
+
+    got, want = module_side(model), pure_side(model.pure_weights())
+    _leaves_close(got, want)
+    assert not np.allclose(want[0][1], want[1][1])  # the config's dropout changes the loss
