@@ -459,9 +459,10 @@ class _Translator(_ModelModule):
         *,
         rng: Array | None = None,
         deterministic: bool | None = None,
-    ):
+    ) -> Array | tuple[Array, Array | None]:
         """``src: [B, S]``, ``src_lengths: [B]``, ``tgt_in: [B, T]`` -> teacher-forced logits
-        (see the model's ``*_logits``); ``deterministic=None`` uses ``self.deterministic``."""
+        ``[B, T, V]`` (Seq2Seq: with its attention, see the model's ``*_logits``);
+        ``deterministic=None`` uses ``self.deterministic``."""
         return type(self)._logits(
             self.pure_weights(),
             src,
