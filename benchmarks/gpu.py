@@ -69,6 +69,11 @@ ON_TPU = jax.default_backend() == "tpu"
 SECTIONS = ("checks", "attention", "blocks", "long", "lstm")
 
 
+def _timing_dtype():
+    """The attention timings' dtype: bfloat16 on an accelerator, float32 on a CPU."""
+    return jnp.bfloat16 if ON_GPU or ON_TPU else jnp.float32
+
+
 def _torch():
     """(torch module, device string) on jax's kind of device, or (None, None) without torch,
     on a TPU, or on a GPU with a CPU-only torch (its rows would time float32 on the CPU
@@ -327,7 +332,7 @@ def _torch_attention_calls(torch, device, b, t):
 
 def run_attention(lengths, repeats, max_dense_gib, tokens: int = TOKENS) -> dict:
     torch, device = _torch()
-    dtype = jnp.bfloat16 if ON_GPU or ON_TPU else jnp.float32
+    dtype = _timing_dtype()
     dname = jnp.dtype(dtype).name
     print(f"\n# Causal attention, {dname}, [B, T, N={N_HEADS}, H={HEAD_DIM}], B T = {tokens}")
     print(f"median of {repeats} rounds of ~0.1 s each; TFLOP/s counts the causal half only")
@@ -393,7 +398,7 @@ def run_blocks(
     whose dense scores are under ``_DENSE_SCORES_MAX_BYTES``, where
     ``_select_implementation`` picks the einsum path for dropout: is that the faster one?
     """
-    dtype = jnp.bfloat16 if ON_GPU or ON_TPU else jnp.float32
+    dtype = _timing_dtype()
     b = max(1, tokens // t)
     kernel_shape = (b, t, N_HEADS, HEAD_DIM)
     print(f"\n# The blockwise kernel's settings, and dropout's kernels: {jnp.dtype(dtype).name},")

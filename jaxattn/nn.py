@@ -330,15 +330,18 @@ class _ModelModule(_DropoutModule):
     _init: Any  # (rng, config) -> weights
 
     def __init__(self, config: Any, *, deterministic: bool = True, rngs: nnx.Rngs):
-        name = type(self).__name__
-        if not isinstance(config, self._config_type):
-            raise TypeError(
-                f"{name}: config must be a {self._config_type.__name__}, got "
-                f"{type(config).__name__}"
-            )
+        self._check_config(config, type(self).__name__)
         super().__init__(type(self)._init(rngs.params(), config))
         self.config = config
         self.deterministic = deterministic  # see LSTM
+
+    @classmethod
+    def _check_config(cls, config: Any, where: str) -> None:
+        if not isinstance(config, cls._config_type):
+            raise TypeError(
+                f"{where}: config must be a {cls._config_type.__name__}, got "
+                f"{type(config).__name__}"
+            )
 
     @classmethod
     def _check_weights(cls, weights: Any, config: Any, where: str) -> None:
@@ -359,11 +362,7 @@ class _ModelModule(_DropoutModule):
                 f"{where}: expected the pure {cls._weights_type.__name__} tree (e.g. "
                 f"module.pure_weights()), got {got}"
             )
-        if not isinstance(config, cls._config_type):
-            raise TypeError(
-                f"{where}: config must be a {cls._config_type.__name__}, got "
-                f"{type(config).__name__}"
-            )
+        cls._check_config(config, where)  # before the weight check reads its fields
         cls._check_weights(weights, config, where)
         return super().from_weights(weights, config=config, **options)
 
