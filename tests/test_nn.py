@@ -281,9 +281,10 @@ def test_gpt_module_computes_the_pure_functions():
     assert model.loss(tokens, targets) == gpt.gpt_loss(weights, tokens, targets, config)
     key = jax.random.key(1)
     prompt = tokens[:, :3]
+    sampling = dict(top_k=3, prompt_lengths=jnp.array([3, 1, 2]))
     np.testing.assert_array_equal(
-        model.generate(prompt, 4, rng=key, top_k=3),
-        gpt.generate(weights, config, prompt, 4, rng=key, top_k=3),
+        model.generate(prompt, 4, rng=key, **sampling),
+        gpt.generate(weights, config, prompt, 4, rng=key, **sampling),
     )
     # Dropout (config.dropout) follows train()/eval(), with an explicit key.
     model.train()

@@ -256,11 +256,13 @@ def generate_cropped(
     """Extend ``tokens`` by ``max_new_tokens``, each drawn from a pass over the last ``context``.
 
     nanoGPT's ``generate`` once the sequence outgrows the model: token ``j`` is sampled from
-    ``next_logits_fn(sequence[:, j - context : j])``. One ``fori_loop`` step per token over
-    a fixed ``[B, T0 + max_new_tokens]`` buffer, so it compiles once.
+    ``next_logits_fn(sequence[:, j - context : j], j - context)``. One ``fori_loop`` step
+    per token over a fixed ``[B, T0 + max_new_tokens]`` buffer, so it compiles once.
 
     Args:
-      next_logits_fn: ``(window [B, context]) -> [B, V]`` logits of the token after it.
+      next_logits_fn: ``(window [B, context], offset) -> [B, V]`` logits of the token after
+        the window; ``offset`` (int32 scalar, traced) is the window's first index in the
+        sequence, for models that place rows by it (``gpt.generate``'s padded prompts).
       tokens: ``[B, T0]`` integer ids, ``T0 >= context`` (a shorter sequence still fits the
         model: ``generate`` with a cache serves it).
       max_new_tokens: Python int >= 0.
@@ -295,7 +297,8 @@ def generate_cropped(
 
     def step(i, out):
         j = t0 + i  # the position written now
-        logits = next_logits_fn(jax.lax.dynamic_slice(out, (0, j - context), (b, context)))
+        offset = j - context
+        logits = next_logits_fn(jax.lax.dynamic_slice(out, (0, offset), (b, context)), offset)
         noise = None if greedy else _gumbel(keys[i], logits.shape)
         token = _pick(logits, noise, **settings)  # [B]
         return jax.lax.dynamic_update_slice(out, token[:, None], (0, j))

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxattn.models import decoding
 from jaxattn.models._config import (
@@ -62,6 +63,7 @@ from jaxattn.ops.layers import (
     unembed,
 )
 from jaxattn.ops.losses import cross_entropy
+from jaxattn.ops.masks import check_lengths
 from jaxattn.ops.positions import (
     LearnedPositionWeights,
     apply_rope,
@@ -273,15 +275,17 @@ def _block(
     rng: Array | None,
     deterministic: bool,
     cache: tuple[Array, Array, Array] | None = None,
+    key_mask: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array] | None]:
     """Apply one pre-LN block; with a cache, write this chunk's k/v into it and attend over it.
 
     Args:
       blk: one layer's ``BlockWeights`` (no layer axis).
       x: ``[B, T, D]`` residual stream.
-      positions: ``[T]`` absolute positions of the T tokens.
+      positions: ``[T]`` absolute positions of the T tokens, or ``[B, T]`` per row.
       rng: key for dropout (None when deterministic or dropout is 0).
       cache: ``(k [B, S, K, H], v [B, S, K, H], index)`` or None for a full causal pass.
+      key_mask: ``[B, 1, 1, S]`` False for keys to hide in every row (left padding), or None.
 
     Returns:
       ``(x [B, T, D], (k, v) updated cache slices or None)``.
@@ -301,11 +305,13 @@ def _block(
         dropout_rng=rng_attn,
     )
     if cache is None:
-        ctx = attention(q, k, v, is_causal=True)  # [B, T, N, H]
+        ctx = attention(q, k, v, mask=key_mask, is_causal=True)  # [B, T, N, H]
         new_cache = None
     else:
         k_cache, v_cache, index = cache
         k_cache, v_cache, visible = write_kv_cache(k_cache, v_cache, k, v, index)  # [1, 1, T, S]
+        if key_mask is not None:
+            visible = visible & key_mask  # [B, 1, T, S]
         ctx = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=visible)
         new_cache = (k_cache, v_cache)
     x = x + dropout(rng_res1, project_output(blk.attn, ctx), rate)
@@ -421,10 +427,22 @@ def gpt(
 
 
 def _trunk(
-    weights: GPTWeights, tokens: Array, config: GPTConfig, rng: Array | None, use_dropout: bool
+    weights: GPTWeights,
+    tokens: Array,
+    config: GPTConfig,
+    rng: Array | None,
+    use_dropout: bool,
+    *,
+    positions: Array | None = None,
+    key_mask: Array | None = None,
 ) -> Array:
-    """Embeddings and the layer scan (weights already cast). ``[B, T]`` -> ``[B, T, D]``."""
-    positions = jnp.arange(tokens.shape[1])
+    """Embeddings and the layer scan (weights already cast). ``[B, T]`` -> ``[B, T, D]``.
+
+    ``positions`` (``[B, T]``) and ``key_mask`` (``[B, 1, 1, T]``) serve left-padded rows;
+    by default every row is real from position 0.
+    """
+    if positions is None:
+        positions = jnp.arange(tokens.shape[1])
     rng_embed, rng_layers = jax.random.split(rng) if use_dropout else (None, None)
     x = dropout(
         rng_embed,
@@ -435,7 +453,15 @@ def _trunk(
 
     def body(x, layer):
         blk, rng_layer = layer
-        x, _ = _block(blk, x, positions, config, rng=rng_layer, deterministic=not use_dropout)
+        x, _ = _block(
+            blk,
+            x,
+            positions,
+            config,
+            rng=rng_layer,
+            deterministic=not use_dropout,
+            key_mask=key_mask,
+        )
         return x, None
 
     # remat: save nothing but the block inputs and recompute each block in the backward.
@@ -538,8 +564,50 @@ def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVC
     return weights._replace(blocks=blocks), KVCache(k, v, cache.index)
 
 
+def _check_start(start, batch: int, cache_len: int) -> Array:
+    """``start`` as ``[B]`` int32, checked to lie in ``[0, S)`` when concrete."""
+    if jnp.shape(start) != (batch,) or not jnp.issubdtype(jnp.result_type(start), jnp.integer):
+        raise ValueError(
+            f"gpt_decode: start must be integers of shape [B] = ({batch},), got "
+            f"{jnp.result_type(start)} {jnp.shape(start)}"
+        )
+    if not isinstance(start, jax.core.Tracer):
+        host = np.asarray(start)  # numpy: jnp ops on a closed-over array would trace under jit
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0 or hi >= cache_len:
+            raise ValueError(f"gpt_decode: start must lie in [0, S={cache_len}), got [{lo}, {hi}]")
+    return jnp.asarray(start, jnp.int32)
+
+
+def _left_padded(
+    start: Array, query_slots: Array, key_slots: Array, origin: Array | int = 0
+) -> tuple[Array, Array]:
+    """Positions and key mask for rows whose first ``start[b]`` slots are padding.
+
+    Row b's real tokens count positions from its slot ``max(start[b], origin)``: its first
+    real token, or the first slot of a window cropped past it (``origin``, as nanoGPT's
+    crop restarts positions at 0). Padding slots get position 0 and are hidden as keys.
+
+    Args:
+      start: ``[B]`` int32, each row's first real slot.
+      query_slots: ``[T]`` the queries' slots; key_slots: ``[S]`` the keys'.
+
+    Returns:
+      ``(positions [B, T] int32, key_mask [B, 1, 1, S] bool)``.
+    """
+    first = jnp.maximum(start, origin)[:, None]  # [B, 1]
+    positions = jnp.maximum(query_slots[None, :] - first, 0)  # [B, T]
+    key_mask = key_slots[None, :] >= start[:, None]  # [B, S]
+    return positions, key_mask[:, None, None, :]
+
+
 def gpt_decode(
-    weights: GPTWeights, tokens: Array, cache: KVCache, config: GPTConfig
+    weights: GPTWeights,
+    tokens: Array,
+    cache: KVCache,
+    config: GPTConfig,
+    *,
+    start: Array | None = None,
 ) -> tuple[Array, KVCache]:
     """Run T new tokens at positions ``index .. index+T-1`` against a KV cache (no dropout).
 
@@ -554,6 +622,10 @@ def gpt_decode(
     Args:
       tokens: ``[B, T]`` ids.
       cache: ``KVCache(k, v [L, B, S, K, H], index)``, or per layer from ``unstack_layers``.
+      start: ``[B]`` ints, each row's first real slot when prompts of different lengths
+        are left-padded to one length (``generate``'s ``prompt_lengths``): the keys in slots
+        before it are hidden and the row's positions count from it, so its logits are those
+        of ``gpt`` on its real tokens alone. None: every row starts at slot 0.
 
     Returns:
       ``(logits [B, T, V] float32, cache with the new k/v written and index + T)``, stacked
@@ -591,8 +663,12 @@ def gpt_decode(
             f"gpt_decode: writing T={t} tokens at index {int(cache.index)} overflows the "
             f"cache length S={s}"
         )
+    slots = cache.index + jnp.arange(t, dtype=jnp.int32)  # [T]
+    positions, key_mask = slots, None
+    if start is not None:
+        start = _check_start(start, b, s)
+        positions, key_mask = _left_padded(start, slots, jnp.arange(s, dtype=jnp.int32))
     weights = _cast(weights, config.compute_dtype)
-    positions = cache.index + jnp.arange(t, dtype=jnp.int32)  # [T]
     x = _embed(weights, tokens, positions, config)
 
     def body(x, layer):
@@ -605,6 +681,7 @@ def gpt_decode(
             rng=None,
             deterministic=True,
             cache=(k_layer, v_layer, cache.index),
+            key_mask=key_mask,
         )
 
     if per_layer:
@@ -625,8 +702,13 @@ def gpt_decode(
     ),
 )  # fmt: skip
 def _generate_jit(
-    weights, prompt, rng, config, max_new_tokens, temperature, top_k, top_p, unroll_layers
-):
+    weights, prompt, rng, config, max_new_tokens, temperature, top_k, top_p, unroll_layers,
+    start=None,
+):  # fmt: skip
+    if start is not None:
+        # Right-padded rows -> left-padded: every row's last prompt token in the last slot,
+        # so one cache index serves the batch; start[b] is the row's first real slot.
+        prompt = _roll_rows(prompt, start)
     t0, block = prompt.shape[1], config.block_size
     # New tokens whose whole context fits the model come from the KV cache: the last of them
     # is predicted at position block - 1. Later ones see only the last block tokens.
@@ -640,10 +722,11 @@ def _generate_jit(
         # (The last sample is never fed back, so block positions always suffice.)
         cache = init_cache(config, prompt.shape[0], min(t0 + cached, block))
         stepped, cache = unstack_layers(weights, cache) if unroll_layers else (weights, cache)
-        out = decoding.generate(
-            lambda toks, c: gpt_decode(stepped, toks, c, config), cache, prompt, cached,
-            rng=rng, **settings,
-        )  # fmt: skip
+
+        def decode(toks, c):  # the decode function protocol of decoding.generate
+            return gpt_decode(stepped, toks, c, config, start=start)
+
+        out = decoding.generate(decode, cache, prompt, cached, rng=rng, **settings)
     if cropped:
         # Token i of all max_new_tokens draws with key i of split(rng, max_new_tokens), as in
         # the cached part (split's keys do not depend on how many are split off). Greedy
@@ -651,14 +734,30 @@ def _generate_jit(
         greedy = temperature == 0.0
         keys = None if greedy else jax.random.split(rng, max_new_tokens)[cached:]
 
-        def next_logits(window):  # [B, block] -> [B, V]: only the last position's logits
-            x = _trunk(weights, window, config, None, False)
+        def next_logits(window, offset):  # [B, block] -> [B, V]: the last position's logits
+            positions = key_mask = None
+            if start is not None:
+                slots = offset + jnp.arange(block, dtype=jnp.int32)
+                positions, key_mask = _left_padded(start, slots, slots, origin=offset)
+            x = _trunk(weights, window, config, None, False, positions=positions, key_mask=key_mask)
             return _logits(weights, x[:, -1:], config)[:, 0]
 
         out = decoding.generate_cropped(
             next_logits, out, cropped, context=block, keys=keys, **settings
         )
+    if start is not None:
+        out = _roll_rows(out, -start)  # back to right padding, the padding after the new tokens
     return out
+
+
+def _roll_rows(x: Array, shift: Array) -> Array:
+    """Rotate each row right by its own shift: ``out[b, j] = x[b, (j - shift[b]) mod T]``.
+
+    ``x: [B, T]``, ``shift: [B]`` ints -> ``[B, T]``.
+    """
+    t = x.shape[1]
+    source = (jnp.arange(t, dtype=jnp.int32)[None, :] - shift[:, None]) % t  # [B, T]
+    return jnp.take_along_axis(x, source, axis=1)
 
 
 def generate(
@@ -672,6 +771,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     unroll_layers: bool = False,
+    prompt_lengths: Array | None = None,
 ) -> Array:
     """Continue ``prompt`` by ``max_new_tokens`` sampled tokens (temperature 0 = greedy).
 
@@ -693,15 +793,32 @@ def generate(
         Shakespeare model: ~100 instead of ~220 us), but slower to compile (2.9 s instead of
         1.5 s) and growing with depth. Worth it when one compiled shape serves many calls
         (serving, benchmarks); the default suits a few one-off samples.
+      prompt_lengths: ``[B]`` ints in ``[1, T0]`` for a batch of prompts of different
+        lengths, padded on the right to ``T0`` (the padding: any ids in ``[0, V)``). Row b
+        continues its first ``prompt_lengths[b]`` tokens as if it were alone: it never sees
+        the padding, and its positions and its crop past ``block_size`` are its own. Its new
+        tokens are those row b of an unpadded batch would draw from the same logits (the
+        same random numbers). None: every row is ``T0`` long.
 
     Returns:
-      ``[B, T0 + max_new_tokens]`` int32: the prompt followed by the new tokens.
+      ``[B, T0 + max_new_tokens]`` int32: the prompt followed by the new tokens. With
+      ``prompt_lengths``, row b is its prompt, its ``max_new_tokens`` new tokens, then its
+      ``T0 - prompt_lengths[b]`` padding ids, moved to the end.
     """
     prompt = _as_tokens(prompt, config, "generate")
     max_new_tokens = decoding.check_max_new_tokens(max_new_tokens)
     check_gpt_weights(weights, config, "generate", per_layer_ok=False)  # (it unstacks them itself)
     # Validate the sampling settings eagerly, before anything is traced.
     decoding.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    start = None
+    if prompt_lengths is not None:
+        b, t0 = prompt.shape
+        check_lengths(prompt_lengths, b, t0, "generate: prompt_lengths")
+        if not isinstance(prompt_lengths, jax.core.Tracer) and b and np.min(prompt_lengths) < 1:
+            raise ValueError(
+                f"generate: every prompt needs a token, got prompt_lengths {prompt_lengths}"
+            )
+        start = t0 - jnp.asarray(prompt_lengths, jnp.int32)  # [B] padding per row
     return _generate_jit(
         weights,
         prompt.astype(jnp.int32),
@@ -712,4 +829,5 @@ def generate(
         top_k,
         top_p,
         bool(unroll_layers),
+        start,
     )

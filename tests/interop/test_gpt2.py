@@ -118,6 +118,33 @@ def test_greedy_generation_matches_hf():
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_greedy_generation_of_padded_prompts_matches_hf_with_left_padding():
+    """HF takes prompts of different lengths left-padded with an attention mask; jaxattn
+    right-padded with ``prompt_lengths``. Each row's continuation must be the same."""
+    model = _hf_model(seed=4, n_positions=27)
+    config = gpt2_config_from_hf(model.config)
+    weights = gpt2_from_hf(model, config)
+    lengths = np.array([7, 2, 5])
+    prompt = np.random.default_rng(6).integers(1, 31, size=(3, 7))  # right-padded with ...
+    prompt[np.arange(7)[None, :] >= lengths[:, None]] = 0  # ... zeros
+    left = np.stack([np.roll(row, 7 - n) for row, n in zip(prompt, lengths)])
+    with torch.no_grad():
+        want = model.generate(
+            torch.tensor(left),
+            attention_mask=torch.tensor(np.arange(7)[None, :] >= 7 - lengths[:, None]).long(),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+        ).numpy()  # [3, 27]: padding, prompt, new tokens
+    got = generate(
+        weights, config, prompt.astype(np.int32), 20, rng=None, temperature=0.0,
+        prompt_lengths=lengths,
+    )  # fmt: skip  # [3, 27]: prompt, new tokens, padding
+    for row, n in enumerate(lengths):
+        np.testing.assert_array_equal(np.asarray(got[row, : n + 20]), want[row, 7 - n :])
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_round_trip_through_torch_is_exact(tied):
     config = GPTConfig(

@@ -408,8 +408,92 @@ def test_sampled_generate_past_the_context_draws_token_i_with_key_i():
     np.testing.assert_array_equal(out, _reference_cropped(w, prompt, 16, BASE, sampled))
 
 
+# Prompts of different lengths in one batch: right-padded, with prompt_lengths.
+
+
+@pytest.mark.parametrize(
+    ("config", "unroll", "lengths"),
+    [
+        # One cached token, then cropped past block_size = 11 while the short rows are still
+        # padded (the first for 9 tokens).
+        (BASE, False, [1, 11, 6]),
+        # Prompts up to 14 > block_size tokens: cropped from the first new token.
+        (ROPE, True, [3, 14, 12]),
+    ],
+    ids=["learned_scan", "rope_unrolled_long"],
+)
+def test_greedy_generate_of_padded_prompts_continues_each_prompt_alone(config, unroll, lengths):
+    w = random_weights(config, seed=2)
+    prompt = np.asarray(tokens_for(config, (len(lengths), max(lengths)), seed=3))
+    out = gpt_module.generate(
+        w, config, prompt, 12, rng=None, temperature=0.0, unroll_layers=unroll,
+        prompt_lengths=jnp.asarray(lengths),
+    )  # fmt: skip
+    assert out.shape == (len(lengths), max(lengths) + 12)
+    greedy = lambda i, logits: np.argmax(np.asarray(logits), -1)
+    for b, length in enumerate(lengths):
+        alone = _reference_cropped(w, prompt[b : b + 1, :length], 12, config, greedy)[0]
+        np.testing.assert_array_equal(out[b, : length + 12], alone)
+        np.testing.assert_array_equal(out[b, length + 12 :], prompt[b, length:])  # padding
+
+
+def test_sampled_generate_of_padded_prompts_draws_as_unpadded_rows():
+    """Row b draws new token i with row b of the noise of key i, in both parts."""
+    w = random_weights(ROPE, seed=5)
+    prompt = np.asarray(tokens_for(ROPE, (B, 4), seed=6))
+    lengths = [4, 1]  # row 1 is still padded when the cropped part begins (9 of 11 tokens)
+    settings = dict(temperature=0.8, top_k=6, top_p=0.95)
+    rng = jax.random.key(4)  # threefry: see test_sampled_generate_equals_sample_logits...
+    out = gpt_module.generate(
+        w, ROPE, prompt, 10, rng=rng, prompt_lengths=jnp.asarray(lengths), **settings
+    )
+    keys = jax.random.split(rng, 10)
+    sampled = lambda i, logits: decoding.sample_logits(keys[i], logits, **settings)
+    for b, length in enumerate(lengths):
+        copies = np.repeat(prompt[b : b + 1, :length], B, axis=0)  # row b's noise is row b's
+        reference = _reference_cropped(w, copies, 10, ROPE, sampled)[b]
+        np.testing.assert_array_equal(out[b, : length + 10], reference)
+
+
+@pytest.mark.parametrize("config", [GQA, ROPE], ids=["gqa_learned", "rope"])
+def test_cached_decoding_of_left_padded_rows_equals_each_row_alone(config):
+    """With ``start``, row b's padding slots are invisible and its positions start at 0."""
+    w = random_weights(config)
+    tokens = tokens_for(config, (B, 9), seed=7)
+    starts = [0, 3]
+    cache = init_cache(config, B, config.block_size)
+    decode = functools.partial(decode_jit, w, config=config, start=jnp.asarray(starts))
+    logits, cache = decode(tokens[:, :5], cache)
+    pieces = [logits]
+    for t in range(5, 9):
+        logits, cache = decode(tokens[:, t : t + 1], cache)
+        pieces.append(logits)
+    decoded = jnp.concatenate(pieces, axis=1)  # [B, 9, V]
+    for b, start in enumerate(starts):
+        alone = gpt_jit(w, tokens[b : b + 1, start:], config)[0]
+        np.testing.assert_allclose(decoded[b, start:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_prompts_with_bad_lengths_are_refused():
+    w = random_weights(BASE)
+    prompt = tokens_for(BASE, (B, 4))
+    for lengths, match in [
+        ([1, 5], r"prompt_lengths: lengths must lie in \[0, T=4\], got \[1, 5\]"),
+        ([0, 2], r"every prompt needs a token, got prompt_lengths \[0 2\]"),
+        ([1.0, 2.0], r"prompt_lengths: lengths must be integers of shape \[B\] = \(2,\)"),
+        ([1, 2, 3], r"shape \[B\] = \(2,\), got int32 \(3,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            gpt_module.generate(w, BASE, prompt, 2, rng=key(0), prompt_lengths=jnp.array(lengths))
+    cache = init_cache(BASE, B, 6)
+    with pytest.raises(ValueError, match=r"start must lie in \[0, S=6\), got \[0, 6\]"):
+        gpt_decode(w, prompt, cache, BASE, start=jnp.array([0, 6]))
+    with pytest.raises(ValueError, match=r"start must be integers of shape \[B\] = \(2,\)"):
+        gpt_decode(w, prompt, cache, BASE, start=jnp.array([0]))
+
+
 def test_generate_cropped_rejects_bad_requests():
-    fn = lambda window: jnp.zeros((window.shape[0], 5))
+    fn = lambda window, offset: jnp.zeros((window.shape[0], 5))
     tokens = jnp.zeros((2, 4), jnp.int32)
     with pytest.raises(ValueError, match=r"T0 >= context=6 >= 1, got \(2, 4\)"):
         decoding.generate_cropped(fn, tokens, 3, context=6, keys=None, temperature=0.0)
