@@ -3,6 +3,7 @@
     python train/lm.py --config=train/configs/shakespeare_char_cpu.py --workdir=DIR
     python train/lm.py --config=... --config.num_steps=500 --config.eval_every=100
     python train/lm.py --workdir=DIR --sample_only --prompt="ROMEO:" --num_samples=3
+    python train/lm.py --workdir=DIR --sample_only --prompt="ROMEO:" --prompt="JULIET:"
 
 Training shows a progress bar, evaluates, writes ``DIR/metrics.jsonl`` and TensorBoard
 events in ``DIR/tb/``, checkpoints to ``DIR/checkpoints/<step>/``, and prints samples at the
@@ -67,8 +68,12 @@ _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "shakespeare_char_cpu.
 _CONFIG = define_config_file(_DEFAULT_CONFIG, "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default workdirs/<config>).")
 _SAMPLE_ONLY = flags.DEFINE_bool("sample_only", False, "Only sample from the latest checkpoint.")
-_PROMPT = flags.DEFINE_string("prompt", "\n", "Text the samples continue.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Samples to print (0: none).", lower_bound=0)
+_PROMPT = flags.DEFINE_multi_string(
+    "prompt", ["\n"], "Text the samples continue; repeat the flag to sample several prompts."
+)
+_NUM_SAMPLES = flags.DEFINE_integer(
+    "num_samples", 2, "Samples to print per prompt (0: none).", lower_bound=0
+)
 _SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 500, "Characters per sample.", lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).")
 _TOP_K = flags.DEFINE_integer(
@@ -96,20 +101,29 @@ def _top_k(model: GPTConfig) -> int | None:
 
 def _check_sampling(model: GPTConfig, tokenizer: data.CharTokenizer) -> None:
     check_sampling(temperature=_TEMPERATURE.value, top_k=_top_k(model))
-    if not _PROMPT.value:
-        raise ValueError("--prompt must hold at least one character")
-    tokenizer.encode(_PROMPT.value)  # raises for characters outside the vocabulary
+    for prompt in _PROMPT.value:
+        if not prompt:
+            raise ValueError("--prompt must hold at least one character")
+        tokenizer.encode(prompt)  # raises for characters outside the vocabulary
 
 
 def sample_text(params, model: GPTConfig, tokenizer: data.CharTokenizer, *, rng) -> list[str]:
-    """Continue ``--prompt`` by ``--sample_tokens`` characters, ``--num_samples`` times."""
+    """Continue each ``--prompt`` by ``--sample_tokens`` characters, ``--num_samples`` times,
+    all in one batch (prompts of different lengths padded, see ``generate``)."""
     _check_sampling(model, tokenizer)
-    prompt = np.tile(tokenizer.encode(_PROMPT.value), (_NUM_SAMPLES.value, 1))  # [B, T0]
+    prompts = [tokenizer.encode(text) for text in _PROMPT.value for _ in range(_NUM_SAMPLES.value)]
+    if not prompts:
+        return []
+    lengths = np.array([len(ids) for ids in prompts])
+    batch = np.zeros((len(prompts), lengths.max()), np.int32)  # [B, T0], right-padded
+    for row, ids in zip(batch, prompts):
+        row[: len(ids)] = ids
     out = generate(
-        params, model, prompt, _SAMPLE_TOKENS.value, rng=rng, temperature=_TEMPERATURE.value,
-        top_k=_top_k(model),
+        params, model, batch, _SAMPLE_TOKENS.value, rng=rng, temperature=_TEMPERATURE.value,
+        top_k=_top_k(model), prompt_lengths=lengths if lengths.min() < lengths.max() else None,
     )  # fmt: skip
-    return [tokenizer.decode(row) for row in np.asarray(out)]
+    new = _SAMPLE_TOKENS.value
+    return [tokenizer.decode(row[: n + new]) for row, n in zip(np.asarray(out), lengths)]
 
 
 def print_samples(params, model, tokenizer, seed: int) -> None:

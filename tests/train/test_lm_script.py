@@ -112,18 +112,27 @@ def test_resumed_run_equals_uninterrupted_run(trained, killed_run_copy, assert_s
 def test_sample_only_loads_the_latest_checkpoint(trained):
     workdir, *_ = trained
     proc = run_lm(
-        f"--workdir={workdir}", "--sample_only", "--prompt=ROMEO:", "--num_samples=3",
+        f"--workdir={workdir}", "--sample_only", "--prompt=ROMEO:", "--prompt=I", "--num_samples=3",
         "--sample_tokens=20", "--top_k=1",
     )  # fmt: skip
     assert f"Sampling from {workdir / 'checkpoints' / '8'}" in proc.stdout
     samples = proc.stdout.split("---------- sample ")[1:]
-    assert len(samples) == 3
+    assert len(samples) == 6  # 3 per prompt, in one batch of prompts of 6 and 1 characters
     for i, sample in enumerate(samples):
         header, text = sample.split("\n", 1)
         assert header == f"{i} ----------"
-        assert text.startswith("ROMEO:") and len(text.rstrip("\n")) <= 26
-    # top_k=1 leaves one choice a character: every sample is the same, greedy one.
-    assert len(set(samples_of(proc.stdout))) == 1
+        prompt = "ROMEO:" if i < 3 else "I"
+        # The prompt and 20 new characters (not the short prompt's padding), then print's \n.
+        assert text.startswith(prompt) and len(text) == len(prompt) + 20 + 1
+    # top_k=1 leaves one choice a character: each prompt's samples are the same, greedy one.
+    texts = samples_of(proc.stdout)
+    assert len(set(texts[:3])) == 1 and len(set(texts[3:])) == 1
+    # The short prompt continues as it would alone, never seeing its padding.
+    alone = run_lm(
+        f"--workdir={workdir}", "--sample_only", "--prompt=I", "--num_samples=1",
+        "--sample_tokens=20", "--top_k=1",
+    )  # fmt: skip
+    assert samples_of(alone.stdout) == texts[3:4]
 
 
 @pytest.mark.slow
