@@ -243,7 +243,7 @@ def generate(
 
 
 def generate_cropped(
-    next_logits_fn: Callable[[Array], Array],
+    next_logits_fn: Callable[[Array, Array], Array],
     tokens: Array,
     max_new_tokens: int,
     *,
@@ -261,7 +261,7 @@ def generate_cropped(
 
     Args:
       next_logits_fn: ``(window [B, context], offset) -> [B, V]`` logits of the token after
-        the window; ``offset`` (int32 scalar, traced) is the window's first index in the
+        the window; ``offset`` (integer scalar, traced) is the window's first index in the
         sequence, for models that place rows by it (``gpt.generate``'s padded prompts).
       tokens: ``[B, T0]`` integer ids, ``T0 >= context`` (a shorter sequence still fits the
         model: ``generate`` with a cache serves it).

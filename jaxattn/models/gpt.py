@@ -566,6 +566,7 @@ def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVC
 
 def _check_start(start, batch: int, cache_len: int) -> Array:
     """``start`` as ``[B]`` int32, checked to lie in ``[0, S)`` when concrete."""
+    start = ids_to_check(start)  # a list as NumPy (jnp.result_type takes no lists)
     if jnp.shape(start) != (batch,) or not jnp.issubdtype(jnp.result_type(start), jnp.integer):
         raise ValueError(
             f"gpt_decode: start must be integers of shape [B] = ({batch},), got "
@@ -813,11 +814,10 @@ def generate(
     start = None
     if prompt_lengths is not None:
         b, t0 = prompt.shape
-        check_lengths(prompt_lengths, b, t0, "generate: prompt_lengths")
-        if not isinstance(prompt_lengths, jax.core.Tracer) and b and np.min(prompt_lengths) < 1:
-            raise ValueError(
-                f"generate: every prompt needs a token, got prompt_lengths {prompt_lengths}"
-            )
+        # A list or tuple as NumPy, as the prompt (jnp.result_type takes no lists).
+        prompt_lengths = ids_to_check(prompt_lengths)
+        # Every prompt needs a token: generation continues from a row's last one.
+        check_lengths(prompt_lengths, b, t0, "generate: prompt_lengths", least=1)
         start = t0 - jnp.asarray(prompt_lengths, jnp.int32)  # [B] padding per row
     return _generate_jit(
         weights,

@@ -72,8 +72,9 @@ def padding_mask(lengths: Array, max_len: int) -> Array:
     return positions[None, :] < lengths[:, None].astype(jnp.int32)  # [B, max_len]
 
 
-def check_lengths(lengths: Array, batch: int, steps: int, where: str) -> None:
-    """Raise unless ``lengths`` are ``[B]`` integers in ``[0, steps]`` (checked when concrete).
+def check_lengths(lengths: Array, batch: int, steps: int, where: str, *, least: int = 0) -> None:
+    """Raise unless ``lengths`` are ``[B]`` integers in ``[least, steps]`` (checked when
+    concrete).
 
     Under ``jit`` the values are unknown and only the shape and dtype are checked; the data
     pipelines validate lengths when they build batches.
@@ -87,8 +88,8 @@ def check_lengths(lengths: Array, batch: int, steps: int, where: str) -> None:
         return
     host = np.asarray(lengths)  # numpy: jnp ops on a closed-over array would trace under jit
     lo, hi = int(host.min()), int(host.max())
-    if lo < 0 or hi > steps:
-        raise ValueError(f"{where}: lengths must lie in [0, T={steps}], got [{lo}, {hi}]")
+    if lo < least or hi > steps:
+        raise ValueError(f"{where}: lengths must lie in [{least}, T={steps}], got [{lo}, {hi}]")
 
 
 def attention_mask(q_valid: Array | None, kv_valid: Array) -> Array:

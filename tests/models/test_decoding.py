@@ -474,12 +474,25 @@ def test_cached_decoding_of_left_padded_rows_equals_each_row_alone(config):
         np.testing.assert_allclose(decoded[b, start:], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_padded_prompt_lengths_may_be_a_list():
+    """As the prompt may: a list or tuple is not an array to ``jnp.result_type``."""
+    w = random_weights(BASE)
+    prompt = tokens_for(BASE, (B, 4))
+    run = functools.partial(gpt_module.generate, w, BASE, prompt, 2, rng=None, temperature=0.0)
+    want = run(prompt_lengths=jnp.array([4, 2]))
+    for lengths in ([4, 2], (4, 2)):
+        np.testing.assert_array_equal(run(prompt_lengths=lengths), want)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, T=4\], got \[0, 2\]"):
+        run(prompt_lengths=[0, 2])
+
+
 def test_padded_prompts_with_bad_lengths_are_refused():
     w = random_weights(BASE)
     prompt = tokens_for(BASE, (B, 4))
     for lengths, match in [
-        ([1, 5], r"prompt_lengths: lengths must lie in \[0, T=4\], got \[1, 5\]"),
-        ([0, 2], r"every prompt needs a token, got prompt_lengths \[0 2\]"),
+        ([1, 5], r"prompt_lengths: lengths must lie in \[1, T=4\], got \[1, 5\]"),
+        ([0, 2], r"prompt_lengths: lengths must lie in \[1, T=4\], got \[0, 2\]"),
+        ([-1, 2], r"prompt_lengths: lengths must lie in \[1, T=4\], got \[-1, 2\]"),
         ([1.0, 2.0], r"prompt_lengths: lengths must be integers of shape \[B\] = \(2,\)"),
         ([1, 2, 3], r"shape \[B\] = \(2,\), got int32 \(3,\)"),
     ]:
@@ -490,6 +503,8 @@ def test_padded_prompts_with_bad_lengths_are_refused():
         gpt_decode(w, prompt, cache, BASE, start=jnp.array([0, 6]))
     with pytest.raises(ValueError, match=r"start must be integers of shape \[B\] = \(2,\)"):
         gpt_decode(w, prompt, cache, BASE, start=jnp.array([0]))
+    with pytest.raises(ValueError, match=r"start must lie in \[0, S=6\), got \[-1, 0\]"):
+        gpt_decode(w, prompt, cache, BASE, start=[-1, 0])  # a list, as the tokens may be
 
 
 def test_generate_cropped_rejects_bad_requests():

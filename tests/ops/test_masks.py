@@ -223,6 +223,9 @@ def test_check_lengths_accepts_0_to_steps_and_names_the_rest():
     ]:
         with pytest.raises(ValueError, match=message):
             check_lengths(lengths, 3, 5, "f")
+    check_lengths(jnp.array([1, 5]), 2, 5, "f", least=1)
+    with pytest.raises(ValueError, match=r"f: lengths must lie in \[1, T=5\], got \[0, 5\]"):
+        check_lengths(jnp.array([0, 5]), 2, 5, "f", least=1)
 
 
 def test_dropout_mask_is_the_threefry_hash_of_each_position():
