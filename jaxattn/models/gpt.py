@@ -179,8 +179,8 @@ class KVCache(NamedTuple):
     """Keys and values of the tokens decoded so far.
 
     ``k, v: [L, B, S, K, H]``, or per layer (``unstack_layers``): tuples of L ``[B, S, K, H]``;
-    ``index``: int32 scalar, how many positions are filled (the absolute position of the
-    next token).
+    ``index``: int32 scalar, how many slots are filled: the slot of the next token, and its
+    position unless rows are left-padded (``gpt_decode``'s ``start``).
     """
 
     k: Array
