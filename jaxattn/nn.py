@@ -436,8 +436,8 @@ class GPT(_ModelModule):
 
     def generate(self, prompt: Array, max_new_tokens: int, *, rng: Array, **sampling: Any) -> Array:
         """``prompt: [B, T0]`` -> ``[B, T0 + max_new_tokens]`` with a KV cache; ``sampling``:
-        ``temperature``, ``top_k``, ``top_p``, ``unroll_layers``, ``prompt_lengths`` (see
-        ``gpt.generate``)."""
+        ``temperature``, ``top_k``, ``top_p``, ``unroll_layers``, ``prompt_lengths``,
+        ``eos_id`` (see ``gpt.generate``)."""
         return gpt_model.generate(
             self.pure_weights(), self.config, prompt, max_new_tokens, rng=rng, **sampling
         )

@@ -82,6 +82,26 @@ def check_max_new_tokens(max_new_tokens: int) -> int:
     return int(max_new_tokens)
 
 
+def check_eos_id(eos_id: int | None, vocab_size: int | None = None) -> int | None:
+    """Return ``eos_id`` as an int (or None); ``ValueError`` unless an integer in ``[0, V)``."""
+    if eos_id is None:
+        return None
+    if isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral) or eos_id < 0:
+        raise ValueError(f"generate: eos_id must be an integer >= 0 or None, got {eos_id!r}")
+    if vocab_size is not None and eos_id >= vocab_size:
+        raise ValueError(f"generate: eos_id={eos_id} is not in the vocabulary [0, {vocab_size})")
+    return int(eos_id)
+
+
+def _end_rows(token: Array, ended: Array, eos_id: int) -> tuple[Array, Array]:
+    """Rows that have ended repeat ``eos_id``; a row ends with its first ``eos_id``.
+
+    ``token, ended: [B]`` -> ``(token, ended)``.
+    """
+    token = jnp.where(ended, eos_id, token)
+    return token, ended | (token == eos_id)
+
+
 def _filter_logits(
     logits: Array, *, temperature: float, top_k: int | None, top_p: float | None
 ) -> Array:
@@ -191,6 +211,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    eos_id: int | None = None,
 ) -> Array:
     """Extend ``prompt`` by ``max_new_tokens`` tokens sampled with ``sample_logits``.
 
@@ -198,17 +219,22 @@ def generate(
     ``lax.scan`` step feeding the previous sample. The cache must have room for
     ``T0 + max_new_tokens - 1`` positions (the last sample is never fed back).
 
+    With ``eos_id``, a row ends at its first new ``eos_id`` and repeats it from then on;
+    once every row has ended, the remaining steps skip the model (``lax.cond``).
+
     Args:
       decode_fn: ``(tokens [B, t], cache) -> (logits [B, t, V], cache)``.
       cache: the decode function's empty cache.
       prompt: ``[B, T0]`` integer ids, ``T0 >= 1``.
       max_new_tokens: Python int >= 0.
       rng: sampling key (split once per new token).
+      eos_id: end-of-sequence id, or None to draw all ``max_new_tokens`` in every row.
 
     Returns:
       ``[B, T0 + max_new_tokens]`` int32.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    eos_id = check_eos_id(eos_id)
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"generate: prompt must be [B, T0] with T0 >= 1, got {prompt.shape}")
@@ -230,15 +256,29 @@ def generate(
         noise_shape = (prompt.shape[0], logits.shape[-1])
         noise = jax.vmap(lambda k: _gumbel(k, noise_shape))(keys)  # [n, B, V]
     first = _pick(logits[:, -1], None if noise is None else noise[0], **settings)  # [B]
+    ended = None  # [B] bool with eos_id: the row has drawn eos_id
+    if eos_id is not None:
+        first, ended = _end_rows(first, jnp.zeros(first.shape, bool), eos_id)
 
     def step(carry, step_noise):  # step_noise: [B, V] or None (greedy)
-        token, cache = carry
-        logits, cache = decode_fn(token[:, None], cache)
-        return (_pick(logits[:, -1], step_noise, **settings), cache), token
+        token, cache, ended = carry
+
+        def draw(token, cache):
+            logits, cache = decode_fn(token[:, None], cache)
+            return _pick(logits[:, -1], step_noise, **settings), cache
+
+        if eos_id is None:
+            new, cache = draw(token, cache)
+        else:
+            skip = lambda token, cache: (token, cache)  # every row has ended: no model call
+            new, cache = jax.lax.cond(jnp.all(ended), skip, draw, token, cache)
+            new, ended = _end_rows(new, ended, eos_id)
+        return (new, cache, ended), token
 
     later = None if noise is None else noise[1:]
     length = max_new_tokens - 1
-    (last, _), fed = jax.lax.scan(step, (first, cache), later, length=length)  # fed: [n-1, B]
+    carry = (first, cache, ended)
+    (last, _, _), fed = jax.lax.scan(step, carry, later, length=length)  # fed: [n-1, B]
     return jnp.concatenate([prompt, fed.T, last[:, None]], axis=1)  # [B, T0 + n]
 
 
@@ -252,6 +292,8 @@ def generate_cropped(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    eos_id: int | None = None,
+    ended: Array | None = None,
 ) -> Array:
     """Extend ``tokens`` by ``max_new_tokens``, each drawn from a pass over the last ``context``.
 
@@ -270,11 +312,18 @@ def generate_cropped(
       keys: ``[max_new_tokens]`` PRNG keys (raw ``[max_new_tokens, 2]`` uint32 ones, from
         ``jax.random.PRNGKey``, too), new token i drawn as ``sample_logits(keys[i], ...)``
         would; ``None`` only when greedy (``temperature == 0``).
+      eos_id: as in ``generate``: a row ends at its first new ``eos_id`` and repeats it;
+        once all have ended, the remaining steps skip the model.
+      ended: ``[B]`` bool, rows that have ended already (a cached part before this one drew
+        their ``eos_id``); default none.
 
     Returns:
       ``[B, T0 + max_new_tokens]`` int32.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    eos_id = check_eos_id(eos_id)
+    if ended is not None and eos_id is None:
+        raise ValueError("generate_cropped: ended= needs an eos_id")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not 1 <= context <= tokens.shape[1]:
@@ -295,12 +344,28 @@ def generate_cropped(
     out = jnp.concatenate([tokens.astype(jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32)], 1)
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
-    def step(i, out):
-        j = t0 + i  # the position written now
-        offset = j - context
+    def draw(i, out):  # -> token [B] at position t0 + i
+        offset = t0 + i - context
         logits = next_logits_fn(jax.lax.dynamic_slice(out, (0, offset), (b, context)), offset)
         noise = None if greedy else _gumbel(keys[i], logits.shape)
-        token = _pick(logits, noise, **settings)  # [B]
-        return jax.lax.dynamic_update_slice(out, token[:, None], (0, j))
+        return _pick(logits, noise, **settings)  # [B]
 
-    return jax.lax.fori_loop(0, max_new_tokens, step, out)
+    def step(i, carry):
+        out, ended = carry
+        if eos_id is None:
+            token = draw(i, out)
+        else:
+            skip = lambda i, out: jnp.full((b,), eos_id, jnp.int32)  # all ended: no model call
+            token = jax.lax.cond(jnp.all(ended), skip, draw, i, out)
+            token, ended = _end_rows(token, ended, eos_id)
+        return jax.lax.dynamic_update_slice(out, token[:, None], (0, t0 + i)), ended
+
+    if eos_id is not None and ended is None:
+        ended = jnp.zeros((b,), bool)
+    elif ended is not None and (jnp.shape(ended) != (b,) or jnp.result_type(ended) != jnp.bool_):
+        raise ValueError(
+            f"generate_cropped: ended must be [B] = ({b},) bool, got "
+            f"{jnp.result_type(ended)} {jnp.shape(ended)}"
+        )
+    out, _ = jax.lax.fori_loop(0, max_new_tokens, step, (out, ended))
+    return out

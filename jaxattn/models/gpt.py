@@ -699,12 +699,12 @@ def gpt_decode(
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "config", "max_new_tokens", "temperature", "top_k", "top_p", "unroll_layers"
+        "config", "max_new_tokens", "temperature", "top_k", "top_p", "unroll_layers", "eos_id"
     ),
 )  # fmt: skip
 def _generate_jit(
     weights, prompt, rng, config, max_new_tokens, temperature, top_k, top_p, unroll_layers,
-    start=None,
+    start=None, eos_id=None,
 ):  # fmt: skip
     if start is not None:
         # Right-padded rows -> left-padded: every row's last prompt token in the last slot,
@@ -715,7 +715,7 @@ def _generate_jit(
     # is predicted at position block - 1. Later ones see only the last block tokens.
     cached = min(max_new_tokens, max(block + 1 - t0, 0))
     cropped = max_new_tokens - cached
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
     # Cast once here rather than on every token.
     weights = _cast(weights, config.compute_dtype)
     out = prompt
@@ -743,8 +743,10 @@ def _generate_jit(
             x = _trunk(weights, window, config, None, False, positions=positions, key_mask=key_mask)
             return _logits(weights, x[:, -1:], config)[:, 0]
 
+        # Rows that drew eos_id in the cached part stay ended.
+        ended = None if eos_id is None else jnp.any(out[:, t0:] == eos_id, axis=1)  # [B]
         out = decoding.generate_cropped(
-            next_logits, out, cropped, context=block, keys=keys, **settings
+            next_logits, out, cropped, context=block, keys=keys, ended=ended, **settings
         )
     if start is not None:
         out = _roll_rows(out, -start)  # back to right padding, the padding after the new tokens
@@ -773,6 +775,7 @@ def generate(
     top_p: float | None = None,
     unroll_layers: bool = False,
     prompt_lengths: Array | None = None,
+    eos_id: int | None = None,
 ) -> Array:
     """Continue ``prompt`` by ``max_new_tokens`` sampled tokens (temperature 0 = greedy).
 
@@ -800,6 +803,9 @@ def generate(
         the padding, and its positions and its crop past ``block_size`` are its own. Its new
         tokens are those row b of an unpadded batch would draw from the same logits (the
         same random numbers). None: every row is ``T0`` long.
+      eos_id: an end-of-sequence id in ``[0, V)``: a row ends at its first new ``eos_id``
+        and repeats it up to ``max_new_tokens``; once every row has ended, the remaining
+        steps skip the model. Tokens before a row's end are the same as without it.
 
     Returns:
       ``[B, T0 + max_new_tokens]`` int32: the prompt followed by the new tokens. With
@@ -811,6 +817,7 @@ def generate(
     check_gpt_weights(weights, config, "generate", per_layer_ok=False)  # (it unstacks them itself)
     # Validate the sampling settings eagerly, before anything is traced.
     decoding.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    eos_id = decoding.check_eos_id(eos_id, config.vocab_size)
     start = None
     if prompt_lengths is not None:
         b, t0 = prompt.shape
@@ -830,4 +837,5 @@ def generate(
         top_p,
         bool(unroll_layers),
         start,
+        eos_id,
     )

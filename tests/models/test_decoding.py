@@ -507,6 +507,83 @@ def test_padded_prompts_with_bad_lengths_are_refused():
         gpt_decode(w, prompt, cache, BASE, start=[-1, 0])  # a list, as the tokens may be
 
 
+# eos_id: rows end at their first new eos_id.
+
+
+def _ended_at_eos(out, new_from, n, eos_id):
+    """What eos_id should give: each row's n new tokens (from ``new_from[b]``) after its
+    first eos_id replaced by eos_id, the rest (the padding too) as without it."""
+    out = np.array(out)
+    for row, start in zip(out, new_from):
+        hits = np.flatnonzero(row[start : start + n] == eos_id)
+        if hits.size:
+            row[start + hits[0] : start + n] = eos_id
+    return out
+
+
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_generate_with_eos_ends_each_row_at_its_first_eos(unroll):
+    """Greedy and sampled, in the cached part and past block_size = 11, padded or not."""
+    w = random_weights(BASE, seed=2)
+    prompt = tokens_for(BASE, (3, 4), seed=3)
+    run = functools.partial(gpt_module.generate, w, BASE, prompt, 14, unroll_layers=unroll)
+    for settings, lengths in [
+        (dict(rng=None, temperature=0.0), None),
+        (dict(rng=jax.random.key(1), top_k=6), jnp.array([4, 1, 3])),
+    ]:
+        plain = np.asarray(run(prompt_lengths=lengths, **settings))
+        new_from = [4] * 3 if lengths is None else np.asarray(lengths)
+        for eos_id in {int(plain[0, new_from[0] + 1]), int(plain[1, new_from[1] + 9])}:
+            want = _ended_at_eos(plain, new_from, 14, eos_id)
+            got = run(prompt_lengths=lengths, eos_id=eos_id, **settings)
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"eos_id=13 is not in the vocabulary \[0, 13\)"):
+        run(rng=None, eos_id=13)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="eos_id must be an integer >= 0 or None"):
+            run(rng=None, eos_id=bad)
+
+
+def test_generate_loops_skip_the_model_once_every_row_has_ended():
+    """A counting model (next token = token + 1 mod 7) that counts the calls it runs."""
+    vocab, calls = 7, []
+
+    def counted(logits):
+        jax.debug.callback(lambda: calls.append(1))  # runs only where the model runs
+        return logits
+
+    def decode_fn(tokens, cache):  # [B, t] -> one-hot logits of (token + 1) % V
+        return counted(5.0 * jax.nn.one_hot((tokens + 1) % vocab, vocab)), cache
+
+    def next_logits(window, offset):  # [B, context] -> [B, V]
+        return counted(5.0 * jax.nn.one_hot((window[:, -1] + 1) % vocab, vocab))
+
+    prompt = jnp.array([[3, 4], [6, 0]])
+    greedy = dict(temperature=0.0, eos_id=1)
+    # Row 0 draws 5, 6, 0, 1: ended after 4 tokens; row 1 draws 1 first. Then no more calls.
+    out = jax.jit(lambda p: decoding.generate(decode_fn, 0, p, 6, rng=None, **greedy))(prompt)
+    np.testing.assert_array_equal(out, [[3, 4, 5, 6, 0, 1, 1, 1], [6, 0, 1, 1, 1, 1, 1, 1]])
+    assert len(calls) == 4  # the prefill and the steps drawing tokens 2, 3 and 4
+    calls.clear()
+    out = jax.jit(
+        lambda p: decoding.generate_cropped(next_logits, p, 6, context=2, keys=None, **greedy)
+    )(prompt)
+    np.testing.assert_array_equal(out, [[3, 4, 5, 6, 0, 1, 1, 1], [6, 0, 1, 1, 1, 1, 1, 1]])
+    assert len(calls) == 4
+    calls.clear()
+    ended = jnp.array([False, True])  # row 1 ended before: it repeats eos_id from the start
+    out = decoding.generate_cropped(
+        next_logits, prompt, 3, context=2, keys=None, ended=ended, **greedy
+    )
+    np.testing.assert_array_equal(out, [[3, 4, 5, 6, 0], [6, 0, 1, 1, 1]])
+    with pytest.raises(ValueError, match=r"ended must be \[B\] = \(2,\) bool, got int32 \(2,\)"):
+        decoding.generate_cropped(next_logits, prompt, 3, context=2, keys=None,
+                                  ended=jnp.array([0, 1]), **greedy)  # fmt: skip
+    with pytest.raises(ValueError, match="ended= needs an eos_id"):
+        decoding.generate_cropped(next_logits, prompt, 3, context=2, keys=None, ended=ended,
+                                  temperature=0.0)  # fmt: skip
+
+
 def test_generate_cropped_rejects_bad_requests():
     fn = lambda window, offset: jnp.zeros((window.shape[0], 5))
     tokens = jnp.zeros((2, 4), jnp.int32)
