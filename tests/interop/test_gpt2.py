@@ -145,6 +145,30 @@ def test_greedy_generation_of_padded_prompts_matches_hf_with_left_padding():
         np.testing.assert_array_equal(np.asarray(got[row, : n + 20]), want[row, 7 - n :])
 
 
+def test_greedy_generation_with_eos_matches_hf():
+    """HF stops a row at eos_token_id and pads it with pad_token_id (here the same id, so
+    its rows read as jaxattn's, which repeat eos_id), and stops when every row has."""
+    model = _hf_model(seed=4, n_positions=27)
+    config = gpt2_config_from_hf(model.config)
+    weights = gpt2_from_hf(model, config)
+    prompt = np.random.default_rng(5).integers(1, 31, size=(2, 7)).astype(np.int32)
+    plain = np.asarray(generate(weights, config, prompt, 20, rng=None, temperature=0.0))
+    eos = int(plain[0, 7 + 3])  # row 0 ends at its 4th new token, row 1 wherever it draws it
+    with torch.no_grad():
+        want = model.generate(
+            torch.tensor(prompt, dtype=torch.long),
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        ).numpy()
+    got = np.asarray(generate(weights, config, prompt, 20, rng=None, temperature=0.0, eos_id=eos))
+    assert 7 + 4 <= want.shape[1] <= 27
+    np.testing.assert_array_equal(got[:, : want.shape[1]], want)
+    assert (got[:, want.shape[1] :] == eos).all()  # where HF had stopped
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_round_trip_through_torch_is_exact(tied):
     config = GPTConfig(
