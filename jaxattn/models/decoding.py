@@ -82,14 +82,14 @@ def check_max_new_tokens(max_new_tokens: int) -> int:
     return int(max_new_tokens)
 
 
-def check_eos_id(eos_id: int | None, vocab_size: int | None = None) -> int | None:
+def check_eos_id(eos_id: int | None, where: str, vocab_size: int | None = None) -> int | None:
     """Return ``eos_id`` as an int (or None); ``ValueError`` unless an integer in ``[0, V)``."""
     if eos_id is None:
         return None
     if isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral) or eos_id < 0:
-        raise ValueError(f"generate: eos_id must be an integer >= 0 or None, got {eos_id!r}")
+        raise ValueError(f"{where}: eos_id must be an integer >= 0 or None, got {eos_id!r}")
     if vocab_size is not None and eos_id >= vocab_size:
-        raise ValueError(f"generate: eos_id={eos_id} is not in the vocabulary [0, {vocab_size})")
+        raise ValueError(f"{where}: eos_id={eos_id} is not in the vocabulary [0, {vocab_size})")
     return int(eos_id)
 
 
@@ -220,7 +220,7 @@ def generate(
     ``T0 + max_new_tokens - 1`` positions (the last sample is never fed back).
 
     With ``eos_id``, a row ends at its first new ``eos_id`` and repeats it from then on;
-    once every row has ended, the remaining steps skip the model (``lax.cond``).
+    the loop (then a ``lax.while_loop``) stops once every row has ended.
 
     Args:
       decode_fn: ``(tokens [B, t], cache) -> (logits [B, t, V], cache)``.
@@ -234,7 +234,7 @@ def generate(
       ``[B, T0 + max_new_tokens]`` int32.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    eos_id = check_eos_id(eos_id)
+    eos_id = check_eos_id(eos_id, "generate")
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"generate: prompt must be [B, T0] with T0 >= 1, got {prompt.shape}")
@@ -256,29 +256,32 @@ def generate(
         noise_shape = (prompt.shape[0], logits.shape[-1])
         noise = jax.vmap(lambda k: _gumbel(k, noise_shape))(keys)  # [n, B, V]
     first = _pick(logits[:, -1], None if noise is None else noise[0], **settings)  # [B]
-    ended = None  # [B] bool with eos_id: the row has drawn eos_id
-    if eos_id is not None:
-        first, ended = _end_rows(first, jnp.zeros(first.shape, bool), eos_id)
 
     def step(carry, step_noise):  # step_noise: [B, V] or None (greedy)
-        token, cache, ended = carry
+        token, cache = carry
+        logits, cache = decode_fn(token[:, None], cache)
+        return (_pick(logits[:, -1], step_noise, **settings), cache), token
 
-        def draw(token, cache):
-            logits, cache = decode_fn(token[:, None], cache)
-            return _pick(logits[:, -1], step_noise, **settings), cache
+    if eos_id is not None:
+        # A while_loop that stops once every row has ended, rather than a lax.cond around
+        # the model in the scan: XLA does not update the cache in place through a
+        # conditional, and copied the whole cache twice per token (unrolled layers).
+        first, ended = _end_rows(first, jnp.zeros(first.shape, bool), eos_id)
+        new = jnp.full((prompt.shape[0], max_new_tokens), eos_id, jnp.int32)  # [B, n]
 
-        if eos_id is None:
-            new, cache = draw(token, cache)
-        else:
-            skip = lambda token, cache: (token, cache)  # every row has ended: no model call
-            new, cache = jax.lax.cond(jnp.all(ended), skip, draw, token, cache)
-            new, ended = _end_rows(new, ended, eos_id)
-        return (new, cache, ended), token
+        def draw(carry):  # token i from token i - 1
+            i, token, cache, ended, new = carry
+            (token, cache), _ = step((token, cache), None if noise is None else noise[i])
+            token, ended = _end_rows(token, ended, eos_id)
+            return i + 1, token, cache, ended, new.at[:, i].set(token)
+
+        going = lambda carry: (carry[0] < max_new_tokens) & ~jnp.all(carry[3])
+        carry = (1, first, cache, ended, new.at[:, 0].set(first))
+        return jnp.concatenate([prompt, jax.lax.while_loop(going, draw, carry)[-1]], axis=1)
 
     later = None if noise is None else noise[1:]
     length = max_new_tokens - 1
-    carry = (first, cache, ended)
-    (last, _, _), fed = jax.lax.scan(step, carry, later, length=length)  # fed: [n-1, B]
+    (last, _), fed = jax.lax.scan(step, (first, cache), later, length=length)  # fed: [n-1, B]
     return jnp.concatenate([prompt, fed.T, last[:, None]], axis=1)  # [B, T0 + n]
 
 
@@ -321,7 +324,7 @@ def generate_cropped(
       ``[B, T0 + max_new_tokens]`` int32.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    eos_id = check_eos_id(eos_id)
+    eos_id = check_eos_id(eos_id, "generate_cropped")
     if ended is not None and eos_id is None:
         raise ValueError("generate_cropped: ended= needs an eos_id")
     max_new_tokens = check_max_new_tokens(max_new_tokens)

@@ -780,7 +780,7 @@ def generate(
     """Continue ``prompt`` by ``max_new_tokens`` sampled tokens (temperature 0 = greedy).
 
     Compiled once per (prompt shape, max_new_tokens, sampling settings, config,
-    unroll_layers): the prompt is prefilled in one pass, then one token per ``lax.scan``
+    unroll_layers, eos_id): the prompt is prefilled in one pass, then one token per ``lax.scan``
     step against the KV cache. Beyond ``block_size`` tokens it goes on as nanoGPT's
     ``generate``: each token is drawn from a full pass over the last ``block_size`` tokens
     (a longer prompt is cropped the same way), in one ``fori_loop`` of the same program.
@@ -804,8 +804,8 @@ def generate(
         tokens are those row b of an unpadded batch would draw from the same logits (the
         same random numbers). None: every row is ``T0`` long.
       eos_id: an end-of-sequence id in ``[0, V)``: a row ends at its first new ``eos_id``
-        and repeats it up to ``max_new_tokens``; once every row has ended, the remaining
-        steps skip the model. Tokens before a row's end are the same as without it.
+        and repeats it up to ``max_new_tokens``; once every row has ended, generation
+        stops (no more model calls). Tokens before a row's end are the same as without it.
 
     Returns:
       ``[B, T0 + max_new_tokens]`` int32: the prompt followed by the new tokens. With
@@ -817,7 +817,7 @@ def generate(
     check_gpt_weights(weights, config, "generate", per_layer_ok=False)  # (it unstacks them itself)
     # Validate the sampling settings eagerly, before anything is traced.
     decoding.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    eos_id = decoding.check_eos_id(eos_id, config.vocab_size)
+    eos_id = decoding.check_eos_id(eos_id, "generate", config.vocab_size)
     start = None
     if prompt_lengths is not None:
         b, t0 = prompt.shape
