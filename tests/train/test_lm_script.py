@@ -353,7 +353,13 @@ def lm(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "train"))
     importlib.import_module("common")  # train/common.py: its flags stay in absl's FLAGS
     values = flags.FlagValues()
-    for name in ("DEFINE_string", "DEFINE_bool", "DEFINE_integer", "DEFINE_float"):
+    for name in (
+        "DEFINE_string",
+        "DEFINE_multi_string",
+        "DEFINE_bool",
+        "DEFINE_integer",
+        "DEFINE_float",
+    ):
         define = functools.partial(getattr(flags, name), flag_values=values)
         monkeypatch.setattr(flags, name, define)
     define = functools.partial(config_flags.DEFINE_config_file, flag_values=values)
