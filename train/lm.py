@@ -120,7 +120,7 @@ def sample_text(params, model: GPTConfig, tokenizer: data.CharTokenizer, *, rng)
         row[: len(ids)] = ids
     out = generate(
         params, model, batch, _SAMPLE_TOKENS.value, rng=rng, temperature=_TEMPERATURE.value,
-        top_k=_top_k(model), prompt_lengths=lengths if lengths.min() < lengths.max() else None,
+        top_k=_top_k(model), prompt_lengths=lengths,
     )  # fmt: skip
     new = _SAMPLE_TOKENS.value
     return [tokenizer.decode(row[: n + new]) for row, n in zip(np.asarray(out), lengths)]

@@ -825,7 +825,12 @@ def generate(
         prompt_lengths = ids_to_check(prompt_lengths)
         # Every prompt needs a token: generation continues from a row's last one.
         check_lengths(prompt_lengths, b, t0, "generate: prompt_lengths", least=1)
-        start = t0 - jnp.asarray(prompt_lengths, jnp.int32)  # [B] padding per row
+        # Known to be unpadded: the program without masks gives the same tokens.
+        unpadded = not isinstance(prompt_lengths, jax.core.Tracer) and np.all(
+            np.asarray(prompt_lengths) == t0
+        )
+        if not unpadded:
+            start = t0 - jnp.asarray(prompt_lengths, jnp.int32)  # [B] padding per row
     return _generate_jit(
         weights,
         prompt.astype(jnp.int32),
