@@ -298,6 +298,7 @@ class MultiHeadAttention(_DropoutModule):
         implementation: str | None = None,
         rng: Array | None = None,
         deterministic: bool | None = None,
+        local_window_size: int | tuple[int, int] | None = None,
     ) -> Array | tuple[Array, Array]:
         """``x_q: [B, T, Dq]``, ``x_kv: [B, S, Dkv]`` -> ``[B, T, Dout]``.
 
@@ -318,6 +319,7 @@ class MultiHeadAttention(_DropoutModule):
             dropout_rate=self.dropout_rate,
             rng=rng,
             deterministic=deterministic,
+            local_window_size=local_window_size,
         )
 
 

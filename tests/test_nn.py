@@ -59,6 +59,13 @@ def test_multi_head_attention_from_weights_keeps_gqa_and_bias_layout(rng):
     x_q = jax.random.normal(jax.random.key(1), (2, 3, 12))
     x_kv = jax.random.normal(jax.random.key(2), (2, 9, 5))
     assert module(x_q, x_kv).shape == (2, 3, 7)
+    # Arguments reach the op: a sliding window over the 9 keys (queries last, T < S).
+    window = dict(is_causal=True, local_window_size=(2, 0))
+    np.testing.assert_array_equal(
+        module(x_q, x_kv, **window),
+        attention_ops.multi_head_attention(weights, x_q, x_kv, **window),
+    )
+    assert not np.array_equal(module(x_q, x_kv, **window), module(x_q, x_kv, is_causal=True))
 
 
 @pytest.mark.parametrize("cls", ["general", "additive"])

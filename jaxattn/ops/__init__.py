@@ -64,6 +64,7 @@ from jaxattn.ops.masks import (
     causal_mask,
     combine_masks,
     dropout_seed,
+    local_window_mask,
     masked_softmax,
     padding_mask,
 )
@@ -123,6 +124,7 @@ __all__ = [
     "init_swiglu",
     "layer_norm",
     "learned_positions",
+    "local_window_mask",
     "lstm_cell",
     "lstm_scan",
     "lstm_stack",

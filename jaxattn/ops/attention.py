@@ -22,7 +22,9 @@ n reads key/value head ``n // (N // K)``.
 
 Masks are boolean with True = attend (see ``jaxattn.ops.masks``); a query with nothing to
 attend to gets a zero output and finite gradients, never NaN. Causal masks treat the T
-queries as the last T of the S key positions (cached decoding).
+queries as the last T of the S key positions (cached decoding), and so do sliding windows
+(``local_window_size``, as in ``jax.nn.dot_product_attention``; Beltagy et al., 2020,
+"Longformer"; Jiang et al., 2023, "Mistral 7B").
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, normal, pr
 from jaxattn.ops.masks import (
     attention_dropout_mask,
     causal_mask,
+    check_local_window,
     combine_masks,
     dropout_scale,
     dropout_seed,
+    local_window_mask,
     masked_softmax,
+    window_visible,
 )
 
 Array = jax.Array
@@ -311,7 +316,19 @@ def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropou
     return out
 
 
-def _attention_blockwise(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
+def _window_in_mask(args: tuple, window: tuple[int, int] | None) -> tuple:
+    """A kernel's ``(q, k, v, mask, ...)`` with the window ANDed into the mask: the kernels
+    whose scores are dense anyway take it as a ``[1, 1, T, S]`` mask."""
+    if window is None:
+        return args
+    q, k, v, mask, *rest = args
+    mask = combine_masks(mask, local_window_mask(q.shape[1], k.shape[1], *window))
+    return (q, k, v, mask, *rest)
+
+
+def _attention_blockwise(
+    q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng, window=None
+):
     """Blockwise online-softmax kernel (``jaxattn.ops.flash``): O(T) memory, any backend."""
     return flash_attention(
         q,
@@ -323,6 +340,7 @@ def _attention_blockwise(q, k, v, mask, bias, is_causal, scale, dropout_rate, dr
         scale=scale,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
+        local_window_size=window,
     )
 
 
@@ -432,15 +450,16 @@ def _pallas_importable() -> bool:
     return True
 
 
-def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate) -> str:
+def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate, window=None) -> str:
     """Pick the fastest kernel that computes exactly our function (``implementation=None``).
 
     - GPU, without dropout (which cuDNN's and Pallas' kernels do not take here):
       ``"cudnn"`` for float16/bfloat16 with equal q/v head dims, a multiple of 8 up to 128
-      (cuDNN's fused kernels), and even T and S when there is a mask or bias (cuDNN's
-      backward refuses odd lengths with one, and a ``T != S`` causal mask is one), else as
-      below;
-    - TPU, without dropout: ``"pallas"`` when importable and ``_pallas_fits``, else as below;
+      (cuDNN's fused kernels), and even T and S when there is a mask, bias or window
+      (cuDNN's backward refuses odd lengths with one, and a ``T != S`` causal mask or a
+      window is one), else as below;
+    - TPU, without dropout: ``"pallas"`` when importable and ``_pallas_fits`` and there is
+      no window, else as below;
     - CPU: ``"blockwise"`` when T and S are both >= ``_CPU_BLOCKWISE_MIN_LEN`` (384), or
       ``_CPU_BLOCKWISE_MIN_LEN_GQA`` (256) with grouped key/value heads, or
       ``_CPU_BLOCKWISE_MIN_LEN_DROPOUT`` (256) with dropout;
@@ -453,11 +472,12 @@ def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate) -> str:
     if backend == "gpu" and not dropout:
         low_precision = q.dtype in (jnp.float16, jnp.bfloat16)
         # cuDNN takes a mask as a bias, and its bias gradient needs even T and S.
-        biased = mask is not None or bias is not None or (is_causal and t != s)
+        biased = mask is not None or bias is not None or window is not None
+        biased = biased or (is_causal and t != s)
         even = t % 2 == 0 and s % 2 == 0
         if low_precision and v.shape[-1] == h and h % 8 == 0 and h <= 128 and (even or not biased):
             return "cudnn"
-    elif backend == "tpu" and not dropout:
+    elif backend == "tpu" and not dropout and window is None:
         if _pallas_fits(q, k, v, mask, bias, is_causal) and _pallas_importable():
             return "pallas"
     elif backend == "cpu":
@@ -491,6 +511,7 @@ def dot_product_attention(
     implementation: str | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
 ) -> Array:
     """Scaled dot-product attention: ``out = softmax(scale · q kᵀ + bias, mask) v`` per head.
 
@@ -523,14 +544,24 @@ def dot_product_attention(
         ``"blockwise"``, which drop the same entries for one key: the mask is a hash of
         each entry's position, ``jaxattn.ops.masks.attention_dropout_keep``).
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
+      local_window_size: sliding-window attention, ``(left, right)`` or one int for both:
+        query t (key position ``t + S - T``) also hides keys more than ``left`` before it
+        or ``right`` after it (``jaxattn.ops.masks.local_window_mask``; for T == S
+        ``jax.nn.dot_product_attention``'s ``local_window_size``; with ``is_causal`` only
+        ``left`` counts). ``"blockwise"`` skips the tiles outside the window (O(T W) for
+        a window of W keys); ``"xla"`` and ``"cudnn"`` take it as a dense ``[T, S]`` mask;
+        ``"pallas"`` takes none.
 
     Returns:
       ``[B, T, N, Hv]`` in q's dtype.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("dot_product_attention", q, k, v, mask, bias)
+    window = check_local_window(local_window_size, "dot_product_attention")
     if implementation is None:
-        implementation = _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate)
+        implementation = _select_implementation(
+            q, k, v, mask, bias, is_causal, dropout_rate, window
+        )
     _check_implementation(implementation, "dot_product_attention")
     check_attention_dropout("dot_product_attention", dropout_rate, dropout_rng)
     if dropout_rate > 0.0 and implementation not in DROPOUT_IMPLEMENTATIONS:
@@ -538,14 +569,20 @@ def dot_product_attention(
             f"dot_product_attention: attention dropout is only supported by the 'xla' and "
             f"'blockwise' implementations, got implementation={implementation!r}"
         )
+    if window is not None and implementation == "pallas":
+        raise ValueError(
+            'dot_product_attention: implementation="pallas" takes no local_window_size; use '
+            "implementation=None or 'blockwise'"
+        )
     if implementation != "xla":  # the fused kernels take the scale as a Python number
         q, scale = fold_traced_scale(q, scale)
         # A concrete array (jnp.float32(0.5)) is not hashable, as cuDNN's and Pallas'
         # static scale must be.
         scale = None if scale is None else float(scale)
-    return _KERNELS[implementation](
-        q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng
-    )
+    args = (q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng)
+    if implementation == "blockwise":
+        return _attention_blockwise(*args, window=window)
+    return _KERNELS[implementation](*_window_in_mask(args, window))
 
 
 def attention_weights(
@@ -556,20 +593,23 @@ def attention_weights(
     bias: Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
 ) -> Array:
     """Return the attention probabilities ``softmax(scale · q kᵀ + bias, mask)``.
 
     The same formula as the ``"xla"`` path of ``dot_product_attention`` (for plotting).
 
     Args:
-      q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; mask, bias, is_causal, scale: as in
-        ``dot_product_attention``.
+      q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; mask, bias, is_causal, scale,
+        local_window_size: as in ``dot_product_attention``.
 
     Returns:
       ``[B, N, T, S]`` float32; rows sum to 1, or are all 0 if nothing may be attended.
     """
     q, k = jnp.asarray(q), jnp.asarray(k)
     mask, bias = check_attention_inputs("attention_weights", q, k, k, mask, bias)
+    window = check_local_window(local_window_size, "attention_weights")
+    q, k, _, mask = _window_in_mask((q, k, k, mask), window)
     return _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]
 
 
@@ -692,7 +732,13 @@ def project_output(weights: MultiHeadAttentionWeights, context: Array) -> Array:
 
 
 def write_kv_cache(
-    k_cache: Array, v_cache: Array, k: Array, v: Array, index: Array
+    k_cache: Array,
+    v_cache: Array,
+    k: Array,
+    v: Array,
+    index: Array,
+    *,
+    local_window_size: int | tuple[int, int] | None = None,
 ) -> tuple[Array, Array, Array]:
     """Write a chunk's keys and values into a KV cache at position ``index``.
 
@@ -704,12 +750,15 @@ def write_kv_cache(
         ``0 <= index <= S - T``. A concrete index outside that range is an error; a traced
         one cannot be checked, and ``dynamic_update_slice`` would clamp it (overwriting
         earlier keys), so callers keep count (``gpt.generate`` checks the room up front).
+      local_window_size: a causal sliding window, as in ``dot_product_attention`` (only
+        its ``left`` counts): ``visible`` also hides keys more than ``left`` before p.
 
     Returns:
       ``(k_cache, v_cache, visible)`` with the chunk written and ``visible: [1, 1, T, S]``
       True where cached key j is visible to the chunk's query at position p, ``j <= p``;
       this also hides the slots not written yet.
     """
+    window = check_local_window(local_window_size, "write_kv_cache")
     chunk, cache = (k.shape, v.shape), (k_cache.shape, v_cache.shape)
     if k_cache.ndim != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(
@@ -741,7 +790,10 @@ def write_kv_cache(
     index = jnp.asarray(index).astype(jnp.int32)
     positions = index + jnp.arange(k.shape[1], dtype=jnp.int32)  # [T]
     keys = jnp.arange(k_cache.shape[1], dtype=jnp.int32)  # [S]
-    return k_cache, v_cache, (keys[None, :] <= positions[:, None])[None, None]
+    visible = keys[None, :] <= positions[:, None]  # [T, S]
+    if window is not None:
+        visible &= window_visible(positions, keys, window[0], 0)
+    return k_cache, v_cache, visible[None, None]
 
 
 def multi_head_attention(
@@ -757,6 +809,7 @@ def multi_head_attention(
     dropout_rate: float = 0.0,
     rng: Array | None = None,
     deterministic: bool = True,
+    local_window_size: int | tuple[int, int] | None = None,
 ) -> Array | tuple[Array, Array]:
     """Multi-head attention: ``concat_n(attention(x_q W_q^n, x_kv W_k^n, x_kv W_v^n)) W_o``.
 
@@ -774,6 +827,7 @@ def multi_head_attention(
       dropout_rate: dropout on the attention probabilities when not ``deterministic``.
       rng: PRNG key for dropout.
       deterministic: disable dropout (evaluation).
+      local_window_size: sliding-window attention, see ``dot_product_attention``.
 
     Returns:
       ``[B, T, Dout]``, or ``(out, weights [B, N, T, S])`` when ``return_weights``; the
@@ -801,11 +855,14 @@ def multi_head_attention(
             implementation=implementation,
             dropout_rate=rate,
             dropout_rng=rng,
+            local_window_size=local_window_size,
         )
         return project_output(weights, context)
     if implementation is not None:  # (the weights come from the einsum path whatever it says)
         _check_implementation(implementation, "multi_head_attention")
     check_dropout_rate(rate, "multi_head_attention: dropout_rate")
     mask, bias = check_attention_inputs("multi_head_attention", q, k, v, mask, bias)
+    window = check_local_window(local_window_size, "multi_head_attention")
+    q, k, v, mask = _window_in_mask((q, k, v, mask), window)
     context, probs = _attention_xla_core(q, k, v, mask, bias, is_causal, None, rate, rng)
     return project_output(weights, context), probs  # probs: [B, N, T, S]

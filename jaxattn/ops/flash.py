@@ -37,7 +37,10 @@ With equal query and key blocks and S - T a whole number of blocks (causal self-
 the straddling tiles are exactly the diagonal ones: their mask is one constant tile, and in
 the per-head layout each is computed as its first half of rows against its first half of
 keys plus its second half of rows against all keys, since the top-right quarter is hidden
-(3/4 of the work: at T = 4 blocks the 10 tiles of a head cost 9).
+(3/4 of the work: at T = 4 blocks the 10 tiles of a head cost 9). A sliding window
+(``local_window_size``) skips the blocks below its lower edge (and above its upper edge)
+in the same way and masks the tiles its edges cross, so a causal window of W keys visits
+about ``T / bq * (W / bk + 2)`` tiles per head instead of about ``T² / (2 bq bk)``.
 A query row with nothing to attend to gets output 0, zero gradients and ``log l = +inf``,
 as in the einsum path of ``jaxattn.ops.attention``. Queries are the last T of the S key
 positions (``jaxattn.ops.masks.causal_mask``).
@@ -75,7 +78,12 @@ import numpy as np
 from jax import lax
 
 from jaxattn.ops.layers import check_dropout_key, check_dropout_rate
-from jaxattn.ops.masks import attention_dropout_keep, dropout_scale, dropout_seed
+from jaxattn.ops.masks import (
+    attention_dropout_keep,
+    check_local_window,
+    dropout_scale,
+    dropout_seed,
+)
 
 Array = jax.Array
 
@@ -100,12 +108,23 @@ class _Plan(NamedTuple):
     scale: float
     batch_heads: bool  # vmap over (batch, kv-head) pairs instead of looping over them
     dropout_rate: float = 0.0  # on the probabilities; the key rides along as an array
+    # A sliding window: query row r (key position r + S - T) sees keys at most ``left``
+    # before it and ``right`` after it; None = unbounded (``right`` is None when causal).
+    left: int | None = None
+    right: int | None = None
+
+    @property
+    def upper(self) -> int | None:
+        """How far past its own position a query may see: 0 causal, ``right``, or None."""
+        return 0 if self.causal else self.right
 
     @property
     def diagonal_edges(self) -> bool:
-        """Causal with equal blocks and S - T a whole number of blocks: then a query block's
-        only partly hidden tile is its diagonal one, with the same pattern every time."""
-        return self.causal and self.bq == self.bk and (self.s - self.t) % self.bk == 0
+        """Causal with equal blocks and S - T a whole number of blocks, and no window edge
+        inside a diagonal tile: then a query block's only tile that the causal mask partly
+        hides is its diagonal one, with the same pattern every time."""
+        aligned = self.bq == self.bk and (self.s - self.t) % self.bk == 0
+        return self.causal and aligned and (self.left is None or self.left >= self.bq - 1)
 
     @property
     def split_diagonal(self) -> bool:
@@ -317,37 +336,67 @@ def _tile(tiles: Array | None, i, j) -> Array | None:
 
 
 def _key_range(i, p: _Plan):
-    """Key blocks ``[0, full)`` need no mask, ``[full, end)`` need one, the rest are hidden."""
-    if not p.causal:
-        return p.s // p.bk, p.nk
-    off = p.s - p.t  # query row r sits at key position r + off
+    """Key blocks ``[a, b)`` of query block i need no mask; ``[lo, a)`` (a window's lower
+    edge) and ``[b, end)`` (the causal diagonal or a window's upper edge, and padding) need
+    one; the rest are hidden from every row of the block."""
+    whole = p.s // p.bk  # key blocks without padding columns
+    if p.upper is None:
+        b, end = whole, p.nk
+    else:  # row r (key position r + S - T) sees key c <= r + S - T + upper
+        shift = p.s - p.t + p.upper
+        first_row, last_row = i * p.bq, jnp.minimum(i * p.bq + p.bq, p.t) - 1
+        b = jnp.clip((first_row + shift + 1) // p.bk, 0, whole)
+        end = jnp.clip((last_row + shift) // p.bk + 1, 0, p.nk)
+    if p.left is None:
+        return 0, 0, b, end
+    # Row r sees key c >= r + S - T - left.
+    shift = p.s - p.t - p.left
     first_row, last_row = i * p.bq, jnp.minimum(i * p.bq + p.bq, p.t) - 1
-    full = jnp.clip((first_row + off + 1) // p.bk, 0, p.s // p.bk)
-    end = jnp.clip((last_row + off) // p.bk + 1, 0, p.nk)
-    return full, end
+    lo = jnp.clip((first_row + shift) // p.bk, 0, p.nk)
+    end = jnp.maximum(end, lo)
+    a = jnp.clip(-(-(last_row + shift) // p.bk), lo, end)
+    return lo, a, jnp.clip(b, a, end), end
 
 
 def _query_range(j, p: _Plan):
-    """Query blocks ``[start, full)`` need a mask for key block j, ``[full, nq)`` do not."""
+    """Query blocks ``[a, b)`` see all of key block j unmasked; ``[start, a)`` (the causal
+    diagonal or a window's upper edge, or any block when j holds padding columns) and
+    ``[b, end)`` (a window's lower edge) need a mask; the rest see none of it."""
     padded = (j + 1) * p.bk > p.s  # the last key block holds padding columns
-    if not p.causal:
-        return 0, jnp.where(padded, p.nq, 0)
-    off = p.s - p.t
     first_col = j * p.bk
-    start = jnp.where(first_col - off > p.t - 1, p.nq, jnp.clip((first_col - off) // p.bq, 0, p.nq))
-    full = jnp.clip(-(-(first_col + p.bk - 1 - off) // p.bq), 0, p.nq)
-    return start, jnp.where(padded, p.nq, jnp.maximum(full, start))
+    if p.upper is None:
+        start, a = 0, 0
+    else:  # row r sees key c <= r + S - T + upper
+        shift = p.s - p.t + p.upper
+        start = jnp.where(
+            first_col - shift > p.t - 1, p.nq, jnp.clip((first_col - shift) // p.bq, 0, p.nq)
+        )
+        a = jnp.maximum(jnp.clip(-(-(first_col + p.bk - 1 - shift) // p.bq), 0, p.nq), start)
+    if p.left is None:
+        return start, jnp.where(padded, p.nq, a), p.nq, p.nq
+    # Row r sees key c >= r + S - T - left; the last block's last row is T - 1.
+    shift = p.s - p.t - p.left
+    last_col = jnp.minimum(first_col + p.bk, p.s) - 1
+    end = jnp.clip((last_col - shift) // p.bq + 1, start, p.nq)
+    a = jnp.where(padded, end, jnp.minimum(a, end))
+    all_rows = p.t - 1 + shift <= first_col
+    b = jnp.where(all_rows, p.nq, (first_col - shift + 1) // p.bq)
+    return start, a, jnp.clip(b, a, end), end
 
 
 def _visible(i, j, rows: int, p: _Plan, transposed: bool) -> Array:
-    """Causal and padding visibility of tile (i, j): ``[R, C]``, or ``[C, R]`` transposed."""
+    """Causal, window and padding visibility of tile (i, j): ``[R, C]``, or ``[C, R]``
+    transposed."""
     shape = (p.bk, rows) if transposed else (rows, p.bk)
     row_axis, col_axis = (1, 0) if transposed else (0, 1)
     row = i * p.bq + lax.broadcasted_iota(jnp.int32, shape, row_axis) % p.bq
     col = j * p.bk + lax.broadcasted_iota(jnp.int32, shape, col_axis)
+    position = row + (p.s - p.t)  # of the query row among the keys
     visible = col < p.s
-    if p.causal:
-        visible &= col <= row + (p.s - p.t)
+    if p.upper is not None:
+        visible &= col <= position + p.upper
+    if p.left is not None:
+        visible &= col >= position - p.left
     return visible
 
 
@@ -401,8 +450,8 @@ def _mask_diagonal(s: Array, diag_bias, mask_tile, bias_tile, g: int, transposed
 
 
 def _mask_logits(s, i, j, edge: bool, diag_bias, mask_tile, bias_tile, rows, g, p, transposed):
-    """Mask and bias the logits of tile (i, j). An edge tile (one the causal diagonal or
-    padding crosses) takes ``diag_bias`` when the plan has one, else ``_visible``."""
+    """Mask and bias the logits of tile (i, j). An edge tile (one the causal diagonal, a
+    window edge or padding crosses) takes ``diag_bias`` when given, else ``_visible``."""
     if edge and diag_bias is not None:
         return _mask_diagonal(s, diag_bias, mask_tile, bias_tile, g, transposed)
     vis = _visible(i, j, rows, p, transposed) if edge else None
@@ -509,10 +558,11 @@ def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, A
             qi = qz[i]
             row_ids = None if seed is None else _row_ids(z, i, g, p)
 
-            def step(j, carry, edge):
+            def step(j, carry, edge, band=False):
                 s = jnp.einsum("rh,ch->rc", qi, kz[j], preferred_element_type=_F32)
                 tiles = _tile(mz, i, j), _tile(bz, i, j)
-                s = _mask_logits(s, i, j, edge, diag_bias, *tiles, rows, g, p, False)
+                diagonal = None if band else diag_bias  # a window's edge: _visible
+                s = _mask_logits(s, i, j, edge, diagonal, *tiles, rows, g, p, False)
                 drop = _dropout_multiplier(seed, row_ids, j, p.bk, p, False)
                 return update(s, vz[j], drop, *carry)
 
@@ -537,15 +587,18 @@ def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, A
                     halves.append(update(s, vz[j][keys], drop, *state))
                 return tuple(_merge_halves(a, b, g) for a, b in zip(*halves))
 
-            full, end = _key_range(i, p)
+            lo, a, b, end = _key_range(i, p)
             init = (
                 jnp.full((rows,), -jnp.inf, _F32),
                 jnp.zeros((rows,), _F32),
                 jnp.zeros((rows, hv), _F32),
             )
-            carry = lax.fori_loop(0, full, partial(step, edge=False), init)
+            carry = init
+            if p.left is not None:
+                carry = lax.fori_loop(lo, a, partial(step, edge=True, band=True), carry)
+            carry = lax.fori_loop(a, b, partial(step, edge=False), carry)
             edge_step = diagonal_step if p.split_diagonal else partial(step, edge=True)
-            m, denom, acc = lax.fori_loop(full, end, edge_step, carry)
+            m, denom, acc = lax.fori_loop(b, end, edge_step, carry)
             out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]  # empty rows: 0 / 1
             row_max = jnp.where(denom > 0, m, 0.0)
             log_l = jnp.where(denom > 0, jnp.log(denom), jnp.inf)  # exp(s - 0 - inf) = 0
@@ -597,13 +650,14 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
         def key_block(carry, j):
             kj, vj = kz[j], vz[j]
 
-            def step(i, carry, edge):
+            def step(i, carry, edge, band=False):
                 dqt, dk, dv, dbias = carry
                 qi, doi = qz[i], doz[i]
                 # Transposed tiles [C, R]: dk and dv then contract over the minor axis.
                 st = jnp.einsum("ch,rh->cr", kj, qi, preferred_element_type=_F32)
                 tiles = _tile(mz, j, i), _tile(bz, j, i)
-                st = _mask_logits(st, i, j, edge, diag_bias, *tiles, rows, g, p, True)
+                diagonal = None if band else diag_bias  # a window's edge: _visible
+                st = _mask_logits(st, i, j, edge, diagonal, *tiles, rows, g, p, True)
                 stats_i = maxz[i], log_lz[i], deltaz[i]
                 row_ids = None if seed is None else _row_ids(z, i, g, p)
                 drop_t = _dropout_multiplier(seed, row_ids, j, p.bk, p, True)
@@ -652,11 +706,14 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
                 return dqt, (dk + dk_b).at[:c].add(dk_a), (dv + dv_b).at[:c].add(dv_a), dbias
 
             dqt, dbias = carry
-            start, full = _query_range(j, p)
+            start, a, b, end = _query_range(j, p)
             zeros = (jnp.zeros((p.bk, h), _F32), jnp.zeros((p.bk, hv), _F32))
             edge_step = diagonal_step if p.split_diagonal else partial(step, edge=True)
-            carry = lax.fori_loop(start, full, edge_step, (dqt, *zeros, dbias))
-            dqt, dk, dv, dbias = lax.fori_loop(full, p.nq, partial(step, edge=False), carry)
+            carry = lax.fori_loop(start, a, edge_step, (dqt, *zeros, dbias))
+            carry = lax.fori_loop(a, b, partial(step, edge=False), carry)
+            if p.left is not None:
+                carry = lax.fori_loop(b, end, partial(step, edge=True, band=True), carry)
+            dqt, dk, dv, dbias = carry
             return (dqt, dbias), (dk, dv)
 
         dqt0 = jnp.zeros((p.nq, h, rows), _F32)
@@ -827,6 +884,7 @@ def flash_attention(
     batch_heads: bool | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
 ) -> Array:
     """Blockwise attention ``softmax(scale · q kᵀ + bias, mask) v`` in O(T) memory.
 
@@ -862,6 +920,11 @@ def flash_attention(
         backward, so no ``[T, S]`` mask is stored; for one key it drops the same entries
         as the einsum path, at any block size and in either loop order.
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
+      local_window_size: ``(left, right)`` or one int for both: query t (key position
+        ``t + S - T``) also hides keys more than ``left`` before it or ``right`` after it
+        (``jaxattn.ops.masks.local_window_mask``; with ``is_causal`` only ``left``
+        counts). Tiles outside the window are skipped, so a causal window of W keys costs
+        O(T W), not O(T S).
 
     Returns:
       ``[B, T, N, Hv]`` in q's dtype; rows with nothing to attend to are 0.
@@ -876,12 +939,17 @@ def flash_attention(
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)
     seed = check_attention_dropout("flash_attention", dropout_rate, dropout_rng)
+    window = check_local_window(local_window_size, "flash_attention")
     t, s, h = q.shape[1], k.shape[1], q.shape[3]
+    left = right = None
+    if window is not None:  # a side that hides nothing is dropped: the plain plan's tiles
+        left = window[0] if window[0] < s - 1 else None
+        right = window[1] if window[1] < t - 1 and not is_causal else None
     if batch_heads is None:
         batch_heads = default_batch_heads(bias is not None)
     bq, bk = block_sizes(t, s, block_q, block_k, batch_heads)
     q, scale = fold_traced_scale(q, scale)
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     rate = float(dropout_rate) if seed is not None else 0.0
-    plan = _Plan(t, s, bq, bk, bool(is_causal), scale, bool(batch_heads), rate)
+    plan = _Plan(t, s, bq, bk, bool(is_causal), scale, bool(batch_heads), rate, left, right)
     return _flash(q, k, v, mask, bias, seed, plan)

@@ -50,6 +50,50 @@ def causal_mask(q_len: int, kv_len: int | None = None, *, dtype: DType = bool) -
     return (k_pos <= q_pos).astype(dtype)[None, None]  # [1, 1, T, S]
 
 
+def check_local_window(local_window_size, where: str) -> tuple[int, int] | None:
+    """Normalise ``local_window_size`` to ``(left, right)`` ints >= 0, or None.
+
+    An int w means ``(w, w)``, as in ``jax.nn.dot_product_attention``. Python ints only
+    (the window is static: it decides which blocks a kernel skips).
+    """
+    if local_window_size is None:
+        return None
+    sizes = local_window_size
+    if not isinstance(sizes, (tuple, list)):
+        sizes = (sizes, sizes)
+    ok = len(sizes) == 2 and all(
+        isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 0 for w in sizes
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}: local_window_size must be an int >= 0 or a pair (left, right) of "
+            f"them, got {local_window_size!r}"
+        )
+    return int(sizes[0]), int(sizes[1])
+
+
+def local_window_mask(q_len: int, kv_len: int, left: int, right: int) -> Array:
+    """Build a sliding-window mask whose queries are the last ``q_len`` key positions.
+
+    ``mask[i, j] = -right <= (i + S - T) - j <= left``: query ``i``, at key position
+    ``i + S - T`` as in ``causal_mask``, sees itself, ``left`` keys before it and ``right``
+    after it. For ``T == S`` this is ``jax.nn.dot_product_attention``'s
+    ``local_window_size=(left, right)``; with ``is_causal`` only ``left`` matters.
+
+    Returns:
+      ``[1, 1, T, S]`` booleans, True where attention is allowed.
+    """
+    q_pos = jnp.arange(q_len) + (kv_len - q_len)  # [T] absolute positions
+    return window_visible(q_pos, jnp.arange(kv_len), left, right)[None, None]  # [1, 1, T, S]
+
+
+def window_visible(q_positions: Array, k_positions: Array, left: int, right: int) -> Array:
+    """``[T, S]``: True where key position ``k`` lies in ``[q - left, q + right]`` of query
+    position ``q``. ``q_positions: [T]``, ``k_positions: [S]`` (e.g. KV-cache slots)."""
+    offset = q_positions[:, None] - k_positions[None, :]  # [T, S] how far back the key is
+    return (offset <= left) & (offset >= -right)
+
+
 def padding_mask(lengths: Array, max_len: int) -> Array:
     """Mark the first ``lengths[b]`` positions of each sequence as real tokens.
 

@@ -1,5 +1,7 @@
 """Tests for jaxattn.ops.attention against float64 NumPy, PyTorch and jax.nn."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -552,6 +554,21 @@ def test_cudnn_wrapper_on_an_emulated_kernel(monkeypatch, np_rng, t, is_causal, 
     )
 
 
+@pytest.mark.parametrize(
+    "t, is_causal, window", [(8, True, (2, 0)), (4, True, 1), (8, False, (1, 3))]
+)
+def test_cudnn_wrapper_takes_a_window_as_a_mask(monkeypatch, np_rng, t, is_causal, window):
+    """On the emulated kernel: the window reaches cuDNN inside its whole [T, S] bias (T < S
+    too, where the window, like our causal mask, puts the queries last)."""
+    (q, k, v), kw = _cudnn_case(np_rng, t, is_causal, "padding", jnp.float32)
+    kw["local_window_size"] = window
+    want = dot_product_attention(q, k, v, implementation="xla", **kw)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_kernel)
+    got = dot_product_attention(q, k, v, implementation="cudnn", **kw)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_cudnn_wrapper_non_finite_biases_as_the_other_kernels(monkeypatch, np_rng):
     """A -inf bias hides its key (a row of them gives 0) and a NaN makes its row NaN, as on
     the XLA path. The wrapper must hide the -inf keys itself: clipped, they would only be
@@ -824,6 +841,39 @@ def test_multi_head_attention_bias_matches_numpy(np_rng, return_weights):
     np.testing.assert_allclose(got, want, **TOL)
 
 
+def np_window(t, s, left, right):
+    """Query i, at key position i + s - t, sees keys from left before it to right after."""
+    return np.array([[-right <= i + (s - t) - j <= left for j in range(s)] for i in range(t)])
+
+
+@pytest.mark.parametrize("is_causal, window", [(True, 2), (False, (1, 3)), (True, (0, 5))])
+def test_local_window_in_every_entry_point(np_rng, is_causal, window):
+    """``local_window_size`` is a mask: dot_product_attention (both CPU kernels),
+    attention_weights and multi_head_attention (both paths) give the float64 reference
+    with the window ANDed into a padding mask, T < S (queries last)."""
+    pair = window if isinstance(window, tuple) else (window, window)
+    k_heads = 2
+    q, k, v = qkv(np_rng, k_heads)
+    mask = random_mask(np_rng, (B, 1, 1, S))
+    kw = dict(mask=mask, is_causal=is_causal, local_window_size=window)
+    want, probs = np_attention(q, k, v, mask=mask & np_window(T, S, *pair), is_causal=is_causal)
+    for impl in ("xla", "blockwise"):
+        got = dot_product_attention(q, k, v, implementation=impl, **kw)
+        np.testing.assert_allclose(got, want, **TOL, err_msg=impl)
+    np.testing.assert_allclose(attention_weights(q, k, **kw), probs, **TOL)
+    dq, dkv, h = 7, 11, 5
+    w = random_mha_weights(np_rng, dq, N, h, dkv, k_heads, dq)
+    x_q, x_kv = normal(np_rng, B, T, dq), normal(np_rng, B, S, dkv)
+    out = multi_head_attention(w, x_q, x_kv, **kw)
+    out_too, weights = multi_head_attention(w, x_q, x_kv, return_weights=True, **kw)
+    np.testing.assert_allclose(out_too, out, **TOL)
+    assert np.all(np.asarray(weights)[..., ~np_window(T, S, *pair)] == 0)
+    with pytest.raises(ValueError, match="attention_weights: local_window_size must be"):
+        attention_weights(q, k, local_window_size=(1, -1))
+    with pytest.raises(ValueError, match="multi_head_attention: local_window_size must be"):
+        multi_head_attention(w, x_q, x_kv, return_weights=True, local_window_size=-3)
+
+
 def test_init_multi_head_attention(rng):
     w = init_multi_head_attention(rng, 24, 6, kv_dim=11, num_kv_heads=3, out_dim=13)
     shapes = [None if a is None else a.shape for a in w]
@@ -912,6 +962,22 @@ def test_write_kv_cache_visible_with_a_narrow_index_dtype(dtype):
     chunk = jnp.ones((1, 1, 1, 2))
     visible = write_kv_cache(cache, cache, chunk, chunk, dtype(5))[2]
     np.testing.assert_array_equal(visible, (np.arange(300) <= 5)[None, None, None])
+
+
+def test_write_kv_cache_with_a_window_hides_the_keys_before_it(np_rng):
+    """A causal window by cache slot: the chunk's queries at 4, 5, 6 see 2 keys back (the
+    right side, as under is_causal, counts for nothing); a traced index too."""
+    cache = jnp.zeros((1, 8, 1, 2))
+    chunk = normal(np_rng, 1, 3, 1, 2)
+    want = np.array([[p - 2 <= j <= p for j in range(8)] for p in (4, 5, 6)])
+    write = partial(write_kv_cache, local_window_size=(2, 5))
+    for visible in (
+        write(cache, cache, chunk, chunk, jnp.int32(4))[2],
+        jax.jit(write)(cache, cache, chunk, chunk, jnp.int32(4))[2],
+    ):
+        np.testing.assert_array_equal(visible, want[None, None])
+    with pytest.raises(ValueError, match="write_kv_cache: local_window_size must be"):
+        write_kv_cache(cache, cache, chunk, chunk, 4, local_window_size=(-1, 0))
 
 
 def test_write_kv_cache_writes_the_chunk_and_masks_later_keys(np_rng):

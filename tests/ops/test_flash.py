@@ -51,12 +51,20 @@ def sum_to(x, shape):
     return x.sum(axis=axes, keepdims=True).reshape(shape)
 
 
-def np_attention_vjp(q, k, v, cot, mask=None, bias=None, is_causal=False, scale=None, drop=None):
+def np_window(t, s, left, right):
+    """Query i, at key position i + s - t, sees keys from left before it to right after."""
+    offset = np.arange(t)[:, None] + (s - t) - np.arange(s)[None, :]  # query minus key position
+    return (offset <= left) & (offset >= -right)
+
+
+def np_attention_vjp(
+    q, k, v, cot, mask=None, bias=None, is_causal=False, scale=None, drop=None, window=None
+):
     """Float64 attention and its vector-Jacobian product, one (batch, head) at a time.
 
     ``drop``: a ``[B, N, T, S]`` dropout multiplier (0 or 1 / (1 - rate)) on the
-    probabilities. Returns ``(out, (dq, dk, dv, dbias))``; rows with nothing to attend to
-    give 0.
+    probabilities; ``window``: ``(left, right)``. Returns ``(out, (dq, dk, dv, dbias))``;
+    rows with nothing to attend to give 0.
     """
     q, k, v, cot = (np.asarray(a, np.float64) for a in (q, k, v, cot))
     b_, t_, n_, h_ = q.shape
@@ -67,6 +75,8 @@ def np_attention_vjp(q, k, v, cot, mask=None, bias=None, is_causal=False, scale=
         allowed &= np.asarray(mask)
     if is_causal:
         allowed &= np_causal(t_, s_)
+    if window is not None:
+        allowed &= np_window(t_, s_, *window)
     full_bias = np.zeros(allowed.shape)
     if bias is not None:
         full_bias = np.broadcast_to(np.asarray(bias, np.float64), allowed.shape)
@@ -176,6 +186,85 @@ def test_outputs_and_grads_match_numpy_and_xla(np_rng, name, batch_heads):
     assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, bias=bias, **kw))
     for want, want_grads in others:  # the einsum path of dot_product_attention
         assert_all_close(out, grads, want, want_grads)
+
+
+# name: (t, s, K, mask shape, bias shape, is_causal, block_q, block_k, local_window_size)
+WINDOW_CASES = {
+    # left < block_q - 1: the window's edge crosses the diagonal tiles (no constant mask).
+    "causal_left5": (33, 33, 6, None, None, True, 8, 8, 5),
+    "causal_left0_gqa2": (21, 21, 2, None, None, True, 8, 8, (0, 4)),  # only itself
+    # Equal blocks and left >= block_q - 1: split diagonal tiles plus the window's band.
+    "causal_left20_bias_split": (48, 48, 3, None, (N, 48, 48), True, 16, 16, (20, 0)),
+    "padding_causal_t<s_gqa2": (21, 53, 2, "padding", None, True, 8, 16, (9, 3)),
+    "causal_t>s_gqa3": (53, 21, 3, None, None, True, 16, 16, (4, 0)),  # 32 empty rows
+    "two_sided_mask_bias_gqa3": (37, 53, 3, (B, N, 37, 53), (1, N, 37, 53), False, 8, 16, (6, 11)),
+    "right_only_mqa": (29, 29, 1, None, None, False, 8, 8, (100, 3)),
+    "left_only_key_bias": (29, 40, 2, None, (B, 1, 1, 40), False, 16, 8, (7, 100)),
+}
+
+
+@pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
+@pytest.mark.parametrize("name", list(WINDOW_CASES))
+def test_local_window_matches_numpy_and_xla(np_rng, name, batch_heads):
+    """Sliding windows: the skipped and band-masked tiles give the float64 reference's
+    outputs and gradients, and so does the einsum path with the window as a mask."""
+    t, s, k_heads, mask_shape, bias_shape, is_causal, bq, bk, window = WINDOW_CASES[name]
+    q, k = normal(np_rng, B, t, N, H), normal(np_rng, B, s, k_heads, H)
+    v, cot = normal(np_rng, B, s, k_heads, H), normal(np_rng, B, t, N, H)
+    mask = None
+    if mask_shape == "padding":
+        mask = (np.arange(s)[None, :] < np.array([s, s // 2])[:, None])[:, None, None, :]
+    elif mask_shape is not None:
+        mask = random_mask(np_rng, mask_shape, empty_row=True)
+    bias = None if bias_shape is None else normal(np_rng, *bias_shape)
+    kw = {"mask": None if mask is None else jnp.asarray(mask), "is_causal": is_causal}
+    kw["local_window_size"] = window
+    results = jax.jit(
+        lambda *a: [vjp_of(i, *a, kw, (bq, bk), batch_heads) for i in ("flash", "xla")]
+    )(q, k, v, bias, cot)
+    pair = window if isinstance(window, tuple) else (window, window)
+    want = np_attention_vjp(q, k, v, cot, mask=mask, bias=bias, is_causal=is_causal, window=pair)
+    for out, grads in results:
+        assert_all_close(out, grads, *want)
+
+
+def test_local_window_with_dropout_matches_xla(np_rng):
+    """Dropout inside a window: the kernel's rebuilt tiles are the einsum path's mask."""
+    q, k, v = normal(np_rng, B, 37, N, H), normal(np_rng, B, 37, 3, H), normal(np_rng, B, 37, 3, H)
+    kw = dict(is_causal=True, local_window_size=(9, 0), dropout_rate=0.3)
+    kw["dropout_rng"] = jax.random.key(5)
+    kernels = {
+        "blockwise": partial(flash_attention, block_q=8, block_k=8, **kw),
+        "xla": partial(dot_product_attention, implementation="xla", **kw),
+    }
+    run = lambda impl: jax.value_and_grad(lambda q: jnp.sum(jnp.sin(kernels[impl](q, k, v))))(q)
+    (got, got_grad), (want, want_grad) = jax.jit(lambda: (run("blockwise"), run("xla")))()
+    np.testing.assert_allclose(got, want, **TOL)
+    np.testing.assert_allclose(got_grad, want_grad, **GRAD_TOL)
+
+
+def test_local_window_matches_jax_nn(np_rng):
+    """For T == S the window is ``jax.nn.dot_product_attention``'s ``local_window_size``
+    (an implementation of its own): causal and two-sided, GQA, both our kernels."""
+    q, k, v = normal(np_rng, B, 40, N, H), normal(np_rng, B, 40, 2, H), normal(np_rng, B, 40, 2, H)
+    for is_causal, window in [(True, 6), (True, (3, 5)), (False, (2, 9)), (False, 0)]:
+        want = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, local_window_size=window)
+        for impl in ("xla", "blockwise"):
+            got = dot_product_attention(
+                q, k, v, is_causal=is_causal, local_window_size=window, implementation=impl
+            )
+            np.testing.assert_allclose(got, want, **TOL, err_msg=f"{impl} {is_causal} {window}")
+
+
+def test_a_window_that_hides_nothing_is_the_plain_kernel(np_rng):
+    """A side that covers every key is dropped from the plan: the same tiles, bit for bit."""
+    q, k, v = normal(np_rng, 1, 20, 2, H), normal(np_rng, 1, 30, 2, H), normal(np_rng, 1, 30, 2, H)
+    f = partial(flash_attention, block_q=8, block_k=8)
+    for is_causal, window in [(True, (29, 0)), (True, (40, 7)), (False, (29, 19)), (False, 50)]:
+        got = f(q, k, v, is_causal=is_causal, local_window_size=window)
+        np.testing.assert_array_equal(got, f(q, k, v, is_causal=is_causal))
+    narrower = f(q, k, v, is_causal=True, local_window_size=(28, 0))
+    assert not np.array_equal(narrower, f(q, k, v, is_causal=True))
 
 
 # Both layouts, the split diagonal, padding, T > S, GQA/MQA, masks and every bias shape.
@@ -317,39 +406,44 @@ def test_mask_broadcast_along_the_keys(np_rng, mask_shape, batch_heads):
     assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, mask=valid))
 
 
-def _check_block_ranges(t, s, bq, bk, causal):
+def _check_block_ranges(t, s, bq, bk, causal, left=None, right=None):
     vis = np.zeros((-(-t // bq) * bq, -(-s // bk) * bk), bool)
     vis[:t, :s] = np_causal(t, s) if causal else True
+    if left is not None or right is not None:
+        huge = t + s  # an unbounded side
+        vis[:t, :s] &= np_window(
+            t, s, huge if left is None else left, huge if right is None else right
+        )
     # Rows past t are padding that nothing reads: only the columns decide a tile.
     tile = lambda i, j: vis[i * bq : min((i + 1) * bq, t), j * bk : (j + 1) * bk]
-    p = _Plan(t, s, bq, bk, causal, 1.0, False)
-    case = (t, s, bq, bk, causal)
-    for i in range(p.nq):
-        full, end = (int(x) for x in _key_range(i, p))
-        assert all(tile(i, j).all() for j in range(full)), case
-        assert full == p.nk or not tile(i, full).all(), case
-        assert not any(tile(i, j).any() for j in range(end, p.nk)), case
-        assert end == full or tile(i, end - 1).any(), case
-    for j in range(p.nk):
-        start, full = (int(x) for x in _query_range(j, p))
-        assert not any(tile(i, j).any() for i in range(start)), case
-        assert start == p.nq or tile(start, j).any(), case
-        assert all(tile(i, j).all() for i in range(full, p.nq)), case
-        assert full == start or not tile(full - 1, j).all(), case
-    if p.diagonal_edges:  # each block's one partly hidden tile has the diagonal pattern
+    p = _Plan(t, s, bq, bk, causal, 1.0, False, left=left, right=None if causal else right)
+    case = (t, s, bq, bk, causal, left, right)
+
+    def check(ranges, n, tile_at):  # masked [lo, a), unmasked [a, b), masked [b, end)
+        lo, a, b, end = (int(x) for x in ranges)
+        assert 0 <= lo <= a <= b <= end <= n, case
+        assert not any(tile_at(x).any() for x in [*range(lo), *range(end, n)]), case
+        assert all(tile_at(x).all() for x in range(a, b)), case  # unmasked: all visible
+        # Exact: a masked tile is not wholly visible, and the first and last are seen.
+        assert not any(tile_at(x).all() for x in [*range(lo, a), *range(b, end)]), case
+        assert lo == end or (tile_at(lo).any() and tile_at(end - 1).any()), case
+        return lo, a, b, end
+
+    key_ranges = [check(_key_range(i, p), p.nk, partial(tile, i)) for i in range(p.nq)]
+    query_ranges = [check(_query_range(j, p), p.nq, lambda i, j=j: tile(i, j)) for j in range(p.nk)]
+    if p.diagonal_edges:  # each block's tiles that the causal mask crosses: the diagonal one
         diagonal = np.arange(bk)[None, :] <= np.arange(bq)[:, None]
 
-        def one_diagonal_tile(edge_range, tile_at):  # the range of masked tiles of a block
-            lo, hi = (int(x) for x in edge_range)
+        def one_diagonal_tile(lo, hi, tile_at):
             assert hi - lo <= 1, case
             if hi > lo:
                 rows = tile_at(lo)
                 np.testing.assert_array_equal(rows, diagonal[: len(rows)], str(case))
 
-        for i in range(p.nq):
-            one_diagonal_tile(_key_range(i, p), partial(tile, i))
-        for j in range(p.nk):
-            one_diagonal_tile(_query_range(j, p), lambda i, j=j: tile(i, j))
+        for i, (_, _, b, end) in enumerate(key_ranges):
+            one_diagonal_tile(b, end, partial(tile, i))
+        for j, (start, a, _, _) in enumerate(query_ranges):
+            one_diagonal_tile(start, a, lambda i, j=j: tile(i, j))
 
 
 def test_block_ranges_are_exact():
@@ -359,6 +453,18 @@ def test_block_ranges_are_exact():
     sizes = itertools.product(range(1, 42, 4), range(1, 42, 5), (4, 8), (4, 8, 16), (True, False))
     for case in sizes:
         _check_block_ranges(*case)
+
+
+def test_block_ranges_with_a_window_are_exact():
+    """The same with sliding windows: causal ones (left only; left >= bq - 1 keeps the
+    diagonal tiles' constant mask) and two-sided ones without causality."""
+    sizes = itertools.product(range(1, 38, 6), range(1, 38, 9), (4, 8), (4, 8))
+    for t, s, bq, bk in sizes:
+        for left in (0, 3, 7, 12, 40):
+            _check_block_ranges(t, s, bq, bk, True, left)
+            for right in (None, 0, 9):
+                _check_block_ranges(t, s, bq, bk, False, left, right)
+        _check_block_ranges(t, s, bq, bk, False, None, 5)
 
 
 def test_diagonal_tiles_are_computed_in_halves(np_rng):
@@ -592,8 +698,8 @@ def test_select_implementation_respects_each_kernels_limits(monkeypatch):
         q = jax.ShapeDtypeStruct((2, t, 8, h), dtype)
         k = jax.ShapeDtypeStruct((2, s, k_heads, h), dtype)
         v = jax.ShapeDtypeStruct((2, s, k_heads, h if hv is None else hv), dtype)
-        mask, bias = kw.get("mask"), kw.get("bias")
-        return attention._select_implementation(q, k, v, mask, bias, causal, 0.0)
+        mask, bias, window = kw.get("mask"), kw.get("bias"), kw.get("window")
+        return attention._select_implementation(q, k, v, mask, bias, causal, 0.0, window)
 
     # 4 B N T S bytes: 2 * 8 * 4096^2 * 4 is exactly 1 GiB (kept dense), 8192^2 is 4 GiB.
     assert pick(4096, 4096, "gpu") == "xla"
@@ -620,6 +726,11 @@ def test_select_implementation_respects_each_kernels_limits(monkeypatch):
     assert pick(256, 256, "tpu", h=192) == "xla"  # Pallas raises for H = 192 (not 128 k)
     if attention._pallas_importable():
         assert pick(256, 256, "tpu", h=256) == "pallas"
+    # A window is a mask to cuDNN (even lengths) and none that Pallas takes.
+    assert pick(256, 256, "gpu", bf16, window=(16, 0)) == "cudnn"
+    assert pick(255, 255, "gpu", bf16, window=(16, 0)) == "xla"
+    assert pick(256, 256, "tpu", window=(16, 0)) == "xla"
+    assert pick(8192, 8192, "tpu", k_heads=2, window=(16, 0)) == "blockwise"
 
 
 @pytest.mark.parametrize("scale", [0.2, None])
@@ -696,5 +807,16 @@ def test_bad_inputs(np_rng):
     with pytest.raises(ValueError, match="needs a TPU"):
         dot_product_attention(
             *(normal(np_rng, 1, 128, 2, 8) for _ in range(3)), implementation="pallas"
+        )
+    for window in (-1, (1,), (1, 2, 3), 1.5, True, (2, None), "4", (np.int32(-2), 1)):
+        with pytest.raises(ValueError, match=r"flash_attention: local_window_size must be"):
+            flash_attention(q, k, k, local_window_size=window)
+        with pytest.raises(ValueError, match=r"dot_product_attention: local_window_size"):
+            dot_product_attention(q, k, k, local_window_size=window)
+    with pytest.raises(ValueError, match='"pallas" takes no local_window_size'):
+        dot_product_attention(
+            *(normal(np_rng, 1, 128, 2, 8) for _ in range(3)),
+            implementation="pallas",
+            local_window_size=16,
         )
     assert block_sizes(5, 1000) == (8, 512) and block_sizes(300, 300, 64, 32) == (64, 32)

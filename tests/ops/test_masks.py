@@ -14,8 +14,10 @@ from jaxattn.ops.masks import (
     attention_mask,
     causal_mask,
     check_lengths,
+    check_local_window,
     combine_masks,
     dropout_seed,
+    local_window_mask,
     masked_softmax,
     padding_mask,
 )
@@ -59,6 +61,32 @@ def test_causal_mask_square_default_is_lower_triangle():
 def test_causal_mask_last_row_sees_everything_when_decoding():
     # A single decode step after 6 cached tokens sees all 7 keys.
     assert bool(jnp.all(causal_mask(1, 7)))
+
+
+@pytest.mark.parametrize("t, s", [(5, 5), (3, 7), (7, 3), (1, 6)])
+@pytest.mark.parametrize("left, right", [(0, 0), (2, 0), (1, 3), (9, 9)])
+def test_local_window_mask(t, s, left, right):
+    want = np.zeros((t, s), bool)
+    for i in range(t):
+        for j in range(s):  # query i sits at key position i + s - t, as in causal_mask
+            want[i, j] = i + s - t - left <= j <= i + s - t + right
+    got = local_window_mask(t, s, left, right)
+    assert got.shape == (1, 1, t, s) and got.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(got)[0, 0], want)
+    # Causal and a window of `left`: the left + 1 keys ending at the query's position.
+    both = np.asarray(causal_mask(t, s) & local_window_mask(t, s, left, right))[0, 0]
+    np.testing.assert_array_equal(both, want & np_causal(t, s))
+
+
+def test_check_local_window():
+    assert check_local_window(None, "f") is None
+    assert check_local_window(3, "f") == (3, 3)
+    assert check_local_window((2, 0), "f") == (2, 0)
+    assert check_local_window([np.int64(4), 1], "f") == (4, 1)
+    assert all(type(w) is int for w in check_local_window((np.int64(4), 1), "f"))
+    for bad in (-1, (1, -2), (1,), 1.0, True, (1, None), "3"):
+        with pytest.raises(ValueError, match=r"f: local_window_size must be an int >= 0"):
+            check_local_window(bad, "f")
 
 
 def test_padding_mask():
