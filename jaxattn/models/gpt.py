@@ -104,6 +104,9 @@ class GPTConfig:
     attention_implementation: str | None = None  # passed to dot_product_attention
     layer_norm_eps: float = 1e-5
     gelu_approximate: bool = True  # tanh GELU (GPT-2); False = exact erf GELU (nanoGPT)
+    # Sliding-window attention: each token sees itself and the attention_window - 1 tokens
+    # before it (Mistral's sliding_window); None = the whole context.
+    attention_window: int | None = None
 
     def __post_init__(self):
         check_positive_ints(
@@ -134,6 +137,18 @@ class GPTConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         check_attention_implementation(self)
+        if self.attention_window is not None:
+            check_positive_ints(self, ("attention_window",))
+            if self.attention_implementation == "pallas":
+                raise ValueError(
+                    "GPTConfig: attention_implementation='pallas' takes no attention_window; "
+                    "use None or 'blockwise'"
+                )
+
+    @property
+    def local_window_size(self) -> tuple[int, int] | None:
+        """``attention_window`` as ``dot_product_attention``'s ``(left, right)``."""
+        return None if self.attention_window is None else (self.attention_window - 1, 0)
 
     @property
     def head_dim(self) -> int:
@@ -304,12 +319,15 @@ def _block(
         dropout_rate=rate,
         dropout_rng=rng_attn,
     )
+    window = config.local_window_size
     if cache is None:
-        ctx = attention(q, k, v, mask=key_mask, is_causal=True)  # [B, T, N, H]
+        ctx = attention(q, k, v, mask=key_mask, is_causal=True, local_window_size=window)
         new_cache = None
     else:
         k_cache, v_cache, index = cache
-        k_cache, v_cache, visible = write_kv_cache(k_cache, v_cache, k, v, index)  # [1, 1, T, S]
+        k_cache, v_cache, visible = write_kv_cache(
+            k_cache, v_cache, k, v, index, local_window_size=window
+        )  # visible: [1, 1, T, S], the window by cache slot
         if key_mask is not None:
             visible = visible & key_mask  # [B, 1, T, S]
         ctx = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=visible)

@@ -15,6 +15,8 @@ from jaxattn.models.gpt import GPTConfig, gpt, gpt_decode, init_cache, init_gpt
 BASE = GPTConfig(vocab_size=13, block_size=11, num_layers=2, num_heads=3, embed_dim=12)
 GQA = dataclasses.replace(BASE, num_heads=4, num_kv_heads=2, embed_dim=20)
 ROPE = dataclasses.replace(BASE, positions="rope")
+# A sliding window of 4 keys, shorter than the prompts and block_size = 11.
+WINDOW = dataclasses.replace(BASE, positions="rope", num_kv_heads=1, attention_window=4)
 B = 2
 
 gpt_jit = jax.jit(gpt, static_argnames=("config", "deterministic"))
@@ -48,7 +50,7 @@ def tokens_for(config: GPTConfig, shape, seed: int = 0) -> jax.Array:
 
 
 @pytest.mark.parametrize("per_layer", [False, True], ids=["scan", "unstacked"])
-@pytest.mark.parametrize("config", [GQA, ROPE], ids=["gqa_learned", "rope"])
+@pytest.mark.parametrize("config", [GQA, ROPE, WINDOW], ids=["gqa_learned", "rope", "window"])
 def test_cached_decoding_equals_full_pass(config, per_layer):
     """Prefill 4 tokens in one pass, then feed 5 one at a time: same logits as ``gpt``."""
     w = random_weights(config)
@@ -419,8 +421,10 @@ def test_sampled_generate_past_the_context_draws_token_i_with_key_i():
         (BASE, False, [1, 11, 6]),
         # Prompts up to 14 > block_size tokens: cropped from the first new token.
         (ROPE, True, [3, 14, 12]),
+        # A window of 4 keys: by cache slot in the cached part, then in the cropped windows.
+        (WINDOW, False, [2, 9, 5]),
     ],
-    ids=["learned_scan", "rope_unrolled_long"],
+    ids=["learned_scan", "rope_unrolled_long", "window"],
 )
 def test_greedy_generate_of_padded_prompts_continues_each_prompt_alone(config, unroll, lengths):
     w = random_weights(config, seed=2)

@@ -98,6 +98,8 @@ def np_gpt(weights: GPTWeights, tokens, config: GPTConfig):
     if config.positions == "learned":
         x = x + w.position_embedding.table[:t]
     causal = np.tril(np.ones((t, t), bool))
+    if config.attention_window is not None:  # query i sees keys i - window + 1 .. i
+        causal &= np.arange(t)[:, None] - np.arange(t)[None, :] < config.attention_window
 
     def bias(b, *idx):
         return 0.0 if b is None else b[idx]
@@ -164,6 +166,13 @@ def np_cross_entropy(logits, targets):
         (dict(remat="false"), "remat must be a bool"),
         (dict(gelu_approximate=None), "gelu_approximate must be a bool"),
         (dict(attention_implementation="flash"), "attention_implementation must be None or"),
+        (dict(attention_window=0), "GPTConfig.attention_window must be a positive int"),
+        (dict(attention_window=2.0), "GPTConfig.attention_window must be a positive int"),
+        (dict(attention_window=True), "GPTConfig.attention_window must be a positive int"),
+        (
+            dict(attention_window=4, attention_implementation="pallas"),
+            "GPTConfig: attention_implementation='pallas' takes no attention_window",
+        ),
         (
             dict(attention_implementation="cudnn", dropout=0.1),
             r"GPTConfig.attention_implementation='cudnn' takes no attention dropout",
@@ -247,8 +256,16 @@ def test_init_matches_nanogpt():
 
 @pytest.mark.parametrize(
     "config",
-    [BASE, GQA, ROPE, UNTIED, dataclasses.replace(BASE, gelu_approximate=False)],
-    ids=["base", "gqa", "rope", "untied", "erf-gelu"],
+    [
+        BASE,
+        GQA,
+        ROPE,
+        UNTIED,
+        dataclasses.replace(BASE, gelu_approximate=False),
+        dataclasses.replace(BASE, positions="rope", num_kv_heads=1, attention_window=3),
+        dataclasses.replace(BASE, attention_window=1, attention_implementation="blockwise"),
+    ],
+    ids=["base", "gqa", "rope", "untied", "erf-gelu", "window3-mqa-rope", "window1-blockwise"],
 )
 def test_matches_numpy_reference(config):
     w = random_weights(config)
