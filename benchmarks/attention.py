@@ -5,6 +5,7 @@
     python benchmarks/attention.py --long     # also peak RSS of blockwise fwd+bwd at T = 32768
     python benchmarks/attention.py --wait-quiet 5   # shared machine: wait <= 5 s for idle CPUs
     python benchmarks/attention.py --dropout 0.1    # with attention dropout (training)
+    python benchmarks/attention.py --window 256     # a causal sliding window of 257 keys
 
 Layout ``[B, T, N, H]`` with N = 8 heads of H = 64, float32, causal self-attention; B = 4
 up to T = 2048, then halved whenever T doubles (B T = 8192 tokens) so the dense baselines
@@ -21,6 +22,12 @@ resident set (VmHWM) of a fresh subprocess over one call. Ratios are to PyTorch'
 With ``--dropout RATE`` every row drops attention probabilities as in training: jaxattn's
 kernels, its einsum path, Flax linen (``dropout_rng``) and PyTorch SDPA (``dropout_p``);
 ``jax.nn.dot_product_attention`` and the plain einsum take no dropout and are left out.
+
+With ``--window W`` every row is causal sliding-window attention over the W keys before
+each query and itself (``local_window_size=(W, 0)``): jaxattn's kernels, ``jax.nn`` with
+the same ``local_window_size``, and PyTorch SDPA with the window as a boolean
+``attn_mask`` (SDPA has no window argument); the "jaxattn causal, no window" row is the
+same kernel over the whole causal context, for what the window saves.
 """
 
 from __future__ import annotations
@@ -193,8 +200,18 @@ DENSE = {"jax.nn", "einsum", "flax linen", "jaxattn xla (einsum)"}
 DROPOUT_KEY = jax.random.key(0)
 
 
-def jax_impls(dropout: float) -> dict:
-    """The JAX rows; with attention dropout, those that take it."""
+def jax_impls(dropout: float, window: int = 0) -> dict:
+    """The JAX rows; with attention dropout, those that take it; with a window, those
+    that take one (and the whole causal context, for scale)."""
+    if window:
+        sized = {"local_window_size": (window, 0), "is_causal": True}
+        attend = partial(dot_product_attention, **sized)
+        return {
+            "jaxattn auto": attend,
+            "jaxattn blockwise": partial(attend, implementation="blockwise"),
+            "jaxattn causal, no window": JAX_IMPLS["jaxattn auto"],
+            "jax.nn": partial(jax.nn.dot_product_attention, **sized),
+        }
     if not dropout:
         return JAX_IMPLS
     attend = partial(
@@ -208,11 +225,11 @@ def jax_impls(dropout: float) -> dict:
     }
 
 
-def jax_calls(name, b, t, dropout=0.0):
+def jax_calls(name, b, t, dropout=0.0, window=0):
     """Compiled (fwd, fwd+bwd) closures and the fwd+bwd step's XLA temp bytes."""
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((b, t, N, H)), jnp.float32) for _ in range(3))
-    f = jax_impls(dropout)[name]
+    f = jax_impls(dropout, window)[name]
     fwd = jax.jit(f).lower(q, k, v).compile()
     loss = lambda *a: jnp.sum(f(*a))
     # value_and_grad, not grad: under jax.grad the output O = P V is dead code (the
@@ -227,19 +244,23 @@ def jax_calls(name, b, t, dropout=0.0):
     )
 
 
-def torch_calls(b, t, dropout=0.0):
+def torch_calls(b, t, dropout=0.0, window=0):
     import torch
     import torch.nn.functional as F
 
     q, k, v = (torch.randn(b, N, t, H, requires_grad=True) for _ in range(3))
+    masking = {"is_causal": True}
+    if window:  # SDPA takes a window only as a dense mask (and not with is_causal)
+        back = torch.arange(t)[:, None] - torch.arange(t)[None, :]  # query minus key position
+        masking = {"attn_mask": (back >= 0) & (back <= window)}
 
     def fwd():
         with torch.no_grad():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **masking)
 
     def fwd_bwd():
         q.grad = k.grad = v.grad = None
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **masking)
         out.sum().backward()
 
     return fwd, fwd_bwd
@@ -248,20 +269,21 @@ def torch_calls(b, t, dropout=0.0):
 # ------------------------------------------------------------------ the table
 
 
-def torch_memory_child(b: int, t: int, dropout: float) -> None:
+def torch_memory_child(b: int, t: int, dropout: float, window: int) -> None:
     """Print the peak-RSS growth (bytes) of one torch fwd+bwd in this fresh process."""
-    _, fwd_bwd = torch_calls(b, t, dropout)
+    _, fwd_bwd = torch_calls(b, t, dropout, window)
     before = peak_rss()
     fwd_bwd()
     print(peak_rss() - before)
 
 
-def torch_memory(b: int, t: int, dropout: float) -> int:
-    cmd = [sys.executable, __file__, "--torch-memory-child", str(b), str(t), str(dropout)]
+def torch_memory(b: int, t: int, dropout: float, window: int) -> int:
+    cmd = [sys.executable, __file__, "--torch-memory-child"]
+    cmd += [str(b), str(t), str(dropout), str(window)]
     return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
-def run_table(lengths, repeats, slow, max_dense_gib, quiet, dropout=0.0) -> dict:
+def run_table(lengths, repeats, slow, max_dense_gib, quiet, dropout=0.0, window=0) -> dict:
     """Print the table; return ``{T: {implementation: {fwd_s, fwd_bwd_s, ...}}}``."""
     try:
         import torch
@@ -272,6 +294,8 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet, dropout=0.0) -> dict
     import flax
 
     title = f", attention dropout {dropout}" if dropout else ""
+    if window:
+        title += f", causal window of {window + 1} keys (local_window_size=({window}, 0))"
     print(f"# Causal attention, float32, [B, T, N={N}, H={H}]{title}")
     print(f"machine: {machine()}; date: {datetime.date.today()}")
     print(f"jax {jax.__version__}, flax {flax.__version__}, torch {torch_version or 'absent'}")
@@ -286,15 +310,16 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet, dropout=0.0) -> dict
     for t in lengths:
         b = max(1, min(4, 8192 // t))
         rows, torch_fb, built = [], None, {}
-        names = list(jax_impls(dropout)) + (["torch SDPA"] if torch_version else [])
+        names = list(jax_impls(dropout, window)) + (["torch SDPA"] if torch_version else [])
         dense_gib = 3 * 4 * b * N * t * t / 2**30  # logits, probs, their cotangent
         for name in names:
             if name in DENSE and dense_gib > max_dense_gib:
                 continue
             if name == "torch SDPA":
-                (fwd, fwd_bwd), mem = torch_calls(b, t, dropout), torch_memory(b, t, dropout)
+                fwd, fwd_bwd = torch_calls(b, t, dropout, window)
+                mem = torch_memory(b, t, dropout, window)
             else:
-                fwd, fwd_bwd, mem = jax_calls(name, b, t, dropout)
+                fwd, fwd_bwd, mem = jax_calls(name, b, t, dropout, window)
             built[name] = (fwd, fwd_bwd, mem)
         # Every row of this T timed in turn (round r calls each once), as lstm.py does, so
         # a slow spell of the shared machine does not fall on one row (e.g. on SDPA alone).
@@ -383,24 +408,30 @@ def main() -> None:
     parser.add_argument(
         "--dropout", type=float, default=0.0, help="attention dropout rate of every row"
     )
+    parser.add_argument(
+        "--window", type=int, default=0, help="causal sliding window: W keys before each query"
+    )
     add_wait_quiet_flag(parser)
     add_json_flag(parser)
     parser.add_argument("--long-child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--torch-memory-child", type=float, nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--torch-memory-child", type=float, nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.window and args.dropout:
+        parser.error("--window and --dropout: one at a time")
     if args.long_child:
         return long_child(args.long_child)
     if args.torch_memory_child:
-        b, t, dropout = args.torch_memory_child
-        return torch_memory_child(int(b), int(t), dropout)
+        b, t, dropout, window = args.torch_memory_child
+        return torch_memory_child(int(b), int(t), dropout, int(window))
     lengths = args.lengths or (
         [256, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
     )
     repeats = args.repeats or (3 if args.quick else 5)
     table = run_table(
-        lengths, repeats, args.slow, args.max_dense_gib, args.wait_quiet, args.dropout
+        lengths, repeats, args.slow, args.max_dense_gib, args.wait_quiet, args.dropout, args.window
     )
-    results = {"attention_dropout" if args.dropout else "attention": table}
+    kind = "attention_window" if args.window else "attention"
+    results = {"attention_dropout" if args.dropout else kind: table}
     write_json(args.json, results)  # kept even if the long run below fails
     if args.long:
         results["long"] = run_long(32768)
