@@ -316,14 +316,12 @@ def _attention_cudnn(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropou
     return out
 
 
-def _window_in_mask(args: tuple, window: tuple[int, int] | None) -> tuple:
-    """A kernel's ``(q, k, v, mask, ...)`` with the window ANDed into the mask: the kernels
-    whose scores are dense anyway take it as a ``[1, 1, T, S]`` mask."""
+def _mask_with_window(mask, window: tuple[int, int] | None, t: int, s: int):
+    """``mask`` ANDed with the window as a ``[1, 1, T, S]`` mask, for the kernels whose
+    scores are dense anyway (the blockwise kernel skips tiles instead)."""
     if window is None:
-        return args
-    q, k, v, mask, *rest = args
-    mask = combine_masks(mask, local_window_mask(q.shape[1], k.shape[1], *window))
-    return (q, k, v, mask, *rest)
+        return mask
+    return combine_masks(mask, local_window_mask(t, s, *window))
 
 
 def _attention_blockwise(
@@ -579,10 +577,14 @@ def dot_product_attention(
         # A concrete array (jnp.float32(0.5)) is not hashable, as cuDNN's and Pallas'
         # static scale must be.
         scale = None if scale is None else float(scale)
-    args = (q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng)
     if implementation == "blockwise":
-        return _attention_blockwise(*args, window=window)
-    return _KERNELS[implementation](*_window_in_mask(args, window))
+        return _attention_blockwise(
+            q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng, window=window
+        )
+    mask = _mask_with_window(mask, window, q.shape[1], k.shape[1])
+    return _KERNELS[implementation](
+        q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng
+    )
 
 
 def attention_weights(
@@ -609,7 +611,7 @@ def attention_weights(
     q, k = jnp.asarray(q), jnp.asarray(k)
     mask, bias = check_attention_inputs("attention_weights", q, k, k, mask, bias)
     window = check_local_window(local_window_size, "attention_weights")
-    q, k, _, mask = _window_in_mask((q, k, k, mask), window)
+    mask = _mask_with_window(mask, window, q.shape[1], k.shape[1])
     return _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]
 
 
@@ -863,6 +865,6 @@ def multi_head_attention(
     check_dropout_rate(rate, "multi_head_attention: dropout_rate")
     mask, bias = check_attention_inputs("multi_head_attention", q, k, v, mask, bias)
     window = check_local_window(local_window_size, "multi_head_attention")
-    q, k, v, mask = _window_in_mask((q, k, v, mask), window)
+    mask = _mask_with_window(mask, window, q.shape[1], k.shape[1])
     context, probs = _attention_xla_core(q, k, v, mask, bias, is_causal, None, rate, rng)
     return project_output(weights, context), probs  # probs: [B, N, T, S]

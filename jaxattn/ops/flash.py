@@ -340,18 +340,17 @@ def _key_range(i, p: _Plan):
     edge) and ``[b, end)`` (the causal diagonal or a window's upper edge, and padding) need
     one; the rest are hidden from every row of the block."""
     whole = p.s // p.bk  # key blocks without padding columns
+    first_row, last_row = i * p.bq, jnp.minimum(i * p.bq + p.bq, p.t) - 1
     if p.upper is None:
         b, end = whole, p.nk
     else:  # row r (key position r + S - T) sees key c <= r + S - T + upper
         shift = p.s - p.t + p.upper
-        first_row, last_row = i * p.bq, jnp.minimum(i * p.bq + p.bq, p.t) - 1
         b = jnp.clip((first_row + shift + 1) // p.bk, 0, whole)
         end = jnp.clip((last_row + shift) // p.bk + 1, 0, p.nk)
     if p.left is None:
         return 0, 0, b, end
     # Row r sees key c >= r + S - T - left.
     shift = p.s - p.t - p.left
-    first_row, last_row = i * p.bq, jnp.minimum(i * p.bq + p.bq, p.t) - 1
     lo = jnp.clip((first_row + shift) // p.bk, 0, p.nk)
     end = jnp.maximum(end, lo)
     a = jnp.clip(-(-(last_row + shift) // p.bk), lo, end)
