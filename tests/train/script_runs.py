@@ -17,7 +17,8 @@ def free_port() -> int:
 
 
 class ScriptRunner:
-    """``runner(*flags, config=None, check=True)`` runs ``train/<script>`` with ``--noprogress``.
+    """``runner(*flags, config=None, check=True)`` runs ``train/<script>`` with ``--noprogress``
+    and ``--config=config`` (None: the runner's config file; "": no ``--config``).
 
     Set ``cache_dir`` (the first run's fixture does) and later runs reuse the compiled
     functions of earlier ones through JAX's persistent compilation cache.
@@ -36,7 +37,9 @@ class ScriptRunner:
                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             }
         config = self.config if config is None else config
-        command = [sys.executable, str(self.script), f"--config={config}", "--noprogress"]
+        command = [sys.executable, str(self.script), "--noprogress"]
+        if config != "":  # "": no --config, as a user sampling a saved run types it
+            command.append(f"--config={config}")
         return command + [str(a) for a in args], env
 
     def start(self, *args, config=None) -> subprocess.Popen:

@@ -12,6 +12,7 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 from etils import epath
@@ -133,6 +134,36 @@ def test_sample_only_loads_the_latest_checkpoint(trained):
         "--sample_tokens=20", "--top_k=1",
     )  # fmt: skip
     assert samples_of(alone.stdout) == texts[3:4]
+
+
+@pytest.mark.slow
+def test_attention_variants_from_the_command_line(tmp_path):
+    """The config files list GPTConfig's optional attention fields (None: off), so a run
+    can train, checkpoint and sample a sliding-window, grouped-query, rotary model."""
+    workdir = tmp_path / "run"
+    run_lm(
+        f"--workdir={workdir}", "--config.num_steps=2", "--config.eval_every=2",
+        "--config.checkpoint_every=2", "--num_samples=0", "--config.model.attention_window=3",
+        "--config.model.num_kv_heads=1", "--config.model.positions=rope",
+        "--config.model.rope_base=500.0",
+    )  # fmt: skip
+    with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
+        model = GPTConfig(**ckpt.read_metadata()["model"])
+    assert (model.attention_window, model.num_kv_heads, model.rope_base) == (3, 1, 500.0)
+    assert model.positions == "rope" and model.attention_implementation is None
+    params = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "2" / "state")
+    params = params["params"]
+    assert params.get("position_embedding") is None  # rope: no position table
+    attn = params["blocks"]["attn"]  # [layers, D, heads, head_dim]
+    assert attn["w_q"].shape == (2, 16, 2, 8) and attn["w_k"].shape == (2, 16, 1, 8)
+    # Sampling rebuilds the model from the checkpoint (no --config): 20 characters, past
+    # block_size 16.
+    proc = run_lm(
+        f"--workdir={workdir}", "--sample_only", "--prompt=ROMEO:", "--num_samples=1",
+        "--sample_tokens=20", config="",
+    )  # fmt: skip
+    (text,) = samples_of(proc.stdout)
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20 + 1
 
 
 @pytest.mark.slow
@@ -317,6 +348,9 @@ def test_missing_config_file_is_an_error(tmp_path, overrides):
         # The optimizer's and the data splits' settings too (they used to leave checkpoints/).
         ("--config.warmup_steps=30", "need 0 <= warmup_steps <= lr_decay_steps"),
         ("--config.train_fraction=0.999999", "validation split (the last 0% of the text) holds"),
+        # The model's optional fields are in the config file, so they can be set and checked.
+        ("--config.model.attention_window=0", "attention_window must be a positive int, got 0"),
+        ("--config.model.num_kv_heads=3", "got num_kv_heads=3"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, flag, message):

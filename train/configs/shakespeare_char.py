@@ -8,6 +8,7 @@ steps on a GPU); on a CPU use ``shakespeare_char_cpu.py``.
 
 import ml_collections
 from configs.mesh import mesh_config  # train/ is on sys.path (the script's dir).
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,6 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.tie_embeddings = True  # Output layer = token embedding (weight tying).
     config.model.dtype = "float32"  # Compute dtype; "bfloat16" is faster on GPU/TPU.
     config.model.remat = False  # Recompute block activations in the backward pass.
+    # Attention variants, off by default (e.g. --config.model.attention_window=32).
+    config.model.num_kv_heads = placeholder(int)  # Fewer key/value heads: grouped-query.
+    config.model.attention_window = placeholder(int)  # A token sees itself and W - 1 before.
+    config.model.attention_implementation = placeholder(str)  # None: fastest kernel here.
+    config.model.rope_base = 10000.0  # Rotary frequency base (with positions="rope").
 
     # Batches.
     config.batch_size = 64  # Windows per microbatch.
