@@ -429,7 +429,8 @@ _KERNELS = {
 
 # CPU: blockwise wins once both T and S reach this (measured crossovers, benchmarks/README.md
 # "Kernel selection"): from 384 for plain multi-head attention, from 256 with GQA, whose
-# einsum path keeps a group axis that XLA:CPU runs more slowly.
+# einsum path keeps a group axis that XLA:CPU runs more slowly. A sliding window does not
+# move it: below 512 the blockwise tiles span the sequence, so the window skips nothing.
 _CPU_BLOCKWISE_MIN_LEN = 384
 _CPU_BLOCKWISE_MIN_LEN_GQA = 256
 # With attention dropout the einsum path also passes a dense mask through memory: the
