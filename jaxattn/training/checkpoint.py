@@ -17,6 +17,7 @@ the step with the best ``best_metric`` (lowest) among those saved with metrics.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -79,12 +80,17 @@ def check_writable(directory: str | os.PathLike) -> None:
         raise NotWritableError(f"cannot write to {directory}: {reason}") from e
 
 
-def _first_line(e: Exception, limit: int = 300) -> str:
-    """``Type: message`` of ``e`` cut to its first line (orbax's errors run to pages).
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of the innermost cause of ``e``, cut to its first line (orbax's
+    errors run to pages).
 
-    TensorStore's errors nest their causes (``opening: reading: <the reason>``) and then
-    append the whole spec: the spec goes, and a long message keeps its end, the reason.
+    orbax raises a reading error from TensorStore's, whose message holds the reason (its
+    own says only which slice failed, then prints the store's repr). TensorStore's errors
+    nest their causes (``opening: reading: <the reason>``) and then append the whole spec:
+    the spec goes, and a long message keeps its end, the reason.
     """
+    while e.__cause__ is not None:
+        e = e.__cause__
     lines = str(e).strip().splitlines()
     text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
     text = text if len(text) <= limit else "..." + text[-(limit - 3) :]
@@ -210,7 +216,11 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=not read_only,  # (orbax's own read_only mode logs a warning on open)
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        try:
+            # Opening reads every step's saved metrics (``<step>/metrics/metrics``).
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except Exception as e:
+            raise self._unopenable(e) from e
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -343,6 +353,24 @@ class Checkpointer:
         )
         return CheckpointError(
             f"checkpoint {self.step_dir(step)} is corrupt or incomplete: {detail}{hint}"
+        )
+
+    def _unopenable(self, error: Exception) -> CheckpointError:
+        """The error for a folder orbax cannot open, naming the step whose file is damaged."""
+        damaged = []
+        for metrics_file in sorted(self.directory.glob("*/metrics/metrics")):
+            try:
+                json.loads(metrics_file.read_text())
+            except (OSError, ValueError):
+                damaged.append(metrics_file)
+        if not damaged:
+            return CheckpointError(
+                f"cannot open the checkpoints in {self.directory}: {_first_line(error)}"
+            )
+        step_dirs = ", ".join(str(f.parent.parent) for f in damaged)
+        return CheckpointError(
+            f"cannot open the checkpoints in {self.directory}: {damaged[0]} is corrupt "
+            f"({_first_line(error)}); move {step_dirs} out of the folder to use the other steps"
         )
 
     def wait(self) -> None:

@@ -1,6 +1,7 @@
 """Checkpoints: round trip with the data position, keep-N + best, and clear errors."""
 
 import hashlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +267,42 @@ def test_corrupt_latest_step_points_at_the_step_that_would_be_used(tmp_path, toy
     with Checkpointer(tmp_path) as ckpt:
         with pytest.raises(CheckpointError, match=r"steps here are \[1, 2\]: .* to use step 2$"):
             ckpt.restore(toy.state())
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_damaged_metrics_file_names_its_step_and_changes_nothing(tmp_path, toy, read_only):
+    # orbax reads every step's metrics when it opens the folder, before any restore.
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, toy.state(), metrics={"val_loss": 2.0})
+        ckpt.save(2, toy.state(), metrics={"val_loss": 1.0})
+    metrics_file = tmp_path / "1" / "metrics" / "metrics"
+    metrics_file.write_text(metrics_file.read_text()[:5])
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        Checkpointer(tmp_path, read_only=read_only)
+    message = str(info.value)
+    assert f"{metrics_file} is corrupt (JSONDecodeError: " in message
+    assert message.endswith(f"move {tmp_path / '1'} out of the folder to use the other steps")
+    assert snapshot(tmp_path) == before
+    (tmp_path / "1").rename(tmp_path.parent / f"{tmp_path.name}_moved")  # the hint works
+    with Checkpointer(tmp_path, read_only=read_only) as ckpt:
+        assert ckpt.all_steps() == [2] and ckpt.best_step() == 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_truncated_array_names_the_reason_not_orbaxs_wrapper(tmp_path):
+    # orbax raises "Encountered error while reading array index ... <the store's repr>" from
+    # TensorStore's error, which says what is wrong: the message takes the innermost cause.
+    state = {"w": jnp.arange(4096.0).reshape(64, 64), "b": jnp.ones((64,))}
+    with Checkpointer(tmp_path, async_save=False, best_metric=None) as ckpt:
+        ckpt.save(1, state)
+    data = max(
+        (tmp_path / "1" / "state").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size
+    )
+    data.write_bytes(data.read_bytes()[:100])
+    with Checkpointer(tmp_path, best_metric=None) as ckpt:
+        with pytest.raises(CheckpointError) as info:
+            ckpt.restore(state)
+    assert "Encountered error while reading array index" in str(info.value.__cause__)
+    assert re.search(r"corrupt or incomplete: ValueError: .*not valid for value of size 100$",
+                     str(info.value))  # fmt: skip
