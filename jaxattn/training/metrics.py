@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -88,11 +89,22 @@ class MetricsWriter:
         if not active:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # A run killed while writing a record (full disk, power loss) can leave the file
+        # ending mid-line: the next record then starts a line of its own.
         if self.remote:
             if self.path.exists():
                 self._lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if self._lines and not self._lines[-1].endswith("\n"):
+                self._lines[-1] += "\n"
         else:
+            cut = False
+            if os.path.exists(self.path) and os.path.getsize(self.path):
+                with open(self.path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    cut = f.read(1) != b"\n"
             self._file = open(self.path, "a", encoding="utf-8")
+            if cut:
+                self._file.write("\n")
         if tensorboard and not self.remote:
             # tensorboardX names a file by the second it opened it, so a run resumed within
             # the same second would overwrite the last one's events; the nanosecond suffix
@@ -171,6 +183,20 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Parse a metrics.jsonl file into a list of dicts (one per line)."""
+    """Parse a metrics.jsonl file into a list of dicts (one per line).
+
+    A line that is not JSON (a record cut off when a run was killed while writing it) is
+    skipped with a warning naming its line number.
+    """
+    records = []
     with epath.Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(
+                    f"{path}: line {number} is not a JSON record (cut off?); skipped", stacklevel=2
+                )
+    return records

@@ -51,6 +51,23 @@ def test_writer_appends_across_runs(tmp_path):
     assert not (tmp_path / "tb").exists()
 
 
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_record_cut_off_by_a_crash_does_not_swallow_the_next(tmp_path, monkeypatch, remote):
+    from jaxattn.training import metrics
+
+    monkeypatch.setattr(metrics, "is_remote", lambda path: remote)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train_loss": 3.0}\n{"step": 2, "train_lo')  # killed mid-write
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        writer.write(2, {"train_loss": 2.0})
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and lines[1] == '{"step": 2, "train_lo'  # kept, on its own line
+    assert json.loads(lines[2])["train_loss"] == 2.0
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: line 2 is not a JSON record"):
+        records = read_metrics(path)
+    assert [(r["step"], r["train_loss"]) for r in records] == [(1, 3.0), (2, 2.0)]
+
+
 def test_writer_does_not_import_torch(tmp_path):
     """tensorboardX would import torch (~2 s) when installed; the writer keeps it out."""
     pytest.importorskip("torch")
