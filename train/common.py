@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,8 +19,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxattn.training import sharding
-from jaxattn.training.checkpoint import Checkpointer
-from jaxattn.training.loop import LoopConfig
+from jaxattn.training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    IncompatibleCheckpointError,
+    NotWritableError,
+)
+from jaxattn.training.loop import LoopConfig, NonFiniteLossError
 from jaxattn.training.metrics import is_remote
 
 _COORDINATOR = flags.DEFINE_string(
@@ -46,6 +53,29 @@ _CACHE_MAX_BYTES = 1 << 30  # Least recently used entries go first beyond 1 GiB.
 # Exit status of a run stopped by SIGTERM or Ctrl-C after saving (128 + SIGTERM, as if
 # killed): job schedulers then see an unfinished job and can requeue it, which resumes.
 INTERRUPTED_EXIT_CODE = 143
+
+
+# What a run reports as one ``error:`` line (bad input, a corrupt or incompatible
+# checkpoint, a NaN loss), exiting with status 1; anything else is a bug and shows its traceback.
+REPORTED_ERRORS = (
+    FileNotFoundError, ValueError, CheckpointError, IncompatibleCheckpointError,
+    NonFiniteLossError, NotWritableError,
+)  # fmt: skip
+
+
+def exit_with_error(error: BaseException) -> NoReturn:
+    """Print ``error: <error>`` to stderr and exit with status 1.
+
+    When one array of a checkpoint cannot be read, orbax's reads of the others are still
+    pending; the interpreter's exit then reports each of them again, in up to thousands of
+    lines of tracebacks after the one line that says what is wrong. They are muted here
+    (and only here, where the process is about to end).
+    """
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.unraisablehook = lambda unraisable: None  # "Exception ignored in: <coroutine ...>"
+    threading.excepthook = lambda args: None
+    logging.getLogger("asyncio").disabled = True  # "Task exception was never retrieved"
+    sys.exit(1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -28,11 +28,13 @@ import numpy as np
 from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
+    REPORTED_ERRORS,
     checkpoint_config_file,
     checkpoint_config_overrides,
     define_config_file,
     describe_mesh,
     enable_compilation_cache,
+    exit_with_error,
     initialize_distributed,
     latest_checkpoint_metadata,
     parse_flags,
@@ -49,14 +51,11 @@ from jaxattn.models.partitioning import TRANSFORMER_RULES
 from jaxattn.training import data, sharding
 from jaxattn.training.checkpoint import (
     Checkpointer,
-    CheckpointError,
     IncompatibleCheckpointError,
-    NotWritableError,
     check_writable,
 )
 from jaxattn.training.loop import (
     LoopConfig,
-    NonFiniteLossError,
     fit,
     make_eval_step,
     make_train_step,
@@ -278,12 +277,8 @@ def main(argv: list[str]) -> None:
             sample(workdir)
         else:
             train(config, workdir)
-    except (
-        FileNotFoundError, ValueError, CheckpointError, IncompatibleCheckpointError,
-        NonFiniteLossError, NotWritableError,
-    ) as e:  # fmt: skip
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except REPORTED_ERRORS as e:
+        exit_with_error(e)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,13 @@ import numpy as np
 from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
+    REPORTED_ERRORS,
     checkpoint_config_file,
     checkpoint_config_overrides,
     define_config_file,
     describe_mesh,
     enable_compilation_cache,
+    exit_with_error,
     initialize_distributed,
     latest_checkpoint_metadata,
     parse_flags,
@@ -65,15 +67,11 @@ from jaxattn.training import sharding
 from jaxattn.training import translation_data as td
 from jaxattn.training.checkpoint import (
     Checkpointer,
-    CheckpointError,
-    IncompatibleCheckpointError,
-    NotWritableError,
     check_writable,
 )
 from jaxattn.training.data import batch_iterator
 from jaxattn.training.loop import (
     LoopConfig,
-    NonFiniteLossError,
     fit,
     make_eval_step,
     make_train_step,
@@ -493,12 +491,8 @@ def main(argv: list[str]) -> None:
             bleu_only(workdir)
         else:
             train(_CONFIG.value, workdir)
-    except (
-        FileNotFoundError, ValueError, CheckpointError, IncompatibleCheckpointError,
-        NonFiniteLossError, NotWritableError,
-    ) as e:  # fmt: skip
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except REPORTED_ERRORS as e:
+        exit_with_error(e)
 
 
 if __name__ == "__main__":

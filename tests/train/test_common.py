@@ -1,5 +1,6 @@
 """train/common.py's helpers, in process: the note a resume with changed settings prints."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -263,3 +264,27 @@ def test_initialize_distributed_joins_once_with_explicit_flags_and_distributed(
     )  # fmt: skip
     common.initialize_distributed()
     assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 0}]
+
+
+def test_exit_with_error_prints_one_line_and_mutes_what_exit_would_add(tmp_path):
+    """orbax's pending reads of a corrupt checkpoint report themselves again as the process
+    exits: an object whose finaliser raises, and a failed asyncio task, stand in for them."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        f"sys.path.insert(0, {str(REPO / 'train')!r})\n"
+        "import common\n"
+        "class Leftover:\n"
+        "    def __del__(self):\n"
+        "        raise RuntimeError('Event loop is closed')\n"
+        "async def fails():\n"
+        "    raise ValueError('a read of another array')\n"
+        "loop = asyncio.new_event_loop()\n"
+        "task = loop.create_task(fails())\n"
+        "loop.run_until_complete(asyncio.sleep(0))\n"  # the task fails; no one awaits it
+        "leftover = Leftover()\n"
+        "common.exit_with_error(ValueError('checkpoint 8 is corrupt'))\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 1
+    assert run.stderr == "error: checkpoint 8 is corrupt\n"
