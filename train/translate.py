@@ -248,6 +248,14 @@ def test_bleu(params, kind, model, config, sp, test_pairs) -> tuple[float, list[
     return sacrebleu.corpus_bleu(hyps, [refs]).score, hyps
 
 
+def output_labels(sp, hypothesis, decode_max_len: int) -> list[str]:
+    """Row labels of a hypothesis's attention map: its pieces, then ``</s>`` if it ended
+    with EOS. ``hypothesis`` holds the ids before EOS (``translate_ids``); one of
+    ``decode_max_len`` ids was cut there and has no EOS row."""
+    pieces = [sp.id_to_piece(int(i)) for i in hypothesis]
+    return [*pieces, "</s>"] if len(hypothesis) < decode_max_len else pieces
+
+
 def plot_attention(params, model, sp, sentences: list[str], path: Path, config) -> bool:
     """Heat-map of the LSTM attention weights for the test decode's translations
     (``config.beam_size``) of ``sentences``; a sentence that no bucket holds (which
@@ -270,9 +278,10 @@ def plot_attention(params, model, sp, sentences: list[str], path: Path, config) 
     attn = np.asarray(attn)  # [B, T, S]
     fig, axes = plt.subplots(1, len(src), figsize=(4.5 * len(src), 4.5), squeeze=False)
     for ax, s, h, a in zip(axes[0], src, hyps, attn):
-        ax.imshow(a[: len(h) + 1, : len(s)], cmap="viridis", vmin=0.0, vmax=1.0)  # last: EOS
+        rows = output_labels(sp, h, config.decode_max_len)
+        ax.imshow(a[: len(rows), : len(s)], cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_xticks(range(len(s)), [sp.id_to_piece(int(i)) for i in s], rotation=90)
-        ax.set_yticks(range(len(h) + 1), [sp.id_to_piece(int(i)) for i in h] + ["</s>"])
+        ax.set_yticks(range(len(rows)), rows)
         ax.set_xlabel("source")
         ax.set_ylabel("output")
     fig.suptitle(f"{model.attention} attention")

@@ -365,6 +365,9 @@ def test_attention_plot_leaves_out_sources_no_bucket_holds(tmp_path):
     assert translate.plot_attention(params, model, FakePieces(), ["short", long], path, config)
     assert path.is_file()
     assert not translate.plot_attention(params, model, FakePieces(), [long], path, config)
+    # An EOS row only for a hypothesis that ended with one (not one cut at decode_max_len).
+    assert translate.output_labels(FakePieces(), [3, 4], decode_max_len=3) == ["3", "4", "</s>"]
+    assert translate.output_labels(FakePieces(), [3, 4, 5], decode_max_len=3) == ["3", "4", "5"]
 
 
 def test_example_counts_of_zero_mean_all(monkeypatch, tmp_path):
