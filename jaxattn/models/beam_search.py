@@ -31,6 +31,7 @@ when one was chosen, and are ``pad_id`` after it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -57,6 +58,21 @@ class BeamSearchResult(NamedTuple):
     scores: Array
     beam_sequences: Array
     beam_scores: Array
+
+
+def check_length_penalty(value: Any, where: str) -> float:
+    """Return the GNMT ``alpha`` as a Python float, the hashable static argument ``jit``
+    needs; ``ValueError`` unless it is a finite real number >= 0 (with ``inf`` every
+    hypothesis longer than one token would score -0.0, leaving only the tie order)."""
+    alpha = None
+    if not isinstance(value, (bool, np.bool_, str)) and np.ndim(value) == 0:
+        try:
+            alpha = float(value)
+        except (TypeError, ValueError):  # None, a tracer (ConcretizationTypeError)
+            alpha = None
+    if alpha is None or not (math.isfinite(alpha) and alpha >= 0.0):
+        raise ValueError(f"{where}: length_penalty must be a finite number >= 0, got {value!r}")
+    return alpha
 
 
 def gnmt_length_penalty(length: Array, alpha: float) -> Array:
@@ -235,7 +251,7 @@ def beam_search(
       max_len: L, the most tokens per hypothesis (EOS included).
       bos_id: the first token fed: an int or ``[B]`` ints (see ``greedy_decode``).
       eos_id, pad_id: special token ids.
-      length_penalty: alpha >= 0 (0 = rank by log P; GNMT uses 0.6 to 1).
+      length_penalty: alpha, a finite number >= 0 (0 = rank by log P; GNMT uses 0.6 to 1).
       state_batch_axis: the axis of the state's leaves that holds the rows.
 
     Returns:
@@ -245,8 +261,7 @@ def beam_search(
     """
     first = _first_tokens(batch_size, max_len, bos_id, eos_id, "beam_search")
     check_size(beam_size, "beam_size", "beam_search")
-    if not length_penalty >= 0.0:
-        raise ValueError(f"beam_search: length_penalty must be >= 0, got {length_penalty}")
+    length_penalty = check_length_penalty(length_penalty, "beam_search")
     b, k, steps = batch_size, beam_size, max_len
     # Before the repeat: taking rows 0..B-1 would hide an init_state with other than B rows.
     _check_rows(init_state, b, "beam_search: init_state", state_batch_axis)
@@ -326,6 +341,8 @@ def decode_sequences(
       ``[B, max_len]`` int32 token ids, pad after EOS.
     """
     beam_size = check_size(beam_size, "beam_size", "decode_sequences")  # 1.0 is not greedy
+    # Checked for greedy too, which ignores it: a bad value fails whatever the beam size.
+    length_penalty = check_length_penalty(length_penalty, "decode_sequences")
 
     def step(tokens: Array, state: State) -> tuple[Array, State]:
         logits, state = logits_fn(tokens, state)

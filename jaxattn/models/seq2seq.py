@@ -235,9 +235,18 @@ def init_decode_state(final_state: Carry, config: Seq2SeqConfig) -> Carry:
     Returns:
       ``(h, c)``, each ``[L, B, h]``.
     """
-    if not config.bidirectional_encoder:
-        return final_state
+    dirs = 2 if config.bidirectional_encoder else 1
     h_n, c_n = final_state
+    batch = jnp.shape(h_n)[1] if jnp.ndim(h_n) == 3 else "B"
+    want = (config.num_layers * dirs, batch, config.hidden_size)
+    for name, x in (("h_n", h_n), ("c_n", c_n)):
+        if jnp.shape(x) != want:
+            raise ValueError(
+                f"init_decode_state: {name} must be [L*dirs, B, h] = {want} as encode "
+                f"returns it, got shape {jnp.shape(x)}"
+            )
+    if dirs == 1:
+        return final_state
     lb = (config.num_layers, 2, *h_n.shape[1:])
     return h_n.reshape(lb).sum(1), c_n.reshape(lb).sum(1)  # [L, B, h]
 
@@ -392,6 +401,8 @@ def decode_step(
       ``(logits [B, V] float32, new state, attention [B, S] or None)``.
     """
     check_weights(weights, init_seq2seq, config, "decode_step")
+    token = ids_to_check(token)
+    check_token_ids(token, config.tgt_vocab_size, "decode_step: token ids")
     token = jnp.asarray(token)
     h, c = state
     want = (config.num_layers, token.shape[0] if token.ndim == 1 else -1, config.hidden_size)
@@ -464,6 +475,8 @@ def translate(
     Args:
       src: ``[B, S]`` ids; src_lengths: ``[B]``.
       beam_size: int, 1 = greedy; k > 1 = beam search with the GNMT length penalty.
+      length_penalty: the penalty's alpha, a finite number >= 0 (checked for greedy too,
+        which does not use it).
       max_len: int, most target tokens (EOS included); an LSTM has no position limit.
 
     Returns:
@@ -472,6 +485,8 @@ def translate(
     """
     check_weights(weights, init_seq2seq, config, "translate")
     src, src_lengths = _as_source(src, src_lengths, config, "translate")
+    check_size(src.shape[0], "src's batch size B", "translate")
     beam_size = check_size(beam_size, "beam_size", "translate")
     max_len = check_size(max_len, "max_len", "translate")
+    length_penalty = search.check_length_penalty(length_penalty, "translate")
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

@@ -572,6 +572,8 @@ def translate(
     Args:
       src: ``[B, S]`` ids; src_lengths: ``[B]``.
       beam_size: int, 1 = greedy; k > 1 = beam search with the GNMT length penalty.
+      length_penalty: the penalty's alpha, a finite number >= 0 (checked for greedy too,
+        which does not use it).
       max_len: int, most target tokens (EOS included), ``<= config.max_len`` (the position
         table's length); None (the default) means ``min(50, config.max_len)``: 50 as before
         (and as ``seq2seq.translate``), capped for a shorter position table.
@@ -582,6 +584,7 @@ def translate(
     """
     check_weights(weights, init_transformer, config, "translate")
     src = _as_tokens(src, config.src_vocab_size, config, "translate: src")
+    check_size(src.shape[0], "src's batch size B", "translate")
     src_lengths = jnp.asarray(src_lengths)
     # Checked here: inside _translate's jit encode() would see only a tracer.
     check_lengths(src_lengths, src.shape[0], src.shape[1], "translate: src_lengths")
@@ -593,4 +596,5 @@ def translate(
         raise ValueError(
             f"translate: need 0 < max_len <= config.max_len={config.max_len}, got {max_len}"
         )
+    length_penalty = search.check_length_penalty(length_penalty, "translate")
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

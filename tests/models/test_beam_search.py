@@ -346,8 +346,11 @@ def test_bad_inputs_raise(np_rng):
     kw = dict(max_len=2, bos_id=BOS, eos_id=1)
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(step, init_state(2), 2, beam_size=0, **kw)
-    with pytest.raises(ValueError, match="length_penalty"):
-        beam_search(step, init_state(2), 2, beam_size=2, length_penalty=-1.0, **kw)
+    for alpha in (-1.0, float("inf"), float("nan"), jnp.array([0.6])):
+        with pytest.raises(ValueError, match="beam_search: length_penalty must be a finite"):
+            beam_search(step, init_state(2), 2, beam_size=2, length_penalty=alpha, **kw)
+    with pytest.raises(ValueError, match="decode_sequences: length_penalty must be a finite"):
+        decode_sequences(step, init_state(2), 2, beam_size=1, length_penalty=-1.0, **kw)
     with pytest.raises(ValueError, match="max_len"):
         greedy_decode(step, init_state(2), 2, max_len=0, bos_id=BOS, eos_id=1)
     with pytest.raises(ValueError, match="rows"):

@@ -4,6 +4,7 @@ dropout, bad inputs, and overfitting a tiny corpus that includes "let's go" -> "
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -375,10 +376,32 @@ def test_bad_inputs_raise(np_rng):
     memory, final = encode_jit(w, src, lengths, config)
     with pytest.raises(ValueError, match="state"):
         decode_step(w, final, tgt_in[:2, 0], memory, lengths > 0, config)
+    state = init_decode_state(final, config)
+    with pytest.raises(ValueError, match=r"decode_step: token ids must lie in \[0, 13\)"):
+        decode_step(w, state, tgt_in[:, 0].at[1].set(13), memory, lengths > 0, config)
     with pytest.raises(ValueError, match=r"translate: beam_size must be an int >= 1, got 2.0"):
         translate(w, config, src, lengths, beam_size=2.0, max_len=4)
     with pytest.raises(ValueError, match=r"translate: max_len must be an int >= 1, got True"):
         translate(w, config, src, lengths, max_len=True)
+    # alpha is checked for greedy too (which ignores it), and inf is refused like NaN.
+    with pytest.raises(ValueError, match=r"translate: src's batch size B must be an int >= 1"):
+        translate(w, config, src[:0], lengths[:0], max_len=4)  # not greedy_decode's message
+    for beam, alpha in [(1, -1.0), (2, math.inf), (2, math.nan), (1, "0.6"), (2, None)]:
+        with pytest.raises(ValueError, match=r"translate: length_penalty must be a finite nu"):
+            translate(w, config, src, lengths, beam_size=beam, max_len=4, length_penalty=alpha)
+    # A NumPy or JAX scalar becomes the float jit's static argument needs (it must hash).
+    got = translate(w, config, src, lengths, beam_size=2, max_len=4, length_penalty=jnp.float32(1))
+    want = translate(w, config, src, lengths, beam_size=2, max_len=4, length_penalty=1.0)
+    np.testing.assert_array_equal(got, want)
+    # A bidirectional encoder's state of [L*2, B, h] (here L=2), not another shape.
+    h_n = jnp.zeros((3, 1, config.hidden_size))
+    with pytest.raises(
+        ValueError, match=r"init_decode_state: h_n must be \[L\*dirs, B, h\] = \(4, 1, 7\)"
+    ):
+        init_decode_state((h_n, h_n), VARIANTS[0])
+    h_n = jnp.zeros((4, 1, config.hidden_size))
+    with pytest.raises(ValueError, match=r"c_n must be .* = \(4, 1, 7\) .* got shape \(4, 2, 7\)"):
+        init_decode_state((h_n, jnp.zeros((4, 2, 7))), VARIANTS[0])
 
 
 def test_int64_ids_are_checked_before_the_int32_conversion(np_rng):

@@ -425,6 +425,11 @@ def test_bad_inputs_raise(np_rng):
         translate(w, config, src, lengths, beam_size=2.0)
     with pytest.raises(ValueError, match=r"translate: max_len must be an int >= 1, got 4.0"):
         translate(w, config, src, lengths, max_len=4.0)
+    with pytest.raises(ValueError, match=r"translate: src's batch size B must be an int >= 1"):
+        translate(w, config, src[:0], lengths[:0], max_len=4)  # not greedy_decode's message
+    for beam, alpha in [(1, -1.0), (2, float("inf"))]:  # greedy checks it too
+        with pytest.raises(ValueError, match=r"translate: length_penalty must be a finite nu"):
+            translate(w, config, src, lengths, beam_size=beam, max_len=4, length_penalty=alpha)
     with pytest.raises(ValueError, match=r"init_cache: batch_size must be an int >= 1, got 3.0"):
         init_cache(config, 3.0, 4)
     # translate jits its encoder: it checks the lengths first (not clipped to [0, S]).
