@@ -80,16 +80,21 @@ def check_writable(directory: str | os.PathLike) -> None:
         raise NotWritableError(f"cannot write to {directory}: {reason}") from e
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    """``Type: message`` of the innermost cause of ``e``, cut to its first line (orbax's
-    errors run to pages).
+# orbax's wrapper of a failed array read: it says only which slice, then prints the
+# store's repr; the error it was raised from (TensorStore's) says what failed.
+_READ_WRAPPER = "Encountered error while reading array index"
 
-    orbax raises a reading error from TensorStore's, whose message holds the reason (its
-    own says only which slice failed, then prints the store's repr). TensorStore's errors
-    nest their causes (``opening: reading: <the reason>``) and then append the whole spec:
-    the spec goes, and a long message keeps its end, the reason.
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of ``e`` cut to its first line (orbax's errors run to pages).
+
+    orbax's array-read wrapper gives way to its cause. TensorStore's errors nest their
+    causes (``opening: reading: <the reason>``) and then append the whole spec: the spec
+    goes, and a long message keeps its end, the reason.
     """
-    while e.__cause__ is not None:
+    seen = set()
+    while str(e).startswith(_READ_WRAPPER) and e.__cause__ is not None and id(e) not in seen:
+        seen.add(id(e))
         e = e.__cause__
     lines = str(e).strip().splitlines()
     text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
@@ -356,21 +361,29 @@ class Checkpointer:
         )
 
     def _unopenable(self, error: Exception) -> CheckpointError:
-        """The error for a folder orbax cannot open, naming the step whose file is damaged."""
-        damaged = []
-        for metrics_file in sorted(self.directory.glob("*/metrics/metrics")):
-            try:
-                json.loads(metrics_file.read_text())
-            except (OSError, ValueError):
-                damaged.append(metrics_file)
+        """The error for a folder orbax cannot open, naming the steps whose saved metrics
+        (which orbax reads on opening) do not parse, each with its own reason."""
+        damaged: list[tuple[epath.Path, Exception]] = []
+        try:
+            steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            for step in steps:  # Not orbax's *.orbax-checkpoint-tmp-* folders: never read.
+                metrics_file = self.step_dir(step) / "metrics" / "metrics"
+                if metrics_file.exists():
+                    try:
+                        json.loads(metrics_file.read_text())
+                    except Exception as e:  # object stores raise their own types
+                        damaged.append((metrics_file, e))
+        except Exception:  # the scan only refines the message
+            damaged = []
         if not damaged:
             return CheckpointError(
                 f"cannot open the checkpoints in {self.directory}: {_first_line(error)}"
             )
-        step_dirs = ", ".join(str(f.parent.parent) for f in damaged)
+        files = "; ".join(f"{path} ({_first_line(e)})" for path, e in damaged)
+        step_dirs = ", ".join(str(path.parent.parent) for path, _ in damaged)
         return CheckpointError(
-            f"cannot open the checkpoints in {self.directory}: {damaged[0]} is corrupt "
-            f"({_first_line(error)}); move {step_dirs} out of the folder to use the other steps"
+            f"cannot open the checkpoints in {self.directory}: corrupt metrics file {files}; "
+            f"move {step_dirs} out of the folder to use the other steps"
         )
 
     def wait(self) -> None:

@@ -273,20 +273,27 @@ def test_corrupt_latest_step_points_at_the_step_that_would_be_used(tmp_path, toy
 def test_a_damaged_metrics_file_names_its_step_and_changes_nothing(tmp_path, toy, read_only):
     # orbax reads every step's metrics when it opens the folder, before any restore.
     with Checkpointer(tmp_path, async_save=False) as ckpt:
-        ckpt.save(1, toy.state(), metrics={"val_loss": 2.0})
-        ckpt.save(2, toy.state(), metrics={"val_loss": 1.0})
-    metrics_file = tmp_path / "1" / "metrics" / "metrics"
-    metrics_file.write_text(metrics_file.read_text()[:5])
+        for step, loss in [(2, 2.0), (3, 1.0), (10, 3.0)]:
+            ckpt.save(step, toy.state(), metrics={"val_loss": loss})
+    cut = {2: 5, 10: 14}  # steps in numeric order, each file with its own reason
+    for step, length in cut.items():
+        metrics_file = tmp_path / str(step) / "metrics" / "metrics"
+        metrics_file.write_text(metrics_file.read_text()[:length])
     before = snapshot(tmp_path)
     with pytest.raises(CheckpointError) as info:
         Checkpointer(tmp_path, read_only=read_only)
     message = str(info.value)
-    assert f"{metrics_file} is corrupt (JSONDecodeError: " in message
-    assert message.endswith(f"move {tmp_path / '1'} out of the folder to use the other steps")
+    reasons = [f"{tmp_path / str(s) / 'metrics' / 'metrics'} (JSONDecodeError: " for s in cut]
+    assert f"corrupt metrics file {reasons[0]}" in message and f"; {reasons[1]}" in message
+    assert "(char 1)" in message.split("; ")[0] and "(char 1)" not in message.split("; ")[1]
+    assert message.endswith(
+        f"move {tmp_path / '2'}, {tmp_path / '10'} out of the folder to use the other steps"
+    )
     assert snapshot(tmp_path) == before
-    (tmp_path / "1").rename(tmp_path.parent / f"{tmp_path.name}_moved")  # the hint works
+    for step in cut:  # the hint works
+        (tmp_path / str(step)).rename(tmp_path.parent / f"{tmp_path.name}_moved_{step}")
     with Checkpointer(tmp_path, read_only=read_only) as ckpt:
-        assert ckpt.all_steps() == [2] and ckpt.best_step() == 2
+        assert ckpt.all_steps() == [3] and ckpt.best_step() == 3
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -306,3 +313,22 @@ def test_a_truncated_array_names_the_reason_not_orbaxs_wrapper(tmp_path):
     assert "Encountered error while reading array index" in str(info.value.__cause__)
     assert re.search(r"corrupt or incomplete: ValueError: .*not valid for value of size 100$",
                      str(info.value))  # fmt: skip
+
+
+def test_first_line_leaves_only_orbaxs_read_wrapper_for_its_cause():
+    from jaxattn.training.checkpoint import _first_line
+
+    def chained(outer, inner):
+        outer.__cause__ = inner
+        return outer
+
+    reason = ValueError(
+        "OUT_OF_RANGE: Requested byte range [0, 9) is not valid for value of size 5"
+    )
+    wrapper = Exception("Encountered error while reading array index: (0,). See full <repr>")
+    assert _first_line(chained(wrapper, reason)) == f"ValueError: {reason}"
+    # orbax's clear wrappers of vague errors stay as they are.
+    clear = chained(ValueError("Topology mismatch detected: provide a target tree"), KeyError(4))
+    assert _first_line(clear) == "ValueError: Topology mismatch detected: provide a target tree"
+    looped = Exception("Encountered error while reading array index: (1,)")
+    assert _first_line(chained(looped, looped)).startswith("Exception: Encountered")  # ends
