@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import sys
-import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -63,18 +62,46 @@ REPORTED_ERRORS = (
 )  # fmt: skip
 
 
+# What orbax's reads still pending after a failed checkpoint read report as the process
+# exits: their own wrapper of the read error, and the closed event loop they call back into.
+_LEFTOVER_MESSAGES = ("Encountered error while reading array index", "Event loop is closed")
+
+
+def _is_leftover(error: BaseException | None) -> bool:
+    """True if ``error`` or an error in its chain is one of orbax's leftovers."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(message in str(error) for message in _LEFTOVER_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def exit_with_error(error: BaseException) -> NoReturn:
     """Print ``error: <error>`` to stderr and exit with status 1.
 
     When one array of a checkpoint cannot be read, orbax's reads of the others are still
     pending; the interpreter's exit then reports each of them again, in up to thousands of
-    lines of tracebacks after the one line that says what is wrong. They are muted here
-    (and only here, where the process is about to end).
+    lines of tracebacks after the one line that says what is wrong. Those reports are
+    dropped; any other error at exit (an atexit callback's, such as a failed
+    ``jax.distributed`` shutdown) is still reported. (TensorStore's callbacks into orbax's
+    closed event loop can still print a few "Event loop is closed" tracebacks: they are
+    printed outside Python's hooks.)
     """
     print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.unraisablehook = lambda unraisable: None  # "Exception ignored in: <coroutine ...>"
-    threading.excepthook = lambda args: None
-    logging.getLogger("asyncio").disabled = True  # "Task exception was never retrieved"
+    report_unraisable = sys.unraisablehook  # "Exception ignored in: <coroutine ...>"
+
+    def drop_leftovers(unraisable) -> None:
+        if not _is_leftover(unraisable.exc_value):
+            report_unraisable(unraisable)
+
+    sys.unraisablehook = drop_leftovers
+    # "Task/Future exception was never retrieved": the loop orbax's reads ran on logs each
+    # read that failed after the first had ended the restore (nothing awaits them now).
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in record.getMessage()
+    )
     sys.exit(1)
 
 
