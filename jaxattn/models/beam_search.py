@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.models._config import check_size
+from jaxattn.ops._checks import as_size
 from jaxattn.ops.layers import check_token_ids
 
 Array = jax.Array
@@ -60,18 +61,32 @@ class BeamSearchResult(NamedTuple):
     beam_scores: Array
 
 
-def check_length_penalty(value: Any, where: str) -> float:
+def check_length_penalty(value: Any, where: str, max_len: int | None = None) -> Any:
     """Return the GNMT ``alpha`` as a Python float, the hashable static argument ``jit``
     needs; ``ValueError`` unless it is a finite real number >= 0 (with ``inf`` every
-    hypothesis longer than one token would score -0.0, leaving only the tie order)."""
+    hypothesis longer than one token would score -0.0, leaving only the tie order).
+
+    With ``max_len`` the penalty of the longest hypothesis must also fit in float32, or it
+    becomes inf and ranks as ``inf`` would. A traced value (under an outer ``jit``) cannot
+    be inspected and is returned as it is.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return value
     alpha = None
     if not isinstance(value, (bool, np.bool_, str)) and np.ndim(value) == 0:
         try:
             alpha = float(value)
-        except (TypeError, ValueError):  # None, a tracer (ConcretizationTypeError)
+        except (TypeError, ValueError, OverflowError):  # None, an int beyond float's range
             alpha = None
     if alpha is None or not (math.isfinite(alpha) and alpha >= 0.0):
         raise ValueError(f"{where}: length_penalty must be a finite number >= 0, got {value!r}")
+    # log of float32's largest value is 88.7; stay clear of it so scores keep their order.
+    longest = None if max_len is None else as_size(max_len, minimum=1)  # else refused later
+    if longest is not None and alpha * math.log((5 + longest) / 6) > 80.0:
+        raise ValueError(
+            f"{where}: length_penalty={alpha} is too large for max_len={max_len}: the "
+            f"penalty ((5 + {max_len}) / 6) ** {alpha} would exceed float32's range"
+        )
     return alpha
 
 
@@ -261,7 +276,7 @@ def beam_search(
     """
     first = _first_tokens(batch_size, max_len, bos_id, eos_id, "beam_search")
     check_size(beam_size, "beam_size", "beam_search")
-    length_penalty = check_length_penalty(length_penalty, "beam_search")
+    length_penalty = check_length_penalty(length_penalty, "beam_search", max_len)
     b, k, steps = batch_size, beam_size, max_len
     # Before the repeat: taking rows 0..B-1 would hide an init_state with other than B rows.
     _check_rows(init_state, b, "beam_search: init_state", state_batch_axis)
@@ -342,7 +357,7 @@ def decode_sequences(
     """
     beam_size = check_size(beam_size, "beam_size", "decode_sequences")  # 1.0 is not greedy
     # Checked for greedy too, which ignores it: a bad value fails whatever the beam size.
-    length_penalty = check_length_penalty(length_penalty, "decode_sequences")
+    length_penalty = check_length_penalty(length_penalty, "decode_sequences", max_len)
 
     def step(tokens: Array, state: State) -> tuple[Array, State]:
         logits, state = logits_fn(tokens, state)

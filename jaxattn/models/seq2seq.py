@@ -237,14 +237,18 @@ def init_decode_state(final_state: Carry, config: Seq2SeqConfig) -> Carry:
     """
     dirs = 2 if config.bidirectional_encoder else 1
     h_n, c_n = final_state
-    batch = jnp.shape(h_n)[1] if jnp.ndim(h_n) == 3 else "B"
-    want = (config.num_layers * dirs, batch, config.hidden_size)
+    layers, hidden = config.num_layers * dirs, config.hidden_size
     for name, x in (("h_n", h_n), ("c_n", c_n)):
-        if jnp.shape(x) != want:
+        shape = jnp.shape(x)  # [L*dirs, h] too: one example of a vmap over B
+        if len(shape) not in (2, 3) or (shape[0], shape[-1]) != (layers, hidden):
             raise ValueError(
-                f"init_decode_state: {name} must be [L*dirs, B, h] = {want} as encode "
-                f"returns it, got shape {jnp.shape(x)}"
+                f"init_decode_state: {name} must be [L*dirs, B, h] with L*dirs = {layers} "
+                f"and h = {hidden}, as encode returns it; got shape {shape}"
             )
+    if jnp.shape(c_n) != jnp.shape(h_n):
+        raise ValueError(
+            f"init_decode_state: h_n {jnp.shape(h_n)} and c_n {jnp.shape(c_n)} differ in shape"
+        )
     if dirs == 1:
         return final_state
     lb = (config.num_layers, 2, *h_n.shape[1:])
@@ -488,5 +492,5 @@ def translate(
     check_size(src.shape[0], "src's batch size B", "translate")
     beam_size = check_size(beam_size, "beam_size", "translate")
     max_len = check_size(max_len, "max_len", "translate")
-    length_penalty = search.check_length_penalty(length_penalty, "translate")
+    length_penalty = search.check_length_penalty(length_penalty, "translate", max_len)
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

@@ -596,5 +596,5 @@ def translate(
         raise ValueError(
             f"translate: need 0 < max_len <= config.max_len={config.max_len}, got {max_len}"
         )
-    length_penalty = search.check_length_penalty(length_penalty, "translate")
+    length_penalty = search.check_length_penalty(length_penalty, "translate", max_len)
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

@@ -351,6 +351,23 @@ def test_bad_inputs_raise(np_rng):
             beam_search(step, init_state(2), 2, beam_size=2, length_penalty=alpha, **kw)
     with pytest.raises(ValueError, match="decode_sequences: length_penalty must be a finite"):
         decode_sequences(step, init_state(2), 2, beam_size=1, length_penalty=-1.0, **kw)
+    with pytest.raises(ValueError, match="beam_search: length_penalty must be a finite"):
+        beam_search(step, init_state(2), 2, beam_size=2, length_penalty=10**400, **kw)
+    # A large alpha would overflow the float32 penalty of the longest hypothesis to inf.
+    beam_search(step, init_state(2), 2, beam_size=2, length_penalty=100.0, **kw)  # L = 2: fits
+    with pytest.raises(ValueError, match=r"length_penalty=100.0 is too large for max_len=50"):
+        beam_search(
+            step, init_state(2), 2, beam_size=2, length_penalty=100.0, **{**kw, "max_len": 50}
+        )
+    # Traced (under an outer jit) it cannot be checked, and greedy ignores it.
+    greedy = jax.jit(
+        lambda alpha: decode_sequences(
+            step, init_state(2), 2, beam_size=1, length_penalty=alpha, **kw
+        )
+    )
+    np.testing.assert_array_equal(
+        greedy(0.6), decode_sequences(step, init_state(2), 2, beam_size=1, **kw)
+    )
     with pytest.raises(ValueError, match="max_len"):
         greedy_decode(step, init_state(2), 2, max_len=0, bos_id=BOS, eos_id=1)
     with pytest.raises(ValueError, match="rows"):

@@ -396,12 +396,18 @@ def test_bad_inputs_raise(np_rng):
     # A bidirectional encoder's state of [L*2, B, h] (here L=2), not another shape.
     h_n = jnp.zeros((3, 1, config.hidden_size))
     with pytest.raises(
-        ValueError, match=r"init_decode_state: h_n must be \[L\*dirs, B, h\] = \(4, 1, 7\)"
+        ValueError, match=r"init_decode_state: h_n must be \[L\*dirs, B, h\] with L\*dirs = 4 "
     ):
         init_decode_state((h_n, h_n), VARIANTS[0])
     h_n = jnp.zeros((4, 1, config.hidden_size))
-    with pytest.raises(ValueError, match=r"c_n must be .* = \(4, 1, 7\) .* got shape \(4, 2, 7\)"):
+    with pytest.raises(ValueError, match=r"h_n \(4, 1, 7\) and c_n \(4, 2, 7\) differ"):
         init_decode_state((h_n, jnp.zeros((4, 2, 7))), VARIANTS[0])
+    # One example's [L*dirs, h], as a vmap over B sees it, is summed like the whole batch.
+    h_n = jnp.arange(4 * 3 * 7.0).reshape(4, 3, 7)
+    batched = init_decode_state((h_n, -h_n), VARIANTS[0])
+    per_row = jax.vmap(lambda s: init_decode_state(s, VARIANTS[0]), in_axes=1, out_axes=1)
+    for got, want in zip(per_row((h_n, -h_n)), batched):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_int64_ids_are_checked_before_the_int32_conversion(np_rng):
