@@ -334,11 +334,14 @@ class Trainer:
                 # A finished run: nothing to train, evaluate or write (not even a TB file).
                 self.say(f"Step {self.step} >= num_steps={self.loop.num_steps}: nothing to do.")
                 return FitResult(self.state, self.step, False, self.last_eval)
-            # A resumed run logs from the checkpoint's step + 1: TensorBoard hides what a
-            # killed run logged from there on (metrics.jsonl keeps both; see MetricsWriter).
+            # A resumed run logs from the checkpoint's step + 1, a fresh one from its step
+            # (0): TensorBoard hides what a killed run logged from there on, also a run
+            # killed before its first checkpoint (metrics.jsonl keeps both; see MetricsWriter).
             resumed = self.saved_step is not None
             writer = MetricsWriter(
-                self.workdir, active=self.primary, purge_step=self.step + 1 if resumed else None
+                self.workdir,
+                active=self.primary,
+                purge_step=self.step + 1 if resumed else self.step,
             )
             with writer as self.writer, _StopOnSignal() as stop:
                 if self.evaluating and self.step == 0 and self.saved_step is None:

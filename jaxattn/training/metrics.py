@@ -62,9 +62,9 @@ class MetricsWriter:
     ``active=False`` writes nothing (the processes other than 0 of a multi-host run, which
     all compute the same replicated metrics).
 
-    ``purge_step``: a resumed run passes the first step it will log (the checkpoint's step
-    + 1); TensorBoard then hides the events that an earlier, killed run wrote from that
-    step on, instead of drawing both. Events reach the disk within a second: with
+    ``purge_step``: a run passes the first step it will log (a resumed run the checkpoint's
+    step + 1, a fresh run 0); TensorBoard then hides the events that an earlier, killed run
+    wrote from that step on, instead of drawing both. Events reach the disk within a second: with
     tensorboardX's default of two minutes, a killed run lost events from before its last
     checkpoint, which the resumed run does not write again.
     """

@@ -226,6 +226,20 @@ def test_resumed_run_purges_the_killed_runs_tensorboard_steps(tmp_path, toy):
     assert scalar_steps(second, "train_loss") == [7, 8, 9, 10, 11, 12]
 
 
+def test_a_rerun_after_a_crash_before_any_checkpoint_purges_all_tensorboard_steps(tmp_path, toy):
+    from test_metrics import scalar_steps, tensorboard_events  # tests/training/test_metrics.py
+
+    crashing = grain.MapDataset.range(sys.maxsize).random_map(_CrashAt(toy.Regression(), 4), seed=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(toy, tmp_path, num_steps=8, checkpoint_every=6, log_every=1, dataset=crashing)
+    assert not list((tmp_path / "checkpoints").iterdir())  # it starts again from step 0
+    _fit(toy, tmp_path, num_steps=8, checkpoint_every=6, log_every=1)
+    (_, first), (_, second) = tensorboard_events(tmp_path / "tb")
+    assert scalar_steps(first, "train_loss") == [1, 2, 3, 4]
+    assert [e.step for e in second if e.HasField("session_log")] == [0]  # drops all of first
+    assert scalar_steps(second, "train_loss") == list(range(1, 9))
+
+
 def test_finished_run_is_not_overwritten(tmp_path, toy):
     _fit(toy, tmp_path, num_steps=4)
     before = snapshot(tmp_path / "checkpoints")
