@@ -255,28 +255,35 @@ def _cudnn_fill(dtype) -> float:
     return -(2.0**15) if dtype == jnp.float16 else -(2.0**41)
 
 
+# Where cuDNN's bias is clipped (see _cudnn_bias).
+_CUDNN_BIAS_LIMIT = 2.0**14
+
+
 def _cudnn_bias(visible: Array, bias: Array | None, t: int, s: int, dtype) -> Array:
     """A mask and a bias as the one ``[B|1, N|1, T, S]`` bias in ``dtype`` that cuDNN takes.
 
-    The bias, clipped to half the fill's magnitude, where ``visible``; the fill elsewhere.
+    The bias, clipped to ±2^14, where ``visible``; the fill elsewhere.
     ``visible`` must already hide the bias's -inf entries. Folding here rather than in jax
     keeps every hidden key below every visible one: jax adds its fill to the bias in
     ``dtype``, where it vanishes next to a bias of float32's ``finfo.min`` (Hugging Face's
     mask value), which a plain cast also rounds to -inf.
 
-    The clip at ±2^40 (bfloat16) keeps the other kernels' float32 results: a bias below
-    -2^40 hides its key next to any key with an ordinary bias, and a row whose keys all
-    carry one is averaged, as float32 averages a row of ``finfo.min`` (logits under 2^16
-    vanish next to 2^40). Only a row mixing different biases beyond ±2^40 differs, and
-    +inf becomes 2^40 (the other kernels give NaN). float16 clips at ±2^14, so there a
-    row mixing different biases beyond ±2^14 (ALiBi past 16k positions, say) differs
-    too. NaN stays NaN. The gradient passes through the clip.
+    The clip at ±2^14 keeps every hidden key below every visible one (the fill is -2^41
+    in bfloat16, -2^15 in float16), and keeps cuDNN's backward exact: it recomputes the
+    probabilities from the row's float32 log-sum-exp, which near a bias of 2^40 (the clip
+    until 2026-12-04) has a spacing of 2^17, so a row whose keys all carried float32's
+    ``finfo.min`` got the right output but a bias gradient 12x off on the H200. A bias
+    below -2^14 still hides its key next to any key with an ordinary
+    bias; a row whose keys all carry one gives the other kernels' result for the clipped
+    bias (softmax of the logits), and a row mixing different biases beyond ±2^14 (ALiBi
+    past 16k positions, say) differs from them. +inf becomes 2^14 (the other kernels give
+    NaN); NaN stays NaN. The gradient passes through the clip.
     """
     fill = _cudnn_fill(dtype)
     folded = 0.0
     if bias is not None:
         bias = bias.astype(jnp.float32)
-        clipped = jnp.clip(bias, fill / 2, -fill / 2)  # +-inf -> +-2^40; NaN stays
+        clipped = jnp.clip(bias, -_CUDNN_BIAS_LIMIT, _CUDNN_BIAS_LIMIT)  # NaN stays
         identity = jnp.where(jnp.isfinite(bias), bias - jax.lax.stop_gradient(bias), 0.0)
         folded = jax.lax.stop_gradient(clipped) + identity  # identity: 0, gradient 1
     folded = jnp.where(visible, folded, fill)
@@ -524,9 +531,9 @@ def dot_product_attention(
       v: ``[B, S, K, Hv]`` values (same dtype as q and k).
       mask: boolean, broadcastable to ``[B, N, T, S]``; True = attend.
       bias: float, broadcastable to ``[B, N, T, S]``, added to the scaled logits. cuDNN
-        takes it in the inputs' dtype, clipped to ±2^40 (±2^14 in float16) so that a
-        float32 ``finfo.min`` mask value stays finite, and above the fill that cuDNN
-        gives masked keys (see ``_cudnn_bias``).
+        takes it in the inputs' dtype, clipped to ±2^14 so that a float32 ``finfo.min``
+        mask value stays finite and above the fill that cuDNN gives masked keys, and its
+        backward exact (see ``_cudnn_bias``).
       is_causal: also mask key ``s > t + S - T`` (queries are the last T key positions).
       scale: logit scale, default ``1/sqrt(H)``.
       implementation: None picks the fastest exact kernel for the backend and shape (see
