@@ -486,6 +486,11 @@ def run_lstm(repeats: int, shape=(64, 200, 256, 512)) -> dict:
             xs, probe, lengths, h, "lengths"
         ),
         "jaxattn scan": lambda: jaxattn_calls(xs, probe, lengths, h, "scan"),
+        **(
+            {"jaxattn cudnn": lambda: jaxattn_calls(xs, probe, lengths, h, "cudnn")}
+            if ON_GPU
+            else {}
+        ),
         "flax nn.RNN": lambda: flax_calls(xs, probe, h),
     }
     if torch:
