@@ -581,8 +581,9 @@ def test_backward_memory_is_linear_in_length():
     # Dropout keeps no mask: each tile's is rebuilt from its positions in the backward.
     dropout = {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}
     assert temp_bytes(partial(causal, implementation="blockwise", **dropout)) < dense / 16
-    # The accelerator layout keeps one [Z, 256, 256] tile per step: still far below dense.
-    assert temp_bytes(partial(flash_attention, is_causal=True, batch_heads=True)) < dense / 16
+    # The accelerator layout keeps Z = 2 [512, 512] tiles per step (about 9 MiB in all):
+    # still far below dense.
+    assert temp_bytes(partial(flash_attention, is_causal=True, batch_heads=True)) < dense / 8
 
 
 def test_batched_heads_do_not_copy_a_shared_bias_per_head():
