@@ -252,12 +252,13 @@ def _pick(implementation, directions, xs, carries, where) -> str:
             f"{where}: implementation must be one of {IMPLEMENTATIONS} or None, "
             f"got {implementation!r}"
         )
-    dtypes = {xs.dtype, *(a.dtype for w in directions for a in w)}
-    dtypes |= {jnp.result_type(a) for c in carries for a in c}
-    cudnn_ok = jax.default_backend() == "gpu" and dtypes == {jnp.dtype(jnp.float32)}
     if implementation is None:
         return "scan"  # faster than cuDNN's on an H200 at every shape timed
-    if implementation == "cudnn" and not cudnn_ok:
+    if implementation != "cudnn":
+        return implementation
+    dtypes = {xs.dtype, *(a.dtype for w in directions for a in w)}
+    dtypes |= {jnp.result_type(a) for c in carries for a in c}
+    if jax.default_backend() != "gpu" or dtypes != {jnp.dtype(jnp.float32)}:
         raise ValueError(
             f"{where}: implementation='cudnn' needs a GPU backend and float32 inputs, weights "
             f"and carry; got backend {jax.default_backend()!r}, dtypes {sorted(map(str, dtypes))}"
