@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from jaxattn.training import sharding
 from jaxattn.training.checkpoint import (
+    ORBAX_READ_ERROR,
     Checkpointer,
     CheckpointError,
     IncompatibleCheckpointError,
@@ -64,7 +65,7 @@ REPORTED_ERRORS = (
 
 # What orbax's reads still pending after a failed checkpoint read report as the process
 # exits: their own wrapper of the read error, and the closed event loop they call back into.
-_LEFTOVER_MESSAGES = ("Encountered error while reading array index", "Event loop is closed")
+_LEFTOVER_MESSAGES = (ORBAX_READ_ERROR, "Event loop is closed")
 
 
 def _is_leftover(error: BaseException | None) -> bool:

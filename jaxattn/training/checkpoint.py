@@ -80,9 +80,9 @@ def check_writable(directory: str | os.PathLike) -> None:
         raise NotWritableError(f"cannot write to {directory}: {reason}") from e
 
 
-# orbax's wrapper of a failed array read: it says only which slice, then prints the
-# store's repr; the error it was raised from (TensorStore's) says what failed.
-_READ_WRAPPER = "Encountered error while reading array index"
+# How orbax's wrapper of a failed array read begins: it says only which slice, then prints
+# the store's repr; the error it was raised from (TensorStore's) says what failed.
+ORBAX_READ_ERROR = "Encountered error while reading array index"
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
@@ -93,7 +93,7 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
     goes, and a long message keeps its end, the reason.
     """
     seen = set()
-    while str(e).startswith(_READ_WRAPPER) and e.__cause__ is not None and id(e) not in seen:
+    while str(e).startswith(ORBAX_READ_ERROR) and e.__cause__ is not None and id(e) not in seen:
         seen.add(id(e))
         e = e.__cause__
     lines = str(e).strip().splitlines()
