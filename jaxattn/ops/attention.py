@@ -273,11 +273,11 @@ def _cudnn_bias(visible: Array, bias: Array | None, t: int, s: int, dtype) -> Ar
     probabilities from the row's float32 log-sum-exp, which near a bias of 2^40 (the clip
     until 2026-12-04) has a spacing of 2^17, so a row whose keys all carried float32's
     ``finfo.min`` got the right output but a bias gradient 12x off on the H200. A bias
-    below -2^14 still hides its key next to any key with an ordinary
-    bias; a row whose keys all carry one gives the other kernels' result for the clipped
-    bias (softmax of the logits), and a row mixing different biases beyond ±2^14 (ALiBi
-    past 16k positions, say) differs from them. +inf becomes 2^14 (the other kernels give
-    NaN); NaN stays NaN. The gradient passes through the clip.
+    below -2^14 still hides its key next to any key with an ordinary bias; a row whose
+    keys all carry one gives the other kernels' result for the clipped bias (softmax of
+    the logits), and a row mixing different biases beyond ±2^14 (ALiBi past 16k
+    positions, say) differs from them. +inf becomes 2^14 (the other kernels give NaN);
+    NaN stays NaN. The gradient passes through the clip.
     """
     fill = _cudnn_fill(dtype)
     folded = 0.0

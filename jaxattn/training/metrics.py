@@ -63,10 +63,10 @@ class MetricsWriter:
     all compute the same replicated metrics).
 
     ``purge_step``: a run passes the first step it will log (a resumed run the checkpoint's
-    step + 1, a fresh run 0); TensorBoard then hides the events that an earlier, killed run
-    wrote from that step on, instead of drawing both. Events reach the disk within a second: with
-    tensorboardX's default of two minutes, a killed run lost events from before its last
-    checkpoint, which the resumed run does not write again.
+    step + 1, a fresh run 0); TensorBoard then hides the events that an earlier, killed
+    run wrote from that step on, instead of drawing both. Events reach the disk within a
+    second: with tensorboardX's default of two minutes, a killed run lost events from
+    before its last checkpoint, which the resumed run does not write again.
     """
 
     def __init__(
