@@ -79,19 +79,20 @@ def _is_leftover(error: BaseException | None) -> bool:
     return False
 
 
-def exit_with_error(error: BaseException) -> NoReturn:
-    """Print ``error: <error>`` to stderr and exit with status 1.
+def drop_orbax_leftovers() -> None:
+    """Keep orbax's leftover reports of a failed checkpoint read off stderr, for this process.
 
-    When one array of a checkpoint cannot be read, orbax's reads of the others are still
-    pending; the interpreter's exit then reports each of them again, in up to thousands of
-    lines of tracebacks after the one line that says what is wrong. Those reports are
-    dropped; any other error at exit (an atexit callback's, such as a failed
-    ``jax.distributed`` shutdown) is still reported. (TensorStore's callbacks into orbax's
-    closed event loop can still print a few "Event loop is closed" tracebacks: they are
-    printed outside Python's hooks.)
+    When one array of a checkpoint cannot be read, the restore fails while orbax's reads of
+    the others are still pending, and orbax closes the event loop they report back to. Each
+    then reports itself, as the error travels up and again as the interpreter exits: up to
+    thousands of lines of tracebacks around the one line that says what is wrong. Those
+    reports are dropped: unraisable errors whose chain holds orbax's read wrapper or "Event
+    loop is closed" (TensorStore's callbacks into the closed loop), and asyncio's "exception
+    was never retrieved". Any other error (an atexit callback's, such as a failed
+    ``jax.distributed`` shutdown) is still reported. The scripts call this before they open a
+    checkpoint: the reports start before the restore's error reaches them.
     """
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    report_unraisable = sys.unraisablehook  # "Exception ignored in: <coroutine ...>"
+    report_unraisable = sys.unraisablehook
 
     def drop_leftovers(unraisable) -> None:
         if not _is_leftover(unraisable.exc_value):
@@ -103,6 +104,13 @@ def exit_with_error(error: BaseException) -> NoReturn:
     logging.getLogger("asyncio").addFilter(
         lambda record: "exception was never retrieved" not in record.getMessage()
     )
+
+
+def exit_with_error(error: BaseException) -> NoReturn:
+    """Print ``error: <error>`` to stderr and exit with status 1."""
+    # One write, so that a traceback printed by another thread cannot land inside the line.
+    sys.stderr.write(f"error: {error}\n")
+    sys.stderr.flush()
     sys.exit(1)
 
 

@@ -33,6 +33,7 @@ from common import (  # train/common.py (this script's directory)
     checkpoint_config_overrides,
     define_config_file,
     describe_mesh,
+    drop_orbax_leftovers,
     enable_compilation_cache,
     exit_with_error,
     initialize_distributed,
@@ -268,6 +269,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO.
+    drop_orbax_leftovers()
     try:
         # A local folder or gs://bucket/... (TPU pods).
         workdir = epath.Path(workdir_from_flag(_WORKDIR.value))

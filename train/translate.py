@@ -49,6 +49,7 @@ from common import (  # train/common.py (this script's directory)
     checkpoint_config_overrides,
     define_config_file,
     describe_mesh,
+    drop_orbax_leftovers,
     enable_compilation_cache,
     exit_with_error,
     initialize_distributed,
@@ -490,6 +491,7 @@ def main(argv: list[str]) -> None:
             "outputs with local file I/O; give it a local or shared-filesystem folder (lm.py "
             "takes gs://)"
         )
+    drop_orbax_leftovers()
     try:
         workdir = Path(workdir_from_flag(_WORKDIR.value))
         enable_compilation_cache()

@@ -266,15 +266,17 @@ def test_initialize_distributed_joins_once_with_explicit_flags_and_distributed(
     assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 0}]
 
 
-def test_exit_with_error_drops_orbaxs_leftovers_and_reports_other_exit_errors(tmp_path):
-    """orbax's pending reads of a corrupt checkpoint report themselves again as the process
-    exits (a coroutine whose finaliser raises, a failed asyncio task): stand-ins for them are
-    dropped; an atexit callback's error (a failed distributed shutdown) still shows."""
+def test_orbaxs_leftovers_are_dropped_and_other_exit_errors_reported(tmp_path):
+    """orbax's pending reads of a corrupt checkpoint report themselves as the error travels
+    up and again as the process exits (a coroutine whose finaliser raises, a failed asyncio
+    task): stand-ins for them are dropped; an atexit callback's error (a failed distributed
+    shutdown) still shows."""
     script = tmp_path / "fail.py"
     script.write_text(
         "import asyncio, atexit, sys\n"
         f"sys.path.insert(0, {str(REPO / 'train')!r})\n"
         "import common\n"
+        "common.drop_orbax_leftovers()\n"
         "class Leftover:\n"
         "    def __del__(self):\n"
         "        raise RuntimeError('Event loop is closed')\n"
@@ -289,6 +291,8 @@ def test_exit_with_error_drops_orbaxs_leftovers_and_reports_other_exit_errors(tm
         "loop = asyncio.new_event_loop()\n"
         "task = loop.create_task(fails())\n"
         "loop.run_until_complete(asyncio.sleep(0))\n"  # the task fails; no one awaits it
+        "early = Leftover()\n"
+        "del early\n"  # reported as the restore's error travels up
         "leftover = Leftover()\n"
         "common.exit_with_error(ValueError('checkpoint 8 is corrupt'))\n"
     )
