@@ -32,7 +32,10 @@ def start_processes(workdir, num_steps, *, processes=2, devices_each=4, mesh=(2,
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
+        XLA_FLAGS=(  # the suite's flags (tests/conftest.py), and the devices
+            f"{os.environ.get('XLA_FLAGS', '')} "
+            f"--xla_force_host_platform_device_count={devices_each}"
+        ),
     )
     args = [
         *COMMON, f"--workdir={workdir}", f"--config.num_steps={num_steps}",

@@ -245,7 +245,10 @@ def test_two_processes_share_the_test_decoding(tmp_path):
 
     def launch(workdir, processes, *extra):
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 // processes}"
+        env["XLA_FLAGS"] = (  # the suite's flags (tests/conftest.py), and the devices
+            f"{os.environ.get('XLA_FLAGS', '')} "
+            f"--xla_force_host_platform_device_count={2 // processes}"
+        )
         args = [
             sys.executable, str(run_translate.script), f"--config={TINY}", "--noprogress",
             f"--workdir={workdir}", "--config.mesh.data=2", "--compilation_cache=",

@@ -24,7 +24,9 @@ WORKER = Path(__file__).with_name("mesh_worker.py")
 
 def run_on_8_devices(args: list[str], timeout: int) -> dict:
     """Run ``python *args`` with 8 simulated CPU devices; its last stdout line, as JSON."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # Keeps the suite's XLA flags (tests/conftest.py) and adds the 8 devices.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags)
     proc = subprocess.run(
         [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout
     )
