@@ -56,11 +56,16 @@ def cross_entropy(
     check_token_ids(targets, logits.shape[-1], "cross_entropy: targets")
     targets = jnp.asarray(targets)
     logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [...]
     if traced or label_smoothing > 0.0:
-        labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
-        losses = optax.softmax_cross_entropy(logits, labels)  # [...]
-    else:
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [...]
+        # -sum_v p(v) log q(v) = (1 - eps) * nll + eps * mean_v(-log q(v)). Not through
+        # optax.smooth_labels: its 0 * log q(v) is NaN where a logit is -inf (a vocab entry
+        # the model may never emit), which a traced eps of 0 must not turn into a NaN loss.
+        eps = jnp.asarray(label_smoothing, jnp.float32)
+        uniform = -jnp.mean(jax.nn.log_softmax(logits), axis=-1)  # [...]
+        # where, twice: eps * inf is NaN at eps = 0, and so would be its gradient in eps.
+        uniform = jnp.where(eps > 0.0, uniform, 0.0)
+        losses = (1.0 - eps) * losses + eps * uniform
     if mask is None:
         return jnp.mean(losses)
     counted = jnp.asarray(mask).astype(bool)

@@ -45,6 +45,20 @@ def test_traced_label_smoothing(np_rng):
         np.testing.assert_allclose(loss(jnp.float32(eps)), want, rtol=1e-5)
 
 
+def test_traced_zero_smoothing_with_a_minus_inf_logit_is_the_plain_loss(np_rng):
+    # A vocab entry the model never emits has logit -inf. With eps = 0 it carries no label
+    # mass, so a traced 0 must give the concrete 0's loss, not 0 * -inf = NaN.
+    logits = np_rng.normal(size=(B, T, V)).astype(np.float32)
+    logits[..., -1] = -np.inf
+    targets = jnp.asarray(np_rng.integers(0, V - 1, (B, T)), jnp.int32)
+    loss = jax.jit(lambda lg, e: cross_entropy(lg, targets, label_smoothing=e))
+    plain = cross_entropy(jnp.asarray(logits), targets)
+    np.testing.assert_allclose(loss(logits, jnp.float32(0.0)), plain, rtol=1e-6)
+    d_logits, d_eps = jax.grad(loss, argnums=(0, 1))(jnp.asarray(logits), jnp.float32(0.0))
+    assert np.isfinite(d_logits).all() and np.isfinite(d_eps)
+    assert loss(logits, jnp.float32(0.1)) == np.inf  # smoothed mass on a -inf logit: as torch
+
+
 def test_matches_torch(np_rng):
     torch = pytest.importorskip("torch")
     logits = np_rng.normal(size=(B, T, V)).astype(np.float32)
