@@ -19,8 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattn.ops._checks import check_size
+
 Array = jax.Array
 DType = jnp.dtype | type | str
+
+
+def check_floating(x: Array, name: str, where: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is floating: it sets the compute dtype, so integer
+    activations (token ids where embeddings belong) would run on weights truncated to ints."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(
+            f"{where}: {name} must be floating (it sets the compute dtype), got "
+            f"{jnp.result_type(x)}"
+        )
 
 
 def project(x: Array, w: Array, b: Array | None = None, *, contract_dims: int = 1) -> Array:
@@ -38,6 +50,7 @@ def project(x: Array, w: Array, b: Array | None = None, *, contract_dims: int = 
     Returns:
       ``[..., *out_shape]`` in ``x``'s dtype (the kernel is cast to it).
     """
+    check_floating(x, "x", "project")
     in_shape = w.shape[:contract_dims]
     out_shape = w.shape[contract_dims:]
     if tuple(x.shape[x.ndim - contract_dims :]) != tuple(in_shape):
@@ -99,6 +112,8 @@ def init_dense(
     dtype: DType = jnp.float32,
 ) -> DenseWeights:
     """Initialise a dense layer: ``w ~ N(0, std^2)``, ``std = 1/sqrt(in_dim)`` by default."""
+    in_dim = check_size(in_dim, "in_dim", "init_dense")
+    out_dim = check_size(out_dim, "out_dim", "init_dense")
     std = 1.0 / math.sqrt(in_dim) if std is None else std
     w = normal(rng, (in_dim, out_dim), std, dtype)
     b = jnp.zeros((out_dim,), dtype) if use_bias else None
@@ -128,6 +143,8 @@ def init_embedding(
     rng: Array, vocab_size: int, dim: int, *, std: float = 0.02, dtype: DType = jnp.float32
 ) -> EmbeddingWeights:
     """Initialise an embedding table with ``N(0, std^2)`` entries."""
+    vocab_size = check_size(vocab_size, "vocab_size", "init_embedding")
+    dim = check_size(dim, "dim", "init_embedding")
     return EmbeddingWeights(normal(rng, (vocab_size, dim), std, dtype))
 
 
@@ -204,6 +221,7 @@ def init_layer_norm(
     dim: int, *, use_bias: bool = True, dtype: DType = jnp.float32
 ) -> LayerNormWeights:
     """Initialise layer norm to the identity affine map (scale 1, bias 0)."""
+    dim = check_size(dim, "dim", "init_layer_norm")
     return LayerNormWeights(jnp.ones((dim,), dtype), jnp.zeros((dim,), dtype) if use_bias else None)
 
 
@@ -218,6 +236,7 @@ def layer_norm(weights: LayerNormWeights, x: Array, *, eps: float = 1e-5) -> Arr
       x: ``[..., D]``.
     """
     _check_norm_dim("layer_norm", weights.scale, x)
+    check_floating(x, "x", "layer_norm")
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -235,6 +254,7 @@ class RMSNormWeights(NamedTuple):
 
 def init_rms_norm(dim: int, *, dtype: DType = jnp.float32) -> RMSNormWeights:
     """Initialise RMS norm with scale 1."""
+    dim = check_size(dim, "dim", "init_rms_norm")
     return RMSNormWeights(jnp.ones((dim,), dtype))
 
 
@@ -247,6 +267,7 @@ def rms_norm(weights: RMSNormWeights, x: Array, *, eps: float = 1e-6) -> Array:
       x: ``[..., D]``.
     """
     _check_norm_dim("rms_norm", weights.scale, x)
+    check_floating(x, "x", "rms_norm")
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return (y * weights.scale.astype(jnp.float32)).astype(x.dtype)

@@ -41,7 +41,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.ops._checks import check_size
-from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, dropout, project, uniform
+from jaxattn.ops.layers import (
+    check_dropout_key,
+    check_dropout_rate,
+    check_floating,
+    dropout,
+    ids_to_check,
+    project,
+    uniform,
+)
 from jaxattn.ops.lstm_kernels import (
     _cudnn_layer,
     _hoist,
@@ -137,15 +145,6 @@ def _check_carry(carry: Carry, batch: int, hidden: int, where: str) -> None:
         )
 
 
-def _check_float(x: Array, name: str, where: str) -> None:
-    # The input sets the compute dtype: integers (token ids where embeddings belong) would
-    # otherwise fail deep inside the scan ("logistic does not accept dtype int32").
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(
-            f"{where}: {name} must be floating (it sets the compute dtype), got {x.dtype}"
-        )
-
-
 def lstm_cell(weights: LSTMWeights, carry: Carry, x: Array) -> Carry:
     """Run one LSTM step (the formula in the module docstring).
 
@@ -160,7 +159,7 @@ def lstm_cell(weights: LSTMWeights, carry: Carry, x: Array) -> Carry:
     in_size, hidden = _check_weights(weights, "lstm_cell")
     if x.ndim != 2 or x.shape[1] != in_size:
         raise ValueError(f"lstm_cell: x must be [B, I={in_size}], got {x.shape}")
-    _check_float(x, "x", "lstm_cell")
+    check_floating(x, "x", "lstm_cell")
     _check_carry(carry, x.shape[0], hidden, "lstm_cell")
     carry = (carry[0].astype(x.dtype), carry[1].astype(x.dtype))
     return _step(weights.w_hh.astype(x.dtype), carry, project(x, weights.w_ih, weights.b))
@@ -234,14 +233,15 @@ def _check_inputs(weights, xs, carry, lengths, where) -> tuple[Carry, Array | No
         raise ValueError(
             f"{where}: xs must be [B, T, I={in_size}] for w_ih {weights.w_ih.shape}, got {xs.shape}"
         )
-    _check_float(xs, "xs", where)
+    check_floating(xs, "xs", where)
     batch, steps, _ = xs.shape
     if carry is None:
         carry = (jnp.zeros((batch, hidden), xs.dtype), jnp.zeros((batch, hidden), xs.dtype))
     _check_carry(carry, batch, hidden, where)
     if lengths is not None:
-        lengths = jnp.asarray(lengths)
+        lengths = ids_to_check(lengths)  # checked before jnp.asarray, which wraps int64s
         check_lengths(lengths, batch, steps, where)
+        lengths = jnp.asarray(lengths)
     return carry, lengths
 
 

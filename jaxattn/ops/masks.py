@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry2x32_p
 
+from jaxattn.ops.layers import check_dropout_rate, ids_to_check
+
 Array = jax.Array
 DType = jnp.dtype | type | str
 
@@ -106,11 +108,14 @@ def padding_mask(lengths: Array, max_len: int) -> Array:
     Returns:
       ``[B, max_len]``, True for real tokens.
     """
-    lengths = jnp.asarray(lengths)
+    # Checked before jnp.asarray: with 64-bit types off it wraps an int64 2**32 + 3 to 3.
+    lengths = ids_to_check(lengths)
     if lengths.ndim != 1:
         raise ValueError(f"padding_mask: lengths must have shape [B], got {lengths.shape}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"padding_mask: lengths must be integers, got dtype {lengths.dtype}")
+    check_lengths(lengths, lengths.shape[0], max_len, "padding_mask")
+    lengths = jnp.asarray(lengths)
     # Compare in int32: positions in a narrow dtype (uint8 lengths, max_len 300) would wrap.
     positions = jnp.arange(max_len, dtype=jnp.int32)
     return positions[None, :] < lengths[:, None].astype(jnp.int32)  # [B, max_len]
@@ -148,19 +153,31 @@ def attention_mask(q_valid: Array | None, kv_valid: Array) -> Array:
     Returns:
       ``[B, 1, T, S]`` (``[B, 1, 1, S]`` when ``q_valid`` is None), True = attend.
     """
-    kv_valid = jnp.asarray(kv_valid, bool)
+    kv_valid = _as_bool_mask(kv_valid, "kv_valid")
     if kv_valid.ndim != 2:
         raise ValueError(f"attention_mask: kv_valid must have shape [B, S], got {kv_valid.shape}")
     mask = kv_valid[:, None, None, :]  # [B, 1, 1, S]
     if q_valid is None:
         return mask
-    q_valid = jnp.asarray(q_valid, bool)
+    q_valid = _as_bool_mask(q_valid, "q_valid")
     if q_valid.ndim != 2 or q_valid.shape[0] != kv_valid.shape[0]:
         raise ValueError(
             f"attention_mask: q_valid must have shape [B, T] with B={kv_valid.shape[0]}, "
             f"got {q_valid.shape} (kv_valid {kv_valid.shape})"
         )
     return jnp.logical_and(q_valid[:, None, :, None], mask)  # [B, 1, T, S]
+
+
+def _as_bool_mask(mask: Array, name: str, where: str = "attention_mask") -> Array:
+    """A boolean or 0/1 integer mask as bool; a float mask is refused: an additive mask
+    (0 = attend, -inf = hide) would be read the other way round."""
+    mask = jnp.asarray(mask)
+    if jnp.issubdtype(mask.dtype, jnp.floating):
+        raise ValueError(
+            f"{where}: {name} must be boolean (True = attend), got {mask.dtype}; an additive "
+            "float mask belongs in bias="
+        )
+    return mask.astype(bool)
 
 
 def combine_masks(*masks: Array | None) -> Array | None:
@@ -172,14 +189,7 @@ def combine_masks(*masks: Array | None) -> Array | None:
     Returns:
       The broadcast logical AND, or None if every mask is None.
     """
-    present = [jnp.asarray(m) for m in masks if m is not None]
-    for m in present:
-        if jnp.issubdtype(m.dtype, jnp.floating):
-            raise ValueError(
-                f"combine_masks: masks must be boolean (True = attend), got {m.dtype}; an "
-                "additive float mask belongs in bias="
-            )
-    present = [m.astype(bool) for m in present]
+    present = [_as_bool_mask(m, "masks", "combine_masks") for m in masks if m is not None]
     if not present:
         return None
     try:
@@ -268,6 +278,9 @@ def attention_dropout_keep(
     Returns:
       Boolean, True = keep, ``[R, C]`` (or ``[C, R]``).
     """
+    check_dropout_rate(rate, "attention_dropout_keep: rate")
+    if col_axis not in (0, -1):
+        raise ValueError(f"attention_dropout_keep: col_axis must be 0 or -1, got {col_axis!r}")
     if even_start is None:
         even_start = isinstance(first_col, int) and first_col % 2 == 0
     rows = jnp.asarray(rows).astype(jnp.uint32)
@@ -307,6 +320,7 @@ def dropout_scale(keep: Array, rate: float) -> Array:
     """The multiplier of the probabilities under a dropout mask: ``1 / (1 - rate)`` where
     ``keep``, else 0 (float32, ``keep``'s shape). One formula for every attention path, so
     that they agree to the bit."""
+    check_dropout_rate(rate, "dropout_scale: rate")
     return jnp.where(keep, jnp.float32(1.0 / (1.0 - float(rate))), jnp.float32(0.0))
 
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops.layers import check_token_ids, normal
+from jaxattn.ops.layers import check_floating, check_token_ids, ids_to_check, normal
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -101,9 +101,9 @@ def learned_positions(weights: LearnedPositionWeights, positions: Array) -> Arra
       ``[..., D]``.
     """
     max_len = weights.table.shape[0]
-    positions = jnp.asarray(positions)
+    positions = ids_to_check(positions)  # checked before jnp.asarray, which wraps int64s
     check_token_ids(positions, max_len, f"positions (the table was built for max_len={max_len})")
-    return jnp.take(weights.table, positions, axis=0)  # [..., D]
+    return jnp.take(weights.table, jnp.asarray(positions), axis=0)  # [..., D]
 
 
 def rope_frequencies(
@@ -154,6 +154,7 @@ def apply_rope(x: Array, positions: Array, *, base: float = 10000.0) -> Array:
     """
     if x.ndim != 4:
         raise ValueError(f"apply_rope: x must be [B, T, N, H], got shape {x.shape}")
+    check_floating(x, "x", "apply_rope")
     b, t, _, h = x.shape
     positions = jnp.asarray(positions)
     if positions.shape not in ((t,), (b, t)):

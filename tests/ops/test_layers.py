@@ -559,3 +559,46 @@ def test_project_refuses_a_bias_of_another_shape():
     with pytest.raises(ValueError, match=r"project: bias has shape \(2, 3\)"):
         project(x, w, jnp.ones((2, 3)))
     assert project(x, w, jnp.ones((3, 2))).shape == (2, 3, 2)
+
+
+def test_integer_activations_are_refused_by_name(rng):
+    # x sets the compute dtype: integer x (token ids where embeddings belong) ran on weights
+    # truncated to ints, and the norms returned their result truncated.
+    from jaxattn.ops import layers
+
+    ids = jnp.ones((2, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"project: x must be floating.*int32"):
+        layers.dense(layers.init_dense(rng, 4, 3), ids)
+    with pytest.raises(ValueError, match=r"project: x must be floating.*bool"):
+        layers.feed_forward(layers.init_feed_forward(rng, 4, 8), ids.astype(bool))
+    with pytest.raises(ValueError, match=r"layer_norm: x must be floating.*int32"):
+        layers.layer_norm(layers.init_layer_norm(4), ids)
+    with pytest.raises(ValueError, match=r"rms_norm: x must be floating.*int32"):
+        layers.rms_norm(layers.init_rms_norm(4), ids)
+
+
+@pytest.mark.parametrize(
+    ("init", "args", "match"),
+    [
+        ("init_dense", (0, 3), r"init_dense: in_dim must be an int >= 1, got 0"),
+        ("init_dense", (-2, 3), r"init_dense: in_dim must be an int >= 1, got -2"),
+        ("init_dense", (2.0, 3), r"init_dense: in_dim must be an int >= 1, got 2\.0"),
+        ("init_dense", (2, 0), r"init_dense: out_dim must be an int >= 1, got 0"),
+        ("init_embedding", (0, 3), r"init_embedding: vocab_size must be an int >= 1, got 0"),
+        ("init_embedding", (5, True), r"init_embedding: dim must be an int >= 1, got True"),
+        ("init_feed_forward", (4, 0), r"init_dense: out_dim must be an int >= 1, got 0"),
+    ],
+)
+def test_inits_refuse_sizes_that_are_not_positive_ints(rng, init, args, match):
+    from jaxattn.ops import layers
+
+    with pytest.raises(ValueError, match=match):
+        getattr(layers, init)(rng, *args)
+
+
+@pytest.mark.parametrize("init", ["init_layer_norm", "init_rms_norm"])
+def test_norm_inits_refuse_sizes_that_are_not_positive_ints(init):
+    from jaxattn.ops import layers
+
+    with pytest.raises(ValueError, match=rf"{init}: dim must be an int >= 1, got 0"):
+        getattr(layers, init)(0)

@@ -445,6 +445,9 @@ def test_bad_inputs_raise(rng):
         lstm_scan(w, xs, lengths=np.array([1, 8, 3]))
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=7\], got \[-1, 3\]"):
         lstm_scan(w, xs, lengths=np.array([1, -1, 3]))
+    # Checked before jnp.asarray, which (64-bit types off) would wrap 2**32 + 3 to 3.
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=7\], got \[1, 4294967299\]"):
+        lstm_scan(w, xs, lengths=np.array([1, 2**32 + 3, 3]))
     with pytest.raises(ValueError, match=r"x must be \[B, I=5\], got \(3, 6\)"):
         lstm_cell(w, (zeros, zeros), jnp.zeros((B, 6)))
     with pytest.raises(ValueError, match=r"carry must be.*\(2, 11\)"):

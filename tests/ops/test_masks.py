@@ -16,6 +16,7 @@ from jaxattn.ops.masks import (
     check_lengths,
     check_local_window,
     combine_masks,
+    dropout_scale,
     dropout_seed,
     local_window_mask,
     masked_softmax,
@@ -109,6 +110,14 @@ def test_padding_mask_bad_inputs():
         padding_mask(jnp.ones((2, 3), jnp.int32), 5)
     with pytest.raises(ValueError, match="integers"):
         padding_mask(jnp.ones((2,), jnp.float32), 5)
+    # Lengths past the padded length or negative were read as "all" and "none".
+    with pytest.raises(
+        ValueError, match=r"padding_mask: lengths must lie in \[0, T=5\], got \[-1, 7\]"
+    ):
+        padding_mask(np.array([7, -1]), 5)
+    # Checked before jnp.asarray, which (64-bit types off) would wrap 2**32 + 3 to 3.
+    with pytest.raises(ValueError, match="got \\[4294967299, 4294967299\\]"):
+        padding_mask(np.array([2**32 + 3]), 5)
 
 
 def test_attention_mask(np_rng):
@@ -130,6 +139,14 @@ def test_attention_mask_bad_inputs():
         attention_mask(None, np.ones((3, 7, 1), bool))
     with pytest.raises(ValueError, match=r"\(2, 5\)"):
         attention_mask(np.ones((2, 5), bool), np.ones((3, 7), bool))
+    # An additive float mask (0 = attend, -inf = hide) would be read the other way round.
+    additive = np.array([[0.0, 0.0, -np.inf]], np.float32)
+    with pytest.raises(ValueError, match=r"kv_valid must be boolean.*float32.*bias="):
+        attention_mask(None, additive)
+    with pytest.raises(ValueError, match=r"q_valid must be boolean.*float32"):
+        attention_mask(additive, np.ones((1, 3), bool))
+    # 0/1 integers are read as booleans, as combine_masks reads them.
+    np.testing.assert_array_equal(attention_mask(None, np.array([[1, 0]]))[0, 0, 0], [True, False])
 
 
 def test_combine_masks(np_rng):
@@ -274,6 +291,18 @@ def test_dropout_mask_is_the_threefry_hash_of_each_position():
     exact = attention_dropout_mask(seed, shape, 0.375)
     for scalar in (np.float32(0.375), jnp.float32(0.375)):
         np.testing.assert_array_equal(attention_dropout_mask(seed, shape, scalar), exact)
+
+
+def test_dropout_masks_refuse_bad_rates_and_axes():
+    # rate 1 dropped everything and divided by zero; 1.5 kept nothing with scale -2.
+    seed = dropout_seed(jax.random.key(5))
+    for rate in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"attention_dropout_keep: rate must be in \[0, 1\)"):
+            attention_dropout_mask(seed, (1, 1, 2, 3), rate)
+        with pytest.raises(ValueError, match=r"dropout_scale: rate must be in \[0, 1\)"):
+            dropout_scale(jnp.ones((2,), bool), rate)
+    with pytest.raises(ValueError, match="col_axis must be 0 or -1, got -2"):  # read as -1
+        attention_dropout_keep(seed, jnp.arange(3), 0, 3, 0.5, col_axis=-2)
 
 
 @pytest.mark.parametrize("col_axis", [-1, 0])

@@ -142,12 +142,14 @@ def test_learned_positions_jit_vmap(np_rng):
         (np.asarray([[0, 20]]), r"max_len=13.*got values in \[0, 20\]"),
         (np.asarray([3, -1]), r"max_len=13.*got values in \[-1, 3\]"),
         (np.asarray([1.0, 2.0], np.float32), "must be integers"),
+        # Not wrapped to 3 by jnp.asarray (64-bit types off) before the check.
+        (np.asarray([2**32 + 3]), r"max_len=13.*got values in \[4294967299, 4294967299\]"),
     ],
 )
 def test_learned_positions_bad_inputs(positions, match):
     weights = LearnedPositionWeights(jnp.zeros((13, 6), jnp.float32))
     with pytest.raises(ValueError, match=match) as error:
-        learned_positions(weights, jnp.asarray(positions))
+        learned_positions(weights, positions)  # as given: jnp.asarray would wrap the int64
     assert "token" not in str(error.value)  # positions, not token ids
 
 
@@ -280,6 +282,12 @@ def test_apply_rope_jit_vmap_grad(np_rng):
 def test_apply_rope_bad_inputs(x_shape, pos_shape, match):
     with pytest.raises(ValueError, match=match):
         apply_rope(jnp.zeros(x_shape), jnp.zeros(pos_shape, jnp.int32))
+
+
+def test_apply_rope_refuses_integer_activations():
+    # The result is cast back to x's dtype: integer x would come back rotated and truncated.
+    with pytest.raises(ValueError, match=r"apply_rope: x must be floating.*int32"):
+        apply_rope(jnp.ones((B, T, N, H), jnp.int32), jnp.arange(T))
 
 
 def test_rope_frequencies_bad_inputs():
