@@ -99,14 +99,28 @@ def make_optimizer(
 
     Args:
       learning_rate: a constant or an optax schedule (e.g. ``learning_rate_schedule``).
-      b1, b2, eps: Adam moment decay rates and denominator epsilon (PyTorch defaults eps).
-      weight_decay: decoupled decay coefficient for leaves with ``ndim >= 2``.
-      grad_clip: maximum global gradient norm; None or <= 0 disables clipping.
+      b1, b2, eps: Adam moment decay rates, in ``[0, 1)``, and denominator epsilon,
+        finite and ``>= 0`` (PyTorch's default eps).
+      weight_decay: decoupled decay coefficient (finite, ``>= 0``) for leaves with
+        ``ndim >= 2``.
+      grad_clip: maximum global gradient norm; None or <= 0 disables clipping (NaN is
+        refused).
       decay_mask: ``params -> pytree of bools`` (True = decay); default ``ndim >= 2``.
 
     Returns:
       An optax gradient transformation.
     """
+    # The ranges PyTorch's AdamW accepts (and finite). optax takes anything: eps=-1 climbs
+    # the gradient, b1=1 turns the weights to NaN a step later, weight_decay<0 grows them.
+    unit, finite = (lambda v: 0.0 <= v < 1.0), (lambda v: 0.0 <= v < math.inf)
+    _check_setting("b1", b1, unit, "in [0, 1)")
+    _check_setting("b2", b2, unit, "in [0, 1)")
+    _check_setting("eps", eps, finite, "finite and >= 0")
+    _check_setting("weight_decay", weight_decay, finite, "finite and >= 0")
+    if not callable(learning_rate):
+        _check_setting("learning_rate", learning_rate, finite, "finite and >= 0")
+    if grad_clip is not None:
+        _check_setting("grad_clip", grad_clip, lambda v: not math.isnan(v), "a number or None")
     parts = []
     if grad_clip is not None and grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
@@ -115,6 +129,15 @@ def make_optimizer(
     )
     parts.append(adamw)
     return _standard_promotion(optax.chain(*parts))
+
+
+def _check_setting(name: str, value: Any, ok: Callable[[float], bool], expected: str) -> None:
+    """``ValueError`` naming ``name`` unless ``ok(value)`` (NaN fails every range). Traced
+    values (``optax.inject_hyperparams`` inside ``jit``) pass unchecked."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if not ok(float(value)):
+        raise ValueError(f"make_optimizer: {name} must be {expected}, got {value!r}")
 
 
 def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -5,6 +5,7 @@ with PyTorch's update rule (and torch.optim.AdamW itself when torch is installed
 """
 
 import math
+import re
 import types
 
 import jax
@@ -257,3 +258,33 @@ def test_schedule_without_a_cosine_phase_is_finite(warmup):
     got = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(warmup + 3, dtype=jnp.int32)))
     want = [1e-3 * (t + 1) / (warmup + 1) for t in range(warmup)] + [1e-3, 1e-4, 1e-4]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(b1=1.0), "b1 must be in [0, 1), got 1.0"),  # NaN weights a step later
+        (dict(b2=-0.5), "b2 must be in [0, 1), got -0.5"),
+        (dict(b1=float("nan")), "b1 must be in [0, 1), got nan"),
+        (dict(eps=-1.0), "eps must be finite and >= 0, got -1.0"),  # climbs the gradient
+        (dict(weight_decay=-0.1), "weight_decay must be finite and >= 0, got -0.1"),
+        (dict(weight_decay=float("inf")), "weight_decay must be finite and >= 0, got inf"),
+        (dict(grad_clip=float("nan")), "grad_clip must be a number or None, got nan"),
+        (dict(learning_rate=-1e-3), "learning_rate must be finite and >= 0, got -0.001"),
+    ],
+)
+def test_bad_adamw_settings_are_refused_by_name(setting, message):
+    kwargs = dict(learning_rate=1e-3) | setting
+    with pytest.raises(ValueError, match=re.escape(f"make_optimizer: {message}")):
+        optim.make_optimizer(kwargs.pop("learning_rate"), **kwargs)
+
+
+def test_traced_hyperparameters_pass_unchecked():
+    # optax.inject_hyperparams calls the factory with the hyperparameters as arrays, traced
+    # inside a jitted update.
+    factory = optax.inject_hyperparams(optim.make_optimizer)
+    tx = factory(learning_rate=1e-3, b1=0.9, weight_decay=0.1)
+    params = {"w": jnp.ones((2, 2))}
+    state = tx.init(params)
+    updates, _ = jax.jit(tx.update)({"w": jnp.ones((2, 2))}, state, params)
+    assert np.isfinite(updates["w"]).all()
