@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattn.ops._checks import check_size
+
 Array = jax.Array
 Cache = Any  # any pytree the decode function understands
 DecodeFn = Callable[[Array, Cache], tuple[Array, Cache]]
@@ -53,6 +55,15 @@ def check_sampling(
     *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> None:
     """Raise ``ValueError`` for invalid sampling settings (Python values, checked eagerly)."""
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        # They choose the program (greedy or not, which filters): static under jit.
+        if isinstance(value, jax.core.Tracer):
+            raise ValueError(
+                f"{name} must be a Python number, static under jit (static_argnames), got a "
+                "traced value"
+            )
+        if isinstance(value, (bool, np.bool_)):  # True would read as 1.0
+            raise ValueError(f"{name} must be a number, got {value!r}")
     if not temperature >= 0.0:  # also rejects NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if 0.0 < temperature < _TINY:  # would flush to 0 in float32
@@ -67,6 +78,12 @@ def check_sampling(
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def _check_integer_ids(ids: Array, what: str) -> None:
+    # Cast to int32 below: float ids would be truncated (1.7 -> 1), bools read as 0/1.
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{what} must be integer token ids, got dtype {ids.dtype}")
 
 
 def check_max_new_tokens(max_new_tokens: int) -> int:
@@ -238,6 +255,7 @@ def generate(
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"generate: prompt must be [B, T0] with T0 >= 1, got {prompt.shape}")
+    _check_integer_ids(prompt, "generate: prompt")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     prompt = prompt.astype(jnp.int32)
     if max_new_tokens == 0:
@@ -329,6 +347,8 @@ def generate_cropped(
         raise ValueError("generate_cropped: ended= needs an eos_id")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     tokens = jnp.asarray(tokens)
+    context = check_size(context, "context", "generate_cropped")
+    _check_integer_ids(tokens, "generate_cropped: tokens")
     if tokens.ndim != 2 or not 1 <= context <= tokens.shape[1]:
         raise ValueError(
             f"generate_cropped: tokens must be [B, T0] with T0 >= context={context} >= 1, got "

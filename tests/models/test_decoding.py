@@ -227,11 +227,20 @@ def test_greedy_limits_equal_argmax():
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(temperature=1e-39), "smallest normal float32"),  # would flush to 0
+        (dict(temperature=True), "temperature must be a number, got True"),  # read as 1.0
+        (dict(top_p=True), "top_p must be a number, got True"),
     ],
 )
 def test_sample_logits_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         decoding.sample_logits(key(0), jnp.zeros((2, 5)), **kwargs)
+
+
+def test_traced_sampling_settings_are_named():
+    # Jitted without static_argnames: said by name, not a TracerBoolConversionError.
+    sample = jax.jit(decoding.sample_logits)
+    with pytest.raises(ValueError, match="temperature must be a Python number, static under"):
+        sample(key(0), jnp.zeros((2, 5)), temperature=0.5)
 
 
 def test_huge_temperature_samples_uniformly():
@@ -611,8 +620,24 @@ def test_generate_cropped_rejects_bad_requests():
         decoding.generate_cropped(fn, tokens, 3, context=4, keys=None)
     with pytest.raises(ValueError, match=r"keys of shape \(3,\), got \(2,\)"):
         decoding.generate_cropped(fn, tokens, 3, context=4, keys=jax.random.split(key(0), 2))
+    with pytest.raises(
+        ValueError, match=r"generate_cropped: context must be an int >= 1, got 2\.0"
+    ):
+        decoding.generate_cropped(fn, tokens, 3, context=2.0, keys=None, temperature=0.0)
     greedy = decoding.generate_cropped(fn, tokens, 3, context=4, keys=None, temperature=0.0)
     np.testing.assert_array_equal(greedy, jnp.zeros((2, 7), jnp.int32))  # argmax of zeros
+
+
+def test_decoding_refuses_prompts_that_are_not_integer_ids():
+    # Cast to int32 inside: 1.7 was read as token 1 and True as token 1, silently.
+    step = lambda tok, cache: (jnp.zeros((tok.shape[0], 5)), cache)
+    window = lambda window, offset: jnp.zeros((window.shape[0], 5))
+    for prompt in (jnp.array([[1.7, 2.9]]), jnp.array([[True, False]])):
+        dtype = prompt.dtype
+        with pytest.raises(ValueError, match=f"generate: prompt must be integer.*{dtype}"):
+            decoding.generate(step, None, prompt, 2, rng=key(0), temperature=0.0)
+        with pytest.raises(ValueError, match=f"generate_cropped: tokens must be integer.*{dtype}"):
+            decoding.generate_cropped(window, prompt, 2, context=2, keys=None, temperature=0.0)
 
 
 def test_sampled_generate():
