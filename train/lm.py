@@ -45,7 +45,7 @@ from common import (  # train/common.py (this script's directory)
 )
 from etils import epath
 
-from jaxattn.models._config import check_size
+from jaxattn.models._config import check_seed, check_size
 from jaxattn.models.decoding import check_sampling
 from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt, weight_decay_mask
 from jaxattn.models.partitioning import TRANSFORMER_RULES
@@ -147,8 +147,9 @@ def _abstract_state(model: GPTConfig, config: ml_collections.ConfigDict):
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     for name in ("batch_size", "grad_accum_steps"):  # (rows = their product, used first)
         check_size(config[name], f"config.{name}", "train/lm.py")
-    # (grain refuses a negative seed only at the first batch, after the workdir is made)
-    check_size(config.seed, "config.seed", "train/lm.py", minimum=0)
+    # (grain refuses a negative seed only at the first batch, jax.random.key one above
+    # 2**63 - 1 only after the workdir is made)
+    check_seed(config.seed, "config.seed", "train/lm.py")
     text = data.load_text(config.data_path)
     tokenizer = data.CharTokenizer.from_text(text)
     ids = tokenizer.encode(text)

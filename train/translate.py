@@ -62,7 +62,7 @@ from common import (  # train/common.py (this script's directory)
 from jax.experimental import multihost_utils
 
 from jaxattn.models import seq2seq, transformer
-from jaxattn.models._config import check_size
+from jaxattn.models._config import check_seed, check_size
 from jaxattn.models.partitioning import SEQ2SEQ_RULES, TRANSFORMER_RULES
 from jaxattn.training import sharding
 from jaxattn.training import translation_data as td
@@ -128,8 +128,8 @@ def check_data_settings(config: ml_collections.ConfigDict) -> None:
     """Refuse seeds NumPy cannot use and buckets that cannot hold the train/val pairs
     ``config.max_len`` keeps: the data pipeline would only fail after the workdir and its
     sentencepiece model were made, naming neither setting."""
-    for name in ("seed", "split_seed"):
-        check_size(config[name], f"config.{name}", "train/translate.py", minimum=0)
+    check_seed(config.seed, "config.seed", "train/translate.py")
+    check_size(config.split_seed, "config.split_seed", "train/translate.py", minimum=0)
     buckets = td.check_buckets(config.buckets, "train/translate.py", "config.buckets")
     if config.max_len > buckets[-1]:
         raise ValueError(

@@ -11,11 +11,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxattn.ops._checks import as_size, check_size
+from jaxattn.ops._checks import as_size, check_seed, check_size
 from jaxattn.ops.attention import DROPOUT_IMPLEMENTATIONS, IMPLEMENTATIONS
 from jaxattn.ops.layers import check_dropout_rate
 
-__all__ = ["check_size"]  # re-exported: the models import their checks from here
+__all__ = ["check_seed", "check_size"]  # re-exported: the models import their checks from here
 
 
 def check_positive_ints(owner: Any, names: tuple[str, ...]) -> None:

@@ -36,3 +36,18 @@ def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
     if size is None:
         raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
     return size
+
+
+# jax.random.key takes a seed up to int64's maximum; the scripts seed their validation
+# batches with seed + 1.
+MAX_SEED = 2**63 - 2
+
+
+def check_seed(value: int, name: str, where: str) -> int:
+    """Return ``value`` as an int; ``ValueError`` unless it is an integer in
+    ``[0, MAX_SEED]``. (Above it, ``jax.random.key`` raises ``OverflowError`` naming
+    nothing, after a script has made its workdir.)"""
+    seed = check_size(value, name, where, minimum=0)
+    if seed > MAX_SEED:
+        raise ValueError(f"{where}: {name} must be an int in [0, 2**63 - 2], got {value!r}")
+    return seed

@@ -345,6 +345,7 @@ def test_missing_config_file_is_an_error(tmp_path, overrides):
         ("--config.mesh.data=3", "the product must equal the device count"),
         ("--config.eval_every=-1", "LoopConfig.eval_every must be an integer >= 0, got -1"),
         ("--config.seed=-1", "config.seed must be an int >= 0, got -1"),
+        ("--config.seed=9223372036854775808", "config.seed must be an int in [0, 2**63 - 2]"),
         # The optimizer's and the data splits' settings too (they used to leave checkpoints/).
         ("--config.warmup_steps=30", "need 0 <= warmup_steps <= lr_decay_steps"),
         ("--config.train_fraction=0.999999", "validation split (the last 0% of the text) holds"),
