@@ -102,7 +102,7 @@ def padding_mask(lengths: Array, max_len: int) -> Array:
     ``mask[b, t] = t < lengths[b]``.
 
     Args:
-      lengths: ``[B]`` integer lengths.
+      lengths: ``[B]`` integer lengths in ``[0, max_len]`` (checked when concrete).
       max_len: the padded length.
 
     Returns:
