@@ -73,6 +73,13 @@ class WeightsModule(nnx.Module):
         The constructor's sizes are read off the weights' shapes (``_sizes``); the module is
         built abstractly (``nnx.eval_shape``, no random init) and then given ``weights``.
         """
+        # ``module.weights`` is the same tree with nnx.Param leaves: each would be wrapped in
+        # a second Param, and pure_weights() and safetensors names would carry ``.value``.
+        if any(map(_is_param, jax.tree.leaves(weights, is_leaf=_is_param))):
+            raise TypeError(
+                f"{cls.__name__}.from_weights: expected the pure weights tree (e.g. "
+                f"module.pure_weights()), got {type(weights).__name__} of nnx.Params"
+            )
         try:
             sizes = cls._sizes(weights)
         except (AttributeError, TypeError, IndexError, ValueError) as e:
@@ -355,8 +362,8 @@ class _ModelModule(_DropoutModule):
         converted one), which must fit ``config``: a model's sizes are not all in its
         weights' shapes, so the config comes along."""
         where = f"{cls.__name__}.from_weights"
-        # ``module.weights`` is the same NamedTuple with nnx.Param leaves: refuse it here, or
-        # the weight check reports every path as missing and ``.value`` as unexpected.
+        # ``module.weights`` (nnx.Param leaves) too: refused here, or the weight check would
+        # report every path as missing and ``.value`` as unexpected.
         wrapped = any(map(_is_param, jax.tree.leaves(weights, is_leaf=_is_param)))
         if isinstance(weights, nnx.Module) or not isinstance(weights, cls._weights_type) or wrapped:
             got = f"{type(weights).__name__} of nnx.Params" if wrapped else type(weights).__name__

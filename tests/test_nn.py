@@ -164,6 +164,9 @@ def test_from_weights_names_a_wrong_tree(rng):
         nn.LSTM.from_weights(mha.pure_weights())
     with pytest.raises(TypeError, match=r"GeneralAttention\.from_weights.*got AdditiveWeights"):
         nn.GeneralAttention.from_weights(attention_ops.init_additive(rng, 5, 11, 13))
+    # module.weights (nnx.Params), not module.pure_weights(): each Param was wrapped again.
+    with pytest.raises(TypeError, match=r"MultiHeadAttention\.from_weights.*of nnx\.Params"):
+        nn.MultiHeadAttention.from_weights(mha.weights)
 
 
 def test_a_bad_dropout_rate_fails_at_construction():

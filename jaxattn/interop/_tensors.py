@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 _FRAMEWORKS = ("pt", "np")
@@ -16,7 +17,11 @@ def to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor, without importing torch
         x = x.detach().cpu()
         if str(x.dtype) == "torch.bfloat16":
-            x = x.float()  # NumPy has no bfloat16; a float32 copy is exact
+            # NumPy has no bfloat16 of its own: the same bits as ml_dtypes' (JAX's) bfloat16,
+            # so the weights keep their dtype, as float16 ones do.
+            import torch
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
         return x.numpy().copy()
     return np.array(x)
 

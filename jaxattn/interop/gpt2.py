@@ -99,6 +99,8 @@ def _check_config(config: GPTConfig) -> None:
         bad.append("use_bias=False")
     if config.kv_heads != config.num_heads:
         bad.append(f"num_kv_heads={config.num_kv_heads}")
+    if config.attention_window is not None:  # the same weights, another function
+        bad.append(f"attention_window={config.attention_window} (GPT-2 sees its whole context)")
     if bad:
         raise ValueError("GPT-2 layout needs " + ", ".join(bad) + " changed")
 

@@ -124,9 +124,10 @@ def lstm_from_torch(module_or_state_dict: Any, *, prefix: str = "") -> Layers:
     num_layers, bidirectional, bias = _scan_keys(state, prefix)
     layers, in_size, hidden = [], None, None
     for layer in range(num_layers):
-        dirs = []
+        dirs, layer_in = [], in_size
         for suffix in ("", "_reverse") if bidirectional else ("",):
-            w, h = _direction(state, prefix, layer, suffix, in_size, bias)
+            w, h = _direction(state, prefix, layer, suffix, layer_in, bias)
+            layer_in = w.w_ih.shape[0]  # layer 0's reverse reads the forward's input size
             if hidden is not None and h != hidden:
                 raise ValueError(
                     f"{prefix}weight_hh_l{layer}{suffix}: hidden size {h} differs from "

@@ -303,6 +303,8 @@ def test_config_refuses_each_unsupported_option(options, message):
         ({"use_bias": False}, r"use_bias=False"),
         ({"num_kv_heads": 1}, r"num_kv_heads=1"),
         ({"positions": "rope"}, r"positions='rope'"),
+        # Same weights, another function: GPT-2 attends to its whole context.
+        ({"attention_window": 2}, r"attention_window=2"),
     ],
 )
 def test_import_refuses_a_config_without_gpt2s_layout(changes, message):

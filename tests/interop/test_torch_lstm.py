@@ -86,6 +86,26 @@ def test_errors_name_the_tensor():
         lstm_from_torch(proj)
 
 
+def test_a_reverse_direction_of_another_input_size_is_named():
+    # Layer 0's reverse direction must read the forward's input size, not its own.
+    state = dict(_torch_lstm(1, True).state_dict())
+    state["weight_ih_l0_reverse"] = torch.zeros(4 * H, D_IN + 2)
+    with pytest.raises(ValueError, match=r"weight_ih_l0_reverse.*\(28, 7\).*\(28, 5\)"):
+        lstm_from_torch(state)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_weights_keep_their_dtype_both_ways(dtype):
+    torch_dtype = getattr(torch, dtype)
+    state = {k: v.to(torch_dtype) for k, v in _torch_lstm(1, True).state_dict().items()}
+    layers = lstm_from_torch(state)
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(layers)} == {dtype}
+    back = lstm_to_torch_state_dict(layers)
+    for name, tensor in state.items():  # (the two biases come back as their sum and 0)
+        assert back[name].dtype == torch_dtype
+        assert name.startswith("bias") or torch.equal(back[name], tensor), name
+
+
 def test_an_inconsistent_weight_hh_or_another_rnn_is_named():
     """weight_hh [18, 5] is no LSTM's; a GRU ([3h, h]) or RNN ([h, h]) is said to be one."""
     state = dict(_torch_lstm(1, False).state_dict())
