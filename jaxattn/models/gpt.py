@@ -551,6 +551,8 @@ def init_cache(
             f"init_cache: max_len={max_len} must be in [1, block_size={config.block_size}]"
         )
     dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):  # the keys and values would be truncated
+        raise ValueError(f"init_cache: dtype must be floating, got {dtype}")
     shape = (config.num_layers, batch_size, max_len, config.kv_heads, config.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 

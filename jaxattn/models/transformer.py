@@ -79,7 +79,7 @@ from jaxattn.ops.layers import (
     unembed,
 )
 from jaxattn.ops.losses import cross_entropy
-from jaxattn.ops.masks import check_lengths, padding_mask
+from jaxattn.ops.masks import as_bool_mask, check_lengths, padding_mask
 from jaxattn.ops.positions import sinusoidal_positions
 
 Array = jax.Array
@@ -342,8 +342,9 @@ def encode(
     """
     check_weights(weights, init_transformer, config, "encode")
     src = _as_tokens(src, config.src_vocab_size, config, "encode: src")
-    src_lengths = jnp.asarray(src_lengths)
+    src_lengths = ids_to_check(src_lengths)  # checked before jnp.asarray, which wraps int64s
     check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
+    src_lengths = jnp.asarray(src_lengths)
     rate, rng = _dropout_setup(rng, deterministic, config, "encode")
     w = _cast(weights, config.compute_dtype)
     r_embed, r_layers = _keys(rng, 2)
@@ -416,7 +417,7 @@ def decode(
     r_embed, r_layers = _keys(rng, 2)
     positions = jnp.arange(tgt_in.shape[1])
     y = dropout(r_embed, _embed(w.tgt_embedding, tgt_in, positions, config), rate)
-    mask = jnp.asarray(src_mask, bool)[:, None, None, :]  # [B, 1, 1, S]
+    mask = as_bool_mask(src_mask, "src_mask", "decode")[:, None, None, :]  # [B, 1, 1, S]
     layer_keys = None if rng is None else jax.random.split(r_layers, config.num_decoder_layers)
 
     def body(y, layer):
@@ -481,6 +482,8 @@ def init_cache(
             f"init_cache: need max_len <= config.max_len={config.max_len}, got {max_len}"
         )
     dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):  # the keys and values would be truncated
+        raise ValueError(f"init_cache: dtype must be floating, got {dtype}")
     shape = (config.num_decoder_layers, batch_size, max_len, config.num_heads, config.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
@@ -518,7 +521,7 @@ def decode_step(
     w = _cast(weights, config.compute_dtype)
     positions = cache.index[None]  # [1]
     y = _embed(w.tgt_embedding, token[:, None], positions, config)  # [B, 1, D]
-    mask = jnp.asarray(src_mask, bool)[:, None, None, :]
+    mask = as_bool_mask(src_mask, "src_mask", "decode_step")[:, None, None, :]
 
     def body(y, layer):
         lw, k_cache, v_cache, k, v = layer
@@ -585,9 +588,10 @@ def translate(
     check_weights(weights, init_transformer, config, "translate")
     src = _as_tokens(src, config.src_vocab_size, config, "translate: src")
     check_size(src.shape[0], "src's batch size B", "translate")
-    src_lengths = jnp.asarray(src_lengths)
+    src_lengths = ids_to_check(src_lengths)  # checked before jnp.asarray, which wraps int64s
     # Checked here: inside _translate's jit encode() would see only a tracer.
     check_lengths(src_lengths, src.shape[0], src.shape[1], "translate: src_lengths")
+    src_lengths = jnp.asarray(src_lengths)
     beam_size = check_size(beam_size, "beam_size", "translate")
     max_len = check_size(
         min(50, config.max_len) if max_len is None else max_len, "max_len", "translate"

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,13 @@ from jaxattn.ops.flash import (
     flash_attention,
     fold_traced_scale,
 )
-from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, normal, project
+from jaxattn.ops.layers import (
+    check_dropout_key,
+    check_dropout_rate,
+    check_floating,
+    normal,
+    project,
+)
 from jaxattn.ops.masks import (
     attention_dropout_mask,
     causal_mask,
@@ -193,6 +199,9 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
             f"attend: scores [..., Tq, Tk] and values [..., Tk, dv] disagree: scores "
             f"{scores.shape}, values {values.shape}"
         )
+    # The probabilities are cast to the values' dtype: integers would truncate them to 0.
+    check_floating(scores, "scores", "attend")
+    check_floating(values, "values", "attend")
     weights = masked_softmax(scores, mask)  # [..., Tq, Tk]
     context = jnp.einsum("...qk,...kd->...qd", weights.astype(values.dtype), values)
     return context, weights
@@ -204,6 +213,24 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
 
 IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "pallas")
 DROPOUT_IMPLEMENTATIONS = ("xla", "blockwise")  # the kernels that take attention dropout
+
+
+def _check_scale(scale: Any, where: str) -> None:
+    """``scale``: None, or a real scalar (a number, a 0-d array, a tracer), finite when
+    concrete. (An ``[S]`` array broadcast per key on the einsum path and failed on the
+    blockwise one, so a call's fate hung on the sequence length.)"""
+    if scale is None:
+        return
+    if isinstance(scale, (str, bytes, bool)) or jnp.ndim(scale) != 0:
+        raise ValueError(
+            f"{where}: scale must be a real scalar (a number or a 0-d array), got "
+            f"{type(scale).__name__} of shape {jnp.shape(scale)}"
+        )
+    dtype = jnp.result_type(scale)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise ValueError(f"{where}: scale must be a real number, got dtype {dtype}")
+    if not isinstance(scale, jax.core.Tracer) and not math.isfinite(float(scale)):
+        raise ValueError(f"{where}: scale must be finite, got {float(scale)}")
 
 
 def _probs(q, k, mask, bias, is_causal, scale) -> Array:
@@ -563,6 +590,7 @@ def dot_product_attention(
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("dot_product_attention", q, k, v, mask, bias)
+    _check_scale(scale, "dot_product_attention")
     window = check_local_window(local_window_size, "dot_product_attention")
     if implementation is None:
         implementation = _select_implementation(
@@ -618,6 +646,7 @@ def attention_weights(
     """
     q, k = jnp.asarray(q), jnp.asarray(k)
     mask, bias = check_attention_inputs("attention_weights", q, k, k, mask, bias)
+    _check_scale(scale, "attention_weights")
     window = check_local_window(local_window_size, "attention_weights")
     mask = _mask_with_window(mask, window, q.shape[1], k.shape[1])
     return _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]

@@ -153,13 +153,13 @@ def attention_mask(q_valid: Array | None, kv_valid: Array) -> Array:
     Returns:
       ``[B, 1, T, S]`` (``[B, 1, 1, S]`` when ``q_valid`` is None), True = attend.
     """
-    kv_valid = _as_bool_mask(kv_valid, "kv_valid")
+    kv_valid = as_bool_mask(kv_valid, "kv_valid")
     if kv_valid.ndim != 2:
         raise ValueError(f"attention_mask: kv_valid must have shape [B, S], got {kv_valid.shape}")
     mask = kv_valid[:, None, None, :]  # [B, 1, 1, S]
     if q_valid is None:
         return mask
-    q_valid = _as_bool_mask(q_valid, "q_valid")
+    q_valid = as_bool_mask(q_valid, "q_valid")
     if q_valid.ndim != 2 or q_valid.shape[0] != kv_valid.shape[0]:
         raise ValueError(
             f"attention_mask: q_valid must have shape [B, T] with B={kv_valid.shape[0]}, "
@@ -168,14 +168,16 @@ def attention_mask(q_valid: Array | None, kv_valid: Array) -> Array:
     return jnp.logical_and(q_valid[:, None, :, None], mask)  # [B, 1, T, S]
 
 
-def _as_bool_mask(mask: Array, name: str, where: str = "attention_mask") -> Array:
-    """A boolean or 0/1 integer mask as bool; a float mask is refused: an additive mask
-    (0 = attend, -inf = hide) would be read the other way round."""
+def as_bool_mask(mask: Array, name: str, where: str = "attention_mask") -> Array:
+    """``mask`` (True = attend) as bool; 0/1 integers are read as booleans. A float mask is
+    refused, naming ``where: name``: an additive mask (0 = attend, -inf = hide) would be
+    read the other way round."""
     mask = jnp.asarray(mask)
     if jnp.issubdtype(mask.dtype, jnp.floating):
         raise ValueError(
-            f"{where}: {name} must be boolean (True = attend), got {mask.dtype}; an additive "
-            "float mask belongs in bias="
+            f"{where}: {name} must be boolean (True = attend), got {mask.dtype}: an additive "
+            "float mask (0 = attend, -inf = hide) would be read inverted (attention takes one "
+            "as bias=)"
         )
     return mask.astype(bool)
 
@@ -189,7 +191,7 @@ def combine_masks(*masks: Array | None) -> Array | None:
     Returns:
       The broadcast logical AND, or None if every mask is None.
     """
-    present = [_as_bool_mask(m, "masks", "combine_masks") for m in masks if m is not None]
+    present = [as_bool_mask(m, "masks", "combine_masks") for m in masks if m is not None]
     if not present:
         return None
     try:

@@ -749,6 +749,9 @@ def test_init_cache_refuses_sizes_that_are_not_ints():
         with pytest.raises(ValueError, match=r"init_cache: max_len must be an int >= 1"):
             init_cache(BASE, 1, bad)
     assert init_cache(BASE, np.int64(2), np.int64(4)).k.shape == (2, 2, 4, 3, 4)
+    for dtype in ("int32", "bool"):  # the cached keys and values would be truncated
+        with pytest.raises(ValueError, match=f"init_cache: dtype must be floating, got {dtype}"):
+            init_cache(BASE, 1, 4, dtype=dtype)
 
 
 def test_gpt_decode_may_fill_the_cache_to_its_last_slot():

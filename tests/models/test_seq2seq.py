@@ -373,6 +373,10 @@ def test_bad_inputs_raise(np_rng):
     for bad in (src.shape[1] + 1, -1):
         with pytest.raises(ValueError, match=r"translate: src_lengths: lengths must lie in"):
             translate(w, config, src, lengths.at[0].set(bad), max_len=4)
+    wrapping = np.asarray(lengths).astype(np.int64)  # not wrapped to 3 by jnp.asarray
+    wrapping[0] = 2**32 + 3
+    with pytest.raises(ValueError, match=r"encode: src_lengths: lengths must lie in.*4294967299"):
+        encode(w, src, wrapping, config)
     memory, final = encode_jit(w, src, lengths, config)
     with pytest.raises(ValueError, match="state"):
         decode_step(w, final, tgt_in[:2, 0], memory, lengths > 0, config)

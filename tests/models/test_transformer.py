@@ -27,6 +27,7 @@ from jaxattn.models.transformer import (
     transformer_loss,
     translate,
 )
+from jaxattn.ops.masks import padding_mask
 
 PAD, BOS, EOS = 0, 1, 2
 # Odd, distinct sizes: Vs=11, V=13, D=12 (N=3, H=4), F=24, Le=2, Ld=3, max_len=9.
@@ -436,6 +437,25 @@ def test_bad_inputs_raise(np_rng):
     for bad in (src.shape[1] + 1, -1):
         with pytest.raises(ValueError, match=r"translate: src_lengths: lengths must lie in"):
             translate(w, config, src, lengths.at[0].set(bad), max_len=4)
+    # Checked before jnp.asarray, which (64-bit types off) would wrap 2**32 + 3 to 3.
+    wrapping = np.asarray(lengths).astype(np.int64)
+    wrapping[0] = 2**32 + 3
+    for call in (
+        lambda: encode(w, src, wrapping, config),
+        lambda: translate(w, config, src, wrapping),
+    ):
+        with pytest.raises(ValueError, match=r"src_lengths: lengths must lie in.*4294967299"):
+            call()
+    # An additive float mask (0 = attend, -inf = hide) read as booleans hid every real key.
+    additive = jnp.where(padding_mask(lengths, src.shape[1]), 0.0, -jnp.inf)
+    memory = encode(w, src, lengths, config)
+    with pytest.raises(ValueError, match=r"decode: src_mask must be boolean.*float32"):
+        decode(w, memory, additive, tgt_in, config)
+    with pytest.raises(ValueError, match=r"decode_step: src_mask must be boolean.*float32"):
+        cross = cross_kv(w, memory, config)
+        decode_step(w, init_cache(config, 3, 2), tgt_in[:, 0], cross, additive, config)
+    with pytest.raises(ValueError, match=r"init_cache: dtype must be floating, got int32"):
+        init_cache(config, 3, 2, dtype="int32")  # the cached keys would be truncated
 
 
 def test_int64_ids_are_checked_before_the_int32_conversion(np_rng):

@@ -186,6 +186,9 @@ def test_seq2seq_bad_inputs():
         dot_scores(jnp.zeros((5,)), jnp.zeros((7, 5)))
     with pytest.raises(ValueError, match=r"\(3, 7\).*\(6, 2\)"):
         attend(jnp.zeros((3, 7)), jnp.zeros((6, 2)))
+    # Integer values: the probabilities, cast to their dtype, truncated to 0.
+    with pytest.raises(ValueError, match=r"attend: values must be floating.*int32"):
+        attend(jnp.zeros((3, 7)), jnp.arange(14).reshape(7, 2))
     aw = AdditiveWeights(jnp.zeros((5, 3)), jnp.zeros((11, 2)), jnp.zeros((3,)))
     with pytest.raises(ValueError, match=r"\(11, 2\)"):
         additive_scores(aw, jnp.zeros((3, 5)), jnp.zeros((7, 11)))
@@ -411,6 +414,26 @@ def test_attention_dropout(rng, np_rng):
         np.testing.assert_array_equal(got, exact)
     with pytest.raises(ValueError, match="rng"):
         dot_product_attention(q, k, v, dropout_rate=rate)
+
+
+@pytest.mark.parametrize(
+    ("scale", "match"),
+    [
+        (jnp.ones((7,)), r"scale must be a real scalar.*shape \(7,\)"),  # per key on one path
+        (float("nan"), "scale must be finite, got nan"),
+        (float("inf"), "scale must be finite, got inf"),
+        ("0.5", "scale must be a real scalar"),
+        (True, "scale must be a real scalar"),
+        (jnp.complex64(1.0), "scale must be a real number, got dtype complex64"),
+    ],
+)
+def test_a_scale_that_is_not_a_finite_real_scalar_is_refused(np_rng, scale, match):
+    q, k, v = qkv(np_rng, 2)
+    for implementation in ("xla", "blockwise"):
+        with pytest.raises(ValueError, match=f"dot_product_attention: {match}"):
+            dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    with pytest.raises(ValueError, match=f"attention_weights: {match}"):
+        attention_weights(q, k, scale=scale)
 
 
 def test_dot_product_attention_bad_inputs(np_rng):
