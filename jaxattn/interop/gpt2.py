@@ -88,7 +88,16 @@ def _load_state(source: Any) -> dict[str, Any]:
     else:
         state = dict(state_dict_of(source))
     # GPT2LMHeadModel prefixes "transformer."; GPT2Model and the hub's files do not.
-    return {k.removeprefix("transformer."): v for k, v in state.items()}
+    names = {}
+    for key, value in state.items():
+        name = key.removeprefix("transformer.")
+        if name in names:  # one of the two would silently win
+            raise ValueError(
+                f"gpt2_from_hf: the source holds {name!r} twice (with and without the "
+                "'transformer.' prefix)"
+            )
+        names[name] = value
+    return names
 
 
 def _check_config(config: GPTConfig) -> None:
@@ -127,7 +136,11 @@ def gpt2_from_hf(source: Any, config: GPTConfig) -> GPTWeights:
     """
     _check_config(config)
     state = _load_state(source)
-    extra = sorted({k.split(".")[1] for k in state if k.startswith("h.")}, key=int)
+    blocks = {k.split(".")[1] for k in state if k.startswith("h.")}
+    if not all(b.isdigit() for b in blocks):  # else int()'s message, naming no tensor
+        bad = next(k for k in state if k.startswith("h.") and not k.split(".")[1].isdigit())
+        raise ValueError(f"gpt2_from_hf: tensor {bad!r} does not name a block h.<int>")
+    extra = sorted(blocks, key=int)
     extra = [i for i in extra if int(i) >= config.num_layers]
     if extra:
         raise ValueError(

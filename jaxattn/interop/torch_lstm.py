@@ -23,11 +23,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.interop._tensors import check_framework, export, get, pure_weights_of, state_dict_of
-from jaxattn.ops.lstm import BidirectionalWeights, LSTMWeights
+from jaxattn.ops.lstm import BidirectionalWeights, LSTMWeights, lstm_stack
 
 Layers = tuple[LSTMWeights | BidirectionalWeights, ...]
 _KEY = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
@@ -140,6 +141,19 @@ def lstm_from_torch(module_or_state_dict: Any, *, prefix: str = "") -> Layers:
     return tuple(layers)
 
 
+def _check_stack(layers: Layers) -> None:
+    """Refuse what ``lstm_stack`` refuses (mixed directions, a layer whose input size is not
+    the last one's output, a missing bias): torch would reject the state dict later, with
+    missing or unexpected keys. Checked by tracing the stack abstractly (no compute)."""
+    first = layers[0].forward if isinstance(layers[0], BidirectionalWeights) else layers[0]
+    try:
+        size = np.shape(first.w_ih)[0]
+        xs = jax.ShapeDtypeStruct((1, 1, size), first.w_ih.dtype)
+        jax.eval_shape(lstm_stack, layers, xs)
+    except (ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"lstm_to_torch_state_dict: not an LSTM stack torch can load: {e}") from e
+
+
 def lstm_to_torch_state_dict(
     layers: Layers, *, prefix: str = "", framework: str = "pt", bias: bool = True
 ) -> dict[str, Any]:
@@ -172,6 +186,8 @@ def lstm_to_torch_state_dict(
         )
     if not layers:
         raise ValueError("lstm_to_torch_state_dict: got no layers")
+    if all(isinstance(w, (LSTMWeights, BidirectionalWeights)) for w in layers):
+        _check_stack(layers)  # (another type is named by the loop below)
     out: dict[str, Any] = {}
     for layer, weights in enumerate(layers):
         if isinstance(weights, BidirectionalWeights):

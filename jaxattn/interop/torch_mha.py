@@ -68,6 +68,10 @@ def mha_from_torch(
     out_name = f"{prefix}out_proj.weight"
     if out_name not in state:
         raise KeyError(f"missing tensor {out_name!r}")
+    if np.ndim(state[out_name]) != 2:  # (its first axis is read as the embed dim)
+        raise ValueError(
+            f"tensor {out_name!r} has shape {tuple(np.shape(state[out_name]))}, expected [E, E]"
+        )
     e = int(np.shape(state[out_name])[0])
     if e % num_heads:
         raise ValueError(f"{out_name}: embed dim {e} is not divisible by num_heads={num_heads}")

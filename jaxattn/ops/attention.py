@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxattn.ops._checks import check_size
 from jaxattn.ops.flash import (
@@ -76,6 +77,13 @@ def _check_qk(name: str, query: Array, keys: Array) -> None:
             f"{name}: query [..., Tq, dq] and keys [..., Tk, dk] need rank >= 2, got "
             f"{query.shape} and {keys.shape}"
         )
+    try:  # (else einsum's or add's message, naming neither argument)
+        np.broadcast_shapes(query.shape[:-2], keys.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"{name}: the leading axes of query {query.shape} and keys {keys.shape} do not "
+            "broadcast"
+        ) from None
 
 
 def dot_scores(query: Array, keys: Array, *, scale: float | None = None) -> Array:

@@ -344,8 +344,12 @@ def swiglu(weights: SwiGLUWeights, x: Array) -> Array:
 
 
 def check_dropout_rate(rate: float, name: str) -> None:
-    """Raise ValueError naming ``name`` unless ``0 <= rate < 1`` (NaN fails too)."""
-    if not 0.0 <= rate < 1.0:
+    """Raise ValueError naming ``name`` unless ``0 <= rate < 1`` (NaN and None fail too)."""
+    try:
+        valid = 0.0 <= rate < 1.0
+    except TypeError:  # None, a string: not a comparison error naming nothing
+        valid = False
+    if not valid:
         raise ValueError(f"{name} must be in [0, 1), got {rate}")
 
 

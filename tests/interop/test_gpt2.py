@@ -227,6 +227,12 @@ def test_errors_name_the_tensor():
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     with pytest.raises(KeyError, match=r"lm_head\.weight"):
         gpt2_from_hf(state, untied)
+    state = dict(model.state_dict(), **{"transformer.h.x.foo": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"'h\.x\.foo' does not name a block h\.<int>"):
+        gpt2_from_hf(state, config)  # was int()'s message
+    state = dict(model.state_dict(), **{"wte.weight": torch.zeros(31, 12)})
+    with pytest.raises(ValueError, match=r"holds 'wte\.weight' twice"):
+        gpt2_from_hf(state, config)  # one of the two silently won
 
 
 def test_config_and_weights_must_agree():

@@ -106,6 +106,18 @@ def test_half_precision_weights_keep_their_dtype_both_ways(dtype):
         assert name.startswith("bias") or torch.equal(back[name], tensor), name
 
 
+def test_export_refuses_a_stack_torch_cannot_load():
+    # Each exported before and was refused by torch's load_state_dict (missing or
+    # unexpected keys) or failed naming nothing.
+    bi, uni = lstm_from_torch(_torch_lstm(1, True))[0], lstm_from_torch(_torch_lstm(1, False))[0]
+    with pytest.raises(ValueError, match=r"lstm_to_torch_state_dict: .*mixed uni- and bidir"):
+        lstm_to_torch_state_dict((bi, uni))
+    with pytest.raises(ValueError, match=r"lstm_to_torch_state_dict: not an LSTM stack"):
+        lstm_to_torch_state_dict((uni, uni))  # layer 1 reads h = 7 inputs, not D_IN = 5
+    with pytest.raises(ValueError, match=r"lstm_to_torch_state_dict: not an LSTM stack"):
+        lstm_to_torch_state_dict((uni._replace(b=None),))
+
+
 def test_an_inconsistent_weight_hh_or_another_rnn_is_named():
     """weight_hh [18, 5] is no LSTM's; a GRU ([3h, h]) or RNN ([h, h]) is said to be one."""
     state = dict(_torch_lstm(1, False).state_dict())

@@ -98,6 +98,9 @@ def test_errors():
     weights = mha_from_torch(_mha())
     with pytest.raises(ValueError, match="all four biases"):
         mha_to_torch_state_dict(weights._replace(b_o=None))
+    state = dict(_mha().state_dict(), **{"out_proj.weight": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match=r"'out_proj\.weight' has shape \(\), expected \[E, E\]"):
+        mha_from_torch(state, num_heads=N)  # was an IndexError
 
 
 def test_a_lone_bias_or_conflicting_options_are_errors_not_silent():

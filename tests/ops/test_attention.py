@@ -189,6 +189,10 @@ def test_seq2seq_bad_inputs():
     # Integer values: the probabilities, cast to their dtype, truncated to 0.
     with pytest.raises(ValueError, match=r"attend: values must be floating.*int32"):
         attend(jnp.zeros((3, 7)), jnp.arange(14).reshape(7, 2))
+    additive = partial(additive_scores, init_additive(jax.random.key(0), 5, 5, 4))
+    for scores in (dot_scores, additive):
+        with pytest.raises(ValueError, match=r"leading axes of query \(2, 3, 5\) and keys"):
+            scores(jnp.zeros((2, 3, 5)), jnp.zeros((4, 7, 5)))  # was einsum's / add's message
     aw = AdditiveWeights(jnp.zeros((5, 3)), jnp.zeros((11, 2)), jnp.zeros((3,)))
     with pytest.raises(ValueError, match=r"\(11, 2\)"):
         additive_scores(aw, jnp.zeros((3, 5)), jnp.zeros((7, 11)))

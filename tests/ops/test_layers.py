@@ -507,7 +507,7 @@ def test_dropout_bad_inputs(rng):
     x = jnp.ones((3, 5))
     with pytest.raises(ValueError, match="needs an rng"):
         dropout(None, x, 0.1)
-    for rate in (-0.1, 1.0, 1.5, float("nan")):
+    for rate in (-0.1, 1.0, 1.5, float("nan"), None, "0.1"):  # None: was a TypeError
         with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\)"):
             dropout(rng, x, rate)
 
