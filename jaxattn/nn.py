@@ -60,6 +60,31 @@ def _params(weights: Any) -> Any:
     return jax.tree.map(own, weights)
 
 
+def _check_fits(name: str, weights: Any, expected: Any, sizes: dict[str, Any]) -> None:
+    """Raise unless ``weights`` has the tree and shapes of the module its sizes describe.
+
+    The sizes come from a few leaves (``_sizes``); a tree that does not fit together (a
+    layer-1 ``w_ih`` of another input size, an MHA ``w_o`` of the wrong heads) would
+    otherwise fail only at the first call, blaming the input.
+    """
+    # By path and shape, not tree type: a list of LSTM layers is the tuple's equal.
+    got, want = (
+        [(jax.tree_util.keystr(path), tuple(jnp.shape(leaf))) for path, leaf in leaves]
+        for leaves in (jax.tree.flatten_with_path(t)[0] for t in (weights, expected))
+    )
+    if [path for path, _ in got] != [path for path, _ in want]:
+        raise ValueError(
+            f"{name}.from_weights: the weights hold {[path for path, _ in got]}, but the "
+            f"module that {sizes} describe holds {[path for path, _ in want]}"
+        )
+    for (path, shape), (_, expected_shape) in zip(got, want):
+        if shape != expected_shape:
+            raise ValueError(
+                f"{name}.from_weights: weight {path} has shape {shape}, but the sizes read "
+                f"off the others ({sizes}) give {expected_shape}"
+            )
+
+
 class WeightsModule(nnx.Module):
     """Base class: owns ``self.weights``, a weights NamedTuple whose arrays are ``nnx.Param``s."""
 
@@ -89,6 +114,7 @@ class WeightsModule(nnx.Module):
                 f"{cls.__name__} (e.g. module.pure_weights()), got {type(weights).__name__}: {e}"
             ) from e
         module = nnx.eval_shape(lambda: cls(**sizes, **options, rngs=nnx.Rngs(0)))
+        _check_fits(cls.__name__, weights, module.pure_weights(), sizes)
         module.weights = nnx.data(_params(weights))
         return module
 

@@ -169,6 +169,23 @@ def test_from_weights_names_a_wrong_tree(rng):
         nn.MultiHeadAttention.from_weights(mha.weights)
 
 
+def test_from_weights_refuses_a_tree_that_does_not_fit_together(rng):
+    # The sizes come from a few leaves; the rest failed only at the first call, blaming x.
+    layers = lstm_ops.init_lstm_stack(rng, 3, 4, num_layers=2)
+    bad = (layers[0], layers[1]._replace(w_ih=jnp.zeros((7, 16))))
+    with pytest.raises(
+        ValueError, match=r"LSTM\.from_weights: weight \[1\]\.w_ih has shape \(7, 16\)"
+    ):
+        nn.LSTM.from_weights(bad)
+    assert nn.LSTM.from_weights(list(layers)).pure_weights()[1].w_ih.shape == (4, 16)  # a list
+    mha = attention_ops.init_multi_head_attention(rng, 8, 2)
+    with pytest.raises(ValueError, match=r"weight \.w_o has shape \(3, 4, 8\).*give \(2, 4, 8\)"):
+        nn.MultiHeadAttention.from_weights(mha._replace(w_o=jnp.zeros((3, 4, 8))))
+    additive = attention_ops.init_additive(rng, 5, 6, 7)
+    with pytest.raises(ValueError, match=r"weight \.v has shape \(3,\)"):
+        nn.AdditiveAttention.from_weights(additive._replace(v=jnp.zeros((3,))))
+
+
 def test_a_bad_dropout_rate_fails_at_construction():
     message = r"MultiHeadAttention: dropout_rate must be in \[0, 1\), got 1.5"
     with pytest.raises(ValueError, match=message):
