@@ -60,6 +60,11 @@ def _params(weights: Any) -> Any:
     return jax.tree.map(own, weights)
 
 
+def _holds_params(weights: Any) -> bool:
+    """True for a tree with ``nnx.Param`` leaves (``module.weights``, not ``pure_weights()``)."""
+    return any(map(_is_param, jax.tree.leaves(weights, is_leaf=_is_param)))
+
+
 def _check_fits(name: str, weights: Any, expected: Any, sizes: dict[str, Any]) -> None:
     """Raise unless ``weights`` has the tree and shapes of the module its sizes describe.
 
@@ -100,7 +105,7 @@ class WeightsModule(nnx.Module):
         """
         # ``module.weights`` is the same tree with nnx.Param leaves: each would be wrapped in
         # a second Param, and pure_weights() and safetensors names would carry ``.value``.
-        if any(map(_is_param, jax.tree.leaves(weights, is_leaf=_is_param))):
+        if _holds_params(weights):
             raise TypeError(
                 f"{cls.__name__}.from_weights: expected the pure weights tree (e.g. "
                 f"module.pure_weights()), got {type(weights).__name__} of nnx.Params"
@@ -390,7 +395,7 @@ class _ModelModule(_DropoutModule):
         where = f"{cls.__name__}.from_weights"
         # ``module.weights`` (nnx.Param leaves) too: refused here, or the weight check would
         # report every path as missing and ``.value`` as unexpected.
-        wrapped = any(map(_is_param, jax.tree.leaves(weights, is_leaf=_is_param)))
+        wrapped = _holds_params(weights)
         if isinstance(weights, nnx.Module) or not isinstance(weights, cls._weights_type) or wrapped:
             got = f"{type(weights).__name__} of nnx.Params" if wrapped else type(weights).__name__
             raise TypeError(

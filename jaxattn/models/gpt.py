@@ -841,10 +841,8 @@ def generate(
     start = None
     if prompt_lengths is not None:
         b, t0 = prompt.shape
-        # A list or tuple as NumPy, as the prompt (jnp.result_type takes no lists).
-        prompt_lengths = ids_to_check(prompt_lengths)
         # Every prompt needs a token: generation continues from a row's last one.
-        check_lengths(prompt_lengths, b, t0, "generate: prompt_lengths", least=1)
+        prompt_lengths = check_lengths(prompt_lengths, b, t0, "generate: prompt_lengths", least=1)
         # Known to be unpadded: the program without masks gives the same tokens.
         unpadded = not isinstance(prompt_lengths, jax.core.Tracer) and np.all(
             np.asarray(prompt_lengths) == t0

@@ -172,7 +172,7 @@ def _split(rng: Array | None, n: int, active: bool) -> tuple[Array | None, ...]:
 def _as_source(src, src_lengths, config: Seq2SeqConfig, where: str) -> tuple[Array, Array]:
     """Check ``src [B, S]`` (ids checked before ``jnp.asarray``, see ``ids_to_check``) and
     ``src_lengths [B]``, then return both as JAX arrays."""
-    src, src_lengths = ids_to_check(src), ids_to_check(src_lengths)  # jnp.asarray wraps int64s
+    src = ids_to_check(src)
     if src.ndim != 2 or jnp.shape(src_lengths) != src.shape[:1]:
         raise ValueError(
             f"{where}: expected src [B, S] and src_lengths [B], got {src.shape} and "
@@ -180,8 +180,8 @@ def _as_source(src, src_lengths, config: Seq2SeqConfig, where: str) -> tuple[Arr
         )
     check_token_ids(src, config.src_vocab_size, f"{where}: src ids")
     # translate() jits its encoder, where lstm_scan's check would see only a tracer.
-    check_lengths(src_lengths, src.shape[0], src.shape[1], f"{where}: src_lengths")
-    return jnp.asarray(src), jnp.asarray(src_lengths)
+    src_lengths = check_lengths(src_lengths, src.shape[0], src.shape[1], f"{where}: src_lengths")
+    return jnp.asarray(src), src_lengths
 
 
 def encode(

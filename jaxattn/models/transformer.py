@@ -342,9 +342,7 @@ def encode(
     """
     check_weights(weights, init_transformer, config, "encode")
     src = _as_tokens(src, config.src_vocab_size, config, "encode: src")
-    src_lengths = ids_to_check(src_lengths)  # checked before jnp.asarray, which wraps int64s
-    check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
-    src_lengths = jnp.asarray(src_lengths)
+    src_lengths = check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
     rate, rng = _dropout_setup(rng, deterministic, config, "encode")
     w = _cast(weights, config.compute_dtype)
     r_embed, r_layers = _keys(rng, 2)
@@ -588,10 +586,8 @@ def translate(
     check_weights(weights, init_transformer, config, "translate")
     src = _as_tokens(src, config.src_vocab_size, config, "translate: src")
     check_size(src.shape[0], "src's batch size B", "translate")
-    src_lengths = ids_to_check(src_lengths)  # checked before jnp.asarray, which wraps int64s
     # Checked here: inside _translate's jit encode() would see only a tracer.
-    check_lengths(src_lengths, src.shape[0], src.shape[1], "translate: src_lengths")
-    src_lengths = jnp.asarray(src_lengths)
+    src_lengths = check_lengths(src_lengths, src.shape[0], src.shape[1], "translate: src_lengths")
     beam_size = check_size(beam_size, "beam_size", "translate")
     max_len = check_size(
         min(50, config.max_len) if max_len is None else max_len, "max_len", "translate"

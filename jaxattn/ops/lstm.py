@@ -46,7 +46,6 @@ from jaxattn.ops.layers import (
     check_dropout_rate,
     check_floating,
     dropout,
-    ids_to_check,
     project,
     uniform,
 )
@@ -239,9 +238,7 @@ def _check_inputs(weights, xs, carry, lengths, where) -> tuple[Carry, Array | No
         carry = (jnp.zeros((batch, hidden), xs.dtype), jnp.zeros((batch, hidden), xs.dtype))
     _check_carry(carry, batch, hidden, where)
     if lengths is not None:
-        lengths = ids_to_check(lengths)  # checked before jnp.asarray, which wraps int64s
-        check_lengths(lengths, batch, steps, where)
-        lengths = jnp.asarray(lengths)
+        lengths = check_lengths(lengths, batch, steps, where)
     return carry, lengths
 
 

@@ -17,6 +17,8 @@ tiles in the backward pass, and every implementation drops the same entries for 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,31 +116,33 @@ def padding_mask(lengths: Array, max_len: int) -> Array:
         raise ValueError(f"padding_mask: lengths must have shape [B], got {lengths.shape}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"padding_mask: lengths must be integers, got dtype {lengths.dtype}")
-    check_lengths(lengths, lengths.shape[0], max_len, "padding_mask")
-    lengths = jnp.asarray(lengths)
+    lengths = check_lengths(lengths, lengths.shape[0], max_len, "padding_mask")
     # Compare in int32: positions in a narrow dtype (uint8 lengths, max_len 300) would wrap.
     positions = jnp.arange(max_len, dtype=jnp.int32)
     return positions[None, :] < lengths[:, None].astype(jnp.int32)  # [B, max_len]
 
 
-def check_lengths(lengths: Array, batch: int, steps: int, where: str, *, least: int = 0) -> None:
-    """Raise unless ``lengths`` are ``[B]`` integers in ``[least, steps]`` (checked when
-    concrete).
+def check_lengths(lengths: Any, batch: int, steps: int, where: str, *, least: int = 0) -> Array:
+    """Return ``lengths`` as a JAX array; raise unless they are ``[B]`` integers in
+    ``[least, steps]`` (checked when concrete).
 
-    Under ``jit`` the values are unknown and only the shape and dtype are checked; the data
-    pipelines validate lengths when they build batches.
+    Checked before ``jnp.asarray``, which (64-bit types off) would wrap an int64 2**32 + 3
+    to 3 (see ``ids_to_check``); lists and tuples are taken. Under ``jit`` the values are
+    unknown and only the shape and dtype are checked; the data pipelines validate lengths
+    when they build batches.
     """
+    lengths = ids_to_check(lengths)
     if jnp.shape(lengths) != (batch,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
         raise ValueError(
             f"{where}: lengths must be integers of shape [B] = ({batch},), got "
             f"{jnp.result_type(lengths)} {jnp.shape(lengths)}"
         )
-    if isinstance(lengths, jax.core.Tracer) or batch == 0:
-        return
-    host = np.asarray(lengths)  # numpy: jnp ops on a closed-over array would trace under jit
-    lo, hi = int(host.min()), int(host.max())
-    if lo < least or hi > steps:
-        raise ValueError(f"{where}: lengths must lie in [{least}, T={steps}], got [{lo}, {hi}]")
+    if not isinstance(lengths, jax.core.Tracer) and batch > 0:
+        host = np.asarray(lengths)  # numpy: jnp ops on a closed-over array would trace
+        lo, hi = int(host.min()), int(host.max())
+        if lo < least or hi > steps:
+            raise ValueError(f"{where}: lengths must lie in [{least}, T={steps}], got [{lo}, {hi}]")
+    return jnp.asarray(lengths)
 
 
 def attention_mask(q_valid: Array | None, kv_valid: Array) -> Array:
