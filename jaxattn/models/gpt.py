@@ -584,22 +584,6 @@ def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVC
     return weights._replace(blocks=blocks), KVCache(k, v, cache.index)
 
 
-def _check_start(start, batch: int, cache_len: int) -> Array:
-    """``start`` as ``[B]`` int32, checked to lie in ``[0, S)`` when concrete."""
-    start = ids_to_check(start)  # a list as NumPy (jnp.result_type takes no lists)
-    if jnp.shape(start) != (batch,) or not jnp.issubdtype(jnp.result_type(start), jnp.integer):
-        raise ValueError(
-            f"gpt_decode: start must be integers of shape [B] = ({batch},), got "
-            f"{jnp.result_type(start)} {jnp.shape(start)}"
-        )
-    if not isinstance(start, jax.core.Tracer):
-        host = np.asarray(start)  # numpy: jnp ops on a closed-over array would trace under jit
-        lo, hi = int(host.min()), int(host.max())
-        if lo < 0 or hi >= cache_len:
-            raise ValueError(f"gpt_decode: start must lie in [0, S={cache_len}), got [{lo}, {hi}]")
-    return jnp.asarray(start, jnp.int32)
-
-
 def _left_padded(
     start: Array, query_slots: Array, key_slots: Array, origin: Array | int = 0
 ) -> tuple[Array, Array]:
@@ -687,7 +671,9 @@ def gpt_decode(
     slots = cache.index + jnp.arange(t, dtype=jnp.int32)  # [T]
     positions, key_mask = slots, None
     if start is not None:
-        start = _check_start(start, b, s)
+        # [B] row starts; a start of S would leave a row with no slot.
+        start = check_lengths(start, b, s - 1, "gpt_decode", name="start", bound="S-1")
+        start = start.astype(jnp.int32)
         positions, key_mask = _left_padded(start, slots, jnp.arange(s, dtype=jnp.int32))
     weights = _cast(weights, config.compute_dtype)
     x = _embed(weights, tokens, positions, config)

@@ -122,26 +122,38 @@ def padding_mask(lengths: Array, max_len: int) -> Array:
     return positions[None, :] < lengths[:, None].astype(jnp.int32)  # [B, max_len]
 
 
-def check_lengths(lengths: Any, batch: int, steps: int, where: str, *, least: int = 0) -> Array:
+def check_lengths(
+    lengths: Any,
+    batch: int,
+    steps: int,
+    where: str,
+    *,
+    least: int = 0,
+    name: str = "lengths",
+    bound: str = "T",
+) -> Array:
     """Return ``lengths`` as a JAX array; raise unless they are ``[B]`` integers in
     ``[least, steps]`` (checked when concrete).
 
     Checked before ``jnp.asarray``, which (64-bit types off) would wrap an int64 2**32 + 3
     to 3 (see ``ids_to_check``); lists and tuples are taken. Under ``jit`` the values are
     unknown and only the shape and dtype are checked; the data pipelines validate lengths
-    when they build batches.
+    when they build batches. ``name`` and ``bound`` label the values and ``steps`` in the
+    error (``start must lie in [0, S-1=5]``).
     """
     lengths = ids_to_check(lengths)
     if jnp.shape(lengths) != (batch,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
         raise ValueError(
-            f"{where}: lengths must be integers of shape [B] = ({batch},), got "
+            f"{where}: {name} must be integers of shape [B] = ({batch},), got "
             f"{jnp.result_type(lengths)} {jnp.shape(lengths)}"
         )
     if not isinstance(lengths, jax.core.Tracer) and batch > 0:
         host = np.asarray(lengths)  # numpy: jnp ops on a closed-over array would trace
         lo, hi = int(host.min()), int(host.max())
         if lo < least or hi > steps:
-            raise ValueError(f"{where}: lengths must lie in [{least}, T={steps}], got [{lo}, {hi}]")
+            raise ValueError(
+                f"{where}: {name} must lie in [{least}, {bound}={steps}], got [{lo}, {hi}]"
+            )
     return jnp.asarray(lengths)
 
 

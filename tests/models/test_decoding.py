@@ -512,11 +512,11 @@ def test_padded_prompts_with_bad_lengths_are_refused():
         with pytest.raises(ValueError, match=match):
             gpt_module.generate(w, BASE, prompt, 2, rng=key(0), prompt_lengths=jnp.array(lengths))
     cache = init_cache(BASE, B, 6)
-    with pytest.raises(ValueError, match=r"start must lie in \[0, S=6\), got \[0, 6\]"):
+    with pytest.raises(ValueError, match=r"start must lie in \[0, S-1=5\], got \[0, 6\]"):
         gpt_decode(w, prompt, cache, BASE, start=jnp.array([0, 6]))
     with pytest.raises(ValueError, match=r"start must be integers of shape \[B\] = \(2,\)"):
         gpt_decode(w, prompt, cache, BASE, start=jnp.array([0]))
-    with pytest.raises(ValueError, match=r"start must lie in \[0, S=6\), got \[-1, 0\]"):
+    with pytest.raises(ValueError, match=r"start must lie in \[0, S-1=5\], got \[-1, 0\]"):
         gpt_decode(w, prompt, cache, BASE, start=[-1, 0])  # a list, as the tokens may be
 
 
