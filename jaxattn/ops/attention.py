@@ -477,7 +477,7 @@ _CPU_BLOCKWISE_MIN_LEN = 384
 _CPU_BLOCKWISE_MIN_LEN_GQA = 256
 # With attention dropout the einsum path also passes a dense mask through memory: the
 # blockwise kernel led from T = S = 256 (85.8 against 108.3 ms at B = 4, N = 8, H = 64,
-# rate 0.1) and trailed at 128 (41.5 against 35.6 ms); benchmarks/README.md.
+# rate 0.1) and trailed at 128 (41.5 against 35.6 ms); benchmarks/LOG.md, "Session 24".
 _CPU_BLOCKWISE_MIN_LEN_DROPOUT = 256
 # Any backend: never materialise dense float32 scores larger than this.
 _DENSE_SCORES_MAX_BYTES = 1 << 30
