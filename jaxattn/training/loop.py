@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
+from jaxattn.ops._checks import as_size
 from jaxattn.training.checkpoint import Checkpointer, check_writable
 from jaxattn.training.metrics import Mean, MetricsWriter, reduce_means
 from jaxattn.training.sharding import global_batch, replicated, to_host
@@ -205,8 +206,14 @@ class LoopConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and not (isinstance(value, int) and value >= 0):
-                raise ValueError(f"LoopConfig.{f.name} must be an integer >= 0, got {value!r}")
+            if f.type == "int":
+                count = as_size(value, 0)  # bools refused: num_steps=True would train a step
+                if count is None:
+                    raise ValueError(f"LoopConfig.{f.name} must be an integer >= 0, got {value!r}")
+                object.__setattr__(self, f.name, count)  # (a NumPy integer as an int)
+            # Any object is truthy: keep_best="false" would keep the best.
+            if f.type == "bool" and not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"LoopConfig.{f.name} must be True or False, got {value!r}")
         if self.max_to_keep < 1:  # 0 would delete every checkpoint, the last one included
             raise ValueError(f"LoopConfig.max_to_keep must be >= 1, got {self.max_to_keep}")
 
@@ -224,7 +231,8 @@ class FitResult:
 
     state: TrainState
     step: int
-    interrupted: bool  # True when a signal stopped the run (a checkpoint was saved).
+    # True when a signal stopped the run before num_steps (a checkpoint was saved).
+    interrupted: bool
     last_eval: dict[str, float]  # the last evaluation (of a finished run: from its checkpoint)
 
 
@@ -361,7 +369,9 @@ class Trainer:
                         f"{stop.signal_name}: saved a checkpoint at step {self.step} in "
                         f"{self.ckpt.directory}"
                     )
-            return FitResult(self.state, self.step, stop.signal_name is not None, self.last_eval)
+            # A signal during the final save stopped nothing: the run is complete.
+            interrupted = stop.signal_name is not None and self.step < loop.num_steps
+            return FitResult(self.state, self.step, interrupted, self.last_eval)
         finally:
             self.ckpt.close()
 
@@ -427,10 +437,22 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         batches = self.eval_data()
         params = self.state.params
-        result = reduce_means(
-            to_host(self.eval_step(params, self._place(next(batches))))
-            for _ in range(self.loop.eval_batches)
-        )
+        means = []
+        for i in range(self.loop.eval_batches):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(
+                    f"eval_data ran out after {i} of loop.eval_batches="
+                    f"{self.loop.eval_batches} batches at step {self.step}"
+                ) from None
+            means.append(to_host(self.eval_step(params, self._place(batch))))
+        result = reduce_means(means)
+        if "val_loss" not in result:  # best-by-val_loss, the NaN guard and the log read it
+            raise ValueError(
+                f"eval_step must return a 'val_loss' (make_eval_step's prefix='val'), got "
+                f"{sorted(result)}"
+            )
         # A NaN val_loss would otherwise be saved as the step's metric (and compare as
         # neither better nor worse than the best): stop as for a NaN train loss.
         val_loss = result.get("val_loss")
@@ -502,8 +524,9 @@ def fit(
     Evaluates at step 0 (fresh runs), every ``eval_every`` steps and at the end; writes
     train metrics every ``log_every`` steps; saves every ``checkpoint_every`` steps, at the
     end, whenever val loss improves (``keep_best``), and on SIGTERM/SIGINT (then returns
-    with ``interrupted=True``). A finished run (``state.step >= num_steps`` after restoring)
-    returns at once and writes nothing.
+    with ``interrupted=True``, unless the signal came after the last step). ``eval_step``
+    must return a ``val_loss`` (``make_eval_step``'s default prefix). A finished run
+    (``state.step >= num_steps`` after restoring) returns at once and writes nothing.
 
     Args:
       state: the initial state (also the restore target: a checkpoint must match its tree).

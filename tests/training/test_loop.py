@@ -665,3 +665,69 @@ def test_a_signal_at_a_checkpoint_step_saves_once_and_returns(tmp_path, toy):
     assert result.interrupted and result.step == 4
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [4]
+
+
+def test_a_signal_after_the_last_step_does_not_report_an_interrupted_run(tmp_path, toy):
+    """SIGTERM while the final save is awaited: every step ran, so the run is complete."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("fit handles signals in the main thread only")
+    optimizer = toy.optimizer()
+    step = make_train_step(toy.loss, optimizer)
+
+    def signalling_step(state, batch):
+        state, metrics = step(state, batch)
+        if int(state.step) == 3:  # the last step: the signal is seen after the loop ends
+            os.kill(os.getpid(), signal.SIGTERM)
+        return state, metrics
+
+    result = fit(
+        create_train_state(toy.params(), optimizer, jax.random.key(7)),
+        signalling_step,
+        data.batch_iterator(toy.dataset(0)),
+        workdir=tmp_path,
+        loop=LoopConfig(num_steps=3, progress=False),
+    )
+    assert result.step == 3 and not result.interrupted
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [3]
+
+
+def test_loop_config_refuses_bools_as_counts_and_strings_as_flags():
+    with pytest.raises(ValueError, match=r"LoopConfig.num_steps must be an integer >= 0, got True"):
+        LoopConfig(num_steps=True)
+    with pytest.raises(ValueError, match=r"LoopConfig.eval_every must be an integer >= 0, got 2.0"):
+        LoopConfig(num_steps=4, eval_every=2.0)
+    with pytest.raises(
+        ValueError, match=r"LoopConfig.keep_best must be True or False, got 'false'"
+    ):
+        LoopConfig(num_steps=4, keep_best="false")
+    with pytest.raises(ValueError, match=r"LoopConfig.progress must be True or False, got 0"):
+        LoopConfig(num_steps=4, progress=0)
+    loop = LoopConfig(num_steps=np.int64(4), keep_best=np.bool_(False))
+    assert type(loop.num_steps) is int and loop.num_steps == 4 and not loop.keep_best
+
+
+def test_short_evaluation_data_is_named(tmp_path, toy):
+    with pytest.raises(RuntimeError, match=r"eval_data ran out after 1 of loop.eval_batches=3 "):
+        fit(
+            create_train_state(toy.params(), toy.optimizer(), jax.random.key(7)),
+            make_train_step(toy.loss, toy.optimizer()),
+            data.batch_iterator(toy.dataset(0)),
+            workdir=tmp_path,
+            loop=LoopConfig(num_steps=2, eval_batches=3, progress=False),
+            eval_step=make_eval_step(toy.loss),
+            eval_data=lambda: iter([next(data.batch_iterator(toy.dataset(1)))]),
+        )
+
+
+def test_an_eval_step_without_val_loss_is_named(tmp_path, toy):
+    with pytest.raises(ValueError, match=r"eval_step must return a 'val_loss'.*\['test_loss'"):
+        fit(
+            create_train_state(toy.params(), toy.optimizer(), jax.random.key(7)),
+            make_train_step(toy.loss, toy.optimizer()),
+            data.batch_iterator(toy.dataset(0)),
+            workdir=tmp_path,
+            loop=LoopConfig(num_steps=2, eval_batches=1, progress=False),
+            eval_step=make_eval_step(toy.loss, prefix="test"),
+            eval_data=lambda: data.batch_iterator(toy.dataset(1)),
+        )
