@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
 import json
 import logging
 import os
@@ -170,6 +172,59 @@ def _check_config_loaded() -> None:
     reads a setting."""
     if "config" in flags.FLAGS:
         hasattr(flags.FLAGS["config"].value, "to_dict")  # a failed load raises OSError here
+
+
+def _load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _unknown_key(key: str, known: Iterable[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def check_config_keys(config: ml_collections.ConfigDict, default_file: str | os.PathLike) -> None:
+    """Refuse a config whose keys outside ``model`` are not those of the script's default
+    config file.
+
+    ml_collections checks each ``--config.<key>`` override against the file, but nothing
+    checks the file: a misspelt key there (``eval_evry``) would be ignored, the run taking
+    the setting's default, and a missing one would fail where the run first reads it, as
+    an ``AttributeError``. ``model`` is checked by ``model_config`` against the model's
+    config class, whose fields have defaults.
+    """
+    source = "the config"
+    if "config" in flags.FLAGS:  # (not when a test calls this directly)
+        source = config_flags.get_config_filename(flags.FLAGS["config"]) or source
+
+    def keys(tree: ml_collections.ConfigDict) -> set[str]:
+        return {key for key in _flatten(tree.to_dict()) if key.split(".")[0] != "model"}
+
+    want, got = keys(_load_config_file(default_file)), keys(config)
+    for key in sorted(got - want):
+        raise _unknown_key(key, want, source)
+    if missing := sorted(want - got):
+        raise ValueError(
+            f"{source} does not set {', '.join(missing)}: a config for this script sets "
+            f"every key that {Path(default_file).name} sets"
+        )
+
+
+def model_config(
+    cls: type, fields: Mapping[str, Any], where: str = "config.model", **fixed: Any
+) -> Any:
+    """``cls(**fixed, **fields)`` for a dataclass ``cls``, with ``fields`` from
+    ``config.model``; a key that is not one of ``cls``'s fields (or is set by the script,
+    ``fixed``) is refused by name rather than as a ``TypeError``."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in fixed]
+    for key in fields:
+        if key not in names:
+            raise _unknown_key(f"model.{key}", [f"model.{n}" for n in names], where)
+    return cls(**fixed, **fields)
 
 
 def enable_compilation_cache() -> None:

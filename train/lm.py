@@ -29,6 +29,7 @@ from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
     REPORTED_ERRORS,
+    check_config_keys,
     checkpoint_config_file,
     checkpoint_config_overrides,
     define_config_file,
@@ -38,6 +39,7 @@ from common import (  # train/common.py (this script's directory)
     exit_with_error,
     initialize_distributed,
     latest_checkpoint_metadata,
+    model_config,
     parse_flags,
     print_once,
     setup_mesh,
@@ -154,7 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     tokenizer = data.CharTokenizer.from_text(text)
     ids = tokenizer.encode(text)
     train_ids, val_ids = data.train_val_split(ids, config.train_fraction)
-    model = GPTConfig(vocab_size=tokenizer.vocab_size, **config.model.to_dict())
+    model = model_config(GPTConfig, config.model.to_dict(), vocab_size=tokenizer.vocab_size)
     meta = latest_checkpoint_metadata(workdir, config)
     _check_vocabulary(meta, workdir, tokenizer)
     if _NUM_SAMPLES.value > 0:  # Fail now, not after training.
@@ -279,6 +281,7 @@ def main(argv: list[str]) -> None:
         if _SAMPLE_ONLY.value:
             sample(workdir)
         else:
+            check_config_keys(config, _DEFAULT_CONFIG)
             train(config, workdir)
     except REPORTED_ERRORS as e:
         exit_with_error(e)

@@ -45,6 +45,7 @@ from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
     REPORTED_ERRORS,
+    check_config_keys,
     checkpoint_config_file,
     checkpoint_config_overrides,
     define_config_file,
@@ -54,6 +55,7 @@ from common import (  # train/common.py (this script's directory)
     exit_with_error,
     initialize_distributed,
     latest_checkpoint_metadata,
+    model_config,
     parse_flags,
     print_once,
     setup_mesh,
@@ -108,8 +110,9 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
     if kind not in MODELS:
         raise ValueError(f"config.model.kind must be one of {sorted(MODELS)}, got {kind!r}")
     ids = dict(pad_id=td.PAD_ID, bos_id=td.BOS_ID, eos_id=td.EOS_ID)
-    return kind, MODELS[kind][0](src_vocab_size=vocab_size, tgt_vocab_size=vocab_size, **ids,
-                                 **fields)  # fmt: skip
+    sizes = dict(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size)
+    where = f"config.model (kind={kind!r})"
+    return kind, model_config(MODELS[kind][0], fields, where, **sizes, **ids)
 
 
 # Settings that only shape decoding: a --bleu_only or --translate run, which takes the rest
@@ -130,6 +133,8 @@ def check_data_settings(config: ml_collections.ConfigDict) -> None:
     sentencepiece model were made, naming neither setting."""
     check_seed(config.seed, "config.seed", "train/translate.py")
     check_size(config.split_seed, "config.split_seed", "train/translate.py", minimum=0)
+    # (0 would keep every pair, a negative value none)
+    check_size(config.max_len, "config.max_len", "train/translate.py")
     buckets = td.check_buckets(config.buckets, "train/translate.py", "config.buckets")
     if config.max_len > buckets[-1]:
         raise ValueError(
@@ -144,7 +149,8 @@ def check_decode_settings(config: ml_collections.ConfigDict) -> None:
         check_size(config[name], f"config.{name}", "train/translate.py")
     check_example_counts(config, ("max_test_examples",))
     if config.model.kind == "transformer":
-        positions = config.model.max_len
+        # (a dataclass field's default is its class attribute)
+        positions = config.model.get("max_len", transformer.TransformerConfig.max_len)
         if max(config.decode_max_len, config.buckets[-1]) > positions:
             raise ValueError(
                 f"config.model.max_len={positions} (the position table) must hold "
@@ -319,11 +325,12 @@ def load_data(config, workdir: Path):
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     check_data_settings(config)
+    # The model fields' errors (a field of another kind of model included) before the
+    # workdir and its sentencepiece model are made (the vocabulary's size is only an upper
+    # bound here; the real one comes from the tokenizer).
+    build_model(config, config.vocab_size)
     check_decode_settings(config)  # before training, not after it
     check_example_counts(config, ("max_train_examples", "max_eval_examples"))
-    # The model fields' errors before the workdir and its sentencepiece model are made (the
-    # vocabulary's size is only an upper bound here; the real one comes from the tokenizer).
-    build_model(config, config.vocab_size)
     latest_checkpoint_metadata(workdir, config, also_free=DECODE_SETTINGS)  # notes changes
     # Settings errors (loop, mesh, batch split, optimizer) before the workdir is created.
     loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
@@ -501,6 +508,7 @@ def main(argv: list[str]) -> None:
         elif _BLEU_ONLY.value:
             bleu_only(workdir)
         else:
+            check_config_keys(_CONFIG.value, _DEFAULT_CONFIG)
             train(_CONFIG.value, workdir)
     except REPORTED_ERRORS as e:
         exit_with_error(e)

@@ -109,6 +109,23 @@ def split_pairs(
     return Split(*out)
 
 
+def _train_sentencepiece(spm, sentences: Sequence[str], model_prefix, vocab_size: int) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=PAD_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        hard_vocab_limit=False,
+        num_threads=2,
+        minloglevel=2,
+    )
+
+
 def train_sentencepiece(
     sentences: Sequence[str], model_prefix: str | os.PathLike, *, vocab_size: int
 ):
@@ -128,7 +145,8 @@ def train_sentencepiece(
 
     Raises:
       ValueError: the cached model was trained with another ``vocab_size`` or on other
-        sentences.
+        sentences, or sentencepiece could not train one (e.g. ``vocab_size`` below the
+        number of distinct characters).
     """
     import sentencepiece as spm  # The train extra; only the translation data needs it.
 
@@ -138,20 +156,14 @@ def train_sentencepiece(
         if not sentences:
             raise ValueError("train_sentencepiece: no sentences to train on")
         model_file.parent.mkdir(parents=True, exist_ok=True)
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_prefix=str(model_prefix),
-            vocab_size=vocab_size,
-            model_type="unigram",
-            character_coverage=1.0,
-            pad_id=PAD_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            unk_id=UNK_ID,
-            hard_vocab_limit=False,
-            num_threads=2,
-            minloglevel=2,
-        )
+        try:
+            _train_sentencepiece(spm, sentences, model_prefix, vocab_size)
+        except RuntimeError as e:  # e.g. a vocab_size below the corpus's character count
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"train_sentencepiece: sentencepiece could not train a vocabulary of "
+                f"vocab_size={vocab_size}: {reason}"
+            ) from None
         record = {"vocab_size": vocab_size, "sentences_sha256": sentences_sha256(sentences)}
         trained_with.write_text(json.dumps(record), encoding="utf-8")
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -198,12 +210,14 @@ def encode_pairs(
     sp, pairs: Sequence[tuple[str, str]], *, max_len: int | None = None
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Encode pairs to id arrays (no BOS/EOS); drop pairs with ``len(src)`` or
-    ``len(tgt) + 1`` above ``max_len``, and empty ones."""
+    ``len(tgt) + 1`` above ``max_len`` (None: keep every length), and empty ones."""
+    if max_len is not None:
+        max_len = check_size(max_len, "max_len", "encode_pairs")  # (0 would keep every pair)
     src = sp.encode([s for s, _ in pairs])
     tgt = sp.encode([t for _, t in pairs])
     keep_src, keep_tgt = [], []
     for s, t in zip(src, tgt):
-        if not s or not t or (max_len and (len(s) > max_len or len(t) + 1 > max_len)):
+        if not s or not t or (max_len is not None and max(len(s), len(t) + 1) > max_len):
             continue
         keep_src.append(np.asarray(s, np.int32))
         keep_tgt.append(np.asarray(t, np.int32))

@@ -302,3 +302,48 @@ def test_orbaxs_leftovers_are_dropped_and_other_exit_errors_reported(tmp_path):
     assert "RuntimeError: the shutdown barrier timed out" in run.stderr
     for leftover in ("Event loop is closed", "reading array index", "never retrieved"):
         assert leftover not in run.stderr
+
+
+def test_config_keys_must_be_the_default_configs(config_flag, tmp_path):
+    """The fixture's file sets beam_size, num_steps, added and model; ``model`` is left to
+    ``model_config``, whatever keys it holds."""
+    config_file = config_flag()
+    config = common._load_config_file(config_file)
+    default = tmp_path / "default.py"
+    default.write_text(
+        "import ml_collections\n\n\n"
+        "def get_config():\n"
+        "    return ml_collections.ConfigDict(\n"
+        "        {'beam_size': 1, 'num_steps': 9, 'added': 0, 'model': {'width': 8}}\n"
+        "    )\n"
+    )
+    common.check_config_keys(config, default)
+    config.num_stepz = config.num_steps
+    del config["num_steps"]
+    with pytest.raises(ValueError) as error:
+        common.check_config_keys(config, default)
+    assert str(error.value) == (
+        f"unknown config key 'num_stepz' in {config_file} (did you mean 'num_steps'?)"
+    )
+    config.num_steps = 9
+    del config["num_stepz"], config["beam_size"], config["added"]
+    with pytest.raises(ValueError) as error:
+        common.check_config_keys(config, default)
+    assert str(error.value) == (
+        f"{config_file} does not set added, beam_size: a config for this script sets every "
+        "key that default.py sets"
+    )
+
+
+def test_model_config_names_an_unknown_model_key():
+    from jaxattn.models.gpt import GPTConfig
+
+    fields = {"num_layers": 2, "num_heads": 2, "embed_dim": 8, "block_size": 4}
+    model = common.model_config(GPTConfig, fields, vocab_size=5)
+    assert (model.num_layers, model.vocab_size) == (2, 5)
+    with pytest.raises(ValueError, match=r"unknown config key 'model.num_layer' in config.model "
+                       r"\(did you mean 'model.num_layers'\?\)"):  # fmt: skip
+        common.model_config(GPTConfig, fields | {"num_layer": 2}, vocab_size=5)
+    # A field the script sets from the data is not the config's to set.
+    with pytest.raises(ValueError, match=r"unknown config key 'model.vocab_size'"):
+        common.model_config(GPTConfig, fields | {"vocab_size": 7}, vocab_size=5)

@@ -322,6 +322,22 @@ def test_unknown_config_key_of_the_default_config_is_an_error(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_misspelt_key_in_a_config_file_is_an_error(tmp_path):
+    """ml_collections checks the overrides against the file; lm.py checks the file's keys
+    against its default config's: a typo there used to be ignored, the run taking the
+    default (eval_every=0)."""
+    config_file = tmp_path / "typo.py"
+    source = (REPO / "train" / "configs" / "tiny.py").read_text()
+    config_file.write_text(source.replace("config.eval_every =", "config.eval_evry ="))
+    assert "eval_evry" in config_file.read_text()
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", config=config_file, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"error: unknown config key 'eval_evry' in {config_file} (did you mean 'eval_every'?)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("overrides", [[], ["--config.num_steps=3"]])
 def test_missing_config_file_is_an_error(tmp_path, overrides):
     """ml_collections defers a config file's load error to its first use: a typo in the

@@ -128,6 +128,15 @@ def test_cached_sentencepiece_of_other_sentences_is_refused(tmp_path):
     td.train_sentencepiece(sentences[:-1], prefix, vocab_size=60)
 
 
+def test_a_vocabulary_smaller_than_the_characters_is_named_and_nothing_is_cached(tmp_path):
+    sentences = [s for p in PAIRS for s in p]
+    with pytest.raises(
+        ValueError, match=r"could not train a vocabulary of vocab_size=5: .*smaller"
+    ):
+        td.train_sentencepiece(sentences, tmp_path / "spm", vocab_size=5)
+    assert not any(tmp_path.iterdir())
+
+
 def test_unknown_pieces_names_what_encodes_as_unk(sp):
     assert td.unknown_pieces(sp, "we swim and stop.") == []
     sentence = "we 日本語 swim © and 日本語 stop Ω"
@@ -150,6 +159,11 @@ def test_encode_pairs_keeps_each_side_and_drops_by_max_len(sp):
     for pair, limit in zip((long_src, long_tgt), limits, strict=True):
         assert len(td.encode_pairs(sp, [pair], max_len=limit)[0]) == 1  # exactly at it
         assert len(td.encode_pairs(sp, [pair], max_len=limit - 1)[0]) == 0
+    for bad in (0, -1, 2.0):  # 0 kept every pair, -1 none
+        with pytest.raises(
+            ValueError, match=rf"encode_pairs: max_len must be an int >= 1, got {bad}"
+        ):
+            td.encode_pairs(sp, pairs, max_len=bad)
     src, tgt = td.encode_pairs(sp, [("", "hola."), ("we go.", ""), pairs[0]])
     assert [s.tolist() for s in src] == [sp.encode(pairs[0][0])]
     assert [t.tolist() for t in tgt] == [sp.encode(pairs[0][1])]
