@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ from jaxattn.ops._checks import check_size
 from jaxattn.ops.flash import (
     check_attention_dropout,
     check_attention_inputs,
+    check_scale,
     flash_attention,
     fold_traced_scale,
 )
@@ -174,8 +175,8 @@ def additive_scores(weights: AdditiveWeights, query: Array, keys: Array) -> Arra
       ``[..., Tq, Tk]``.
     """
     _check_qk("additive_scores", query, keys)
-    d = weights.v.shape[-1]
-    if weights.v.ndim != 1 or weights.w_query.shape[-1] != d or weights.w_key.shape[-1] != d:
+    d = weights.v.shape[-1] if weights.v.ndim == 1 else None
+    if d is None or weights.w_query.shape[-1] != d or weights.w_key.shape[-1] != d:
         raise ValueError(
             f"additive_scores: inconsistent weights w_query {weights.w_query.shape}, "
             f"w_key {weights.w_key.shape}, v {weights.v.shape}"
@@ -221,24 +222,6 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
 
 IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "pallas")
 DROPOUT_IMPLEMENTATIONS = ("xla", "blockwise")  # the kernels that take attention dropout
-
-
-def _check_scale(scale: Any, where: str) -> None:
-    """``scale``: None, or a real scalar (a number, a 0-d array, a tracer), finite when
-    concrete. (An ``[S]`` array broadcast per key on the einsum path and failed on the
-    blockwise one, so a call's fate hung on the sequence length.)"""
-    if scale is None:
-        return
-    if isinstance(scale, (str, bytes, bool)) or jnp.ndim(scale) != 0:
-        raise ValueError(
-            f"{where}: scale must be a real scalar (a number or a 0-d array), got "
-            f"{type(scale).__name__} of shape {jnp.shape(scale)}"
-        )
-    dtype = jnp.result_type(scale)
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise ValueError(f"{where}: scale must be a real number, got dtype {dtype}")
-    if not isinstance(scale, jax.core.Tracer) and not math.isfinite(float(scale)):
-        raise ValueError(f"{where}: scale must be finite, got {float(scale)}")
 
 
 def _probs(q, k, mask, bias, is_causal, scale) -> Array:
@@ -598,14 +581,15 @@ def dot_product_attention(
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("dot_product_attention", q, k, v, mask, bias)
-    _check_scale(scale, "dot_product_attention")
+    check_scale(scale, "dot_product_attention")
     window = check_local_window(local_window_size, "dot_product_attention")
+    # Before the selection, which compares the rate with 0.
+    check_attention_dropout("dot_product_attention", dropout_rate, dropout_rng)
     if implementation is None:
         implementation = _select_implementation(
             q, k, v, mask, bias, is_causal, dropout_rate, window
         )
     _check_implementation(implementation, "dot_product_attention")
-    check_attention_dropout("dot_product_attention", dropout_rate, dropout_rng)
     if dropout_rate > 0.0 and implementation not in DROPOUT_IMPLEMENTATIONS:
         raise ValueError(
             f"dot_product_attention: attention dropout is only supported by the 'xla' and "
@@ -654,7 +638,7 @@ def attention_weights(
     """
     q, k = jnp.asarray(q), jnp.asarray(k)
     mask, bias = check_attention_inputs("attention_weights", q, k, k, mask, bias)
-    _check_scale(scale, "attention_weights")
+    check_scale(scale, "attention_weights")
     window = check_local_window(local_window_size, "attention_weights")
     mask = _mask_with_window(mask, window, q.shape[1], k.shape[1])
     return _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]

@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxattn.ops._checks import as_size
 from jaxattn.ops.layers import check_dropout_key, check_dropout_rate
 from jaxattn.ops.masks import (
     attention_dropout_keep,
@@ -830,6 +831,24 @@ def check_attention_dropout(where: str, rate: float, rng: Array | None) -> Array
     return dropout_seed(rng) if rate > 0.0 else None
 
 
+def check_scale(scale: Any, where: str) -> None:
+    """``scale``: None, or a real scalar (a number, a 0-d array, a tracer), finite when
+    concrete. (An ``[S]`` array broadcast per key on the einsum path and failed on the
+    blockwise one, so a call's fate hung on the sequence length.)"""
+    if scale is None:
+        return
+    if isinstance(scale, (str, bytes, bool)) or jnp.ndim(scale) != 0:
+        raise ValueError(
+            f"{where}: scale must be a real scalar (a number or a 0-d array), got "
+            f"{type(scale).__name__} of shape {jnp.shape(scale)}"
+        )
+    dtype = jnp.result_type(scale)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise ValueError(f"{where}: scale must be a real number, got dtype {dtype}")
+    if not isinstance(scale, jax.core.Tracer) and not math.isfinite(float(scale)):
+        raise ValueError(f"{where}: scale must be finite, got {float(scale)}")
+
+
 def fold_traced_scale(q: Array, scale: Any) -> tuple[Array, float | None]:
     """``(q, scale)`` for a kernel that needs a Python-number scale.
 
@@ -864,10 +883,13 @@ def block_sizes(
     the sequence length rounded up to 8.
     """
     default = ACCELERATOR_BLOCK if batch_heads else DEFAULT_BLOCK
-    bq = default if block_q is None else block_q
-    bk = default if block_k is None else block_k
-    if bq < 1 or bk < 1:
-        raise ValueError(f"flash_attention: block sizes must be >= 1, got {bq}, {bk}")
+    bq = default if block_q is None else as_size(block_q, 1)
+    bk = default if block_k is None else as_size(block_k, 1)
+    if bq is None or bk is None:  # (tile shapes: a float or a tracer fails deep in lax)
+        raise ValueError(
+            f"flash_attention: block_q and block_k must be ints >= 1 (or None), got "
+            f"{block_q!r}, {block_k!r}"
+        )
     round8 = lambda x: -(-x // 8) * 8
     return min(bq, round8(t)), min(bk, round8(s))
 
@@ -941,6 +963,7 @@ def flash_attention(
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)
     seed = check_attention_dropout("flash_attention", dropout_rate, dropout_rng)
+    check_scale(scale, "flash_attention")
     window = check_local_window(local_window_size, "flash_attention")
     t, s, h = q.shape[1], k.shape[1], q.shape[3]
     left = right = None

@@ -350,7 +350,7 @@ def check_dropout_rate(rate: float, name: str) -> None:
     except TypeError:  # None, a string: not a comparison error naming nothing
         valid = False
     if not valid:
-        raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
 
 
 def check_dropout_key(rng: Array | None, active: bool, what: str, key: str = "an rng key") -> None:

@@ -27,6 +27,7 @@ from jaxattn.ops.attention import (
     project_qkv,
     write_kv_cache,
 )
+from jaxattn.ops.flash import flash_attention
 from jaxattn.ops.masks import attention_dropout_mask, dropout_seed
 
 B, T, S, N, H = 2, 5, 7, 6, 4
@@ -438,6 +439,19 @@ def test_a_scale_that_is_not_a_finite_real_scalar_is_refused(np_rng, scale, matc
             dot_product_attention(q, k, v, scale=scale, implementation=implementation)
     with pytest.raises(ValueError, match=f"attention_weights: {match}"):
         attention_weights(q, k, scale=scale)
+    with pytest.raises(ValueError, match=f"flash_attention: {match}"):
+        flash_attention(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("rate", [None, "0.1"])
+def test_a_dropout_rate_that_is_not_a_number_is_named_by_every_implementation(np_rng, rate):
+    """The automatic choice compared the rate with 0 before it was checked: a TypeError
+    naming nothing."""
+    q, k, v = qkv(np_rng, 2)
+    match = rf"dot_product_attention: dropout_rate must be in \[0, 1\), got {rate!r}"
+    for implementation in (None, "xla", "blockwise"):
+        with pytest.raises(ValueError, match=match):
+            dot_product_attention(q, k, v, dropout_rate=rate, implementation=implementation)
 
 
 def test_dot_product_attention_bad_inputs(np_rng):
@@ -1086,6 +1100,11 @@ def test_additive_scores_names_a_projection_of_the_wrong_input_dim():
         additive_scores(weights, jnp.ones((2, 3, 5)), jnp.ones((2, 5, 6)))
     with pytest.raises(ValueError, match=r"additive_scores: w_query must be \[dq, d\]"):
         additive_scores(weights, jnp.ones((2, 3, 4)), jnp.ones((2, 5, 5)))
+    # A 0-d v (an IndexError before) names the weights.
+    with pytest.raises(ValueError, match=r"additive_scores: inconsistent weights .* v \(\)"):
+        additive_scores(
+            weights._replace(v=jnp.float32(1)), jnp.ones((2, 3, 4)), jnp.ones((2, 5, 6))
+        )
 
 
 @pytest.mark.parametrize(

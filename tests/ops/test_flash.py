@@ -799,8 +799,15 @@ def test_bad_inputs(np_rng):
         flash_attention(q, k, k, bias=jnp.zeros((B, 1, 5, 6)))
     with pytest.raises(ValueError, match=r"flash_attention: empty sequence"):
         flash_attention(q[:, :0], k, k)
-    with pytest.raises(ValueError, match="block sizes"):
-        flash_attention(q, k, k, block_q=0)
+    for block in (0, 2.5, True, jnp.int32(4) + jnp.zeros(2, jnp.int32)):
+        with pytest.raises(ValueError, match=r"block_q and block_k must be ints >= 1"):
+            flash_attention(q, k, k, block_q=block)
+    with pytest.raises(ValueError, match=r"ints >= 1 \(or None\), got None, -1"):
+        flash_attention(q, k, k, block_k=-1)
+    # A concrete NumPy or JAX integer is a block size, as shapes take it.
+    want = flash_attention(q, k, k, block_q=4)
+    for block in (np.int64(4), jnp.int32(4)):
+        np.testing.assert_array_equal(flash_attention(q, k, k, block_q=block), want)
     with pytest.raises(ValueError, match=r"flash_attention: dropout_rate=0.1 needs a dropout_rng"):
         flash_attention(q, k, k, dropout_rate=0.1)
     with pytest.raises(ValueError, match=r"flash_attention: dropout_rate must be in \[0, 1\)"):
