@@ -641,9 +641,8 @@ def test_finished_run_writes_nothing(tmp_path, toy):
     assert snapshot(tmp_path) == before
 
 
-def test_a_signal_at_a_checkpoint_step_saves_once_and_returns(tmp_path, toy):
-    """SIGTERM during a step that checkpoints: the step's checkpoint is the signal's one
-    (saving the same step again would raise), and fit returns interrupted."""
+def _fit_signalled_at(toy, workdir, signal_step: int, loop: LoopConfig):
+    """``fit`` whose train step sends this process SIGTERM once it reaches ``signal_step``."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("fit handles signals in the main thread only")
     optimizer = toy.optimizer()
@@ -651,42 +650,33 @@ def test_a_signal_at_a_checkpoint_step_saves_once_and_returns(tmp_path, toy):
 
     def signalling_step(state, batch):
         state, metrics = step(state, batch)
-        if int(state.step) == 4:
+        if int(state.step) == signal_step:
             os.kill(os.getpid(), signal.SIGTERM)
         return state, metrics
 
-    result = fit(
+    return fit(
         create_train_state(toy.params(), optimizer, jax.random.key(7)),
         signalling_step,
         data.batch_iterator(toy.dataset(0)),
-        workdir=tmp_path,
-        loop=LoopConfig(num_steps=20, checkpoint_every=4, log_every=4, progress=False),
+        workdir=workdir,
+        loop=loop,
     )
+
+
+def test_a_signal_at_a_checkpoint_step_saves_once_and_returns(tmp_path, toy):
+    """SIGTERM during a step that checkpoints: the step's checkpoint is the signal's one
+    (saving the same step again would raise), and fit returns interrupted."""
+    loop = LoopConfig(num_steps=20, checkpoint_every=4, log_every=4, progress=False)
+    result = _fit_signalled_at(toy, tmp_path, 4, loop)
     assert result.interrupted and result.step == 4
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [4]
 
 
-def test_a_signal_after_the_last_step_does_not_report_an_interrupted_run(tmp_path, toy):
-    """SIGTERM while the final save is awaited: every step ran, so the run is complete."""
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("fit handles signals in the main thread only")
-    optimizer = toy.optimizer()
-    step = make_train_step(toy.loss, optimizer)
-
-    def signalling_step(state, batch):
-        state, metrics = step(state, batch)
-        if int(state.step) == 3:  # the last step: the signal is seen after the loop ends
-            os.kill(os.getpid(), signal.SIGTERM)
-        return state, metrics
-
-    result = fit(
-        create_train_state(toy.params(), optimizer, jax.random.key(7)),
-        signalling_step,
-        data.batch_iterator(toy.dataset(0)),
-        workdir=tmp_path,
-        loop=LoopConfig(num_steps=3, progress=False),
-    )
+def test_a_signal_in_the_last_step_does_not_report_an_interrupted_run(tmp_path, toy):
+    """SIGTERM during the last step, seen after it (as one during the final save): every
+    step ran, so the run is complete."""
+    result = _fit_signalled_at(toy, tmp_path, 3, LoopConfig(num_steps=3, progress=False))
     assert result.step == 3 and not result.interrupted
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [3]
@@ -707,27 +697,27 @@ def test_loop_config_refuses_bools_as_counts_and_strings_as_flags():
     assert type(loop.num_steps) is int and loop.num_steps == 4 and not loop.keep_best
 
 
+def _fit_evaluating(toy, workdir, eval_step, eval_data, eval_batches: int):
+    optimizer = toy.optimizer()
+    return fit(
+        create_train_state(toy.params(), optimizer, jax.random.key(7)),
+        make_train_step(toy.loss, optimizer),
+        data.batch_iterator(toy.dataset(0)),
+        workdir=workdir,
+        loop=LoopConfig(num_steps=2, eval_batches=eval_batches, progress=False),
+        eval_step=eval_step,
+        eval_data=eval_data,
+    )
+
+
 def test_short_evaluation_data_is_named(tmp_path, toy):
+    one_batch = lambda: iter([next(data.batch_iterator(toy.dataset(1)))])
     with pytest.raises(RuntimeError, match=r"eval_data ran out after 1 of loop.eval_batches=3 "):
-        fit(
-            create_train_state(toy.params(), toy.optimizer(), jax.random.key(7)),
-            make_train_step(toy.loss, toy.optimizer()),
-            data.batch_iterator(toy.dataset(0)),
-            workdir=tmp_path,
-            loop=LoopConfig(num_steps=2, eval_batches=3, progress=False),
-            eval_step=make_eval_step(toy.loss),
-            eval_data=lambda: iter([next(data.batch_iterator(toy.dataset(1)))]),
-        )
+        _fit_evaluating(toy, tmp_path, make_eval_step(toy.loss), one_batch, 3)
 
 
 def test_an_eval_step_without_val_loss_is_named(tmp_path, toy):
+    eval_data = lambda: data.batch_iterator(toy.dataset(1))
+    eval_step = make_eval_step(toy.loss, prefix="test")
     with pytest.raises(ValueError, match=r"eval_step must return a 'val_loss'.*\['test_loss'"):
-        fit(
-            create_train_state(toy.params(), toy.optimizer(), jax.random.key(7)),
-            make_train_step(toy.loss, toy.optimizer()),
-            data.batch_iterator(toy.dataset(0)),
-            workdir=tmp_path,
-            loop=LoopConfig(num_steps=2, eval_batches=1, progress=False),
-            eval_step=make_eval_step(toy.loss, prefix="test"),
-            eval_data=lambda: data.batch_iterator(toy.dataset(1)),
-        )
+        _fit_evaluating(toy, tmp_path, eval_step, eval_data, 1)
