@@ -270,7 +270,13 @@ def torch_calls(b, t, dropout=0.0, window=0):
 
 
 def torch_memory_child(b: int, t: int, dropout: float, window: int) -> None:
-    """Print the peak-RSS growth (bytes) of one torch fwd+bwd in this fresh process."""
+    """Print the peak-RSS growth (bytes) of one torch fwd+bwd in this fresh process.
+
+    A tiny fwd+bwd runs first: PyTorch's first call in a process takes about 7 MiB once
+    (measured 2026-12-04), which jax's figure, the compiled step's buffers, leaves out.
+    """
+    _, warm_up = torch_calls(1, 16, dropout, window)
+    warm_up()
     _, fwd_bwd = torch_calls(b, t, dropout, window)
     before = peak_rss()
     fwd_bwd()

@@ -277,8 +277,7 @@ def _timed_rows(rows, repeats: int) -> list[tuple[str, str, float]]:
 
 
 def bench_compile(run) -> list[tuple[str, float]]:
-    rows = []
-    for depth in (4, 48):
+    def compile_seconds(depth: int) -> float:
         model = model_config(run, num_layers=depth)
         step, state = jax_train_step(run, model)
         batch = {
@@ -287,8 +286,12 @@ def bench_compile(run) -> list[tuple[str, float]]:
         }
         start = time.perf_counter()
         step.lower(state, batch).compile()
-        rows.append((f"train step compile, {depth} layers", time.perf_counter() - start))
-    return rows
+        return time.perf_counter() - start
+
+    # A process's first compile is about 15% slower (one-time costs); a discarded 2-layer
+    # compile keeps that out of the 4-layer figure, the target's denominator.
+    compile_seconds(2)
+    return [(f"train step compile, {depth} layers", compile_seconds(depth)) for depth in (4, 48)]
 
 
 def bench_matmul(run, repeats: int) -> list[tuple[str, int, int, float, float, float, float]]:

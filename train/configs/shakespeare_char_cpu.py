@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_steps = 2000  # Optimizer steps (max_iters).
     config.eval_every = 250  # Evaluate every N steps (eval_interval), and at 0 and the end.
     config.eval_batches = 20  # Validation batches per evaluation (eval_iters).
-    config.log_every = 10  # Write train metrics every N steps.
+    # Write train metrics every N steps. (nanoGPT's log_interval=1 prints each step's loss;
+    # fetching it each step would cost jaxattn its asynchronous dispatch.)
+    config.log_every = 10
     config.checkpoint_every = 250  # Save every N steps (and at the end, on improvement, SIGTERM).
     config.max_to_keep = 3  # Latest checkpoints kept, plus the best by val loss.
     config.keep_best = True  # Also save whenever val loss improves; keep the best.
