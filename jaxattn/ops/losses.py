@@ -49,6 +49,11 @@ def cross_entropy(
         raise ValueError(
             f"cross_entropy: mask {jnp.shape(mask)} must match targets {targets.shape}"
         )
+    if jnp.ndim(label_smoothing) != 0:  # (known under jit too: a [V] eps would broadcast)
+        raise ValueError(
+            f"cross_entropy: label_smoothing must be a scalar, got shape "
+            f"{jnp.shape(label_smoothing)}"
+        )
     traced = isinstance(label_smoothing, jax.core.Tracer)
     if not traced and not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")

@@ -188,7 +188,7 @@ def lm_dataset(
             f"the {name} holds {len(tokens)} tokens, too short for one window of "
             f"seq_len + 1 = {seq_len + 1} tokens"
         )
-    check_token_ids(tokens, vocab_size)
+    check_token_ids(tokens, vocab_size, f"{name}: token ids")
     rows = slice(None) if process_rows is None else process_rows
     if len(range(batch_size)[rows]) == 0:
         raise ValueError(f"process_rows {rows} selects no row of a batch of {batch_size}")

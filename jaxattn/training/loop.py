@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
-from jaxattn.ops._checks import as_size
+from jaxattn.ops._checks import as_size, check_size
 from jaxattn.training.checkpoint import Checkpointer, check_writable
 from jaxattn.training.metrics import Mean, MetricsWriter, reduce_means
 from jaxattn.training.sharding import global_batch, replicated, to_host
@@ -106,9 +106,7 @@ def make_train_step(
     ``sharding.tree_shardings``) and ``batch_sharding``: the step then keeps the state in
     those shardings from step to step and returns replicated metrics.
     """
-    k = grad_accum_steps
-    if k < 1:
-        raise ValueError(f"grad_accum_steps must be >= 1, got {k}")
+    k = check_size(grad_accum_steps, "grad_accum_steps", "make_train_step")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def split(x: jax.Array) -> jax.Array:

@@ -119,6 +119,12 @@ class MetricsWriter:
         if not self.active:
             return
         record = {"step": int(step), "time": round(time.time(), 3)}
+        for name, value in scalars.items():
+            if value is not None and np.size(value) != 1:
+                raise ValueError(
+                    f"MetricsWriter.write: {name} at step {step} must be a scalar, got shape "
+                    f"{np.shape(value)}"
+                )
         record.update({k: _json_value(v) for k, v in scalars.items()})
         line = json.dumps(record) + "\n"
         if self.remote:

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxattn.ops._checks import check_size
+
 # The schedule runs in float32: a larger rate would be inf there.
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -55,7 +57,10 @@ def learning_rate_schedule(
     Returns:
       ``schedule(count) -> rate``, ``count`` the number of updates already applied.
     """
-    if warmup_steps < 0 or lr_decay_steps < warmup_steps:
+    where = "learning_rate_schedule"  # (2.5 warmup steps would bend the ramp; None fails later)
+    warmup_steps = check_size(warmup_steps, "warmup_steps", where, minimum=0)
+    lr_decay_steps = check_size(lr_decay_steps, "lr_decay_steps", where, minimum=0)
+    if lr_decay_steps < warmup_steps:
         raise ValueError(
             f"need 0 <= warmup_steps <= lr_decay_steps, got warmup_steps={warmup_steps}, "
             f"lr_decay_steps={lr_decay_steps}"
@@ -99,10 +104,10 @@ def make_optimizer(
 
     Args:
       learning_rate: a constant or an optax schedule (e.g. ``learning_rate_schedule``).
-      b1, b2, eps: Adam moment decay rates, in ``[0, 1)``, and denominator epsilon,
-        finite and ``>= 0`` (PyTorch's default eps).
-      weight_decay: decoupled decay coefficient (finite, ``>= 0``) for leaves with
-        ``ndim >= 2``.
+      b1, b2, eps: Adam moment decay rates, in ``[0, 1)``, and denominator epsilon, a
+        finite float32 ``>= 0`` (PyTorch's default eps).
+      weight_decay: decoupled decay coefficient (a finite float32 ``>= 0``) for leaves
+        with ``ndim >= 2``.
       grad_clip: maximum global gradient norm; None or <= 0 disables clipping (NaN is
         refused).
       decay_mask: ``params -> pytree of bools`` (True = decay); default ``ndim >= 2``.
@@ -112,13 +117,14 @@ def make_optimizer(
     """
     # The ranges PyTorch's AdamW accepts (and finite). optax takes anything: eps=-1 climbs
     # the gradient, b1=1 turns the weights to NaN a step later, weight_decay<0 grows them.
-    unit, finite = (lambda v: 0.0 <= v < 1.0), (lambda v: 0.0 <= v < math.inf)
+    # (float32's range: the updates are float32, and 1e39 would make every weight -inf)
+    unit, finite = (lambda v: 0.0 <= v < 1.0), (lambda v: 0.0 <= v <= _F32_MAX)
     _check_setting("b1", b1, unit, "in [0, 1)")
     _check_setting("b2", b2, unit, "in [0, 1)")
-    _check_setting("eps", eps, finite, "finite and >= 0")
-    _check_setting("weight_decay", weight_decay, finite, "finite and >= 0")
+    _check_setting("eps", eps, finite, "a finite float32 >= 0")
+    _check_setting("weight_decay", weight_decay, finite, "a finite float32 >= 0")
     if not callable(learning_rate):
-        _check_setting("learning_rate", learning_rate, finite, "finite and >= 0")
+        _check_setting("learning_rate", learning_rate, finite, "a finite float32 >= 0")
     if grad_clip is not None:
         _check_setting("grad_clip", grad_clip, lambda v: not math.isnan(v), "a number or None")
     parts = []
@@ -136,7 +142,9 @@ def _check_setting(name: str, value: Any, ok: Callable[[float], bool], expected:
     values (``optax.inject_hyperparams`` inside ``jit``) pass unchecked."""
     if isinstance(value, jax.core.Tracer):
         return
-    if not ok(float(value)):
+    # A real scalar: float("1.0") would pass a string, which then fails in a comparison.
+    real = not isinstance(value, (str, bytes, bool, np.bool_)) and jnp.ndim(value) == 0
+    if not (real and jnp.isrealobj(value) and ok(float(value))):
         raise ValueError(f"make_optimizer: {name} must be {expected}, got {value!r}")
 
 

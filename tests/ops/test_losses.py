@@ -87,6 +87,13 @@ def test_bad_shapes_raise():
         cross_entropy(logits, jnp.zeros((B, T), jnp.int32), jnp.ones((B,), bool))
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(logits, jnp.zeros((B, T), jnp.int32), label_smoothing=1.0)
+    # A [V] eps broadcast into a loss under jit, and failed as NumPy's truth-value error
+    # outside it.
+    eps = jnp.full((V,), 0.1)
+    with pytest.raises(ValueError, match=r"label_smoothing must be a scalar, got shape \(7,\)"):
+        cross_entropy(logits, jnp.zeros((B, T), jnp.int32), label_smoothing=eps)
+    with pytest.raises(ValueError, match=r"label_smoothing must be a scalar, got shape \(7,\)"):
+        jax.jit(cross_entropy)(logits, jnp.zeros((B, T), jnp.int32), label_smoothing=eps)
     out_of_range = r"cross_entropy: targets must lie in \[0, 7\), got values in \[7, 7\]"
     with pytest.raises(ValueError, match=out_of_range):
         cross_entropy(logits, jnp.full((B, T), V, jnp.int32))

@@ -149,6 +149,9 @@ def test_token_ids_are_validated():
         data.lm_dataset(tokens, batch_size=2, seq_len=3, seed=0, vocab_size=5)
     with pytest.raises(ValueError, match="the token stream holds 4 tokens, too short"):
         data.lm_dataset(_stream(4), batch_size=2, seq_len=4, seed=0, vocab_size=4)
+    with pytest.raises(ValueError, match=r"validation split: token ids must lie in \[0, 3\)"):
+        data.lm_dataset(_stream(8), batch_size=2, seq_len=3, seed=0, vocab_size=3,
+                        name="validation split")  # fmt: skip
     with pytest.raises(ValueError, match=r"the validation split holds 4 tokens.* 5 tokens"):
         data.lm_dataset(
             _stream(4), batch_size=2, seq_len=4, seed=0, vocab_size=4, name="validation split"

@@ -108,6 +108,9 @@ def test_gradient_accumulation_equals_one_big_batch(toy):
         )
     for x, y in zip(jax.tree.leaves(s_acc.params), jax.tree.leaves(s_big.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    for bad in (0, 2.0, True):  # 2.0 failed at the first step, True ran as 1
+        with pytest.raises(ValueError, match=r"make_train_step: grad_accum_steps must be an int"):
+            make_train_step(loss, toy.optimizer(), grad_accum_steps=bad)
     with pytest.raises(ValueError, match="not divisible by grad_accum_steps=4"):
         accum(s_acc, next(it))  # 6 rows, not 4 microbatches
 

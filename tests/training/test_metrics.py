@@ -7,6 +7,7 @@ import sys
 import time
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxattn.training.metrics import Mean, MetricsWriter, read_metrics, reduce_means
@@ -41,6 +42,12 @@ def test_writer_lines_parse_and_mirror_to_tensorboard(tmp_path):
     assert records[2]["train_loss"] is None  # NaN is written as null.
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_a_non_scalar_metric_is_named(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        with pytest.raises(ValueError, match=r"train_loss at step 3 must be a scalar.*\(2,\)"):
+            writer.write(3, {"train_loss": np.ones(2), "tokens_per_s": None})
 
 
 def test_writer_appends_across_runs(tmp_path):

@@ -48,6 +48,12 @@ def test_schedule_rejects_bad_steps():
     for lr, min_lr in ((-1e-3, 0.0), (1e-3, -1.0), (float("nan"), 0.0), (1e39, 0.0)):
         with pytest.raises(ValueError, match="finite float32 values >= 0"):
             optim.learning_rate_schedule(lr, warmup_steps=1, lr_decay_steps=5, min_lr=min_lr)
+    # Step counts are ints: 2.5 bent the warmup ramp, None failed in a comparison.
+    bad_steps = [(2.5, 5, "warmup_steps"), (None, 5, "warmup_steps")]
+    bad_steps += [(1, True, "lr_decay_steps"), (1, -1, "lr_decay_steps")]
+    for warmup, decay, name in bad_steps:
+        with pytest.raises(ValueError, match=rf"learning_rate_schedule: {name} must be an int"):
+            optim.learning_rate_schedule(1e-3, warmup_steps=warmup, lr_decay_steps=decay, min_lr=0)
 
 
 def _params():
@@ -266,11 +272,18 @@ def test_schedule_without_a_cosine_phase_is_finite(warmup):
         (dict(b1=1.0), "b1 must be in [0, 1), got 1.0"),  # NaN weights a step later
         (dict(b2=-0.5), "b2 must be in [0, 1), got -0.5"),
         (dict(b1=float("nan")), "b1 must be in [0, 1), got nan"),
-        (dict(eps=-1.0), "eps must be finite and >= 0, got -1.0"),  # climbs the gradient
-        (dict(weight_decay=-0.1), "weight_decay must be finite and >= 0, got -0.1"),
-        (dict(weight_decay=float("inf")), "weight_decay must be finite and >= 0, got inf"),
+        (dict(eps=-1.0), "eps must be a finite float32 >= 0, got -1.0"),  # climbs the gradient
+        (dict(weight_decay=-0.1), "weight_decay must be a finite float32 >= 0, got -0.1"),
+        (dict(weight_decay=float("inf")), "weight_decay must be a finite float32 >= 0, got inf"),
         (dict(grad_clip=float("nan")), "grad_clip must be a number or None, got nan"),
-        (dict(learning_rate=-1e-3), "learning_rate must be finite and >= 0, got -0.001"),
+        (dict(learning_rate=-1e-3), "learning_rate must be a finite float32 >= 0, got -0.001"),
+        # Beyond float32: every weight -inf after one update.
+        (dict(learning_rate=1e39), "learning_rate must be a finite float32 >= 0, got 1e+39"),
+        (dict(weight_decay=1e39), "weight_decay must be a finite float32 >= 0, got 1e+39"),
+        # Not real scalars: a string failed in a comparison, True read as 1.
+        (dict(grad_clip="1.0"), "grad_clip must be a number or None, got '1.0'"),
+        (dict(b1=True), "b1 must be in [0, 1), got True"),
+        (dict(eps=np.ones(2)), "eps must be a finite float32 >= 0, got array"),
     ],
 )
 def test_bad_adamw_settings_are_refused_by_name(setting, message):
