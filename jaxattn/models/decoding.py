@@ -80,6 +80,23 @@ def check_sampling(
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+def check_sampling_key(rng: Any, temperature: float, where: str) -> None:
+    """Raise ``ValueError`` naming ``rng`` when sampling (``temperature != 0``) has no PRNG
+    key: None (fine for greedy decoding) or a plain int seed would otherwise fail inside
+    JAX as "unexpected PRNG key type", naming neither."""
+    if temperature == 0.0:
+        return
+    dtype = getattr(rng, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and jnp.ndim(rng) >= 1 and jnp.shape(rng)[-1] == 2
+    if not (typed or raw):
+        got = repr(rng) if dtype is None else f"{dtype} {jnp.shape(rng)}"
+        raise ValueError(
+            f"{where}: sampling (temperature={temperature}) needs an rng key such as "
+            f"jax.random.key(seed), got {got}"
+        )
+
+
 def _check_integer_ids(ids: Array, what: str) -> None:
     # Cast to int32 below: float ids would be truncated (1.7 -> 1), bools read as 0/1.
     if not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -214,6 +231,7 @@ def sample_logits(
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if logits.ndim != 2:
         raise ValueError(f"sample_logits: logits must be [B, V], got shape {logits.shape}")
+    check_sampling_key(rng, 0.0 if greedy else temperature, "sample_logits")
     noise = None if greedy or temperature == 0.0 else _gumbel(rng, logits.shape)
     return _pick(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -251,6 +269,7 @@ def generate(
       ``[B, T0 + max_new_tokens]`` int32.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    check_sampling_key(rng, temperature, "generate")
     eos_id = check_eos_id(eos_id, "generate")
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] == 0:

@@ -671,6 +671,26 @@ def test_generate_rejects_bad_requests():
         gpt_module.generate(w, BASE, jnp.array([[1, 13]]), 2, rng=key(0))
 
 
+def test_sampling_without_a_key_names_rng():
+    """None (fine for greedy decoding) or an int seed failed inside JAX as "unexpected PRNG
+    key type", naming neither rng nor the function."""
+    w = random_weights(BASE)
+    prompt = tokens_for(BASE, (1, 4))
+    for rng, got in ((None, "got None"), (1, "got 1"), (jnp.zeros(3), r"got float32 \(3,\)")):
+        match = rf"generate: sampling \(temperature=1.0\) needs an rng key .*{got}"
+        with pytest.raises(ValueError, match=match):
+            gpt_module.generate(w, BASE, prompt, 2, rng=rng)
+        with pytest.raises(ValueError, match=match):
+            decoding.generate(lambda t, c: (jnp.zeros((1, t.shape[1], 5)), c), None, prompt, 2,
+                              rng=rng)  # fmt: skip
+        with pytest.raises(ValueError, match=rf"sample_logits: sampling .*{got}"):
+            decoding.sample_logits(rng, jnp.zeros((1, 5)))
+    # Greedy decoding needs none; a raw uint32[2] key still samples.
+    gpt_module.generate(w, BASE, prompt, 2, rng=None, temperature=0.0)
+    decoding.sample_logits(None, jnp.zeros((1, 5)), greedy=True)
+    decoding.sample_logits(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+
+
 def test_gpt_generate_compiles_once(monkeypatch):
     # A config no other test uses, so the compilation cache starts cold.
     config = dataclasses.replace(BASE, vocab_size=17)
