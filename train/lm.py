@@ -130,7 +130,7 @@ def sample_text(params, model: GPTConfig, tokenizer: data.CharTokenizer, *, rng)
 
 def print_samples(params, model, tokenizer, seed: int) -> None:
     for i, text in enumerate(sample_text(params, model, tokenizer, rng=jax.random.key(seed))):
-        print(f"---------- sample {i} ----------\n{text}")
+        print_once(f"---------- sample {i} ----------\n{text}")
 
 
 def lm_optimizer(config: ml_collections.ConfigDict):
@@ -166,8 +166,9 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
     mesh, batch_sharding = setup_mesh(config)
     rows = config.batch_size * config.grad_accum_steps
+    # config.batch_size first: it is what the user sets, and if it splits so does rows.
+    val_rows = sharding.process_batch_slice(batch_sharding, config.batch_size, "config.batch_size")
     train_rows = sharding.process_batch_slice(batch_sharding, rows)
-    val_rows = sharding.process_batch_slice(batch_sharding, config.batch_size)
     optimizer, schedule = lm_optimizer(config)
     train_ds = data.lm_dataset(
         train_ids, batch_size=rows, seq_len=model.block_size, seed=config.seed,
@@ -262,7 +263,8 @@ def sample(workdir: epath.Path) -> None:
         tokenizer = data.CharTokenizer(meta["vocab"])
         _check_sampling(model, tokenizer)
         state, _ = ckpt.restore(_abstract_state(model, config))
-    print(f"Sampling from {ckpt.step_dir(int(state.step))}")
+    # Every process restores and samples (the same tokens); process 0 prints.
+    print_once(f"Sampling from {ckpt.step_dir(int(state.step))}")
     print_samples(state.params, model, tokenizer, _SAMPLE_SEED.value)
 
 

@@ -335,7 +335,9 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     # Settings errors (loop, mesh, batch split, optimizer) before the workdir is created.
     loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
     mesh, batch_sharding = setup_mesh(config)
-    process_rows = sharding.process_batch_slice(batch_sharding, config.batch_size)
+    process_rows = sharding.process_batch_slice(
+        batch_sharding, config.batch_size, "config.batch_size"
+    )
     optimizer, schedule = optimizer_from_config(config)
     check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
@@ -466,10 +468,11 @@ def translate_only(workdir: Path, sentences: list[str]) -> None:
     for sentence in sentences:
         unknown = td.unknown_pieces(sp, sentence)
         if unknown:
-            print(f"note: --translate={sentence!r}: {', '.join(map(repr, unknown))} not in the "
-                  "sentencepiece vocabulary, translated as <unk>", file=sys.stderr)  # fmt: skip
+            pieces = ", ".join(map(repr, unknown))
+            print_once(f"note: --translate={sentence!r}: {pieces} not in the sentencepiece "
+                       "vocabulary, translated as <unk>", file=sys.stderr)  # fmt: skip
     for s, ids in zip(sentences, translate_ids(params, kind, model, config, src)):
-        print(f"{s} -> {sp.decode(ids)}")
+        print_once(f"{s} -> {sp.decode(ids)}")  # (every process translates; 0 prints)
 
 
 def bleu_only(workdir: Path) -> None:

@@ -108,19 +108,35 @@ def _rankable(value: Any) -> float:
     return math.inf if math.isnan(value) else value
 
 
-def _check_process_count(data_dir: epath.Path) -> None:
-    """grain keeps one iterator position per process (``process_<i>-of-<n>.json``): resuming
-    with another number of processes cannot see the batches the run would have."""
-    counts = set()
+def _position_for_other_process_count(data_dir: epath.Path) -> Any | None:
+    """The data position to resume from when ``data_dir`` was saved by another number of
+    processes; None when this run has as many (grain then reads this process's file).
+
+    grain keeps one iterator position per process (``process_<i>-of-<n>.json``). The
+    project's pipelines (``data.lm_dataset``, the translation batches) draw one global
+    stream of batches, each process taking its rows of every batch, so every process saves
+    the same position and any number of processes resumes it exactly. Positions that
+    differ cannot be mapped onto another process count: ``CheckpointError``.
+    """
+    saved: dict[str, int] = {}
     for path in data_dir.iterdir():
         match = re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name)
         if match:
-            counts.add(int(match.group(1)))
-    if counts and jax.process_count() not in counts:
+            saved[path.name] = int(match.group(1))
+    counts = set(saved.values())
+    if not counts or jax.process_count() in counts:
+        return None
+    try:
+        positions = [json.loads((data_dir / name).read_text()) for name in sorted(saved)]
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{data_dir}: cannot read a data position: {e}") from e
+    if any(p != positions[0] for p in positions):
         raise CheckpointError(
-            f"{data_dir} holds the data positions of a run of {max(counts)} processes; this "
-            f"run has {jax.process_count()}: resume with the same number of processes"
+            f"{data_dir} holds the data positions of a run of {max(counts)} processes, and "
+            f"they differ; this run has {jax.process_count()}: resume with the same number "
+            "of processes"
         )
+    return positions[0]
 
 
 def tree_signature(tree: Any) -> list[list[Any]]:
@@ -318,7 +334,8 @@ class Checkpointer:
         Args:
           target: a pytree like the saved state (arrays or ``jax.ShapeDtypeStruct``).
           step: which step; None for the latest.
-          data_iter: if given, its position is set to the saved one (in place).
+          data_iter: if given, its position is set to the saved one (in place); also from a
+            run of another number of processes, when all of them saved the same position.
 
         Returns:
           ``(state, metadata)``.
@@ -339,12 +356,16 @@ class Checkpointer:
                 raise CheckpointError(
                     f"checkpoint {self.step_dir(step)} has no data iterator state to resume from"
                 )
-            _check_process_count(data_dir)
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            position = _position_for_other_process_count(data_dir)
+            if position is None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise self._corrupt(step, _first_line(e)) from e
+        if data_iter is not None and "data" not in items:  # saved by another process count
+            data_iter.set_state(position)
+            data_iter.start_prefetch()  # (as grain's own restore does)
         return restored["state"], meta
 
     def _corrupt(self, step: int, detail: str) -> CheckpointError:

@@ -34,6 +34,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxattn.ops._checks import as_size
+
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch (leading) axis of every input is split over both data-parallel axes.
 BATCH_AXES = ("data", "fsdp")
@@ -62,8 +64,10 @@ def make_mesh(
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    if any(not isinstance(s, int) or (s < 1 and s != -1) for s in sizes.values()):
+    # (True read as 1; a NumPy integer from a config file is a size like any int)
+    if any(as_size(s, -1) in (None, 0) for s in sizes.values()):
         raise ValueError(f"mesh sizes must be integers >= 1 (or one -1), got {sizes}")
+    sizes = {name: as_size(s, -1) for name, s in sizes.items()}
     free = [name for name, s in sizes.items() if s == -1]
     if len(free) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {sizes}")
@@ -182,20 +186,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def process_batch_slice(sharding: NamedSharding, global_batch_size: int) -> slice:
+def process_batch_slice(
+    sharding: NamedSharding, global_batch_size: int, name: str = "batch size"
+) -> slice:
     """The rows of a ``[global_batch_size, ...]`` batch that this process's devices hold.
 
     With the batch split over ``data`` x ``fsdp`` and devices grouped by process, they are
     one contiguous range; a process loads only those rows.
 
     Raises:
-      ValueError: the batch does not split evenly over the devices, or this process's rows
-        are not contiguous.
+      ValueError: the batch does not split evenly over the devices (the error names the
+        size as ``name``), or this process's rows are not contiguous.
     """
     shards = math.prod(sharding.mesh.shape[a] for a in BATCH_AXES)
     if global_batch_size % shards:
         raise ValueError(
-            f"batch size {global_batch_size} does not split over data x fsdp = {shards} devices"
+            f"{name} {global_batch_size} does not split over data x fsdp = {shards} devices"
         )
     index_map = sharding.addressable_devices_indices_map((global_batch_size,))
     rows = sorted({(s[0].start or 0, s[0].stop or global_batch_size) for s in index_map.values()})
@@ -214,8 +220,10 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
       sharding: from ``batch_sharding``.
 
     Returns:
-      The same pytree of ``jax.Array``s ``[local_rows * processes, ...]`` split by
-      ``sharding`` (the global size is inferred: every process holds equally many rows).
+      The same pytree of ``jax.Array``s ``[global_rows, ...]`` split by ``sharding``, the
+      global size inferred from the local rows and the mesh: ``local_rows * processes``
+      when the batch axes span the processes, ``local_rows`` when every process holds the
+      whole batch (e.g. a ``tensor`` axis across processes).
     """
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch

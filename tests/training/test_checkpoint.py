@@ -2,6 +2,7 @@
 
 import gc
 import hashlib
+import json
 import re
 
 import jax
@@ -157,16 +158,31 @@ def test_missing_checkpoint_errors(tmp_path, toy):
             ckpt.restore(toy.state(), data_iter=toy.iterator())
 
 
-def test_resume_with_another_process_count_is_named(tmp_path, toy):
+def test_resume_with_another_process_count(tmp_path, toy):
+    """Every process of a run saves the same position of the one global stream (each takes
+    its rows of every batch), so another number of processes resumes it; positions that
+    differ are refused by name."""
     state, it = _trained_state(toy)
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(3, state, data_iter=it)
     data_dir = tmp_path / "3" / "data"
     (written,) = [p for p in data_dir.iterdir() if p.name.startswith("process_")]
     assert written.name == "process_0-of-1.json"
-    written.rename(data_dir / "process_0-of-2.json")  # as process 0 of a 2-process run
+    # As a 2-process run would have saved it.
+    written.rename(data_dir / "process_0-of-2.json")
+    (data_dir / "process_1-of-2.json").write_text((data_dir / "process_0-of-2.json").read_text())
+    want = [next(it)["x"] for _ in range(2)]
     with Checkpointer(tmp_path) as ckpt:
-        with pytest.raises(CheckpointError, match="a run of 2 processes; this run has 1"):
+        resumed = toy.iterator()
+        ckpt.restore(toy.state(), data_iter=resumed)
+    for batch in want:
+        np.testing.assert_array_equal(next(resumed)["x"], batch)
+    # Positions that differ (a per-process stream) cannot be mapped onto one process.
+    other = toy.iterator()
+    next(other)
+    (data_dir / "process_1-of-2.json").write_text(json.dumps(other.get_state()))
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError, match="a run of 2 processes, and they differ; this"):
             ckpt.restore(toy.state(), data_iter=toy.iterator())
 
 

@@ -37,12 +37,19 @@ def test_make_mesh_uses_every_device_and_names_axes():
         ((2, 1, 1), "product must equal the device count"),
         ((-1, -1, 1), "only one mesh axis may be -1"),
         ((0, 1, 1), "integers >= 1"),
+        ((True, 1, 1), "integers >= 1"),  # read as 1 before
+        ((1.0, 1, 1), "integers >= 1"),
     ],
 )
 def test_make_mesh_rejects_sizes_that_do_not_fit(sizes, message):
     devices = jax.devices()[:1]
     with pytest.raises(ValueError, match=message):
         sharding.make_mesh(*sizes, devices=devices)
+
+
+def test_make_mesh_takes_numpy_integers():
+    mesh = sharding.make_mesh(np.int64(1), np.int32(-1), 1, devices=jax.devices()[:1])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
 
 
 def test_leaf_spec_names_trailing_axes_and_skips_the_layer_axis():

@@ -91,6 +91,10 @@ try:
     sharding.process_batch_slice(batch_sharding, 6)
 except ValueError as e:
     out["error"] = str(e)
+try:  # as the scripts name it
+    sharding.process_batch_slice(batch_sharding, 6, "config.batch_size")
+except ValueError as e:
+    out["named"] = str(e)
 print(json.dumps(out))
 """
 
@@ -106,3 +110,4 @@ def test_mesh_sizes_and_batch_rows_on_8_devices():
     ]
     assert out["rows"] == [[0, 2], [4, 6], [8, 10], [12, 14]]
     assert out["error"] == "batch size 6 does not split over data x fsdp = 4 devices"
+    assert out["named"] == "config.batch_size 6 does not split over data x fsdp = 4 devices"
