@@ -269,8 +269,8 @@ def generate(
       ``[B, T0 + max_new_tokens]`` int32.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    check_sampling_key(rng, temperature, "generate")
     eos_id = check_eos_id(eos_id, "generate")
+    check_sampling_key(rng, temperature, "generate")
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"generate: prompt must be [B, T0] with T0 >= 1, got {prompt.shape}")

@@ -823,8 +823,8 @@ def generate(
     check_gpt_weights(weights, config, "generate", per_layer_ok=False)  # (it unstacks them itself)
     # Validate the sampling settings eagerly, before anything is traced.
     decoding.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    decoding.check_sampling_key(rng, temperature, "generate")
     eos_id = decoding.check_eos_id(eos_id, "generate", config.vocab_size)
+    decoding.check_sampling_key(rng, temperature, "generate")
     start = None
     if prompt_lengths is not None:
         b, t0 = prompt.shape
