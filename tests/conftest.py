@@ -35,3 +35,37 @@ def rng() -> jax.Array:
 def np_rng() -> np.random.Generator:
     """A seeded NumPy generator for reference inputs."""
     return np.random.default_rng(0)
+
+
+def _correlated_draws(trees) -> list[tuple[str, str, float]]:
+    """Pairs of random leaves (across ``trees``) whose leading entries correlate.
+
+    A key used for two draws gives them equal leading entries (``normal(k, (T, D))`` is
+    ``normal(k, (V, D))[:T]``), scaled by each leaf's std; independent draws of 8 or more
+    entries do not correlate near 1. Constant leaves (zero biases, unit norms) are skipped.
+    """
+    leaves = []
+    for i, tree in enumerate(trees):
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            flat = np.asarray(x, np.float64).ravel()
+            if flat.size >= 8 and np.ptp(flat) > 0:
+                leaves.append((f"[{i}]{jax.tree_util.keystr(path)}", flat))
+    pairs = []
+    for a, (name_a, x) in enumerate(leaves):
+        for name_b, y in leaves[a + 1 :]:
+            n = min(x.size, y.size)
+            if n >= 8 and abs(np.corrcoef(x[:n], y[:n])[0, 1]) > 0.9:
+                pairs.append((name_a, name_b, float(np.corrcoef(x[:n], y[:n])[0, 1])))
+    return pairs
+
+
+@pytest.fixture
+def assert_independent_draws():
+    """``check(*trees)``: no two random leaves of the given init trees share their draws
+    (a key reused by mistake ties parameters together, which shape and std checks miss)."""
+
+    def check(*trees) -> None:
+        pairs = _correlated_draws(trees)
+        assert not pairs, f"leaves drawn from one key: {pairs}"
+
+    return check

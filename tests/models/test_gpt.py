@@ -224,7 +224,7 @@ def test_param_shapes_and_count(config):
     assert (w.blocks.attn.b_q is None) == (not bias)
 
 
-def test_init_matches_nanogpt():
+def test_init_matches_nanogpt(assert_independent_draws):
     # Same shapes as BASE apart from the init-irrelevant fields: init compiles once for both.
     config = dataclasses.replace(BASE, dropout=0.1, dtype="bfloat16", remat=True)
     w = init_gpt(key(1), config)
@@ -243,8 +243,13 @@ def test_init_matches_nanogpt():
         np.testing.assert_array_equal(arr, 0.0)
     np.testing.assert_array_equal(w.blocks.ln1.scale, 1.0)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(w))  # params stay float32
-    # vmap over split keys: every layer gets its own draw.
-    assert not np.allclose(w.blocks.attn.w_q[0], w.blocks.attn.w_q[1])
+    # Every leaf and every layer its own draw (a reused key ties them together).
+    layers = [jax.tree.map(lambda a, i=i: a[i], w.blocks) for i in range(config.num_layers)]
+    assert_independent_draws(w._replace(blocks=None), *layers)
+    # The untied head's draw is nanoGPT's std too.
+    untied = init_gpt(key(1), dataclasses.replace(config, tie_embeddings=False))
+    np.testing.assert_allclose(np.std(np.asarray(untied.head.w)), 0.02, rtol=0.2)
+    assert_independent_draws(untied._replace(blocks=None))
     # Deterministic in the key.
     np.testing.assert_array_equal(init_gpt(key(1), BASE).blocks.mlp.up.w, w.blocks.mlp.up.w)
 

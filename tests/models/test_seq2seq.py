@@ -564,6 +564,13 @@ def test_init_follows_attention_dim_and_forget_bias(monkeypatch):
     assert seen == [-0.5, -0.5]  # encoder, decoder
 
 
+@pytest.mark.parametrize("config", [VARIANTS[0], VARIANTS[3]])
+def test_init_gives_every_leaf_its_own_draw(config, assert_independent_draws):
+    """The encoder and decoder LSTMs, the embeddings and the attention each their own key
+    (one reused would start two of them equal)."""
+    assert_independent_draws(init_seq2seq(jax.random.key(2), config))
+
+
 def test_translate_rows_do_not_depend_on_their_neighbours(np_rng):
     # Beam search repeats each sentence's encoder outputs k times: repeat, not tile, or
     # beam j of sentence b reads sentence (b*k + j) mod B's source.

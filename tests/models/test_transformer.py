@@ -329,6 +329,25 @@ def test_translate_passes_its_settings_to_the_search(np_rng, search_calls):
     assert search_calls == [dict(beam_size=3, max_len=3, length_penalty=1.375)]
 
 
+def test_init_draws_each_leaf_at_its_fan_in(assert_independent_draws):
+    """Embeddings N(0, 1/D) (unit variance after the sqrt(D) scale), every projection
+    N(0, 1/fan_in), and every leaf, layer and attention block its own draw."""
+    w = init_transformer(jax.random.key(3), POST_LN_UNTIED)
+    d, f = POST_LN_UNTIED.embed_dim, POST_LN_UNTIED.mlp_ratio * POST_LN_UNTIED.embed_dim
+    for arr, fan_in in [
+        (w.src_embedding.table, d), (w.tgt_embedding.table, d),
+        (w.encoder.attn.w_q, d), (w.encoder.attn.w_o, d), (w.encoder.mlp.up.w, d),
+        (w.encoder.mlp.down.w, f), (w.decoder.cross_attn.w_v, d), (w.head.w, d),
+    ]:  # fmt: skip
+        np.testing.assert_allclose(np.std(np.asarray(arr)), 1 / math.sqrt(fan_in), rtol=0.2)
+    per_layer = lambda stack, n: [jax.tree.map(lambda a, i=i: a[i], stack) for i in range(n)]
+    assert_independent_draws(
+        w._replace(encoder=None, decoder=None),
+        *per_layer(w.encoder, POST_LN_UNTIED.num_encoder_layers),
+        *per_layer(w.decoder, POST_LN_UNTIED.num_decoder_layers),
+    )
+
+
 def test_init_cache_dtype():
     bf16 = dataclasses.replace(BASE, dtype="bfloat16")
     cache = init_cache(bf16, 2, 5)

@@ -914,14 +914,16 @@ def test_local_window_in_every_entry_point(np_rng, is_causal, window):
         multi_head_attention(w, x_q, x_kv, return_weights=True, local_window_size=-3)
 
 
-def test_init_multi_head_attention(rng):
+def test_init_multi_head_attention(rng, assert_independent_draws):
     w = init_multi_head_attention(rng, 24, 6, kv_dim=11, num_kv_heads=3, out_dim=13)
+    assert_independent_draws(w)  # w_v from w_k's key would equal w_k
     shapes = [None if a is None else a.shape for a in w]
     assert shapes == [(24, 6, 4), (11, 3, 4), (11, 3, 4), (6, 4, 13), (6, 4), (3, 4), (3, 4), (13,)]
     assert all(a.dtype == jnp.float32 for a in w)
     assert not np.any(w.b_q) and not np.any(w.b_o)
     np.testing.assert_allclose(np.std(w.w_q), 1 / np.sqrt(24), rtol=0.15)
     np.testing.assert_allclose(np.std(w.w_k), 1 / np.sqrt(11), rtol=0.15)
+    np.testing.assert_allclose(np.std(w.w_v), 1 / np.sqrt(11), rtol=0.15)  # kv_dim's fan-in
     np.testing.assert_allclose(np.std(w.w_o), 1 / np.sqrt(24), rtol=0.15)
     # Explicit stds and no biases (same shapes: the eager PRNG compiles are reused).
     w2 = init_multi_head_attention(

@@ -367,9 +367,10 @@ def test_bfloat16_inputs_compute_in_bfloat16(rng, np_rng):
     np.testing.assert_allclose(ys.astype(jnp.float32), ys32, atol=5e-2)
 
 
-def test_init_matches_torch_ranges(rng):
+def test_init_matches_torch_ranges(rng, assert_independent_draws):
     k = 1.0 / np.sqrt(HID)
     w = init_lstm(rng, IN, HID)
+    assert_independent_draws(w)  # w_hh from w_ih's key would be w_ih's leading rows
     assert (w.w_ih.shape, w.w_hh.shape, w.b.shape) == ((IN, 4 * HID), (HID, 4 * HID), (4 * HID,))
     for a, bound in [(w.w_ih, k), (w.w_hh, k), (w.b, 2 * k)]:
         assert a.dtype == jnp.float32
@@ -379,14 +380,18 @@ def test_init_matches_torch_ranges(rng):
     np.testing.assert_allclose(delta[HID : 2 * HID], 1.0, atol=1e-6)
     np.testing.assert_array_equal(np.delete(delta, np.s_[HID : 2 * HID]), 0.0)
     np.testing.assert_array_equal(shifted.w_ih, w.w_ih)
+    # PyTorch's effective bias, bias_ih + bias_hh: the sum of two independent U(-k, k),
+    # variance 2k²/3 (one draw doubled would be uniform on [-2k, 2k], variance 4k²/3).
+    wide = init_lstm(rng, 3, 512)
+    np.testing.assert_allclose(np.var(wide.b), 2 / (3 * 512), rtol=0.1)  # 2048 samples
 
 
-def test_init_lstm_stack_structure(rng):
+def test_init_lstm_stack_structure(rng, assert_independent_draws):
     layers = init_lstm_stack(rng, IN, HID, num_layers=3, bidirectional=True)
     assert len(layers) == 3 and all(isinstance(w, BidirectionalWeights) for w in layers)
     assert layers[0].forward.w_ih.shape == (IN, 4 * HID)
     assert layers[1].backward.w_ih.shape == (2 * HID, 4 * HID)
-    assert not np.allclose(layers[0].forward.w_hh, layers[0].backward.w_hh)
+    assert_independent_draws(*layers)  # each layer and direction its own key
     uni = init_lstm_stack(rng, IN, HID, num_layers=2, dtype=jnp.bfloat16)
     assert all(isinstance(w, LSTMWeights) for w in uni)
     assert uni[1].w_ih.shape == (HID, 4 * HID) and uni[1].b.dtype == jnp.bfloat16
