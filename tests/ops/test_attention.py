@@ -397,6 +397,19 @@ def test_bfloat16_inputs(np_rng):
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("kv_heads", [N, 3])  # multi-head and grouped-query einsums
+def test_bfloat16_inputs_keep_float32_logits_and_softmax(np_rng, kv_heads):
+    """The probabilities of bf16 q and k match float64 on the same bf16-rounded inputs to
+    float32 precision; logits rounded to bf16 before the softmax would be off by ~4e-3."""
+    q, k, _ = (x.astype(jnp.bfloat16) for x in qkv(np_rng, kv_heads))
+    probs = np.asarray(attention_weights(q, k, scale=1.0))  # [B, N, T, S], scale 1: logits ~8
+    assert probs.dtype == np.float32
+    qf, kf = (np.asarray(x, np.float64) for x in (q, k))
+    logits = np.einsum("btnh,bsnh->bnts", qf, np.repeat(kf, N // kv_heads, axis=2))
+    want = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(probs, want / want.sum(-1, keepdims=True), atol=1e-6, rtol=0)
+
+
 def test_attention_dropout(rng, np_rng):
     # With v the identity over keys (Hv = S), each output row IS the dropped probability row.
     rate = 0.4
