@@ -54,8 +54,8 @@ def _correlated_draws(trees) -> list[tuple[str, str, float]]:
     for a, (name_a, x) in enumerate(leaves):
         for name_b, y in leaves[a + 1 :]:
             n = min(x.size, y.size)
-            if n >= 8 and abs(np.corrcoef(x[:n], y[:n])[0, 1]) > 0.9:
-                pairs.append((name_a, name_b, float(np.corrcoef(x[:n], y[:n])[0, 1])))
+            if n >= 8 and abs(r := float(np.corrcoef(x[:n], y[:n])[0, 1])) > 0.9:
+                pairs.append((name_a, name_b, r))
     return pairs
 
 

@@ -205,8 +205,8 @@ def check_config_keys(config: ml_collections.ConfigDict, default_file: str | os.
         return {key for key in _flatten(tree.to_dict()) if key.split(".")[0] != "model"}
 
     want, got = keys(_load_config_file(default_file)), keys(config)
-    for key in sorted(got - want):
-        raise _unknown_key(key, want, source)
+    if unknown := sorted(got - want):
+        raise _unknown_key(unknown[0], want, source)
     if missing := sorted(want - got):
         raise ValueError(
             f"{source} does not set {', '.join(missing)}: a config for this script sets "

@@ -350,6 +350,7 @@ class Checkpointer:
         check_compatible(meta["tree_signature"], target, where=f"checkpoint {self.step_dir(step)}")
         abstract = jax.tree.map(_abstract, target)
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract)}
+        position = None  # set when the data positions were saved by another process count
         if data_iter is not None:
             data_dir = self.step_dir(step) / "data"
             if not data_dir.is_dir():
@@ -363,7 +364,7 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise self._corrupt(step, _first_line(e)) from e
-        if data_iter is not None and "data" not in items:  # saved by another process count
+        if position is not None:
             data_iter.set_state(position)
             data_iter.start_prefetch()  # (as grain's own restore does)
         return restored["state"], meta

@@ -453,8 +453,8 @@ class Trainer:
             )
         # A NaN val_loss would otherwise be saved as the step's metric (and compare as
         # neither better nor worse than the best): stop as for a NaN train loss.
-        val_loss = result.get("val_loss")
-        if val_loss is not None and not math.isfinite(val_loss):
+        val_loss = result["val_loss"]
+        if not math.isfinite(val_loss):
             self._stop_non_finite(f"val_loss is {val_loss} at step {self.step}")
         return result
 

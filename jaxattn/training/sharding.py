@@ -63,11 +63,11 @@ def make_mesh(
       ValueError: naming the sizes and the device count when they do not fit.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    given = {"data": data, "fsdp": fsdp, "tensor": tensor}
     # (True read as 1; a NumPy integer from a config file is a size like any int)
-    if any(as_size(s, -1) in (None, 0) for s in sizes.values()):
-        raise ValueError(f"mesh sizes must be integers >= 1 (or one -1), got {sizes}")
-    sizes = {name: as_size(s, -1) for name, s in sizes.items()}
+    sizes = {name: as_size(s, -1) for name, s in given.items()}
+    if any(s in (None, 0) for s in sizes.values()):
+        raise ValueError(f"mesh sizes must be integers >= 1 (or one -1), got {given}")
     free = [name for name, s in sizes.items() if s == -1]
     if len(free) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {sizes}")

@@ -109,23 +109,6 @@ def split_pairs(
     return Split(*out)
 
 
-def _train_sentencepiece(spm, sentences: Sequence[str], model_prefix, vocab_size: int) -> None:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_prefix=str(model_prefix),
-        vocab_size=vocab_size,
-        model_type="unigram",
-        character_coverage=1.0,
-        pad_id=PAD_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        unk_id=UNK_ID,
-        hard_vocab_limit=False,
-        num_threads=2,
-        minloglevel=2,
-    )
-
-
 def train_sentencepiece(
     sentences: Sequence[str], model_prefix: str | os.PathLike, *, vocab_size: int
 ):
@@ -157,7 +140,20 @@ def train_sentencepiece(
             raise ValueError("train_sentencepiece: no sentences to train on")
         model_file.parent.mkdir(parents=True, exist_ok=True)
         try:
-            _train_sentencepiece(spm, sentences, model_prefix, vocab_size)
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences),
+                model_prefix=str(model_prefix),
+                vocab_size=vocab_size,
+                model_type="unigram",
+                character_coverage=1.0,
+                pad_id=PAD_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                unk_id=UNK_ID,
+                hard_vocab_limit=False,
+                num_threads=2,
+                minloglevel=2,
+            )
         except RuntimeError as e:  # e.g. a vocab_size below the corpus's character count
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise ValueError(

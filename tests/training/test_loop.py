@@ -145,7 +145,17 @@ def test_eval_step_is_deterministic_loss(toy):
     assert set(metrics) == {"val_loss", "val_mae"}
 
 
-def _fit(toy, workdir, *, num_steps, dataset=None, state=None, eval_step=None, **loop_kwargs):
+def _fit(
+    toy,
+    workdir,
+    *,
+    num_steps,
+    dataset=None,
+    state=None,
+    eval_step=None,
+    eval_data=None,
+    **loop_kwargs,
+):
     loop_kwargs = dict(eval_every=5, eval_batches=2, log_every=2, checkpoint_every=4) | loop_kwargs
     optimizer = toy.optimizer()
     return fit(
@@ -157,7 +167,7 @@ def _fit(toy, workdir, *, num_steps, dataset=None, state=None, eval_step=None, *
         workdir=workdir,
         loop=LoopConfig(num_steps=num_steps, progress=False, **loop_kwargs),
         eval_step=eval_step or make_eval_step(toy.loss),
-        eval_data=lambda: data.batch_iterator(toy.dataset(1)),
+        eval_data=eval_data or (lambda: data.batch_iterator(toy.dataset(1))),
         metadata={"note": "toy"},
     )
 
@@ -700,27 +710,13 @@ def test_loop_config_refuses_bools_as_counts_and_strings_as_flags():
     assert type(loop.num_steps) is int and loop.num_steps == 4 and not loop.keep_best
 
 
-def _fit_evaluating(toy, workdir, eval_step, eval_data, eval_batches: int):
-    optimizer = toy.optimizer()
-    return fit(
-        create_train_state(toy.params(), optimizer, jax.random.key(7)),
-        make_train_step(toy.loss, optimizer),
-        data.batch_iterator(toy.dataset(0)),
-        workdir=workdir,
-        loop=LoopConfig(num_steps=2, eval_batches=eval_batches, progress=False),
-        eval_step=eval_step,
-        eval_data=eval_data,
-    )
-
-
 def test_short_evaluation_data_is_named(tmp_path, toy):
     one_batch = lambda: iter([next(data.batch_iterator(toy.dataset(1)))])
     with pytest.raises(RuntimeError, match=r"eval_data ran out after 1 of loop.eval_batches=3 "):
-        _fit_evaluating(toy, tmp_path, make_eval_step(toy.loss), one_batch, 3)
+        _fit(toy, tmp_path, num_steps=2, eval_data=one_batch, eval_batches=3)
 
 
 def test_an_eval_step_without_val_loss_is_named(tmp_path, toy):
-    eval_data = lambda: data.batch_iterator(toy.dataset(1))
     eval_step = make_eval_step(toy.loss, prefix="test")
     with pytest.raises(ValueError, match=r"eval_step must return a 'val_loss'.*\['test_loss'"):
-        _fit_evaluating(toy, tmp_path, eval_step, eval_data, 1)
+        _fit(toy, tmp_path, num_steps=2, eval_step=eval_step, eval_batches=1)
