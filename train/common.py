@@ -187,6 +187,11 @@ def _unknown_key(key: str, known: Iterable[str], where: str) -> ValueError:
     return ValueError(f"unknown config key {key!r} in {where}{hint}")
 
 
+def _config_file_flag() -> str:
+    """The file that ``--config`` names, or the script's default config file."""
+    return config_flags.get_config_filename(flags.FLAGS["config"])
+
+
 def check_config_keys(config: ml_collections.ConfigDict, default_file: str | os.PathLike) -> None:
     """Refuse a config whose keys outside ``model`` are not those of the script's default
     config file.
@@ -199,7 +204,7 @@ def check_config_keys(config: ml_collections.ConfigDict, default_file: str | os.
     """
     source = "the config"
     if "config" in flags.FLAGS:  # (not when a test calls this directly)
-        source = config_flags.get_config_filename(flags.FLAGS["config"]) or source
+        source = _config_file_flag() or source
 
     def keys(tree: ml_collections.ConfigDict) -> set[str]:
         return {key for key in _flatten(tree.to_dict()) if key.split(".")[0] != "model"}
@@ -292,8 +297,7 @@ def workdir_from_flag(value: str | None) -> str:
         train into the current folder.
     """
     if value is None:
-        config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-        return str(Path("workdirs") / Path(config_file).stem)
+        return str(Path("workdirs") / Path(_config_file_flag()).stem)
     if not value.strip():
         raise ValueError("--workdir is empty (leave it out for workdirs/<config name>)")
     return value if is_remote(value) else os.path.expanduser(value)
@@ -413,7 +417,7 @@ def checkpoint_config_file(
         hint = sorted(keys & set(allowed))
         hint = f" (and give --config.{hint[0]}=... and the like)" if hint else ""
         raise ValueError(
-            f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: {mode} takes "
+            f"--config={_config_file_flag()}: {mode} takes "
             f"its config from the checkpoint, and {where} was saved with other settings "
             f"(checkpoint -> config file: {shown}); leave out --config and name the run "
             f"with --workdir{hint}"

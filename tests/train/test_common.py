@@ -79,8 +79,10 @@ def test_no_checkpoint_no_metadata(capsys, tmp_path):
     assert capsys.readouterr().out == ""
 
 
-def test_workdir_from_flag(monkeypatch, tmp_path):
+def test_workdir_from_flag(monkeypatch, tmp_path, config_flag):
     monkeypatch.setenv("HOME", str(tmp_path))
+    config_flag()  # --config=<tmp_path>/run_config.py
+    assert common.workdir_from_flag(None) == str(Path("workdirs") / "run_config")
     # The shell leaves ~ in --workdir=~/run: it was a folder named ~ in the current one.
     assert common.workdir_from_flag("~/run") == str(tmp_path / "run")
     assert common.workdir_from_flag("gs://bucket/~run") == "gs://bucket/~run"
