@@ -263,6 +263,11 @@ class _StopOnSignal:
     def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread() and not self.multihost:
             for sig in (signal.SIGTERM, signal.SIGINT):
+                # A shell starts a script's background jobs with SIGINT ignored, so that a
+                # Ctrl-C meant for the foreground stops none of them; Python keeps it
+                # ignored, and so does this.
+                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -355,6 +360,10 @@ class Trainer:
                     self.writer.write(0, self.last_eval | {"tokens_per_s": None})
                     self.say(f"step 0: val loss {self.last_eval['val_loss']:.4f}")
                 self._train(stop)
+                if stop.signal_name is None:
+                    # _train saved its last step; a run of no steps (num_steps=0) saves its
+                    # start here, or it would leave nothing to sample or resume from.
+                    self._save(self.last_eval or None)
                 # Finish the final (async) save while a SIGTERM still only sets a flag:
                 # killed during the write, the run would lose its last checkpoint.
                 self.ckpt.wait()

@@ -466,6 +466,28 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, toy):
     assert int(restored.step) == step
 
 
+def test_an_ignored_sigint_stays_ignored_while_training():
+    """A script's background job starts with SIGINT ignored (Ctrl-C is for the foreground
+    job): fit keeps it so, and still saves on SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("fit handles signals in the main thread only")
+    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with loop_module._StopOnSignal() as stop:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == old_term
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with loop_module._StopOnSignal() as stop:  # otherwise both are caught
+            assert signal.getsignal(signal.SIGINT) == stop._handle
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
 def test_loop_config_validates_and_reads_a_config():
     ml_collections = pytest.importorskip("ml_collections")
     with pytest.raises(ValueError, match="num_steps must be an integer >= 0"):
@@ -652,6 +674,20 @@ def test_finished_run_writes_nothing(tmp_path, toy):
     before = snapshot(tmp_path)
     assert _fit(toy, tmp_path, num_steps=4).step == 4
     assert snapshot(tmp_path) == before
+
+
+def test_a_run_of_no_steps_saves_its_start(tmp_path, toy):
+    """num_steps=0 evaluates the initial state and saves it (something to sample from);
+    a rerun then finds the run finished and writes nothing more."""
+    result = _fit(toy, tmp_path, num_steps=0)
+    assert result.step == 0 and not result.interrupted and "val_loss" in result.last_eval
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [0]
+        _, meta = ckpt.restore(result.state)
+    assert meta["eval"] == pytest.approx(result.last_eval)
+    again = _fit(toy, tmp_path, num_steps=0)
+    assert again.last_eval == pytest.approx(result.last_eval)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0]
 
 
 def _fit_signalled_at(toy, workdir, signal_step: int, loop: LoopConfig):
