@@ -181,15 +181,22 @@ def _load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def _unknown_key(key: str, known: Iterable[str], where: str) -> ValueError:
+def _unknown_key(key: str, known: Iterable[str], where: str, prefix: str = "") -> ValueError:
+    # Matched without a shared prefix ("model."), which would make any key look close.
     close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"unknown config key {key!r} in {where}{hint}")
+    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    return ValueError(f"unknown config key {prefix + key!r} in {where}{hint}")
 
 
 def _config_file_flag() -> str:
     """The file that ``--config`` names, or the script's default config file."""
     return config_flags.get_config_filename(flags.FLAGS["config"])
+
+
+def config_source() -> str:
+    """Where the config came from, for messages: the ``--config`` file, or ``the config``
+    (a function called without the script's flags, as in a test)."""
+    return (_config_file_flag() if "config" in flags.FLAGS else None) or "the config"
 
 
 def check_config_keys(config: ml_collections.ConfigDict, default_file: str | os.PathLike) -> None:
@@ -202,9 +209,7 @@ def check_config_keys(config: ml_collections.ConfigDict, default_file: str | os.
     an ``AttributeError``. ``model`` is checked by ``model_config`` against the model's
     config class, whose fields have defaults.
     """
-    source = "the config"
-    if "config" in flags.FLAGS:  # (not when a test calls this directly)
-        source = _config_file_flag() or source
+    source = config_source()
 
     def keys(tree: ml_collections.ConfigDict) -> set[str]:
         return {key for key in _flatten(tree.to_dict()) if key.split(".")[0] != "model"}
@@ -220,15 +225,16 @@ def check_config_keys(config: ml_collections.ConfigDict, default_file: str | os.
 
 
 def model_config(
-    cls: type, fields: Mapping[str, Any], where: str = "config.model", **fixed: Any
+    cls: type, fields: Mapping[str, Any], where: str | None = None, **fixed: Any
 ) -> Any:
     """``cls(**fixed, **fields)`` for a dataclass ``cls``, with ``fields`` from
     ``config.model``; a key that is not one of ``cls``'s fields (or is set by the script,
-    ``fixed``) is refused by name rather than as a ``TypeError``."""
+    ``fixed``) is refused by name rather than as a ``TypeError``. ``where`` names the
+    config in the message (default ``config_source()``)."""
     names = [f.name for f in dataclasses.fields(cls) if f.name not in fixed]
     for key in fields:
         if key not in names:
-            raise _unknown_key(f"model.{key}", [f"model.{n}" for n in names], where)
+            raise _unknown_key(key, names, where or config_source(), prefix="model.")
     return cls(**fixed, **fields)
 
 

@@ -197,8 +197,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     print_once(
         f"data: {len(text):,} characters, vocabulary {tokenizer.vocab_size}, "
         f"train {len(train_ids):,} / val {len(val_ids):,}\n"
-        f"model: GPT {model.num_layers} layers, {model.num_heads} heads, width "
-        f"{model.embed_dim}, context {model.block_size}: {n_params / 1e6:.2f}M parameters\n"
+        f"model: GPT {model.num_layers} layers, {model.num_heads} heads{_attention_note(model)}, "
+        f"width {model.embed_dim}, context {model.block_size}: {n_params / 1e6:.2f}M parameters\n"
         f"{describe_mesh(mesh)}\n"
         f"workdir: {workdir}",
         flush=True,
@@ -236,6 +236,16 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     params = sharding.gather_params(result.state.params)  # Every process: the whole model.
     if _NUM_SAMPLES.value > 0 and jax.process_index() == 0:
         print_samples(params, model, tokenizer, _SAMPLE_SEED.value)
+
+
+def _attention_note(model: GPTConfig) -> str:
+    """`` (1 K/V head, window 32)`` for grouped-query or sliding-window attention, else ''."""
+    notes = []
+    if model.kv_heads != model.num_heads:
+        notes.append(f"{model.kv_heads} K/V head" + ("s" if model.kv_heads > 1 else ""))
+    if model.attention_window is not None:
+        notes.append(f"window {model.attention_window}")
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 def _check_vocabulary(meta, workdir: epath.Path, tokenizer: data.CharTokenizer) -> None:

@@ -48,6 +48,7 @@ from common import (  # train/common.py (this script's directory)
     check_config_keys,
     checkpoint_config_file,
     checkpoint_config_overrides,
+    config_source,
     define_config_file,
     describe_mesh,
     drop_orbax_leftovers,
@@ -111,7 +112,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
         raise ValueError(f"config.model.kind must be one of {sorted(MODELS)}, got {kind!r}")
     ids = dict(pad_id=td.PAD_ID, bos_id=td.BOS_ID, eos_id=td.EOS_ID)
     sizes = dict(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size)
-    where = f"config.model (kind={kind!r})"
+    where = f"{config_source()} (model.kind={kind!r})"
     return kind, model_config(MODELS[kind][0], fields, where, **sizes, **ids)
 
 

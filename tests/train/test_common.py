@@ -337,15 +337,21 @@ def test_config_keys_must_be_the_default_configs(config_flag, tmp_path):
     )
 
 
-def test_model_config_names_an_unknown_model_key():
+def test_model_config_names_an_unknown_model_key(config_flag):
     from jaxattn.models.gpt import GPTConfig
 
     fields = {"num_layers": 2, "num_heads": 2, "embed_dim": 8, "block_size": 4}
     model = common.model_config(GPTConfig, fields, vocab_size=5)
     assert (model.num_layers, model.vocab_size) == (2, 5)
-    with pytest.raises(ValueError, match=r"unknown config key 'model.num_layer' in config.model "
+    with pytest.raises(ValueError, match=r"unknown config key 'model.num_layer' in the config "
                        r"\(did you mean 'model.num_layers'\?\)"):  # fmt: skip
         common.model_config(GPTConfig, fields | {"num_layer": 2}, vocab_size=5)
+    # Under the script's flags the message names the file. Close matches are judged
+    # without the "model." prefix, which made any key look like some field.
+    config_file = config_flag()
+    with pytest.raises(ValueError) as error:
+        common.model_config(GPTConfig, fields | {"extra_thing": 3}, vocab_size=5)
+    assert str(error.value) == f"unknown config key 'model.extra_thing' in {config_file}"
     # A field the script sets from the data is not the config's to set.
     with pytest.raises(ValueError, match=r"unknown config key 'model.vocab_size'"):
         common.model_config(GPTConfig, fields | {"vocab_size": 7}, vocab_size=5)

@@ -4,6 +4,7 @@ Training runs take tens of seconds (mostly XLA compiling the GPT step), so they 
 module-scoped run and are marked slow; the argument errors fail before any compile.
 """
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -485,3 +486,13 @@ def test_tokens_per_step_counts_every_microbatch(lm, monkeypatch, tmp_path):
     block_size = config.model.block_size
     assert seen["batch"]["inputs"].shape == (3 * 2, block_size)
     assert seen["tokens_per_step"] == seen["batch"]["inputs"].size == 3 * 2 * block_size
+
+
+def test_model_line_names_grouped_query_and_window_attention(lm):
+    """The run's header tells a GQA or sliding-window model from a plain one."""
+    model = GPTConfig(vocab_size=65, block_size=64, num_layers=2, num_heads=4, embed_dim=32)
+    assert lm._attention_note(model) == ""
+    assert lm._attention_note(dataclasses.replace(model, num_kv_heads=4)) == ""
+    assert lm._attention_note(dataclasses.replace(model, num_kv_heads=1)) == " (1 K/V head)"
+    gqa_window = dataclasses.replace(model, num_kv_heads=2, attention_window=32)
+    assert lm._attention_note(gqa_window) == " (2 K/V heads, window 32)"

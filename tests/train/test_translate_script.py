@@ -224,7 +224,7 @@ def test_bad_example_counts_and_model_fail_before_anything_is_written(tmp_path):
         ("--config.max_len=0", "config.max_len must be an int >= 1, got 0"),  # kept all
         ("--config.max_len=-1", "config.max_len must be an int >= 1, got -1"),  # kept none
         # The LSTM config's fields are not a transformer's (a traceback before).
-        ("--config.model.kind=transformer", "in config.model (kind='transformer')"),
+        ("--config.model.kind=transformer", "translate_tiny.py (model.kind='transformer')"),
         ("--config.buckets=(16,8)", "config.buckets must be increasing lengths >= 1"),
         ("--config.seed=-1", "config.seed must be an int >= 0, got -1"),
         ("--config.split_seed=-2", "config.split_seed must be an int >= 0, got -2"),
