@@ -6,7 +6,9 @@ the one check, and the arrows between the layers still point down.
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -51,3 +53,19 @@ def check_seed(value: int, name: str, where: str) -> int:
     if seed > MAX_SEED:
         raise ValueError(f"{where}: {name} must be an int in [0, 2**63 - 2], got {value!r}")
     return seed
+
+
+@contextlib.contextmanager
+def forward_mode_hint(kernel: str, fix: str) -> Iterator[None]:
+    """Re-raise JAX's refusal of forward-mode autodiff through a ``jax.custom_vjp``
+    ("can't apply forward-mode autodiff (jvp) to a custom_vjp function", which names
+    nothing) as one that names ``kernel`` and the ``fix``."""
+    try:
+        yield
+    except TypeError as error:
+        if "forward-mode autodiff" not in str(error):
+            raise
+        raise TypeError(
+            f"{kernel} has a hand-written reverse-mode gradient (jax.custom_vjp), so "
+            f"forward mode (jax.jvp, jax.linearize, jax.jacfwd) cannot run through it: {fix}"
+        ) from error

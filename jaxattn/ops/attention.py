@@ -563,8 +563,11 @@ def dot_product_attention(
         multiple of 128). All support ``jax.grad``; only ``"xla"`` supports forward mode
         (``jax.jvp``), since the others have custom gradients. ``"blockwise"`` has
         forward-over-reverse second derivatives (``jax.hessian``) but not ``jax.grad`` of
-        ``jax.grad``.
-      dropout_rate: dropout on the attention probabilities (``"xla"`` and
+        ``jax.grad``. None's choice moves with the shape (on CPU the blockwise kernel
+        from about T = 256), so code that needs forward mode or ``jax.grad`` of
+        ``jax.grad`` passes ``"xla"``.
+      dropout_rate: a concrete number (static under ``jit``): dropout on the attention
+        probabilities (``"xla"`` and
         ``"blockwise"``, which drop the same entries for one key: the mask is a hash of
         each entry's position, ``jaxattn.ops.masks.attention_dropout_keep``).
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.

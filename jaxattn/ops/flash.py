@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxattn.ops._checks import as_size
+from jaxattn.ops._checks import as_size, forward_mode_hint
 from jaxattn.ops.layers import check_dropout_key, check_dropout_rate
 from jaxattn.ops.masks import (
     attention_dropout_keep,
@@ -957,8 +957,10 @@ def flash_attention(
     ``jax.custom_vjp``, so ``jax.jvp`` of the attention itself needs the einsum path
     (``dot_product_attention(..., implementation="xla")``). Forward-over-reverse second
     derivatives (``jax.jvp`` of ``jax.grad``, ``jax.hessian``) work; reverse-over-reverse
-    (``jax.grad`` of ``jax.grad``) does not, since the backward's loops have traced bounds
-    (the causal block skipping) and JAX differentiates such loops only forward.
+    (``jax.grad`` of ``jax.grad``) does not, since the backward's tile loops have traced
+    bounds (each key block's first and last query tile, causal or not) and JAX
+    differentiates such loops only forward: JAX then raises "Reverse-mode differentiation
+    does not work for lax.while_loop or lax.fori_loop with dynamic start/stop values".
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)
@@ -977,4 +979,9 @@ def flash_attention(
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     rate = float(dropout_rate) if seed is not None else 0.0
     plan = _Plan(t, s, bq, bk, bool(is_causal), scale, bool(batch_heads), rate, left, right)
-    return _flash(q, k, v, mask, bias, seed, plan)
+    with forward_mode_hint(
+        "flash_attention (dot_product_attention's 'blockwise' kernel)",
+        "use dot_product_attention(..., implementation='xla'); jax.jvp of jax.grad "
+        "(jax.hessian) does work",
+    ):
+        return _flash(q, k, v, mask, bias, seed, plan)

@@ -344,7 +344,16 @@ def swiglu(weights: SwiGLUWeights, x: Array) -> Array:
 
 
 def check_dropout_rate(rate: float, name: str) -> None:
-    """Raise ValueError naming ``name`` unless ``0 <= rate < 1`` (NaN and None fail too)."""
+    """Raise ValueError naming ``name`` unless ``0 <= rate < 1`` (NaN and None fail too).
+
+    The rate must be concrete: it picks the code path (0 is the identity) and the fused
+    kernels' keep threshold, so a value traced by ``jit`` is refused by name.
+    """
+    if isinstance(rate, jax.core.Tracer):
+        raise ValueError(
+            f"{name} must be a concrete number, got a traced value: under jax.jit close over "
+            "it or make it a static argument (static_argnames)"
+        )
     try:
         valid = 0.0 <= rate < 1.0
     except TypeError:  # None, a string: not a comparison error naming nothing

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops._checks import check_size
+from jaxattn.ops._checks import check_size, forward_mode_hint
 from jaxattn.ops.layers import (
     check_dropout_key,
     check_dropout_rate,
@@ -187,9 +187,11 @@ def lstm_scan(
 
     - ``"scan"``: ``lax.scan`` with a hand-written backward (``jax.custom_vjp``): the reverse
       scan only carries ``dh`` and ``dc``; the weight gradients are matmuls over all T*B
-      rows after it. Reverse-mode only (no ``jax.jvp``).
+      rows after it. No forward mode through it (``jax.jvp``, ``jax.jacfwd``); every
+      derivative that starts in reverse mode works (``jax.grad`` of ``jax.grad``,
+      ``jax.hessian``), the backward being plain JAX.
     - ``"autodiff"``: the same ``lax.scan`` differentiated by JAX (slower backward; forward
-      mode and higher derivatives work).
+      mode works too).
     - ``"cudnn"``: cuDNN's fused LSTM via ``jax.experimental.rnn`` (GPU, float32 only; no
       ``vmap`` rule, so use ``"scan"`` under ``jax.vmap``).
     - None: ``"scan"``, on every backend. On an H200 its forward+backward took 0.66x and
@@ -221,7 +223,12 @@ def _run(weights, xs, carry, lengths, reverse, implementation) -> tuple[Array, C
     if implementation == "autodiff":
         ys, carry = _scan_autodiff(weights, xs, carry, lengths, reverse)  # ys [T, B, h]
     else:
-        ys, carry = _scan(weights, xs, carry, lengths, reverse, _hoist())
+        with forward_mode_hint(
+            "the LSTM's implementation='scan' (the default)",
+            "pass implementation='autodiff' (lstm_scan, lstm_stack, nn.LSTM, "
+            "Seq2SeqConfig.lstm_implementation)",
+        ):
+            ys, carry = _scan(weights, xs, carry, lengths, reverse, _hoist())
     return jnp.swapaxes(ys, 0, 1), carry  # [B, T, h]
 
 

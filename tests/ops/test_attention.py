@@ -467,6 +467,18 @@ def test_a_dropout_rate_that_is_not_a_number_is_named_by_every_implementation(np
             dot_product_attention(q, k, v, dropout_rate=rate, implementation=implementation)
 
 
+def test_a_traced_dropout_rate_is_named_as_traced_by_every_implementation(np_rng, rng):
+    """0.5 is in range: it was refused as "must be in [0, 1), got JitTracer(...)"."""
+    q, k, v = qkv(np_rng, 2)
+    match = "dot_product_attention: dropout_rate must be a concrete number, got a traced value"
+    for implementation in (None, "xla", "blockwise"):
+        attend = lambda rate, impl=implementation: dot_product_attention(
+            q, k, v, dropout_rate=rate, dropout_rng=rng, implementation=impl
+        )
+        with pytest.raises(ValueError, match=match):
+            jax.jit(attend)(0.5)
+
+
 def test_dot_product_attention_bad_inputs(np_rng):
     q, k, v = qkv(np_rng, 2)
     with pytest.raises(ValueError, match=r"rank 4.*\(5, 6, 4\)"):

@@ -549,6 +549,9 @@ def test_second_derivatives_forward_over_reverse_only(np_rng):
     grad_q = jax.grad(loss("blockwise"))
     with pytest.raises(ValueError, match="Reverse-mode differentiation"):
         jax.jit(jax.grad(lambda q: jnp.vdot(grad_q(q, bias), q)))(q)
+    # Forward mode through the kernel itself is refused naming the kernel and the fix.
+    with pytest.raises(TypeError, match=r"flash_attention .*jax\.jvp.*implementation='xla'"):
+        jax.jvp(lambda q: loss("blockwise")(q, bias), (q,), (q,))
 
 
 def test_bfloat16_inputs(np_rng):

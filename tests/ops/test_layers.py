@@ -510,6 +510,10 @@ def test_dropout_bad_inputs(rng):
     for rate in (-0.1, 1.0, 1.5, float("nan"), None, "0.1"):  # None: was a TypeError
         with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\)"):
             dropout(rng, x, rate)
+    # A rate traced by jit is valid or not only at run time: named as traced, not as out
+    # of range ("got JitTracer(...)").
+    with pytest.raises(ValueError, match="dropout rate must be a concrete number, got a traced"):
+        jax.jit(lambda rate: dropout(rng, x, rate))(0.5)
 
 
 def test_check_dropout_key(rng):

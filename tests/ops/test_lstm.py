@@ -655,6 +655,10 @@ def test_implementation_choice(rng):
             lstm_stack((w,), xs, implementation="cudnn")
         with pytest.raises(ValueError, match="needs a GPU backend"):
             bidirectional_lstm(BidirectionalWeights(w, w), xs, implementation="cudnn")
-    # Forward mode needs the differentiable scan: "autodiff" supports jax.jvp.
+    # Forward mode needs the differentiable scan: "autodiff" supports jax.jvp, and the
+    # default's refusal names the fix (JAX's own message names nothing).
     ys, tangent = jax.jvp(lambda x: lstm_scan(w, x, implementation="autodiff")[0], (xs,), (xs,))
     assert ys.shape == tangent.shape == (B, T, HID)
+    with pytest.raises(TypeError, match=r"implementation='scan' \(the default\).*jax\.jvp.*"
+                       r"pass implementation='autodiff'"):  # fmt: skip
+        jax.jvp(lambda x: lstm_scan(w, x)[0], (xs,), (xs,))
