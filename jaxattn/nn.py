@@ -170,6 +170,7 @@ class LSTM(_DropoutModule):
         bidirectional: bool = False,
         dropout_rate: float = 0.0,
         deterministic: bool = True,
+        implementation: str | None = None,
         rngs: nnx.Rngs,
     ):
         super().__init__(
@@ -182,7 +183,15 @@ class LSTM(_DropoutModule):
             )
         )
         check_dropout_rate(dropout_rate, "LSTM: dropout_rate")  # now, not at the first train call
+        if implementation not in (None, *lstm_ops.IMPLEMENTATIONS):
+            raise ValueError(
+                f"LSTM: implementation must be None or one of {lstm_ops.IMPLEMENTATIONS}, "
+                f"got {implementation!r}"
+            )
         self.dropout_rate = dropout_rate
+        # ops.lstm_scan's kernel: None (the hand-written backward) or "autodiff" (forward
+        # mode, jax.jvp) or "cudnn" (GPU).
+        self.implementation = implementation
         # An attribute, so that module.train() / .eval() / nnx.view(deterministic=...) reach it.
         self.deterministic = deterministic
 
@@ -222,6 +231,7 @@ class LSTM(_DropoutModule):
             dropout_rate=self.dropout_rate,
             rng=rng,
             deterministic=deterministic,
+            implementation=self.implementation,
         )
 
 

@@ -38,6 +38,21 @@ def test_lstm_module_equals_pure_function(rng):
     np.testing.assert_array_equal(c, c_ref)
 
 
+def test_lstm_module_passes_its_implementation(rng):
+    """``implementation="autodiff"`` reaches ``lstm_stack``: forward mode then works, with
+    the default kernel's outputs."""
+    xs = jax.random.normal(rng, (2, 4, 3))
+    module = nn.LSTM(3, 5, implementation="autodiff", rngs=nnx.Rngs(0))
+    ys, tangent = jax.jvp(lambda x: module(x)[0], (xs,), (xs,))
+    assert tangent.shape == ys.shape == (2, 4, 5)
+    default = nn.LSTM.from_weights(module.pure_weights())
+    np.testing.assert_allclose(ys, default(xs)[0], rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="implementation='autodiff'"):
+        jax.jvp(lambda x: default(x)[0], (xs,), (xs,))
+    with pytest.raises(ValueError, match=r"LSTM: implementation must be None or one of"):
+        nn.LSTM(3, 5, implementation="fast", rngs=nnx.Rngs(0))
+
+
 def test_lstm_round_trip_pure_to_module_and_back(rng):
     weights = lstm_ops.init_lstm_stack(rng, 3, 5, num_layers=2)
     module = nn.LSTM.from_weights(weights)

@@ -72,6 +72,7 @@ from jaxattn.ops.layers import (
 )
 from jaxattn.ops.losses import cross_entropy
 from jaxattn.ops.lstm import (
+    IMPLEMENTATIONS,
     BidirectionalWeights,
     LSTMWeights,
     init_lstm_stack,
@@ -102,11 +103,19 @@ class Seq2SeqConfig:
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
+    # ops.lstm_scan's kernel: None (the hand-written backward), or "autodiff" for forward
+    # mode (jax.jvp) and every higher derivative, or "cudnn" on a GPU.
+    lstm_implementation: str | None = None
 
     def __post_init__(self):
         check_positive_ints(
             self, ("src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden_size", "num_layers")
         )
+        if self.lstm_implementation not in (None, *IMPLEMENTATIONS):
+            raise ValueError(
+                f"Seq2SeqConfig.lstm_implementation must be None or one of "
+                f"{IMPLEMENTATIONS}, got {self.lstm_implementation!r}"
+            )
         check_bools(self, ("bidirectional_encoder",))
         if self.attention not in ATTENTION:
             raise ValueError(
@@ -220,6 +229,7 @@ def encode(
         dropout_rate=config.dropout,
         rng=rng_lstm,
         deterministic=not active,
+        implementation=config.lstm_implementation,
     )
     if weights.memory is not None:
         ys = dense(weights.memory, ys)  # [B, S, h]; zero stays zero (no bias)
@@ -336,6 +346,7 @@ def seq2seq_logits(
         dropout_rate=config.dropout,
         rng=rng_lstm,
         deterministic=not active,
+        implementation=config.lstm_implementation,
     )
     src_mask = padding_mask(jnp.asarray(src_lengths), memory.shape[1])  # [B, S]
     return _head(weights, dec_out, memory, src_mask, config, rng_out, active)

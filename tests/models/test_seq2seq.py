@@ -228,6 +228,27 @@ def test_loss_masks_padding_and_label_smoothing(np_rng):
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
+def test_forward_mode_through_the_autodiff_lstm(np_rng):
+    """``lstm_implementation="autodiff"`` lets ``jax.jvp`` through the model: its tangent is
+    the default kernel's gradient along the direction. The default's refusal names it."""
+    config = VARIANTS[1]  # bidirectional encoder, dot attention
+    w, direction = random_weights(config), random_weights(config, seed=1)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    tgt_out = jnp.concatenate([tgt_in[:, 1:], jnp.full((3, 1), EOS, jnp.int32)], axis=1)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_out,
+                 tgt_mask=jnp.ones(tgt_in.shape, bool))  # fmt: skip
+    forward = dataclasses.replace(config, lstm_implementation="autodiff")
+    loss, tangent = jit(
+        lambda w, d: jax.jvp(lambda w: seq2seq_loss(w, batch, forward), (w,), (d,))
+    )(w, direction)
+    want_loss, grads = loss_and_grad_jit(w, batch, config)
+    along = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(tangent, along, rtol=1e-4)
+    with pytest.raises(TypeError, match=r"Seq2SeqConfig\.lstm_implementation"):
+        jax.jvp(lambda w: seq2seq_loss(w, batch, config), (w,), (direction,))
+
+
 def test_dropout(np_rng):
     config = dataclasses.replace(VARIANTS[2], dropout=0.3)
     w = random_weights(config)
@@ -350,6 +371,7 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(pad_id=True), r"Seq2SeqConfig.pad_id must be an int in \[0, .*got True"),
         (dict(bidirectional_encoder="no"), "bidirectional_encoder must be a bool, got 'no'"),
         (dict(bidirectional_encoder=1), "bidirectional_encoder must be a bool"),
+        (dict(lstm_implementation="pallas"), "lstm_implementation must be None or one of"),
     ],
 )
 def test_config_validation(changes, match):
