@@ -53,7 +53,9 @@ def save_safetensors(
         ``jaxattn.nn`` module: its ``pure_weights()`` are saved, so the names (``0/w_ih``)
         match the pure trees' templates (an ``nnx.state`` would give
         ``weights/0/w_ih/value``, which they do not).
-      path: the file to write.
+      path: the file to write. An existing file there is replaced (as ``np.save`` and
+        ``torch.save`` do), but only by a whole new file: it is written beside it and
+        renamed over it, so a save that fails (a bad leaf, a full disk) leaves it as it was.
       metadata: optional string-to-string metadata stored in the header.
     """
     from safetensors.flax import save_file
@@ -66,7 +68,22 @@ def save_safetensors(
         name: np.asarray(leaf, order="C")
         for name, leaf in flatten_with_names(pure_weights_of(weights)).items()
     }
-    save_file(flat, os.fspath(path), metadata=metadata)
+    target = os.fspath(path)
+    partial = f"{target}.partial-{os.getpid()}"
+    try:
+        save_file(flat, partial, metadata=metadata)
+        os.replace(partial, target)  # atomic on one file system
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _kind(dtype: Any) -> str:
+    """``floating-point``, ``integer``, ``bool`` or ``complex``: the dtypes one leaf may
+    take from a file (any width)."""
+    kinds = {"bool": jnp.bool_, "integer": jnp.integer, "floating-point": jnp.floating,
+             "complex": jnp.complexfloating}  # fmt: skip
+    return next((k for k, parent in kinds.items() if jnp.issubdtype(dtype, parent)), str(dtype))
 
 
 def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool = True) -> Any:
@@ -80,13 +97,16 @@ def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool 
       strict: raise if the file holds tensors the template has no place for.
 
     Returns:
-      A pytree like ``like`` with the file's arrays (their stored dtype).
+      A pytree like ``like`` with the file's arrays (their stored dtype: a bfloat16 file
+      loads as bfloat16 into a float32 template).
 
     Raises:
       ValueError: ``path`` is not a valid safetensors file (truncated, empty, other format).
       KeyError: a leaf of ``like`` has no tensor in the file (the message names it).
-      ValueError: a tensor's shape differs from the template's (name and both shapes), or
-        with ``strict`` the file has unexpected tensors.
+      ValueError: a tensor's shape differs from the template's (name and both shapes), its
+        kind does (an integer or bool tensor for a floating-point leaf, or the reverse:
+        the numbers would be read as weights), or with ``strict`` the file has unexpected
+        tensors.
     """
     from safetensors.flax import load_file
 
@@ -103,6 +123,12 @@ def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool 
             raise ValueError(
                 f"{os.fspath(path)}: tensor {name!r} has shape {tuple(stored[name].shape)}, "
                 f"expected {tuple(jnp.shape(leaf))}"
+            )
+        want, got = jnp.result_type(leaf), stored[name].dtype  # (ShapeDtypeStructs too)
+        if _kind(want) != _kind(got):
+            raise ValueError(
+                f"{os.fspath(path)}: tensor {name!r} is {got}, expected {_kind(want)} "
+                f"values like the template's {want}"
             )
     extra = sorted(set(stored) - set(expected))
     if strict and extra:

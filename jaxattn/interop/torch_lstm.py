@@ -102,7 +102,8 @@ def lstm_from_torch(module_or_state_dict: Any, *, prefix: str = "") -> Layers:
 
     ``num_layers``, ``bidirectional`` and ``bias`` are read from the tensor names; with
     ``bias=False`` the imported ``b`` is zeros. The module's ``batch_first`` does not affect
-    the weights (``lstm_stack`` always takes ``[B, T, I]``).
+    the weights (``lstm_stack`` always takes ``[B, T, I]``), and neither does its
+    ``dropout``: to train with it, pass it again (``lstm_stack(..., dropout_rate=)``).
 
     Args:
       module_or_state_dict: a ``torch.nn.LSTM`` or its ``state_dict()`` (torch tensors or

@@ -37,6 +37,9 @@ def mha_from_torch(
 ) -> MultiHeadAttentionWeights:
     """Import a ``torch.nn.MultiheadAttention`` (module or state dict).
 
+    The module's ``dropout`` is not part of the weights: to train with it, pass it again
+    (``multi_head_attention(..., dropout_rate=)``).
+
     Args:
       module_or_state_dict: the module (``num_heads`` is read from it) or its state dict.
       num_heads: N; required for a state dict (it holds no head count); for a module it must
@@ -49,6 +52,14 @@ def mha_from_torch(
     Raises:
       KeyError / ValueError naming a missing or mis-shaped tensor.
     """
+    module_types = [cls.__name__ for cls in type(module_or_state_dict).__mro__]
+    if hasattr(module_or_state_dict, "state_dict") and "MultiheadAttention" not in module_types:
+        # (by name: torch stays an optional dependency, not imported here)
+        raise ValueError(
+            f"mha_from_torch: expected a torch.nn.MultiheadAttention or a state dict, got a "
+            f"{type(module_or_state_dict).__name__} module (pass its attention module, e.g. "
+            f"layer.self_attn, or its state_dict() with prefix= and num_heads=)"
+        )
     module_heads = getattr(module_or_state_dict, "num_heads", None)
     if num_heads is None:
         num_heads = module_heads

@@ -79,6 +79,46 @@ def test_errors(tmp_path):
     wrong = dict(tree, scale=jnp.zeros(3, jnp.bfloat16))
     with pytest.raises(ValueError, match=r"'scale' has shape \(2,\), expected \(3,\)"):
         load_safetensors(path, like=wrong)
+    # Another width of the same kind loads as stored; another kind is refused (integer
+    # weights used to load into float slots, and a model ran on them).
+    as_f32 = load_safetensors(path, like=dict(tree, scale=jnp.zeros(2, jnp.float32)))
+    assert as_f32["scale"].dtype == jnp.bfloat16
+    as_float = dict(tree, step=jax.ShapeDtypeStruct((), jnp.float32))
+    with pytest.raises(ValueError, match=r"'step' is int32, expected floating-point values"):
+        load_safetensors(path, like=as_float)
+    as_int = dict(tree, scale=jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match=r"'scale' is bfloat16, expected integer values"):
+        load_safetensors(path, like=as_int)
+    as_bool = dict(tree, step=jnp.asarray(True))
+    with pytest.raises(ValueError, match=r"'step' is int32, expected bool values"):
+        load_safetensors(path, like=as_bool)
+
+
+def test_a_failed_save_leaves_the_existing_file(tmp_path, monkeypatch):
+    """The new file is written beside the old one and renamed over it: a write that fails
+    half-way (here: a full disk) must not leave a truncated file in its place."""
+    import safetensors.flax
+
+    tree = _tree()
+    path = tmp_path / "w.safetensors"
+    save_safetensors(tree, path)
+    before = path.read_bytes()
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.flax, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_safetensors(_tree(seed=1), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    monkeypatch.undo()
+    save_safetensors(_tree(seed=1), path)  # a save that succeeds replaces it
+    np.testing.assert_array_equal(
+        load_safetensors(path, like=tree)["attn"].w_q, _tree(seed=1)["attn"].w_q
+    )
 
 
 def test_unreadable_files_are_named(tmp_path):

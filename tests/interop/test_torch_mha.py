@@ -101,6 +101,13 @@ def test_errors():
     state = dict(_mha().state_dict(), **{"out_proj.weight": torch.tensor(1.0)})
     with pytest.raises(ValueError, match=r"'out_proj\.weight' has shape \(\), expected \[E, E\]"):
         mha_from_torch(state, num_heads=N)  # was an IndexError
+    # Another module (it used to be told to pass num_heads=); a subclass is taken.
+    layer = torch.nn.TransformerEncoderLayer(E, N, batch_first=True)
+    with pytest.raises(ValueError, match=r"a TransformerEncoderLayer module .*layer\.self_attn"):
+        mha_from_torch(layer, prefix="self_attn.")
+    mha_from_torch(layer.self_attn)
+    subclass = type("MyAttention", (torch.nn.MultiheadAttention,), {})(E, N, batch_first=True)
+    assert mha_from_torch(subclass).w_q.shape == (E, N, E // N)
 
 
 def test_a_lone_bias_or_conflicting_options_are_errors_not_silent():
