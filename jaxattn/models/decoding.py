@@ -218,7 +218,9 @@ def sample_logits(
     The draw is the Gumbel-max trick, ``argmax(filtered logits / T + Gumbel noise from
     rng)``, computed as ``(l - max l) / T`` so that a tiny ``T`` cannot overflow and tied
     tokens stay equally likely; ``T = inf`` draws uniformly from the kept tokens.
-    Everything is computed in float32.
+    Everything is computed in float32. A NaN logit (a diverged model) gives no
+    distribution to draw from, and the id that comes out is arbitrary (under ``jit`` it
+    cannot raise): check ``jnp.isfinite`` of the logits, or the model, first.
 
     Args:
       rng: PRNG key.

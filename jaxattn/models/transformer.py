@@ -301,9 +301,10 @@ def _as_tokens(tokens, vocab: int, config: TransformerConfig, what: str) -> Arra
     """Check ``tokens [B, T]`` (ids checked before ``jnp.asarray``, see ``ids_to_check``),
     then convert them."""
     tokens = ids_to_check(tokens)
-    if tokens.ndim != 2 or tokens.shape[1] > config.max_len:
+    # (T = 0: else an error from inside attention, naming q and k rather than this input)
+    if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= config.max_len:
         raise ValueError(
-            f"{what} must be [B, T] with T <= max_len={config.max_len}, got {tokens.shape}"
+            f"{what} must be [B, T] with 1 <= T <= max_len={config.max_len}, got {tokens.shape}"
         )
     check_token_ids(tokens, vocab, what)
     return jnp.asarray(tokens)

@@ -428,6 +428,14 @@ def test_bad_inputs_raise(np_rng):
         encode(w, src, lengths.at[0].set(-1), config)  # seq2seq refuses it too
     with pytest.raises(ValueError, match="max_len"):
         encode(w, jnp.zeros((1, 10), jnp.int32), jnp.array([3]), config)
+    # An empty source or target is named; it failed inside attention, naming q and k.
+    empty = jnp.zeros((1, 0), jnp.int32)
+    with pytest.raises(ValueError, match=r"encode: src must be \[B, T\] with 1 <= T"):
+        encode(w, empty, jnp.array([0]), config)
+    with pytest.raises(ValueError, match=r"translate: src must be \[B, T\] with 1 <= T"):
+        translate(w, config, empty, jnp.array([0]), max_len=4)
+    with pytest.raises(ValueError, match=r"decode: tgt_in must be \[B, T\] with 1 <= T"):
+        decode(w, jnp.zeros((3, 5, 12)), jnp.ones((3, 5), bool), tgt_in[:, :0], config)
     with pytest.raises(ValueError, match="src"):
         encode(w, src.at[0, 0].set(11), lengths, config)
     memory = jnp.zeros((3, 5, 12))
