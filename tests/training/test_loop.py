@@ -323,29 +323,31 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, toy):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
 
 
-def test_nan_val_loss_stops_and_keeps_the_best_checkpoint(tmp_path, toy):
-    """A NaN val_loss must not be saved as a metric: it is neither better nor worse than the
-    best, and the best checkpoint could be deleted for it."""
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_val_loss_stops_and_keeps_the_best_checkpoint(tmp_path, toy, bad):
+    """A NaN (or inf) val_loss must not be saved as a metric: it is neither better nor worse
+    than the best, and the best checkpoint could be deleted for it."""
     evaluate, calls = make_eval_step(toy.loss), []
 
-    def nan_from_the_third_evaluation(params, batch):  # steps 0 and 5 fine, NaN at step 10
+    def bad_from_the_third_evaluation(params, batch):  # steps 0 and 5 fine, bad at step 10
         metrics = evaluate(params, batch)
         calls.append(None)
         if len(calls) > 4:  # (2 batches per evaluation)
-            metrics["val_loss"] = metrics["val_loss"]._replace(total=jnp.nan)
+            metrics["val_loss"] = metrics["val_loss"]._replace(total=jnp.float32(bad))
         return metrics
 
-    with pytest.raises(NonFiniteLossError, match=r"val_loss is nan at step 10.*step 8 in"):
-        _fit(toy, tmp_path, num_steps=20, eval_step=nan_from_the_third_evaluation, max_to_keep=1)
+    with pytest.raises(NonFiniteLossError, match=rf"val_loss is {bad} at step 10.*step 8 in"):
+        _fit(toy, tmp_path, num_steps=20, eval_step=bad_from_the_third_evaluation, max_to_keep=1)
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [5, 8]  # the latest, and the best by val_loss
         assert ckpt.best_step() == 5
 
 
-def test_resume_remembers_the_best_val_loss(tmp_path, toy):
-    """After a resume, a val_loss worse than the best one before it is no improvement: no
-    extra keep-best save, and the metadata keeps the old best."""
-    evaluate, scripted = make_eval_step(toy.loss), iter([3.0, 1.0, 2.0, 2.5])
+@pytest.mark.parametrize("at_step_8", [2.0, 1.0])
+def test_resume_remembers_the_best_val_loss(tmp_path, toy, at_step_8):
+    """After a resume, a val_loss worse than the best one before it, or equal to it, is no
+    improvement: no extra keep-best save, and the metadata keeps the old best."""
+    evaluate, scripted = make_eval_step(toy.loss), iter([3.0, 1.0, at_step_8, 2.5])
 
     def eval_step(params, batch):  # val_loss at steps 0, 4 | resumed: 8, 12
         metrics = evaluate(params, batch)
@@ -358,7 +360,7 @@ def test_resume_remembers_the_best_val_loss(tmp_path, toy):
             eval_batches=1, checkpoint_every=0, max_to_keep=10,
         )  # fmt: skip
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
-        assert ckpt.all_steps() == [4, 12]  # not 8: 2.0 is worse than step 4's 1.0
+        assert ckpt.all_steps() == [4, 12]  # not 8: no better than step 4's 1.0
         assert ckpt.best_step() == 4
         assert ckpt.read_metadata()["best_val_loss"] == 1.0
 
@@ -388,16 +390,22 @@ def test_loop_config_needs_a_checkpoint_to_keep():
         LoopConfig(num_steps=1, max_to_keep=0)
 
 
-def test_nan_guard_never_saves_a_non_finite_state(tmp_path, toy):
+@pytest.mark.parametrize("part", ["params", "opt_state"])
+def test_nan_guard_never_saves_a_non_finite_state(tmp_path, toy, part):
     """An update can make the state non-finite while the loss and gradients it was computed
-    from were finite (they come from the state before it): that state is not saved."""
+    from were finite (they come from the state before it): that state is not saved, nor
+    one whose optimizer state alone is not finite (an Adam moment overflowing)."""
     optimizer = toy.optimizer()
     step = make_train_step(toy.loss, optimizer)
 
     def poisoning_step(state, batch):
         state, metrics = step(state, batch)
         poison = jnp.where(state.step == 10, jnp.nan, 0.0)  # only the update to step 10
-        return state._replace(params=jax.tree.map(lambda p: p + poison, state.params)), metrics
+        poisoned = jax.tree.map(
+            lambda x: x + poison if jnp.issubdtype(x.dtype, jnp.inexact) else x,
+            getattr(state, part),
+        )
+        return state._replace(**{part: poisoned}), metrics
 
     with pytest.raises(NonFiniteLossError, match=r"after step 10 are not finite.*step 5 in"):
         fit(
@@ -688,6 +696,23 @@ def test_a_run_of_no_steps_saves_its_start(tmp_path, toy):
     again = _fit(toy, tmp_path, num_steps=0)
     assert again.last_eval == pytest.approx(result.last_eval)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0]
+
+
+def test_the_final_save_is_finished_while_a_signal_still_only_sets_a_flag(
+    tmp_path, toy, monkeypatch
+):
+    """The last (async) checkpoint is waited for before the signal handlers go back: a
+    SIGTERM after that would kill the process during the write and lose it."""
+    events = []
+    wait, restore = Checkpointer.wait, loop_module._StopOnSignal.__exit__
+    monkeypatch.setattr(Checkpointer, "wait", lambda self: events.append("wait") or wait(self))
+    monkeypatch.setattr(
+        loop_module._StopOnSignal,
+        "__exit__",
+        lambda self, *exc: events.append("handlers back") or restore(self, *exc),
+    )
+    _fit(toy, tmp_path, num_steps=4, eval_batches=0, checkpoint_every=0)
+    assert "wait" in events[: events.index("handlers back")]
 
 
 def _fit_signalled_at(toy, workdir, signal_step: int, loop: LoopConfig):
