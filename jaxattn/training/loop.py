@@ -252,8 +252,8 @@ class _StopOnSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
-        # A second Ctrl-C kills as usual.
-        signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+        if signal.SIGINT in self._old:  # A second Ctrl-C kills as usual.
+            signal.signal(signal.SIGINT, self._old[signal.SIGINT])
 
     def poll(self, step: int) -> None:
         """Call after every step; on several hosts this is where they agree to stop."""

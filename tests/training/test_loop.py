@@ -485,6 +485,9 @@ def test_an_ignored_sigint_stays_ignored_while_training():
         with loop_module._StopOnSignal() as stop:
             assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) == stop._handle
+            stop._handle(signal.SIGTERM, None)  # as a SIGTERM would
+            assert stop.signal_name == "SIGTERM"
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) == old_term
         signal.signal(signal.SIGINT, signal.default_int_handler)
