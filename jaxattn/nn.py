@@ -90,6 +90,21 @@ def _check_fits(name: str, weights: Any, expected: Any, sizes: dict[str, Any]) -
             )
 
 
+def _check_width(module: Any, name: str, x: Any, field: str) -> None:
+    """Raise unless ``x``'s last axis is the size ``field`` the module was built for.
+
+    The pure ops check the same thing, but name themselves and can blame the weights
+    ("w must be [dq, dk] = (6, 6), got (8, 6)") for an input of the wrong width.
+    """
+    size = module._sizes(module.pure_weights())[field]
+    shape = jnp.shape(x)
+    if not shape or shape[-1] != size:
+        raise ValueError(
+            f"{type(module).__name__}: {name} has shape {shape}, but the module was built for "
+            f"{field}={size} (its last axis)"
+        )
+
+
 class WeightsModule(nnx.Module):
     """Base class: owns ``self.weights``, a weights NamedTuple whose arrays are ``nnx.Param``s."""
 
@@ -221,6 +236,7 @@ class LSTM(_DropoutModule):
         Dropout (``dropout_rate``) is active when not ``deterministic`` and needs ``rng``;
         ``deterministic=None`` uses ``self.deterministic`` (set by ``train()``/``eval()``).
         """
+        _check_width(self, "xs", xs, "input_size")
         if deterministic is None:
             deterministic = self.deterministic
         return lstm_ops.lstm_stack(
@@ -250,6 +266,8 @@ class _ScoredAttention(WeightsModule):
         ``[..., Tq, Tk]``, True = attend.
         Returns ``(context [..., Tq, dv], weights [..., Tq, Tk])``.
         """
+        _check_width(self, "query", query, "query_dim")
+        _check_width(self, "keys", keys, "key_dim")
         scores = self._scores(query, keys)
         return attention_ops.attend(scores, keys if values is None else values, mask)
 
@@ -285,7 +303,13 @@ class AdditiveAttention(_ScoredAttention):
 
 
 class MultiHeadAttention(_DropoutModule):
-    """Multi-head (self- or cross-) attention, GQA when ``num_kv_heads < num_heads``."""
+    """Multi-head (self- or cross-) attention, GQA when ``num_kv_heads < num_heads``.
+
+    The weights are ``jaxattn.ops.init_multi_head_attention``'s (see it for the sizes);
+    ``param_dtype`` is theirs, as in ``flax.nnx``. There is no separate compute dtype:
+    the inputs set it (``jaxattn.ops.layers.project``), so float32 weights with bfloat16 inputs
+    give bfloat16 products, where ``flax.nnx.MultiHeadAttention`` would promote to float32.
+    """
 
     def __init__(
         self,
@@ -299,7 +323,7 @@ class MultiHeadAttention(_DropoutModule):
         use_bias: bool = True,
         dropout_rate: float = 0.0,
         deterministic: bool = True,
-        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         super().__init__(
@@ -312,7 +336,7 @@ class MultiHeadAttention(_DropoutModule):
                 num_kv_heads=num_kv_heads,
                 out_dim=out_dim,
                 use_bias=use_bias,
-                dtype=dtype,
+                dtype=param_dtype,
             )
         )
         check_dropout_rate(dropout_rate, "MultiHeadAttention: dropout_rate")
@@ -331,7 +355,7 @@ class MultiHeadAttention(_DropoutModule):
             num_kv_heads=num_kv_heads,
             out_dim=weights.w_o.shape[-1],
             use_bias=weights.b_q is not None,
-            dtype=weights.w_q.dtype,
+            param_dtype=weights.w_q.dtype,
         )
 
     def __call__(
@@ -353,6 +377,11 @@ class MultiHeadAttention(_DropoutModule):
         See ``jaxattn.ops.multi_head_attention`` for the arguments; ``deterministic=None``
         uses ``self.deterministic`` (set by ``train()``/``eval()``).
         """
+        _check_width(self, "x_q", x_q, "q_dim")
+        # (self-attention: x_q is also the keys' input)
+        _check_width(
+            self, "x_q" if x_kv is None else "x_kv", x_q if x_kv is None else x_kv, "kv_dim"
+        )
         if deterministic is None:
             deterministic = self.deterministic
         return attention_ops.multi_head_attention(

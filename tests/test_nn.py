@@ -209,6 +209,30 @@ def test_a_bad_dropout_rate_fails_at_construction():
         nn.LSTM(5, 7, num_layers=2, dropout_rate=-0.1, rngs=nnx.Rngs(0))
 
 
+def test_an_input_of_the_wrong_width_names_the_module_and_the_input():
+    """The pure ops named themselves ("project: x has shape ...", the same text for x_q and
+    x_kv) or blamed the weights ("w must be [dq, dk] = (6, 6), got (8, 6)")."""
+    x8, x6 = jnp.zeros((2, 5, 8)), jnp.zeros((2, 5, 6))
+    mha = nn.MultiHeadAttention(8, 2, kv_dim=6, rngs=nnx.Rngs(0))
+    mha(x8, x6)
+    cases = [
+        (lambda: mha(x6, x6), r"MultiHeadAttention: x_q has shape \(2, 5, 6\), but the module "
+         r"was built for q_dim=8 \(its last axis\)"),
+        (lambda: mha(x8, x8), r"MultiHeadAttention: x_kv has shape \(2, 5, 8\).* kv_dim=6"),
+        (lambda: mha(x8), r"MultiHeadAttention: x_q has shape \(2, 5, 8\).* kv_dim=6"),
+        (lambda: nn.LSTM(8, 4, rngs=nnx.Rngs(0))(x6), r"LSTM: xs has shape .* input_size=8"),
+        (lambda: nn.GeneralAttention(8, 6, rngs=nnx.Rngs(0))(x6, x6),
+         r"GeneralAttention: query has shape .* query_dim=8"),
+        (lambda: nn.AdditiveAttention(8, 6, 4, rngs=nnx.Rngs(0))(x8, x8),
+         r"AdditiveAttention: keys has shape .* key_dim=6"),
+        (lambda: nn.AdditiveAttention(8, 6, 4, rngs=nnx.Rngs(0))(jnp.zeros(()), x6),
+         r"AdditiveAttention: query has shape \(\)"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_view_reports_deterministic_as_unused_where_there_is_no_dropout(rng):
     scored = nn.GeneralAttention(5, 5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="deterministic"):
@@ -217,11 +241,12 @@ def test_view_reports_deterministic_as_unused_where_there_is_no_dropout(rng):
 
 def test_constructors_build_the_same_trees_as_the_ops_inits():
     """Every constructor option reaches the init: shapes, None biases, dtype and values."""
-    options = dict(
-        head_dim=3, kv_dim=5, num_kv_heads=2, out_dim=7, use_bias=False, dtype=jnp.bfloat16
+    options = dict(head_dim=3, kv_dim=5, num_kv_heads=2, out_dim=7, use_bias=False)
+    # param_dtype, as flax.nnx names the weights' dtype (the op's init calls it dtype)
+    mha = nn.MultiHeadAttention(12, 6, **options, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(4))
+    want = attention_ops.init_multi_head_attention(
+        nnx.Rngs(4).params(), 12, 6, **options, dtype=jnp.bfloat16
     )
-    mha = nn.MultiHeadAttention(12, 6, **options, rngs=nnx.Rngs(4))
-    want = attention_ops.init_multi_head_attention(nnx.Rngs(4).params(), 12, 6, **options)
     _leaves_equal(mha.pure_weights(), want)
     assert {leaf.dtype for leaf in jax.tree.leaves(mha.pure_weights())} == {jnp.dtype("bfloat16")}
     lstm = nn.LSTM(5, 7, num_layers=2, bidirectional=True, rngs=nnx.Rngs(4))
