@@ -318,7 +318,8 @@ def test_dropout_reaches_every_site(np_rng, monkeypatch):
 
 
 def test_translate_passes_its_settings_to_the_search(np_rng, search_calls):
-    """length_penalty (and beam_size, max_len) reach the beam search (traced, not run)."""
+    """length_penalty, beam_size, max_len and the never-generated PAD and BOS reach the
+    beam search (traced, not run)."""
     w = random_weights(BASE)
     src, lengths, _ = example_batch(BASE, np_rng)
     transformer._translate.clear_cache()  # so that translate's jit traces (and calls the spy)
@@ -326,7 +327,8 @@ def test_translate_passes_its_settings_to_the_search(np_rng, search_calls):
         lambda: translate(w, BASE, src, lengths, beam_size=3, max_len=3, length_penalty=1.375)
     )
     assert out.shape == (3, 3)
-    assert search_calls == [dict(beam_size=3, max_len=3, length_penalty=1.375)]
+    settings = dict(beam_size=3, max_len=3, length_penalty=1.375, forbidden=(PAD, BOS))
+    assert search_calls == [settings]
 
 
 def test_init_draws_each_leaf_at_its_fan_in(assert_independent_draws):

@@ -26,6 +26,24 @@ def test_reduce_means_of_nothing_is_empty():
     assert reduce_means([]) == {}
 
 
+def test_a_mean_over_no_items_is_nan_not_zero():
+    """An evaluation without one real target token has no loss; 0.0 would rank as the
+    best val_loss where the loop's non-finite guard must stop the run."""
+    got = reduce_means([{"val_loss": Mean(jnp.float32(0.0), jnp.float32(0))}])
+    assert math.isnan(got["val_loss"])
+
+
+def test_only_numbers_become_tensorboard_curves(tmp_path):
+    """A bool is kept in metrics.jsonl but is no 0/1 curve; a None (no rate yet) is neither."""
+    with MetricsWriter(tmp_path) as writer:
+        writer.write(1, {"x": 1.0, "flag": True, "tokens_per_s": None, "n": 3})
+    [record] = read_metrics(tmp_path / "metrics.jsonl")
+    assert record["flag"] is True and record["tokens_per_s"] is None
+    [(_, events)] = tensorboard_events(tmp_path / "tb")
+    tags = {v.tag for e in events for v in e.summary.value}
+    assert tags == {"x", "n"}
+
+
 def test_writer_lines_parse_and_mirror_to_tensorboard(tmp_path):
     with MetricsWriter(tmp_path) as writer:
         writer.write(10, {"train_loss": 2.5, "tokens_per_s": 1234.0})
