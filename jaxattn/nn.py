@@ -26,6 +26,7 @@ functions: a training call takes ``rng=key`` (no RNG stream is kept in the modul
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -198,6 +199,12 @@ class LSTM(_DropoutModule):
             )
         )
         check_dropout_rate(dropout_rate, "LSTM: dropout_rate")  # now, not at the first train call
+        if dropout_rate > 0 and num_layers == 1:  # as torch.nn.LSTM warns
+            warnings.warn(
+                f"LSTM: dropout_rate={dropout_rate} acts between layers only, and a "
+                "1-layer LSTM has none: it drops nothing",
+                stacklevel=2,
+            )
         if implementation not in (None, *lstm_ops.IMPLEMENTATIONS):
             raise ValueError(
                 f"LSTM: implementation must be None or one of {lstm_ops.IMPLEMENTATIONS}, "

@@ -209,6 +209,11 @@ def test_a_bad_dropout_rate_fails_at_construction():
         nn.LSTM(5, 7, num_layers=2, dropout_rate=-0.1, rngs=nnx.Rngs(0))
 
 
+def test_dropout_on_a_one_layer_lstm_warns_that_it_drops_nothing():
+    with pytest.warns(UserWarning, match="1-layer LSTM has none: it drops nothing"):
+        nn.LSTM(3, 4, dropout_rate=0.5, rngs=nnx.Rngs(0))
+
+
 def test_an_input_of_the_wrong_width_names_the_module_and_the_input():
     """The pure ops named themselves ("project: x has shape ...", the same text for x_q and
     x_kv) or blamed the weights ("w must be [dq, dk] = (6, 6), got (8, 6)")."""
