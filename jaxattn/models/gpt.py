@@ -99,7 +99,10 @@ class GPTConfig:
     positions: str = "learned"  # "learned" (GPT-2) or "rope" (rotary, no position table)
     rope_base: float = 10000.0
     tie_embeddings: bool = True  # output layer = token embedding transposed
-    dtype: str = "float32"  # compute dtype; params, logits and losses stay float32
+    # Compute dtype; params, softmax and loss stay float32. In bfloat16 the logits are the
+    # output product's bfloat16 result cast to float32 (as under torch.autocast): a float32
+    # product would make the largest layer's backward a float32 one.
+    dtype: str = "float32"
     remat: bool = False  # jax.checkpoint each block: recompute activations in the backward
     attention_implementation: str | None = None  # passed to dot_product_attention
     layer_norm_eps: float = 1e-5
@@ -349,12 +352,13 @@ def _embed(weights: GPTWeights, tokens: Array, positions: Array, config: GPTConf
 
 
 def _logits(weights: GPTWeights, x: Array, config: GPTConfig) -> Array:
-    """Final layer norm and output layer. ``[B, T, D]`` -> ``[B, T, V]``, float32 logits
-    from the compute dtype's product (not rounded to bfloat16 on the way)."""
+    """Final layer norm and output layer; logits in float32. ``[B, T, D]`` -> ``[B, T, V]``."""
     x = layer_norm(weights.ln_f, x, eps=config.layer_norm_eps)
     if weights.head is None:
-        return unembed(weights.token_embedding, x, out_dtype=jnp.float32)
-    return dense(weights.head, x, out_dtype=jnp.float32)
+        logits = unembed(weights.token_embedding, x)
+    else:
+        logits = dense(weights.head, x)
+    return logits.astype(jnp.float32)
 
 
 def _as_tokens(tokens, config: GPTConfig, where: str) -> Array:

@@ -106,7 +106,9 @@ class TransformerConfig:
     max_len: int = 256  # longest source or target (the position table's length)
     tie_embeddings: bool = True  # output layer = target embedding transposed
     pre_ln: bool = True  # False: the paper's post-LN
-    dtype: str = "float32"  # compute dtype; params, logits, softmax and loss stay float32
+    # Compute dtype; params, softmax and loss stay float32 (the logits: the bfloat16 output
+    # product cast to float32, as in GPTConfig).
+    dtype: str = "float32"
     remat: bool = False  # recompute each layer in the backward pass (saves memory)
     layer_norm_eps: float = 1e-5
     attention_implementation: str | None = None  # see ops.attention.dot_product_attention
@@ -375,10 +377,8 @@ def cross_kv(weights: TransformerWeights, memory: Array, config: TransformerConf
 def _logits(w: TransformerWeights, y: Array, config: TransformerConfig) -> Array:
     if w.decoder_norm is not None:
         y = layer_norm(w.decoder_norm, y, eps=config.layer_norm_eps)
-    # float32 logits from the compute dtype's product (not rounded to bfloat16 first)
-    if w.head is None:
-        return unembed(w.tgt_embedding, y, out_dtype=jnp.float32)
-    return dense(w.head, y, out_dtype=jnp.float32)
+    out = unembed(w.tgt_embedding, y) if w.head is None else dense(w.head, y)
+    return out.astype(jnp.float32)
 
 
 def decode(

@@ -35,14 +35,7 @@ def check_floating(x: Array, name: str, where: str) -> None:
         )
 
 
-def project(
-    x: Array,
-    w: Array,
-    b: Array | None = None,
-    *,
-    contract_dims: int = 1,
-    out_dtype: Any = None,
-) -> Array:
+def project(x: Array, w: Array, b: Array | None = None, *, contract_dims: int = 1) -> Array:
     """Contract the trailing ``contract_dims`` axes of ``x`` with the leading axes of ``w``.
 
     ``y[..., o] = sum_i x[..., i] w[i, o] + b[o]``, computed as one 2-D matmul over all
@@ -53,12 +46,9 @@ def project(
       w: ``[*in_shape, *out_shape]`` kernel, ``in_shape = w.shape[:contract_dims]``.
       b: optional ``[*out_shape]`` bias.
       contract_dims: how many axes of ``x`` (from the end) are contracted.
-      out_dtype: the product's output dtype (``preferred_element_type``), default ``x``'s:
-        bfloat16 operands can give float32 outputs without rounding to bfloat16 first
-        (the models' logits).
 
     Returns:
-      ``[..., *out_shape]`` in ``out_dtype`` (the kernel is cast to ``x``'s dtype).
+      ``[..., *out_shape]`` in ``x``'s dtype (the kernel is cast to it).
     """
     check_floating(x, "x", "project")
     in_shape = w.shape[:contract_dims]
@@ -78,14 +68,9 @@ def project(
     lead = x.shape[: x.ndim - contract_dims]
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     # math.prod(lead), not -1: with n_in = 0 (an LSTM with input_size 0) -1 is ambiguous.
-    out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
-    y = jnp.matmul(
-        x.reshape(math.prod(lead), n_in),
-        w.reshape(n_in, n_out).astype(x.dtype),
-        preferred_element_type=out_dtype,
-    )  # [B*T, out]
+    y = x.reshape(math.prod(lead), n_in) @ w.reshape(n_in, n_out).astype(x.dtype)  # [B*T, out]
     if b is not None:
-        y = y + b.reshape(n_out).astype(out_dtype)
+        y = y + b.reshape(n_out).astype(x.dtype)
     return y.reshape(*lead, *out_shape)
 
 
@@ -135,18 +120,17 @@ def init_dense(
     return DenseWeights(w, b)
 
 
-def dense(weights: DenseWeights, x: Array, *, out_dtype: Any = None) -> Array:
+def dense(weights: DenseWeights, x: Array) -> Array:
     """Apply ``y = x W + b``.
 
     Args:
       weights: ``DenseWeights(w [in, out], b [out] | None)``.
       x: ``[..., in]``.
-      out_dtype: see ``project`` (default ``x``'s dtype).
 
     Returns:
       ``[..., out]``.
     """
-    return project(x, weights.w, weights.b, out_dtype=out_dtype)
+    return project(x, weights.w, weights.b)
 
 
 class EmbeddingWeights(NamedTuple):
@@ -211,10 +195,9 @@ def embed(weights: EmbeddingWeights, ids: Array) -> Array:
     return jnp.take(weights.table, ids, axis=0)
 
 
-def unembed(weights: EmbeddingWeights, x: Array, *, out_dtype: Any = None) -> Array:
-    """Tied output layer: ``logits = x E^T``. ``x: [..., D]`` -> ``[..., V]``
-    (``out_dtype``: see ``project``)."""
-    return project(x, weights.table.T, out_dtype=out_dtype)
+def unembed(weights: EmbeddingWeights, x: Array) -> Array:
+    """Tied output layer: ``logits = x E^T``. ``x: [..., D]`` -> ``[..., V]``."""
+    return project(x, weights.table.T)
 
 
 def _check_norm_dim(where: str, scale: Array, x: Array) -> None:

@@ -528,9 +528,6 @@ def test_bfloat16_compute():
     err = np.abs(np.asarray(logits) - ref).max()
     assert err < 0.05 * np.abs(ref).max(), err  # bf16 keeps ~3 significant digits
     assert 0 < err  # it really ran in bfloat16
-    # The output product's float32 result is not rounded to bfloat16 on the way.
-    rounded = np.asarray(logits.astype(jnp.bfloat16).astype(jnp.float32))
-    assert not np.array_equal(rounded, np.asarray(logits))
     np.testing.assert_allclose(loss, np_cross_entropy(ref, targets).mean(), rtol=0.05)
     # Gradients reach the float32 params as float32 (shapes only: no backward to compile).
     grads = jax.eval_shape(jax.grad(lambda *a: loss_and_logits(*a)[0]), w, tokens, targets)
