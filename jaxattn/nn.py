@@ -26,6 +26,7 @@ functions: a training call takes ``rng=key`` (no RNG stream is kept in the modul
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -89,6 +90,18 @@ def _check_fits(name: str, weights: Any, expected: Any, sizes: dict[str, Any]) -
                 f"{name}.from_weights: weight {path} has shape {shape}, but the sizes read "
                 f"off the others ({sizes}) give {expected_shape}"
             )
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel for the first frame outside this file and flax (a
+    module's ``__init__`` runs under flax's constructor), as called from that ``__init__``."""
+    frame, level = sys._getframe(2), 2  # 1: the warn call's frame (the __init__)
+    while frame is not None and (
+        frame.f_code.co_filename == __file__
+        or frame.f_globals.get("__name__", "").split(".")[0] == "flax"
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_width(module: Any, name: str, x: Any, field: str) -> None:
@@ -203,7 +216,7 @@ class LSTM(_DropoutModule):
             warnings.warn(
                 f"LSTM: dropout_rate={dropout_rate} acts between layers only, and a "
                 "1-layer LSTM has none: it drops nothing",
-                stacklevel=2,
+                stacklevel=_caller_stacklevel(),
             )
         if implementation not in (None, *lstm_ops.IMPLEMENTATIONS):
             raise ValueError(
@@ -332,7 +345,16 @@ class MultiHeadAttention(_DropoutModule):
         deterministic: bool = True,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
+        dtype: Any = None,
     ):
+        if dtype is not None:  # the name until 2026-12-04
+            warnings.warn(
+                "MultiHeadAttention: dtype= is the weights' dtype, now named param_dtype= "
+                "(as in flax.nnx); dtype= will go",
+                DeprecationWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+            param_dtype = dtype
         super().__init__(
             attention_ops.init_multi_head_attention(
                 rngs.params(),

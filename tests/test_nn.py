@@ -210,8 +210,16 @@ def test_a_bad_dropout_rate_fails_at_construction():
 
 
 def test_dropout_on_a_one_layer_lstm_warns_that_it_drops_nothing():
-    with pytest.warns(UserWarning, match="1-layer LSTM has none: it drops nothing"):
+    with pytest.warns(UserWarning, match="1-layer LSTM has none: it drops nothing") as caught:
         nn.LSTM(3, 4, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    assert caught[0].filename == __file__  # the caller's line, not flax's constructor
+
+
+def test_multi_head_attention_takes_the_old_dtype_name_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="now named param_dtype") as caught:
+        module = nn.MultiHeadAttention(8, 2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert caught[0].filename == __file__
+    assert module.pure_weights().w_q.dtype == jnp.bfloat16
 
 
 def test_an_input_of_the_wrong_width_names_the_module_and_the_input():

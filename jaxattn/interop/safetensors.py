@@ -15,6 +15,7 @@ makes a module of it).
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import jax
@@ -69,7 +70,7 @@ def save_safetensors(
         for name, leaf in flatten_with_names(pure_weights_of(weights)).items()
     }
     target = os.fspath(path)
-    partial = f"{target}.partial-{os.getpid()}"
+    partial = f"{target}.partial-{uuid.uuid4().hex}"  # one per call, also across threads
     try:
         save_file(flat, partial, metadata=metadata)
         os.replace(partial, target)  # atomic on one file system

@@ -52,12 +52,14 @@ def mha_from_torch(
     Raises:
       KeyError / ValueError naming a missing or mis-shaped tensor.
     """
-    module_types = [cls.__name__ for cls in type(module_or_state_dict).__mro__]
+    # (by name: torch stays an optional dependency, not imported here; a torch.compile'd
+    # module is judged by the module it wraps)
+    wrapped = getattr(module_or_state_dict, "_orig_mod", module_or_state_dict)
+    module_types = [cls.__name__ for cls in type(wrapped).__mro__]
     if hasattr(module_or_state_dict, "state_dict") and "MultiheadAttention" not in module_types:
-        # (by name: torch stays an optional dependency, not imported here)
         raise ValueError(
             f"mha_from_torch: expected a torch.nn.MultiheadAttention or a state dict, got a "
-            f"{type(module_or_state_dict).__name__} module (pass its attention module, e.g. "
+            f"module of type {type(wrapped).__name__} (pass its attention module, e.g. "
             f"layer.self_attn, or its state_dict() with prefix= and num_heads=)"
         )
     module_heads = getattr(module_or_state_dict, "num_heads", None)

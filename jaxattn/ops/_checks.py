@@ -59,7 +59,12 @@ def check_seed(value: int, name: str, where: str) -> int:
 def forward_mode_hint(kernel: str, fix: str) -> Iterator[None]:
     """Re-raise JAX's refusal of forward-mode autodiff through a ``jax.custom_vjp``
     ("can't apply forward-mode autodiff (jvp) to a custom_vjp function", which names
-    nothing) as one that names ``kernel`` and the ``fix``."""
+    nothing) as one that names ``kernel`` and the ``fix``.
+
+    Only where JAX refuses during the call: ``jax.jvp`` and ``jax.jacfwd`` of unjitted
+    code. Under ``jit`` (and for ``jax.linearize``) JAX refuses later, while
+    differentiating the traced program, with its own message.
+    """
     try:
         yield
     except TypeError as error:
@@ -67,5 +72,5 @@ def forward_mode_hint(kernel: str, fix: str) -> Iterator[None]:
             raise
         raise TypeError(
             f"{kernel} has a hand-written reverse-mode gradient (jax.custom_vjp), so "
-            f"forward mode (jax.jvp, jax.linearize, jax.jacfwd) cannot run through it: {fix}"
+            f"forward mode (jax.jvp, jax.jacfwd) cannot run through it: {fix}"
         ) from error

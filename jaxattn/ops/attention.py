@@ -564,8 +564,8 @@ def dot_product_attention(
         (``jax.jvp``), since the others have custom gradients. ``"blockwise"`` has
         forward-over-reverse second derivatives (``jax.hessian``) but not ``jax.grad`` of
         ``jax.grad``. None's choice moves with the shape (on CPU the blockwise kernel
-        from about T = 256), so code that needs forward mode or ``jax.grad`` of
-        ``jax.grad`` passes ``"xla"``.
+        from T = 256 or 384, see ``_select_implementation``), so code that needs forward
+        mode or ``jax.grad`` of ``jax.grad`` passes ``"xla"``.
       dropout_rate: a concrete number (static under ``jit``): dropout on the attention
         probabilities (``"xla"`` and
         ``"blockwise"``, which drop the same entries for one key: the mask is a hash of

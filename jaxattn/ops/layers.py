@@ -351,8 +351,8 @@ def check_dropout_rate(rate: float, name: str) -> None:
     """
     if isinstance(rate, jax.core.Tracer):
         raise ValueError(
-            f"{name} must be a concrete number, got a traced value: under jax.jit close over "
-            "it or make it a static argument (static_argnames)"
+            f"{name} must be a concrete number, got a traced value (under jax.jit close over "
+            "it or make it a static argument; under jax.vmap it cannot vary)"
         )
     try:
         valid = 0.0 <= rate < 1.0

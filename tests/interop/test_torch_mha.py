@@ -82,6 +82,8 @@ def test_bfloat16_weights_export_to_torch_bfloat16():
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+# torch.compile imports torch._dynamo, whose TorchScript parts warn that they are deprecated.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_errors():
     state = dict(_mha().state_dict())
     del state["out_proj.bias"]
@@ -103,11 +105,13 @@ def test_errors():
         mha_from_torch(state, num_heads=N)  # was an IndexError
     # Another module (it used to be told to pass num_heads=); a subclass is taken.
     layer = torch.nn.TransformerEncoderLayer(E, N, batch_first=True)
-    with pytest.raises(ValueError, match=r"a TransformerEncoderLayer module .*layer\.self_attn"):
+    with pytest.raises(ValueError, match=r"type TransformerEncoderLayer .*layer\.self_attn"):
         mha_from_torch(layer, prefix="self_attn.")
     mha_from_torch(layer.self_attn)
     subclass = type("MyAttention", (torch.nn.MultiheadAttention,), {})(E, N, batch_first=True)
     assert mha_from_torch(subclass).w_q.shape == (E, N, E // N)
+    compiled = torch.compile(_mha())  # (wraps lazily: nothing compiles until a call)
+    assert mha_from_torch(compiled, prefix="_orig_mod.").w_q.shape == (E, N, E // N)
 
 
 def test_a_lone_bias_or_conflicting_options_are_errors_not_silent():
