@@ -143,6 +143,15 @@ def test_bias_free_export_loads_into_a_bias_free_torch_lstm(bidirectional):
     with_bias = lstm_from_torch(_torch_lstm(2, bidirectional))
     with pytest.raises(ValueError, match=r"bias=False but layer 0 has a nonzero b"):
         lstm_to_torch_state_dict(with_bias, bias=False)
+    # One nonzero entry is enough (random biases are nonzero everywhere, so "any" and
+    # "all" would not differ on them).
+    first = weights[0].forward if bidirectional else weights[0]
+    one = first._replace(b=first.b.at[3].set(1.0))
+    layer0 = weights[0]._replace(forward=one) if bidirectional else one
+    with pytest.raises(
+        ValueError, match=r"bias=False but layer 0 has a nonzero b \(max \|b\| = 1\)"
+    ):
+        lstm_to_torch_state_dict((layer0, weights[1]), bias=False)
     if bidirectional:  # only the backward bias is nonzero: the message says so
         layer0 = BidirectionalWeights(weights[0].forward, with_bias[0].backward)
         with pytest.raises(ValueError, match=r"layer 0 \(reverse direction\) has a nonzero b"):

@@ -338,6 +338,32 @@ def test_decoding_uses_the_decode_settings_and_stops_at_eos(monkeypatch):
     assert hyps == ["18", "12", ""]
 
 
+def test_bleu_scores_the_hypotheses_against_the_targets(monkeypatch):
+    """test_bleu's score is sacrebleu's corpus BLEU of the decoded hypotheses against the
+    pairs' targets (not their sources, which the decoding tests above cannot tell)."""
+    import sacrebleu
+
+    translate = _import_translate()
+
+    def echo(params, model, src, src_lengths, *, beam_size, max_len):  # copies the source
+        out = np.full((src.shape[0], max_len), td.EOS_ID, np.int32)
+        for row, n in enumerate(np.asarray(src_lengths)):
+            out[row, :n] = src[row, :n]
+        return out
+
+    monkeypatch.setitem(translate.MODELS, "echo", (None, None, None, echo, None))
+    config = ml_collections.ConfigDict(
+        dict(buckets=(8,), beam_size=1, decode_max_len=8, decode_batch_size=4)
+    )
+    # FakePieces: "abcd" -> pieces 5 6 7 8, decoded as "5 6 7 8".
+    pairs = [("abcd", "5 6 7 8"), ("bcdef", "6 7 8 9 10"), ("abcdefg", "5 6 7 9 9 10 11")]
+    score, hyps = translate.test_bleu(None, "echo", None, config, FakePieces(), pairs)
+    assert hyps == ["5 6 7 8", "6 7 8 9 10", "5 6 7 8 9 10 11"]
+    targets, sources = [[t for _, t in pairs]], [[src for src, _ in pairs]]
+    assert score == pytest.approx(sacrebleu.corpus_bleu(hyps, targets).score)
+    assert 0 < score < 100 and sacrebleu.corpus_bleu(hyps, sources).score != score
+
+
 def test_loss_fn_passes_the_label_smoothing_to_the_model_loss(monkeypatch):
     """make_loss_fn hands config.label_smoothing (0.1 in translate_base) to the model's loss,
     and dropout is on exactly when the loop passes a key."""

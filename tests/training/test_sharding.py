@@ -136,7 +136,9 @@ def test_seq2seq_rules_split_the_vocabulary_and_keep_lstm_matrices_whole():
     params = jax.eval_shape(lambda: init_seq2seq(jax.random.key(0), config))
     specs = _split_leaves(params, SEQ2SEQ_RULES, MESH_222)
     assert specs["src_embedding/table"] == PartitionSpec("tensor", "fsdp")
+    assert specs["tgt_embedding/table"] == PartitionSpec("tensor", "fsdp")
     assert specs["output/w"] == PartitionSpec("fsdp", "tensor")
+    assert specs["output/b"] == PartitionSpec("tensor")  # [V], split as output/w's columns
     assert all(spec == PartitionSpec() for name, spec in specs.items() if "w_hh" in name)
 
 
