@@ -33,6 +33,7 @@ from jaxattn.models._config import (
     check_positive_ints,
     check_rate,
     check_size,
+    check_static_config,
     check_weights,
 )
 from jaxattn.ops.attention import (
@@ -241,6 +242,7 @@ def init_gpt(rng: Array, config: GPTConfig) -> GPTWeights:
     Returns:
       ``GPTWeights`` (float32) whose ``blocks`` leaves are stacked ``[L, ...]``.
     """
+    check_static_config(config, "init_gpt")
     structure = dataclasses.replace(
         config,
         dropout=0.0,
@@ -363,6 +365,7 @@ def _logits(weights: GPTWeights, x: Array, config: GPTConfig) -> Array:
 
 def _as_tokens(tokens, config: GPTConfig, where: str) -> Array:
     """Check ``tokens`` (``[B, T]`` ids in ``[0, V)`` when concrete), then convert them."""
+    check_static_config(config, where)
     tokens = ids_to_check(tokens)
     if tokens.ndim != 2 or 0 in tokens.shape:  # (empty: else an error from inside attention)
         raise ValueError(f"{where}: tokens must be [B, T] with B, T >= 1, got shape {tokens.shape}")
@@ -514,6 +517,7 @@ def gpt_loss(
     Returns:
       Scalar float32 loss.
     """
+    check_static_config(config, "gpt_loss")
     targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
     if targets.shape != jnp.shape(tokens):
         raise ValueError(f"gpt_loss: targets {targets.shape} must match tokens {jnp.shape(tokens)}")
@@ -546,6 +550,7 @@ def init_cache(
 
     ``dtype`` defaults to the compute dtype. ``max_len`` may not exceed ``block_size``.
     """
+    check_static_config(config, "init_cache")
     # Sizes as ints: 2.5 failed inside jnp.zeros naming no argument, True made length 1.
     batch_size = check_size(batch_size, "batch_size", "init_cache")
     max_len = check_size(max_len, "max_len", "init_cache")

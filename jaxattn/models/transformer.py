@@ -46,6 +46,7 @@ from jaxattn.models._config import (
     check_rate,
     check_size,
     check_special_ids,
+    check_static_config,
     check_weights,
 )
 from jaxattn.models.gpt import KVCache
@@ -194,6 +195,7 @@ class CrossKV(NamedTuple):
 def init_transformer(rng: Array, config: TransformerConfig) -> TransformerWeights:
     """Initialise: N(0, 1/D) embeddings (unit variance after the sqrt(D) scale), N(0, 1/fan_in)
     projections, zero biases, unit layer norms."""
+    check_static_config(config, "init_transformer")
     d, n, f = config.embed_dim, config.num_heads, config.mlp_ratio * config.embed_dim
     keys = jax.random.split(rng, 5)
     attn = functools.partial(init_multi_head_attention, q_dim=d, num_heads=n)
@@ -476,6 +478,7 @@ def init_cache(
     config: TransformerConfig, batch_size: int, max_len: int, dtype: str | None = None
 ) -> KVCache:
     """Empty decoder self-attention cache: ``k, v [Ld, B, max_len, N, H]`` zeros, index 0."""
+    check_static_config(config, "init_cache")
     batch_size = check_size(batch_size, "batch_size", "init_cache")
     max_len = check_size(max_len, "max_len", "init_cache")
     if max_len > config.max_len:

@@ -513,6 +513,20 @@ def test_remat_gives_same_loss_and_grads():
         np.testing.assert_allclose(g_r, g, atol=1e-6, rtol=1e-5)
 
 
+def test_a_config_traced_by_jit_is_named():
+    """jax.jit(gpt) without static_argnames traces the config (its dtype field makes JAX
+    take it for an array): the error was "DynamicJaxprTracer has no attribute vocab_size"."""
+    w, tokens = random_weights(BASE), tokens_for(BASE)
+    for name, call in [
+        ("gpt", lambda c: gpt(w, tokens, c)),
+        ("gpt_loss", lambda c: gpt_loss(w, tokens, tokens, c)),
+        ("init_cache", lambda c: init_cache(c, 1, 4)),
+        ("init_gpt", lambda c: init_gpt(jax.random.key(0), c)),
+    ]:
+        with pytest.raises(TypeError, match=rf"^{name}: config is a traced value.*static"):
+            jax.jit(call)(BASE)
+
+
 def test_bfloat16_compute():
     config = dataclasses.replace(BASE, dtype="bfloat16")
     w = random_weights(BASE)

@@ -420,6 +420,19 @@ def test_config_validation(changes, match):
         dataclasses.replace(BASE, **changes)
 
 
+def test_a_config_traced_by_jit_is_named(np_rng):
+    """As for GPT: the config's dtype field makes jit take it for an array."""
+    w = random_weights(BASE)
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    for name, call in [
+        ("encode", lambda c: transformer_logits(w, src, lengths, tgt_in, c)),
+        ("init_cache", lambda c: init_cache(c, 1, 4)),
+        ("init_transformer", lambda c: init_transformer(jax.random.key(0), c)),
+    ]:
+        with pytest.raises(TypeError, match=rf"^{name}: config is a traced value.*static"):
+            jax.jit(call)(BASE)
+
+
 def test_bad_inputs_raise(np_rng):
     config = BASE
     w = random_weights(config)
