@@ -104,13 +104,14 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def _check_width(module: Any, name: str, x: Any, field: str) -> None:
-    """Raise unless ``x``'s last axis is the size ``field`` the module was built for.
+def _check_width(module: Any, weights: Any, name: str, x: Any, field: str) -> None:
+    """Raise unless ``x``'s last axis is the size ``field`` the module was built for (read
+    off its ``weights``, the ``pure_weights()`` its call passes on).
 
     The pure ops check the same thing, but name themselves and can blame the weights
     ("w must be [dq, dk] = (6, 6), got (8, 6)") for an input of the wrong width.
     """
-    size = module._sizes(module.pure_weights())[field]
+    size = module._sizes(weights)[field]
     shape = jnp.shape(x)
     if not shape or shape[-1] != size:
         raise ValueError(
@@ -256,11 +257,12 @@ class LSTM(_DropoutModule):
         Dropout (``dropout_rate``) is active when not ``deterministic`` and needs ``rng``;
         ``deterministic=None`` uses ``self.deterministic`` (set by ``train()``/``eval()``).
         """
-        _check_width(self, "xs", xs, "input_size")
+        weights = self.pure_weights()
+        _check_width(self, weights, "xs", xs, "input_size")
         if deterministic is None:
             deterministic = self.deterministic
         return lstm_ops.lstm_stack(
-            self.pure_weights(),
+            weights,
             xs,
             carry,
             lengths=lengths,
@@ -274,7 +276,7 @@ class LSTM(_DropoutModule):
 class _ScoredAttention(WeightsModule):
     """Seq2seq attention: ``context = softmax(scores(query, keys)) values``."""
 
-    def _scores(self, query: Array, keys: Array) -> Array:
+    def _scores(self, weights: Any, query: Array, keys: Array) -> Array:
         raise NotImplementedError
 
     def __call__(
@@ -286,9 +288,10 @@ class _ScoredAttention(WeightsModule):
         ``[..., Tq, Tk]``, True = attend.
         Returns ``(context [..., Tq, dv], weights [..., Tq, Tk])``.
         """
-        _check_width(self, "query", query, "query_dim")
-        _check_width(self, "keys", keys, "key_dim")
-        scores = self._scores(query, keys)
+        weights = self.pure_weights()
+        _check_width(self, weights, "query", query, "query_dim")
+        _check_width(self, weights, "keys", keys, "key_dim")
+        scores = self._scores(weights, query, keys)
         return attention_ops.attend(scores, keys if values is None else values, mask)
 
 
@@ -303,8 +306,8 @@ class GeneralAttention(_ScoredAttention):
         query_dim, key_dim = weights.shape
         return dict(query_dim=query_dim, key_dim=key_dim)
 
-    def _scores(self, query: Array, keys: Array) -> Array:
-        return attention_ops.general_scores(self.pure_weights(), query, keys)
+    def _scores(self, weights: Any, query: Array, keys: Array) -> Array:
+        return attention_ops.general_scores(weights, query, keys)
 
 
 class AdditiveAttention(_ScoredAttention):
@@ -318,8 +321,8 @@ class AdditiveAttention(_ScoredAttention):
         query_dim, hidden_dim = weights.w_query.shape
         return dict(query_dim=query_dim, key_dim=weights.w_key.shape[0], hidden_dim=hidden_dim)
 
-    def _scores(self, query: Array, keys: Array) -> Array:
-        return attention_ops.additive_scores(self.pure_weights(), query, keys)
+    def _scores(self, weights: Any, query: Array, keys: Array) -> Array:
+        return attention_ops.additive_scores(weights, query, keys)
 
 
 class MultiHeadAttention(_DropoutModule):
@@ -406,15 +409,15 @@ class MultiHeadAttention(_DropoutModule):
         See ``jaxattn.ops.multi_head_attention`` for the arguments; ``deterministic=None``
         uses ``self.deterministic`` (set by ``train()``/``eval()``).
         """
-        _check_width(self, "x_q", x_q, "q_dim")
+        weights = self.pure_weights()
+        _check_width(self, weights, "x_q", x_q, "q_dim")
         # (self-attention: x_q is also the keys' input)
-        _check_width(
-            self, "x_q" if x_kv is None else "x_kv", x_q if x_kv is None else x_kv, "kv_dim"
-        )
+        kv_name, kv = ("x_q", x_q) if x_kv is None else ("x_kv", x_kv)
+        _check_width(self, weights, kv_name, kv, "kv_dim")
         if deterministic is None:
             deterministic = self.deterministic
         return attention_ops.multi_head_attention(
-            self.pure_weights(),
+            weights,
             x_q,
             x_kv,
             mask=mask,
