@@ -11,6 +11,7 @@ through the environment. To run the suite on optimised code, set the level yours
 ``XLA_FLAGS=--xla_backend_optimization_level=3 pytest ...`` (3 is XLA's default).
 """
 
+import contextlib
 import os
 
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
@@ -69,3 +70,31 @@ def assert_independent_draws():
         assert not pairs, f"leaves drawn from one key: {pairs}"
 
     return check
+
+
+_TRACE_AND_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+@pytest.fixture
+def count_traces():
+    """``with count_traces() as traced: ...``: ``traced`` lists the functions JAX traced or
+    compiled inside the block (by name), e.g. a jit cache miss or a loop run eagerly."""
+
+    @contextlib.contextmanager
+    def counting():
+        traced: list[str] = []
+
+        def listen(event: str, duration: float, **kwargs) -> None:
+            if event in _TRACE_AND_COMPILE_EVENTS:
+                traced.append(str(kwargs.get("fun_name", event)))
+
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        try:
+            yield traced
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listen)
+
+    return counting

@@ -121,22 +121,11 @@ def check_rate(owner: Any, name: str) -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def _init_shapes(init_fn: Callable, config: Any) -> dict[str, tuple[int, ...]]:
+def init_shapes(init_fn: Callable, config: Any) -> dict[str, tuple[int, ...]]:
     """``{path: shape}`` of ``init_fn(key, config)``'s leaves, traced once per config."""
     tree = jax.eval_shape(lambda: init_fn(jax.random.key(0), config))  # no FLOPs
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
-
-
-def check_static_config(config: Any, where: str) -> None:
-    """Raise ``TypeError`` when ``config`` is a ``jit`` tracer: a config sets shapes and
-    code paths, so it must be a static argument (else the error is an ``AttributeError``
-    about the tracer, naming no argument)."""
-    if isinstance(config, jax.core.Tracer):
-        raise TypeError(
-            f"{where}: config is a traced value; it sets shapes and code paths, so under "
-            "jax.jit make it static (jax.jit(f, static_argnames='config'), or close over it)"
-        )
 
 
 def check_weights(weights: Any, init_fn: Callable, config: Any, where: str) -> None:
@@ -145,8 +134,7 @@ def check_weights(weights: Any, init_fn: Callable, config: Any, where: str) -> N
 
     Cheap: compares ``jax.eval_shape`` of the init, cached per config, with the tree paths.
     """
-    check_static_config(config, where)
-    want = _init_shapes(init_fn, config)
+    want = init_shapes(init_fn, config)
     leaves = jax.tree_util.tree_flatten_with_path(weights)[0]
     got = {
         jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ("not an array",)))

@@ -62,9 +62,10 @@ class BeamSearchResult(NamedTuple):
 
 
 def check_length_penalty(value: Any, where: str, max_len: int | None = None) -> Any:
-    """Return the GNMT ``alpha`` as a Python float, the hashable static argument ``jit``
-    needs; ``ValueError`` unless it is a finite real number >= 0 (with ``inf`` every
-    hypothesis longer than one token would score -0.0, leaving only the tie order).
+    """Return the GNMT ``alpha`` as a Python float; ``ValueError`` unless it is a finite real
+    number >= 0 (with ``inf`` every hypothesis longer than one token would score -0.0,
+    leaving only the tie order). It only feeds arithmetic: pass it to a jitted program as a
+    traced float32 scalar (as ``translate`` does), so a new value does not recompile.
 
     With ``max_len`` the penalty of the longest hypothesis must also fit in float32, or it
     becomes inf and ranks as ``inf`` would. A traced value (under an outer ``jit``) cannot

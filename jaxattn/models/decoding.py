@@ -14,18 +14,22 @@ Past the model's context, ``generate_cropped`` continues as nanoGPT's ``generate
 model sees the last ``context`` tokens, one full pass per new token (with absolute
 positions a cache cannot slide along with the window).
 
-Jitting: everything here is traceable. Jit the *caller* with the sampling settings and
-``max_new_tokens`` static and the weights as traced arguments, building ``decode_fn`` inside,
-e.g. (what ``gpt.generate`` does)::
+Jitting: everything here is traceable. Jit the *caller* with what shapes the program
+static (``max_new_tokens``, ``top_k``, whether it is greedy, whether top-p is on) and the
+weights, ``temperature`` and ``top_p`` as traced arguments (they only feed arithmetic), building
+``decode_fn`` inside, e.g. (what ``gpt.generate`` does)::
 
-    @functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature"))
-    def run(weights, prompt, rng, max_new_tokens, temperature):
+    @functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy"))
+    def run(weights, prompt, rng, max_new_tokens, greedy, temperature):
         cache = init_cache(config, prompt.shape[0], prompt.shape[1] + max_new_tokens)
         fn = lambda toks, c: gpt_decode(weights, toks, c, config)
-        return generate(fn, cache, prompt, max_new_tokens, rng=rng, temperature=temperature)
+        return generate(fn, cache, prompt, max_new_tokens, rng=rng, greedy=greedy,
+                        temperature=temperature)
 
-so it compiles once per prompt shape and setting. (Closing a fresh lambda over the weights
-*outside* jit and jitting ``generate`` itself would retrace on every call.)
+so it compiles once per prompt shape and program, not per temperature. A traced
+``temperature`` cannot choose greedy decoding (that needs the Python value 0, or
+``greedy=True``); a traced ``top_p`` always runs the nucleus filter. (Closing a fresh lambda
+over the weights *outside* jit and jitting ``generate`` itself would retrace on every call.)
 
 Greedy and beam search for encoder-decoder models live in ``beam_search.py``; their step
 function returns log-probabilities and their state rows are gathered by beam index along
@@ -51,48 +55,74 @@ DecodeFn = Callable[[Array, Cache], tuple[Array, Cache]]
 _TINY = float(np.finfo(np.float32).tiny)
 
 
+def _traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
 def check_sampling(
     *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> None:
-    """Raise ``ValueError`` for invalid sampling settings (Python values, checked eagerly)."""
+    """Raise ``ValueError`` for invalid sampling settings (Python values, checked eagerly).
+
+    ``temperature`` and ``top_p`` may be traced scalars (under an outer ``jit``): only their
+    shape can be checked then. ``top_k`` must be a Python int: ``lax.top_k`` needs it static.
+    """
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
-        # They choose the program (greedy or not, which filters): static under jit.
-        if isinstance(value, jax.core.Tracer):
-            raise ValueError(
-                f"{name} must be a Python number, static under jit (static_argnames), got a "
-                "traced value"
-            )
+        if _traced(value):
+            if name == "top_k":  # It shapes lax.top_k: static under jit.
+                raise ValueError(
+                    "top_k must be a Python number, static under jit (static_argnames), got a "
+                    "traced value"
+                )
+            if jnp.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.number):
+                raise ValueError(
+                    f"{name} must be a number, got a traced {value.dtype} {jnp.shape(value)}"
+                )
         if isinstance(value, (bool, np.bool_)):  # True would read as 1.0
             raise ValueError(f"{name} must be a number, got {value!r}")
-    if not temperature >= 0.0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if 0.0 < temperature < _TINY:  # would flush to 0 in float32
-        raise ValueError(
-            f"temperature must be 0 (greedy) or at least {_TINY:.3g}, the smallest normal "
-            f"float32, got {temperature}"
-        )
+    if not _traced(temperature):
+        if not temperature >= 0.0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if 0.0 < temperature < _TINY:  # would flush to 0 in float32
+            raise ValueError(
+                f"temperature must be 0 (greedy) or at least {_TINY:.3g}, the smallest normal "
+                f"float32, got {temperature}"
+            )
     # An integral float (2.0) would pass ``int(top_k) == top_k`` but crash ``lax.top_k``.
     if top_k is not None and (
         isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
     ):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and not _traced(top_p) and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def is_greedy(temperature: Any) -> bool:
+    """Whether ``temperature`` (checked by ``check_sampling``) asks for greedy decoding: the
+    value 0. A traced temperature samples (its value is unknown when the program is built)."""
+    return not _traced(temperature) and bool(temperature == 0.0)  # (a concrete Array too)
+
+
+def top_p_active(top_p: Any) -> bool:
+    """Whether the nucleus filter runs for ``top_p``: not None and below 1 (1 keeps every
+    token, and skipping the filter keeps them exactly). A traced top_p runs it."""
+    return top_p is not None and (_traced(top_p) or bool(top_p < 1.0))
 
 
 def check_sampling_key(rng: Any, temperature: float, where: str) -> None:
     """Raise ``ValueError`` naming ``rng`` when sampling (``temperature != 0``) has no PRNG
     key: None (fine for greedy decoding) or a plain int seed would otherwise fail inside
     JAX as "unexpected PRNG key type", naming neither."""
-    if temperature == 0.0:
+    if is_greedy(temperature):
         return
     dtype = getattr(rng, "dtype", None)
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
     raw = dtype == jnp.uint32 and jnp.ndim(rng) >= 1 and jnp.shape(rng)[-1] == 2
     if not (typed or raw):
         got = repr(rng) if dtype is None else f"{dtype} {jnp.shape(rng)}"
+        shown = "a traced value" if _traced(temperature) else temperature
         raise ValueError(
-            f"{where}: sampling (temperature={temperature}) needs an rng key such as "
+            f"{where}: sampling (temperature={shown}) needs an rng key such as "
             f"jax.random.key(seed), got {got}"
         )
 
@@ -136,8 +166,21 @@ def _end_rows(token: Array, ended: Array, eos_id: int) -> tuple[Array, Array]:
     return token, ended | (token == eos_id)
 
 
+def _tempered(shifted: Array, temperature: float | Array) -> Array:
+    """``shifted / T`` for ``shifted = logits - max <= 0``, computed as ``shifted * (1 / T)``
+    in float32.
+
+    The product, not the quotient: XLA rewrites ``x / T`` for a constant T into it, so the
+    draws are those of the static temperature this once was. ``l - max l <= 0`` cannot
+    overflow at a tiny T (it may reach -inf, which is right). The maximum itself stays 0 even
+    at a traced ``T = 0`` (``0 * inf`` would be NaN): only the tied maxima can then be drawn.
+    """
+    inverse = 1.0 / jnp.asarray(temperature, jnp.float32)
+    return jnp.where(shifted == 0.0, 0.0, shifted * inverse)
+
+
 def _filter_logits(
-    logits: Array, *, temperature: float, top_k: int | None, top_p: float | None
+    logits: Array, *, temperature: float | Array, top_k: int | None, top_p: float | Array | None
 ) -> Array:
     """Float32 ``logits`` with the top-k / top-p rejects (at ``temperature``) set to -inf.
 
@@ -149,18 +192,17 @@ def _filter_logits(
     if top_k is not None and top_k < vocab:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1] k-th largest
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None and top_p < 1.0:
+    if top_p_active(top_p):
         sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V] descending
         # softmax(l / T) from l - max(l), which is <= 0, so the division cannot overflow.
         # Rejected (-inf) tokens stay -inf: at T = inf, -inf / inf would be NaN.
-        scaled = jnp.where(
-            sorted_logits > -jnp.inf, (sorted_logits - sorted_logits[:, :1]) / temperature, -jnp.inf
-        )
+        shifted = sorted_logits - sorted_logits[:, :1]
+        scaled = jnp.where(sorted_logits > -jnp.inf, _tempered(shifted, temperature), -jnp.inf)
         probs = jax.nn.softmax(scaled, axis=-1)
         # Token i (in sorted order) is needed iff the mass strictly before it is < top_p;
         # the most likely token always is (even for a top_p below float32's smallest
         # normal, which compares as 0 once flushed).
-        needed = jnp.cumsum(probs, axis=-1) - probs < top_p  # [B, V]
+        needed = jnp.cumsum(probs, axis=-1) - probs < jnp.asarray(top_p, jnp.float32)  # [B, V]
         count = jnp.maximum(jnp.sum(needed, axis=-1, keepdims=True), 1)  # [B, 1] >= 1
         threshold = jnp.take_along_axis(sorted_logits, count - 1, axis=-1)  # [B, 1]
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
@@ -176,9 +218,9 @@ def _pick(
     logits: Array,
     noise: Array | None,
     *,
-    temperature: float,
+    temperature: float | Array,
     top_k: int | None,
-    top_p: float | None,
+    top_p: float | Array | None,
 ) -> Array:
     """``[B, V]`` -> ``[B]`` int32: ``argmax(filtered logits / T + noise)`` (None: greedy).
 
@@ -193,7 +235,7 @@ def _pick(
     logits = _filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     kept = logits > -jnp.inf
     top = jnp.max(logits, axis=-1, keepdims=True)
-    scaled = jnp.where(kept, (logits - top) / temperature, -jnp.inf)
+    scaled = jnp.where(kept, _tempered(logits - top, temperature), -jnp.inf)
     return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
 
 
@@ -201,9 +243,9 @@ def sample_logits(
     rng: Array,
     logits: Array,
     *,
-    temperature: float = 1.0,
+    temperature: float | Array = 1.0,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p: float | Array | None = None,
     greedy: bool = False,
 ) -> Array:
     """Draw one token per row from ``softmax(logits / temperature)``, optionally filtered.
@@ -225,7 +267,11 @@ def sample_logits(
     Args:
       rng: PRNG key.
       logits: ``[B, V]``.
-      temperature, top_k, top_p: Python values (static under ``jit``).
+      temperature, top_p: Python numbers, or scalars traced under ``jit``: a traced
+        temperature always samples (greedy needs the Python 0, or ``greedy=True``), and a
+        traced top_p always runs the nucleus filter.
+      top_k: a Python int (``lax.top_k`` needs it static under ``jit``).
+      greedy: take the argmax whatever the temperature (static under ``jit``).
 
     Returns:
       ``[B]`` int32 token ids.
@@ -233,8 +279,9 @@ def sample_logits(
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if logits.ndim != 2:
         raise ValueError(f"sample_logits: logits must be [B, V], got shape {logits.shape}")
+    greedy = greedy or is_greedy(temperature)
     check_sampling_key(rng, 0.0 if greedy else temperature, "sample_logits")
-    noise = None if greedy or temperature == 0.0 else _gumbel(rng, logits.shape)
+    noise = None if greedy else _gumbel(rng, logits.shape)
     return _pick(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
@@ -245,10 +292,11 @@ def generate(
     max_new_tokens: int,
     *,
     rng: Array,
-    temperature: float = 1.0,
+    temperature: float | Array = 1.0,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p: float | Array | None = None,
     eos_id: int | None = None,
+    greedy: bool = False,
 ) -> Array:
     """Extend ``prompt`` by ``max_new_tokens`` tokens sampled with ``sample_logits``.
 
@@ -265,6 +313,8 @@ def generate(
       prompt: ``[B, T0]`` integer ids, ``T0 >= 1``.
       max_new_tokens: Python int >= 0.
       rng: sampling key (split once per new token).
+      temperature, top_k, top_p, greedy: as in ``sample_logits`` (temperature and top_p may
+        be traced).
       eos_id: end-of-sequence id, or None to draw all ``max_new_tokens`` in every row.
 
     Returns:
@@ -272,7 +322,8 @@ def generate(
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     eos_id = check_eos_id(eos_id, "generate")
-    check_sampling_key(rng, temperature, "generate")
+    greedy = greedy or is_greedy(temperature)
+    check_sampling_key(rng, 0.0 if greedy else temperature, "generate")
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"generate: prompt must be [B, T0] with T0 >= 1, got {prompt.shape}")
@@ -290,7 +341,7 @@ def generate(
     # default) token i gets the noise sample_logits(keys[i], ...) draws, so the tokens
     # are the same; vmapped rbg keys draw other, equally random, numbers.
     noise = None  # greedy
-    if temperature != 0.0:
+    if not greedy:
         keys = jax.random.split(rng, max_new_tokens)
         noise_shape = (prompt.shape[0], logits.shape[-1])
         noise = jax.vmap(lambda k: _gumbel(k, noise_shape))(keys)  # [n, B, V]
@@ -331,11 +382,12 @@ def generate_cropped(
     *,
     context: int,
     keys: Array | None,
-    temperature: float = 1.0,
+    temperature: float | Array = 1.0,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p: float | Array | None = None,
     eos_id: int | None = None,
     ended: Array | None = None,
+    greedy: bool = False,
 ) -> Array:
     """Extend ``tokens`` by ``max_new_tokens``, each drawn from a pass over the last ``context``.
 
@@ -353,7 +405,9 @@ def generate_cropped(
       context: the model's context length (window size), >= 1.
       keys: ``[max_new_tokens]`` PRNG keys (raw ``[max_new_tokens, 2]`` uint32 ones, from
         ``jax.random.PRNGKey``, too), new token i drawn as ``sample_logits(keys[i], ...)``
-        would; ``None`` only when greedy (``temperature == 0``).
+        would; ``None`` only when greedy (``temperature == 0`` or ``greedy``).
+      temperature, top_k, top_p, greedy: as in ``sample_logits`` (temperature and top_p may
+        be traced).
       eos_id: as in ``generate``: a row ends at its first new ``eos_id`` and repeats it;
         once all have ended, the remaining steps skip the model.
       ended: ``[B]`` bool, rows that have ended already (a cached part before this one drew
@@ -375,7 +429,7 @@ def generate_cropped(
             f"generate_cropped: tokens must be [B, T0] with T0 >= context={context} >= 1, got "
             f"{tokens.shape}"
         )
-    greedy = temperature == 0.0
+    greedy = greedy or is_greedy(temperature)
     if keys is not None and not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
         # Raw uint32 keys (jax.random.PRNGKey, split to [n, 2]): typed keys of the default impl.
         keys = jax.random.wrap_key_data(keys)

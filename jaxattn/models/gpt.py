@@ -33,9 +33,9 @@ from jaxattn.models._config import (
     check_positive_ints,
     check_rate,
     check_size,
-    check_static_config,
     check_weights,
 )
+from jaxattn.ops._checks import jit_when_eager
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
     dot_product_attention,
@@ -84,6 +84,9 @@ _DTYPES = ("float32", "bfloat16")
 _SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
+# A pytree with no leaves: jit, vmap, grad and scan pass the config through as static data,
+# so `jax.jit(f)(weights, ..., config)` needs no static_argnames (one compile per config).
+@jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     """GPT hyper-parameters; frozen and hashable, so it can be a static ``jit`` argument."""
@@ -242,7 +245,6 @@ def init_gpt(rng: Array, config: GPTConfig) -> GPTWeights:
     Returns:
       ``GPTWeights`` (float32) whose ``blocks`` leaves are stacked ``[L, ...]``.
     """
-    check_static_config(config, "init_gpt")
     structure = dataclasses.replace(
         config,
         dropout=0.0,
@@ -365,7 +367,6 @@ def _logits(weights: GPTWeights, x: Array, config: GPTConfig) -> Array:
 
 def _as_tokens(tokens, config: GPTConfig, where: str) -> Array:
     """Check ``tokens`` (``[B, T]`` ids in ``[0, V)`` when concrete), then convert them."""
-    check_static_config(config, where)
     tokens = ids_to_check(tokens)
     if tokens.ndim != 2 or 0 in tokens.shape:  # (empty: else an error from inside attention)
         raise ValueError(f"{where}: tokens must be [B, T] with B, T >= 1, got shape {tokens.shape}")
@@ -424,7 +425,8 @@ def gpt(
 ) -> Array:
     """Run the causal language model over whole sequences.
 
-    Jit with ``config`` static: ``jax.jit(gpt, static_argnames=("config", "deterministic"))``.
+    ``jax.jit(gpt)`` treats ``config`` as static by itself (a pytree with no leaves); make
+    ``deterministic`` static when you pass it: ``jax.jit(gpt, static_argnames="deterministic")``.
 
     Args:
       weights: ``GPTWeights`` from ``init_gpt``.
@@ -450,6 +452,9 @@ def gpt(
     return _logits(weights, _trunk(weights, tokens, config, rng, use_dropout), config)
 
 
+# Jitted for eager calls of gpt/gpt_loss: run eagerly, the layer scan over a fresh closure was
+# traced and compiled anew on every call.
+@functools.partial(jit_when_eager, static_argnames="use_dropout")
 def _trunk(
     weights: GPTWeights,
     tokens: Array,
@@ -517,7 +522,6 @@ def gpt_loss(
     Returns:
       Scalar float32 loss.
     """
-    check_static_config(config, "gpt_loss")
     targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
     if targets.shape != jnp.shape(tokens):
         raise ValueError(f"gpt_loss: targets {targets.shape} must match tokens {jnp.shape(tokens)}")
@@ -550,7 +554,6 @@ def init_cache(
 
     ``dtype`` defaults to the compute dtype. ``max_len`` may not exceed ``block_size``.
     """
-    check_static_config(config, "init_cache")
     # Sizes as ints: 2.5 failed inside jnp.zeros naming no argument, True made length 1.
     batch_size = check_size(batch_size, "batch_size", "init_cache")
     max_len = check_size(max_len, "max_len", "init_cache")
@@ -683,6 +686,21 @@ def gpt_decode(
         start = check_lengths(start, b, s - 1, "gpt_decode", name="start", bound="S-1")
         start = start.astype(jnp.int32)
         positions, key_mask = _left_padded(start, slots, jnp.arange(s, dtype=jnp.int32))
+    return _decode_layers(weights, tokens, cache, positions, key_mask, config)
+
+
+@jit_when_eager  # (see _trunk)
+def _decode_layers(
+    weights: GPTWeights,
+    tokens: Array,
+    cache: KVCache,
+    positions: Array,
+    key_mask: Array | None,
+    config: GPTConfig,
+) -> tuple[Array, KVCache]:
+    """``gpt_decode`` after its checks: embed, run the layers against the cache, logits."""
+    t = tokens.shape[1]
+    per_layer = isinstance(cache.k, tuple)
     weights = _cast(weights, config.compute_dtype)
     x = _embed(weights, tokens, positions, config)
 
@@ -712,14 +730,14 @@ def gpt_decode(
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "config", "max_new_tokens", "temperature", "top_k", "top_p", "unroll_layers", "eos_id"
-    ),
-)  # fmt: skip
+    static_argnames=("config", "max_new_tokens", "greedy", "top_k", "unroll_layers", "eos_id"),
+)
 def _generate_jit(
-    weights, prompt, rng, config, max_new_tokens, temperature, top_k, top_p, unroll_layers,
-    start=None, eos_id=None,
+    weights, prompt, rng, config, max_new_tokens, greedy, temperature, top_k, top_p,
+    unroll_layers, start=None, eos_id=None,
 ):  # fmt: skip
+    # Static: what changes the program. temperature and top_p (float32 scalars, or top_p None
+    # when the filter is off) only feed arithmetic, so a new value reuses the compiled program.
     if start is not None:
         # Right-padded rows -> left-padded: every row's last prompt token in the last slot,
         # so one cache index serves the batch; start[b] is the row's first real slot.
@@ -729,7 +747,7 @@ def _generate_jit(
     # is predicted at position block - 1. Later ones see only the last block tokens.
     cached = min(max_new_tokens, max(block + 1 - t0, 0))
     cropped = max_new_tokens - cached
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+    settings = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
     # Cast once here rather than on every token.
     weights = _cast(weights, config.compute_dtype)
     out = prompt
@@ -746,7 +764,6 @@ def _generate_jit(
         # Token i of all max_new_tokens draws with key i of split(rng, max_new_tokens), as in
         # the cached part (split's keys do not depend on how many are split off). Greedy
         # needs none (and may have been given rng=None, as the cached part allows).
-        greedy = temperature == 0.0
         keys = None if greedy else jax.random.split(rng, max_new_tokens)[cached:]
 
         def next_logits(window, offset):  # [B, block] -> [B, V]: the last position's logits
@@ -784,20 +801,22 @@ def generate(
     max_new_tokens: int,
     *,
     rng: Array,
-    temperature: float = 1.0,
+    temperature: float | Array = 1.0,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p: float | Array | None = None,
     unroll_layers: bool = False,
     prompt_lengths: Array | None = None,
     eos_id: int | None = None,
 ) -> Array:
     """Continue ``prompt`` by ``max_new_tokens`` sampled tokens (temperature 0 = greedy).
 
-    Compiled once per (prompt shape, max_new_tokens, sampling settings, config,
-    unroll_layers, eos_id): the prompt is prefilled in one pass, then one token per ``lax.scan``
-    step against the KV cache. Beyond ``block_size`` tokens it goes on as nanoGPT's
-    ``generate``: each token is drawn from a full pass over the last ``block_size`` tokens
-    (a longer prompt is cropped the same way), in one ``fori_loop`` of the same program.
+    Compiled once per (prompt shape, max_new_tokens, top_k, greedy or not, top-p on or off,
+    config, unroll_layers, eos_id): a new ``temperature`` or ``top_p`` value reuses the
+    program, as they enter it as traced float32 scalars. The prompt is prefilled in one
+    pass, then one token per ``lax.scan`` step against the KV cache. Beyond ``block_size``
+    tokens it goes on as nanoGPT's ``generate``: each token is drawn from a full pass over
+    the last ``block_size`` tokens (a longer prompt is cropped the same way), in one
+    ``fori_loop`` of the same program.
 
     New token i is drawn with key i of ``jax.random.split(rng, max_new_tokens)``, as
     ``decoding.sample_logits`` would draw it (with threefry keys, the default; see
@@ -805,7 +824,14 @@ def generate(
 
     Args:
       prompt: ``[B, T0]`` ids, ``T0 >= 1``.
-      rng: sampling key.
+      rng: sampling key (None will do for greedy decoding).
+      temperature: >= 0; the Python value 0 (not a traced one: see below) decodes greedily.
+      top_k: keep the k most likely tokens (a Python int, static); None keeps all.
+      top_p: nucleus sampling's mass in (0, 1]; None or 1 keeps all tokens.
+        Under your own ``jit`` both may be traced scalars: a traced temperature always
+        samples (a traced 0 draws among the tied maxima), and a traced top_p always runs the
+        nucleus filter (a traced 1 may then drop the least likely tokens, whose mass rounds
+        away in float32).
       unroll_layers: run each cached token's layers unrolled (``unstack_layers``) instead
         of as a layer scan. On CPU at batch 1 about 2x faster per token (4-layer
         Shakespeare model: ~100 instead of ~220 us), but slower to compile (2.9 s instead of
@@ -833,6 +859,10 @@ def generate(
     decoding.check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     eos_id = decoding.check_eos_id(eos_id, "generate", config.vocab_size)
     decoding.check_sampling_key(rng, temperature, "generate")
+    # Only these choose the program; the values go in traced (top_p None: no nucleus filter).
+    greedy = decoding.is_greedy(temperature)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32) if decoding.top_p_active(top_p) else None
     start = None
     if prompt_lengths is not None:
         b, t0 = prompt.shape
@@ -850,6 +880,7 @@ def generate(
         rng,
         config,
         max_new_tokens,
+        greedy,
         temperature,
         top_k,
         top_p,

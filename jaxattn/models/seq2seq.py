@@ -86,6 +86,9 @@ Carry = tuple[Array, Array]
 ATTENTION = ("none", "dot", "general", "additive")
 
 
+# A pytree with no leaves: jit, vmap, grad and scan pass the config through as static data,
+# so `jax.jit(f)(weights, ..., config)` needs no static_argnames (one compile per config).
+@jax.tree_util.register_static
 @dataclass(frozen=True)
 class Seq2SeqConfig:
     """Seq2seq hyper-parameters; frozen and hashable (a static ``jit`` argument)."""
@@ -312,7 +315,8 @@ def seq2seq_logits(
 ) -> tuple[Array, Array | None]:
     """Teacher-forced decoding: the decoder reads ``tgt_in`` (BOS, then the true tokens).
 
-    Jit with ``static_argnames=("config", "deterministic")``.
+    ``jax.jit`` treats ``config`` as static by itself (a pytree with no leaves); make
+    ``deterministic`` static when you pass it (``static_argnames="deterministic"``).
 
     Args:
       src: ``[B, S]`` ids, ``src_lengths: [B]``.
@@ -443,7 +447,8 @@ def decode_step(
     return logits[:, 0], (jnp.stack(new_h), jnp.stack(new_c)), attention
 
 
-@functools.partial(jax.jit, static_argnames=("config", "beam_size", "max_len", "length_penalty"))
+# length_penalty (a float32 scalar) only feeds arithmetic: a new value reuses the program.
+@functools.partial(jax.jit, static_argnames=("config", "beam_size", "max_len"))
 def _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty):
     memory, final = encode(weights, src, src_lengths, config)
     src_mask = padding_mask(src_lengths, src.shape[1])  # [B, S]
@@ -485,13 +490,14 @@ def translate(
 
     The decoder never emits pad or BOS (their logits are set to -inf).
 
-    Compiled once per (source shape, config, beam size, max_len, length penalty).
+    Compiled once per (source shape, config, beam size, max_len).
 
     Args:
       src: ``[B, S]`` ids; src_lengths: ``[B]``.
       beam_size: int, 1 = greedy; k > 1 = beam search with the GNMT length penalty.
       length_penalty: the penalty's alpha, a finite number >= 0 (checked for greedy too,
-        which does not use it).
+        which does not use it), or a traced scalar; it is not compiled in, so a new value
+        reuses the program.
       max_len: int, most target tokens (EOS included); an LSTM has no position limit.
 
     Returns:
@@ -504,4 +510,5 @@ def translate(
     beam_size = check_size(beam_size, "beam_size", "translate")
     max_len = check_size(max_len, "max_len", "translate")
     length_penalty = search.check_length_penalty(length_penalty, "translate", max_len)
+    length_penalty = jnp.asarray(length_penalty, jnp.float32)  # traced: no compile per value
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

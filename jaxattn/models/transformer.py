@@ -46,11 +46,11 @@ from jaxattn.models._config import (
     check_rate,
     check_size,
     check_special_ids,
-    check_static_config,
     check_weights,
 )
 from jaxattn.models.gpt import KVCache
 from jaxattn.models.seq2seq import check_batch
+from jaxattn.ops._checks import jit_when_eager
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
     dot_product_attention,
@@ -89,6 +89,9 @@ _DTYPES = ("float32", "bfloat16")
 _SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
+# A pytree with no leaves: jit, vmap, grad and scan pass the config through as static data,
+# so `jax.jit(f)(weights, ..., config)` needs no static_argnames (one compile per config).
+@jax.tree_util.register_static
 @dataclass(frozen=True)
 class TransformerConfig:
     """Transformer hyper-parameters; frozen and hashable (a static ``jit`` argument)."""
@@ -195,7 +198,6 @@ class CrossKV(NamedTuple):
 def init_transformer(rng: Array, config: TransformerConfig) -> TransformerWeights:
     """Initialise: N(0, 1/D) embeddings (unit variance after the sqrt(D) scale), N(0, 1/fan_in)
     projections, zero biases, unit layer norms."""
-    check_static_config(config, "init_transformer")
     d, n, f = config.embed_dim, config.num_heads, config.mlp_ratio * config.embed_dim
     keys = jax.random.split(rng, 5)
     attn = functools.partial(init_multi_head_attention, q_dim=d, num_heads=n)
@@ -326,6 +328,38 @@ def _scan_layers(body, x, xs, config):
     return jax.lax.scan(body, x, xs)
 
 
+# The layer stacks are jitted for eager calls: run eagerly, a scan over a fresh closure was
+# traced and compiled anew on every call.
+@functools.partial(jit_when_eager, static_argnames="rate")
+def _encoder_stack(layers, x, mask, layer_keys, config: TransformerConfig, rate: float) -> Array:
+    def body(x, layer):
+        lw, key = layer
+        return _encoder_layer(lw, x, mask, config, rate, key), None
+
+    return _scan_layers(body, x, (layers, layer_keys), config)[0]
+
+
+@functools.partial(jit_when_eager, static_argnames="rate")
+def _decoder_stack(layers, y, cross, mask, layer_keys, config: TransformerConfig, rate: float):
+    def body(y, layer):
+        lw, k, v, key = layer
+        return _decoder_layer(lw, y, (k, v), mask, config, rate, key)[0], None
+
+    return _scan_layers(body, y, (layers, cross.k, cross.v, layer_keys), config)[0]
+
+
+@jit_when_eager
+def _decoder_step_stack(layers, y, cache: KVCache, cross, mask, config: TransformerConfig):
+    def body(y, layer):
+        lw, k_cache, v_cache, k, v = layer
+        y, new = _decoder_layer(
+            lw, y, (k, v), mask, config, 0.0, None, cache=(k_cache, v_cache, cache.index)
+        )
+        return y, new
+
+    return jax.lax.scan(body, y, (layers, cache.k, cache.v, cross.k, cross.v))
+
+
 def encode(
     weights: TransformerWeights,
     src: Array,
@@ -354,12 +388,7 @@ def encode(
     x = dropout(r_embed, _embed(w.src_embedding, src, jnp.arange(src.shape[1]), config), rate)
     mask = padding_mask(src_lengths, src.shape[1])[:, None, None, :]  # [B, 1, 1, S]
     layer_keys = None if rng is None else jax.random.split(r_layers, config.num_encoder_layers)
-
-    def body(x, layer):
-        lw, key = layer
-        return _encoder_layer(lw, x, mask, config, rate, key), None
-
-    x, _ = _scan_layers(body, x, (w.encoder, layer_keys), config)
+    x = _encoder_stack(w.encoder, x, mask, layer_keys, config, rate)
     return x if w.encoder_norm is None else layer_norm(w.encoder_norm, x, eps=config.layer_norm_eps)
 
 
@@ -422,12 +451,7 @@ def decode(
     y = dropout(r_embed, _embed(w.tgt_embedding, tgt_in, positions, config), rate)
     mask = as_bool_mask(src_mask, "src_mask", "decode")[:, None, None, :]  # [B, 1, 1, S]
     layer_keys = None if rng is None else jax.random.split(r_layers, config.num_decoder_layers)
-
-    def body(y, layer):
-        lw, k, v, key = layer
-        return _decoder_layer(lw, y, (k, v), mask, config, rate, key)[0], None
-
-    y, _ = _scan_layers(body, y, (w.decoder, cross.k, cross.v, layer_keys), config)
+    y = _decoder_stack(w.decoder, y, cross, mask, layer_keys, config, rate)
     return _logits(w, y, config)
 
 
@@ -478,7 +502,6 @@ def init_cache(
     config: TransformerConfig, batch_size: int, max_len: int, dtype: str | None = None
 ) -> KVCache:
     """Empty decoder self-attention cache: ``k, v [Ld, B, max_len, N, H]`` zeros, index 0."""
-    check_static_config(config, "init_cache")
     batch_size = check_size(batch_size, "batch_size", "init_cache")
     max_len = check_size(max_len, "max_len", "init_cache")
     if max_len > config.max_len:
@@ -526,19 +549,12 @@ def decode_step(
     positions = cache.index[None]  # [1]
     y = _embed(w.tgt_embedding, token[:, None], positions, config)  # [B, 1, D]
     mask = as_bool_mask(src_mask, "src_mask", "decode_step")[:, None, None, :]
-
-    def body(y, layer):
-        lw, k_cache, v_cache, k, v = layer
-        y, new = _decoder_layer(
-            lw, y, (k, v), mask, config, 0.0, None, cache=(k_cache, v_cache, cache.index)
-        )
-        return y, new
-
-    y, (k, v) = jax.lax.scan(body, y, (w.decoder, cache.k, cache.v, cross.k, cross.v))
+    y, (k, v) = _decoder_step_stack(w.decoder, y, cache, cross, mask, config)
     return _logits(w, y, config)[:, 0], KVCache(k, v, cache.index + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "beam_size", "max_len", "length_penalty"))
+# length_penalty (a float32 scalar) only feeds arithmetic: a new value reuses the program.
+@functools.partial(jax.jit, static_argnames=("config", "beam_size", "max_len"))
 def _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty):
     k = beam_size
     memory = encode(weights, src, src_lengths, config)
@@ -580,7 +596,8 @@ def translate(
       src: ``[B, S]`` ids; src_lengths: ``[B]``.
       beam_size: int, 1 = greedy; k > 1 = beam search with the GNMT length penalty.
       length_penalty: the penalty's alpha, a finite number >= 0 (checked for greedy too,
-        which does not use it).
+        which does not use it), or a traced scalar; it is not compiled in, so a new value
+        reuses the program.
       max_len: int, most target tokens (EOS included), ``<= config.max_len`` (the position
         table's length); None (the default) means ``min(50, config.max_len)``: 50 as before
         (and as ``seq2seq.translate``), capped for a shorter position table.
@@ -603,4 +620,5 @@ def translate(
             f"translate: need 0 < max_len <= config.max_len={config.max_len}, got {max_len}"
         )
     length_penalty = search.check_length_penalty(length_penalty, "translate", max_len)
+    length_penalty = jnp.asarray(length_penalty, jnp.float32)  # traced: no compile per value
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

@@ -1,4 +1,5 @@
-"""Argument checks shared by every layer above: sizes and seeds as integers.
+"""Argument checks shared by every layer above (sizes and seeds as integers), and the call
+helpers that go with them.
 
 Kept in ``ops`` (the bottom layer) so that models, training and the scripts all import
 the one check, and the arrows between the layers still point down.
@@ -7,10 +8,12 @@ the one check, and the arrows between the layers still point down.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -74,3 +77,24 @@ def forward_mode_hint(kernel: str, fix: str) -> Iterator[None]:
             f"{kernel} has a hand-written reverse-mode gradient (jax.custom_vjp), so "
             f"forward mode (jax.jvp, jax.jacfwd) cannot run through it: {fix}"
         ) from error
+
+
+def jit_when_eager(fun: Callable, **jit_options: Any) -> Callable:
+    """``fun`` under ``jax.jit(fun, **jit_options)`` when no argument is a tracer, and
+    ``fun`` itself inside a trace (``jit``, ``grad``, ``vmap``).
+
+    Called eagerly, a ``lax.scan`` or ``fori_loop`` over a closure built per call is traced
+    and compiled anew every time (about a second for a small GPT); one module-level jit
+    keeps one program per shapes and static settings. Inside a trace the plain function
+    runs, so the caller's program is the one it always was: an inner jit boundary changed
+    it (XLA:CPU then copied a decoding step's KV cache rather than updating it in place).
+    """
+    jitted = jax.jit(fun, **jit_options)
+
+    @functools.wraps(fun)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        leaves = jax.tree.leaves((args, kwargs))
+        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+        return (fun if traced else jitted)(*args, **kwargs)
+
+    return call

@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxattn.ops._checks import as_size, forward_mode_hint
+from jaxattn.ops._checks import as_size, forward_mode_hint, jit_when_eager
 from jaxattn.ops.layers import check_dropout_key, check_dropout_rate
 from jaxattn.ops.masks import (
     attention_dropout_keep,
@@ -751,6 +751,9 @@ def _flash_bwd(plan, residuals, dout):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+# Run eagerly, the custom_vjp and its tile loops were traced and compiled anew on every call
+# (about a second each).
+_flash_eager = jit_when_eager(_flash, static_argnums=(6,))
 
 
 # ----------------------------------------------------------------------------------------
@@ -984,4 +987,4 @@ def flash_attention(
         "use dot_product_attention(..., implementation='xla'); jax.jvp of jax.grad "
         "(jax.hessian) does work",
     ):
-        return _flash(q, k, v, mask, bias, seed, plan)
+        return _flash_eager(q, k, v, mask, bias, seed, plan)

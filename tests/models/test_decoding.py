@@ -236,11 +236,45 @@ def test_sample_logits_rejects_bad_settings(kwargs, match):
         decoding.sample_logits(key(0), jnp.zeros((2, 5)), **kwargs)
 
 
-def test_traced_sampling_settings_are_named():
+def test_traced_top_k_is_named():
     # Jitted without static_argnames: said by name, not a TracerBoolConversionError.
     sample = jax.jit(decoding.sample_logits)
-    with pytest.raises(ValueError, match="temperature must be a Python number, static under"):
-        sample(key(0), jnp.zeros((2, 5)), temperature=0.5)
+    with pytest.raises(ValueError, match="top_k must be a Python number, static under"):
+        sample(key(0), jnp.zeros((2, 5)), top_k=2)
+    with pytest.raises(ValueError, match=r"temperature must be a number, got a traced .*\(2,\)"):
+        sample(key(0), jnp.zeros((2, 5)), temperature=jnp.ones(2))
+
+
+def test_traced_temperature_and_top_p_sample_as_python_values():
+    """They only feed arithmetic: traced (jit without static_argnames) they draw the same
+    tokens as the Python numbers, and a traced 0 draws the argmax (it cannot pick the greedy
+    program, but the maximum is the only token left with any probability)."""
+    logits = jax.random.normal(key(5), (64, 11)) * 3.0
+    sample = jax.jit(decoding.sample_logits)
+    for temperature, top_p in [(0.7, None), (1.3, 0.9), (1e-30, 0.5), (float("inf"), 0.8)]:
+        for seed in range(3):
+            python = decoding.sample_logits(key(seed), logits, temperature=temperature, top_p=top_p)
+            traced = sample(key(seed), logits, temperature=jnp.float32(temperature),
+                            top_p=None if top_p is None else jnp.float32(top_p))  # fmt: skip
+            np.testing.assert_array_equal(traced, python, err_msg=str((temperature, top_p)))
+    argmax = np.argmax(np.asarray(logits), axis=-1)
+    for top_p in (None, jnp.float32(0.9)):
+        np.testing.assert_array_equal(sample(key(0), logits, temperature=0.0 * jnp.ones(()),
+                                             top_p=top_p), argmax)  # fmt: skip
+
+
+def test_sampling_draws_as_categorical_on_tempered_logits():
+    """An independent check of the draw: Gumbel-max with key k is
+    ``jax.random.categorical(k, logits / T)`` (same noise), for Python and traced T."""
+    logits = jax.random.normal(key(7), (256, 13)) * 2.0
+    for temperature in (0.5, 0.8, 1.0, 1.7):
+        for seed in range(3):
+            rng = jax.random.key(seed)
+            expected = jax.random.categorical(rng, logits / temperature)
+            got = decoding.sample_logits(rng, logits, temperature=temperature)
+            np.testing.assert_array_equal(got, expected, err_msg=str(temperature))
+            traced = jax.jit(decoding.sample_logits)(rng, logits, temperature=temperature)
+            np.testing.assert_array_equal(traced, expected, err_msg=str(temperature))
 
 
 def test_huge_temperature_samples_uniformly():
@@ -604,7 +638,7 @@ def test_generate_with_eos_updates_the_cache_in_place():
     w, prompt = random_weights(config), tokens_for(config, (4, 8))
 
     def temp_bytes(eos_id):
-        args = (w, prompt, None, config, 100, 0.0, None, None, True, None, eos_id)
+        args = (w, prompt, None, config, 100, True, jnp.float32(0), None, None, True, None, eos_id)
         compiled = gpt_module._generate_jit.lower(*args).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
@@ -689,6 +723,73 @@ def test_sampling_without_a_key_names_rng():
     gpt_module.generate(w, BASE, prompt, 2, rng=None, temperature=0.0)
     decoding.sample_logits(None, jnp.zeros((1, 5)), greedy=True)
     decoding.sample_logits(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+
+
+# Tokens gpt.generate drew before temperature and top_p were traced (static, compiled in):
+# ROPE weights random_weights(seed=5), prompt tokens_for((B, 3), seed=6), 12 new tokens (past
+# block_size = 11: both the cached and the cropped loop), rng=jax.random.key(4).
+PRE_TRACED_TOKENS = [
+    (dict(temperature=0.8, top_k=6, top_p=0.95),
+     [[5, 6, 6, 11, 11, 11, 2, 11, 11, 11, 11, 11, 12, 7, 11],
+      [4, 12, 4, 11, 11, 11, 11, 11, 11, 11, 11, 9, 11, 11, 11]]),
+    (dict(temperature=1.3),
+     [[5, 6, 6, 11, 11, 11, 2, 1, 11, 10, 11, 11, 12, 7, 11],
+      [4, 12, 4, 11, 4, 5, 4, 11, 0, 11, 11, 10, 11, 11, 11]]),
+    (dict(temperature=0.5, top_p=0.9),
+     [[5, 6, 6, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11],
+      [4, 12, 4, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11]]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("settings", "expected"), PRE_TRACED_TOKENS)
+def test_generate_draws_the_tokens_it_drew_with_static_settings(settings, expected):
+    """The same tokens as when temperature and top_p were compiled in (XLA then turned
+    ``x / T`` into ``x * (1 / T)``, which ``_tempered`` now computes), as Python numbers
+    and traced under an outer jit."""
+    w = random_weights(ROPE, seed=5)
+    prompt = tokens_for(ROPE, (B, 3), seed=6)
+    rng = jax.random.key(4)
+    out = gpt_module.generate(w, ROPE, prompt, 12, rng=rng, **settings)
+    np.testing.assert_array_equal(out, expected)
+    traced = {k: v for k, v in settings.items() if k != "top_k"}
+
+    @jax.jit
+    def run(w, traced):
+        return gpt_module.generate(
+            w, ROPE, prompt, 12, rng=rng, top_k=settings.get("top_k"), **traced
+        )
+
+    np.testing.assert_array_equal(run(w, traced), expected)
+
+
+def test_new_temperature_or_top_p_reuses_the_compiled_generate():
+    """Only greedy or not and top-p on or off choose the program; the values are traced."""
+    config = dataclasses.replace(BASE, vocab_size=19)  # no other test's cache entries
+    w = random_weights(config)
+    prompt = tokens_for(config, (B, 3))
+    run = functools.partial(gpt_module.generate, w, config, prompt, 4, rng=key(0), top_k=5)
+    cache_size = gpt_module._generate_jit._cache_size  # compiled programs, all tests'
+    before = cache_size()
+    size = lambda: cache_size() - before
+
+    run(temperature=0.8)
+    assert size() == 1
+    outs = [np.asarray(run(temperature=t)) for t in (0.5, 1.0, 1.7, 1e38)]
+    assert size() == 1  # four new temperatures, no compile
+    assert len({o.tobytes() for o in outs}) > 1  # ... and they do draw differently
+    run(temperature=0.8, top_p=1.0)  # keeps every token: the program without the filter
+    assert size() == 1
+    run(temperature=0.8, top_p=0.9)
+    run(temperature=1.2, top_p=0.5)
+    assert size() == 2  # the nucleus filter: one more program, for every top_p
+    greedy = run(temperature=0.0)
+    assert size() == 3  # greedy: the argmax program
+    # Greedy is still the argmax: sampling from the single most likely token agrees.
+    np.testing.assert_array_equal(greedy, run(temperature=0.7, top_k=1))
+    # Concrete JAX scalars are read as their values: 0 still picks the greedy program.
+    np.testing.assert_array_equal(run(temperature=jnp.float32(0.0)), greedy)
+    np.testing.assert_array_equal(run(temperature=jnp.float32(1.0)), outs[1])
+    assert size() == 4  # (top_k=1 above: top_k is static, lax.top_k needs it)
 
 
 def test_gpt_generate_compiles_once(monkeypatch):

@@ -495,10 +495,11 @@ def test_dropout_reaches_the_attention_probabilities(monkeypatch):
         return real(*args, dropout_rate=dropout_rate, dropout_rng=dropout_rng, **kwargs)
 
     monkeypatch.setattr(gpt_module, "dot_product_attention", spy)
-    gpt(w, tokens, config, rng=key(1), deterministic=False)
+    # Traced afresh (eval_shape): an eager call may reuse a program compiled without the spy.
+    jax.eval_shape(lambda: gpt(w, tokens, config, rng=key(1), deterministic=False))
     assert seen and set(seen) == {(0.3, True)}
     seen.clear()
-    gpt(w, tokens, config, rng=key(1))  # evaluation: no dropout anywhere
+    jax.eval_shape(lambda: gpt(w, tokens, config, rng=key(1)))  # evaluation: no dropout
     assert seen and set(seen) == {(0.0, False)}
 
 
@@ -513,18 +514,57 @@ def test_remat_gives_same_loss_and_grads():
         np.testing.assert_allclose(g_r, g, atol=1e-6, rtol=1e-5)
 
 
-def test_a_config_traced_by_jit_is_named():
-    """jax.jit(gpt) without static_argnames traces the config (its dtype field makes JAX
-    take it for an array): the error was "DynamicJaxprTracer has no attribute vocab_size"."""
+def test_jit_takes_the_config_as_static_without_static_argnames():
+    """GPTConfig is a pytree with no leaves: plain ``jax.jit`` compiles once per config and
+    gives the same numbers as static_argnames. Before, jit traced the config (its dtype field
+    made JAX take it for an array) and failed with an AttributeError on a tracer."""
     w, tokens = random_weights(BASE), tokens_for(BASE)
-    for name, call in [
-        ("gpt", lambda c: gpt(w, tokens, c)),
-        ("gpt_loss", lambda c: gpt_loss(w, tokens, tokens, c)),
-        ("init_cache", lambda c: init_cache(c, 1, 4)),
-        ("init_gpt", lambda c: init_gpt(jax.random.key(0), c)),
-    ]:
-        with pytest.raises(TypeError, match=rf"^{name}: config is a traced value.*static"):
-            jax.jit(call)(BASE)
+    traced = []
+
+    @jax.jit
+    def logits(w, tokens, config):
+        traced.append(config)
+        return gpt(w, tokens, config)
+
+    np.testing.assert_array_equal(logits(w, tokens, BASE), gpt_jit(w, tokens, BASE))
+    np.testing.assert_array_equal(
+        jax.jit(gpt_loss)(w, tokens, tokens, BASE), loss_jit(w, tokens, tokens, BASE)
+    )
+    logits(w, tokens, dataclasses.replace(BASE))  # an equal config: no new trace
+    assert traced == [BASE]
+    logits(w, tokens, dataclasses.replace(BASE, dtype="bfloat16"))
+    assert [c.dtype for c in traced] == ["float32", "bfloat16"]
+    assert jax.jit(lambda c: init_cache(c, 1, 4))(BASE).k.shape == init_cache(BASE, 1, 4).k.shape
+    inits = jax.vmap(init_gpt, in_axes=(0, None))(jax.random.split(jax.random.key(0), 2), BASE)
+    assert inits.ln_f.scale.shape == (2, BASE.embed_dim)
+    assert jax.tree.leaves(BASE) == []
+
+
+def test_eager_calls_reuse_their_compiled_programs(count_traces):
+    """Run eagerly, the layer scan over a fresh closure was traced and compiled again on
+    every call (about a second each); the second call of each function now traces nothing."""
+    w, tokens = random_weights(BASE), tokens_for(BASE)
+    cache = init_cache(BASE, B, T)
+    w_layers, cache_layers = unstack_layers(w, cache)
+    start = jnp.arange(B) % 3
+    calls = {
+        "gpt": lambda: gpt(w, tokens, BASE),
+        "gpt_loss": lambda: gpt_loss(w, tokens, tokens, BASE),
+        "gpt_decode": lambda: gpt_decode(w, tokens[:, :3], cache, BASE),
+        "gpt_decode, left-padded": lambda: gpt_decode(w, tokens[:, :3], cache, BASE, start=start),
+        "gpt_decode, per layer": lambda: gpt_decode(w_layers, tokens[:, :3], cache_layers, BASE),
+    }
+    for name, call in calls.items():
+        jax.block_until_ready(call())
+        with count_traces() as traced:
+            jax.block_until_ready(call())
+        assert traced == [], name
+    # Inside a trace the layers are inlined, not a nested jit: the train step's program and
+    # generate's stay as they were.
+    jaxpr = jax.make_jaxpr(lambda w: gpt_loss(w, tokens, tokens, BASE))(w).jaxpr
+    assert "_trunk" not in {str(eqn.params.get("name")) for eqn in jaxpr.eqns}
+    eager_jaxpr = jax.make_jaxpr(lambda: gpt_loss(w, tokens, tokens, BASE))().jaxpr
+    assert "_trunk" in {str(eqn.params.get("name")) for eqn in eager_jaxpr.eqns}  # (the check)
 
 
 def test_bfloat16_compute():
@@ -671,7 +711,9 @@ def test_dropout_draws_a_fresh_mask_at_every_site(monkeypatch):
         return real(rng, x, rate, **kw)
 
     monkeypatch.setattr(gpt_module, "dropout", spy)
-    jax.block_until_ready(gpt(w, tokens, config, rng=key(1), deterministic=False))
+    # Under a fresh jit, so that the spy is traced in (an eager call may reuse a program).
+    run = jax.jit(lambda w: gpt(w, tokens, config, rng=key(1), deterministic=False))
+    jax.block_until_ready(run(w))
     jax.effects_barrier()
     # The embeddings, then two residual branches per layer, each with its own key.
     assert len(seen) == 1 + 2 * config.num_layers and len(set(seen)) == len(seen)

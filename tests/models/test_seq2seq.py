@@ -299,16 +299,26 @@ def test_dropout_reaches_every_site(np_rng, monkeypatch):
     assert stacks == [(0.3, False, True)] * 2  # encoder, decoder
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_new_length_penalty_reuses_the_compiled_translate(
+    np_rng, beam_size, check_length_penalty_reuses_translate
+):
+    """length_penalty only feeds arithmetic (greedy never reads it): it enters traced."""
+    config = VARIANTS[1]
+    w = random_weights(config, scale=1.0)
+    src, lengths, _ = example_batch(config, np_rng)
+    check_length_penalty_reuses_translate(seq2seq, w, config, src, lengths, beam_size)
+
+
 def test_translate_passes_its_settings_to_the_search(np_rng, search_calls):
     """length_penalty, beam_size, max_len and the never-generated PAD and BOS reach the
-    beam search (traced, not run)."""
+    beam search (length_penalty as a traced value, seen once the program has run)."""
     config = VARIANTS[1]
     w = random_weights(config)
     src, lengths, _ = example_batch(config, np_rng)
     seq2seq._translate.clear_cache()  # so that translate's jit traces (and calls the spy)
-    out = jax.eval_shape(
-        lambda: translate(w, config, src, lengths, beam_size=3, max_len=3, length_penalty=1.375)
-    )
+    out = translate(w, config, src, lengths, beam_size=3, max_len=3, length_penalty=1.375)
+    jax.effects_barrier()  # the spy's callback has run
     assert out.shape == (3, 3)
     settings = dict(beam_size=3, max_len=3, length_penalty=1.375, forbidden=(PAD, BOS))
     assert search_calls == [settings]
@@ -381,6 +391,25 @@ def test_config_validation(changes, match):
         dataclasses.replace(BASE, **changes)
 
 
+def test_jit_takes_the_config_as_static_without_static_argnames(np_rng):
+    """Seq2SeqConfig is a pytree with no leaves, as GPTConfig: plain jit and grad take it."""
+    w = random_weights(BASE)
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    for got, want in zip(
+        jit(seq2seq_logits)(w, src, lengths, tgt_in, BASE),
+        logits_jit(w, src, lengths, tgt_in, BASE),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
+    mask = jnp.ones(tgt_in.shape, bool)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_in, tgt_mask=mask)
+    loss, grads = jit(jax.value_and_grad(seq2seq_loss))(w, batch, BASE)
+    want_loss, want_grads = loss_and_grad_jit(w, batch, BASE)
+    np.testing.assert_array_equal(loss, want_loss)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_bad_inputs_raise(np_rng):
     config = VARIANTS[3]
     w = random_weights(config)
@@ -417,7 +446,7 @@ def test_bad_inputs_raise(np_rng):
     for beam, alpha in [(1, -1.0), (2, math.inf), (2, math.nan), (1, "0.6"), (2, None)]:
         with pytest.raises(ValueError, match=r"translate: length_penalty must be a finite nu"):
             translate(w, config, src, lengths, beam_size=beam, max_len=4, length_penalty=alpha)
-    # A NumPy or JAX scalar becomes the float jit's static argument needs (it must hash).
+    # A NumPy or JAX scalar is checked as the float it holds.
     got = translate(w, config, src, lengths, beam_size=2, max_len=4, length_penalty=jnp.float32(1))
     want = translate(w, config, src, lengths, beam_size=2, max_len=4, length_penalty=1.0)
     np.testing.assert_array_equal(got, want)

@@ -317,15 +317,25 @@ def test_dropout_reaches_every_site(np_rng, monkeypatch):
     assert len(attention) >= 3 and set(attention) == {(0.3, True)}
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_new_length_penalty_reuses_the_compiled_translate(
+    np_rng, beam_size, check_length_penalty_reuses_translate
+):
+    """length_penalty only feeds arithmetic (greedy never reads it): it enters traced."""
+    config = BASE
+    w = random_weights(config, scale=1.0)
+    src, lengths, _ = example_batch(config, np_rng)
+    check_length_penalty_reuses_translate(transformer, w, config, src, lengths, beam_size)
+
+
 def test_translate_passes_its_settings_to_the_search(np_rng, search_calls):
     """length_penalty, beam_size, max_len and the never-generated PAD and BOS reach the
-    beam search (traced, not run)."""
+    beam search (length_penalty as a traced value, seen once the program has run)."""
     w = random_weights(BASE)
     src, lengths, _ = example_batch(BASE, np_rng)
     transformer._translate.clear_cache()  # so that translate's jit traces (and calls the spy)
-    out = jax.eval_shape(
-        lambda: translate(w, BASE, src, lengths, beam_size=3, max_len=3, length_penalty=1.375)
-    )
+    out = translate(w, BASE, src, lengths, beam_size=3, max_len=3, length_penalty=1.375)
+    jax.effects_barrier()  # the spy's callback has run
     assert out.shape == (3, 3)
     settings = dict(beam_size=3, max_len=3, length_penalty=1.375, forbidden=(PAD, BOS))
     assert search_calls == [settings]
@@ -348,6 +358,26 @@ def test_init_draws_each_leaf_at_its_fan_in(assert_independent_draws):
         *per_layer(w.encoder, POST_LN_UNTIED.num_encoder_layers),
         *per_layer(w.decoder, POST_LN_UNTIED.num_decoder_layers),
     )
+
+
+def test_eager_calls_reuse_their_compiled_programs(np_rng, count_traces):
+    """As for GPT: the encoder and decoder layer scans, run eagerly, were traced and
+    compiled again on every call; the second call now traces nothing."""
+    w = random_weights(BASE)
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    memory = encode(w, src, lengths, BASE)
+    cross = cross_kv(w, memory, BASE)
+    src_mask = padding_mask(lengths, src.shape[1])
+    cache = init_cache(BASE, src.shape[0], 4)
+    calls = {
+        "transformer_logits": lambda: transformer_logits(w, src, lengths, tgt_in, BASE),
+        "decode_step": lambda: decode_step(w, cache, tgt_in[:, 0], cross, src_mask, BASE),
+    }
+    for name, call in calls.items():
+        jax.block_until_ready(call())
+        with count_traces() as traced:
+            jax.block_until_ready(call())
+        assert traced == [], name
 
 
 def test_init_cache_dtype():
@@ -420,17 +450,18 @@ def test_config_validation(changes, match):
         dataclasses.replace(BASE, **changes)
 
 
-def test_a_config_traced_by_jit_is_named(np_rng):
-    """As for GPT: the config's dtype field makes jit take it for an array."""
+def test_jit_takes_the_config_as_static_without_static_argnames(np_rng):
+    """As for GPT: TransformerConfig is a pytree with no leaves, so plain jit works."""
     w = random_weights(BASE)
     src, lengths, tgt_in = example_batch(BASE, np_rng)
-    for name, call in [
-        ("encode", lambda c: transformer_logits(w, src, lengths, tgt_in, c)),
-        ("init_cache", lambda c: init_cache(c, 1, 4)),
-        ("init_transformer", lambda c: init_transformer(jax.random.key(0), c)),
-    ]:
-        with pytest.raises(TypeError, match=rf"^{name}: config is a traced value.*static"):
-            jax.jit(call)(BASE)
+    np.testing.assert_array_equal(
+        jit(transformer_logits)(w, src, lengths, tgt_in, BASE),
+        logits_jit(w, src, lengths, tgt_in, BASE),
+    )
+    assert jit(lambda c: init_cache(c, 1, 4))(BASE).k.shape == init_cache(BASE, 1, 4).k.shape
+    jitted, eager = (f(jax.random.key(0), BASE) for f in (jit(init_transformer), init_transformer))
+    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_bad_inputs_raise(np_rng):

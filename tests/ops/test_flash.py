@@ -243,11 +243,30 @@ def test_local_window_with_dropout_matches_xla(np_rng):
     np.testing.assert_allclose(got_grad, want_grad, **GRAD_TOL)
 
 
+def test_eager_calls_reuse_the_compiled_kernel(np_rng, count_traces):
+    """Run eagerly, the custom_vjp and its tile loops were traced and compiled again on
+    every call (about a second each); the second call traces nothing. Inside a trace the
+    kernel is inlined, not a nested jit, so the caller's program stays as it was."""
+    q, k, v = (jnp.asarray(np_rng.standard_normal((1, 16, 2, 4)), jnp.float32) for _ in "qkv")
+    attend = lambda q: flash_attention(q, k, v, is_causal=True, block_q=8, block_k=8)
+    jax.block_until_ready(attend(q))
+    with count_traces() as traced:
+        jax.block_until_ready(attend(q))
+    assert traced == []
+    names = {str(eqn.params.get("name")) for eqn in jax.make_jaxpr(attend)(q).jaxpr.eqns}
+    assert "_flash" not in names, names
+    eager = {str(eqn.params.get("name")) for eqn in jax.make_jaxpr(lambda: attend(q))().jaxpr.eqns}
+    assert "_flash" in eager  # (the check above can see a nested jit)
+
+
 def test_local_window_matches_jax_nn(np_rng):
     """For T == S the window is ``jax.nn.dot_product_attention``'s ``local_window_size``
     (an implementation of its own): causal and two-sided, GQA, both our kernels."""
     q, k, v = normal(np_rng, B, 40, N, H), normal(np_rng, B, 40, 2, H), normal(np_rng, B, 40, 2, H)
-    for is_causal, window in [(True, 6), (True, (3, 5)), (False, (2, 9)), (False, 0)]:
+    cases = [(True, 6), (True, (3, 5)), (False, (2, 9)), (False, 0)]
+    if jax.__version_info__ < (0, 8, 2):  # jax.nn ignored a window without is_causal or mask
+        cases = [case for case in cases if case[0]]
+    for is_causal, window in cases:
         want = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, local_window_size=window)
         for impl in ("xla", "blockwise"):
             got = dot_product_attention(
@@ -611,13 +630,13 @@ def test_batched_heads_do_not_copy_a_shared_bias_per_head():
 
 def test_layout_and_block_defaults_follow_the_backend(np_rng, monkeypatch):
     plans = []
-    original = flash._flash
+    original = flash._Plan
 
-    def spy(q, k, v, mask, bias, seed, plan):
-        plans.append(plan)
-        return original(q, k, v, mask, bias, seed, plan)
+    def spy(*fields):
+        plans.append(original(*fields))
+        return plans[-1]
 
-    monkeypatch.setattr(flash, "_flash", spy)
+    monkeypatch.setattr(flash, "_Plan", spy)
     q, k = normal(np_rng, 1, 600, 2, 8), normal(np_rng, 1, 600, 2, 8)
     bias = jnp.zeros((600, 600))
     for backend, with_bias, batched, block in [
