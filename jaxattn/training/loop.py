@@ -340,6 +340,10 @@ class Trainer:
                 self.last_eval = meta.get("eval") or {}
                 self.saved_step = int(self.state.step)
                 self.say(f"Resumed from {self.ckpt.step_dir(self.saved_step)}")
+            # A restored state comes back committed to its devices and a fresh one does not,
+            # and jit keys its cache on that: committed (no copy), a run resumed in the same
+            # process (a notebook) reuses the steps compiled for the first.
+            self.state = _committed(self.state)
             self.step = int(self.state.step)
             if self.step >= self.loop.num_steps and self.saved_step is not None:
                 # A finished run: nothing to train, evaluate or write (not even a TB file).
@@ -453,8 +457,9 @@ class Trainer:
                     f"eval_data ran out after {i} of loop.eval_batches="
                     f"{self.loop.eval_batches} batches at step {self.step}"
                 ) from None
-            means.append(to_host(self.eval_step(params, self._place(batch))))
-        result = reduce_means(means)
+            means.append(self.eval_step(params, self._place(batch)))
+        # One host sync after the loop: the next batch is read while the last one runs.
+        result = reduce_means(to_host(means))
         if "val_loss" not in result:  # best-by-val_loss, the NaN guard and the log read it
             raise ValueError(
                 f"eval_step must return a 'val_loss' (make_eval_step's prefix='val'), got "
@@ -511,6 +516,13 @@ class Trainer:
             f"{what}: training stopped. Nothing was saved after it; the last good "
             f"checkpoint is {where}."
         )
+
+
+def _committed(tree: Any) -> Any:
+    """``tree`` with each uncommitted array committed to the device it is on (the same
+    buffer); committed arrays, e.g. sharded ones, are left as they are."""
+    commit = lambda x: jax.device_put(x, next(iter(x.devices()))) if not x.committed else x
+    return jax.tree.map(lambda x: commit(x) if isinstance(x, jax.Array) else x, tree)
 
 
 def fit(

@@ -784,3 +784,28 @@ def test_an_eval_step_without_val_loss_is_named(tmp_path, toy):
     eval_step = make_eval_step(toy.loss, prefix="test")
     with pytest.raises(ValueError, match=r"eval_step must return a 'val_loss'.*\['test_loss'"):
         _fit(toy, tmp_path, num_steps=2, eval_step=eval_step, eval_batches=1)
+
+
+def test_a_run_resumed_in_the_same_process_reuses_the_compiled_steps(tmp_path, toy, count_traces):
+    """A notebook trains, then runs fit again on a fresh state to resume: the restored state
+    came back committed to its device, the fresh one had not been, and jit keys its cache on
+    that, so both steps compiled a second time."""
+    optimizer = toy.optimizer()
+    train_step, eval_step = make_train_step(toy.loss, optimizer), make_eval_step(toy.loss)
+
+    def run(num_steps):
+        return fit(
+            create_train_state(toy.params(), optimizer, jax.random.key(7)),
+            train_step,
+            data.batch_iterator(toy.dataset(0)),
+            workdir=tmp_path,
+            loop=LoopConfig(num_steps=num_steps, eval_every=2, log_every=2, progress=False),
+            eval_step=eval_step,
+            eval_data=lambda: data.batch_iterator(toy.dataset(1)),
+        )
+
+    run(4)
+    with count_traces() as traced:
+        resumed = run(6)
+    assert resumed.step == 6
+    assert not [name for name in traced if "train_step" in name or "eval_step" in name], traced
