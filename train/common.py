@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -431,7 +431,10 @@ def checkpoint_config_file(
 
 
 def latest_checkpoint_metadata(
-    workdir, config: ml_collections.ConfigDict, also_free: Iterable[str] = ()
+    workdir,
+    config: ml_collections.ConfigDict,
+    also_free: Iterable[str] = (),
+    check: Callable[[dict[str, Any], Any, list[str]], None] | None = None,
 ) -> dict[str, Any] | None:
     """The metadata of ``workdir``'s latest checkpoint (None without one), after printing
     which settings of ``config`` differ from those it was saved with.
@@ -439,6 +442,9 @@ def latest_checkpoint_metadata(
     A resumed run with another batch size, seed or learning rate is allowed but no longer
     matches an uninterrupted one; the note says so instead of resuming silently. Loop
     settings (``num_steps``, ``eval_every``, ...), the mesh and ``also_free`` may change.
+    ``check(meta, step_dir, changes)`` runs first, with the note's ``"key saved -> now"``
+    lines, and raises for a checkpoint that cannot be resumed at all (another model size),
+    so that no note calls it a resumed run.
     """
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.is_dir():
@@ -450,6 +456,8 @@ def latest_checkpoint_metadata(
         meta = ckpt.read_metadata(step)
         where = ckpt.step_dir(step)
     changed = _config_changes(meta, config, _RESUMABLE_CHANGES | set(also_free))
+    if check is not None:
+        check(meta, where, changed)
     if changed:
         print_once(
             f"note: {where} was saved with other settings: {', '.join(changed)}; the resumed "

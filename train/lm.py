@@ -47,7 +47,7 @@ from common import (  # train/common.py (this script's directory)
 )
 from etils import epath
 
-from jaxattn.models._config import check_seed, check_size
+from jaxattn.models._config import check_seed, check_size, init_shapes
 from jaxattn.models.decoding import check_sampling
 from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt, weight_decay_mask
 from jaxattn.models.partitioning import TRANSFORMER_RULES
@@ -157,8 +157,11 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     ids = tokenizer.encode(text)
     train_ids, val_ids = data.train_val_split(ids, config.train_fraction)
     model = model_config(GPTConfig, config.model.to_dict(), vocab_size=tokenizer.vocab_size)
-    meta = latest_checkpoint_metadata(workdir, config)
-    _check_vocabulary(meta, workdir, tokenizer)
+    meta = latest_checkpoint_metadata(
+        workdir,
+        config,
+        check=lambda meta, where, changed: _check_resumable(meta, where, changed, model, tokenizer),
+    )
     if _NUM_SAMPLES.value > 0:  # Fail now, not after training.
         _check_sampling(model, tokenizer)
     # Settings errors (loop, mesh, batch split, optimizer, data splits) before the workdir
@@ -248,14 +251,32 @@ def _attention_note(model: GPTConfig) -> str:
     return f" ({', '.join(notes)})" if notes else ""
 
 
-def _check_vocabulary(meta, workdir: epath.Path, tokenizer: data.CharTokenizer) -> None:
-    """A checkpoint trained on other characters would decode wrongly even if shapes match."""
-    saved = None if meta is None else meta.get("vocab")
+def _check_resumable(
+    meta, where, changed: list[str], model: GPTConfig, tokenizer: data.CharTokenizer
+) -> None:
+    """Refuse a checkpoint this run cannot continue, naming why, before anything is built.
+
+    One trained on other characters would decode wrongly even if the shapes matched; one of
+    another model size would fail in the restore, naming only a leaf's shape. ``changed``:
+    the settings that differ from the checkpoint's (``latest_checkpoint_metadata``'s note).
+    """
+    saved = meta.get("vocab")
     if saved is not None and saved != tokenizer.chars:
         raise IncompatibleCheckpointError(
-            f"{workdir / 'checkpoints'} was trained on a different character vocabulary "
+            f"{where} was trained on a different character vocabulary "
             f"({len(saved)} characters, this data has {tokenizer.vocab_size}); nothing was "
             f"restored or overwritten. Use another --workdir."
+        )
+    try:
+        saved_model = GPTConfig(**meta["model"])
+    except (KeyError, TypeError, ValueError):
+        return  # no record, or one of another version: the restore's own check decides
+    if init_shapes(init_gpt, saved_model) != init_shapes(init_gpt, model):
+        model_changes = [change for change in changed if change.startswith("model.")]
+        raise IncompatibleCheckpointError(
+            f"{where} holds a GPT of other shapes than this config's "
+            f"({', '.join(model_changes) or 'its model settings differ'}); nothing was "
+            "restored or overwritten. Resume without those changes, or use another --workdir."
         )
 
 
