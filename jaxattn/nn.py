@@ -57,7 +57,9 @@ def _params(weights: Any) -> Any:
     """
 
     def own(a: Any) -> nnx.Param:
-        return nnx.Param(a if isinstance(a, (jax.Array, jax.ShapeDtypeStruct)) else jnp.asarray(a))
+        # jnp.array copies: jnp.asarray shared an aligned NumPy buffer on CPU before jax 0.10.1,
+        # so later writes to the caller's array changed the module.
+        return nnx.Param(a if isinstance(a, (jax.Array, jax.ShapeDtypeStruct)) else jnp.array(a))
 
     return jax.tree.map(own, weights)
 

@@ -143,8 +143,8 @@ def _check_setting(name: str, value: Any, ok: Callable[[float], bool], expected:
     if isinstance(value, jax.core.Tracer):
         return
     # A real scalar: float("1.0") would pass a string, which then fails in a comparison.
-    real = not isinstance(value, (str, bytes, bool, np.bool_)) and jnp.ndim(value) == 0
-    if not (real and jnp.isrealobj(value) and ok(float(value))):
+    real = not isinstance(value, (str, bytes, bool, np.bool_)) and np.ndim(value) == 0
+    if not (real and np.isrealobj(value) and ok(float(value))):
         raise ValueError(f"make_optimizer: {name} must be {expected}, got {value!r}")
 
 
