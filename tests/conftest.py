@@ -98,3 +98,35 @@ def count_traces():
             jax.monitoring.unregister_event_duration_listener(listen)
 
     return counting
+
+
+@pytest.fixture
+def assert_compiled_once(count_traces):
+    """``assert_compiled_once({name: call})``: each zero-argument ``call``, run once to warm
+    up, traces and compiles nothing when run again (an eager loop or a jit cache miss
+    would compile on every call)."""
+
+    def check(calls: dict) -> None:
+        for name, call in calls.items():
+            jax.block_until_ready(call())
+            with count_traces() as traced:
+                jax.block_until_ready(call())
+            assert traced == [], name
+
+    return check
+
+
+@pytest.fixture
+def assert_inlined_when_traced():
+    """``assert_inlined_when_traced(name, fun, *args)``: ``fun(*args)`` calls the jitted
+    function ``name`` (a nested jit in its jaxpr) when its arguments are concrete, and
+    inlines it, leaving the caller's program as it was, when they are traced."""
+
+    def called(fun, *args) -> set[str]:
+        return {str(eqn.params.get("name")) for eqn in jax.make_jaxpr(fun)(*args).jaxpr.eqns}
+
+    def check(name: str, fun, *args) -> None:
+        assert name in called(lambda: fun(*args)), "the check cannot see the nested jit"
+        assert name not in called(fun, *args)
+
+    return check

@@ -360,7 +360,7 @@ def test_init_draws_each_leaf_at_its_fan_in(assert_independent_draws):
     )
 
 
-def test_eager_calls_reuse_their_compiled_programs(np_rng, count_traces):
+def test_eager_calls_reuse_their_compiled_programs(np_rng, assert_compiled_once):
     """As for GPT: the encoder and decoder layer scans, run eagerly, were traced and
     compiled again on every call; the second call now traces nothing."""
     w = random_weights(BASE)
@@ -373,11 +373,7 @@ def test_eager_calls_reuse_their_compiled_programs(np_rng, count_traces):
         "transformer_logits": lambda: transformer_logits(w, src, lengths, tgt_in, BASE),
         "decode_step": lambda: decode_step(w, cache, tgt_in[:, 0], cross, src_mask, BASE),
     }
-    for name, call in calls.items():
-        jax.block_until_ready(call())
-        with count_traces() as traced:
-            jax.block_until_ready(call())
-        assert traced == [], name
+    assert_compiled_once(calls)
 
 
 def test_init_cache_dtype():
