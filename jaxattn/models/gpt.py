@@ -811,8 +811,9 @@ def generate(
     """Continue ``prompt`` by ``max_new_tokens`` sampled tokens (temperature 0 = greedy).
 
     Compiled once per (prompt shape, max_new_tokens, top_k, greedy or not, top-p on or off,
-    config, unroll_layers, eos_id): a new ``temperature`` or ``top_p`` value reuses the
-    program, as they enter it as traced float32 scalars. The prompt is prefilled in one
+    config, unroll_layers, eos_id, padded prompts or not): a new ``temperature``, ``top_p``
+    or set of ``prompt_lengths`` reuses the program, as they enter it traced (temperature
+    and top_p as float32 scalars). The prompt is prefilled in one
     pass, then one token per ``lax.scan`` step against the KV cache. Beyond ``block_size``
     tokens it goes on as nanoGPT's ``generate``: each token is drawn from a full pass over
     the last ``block_size`` tokens (a longer prompt is cropped the same way), in one

@@ -1,7 +1,8 @@
 """Basic layers: dense projections, embeddings, norms, feed-forward blocks, dropout.
 
-Every layer is a pair ``init_x(rng, ...) -> weights`` and ``x(weights, inputs, ...)`` over
-NamedTuples of arrays.
+Every layer is a pair ``init_x(rng, ...) -> weights`` (a NamedTuple of arrays; norms:
+``init_layer_norm(dim)``, nothing random) and ``x(weights, inputs, ...)``; embeddings pair
+``init_embedding`` with ``embed`` and ``unembed``.
 
 Shape glossary: B batch, T time, D model dim, F feed-forward width, V vocab.
 

@@ -11,4 +11,7 @@ does not pull in the others' dependencies):
 - ``checkpoint``: orbax ``CheckpointManager`` wrapper with tree-compatibility checks.
 - ``data``: character tokenizer and a deterministic, resumable grain pipeline.
 - ``metrics``: host-reduced means, ``metrics.jsonl`` and TensorBoard output.
+- ``sharding``: the device mesh (``data``, ``fsdp``, ``tensor`` axes), partition rules, and
+  state and batch shardings, one or many hosts.
+- ``translation_data``: sentence pairs, their split, sentencepiece and bucketed batches.
 """
