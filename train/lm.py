@@ -188,11 +188,13 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
 
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    # Built straight into its shardings: each device only ever holds its own shards.
+    # Built straight into its shardings: each device only ever holds its own shards. A
+    # resumed run builds none: fit restores into the shapes (no second copy of the state).
     state, state_sharding = sharding.create_sharded(
         lambda: create_train_state(init_gpt(init_rng, model), optimizer, train_rng),
         TRANSFORMER_RULES,
         mesh,
+        abstract=meta is not None,
     )
     params = state.params
     loss_fn = make_loss_fn(model)

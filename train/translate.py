@@ -332,7 +332,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     build_model(config, config.vocab_size)
     check_decode_settings(config)  # before training, not after it
     check_example_counts(config, ("max_train_examples", "max_eval_examples"))
-    latest_checkpoint_metadata(workdir, config, also_free=DECODE_SETTINGS)  # notes changes
+    meta = latest_checkpoint_metadata(workdir, config, also_free=DECODE_SETTINGS)  # notes changes
     # Settings errors (loop, mesh, batch split, optimizer) before the workdir is created.
     loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
     mesh, batch_sharding = setup_mesh(config)
@@ -346,11 +346,13 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     kind, model = build_model(config, vocab)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     init = MODELS[kind][1]
-    # Built straight into its shardings: each device only ever holds its own shards.
+    # Built straight into its shardings: each device only ever holds its own shards. A
+    # resumed run builds none: fit restores into the shapes (no second copy of the state).
     state, state_sharding = sharding.create_sharded(
         lambda: create_train_state(init(init_rng, model), optimizer, train_rng),
         MODELS[kind][4],
         mesh,
+        abstract=meta is not None,
     )
     params = state.params
     loss_fn = make_loss_fn(kind, model, config.label_smoothing)

@@ -340,6 +340,11 @@ class Trainer:
                 self.last_eval = meta.get("eval") or {}
                 self.saved_step = int(self.state.step)
                 self.say(f"Resumed from {self.ckpt.step_dir(self.saved_step)}")
+            elif _abstract_leaves(state):
+                raise ValueError(
+                    f"fit: the state has abstract leaves ({_abstract_leaves(state)[0]}, a restore "
+                    f"target) but {ckpt_dir} holds no checkpoint to restore; pass a built state"
+                )
             # A restored state comes back committed to its devices and a fresh one does not,
             # and jit keys its cache on that: committed (no copy), a run resumed in the same
             # process (a notebook) reuses the steps compiled for the first.
@@ -518,6 +523,13 @@ class Trainer:
         )
 
 
+def _abstract_leaves(tree: Any) -> list[str]:
+    """The paths of ``tree``'s ``jax.ShapeDtypeStruct`` leaves (shapes without data)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    abstract = [path for path, x in leaves if isinstance(x, jax.ShapeDtypeStruct)]
+    return [f"state{jax.tree_util.keystr(path)}" for path in abstract]
+
+
 def _committed(tree: Any) -> Any:
     """``tree`` with each uncommitted array committed to the device it is on (the same
     buffer); committed arrays, e.g. sharded ones, are left as they are."""
@@ -549,6 +561,9 @@ def fit(
 
     Args:
       state: the initial state (also the restore target: a checkpoint must match its tree).
+        When ``workdir`` holds a checkpoint it may be abstract, ``jax.ShapeDtypeStruct``
+        leaves with shardings (``sharding.create_sharded(..., abstract=True)``): a resume
+        then never builds an initial state beside the restored one.
       train_step: from ``make_train_step``.
       train_iter: batches; a grain ``DatasetIterator``'s position is saved and restored
         (any other iterator starts afresh on resume, so the resume is not exact).

@@ -163,16 +163,27 @@ def tree_shardings(
     return jax.tree_util.tree_map_with_path(sharding, tree)
 
 
-def create_sharded(init_fn: Callable[[], Any], rules: Rules, mesh: Mesh) -> tuple[Any, Any]:
+def create_sharded(
+    init_fn: Callable[[], Any], rules: Rules, mesh: Mesh, *, abstract: bool = False
+) -> tuple[Any, Any]:
     """Run ``init_fn`` (e.g. building a ``TrainState``) directly into its shardings.
 
     One jitted program with ``out_shardings`` from ``rules``: each device computes and
     holds only its own shards, so a model too large for one device can be initialised.
 
+    ``abstract=True`` runs nothing: the tree's leaves are ``jax.ShapeDtypeStruct``s with
+    their shardings, the target to restore a checkpoint into (``fit`` resumes from it
+    without first compiling, running and holding an initial state the restore replaces).
+
     Returns:
-      ``(tree, shardings)``: the initialised pytree and its ``NamedSharding`` per leaf.
+      ``(tree, shardings)``: the initialised (or abstract) pytree and its ``NamedSharding``
+      per leaf.
     """
-    shardings = tree_shardings(jax.eval_shape(init_fn), rules, mesh)
+    shapes = jax.eval_shape(init_fn)
+    shardings = tree_shardings(shapes, rules, mesh)
+    if abstract:
+        struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return jax.tree.map(struct, shapes, shardings), shardings
     return jax.jit(init_fn, out_shardings=shardings)(), shardings
 
 

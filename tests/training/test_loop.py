@@ -224,6 +224,26 @@ def test_resume_after_a_crash_gives_bitwise_identical_state(tmp_path, toy):
     assert all(a[s] == b[s] for s in a if s > 6)
 
 
+def test_resume_into_an_abstract_state_equals_a_built_one(tmp_path, toy):
+    """fit restores into a state of jax.ShapeDtypeStructs (what the scripts pass when they
+    resume, so that no initial state is built and held beside the restored one), and names
+    such a state when there is no checkpoint to restore."""
+    optimizer = toy.optimizer()
+    built = create_train_state(toy.params(), optimizer, jax.random.key(7))
+    abstract = jax.eval_shape(lambda: built)
+    with pytest.raises(ValueError, match=r"abstract leaves \(state\.step, .* holds no checkpoint"):
+        _fit(toy, tmp_path / "abstract", num_steps=4, state=abstract)
+    assert not (tmp_path / "abstract" / "checkpoints").exists() or not any(
+        (tmp_path / "abstract" / "checkpoints").iterdir()
+    )
+    straight = _fit(toy, tmp_path / "straight", num_steps=8)
+    for workdir, state in (("built", built), ("abstract", abstract)):
+        _fit(toy, tmp_path / workdir, num_steps=4)
+        resumed = _fit(toy, tmp_path / workdir, num_steps=8, state=state)
+        assert resumed.step == 8
+        leaves_equal(resumed.state, straight.state)
+
+
 def test_resumed_run_purges_the_killed_runs_tensorboard_steps(tmp_path, toy):
     from test_metrics import scalar_steps, tensorboard_events  # tests/training/test_metrics.py
 

@@ -151,6 +151,22 @@ def test_create_sharded_places_the_tree_and_returns_its_shardings():
     np.testing.assert_array_equal(tree["attn"]["w_q"], np.ones((4, 2, 3)))
 
 
+def test_create_sharded_abstract_runs_nothing_and_gives_the_same_shardings():
+    mesh = sharding.make_mesh()
+    calls = []
+
+    def init():
+        calls.append(1)  # (traced once by eval_shape; never run)
+        return {"attn": {"w_q": jnp.ones((4, 2, 3))}, "step": jnp.int32(0)}
+
+    tree, shardings = sharding.create_sharded(init, RULES, mesh, abstract=True)
+    assert calls == [1]
+    leaf = tree["attn"]["w_q"]
+    assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == (4, 2, 3)
+    assert leaf.sharding == shardings["attn"]["w_q"]
+    assert shardings == sharding.create_sharded(init, RULES, mesh)[1]
+
+
 def test_one_process_loads_the_whole_batch_and_global_batch_keeps_it():
     mesh = sharding.make_mesh()
     batch_sharding = sharding.batch_sharding(mesh)
