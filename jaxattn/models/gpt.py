@@ -306,11 +306,13 @@ def _block(
       x: ``[B, T, D]`` residual stream.
       positions: ``[T]`` absolute positions of the T tokens, or ``[B, T]`` per row.
       rng: key for dropout (None when deterministic or dropout is 0).
-      cache: ``(k [B, S, K, H], v [B, S, K, H], index)`` or None for a full causal pass.
+      cache: ``(k [B, S, K, H], v [B, S, K, H], index, None)``, or every layer's stacked
+        ``(k [L, B, S, K, H], v, index, layer)`` with this block's layer index, or None for a
+        full causal pass.
       key_mask: ``[B, 1, 1, S]`` False for keys to hide in every row (left padding), or None.
 
     Returns:
-      ``(x [B, T, D], (k, v) updated cache slices or None)``.
+      ``(x [B, T, D], (k, v) the cache with this chunk written, as given, or None)``.
     """
     rate = 0.0 if deterministic else config.dropout
     rng_attn, rng_res1, rng_res2 = jax.random.split(rng, 3) if rate > 0 else (None,) * 3
@@ -331,13 +333,14 @@ def _block(
         ctx = attention(q, k, v, mask=key_mask, is_causal=True, local_window_size=window)
         new_cache = None
     else:
-        k_cache, v_cache, index = cache
+        k_cache, v_cache, index, layer = cache
         k_cache, v_cache, visible = write_kv_cache(
-            k_cache, v_cache, k, v, index, local_window_size=window
+            k_cache, v_cache, k, v, index, layer=layer, local_window_size=window
         )  # visible: [1, 1, T, S], the window by cache slot
         if key_mask is not None:
             visible = visible & key_mask  # [B, 1, T, S]
-        ctx = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=visible)
+        keys, values = (k_cache, v_cache) if layer is None else (k_cache[layer], v_cache[layer])
+        ctx = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible)
         new_cache = (k_cache, v_cache)
     x = x + dropout(rng_res1, project_output(blk.attn, ctx), rate)
     h = feed_forward(
@@ -575,9 +578,9 @@ def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVC
     this once, outside a token loop: a layer scan inside the loop slices every weight
     matrix out of its stack on every token, and XLA:CPU copies each slice before its
     matrix-vector product. For the 4-layer Shakespeare model at batch 1 that copying was
-    about half the time per token (``benchmarks/gpt.py``, generation). The price is a
-    decode step whose compile time grows with depth: ``generate`` for that model compiled
-    in 2.9 s instead of 1.5 s.
+    about 40% of the time per token (85 instead of 150 us on a 2-core AMD EPYC). The price
+    is a decode step whose compile time grows with depth: ``generate`` for that model
+    compiled in 1.6 s instead of 0.8 s.
 
     Returns:
       ``(weights with blocks: tuple of L BlockWeights, KVCache(k, v: tuples of L
@@ -704,8 +707,7 @@ def _decode_layers(
     weights = _cast(weights, config.compute_dtype)
     x = _embed(weights, tokens, positions, config)
 
-    def body(x, layer):
-        blk, k_layer, v_layer = layer
+    def block(blk, x, k, v, layer):
         return _block(
             blk,
             x,
@@ -713,18 +715,26 @@ def _decode_layers(
             config,
             rng=None,
             deterministic=True,
-            cache=(k_layer, v_layer, cache.index),
+            cache=(k, v, cache.index, layer),
             key_mask=key_mask,
         )
 
     if per_layer:
         written = []
-        for layer in zip(weights.blocks, cache.k, cache.v):
-            x, kv = body(x, layer)
+        for blk, k, v in zip(weights.blocks, cache.k, cache.v):
+            x, kv = block(blk, x, k, v, None)
             written.append(kv)
         k, v = (tuple(a) for a in zip(*written))
     else:
-        x, (k, v) = jax.lax.scan(body, x, (weights.blocks, cache.k, cache.v))
+        # The stacked caches ride in the carry, each layer writing only its new rows: as the
+        # scan's inputs and outputs they were rebuilt whole (zero-filled, copied) per step.
+        def body(carry, layer):
+            x, k, v = carry
+            x, (k, v) = block(layer[0], x, k, v, layer[1])
+            return (x, k, v), None
+
+        layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (weights.blocks, layers))
     return _logits(weights, x, config), KVCache(k, v, cache.index + t)
 
 
@@ -834,9 +844,9 @@ def generate(
         nucleus filter (a traced 1 may then drop the least likely tokens, whose mass rounds
         away in float32).
       unroll_layers: run each cached token's layers unrolled (``unstack_layers``) instead
-        of as a layer scan. On CPU at batch 1 about 2x faster per token (4-layer
-        Shakespeare model: ~100 instead of ~220 us), but slower to compile (2.9 s instead of
-        1.5 s) and growing with depth. Worth it when one compiled shape serves many calls
+        of as a layer scan. On CPU at batch 1 about 1.7x faster per token (4-layer
+        Shakespeare model: ~85 instead of ~150 us), but slower to compile (1.6 s instead of
+        0.8 s) and growing with depth. Worth it when one compiled shape serves many calls
         (serving, benchmarks); the default suits a few one-off samples.
       prompt_lengths: ``[B]`` ints in ``[1, T0]`` for a batch of prompts of different
         lengths, padded on the right to ``T0`` (the padding: any ids in ``[0, V)``). Row b

@@ -275,9 +275,10 @@ def _encoder_layer(lw: EncoderLayerWeights, x, mask, config, rate, rng):
 
 
 def _decoder_layer(lw: DecoderLayerWeights, y, cross, mask, config, rate, rng, cache=None):
-    """One decoder layer; ``cache = (k, v [B, T_max, N, H], index)`` for incremental decoding.
+    """One decoder layer; for incremental decoding ``cache = (k, v, index, layer)``: every
+    decoder layer's caches stacked, ``[Ld, B, T_max, N, H]``, and this layer's index.
 
-    Returns ``(y [B, T, D], (k, v) with this step written, or None)``.
+    Returns ``(y [B, T, D], (k, v) the stacks with this step written, or None)``.
     """
     r_self, r_cross, r1, r2, r3 = _keys(rng, 5)
 
@@ -286,9 +287,11 @@ def _decoder_layer(lw: DecoderLayerWeights, y, cross, mask, config, rate, rng, c
         if cache is None:
             ctx = _attention(config, rate, r_self, q, k, v, is_causal=True)
             return project_output(lw.self_attn, ctx), None
-        k_cache, v_cache, index = cache
-        k_cache, v_cache, visible = write_kv_cache(k_cache, v_cache, k, v, index)  # [1,1,T,T_max]
-        k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)  # [B, T_max, N, H]
+        k_cache, v_cache, index, layer = cache
+        k_cache, v_cache, visible = write_kv_cache(
+            k_cache, v_cache, k, v, index, layer=layer
+        )  # visible: [1, 1, T, T_max]
+        k_all, v_all = (c[layer].astype(q.dtype) for c in (k_cache, v_cache))  # [B, T_max, N, H]
         ctx = _attention(config, rate, r_self, q, k_all, v_all, mask=visible)
         return project_output(lw.self_attn, ctx), (k_cache, v_cache)
 
@@ -350,14 +353,19 @@ def _decoder_stack(layers, y, cross, mask, layer_keys, config: TransformerConfig
 
 @jit_when_eager
 def _decoder_step_stack(layers, y, cache: KVCache, cross, mask, config: TransformerConfig):
-    def body(y, layer):
-        lw, k_cache, v_cache, k, v = layer
-        y, new = _decoder_layer(
-            lw, y, (k, v), mask, config, 0.0, None, cache=(k_cache, v_cache, cache.index)
+    # The stacked caches ride in the carry, each layer writing only its new row: as the
+    # scan's inputs and outputs they were rebuilt whole (zero-filled, copied) per step.
+    def body(carry, layer):
+        y, k_cache, v_cache = carry
+        lw, k, v, i = layer
+        y, (k_cache, v_cache) = _decoder_layer(
+            lw, y, (k, v), mask, config, 0.0, None, cache=(k_cache, v_cache, cache.index, i)
         )
-        return y, new
+        return (y, k_cache, v_cache), None
 
-    return jax.lax.scan(body, y, (layers, cache.k, cache.v, cross.k, cross.v))
+    index = jnp.arange(cache.k.shape[0], dtype=jnp.int32)
+    (y, k, v), _ = jax.lax.scan(body, (y, cache.k, cache.v), (layers, cross.k, cross.v, index))
+    return y, (k, v)
 
 
 def encode(

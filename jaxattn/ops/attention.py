@@ -30,7 +30,6 @@ queries as the last T of the S key positions (cached decoding), and so do slidin
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -772,29 +771,54 @@ def write_kv_cache(
     v: Array,
     index: Array,
     *,
+    layer: Array | None = None,
     local_window_size: int | tuple[int, int] | None = None,
 ) -> tuple[Array, Array, Array]:
     """Write a chunk's keys and values into a KV cache at position ``index``.
 
     Args:
-      k_cache, v_cache: ``[B, S, K, H]`` cached keys and values (any dtype).
+      k_cache, v_cache: ``[B, S, K, H]`` cached keys and values (any dtype); with ``layer``,
+        every layer's caches stacked, ``[L, B, S, K, H]``.
       k, v: ``[B, T, K, H]`` the chunk's keys and values, for positions ``index ..
         index + T - 1``.
       index: int32 scalar (may be traced), the position of the chunk's first token;
         ``0 <= index <= S - T``. A concrete index outside that range is an error; a traced
         one cannot be checked, and ``dynamic_update_slice`` would clamp it (overwriting
         earlier keys), so callers keep count (``gpt.generate`` checks the room up front).
+      layer: int scalar (may be traced), the layer of a stacked cache to write (read it back
+        with ``k_cache[layer]``); None for one layer's ``[B, S, K, H]`` caches. A layer loop
+        that carries the stack then writes only the chunk's rows: one that took each layer's
+        cache as a ``lax.scan`` input and returned it as an output rebuilt the whole stack
+        per step (XLA:CPU zero-filled and copied it, three times the cache per token).
       local_window_size: a causal sliding window, as in ``dot_product_attention`` (only
         its ``left`` counts): ``visible`` also hides keys more than ``left`` before p.
 
     Returns:
-      ``(k_cache, v_cache, visible)`` with the chunk written and ``visible: [1, 1, T, S]``
-      True where cached key j is visible to the chunk's query at position p, ``j <= p``;
-      this also hides the slots not written yet.
+      ``(k_cache, v_cache, visible)`` with the chunk written (stacked as given) and
+      ``visible: [1, 1, T, S]`` True where cached key j is visible to the chunk's query at
+      position p, ``j <= p``; this also hides the slots not written yet.
     """
     window = check_local_window(local_window_size, "write_kv_cache")
     chunk, cache = (k.shape, v.shape), (k_cache.shape, v_cache.shape)
-    if k_cache.ndim != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
+    stacked = layer is not None
+    if stacked:
+        if k_cache.ndim != 5 or v_cache.shape[:4] != k_cache.shape[:4]:
+            raise ValueError(
+                f"write_kv_cache: with layer=, k_cache [L, B, S, K, H] and v_cache "
+                f"[L, B, S, K, Hv] must share L, B, S and K, got k_cache {k_cache.shape}, "
+                f"v_cache {v_cache.shape}"
+            )
+        if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+            raise ValueError(
+                f"write_kv_cache: layer must be an integer scalar, got "
+                f"{jnp.result_type(layer)} of shape {jnp.shape(layer)}"
+            )
+        if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < k_cache.shape[0]:
+            raise ValueError(
+                f"write_kv_cache: layer {int(layer)} is not in [0, {k_cache.shape[0]})"
+            )
+        cache = (k_cache.shape[1:], v_cache.shape[1:])
+    elif k_cache.ndim != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(
             f"write_kv_cache: k_cache [B, S, K, H] and v_cache [B, S, K, Hv] must share B, S "
             f"and K, got k_cache {k_cache.shape}, v_cache {v_cache.shape}"
@@ -809,21 +833,25 @@ def write_kv_cache(
             f"write_kv_cache: the chunk's k {k.shape}, v {v.shape} must be [B, T, K, H] with "
             f"the caches' B, K, H and T <= S: k_cache {k_cache.shape}, v_cache {v_cache.shape}"
         )
-    room = k_cache.shape[1] - k.shape[1]
+    slots = cache[0][1]
+    room = slots - k.shape[1]
     if not isinstance(index, jax.core.Tracer) and not 0 <= int(index) <= room:
         raise ValueError(
             f"write_kv_cache: a chunk of {k.shape[1]} tokens at index {int(index)} does not "
-            f"fit a cache of {k_cache.shape[1]} positions (need 0 <= index <= {room})"
+            f"fit a cache of {slots} positions (need 0 <= index <= {room})"
         )
-    # _in_dim builds the other start indices in index's dtype (int32 under x64 too).
-    write = partial(jax.lax.dynamic_update_slice_in_dim, start_index=index, axis=1)
-    k_cache = write(k_cache, k.astype(k_cache.dtype))
-    v_cache = write(v_cache, v.astype(v_cache.dtype))
     # int32 positions: in index's dtype (uint8, int8) a cache longer than its range would
-    # wrap and show unwritten slots.
+    # wrap and show unwritten slots. (The start indices must share one dtype: int32.)
     index = jnp.asarray(index).astype(jnp.int32)
+    if stacked:
+        zero = jnp.zeros((), jnp.int32)  # (a Python 0 is int64 under x64)
+        start = (jnp.asarray(layer).astype(jnp.int32), zero, index, zero, zero)
+        write = lambda c, x: jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype), start)
+    else:
+        write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, 1)
+    k_cache, v_cache = write(k_cache, k), write(v_cache, v)
     positions = index + jnp.arange(k.shape[1], dtype=jnp.int32)  # [T]
-    keys = jnp.arange(k_cache.shape[1], dtype=jnp.int32)  # [S]
+    keys = jnp.arange(slots, dtype=jnp.int32)  # [S]
     visible = keys[None, :] <= positions[:, None]  # [T, S]
     if window is not None:
         visible &= window_visible(positions, keys, window[0], 0)

@@ -376,6 +376,26 @@ def test_eager_calls_reuse_their_compiled_programs(np_rng, assert_compiled_once)
     assert_compiled_once(calls)
 
 
+def test_a_decoding_loop_updates_the_kv_cache_in_place(np_rng):
+    """A token loop over decode_step holds no copy of the self-attention cache: the layer
+    scan took each layer's cache as an input and returned it as an output, so every step
+    zero-filled a new [Ld, B, T_max, N, H] stack and copied it (translate, greedy and beam):
+    3.4 k-stacks of temporary memory here, now 0.8."""
+    config = dataclasses.replace(BASE, max_len=256)
+    w = random_weights(config)
+    src, lengths, _ = example_batch(config, np_rng)
+    cross = cross_kv(w, encode(w, src, lengths, config), config)
+    src_mask = padding_mask(lengths, src.shape[1])
+    cache = init_cache(config, src.shape[0], 256)
+
+    def loop(w, cache, cross):
+        step = lambda i, c: decode_step(w, c, jnp.full((3,), 3 + i % 8), cross, src_mask, config)
+        return jax.lax.fori_loop(0, 8, lambda i, c: step(i, c)[1], cache)
+
+    compiled = jax.jit(loop).lower(w, cache, cross).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 2 * cache.k.nbytes  # < k and v
+
+
 def test_init_cache_dtype():
     bf16 = dataclasses.replace(BASE, dtype="bfloat16")
     cache = init_cache(bf16, 2, 5)

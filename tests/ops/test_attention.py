@@ -1082,6 +1082,39 @@ def test_write_kv_cache_refuses_caches_of_different_lengths():
         write_kv_cache(k_cache, v_cache, chunk, chunk, 3)
 
 
+def test_write_kv_cache_into_a_layer_stack_writes_that_layer_only(np_rng):
+    """``layer=``: the same write into layer 1 of a stacked ``[L, B, S, K, H]`` cache, the
+    other layers untouched, with a traced layer and index too (as in a layer scan)."""
+    stack = [np_rng.standard_normal((3, B, S, 2, H)).astype(np.float32) for _ in "kv"]
+    k, v = (np_rng.standard_normal((B, 2, 2, H)).astype(np.float32) for _ in "kv")
+    want_k, want_v, want_visible = write_kv_cache(stack[0][1], stack[1][1], k, v, 3)
+    for write in (write_kv_cache, jax.jit(write_kv_cache)):
+        got_k, got_v, visible = write(*stack, k, v, jnp.int32(3), layer=jnp.int32(1))
+        for got, want, old in ((got_k, want_k, stack[0]), (got_v, want_v, stack[1])):
+            np.testing.assert_array_equal(got[1], want)
+            np.testing.assert_array_equal(np.delete(np.asarray(got), 1, 0), np.delete(old, 1, 0))
+        np.testing.assert_array_equal(visible, want_visible)
+    with jax.enable_x64(True):  # (start indices of one dtype: int64 zeros failed)
+        got_k = write_kv_cache(*stack, k, v, 3, layer=2)[0]
+        np.testing.assert_array_equal(got_k[2, :, 3:5], k)
+
+
+@pytest.mark.parametrize(
+    "layer, cache_shape, match",
+    [
+        (3, (3, 1, 6, 2, 4), r"layer 3 is not in \[0, 3\)"),
+        (-1, (3, 1, 6, 2, 4), r"layer -1 is not in \[0, 3\)"),
+        (1.0, (3, 1, 6, 2, 4), "layer must be an integer scalar"),
+        (True, (3, 1, 6, 2, 4), "layer must be an integer scalar"),
+        (0, (1, 6, 2, 4), r"with layer=, k_cache \[L, B, S, K, H\]"),
+    ],
+)
+def test_write_kv_cache_refuses_a_bad_layer(layer, cache_shape, match):
+    cache, chunk = jnp.zeros(cache_shape), jnp.ones((1, 2, 2, 4))
+    with pytest.raises(ValueError, match=match):
+        write_kv_cache(cache, cache, chunk, chunk, 0, layer=layer)
+
+
 @pytest.mark.parametrize("index", [1.7, True, jnp.array([2])])
 def test_write_kv_cache_refuses_a_non_integer_or_non_scalar_index(index):
     cache, chunk = jnp.zeros((1, 6, 2, 4)), jnp.ones((1, 2, 2, 4))
