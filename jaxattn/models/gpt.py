@@ -11,7 +11,7 @@ The blocks' weights are stacked along a leading layer axis ``[L, ...]`` and run 
 ``lax.scan``, so compile time does not grow with depth. One block function serves both the
 full causal pass (``gpt``) and cached decoding (``gpt_decode``). ``generate`` can unroll
 the layers instead (``unroll_layers=True``, ``unstack_layers``): slower to compile, but at
-batch 1 it halves the time per token on CPU.
+batch 1 it takes about 1.7x less time per token on CPU.
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def _block(
     *,
     rng: Array | None,
     deterministic: bool,
-    cache: tuple[Array, Array, Array] | None = None,
+    cache: tuple[Array, Array, Array, Array | None] | None = None,
     key_mask: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array] | None]:
     """Apply one pre-LN block; with a cache, write this chunk's k/v into it and attend over it.

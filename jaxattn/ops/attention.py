@@ -785,8 +785,10 @@ def write_kv_cache(
         ``0 <= index <= S - T``. A concrete index outside that range is an error; a traced
         one cannot be checked, and ``dynamic_update_slice`` would clamp it (overwriting
         earlier keys), so callers keep count (``gpt.generate`` checks the room up front).
-      layer: int scalar (may be traced), the layer of a stacked cache to write (read it back
-        with ``k_cache[layer]``); None for one layer's ``[B, S, K, H]`` caches. A layer loop
+      layer: int scalar, the layer of a stacked cache to write (read it back with
+        ``k_cache[layer]``); None for one layer's ``[B, S, K, H]`` caches. A concrete layer
+        outside ``[0, L)`` is an error; a traced one is clamped into it, as the index
+        would be, so callers pass ``0 .. L-1`` (a layer scan's counter). A layer loop
         that carries the stack then writes only the chunk's rows: one that took each layer's
         cache as a ``lax.scan`` input and returned it as an output rebuilt the whole stack
         per step (XLA:CPU zero-filled and copied it, three times the cache per token).
@@ -818,6 +820,11 @@ def write_kv_cache(
                 f"write_kv_cache: layer {int(layer)} is not in [0, {k_cache.shape[0]})"
             )
         cache = (k_cache.shape[1:], v_cache.shape[1:])
+    elif k_cache.ndim == 5:  # (else "must share B, S and K", which they may well do)
+        raise ValueError(
+            f"write_kv_cache: k_cache {k_cache.shape} is a stack of layers [L, B, S, K, H]; "
+            "pass layer= to write one of them"
+        )
     elif k_cache.ndim != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(
             f"write_kv_cache: k_cache [B, S, K, H] and v_cache [B, S, K, Hv] must share B, S "

@@ -1107,6 +1107,7 @@ def test_write_kv_cache_into_a_layer_stack_writes_that_layer_only(np_rng):
         (1.0, (3, 1, 6, 2, 4), "layer must be an integer scalar"),
         (True, (3, 1, 6, 2, 4), "layer must be an integer scalar"),
         (0, (1, 6, 2, 4), r"with layer=, k_cache \[L, B, S, K, H\]"),
+        (None, (3, 1, 6, 2, 4), r"k_cache \(3, 1, 6, 2, 4\) is a stack .* pass layer="),
     ],
 )
 def test_write_kv_cache_refuses_a_bad_layer(layer, cache_shape, match):
