@@ -30,7 +30,7 @@ queries as the last T of the S key positions (cached decoding), and so do slidin
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -764,6 +764,14 @@ def project_output(weights: MultiHeadAttentionWeights, context: Array) -> Array:
     return project(context, weights.w_o, weights.b_o, contract_dims=2)  # [B, T, Dout]
 
 
+def _check_int_scalar(value: Any, name: str) -> None:
+    if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.integer):
+        raise ValueError(
+            f"write_kv_cache: {name} must be an integer scalar, got "
+            f"{jnp.result_type(value)} of shape {jnp.shape(value)}"
+        )
+
+
 def write_kv_cache(
     k_cache: Array,
     v_cache: Array,
@@ -810,11 +818,7 @@ def write_kv_cache(
                 f"[L, B, S, K, Hv] must share L, B, S and K, got k_cache {k_cache.shape}, "
                 f"v_cache {v_cache.shape}"
             )
-        if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
-            raise ValueError(
-                f"write_kv_cache: layer must be an integer scalar, got "
-                f"{jnp.result_type(layer)} of shape {jnp.shape(layer)}"
-            )
+        _check_int_scalar(layer, "layer")
         if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < k_cache.shape[0]:
             raise ValueError(
                 f"write_kv_cache: layer {int(layer)} is not in [0, {k_cache.shape[0]})"
@@ -830,11 +834,7 @@ def write_kv_cache(
             f"write_kv_cache: k_cache [B, S, K, H] and v_cache [B, S, K, Hv] must share B, S "
             f"and K, got k_cache {k_cache.shape}, v_cache {v_cache.shape}"
         )
-    if jnp.ndim(index) != 0 or not jnp.issubdtype(jnp.result_type(index), jnp.integer):
-        raise ValueError(
-            f"write_kv_cache: index must be an integer scalar, got "
-            f"{jnp.result_type(index)} of shape {jnp.shape(index)}"
-        )
+    _check_int_scalar(index, "index")
     if any(c[:1] + c[2:] != x[:1] + x[2:] or c[1] < x[1] for c, x in zip(cache, chunk)):
         raise ValueError(
             f"write_kv_cache: the chunk's k {k.shape}, v {v.shape} must be [B, T, K, H] with "
