@@ -340,10 +340,10 @@ class Trainer:
                 self.last_eval = meta.get("eval") or {}
                 self.saved_step = int(self.state.step)
                 self.say(f"Resumed from {self.ckpt.step_dir(self.saved_step)}")
-            elif _abstract_leaves(state):
+            elif abstract := _abstract_leaves(state):
                 raise ValueError(
-                    f"fit: the state has abstract leaves ({_abstract_leaves(state)[0]}, a restore "
-                    f"target) but {ckpt_dir} holds no checkpoint to restore; pass a built state"
+                    f"fit: the state has abstract leaves ({abstract[0]}, a restore target) but "
+                    f"{ckpt_dir} holds no checkpoint to restore; pass a built state"
                 )
             # A restored state comes back committed to its devices and a fresh one does not,
             # and jit keys its cache on that: committed (no copy), a run resumed in the same
