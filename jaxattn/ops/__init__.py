@@ -46,7 +46,7 @@ from jaxattn.ops.layers import (
     swiglu,
     unembed,
 )
-from jaxattn.ops.losses import cross_entropy
+from jaxattn.ops.losses import chunked_cross_entropy, cross_entropy
 from jaxattn.ops.lstm import (
     BidirectionalWeights,
     LSTMWeights,
@@ -99,6 +99,7 @@ __all__ = [
     "bidirectional_lstm",
     "causal_mask",
     "check_token_ids",
+    "chunked_cross_entropy",
     "combine_masks",
     "cross_entropy",
     "dense",

@@ -5,10 +5,14 @@ Shape glossary: B batch, T time, V vocab.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxattn.ops._checks import check_size
 from jaxattn.ops.layers import check_token_ids, ids_to_check
 
 Array = jax.Array
@@ -45,24 +49,105 @@ def cross_entropy(
             f"cross_entropy: targets {targets.shape} must be logits {logits.shape} without "
             "the vocab axis"
         )
-    if mask is not None and jnp.shape(mask) != targets.shape:
-        raise ValueError(
-            f"cross_entropy: mask {jnp.shape(mask)} must match targets {targets.shape}"
-        )
-    if jnp.ndim(label_smoothing) != 0:  # (known under jit too: a [V] eps would broadcast)
-        raise ValueError(
-            f"cross_entropy: label_smoothing must be a scalar, got shape "
-            f"{jnp.shape(label_smoothing)}"
-        )
-    traced = isinstance(label_smoothing, jax.core.Tracer)
-    if not traced and not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
+    _check_mask_and_smoothing(mask, targets.shape, label_smoothing, "cross_entropy")
     # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
     check_token_ids(targets, logits.shape[-1], "cross_entropy: targets")
-    targets = jnp.asarray(targets)
+    losses = _token_losses(logits, jnp.asarray(targets), label_smoothing)  # [...]
+    if mask is None:
+        return jnp.mean(losses)
+    total, count = _counted_sum(losses, jnp.asarray(mask))
+    return total / jnp.maximum(count, 1.0)
+
+
+def chunked_cross_entropy(
+    hidden: Array,
+    logits_fn: Callable[[Array], Array],
+    targets: Array,
+    mask: Array | None = None,
+    *,
+    chunk_size: int,
+    label_smoothing: float | Array = 0.0,
+) -> Array:
+    """``cross_entropy(logits_fn(hidden), targets, mask)`` without all the logits at once.
+
+    The tokens are taken ``chunk_size`` at a time: each chunk's logits are computed, reduced
+    to its losses and dropped, and recomputed in the backward pass (``jax.checkpoint``), so
+    the forward and backward hold ``[chunk_size, V]`` logits and their gradient instead of
+    ``[..., V]`` (MaxText's "vocab tiling"). For a GPT-2-sized vocabulary that is most of a
+    step's memory: the float32 logits of 12 x 1024 tokens are 2.5 GB, their gradient as
+    much again. The price is the output product computed twice; the result equals
+    ``cross_entropy``'s up to float32 summation order.
+
+    Args:
+      hidden: ``[..., D]`` the inputs of the output layer (any float dtype).
+      logits_fn: ``[n, D] -> [n, V]``, the output layer for n tokens (e.g. the final norm and
+        the unembedding); it may close over weights, whose gradients flow through it.
+      targets: ``[...]`` integer ids in ``[0, V)`` (checked when concrete).
+      mask, label_smoothing: as in ``cross_entropy``.
+      chunk_size: tokens per chunk, a positive int; the last chunk is padded (the padding is
+        not counted).
+
+    Returns:
+      Scalar float32 loss.
+    """
+    targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
+    if jnp.ndim(hidden) < 1 or targets.shape != jnp.shape(hidden)[:-1]:
+        raise ValueError(
+            f"chunked_cross_entropy: targets {targets.shape} must be hidden "
+            f"{jnp.shape(hidden)} without the feature axis"
+        )
+    chunk_size = check_size(chunk_size, "chunk_size", "chunked_cross_entropy")
+    _check_mask_and_smoothing(mask, targets.shape, label_smoothing, "chunked_cross_entropy")
+    hidden = jnp.asarray(hidden)
+    n, d = targets.size, hidden.shape[-1]
+    counted = jnp.ones(targets.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
+    chunk = min(chunk_size, max(n, 1))
+    chunks = -(-n // chunk)
+    pad = chunks * chunk - n
+
+    def chunked(a: Array) -> Array:  # [..., *rest] -> [chunks, chunk, *rest], zero-padded
+        a = a.reshape(n, *a.shape[targets.ndim :])
+        return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(chunks, chunk, *a.shape[1:])
+
+    shape = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((chunk, d), hidden.dtype)).shape
+    if len(shape) != 2 or shape[0] != chunk:
+        raise ValueError(
+            f"chunked_cross_entropy: logits_fn must map [n, D] to [n, V], got {shape} for "
+            f"{[chunk, d]}"
+        )
+    # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
+    check_token_ids(targets, shape[1], "chunked_cross_entropy: targets")
+
+    # Saves only each chunk's inputs: the backward recomputes its logits.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_loss(h: Array, ids: Array, keep: Array) -> tuple[Array, Array]:
+        # h: [chunk, D], ids and keep: [chunk]
+        return _counted_sum(_token_losses(logits_fn(h), ids, label_smoothing), keep)
+
+    ids = chunked(jnp.asarray(targets))
+    totals, counts = jax.lax.map(
+        lambda xs: chunk_loss(*xs), (chunked(hidden), ids, chunked(counted))
+    )
+    count = jnp.sum(counts)
+    return jnp.sum(totals) / (jnp.maximum(count, 1.0) if mask is not None else n)
+
+
+def _check_mask_and_smoothing(mask, shape: tuple[int, ...], label_smoothing, where: str) -> None:
+    if mask is not None and jnp.shape(mask) != shape:
+        raise ValueError(f"{where}: mask {jnp.shape(mask)} must match targets {shape}")
+    if jnp.ndim(label_smoothing) != 0:  # (known under jit too: a [V] eps would broadcast)
+        raise ValueError(
+            f"{where}: label_smoothing must be a scalar, got shape {jnp.shape(label_smoothing)}"
+        )
+    if not isinstance(label_smoothing, jax.core.Tracer) and not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"{where}: label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+def _token_losses(logits: Array, targets: Array, label_smoothing: float | Array) -> Array:
+    """Each token's float32 loss ``-sum_v p(v) log softmax(logits)_v``: ``[..., V] -> [...]``."""
     logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [...]
-    if traced or label_smoothing > 0.0:
+    if isinstance(label_smoothing, jax.core.Tracer) or label_smoothing > 0.0:
         # -sum_v p(v) log q(v) = (1 - eps) * nll + eps * mean_v(-log q(v)). Not through
         # optax.smooth_labels: its 0 * log q(v) is NaN where a logit is -inf (a vocab entry
         # the model may never emit), which a traced eps of 0 must not turn into a NaN loss.
@@ -71,10 +156,13 @@ def cross_entropy(
         # where, twice: eps * inf is NaN at eps = 0, and so would be its gradient in eps.
         uniform = jnp.where(eps > 0.0, uniform, 0.0)
         losses = (1.0 - eps) * losses + eps * uniform
-    if mask is None:
-        return jnp.mean(losses)
-    counted = jnp.asarray(mask).astype(bool)
+    return losses
+
+
+def _counted_sum(losses: Array, mask: Array) -> tuple[Array, Array]:
+    """``(sum of the counted losses, number counted)``, float32; mask nonzero = counted."""
+    counted = mask.astype(bool)
     # where, not losses * counted: an uncounted token's loss may be inf (its target's
     # logit is -inf, e.g. a pad target the model never predicts) and inf * 0 = NaN.
     total = jnp.sum(jnp.where(counted, losses, 0.0))
-    return total / jnp.maximum(jnp.sum(counted.astype(jnp.float32)), 1.0)
+    return total, jnp.sum(counted.astype(jnp.float32))

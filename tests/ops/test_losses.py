@@ -1,11 +1,11 @@
-"""cross_entropy against a float64 NumPy reference and torch.nn.functional.cross_entropy."""
+"""cross_entropy (and chunked_cross_entropy) against a float64 NumPy reference and torch."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxattn.ops.losses import cross_entropy
+from jaxattn.ops.losses import chunked_cross_entropy, cross_entropy
 
 B, T, V = 3, 5, 7
 
@@ -151,3 +151,92 @@ def test_bfloat16_logits_are_reduced_in_float32(np_rng, eps):
         assert got.dtype == jnp.float32
         want = np_cross_entropy(exact, targets, None if m is None else m.astype(float), eps)
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# chunked_cross_entropy: the output layer and the loss a chunk of tokens at a time.
+D = 6
+
+
+def _output_layer(np_rng, v=V):
+    hidden = np_rng.normal(size=(B, T, D)).astype(np.float32)
+    w = (np_rng.normal(size=(D, v)) / np.sqrt(D)).astype(np.float32)
+    return hidden, w
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, B * T, 100])  # 4, 7: the last chunk padded
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_matches_numpy_and_the_whole_loss(np_rng, chunk_size, eps, masked):
+    hidden, w = _output_layer(np_rng)
+    targets = np_rng.integers(0, V, (B, T))
+    mask = (np_rng.random((B, T)) > 0.4) if masked else None
+
+    def chunked(hidden, w):
+        return chunked_cross_entropy(
+            hidden, lambda h: h @ w, jnp.asarray(targets), mask,
+            chunk_size=chunk_size, label_smoothing=eps,
+        )  # fmt: skip
+
+    def whole(hidden, w):
+        return cross_entropy(hidden @ w, jnp.asarray(targets), mask, label_smoothing=eps)
+
+    got, got_grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, w)
+    logits64 = hidden.astype(np.float64) @ w.astype(np.float64)
+    want = np_cross_entropy(logits64, targets, None if mask is None else mask.astype(float), eps)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # The gradients (hidden's and the output weights', accumulated over the chunks) are
+    # those of the loss over the whole logits.
+    for g, w_ in zip(got_grads, jax.grad(whole, argnums=(0, 1))(hidden, w)):
+        np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_holds_one_chunk_of_logits_not_all_of_them(np_rng):
+    # The point of chunking: the backward of the whole loss holds [tokens, V] float32 logits
+    # and their gradient; the chunked one holds a chunk's (recomputed) instead.
+    tokens, d, vocab, chunk = 2048, 32, 2048, 128
+    hidden = jnp.asarray(np_rng.normal(size=(tokens, d)), jnp.float32)
+    w = jnp.asarray(np_rng.normal(size=(d, vocab)) / np.sqrt(d), jnp.float32)
+    targets = jnp.asarray(np_rng.integers(0, vocab, (tokens,)), jnp.int32)
+    logits_bytes = tokens * vocab * 4  # 16 MiB
+
+    def temp_bytes(loss):
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return grad.lower(hidden, w).compile().memory_analysis().temp_size_in_bytes
+
+    whole = temp_bytes(lambda h, w: cross_entropy(h @ w, targets))
+    chunked = temp_bytes(
+        lambda h, w: chunked_cross_entropy(h, lambda x: x @ w, targets, chunk_size=chunk)
+    )
+    assert whole >= logits_bytes  # at least the logits
+    assert chunked < logits_bytes / 4, (chunked, whole)
+
+
+def test_chunked_bfloat16_logits_are_reduced_in_float32(np_rng):
+    # A bfloat16 model's output layer hands each chunk bfloat16 logits (here the hidden
+    # states themselves): the loss over them must still be a float32 one.
+    logits = jnp.asarray(4.0 * np_rng.normal(size=(B, T, V)), jnp.bfloat16)
+    targets = np_rng.integers(0, V, (B, T))
+    got = chunked_cross_entropy(logits, lambda h: h, jnp.asarray(targets), chunk_size=4)
+    assert got.dtype == jnp.float32
+    want = np_cross_entropy(np.asarray(logits, np.float64), targets)  # bfloat16 values, exactly
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_chunked_bad_inputs_raise():
+    hidden = jnp.zeros((B, T, D))
+    targets = jnp.zeros((B, T), jnp.int32)
+    project = lambda h: h @ jnp.zeros((D, V))
+    with pytest.raises(ValueError, match=r"targets \(3, 4\) must be hidden \(3, 5, 6\)"):
+        chunked_cross_entropy(hidden, project, targets[:, :-1], chunk_size=4)
+    for bad in (0, -1, 2.0, True, None):
+        message = f"chunked_cross_entropy: chunk_size must be an int >= 1, got {bad!r}"
+        with pytest.raises(ValueError, match=message):
+            chunked_cross_entropy(hidden, project, targets, chunk_size=bad)
+    with pytest.raises(ValueError, match=r"logits_fn must map \[n, D\] to \[n, V\], got \(7,\)"):
+        chunked_cross_entropy(hidden, lambda h: project(h)[0], targets, chunk_size=4)
+    with pytest.raises(ValueError, match=r"mask \(3,\) must match targets \(3, 5\)"):
+        chunked_cross_entropy(hidden, project, targets, jnp.ones((B,), bool), chunk_size=4)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        chunked_cross_entropy(hidden, project, targets, chunk_size=4, label_smoothing=1.0)
+    with pytest.raises(ValueError, match=r"chunked_cross_entropy: targets must lie in \[0, 7\)"):
+        chunked_cross_entropy(hidden, project, targets.at[1, 1].set(V), chunk_size=4)
