@@ -2,6 +2,7 @@
 
     python benchmarks/gpt.py            # all sections
     python benchmarks/gpt.py --quick    # fewer repetitions
+    python benchmarks/gpt.py --sections loss_memory   # one section (section names below)
 
 Sections (each prints a table):
 1. train step: one optimizer step (forward, backward, clip, AdamW) of the
@@ -20,6 +21,10 @@ Sections (each prints a table):
    ``dy Wᵀ``, weight gradient ``xᵀ dy``; the three query/key/value products in one call),
    XLA:CPU against ``torch.mm``: milliseconds, GFLOP/s and cores used (process CPU time /
    wall time), and their sum over the step: the floor that model code cannot lower.
+5. loss_memory (only when named in ``--sections``; compiles, runs nothing): the temporary
+   memory XLA plans for ``jax.grad(gpt_loss)`` of a GPT-2-small-sized model (V = 50257,
+   12 layers, width 768, batch 8 x 1024 tokens), float32 and bfloat16, with the loss over
+   all tokens at once and with ``GPTConfig.loss_chunk_size``.
 
 Step times are medians after warm-up; the two train steps are timed in alternating blocks, and all
 rows of a section run in the same process on the same machine at the same
@@ -362,6 +367,22 @@ def timed_cores(fn, repeats: int) -> tuple[float, float]:
     return median, (time.process_time() - cpu0) / (time.perf_counter() - wall0)
 
 
+def bench_loss_memory() -> list[tuple[str, int | None, float]]:
+    """Rows ``(dtype, loss_chunk_size, temp GiB)`` of ``jax.grad(gpt_loss)``'s compiled
+    program for GPT-2 small's shapes (nothing is allocated: ``memory_analysis`` of the
+    compiled step)."""
+    tokens = jax.ShapeDtypeStruct((8, 1024), jnp.int32)
+    grad = jax.jit(jax.grad(gpt.gpt_loss), static_argnames="config")
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        for chunk in (None, 1024):
+            config = gpt.GPTConfig(50257, 1024, 12, 12, 768, dtype=dtype, loss_chunk_size=chunk)
+            weights = jax.eval_shape(lambda key, c=config: gpt.init_gpt(key, c), jax.random.key(0))
+            compiled = grad.lower(weights, tokens, tokens, config=config).compile()
+            rows.append((dtype, chunk, compiled.memory_analysis().temp_size_in_bytes / 2**30))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -430,6 +451,22 @@ def main() -> None:
             )
         print(f"| sum over one step | | {totals[0] * 1e3:.1f} | | | {totals[1] * 1e3:.1f} | | |")
         results["matmul"] = {"xla_sum_s": totals[0], "torch_sum_s": totals[1]}
+    if "loss_memory" in sections:
+        rows = bench_loss_memory()
+        print(
+            "\n## loss memory: jax.grad(gpt_loss), GPT-2 small shapes (V 50257, 12 x 768), "
+            "batch 8 x 1024"
+        )
+        print("| dtype | loss_chunk_size | temp GiB | vs all at once |")
+        print("|---|---|---|---|")
+        whole = {}
+        for dtype, chunk, gib in rows:
+            whole.setdefault(dtype, gib)
+            print(f"| {dtype} | {chunk} | {gib:.2f} | {gib / whole[dtype]:.2f}x |")
+        results["loss_memory"] = [
+            {"dtype": dtype, "loss_chunk_size": chunk, "temp_gib": gib}
+            for dtype, chunk, gib in rows
+        ]
     write_json(args.json, results)
 
 

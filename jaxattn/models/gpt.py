@@ -63,7 +63,7 @@ from jaxattn.ops.layers import (
     layer_norm,
     unembed,
 )
-from jaxattn.ops.losses import cross_entropy
+from jaxattn.ops.losses import chunked_cross_entropy, cross_entropy
 from jaxattn.ops.masks import check_lengths
 from jaxattn.ops.positions import (
     LearnedPositionWeights,
@@ -114,6 +114,10 @@ class GPTConfig:
     # Sliding-window attention: each token sees itself and the attention_window - 1 tokens
     # before it (Mistral's sliding_window); None = the whole context.
     attention_window: int | None = None
+    # gpt_loss takes the output layer and the loss this many tokens at a time, recomputing
+    # each chunk's logits in the backward: [chunk, V] logits in memory instead of [B, T, V]
+    # (for large vocabularies); None = all tokens at once.
+    loss_chunk_size: int | None = None
 
     def __post_init__(self):
         check_positive_ints(
@@ -151,6 +155,8 @@ class GPTConfig:
                     "GPTConfig: attention_implementation='pallas' takes no attention_window; "
                     "use None or 'blockwise'"
                 )
+        if self.loss_chunk_size is not None:
+            check_positive_ints(self, ("loss_chunk_size",))
 
     @property
     def local_window_size(self) -> tuple[int, int] | None:
@@ -441,18 +447,31 @@ def gpt(
     Returns:
       ``[B, T, V]`` float32 logits; position t depends only on tokens ``0..t``.
     """
-    tokens = _as_tokens(tokens, config, "gpt")
-    check_gpt_weights(weights, config, "gpt", per_layer_ok=False)
+    x, weights = _hidden(weights, tokens, config, rng, deterministic, "gpt")
+    return _logits(weights, x, config)
+
+
+def _hidden(
+    weights: GPTWeights,
+    tokens: Array,
+    config: GPTConfig,
+    rng: Array | None,
+    deterministic: bool,
+    where: str,
+) -> tuple[Array, GPTWeights]:
+    """Check the inputs, then embed and run the layers: ``(x [B, T, D], cast weights)``."""
+    tokens = _as_tokens(tokens, config, where)
+    check_gpt_weights(weights, config, where, per_layer_ok=False)
     t = tokens.shape[1]
     if t > config.block_size:
         raise ValueError(
-            f"gpt: sequence length T={t} exceeds block_size={config.block_size} "
+            f"{where}: sequence length T={t} exceeds block_size={config.block_size} "
             f"(tokens shape {tokens.shape})"
         )
     use_dropout = not deterministic and config.dropout > 0
-    check_dropout_key(rng, use_dropout, "gpt: dropout > 0 with deterministic=False")
+    check_dropout_key(rng, use_dropout, f"{where}: dropout > 0 with deterministic=False")
     weights = _cast(weights, config.compute_dtype)
-    return _logits(weights, _trunk(weights, tokens, config, rng, use_dropout), config)
+    return _trunk(weights, tokens, config, rng, use_dropout), weights
 
 
 # Jitted for eager calls of gpt/gpt_loss: run eagerly, the layer scan over a fresh closure was
@@ -532,8 +551,17 @@ def gpt_loss(
     targets = jnp.asarray(targets)
     if mask is not None and jnp.shape(mask) != targets.shape:
         raise ValueError(f"gpt_loss: mask {jnp.shape(mask)} must match targets {targets.shape}")
-    logits = gpt(weights, tokens, config, rng=rng, deterministic=deterministic)
-    return cross_entropy(logits, targets, mask)
+    if config.loss_chunk_size is None:
+        logits = gpt(weights, tokens, config, rng=rng, deterministic=deterministic)
+        return cross_entropy(logits, targets, mask)
+    x, weights = _hidden(weights, tokens, config, rng, deterministic, "gpt_loss")  # [B, T, D]
+    return chunked_cross_entropy(
+        x,
+        lambda h: _logits(weights, h, config),  # [n, D] -> [n, V]
+        targets,
+        mask,
+        chunk_size=config.loss_chunk_size,
+    )
 
 
 def weight_decay_mask(weights: GPTWeights):

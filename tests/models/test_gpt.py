@@ -169,6 +169,8 @@ def np_cross_entropy(logits, targets):
         (dict(attention_window=0), "GPTConfig.attention_window must be a positive int"),
         (dict(attention_window=2.0), "GPTConfig.attention_window must be a positive int"),
         (dict(attention_window=True), "GPTConfig.attention_window must be a positive int"),
+        (dict(loss_chunk_size=0), "GPTConfig.loss_chunk_size must be a positive int"),
+        (dict(loss_chunk_size=8.0), "GPTConfig.loss_chunk_size must be a positive int"),
         (
             dict(attention_window=4, attention_implementation="pallas"),
             "GPTConfig: attention_implementation='pallas' takes no attention_window",
@@ -512,6 +514,49 @@ def test_remat_gives_same_loss_and_grads():
     np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
     for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
         np.testing.assert_allclose(g_r, g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [BASE, UNTIED, dataclasses.replace(BASE, dtype="bfloat16")],
+    ids=["tied", "untied", "bfloat16"],
+)
+def test_loss_chunks_give_the_same_loss_and_grads(config):
+    # 22 tokens in chunks of 5: the last chunk is padded. The chunks' output-layer gradients
+    # add up to the whole loss's, tied (the embedding table) or untied (the head).
+    chunked = dataclasses.replace(config, loss_chunk_size=5)
+    w = random_weights(config)
+    tokens, targets = tokens_for(config, seed=6), tokens_for(config, seed=7)
+    mask = np.random.default_rng(8).random((B, T)) > 0.3
+    # bfloat16 output products of [5, D] rows round differently from those of [22, D] rows:
+    # the gradients differ by as much as bfloat16 and float32 ones do (~1% of the largest).
+    rtol, atol = (1e-3, 6e-3) if config.dtype == "bfloat16" else (1e-6, 1e-6)
+    for m in (None, mask):
+        loss, grads = value_and_grad_jit(w, tokens, targets, config, mask=m)
+        loss_c, grads_c = value_and_grad_jit(w, tokens, targets, chunked, mask=m)
+        np.testing.assert_allclose(loss_c, loss, rtol=rtol)
+        for g, g_c in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c)):
+            np.testing.assert_allclose(g_c, g, atol=atol, rtol=10 * rtol)
+
+
+def test_loss_chunks_keep_the_logits_of_one_chunk_in_memory():
+    # A GPT-2-sized vocabulary: the whole loss's backward holds float32 [B, T, V] logits and
+    # their gradient (bfloat16 adds a float32 copy); chunks of 64 tokens hold 64 x V.
+    tokens = jnp.zeros((8, 128), jnp.int32)
+    logits_bytes = tokens.size * 50257 * 4  # 196 MiB
+
+    def temp_bytes(config):
+        w = jax.eval_shape(lambda key: init_gpt(key, config), jax.random.key(0))
+        grad = jax.jit(jax.grad(gpt_loss), static_argnames="config")
+        compiled = grad.lower(w, tokens, tokens, config=config).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    for dtype in ("float32", "bfloat16"):
+        config = GPTConfig(50257, 128, 1, 2, 32, dtype=dtype)
+        whole = temp_bytes(config)
+        chunked = temp_bytes(dataclasses.replace(config, loss_chunk_size=64))
+        assert whole > 2 * logits_bytes, (dtype, whole)
+        assert chunked < logits_bytes / 4, (dtype, chunked, whole)
 
 
 def test_jit_takes_the_config_as_static_without_static_argnames():
