@@ -114,9 +114,9 @@ class GPTConfig:
     # Sliding-window attention: each token sees itself and the attention_window - 1 tokens
     # before it (Mistral's sliding_window); None = the whole context.
     attention_window: int | None = None
-    # gpt_loss takes the output layer and the loss this many tokens at a time, recomputing
-    # each chunk's logits in the backward: [chunk, V] logits in memory instead of [B, T, V]
-    # (for large vocabularies); None = all tokens at once.
+    # gpt_loss takes the output layer and the loss this many positions at a time,
+    # recomputing each chunk's logits in the backward: [B, chunk, V] logits in memory
+    # instead of [B, T, V] (for large vocabularies); None = all positions at once.
     loss_chunk_size: int | None = None
 
     def __post_init__(self):

@@ -70,66 +70,71 @@ def chunked_cross_entropy(
 ) -> Array:
     """``cross_entropy(logits_fn(hidden), targets, mask)`` without all the logits at once.
 
-    The tokens are taken ``chunk_size`` at a time: each chunk's logits are computed, reduced
-    to its losses and dropped, and recomputed in the backward pass (``jax.checkpoint``), so
-    the forward and backward hold ``[chunk_size, V]`` logits and their gradient instead of
-    ``[..., V]`` (MaxText's "vocab tiling"). For a GPT-2-sized vocabulary that is most of a
-    step's memory: the float32 logits of 12 x 1024 tokens are 2.5 GB, their gradient as
-    much again. The price is the output product computed twice; the result equals
-    ``cross_entropy``'s up to float32 summation order.
+    The sequence is taken ``chunk_size`` positions at a time (every row of the batch at
+    once): each chunk's logits are computed, reduced to its losses and dropped, and
+    recomputed in the backward pass (``jax.checkpoint``), so the forward and backward hold
+    ``[..., chunk_size, V]`` logits and their gradient instead of ``[..., T, V]`` (MaxText's
+    "vocab tiling"). For a GPT-2-sized vocabulary that is most of a step's memory: the
+    float32 logits of 8 x 1024 tokens are 1.5 GiB, their gradient as much again. The price
+    is the output product computed twice; the result equals ``cross_entropy``'s up to
+    float32 summation order. Chunks keep the batch axes whole, so a batch sharded over
+    devices stays sharded the same way in every chunk.
 
     Args:
-      hidden: ``[..., D]`` the inputs of the output layer (any float dtype).
-      logits_fn: ``[n, D] -> [n, V]``, the output layer for n tokens (e.g. the final norm and
-        the unembedding); it may close over weights, whose gradients flow through it.
-      targets: ``[...]`` integer ids in ``[0, V)`` (checked when concrete).
+      hidden: ``[..., T, D]`` the inputs of the output layer (any float dtype).
+      logits_fn: the output layer, ``[..., t, D] -> [..., t, V]`` for any t (e.g. the final
+        norm and the unembedding); it may close over weights, whose gradients flow through.
+      targets: ``[..., T]`` integer ids in ``[0, V)`` (checked when concrete).
       mask, label_smoothing: as in ``cross_entropy``.
-      chunk_size: tokens per chunk, a positive int; the last chunk is padded (the padding is
-        not counted).
+      chunk_size: positions per chunk, a positive int; the last chunk is padded (the
+        padding is not counted).
 
     Returns:
       Scalar float32 loss.
     """
     targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
-    if jnp.ndim(hidden) < 1 or targets.shape != jnp.shape(hidden)[:-1]:
+    if targets.ndim < 1 or targets.shape != jnp.shape(hidden)[:-1]:
         raise ValueError(
-            f"chunked_cross_entropy: targets {targets.shape} must be hidden "
-            f"{jnp.shape(hidden)} without the feature axis"
+            f"chunked_cross_entropy: targets {targets.shape} must be [..., T] and hidden "
+            f"{jnp.shape(hidden)} [..., T, D]"
         )
     chunk_size = check_size(chunk_size, "chunk_size", "chunked_cross_entropy")
     _check_mask_and_smoothing(mask, targets.shape, label_smoothing, "chunked_cross_entropy")
     hidden = jnp.asarray(hidden)
-    n, d = targets.size, hidden.shape[-1]
-    counted = jnp.ones(targets.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
-    chunk = min(chunk_size, max(n, 1))
-    chunks = -(-n // chunk)
-    pad = chunks * chunk - n
-
-    def chunked(a: Array) -> Array:  # [..., *rest] -> [chunks, chunk, *rest], zero-padded
-        a = a.reshape(n, *a.shape[targets.ndim :])
-        return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(chunks, chunk, *a.shape[1:])
-
-    shape = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((chunk, d), hidden.dtype)).shape
-    if len(shape) != 2 or shape[0] != chunk:
+    *lead, t, d = hidden.shape
+    chunk = min(chunk_size, max(t, 1))
+    chunks = -(-t // chunk)
+    shape = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((*lead, chunk, d), hidden.dtype))
+    shape = shape.shape
+    if shape[:-1] != (*lead, chunk):
         raise ValueError(
-            f"chunked_cross_entropy: logits_fn must map [n, D] to [n, V], got {shape} for "
-            f"{[chunk, d]}"
+            f"chunked_cross_entropy: logits_fn must map [..., t, D] to [..., t, V], got "
+            f"{shape} for {[*lead, chunk, d]}"
         )
     # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
-    check_token_ids(targets, shape[1], "chunked_cross_entropy: targets")
+    check_token_ids(targets, shape[-1], "chunked_cross_entropy: targets")
+    counted = jnp.ones(targets.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
+
+    def chunked(a: Array) -> Array:  # [*lead, T, *rest] -> [chunks, *lead, chunk, *rest]
+        axis = len(lead)
+        padding = [(0, 0)] * a.ndim
+        padding[axis] = (0, chunks * chunk - t)  # padded positions are not counted
+        a = jnp.pad(a, padding)
+        a = a.reshape(*lead, chunks, chunk, *a.shape[axis + 1 :])
+        return jnp.moveaxis(a, axis, 0)
 
     # Saves only each chunk's inputs: the backward recomputes its logits.
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def chunk_loss(h: Array, ids: Array, keep: Array) -> tuple[Array, Array]:
-        # h: [chunk, D], ids and keep: [chunk]
+        # h: [*lead, chunk, D]; ids, keep: [*lead, chunk]
         return _counted_sum(_token_losses(logits_fn(h), ids, label_smoothing), keep)
 
-    ids = chunked(jnp.asarray(targets))
-    totals, counts = jax.lax.map(
-        lambda xs: chunk_loss(*xs), (chunked(hidden), ids, chunked(counted))
-    )
-    count = jnp.sum(counts)
-    return jnp.sum(totals) / (jnp.maximum(count, 1.0) if mask is not None else n)
+    xs = (chunked(hidden), chunked(jnp.asarray(targets)), chunked(counted))
+    totals, counts = jax.lax.map(lambda x: chunk_loss(*x), xs)  # [chunks] each
+    total = jnp.sum(totals)
+    if mask is None:
+        return total / targets.size
+    return total / jnp.maximum(jnp.sum(counts), 1.0)
 
 
 def _check_mask_and_smoothing(mask, shape: tuple[int, ...], label_smoothing, where: str) -> None:

@@ -522,7 +522,7 @@ def test_remat_gives_same_loss_and_grads():
     ids=["tied", "untied", "bfloat16"],
 )
 def test_loss_chunks_give_the_same_loss_and_grads(config):
-    # 22 tokens in chunks of 5: the last chunk is padded. The chunks' output-layer gradients
+    # 11 positions in chunks of 5: the last chunk is padded. The chunks' output-layer gradients
     # add up to the whole loss's, tied (the embedding table) or untied (the head).
     chunked = dataclasses.replace(config, loss_chunk_size=5)
     w = random_weights(config)
@@ -541,7 +541,7 @@ def test_loss_chunks_give_the_same_loss_and_grads(config):
 
 def test_loss_chunks_keep_the_logits_of_one_chunk_in_memory():
     # A GPT-2-sized vocabulary: the whole loss's backward holds float32 [B, T, V] logits and
-    # their gradient (bfloat16 adds a float32 copy); chunks of 64 tokens hold 64 x V.
+    # their gradient (bfloat16 adds a float32 copy); chunks of 8 positions hold 8 x 8 x V.
     tokens = jnp.zeros((8, 128), jnp.int32)
     logits_bytes = tokens.size * 50257 * 4  # 196 MiB
 
@@ -554,7 +554,7 @@ def test_loss_chunks_keep_the_logits_of_one_chunk_in_memory():
     for dtype in ("float32", "bfloat16"):
         config = GPTConfig(50257, 128, 1, 2, 32, dtype=dtype)
         whole = temp_bytes(config)
-        chunked = temp_bytes(dataclasses.replace(config, loss_chunk_size=64))
+        chunked = temp_bytes(dataclasses.replace(config, loss_chunk_size=8))
         assert whole > 2 * logits_bytes, (dtype, whole)
         assert chunked < logits_bytes / 4, (dtype, chunked, whole)
 

@@ -153,7 +153,7 @@ def test_bfloat16_logits_are_reduced_in_float32(np_rng, eps):
         np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-# chunked_cross_entropy: the output layer and the loss a chunk of tokens at a time.
+# chunked_cross_entropy: the output layer and the loss a chunk of positions at a time.
 D = 6
 
 
@@ -163,7 +163,7 @@ def _output_layer(np_rng, v=V):
     return hidden, w
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 7, B * T, 100])  # 4, 7: the last chunk padded
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, T, 100])  # 2, 3: the last chunk padded
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("masked", [False, True])
 def test_chunked_matches_numpy_and_the_whole_loss(np_rng, chunk_size, eps, masked):
@@ -226,13 +226,14 @@ def test_chunked_bad_inputs_raise():
     hidden = jnp.zeros((B, T, D))
     targets = jnp.zeros((B, T), jnp.int32)
     project = lambda h: h @ jnp.zeros((D, V))
-    with pytest.raises(ValueError, match=r"targets \(3, 4\) must be hidden \(3, 5, 6\)"):
+    with pytest.raises(ValueError, match=r"targets \(3, 4\) must be \[..., T\] and hidden"):
         chunked_cross_entropy(hidden, project, targets[:, :-1], chunk_size=4)
     for bad in (0, -1, 2.0, True, None):
         message = f"chunked_cross_entropy: chunk_size must be an int >= 1, got {bad!r}"
         with pytest.raises(ValueError, match=message):
             chunked_cross_entropy(hidden, project, targets, chunk_size=bad)
-    with pytest.raises(ValueError, match=r"logits_fn must map \[n, D\] to \[n, V\], got \(7,\)"):
+    wrong = r"logits_fn must map \[..., t, D\] to \[..., t, V\], got \(4, 7\) for \[3, 4, 6\]"
+    with pytest.raises(ValueError, match=wrong):
         chunked_cross_entropy(hidden, lambda h: project(h)[0], targets, chunk_size=4)
     with pytest.raises(ValueError, match=r"mask \(3,\) must match targets \(3, 5\)"):
         chunked_cross_entropy(hidden, project, targets, jnp.ones((B,), bool), chunk_size=4)
@@ -240,3 +241,51 @@ def test_chunked_bad_inputs_raise():
         chunked_cross_entropy(hidden, project, targets, chunk_size=4, label_smoothing=1.0)
     with pytest.raises(ValueError, match=r"chunked_cross_entropy: targets must lie in \[0, 7\)"):
         chunked_cross_entropy(hidden, project, targets.at[1, 1].set(V), chunk_size=4)
+
+
+_SHARDED_CHUNKS = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxattn.ops.losses import chunked_cross_entropy, cross_entropy
+# Auto axes, as jaxattn.training.sharding.make_mesh builds them.
+mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+r = np.random.default_rng(0)
+rows = NamedSharding(mesh, P("data"))
+h = jax.device_put(jnp.asarray(r.normal(size=(16, 12, 8)), jnp.float32), rows)
+t = jax.device_put(jnp.asarray(r.integers(0, 40, (16, 12)), jnp.int32), rows)
+w = jnp.asarray(r.normal(size=(8, 40)) / 3, jnp.float32)
+chunked = jax.jit(jax.value_and_grad(
+    lambda h, w: chunked_cross_entropy(h, lambda x: x @ w, t, chunk_size=5), (0, 1)))
+whole = jax.value_and_grad(lambda h, w: cross_entropy(h @ w, t), (0, 1))
+(a, ga), (b, gb) = chunked(h, w), whole(h, w)
+print(json.dumps(dict(
+    loss_diff=abs(float(a - b)),
+    grad_diff=max(float(jnp.abs(x - y).max()) for x, y in zip(ga, gb)),
+    all_gathers=chunked.lower(h, w).compile().as_text().count("all-gather"),
+    grad_spec=str(ga[0].sharding.spec),
+)))
+"""
+
+
+def test_chunks_keep_a_batch_sharded_over_devices():
+    # The chunks cut the sequence, not the rows: a batch sharded over 8 devices is never
+    # gathered onto one, and the loss and gradients are the unsharded whole loss's.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_CHUNKS],
+        env=dict(os.environ, XLA_FLAGS=flags),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["loss_diff"] < 1e-5 and result["grad_diff"] < 1e-6, result
+    assert result["all_gathers"] == 0, result
+    assert result["grad_spec"] == "P('data',)", result  # hidden's gradient: rows sharded

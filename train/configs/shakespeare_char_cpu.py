@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_kv_heads = placeholder(int)  # Fewer key/value heads: grouped-query.
     config.model.attention_window = placeholder(int)  # A token sees itself and W - 1 before.
     config.model.attention_implementation = placeholder(str)  # None: fastest kernel here.
-    # Output layer and loss in chunks of N tokens: [N, V] logits in memory, not [B, T, V].
+    # Output layer and loss N positions at a time: [B, N, V] logits in memory, not [B, T, V].
     config.model.loss_chunk_size = placeholder(int)  # None: all at once (small vocabularies).
     config.model.rope_base = 10000.0  # Rotary frequency base (with positions="rope").
 
