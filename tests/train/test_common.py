@@ -337,9 +337,12 @@ def test_config_keys_must_be_the_default_configs(config_flag, tmp_path):
     )
 
 
-def test_model_config_names_an_unknown_model_key(config_flag):
+def test_model_config_names_an_unknown_model_key(config_flag, monkeypatch):
     from jaxattn.models.gpt import GPTConfig
 
+    # No --config flag defined, whichever script a test in this process imported before
+    # (importing train/translate.py defines it, and the message then named its default file).
+    monkeypatch.setattr(flags, "FLAGS", flags.FlagValues())
     fields = {"num_layers": 2, "num_heads": 2, "embed_dim": 8, "block_size": 4}
     model = common.model_config(GPTConfig, fields, vocab_size=5)
     assert (model.num_layers, model.vocab_size) == (2, 5)
