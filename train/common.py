@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import json
 import logging
@@ -29,6 +30,7 @@ from jaxattn.training.checkpoint import (
 )
 from jaxattn.training.loop import LoopConfig, NonFiniteLossError
 from jaxattn.training.metrics import is_remote
+from jaxattn.training.state import TrainState, create_train_state
 
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, to join processes (jax.distributed)."
@@ -236,6 +238,23 @@ def model_config(
         if key not in names:
             raise _unknown_key(key, names, where or config_source(), prefix="model.")
     return cls(**fixed, **fields)
+
+
+def new_train_state(
+    init: Callable[[jax.Array, Any], Any], model: Any, optimizer, init_rng, train_rng
+) -> TrainState:
+    """A fresh train state: ``init(init_rng, model)``'s weights, their optimizer state and the
+    loop's key ``train_rng``."""
+    return create_train_state(init(init_rng, model), optimizer, train_rng)
+
+
+def abstract_train_state(
+    init: Callable[[jax.Array, Any], Any], model: Any, optimizer
+) -> TrainState:
+    """``new_train_state``'s shapes and dtypes, computing nothing: what a checkpoint of this
+    model and optimizer restores into."""
+    key = jax.random.key(0)
+    return jax.eval_shape(functools.partial(new_train_state, init, model, optimizer), key, key)
 
 
 def enable_compilation_cache() -> None:

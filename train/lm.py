@@ -19,6 +19,7 @@ nanoGPT, each character drawn from a full pass over the last ``block_size`` char
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
     REPORTED_ERRORS,
+    abstract_train_state,
     check_config_keys,
     checkpoint_config_file,
     checkpoint_config_overrides,
@@ -40,6 +42,7 @@ from common import (  # train/common.py (this script's directory)
     initialize_distributed,
     latest_checkpoint_metadata,
     model_config,
+    new_train_state,
     parse_flags,
     print_once,
     setup_mesh,
@@ -64,7 +67,6 @@ from jaxattn.training.loop import (
     make_train_step,
 )
 from jaxattn.training.optim import optimizer_from_config
-from jaxattn.training.state import create_train_state
 
 _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "shakespeare_char_cpu.py")
 _CONFIG = define_config_file(_DEFAULT_CONFIG, "Run config file.")
@@ -140,10 +142,7 @@ def lm_optimizer(config: ml_collections.ConfigDict):
 
 
 def _abstract_state(model: GPTConfig, config: ml_collections.ConfigDict):
-    optimizer, _ = lm_optimizer(config)
-    return jax.eval_shape(
-        lambda: create_train_state(init_gpt(jax.random.key(0), model), optimizer, jax.random.key(0))
-    )
+    return abstract_train_state(init_gpt, model, lm_optimizer(config)[0])
 
 
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -191,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     # Built straight into its shardings: each device only ever holds its own shards. A
     # resumed run builds none: fit restores into the shapes (no second copy of the state).
     state, state_sharding = sharding.create_sharded(
-        lambda: create_train_state(init_gpt(init_rng, model), optimizer, train_rng),
+        functools.partial(new_train_state, init_gpt, model, optimizer, init_rng, train_rng),
         TRANSFORMER_RULES,
         mesh,
         abstract=meta is not None,

@@ -33,6 +33,7 @@ vocabulary (translated as ``<unk>``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -45,6 +46,7 @@ from absl import app, flags, logging
 from common import (  # train/common.py (this script's directory)
     INTERRUPTED_EXIT_CODE,
     REPORTED_ERRORS,
+    abstract_train_state,
     check_config_keys,
     checkpoint_config_file,
     checkpoint_config_overrides,
@@ -57,6 +59,7 @@ from common import (  # train/common.py (this script's directory)
     initialize_distributed,
     latest_checkpoint_metadata,
     model_config,
+    new_train_state,
     parse_flags,
     print_once,
     setup_mesh,
@@ -82,7 +85,6 @@ from jaxattn.training.loop import (
 )
 from jaxattn.training.metrics import MetricsWriter, is_remote
 from jaxattn.training.optim import optimizer_from_config
-from jaxattn.training.state import create_train_state
 
 _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lstm_dot_cpu.py")
 _CONFIG = define_config_file(_DEFAULT_CONFIG, "Run config file.")
@@ -190,10 +192,7 @@ def make_loss_fn(kind: str, model, label_smoothing: float):
 
 def _abstract_state(kind, model, config):
     optimizer, _ = optimizer_from_config(config)
-    init = MODELS[kind][1]
-    return jax.eval_shape(
-        lambda: create_train_state(init(jax.random.key(0), model), optimizer, jax.random.key(0))
-    )
+    return abstract_train_state(MODELS[kind][1], model, optimizer)
 
 
 def translate_ids(params, kind, model, config, sources: list[np.ndarray]) -> list[list[int]]:
@@ -349,7 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     # Built straight into its shardings: each device only ever holds its own shards. A
     # resumed run builds none: fit restores into the shapes (no second copy of the state).
     state, state_sharding = sharding.create_sharded(
-        lambda: create_train_state(init(init_rng, model), optimizer, train_rng),
+        functools.partial(new_train_state, init, model, optimizer, init_rng, train_rng),
         MODELS[kind][4],
         mesh,
         abstract=meta is not None,

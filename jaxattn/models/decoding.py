@@ -109,11 +109,13 @@ def top_p_active(top_p: Any) -> bool:
     return top_p is not None and (_traced(top_p) or bool(top_p < 1.0))
 
 
-def check_sampling_key(rng: Any, temperature: float, where: str) -> None:
-    """Raise ``ValueError`` naming ``rng`` when sampling (``temperature != 0``) has no PRNG
-    key: None (fine for greedy decoding) or a plain int seed would otherwise fail inside
-    JAX as "unexpected PRNG key type", naming neither."""
-    if is_greedy(temperature):
+def check_sampling_key(
+    rng: Any, temperature: float | Array, where: str, *, greedy: bool = False
+) -> None:
+    """Raise ``ValueError`` naming ``rng`` when sampling (neither ``greedy`` nor a
+    temperature of 0) has no PRNG key: None (fine for greedy decoding) or a plain int seed
+    would otherwise fail inside JAX as "unexpected PRNG key type", naming neither."""
+    if greedy or is_greedy(temperature):
         return
     dtype = getattr(rng, "dtype", None)
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
@@ -280,7 +282,7 @@ def sample_logits(
     if logits.ndim != 2:
         raise ValueError(f"sample_logits: logits must be [B, V], got shape {logits.shape}")
     greedy = greedy or is_greedy(temperature)
-    check_sampling_key(rng, 0.0 if greedy else temperature, "sample_logits")
+    check_sampling_key(rng, temperature, "sample_logits", greedy=greedy)
     noise = None if greedy else _gumbel(rng, logits.shape)
     return _pick(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -323,7 +325,7 @@ def generate(
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     eos_id = check_eos_id(eos_id, "generate")
     greedy = greedy or is_greedy(temperature)
-    check_sampling_key(rng, 0.0 if greedy else temperature, "generate")
+    check_sampling_key(rng, temperature, "generate", greedy=greedy)
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"generate: prompt must be [B, T0] with T0 >= 1, got {prompt.shape}")
