@@ -202,7 +202,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         f"data: {len(text):,} characters, vocabulary {tokenizer.vocab_size}, "
         f"train {len(train_ids):,} / val {len(val_ids):,}\n"
         f"model: GPT {model.num_layers} layers, {model.num_heads} heads{_attention_note(model)}, "
-        f"width {model.embed_dim}, context {model.block_size}: {n_params / 1e6:.2f}M parameters\n"
+        f"width {model.embed_dim}, context {model.block_size}: {n_params / 1e6:.2f}M parameters"
+        f"{_loss_note(model)}\n"
         f"{describe_mesh(mesh)}\n"
         f"workdir: {workdir}",
         flush=True,
@@ -250,6 +251,12 @@ def _attention_note(model: GPTConfig) -> str:
     if model.attention_window is not None:
         notes.append(f"window {model.attention_window}")
     return f" ({', '.join(notes)})" if notes else ""
+
+
+def _loss_note(model: GPTConfig) -> str:
+    """``, loss in chunks of 128 positions`` when ``loss_chunk_size`` is set, else ''."""
+    chunk = model.loss_chunk_size
+    return "" if chunk is None else f", loss in chunks of {chunk} positions"
 
 
 def _check_resumable(

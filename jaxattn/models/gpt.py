@@ -535,6 +535,10 @@ def gpt_loss(
 ) -> Array:
     """Mean next-token cross-entropy ``-log softmax(logits)[target]`` in float32.
 
+    With ``config.loss_chunk_size`` the final norm, output layer and loss run that many
+    positions at a time (``ops.chunked_cross_entropy``), so the backward holds
+    ``[B, chunk, V]`` logits instead of ``[B, T, V]``; the loss is the same.
+
     Args:
       tokens: ``[B, T]`` inputs.
       targets: ``[B, T]`` ids in ``[0, V)`` (usually ``tokens`` shifted left by one).
@@ -551,13 +555,21 @@ def gpt_loss(
     targets = jnp.asarray(targets)
     if mask is not None and jnp.shape(mask) != targets.shape:
         raise ValueError(f"gpt_loss: mask {jnp.shape(mask)} must match targets {targets.shape}")
-    if config.loss_chunk_size is None:
-        logits = gpt(weights, tokens, config, rng=rng, deterministic=deterministic)
-        return cross_entropy(logits, targets, mask)
     x, weights = _hidden(weights, tokens, config, rng, deterministic, "gpt_loss")  # [B, T, D]
+    if config.loss_chunk_size is None:
+        return cross_entropy(_logits(weights, x, config), targets, mask)
+    return _chunked_loss(weights, x, targets, mask, config)
+
+
+# Jitted for eager calls (see _trunk): the chunk loop's closure is built per call.
+@jit_when_eager
+def _chunked_loss(
+    weights: GPTWeights, x: Array, targets: Array, mask: Array | None, config: GPTConfig
+) -> Array:
+    """``gpt_loss`` from the final hidden states ``x: [B, T, D]``, in chunks of positions."""
     return chunked_cross_entropy(
         x,
-        lambda h: _logits(weights, h, config),  # [n, D] -> [n, V]
+        lambda h: _logits(weights, h, config),  # [B, chunk, D] -> [B, chunk, V]
         targets,
         mask,
         chunk_size=config.loss_chunk_size,

@@ -49,7 +49,9 @@ def cross_entropy(
             f"cross_entropy: targets {targets.shape} must be logits {logits.shape} without "
             "the vocab axis"
         )
-    _check_mask_and_smoothing(mask, targets.shape, label_smoothing, "cross_entropy")
+    label_smoothing = _check_mask_and_smoothing(
+        mask, targets.shape, label_smoothing, "cross_entropy"
+    )
     # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
     check_token_ids(targets, logits.shape[-1], "cross_entropy: targets")
     losses = _token_losses(logits, jnp.asarray(targets), label_smoothing)  # [...]
@@ -68,17 +70,20 @@ def chunked_cross_entropy(
     chunk_size: int,
     label_smoothing: float | Array = 0.0,
 ) -> Array:
-    """``cross_entropy(logits_fn(hidden), targets, mask)`` without all the logits at once.
+    """``cross_entropy(logits_fn(hidden), targets, mask, label_smoothing=...)`` without all
+    the logits at once.
 
     The sequence is taken ``chunk_size`` positions at a time (every row of the batch at
     once): each chunk's logits are computed, reduced to its losses and dropped, and
     recomputed in the backward pass (``jax.checkpoint``), so the forward and backward hold
     ``[..., chunk_size, V]`` logits and their gradient instead of ``[..., T, V]`` (MaxText's
-    "vocab tiling"). For a GPT-2-sized vocabulary that is most of a step's memory: the
-    float32 logits of 8 x 1024 tokens are 1.5 GiB, their gradient as much again. The price
-    is the output product computed twice; the result equals ``cross_entropy``'s up to
-    float32 summation order. Chunks keep the batch axes whole, so a batch sharded over
-    devices stays sharded the same way in every chunk.
+    "vocab tiling"). For a GPT-2-sized vocabulary that is a large part of a step's memory:
+    the float32 logits of 8 x 1024 tokens are 1.5 GiB, their gradient as much again. The
+    price is the output product computed twice. With float32 products the result equals
+    ``cross_entropy``'s up to summation order; bfloat16 products of chunk-sized operands
+    round differently from whole ones. Chunks keep the batch axes whole, so a batch sharded
+    over devices stays sharded the same way in every chunk. Eagerly, each call traces and
+    compiles the chunk loop anew (``logits_fn`` is a new closure): call it under ``jit``.
 
     Args:
       hidden: ``[..., T, D]`` the inputs of the output layer (any float dtype).
@@ -99,27 +104,30 @@ def chunked_cross_entropy(
             f"{jnp.shape(hidden)} [..., T, D]"
         )
     chunk_size = check_size(chunk_size, "chunk_size", "chunked_cross_entropy")
-    _check_mask_and_smoothing(mask, targets.shape, label_smoothing, "chunked_cross_entropy")
+    label_smoothing = _check_mask_and_smoothing(
+        mask, targets.shape, label_smoothing, "chunked_cross_entropy"
+    )
     hidden = jnp.asarray(hidden)
     *lead, t, d = hidden.shape
     chunk = min(chunk_size, max(t, 1))
     chunks = -(-t // chunk)
-    shape = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((*lead, chunk, d), hidden.dtype))
-    shape = shape.shape
-    if shape[:-1] != (*lead, chunk):
+    chunk_in = jax.ShapeDtypeStruct((*lead, chunk, d), hidden.dtype)
+    logits_shape = jax.eval_shape(logits_fn, chunk_in).shape
+    if logits_shape[:-1] != (*lead, chunk):
         raise ValueError(
             f"chunked_cross_entropy: logits_fn must map [..., t, D] to [..., t, V], got "
-            f"{shape} for {[*lead, chunk, d]}"
+            f"{logits_shape} for {[*lead, chunk, d]}"
         )
     # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
-    check_token_ids(targets, shape[-1], "chunked_cross_entropy: targets")
+    check_token_ids(targets, logits_shape[-1], "chunked_cross_entropy: targets")
     counted = jnp.ones(targets.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
 
-    def chunked(a: Array) -> Array:  # [*lead, T, *rest] -> [chunks, *lead, chunk, *rest]
+    def chunked(a: Array, mode: str = "constant") -> Array:
+        """``[*lead, T, *rest]`` -> ``[chunks, *lead, chunk, *rest]``, the end padded."""
         axis = len(lead)
         padding = [(0, 0)] * a.ndim
         padding[axis] = (0, chunks * chunk - t)  # padded positions are not counted
-        a = jnp.pad(a, padding)
+        a = jnp.pad(a, padding, mode=mode)
         a = a.reshape(*lead, chunks, chunk, *a.shape[axis + 1 :])
         return jnp.moveaxis(a, axis, 0)
 
@@ -129,7 +137,10 @@ def chunked_cross_entropy(
         # h: [*lead, chunk, D]; ids, keep: [*lead, chunk]
         return _counted_sum(_token_losses(logits_fn(h), ids, label_smoothing), keep)
 
-    xs = (chunked(hidden), chunked(jnp.asarray(targets)), chunked(counted))
+    # The padding repeats the last position's hidden state, a real input of logits_fn: a
+    # zero vector may be one where it has no gradient (a norm without an epsilon), and its
+    # NaN would reach the weights' gradient through the zero cotangent.
+    xs = (chunked(hidden, "edge"), chunked(jnp.asarray(targets)), chunked(counted))
     totals, counts = jax.lax.map(lambda x: chunk_loss(*x), xs)  # [chunks] each
     total = jnp.sum(totals)
     if mask is None:
@@ -137,15 +148,24 @@ def chunked_cross_entropy(
     return total / jnp.maximum(jnp.sum(counts), 1.0)
 
 
-def _check_mask_and_smoothing(mask, shape: tuple[int, ...], label_smoothing, where: str) -> None:
+def _check_mask_and_smoothing(
+    mask, shape: tuple[int, ...], label_smoothing, where: str
+) -> float | Array:
+    """Check the mask's shape and ``label_smoothing``; return the latter as a Python float,
+    or as the tracer it is. (A concrete JAX scalar compared inside a trace, as under the
+    caller's ``jit`` or in a chunk, would give a tracer that no ``if`` can test.)"""
     if mask is not None and jnp.shape(mask) != shape:
         raise ValueError(f"{where}: mask {jnp.shape(mask)} must match targets {shape}")
     if jnp.ndim(label_smoothing) != 0:  # (known under jit too: a [V] eps would broadcast)
         raise ValueError(
             f"{where}: label_smoothing must be a scalar, got shape {jnp.shape(label_smoothing)}"
         )
-    if not isinstance(label_smoothing, jax.core.Tracer) and not 0.0 <= label_smoothing < 1.0:
+    if isinstance(label_smoothing, jax.core.Tracer):
+        return label_smoothing
+    eps = float(label_smoothing)
+    if not 0.0 <= eps < 1.0:
         raise ValueError(f"{where}: label_smoothing must be in [0, 1), got {label_smoothing}")
+    return eps
 
 
 def _token_losses(logits: Array, targets: Array, label_smoothing: float | Array) -> Array:
