@@ -79,7 +79,7 @@ from jaxattn.ops.layers import (
     project,
     unembed,
 )
-from jaxattn.ops.losses import cross_entropy
+from jaxattn.ops.losses import chunked_cross_entropy, cross_entropy
 from jaxattn.ops.masks import as_bool_mask, check_lengths, padding_mask
 from jaxattn.ops.positions import sinusoidal_positions
 
@@ -116,6 +116,9 @@ class TransformerConfig:
     remat: bool = False  # recompute each layer in the backward pass (saves memory)
     layer_norm_eps: float = 1e-5
     attention_implementation: str | None = None  # see ops.attention.dot_product_attention
+    # transformer_loss takes the output layer and the loss this many target positions at a
+    # time ([B, chunk, V] logits, as GPTConfig.loss_chunk_size); None = all at once.
+    loss_chunk_size: int | None = None
 
     def __post_init__(self):
         check_positive_ints(
@@ -145,6 +148,8 @@ class TransformerConfig:
             )
         check_attention_implementation(self)
         check_special_ids(self, min(self.src_vocab_size, self.tgt_vocab_size))
+        if self.loss_chunk_size is not None:
+            check_positive_ints(self, ("loss_chunk_size",))
 
     @property
     def head_dim(self) -> int:
@@ -440,6 +445,24 @@ def decode(
     Returns:
       ``[B, T, V]`` float32 logits.
     """
+    y, w = _decoder_hidden(
+        weights, memory, src_mask, tgt_in, config, rng=rng, deterministic=deterministic
+    )
+    return _logits(w, y, config)
+
+
+def _decoder_hidden(
+    weights: TransformerWeights,
+    memory: Array,
+    src_mask: Array,
+    tgt_in: Array,
+    config: TransformerConfig,
+    *,
+    rng: Array | None,
+    deterministic: bool,
+) -> tuple[Array, TransformerWeights]:
+    """``decode`` up to the output layer: ``(y [B, T, D] the decoder stack's output, the
+    weights cast to the compute dtype)``."""
     check_weights(weights, init_transformer, config, "decode")
     tgt_in = _as_tokens(tgt_in, config.tgt_vocab_size, config, "decode: tgt_in")
     if (
@@ -459,8 +482,7 @@ def decode(
     y = dropout(r_embed, _embed(w.tgt_embedding, tgt_in, positions, config), rate)
     mask = as_bool_mask(src_mask, "src_mask", "decode")[:, None, None, :]  # [B, 1, 1, S]
     layer_keys = None if rng is None else jax.random.split(r_layers, config.num_decoder_layers)
-    y = _decoder_stack(w.decoder, y, cross, mask, layer_keys, config, rate)
-    return _logits(w, y, config)
+    return _decoder_stack(w.decoder, y, cross, mask, layer_keys, config, rate), w
 
 
 def transformer_logits(
@@ -474,10 +496,26 @@ def transformer_logits(
     deterministic: bool = True,
 ) -> Array:
     """``decode(encode(src), tgt_in)``: teacher-forced logits ``[B, T, V]`` (float32)."""
+    y, w = _teacher_forced(weights, src, src_lengths, tgt_in, config, rng, deterministic)
+    return _logits(w, y, config)
+
+
+def _teacher_forced(
+    weights: TransformerWeights,
+    src: Array,
+    src_lengths: Array,
+    tgt_in: Array,
+    config: TransformerConfig,
+    rng: Array | None,
+    deterministic: bool,
+) -> tuple[Array, TransformerWeights]:
+    """``transformer_logits`` up to the output layer: ``(y [B, T, D], cast weights)``."""
     r_enc, r_dec = _keys(rng, 2)
     memory = encode(weights, src, src_lengths, config, rng=r_enc, deterministic=deterministic)
     src_mask = padding_mask(jnp.asarray(src_lengths), memory.shape[1])
-    return decode(weights, memory, src_mask, tgt_in, config, rng=r_dec, deterministic=deterministic)
+    return _decoder_hidden(
+        weights, memory, src_mask, tgt_in, config, rng=r_dec, deterministic=deterministic
+    )
 
 
 def transformer_loss(
@@ -490,19 +528,33 @@ def transformer_loss(
     label_smoothing: float = 0.0,
 ) -> Array:
     """Cross-entropy per real target token; ``batch`` as in ``seq2seq`` (src, src_lengths,
-    tgt_in, tgt_out, tgt_mask). Returns a float32 scalar."""
+    tgt_in, tgt_out, tgt_mask). Returns a float32 scalar.
+
+    With ``config.loss_chunk_size`` the output layer and the loss run that many target
+    positions at a time (``ops.chunked_cross_entropy``): the same loss, with ``[B, chunk,
+    V]`` logits in memory instead of ``[B, T, V]``.
+    """
     check_batch(batch, config.tgt_vocab_size, "transformer_loss")
-    logits = transformer_logits(
-        weights,
-        batch["src"],
-        batch["src_lengths"],
-        batch["tgt_in"],
-        config,
-        rng=rng,
-        deterministic=deterministic,
-    )
-    return cross_entropy(
-        logits, batch["tgt_out"], batch["tgt_mask"], label_smoothing=label_smoothing
+    src, lengths, tgt_in = batch["src"], batch["src_lengths"], batch["tgt_in"]
+    y, w = _teacher_forced(weights, src, lengths, tgt_in, config, rng, deterministic)
+    targets, mask = batch["tgt_out"], batch["tgt_mask"]
+    if config.loss_chunk_size is None:
+        logits = _logits(w, y, config)  # [B, T, V]
+        return cross_entropy(logits, targets, mask, label_smoothing=label_smoothing)
+    return _chunked_loss(w, y, targets, mask, config, label_smoothing=label_smoothing)
+
+
+# Jitted for eager calls (as the layer stacks): the chunk loop's closure is built per call.
+@jit_when_eager
+def _chunked_loss(w, y, targets, mask, config: TransformerConfig, *, label_smoothing):
+    """``transformer_loss`` from the decoder stack's output ``y: [B, T, D]``, in chunks."""
+    return chunked_cross_entropy(
+        y,
+        lambda h: _logits(w, h, config),  # [B, chunk, D] -> [B, chunk, V]
+        targets,
+        mask,
+        chunk_size=config.loss_chunk_size,
+        label_smoothing=label_smoothing,
     )
 
 

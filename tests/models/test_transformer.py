@@ -268,6 +268,30 @@ def test_loss_masks_padding_and_grads(np_rng):
     assert np.all(src_grad[used] > 0) and np.all(np.delete(src_grad, used) == 0)
 
 
+@pytest.mark.parametrize("config", [BASE, POST_LN_UNTIED], ids=["pre-ln-tied", "post-ln-untied"])
+def test_loss_chunks_give_the_same_loss_and_grads(config, np_rng):
+    # 4 target positions in chunks of 3 (the last padded), with label smoothing, a mask and
+    # dropout drawn from the same key: the loss and gradients of the whole loss.
+    dropped = dataclasses.replace(config, dropout=0.2)
+    chunked = dataclasses.replace(dropped, loss_chunk_size=3)
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    tgt_out = jnp.concatenate([tgt_in[:, 1:], jnp.full((3, 1), EOS, jnp.int32)], axis=1)
+    mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], bool)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_out, tgt_mask=mask)
+
+    def loss(w, config):
+        return transformer_loss(
+            w, batch, config, rng=jax.random.key(4), deterministic=False, label_smoothing=0.1
+        )
+
+    grad = jit(jax.value_and_grad(loss), static_argnames="config")
+    (whole, grads), (parts, grads_c) = grad(w, dropped), grad(w, chunked)
+    np.testing.assert_allclose(parts, whole, rtol=1e-6)
+    for g, g_c in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c)):
+        np.testing.assert_allclose(g_c, g, rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_and_bfloat16(np_rng):
     config = dataclasses.replace(BASE, dropout=0.3)
     w = random_weights(config, seed=2)
@@ -369,9 +393,12 @@ def test_eager_calls_reuse_their_compiled_programs(np_rng, assert_compiled_once)
     cross = cross_kv(w, memory, BASE)
     src_mask = padding_mask(lengths, src.shape[1])
     cache = init_cache(BASE, src.shape[0], 4)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_in, tgt_mask=tgt_in > 0)
+    chunked = dataclasses.replace(BASE, loss_chunk_size=3)
     calls = {
         "transformer_logits": lambda: transformer_logits(w, src, lengths, tgt_in, BASE),
         "decode_step": lambda: decode_step(w, cache, tgt_in[:, 0], cross, src_mask, BASE),
+        "transformer_loss in chunks": lambda: transformer_loss(w, batch, chunked),
     }
     assert_compiled_once(calls)
 
@@ -448,6 +475,7 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(pre_ln="no"), "pre_ln must be a bool, got 'no'"),
         (dict(tie_embeddings=0), "tie_embeddings must be a bool"),
         (dict(remat="yes"), "remat must be a bool"),
+        (dict(loss_chunk_size=0), "TransformerConfig.loss_chunk_size must be a positive int"),
         # Ids that passed a range check and failed later, inside decoding (or not at all).
         (dict(bos_id=1.5), r"bos_id must be an int in \[0, 11\) .*got 1.5"),
         (dict(eos_id=2.0), r"eos_id must be an int in \[0, 11\) .*got 2.0"),

@@ -5,6 +5,7 @@ Each ``train/configs/<name>.py`` calls ``base_config()`` and changes what differ
 
 import ml_collections
 from configs.mesh import mesh_config  # train/ is on sys.path (the script's dir).
+from ml_collections.config_dict import placeholder
 
 
 def base_config(kind: str = "seq2seq") -> ml_collections.ConfigDict:
@@ -38,6 +39,8 @@ def base_config(kind: str = "seq2seq") -> ml_collections.ConfigDict:
         config.model.mlp_ratio = 4  # F = 4 D.
         config.model.dropout = 0.1
         config.model.max_len = 64  # Position table length (>= largest bucket, decode_max_len).
+        # Output layer and loss N target positions at a time: [B, N, V] logits in memory.
+        config.model.loss_chunk_size = placeholder(int)  # None: all at once.
 
     # Batches and loss.
     config.batch_size = 64  # Sentence pairs per step.
