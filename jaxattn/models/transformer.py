@@ -79,7 +79,7 @@ from jaxattn.ops.layers import (
     project,
     unembed,
 )
-from jaxattn.ops.losses import chunked_cross_entropy, cross_entropy
+from jaxattn.ops.losses import check_label_smoothing, chunked_cross_entropy, cross_entropy
 from jaxattn.ops.masks import as_bool_mask, check_lengths, padding_mask
 from jaxattn.ops.positions import sinusoidal_positions
 
@@ -541,11 +541,13 @@ def transformer_loss(
     if config.loss_chunk_size is None:
         logits = _logits(w, y, config)  # [B, T, V]
         return cross_entropy(logits, targets, mask, label_smoothing=label_smoothing)
+    # A Python float from here on (static below), or the tracer of a scheduled value.
+    label_smoothing = check_label_smoothing(label_smoothing, "transformer_loss")
     return _chunked_loss(w, y, targets, mask, config, label_smoothing=label_smoothing)
 
 
 # Jitted for eager calls (as the layer stacks): the chunk loop's closure is built per call.
-@jit_when_eager
+@functools.partial(jit_when_eager, static_argnames="label_smoothing")
 def _chunked_loss(w, y, targets, mask, config: TransformerConfig, *, label_smoothing):
     """``transformer_loss`` from the decoder stack's output ``y: [B, T, D]``, in chunks."""
     return chunked_cross_entropy(

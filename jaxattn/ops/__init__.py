@@ -46,7 +46,7 @@ from jaxattn.ops.layers import (
     swiglu,
     unembed,
 )
-from jaxattn.ops.losses import chunked_cross_entropy, cross_entropy
+from jaxattn.ops.losses import check_label_smoothing, chunked_cross_entropy, cross_entropy
 from jaxattn.ops.lstm import (
     BidirectionalWeights,
     LSTMWeights,
@@ -98,6 +98,7 @@ __all__ = [
     "attention_weights",
     "bidirectional_lstm",
     "causal_mask",
+    "check_label_smoothing",
     "check_token_ids",
     "chunked_cross_entropy",
     "combine_masks",

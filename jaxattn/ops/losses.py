@@ -151,11 +151,18 @@ def chunked_cross_entropy(
 def _check_mask_and_smoothing(
     mask, shape: tuple[int, ...], label_smoothing, where: str
 ) -> float | Array:
-    """Check the mask's shape and ``label_smoothing``; return the latter as a Python float,
-    or as the tracer it is. (A concrete JAX scalar compared inside a trace, as under the
-    caller's ``jit`` or in a chunk, would give a tracer that no ``if`` can test.)"""
+    """Check the mask's shape and ``label_smoothing``; return the latter as
+    ``check_label_smoothing`` does."""
     if mask is not None and jnp.shape(mask) != shape:
         raise ValueError(f"{where}: mask {jnp.shape(mask)} must match targets {shape}")
+    return check_label_smoothing(label_smoothing, where)
+
+
+def check_label_smoothing(label_smoothing: float | Array, where: str) -> float | Array:
+    """Check that ``label_smoothing`` is a scalar in ``[0, 1)`` (when concrete); return it as
+    a Python float, or as the tracer it is. (A concrete JAX scalar compared inside a trace,
+    as under the caller's ``jit`` or in a chunk, would give a tracer that no ``if`` can
+    test.)"""
     if jnp.ndim(label_smoothing) != 0:  # (known under jit too: a [V] eps would broadcast)
         raise ValueError(
             f"{where}: label_smoothing must be a scalar, got shape {jnp.shape(label_smoothing)}"

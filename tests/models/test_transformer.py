@@ -290,6 +290,11 @@ def test_loss_chunks_give_the_same_loss_and_grads(config, np_rng):
     np.testing.assert_allclose(parts, whole, rtol=1e-6)
     for g, g_c in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c)):
         np.testing.assert_allclose(g_c, g, rtol=1e-5, atol=1e-6)
+    # Eagerly, the smoothing is checked, and a JAX scalar works, as for the whole loss.
+    eager = transformer_loss(w, batch, chunked, label_smoothing=jnp.float32(0.1))
+    np.testing.assert_allclose(eager, transformer_loss(w, batch, config, label_smoothing=0.1))
+    with pytest.raises(ValueError, match=r"transformer_loss: label_smoothing must be in \[0, 1\)"):
+        transformer_loss(w, batch, chunked, label_smoothing=1.5)
 
 
 def test_dropout_and_bfloat16(np_rng):
