@@ -12,7 +12,10 @@ through the environment. To run the suite on optimised code, set the level yours
 """
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
@@ -130,3 +133,22 @@ def assert_inlined_when_traced():
         assert name not in called(fun, *args)
 
     return check
+
+
+@pytest.fixture(scope="session")
+def run_on_8_devices():
+    """``run_on_8_devices(args, timeout) -> dict``: run ``python *args`` with 8 simulated CPU
+    devices (they exist only in a fresh process: ``--xla_force_host_platform_device_count``
+    must be set before JAX starts); its last stdout line, as JSON."""
+
+    def run(args: list[str], timeout: int) -> dict:
+        # Keeps the suite's XLA flags (above) and adds the 8 devices.
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+        env = dict(os.environ, XLA_FLAGS=flags)
+        proc = subprocess.run(
+            [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run

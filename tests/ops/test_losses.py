@@ -268,24 +268,10 @@ print(json.dumps(dict(
 """
 
 
-def test_chunks_keep_a_batch_sharded_over_devices():
+def test_chunks_keep_a_batch_sharded_over_devices(run_on_8_devices):
     # The chunks cut the sequence, not the rows: a batch sharded over 8 devices is never
     # gathered onto one, and the loss and gradients are the unsharded whole loss's.
-    import json
-    import os
-    import subprocess
-    import sys
-
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_CHUNKS],
-        env=dict(os.environ, XLA_FLAGS=flags),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_on_8_devices(["-c", _SHARDED_CHUNKS], timeout=300)
     assert result["loss_diff"] < 1e-5 and result["grad_diff"] < 1e-6, result
     assert result["all_gathers"] == 0, result
     assert result["rows_sharded"], result

@@ -4,10 +4,6 @@ The devices exist only in a fresh process (``--xla_force_host_platform_device_co
 must be set before JAX starts), so ``mesh_worker.py`` runs in a subprocess.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -22,20 +18,8 @@ from jaxattn.training.state import create_train_state
 WORKER = Path(__file__).with_name("mesh_worker.py")
 
 
-def run_on_8_devices(args: list[str], timeout: int) -> dict:
-    """Run ``python *args`` with 8 simulated CPU devices; its last stdout line, as JSON."""
-    # Keeps the suite's XLA flags (tests/conftest.py) and adds the 8 devices.
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags)
-    proc = subprocess.run(
-        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
-def worker_run(tmp_path_factory):
+def worker_run(tmp_path_factory, run_on_8_devices):
     out = tmp_path_factory.mktemp("mesh")
     return run_on_8_devices([str(WORKER), str(out)], timeout=900), out
 
@@ -99,7 +83,7 @@ print(json.dumps(out))
 """
 
 
-def test_mesh_sizes_and_batch_rows_on_8_devices():
+def test_mesh_sizes_and_batch_rows_on_8_devices(run_on_8_devices):
     """Each mesh axis gets its own size, and the batch rows split over data x fsdp (4
     groups of 2 rows here), not only over data; a batch that does not split is refused."""
     out = run_on_8_devices(["-c", LAYOUT], timeout=300)
