@@ -358,3 +358,13 @@ def test_model_config_names_an_unknown_model_key(config_flag, monkeypatch):
     # A field the script sets from the data is not the config's to set.
     with pytest.raises(ValueError, match=r"unknown config key 'model.vocab_size'"):
         common.model_config(GPTConfig, fields | {"vocab_size": 7}, vocab_size=5)
+
+
+def test_a_script_loaded_in_process_leaves_absl_flags_alone(load_script):
+    """The in-process script fixtures define lm.py's and translate.py's flags in flag
+    values of their own: in absl's global FLAGS, translate's --config changed what
+    common.py's helpers read in every later test of the worker."""
+    for name in ("lm", "translate"):
+        module = load_script(name)
+        assert module._WORKDIR.value is None  # defined and parsed, at its default
+        assert "workdir" not in flags.FLAGS and "config" not in flags.FLAGS

@@ -5,7 +5,6 @@ module-scoped run and are marked slow; the argument errors fail before any compi
 """
 
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import subprocess
@@ -15,9 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 import pytest
-from absl import flags
 from etils import epath
-from ml_collections import config_flags
 from script_runs import REPO, ScriptRunner  # tests/train/script_runs.py
 
 from jaxattn.models.gpt import GPTConfig, init_gpt, weight_decay_mask
@@ -287,13 +284,6 @@ def test_sample_only_refuses_settings_it_would_ignore(tmp_path, flags, message):
     assert not (tmp_path / "run").exists()
 
 
-def _load_lm_module():
-    spec = importlib.util.spec_from_file_location("lm_script", run_lm.script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # Defines the script's absl flags once in this process.
-    return module
-
-
 def test_unknown_config_key_is_an_error(tmp_path):
     proc = run_lm(f"--workdir={tmp_path}", "--config.num_stepz=3", check=False)
     assert proc.returncode == 2
@@ -397,27 +387,9 @@ def test_empty_workdir_is_an_error_not_the_current_folder():
 
 
 @pytest.fixture
-def lm(monkeypatch):
-    """train/lm.py imported in process, its absl flags defined in a FlagValues of their own
-    and parsed at their defaults: translate.py (which its tests import) defines flags of
-    the same names in absl's global FLAGS."""
-    monkeypatch.syspath_prepend(str(REPO / "train"))
-    importlib.import_module("common")  # train/common.py: its flags stay in absl's FLAGS
-    values = flags.FlagValues()
-    for name in (
-        "DEFINE_string",
-        "DEFINE_multi_string",
-        "DEFINE_bool",
-        "DEFINE_integer",
-        "DEFINE_float",
-    ):
-        define = functools.partial(getattr(flags, name), flag_values=values)
-        monkeypatch.setattr(flags, name, define)
-    define = functools.partial(config_flags.DEFINE_config_file, flag_values=values)
-    monkeypatch.setattr(config_flags, "DEFINE_config_file", define)
-    module = _load_lm_module()
-    values(["lm.py"])
-    return module
+def lm(load_script):
+    """train/lm.py imported in process (its flags kept out of absl's global FLAGS)."""
+    return load_script("lm")
 
 
 def test_loss_fn_turns_dropout_on_exactly_with_a_key(lm, monkeypatch):

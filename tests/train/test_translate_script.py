@@ -300,18 +300,16 @@ class FakePieces:  # a sentencepiece stand-in: one piece per character
         return str(i)
 
 
-def _import_translate():
-    sys.path.insert(0, str(REPO / "train"))
-    import translate  # train/translate.py, as the tests of its helpers use it
+@pytest.fixture
+def translate(load_script):
+    """train/translate.py imported in process (its flags kept out of absl's global FLAGS)."""
+    return load_script("translate")
 
-    return translate
 
-
-def test_decoding_uses_the_decode_settings_and_stops_at_eos(monkeypatch):
+def test_decoding_uses_the_decode_settings_and_stops_at_eos(translate, monkeypatch):
     """translate_ids gives the decoder config.beam_size, decode_max_len and batches of
     decode_batch_size; each hypothesis ends before EOS, in its source's place. test_bleu
     decodes every source the largest bucket holds (a longer one scores as empty)."""
-    translate = _import_translate()
     calls = []
 
     def fake_translate(params, model, src, src_lengths, *, beam_size, max_len):
@@ -338,12 +336,10 @@ def test_decoding_uses_the_decode_settings_and_stops_at_eos(monkeypatch):
     assert hyps == ["18", "12", ""]
 
 
-def test_bleu_scores_the_hypotheses_against_the_targets(monkeypatch):
+def test_bleu_scores_the_hypotheses_against_the_targets(translate, monkeypatch):
     """test_bleu's score is sacrebleu's corpus BLEU of the decoded hypotheses against the
     pairs' targets (not their sources, which the decoding tests above cannot tell)."""
     import sacrebleu
-
-    translate = _import_translate()
 
     def echo(params, model, src, src_lengths, *, beam_size, max_len):  # copies the source
         out = np.full((src.shape[0], max_len), td.EOS_ID, np.int32)
@@ -364,10 +360,9 @@ def test_bleu_scores_the_hypotheses_against_the_targets(monkeypatch):
     assert 0 < score < 100 and sacrebleu.corpus_bleu(hyps, sources).score != score
 
 
-def test_loss_fn_passes_the_label_smoothing_to_the_model_loss(monkeypatch):
+def test_loss_fn_passes_the_label_smoothing_to_the_model_loss(translate, monkeypatch):
     """make_loss_fn hands config.label_smoothing (0.1 in translate_base) to the model's loss,
     and dropout is on exactly when the loop passes a key."""
-    translate = _import_translate()
     calls = []
 
     def fake_loss(params, batch, model, *, rng, deterministic, label_smoothing):
@@ -380,14 +375,13 @@ def test_loss_fn_passes_the_label_smoothing_to_the_model_loss(monkeypatch):
     assert calls == [("key", False, 0.1), (None, True, 0.1)]
 
 
-def test_attention_plot_leaves_out_sources_no_bucket_holds(tmp_path):
+def test_attention_plot_leaves_out_sources_no_bucket_holds(translate, tmp_path):
     """The heat-map runs after the test BLEU: a long source among its sentences (which
     test_bleu skipped) used to fail the whole run with bucket_of's ValueError."""
     import jax
 
     from jaxattn.models import seq2seq
 
-    translate = _import_translate()
     model = seq2seq.Seq2SeqConfig(12, 12, 8, 8, attention="dot")
     params = seq2seq.init_seq2seq(jax.random.key(0), model)
     config = ml_collections.ConfigDict(
@@ -403,10 +397,9 @@ def test_attention_plot_leaves_out_sources_no_bucket_holds(tmp_path):
     assert translate.output_labels(FakePieces(), [3, 4, 5], decode_max_len=3) == ["3", "4", "5"]
 
 
-def test_example_counts_of_zero_mean_all(monkeypatch, tmp_path):
+def test_example_counts_of_zero_mean_all(translate, monkeypatch, tmp_path):
     """max_*_examples=0 (the base config's default) keeps every pair of its split, and is
     accepted by the checks; -1 is refused."""
-    translate = _import_translate()
     config = ml_collections.ConfigDict(dict(
         data_path="", split_seed=0, max_train_examples=0, max_eval_examples=0,
         max_test_examples=0, vocab_size=50, max_len=64,
@@ -432,9 +425,8 @@ def test_example_counts_of_zero_mean_all(monkeypatch, tmp_path):
         translate.check_example_counts(config, names)
 
 
-def test_rescored_translations_file_names_the_sentences_scored(tmp_path):
+def test_rescored_translations_file_names_the_sentences_scored(translate, tmp_path):
     """With max_test_examples=0 (all), the file's n is the test split's size, not 0."""
-    translate = _import_translate()
     config = ml_collections.ConfigDict(dict(beam_size=4, decode_max_len=16, max_test_examples=0))
     pairs, hyps = [("a", "x"), ("b", "y"), ("c", "z")], ["x", "w", ""]
     path = translate.record_test_bleu(tmp_path, 6, 12.5, config, pairs, hyps, rescore=True)
@@ -447,10 +439,9 @@ def test_rescored_translations_file_names_the_sentences_scored(tmp_path):
     ).items()  # fmt: skip
 
 
-def test_transformer_position_table_must_hold_the_largest_bucket():
+def test_transformer_position_table_must_hold_the_largest_bucket(translate):
     """Training batches pad to the largest bucket: a longer one than the position table
     would fail only at the first step, after the workdir was made."""
-    translate = _import_translate()
     config = ml_collections.ConfigDict(dict(
         beam_size=1, decode_max_len=8, decode_batch_size=4, max_test_examples=0,
         buckets=(8, 32), model=dict(kind="transformer", max_len=16),
