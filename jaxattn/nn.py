@@ -547,8 +547,11 @@ class GPT(_ModelModule):
             mask=mask,
         )
 
-    def generate(self, prompt: Array, max_new_tokens: int, *, rng: Array, **sampling: Any) -> Array:
-        """``prompt: [B, T0]`` -> ``[B, T0 + max_new_tokens]`` with a KV cache; ``sampling``:
+    def generate(
+        self, prompt: Array, max_new_tokens: int, *, rng: Array | None = None, **sampling: Any
+    ) -> Array:
+        """``prompt: [B, T0]`` -> ``[B, T0 + max_new_tokens]`` with a KV cache; ``rng``: the
+        sampling key (None only for greedy decoding, ``temperature=0``); ``sampling``:
         ``temperature``, ``top_k``, ``top_p``, ``unroll_layers``, ``prompt_lengths``,
         ``eos_id`` (see ``gpt.generate``)."""
         return gpt_model.generate(

@@ -366,6 +366,11 @@ def test_gpt_module_computes_the_pure_functions():
         model.generate(prompt, 4, rng=key, **sampling),
         gpt.generate(weights, config, prompt, 4, rng=key, **sampling),
     )
+    # Greedy decoding needs no key.
+    np.testing.assert_array_equal(
+        model.generate(prompt, 4, temperature=0.0),
+        gpt.generate(weights, config, prompt, 4, temperature=0.0),
+    )
     # Dropout (config.dropout) follows train()/eval(), with an explicit key.
     model.train()
     dropped = gpt.gpt(weights, tokens, config, rng=key, deterministic=False)

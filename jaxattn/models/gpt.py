@@ -850,7 +850,7 @@ def generate(
     prompt: Array,
     max_new_tokens: int,
     *,
-    rng: Array,
+    rng: Array | None = None,
     temperature: float | Array = 1.0,
     top_k: int | None = None,
     top_p: float | Array | None = None,
@@ -870,12 +870,11 @@ def generate(
     ``fori_loop`` of the same program.
 
     New token i is drawn with key i of ``jax.random.split(rng, max_new_tokens)``, as
-    ``decoding.sample_logits`` would draw it (with threefry keys, the default; see
-    ``decoding.generate`` for rbg keys).
+    ``decoding.sample_logits`` would draw it.
 
     Args:
       prompt: ``[B, T0]`` ids, ``T0 >= 1``.
-      rng: sampling key (None will do for greedy decoding).
+      rng: sampling key; None (the default) only for greedy decoding.
       temperature: >= 0; the Python value 0 (not a traced one: see below) decodes greedily.
       top_k: keep the k most likely tokens (a Python int, static); None keeps all.
       top_p: nucleus sampling's mass in (0, 1]; None or 1 keeps all tokens.

@@ -379,16 +379,15 @@ def test_generate_under_x64_equals_default(unroll):
     np.testing.assert_array_equal(wide, run())
 
 
-def test_sampled_generate_equals_sample_logits_step_by_step():
-    """generate draws token i with key i of ``split(rng, n)``, exactly as sample_logits.
-
-    With threefry keys (the default): generate draws the noise of all steps with one
-    ``vmap``, which for rbg keys gives other (equally random) numbers than one at a time.
-    """
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_sampled_generate_equals_sample_logits_step_by_step(impl):
+    """generate draws token i with key i of ``split(rng, n)``, exactly as sample_logits,
+    whatever the key's implementation (when all steps' noise was drawn with one ``vmap``,
+    rbg keys gave other numbers than one at a time)."""
     w = random_weights(ROPE, seed=5)
     prompt = tokens_for(ROPE, (B, 3), seed=6)
     settings = dict(temperature=0.8, top_k=6, top_p=0.95)
-    rng = jax.random.key(4)
+    rng = jax.random.key(4, impl=impl)
     out = gpt_module.generate(w, ROPE, prompt, 5, rng=rng, **settings)
     seq = np.zeros((B, 8), np.int32)
     seq[:, :3] = prompt
@@ -396,6 +395,27 @@ def test_sampled_generate_equals_sample_logits_step_by_step():
         logits = gpt_jit(w, jnp.asarray(seq), ROPE)[:, 2 + i]
         seq[:, 3 + i] = decoding.sample_logits(step_key, logits, **settings)
     np.testing.assert_array_equal(out, seq)
+
+
+@pytest.mark.parametrize("eos_id", [None, 3])
+def test_sampled_generate_memory_does_not_grow_with_the_new_tokens(eos_id):
+    """Each step draws its own [B, V] noise: drawn up front, [n, B, V] of noise took about
+    4x its size in scratch memory (6 GiB for 1,000 tokens at B = 8, V = 50,257)."""
+    b, vocab = 4, 4096
+    table = jax.random.normal(key(0), (vocab, vocab))  # next-token logits by token
+
+    def decode_fn(tokens, cache):
+        return table[tokens], cache + tokens.shape[1]
+
+    def temp_bytes(n):
+        run = lambda prompt, rng: decoding.generate(
+            decode_fn, jnp.zeros((), jnp.int32), prompt, n, rng=rng, eos_id=eos_id
+        )
+        compiled = jax.jit(run).lower(jnp.zeros((b, 2), jnp.int32), key(1)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    noise_bytes = (512 - 16) * b * vocab * 4  # what up-front noise would add: 31 MiB
+    assert temp_bytes(512) - temp_bytes(16) < noise_bytes / 16
 
 
 def _reference_cropped(w, prompt, n, config, pick):
@@ -738,8 +758,13 @@ def test_sampling_without_a_key_names_rng():
                               rng=rng)  # fmt: skip
         with pytest.raises(ValueError, match=rf"sample_logits: sampling .*{got}"):
             decoding.sample_logits(rng, jnp.zeros((1, 5)))
-    # Greedy decoding needs none; a raw uint32[2] key still samples.
+    # Greedy decoding needs none (rng defaults to None); a raw uint32[2] key still samples.
     gpt_module.generate(w, BASE, prompt, 2, rng=None, temperature=0.0)
+    gpt_module.generate(w, BASE, prompt, 2, temperature=0.0)
+    decoding.generate(lambda t, c: (jnp.zeros((1, t.shape[1], 5)), c), None, prompt, 2,
+                      greedy=True)  # fmt: skip
+    with pytest.raises(ValueError, match=r"generate: sampling .* needs an rng key .*got None"):
+        gpt_module.generate(w, BASE, prompt, 2)
     decoding.sample_logits(None, jnp.zeros((1, 5)), greedy=True)
     decoding.sample_logits(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
 
