@@ -116,6 +116,10 @@ class _Plan(NamedTuple):
     # before it and ``right`` after it; None = unbounded (``right`` is None when causal).
     left: int | None = None
     right: int | None = None
+    # Scale each float32 logit tile instead of q: for a bfloat16 or float16 q and a scale
+    # that is not a power of two, q * scale in q's dtype rounds every element (about 10x
+    # the einsum path's error at H = 128). Otherwise q is scaled once per block, exactly.
+    scale_logits: bool = False
 
     @property
     def upper(self) -> int | None:
@@ -525,7 +529,7 @@ def _dropout_multiplier(seed, rows, j, num_cols: int, p: _Plan, transposed: bool
 
 
 def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, Array]]:
-    """Online-softmax attention -> (out ``[B, T, N, Hv]``, (m, log l)).
+    """Online-softmax attention -> (out ``[B, T, N, Hv]`` float32, (m, log l)).
 
     With dropout (``seed``, ``p.dropout_rate``) the normaliser ``l`` sums the probabilities
     before dropout and only the product with v sees the dropped ones, as in
@@ -553,16 +557,21 @@ def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, A
         pv = jnp.dot(kept.astype(v.dtype), vj, preferred_element_type=_F32)
         return m_new, denom, acc * alpha[:, None] + pv
 
+    def logits(qi, kj):  # [R, H], [C, H] -> the scaled logits [R, C], float32
+        s = jnp.einsum("rh,ch->rc", qi, kj, preferred_element_type=_F32)
+        return s * p.scale if p.scale_logits else s
+
     def head(z, carry, qz, kz, vz, mz, bz):  # carry: unused, passed through
         # qz [nq, R, H], kz [nk, C, H], vz [nk, C, Hv]; mz, bz: this pair's tiles or None
-        qz = qz * jnp.asarray(p.scale, qz.dtype)
+        if not p.scale_logits:
+            qz = qz * jnp.asarray(p.scale, qz.dtype)
 
         def query_block(i):
             qi = qz[i]
             row_ids = None if seed is None else _row_ids(z, i, g, p)
 
             def step(j, carry, edge, band=False):
-                s = jnp.einsum("rh,ch->rc", qi, kz[j], preferred_element_type=_F32)
+                s = logits(qi, kz[j])
                 tiles = _tile(mz, i, j), _tile(bz, i, j)
                 diagonal = None if band else diag_bias  # a window's edge: _visible
                 s = _mask_logits(s, i, j, edge, diagonal, *tiles, rows, g, p, False)
@@ -575,12 +584,7 @@ def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, A
                 tiles = _tile(mz, i, j), _tile(bz, i, j)
                 halves = []
                 for first, rows_in, keys in _diagonal_halves(h):
-                    s = jnp.einsum(
-                        "rh,ch->rc",
-                        _half_rows(qi, g, first),
-                        kz[j][keys],
-                        preferred_element_type=_F32,
-                    )
+                    s = logits(_half_rows(qi, g, first), kz[j][keys])
                     edge = _half_rows(diag_bias, g, first)[:, keys]
                     mask_tile, bias_tile = (_part_tile(t, rows_in, keys, False) for t in tiles)
                     s = _mask_diagonal(s, edge, mask_tile, bias_tile, g, False)
@@ -605,13 +609,13 @@ def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, A
             out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]  # empty rows: 0 / 1
             row_max = jnp.where(denom > 0, m, 0.0)
             log_l = jnp.where(denom > 0, jnp.log(denom), jnp.inf)  # exp(s - 0 - inf) = 0
-            return out.astype(q.dtype), row_max, log_l
+            return out, row_max, log_l  # out in float32: the backward's delta reads it
 
         return carry, lax.map(query_block, jnp.arange(p.nq))  # [nq, R, Hv], 2 x [nq, R]
 
     inputs = ((q, "q"), (k, "k"), (v, "k"))
     stat = ("z", (b * kh, p.nq, rows), _F32)
-    outputs = (("q", (b, p.t, n, hv), q.dtype), stat, stat)
+    outputs = (("q", (b, p.t, n, hv), _F32), stat, stat)
     _, (out, row_max, log_l) = _each_head(head, inputs, (masks, biases), outputs, b, kh, p)
     return out, (row_max, log_l)
 
@@ -646,8 +650,13 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
         dqt = jnp.dot(ktj, ds_in, preferred_element_type=_F32)  # [H, R]
         return dqt, dk, dv, dst
 
+    def logits_t(kj, qi):  # [C, H], [R, H] -> the scaled logits, transposed [C, R]
+        st = jnp.einsum("ch,rh->cr", kj, qi, preferred_element_type=_F32)
+        return st * p.scale if p.scale_logits else st
+
     def head(z, dbias, qz, doz, maxz, log_lz, deltaz, kz, vz, mz, bz):
-        qz = qz * jnp.asarray(p.scale, qz.dtype)
+        if not p.scale_logits:
+            qz = qz * jnp.asarray(p.scale, qz.dtype)  # so dk = dsᵀ (scale q) carries it
         ktz = jnp.swapaxes(kz, 1, 2)  # [nk, H, C]: dqᵀ = kᵀ dsᵀ is then a plain matmul
 
         def key_block(carry, j):
@@ -657,7 +666,7 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
                 dqt, dk, dv, dbias = carry
                 qi, doi = qz[i], doz[i]
                 # Transposed tiles [C, R]: dk and dv then contract over the minor axis.
-                st = jnp.einsum("ch,rh->cr", kj, qi, preferred_element_type=_F32)
+                st = logits_t(kj, qi)
                 tiles = _tile(mz, j, i), _tile(bz, j, i)
                 diagonal = None if band else diag_bias  # a window's edge: _visible
                 st = _mask_logits(st, i, j, edge, diagonal, *tiles, rows, g, p, True)
@@ -678,7 +687,7 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
                 for first, rows_in, keys in _diagonal_halves(c):
                     half = partial(_half_rows, g=g, first=first)
                     qh = half(qz[i])
-                    st = jnp.einsum("ch,rh->cr", kj[keys], qh, preferred_element_type=_F32)
+                    st = logits_t(kj[keys], qh)
                     edge = _half_rows(diag_bias, g, first, axis=1)[keys]
                     mask_tile, bias_tile = (_part_tile(t, rows_in, keys, True) for t in tiles)
                     st = _mask_diagonal(st, edge, mask_tile, bias_tile, g, True)
@@ -721,6 +730,7 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
 
         dqt0 = jnp.zeros((p.nq, h, rows), _F32)
         (dqt, dbias), (dk, dv) = lax.scan(key_block, (dqt0, dbias), jnp.arange(p.nk))
+        dk = dk * p.scale if p.scale_logits else dk
         return dbias, (jnp.swapaxes(dqt, 1, 2) * p.scale, dk, dv)
 
     row_max, log_l = stats
@@ -736,12 +746,16 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
 
 @partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _flash(q, k, v, mask, bias, seed, plan: _Plan) -> Array:
-    return _forward(q, k, v, mask, bias, seed, plan)[0]
+    return _forward(q, k, v, mask, bias, seed, plan)[0].astype(q.dtype)
 
 
 def _flash_fwd(q, k, v, mask, bias, seed, plan):
+    # The backward's delta = rowsum(dout * out) from the float32 output: from the output
+    # rounded to bfloat16, its error swamps ds = p (dp - delta) where a row's attention is
+    # peaked (dq and dk ~10x the einsum path's error). Costs 2 bytes more per element in
+    # bfloat16 (the output only, O(T)); nothing in float32.
     out, stats = _forward(q, k, v, mask, bias, seed, plan)
-    return out, (q, k, v, mask, bias, seed, out, stats)
+    return out.astype(q.dtype), (q, k, v, mask, bias, seed, out, stats)
 
 
 def _flash_bwd(plan, residuals, dout):
@@ -918,8 +932,8 @@ def flash_attention(
     The same function as ``dot_product_attention(..., implementation="xla")`` (Dao et al.,
     2022; Rabe & Staats, 2021), computed tile by tile with an online softmax; the gradient
     recomputes the tiles. Softmax statistics and accumulators are float32; the matmuls run
-    in the inputs' dtype, with q scaled in that dtype first (exact when scale is a power of
-    two, e.g. H = 64).
+    in the inputs' dtype. q is scaled in its dtype when that is exact (float32, or a
+    power-of-two scale such as H = 64's 1/8), else each float32 logit tile is.
 
     Args:
       q: ``[B, T, N, H]`` queries.
@@ -981,7 +995,11 @@ def flash_attention(
     q, scale = fold_traced_scale(q, scale)
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     rate = float(dropout_rate) if seed is not None else 0.0
-    plan = _Plan(t, s, bq, bk, bool(is_causal), scale, bool(batch_heads), rate, left, right)
+    # frexp's mantissa is +-0.5 exactly for a power of two (scaling by one is then exact).
+    scale_logits = q.dtype.itemsize < 4 and abs(math.frexp(scale)[0]) != 0.5
+    plan = _Plan(
+        t, s, bq, bk, bool(is_causal), scale, bool(batch_heads), rate, left, right, scale_logits
+    )
     with forward_mode_hint(
         "flash_attention (dot_product_attention's 'blockwise' kernel)",
         "use dot_product_attention(..., implementation='xla'); jax.jvp of jax.grad "
