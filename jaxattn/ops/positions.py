@@ -106,14 +106,27 @@ def learned_positions(weights: LearnedPositionWeights, positions: Array) -> Arra
     return jnp.take(weights.table, jnp.asarray(positions), axis=0)  # [..., D]
 
 
+def _check_rope_positions(positions: Array, where: str) -> None:
+    """Integers, or floats of at least 32 bits: a bool reads as 0/1, and bfloat16 (float16)
+    holds whole numbers exactly only up to 256 (2048), so later positions would snap to
+    coarser steps (float16 overflows to inf past 65504)."""
+    dtype = positions.dtype
+    if jnp.issubdtype(dtype, jnp.integer):
+        return
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 4:
+        raise ValueError(
+            f"{where}: positions must be integers (or float32/float64), got dtype {dtype}"
+        )
+
+
 def rope_frequencies(
     positions: Array, head_dim: int, *, base: float = 10000.0
 ) -> tuple[Array, Array]:
     """Return ``sin(theta)``, ``cos(theta)`` for ``theta[..., t, i] = pos[..., t] / base^(2i/H)``.
 
     Args:
-      positions: ``[T]`` or ``[B, T]`` positions (integer or float; may be traced, e.g. a
-        decoding offset).
+      positions: ``[T]`` or ``[B, T]`` positions, integers (or float32/float64; may be
+        traced, e.g. a decoding offset).
       head_dim: ``H``; must be even.
       base: wavelength base (10000 in RoFormer and LLaMA).
 
@@ -127,6 +140,7 @@ def rope_frequencies(
     if not base > 0:  # also rejects NaN; base^(2i/H) must be a positive wavelength
         raise ValueError(f"rope_frequencies: base must be positive, got {base}")
     positions = jnp.asarray(positions)
+    _check_rope_positions(positions, "rope_frequencies")
     if positions.ndim not in (1, 2):
         raise ValueError(
             f"rope_frequencies: positions must be [T] or [B, T], got {positions.shape}"
@@ -146,7 +160,7 @@ def apply_rope(x: Array, positions: Array, *, base: float = 10000.0) -> Array:
     Args:
       x: ``[B, T, N, H]`` queries or keys; ``H`` must be even.
       positions: ``[T]`` (shared by the batch) or ``[B, T]`` (per-row, e.g. left padding or
-        a KV-cache offset).
+        a KV-cache offset); integers (or float32/float64).
       base: wavelength base.
 
     Returns:
@@ -157,6 +171,7 @@ def apply_rope(x: Array, positions: Array, *, base: float = 10000.0) -> Array:
     check_floating(x, "x", "apply_rope")
     b, t, _, h = x.shape
     positions = jnp.asarray(positions)
+    _check_rope_positions(positions, "apply_rope")
     if positions.shape not in ((t,), (b, t)):
         raise ValueError(
             f"apply_rope: positions must be [T]={(t,)} or [B, T]={(b, t)} for x of shape "

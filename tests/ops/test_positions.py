@@ -298,3 +298,19 @@ def test_rope_frequencies_bad_inputs():
     for base in (0.0, -10000.0, float("nan")):
         with pytest.raises(ValueError, match="base must be positive"):
             rope_frequencies(jnp.arange(T), H, base=base)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bool_, jnp.bfloat16, jnp.float16])
+def test_rope_refuses_positions_that_cannot_count(dtype):
+    """A bool position reads as 0/1, and bfloat16 (float16) holds whole numbers exactly only
+    up to 256 (2048): position 4095 came out rotated as 4096 (error ~1 in the output), and a
+    float16 131071 as inf (NaN)."""
+    positions = jnp.arange(T).astype(dtype)
+    match = rf"positions must be integers \(or float32/float64\), got dtype {jnp.dtype(dtype)}"
+    with pytest.raises(ValueError, match=f"apply_rope: {match}"):
+        apply_rope(jnp.zeros((B, T, N, H)), positions)
+    with pytest.raises(ValueError, match=f"rope_frequencies: {match}"):
+        rope_frequencies(positions, H)
+    # Integers of any width, and float32 positions (e.g. interpolated ones), still rotate.
+    for ok in (jnp.int8, jnp.uint16, jnp.int32, jnp.float32):
+        apply_rope(jnp.zeros((B, T, N, H)), jnp.arange(T).astype(ok))
