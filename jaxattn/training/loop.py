@@ -293,7 +293,7 @@ class Trainer:
         loop: LoopConfig,
         eval_step: EvalFn | None = None,
         eval_data: Callable[[], Iterator[Batch]] | None = None,
-        tokens_per_step: int | None = None,
+        tokens_per_step: int | Callable[[Batch], int] | None = None,
         metadata: Mapping[str, Any] | None = None,
         batch_sharding: NamedSharding | None = None,
     ):
@@ -398,15 +398,14 @@ class Trainer:
             disable=not (loop.progress and self.primary),
             dynamic_ncols=True, mininterval=0.5,
         )  # fmt: skip
-        t0, timed, tokens_per_s = None, 0, None
+        t0, timed, timed_tokens, tokens_per_s = None, 0, 0, None
         with bar:
             while self.step < loop.num_steps and stop.signal_name is None:
                 try:
                     batch = self._place(next(self.train_iter))
                 except StopIteration:
                     raise RuntimeError(f"train_iter ran out at step {self.step}") from None
-                if self.tokens_per_step is None:
-                    self.tokens_per_step = math.prod(jax.tree.leaves(batch)[0].shape)
+                tokens = self._count_tokens(batch)
                 self.state, metrics = self.train_step(self.state, batch)
                 self.step += 1
                 stop.poll(self.step)
@@ -416,7 +415,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     bar.unpause()  # ... and out of the bar's rate and ETA.
                 else:
-                    timed += 1
+                    timed, timed_tokens = timed + 1, timed_tokens + tokens
                 bar.update(1)
                 last = self.step == loop.num_steps
                 eval_now = self.evaluating and (last or _every(self.step, loop.eval_every))
@@ -426,7 +425,7 @@ class Trainer:
                 record = self._flush()
                 if timed:
                     elapsed = time.perf_counter() - t0
-                    tokens_per_s = timed * self.tokens_per_step / elapsed
+                    tokens_per_s = timed_tokens / elapsed
                     record["step_time_ms"] = 1000 * elapsed / timed
                 record["tokens_per_s"] = tokens_per_s
                 bar.set_postfix(
@@ -448,7 +447,8 @@ class Trainer:
                 elif ckpt_now:
                     self._save()
                 self.writer.write(self.step, record)
-                t0, timed = time.perf_counter(), 0  # Eval and saving stay out of the timing.
+                # Each log window times its own steps; eval and saving stay out of it.
+                t0, timed, timed_tokens = time.perf_counter(), 0, 0
 
     def _evaluate(self) -> dict[str, float]:
         batches = self.eval_data()
@@ -502,6 +502,13 @@ class Trainer:
         )
         self.saved_step = self.step
 
+    def _count_tokens(self, batch: Batch) -> int:
+        """Tokens in one step's batch, for tokens/s (shapes only: no wait for the device)."""
+        count = self.tokens_per_step
+        if count is None:
+            return math.prod(jax.tree.leaves(batch)[0].shape)
+        return int(count(batch) if callable(count) else count)
+
     def _flush(self) -> dict[str, float]:
         """Fetch the pending step metrics (one host sync) and apply the NaN guard."""
         host = to_host(self.pending)
@@ -546,7 +553,7 @@ def fit(
     loop: LoopConfig,
     eval_step: EvalFn | None = None,
     eval_data: Callable[[], Iterator[Batch]] | None = None,
-    tokens_per_step: int | None = None,
+    tokens_per_step: int | Callable[[Batch], int] | None = None,
     metadata: Mapping[str, Any] | None = None,
     batch_sharding: NamedSharding | None = None,
 ) -> FitResult:
@@ -571,7 +578,11 @@ def fit(
       loop: when to evaluate, log and checkpoint.
       eval_step: from ``make_eval_step``; used with ``eval_data``.
       eval_data: returns a fresh iterator over validation batches (the same ones each time).
-      tokens_per_step: for tokens/s; default: the size of the first batch leaf.
+      tokens_per_step: the tokens a step trains on, for tokens/s: an int, or a function of
+        the (global) batch, called on every step, that reads shapes only (a value would
+        wait for the device), e.g. ``lambda b: b["targets"].size``. Default: the size of
+        each batch's first leaf (in ``jax.tree.leaves`` order), so batches whose lengths
+        vary (buckets) are counted as they come.
       metadata: JSON-serialisable dict saved with every checkpoint (config, vocabulary).
       batch_sharding: on a device mesh, how batches are split (``sharding.batch_sharding``);
         ``train_iter`` and ``eval_data`` then yield this process's rows only

@@ -657,6 +657,39 @@ def test_fit_logs_window_means_tokens_per_s_and_evaluates_fresh_batches(tmp_path
     assert rerun.last_eval["val_loss"] == pytest.approx(records[6]["val_loss"])
 
 
+@pytest.mark.parametrize("tokens_per_step", [None, "rows"])
+def test_tokens_per_s_counts_every_batch_as_it_comes(tmp_path, toy, monkeypatch, tokens_per_step):
+    """Bucketed batches change shape from step to step (translate.py's do): tokens/s sums
+    each timed step's batch, not the first batch's size times the steps. A function of the
+    batch may count instead (here its rows)."""
+    clock = [0.0]
+    monkeypatch.setattr(loop_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    step = make_train_step(toy.loss, toy.optimizer())
+
+    def timed_step(state, batch):  # every step takes 0.25 s on the fake clock
+        clock[0] += 0.25
+        return step(state, batch)
+
+    rows = [2, 8, 2, 8, 2, 8]
+    batches = iter(
+        {"x": np.ones((r, toy.D), np.float32), "y": np.ones((r, 1), np.float32)} for r in rows
+    )
+    count = None if tokens_per_step is None else (lambda batch: batch["x"].shape[0])
+    per_row = toy.D if tokens_per_step is None else 1
+    fit(
+        toy.state(),
+        timed_step,
+        batches,
+        workdir=tmp_path,
+        loop=LoopConfig(num_steps=6, log_every=3, progress=False),
+        tokens_per_step=count,
+    )
+    records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+    # Each log window's steps (step 1 compiles and is left out): steps 2-3, then 4-6.
+    assert records[3]["tokens_per_s"] == pytest.approx(sum(rows[1:3]) * per_row / 0.5)
+    assert records[6]["tokens_per_s"] == pytest.approx(sum(rows[3:6]) * per_row / 0.75)
+
+
 def test_step_s_draws_from_the_base_key_folded_with_s(toy):
     """The state's key never changes: step s uses fold_in(rng, s), not a chain of keys."""
 
