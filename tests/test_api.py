@@ -11,7 +11,7 @@ dot_scores general_scores AdditiveWeights additive_scores attend dot_product_att
 init_multi_head_attention multi_head_attention causal_mask padding_mask masked_softmax
 sinusoidal_positions init_learned_positions learned_positions apply_rope
 dense init_dense embed init_embedding layer_norm init_layer_norm rms_norm init_rms_norm
-feed_forward init_feed_forward swiglu init_swiglu dropout cross_entropy
+feed_forward init_feed_forward swiglu init_swiglu dropout cross_entropy flash_attention
 """.split()
 
 

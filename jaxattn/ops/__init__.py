@@ -21,6 +21,7 @@ from jaxattn.ops.attention import (
     project_qkv,
     write_kv_cache,
 )
+from jaxattn.ops.flash import flash_attention
 from jaxattn.ops.layers import (
     DenseWeights,
     EmbeddingWeights,
@@ -110,6 +111,7 @@ __all__ = [
     "dropout_seed",
     "embed",
     "feed_forward",
+    "flash_attention",
     "gelu",
     "general_scores",
     "init_additive",
