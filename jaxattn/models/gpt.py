@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxattn.models import decoding
 from jaxattn.models._config import (
+    cast_floating,
     check_attention_implementation,
     check_bools,
     check_positive,
@@ -34,6 +35,7 @@ from jaxattn.models._config import (
     check_rate,
     check_size,
     check_weights,
+    checkpointed_layer,
 )
 from jaxattn.ops._checks import jit_when_eager
 from jaxattn.ops.attention import (
@@ -76,12 +78,6 @@ Array = jax.Array
 
 _POSITIONS = ("learned", "rope")
 _DTYPES = ("float32", "bfloat16")
-# What the backward pass keeps of each block: matmul outputs. Everything elementwise (GELU,
-# layer norm, softmax) is recomputed from them inside the fused backward; a plain scan would
-# instead write every elementwise residual to a stacked [L, ...] buffer, which made the
-# nanoGPT-sized CPU step ~1.6x slower. Attention logits (dots with batch dims) are recomputed
-# too, so no [B, N, T, S] tensor is stored per layer.
-_SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 # A pytree with no leaves: jit, vmap, grad and scan pass the config through as static data,
@@ -287,13 +283,6 @@ def _init_gpt(rng: Array, config: GPTConfig) -> GPTWeights:
     )
 
 
-def _cast(tree, dtype: jnp.dtype):
-    """Cast the floating leaves of a pytree to the compute dtype (a no-op for float32)."""
-    return jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
-    )
-
-
 def _block(
     blk: BlockWeights,
     x: Array,
@@ -470,7 +459,7 @@ def _hidden(
         )
     use_dropout = not deterministic and config.dropout > 0
     check_dropout_key(rng, use_dropout, f"{where}: dropout > 0 with deterministic=False")
-    weights = _cast(weights, config.compute_dtype)
+    weights = cast_floating(weights, config.compute_dtype)
     return _trunk(weights, tokens, config, rng, use_dropout), weights
 
 
@@ -515,9 +504,7 @@ def _trunk(
         )
         return x, None
 
-    # remat: save nothing but the block inputs and recompute each block in the backward.
-    policy = jax.checkpoint_policies.nothing_saveable if config.remat else _SAVE_DOTS
-    body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # safe inside scan
+    body = checkpointed_layer(body, config.remat)
     layer_rngs = jax.random.split(rng_layers, config.num_layers) if use_dropout else None
     x, _ = jax.lax.scan(body, x, (weights.blocks, layer_rngs))
     return x
@@ -597,17 +584,31 @@ def init_cache(
 
     ``dtype`` defaults to the compute dtype. ``max_len`` may not exceed ``block_size``.
     """
+    layout = (config.num_layers, config.kv_heads, config.head_dim)
+    limit = ("block_size", config.block_size)
+    dtype = config.compute_dtype if dtype is None else dtype
+    return empty_kv_cache(layout, batch_size, max_len, limit, dtype)
+
+
+def empty_kv_cache(
+    layout: tuple[int, int, int],
+    batch_size: int,
+    max_len: int,
+    limit: tuple[str, int],
+    dtype: jnp.dtype | str,
+) -> KVCache:
+    """``KVCache(k, v: [L, B, max_len, K, H] zeros, index 0)`` for ``layout = (L, K, H)``;
+    ``max_len`` at most the model's ``limit = (name, size)`` (its position table)."""
     # Sizes as ints: 2.5 failed inside jnp.zeros naming no argument, True made length 1.
     batch_size = check_size(batch_size, "batch_size", "init_cache")
     max_len = check_size(max_len, "max_len", "init_cache")
-    if max_len > config.block_size:
-        raise ValueError(
-            f"init_cache: max_len={max_len} must be in [1, block_size={config.block_size}]"
-        )
-    dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
+    if max_len > limit[1]:
+        raise ValueError(f"init_cache: max_len={max_len} must be in [1, {limit[0]}={limit[1]}]")
+    dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):  # the keys and values would be truncated
         raise ValueError(f"init_cache: dtype must be floating, got {dtype}")
-    shape = (config.num_layers, batch_size, max_len, config.kv_heads, config.head_dim)
+    num_layers, kv_heads, head_dim = layout
+    shape = (num_layers, batch_size, max_len, kv_heads, head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
@@ -744,7 +745,7 @@ def _decode_layers(
     """``gpt_decode`` after its checks: embed, run the layers against the cache, logits."""
     t = tokens.shape[1]
     per_layer = isinstance(cache.k, tuple)
-    weights = _cast(weights, config.compute_dtype)
+    weights = cast_floating(weights, config.compute_dtype)
     x = _embed(weights, tokens, positions, config)
 
     def block(blk, x, k, v, layer):
@@ -799,7 +800,7 @@ def _generate_jit(
     cropped = max_new_tokens - cached
     settings = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
     # Cast once here rather than on every token.
-    weights = _cast(weights, config.compute_dtype)
+    weights = cast_floating(weights, config.compute_dtype)
     out = prompt
     if cached:
         # (The last sample is never fed back, so block positions always suffice.)

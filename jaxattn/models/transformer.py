@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jaxattn.models import beam_search as search
 from jaxattn.models._config import (
+    cast_floating,
     check_attention_implementation,
     check_bools,
     check_positive,
@@ -47,8 +48,9 @@ from jaxattn.models._config import (
     check_size,
     check_special_ids,
     check_weights,
+    checkpointed_layer,
 )
-from jaxattn.models.gpt import KVCache
+from jaxattn.models.gpt import KVCache, empty_kv_cache
 from jaxattn.models.seq2seq import check_batch
 from jaxattn.ops._checks import jit_when_eager
 from jaxattn.ops.attention import (
@@ -85,8 +87,6 @@ from jaxattn.ops.positions import sinusoidal_positions
 
 Array = jax.Array
 _DTYPES = ("float32", "bfloat16")
-# Keep matmul outputs for the backward pass and recompute elementwise ops (see gpt.py).
-_SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 # A pytree with no leaves: jit, vmap, grad and scan pass the config through as static data,
@@ -234,13 +234,6 @@ def init_transformer(rng: Array, config: TransformerConfig) -> TransformerWeight
     )
 
 
-def _cast(tree, dtype: jnp.dtype):
-    """Cast the floating leaves of a pytree to the compute dtype (a no-op for float32)."""
-    return jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
-    )
-
-
 def _embed(table: EmbeddingWeights, tokens: Array, positions: Array, config) -> Array:
     """``embed(tokens) * sqrt(D) + PE[positions]``: ``[B, T]`` -> ``[B, T, D]``."""
     pe = sinusoidal_positions(config.max_len, config.embed_dim, dtype=table.table.dtype)
@@ -331,9 +324,7 @@ def _dropout_setup(rng, deterministic, config, where) -> tuple[float, Array | No
 
 
 def _scan_layers(body, x, xs, config):
-    policy = jax.checkpoint_policies.nothing_saveable if config.remat else _SAVE_DOTS
-    body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # safe inside scan
-    return jax.lax.scan(body, x, xs)
+    return jax.lax.scan(checkpointed_layer(body, config.remat), x, xs)
 
 
 # The layer stacks are jitted for eager calls: run eagerly, a scan over a fresh closure was
@@ -396,7 +387,7 @@ def encode(
     src = _as_tokens(src, config.src_vocab_size, config, "encode: src")
     src_lengths = check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
     rate, rng = _dropout_setup(rng, deterministic, config, "encode")
-    w = _cast(weights, config.compute_dtype)
+    w = cast_floating(weights, config.compute_dtype)
     r_embed, r_layers = _keys(rng, 2)
     x = dropout(r_embed, _embed(w.src_embedding, src, jnp.arange(src.shape[1]), config), rate)
     mask = padding_mask(src_lengths, src.shape[1])[:, None, None, :]  # [B, 1, 1, S]
@@ -412,7 +403,7 @@ def cross_kv(weights: TransformerWeights, memory: Array, config: TransformerConf
       ``CrossKV(k, v)``, each ``[Ld, B, S, N, H]`` in the compute dtype.
     """
     check_weights(weights, init_transformer, config, "cross_kv")
-    attn = _cast(weights.decoder.cross_attn, config.compute_dtype)
+    attn = cast_floating(weights.decoder.cross_attn, config.compute_dtype)
     memory = memory.astype(config.compute_dtype)
     kv = lambda a: (project(memory, a.w_k, a.b_k), project(memory, a.w_v, a.b_v))
     return CrossKV(*jax.vmap(kv)(attn))
@@ -475,7 +466,7 @@ def _decoder_hidden(
             f"got {memory.shape}, {jnp.shape(src_mask)}, {tgt_in.shape}"
         )
     rate, rng = _dropout_setup(rng, deterministic, config, "decode")
-    w = _cast(weights, config.compute_dtype)
+    w = cast_floating(weights, config.compute_dtype)
     cross = cross_kv(weights, memory, config)
     r_embed, r_layers = _keys(rng, 2)
     positions = jnp.arange(tgt_in.shape[1])
@@ -564,17 +555,9 @@ def init_cache(
     config: TransformerConfig, batch_size: int, max_len: int, dtype: str | None = None
 ) -> KVCache:
     """Empty decoder self-attention cache: ``k, v [Ld, B, max_len, N, H]`` zeros, index 0."""
-    batch_size = check_size(batch_size, "batch_size", "init_cache")
-    max_len = check_size(max_len, "max_len", "init_cache")
-    if max_len > config.max_len:
-        raise ValueError(
-            f"init_cache: need max_len <= config.max_len={config.max_len}, got {max_len}"
-        )
-    dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):  # the keys and values would be truncated
-        raise ValueError(f"init_cache: dtype must be floating, got {dtype}")
-    shape = (config.num_decoder_layers, batch_size, max_len, config.num_heads, config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+    layout = (config.num_decoder_layers, config.num_heads, config.head_dim)
+    dtype = config.compute_dtype if dtype is None else dtype
+    return empty_kv_cache(layout, batch_size, max_len, ("config.max_len", config.max_len), dtype)
 
 
 def decode_step(
@@ -607,7 +590,7 @@ def decode_step(
         )
     if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) >= t_max:
         raise ValueError(f"decode_step: the cache of length {t_max} is full")
-    w = _cast(weights, config.compute_dtype)
+    w = cast_floating(weights, config.compute_dtype)
     positions = cache.index[None]  # [1]
     y = _embed(w.tgt_embedding, token[:, None], positions, config)  # [B, 1, D]
     mask = as_bool_mask(src_mask, "src_mask", "decode_step")[:, None, None, :]
