@@ -785,3 +785,21 @@ def test_remat_keeps_only_the_block_inputs_for_the_backward_pass():
     kept = scan_residuals(dataclasses.replace(BASE, remat=True))
     assert len(kept) == 1 and kept[0].startswith(f"f32[2,{B},{T},12] ")  # [L, B, T, D] inputs
     assert len(scan_residuals(BASE)) > 1  # without remat: matmul outputs too
+
+
+def test_swapped_arguments_name_the_argument_order():
+    """generate takes (weights, config, prompt, ...), gpt (weights, tokens, config): a
+    prompt passed where the config goes failed as "tokens must be [B, T] ... got shape ()"."""
+    w, tokens = random_weights(BASE), jnp.zeros((1, 3), jnp.int32)
+    from jaxattn.models import gpt as gpt_module
+
+    with pytest.raises(
+        TypeError,
+        match=r"generate: config must be a GPTConfig, got \w+; the "
+        r"arguments are generate\(weights, config, prompt, max_new_tokens\)",
+    ):
+        gpt_module.generate(w, tokens, BASE, 2, temperature=0.0)
+    with pytest.raises(TypeError, match=r"gpt: config must be a GPTConfig.*gpt\(weights, tokens"):
+        gpt_module.gpt(w, BASE, tokens)
+    with pytest.raises(TypeError, match=r"gpt_loss: config must be a GPTConfig"):
+        gpt_module.gpt_loss(w, tokens, tokens, tokens)
