@@ -318,9 +318,17 @@ def load_data(config, workdir: Path):
     if jax.process_index() != 0:
         sp = td.train_sentencepiece(sentences, workdir / "spm", vocab_size=config.vocab_size)
     train = td.encode_pairs(sp, train_pairs, max_len=config.max_len)
-    val = td.encode_pairs(sp, split.val[: config.max_eval_examples or None], max_len=config.max_len)
-    test = split.test[: config.max_test_examples or None]
-    return sp, split, train, val, test
+    # Random subsets (seeded), not prefixes: the corpus is sorted by length. Validation
+    # draws from the pairs that fit max_len, so the count asked for is the count used.
+    val_src, val_tgt = td.encode_pairs(sp, split.val, max_len=config.max_len)
+    keep = td.sample(range(len(val_src)), config.max_eval_examples, seed=config.split_seed)
+    val = [val_src[i] for i in keep], [val_tgt[i] for i in keep]
+    return sp, split, train, val, bleu_pairs(split, config)
+
+
+def bleu_pairs(split: td.Split, config) -> list[tuple[str, str]]:
+    """The test pairs scored for BLEU: all, or ``max_test_examples`` drawn at random."""
+    return td.sample(split.test, config.max_test_examples, seed=config.split_seed)
 
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -482,10 +490,10 @@ def bleu_only(workdir: Path) -> None:
     and write its translations next to, not over, the training run's."""
     config, kind, model, params, step, sp = _restore(workdir)
     split = td.split_pairs(td.load_pairs(config.data_path), seed=config.split_seed)
-    test_pairs = split.test[: config.max_test_examples or None]
-    bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)  # (all processes)
+    scored = bleu_pairs(split, config)
+    bleu, hyps = test_bleu(params, kind, model, config, sp, scored)  # (all processes)
     if jax.process_index() == 0:
-        path = record_test_bleu(workdir, step, bleu, config, test_pairs, hyps, rescore=True)
+        path = record_test_bleu(workdir, step, bleu, config, scored, hyps, rescore=True)
         print(f"step {step}: test BLEU {bleu:.2f} on {len(hyps)} sentences (beam_size "
               f"{config.beam_size}, decode_max_len {config.decode_max_len}); translations: "
               f"{path}")  # fmt: skip

@@ -109,6 +109,22 @@ def split_pairs(
     return Split(*out)
 
 
+def sample(items: Sequence, n: int, *, seed: int) -> list:
+    """``n`` of ``items`` drawn at random with ``seed``, kept in their order; all of them
+    when ``n`` is 0 or at least ``len(items)``. Nested: with one seed, a smaller ``n``
+    draws a subset of a larger one's (the first ``n`` of one permutation).
+
+    Subsets of the validation and test splits are drawn this way, not cut as a prefix:
+    the bundled Tatoeba file is sorted by length, so the first N pairs of a split are its
+    N shortest (the first 2,000 of 5,994 validation pairs have at most 7 English words;
+    the split's longest has 25).
+    """
+    if not n or n >= len(items):
+        return list(items)
+    keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
+    return [items[i] for i in keep.tolist()]
+
+
 def train_sentencepiece(
     sentences: Sequence[str], model_prefix: str | os.PathLike, *, vocab_size: int
 ):

@@ -107,7 +107,8 @@ def test_bleu_only_takes_decode_overrides_and_refuses_the_rest(lstm_run):
     assert (workdir / "test_translations.tsv").read_text(encoding="utf-8") == tsv_before
     rows = (workdir / record["translations"]).read_text(encoding="utf-8").splitlines()
     assert record["translations"] == "test_translations_step6_beam1_len16_n5.tsv"
-    assert rows == tsv_before.splitlines()[:5]
+    # With one seed, 5 test pairs are drawn from among the 24 (and translated the same).
+    assert len(rows) == 5 and set(rows) < set(tsv_before.splitlines())
     proc = run_translate(
         f"--workdir={workdir}", "--bleu_only", "--config.model.hidden_size=3", check=False
     )
@@ -420,6 +421,15 @@ def test_example_counts_of_zero_mean_all(translate, monkeypatch, tmp_path):
     config.max_eval_examples, config.max_test_examples = 4, 3
     _, _, _, val, test = translate.load_data(config, tmp_path)
     assert (len(val[0]), len(test)) == (4, 3)
+    # Random subsets in split order, not the first pairs (the corpus is sorted by length),
+    # and the same ones on every call; validation draws from the pairs that fit max_len.
+    assert test == td.sample(split.test, 3, seed=0) != split.test[:3]
+    assert set(test) < set(split.test) and sorted(test, key=split.test.index) == test
+    config.max_len, config.max_eval_examples = 4, 2  # "tN" + EOS fits for N < 100 only
+    fits = [(s, t) for s, t in split.val if len(t) + 1 <= 4]
+    assert 2 < len(fits) < len(split.val)
+    _, _, _, val, _ = translate.load_data(config, tmp_path)
+    assert len(val[0]) == 2
     config.max_eval_examples = -1
     with pytest.raises(ValueError, match=r"config.max_eval_examples must be an int >= 0, got -1"):
         translate.check_example_counts(config, names)

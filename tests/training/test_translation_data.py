@@ -82,6 +82,21 @@ def sp(tmp_path_factory):
     return td.train_sentencepiece([s for p in PAIRS for s in p], prefix, vocab_size=60)
 
 
+def test_sample_draws_a_seeded_subset_in_order():
+    """Subsets of a split are drawn, not cut: the bundled corpus is sorted by length."""
+    items = list(range(100))
+    drawn = td.sample(items, 10, seed=3)
+    assert drawn == sorted(drawn) and len(set(drawn)) == 10 and drawn != items[:10]
+    assert drawn == td.sample(items, 10, seed=3) != td.sample(items, 10, seed=4)
+    assert td.sample(items, 0, seed=3) == items == td.sample(items, 100, seed=3)
+    assert td.sample(items, 500, seed=3) == items
+    assert set(td.sample(items, 4, seed=3)) < set(drawn)  # nested
+    pairs = td.load_pairs()
+    lengths = [len(s.split()) for s, _ in pairs]
+    # Why: the corpus runs from short to long, so a prefix is all short sentences.
+    assert max(lengths[:2000]) <= 4 < np.mean(lengths)
+
+
 def test_sentencepiece_special_ids_and_round_trip(sp):
     assert sp.pad_id() == td.PAD_ID == 0
     assert sp.bos_id() == td.BOS_ID == 1

@@ -14,9 +14,12 @@ def base_config(kind: str = "seq2seq") -> ml_collections.ConfigDict:
     # Data.
     config.data_path = ""  # English<TAB>Spanish lines (.gz ok); "" = bundled Tatoeba spa-eng.
     config.split_seed = 0  # Distinct English sentences split 90/5/5 train/val/test.
-    config.max_train_examples = 0  # Use only the first N train pairs (0: all).
-    config.max_eval_examples = 0  # Validation pairs used (0: all).
-    config.max_test_examples = 0  # Test pairs decoded for BLEU (0: all).
+    # The first N train pairs (0: all): the bundled corpus is sorted by length, so these
+    # are the N shortest.
+    config.max_train_examples = 0
+    # Validation pairs used (0: all that fit max_len), drawn at random with split_seed.
+    config.max_eval_examples = 0
+    config.max_test_examples = 0  # Test pairs decoded for BLEU (0: all), drawn likewise.
     config.vocab_size = 8000  # Joint English+Spanish sentencepiece vocabulary (upper bound).
     config.max_len = 64  # Drop train/val pairs longer than this many tokens (+ EOS).
     config.buckets = (8, 12, 16, 24, 32, 64)  # Padded lengths: one compiled shape each.
@@ -82,7 +85,8 @@ def cpu_config(kind: str) -> ml_collections.ConfigDict:
     that only the model differs between the rows of the BLEU table."""
     config = base_config(kind)
     config.vocab_size = 4000  # Joint English+Spanish sentencepiece pieces.
-    config.max_len = 24  # Train/val pairs up to 24 tokens (+ EOS): nearly all of the corpus.
+    # Train/val pairs with sources up to 24 tokens and targets up to 23 (+ EOS): nearly all.
+    config.max_len = 24
     config.buckets = (8, 12, 16, 24, 64)  # 64 only holds long test sources.
     config.model.embed_dim = 128
     config.batch_size = 64
@@ -91,7 +95,7 @@ def cpu_config(kind: str) -> ml_collections.ConfigDict:
     config.lr_decay_steps = 5000
     config.eval_every = 1000
     config.checkpoint_every = 1000
-    config.max_eval_examples = 2000
+    config.max_eval_examples = 2000  # Of 5,994 validation pairs, drawn at random.
     config.max_test_examples = 0  # BLEU on the whole test split (5,945 pairs).
     config.beam_size = 4  # Beam search with the GNMT length penalty for the test BLEU.
     return config
