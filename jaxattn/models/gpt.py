@@ -379,7 +379,7 @@ def _check_config(config: Any, where: str) -> None:
     if not isinstance(config, GPTConfig):
         raise TypeError(
             f"{where}: config must be a GPTConfig, got {type(config).__name__}; the "
-            f"arguments are {_SIGNATURES.get(where, where + '(..., config)')}"
+            f"arguments are {_SIGNATURES[where]}"
         )
 
 
