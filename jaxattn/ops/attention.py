@@ -48,6 +48,7 @@ from jaxattn.ops.layers import (
     check_dropout_key,
     check_dropout_rate,
     check_floating,
+    float32_or_wider,
     normal,
     project,
 )
@@ -200,7 +201,8 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
       mask: boolean, broadcastable to ``scores``; True = attend.
 
     Returns:
-      ``(context [..., Tq, dv]`` in ``values``' dtype, ``weights [..., Tq, Tk]`` float32).
+      ``(context [..., Tq, dv]`` in ``values``' dtype, ``weights [..., Tq, Tk]`` float32, or
+      float64 for float64 scores).
     """
     if scores.ndim < 2 or values.ndim < 2 or scores.shape[-1] != values.shape[-2]:
         raise ValueError(
@@ -224,23 +226,25 @@ DROPOUT_IMPLEMENTATIONS = ("xla", "blockwise")  # the kernels that take attentio
 
 
 def _probs(q, k, mask, bias, is_causal, scale) -> Array:
-    """The one formula: ``softmax(scale q kᵀ + bias, mask)`` -> float32 ``[B, N, T, S]``."""
+    """The one formula: ``softmax(scale q kᵀ + bias, mask)`` -> float32 ``[B, N, T, S]``
+    (float64 for float64 inputs)."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     # Accumulate in float32 even for bf16 inputs; softmax needs the precision.
+    wide = float32_or_wider(q.dtype)
     if n == kh:
         # No group axis: XLA:CPU runs this ~20% faster (fwd+bwd) than the same product
         # with a size-1 group axis, and it is the common case.
-        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=wide)
     else:
         # GQA groups the query heads instead of repeating k/v in memory: head n = k * G + g.
         qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-        logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=wide)
         logits = logits.reshape(b, n, t, s)  # [B, N, T, S]
     scale = 1.0 / math.sqrt(h) if scale is None else scale
-    logits = logits * jnp.asarray(scale, jnp.float32)  # [B, N, T, S]
+    logits = logits * jnp.asarray(scale, wide)  # [B, N, T, S]
     if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
+        logits = logits + bias.astype(wide)
     mask = combine_masks(mask, causal_mask(t, s) if is_causal else None)
     return masked_softmax(logits, mask)  # [B, N, T, S]
 
@@ -253,7 +257,7 @@ def _attention_xla_core(q, k, v, mask, bias, is_causal, scale, dropout_rate, dro
     p = probs
     if dropout_rate > 0.0:  # the blockwise kernel's mask, built whole (masks.py)
         keep = attention_dropout_mask(dropout_seed(dropout_rng), probs.shape, dropout_rate)
-        p = probs * dropout_scale(keep, dropout_rate)
+        p = probs * dropout_scale(keep, dropout_rate, probs.dtype)
     p = p.astype(v.dtype)
     if n == kh:
         return jnp.einsum("bnts,bsnh->btnh", p, v), probs  # [B, T, N, Hv]
@@ -539,8 +543,9 @@ def dot_product_attention(
     """Scaled dot-product attention: ``out = softmax(scale · q kᵀ + bias, mask) v`` per head.
 
     (Vaswani et al., 2017; grouped-query attention, Ainslie et al., 2023.) Query head n
-    reads key/value head ``n // (N // K)``. Logits and softmax are float32; the matmuls run
-    in the inputs' dtype. A query row with nothing to attend to outputs zeros.
+    reads key/value head ``n // (N // K)``. Logits and softmax are float32 (float64 for
+    float64 inputs); the matmuls run in the inputs' dtype. A query row with nothing to
+    attend to outputs zeros.
 
     Args:
       q: ``[B, T, N, H]`` queries.
@@ -636,7 +641,8 @@ def attention_weights(
         local_window_size: as in ``dot_product_attention``.
 
     Returns:
-      ``[B, N, T, S]`` float32; rows sum to 1, or are all 0 if nothing may be attended.
+      ``[B, N, T, S]`` float32 (float64 for float64 inputs); rows sum to 1, or are all 0
+      if nothing may be attended.
     """
     q, k = jnp.asarray(q), jnp.asarray(k)
     mask, bias = check_attention_inputs("attention_weights", q, k, k, mask, bias)

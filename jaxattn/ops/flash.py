@@ -79,7 +79,7 @@ import numpy as np
 from jax import lax
 
 from jaxattn.ops._checks import as_size, forward_mode_hint, jit_when_eager
-from jaxattn.ops.layers import check_dropout_key, check_dropout_rate
+from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, float32_or_wider
 from jaxattn.ops.masks import (
     attention_dropout_keep,
     check_local_window,
@@ -97,8 +97,6 @@ DEFAULT_BLOCK = 512
 # each tile step holds Z tiles: [Z, 512, 512] float32 is 512 MiB for Z = 512 (B = 32,
 # N = 16), and the run above peaked at 1,559 MiB against 1,294 with 256 tiles.
 ACCELERATOR_BLOCK = 512
-
-_F32 = jnp.float32
 
 
 class _Plan(NamedTuple):
@@ -396,6 +394,8 @@ def _visible(i, j, rows: int, p: _Plan, transposed: bool) -> Array:
     transposed."""
     shape = (p.bk, rows) if transposed else (rows, p.bk)
     row_axis, col_axis = (1, 0) if transposed else (0, 1)
+    # int32 like the iotas: with jax_enable_x64 the loop indices may be int64.
+    i, j = (jnp.asarray(x).astype(jnp.int32) for x in (i, j))
     row = i * p.bq + lax.broadcasted_iota(jnp.int32, shape, row_axis) % p.bq
     col = j * p.bk + lax.broadcasted_iota(jnp.int32, shape, col_axis)
     position = row + (p.s - p.t)  # of the query row among the keys
@@ -452,7 +452,7 @@ def _part_tile(tile: Array | None, rows: slice, cols: slice, transposed: bool) -
 def _mask_diagonal(s: Array, diag_bias, mask_tile, bias_tile, g: int, transposed: bool) -> Array:
     """``_mask_and_bias`` of a diagonal tile whose causal mask is ``diag_bias`` (0 / -inf)."""
     if bias_tile is None:  # adding the -inf is cheaper than a select (a bias may be +inf)
-        return _mask_and_bias(s + diag_bias, None, mask_tile, None, g, transposed)
+        return _mask_and_bias(s + diag_bias.astype(s.dtype), None, mask_tile, None, g, transposed)
     return _mask_and_bias(s, diag_bias == 0, mask_tile, bias_tile, g, transposed)
 
 
@@ -478,7 +478,7 @@ def _mask_and_bias(s: Array, vis, mask_tile, bias_tile, g: int, transposed: bool
     split = (shape[0], g, shape[1] // g) if transposed else (g, shape[0] // g, shape[1])
     x = s.reshape(split)  # [G, bq, C] or [C, G, bq]
     if bias_tile is not None:
-        x = x + bias_tile.astype(_F32)
+        x = x + bias_tile.astype(x.dtype)
     keep = mask_tile
     if vis is not None:
         vis = vis.reshape(split)
@@ -506,9 +506,9 @@ def _row_ids(z, i, g: int, p: _Plan) -> Array:
     return (heads[:, None] * p.t + times[None, :]).reshape(-1)
 
 
-def _dropout_multiplier(seed, rows, j, num_cols: int, p: _Plan, transposed: bool):
-    """``1 / (1 - rate)`` on the kept entries of tile j's first ``num_cols`` keys, 0 on the
-    dropped ones: ``[R, C]`` (``[C, R]`` transposed); None without dropout."""
+def _dropout_multiplier(seed, rows, j, num_cols: int, p: _Plan, transposed: bool, dtype):
+    """``1 / (1 - rate)`` in ``dtype`` on the kept entries of tile j's first ``num_cols``
+    keys, 0 on the dropped ones: ``[R, C]`` (``[C, R]`` transposed); None without dropout."""
     if seed is None:
         return None
     keep = attention_dropout_keep(
@@ -520,7 +520,7 @@ def _dropout_multiplier(seed, rows, j, num_cols: int, p: _Plan, transposed: bool
         col_axis=0 if transposed else -1,
         even_start=p.bk % 2 == 0,
     )
-    return dropout_scale(keep, p.dropout_rate)
+    return dropout_scale(keep, p.dropout_rate, dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -529,7 +529,8 @@ def _dropout_multiplier(seed, rows, j, num_cols: int, p: _Plan, transposed: bool
 
 
 def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, Array]]:
-    """Online-softmax attention -> (out ``[B, T, N, Hv]`` float32, (m, log l)).
+    """Online-softmax attention -> (out ``[B, T, N, Hv]`` float32, (m, log l)); float64
+    throughout for float64 inputs (``float32_or_wider``).
 
     With dropout (``seed``, ``p.dropout_rate``) the normaliser ``l`` sums the probabilities
     before dropout and only the product with v sees the dropped ones, as in
@@ -541,6 +542,7 @@ def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, A
     b, _, n, _ = q.shape
     kh, hv = k.shape[2], v.shape[3]
     g, rows = n // kh, (n // kh) * p.bq
+    wide = float32_or_wider(q.dtype)  # softmax statistics and accumulators
     masks = None if mask is None else _pair_blocks(mask, kh, p, False, False)
     biases = None if bias is None else _pair_blocks(bias, kh, p, False, 0)
 
@@ -554,11 +556,11 @@ def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, A
         alpha = jnp.exp(m - m_safe)
         denom = denom * alpha + jnp.sum(probs, axis=-1)
         kept = probs if drop is None else probs * drop
-        pv = jnp.dot(kept.astype(v.dtype), vj, preferred_element_type=_F32)
+        pv = jnp.dot(kept.astype(v.dtype), vj, preferred_element_type=wide)
         return m_new, denom, acc * alpha[:, None] + pv
 
     def logits(qi, kj):  # [R, H], [C, H] -> the scaled logits [R, C], float32
-        s = jnp.einsum("rh,ch->rc", qi, kj, preferred_element_type=_F32)
+        s = jnp.einsum("rh,ch->rc", qi, kj, preferred_element_type=wide)
         return s * p.scale if p.scale_logits else s
 
     def head(z, carry, qz, kz, vz, mz, bz):  # carry: unused, passed through
@@ -575,7 +577,7 @@ def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, A
                 tiles = _tile(mz, i, j), _tile(bz, i, j)
                 diagonal = None if band else diag_bias  # a window's edge: _visible
                 s = _mask_logits(s, i, j, edge, diagonal, *tiles, rows, g, p, False)
-                drop = _dropout_multiplier(seed, row_ids, j, p.bk, p, False)
+                drop = _dropout_multiplier(seed, row_ids, j, p.bk, p, False, wide)
                 return update(s, vz[j], drop, *carry)
 
             def diagonal_step(j, carry):
@@ -590,15 +592,15 @@ def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, A
                     s = _mask_diagonal(s, edge, mask_tile, bias_tile, g, False)
                     state = (_half_rows(x, g, first) for x in carry)
                     drop = None if seed is None else _half_rows(row_ids, g, first)
-                    drop = _dropout_multiplier(seed, drop, j, s.shape[1], p, False)
+                    drop = _dropout_multiplier(seed, drop, j, s.shape[1], p, False, wide)
                     halves.append(update(s, vz[j][keys], drop, *state))
                 return tuple(_merge_halves(a, b, g) for a, b in zip(*halves))
 
             lo, a, b, end = _key_range(i, p)
             init = (
-                jnp.full((rows,), -jnp.inf, _F32),
-                jnp.zeros((rows,), _F32),
-                jnp.zeros((rows, hv), _F32),
+                jnp.full((rows,), -jnp.inf, wide),
+                jnp.zeros((rows,), wide),
+                jnp.zeros((rows, hv), wide),
             )
             carry = init
             if p.left is not None:
@@ -614,8 +616,8 @@ def _forward(q, k, v, mask, bias, seed, p: _Plan) -> tuple[Array, tuple[Array, A
         return carry, lax.map(query_block, jnp.arange(p.nq))  # [nq, R, Hv], 2 x [nq, R]
 
     inputs = ((q, "q"), (k, "k"), (v, "k"))
-    stat = ("z", (b * kh, p.nq, rows), _F32)
-    outputs = (("q", (b, p.t, n, hv), _F32), stat, stat)
+    stat = ("z", (b * kh, p.nq, rows), wide)
+    outputs = (("q", (b, p.t, n, hv), wide), stat, stat)
     _, (out, row_max, log_l) = _each_head(head, inputs, (masks, biases), outputs, b, kh, p)
     return out, (row_max, log_l)
 
@@ -625,7 +627,8 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
     b, _, n, h = q.shape
     kh, hv = k.shape[2], v.shape[3]
     g, rows = n // kh, (n // kh) * p.bq
-    delta = jnp.sum(out.astype(_F32) * dout.astype(_F32), axis=-1, keepdims=True)  # [B, T, N, 1]
+    wide = float32_or_wider(q.dtype)
+    delta = jnp.sum(out.astype(wide) * dout.astype(wide), axis=-1, keepdims=True)  # [B, T, N, 1]
     delta = _q_blocks(delta, kh, p.bq)[..., 0]  # [Z, nq, R]
     masks = None if mask is None else _pair_blocks(mask, kh, p, True, False)
     biases = None if bias is None else _pair_blocks(bias, kh, p, True, 0)
@@ -639,19 +642,19 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
         the dropped probabilities, so dv and dp see the multiplier; ``delta`` = rowsum(dout
         out) is still rowsum(dp p) over the probabilities before dropout."""
         pt = jnp.exp(st - max_i[None, :] - log_l_i[None, :])  # [C, R]
-        dpt = jnp.einsum("ch,rh->cr", vj, doi, preferred_element_type=_F32)
+        dpt = jnp.einsum("ch,rh->cr", vj, doi, preferred_element_type=wide)
         if drop_t is not None:
             dpt = dpt * drop_t
         dst = pt * (dpt - delta_i[None, :])  # d loss / d logits, transposed
         kept = pt if drop_t is None else pt * drop_t
-        dv = jnp.dot(kept.astype(dout.dtype), doi, preferred_element_type=_F32)
+        dv = jnp.dot(kept.astype(dout.dtype), doi, preferred_element_type=wide)
         ds_in = dst.astype(q.dtype)
-        dk = jnp.dot(ds_in, qi, preferred_element_type=_F32)
-        dqt = jnp.dot(ktj, ds_in, preferred_element_type=_F32)  # [H, R]
+        dk = jnp.dot(ds_in, qi, preferred_element_type=wide)
+        dqt = jnp.dot(ktj, ds_in, preferred_element_type=wide)  # [H, R]
         return dqt, dk, dv, dst
 
     def logits_t(kj, qi):  # [C, H], [R, H] -> the scaled logits, transposed [C, R]
-        st = jnp.einsum("ch,rh->cr", kj, qi, preferred_element_type=_F32)
+        st = jnp.einsum("ch,rh->cr", kj, qi, preferred_element_type=wide)
         return st * p.scale if p.scale_logits else st
 
     def head(z, dbias, qz, doz, maxz, log_lz, deltaz, kz, vz, mz, bz):
@@ -672,7 +675,7 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
                 st = _mask_logits(st, i, j, edge, diagonal, *tiles, rows, g, p, True)
                 stats_i = maxz[i], log_lz[i], deltaz[i]
                 row_ids = None if seed is None else _row_ids(z, i, g, p)
-                drop_t = _dropout_multiplier(seed, row_ids, j, p.bk, p, True)
+                drop_t = _dropout_multiplier(seed, row_ids, j, p.bk, p, True, wide)
                 dqt_i, dk_i, dv_i, dst = tile_grads(st, drop_t, ktz[j], vj, qi, doi, *stats_i)
                 if dbias is not None:
                     dbias = _add_tile(dbias, (z // kh, z % kh, j, i), dst.reshape(-1, g, p.bq))
@@ -692,7 +695,7 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
                     mask_tile, bias_tile = (_part_tile(t, rows_in, keys, True) for t in tiles)
                     st = _mask_diagonal(st, edge, mask_tile, bias_tile, g, True)
                     row_ids = None if seed is None else half(_row_ids(z, i, g, p))
-                    drop_t = _dropout_multiplier(seed, row_ids, j, st.shape[0], p, True)
+                    drop_t = _dropout_multiplier(seed, row_ids, j, st.shape[0], p, True, wide)
                     grads.append(
                         tile_grads(
                             st,
@@ -719,7 +722,7 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
 
             dqt, dbias = carry
             start, a, b, end = _query_range(j, p)
-            zeros = (jnp.zeros((p.bk, h), _F32), jnp.zeros((p.bk, hv), _F32))
+            zeros = (jnp.zeros((p.bk, h), wide), jnp.zeros((p.bk, hv), wide))
             edge_step = diagonal_step if p.split_diagonal else partial(step, edge=True)
             carry = lax.fori_loop(start, a, edge_step, (dqt, *zeros, dbias))
             carry = lax.fori_loop(a, b, partial(step, edge=False), carry)
@@ -728,7 +731,7 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
             dqt, dk, dv, dbias = carry
             return (dqt, dbias), (dk, dv)
 
-        dqt0 = jnp.zeros((p.nq, h, rows), _F32)
+        dqt0 = jnp.zeros((p.nq, h, rows), wide)
         (dqt, dbias), (dk, dv) = lax.scan(key_block, (dqt0, dbias), jnp.arange(p.nk))
         dk = dk * p.scale if p.scale_logits else dk
         return dbias, (jnp.swapaxes(dqt, 1, 2) * p.scale, dk, dv)
@@ -737,7 +740,7 @@ def _backward(q, k, v, mask, bias, seed, out, stats, dout, p: _Plan):
     inputs = ((q, "q"), (dout, "q"), (row_max, "z"), (log_l, "z"), (delta, "z"), (k, "k"), (v, "k"))
     outputs = (("q", q.shape, q.dtype), ("k", k.shape, k.dtype), ("k", v.shape, v.dtype))
     # The bias gradient sums over heads that share bias tiles: a loop carries it.
-    dbias0 = None if biases is None else jnp.zeros(biases.shape, _F32)
+    dbias0 = None if biases is None else jnp.zeros(biases.shape, wide)
     dbias, (dq, dk, dv) = _each_head(head, inputs, (masks, biases), outputs, b, kh, p, dbias0)
     if dbias is not None:
         dbias = _pair_unblock_t(dbias, bias.shape).astype(bias.dtype)
@@ -931,9 +934,10 @@ def flash_attention(
 
     The same function as ``dot_product_attention(..., implementation="xla")`` (Dao et al.,
     2022; Rabe & Staats, 2021), computed tile by tile with an online softmax; the gradient
-    recomputes the tiles. Softmax statistics and accumulators are float32; the matmuls run
-    in the inputs' dtype. q is scaled in its dtype when that is exact (float32, or a
-    power-of-two scale such as H = 64's 1/8), else each float32 logit tile is.
+    recomputes the tiles. Softmax statistics and accumulators are float32 (float64 for
+    float64 inputs); the matmuls run in the inputs' dtype. q is scaled in its dtype when
+    that is exact (float32, or a power-of-two scale such as H = 64's 1/8), else each
+    float32 logit tile is.
 
     Args:
       q: ``[B, T, N, H]`` queries.

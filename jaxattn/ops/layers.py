@@ -36,6 +36,18 @@ def check_floating(x: Array, name: str, where: str) -> None:
         )
 
 
+def float32_or_wider(dtype: DType) -> jnp.dtype:
+    """The dtype that norms, softmax, losses and RoPE compute in for inputs of ``dtype``:
+    float32 for bfloat16, float16 and float32 (and non-floats), float64 for float64 (with
+    ``jax_enable_x64``), as Flax's norms promote. Never narrower than float32 nor than the
+    input, so float64 gradient checks (``jax.test_util.check_grads``) see float64
+    arithmetic. (Not ``jnp.promote_types``: under strict promotion it refuses the pair.)"""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > 4:
+        return dtype
+    return jnp.dtype(jnp.float32)
+
+
 def project(x: Array, w: Array, b: Array | None = None, *, contract_dims: int = 1) -> Array:
     """Contract the trailing ``contract_dims`` axes of ``x`` with the leading axes of ``w``.
 
@@ -229,7 +241,8 @@ def init_layer_norm(
 def layer_norm(weights: LayerNormWeights, x: Array, *, eps: float = 1e-5) -> Array:
     """Normalise the last axis: ``(x - mean) / sqrt(var + eps) * scale + bias``.
 
-    Statistics are computed in float32 whatever ``x``'s dtype; the result has ``x``'s dtype.
+    Statistics are computed in float32 (float64 for float64 ``x``, ``float32_or_wider``);
+    the result has ``x``'s dtype.
     (Ba et al., 2016, "Layer Normalization".)
 
     Args:
@@ -238,12 +251,13 @@ def layer_norm(weights: LayerNormWeights, x: Array, *, eps: float = 1e-5) -> Arr
     """
     _check_norm_dim("layer_norm", weights.scale, x)
     check_floating(x, "x", "layer_norm")
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * weights.scale.astype(jnp.float32)
+    wide = float32_or_wider(x.dtype)
+    xw = x.astype(wide)
+    mean = jnp.mean(xw, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xw - mean), axis=-1, keepdims=True)
+    y = (xw - mean) * jax.lax.rsqrt(var + eps) * weights.scale.astype(wide)
     if weights.bias is not None:
-        y = y + weights.bias.astype(jnp.float32)
+        y = y + weights.bias.astype(wide)
     return y.astype(x.dtype)
 
 
@@ -262,16 +276,18 @@ def init_rms_norm(dim: int, *, dtype: DType = jnp.float32) -> RMSNormWeights:
 def rms_norm(weights: RMSNormWeights, x: Array, *, eps: float = 1e-6) -> Array:
     """Normalise by the root mean square: ``x / sqrt(mean(x^2) + eps) * scale``.
 
-    Computed in float32. (Zhang & Sennrich, 2019, "Root Mean Square Layer Normalization".)
+    Computed in float32 (float64 for float64 ``x``); returned in ``x``'s dtype. (Zhang &
+    Sennrich, 2019, "Root Mean Square Layer Normalization".)
 
     Args:
       x: ``[..., D]``.
     """
     _check_norm_dim("rms_norm", weights.scale, x)
     check_floating(x, "x", "rms_norm")
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (y * weights.scale.astype(jnp.float32)).astype(x.dtype)
+    wide = float32_or_wider(x.dtype)
+    xw = x.astype(wide)
+    y = xw * jax.lax.rsqrt(jnp.mean(jnp.square(xw), axis=-1, keepdims=True) + eps)
+    return (y * weights.scale.astype(wide)).astype(x.dtype)
 
 
 def gelu(x: Array, *, approximate: bool = True) -> Array:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxattn.ops._checks import check_size
-from jaxattn.ops.layers import check_token_ids, ids_to_check
+from jaxattn.ops.layers import check_token_ids, float32_or_wider, ids_to_check
 
 Array = jax.Array
 
@@ -25,7 +25,8 @@ def cross_entropy(
     *,
     label_smoothing: float | Array = 0.0,
 ) -> Array:
-    """Mean token cross-entropy ``-sum_v p(v) log softmax(logits)_v`` in float32.
+    """Mean token cross-entropy ``-sum_v p(v) log softmax(logits)_v`` in float32 (float64
+    for float64 logits).
 
     ``p`` is the one-hot target, or with label smoothing ``eps`` the distribution
     ``(1 - eps) onehot + eps / V`` (Szegedy et al., 2016, "Rethinking the Inception
@@ -33,7 +34,7 @@ def cross_entropy(
     ``sum(CE over counted) / max(number counted, 1)``.
 
     Args:
-      logits: ``[..., V]`` (any float dtype; computed in float32).
+      logits: ``[..., V]`` (any float dtype; computed in ``float32_or_wider``).
       targets: ``[...]`` integer ids in ``[0, V)`` (checked when concrete).
       mask: optional ``[...]``, True (or nonzero) = count this token. Not a weight: a
         count of 2 counts the token once.
@@ -41,7 +42,7 @@ def cross_entropy(
         a scheduled value passed through ``jit``).
 
     Returns:
-      Scalar float32 loss.
+      Scalar loss, float32 (float64 for float64 logits).
     """
     targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
     if targets.shape != logits.shape[:-1]:
@@ -95,7 +96,7 @@ def chunked_cross_entropy(
         padding is not counted).
 
     Returns:
-      Scalar float32 loss.
+      Scalar loss, float32 (float64 for float64 logits).
     """
     targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
     if targets.ndim < 1 or targets.shape != jnp.shape(hidden)[:-1]:
@@ -176,14 +177,15 @@ def check_label_smoothing(label_smoothing: float | Array, where: str) -> float |
 
 
 def _token_losses(logits: Array, targets: Array, label_smoothing: float | Array) -> Array:
-    """Each token's float32 loss ``-sum_v p(v) log softmax(logits)_v``: ``[..., V] -> [...]``."""
-    logits = logits.astype(jnp.float32)
+    """Each token's loss ``-sum_v p(v) log softmax(logits)_v``: ``[..., V] -> [...]``, in
+    float32 (float64 for float64 logits)."""
+    logits = logits.astype(float32_or_wider(logits.dtype))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [...]
     if isinstance(label_smoothing, jax.core.Tracer) or label_smoothing > 0.0:
         # -sum_v p(v) log q(v) = (1 - eps) * nll + eps * mean_v(-log q(v)). Not through
         # optax.smooth_labels: its 0 * log q(v) is NaN where a logit is -inf (a vocab entry
         # the model may never emit), which a traced eps of 0 must not turn into a NaN loss.
-        eps = jnp.asarray(label_smoothing, jnp.float32)
+        eps = jnp.asarray(label_smoothing, logits.dtype)
         uniform = -jnp.mean(jax.nn.log_softmax(logits), axis=-1)  # [...]
         # where, twice: eps * inf is NaN at eps = 0, and so would be its gradient in eps.
         uniform = jnp.where(eps > 0.0, uniform, 0.0)
@@ -192,9 +194,10 @@ def _token_losses(logits: Array, targets: Array, label_smoothing: float | Array)
 
 
 def _counted_sum(losses: Array, mask: Array) -> tuple[Array, Array]:
-    """``(sum of the counted losses, number counted)``, float32; mask nonzero = counted."""
+    """``(sum of the counted losses, number counted)`` in the losses' dtype; mask nonzero =
+    counted."""
     counted = mask.astype(bool)
     # where, not losses * counted: an uncounted token's loss may be inf (its target's
     # logit is -inf, e.g. a pad target the model never predicts) and inf * 0 = NaN.
     total = jnp.sum(jnp.where(counted, losses, 0.0))
-    return total, jnp.sum(counted.astype(jnp.float32))
+    return total, jnp.sum(counted.astype(losses.dtype))

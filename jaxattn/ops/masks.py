@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry2x32_p
 
-from jaxattn.ops.layers import check_dropout_rate, ids_to_check
+from jaxattn.ops.layers import check_dropout_rate, float32_or_wider, ids_to_check
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -222,7 +222,8 @@ def combine_masks(*masks: Array | None) -> Array | None:
 
 
 def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> Array:
-    """Softmax over ``axis`` in float32 that ignores masked entries.
+    """Softmax over ``axis`` in float32 (float64 for float64 scores) that ignores masked
+    entries.
 
     ``p_j = mask_j exp(x_j - m) / sum_k mask_k exp(x_k - m)`` with ``m`` the row max; a row
     with no unmasked entry gives all zeros (not NaN, not uniform) and zero, finite gradients.
@@ -233,9 +234,10 @@ def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> 
       axis: the axis to normalise over.
 
     Returns:
-      Probabilities with ``scores``' shape, float32.
+      Probabilities with ``scores``' shape, in ``float32_or_wider(scores.dtype)``.
     """
-    x = jnp.asarray(scores).astype(jnp.float32)
+    scores = jnp.asarray(scores)
+    x = scores.astype(float32_or_wider(scores.dtype))
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.dtype != jnp.bool_:
@@ -334,12 +336,13 @@ def attention_dropout_keep(
     return bits >= threshold
 
 
-def dropout_scale(keep: Array, rate: float) -> Array:
+def dropout_scale(keep: Array, rate: float, dtype: Any = jnp.float32) -> Array:
     """The multiplier of the probabilities under a dropout mask: ``1 / (1 - rate)`` where
-    ``keep``, else 0 (float32, ``keep``'s shape). One formula for every attention path, so
-    that they agree to the bit."""
+    ``keep``, else 0 (in ``dtype``, the probabilities' float32 or float64; ``keep``'s
+    shape). One formula for every attention path, so that they agree to the bit."""
     check_dropout_rate(rate, "dropout_scale: rate")
-    return jnp.where(keep, jnp.float32(1.0 / (1.0 - float(rate))), jnp.float32(0.0))
+    dtype = jnp.dtype(dtype)
+    return jnp.where(keep, dtype.type(1.0 / (1.0 - float(rate))), dtype.type(0.0))
 
 
 def attention_dropout_mask(seed: Array, shape: tuple[int, int, int, int], rate: float) -> Array:

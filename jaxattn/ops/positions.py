@@ -33,7 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops.layers import check_floating, check_token_ids, ids_to_check, normal
+from jaxattn.ops.layers import (
+    check_floating,
+    check_token_ids,
+    float32_or_wider,
+    ids_to_check,
+    normal,
+)
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -120,7 +126,7 @@ def _check_rope_positions(positions: Array, where: str) -> None:
 
 
 def rope_frequencies(
-    positions: Array, head_dim: int, *, base: float = 10000.0
+    positions: Array, head_dim: int, *, base: float = 10000.0, dtype: DType = jnp.float32
 ) -> tuple[Array, Array]:
     """Return ``sin(theta)``, ``cos(theta)`` for ``theta[..., t, i] = pos[..., t] / base^(2i/H)``.
 
@@ -129,9 +135,11 @@ def rope_frequencies(
         traced, e.g. a decoding offset).
       head_dim: ``H``; must be even.
       base: wavelength base (10000 in RoFormer and LLaMA).
+      dtype: what the angles are computed in: float32, or float64 (with
+        ``jax_enable_x64``); narrower floats are refused (see ``apply_rope``).
 
     Returns:
-      ``(sin, cos)``, each ``[..., T, H/2]`` float32.
+      ``(sin, cos)``, each ``[..., T, H/2]`` in ``dtype``.
     """
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(
@@ -145,8 +153,12 @@ def rope_frequencies(
         raise ValueError(
             f"rope_frequencies: positions must be [T] or [B, T], got {positions.shape}"
         )
-    inv_freq = jnp.asarray(_inverse_frequencies(head_dim, base), dtype=jnp.float32)  # [H/2]
-    theta = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, H/2]
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 4:
+        # Past 256 (bfloat16) or 2048 (float16) positions would snap to coarser steps.
+        raise ValueError(f"rope_frequencies: dtype must be float32 or float64, got {dtype}")
+    inv_freq = jnp.asarray(_inverse_frequencies(head_dim, base), dtype=dtype)  # [H/2]
+    theta = positions.astype(dtype)[..., None] * inv_freq  # [..., T, H/2]
     return jnp.sin(theta), jnp.cos(theta)
 
 
@@ -155,7 +167,8 @@ def apply_rope(x: Array, positions: Array, *, base: float = 10000.0) -> Array:
 
     ``y[i] = x[i] cos(theta_i) - x[i + H/2] sin(theta_i)``,
     ``y[i + H/2] = x[i + H/2] cos(theta_i) + x[i] sin(theta_i)``, ``theta_i = pos / base^(2i/H)``.
-    Computed in float32; returned in ``x``'s dtype. (Su et al., 2021, "RoFormer".)
+    Computed in float32 (float64 for float64 ``x``); returned in ``x``'s dtype. (Su et
+    al., 2021, "RoFormer".)
 
     Args:
       x: ``[B, T, N, H]`` queries or keys; ``H`` must be even.
@@ -179,11 +192,12 @@ def apply_rope(x: Array, positions: Array, *, base: float = 10000.0) -> Array:
         )
     if h % 2:
         raise ValueError(f"apply_rope: head dim H must be even, got x of shape {x.shape}")
-    sin, cos = rope_frequencies(positions, h, base=base)  # [T, H/2] or [B, T, H/2]
+    wide = float32_or_wider(x.dtype)
+    sin, cos = rope_frequencies(positions, h, base=base, dtype=wide)  # [T|B, T, H/2]
     if positions.ndim == 1:
         sin, cos = sin[None], cos[None]  # [1, T, H/2]
     sin, cos = sin[:, :, None, :], cos[:, :, None, :]  # [B or 1, T, 1, H/2]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., : h // 2], x32[..., h // 2 :]  # [B, T, N, H/2] each
+    xw = x.astype(wide)
+    x1, x2 = xw[..., : h // 2], xw[..., h // 2 :]  # [B, T, N, H/2] each
     y = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [B, T, N, H]
     return y.astype(x.dtype)

@@ -410,6 +410,27 @@ def test_bfloat16_inputs_keep_float32_logits_and_softmax(np_rng, kv_heads):
     np.testing.assert_allclose(probs, want / want.sum(-1, keepdims=True), atol=1e-6, rtol=0)
 
 
+def test_float64_inputs_compute_in_float64(np_rng):
+    """With jax_enable_x64, float64 inputs get float64 logits and softmax (float32 would
+    leave a 1e-7 error, too coarse for a float64 gradient check)."""
+    q, k, v = (f64(a) for a in qkv(np_rng, 2))
+    mask, bias = random_mask(np_rng, (B, 1, T, S)), f64(normal(np_rng, 1, N, T, S))
+    scores, values = f64(normal(np_rng, 2, 3, 7)), f64(normal(np_rng, 2, 7, 4))
+    with jax.enable_x64(True):
+        args = [jnp.asarray(a) for a in (q, k, v)]
+        kw = {"mask": jnp.asarray(mask), "bias": jnp.asarray(bias), "is_causal": True}
+        out = dot_product_attention(*args, implementation="xla", **kw)
+        probs = attention_weights(args[0], args[1], **kw)
+        context, weights = attend(jnp.asarray(scores), jnp.asarray(values))
+    assert out.dtype == probs.dtype == context.dtype == weights.dtype == jnp.float64
+    want, want_probs = np_attention(q, k, v, mask, bias, is_causal=True)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(probs, want_probs, rtol=1e-12, atol=1e-13)
+    want_w = np.stack([np_masked_softmax_rows(s, np.ones(s.shape, bool)) for s in scores])
+    np.testing.assert_allclose(weights, want_w, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(context, want_w @ values, rtol=1e-12, atol=1e-13)
+
+
 def test_attention_dropout(rng, np_rng):
     # With v the identity over keys (Hv = S), each output row IS the dropped probability row.
     rate = 0.4

@@ -21,6 +21,7 @@ from jaxattn.ops.layers import (
     dropout,
     embed,
     feed_forward,
+    float32_or_wider,
     gelu,
     init_dense,
     init_embedding,
@@ -349,6 +350,29 @@ def test_rms_norm_bfloat16(np_rng):
     np.testing.assert_allclose(
         f64(y), np_rms_norm(f64(x), f64(weights.scale), 1e-6), rtol=1e-2, atol=2e-2
     )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "wide"),
+    [("bfloat16", "float32"), ("float16", "float32"), ("float32", "float32"), ("int32", "float32")],
+)
+def test_float32_or_wider(dtype, wide):
+    assert float32_or_wider(dtype) == jnp.dtype(wide)
+    with jax.enable_x64(True):
+        assert float32_or_wider(jnp.float64) == jnp.dtype(jnp.float64)
+
+
+def test_norms_of_float64_inputs_compute_in_float64(np_rng):
+    """With jax_enable_x64, float64 activations are normalised in float64 (as Flax's norms
+    promote), not through float32: float64 gradient checks need the precision."""
+    x = 3.0 * np_rng.standard_normal((B, T, D)) + 2.0
+    scale, bias = np_rng.standard_normal((2, D))
+    with jax.enable_x64(True):
+        ln = layer_norm(LayerNormWeights(jnp.asarray(scale), jnp.asarray(bias)), jnp.asarray(x))
+        rms = rms_norm(RMSNormWeights(jnp.asarray(scale)), jnp.asarray(x))
+    assert ln.dtype == rms.dtype == jnp.float64
+    np.testing.assert_allclose(ln, np_layer_norm(x, scale, bias, 1e-5), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rms, np_rms_norm(x, scale, 1e-6), rtol=1e-12, atol=1e-12)
 
 
 def test_norm_grads_jit_vmap(np_rng):

@@ -222,6 +222,23 @@ def test_chunked_bfloat16_logits_are_reduced_in_float32(np_rng):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_float64_logits_give_a_float64_loss(np_rng, eps):
+    """With jax_enable_x64 the loss of float64 logits is computed in float64, whole or in
+    chunks (float32 would leave a 1e-7 error in a float64 gradient check)."""
+    logits = 4.0 * np_rng.normal(size=(B, T, V))
+    targets = np_rng.integers(0, V, (B, T))
+    mask = np_rng.random((B, T)) > 0.4
+    with jax.enable_x64(True):
+        x, ids = jnp.asarray(logits), jnp.asarray(targets)
+        whole = cross_entropy(x, ids, jnp.asarray(mask), label_smoothing=eps)
+        chunked = chunked_cross_entropy(x, lambda h: h, ids, chunk_size=2, label_smoothing=eps)
+    assert whole.dtype == chunked.dtype == jnp.float64
+    want = np_cross_entropy(logits, targets, mask.astype(float), eps)
+    np.testing.assert_allclose(whole, want, rtol=1e-13)
+    np.testing.assert_allclose(chunked, np_cross_entropy(logits, targets, None, eps), rtol=1e-13)
+
+
 def test_chunked_bad_inputs_raise():
     hidden = jnp.zeros((B, T, D))
     targets = jnp.zeros((B, T), jnp.int32)

@@ -197,6 +197,15 @@ def test_masked_softmax_bfloat16_input_is_float32(np_rng):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 
+def test_masked_softmax_of_float64_scores_is_float64(np_rng):
+    x = 3 * np_rng.standard_normal((3, 5, 7))
+    mask = np_rng.random((3, 5, 7)) > 0.4
+    with jax.enable_x64(True):
+        got = masked_softmax(jnp.asarray(x), jnp.asarray(mask))
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, np_masked_softmax(x, mask), rtol=1e-12, atol=1e-15)
+
+
 def test_masked_softmax_ignores_huge_masked_logits():
     x = jnp.array([[1.0, 2.0, 1e38, -1e38]], jnp.float32)
     mask = jnp.array([[True, True, False, False]])

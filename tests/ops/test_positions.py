@@ -242,6 +242,16 @@ def test_apply_rope_bfloat16_computes_in_float32(np_rng):
     np.testing.assert_allclose(f64(y), np_rope(x, positions), rtol=1e-2, atol=2e-2)
 
 
+def test_apply_rope_of_float64_inputs_computes_in_float64(np_rng):
+    x = np_rng.standard_normal((2, 6, 3, 8))
+    positions = np.array([0, 1, 5, 100, 4095, 70000])  # far angles show float32's rounding
+    with jax.enable_x64(True):
+        got = apply_rope(jnp.asarray(x), jnp.asarray(positions))
+        sin, _ = rope_frequencies(jnp.asarray(positions), 8, dtype=jnp.float64)
+    assert got.dtype == sin.dtype == jnp.float64
+    np.testing.assert_allclose(got, np_rope(x, positions), rtol=1e-12, atol=1e-12)
+
+
 def test_apply_rope_jit_vmap_grad(np_rng):
     x = f32(np_rng, B, T, N, H)
     positions = jnp.asarray(np_rng.integers(0, 30, (B, T)), jnp.int32)
@@ -298,6 +308,9 @@ def test_rope_frequencies_bad_inputs():
     for base in (0.0, -10000.0, float("nan")):
         with pytest.raises(ValueError, match="base must be positive"):
             rope_frequencies(jnp.arange(T), H, base=base)
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.int32):
+        with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+            rope_frequencies(jnp.arange(T), H, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bool_, jnp.bfloat16, jnp.float16])
