@@ -264,7 +264,7 @@ class Checkpointer:
         step: int,
         state: Any,
         *,
-        data_iter: grain.DatasetIterator | None = None,
+        data_iter: grain.DatasetIterator | grain.DataLoaderIterator | None = None,
         metadata: Mapping[str, Any] | None = None,
         metrics: Mapping[str, float] | None = None,
     ) -> None:
@@ -327,7 +327,7 @@ class Checkpointer:
         target: Any,
         *,
         step: int | None = None,
-        data_iter: grain.DatasetIterator | None = None,
+        data_iter: grain.DatasetIterator | grain.DataLoaderIterator | None = None,
     ) -> tuple[Any, dict[str, Any]]:
         """Restore ``step`` (default: latest) into the structure of ``target``.
 
@@ -358,6 +358,12 @@ class Checkpointer:
                     f"checkpoint {self.step_dir(step)} has no data iterator state to resume from"
                 )
             position = _position_for_other_process_count(data_dir)
+            if position is not None and not isinstance(data_iter, grain.DatasetIterator):
+                raise CheckpointError(
+                    f"{data_dir} holds the data position of a run of another number of "
+                    f"processes; a {type(data_iter).__name__} resumes only with as many "
+                    f"processes as saved it ({jax.process_count()} now)"
+                )
             if position is None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:

@@ -100,7 +100,8 @@ def make_train_step(
 
     Metrics: ``train_loss`` and ``train_<aux>`` (means over microbatches), ``grad_norm``
     (global norm of the mean gradient, before clipping) and ``learning_rate`` when
-    ``learning_rate_fn`` is given.
+    ``learning_rate_fn`` is given. ``fit`` logs each over a window of ``log_every`` steps:
+    the window's mean, but for ``learning_rate``, the rate of its last update.
 
     On a device mesh pass ``state_sharding`` (a ``NamedSharding`` per state leaf, see
     ``sharding.tree_shardings``) and ``batch_sharding``: the step then keeps the state in
@@ -162,19 +163,28 @@ def make_eval_step(
     loss_fn: LossFn,
     *,
     prefix: str = "val",
+    weight_fn: Callable[[Batch], jax.Array] | None = None,
     params_sharding: Any = None,
     batch_sharding: NamedSharding | None = None,
 ) -> EvalFn:
     """Return a jitted ``eval_step(params, batch) -> {f"{prefix}_loss": Mean, ...}``, no dropout.
+
+    Each batch's loss (a mean over the batch) counts ``weight_fn(batch)`` times in the
+    evaluation's mean. For a loss averaged over a mask's tokens, pass the mask's count
+    (``lambda b: b["tgt_mask"].sum()``): the evaluation is then the mean over all its tokens,
+    not a mean of batch means that weighs a batch of short sentences like one of long ones.
+    None: every batch counts once (right when all batches hold as many tokens).
 
     ``params_sharding`` and ``batch_sharding`` place it on a mesh as in ``make_train_step``.
     """
 
     def eval_step(params: Any, batch: Batch) -> dict[str, Mean]:
         loss, aux = loss_fn(params, batch, None)
-        one = jnp.float32(1)
-        return {f"{prefix}_loss": Mean(loss, one)} | {
-            f"{prefix}_{name}": Mean(value, one) for name, value in aux.items()
+        weight = jnp.float32(1) if weight_fn is None else jnp.asarray(weight_fn(batch), jnp.float32)
+        # (where: a batch of weight 0 adds nothing, even if its loss is NaN)
+        weighted = lambda value: Mean(jnp.where(weight > 0, value, 0.0) * weight, weight)
+        return {f"{prefix}_loss": weighted(loss)} | {
+            f"{prefix}_{name}": weighted(value) for name, value in aux.items()
         }
 
     if params_sharding is None:
@@ -328,7 +338,8 @@ class Trainer:
         )
         self.state, self.train_iter = state, train_iter
         # Only grain iterators have a position to save; others restart (resume not exact).
-        self.saved_iter = train_iter if isinstance(train_iter, grain.DatasetIterator) else None
+        grain_iterators = (grain.DatasetIterator, grain.DataLoaderIterator)
+        self.saved_iter = train_iter if isinstance(train_iter, grain_iterators) else None
         self.saved_step: int | None = None
         self.best_val = math.inf
         self.pending: list[tuple[int, dict[str, Mean]]] = []
@@ -518,7 +529,13 @@ class Trainer:
                 value = float(metrics[name].total)
                 if not math.isfinite(value):
                     self._stop_non_finite(f"{name} is {value} at step {step}")
-        return reduce_means(m for _, m in host)
+        means = reduce_means(m for _, m in host)
+        if host and "learning_rate" in host[-1][1]:
+            # The rate of the window's last update, as nanoGPT and optax's loggers report it:
+            # the window's mean lags a warmup ramp by half a window.
+            last = host[-1][1]["learning_rate"]
+            means["learning_rate"] = float(np.sum(last.total) / np.sum(last.count))
+        return means
 
     def _stop_non_finite(self, what: str) -> None:
         self.ckpt.wait()
@@ -572,8 +589,9 @@ def fit(
         leaves with shardings (``sharding.create_sharded(..., abstract=True)``): a resume
         then never builds an initial state beside the restored one.
       train_step: from ``make_train_step``.
-      train_iter: batches; a grain ``DatasetIterator``'s position is saved and restored
-        (any other iterator starts afresh on resume, so the resume is not exact).
+      train_iter: batches; the position of a grain iterator (``DatasetIterator``, or a
+        ``grain.DataLoader``'s) is saved and restored (any other iterator starts afresh on
+        resume, so the resume is not exact).
       workdir: holds ``checkpoints/<step>/``, ``metrics.jsonl`` and ``tb/``.
       loop: when to evaluate, log and checkpoint.
       eval_step: from ``make_eval_step``; used with ``eval_data``.

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from jaxattn.training import checkpoint as checkpoint_module
-from jaxattn.training import data
+from jaxattn.training import data, optim
 from jaxattn.training import loop as loop_module
 from jaxattn.training.checkpoint import (
     Checkpointer,
@@ -80,6 +80,23 @@ def test_learning_rate_is_reported(toy):
     for want in (0.5, 1.0):
         state, metrics = step(state, next(it))
         assert float(metrics["learning_rate"].total) == want
+
+
+def test_fit_logs_the_learning_rate_of_the_windows_last_step(tmp_path, toy):
+    """The logged rate is the one the window's last update used, not the window's mean
+    (which lags a warmup ramp by half a window)."""
+    schedule = lambda count: 1e-2 * (jnp.asarray(count).astype(jnp.float32) + 1.0) / 100.0
+    optimizer = optim.make_optimizer(schedule)
+    fit(
+        create_train_state(toy.params(), optimizer, jax.random.key(7)),
+        make_train_step(toy.loss, optimizer, learning_rate_fn=schedule),
+        toy.iterator(),
+        workdir=tmp_path,
+        loop=LoopConfig(num_steps=20, log_every=10, progress=False),
+    )
+    records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+    for step in (10, 20):  # the update that produced step s ran with schedule(s - 1)
+        assert records[step]["learning_rate"] == pytest.approx(1e-2 * step / 100.0)
 
 
 def test_gradient_accumulation_equals_one_big_batch(toy):
@@ -143,6 +160,34 @@ def test_eval_step_is_deterministic_loss(toy):
     want = float(toy.loss(params, batch, None)[0])
     assert float(metrics["val_loss"].total) == pytest.approx(want)
     assert set(metrics) == {"val_loss", "val_mae"}
+
+
+def test_eval_step_weights_each_batch_by_weight_fn(tmp_path, toy):
+    """With weight_fn the evaluation is the mean over what the weights count (a masked
+    loss's tokens), not the mean of the batch means: batches of 1 and 3 counted tokens
+    with mean losses 4 and 0 average to 1, not 2."""
+
+    def masked_loss(params, batch, rng):  # the mean over the counted rows
+        del params, rng
+        counted = batch["mask"]
+        return jnp.sum(batch["loss"] * counted) / jnp.sum(counted), {"n": jnp.sum(counted)}
+
+    batches = [
+        {
+            "loss": np.array([4.0, 9.0, 9.0], np.float32),
+            "mask": np.array([1.0, 0.0, 0.0], np.float32),
+        },
+        {"loss": np.zeros(3, np.float32), "mask": np.ones(3, np.float32)},
+    ]
+    weighted = make_eval_step(masked_loss, weight_fn=lambda b: jnp.sum(b["mask"]))
+    plain = make_eval_step(masked_loss)
+    assert reduce_means(weighted({}, b) for b in batches)["val_loss"] == pytest.approx(1.0)
+    assert reduce_means(plain({}, b) for b in batches)["val_loss"] == pytest.approx(2.0)
+    assert reduce_means(weighted({}, b) for b in batches)["val_n"] == pytest.approx(2.5)
+    # A batch of weight 0 counts for nothing, even with a NaN loss (0 / 0 here).
+    empty = {"loss": np.zeros(3, np.float32), "mask": np.zeros(3, np.float32)}
+    means = reduce_means(weighted({}, b) for b in [*batches, empty])
+    assert means["val_loss"] == pytest.approx(1.0)
 
 
 def _fit(
@@ -222,6 +267,44 @@ def test_resume_after_a_crash_gives_bitwise_identical_state(tmp_path, toy):
 
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert all(a[s] == b[s] for s in a if s > 6)
+
+
+def test_a_grain_data_loader_resumes_where_it_stopped(tmp_path, toy):
+    """A grain.DataLoader's iterator (classic grain) is checkpointed like a DatasetIterator:
+    killed after the step-4 checkpoint and resumed, the run ends with the parameters of an
+    uninterrupted one (it used to restart the data silently)."""
+
+    class Source:  # batch i of the toy regression
+        def __repr__(self):  # grain checks that a restored loader reads the same source
+            return "Source()"
+
+        def __len__(self):
+            return 10**6
+
+        def __getitem__(self, i):
+            x = np.random.default_rng(i).normal(size=(toy.B, toy.D)).astype(np.float32)
+            return {"x": x, "y": x @ np.linspace(-1.0, 1.0, toy.D).astype(np.float32)[:, None]}
+
+    def loader():
+        sampler = grain.samplers.IndexSampler(10**6, shuffle=False, num_epochs=1, seed=0)
+        return iter(grain.DataLoader(data_source=Source(), sampler=sampler, worker_count=0))
+
+    optimizer = toy.optimizer()
+
+    def run(workdir, num_steps):
+        return fit(
+            create_train_state(toy.params(), optimizer, jax.random.key(7)),
+            make_train_step(toy.loss, optimizer),
+            loader(),
+            workdir=workdir,
+            loop=LoopConfig(num_steps=num_steps, checkpoint_every=4, log_every=4, progress=False),
+        )
+
+    straight = run(tmp_path / "straight", 8)
+    run(tmp_path / "resumed", 4)  # "killed" after its step-4 checkpoint
+    assert (tmp_path / "resumed" / "checkpoints" / "4" / "data").is_dir()
+    resumed = run(tmp_path / "resumed", 8)
+    leaves_equal(straight.state.params, resumed.state.params)
 
 
 def test_resume_into_an_abstract_state_equals_a_built_one(tmp_path, toy):
