@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -59,6 +60,7 @@ from common import (  # train/common.py (this script's directory)
     initialize_distributed,
     latest_checkpoint_metadata,
     model_config,
+    model_optimizer,
     new_train_state,
     parse_flags,
     print_once,
@@ -84,7 +86,6 @@ from jaxattn.training.loop import (
     make_train_step,
 )
 from jaxattn.training.metrics import MetricsWriter, is_remote
-from jaxattn.training.optim import optimizer_from_config
 
 _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lstm_dot_cpu.py")
 _CONFIG = define_config_file(_DEFAULT_CONFIG, "Run config file.")
@@ -190,8 +191,21 @@ def make_loss_fn(kind: str, model, label_smoothing: float):
     return loss_fn
 
 
+def target_tokens(batch) -> jax.Array:
+    """The target tokens a batch's loss averages over: the evaluation weighs each batch's
+    mean loss by them, so ``val_loss`` is the mean over all validation tokens (bucketed
+    batches hold different numbers)."""
+    return jnp.sum(batch["tgt_mask"])
+
+
+def positions_per_step(batch) -> int:
+    """Source and target positions a step runs, padding included, for tokens/s (shapes only:
+    the loop counts without waiting for the device)."""
+    return batch["src"].size + batch["tgt_in"].size
+
+
 def _abstract_state(kind, model, config):
-    optimizer, _ = optimizer_from_config(config)
+    optimizer, _ = model_optimizer(config)
     return abstract_train_state(MODELS[kind][1], model, optimizer)
 
 
@@ -346,7 +360,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     process_rows = sharding.process_batch_slice(
         batch_sharding, config.batch_size, "config.batch_size"
     )
-    optimizer, schedule = optimizer_from_config(config)
+    optimizer, schedule = model_optimizer(config)
     check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()
@@ -389,8 +403,9 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         state_sharding=state_sharding, batch_sharding=batch_sharding,
     )  # fmt: skip
     eval_step = make_eval_step(
-        loss_fn, params_sharding=state_sharding.params, batch_sharding=batch_sharding
-    )
+        loss_fn, weight_fn=target_tokens, params_sharding=state_sharding.params,
+        batch_sharding=batch_sharding,
+    )  # fmt: skip
     result = fit(
         state,
         train_step,
@@ -400,6 +415,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         batch_sharding=batch_sharding,
         eval_step=eval_step,
         eval_data=lambda: batch_iterator(val_ds),
+        tokens_per_step=positions_per_step,
         metadata={"config": config.to_dict(), "kind": kind, "model": dataclasses.asdict(model)},
     )
     if result.interrupted:

@@ -1,5 +1,6 @@
-"""Checks shared by the models (config fields in ``__post_init__``, sizes, weights), and
-the two pieces of layer plumbing they share: the compute-dtype cast and the remat policy."""
+"""Checks shared by the models (config fields in ``__post_init__``, sizes, weights), the
+two pieces of layer plumbing they share (the compute-dtype cast and the remat policy), and
+the weight-decay rule of their weight trees."""
 
 from __future__ import annotations
 
@@ -32,6 +33,22 @@ def checkpointed_layer(body: Callable, remat: bool) -> Callable:
     ``remat`` nothing but its inputs (each layer recomputed in the backward)."""
     policy = jax.checkpoint_policies.nothing_saveable if remat else _SAVE_DOTS
     return jax.checkpoint(body, policy=policy, prevent_cse=False)  # safe inside a scan
+
+
+def weight_decay_mask(weights: Any) -> Any:
+    """True for the leaves nanoGPT decays: matmul kernels (``w``, ``w_q``, ``w_ih`` ...) and
+    embedding tables; False for biases, norm scales and other vectors. One rule for every
+    model here (``gpt``, ``transformer`` and ``seq2seq`` re-export it), by leaf name.
+
+    ``optim.decay_mask``'s ``ndim >= 2`` does not fit these trees: stacked layers carry a
+    leading layer axis (a layer-norm scale is ``[L, D]``) and attention biases are ``[N, H]``.
+    """
+
+    def decays(path, leaf):
+        name = getattr(path[-1], "name", getattr(path[-1], "key", ""))
+        return name == "table" or name == "w" or name.startswith("w_")
+
+    return jax.tree_util.tree_map_with_path(decays, weights)
 
 
 def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:

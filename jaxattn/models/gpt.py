@@ -36,6 +36,7 @@ from jaxattn.models._config import (
     check_size,
     check_weights,
     checkpointed_layer,
+    weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
 from jaxattn.ops._checks import jit_when_eager
 from jaxattn.ops.attention import (
@@ -583,20 +584,6 @@ def _chunked_loss(
         mask,
         chunk_size=config.loss_chunk_size,
     )
-
-
-def weight_decay_mask(weights: GPTWeights):
-    """True for the leaves nanoGPT decays: matmul kernels (``w``, ``w_q`` ...) and tables.
-
-    The rule ``ndim >= 2`` does not fit these weights: the blocks' leaves carry a leading
-    layer axis (a layer-norm scale is ``[L, D]``) and attention biases are ``[N, H]``.
-    """
-
-    def decays(path, leaf):
-        name = getattr(path[-1], "name", getattr(path[-1], "key", ""))
-        return name == "table" or name == "w" or name.startswith("w_")
-
-    return jax.tree_util.tree_map_with_path(decays, weights)
 
 
 def init_cache(

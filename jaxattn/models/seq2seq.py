@@ -48,6 +48,7 @@ from jaxattn.models._config import (
     check_size,
     check_special_ids,
     check_weights,
+    weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
 from jaxattn.ops.attention import (
     AdditiveWeights,

@@ -49,6 +49,7 @@ from jaxattn.models._config import (
     check_special_ids,
     check_weights,
     checkpointed_layer,
+    weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
 from jaxattn.models.gpt import KVCache, empty_kv_cache
 from jaxattn.models.seq2seq import check_batch

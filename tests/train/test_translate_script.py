@@ -460,3 +460,57 @@ def test_transformer_position_table_must_hold_the_largest_bucket(translate):
         translate.check_decode_settings(config)
     config.buckets = (8, 16)
     translate.check_decode_settings(config)
+
+
+def test_train_decays_kernels_weighs_val_batches_by_tokens_and_counts_positions(
+    translate, monkeypatch, tmp_path
+):
+    """What train hands the loop: an optimizer that decays the kernels and tables only (not
+    optax's ndim >= 2, which decayed the transformer's stacked [L, D] layer-norm scales and
+    [L, N, H] biases), an evaluation weighing each batch by its target tokens (val_loss the
+    mean over tokens, not over bucketed batches), and source + target positions for tokens/s."""
+    import jax
+    import jax.numpy as jnp
+    from configs import translate_tiny  # train/ is on sys.path (load_script)
+
+    from jaxattn.models._config import weight_decay_mask
+
+    class Stop(Exception):
+        pass
+
+    built, eval_options, fit_options = [], {}, {}
+
+    model_optimizer, make_eval_step = translate.model_optimizer, translate.make_eval_step
+
+    def spy_optimizer(config):
+        built.append(model_optimizer(config))
+        return built[-1]
+
+    def spy_eval_step(loss_fn, **options):
+        eval_options.update(options)
+        return make_eval_step(loss_fn, **options)
+
+    def spy_fit(state, train_step, train_iter, **options):
+        fit_options.update(options, state=state, batch=next(train_iter))
+        raise Stop
+
+    monkeypatch.setattr(translate, "model_optimizer", spy_optimizer)
+    monkeypatch.setattr(translate, "make_eval_step", spy_eval_step)
+    monkeypatch.setattr(translate, "fit", spy_fit)
+    config = translate_tiny.get_config("transformer")
+    config.weight_decay = 0.5
+    with pytest.raises(Stop):
+        translate.train(config, tmp_path / "run")
+
+    optimizer, _ = built[-1]
+    params = fit_options["state"].params
+    updates, _ = optimizer.update(
+        jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params
+    )
+    decayed = jax.tree.leaves(jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates))
+    want = jax.tree.leaves(weight_decay_mask(params))
+    assert decayed == want
+    assert params.encoder.ln1.scale.ndim == 2  # stacked [L, D]: ndim >= 2 would decay it
+    batch = fit_options["batch"]
+    assert eval_options["weight_fn"](batch) == np.sum(batch["tgt_mask"]) > 0
+    assert fit_options["tokens_per_step"](batch) == batch["src"].size + batch["tgt_in"].size
