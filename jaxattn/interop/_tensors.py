@@ -26,8 +26,17 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.array(x)
 
 
+def unwrap_compiled(module: Any) -> Any:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) wraps; else ``module``."""
+    return getattr(module, "_orig_mod", module)
+
+
 def state_dict_of(source: Any) -> Mapping[str, Any]:
-    """Accept a ``torch.nn.Module`` (its ``state_dict()``) or a mapping of name -> tensor."""
+    """Accept a ``torch.nn.Module`` (its ``state_dict()``) or a mapping of name -> tensor.
+
+    A ``torch.compile``'d module is read through the module it wraps (``unwrap_compiled``):
+    the wrapper's own state dict prefixes every name with ``_orig_mod.``."""
+    source = unwrap_compiled(source)
     if hasattr(source, "state_dict") and callable(source.state_dict):
         return source.state_dict()
     if isinstance(source, Mapping):

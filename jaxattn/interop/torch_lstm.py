@@ -27,7 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.interop._tensors import check_framework, export, get, pure_weights_of, state_dict_of
+from jaxattn.interop._tensors import (
+    check_framework,
+    export,
+    get,
+    pure_weights_of,
+    state_dict_of,
+    unwrap_compiled,
+)
 from jaxattn.ops.lstm import BidirectionalWeights, LSTMWeights, lstm_stack
 
 Layers = tuple[LSTMWeights | BidirectionalWeights, ...]
@@ -37,7 +44,7 @@ _NOT_LSTM = {3: "GRU", 1: "RNN"}  # gate blocks in weight_hh [gates * h, h] -> t
 
 def _check_not_other_rnn(source: Any) -> None:
     """Refuse a ``torch.nn.GRU`` / ``RNN`` module (by class name: torch is not imported)."""
-    for cls in type(source).__mro__:
+    for cls in type(unwrap_compiled(source)).__mro__:
         if cls.__module__.startswith("torch.") and cls.__name__ in _NOT_LSTM.values():
             raise ValueError(
                 f"lstm_from_torch: got a torch.nn.{cls.__name__}, not an LSTM (only "

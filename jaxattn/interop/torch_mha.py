@@ -22,7 +22,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.interop._tensors import check_framework, export, get, pure_weights_of, state_dict_of
+from jaxattn.interop._tensors import (
+    check_framework,
+    export,
+    get,
+    pure_weights_of,
+    state_dict_of,
+    unwrap_compiled,
+)
 from jaxattn.models._config import check_size
 from jaxattn.ops.attention import MultiHeadAttentionWeights
 
@@ -53,14 +60,14 @@ def mha_from_torch(
       KeyError / ValueError naming a missing or mis-shaped tensor.
     """
     # (by name: torch stays an optional dependency, not imported here; a torch.compile'd
-    # module is judged by the module it wraps)
-    wrapped = getattr(module_or_state_dict, "_orig_mod", module_or_state_dict)
-    module_types = [cls.__name__ for cls in type(wrapped).__mro__]
+    # module is read as the module it wraps, its names without the wrapper's "_orig_mod.")
+    module_or_state_dict = unwrap_compiled(module_or_state_dict)
+    module_types = [cls.__name__ for cls in type(module_or_state_dict).__mro__]
     if hasattr(module_or_state_dict, "state_dict") and "MultiheadAttention" not in module_types:
         raise ValueError(
             f"mha_from_torch: expected a torch.nn.MultiheadAttention or a state dict, got a "
-            f"module of type {type(wrapped).__name__} (pass its attention module, e.g. "
-            f"layer.self_attn, or its state_dict() with prefix= and num_heads=)"
+            f"module of type {type(module_or_state_dict).__name__} (pass its attention module, "
+            f"e.g. layer.self_attn, or its state_dict() with prefix= and num_heads=)"
         )
     module_heads = getattr(module_or_state_dict, "num_heads", None)
     if num_heads is None:

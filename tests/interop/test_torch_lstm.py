@@ -132,6 +132,19 @@ def test_an_inconsistent_weight_hh_or_another_rnn_is_named():
             lstm_from_torch(state)
 
 
+# torch.compile imports torch._dynamo, whose TorchScript parts warn that they are deprecated.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_a_compiled_module_reads_as_the_module_it_wraps():
+    """torch.compile's wrapper prefixes its state dict's names with "_orig_mod.": the LSTM
+    it wraps is read (the same weights), and a wrapped GRU is still named as one."""
+    module = _torch_lstm(2, True)
+    got, want = lstm_from_torch(torch.compile(module)), lstm_from_torch(module)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"got a torch\.nn\.GRU, not an LSTM"):
+        lstm_from_torch(torch.compile(torch.nn.GRU(D_IN, H)))
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_bias_free_export_loads_into_a_bias_free_torch_lstm(bidirectional):
     weights = lstm_from_torch(_torch_lstm(2, bidirectional, bias=False))  # b = 0
