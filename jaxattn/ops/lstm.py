@@ -389,6 +389,17 @@ def lstm_stack(
     hidden = (layers[0].forward if bidirectional else layers[0]).w_hh.shape[0]
     if xs.ndim != 3:  # before the carry, whose expected shape needs B = xs.shape[0]
         raise ValueError(f"lstm_stack: xs must be [B, T, I], got {xs.shape}")
+    # Layer l > 0 reads layer l-1's [B, T, dirs*h]: checked here, before any layer runs, so
+    # that a mismatch names the layer (lstm_scan would name an xs the caller never passed).
+    for layer, weights in enumerate(layers[1:], start=1):
+        for w in weights if bidirectional else (weights,):
+            in_size, h = _check_weights(w, f"lstm_stack: layer {layer}")
+            if (in_size, h) != (dirs * hidden, hidden):
+                raise ValueError(
+                    f"lstm_stack: layer {layer} has w_ih {tuple(w.w_ih.shape)} and w_hh "
+                    f"{tuple(w.w_hh.shape)}; it reads layer {layer - 1}'s outputs, so it needs "
+                    f"I = {dirs * hidden} ({dirs} x layer 0's h = {hidden}) and h = {hidden}"
+                )
     if carry is not None:
         want = (len(layers) * dirs, xs.shape[0], hidden)
         got = tuple(jnp.shape(a) for a in carry)

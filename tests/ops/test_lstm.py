@@ -491,6 +491,17 @@ def test_bad_stack_inputs_raise(rng):
         bidirectional_lstm(lopsided, xs)
     with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
         init_lstm_stack(rng, IN, HID, num_layers=0)
+    # A later layer that does not fit the one before it is named before any layer runs.
+    uni = init_lstm_stack(rng, IN, HID, num_layers=2)
+    wide = init_lstm_stack(rng, 7, HID)[0]  # reads 7 features, not layer 0's h = 11
+    with pytest.raises(ValueError, match=r"layer 1 has w_ih \(7, 44\) .* I = 11 .* h = 11"):
+        lstm_stack((uni[0], wide), xs)
+    other_h = init_lstm_stack(rng, HID, 6)[0]  # h = 6 where layer 0 has 11
+    with pytest.raises(ValueError, match=r"layer 1 has w_ih \(11, 24\) and w_hh \(6, 24\)"):
+        lstm_stack((uni[0], other_h), xs)
+    half = init_lstm_stack(rng, HID, HID, bidirectional=True)[0]  # reads h, not 2h
+    with pytest.raises(ValueError, match=r"needs I = 22 \(2 x layer 0's h = 11\)"):
+        lstm_stack((bi[0], half), xs)
 
 
 # --- implementations: hand-written backward, cuDNN packing ----------------------------------
