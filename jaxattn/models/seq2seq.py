@@ -12,7 +12,7 @@ output ``h_t`` scores every encoder output ``m_s`` (dot, general or additive), a
 
     a_t = softmax_s(score(h_t, m_s))         # zero on source padding
     c_t = sum_s a_ts m_s                     # context
-    h~_t = tanh(W_c [c_t; h_t])              # Luong's attentional hidden state (eq. 5)
+    h~_t = tanh(W_c [c_t; h_t] + b_c)        # Luong's attentional hidden state (eq. 5)
     logits_t = W_s h~_t + b_s                # without attention: W_s h_t + b_s
 
 Attention joins after the LSTM and is not fed back into it (no "input feeding"), so in
@@ -146,12 +146,13 @@ class Seq2SeqWeights(NamedTuple):
     decoder: tuple[LSTMWeights, ...]  # L layers, hidden h
     memory: DenseWeights | None  # [2h, h], no bias: bidirectional outputs -> h (attention only)
     attention: Array | AdditiveWeights | None  # general W [h, h] or additive weights
-    combine: DenseWeights | None  # W_c [2h, h] over [c; h] (attention only)
+    combine: DenseWeights | None  # W_c [2h, h], b_c [h] over [c; h] (attention only)
     output: DenseWeights  # W_s [h, V], b_s [V]
 
 
 def init_seq2seq(rng: Array, config: Seq2SeqConfig) -> Seq2SeqWeights:
-    """Initialise: N(0, 1) embeddings (PyTorch's), PyTorch LSTM init, N(0, 1/fan_in) dense."""
+    """Initialise: N(0, 1) embeddings (PyTorch's), PyTorch's LSTM init plus
+    ``config.forget_bias`` on the forget gates' bias (1.0 by default), N(0, 1/fan_in) dense."""
     keys = jax.random.split(rng, 8)
     e, h, att = config.embed_dim, config.hidden_size, config.attention
     lstm = functools.partial(
@@ -209,7 +210,8 @@ def encode(
     """Run the encoder LSTM over padded source sentences.
 
     Args:
-      src: ``[B, S]`` ids; row b's tokens ``>= src_lengths[b]`` are padding and ignored.
+      src: ``[B, S]`` ids; row b's tokens ``>= src_lengths[b]`` are padding, ignored by the
+        model but still checked as ids in ``[0, V)`` (pad with ``pad_id``, not -1).
       src_lengths: ``[B]`` integers in ``[0, S]``.
       rng: dropout key (needed when ``deterministic=False`` and ``config.dropout > 0``).
 
