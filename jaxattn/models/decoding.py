@@ -299,6 +299,7 @@ def generate(
     top_p: float | Array | None = None,
     eos_id: int | None = None,
     greedy: bool = False,
+    keys: Array | None = None,
 ) -> Array:
     """Extend ``prompt`` by ``max_new_tokens`` tokens sampled with ``sample_logits``.
 
@@ -314,7 +315,12 @@ def generate(
       cache: the decode function's empty cache.
       prompt: ``[B, T0]`` integer ids, ``T0 >= 1``.
       max_new_tokens: Python int >= 0.
-      rng: sampling key, split once per new token; None only when greedy.
+      rng: sampling key, split once per new token; None when greedy or with ``keys``.
+      keys: instead of ``rng``, the ``[max_new_tokens]`` keys themselves (raw ``[n, 2]``
+        uint32 ones too), new token i drawn with ``keys[i]``: for a caller that draws
+        further tokens with the rest of one ``split(rng, n)`` (``gpt.generate`` past the
+        model's context). ``split(rng, n)[:m]`` equals ``split(rng, m)`` only under
+        ``jax_threefry_partitionable``, so the parts are cut from one split.
       temperature, top_k, top_p, greedy: as in ``sample_logits`` (temperature and top_p may
         be traced).
       eos_id: end-of-sequence id, or None to draw all ``max_new_tokens`` in every row.
@@ -325,7 +331,10 @@ def generate(
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     eos_id = check_eos_id(eos_id, "generate")
     greedy = greedy or is_greedy(temperature)
-    check_sampling_key(rng, temperature, "generate", greedy=greedy)
+    if keys is None:
+        check_sampling_key(rng, temperature, "generate", greedy=greedy)
+    elif rng is not None:
+        raise ValueError("generate: pass rng or keys, not both")
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"generate: prompt must be [B, T0] with T0 >= 1, got {prompt.shape}")
@@ -341,7 +350,9 @@ def generate(
     # sample_logits(keys[i], ...) would draw. Each step draws its own [B, V] noise, so
     # the memory stays O(B V) whatever max_new_tokens (drawn up front, [n, B, V] noise
     # took ~4x its size in scratch: 6 GiB for 1,000 tokens at B = 8, V = 50,257).
-    keys = None if greedy else jax.random.split(rng, max_new_tokens)  # [n]
+    if keys is None and not greedy:
+        keys = jax.random.split(rng, max_new_tokens)  # [n]
+    keys = _token_keys(keys, max_new_tokens, greedy, "generate")
     noise_shape = (prompt.shape[0], logits.shape[-1])  # [B, V]
 
     def noise(key):
@@ -375,6 +386,19 @@ def generate(
     length = max_new_tokens - 1
     (last, _), fed = jax.lax.scan(step, (first, cache), later, length=length)  # fed: [n-1, B]
     return jnp.concatenate([prompt, fed.T, last[:, None]], axis=1)  # [B, T0 + n]
+
+
+def _token_keys(keys: Array | None, n: int, greedy: bool, where: str) -> Array | None:
+    """``keys`` as ``[n]`` typed PRNG keys (None when greedy); raw ``[n, 2]`` uint32 keys (a
+    split ``jax.random.PRNGKey``) become typed keys of the default implementation."""
+    if greedy:
+        return None
+    if keys is not None and not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.wrap_key_data(keys)
+    if keys is None or keys.shape != (n,):
+        shape = None if keys is None else keys.shape
+        raise ValueError(f"{where}: sampling needs keys of shape ({n},), got {shape}")
+    return keys
 
 
 def generate_cropped(
@@ -432,14 +456,7 @@ def generate_cropped(
             f"{tokens.shape}"
         )
     greedy = greedy or is_greedy(temperature)
-    if keys is not None and not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
-        # Raw uint32 keys (jax.random.PRNGKey, split to [n, 2]): typed keys of the default impl.
-        keys = jax.random.wrap_key_data(keys)
-    if not greedy and (keys is None or keys.shape != (max_new_tokens,)):
-        shape = None if keys is None else keys.shape
-        raise ValueError(
-            f"generate_cropped: sampling needs keys of shape ({max_new_tokens},), got {shape}"
-        )
+    keys = _token_keys(keys, max_new_tokens, greedy, "generate_cropped")
     b, t0 = tokens.shape
     out = jnp.concatenate([tokens.astype(jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32)], 1)
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)

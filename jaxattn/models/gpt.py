@@ -816,6 +816,10 @@ def _generate_jit(
     # Cast once here rather than on every token.
     weights = cast_floating(weights, config.compute_dtype)
     out = prompt
+    # Token i of the max_new_tokens draws with key i of one split, cached or cropped: cut
+    # from one split, as split(rng, n)[:m] equals split(rng, m) only under the default
+    # jax_threefry_partitionable. Greedy needs none (and may have been given rng=None).
+    keys = None if greedy else jax.random.split(rng, max_new_tokens)
     if cached:
         # (The last sample is never fed back, so block positions always suffice.)
         cache = init_cache(config, prompt.shape[0], min(t0 + cached, block))
@@ -824,12 +828,9 @@ def _generate_jit(
         def decode(toks, c):  # the decode function protocol of decoding.generate
             return gpt_decode(stepped, toks, c, config, start=start)
 
-        out = decoding.generate(decode, cache, prompt, cached, rng=rng, **settings)
+        cached_keys = None if keys is None else keys[:cached]
+        out = decoding.generate(decode, cache, prompt, cached, keys=cached_keys, **settings)
     if cropped:
-        # Token i of all max_new_tokens draws with key i of split(rng, max_new_tokens), as in
-        # the cached part (split's keys do not depend on how many are split off). Greedy
-        # needs none (and may have been given rng=None, as the cached part allows).
-        keys = None if greedy else jax.random.split(rng, max_new_tokens)[cached:]
 
         def next_logits(window, offset):  # [B, block] -> [B, V]: the last position's logits
             positions = key_mask = None
@@ -841,8 +842,9 @@ def _generate_jit(
 
         # Rows that drew eos_id in the cached part stay ended.
         ended = None if eos_id is None else jnp.any(out[:, t0:] == eos_id, axis=1)  # [B]
+        cropped_keys = None if keys is None else keys[cached:]
         out = decoding.generate_cropped(
-            next_logits, out, cropped, context=block, keys=keys, ended=ended, **settings
+            next_logits, out, cropped, context=block, keys=cropped_keys, ended=ended, **settings
         )
     if start is not None:
         out = _roll_rows(out, -start)  # back to right padding, the padding after the new tokens

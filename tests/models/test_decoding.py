@@ -461,16 +461,42 @@ def test_greedy_generate_past_the_context_needs_no_key():
     )
 
 
-def test_sampled_generate_past_the_context_draws_token_i_with_key_i():
-    """Both parts, cached and cropped, draw new token i with key i of split(rng, n)."""
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_sampled_generate_past_the_context_draws_token_i_with_key_i(partitionable):
+    """Both parts, cached and cropped, draw new token i with key i of split(rng, n). Also
+    without jax_threefry_partitionable, where split(rng, m) is not split(rng, n)[:m]: the
+    cached part split its own keys, and drew others than documented."""
     w = random_weights(BASE, seed=5)
     prompt = tokens_for(BASE, (B, 4), seed=6)
     settings = dict(temperature=0.8, top_k=6, top_p=0.95)
     rng = jax.random.key(4)  # threefry: see test_sampled_generate_equals_sample_logits...
-    out = gpt_module.generate(w, BASE, prompt, 16, rng=rng, **settings)
-    keys = jax.random.split(rng, 16)
-    sampled = lambda i, logits: decoding.sample_logits(keys[i], logits, **settings)
-    np.testing.assert_array_equal(out, _reference_cropped(w, prompt, 16, BASE, sampled))
+    with jax.threefry_partitionable(partitionable):
+        out = gpt_module.generate(w, BASE, prompt, 16, rng=rng, **settings)
+        keys = jax.random.split(rng, 16)
+        sampled = lambda i, logits: decoding.sample_logits(keys[i], logits, **settings)
+        want = _reference_cropped(w, prompt, 16, BASE, sampled)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_generate_takes_rng_or_keys():
+    """keys= replaces rng (token i drawn with keys[i], raw uint32 keys too); not both."""
+    w = random_weights(BASE, seed=5)
+    prompt = tokens_for(BASE, (B, 4), seed=6)
+    rng = jax.random.key(4)
+
+    def run(**key_args):
+        cache = gpt_module.init_cache(BASE, B, BASE.block_size)
+        decode = lambda t, c: gpt_module.gpt_decode(w, t, c, BASE)
+        return decoding.generate(decode, cache, prompt, 5, temperature=0.9, **key_args)
+
+    want = run(rng=rng)
+    np.testing.assert_array_equal(run(keys=jax.random.split(rng, 5)), want)
+    raw = jax.random.key_data(jax.random.split(rng, 5))  # [5, 2] uint32
+    np.testing.assert_array_equal(run(keys=raw), want)
+    with pytest.raises(ValueError, match="pass rng or keys, not both"):
+        run(rng=rng, keys=jax.random.split(rng, 5))
+    with pytest.raises(ValueError, match=r"generate: sampling needs keys of shape \(5,\)"):
+        run(keys=jax.random.split(rng, 4))
 
 
 # Prompts of different lengths in one batch: right-padded, with prompt_lengths.
