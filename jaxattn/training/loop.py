@@ -38,8 +38,8 @@ from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from jaxattn.ops._checks import as_size, check_size
-from jaxattn.training.checkpoint import Checkpointer, check_writable
-from jaxattn.training.metrics import Mean, MetricsWriter, reduce_means
+from jaxattn.training.checkpoint import Checkpointer, NotWritableError, check_writable
+from jaxattn.training.metrics import Mean, MetricsWriter, is_remote, reduce_means
 from jaxattn.training.sharding import global_batch, replicated, to_host
 from jaxattn.training.state import TrainState
 
@@ -197,6 +197,18 @@ def make_eval_step(
     )
 
 
+def _check_metrics_writable(workdir: epath.Path) -> None:
+    """``NotWritableError`` if the ``metrics.jsonl`` or ``tb/`` that process 0 appends to
+    exists but cannot be written (left by another user): the folder may be writable while
+    they are not, and the run failed with a traceback after restoring its checkpoint.
+    Creates nothing (the folder's own check covers new ones)."""
+    if is_remote(workdir):  # object stores have no permission bits to ask
+        return
+    for path, mode in ((workdir / "metrics.jsonl", os.W_OK), (workdir / "tb", os.W_OK | os.X_OK)):
+        if path.exists() and not os.access(path, mode):
+            raise NotWritableError(f"cannot write to {path}: Permission denied")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     """When ``fit`` trains, evaluates, logs and checkpoints (all counted in updates)."""
@@ -329,6 +341,8 @@ class Trainer:
             # probes: were only process 0 to fail, the others would wait 5 minutes at
             # orbax's first barrier for it.
             check_writable(self.workdir)
+            if self.primary:
+                _check_metrics_writable(self.workdir)
         self.ckpt = Checkpointer(
             ckpt_dir,
             max_to_keep=loop.max_to_keep,

@@ -383,6 +383,25 @@ def test_unwritable_workdir_fails_before_training(tmp_path, toy):
     assert workdir.read_text() == "a file, not a folder"
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "tb"])
+def test_an_unwritable_metrics_file_or_tb_folder_fails_before_training(
+    tmp_path, toy, monkeypatch, name
+):
+    """The workdir may be writable while the metrics.jsonl or tb/ left in it are not: that
+    is named before the first step (it was a traceback after the restore)."""
+    _fit(toy, tmp_path, num_steps=4)
+    snapshot_before = snapshot(tmp_path / "checkpoints")
+    access = os.access  # root ignores chmod: deny this one path as the OS would
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: path != tmp_path / name and access(path, mode)
+    )
+    with pytest.raises(NotWritableError, match=f"cannot write to {tmp_path / name}: "):
+        _fit(toy, tmp_path, num_steps=8)
+    assert snapshot(tmp_path / "checkpoints") == snapshot_before
+    monkeypatch.undo()
+    assert _fit(toy, tmp_path, num_steps=8).step == 8
+
+
 def test_a_finished_run_needs_no_write_access(tmp_path, toy, monkeypatch):
     _fit(toy, tmp_path, num_steps=4)
 
