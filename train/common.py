@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import functools
@@ -11,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -132,8 +134,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         where = next((a for a in argv if a.startswith("--config=")), "--config")
         print(f"error: cannot load {where}: {cause[-1].strip() if cause else e}", file=sys.stderr)
         sys.exit(2)
-    except (AttributeError, KeyError) as e:  # How ml_collections reports an unknown field.
-        _report_bad_override(e, argv)
+    except (AttributeError, KeyError, ValueError, SyntaxError) as e:
+        # How ml_collections reports an unknown field (a field below a None one: ValueError),
+        # unless the config file itself failed.
+        _report_config_error(e, argv)
 
 
 def define_config_file(default: str, help_string: str):
@@ -146,13 +150,44 @@ def define_config_file(default: str, help_string: str):
     """
     try:
         return config_flags.DEFINE_config_file("config", default, help_string)
-    except (AttributeError, KeyError) as e:
-        _report_bad_override(e, sys.argv)
+    except (AttributeError, KeyError, ValueError, SyntaxError) as e:
+        _report_config_error(e, sys.argv, default)
+
+
+def _config_file(argv: list[str], default: str | None) -> str | None:
+    """The config file the command line names (``--config=FILE[:arg]``), else ``default``."""
+    named = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    return named[-1].split(":", 1)[0] if named else default
+
+
+def _report_config_error(e: Exception, argv: list[str], default: str | None = None) -> NoReturn:
+    """Exit with status 2 and one line: the config file's own error (a typo in it, no
+    ``get_config``, a syntax error), or else a bad ``--config.<key>`` override's."""
+    path = _config_file(argv, default)
+    frames = {Path(frame.filename).resolve() for frame in traceback.extract_tb(e.__traceback__)}
+    in_file = path is not None and Path(path).resolve() in frames
+    if in_file or isinstance(e, SyntaxError) or "get_config" in str(e):
+        message = f"{type(e).__name__}: {_one_line(e)}"
+        print(f"error: cannot load --config={path}: {message}", file=sys.stderr)
+        sys.exit(2)
+    _report_bad_override(e, argv)
+
+
+def _one_line(e: Exception) -> str:
+    """``e``'s message on one line. ml_collections' KeyErrors (and the AttributeErrors made
+    from them) carry a quoted, escaped message: ``'\\'modle\\'\\nDid you mean ...'``."""
+    text = str(e.args[0]) if e.args and not isinstance(e, SyntaxError) else str(e)
+    while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            text = str(ast.literal_eval(text))
+        except (ValueError, SyntaxError):
+            break
+    return " ".join(text.split())
 
 
 def _report_bad_override(e: Exception, argv: list[str]) -> NoReturn:
     """Print what is wrong with a ``--config.<key>`` override and exit with status 2."""
-    message = re.sub(r"\\+", "", str(e))  # The key arrives quoted and escaped.
+    message = _one_line(e)
     key = re.search(r"'(\w+)'", message)
     key = key.group(1) if key else message
     hint = re.search(r'Did you mean "(\w+)"', message)

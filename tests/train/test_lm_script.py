@@ -328,6 +328,39 @@ def test_misspelt_key_in_a_config_file_is_an_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # A typo that fails inside the file: it was blamed on the overrides ("bad config
+        # override in --config.seed=1"), with the message's newline mangled to "'n".
+        (("config.model.num_layers =", "config.modle.num_layers ="),
+         """AttributeError: 'modle' Did you mean "model" instead of "modle"?"""),
+        (("def get_config(", "def make_config("), "has no attribute 'get_config'"),
+        (("def get_config(", "def get_config(:"), "SyntaxError: invalid syntax"),  # a traceback
+    ],
+    ids=["typo", "no_get_config", "syntax"],
+)  # fmt: skip
+def test_an_error_inside_the_config_file_names_the_file(tmp_path, edit, message):
+    config_file = tmp_path / "broken.py"
+    source = (REPO / "train" / "configs" / "tiny.py").read_text()
+    config_file.write_text(source.replace(*edit))
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", "--config.seed=1", config=config_file,
+                  check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert f"error: cannot load --config={config_file}: " in proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_override_below_an_unset_field_is_named(tmp_path):
+    """model.num_kv_heads is None in tiny.py: ml_collections' ValueError was a traceback."""
+    proc = run_lm(f"--workdir={tmp_path}", "--config.model.num_kv_heads.x=1", check=False)
+    assert proc.returncode == 2
+    assert "bad config override in --config.model.num_kv_heads.x=1: " in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("overrides", [[], ["--config.num_steps=3"]])
 def test_missing_config_file_is_an_error(tmp_path, overrides):
     """ml_collections defers a config file's load error to its first use: a typo in the
