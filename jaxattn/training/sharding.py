@@ -64,7 +64,8 @@ def make_mesh(
     """
     devices = list(jax.devices() if devices is None else devices)
     given = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    # (True read as 1; a NumPy integer from a config file is a size like any int)
+    # (as_size refuses bools, which would read as 1; a NumPy integer from a config file is a
+    # size like any int)
     sizes = {name: as_size(s, -1) for name, s in given.items()}
     if any(s in (None, 0) for s in sizes.values()):
         raise ValueError(f"mesh sizes must be integers >= 1 (or one -1), got {given}")
