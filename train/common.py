@@ -22,7 +22,6 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxattn.models._config import weight_decay_mask
 from jaxattn.training import sharding
 from jaxattn.training.checkpoint import (
     ORBAX_READ_ERROR,
@@ -33,7 +32,6 @@ from jaxattn.training.checkpoint import (
 )
 from jaxattn.training.loop import LoopConfig, NonFiniteLossError
 from jaxattn.training.metrics import is_remote
-from jaxattn.training.optim import optimizer_from_config
 from jaxattn.training.state import TrainState, create_train_state
 
 _COORDINATOR = flags.DEFINE_string(
@@ -275,13 +273,6 @@ def model_config(
         if key not in names:
             raise _unknown_key(key, names, where or config_source(), prefix="model.")
     return cls(**fixed, **fields)
-
-
-def model_optimizer(config: ml_collections.ConfigDict):
-    """``(optimizer, schedule)`` of ``config`` for the project's models, decaying only their
-    kernels and tables (``weight_decay_mask``, as nanoGPT): optax's ``ndim >= 2`` default
-    would also decay the stacked ``[L, D]`` layer-norm scales and ``[L, N, H]`` biases."""
-    return optimizer_from_config(config, decay_mask=weight_decay_mask)
 
 
 def new_train_state(

@@ -42,7 +42,6 @@ from common import (  # train/common.py (this script's directory)
     initialize_distributed,
     latest_checkpoint_metadata,
     model_config,
-    model_optimizer,
     new_train_state,
     parse_flags,
     print_once,
@@ -53,7 +52,7 @@ from etils import epath
 
 from jaxattn.models._config import check_seed, check_size, init_shapes
 from jaxattn.models.decoding import check_sampling
-from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt
+from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt, weight_decay_mask
 from jaxattn.models.partitioning import TRANSFORMER_RULES
 from jaxattn.training import data, sharding
 from jaxattn.training.checkpoint import (
@@ -67,6 +66,7 @@ from jaxattn.training.loop import (
     make_eval_step,
     make_train_step,
 )
+from jaxattn.training.optim import optimizer_from_config
 
 _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "shakespeare_char_cpu.py")
 _CONFIG = define_config_file(_DEFAULT_CONFIG, "Run config file.")
@@ -135,8 +135,14 @@ def print_samples(params, model, tokenizer, seed: int) -> None:
         print_once(f"---------- sample {i} ----------\n{text}")
 
 
+def lm_optimizer(config: ml_collections.ConfigDict):
+    """``(optimizer, schedule)`` of ``config``, decaying only nanoGPT's leaves (kernels and
+    tables): optax's ``ndim >= 2`` default would also decay the ``[L, D]`` layer-norm stacks."""
+    return optimizer_from_config(config, decay_mask=weight_decay_mask)
+
+
 def _abstract_state(model: GPTConfig, config: ml_collections.ConfigDict):
-    return abstract_train_state(init_gpt, model, model_optimizer(config)[0])
+    return abstract_train_state(init_gpt, model, lm_optimizer(config)[0])
 
 
 def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -165,7 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     # config.batch_size first: it is what the user sets, and if it splits so does rows.
     val_rows = sharding.process_batch_slice(batch_sharding, config.batch_size, "config.batch_size")
     train_rows = sharding.process_batch_slice(batch_sharding, rows)
-    optimizer, schedule = model_optimizer(config)
+    optimizer, schedule = lm_optimizer(config)
     train_ds = data.lm_dataset(
         train_ids, batch_size=rows, seq_len=model.block_size, seed=config.seed,
         vocab_size=tokenizer.vocab_size, name="train split",

@@ -60,7 +60,6 @@ from common import (  # train/common.py (this script's directory)
     initialize_distributed,
     latest_checkpoint_metadata,
     model_config,
-    model_optimizer,
     new_train_state,
     parse_flags,
     print_once,
@@ -86,6 +85,7 @@ from jaxattn.training.loop import (
     make_train_step,
 )
 from jaxattn.training.metrics import MetricsWriter, is_remote
+from jaxattn.training.optim import optimizer_from_config
 
 _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lstm_dot_cpu.py")
 _CONFIG = define_config_file(_DEFAULT_CONFIG, "Run config file.")
@@ -98,12 +98,13 @@ _BLEU_ONLY = flags.DEFINE_bool(
 )
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
-# Each model kind: (config class, init, loss, translate, partition rules).
+# Each model kind: (config class, init, loss, translate, partition rules, weight-decay mask).
 MODELS = {
     "seq2seq": (seq2seq.Seq2SeqConfig, seq2seq.init_seq2seq, seq2seq.seq2seq_loss,
-                seq2seq.translate, SEQ2SEQ_RULES),
+                seq2seq.translate, SEQ2SEQ_RULES, seq2seq.weight_decay_mask),
     "transformer": (transformer.TransformerConfig, transformer.init_transformer,
-                    transformer.transformer_loss, transformer.translate, TRANSFORMER_RULES),
+                    transformer.transformer_loss, transformer.translate, TRANSFORMER_RULES,
+                    transformer.weight_decay_mask),
 }  # fmt: skip
 
 
@@ -204,8 +205,15 @@ def positions_per_step(batch) -> int:
     return batch["src"].size + batch["tgt_in"].size
 
 
+def translate_optimizer(config: ml_collections.ConfigDict, kind: str):
+    """``(optimizer, schedule)`` of ``config``, decaying only the model's matrices and tables
+    (its ``weight_decay_mask``): optax's ``ndim >= 2`` default would also decay the
+    Transformer's stacked ``[L, D]`` layer-norm scales and ``[L, N, H]`` biases."""
+    return optimizer_from_config(config, decay_mask=MODELS[kind][5])
+
+
 def _abstract_state(kind, model, config):
-    optimizer, _ = model_optimizer(config)
+    optimizer, _ = translate_optimizer(config, kind)
     return abstract_train_state(MODELS[kind][1], model, optimizer)
 
 
@@ -350,7 +358,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     # The model fields' errors (a field of another kind of model included) before the
     # workdir and its sentencepiece model are made (the vocabulary's size is only an upper
     # bound here; the real one comes from the tokenizer).
-    build_model(config, config.vocab_size)
+    kind, _ = build_model(config, config.vocab_size)
     check_decode_settings(config)  # before training, not after it
     check_example_counts(config, ("max_train_examples", "max_eval_examples"))
     meta = latest_checkpoint_metadata(workdir, config, also_free=DECODE_SETTINGS)  # notes changes
@@ -360,7 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     process_rows = sharding.process_batch_slice(
         batch_sharding, config.batch_size, "config.batch_size"
     )
-    optimizer, schedule = model_optimizer(config)
+    optimizer, schedule = translate_optimizer(config, kind)
     check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()

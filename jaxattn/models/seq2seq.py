@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,6 @@ from jaxattn.models._config import (
     check_size,
     check_special_ids,
     check_weights,
-    weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
 from jaxattn.ops.attention import (
     AdditiveWeights,
@@ -177,6 +176,14 @@ def init_seq2seq(rng: Array, config: Seq2SeqConfig) -> Seq2SeqWeights:
         combine=init_dense(keys[6], 2 * h, h) if att != "none" else None,
         output=init_dense(keys[7], h, config.tgt_vocab_size),
     )
+
+
+def weight_decay_mask(weights: Seq2SeqWeights) -> Any:
+    """True for the leaves nanoGPT's rule decays: matrices and embedding tables, here every
+    leaf with ``ndim >= 2`` (optax's default rule is right for this tree: no leaf is stacked
+    over layers). False for biases and additive attention's ``v``. Not the name rule of
+    ``gpt`` and ``transformer``: general attention's ``[h, h]`` matrix is a bare array."""
+    return jax.tree.map(lambda leaf: jnp.ndim(leaf) >= 2, weights)
 
 
 def _split(rng: Array | None, n: int, active: bool) -> tuple[Array | None, ...]:

@@ -632,3 +632,18 @@ def test_translate_rows_do_not_depend_on_their_neighbours(np_rng):
     src, lengths, _ = example_batch(config, np_rng)
     run = lambda s, n: np.asarray(translate(w, config, s, n, beam_size=2, max_len=5))
     np.testing.assert_array_equal(run(src[::-1], lengths[::-1])[::-1], run(src, lengths))
+
+
+@pytest.mark.parametrize("attention", ["none", "dot", "general", "additive"])
+def test_weight_decay_mask_takes_every_matrix_and_table(attention):
+    """Every leaf with ndim >= 2 (nothing is stacked over layers here), general attention's
+    bare [h, h] matrix included; no bias, and not additive attention's v."""
+    config = dataclasses.replace(BASE, attention=attention, num_layers=2)
+    weights = init_seq2seq(jax.random.key(0), config)
+    mask = seq2seq.weight_decay_mask(weights)
+    for (path, decays), leaf in zip(
+        jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(weights), strict=True
+    ):
+        assert decays == (leaf.ndim >= 2), jax.tree_util.keystr(path)
+    if attention == "general":
+        assert mask.attention is True

@@ -452,7 +452,7 @@ def test_optimizer_decays_only_the_leaves_nanogpt_decays(lm):
         learning_rate=1.0, min_lr=1.0, warmup_steps=0, lr_decay_steps=10, b1=0.9, b2=0.99,
         weight_decay=0.5, grad_clip=0.0,
     ))  # fmt: skip
-    optimizer, _ = lm.model_optimizer(config)
+    optimizer, _ = lm.lm_optimizer(config)
     # Zero gradients: Adam's step is 0 and only the decay, -lr * 0.5 * param, is left.
     decay_only = lambda p: optimizer.update(jax.tree.map(jnp.zeros_like, p), optimizer.init(p), p)
     updates, _ = jax.jit(decay_only)(ones)

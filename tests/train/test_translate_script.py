@@ -462,28 +462,27 @@ def test_transformer_position_table_must_hold_the_largest_bucket(translate):
     translate.check_decode_settings(config)
 
 
+@pytest.mark.parametrize("model", ["transformer", "general"])
 def test_train_decays_kernels_weighs_val_batches_by_tokens_and_counts_positions(
-    translate, monkeypatch, tmp_path
+    translate, monkeypatch, tmp_path, model
 ):
-    """What train hands the loop: an optimizer that decays the kernels and tables only (not
-    optax's ndim >= 2, which decayed the transformer's stacked [L, D] layer-norm scales and
-    [L, N, H] biases), an evaluation weighing each batch by its target tokens (val_loss the
-    mean over tokens, not over bucketed batches), and source + target positions for tokens/s."""
+    """What train hands the loop: an optimizer that decays the model's matrices and tables
+    only (optax's ndim >= 2 rule decayed the Transformer's stacked [L, D] layer-norm scales
+    and [L, N, H] biases; the name rule alone would miss general attention's bare matrix),
+    an evaluation weighing each batch by its target tokens (val_loss the mean over tokens,
+    not over bucketed batches), and source + target positions for tokens/s."""
     import jax
     import jax.numpy as jnp
     from configs import translate_tiny  # train/ is on sys.path (load_script)
-
-    from jaxattn.models._config import weight_decay_mask
 
     class Stop(Exception):
         pass
 
     built, eval_options, fit_options = [], {}, {}
+    translate_optimizer, make_eval_step = translate.translate_optimizer, translate.make_eval_step
 
-    model_optimizer, make_eval_step = translate.model_optimizer, translate.make_eval_step
-
-    def spy_optimizer(config):
-        built.append(model_optimizer(config))
+    def spy_optimizer(config, kind):
+        built.append(translate_optimizer(config, kind))
         return built[-1]
 
     def spy_eval_step(loss_fn, **options):
@@ -494,10 +493,10 @@ def test_train_decays_kernels_weighs_val_batches_by_tokens_and_counts_positions(
         fit_options.update(options, state=state, batch=next(train_iter))
         raise Stop
 
-    monkeypatch.setattr(translate, "model_optimizer", spy_optimizer)
+    monkeypatch.setattr(translate, "translate_optimizer", spy_optimizer)
     monkeypatch.setattr(translate, "make_eval_step", spy_eval_step)
     monkeypatch.setattr(translate, "fit", spy_fit)
-    config = translate_tiny.get_config("transformer")
+    config = translate_tiny.get_config(model)
     config.weight_decay = 0.5
     with pytest.raises(Stop):
         translate.train(config, tmp_path / "run")
@@ -507,10 +506,14 @@ def test_train_decays_kernels_weighs_val_batches_by_tokens_and_counts_positions(
     updates, _ = optimizer.update(
         jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params
     )
-    decayed = jax.tree.leaves(jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates))
-    want = jax.tree.leaves(weight_decay_mask(params))
-    assert decayed == want
-    assert params.encoder.ln1.scale.ndim == 2  # stacked [L, D]: ndim >= 2 would decay it
+    decayed = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+    if model == "transformer":  # stacked layers: decayed by name (kernels w*, tables)
+        assert params.encoder.ln1.scale.ndim == 2 and not decayed.encoder.ln1.scale
+        assert not decayed.decoder.self_attn.b_q and decayed.decoder.self_attn.w_q
+    else:  # nothing stacked: every matrix and table, general attention's [h, h] included
+        want = jax.tree.map(lambda p: p.ndim >= 2, params)
+        assert jax.tree.leaves(decayed) == jax.tree.leaves(want) and decayed.attention
+    assert decayed.src_embedding.table
     batch = fit_options["batch"]
     assert eval_options["weight_fn"](batch) == np.sum(batch["tgt_mask"]) > 0
     assert fit_options["tokens_per_step"](batch) == batch["src"].size + batch["tgt_in"].size
