@@ -41,11 +41,11 @@ from jaxattn.models._config import (
 from jaxattn.ops._checks import jit_when_eager
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
+    cached_attention,
     dot_product_attention,
     init_multi_head_attention,
     project_output,
     project_qkv,
-    write_kv_cache,
 )
 from jaxattn.ops.layers import (
     DenseWeights,
@@ -318,26 +318,21 @@ def _block(
     if config.positions == "rope":
         q = apply_rope(q, positions, base=config.rope_base)
         k = apply_rope(k, positions, base=config.rope_base)
-    attention = functools.partial(
-        dot_product_attention,
-        implementation=config.attention_implementation,
-        dropout_rate=rate,
-        dropout_rng=rng_attn,
+    options = dict(
+        implementation=config.attention_implementation, dropout_rate=rate, dropout_rng=rng_attn
     )
     window = config.local_window_size
     if cache is None:
-        ctx = attention(q, k, v, mask=key_mask, is_causal=True, local_window_size=window)
+        ctx = dot_product_attention(
+            q, k, v, mask=key_mask, is_causal=True, local_window_size=window, **options
+        )
         new_cache = None
     else:
         k_cache, v_cache, index, layer = cache
-        k_cache, v_cache, visible = write_kv_cache(
-            k_cache, v_cache, k, v, index, layer=layer, local_window_size=window
-        )  # visible: [1, 1, T, S], the window by cache slot
-        if key_mask is not None:
-            visible = visible & key_mask  # [B, 1, T, S]
-        keys, values = (k_cache, v_cache) if layer is None else (k_cache[layer], v_cache[layer])
-        ctx = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible)
-        new_cache = (k_cache, v_cache)
+        ctx, *new_cache = cached_attention(
+            q, k, v, k_cache, v_cache, index, layer=layer, mask=key_mask,
+            local_window_size=window, **options,
+        )  # fmt: skip
     x = x + dropout(rng_res1, project_output(blk.attn, ctx), rate)
     h = feed_forward(
         blk.mlp, layer_norm(blk.ln2, x, eps=eps), approximate_gelu=config.gelu_approximate

@@ -56,11 +56,11 @@ from jaxattn.models.seq2seq import check_batch
 from jaxattn.ops._checks import jit_when_eager
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
+    cached_attention,
     dot_product_attention,
     init_multi_head_attention,
     project_output,
     project_qkv,
-    write_kv_cache,
 )
 from jaxattn.ops.layers import (
     DenseWeights,
@@ -255,10 +255,14 @@ def _keys(rng: Array | None, n: int) -> tuple[Array | None, ...]:
     return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
 
 
+def _options(config, rate, rng) -> dict:
+    """``dot_product_attention``'s options: the config's kernel and attention dropout."""
+    return dict(implementation=config.attention_implementation, dropout_rate=rate, dropout_rng=rng)
+
+
 def _attention(config, rate, rng, q, k, v, **kw) -> Array:
     """``dot_product_attention`` with the config's kernel and attention dropout."""
-    kw.update(implementation=config.attention_implementation, dropout_rate=rate, dropout_rng=rng)
-    return dot_product_attention(q, k, v, **kw)
+    return dot_product_attention(q, k, v, **kw, **_options(config, rate, rng))
 
 
 def _encoder_layer(lw: EncoderLayerWeights, x, mask, config, rate, rng):
@@ -287,12 +291,10 @@ def _decoder_layer(lw: DecoderLayerWeights, y, cross, mask, config, rate, rng, c
             ctx = _attention(config, rate, r_self, q, k, v, is_causal=True)
             return project_output(lw.self_attn, ctx), None
         k_cache, v_cache, index, layer = cache
-        k_cache, v_cache, visible = write_kv_cache(
-            k_cache, v_cache, k, v, index, layer=layer
-        )  # visible: [1, 1, T, T_max]
-        k_all, v_all = (c[layer].astype(q.dtype) for c in (k_cache, v_cache))  # [B, T_max, N, H]
-        ctx = _attention(config, rate, r_self, q, k_all, v_all, mask=visible)
-        return project_output(lw.self_attn, ctx), (k_cache, v_cache)
+        ctx, *new_cache = cached_attention(
+            q, k, v, k_cache, v_cache, index, layer=layer, **_options(config, rate, r_self)
+        )
+        return project_output(lw.self_attn, ctx), tuple(new_cache)
 
     def cross_attention(h):
         q = project(h, lw.cross_attn.w_q, lw.cross_attn.b_q)  # [B, T, N, H]

@@ -871,6 +871,47 @@ def write_kv_cache(
     return k_cache, v_cache, visible[None, None]
 
 
+def cached_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    k_cache: Array,
+    v_cache: Array,
+    index: Array,
+    *,
+    layer: Array | None = None,
+    mask: Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    **attention_options: Any,
+) -> tuple[Array, Array, Array]:
+    """One step of incremental decoding: write a chunk's keys and values into a KV cache
+    (``write_kv_cache``), then attend its queries over every cached key it may see.
+
+    Args:
+      q: ``[B, T, N, H]`` the chunk's queries, at positions ``index .. index + T - 1``.
+      k, v: ``[B, T, K, H]`` its keys and values.
+      k_cache, v_cache, index, layer, local_window_size: as in ``write_kv_cache``; the
+        cache is read in q's dtype.
+      mask: boolean, broadcastable to ``[B, N, T, S]``, also True = attend (e.g. a
+        ``[B, 1, 1, S]`` mask hiding left padding); None for none.
+      attention_options: passed to ``dot_product_attention`` (``implementation``,
+        ``dropout_rate``, ``dropout_rng``, ``scale``).
+
+    Returns:
+      ``(out [B, T, N, Hv], k_cache, v_cache)`` with the chunk written (stacked as given).
+    """
+    k_cache, v_cache, visible = write_kv_cache(
+        k_cache, v_cache, k, v, index, layer=layer, local_window_size=local_window_size
+    )  # visible: [1, 1, T, S], causal (and the window) by cache slot
+    if mask is not None:
+        visible = combine_masks(visible, mask)
+    keys, values = (k_cache, v_cache) if layer is None else (k_cache[layer], v_cache[layer])
+    out = dot_product_attention(
+        q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible, **attention_options
+    )
+    return out, k_cache, v_cache
+
+
 def multi_head_attention(
     weights: MultiHeadAttentionWeights,
     x_q: Array,

@@ -16,6 +16,7 @@ from jaxattn.ops.attention import (
     additive_scores,
     attend,
     attention_weights,
+    cached_attention,
     dot_product_attention,
     dot_scores,
     general_scores,
@@ -1066,6 +1067,36 @@ def test_write_kv_cache_with_a_window_hides_the_keys_before_it(np_rng):
         np.testing.assert_array_equal(visible, want[None, None])
     with pytest.raises(ValueError, match="write_kv_cache: local_window_size must be"):
         write_kv_cache(cache, cache, chunk, chunk, 4, local_window_size=(-1, 0))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_cached_attention_in_chunks_equals_causal_attention_over_the_whole(np_rng, stacked):
+    """Prefill 3 positions, then 1, then 2: each chunk's outputs are the float64 causal
+    attention's rows for its positions, with GQA and a padding mask over the keys; the
+    cache holds every chunk's keys and values where they belong."""
+    t, n, kh = 6, 4, 2
+    q, k, v = qkv(np_rng, kh, t=t, s=t, n=n)
+    padding = np.ones((B, 1, 1, t), bool)
+    padding[1, ..., :2] = False  # row 1 left-padded by 2 (its first queries see nothing)
+    want, _ = np_attention(q, k, v, mask=padding, is_causal=True)
+    layers, layer = (3, 1) if stacked else (None, None)
+    shape = (B, t, kh, H) if layers is None else (layers, B, t, kh, H)
+    k_cache, v_cache = jnp.zeros(shape, jnp.bfloat16), jnp.zeros(shape, jnp.bfloat16)
+    step = jax.jit(partial(cached_attention, implementation="xla"))
+    start = 0
+    for size in (3, 1, 2):
+        chunk = slice(start, start + size)
+        out, k_cache, v_cache = step(
+            q[:, chunk], k[:, chunk], v[:, chunk], k_cache, v_cache, jnp.int32(start),
+            layer=None if layer is None else jnp.int32(layer), mask=jnp.asarray(padding),
+        )  # fmt: skip
+        assert out.dtype == q.dtype
+        np.testing.assert_allclose(out, want[:, chunk], rtol=2e-2, atol=2e-2)  # bf16 cache
+        start += size
+    written = k_cache if layer is None else k_cache[layer]
+    np.testing.assert_array_equal(written, jnp.asarray(k, jnp.bfloat16))
+    if layer is not None:
+        assert not jnp.any(k_cache[0]) and not jnp.any(v_cache[2])  # other layers untouched
 
 
 def test_write_kv_cache_writes_the_chunk_and_masks_later_keys(np_rng):
