@@ -37,8 +37,9 @@ def checkpointed_layer(body: Callable, remat: bool) -> Callable:
 
 def weight_decay_mask(weights: Any) -> Any:
     """True for the leaves nanoGPT decays: matmul kernels (``w``, ``w_q``, ``w_ih`` ...) and
-    embedding tables; False for biases, norm scales and other vectors. One rule for every
-    model here (``gpt``, ``transformer`` and ``seq2seq`` re-export it), by leaf name.
+    embedding tables; False for biases, norm scales and other vectors, by leaf name.
+    ``gpt`` and ``transformer`` re-export it; ``seq2seq``, whose layers are not stacked,
+    keeps ``ndim >= 2`` (its general attention matrix is a bare array, named by its field).
 
     ``optim.decay_mask``'s ``ndim >= 2`` does not fit these trees: stacked layers carry a
     leading layer axis (a layer-norm scale is ``[L, D]``) and attention biases are ``[N, H]``.
