@@ -1,6 +1,6 @@
 """Checks shared by the models (config fields in ``__post_init__``, sizes, weights), the
 two pieces of layer plumbing they share (the compute-dtype cast and the remat policy), and
-the weight-decay rule of their weight trees."""
+the weight-decay rule of their weight trees, and the options their attention calls share."""
 
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ def weight_decay_mask(weights: Any) -> Any:
         return name == "table" or name == "w" or name.startswith("w_")
 
     return jax.tree_util.tree_map_with_path(decays, weights)
+
+
+def attention_options(config: Any, rate: float, rng: Any) -> dict[str, Any]:
+    """``dot_product_attention``'s keyword options for a model layer: the config's kernel
+    (``attention_implementation``) and attention dropout at ``rate`` with key ``rng``."""
+    return dict(implementation=config.attention_implementation, dropout_rate=rate, dropout_rng=rng)
 
 
 def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxattn.models import decoding
 from jaxattn.models._config import (
+    attention_options,
     cast_floating,
     check_attention_implementation,
     check_bools,
@@ -318,9 +319,7 @@ def _block(
     if config.positions == "rope":
         q = apply_rope(q, positions, base=config.rope_base)
         k = apply_rope(k, positions, base=config.rope_base)
-    options = dict(
-        implementation=config.attention_implementation, dropout_rate=rate, dropout_rng=rng_attn
-    )
+    options = attention_options(config, rate, rng_attn)
     window = config.local_window_size
     if cache is None:
         ctx = dot_product_attention(

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jaxattn.models import beam_search as search
 from jaxattn.models._config import (
+    attention_options,
     cast_floating,
     check_attention_implementation,
     check_bools,
@@ -255,14 +256,9 @@ def _keys(rng: Array | None, n: int) -> tuple[Array | None, ...]:
     return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
 
 
-def _options(config, rate, rng) -> dict:
-    """``dot_product_attention``'s options: the config's kernel and attention dropout."""
-    return dict(implementation=config.attention_implementation, dropout_rate=rate, dropout_rng=rng)
-
-
 def _attention(config, rate, rng, q, k, v, **kw) -> Array:
     """``dot_product_attention`` with the config's kernel and attention dropout."""
-    return dot_product_attention(q, k, v, **kw, **_options(config, rate, rng))
+    return dot_product_attention(q, k, v, **kw, **attention_options(config, rate, rng))
 
 
 def _encoder_layer(lw: EncoderLayerWeights, x, mask, config, rate, rng):
@@ -292,7 +288,7 @@ def _decoder_layer(lw: DecoderLayerWeights, y, cross, mask, config, rate, rng, c
             return project_output(lw.self_attn, ctx), None
         k_cache, v_cache, index, layer = cache
         ctx, *new_cache = cached_attention(
-            q, k, v, k_cache, v_cache, index, layer=layer, **_options(config, rate, r_self)
+            q, k, v, k_cache, v_cache, index, layer=layer, **attention_options(config, rate, r_self)
         )
         return project_output(lw.self_attn, ctx), tuple(new_cache)
 
