@@ -54,6 +54,45 @@ def pure_weights_of(weights: Any) -> Any:
     return weights
 
 
+class ReadLog(Mapping):
+    """A read-only view of a state dict that notes each name read (``state[name]``), so that
+    an import can refuse what it left unread (``refuse_unread``)."""
+
+    def __init__(self, state: Mapping[str, Any]):
+        self._state, self.read = state, set()
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._state[name]
+        self.read.add(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:  # (Mapping's would read the tensor)
+        return name in self._state
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+def refuse_unread(state: ReadLog, where: str, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming the tensors under ``prefix`` that the import did not read
+    (names ending in one of ``skip`` are not weights): as PyTorch's strict
+    ``load_state_dict``, a misspelt or foreign tensor is not dropped silently."""
+    unread = sorted(
+        k for k in state if k.startswith(prefix) and k not in state.read and not k.endswith(skip)
+    )
+    if unread:
+        shown = ", ".join(map(repr, unread[:10]))
+        more = f" and {len(unread) - 10} more" if len(unread) > 10 else ""
+        under = f" under prefix {prefix!r}" if prefix else ""
+        raise ValueError(
+            f"{where}: {len(unread)} tensor(s){under} that the layout has no place for: "
+            f"{shown}{more} (strict=False skips them)"
+        )
+
+
 def get(state: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Read the weight ``state[name]`` as NumPy; KeyError/ValueError name the tensor."""
     if name not in state:

@@ -13,6 +13,7 @@ tanh GELU (``GPTConfig.gelu_approximate=True``).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -21,10 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.interop._tensors import (
+    ReadLog,
     check_framework,
     export,
     get,
+    pure_weights_of,
     read_safetensors,
+    refuse_unread,
     state_dict_of,
 )
 from jaxattn.models._config import check_weights
@@ -45,6 +49,11 @@ def gpt2_config_from_hf(hf_config: Any, **overrides: Any) -> GPTConfig:
     cross-attention, an MLP width that is not a multiple of D).
     """
     c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    missing = [
+        k for k in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size") if k not in c
+    ]
+    if missing:  # else a bare KeyError: 'vocab_size'
+        raise KeyError(f"gpt2_config_from_hf: the GPT-2 config has no {', '.join(missing)}")
     d = c["n_embd"]
     inner = c.get("n_inner") or 4 * d
     act = c.get("activation_function", "gelu_new")
@@ -114,17 +123,21 @@ def _check_config(config: GPTConfig) -> None:
         raise ValueError("GPT-2 layout needs " + ", ".join(bad) + " changed")
 
 
-def gpt2_from_hf(source: Any, config: GPTConfig) -> GPTWeights:
+def gpt2_from_hf(source: Any, config: GPTConfig, *, strict: bool = True) -> GPTWeights:
     """Import GPT-2 weights from a ``GPT2LMHeadModel``/``GPT2Model``, its state dict, or a
     ``model.safetensors`` path.
 
-    Extra entries (``attn.bias`` mask buffers of older ``transformers``) are ignored; with
-    ``config.tie_embeddings`` a stored ``lm_head.weight`` must equal ``wte`` (it is a copy).
-    Blocks beyond ``config.num_layers`` are an error, not dropped.
+    The ``attn.bias``/``attn.masked_bias`` causal-mask buffers of older ``transformers`` are
+    not weights and are skipped; with ``config.tie_embeddings`` a stored ``lm_head.weight``
+    must equal ``wte`` (it is a copy). Blocks beyond ``config.num_layers`` are an error, not
+    dropped.
 
     Args:
       source: module, ``{name: tensor or array}``, or a path to a ``.safetensors`` file.
       config: from ``gpt2_config_from_hf``.
+      strict: refuse tensors that GPT-2's layout has no place for (a misspelt name,
+        cross-attention, another head such as ``score.weight``), as PyTorch's
+        ``load_state_dict`` does; False skips them.
 
     Returns:
       float32 ``GPTWeights`` with blocks stacked ``[L, ...]``.
@@ -132,7 +145,8 @@ def gpt2_from_hf(source: Any, config: GPTConfig) -> GPTWeights:
     Raises:
       KeyError: a tensor is missing (the message names it and its expected shape).
       ValueError: a tensor's shape differs (name, expected and actual shape), the source
-        has more blocks than ``config.num_layers``, or a tied config meets an untied head.
+        has more blocks than ``config.num_layers``, a tied config meets an untied head, or
+        (``strict``) the source holds tensors the layout has no place for.
     """
     _check_config(config)
     state = _load_state(source)
@@ -147,51 +161,53 @@ def gpt2_from_hf(source: Any, config: GPTConfig) -> GPTWeights:
             f"gpt2_from_hf: the source has blocks h.{extra[0]}..h.{extra[-1]} beyond "
             f"config.num_layers={config.num_layers}"
         )
+    state = ReadLog(state)
+    read = functools.partial(get, state)  # (name, shape) -> array, noting the name
     d, n, h, f, v = (config.embed_dim, config.num_heads, config.head_dim, config.mlp_dim,
                      config.vocab_size)  # fmt: skip
     f32 = lambda a: np.asarray(a, np.float32)
 
     def layer_norm(name: str) -> LayerNormWeights:
-        scale = f32(get(state, f"{name}.weight", (d,)))
-        return LayerNormWeights(scale, f32(get(state, f"{name}.bias", (d,))))
+        scale = f32(read(f"{name}.weight", (d,)))
+        return LayerNormWeights(scale, f32(read(f"{name}.bias", (d,))))
 
     blocks = []
     for i in range(config.num_layers):
         p = f"h.{i}."
-        w_qkv = f32(get(state, p + "attn.c_attn.weight", (d, 3 * d))).reshape(d, 3, n, h)
-        b_qkv = f32(get(state, p + "attn.c_attn.bias", (3 * d,))).reshape(3, n, h)
+        w_qkv = f32(read(p + "attn.c_attn.weight", (d, 3 * d))).reshape(d, 3, n, h)
+        b_qkv = f32(read(p + "attn.c_attn.bias", (3 * d,))).reshape(3, n, h)
         attn = MultiHeadAttentionWeights(
             w_q=w_qkv[:, 0], w_k=w_qkv[:, 1], w_v=w_qkv[:, 2],
-            w_o=f32(get(state, p + "attn.c_proj.weight", (d, d))).reshape(n, h, d),
+            w_o=f32(read(p + "attn.c_proj.weight", (d, d))).reshape(n, h, d),
             b_q=b_qkv[0], b_k=b_qkv[1], b_v=b_qkv[2],
-            b_o=f32(get(state, p + "attn.c_proj.bias", (d,))),
+            b_o=f32(read(p + "attn.c_proj.bias", (d,))),
         )  # fmt: skip
         mlp = FeedForwardWeights(
-            up=DenseWeights(f32(get(state, p + "mlp.c_fc.weight", (d, f))),
-                            f32(get(state, p + "mlp.c_fc.bias", (f,)))),
-            down=DenseWeights(f32(get(state, p + "mlp.c_proj.weight", (f, d))),
-                              f32(get(state, p + "mlp.c_proj.bias", (d,)))),
+            up=DenseWeights(f32(read(p + "mlp.c_fc.weight", (d, f))),
+                            f32(read(p + "mlp.c_fc.bias", (f,)))),
+            down=DenseWeights(f32(read(p + "mlp.c_proj.weight", (f, d))),
+                              f32(read(p + "mlp.c_proj.bias", (d,)))),
         )  # fmt: skip
         blocks.append(BlockWeights(layer_norm(p + "ln_1"), attn, layer_norm(p + "ln_2"), mlp))
     stacked = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *blocks)
-    wte = f32(get(state, "wte.weight", (v, d)))
+    wte = f32(read("wte.weight", (v, d)))
     head = None
     if not config.tie_embeddings:
-        head = DenseWeights(jnp.asarray(f32(get(state, "lm_head.weight", (v, d))).T), None)
-    elif "lm_head.weight" in state and not np.array_equal(
-        f32(get(state, "lm_head.weight", (v, d))), wte
-    ):
+        head = DenseWeights(jnp.asarray(f32(read("lm_head.weight", (v, d))).T), None)
+    elif "lm_head.weight" in state and not np.array_equal(f32(read("lm_head.weight", (v, d))), wte):
         raise ValueError(
             "gpt2_from_hf: config.tie_embeddings is True but the source's lm_head.weight "
             "differs from wte.weight (an untied model: use tie_embeddings=False)"
         )
+    position_table = f32(read("wpe.weight", (config.block_size, d)))
+    ln_f = jax.tree.map(jnp.asarray, layer_norm("ln_f"))
+    if strict:  # (old transformers' causal-mask buffers are not weights)
+        refuse_unread(state, "gpt2_from_hf", skip=(".attn.bias", ".attn.masked_bias"))
     return GPTWeights(
         token_embedding=EmbeddingWeights(jnp.asarray(wte)),
-        position_embedding=LearnedPositionWeights(
-            jnp.asarray(f32(get(state, "wpe.weight", (config.block_size, d))))
-        ),
+        position_embedding=LearnedPositionWeights(jnp.asarray(position_table)),
         blocks=stacked,
-        ln_f=jax.tree.map(jnp.asarray, layer_norm("ln_f")),
+        ln_f=ln_f,
         head=head,
     )
 
@@ -217,7 +233,7 @@ def gpt2_to_hf_state_dict(
     check_framework(framework)
     _check_config(config)
     d, f = config.embed_dim, config.mlp_dim
-    np_w = jax.tree.map(np.asarray, weights)
+    np_w = jax.tree.map(np.asarray, pure_weights_of(weights))  # a jaxattn.nn.GPT too
     b = np_w.blocks
     if (np_w.head is None) != config.tie_embeddings:
         has = "no output head (tied)" if np_w.head is None else "their own output head"

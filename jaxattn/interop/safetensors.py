@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.interop._tensors import pure_weights_of, read_safetensors
+from jaxattn.interop._tensors import pure_weights_of, read_safetensors, to_numpy
 
 
 def _key_name(entry: Any) -> str:
@@ -57,6 +57,7 @@ def save_safetensors(
       path: the file to write. An existing file there is replaced (as ``np.save`` and
         ``torch.save`` do), but only by a whole new file: it is written beside it and
         renamed over it, so a save that fails (a bad leaf, a full disk) leaves it as it was.
+        A symbolic link is followed: the file it names is replaced and the link kept.
       metadata: optional string-to-string metadata stored in the header.
     """
     from safetensors.flax import save_file
@@ -66,10 +67,13 @@ def save_safetensors(
     # from the array's data pointer, so a transposed or strided NumPy view would be stored
     # in its memory order (silently scrambled); a C-contiguous copy is taken only for those.
     flat = {
-        name: np.asarray(leaf, order="C")
+        # (torch tensors, e.g. a framework="pt" export, through to_numpy: bfloat16, grads)
+        name: np.asarray(to_numpy(leaf) if hasattr(leaf, "detach") else leaf, order="C")
         for name, leaf in flatten_with_names(pure_weights_of(weights)).items()
     }
-    target = os.fspath(path)
+    # The link's target, as np.save writes through a link; os.replace would swap the link
+    # itself for a regular file and leave the file it names with the old weights.
+    target = os.path.realpath(os.fspath(path))
     partial = f"{target}.partial-{uuid.uuid4().hex}"  # one per call, also across threads
     try:
         save_file(flat, partial, metadata=metadata)
@@ -125,7 +129,9 @@ def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool 
                 f"{os.fspath(path)}: tensor {name!r} has shape {tuple(stored[name].shape)}, "
                 f"expected {tuple(jnp.shape(leaf))}"
             )
-        want, got = jnp.result_type(leaf), stored[name].dtype  # (ShapeDtypeStructs too)
+        # (a leaf's own dtype: jnp.result_type refuses a big-endian NumPy leaf)
+        want = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+        got = stored[name].dtype
         if _kind(want) != _kind(got):
             raise ValueError(
                 f"{os.fspath(path)}: tensor {name!r} is {got}, expected {_kind(want)} "

@@ -28,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.interop._tensors import (
+    ReadLog,
     check_framework,
     export,
     get,
     pure_weights_of,
+    refuse_unread,
     state_dict_of,
     unwrap_compiled,
 )
@@ -104,7 +106,7 @@ def _direction(state, prefix: str, layer: int, suffix: str, in_size: int | None,
     return LSTMWeights(jnp.asarray(w_ih.T), jnp.asarray(w_hh.T), jnp.asarray(b)), h
 
 
-def lstm_from_torch(module_or_state_dict: Any, *, prefix: str = "") -> Layers:
+def lstm_from_torch(module_or_state_dict: Any, *, prefix: str = "", strict: bool = True) -> Layers:
     """Import a ``torch.nn.LSTM`` (module or state dict) as ``lstm_stack`` layers.
 
     ``num_layers``, ``bidirectional`` and ``bias`` are read from the tensor names; with
@@ -117,6 +119,8 @@ def lstm_from_torch(module_or_state_dict: Any, *, prefix: str = "") -> Layers:
         arrays).
       prefix: prepended to every name, e.g. ``"encoder.rnn."`` for a submodule's entries in
         a whole model's state dict.
+      strict: refuse tensors under ``prefix`` that the layout has no place for (a misspelt
+        name), as PyTorch's ``load_state_dict`` does; False skips them.
 
     Returns:
       A tuple with one ``LSTMWeights`` (or ``BidirectionalWeights``) per layer, as
@@ -126,10 +130,11 @@ def lstm_from_torch(module_or_state_dict: Any, *, prefix: str = "") -> Layers:
       KeyError: a tensor is missing (the message names it).
       ValueError: a tensor has the wrong shape (name, expected and actual shape), the LSTM
         uses ``proj_size``, or the source is a ``torch.nn.GRU``/``RNN`` (its module, or a
-        ``weight_hh`` of shape ``[3h, h]``/``[h, h]``).
+        ``weight_hh`` of shape ``[3h, h]``/``[h, h]``), or (``strict``) a tensor under
+        ``prefix`` is left unread.
     """
     _check_not_other_rnn(module_or_state_dict)
-    state = state_dict_of(module_or_state_dict)
+    state = ReadLog(state_dict_of(module_or_state_dict))
     num_layers, bidirectional, bias = _scan_keys(state, prefix)
     layers, in_size, hidden = [], None, None
     for layer in range(num_layers):
@@ -146,6 +151,8 @@ def lstm_from_torch(module_or_state_dict: Any, *, prefix: str = "") -> Layers:
             dirs.append(w)
         layers.append(BidirectionalWeights(*dirs) if bidirectional else dirs[0])
         in_size = hidden * len(dirs)
+    if strict:
+        refuse_unread(state, "lstm_from_torch", prefix)
     return tuple(layers)
 
 
@@ -191,6 +198,11 @@ def lstm_to_torch_state_dict(
         raise ValueError(
             "lstm_to_torch_state_dict: expected a tuple of layers (as init_lstm_stack returns), "
             f"got a single {type(layers).__name__}: pass (weights,)"
+        )
+    if not isinstance(layers, (tuple, list)):  # None said "no layers", a dict named a key
+        raise TypeError(
+            "lstm_to_torch_state_dict: expected a tuple of LSTMWeights/BidirectionalWeights "
+            f"layers (as init_lstm_stack returns) or a jaxattn.nn.LSTM, got {type(layers).__name__}"
         )
     if not layers:
         raise ValueError("lstm_to_torch_state_dict: got no layers")

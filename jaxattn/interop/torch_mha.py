@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.interop._tensors import (
+    ReadLog,
     check_framework,
     export,
     get,
     pure_weights_of,
+    refuse_unread,
     state_dict_of,
     unwrap_compiled,
 )
@@ -40,7 +42,11 @@ def _heads(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def mha_from_torch(
-    module_or_state_dict: Any, *, num_heads: int | None = None, prefix: str = ""
+    module_or_state_dict: Any,
+    *,
+    num_heads: int | None = None,
+    prefix: str = "",
+    strict: bool = True,
 ) -> MultiHeadAttentionWeights:
     """Import a ``torch.nn.MultiheadAttention`` (module or state dict).
 
@@ -52,12 +58,15 @@ def mha_from_torch(
       num_heads: N; required for a state dict (it holds no head count); for a module it must
         equal the module's.
       prefix: prepended to every name, e.g. ``"layers.0.self_attn."``.
+      strict: refuse tensors under ``prefix`` that the layout has no place for (a misspelt
+        name), as PyTorch's ``load_state_dict`` does; False skips them.
 
     Returns:
       ``MultiHeadAttentionWeights`` (biases None when the module has ``bias=False``).
 
     Raises:
-      KeyError / ValueError naming a missing or mis-shaped tensor.
+      KeyError / ValueError naming a missing or mis-shaped tensor, or (``strict``) one left
+      unread.
     """
     # (by name: torch stays an optional dependency, not imported here; a torch.compile'd
     # module is read as the module it wraps, its names without the wrapper's "_orig_mod.")
@@ -82,7 +91,7 @@ def mha_from_torch(
         )
     if getattr(module_or_state_dict, "add_zero_attn", False):
         raise ValueError("mha_from_torch: add_zero_attn=True is not supported")
-    state = state_dict_of(module_or_state_dict)
+    state = ReadLog(state_dict_of(module_or_state_dict))
     if f"{prefix}bias_k" in state or f"{prefix}bias_v" in state:
         raise ValueError("mha_from_torch: add_bias_kv=True (bias_k/bias_v) is not supported")
     out_name = f"{prefix}out_proj.weight"
@@ -115,6 +124,8 @@ def mha_from_torch(
     if has_bias:
         b = get(state, f"{prefix}in_proj_bias", (3 * e,)).reshape(3, num_heads, e // num_heads)
         b_o = jnp.asarray(get(state, f"{prefix}out_proj.bias", (e,)))
+    if strict:
+        refuse_unread(state, "mha_from_torch", prefix)
     return MultiHeadAttentionWeights(
         w_q=jnp.asarray(_heads(w_q, num_heads)),
         w_k=jnp.asarray(_heads(w_k, num_heads)),
@@ -142,6 +153,11 @@ def mha_to_torch_state_dict(
     """
     check_framework(framework)
     weights = pure_weights_of(weights)
+    if not isinstance(weights, MultiHeadAttentionWeights):  # else "not enough values to unpack"
+        raise TypeError(
+            "mha_to_torch_state_dict: expected MultiHeadAttentionWeights (or a "
+            f"jaxattn.nn.MultiHeadAttention), got {type(weights).__name__}"
+        )
     w_q, w_k, w_v, w_o = (np.asarray(w) for w in weights[:4])
     e, n, h = w_q.shape
     if w_k.shape[1:] != (n, h) or w_v.shape[1:] != (n, h) or w_o.shape != (n, h, e) or n * h != e:

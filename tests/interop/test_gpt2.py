@@ -233,6 +233,57 @@ def test_errors_name_the_tensor():
     state = dict(model.state_dict(), **{"wte.weight": torch.zeros(31, 12)})
     with pytest.raises(ValueError, match=r"holds 'wte\.weight' twice"):
         gpt2_from_hf(state, config)  # one of the two silently won
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in ("n_head", "vocab_size")}
+    with pytest.raises(KeyError, match="the GPT-2 config has no n_head, vocab_size"):
+        gpt2_config_from_hf(fields)  # was KeyError: 'vocab_size'
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "transformer.h.0.attn.c_attn.wieght",  # a misspelt name
+        "transformer.h.0.crossattention.c_attn.weight",  # cross-attention GPT-2 lacks
+        "score.weight",  # another model's head
+        "h.01.ln_1.weight",  # not the block h.1
+    ],
+)
+def test_tensors_without_a_place_are_refused_unless_not_strict(extra):
+    """A tensor the layout has no place for was dropped without a word: a different model."""
+    model = _hf_model()
+    config = gpt2_config_from_hf(model.config)
+    state = dict(model.state_dict(), **{extra: torch.zeros(3)})
+    name = extra.removeprefix("transformer.").replace(".", r"\.")
+    with pytest.raises(
+        ValueError,
+        match=rf"1 tensor\(s\) that the layout has no place for: '{name}'",
+    ):
+        gpt2_from_hf(state, config)
+    loose = gpt2_from_hf(state, config, strict=False)
+    for a, b in zip(jax.tree.leaves(loose), jax.tree.leaves(gpt2_from_hf(model, config))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_old_mask_buffers_are_not_weights():
+    model = _hf_model()
+    config = gpt2_config_from_hf(model.config)
+    state = dict(model.state_dict())
+    state["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 17, 17, dtype=torch.bool))
+    state["transformer.h.1.attn.masked_bias"] = torch.tensor(-1e4)
+    gpt2_from_hf(state, config)  # strict, and accepted
+
+
+def test_an_nn_gpt_module_exports():
+    from flax import nnx
+
+    from jaxattn.nn import GPT
+
+    config = GPTConfig(vocab_size=31, block_size=17, num_layers=2, num_heads=3, embed_dim=12)
+    module = GPT(config, rngs=nnx.Rngs(0))
+    got = gpt2_to_hf_state_dict(module, config, framework="np")  # was an AttributeError
+    want = gpt2_to_hf_state_dict(module.pure_weights(), config, framework="np")
+    assert got.keys() == want.keys()
+    for k in got:
+        np.testing.assert_array_equal(got[k], want[k])
 
 
 def test_config_and_weights_must_agree():

@@ -184,3 +184,33 @@ def test_two_leaves_with_one_name_are_refused_not_overwritten(tmp_path):
     tree = {"a/b": jnp.zeros(2), "a": {"b": jnp.ones(2)}}  # both flatten to "a/b"
     with pytest.raises(ValueError, match=r"two leaves share the name 'a/b'"):
         save_safetensors(tree, tmp_path / "w.safetensors")
+
+
+def test_torch_leaves_are_saved(tmp_path):
+    """A framework="pt" export (bfloat16 tensors) and a Parameter that requires grad."""
+    torch = pytest.importorskip("torch")
+    tree = {
+        "bf16": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        "param": torch.nn.Parameter(torch.arange(6.0).reshape(2, 3)),
+    }
+    save_safetensors(tree, tmp_path / "w.safetensors")  # both raised TypeError / RuntimeError
+    back = load_safetensors(tmp_path / "w.safetensors")
+    assert back["bf16"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(back["bf16"], np.float32), [1.5, -2.0])
+    np.testing.assert_array_equal(back["param"], np.arange(6.0).reshape(2, 3))
+
+
+def test_a_big_endian_template_loads(tmp_path):
+    tree = {"w": np.arange(4, dtype=">f4")}
+    save_safetensors(tree, tmp_path / "w.safetensors")
+    back = load_safetensors(tmp_path / "w.safetensors", like=tree)  # was a TypeError
+    np.testing.assert_array_equal(np.asarray(back["w"]), np.arange(4.0))
+
+
+def test_a_symlink_is_written_through(tmp_path):
+    real, link = tmp_path / "real.safetensors", tmp_path / "link.safetensors"
+    save_safetensors({"w": np.zeros(3, np.float32)}, real)
+    link.symlink_to(real)
+    save_safetensors({"w": np.ones(3, np.float32)}, link)
+    assert link.is_symlink()  # was replaced by a regular file, the real one left stale
+    np.testing.assert_array_equal(load_safetensors(real)["w"], np.ones(3))

@@ -116,6 +116,16 @@ def test_export_refuses_a_stack_torch_cannot_load():
         lstm_to_torch_state_dict((uni, uni))  # layer 1 reads h = 7 inputs, not D_IN = 5
     with pytest.raises(ValueError, match=r"lstm_to_torch_state_dict: not an LSTM stack"):
         lstm_to_torch_state_dict((uni._replace(b=None),))
+    state = dict(_torch_lstm(1, True).state_dict(), weight_ih_l0_reversed=torch.zeros(1))
+    with pytest.raises(
+        ValueError, match=r"lstm_from_torch: 1 tensor\(s\) .* 'weight_ih_l0_reversed'"
+    ):
+        lstm_from_torch(state)  # was dropped silently
+    lstm_from_torch(state, strict=False)
+    # None said "got no layers", a dict "layer 0: expected LSTMWeights, got <class 'str'>".
+    for wrong in (None, {"a": uni}):
+        with pytest.raises(TypeError, match=r"expected a tuple of .* got (NoneType|dict)"):
+            lstm_to_torch_state_dict(wrong)
 
 
 def test_an_inconsistent_weight_hh_or_another_rnn_is_named():

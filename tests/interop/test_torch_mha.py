@@ -97,6 +97,20 @@ def test_errors():
         mha_from_torch(_mha().state_dict())
     with pytest.raises(ValueError, match="add_bias_kv"):
         mha_from_torch(_mha(add_bias_kv=True))
+    state = dict(_mha().state_dict(), in_proj_wieght=torch.zeros(1))  # was dropped silently
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) .* 'in_proj_wieght'"):
+        mha_from_torch(state, num_heads=N)
+    mha_from_torch(state, num_heads=N, strict=False)
+    # Under a prefix only that module's tensors count.
+    whole = {f"layers.0.self_attn.{k}": v for k, v in _mha().state_dict().items()}
+    whole["layers.0.norm.weight"] = torch.zeros(E)
+    mha_from_torch(whole, num_heads=N, prefix="layers.0.self_attn.")
+    whole["layers.0.self_attn.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"under prefix 'layers\.0\.self_attn\.' .*\.extra'"):
+        mha_from_torch(whole, num_heads=N, prefix="layers.0.self_attn.")
+    for wrong in (None, (1, 2)):  # were "'NoneType' object is not subscriptable" / "unpack"
+        with pytest.raises(TypeError, match="expected MultiHeadAttentionWeights"):
+            mha_to_torch_state_dict(wrong)
     weights = mha_from_torch(_mha())
     with pytest.raises(ValueError, match="all four biases"):
         mha_to_torch_state_dict(weights._replace(b_o=None))
