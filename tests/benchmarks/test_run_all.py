@@ -32,6 +32,7 @@ def _results(torch: bool = True) -> dict:
             "generation": {
                 "new_tokens": 63,
                 "cached_unrolled_s": 0.0063,
+                "cached_scan_s": 0.0126,
                 "full_pass_s": 0.252,
                 "weight_products_s": 0.00441,
             }
@@ -59,7 +60,8 @@ def test_summary_reads_each_target_against_its_threshold():
     assert lstm[2] == "**no**" and "1.08x" in lstm[1]  # against the faster torch row
     assert met["GPT train step (shakespeare_char_cpu): <= 1.0x nanoGPT in PyTorch"] == "yes"
     kv = rows["KV-cache generation: >= 20x nanoGPT's generate without a cache"]
-    assert kv[2] == "yes" and "100 vs 3000 µs/token: 30.0x" in kv[1]
+    assert kv[2] == "yes" and "unroll_layers=True 100 vs 3000 µs/token: 30.0x" in kv[1]
+    assert "the default layer scan 15.0x" in kv[1]
     assert "40.0x jaxattn's full pass padded to block_size" in kv[1]
     assert "20x needs <= 150 µs, the weight products alone take 70" in kv[1]
     assert "PyTorch with a KV cache 1000 µs/token" in kv[1]
@@ -109,6 +111,37 @@ def test_lstm_script_writes_the_json_run_all_reads(tmp_path):
         "LSTM fwd+bwd, B=64 T=200 I=256 h=512: <= 1.0x PyTorch nn.LSTM"
     ]
     assert line[2] in {"yes", "**no**", "-"} and line[1] != "not run"
+
+
+def _run_script(name: str, *args: str, json_path: Path) -> dict:
+    cmd = [sys.executable, str(REPO / "benchmarks" / name), *args, "--json", str(json_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(json_path.read_text())
+
+
+@pytest.mark.slow
+def test_attention_and_gpt_scripts_write_the_json_run_all_reads(tmp_path):
+    """The two scripts at their smallest (about 30 s), read by run_all as a real run is: a
+    renamed key or a row left out would show as "no figure" here, not in the next run."""
+    attention = _run_script(
+        "attention.py", "--lengths", "64", "--repeats", "1", json_path=tmp_path / "a.json"
+    )
+    rows = attention["attention"]["64"]
+    for row in rows.values():
+        assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0
+    attention["attention"]["2048"] = attention["attention"].pop("64")  # the target's T
+    gpt_args = ("--quick", "--sections", "train,generate,compile,matmul")
+    gpt_json = _run_script("gpt.py", *gpt_args, json_path=tmp_path / "g.json")
+    table = _rows(run_all.summary({"attention": attention, "gpt": gpt_json}, {}))
+    for target in run_all.TARGETS["attention"] + run_all.TARGETS["gpt"]:
+        measured = table[target.text][1]
+        if "32768" in target.text:
+            assert measured == "not run (--long)"
+        else:
+            assert not measured.startswith(("no figure", "not run")), (target.text, measured)
+    kv = table["KV-cache generation: >= 20x nanoGPT's generate without a cache"][1]
+    assert "unroll_layers=True" in kv and "the default layer scan" in kv
 
 
 def test_main_reports_skipped_and_failed_scripts(monkeypatch, capsys, tmp_path):
@@ -190,7 +223,8 @@ THRESHOLDS = [
     ("GPT train step (shakespeare_char_cpu): <= 1.0x nanoGPT in PyTorch",
      _set("gpt", "train_step", "jaxattn_s"), 0.055, "55.0 ms vs 55.0 ms: 1.00x", 0.0551),
     ("KV-cache generation: >= 20x nanoGPT's generate without a cache",
-     _set("gpt", "generation", "cached_unrolled_s"), 0.00945, "150 vs 3000 µs/token: 20.0x",
+     _set("gpt", "generation", "cached_unrolled_s"), 0.00945,
+     "unroll_layers=True 150 vs 3000 µs/token: 20.0x",
      0.00946),
     ("train-step compile, 48 layers: <= 1.5x 4 layers",
      _set("gpt", "compile", "48_layers_s"), 4.5, "4.50 s vs 3.00 s: 1.50x", 4.51),
