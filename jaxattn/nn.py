@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxattn.models import gpt as gpt_model
@@ -49,6 +50,15 @@ def _is_param(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def _own(a: Any) -> Any:
+    """A JAX array (or shape) as is; anything else (NumPy) copied into a new JAX array.
+
+    jnp.array copies: jnp.asarray shared an aligned NumPy buffer on CPU before jax 0.10.1, so
+    later writes to the caller's array changed the module.
+    """
+    return a if isinstance(a, (jax.Array, jax.ShapeDtypeStruct)) else jnp.array(a)
+
+
 def _params(weights: Any) -> Any:
     """Wrap every array of ``weights`` in ``nnx.Param``, copying NumPy arrays into JAX ones.
 
@@ -56,12 +66,7 @@ def _params(weights: Any) -> Any:
     buffer, so writing to it later would silently change the module's weights.
     """
 
-    def own(a: Any) -> nnx.Param:
-        # jnp.array copies: jnp.asarray shared an aligned NumPy buffer on CPU before jax 0.10.1,
-        # so later writes to the caller's array changed the module.
-        return nnx.Param(a if isinstance(a, (jax.Array, jax.ShapeDtypeStruct)) else jnp.array(a))
-
-    return jax.tree.map(own, weights)
+    return jax.tree.map(lambda a: nnx.Param(_own(a)), weights)
 
 
 def _holds_params(weights: Any) -> bool:
@@ -100,7 +105,7 @@ def _caller_stacklevel() -> int:
     frame, level = sys._getframe(2), 2  # 1: the warn call's frame (the __init__)
     while frame is not None and (
         frame.f_code.co_filename == __file__
-        or frame.f_globals.get("__name__", "").split(".")[0] == "flax"
+        or frame.f_globals.get("__name__", "").split(".")[0] in ("flax", "jax")
     ):
         frame, level = frame.f_back, level + 1
     return level
@@ -134,6 +139,9 @@ class WeightsModule(nnx.Module):
 
         The constructor's sizes are read off the weights' shapes (``_sizes``); the module is
         built abstractly (``nnx.eval_shape``, no random init) and then given ``weights``.
+        NumPy leaves are copied; JAX arrays are shared, not copied (as ``nnx.Param(x)``
+        shares ``x``): donating the module's state to a jitted step deletes the caller's
+        tree too, and ``pure_weights()`` likewise returns the module's own arrays.
         """
         # ``module.weights`` is the same tree with nnx.Param leaves: each would be wrapped in
         # a second Param, and pure_weights() and safetensors names would carry ``.value``.
@@ -142,9 +150,10 @@ class WeightsModule(nnx.Module):
                 f"{cls.__name__}.from_weights: expected the pure weights tree (e.g. "
                 f"module.pure_weights()), got {type(weights).__name__} of nnx.Params"
             )
+        weights = jax.tree.map(_own, weights)  # NumPy -> JAX copies, dtypes canonical
         try:
             sizes = cls._sizes(weights)
-        except (AttributeError, TypeError, IndexError, ValueError) as e:
+        except (AttributeError, TypeError, LookupError, ValueError) as e:
             # A module, an nnx.State or another layer's tree: say so, not "no attribute w_q".
             raise TypeError(
                 f"{cls.__name__}.from_weights: expected the pure weights tree of a "
@@ -179,6 +188,29 @@ class _DropoutModule(WeightsModule):
     """
 
     deterministic: bool
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # None would mean training (dropout on), a string or a JAX array breaks nnx.jit.
+        if name == "deterministic" and not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{type(self).__name__}: deterministic must be a bool, got {value!r}")
+        super().__setattr__(name, value)
+
+    def _dropout_args(self, rng: Any, deterministic: bool | None, rate: float) -> tuple[Any, bool]:
+        """``(rng, deterministic)`` for the pure call, ``deterministic=None`` read from the
+        module. Refused here, naming the module and what to do, what the pure function
+        would refuse naming itself and a flag the caller never passed."""
+        if deterministic is None:
+            deterministic = self.deterministic
+        name = type(self).__name__
+        if isinstance(rng, nnx.Rngs):
+            raise TypeError(f"{name}: rng is a key, not an nnx.Rngs: pass rng=rngs.dropout()")
+        if rng is None and not deterministic and rate > 0:
+            raise ValueError(
+                f"{name} applies dropout {rate} here (train mode, or deterministic=False): "
+                "pass rng=key to the call, or call .eval() (or pass deterministic=True) to "
+                "run without it"
+            )
+        return rng, deterministic
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view(module, deterministic=...)``.
@@ -261,8 +293,8 @@ class LSTM(_DropoutModule):
         """
         weights = self.pure_weights()
         _check_width(self, weights, "xs", xs, "input_size")
-        if deterministic is None:
-            deterministic = self.deterministic
+        between_layers = self.dropout_rate if len(weights) > 1 else 0.0  # (one layer: none)
+        rng, deterministic = self._dropout_args(rng, deterministic, between_layers)
         return lstm_ops.lstm_stack(
             weights,
             xs,
@@ -416,8 +448,7 @@ class MultiHeadAttention(_DropoutModule):
         # (self-attention: x_q is also the keys' input)
         kv_name, kv = ("x_q", x_q) if x_kv is None else ("x_kv", x_kv)
         _check_width(self, weights, kv_name, kv, "kv_dim")
-        if deterministic is None:
-            deterministic = self.deterministic
+        rng, deterministic = self._dropout_args(rng, deterministic, self.dropout_rate)
         return attention_ops.multi_head_attention(
             weights,
             x_q,
@@ -483,8 +514,10 @@ class _ModelModule(_DropoutModule):
     def _sizes(weights: Any) -> dict[str, Any]:
         return {}  # all in the config, which from_weights passes on
 
-    def _deterministic(self, deterministic: bool | None) -> bool:
-        return self.deterministic if deterministic is None else deterministic
+    def _dropout(self, rng: Any, deterministic: bool | None) -> dict[str, Any]:
+        """The pure model's ``rng=`` and ``deterministic=`` (see ``_dropout_args``)."""
+        rng, deterministic = self._dropout_args(rng, deterministic, self.config.dropout)
+        return dict(rng=rng, deterministic=deterministic)
 
 
 class GPT(_ModelModule):
@@ -493,7 +526,8 @@ class GPT(_ModelModule):
     ``config.dropout`` is the dropout rate. Train it the NNX way::
 
         model = GPT(config, rngs=nnx.Rngs(0))
-        optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+        tx = optax.adamw(1e-3, mask=gpt.weight_decay_mask)  # no decay on norms, biases
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
         @nnx.jit
         def train_step(model, optimizer, tokens, targets, rng):
@@ -522,9 +556,8 @@ class GPT(_ModelModule):
         Dropout needs ``rng`` when active; ``deterministic=None`` uses
         ``self.deterministic`` (set by ``train()``/``eval()``).
         """
-        deterministic = self._deterministic(deterministic)
         return gpt_model.gpt(
-            self.pure_weights(), tokens, self.config, rng=rng, deterministic=deterministic
+            self.pure_weights(), tokens, self.config, **self._dropout(rng, deterministic)
         )
 
     def loss(
@@ -542,8 +575,7 @@ class GPT(_ModelModule):
             tokens,
             targets,
             self.config,
-            rng=rng,
-            deterministic=self._deterministic(deterministic),
+            **self._dropout(rng, deterministic),
             mask=mask,
         )
 
@@ -585,8 +617,7 @@ class _Translator(_ModelModule):
             src_lengths,
             tgt_in,
             self.config,
-            rng=rng,
-            deterministic=self._deterministic(deterministic),
+            **self._dropout(rng, deterministic),
         )
 
     def loss(
@@ -602,8 +633,7 @@ class _Translator(_ModelModule):
             self.pure_weights(),
             batch,
             self.config,
-            rng=rng,
-            deterministic=self._deterministic(deterministic),
+            **self._dropout(rng, deterministic),
             label_smoothing=label_smoothing,
         )
 

@@ -1,5 +1,7 @@
 """NNX modules hold the same trees as the pure functions and compute the same numbers."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,6 +184,71 @@ def test_from_weights_names_a_wrong_tree(rng):
     # module.weights (nnx.Params), not module.pure_weights(): each Param was wrapped again.
     with pytest.raises(TypeError, match=r"MultiHeadAttention\.from_weights.*of nnx\.Params"):
         nn.MultiHeadAttention.from_weights(mha.weights)
+
+
+def test_from_weights_names_a_flat_state_tree(rng):
+    """nnx.as_pure(nnx.state(m)) or an orbax restore without a target: nested dicts, not
+    the weights NamedTuples (LSTM's raised a bare KeyError: 0)."""
+    lstm = nn.LSTM(3, 4, rngs=nnx.Rngs(0))
+    pure_state = nnx.as_pure(nnx.state(lstm, nnx.Param))
+    with pytest.raises(TypeError, match=r"LSTM\.from_weights: expected the pure weights tree"):
+        nn.LSTM.from_weights(pure_state)
+
+
+def test_from_weights_of_float64_numpy_weights_warns_nothing(rng):
+    """A float64 checkpoint (NumPy, torch) is converted once, as the module's arrays are;
+    the abstract build asked for float64 eight times ("not available") first."""
+    weights = jax.tree.map(
+        lambda a: np.asarray(a, np.float64), attention_ops.init_multi_head_attention(rng, 8, 2)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = nn.MultiHeadAttention.from_weights(weights)
+    assert module.pure_weights().w_q.dtype == jnp.float32
+
+
+def test_a_warning_from_from_weights_names_the_callers_line(rng):
+    layers = lstm_ops.init_lstm_stack(rng, 3, 4)
+    with pytest.warns(UserWarning, match="it drops nothing") as caught:
+        nn.LSTM.from_weights(layers, dropout_rate=0.5)
+    assert caught[0].filename == __file__  # was jax's partial_eval.py (nnx.eval_shape)
+
+
+def test_deterministic_must_be_a_bool():
+    """None meant training (dropout on); a string passed; a JAX array broke nnx.jit."""
+    for bad in (None, "no", jnp.array(True)):
+        with pytest.raises(TypeError, match="MultiHeadAttention: deterministic must be a bool"):
+            nn.MultiHeadAttention(8, 2, dropout_rate=0.1, deterministic=bad, rngs=nnx.Rngs(0))
+    module = nn.GPT(_tiny_gpt(), rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="GPT: deterministic must be a bool"):
+        module.deterministic = None
+    module.train()
+    assert module.deterministic is False
+    nnx.view(module, deterministic=True)  # NNX's own switches still set it
+
+
+def test_dropout_without_a_key_names_the_module_and_the_way_out(rng):
+    x = jnp.ones((1, 3, 8))
+    mha = nn.MultiHeadAttention(8, 2, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    mha.train()
+    with pytest.raises(ValueError, match=r"MultiHeadAttention applies dropout 0\.5 .*\.eval\(\)"):
+        mha(x)  # was "multi_head_attention: ... deterministic=False needs an rng key"
+    with pytest.raises(TypeError, match=r"rng is a key, not an nnx\.Rngs: pass rng=rngs\.dropout"):
+        mha(x, rng=nnx.Rngs(0))  # was "unexpected PRNG key type"
+    mha(x, rng=nnx.Rngs(0).dropout())
+    lstm = nn.LSTM(8, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    lstm.train()
+    with pytest.raises(ValueError, match=r"LSTM applies dropout 0\.5"):
+        lstm(x)
+    model = nn.GPT(_tiny_gpt(dropout=0.1), rngs=nnx.Rngs(0))
+    model.train()
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"GPT applies dropout 0\.1"):
+        model.loss(tokens, tokens)
+    model.eval()
+    with pytest.raises(ValueError, match=r"GPT applies dropout 0\.1 .*deterministic=False"):
+        model(tokens, deterministic=False)
+    model(tokens)  # eval mode: no key needed
 
 
 def test_from_weights_refuses_a_tree_that_does_not_fit_together(rng):

@@ -117,6 +117,8 @@ def init_general(
 
     ``std`` defaults to ``1/sqrt(dq)``.
     """
+    query_dim = check_size(query_dim, "query_dim", "init_general")  # (not a math error)
+    key_dim = check_size(key_dim, "key_dim", "init_general")
     std = 1.0 / math.sqrt(query_dim) if std is None else std
     return normal(rng, (query_dim, key_dim), std, dtype)
 
@@ -153,6 +155,8 @@ def init_additive(
     rng: Array, query_dim: int, key_dim: int, hidden_dim: int, *, dtype: DType = jnp.float32
 ) -> AdditiveWeights:
     """Initialise additive attention with ``N(0, 1/fan_in)`` entries."""
+    sizes = dict(query_dim=query_dim, key_dim=key_dim, hidden_dim=hidden_dim)
+    query_dim, key_dim, hidden_dim = (check_size(v, k, "init_additive") for k, v in sizes.items())
     rng_q, rng_k, rng_v = jax.random.split(rng, 3)
     return AdditiveWeights(
         normal(rng_q, (query_dim, hidden_dim), 1 / math.sqrt(query_dim), dtype),

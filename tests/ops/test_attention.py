@@ -1233,3 +1233,16 @@ def test_additive_scores_names_a_projection_of_the_wrong_input_dim():
 def test_init_multi_head_attention_checks_sizes(kwargs, name):
     with pytest.raises(ValueError, match=f"init_multi_head_attention: {name} must be an int"):
         init_multi_head_attention(jax.random.key(0), 8, 2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "init, args, match",
+    [
+        (init_general, (-1, 3), r"init_general: query_dim must be an int >= 1, got -1"),
+        (init_general, (4, 2.0), r"init_general: key_dim must be an int >= 1, got 2\.0"),
+        (init_additive, (3, 3, 0), r"init_additive: hidden_dim must be an int >= 1, got 0"),
+    ],
+)
+def test_seq2seq_attention_inits_name_a_bad_size(rng, init, args, match):
+    with pytest.raises(ValueError, match=match):  # were "math domain error", ZeroDivisionError
+        init(rng, *args)
