@@ -634,3 +634,29 @@ def test_model_modules_deterministic_argument_overrides_train_and_eval(cls):
     got, want = module_side(model), pure_side(model.pure_weights())
     _leaves_close(got, want)
     assert not np.allclose(want[0][1], want[1][1])  # the config's dropout changes the loss
+
+
+@pytest.mark.parametrize(
+    "cls", [nn.GPT, *TRANSLATORS, nn.MultiHeadAttention], ids=lambda c: c.__name__
+)
+def test_an_orbax_checkpoint_of_a_module_restores_into_an_abstract_one(cls, tmp_path):
+    """The NNX way to checkpoint: save ``nnx.state``, restore into ``nnx.eval_shape``'s."""
+    import orbax.checkpoint as ocp
+
+    if cls is nn.GPT:
+        build = lambda seed: nn.GPT(_tiny_gpt(positions="rope"), rngs=nnx.Rngs(seed))
+    elif cls is nn.MultiHeadAttention:
+        build = lambda seed: nn.MultiHeadAttention(8, 2, use_bias=False, rngs=nnx.Rngs(seed))
+    else:
+        make_config = TRANSLATORS[cls][0]
+        build = lambda seed: cls(make_config(), rngs=nnx.Rngs(seed))
+    module = build(1)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "state", nnx.state(module))
+    checkpointer.wait_until_finished()
+    graph, abstract_state = nnx.split(nnx.eval_shape(lambda: build(0)))
+    restored = nnx.merge(graph, checkpointer.restore(tmp_path / "state", abstract_state))
+    want, got = module.pure_weights(), restored.pure_weights()
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
