@@ -250,6 +250,11 @@ def layer_norm(weights: LayerNormWeights, x: Array, *, eps: float = 1e-5) -> Arr
       x: ``[..., D]``.
     """
     _check_norm_dim("layer_norm", weights.scale, x)
+    if weights.bias is not None and jnp.shape(weights.bias) != jnp.shape(weights.scale):
+        raise ValueError(
+            f"layer_norm: bias {jnp.shape(weights.bias)} must match scale "
+            f"{jnp.shape(weights.scale)}"
+        )
     check_floating(x, "x", "layer_norm")
     wide = float32_or_wider(x.dtype)
     xw = x.astype(wide)

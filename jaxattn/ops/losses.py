@@ -55,10 +55,14 @@ def cross_entropy(
     )
     # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
     check_token_ids(targets, logits.shape[-1], "cross_entropy: targets")
-    losses = _token_losses(logits, jnp.asarray(targets), label_smoothing)  # [...]
     if mask is None:
-        return jnp.mean(losses)
-    total, count = _counted_sum(losses, jnp.asarray(mask))
+        return jnp.mean(_token_losses(logits, jnp.asarray(targets), label_smoothing))
+    mask = jnp.asarray(mask)
+    # An uncounted row's logits never reach the loss, nor (as NaN) its gradient: a row of
+    # all -inf gives NaN in log_softmax's backward even under a zero cotangent.
+    logits = jnp.where(mask.astype(bool)[..., None], logits, jnp.zeros_like(logits))
+    losses = _token_losses(logits, jnp.asarray(targets), label_smoothing)  # [...]
+    total, count = _counted_sum(losses, mask)
     return total / jnp.maximum(count, 1.0)
 
 
@@ -136,7 +140,9 @@ def chunked_cross_entropy(
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def chunk_loss(h: Array, ids: Array, keep: Array) -> tuple[Array, Array]:
         # h: [*lead, chunk, D]; ids, keep: [*lead, chunk]
-        return _counted_sum(_token_losses(logits_fn(h), ids, label_smoothing), keep)
+        logits = logits_fn(h)
+        logits = jnp.where(keep[..., None], logits, jnp.zeros_like(logits))  # see cross_entropy
+        return _counted_sum(_token_losses(logits, ids, label_smoothing), keep)
 
     # The padding repeats the last position's hidden state, a real input of logits_fn: a
     # zero vector may be one where it has no gradient (a norm without an epsilon), and its

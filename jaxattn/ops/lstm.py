@@ -328,8 +328,7 @@ def init_lstm_stack(
     Layer 0 reads ``I = input_size`` features, later layers ``dirs * h``; each layer is an
     ``LSTMWeights`` or, if ``bidirectional``, a ``BidirectionalWeights``. See ``init_lstm``.
     """
-    if num_layers < 1:
-        raise ValueError(f"init_lstm_stack: num_layers must be >= 1, got {num_layers}")
+    num_layers = check_size(num_layers, "num_layers", "init_lstm_stack")
     dirs = 2 if bidirectional else 1
     keys = jax.random.split(rng, num_layers * dirs)
     layers = []

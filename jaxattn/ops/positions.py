@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattn.ops._checks import as_size, check_size
 from jaxattn.ops.layers import (
     check_floating,
     check_token_ids,
@@ -70,10 +71,11 @@ def sinusoidal_positions(
     Returns:
       ``[T, D]`` table.
     """
-    if dim <= 0 or dim % 2:
-        raise ValueError(f"sinusoidal_positions: dim must be a positive even number, got {dim}")
-    if length < 0:
-        raise ValueError(f"sinusoidal_positions: length must be >= 0, got {length}")
+    size = as_size(dim, 1)  # (a float or a bool named here, not by NumPy)
+    if size is None or size % 2:
+        raise ValueError(f"sinusoidal_positions: dim must be a positive even number, got {dim!r}")
+    dim = size
+    length = check_size(length, "length", "sinusoidal_positions", minimum=0)
     angles = np.arange(length, dtype=np.float64)[:, None] * _inverse_frequencies(dim, base)
     table = np.stack([np.sin(angles), np.cos(angles)], axis=-1)  # [T, D/2, 2]
     return jnp.asarray(table.reshape(length, dim), dtype=dtype)  # [T, D], interleaved
@@ -89,6 +91,8 @@ def init_learned_positions(
     rng: Array, max_len: int, dim: int, *, std: float = 0.02, dtype: DType = jnp.float32
 ) -> LearnedPositionWeights:
     """Initialise a learned position table with ``N(0, std^2)`` entries (as GPT-2)."""
+    max_len = check_size(max_len, "max_len", "init_learned_positions")
+    dim = check_size(dim, "dim", "init_learned_positions")
     return LearnedPositionWeights(normal(rng, (max_len, dim), std, dtype))
 
 

@@ -567,6 +567,15 @@ def test_norms_refuse_a_last_axis_other_than_d(norm, d):
         getattr(layers, norm)(weights, jnp.ones((2, d)))
 
 
+def test_layer_norm_refuses_a_bias_that_does_not_match_the_scale():
+    from jaxattn.ops import layers
+
+    weights = layers.init_layer_norm(4)
+    for bias in (jnp.zeros((1,)), jnp.zeros((4, 1))):  # broadcast silently: [4, 1] per row
+        with pytest.raises(ValueError, match=r"layer_norm: bias \(.*\) must match scale \(4,\)"):
+            layers.layer_norm(weights._replace(bias=bias), jnp.ones((4, 4)))
+
+
 def test_embed_takes_a_list_of_ids():
     from jaxattn.ops import layers
 

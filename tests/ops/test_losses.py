@@ -323,3 +323,25 @@ def test_chunk_padding_is_a_real_input_of_the_output_layer(np_rng):
     got = jax.grad(chunked)(w)  # T = 5: the second chunk holds one padded position
     want = jax.grad(lambda w: cross_entropy(cosine(hidden, w), targets))(w)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_uncounted_row_of_minus_inf_logits_leaves_the_gradient_finite(np_rng, chunked):
+    """A masked-out position whose logits are all -inf (a vocabulary mask at padding) does not
+    count, and must not reach the gradient as NaN (log_softmax's backward of -inf - -inf)."""
+    h = jnp.asarray(np_rng.normal(size=(2, 3, 4)), jnp.float32).at[0, 2, 0].set(-1e3)
+    w = jnp.asarray(np_rng.normal(size=(4, 5)), jnp.float32)
+    targets = jnp.asarray([[1, 2, 0], [4, 0, 0]])
+    mask = jnp.asarray([[True, True, False], [True, False, False]])
+
+    def loss(w):
+        def logits_fn(x):  # [..., t, 4] -> [..., t, 5]; position (0, 2) all -inf (log 0)
+            return x @ w + jnp.log((x[..., :1] > -100.0).astype(x.dtype))
+
+        if chunked:
+            return chunked_cross_entropy(h, logits_fn, targets, mask, chunk_size=2)
+        return cross_entropy(logits_fn(h), targets, mask)
+
+    value, grad = jax.value_and_grad(loss)(w)
+    np.testing.assert_allclose(value, cross_entropy(h @ w, targets, mask), rtol=1e-6)
+    assert bool(jnp.isfinite(grad).all())  # the output layer's gradient was all NaN

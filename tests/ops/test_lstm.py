@@ -489,8 +489,9 @@ def test_bad_stack_inputs_raise(rng):
     lopsided = BidirectionalWeights(bi[0].forward, bi[1].backward)
     with pytest.raises(ValueError, match="direction shapes differ"):
         bidirectional_lstm(lopsided, xs)
-    with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
-        init_lstm_stack(rng, IN, HID, num_layers=0)
+    for bad in (0, 2.0, True):  # 2.0 was range()'s TypeError, True built one layer
+        with pytest.raises(ValueError, match=f"num_layers must be an int >= 1, got {bad}"):
+            init_lstm_stack(rng, IN, HID, num_layers=bad)
     # A later layer that does not fit the one before it is named before any layer runs.
     uni = init_lstm_stack(rng, IN, HID, num_layers=2)
     wide = init_lstm_stack(rng, 7, HID)[0]  # reads 7 features, not layer 0's h = 11

@@ -78,13 +78,25 @@ def test_sinusoidal_dtype_and_jit():
     np.testing.assert_allclose(y[2], np_sinusoidal(11, 6), atol=1e-6)
 
 
-@pytest.mark.parametrize(("length", "dim"), [(5, 7), (5, 0), (5, -2), (-1, 6)])
-def test_sinusoidal_bad_inputs(length, dim):
+@pytest.mark.parametrize(
+    ("length", "dim"), [(5, 7), (5, 0), (5, -2), (-1, 6), (4.0, 6), (5, 6.0), (5, True)]
+)
+def test_sinusoidal_bad_inputs(length, dim):  # (floats and bools were NumPy's TypeError)
     with pytest.raises(ValueError, match="sinusoidal_positions"):
         sinusoidal_positions(length, dim)
 
 
 # ----- learned -----
+
+
+@pytest.mark.parametrize(
+    ("max_len", "dim", "name"), [(-1, 4, "max_len"), (4.0, 4, "max_len"), (0, 4, "max_len"),
+                                 (4, True, "dim")]
+)  # fmt: skip
+def test_init_learned_positions_names_a_bad_size(rng, max_len, dim, name):
+    # Were an MLIRError, a shape TypeError, a (4, 1) table from True, and an empty table.
+    with pytest.raises(ValueError, match=f"init_learned_positions: {name} must be an int"):
+        init_learned_positions(rng, max_len, dim)
 
 
 def test_init_learned_positions(rng):
