@@ -47,9 +47,16 @@ _DISTRIBUTED = flags.DEFINE_bool(
 )
 
 
+def _user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME``, or ``~/.cache`` where it is unset, empty or relative (as the XDG
+    spec says: an empty one put the cache in the current directory)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return Path(xdg) if os.path.isabs(xdg) else Path("~/.cache").expanduser()
+
+
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache",
-    str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jaxattn" / "xla"),
+    str(_user_cache_dir() / "jaxattn" / "xla"),
     "Folder for JAX's persistent compilation cache, so that a rerun, a resumed run or "
     "sampling loads its compiled programs instead of compiling them again ('' disables "
     "it). Without this flag on the command line, JAX_COMPILATION_CACHE_DIR (when set) wins.",

@@ -70,6 +70,9 @@ from jaxattn.training.optim import optimizer_from_config
 
 _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "shakespeare_char_cpu.py")
 _CONFIG = define_config_file(_DEFAULT_CONFIG, "Run config file.")
+# --help lists the flags common.py defines for every script (--compilation_cache,
+# --distributed, ...) with this script's own; they were only under --helpfull.
+flags.adopt_module_key_flags(sys.modules["common"])
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default workdirs/<config>).")
 _SAMPLE_ONLY = flags.DEFINE_bool("sample_only", False, "Only sample from the latest checkpoint.")
 _PROMPT = flags.DEFINE_multi_string(

@@ -89,6 +89,9 @@ from jaxattn.training.optim import optimizer_from_config
 
 _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lstm_dot_cpu.py")
 _CONFIG = define_config_file(_DEFAULT_CONFIG, "Run config file.")
+# --help lists the flags common.py defines for every script (--compilation_cache,
+# --distributed, ...) with this script's own; they were only under --helpfull.
+flags.adopt_module_key_flags(sys.modules["common"])
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default workdirs/<config>).")
 _TRANSLATE = flags.DEFINE_multi_string(
     "translate", None, "Only translate these sentences with the latest checkpoint."

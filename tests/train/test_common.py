@@ -368,3 +368,25 @@ def test_a_script_loaded_in_process_leaves_absl_flags_alone(load_script):
         module = load_script(name)
         assert module._WORKDIR.value is None  # defined and parsed, at its default
         assert "workdir" not in flags.FLAGS and "config" not in flags.FLAGS
+
+
+@pytest.mark.parametrize("value", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_means_the_home_cache(monkeypatch, value):
+    """The XDG spec: an empty or relative $XDG_CACHE_HOME is ignored. An empty one put the
+    compilation cache in the current directory (./jaxattn/xla)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", value)
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert common._user_cache_dir() == Path("/home/someone/.cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/var/cache/me")
+    assert common._user_cache_dir() == Path("/var/cache/me")
+
+
+@pytest.mark.parametrize("script", ["lm.py", "translate.py"])
+def test_help_lists_the_shared_flags(script):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "--compilation_cache:" in proc.stdout and "--[no]distributed:" in proc.stdout
