@@ -402,6 +402,7 @@ def dropout(rng: Array | None, x: Array, rate: float, *, deterministic: bool = F
     hidden global RNG).
     """
     check_dropout_rate(rate, "dropout rate")
+    check_floating(x, "x", "dropout")  # x / (1 - rate) would silently turn ints into floats
     if deterministic or rate == 0.0:
         return x
     check_dropout_key(rng, True, "dropout with rate > 0 and deterministic=False")

@@ -6,10 +6,12 @@ Shape glossary: B batch, T time, V vocab.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxattn.ops._checks import check_size
@@ -170,13 +172,16 @@ def check_label_smoothing(label_smoothing: float | Array, where: str) -> float |
     a Python float, or as the tracer it is. (A concrete JAX scalar compared inside a trace,
     as under the caller's ``jit`` or in a chunk, would give a tracer that no ``if`` can
     test.)"""
-    if jnp.ndim(label_smoothing) != 0:  # (known under jit too: a [V] eps would broadcast)
+    if np.ndim(label_smoothing) != 0:  # (known under jit too: a [V] eps would broadcast)
         raise ValueError(
-            f"{where}: label_smoothing must be a scalar, got shape {jnp.shape(label_smoothing)}"
+            f"{where}: label_smoothing must be a scalar, got shape {np.shape(label_smoothing)}"
         )
     if isinstance(label_smoothing, jax.core.Tracer):
         return label_smoothing
-    eps = float(label_smoothing)
+    try:
+        eps = float(label_smoothing)  # (None, a string: float()'s message named nothing)
+    except (TypeError, ValueError):
+        eps = math.nan  # refused below, by name, as the dropout rate's check does
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"{where}: label_smoothing must be in [0, 1), got {label_smoothing}")
     return eps

@@ -378,6 +378,11 @@ def lstm_stack(
     """
     if not layers:
         raise ValueError("lstm_stack: got no layers")
+    if not all(isinstance(w, (LSTMWeights, BidirectionalWeights)) for w in layers):
+        raise TypeError(  # (a bare tuple of arrays failed as "no attribute 'w_hh'")
+            "lstm_stack: layers must be LSTMWeights or BidirectionalWeights (init_lstm_stack), "
+            f"got {[type(w).__name__ for w in layers]}"
+        )
     bidirectional = isinstance(layers[0], BidirectionalWeights)
     if any(isinstance(w, BidirectionalWeights) != bidirectional for w in layers):
         raise ValueError(
@@ -388,8 +393,16 @@ def lstm_stack(
     hidden = (layers[0].forward if bidirectional else layers[0]).w_hh.shape[0]
     if xs.ndim != 3:  # before the carry, whose expected shape needs B = xs.shape[0]
         raise ValueError(f"lstm_stack: xs must be [B, T, I], got {xs.shape}")
-    # Layer l > 0 reads layer l-1's [B, T, dirs*h]: checked here, before any layer runs, so
-    # that a mismatch names the layer (lstm_scan would name an xs the caller never passed).
+    # Layer 0 reads xs, layer l > 0 layer l-1's [B, T, dirs*h]: checked here, before any
+    # layer runs, so that a mismatch names lstm_stack and the layer (lstm_scan or
+    # bidirectional_lstm would name themselves, and for l > 0 an xs the caller never passed).
+    for w in layers[0] if bidirectional else (layers[0],):
+        in_size, _ = _check_weights(w, "lstm_stack: layer 0")
+        if xs.shape[-1] != in_size:
+            raise ValueError(
+                f"lstm_stack: xs {tuple(xs.shape)} must be [B, T, I] with layer 0's I = "
+                f"{in_size} (its w_ih is {tuple(w.w_ih.shape)})"
+            )
     for layer, weights in enumerate(layers[1:], start=1):
         for w in weights if bidirectional else (weights,):
             in_size, h = _check_weights(w, f"lstm_stack: layer {layer}")

@@ -538,6 +538,8 @@ def test_dropout_bad_inputs(rng):
     # of range ("got JitTracer(...)").
     with pytest.raises(ValueError, match="dropout rate must be a concrete number, got a traced"):
         jax.jit(lambda rate: dropout(rng, x, rate))(0.5)
+    with pytest.raises(ValueError, match="dropout: x must be floating"):  # was cast silently
+        dropout(rng, jnp.ones((3, 5), jnp.int32), 0.1)
 
 
 def test_check_dropout_key(rng):

@@ -87,6 +87,9 @@ def test_bad_shapes_raise():
         cross_entropy(logits, jnp.zeros((B, T), jnp.int32), jnp.ones((B,), bool))
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(logits, jnp.zeros((B, T), jnp.int32), label_smoothing=1.0)
+    for bad in (None, "0.1x"):  # were float()'s TypeError / ValueError, naming nothing
+        with pytest.raises(ValueError, match=r"cross_entropy: label_smoothing must be in \[0, 1\)"):
+            cross_entropy(logits, jnp.zeros((B, T), jnp.int32), label_smoothing=bad)
     # A [V] eps broadcast into a loss under jit, and failed as NumPy's truth-value error
     # outside it.
     eps = jnp.full((V,), 0.1)

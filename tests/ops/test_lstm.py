@@ -478,13 +478,18 @@ def test_bad_stack_inputs_raise(rng):
         lstm_stack(bi, jnp.zeros((T, IN)), good)
     with pytest.raises(ValueError, match="mixed uni- and bidirectional"):
         lstm_stack((bi[0], bi[1].forward), xs)
+    # Layer 0's input size, named by lstm_stack (was bidirectional_lstm's / lstm_scan's).
+    with pytest.raises(ValueError, match=r"lstm_stack: xs \(3, 7, 4\) must be .* layer 0's I = 5"):
+        lstm_stack(bi, jnp.zeros((B, T, IN - 1)))
+    with pytest.raises(TypeError, match=r"lstm_stack: layers must be LSTMWeights"):
+        lstm_stack((tuple(bi[0].forward),), xs)  # was "'tuple' object has no attribute"
     with pytest.raises(ValueError, match="no layers"):
         lstm_stack((), xs)
     with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\), got 1.0"):
         lstm_stack(bi, xs, dropout_rate=1.0)
     with pytest.raises(ValueError, match="needs an rng key"):
         lstm_stack(bi, xs, dropout_rate=0.1, deterministic=False)
-    with pytest.raises(ValueError, match=r"xs must be \[B, T, I=22\]"):
+    with pytest.raises(ValueError, match=r"lstm_stack: xs \(3, 7, 5\) must be .* I = 22"):
         lstm_stack((bi[1],), xs)
     lopsided = BidirectionalWeights(bi[0].forward, bi[1].backward)
     with pytest.raises(ValueError, match="direction shapes differ"):
