@@ -726,11 +726,18 @@ def gpt_decode(
         raise ValueError(
             f"gpt_decode: tokens {tokens.shape} do not fit a cache of batch {b} and length {s}"
         )
+    if s > config.block_size:  # (learned positions past the table would embed as NaN)
+        raise ValueError(
+            f"gpt_decode: the cache holds S={s} positions, more than "
+            f"config.block_size={config.block_size} (init_cache refuses it too)"
+        )
     if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > s:
         raise ValueError(
             f"gpt_decode: writing T={t} tokens at index {int(cache.index)} overflows the "
             f"cache length S={s}"
         )
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) < 0:
+        raise ValueError(f"gpt_decode: cache.index must be >= 0, got {int(cache.index)}")
     slots = cache.index + jnp.arange(t, dtype=jnp.int32)  # [T]
     positions, key_mask = slots, None
     if start is not None:

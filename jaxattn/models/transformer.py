@@ -580,15 +580,29 @@ def decode_step(
     """
     check_weights(weights, init_transformer, config, "decode_step")
     token = jnp.asarray(token)
-    _, b, t_max, _, _ = cache.k.shape
+    layers, b, t_max, _, _ = cache.k.shape
+    if layers != config.num_decoder_layers or cross.k.shape[0] != config.num_decoder_layers:
+        raise ValueError(  # (else jax's scan error about mismatched leading axes)
+            f"decode_step: config has {config.num_decoder_layers} decoder layers; the cache "
+            f"has {layers} and cross k/v {cross.k.shape[0]} (init_cache / cross_kv of it)"
+        )
     if token.shape != (b,) or cross.k.shape[1] != b or jnp.shape(src_mask) != cross.k.shape[1:3]:
         raise ValueError(
             f"decode_step: expected token [B={b}], cross k/v [Ld, B, S, N, H] and "
             f"src_mask [B, S], got {token.shape}, {cross.k.shape}, "
             f"{jnp.shape(src_mask)}"
         )
+    if t_max > config.max_len:  # positions past the table would embed as NaN (take's fill)
+        raise ValueError(
+            f"decode_step: the cache holds {t_max} positions, more than "
+            f"config.max_len={config.max_len}"
+        )
+    # (A traced index cannot be checked: the caller keeps 0 <= index < T_max.)
     if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) >= t_max:
         raise ValueError(f"decode_step: the cache of length {t_max} is full")
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) < 0:
+        # (position -1 would embed as the last one, and the write clamp to slot 0)
+        raise ValueError(f"decode_step: cache.index must be >= 0, got {int(cache.index)}")
     w = cast_floating(weights, config.compute_dtype)
     positions = cache.index[None]  # [1]
     y = _embed(w.tgt_embedding, token[:, None], positions, config)  # [B, 1, D]

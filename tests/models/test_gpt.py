@@ -803,3 +803,16 @@ def test_swapped_arguments_name_the_argument_order():
         gpt_module.gpt(w, BASE, tokens)
     with pytest.raises(TypeError, match=r"gpt_loss: config must be a GPTConfig"):
         gpt_module.gpt_loss(w, tokens, tokens, tokens)
+
+
+def test_gpt_decode_refuses_a_hand_made_cache_past_the_model():
+    """init_cache refuses these; a cache built by hand reached the model: positions past
+    the learned table embedded as NaN, and index -1 as the last position."""
+    w = random_weights(BASE)
+    tokens = jnp.array([[1]])
+    longer = init_cache(dataclasses.replace(BASE, block_size=14), 1, 14)._replace(index=11)
+    with pytest.raises(ValueError, match=r"gpt_decode: the cache holds S=14 .*block_size=11"):
+        gpt_decode(w, tokens, longer, BASE)
+    negative = init_cache(BASE, 1, 4)._replace(index=jnp.int32(-1))
+    with pytest.raises(ValueError, match=r"gpt_decode: cache.index must be >= 0, got -1"):
+        gpt_decode(w, tokens, negative, BASE)

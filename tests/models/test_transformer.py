@@ -542,6 +542,18 @@ def test_bad_inputs_raise(np_rng):
         cache = init_cache(config, 3, 2)._replace(index=jnp.int32(2))
         cross = cross_kv(w, memory, config)
         decode_step(w, cache, tgt_in[:, 0], cross, jnp.ones((3, 5), bool), config)
+    # A hand-made cache: longer than the position table (its positions embedded as NaN), a
+    # negative index (embedded as the last position), another layer count (jax's scan error).
+    cross, step_mask = cross_kv(w, memory, config), jnp.ones((3, 5), bool)
+    long_cache = init_cache(dataclasses.replace(config, max_len=10), 3, 10)._replace(index=9)
+    bad_caches = [
+        (long_cache, r"holds 10 positions, more than config.max_len=9"),
+        (init_cache(config, 3, 4)._replace(index=jnp.int32(-1)), r"cache.index must be >= 0"),
+        (init_cache(dataclasses.replace(config, num_decoder_layers=1), 3, 4), r"decoder layers"),
+    ]
+    for cache, match in bad_caches:
+        with pytest.raises(ValueError, match=rf"decode_step: .*{match}"):
+            decode_step(w, cache, tgt_in[:, 0], cross, step_mask, config)
     with pytest.raises(ValueError, match="max_len"):
         translate(w, config, src, lengths, max_len=10)
     with pytest.raises(ValueError, match=r"translate: beam_size must be an int >= 1, got 2.0"):
