@@ -951,3 +951,18 @@ def test_gpt_decode_may_fill_the_cache_to_its_last_slot():
     cache = init_cache(BASE, 1, 4)._replace(index=jnp.array(2, jnp.int32))  # 2 slots left
     logits, cache = gpt_decode(w, tokens_for(BASE, (1, 2)), cache, BASE)
     assert logits.shape == (1, 2, BASE.vocab_size) and int(cache.index) == 4
+
+
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_a_traced_zero_temperature_draws_tied_maxima_equally(top_p):
+    """_tempered keeps the maxima at 0 under a traced T = 0: 0 * inf would make them NaN,
+    and argmax would then always pick the first of the tied tokens (a mutation test found
+    the suite's traced-T = 0 check used logits with one clear maximum only)."""
+    n = 20_000
+    logits = jnp.broadcast_to(jnp.array([10.0, 10.0, 0.0]), (n, 3))
+    top_p = None if top_p is None else jnp.float32(top_p)
+    draws = jax.jit(decoding.sample_logits)(
+        jax.random.key(1), logits, temperature=jnp.float32(0.0), top_p=top_p
+    )
+    frequencies = np.bincount(np.asarray(draws), minlength=3) / n
+    np.testing.assert_allclose(frequencies, [0.5, 0.5, 0.0], atol=0.02)  # ~6 sigma

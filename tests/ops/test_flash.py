@@ -921,3 +921,22 @@ def test_bad_inputs(np_rng):
             local_window_size=16,
         )
     assert block_sizes(5, 1000) == (8, 512) and block_sizes(300, 300, 64, 32) == (64, 32)
+
+
+@pytest.mark.parametrize("block, t, s", [(4, 11, 11), (8, 32, 32), (8, 24, 32)])
+def test_a_causal_window_two_short_of_a_block_matches_xla_with_grads(block, t, s):
+    """left = block_q - 2 is where the diagonal tile stops being the causal-only one
+    (_Plan.diagonal_edges): a mutation test found no window test at that size, and an
+    off-by-one there kept the forward right but gave dq, dk, dv wrong by O(1)."""
+    gen = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(gen.normal(size=(1, n, 2, 8)), jnp.float32) for n in (t, s, s))
+    options = dict(is_causal=True, local_window_size=block - 2)
+    blockwise = partial(flash.flash_attention, block_q=block, block_k=block, **options)
+    einsum = partial(dot_product_attention, implementation="xla", **options)
+    np.testing.assert_allclose(blockwise(q, k, v), einsum(q, k, v), rtol=1e-5, atol=1e-5)
+
+    def grads(attend):
+        return jax.grad(lambda *qkv: jnp.sum(attend(*qkv) ** 2), argnums=(0, 1, 2))(q, k, v)
+
+    for got, want in zip(grads(blockwise), grads(einsum)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
