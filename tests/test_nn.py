@@ -187,10 +187,10 @@ def test_from_weights_names_a_wrong_tree(rng):
 
 
 def test_from_weights_names_a_flat_state_tree(rng):
-    """nnx.as_pure(nnx.state(m)) or an orbax restore without a target: nested dicts, not
+    """nnx.to_pure_dict(nnx.state(m)) or an orbax restore without a target: nested dicts, not
     the weights NamedTuples (LSTM's raised a bare KeyError: 0)."""
     lstm = nn.LSTM(3, 4, rngs=nnx.Rngs(0))
-    pure_state = nnx.as_pure(nnx.state(lstm, nnx.Param))
+    pure_state = nnx.to_pure_dict(nnx.state(lstm, nnx.Param))  # (as_pure: flax >= 0.12.6)
     with pytest.raises(TypeError, match=r"LSTM\.from_weights: expected the pure weights tree"):
         nn.LSTM.from_weights(pure_state)
 
