@@ -731,13 +731,15 @@ def gpt_decode(
             f"gpt_decode: the cache holds S={s} positions, more than "
             f"config.block_size={config.block_size} (init_cache refuses it too)"
         )
-    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > s:
-        raise ValueError(
-            f"gpt_decode: writing T={t} tokens at index {int(cache.index)} overflows the "
-            f"cache length S={s}"
-        )
-    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) < 0:
-        raise ValueError(f"gpt_decode: cache.index must be >= 0, got {int(cache.index)}")
+    if not isinstance(cache.index, jax.core.Tracer):
+        index = int(cache.index)
+        if index < 0:
+            raise ValueError(f"gpt_decode: cache.index must be >= 0, got {index}")
+        if index + t > s:
+            raise ValueError(
+                f"gpt_decode: writing T={t} tokens at index {index} overflows the cache "
+                f"length S={s}"
+            )
     slots = cache.index + jnp.arange(t, dtype=jnp.int32)  # [T]
     positions, key_mask = slots, None
     if start is not None:

@@ -598,11 +598,12 @@ def decode_step(
             f"config.max_len={config.max_len}"
         )
     # (A traced index cannot be checked: the caller keeps 0 <= index < T_max.)
-    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) >= t_max:
-        raise ValueError(f"decode_step: the cache of length {t_max} is full")
-    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) < 0:
-        # (position -1 would embed as the last one, and the write clamp to slot 0)
-        raise ValueError(f"decode_step: cache.index must be >= 0, got {int(cache.index)}")
+    if not isinstance(cache.index, jax.core.Tracer):
+        index = int(cache.index)
+        if index < 0:  # (position -1 would embed as the last one, the write clamp to slot 0)
+            raise ValueError(f"decode_step: cache.index must be >= 0, got {index}")
+        if index >= t_max:
+            raise ValueError(f"decode_step: the cache of length {t_max} is full")
     w = cast_floating(weights, config.compute_dtype)
     positions = cache.index[None]  # [1]
     y = _embed(w.tgt_embedding, token[:, None], positions, config)  # [B, 1, D]

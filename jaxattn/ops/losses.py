@@ -59,12 +59,7 @@ def cross_entropy(
     check_token_ids(targets, logits.shape[-1], "cross_entropy: targets")
     if mask is None:
         return jnp.mean(_token_losses(logits, jnp.asarray(targets), label_smoothing))
-    mask = jnp.asarray(mask)
-    # An uncounted row's logits never reach the loss, nor (as NaN) its gradient: a row of
-    # all -inf gives NaN in log_softmax's backward even under a zero cotangent.
-    logits = jnp.where(mask.astype(bool)[..., None], logits, jnp.zeros_like(logits))
-    losses = _token_losses(logits, jnp.asarray(targets), label_smoothing)  # [...]
-    total, count = _counted_sum(losses, mask)
+    total, count = _counted_losses(logits, jnp.asarray(targets), jnp.asarray(mask), label_smoothing)
     return total / jnp.maximum(count, 1.0)
 
 
@@ -142,9 +137,7 @@ def chunked_cross_entropy(
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def chunk_loss(h: Array, ids: Array, keep: Array) -> tuple[Array, Array]:
         # h: [*lead, chunk, D]; ids, keep: [*lead, chunk]
-        logits = logits_fn(h)
-        logits = jnp.where(keep[..., None], logits, jnp.zeros_like(logits))  # see cross_entropy
-        return _counted_sum(_token_losses(logits, ids, label_smoothing), keep)
+        return _counted_losses(logits_fn(h), ids, keep, label_smoothing)
 
     # The padding repeats the last position's hidden state, a real input of logits_fn: a
     # zero vector may be one where it has no gradient (a norm without an epsilon), and its
@@ -204,10 +197,16 @@ def _token_losses(logits: Array, targets: Array, label_smoothing: float | Array)
     return losses
 
 
-def _counted_sum(losses: Array, mask: Array) -> tuple[Array, Array]:
-    """``(sum of the counted losses, number counted)`` in the losses' dtype; mask nonzero =
-    counted."""
+def _counted_losses(
+    logits: Array, targets: Array, mask: Array, label_smoothing: float | Array
+) -> tuple[Array, Array]:
+    """``(sum of the counted tokens' losses, number counted)`` in the losses' dtype, for
+    ``logits: [..., V]``, ``targets, mask: [...]``; mask nonzero = counted."""
     counted = mask.astype(bool)
+    # An uncounted row's logits never reach the loss, nor (as NaN) its gradient: a row of
+    # all -inf gives NaN in log_softmax's backward even under a zero cotangent.
+    logits = jnp.where(counted[..., None], logits, jnp.zeros_like(logits))
+    losses = _token_losses(logits, targets, label_smoothing)  # [...]
     # where, not losses * counted: an uncounted token's loss may be inf (its target's
     # logit is -inf, e.g. a pad target the model never predicts) and inf * 0 = NaN.
     total = jnp.sum(jnp.where(counted, losses, 0.0))
