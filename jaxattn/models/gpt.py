@@ -44,6 +44,7 @@ from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
     cached_attention,
     dot_product_attention,
+    head_rows,
     init_multi_head_attention,
     project_output,
     project_qkv,
@@ -204,7 +205,8 @@ class GPTWeights(NamedTuple):
 class KVCache(NamedTuple):
     """Keys and values of the tokens decoded so far.
 
-    ``k, v: [L, B, S, K, H]``, or per layer (``unstack_layers``): tuples of L ``[B, S, K, H]``;
+    ``k, v: [L, B, S, K, H]``, or per layer (``unstack_layers``): tuples of L ``[B*K, S, H]``
+    (``ops.head_rows``; ``ops.from_head_rows(k[l], B)`` reads one as ``[B, S, K, H]``);
     ``index``: int32 scalar, how many slots are filled: the slot of the next token, and its
     position unless rows are left-padded (``gpt_decode``'s ``start``).
     """
@@ -626,9 +628,14 @@ def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVC
     is a decode step whose compile time grows with depth: ``generate`` for that model
     compiled in 1.6 s instead of 0.8 s.
 
+    Each layer's cache comes as ``ops.head_rows``, ``[B*K, S, H]``: the layout of the
+    attention's batched products, which then read it with no copy. Kept as ``[B, S, K, H]``
+    it was copied into that layout twice per layer and token (benchmarks/LOG.md, "Session
+    44").
+
     Returns:
       ``(weights with blocks: tuple of L BlockWeights, KVCache(k, v: tuples of L
-      [B, S, K, H], index))``.
+      [B*K, S, H], index))``.
     """
     if not isinstance(weights.blocks, BlockWeights) or isinstance(cache.k, tuple):
         raise ValueError(
@@ -638,7 +645,7 @@ def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVC
         )
     layers = range(cache.k.shape[0])
     blocks = tuple(jax.tree.map(lambda a, i=i: a[i], weights.blocks) for i in layers)
-    k, v = (tuple(stack[i] for i in layers) for stack in (cache.k, cache.v))
+    k, v = (tuple(head_rows(stack[i]) for i in layers) for stack in (cache.k, cache.v))
     return weights._replace(blocks=blocks), KVCache(k, v, cache.index)
 
 
@@ -712,15 +719,25 @@ def gpt_decode(
             f"{len(cache.k)} (k) and {len(cache.v)} (v) layers"
         )
     check_gpt_weights(weights, config, "gpt_decode")
-    layer_shape = cache.k[0].shape if per_layer else cache.k.shape[1:]  # [B, S, K, H]
+    kh, h = config.kv_heads, config.head_dim
+    if per_layer:  # head rows [B*K, S, H], B from the tokens
+        layer_shape = cache.k[0].shape
+        b = tokens.shape[0]
+        fits = len(layer_shape) == 3 and layer_shape[0] == b * kh and layer_shape[2] == h
+        want = f"[B*K={b}*{kh}, S, H={h}] (unstack_layers of init_cache(config, {b}, ...))"
+    else:
+        layer_shape = cache.k.shape[1:]  # [B, S, K, H]
+        b = layer_shape[0]
+        fits = len(layer_shape) == 4 and layer_shape[2:] == (kh, h)
+        want = f"[B, S, K={kh}, H={h}] (build it with init_cache(config, ...))"
     layers = len(cache.k) if per_layer else cache.k.shape[0]
-    if layers != config.num_layers or layer_shape[2:] != (config.kv_heads, config.head_dim):
+    if layers != config.num_layers or not fits:
         raise ValueError(
-            f"gpt_decode: the cache does not fit the config ({config.num_layers} layers of "
-            f"[B, S, K={config.kv_heads}, H={config.head_dim}]): got {layers} layers of "
-            f"{tuple(layer_shape)} (build it with init_cache(config, ...))"
+            f"gpt_decode: the cache does not fit the config and tokens {tokens.shape}: it "
+            f"needs {config.num_layers} layers of {want}, got {layers} layers of "
+            f"{tuple(layer_shape)}"
         )
-    b, s = layer_shape[:2]
+    s = layer_shape[1]
     t = tokens.shape[1]
     if tokens.shape[0] != b or t > s:
         raise ValueError(

@@ -229,22 +229,48 @@ IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "pallas")
 DROPOUT_IMPLEMENTATIONS = ("xla", "blockwise")  # the kernels that take attention dropout
 
 
+def head_rows(x: Array) -> Array:
+    """``[B, S, K, H]`` -> ``[B*K, S, H]``: keys or values as one row block per (batch, key/value
+    head), batch-major.
+
+    The einsum path's batched products take this layout as it is. A per-layer KV cache
+    (``gpt.unstack_layers``) is kept in it, so that a decoding step reads the cache with
+    no transposing copy: in ``[B, S, K, H]`` XLA:CPU copied each layer's keys and values
+    into it on every token (8 of the 4-layer Shakespeare model's ~170 operations per token,
+    about a fifth of its time; benchmarks/LOG.md, "Session 44").
+    """
+    b, s, kh, h = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b * kh, s, h)
+
+
+def from_head_rows(x: Array, batch_size: int) -> Array:
+    """``[B*K, S, H]`` -> ``[B, S, K, H]``, the inverse of ``head_rows``."""
+    r, s, h = x.shape
+    return x.reshape(batch_size, r // batch_size, s, h).transpose(0, 2, 1, 3)
+
+
 def _probs(q, k, mask, bias, is_causal, scale) -> Array:
     """The one formula: ``softmax(scale q kᵀ + bias, mask)`` -> float32 ``[B, N, T, S]``
-    (float64 for float64 inputs)."""
+    (float64 for float64 inputs). ``k``: ``[B, S, K, H]``, or ``head_rows`` ``[B*K, S, H]``."""
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    s = k.shape[1]
     # Accumulate in float32 even for bf16 inputs; softmax needs the precision.
     wide = float32_or_wider(q.dtype)
-    if n == kh:
+    if k.ndim == 3:
+        # Head rows: the G * T queries of each key/value head (head n = k * G + g) form one
+        # row block, and the product reads the keys as they are.
+        kh = k.shape[0] // b
+        q_rows = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4).reshape(b * kh, -1, h)
+        logits = jnp.einsum("rmh,rsh->rms", q_rows, k, preferred_element_type=wide)
+    elif n == k.shape[2]:
         # No group axis: XLA:CPU runs this ~20% faster (fwd+bwd) than the same product
         # with a size-1 group axis, and it is the common case.
         logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=wide)
     else:
         # GQA groups the query heads instead of repeating k/v in memory: head n = k * G + g.
-        qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+        qg = q.reshape(b, t, k.shape[2], -1, h)  # [B, T, K, G, H]
         logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=wide)
-        logits = logits.reshape(b, n, t, s)  # [B, N, T, S]
+    logits = logits.reshape(b, n, t, s)  # [B, N, T, S]
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     logits = logits * jnp.asarray(scale, wide)  # [B, N, T, S]
     if bias is not None:
@@ -254,20 +280,27 @@ def _probs(q, k, mask, bias, is_causal, scale) -> Array:
 
 
 def _attention_xla_core(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
-    """Reference einsum path -> (out ``[B, T, N, Hv]``, pre-dropout probs ``[B, N, T, S]``)."""
+    """Reference einsum path -> (out ``[B, T, N, Hv]``, pre-dropout probs ``[B, N, T, S]``).
+
+    ``k``, ``v``: ``[B, S, K, H]``, or both as ``head_rows``, ``[B*K, S, H]``."""
     b, t, n, _ = q.shape
-    kh = k.shape[2]
+    s, hv = v.shape[1], v.shape[-1]  # (axis 1 is S in both layouts)
+    kh = v.shape[0] // b if v.ndim == 3 else v.shape[2]
     probs = _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]
     p = probs
     if dropout_rate > 0.0:  # the blockwise kernel's mask, built whole (masks.py)
         keep = attention_dropout_mask(dropout_seed(dropout_rng), probs.shape, dropout_rate)
         p = probs * dropout_scale(keep, dropout_rate, probs.dtype)
     p = p.astype(v.dtype)
-    if n == kh:
+    if v.ndim == 3:
+        out = jnp.einsum("rms,rsh->rmh", p.reshape(b * kh, -1, s), v)  # [B*K, G*T, Hv]
+        out = out.reshape(b, kh, -1, t, hv).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, Hv]
+    elif n == kh:
         return jnp.einsum("bnts,bsnh->btnh", p, v), probs  # [B, T, N, Hv]
-    pg = p.reshape(b, kh, n // kh, t, -1)  # [B, K, G, T, S]
-    out = jnp.einsum("bkgts,bskh->btkgh", pg, v)  # [B, T, K, G, Hv]
-    return out.reshape(b, t, n, v.shape[-1]), probs  # [B, T, N, Hv]
+    else:
+        pg = p.reshape(b, kh, n // kh, t, s)  # [B, K, G, T, S]
+        out = jnp.einsum("bkgts,bskh->btkgh", pg, v)  # [B, T, K, G, Hv]
+    return out.reshape(b, t, n, hv), probs  # [B, T, N, Hv]
 
 
 def _attention_xla(q, k, v, mask, bias, is_causal, scale, dropout_rate, dropout_rng):
@@ -591,14 +624,36 @@ def dot_product_attention(
       ``[B, T, N, Hv]`` in q's dtype.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    mask, bias = check_attention_inputs("dot_product_attention", q, k, v, mask, bias)
+    return _dot_product_attention(
+        q, k, v, mask, bias, is_causal, scale, implementation, dropout_rate, dropout_rng,
+        local_window_size,
+    )  # fmt: skip
+
+
+def _dot_product_attention(
+    q, k, v, mask=None, bias=None, is_causal=False, scale=None, implementation=None,
+    dropout_rate=0.0, dropout_rng=None, local_window_size=None,
+):  # fmt: skip
+    """``dot_product_attention`` on arrays; ``k`` and ``v`` may also come as ``head_rows``
+    (``cached_attention``'s per-layer caches): the einsum path reads them as they are, the
+    other kernels get them back as ``[B, S, K, H]``."""
+    rows = k.ndim == 3
+    if rows:  # the checks and the kernel's choice see [B, S, K, H]
+        b = q.shape[0]
+        k_in, v_in = (
+            jax.ShapeDtypeStruct((b, x.shape[1], x.shape[0] // b, x.shape[2]), x.dtype)
+            for x in (k, v)
+        )
+    else:
+        k_in, v_in = k, v
+    mask, bias = check_attention_inputs("dot_product_attention", q, k_in, v_in, mask, bias)
     check_scale(scale, "dot_product_attention")
     window = check_local_window(local_window_size, "dot_product_attention")
     # Before the selection, which compares the rate with 0.
     check_attention_dropout("dot_product_attention", dropout_rate, dropout_rng)
     if implementation is None:
         implementation = _select_implementation(
-            q, k, v, mask, bias, is_causal, dropout_rate, window
+            q, k_in, v_in, mask, bias, is_causal, dropout_rate, window
         )
     _check_implementation(implementation, "dot_product_attention")
     if dropout_rate > 0.0 and implementation not in DROPOUT_IMPLEMENTATIONS:
@@ -611,6 +666,8 @@ def dot_product_attention(
             'dot_product_attention: implementation="pallas" takes no local_window_size; use '
             "implementation=None or 'blockwise'"
         )
+    if rows and implementation != "xla":
+        k, v = from_head_rows(k, b), from_head_rows(v, b)
     if implementation != "xla":  # the fused kernels take the scale as a Python number
         q, scale = fold_traced_scale(q, scale)
         # A concrete array (jnp.float32(0.5)) is not hashable, as cuDNN's and Pallas'
@@ -795,8 +852,10 @@ def write_kv_cache(
     """Write a chunk's keys and values into a KV cache at position ``index``.
 
     Args:
-      k_cache, v_cache: ``[B, S, K, H]`` cached keys and values (any dtype); with ``layer``,
-        every layer's caches stacked, ``[L, B, S, K, H]``.
+      k_cache, v_cache: ``[B, S, K, H]`` cached keys and values (any dtype), or one layer's
+        as ``head_rows``, ``[B*K, S, H]`` (the layout ``gpt.unstack_layers`` gives a decoding
+        loop: its attention reads them with no transposing copy); with ``layer``, every
+        layer's caches stacked, ``[L, B, S, K, H]``.
       k, v: ``[B, T, K, H]`` the chunk's keys and values, for positions ``index ..
         index + T - 1``.
       index: int32 scalar (may be traced), the position of the chunk's first token;
@@ -839,6 +898,19 @@ def write_kv_cache(
             f"write_kv_cache: k_cache {k_cache.shape} is a stack of layers [L, B, S, K, H]; "
             "pass layer= to write one of them"
         )
+    elif k_cache.ndim == 3:  # head rows [B*K, S, H]
+        b, kh = k.shape[0], k.shape[2] if k.ndim == 4 else 0
+        if (
+            v_cache.ndim != 3
+            or v_cache.shape[:2] != k_cache.shape[:2]
+            or k_cache.shape[0] != b * kh
+        ):
+            raise ValueError(
+                f"write_kv_cache: head-row caches k_cache [B*K, S, H] and v_cache [B*K, S, Hv] "
+                f"must share S and have B*K rows for the chunk's k [B, T, K, H], got k_cache "
+                f"{k_cache.shape}, v_cache {v_cache.shape}, k {k.shape}"
+            )
+        cache = tuple((b, c[1], kh, c[2]) for c in cache)  # as [B, S, K, H], for the checks
     elif k_cache.ndim != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(
             f"write_kv_cache: k_cache [B, S, K, H] and v_cache [B, S, K, Hv] must share B, S "
@@ -864,8 +936,11 @@ def write_kv_cache(
         zero = jnp.zeros((), jnp.int32)  # (a Python 0 is int64 under x64)
         start = (jnp.asarray(layer).astype(jnp.int32), zero, index, zero, zero)
         write = lambda c, x: jax.lax.dynamic_update_slice(c, x[None].astype(c.dtype), start)
-    else:
-        write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, 1)
+    else:  # (axis 1 is S in both layouts)
+        rows = k_cache.ndim == 3
+        write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
+            c, (head_rows(x) if rows else x).astype(c.dtype), index, 1
+        )
     k_cache, v_cache = write(k_cache, k), write(v_cache, v)
     positions = index + jnp.arange(k.shape[1], dtype=jnp.int32)  # [T]
     keys = jnp.arange(slots, dtype=jnp.int32)  # [S]
@@ -910,7 +985,8 @@ def cached_attention(
     if mask is not None:
         visible = combine_masks(visible, mask)
     keys, values = (k_cache, v_cache) if layer is None else (k_cache[layer], v_cache[layer])
-    out = dot_product_attention(
+    q = jnp.asarray(q)
+    out = _dot_product_attention(
         q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible, **attention_options
     )
     return out, k_cache, v_cache

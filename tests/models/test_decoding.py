@@ -60,7 +60,7 @@ def test_cached_decoding_equals_full_pass(config, per_layer):
     if per_layer:
         w, cache = gpt_module.unstack_layers(w, cache)
         assert len(w.blocks) == len(cache.k) == len(cache.v) == config.num_layers
-        assert cache.k[0].shape == (B, config.block_size, config.kv_heads, config.head_dim)
+        assert cache.k[0].shape == (B * config.kv_heads, config.block_size, config.head_dim)
     logits, cache = decode_jit(w, tokens[:, :4], cache, config)
     pieces = [logits]
     for t in range(4, 9):
@@ -691,13 +691,15 @@ def test_generate_with_eos_updates_the_cache_in_place():
     assert temp_bytes(3) <= 1.05 * temp_bytes(None)
 
 
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_a_decoding_loop_updates_the_kv_cache_in_place(per_layer):
+@pytest.mark.parametrize("per_layer, bound", [(False, 2.0), (True, 0.75)])
+def test_a_decoding_loop_updates_the_kv_cache_in_place(per_layer, bound):
     """A token loop over gpt_decode holds no copy of the cache, stacked or per layer: the
     layer scan over the stacked cache (generate's default) zero-filled a new [L, B, S, K, H]
     stack each token and copied it three times (4.1 k-stacks of temporary memory here, now
     1.3, most of it the attention's per-layer copies of K and V into its own layout; 3.1x
-    the time per token at S = 1024, batch 8)."""
+    the time per token at S = 1024, batch 8). Per layer, the caches are kept in that layout
+    (head rows), and the copies are gone: 0.45 k-stacks, 1.32 when the caches were
+    [B, S, K, H]."""
     config = dataclasses.replace(BASE, block_size=256)
     w, cache = random_weights(config), init_cache(config, 2, 256)
 
@@ -707,7 +709,7 @@ def test_a_decoding_loop_updates_the_kv_cache_in_place(per_layer):
         return jax.lax.fori_loop(0, 8, step, cache)
 
     compiled = jax.jit(loop).lower(w, cache).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < 2 * cache.k.nbytes  # < k and v
+    assert compiled.memory_analysis().temp_size_in_bytes < bound * cache.k.nbytes
 
 
 def test_generate_cropped_rejects_bad_requests():

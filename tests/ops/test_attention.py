@@ -19,7 +19,9 @@ from jaxattn.ops.attention import (
     cached_attention,
     dot_product_attention,
     dot_scores,
+    from_head_rows,
     general_scores,
+    head_rows,
     init_additive,
     init_general,
     init_multi_head_attention,
@@ -1069,20 +1071,27 @@ def test_write_kv_cache_with_a_window_hides_the_keys_before_it(np_rng):
         write_kv_cache(cache, cache, chunk, chunk, 4, local_window_size=(-1, 0))
 
 
-@pytest.mark.parametrize("stacked", [False, True])
-def test_cached_attention_in_chunks_equals_causal_attention_over_the_whole(np_rng, stacked):
+@pytest.mark.parametrize(
+    "layout, implementation",
+    [("one", "xla"), ("stacked", "xla"), ("rows", "xla"), ("rows", "blockwise")],
+)
+def test_cached_attention_in_chunks_equals_causal_attention_over_the_whole(
+    np_rng, layout, implementation
+):
     """Prefill 3 positions, then 1, then 2: each chunk's outputs are the float64 causal
     attention's rows for its positions, with GQA and a padding mask over the keys; the
-    cache holds every chunk's keys and values where they belong."""
+    cache holds every chunk's keys and values where they belong. Caches: one layer's
+    ``[B, S, K, H]``, layer 1 of a stack, and one layer's ``head_rows`` ``[B*K, S, H]``
+    (read as they are by the einsum path, given back as ``[B, S, K, H]`` to the others)."""
     t, n, kh = 6, 4, 2
     q, k, v = qkv(np_rng, kh, t=t, s=t, n=n)
     padding = np.ones((B, 1, 1, t), bool)
     padding[1, ..., :2] = False  # row 1 left-padded by 2 (its first queries see nothing)
     want, _ = np_attention(q, k, v, mask=padding, is_causal=True)
-    layers, layer = (3, 1) if stacked else (None, None)
-    shape = (B, t, kh, H) if layers is None else (layers, B, t, kh, H)
+    layer = 1 if layout == "stacked" else None
+    shape = {"one": (B, t, kh, H), "stacked": (3, B, t, kh, H), "rows": (B * kh, t, H)}[layout]
     k_cache, v_cache = jnp.zeros(shape, jnp.bfloat16), jnp.zeros(shape, jnp.bfloat16)
-    step = jax.jit(partial(cached_attention, implementation="xla"))
+    step = jax.jit(partial(cached_attention, implementation=implementation))
     start = 0
     for size in (3, 1, 2):
         chunk = slice(start, start + size)
@@ -1090,13 +1099,31 @@ def test_cached_attention_in_chunks_equals_causal_attention_over_the_whole(np_rn
             q[:, chunk], k[:, chunk], v[:, chunk], k_cache, v_cache, jnp.int32(start),
             layer=None if layer is None else jnp.int32(layer), mask=jnp.asarray(padding),
         )  # fmt: skip
-        assert out.dtype == q.dtype
+        assert out.dtype == q.dtype and k_cache.shape == shape
         np.testing.assert_allclose(out, want[:, chunk], rtol=2e-2, atol=2e-2)  # bf16 cache
         start += size
-    written = k_cache if layer is None else k_cache[layer]
+    written = {"one": k_cache, "stacked": k_cache[1], "rows": None}[layout]
+    written = from_head_rows(k_cache, B) if layout == "rows" else written
     np.testing.assert_array_equal(written, jnp.asarray(k, jnp.bfloat16))
-    if layer is not None:
+    if layout == "stacked":
         assert not jnp.any(k_cache[0]) and not jnp.any(v_cache[2])  # other layers untouched
+
+
+def test_head_rows_is_one_block_of_rows_per_batch_and_head(np_rng):
+    x = np_rng.standard_normal((2, 5, 3, 4)).astype(np.float32)  # [B, S, K, H]
+    rows = head_rows(x)
+    assert rows.shape == (6, 5, 4)
+    np.testing.assert_array_equal(rows[1 * 3 + 2], x[1, :, 2])  # row b * K + k
+    np.testing.assert_array_equal(from_head_rows(rows, 2), x)
+
+
+def test_write_kv_cache_into_head_rows_refuses_a_chunk_of_other_heads():
+    cache = jnp.zeros((4, 6, 8))  # [B*K, S, H]
+    with pytest.raises(ValueError, match=r"B\*K rows for the chunk's k"):
+        chunk = jnp.ones((1, 2, 2, 8))  # B * K = 2
+        write_kv_cache(cache, cache, chunk, chunk, 0)
+    chunk = jnp.ones((2, 2, 2, 8))  # B * K = 4
+    assert write_kv_cache(cache, cache, chunk, chunk, 0)[0].shape == cache.shape
 
 
 def test_write_kv_cache_writes_the_chunk_and_masks_later_keys(np_rng):
