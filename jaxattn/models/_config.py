@@ -1,6 +1,7 @@
 """Checks shared by the models (config fields in ``__post_init__``, sizes, weights), the
 two pieces of layer plumbing they share (the compute-dtype cast and the remat policy), and
-the weight-decay rule of their weight trees, and the options their attention calls share."""
+the weight-decay rule of their weight trees, the options their attention calls share, and
+how their decoding programs take scalar settings."""
 
 from __future__ import annotations
 
@@ -56,6 +57,21 @@ def attention_options(config: Any, rate: float, rng: Any) -> dict[str, Any]:
     """``dot_product_attention``'s keyword options for a model layer: the config's kernel
     (``attention_implementation``) and attention dropout at ``rate`` with key ``rng``."""
     return dict(implementation=config.attention_implementation, dropout_rate=rate, dropout_rng=rng)
+
+
+def float32_argument(value: Any) -> Any:
+    """A scalar setting (temperature, top_p, length penalty) as a float32 argument of a jitted
+    decoding program, so that a new value reuses the program: a NumPy float32 scalar of a
+    concrete value (one program whether it came as a number or an array), a float32 array
+    of a traced one.
+
+    Not ``jnp.asarray`` of a number: the program then waited on every call for that fresh
+    device array's transfer (~0.15 ms a call of ``gpt.generate``, 2-3 us per token at
+    batch 1 on CPU; benchmarks/LOG.md, "Session 44").
+    """
+    if isinstance(value, jax.core.Tracer):
+        return jnp.asarray(value, jnp.float32)
+    return np.float32(value)
 
 
 def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:

@@ -37,6 +37,7 @@ from jaxattn.models._config import (
     check_size,
     check_weights,
     checkpointed_layer,
+    float32_argument,
     weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
 from jaxattn.ops._checks import jit_when_eager
@@ -948,8 +949,8 @@ def generate(
     decoding.check_sampling_key(rng, temperature, "generate")
     # Only these choose the program; the values go in traced (top_p None: no nucleus filter).
     greedy = decoding.is_greedy(temperature)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    top_p = jnp.asarray(top_p, jnp.float32) if decoding.top_p_active(top_p) else None
+    temperature = float32_argument(temperature)
+    top_p = float32_argument(top_p) if decoding.top_p_active(top_p) else None
     start = None
     if prompt_lengths is not None:
         b, t0 = prompt.shape
@@ -961,9 +962,11 @@ def generate(
         )
         if not unpadded:
             start = t0 - jnp.asarray(prompt_lengths, jnp.int32)  # [B] padding per row
+    if prompt.dtype != jnp.int32:  # (a fresh array, converted or not, costs its transfer)
+        prompt = prompt.astype(jnp.int32)
     return _generate_jit(
         weights,
-        prompt.astype(jnp.int32),
+        prompt,
         rng,
         config,
         max_new_tokens,

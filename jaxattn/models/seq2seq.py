@@ -48,6 +48,7 @@ from jaxattn.models._config import (
     check_size,
     check_special_ids,
     check_weights,
+    float32_argument,
 )
 from jaxattn.ops.attention import (
     AdditiveWeights,
@@ -520,5 +521,5 @@ def translate(
     beam_size = check_size(beam_size, "beam_size", "translate")
     max_len = check_size(max_len, "max_len", "translate")
     length_penalty = search.check_length_penalty(length_penalty, "translate", max_len)
-    length_penalty = jnp.asarray(length_penalty, jnp.float32)  # traced: no compile per value
+    length_penalty = float32_argument(length_penalty)  # traced: no compile per value
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)

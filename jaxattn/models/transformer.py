@@ -50,6 +50,7 @@ from jaxattn.models._config import (
     check_special_ids,
     check_weights,
     checkpointed_layer,
+    float32_argument,
     weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
 from jaxattn.models.gpt import KVCache, empty_kv_cache
@@ -679,5 +680,5 @@ def translate(
             f"translate: need 0 < max_len <= config.max_len={config.max_len}, got {max_len}"
         )
     length_penalty = search.check_length_penalty(length_penalty, "translate", max_len)
-    length_penalty = jnp.asarray(length_penalty, jnp.float32)  # traced: no compile per value
+    length_penalty = float32_argument(length_penalty)  # traced: no compile per value
     return _translate(weights, src, src_lengths, config, beam_size, max_len, length_penalty)
