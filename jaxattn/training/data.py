@@ -180,9 +180,11 @@ def lm_dataset(
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    check_size(batch_size, "batch_size", name)
-    check_size(seq_len, "seq_len", name)
-    check_size(seed, "seed", name, minimum=0)
+    # The checked ints from here on: a 0-d NumPy or JAX integer passes the check, but
+    # grain's generator and NumPy's shapes would refuse it at the first batch.
+    batch_size = check_size(batch_size, "batch_size", name)
+    seq_len = check_size(seq_len, "seq_len", name)
+    seed = check_size(seed, "seed", name, minimum=0)
     if len(tokens) <= seq_len:
         raise ValueError(
             f"the {name} holds {len(tokens)} tokens, too short for one window of "

@@ -119,6 +119,7 @@ def sample(items: Sequence, n: int, *, seed: int) -> list:
     N shortest (the first 2,000 of 5,994 validation pairs have at most 7 English words;
     the split's longest has 25).
     """
+    n = check_size(n, "n", "sample", minimum=0)  # (-k as a slice end drops the last k)
     if not n or n >= len(items):
         return list(items)
     keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
@@ -265,6 +266,8 @@ def make_batch(
     With ``tgt=None`` only ``src`` and ``src_lengths`` are returned (for decoding).
     """
     b = len(src)
+    if tgt is not None and len(tgt) != b:  # (the targets' rows would silently stay padding)
+        raise ValueError(f"make_batch: {b} sources but {len(tgt)} targets")
     out = {"src": np.full((b, length), PAD_ID, np.int32), "src_lengths": np.zeros(b, np.int32)}
     for i, s in enumerate(src):
         if len(s) > length:
@@ -357,11 +360,19 @@ def translation_dataset(
     """
     if len(src) != len(tgt):
         raise ValueError(f"src and tgt differ in length: {len(src)} vs {len(tgt)}")
-    check_size(batch_size, "batch_size", name)
+    # The checked ints from here on: a 0-d NumPy or JAX integer passes the check, but
+    # NumPy's generator and reshape would refuse it at the first batch.
+    batch_size = check_size(batch_size, "batch_size", name)
     buckets = check_buckets(buckets, name)
-    check_size(seed, "seed", name, minimum=0)
-    for ids in (*src, *tgt):
-        check_token_ids(ids, vocab_size)
+    seed = check_size(seed, "seed", name, minimum=0)
+    for i, (s, t) in enumerate(zip(src, tgt)):  # (which example: the index within it is no help)
+        check_token_ids(s, vocab_size, f"{name}: source {i}: token ids")
+        check_token_ids(t, vocab_size, f"{name}: target {i}: token ids")
+        if max(len(s), len(t) + 1) > buckets[-1]:
+            raise ValueError(
+                f"{name}: example {i} (source {len(s)} tokens, target {len(t)} + EOS) "
+                f"exceeds the largest bucket {buckets[-1]}"
+            )
     rows = slice(None) if process_rows is None else process_rows
     if len(range(batch_size)[rows]) == 0:
         raise ValueError(f"process_rows {rows} selects no row of a batch of {batch_size}")
@@ -377,6 +388,7 @@ def decode_batches(
     The last batch of a bucket is filled up with copies of its first row (so every batch
     has B rows and jit sees few shapes); ``indices`` names only the real rows, in order.
     """
+    batch_size = check_size(batch_size, "batch_size", "decode_batches")
     keys = np.array([bucket_of(len(s), buckets) for s in src])
     out = []
     for k, length in enumerate(buckets):

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -335,3 +336,55 @@ def test_decode_batches_cover_every_source_once(np_rng):
         for i, row in enumerate(r):
             np.testing.assert_array_equal(b["src"][i, : len(src[row])], src[row])
             assert b["src_lengths"][i] == len(src[row])
+
+
+@pytest.mark.parametrize("wrap", [np.int64, np.array, jnp.int32], ids=["np.int64", "0-d", "jax"])
+def test_translation_dataset_takes_the_integer_scalars_its_checks_accept(np_rng, wrap):
+    """A 0-d NumPy or JAX batch size or seed passes the checks and must then work as the
+    int it is (NumPy's default_rng((seed, epoch))` and reshape refused them at the first
+    batch: "len() of unsized object")."""
+    src, tgt = _examples(60, np_rng)
+    kw = dict(buckets=(8, 16), vocab_size=50)
+    want = td.translation_dataset(src, tgt, batch_size=4, seed=7, **kw)
+    got = td.translation_dataset(src, tgt, batch_size=wrap(4), seed=wrap(7), **kw)
+    for i in (0, 20):  # (20: the second epoch)
+        for key, value in want[i].items():
+            np.testing.assert_array_equal(got[i][key], value)
+
+
+def test_translation_dataset_errors_name_the_data_and_the_example(np_rng):
+    """In a split of 100,000 pairs the index inside one sentence is no help: the errors
+    name the split (``name``) and which example, and the side, is wrong."""
+    src, tgt = _examples(20, np_rng)
+    src[13] = np.arange(4, 30, dtype=np.int32)  # 26 tokens
+    kw = dict(batch_size=2, seed=0, name="train split")
+    with pytest.raises(
+        ValueError,
+        match=r"^train split: example 13 \(source 26 tokens, target \d+ \+ EOS\) exceeds the "
+        r"largest bucket 16$",
+    ):
+        td.translation_dataset(src, tgt, buckets=(8, 16), vocab_size=50, **kw)
+    src[13] = np.array([4, 5], np.int32)
+    tgt[7] = np.array([4, 60, 5], np.int32)
+    with pytest.raises(
+        ValueError, match=r"^train split: target 7: token ids must lie in \[0, 50\).*first: 60"
+    ):
+        td.translation_dataset(src, tgt, buckets=(8, 16), vocab_size=50, **kw)
+
+
+def test_make_batch_refuses_more_sources_than_targets():
+    src = [np.array([5, 6], np.int32), np.array([7], np.int32)]
+    with pytest.raises(ValueError, match="make_batch: 2 sources but 1 targets"):
+        td.make_batch(src, src[:1], 4)  # (the second row's target stayed padding, unmasked)
+
+
+@pytest.mark.parametrize("n", [-1, 2.0])
+def test_sample_refuses_a_negative_or_fractional_count(n):
+    # -1 drew all items but one (a slice end), silently.
+    with pytest.raises(ValueError, match=rf"sample: n must be an int >= 0, got {n}"):
+        td.sample(list(range(10)), n, seed=0)
+
+
+def test_decode_batches_refuses_a_batch_size_below_one():
+    with pytest.raises(ValueError, match="decode_batches: batch_size must be an int >= 1"):
+        td.decode_batches([np.array([5], np.int32)], batch_size=0, buckets=(4,))
