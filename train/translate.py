@@ -69,12 +69,13 @@ from common import (  # train/common.py (this script's directory)
 from jax.experimental import multihost_utils
 
 from jaxattn.models import seq2seq, transformer
-from jaxattn.models._config import check_seed, check_size
+from jaxattn.models._config import check_seed, check_size, init_shapes
 from jaxattn.models.partitioning import SEQ2SEQ_RULES, TRANSFORMER_RULES
 from jaxattn.training import sharding
 from jaxattn.training import translation_data as td
 from jaxattn.training.checkpoint import (
     Checkpointer,
+    IncompatibleCheckpointError,
     check_writable,
 )
 from jaxattn.training.data import batch_iterator
@@ -140,6 +141,10 @@ def check_data_settings(config: ml_collections.ConfigDict) -> None:
     ``config.max_len`` keeps: the data pipeline would only fail after the workdir and its
     sentencepiece model were made, naming neither setting."""
     check_seed(config.seed, "config.seed", "train/translate.py")
+    if config.data_path and not Path(config.data_path).is_file():  # else after check_writable
+        raise FileNotFoundError(
+            f"translation corpus not found: {config.data_path!r} (config.data_path)"
+        )
     check_size(config.split_seed, "config.split_seed", "train/translate.py", minimum=0)
     # (0 would keep every pair, a negative value none)
     check_size(config.max_len, "config.max_len", "train/translate.py")
@@ -168,6 +173,59 @@ def check_decode_settings(config: ml_collections.ConfigDict) -> None:
 
 
 _RESTORE_MODE = "a --bleu_only or --translate run"
+
+
+def checkpoint_model(meta: dict, where, *, strict: bool = True) -> tuple[str, object] | None:
+    """``(kind, model config)`` that a checkpoint's metadata records.
+
+    With ``strict=False`` a model record this version cannot read gives None (the restore's
+    own check then decides), but a checkpoint that records no model still raises.
+
+    Raises:
+      IncompatibleCheckpointError: no translation run saved it (``lm.py``'s metadata has no
+        ``kind``), or (``strict``) its model record does not make a model config.
+    """
+    kind, fields = meta.get("kind"), meta.get("model")
+    if not (isinstance(kind, str) and kind in MODELS and isinstance(fields, dict)):
+        raise IncompatibleCheckpointError(
+            f"{where} was not saved by train/translate.py: its metadata records no "
+            f"translation model (kind {kind!r}, not one of {sorted(MODELS)}); nothing was "
+            "restored or overwritten. Use another --workdir."
+        )
+    try:
+        return kind, MODELS[kind][0](**fields)
+    except (TypeError, ValueError) as e:
+        if not strict:
+            return None
+        raise IncompatibleCheckpointError(
+            f"{where}: its {kind} model record does not make a "
+            f"{MODELS[kind][0].__name__} ({type(e).__name__}: {e}); nothing was restored"
+        ) from None
+
+
+def check_resumable(meta: dict, where, changed: list[str], config) -> None:
+    """Refuse a checkpoint this run cannot continue, before the workdir gets a
+    sentencepiece model: one another script saved, or a model of another kind or shapes
+    (the restore would refuse it only after the data and tokenizer were made, naming one
+    leaf). ``changed``: ``latest_checkpoint_metadata``'s ``"key saved -> now"`` lines."""
+    record = checkpoint_model(meta, where, strict=False)
+    if record is None:
+        return  # a record of another version: the restore's own check decides
+    kind, saved = record
+    # The vocabulary comes from the tokenizer, whose cache checks it: take the saved size.
+    now_kind, model = build_model(config, saved.tgt_vocab_size)
+    if now_kind != kind:
+        raise IncompatibleCheckpointError(
+            f"{where} holds a {kind} model, this config a {now_kind} (config.model.kind); "
+            "nothing was restored or overwritten. Use another --workdir."
+        )
+    if init_shapes(MODELS[kind][1], saved) != init_shapes(MODELS[kind][1], model):
+        model_changes = [change for change in changed if change.startswith("model.")]
+        raise IncompatibleCheckpointError(
+            f"{where} holds a {kind} model of other shapes than this config's "
+            f"({', '.join(model_changes) or 'its model settings differ'}); nothing was "
+            "restored or overwritten. Resume without those changes, or use another --workdir."
+        )
 
 
 def apply_decode_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -364,7 +422,12 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     kind, _ = build_model(config, config.vocab_size)
     check_decode_settings(config)  # before training, not after it
     check_example_counts(config, ("max_train_examples", "max_eval_examples"))
-    meta = latest_checkpoint_metadata(workdir, config, also_free=DECODE_SETTINGS)  # notes changes
+    meta = latest_checkpoint_metadata(  # notes changes; refuses another model
+        workdir,
+        config,
+        also_free=DECODE_SETTINGS,
+        check=lambda meta, where, changed: check_resumable(meta, where, changed, config),
+    )
     # Settings errors (loop, mesh, batch split, optimizer) before the workdir is created.
     loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
     mesh, batch_sharding = setup_mesh(config)
@@ -452,13 +515,17 @@ def _restore(workdir: Path):
     """The latest checkpoint's ``(config, kind, model, params, step)`` and sentencepiece."""
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         meta = ckpt.read_metadata()
+        where = ckpt.step_dir(ckpt.latest_step())
+        kind, model = checkpoint_model(meta, where)  # (lm.py's: a KeyError, not named)
         # A --config file of another run would otherwise be silently ignored.
-        checkpoint_config_file(
-            _RESTORE_MODE, meta, ckpt.step_dir(ckpt.latest_step()), DECODE_SETTINGS
-        )
+        checkpoint_config_file(_RESTORE_MODE, meta, where, DECODE_SETTINGS)
         config = ml_collections.ConfigDict(meta["config"])
-        kind = meta["kind"]
-        model = MODELS[kind][0](**meta["model"])
+        spm_model = workdir / "spm.model"
+        if not spm_model.is_file():  # (train_sentencepiece: "no sentences to train on")
+            raise FileNotFoundError(
+                f"{spm_model} not found: {_RESTORE_MODE} needs the sentencepiece model that "
+                f"the run saved beside {where}"
+            )
         state, _ = ckpt.restore(_abstract_state(kind, model, config))
     config = apply_decode_overrides(config)
     check_decode_settings(config)

@@ -93,6 +93,9 @@ def check_length_penalty(value: Any, where: str, max_len: int | None = None) -> 
 
 def gnmt_length_penalty(length: Array, alpha: float) -> Array:
     """GNMT length penalty ``((5 + length) / 6) ** alpha`` in float32 (Wu et al., 2016)."""
+    # alpha in float32 too: a float64 alpha (traced, under x64) made the scores float64,
+    # and beam_search's loop carry then changed dtype.
+    alpha = jnp.asarray(alpha, jnp.float32)
     return ((5.0 + jnp.asarray(length).astype(jnp.float32)) / 6.0) ** alpha
 
 

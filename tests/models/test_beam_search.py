@@ -195,6 +195,26 @@ def test_greedy_under_x64_equals_default(np_rng):
     np.testing.assert_array_equal(wide, run_greedy(table, max_len=4, eos_id=3))
 
 
+def test_beam_search_under_x64_takes_a_traced_float64_length_penalty(np_rng):
+    # A float64 alpha made the penalised scores float64, and the loop's carry (float32 scores)
+    # changed dtype: a TypeError from lax.while_loop. The scores stay float32.
+    b, vocab, max_len, eos = 2, 4, 4, 3
+    table = prefix_table(np_rng, b, vocab, max_len)
+    want = run_beam(table, beam_size=3, max_len=max_len, eos_id=eos, alpha=0.6)
+    search = jax.jit(
+        lambda t, alpha: beam_search(
+            make_step(t), init_state(b), b, beam_size=3, max_len=max_len, bos_id=BOS,
+            eos_id=eos, length_penalty=alpha,
+        )
+    )  # fmt: skip
+    with jax.enable_x64(True):
+        got = search(jnp.asarray(table, jnp.float32), jnp.asarray(0.6, jnp.float64))
+        assert gnmt_length_penalty(3, np.float64(0.6)).dtype == jnp.float32
+    assert got.scores.dtype == got.beam_scores.dtype == jnp.float32
+    np.testing.assert_array_equal(got.beam_sequences, want.beam_sequences)
+    np.testing.assert_allclose(got.beam_scores, want.beam_scores, rtol=1e-6)
+
+
 def test_per_row_first_tokens(np_rng):
     # Row 1 is fed token 2 first instead of BOS, as after prefilling a prompt ending in 2:
     # its output continues the prefix [2].

@@ -4,6 +4,7 @@ Each training run takes tens of seconds (XLA compiling the train step and the de
 so they are module-scoped and marked slow; the argument errors fail before any compile.
 """
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -12,12 +13,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from script_runs import REPO, ScriptRunner, free_port  # tests/train/script_runs.py
 
+from jaxattn.models.seq2seq import Seq2SeqConfig
 from jaxattn.training import translation_data as td
+from jaxattn.training.checkpoint import Checkpointer
 from jaxattn.training.metrics import read_metrics
 
 TINY = REPO / "train" / "configs" / "translate_tiny.py"
@@ -230,11 +234,84 @@ def test_bad_example_counts_and_model_fail_before_anything_is_written(tmp_path):
         ("--config.seed=-1", "config.seed must be an int >= 0, got -1"),
         ("--config.split_seed=-2", "config.split_seed must be an int >= 0, got -2"),
         ("--config.learning_rate=-1", "learning rates must be finite float32 values >= 0"),
+        # (it made the workdir and its checkpoints folder first)
+        ("--config.data_path=/no/such/pairs.tsv", "translation corpus not found: '/no/such/pair"),
     ]:
         proc = run_translate(f"--workdir={tmp_path / 'run'}", override, check=False)
         assert proc.returncode == 1 and message in proc.stderr, (override, proc.stderr)
         assert "Traceback" not in proc.stderr
         assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def tiny_config(monkeypatch):
+    """translate_tiny.py's config, imported as the script imports it (train/ on sys.path)."""
+    monkeypatch.syspath_prepend(str(REPO / "train"))
+    from configs import translate_tiny
+
+    return translate_tiny.get_config()
+
+
+def _fake_checkpoint(workdir, metadata):
+    """A checkpoint of one leaf with ``metadata`` in ``workdir``; its files' bytes."""
+    with Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(3, {"w": jnp.zeros(2)}, metadata=metadata)
+    return {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+def test_a_checkpoint_of_another_script_is_refused_by_name(tmp_path):
+    """lm.py's checkpoints record no model kind: --translate and --bleu_only raised a
+    KeyError traceback, and training into the workdir first wrote its sentencepiece model
+    there, then refused the restore naming one leaf."""
+    workdir = tmp_path / "lm_run"
+    before = _fake_checkpoint(workdir, {"config": {"batch_size": 4}, "vocab": "\nabc"})
+    says = f"{workdir / 'checkpoints' / '3'} was not saved by train/translate.py"
+    for mode, config in [("--translate=Hi.", ""), ("--bleu_only", ""), ("--noprogress", TINY)]:
+        proc = run_translate(f"--workdir={workdir}", mode, config=config, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (mode, proc.stderr)
+        assert says in proc.stderr, (mode, proc.stderr)
+        after = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+        assert after == before, mode  # no spm.model either
+
+
+def test_a_checkpoint_of_other_model_shapes_is_refused_before_anything_is_written(
+    tmp_path, tiny_config
+):
+    """The restore refused it too, but only after the data and the sentencepiece model were
+    made (in the workdir), and after a note that called it a resumed run."""
+    workdir = tmp_path / "run"
+    saved = Seq2SeqConfig(
+        src_vocab_size=300, tgt_vocab_size=300, embed_dim=16, hidden_size=32, attention="dot"
+    )
+    meta_config = tiny_config.to_dict()
+    meta_config["model"]["hidden_size"] = 32
+    meta = {"config": meta_config, "kind": "seq2seq", "model": dataclasses.asdict(saved)}
+    before = _fake_checkpoint(workdir, meta)
+    proc = run_translate(f"--workdir={workdir}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        f"{workdir / 'checkpoints' / '3'} holds a seq2seq model of other shapes than this "
+        "config's (model.hidden_size 32 -> 16)"
+    ) in proc.stderr, proc.stderr
+    assert "note:" not in proc.stdout
+    assert {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()} == before
+    proc = run_translate(f"--workdir={workdir}", config=f"{TINY}:transformer", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "holds a seq2seq model, this config a transformer" in proc.stderr, proc.stderr
+
+
+def test_a_missing_sentencepiece_model_is_named(tmp_path, tiny_config):
+    """--translate in a workdir that lost spm.model said only "train_sentencepiece: no
+    sentences to train on"."""
+    workdir = tmp_path / "run"
+    saved = Seq2SeqConfig(src_vocab_size=300, tgt_vocab_size=300, embed_dim=16, hidden_size=16)
+    meta = {"config": tiny_config.to_dict(), "kind": "seq2seq", "model": dataclasses.asdict(saved)}
+    _fake_checkpoint(workdir, meta)
+    for mode in ("--translate=Hi.", "--bleu_only"):
+        proc = run_translate(f"--workdir={workdir}", mode, config="", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        says = f"error: {workdir / 'spm.model'} not found: a --bleu_only or --translate run"
+        assert says in proc.stderr, proc.stderr
 
 
 def test_translate_without_checkpoint_is_an_error(tmp_path):
