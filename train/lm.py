@@ -58,6 +58,7 @@ from jaxattn.training import data, sharding
 from jaxattn.training.checkpoint import (
     Checkpointer,
     IncompatibleCheckpointError,
+    check_compatible,
     check_writable,
 )
 from jaxattn.training.loop import (
@@ -162,7 +163,9 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     meta = latest_checkpoint_metadata(
         workdir,
         config,
-        check=lambda meta, where, changed: _check_resumable(meta, where, changed, model, tokenizer),
+        check=lambda meta, where, changed: _check_resumable(
+            meta, where, changed, model, tokenizer, config
+        ),
     )
     if _NUM_SAMPLES.value > 0:  # Fail now, not after training.
         _check_sampling(model, tokenizer)
@@ -263,13 +266,20 @@ def _loss_note(model: GPTConfig) -> str:
 
 
 def _check_resumable(
-    meta, where, changed: list[str], model: GPTConfig, tokenizer: data.CharTokenizer
+    meta,
+    where,
+    changed: list[str],
+    model: GPTConfig,
+    tokenizer: data.CharTokenizer,
+    config: ml_collections.ConfigDict,
 ) -> None:
     """Refuse a checkpoint this run cannot continue, naming why, before anything is built.
 
     One trained on other characters would decode wrongly even if the shapes matched; one of
-    another model size would fail in the restore, naming only a leaf's shape. ``changed``:
-    the settings that differ from the checkpoint's (``latest_checkpoint_metadata``'s note).
+    another model size, or whose optimizer state has another structure (``grad_clip`` 0 and
+    not), or saved by another script, would fail in the restore, naming only a leaf, after
+    a note that called it a resumed run. ``changed``: the settings that differ from the
+    checkpoint's (``latest_checkpoint_metadata``'s note).
     """
     saved = meta.get("vocab")
     if saved is not None and saved != tokenizer.chars:
@@ -281,14 +291,43 @@ def _check_resumable(
     try:
         saved_model = GPTConfig(**meta["model"])
     except (KeyError, TypeError, ValueError):
-        return  # no record, or one of another version: the restore's own check decides
-    if init_shapes(init_gpt, saved_model) != init_shapes(init_gpt, model):
+        saved_model = None  # no record, another script's, or one of another version
+    if saved_model is not None and init_shapes(init_gpt, saved_model) != init_shapes(
+        init_gpt, model
+    ):
         model_changes = [change for change in changed if change.startswith("model.")]
         raise IncompatibleCheckpointError(
             f"{where} holds a GPT of other shapes than this config's "
             f"({', '.join(model_changes) or 'its model settings differ'}); nothing was "
             "restored or overwritten. Resume without those changes, or use another --workdir."
         )
+    try:  # the whole state's tree, as the restore will check it (shapes only: no compute)
+        check_compatible(
+            meta["tree_signature"], _abstract_state(model, config), where=f"checkpoint {where}"
+        )
+    except IncompatibleCheckpointError as e:
+        shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+        differ = f" (settings that differ from the checkpoint's: {shown})" if changed else ""
+        raise IncompatibleCheckpointError(
+            f"{e}{differ}. Resume without those changes, or use another --workdir."
+        ) from None
+
+
+def _saved_run(meta, where) -> tuple[ml_collections.ConfigDict, GPTConfig, data.CharTokenizer]:
+    """The config, model and vocabulary a checkpoint of this script records.
+
+    Raises:
+      IncompatibleCheckpointError: another script's checkpoint (translate.py's), or one
+        without those records.
+    """
+    try:
+        config = ml_collections.ConfigDict(meta["config"])
+        return config, GPTConfig(**meta["model"]), data.CharTokenizer(meta["vocab"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise IncompatibleCheckpointError(
+            f"{where} holds no character GPT of train/lm.py: its metadata has no GPT config "
+            f"and vocabulary ({type(e).__name__}: {e}); another script's run?"
+        ) from None
 
 
 def sample(workdir: epath.Path) -> None:
@@ -298,11 +337,10 @@ def sample(workdir: epath.Path) -> None:
         raise ValueError("--sample_only with --num_samples=0 has nothing to do")
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         meta = ckpt.read_metadata()
+        where = ckpt.step_dir(ckpt.latest_step())
         # A --config file of another run would otherwise be ignored without a word.
-        checkpoint_config_file("--sample_only", meta, ckpt.step_dir(ckpt.latest_step()))
-        config = ml_collections.ConfigDict(meta["config"])
-        model = GPTConfig(**meta["model"])
-        tokenizer = data.CharTokenizer(meta["vocab"])
+        checkpoint_config_file("--sample_only", meta, where)
+        config, model, tokenizer = _saved_run(meta, where)
         _check_sampling(model, tokenizer)
         state, _ = ckpt.restore(_abstract_state(model, config))
     # Every process restores and samples (the same tokens); process 0 prints.

@@ -36,14 +36,22 @@ from jaxattn.training.metrics import is_remote
 from jaxattn.training.sharding import path_string
 
 
-class _DropNoMetricsWarning(logging.Filter):
-    """Hide orbax's warning for a save without metrics: ours are intentional (see save)."""
+class _DropOrbaxWarnings(logging.Filter):
+    """Hide two orbax warnings about what this module does on purpose: a save without
+    metrics (see ``save``), and the removal of a save that did not finish when its step is
+    saved again (``fit`` names those when it opens the folder, see ``unfinished_saves``)."""
+
+    _DROPPED = (
+        "did not provide metrics",
+        "Removing existing directory since it is not finalized",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        return not any(text in message for text in self._DROPPED)
 
 
-logging.getLogger("absl").addFilter(_DropNoMetricsWarning())
+logging.getLogger("absl").addFilter(_DropOrbaxWarnings())
 
 
 class CheckpointError(ValueError):
@@ -248,6 +256,20 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def unfinished_saves(self) -> list[epath.Path]:
+        """The folders of saves that did not finish (a run killed while writing them).
+
+        orbax writes a step into a temporary folder (``<step>.orbax-checkpoint-tmp``) and
+        renames it when complete (on object stores, it marks the step's folder complete
+        with a file): an unfinished one is never listed as a step nor read, and orbax
+        removes it when that step is saved again.
+        """
+        try:
+            found = ocp.path.step.all_temporary_paths(self.directory)
+        except Exception:  # only for a note: an unreadable folder fails elsewhere
+            return []
+        return sorted((path.get() for path in found), key=lambda path: path.name)
 
     def best_step(self) -> int | None:
         """The kept step with the lowest ``best_metric`` (None if none was saved with it)."""

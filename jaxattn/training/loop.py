@@ -359,6 +359,11 @@ class Trainer:
         self.pending: list[tuple[int, dict[str, Mean]]] = []
         self.last_eval: dict[str, float] = {}
         try:
+            for unfinished in self.ckpt.unfinished_saves():
+                self.say(
+                    f"note: {unfinished} is a save that did not finish (the run was stopped "
+                    "while writing it): not a checkpoint, ignored"
+                )
             if self.ckpt.latest_step() is not None:
                 self.state, meta = self.ckpt.restore(state, data_iter=self.saved_iter)
                 self.best_val = meta.get("best_val_loss") or math.inf

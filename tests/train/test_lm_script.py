@@ -240,6 +240,50 @@ def test_checkpoint_of_another_vocabulary_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_changed_optimizer_structure_is_refused_naming_the_setting(trained):
+    """grad_clip 1.0 -> 0 drops a leaf of the optimizer state: the run printed a note that
+    called it a resumed run, built the model, then failed naming only the leaf."""
+    workdir, *_ = trained
+    before = snapshot(workdir / "checkpoints")
+    proc = run_lm(f"--workdir={workdir}", "--config.grad_clip=0", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: checkpoint {workdir / 'checkpoints' / '8'} is incompatible: " in proc.stderr
+    assert "(settings that differ from the checkpoint's: grad_clip 1.0 -> 0.0)" in proc.stderr
+    assert "note:" not in proc.stdout and "model: GPT" not in proc.stdout
+    assert snapshot(workdir / "checkpoints") == before
+
+
+def _another_scripts_checkpoint(checkpoints):
+    """A checkpoint as translate.py saves one: its own model record, no vocabulary."""
+    meta = {"config": {"batch_size": 8}, "model": {"kind": "seq2seq", "src_vocab_size": 300}}
+    with Checkpointer(checkpoints, async_save=False) as ckpt:
+        ckpt.save(2, {"w": jnp.zeros(2)}, metadata=meta)
+    return snapshot(checkpoints)
+
+
+def test_sample_only_refuses_another_scripts_checkpoint(tmp_path):
+    """It was a TypeError traceback (GPTConfig got an unexpected keyword argument)."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = _another_scripts_checkpoint(checkpoints)
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", "--sample_only", config="", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {checkpoints / '2'} holds no character GPT of train/lm.py" in proc.stderr
+    assert snapshot(checkpoints) == before
+
+
+def test_training_refuses_another_scripts_checkpoint_before_anything_is_built(tmp_path):
+    """It printed a note calling it a resumed run (every setting differing), built the model,
+    and failed only in the restore."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = _another_scripts_checkpoint(checkpoints)
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: checkpoint {checkpoints / '2'} is incompatible: leaf " in proc.stderr
+    assert "note:" not in proc.stdout and "model: GPT" not in proc.stdout
+    assert snapshot(checkpoints) == before
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_an_error(trained, tmp_path):
     """A diverging run stops with the step and the last good checkpoint, no traceback.
 

@@ -1,6 +1,7 @@
 """The loop: jitted steps, gradient accumulation, fit, NaN guard, exact resume, SIGTERM."""
 
 import json
+import logging
 import math
 import os
 import re
@@ -267,6 +268,27 @@ def test_resume_after_a_crash_gives_bitwise_identical_state(tmp_path, toy):
 
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert all(a[s] == b[s] for s in a if s > 6)
+
+
+def test_a_save_that_did_not_finish_is_named_and_the_run_resumes_before_it(
+    tmp_path, toy, capsys, caplog
+):
+    """A run killed while writing a checkpoint leaves orbax's temporary folder. The resumed
+    run restored the step before it without a word, and saving the step again replaced the
+    folder with only orbax's raw log line ("W... atomicity.py:134] Attempted to create
+    temporary directory ... Removing existing directory since it is not finalized.")."""
+    _fit(toy, tmp_path, num_steps=8, checkpoint_every=4, eval_every=0, keep_best=False)
+    checkpoints = tmp_path / "checkpoints"
+    unfinished = checkpoints / "8.orbax-checkpoint-tmp"
+    (checkpoints / "8").rename(unfinished)  # killed after writing step 8, before its rename
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        result = _fit(toy, tmp_path, num_steps=8, checkpoint_every=4, eval_every=0)
+    out = capsys.readouterr().out
+    assert f"note: {unfinished} is a save that did not finish" in out
+    assert f"Resumed from {checkpoints / '4'}" in out
+    assert result.step == 8 and not unfinished.exists()
+    assert not [r for r in caplog.records if "not finalized" in r.getMessage()]
 
 
 def test_a_grain_data_loader_resumes_where_it_stopped(tmp_path, toy):
