@@ -632,17 +632,16 @@ def dot_product_attention(
 
 def _dot_product_attention(
     q, k, v, mask=None, bias=None, is_causal=False, scale=None, implementation=None,
-    dropout_rate=0.0, dropout_rng=None, local_window_size=None,
+    dropout_rate=0.0, dropout_rng=None, local_window_size=None, *, heads=None,
 ):  # fmt: skip
-    """``dot_product_attention`` on arrays; ``k`` and ``v`` may also come as ``head_rows``
-    (``cached_attention``'s per-layer caches): the einsum path reads them as they are, the
-    other kernels get them back as ``[B, S, K, H]``."""
-    rows = k.ndim == 3
-    if rows:  # the checks and the kernel's choice see [B, S, K, H]
-        b = q.shape[0]
+    """``dot_product_attention`` on arrays. ``heads``: ``(B, K)`` when ``k`` and ``v`` come as
+    ``head_rows`` (``cached_attention``'s per-layer caches, of a chunk of B rows and K heads):
+    the einsum path reads them as they are, the other kernels get them back as
+    ``[B, S, K, H]``. The checks and the kernel's choice see them as ``[B, S, K, H]``."""
+    if heads is not None:
+        b, kh = heads
         k_in, v_in = (
-            jax.ShapeDtypeStruct((b, x.shape[1], x.shape[0] // b, x.shape[2]), x.dtype)
-            for x in (k, v)
+            jax.ShapeDtypeStruct((b, x.shape[1], kh, x.shape[2]), x.dtype) for x in (k, v)
         )
     else:
         k_in, v_in = k, v
@@ -666,8 +665,8 @@ def _dot_product_attention(
             'dot_product_attention: implementation="pallas" takes no local_window_size; use '
             "implementation=None or 'blockwise'"
         )
-    if rows and implementation != "xla":
-        k, v = from_head_rows(k, b), from_head_rows(v, b)
+    if heads is not None and implementation != "xla":
+        k, v = from_head_rows(k, heads[0]), from_head_rows(v, heads[0])
     if implementation != "xla":  # the fused kernels take the scale as a Python number
         q, scale = fold_traced_scale(q, scale)
         # A concrete array (jnp.float32(0.5)) is not hashable, as cuDNN's and Pallas'
@@ -854,7 +853,8 @@ def write_kv_cache(
     Args:
       k_cache, v_cache: ``[B, S, K, H]`` cached keys and values (any dtype), or one layer's
         as ``head_rows``, ``[B*K, S, H]`` (the layout ``gpt.unstack_layers`` gives a decoding
-        loop: its attention reads them with no transposing copy); with ``layer``, every
+        loop: its attention reads them with no transposing copy; the rows do not record B,
+        so write chunks of the B and K the cache was made for); with ``layer``, every
         layer's caches stacked, ``[L, B, S, K, H]``.
       k, v: ``[B, T, K, H]`` the chunk's keys and values, for positions ``index ..
         index + T - 1``.
@@ -986,9 +986,11 @@ def cached_attention(
         visible = combine_masks(visible, mask)
     keys, values = (k_cache, v_cache) if layer is None else (k_cache[layer], v_cache[layer])
     q = jnp.asarray(q)
+    heads = (k.shape[0], k.shape[2]) if keys.ndim == 3 else None  # head rows: the chunk's B, K
     out = _dot_product_attention(
-        q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible, **attention_options
-    )
+        q, keys.astype(q.dtype), values.astype(q.dtype), mask=visible, heads=heads,
+        **attention_options,
+    )  # fmt: skip
     return out, k_cache, v_cache
 
 

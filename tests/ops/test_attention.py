@@ -1117,6 +1117,18 @@ def test_head_rows_is_one_block_of_rows_per_batch_and_head(np_rng):
     np.testing.assert_array_equal(from_head_rows(rows, 2), x)
 
 
+def test_head_rows_are_only_for_caches_and_checked_against_the_queries(np_rng):
+    """dot_product_attention takes no rank-3 keys (head rows are cached_attention's), and
+    cached_attention checks q against the chunk that a head-row cache cannot check."""
+    q, k, v = qkv(np_rng, 2, t=3, s=5, n=4)  # k, v: [B, 5, 2, H]
+    with pytest.raises(ValueError, match="must be rank 4"):
+        dot_product_attention(q, head_rows(k), head_rows(v))
+    cache = jnp.zeros((B * 2, 5, H))
+    for bad_q in (q[:1], q[:, :, :3]):  # another batch; heads not a multiple of K
+        with pytest.raises(ValueError, match=r"dot_product_attention: .*q \("):
+            cached_attention(bad_q, k[:, :3], v[:, :3], cache, cache, 0)
+
+
 def test_write_kv_cache_into_head_rows_refuses_a_chunk_of_other_heads():
     cache = jnp.zeros((4, 6, 8))  # [B*K, S, H]
     with pytest.raises(ValueError, match=r"B\*K rows for the chunk's k"):
