@@ -22,6 +22,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxattn.models._config import init_shapes
 from jaxattn.training import sharding
 from jaxattn.training.checkpoint import (
     ORBAX_READ_ERROR,
@@ -488,6 +489,21 @@ def checkpoint_config_file(
             f"its config from the checkpoint, and {where} was saved with other settings "
             f"(checkpoint -> config file: {shown}); leave out --config and name the run "
             f"with --workdir{hint}"
+        )
+
+
+def check_model_shapes(
+    init_fn: Callable, saved: Any, model: Any, what: str, where, changed: list[str]
+) -> None:
+    """Refuse a checkpoint whose model (config ``saved``) has other weight shapes than this
+    run's ``model``, naming the ``model.*`` settings among ``changed`` (the restore would
+    fail naming only one leaf). ``what``: the model's name in the message."""
+    if init_shapes(init_fn, saved) != init_shapes(init_fn, model):
+        model_changes = [change for change in changed if change.startswith("model.")]
+        raise IncompatibleCheckpointError(
+            f"{where} holds a {what} of other shapes than this config's "
+            f"({', '.join(model_changes) or 'its model settings differ'}); nothing was "
+            "restored or overwritten. Resume without those changes, or use another --workdir."
         )
 
 

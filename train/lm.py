@@ -32,6 +32,7 @@ from common import (  # train/common.py (this script's directory)
     REPORTED_ERRORS,
     abstract_train_state,
     check_config_keys,
+    check_model_shapes,
     checkpoint_config_file,
     checkpoint_config_overrides,
     define_config_file,
@@ -50,7 +51,7 @@ from common import (  # train/common.py (this script's directory)
 )
 from etils import epath
 
-from jaxattn.models._config import check_seed, check_size, init_shapes
+from jaxattn.models._config import check_seed, check_size
 from jaxattn.models.decoding import check_sampling
 from jaxattn.models.gpt import GPTConfig, generate, gpt_loss, init_gpt, weight_decay_mask
 from jaxattn.models.partitioning import TRANSFORMER_RULES
@@ -292,15 +293,8 @@ def _check_resumable(
         saved_model = GPTConfig(**meta["model"])
     except (KeyError, TypeError, ValueError):
         saved_model = None  # no record, another script's, or one of another version
-    if saved_model is not None and init_shapes(init_gpt, saved_model) != init_shapes(
-        init_gpt, model
-    ):
-        model_changes = [change for change in changed if change.startswith("model.")]
-        raise IncompatibleCheckpointError(
-            f"{where} holds a GPT of other shapes than this config's "
-            f"({', '.join(model_changes) or 'its model settings differ'}); nothing was "
-            "restored or overwritten. Resume without those changes, or use another --workdir."
-        )
+    if saved_model is not None:
+        check_model_shapes(init_gpt, saved_model, model, "GPT", where, changed)
     try:  # the whole state's tree, as the restore will check it (shapes only: no compute)
         check_compatible(
             meta["tree_signature"], _abstract_state(model, config), where=f"checkpoint {where}"

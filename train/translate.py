@@ -49,6 +49,7 @@ from common import (  # train/common.py (this script's directory)
     REPORTED_ERRORS,
     abstract_train_state,
     check_config_keys,
+    check_model_shapes,
     checkpoint_config_file,
     checkpoint_config_overrides,
     config_source,
@@ -69,7 +70,7 @@ from common import (  # train/common.py (this script's directory)
 from jax.experimental import multihost_utils
 
 from jaxattn.models import seq2seq, transformer
-from jaxattn.models._config import check_seed, check_size, init_shapes
+from jaxattn.models._config import check_seed, check_size
 from jaxattn.models.partitioning import SEQ2SEQ_RULES, TRANSFORMER_RULES
 from jaxattn.training import sharding
 from jaxattn.training import translation_data as td
@@ -219,13 +220,7 @@ def check_resumable(meta: dict, where, changed: list[str], config) -> None:
             f"{where} holds a {kind} model, this config a {now_kind} (config.model.kind); "
             "nothing was restored or overwritten. Use another --workdir."
         )
-    if init_shapes(MODELS[kind][1], saved) != init_shapes(MODELS[kind][1], model):
-        model_changes = [change for change in changed if change.startswith("model.")]
-        raise IncompatibleCheckpointError(
-            f"{where} holds a {kind} model of other shapes than this config's "
-            f"({', '.join(model_changes) or 'its model settings differ'}); nothing was "
-            "restored or overwritten. Resume without those changes, or use another --workdir."
-        )
+    check_model_shapes(MODELS[kind][1], saved, model, f"{kind} model", where, changed)
 
 
 def apply_decode_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
