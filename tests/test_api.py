@@ -57,3 +57,58 @@ def test_importing_jaxattn_leaves_the_backend_uninitialised():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _switch_calls():
+    """One call per public switch (a bool argument that picks code), as ``(name, call)``
+    with ``call(value)`` passing ``value`` as that switch."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxattn import ops
+    from jaxattn.models import decoding, gpt
+
+    key = jax.random.key(0)
+    x = jnp.ones((1, 4, 2, 8))
+    mha = ops.init_multi_head_attention(key, 8, 2)
+    seq = jnp.ones((1, 4, 8))  # [B, T, D]
+    lstm = ops.init_lstm(key, 3, 5)
+    logits = jnp.zeros((1, 7))
+    config = gpt.GPTConfig(vocab_size=7, block_size=8, num_layers=1, num_heads=2, embed_dim=8)
+    weights = gpt.init_gpt(key, config)
+    return [
+        ("is_causal", lambda v: ops.dot_product_attention(x, x, x, is_causal=v)),
+        ("is_causal", lambda v: ops.flash_attention(x, x, x, is_causal=v)),
+        ("batch_heads", lambda v: ops.flash_attention(x, x, x, batch_heads=v)),
+        ("is_causal", lambda v: ops.attention_weights(x, x, is_causal=v)),
+        ("is_causal", lambda v: ops.multi_head_attention(mha, seq, is_causal=v)),
+        ("return_weights", lambda v: ops.multi_head_attention(mha, seq, return_weights=v)),
+        ("deterministic", lambda v: ops.multi_head_attention(mha, seq, deterministic=v)),
+        ("use_bias", lambda v: ops.init_multi_head_attention(key, 16, 2, use_bias=v)),
+        ("use_bias", lambda v: ops.init_dense(key, 3, 4, use_bias=v)),
+        ("use_bias", lambda v: ops.init_layer_norm(4, use_bias=v)),
+        ("approximate", lambda v: ops.gelu(x, approximate=v)),
+        ("deterministic", lambda v: ops.dropout(key, x, 0.5, deterministic=v)),
+        ("reverse", lambda v: ops.lstm_scan(lstm, jnp.ones((2, 3, 3)), reverse=v)),
+        ("bidirectional", lambda v: ops.init_lstm_stack(key, 3, 5, bidirectional=v)),
+        ("greedy", lambda v: decoding.sample_logits(key, logits, greedy=v)),
+        (
+            "unroll_layers",
+            lambda v: gpt.generate(
+                weights, config, jnp.zeros((1, 2), jnp.int32), 2, temperature=0, unroll_layers=v
+            ),
+        ),
+    ]
+
+
+def test_switches_refuse_what_is_not_a_bool():
+    """A switch given "no" (a string from a config or command line) or 1 was taken as on,
+    silently; each public switch now names itself. Bools and np.bool_ pass."""
+    import numpy as np
+
+    for name, call in _switch_calls():
+        for bad in ("no", 1):  # (None picks the default where a switch has one)
+            with pytest.raises(ValueError, match=f"{name} must be a bool, got {bad!r}"):
+                call(bad)
+        call(False)
+        call(np.bool_(True))

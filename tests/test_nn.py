@@ -274,6 +274,8 @@ def test_a_bad_dropout_rate_fails_at_construction():
         nn.MultiHeadAttention(12, 3, dropout_rate=1.5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"LSTM: dropout_rate must be in \[0, 1\), got -0.1"):
         nn.LSTM(5, 7, num_layers=2, dropout_rate=-0.1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="bidirectional must be a bool, got 'yes'"):
+        nn.LSTM(5, 7, bidirectional="yes", rngs=nnx.Rngs(0))
 
 
 def test_dropout_on_a_one_layer_lstm_warns_that_it_drops_nothing():

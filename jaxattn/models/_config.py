@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops._checks import as_size, check_seed, check_size
+from jaxattn.ops._checks import as_size, check_flag, check_seed, check_size
 from jaxattn.ops.attention import DROPOUT_IMPLEMENTATIONS, IMPLEMENTATIONS
 from jaxattn.ops.layers import check_dropout_rate
 
@@ -131,9 +131,7 @@ def check_bools(owner: Any, names: tuple[str, ...]) -> None:
     """Raise unless each field is a bool or ``np.bool_`` (a string such as ``"no"`` would count
     as true)."""
     for name in names:
-        value = getattr(owner, name)
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"{type(owner).__name__}.{name} must be a bool, got {value!r}")
+        check_flag(getattr(owner, name), name, type(owner).__name__)
 
 
 def _is_real(value: Any) -> bool:

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops._checks import check_size
+from jaxattn.ops._checks import check_flag, check_size
 
 Array = jax.Array
 Cache = Any  # any pytree the decode function understands
@@ -281,7 +281,7 @@ def sample_logits(
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if logits.ndim != 2:
         raise ValueError(f"sample_logits: logits must be [B, V], got shape {logits.shape}")
-    greedy = greedy or is_greedy(temperature)
+    greedy = check_flag(greedy, "greedy", "sample_logits") or is_greedy(temperature)
     check_sampling_key(rng, temperature, "sample_logits", greedy=greedy)
     noise = None if greedy else _gumbel(rng, logits.shape)
     return _pick(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -330,7 +330,7 @@ def generate(
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     eos_id = check_eos_id(eos_id, "generate")
-    greedy = greedy or is_greedy(temperature)
+    greedy = check_flag(greedy, "greedy", "generate") or is_greedy(temperature)
     if keys is None:
         check_sampling_key(rng, temperature, "generate", greedy=greedy)
     elif rng is not None:

@@ -40,7 +40,7 @@ from jaxattn.models._config import (
     float32_argument,
     weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
-from jaxattn.ops._checks import jit_when_eager
+from jaxattn.ops._checks import check_flag, jit_when_eager
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
     cached_attention,
@@ -974,7 +974,7 @@ def generate(
         temperature,
         top_k,
         top_p,
-        bool(unroll_layers),
+        check_flag(unroll_layers, "unroll_layers", "generate"),
         start,
         eos_id,
     )

@@ -43,6 +43,17 @@ def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
     return size
 
 
+def check_flag(value: bool, name: str, where: str) -> bool:
+    """Return ``value`` as a bool; ``ValueError`` unless it is a bool or ``np.bool_``.
+
+    A switch that picks code (``bidirectional``, ``reverse``) would take any truthy value
+    as on: ``"no"`` or ``"False"`` from a config file would silently turn it on.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{where}: {name} must be a bool, got {value!r}")
+    return bool(value)
+
+
 # jax.random.key takes a seed up to int64's maximum; the scripts seed their validation
 # batches with seed + 1.
 MAX_SEED = 2**63 - 2

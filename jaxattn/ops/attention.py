@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops._checks import check_size
+from jaxattn.ops._checks import check_flag, check_size
 from jaxattn.ops.flash import (
     check_attention_dropout,
     check_attention_inputs,
@@ -647,6 +647,7 @@ def _dot_product_attention(
         k_in, v_in = k, v
     mask, bias = check_attention_inputs("dot_product_attention", q, k_in, v_in, mask, bias)
     check_scale(scale, "dot_product_attention")
+    is_causal = check_flag(is_causal, "is_causal", "dot_product_attention")
     window = check_local_window(local_window_size, "dot_product_attention")
     # Before the selection, which compares the rate with 0.
     check_attention_dropout("dot_product_attention", dropout_rate, dropout_rng)
@@ -707,6 +708,7 @@ def attention_weights(
     q, k = jnp.asarray(q), jnp.asarray(k)
     mask, bias = check_attention_inputs("attention_weights", q, k, k, mask, bias)
     check_scale(scale, "attention_weights")
+    is_causal = check_flag(is_causal, "is_causal", "attention_weights")
     window = check_local_window(local_window_size, "attention_weights")
     mask = _mask_with_window(mask, window, q.shape[1], k.shape[1])
     return _probs(q, k, mask, bias, is_causal, scale)  # [B, N, T, S]
@@ -777,6 +779,7 @@ def init_multi_head_attention(
             f"init_multi_head_attention: num_heads={num_heads} must be a multiple of "
             f"num_kv_heads={num_kv_heads}"
         )
+    use_bias = check_flag(use_bias, "use_bias", where)
     n, kh, h = num_heads, num_kv_heads, head_dim
     std_q = 1.0 / math.sqrt(q_dim) if std is None else std
     std_kv = 1.0 / math.sqrt(kv_dim) if std is None else std
@@ -1037,8 +1040,14 @@ def multi_head_attention(
             f"multi_head_attention: x_q [B, T, Dq] and x_kv [B, S, Dkv] must be rank 3, got "
             f"x_q {x_q.shape}, x_kv {None if x_kv is None else jnp.shape(x_kv)}"
         )
-    q, k, v = project_qkv(weights, x_q, x_kv)
+    for name, flag in (
+        ("is_causal", is_causal),
+        ("return_weights", return_weights),
+        ("deterministic", deterministic),
+    ):
+        check_flag(flag, name, "multi_head_attention")
     rate = 0.0 if deterministic else dropout_rate
+    q, k, v = project_qkv(weights, x_q, x_kv)
     check_dropout_key(
         rng, rate > 0.0, f"multi_head_attention: dropout_rate={rate} with deterministic=False"
     )

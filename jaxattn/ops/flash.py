@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxattn.ops._checks import as_size, forward_mode_hint, jit_when_eager
+from jaxattn.ops._checks import as_size, check_flag, forward_mode_hint, jit_when_eager
 from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, float32_or_wider
 from jaxattn.ops.masks import (
     attention_dropout_keep,
@@ -987,6 +987,9 @@ def flash_attention(
     mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)
     seed = check_attention_dropout("flash_attention", dropout_rate, dropout_rng)
     check_scale(scale, "flash_attention")
+    is_causal = check_flag(is_causal, "is_causal", "flash_attention")
+    if batch_heads is not None:
+        batch_heads = check_flag(batch_heads, "batch_heads", "flash_attention")
     window = check_local_window(local_window_size, "flash_attention")
     t, s, h = q.shape[1], k.shape[1], q.shape[3]
     left = right = None

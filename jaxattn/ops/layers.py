@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops._checks import check_size
+from jaxattn.ops._checks import check_flag, check_size
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -127,6 +127,7 @@ def init_dense(
     """Initialise a dense layer: ``w ~ N(0, std^2)``, ``std = 1/sqrt(in_dim)`` by default."""
     in_dim = check_size(in_dim, "in_dim", "init_dense")
     out_dim = check_size(out_dim, "out_dim", "init_dense")
+    use_bias = check_flag(use_bias, "use_bias", "init_dense")
     std = 1.0 / math.sqrt(in_dim) if std is None else std
     w = normal(rng, (in_dim, out_dim), std, dtype)
     b = jnp.zeros((out_dim,), dtype) if use_bias else None
@@ -235,6 +236,7 @@ def init_layer_norm(
 ) -> LayerNormWeights:
     """Initialise layer norm to the identity affine map (scale 1, bias 0)."""
     dim = check_size(dim, "dim", "init_layer_norm")
+    use_bias = check_flag(use_bias, "use_bias", "init_layer_norm")
     return LayerNormWeights(jnp.ones((dim,), dtype), jnp.zeros((dim,), dtype) if use_bias else None)
 
 
@@ -304,7 +306,7 @@ def gelu(x: Array, *, approximate: bool = True) -> Array:
     and 2% longer with this one. The two agree to float32 rounding; they part only in the
     far negative tail, where ``1 + erf`` rounds to 0 and GELU is ~0 anyway.
     """
-    if approximate:
+    if check_flag(approximate, "approximate", "gelu"):
         return jax.nn.gelu(x, approximate=True)
     return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
 
@@ -403,7 +405,7 @@ def dropout(rng: Array | None, x: Array, rate: float, *, deterministic: bool = F
     """
     check_dropout_rate(rate, "dropout rate")
     check_floating(x, "x", "dropout")  # x / (1 - rate) would silently turn ints into floats
-    if deterministic or rate == 0.0:
+    if check_flag(deterministic, "deterministic", "dropout") or rate == 0.0:
         return x
     check_dropout_key(rng, True, "dropout with rate > 0 and deterministic=False")
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)

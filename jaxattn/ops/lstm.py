@@ -40,7 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops._checks import check_size, forward_mode_hint
+from jaxattn.ops._checks import check_flag, check_size, forward_mode_hint
 from jaxattn.ops.layers import (
     check_dropout_key,
     check_dropout_rate,
@@ -212,6 +212,7 @@ def lstm_scan(
     """
     carry, lengths = _check_inputs(weights, xs, carry, lengths, "lstm_scan")
     implementation = _pick(implementation, [weights], xs, [carry], "lstm_scan")
+    reverse = check_flag(reverse, "reverse", "lstm_scan")
     return _run(weights, xs, carry, lengths, reverse, implementation)
 
 
@@ -329,7 +330,7 @@ def init_lstm_stack(
     ``LSTMWeights`` or, if ``bidirectional``, a ``BidirectionalWeights``. See ``init_lstm``.
     """
     num_layers = check_size(num_layers, "num_layers", "init_lstm_stack")
-    dirs = 2 if bidirectional else 1
+    dirs = 2 if check_flag(bidirectional, "bidirectional", "init_lstm_stack") else 1
     keys = jax.random.split(rng, num_layers * dirs)
     layers = []
     for layer in range(num_layers):

@@ -497,6 +497,13 @@ def test_bad_stack_inputs_raise(rng):
     for bad in (0, 2.0, True):  # 2.0 was range()'s TypeError, True built one layer
         with pytest.raises(ValueError, match=f"num_layers must be an int >= 1, got {bad}"):
             init_lstm_stack(rng, IN, HID, num_layers=bad)
+    # A switch given as a string ("no" from a config file) was taken as on.
+    for bad in ("no", 1, None):
+        with pytest.raises(ValueError, match=f"bidirectional must be a bool, got {bad!r}"):
+            init_lstm_stack(rng, IN, HID, bidirectional=bad)
+        with pytest.raises(ValueError, match=f"lstm_scan: reverse must be a bool, got {bad!r}"):
+            lstm_scan(bi[0].forward, xs, reverse=bad)
+    init_lstm_stack(rng, IN, HID, bidirectional=np.bool_(True))  # NumPy's bool is a bool
     # A later layer that does not fit the one before it is named before any layer runs.
     uni = init_lstm_stack(rng, IN, HID, num_layers=2)
     wide = init_lstm_stack(rng, 7, HID)[0]  # reads 7 features, not layer 0's h = 11
