@@ -41,6 +41,7 @@ from jaxattn.models import transformer as transformer_model
 from jaxattn.models._config import check_weights
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
+from jaxattn.ops._checks import check_flag
 from jaxattn.ops.layers import check_dropout_rate
 
 Array = jax.Array
@@ -199,11 +200,18 @@ class _DropoutModule(WeightsModule):
         """``(rng, deterministic)`` for the pure call, ``deterministic=None`` read from the
         module. Refused here, naming the module and what to do, what the pure function
         would refuse naming itself and a flag the caller never passed."""
+        name = type(self).__name__
         if deterministic is None:
             deterministic = self.deterministic
-        name = type(self).__name__
-        if isinstance(rng, nnx.Rngs):
-            raise TypeError(f"{name}: rng is a key, not an nnx.Rngs: pass rng=rngs.dropout()")
+        # The call's flag too (__setattr__ checks the attribute): lstm_stack and the models
+        # took "no" as true, dropout silently off.
+        check_flag(deterministic, "deterministic", name)
+        # nnx.Dropout takes either (rngs=); here the pure functions' key ("unexpected PRNG key
+        # type <class 'flax.nnx.rnglib.RngStream'>" for rng=rngs.dropout).
+        if isinstance(rng, (nnx.Rngs, nnx.RngStream)):
+            raise TypeError(
+                f"{name}: rng is a key, not an nnx.{type(rng).__name__}: pass rng=rngs.dropout()"
+            )
         if rng is None and not deterministic and rate > 0:
             raise ValueError(
                 f"{name} applies dropout {rate} here (train mode, or deterministic=False): "

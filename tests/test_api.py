@@ -66,7 +66,7 @@ def _switch_calls():
     import jax.numpy as jnp
 
     from jaxattn import ops
-    from jaxattn.models import decoding, gpt
+    from jaxattn.models import decoding, gpt, seq2seq, transformer
 
     key = jax.random.key(0)
     x = jnp.ones((1, 4, 2, 8))
@@ -76,6 +76,22 @@ def _switch_calls():
     logits = jnp.zeros((1, 7))
     config = gpt.GPTConfig(vocab_size=7, block_size=8, num_layers=1, num_heads=2, embed_dim=8)
     weights = gpt.init_gpt(key, config)
+    tokens = jnp.zeros((1, 3), jnp.int32)
+    lengths = jnp.array([3])
+    s2s_config = seq2seq.Seq2SeqConfig(
+        src_vocab_size=7, tgt_vocab_size=7, embed_dim=4, hidden_size=5, dropout=0.1
+    )
+    s2s = seq2seq.init_seq2seq(key, s2s_config)
+    tf_config = transformer.TransformerConfig(
+        src_vocab_size=7,
+        tgt_vocab_size=7,
+        embed_dim=8,
+        num_heads=2,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        dropout=0.1,
+    )
+    tf = transformer.init_transformer(key, tf_config)
     return [
         ("is_causal", lambda v: ops.dot_product_attention(x, x, x, is_causal=v)),
         ("is_causal", lambda v: ops.flash_attention(x, x, x, is_causal=v)),
@@ -92,6 +108,33 @@ def _switch_calls():
         ("reverse", lambda v: ops.lstm_scan(lstm, jnp.ones((2, 3, 3)), reverse=v)),
         ("bidirectional", lambda v: ops.init_lstm_stack(key, 3, 5, bidirectional=v)),
         ("greedy", lambda v: decoding.sample_logits(key, logits, greedy=v)),
+        (
+            "deterministic",
+            lambda v: ops.lstm_stack(
+                (lstm, lstm._replace(w_ih=jnp.ones((5, 20)))),
+                jnp.ones((2, 3, 3)),
+                rng=key,
+                dropout_rate=0.5,
+                deterministic=v,
+            ),
+        ),
+        ("deterministic", lambda v: gpt.gpt(weights, tokens, config, rng=key, deterministic=v)),
+        (
+            "deterministic",
+            lambda v: gpt.gpt_loss(weights, tokens, tokens, config, rng=key, deterministic=v),
+        ),
+        (
+            "deterministic",
+            lambda v: seq2seq.seq2seq_logits(
+                s2s, tokens, lengths, tokens, s2s_config, rng=key, deterministic=v
+            ),
+        ),
+        (
+            "deterministic",
+            lambda v: transformer.transformer_logits(
+                tf, tokens, lengths, tokens, tf_config, rng=key, deterministic=v
+            ),
+        ),
         (
             "unroll_layers",
             lambda v: gpt.generate(

@@ -227,6 +227,34 @@ def test_deterministic_must_be_a_bool():
     nnx.view(module, deterministic=True)  # NNX's own switches still set it
 
 
+def test_a_calls_deterministic_must_be_a_bool():
+    """deterministic="no" at the call (a string from a config) was taken as true by the LSTM
+    and the models: dropout silently off. Now refused, naming the module, as the attribute."""
+    key, x = jax.random.key(0), jnp.ones((1, 3, 8))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    lstm = nn.LSTM(8, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    mha = nn.MultiHeadAttention(8, 2, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    model = nn.GPT(_tiny_gpt(dropout=0.1), rngs=nnx.Rngs(0))
+    calls = [
+        ("LSTM", lambda d: lstm(x, rng=key, deterministic=d)),
+        ("MultiHeadAttention", lambda d: mha(x, rng=key, deterministic=d)),
+        ("GPT", lambda d: model(tokens, rng=key, deterministic=d)),
+        ("GPT", lambda d: model.loss(tokens, tokens, rng=key, deterministic=d)),
+    ]
+    for name, call in calls:
+        for bad in ("no", 0):
+            with pytest.raises(
+                ValueError, match=f"{name}: deterministic must be a bool, got {bad!r}"
+            ):
+                call(bad)
+        call(np.bool_(False))
+    batch = _translation_batch()
+    for cls, (make_config, *_) in TRANSLATORS.items():  # refused before any compute
+        translator = cls(make_config(), rngs=nnx.Rngs(0))
+        with pytest.raises(ValueError, match=f"{cls.__name__}: deterministic must be a bool"):
+            translator.loss(batch, rng=key, deterministic="no")
+
+
 def test_dropout_without_a_key_names_the_module_and_the_way_out(rng):
     x = jnp.ones((1, 3, 8))
     mha = nn.MultiHeadAttention(8, 2, dropout_rate=0.5, rngs=nnx.Rngs(0))
@@ -235,6 +263,8 @@ def test_dropout_without_a_key_names_the_module_and_the_way_out(rng):
         mha(x)  # was "multi_head_attention: ... deterministic=False needs an rng key"
     with pytest.raises(TypeError, match=r"rng is a key, not an nnx\.Rngs: pass rng=rngs\.dropout"):
         mha(x, rng=nnx.Rngs(0))  # was "unexpected PRNG key type"
+    with pytest.raises(TypeError, match=r"not an nnx\.RngStream: pass rng=rngs\.dropout\(\)"):
+        mha(x, rng=nnx.Rngs(0).dropout)  # the stream, as nnx.Dropout takes it: "unexpected PRNG"
     mha(x, rng=nnx.Rngs(0).dropout())
     lstm = nn.LSTM(8, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))
     lstm.train()

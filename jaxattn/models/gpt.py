@@ -476,7 +476,7 @@ def _hidden(
             f"{where}: sequence length T={t} exceeds block_size={config.block_size} "
             f"(tokens shape {tokens.shape})"
         )
-    use_dropout = not deterministic and config.dropout > 0
+    use_dropout = not check_flag(deterministic, "deterministic", where) and config.dropout > 0
     check_dropout_key(rng, use_dropout, f"{where}: dropout > 0 with deterministic=False")
     weights = cast_floating(weights, config.compute_dtype)
     return _trunk(weights, tokens, config, rng, use_dropout), weights

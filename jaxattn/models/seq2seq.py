@@ -50,6 +50,7 @@ from jaxattn.models._config import (
     check_weights,
     float32_argument,
 )
+from jaxattn.ops._checks import check_flag
 from jaxattn.ops.attention import (
     AdditiveWeights,
     additive_scores,
@@ -230,7 +231,7 @@ def encode(
     """
     check_weights(weights, init_seq2seq, config, "encode")
     src, src_lengths = _as_source(src, src_lengths, config, "encode")
-    active = not deterministic and config.dropout > 0
+    active = not check_flag(deterministic, "deterministic", "encode") and config.dropout > 0
     check_dropout_key(rng, active, "encode: dropout > 0 with deterministic=False")
     rng_embed, rng_lstm = _split(rng, 2, active)
     x = dropout(
@@ -345,7 +346,7 @@ def seq2seq_logits(
         )
     check_token_ids(tgt_in, config.tgt_vocab_size, "seq2seq_logits: tgt_in ids")
     tgt_in = jnp.asarray(tgt_in)
-    active = not deterministic and config.dropout > 0
+    active = not check_flag(deterministic, "deterministic", "seq2seq_logits") and config.dropout > 0
     check_dropout_key(rng, active, "seq2seq_logits: dropout > 0 with deterministic=False")
     rng_enc, rng_embed, rng_lstm, rng_out = _split(rng, 4, active)
     memory, final = encode(

@@ -55,7 +55,7 @@ from jaxattn.models._config import (
 )
 from jaxattn.models.gpt import KVCache, empty_kv_cache
 from jaxattn.models.seq2seq import check_batch
-from jaxattn.ops._checks import jit_when_eager
+from jaxattn.ops._checks import check_flag, jit_when_eager
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
     cached_attention,
@@ -318,7 +318,7 @@ def _as_tokens(tokens, vocab: int, config: TransformerConfig, what: str) -> Arra
 
 
 def _dropout_setup(rng, deterministic, config, where) -> tuple[float, Array | None]:
-    rate = 0.0 if deterministic else config.dropout
+    rate = 0.0 if check_flag(deterministic, "deterministic", where) else config.dropout
     check_dropout_key(rng, rate > 0, f"{where}: dropout > 0 with deterministic=False")
     return rate, (rng if rate > 0 else None)
 

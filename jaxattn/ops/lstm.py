@@ -418,6 +418,7 @@ def lstm_stack(
         got = tuple(jnp.shape(a) for a in carry)
         if got != (want, want):
             raise ValueError(f"lstm_stack: carry must be (h_0 {want}, c_0 {want}), got {got}")
+    deterministic = check_flag(deterministic, "deterministic", "lstm_stack")
     drop = dropout_rate > 0.0 and not deterministic and len(layers) > 1
     check_dropout_key(rng, drop, "lstm_stack: dropout_rate > 0 with deterministic=False")
     h_n, c_n = [], []
