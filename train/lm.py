@@ -88,7 +88,10 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 =
 _TOP_K = flags.DEFINE_integer(
     "top_k", 200, "Sample among the k most likely characters (0: all).", lower_bound=0
 )
-_SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "Seed for sampling.")
+# jax.random.key takes an int64: a seed outside failed with a traceback, after training.
+_SAMPLE_SEED = flags.DEFINE_integer(
+    "sample_seed", 0, "Seed for sampling.", lower_bound=-(2**63), upper_bound=2**63 - 1
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 

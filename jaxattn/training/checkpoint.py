@@ -110,6 +110,39 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text}"
 
 
+# The JSON files orbax and grain write in a step folder (all but the array data, the OCDBT
+# manifests and commit_success.txt): a truncated one fails a restore as a bare
+# JSONDecodeError that names no file.
+_JSON_NAMES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata", "metrics")
+
+
+def _unparsable_json(step_dir: epath.Path) -> list[epath.Path]:
+    """The JSON files under ``step_dir`` that do not parse (empty or cut off)."""
+    found = []
+    try:
+        # The step, its items (state/, data/, ...) and state/array_metadatas/; not the
+        # folders of array data (d/, ocdbt.process_<i>/), which hold no JSON.
+        folders = [step_dir]
+        while folders:
+            folder = folders.pop()
+            for path in sorted(folder.iterdir(), key=lambda p: p.name):
+                if path.is_dir():
+                    if path.name != "d" and not path.name.startswith("ocdbt."):
+                        folders.append(path)
+                elif (
+                    path.name in _JSON_NAMES
+                    or path.name.endswith(".json")
+                    or (folder.name == "array_metadatas")
+                ):
+                    try:
+                        json.loads(path.read_text())
+                    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+                        found.append(path)
+    except Exception:  # the scan only refines the message
+        return []
+    return sorted(found, key=str)
+
+
 def _rankable(value: Any) -> float:
     """A metric for ranking by "lower is better": NaN ranks last, never as the best."""
     value = float(value)
@@ -399,6 +432,11 @@ class Checkpointer:
 
     def _corrupt(self, step: int, detail: str) -> CheckpointError:
         """The error for an unreadable ``step``, pointing at the steps that could be used."""
+        unparsable = _unparsable_json(self.step_dir(step))
+        if unparsable:
+            files = ", ".join(str(path) for path in unparsable)
+            verb = "is" if len(unparsable) == 1 else "are"
+            detail = f"{files} {verb} not valid JSON (empty or cut off): {detail}"
         others = [s for s in self.all_steps() if s != step]
         hint = (
             f"; the other steps here are {others}: move {self.step_dir(step)} out of the "

@@ -319,6 +319,7 @@ def test_unwritable_workdir_fails_before_anything_is_built(tmp_path):
         (["--num_samples=-1"], "flag --num_samples=-1: -1 is not a non-negative integer"),
         (["--sample_tokens=0"], "flag --sample_tokens=0: 0 is not a positive integer"),
         (["--top_k=-3"], "flag --top_k=-3: -3 is not a non-negative integer"),
+        (["--sample_seed=9223372036854775808"], "flag --sample_seed=9223372036854775808: "),
     ],
 )
 def test_sample_only_refuses_settings_it_would_ignore(tmp_path, flags, message):
@@ -429,6 +430,8 @@ def test_missing_config_file_is_an_error(tmp_path, overrides):
         ("--config.eval_every=-1", "LoopConfig.eval_every must be an integer >= 0, got -1"),
         ("--config.seed=-1", "config.seed must be an int >= 0, got -1"),
         ("--config.seed=9223372036854775808", "config.seed must be an int in [0, 2**63 - 2]"),
+        # Sampling after training would fail with a traceback (OverflowError in JAX).
+        ("--sample_seed=9223372036854775808", "flag --sample_seed=9223372036854775808: "),
         # The optimizer's and the data splits' settings too (they used to leave checkpoints/).
         ("--config.warmup_steps=30", "need 0 <= warmup_steps <= lr_decay_steps"),
         ("--config.train_fraction=0.999999", "validation split (the last 0% of the text) holds"),

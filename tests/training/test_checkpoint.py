@@ -204,6 +204,32 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, toy, damage):
             ckpt.restore(toy.state())
 
 
+# A run killed while writing (or a full disk) can leave any of a step's JSON files cut off:
+# orbax and grain then fail with a bare JSONDecodeError that names no file.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(
+    "cut", ["state/_METADATA", "state/array_metadatas/process_0", "data/process_0-of-1.json"]
+)
+def test_a_cut_off_json_file_is_named(tmp_path, toy, cut):
+    state, it = _trained_state(toy)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state, data_iter=it)
+        ckpt.save(2, state, data_iter=it)
+    damaged = tmp_path / "2" / cut
+    damaged.write_text(damaged.read_text()[:20])
+    before = snapshot(tmp_path)
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError) as info:
+            ckpt.restore(toy.state(), data_iter=toy.iterator())
+    message = str(info.value)
+    assert (
+        f"checkpoint {tmp_path / '2'} is corrupt or incomplete: {damaged} is not valid JSON "
+        "(empty or cut off): JSONDecodeError: " in message
+    )
+    assert message.endswith("out of the folder to use step 1")
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_step_names_the_intact_ones_in_one_line(tmp_path, toy):
     with Checkpointer(tmp_path, async_save=False) as ckpt:
