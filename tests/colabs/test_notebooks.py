@@ -3,21 +3,30 @@
 Every ``colabs/*.ipynb`` is picked up (a new notebook needs no change here). The slow test
 runs each one in a fresh ``python3`` kernel (this interpreter: jupyter_client launches the
 kernelspec's ``python`` as ``sys.executable``) with ``JAXATTN_SMALL=1`` (the notebooks'
-small settings), ``MPLBACKEND=Agg`` and a temporary working directory, and fails on the
-first cell that raises.
+small settings), ``MPLBACKEND=Agg``, this checkout first on ``PYTHONPATH`` and a temporary
+working directory, and fails on the first cell that raises.
 """
 
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import nbclient  # the notebooks extra, part of the test extra
 import nbformat
 import pytest
 
-COLABS = Path(__file__).resolve().parents[2] / "colabs"
+REPO = Path(__file__).resolve().parents[2]
+COLABS = REPO / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
+
+
+def kernel_pythonpath() -> str:
+    """The notebooks' kernels' ``PYTHONPATH``: this checkout first. The kernels run in a
+    temporary folder, where ``import jaxattn`` would otherwise find whichever jaxattn is
+    installed (another checkout's editable install, a release), not the code under test."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 
 def _ids(path: Path) -> str:
@@ -90,13 +99,34 @@ def test_fit_cells_can_be_rerun(path: Path):
                 )
 
 
+def _kernel_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel inherits this environment: small settings, no display, this checkout's
+    # jaxattn, nothing written in the repo.
+    monkeypatch.setenv("JAXATTN_SMALL", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PYTHONPATH", kernel_pythonpath())
+    monkeypatch.chdir(tmp_path)
+
+
+def test_kernel_imports_this_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    _kernel_setup(tmp_path, monkeypatch)
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("import jaxattn\nprint(jaxattn.__file__)")]
+    )
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    imported = Path(nb.cells[0].outputs[0].text.strip()).resolve()
+    assert imported == REPO / "jaxattn" / "__init__.py", (
+        f"the notebooks' kernel imports {imported}, not this checkout's jaxattn"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    # The kernel inherits this environment: small settings, no display, nothing in the repo.
-    monkeypatch.setenv("JAXATTN_SMALL", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.chdir(tmp_path)
+    _kernel_setup(tmp_path, monkeypatch)
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb,
