@@ -409,4 +409,6 @@ def dropout(rng: Array | None, x: Array, rate: float, *, deterministic: bool = F
         return x
     check_dropout_key(rng, True, "dropout with rate > 0 and deterministic=False")
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    # float(): a NumPy or JAX float32 rate is not weakly typed, and x / (1 - rate) would
+    # then promote bfloat16 (float16) activations, and every layer after them, to float32.
+    return jnp.where(keep, x / (1.0 - float(rate)), jnp.zeros_like(x))

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry2x32_p
 
+from jaxattn.ops._checks import check_size
 from jaxattn.ops.layers import check_dropout_rate, float32_or_wider, ids_to_check
 
 Array = jax.Array
@@ -46,9 +47,9 @@ def causal_mask(q_len: int, kv_len: int | None = None, *, dtype: DType = bool) -
     Returns:
       ``[1, 1, T, S]``, True where attention is allowed.
     """
-    kv_len = q_len if kv_len is None else kv_len
-    if q_len < 0 or kv_len < 0:
-        raise ValueError(f"causal_mask: lengths must be >= 0, got q_len={q_len}, kv_len={kv_len}")
+    # Python ints: jnp.arange(2.5) would silently give 3 queries, None a bare TypeError.
+    q_len = check_size(q_len, "q_len", "causal_mask", minimum=0)
+    kv_len = q_len if kv_len is None else check_size(kv_len, "kv_len", "causal_mask", minimum=0)
     q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)  # [T, 1] absolute positions
     k_pos = jnp.arange(kv_len)[None, :]  # [1, S]
     return (k_pos <= q_pos).astype(dtype)[None, None]  # [1, 1, T, S]
@@ -116,6 +117,7 @@ def padding_mask(lengths: Array, max_len: int) -> Array:
         raise ValueError(f"padding_mask: lengths must have shape [B], got {lengths.shape}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"padding_mask: lengths must be integers, got dtype {lengths.dtype}")
+    max_len = check_size(max_len, "max_len", "padding_mask", minimum=0)  # (2.5: 3 columns)
     lengths = check_lengths(lengths, lengths.shape[0], max_len, "padding_mask")
     # Compare in int32: positions in a narrow dtype (uint8 lengths, max_len 300) would wrap.
     positions = jnp.arange(max_len, dtype=jnp.int32)
@@ -253,6 +255,8 @@ def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> 
         # -inf before the max, so huge masked logits cannot dominate it or overflow exp. Not
         # a finite stand-in: visible logits below it (a float32-min bias) would lose.
         x = jnp.where(mask, x, -jnp.inf)
+    if x.shape[axis] == 0:  # no keys at all: an empty result, as jax.nn.softmax gives
+        return x
     row_max = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
     # A row with nothing visible (all -inf) would give -inf - -inf = NaN: exp(-inf) = 0.
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -328,7 +332,8 @@ def attention_dropout_keep(
     even, odd = threefry2x32_p.bind(seed[0], seed[1], row_ids, pair_ids)
     # Interleave the two words along the key axis: key 2c takes word 0, key 2c + 1 word 1.
     bits = jnp.stack([even, odd], axis=key_axis + 1)  # [P, 2, R] or [R, P, 2]
-    bits = bits.reshape((2 * pairs, -1) if key_axis == 0 else (-1, 2 * pairs))
+    r = rows.shape[0]  # (not -1: with num_cols = 0 there are no pairs to divide by)
+    bits = bits.reshape((2 * pairs, r) if key_axis == 0 else (r, 2 * pairs))
     if even_start:
         bits = jax.lax.slice_in_dim(bits, 0, num_cols, axis=key_axis)
     else:  # an odd first key starts at the second word of its pair

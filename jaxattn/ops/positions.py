@@ -76,6 +76,8 @@ def sinusoidal_positions(
         raise ValueError(f"sinusoidal_positions: dim must be a positive even number, got {dim!r}")
     dim = size
     length = check_size(length, "length", "sinusoidal_positions", minimum=0)
+    if not base > 0:  # (also NaN) a base <= 0 gave a NaN (or inf) table without a word
+        raise ValueError(f"sinusoidal_positions: base must be positive, got {base}")
     angles = np.arange(length, dtype=np.float64)[:, None] * _inverse_frequencies(dim, base)
     table = np.stack([np.sin(angles), np.cos(angles)], axis=-1)  # [T, D/2, 2]
     return jnp.asarray(table.reshape(length, dim), dtype=dtype)  # [T, D], interleaved
@@ -145,10 +147,12 @@ def rope_frequencies(
     Returns:
       ``(sin, cos)``, each ``[..., T, H/2]`` in ``dtype``.
     """
-    if head_dim <= 0 or head_dim % 2:
+    size = as_size(head_dim, 1)  # (None or a string was a bare TypeError naming nothing)
+    if size is None or size % 2:
         raise ValueError(
-            f"rope_frequencies: head_dim must be a positive even number, got {head_dim}"
+            f"rope_frequencies: head_dim must be a positive even number, got {head_dim!r}"
         )
+    head_dim = size
     if not base > 0:  # also rejects NaN; base^(2i/H) must be a positive wavelength
         raise ValueError(f"rope_frequencies: base must be positive, got {base}")
     positions = jnp.asarray(positions)

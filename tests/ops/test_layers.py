@@ -527,6 +527,18 @@ def test_dropout_keys_and_values(np_rng, rng):
     np.testing.assert_array_equal(np.asarray(g), np.where(kept, 2.0, 0.0))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_dropout_keeps_x_dtype_for_any_float_rate(rng, dtype):
+    # A NumPy or JAX float32 rate (a config from np.linspace) is not weakly typed: x / (1 -
+    # rate) promoted bfloat16 activations, and every layer after them, to float32.
+    x = jnp.ones((4, 8), dtype)
+    want = dropout(rng, x, 0.25)
+    for rate in (np.float32(0.25), np.float64(0.25), jnp.float32(0.25)):
+        got = dropout(rng, x, rate)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, want)
+
+
 def test_dropout_bad_inputs(rng):
     x = jnp.ones((3, 5))
     with pytest.raises(ValueError, match="needs an rng"):

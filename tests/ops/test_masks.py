@@ -251,6 +251,38 @@ def test_masked_softmax_all_neg_inf_row_is_zero():
     np.testing.assert_allclose(probs[1], [e[0] / e.sum(), 0.0, e[1] / e.sum()], rtol=1e-6)
 
 
+def test_masked_softmax_of_no_keys_is_empty():
+    # A zero-length axis was JAX's "zero-size array to reduction operation max", naming
+    # nothing; jax.nn.softmax and torch.softmax give the empty result.
+    for mask in (None, jnp.zeros((2, 0), bool)):
+        probs = masked_softmax(jnp.zeros((2, 0)), mask)
+        assert probs.shape == (2, 0) and probs.dtype == jnp.float32
+    assert masked_softmax(jnp.zeros((0, 3)), axis=0).shape == (0, 3)
+
+
+def test_dropout_keep_of_no_keys_is_empty():
+    # Was a ZeroDivisionError from reshape(-1, 0) for an even first key.
+    seed = dropout_seed(jax.random.key(0))
+    rows = jnp.arange(4, dtype=jnp.uint32)
+    for first in (0, 1):
+        assert attention_dropout_keep(seed, rows, first, 0, 0.5).shape == (4, 0)
+        assert attention_dropout_keep(seed, rows, first, 0, 0.5, col_axis=0).shape == (0, 4)
+    assert attention_dropout_mask(seed, (2, 3, 4, 0), 0.5).shape == (2, 3, 4, 0)
+
+
+def test_mask_sizes_must_be_ints():
+    # jnp.arange(2.5) made a 3 x 3 causal mask (and padding_mask 3 columns) without a word;
+    # None was a bare TypeError.
+    for q_len, kv_len, name in ((2.5, None, "q_len"), (None, 3, "q_len"), (3, 2.0, "kv_len"),
+                                (-1, None, "q_len"), (2, -1, "kv_len")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"causal_mask: {name} must be an int >= 0"):
+            causal_mask(q_len, kv_len)
+    assert causal_mask(np.int64(2), jnp.int32(3)).shape == (1, 1, 2, 3)
+    for max_len in (2.5, None, -1):
+        with pytest.raises(ValueError, match="padding_mask: max_len must be an int >= 0"):
+            padding_mask(jnp.zeros((1,), jnp.int32), max_len)
+
+
 def test_masked_softmax_bad_mask():
     x = jnp.zeros((5, 7))
     with pytest.raises(ValueError, match=r"\(5, 3\).*\(5, 7\)"):

@@ -86,6 +86,13 @@ def test_sinusoidal_bad_inputs(length, dim):  # (floats and bools were NumPy's T
         sinusoidal_positions(length, dim)
 
 
+def test_sinusoidal_refuses_a_base_that_is_not_positive():
+    # Was a table of NaN (base < 0) or inf/NaN (base 0) with only NumPy's RuntimeWarning.
+    for base in (0.0, -10000.0, float("nan")):
+        with pytest.raises(ValueError, match="sinusoidal_positions: base must be positive"):
+            sinusoidal_positions(4, 6, base=base)
+
+
 # ----- learned -----
 
 
@@ -313,8 +320,9 @@ def test_apply_rope_refuses_integer_activations():
 
 
 def test_rope_frequencies_bad_inputs():
-    with pytest.raises(ValueError, match="head_dim must be a positive even number"):
-        rope_frequencies(jnp.arange(T), 7)
+    for head_dim in (7, 0, -2, None, "8", True, 8.0):  # None, "8": a bare TypeError
+        with pytest.raises(ValueError, match="head_dim must be a positive even number"):
+            rope_frequencies(jnp.arange(T), head_dim)
     with pytest.raises(ValueError, match=r"positions must be \[T\] or \[B, T\]"):
         rope_frequencies(jnp.zeros((B, T, 1), jnp.int32), H)
     for base in (0.0, -10000.0, float("nan")):
