@@ -156,21 +156,33 @@ def main() -> None:
         f"device; {first['platform']} ({first['device_kind']}), {os.cpu_count()} host cores, "
         f"{time.strftime('%Y-%m-%d')}, load {os.getloadavg()[0]:.1f}\n"
     )
-    print("| devices | mesh (data, fsdp, tensor) | global batch | step ms | tokens/s | "
-          "tokens/s vs 1 device | compile s | MFU |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    base = first["tokens"] / first["step_s"]
+    print("\n".join(table(results, args.peak_tflops)))
+
+
+def table(results: list[dict], peak_tflops: float = 0.0) -> list[str]:
+    """The table's lines, one row per worker result. Tokens/s are compared with the
+    1-device run, or, when ``--devices`` left it out, with the first row, which the
+    column's heading then names."""
+    base_row = next((r for r in results if r["devices"] == 1), results[0])
+    against = "1 device" if base_row["devices"] == 1 else f"mesh {tuple(base_row['mesh'])}"
+    lines = [
+        "| devices | mesh (data, fsdp, tensor) | global batch | step ms | tokens/s | "
+        f"tokens/s vs {against} | compile s | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = base_row["tokens"] / base_row["step_s"]
     for r in results:
         tokens_per_s = r["tokens"] / r["step_s"]
         mfu = "—"
-        if args.peak_tflops:
-            peak = r["devices"] * args.peak_tflops * 1e12  # FLOP/s of all the devices
+        if peak_tflops:
+            peak = r["devices"] * peak_tflops * 1e12  # FLOP/s of all the devices
             mfu = f"{tokens_per_s * r['flops_per_token'] / peak:.1%}"
-        print(
+        lines.append(
             f"| {r['devices']} | {tuple(r['mesh'])} | {r['rows']} | {1000 * r['step_s']:.1f} | "
             f"{tokens_per_s:,.0f} | {tokens_per_s / base:.2f} | "
             f"{r['compile_s']:.1f} | {mfu} |"
         )
+    return lines
 
 
 if __name__ == "__main__":

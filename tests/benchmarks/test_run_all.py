@@ -1,5 +1,6 @@
 """benchmarks/run_all.py: the targets table, and the --json contract of the scripts it runs."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +12,19 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import run_all  # noqa: E402
+
+# With torch installed the scripts must time it: a PyTorch row left out (a broken import, a
+# renamed row) would otherwise read as "PyTorch not installed" and pass.
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _printed(stdout: str, name: str, column: int) -> str:
+    """The cell ``column`` of the printed table row whose cells include ``name``."""
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and name in cells:
+            return cells[column]
+    raise AssertionError(f"no printed row {name!r} in:\n{stdout}")
 
 
 def _results(torch: bool = True) -> dict:
@@ -111,28 +125,47 @@ def test_lstm_script_writes_the_json_run_all_reads(tmp_path):
         "LSTM fwd+bwd, B=64 T=200 I=256 h=512: <= 1.0x PyTorch nn.LSTM"
     ]
     assert line[2] in {"yes", "**no**", "-"} and line[1] != "not run"
+    if HAVE_TORCH:
+        assert {"torch nn.LSTM", "torch nn.LSTM, 1 thread"} <= set(rows)
+        assert line[2] in {"yes", "**no**"}, line
+        # The printed ratio is ours over the faster PyTorch row (wall, then CPU time).
+        torch_rows = [row for name, row in rows.items() if name.startswith("torch")]
+        ours = rows["jaxattn lstm_scan"]
+        want = [ours[k] / min(r[k] for r in torch_rows) for k in ("fwd_bwd_s", "fwd_bwd_cpu_s")]
+        printed = _printed(proc.stdout, "jaxattn lstm_scan", 6)
+        assert printed == f"{want[0]:.2f}, {want[1]:.2f}", (printed, want)
 
 
-def _run_script(name: str, *args: str, json_path: Path) -> dict:
+def _run_script(name: str, *args: str, json_path: Path) -> tuple[dict, str]:
+    """The script's JSON and its printed tables."""
     cmd = [sys.executable, str(REPO / "benchmarks" / name), *args, "--json", str(json_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(json_path.read_text())
+    return json.loads(json_path.read_text()), proc.stdout
 
 
 @pytest.mark.slow
 def test_attention_and_gpt_scripts_write_the_json_run_all_reads(tmp_path):
     """The two scripts at their smallest (about 30 s), read by run_all as a real run is: a
     renamed key or a row left out would show as "no figure" here, not in the next run."""
-    attention = _run_script(
+    attention, printed = _run_script(
         "attention.py", "--lengths", "64", "--repeats", "1", json_path=tmp_path / "a.json"
     )
     rows = attention["attention"]["64"]
     for row in rows.values():
         assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0
+    if HAVE_TORCH:  # the ratio column is each row over SDPA (wall, then CPU time)
+        sdpa = rows["torch SDPA"]
+        for name, row in rows.items():
+            want = [row[k] / sdpa[k] for k in ("fwd_bwd_s", "fwd_bwd_cpu_s")]
+            assert _printed(printed, name, 7) == f"{want[0]:.2f}, {want[1]:.2f}", name
     attention["attention"]["2048"] = attention["attention"].pop("64")  # the target's T
     gpt_args = ("--quick", "--sections", "train,generate,compile,matmul")
-    gpt_json = _run_script("gpt.py", *gpt_args, json_path=tmp_path / "g.json")
+    gpt_json, printed = _run_script("gpt.py", *gpt_args, json_path=tmp_path / "g.json")
+    if HAVE_TORCH:  # the train step's "vs PyTorch" column is ours over nanoGPT's
+        step = gpt_json["train_step"]
+        want = f"{step['jaxattn_s'] / step['torch_s']:.2f}x"
+        assert _printed(printed, "jaxattn (jit, XLA:CPU)", 4) == want
     table = _rows(run_all.summary({"attention": attention, "gpt": gpt_json}, {}))
     for target in run_all.TARGETS["attention"] + run_all.TARGETS["gpt"]:
         measured = table[target.text][1]
@@ -140,6 +173,7 @@ def test_attention_and_gpt_scripts_write_the_json_run_all_reads(tmp_path):
             assert measured == "not run (--long)"
         else:
             assert not measured.startswith(("no figure", "not run")), (target.text, measured)
+            assert not (HAVE_TORCH and "PyTorch not installed" in measured), target.text
     kv = table["KV-cache generation: >= 20x nanoGPT's generate without a cache"][1]
     assert "unroll_layers=True" in kv and "the default layer scan" in kv
 

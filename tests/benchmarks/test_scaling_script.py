@@ -39,3 +39,44 @@ def test_real_devices_time_a_mesh_smaller_than_the_host():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["devices"] == 1 and result["rows"] == 12
+
+
+def _fake_worker(monkeypatch, step_s: dict) -> None:
+    """main()'s workers, replaced by results with the given step seconds per mesh."""
+
+    def run(cmd, **kwargs):
+        mesh = tuple(int(x) for x in cmd[-3:])
+        n = math.prod(mesh)
+        rows = 12 * mesh[0] * mesh[1]
+        result = {"devices": n, "platform": "cpu", "device_kind": "cpu", "mesh": list(mesh),
+                  "rows": rows, "step_s": step_s[mesh], "compile_s": 1.0,
+                  "tokens": rows * 64, "flops_per_token": 1e6}  # fmt: skip
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(result) + "\n", "")
+
+    monkeypatch.setattr(scaling.subprocess, "run", run)
+
+
+def _table(capsys) -> dict[str, list[str]]:
+    out = capsys.readouterr().out
+    lines = out[out.index("| devices |") :].strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return {"header": header} | {row[1]: row for row in rows}
+
+
+def test_tokens_per_second_ratio_is_to_the_one_device_run_or_names_its_base(monkeypatch, capsys):
+    """The ratio column said "vs 1 device" whatever ran first: with --devices 2 the 2-device
+    data-parallel mesh was "1.00 vs 1 device", and with --devices 2 1 every ratio was to it."""
+    step_s = {(1, 1, 1): 0.05, (2, 1, 1): 0.08, (1, 2, 1): 0.16, (1, 1, 2): 0.10}
+    _fake_worker(monkeypatch, step_s)
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--devices", "2", "1"])
+    scaling.main()
+    table = _table(capsys)
+    assert table["header"][5] == "tokens/s vs 1 device"
+    # 1 device: 768 tokens in 50 ms; (2, 1, 1): 1,536 tokens in 80 ms, 1.25x that.
+    assert table["(1, 1, 1)"][5] == "1.00" and table["(2, 1, 1)"][5] == "1.25"
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--devices", "2"])
+    scaling.main()
+    table = _table(capsys)
+    assert table["header"][5] == "tokens/s vs mesh (2, 1, 1)"
+    assert table["(2, 1, 1)"][5] == "1.00" and table["(1, 2, 1)"][5] == "0.50"
