@@ -128,6 +128,28 @@ def test_two_processes_stop_together_resume_and_match_one_device(tmp_path):
     assert f"Sampling from {workdir / 'checkpoints' / str(stopped + 2)}" in proc.stdout
 
 
+@pytest.mark.slow
+def test_ctrl_c_on_one_process_stops_both_with_one_checkpoint(tmp_path):
+    """A SIGINT raised KeyboardInterrupt in that process only: the other waited in a
+    collective (and it in JAX's shutdown barrier) for minutes, and nothing was saved."""
+    workdir = tmp_path / "ctrl_c"
+    procs = start_processes(workdir, 500)
+    wait_for_step(workdir, 2, procs)
+    procs[1].send_signal(signal.SIGINT)
+    outputs = []
+    try:
+        outputs = [proc.communicate(timeout=90)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [143, 143], outputs[0][-3000:]
+    stopped = int(re.search(r"saved a checkpoint at step (\d+)", outputs[0]).group(1))
+    data_dir = workdir / "checkpoints" / str(stopped) / "data"
+    assert sorted(p.name for p in data_dir.iterdir()) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json",
+    ]  # fmt: skip
+
+
 def test_joining_processes_needs_all_three_flags(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *COMMON, f"--workdir={tmp_path}",

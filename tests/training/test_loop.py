@@ -643,6 +643,34 @@ def test_an_ignored_sigint_stays_ignored_while_training():
         signal.signal(signal.SIGTERM, old_term)
 
 
+def test_ctrl_c_on_one_of_several_processes_is_a_preemption_notice():
+    """With several processes SIGTERM stays with JAX's preemption service, and a SIGINT is
+    passed on to it as a SIGTERM, so that every process stops at the same step and saves:
+    a KeyboardInterrupt on one left the others waiting in a collective for minutes."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("fit handles signals in the main thread only")
+    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    notices = []  # stands in for the preemption service's own SIGTERM handler
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, lambda signum, frame: notices.append(signum))
+        service = signal.getsignal(signal.SIGTERM)
+        stop = loop_module._StopOnSignal()
+        stop.multihost = True  # as after jax.distributed.initialize with 2+ processes
+        with stop:
+            assert signal.getsignal(signal.SIGTERM) is service
+            assert signal.getsignal(signal.SIGINT) == stop._handle
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C
+            assert notices == [signal.SIGTERM]
+            assert stop.signal_name is None  # the agreed step stops it, in poll
+            assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # 2nd kills
+        assert signal.getsignal(signal.SIGTERM) is service
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
 def test_loop_config_validates_and_reads_a_config():
     ml_collections = pytest.importorskip("ml_collections")
     with pytest.raises(ValueError, match="num_steps must be an integer >= 0"):
