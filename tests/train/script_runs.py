@@ -9,6 +9,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def script_env(**changes: str) -> dict[str, str]:
+    """The environment of a ``train/`` script under test: the CPU, and this checkout first on
+    ``PYTHONPATH``. A script's own folder comes first on its ``sys.path``, so ``import
+    jaxattn`` would otherwise find whichever jaxattn is installed (another checkout's
+    editable install, a release), not the code under test."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path) | changes
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1, for a jax.distributed coordinator."""
     with socket.socket() as s:
@@ -30,7 +39,7 @@ class ScriptRunner:
         self.cache_dir: Path | None = None
 
     def _command(self, args, config) -> tuple[list[str], dict[str, str]]:
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env = script_env()
         if self.cache_dir is not None:
             env |= {
                 "JAX_COMPILATION_CACHE_DIR": str(self.cache_dir),

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from script_runs import free_port  # tests/train/script_runs.py
+from script_runs import free_port, script_env  # tests/train/script_runs.py
 
 from jaxattn.training.metrics import read_metrics
 
@@ -29,9 +29,7 @@ COMMON = [
 
 
 def start_processes(workdir, num_steps, *, processes=2, devices_each=4, mesh=(2, 2, 2)):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
+    env = script_env(
         XLA_FLAGS=(  # the suite's flags (tests/conftest.py), and the devices
             f"{os.environ.get('XLA_FLAGS', '')} "
             f"--xla_force_host_platform_device_count={devices_each}"
@@ -121,7 +119,7 @@ def test_two_processes_stop_together_resume_and_match_one_device(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), f"--workdir={workdir}", "--sample_only",
          "--num_samples=1", "--sample_tokens=20", "--compilation_cache="],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        cwd=REPO, env=script_env(), capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -154,7 +152,7 @@ def test_joining_processes_needs_all_three_flags(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *COMMON, f"--workdir={tmp_path}",
          "--coordinator_address=127.0.0.1:1234", "--num_processes=2"],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        cwd=REPO, env=script_env(), capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1
@@ -165,7 +163,7 @@ def test_joining_processes_needs_all_three_flags(tmp_path):
 def test_a_mesh_that_does_not_fit_the_devices_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *COMMON, f"--workdir={tmp_path}", "--config.mesh.data=2"],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        cwd=REPO, env=script_env(), capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from script_runs import REPO, ScriptRunner, free_port  # tests/train/script_runs.py
+from script_runs import REPO, ScriptRunner, free_port, script_env  # tests/train/script_runs.py
 
 from jaxattn.models.seq2seq import Seq2SeqConfig
 from jaxattn.training import translation_data as td
@@ -326,7 +326,7 @@ def test_two_processes_share_the_test_decoding(tmp_path):
     translations, in order, and the BLEU equal a one-process run on the same 2-device mesh."""
 
     def launch(workdir, processes, *extra):
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env = script_env()
         env["XLA_FLAGS"] = (  # the suite's flags (tests/conftest.py), and the devices
             f"{os.environ.get('XLA_FLAGS', '')} "
             f"--xla_force_host_platform_device_count={2 // processes}"
