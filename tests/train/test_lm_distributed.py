@@ -42,17 +42,28 @@ def start_processes(workdir, num_steps, *, processes=2, devices_each=4, mesh=(2,
     ]  # fmt: skip
     if processes > 1:
         args += [f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={processes}"]
-    return [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args] + ([f"--process_id={i}"] if processes > 1 else []),
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(processes)
-    ]
+    # The processes must take a Ctrl-C: run as a shell's background job (nohup ... &), this
+    # test process ignores SIGINT, its children would inherit that, and the loop rightly
+    # keeps an ignored SIGINT ignored. (Python handlers themselves become SIG_DFL on exec.)
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return [
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), *args]
+                + ([f"--process_id={i}"] if processes > 1 else []),
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(processes)
+        ]
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def finish(procs, returncode=0):
