@@ -46,6 +46,18 @@ Array = jax.Array
 DType = jnp.dtype | type | str
 
 
+def _check_wavelengths(dim: int, base: float, name: str, where: str) -> int:
+    """``dim`` as an int; ``ValueError`` unless it is a positive even integer (a float, a
+    bool, None or a string named here, not by NumPy) and ``base > 0`` (also rejects NaN: a
+    base <= 0 gave NaN or inf angles without a word)."""
+    size = as_size(dim, 1)
+    if size is None or size % 2:
+        raise ValueError(f"{where}: {name} must be a positive even number, got {dim!r}")
+    if not base > 0:
+        raise ValueError(f"{where}: base must be positive, got {base}")
+    return size
+
+
 def _inverse_frequencies(dim: int, base: float) -> np.ndarray:
     """``base^(-2i/dim)`` for ``i < dim/2`` in float64 (``dim`` is static: a constant)."""
     return base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)  # [dim/2]
@@ -71,13 +83,8 @@ def sinusoidal_positions(
     Returns:
       ``[T, D]`` table.
     """
-    size = as_size(dim, 1)  # (a float or a bool named here, not by NumPy)
-    if size is None or size % 2:
-        raise ValueError(f"sinusoidal_positions: dim must be a positive even number, got {dim!r}")
-    dim = size
+    dim = _check_wavelengths(dim, base, "dim", "sinusoidal_positions")
     length = check_size(length, "length", "sinusoidal_positions", minimum=0)
-    if not base > 0:  # (also NaN) a base <= 0 gave a NaN (or inf) table without a word
-        raise ValueError(f"sinusoidal_positions: base must be positive, got {base}")
     angles = np.arange(length, dtype=np.float64)[:, None] * _inverse_frequencies(dim, base)
     table = np.stack([np.sin(angles), np.cos(angles)], axis=-1)  # [T, D/2, 2]
     return jnp.asarray(table.reshape(length, dim), dtype=dtype)  # [T, D], interleaved
@@ -147,14 +154,7 @@ def rope_frequencies(
     Returns:
       ``(sin, cos)``, each ``[..., T, H/2]`` in ``dtype``.
     """
-    size = as_size(head_dim, 1)  # (None or a string was a bare TypeError naming nothing)
-    if size is None or size % 2:
-        raise ValueError(
-            f"rope_frequencies: head_dim must be a positive even number, got {head_dim!r}"
-        )
-    head_dim = size
-    if not base > 0:  # also rejects NaN; base^(2i/H) must be a positive wavelength
-        raise ValueError(f"rope_frequencies: base must be positive, got {base}")
+    head_dim = _check_wavelengths(head_dim, base, "head_dim", "rope_frequencies")
     positions = jnp.asarray(positions)
     _check_rope_positions(positions, "rope_frequencies")
     if positions.ndim not in (1, 2):
