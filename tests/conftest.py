@@ -9,6 +9,12 @@ shardings), not how fast the generated code runs, which is what ``benchmarks/`` 
 with the default level. The setting reaches the scripts and notebooks the tests start,
 through the environment. To run the suite on optimised code, set the level yourself:
 ``XLA_FLAGS=--xla_backend_optimization_level=3 pytest ...`` (3 is XLA's default).
+
+This checkout comes first on ``PYTHONPATH``, which the scripts, notebook kernels and child
+processes the tests start inherit: a script's own folder (``train/``) or a kernel's
+temporary folder comes first on its ``sys.path``, so ``import jaxattn`` there would find
+whichever jaxattn is installed (another checkout's editable install, a release), not the
+code under test.
 """
 
 import contextlib
@@ -27,6 +33,9 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture

@@ -3,14 +3,14 @@
 Every ``colabs/*.ipynb`` is picked up (a new notebook needs no change here). The slow test
 runs each one in a fresh ``python3`` kernel (this interpreter: jupyter_client launches the
 kernelspec's ``python`` as ``sys.executable``) with ``JAXATTN_SMALL=1`` (the notebooks'
-small settings), ``MPLBACKEND=Agg``, this checkout first on ``PYTHONPATH`` and a temporary
-working directory, and fails on the first cell that raises.
+small settings), ``MPLBACKEND=Agg``, this checkout first on ``PYTHONPATH`` (set for the
+whole suite in tests/conftest.py) and a temporary working directory, and fails on the first
+cell that raises.
 """
 
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 
 import nbclient  # the notebooks extra, part of the test extra
@@ -20,13 +20,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 COLABS = REPO / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
-
-
-def kernel_pythonpath() -> str:
-    """The notebooks' kernels' ``PYTHONPATH``: this checkout first. The kernels run in a
-    temporary folder, where ``import jaxattn`` would otherwise find whichever jaxattn is
-    installed (another checkout's editable install, a release), not the code under test."""
-    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 
 def _ids(path: Path) -> str:
@@ -104,7 +97,6 @@ def _kernel_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # jaxattn, nothing written in the repo.
     monkeypatch.setenv("JAXATTN_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("PYTHONPATH", kernel_pythonpath())
     monkeypatch.chdir(tmp_path)
 
 

@@ -10,12 +10,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def script_env(**changes: str) -> dict[str, str]:
-    """The environment of a ``train/`` script under test: the CPU, and this checkout first on
-    ``PYTHONPATH``. A script's own folder comes first on its ``sys.path``, so ``import
-    jaxattn`` would otherwise find whichever jaxattn is installed (another checkout's
-    editable install, a release), not the code under test."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path) | changes
+    """The environment of a ``train/`` script under test: the CPU (tests/conftest.py puts
+    this checkout first on ``PYTHONPATH``, for the script's ``import jaxattn``)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu") | changes
 
 
 def free_port() -> int:

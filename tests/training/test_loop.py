@@ -590,10 +590,7 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, toy):
     script.write_text(
         _SIGTERM_CHILD.format(tests_dir=str(Path(__file__).parent), workdir=str(workdir))
     )
-    # This checkout first: from tmp_path, "import jaxattn" would find the installed one.
-    repo = str(Path(__file__).resolve().parents[2])
-    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
