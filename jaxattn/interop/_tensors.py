@@ -11,17 +11,31 @@ import numpy as np
 
 _FRAMEWORKS = ("pt", "np")
 
+# Floating dtypes that NumPy lacks, which torch and safetensors have under these names:
+# ml_dtypes' (JAX's) have the same bits. torch's .numpy() and torch.tensor() refuse them, and
+# safetensors names a NumPy float8 dtype NumPy does not have, so they cross as raw bits.
+_BIT_FLOATS = ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+_SAFETENSORS_FLOAT8 = {
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+_UINT = {1: "uint8", 2: "uint16"}  # (the same-width integer that carries the bits)
+
 
 def to_numpy(x: Any) -> np.ndarray:
     """Return a NumPy copy of a torch tensor, JAX array or array-like (keeps the dtype)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor, without importing torch
         x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":
-            # NumPy has no bfloat16 of its own: the same bits as ml_dtypes' (JAX's) bfloat16,
+        name = str(x.dtype).removeprefix("torch.")
+        if name in _BIT_FLOATS:
+            # NumPy has no bfloat16 or float8 of its own: the same bits as ml_dtypes' (JAX's),
             # so the weights keep their dtype, as float16 ones do.
             import torch
 
-            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+            bits = x.view(getattr(torch, _UINT[x.element_size()])).numpy()
+            return bits.view(getattr(ml_dtypes, name)).copy()
         return x.numpy().copy()
     return np.array(x)
 
@@ -122,19 +136,34 @@ def export(arr: Any, framework: str) -> Any:
         return out.copy()
     import torch
 
-    if out.dtype.name == "bfloat16":  # torch cannot read ml_dtypes' bfloat16: pass the bits
-        return torch.from_numpy(out.view(np.uint16).copy()).view(torch.bfloat16)
+    if out.dtype.name in _BIT_FLOATS:  # torch cannot read ml_dtypes' floats: pass the bits
+        bits = out.view(_UINT[out.dtype.itemsize]).copy()
+        return torch.from_numpy(bits).view(getattr(torch, out.dtype.name))
     return torch.tensor(out)  # copies: exported tensors never share storage (safetensors-safe)
 
 
 def read_safetensors(path: str | os.PathLike, load_file: Callable[[str], Any]) -> Any:
-    """``load_file(path)``, with errors that name the file (safetensors' own do not)."""
+    """``load_file(path)``, with errors that name the file (safetensors' own do not).
+
+    A file with float8 tensors, which safetensors' loaders cannot give NumPy or JAX
+    ("module 'numpy' has no attribute 'float8_e4m3fn'"), is read as NumPy arrays, the
+    float8 ones as ml_dtypes' (JAX's) float8."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory, expected a .safetensors file")
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, deserialize, safe_open
 
     try:
-        return load_file(path)
+        with safe_open(path, framework="np") as f:  # (reads and checks the header)
+            dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+            if not set(dtypes.values()) & set(_SAFETENSORS_FLOAT8):
+                return load_file(path)
+            out = {n: f.get_tensor(n) for n, d in dtypes.items() if d not in _SAFETENSORS_FLOAT8}
+        with open(path, "rb") as file:
+            for name, t in deserialize(file.read()):
+                if t["dtype"] in _SAFETENSORS_FLOAT8:
+                    dtype = getattr(ml_dtypes, _SAFETENSORS_FLOAT8[t["dtype"]])
+                    out[name] = np.frombuffer(t["data"], dtype).reshape(t["shape"])
     except SafetensorError as e:  # truncated, empty or not a safetensors file at all
         raise ValueError(f"{path}: not a valid .safetensors file ({e})") from e
+    return {name: out[name] for name in dtypes}  # (the file's order)

@@ -115,7 +115,8 @@ def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool 
     """
     from safetensors.flax import load_file
 
-    stored = read_safetensors(path, load_file)
+    # (jnp.asarray: a file with float8 tensors is read as NumPy arrays)
+    stored = {k: jnp.asarray(v) for k, v in read_safetensors(path, load_file).items()}
     if like is None:
         return stored
     like = pure_weights_of(like)

@@ -214,3 +214,21 @@ def test_a_symlink_is_written_through(tmp_path):
     save_safetensors({"w": np.ones(3, np.float32)}, link)
     assert link.is_symlink()  # was replaced by a regular file, the real one left stale
     np.testing.assert_array_equal(load_safetensors(real)["w"], np.ones(3))
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_leaves_load_back(tmp_path, dtype):
+    # save wrote them; load raised AttributeError: module 'numpy' has no attribute ...
+    import ml_dtypes
+
+    tree = {"w": jnp.asarray(np.linspace(-2, 2, 6).astype(getattr(ml_dtypes, dtype))),
+            "b": jnp.asarray([0.5, 1.5], jnp.bfloat16), "n": jnp.arange(3)}  # fmt: skip
+    save_safetensors(tree, tmp_path / "w.safetensors")
+    for back in (load_safetensors(tmp_path / "w.safetensors", tree),
+                 load_safetensors(tmp_path / "w.safetensors")):  # fmt: skip
+        assert list(back) == ["b", "n", "w"] and isinstance(back["w"], jax.Array)
+        for name, leaf in tree.items():
+            assert back[name].dtype == leaf.dtype, name
+            np.testing.assert_array_equal(
+                np.asarray(back[name], np.float32), np.asarray(leaf, np.float32)
+            )

@@ -219,3 +219,17 @@ def test_a_numpy_export_owns_its_arrays():
     for name, arr in exported.items():
         shared = [i for i, w in enumerate(weights) if np.shares_memory(arr, w)]
         assert not shared, f"{name} shares memory with weights[{shared}]"
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_weights_cross_both_ways_bit_for_bit(dtype):
+    # torch's .numpy() and torch.tensor() refuse float8: both raised TypeError
+    # ("Got unsupported ScalarType Float8_e4m3fn", "can't convert np.ndarray of type ...").
+    state = {k: v.to(getattr(torch, dtype)) for k, v in _mha(bias=True).state_dict().items()}
+    weights = mha_from_torch(state, num_heads=N)
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(weights)} == {dtype}
+    back = mha_to_torch_state_dict(weights)
+    assert back.keys() == state.keys()
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype, name
+        assert torch.equal(back[name].view(torch.uint8), tensor.view(torch.uint8)), name
