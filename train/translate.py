@@ -250,8 +250,10 @@ def make_loss_fn(kind: str, model, label_smoothing: float):
 
 def target_tokens(batch) -> jax.Array:
     """The target tokens a batch's loss averages over: the evaluation weighs each batch's
-    mean loss by them, so ``val_loss`` is the mean over all validation tokens (bucketed
-    batches hold different numbers)."""
+    mean loss by them, so ``val_loss`` is the mean over the target tokens of the
+    ``eval_batches`` batches it reads (bucketed batches hold different numbers), not over
+    every validation pair (each bucket's last partial batch is dropped, and a short
+    evaluation reads only the first batches)."""
     return jnp.sum(batch["tgt_mask"])
 
 

@@ -184,8 +184,15 @@ def train_sentencepiece(
     # The model itself records only the size reached (below vocab_size on a small corpus).
     record = {}
     if trained_with.is_file():
-        record = json.loads(trained_with.read_text(encoding="utf-8"))
-        asked = record["vocab_size"]
+        try:  # (a run killed while writing it leaves it empty)
+            record = json.loads(trained_with.read_text(encoding="utf-8"))
+            asked = record["vocab_size"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{trained_with}, the settings {model_file} was trained with, is unreadable "
+                f"({type(e).__name__}: {e}): use another workdir, or delete both (and any "
+                "checkpoints trained with them) to train a new one"
+            ) from None
     else:  # Cached before the settings file existed: only a larger model is surely stale.
         asked = sp.get_piece_size() if sp.get_piece_size() > vocab_size else vocab_size
     if asked != vocab_size:
@@ -230,7 +237,7 @@ def encode_pairs(
     tgt = sp.encode([t for _, t in pairs])
     keep_src, keep_tgt = [], []
     for s, t in zip(src, tgt):
-        if not s or not t or (max_len is not None and max(len(s), len(t) + 1) > max_len):
+        if not s or not t or (max_len is not None and pair_length(s, t) > max_len):
             continue
         keep_src.append(np.asarray(s, np.int32))
         keep_tgt.append(np.asarray(t, np.int32))
@@ -248,6 +255,12 @@ def check_buckets(buckets: Sequence[int], where: str, name: str = "buckets") -> 
     ):
         raise ValueError(f"{where}: {name} must be increasing lengths >= 1, got {buckets}")
     return tuple(int(b) for b in buckets)
+
+
+def pair_length(src: Sequence[int], tgt: Sequence[int]) -> int:
+    """Positions a pair is padded to at least: its source, or its target and one more
+    (``tgt_in`` is BOS y_1 .. y_n, ``tgt_out`` y_1 .. y_n EOS), whichever is longer."""
+    return max(len(src), len(tgt) + 1)
 
 
 def bucket_of(length: int, buckets: Sequence[int]) -> int:
@@ -295,11 +308,12 @@ def make_batch(
 class _BucketedBatches(grain.transforms.Map):
     """Map a global batch index to its batch; epoch ``e``'s plan is seeded by ``(seed, e)``."""
 
-    def __init__(self, src, tgt, buckets, batch_size, seed, process_rows, name):
+    def __init__(self, src, tgt, lengths, buckets, batch_size, seed, process_rows, name):
         self.src, self.tgt, self.buckets = src, tgt, tuple(buckets)
         self.batch_size, self.seed, self.process_rows = batch_size, seed, process_rows
-        keys = [bucket_of(max(len(s), len(t) + 1), buckets) for s, t in zip(src, tgt)]
-        self.members = [np.flatnonzero(np.asarray(keys) == k) for k in range(len(buckets))]
+        # Each example's bucket (the caller checked that the largest holds every length).
+        keys = np.searchsorted(np.asarray(buckets), np.asarray(lengths, np.int64))
+        self.members = [np.flatnonzero(keys == k) for k in range(len(buckets))]
         self.num_batches = sum(len(m) // batch_size for m in self.members)
         if self.num_batches == 0:
             raise ValueError(
@@ -365,10 +379,11 @@ def translation_dataset(
     batch_size = check_size(batch_size, "batch_size", name)
     buckets = check_buckets(buckets, name)
     seed = check_size(seed, "seed", name, minimum=0)
+    lengths = [pair_length(s, t) for s, t in zip(src, tgt)]
     for i, (s, t) in enumerate(zip(src, tgt)):  # (which example: the index within it is no help)
         check_token_ids(s, vocab_size, f"{name}: source {i}: token ids")
         check_token_ids(t, vocab_size, f"{name}: target {i}: token ids")
-        if max(len(s), len(t) + 1) > buckets[-1]:
+        if lengths[i] > buckets[-1]:
             raise ValueError(
                 f"{name}: example {i} (source {len(s)} tokens, target {len(t)} + EOS) "
                 f"exceeds the largest bucket {buckets[-1]}"
@@ -377,7 +392,8 @@ def translation_dataset(
     if len(range(batch_size)[rows]) == 0:
         raise ValueError(f"process_rows {rows} selects no row of a batch of {batch_size}")
     ds = grain.MapDataset.range(sys.maxsize)  # Unbounded: an index per batch.
-    return ds.map(_BucketedBatches(list(src), list(tgt), buckets, batch_size, seed, rows, name))
+    batches = _BucketedBatches(list(src), list(tgt), lengths, buckets, batch_size, seed, rows, name)
+    return ds.map(batches)
 
 
 def decode_batches(
@@ -389,6 +405,7 @@ def decode_batches(
     has B rows and jit sees few shapes); ``indices`` names only the real rows, in order.
     """
     batch_size = check_size(batch_size, "batch_size", "decode_batches")
+    buckets = check_buckets(buckets, "decode_batches")  # (bucket_of needs them sorted)
     keys = np.array([bucket_of(len(s), buckets) for s in src])
     out = []
     for k, length in enumerate(buckets):

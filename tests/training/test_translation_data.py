@@ -388,3 +388,25 @@ def test_sample_refuses_a_negative_or_fractional_count(n):
 def test_decode_batches_refuses_a_batch_size_below_one():
     with pytest.raises(ValueError, match="decode_batches: batch_size must be an int >= 1"):
         td.decode_batches([np.array([5], np.int32)], batch_size=0, buckets=(4,))
+
+
+@pytest.mark.parametrize("buckets", [(16, 8), (24, 8, 16), (8, 8), (), (0, 16), (8.0, 16)])
+def test_decode_batches_refuses_buckets_translation_dataset_refuses(buckets):
+    """Unsorted buckets padded a 3-token source to 24 (not the smallest bucket) or refused a
+    10-token one as longer than "the largest bucket 8" with 16 there; () was an IndexError."""
+    src = [np.arange(4, 4 + n, dtype=np.int32) for n in (3, 10)]
+    with pytest.raises(ValueError, match=r"^decode_batches: buckets must be increasing"):
+        td.decode_batches(src, batch_size=2, buckets=buckets)
+
+
+@pytest.mark.parametrize("content", ["", '{"vocab_size": 6', '{"sentences_sha256": "x"}', "[]"])
+def test_an_unreadable_sentencepiece_settings_file_is_named(tmp_path, content):
+    """An empty or cut spm.json (a run killed while writing it) was a bare JSONDecodeError
+    ("Expecting value: line 1 column 1 (char 0)") or KeyError naming no file."""
+    prefix = tmp_path / "spm"
+    td.train_sentencepiece([s for p in PAIRS for s in p], prefix, vocab_size=60)
+    prefix.with_suffix(".json").write_text(content, encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"spm\.json, the settings .*spm\.model was trained with, is unreadable"
+    ):
+        td.train_sentencepiece([], prefix, vocab_size=60)
