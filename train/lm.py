@@ -59,8 +59,8 @@ from jaxattn.training import data, sharding
 from jaxattn.training.checkpoint import (
     Checkpointer,
     IncompatibleCheckpointError,
+    check_checkpoints_folder,
     check_compatible,
-    check_writable,
 )
 from jaxattn.training.loop import (
     LoopConfig,
@@ -194,7 +194,8 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         process_rows=val_rows,
     )  # fmt: skip
     if meta is None or meta["step"] < config.num_steps:  # (a finished run only samples)
-        check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
+        # (creating workdir) before anything is built
+        check_checkpoints_folder(workdir / "checkpoints")
 
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     # Built straight into its shardings: each device only ever holds its own shards. A

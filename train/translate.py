@@ -77,7 +77,7 @@ from jaxattn.training import translation_data as td
 from jaxattn.training.checkpoint import (
     Checkpointer,
     IncompatibleCheckpointError,
-    check_writable,
+    check_checkpoints_folder,
 )
 from jaxattn.training.data import batch_iterator
 from jaxattn.training.loop import (
@@ -142,7 +142,7 @@ def check_data_settings(config: ml_collections.ConfigDict) -> None:
     ``config.max_len`` keeps: the data pipeline would only fail after the workdir and its
     sentencepiece model were made, naming neither setting."""
     check_seed(config.seed, "config.seed", "train/translate.py")
-    if config.data_path and not Path(config.data_path).is_file():  # else after check_writable
+    if config.data_path and not Path(config.data_path).is_file():  # else after the folder check
         raise FileNotFoundError(
             f"translation corpus not found: {config.data_path!r} (config.data_path)"
         )
@@ -432,7 +432,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         batch_sharding, config.batch_size, "config.batch_size"
     )
     optimizer, schedule = translate_optimizer(config, kind)
-    check_writable(workdir / "checkpoints")  # (creating workdir) before anything is built
+    check_checkpoints_folder(workdir / "checkpoints")  # (creating workdir) before anything is built
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()
     kind, model = build_model(config, vocab)

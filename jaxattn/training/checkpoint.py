@@ -37,25 +37,64 @@ from jaxattn.training.sharding import path_string
 
 
 class _DropOrbaxWarnings(logging.Filter):
-    """Hide two orbax warnings about what this module does on purpose: a save without
-    metrics (see ``save``), and the removal of a save that did not finish when its step is
-    saved again (``fit`` names those when it opens the folder, see ``unfinished_saves``)."""
+    """Hide orbax's log lines about what this module does on purpose or reports itself: a
+    save without metrics (see ``save``), the removal of a save that did not finish when
+    its step is saved again, and a step's unreadable ``_CHECKPOINT_METADATA``, which orbax
+    logs on every read of the step and then does without (``fit`` names both of the last
+    when it opens the folder, see ``unfinished_saves`` and ``unreadable_step_records``)."""
 
     _DROPPED = (
         "did not provide metrics",
         "Removing existing directory since it is not finalized",
     )
+    # orbax's messages for a step's _CHECKPOINT_METADATA that is empty, cut off or missing.
+    _STEP_RECORD = ("Failed to json parse Metadata file", "Metadata file does not exist")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if any(text in message for text in self._STEP_RECORD):
+            return _STEP_RECORD_NAME not in message
         return not any(text in message for text in self._DROPPED)
 
 
 logging.getLogger("absl").addFilter(_DropOrbaxWarnings())
 
+# orbax's record of a step's save (its start and commit times, the items' handlers), in
+# the step's folder; a restore that names its items (as ``restore`` does) reads without it.
+_STEP_RECORD_NAME = "_CHECKPOINT_METADATA"
+# What orbax and this module write in a step's folder (a folder named like a step that
+# holds none of them is not a checkpoint).
+_STEP_ENTRIES = frozenset(
+    {_STEP_RECORD_NAME, "commit_success.txt", "state", "meta", "data", "metrics", "descriptor"}
+)
+
+
+def _step_number(name: str) -> int | None:
+    """The step a folder's name stands for in orbax's naming (``0``, ``12``; not ``012``)."""
+    return int(name) if re.fullmatch(r"0|[1-9]\d*", name) else None
+
+
+def _not_a_checkpoint(path: epath.Path) -> str | None:
+    """Why ``path``, named like a step, is not one of orbax's step folders (None if it is):
+    a file (orbax would delete it to save that step) or a folder that holds none of the
+    files orbax writes (orbax would list it as a step, and delete it to keep the latest N).
+    An empty folder holds nothing to lose and counts as a (broken) step."""
+    try:
+        if not path.exists():
+            return None
+        if not path.is_dir():
+            return "a file, not a checkpoint folder"
+        names = {child.name for child in path.iterdir()}
+    except Exception:  # an unreadable entry is reported when it is read
+        return None
+    if names and not names & _STEP_ENTRIES:
+        return f"a folder of other files ({', '.join(sorted(names)[:3])}), not a checkpoint"
+    return None
+
 
 class CheckpointError(ValueError):
-    """A checkpoint exists but cannot be read (corrupt, incomplete, or missing an item)."""
+    """A checkpoint exists but cannot be read (corrupt, incomplete, or missing an item), or
+    the checkpoints folder holds something else under a step's name."""
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -86,6 +125,30 @@ def check_writable(directory: str | os.PathLike) -> None:
     except Exception as e:  # OSError locally; object stores raise their own types.
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise NotWritableError(f"cannot write to {directory}: {reason}") from e
+
+
+def check_checkpoints_folder(directory: str | os.PathLike) -> None:
+    """``check_writable(directory)``, then refuse an entry of it named like a step that is
+    not a checkpoint: orbax deletes a file of that name to save the step, and lists a
+    folder of other files as a step, deleting it to keep the latest N. Creates only the
+    folder. A script calls it before it builds anything; ``Checkpointer`` on opening.
+
+    Raises:
+      NotWritableError: as ``check_writable``.
+      CheckpointError: naming the entry (the first, by step).
+    """
+    check_writable(directory)
+    directory = epath.Path(directory)
+    try:
+        entries = [p for p in directory.iterdir() if _step_number(p.name) is not None]
+    except Exception:  # the folder was just written to; orbax reports the rest
+        return
+    for path in sorted(entries, key=lambda p: _step_number(p.name)):
+        if (what := _not_a_checkpoint(path)) is not None:
+            raise CheckpointError(
+                f"{path} is {what}, but its name is that of step {path.name}'s checkpoint, "
+                f"which a save would delete; move it out of {directory} (nothing was changed)"
+            )
 
 
 # How orbax's wrapper of a failed array read begins: it says only which slice, then prints
@@ -260,7 +323,7 @@ class Checkpointer:
         self.best_metric = best_metric
         self.read_only = read_only
         if not read_only:
-            check_writable(self.directory)
+            check_checkpoints_folder(self.directory)
         policy: Any = ocm.LatestN(max_to_keep)
         if best_metric is not None:
             best = ocm.BestN(
@@ -304,6 +367,27 @@ class Checkpointer:
             return []
         return sorted((path.get() for path in found), key=lambda path: path.name)
 
+    def unreadable_step_records(self) -> list[epath.Path]:
+        """The steps' ``_CHECKPOINT_METADATA`` files that are empty, cut off or missing.
+
+        orbax writes this record of a step's save beside its items, logs an error on every
+        read of a step whose record does not parse, and restores the step without it; the
+        checkpoint's state, data position and metadata are intact.
+        """
+        found = []
+        try:
+            for step in self.all_steps():
+                if _not_a_checkpoint(self.step_dir(step)) is not None:
+                    continue  # reported as what it is when it is read
+                record = self.step_dir(step) / _STEP_RECORD_NAME
+                try:
+                    json.loads(record.read_text())
+                except (OSError, ValueError):  # missing; JSONDecodeError, UnicodeDecodeError
+                    found.append(record)
+        except Exception:  # only for a note: an unreadable folder fails elsewhere
+            return []
+        return found
+
     def best_step(self) -> int | None:
         """The kept step with the lowest ``best_metric`` (None if none was saved with it)."""
         if self.best_metric is None:
@@ -336,6 +420,12 @@ class Checkpointer:
             raise ValueError(f"cannot save: Checkpointer({self.directory}) is read-only")
         if step in self._manager.all_steps():
             raise ValueError(f"checkpoint step {step} already exists in {self.directory}")
+        if (what := _not_a_checkpoint(self.step_dir(step))) is not None:
+            # (orbax's forced save deletes whatever has the step's name)
+            raise CheckpointError(
+                f"cannot save step {step}: {self.step_dir(step)} is {what}; move it out of "
+                f"{self.directory}"
+            )
         meta = dict(metadata or {})
         meta["step"] = int(step)
         meta["tree_signature"] = tree_signature(state)
@@ -433,7 +523,9 @@ class Checkpointer:
     def _corrupt(self, step: int, detail: str) -> CheckpointError:
         """The error for an unreadable ``step``, pointing at the steps that could be used."""
         unparsable = _unparsable_json(self.step_dir(step))
-        if unparsable:
+        if (what := _not_a_checkpoint(self.step_dir(step))) is not None:
+            detail = f"it is {what}"
+        elif unparsable:
             files = ", ".join(str(path) for path in unparsable)
             verb = "is" if len(unparsable) == 1 else "are"
             detail = f"{files} {verb} not valid JSON (empty or cut off): {detail}"

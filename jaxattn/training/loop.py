@@ -370,6 +370,11 @@ class Trainer:
                     f"note: {unfinished} is a save that did not finish (the run was stopped "
                     "while writing it): not a checkpoint, ignored"
                 )
+            for record in self.ckpt.unreadable_step_records():
+                self.say(
+                    f"note: {record} is empty, cut off or missing (orbax's record of when the "
+                    "step was saved); its checkpoint is read without it"
+                )
             if self.ckpt.latest_step() is not None:
                 self.state, meta = self.ckpt.restore(state, data_iter=self.saved_iter)
                 self.best_val = meta.get("best_val_loss") or math.inf

@@ -16,7 +16,8 @@ maps logical names to mesh axes (``LOGICAL_TO_MESH``), so the training code neve
 to know a model's structure. A rule names the *trailing* axes of a leaf, so stacked
 layers (a leading ``[L]`` axis) and optimizer moments (the same paths under
 ``opt_state/...``) match the same rule. A dimension that a mesh axis does not divide is
-replicated instead (e.g. 65 characters over ``tensor=2``).
+replicated instead (e.g. 65 characters over ``tensor=2``); ``tree_shardings`` warns when
+an ``fsdp`` or ``tensor`` axis of size > 1 thus splits no parameter at all.
 
 With several processes (``jax.distributed.initialize``), every process runs the same
 program; each loads only the batch rows that its own devices hold
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -161,7 +164,39 @@ def tree_shardings(
         spec = leaf_spec(path_string(path), tuple(np.shape(leaf)), rules, mesh, logical_to_mesh)
         return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(sharding, tree)
+    shardings = jax.tree_util.tree_map_with_path(sharding, tree)
+    _warn_about_idle_axes(shardings, mesh, logical_to_mesh)
+    return shardings
+
+
+def _warn_about_idle_axes(shardings: Any, mesh: Mesh, logical_to_mesh: Mapping[str, str]) -> None:
+    """Warn for each mesh axis of size > 1 that should split parameters (``fsdp``,
+    ``tensor``) but splits no leaf of the tree: no dimension it applies to is a multiple
+    of its size (e.g. 6 heads over ``tensor=4``), so every leaf is replicated over it."""
+    used = {
+        axis
+        for s in jax.tree.leaves(shardings)
+        for part in s.spec
+        for axis in (part if isinstance(part, tuple) else (part,))
+        if axis is not None
+    }
+    for axis in dict.fromkeys(logical_to_mesh.values()):
+        size = mesh.shape.get(axis, 1)
+        if size > 1 and axis not in used:
+            names = ", ".join(n for n, a in logical_to_mesh.items() if a == axis)
+            warnings.warn(
+                f"mesh axis {axis}={size} splits no parameter (no {names} dimension is a "
+                f"multiple of {size}): every parameter is replicated over its devices",
+                stacklevel=_outside_this_file(),
+            )
+
+
+def _outside_this_file() -> int:
+    """``warnings.warn``'s stacklevel for the first caller outside this file."""
+    frame, level = sys._getframe(1), 1  # the frame that calls warnings.warn
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def create_sharded(

@@ -308,6 +308,18 @@ def test_unwritable_workdir_fails_before_anything_is_built(tmp_path):
     assert workdir.read_text() == "not a folder"
 
 
+def test_a_file_named_like_a_step_fails_before_anything_is_built(tmp_path):
+    """orbax deleted it without a word when the run saved that step."""
+    stray = tmp_path / "checkpoints" / "3"
+    stray.parent.mkdir()
+    stray.write_text("my notes")
+    proc = run_lm(f"--workdir={tmp_path}", "--config.num_steps=3", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: {stray} is a file, not a checkpoint folder" in proc.stderr
+    assert "model: GPT" not in proc.stdout  # failed before the model was built
+    assert stray.read_text() == "my notes"
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

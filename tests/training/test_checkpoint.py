@@ -128,6 +128,41 @@ def test_saving_an_existing_step_is_refused(tmp_path, toy):
     assert snapshot(tmp_path) == before
 
 
+def _put_in_a_steps_place(path, kind):
+    if kind == "file":
+        path.write_text("my notes")
+    else:
+        path.mkdir()
+        (path / "notes.txt").write_text("my notes")
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_an_entry_named_like_a_step_that_is_no_checkpoint_is_refused(tmp_path, toy, kind):
+    """orbax deleted a file named like a step to save that step, and listed a folder of
+    other files as a step, deleting it to keep the latest N: both without a word."""
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, toy.state())
+    _put_in_a_steps_place(tmp_path / "9", kind)
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / '9'} is a .*, not a checkpoint"):
+        Checkpointer(tmp_path)
+    assert snapshot(tmp_path) == before
+    with Checkpointer(tmp_path, read_only=True) as ckpt:  # reading deletes nothing
+        assert ckpt.latest_step() == (9 if kind == "folder" else 1)
+        if kind == "folder":
+            with pytest.raises(CheckpointError, match="it is a folder of other files"):
+                ckpt.read_metadata()
+    assert snapshot(tmp_path) == before
+
+
+def test_saving_over_a_file_named_like_the_step_is_refused(tmp_path, toy):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        (tmp_path / "2").write_text("my notes")  # after the folder was opened
+        with pytest.raises(CheckpointError, match=f"cannot save step 2: {tmp_path / '2'} is a"):
+            ckpt.save(2, toy.state())
+    assert (tmp_path / "2").read_text() == "my notes"
+
+
 def test_incompatible_tree_is_a_clear_error_and_changes_nothing(tmp_path, toy):
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(2, toy.state())

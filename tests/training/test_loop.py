@@ -291,6 +291,34 @@ def test_a_save_that_did_not_finish_is_named_and_the_run_resumes_before_it(
     assert not [r for r in caplog.records if "not finalized" in r.getMessage()]
 
 
+def test_a_folder_of_other_files_named_like_a_step_stops_the_run_before_training(tmp_path, toy):
+    """orbax listed it as an old step and deleted it to keep the latest max_to_keep."""
+    _fit(toy, tmp_path, num_steps=4, eval_every=0, keep_best=False)
+    stray = tmp_path / "checkpoints" / "2"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(checkpoint_module.CheckpointError, match=f"^{stray} is a folder of"):
+        _fit(toy, tmp_path, num_steps=8, checkpoint_every=1, max_to_keep=1, eval_every=0)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_empty_step_record_is_one_note_not_orbaxs_log_lines(tmp_path, toy, capsys, caplog):
+    """orbax logged "Failed to json parse Metadata file: .../_CHECKPOINT_METADATA, file
+    content: , error: ..." at every read of the step (three times in train/lm.py), then
+    restored the step without it."""
+    _fit(toy, tmp_path, num_steps=4, eval_every=0, keep_best=False)
+    record = tmp_path / "checkpoints" / "4" / "_CHECKPOINT_METADATA"
+    record.write_text("")
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        result = _fit(toy, tmp_path, num_steps=6, eval_every=0, keep_best=False)
+    out = capsys.readouterr().out
+    assert out.count(f"note: {record} is empty, cut off or missing") == 1
+    assert f"Resumed from {record.parent}" in out and result.step == 6
+    assert not [r for r in caplog.records if "_CHECKPOINT_METADATA" in r.getMessage()]
+
+
 def test_a_grain_data_loader_resumes_where_it_stopped(tmp_path, toy):
     """A grain.DataLoader's iterator (classic grain) is checkpointed like a DatasetIterator:
     killed after the step-4 checkpoint and resumed, the run ends with the parameters of an

@@ -4,6 +4,8 @@ The multi-device and multi-process behaviour is tested in subprocesses:
 ``test_sharding_multidevice.py`` and ``tests/train/test_lm_distributed.py``.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,6 +142,43 @@ def test_seq2seq_rules_split_the_vocabulary_and_keep_lstm_matrices_whole():
     assert specs["output/w"] == PartitionSpec("fsdp", "tensor")
     assert specs["output/b"] == PartitionSpec("tensor")  # [V], split as output/w's columns
     assert all(spec == PartitionSpec() for name, spec in specs.items() if "w_hh" in name)
+
+
+def _gpt_shapes(**fields):
+    config = gpt.GPTConfig(vocab_size=65, block_size=8, num_layers=2, **fields)
+    return jax.eval_shape(lambda: gpt.init_gpt(jax.random.key(0), config))
+
+
+def test_a_mesh_axis_that_splits_no_parameter_is_warned_about():
+    """3 heads, MLP width 45 and 65 characters over tensor=4 (embed 15 over fsdp=2): every
+    weight was replicated over the axis, its devices repeating the same work, silently."""
+    params = _gpt_shapes(num_heads=3, embed_dim=15, mlp_ratio=3)
+    mesh = AbstractMesh((1, 2, 4), sharding.MESH_AXES)
+    with pytest.warns(UserWarning) as caught:
+        sharding.tree_shardings(params, TRANSFORMER_RULES, mesh)
+    assert [str(w.message) for w in caught] == [
+        "mesh axis fsdp=2 splits no parameter (no embed dimension is a multiple of 2): every "
+        "parameter is replicated over its devices",
+        "mesh axis tensor=4 splits no parameter (no heads, kv_heads, mlp, vocab dimension is "
+        "a multiple of 4): every parameter is replicated over its devices",
+    ]
+    assert {w.filename for w in caught} == {__file__}  # the caller's line, not sharding.py's
+
+
+def test_no_warning_when_every_parameter_axis_splits_something():
+    params = _gpt_shapes(num_heads=3, embed_dim=12)  # 3 heads over tensor=2: the MLP splits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        specs = sharding.tree_shardings(
+            params, TRANSFORMER_RULES, AbstractMesh((4, 2, 2), sharding.MESH_AXES)
+        )
+    assert specs.blocks.attn.w_q.spec == PartitionSpec(None, "fsdp")  # [L, D, N, H]
+    # data splits only the batch: never warned about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sharding.tree_shardings(
+            params, TRANSFORMER_RULES, AbstractMesh((8, 1, 1), sharding.MESH_AXES)
+        )
 
 
 def test_create_sharded_places_the_tree_and_returns_its_shardings():

@@ -95,3 +95,36 @@ def test_mesh_sizes_and_batch_rows_on_8_devices(run_on_8_devices):
     assert out["rows"] == [[0, 2], [4, 6], [8, 10], [12, 14]]
     assert out["error"] == "batch size 6 does not split over data x fsdp = 4 devices"
     assert out["named"] == "config.batch_size 6 does not split over data x fsdp = 4 devices"
+
+
+IDLE_AXIS = """
+import json, warnings, jax
+from jaxattn.models import gpt
+from jaxattn.models.partitioning import TRANSFORMER_RULES
+from jaxattn.training import sharding
+out = {}
+for heads in (3, 4):  # MLP width = embed_dim = 3 * heads
+    config = gpt.GPTConfig(vocab_size=65, block_size=8, num_layers=2, num_heads=heads,
+                           embed_dim=3 * heads, mlp_ratio=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, shardings = sharding.create_sharded(
+            lambda: gpt.init_gpt(jax.random.key(0), config), TRANSFORMER_RULES,
+            sharding.make_mesh(2, 1, 4), abstract=True,
+        )
+    out[heads] = [str(w.message) for w in caught]
+print(json.dumps(out))
+"""
+
+
+def test_a_tensor_axis_that_divides_no_head_mlp_or_vocabulary_size_is_warned_about(
+    run_on_8_devices,
+):
+    """3 heads, MLP width 9 and 65 characters over tensor=4: every weight ran replicated
+    over the axis, its 4 devices repeating the same work, without a word at runtime."""
+    out = run_on_8_devices(["-c", IDLE_AXIS], timeout=300)
+    assert out["3"] == [
+        "mesh axis tensor=4 splits no parameter (no heads, kv_heads, mlp, vocab dimension is "
+        "a multiple of 4): every parameter is replicated over its devices"
+    ]
+    assert out["4"] == []  # 4 heads (and MLP width 12) split over tensor=4
