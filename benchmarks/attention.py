@@ -42,10 +42,15 @@ import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# This checkout's jaxattn, as the other scripts (its own folder, benchmarks/, is what
+# Python puts first on sys.path, so an installed jaxattn would be timed instead).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxattn.ops.attention import dot_product_attention
 

@@ -40,6 +40,10 @@ about a minute on 2 CPU cores; the test suite runs it that way.
   shapes with ``--lstm-shapes``): jaxattn's pick (cuDNN on GPU), its scan, the scan with
   ``lengths``, Flax ``nn.RNN`` and PyTorch ``nn.LSTM`` (cuDNN), plus the cuDNN path's
   error against the scan.
+
+A section that raises is reported (its traceback, and ``{"error": ...}`` in the JSON) and
+the others still run; the script then exits non-zero, as it does when a check is over its
+tolerance.
 """
 
 from __future__ import annotations
@@ -586,14 +590,25 @@ def main() -> None:
             "x".join(map(str, shape)): run_lstm(repeats, shape) for shape in lstm_shapes
         },
     }
-    results = {"device": device_name()}
+    results, failed = {"device": device_name()}, []
     for section in args.sections:
         try:
             results[section] = run[section]()
         except Exception:  # a failed section must not hide the others
             traceback.print_exc()
             results[section] = {"error": traceback.format_exc(limit=1)}
+            failed.append(f"section {section} raised (traceback above)")
         write_json(args.json, results)
+    # A check over its tolerance or raising is a failure too: exit non-zero, as a test would
+    # (gpu_check.sh's one line per check shows only the exit status).
+    checks = results.get("checks", {})
+    if "error" not in checks:
+        bad = [f"{case}: {key}" for case, rows in checks.items() for key, row in rows.items()
+               if not row.get("ok")]  # fmt: skip
+        if bad:
+            failed.append(f"{len(bad)} check(s) failed ({'; '.join(bad)})")
+    if failed:
+        sys.exit("gpu.py: " + "; ".join(failed))
 
 
 if __name__ == "__main__":

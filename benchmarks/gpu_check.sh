@@ -59,6 +59,7 @@ fi
 # timeout runs a check in a process group of its own, which Ctrl-C and a TERM to this
 # script's group do not reach: on either, stop the running check, then this script.
 child=
+failed=()
 stop() {
   if [[ -n $child ]]; then
     kill -TERM "$child" 2>/dev/null
@@ -78,6 +79,7 @@ run() { # run NAME SECONDS COMMAND...: COMMAND under a time limit, its output in
   wait "$child"
   rc=$?
   child=
+  ((rc == 0)) || failed+=("$name")
   printf '%-10s exit %3d  %4d s of %d\n' "$name" "$rc" "$((SECONDS - start))" "$limit"
 }
 
@@ -108,3 +110,8 @@ for name in "${names[@]}"; do
     checks) run checks 110 "$python" benchmarks/gpu.py --sections checks "${bench[@]}" ;;
   esac
 done
+# Every check ran; the script's own status says whether any failed or timed out.
+if ((${#failed[@]})); then
+  echo "gpu_check.sh: failed: ${failed[*]}" >&2
+  exit 1
+fi

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# This checkout's jaxattn and train/configs, not an installed jaxattn: the script's own
+# folder (benchmarks/) is what Python puts first on sys.path.
+sys.path[:0] = [str(ROOT), str(ROOT / "train")]
 PER_DEVICE_ROWS = 12
 
 
@@ -47,12 +50,12 @@ def model_flops_per_token(n_params: int, layers: int, width: int, context: int) 
 
 
 def worker(mesh_shape: tuple[int, int, int], steps: int) -> dict:
+    import flax
     import jax
     import numpy as np
-
-    sys.path.insert(0, str(ROOT / "train"))
     from configs import shakespeare_char_cpu
 
+    from benchmarks.attention import machine
     from jaxattn.models import gpt
     from jaxattn.models.partitioning import TRANSFORMER_RULES
     from jaxattn.training import sharding
@@ -99,6 +102,8 @@ def worker(mesh_shape: tuple[int, int, int], steps: int) -> dict:
         times.append(time.perf_counter() - t0)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     return {
+        "machine": machine(),  # CPU model and cores (lscpu), backend
+        "versions": f"jax {jax.__version__}, flax {flax.__version__}",
         "devices": mesh.size,
         "platform": jax.devices()[0].platform,
         "device_kind": jax.devices()[0].device_kind,
@@ -153,7 +158,7 @@ def main() -> None:
     first = results[0]
     print(
         f"\n## weak scaling: shakespeare_char_cpu GPT, {PER_DEVICE_ROWS} x 64 tokens per "
-        f"device; {first['platform']} ({first['device_kind']}), {os.cpu_count()} host cores, "
+        f"device; {first['machine']} ({first['device_kind']}); {first['versions']}; "
         f"{time.strftime('%Y-%m-%d')}, load {os.getloadavg()[0]:.1f}\n"
     )
     print("\n".join(table(results, args.peak_tflops)))

@@ -125,3 +125,19 @@ def test_the_cudnn_selection_still_finds_the_cudnn_tests():
     # The two that only run on a GPU (they skip on CPU) are among them.
     for name in ("test_attention.py::test_cudnn_matches_xla", "test_cudnn_matches_scan_on_gpu"):
         assert any(name in line for line in collected), (name, collected)
+
+
+def test_a_failed_check_makes_the_script_fail_after_the_rest_ran(tmp_path):
+    """Every check exiting 3 left the script's own status 0: only the per-check lines
+    showed the failures."""
+    fake = tmp_path / "python"  # the env line succeeds; every check fails
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\nexit 3\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake))
+    proc = subprocess.run([BASH, str(SCRIPT), "blocks", "lstm"], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(r"blocks\s+exit\s+3", proc.stdout) and re.search(
+        r"lstm\s+exit\s+3", proc.stdout
+    )
+    assert "gpu_check.sh: failed: blocks lstm" in proc.stderr

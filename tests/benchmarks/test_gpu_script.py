@@ -6,6 +6,7 @@ LSTM rows) from rotting between those runs.
 """
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# With torch installed the script must time it: a PyTorch row left out (a broken import, a
+# renamed row) would otherwise pass as "torch absent".
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 @pytest.mark.slow
@@ -46,7 +50,8 @@ def test_gpu_script_smoke_runs_every_section(tmp_path):
     attention = results["attention"]
     assert set(attention) == {"128", "256"}
     for t, rows in attention.items():
-        assert {"jaxattn auto", "jaxattn blockwise", "jax.nn xla"} <= set(rows), t
+        want = {"jaxattn auto", "jaxattn blockwise", "jaxattn xla", "jax.nn xla"}
+        assert want | ({"torch SDPA"} if HAVE_TORCH else set()) <= set(rows), t
         for name, row in rows.items():
             assert "note" not in row, (t, name, row)
             assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0, (t, name)
@@ -66,6 +71,7 @@ def test_gpu_script_smoke_runs_every_section(tmp_path):
     assert results["long"]["blockwise"]["finite"] is True
     lstm = results["lstm"]["8x20x32x64"]  # --smoke's one shape
     assert "jaxattn scan" in lstm and "flax nn.RNN" in lstm
+    assert ("torch nn.LSTM (cpu)" in lstm) == HAVE_TORCH, set(lstm)
     assert all(row["fwd_bwd_s"] > 0 for row in lstm.values())
 
 
@@ -122,3 +128,34 @@ def test_tpu_rows_check_the_pallas_kernel_in_interpret_mode(monkeypatch, capsys)
     assert f"| {names[0]} | bfloat16 | auto (pallas) |" in table
     assert f"| {names[1]} | bfloat16 | auto (pallas) |" not in table
     assert long["pallas"]["finite"] is True and long["pallas"]["dtype"] == "bfloat16"
+
+
+def test_a_failed_section_or_check_exits_non_zero(monkeypatch, tmp_path, capsys):
+    """A section that raised, or a check over its tolerance, left the exit status 0, so
+    gpu_check.sh's summary line read "exit 0" for it; the other sections must still run."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import gpu
+
+    def run_long(t):
+        raise MemoryError("RESOURCE_EXHAUSTED: out of memory")
+
+    failing = {"errors": [0.5] * 4, "ok": False}
+    checks = {"causal T=S=1024": {"bfloat16 xla": failing, "bfloat16 blockwise": {"ok": True}}}
+    monkeypatch.setattr(gpu, "run_long", run_long)
+    monkeypatch.setattr(gpu, "run_checks", lambda shrink: checks)
+    monkeypatch.setattr(gpu, "run_blocks", lambda *a: {"batch_heads, 64 x 64": {"fwd_s": 1.0}})
+    out = tmp_path / "gpu.json"
+    argv = ["gpu.py", "--sections", "checks", "long", "blocks", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        gpu.main()
+    message = str(exit_.value.code)
+    assert "section long raised" in message, message
+    assert "1 check(s) failed (causal T=S=1024: bfloat16 xla)" in message, message
+    results = json.loads(out.read_text())
+    assert "MemoryError" in results["long"]["error"]
+    assert results["blocks"] == {"batch_heads, 64 x 64": {"fwd_s": 1.0}}  # ran after it
+    # All passing: no exit.
+    checks["causal T=S=1024"]["bfloat16 xla"] = {"ok": True}
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--sections", "checks", "blocks"])
+    gpu.main()

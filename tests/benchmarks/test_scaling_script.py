@@ -39,6 +39,12 @@ def test_real_devices_time_a_mesh_smaller_than_the_host():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["devices"] == 1 and result["rows"] == 12
+    # What the table's header names: the CPU model and the versions of this run.
+    import flax
+    import jax
+
+    assert result["machine"].endswith(", cpu") and "cores" in result["machine"]
+    assert result["versions"] == f"jax {jax.__version__}, flax {flax.__version__}"
 
 
 def _fake_worker(monkeypatch, step_s: dict) -> None:
@@ -48,7 +54,8 @@ def _fake_worker(monkeypatch, step_s: dict) -> None:
         mesh = tuple(int(x) for x in cmd[-3:])
         n = math.prod(mesh)
         rows = 12 * mesh[0] * mesh[1]
-        result = {"devices": n, "platform": "cpu", "device_kind": "cpu", "mesh": list(mesh),
+        result = {"machine": "Test CPU, 2 cores, cpu", "versions": "jax 0.1, flax 0.2",
+                  "devices": n, "platform": "cpu", "device_kind": "cpu", "mesh": list(mesh),
                   "rows": rows, "step_s": step_s[mesh], "compile_s": 1.0,
                   "tokens": rows * 64, "flops_per_token": 1e6}  # fmt: skip
         return subprocess.CompletedProcess(cmd, 0, json.dumps(result) + "\n", "")
@@ -80,3 +87,13 @@ def test_tokens_per_second_ratio_is_to_the_one_device_run_or_names_its_base(monk
     table = _table(capsys)
     assert table["header"][5] == "tokens/s vs mesh (2, 1, 1)"
     assert table["(2, 1, 1)"][5] == "1.00" and table["(1, 2, 1)"][5] == "0.50"
+
+
+def test_the_header_names_the_machine_and_versions(monkeypatch, capsys):
+    """Every table names the machine and the versions it ran with; this one named only the
+    platform ("cpu (cpu)") and the core count, not the CPU model or jax's version."""
+    _fake_worker(monkeypatch, {(1, 1, 1): 0.05})
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--devices", "1"])
+    scaling.main()
+    header = next(line for line in capsys.readouterr().out.splitlines() if "weak scaling" in line)
+    assert "Test CPU, 2 cores, cpu (cpu); jax 0.1, flax 0.2;" in header, header
