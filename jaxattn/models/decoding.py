@@ -80,6 +80,18 @@ def check_sampling(
                 )
         if isinstance(value, (bool, np.bool_)):  # True would read as 1.0
             raise ValueError(f"{name} must be a number, got {value!r}")
+        # None (but top_p's), a string or an array failed in the comparisons below as a
+        # TypeError or "truth value of an array is ambiguous", naming no setting.
+        if name != "top_k" and not _traced(value) and not (name == "top_p" and value is None):
+            dtype = getattr(value, "dtype", None)
+            real = isinstance(value, numbers.Real) or (
+                dtype is not None
+                and np.ndim(value) == 0
+                and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+            )
+            if not real:
+                shown = f"{dtype} {np.shape(value)}" if dtype is not None else repr(value)
+                raise ValueError(f"{name} must be a real number, got {shown}")
     if not _traced(temperature):
         if not temperature >= 0.0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {temperature}")

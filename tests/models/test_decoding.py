@@ -229,6 +229,13 @@ def test_greedy_limits_equal_argmax():
         (dict(temperature=1e-39), "smallest normal float32"),  # would flush to 0
         (dict(temperature=True), "temperature must be a number, got True"),  # read as 1.0
         (dict(top_p=True), "top_p must be a number, got True"),
+        # Once a TypeError or "truth value of an array is ambiguous", naming no setting.
+        (dict(temperature=None), "temperature must be a real number, got None"),
+        (dict(temperature="0.7"), "temperature must be a real number, got '0.7'"),
+        (dict(temperature=jnp.ones(2)), r"temperature must be a real number, got float32 \(2,\)"),
+        (dict(temperature=1j), "temperature must be a real number"),
+        (dict(top_p="0.9"), "top_p must be a real number, got '0.9'"),
+        (dict(top_p=np.array([0.5, 0.9])), r"top_p must be a real number, got float64 \(2,\)"),
     ],
 )
 def test_sample_logits_rejects_bad_settings(kwargs, match):
