@@ -5,10 +5,12 @@ Shape glossary: B batch, T time, I input features, h hidden size.
 
 The formula and the public functions are in ``lstm.py``; this file holds how the
 recurrence runs. The hand-written backward (``jax.custom_vjp``): the forward saves the
-activated gates and the states; a reverse scan carries only ``(dh, dc)`` and emits the
-gate pre-activation gradients ``dz: [T, B, 4h]``; the weight gradients are then single
+activated gates ``[T, B, 4h]`` and the states; a reverse loop carries only ``(dh, dc)``
+and overwrites each step's gates with the gate pre-activation gradients ``dz`` (one
+``[T, B, 4h]`` buffer for both: on CPU every fresh page of a temporary costs a page
+fault, about 3% of forward + backward here); the weight gradients are then single
 matmuls over all T*B rows (``dW_hh = h_prev^T dz``, ``dW_ih = x^T dz``,
-``dxs = dz W_ih^T``) instead of T small accumulations inside the scan.
+``dxs = dz W_ih^T``) instead of T small accumulations inside the loop.
 """
 
 from __future__ import annotations
@@ -128,9 +130,10 @@ def _outputs(hs: Array, valid: Array | None) -> Array:
 
 def _forward(w_hh, gx, carry, valid, reverse, save_gates=False, proj=None):
     """Scan the recurrence: returns ``((hs, cs), final)`` or, with ``save_gates``, also
-    the gates ``(i, f, g, o)``, each ``[T, B, h]``; ``hs, cs`` are the states after each
-    step (a row past its length repeats its state). With ``proj = (w_ih, b)``, ``gx`` is
-    the input ``[T, B, I]`` and each step computes ``[x_t, h] [W_ih; W_hh] + b``."""
+    the activated gates ``[T, B, 4h]`` (i, f, g, o along the last axis); ``hs, cs`` are
+    the states after each step (a row past its length repeats its state). With ``proj =
+    (w_ih, b)``, ``gx`` is the input ``[T, B, I]`` and each step computes ``[x_t, h]
+    [W_ih; W_hh] + b``."""
 
     if proj is not None:
         # Both products of a step as one: [x_t, h] @ [W_ih; W_hh] (5-13% less forward
@@ -146,7 +149,8 @@ def _forward(w_hh, gx, carry, valid, reverse, save_gates=False, proj=None):
             gates, new = _activate(x_h @ w_in_hh + proj[1], state[1])
         if valid_t is not None:
             new = (jnp.where(valid_t, new[0], state[0]), jnp.where(valid_t, new[1], state[1]))
-        return new, (new, gates) if save_gates else new
+        # The gates as one [B, 4h] row: the backward overwrites it with dz (see there).
+        return new, (new, jnp.concatenate(gates, axis=-1)) if save_gates else new
 
     # Reversed, a row is frozen at its initial carry until t = length - 1: exactly
     # PyTorch's packed reverse direction, with no flipping of the padded rows.
@@ -176,21 +180,29 @@ def _before(seq: Array, first: Array, reverse: bool) -> Array:
 
 
 def _recurrence_bwd(reverse, residuals, cotangents):
-    """Backward: a reverse scan carrying ``(dh, dc)`` that emits the pre-activation
-    gradients ``dz: [T, B, 4h]``; then ``dW_hh = h_prev^T dz`` as one matmul over T*B
-    rows. With ``proj`` (the per-step projection, on CPU) ``dW_ih = x^T dz`` and ``dxs =
-    dz W_ih^T`` are single matmuls here too; hoisted, ``dz`` is the cotangent of ``gx``
-    and ``project``'s backward forms them."""
+    """Backward: a reverse loop carrying ``(dh, dc)`` that overwrites the saved gates
+    ``[T, B, 4h]``, step by step, with the pre-activation gradients ``dz`` (no second
+    ``[T, B, 4h]`` buffer); then ``dW_hh = h_prev^T dz`` as one matmul over T*B rows.
+    With ``proj`` (the per-step projection, on CPU) ``dW_ih = x^T dz`` and ``dxs = dz
+    W_ih^T`` are single matmuls here too; hoisted, ``dz`` is the cotangent of ``gx`` and
+    ``project``'s backward forms them."""
     proj, xs_t, w_hh, gates, hs, cs, (h0, c0), valid = residuals
     dys, (dh_n, dc_n) = cotangents
+    steps = hs.shape[0]
     h_prev, c_prev = _before(hs, h0, reverse), _before(cs, c0, reverse)
     w_hh_t = w_hh.T  # [4h, h]: the per-step matmul is then a plain dz @ w_hh_t
 
-    def body(d_state: Carry, inputs):
-        dh, dc = d_state
-        (i, f, g, o), c, c_before, dy, valid_t = inputs
+    def step_at(k):
+        return k if reverse else steps - 1 - k  # against the forward's direction
+
+    def body(k, state):
+        dh, dc, buf, gates_t = state
+        t = step_at(k)
+        i, f, g, o = jnp.split(gates_t, 4, -1)
+        c, c_before, dy = (jax.lax.dynamic_index_in_dim(a, t, 0, False) for a in (cs, c_prev, dys))
         dh_new, dc_new = dh + dy, dc  # cotangents of this step's new (h, c)
-        if valid_t is not None:  # past a row's length the step is the identity
+        if valid is not None:  # past a row's length the step is the identity
+            valid_t = jax.lax.dynamic_index_in_dim(valid, t, keepdims=False)
             dh_new, dc_new = jnp.where(valid_t, dh_new, 0), jnp.where(valid_t, dc_new, 0)
         tanh_c = jnp.tanh(c)
         dc_new = dc_new + dh_new * o * (1 - tanh_c * tanh_c)
@@ -204,12 +216,17 @@ def _recurrence_bwd(reverse, residuals, cotangents):
             axis=-1,
         )  # [B, 4h]
         dh_prev, dc_prev = dz @ w_hh_t, dc_new * f
-        if valid_t is not None:
+        if valid is not None:
             dh_prev, dc_prev = jnp.where(valid_t, dh_prev, dh), jnp.where(valid_t, dc_prev, dc)
-        return (dh_prev, dc_prev), dz
+        buf = jax.lax.dynamic_update_index_in_dim(buf, dz, t, 0)
+        # The next step's gates are read from the buffer after this write (other rows), so
+        # the buffer's only reader is the write and XLA updates it in place; a read before
+        # the write would make XLA copy the whole buffer every step.
+        t_next = step_at(jnp.minimum(k + 1, steps - 1))
+        return dh_prev, dc_prev, buf, jax.lax.dynamic_index_in_dim(buf, t_next, 0, False)
 
-    inputs = (gates, cs, c_prev, dys, valid)
-    (dh0, dc0), dz = jax.lax.scan(body, (dh_n, dc_n), inputs, reverse=not reverse)
+    gates_first = jax.lax.dynamic_index_in_dim(gates, step_at(0), 0, False)
+    dh0, dc0, dz, _ = jax.lax.fori_loop(0, steps, body, (dh_n, dc_n, gates, gates_first))
     # The weight gradients contract (t, b) as two axes, not as h_prev.reshape(-1, h).T @
     # dz_rows: XLA:CPU then copies h_prev (and x) to [h, T*B] and runs a plain product in
     # YNNPACK, where the transposed-operand form falls back to a slower Eigen kernel (115
