@@ -377,7 +377,9 @@ class Trainer:
                 )
             if self.ckpt.latest_step() is not None:
                 self.state, meta = self.ckpt.restore(state, data_iter=self.saved_iter)
-                self.best_val = meta.get("best_val_loss") or math.inf
+                # (not `or math.inf`: a best val_loss of 0.0 is a best like any other)
+                best = meta.get("best_val_loss")
+                self.best_val = math.inf if best is None else best
                 self.last_eval = meta.get("eval") or {}
                 self.saved_step = int(self.state.step)
                 self.say(f"Resumed from {self.ckpt.step_dir(self.saved_step)}")

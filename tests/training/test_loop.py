@@ -515,11 +515,12 @@ def test_nan_val_loss_stops_and_keeps_the_best_checkpoint(tmp_path, toy, bad):
         assert ckpt.best_step() == 5
 
 
-@pytest.mark.parametrize("at_step_8", [2.0, 1.0])
-def test_resume_remembers_the_best_val_loss(tmp_path, toy, at_step_8):
+@pytest.mark.parametrize("best, at_step_8", [(1.0, 2.0), (1.0, 1.0), (0.0, 1.0)])
+def test_resume_remembers_the_best_val_loss(tmp_path, toy, best, at_step_8):
     """After a resume, a val_loss worse than the best one before it, or equal to it, is no
-    improvement: no extra keep-best save, and the metadata keeps the old best."""
-    evaluate, scripted = make_eval_step(toy.loss), iter([3.0, 1.0, at_step_8, 2.5])
+    improvement: no extra keep-best save, and the metadata keeps the old best (also a best
+    of 0.0, which was read back as no best at all)."""
+    evaluate, scripted = make_eval_step(toy.loss), iter([3.0, best, at_step_8, 2.5])
 
     def eval_step(params, batch):  # val_loss at steps 0, 4 | resumed: 8, 12
         metrics = evaluate(params, batch)
@@ -532,9 +533,9 @@ def test_resume_remembers_the_best_val_loss(tmp_path, toy, at_step_8):
             eval_batches=1, checkpoint_every=0, max_to_keep=10,
         )  # fmt: skip
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
-        assert ckpt.all_steps() == [4, 12]  # not 8: no better than step 4's 1.0
+        assert ckpt.all_steps() == [4, 12]  # not 8: no better than step 4's
         assert ckpt.best_step() == 4
-        assert ckpt.read_metadata()["best_val_loss"] == 1.0
+        assert ckpt.read_metadata()["best_val_loss"] == best
 
 
 def test_nan_guard_checks_the_gradient_norm(tmp_path, toy):
