@@ -134,6 +134,21 @@ def check_bools(owner: Any, names: tuple[str, ...]) -> None:
         check_flag(getattr(owner, name), name, type(owner).__name__)
 
 
+# The compute dtypes a model config takes, by name.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def check_compute_dtype(owner: Any) -> None:
+    """Raise unless ``owner.dtype`` is one of ``COMPUTE_DTYPES`` as a string: a dtype object
+    (``np.dtype("bfloat16") == "bfloat16"``) would give a config equal to the string one
+    but of another hash (jit's static arguments and cached inits then miss), and not
+    JSON-serialisable."""
+    if not isinstance(owner.dtype, str) or owner.dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"{type(owner).__name__}.dtype must be one of {COMPUTE_DTYPES}, got {owner.dtype!r}"
+        )
+
+
 def _is_real(value: Any) -> bool:
     """A plain real number: not a bool, a string, None or a (0-d, unhashable) JAX array."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))

@@ -31,6 +31,7 @@ from jaxattn.models._config import (
     cast_floating,
     check_attention_implementation,
     check_bools,
+    check_compute_dtype,
     check_positive,
     check_positive_ints,
     check_rate,
@@ -81,7 +82,6 @@ from jaxattn.ops.positions import (
 Array = jax.Array
 
 _POSITIONS = ("learned", "rope")
-_DTYPES = ("float32", "bfloat16")
 
 
 # A pytree with no leaves: jit, vmap, grad and scan pass the config through as static data,
@@ -145,8 +145,7 @@ class GPTConfig:
             )
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"GPTConfig: rope needs an even head_dim, got {self.head_dim}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        check_compute_dtype(self)
         check_attention_implementation(self)
         if self.attention_window is not None:
             check_positive_ints(self, ("attention_window",))
@@ -260,6 +259,9 @@ def init_gpt(rng: Array, config: GPTConfig) -> GPTWeights:
         remat=False,
         attention_implementation=None,
         layer_norm_eps=1e-5,
+        gelu_approximate=True,
+        attention_window=None,
+        loss_chunk_size=None,
     )
     return _init_gpt(rng, structure)
 
@@ -643,6 +645,15 @@ def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVC
             "unstack_layers: weights.blocks and the cache must both be stacked [L, ...] "
             f"(got {type(weights.blocks).__name__} blocks and {type(cache.k).__name__} "
             "cache keys); unstack them once, together"
+        )
+    # The depth from both: a[i] past the weights' L clamps (a copy of the last layer), and
+    # fewer cache layers dropped the last weights; gpt_decode then blamed the weights.
+    depths = {a.shape[0] for a in jax.tree.leaves(weights.blocks)}
+    if depths != {cache.k.shape[0]} or cache.v.shape[0] != cache.k.shape[0]:
+        raise ValueError(
+            f"unstack_layers: the weights' blocks have {sorted(depths)} layers and the cache "
+            f"{cache.k.shape[0]} (k) and {cache.v.shape[0]} (v); they must agree (build the "
+            "cache with init_cache of the weights' config)"
         )
     layers = range(cache.k.shape[0])
     blocks = tuple(jax.tree.map(lambda a, i=i: a[i], weights.blocks) for i in layers)

@@ -43,6 +43,7 @@ from jaxattn.models._config import (
     cast_floating,
     check_attention_implementation,
     check_bools,
+    check_compute_dtype,
     check_positive,
     check_positive_ints,
     check_rate,
@@ -89,7 +90,6 @@ from jaxattn.ops.masks import as_bool_mask, check_lengths, padding_mask
 from jaxattn.ops.positions import sinusoidal_positions
 
 Array = jax.Array
-_DTYPES = ("float32", "bfloat16")
 
 
 # A pytree with no leaves: jit, vmap, grad and scan pass the config through as static data,
@@ -145,10 +145,7 @@ class TransformerConfig:
                 f"positions) and divisible by num_heads={self.num_heads}"
             )
         check_rate(self, "dropout")
-        if self.dtype not in _DTYPES:
-            raise ValueError(
-                f"TransformerConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}"
-            )
+        check_compute_dtype(self)
         check_attention_implementation(self)
         check_special_ids(self, min(self.src_vocab_size, self.tgt_vocab_size))
         if self.loss_chunk_size is not None:

@@ -151,6 +151,9 @@ def np_cross_entropy(logits, targets):
         (dict(dropout=-0.1), "dropout"),
         (dict(positions="sinusoidal"), "positions"),
         (dict(dtype="float16"), "dtype"),
+        # A dtype object equalled its name but hashed differently (jit's cache, lru_cache).
+        (dict(dtype=np.dtype("float32")), r"GPTConfig.dtype must be one of .*got dtype"),
+        (dict(dtype=jnp.dtype("bfloat16")), r"GPTConfig.dtype must be one of .*got dtype"),
         (dict(num_layers=0), "num_layers"),
         (dict(vocab_size=-1), "vocab_size"),
         (dict(block_size=0), "block_size"),
@@ -224,6 +227,28 @@ def test_param_shapes_and_count(config):
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(w))
     assert (w.head is None) == config.tie_embeddings
     assert (w.blocks.attn.b_q is None) == (not bias)
+
+
+def test_init_compiles_once_for_the_fields_that_leave_the_weights_alone():
+    """init_gpt resets the fields that do not shape the weights: a config differing only in
+    them reuses the compiled init (gelu_approximate, attention_window and loss_chunk_size
+    each compiled it again, for the same weights)."""
+    from jaxattn.models import gpt as gpt_module
+
+    want = init_gpt(key(1), BASE)
+    compiled = gpt_module._init_gpt._cache_size()
+    for changes in (
+        dict(dropout=0.1, dtype="bfloat16", remat=True, rope_base=500.0, layer_norm_eps=1e-3),
+        dict(attention_implementation="blockwise"),
+        dict(gelu_approximate=False),
+        dict(attention_window=3),
+        dict(loss_chunk_size=4),
+    ):
+        got = init_gpt(key(1), dataclasses.replace(BASE, **changes))
+        assert gpt_module._init_gpt._cache_size() == compiled, changes
+        assert all(
+            bool((a == b).all()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+        )
 
 
 def test_init_matches_nanogpt(assert_independent_draws):
@@ -692,6 +717,14 @@ def test_bad_inputs_raise():
     for bad in ((per_layer, stacked_cache), (w, unstack_layers(w, stacked_cache)[1])):
         with pytest.raises(ValueError, match=r"unstack_layers: .* must both be stacked"):
             unstack_layers(*bad)
+    # A cache of another depth: the weights were cut to its depth, or (indexing past L
+    # clamps) given a copy of their last layer, and gpt_decode then blamed the weights.
+    for depth in (BASE.num_layers - 1, BASE.num_layers + 1):
+        other = init_cache(dataclasses.replace(BASE, num_layers=depth), 1, 4)
+        with pytest.raises(
+            ValueError, match=rf"unstack_layers: .* \[2\] layers and the cache {depth}"
+        ):
+            unstack_layers(w, other)
 
 
 def test_int64_ids_are_checked_before_the_int32_conversion():

@@ -472,6 +472,7 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
         (dict(dropout="0.1"), "TransformerConfig.dropout must be a number"),
         (dict(layer_norm_eps=float("inf")), "layer_norm_eps must be positive"),
         (dict(dtype="float16"), "dtype"),
+        (dict(dtype=np.dtype("float32")), r"TransformerConfig.dtype must be one of .*got dtype"),
         (dict(bos_id=EOS), "must differ"),
         (dict(mlp_ratio=1.5), "mlp_ratio must be a positive int, got 1.5"),
         (dict(num_encoder_layers=2.5), "num_encoder_layers must be a positive int"),
