@@ -81,7 +81,7 @@ from jaxattn.ops.lstm import (
     lstm_cell,
     lstm_stack,
 )
-from jaxattn.ops.masks import check_lengths, padding_mask
+from jaxattn.ops.masks import as_bool_mask, check_lengths, padding_mask
 
 Array = jax.Array
 Carry = tuple[Array, Array]
@@ -426,7 +426,7 @@ def decode_step(
       state: ``(h, c)``, each ``[L, B, h]``: from ``init_decode_state`` or the last step.
       token: ``[B]`` the previous token (BOS first).
       encoder_outputs: ``[B, S, h']`` from ``encode``.
-      src_mask: ``[B, S]`` boolean, True on real source tokens.
+      src_mask: ``[B, S]`` boolean (or 0/1 integers), True on real source tokens.
 
     Returns:
       ``(logits [B, V] float32, new state, attention [B, S] or None)``.
@@ -447,6 +447,9 @@ def decode_step(
             f"decode_step: encoder_outputs [B, S, h'] and src_mask [B, S] disagree with B="
             f"{want[1]}: {encoder_outputs.shape}, {jnp.shape(src_mask)}"
         )
+    # 0/1 integers read as booleans, a float (additive) mask refused naming this function,
+    # as transformer.decode_step does; masked_softmax refused both, naming itself.
+    src_mask = as_bool_mask(src_mask, "src_mask", "decode_step")
     x = embed(weights.tgt_embedding, token)  # [B, E]
     new_h, new_c = [], []
     for layer, w in enumerate(weights.decoder):

@@ -225,8 +225,11 @@ def _recurrence_bwd(reverse, residuals, cotangents):
         t_next = step_at(jnp.minimum(k + 1, steps - 1))
         return dh_prev, dc_prev, buf, jax.lax.dynamic_index_in_dim(buf, t_next, 0, False)
 
-    gates_first = jax.lax.dynamic_index_in_dim(gates, step_at(0), 0, False)
-    dh0, dc0, dz, _ = jax.lax.fori_loop(0, steps, body, (dh_n, dc_n, gates, gates_first))
+    if steps == 0:  # T = 0: no step to read (a 1-row slice of 0 rows fails); dz is empty
+        dh0, dc0, dz = dh_n, dc_n, gates
+    else:
+        gates_first = jax.lax.dynamic_index_in_dim(gates, step_at(0), 0, False)
+        dh0, dc0, dz, _ = jax.lax.fori_loop(0, steps, body, (dh_n, dc_n, gates, gates_first))
     # The weight gradients contract (t, b) as two axes, not as h_prev.reshape(-1, h).T @
     # dz_rows: XLA:CPU then copies h_prev (and x) to [h, T*B] and runs a plain product in
     # YNNPACK, where the transposed-operand form falls back to a slower Eigen kernel (115

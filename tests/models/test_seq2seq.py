@@ -340,6 +340,20 @@ def test_empty_source_attends_to_nothing(config):
     )
 
 
+@pytest.mark.parametrize("config", [VARIANTS[0], VARIANTS[3]], ids=lambda c: c.attention)
+def test_empty_source_has_the_gradient_of_a_padded_one(config):
+    """S = 0 trains as a source of length 0: the LSTM's hand-written backward over no
+    steps gave "slice_sizes must be less than or equal to operand shape"."""
+    w = random_weights(config)
+    tgt_in = jnp.array([[BOS, 4, 5], [BOS, 6, 7]])
+    target = dict(tgt_in=tgt_in, tgt_out=jnp.roll(tgt_in, -1, 1), tgt_mask=jnp.ones((2, 3), bool))
+    empty = dict(target, src=jnp.zeros((2, 0), jnp.int32), src_lengths=jnp.zeros((2,), jnp.int32))
+    padded = dict(empty, src=jnp.full((2, 1), PAD))
+    grads = [jax.grad(seq2seq_loss)(w, batch, config) for batch in (empty, padded)]
+    for got, want in zip(*map(jax.tree.leaves, grads)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_beam_one_equals_greedy_on_the_model(np_rng):
     config = VARIANTS[1]
     w = random_weights(config, seed=11)
@@ -465,6 +479,23 @@ def test_bad_inputs_raise(np_rng):
     per_row = jax.vmap(lambda s: init_decode_state(s, VARIANTS[0]), in_axes=1, out_axes=1)
     for got, want in zip(per_row((h_n, -h_n)), batched):
         np.testing.assert_array_equal(got, want)
+
+
+def test_decode_step_reads_src_mask_as_transformer_decode_step_does(np_rng):
+    """0/1 integers are the boolean mask; an additive float mask is refused naming
+    decode_step (masked_softmax refused both, naming itself)."""
+    config = VARIANTS[1]
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    memory, final = encode_jit(w, src, lengths, config)
+    state = init_decode_state(final, config)
+    mask = np.arange(src.shape[1])[None] < np.asarray(lengths)[:, None]
+    want = decode_step(w, state, tgt_in[:, 0], memory, mask, config)
+    got = decode_step(w, state, tgt_in[:, 0], memory, mask.astype(np.int32), config)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"decode_step: src_mask must be boolean"):
+        decode_step(w, state, tgt_in[:, 0], memory, np.where(mask, 0.0, -np.inf), config)
 
 
 def test_int64_ids_are_checked_before_the_int32_conversion(np_rng):

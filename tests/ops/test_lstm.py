@@ -562,6 +562,21 @@ def test_custom_backward_matches_autodiff_of_the_scan(
 
 
 @pytest.mark.parametrize("hoist", [False, True])
+def test_custom_backward_over_no_steps(rng, np_rng, monkeypatch, hoist):
+    """T = 0: zero weight gradients and the carry's cotangent passed straight through, as
+    autodiff gives (the hand-written backward sliced step 0 of an empty gate buffer)."""
+    monkeypatch.setattr(lstm_module, "_hoist", lambda: hoist)
+    weights = init_lstm(rng, IN, HID)
+    xs, h0, c0 = _inputs(np_rng, steps=0)
+    loss = lambda w, h, c, impl: jnp.sum(lstm_scan(w, xs, (h, c), implementation=impl)[1][0] ** 2)
+    got = jax.grad(loss, argnums=(0, 1, 2))(weights, h0, c0, "scan")
+    want = jax.grad(loss, argnums=(0, 1, 2))(weights, h0, c0, "autodiff")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got[1], 2 * h0)
+
+
+@pytest.mark.parametrize("hoist", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_custom_backward_writes_dz_over_the_saved_gates(rng, monkeypatch, reverse, hoist):
     """The backward's dz takes the saved gates' [T, B, 4h] buffer, step by step, in place:
