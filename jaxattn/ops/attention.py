@@ -1046,6 +1046,10 @@ def multi_head_attention(
         ("deterministic", deterministic),
     ):
         check_flag(flag, name, "multi_head_attention")
+    # Also when deterministic: a bad rate is a config error, not one to surface at training
+    # (a traced rate passes there, as it always has: it is unused).
+    if not (deterministic and isinstance(dropout_rate, jax.core.Tracer)):
+        check_dropout_rate(dropout_rate, "multi_head_attention: dropout_rate")
     rate = 0.0 if deterministic else dropout_rate
     q, k, v = project_qkv(weights, x_q, x_kv)
     check_dropout_key(
@@ -1067,7 +1071,6 @@ def multi_head_attention(
         return project_output(weights, context)
     if implementation is not None:  # (the weights come from the einsum path whatever it says)
         _check_implementation(implementation, "multi_head_attention")
-    check_dropout_rate(rate, "multi_head_attention: dropout_rate")
     mask, bias = check_attention_inputs("multi_head_attention", q, k, v, mask, bias)
     window = check_local_window(local_window_size, "multi_head_attention")
     mask = _mask_with_window(mask, window, q.shape[1], k.shape[1])
