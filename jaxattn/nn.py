@@ -26,7 +26,6 @@ functions: a training call takes ``rng=key`` (no RNG stream is kept in the modul
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any
 
@@ -41,7 +40,7 @@ from jaxattn.models import transformer as transformer_model
 from jaxattn.models._config import check_weights
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
-from jaxattn.ops._checks import check_flag
+from jaxattn.ops._checks import caller_stacklevel, check_flag
 from jaxattn.ops.layers import check_dropout_rate
 
 Array = jax.Array
@@ -98,18 +97,6 @@ def _check_fits(name: str, weights: Any, expected: Any, sizes: dict[str, Any]) -
                 f"{name}.from_weights: weight {path} has shape {shape}, but the sizes read "
                 f"off the others ({sizes}) give {expected_shape}"
             )
-
-
-def _caller_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel for the first frame outside this file and flax (a
-    module's ``__init__`` runs under flax's constructor), as called from that ``__init__``."""
-    frame, level = sys._getframe(2), 2  # 1: the warn call's frame (the __init__)
-    while frame is not None and (
-        frame.f_code.co_filename == __file__
-        or frame.f_globals.get("__name__", "").split(".")[0] in ("flax", "jax")
-    ):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _check_width(module: Any, weights: Any, name: str, x: Any, field: str) -> None:
@@ -259,7 +246,7 @@ class LSTM(_DropoutModule):
             warnings.warn(
                 f"LSTM: dropout_rate={dropout_rate} acts between layers only, and a "
                 "1-layer LSTM has none: it drops nothing",
-                stacklevel=_caller_stacklevel(),
+                stacklevel=caller_stacklevel((__file__,), ("flax", "jax")),
             )
         if implementation not in (None, *lstm_ops.IMPLEMENTATIONS):
             raise ValueError(
@@ -397,7 +384,7 @@ class MultiHeadAttention(_DropoutModule):
                 "MultiHeadAttention: dtype= is the weights' dtype, now named param_dtype= "
                 "(as in flax.nnx); dtype= will go",
                 DeprecationWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=caller_stacklevel((__file__,), ("flax", "jax")),
             )
             param_dtype = dtype
         super().__init__(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -109,3 +110,17 @@ def jit_when_eager(fun: Callable, **jit_options: Any) -> Callable:
         return (fun if traced else jitted)(*args, **kwargs)
 
     return call
+
+
+def caller_stacklevel(files: tuple[str, ...], packages: tuple[str, ...] = ()) -> int:
+    """``warnings.warn``'s ``stacklevel`` that points the warning at the first frame
+    outside ``files`` and outside the top-level ``packages`` (e.g. ``("flax",)``, whose
+    constructor runs a module's ``__init__``). Call it in the ``warnings.warn`` call
+    itself, from the function that warns."""
+    frame, level = sys._getframe(1), 1  # level 1: the frame that calls warnings.warn
+    while frame is not None and (
+        frame.f_code.co_filename in files
+        or frame.f_globals.get("__name__", "").split(".")[0] in packages
+    ):
+        frame, level = frame.f_back, level + 1
+    return level

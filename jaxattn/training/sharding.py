@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -37,7 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxattn.ops._checks import as_size
+from jaxattn.ops._checks import as_size, caller_stacklevel
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch (leading) axis of every input is split over both data-parallel axes.
@@ -187,16 +186,8 @@ def _warn_about_idle_axes(shardings: Any, mesh: Mesh, logical_to_mesh: Mapping[s
             warnings.warn(
                 f"mesh axis {axis}={size} splits no parameter (no {names} dimension is a "
                 f"multiple of {size}): every parameter is replicated over its devices",
-                stacklevel=_outside_this_file(),
+                stacklevel=caller_stacklevel((__file__,)),
             )
-
-
-def _outside_this_file() -> int:
-    """``warnings.warn``'s stacklevel for the first caller outside this file."""
-    frame, level = sys._getframe(1), 1  # the frame that calls warnings.warn
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def create_sharded(
