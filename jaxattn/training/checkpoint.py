@@ -176,7 +176,7 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 # The JSON files orbax and grain write in a step folder (all but the array data, the OCDBT
 # manifests and commit_success.txt): a truncated one fails a restore as a bare
 # JSONDecodeError that names no file.
-_JSON_NAMES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata", "metrics")
+_JSON_NAMES = (_STEP_RECORD_NAME, "_METADATA", "_sharding", "metadata", "metrics")
 
 
 def _unparsable_json(step_dir: epath.Path) -> list[epath.Path]:
