@@ -72,6 +72,13 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {jax.default_backend()}"
 
 
+def versions() -> str:
+    """The jax and flax versions, for the table's header."""
+    import flax
+
+    return f"jax {jax.__version__}, flax {flax.__version__}"
+
+
 def add_wait_quiet_flag(parser: argparse.ArgumentParser) -> None:
     """``--wait-quiet SECONDS``, shared by the benchmark scripts (see ``wait_quiet``)."""
     parser.add_argument(
@@ -302,14 +309,13 @@ def run_table(lengths, repeats, slow, max_dense_gib, quiet, dropout=0.0, window=
         torch_version = torch.__version__
     except ImportError:
         torch_version = None
-    import flax
 
     title = f", attention dropout {dropout}" if dropout else ""
     if window:
         title += f", causal window of {window + 1} keys (local_window_size=({window}, 0))"
     print(f"# Causal attention, float32, [B, T, N={N}, H={H}]{title}")
     print(f"machine: {machine()}; date: {datetime.date.today()}")
-    print(f"jax {jax.__version__}, flax {flax.__version__}, torch {torch_version or 'absent'}")
+    print(f"{versions()}, torch {torch_version or 'absent'}")
     print(f"median of {repeats} after a warm-up; B = 4 up to T = 2048, then B T = 8192")
     print(f"each timed call waited up to {quiet} s for no other runnable task\n")
     print(

@@ -44,6 +44,7 @@ from benchmarks.attention import (  # shared helpers
     add_wait_quiet_flag,
     machine,
     timed_round_robin,
+    versions,
     write_json,
 )
 from jaxattn.ops import lstm as lstm_ops
@@ -133,13 +134,12 @@ def run_table(shape, repeats, quiet) -> dict:
         torch_version = torch.__version__
     except ImportError:
         torch_version = None
-    import flax
 
     b, t, i, h = shape
     xs, probe, lengths = _inputs(b, t, i, h)
     print(f"# One LSTM layer, float32, B={b}, T={t}, I={i}, h={h}; grads of weights and xs")
     print(f"machine: {machine()}; date: {datetime.date.today()}")
-    print(f"jax {jax.__version__}, flax {flax.__version__}, torch {torch_version or 'absent'}")
+    print(f"{versions()}, torch {torch_version or 'absent'}")
     with open("/proc/loadavg") as f:
         print(f"load average at start: {' '.join(f.read().split()[:3])}")
     print(f"median of {repeats} rounds after a warm-up; each round times every row once;")

@@ -50,12 +50,11 @@ def model_flops_per_token(n_params: int, layers: int, width: int, context: int) 
 
 
 def worker(mesh_shape: tuple[int, int, int], steps: int) -> dict:
-    import flax
     import jax
     import numpy as np
     from configs import shakespeare_char_cpu
 
-    from benchmarks.attention import machine
+    from benchmarks.attention import machine, versions
     from jaxattn.models import gpt
     from jaxattn.models.partitioning import TRANSFORMER_RULES
     from jaxattn.training import sharding
@@ -103,7 +102,7 @@ def worker(mesh_shape: tuple[int, int, int], steps: int) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     return {
         "machine": machine(),  # CPU model and cores (lscpu), backend
-        "versions": f"jax {jax.__version__}, flax {flax.__version__}",
+        "versions": versions(),
         "devices": mesh.size,
         "platform": jax.devices()[0].platform,
         "device_kind": jax.devices()[0].device_kind,

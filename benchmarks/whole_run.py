@@ -99,16 +99,13 @@ def main() -> None:
         )
         print(f"val loss {val:.4f}, train steps {in_steps:.2f} s")
         return
-    import flax
-    import jax
-
-    from benchmarks.attention import add_json_flag, machine, write_json
+    from benchmarks.attention import add_json_flag, machine, versions, write_json
 
     add_json_flag(parser)
     args = parser.parse_args()
 
-    print(f"# Whole Shakespeare run — {machine()}, jax {jax.__version__}, flax "
-          f"{flax.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}")  # fmt: skip
+    print(f"# Whole Shakespeare run — {machine()}, {versions()}, "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}")  # fmt: skip
     print(f"\n| job | wall s | of it train steps, s | val loss at step {args.steps} |")
     print("|---|---|---|---|")
     try:
