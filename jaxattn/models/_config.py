@@ -197,10 +197,22 @@ def check_rate(owner: Any, name: str) -> None:
 
 
 @functools.lru_cache(maxsize=32)
+def _init_tree(init_fn: Callable, config: Any) -> Any:
+    """``init_fn(key, config)``'s tree of shapes, traced once per config (no FLOPs)."""
+    return jax.eval_shape(lambda: init_fn(jax.random.key(0), config))
+
+
+@functools.lru_cache(maxsize=32)
+def _init_signature(init_fn: Callable, config: Any) -> tuple[Any, tuple[tuple[int, ...], ...]]:
+    """(tree structure, leaf shapes) of ``init_fn(key, config)``, for a quick comparison."""
+    leaves, treedef = jax.tree_util.tree_flatten(_init_tree(init_fn, config))
+    return treedef, tuple(tuple(leaf.shape) for leaf in leaves)
+
+
+@functools.lru_cache(maxsize=32)
 def init_shapes(init_fn: Callable, config: Any) -> dict[str, tuple[int, ...]]:
     """``{path: shape}`` of ``init_fn(key, config)``'s leaves, traced once per config."""
-    tree = jax.eval_shape(lambda: init_fn(jax.random.key(0), config))  # no FLOPs
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(_init_tree(init_fn, config))[0]
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
@@ -208,8 +220,16 @@ def check_weights(weights: Any, init_fn: Callable, config: Any, where: str) -> N
     """Raise ``ValueError`` unless ``weights`` has the leaves (paths and shapes, not dtypes)
     that ``init_fn(key, config)`` gives, e.g. dot-attention weights for a general config.
 
-    Cheap: compares ``jax.eval_shape`` of the init, cached per config, with the tree paths.
+    Cheap: compares ``jax.eval_shape`` of the init, cached per config, with the tree
+    structure and shapes (a few µs; ``generate`` checks on every call). The tree paths, which
+    cost about ten times as much to spell, are only worked out to name a difference.
     """
+    leaves, treedef = jax.tree_util.tree_flatten(weights)
+    want_treedef, want_shapes = _init_signature(init_fn, config)
+    if treedef == want_treedef and want_shapes == tuple(
+        tuple(getattr(leaf, "shape", ("not an array",))) for leaf in leaves
+    ):
+        return
     want = init_shapes(init_fn, config)
     leaves = jax.tree_util.tree_flatten_with_path(weights)[0]
     got = {
