@@ -103,6 +103,11 @@ def device_name() -> str:
     return f"{d.device_kind} ({d.platform})"
 
 
+def _tflops(flop_per_s: float) -> str:
+    """TFLOP/s to three significant figures: a CPU's 0.2 printed as 0 with a fixed ``.0f``."""
+    return f"{flop_per_s / 1e12:.3g}"
+
+
 def time_call(fn, sync, repeats: int, budget: float = 0.1) -> float:
     """Median seconds per call: each of ``repeats`` rounds calls ``fn`` back to back for
     about ``budget`` seconds (at least once), then ``sync()``s. One warm-up round first."""
@@ -322,7 +327,7 @@ def _torch_attention_calls(torch, device, b, t):
         q.grad = k.grad = v.grad = None
         F.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
 
-    mem = 0
+    mem = None  # PyTorch reports no peak memory on the CPU: the row prints "-"
     if device == "cuda":
         fwd_bwd()
         torch.cuda.synchronize()
@@ -363,7 +368,7 @@ def run_attention(lengths, repeats, max_dense_gib, tokens: int = TOKENS) -> dict
                     fwd, fwd_bwd, mem = _jax_attention_calls(JAX_ROWS[name], q, k, v)
                     sync = jax_sync
                 rows[name] = (time_call(fwd, sync, repeats), time_call(fwd_bwd, sync, repeats),
-                              mem / 2**20)  # fmt: skip
+                              None if mem is None else mem / 2**20)  # fmt: skip
             except Exception as e:  # report, go on with the other rows
                 rows[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
         ref = rows.get("torch SDPA")
@@ -377,7 +382,8 @@ def run_attention(lengths, repeats, max_dense_gib, tokens: int = TOKENS) -> dict
             tf, tfb, mib = r
             ratio = f"{tfb / ref[1]:.2f}" if isinstance(ref, tuple) else "-"
             print(f"| {t} | {b} | {label} | {1e3 * tf:.2f} | {1e3 * tfb:.2f} "
-                  f"| {flops / tfb / 1e12:.0f} | {ratio} | {mib:.0f} |", flush=True)  # fmt: skip
+                  f"| {_tflops(flops / tfb)} | {ratio} | {'-' if mib is None else f'{mib:.0f}'} |",
+                  flush=True)  # fmt: skip
             row = {"batch": b, "fwd_s": tf, "fwd_bwd_s": tfb, "mib": mib}
             if name == "jaxattn auto":
                 row["picked"] = picked  # what implementation=None ran
@@ -440,7 +446,7 @@ def run_blocks(
             results[name] = {"shape": list(shape), "note": note}
             continue
         print(f"| {name} | {list(shape)} | {1e3 * tf:.2f} | {1e3 * tfb:.2f} "
-              f"| {flops / tfb / 1e12:.1f} | {mem / 2**20:.0f} |", flush=True)  # fmt: skip
+              f"| {_tflops(flops / tfb)} | {mem / 2**20:.0f} |", flush=True)  # fmt: skip
         results[name] = {"shape": list(shape), "fwd_s": tf, "fwd_bwd_s": tfb, "mib": mem / 2**20}
     return results
 

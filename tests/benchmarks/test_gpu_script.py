@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +57,13 @@ def test_gpu_script_smoke_runs_every_section(tmp_path):
             assert "note" not in row, (t, name, row)
             assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0, (t, name)
         assert rows["jaxattn auto"]["picked"] == "xla"  # CPU, T < _CPU_BLOCKWISE_MIN_LEN
+        if HAVE_TORCH and jax.default_backend() == "cpu":
+            assert rows["torch SDPA"]["mib"] is None  # unknown on the CPU, not 0
+    # The table: no TFLOP/s rounded to 0 (a CPU's are fractions), no made-up 0 MiB.
+    table = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| 128 |")]
+    assert table and all(float(cells[6]) > 0 for cells in table), table
+    if HAVE_TORCH and jax.default_backend() == "cpu":
+        assert [cells[8].strip() for cells in table if "torch" in cells[3]] == ["-"]
 
     # The blockwise kernel's settings and the two kernels that take dropout, each timed.
     blocks = results["blocks"]
