@@ -123,6 +123,10 @@ def init_lstm(
 
 def _check_weights(weights: LSTMWeights, where: str) -> tuple[int, int]:
     """Return ``(I, h)`` after checking that the three arrays agree."""
+    if not isinstance(weights, LSTMWeights):
+        raise TypeError(  # (a bare tuple failed as "no attribute 'w_hh'", a dict's keys unpacked)
+            f"{where}: weights must be LSTMWeights (init_lstm), got {type(weights).__name__}"
+        )
     w_ih, w_hh, b = weights
     if w_hh.ndim != 2 or w_hh.shape[1] != 4 * w_hh.shape[0]:
         raise ValueError(f"{where}: w_hh must be [h, 4h], got {w_hh.shape}")
@@ -298,6 +302,8 @@ def bidirectional_lstm(
     """
     if not isinstance(weights, BidirectionalWeights):
         raise ValueError(f"bidirectional_lstm: expected BidirectionalWeights, got {type(weights)}")
+    for w in weights:  # each an LSTMWeights before its shapes are read
+        _check_weights(w, "bidirectional_lstm")
     shapes = [tuple(a.shape for a in w) for w in weights]
     if shapes[0] != shapes[1]:
         raise ValueError(f"bidirectional_lstm: direction shapes differ: {shapes[0]} vs {shapes[1]}")

@@ -465,6 +465,15 @@ def test_bad_inputs_raise(rng):
         lstm_cell(w, (zeros, zeros), jnp.zeros((B, IN), bool))
     with pytest.raises(ValueError, match=r"init_lstm: hidden_size must be an int >= 1, got 0"):
         init_lstm(rng, IN, 0)
+    # Weights that are not LSTMWeights (a bare tuple, a restored dict) are named, not failed
+    # on inside the scan ("'tuple' object has no attribute 'w_hh'", a dict's keys unpacked).
+    for bad, name in ((tuple(w), "tuple"), (w._asdict(), "dict")):
+        with pytest.raises(TypeError, match=f"lstm_scan: weights must be LSTMWeights.*{name}"):
+            lstm_scan(bad, xs)
+        with pytest.raises(TypeError, match=f"lstm_cell: weights must be LSTMWeights.*{name}"):
+            lstm_cell(bad, (zeros, zeros), jnp.zeros((B, IN)))
+        with pytest.raises(TypeError, match="bidirectional_lstm: weights must be LSTMWeights"):
+            bidirectional_lstm(BidirectionalWeights(bad, w), xs)
 
 
 def test_bad_stack_inputs_raise(rng):
