@@ -668,7 +668,9 @@ def _dot_product_attention(
         )
     if heads is not None and implementation != "xla":
         k, v = from_head_rows(k, heads[0]), from_head_rows(v, heads[0])
-    if implementation != "xla":  # the fused kernels take the scale as a Python number
+    # cuDNN and Pallas take the scale as a Python number; the blockwise kernel takes a
+    # traced one as an array, which is more accurate in bfloat16 than one folded into q.
+    if implementation not in ("xla", "blockwise"):
         q, scale = fold_traced_scale(q, scale)
         # A concrete array (jnp.float32(0.5)) is not hashable, as cuDNN's and Pallas'
         # static scale must be.
