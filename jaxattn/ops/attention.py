@@ -594,7 +594,10 @@ def dot_product_attention(
         mask value stays finite and above the fill that cuDNN gives masked keys, and its
         backward exact (see ``_cudnn_bias``).
       is_causal: also mask key ``s > t + S - T`` (queries are the last T key positions).
-      scale: logit scale, default ``1/sqrt(H)``.
+      scale: logit scale, default ``1/sqrt(H)``. A traced one (a learned temperature) gets
+        a gradient: ``"xla"`` and ``"blockwise"`` multiply the float32 logits by it,
+        ``"cudnn"`` and ``"pallas"`` (which need a number) take ``q`` times it instead,
+        rounded to q's dtype.
       implementation: None picks the fastest exact kernel for the backend and shape (see
         ``_select_implementation``: cuDNN on GPU, Pallas on TPU, blockwise on CPU for long
         sequences, else the einsum path); or one of ``"xla"`` (einsum reference, dense
