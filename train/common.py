@@ -30,6 +30,7 @@ from jaxattn.training.checkpoint import (
     CheckpointError,
     IncompatibleCheckpointError,
     NotWritableError,
+    folder_exists,
 )
 from jaxattn.training.loop import LoopConfig, NonFiniteLossError
 from jaxattn.training.metrics import is_remote
@@ -524,7 +525,9 @@ def latest_checkpoint_metadata(
     so that no note calls it a resumed run.
     """
     ckpt_dir = workdir / "checkpoints"
-    if not ckpt_dir.is_dir():
+    # (process 0's answer on every process: opening a Checkpointer is collective, and
+    # another process may have created the folder since)
+    if not folder_exists(ckpt_dir):
         return None
     with Checkpointer(ckpt_dir, read_only=True) as ckpt:
         step = ckpt.latest_step()

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxattn.training.metrics import is_remote
@@ -125,6 +126,21 @@ def check_writable(directory: str | os.PathLike) -> None:
     except Exception as e:  # OSError locally; object stores raise their own types.
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise NotWritableError(f"cannot write to {directory}: {reason}") from e
+
+
+def folder_exists(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is a folder, as process 0 sees it: one answer on every process.
+
+    Opening a ``Checkpointer`` is collective on a multi-process run (orbax's manager meets
+    the other processes at barriers), so all processes must decide alike whether to open
+    one. Each asking the filesystem for itself, a process that asks after another one has
+    created the folder sees it where the others did not, opens a Checkpointer that they do
+    not, and all of them fail at the next barrier (``sync_global_devices name mismatch``).
+    """
+    exists = epath.Path(directory).is_dir()
+    if jax.process_count() == 1:
+        return exists
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
 
 
 def check_checkpoints_folder(directory: str | os.PathLike) -> None:

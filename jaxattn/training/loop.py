@@ -38,7 +38,12 @@ from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from jaxattn.ops._checks import as_size, check_size
-from jaxattn.training.checkpoint import Checkpointer, NotWritableError, check_writable
+from jaxattn.training.checkpoint import (
+    Checkpointer,
+    NotWritableError,
+    check_writable,
+    folder_exists,
+)
 from jaxattn.training.metrics import Mean, MetricsWriter, is_remote, reduce_means
 from jaxattn.training.sharding import global_batch, replicated, to_host
 from jaxattn.training.state import TrainState
@@ -201,7 +206,8 @@ def _check_metrics_writable(workdir: epath.Path) -> None:
     """``NotWritableError`` if the ``metrics.jsonl`` or ``tb/`` that process 0 appends to
     exists but cannot be written (left by another user): the folder may be writable while
     they are not, and the run failed with a traceback after restoring its checkpoint.
-    Creates nothing (the folder's own check covers new ones)."""
+    Creates nothing (the folder's own check covers new ones). Every process asks (the
+    workdir is shared), so that all of them stop together."""
     if is_remote(workdir):  # object stores have no permission bits to ask
         return
     for path, mode in ((workdir / "metrics.jsonl", os.W_OK), (workdir / "tb", os.W_OK | os.X_OK)):
@@ -338,17 +344,17 @@ class Trainer:
         ckpt_dir = self.workdir / "checkpoints"
         # A finished run only reads its checkpoint, so it may sit in a read-only folder.
         finished = False
-        if ckpt_dir.is_dir():
+        # (folder_exists: process 0's answer; another process may have created it since)
+        if folder_exists(ckpt_dir):
             with Checkpointer(ckpt_dir, read_only=True) as peek:
                 latest = peek.latest_step()
             finished = latest is not None and latest >= loop.num_steps
         if not finished:
             # metrics.jsonl and tb/ (the Checkpointer checks its own folder). Every process
-            # probes: were only process 0 to fail, the others would wait 5 minutes at
-            # orbax's first barrier for it.
+            # probes, also the files only process 0 writes: were only process 0 to fail,
+            # the others would wait 5 minutes at orbax's first barrier for it.
             check_writable(self.workdir)
-            if self.primary:
-                _check_metrics_writable(self.workdir)
+            _check_metrics_writable(self.workdir)
         self.ckpt = Checkpointer(
             ckpt_dir,
             max_to_keep=loop.max_to_keep,

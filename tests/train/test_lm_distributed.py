@@ -28,7 +28,9 @@ COMMON = [
 ]  # fmt: skip
 
 
-def start_processes(workdir, num_steps, *, processes=2, devices_each=4, mesh=(2, 2, 2)):
+def start_processes(
+    workdir, num_steps, *, processes=2, devices_each=4, mesh=(2, 2, 2), command=(str(SCRIPT),)
+):
     env = script_env(
         XLA_FLAGS=(  # the suite's flags (tests/conftest.py), and the devices
             f"{os.environ.get('XLA_FLAGS', '')} "
@@ -51,7 +53,7 @@ def start_processes(workdir, num_steps, *, processes=2, devices_each=4, mesh=(2,
     try:
         return [
             subprocess.Popen(
-                [sys.executable, str(SCRIPT), *args]
+                [sys.executable, *command, *args]
                 + ([f"--process_id={i}"] if processes > 1 else []),
                 cwd=REPO,
                 env=env,
@@ -66,11 +68,11 @@ def start_processes(workdir, num_steps, *, processes=2, devices_each=4, mesh=(2,
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def finish(procs, returncode=0):
+def finish(procs, returncode=0, timeout=900):
     outputs = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=900)[0])
+            outputs.append(proc.communicate(timeout=timeout)[0])
     finally:
         for proc in procs:
             proc.kill()
@@ -157,6 +159,38 @@ def test_ctrl_c_on_one_process_stops_both_with_one_checkpoint(tmp_path):
     assert sorted(p.name for p in data_dir.iterdir()) == [
         "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json",
     ]  # fmt: skip
+
+
+# train/lm.py (argv[1]) with process 1 late by 8 s (its text loads late), as on a slower host.
+LATE = """
+import runpy, sys, time
+from pathlib import Path
+import jax
+from jaxattn.training import data
+load = data.load_text
+def late(path=None):
+    if jax.process_index() == 1:
+        time.sleep(8)
+    return load(path)
+data.load_text = late
+sys.argv = sys.argv[1:]
+sys.path.insert(0, str(Path(sys.argv[0]).parent))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_late_process_joins_a_fresh_run(tmp_path):
+    """Process 0 found no checkpoints folder and created it; process 1, looking later, found
+    it and opened a Checkpointer that process 0 did not: both hung at orbax's barriers
+    (for good: JAX's preemption service takes the SIGTERM that would stop them)."""
+    workdir = tmp_path / "late"
+    procs = start_processes(
+        workdir, 2, devices_each=1, mesh=(2, 1, 1), command=("-c", LATE, str(SCRIPT))
+    )
+    first, _ = finish(procs, timeout=300)  # (a hang: TimeoutExpired)
+    assert "Done: step 2" in first, first[-3000:]
+    assert "Resumed" not in first
 
 
 def test_joining_processes_needs_all_three_flags(tmp_path):
