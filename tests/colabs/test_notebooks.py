@@ -94,16 +94,21 @@ def test_fit_cells_can_be_rerun(path: Path):
 
 def _kernel_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The kernel inherits this environment: small settings, no display, this checkout's
-    # jaxattn, nothing written in the repo.
+    # jaxattn, nothing written in the repo, and the notebooks' tempfile.mkdtemp() work
+    # folders (checkpoints) under pytest's tmp_path, which pytest prunes, not in /tmp.
     monkeypatch.setenv("JAXATTN_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)
 
 
 def test_kernel_imports_this_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     _kernel_setup(tmp_path, monkeypatch)
     nb = nbformat.v4.new_notebook(
-        cells=[nbformat.v4.new_code_cell("import jaxattn\nprint(jaxattn.__file__)")]
+        cells=[
+            nbformat.v4.new_code_cell("import jaxattn\nprint(jaxattn.__file__)"),
+            nbformat.v4.new_code_cell("import tempfile\nprint(tempfile.mkdtemp())"),
+        ]
     )
     client = nbclient.NotebookClient(
         nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
@@ -113,6 +118,8 @@ def test_kernel_imports_this_checkout(tmp_path: Path, monkeypatch: pytest.Monkey
     assert imported == REPO / "jaxattn" / "__init__.py", (
         f"the notebooks' kernel imports {imported}, not this checkout's jaxattn"
     )
+    work = Path(nb.cells[1].outputs[0].text.strip())
+    assert work.parent == tmp_path, f"the notebooks' work folders go to {work.parent}"
 
 
 @pytest.mark.slow
