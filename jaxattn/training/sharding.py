@@ -259,9 +259,10 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
 
     Returns:
       The same pytree of ``jax.Array``s ``[global_rows, ...]`` split by ``sharding``, the
-      global size inferred from the local rows and the mesh: ``local_rows * processes``
-      when the batch axes span the processes, ``local_rows`` when every process holds the
-      whole batch (e.g. a ``tensor`` axis across processes).
+      global size inferred from the local rows and the mesh: ``local_rows`` times the
+      number of distinct row ranges the processes hold (``local_rows * processes`` when
+      each holds its own; ``local_rows`` when every process holds the whole batch, e.g. a
+      ``tensor`` axis across processes; in between when groups of processes share rows).
     """
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
