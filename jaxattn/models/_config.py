@@ -225,17 +225,14 @@ def check_weights(weights: Any, init_fn: Callable, config: Any, where: str) -> N
     cost about ten times as much to spell, are only worked out to name a difference.
     """
     leaves, treedef = jax.tree_util.tree_flatten(weights)
+    leaf_shapes = tuple(tuple(getattr(leaf, "shape", ("not an array",))) for leaf in leaves)
     want_treedef, want_shapes = _init_signature(init_fn, config)
-    if treedef == want_treedef and want_shapes == tuple(
-        tuple(getattr(leaf, "shape", ("not an array",))) for leaf in leaves
-    ):
+    if treedef == want_treedef and leaf_shapes == want_shapes:
         return
     want = init_shapes(init_fn, config)
-    leaves = jax.tree_util.tree_flatten_with_path(weights)[0]
-    got = {
-        jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ("not an array",)))
-        for path, leaf in leaves
-    }
+    # The same leaves in the same order (tree_flatten's), now with their paths.
+    paths = jax.tree_util.tree_flatten_with_path(weights)[0]
+    got = {jax.tree_util.keystr(path): shape for (path, _), shape in zip(paths, leaf_shapes)}
     if got == want:
         return
     missing = [key for key in want if key not in got]
