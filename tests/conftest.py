@@ -32,6 +32,8 @@ import jax  # after XLA_FLAGS: the CPU backend reads them once, as it starts
 import numpy as np
 import pytest
 
+from tests.processes import cpu_env
+
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,12 +153,10 @@ def run_on_8_devices():
     must be set before JAX starts); its last stdout line, as JSON."""
 
     def run(args: list[str], timeout: int) -> dict:
-        # Keeps the suite's XLA flags (above) and adds the 8 devices.
-        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-        env = dict(os.environ, XLA_FLAGS=flags)
-        proc = subprocess.run(
-            [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run(  # (the suite's XLA flags above, and the 8 devices)
+            [sys.executable, *args], env=cpu_env(devices=8), capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -1,25 +1,12 @@
 """Run a ``train/`` script as a user does: a subprocess on the CPU with one config."""
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.processes import cpu_env
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def script_env(**changes: str) -> dict[str, str]:
-    """The environment of a ``train/`` script under test: the CPU (tests/conftest.py puts
-    this checkout first on ``PYTHONPATH``, for the script's ``import jaxattn``)."""
-    return dict(os.environ, JAX_PLATFORMS="cpu") | changes
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1, for a jax.distributed coordinator."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ScriptRunner:
@@ -36,7 +23,7 @@ class ScriptRunner:
         self.cache_dir: Path | None = None
 
     def _command(self, args, config) -> tuple[list[str], dict[str, str]]:
-        env = script_env()
+        env = cpu_env()
         if self.cache_dir is not None:
             env |= {
                 "JAX_COMPILATION_CACHE_DIR": str(self.cache_dir),

@@ -5,7 +5,6 @@ processes talk through gloo on 127.0.0.1. The test trains, checkpoints, resumes,
 the losses against a one-device run, and samples from the checkpoint on one device.
 """
 
-import os
 import re
 import signal
 import subprocess
@@ -14,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from script_runs import free_port, script_env  # tests/train/script_runs.py
 
 from jaxattn.training.metrics import read_metrics
+from tests.processes import cpu_env, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train" / "lm.py"
@@ -31,12 +30,7 @@ COMMON = [
 def start_processes(
     workdir, num_steps, *, processes=2, devices_each=4, mesh=(2, 2, 2), command=(str(SCRIPT),)
 ):
-    env = script_env(
-        XLA_FLAGS=(  # the suite's flags (tests/conftest.py), and the devices
-            f"{os.environ.get('XLA_FLAGS', '')} "
-            f"--xla_force_host_platform_device_count={devices_each}"
-        ),
-    )
+    env = cpu_env(devices_each)
     args = [
         *COMMON, f"--workdir={workdir}", f"--config.num_steps={num_steps}",
         f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}",
@@ -132,7 +126,7 @@ def test_two_processes_stop_together_resume_and_match_one_device(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), f"--workdir={workdir}", "--sample_only",
          "--num_samples=1", "--sample_tokens=20", "--compilation_cache="],
-        cwd=REPO, env=script_env(), capture_output=True, text=True,
+        cwd=REPO, env=cpu_env(), capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -197,7 +191,7 @@ def test_joining_processes_needs_all_three_flags(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *COMMON, f"--workdir={tmp_path}",
          "--coordinator_address=127.0.0.1:1234", "--num_processes=2"],
-        cwd=REPO, env=script_env(), capture_output=True, text=True,
+        cwd=REPO, env=cpu_env(), capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1
@@ -208,7 +202,7 @@ def test_joining_processes_needs_all_three_flags(tmp_path):
 def test_a_mesh_that_does_not_fit_the_devices_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *COMMON, f"--workdir={tmp_path}", "--config.mesh.data=2"],
-        cwd=REPO, env=script_env(), capture_output=True, text=True,
+        cwd=REPO, env=cpu_env(), capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1

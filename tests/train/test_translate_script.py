@@ -5,7 +5,6 @@ so they are module-scoped and marked slow; the argument errors fail before any c
 """
 
 import dataclasses
-import os
 import shutil
 import signal
 import subprocess
@@ -17,12 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from script_runs import REPO, ScriptRunner, free_port, script_env  # tests/train/script_runs.py
+from script_runs import REPO, ScriptRunner  # tests/train/script_runs.py
 
 from jaxattn.models.seq2seq import Seq2SeqConfig
 from jaxattn.training import translation_data as td
 from jaxattn.training.checkpoint import Checkpointer
 from jaxattn.training.metrics import read_metrics
+from tests.processes import cpu_env, free_port
 
 TINY = REPO / "train" / "configs" / "translate_tiny.py"
 
@@ -326,11 +326,7 @@ def test_two_processes_share_the_test_decoding(tmp_path):
     translations, in order, and the BLEU equal a one-process run on the same 2-device mesh."""
 
     def launch(workdir, processes, *extra):
-        env = script_env()
-        env["XLA_FLAGS"] = (  # the suite's flags (tests/conftest.py), and the devices
-            f"{os.environ.get('XLA_FLAGS', '')} "
-            f"--xla_force_host_platform_device_count={2 // processes}"
-        )
+        env = cpu_env(devices=2 // processes)
         args = [
             sys.executable, str(run_translate.script), f"--config={TINY}", "--noprogress",
             f"--workdir={workdir}", "--config.mesh.data=2", "--compilation_cache=",

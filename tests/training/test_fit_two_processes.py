@@ -6,10 +6,10 @@ at barriers), so every process must take the same branches on the way to it.
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
+
+from tests.processes import cpu_env, free_port
 
 WORKER = """
 import json, os, sys
@@ -49,14 +49,7 @@ except NotWritableError as e:
 
 def run_on_2_processes(workdir, case, timeout=120):
     """Run WORKER in two processes; the last stdout line of each, as JSON."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1",
-    )
+    port, env = free_port(), cpu_env(devices=1)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(workdir), case],

@@ -36,6 +36,7 @@ from jaxattn.training.loop import (
 )
 from jaxattn.training.metrics import read_metrics, reduce_means
 from jaxattn.training.state import create_train_state
+from tests.processes import cpu_env
 
 
 def snapshot(directory):
@@ -619,7 +620,7 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, toy):
     script.write_text(
         _SIGTERM_CHILD.format(tests_dir=str(Path(__file__).parent), workdir=str(workdir))
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = cpu_env()
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
