@@ -45,7 +45,8 @@ def reduce_means(steps: Iterable[Mapping[str, Mean]]) -> dict[str, float]:
 
 def _json_value(value: Any) -> Any:
     """Plain-JSON version of a scalar: non-finite floats become null (JSON has no NaN)."""
-    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+    # Any one-element value, not only arrays: a list [nan] was written as [NaN], not JSON.
+    if value is not None and not isinstance(value, str):
         value = np.asarray(value).item()
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -65,7 +65,8 @@ def learning_rate_schedule(
             f"need 0 <= warmup_steps <= lr_decay_steps, got warmup_steps={warmup_steps}, "
             f"lr_decay_steps={lr_decay_steps}"
         )
-    if not (0 <= learning_rate <= _F32_MAX and 0 <= min_lr <= _F32_MAX):  # also NaN
+    # (a string failed in the comparison, True ran as a rate of 1.0; NaN fails it too)
+    if not all(_real(v) and 0 <= float(v) <= _F32_MAX for v in (learning_rate, min_lr)):
         raise ValueError(
             f"learning rates must be finite float32 values >= 0, got {learning_rate=}, {min_lr=}"
         )
@@ -142,10 +143,14 @@ def _check_setting(name: str, value: Any, ok: Callable[[float], bool], expected:
     values (``optax.inject_hyperparams`` inside ``jit``) pass unchecked."""
     if isinstance(value, jax.core.Tracer):
         return
-    # A real scalar: float("1.0") would pass a string, which then fails in a comparison.
-    real = not isinstance(value, (str, bytes, bool, np.bool_)) and np.ndim(value) == 0
-    if not (real and np.isrealobj(value) and ok(float(value))):
+    if not (_real(value) and ok(float(value))):
         raise ValueError(f"make_optimizer: {name} must be {expected}, got {value!r}")
+
+
+def _real(value: Any) -> bool:
+    """True for a real scalar, not a bool (float("1.0") would pass a string, which then
+    fails in a comparison; None and complex numbers are refused too)."""
+    return np.ndim(value) == 0 and np.asarray(value).dtype.kind in "iuf"
 
 
 def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:

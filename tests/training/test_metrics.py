@@ -62,6 +62,27 @@ def test_writer_lines_parse_and_mirror_to_tensorboard(tmp_path):
     assert events and events[0].stat().st_size > 0
 
 
+def strict_json(line):
+    """``json.loads`` that refuses NaN and Infinity (which it accepts by default)."""
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_one_element_lists_are_scalars_and_never_nan_tokens(tmp_path):
+    """A one-element list passes as a scalar, as a one-element array does; [nan] was
+    written as [NaN], which no strict JSON reader parses."""
+    with MetricsWriter(tmp_path) as writer:
+        writer.write(1, {"train_loss": [math.nan], "tokens_per_s": (2.5,), "x": np.ones(1)})
+    [line] = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    record = strict_json(line)
+    assert (record["train_loss"], record["tokens_per_s"], record["x"]) == (None, 2.5, 1.0)
+    [(_, events)] = tensorboard_events(tmp_path / "tb")
+    assert {v.tag for e in events for v in e.summary.value} == {"tokens_per_s", "x"}
+
+
 def test_a_non_scalar_metric_is_named(tmp_path):
     with MetricsWriter(tmp_path) as writer:
         with pytest.raises(ValueError, match=r"train_loss at step 3 must be a scalar.*\(2,\)"):

@@ -45,7 +45,11 @@ def test_schedule_rejects_bad_steps():
     with pytest.raises(ValueError, match="warmup_steps"):
         optim.learning_rate_schedule(1e-3, warmup_steps=10, lr_decay_steps=5, min_lr=0.0)
     # Negative, NaN, or beyond float32 (1e39 would be inf in the float32 schedule).
-    for lr, min_lr in ((-1e-3, 0.0), (1e-3, -1.0), (float("nan"), 0.0), (1e39, 0.0)):
+    bad_rates = [(-1e-3, 0.0), (1e-3, -1.0), (float("nan"), 0.0), (1e39, 0.0)]
+    # Not real scalars, as make_optimizer refuses them: a string failed in a comparison
+    # (a TypeError), True ran as a rate of 1.0, an array failed with NumPy's "ambiguous".
+    bad_rates += [("6e-4", 0.0), (True, 0.0), (1e-3, None), (np.full(2, 1e-3), 0.0)]
+    for lr, min_lr in bad_rates:
         with pytest.raises(ValueError, match="finite float32 values >= 0"):
             optim.learning_rate_schedule(lr, warmup_steps=1, lr_decay_steps=5, min_lr=min_lr)
     # Step counts are ints: 2.5 bent the warmup ramp, None failed in a comparison.
