@@ -415,6 +415,7 @@ class Trainer:
             with writer as self.writer, _StopOnSignal() as stop:
                 if self.evaluating and self.step == 0 and self.saved_step is None:
                     self.last_eval = self._evaluate()
+                    self._stop_on_non_finite_eval(self.last_eval | {"tokens_per_s": None})
                     self.writer.write(0, self.last_eval | {"tokens_per_s": None})
                     self.say(f"step 0: val loss {self.last_eval['val_loss']:.4f}")
                 self._train(stop)
@@ -484,6 +485,7 @@ class Trainer:
                 if eval_now:
                     self.last_eval = self._evaluate()
                     record |= self.last_eval
+                    self._stop_on_non_finite_eval(record)
                     val_loss = self.last_eval["val_loss"]
                     self.say(
                         f"step {self.step}: train loss {record['train_loss']:.4f}, "
@@ -519,12 +521,16 @@ class Trainer:
                 f"eval_step must return a 'val_loss' (make_eval_step's prefix='val'), got "
                 f"{sorted(result)}"
             )
-        # A NaN val_loss would otherwise be saved as the step's metric (and compare as
-        # neither better nor worse than the best): stop as for a NaN train loss.
-        val_loss = result["val_loss"]
-        if not math.isfinite(val_loss):
-            self._stop_non_finite(f"val_loss is {val_loss} at step {self.step}")
         return result
+
+    def _stop_on_non_finite_eval(self, record: dict[str, float]) -> None:
+        """A NaN val_loss would otherwise be saved as the step's metric (and compare as
+        neither better nor worse than the best): stop as for a NaN train loss, after writing
+        ``record``, the log window's (finite) train metrics with ``val_loss`` null."""
+        val_loss = record["val_loss"]
+        if not math.isfinite(val_loss):
+            self.writer.write(self.step, record)
+            self._stop_non_finite(f"val_loss is {val_loss} at step {self.step}")
 
     def _place(self, batch: Batch) -> Batch:
         """This process's rows -> global arrays on the mesh (a no-op without one)."""
@@ -649,7 +655,8 @@ def fit(
 
     Raises:
       NonFiniteLossError: a loss or gradient norm, or the parameters or optimizer state
-        about to be saved, were not finite (names the step).
+        about to be saved, were not finite (names the step). A non-finite ``val_loss`` is
+        written to ``metrics.jsonl`` as null, with that log window's train metrics.
       IncompatibleCheckpointError, CheckpointError: the workdir's checkpoint cannot be used.
       NotWritableError: the workdir or its checkpoint folder cannot be written (checked
         before the first step).

@@ -514,6 +514,10 @@ def test_nan_val_loss_stops_and_keeps_the_best_checkpoint(tmp_path, toy, bad):
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [5, 8]  # the latest, and the best by val_loss
         assert ckpt.best_step() == 5
+    # The window's train metrics, finite, are kept with it (they were dropped), and the
+    # val_loss is written as JSON's null.
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert last["step"] == 10 and math.isfinite(last["train_loss"]) and last["val_loss"] is None
 
 
 @pytest.mark.parametrize("best, at_step_8", [(1.0, 2.0), (1.0, 1.0), (0.0, 1.0)])
