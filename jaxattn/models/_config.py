@@ -29,6 +29,27 @@ __all__ = ["check_seed", "check_size"]  # re-exported: the models import their c
 _SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
+def config_checker(expected: type, signatures: dict[str, str]) -> Callable[[Any, str], None]:
+    """``check(config, where)``: a ``TypeError`` naming ``where``'s argument order when
+    ``config`` is not an ``expected``. The models' functions take their config in different
+    places (``generate(weights, config, prompt, ...)`` against ``gpt(weights, tokens,
+    config)``), and a swapped one failed far inside (e.g. "unhashable type", "tokens must be
+    [B, T] ... got shape ()").
+
+    Args:
+      signatures: each function's argument order, by name, as the message writes it.
+    """
+
+    def check(config: Any, where: str) -> None:
+        if not isinstance(config, expected):
+            raise TypeError(
+                f"{where}: config must be a {expected.__name__}, got {type(config).__name__}; "
+                f"the arguments are {signatures[where]}"
+            )
+
+    return check
+
+
 def checkpointed_layer(body: Callable, remat: bool) -> Callable:
     """A layer scan's ``body`` under ``jax.checkpoint``: saving its matmul outputs, or with
     ``remat`` nothing but its inputs (each layer recomputed in the backward)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from jaxattn.models._config import (
     check_size,
     check_weights,
     checkpointed_layer,
+    config_checker,
     float32_argument,
     weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
@@ -363,24 +364,16 @@ def _logits(weights: GPTWeights, x: Array, config: GPTConfig) -> Array:
     return logits.astype(jnp.float32)
 
 
-# The argument order of each public function, for the error that names a swapped argument.
-_SIGNATURES = {
-    "gpt": "gpt(weights, tokens, config)",
-    "gpt_loss": "gpt_loss(weights, tokens, targets, config)",
-    "gpt_decode": "gpt_decode(weights, tokens, cache, config)",
-    "generate": "generate(weights, config, prompt, max_new_tokens)",
-}
-
-
-def _check_config(config: Any, where: str) -> None:
-    """``TypeError`` naming the argument order when ``config`` is not a ``GPTConfig`` (the
-    arguments swapped, e.g. ``generate(weights, prompt, config, ...)``, failed as "tokens
-    must be [B, T] ... got shape ()")."""
-    if not isinstance(config, GPTConfig):
-        raise TypeError(
-            f"{where}: config must be a GPTConfig, got {type(config).__name__}; the "
-            f"arguments are {_SIGNATURES[where]}"
-        )
+# Each public function's argument order, for the error that names a swapped config.
+_check_config = config_checker(
+    GPTConfig,
+    {
+        "gpt": "gpt(weights, tokens, config)",
+        "gpt_loss": "gpt_loss(weights, tokens, targets, config)",
+        "gpt_decode": "gpt_decode(weights, tokens, cache, config)",
+        "generate": "generate(weights, config, prompt, max_new_tokens)",
+    },
+)
 
 
 def _as_tokens(tokens, config: GPTConfig, where: str) -> Array:

@@ -48,6 +48,7 @@ from jaxattn.models._config import (
     check_size,
     check_special_ids,
     check_weights,
+    config_checker,
     float32_argument,
 )
 from jaxattn.ops._checks import check_flag
@@ -180,6 +181,20 @@ def init_seq2seq(rng: Array, config: Seq2SeqConfig) -> Seq2SeqWeights:
     )
 
 
+# Each public function's argument order, for the error that names a swapped config.
+_check_config = config_checker(
+    Seq2SeqConfig,
+    {
+        "encode": "encode(weights, src, src_lengths, config)",
+        "init_decode_state": "init_decode_state(final_state, config)",
+        "seq2seq_logits": "seq2seq_logits(weights, src, src_lengths, tgt_in, config)",
+        "seq2seq_loss": "seq2seq_loss(weights, batch, config)",
+        "decode_step": "decode_step(weights, state, token, encoder_outputs, src_mask, config)",
+        "translate": "translate(weights, config, src, src_lengths)",
+    },
+)
+
+
 def weight_decay_mask(weights: Seq2SeqWeights) -> Any:
     """True for the leaves nanoGPT's rule decays: matrices and embedding tables, here every
     leaf with ``ndim >= 2`` (optax's default rule is right for this tree: no leaf is stacked
@@ -229,6 +244,7 @@ def encode(
       padding; ``h' = h`` when attention reads them, else ``dirs * h``) and PyTorch-layout
       final states (row ``l * dirs + d``).
     """
+    _check_config(config, "encode")
     check_weights(weights, init_seq2seq, config, "encode")
     src, src_lengths = _as_source(src, src_lengths, config, "encode")
     active = not check_flag(deterministic, "deterministic", "encode") and config.dropout > 0
@@ -260,6 +276,7 @@ def init_decode_state(final_state: Carry, config: Seq2SeqConfig) -> Carry:
     Returns:
       ``(h, c)``, each ``[L, B, h]``.
     """
+    _check_config(config, "init_decode_state")
     dirs = 2 if config.bidirectional_encoder else 1
     h_n, c_n = final_state
     layers, hidden = config.num_layers * dirs, config.hidden_size
@@ -339,6 +356,7 @@ def seq2seq_logits(
       ``(logits [B, T, V] float32, attention [B, T, S] float32 or None)``; attention rows sum
       to 1 over the real source tokens and are 0 on padding.
     """
+    _check_config(config, "seq2seq_logits")
     tgt_in = ids_to_check(tgt_in)
     if tgt_in.ndim != 2 or tgt_in.shape[0] != jnp.shape(src)[0]:
         raise ValueError(
@@ -397,6 +415,7 @@ def seq2seq_loss(
     Returns:
       Scalar float32 loss.
     """
+    _check_config(config, "seq2seq_loss")
     check_batch(batch, config.tgt_vocab_size, "seq2seq_loss")
     logits, _ = seq2seq_logits(
         weights,
@@ -431,6 +450,7 @@ def decode_step(
     Returns:
       ``(logits [B, V] float32, new state, attention [B, S] or None)``.
     """
+    _check_config(config, "decode_step")
     check_weights(weights, init_seq2seq, config, "decode_step")
     token = ids_to_check(token)
     check_token_ids(token, config.tgt_vocab_size, "decode_step: token ids")
@@ -519,6 +539,7 @@ def translate(
       ``[B, max_len]`` int32 target ids without BOS, ending in EOS (unless cut at max_len)
       and padded with ``pad_id``.
     """
+    _check_config(config, "translate")
     check_weights(weights, init_seq2seq, config, "translate")
     src, src_lengths = _as_source(src, src_lengths, config, "translate")
     check_size(src.shape[0], "src's batch size B", "translate")

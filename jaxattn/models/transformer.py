@@ -51,6 +51,7 @@ from jaxattn.models._config import (
     check_special_ids,
     check_weights,
     checkpointed_layer,
+    config_checker,
     float32_argument,
     weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
@@ -198,6 +199,22 @@ class CrossKV(NamedTuple):
 
     k: Array
     v: Array
+
+
+# Each public function's argument order, for the error that names a swapped config.
+_check_config = config_checker(
+    TransformerConfig,
+    {
+        "encode": "encode(weights, src, src_lengths, config)",
+        "cross_kv": "cross_kv(weights, memory, config)",
+        "decode": "decode(weights, memory, src_mask, tgt_in, config)",
+        "transformer_logits": "transformer_logits(weights, src, src_lengths, tgt_in, config)",
+        "transformer_loss": "transformer_loss(weights, batch, config)",
+        "init_cache": "init_cache(config, batch_size, max_len)",
+        "decode_step": "decode_step(weights, cache, token, cross, src_mask, config)",
+        "translate": "translate(weights, config, src, src_lengths)",
+    },
+)
 
 
 def init_transformer(rng: Array, config: TransformerConfig) -> TransformerWeights:
@@ -380,6 +397,7 @@ def encode(
     Returns:
       ``memory [B, S, D]`` in the compute dtype (padding rows are defined but never read).
     """
+    _check_config(config, "encode")
     check_weights(weights, init_transformer, config, "encode")
     src = _as_tokens(src, config.src_vocab_size, config, "encode: src")
     src_lengths = check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
@@ -399,6 +417,7 @@ def cross_kv(weights: TransformerWeights, memory: Array, config: TransformerConf
     Returns:
       ``CrossKV(k, v)``, each ``[Ld, B, S, N, H]`` in the compute dtype.
     """
+    _check_config(config, "cross_kv")
     check_weights(weights, init_transformer, config, "cross_kv")
     attn = cast_floating(weights.decoder.cross_attn, config.compute_dtype)
     memory = memory.astype(config.compute_dtype)
@@ -433,6 +452,7 @@ def decode(
     Returns:
       ``[B, T, V]`` float32 logits.
     """
+    _check_config(config, "decode")
     y, w = _decoder_hidden(
         weights, memory, src_mask, tgt_in, config, rng=rng, deterministic=deterministic
     )
@@ -484,6 +504,7 @@ def transformer_logits(
     deterministic: bool = True,
 ) -> Array:
     """``decode(encode(src), tgt_in)``: teacher-forced logits ``[B, T, V]`` (float32)."""
+    _check_config(config, "transformer_logits")
     y, w = _teacher_forced(weights, src, src_lengths, tgt_in, config, rng, deterministic)
     return _logits(w, y, config)
 
@@ -522,6 +543,7 @@ def transformer_loss(
     positions at a time (``ops.chunked_cross_entropy``): the same loss, with ``[B, chunk,
     V]`` logits in memory instead of ``[B, T, V]``.
     """
+    _check_config(config, "transformer_loss")
     check_batch(batch, config.tgt_vocab_size, "transformer_loss")
     src, lengths, tgt_in = batch["src"], batch["src_lengths"], batch["tgt_in"]
     y, w = _teacher_forced(weights, src, lengths, tgt_in, config, rng, deterministic)
@@ -552,6 +574,7 @@ def init_cache(
     config: TransformerConfig, batch_size: int, max_len: int, dtype: str | None = None
 ) -> KVCache:
     """Empty decoder self-attention cache: ``k, v [Ld, B, max_len, N, H]`` zeros, index 0."""
+    _check_config(config, "init_cache")
     layout = (config.num_decoder_layers, config.num_heads, config.head_dim)
     dtype = config.compute_dtype if dtype is None else dtype
     return empty_kv_cache(layout, batch_size, max_len, ("config.max_len", config.max_len), dtype)
@@ -576,6 +599,7 @@ def decode_step(
     Returns:
       ``(logits [B, V] float32, cache with this step's keys/values and index + 1)``.
     """
+    _check_config(config, "decode_step")
     check_weights(weights, init_transformer, config, "decode_step")
     token = jnp.asarray(token)
     layers, b, t_max, _, _ = cache.k.shape
@@ -663,6 +687,7 @@ def translate(
       ``[B, max_len]`` int32 ids without BOS, ending in EOS (unless cut) and padded with
       ``pad_id``; pad and BOS are never generated.
     """
+    _check_config(config, "translate")
     check_weights(weights, init_transformer, config, "translate")
     src = _as_tokens(src, config.src_vocab_size, config, "translate: src")
     check_size(src.shape[0], "src's batch size B", "translate")

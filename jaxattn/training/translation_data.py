@@ -93,6 +93,8 @@ def split_pairs(
     ``fractions`` are (train, val) of the distinct sources; test takes the rest. Pairs keep
     their corpus order inside each split.
     """
+    # None (or True, 1.5) reached NumPy's generator: None drew a new split on every call.
+    seed = check_size(seed, "seed", "split_pairs", minimum=0)
     train_f, val_f = fractions
     if not (0 < train_f and 0 < val_f and train_f + val_f < 1):
         raise ValueError(f"fractions must be positive with a sum below 1, got {fractions}")
@@ -120,6 +122,7 @@ def sample(items: Sequence, n: int, *, seed: int) -> list:
     the split's longest has 25).
     """
     n = check_size(n, "n", "sample", minimum=0)  # (-k as a slice end drops the last k)
+    seed = check_size(seed, "seed", "sample", minimum=0)  # (None: a new draw every call)
     if not n or n >= len(items):
         return list(items)
     keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])

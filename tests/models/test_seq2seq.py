@@ -536,6 +536,40 @@ def test_weights_must_match_the_config(np_rng):
         decode_step(one_layer, state, tgt_in[:, 0], memory, lengths > 0, config)
 
 
+def test_swapped_arguments_name_the_argument_order(np_rng):
+    """translate takes (weights, config, src, src_lengths), the others take the config last:
+    a config in the wrong place failed as "unhashable type: 'jaxlib._jax.ArrayImpl'" (or an
+    AttributeError of a dict or tuple), naming neither the function nor the argument."""
+    config = VARIANTS[1]
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_in, tgt_mask=tgt_in > 0)
+    memory, final = encode_jit(w, src, lengths, config)
+    state = init_decode_state(final, config)
+    calls = {
+        r"translate: config must be a Seq2SeqConfig, got ArrayImpl; the arguments are "
+        r"translate\(weights, config, src, src_lengths\)": lambda: translate(
+            w, src, lengths, config, max_len=3
+        ),
+        r"encode: config must be a Seq2SeqConfig": lambda: encode(w, config, src, lengths),
+        r"seq2seq_logits: config must be a Seq2SeqConfig": lambda: seq2seq_logits(
+            w, config, src, lengths, tgt_in
+        ),
+        r"seq2seq_loss: config must be a Seq2SeqConfig, got dict": lambda: seq2seq_loss(
+            w, config, batch
+        ),
+        r"decode_step: config must be a Seq2SeqConfig": lambda: decode_step(
+            w, config, state, tgt_in[:, 0], memory, lengths > 0
+        ),
+        r"init_decode_state: config must be a Seq2SeqConfig, got tuple": lambda: init_decode_state(
+            config, final
+        ),
+    }
+    for match, call in calls.items():
+        with pytest.raises(TypeError, match=match):
+            call()
+
+
 # --------------------------------------------------------------------------------------
 # Overfitting a tiny corpus: "let's go" -> "vamos" and friends.
 # --------------------------------------------------------------------------------------

@@ -750,3 +750,30 @@ def test_translate_rows_do_not_depend_on_their_neighbours(np_rng):
     src, lengths, _ = example_batch(BASE, np_rng)
     run = lambda s, n: np.asarray(translate(w, BASE, s, n, beam_size=2, max_len=5))
     np.testing.assert_array_equal(run(src[::-1], lengths[::-1])[::-1], run(src, lengths))
+
+
+def test_swapped_arguments_name_the_argument_order(np_rng):
+    """translate and init_cache take the config early, the others last: a config in the
+    wrong place failed as "unhashable type: 'jaxlib._jax.ArrayImpl'" (or an AttributeError
+    of an int), naming neither the function nor the argument."""
+    w = init_transformer(jax.random.key(0), BASE)
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_in, tgt_mask=tgt_in > 0)
+    mask = padding_mask(lengths, src.shape[1])
+    calls = {
+        r"translate: config must be a TransformerConfig, got ArrayImpl; the arguments are "
+        r"translate\(weights, config, src, src_lengths\)": lambda: translate(w, src, lengths, BASE),
+        "encode": lambda: encode(w, BASE, src, lengths),
+        "cross_kv": lambda: cross_kv(w, BASE, src),
+        "decode": lambda: decode(w, BASE, src, mask, tgt_in),
+        "transformer_logits": lambda: transformer_logits(w, BASE, src, lengths, tgt_in),
+        "transformer_loss: config must be a TransformerConfig, got dict": lambda: transformer_loss(
+            w, BASE, batch
+        ),
+        r"init_cache: config must be a TransformerConfig, got int; the arguments are "
+        r"init_cache\(config, batch_size, max_len\)": lambda: init_cache(3, BASE, 4),
+        "decode_step": lambda: decode_step(w, BASE, None, tgt_in[:, 0], None, mask),
+    }
+    for match, call in calls.items():
+        with pytest.raises(TypeError, match=match if ":" in match else f"{match}: config must"):
+            call()

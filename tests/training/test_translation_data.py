@@ -385,6 +385,17 @@ def test_sample_refuses_a_negative_or_fractional_count(n):
         td.sample(list(range(10)), n, seed=0)
 
 
+@pytest.mark.parametrize("seed", [None, True, 1.5, -1, "3"])
+def test_split_and_sample_refuse_a_seed_that_is_not_an_int(seed):
+    """None made NumPy draw a fresh split (and subset) on every call, so two runs "with the
+    same seed" trained and tested on different sentences; True passed as 1; 1.5 and -1 failed
+    inside NumPy naming neither the function nor the seed."""
+    with pytest.raises(ValueError, match=r"split_pairs: seed must be an int >= 0"):
+        td.split_pairs(PAIRS, seed=seed)
+    with pytest.raises(ValueError, match=r"sample: seed must be an int >= 0"):
+        td.sample(PAIRS, 3, seed=seed)
+
+
 def test_decode_batches_refuses_a_batch_size_below_one():
     with pytest.raises(ValueError, match="decode_batches: batch_size must be an int >= 1"):
         td.decode_batches([np.array([5], np.int32)], batch_size=0, buckets=(4,))
