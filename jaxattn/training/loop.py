@@ -427,8 +427,6 @@ class Trainer:
                 # killed during the write, the run would lose its last checkpoint.
                 self.ckpt.wait()
                 if stop.signal_name is not None:
-                    if self.pending:
-                        self.writer.write(self.step, self._flush() | {"tokens_per_s": None})
                     self._save()
                     self.ckpt.wait()
                     self.say(
@@ -472,12 +470,7 @@ class Trainer:
                 ckpt_now = last or _every(self.step, loop.checkpoint_every)
                 if not (eval_now or ckpt_now or _every(self.step, loop.log_every)):
                     continue
-                record = self._flush()
-                if timed:
-                    elapsed = time.perf_counter() - t0
-                    tokens_per_s = timed_tokens / elapsed
-                    record["step_time_ms"] = 1000 * elapsed / timed
-                record["tokens_per_s"] = tokens_per_s
+                record, tokens_per_s = self._window_record(t0, timed, timed_tokens, tokens_per_s)
                 bar.set_postfix(
                     loss=f"{record['train_loss']:.4f}",
                     tok_s="-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
@@ -500,6 +493,23 @@ class Trainer:
                 self.writer.write(self.step, record)
                 # Each log window times its own steps; eval and saving stay out of it.
                 t0, timed, timed_tokens = time.perf_counter(), 0, 0
+            if self.pending:  # a signal stopped the run inside a log window: write it
+                record, _ = self._window_record(t0, timed, timed_tokens, tokens_per_s)
+                self.writer.write(self.step, record)
+
+    def _window_record(
+        self, t0: float | None, timed: int, timed_tokens: int, tokens_per_s: float | None
+    ) -> tuple[dict[str, float], float | None]:
+        """The log window's record (``_flush``'s means, and its tokens/s and step time when
+        it timed any step) and the tokens/s to show: the last window's if this one timed none
+        (the first step, which compiles, is not timed)."""
+        record = self._flush()
+        if timed:
+            elapsed = time.perf_counter() - t0
+            tokens_per_s = timed_tokens / elapsed
+            record["step_time_ms"] = 1000 * elapsed / timed
+        record["tokens_per_s"] = tokens_per_s
+        return record, tokens_per_s
 
     def _evaluate(self) -> dict[str, float]:
         batches = self.eval_data()

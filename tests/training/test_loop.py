@@ -989,6 +989,17 @@ def test_a_signal_at_a_checkpoint_step_saves_once_and_returns(tmp_path, toy):
         assert ckpt.all_steps() == [4]
 
 
+def test_a_signal_inside_a_log_window_writes_the_window_timed(tmp_path, toy):
+    """SIGTERM at step 6 of windows of 4: steps 5 and 6 are written as one record with
+    their tokens/s and step time, as a full window is (it came without them)."""
+    loop = LoopConfig(num_steps=20, log_every=4, progress=False)
+    result = _fit_signalled_at(toy, tmp_path, 6, loop)
+    assert result.interrupted and result.step == 6
+    records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert sorted(records) == [4, 6]
+    assert records[6]["tokens_per_s"] > 0 and records[6]["step_time_ms"] > 0
+
+
 def test_a_signal_in_the_last_step_does_not_report_an_interrupted_run(tmp_path, toy):
     """SIGTERM during the last step, seen after it (as one during the final save): every
     step ran, so the run is complete."""
