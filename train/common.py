@@ -279,6 +279,11 @@ def model_config(
     config in the message (default ``config_source()``)."""
     names = [f.name for f in dataclasses.fields(cls) if f.name not in fixed]
     for key in fields:
+        if key in fixed:  # (a close match would be a wrong hint: vocab_size -> block_size)
+            raise ValueError(
+                f"unknown config key {'model.' + key!r} in {where or config_source()} (the "
+                "script sets it: leave it out)"
+            )
         if key not in names:
             raise _unknown_key(key, names, where or config_source(), prefix="model.")
     return cls(**fixed, **fields)

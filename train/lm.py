@@ -282,12 +282,20 @@ def _check_resumable(
 
     One trained on other characters would decode wrongly even if the shapes matched; one of
     another model size, or whose optimizer state has another structure (``grad_clip`` 0 and
-    not), or saved by another script, would fail in the restore, naming only a leaf, after
-    a note that called it a resumed run. ``changed``: the settings that differ from the
-    checkpoint's (``latest_checkpoint_metadata``'s note).
+    not), would fail in the restore, naming only a leaf, after a note that called it a
+    resumed run. One saved by another script (no vocabulary recorded) failed naming a leaf
+    and every setting of the other script's config, as if a resume without them could work.
+    ``changed``: the settings that differ from the checkpoint's
+    (``latest_checkpoint_metadata``'s note).
     """
     saved = meta.get("vocab")
-    if saved is not None and saved != tokenizer.chars:
+    if saved is None:  # (every run of this script records it) e.g. translate.py's workdir
+        raise IncompatibleCheckpointError(
+            f"{where} holds no character GPT of train/lm.py: its metadata records no "
+            "vocabulary (another script's run?); nothing was restored or overwritten. Use "
+            "another --workdir."
+        )
+    if saved != tokenizer.chars:
         raise IncompatibleCheckpointError(
             f"{where} was trained on a different character vocabulary "
             f"({len(saved)} characters, this data has {tokenizer.vocab_size}); nothing was "
@@ -336,9 +344,10 @@ def sample(workdir: epath.Path) -> None:
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         meta = ckpt.read_metadata()
         where = ckpt.step_dir(ckpt.latest_step())
+        # (first: a --config file would be refused as another run's, hinting at leaving it out)
+        config, model, tokenizer = _saved_run(meta, where)
         # A --config file of another run would otherwise be ignored without a word.
         checkpoint_config_file("--sample_only", meta, where)
-        config, model, tokenizer = _saved_run(meta, where)
         _check_sampling(model, tokenizer)
         state, _ = ckpt.restore(_abstract_state(model, config))
     # Every process restores and samples (the same tokens); process 0 prints.

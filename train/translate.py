@@ -382,6 +382,13 @@ def load_data(config, workdir: Path):
     """Split, train/load the workdir's sentencepiece model, encode train and val."""
     pairs = td.load_pairs(config.data_path)
     split = td.split_pairs(pairs, seed=config.split_seed)
+    corpus = repr(config.data_path) if config.data_path else "the bundled corpus"
+    if not (split.train and split.val):  # (sentencepiece said "no sentences to train on")
+        raise ValueError(
+            f"{corpus} (config.data_path) is too small: its {len(pairs):,} pairs split "
+            f"90/5/5 by English sentence leave {len(split.train):,} train and "
+            f"{len(split.val):,} validation pairs; each split needs some"
+        )
     train_pairs = split.train[: config.max_train_examples or None]
     sentences = [s for pair in train_pairs for s in pair]
     # Process 0 trains and caches the model; the others then load the same file.
@@ -401,6 +408,14 @@ def load_data(config, workdir: Path):
     # Random subsets (seeded), not prefixes: the corpus is sorted by length. Validation
     # draws from the pairs that fit max_len, so the count asked for is the count used.
     val_src, val_tgt = td.encode_pairs(sp, split.val, max_len=config.max_len)
+    for name, kept, total in (("train", train[0], train_pairs), ("validation", val_src, split.val)):
+        if not kept:  # (the dataset would only say that no bucket holds a batch)
+            raise ValueError(
+                f"config.max_len={config.max_len} drops all {len(total):,} {name} pairs of "
+                f"{corpus}: each is longer than that in the {sp.get_piece_size()}-piece "
+                "sentencepiece vocabulary (source tokens, or target tokens + EOS); raise "
+                "max_len (and config.buckets) or vocab_size"
+            )
     keep = td.sample(range(len(val_src)), config.max_eval_examples, seed=config.split_seed)
     val = [val_src[i] for i in keep], [val_tgt[i] for i in keep]
     return sp, split, train, val, bleu_pairs(split, config)
@@ -604,6 +619,8 @@ def main(argv: list[str]) -> None:
         )
     drop_orbax_leftovers()
     try:
+        if _TRANSLATE.value and _BLEU_ONLY.value:  # (one would be ignored)
+            raise ValueError("--translate and --bleu_only are two runs: give one")
         workdir = Path(workdir_from_flag(_WORKDIR.value))
         enable_compilation_cache()
         initialize_distributed()

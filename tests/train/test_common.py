@@ -355,9 +355,13 @@ def test_model_config_names_an_unknown_model_key(config_flag, monkeypatch):
     with pytest.raises(ValueError) as error:
         common.model_config(GPTConfig, fields | {"extra_thing": 3}, vocab_size=5)
     assert str(error.value) == f"unknown config key 'model.extra_thing' in {config_file}"
-    # A field the script sets from the data is not the config's to set.
-    with pytest.raises(ValueError, match=r"unknown config key 'model.vocab_size'"):
+    # A field the script sets from the data is not the config's to set; it was refused with
+    # the hint "did you mean 'model.block_size'?".
+    with pytest.raises(ValueError) as error:
         common.model_config(GPTConfig, fields | {"vocab_size": 7}, vocab_size=5)
+    assert str(error.value) == (
+        f"unknown config key 'model.vocab_size' in {config_file} (the script sets it: leave it out)"
+    )
 
 
 def test_a_script_loaded_in_process_leaves_absl_flags_alone(load_script):

@@ -1,5 +1,6 @@
 """train/configs: the Shakespeare runs keep nanoGPT's settings (issue 3)."""
 
+import ast
 import sys
 
 import pytest
@@ -53,3 +54,31 @@ def test_shakespeare_configs_hold_nanogpts_settings(module, settings, model):
 def test_bundled_text_has_nanogpts_65_characters():
     text = data.load_text("")
     assert data.CharTokenizer.from_text(text).vocab_size == 65
+
+
+# The files (and functions) that define the config fields; the others override them.
+_DEFINITIONS = {
+    "shakespeare_char.py": "get_config", "shakespeare_char_cpu.py": "get_config",
+    "tiny.py": "get_config", "translate_base.py": "base_config", "mesh.py": "mesh_config",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "function"), _DEFINITIONS.items())
+def test_every_config_field_has_a_comment(name, function):
+    """Each field's assignment carries a comment, on its line or the line above."""
+    source = (REPO / "train" / "configs" / name).read_text()
+    lines = source.splitlines()
+    (body,) = [
+        node for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef) and node.name == function
+    ]  # fmt: skip
+    fields = [
+        node for node in ast.walk(body)
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute)
+    ]  # fmt: skip
+    assert fields
+    bare = [
+        lines[node.lineno - 1].strip() for node in fields
+        if "#" not in lines[node.lineno - 1] and not lines[node.lineno - 2].strip().startswith("#")
+    ]  # fmt: skip
+    assert not bare, f"{name}: fields without a comment: {bare}"

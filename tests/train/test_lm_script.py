@@ -261,11 +261,14 @@ def _another_scripts_checkpoint(checkpoints):
     return snapshot(checkpoints)
 
 
-def test_sample_only_refuses_another_scripts_checkpoint(tmp_path):
-    """It was a TypeError traceback (GPTConfig got an unexpected keyword argument)."""
+@pytest.mark.parametrize("config", ["", None])  # None: with --config (tiny.py)
+def test_sample_only_refuses_another_scripts_checkpoint(tmp_path, config):
+    """It was a TypeError traceback (GPTConfig got an unexpected keyword argument). With a
+    --config file it said the checkpoint was saved with other settings than the file's, and
+    to leave --config out, which then ended in this error."""
     checkpoints = tmp_path / "run" / "checkpoints"
     before = _another_scripts_checkpoint(checkpoints)
-    proc = run_lm(f"--workdir={tmp_path / 'run'}", "--sample_only", config="", check=False)
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", "--sample_only", config=config, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"error: {checkpoints / '2'} holds no character GPT of train/lm.py" in proc.stderr
     assert snapshot(checkpoints) == before
@@ -273,12 +276,14 @@ def test_sample_only_refuses_another_scripts_checkpoint(tmp_path):
 
 def test_training_refuses_another_scripts_checkpoint_before_anything_is_built(tmp_path):
     """It printed a note calling it a resumed run (every setting differing), built the model,
-    and failed only in the restore."""
+    and failed only in the restore; then it named a leaf and the other script's settings,
+    ending "Resume without those changes", as if that could work."""
     checkpoints = tmp_path / "run" / "checkpoints"
     before = _another_scripts_checkpoint(checkpoints)
     proc = run_lm(f"--workdir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"error: checkpoint {checkpoints / '2'} is incompatible: leaf " in proc.stderr
+    assert f"error: {checkpoints / '2'} holds no character GPT of train/lm.py" in proc.stderr
+    assert "Resume without" not in proc.stderr
     assert "note:" not in proc.stdout and "model: GPT" not in proc.stdout
     assert snapshot(checkpoints) == before
 

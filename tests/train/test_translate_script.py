@@ -320,6 +320,34 @@ def test_translate_without_checkpoint_is_an_error(tmp_path):
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_corpus_or_max_len_that_leaves_no_pairs_is_named(tmp_path):
+    """The run failed in sentencepiece ("no sentences to train on") or in the dataset ("no
+    bucket holds a full batch of 8 examples (0 examples ...)"), naming neither cause."""
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("".join(f"I saw {i} dogs.\tVi {i} perros.\n" for i in range(10)))
+    proc = run_translate(f"--workdir={tmp_path / 'a'}", f"--config.data_path={corpus}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        f"error: {str(corpus)!r} (config.data_path) is too small: its 10 pairs split 90/5/5 "
+        "by English sentence leave 9 train and 0 validation pairs"
+    ) in proc.stderr, proc.stderr
+    proc = run_translate(f"--workdir={tmp_path / 'b'}", "--config.max_len=1", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        "error: config.max_len=1 drops all 2,000 train pairs of the bundled corpus: each is "
+        "longer than that in the 300-piece sentencepiece vocabulary"
+    ) in proc.stderr, proc.stderr
+
+
+def test_translate_and_bleu_only_together_is_an_error(tmp_path):
+    """--bleu_only was ignored without a word: the run only translated."""
+    workdir = tmp_path / "run"
+    proc = run_translate(f"--workdir={workdir}", "--translate=Hi.", "--bleu_only", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: --translate and --bleu_only are two runs: give one" in proc.stderr
+    assert not workdir.exists()
+
+
 @pytest.mark.slow
 def test_two_processes_share_the_test_decoding(tmp_path):
     """Each process decodes a share of the test split and process 0 reassembles it: the

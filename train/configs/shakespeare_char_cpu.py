@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.rope_base = 10000.0  # Rotary frequency base (with positions="rope").
 
     # Batches.
-    config.batch_size = 12  # Windows per microbatch.
+    config.batch_size = 12  # Windows per microbatch, all processes and devices together.
     config.grad_accum_steps = 1  # Microbatches per optimizer step (batch = 12 * 1).
 
     # Optimizer: AdamW, warmup + cosine (nanoGPT's get_lr), decay on matrices only.

@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.rope_base = 10000.0  # Rotary frequency base (with positions="rope").
 
     # Batches.
-    config.batch_size = 4  # Windows per microbatch.
+    config.batch_size = 4  # Windows per microbatch, all processes and devices together.
     config.grad_accum_steps = 1  # Microbatches per optimizer step.
 
     # Optimizer.

@@ -37,17 +37,17 @@ def base_config(kind: str = "seq2seq") -> ml_collections.ConfigDict:
     else:
         config.model.embed_dim = 256  # D.
         config.model.num_heads = 4  # N.
-        config.model.num_encoder_layers = 3
-        config.model.num_decoder_layers = 3
+        config.model.num_encoder_layers = 3  # Encoder blocks.
+        config.model.num_decoder_layers = 3  # Decoder blocks.
         config.model.mlp_ratio = 4  # F = 4 D.
-        config.model.dropout = 0.1
+        config.model.dropout = 0.1  # Embeddings, attention probabilities, residual branches.
         config.model.max_len = 64  # Position table length (>= largest bucket, decode_max_len).
         # Output layer and loss N target positions at a time: [B, N, V] logits in memory.
         config.model.loss_chunk_size = placeholder(int)  # None: all at once.
 
     # Batches and loss.
-    config.batch_size = 64  # Sentence pairs per step.
-    config.label_smoothing = 0.1
+    config.batch_size = 64  # Sentence pairs per step, all processes and devices together.
+    config.label_smoothing = 0.1  # eps: targets (1 - eps) one-hot + eps / V (val_loss too).
 
     # Optimizer.
     config.learning_rate = 2e-3  # Peak learning rate.
