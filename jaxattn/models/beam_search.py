@@ -12,7 +12,8 @@ returns the next token's log-probabilities and its updated state (LSTM carry, KV
 ``state`` is any pytree whose leaves have the batch on axis ``state_batch_axis`` (leaves
 of lower rank, e.g. a cache's scalar write index, are shared by all rows). In beam search
 row ``b*k + j`` is beam j of sentence b: beam search repeats ``init_state`` k times and
-gathers state rows by beam index with ``gather_rows`` after every step.
+gathers state rows by beam index with ``gather_rows`` after every step (or calls
+``beam_search``'s ``reorder_state``).
 
 Beam search scores a hypothesis ``y`` of ``|y|`` tokens (EOS included) with the GNMT
 length penalty (Wu et al., 2016, "Google's Neural Machine Translation System")::
@@ -254,6 +255,7 @@ def beam_search(
     length_penalty: float = 0.6,
     pad_id: int = 0,
     state_batch_axis: int = 0,
+    reorder_state: Callable[[State, Array], State] | None = None,
 ) -> BeamSearchResult:
     """Find high-scoring sequences with a beam of ``beam_size`` hypotheses per sentence.
 
@@ -272,6 +274,10 @@ def beam_search(
       eos_id, pad_id: special token ids.
       length_penalty: alpha, a finite number >= 0 (0 = rank by log P; GNMT uses 0.6 to 1).
       state_batch_axis: the axis of the state's leaves that holds the rows.
+      reorder_state: ``(state, parents [B*k]) -> state``, how the state follows the
+        surviving beams after each step (row r continues the hypothesis of row
+        ``parents[r]``); None: ``gather_rows`` on ``state_batch_axis``. A model can keep
+        its KV cache in place and record the parents instead (``transformer.translate``).
 
     Returns:
       ``BeamSearchResult(sequences [B, L], scores [B], beam_sequences [B, k, L],
@@ -327,7 +333,11 @@ def beam_search(
         pool_seqs = jnp.concatenate([ended_seqs, eos_seqs, alive_seqs], axis=1)  # [B, 3k, L]
         ended_scores, keep = jax.lax.top_k(pool_scores, k)  # [B, k], descending
         ended_seqs = pool_seqs[rows, keep]  # [B, k, L]
-        state = gather_rows(state, (rows * k + beam).reshape(-1), axis=state_batch_axis)
+        parents = (rows * k + beam).reshape(-1)  # [B*k]
+        if reorder_state is None:
+            state = gather_rows(state, parents, axis=state_batch_axis)
+        else:
+            state = reorder_state(state, parents)
         return i + 1, alive_seqs, alive_logp, ended_seqs, ended_scores, token.reshape(-1), state
 
     carry = (jnp.zeros((), jnp.int32), seqs, alive_logp, seqs, ended_scores, last, state)
@@ -348,12 +358,14 @@ def decode_sequences(
     length_penalty: float = 0.6,
     state_batch_axis: int = 0,
     forbidden: tuple[int, ...] = (),
+    reorder_state: Callable[[State, Array], State] | None = None,
 ) -> Array:
     """Best sequence per row: ``greedy_decode`` when ``beam_size == 1``, else ``beam_search``.
 
     Args:
       logits_fn: ``(tokens [R], state) -> (logits [R, V], state)``, a model's decode step.
       forbidden: token ids in ``[0, V)`` never generated (e.g. pad and BOS).
+      reorder_state: as in ``beam_search`` (greedy decoding does not reorder).
       Others: as in ``beam_search``.
 
     Returns:
@@ -379,5 +391,11 @@ def decode_sequences(
     if beam_size == 1:
         return greedy_decode(step, init_state, batch_size, **common)
     return beam_search(
-        step, init_state, batch_size, beam_size=beam_size, length_penalty=length_penalty, **common
+        step,
+        init_state,
+        batch_size,
+        beam_size=beam_size,
+        length_penalty=length_penalty,
+        reorder_state=reorder_state,
+        **common,
     ).sequences

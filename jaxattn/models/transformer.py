@@ -289,8 +289,9 @@ def _encoder_layer(lw: EncoderLayerWeights, x, mask, config, rate, rng):
 
 
 def _decoder_layer(lw: DecoderLayerWeights, y, cross, mask, config, rate, rng, cache=None):
-    """One decoder layer; for incremental decoding ``cache = (k, v, index, layer)``: every
-    decoder layer's caches stacked, ``[Ld, B, T_max, N, H]``, and this layer's index.
+    """One decoder layer; for incremental decoding ``cache = (k, v, index, layer,
+    slot_rows)``: every decoder layer's caches stacked, ``[Ld, B, T_max, N, H]``, this
+    layer's index, and ``decode_step``'s ``slot_rows``.
 
     Returns ``(y [B, T, D], (k, v) the stacks with this step written, or None)``.
     """
@@ -301,10 +302,11 @@ def _decoder_layer(lw: DecoderLayerWeights, y, cross, mask, config, rate, rng, c
         if cache is None:
             ctx = _attention(config, rate, r_self, q, k, v, is_causal=True)
             return project_output(lw.self_attn, ctx), None
-        k_cache, v_cache, index, layer = cache
+        k_cache, v_cache, index, layer, slot_rows = cache
         ctx, *new_cache = cached_attention(
-            q, k, v, k_cache, v_cache, index, layer=layer, **attention_options(config, rate, r_self)
-        )
+            q, k, v, k_cache, v_cache, index, layer=layer, slot_rows=slot_rows,
+            **attention_options(config, rate, r_self),
+        )  # fmt: skip
         return project_output(lw.self_attn, ctx), tuple(new_cache)
 
     def cross_attention(h):
@@ -362,14 +364,17 @@ def _decoder_stack(layers, y, cross, mask, layer_keys, config: TransformerConfig
 
 
 @jit_when_eager
-def _decoder_step_stack(layers, y, cache: KVCache, cross, mask, config: TransformerConfig):
+def _decoder_step_stack(
+    layers, y, cache: KVCache, cross, mask, slot_rows, config: TransformerConfig
+):
     # The stacked caches ride in the carry, each layer writing only its new row: as the
     # scan's inputs and outputs they were rebuilt whole (zero-filled, copied) per step.
     def body(carry, layer):
         y, k_cache, v_cache = carry
         lw, k, v, i = layer
+        step_cache = (k_cache, v_cache, cache.index, i, slot_rows)
         y, (k_cache, v_cache) = _decoder_layer(
-            lw, y, (k, v), mask, config, 0.0, None, cache=(k_cache, v_cache, cache.index, i)
+            lw, y, (k, v), mask, config, 0.0, None, cache=step_cache
         )
         return (y, k_cache, v_cache), None
 
@@ -587,6 +592,8 @@ def decode_step(
     cross: CrossKV,
     src_mask: Array,
     config: TransformerConfig,
+    *,
+    slot_rows: Array | None = None,
 ) -> tuple[Array, KVCache]:
     """Decode one token at position ``cache.index`` (no dropout).
 
@@ -595,6 +602,10 @@ def decode_step(
       token: ``[B]`` the previous token (BOS first).
       cross: ``cross_kv(weights, memory, config)``.
       src_mask: ``[B, S]`` boolean, True on real source tokens.
+      slot_rows: ``[B, T_max]`` int32 or None: row b reads slot s of cache row
+        ``slot_rows[b, s]`` (``ops.cached_attention``), with ``slot_rows[b, index] = b``;
+        beam search follows its hypotheses' ancestors this way instead of reordering the
+        cache. None: every row reads its own.
 
     Returns:
       ``(logits [B, V] float32, cache with this step's keys/values and index + 1)``.
@@ -630,7 +641,7 @@ def decode_step(
     positions = cache.index[None]  # [1]
     y = _embed(w.tgt_embedding, token[:, None], positions, config)  # [B, 1, D]
     mask = as_bool_mask(src_mask, "src_mask", "decode_step")[:, None, None, :]
-    y, (k, v) = _decoder_step_stack(w.decoder, y, cache, cross, mask, config)
+    y, (k, v) = _decoder_step_stack(w.decoder, y, cache, cross, mask, slot_rows, config)
     return _logits(w, y, config)[:, 0], KVCache(k, v, cache.index + 1)
 
 
@@ -646,9 +657,26 @@ def _translate(weights, src, src_lengths, config, beam_size, max_len, length_pen
     def logits_fn(token, cache):  # [B*k] -> logits [B*k, V]
         return decode_step(weights, cache, token, cross, src_mask, config)
 
+    # Beam search leaves the cache in place (reordering it by the beams' parents copied it
+    # whole twice per step, ~14% of the search's time on CPU): rows[s, r] is the cache row
+    # that holds slot s of hypothesis r's history, and attention reads through it.
+    def follow_logits_fn(token, state):  # state: (cache, rows [T_max, B*k])
+        cache, rows = state
+        rows = rows.at[cache.index].set(jnp.arange(rows.shape[1], dtype=jnp.int32))
+        logits, cache = decode_step(
+            weights, cache, token, cross, src_mask, config, slot_rows=rows.T
+        )
+        return logits, (cache, rows)
+
+    def reorder(state, parents):  # parents [B*k]: the rows the surviving beams extend
+        cache, rows = state
+        return cache, jnp.take(rows, parents, axis=1)
+
+    cache = init_cache(config, src.shape[0], max_len)
+    rows = jnp.zeros((max_len, src.shape[0]), jnp.int32)  # slot s's set when it is written
     return search.decode_sequences(
-        logits_fn,
-        init_cache(config, src.shape[0], max_len),
+        logits_fn if k == 1 else follow_logits_fn,
+        cache if k == 1 else (cache, rows),
         src.shape[0],
         beam_size=k,
         max_len=max_len,
@@ -658,6 +686,7 @@ def _translate(weights, src, src_lengths, config, beam_size, max_len, length_pen
         length_penalty=length_penalty,
         state_batch_axis=1,
         forbidden=(config.pad_id, config.bos_id),  # never generated
+        reorder_state=None if k == 1 else reorder,
     )
 
 

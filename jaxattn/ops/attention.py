@@ -969,6 +969,7 @@ def cached_attention(
     layer: Array | None = None,
     mask: Array | None = None,
     local_window_size: int | tuple[int, int] | None = None,
+    slot_rows: Array | None = None,
     **attention_options: Any,
 ) -> tuple[Array, Array, Array]:
     """One step of incremental decoding: write a chunk's keys and values into a KV cache
@@ -981,6 +982,12 @@ def cached_attention(
         cache is read in q's dtype.
       mask: boolean, broadcastable to ``[B, N, T, S]``, also True = attend (e.g. a
         ``[B, 1, 1, S]`` mask hiding left padding); None for none.
+      slot_rows: ``[B, S]`` integers in ``[0, B)`` or None: row b attends to slot s of
+        cache row ``slot_rows[b, s]`` instead of its own (beam search: the cache keeps the
+        rows as they were written and ``slot_rows`` follows each hypothesis' ancestors, so
+        the cache is never reordered). The slots this chunk writes are read as the chunk
+        wrote them, so those entries should be ``b``. Not for head-row caches. The result
+        is that of the cache reordered by ``slot_rows``, without writing it.
       attention_options: passed to ``dot_product_attention`` (``implementation``,
         ``dropout_rate``, ``dropout_rng``, ``scale``).
 
@@ -993,6 +1000,21 @@ def cached_attention(
     if mask is not None:
         visible = combine_masks(visible, mask)
     keys, values = (k_cache, v_cache) if layer is None else (k_cache[layer], v_cache[layer])
+    if slot_rows is not None:
+        if (
+            keys.ndim != 4
+            or jnp.shape(slot_rows) != keys.shape[:2]
+            or not jnp.issubdtype(jnp.result_type(slot_rows), jnp.integer)
+        ):
+            raise ValueError(
+                f"cached_attention: slot_rows must be [B, S] = {keys.shape[:2]} integers for "
+                f"a [B, S, K, H] cache (not head rows), got {jnp.shape(slot_rows)} "
+                f"{jnp.result_type(slot_rows)}"
+            )
+        # On XLA:CPU the gather fuses into the copy that lays the keys out for the einsum
+        # path's product: no pass over the cache beyond the one it makes anyway.
+        slots = jnp.arange(keys.shape[1])[None, :]
+        keys, values = (x.at[slot_rows, slots].get(mode="clip") for x in (keys, values))
     q = jnp.asarray(q)
     heads = (k.shape[0], k.shape[2]) if keys.ndim == 3 else None  # head rows: the chunk's B, K
     out = _dot_product_attention(

@@ -462,6 +462,41 @@ def test_beam_one_equals_greedy_on_the_model(np_rng):
     assert greedy.shape == (3, 6) and not np.any(np.asarray(greedy) == BOS)
 
 
+def test_beam_search_reading_the_cache_through_slot_rows_equals_reordering_it(np_rng):
+    """translate's beam search leaves the KV cache in place and reads it through the beams'
+    ancestor rows (decode_step's slot_rows): the same tokens, bit for bit, as reordering
+    the cache by the parents after every step (beam_search's gather_rows), which it did
+    before. The beams change parents here: not following them changes the result."""
+    config = BASE
+    w = random_weights(config, seed=3)  # (seeds whose beams all repeat one token test less)
+    src, lengths, _ = example_batch(config, np_rng)
+    k, steps, alpha = 3, 8, jnp.float32(0.6)
+
+    @jit
+    def followed_and_reordered(w, src, lengths, alpha):
+        new = transformer._translate.__wrapped__(w, src, lengths, config, k, steps, alpha)
+        memory = encode(w, src, lengths, config)
+        cross = jax.tree.map(lambda a: jnp.repeat(a, k, axis=1), cross_kv(w, memory, config))
+        src_mask = jnp.repeat(jnp.arange(5)[None] < lengths[:, None], k, axis=0)
+
+        def step(token, cache):
+            logits, cache = decode_step(w, cache, token, cross, src_mask, config)
+            return jax.nn.log_softmax(search.forbid_tokens(logits, (PAD, BOS))), cache
+
+        kw = dict(beam_size=k, max_len=steps, bos_id=BOS, eos_id=EOS, length_penalty=alpha)
+        cache = init_cache(config, 3, steps)
+        old = search.beam_search(step, cache, 3, state_batch_axis=1, **kw).sequences
+        # The cache neither reordered nor followed: each row reads its own history.
+        unfollowed = search.beam_search(
+            step, cache, 3, state_batch_axis=1, reorder_state=lambda s, parents: s, **kw
+        ).sequences
+        return new, old, unfollowed
+
+    new, old, unfollowed = followed_and_reordered(w, src, lengths, alpha)
+    np.testing.assert_array_equal(new, old)
+    assert np.any(np.asarray(unfollowed) != np.asarray(old))
+
+
 @pytest.mark.parametrize(
     ("changes", "match"),
     [

@@ -1148,6 +1148,34 @@ def test_cached_attention_in_chunks_equals_causal_attention_over_the_whole(
         assert not jnp.any(k_cache[0]) and not jnp.any(v_cache[2])  # other layers untouched
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_cached_attention_through_slot_rows_equals_it_on_the_reordered_cache(np_rng, stacked):
+    """slot_rows reads slot s of row b from cache row slot_rows[b, s] (beam search's
+    ancestors): the same outputs, bit for bit, as on a cache whose rows were gathered so,
+    and the chunk's own slots are written to the row that computed them."""
+    b, s, kh, index = 4, 6, 2, 3
+    q, k, v = qkv(np_rng, kh, t=1, s=1, n=4, b=b)
+    shape = (b, s, kh, H)
+    k_cache, v_cache = (normal(np_rng, *shape) for _ in range(2))
+    rows = np_rng.integers(0, b, (b, s)).astype(np.int32)
+    rows[:, index] = np.arange(b)  # the slot written now: each row's own
+    gathered = [x[rows, np.arange(s)[None]] for x in (k_cache, v_cache)]  # [B, S, K, H]
+    stack = (lambda x: jnp.stack([jnp.zeros_like(x), x])) if stacked else jnp.asarray
+    layer = jnp.int32(1) if stacked else None
+    step = jax.jit(partial(cached_attention, implementation="xla", layer=layer))
+    out, new_k, _ = step(q, k, v, stack(k_cache), stack(v_cache), 3, slot_rows=rows)
+    want = step(q, k, v, stack(gathered[0]), stack(gathered[1]), 3)[0]
+    np.testing.assert_array_equal(out, want)
+    new_k = new_k[1] if stacked else new_k
+    np.testing.assert_array_equal(new_k[:, index], k[:, 0])  # written in place, unreordered
+    np.testing.assert_array_equal(np.delete(new_k, index, 1), np.delete(k_cache, index, 1))
+    with pytest.raises(ValueError, match=r"slot_rows must be \[B, S\] = \(4, 6\) integers"):
+        cached_attention(q, k, v, stack(k_cache), stack(v_cache), 3, layer=layer, slot_rows=rows.T)
+    with pytest.raises(ValueError, match="not head rows"):
+        cache = head_rows(jnp.asarray(k_cache))
+        cached_attention(q, k, v, cache, cache, 3, slot_rows=rows)
+
+
 def test_head_rows_is_one_block_of_rows_per_batch_and_head(np_rng):
     x = np_rng.standard_normal((2, 5, 3, 4)).astype(np.float32)  # [B, S, K, H]
     rows = head_rows(x)
