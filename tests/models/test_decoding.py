@@ -425,6 +425,48 @@ def test_sampled_generate_memory_does_not_grow_with_the_new_tokens(eos_id):
     assert temp_bytes(512) - temp_bytes(16) < noise_bytes / 16
 
 
+@pytest.mark.parametrize("eos_id", [None, 3])
+def test_sampled_generate_draws_a_small_loops_noise_up_front_with_the_same_tokens(
+    monkeypatch, eos_id
+):
+    """Up to _UP_FRONT_NOISE numbers the loop's noise is drawn before it (one threefry call
+    rather than one per token): the tokens a draw per step gives, and no draw in the loop."""
+    vocab, n = 16, 10
+    table = jax.random.normal(key(0), (vocab, vocab))  # next-token logits by token
+
+    def decode_fn(tokens, cache):
+        return table[tokens], cache + tokens.shape[1]
+
+    def run(prompt, rng):
+        cache = jnp.zeros((), jnp.int32)
+        return decoding.generate(decode_fn, cache, prompt, n, rng=rng, eos_id=eos_id)
+
+    prompt = jnp.array([[1, 2], [3, 4]], jnp.int32)
+    trace = lambda rng: jax.make_jaxpr(lambda *a: run(*a))(prompt, rng).jaxpr  # (not cached)
+
+    def primitives(jaxpr):  # every primitive in a jaxpr and the jaxprs it calls
+        for eqn in jaxpr.eqns:
+            yield eqn.primitive.name
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple) else (param,):
+                    sub = getattr(sub, "jaxpr", sub)  # (a ClosedJaxpr's)
+                    if hasattr(sub, "eqns"):
+                        yield from primitives(sub)
+
+    def loop_draws(jaxpr):  # random draws inside the decoding loop's body
+        loop = next(e for e in jaxpr.eqns if e.primitive.name in ("scan", "while"))
+        body = loop.params["jaxpr" if loop.primitive.name == "scan" else "body_jaxpr"]
+        return bool({"random_bits", "threefry2x32"} & set(primitives(body.jaxpr)))
+
+    rng = jax.random.key(1)  # threefry (vmapped, rbg keys draw other numbers: per step)
+    assert not loop_draws(trace(rng))
+    assert loop_draws(trace(key(1)))
+    up_front = run(prompt, rng)
+    monkeypatch.setattr(decoding, "_UP_FRONT_NOISE", 0)
+    assert loop_draws(trace(rng))
+    np.testing.assert_array_equal(up_front, run(prompt, rng))
+
+
 def _reference_cropped(w, prompt, n, config, pick):
     """nanoGPT's generate: token t from a full pass over the last block_size tokens.
 
