@@ -321,7 +321,10 @@ def _block(
     rng_attn, rng_res1, rng_res2 = jax.random.split(rng, 3) if rate > 0 else (None,) * 3
     eps = config.layer_norm_eps
 
-    q, k, v = project_qkv(blk.attn, layer_norm(blk.ln1, x, eps=eps))  # [B, T, N|K, H]
+    # One product for q, k and v where it is faster: a token step over per-layer weights.
+    fused = cache is not None and cache[3] is None and x.shape[1] == 1
+    h = layer_norm(blk.ln1, x, eps=eps)
+    q, k, v = project_qkv(blk.attn, h, fused=fused)  # [B, T, N|K, H]
     if config.positions == "rope":
         q = apply_rope(q, positions, base=config.rope_base)
         k = apply_rope(k, positions, base=config.rope_base)

@@ -933,6 +933,26 @@ def test_multi_head_attention_gqa_matches_numpy(np_rng):
     np.testing.assert_allclose(project_output(w, jnp.asarray(ctx, jnp.float32)), want, **TOL)
 
 
+@pytest.mark.parametrize("biases", ["all", "some", "none"])
+def test_fused_qkv_projection_matches_numpy(np_rng, biases):
+    """fused=True (one product over the joined kernels) gives the three projections of
+    self-attention, with GQA, each bias or none; a bias of the wrong shape is named."""
+    d, dout, n, k_heads, h = 7, 13, 6, 2, 5
+    w = random_mha_weights(np_rng, d, n, h, d, k_heads, dout)
+    dropped = {"all": (), "some": ("b_q", "b_v"), "none": ("b_q", "b_k", "b_v")}[biases]
+    w = w._replace(**dict.fromkeys(dropped))
+    x = normal(np_rng, B, 1, d)
+    got = jax.jit(lambda w, x: project_qkv(w, x, fused=True))(w, x)
+    for g, kernel, bias in zip(got, (w.w_q, w.w_k, w.w_v), (w.b_q, w.b_k, w.b_v)):
+        want = np.einsum("btd,dnh->btnh", f64(x), f64(kernel)) + (0 if bias is None else f64(bias))
+        assert g.shape == want.shape
+        np.testing.assert_allclose(g, want, **TOL)
+    with pytest.raises(
+        ValueError, match=r"project_qkv: a bias of shape \(5, 6\) .* must be \(6, 5\)"
+    ):
+        project_qkv(w._replace(b_q=jnp.zeros((h, n))), x, fused=True)
+
+
 @pytest.mark.parametrize("return_weights", [False, True])
 def test_multi_head_attention_bias_matches_numpy(np_rng, return_weights):
     # An additive bias (e.g. ALiBi or relative positions) reaches the logits on both paths.
