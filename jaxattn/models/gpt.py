@@ -374,6 +374,7 @@ _check_config = config_checker(
         "gpt": "gpt(weights, tokens, config)",
         "gpt_loss": "gpt_loss(weights, tokens, targets, config)",
         "gpt_decode": "gpt_decode(weights, tokens, cache, config)",
+        "init_cache": "init_cache(config, batch_size, max_len)",
         "generate": "generate(weights, config, prompt, max_new_tokens)",
     },
 )
@@ -589,6 +590,7 @@ def init_cache(
 
     ``dtype`` defaults to the compute dtype. ``max_len`` may not exceed ``block_size``.
     """
+    _check_config(config, "init_cache")
     layout = (config.num_layers, config.kv_heads, config.head_dim)
     limit = ("block_size", config.block_size)
     dtype = config.compute_dtype if dtype is None else dtype

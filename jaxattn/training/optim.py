@@ -149,8 +149,12 @@ def _check_setting(name: str, value: Any, ok: Callable[[float], bool], expected:
 
 def _real(value: Any) -> bool:
     """True for a real scalar, not a bool (float("1.0") would pass a string, which then
-    fails in a comparison; None and complex numbers are refused too)."""
-    return np.ndim(value) == 0 and np.asarray(value).dtype.kind in "iuf"
+    fails in a comparison; None and complex numbers are refused too). bfloat16 counts:
+    its NumPy kind is "V", not "f"."""
+    if np.ndim(value) != 0:
+        return False
+    dtype = np.asarray(value).dtype
+    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
 
 
 def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:

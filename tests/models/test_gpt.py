@@ -836,6 +836,13 @@ def test_swapped_arguments_name_the_argument_order():
         gpt_module.gpt(w, BASE, tokens)
     with pytest.raises(TypeError, match=r"gpt_loss: config must be a GPTConfig"):
         gpt_module.gpt_loss(w, tokens, tokens, tokens)
+    # As transformer.init_cache: it was "AttributeError: 'int' object has no attribute".
+    with pytest.raises(
+        TypeError,
+        match=r"init_cache: config must be a GPTConfig, got int; the arguments are "
+        r"init_cache\(config, batch_size, max_len\)",
+    ):
+        gpt_module.init_cache(1, BASE, 4)
 
 
 def test_gpt_decode_refuses_a_hand_made_cache_past_the_model():

@@ -305,3 +305,11 @@ def test_traced_hyperparameters_pass_unchecked():
     state = tx.init(params)
     updates, _ = jax.jit(tx.update)({"w": jnp.ones((2, 2))}, state, params)
     assert np.isfinite(updates["w"]).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_real_scalars_of_any_float_dtype_pass(dtype):
+    """bfloat16 (NumPy kind "V", not "f") passed before the check read dtype kinds."""
+    value = jnp.asarray(1e-3, dtype)
+    optim.make_optimizer(value, b1=jnp.asarray(0.5, dtype), eps=jnp.asarray(0.0, dtype))
+    optim.learning_rate_schedule(value, warmup_steps=1, lr_decay_steps=5, min_lr=value)
