@@ -323,8 +323,8 @@ def _block(
 
     # One product for q, k and v where it is faster: a token step over per-layer weights.
     fused = cache is not None and cache[3] is None and x.shape[1] == 1
-    h = layer_norm(blk.ln1, x, eps=eps)
-    q, k, v = project_qkv(blk.attn, h, fused=fused)  # [B, T, N|K, H]
+    # q: [B, T, N, H]; k, v: [B, T, K, H]
+    q, k, v = project_qkv(blk.attn, layer_norm(blk.ln1, x, eps=eps), fused=fused)
     if config.positions == "rope":
         q = apply_rope(q, positions, base=config.rope_base)
         k = apply_rope(k, positions, base=config.rope_base)

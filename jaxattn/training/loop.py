@@ -415,8 +415,9 @@ class Trainer:
             with writer as self.writer, _StopOnSignal() as stop:
                 if self.evaluating and self.step == 0 and self.saved_step is None:
                     self.last_eval = self._evaluate()
-                    self._stop_on_non_finite_eval(self.last_eval | {"tokens_per_s": None})
-                    self.writer.write(0, self.last_eval | {"tokens_per_s": None})
+                    record = self.last_eval | {"tokens_per_s": None}
+                    self._stop_on_non_finite_eval(record)
+                    self.writer.write(0, record)
                     self.say(f"step 0: val loss {self.last_eval['val_loss']:.4f}")
                 self._train(stop)
                 if stop.signal_name is None:
