@@ -50,6 +50,29 @@ def config_checker(expected: type, signatures: dict[str, str]) -> Callable[[Any,
     return check
 
 
+def is_key(rng: Any) -> bool:
+    """Whether ``rng`` is PRNG key data: typed keys (``jax.random.key``) or raw ``[..., 2]``
+    uint32 ones (``jax.random.PRNGKey``), of any leading shape; tracers of either too."""
+    dtype = getattr(rng, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and jnp.ndim(rng) >= 1 and jnp.shape(rng)[-1] == 2
+    return typed or raw
+
+
+def check_key(rng: Any, where: str) -> None:
+    """Raise ``TypeError`` naming ``where`` unless ``rng`` is a PRNG key (``is_key``): an int
+    seed failed inside JAX as "invalid PRNG key data", None as "unexpected PRNG key type"."""
+    if not is_key(rng):
+        dtype = getattr(rng, "dtype", None)
+        if dtype is not None:
+            got = f"{dtype} {jnp.shape(rng)}"
+        elif rng is None or isinstance(rng, numbers.Number):
+            got = repr(rng)  # a seed, or None
+        else:
+            got = type(rng).__name__  # a config or a weights tree: not its whole repr
+        raise TypeError(f"{where}: rng must be a PRNG key such as jax.random.key(seed), got {got}")
+
+
 def checkpointed_layer(body: Callable, remat: bool) -> Callable:
     """A layer scan's ``body`` under ``jax.checkpoint``: saving its matmul outputs, or with
     ``remat`` nothing but its inputs (each layer recomputed in the backward)."""

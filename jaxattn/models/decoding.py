@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattn.models._config import is_key
 from jaxattn.ops._checks import check_flag, check_size
 
 Array = jax.Array
@@ -132,10 +133,8 @@ def check_sampling_key(
     would otherwise fail inside JAX as "unexpected PRNG key type", naming neither."""
     if greedy or is_greedy(temperature):
         return
-    dtype = getattr(rng, "dtype", None)
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    raw = dtype == jnp.uint32 and jnp.ndim(rng) >= 1 and jnp.shape(rng)[-1] == 2
-    if not (typed or raw):
+    if not is_key(rng):
+        dtype = getattr(rng, "dtype", None)
         got = repr(rng) if dtype is None else f"{dtype} {jnp.shape(rng)}"
         shown = "a traced value" if _traced(temperature) else temperature
         raise ValueError(

@@ -32,6 +32,7 @@ from jaxattn.models._config import (
     check_attention_implementation,
     check_bools,
     check_compute_dtype,
+    check_key,
     check_positive,
     check_positive_ints,
     check_rate,
@@ -252,6 +253,8 @@ def init_gpt(rng: Array, config: GPTConfig) -> GPTWeights:
     Returns:
       ``GPTWeights`` (float32) whose ``blocks`` leaves are stacked ``[L, ...]``.
     """
+    _check_config(config, "init_gpt")  # (else a "replace() ... dataclass" TypeError)
+    check_key(rng, "init_gpt")
     structure = dataclasses.replace(
         config,
         dropout=0.0,
@@ -371,6 +374,7 @@ def _logits(weights: GPTWeights, x: Array, config: GPTConfig) -> Array:
 _check_config = config_checker(
     GPTConfig,
     {
+        "init_gpt": "init_gpt(rng, config)",
         "gpt": "gpt(weights, tokens, config)",
         "gpt_loss": "gpt_loss(weights, tokens, targets, config)",
         "gpt_decode": "gpt_decode(weights, tokens, cache, config)",

@@ -43,6 +43,7 @@ from jaxattn.models import beam_search as search
 from jaxattn.models._config import (
     check_bools,
     check_finite,
+    check_key,
     check_positive_ints,
     check_rate,
     check_size,
@@ -155,6 +156,8 @@ class Seq2SeqWeights(NamedTuple):
 def init_seq2seq(rng: Array, config: Seq2SeqConfig) -> Seq2SeqWeights:
     """Initialise: N(0, 1) embeddings (PyTorch's), PyTorch's LSTM init plus
     ``config.forget_bias`` on the forget gates' bias (1.0 by default), N(0, 1/fan_in) dense."""
+    _check_config(config, "init_seq2seq")
+    check_key(rng, "init_seq2seq")
     keys = jax.random.split(rng, 8)
     e, h, att = config.embed_dim, config.hidden_size, config.attention
     lstm = functools.partial(
@@ -185,6 +188,7 @@ def init_seq2seq(rng: Array, config: Seq2SeqConfig) -> Seq2SeqWeights:
 _check_config = config_checker(
     Seq2SeqConfig,
     {
+        "init_seq2seq": "init_seq2seq(rng, config)",
         "encode": "encode(weights, src, src_lengths, config)",
         "init_decode_state": "init_decode_state(final_state, config)",
         "seq2seq_logits": "seq2seq_logits(weights, src, src_lengths, tgt_in, config)",

@@ -44,6 +44,7 @@ from jaxattn.models._config import (
     check_attention_implementation,
     check_bools,
     check_compute_dtype,
+    check_key,
     check_positive,
     check_positive_ints,
     check_rate,
@@ -205,6 +206,7 @@ class CrossKV(NamedTuple):
 _check_config = config_checker(
     TransformerConfig,
     {
+        "init_transformer": "init_transformer(rng, config)",
         "encode": "encode(weights, src, src_lengths, config)",
         "cross_kv": "cross_kv(weights, memory, config)",
         "decode": "decode(weights, memory, src_mask, tgt_in, config)",
@@ -220,6 +222,8 @@ _check_config = config_checker(
 def init_transformer(rng: Array, config: TransformerConfig) -> TransformerWeights:
     """Initialise: N(0, 1/D) embeddings (unit variance after the sqrt(D) scale), N(0, 1/fan_in)
     projections, zero biases, unit layer norms."""
+    _check_config(config, "init_transformer")
+    check_key(rng, "init_transformer")
     d, n, f = config.embed_dim, config.num_heads, config.mlp_ratio * config.embed_dim
     keys = jax.random.split(rng, 5)
     attn = functools.partial(init_multi_head_attention, q_dim=d, num_heads=n)

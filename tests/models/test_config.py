@@ -1,0 +1,49 @@
+"""The argument checks every model's init shares (``jaxattn/models/_config.py``)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattn.models.gpt import GPTConfig, init_gpt
+from jaxattn.models.seq2seq import Seq2SeqConfig, init_seq2seq
+from jaxattn.models.transformer import TransformerConfig, init_transformer
+
+INITS = [
+    (init_gpt, GPTConfig(vocab_size=13, block_size=11, num_layers=2, num_heads=3, embed_dim=12)),
+    (init_seq2seq, Seq2SeqConfig(src_vocab_size=11, tgt_vocab_size=13, embed_dim=5, hidden_size=7)),
+    (
+        init_transformer,
+        TransformerConfig(
+            src_vocab_size=11,
+            tgt_vocab_size=13,
+            embed_dim=12,
+            num_heads=3,
+            max_len=9,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("init, config", INITS, ids=[init.__name__ for init, _ in INITS])
+def test_init_names_a_swapped_config_or_a_bad_rng(init, config):
+    """Swapped, init_gpt(config, key) failed as "replace() should be called on dataclass
+    instances", init_seq2seq's as "unexpected PRNG key type", init_transformer's as
+    "'PRNGKeyArray' object has no attribute 'embed_dim'"; an int seed as "JAX encountered
+    invalid PRNG key data": naming neither the function nor the argument."""
+    name, kind = init.__name__, type(config).__name__
+    with pytest.raises(
+        TypeError,
+        match=rf"{name}: config must be a {kind}, got PRNGKeyArray; the arguments are "
+        rf"{name}\(rng, config\)",
+    ):
+        init(config, jax.random.key(0))
+    for rng, got in [(0, "0"), (None, "None"), (jnp.zeros(2), r"float32 \(2,\)")]:
+        with pytest.raises(TypeError, match=rf"{name}: rng must be a PRNG key .*, got {got}$"):
+            init(rng, config)
+    # Raw uint32 key data (jax.random.PRNGKey) is a key too: the same one as jax.random.key.
+    legacy, typed = init(jax.random.PRNGKey(3), config), init(jax.random.key(3), config)
+    for a, b in zip(jax.tree.leaves(legacy), jax.tree.leaves(typed), strict=True):
+        np.testing.assert_array_equal(a, b)
