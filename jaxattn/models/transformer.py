@@ -676,11 +676,13 @@ def _translate(weights, src, src_lengths, config, beam_size, max_len, length_pen
         cache, rows = state
         return cache, jnp.take(rows, parents, axis=1)
 
-    cache = init_cache(config, src.shape[0], max_len)
-    rows = jnp.zeros((max_len, src.shape[0]), jnp.int32)  # slot s's set when it is written
+    state = init_cache(config, src.shape[0], max_len)
+    if k > 1:  # beam search's state: (cache, rows); greedy's rows read their own cache
+        rows = jnp.zeros((max_len, src.shape[0]), jnp.int32)  # slot s's set when it is written
+        state = (state, rows)
     return search.decode_sequences(
         logits_fn if k == 1 else follow_logits_fn,
-        cache if k == 1 else (cache, rows),
+        state,
         src.shape[0],
         beam_size=k,
         max_len=max_len,
