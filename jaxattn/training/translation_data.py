@@ -274,12 +274,49 @@ def bucket_of(length: int, buckets: Sequence[int]) -> int:
     return i
 
 
+# The largest id an int32 batch holds, and the integer types that hold no larger one.
+_MAX_ID = np.iinfo(np.int32).max
+_INT32_SAFE = frozenset(map(np.dtype, (np.int32, np.int16, np.int8, np.uint16, np.uint8)))
+
+
+def _as_ids(ids, what: str) -> np.ndarray:
+    """``ids`` as a NumPy array, checked before the int32 batch's assignment casts it: a float
+    3.5 would become 3, ``True`` 1, the string "5" 5, and an int64 ``2**32 + 5`` wrap to 5.
+    (Negative ids are refused afterwards, on the whole batch at once.)"""
+    ids = np.asarray(ids)
+    if ids.dtype in _INT32_SAFE:  # encode_pairs' int32 rows: one set lookup per row
+        return ids
+    if ids.dtype.kind not in "iu" and ids.size:  # (an empty list is float64: no id to cast)
+        raise ValueError(f"make_batch: {what} token ids must be integers, got dtype {ids.dtype}")
+    # The other integer types (int64: NumPy's default, a list's) are scanned per row.
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi > _MAX_ID:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"make_batch: {what} token ids must be in [0, 2**31), got {bad}")
+    return ids
+
+
+def _check_not_negative(ids: np.ndarray, what: str) -> None:
+    """Raise naming the first row of the int32 ``ids [B, L]`` with a negative id."""
+    if ids.size and ids.min() < 0:  # one pass over the batch, not one per row
+        i = int(np.argmax((ids < 0).any(axis=1)))
+        raise ValueError(
+            f"make_batch: {what} {i} token ids must be in [0, 2**31), got {ids[i].min()}"
+        )
+
+
 def make_batch(
     src: Sequence[np.ndarray], tgt: Sequence[np.ndarray] | None, length: int
 ) -> dict[str, np.ndarray]:
     """Pad a list of examples to ``[B, length]`` (see the module docstring for the keys).
 
     With ``tgt=None`` only ``src`` and ``src_lengths`` are returned (for decoding).
+
+    Raises:
+      ValueError: mismatched lists, an example longer than ``length``, or ids that are not
+        integers >= 0 (a float, a bool or a string, which the int32 batch would cast). The
+        vocabulary bound is ``translation_dataset``'s and the models' check.
     """
     b = len(src)
     if tgt is not None and len(tgt) != b:  # (the targets' rows would silently stay padding)
@@ -288,8 +325,9 @@ def make_batch(
     for i, s in enumerate(src):
         if len(s) > length:
             raise ValueError(f"source {i} has {len(s)} tokens, more than the length {length}")
-        out["src"][i, : len(s)] = s
+        out["src"][i, : len(s)] = _as_ids(s, f"source {i}")
         out["src_lengths"][i] = len(s)
+    _check_not_negative(out["src"], "source")
     if tgt is None:
         return out
     tgt_in = np.full((b, length), PAD_ID, np.int32)
@@ -297,8 +335,10 @@ def make_batch(
     for i, t in enumerate(tgt):
         if len(t) + 1 > length:
             raise ValueError(f"target {i} has {len(t)} + 1 tokens, more than the length {length}")
+        t = _as_ids(t, f"target {i}")
         tgt_in[i, 0], tgt_in[i, 1 : len(t) + 1] = BOS_ID, t
         tgt_out[i, : len(t)], tgt_out[i, len(t)] = t, EOS_ID
+    _check_not_negative(tgt_out, "target")
     lengths = np.array([len(t) + 1 for t in tgt])
     out |= {
         "tgt_in": tgt_in,

@@ -378,6 +378,50 @@ def test_make_batch_refuses_more_sources_than_targets():
         td.make_batch(src, src[:1], 4)  # (the second row's target stayed padding, unmasked)
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.array([4, 3.5]), "must be integers, got dtype float64"),  # was truncated to 3
+        ([4.0, 5.0], "must be integers, got dtype float64"),  # even whole floats
+        (np.array([True, False]), "must be integers, got dtype bool"),  # was 1, 0
+        (np.array(["4", "5"]), "must be integers, got dtype <U1"),  # was parsed to 4, 5
+        (np.array([4, -1], np.int32), r"must be in \[0, 2\*\*31\), got -1"),
+        ([4, -1], r"must be in \[0, 2\*\*31\), got -1"),
+        (np.array([4, 2**32 + 5]), r"must be in \[0, 2\*\*31\), got 4294967301"),  # was 5
+    ],
+)
+def test_make_batch_refuses_ids_the_int32_batch_would_cast(bad, message):
+    """make_batch wrote each row into an int32 array with NumPy's unsafe cast: ids that are
+    not ints >= 0 came out as other (or negative) ids, silently (decode_batches' sources are
+    not checked before it)."""
+    good = np.array([5, 6], np.int32)
+    with pytest.raises(ValueError, match=rf"^make_batch: source 1 token ids {message}"):
+        td.make_batch([good, bad], [good, good], 4)
+    with pytest.raises(ValueError, match=rf"^make_batch: target 1 token ids {message}"):
+        td.make_batch([good, good], [good, bad], 4)
+    with pytest.raises(ValueError, match=rf"^make_batch: source 1 token ids {message}"):
+        td.decode_batches([good, bad], batch_size=2, buckets=(4,))
+
+
+def test_make_batch_takes_int_lists_and_types_as_int32_arrays():
+    """The checks change no valid batch: Python lists, int64, uint8 and empty rows."""
+    rows = [
+        np.array([5, 6, 7], np.int32),
+        [8, 9],
+        np.array([10], np.int64),
+        np.array([11], np.uint8),
+    ]
+    want = td.make_batch([np.asarray(r, np.int32) for r in rows], [np.array([12], np.int32)] * 4, 5)
+    got = td.make_batch(rows, [[12]] * 4, 5)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+        assert got[key].dtype == want[key].dtype
+    empty = td.make_batch([[], np.array([5], np.int32)], None, 2)
+    np.testing.assert_array_equal(empty["src"], [[0, 0], [5, 0]])
+    np.testing.assert_array_equal(empty["src_lengths"], [0, 1])
+
+
 @pytest.mark.parametrize("n", [-1, 2.0])
 def test_sample_refuses_a_negative_or_fractional_count(n):
     # -1 drew all items but one (a slice end), silently.
