@@ -15,7 +15,9 @@ refused). At the end the run decodes the test split (greedy or beam search), app
 "max_test_examples": ..., "test_sentences": ..., "translations": FILE}`` (sacrebleu corpus
 BLEU and the decode settings behind it) to ``DIR/metrics.jsonl``, writes every test
 translation to ``DIR/test_translations.tsv`` and, for the LSTM attention models, draws
-``DIR/attention.png``.
+``DIR/attention.png``. A rerun of a finished run trains nothing and, if ``metrics.jsonl``
+has a ``test_bleu`` record of that step with these decode settings, prints it instead of
+decoding again (other settings are decoded and recorded).
 
 ``--translate`` and ``--bleu_only`` take the config from the checkpoint: only the decode
 settings (``--config.beam_size``, ``decode_max_len``, ``decode_batch_size``,
@@ -86,7 +88,7 @@ from jaxattn.training.loop import (
     make_eval_step,
     make_train_step,
 )
-from jaxattn.training.metrics import MetricsWriter, is_remote
+from jaxattn.training.metrics import MetricsWriter, is_remote, read_metrics
 from jaxattn.training.optim import optimizer_from_config
 
 _DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lstm_dot_cpu.py")
@@ -381,12 +383,14 @@ def plot_attention(params, model, sp, sentences: list[str], path: Path, config) 
 def load_data(config, workdir: Path):
     """Split, train/load the workdir's sentencepiece model, encode train and val."""
     pairs = td.load_pairs(config.data_path)
-    split = td.split_pairs(pairs, seed=config.split_seed)
+    split = td.split_pairs(pairs, seed=config.split_seed, fractions=td.SPLIT_FRACTIONS)
     corpus = repr(config.data_path) if config.data_path else "the bundled corpus"
     if not (split.train and split.val):  # (sentencepiece said "no sentences to train on")
+        train_f, val_f = td.SPLIT_FRACTIONS
+        percents = "/".join(f"{100 * f:g}" for f in (train_f, val_f, 1 - train_f - val_f))
         raise ValueError(
             f"{corpus} (config.data_path) is too small: its {len(pairs):,} pairs split "
-            f"90/5/5 by English sentence leave {len(split.train):,} train and "
+            f"{percents} by English sentence leave {len(split.train):,} train and "
             f"{len(split.val):,} validation pairs; each split needs some"
         )
     train_pairs = split.train[: config.max_train_examples or None]
@@ -507,6 +511,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if result.interrupted:
         print_once(f"Stopped at step {result.step}; run the same command again to resume.")
         sys.exit(INTERRUPTED_EXIT_CODE)
+    if result.trained_steps == 0 and report_recorded_bleu(workdir, result.step, config, test_pairs):
+        return  # (every process: none decodes)
     params = sharding.gather_params(result.state.params)  # Every process: the whole model.
     t0 = time.perf_counter()
     bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)  # (all processes)
@@ -562,13 +568,52 @@ def record_test_bleu(
     lines = "".join(f"{s}\t{r}\t{h}\n" for (s, r), h in zip(test_pairs, hyps))
     (workdir / name).write_text(lines, encoding="utf-8")
     with MetricsWriter(workdir, tensorboard=False) as writer:
-        writer.write(step, {
-            "test_bleu": bleu, "beam_size": config.beam_size,
-            "decode_max_len": config.decode_max_len,
-            "max_test_examples": config.max_test_examples,  # 0: all
-            "test_sentences": len(test_pairs), "translations": name,
-        })  # fmt: skip
+        record = {"test_bleu": bleu} | bleu_settings(config, test_pairs) | {"translations": name}
+        writer.write(step, record)
     return workdir / name
+
+
+def bleu_settings(config, test_pairs) -> dict:
+    """The decode settings a ``test_bleu`` record names (``decode_batch_size`` only groups
+    the sentences)."""
+    return {
+        "beam_size": config.beam_size, "decode_max_len": config.decode_max_len,
+        "max_test_examples": config.max_test_examples,  # 0: all
+        "test_sentences": len(test_pairs),
+    }  # fmt: skip
+
+
+def report_recorded_bleu(workdir: Path, step: int, config, test_pairs) -> bool:
+    """Print the ``test_bleu`` record of ``step`` with ``config``'s decode settings in
+    ``DIR/metrics.jsonl``, if there is one; returns whether there was, the same on every
+    process (a collective: all must call it).
+
+    A rerun of a finished run trains nothing: decoding again would only append the same
+    score (and write the same translations). Other settings are a new measurement.
+    """
+    found, name = None, None
+    path = workdir / "metrics.jsonl"
+    if jax.process_index() == 0 and path.is_file():
+        settings = bleu_settings(config, test_pairs).items()
+        records = [r for r in read_metrics(path) if "test_bleu" in r]
+        same = [r for r in records if r["step"] == step and r.items() >= settings]
+        found = same[-1] if same else None
+        # Its translations file, unless a later decode (other settings) wrote over it (or
+        # an older version's record names none).
+        if found is not None and "translations" in found:
+            writers = [r for r in records if r.get("translations") == found["translations"]]
+            name = found["translations"] if writers[-1] is found else None
+    recorded = found is not None
+    if jax.process_count() > 1:  # (process 0's answer: the others' view of the file may lag)
+        recorded = bool(multihost_utils.broadcast_one_to_all(np.int32(recorded)))
+    if found is not None:
+        print(
+            f"Done: step {step}, test BLEU {found['test_bleu']:.2f} on {len(test_pairs)} "
+            f"sentences (beam_size {config.beam_size}, decode_max_len "
+            f"{config.decode_max_len}), as recorded in {path}: nothing trained, not decoded "
+            "again" + (f"; translations: {workdir / name}" if name else "")
+        )
+    return recorded
 
 
 def translate_only(workdir: Path, sentences: list[str]) -> None:
@@ -595,7 +640,9 @@ def bleu_only(workdir: Path) -> None:
     """Score the latest checkpoint on the test split again; append it to metrics.jsonl
     and write its translations next to, not over, the training run's."""
     config, kind, model, params, step, sp = _restore(workdir)
-    split = td.split_pairs(td.load_pairs(config.data_path), seed=config.split_seed)
+    split = td.split_pairs(
+        td.load_pairs(config.data_path), seed=config.split_seed, fractions=td.SPLIT_FRACTIONS
+    )
     scored = bleu_pairs(split, config)
     bleu, hyps = test_bleu(params, kind, model, config, sp, scored)  # (all processes)
     if jax.process_index() == 0:

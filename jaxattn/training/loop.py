@@ -260,6 +260,9 @@ class FitResult:
     # True when a signal stopped the run before num_steps (a checkpoint was saved).
     interrupted: bool
     last_eval: dict[str, float]  # the last evaluation (of a finished run: from its checkpoint)
+    # Updates this call ran (0: a finished run, only restored): a script's end-of-run work
+    # (a test decode) can tell a rerun from the run that trained.
+    trained_steps: int
 
 
 class _StopOnSignal:
@@ -402,11 +405,12 @@ class Trainer:
             if self.step >= self.loop.num_steps and self.saved_step is not None:
                 # A finished run: nothing to train, evaluate or write (not even a TB file).
                 self.say(f"Step {self.step} >= num_steps={self.loop.num_steps}: nothing to do.")
-                return FitResult(self.state, self.step, False, self.last_eval)
+                return FitResult(self.state, self.step, False, self.last_eval, 0)
             # A resumed run logs from the checkpoint's step + 1, a fresh one from its step
             # (0): TensorBoard hides what a killed run logged from there on, also a run
             # killed before its first checkpoint (metrics.jsonl keeps both; see MetricsWriter).
             resumed = self.saved_step is not None
+            start = self.step
             writer = MetricsWriter(
                 self.workdir,
                 active=self.primary,
@@ -436,7 +440,7 @@ class Trainer:
                     )
             # A signal during the final save stopped nothing: the run is complete.
             interrupted = stop.signal_name is not None and self.step < loop.num_steps
-            return FitResult(self.state, self.step, interrupted, self.last_eval)
+            return FitResult(self.state, self.step, interrupted, self.last_eval, self.step - start)
         finally:
             self.ckpt.close()
 
@@ -636,7 +640,8 @@ def fit(
     end, whenever val loss improves (``keep_best``), and on SIGTERM/SIGINT (then returns
     with ``interrupted=True``, unless the signal came after the last step). ``eval_step``
     must return a ``val_loss`` (``make_eval_step``'s default prefix). A finished run
-    (``state.step >= num_steps`` after restoring) returns at once and writes nothing.
+    (``state.step >= num_steps`` after restoring) returns at once, with ``trained_steps=0``,
+    and writes nothing.
 
     Args:
       state: the initial state (also the restore target: a checkpoint must match its tree).

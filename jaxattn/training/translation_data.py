@@ -85,8 +85,11 @@ def load_pairs(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
     return pairs
 
 
+SPLIT_FRACTIONS = (0.9, 0.05)  # split_pairs' default (train, val); test takes the rest
+
+
 def split_pairs(
-    pairs: Sequence[tuple[str, str]], *, seed: int, fractions: tuple[float, float] = (0.9, 0.05)
+    pairs: Sequence[tuple[str, str]], *, seed: int, fractions: tuple[float, float] = SPLIT_FRACTIONS
 ) -> Split:
     """Split by distinct source sentence: shuffle the sources with ``seed``, cut by fraction.
 

@@ -159,6 +159,38 @@ def test_resumed_run_equals_uninterrupted_run(lstm_run, killed_run_copy, assert_
 
 
 @pytest.mark.slow
+def test_rerunning_a_finished_run_reports_its_bleu_without_decoding_again(lstm_run, tmp_path):
+    """A rerun of a finished run trained nothing, yet decoded the test split again: a second
+    test_bleu record of the same step and settings, the translations and heat-map rewritten.
+    Other decode settings are a new measurement, recorded once."""
+    workdir, _ = lstm_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    outputs = [run / name for name in ("metrics.jsonl", "test_translations.tsv", "attention.png")]
+    snapshot = lambda: [(p.read_bytes(), p.stat().st_mtime_ns) for p in outputs]
+    before = snapshot()
+    bleu = lambda: [r for r in read_metrics(run / "metrics.jsonl") if "test_bleu" in r]
+    # The training run's, or a --bleu_only rescore's of these settings (the same score).
+    settings = dict(step=6, beam_size=1, decode_max_len=16, test_sentences=24).items()
+    recorded = [r for r in bleu() if r.items() >= settings][-1]
+    proc = run_translate(f"--workdir={run}")
+    assert "Step 6 >= num_steps=6: nothing to do." in proc.stdout
+    assert snapshot() == before
+    assert (
+        f"Done: step 6, test BLEU {recorded['test_bleu']:.2f} on 24 sentences (beam_size 1, "
+        f"decode_max_len 16), as recorded in {run / 'metrics.jsonl'}: nothing trained, not "
+        f"decoded again; translations: {run / recorded['translations']}"
+    ) in proc.stdout, proc.stdout
+    count = len(bleu())
+    proc = run_translate(f"--workdir={run}", "--config.max_test_examples=7")
+    assert len(bleu()) == count + 1 and "to decode" in proc.stdout
+    assert bleu()[-1].items() >= dict(step=6, test_sentences=7).items()
+    proc = run_translate(f"--workdir={run}", "--config.max_test_examples=7")
+    assert len(bleu()) == count + 1 and "on 7 sentences" in proc.stdout
+    assert "not decoded again; translations:" in proc.stdout
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_143_without_decoding(lstm_run, tmp_path):
     """A preempted run saves a checkpoint and exits 143 (requeue), skipping the test BLEU."""
     workdir, _ = lstm_run
@@ -339,6 +371,24 @@ def test_a_corpus_or_max_len_that_leaves_no_pairs_is_named(tmp_path):
     ) in proc.stderr, proc.stderr
 
 
+def test_a_too_small_corpus_names_the_split_fractions_used(translate, monkeypatch, tmp_path):
+    """The error wrote the split's fractions as a literal "90/5/5", which would go stale
+    with the default."""
+    config = ml_collections.ConfigDict(dict(data_path="", split_seed=0))
+    pairs = [(f"I saw {i} dogs.", f"Vi {i} perros.") for i in range(5)]
+    monkeypatch.setattr(td, "load_pairs", lambda path: pairs)
+    monkeypatch.setattr(td, "SPLIT_FRACTIONS", (0.8, 0.1))
+    with pytest.raises(ValueError) as error:
+        translate.load_data(config, tmp_path)
+    assert (
+        "the bundled corpus (config.data_path) is too small: its 5 pairs split 80/10/10 by "
+        "English sentence leave 4 train and 0 validation pairs"
+    ) in str(error.value)
+    monkeypatch.setattr(td, "SPLIT_FRACTIONS", (0.85, 0.075))
+    with pytest.raises(ValueError, match=r"its 5 pairs split 85/7\.5/7\.5 by English sentence"):
+        translate.load_data(config, tmp_path)
+
+
 def test_translate_and_bleu_only_together_is_an_error(tmp_path):
     """--bleu_only was ignored without a word: the run only translated."""
     workdir = tmp_path / "run"
@@ -376,6 +426,11 @@ def test_two_processes_share_the_test_decoding(tmp_path):
     assert tsv(two) == tsv(one) and len(tsv(one).splitlines()) == 24
     bleu = lambda w: [r["test_bleu"] for r in read_metrics(w / "metrics.jsonl") if "test_bleu" in r]
     assert bleu(two) == bleu(one) and len(bleu(one)) == 1
+    # A rerun finds the record: no process decodes (or waits for another that does).
+    procs = launch(two, 2)
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [out[-4000:] for out in outs]
+    assert "not decoded again" in outs[0] and len(bleu(two)) == 1, outs  # (process 0 prints)
     # A cached sentencepiece model of other settings: every process refuses it (process 1
     # must not wait at the barrier for a process 0 that has already stopped).
     for proc in launch(two, 2, "--config.vocab_size=77"):

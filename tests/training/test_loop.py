@@ -414,6 +414,17 @@ def test_finished_run_is_not_overwritten(tmp_path, toy):
     assert result.step == 4 and snapshot(tmp_path / "checkpoints") == before
 
 
+def test_fit_result_counts_the_steps_this_call_trained(tmp_path, toy):
+    """A script tells a rerun of a finished run (nothing trained: its end-of-run decode
+    is already recorded) from a run that trained, also a resumed one, by trained_steps."""
+    assert _fit(toy, tmp_path, num_steps=4).trained_steps == 4
+    resumed = _fit(toy, tmp_path, num_steps=6)
+    assert (resumed.step, resumed.trained_steps) == (6, 2)
+    rerun = _fit(toy, tmp_path, num_steps=6)
+    assert (rerun.step, rerun.trained_steps) == (6, 0)
+    assert _fit(toy, tmp_path / "none", num_steps=0).trained_steps == 0
+
+
 def test_incompatible_checkpoint_in_workdir_is_an_error(tmp_path, toy):
     _fit(toy, tmp_path, num_steps=4)
     before = snapshot(tmp_path / "checkpoints")
@@ -984,7 +995,7 @@ def test_a_signal_at_a_checkpoint_step_saves_once_and_returns(tmp_path, toy):
     (saving the same step again would raise), and fit returns interrupted."""
     loop = LoopConfig(num_steps=20, checkpoint_every=4, log_every=4, progress=False)
     result = _fit_signalled_at(toy, tmp_path, 4, loop)
-    assert result.interrupted and result.step == 4
+    assert result.interrupted and result.step == 4 and result.trained_steps == 4
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [4]
 
