@@ -51,12 +51,25 @@ def config_checker(expected: type, signatures: dict[str, str]) -> Callable[[Any,
 
 
 def is_key(rng: Any) -> bool:
-    """Whether ``rng`` is PRNG key data: typed keys (``jax.random.key``) or raw ``[..., 2]``
-    uint32 ones (``jax.random.PRNGKey``), of any leading shape; tracers of either too."""
+    """Whether ``rng`` is PRNG key data: typed keys (``jax.random.key``) or raw uint32 ones
+    (``jax.random.PRNGKey``: ``[..., 2]`` for threefry, ``[..., 4]`` under
+    ``jax_default_prng_impl="rbg"``), of any leading shape; tracers of either too."""
     dtype = getattr(rng, "dtype", None)
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    raw = dtype == jnp.uint32 and jnp.ndim(rng) >= 1 and jnp.shape(rng)[-1] == 2
+    raw = (
+        dtype == jnp.uint32
+        and jnp.ndim(rng) >= 1
+        and jnp.shape(rng)[-1] == _raw_key_size(jax.config.jax_default_prng_impl)
+    )
     return typed or raw
+
+
+@functools.lru_cache
+def _raw_key_size(impl: str) -> int:
+    """The trailing size of ``jax.random.PRNGKey``'s data under the default PRNG ``impl``
+    (JAX reads raw keys as that implementation's). (Not ``eval_shape(PRNGKey, 0)``: its
+    cached trace keeps the implementation of its first call.)"""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape[-1]
 
 
 def check_key(rng: Any, where: str) -> None:

@@ -47,3 +47,15 @@ def test_init_names_a_swapped_config_or_a_bad_rng(init, config):
     legacy, typed = init(jax.random.PRNGKey(3), config), init(jax.random.key(3), config)
     for a, b in zip(jax.tree.leaves(legacy), jax.tree.leaves(typed), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("init, config", INITS, ids=[init.__name__ for init, _ in INITS])
+def test_init_takes_raw_keys_of_the_default_prng_implementation(init, config):
+    """Under jax_default_prng_impl="rbg" (or "unsafe_rbg"), jax.random.PRNGKey gives [4]
+    uint32 key data, which JAX's own functions take: the check refused it as "got uint32
+    (4,)", as if only threefry's [2] were key data. (One implementation only: jit's cache
+    does not tell raw rbg keys from raw unsafe_rbg ones of the same shape.)"""
+    with jax.default_prng_impl("rbg"):
+        legacy, typed = init(jax.random.PRNGKey(3), config), init(jax.random.key(3), config)
+    for a, b in zip(jax.tree.leaves(legacy), jax.tree.leaves(typed), strict=True):
+        np.testing.assert_array_equal(a, b)
