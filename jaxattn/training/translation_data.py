@@ -282,7 +282,7 @@ _MAX_ID = np.iinfo(np.int32).max
 _INT32_SAFE = frozenset(map(np.dtype, (np.int32, np.int16, np.int8, np.uint16, np.uint8)))
 
 
-def _as_ids(ids, what: str) -> np.ndarray:
+def _as_ids(ids, what: str, where: str = "make_batch") -> np.ndarray:
     """``ids`` as a NumPy array, checked before the int32 batch's assignment casts it: a float
     3.5 would become 3, ``True`` 1, the string "5" 5, and an int64 ``2**32 + 5`` wrap to 5.
     (Negative ids are refused afterwards, on the whole batch at once.)"""
@@ -290,13 +290,13 @@ def _as_ids(ids, what: str) -> np.ndarray:
     if ids.dtype in _INT32_SAFE:  # encode_pairs' int32 rows: one set lookup per row
         return ids
     if ids.dtype.kind not in "iu" and ids.size:  # (an empty list is float64: no id to cast)
-        raise ValueError(f"make_batch: {what} token ids must be integers, got dtype {ids.dtype}")
+        raise ValueError(f"{where}: {what} token ids must be integers, got dtype {ids.dtype}")
     # The other integer types (int64: NumPy's default, a list's) are scanned per row.
     if ids.size:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi > _MAX_ID:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"make_batch: {what} token ids must be in [0, 2**31), got {bad}")
+            raise ValueError(f"{where}: {what} token ids must be in [0, 2**31), got {bad}")
     return ids
 
 
@@ -452,6 +452,13 @@ def decode_batches(
     """
     batch_size = check_size(batch_size, "batch_size", "decode_batches")
     buckets = check_buckets(buckets, "decode_batches")  # (bucket_of needs them sorted)
+    # Here, not in make_batch, which would name a source by its row in a bucket's batch.
+    for i, s in enumerate(src):
+        s = _as_ids(s, f"source {i}", "decode_batches")
+        if s.size and s.min() < 0:
+            raise ValueError(
+                f"decode_batches: source {i} token ids must be in [0, 2**31), got {s.min()}"
+            )
     keys = np.array([bucket_of(len(s), buckets) for s in src])
     out = []
     for k, length in enumerate(buckets):

@@ -399,8 +399,13 @@ def test_make_batch_refuses_ids_the_int32_batch_would_cast(bad, message):
         td.make_batch([good, bad], [good, good], 4)
     with pytest.raises(ValueError, match=rf"^make_batch: target 1 token ids {message}"):
         td.make_batch([good, good], [good, bad], 4)
-    with pytest.raises(ValueError, match=rf"^make_batch: source 1 token ids {message}"):
+    with pytest.raises(ValueError, match=rf"^decode_batches: source 1 token ids {message}"):
         td.decode_batches([good, bad], batch_size=2, buckets=(4,))
+    # decode_batches groups the sources by bucket: make_batch's row was not the source's
+    # index (source 3 here was named "source 0", the first row of bucket 4's batch).
+    sources = [np.arange(5, 10, dtype=np.int32), good, good, bad]
+    with pytest.raises(ValueError, match=rf"^decode_batches: source 3 token ids {message}"):
+        td.decode_batches(sources, batch_size=2, buckets=(4, 8))
 
 
 def test_make_batch_takes_int_lists_and_types_as_int32_arrays():
