@@ -76,14 +76,20 @@ def check_key(rng: Any, where: str) -> None:
     """Raise ``TypeError`` naming ``where`` unless ``rng`` is a PRNG key (``is_key``): an int
     seed failed inside JAX as "invalid PRNG key data", None as "unexpected PRNG key type"."""
     if not is_key(rng):
-        dtype = getattr(rng, "dtype", None)
-        if dtype is not None:
-            got = f"{dtype} {jnp.shape(rng)}"
-        elif rng is None or isinstance(rng, numbers.Number):
-            got = repr(rng)  # a seed, or None
-        else:
-            got = type(rng).__name__  # a config or a weights tree: not its whole repr
-        raise TypeError(f"{where}: rng must be a PRNG key such as jax.random.key(seed), got {got}")
+        raise TypeError(
+            f"{where}: rng must be a PRNG key such as jax.random.key(seed), got {describe_key(rng)}"
+        )
+
+
+def describe_key(rng: Any) -> str:
+    """What a refused ``rng`` is, for an error: an array's dtype and shape, a seed's or
+    None's repr, or another object's type (a config or a weights tree: not its whole repr)."""
+    dtype = getattr(rng, "dtype", None)
+    if dtype is not None:
+        return f"{dtype} {jnp.shape(rng)}"
+    if rng is None or isinstance(rng, numbers.Number):
+        return repr(rng)
+    return type(rng).__name__
 
 
 def checkpointed_layer(body: Callable, remat: bool) -> Callable:

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.models._config import is_key
+from jaxattn.models._config import describe_key, is_key
 from jaxattn.ops._checks import check_flag, check_size
 
 Array = jax.Array
@@ -134,12 +134,10 @@ def check_sampling_key(
     if greedy or is_greedy(temperature):
         return
     if not is_key(rng):
-        dtype = getattr(rng, "dtype", None)
-        got = repr(rng) if dtype is None else f"{dtype} {jnp.shape(rng)}"
         shown = "a traced value" if _traced(temperature) else temperature
         raise ValueError(
             f"{where}: sampling (temperature={shown}) needs an rng key such as "
-            f"jax.random.key(seed), got {got}"
+            f"jax.random.key(seed), got {describe_key(rng)}"
         )
 
 
