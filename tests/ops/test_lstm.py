@@ -368,6 +368,59 @@ def test_bfloat16_inputs_compute_in_bfloat16(rng, np_rng):
     np.testing.assert_allclose(ys.astype(jnp.float32), ys32, atol=5e-2)
 
 
+def _saturating_cell_inputs(dtype, reach):
+    """Weights with zero matrices and biases from -reach to reach, so that each gate
+    column's pre-activation is its bias: the sigmoids reach into both tails."""
+    bias = np.linspace(-reach, reach, 4 * HID)
+    weights = LSTMWeights(
+        jnp.zeros((IN, 4 * HID)), jnp.zeros((HID, 4 * HID)), jnp.asarray(bias, jnp.float32)
+    )
+    x = jnp.zeros((B, IN), dtype)
+    c0 = jnp.asarray(np.linspace(-2.0, 2.0, B * HID).reshape(B, HID), dtype)
+    h0 = jnp.zeros((B, HID), dtype)
+    return weights, x, (h0, c0)
+
+
+def test_cell_gates_in_the_sigmoid_tails(rng):
+    # The kernel takes the sigmoids as (1 + tanh(x / 2)) / 2 (one tanh over all four
+    # gates): absolute error within float32 rounding of 1, even where sigmoid(x) ~ 1e-13.
+    weights, x, (h0, c0) = _saturating_cell_inputs(jnp.float32, reach=30.0)
+    h, c = lstm_cell(weights, (h0, c0), x)
+    _, (h_ref, c_ref) = reference_lstm(weights, x[:, None], h0, c0)
+    np.testing.assert_allclose(c, c_ref, atol=4e-7, rtol=0)
+    np.testing.assert_allclose(h, h_ref, atol=4e-7, rtol=0)
+    # One tanh for the gates [B, 4h] and one for tanh(c) [B, h]; no separate sigmoids.
+    jaxpr = jax.make_jaxpr(lstm_cell)(weights, (h0, c0), x)
+    eqns = [e for e in jaxpr.jaxpr.eqns for e in [e, *_inner_eqns(e)]]
+    assert not [e for e in eqns if e.primitive.name == "logistic"]
+    tanh_shapes = sorted(e.outvars[0].aval.shape for e in eqns if e.primitive.name == "tanh")
+    assert tanh_shapes == [(B, HID), (B, 4 * HID)]
+
+
+def _inner_eqns(eqn):
+    for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", None)
+        inner = getattr(inner, "jaxpr", inner)
+        for e in getattr(inner, "eqns", []):
+            yield e
+            yield from _inner_eqns(e)
+
+
+def test_bfloat16_cell_keeps_small_gates(rng):
+    # A bfloat16 tanh rounds 0.5 * tanh(-4) + 0.5 to 0 (its spacing near 1 is 2^-8):
+    # the gates are computed in float32 and rounded once, so a gate of sigmoid(-8) ~ 3e-4
+    # keeps bfloat16's relative precision. (In float32 that form's relative error is
+    # about 6e-8 / sigmoid(x), so the test above bounds the absolute error instead.)
+    weights, x, (h0, c0) = _saturating_cell_inputs(jnp.bfloat16, reach=8.0)
+    h, c = lstm_cell(weights, (h0, c0), x)
+    assert h.dtype == c.dtype == jnp.bfloat16
+    h0_ref, c0_ref = (np.asarray(a, np.float64) for a in (h0, c0))
+    _, (h_ref, c_ref) = reference_lstm(weights, x[:, None], h0_ref, c0_ref)
+    # bfloat16 carries 8 significant bits: relative error within a few units of 2^-8.
+    np.testing.assert_allclose(np.asarray(c, np.float64), c_ref, rtol=3e-2, atol=1e-30)
+    np.testing.assert_allclose(np.asarray(h, np.float64), h_ref, rtol=3e-2, atol=1e-30)
+
+
 def test_init_matches_torch_ranges(rng, assert_independent_draws):
     k = 1.0 / np.sqrt(HID)
     w = init_lstm(rng, IN, HID)
