@@ -105,6 +105,9 @@ def project(x: Array, w: Array, b: Array | None = None, *, contract_dims: int = 
       ``[..., *out_shape]`` in ``x``'s dtype (the kernel is cast to it).
     """
     check_floating(x, "x", "project")
+    # A JAX array from here on: NumPy inputs would otherwise run NumPy's own matmul (in
+    # float64, whatever x64 says) on one path and JAX's on the other.
+    x = jnp.asarray(x)
     in_shape = w.shape[:contract_dims]
     out_shape = w.shape[contract_dims:]
     if tuple(x.shape[x.ndim - contract_dims :]) != tuple(in_shape):

@@ -119,6 +119,17 @@ def test_project_casts_kernel_to_x_dtype(np_rng):
     np.testing.assert_allclose(f64(y), f64(x) @ f64(w) + f64(b), rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("n_out", [F // 4, 4 * F])  # narrower and wider kernels
+def test_project_of_numpy_inputs_is_a_jax_array(np_rng, n_out):
+    # NumPy float64 inputs: the result is a JAX array in the dtype JAX gives x (float32
+    # unless x64 is on) whatever the kernel's shape; it was NumPy's own float64 matmul
+    # for one shape and a float32 JAX array for the other.
+    x, w = np_rng.normal(size=(B, T, D)), np_rng.normal(size=(D, n_out))
+    y = project(x, w, np.ones(n_out))
+    assert isinstance(y, jax.Array) and y.dtype == jnp.asarray(x).dtype
+    np.testing.assert_allclose(y, x @ w + 1, **TOL)
+
+
 @pytest.mark.parametrize(
     ("x_shape", "w_shape", "contract_dims"),
     [((B, T, D), (F, D), 1), ((B, 5, 7), (7, 5, F), 2), ((D,), (D, F), 2), ((B, D), (D + 1, F), 1)],
