@@ -12,12 +12,14 @@ as ``DIR/spm.model`` (a later run there asking for another ``vocab_size``, or tr
 other sentences: another ``data_path``, ``split_seed`` or ``max_train_examples``, is
 refused). At the end the run decodes the test split (greedy or beam search), appends
 ``{"step": ..., "test_bleu": ..., "beam_size": ..., "decode_max_len": ...,
-"max_test_examples": ..., "test_sentences": ..., "translations": FILE}`` (sacrebleu corpus
-BLEU and the decode settings behind it) to ``DIR/metrics.jsonl``, writes every test
-translation to ``DIR/test_translations.tsv`` and, for the LSTM attention models, draws
+"max_test_examples": ..., "test_sentences": ..., "max_source_len": ..., "test_set": ...,
+"translations": FILE}`` (sacrebleu corpus BLEU, the decode settings behind it, the largest
+bucket, past which a source scores as an empty translation, and a digest of the scored
+pairs) to ``DIR/metrics.jsonl``, writes every test translation to
+``DIR/test_translations.tsv`` and, for the LSTM attention models, draws
 ``DIR/attention.png``. A rerun of a finished run trains nothing and, if ``metrics.jsonl``
-has a ``test_bleu`` record of that step with these decode settings, prints it instead of
-decoding again (other settings are decoded and recorded).
+has a ``test_bleu`` record of that step with these decode settings and test pairs, prints
+it instead of decoding again (anything else is decoded and recorded).
 
 ``--translate`` and ``--bleu_only`` take the config from the checkpoint: only the decode
 settings (``--config.beam_size``, ``decode_max_len``, ``decode_batch_size``,
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -575,11 +578,16 @@ def record_test_bleu(
 
 def bleu_settings(config, test_pairs) -> dict:
     """The decode settings a ``test_bleu`` record names (``decode_batch_size`` only groups
-    the sentences)."""
+    the sentences), and which test pairs it scored."""
+    scored = "".join(f"{source}\t{target}\n" for source, target in test_pairs)
     return {
         "beam_size": config.beam_size, "decode_max_len": config.decode_max_len,
         "max_test_examples": config.max_test_examples,  # 0: all
         "test_sentences": len(test_pairs),
+        # Longer sources are not decoded and score as empty translations (test_bleu).
+        "max_source_len": config.buckets[-1],
+        # The pairs themselves: another sample of the split is another test set.
+        "test_set": hashlib.sha256(scored.encode("utf-8")).hexdigest()[:16],
     }  # fmt: skip
 
 
@@ -589,7 +597,9 @@ def report_recorded_bleu(workdir: Path, step: int, config, test_pairs) -> bool:
     process (a collective: all must call it).
 
     A rerun of a finished run trains nothing: decoding again would only append the same
-    score (and write the same translations). Other settings are a new measurement.
+    score (and write the same translations). Other settings, another largest bucket or
+    other test pairs are a new measurement, and so is a record from before the pairs
+    were named (``test_set``).
     """
     found, name = None, None
     path = workdir / "metrics.jsonl"
@@ -603,6 +613,7 @@ def report_recorded_bleu(workdir: Path, step: int, config, test_pairs) -> bool:
         if found is not None and "translations" in found:
             writers = [r for r in records if r.get("translations") == found["translations"]]
             name = found["translations"] if writers[-1] is found else None
+            name = name if name and (workdir / name).is_file() else None  # (deleted since)
     recorded = found is not None
     if jax.process_count() > 1:  # (process 0's answer: the others' view of the file may lag)
         recorded = bool(multihost_utils.broadcast_one_to_all(np.int32(recorded)))

@@ -5,6 +5,7 @@ so they are module-scoped and marked slow; the argument errors fail before any c
 """
 
 import dataclasses
+import json
 import shutil
 import signal
 import subprocess
@@ -593,7 +594,9 @@ def test_example_counts_of_zero_mean_all(translate, monkeypatch, tmp_path):
 
 def test_rescored_translations_file_names_the_sentences_scored(translate, tmp_path):
     """With max_test_examples=0 (all), the file's n is the test split's size, not 0."""
-    config = ml_collections.ConfigDict(dict(beam_size=4, decode_max_len=16, max_test_examples=0))
+    config = ml_collections.ConfigDict(
+        dict(beam_size=4, decode_max_len=16, max_test_examples=0, buckets=(8, 16))
+    )
     pairs, hyps = [("a", "x"), ("b", "y"), ("c", "z")], ["x", "w", ""]
     path = translate.record_test_bleu(tmp_path, 6, 12.5, config, pairs, hyps, rescore=True)
     assert path == tmp_path / "test_translations_step6_beam4_len16_n3.tsv"
@@ -603,6 +606,42 @@ def test_rescored_translations_file_names_the_sentences_scored(translate, tmp_pa
         step=6, test_bleu=12.5, beam_size=4, decode_max_len=16, max_test_examples=0,
         test_sentences=3, translations=path.name,
     ).items()  # fmt: skip
+
+
+def test_recorded_bleu_is_reported_only_for_the_same_test(translate, tmp_path, capsys):
+    """A finished run's rerun prints the recorded score only for the same step, decode
+    settings, largest bucket and test pairs, and names its translations while they exist."""
+    config = ml_collections.ConfigDict(
+        dict(beam_size=1, decode_max_len=16, max_test_examples=2, buckets=(8, 16))
+    )
+    pairs = [("a b", "x y"), ("c", "z")]
+    path = translate.record_test_bleu(tmp_path, 6, 12.5, config, pairs, ["x y", ""])
+    report = lambda step, config, pairs: translate.report_recorded_bleu(
+        tmp_path, step, config, pairs
+    )
+    assert report(6, config, pairs)
+    out = capsys.readouterr().out
+    assert "test BLEU 12.50 on 2 sentences" in out and f"translations: {path}" in out
+    # The same number of other pairs (another sample, an older version's), another
+    # largest bucket, another step or beam: not this record.
+    assert not report(6, config, [("a b", "x y"), ("d", "z")])
+    longer = ml_collections.ConfigDict(config.to_dict() | {"buckets": (8, 32)})
+    assert not report(6, longer, pairs)
+    assert not report(7, config, pairs)
+    beam = ml_collections.ConfigDict(config.to_dict() | {"beam_size": 4})
+    assert not report(6, beam, pairs)
+    # A record without the pairs' digest (written before it existed) is not trusted.
+    record = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    old = {k: v for k, v in record.items() if k not in ("test_set", "max_source_len")}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(old) + "\n", encoding="utf-8")
+    assert not report(6, config, pairs)
+    # Its translations deleted since: the score is reported, the file is not named.
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    path.unlink()
+    capsys.readouterr()
+    assert report(6, config, pairs)
+    out = capsys.readouterr().out
+    assert "as recorded in" in out and "translations:" not in out
 
 
 def test_transformer_position_table_must_hold_the_largest_bucket(translate):
