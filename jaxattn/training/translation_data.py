@@ -327,7 +327,9 @@ def make_batch(
     out = {"src": np.full((b, length), PAD_ID, np.int32), "src_lengths": np.zeros(b, np.int32)}
     for i, s in enumerate(src):
         if len(s) > length:
-            raise ValueError(f"source {i} has {len(s)} tokens, more than the length {length}")
+            raise ValueError(
+                f"make_batch: source {i} has {len(s)} tokens, more than the length {length}"
+            )
         out["src"][i, : len(s)] = _as_ids(s, f"source {i}")
         out["src_lengths"][i] = len(s)
     _check_not_negative(out["src"], "source")
@@ -337,7 +339,10 @@ def make_batch(
     tgt_out = np.full((b, length), PAD_ID, np.int32)
     for i, t in enumerate(tgt):
         if len(t) + 1 > length:
-            raise ValueError(f"target {i} has {len(t)} + 1 tokens, more than the length {length}")
+            raise ValueError(
+                f"make_batch: target {i} has {len(t)} tokens + 1 (BOS or EOS), more than the "
+                f"length {length}"
+            )
         t = _as_ids(t, f"target {i}")
         tgt_in[i, 0], tgt_in[i, 1 : len(t) + 1] = BOS_ID, t
         tgt_out[i, : len(t)], tgt_out[i, len(t)] = t, EOS_ID

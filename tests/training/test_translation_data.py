@@ -220,8 +220,10 @@ def test_make_batch_places_bos_eos_and_masks():
         b["tgt_mask"], [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
     )  # n + 1 real positions
     assert b["tgt_mask"].dtype == bool and b["src"].dtype == np.int32
-    with pytest.raises(ValueError, match="target 1 has 4 \\+ 1 tokens"):
+    with pytest.raises(ValueError, match=r"make_batch: target 1 has 4 tokens \+ 1 \(BOS or"):
         td.make_batch(src, tgt, 4)
+    with pytest.raises(ValueError, match=r"make_batch: source 0 has 3 tokens, more than the "):
+        td.make_batch(src, None, 2)
 
 
 def _examples(n, rng):
