@@ -48,6 +48,7 @@ from jaxattn.ops.layers import (
     check_dropout_key,
     check_dropout_rate,
     check_floating,
+    check_token_ids,
     float32_or_wider,
     normal,
     project,
@@ -1019,7 +1020,8 @@ def cached_attention(
         rows as they were written and ``slot_rows`` follows each hypothesis' ancestors, so
         the cache is never reordered). The slots this chunk writes are read as the chunk
         wrote them, so those entries should be ``b``. Not for head-row caches. The result
-        is that of the cache reordered by ``slot_rows``, without writing it.
+        is that of the cache reordered by ``slot_rows``, without writing it. Concrete
+        values outside ``[0, B)`` raise; traced ones (under ``jit``) are clipped to it.
       attention_options: passed to ``dot_product_attention`` (``implementation``,
         ``dropout_rate``, ``dropout_rng``, ``scale``).
 
@@ -1043,6 +1045,8 @@ def cached_attention(
                 f"a [B, S, K, H] cache (not head rows), got {jnp.shape(slot_rows)} "
                 f"{jnp.result_type(slot_rows)}"
             )
+        # Checked when concrete; under jit an out-of-range row would be clipped to B - 1.
+        check_token_ids(slot_rows, keys.shape[0], "cached_attention: slot_rows (cache rows)")
         # On XLA:CPU the gather fuses into the copy that lays the keys out for the einsum
         # path's product: no pass over the cache beyond the one it makes anyway.
         slots = jnp.arange(keys.shape[1])[None, :]

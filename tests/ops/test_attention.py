@@ -1194,6 +1194,13 @@ def test_cached_attention_through_slot_rows_equals_it_on_the_reordered_cache(np_
     with pytest.raises(ValueError, match="not head rows"):
         cache = head_rows(jnp.asarray(k_cache))
         cached_attention(q, k, v, cache, cache, 3, slot_rows=rows)
+    # A row outside the cache (gather's clip would read row B - 1 instead) when concrete.
+    bad = rows.copy()
+    bad[2, 5] = b
+    with pytest.raises(ValueError, match=r"slot_rows \(cache rows\) must lie in \[0, 4\)"):
+        cached_attention(q, k, v, stack(k_cache), stack(v_cache), 3, layer=layer, slot_rows=bad)
+    with pytest.raises(ValueError, match=r"slot_rows \(cache rows\) must lie in \[0, 4\)"):
+        cached_attention(q, k, v, stack(k_cache), stack(v_cache), 3, layer=layer, slot_rows=-rows)
 
 
 def test_head_rows_is_one_block_of_rows_per_batch_and_head(np_rng):
