@@ -579,7 +579,7 @@ def record_test_bleu(
 def bleu_settings(config, test_pairs) -> dict:
     """The decode settings a ``test_bleu`` record names (``decode_batch_size`` only groups
     the sentences), and which test pairs it scored."""
-    scored = "".join(f"{source}\t{target}\n" for source, target in test_pairs)
+    scored = json.dumps([list(pair) for pair in test_pairs], ensure_ascii=False)
     return {
         "beam_size": config.beam_size, "decode_max_len": config.decode_max_len,
         "max_test_examples": config.max_test_examples,  # 0: all
