@@ -609,7 +609,7 @@ def decode_step(
       slot_rows: ``[B, T_max]`` int32 or None: row b reads slot s of cache row
         ``slot_rows[b, s]`` (``ops.cached_attention``), with ``slot_rows[b, index] = b``;
         beam search follows its hypotheses' ancestors this way instead of reordering the
-        cache. None: every row reads its own.
+        cache. None: every row reads its own. Concrete values outside ``[0, B)`` raise.
 
     Returns:
       ``(logits [B, V] float32, cache with this step's keys/values and index + 1)``.
@@ -641,6 +641,10 @@ def decode_step(
             raise ValueError(f"decode_step: cache.index must be >= 0, got {index}")
         if index >= t_max:
             raise ValueError(f"decode_step: the cache of length {t_max} is full")
+    if slot_rows is not None:
+        # Here, not only in cached_attention: the decoder stack below is jitted, where the
+        # rows are traced and an out-of-range one would silently read row 0 or B - 1.
+        check_token_ids(slot_rows, b, "decode_step: slot_rows (cache rows)")
     w = cast_floating(weights, config.compute_dtype)
     positions = cache.index[None]  # [1]
     y = _embed(w.tgt_embedding, token[:, None], positions, config)  # [B, 1, D]

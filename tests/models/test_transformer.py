@@ -590,6 +590,13 @@ def test_bad_inputs_raise(np_rng):
     for cache, match in bad_caches:
         with pytest.raises(ValueError, match=rf"decode_step: .*{match}"):
             decode_step(w, cache, tgt_in[:, 0], cross, step_mask, config)
+    # Cache rows outside [0, B): the jitted decoder stack clipped them, reading row 0 or 2.
+    own_rows = np.tile(np.arange(3, dtype=np.int32)[:, None], (1, 4))  # [B, T_max]
+    for bad in (own_rows + (np.arange(4) == 1), -own_rows):
+        with pytest.raises(ValueError, match=r"decode_step: slot_rows \(cache rows\) must lie"):
+            decode_step(
+                w, init_cache(config, 3, 4), tgt_in[:, 0], cross, step_mask, config, slot_rows=bad
+            )
     with pytest.raises(ValueError, match="max_len"):
         translate(w, config, src, lengths, max_len=10)
     with pytest.raises(ValueError, match=r"translate: beam_size must be an int >= 1, got 2.0"):
