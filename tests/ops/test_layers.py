@@ -122,8 +122,8 @@ def test_project_casts_kernel_to_x_dtype(np_rng):
 @pytest.mark.parametrize("n_out", [F // 4, 4 * F])  # narrower and wider kernels
 def test_project_of_numpy_inputs_is_a_jax_array(np_rng, n_out):
     # NumPy float64 inputs: the result is a JAX array in the dtype JAX gives x (float32
-    # unless x64 is on) whatever the kernel's shape; it was NumPy's own float64 matmul
-    # for one shape and a float32 JAX array for the other.
+    # unless x64 is on) whatever the kernel's shape; it was a NumPy array, float64 or
+    # float32 by the kernel's shape.
     x, w = np_rng.normal(size=(B, T, D)), np_rng.normal(size=(D, n_out))
     y = project(x, w, np.ones(n_out))
     assert isinstance(y, jax.Array) and y.dtype == jnp.asarray(x).dtype

@@ -383,7 +383,7 @@ def _saturating_cell_inputs(dtype, reach):
 
 def test_cell_gates_in_the_sigmoid_tails(rng):
     # The kernel takes the sigmoids as (1 + tanh(x / 2)) / 2 (one tanh over all four
-    # gates): absolute error within float32 rounding of 1, even where sigmoid(x) ~ 1e-13.
+    # gates): absolute error of a few float32 spacings of 1, even where sigmoid(x) ~ 1e-13.
     weights, x, (h0, c0) = _saturating_cell_inputs(jnp.float32, reach=30.0)
     h, c = lstm_cell(weights, (h0, c0), x)
     _, (h_ref, c_ref) = reference_lstm(weights, x[:, None], h0, c0)
