@@ -612,8 +612,8 @@ def report_recorded_bleu(workdir: Path, step: int, config, test_pairs) -> bool:
         # an older version's record names none).
         if found is not None and "translations" in found:
             writers = [r for r in records if r.get("translations") == found["translations"]]
-            name = found["translations"] if writers[-1] is found else None
-            name = name if name and (workdir / name).is_file() else None  # (deleted since)
+            if writers[-1] is found and (workdir / found["translations"]).is_file():
+                name = found["translations"]  # (not if deleted since)
     recorded = found is not None
     if jax.process_count() > 1:  # (process 0's answer: the others' view of the file may lag)
         recorded = bool(multihost_utils.broadcast_one_to_all(np.int32(recorded)))
