@@ -375,10 +375,18 @@ class MultiHeadAttention(_DropoutModule):
         use_bias: bool = True,
         dropout_rate: float = 0.0,
         deterministic: bool = True,
-        param_dtype: Any = jnp.float32,
+        param_dtype: Any = None,  # None: float32
         rngs: nnx.Rngs,
         dtype: Any = None,
     ):
+        if dtype is not None and param_dtype is not None:
+            # flax.nnx's dtype= is the compute dtype: (dtype=bf16, param_dtype=f32) there
+            # means float32 weights, which the old name would silently make bfloat16.
+            raise TypeError(
+                "MultiHeadAttention: got dtype= and param_dtype=; dtype= is the old name of "
+                "param_dtype= (the weights' dtype; the inputs set the compute dtype): pass "
+                "param_dtype= only"
+            )
         if dtype is not None:  # the name until 2026-12-04
             warnings.warn(
                 "MultiHeadAttention: dtype= is the weights' dtype, now named param_dtype= "
@@ -397,7 +405,7 @@ class MultiHeadAttention(_DropoutModule):
                 num_kv_heads=num_kv_heads,
                 out_dim=out_dim,
                 use_bias=use_bias,
-                dtype=param_dtype,
+                dtype=jnp.float32 if param_dtype is None else param_dtype,
             )
         )
         check_dropout_rate(dropout_rate, "MultiHeadAttention: dropout_rate")

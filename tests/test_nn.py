@@ -321,6 +321,14 @@ def test_multi_head_attention_takes_the_old_dtype_name_with_a_warning():
     assert module.pure_weights().w_q.dtype == jnp.bfloat16
 
 
+def test_multi_head_attention_refuses_the_old_dtype_name_beside_param_dtype():
+    # flax.nnx's idiom (dtype = compute, param_dtype = weights): the old name silently won,
+    # giving bfloat16 weights where float32 ones were asked for.
+    with pytest.raises(TypeError, match="dtype= and param_dtype="):
+        nn.MultiHeadAttention(8, 2, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert nn.MultiHeadAttention(8, 2, rngs=nnx.Rngs(0)).pure_weights().w_q.dtype == jnp.float32
+
+
 def test_an_input_of_the_wrong_width_names_the_module_and_the_input():
     """The pure ops named themselves ("project: x has shape ...", the same text for x_q and
     x_kv) or blamed the weights ("w must be [dq, dk] = (6, 6), got (8, 6)")."""
