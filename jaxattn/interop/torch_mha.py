@@ -116,6 +116,10 @@ def mha_from_torch(
                     f"missing tensor {prefix + 'in_proj_weight'!r} (or {key!r} when kdim/vdim "
                     f"differ from embed_dim)"
                 )
+            if name != "q" and np.ndim(state[key]) != 2:  # (0-d: IndexError reading Dkv)
+                raise ValueError(
+                    f"tensor {key!r} has shape {tuple(np.shape(state[key]))}, expected [E, D{name}]"
+                )
             d_in = e if name == "q" else int(np.shape(state[key])[-1])
             mats.append(get(state, key, (e, d_in)))
         w_q, w_k, w_v = mats
@@ -159,7 +163,7 @@ def mha_to_torch_state_dict(
             f"jaxattn.nn.MultiHeadAttention), got {type(weights).__name__}"
         )
     w_q, w_k, w_v, w_o = (np.asarray(w) for w in weights[:4])
-    e, n, h = w_q.shape
+    e, n, h = w_q.shape if w_q.ndim == 3 else (0, 0, 0)  # (0: refused below, naming w_q)
     if w_k.shape[1:] != (n, h) or w_v.shape[1:] != (n, h) or w_o.shape != (n, h, e) or n * h != e:
         raise ValueError(
             "mha_to_torch_state_dict: PyTorch needs w_q [E, N, H], w_k/w_v [D, N, H], "
@@ -169,6 +173,12 @@ def mha_to_torch_state_dict(
     biases = weights[4:]
     if any(b is None for b in biases) != all(b is None for b in biases):
         raise ValueError("mha_to_torch_state_dict: PyTorch needs all four biases or none")
+    # Each is flattened below: a b_q of another layout ([H, N]) would pass scrambled.
+    for name, b, shape in zip(("b_q", "b_k", "b_v", "b_o"), biases, [(n, h)] * 3 + [(e,)]):
+        if b is not None and np.shape(b) != shape:
+            raise ValueError(
+                f"mha_to_torch_state_dict: {name} has shape {np.shape(b)}, expected {shape}"
+            )
     mats = [w.reshape(w.shape[0], e).T for w in (w_q, w_k, w_v)]  # each [E, Din]
     out: dict[str, Any] = {}
     if w_k.shape[0] == e and w_v.shape[0] == e:

@@ -143,6 +143,28 @@ def test_a_lone_bias_or_conflicting_options_are_errors_not_silent():
         mha_from_torch(_mha(add_zero_attn=True))
 
 
+def test_export_refuses_a_bias_or_weight_of_another_shape():
+    weights = mha_from_torch(_mha())
+    h = E // N
+    # A [H, N] b_q flattened to E numbers all the same: it was written scrambled, and a b_o of
+    # another size (framework="np") went out for torch to refuse later, if at all.
+    for name, bad in [("b_q", (h, N)), ("b_v", (E,)), ("b_o", (E - 1,))]:
+        wrong = weights._replace(**{name: jnp.zeros(bad)})
+        with pytest.raises(ValueError, match=rf"{name} has shape \({bad[0]},"):
+            mha_to_torch_state_dict(wrong, framework="np")
+    with pytest.raises(ValueError, match=r"PyTorch needs w_q \[E, N, H\].*got w_q \(15, 15\)"):
+        mha_to_torch_state_dict(weights._replace(w_q=jnp.zeros((E, E))))  # was an unpack error
+
+
+@pytest.mark.parametrize("shape", [(), (E,)])
+def test_a_k_proj_weight_that_is_not_a_matrix_is_named(shape):
+    # Its last axis was read as kdim: 0-d raised a bare IndexError, 1-d "expected (15, 15)".
+    state = dict(_mha(kdim=11, vdim=11).state_dict())
+    state["k_proj_weight"] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=r"'k_proj_weight' has shape .*expected \[E, Dk\]"):
+        mha_from_torch(state, num_heads=N)
+
+
 def test_an_integer_weight_is_named():
     state = {k: v.clone() for k, v in _mha().state_dict().items()}
     state["in_proj_weight"] = state["in_proj_weight"].to(torch.int32)
