@@ -95,7 +95,10 @@ def _direction(state, prefix: str, layer: int, suffix: str, in_size: int | None,
     if in_size is None:  # layer 0: the input size is whatever the checkpoint says
         if w_ih_name not in state:
             raise KeyError(f"missing tensor {w_ih_name!r}")
-        in_size = int(np.shape(state[w_ih_name])[-1])
+        ih_shape = tuple(int(n) for n in np.shape(state[w_ih_name]))
+        if len(ih_shape) != 2:  # (a 0-d one: IndexError; 1-d: "expected (4h, 4h)")
+            raise ValueError(f"tensor {w_ih_name!r} has shape {ih_shape}: an LSTM's is [4h, I]")
+        in_size = ih_shape[1]
     w_ih = get(state, w_ih_name, (4 * h, in_size))
     if bias:
         b = get(state, f"{prefix}bias_ih_l{layer}{suffix}", (4 * h,)) + get(

@@ -86,6 +86,16 @@ def test_errors_name_the_tensor():
         lstm_from_torch(proj)
 
 
+@pytest.mark.parametrize("shape", [(), (4 * H,)])
+def test_a_first_weight_ih_that_is_not_a_matrix_is_named(shape):
+    # Its last axis was read as the input size: a 0-d tensor raised a bare IndexError, and a
+    # 1-d one was "expected (28, 28)", an input size the checkpoint never had.
+    state = dict(_torch_lstm(1, False).state_dict())
+    state["weight_ih_l0"] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=r"'weight_ih_l0' has shape .*an LSTM's is \[4h, I\]"):
+        lstm_from_torch(state)
+
+
 def test_a_reverse_direction_of_another_input_size_is_named():
     # Layer 0's reverse direction must read the forward's input size, not its own.
     state = dict(_torch_lstm(1, True).state_dict())
