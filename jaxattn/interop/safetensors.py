@@ -66,11 +66,20 @@ def save_safetensors(
     # 32-bit ones before they reach the file. order="C": safetensors writes the raw buffer
     # from the array's data pointer, so a transposed or strided NumPy view would be stored
     # in its memory order (silently scrambled); a C-contiguous copy is taken only for those.
+    leaves = flatten_with_names(pure_weights_of(weights))
     flat = {
         # (torch tensors, e.g. a framework="pt" export, through to_numpy: bfloat16, grads)
         name: np.asarray(to_numpy(leaf) if hasattr(leaf, "detach") else leaf, order="C")
-        for name, leaf in flatten_with_names(pure_weights_of(weights)).items()
+        for name, leaf in leaves.items()
     }
+    for name, arr in flat.items():
+        # An abstract module's ShapeDtypeStructs (or a string): safetensors' own error,
+        # 'Unknown dtype "object"', names neither the leaf nor why.
+        if arr.dtype.kind in "OSU":
+            raise TypeError(
+                f"save_safetensors: leaf {name!r} is a {type(leaves[name]).__name__}, not an "
+                "array (an abstract, eval_shape'd tree holds shapes, not values)"
+            )
     # The link's target, as np.save writes through a link; os.replace would swap the link
     # itself for a regular file and leave the file it names with the old weights.
     target = os.path.realpath(os.fspath(path))

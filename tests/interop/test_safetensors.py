@@ -94,6 +94,14 @@ def test_errors(tmp_path):
         load_safetensors(path, like=as_bool)
 
 
+def test_an_abstract_tree_is_refused_naming_the_leaf(tmp_path):
+    # safetensors' own error was 'Unknown dtype "object"', naming no leaf.
+    abstract = jax.eval_shape(_tree)
+    with pytest.raises(TypeError, match=r"leaf 'attn/w_q' is a ShapeDtypeStruct, not an array"):
+        save_safetensors(abstract, tmp_path / "w.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_a_failed_save_leaves_the_existing_file(tmp_path, monkeypatch):
     """The new file is written beside the old one and renamed over it: a write that fails
     half-way (here: a full disk) must not leave a truncated file in its place."""
