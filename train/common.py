@@ -138,7 +138,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         return rest
     except OSError as e:  # ml_collections defers a missing file to the config's first use.
         cause = str(e.__cause__ or e).strip().splitlines()
-        where = next((a for a in argv if a.startswith("--config=")), "--config")
+        path = _config_file(argv, None)
+        where = "--config" if path is None else f"--config={path}"
         print(f"error: cannot load {where}: {cause[-1].strip() if cause else e}", file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError, ValueError, SyntaxError) as e:
@@ -162,9 +163,18 @@ def define_config_file(default: str, help_string: str):
 
 
 def _config_file(argv: list[str], default: str | None) -> str | None:
-    """The config file the command line names (``--config=FILE[:arg]``), else ``default``."""
-    named = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    return named[-1].split(":", 1)[0] if named else default
+    """The config file the command line names, else ``default``: ``--config=FILE[:arg]``,
+    ``--config FILE`` or either with one dash, the last one before ``--`` (as absl reads
+    them)."""
+    named = None
+    for i, arg in enumerate(argv):
+        if arg == "--":  # absl reads no flags after it
+            break
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            named = argv[i + 1]
+        elif arg.startswith(("--config=", "-config=")):
+            named = arg.split("=", 1)[1]
+    return named.split(":", 1)[0] if named is not None else default
 
 
 def _report_config_error(e: Exception, argv: list[str], default: str | None = None) -> NoReturn:

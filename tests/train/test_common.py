@@ -394,3 +394,19 @@ def test_help_lists_the_shared_flags(script):
         timeout=300,
     )
     assert "--compilation_cache:" in proc.stdout and "--[no]distributed:" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lm.py", "--config=a.py:arg"],
+        ["lm.py", "--config", "a.py"],
+        ["lm.py", "-config", "a.py:arg", "--config.seed=1"],
+        ["lm.py", "-config=b.py", "--config=a.py"],  # the last one wins, as in absl
+        ["lm.py", "--config", "a.py", "--", "--config=b.py"],  # no flags after "--"
+    ],
+)
+def test_config_file_is_read_from_each_form_absl_takes(argv):
+    """Only ``--config=FILE`` was read: ``--config FILE`` gave the default (None)."""
+    assert common._config_file(argv, None) == "a.py"
+    assert common._config_file(["lm.py", "--config.seed=1"], "d.py") == "d.py"

@@ -414,6 +414,19 @@ def test_an_error_inside_the_config_file_names_the_file(tmp_path, edit, message)
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_file_given_after_a_space_is_named(tmp_path):
+    """absl takes ``--config FILE`` too: the file was then "None" in a syntax error's
+    message, and a typo inside it was blamed on the overrides ("bad config override in : ")."""
+    config_file = tmp_path / "broken.py"
+    source = (REPO / "train" / "configs" / "tiny.py").read_text()
+    config_file.write_text(source.replace("config.model.num_layers =", "config.modle.num_layers ="))
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", "--config", config_file, config="",
+                  check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert f"error: cannot load --config={config_file}: AttributeError: 'modle'" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_override_below_an_unset_field_is_named(tmp_path):
     """model.num_kv_heads is None in tiny.py: ml_collections' ValueError was a traceback."""
     proc = run_lm(f"--workdir={tmp_path}", "--config.model.num_kv_heads.x=1", check=False)
