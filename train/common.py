@@ -374,14 +374,19 @@ def initialize_distributed() -> None:
 
 def workdir_from_flag(value: str | None) -> str:
     """The run folder that ``--workdir`` names: ``workdirs/<config file name>`` when it is
-    left out, with ``~`` expanded (the shell leaves it in ``--workdir=~/run``).
+    left out (``workdirs/<name>_<arg>`` for ``--config=FILE:arg``, so that two models of
+    one config file do not meet in one folder), with ``~`` expanded (the shell leaves it
+    in ``--workdir=~/run``).
 
     Raises:
       ValueError: the flag is empty (e.g. ``--workdir=$UNSET``), which would otherwise
         train into the current folder.
     """
     if value is None:
-        return str(Path("workdirs") / Path(_config_file_flag()).stem)
+        # (Path's stem alone would drop ":arg" with the suffix: "tiny.py:transformer" -> "tiny")
+        path, _, arg = _config_file_flag().partition(":")
+        arg = re.sub(r"[^\w.-]+", "_", arg)  # a folder name, whatever the argument holds
+        return str(Path("workdirs") / (Path(path).stem + (f"_{arg}" if arg else "")))
     if not value.strip():
         raise ValueError("--workdir is empty (leave it out for workdirs/<config name>)")
     return value if is_remote(value) else os.path.expanduser(value)

@@ -186,6 +186,17 @@ def test_default_workdir_is_named_after_the_config_file(monkeypatch):
     assert common.workdir_from_flag(None) == str(Path("workdirs") / "tiny")
 
 
+@pytest.mark.parametrize(
+    ("arg", "folder"),
+    [("transformer", "translate_tiny_transformer"), ("a/b c", "translate_tiny_a_b_c")],
+)
+def test_default_workdir_keeps_the_config_argument(monkeypatch, arg, folder):
+    # Both were workdirs/translate_tiny: the second model's run was refused as the first's
+    # incompatible checkpoint.
+    use_config_flag(monkeypatch, f"{REPO / 'train' / 'configs' / 'translate_tiny.py'}:{arg}")
+    assert common.workdir_from_flag(None) == str(Path("workdirs") / folder)
+
+
 @pytest.fixture
 def config_flag(monkeypatch, tmp_path):
     """``parse(*overrides)``: ``use_config_flag`` with a config file of its own. The file
