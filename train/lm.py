@@ -6,11 +6,12 @@
     python train/lm.py --workdir=DIR --sample_only --prompt="ROMEO:" --prompt="JULIET:"
 
 Training shows a progress bar, evaluates, writes ``DIR/metrics.jsonl`` and TensorBoard
-events in ``DIR/tb/``, checkpoints to ``DIR/checkpoints/<step>/``, and prints samples at the
-end. Running it again with the same ``--workdir`` resumes from the latest checkpoint
-(bitwise the same run as an uninterrupted one); SIGTERM or Ctrl-C saves and exits with
-status 143, so that a job scheduler sees an unfinished job and can requeue it. The default
-workdir is ``workdirs/<config file name>``.
+events in ``DIR/tb/`` (none for a ``gs://`` DIR), checkpoints to ``DIR/checkpoints/<step>/``,
+and prints samples at the end. Running it again with the same ``--workdir`` resumes from
+the latest checkpoint (bitwise the same run as an uninterrupted one); SIGTERM or Ctrl-C
+saves and exits with status 143, so that a job scheduler sees an unfinished job and can
+requeue it. The default workdir is ``workdirs/<config file name>`` (``<name>_<arg>`` for
+``--config=FILE:arg``).
 
 Samples come from ``gpt.generate``: a KV cache while the text fits the context, then, as in
 nanoGPT, each character drawn from a full pass over the last ``block_size`` characters.
