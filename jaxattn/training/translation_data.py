@@ -374,7 +374,10 @@ class _BucketedBatches(grain.transforms.Map):
         self._plan: tuple[int, list] | None = None
 
     def _epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        if self._plan is None or self._plan[0] != epoch:
+        # Read once: with grain's threads, another epoch's map may replace the cached plan
+        # between a check and a second read of self._plan.
+        plan = self._plan
+        if plan is None or plan[0] != epoch:
             rng = np.random.default_rng((self.seed, epoch))
             batches = []
             for k, members in enumerate(self.members):
@@ -382,8 +385,8 @@ class _BucketedBatches(grain.transforms.Map):
                 full = len(rows) // self.batch_size * self.batch_size  # Drop the remainder.
                 batches += [(k, chunk) for chunk in rows[:full].reshape(-1, self.batch_size)]
             order = rng.permutation(len(batches))
-            self._plan = (epoch, [batches[j] for j in order])
-        return self._plan[1]
+            plan = self._plan = (epoch, [batches[j] for j in order])
+        return plan[1]
 
     def map(self, element: int) -> dict[str, np.ndarray]:
         epoch, j = divmod(int(element), self.num_batches)
