@@ -191,7 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     val_ds = data.lm_dataset(
         val_ids, batch_size=config.batch_size, seq_len=model.block_size, seed=config.seed + 1,
         vocab_size=tokenizer.vocab_size,
-        name=f"validation split (the last {1 - config.train_fraction:.0%} of the text)",
+        name=f"validation split (the last {(1 - config.train_fraction) * 100:.3g}% of the text)",
         process_rows=val_rows,
     )  # fmt: skip
     if meta is None or meta["step"] < config.num_steps:  # (a finished run only samples)

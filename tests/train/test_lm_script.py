@@ -464,7 +464,7 @@ def test_missing_config_file_is_an_error(tmp_path, overrides):
         ("--sample_seed=9223372036854775808", "flag --sample_seed=9223372036854775808: "),
         # The optimizer's and the data splits' settings too (they used to leave checkpoints/).
         ("--config.warmup_steps=30", "need 0 <= warmup_steps <= lr_decay_steps"),
-        ("--config.train_fraction=0.999999", "validation split (the last 0% of the text) holds"),
+        ("--config.train_fraction=0.999999", "(the last 0.0001% of the text) holds"),
         # The model's optional fields are in the config file, so they can be set and checked.
         ("--config.model.attention_window=0", "attention_window must be a positive int, got 0"),
         ("--config.model.num_kv_heads=3", "got num_kv_heads=3"),
