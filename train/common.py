@@ -129,6 +129,11 @@ def exit_with_error(error: BaseException) -> NoReturn:
     sys.exit(1)
 
 
+# How ml_collections reports an unknown field (a field below a None one: ValueError), or
+# the config file's own failure (NameError, ImportError: only the file's).
+_CONFIG_ERRORS = (AttributeError, KeyError, ValueError, SyntaxError, NameError, ImportError)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a clear message for an unknown ``--config.<key>`` override and
     for a ``--config`` file that cannot be loaded."""
@@ -142,9 +147,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         where = "--config" if path is None else f"--config={path}"
         print(f"error: cannot load {where}: {cause[-1].strip() if cause else e}", file=sys.stderr)
         sys.exit(2)
-    except (AttributeError, KeyError, ValueError, SyntaxError) as e:
-        # How ml_collections reports an unknown field (a field below a None one: ValueError),
-        # unless the config file itself failed.
+    except _CONFIG_ERRORS as e:
         _report_config_error(e, argv)
 
 
@@ -158,7 +161,7 @@ def define_config_file(default: str, help_string: str):
     """
     try:
         return config_flags.DEFINE_config_file("config", default, help_string)
-    except (AttributeError, KeyError, ValueError, SyntaxError) as e:
+    except _CONFIG_ERRORS as e:
         _report_config_error(e, sys.argv, default)
 
 

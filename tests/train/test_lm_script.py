@@ -399,8 +399,13 @@ def test_misspelt_key_in_a_config_file_is_an_error(tmp_path):
          """AttributeError: 'modle' Did you mean "model" instead of "modle"?"""),
         (("def get_config(", "def make_config("), "has no attribute 'get_config'"),
         (("def get_config(", "def get_config(:"), "SyntaxError: invalid syntax"),  # a traceback
+        # Tracebacks too: a misspelt name, an import that fails.
+        (("config.model.num_layers = ", "config.model.num_layers = num_layrs or "),
+         "NameError: name 'num_layrs' is not defined"),
+        (("def get_config(", "import no_such_module\n\n\ndef get_config("),
+         "ModuleNotFoundError: No module named 'no_such_module'"),
     ],
-    ids=["typo", "no_get_config", "syntax"],
+    ids=["typo", "no_get_config", "syntax", "name", "import"],
 )  # fmt: skip
 def test_an_error_inside_the_config_file_names_the_file(tmp_path, edit, message):
     config_file = tmp_path / "broken.py"
