@@ -623,6 +623,27 @@ def empty_kv_cache(
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
+def cache_index(cache: KVCache, where: str) -> int | None:
+    """``cache.index`` as an int, or None when it is traced (then the caller's to keep in
+    range); ``ValueError`` unless it is an integer scalar ``>= 0`` (a Python int is one).
+
+    A float or ``[1]`` index failed inside ``take`` or ``int()``, naming neither the cache
+    nor its index; a negative one would embed at the last position and write to slot 0.
+    """
+    index_type = jnp.result_type(cache.index)
+    if jnp.ndim(cache.index) != 0 or not jnp.issubdtype(index_type, jnp.integer):
+        raise ValueError(
+            f"{where}: cache.index must be an integer scalar, got {index_type} of shape "
+            f"{jnp.shape(cache.index)}"
+        )
+    if isinstance(cache.index, jax.core.Tracer):
+        return None
+    index = int(cache.index)
+    if index < 0:
+        raise ValueError(f"{where}: cache.index must be >= 0, got {index}")
+    return index
+
+
 def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVCache]:
     """Split the stacked ``[L, ...]`` blocks and cache into per-layer tuples for ``gpt_decode``.
 
@@ -763,15 +784,11 @@ def gpt_decode(
             f"gpt_decode: the cache holds S={s} positions, more than "
             f"config.block_size={config.block_size} (init_cache refuses it too)"
         )
-    if not isinstance(cache.index, jax.core.Tracer):
-        index = int(cache.index)
-        if index < 0:
-            raise ValueError(f"gpt_decode: cache.index must be >= 0, got {index}")
-        if index + t > s:
-            raise ValueError(
-                f"gpt_decode: writing T={t} tokens at index {index} overflows the cache "
-                f"length S={s}"
-            )
+    index = cache_index(cache, "gpt_decode")
+    if index is not None and index + t > s:
+        raise ValueError(
+            f"gpt_decode: writing T={t} tokens at index {index} overflows the cache length S={s}"
+        )
     slots = cache.index + jnp.arange(t, dtype=jnp.int32)  # [T]
     positions, key_mask = slots, None
     if start is not None:

@@ -56,7 +56,7 @@ from jaxattn.models._config import (
     float32_argument,
     weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
-from jaxattn.models.gpt import KVCache, empty_kv_cache
+from jaxattn.models.gpt import KVCache, cache_index, empty_kv_cache
 from jaxattn.models.seq2seq import check_batch
 from jaxattn.ops._checks import check_flag, jit_when_eager
 from jaxattn.ops.attention import (
@@ -73,6 +73,7 @@ from jaxattn.ops.layers import (
     FeedForwardWeights,
     LayerNormWeights,
     check_dropout_key,
+    check_floating,
     check_token_ids,
     dense,
     dropout,
@@ -428,6 +429,13 @@ def cross_kv(weights: TransformerWeights, memory: Array, config: TransformerConf
     """
     _check_config(config, "cross_kv")
     check_weights(weights, init_transformer, config, "cross_kv")
+    # (Else another rank came out silently mislabelled: [S, D] gave k [Ld, S, N, H].)
+    if jnp.ndim(memory) != 3 or jnp.shape(memory)[-1] != config.embed_dim:
+        raise ValueError(
+            f"cross_kv: memory must be [B, S, D={config.embed_dim}] (encode's output), got "
+            f"{jnp.shape(memory)}"
+        )
+    check_floating(memory, "memory", "cross_kv")
     attn = cast_floating(weights.decoder.cross_attn, config.compute_dtype)
     memory = memory.astype(config.compute_dtype)
     kv = lambda a: (project(memory, a.w_k, a.b_k), project(memory, a.w_v, a.b_v))
@@ -635,18 +643,15 @@ def decode_step(
             f"config.max_len={config.max_len}"
         )
     # (A traced index cannot be checked: the caller keeps 0 <= index < T_max.)
-    if not isinstance(cache.index, jax.core.Tracer):
-        index = int(cache.index)
-        if index < 0:  # (position -1 would embed as the last one, the write clamp to slot 0)
-            raise ValueError(f"decode_step: cache.index must be >= 0, got {index}")
-        if index >= t_max:
-            raise ValueError(f"decode_step: the cache of length {t_max} is full")
+    index = cache_index(cache, "decode_step")
+    if index is not None and index >= t_max:
+        raise ValueError(f"decode_step: the cache of length {t_max} is full")
     if slot_rows is not None:
         # Here, not only in cached_attention: the decoder stack below is jitted, where the
         # rows are traced and an out-of-range one would silently read row 0 or B - 1.
         check_token_ids(slot_rows, b, "decode_step: slot_rows (cache rows)")
     w = cast_floating(weights, config.compute_dtype)
-    positions = cache.index[None]  # [1]
+    positions = jnp.asarray(cache.index)[None]  # [1] (a Python int has no [None])
     y = _embed(w.tgt_embedding, token[:, None], positions, config)  # [B, 1, D]
     mask = as_bool_mask(src_mask, "src_mask", "decode_step")[:, None, None, :]
     y, (k, v) = _decoder_step_stack(w.decoder, y, cache, cross, mask, slot_rows, config)

@@ -856,3 +856,9 @@ def test_gpt_decode_refuses_a_hand_made_cache_past_the_model():
     negative = init_cache(BASE, 1, 4)._replace(index=jnp.int32(-1))
     with pytest.raises(ValueError, match=r"gpt_decode: cache.index must be >= 0, got -1"):
         gpt_decode(w, tokens, negative, BASE)
+    # A float or [1] index failed inside take or int(), naming neither the cache nor its index.
+    for bad, shown in [(jnp.float32(0.0), r"float32 of shape \(\)"), (jnp.array([0]), r"\(1,\)")]:
+        with pytest.raises(
+            ValueError, match=rf"gpt_decode: cache.index must be an integer.*{shown}"
+        ):
+            gpt_decode(w, tokens, init_cache(BASE, 1, 4)._replace(index=bad), BASE)

@@ -635,6 +635,39 @@ def test_bad_inputs_raise(np_rng):
         init_cache(config, 3, 2, dtype="int32")  # the cached keys would be truncated
 
 
+def test_cross_kv_refuses_memory_that_is_not_b_s_d(np_rng):
+    # One sentence's [S, D] came out as k [Ld, S, N, H], its S read as the batch; integer
+    # memory (token ids where encode's output belongs) was cast and projected.
+    w = random_weights(BASE)
+    src, lengths, _ = example_batch(BASE, np_rng)
+    memory = encode(w, src, lengths, BASE)  # [3, 5, 12]
+    for bad in (memory[0], memory[None], memory[..., :6]):
+        with pytest.raises(ValueError, match=r"cross_kv: memory must be \[B, S, D=12\]"):
+            cross_kv(w, bad, BASE)
+    with pytest.raises(ValueError, match=r"cross_kv: memory must be floating.*int32"):
+        cross_kv(w, jnp.zeros((3, 5, 12), jnp.int32), BASE)
+
+
+def test_decode_step_takes_a_python_int_index_and_names_a_bad_one(np_rng):
+    # A Python int index (KVCache(k, v, 0), as gpt_decode takes it) failed on index[None];
+    # a float or [1] index failed inside take or int(), naming neither the cache nor its index.
+    w = random_weights(BASE)
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    cross = cross_kv(w, encode(w, src, lengths, BASE), BASE)
+    src_mask = padding_mask(lengths, src.shape[1])
+    cache = init_cache(BASE, 3, 4)
+    want, want_cache = decode_step(w, cache, tgt_in[:, 0], cross, src_mask, BASE)
+    got, got_cache = decode_step(w, cache._replace(index=0), tgt_in[:, 0], cross, src_mask, BASE)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_cache.k, want_cache.k)
+    assert int(got_cache.index) == 1
+    for bad, shown in [(jnp.float32(0.0), r"float32 of shape \(\)"), (jnp.array([0]), r"\(1,\)")]:
+        with pytest.raises(
+            ValueError, match=rf"decode_step: cache.index must be an integer scalar.*{shown}"
+        ):
+            decode_step(w, cache._replace(index=bad), tgt_in[:, 0], cross, src_mask, BASE)
+
+
 def test_int64_ids_are_checked_before_the_int32_conversion(np_rng):
     # jnp.asarray (64-bit types off) wraps the int64 id 2**32 + 3 to the valid id 3.
     w = random_weights(BASE)
