@@ -183,9 +183,12 @@ def _first_tokens(
     return jnp.broadcast_to(bos.astype(jnp.int32), (batch_size,))
 
 
-def _check_ids(bos_id: int | Array, eos_id: int, vocab: int, where: str) -> None:
+def _check_ids(bos_id: int | Array, eos_id: int, pad_id: int, vocab: int, where: str) -> None:
     # An EOS step_fn never emits would silently decode every row to max_len.
     check_token_ids(eos_id, vocab, f"{where}: eos_id")
+    # The output is filled with it as int32: 2.5 would come out as 2.
+    if jnp.ndim(pad_id) != 0 or not jnp.issubdtype(jnp.result_type(pad_id), jnp.integer):
+        raise ValueError(f"{where}: pad_id must be an integer, got {pad_id!r}")
     # BOS is only fed in: it may lie past the V tokens step_fn predicts (an input-only
     # token), but a negative id would index the embedding from its end.
     if not isinstance(bos_id, jax.core.Tracer) and np.any(np.asarray(bos_id) < 0):
@@ -223,7 +226,7 @@ def greedy_decode(
     """
     tokens = _first_tokens(batch_size, max_len, bos_id, eos_id, "greedy_decode")
     vocab = _check_step(step_fn, tokens, init_state, "greedy_decode", state_batch_axis)
-    _check_ids(bos_id, eos_id, vocab, "greedy_decode")
+    _check_ids(bos_id, eos_id, pad_id, vocab, "greedy_decode")
     out = jnp.full((batch_size, max_len), pad_id, jnp.int32)
     done = jnp.zeros((batch_size,), bool)
 
@@ -294,7 +297,7 @@ def beam_search(
     state = gather_rows(init_state, jnp.repeat(jnp.arange(b), k), axis=state_batch_axis)
     last = jnp.repeat(first, k)  # [B*k]
     vocab = _check_step(step_fn, last, state, "beam_search", state_batch_axis)
-    _check_ids(bos_id, eos_id, vocab, "beam_search")
+    _check_ids(bos_id, eos_id, pad_id, vocab, "beam_search")
     seqs = jnp.full((b, k, steps), pad_id, jnp.int32)
     # Only beam 0 is live at first, so the k beams do not all extend the same BOS.
     alive_logp = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg_inf), (b, 1))  # [B, k]

@@ -407,6 +407,12 @@ def test_bad_inputs_raise(np_rng):
         got = rf"\[{min(bad, 2)}, {max(bad, 2)}\]"  # the range of (2, bad)
         with pytest.raises(ValueError, match=rf"forbidden ids must lie in \[0, 3\), got .*{got}"):
             decode_sequences(step, init_state(2), 2, beam_size=1, forbidden=(2, bad), **kw)
+    # The output is filled with pad_id as int32: 2.5 came out as 2, True as 1.
+    for pad in (2.5, True, jnp.array([0])):
+        with pytest.raises(ValueError, match=r"greedy_decode: pad_id must be an integer"):
+            greedy_decode(step, init_state(2), 2, pad_id=pad, **kw)
+        with pytest.raises(ValueError, match=r"beam_search: pad_id must be an integer"):
+            beam_search(step, init_state(2), 2, beam_size=2, pad_id=pad, **kw)
     # BOS is only fed in, so it may lie past the V predicted tokens; a negative one may not.
     greedy_decode(step, init_state(2), 2, max_len=2, bos_id=3, eos_id=1)
     beam_search(step, init_state(2), 2, beam_size=2, max_len=2, bos_id=3, eos_id=1)
