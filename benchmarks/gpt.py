@@ -391,16 +391,26 @@ def bench_loss_memory() -> list[tuple[str, int | None, float]]:
     return rows
 
 
+SECTIONS = ("train", "generate", "compile", "matmul", "loss_memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--sections", default="train,generate,compile,matmul")
+    parser.add_argument(
+        "--sections",
+        default="train,generate,compile,matmul",
+        help=f"comma-separated, of: {','.join(SECTIONS)}",
+    )
     add_json_flag(parser)
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:  # (a misspelt name ran nothing, silently, and wrote an empty --json)
+        parser.error(f"unknown --sections {','.join(unknown)}; the sections: {','.join(SECTIONS)}")
     results = {}
     repeats = 10 if args.quick else 50
     run = shakespeare_char_cpu.get_config()
-    sections = args.sections.split(",")
     print(f"# GPT benchmarks — {machine()}, jax {jax.__version__}, {datetime.date.today()}")
     tokens = run.batch_size * run.model.block_size
     if "train" in sections:

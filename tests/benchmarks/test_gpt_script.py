@@ -23,3 +23,13 @@ def test_weight_products_runs_on_tied_untied_and_grouped_query_models(tie, kv_he
     weights = gpt.init_gpt(jax.random.key(0), config)
     out = gpt_bench.weight_products(weights, config, 3)()
     assert out.shape == (1, 16) and np.isfinite(np.asarray(out)).all()
+
+
+def test_unknown_section_is_an_error_naming_it(monkeypatch, capsys):
+    """A misspelt --sections name ran nothing, exited 0 and wrote an empty --json (a name
+    that runs nothing either way, so that a regression times no benchmark)."""
+    monkeypatch.setattr(sys, "argv", ["gpt.py", "--sections", "generat"])
+    with pytest.raises(SystemExit) as exit_info:
+        gpt_bench.main()
+    assert exit_info.value.code == 2
+    assert "unknown --sections generat" in capsys.readouterr().err
