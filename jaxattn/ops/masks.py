@@ -85,9 +85,20 @@ def local_window_mask(q_len: int, kv_len: int, left: int, right: int) -> Array:
     after it. For ``T == S`` this is ``jax.nn.dot_product_attention``'s
     ``local_window_size=(left, right)``; with ``is_causal`` only ``left`` matters.
 
+    Args:
+      q_len: T, the number of queries.
+      kv_len: S, the number of keys.
+      left, right: ints >= 0, the keys seen before and after each query.
+
     Returns:
       ``[1, 1, T, S]`` booleans, True where attention is allowed.
     """
+    # Python ints, as in causal_mask: q_len=2.5 gave 3 queries at fractional positions, and
+    # a negative side an all-False mask (dot_product_attention refuses such a window).
+    q_len = check_size(q_len, "q_len", "local_window_mask", minimum=0)
+    kv_len = check_size(kv_len, "kv_len", "local_window_mask", minimum=0)
+    left = check_size(left, "left", "local_window_mask", minimum=0)
+    right = check_size(right, "right", "local_window_mask", minimum=0)
     q_pos = jnp.arange(q_len) + (kv_len - q_len)  # [T] absolute positions
     return window_visible(q_pos, jnp.arange(kv_len), left, right)[None, None]  # [1, 1, T, S]
 

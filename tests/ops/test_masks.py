@@ -79,6 +79,17 @@ def test_local_window_mask(t, s, left, right):
     np.testing.assert_array_equal(both, want & np_causal(t, s))
 
 
+@pytest.mark.parametrize(
+    "args, name",
+    [((2.5, 3, 1, 0), "q_len"), ((3, -1, 1, 0), "kv_len"), ((3, 3, -1, 0), "left"),
+     ((3, 3, 1, 1.5), "right"), ((3, 3, None, 0), "left"), ((3, 3, True, 0), "left")],
+)  # fmt: skip
+def test_local_window_mask_refuses_what_is_not_an_int_size(args, name):
+    # q_len=2.5 gave a [3, 3] mask at fractional positions, left=-1 an all-False mask.
+    with pytest.raises(ValueError, match=rf"local_window_mask: {name} must be an int >= 0"):
+        local_window_mask(*args)
+
+
 def test_check_local_window():
     assert check_local_window(None, "f") is None
     assert check_local_window(3, "f") == (3, 3)
