@@ -240,12 +240,20 @@ def head_rows(x: Array) -> Array:
     into it on every token (8 of the 4-layer Shakespeare model's ~170 operations per token,
     about a fifth of its time; benchmarks/LOG.md, "Session 44").
     """
+    if jnp.ndim(x) != 4:  # (a bare unpacking error named neither the function nor the shape)
+        raise ValueError(f"head_rows: x must be [B, S, K, H], got shape {jnp.shape(x)}")
     b, s, kh, h = x.shape
     return x.transpose(0, 2, 1, 3).reshape(b * kh, s, h)
 
 
 def from_head_rows(x: Array, batch_size: int) -> Array:
     """``[B*K, S, H]`` -> ``[B, S, K, H]``, the inverse of ``head_rows``."""
+    batch_size = check_size(batch_size, "batch_size", "from_head_rows")
+    if jnp.ndim(x) != 3 or x.shape[0] % batch_size:  # (was a reshape error, or 1 / 0)
+        raise ValueError(
+            f"from_head_rows: x must be [B*K, S, H] with B = batch_size = {batch_size} "
+            f"dividing its rows, got shape {jnp.shape(x)}"
+        )
     r, s, h = x.shape
     return x.reshape(batch_size, r // batch_size, s, h).transpose(0, 2, 1, 3)
 

@@ -1211,6 +1211,19 @@ def test_head_rows_is_one_block_of_rows_per_batch_and_head(np_rng):
     np.testing.assert_array_equal(from_head_rows(rows, 2), x)
 
 
+def test_head_rows_and_back_refuse_other_shapes_naming_them():
+    # Were "not enough values to unpack", a reshape error, and a ZeroDivisionError.
+    with pytest.raises(
+        ValueError, match=r"head_rows: x must be \[B, S, K, H\], got shape \(6, 5, 4\)"
+    ):
+        head_rows(jnp.zeros((6, 5, 4)))
+    for bad, batch_size in (((6, 5, 4), 4), ((2, 5, 3, 4), 2)):
+        with pytest.raises(ValueError, match=r"from_head_rows: x must be \[B\*K, S, H\]"):
+            from_head_rows(jnp.zeros(bad), batch_size)
+    with pytest.raises(ValueError, match=r"from_head_rows: batch_size must be an int >= 1"):
+        from_head_rows(jnp.zeros((6, 5, 4)), 0)
+
+
 def test_head_rows_are_only_for_caches_and_checked_against_the_queries(np_rng):
     """dot_product_attention takes no rank-3 keys (head rows are cached_attention's), and
     cached_attention checks q against the chunk that a head-row cache cannot check."""
