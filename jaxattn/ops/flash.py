@@ -1010,9 +1010,9 @@ def flash_attention(
       block_k: keys per tile (same default).
       batch_heads: run all (batch, kv-head) pairs in each tile step (``vmap``) instead of
         one pair at a time. None: True off CPU when there is no bias
-        (``default_batch_heads``). The same function either way (to rounding: the default
-        block size differs); with a bias the backward still loops over the pairs, on this
-        layout's tiles.
+        (``default_batch_heads``). The same function either way (to rounding, where the
+        default block sizes above differ); with a bias the backward still loops over the
+        pairs, on this layout's tiles.
       dropout_rate: dropout on the attention probabilities (after the softmax; the
         normaliser counts every key). Each tile's mask is hashed from the entries'
         positions (``jaxattn.ops.masks.attention_dropout_keep``) and rebuilt in the
