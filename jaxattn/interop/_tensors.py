@@ -107,11 +107,25 @@ def refuse_unread(state: ReadLog, where: str, prefix: str = "", skip: tuple[str,
         )
 
 
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    """How many leading items ``a`` and ``b`` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def get(state: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Read the weight ``state[name]`` as NumPy; KeyError/ValueError name the tensor."""
     if name not in state:
-        near = sorted(k for k in state if k.split(".")[-1] == name.split(".")[-1])[:5]
-        hint = f"; keys with the same suffix: {near}" if near else ""
+        # The keys sharing the longest dotted tail with it: for h.1.mlp.c_fc.weight, a
+        # prefixed transformer.h.1.mlp.c_fc.weight or else h.0.mlp.c_fc.weight, not every
+        # key that ends in "weight".
+        parts = name.split(".")[::-1]
+        shared = {k: _common_prefix(k.split(".")[::-1], parts) for k in state}
+        longest = max(shared.values(), default=0)
+        near = sorted(k for k, n in shared.items() if n == longest)[:5] if longest else []
+        hint = f"; keys ending alike: {near}" if near else ""
         raise KeyError(f"missing tensor {name!r} (expected shape {shape}){hint}")
     arr = to_numpy(state[name])
     if arr.shape != tuple(shape):
