@@ -90,6 +90,15 @@ def add_wait_quiet_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts such as ``--repeats``: 0 would time nothing (or, read as
+    ``args.repeats or default``, silently mean the default)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     """``--json FILE``, shared by the benchmark scripts (read by ``run_all.py``)."""
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
@@ -408,7 +417,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="T = 256, 1024, 2048; 3 repeats")
     parser.add_argument("--lengths", type=int, nargs="*", help="override the T values")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5)")
+    parser.add_argument("--repeats", type=positive_int, help="timed calls (default 5)")
     parser.add_argument(
         "--slow",
         type=float,

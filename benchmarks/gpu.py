@@ -62,7 +62,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.attention import add_json_flag, machine, write_json  # shared helpers
+from benchmarks.attention import add_json_flag, machine, positive_int, write_json  # shared
 from jaxattn.ops import flash
 from jaxattn.ops import lstm as lstm_ops
 from jaxattn.ops.attention import _pallas_fits, _select_implementation, dot_product_attention
@@ -549,7 +549,7 @@ def main() -> None:
         "--smoke", action="store_true", help="toy sizes, 1 repeat: checks that the script runs"
     )
     parser.add_argument("--lengths", type=int, nargs="*", help="override the T values")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7)")
+    parser.add_argument("--repeats", type=positive_int, help="timed rounds (default 7)")
     parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument(
         "--lstm-shapes",

@@ -43,6 +43,7 @@ from benchmarks.attention import (  # shared helpers
     add_json_flag,
     add_wait_quiet_flag,
     machine,
+    positive_int,
     timed_round_robin,
     versions,
     write_json,
@@ -188,7 +189,7 @@ def main() -> None:
         metavar=("B", "T", "I", "H"),
         help="batch, time, input size, hidden size",
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5)")
+    parser.add_argument("--repeats", type=positive_int, help="timed calls (default 5)")
     add_wait_quiet_flag(parser)
     add_json_flag(parser)
     args = parser.parse_args()

@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="per device, for MFU")
     parser.add_argument("--worker", type=int, nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 1:  # (0 failed at the end, in the median of no times)
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.worker:
         print(json.dumps(worker(tuple(args.worker), args.steps)))
         return

@@ -1,0 +1,36 @@
+"""The benchmark scripts refuse a count of 0 by name, before timing anything."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import attention, gpu, lstm, scaling  # noqa: E402
+
+
+@pytest.mark.parametrize("script", [attention, lstm, gpu])
+def test_zero_repeats_are_refused(monkeypatch, capsys, script):
+    """Read as ``args.repeats or default``, 0 silently meant the default. (The unknown flag
+    after it makes argparse stop before timing anything if the 0 were ever accepted again.)"""
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", "--repeats", "0", "--no-such"])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2
+    assert "argument --repeats: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_zero_scaling_steps_are_refused(monkeypatch, capsys):
+    """It failed after timing every mesh, in the median of no step times."""
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(scaling.subprocess, "run", no_worker)
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--steps", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        scaling.main()
+    assert exit_info.value.code == 2
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
