@@ -7,7 +7,6 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -31,6 +30,7 @@ from jaxattn.training.checkpoint import (
     IncompatibleCheckpointError,
     NotWritableError,
     folder_exists,
+    json_metadata,
 )
 from jaxattn.training.loop import LoopConfig, NonFiniteLossError
 from jaxattn.training.metrics import is_remote
@@ -466,7 +466,7 @@ def _config_changes(
     keys); with ``both_only``, only the settings both of them set."""
     free = set(free)
     saved = _flatten(meta.get("config") or {})
-    now = _flatten(json.loads(json.dumps(config.to_dict())))  # as saved: tuples -> lists
+    now = _flatten(json_metadata(config.to_dict(), "config"))  # as saved: tuples -> lists
     # A model field the saved config did not set (the config file gained it since) took
     # the value the checkpoint's resolved model records.
     for key, value in _flatten({"model": meta.get("model") or {}}).items():

@@ -259,6 +259,47 @@ def _position_for_other_process_count(data_dir: epath.Path) -> Any | None:
     return positions[0]
 
 
+def _numpy_to_python(value: Any) -> Any:
+    """``json.dumps``'s ``default``: NumPy scalars and arrays as the Python values they hold
+    (a config file may set ``np.int64(8)``, which LoopConfig and make_mesh take as ints)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"a {type(value).__name__} ({value!r}) is not a JSON value")
+
+
+def _first_unserialisable(value: Any, path: str, seen: frozenset[int] = frozenset()) -> str:
+    """The path under ``path`` of the first value ``json.dumps`` refuses (``path`` itself
+    when it is one of the keys or values there, or a container that holds itself)."""
+    items = value.items() if isinstance(value, Mapping) else None
+    if items is None and isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    if items is None or id(value) in seen:
+        return path
+    for key, child in items:
+        try:
+            json.dumps(child, default=_numpy_to_python)
+        except (TypeError, ValueError):
+            return _first_unserialisable(child, f"{path}[{key!r}]", seen | {id(value)})
+    return path
+
+
+def json_metadata(metadata: Mapping[str, Any] | None, where: str = "metadata") -> dict[str, Any]:
+    """``metadata`` as the plain JSON object a checkpoint stores (NumPy values as Python).
+
+    orbax writes it in a background thread: a value JSON cannot hold failed only there, at
+    the first save after training, with pages of orbax's thread errors, and left no
+    checkpoint. Checked up front instead (``fit`` checks before the first step).
+
+    Raises:
+      ValueError: naming the first value JSON cannot hold and where it is.
+    """
+    try:
+        return json.loads(json.dumps(dict(metadata or {}), default=_numpy_to_python))
+    except (TypeError, ValueError) as e:
+        at = _first_unserialisable(dict(metadata or {}), where)
+        raise ValueError(f"{at} is not JSON-serialisable: {e}") from None
+
+
 def tree_signature(tree: Any) -> list[list[Any]]:
     """Return ``[[path, shape, dtype], ...]`` for every array leaf of ``tree`` (JSON-ready)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -429,7 +470,9 @@ class Checkpointer:
           step: the step number (directory name); must not exist yet.
           state: the train state pytree.
           data_iter: a grain iterator whose ``get_state`` is saved (optional).
-          metadata: JSON-serialisable dict saved as the ``meta`` item.
+          metadata: JSON-serialisable dict saved as the ``meta`` item (NumPy values as
+            Python ones; any other value JSON cannot hold is a ValueError, before
+            anything is written).
           metrics: e.g. ``{"val_loss": 1.9}``; ranks this step for keep-best.
         """
         if self.read_only:
@@ -442,7 +485,7 @@ class Checkpointer:
                 f"cannot save step {step}: {self.step_dir(step)} is {what}; move it out of "
                 f"{self.directory}"
             )
-        meta = dict(metadata or {})
+        meta = json_metadata(metadata, "checkpoint metadata")  # (before orbax writes anything)
         meta["step"] = int(step)
         meta["tree_signature"] = tree_signature(state)
         items: dict[str, Any] = {

@@ -43,6 +43,7 @@ from jaxattn.training.checkpoint import (
     NotWritableError,
     check_writable,
     folder_exists,
+    json_metadata,
 )
 from jaxattn.training.metrics import Mean, MetricsWriter, is_remote, reduce_means
 from jaxattn.training.sharding import global_batch, replicated, to_host
@@ -336,7 +337,9 @@ class Trainer:
     ):
         self.train_step, self.eval_step, self.eval_data = train_step, eval_step, eval_data
         self.workdir, self.loop = epath.Path(workdir), loop
-        self.tokens_per_step, self.metadata = tokens_per_step, dict(metadata or {})
+        # (a value JSON cannot hold fails now, not at the first save after training)
+        self.metadata = json_metadata(metadata, "fit: metadata")
+        self.tokens_per_step = tokens_per_step
         self.batch_sharding = batch_sharding
         self.primary = jax.process_index() == 0
         self.say = (tqdm.write if loop.progress else print) if self.primary else _silent
@@ -661,7 +664,8 @@ def fit(
         wait for the device), e.g. ``lambda b: b["targets"].size``. Default: the size of
         each batch's first leaf (in ``jax.tree.leaves`` order), so batches whose lengths
         vary (buckets) are counted as they come.
-      metadata: JSON-serialisable dict saved with every checkpoint (config, vocabulary).
+      metadata: JSON-serialisable dict saved with every checkpoint (config, vocabulary);
+        NumPy values are saved as the Python values they hold.
       batch_sharding: on a device mesh, how batches are split (``sharding.batch_sharding``);
         ``train_iter`` and ``eval_data`` then yield this process's rows only
         (``sharding.process_batch_slice``). ``state`` must already be on the mesh.
@@ -676,6 +680,7 @@ def fit(
       IncompatibleCheckpointError, CheckpointError: the workdir's checkpoint cannot be used.
       NotWritableError: the workdir or its checkpoint folder cannot be written (checked
         before the first step).
+      ValueError: ``metadata`` holds a value JSON cannot hold (checked before the first step).
     """
     trainer = Trainer(
         train_step,

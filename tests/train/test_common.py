@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -61,6 +62,16 @@ def test_no_note_for_the_same_settings_or_free_ones(capsys, workdir):
     assert _note(capsys, workdir, free, also_free=["batch_size"]) == ""
     # A model field the config file gained since, at the value the run resolved it to.
     assert _note(capsys, workdir, _config(gelu_approximate=True)) == ""
+
+
+def test_a_numpy_value_of_the_config_compares_as_its_python_value(capsys, workdir):
+    """A config file's NumPy integer (LoopConfig and make_mesh take it as an int) failed a
+    resumed run's comparison with the checkpoint's settings with a TypeError traceback."""
+    config = lambda batch_size: ml_collections.ConfigDict(
+        _config().to_dict() | {"batch_size": batch_size}  # (a ConfigDict's int refuses one)
+    )
+    assert _note(capsys, workdir, config(np.int64(12))) == ""
+    assert "batch_size 12 -> 8" in _note(capsys, workdir, config(np.int64(8)))
 
 
 def test_note_names_each_changed_setting(capsys, workdir):

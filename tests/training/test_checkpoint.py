@@ -128,6 +128,29 @@ def test_saving_an_existing_step_is_refused(tmp_path, toy):
     assert snapshot(tmp_path) == before
 
 
+def test_metadata_takes_numpy_values_and_refuses_others_before_writing(tmp_path, toy):
+    """orbax writes the metadata in its background thread: a NumPy integer from a config
+    file (which LoopConfig and make_mesh accept) or any other value JSON cannot hold failed
+    there, after the arrays were being written, in pages of thread errors, saving nothing."""
+    from pathlib import Path
+
+    with Checkpointer(tmp_path) as ckpt:
+        config = {"num_steps": np.int64(8), "lr": np.float32(0.5), "buckets": (8, np.int32(16))}
+        ckpt.save(1, toy.state(), metadata={"config": config})
+        ckpt.wait()
+        saved = ckpt.read_metadata(1)["config"]
+        assert saved == {"num_steps": 8, "lr": 0.5, "buckets": [8, 16]}
+        assert type(saved["num_steps"]) is int
+        before = snapshot(tmp_path)
+        bad = {"config": {"data": {"path": Path("corpus.txt")}}}
+        message = r"checkpoint metadata\['config'\]\['data'\]\['path'\] is not JSON-serial"
+        with pytest.raises(ValueError, match=message):
+            ckpt.save(2, toy.state(), metadata=bad)
+        ckpt.wait()
+        assert ckpt.all_steps() == [1]
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
 def _put_in_a_steps_place(path, kind):
     if kind == "file":
         path.write_text("my notes")

@@ -219,6 +219,30 @@ def _fit(
     )
 
 
+def test_fit_refuses_metadata_json_cannot_hold_before_training(tmp_path, toy):
+    """It failed only at the first save, in orbax's thread, after training to it (and a
+    NumPy integer of a config file failed there too: now saved as an int)."""
+    optimizer = toy.optimizer()
+
+    def run(metadata):
+        return fit(
+            create_train_state(toy.params(), optimizer, jax.random.key(7)),
+            make_train_step(toy.loss, optimizer),
+            toy.iterator(),
+            workdir=tmp_path,
+            loop=LoopConfig(num_steps=4, checkpoint_every=2, progress=False),
+            metadata=metadata,
+        )
+
+    with pytest.raises(ValueError, match=r"fit: metadata\['seen'\] is not JSON-serial"):
+        run({"config": {"num_steps": 4}, "seen": {1, 2}})
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing trained or made
+    assert run({"config": {"num_steps": np.int64(4)}}).step == 4
+    with Checkpointer(tmp_path / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.all_steps() == [2, 4]
+        assert ckpt.read_metadata(2)["config"] == {"num_steps": 4}
+
+
 def test_fit_logs_evaluates_and_checkpoints(tmp_path, toy):
     result = _fit(toy, tmp_path, num_steps=10, max_to_keep=10)
     assert result.step == 10 and not result.interrupted and int(result.state.step) == 10
