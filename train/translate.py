@@ -83,6 +83,8 @@ from jaxattn.training.checkpoint import (
     Checkpointer,
     IncompatibleCheckpointError,
     check_checkpoints_folder,
+    check_writable,
+    json_metadata,
 )
 from jaxattn.training.data import batch_iterator
 from jaxattn.training.loop import (
@@ -454,7 +456,10 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         batch_sharding, config.batch_size, "config.batch_size"
     )
     optimizer, schedule = translate_optimizer(config, kind)
-    check_checkpoints_folder(workdir / "checkpoints")  # (creating workdir) before anything is built
+    # A finished run may sit in a read-only folder: it only reads its checkpoint and, when
+    # its BLEU is recorded, metrics.jsonl (probed below before it decodes to record one).
+    if meta is None or meta["step"] < config.num_steps:
+        check_checkpoints_folder(workdir / "checkpoints")  # (creating workdir) before anything
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()
     kind, model = build_model(config, vocab)
@@ -486,7 +491,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         f"data: {len(split.train):,}/{len(split.val):,}/{len(split.test):,} train/val/test "
         f"pairs; using {len(train_src):,} train, {len(val_src):,} val, {len(test_pairs):,} "
         f"test; sentencepiece vocab {vocab}\n"
-        f"model: {kind} {json.dumps(config.model.to_dict())}: {n_params / 1e6:.2f}M params\n"
+        f"model: {kind} {json.dumps(json_metadata(config.model.to_dict()))}: "
+        f"{n_params / 1e6:.2f}M params\n"
         f"{describe_mesh(mesh)}\n"
         f"workdir: {workdir}",
         flush=True,
@@ -514,8 +520,10 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if result.interrupted:
         print_once(f"Stopped at step {result.step}; run the same command again to resume.")
         sys.exit(INTERRUPTED_EXIT_CODE)
-    if result.trained_steps == 0 and report_recorded_bleu(workdir, result.step, config, test_pairs):
-        return  # (every process: none decodes)
+    if result.trained_steps == 0:
+        if report_recorded_bleu(workdir, result.step, config, test_pairs):
+            return  # (every process: none decodes)
+        check_writable(workdir)  # the score and translations to write: before decoding
     params = sharding.gather_params(result.state.params)  # Every process: the whole model.
     t0 = time.perf_counter()
     bleu, hyps = test_bleu(params, kind, model, config, sp, test_pairs)  # (all processes)

@@ -192,6 +192,39 @@ def test_rerunning_a_finished_run_reports_its_bleu_without_decoding_again(lstm_r
 
 
 @pytest.mark.slow
+def test_a_finished_run_reports_its_bleu_from_a_read_only_folder(
+    lstm_run, translate, monkeypatch, tmp_path, capsys
+):
+    """A rerun of a finished run whose BLEU is recorded writes nothing, so it needs no write
+    access (as lm.py's and fit's finished runs); it failed probing the checkpoints folder.
+    One with other decode settings, which must record its score, fails before decoding."""
+    from configs import translate_tiny  # train/ is on sys.path (load_script)
+
+    from jaxattn.training import checkpoint as checkpoint_module
+    from jaxattn.training.checkpoint import NotWritableError
+
+    workdir, _ = lstm_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+
+    def unwritable(directory):
+        raise NotWritableError(f"cannot write to {directory}: read-only (simulated)")
+
+    # Root ignores chmod, so fail every write probe instead, as a read-only mount would.
+    monkeypatch.setattr(checkpoint_module, "check_writable", unwritable)
+    monkeypatch.setattr(translate, "check_writable", unwritable, raising=False)
+    decoded = []
+    monkeypatch.setattr(translate, "test_bleu", lambda *args: decoded.append(args))
+    translate.train(translate_tiny.get_config(), run)
+    assert "as recorded in" in capsys.readouterr().out and not decoded
+    config = translate_tiny.get_config()
+    config.max_test_examples = 7  # not recorded: decoded, then written
+    with pytest.raises(NotWritableError, match="read-only"):
+        translate.train(config, run)
+    assert not decoded
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_143_without_decoding(lstm_run, tmp_path):
     """A preempted run saves a checkpoint and exits 143 (requeue), skipping the test BLEU."""
     workdir, _ = lstm_run
@@ -655,6 +688,27 @@ def test_transformer_position_table_must_hold_the_largest_bucket(translate):
         translate.check_decode_settings(config)
     config.buckets = (8, 16)
     translate.check_decode_settings(config)
+
+
+def test_a_numpy_integer_of_the_model_config_is_printed_and_saved_as_an_int(
+    translate, monkeypatch, tmp_path, capsys
+):
+    """A config file's NumPy integer (the model configs take it as a size) failed the run's
+    model line with a TypeError traceback, before training."""
+    from configs import translate_tiny  # train/ is on sys.path (load_script)
+
+    class Stop(Exception):
+        pass
+
+    def stop(state, train_step, train_iter, **options):
+        raise Stop(options["metadata"])
+
+    monkeypatch.setattr(translate, "fit", stop)
+    values = translate_tiny.get_config().to_dict()
+    values["model"]["embed_dim"] = np.int64(16)  # (a ConfigDict's int refuses one)
+    with pytest.raises(Stop):
+        translate.train(ml_collections.ConfigDict(values), tmp_path / "run")
+    assert '"embed_dim": 16' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("model", ["transformer", "general"])
