@@ -223,7 +223,9 @@ class LoopConfig:
     num_steps: int  # Train until state.step == num_steps.
     eval_every: int = 0  # Evaluate every N steps, at step 0 and at the end (0: only those).
     eval_batches: int = 0  # Batches per evaluation; 0 disables evaluation.
-    log_every: int = 10  # Write train metrics every N steps (one host sync per window).
+    # Write train metrics every N steps (one host sync per window); 0: only at the steps
+    # that evaluate or save, and at the end.
+    log_every: int = 10
     checkpoint_every: int = 0  # Save every N steps; 0: only at the end and on SIGTERM.
     max_to_keep: int = 3  # Latest checkpoints kept, >= 1 (plus the best by val_loss).
     keep_best: bool = True  # Save whenever val_loss improves; keep the best step.
