@@ -383,7 +383,8 @@ def workdir_from_flag(value: str | None) -> str:
 
     Raises:
       ValueError: the flag is empty (e.g. ``--workdir=$UNSET``), which would otherwise
-        train into the current folder.
+        train into the current folder; or it names a run's ``checkpoints`` folder, not
+        the run (a fresh run would start in ``checkpoints/checkpoints``).
     """
     if value is None:
         # (Path's stem alone would drop ":arg" with the suffix: "tiny.py:transformer" -> "tiny")
@@ -392,7 +393,20 @@ def workdir_from_flag(value: str | None) -> str:
         return str(Path("workdirs") / (Path(path).stem + (f"_{arg}" if arg else "")))
     if not value.strip():
         raise ValueError("--workdir is empty (leave it out for workdirs/<config name>)")
-    return value if is_remote(value) else os.path.expanduser(value)
+    if is_remote(value):
+        return value
+    workdir = Path(os.path.expanduser(value))
+    if (
+        workdir.name == "checkpoints"
+        and workdir.is_dir()
+        and not (workdir / "checkpoints").exists()
+        and any(entry.name.isdigit() and entry.is_dir() for entry in workdir.iterdir())
+    ):
+        raise ValueError(
+            f"--workdir={value} is a run's checkpoints folder (it holds the step folders); "
+            f"pass the run's own folder, --workdir={workdir.parent}"
+        )
+    return str(workdir)
 
 
 def setup_mesh(config: ml_collections.ConfigDict):

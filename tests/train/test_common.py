@@ -101,6 +101,13 @@ def test_workdir_from_flag(monkeypatch, tmp_path, config_flag):
     for empty in ("", "  "):  # --workdir=$UNSET would train into the current folder
         with pytest.raises(ValueError, match="--workdir is empty"):
             common.workdir_from_flag(empty)
+    # A run's checkpoints folder, named for the run: a fresh run began in checkpoints/checkpoints.
+    (tmp_path / "run" / "checkpoints" / "250").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"is a run's checkpoints folder .*--workdir=.*run$"):
+        common.workdir_from_flag(str(tmp_path / "run" / "checkpoints"))
+    assert common.workdir_from_flag("~/run") == str(tmp_path / "run")
+    (tmp_path / "other" / "checkpoints").mkdir(parents=True)  # no steps: a folder like any
+    assert common.workdir_from_flag("~/other/checkpoints") == str(tmp_path / "other/checkpoints")
 
 
 @pytest.fixture
