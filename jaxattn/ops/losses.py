@@ -47,10 +47,11 @@ def cross_entropy(
       Scalar loss, float32 (float64 for float64 logits).
     """
     targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
-    if targets.shape != logits.shape[:-1]:
+    # (0-d logits have no vocab axis: logits.shape[-1] below was a bare IndexError.)
+    if logits.ndim < 1 or targets.shape != logits.shape[:-1]:
         raise ValueError(
             f"cross_entropy: targets {targets.shape} must be logits {logits.shape} without "
-            "the vocab axis"
+            "the vocab axis, and logits must be [..., V]"
         )
     label_smoothing = _check_mask_and_smoothing(
         mask, targets.shape, label_smoothing, "cross_entropy"

@@ -85,6 +85,9 @@ def test_bad_shapes_raise():
         cross_entropy(logits, jnp.zeros((B, T - 1), jnp.int32))
     with pytest.raises(ValueError, match=r"mask \(3,\)"):
         cross_entropy(logits, jnp.zeros((B, T), jnp.int32), jnp.ones((B,), bool))
+    # 0-d logits have no vocab axis (was an IndexError naming nothing).
+    with pytest.raises(ValueError, match=r"cross_entropy: targets \(\) must be logits \(\)"):
+        cross_entropy(jnp.zeros(()), jnp.zeros((), jnp.int32))
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(logits, jnp.zeros((B, T), jnp.int32), label_smoothing=1.0)
     for bad in (None, "0.1x"):  # were float()'s TypeError / ValueError, naming nothing
