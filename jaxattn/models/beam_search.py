@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.models._config import check_size
-from jaxattn.ops._checks import as_size
+from jaxattn.ops._checks import as_size, check_int_scalar
 from jaxattn.ops.layers import check_token_ids
 
 Array = jax.Array
@@ -186,9 +186,7 @@ def _first_tokens(
 def _check_ids(bos_id: int | Array, eos_id: int, pad_id: int, vocab: int, where: str) -> None:
     # An EOS step_fn never emits would silently decode every row to max_len.
     check_token_ids(eos_id, vocab, f"{where}: eos_id")
-    # The output is filled with it as int32: 2.5 would come out as 2.
-    if jnp.ndim(pad_id) != 0 or not jnp.issubdtype(jnp.result_type(pad_id), jnp.integer):
-        raise ValueError(f"{where}: pad_id must be an integer, got {pad_id!r}")
+    check_int_scalar(pad_id, "pad_id", where)  # it fills the int32 output: 2.5 would be 2
     # BOS is only fed in: it may lie past the V tokens step_fn predicts (an input-only
     # token), but a negative id would index the embedding from its end.
     if not isinstance(bos_id, jax.core.Tracer) and np.any(np.asarray(bos_id) < 0):

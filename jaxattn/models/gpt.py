@@ -43,7 +43,7 @@ from jaxattn.models._config import (
     float32_argument,
     weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
-from jaxattn.ops._checks import check_flag, jit_when_eager
+from jaxattn.ops._checks import check_flag, check_int_scalar, jit_when_eager
 from jaxattn.ops.attention import (
     MultiHeadAttentionWeights,
     cached_attention,
@@ -630,12 +630,7 @@ def cache_index(cache: KVCache, where: str) -> int | None:
     A float or ``[1]`` index failed inside ``take`` or ``int()``, naming neither the cache
     nor its index; a negative one would embed at the last position and write to slot 0.
     """
-    index_type = jnp.result_type(cache.index)
-    if jnp.ndim(cache.index) != 0 or not jnp.issubdtype(index_type, jnp.integer):
-        raise ValueError(
-            f"{where}: cache.index must be an integer scalar, got {index_type} of shape "
-            f"{jnp.shape(cache.index)}"
-        )
+    check_int_scalar(cache.index, "cache.index", where)
     if isinstance(cache.index, jax.core.Tracer):
         return None
     index = int(cache.index)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -57,6 +58,17 @@ def check_flag(value: bool, name: str, where: str) -> bool:
 
 # jax.random.key takes a seed up to int64's maximum; the scripts seed their validation
 # batches with seed + 1.
+def check_int_scalar(value: Any, name: str, where: str) -> None:
+    """``ValueError`` unless ``value`` is an integer scalar: a Python int, or a 0-d integer
+    array (traced too). Cache indices and fill ids are cast to int32 or indexed with: a
+    float would be truncated, a ``[1]`` array would fail inside ``take`` or ``int()``."""
+    if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.integer):
+        raise ValueError(
+            f"{where}: {name} must be an integer scalar, got {jnp.result_type(value)} of "
+            f"shape {jnp.shape(value)}"
+        )
+
+
 MAX_SEED = 2**63 - 2
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops._checks import check_flag, check_size
+from jaxattn.ops._checks import check_flag, check_int_scalar, check_size
 from jaxattn.ops.flash import (
     check_attention_dropout,
     check_attention_inputs,
@@ -879,14 +879,6 @@ def project_output(weights: MultiHeadAttentionWeights, context: Array) -> Array:
     return project(context, weights.w_o, weights.b_o, contract_dims=2)  # [B, T, Dout]
 
 
-def _check_int_scalar(value: Any, name: str) -> None:
-    if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.integer):
-        raise ValueError(
-            f"write_kv_cache: {name} must be an integer scalar, got "
-            f"{jnp.result_type(value)} of shape {jnp.shape(value)}"
-        )
-
-
 def write_kv_cache(
     k_cache: Array,
     v_cache: Array,
@@ -936,7 +928,7 @@ def write_kv_cache(
                 f"[L, B, S, K, Hv] must share L, B, S and K, got k_cache {k_cache.shape}, "
                 f"v_cache {v_cache.shape}"
             )
-        _check_int_scalar(layer, "layer")
+        check_int_scalar(layer, "layer", "write_kv_cache")
         if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < k_cache.shape[0]:
             raise ValueError(
                 f"write_kv_cache: layer {int(layer)} is not in [0, {k_cache.shape[0]})"
@@ -965,7 +957,7 @@ def write_kv_cache(
             f"write_kv_cache: k_cache [B, S, K, H] and v_cache [B, S, K, Hv] must share B, S "
             f"and K, got k_cache {k_cache.shape}, v_cache {v_cache.shape}"
         )
-    _check_int_scalar(index, "index")
+    check_int_scalar(index, "index", "write_kv_cache")
     if any(c[:1] + c[2:] != x[:1] + x[2:] or c[1] < x[1] for c, x in zip(cache, chunk)):
         raise ValueError(
             f"write_kv_cache: the chunk's k {k.shape}, v {v.shape} must be [B, T, K, H] with "
