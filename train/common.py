@@ -30,6 +30,7 @@ from jaxattn.training.checkpoint import (
     IncompatibleCheckpointError,
     NotWritableError,
     folder_exists,
+    holds_step_folders,
     json_metadata,
 )
 from jaxattn.training.loop import LoopConfig, NonFiniteLossError
@@ -398,9 +399,8 @@ def workdir_from_flag(value: str | None) -> str:
     workdir = Path(os.path.expanduser(value))
     if (
         workdir.name == "checkpoints"
-        and workdir.is_dir()
         and not (workdir / "checkpoints").exists()
-        and any(entry.name.isdigit() and entry.is_dir() for entry in workdir.iterdir())
+        and holds_step_folders(workdir)
     ):
         raise ValueError(
             f"--workdir={value} is a run's checkpoints folder (it holds the step folders); "

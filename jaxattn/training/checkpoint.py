@@ -75,6 +75,17 @@ def _step_number(name: str) -> int | None:
     return int(name) if re.fullmatch(r"0|[1-9]\d*", name) else None
 
 
+def holds_step_folders(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds folders named like orbax's steps, as a run's
+    ``checkpoints`` folder does (False for a missing or unreadable one)."""
+    try:
+        return any(
+            _step_number(p.name) is not None and p.is_dir() for p in epath.Path(directory).iterdir()
+        )
+    except Exception:  # missing, a file, unreadable: no steps to see
+        return False
+
+
 def _not_a_checkpoint(path: epath.Path) -> str | None:
     """Why ``path``, named like a step, is not one of orbax's step folders (None if it is):
     a file (orbax would delete it to save that step) or a folder that holds none of the
@@ -604,7 +615,8 @@ class Checkpointer:
         (which orbax reads on opening) do not parse, each with its own reason."""
         damaged: list[tuple[epath.Path, Exception]] = []
         try:
-            steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            names = (_step_number(p.name) for p in self.directory.iterdir())
+            steps = sorted(step for step in names if step is not None)
             for step in steps:  # Not orbax's *.orbax-checkpoint-tmp-* folders: never read.
                 metrics_file = self.step_dir(step) / "metrics" / "metrics"
                 if metrics_file.exists():
