@@ -378,6 +378,7 @@ class Trainer:
         self.best_val = math.inf
         self.pending: list[tuple[int, dict[str, Mean]]] = []
         self.last_eval: dict[str, float] = {}
+        self.eval_step_done: int | None = None  # the step last_eval evaluated
         try:
             for unfinished in self.ckpt.unfinished_saves():
                 self.say(
@@ -423,7 +424,7 @@ class Trainer:
             )
             with writer as self.writer, _StopOnSignal() as stop:
                 if self.evaluating and self.step == 0 and self.saved_step is None:
-                    self.last_eval = self._evaluate()
+                    self._evaluate_now()
                     record = self.last_eval | {"tokens_per_s": None}
                     self._stop_on_non_finite_eval(record)
                     self.writer.write(0, record)
@@ -437,7 +438,10 @@ class Trainer:
                 # killed during the write, the run would lose its last checkpoint.
                 self.ckpt.wait()
                 if stop.signal_name is not None:
-                    self._save()
+                    # This step's evaluation, if it ran one without saving (no new best):
+                    # the checkpoint keeps it, for a resumed run's last_eval and keep-best.
+                    evaluated = self.eval_step_done == self.step
+                    self._save(self.last_eval if evaluated else None)
                     self.ckpt.wait()
                     self.say(
                         f"{stop.signal_name}: saved a checkpoint at step {self.step} in "
@@ -486,7 +490,7 @@ class Trainer:
                     tok_s="-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
                 )
                 if eval_now:
-                    self.last_eval = self._evaluate()
+                    self._evaluate_now()
                     record |= self.last_eval
                     self._stop_on_non_finite_eval(record)
                     val_loss = self.last_eval["val_loss"]
@@ -520,6 +524,11 @@ class Trainer:
             record["step_time_ms"] = 1000 * elapsed / timed
         record["tokens_per_s"] = tokens_per_s
         return record, tokens_per_s
+
+    def _evaluate_now(self) -> None:
+        """Evaluate the current state into ``last_eval``, noting its step."""
+        self.last_eval = self._evaluate()
+        self.eval_step_done = self.step
 
     def _evaluate(self) -> dict[str, float]:
         batches = self.eval_data()

@@ -1,5 +1,6 @@
 """The loop: jitted steps, gradient accumulation, fit, NaN guard, exact resume, SIGTERM."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -993,7 +994,8 @@ def test_the_final_save_is_finished_while_a_signal_still_only_sets_a_flag(
 
 
 def _fit_signalled_at(toy, workdir, signal_step: int, loop: LoopConfig):
-    """``fit`` whose train step sends this process SIGTERM once it reaches ``signal_step``."""
+    """``fit`` whose train step sends this process SIGTERM once it reaches ``signal_step``
+    (evaluating on the toy's validation data when ``loop.eval_batches`` asks)."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("fit handles signals in the main thread only")
     optimizer = toy.optimizer()
@@ -1011,7 +1013,20 @@ def _fit_signalled_at(toy, workdir, signal_step: int, loop: LoopConfig):
         data.batch_iterator(toy.dataset(0)),
         workdir=workdir,
         loop=loop,
+        eval_step=make_eval_step(toy.loss),
+        eval_data=lambda: data.batch_iterator(toy.dataset(1)),
     )
+
+
+def test_a_signal_at_an_evaluated_step_that_does_not_save_keeps_its_evaluation(tmp_path, toy):
+    """SIGTERM at step 6, evaluated but not saved (no checkpoint cadence, no keep-best):
+    the signal's checkpoint holds that evaluation, as any evaluated step's save does, so a
+    rerun of the finished run reports it (it was saved without one, and reported {})."""
+    loop = LoopConfig(num_steps=20, eval_every=3, eval_batches=1, keep_best=False, progress=False)
+    result = _fit_signalled_at(toy, tmp_path, 6, loop)
+    assert result.interrupted and result.step == 6 and "val_loss" in result.last_eval
+    rerun = _fit_signalled_at(toy, tmp_path, 99, dataclasses.replace(loop, num_steps=6))
+    assert rerun.trained_steps == 0 and rerun.last_eval == result.last_eval
 
 
 def test_a_signal_at_a_checkpoint_step_saves_once_and_returns(tmp_path, toy):
