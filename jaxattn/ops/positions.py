@@ -1,6 +1,7 @@
 """Position information: sinusoidal tables, learned tables and rotary embeddings (RoPE).
 
-Attention is permutation-invariant, so a transformer is told where each token sits either
+Self-attention is permutation-equivariant (shuffle the tokens and its outputs shuffle the
+same way: it cannot tell an order), so a transformer is told where each token sits either
 by adding a position vector to the token embedding (sinusoidal, learned) or by rotating the
 queries and keys so that their dot product depends on the relative offset (RoPE).
 
