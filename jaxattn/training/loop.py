@@ -691,7 +691,8 @@ def fit(
       IncompatibleCheckpointError, CheckpointError: the workdir's checkpoint cannot be used.
       NotWritableError: the workdir or its checkpoint folder cannot be written (checked
         before the first step).
-      ValueError: ``metadata`` holds a value JSON cannot hold (checked before the first step).
+      ValueError: ``metadata`` holds a value JSON cannot hold (checked before the first step),
+        or a batch's rows do not split over ``batch_sharding`` (``sharding.global_batch``).
     """
     trainer = Trainer(
         train_step,

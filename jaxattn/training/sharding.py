@@ -263,10 +263,35 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
       number of distinct row ranges the processes hold (``local_rows * processes`` when
       each holds its own; ``local_rows`` when every process holds the whole batch, e.g. a
       ``tensor`` axis across processes; in between when groups of processes share rows).
+
+    Raises:
+      ValueError: a leaf's rows do not split evenly over the batch shards of this
+        process's devices (naming the leaf, its shape and the mesh axes).
     """
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
-    )
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(sharding.mesh.shape[a] for a in axes)
+    # The distinct row blocks this process's devices hold (all of them on one process).
+    index_map = sharding.addressable_devices_indices_map((shards,))
+    blocks = len({s[0].start or 0 for s in index_map.values()})
+
+    def place(path, x):
+        x = np.asarray(x)
+        # (JAX's own IndivisibleError named neither the leaf nor the batch, only a shape)
+        if x.ndim and x.shape[0] % blocks:
+            over = f"{' x '.join(axes)} = {shards}"
+            over = (
+                f"{over} devices"
+                if blocks == shards
+                else f"this process's {blocks} (of {over}) devices"
+            )
+            raise ValueError(
+                f"global_batch: batch leaf {path_string(path) or '(root)'} has "
+                f"{x.shape[0]} rows (shape {x.shape}), which do not split over {over}"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree_util.tree_map_with_path(place, local_batch)
 
 
 def to_host(tree: Any) -> Any:

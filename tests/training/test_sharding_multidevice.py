@@ -4,6 +4,9 @@ The devices exist only in a fresh process (``--xla_force_host_platform_device_co
 must be set before JAX starts), so ``mesh_worker.py`` runs in a subprocess.
 """
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -14,6 +17,7 @@ from jaxattn.models import gpt
 from jaxattn.training.checkpoint import Checkpointer
 from jaxattn.training.optim import make_optimizer
 from jaxattn.training.state import create_train_state
+from tests.processes import cpu_env, free_port
 
 WORKER = Path(__file__).with_name("mesh_worker.py")
 
@@ -128,3 +132,91 @@ def test_a_tensor_axis_that_divides_no_head_mlp_or_vocabulary_size_is_warned_abo
         "a multiple of 4): every parameter is replicated over its devices"
     ]
     assert out["4"] == []  # 4 heads (and MLP width 12) split over tensor=4
+
+
+INDIVISIBLE_BATCH = """
+import json, sys, jax, jax.numpy as jnp, numpy as np
+from jaxattn.training import optim, sharding
+from jaxattn.training.loop import LoopConfig, fit, make_train_step
+from jaxattn.training.state import create_train_state
+mesh = sharding.make_mesh(4, 2, 1)
+batch_sharding = sharding.batch_sharding(mesh)
+out = {}
+try:
+    sharding.global_batch({"x": np.zeros((6, 3), np.float32)}, batch_sharding)
+except ValueError as e:
+    out["global_batch"] = str(e)
+optimizer = optim.make_optimizer(1e-2)
+loss_fn = lambda params, batch, rng: (jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2), {})
+state, state_sharding = sharding.create_sharded(
+    lambda: create_train_state({"w": jnp.zeros((3, 1))}, optimizer, jax.random.key(0)), [], mesh
+)
+step = make_train_step(loss_fn, optimizer, state_sharding=state_sharding,
+                       batch_sharding=batch_sharding)
+batches = iter(lambda: {"x": np.ones((8, 3), np.float32), "y": np.ones((6, 1), np.float32)}, None)
+try:
+    fit(state, step, batches, workdir=sys.argv[1], loop=LoopConfig(num_steps=2, progress=False),
+        batch_sharding=batch_sharding)
+except ValueError as e:
+    out["fit"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_a_batch_the_mesh_does_not_divide_is_refused_naming_the_leaf(run_on_8_devices, tmp_path):
+    """6 rows over data x fsdp = 8: JAX's own IndivisibleError showed a NamedSharding and a
+    shape, naming neither the batch leaf nor the mesh axes that split it."""
+    out = run_on_8_devices(["-c", INDIVISIBLE_BATCH, str(tmp_path / "run")], timeout=300)
+    assert out["global_batch"] == (
+        "global_batch: batch leaf x has 6 rows (shape (6, 3)), which do not split over "
+        "data x fsdp = 8 devices"
+    )
+    assert out["fit"] == (
+        "global_batch: batch leaf y has 6 rows (shape (6, 1)), which do not split over "
+        "data x fsdp = 8 devices"
+    )
+
+
+TWO_PROCESS_BATCH = """
+import json, sys, jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np
+from jaxattn.training import sharding
+batch_sharding = sharding.batch_sharding(sharding.make_mesh(2, 2, 2))
+out = {"4": list(sharding.global_batch({"x": np.zeros((4, 3))}, batch_sharding)["x"].shape)}
+try:
+    sharding.global_batch({"x": np.zeros((3, 3))}, batch_sharding)
+except ValueError as e:
+    out["3"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_each_process_rows_must_split_over_its_own_batch_shards(tmp_path):
+    """Two processes of 4 devices, data x fsdp = 4: each holds 2 of the 4 row blocks, so
+    its own rows must split in 2 (3 rows each would make a global batch of 6, which 4
+    devices do split unevenly)."""
+    port, env = free_port(), cpu_env(devices=4)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESS_BATCH, f"127.0.0.1:{port}", str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    message = (
+        "global_batch: batch leaf x has 3 rows (shape (3, 3)), which do not split over this "
+        "process's 2 (of data x fsdp = 4) devices"
+    )
+    for out, _ in outputs:
+        assert json.loads(out.strip().splitlines()[-1]) == {"4": [8, 3], "3": message}
