@@ -15,8 +15,9 @@ and whole models: ``GPT`` (``jaxattn.models.gpt``: logits, loss, sampling), ``Se
 (the LSTM encoder-decoder, ``jaxattn.models.seq2seq``) and ``Transformer``
 (``jaxattn.models.transformer``): logits, loss, translation. A model module keeps its
 frozen config as a static attribute, so ``nnx.jit`` compiles once per config. The
-partition rules of ``jaxattn.training.sharding`` match the pure tree's paths: shard
-``module.pure_weights()`` and build the module from the result with ``from_weights``.
+partition rules (``jaxattn.models.partitioning``, placed by ``jaxattn.training.sharding``)
+match the pure tree's paths: shard ``module.pure_weights()`` and build the module from the
+result with ``from_weights``.
 
 Dropout follows NNX's switches: modules start deterministic (evaluation);
 ``module.train()``, ``module.eval()`` and ``nnx.view(module, deterministic=...)`` set it,

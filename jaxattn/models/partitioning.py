@@ -3,8 +3,9 @@
 A rule is ``(path regex, logical names of the leaf's trailing axes)``; the first rule whose
 regex matches a leaf's ``/``-joined path (``blocks/attn/w_q``) names its axes, and leaves
 no rule matches are replicated. ``jaxattn.training.sharding`` maps the logical names to
-mesh axes (``embed`` -> ``fsdp``; ``heads``, ``mlp``, ``vocab`` -> ``tensor``). The
-names describe the weights, not a mesh, so a model file never mentions devices.
+mesh axes (``embed`` -> ``fsdp``; ``heads``, ``kv_heads``, ``mlp``, ``vocab`` ->
+``tensor``). The names describe the weights, not a mesh, so a model file never mentions
+devices.
 
 Logical names: ``vocab`` (V), ``embed`` (D, the residual width), ``heads`` (N query
 heads), ``kv_heads`` (K), ``mlp`` (F, the hidden width of the feed-forward layer).
