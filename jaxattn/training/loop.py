@@ -208,10 +208,18 @@ def _check_metrics_writable(workdir: epath.Path) -> None:
     exists but cannot be written (left by another user): the folder may be writable while
     they are not, and the run failed with a traceback after restoring its checkpoint.
     Creates nothing (the folder's own check covers new ones). Every process asks (the
-    workdir is shared), so that all of them stop together."""
+    workdir is shared), so that all of them stop together. A folder named metrics.jsonl
+    or a file named tb is named as such (it failed as IsADirectoryError or
+    NotADirectoryError after the restore, or as "Permission denied")."""
     if is_remote(workdir):  # object stores have no permission bits to ask
         return
-    for path, mode in ((workdir / "metrics.jsonl", os.W_OK), (workdir / "tb", os.W_OK | os.X_OK)):
+    for path, mode, folder in (
+        (workdir / "metrics.jsonl", os.W_OK, False),
+        (workdir / "tb", os.W_OK | os.X_OK, True),
+    ):
+        if path.exists() and path.is_dir() != folder:
+            what = "a file, not a folder" if folder else "a folder, not a file"
+            raise NotWritableError(f"cannot write to {path}: it is {what}")
         if path.exists() and not os.access(path, mode):
             raise NotWritableError(f"cannot write to {path}: Permission denied")
 

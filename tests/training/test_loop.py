@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -487,6 +488,29 @@ def test_an_unwritable_metrics_file_or_tb_folder_fails_before_training(
     assert snapshot(tmp_path / "checkpoints") == snapshot_before
     monkeypatch.undo()
     assert _fit(toy, tmp_path, num_steps=8).step == 8
+
+
+@pytest.mark.parametrize(
+    "name, what", [("metrics.jsonl", "a folder, not a file"), ("tb", "a file, not a folder")]
+)
+def test_a_metrics_file_that_is_a_folder_or_a_tb_folder_that_is_a_file_is_named(
+    tmp_path, toy, name, what
+):
+    """A folder named metrics.jsonl failed as an IsADirectoryError after the restore, a file
+    named tb as "Permission denied" (or, executable, as a NotADirectoryError)."""
+    _fit(toy, tmp_path, num_steps=4)
+    path = tmp_path / name
+    if name == "tb":
+        shutil.rmtree(path)
+        path.write_text("")
+        path.chmod(0o755)  # (executable: os.access passed it, tensorboardX failed in it)
+    else:
+        path.unlink()
+        path.mkdir()
+    before = snapshot(tmp_path)
+    with pytest.raises(NotWritableError, match=f"cannot write to {path}: it is {what}"):
+        _fit(toy, tmp_path, num_steps=8)
+    assert snapshot(tmp_path) == before
 
 
 def test_a_finished_run_needs_no_write_access(tmp_path, toy, monkeypatch):
