@@ -29,6 +29,7 @@ from jaxattn.training.checkpoint import (
     CheckpointError,
     IncompatibleCheckpointError,
     NotWritableError,
+    check_compatible,
     folder_exists,
     holds_step_folders,
     json_metadata,
@@ -543,6 +544,21 @@ def check_model_shapes(
             f"({', '.join(model_changes) or 'its model settings differ'}); nothing was "
             "restored or overwritten. Resume without those changes, or use another --workdir."
         )
+
+
+def check_state_tree(meta: Mapping[str, Any], where, changed: list[str], abstract: Any) -> None:
+    """Refuse a checkpoint whose state tree differs from ``abstract`` (this config's train
+    state, shapes only), as the restore will, naming the settings among ``changed`` that
+    differ: an optimizer state of another structure (``grad_clip`` 0 and not) failed in the
+    restore naming only a leaf, after a note that called it a resumed run."""
+    try:
+        check_compatible(meta["tree_signature"], abstract, where=f"checkpoint {where}")
+    except IncompatibleCheckpointError as e:
+        shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+        differ = f" (settings that differ from the checkpoint's: {shown})" if changed else ""
+        raise IncompatibleCheckpointError(
+            f"{e}{differ}. Resume without those changes, or use another --workdir."
+        ) from None
 
 
 def latest_checkpoint_metadata(

@@ -34,6 +34,7 @@ from common import (  # train/common.py (this script's directory)
     abstract_train_state,
     check_config_keys,
     check_model_shapes,
+    check_state_tree,
     checkpoint_config_file,
     checkpoint_config_overrides,
     define_config_file,
@@ -61,7 +62,6 @@ from jaxattn.training.checkpoint import (
     Checkpointer,
     IncompatibleCheckpointError,
     check_checkpoints_folder,
-    check_compatible,
 )
 from jaxattn.training.loop import (
     LoopConfig,
@@ -308,16 +308,8 @@ def _check_resumable(
         saved_model = None  # no record, another script's, or one of another version
     if saved_model is not None:
         check_model_shapes(init_gpt, saved_model, model, "GPT", where, changed)
-    try:  # the whole state's tree, as the restore will check it (shapes only: no compute)
-        check_compatible(
-            meta["tree_signature"], _abstract_state(model, config), where=f"checkpoint {where}"
-        )
-    except IncompatibleCheckpointError as e:
-        shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
-        differ = f" (settings that differ from the checkpoint's: {shown})" if changed else ""
-        raise IncompatibleCheckpointError(
-            f"{e}{differ}. Resume without those changes, or use another --workdir."
-        ) from None
+    # the whole state's tree, as the restore will check it (shapes only: no compute)
+    check_state_tree(meta, where, changed, _abstract_state(model, config))
 
 
 def _saved_run(meta, where) -> tuple[ml_collections.ConfigDict, GPTConfig, data.CharTokenizer]:

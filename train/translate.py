@@ -55,6 +55,7 @@ from common import (  # train/common.py (this script's directory)
     abstract_train_state,
     check_config_keys,
     check_model_shapes,
+    check_state_tree,
     checkpoint_config_file,
     checkpoint_config_overrides,
     config_source,
@@ -213,9 +214,10 @@ def checkpoint_model(meta: dict, where, *, strict: bool = True) -> tuple[str, ob
 
 def check_resumable(meta: dict, where, changed: list[str], config) -> None:
     """Refuse a checkpoint this run cannot continue, before the workdir gets a
-    sentencepiece model: one another script saved, or a model of another kind or shapes
-    (the restore would refuse it only after the data and tokenizer were made, naming one
-    leaf). ``changed``: ``latest_checkpoint_metadata``'s ``"key saved -> now"`` lines."""
+    sentencepiece model: one another script saved, a model of another kind or shapes, or
+    an optimizer state of another structure (the restore would refuse it only after the
+    data and tokenizer were made, naming one leaf). ``changed``:
+    ``latest_checkpoint_metadata``'s ``"key saved -> now"`` lines."""
     record = checkpoint_model(meta, where, strict=False)
     if record is None:
         return  # a record of another version: the restore's own check decides
@@ -228,6 +230,8 @@ def check_resumable(meta: dict, where, changed: list[str], config) -> None:
             "nothing was restored or overwritten. Use another --workdir."
         )
     check_model_shapes(MODELS[kind][1], saved, model, f"{kind} model", where, changed)
+    # the whole state's tree: an optimizer state of another structure (grad_clip 0 and not)
+    check_state_tree(meta, where, changed, _abstract_state(kind, model, config))
 
 
 def apply_decode_overrides(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

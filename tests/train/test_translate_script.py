@@ -144,6 +144,23 @@ def test_restore_only_modes_refuse_another_runs_config_file(lstm_run):
 
 
 @pytest.mark.slow
+def test_a_changed_optimizer_structure_is_refused_naming_the_setting(lstm_run):
+    """grad_clip 1.0 -> 0 drops a leaf of the optimizer state: the run printed a note that
+    called it a resumed run, loaded the data, then failed naming only the leaf (as lm.py
+    did)."""
+    workdir, _ = lstm_run
+    before = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    proc = run_translate(
+        f"--workdir={workdir}", "--config.num_steps=9", "--config.grad_clip=0", check=False
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: checkpoint {workdir / 'checkpoints' / '6'} is incompatible: " in proc.stderr
+    assert "(settings that differ from the checkpoint's: grad_clip 1.0 -> 0.0)" in proc.stderr
+    assert "note:" not in proc.stdout and "data:" not in proc.stdout
+    assert {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(lstm_run, killed_run_copy, assert_same_saved_state):
     workdir, _ = lstm_run
     # A run killed after its step-3 checkpoint: the same workdir without step 6.
