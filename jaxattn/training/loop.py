@@ -508,11 +508,13 @@ class Trainer:
                     )
                     improved = val_loss < self.best_val
                     self.best_val = min(self.best_val, val_loss)
-                    if ckpt_now or (loop.keep_best and improved):
-                        self._save(self.last_eval)
-                elif ckpt_now:
-                    self._save()
+                    ckpt_now = ckpt_now or (loop.keep_best and improved)
+                # Written before the save: a state the save finds non-finite stops the run,
+                # and the window's (finite) train metrics are still logged, as for a NaN
+                # val_loss.
                 self.writer.write(self.step, record)
+                if ckpt_now:
+                    self._save(self.last_eval if eval_now else None)
                 # Each log window times its own steps; eval and saving stay out of it.
                 t0, timed, timed_tokens = time.perf_counter(), 0, 0
             if self.pending:  # a signal stopped the run inside a log window: write it

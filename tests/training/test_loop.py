@@ -632,7 +632,8 @@ def test_loop_config_needs_a_checkpoint_to_keep():
 def test_nan_guard_never_saves_a_non_finite_state(tmp_path, toy, part):
     """An update can make the state non-finite while the loss and gradients it was computed
     from were finite (they come from the state before it): that state is not saved, nor
-    one whose optimizer state alone is not finite (an Adam moment overflowing)."""
+    one whose optimizer state alone is not finite (an Adam moment overflowing). The train
+    metrics of the window it ends are logged all the same."""
     optimizer = toy.optimizer()
     step = make_train_step(toy.loss, optimizer)
 
@@ -655,6 +656,8 @@ def test_nan_guard_never_saves_a_non_finite_state(tmp_path, toy, part):
         )
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [5]
+    # The window of steps 6-10 trained on finite losses: it is logged (it was not).
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5, 10]
 
 
 _SIGTERM_CHILD = """
