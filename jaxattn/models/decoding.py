@@ -479,7 +479,7 @@ def generate_cropped(
             f"generate_cropped: tokens must be [B, T0] with T0 >= context={context} >= 1, got "
             f"{tokens.shape}"
         )
-    greedy = greedy or is_greedy(temperature)
+    greedy = check_flag(greedy, "greedy", "generate_cropped") or is_greedy(temperature)
     keys = _token_keys(keys, max_new_tokens, greedy, "generate_cropped")
     b, t0 = tokens.shape
     out = jnp.concatenate([tokens.astype(jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32)], 1)

@@ -776,6 +776,9 @@ def test_generate_cropped_rejects_bad_requests():
         decoding.generate_cropped(fn, tokens, 3, context=2.0, keys=None, temperature=0.0)
     greedy = decoding.generate_cropped(fn, tokens, 3, context=4, keys=None, temperature=0.0)
     np.testing.assert_array_equal(greedy, jnp.zeros((2, 7), jnp.int32))  # argmax of zeros
+    # A truthy non-bool switched to greedy decoding silently, as generate refuses it.
+    with pytest.raises(ValueError, match=r"generate_cropped: greedy must be a bool, got 'no'"):
+        decoding.generate_cropped(fn, tokens, 3, context=4, keys=None, greedy="no")
 
 
 def test_decoding_refuses_prompts_that_are_not_integer_ids():
