@@ -38,11 +38,10 @@ from flax import nnx
 from jaxattn.models import gpt as gpt_model
 from jaxattn.models import seq2seq as seq2seq_model
 from jaxattn.models import transformer as transformer_model
-from jaxattn.models._config import check_weights
+from jaxattn.models._config import check_rate_value, check_weights
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
 from jaxattn.ops._checks import caller_stacklevel, check_flag
-from jaxattn.ops.layers import check_dropout_rate
 
 Array = jax.Array
 
@@ -242,7 +241,7 @@ class LSTM(_DropoutModule):
                 bidirectional=bidirectional,
             )
         )
-        check_dropout_rate(dropout_rate, "LSTM: dropout_rate")  # now, not at the first train call
+        check_rate_value(dropout_rate, "LSTM: dropout_rate")  # now, not at the first train call
         if dropout_rate > 0 and num_layers == 1:  # as torch.nn.LSTM warns
             warnings.warn(
                 f"LSTM: dropout_rate={dropout_rate} acts between layers only, and a "
@@ -409,7 +408,7 @@ class MultiHeadAttention(_DropoutModule):
                 dtype=jnp.float32 if param_dtype is None else param_dtype,
             )
         )
-        check_dropout_rate(dropout_rate, "MultiHeadAttention: dropout_rate")
+        check_rate_value(dropout_rate, "MultiHeadAttention: dropout_rate")
         self.dropout_rate = dropout_rate
         self.deterministic = deterministic  # see LSTM
 

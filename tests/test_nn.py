@@ -308,6 +308,27 @@ def test_a_bad_dropout_rate_fails_at_construction():
         nn.LSTM(5, 7, bidirectional="yes", rngs=nnx.Rngs(0))
 
 
+def test_an_array_dropout_rate_fails_at_construction():
+    """A 0-d array rate passed the check, became module state that nnx.jit traces, and the
+    first jitted training call failed "must be a concrete number, got a traced value"."""
+    for rate in (np.array(0.1), jnp.array(0.1)):
+        with pytest.raises(
+            ValueError,
+            match=r"MultiHeadAttention: dropout_rate must be a number in \[0, 1\) \(a scalar",
+        ):
+            nn.MultiHeadAttention(8, 2, dropout_rate=rate, rngs=nnx.Rngs(0))
+        with pytest.raises(
+            ValueError, match=r"LSTM: dropout_rate must be a number in \[0, 1\) \(a scalar, not an"
+        ):
+            nn.LSTM(3, 4, num_layers=2, dropout_rate=rate, rngs=nnx.Rngs(0))
+    # NumPy scalars are numbers: static attributes, as a float is.
+    module = nn.MultiHeadAttention(8, 2, dropout_rate=np.float32(0.1), rngs=nnx.Rngs(0))
+    x, key = jnp.ones((2, 3, 8)), jax.random.key(0)
+    step = nnx.jit(lambda m, key: m(x, rng=key, deterministic=False))
+    np.testing.assert_array_equal(step(module, key), module(x, rng=key, deterministic=False))
+    assert list(nnx.state(module)) == ["weights"]  # no rate among the state
+
+
 def test_dropout_on_a_one_layer_lstm_warns_that_it_drops_nothing():
     with pytest.warns(UserWarning, match="1-layer LSTM has none: it drops nothing") as caught:
         nn.LSTM(3, 4, dropout_rate=0.5, rngs=nnx.Rngs(0))
@@ -521,6 +542,29 @@ def test_gpt_module_trains_with_an_nnx_optimizer_as_optax_on_the_pure_tree():
         losses.append(float(loss))
     assert losses[-1] < losses[0]
     _leaves_close(model.pure_weights(), weights)
+
+
+def test_weight_decay_mask_reads_an_nnx_state_as_the_pure_tree():
+    """nnx.Optimizer's ``tx.init`` gets ``nnx.state(model, nnx.Param)``, whose paths end in
+    each Variable's ``.value``: the name rule (gpt's and transformer's) read "value" and
+    decayed nothing there, and a masked Adam's state then did not fit the update's pure
+    gradients (a TypeError)."""
+    module, model_fns = nn.GPT(_tiny_gpt(), rngs=nnx.Rngs(0)), gpt
+    want = jax.tree.leaves(model_fns.weight_decay_mask(module.pure_weights()))
+    assert any(want) and not all(want)
+    # (The state orders the fields by name: compared in the module's structure.)
+    state_mask = model_fns.weight_decay_mask(nnx.state(module, nnx.Param))
+    assert jax.tree.leaves(nnx.merge(nnx.graphdef(module), state_mask).pure_weights()) == want
+    # A masked Adam as optax on the pure tree: its state is built from the mask of the
+    # nnx.state, its update from that of the pure gradients.
+    tx = optax.masked(optax.adam(1e-2), model_fns.weight_decay_mask)
+    optimizer = nnx.Optimizer(module, tx, wrt=nnx.Param)
+    weights, grads = module.pure_weights(), jax.tree.map(jnp.ones_like, nnx.state(module))
+    pure_grads = jax.tree.map(jnp.ones_like, weights)
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam: float ** int32 count
+        nnx.jit(lambda m, opt, g: opt.update(m, g))(module, optimizer, grads)
+        updates, _ = jax.jit(tx.update)(pure_grads, tx.init(weights), weights)
+    _leaves_close(module.pure_weights(), optax.apply_updates(weights, updates))
 
 
 def test_gpt_from_weights_round_trips_and_checks_the_config():

@@ -110,6 +110,10 @@ def weight_decay_mask(weights: Any) -> Any:
     """
 
     def decays(path, leaf):
+        # An nnx.state of a jaxattn.nn module (what nnx.Optimizer's tx.init gets) wraps each
+        # array in a Variable, whose path ends in ``.value``: the name is the entry before.
+        if len(path) > 1 and getattr(path[-1], "name", None) == "value":
+            path = path[:-1]
         name = getattr(path[-1], "name", getattr(path[-1], "key", ""))
         return name == "table" or name == "w" or name.startswith("w_")
 
@@ -248,15 +252,22 @@ def check_finite(owner: Any, name: str) -> None:
 
 
 def check_rate(owner: Any, name: str) -> None:
-    """Raise unless the field is a real number in ``[0, 1)`` (a dropout rate).
+    """Raise unless the field is a real number in ``[0, 1)`` (a dropout rate)."""
+    check_rate_value(getattr(owner, name), f"{type(owner).__name__}.{name}")
 
-    ``check_dropout_rate`` alone raises a ``TypeError`` naming no field for a string or
-    None, and takes a 0-d JAX array, which leaves the config unhashable for ``jit``.
+
+def check_rate_value(value: Any, where: str) -> None:
+    """Raise ValueError naming ``where`` unless ``value`` is a real number in ``[0, 1)``.
+
+    ``check_dropout_rate`` alone takes a 0-d array, which leaves a config unhashable for
+    ``jit`` and becomes an NNX module's state, traced by ``nnx.jit`` (whose first call then
+    failed "must be a concrete number, got a traced value", for a value nobody traced).
     """
-    value = getattr(owner, name)
     if not _is_real(value):
-        raise ValueError(f"{type(owner).__name__}.{name} must be a number in [0, 1), got {value!r}")
-    check_dropout_rate(value, f"{type(owner).__name__}.{name}")
+        raise ValueError(
+            f"{where} must be a number in [0, 1) (a scalar, not an array), got {value!r}"
+        )
+    check_dropout_rate(value, where)
 
 
 @functools.lru_cache(maxsize=32)
