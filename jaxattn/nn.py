@@ -43,6 +43,17 @@ from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
 from jaxattn.ops._checks import caller_stacklevel, check_flag
 
+__all__ = [
+    "GPT",
+    "LSTM",
+    "AdditiveAttention",
+    "GeneralAttention",
+    "MultiHeadAttention",
+    "Seq2Seq",
+    "Transformer",
+    "WeightsModule",
+]
+
 Array = jax.Array
 
 

@@ -22,6 +22,17 @@ def test_ops_exports(name):
     assert name in ops.__all__
 
 
+def test_nn_star_import_gives_the_modules_only():
+    """``from jaxattn.nn import *`` also gave jax, np, nnx and the model modules."""
+    nn = importlib.import_module("jaxattn.nn")
+    names = {}
+    exec("from jaxattn.nn import *", names)
+    names.pop("__builtins__")
+    assert sorted(names) == sorted(nn.__all__)
+    for name in nn.__all__:
+        assert issubclass(getattr(nn, name), nn.WeightsModule), name
+
+
 def test_ops_imports_nothing_else_from_jaxattn():
     """Arrows point down only: ops is the bottom layer."""
     import pathlib
