@@ -56,8 +56,6 @@ def check_flag(value: bool, name: str, where: str) -> bool:
     return bool(value)
 
 
-# jax.random.key takes a seed up to int64's maximum; the scripts seed their validation
-# batches with seed + 1.
 def check_int_scalar(value: Any, name: str, where: str) -> None:
     """``ValueError`` unless ``value`` is an integer scalar: a Python int, or a 0-d integer
     array (traced too). Cache indices and fill ids are cast to int32 or indexed with: a
@@ -69,6 +67,21 @@ def check_int_scalar(value: Any, name: str, where: str) -> None:
         )
 
 
+def check_float_dtype(dtype: Any, where: str, name: str = "dtype") -> None:
+    """``ValueError`` unless ``dtype`` is a floating dtype. Weights are trained and tables
+    hold fractions: an integer layer-norm scale silently got no gradient, and an integer
+    sinusoid table was all -1, 0 and 1 (the random initialisers failed in ``jax.random``,
+    naming neither the function nor the argument)."""
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:  # not a dtype at all
+        floating = False
+    if dtype is None or not floating:  # (NumPy reads None as float64)
+        raise ValueError(f"{where}: {name} must be a floating dtype, got {dtype!r}")
+
+
+# jax.random.key takes a seed up to int64's maximum; the scripts seed their validation
+# batches with seed + 1.
 MAX_SEED = 2**63 - 2
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops._checks import check_flag, check_int_scalar, check_size
+from jaxattn.ops._checks import check_flag, check_float_dtype, check_int_scalar, check_size
 from jaxattn.ops.flash import (
     check_attention_dropout,
     check_attention_inputs,
@@ -118,6 +118,7 @@ def init_general(
 
     ``std`` defaults to ``1/sqrt(dq)``.
     """
+    check_float_dtype(dtype, "init_general")
     query_dim = check_size(query_dim, "query_dim", "init_general")  # (not a math error)
     key_dim = check_size(key_dim, "key_dim", "init_general")
     std = 1.0 / math.sqrt(query_dim) if std is None else std
@@ -156,6 +157,7 @@ def init_additive(
     rng: Array, query_dim: int, key_dim: int, hidden_dim: int, *, dtype: DType = jnp.float32
 ) -> AdditiveWeights:
     """Initialise additive attention with ``N(0, 1/fan_in)`` entries."""
+    check_float_dtype(dtype, "init_additive")
     sizes = dict(query_dim=query_dim, key_dim=key_dim, hidden_dim=hidden_dim)
     query_dim, key_dim, hidden_dim = (check_size(v, k, "init_additive") for k, v in sizes.items())
     rng_q, rng_k, rng_v = jax.random.split(rng, 3)
@@ -770,6 +772,7 @@ def init_multi_head_attention(
     ``num_kv_heads = num_heads``; ``std = 1/sqrt(fan_in)`` per input projection and
     ``out_std = 1/sqrt(N H)`` (GPT-2 passes a smaller ``out_std`` for the residual branch).
     """
+    check_float_dtype(dtype, "init_multi_head_attention")
     where = "init_multi_head_attention"
     num_heads = check_size(num_heads, "num_heads", where)
     q_dim = check_size(q_dim, "q_dim", where)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jaxattn.ops._checks import check_flag, check_size
+from jaxattn.ops._checks import check_flag, check_float_dtype, check_size
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -169,6 +169,7 @@ def init_dense(
     dtype: DType = jnp.float32,
 ) -> DenseWeights:
     """Initialise a dense layer: ``w ~ N(0, std^2)``, ``std = 1/sqrt(in_dim)`` by default."""
+    check_float_dtype(dtype, "init_dense")
     in_dim = check_size(in_dim, "in_dim", "init_dense")
     out_dim = check_size(out_dim, "out_dim", "init_dense")
     use_bias = check_flag(use_bias, "use_bias", "init_dense")
@@ -201,6 +202,7 @@ def init_embedding(
     rng: Array, vocab_size: int, dim: int, *, std: float = 0.02, dtype: DType = jnp.float32
 ) -> EmbeddingWeights:
     """Initialise an embedding table with ``N(0, std^2)`` entries."""
+    check_float_dtype(dtype, "init_embedding")
     vocab_size = check_size(vocab_size, "vocab_size", "init_embedding")
     dim = check_size(dim, "dim", "init_embedding")
     return EmbeddingWeights(normal(rng, (vocab_size, dim), std, dtype))
@@ -279,6 +281,7 @@ def init_layer_norm(
     dim: int, *, use_bias: bool = True, dtype: DType = jnp.float32
 ) -> LayerNormWeights:
     """Initialise layer norm to the identity affine map (scale 1, bias 0)."""
+    check_float_dtype(dtype, "init_layer_norm")
     dim = check_size(dim, "dim", "init_layer_norm")
     use_bias = check_flag(use_bias, "use_bias", "init_layer_norm")
     return LayerNormWeights(jnp.ones((dim,), dtype), jnp.zeros((dim,), dtype) if use_bias else None)
@@ -320,6 +323,7 @@ class RMSNormWeights(NamedTuple):
 
 def init_rms_norm(dim: int, *, dtype: DType = jnp.float32) -> RMSNormWeights:
     """Initialise RMS norm with scale 1."""
+    check_float_dtype(dtype, "init_rms_norm")
     dim = check_size(dim, "dim", "init_rms_norm")
     return RMSNormWeights(jnp.ones((dim,), dtype))
 
@@ -373,6 +377,7 @@ def init_feed_forward(
     dtype: DType = jnp.float32,
 ) -> FeedForwardWeights:
     """Initialise ``down(act(up(x)))``; ``out_std`` lets GPT scale the residual projection."""
+    check_float_dtype(dtype, "init_feed_forward")
     rng_up, rng_down = jax.random.split(rng)
     out_std = std if out_std is None else out_std  # not `out_std or std`: 0.0 is a valid std
     return FeedForwardWeights(
@@ -398,6 +403,7 @@ def init_swiglu(
     rng: Array, dim: int, hidden_dim: int, *, use_bias: bool = False, dtype: DType = jnp.float32
 ) -> SwiGLUWeights:
     """Initialise a SwiGLU block (Shazeer, 2020, "GLU Variants Improve Transformer")."""
+    check_float_dtype(dtype, "init_swiglu")
     rng_gate, rng_up, rng_down = jax.random.split(rng, 3)
     return SwiGLUWeights(
         init_dense(rng_gate, dim, hidden_dim, use_bias=use_bias, dtype=dtype),

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops._checks import check_flag, check_size, forward_mode_hint
+from jaxattn.ops._checks import check_flag, check_float_dtype, check_size, forward_mode_hint
 from jaxattn.ops.layers import (
     check_dropout_key,
     check_dropout_rate,
@@ -110,6 +110,7 @@ def init_lstm(
     Returns:
       ``LSTMWeights(w_ih [I, 4h], w_hh [h, 4h], b [4h])``.
     """
+    check_float_dtype(dtype, "init_lstm")
     check_size(input_size, "input_size", "init_lstm", minimum=0)
     hidden_size = check_size(hidden_size, "hidden_size", "init_lstm")
     k = 1.0 / math.sqrt(hidden_size)
@@ -335,6 +336,7 @@ def init_lstm_stack(
     Layer 0 reads ``I = input_size`` features, later layers ``dirs * h``; each layer is an
     ``LSTMWeights`` or, if ``bidirectional``, a ``BidirectionalWeights``. See ``init_lstm``.
     """
+    check_float_dtype(dtype, "init_lstm_stack")
     num_layers = check_size(num_layers, "num_layers", "init_lstm_stack")
     dirs = 2 if check_flag(bidirectional, "bidirectional", "init_lstm_stack") else 1
     keys = jax.random.split(rng, num_layers * dirs)

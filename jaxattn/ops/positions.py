@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops._checks import as_size, check_size
+from jaxattn.ops._checks import as_size, check_float_dtype, check_size
 from jaxattn.ops.layers import (
     check_floating,
     check_token_ids,
@@ -84,6 +84,7 @@ def sinusoidal_positions(
     Returns:
       ``[T, D]`` table.
     """
+    check_float_dtype(dtype, "sinusoidal_positions")
     dim = _check_wavelengths(dim, base, "dim", "sinusoidal_positions")
     length = check_size(length, "length", "sinusoidal_positions", minimum=0)
     angles = np.arange(length, dtype=np.float64)[:, None] * _inverse_frequencies(dim, base)
@@ -101,6 +102,7 @@ def init_learned_positions(
     rng: Array, max_len: int, dim: int, *, std: float = 0.02, dtype: DType = jnp.float32
 ) -> LearnedPositionWeights:
     """Initialise a learned position table with ``N(0, std^2)`` entries (as GPT-2)."""
+    check_float_dtype(dtype, "init_learned_positions")
     max_len = check_size(max_len, "max_len", "init_learned_positions")
     dim = check_size(dim, "dim", "init_learned_positions")
     return LearnedPositionWeights(normal(rng, (max_len, dim), std, dtype))

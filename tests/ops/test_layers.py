@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from jaxattn import ops
 from jaxattn.ops.layers import (
     DenseWeights,
     EmbeddingWeights,
@@ -700,3 +701,39 @@ def test_norm_inits_refuse_sizes_that_are_not_positive_ints(init):
 
     with pytest.raises(ValueError, match=rf"{init}: dim must be an int >= 1, got 0"):
         getattr(layers, init)(0)
+
+
+_KEY = jax.random.key(0)
+# Every initialiser (and table) of ops that takes a dtype, with valid sizes (rope_frequencies
+# has its own check: float32 or float64).
+_DTYPE_TAKERS = {
+    "init_dense": lambda dtype: ops.init_dense(_KEY, 4, 3, dtype=dtype),
+    "init_embedding": lambda dtype: ops.init_embedding(_KEY, 5, 4, dtype=dtype),
+    "init_layer_norm": lambda dtype: ops.init_layer_norm(4, dtype=dtype),
+    "init_rms_norm": lambda dtype: ops.init_rms_norm(4, dtype=dtype),
+    "init_feed_forward": lambda dtype: ops.init_feed_forward(_KEY, 4, 8, dtype=dtype),
+    "init_swiglu": lambda dtype: ops.init_swiglu(_KEY, 4, 8, dtype=dtype),
+    "init_general": lambda dtype: ops.init_general(_KEY, 4, 4, dtype=dtype),
+    "init_additive": lambda dtype: ops.init_additive(_KEY, 4, 4, 6, dtype=dtype),
+    "init_multi_head_attention": lambda dtype: ops.init_multi_head_attention(
+        _KEY, 8, 2, dtype=dtype
+    ),
+    "init_lstm": lambda dtype: ops.init_lstm(_KEY, 4, 3, dtype=dtype),
+    "init_lstm_stack": lambda dtype: ops.init_lstm_stack(_KEY, 4, 3, num_layers=2, dtype=dtype),
+    "sinusoidal_positions": lambda dtype: ops.sinusoidal_positions(6, 4, dtype=dtype),
+    "init_learned_positions": lambda dtype: ops.init_learned_positions(_KEY, 6, 4, dtype=dtype),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DTYPE_TAKERS))
+def test_weights_and_tables_refuse_a_dtype_that_is_not_floating(name):
+    """An integer layer-norm scale got no gradient and an integer sinusoid table was all
+    -1, 0 and 1, silently; the random initialisers failed inside jax.random, naming
+    neither the function nor the argument."""
+    make = _DTYPE_TAKERS[name]
+    for dtype in (jnp.int32, jnp.bool_, "int8", None):
+        with pytest.raises(ValueError, match=rf"{name}: dtype must be a floating dtype, got"):
+            make(dtype)
+    for dtype in (jnp.float32, jnp.bfloat16, np.float16):  # (each leaf in the dtype asked)
+        leaves = jax.tree.leaves(make(dtype))
+        assert leaves and all(leaf.dtype == jnp.dtype(dtype) for leaf in leaves), name
