@@ -441,15 +441,12 @@ class Trainer:
                 if stop.signal_name is None:
                     # _train saved its last step; a run of no steps (num_steps=0) saves its
                     # start here, or it would leave nothing to sample or resume from.
-                    self._save(self.last_eval or None)
+                    self._save()
                 # Finish the final (async) save while a SIGTERM still only sets a flag:
                 # killed during the write, the run would lose its last checkpoint.
                 self.ckpt.wait()
                 if stop.signal_name is not None:
-                    # This step's evaluation, if it ran one without saving (no new best):
-                    # the checkpoint keeps it, for a resumed run's last_eval and keep-best.
-                    evaluated = self.eval_step_done == self.step
-                    self._save(self.last_eval if evaluated else None)
+                    self._save()
                     self.ckpt.wait()
                     self.say(
                         f"{stop.signal_name}: saved a checkpoint at step {self.step} in "
@@ -514,7 +511,7 @@ class Trainer:
                 # val_loss.
                 self.writer.write(self.step, record)
                 if ckpt_now:
-                    self._save(self.last_eval if eval_now else None)
+                    self._save()
                 # Each log window times its own steps; eval and saving stay out of it.
                 t0, timed, timed_tokens = time.perf_counter(), 0, 0
             if self.pending:  # a signal stopped the run inside a log window: write it
@@ -577,9 +574,13 @@ class Trainer:
             return batch
         return global_batch(batch, self.batch_sharding)
 
-    def _save(self, metrics: Mapping[str, float] | None = None) -> None:
+    def _save(self) -> None:
+        """Save the current step, with its evaluation if it had one (also when a signal
+        stops the run at an evaluated step that did not save: a resumed or finished run
+        reports it, and keep-best ranks it)."""
         if self.saved_step == self.step:
             return
+        metrics = self.last_eval if self.eval_step_done == self.step else None
         # The loss and gradients checked by _flush come from the state before the last
         # update; an update can still make the state non-finite (e.g. a huge learning
         # rate). Never save such a state: the last saved checkpoint must stay a good one.
@@ -588,7 +589,6 @@ class Trainer:
                 f"the parameters or optimizer state after step {self.step} are not finite"
             )
         best = self.best_val if math.isfinite(self.best_val) else None
-        # This step's evaluation, if it had one: a finished run reports it when rerun.
         evaluation = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         meta = self.metadata | {"best_val_loss": best, "eval": evaluation}
         self.ckpt.save(
