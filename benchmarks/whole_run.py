@@ -103,6 +103,8 @@ def main() -> None:
 
     add_json_flag(parser)
     args = parser.parse_args()
+    if args.repeats < 1:  # (0 ran no job and exited 0, with a header and no JSON)
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
 
     print(f"# Whole Shakespeare run — {machine()}, {versions()}, "
           f"{datetime.datetime.now():%Y-%m-%d %H:%M}")  # fmt: skip

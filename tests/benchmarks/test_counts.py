@@ -34,3 +34,18 @@ def test_zero_scaling_steps_are_refused(monkeypatch, capsys):
         scaling.main()
     assert exit_info.value.code == 2
     assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_zero_whole_run_repeats_are_refused(monkeypatch, capsys):
+    """``--repeats 0`` ran no job, printed an empty table and exited 0 without its JSON."""
+    from benchmarks import whole_run
+
+    def no_job(cmd):
+        raise AssertionError("a job was started")
+
+    monkeypatch.setattr(whole_run, "run", no_job)
+    monkeypatch.setattr(sys, "argv", ["whole_run.py", "--repeats", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        whole_run.main()
+    assert exit_info.value.code == 2
+    assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
