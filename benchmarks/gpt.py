@@ -1,6 +1,6 @@
 """GPT benchmarks for the nanoGPT CPU Shakespeare config, jaxattn vs PyTorch in one run.
 
-    python benchmarks/gpt.py            # all sections
+    python benchmarks/gpt.py            # all sections but loss_memory
     python benchmarks/gpt.py --quick    # fewer repetitions
     python benchmarks/gpt.py --sections loss_memory   # one section (section names below)
 
@@ -400,7 +400,7 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         default="train,generate,compile,matmul",
-        help=f"comma-separated, of: {','.join(SECTIONS)}",
+        help=f"comma-separated, of: {','.join(SECTIONS)} (default: all but loss_memory)",
     )
     add_json_flag(parser)
     args = parser.parse_args()

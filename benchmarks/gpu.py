@@ -37,9 +37,9 @@ about a minute on 2 CPU cores; the test suite runs it that way.
 - ``long``: causal fwd+bwd at T = 32768 (B = 1, N = 8, H = 64): blockwise in float32 and
   cuDNN (GPU) or Pallas (TPU) in bfloat16, time and XLA temporary memory.
 - ``lstm``: one layer, float32, B = 64, T = 200, I = 256, h = 512 (issue 5's shape; more
-  shapes with ``--lstm-shapes``): jaxattn's pick (cuDNN on GPU), its scan, the scan with
-  ``lengths``, Flax ``nn.RNN`` and PyTorch ``nn.LSTM`` (cuDNN), plus the cuDNN path's
-  error against the scan.
+  shapes with ``--lstm-shapes``): jaxattn's pick (the scan, also on GPU since 2026-12-04),
+  with and without ``lengths``, its scan, its cuDNN path (GPU only), Flax ``nn.RNN`` and
+  PyTorch ``nn.LSTM`` (cuDNN on GPU), plus the cuDNN path's error against the scan.
 
 A section that raises is reported (its traceback, and ``{"error": ...}`` in the JSON) and
 the others still run; the script then exits non-zero, as it does when a check is over its

@@ -11,8 +11,8 @@
 #              on a GPU)
 #   gpt_bf16   train/lm.py, nanoGPT's GPU config in bfloat16, 500 steps: step time, losses
 #   blocks     the blockwise kernel's tile sizes and head batching; dropout's two kernels
-#   lstm       the LSTM's automatic choice (cuDNN) against the scan, Flax and PyTorch, at
-#              two shapes
+#   lstm       the LSTM's cuDNN path against the scan (the automatic choice since
+#              2026-12-04), Flax and PyTorch, at two shapes
 #   gpt_f32    train/lm.py as gpt_bf16 in float32 (the config's default), 200 steps
 #   checks     every attention kernel against a float32 reference, with and without dropout;
 #              the rows print as they finish, so a run stopped by the limit still reports
