@@ -472,3 +472,19 @@ def test_an_unreadable_sentencepiece_settings_file_is_named(tmp_path, content):
         ValueError, match=r"spm\.json, the settings .*spm\.model was trained with, is unreadable"
     ):
         td.train_sentencepiece([], prefix, vocab_size=60)
+
+
+@pytest.mark.parametrize("special", [td.PAD_ID, td.BOS_ID, td.EOS_ID], ids=["pad", "bos", "eos"])
+def test_translation_dataset_refuses_special_ids_in_a_target(np_rng, special):
+    """The batches add BOS and EOS themselves, and decoding never emits pad or BOS: a target
+    that already ends in EOS trained on "y EOS EOS", and a BOS or pad inside one made it a
+    label the decoder can never produce; all were accepted silently."""
+    src, tgt = _examples(20, np_rng)
+    tgt[5] = np.array([4, 5, special], np.int32)
+    kw = dict(batch_size=2, buckets=(8, 16), seed=0, vocab_size=50, name="train split")
+    with pytest.raises(
+        ValueError,
+        match=rf"^train split: target 5: token ids must not hold pad, BOS or EOS.*"
+        rf"got {special} at index 2",
+    ):
+        td.translation_dataset(src, tgt, **kw)
