@@ -139,6 +139,15 @@ def check_sampling_key(
             f"{where}: sampling (temperature={shown}) needs an rng key such as "
             f"jax.random.key(seed), got {describe_key(rng)}"
         )
+    # One key, which sampling splits itself: a batch of keys (split(key, B)) failed inside
+    # jax.random as "split accepts a single key", naming no argument.
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    keys_shape = jnp.shape(rng) if typed else jnp.shape(rng)[:-1]
+    if keys_shape != ():
+        raise ValueError(
+            f"{where}: rng must be one PRNG key, got keys of shape {keys_shape} (it is split "
+            "per token here; pass the key they were split from)"
+        )
 
 
 def _check_integer_ids(ids: Array, what: str) -> None:

@@ -824,29 +824,41 @@ def test_generate_rejects_bad_requests():
         gpt_module.generate(w, BASE, jnp.array([[1, 13]]), 2, rng=key(0))
 
 
-def test_sampling_without_a_key_names_rng():
+def test_sampling_without_one_key_names_rng():
     """None (fine for greedy decoding) or an int seed failed inside JAX as "unexpected PRNG
-    key type", naming neither rng nor the function."""
+    key type", and a batch of keys (split(key, 2), typed or raw) as "split accepts a single
+    key", naming neither rng nor the function."""
     w = random_weights(BASE)
-    prompt = tokens_for(BASE, (1, 4))
-    for rng, got in ((None, "got None"), (1, "got 1"), (jnp.zeros(3), r"got float32 \(3,\)")):
-        match = rf"generate: sampling \(temperature=1.0\) needs an rng key .*{got}"
-        with pytest.raises(ValueError, match=match):
+    prompt = tokens_for(BASE, (2, 4))
+    no_key = r"sampling \(temperature=1.0\) needs an rng key .*got "
+    batch = r"rng must be one PRNG key, got keys of shape \(2,\)"
+    cases = [
+        (None, no_key + "None"),
+        (1, no_key + "1"),
+        (jnp.zeros(3), no_key + r"float32 \(3,\)"),
+        (jax.random.split(jax.random.key(0), 2), batch),
+        (jax.random.split(jax.random.PRNGKey(0)), batch),
+    ]  # fmt: skip
+    for rng, message in cases:
+        with pytest.raises(ValueError, match=rf"generate: {message}"):
             gpt_module.generate(w, BASE, prompt, 2, rng=rng)
-        with pytest.raises(ValueError, match=match):
-            decoding.generate(lambda t, c: (jnp.zeros((1, t.shape[1], 5)), c), None, prompt, 2,
+        with pytest.raises(ValueError, match=rf"generate: {message}"):
+            decoding.generate(lambda t, c: (jnp.zeros((2, t.shape[1], 5)), c), None, prompt, 2,
                               rng=rng)  # fmt: skip
-        with pytest.raises(ValueError, match=rf"sample_logits: sampling .*{got}"):
-            decoding.sample_logits(rng, jnp.zeros((1, 5)))
-    # Greedy decoding needs none (rng defaults to None); a raw uint32[2] key still samples.
+        with pytest.raises(ValueError, match=rf"sample_logits: {message}"):
+            decoding.sample_logits(rng, jnp.zeros((2, 5)))
+    # Greedy decoding needs none (rng defaults to None); a raw uint32[2] key still samples,
+    # and under vmap each row's key is one key.
     gpt_module.generate(w, BASE, prompt, 2, rng=None, temperature=0.0)
     gpt_module.generate(w, BASE, prompt, 2, temperature=0.0)
-    decoding.generate(lambda t, c: (jnp.zeros((1, t.shape[1], 5)), c), None, prompt, 2,
+    decoding.generate(lambda t, c: (jnp.zeros((2, t.shape[1], 5)), c), None, prompt, 2,
                       greedy=True)  # fmt: skip
     with pytest.raises(ValueError, match=r"generate: sampling .* needs an rng key .*got None"):
         gpt_module.generate(w, BASE, prompt, 2)
     decoding.sample_logits(None, jnp.zeros((1, 5)), greedy=True)
     decoding.sample_logits(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+    keys = jax.random.split(jax.random.key(0), 2)
+    assert jax.vmap(decoding.sample_logits)(keys, jnp.zeros((2, 1, 5))).shape == (2, 1)
 
 
 # Tokens gpt.generate drew before temperature and top_p were traced (static, compiled in):
