@@ -117,7 +117,13 @@ def _check_sampling(model: GPTConfig, tokenizer: data.CharTokenizer) -> None:
     for prompt in _PROMPT.value:
         if not prompt:
             raise ValueError("--prompt must hold at least one character")
-        tokenizer.encode(prompt)  # raises for characters outside the vocabulary
+        try:
+            tokenizer.encode(prompt)
+        except ValueError as e:  # a character outside the vocabulary
+            # Named as the prompt's: the default "\n" is not in a text without line breaks,
+            # and the error named a character the user never typed.
+            where = "" if _PROMPT.present else " (the default; pass --prompt=TEXT)"
+            raise ValueError(f"--prompt={prompt!r}{where}: {e}") from None
 
 
 def sample_text(params, model: GPTConfig, tokenizer: data.CharTokenizer, *, rng) -> list[str]:
@@ -329,9 +335,16 @@ def _saved_run(meta, where) -> tuple[ml_collections.ConfigDict, GPTConfig, data.
         ) from None
 
 
+# What --sample_only takes from the command line over the checkpoint's config: the attention
+# kernel changes no weight, and one of the machine that trained (cuDNN's, on a GPU) may not
+# run on the one that samples.
+_SAMPLE_OVERRIDES = ("model.attention_implementation",)
+
+
 def sample(workdir: epath.Path) -> None:
     """Load the latest checkpoint in ``workdir`` and print samples."""
-    checkpoint_config_overrides("--sample_only")  # none apply: refuse rather than ignore
+    # (the others describe another run: refuse rather than ignore them)
+    overrides = checkpoint_config_overrides("--sample_only", _SAMPLE_OVERRIDES)
     if _NUM_SAMPLES.value == 0:
         raise ValueError("--sample_only with --num_samples=0 has nothing to do")
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
@@ -340,7 +353,10 @@ def sample(workdir: epath.Path) -> None:
         # (first: a --config file would be refused as another run's, hinting at leaving it out)
         config, model, tokenizer = _saved_run(meta, where)
         # A --config file of another run would otherwise be ignored without a word.
-        checkpoint_config_file("--sample_only", meta, where)
+        checkpoint_config_file("--sample_only", meta, where, _SAMPLE_OVERRIDES)
+        model = dataclasses.replace(
+            model, **{key.removeprefix("model."): value for key, value in overrides.items()}
+        )
         _check_sampling(model, tokenizer)
         state, _ = ckpt.restore(_abstract_state(model, config))
     # Every process restores and samples (the same tokens); process 0 prints.

@@ -7,6 +7,7 @@ module-scoped run and are marked slow; the argument errors fail before any compi
 import dataclasses
 import hashlib
 import importlib.util
+import shutil
 import subprocess
 
 import jax
@@ -132,6 +133,28 @@ def test_sample_only_loads_the_latest_checkpoint(trained):
         "--sample_tokens=20", "--top_k=1",
     )  # fmt: skip
     assert samples_of(alone.stdout) == texts[3:4]
+
+
+@pytest.mark.slow
+def test_sample_only_takes_another_attention_kernel(trained, tmp_path):
+    """A run trained with cuDNN's kernel (here its metadata says so) samples on a CPU with
+    --config.model.attention_implementation=xla, as the error advises: it was refused as
+    another run's setting, leaving no way to sample it there."""
+    workdir, *_ = trained
+    gpu_run = tmp_path / "gpu_run"
+    shutil.copytree(workdir, gpu_run)
+    for meta in gpu_run.glob("checkpoints/*/meta/metadata"):
+        text = meta.read_text()
+        assert '"attention_implementation": null' in text
+        meta.write_text(
+            text.replace('"attention_implementation": null', '"attention_implementation": "cudnn"')
+        )
+    flags = ["--sample_only", "--num_samples=1", "--sample_tokens=20", "--top_k=1"]
+    proc = run_lm(f"--workdir={gpu_run}", *flags, config="", check=False)
+    assert proc.returncode == 1 and 'implementation="cudnn" needs a GPU' in proc.stderr
+    xla = "--config.model.attention_implementation=xla"
+    proc = run_lm(f"--workdir={gpu_run}", *flags, xla, config="")
+    assert samples_of(proc.stdout) == samples_of(run_lm(f"--workdir={workdir}", *flags).stdout)
 
 
 @pytest.mark.slow
@@ -487,6 +510,17 @@ def test_missing_data_file_is_an_error(tmp_path):
     proc = run_lm(f"--workdir={tmp_path / 'run'}", f"--config.data_path={missing}", check=False)
     assert proc.returncode == 1
     assert f"text data file not found: '{missing}'" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_text_without_line_breaks_names_the_default_prompt(tmp_path):
+    """The default --prompt, "\\n", is not in the vocabulary of a one-line text: the error
+    named a character the user never typed, not the flag that holds it."""
+    text = tmp_path / "one_line.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 100, encoding="utf-8")
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", f"--config.data_path={text}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: --prompt='\\n' (the default; pass --prompt=TEXT): character '\\n'" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
