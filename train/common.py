@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -422,6 +423,20 @@ def describe_mesh(mesh) -> str:
         f"mesh: {sizes} over {mesh.size} {jax.devices()[0].platform} devices, "
         f"process {jax.process_index()} of {jax.process_count()}"
     )
+
+
+def seed_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)`` for any int64 seed (``config.seed``, ``--sample_seed``).
+
+    With 64-bit types off (JAX's default) ``jax.random.key`` keeps only a seed's low 32
+    bits: seed 2**32 drew the samples of seed 0, and -1 those of 2**32 - 1. Seeds in
+    ``[0, 2**32)`` keep their key; the high 32 bits of any other are folded into it.
+    """
+    bits = int(seed) & (2**64 - 1)  # the int64's two's-complement bits
+    key = jax.random.key(bits & 0xFFFFFFFF)
+    if bits >> 32:
+        key = jax.random.fold_in(key, np.uint32(bits >> 32))
+    return key
 
 
 def print_once(*args, **kwargs) -> None:

@@ -48,6 +48,7 @@ from common import (  # train/common.py (this script's directory)
     new_train_state,
     parse_flags,
     print_once,
+    seed_key,
     setup_mesh,
     workdir_from_flag,
 )
@@ -146,7 +147,7 @@ def sample_text(params, model: GPTConfig, tokenizer: data.CharTokenizer, *, rng)
 
 
 def print_samples(params, model, tokenizer, seed: int) -> None:
-    for i, text in enumerate(sample_text(params, model, tokenizer, rng=jax.random.key(seed))):
+    for i, text in enumerate(sample_text(params, model, tokenizer, rng=seed_key(seed))):
         print_once(f"---------- sample {i} ----------\n{text}")
 
 
@@ -204,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         # (creating workdir) before anything is built
         check_checkpoints_folder(workdir / "checkpoints")
 
-    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    init_rng, train_rng = jax.random.split(seed_key(config.seed))
     # Built straight into its shardings: each device only ever holds its own shards. A
     # resumed run builds none: fit restores into the shapes (no second copy of the state).
     state, state_sharding = sharding.create_sharded(

@@ -70,6 +70,7 @@ from common import (  # train/common.py (this script's directory)
     new_train_state,
     parse_flags,
     print_once,
+    seed_key,
     setup_mesh,
     workdir_from_flag,
 )
@@ -467,7 +468,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
     vocab = sp.get_piece_size()
     kind, model = build_model(config, vocab)
-    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    init_rng, train_rng = jax.random.split(seed_key(config.seed))
     init = MODELS[kind][1]
     # Built straight into its shardings: each device only ever holds its own shards. A
     # resumed run builds none: fit restores into the shapes (no second copy of the state).

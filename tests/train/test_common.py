@@ -439,3 +439,16 @@ def test_config_file_is_read_from_each_form_absl_takes(argv):
     """Only ``--config=FILE`` was read: ``--config FILE`` gave the default (None)."""
     assert common._config_file(argv, None) == "a.py"
     assert common._config_file(["lm.py", "--config.seed=1"], "d.py") == "d.py"
+
+
+def test_seed_key_keeps_every_int64_seed_apart():
+    """jax.random.key keeps a seed's low 32 bits (64-bit types off): 2**32 drew the samples
+    of 0 and -1 those of 2**32 - 1. Seeds in [0, 2**32) keep jax.random.key's key."""
+    import jax
+    import numpy as np
+
+    data = lambda seed: tuple(np.asarray(jax.random.key_data(common.seed_key(seed))).tolist())
+    for seed in (0, 1337, 2**31, 2**32 - 1):
+        assert data(seed) == tuple(np.asarray(jax.random.key_data(jax.random.key(seed))).tolist())
+    seeds = (0, 1, 2**32 - 1, 2**32, 2**32 + 1, 2**40, 2**63 - 1, -1, -2, -(2**63))
+    assert len({data(seed) for seed in seeds}) == len(seeds)
