@@ -143,6 +143,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = app.parse_flags_with_usage(argv)
         _check_config_loaded()
+        _read_none_overrides()
         return rest
     except OSError as e:  # ml_collections defers a missing file to the config's first use.
         cause = str(e.__cause__ or e).strip().splitlines()
@@ -234,6 +235,30 @@ def _check_config_loaded() -> None:
     reads a setting."""
     if "config" in flags.FLAGS:
         hasattr(flags.FLAGS["config"].value, "to_dict")  # a failed load raises OSError here
+
+
+def _override_values() -> dict[str, Any]:
+    """The ``--config.KEY=VALUE`` overrides, with ``None`` for a VALUE of ``None``.
+
+    ml_collections parses ``=None`` into the string ``'None'`` for a str field or a str
+    placeholder (``model.attention_implementation``, whose check then said "must be None
+    or one of (...), got 'None'"). No setting of ours takes that string.
+    """
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    return {key: None if value == "None" else value for key, value in overrides.items()}
+
+
+def _read_none_overrides() -> None:
+    """Set each ``--config.KEY=None`` override to None in the config (see
+    ``_override_values``)."""
+    if "config" not in flags.FLAGS:
+        return
+    config = flags.FLAGS["config"].value
+    for key, value in _override_values().items():
+        if value is None:
+            *parents, name = key.split(".")
+            owner = functools.reduce(getattr, parents, config)
+            setattr(owner, name, None)
 
 
 def _load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -455,7 +480,7 @@ def checkpoint_config_overrides(mode: str, allowed: Iterable[str] = ()) -> dict[
       ValueError: naming the first override outside ``allowed``.
     """
     allowed = tuple(allowed)
-    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    overrides = _override_values()
     others = sorted(set(overrides) - set(allowed))
     if others:
         can = (

@@ -160,13 +160,15 @@ def test_sample_only_takes_another_attention_kernel(trained, tmp_path):
 @pytest.mark.slow
 def test_attention_variants_from_the_command_line(tmp_path):
     """The config files list GPTConfig's optional attention fields (None: off), so a run
-    can train, checkpoint and sample a sliding-window, grouped-query, rotary model."""
+    can train, checkpoint and sample a sliding-window, grouped-query, rotary model. A
+    string setting given as None is None (ml_collections read it as the string 'None',
+    which the model refused as "must be None or one of ..., got 'None'")."""
     workdir = tmp_path / "run"
     run_lm(
         f"--workdir={workdir}", "--config.num_steps=2", "--config.eval_every=2",
         "--config.checkpoint_every=2", "--num_samples=0", "--config.model.attention_window=3",
         "--config.model.num_kv_heads=1", "--config.model.positions=rope",
-        "--config.model.rope_base=500.0",
+        "--config.model.rope_base=500.0", "--config.model.attention_implementation=None",
     )  # fmt: skip
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         model = GPTConfig(**ckpt.read_metadata()["model"])
@@ -181,7 +183,7 @@ def test_attention_variants_from_the_command_line(tmp_path):
     # block_size 16.
     proc = run_lm(
         f"--workdir={workdir}", "--sample_only", "--prompt=ROMEO:", "--num_samples=1",
-        "--sample_tokens=20", config="",
+        "--sample_tokens=20", "--config.model.attention_implementation=None", config="",
     )  # fmt: skip
     (text,) = samples_of(proc.stdout)
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20 + 1
