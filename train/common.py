@@ -141,7 +141,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a clear message for an unknown ``--config.<key>`` override and
     for a ``--config`` file that cannot be loaded."""
     try:
-        rest = app.parse_flags_with_usage(argv)
+        try:
+            rest = flags.FLAGS(argv)
+        except flags.Error as e:
+            # A config file whose get_config raised (a ValueError in it, FILE:arg for a
+            # get_config of no argument) came as absl's "FATAL Flags parsing error" with the
+            # traceback ml_collections wrote into the message: its last line is the error.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            if "Error whilst parsing config file" not in str(e) or not lines:
+                return app.parse_flags_with_usage(argv)  # absl's own report (it exits)
+            where = f"--config={_config_file(argv, None)}"
+            print(f"error: cannot load {where}: {lines[-1]}", file=sys.stderr)
+            sys.exit(2)
         _check_config_loaded()
         _read_none_overrides()
         return rest

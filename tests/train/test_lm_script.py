@@ -429,8 +429,11 @@ def test_misspelt_key_in_a_config_file_is_an_error(tmp_path):
          "NameError: name 'num_layrs' is not defined"),
         (("def get_config(", "import no_such_module\n\n\ndef get_config("),
          "ModuleNotFoundError: No module named 'no_such_module'"),
+        # absl's "FATAL Flags parsing error", with the traceback in the message.
+        (("    return config\n", "    raise ValueError('no such setting')\n"),
+         "ValueError: no such setting"),
     ],
-    ids=["typo", "no_get_config", "syntax", "name", "import"],
+    ids=["typo", "no_get_config", "syntax", "name", "import", "raises"],
 )  # fmt: skip
 def test_an_error_inside_the_config_file_names_the_file(tmp_path, edit, message):
     config_file = tmp_path / "broken.py"
@@ -441,6 +444,15 @@ def test_an_error_inside_the_config_file_names_the_file(tmp_path, edit, message)
     assert proc.returncode == 2
     assert f"error: cannot load --config={config_file}: " in proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_argument_for_a_config_file_that_takes_none_is_named(tmp_path):
+    """FILE:arg for a get_config() of no argument was absl's "FATAL Flags parsing error"
+    with a traceback, and exit status 1."""
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", config=f"{TINY}:big", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: cannot load --config={TINY}: TypeError: get_config() takes 0" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
