@@ -26,6 +26,7 @@ program; each loads only the batch rows that its own devices hold
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -249,6 +250,19 @@ def process_batch_slice(
     return slice(start, stop)
 
 
+@functools.lru_cache(maxsize=16)
+def _row_blocks(sharding: NamedSharding) -> tuple[tuple[str, ...], int, int]:
+    """``(axes, shards, blocks)``: the mesh axes that split a batch's rows, the number of
+    row shards they make, and how many distinct row blocks this process's devices hold (all
+    of them on one process). Per sharding, not per batch: ``global_batch`` runs every step.
+    """
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(sharding.mesh.shape[a] for a in axes)
+    index_map = sharding.addressable_devices_indices_map((shards,))
+    return axes, shards, len({s[0].start or 0 for s in index_map.values()})
+
+
 def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
     """Assemble global arrays from this process's rows (``process_batch_slice``) of a batch.
 
@@ -268,12 +282,7 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
       ValueError: a leaf's rows do not split evenly over the batch shards of this
         process's devices (naming the leaf, its shape and the mesh axes).
     """
-    axes = sharding.spec[0] if len(sharding.spec) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    shards = math.prod(sharding.mesh.shape[a] for a in axes)
-    # The distinct row blocks this process's devices hold (all of them on one process).
-    index_map = sharding.addressable_devices_indices_map((shards,))
-    blocks = len({s[0].start or 0 for s in index_map.values()})
+    axes, shards, blocks = _row_blocks(sharding)
 
     def place(path, x):
         x = np.asarray(x)
