@@ -64,6 +64,13 @@ def is_key(rng: Any) -> bool:
     return typed or raw
 
 
+def key_shape(rng: Any) -> tuple[int, ...]:
+    """The shape of the keys ``rng`` holds (``is_key`` data): a typed key array's own shape,
+    a raw one's without its trailing data axis. ``()`` is one key."""
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    return tuple(jnp.shape(rng) if typed else jnp.shape(rng)[:-1])
+
+
 @functools.lru_cache
 def _raw_key_size(impl: str) -> int:
     """The trailing size of ``jax.random.PRNGKey``'s data under the default PRNG ``impl``

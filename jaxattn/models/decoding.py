@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.models._config import describe_key, is_key
+from jaxattn.models._config import describe_key, is_key, key_shape
 from jaxattn.ops._checks import check_flag, check_size
 
 Array = jax.Array
@@ -141,8 +141,7 @@ def check_sampling_key(
         )
     # One key, which sampling splits itself: a batch of keys (split(key, B)) failed inside
     # jax.random as "split accepts a single key", naming no argument.
-    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    keys_shape = jnp.shape(rng) if typed else jnp.shape(rng)[:-1]
+    keys_shape = key_shape(rng)
     if keys_shape != ():
         raise ValueError(
             f"{where}: rng must be one PRNG key, got keys of shape {keys_shape} (it is split "
