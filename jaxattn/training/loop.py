@@ -213,14 +213,14 @@ def _check_metrics_writable(workdir: epath.Path) -> None:
     NotADirectoryError after the restore, or as "Permission denied")."""
     if is_remote(workdir):  # object stores have no permission bits to ask
         return
-    for path, mode, folder in (
-        (workdir / "metrics.jsonl", os.W_OK, False),
-        (workdir / "tb", os.W_OK | os.X_OK, True),
-    ):
-        if path.exists() and path.is_dir() != folder:
+    for path, folder in ((workdir / "metrics.jsonl", False), (workdir / "tb", True)):
+        if not path.exists():
+            continue
+        if path.is_dir() != folder:
             what = "a file, not a folder" if folder else "a folder, not a file"
             raise NotWritableError(f"cannot write to {path}: it is {what}")
-        if path.exists() and not os.access(path, mode):
+        # (a folder's files are created through it: it needs search permission too)
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
             raise NotWritableError(f"cannot write to {path}: Permission denied")
 
 
