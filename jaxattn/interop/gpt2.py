@@ -48,7 +48,15 @@ def gpt2_config_from_hf(hf_config: Any, **overrides: Any) -> GPTConfig:
     implement (``scale_attn_by_inverse_layer_idx``, unscaled attention, other activations,
     cross-attention, an MLP width that is not a multiple of D).
     """
-    c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    if isinstance(hf_config, dict):
+        c = hf_config
+    elif callable(getattr(hf_config, "to_dict", None)):
+        c = hf_config.to_dict()
+    else:  # else an AttributeError about to_dict, for None or a path
+        raise TypeError(
+            "gpt2_config_from_hf: expected a transformers.GPT2Config or its to_dict(), got "
+            f"{type(hf_config).__name__}"
+        )
     missing = [
         k for k in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size") if k not in c
     ]

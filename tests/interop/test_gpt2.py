@@ -240,6 +240,9 @@ def test_errors_name_the_tensor():
     fields = {k: v for k, v in model.config.to_dict().items() if k not in ("n_head", "vocab_size")}
     with pytest.raises(KeyError, match="the GPT-2 config has no n_head, vocab_size"):
         gpt2_config_from_hf(fields)  # was KeyError: 'vocab_size'
+    for not_a_config in (None, "gpt2"):  # was AttributeError: ... has no attribute 'to_dict'
+        with pytest.raises(TypeError, match=f"got {type(not_a_config).__name__}"):
+            gpt2_config_from_hf(not_a_config)
 
 
 @pytest.mark.parametrize(
