@@ -33,7 +33,8 @@ def cross_entropy(
     ``p`` is the one-hot target, or with label smoothing ``eps`` the distribution
     ``(1 - eps) onehot + eps / V`` (Szegedy et al., 2016, "Rethinking the Inception
     Architecture"). With a mask the mean runs over the counted tokens only:
-    ``sum(CE over counted) / max(number counted, 1)``.
+    ``sum(CE over counted) / max(number counted, 1)``, so no counted token gives 0; without
+    one, zero tokens (an empty ``targets``) give NaN, the mean of nothing, as in PyTorch.
 
     Args:
       logits: ``[..., V]`` (any float dtype; computed in ``float32_or_wider``).

@@ -77,6 +77,11 @@ def test_empty_mask_gives_zero_not_nan(np_rng):
     targets = jnp.zeros((B, T), jnp.int32)
     loss, grad = jax.value_and_grad(cross_entropy)(logits, targets, jnp.zeros((B, T), bool))
     assert loss == 0.0 and bool(jnp.all(jnp.isfinite(grad)))
+    # No tokens at all: a mask still gives 0; without one, the mean of nothing is NaN (as
+    # torch's cross_entropy), as the docstring says.
+    empty_logits, empty_targets = jnp.zeros((0, V)), jnp.zeros((0,), jnp.int32)
+    assert cross_entropy(empty_logits, empty_targets, jnp.zeros((0,), bool)) == 0.0
+    assert bool(jnp.isnan(cross_entropy(empty_logits, empty_targets)))
 
 
 def test_bad_shapes_raise():
