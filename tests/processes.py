@@ -1,7 +1,10 @@
 """For tests that start Python subprocesses: train/ scripts, ``jax.distributed`` workers."""
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 
 def cpu_env(devices: int | None = None, **changes: str) -> dict[str, str]:
@@ -21,3 +24,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_joined(code: str, processes: int, devices: int, *args: str, timeout: float = 120) -> list:
+    """Run ``python -c code 127.0.0.1:PORT PROCESS_ID *args`` in ``processes`` processes of
+    ``devices`` CPU devices each (the code joins them with ``jax.distributed.initialize``),
+    assert that each exits 0, and return each one's last stdout line that is a JSON object,
+    parsed (gloo prints its connections to stdout too)."""
+    port, env = free_port(), cpu_env(devices=devices)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, f"127.0.0.1:{port}", str(i), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    return [
+        json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+        for out, _ in outputs
+    ]

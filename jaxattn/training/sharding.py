@@ -298,7 +298,12 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
                 f"global_batch: batch leaf {path_string(path) or '(root)'} has "
                 f"{x.shape[0]} rows (shape {x.shape}), which do not split over {over}"
             )
-        return jax.make_array_from_process_local_data(sharding, x)
+        # The global shape given, not inferred: JAX cannot infer it when the processes
+        # hold different numbers of row blocks (a batch axis across processes, as
+        # data=2 x tensor=3 over 3 processes of 2 devices), and failed naming neither.
+        rows = x.shape[0] * shards // blocks if x.ndim else None
+        shape = None if rows is None else (rows, *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree_util.tree_map_with_path(place, local_batch)
 

@@ -5,11 +5,7 @@ Opening a ``Checkpointer`` is collective there (orbax's manager meets the other 
 at barriers), so every process must take the same branches on the way to it.
 """
 
-import json
-import subprocess
-import sys
-
-from tests.processes import cpu_env, free_port
+from tests.processes import run_joined
 
 WORKER = """
 import json, os, sys
@@ -49,27 +45,7 @@ except NotWritableError as e:
 
 def run_on_2_processes(workdir, case, timeout=120):
     """Run WORKER in two processes; the last stdout line of each, as JSON."""
-    port, env = free_port(), cpu_env(devices=1)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(workdir), case],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout))
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    return run_joined(WORKER, 2, 1, str(workdir), case, timeout=timeout)
 
 
 def test_two_processes_fit_into_a_fresh_workdir(tmp_path):
