@@ -42,14 +42,23 @@ def run_joined(code: str, processes: int, devices: int, *args: str, timeout: flo
         )
         for i in range(processes)
     ]
-    try:
-        outputs = [proc.communicate(timeout=timeout) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
+    outputs = finish_processes(procs, timeout=timeout)
     return [
         json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
         for out, _ in outputs
     ]
+
+
+def finish_processes(procs: list, returncode: int = 0, timeout: float = 900) -> list[tuple]:
+    """Wait for ``procs`` (killing any left when this fails), assert that each exited with
+    ``returncode``, and return each one's ``(stdout, stderr)``."""
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout))
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == returncode, (err or out)[-4000:]
+    return outputs

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from jaxattn.training.metrics import read_metrics
-from tests.processes import cpu_env, free_port
+from tests.processes import cpu_env, finish_processes, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train" / "lm.py"
@@ -63,16 +63,8 @@ def start_processes(
 
 
 def finish(procs, returncode=0, timeout=900):
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == returncode, out[-4000:]
-    return outputs
+    """Each process's output (stdout and stderr together)."""
+    return [out for out, _ in finish_processes(procs, returncode, timeout)]
 
 
 def val_losses(workdir):
