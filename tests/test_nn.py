@@ -1,5 +1,6 @@
 """NNX modules hold the same trees as the pure functions and compute the same numbers."""
 
+import functools
 import warnings
 
 import jax
@@ -229,7 +230,9 @@ def test_deterministic_must_be_a_bool():
 
 def test_a_calls_deterministic_must_be_a_bool():
     """deterministic="no" at the call (a string from a config) was taken as true by the LSTM
-    and the models: dropout silently off. Now refused, naming the module, as the attribute."""
+    and the models: dropout silently off. Now refused, naming the module, as the attribute.
+    The calls are traced (jax.eval_shape), not run: the check is made in Python as the call
+    traces, and compiling the GPT and its loss here took most of the time."""
     key, x = jax.random.key(0), jnp.ones((1, 3, 8))
     tokens = jnp.zeros((1, 4), jnp.int32)
     lstm = nn.LSTM(8, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))
@@ -246,8 +249,8 @@ def test_a_calls_deterministic_must_be_a_bool():
             with pytest.raises(
                 ValueError, match=f"{name}: deterministic must be a bool, got {bad!r}"
             ):
-                call(bad)
-        call(np.bool_(False))
+                jax.eval_shape(functools.partial(call, bad))
+        jax.eval_shape(functools.partial(call, np.bool_(False)))
     batch = _translation_batch()
     for cls, (make_config, *_) in TRANSLATORS.items():  # refused before any compute
         translator = cls(make_config(), rngs=nnx.Rngs(0))

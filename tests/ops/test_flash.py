@@ -203,11 +203,15 @@ def test_float64_inputs_compute_in_float64(np_rng, name):
     q, k, v, cot = (np.asarray(a, np.float64) for a in (q, k, v, cot))
     bias = None if bias is None else np.asarray(bias, np.float64)
     want = np_attention_vjp(q, k, v, cot, bias=bias, **kw)
-    with jax.enable_x64(True):
+    with jax.enable_x64(True):  # one program (eager, the small ops took most of the time)
         args = [None if a is None else jnp.asarray(a) for a in (q, k, v, bias, cot)]
-        out, grads = vjp_of("flash", *args, kw, blocks)
         drop = {"dropout_rate": 0.25, "dropout_rng": jax.random.key(3)}
-        dropped = [vjp_of(impl, *args, kw, blocks, **drop) for impl in ("flash", "xla")]
+        (out, grads), dropped = jax.jit(
+            lambda *a: (
+                vjp_of("flash", *a, kw, blocks),
+                [vjp_of(impl, *a, kw, blocks, **drop) for impl in ("flash", "xla")],
+            )
+        )(*args)
     assert out.dtype == grads[0].dtype == jnp.float64
     np.testing.assert_allclose(out, want[0], rtol=1e-10, atol=1e-12)
     for got, ref in zip(grads, want[1]):
