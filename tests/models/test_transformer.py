@@ -852,3 +852,18 @@ def test_swapped_arguments_name_the_argument_order(np_rng):
     for match, call in calls.items():
         with pytest.raises(TypeError, match=match if ":" in match else f"{match}: config must"):
             call()
+
+
+def test_deterministic_pass_of_a_dropout_config_is_the_reference(np_rng):
+    """deterministic=True (the default) switches dropout off even with an rng at hand: the
+    logits of a dropout=0.3 config are PyTorch's eval-mode ones (a rate taken from the config
+    regardless of ``deterministic`` would drop at evaluation)."""
+    pytest.importorskip("torch")
+    config = dataclasses.replace(BASE, dropout=0.3)
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    enc, dec = torch_model(w, config)
+    _, want = torch_forward(enc, dec, w, config, src, lengths, tgt_in)
+    for rng in (None, jax.random.key(1)):
+        got = transformer_logits(w, src, lengths, tgt_in, config, rng=rng, deterministic=True)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)

@@ -340,6 +340,19 @@ def test_decode_batches_cover_every_source_once(np_rng):
             assert b["src_lengths"][i] == len(src[row])
 
 
+def test_a_length_equal_to_a_bucket_goes_in_that_bucket():
+    """The smallest bucket >= the length: a source of exactly 4 tokens pads to 4, not 8,
+    and one as long as the largest bucket fits it (hand-computed cases)."""
+    buckets = (4, 8, 16)
+    for length, want in [(1, 0), (4, 0), (5, 1), (8, 1), (9, 2), (16, 2)]:
+        assert td.bucket_of(length, buckets) == want, length
+    with pytest.raises(ValueError, match="length 17 exceeds the largest bucket 16"):
+        td.bucket_of(17, buckets)
+    src = [np.arange(4, 8, dtype=np.int32), np.arange(4, 20, dtype=np.int32)]  # 4 and 16 tokens
+    batches = td.decode_batches(src, batch_size=1, buckets=buckets)
+    assert [(r.tolist(), b["src"].shape) for r, b in batches] == [([0], (1, 4)), ([1], (1, 16))]
+
+
 @pytest.mark.parametrize("wrap", [np.int64, np.array, jnp.int32], ids=["np.int64", "0-d", "jax"])
 def test_translation_dataset_takes_the_integer_scalars_its_checks_accept(np_rng, wrap):
     """A 0-d NumPy or JAX batch size or seed passes the checks and must then work as the
