@@ -699,6 +699,27 @@ def test_translate_rows_do_not_depend_on_their_neighbours(np_rng):
     np.testing.assert_array_equal(run(src[::-1], lengths[::-1])[::-1], run(src, lengths))
 
 
+def test_greedy_translate_matches_numpy_reference(np_rng):
+    # Greedy decoding of the float64 reference, one token at a time: translate must mask
+    # the source padding as teacher forcing does (its encoder outputs there are zero, but
+    # additive attention still scores them, tanh(W_q h) v).
+    config = VARIANTS[3]
+    w = random_weights(config, seed=13, scale=1.0)
+    src, lengths, _ = example_batch(config, np_rng)
+    src, lengths = jnp.pad(src, ((0, 0), (0, 4))), lengths.at[0].set(1)  # mostly padding
+    max_len = 5
+    got = np.asarray(translate(w, config, src, lengths, beam_size=1, max_len=max_len))
+    for row in range(src.shape[0]):
+        out = []
+        while len(out) < max_len and (not out or out[-1] != EOS):
+            tgt_in = np.array([[BOS, *out]])
+            logits, _ = np_forward(w, config, src[row : row + 1], lengths[row : row + 1], tgt_in)
+            logits = logits[0, -1].copy()
+            logits[[PAD, BOS]] = -np.inf  # never generated
+            out.append(int(np.argmax(logits)))
+        np.testing.assert_array_equal(got[row], out + [PAD] * (max_len - len(out)))
+
+
 @pytest.mark.parametrize("attention", ["none", "dot", "general", "additive"])
 def test_weight_decay_mask_takes_every_matrix_and_table(attention):
     """Every leaf with ndim >= 2 (nothing is stacked over layers here), general attention's

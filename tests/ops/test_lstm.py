@@ -746,6 +746,31 @@ def test_cudnn_bidirectional_packing_against_jax_reference(rng, np_rng):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cudnn_layer_keeps_the_initial_state_of_an_empty_row(rng, np_rng, reverse):
+    """cuDNN leaves a row of length 0 unspecified (jax's reference reads its state at step
+    -1); ``_cudnn_layer`` gives it zero outputs and its initial state, as the scan does.
+    Checked against the float64 NumPy reference on CPU, not only by the GPU test."""
+    from jaxattn.ops.lstm import _cudnn_layer
+
+    weights = init_lstm(rng, IN, HID)
+    xs, h0, c0 = _inputs(np_rng)
+    lengths = np.array([7, 0, 4])
+    with jax.default_matmul_precision("highest"):  # no TF32 on a GPU, as above
+        ys, [(h, c)] = _cudnn_layer(
+            [weights],
+            xs,
+            [(h0, c0)],
+            jnp.asarray(lengths, jnp.int32),
+            reverse,
+            lstm_fn=_lstm_ref_fn,
+        )
+    ys_ref, (h_ref, c_ref) = reference_lstm(weights, xs, h0, c0, lengths, reverse)
+    np.testing.assert_allclose(ys, ys_ref, atol=1e-5)
+    np.testing.assert_allclose(h, h_ref, atol=1e-5)
+    np.testing.assert_allclose(c, c_ref, atol=1e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_cudnn_matches_scan_on_gpu(rng, np_rng, bidirectional):
