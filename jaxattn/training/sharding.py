@@ -273,10 +273,12 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
 
     Returns:
       The same pytree of ``jax.Array``s ``[global_rows, ...]`` split by ``sharding``, the
-      global size inferred from the local rows and the mesh: ``local_rows`` times the
-      number of distinct row ranges the processes hold (``local_rows * processes`` when
-      each holds its own; ``local_rows`` when every process holds the whole batch, e.g. a
-      ``tensor`` axis across processes; in between when groups of processes share rows).
+      global size worked out from the local rows and the mesh: the rows of one row block
+      (``local_rows`` over the number of blocks this process's devices hold) times the
+      number of blocks (``local_rows * processes`` when each process holds its own rows;
+      ``local_rows`` when every process holds the whole batch, e.g. a ``tensor`` axis
+      across processes; in between when groups of processes share rows, and processes may
+      then hold different numbers of blocks).
 
     Raises:
       ValueError: a leaf's rows do not split evenly over the batch shards of this
