@@ -10,7 +10,9 @@ import importlib.util
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -125,11 +127,64 @@ def drop_orbax_leftovers() -> None:
 
 
 def exit_with_error(error: BaseException) -> NoReturn:
-    """Print ``error: <error>`` to stderr and exit with status 1."""
+    """Print ``error: <error>`` to stderr and exit with status 1.
+
+    In a multi-process run the error is also left with the coordinator, for the other
+    processes to name (``exit_if_another_process_failed``).
+    """
     # One write, so that a traceback printed by another thread cannot land inside the line.
     sys.stderr.write(f"error: {error}\n")
     sys.stderr.flush()
+    client = _distributed_client()
+    if client is not None:
+        try:
+            client.key_value_set(f"{_ERROR_KEY}{jax.process_index()}", str(error))
+        except Exception:  # (the coordinator gone: the others learn nothing more)
+            pass
     sys.exit(1)
+
+
+# Where a process that stops with an ``error:`` line leaves it in the coordinator's
+# key-value store (``<prefix><process index>``).
+_ERROR_KEY = "jaxattn/error/"
+
+
+def _distributed_client():
+    """``jax.distributed``'s coordination client, or None (one process, or none found)."""
+    if not jax.distributed.is_initialized():
+        return None
+    try:
+        from jax._src import distributed  # (no public handle on its key-value store)
+
+        return distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None
+
+
+def exit_if_another_process_failed() -> None:
+    """Exit with status 1 and one ``error:`` line if another process of the run stopped
+    with one (``exit_with_error``); return otherwise.
+
+    Call it on an error from a collective: a check that fails on one host only (its data
+    file missing there, a flag given to it alone) stopped that process with a clear line,
+    and the others, left waiting for it in their next collective, ended half a minute
+    later in a long traceback of a timed-out broadcast that did not say why.
+    """
+    client = _distributed_client()
+    if client is None:
+        return
+    try:
+        reports = client.key_value_dir_get(_ERROR_KEY)
+    except Exception:  # (the coordinator gone with its process: nothing to read)
+        return
+    if reports:
+        key, message = min(reports, key=lambda report: int(report[0].rsplit("/", 1)[-1]))
+        sys.stderr.write(
+            f"error: process {key.rsplit('/', 1)[-1]} of the run failed, stopping this one "
+            f"({jax.process_index()}) in a collective: {message}\n"
+        )
+        sys.stderr.flush()
+        sys.exit(1)
 
 
 # How ml_collections reports an unknown field (a field below a None one: ValueError), or
@@ -412,6 +467,27 @@ def initialize_distributed() -> None:
         jax.distributed.initialize(**given)
     elif _DISTRIBUTED.value:
         jax.distributed.initialize()
+    else:
+        return
+    # Start the backend now, which waits for every process: a process that failed a check
+    # before it touched a device (its data file missing on that host) otherwise left the
+    # others waiting for its devices for 2 minutes (5 when it was process 0) before a
+    # traceback of an unstarted backend.
+    jax.devices()
+
+
+def sigterm_ends_the_process() -> None:
+    """Give SIGTERM its default action back (end the process: status 143 in a shell), as
+    in a one-process run, for the work after ``fit``'s loop or without one (sampling,
+    decoding), where nothing is being saved.
+
+    ``jax.distributed.initialize`` hands SIGTERM to JAX's preemption service for good. It
+    only records the notice, for ``fit`` to agree with the other processes on a step to
+    save at; outside the loop nothing asks, and ``launch.sh stop`` or a preemption notice
+    did not stop sampling or the test decoding. Main thread only; no-op on one process.
+    """
+    if jax.distributed.is_initialized() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def workdir_from_flag(value: str | None) -> str:

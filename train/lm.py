@@ -41,6 +41,7 @@ from common import (  # train/common.py (this script's directory)
     describe_mesh,
     drop_orbax_leftovers,
     enable_compilation_cache,
+    exit_if_another_process_failed,
     exit_with_error,
     initialize_distributed,
     latest_checkpoint_metadata,
@@ -50,6 +51,7 @@ from common import (  # train/common.py (this script's directory)
     print_once,
     seed_key,
     setup_mesh,
+    sigterm_ends_the_process,
     workdir_from_flag,
 )
 from etils import epath
@@ -250,6 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
             "vocab": tokenizer.chars,
         },
     )
+    sigterm_ends_the_process()  # (the loop's checkpoints are saved: sampling/decoding now)
     if result.interrupted:
         print_once(f"Stopped at step {result.step}; run the same command again to resume.")
         sys.exit(INTERRUPTED_EXIT_CODE)
@@ -378,12 +381,16 @@ def main(argv: list[str]) -> None:
         enable_compilation_cache()
         initialize_distributed()
         if _SAMPLE_ONLY.value:
+            sigterm_ends_the_process()  # (nothing to save: SIGTERM stops it at once)
             sample(workdir)
         else:
             check_config_keys(config, _DEFAULT_CONFIG)
             train(config, workdir)
     except REPORTED_ERRORS as e:
         exit_with_error(e)
+    except RuntimeError:  # (a collective's: another process may have stopped with an error)
+        exit_if_another_process_failed()
+        raise
 
 
 if __name__ == "__main__":

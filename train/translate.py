@@ -63,6 +63,7 @@ from common import (  # train/common.py (this script's directory)
     describe_mesh,
     drop_orbax_leftovers,
     enable_compilation_cache,
+    exit_if_another_process_failed,
     exit_with_error,
     initialize_distributed,
     latest_checkpoint_metadata,
@@ -72,6 +73,7 @@ from common import (  # train/common.py (this script's directory)
     print_once,
     seed_key,
     setup_mesh,
+    sigterm_ends_the_process,
     workdir_from_flag,
 )
 from jax.experimental import multihost_utils
@@ -522,6 +524,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         tokens_per_step=positions_per_step,
         metadata={"config": config.to_dict(), "kind": kind, "model": dataclasses.asdict(model)},
     )
+    sigterm_ends_the_process()  # (the loop's checkpoints are saved: sampling/decoding now)
     if result.interrupted:
         print_once(f"Stopped at step {result.step}; run the same command again to resume.")
         sys.exit(INTERRUPTED_EXIT_CODE)
@@ -695,6 +698,8 @@ def main(argv: list[str]) -> None:
         workdir = Path(workdir_from_flag(_WORKDIR.value))
         enable_compilation_cache()
         initialize_distributed()
+        if _TRANSLATE.value or _BLEU_ONLY.value:
+            sigterm_ends_the_process()  # (nothing to save: SIGTERM stops it at once)
         if _TRANSLATE.value:
             translate_only(workdir, _TRANSLATE.value)
         elif _BLEU_ONLY.value:
@@ -704,6 +709,9 @@ def main(argv: list[str]) -> None:
             train(_CONFIG.value, workdir)
     except REPORTED_ERRORS as e:
         exit_with_error(e)
+    except RuntimeError:  # (a collective's: another process may have stopped with an error)
+        exit_if_another_process_failed()
+        raise
 
 
 if __name__ == "__main__":

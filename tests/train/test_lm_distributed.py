@@ -199,3 +199,57 @@ def test_a_mesh_that_does_not_fit_the_devices_is_a_clear_error(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1
     assert "product must equal the device count" in proc.stderr
+
+
+def start_joined(args_of, devices_each=1, **env_changes):
+    """Two processes of ``SCRIPT``, joined; ``args_of(i)``: process i's flags."""
+    env, port = cpu_env(devices_each, **env_changes), free_port()
+    joined = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    return [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args_of(i), *joined, f"--process_id={i}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_sampling_on_every_process(tmp_path):
+    """JAX's preemption service took SIGTERM for good: outside fit's loop nothing asked
+    it, and --sample_only (or the samples after training) ran on to the end."""
+    finish(start_processes(tmp_path, 2, processes=1, devices_each=1, mesh=(1, 1, 1)))
+    sample = [
+        f"--workdir={tmp_path}", "--sample_only", "--num_samples=1", "--compilation_cache=",
+        "--sample_tokens=1000000",  # minutes of sampling
+    ]  # fmt: skip
+    procs = start_joined(lambda i: sample, PYTHONUNBUFFERED="1")
+    try:
+        for line in procs[0].stdout:
+            if line.startswith("Sampling from"):
+                break
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    # As one process: ended by the signal (status 143 in a shell).
+    assert [proc.returncode for proc in procs] == [-signal.SIGTERM] * 2, outputs
+
+
+@pytest.mark.slow
+def test_an_error_on_one_process_is_named_by_the_other(tmp_path):
+    """A data file missing on process 1's host only: process 1 said so, and process 0 waited
+    2 minutes for its devices, then ended in a traceback that did not say why."""
+    args = [*COMMON, f"--workdir={tmp_path / 'run'}", "--config.mesh.data=2"]
+    missing = tmp_path / "missing.txt"
+    procs = start_joined(lambda i: args + ([f"--config.data_path={missing}"] if i else []))
+    first, second = finish(procs, returncode=1, timeout=150)
+    assert f"error: text data file not found: '{missing}'" in second, second[-3000:]
+    assert "error: process 1 of the run failed" in first and "not found" in first, first[-3000:]
+    assert "Traceback" not in first
