@@ -299,8 +299,10 @@ def sample_logits(
       ``[B]`` int32 token ids.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    if logits.ndim != 2:
-        raise ValueError(f"sample_logits: logits must be [B, V], got shape {logits.shape}")
+    if logits.ndim != 2 or logits.shape[1] == 0:  # (V = 0: no token; an error inside jnp)
+        raise ValueError(
+            f"sample_logits: logits must be [B, V] with V >= 1, got shape {logits.shape}"
+        )
     greedy = check_flag(greedy, "greedy", "sample_logits") or is_greedy(temperature)
     check_sampling_key(rng, temperature, "sample_logits", greedy=greedy)
     noise = None if greedy else _gumbel(rng, logits.shape)

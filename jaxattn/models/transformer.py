@@ -410,6 +410,8 @@ def encode(
     _check_config(config, "encode")
     check_weights(weights, init_transformer, config, "encode")
     src = _as_tokens(src, config.src_vocab_size, config, "encode: src")
+    # (B = 0: else an error from inside attention, naming neither encode nor src)
+    check_size(src.shape[0], "src's batch size B", "encode")
     src_lengths = check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
     rate, rng = _dropout_setup(rng, deterministic, config, "encode")
     w = cast_floating(weights, config.compute_dtype)
@@ -490,6 +492,7 @@ def _decoder_hidden(
     weights cast to the compute dtype)``."""
     check_weights(weights, init_transformer, config, "decode")
     tgt_in = _as_tokens(tgt_in, config.tgt_vocab_size, config, "decode: tgt_in")
+    check_size(tgt_in.shape[0], "tgt_in's batch size B", "decode")  # (as encode's src)
     if (
         memory.ndim != 3
         or jnp.shape(src_mask) != memory.shape[:2]

@@ -336,6 +336,11 @@ def test_tiny_temperature_with_large_logits_samples_the_argmax():
 def test_sample_logits_rejects_bad_shape():
     with pytest.raises(ValueError, match=r"\[B, V\]"):
         decoding.sample_logits(key(0), jnp.zeros((5,)))
+    # No token to draw: failed inside jnp.max or jnp.argmax ("zero-size array to reduction
+    # operation max", "argmax of an empty sequence"), naming neither the call nor the logits.
+    for settings in (dict(), dict(temperature=0), dict(top_p=0.5)):
+        with pytest.raises(ValueError, match=r"sample_logits: logits must be \[B, V\] with V >= 1"):
+            decoding.sample_logits(key(0), jnp.zeros((2, 0)), **settings)
 
 
 # --------------------------------------------------------------------------------------

@@ -635,6 +635,26 @@ def test_bad_inputs_raise(np_rng):
         init_cache(config, 3, 2, dtype="int32")  # the cached keys would be truncated
 
 
+def test_an_empty_batch_is_named(np_rng):
+    """B = 0 failed inside attention ("dot_product_attention: empty batch"), naming neither
+    the function called nor its input; gpt and translate name it."""
+    w = random_weights(BASE)
+    src, lengths, tgt_in = (x[:0] for x in example_batch(BASE, np_rng))
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_in, tgt_mask=tgt_in > 0)
+    calls = [
+        ("encode: src", lambda: encode(w, src, lengths, BASE)),
+        ("encode: src", lambda: transformer_logits(w, src, lengths, tgt_in, BASE)),
+        ("encode: src", lambda: transformer_loss(w, batch, BASE)),
+        (
+            "decode: tgt_in",
+            lambda: decode(w, jnp.zeros((0, 5, 12)), jnp.zeros((0, 5), bool), tgt_in, BASE),
+        ),
+    ]
+    for where, call in calls:
+        with pytest.raises(ValueError, match=rf"{where}'s batch size B must be an int >= 1, got 0"):
+            call()
+
+
 def test_cross_kv_refuses_memory_that_is_not_b_s_d(np_rng):
     # One sentence's [S, D] came out as k [Ld, S, N, H], its S read as the batch; integer
     # memory (token ids where encode's output belongs) was cast and projected.
