@@ -338,6 +338,27 @@ def test_dropout_on_a_one_layer_lstm_warns_that_it_drops_nothing():
     assert caught[0].filename == __file__  # the caller's line, not flax's constructor
 
 
+def test_a_one_layer_lstm_in_train_mode_needs_no_key_and_drops_nothing(rng):
+    """Its dropout acts between layers only: training without ``rng`` runs the plain LSTM
+    (a float64 NumPy one here), not a "pass rng=key" error."""
+    with pytest.warns(UserWarning, match="drops nothing"):
+        module = nn.LSTM(3, 4, dropout_rate=0.5, deterministic=False, rngs=nnx.Rngs(0))
+    xs = jax.random.normal(rng, (2, 5, 3))
+    ys, (h_n, c_n) = module(xs)
+    (w,) = module.pure_weights()
+    w_ih, w_hh, b = (np.asarray(a, np.float64) for a in (w.w_ih, w.w_hh, w.b))
+    sigmoid = lambda z: 1.0 / (1.0 + np.exp(-z))
+    h, c, want = np.zeros((2, 4)), np.zeros((2, 4)), []
+    for x in np.asarray(xs, np.float64).transpose(1, 0, 2):
+        i, f, g, o = np.split(x @ w_ih + h @ w_hh + b, 4, axis=-1)  # torch's gate order
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h = sigmoid(o) * np.tanh(c)
+        want.append(h)
+    np.testing.assert_allclose(ys, np.stack(want, axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h_n[0], h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c_n[0], c, rtol=1e-5, atol=1e-6)
+
+
 def test_multi_head_attention_takes_the_old_dtype_name_with_a_warning():
     with pytest.warns(DeprecationWarning, match="now named param_dtype") as caught:
         module = nn.MultiHeadAttention(8, 2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))

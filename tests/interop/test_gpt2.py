@@ -338,6 +338,16 @@ def test_unreadable_safetensors_path_is_named(tmp_path):
         gpt2_from_hf(tmp_path / "model.safetensors", config)
 
 
+def test_config_of_a_bare_dict_takes_gpt2s_defaults():
+    """The hub's gpt2 config.json names neither tie_word_embeddings nor n_inner nor
+    layer_norm_epsilon: GPT-2's defaults (tied head, F = 4 D, eps 1e-5, gelu_new) apply."""
+    got = gpt2_config_from_hf(
+        {"n_embd": 12, "n_head": 3, "n_layer": 2, "n_positions": 17, "vocab_size": 31}
+    )
+    assert got.tie_embeddings is True and got.mlp_dim == 48 and got.mlp_ratio == 4
+    assert got.layer_norm_eps == 1e-5 and got.gelu_approximate is True
+
+
 @pytest.mark.parametrize(
     ("activation", "tanh"),
     [("gelu_new", True), ("gelu_pytorch_tanh", True), ("gelu_fast", True), ("gelu", False)],

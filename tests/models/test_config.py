@@ -59,3 +59,16 @@ def test_init_takes_raw_keys_of_the_default_prng_implementation(init, config):
         legacy, typed = init(jax.random.PRNGKey(3), config), init(jax.random.key(3), config)
     for a, b in zip(jax.tree.leaves(legacy), jax.tree.leaves(typed), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_check_seed_takes_0_to_2_63_minus_2():
+    """The scripts seed validation with seed + 1, which jax.random.key must still take:
+    the last seed accepted is 2**63 - 2 (a mutation review found no test at the edge)."""
+    from jaxattn.models._config import check_seed
+
+    assert check_seed(0, "seed", "here") == 0 and check_seed(2**63 - 2, "seed", "here") == 2**63 - 2
+    jax.random.key(2**63 - 2 + 1)  # seed + 1 of the largest accepted seed still works
+    with pytest.raises(ValueError, match=r"here: seed must be an int in \[0, 2\*\*63 - 2\]"):
+        check_seed(2**63 - 1, "seed", "here")
+    with pytest.raises(ValueError, match="here: seed"):
+        check_seed(-1, "seed", "here")
