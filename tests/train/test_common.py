@@ -274,6 +274,37 @@ def test_checkpoint_config_overrides_takes_only_the_allowed_ones(config_flag):
     )
 
 
+def test_checkpoint_config_file_takes_an_allowed_override_of_a_model_key(config_flag):
+    """A dotted override (``--config.model.attention_implementation=xla`` for a cuDNN run)
+    is compared by its full key: the file's run, with that one setting overridden, is the
+    checkpoint's run."""
+    config_flag("--config.model.embed_dim=8")
+    meta = _saved_meta(embed_dim=16)
+    common.checkpoint_config_file("--mode", meta, "ckpt/100", allowed=["model.embed_dim"])
+
+
+def test_a_none_override_sets_the_field_to_none(monkeypatch, tmp_path):
+    """ml_collections reads ``--config.KEY=None`` for a str placeholder as the string
+    'None'; the scripts' flag parsing makes it None in the config and in the overrides."""
+    config_file = tmp_path / "str_config.py"
+    config_file.write_text(
+        "import ml_collections\n"
+        "from ml_collections.config_dict import placeholder\n\n\n"
+        "def get_config():\n"
+        "    config = ml_collections.ConfigDict({'seed': 1, 'model': {'kernel': 'xla'}})\n"
+        "    config.model.impl = placeholder(str)\n"
+        "    return config\n"
+    )
+    use_config_flag(
+        monkeypatch, config_file, "--config.model.impl=None", "--config.model.kernel=None"
+    )
+    common._read_none_overrides()
+    config = flags.FLAGS["config"].value
+    assert config.model.impl is None and config.model.kernel is None and config.seed == 1
+    overrides = common.checkpoint_config_overrides("--mode", ["model.impl", "model.kernel"])
+    assert overrides == {"model.impl": None, "model.kernel": None}
+
+
 def test_checkpoint_config_file_hints_only_at_allowed_overrides(config_flag):
     """No "give --config.model.embed_dim=..." hint: a model setting cannot be overridden."""
     config_flag()
@@ -333,6 +364,39 @@ def test_orbaxs_leftovers_are_dropped_and_other_exit_errors_reported(tmp_path):
     assert "RuntimeError: the shutdown barrier timed out" in run.stderr
     for leftover in ("Event loop is closed", "reading array index", "never retrieved"):
         assert leftover not in run.stderr
+
+
+def test_a_leftover_is_found_through_the_implicit_chain_too():
+    """An error raised while handling orbax's read error (``__context__``, no ``from``) is
+    one of its leftovers; an unrelated error is not."""
+    from jaxattn.training.checkpoint import ORBAX_READ_ERROR
+
+    def raised(error, context=None):
+        try:
+            try:
+                raise context or ValueError("unrelated")
+            except Exception:
+                raise error  # noqa: B904 (the implicit chain is the point)
+        except Exception as e:
+            return e
+
+    leftover = raised(RuntimeError("callback failed"), Exception(f"{ORBAX_READ_ERROR}: (0,)"))
+    assert leftover.__cause__ is None and common._is_leftover(leftover)
+    assert not common._is_leftover(raised(RuntimeError("the shutdown barrier timed out")))
+
+
+def test_a_compilation_cache_folder_it_cannot_write_disables_it(
+    parse_flags, jax_cache_config, tmp_path, monkeypatch, capsys
+):
+    """A folder that exists but is not writable (root writes anywhere: access is faked)."""
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_enable_compilation_cache", True)
+    monkeypatch.setattr(common.os, "access", lambda path, mode: False)
+    parse_flags(f"--compilation_cache={tmp_path}")
+    common.enable_compilation_cache()
+    assert not jax.config.jax_enable_compilation_cache
+    assert jax.config.jax_compilation_cache_dir is None
+    assert f"warning: cannot write the compilation cache {tmp_path}" in capsys.readouterr().err
 
 
 def test_config_keys_must_be_the_default_configs(config_flag, tmp_path):
