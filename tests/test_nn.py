@@ -537,6 +537,29 @@ def test_gpt_module_computes_the_pure_functions():
     np.testing.assert_array_equal(model(tokens), gpt.gpt(weights, tokens, config))
 
 
+def test_gpt_module_generate_passes_every_sampling_option_on():
+    """Each option reaches ``gpt.generate``: checked by what it must do, not by comparing
+    with the pure function (an option dropped by both would pass that)."""
+    model = nn.GPT(_tiny_gpt(), rngs=nnx.Rngs(0))
+    prompt = _tokens_and_targets()[0][:, :3]
+    greedy = np.asarray(model.generate(prompt, 6, temperature=0.0))
+    # A nucleus this small keeps only the most likely token, whatever the key: greedy.
+    key = jax.random.key(1)
+    sampled = np.asarray(model.generate(prompt, 6, rng=key))
+    assert not np.array_equal(sampled, greedy)  # (so the key alone would not give greedy)
+    np.testing.assert_array_equal(model.generate(prompt, 6, rng=key, top_p=1e-6), greedy)
+    np.testing.assert_array_equal(model.generate(prompt, 6, rng=key, top_k=1), greedy)
+    # eos_id: each row repeats its first new eos to the end; the tokens before it are kept.
+    eos = int(greedy[0, 3])
+    want = greedy.copy()
+    for row in want:
+        hits = np.flatnonzero(row[3:] == eos)
+        if hits.size:
+            row[3 + hits[0] :] = eos
+    assert not np.array_equal(want, greedy)  # (the eos must change something)
+    np.testing.assert_array_equal(model.generate(prompt, 6, temperature=0.0, eos_id=eos), want)
+
+
 def test_gpt_module_trains_with_an_nnx_optimizer_as_optax_on_the_pure_tree():
     config = _tiny_gpt()
     model = nn.GPT(config, rngs=nnx.Rngs(0))

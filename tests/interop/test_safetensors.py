@@ -224,19 +224,33 @@ def test_a_symlink_is_written_through(tmp_path):
     np.testing.assert_array_equal(load_safetensors(real)["w"], np.ones(3))
 
 
-@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize(
+    "dtype", ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"]
+)
 def test_float8_leaves_load_back(tmp_path, dtype):
     # save wrote them; load raised AttributeError: module 'numpy' has no attribute ...
     import ml_dtypes
 
-    tree = {"w": jnp.asarray(np.linspace(-2, 2, 6).astype(getattr(ml_dtypes, dtype))),
+    # (w 2-D: the float8 tensors are rebuilt from their bytes, which must take their shape)
+    w = np.linspace(-2, 2, 6).reshape(2, 3).astype(getattr(ml_dtypes, dtype))
+    tree = {"w": jnp.asarray(w),
             "b": jnp.asarray([0.5, 1.5], jnp.bfloat16), "n": jnp.arange(3)}  # fmt: skip
     save_safetensors(tree, tmp_path / "w.safetensors")
     for back in (load_safetensors(tmp_path / "w.safetensors", tree),
                  load_safetensors(tmp_path / "w.safetensors")):  # fmt: skip
         assert list(back) == ["b", "n", "w"] and isinstance(back["w"], jax.Array)
         for name, leaf in tree.items():
-            assert back[name].dtype == leaf.dtype, name
+            assert back[name].dtype == leaf.dtype and back[name].shape == leaf.shape, name
             np.testing.assert_array_equal(
                 np.asarray(back[name], np.float32), np.asarray(leaf, np.float32)
             )
+
+
+def test_a_file_with_float8_tensors_loads_in_the_files_order(tmp_path):
+    # The float8 tensors are read apart from the others: the flat dict keeps the file's
+    # (sorted) order rather than putting them last.
+    import ml_dtypes
+
+    tree = {"a": np.ones(2, ml_dtypes.float8_e4m3fn), "b": np.ones(2, np.float32)}
+    save_safetensors(tree, tmp_path / "w.safetensors")
+    assert list(load_safetensors(tmp_path / "w.safetensors")) == ["a", "b"]

@@ -197,6 +197,28 @@ def test_ml_dtypes_floats_are_weights_but_ints_are_not():
             get({"w": np.ones((2, 2), dtype)}, "w", (2, 2))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_bit_float_conversions_copy_their_bits(dtype):
+    """bfloat16 / float8 cross as a view of their bits: each side must still get its own
+    copy, as float32 does (an export aliasing a JAX or NumPy weight, or an import aliasing
+    a torch Parameter that training keeps updating, would change with it)."""
+    import ml_dtypes
+
+    from jaxattn.interop._tensors import export, to_numpy
+
+    same_width = {1: torch.uint8, 2: torch.int16}
+    tensor = torch.tensor([1.5, -2.0, 0.5]).to(getattr(torch, dtype))
+    imported = to_numpy(tensor)
+    tensor.view(same_width[tensor.element_size()]).zero_()  # overwrite the torch side
+    assert imported.dtype == getattr(ml_dtypes, dtype)
+    np.testing.assert_array_equal(np.asarray(imported, np.float32), [1.5, -2.0, 0.5])
+    weight = np.array([1.5, -2.0, 0.5], getattr(ml_dtypes, dtype))
+    exported = export(weight, "pt")
+    assert exported.dtype == getattr(torch, dtype)
+    exported.view(same_width[exported.element_size()]).zero_()  # overwrite the export
+    np.testing.assert_array_equal(np.asarray(weight, np.float32), [1.5, -2.0, 0.5])
+
+
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True])
 def test_a_bad_num_heads_is_named(bad):
     with pytest.raises(ValueError, match=r"mha_from_torch: num_heads must be an int >= 1, got"):

@@ -619,6 +619,31 @@ def test_second_derivatives_forward_over_reverse_only(np_rng):
         jax.jvp(lambda s: loss_scale("blockwise")(q, s), (scale,), (jnp.float32(1.0),))
 
 
+def test_jit_when_eager_sees_a_tracer_passed_by_keyword(assert_inlined_when_traced):
+    """A traced keyword argument is a trace too: the plain function runs (inlined), not a
+    nested jit (the callers pass positions and key masks by keyword)."""
+    from jaxattn.ops._checks import jit_when_eager
+
+    def scaled(x, *, y):
+        return x * y
+
+    call, x = jit_when_eager(scaled), jnp.ones(2)  # (x concrete in both calls)
+    assert_inlined_when_traced("scaled", lambda y: call(x, y=y), jnp.float32(2.0))
+
+
+def test_forward_mode_hint_rewords_only_forward_modes_refusal():
+    """Another TypeError raised inside a kernel is not turned into the forward-mode hint
+    (which would blame jax.jvp for, say, a bad argument)."""
+    from jaxattn.ops._checks import forward_mode_hint
+
+    with pytest.raises(TypeError, match=r"^unsupported operand$"):
+        with forward_mode_hint("kernel", "the fix"):
+            raise TypeError("unsupported operand")
+    with pytest.raises(TypeError, match=r"^kernel has a hand-written .*: the fix$"):
+        with forward_mode_hint("kernel", "the fix"):
+            raise TypeError("can't apply forward-mode autodiff (jvp) to a custom_vjp function.")
+
+
 def test_bfloat16_inputs(np_rng):
     q, k, v = normal(np_rng, B, 37, N, H), normal(np_rng, B, 37, 3, H), normal(np_rng, B, 37, 3, H)
     low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
