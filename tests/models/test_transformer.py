@@ -826,14 +826,19 @@ def test_translate_default_max_len_stays_50_when_the_table_allows():
     assert out.shape == (3, 50)
 
 
+def torch_logits_case(config, np_rng):
+    """Random weights, a batch ``(src, lengths, tgt_in)`` and PyTorch's logits for them."""
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    _, want = torch_forward(*torch_model(w, config), w, config, src, lengths, tgt_in)
+    return w, (src, lengths, tgt_in), want
+
+
 def test_layer_norm_eps_reaches_every_norm(np_rng):
     # Elsewhere eps is PyTorch's default, so a norm that dropped it still matched.
     pytest.importorskip("torch")
     config = dataclasses.replace(BASE, layer_norm_eps=0.5)
-    w = random_weights(config)
-    src, lengths, tgt_in = example_batch(config, np_rng)
-    enc, dec = torch_model(w, config)
-    _, want_logits = torch_forward(enc, dec, w, config, src, lengths, tgt_in)
+    w, (src, lengths, tgt_in), want_logits = torch_logits_case(config, np_rng)
     got = logits_jit(w, src, lengths, tgt_in, config)  # (the encoder's norms via memory)
     np.testing.assert_allclose(got, want_logits, rtol=2e-4, atol=2e-4)
 
@@ -880,10 +885,7 @@ def test_deterministic_pass_of_a_dropout_config_is_the_reference(np_rng):
     regardless of ``deterministic`` would drop at evaluation)."""
     pytest.importorskip("torch")
     config = dataclasses.replace(BASE, dropout=0.3)
-    w = random_weights(config)
-    src, lengths, tgt_in = example_batch(config, np_rng)
-    enc, dec = torch_model(w, config)
-    _, want = torch_forward(enc, dec, w, config, src, lengths, tgt_in)
+    w, (src, lengths, tgt_in), want = torch_logits_case(config, np_rng)
     for rng in (None, jax.random.key(1)):
         got = transformer_logits(w, src, lengths, tgt_in, config, rng=rng, deterministic=True)
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
