@@ -4,6 +4,7 @@
     python train/lm.py --config=... --config.num_steps=500 --config.eval_every=100
     python train/lm.py --workdir=DIR --sample_only --prompt="ROMEO:" --num_samples=3
     python train/lm.py --workdir=DIR --sample_only --prompt="ROMEO:" --prompt="JULIET:"
+    python train/sample.py --workdir=DIR --prompt="ROMEO:"   (the same as --sample_only)
 
 Training shows a progress bar, evaluates, writes ``DIR/metrics.jsonl`` and TensorBoard
 events in ``DIR/tb/`` (none for a ``gs://`` DIR), checkpoints to ``DIR/checkpoints/<step>/``,

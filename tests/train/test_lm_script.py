@@ -26,6 +26,7 @@ TINY = REPO / "train" / "configs" / "tiny.py"
 
 
 run_lm = ScriptRunner("lm.py", TINY)
+run_sample = ScriptRunner("sample.py", TINY)  # lm.py --sample_only under nanoGPT's name
 
 
 def samples_of(stdout):
@@ -133,6 +134,23 @@ def test_sample_only_loads_the_latest_checkpoint(trained):
         "--sample_tokens=20", "--top_k=1",
     )  # fmt: skip
     assert samples_of(alone.stdout) == texts[3:4]
+
+
+@pytest.mark.slow
+def test_sample_script_samples_as_lm_sample_only(trained):
+    workdir, *_ = trained
+    run_sample.cache_dir = run_lm.cache_dir
+    flags = (f"--workdir={workdir}", "--prompt=ROMEO:", "--num_samples=2", "--sample_tokens=20")
+    want = run_lm(*flags, "--sample_only")
+    got = run_sample(*flags)
+    # It restores and samples; it does not run lm.py's training over the finished run.
+    assert f"Sampling from {workdir / 'checkpoints' / '8'}" in got.stdout
+    assert len(samples_of(got.stdout)) == 2
+    assert samples_of(got.stdout) == samples_of(want.stdout)  # the same seed: the same texts
+    # --sample_only is given last: a --nosample_only typed by mistake does not train.
+    again = run_sample(*flags, "--nosample_only")
+    assert samples_of(again.stdout) == samples_of(want.stdout)
+    assert "Resumed" not in again.stdout
 
 
 @pytest.mark.slow
