@@ -14,6 +14,7 @@ from jaxattn import nn
 from jaxattn.models import gpt, seq2seq, transformer
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
+from tests.generation import ended_at_eos
 
 
 def _leaves_equal(a, b):
@@ -551,11 +552,7 @@ def test_gpt_module_generate_passes_every_sampling_option_on():
     np.testing.assert_array_equal(model.generate(prompt, 6, rng=key, top_k=1), greedy)
     # eos_id: each row repeats its first new eos to the end; the tokens before it are kept.
     eos = int(greedy[0, 3])
-    want = greedy.copy()
-    for row in want:
-        hits = np.flatnonzero(row[3:] == eos)
-        if hits.size:
-            row[3 + hits[0] :] = eos
+    want = ended_at_eos(greedy, [3] * len(greedy), 6, eos)
     assert not np.array_equal(want, greedy)  # (the eos must change something)
     np.testing.assert_array_equal(model.generate(prompt, 6, temperature=0.0, eos_id=eos), want)
 

@@ -11,6 +11,7 @@ import pytest
 from jaxattn.models import decoding
 from jaxattn.models import gpt as gpt_module
 from jaxattn.models.gpt import GPTConfig, gpt, gpt_decode, init_cache, init_gpt
+from tests.generation import ended_at_eos
 
 BASE = GPTConfig(vocab_size=13, block_size=11, num_layers=2, num_heads=3, embed_dim=12)
 GQA = dataclasses.replace(BASE, num_heads=4, num_kv_heads=2, embed_dim=20)
@@ -658,17 +659,6 @@ def test_padded_prompts_with_bad_lengths_are_refused():
 # eos_id: rows end at their first new eos_id.
 
 
-def _ended_at_eos(out, new_from, n, eos_id):
-    """What eos_id should give: each row's n new tokens (from ``new_from[b]``) after its
-    first eos_id replaced by eos_id, the rest (the padding too) as without it."""
-    out = np.array(out)
-    for row, start in zip(out, new_from):
-        hits = np.flatnonzero(row[start : start + n] == eos_id)
-        if hits.size:
-            row[start + hits[0] : start + n] = eos_id
-    return out
-
-
 @pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
 def test_generate_with_eos_ends_each_row_at_its_first_eos(unroll):
     """Greedy and sampled, in the cached part and past block_size = 11, padded or not."""
@@ -682,7 +672,7 @@ def test_generate_with_eos_ends_each_row_at_its_first_eos(unroll):
         plain = np.asarray(run(prompt_lengths=lengths, **settings))
         new_from = [4] * 3 if lengths is None else np.asarray(lengths)
         for eos_id in {int(plain[0, new_from[0] + 1]), int(plain[1, new_from[1] + 9])}:
-            want = _ended_at_eos(plain, new_from, 14, eos_id)
+            want = ended_at_eos(plain, new_from, 14, eos_id)
             got = run(prompt_lengths=lengths, eos_id=eos_id, **settings)
             np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match=r"eos_id=13 is not in the vocabulary \[0, 13\)"):
