@@ -150,23 +150,27 @@ def test_compilation_cache_flag_wins_over_the_environment(parse_flags, jax_cache
     assert (tmp_path / "flag").is_dir()
 
 
+@pytest.mark.parametrize("where", ["empty", "under_a_file", "not_writable"])
 def test_empty_or_unwritable_compilation_cache_disables_it(
-    parse_flags, jax_cache_config, tmp_path, capsys
+    where, parse_flags, jax_cache_config, tmp_path, monkeypatch, capsys
 ):
+    """``--compilation_cache=`` turns the cache off; so, with a warning, does a folder it
+    cannot make (under a file) or cannot write (access faked: root writes anywhere)."""
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_enable_compilation_cache", True)
-    parse_flags("--compilation_cache=")
+    path = ""
+    if where == "under_a_file":
+        (tmp_path / "file").write_text("")
+        path = tmp_path / "file" / "xla"
+    elif where == "not_writable":
+        monkeypatch.setattr(common.os, "access", lambda path, mode: False)
+        path = tmp_path
+    parse_flags(f"--compilation_cache={path}")
     common.enable_compilation_cache()
     assert not jax.config.jax_enable_compilation_cache
     assert jax.config.jax_compilation_cache_dir is None
-    jax.config.update("jax_enable_compilation_cache", True)
-    not_a_folder = tmp_path / "file"
-    not_a_folder.write_text("")
-    parse_flags(f"--compilation_cache={not_a_folder / 'xla'}")
-    common.enable_compilation_cache()
-    assert not jax.config.jax_enable_compilation_cache
-    assert jax.config.jax_compilation_cache_dir is None
-    assert "warning: cannot write the compilation cache" in capsys.readouterr().err
+    warning = f"warning: cannot write the compilation cache {path}" if path else "warning:"
+    assert (warning in capsys.readouterr().err) == bool(path)
 
 
 def test_initialize_distributed_needs_all_three_flags_or_none(parse_flags, monkeypatch):
@@ -383,20 +387,6 @@ def test_a_leftover_is_found_through_the_implicit_chain_too():
     leftover = raised(RuntimeError("callback failed"), Exception(f"{ORBAX_READ_ERROR}: (0,)"))
     assert leftover.__cause__ is None and common._is_leftover(leftover)
     assert not common._is_leftover(raised(RuntimeError("the shutdown barrier timed out")))
-
-
-def test_a_compilation_cache_folder_it_cannot_write_disables_it(
-    parse_flags, jax_cache_config, tmp_path, monkeypatch, capsys
-):
-    """A folder that exists but is not writable (root writes anywhere: access is faked)."""
-    jax.config.update("jax_compilation_cache_dir", None)
-    jax.config.update("jax_enable_compilation_cache", True)
-    monkeypatch.setattr(common.os, "access", lambda path, mode: False)
-    parse_flags(f"--compilation_cache={tmp_path}")
-    common.enable_compilation_cache()
-    assert not jax.config.jax_enable_compilation_cache
-    assert jax.config.jax_compilation_cache_dir is None
-    assert f"warning: cannot write the compilation cache {tmp_path}" in capsys.readouterr().err
 
 
 def test_config_keys_must_be_the_default_configs(config_flag, tmp_path):
