@@ -105,7 +105,13 @@ def local_window_mask(q_len: int, kv_len: int, left: int, right: int) -> Array:
 
 def window_visible(q_positions: Array, k_positions: Array, left: int, right: int) -> Array:
     """``[T, S]``: True where key position ``k`` lies in ``[q - left, q + right]`` of query
-    position ``q``. ``q_positions: [T]``, ``k_positions: [S]`` (e.g. KV-cache slots)."""
+    position ``q``. ``q_positions: [T]``, ``k_positions: [S]`` (e.g. KV-cache slots).
+
+    A side beyond int32's range hides nothing: it is clipped to it (``2**31`` or
+    ``sys.maxsize`` for "unbounded" raised an OverflowError naming nothing against the
+    int32 offsets, where the blockwise kernel takes it)."""
+    limit = int(np.iinfo(np.int32).max)
+    left, right = (min(w, limit) if isinstance(w, (int, np.integer)) else w for w in (left, right))
     offset = q_positions[:, None] - k_positions[None, :]  # [T, S] how far back the key is
     return (offset <= left) & (offset >= -right)
 

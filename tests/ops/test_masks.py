@@ -401,3 +401,22 @@ def test_dropout_mask_statistics():
     other = np.asarray(attention_dropout_mask(dropout_seed(jax.random.key(3)), shape, rate))
     assert abs((keep == other).mean() - (rate**2 + (1 - rate) ** 2)) < 0.01
     assert np.asarray(attention_dropout_mask(seed, (1, 1, 3, 5), 0.0)).all()
+
+
+def test_a_window_side_beyond_int32_hides_nothing(np_rng):
+    # 2**31 (or sys.maxsize for "unbounded") raised OverflowError on the einsum path and in
+    # the KV cache's mask, while the blockwise kernel took it.
+    from jaxattn.ops.attention import cached_attention, dot_product_attention
+
+    big = 2**31
+    np.testing.assert_array_equal(local_window_mask(3, 5, big, 2**63 - 1), np.ones((1, 1, 3, 5)))
+    q = jnp.asarray(np_rng.standard_normal((1, 3, 2, 4)), jnp.float32)
+    want = dot_product_attention(q, q, q, is_causal=True, implementation="xla")
+    for implementation in ("xla", "blockwise"):
+        got = dot_product_attention(
+            q, q, q, is_causal=True, local_window_size=(big, 0), implementation=implementation
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    cache = jnp.zeros((1, 5, 2, 4))
+    out, _, _ = cached_attention(q, q, q, cache, cache, 0, local_window_size=big)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
