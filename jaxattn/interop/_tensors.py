@@ -115,18 +115,28 @@ def _common_prefix(a: list[str], b: list[str]) -> int:
     return n
 
 
+def missing_tensor(state: Mapping[str, Any], name: str, expected: str = "") -> KeyError:
+    """The KeyError for ``name`` missing from ``state``, naming the keys that end alike.
+
+    Those share the longest dotted tail with it: for h.1.mlp.c_fc.weight, a prefixed
+    transformer.h.1.mlp.c_fc.weight or else h.0.mlp.c_fc.weight; for self_attn's
+    out_proj.weight, layers.0.self_attn.out_proj.weight. A tail of the last part alone
+    ("weight") is no hint unless it is the whole name: every weight would share it.
+    ``expected`` (e.g. "expected shape (3, 4)") goes in brackets after the name."""
+    parts = name.split(".")[::-1]
+    shared = {k: _common_prefix(str(k).split(".")[::-1], parts) for k in state}
+    longest = max(shared.values(), default=0)
+    near = []
+    if longest >= min(2, len(parts)):
+        near = sorted(k for k, n in shared.items() if n == longest)[:5]
+    hint = f"; keys ending alike: {near}" if near else ""
+    return KeyError(f"missing tensor {name!r}{f' ({expected})' if expected else ''}{hint}")
+
+
 def get(state: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Read the weight ``state[name]`` as NumPy; KeyError/ValueError name the tensor."""
     if name not in state:
-        # The keys sharing the longest dotted tail with it: for h.1.mlp.c_fc.weight, a
-        # prefixed transformer.h.1.mlp.c_fc.weight or else h.0.mlp.c_fc.weight, not every
-        # key that ends in "weight".
-        parts = name.split(".")[::-1]
-        shared = {k: _common_prefix(k.split(".")[::-1], parts) for k in state}
-        longest = max(shared.values(), default=0)
-        near = sorted(k for k, n in shared.items() if n == longest)[:5] if longest else []
-        hint = f"; keys ending alike: {near}" if near else ""
-        raise KeyError(f"missing tensor {name!r} (expected shape {shape}){hint}")
+        raise missing_tensor(state, name, f"expected shape {shape}")
     arr = to_numpy(state[name])
     if arr.shape != tuple(shape):
         raise ValueError(f"tensor {name!r} has shape {arr.shape}, expected {tuple(shape)}")

@@ -83,6 +83,13 @@ def save_safetensors(
     # The link's target, as np.save writes through a link; os.replace would swap the link
     # itself for a regular file and leave the file it names with the old weights.
     target = os.path.realpath(os.fspath(path))
+    # Else safetensors' I/O error names the temporary file, or os.replace names both.
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"save_safetensors: {os.fspath(path)} is a directory, not a file")
+    if not os.path.isdir(os.path.dirname(target)):
+        raise FileNotFoundError(
+            f"save_safetensors: the folder of {os.fspath(path)} does not exist (create it first)"
+        )
     partial = f"{target}.partial-{uuid.uuid4().hex}"  # one per call, also across threads
     try:
         save_file(flat, partial, metadata=metadata)

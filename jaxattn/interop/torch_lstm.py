@@ -69,7 +69,22 @@ def _scan_keys(state, prefix: str) -> tuple[int, bool, bool]:
         reverse |= m.group(3) is not None
         bias |= m.group(1).startswith("bias")
     if not layers:
-        raise KeyError(f"no LSTM tensors 'weight_ih_l0'... found under prefix {prefix!r}")
+        # Say where they are: a whole model's state dict holds them under its submodule's
+        # name; a torch.nn.LSTMCell's have no layer suffix.
+        starts = ((key, _KEY.search(key)) for key in state)
+        found = sorted(
+            {key[: m.start()] for key, m in starts if m and key[: m.start()][-1:] in ("", ".")}
+        )
+        if found:
+            hint = f"; the state dict has them under {found[:5]}: pass prefix={found[0]!r}"
+        elif f"{prefix}weight_ih" in state and f"{prefix}weight_hh" in state:
+            hint = (
+                f"; {prefix}weight_ih/weight_hh without a layer suffix are a torch.nn.LSTMCell's "
+                "(or GRUCell's): only torch.nn.LSTM weights can be converted"
+            )
+        else:
+            hint = ""
+        raise KeyError(f"no LSTM tensors 'weight_ih_l0'... found under prefix {prefix!r}{hint}")
     if layers != set(range(len(layers))):
         raise KeyError(f"LSTM layer indices under {prefix!r} are not 0..L-1: {sorted(layers)}")
     return len(layers), reverse, bias

@@ -27,6 +27,7 @@ from jaxattn.interop._tensors import (
     check_framework,
     export,
     get,
+    missing_tensor,
     pure_weights_of,
     refuse_unread,
     state_dict_of,
@@ -95,8 +96,8 @@ def mha_from_torch(
     if f"{prefix}bias_k" in state or f"{prefix}bias_v" in state:
         raise ValueError("mha_from_torch: add_bias_kv=True (bias_k/bias_v) is not supported")
     out_name = f"{prefix}out_proj.weight"
-    if out_name not in state:
-        raise KeyError(f"missing tensor {out_name!r}")
+    if out_name not in state:  # (a whole layer's state dict: the hint names the prefix)
+        raise missing_tensor(state, out_name, "expected shape [E, E]")
     if np.ndim(state[out_name]) != 2:  # (its first axis is read as the embed dim)
         raise ValueError(
             f"tensor {out_name!r} has shape {tuple(np.shape(state[out_name]))}, expected [E, E]"

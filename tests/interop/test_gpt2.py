@@ -385,3 +385,14 @@ def test_import_refuses_a_config_without_gpt2s_layout(changes, message):
     config = GPTConfig(vocab_size=31, block_size=17, num_layers=2, num_heads=3, embed_dim=12)
     with pytest.raises(ValueError, match=rf"GPT-2 layout needs {message}"):
         gpt2_from_hf({}, dataclasses.replace(config, **changes))
+
+
+def test_a_missing_head_hints_no_keys_that_share_only_weight():
+    # A GPT2Model (no lm_head) imported untied: the hint listed h.0.attn.c_attn.weight and
+    # four more keys that share nothing with lm_head.weight but the word "weight".
+    model = transformers.GPT2Model(_hf_model().config)
+    untied = dataclasses.replace(gpt2_config_from_hf(model.config), tie_embeddings=False)
+    with pytest.raises(KeyError) as info:
+        gpt2_from_hf(model, untied)
+    assert "lm_head.weight" in str(info.value)
+    assert "keys ending alike" not in str(info.value)

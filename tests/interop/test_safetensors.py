@@ -254,3 +254,13 @@ def test_a_file_with_float8_tensors_loads_in_the_files_order(tmp_path):
     tree = {"a": np.ones(2, ml_dtypes.float8_e4m3fn), "b": np.ones(2, np.float32)}
     save_safetensors(tree, tmp_path / "w.safetensors")
     assert list(load_safetensors(tmp_path / "w.safetensors")) == ["a", "b"]
+
+
+def test_a_path_in_a_missing_folder_or_a_folder_is_named(tmp_path):
+    # safetensors' own error named its temporary file, os.replace the partial one.
+    path = tmp_path / "no" / "w.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"folder of .*no/w\.safetensors does not exist"):
+        save_safetensors({"a": np.ones(2, np.float32)}, path)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        save_safetensors({"a": np.ones(2, np.float32)}, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -222,3 +222,18 @@ def test_a_prefixed_export_names_every_tensor_with_the_prefix(bias):
     back = lstm_from_torch(state, prefix="encoder.rnn.")
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(lstm_from_torch(module)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tensors_under_another_prefix_or_an_lstm_cell_are_named():
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(3, D_IN)
+            self.rnn = torch.nn.LSTM(D_IN, H, num_layers=2)
+
+    # A whole model, or a prefix without its dot: the error says where the tensors are.
+    for prefix in ("", "rnn"):
+        with pytest.raises(KeyError, match=r"under \['rnn\.'\]: pass prefix='rnn\.'"):
+            lstm_from_torch(Encoder(), prefix=prefix)
+    with pytest.raises(KeyError, match="LSTMCell"):
+        lstm_from_torch(torch.nn.LSTMCell(D_IN, H))

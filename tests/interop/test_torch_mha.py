@@ -277,3 +277,9 @@ def test_float8_weights_cross_both_ways_bit_for_bit(dtype):
     for name, tensor in state.items():
         assert back[name].dtype == tensor.dtype, name
         assert torch.equal(back[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_a_whole_layers_state_dict_without_prefix_names_the_attention_prefix():
+    layer = torch.nn.TransformerEncoderLayer(E, N, batch_first=True)
+    with pytest.raises(KeyError, match=r"out_proj\.weight.*\['self_attn\.out_proj\.weight'\]"):
+        mha_from_torch(layer.state_dict(), num_heads=N)
