@@ -81,6 +81,7 @@ from jax.experimental import multihost_utils
 from jaxattn.models import seq2seq, transformer
 from jaxattn.models._config import check_seed, check_size
 from jaxattn.models.partitioning import SEQ2SEQ_RULES, TRANSFORMER_RULES
+from jaxattn.ops.losses import check_label_smoothing
 from jaxattn.training import sharding
 from jaxattn.training import translation_data as td
 from jaxattn.training.checkpoint import (
@@ -153,6 +154,8 @@ def check_data_settings(config: ml_collections.ConfigDict) -> None:
     ``config.max_len`` keeps: the data pipeline would only fail after the workdir and its
     sentencepiece model were made, naming neither setting."""
     check_seed(config.seed, "config.seed", "train/translate.py")
+    # (0 was named as the model's src_vocab_size, a key the config does not have)
+    check_size(config.vocab_size, "config.vocab_size", "train/translate.py")
     if config.data_path and not Path(config.data_path).is_file():  # else after the folder check
         raise FileNotFoundError(
             f"translation corpus not found: {config.data_path!r} (config.data_path)"
@@ -450,6 +453,9 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     kind, _ = build_model(config, config.vocab_size)
     check_decode_settings(config)  # before training, not after it
     check_example_counts(config, ("max_train_examples", "max_eval_examples"))
+    # The loss checks it only when it first runs, inside fit: after the workdir and its
+    # sentencepiece model are made.
+    check_label_smoothing(config.label_smoothing, "train/translate.py")
     meta = latest_checkpoint_metadata(  # notes changes; refuses another model
         workdir,
         config,
@@ -667,6 +673,8 @@ def bleu_only(workdir: Path) -> None:
     """Score the latest checkpoint on the test split again; append it to metrics.jsonl
     and write its translations next to, not over, the training run's."""
     config, kind, model, params, step, sp = _restore(workdir)
+    # The score and translations to write: before decoding (minutes for a whole test split).
+    check_writable(workdir)
     split = td.split_pairs(
         td.load_pairs(config.data_path), seed=config.split_seed, fractions=td.SPLIT_FRACTIONS
     )

@@ -214,7 +214,8 @@ def test_a_finished_run_reports_its_bleu_from_a_read_only_folder(
 ):
     """A rerun of a finished run whose BLEU is recorded writes nothing, so it needs no write
     access (as lm.py's and fit's finished runs); it failed probing the checkpoints folder.
-    One with other decode settings, which must record its score, fails before decoding."""
+    One with other decode settings, which must record its score, fails before decoding, as
+    does --bleu_only."""
     from configs import translate_tiny  # train/ is on sys.path (load_script)
 
     from jaxattn.training import checkpoint as checkpoint_module
@@ -229,7 +230,7 @@ def test_a_finished_run_reports_its_bleu_from_a_read_only_folder(
 
     # Root ignores chmod, so fail every write probe instead, as a read-only mount would.
     monkeypatch.setattr(checkpoint_module, "check_writable", unwritable)
-    monkeypatch.setattr(translate, "check_writable", unwritable, raising=False)
+    monkeypatch.setattr(translate, "check_writable", unwritable)
     decoded = []
     monkeypatch.setattr(translate, "test_bleu", lambda *args: decoded.append(args))
     translate.train(translate_tiny.get_config(), run)
@@ -238,6 +239,14 @@ def test_a_finished_run_reports_its_bleu_from_a_read_only_folder(
     config.max_test_examples = 7  # not recorded: decoded, then written
     with pytest.raises(NotWritableError, match="read-only"):
         translate.train(config, run)
+    assert not decoded
+    # --bleu_only as well (it decoded the whole test split, minutes with the CPU configs'
+    # beams, and then failed with a traceback). It reads the command line's --config,
+    # which absl's global flags do not hold here.
+    monkeypatch.setattr(translate, "checkpoint_config_file", lambda *args: None)
+    monkeypatch.setattr(translate, "checkpoint_config_overrides", lambda *args: {})
+    with pytest.raises(NotWritableError, match="read-only"):
+        translate.bleu_only(run)
     assert not decoded
 
 
@@ -319,6 +328,13 @@ def test_bad_example_counts_and_model_fail_before_anything_is_written(tmp_path):
         ("--config.learning_rate=-1", "learning rates must be finite float32 values >= 0"),
         # (it made the workdir and its checkpoints folder first)
         ("--config.data_path=/no/such/pairs.tsv", "translation corpus not found: '/no/such/pair"),
+        # (the loss refused it inside fit, after the sentencepiece model was trained)
+        (
+            "--config.label_smoothing=1.5",
+            "translate.py: label_smoothing must be in [0, 1), got 1.5",
+        ),
+        # (named as the model's src_vocab_size, a key the config does not have)
+        ("--config.vocab_size=0", "config.vocab_size must be an int >= 1, got 0"),
     ]:
         proc = run_translate(f"--workdir={tmp_path / 'run'}", override, check=False)
         assert proc.returncode == 1 and message in proc.stderr, (override, proc.stderr)
