@@ -57,6 +57,7 @@ from jaxattn.ops.masks import (
     attention_dropout_mask,
     causal_mask,
     check_local_window,
+    check_mask,
     combine_masks,
     dropout_scale,
     dropout_seed,
@@ -219,6 +220,8 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
     # The probabilities are cast to the values' dtype: integers would truncate them to 0.
     check_floating(scores, "scores", "attend")
     check_floating(values, "values", "attend")
+    if mask is not None:
+        mask = check_mask(mask, scores.shape, "attend")
     weights = masked_softmax(scores, mask)  # [..., Tq, Tk]
     context = jnp.einsum("...qk,...kd->...qd", weights.astype(values.dtype), values)
     return context, weights

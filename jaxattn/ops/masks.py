@@ -240,6 +240,21 @@ def combine_masks(*masks: Array | None) -> Array | None:
     return out
 
 
+def check_mask(mask: Array, shape: tuple[int, ...], where: str) -> Array:
+    """``mask`` as an array, after checking that it is boolean and broadcasts to ``shape``
+    (the scores'); ``where`` names the public function in the message."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"{where}: mask must be boolean, got dtype {mask.dtype}")
+    try:
+        broadcast = np.broadcast_shapes(mask.shape, shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != tuple(shape):
+        raise ValueError(f"{where}: mask {mask.shape} does not broadcast to scores {tuple(shape)}")
+    return mask
+
+
 def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> Array:
     """Softmax over ``axis`` in float32 (float64 for float64 scores) that ignores masked
     entries.
@@ -258,17 +273,7 @@ def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> 
     scores = jnp.asarray(scores)
     x = scores.astype(float32_or_wider(scores.dtype))
     if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.dtype != jnp.bool_:
-            raise ValueError(f"masked_softmax: mask must be boolean, got dtype {mask.dtype}")
-        try:
-            shape = np.broadcast_shapes(mask.shape, x.shape)
-        except ValueError:
-            shape = None
-        if shape != x.shape:
-            raise ValueError(
-                f"masked_softmax: mask {mask.shape} does not broadcast to scores {x.shape}"
-            )
+        mask = check_mask(mask, x.shape, "masked_softmax")
         # -inf before the max, so huge masked logits cannot dominate it or overflow exp. Not
         # a finite stand-in: visible logits below it (a float32-min bias) would lose.
         x = jnp.where(mask, x, -jnp.inf)

@@ -160,6 +160,14 @@ def test_attend_returns_the_context_in_the_values_dtype(np_rng):
     np.testing.assert_allclose(f64(context), f64(weights) @ f64(values), rtol=2e-2, atol=2e-2)
 
 
+def test_attend_names_itself_for_a_bad_mask(np_rng):
+    scores, values = normal(np_rng, 2, 3, 7), normal(np_rng, 2, 7, 4)
+    with pytest.raises(ValueError, match=r"^attend: mask must be boolean, got dtype float32"):
+        attend(scores, values, jnp.ones((2, 3, 7)))
+    with pytest.raises(ValueError, match=r"^attend: mask \(2, 3, 6\) does not broadcast to "):
+        attend(scores, values, jnp.ones((2, 3, 6), bool))
+
+
 def test_seq2seq_scores_jit_vmap_grad(np_rng):
     query, keys, values = normal(np_rng, 3, 5), normal(np_rng, 7, 11), normal(np_rng, 7, 2)
     aw = AdditiveWeights(normal(np_rng, 5, 3), normal(np_rng, 11, 3), normal(np_rng, 3))

@@ -200,6 +200,15 @@ def test_masked_softmax_matches_numpy(np_rng):
     )
 
 
+def test_masked_softmax_refuses_a_mask_that_is_not_boolean_or_does_not_fit():
+    x = jnp.zeros((3, 7))
+    with pytest.raises(ValueError, match=r"^masked_softmax: mask must be boolean, got dtype int32"):
+        masked_softmax(x, jnp.ones((3, 7), jnp.int32))
+    # A mask with more dims would broadcast the scores up: refused, not silently widened.
+    with pytest.raises(ValueError, match=r"mask \(2, 3, 7\) does not broadcast to scores \(3, 7\)"):
+        masked_softmax(x, jnp.ones((2, 3, 7), bool))
+
+
 def test_masked_softmax_bfloat16_input_is_float32(np_rng):
     x = np_rng.standard_normal((5, 7)).astype(np.float32)
     got = masked_softmax(jnp.asarray(x, jnp.bfloat16))
