@@ -395,11 +395,15 @@ def plot_attention(params, model, sp, sentences: list[str], path: Path, config) 
     return True
 
 
-def load_data(config, workdir: Path):
-    """Split, train/load the workdir's sentencepiece model, encode train and val."""
+def _corpus_name(config) -> str:
+    return repr(config.data_path) if config.data_path else "the bundled corpus"
+
+
+def split_corpus(config) -> td.Split:
+    """The corpus's train/val/test split; refused if train or validation is empty."""
     pairs = td.load_pairs(config.data_path)
     split = td.split_pairs(pairs, seed=config.split_seed, fractions=td.SPLIT_FRACTIONS)
-    corpus = repr(config.data_path) if config.data_path else "the bundled corpus"
+    corpus = _corpus_name(config)
     if not (split.train and split.val):  # (sentencepiece said "no sentences to train on")
         train_f, val_f = td.SPLIT_FRACTIONS
         percents = "/".join(f"{100 * f:g}" for f in (train_f, val_f, 1 - train_f - val_f))
@@ -408,6 +412,31 @@ def load_data(config, workdir: Path):
             f"{percents} by English sentence leave {len(split.train):,} train and "
             f"{len(split.val):,} validation pairs; each split needs some"
         )
+    return split
+
+
+def check_batch_fits(config, split: td.Split) -> None:
+    """Refuse a ``batch_size`` larger than the train or validation pairs used: max_len
+    and the buckets only drop pairs, so no batch could be filled. (The dataset says so
+    too, but only after the sentencepiece model is trained, tens of seconds.)"""
+    val_count = len(td.sample(split.val, config.max_eval_examples, seed=config.split_seed))
+    for name, count, limit in (
+        ("train", len(split.train[: config.max_train_examples or None]), "max_train_examples"),
+        ("validation", val_count, "max_eval_examples"),
+    ):
+        if config.batch_size > count:
+            raise ValueError(
+                f"config.batch_size={config.batch_size} is more than the {count:,} {name} "
+                f"pairs of {_corpus_name(config)} (config.{limit}={config[limit]}): no "
+                "batch could be filled; lower batch_size"
+            )
+
+
+def load_data(config, workdir: Path, split: td.Split | None = None):
+    """Train/load the workdir's sentencepiece model, encode train and val (of ``split``,
+    by default ``split_corpus(config)``)."""
+    split = split_corpus(config) if split is None else split
+    corpus = _corpus_name(config)
     train_pairs = split.train[: config.max_train_examples or None]
     sentences = [s for pair in train_pairs for s in pair]
     # Process 0 trains and caches the model; the others then load the same file.
@@ -471,9 +500,13 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     optimizer, schedule = translate_optimizer(config, kind)
     # A finished run may sit in a read-only folder: it only reads its checkpoint and, when
     # its BLEU is recorded, metrics.jsonl (probed below before it decodes to record one).
+    split = split_corpus(config)
+    check_batch_fits(config, split)
     if meta is None or meta["step"] < config.num_steps:
         check_checkpoints_folder(workdir / "checkpoints")  # (creating workdir) before anything
-    sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(config, workdir)
+    sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(
+        config, workdir, split
+    )
     vocab = sp.get_piece_size()
     kind, model = build_model(config, vocab)
     init_rng, train_rng = jax.random.split(seed_key(config.seed))
@@ -675,10 +708,7 @@ def bleu_only(workdir: Path) -> None:
     config, kind, model, params, step, sp = _restore(workdir)
     # The score and translations to write: before decoding (minutes for a whole test split).
     check_writable(workdir)
-    split = td.split_pairs(
-        td.load_pairs(config.data_path), seed=config.split_seed, fractions=td.SPLIT_FRACTIONS
-    )
-    scored = bleu_pairs(split, config)
+    scored = bleu_pairs(split_corpus(config), config)
     bleu, hyps = test_bleu(params, kind, model, config, sp, scored)  # (all processes)
     if jax.process_index() == 0:
         path = record_test_bleu(workdir, step, bleu, config, scored, hyps, rescore=True)

@@ -308,8 +308,8 @@ def test_decode_settings_are_checked_before_training(tmp_path):
 
 def test_bad_example_counts_and_model_fail_before_anything_is_written(tmp_path):
     """A negative max_*_examples would slice pairs off the end ([:-1]); a bad model field,
-    mesh or loop setting used to fail only after the workdir (or the sentencepiece model)
-    was made."""
+    mesh, loop setting or batch size used to fail only after the workdir (or the
+    sentencepiece model) was made."""
     for override, message in [
         ("--config.max_train_examples=-1", "config.max_train_examples must be an int >= 0, got -1"),
         ("--config.max_test_examples=-3", "config.max_test_examples must be an int >= 0, got -3"),
@@ -335,6 +335,17 @@ def test_bad_example_counts_and_model_fail_before_anything_is_written(tmp_path):
         ),
         # (named as the model's src_vocab_size, a key the config does not have)
         ("--config.vocab_size=0", "config.vocab_size must be an int >= 1, got 0"),
+        # (the dataset refused them after the sentencepiece model was trained)
+        (
+            "--config.batch_size=5000",
+            "config.batch_size=5000 is more than the 2,000 train pairs of the bundled corpus "
+            "(config.max_train_examples=2000)",
+        ),
+        (
+            "--config.batch_size=65",
+            "config.batch_size=65 is more than the 64 validation pairs of the bundled corpus "
+            "(config.max_eval_examples=64)",
+        ),
     ]:
         proc = run_translate(f"--workdir={tmp_path / 'run'}", override, check=False)
         assert proc.returncode == 1 and message in proc.stderr, (override, proc.stderr)
