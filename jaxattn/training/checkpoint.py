@@ -5,7 +5,8 @@ Each step directory holds three items:
 - ``state``: the ``TrainState`` pytree (orbax ``StandardSave``),
 - ``data``: the grain iterator state (grain's orbax handler; optional),
 - ``meta``: a JSON object with the caller's metadata (config, vocabulary, ...) and the
-  *tree signature* of the state: ``[path, shape, dtype]`` of every leaf.
+  *tree signature* of the state: ``[path, shape, dtype]`` of every leaf; and, for a step
+  saved with metrics that rank it, a copy of them (``ranked_metrics``) beside orbax's own.
 
 Before any array is read, ``restore`` compares the saved signature with the target tree and
 raises ``IncompatibleCheckpointError`` naming the first mismatched leaf, so a workdir that
@@ -22,7 +23,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -233,9 +234,15 @@ def _unparsable_json(step_dir: epath.Path) -> list[epath.Path]:
     return sorted(found, key=str)
 
 
-def _rankable(value: Any) -> float:
-    """A metric for ranking by "lower is better": NaN ranks last, never as the best."""
-    value = float(value)
+def _rankable(metrics: Any, name: str) -> float:
+    """``metrics[name]`` for ranking by "lower is better": NaN ranks last, never as the best,
+    and so does a step whose saved metrics lack ``name`` or hold no number there (saved
+    with another ``best_metric``, or a metrics file edited by hand), where orbax's pruning
+    failed with a bare ``KeyError: 'val_loss'``."""
+    try:
+        value = float(metrics[name])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return math.inf
     return math.inf if math.isnan(value) else value
 
 
@@ -294,7 +301,13 @@ def _first_unserialisable(value: Any, path: str, seen: frozenset[int] = frozense
     return path
 
 
-def json_metadata(metadata: Mapping[str, Any] | None, where: str = "metadata") -> dict[str, Any]:
+# The keys Checkpointer.save adds to the caller's metadata.
+SAVE_WRITES = ("step", "tree_signature", "ranked_metrics")
+
+
+def json_metadata(
+    metadata: Mapping[str, Any] | None, where: str = "metadata", reserved: Sequence[str] = ()
+) -> dict[str, Any]:
     """``metadata`` as the plain JSON object a checkpoint stores (NumPy values as Python).
 
     orbax writes it in a background thread: a value JSON cannot hold failed only there, at
@@ -302,13 +315,21 @@ def json_metadata(metadata: Mapping[str, Any] | None, where: str = "metadata") -
     checkpoint. Checked up front instead (``fit`` checks before the first step).
 
     Raises:
-      ValueError: naming the first value JSON cannot hold and where it is.
+      ValueError: naming the first value JSON cannot hold and where it is, or a key of
+        ``reserved`` (those the caller writes itself, which would overwrite it).
     """
     try:
-        return json.loads(json.dumps(dict(metadata or {}), default=_numpy_to_python))
+        meta = json.loads(json.dumps(dict(metadata or {}), default=_numpy_to_python))
     except (TypeError, ValueError) as e:
         at = _first_unserialisable(dict(metadata or {}), where)
         raise ValueError(f"{at} is not JSON-serialisable: {e}") from None
+    taken = sorted(set(meta) & set(reserved))
+    if taken:  # (they would be overwritten without a word)
+        raise ValueError(
+            f"{where}: the keys {taken} are written with every checkpoint; give these "
+            "values other names"
+        )
+    return meta
 
 
 def tree_signature(tree: Any) -> list[list[Any]]:
@@ -392,10 +413,12 @@ class Checkpointer:
         self.read_only = read_only
         if not read_only:
             check_checkpoints_folder(self.directory)
+            if best_metric is not None:
+                self._check_saved_metrics_present()
         policy: Any = ocm.LatestN(max_to_keep)
         if best_metric is not None:
             best = ocm.BestN(
-                get_metric_fn=lambda m: -_rankable(m[best_metric]),  # BestN keeps the largest.
+                get_metric_fn=lambda m: -_rankable(m, best_metric),  # BestN keeps the largest.
                 n=1,
                 keep_checkpoints_without_metrics=False,
             )
@@ -404,7 +427,7 @@ class Checkpointer:
             preservation_policy=policy,
             # With best_fn set orbax also writes each step's metrics to disk, so the best
             # step survives a restart (retention itself is the policy above).
-            best_fn=None if best_metric is None else (lambda m: _rankable(m[best_metric])),
+            best_fn=None if best_metric is None else (lambda m: _rankable(m, best_metric)),
             best_mode="min",
             enable_async_checkpointing=async_save,
             create=not read_only,  # (orbax's own read_only mode logs a warning on open)
@@ -414,6 +437,46 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception as e:
             raise self._unopenable(e) from e
+
+    def _check_saved_metrics_present(self) -> None:
+        """Refuse a step saved with metrics (its ``meta`` records them) whose orbax metrics
+        file (``<step>/metrics/metrics``) is gone or no longer holds ``best_metric`` (deleted
+        or edited by hand): orbax reads such a step as saved without metrics, so the best
+        step was no longer kept and was deleted, without a word, once it was not among the
+        latest ``max_to_keep`` (a file that does not parse fails orbax's opening).
+
+        Raises:
+          CheckpointError: naming the file and the metrics it held; changes nothing.
+        """
+        try:
+            steps = self._steps_on_disk()
+        except Exception:  # an unreadable folder fails when orbax opens it
+            return
+        for step in steps:
+            step_dir = self.step_dir(step)
+            metrics_file = step_dir / "metrics" / "metrics"
+            try:
+                meta = json.loads((step_dir / "meta" / "metadata").read_text())
+                saved = meta.get("ranked_metrics")
+                if not math.isfinite(_rankable(saved, self.best_metric)):
+                    continue  # not ranked by best_metric when saved
+                if not metrics_file.exists():
+                    what = "is missing"
+                elif math.isfinite(
+                    _rankable(json.loads(metrics_file.read_text()), self.best_metric)
+                ):
+                    continue
+                else:
+                    what = f"holds no {self.best_metric!r}"
+            except Exception:  # no readable meta or metrics: reported when they are read
+                continue
+            raise CheckpointError(
+                f"{metrics_file} {what}, but step {step} was saved with metrics "
+                f"{json.dumps(saved)} (its meta records them): without them orbax no longer "
+                f"ranks it by {self.best_metric!r} and deletes it once it is not among the "
+                f"latest steps kept; write that JSON to {metrics_file}, or move {step_dir} "
+                f"out of {self.directory} (nothing was changed)"
+            )
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -457,11 +520,20 @@ class Checkpointer:
         return found
 
     def best_step(self) -> int | None:
-        """The kept step with the lowest ``best_metric`` (None if none was saved with it)."""
+        """The kept step with the lowest ``best_metric`` (None if no kept step was saved
+        with a number for it)."""
         if self.best_metric is None:
             return None
         self.wait()  # A step's metrics are registered when its save finishes.
-        return self._manager.best_step()
+        step = self._manager.best_step()
+        if step is None:
+            return None
+        # orbax ranks steps without the metric (or NaN) last but still names one of them.
+        try:
+            saved = json.loads((self.step_dir(step) / "metrics" / "metrics").read_text())
+        except (OSError, ValueError):
+            return None
+        return step if math.isfinite(_rankable(saved, self.best_metric)) else None
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -496,19 +568,22 @@ class Checkpointer:
                 f"cannot save step {step}: {self.step_dir(step)} is {what}; move it out of "
                 f"{self.directory}"
             )
-        meta = json_metadata(metadata, "checkpoint metadata")  # (before orbax writes anything)
+        # (before orbax writes anything)
+        meta = json_metadata(metadata, "checkpoint metadata", reserved=SAVE_WRITES)
         meta["step"] = int(step)
         meta["tree_signature"] = tree_signature(state)
+        if self.best_metric is not None and self.best_metric in (metrics or {}):
+            metrics = {k: float(v) for k, v in metrics.items()}
+            # (a copy of orbax's metrics item: see _check_saved_metrics_present)
+            meta["ranked_metrics"] = metrics
+        else:
+            metrics = None  # Not a candidate for "best" (BestN needs best_metric).
         items: dict[str, Any] = {
             "state": ocp.args.StandardSave(state),
             "meta": ocp.args.JsonSave(meta),
         }
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        if metrics is not None and self.best_metric is not None and self.best_metric in metrics:
-            metrics = {k: float(v) for k, v in metrics.items()}
-        else:
-            metrics = None  # Not a candidate for "best" (BestN needs best_metric).
         self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def _resolve_step(self, step: int | None) -> int:
@@ -610,14 +685,19 @@ class Checkpointer:
             f"checkpoint {self.step_dir(step)} is corrupt or incomplete: {detail}{hint}"
         )
 
+    def _steps_on_disk(self) -> list[int]:
+        """The step folders in the directory, before orbax has read them."""
+        names = (_step_number(p.name) for p in self.directory.iterdir())
+        return sorted(step for step in names if step is not None)
+
     def _unopenable(self, error: Exception) -> CheckpointError:
         """The error for a folder orbax cannot open, naming the steps whose saved metrics
         (which orbax reads on opening) do not parse, each with its own reason."""
         damaged: list[tuple[epath.Path, Exception]] = []
         try:
-            names = (_step_number(p.name) for p in self.directory.iterdir())
-            steps = sorted(step for step in names if step is not None)
-            for step in steps:  # Not orbax's *.orbax-checkpoint-tmp-* folders: never read.
+            for (
+                step
+            ) in self._steps_on_disk():  # Not orbax's *.orbax-checkpoint-tmp-* folders: never read.
                 metrics_file = self.step_dir(step) / "metrics" / "metrics"
                 if metrics_file.exists():
                     try:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from jaxattn.ops._checks import as_size, check_size
 from jaxattn.training.checkpoint import (
+    SAVE_WRITES,
     Checkpointer,
     NotWritableError,
     check_writable,
@@ -50,6 +51,8 @@ from jaxattn.training.sharding import global_batch, replicated, to_host
 from jaxattn.training.state import TrainState
 
 Batch = Any
+# The keys fit adds to its caller's metadata in each checkpoint (beside save's own).
+_FIT_WRITES = (*SAVE_WRITES, "best_val_loss", "eval")
 LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, Mapping[str, jax.Array]]]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, Mean]]]
 EvalFn = Callable[[Any, Batch], dict[str, Mean]]
@@ -348,7 +351,7 @@ class Trainer:
         self.train_step, self.eval_step, self.eval_data = train_step, eval_step, eval_data
         self.workdir, self.loop = epath.Path(workdir), loop
         # (a value JSON cannot hold fails now, not at the first save after training)
-        self.metadata = json_metadata(metadata, "fit: metadata")
+        self.metadata = json_metadata(metadata, "fit: metadata", reserved=_FIT_WRITES)
         self.tokens_per_step = tokens_per_step
         self.batch_sharding = batch_sharding
         self.primary = jax.process_index() == 0

@@ -4,6 +4,7 @@ import gc
 import hashlib
 import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,59 @@ def test_a_nan_metric_is_never_the_best(tmp_path, toy):
             ckpt.save(step, state, metrics={"val_loss": val})
         assert ckpt.all_steps() == [1, 3]
         assert ckpt.best_step() == 1
+    with Checkpointer(tmp_path / "nan", max_to_keep=1, async_save=False) as ckpt:
+        ckpt.save(1, state, metrics={"val_loss": float("nan")})
+        assert ckpt.best_step() is None  # (no step has a number to be the best by)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
+def test_a_best_step_whose_metrics_were_removed_by_hand_is_refused_not_deleted(
+    tmp_path, toy, damage
+):
+    """orbax read the best step without its metrics file as saved without metrics, so it
+    was no longer kept: the next save deleted it without a word (and a metrics file
+    without the metric failed that save with a bare KeyError: 'val_loss')."""
+    state = toy.state()
+    with Checkpointer(tmp_path, max_to_keep=1, async_save=False) as ckpt:
+        for step, val in {1: 0.5, 2: 1.0, 3: 2.0}.items():
+            ckpt.save(step, state, metrics={"val_loss": val})
+        assert ckpt.all_steps() == [1, 3]
+    metrics_file = tmp_path / "1" / "metrics" / "metrics"
+    if damage == "deleted":
+        shutil.rmtree(metrics_file.parent)
+    else:
+        metrics_file.write_text("{}")
+    before = snapshot(tmp_path)
+    what = "is missing" if damage == "deleted" else "holds no 'val_loss'"
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
+            f'{metrics_file} {what}, but step 1 was saved with metrics {{"val_loss": 0.5}}'
+        ),
+    ):
+        Checkpointer(tmp_path, max_to_keep=1, async_save=False)
+    assert snapshot(tmp_path) == before
+    with Checkpointer(tmp_path, read_only=True) as ckpt:  # reading needs no metrics
+        assert ckpt.all_steps() == [1, 3]
+    metrics_file.parent.mkdir(exist_ok=True)
+    metrics_file.write_text('{"val_loss": 0.5}')  # the hint works
+    with Checkpointer(tmp_path, max_to_keep=1, async_save=False) as ckpt:
+        ckpt.save(4, state, metrics={"val_loss": 3.0})
+        assert ckpt.all_steps() == [1, 4] and ckpt.best_step() == 1
+
+
+def test_steps_saved_without_the_best_metric_rank_last(tmp_path, toy):
+    """A folder saved ranking by val_loss, opened to rank by another metric: its steps
+    are not candidates (orbax's pruning failed with a bare KeyError: 'bleu')."""
+    state = toy.state()
+    with Checkpointer(tmp_path, max_to_keep=1, async_save=False) as ckpt:
+        for step, val in {1: 0.5, 2: 1.0}.items():
+            ckpt.save(step, state, metrics={"val_loss": val})
+    with Checkpointer(tmp_path, max_to_keep=1, best_metric="bleu", async_save=False) as ckpt:
+        assert ckpt.best_step() is None  # (raised KeyError: 'bleu')
+        ckpt.save(3, state, metrics={"bleu": 7.0})
+        ckpt.save(4, state)
+        assert ckpt.all_steps() == [3, 4] and ckpt.best_step() == 3
 
 
 def test_saving_an_existing_step_is_refused(tmp_path, toy):
@@ -146,6 +200,10 @@ def test_metadata_takes_numpy_values_and_refuses_others_before_writing(tmp_path,
         message = r"checkpoint metadata\['config'\]\['data'\]\['path'\] is not JSON-serial"
         with pytest.raises(ValueError, match=message):
             ckpt.save(2, toy.state(), metadata=bad)
+        # Keys that save writes itself were overwritten without a word.
+        message = r"the keys \['step', 'tree_signature'\] are written with every checkpoint"
+        with pytest.raises(ValueError, match=message):
+            ckpt.save(2, toy.state(), metadata={"step": 9, "tree_signature": "mine", "a": 1})
         ckpt.wait()
         assert ckpt.all_steps() == [1]
     assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["1"]

@@ -238,6 +238,9 @@ def test_fit_refuses_metadata_json_cannot_hold_before_training(tmp_path, toy):
 
     with pytest.raises(ValueError, match=r"fit: metadata\['seen'\] is not JSON-serial"):
         run({"config": {"num_steps": 4}, "seen": {1, 2}})
+    # Keys every checkpoint's metadata gets from fit and save were overwritten silently.
+    with pytest.raises(ValueError, match=r"fit: metadata: the keys \['eval', 'step'\] are"):
+        run({"config": {"num_steps": 4}, "eval": "bleu", "step": 0})
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing trained or made
     assert run({"config": {"num_steps": np.int64(4)}}).step == 4
     with Checkpointer(tmp_path / "checkpoints", read_only=True) as ckpt:
