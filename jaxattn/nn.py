@@ -38,10 +38,10 @@ from flax import nnx
 from jaxattn.models import gpt as gpt_model
 from jaxattn.models import seq2seq as seq2seq_model
 from jaxattn.models import transformer as transformer_model
-from jaxattn.models._config import check_rate_value, check_weights
+from jaxattn.models._config import check_rate_value, check_weights, describe_key, is_key, key_shape
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
-from jaxattn.ops._checks import caller_stacklevel, check_flag
+from jaxattn.ops._checks import caller_stacklevel, check_flag, check_float_dtype
 
 __all__ = [
     "GPT",
@@ -158,6 +158,17 @@ class WeightsModule(nnx.Module):
                 f"{cls.__name__}.from_weights: expected the pure weights tree of a "
                 f"{cls.__name__} (e.g. module.pure_weights()), got {type(weights).__name__}: {e}"
             ) from e
+        # Options the weights fix failed as "got multiple values for keyword argument", or for
+        # MultiHeadAttention's dtype= (param_dtype's old name) as "got dtype= and param_dtype=",
+        # which the caller never passed together.
+        if "rngs" in options:
+            raise TypeError(f"{cls.__name__}.from_weights: takes no rngs (nothing is drawn)")
+        fixed = sorted({*sizes, *(("dtype",) if "param_dtype" in sizes else ())} & set(options))
+        if fixed:
+            raise TypeError(
+                f"{cls.__name__}.from_weights: {', '.join(fixed)} cannot be passed: the weights "
+                f"set it ({sizes}); change the weights instead (e.g. cast them)"
+            )
         module = nnx.eval_shape(lambda: cls(**sizes, **options, rngs=nnx.Rngs(0)))
         _check_fits(cls.__name__, weights, module.pure_weights(), sizes)
         module.weights = nnx.data(_params(weights))
@@ -215,6 +226,13 @@ class _DropoutModule(WeightsModule):
                 f"{name} applies dropout {rate} here (train mode, or deterministic=False): "
                 "pass rng=key to the call, or call .eval() (or pass deterministic=True) to "
                 "run without it"
+            )
+        # An int seed (nnx.Rngs(0)'s habit) failed in JAX as "invalid PRNG key data",
+        # naming neither the module nor rng; a batch of keys as "split accepts a single key".
+        if not deterministic and rate > 0 and not (is_key(rng) and key_shape(rng) == ()):
+            raise TypeError(
+                f"{name}: rng must be one PRNG key such as jax.random.key(seed) or "
+                f"rngs.dropout(), got {describe_key(rng)}"
             )
         return rng, deterministic
 
@@ -406,6 +424,10 @@ class MultiHeadAttention(_DropoutModule):
                 stacklevel=caller_stacklevel((__file__,), ("flax", "jax")),
             )
             param_dtype = dtype
+        if param_dtype is not None:  # named here: the op's error said "dtype"
+            check_float_dtype(
+                param_dtype, "MultiHeadAttention", "param_dtype" if dtype is None else "dtype"
+            )
         super().__init__(
             attention_ops.init_multi_head_attention(
                 rngs.params(),

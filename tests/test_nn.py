@@ -285,6 +285,50 @@ def test_dropout_without_a_key_names_the_module_and_the_way_out(rng):
     model(tokens)  # eval mode: no key needed
 
 
+def test_a_dropout_key_that_is_not_one_key_names_the_module():
+    """An int seed (as nnx.Rngs takes) failed in JAX as "invalid PRNG key data", a batch of
+    keys as "split accepts a single key", naming neither the module nor ``rng``."""
+    x = jnp.ones((2, 3, 8))
+    modules = [
+        nn.MultiHeadAttention(8, 2, dropout_rate=0.5, rngs=nnx.Rngs(0)),
+        nn.LSTM(8, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0)),
+    ]
+    for module in modules:
+        name = type(module).__name__
+        keys = jax.random.split(jax.random.key(0), 2)
+        for bad, shown in ((0, "0"), (keys, r"key<\w+> \(2,\)")):
+            with pytest.raises(
+                TypeError, match=rf"{name}: rng must be one PRNG key .* got {shown}"
+            ):
+                module(x, rng=bad, deterministic=False)
+        module(x, rng=jax.random.PRNGKey(0), deterministic=False)  # raw keys still work
+        module(x, rng=0)  # evaluation: the key is unused, as before
+    model = nn.GPT(_tiny_gpt(dropout=0.1), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(TypeError, match=r"GPT: rng must be one PRNG key .* got 0"):
+        model.loss(tokens, tokens, rng=0, deterministic=False)
+
+
+def test_from_weights_refuses_an_option_the_weights_set(rng):
+    """Such an option failed as "got multiple values for keyword argument 'param_dtype'", and
+    the old name dtype= as "got dtype= and param_dtype=", which the caller never passed."""
+    mha = attention_ops.init_multi_head_attention(rng, 8, 2)
+    for option in (dict(param_dtype=jnp.bfloat16), dict(dtype=jnp.bfloat16), dict(num_heads=2)):
+        (name,) = option
+        with pytest.raises(
+            TypeError, match=rf"MultiHeadAttention\.from_weights: {name} cannot be passed"
+        ):
+            nn.MultiHeadAttention.from_weights(mha, **option)
+    with pytest.raises(TypeError, match=r"LSTM\.from_weights: takes no rngs"):
+        nn.LSTM.from_weights(lstm_ops.init_lstm_stack(rng, 3, 4), rngs=nnx.Rngs(0))
+
+
+def test_multi_head_attention_names_a_bad_param_dtype():
+    # The op's check named its own argument: "init_multi_head_attention: dtype must be ...".
+    with pytest.raises(ValueError, match="MultiHeadAttention: param_dtype must be a floating"):
+        nn.MultiHeadAttention(8, 2, param_dtype=jnp.int32, rngs=nnx.Rngs(0))
+
+
 def test_from_weights_refuses_a_tree_that_does_not_fit_together(rng):
     # The sizes come from a few leaves; the rest failed only at the first call, blaming x.
     layers = lstm_ops.init_lstm_stack(rng, 3, 4, num_layers=2)
