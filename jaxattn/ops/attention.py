@@ -212,6 +212,7 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
       ``(context [..., Tq, dv]`` in ``values``' dtype, ``weights [..., Tq, Tk]`` float32, or
       float64 for float64 scores).
     """
+    scores, values = jnp.asarray(scores), jnp.asarray(values)  # (NumPy float64: no warning)
     if scores.ndim < 2 or values.ndim < 2 or scores.shape[-1] != values.shape[-2]:
         raise ValueError(
             f"attend: scores [..., Tq, Tk] and values [..., Tk, dv] disagree: scores "

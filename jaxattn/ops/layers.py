@@ -298,6 +298,7 @@ def layer_norm(weights: LayerNormWeights, x: Array, *, eps: float = 1e-5) -> Arr
       weights: ``LayerNormWeights(scale [D], bias [D] | None)``.
       x: ``[..., D]``.
     """
+    x = jnp.asarray(x)  # (NumPy float64 data: float32 without x64, and no warning)
     _check_norm_dim("layer_norm", weights.scale, x)
     if weights.bias is not None and jnp.shape(weights.bias) != jnp.shape(weights.scale):
         raise ValueError(
@@ -337,6 +338,7 @@ def rms_norm(weights: RMSNormWeights, x: Array, *, eps: float = 1e-6) -> Array:
     Args:
       x: ``[..., D]``.
     """
+    x = jnp.asarray(x)  # (NumPy float64 data: float32 without x64, and no warning)
     _check_norm_dim("rms_norm", weights.scale, x)
     check_floating(x, "x", "rms_norm")
     wide = float32_or_wider(x.dtype)

@@ -215,6 +215,7 @@ def lstm_scan(
       ``(ys [B, T, h], (h [B, h], c [B, h]))``: the output at every step (zero past a row's
       length) and the final state (for ``reverse``, the state after step 0).
     """
+    xs = jnp.asarray(xs)  # (NumPy float64 data: float32, as jnp.asarray gives, no warning)
     carry, lengths = _check_inputs(weights, xs, carry, lengths, "lstm_scan")
     implementation = _pick(implementation, [weights], xs, [carry], "lstm_scan")
     reverse = check_flag(reverse, "reverse", "lstm_scan")
@@ -309,6 +310,7 @@ def bidirectional_lstm(
     if shapes[0] != shapes[1]:
         raise ValueError(f"bidirectional_lstm: direction shapes differ: {shapes[0]} vs {shapes[1]}")
     carry_f, carry_b = (None, None) if carry is None else carry
+    xs = jnp.asarray(xs)  # (as in lstm_scan)
     where = "bidirectional_lstm"
     carry_f, lengths = _check_inputs(weights.forward, xs, carry_f, lengths, where)
     carry_b, _ = _check_inputs(weights.backward, xs, carry_b, None, where)

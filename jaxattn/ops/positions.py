@@ -190,6 +190,7 @@ def apply_rope(x: Array, positions: Array, *, base: float = 10000.0) -> Array:
     Returns:
       ``[B, T, N, H]``.
     """
+    x = jnp.asarray(x)  # (NumPy float64 data: float32 without x64, and no warning)
     if x.ndim != 4:
         raise ValueError(f"apply_rope: x must be [B, T, N, H], got shape {x.shape}")
     check_floating(x, "x", "apply_rope")
