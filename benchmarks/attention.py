@@ -416,7 +416,7 @@ def run_long(t: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="T = 256, 1024, 2048; 3 repeats")
-    parser.add_argument("--lengths", type=int, nargs="*", help="override the T values")
+    parser.add_argument("--lengths", type=positive_int, nargs="*", help="override the T values")
     parser.add_argument("--repeats", type=positive_int, help="timed calls (default 5)")
     parser.add_argument(
         "--slow",

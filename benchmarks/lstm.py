@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument(
         "--shape",
-        type=int,
+        type=positive_int,
         nargs=4,
         default=(64, 200, 256, 512),
         metavar=("B", "T", "I", "H"),

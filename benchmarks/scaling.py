@@ -130,6 +130,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1:  # (0 failed at the end, in the median of no times)
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if min(args.devices) < 1:  # (0 failed in the worker, in JAX's backend start-up)
+        parser.error(f"--devices must be >= 1, got {min(args.devices)}")
     if args.worker:
         print(json.dumps(worker(tuple(args.worker), args.steps)))
         return

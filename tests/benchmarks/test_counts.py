@@ -49,3 +49,36 @@ def test_zero_whole_run_repeats_are_refused(monkeypatch, capsys):
         whole_run.main()
     assert exit_info.value.code == 2
     assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        (attention, ["--lengths", "0"]),
+        (attention, ["--lengths", "256", "-4"]),
+        (gpu, ["--lengths", "0"]),
+        (lstm, ["--shape", "4", "0", "8", "16"]),
+    ],
+)
+def test_zero_or_negative_sizes_are_refused(monkeypatch, capsys, script, flags):
+    """A length or LSTM size of 0 failed after compiling, deep inside (ZeroDivisionError for
+    attention's batch, numpy's "negative dimensions", torch's "sequence length")."""
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *flags, "--no-such"])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2
+    assert "must be >= 1, got" in capsys.readouterr().err
+
+
+def test_zero_scaling_devices_are_refused(monkeypatch, capsys):
+    """``--devices 0`` failed in the worker, in JAX's CPU backend start-up."""
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(scaling.subprocess, "run", no_worker)
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--devices", "2", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        scaling.main()
+    assert exit_info.value.code == 2
+    assert "--devices must be >= 1, got 0" in capsys.readouterr().err

@@ -126,7 +126,7 @@ def test_tpu_rows_check_the_pallas_kernel_in_interpret_mode(monkeypatch, capsys)
     monkeypatch.setattr(gpu, "CASES", {name: gpu.CASES[name] for name in names})
     assert gpu._torch() == (None, None)
     with pltpu.force_tpu_interpret_mode():
-        checks = gpu.run_checks(shrink=8)  # T = S = 128 and 125
+        checks = gpu.run_checks(shrink=8)  # T = S = 128 and 124
         long = gpu.run_long(128)
     table = capsys.readouterr().out
     fits, odd = (checks[name] for name in names)
@@ -167,3 +167,17 @@ def test_a_failed_section_or_check_exits_non_zero(monkeypatch, tmp_path, capsys)
     checks["causal T=S=1024"]["bfloat16 xla"] = {"ok": True}
     monkeypatch.setattr(sys, "argv", ["gpu.py", "--sections", "checks", "blocks"])
     gpu.main()
+
+
+def test_smoke_shrinks_every_check_case_to_even_lengths(monkeypatch):
+    """cuDNN's backward refuses odd T or S with a bias (jax raises NotImplementedError), and
+    every masked case reaches cuDNN as one: at T = S = 1000 / 8 = 125 the explicit
+    ``cudnn`` row failed ``--smoke`` on a GPU (``implementation=None`` avoided cuDNN)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import gpu
+
+    for name, case in gpu.CASES.items():
+        t, s = gpu._shrink(case, 8)[1:3]
+        assert t % 2 == 0 and s % 2 == 0 and t >= 2, (name, t, s)
+    assert gpu._shrink(gpu.CASES["causal T=S=1000, padding"], 8)[1:3] == (124, 124)
+    assert gpu._shrink(gpu.CASES["causal T=S=1024"], 1) == gpu.CASES["causal T=S=1024"]
