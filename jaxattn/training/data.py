@@ -185,6 +185,8 @@ def lm_dataset(
     batch_size = check_size(batch_size, "batch_size", name)
     seq_len = check_size(seq_len, "seq_len", name)
     seed = check_size(seed, "seed", name, minimum=0)
+    # (None failed with a TypeError from a comparison; True and 7.0 passed as sizes)
+    vocab_size = check_size(vocab_size, "vocab_size", name)
     if len(tokens) <= seq_len:
         raise ValueError(
             f"the {name} holds {len(tokens)} tokens, too short for one window of "

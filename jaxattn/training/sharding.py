@@ -66,6 +66,8 @@ def make_mesh(
       ValueError: naming the sizes and the device count when they do not fit.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:  # (the size check below failed with an IndexError naming nothing)
+        raise ValueError("make_mesh: devices is empty; pass at least one device (or None)")
     given = {"data": data, "fsdp": fsdp, "tensor": tensor}
     # (as_size refuses bools, which would read as 1; a NumPy integer from a config file is a
     # size like any int)
@@ -288,8 +290,13 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
 
     def place(path, x):
         x = np.asarray(x)
+        if not x.ndim:  # (JAX refused it naming neither the leaf nor the batch)
+            raise ValueError(
+                f"global_batch: batch leaf {path_string(path) or '(root)'} is a scalar "
+                f"(shape {x.shape}); every leaf needs a leading batch axis of rows"
+            )
         # (JAX's own IndivisibleError named neither the leaf nor the batch, only a shape)
-        if x.ndim and x.shape[0] % blocks:
+        if x.shape[0] % blocks:
             over = f"{' x '.join(axes)} = {shards}"
             over = (
                 f"{over} devices"
@@ -303,8 +310,7 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
         # The global shape given, not inferred: JAX cannot infer it when the processes
         # hold different numbers of row blocks (a batch axis across processes, as
         # data=2 x tensor=3 over 3 processes of 2 devices), and failed naming neither.
-        rows = x.shape[0] * shards // blocks if x.ndim else None
-        shape = None if rows is None else (rows, *x.shape[1:])
+        shape = (x.shape[0] * shards // blocks, *x.shape[1:])
         return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree_util.tree_map_with_path(place, local_batch)

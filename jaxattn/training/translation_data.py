@@ -436,6 +436,8 @@ def translation_dataset(
     batch_size = check_size(batch_size, "batch_size", name)
     buckets = check_buckets(buckets, name)
     seed = check_size(seed, "seed", name, minimum=0)
+    # (None failed with a TypeError from a comparison; True and 7.0 passed as sizes)
+    vocab_size = check_size(vocab_size, "vocab_size", name)
     lengths = [pair_length(s, t) for s, t in zip(src, tgt)]
     for i, (s, t) in enumerate(zip(src, tgt)):  # (which example: the index within it is no help)
         check_token_ids(s, vocab_size, f"{name}: source {i}: token ids")

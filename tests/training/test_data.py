@@ -215,3 +215,18 @@ def test_lm_dataset_takes_the_integer_scalars_its_checks_accept(wrap):
     got = data.lm_dataset(_stream(), batch_size=wrap(3), seq_len=wrap(5), seed=wrap(7), **kw)[4]
     for name in ("inputs", "targets"):
         np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("vocab_size", [None, 7.0, True, 0])
+def test_lm_dataset_refuses_a_vocab_size_that_is_not_a_size(vocab_size):
+    # None failed with "TypeError: '>=' not supported between instances of 'int' and
+    # 'NoneType'"; 7.0 and True were taken as sizes.
+    with pytest.raises(ValueError, match=r"train split: vocab_size must be an int >= 1"):
+        data.lm_dataset(
+            np.arange(20) % 5,
+            batch_size=2,
+            seq_len=4,
+            seed=0,
+            vocab_size=vocab_size,
+            name="train split",
+        )

@@ -217,6 +217,22 @@ def test_one_process_loads_the_whole_batch_and_global_batch_keeps_it():
     np.testing.assert_array_equal(sharding.to_host(placed)["inputs"], local["inputs"])
 
 
+def test_global_batch_names_a_scalar_leaf():
+    # JAX refused it with a rank error that named neither the leaf nor the batch.
+    batch_sharding = sharding.batch_sharding(sharding.make_mesh())
+    local = {"inputs": np.zeros((2, 3), np.int32), "temperature": np.float32(1.0)}
+    with pytest.raises(ValueError, match=r"global_batch: batch leaf temperature is a scalar"):
+        sharding.global_batch(local, batch_sharding)
+
+
+def test_make_mesh_refuses_an_empty_device_list():
+    # It failed with "IndexError: list index out of range" while writing its own message.
+    with pytest.raises(ValueError, match=r"make_mesh: devices is empty"):
+        sharding.make_mesh(devices=[])
+    with pytest.raises(ValueError, match=r"make_mesh: devices is empty"):
+        sharding.make_mesh(data=-1, devices=[])
+
+
 def test_lm_dataset_process_rows_are_slices_of_the_same_global_batch():
     tokens = np.arange(200, dtype=np.int32) % 7
     kw = dict(batch_size=6, seq_len=5, seed=3, vocab_size=7)

@@ -385,6 +385,10 @@ def test_translation_dataset_errors_name_the_data_and_the_example(np_rng):
         ValueError, match=r"^train split: target 7: token ids must lie in \[0, 50\).*first: 60"
     ):
         td.translation_dataset(src, tgt, buckets=(8, 16), vocab_size=50, **kw)
+    # (None failed with a TypeError from a comparison; 7.0 and True passed as sizes)
+    for vocab_size in (None, 7.0, True, 0):
+        with pytest.raises(ValueError, match=r"^train split: vocab_size must be an int >= 1"):
+            td.translation_dataset(src, tgt, buckets=(8, 16), vocab_size=vocab_size, **kw)
 
 
 def test_make_batch_refuses_more_sources_than_targets():
