@@ -668,8 +668,17 @@ class Checkpointer:
     def _corrupt(self, step: int, detail: str) -> CheckpointError:
         """The error for an unreadable ``step``, pointing at the steps that could be used."""
         unparsable = _unparsable_json(self.step_dir(step))
+        # An item's index file deleted: orbax then reads the state's tree as "different
+        # types at key path", which names no file.
+        missing = [
+            path
+            for path in (self.step_dir(step) / "state" / "_METADATA",)
+            if path.parent.is_dir() and not path.exists()
+        ]
         if (what := _not_a_checkpoint(self.step_dir(step))) is not None:
             detail = f"it is {what}"
+        elif missing:
+            detail = f"{', '.join(map(str, missing))} is missing: {detail}"
         elif unparsable:
             files = ", ".join(str(path) for path in unparsable)
             verb = "is" if len(unparsable) == 1 else "are"
@@ -695,9 +704,8 @@ class Checkpointer:
         (which orbax reads on opening) do not parse, each with its own reason."""
         damaged: list[tuple[epath.Path, Exception]] = []
         try:
-            for (
-                step
-            ) in self._steps_on_disk():  # Not orbax's *.orbax-checkpoint-tmp-* folders: never read.
+            # Not orbax's *.orbax-checkpoint-tmp-* folders: never read.
+            for step in self._steps_on_disk():
                 metrics_file = self.step_dir(step) / "metrics" / "metrics"
                 if metrics_file.exists():
                     try:

@@ -347,6 +347,24 @@ def test_a_cut_off_json_file_is_named(tmp_path, toy, cut):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_deleted_state_index_is_named(tmp_path, toy):
+    # orbax's own error was "pytree structure error: different types at key path".
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, toy.state())
+        ckpt.save(2, toy.state())
+    index = tmp_path / "2" / "state" / "_METADATA"
+    index.unlink()
+    before = snapshot(tmp_path)
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError) as info:
+            ckpt.restore(toy.state())
+    message = str(info.value)
+    assert f"checkpoint {tmp_path / '2'} is corrupt or incomplete: {index} is missing: " in message
+    assert message.endswith("out of the folder to use step 1")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_step_names_the_intact_ones_in_one_line(tmp_path, toy):
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, toy.state())
