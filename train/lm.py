@@ -308,10 +308,24 @@ def _check_resumable(
             "another --workdir."
         )
     if saved != tokenizer.chars:
+        # Most often a resume that left out (or mistyped) the run's --config.data_path: say
+        # which text the checkpoint learned, so that "another --workdir" is not the only way.
+        saved_path = (meta.get("config") or {}).get("data_path")
+        hint = "Use another --workdir."
+        if isinstance(saved_path, str) and saved_path != config.data_path:
+
+            def name(path: str) -> str:
+                return repr(path) if path else "'' (the bundled tinyshakespeare)"
+
+            hint = (
+                f"It was trained on data_path {name(saved_path)}, this run reads "
+                f"{name(config.data_path)}: to resume it, pass --config.data_path="
+                f"{saved_path}; else use another --workdir."
+            )
         raise IncompatibleCheckpointError(
             f"{where} was trained on a different character vocabulary "
             f"({len(saved)} characters, this data has {tokenizer.vocab_size}); nothing was "
-            f"restored or overwritten. Use another --workdir."
+            f"restored or overwritten. {hint}"
         )
     try:
         saved_model = GPTConfig(**meta["model"])

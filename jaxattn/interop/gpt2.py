@@ -117,18 +117,20 @@ def _load_state(source: Any) -> dict[str, Any]:
     return names
 
 
-def _check_config(config: GPTConfig) -> None:
+def _check_config(config: GPTConfig, where: str) -> None:
     bad = []
     if config.positions != "learned":
         bad.append(f"positions={config.positions!r} (GPT-2 has learned positions)")
     if not config.use_bias:
-        bad.append("use_bias=False")
+        bad.append("use_bias=False (GPT-2's layers all have biases)")
     if config.kv_heads != config.num_heads:
-        bad.append(f"num_kv_heads={config.num_kv_heads}")
+        bad.append(f"num_kv_heads={config.num_kv_heads} (GPT-2 has a K/V head per query head)")
     if config.attention_window is not None:  # the same weights, another function
         bad.append(f"attention_window={config.attention_window} (GPT-2 sees its whole context)")
     if bad:
-        raise ValueError("GPT-2 layout needs " + ", ".join(bad) + " changed")
+        raise ValueError(
+            f"{where}: GPT-2's layout has no place for a GPTConfig with " + ", ".join(bad)
+        )
 
 
 def gpt2_from_hf(source: Any, config: GPTConfig, *, strict: bool = True) -> GPTWeights:
@@ -156,7 +158,7 @@ def gpt2_from_hf(source: Any, config: GPTConfig, *, strict: bool = True) -> GPTW
         has more blocks than ``config.num_layers``, a tied config meets an untied head, or
         (``strict``) the source holds tensors the layout has no place for.
     """
-    _check_config(config)
+    _check_config(config, "gpt2_from_hf")
     state = _load_state(source)
     blocks = {k.split(".")[1] for k in state if k.startswith("h.")}
     if not all(b.isdigit() for b in blocks):  # else int()'s message, naming no tensor
@@ -239,7 +241,7 @@ def gpt2_to_hf_state_dict(
       ``{"transformer.wte.weight": [V, D], ..., "lm_head.weight": [V, D]}``.
     """
     check_framework(framework)
-    _check_config(config)
+    _check_config(config, "gpt2_to_hf_state_dict")
     d, f = config.embed_dim, config.mlp_dim
     np_w = jax.tree.map(np.asarray, pure_weights_of(weights))  # a jaxattn.nn.GPT too
     b = np_w.blocks

@@ -369,9 +369,11 @@ class _BucketedBatches(grain.transforms.Map):
         self.members = [np.flatnonzero(keys == k) for k in range(len(buckets))]
         self.num_batches = sum(len(m) // batch_size for m in self.members)
         if self.num_batches == 0:
+            counts = ", ".join(f"{b}: {len(m)}" for b, m in zip(self.buckets, self.members))
             raise ValueError(
                 f"{name}: no bucket holds a full batch of {batch_size} examples "
-                f"({len(src)} examples in buckets {self.buckets})"
+                f"({len(src)} examples; per bucket length {{{counts}}}); lower batch_size "
+                "to at most the largest count, or use fewer buckets"
             )
         self._plan: tuple[int, list] | None = None
 

@@ -374,8 +374,8 @@ def test_config_refuses_each_unsupported_option(options, message):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"use_bias": False}, r"use_bias=False"),
-        ({"num_kv_heads": 1}, r"num_kv_heads=1"),
+        ({"use_bias": False}, r"use_bias=False \(GPT-2's layers all have biases\)"),
+        ({"num_kv_heads": 1}, r"num_kv_heads=1 \(GPT-2 has a K/V head per query head\)"),
         ({"positions": "rope"}, r"positions='rope'"),
         # Same weights, another function: GPT-2 attends to its whole context.
         ({"attention_window": 2}, r"attention_window=2"),
@@ -383,8 +383,15 @@ def test_config_refuses_each_unsupported_option(options, message):
 )
 def test_import_refuses_a_config_without_gpt2s_layout(changes, message):
     config = GPTConfig(vocab_size=31, block_size=17, num_layers=2, num_heads=3, embed_dim=12)
-    with pytest.raises(ValueError, match=rf"GPT-2 layout needs {message}"):
+    layout = r"GPT-2's layout has no place for a GPTConfig with "
+    with pytest.raises(ValueError, match=rf"^gpt2_from_hf: {layout}{message}"):
         gpt2_from_hf({}, dataclasses.replace(config, **changes))
+    # Export refuses the same configs, in words that say what is wrong (it said "GPT-2
+    # layout needs use_bias=False changed", naming neither the function nor the reason).
+    changed = dataclasses.replace(config, **changes)
+    weights = jax.eval_shape(lambda: init_gpt(jax.random.key(0), changed))
+    with pytest.raises(ValueError, match=rf"^gpt2_to_hf_state_dict: {layout}{message}"):
+        gpt2_to_hf_state_dict(weights, changed, framework="np")
 
 
 def test_a_missing_head_hints_no_keys_that_share_only_weight():

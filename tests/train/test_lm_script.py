@@ -282,6 +282,26 @@ def test_checkpoint_of_another_vocabulary_is_an_error(tmp_path):
     assert snapshot(checkpoints) == before
 
 
+def test_another_vocabulary_from_another_data_path_names_the_saved_one(tmp_path):
+    """A resume that leaves out the run's --config.data_path reads the bundled text: the
+    error said only "Use another --workdir", not that the run needs its own text back."""
+    text = tmp_path / "text.txt"
+    text.write_text("abcd\n" * 200)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    with Checkpointer(checkpoints, async_save=False) as ckpt:
+        meta = {"config": {"data_path": str(text)}, "vocab": "\nabcd"}
+        ckpt.save(4, {"w": jnp.zeros(2)}, metadata=meta)
+    before = snapshot(checkpoints)
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        f"It was trained on data_path {str(text)!r}, this run reads '' (the bundled "
+        f"tinyshakespeare): to resume it, pass --config.data_path={text}; else use another "
+        "--workdir." in proc.stderr.replace("\n", " ")
+    ), proc.stderr
+    assert snapshot(checkpoints) == before
+
+
 @pytest.mark.slow
 def test_a_changed_optimizer_structure_is_refused_naming_the_setting(trained):
     """grad_clip 1.0 -> 0 drops a leaf of the optimizer state: the run printed a note that

@@ -326,6 +326,21 @@ def test_dataset_validates_inputs(np_rng):
         td.translation_dataset(
             src, tgt, batch_size=64, buckets=(16,), seed=0, vocab_size=50, name="validation split"
         )
+    # Enough examples for a batch, but spread over buckets that each hold fewer: the error
+    # gives each bucket's count and says what to change.
+    lengths = [td.pair_length(s, t) for s, t in zip(src, tgt)]
+    short = sum(n <= 8 for n in lengths)
+    message = r"per bucket length \{8: \d+, 16: \d+\}\); lower batch_size"
+    with pytest.raises(ValueError, match=message):
+        td.translation_dataset(
+            src,
+            tgt,
+            batch_size=max(short, 20 - short) + 1,
+            buckets=(8, 16),
+            seed=0,
+            vocab_size=50,
+            name="validation split",
+        )
 
 
 def test_decode_batches_cover_every_source_once(np_rng):
