@@ -665,6 +665,45 @@ class Checkpointer:
             data_iter.start_prefetch()  # (as grain's own restore does)
         return restored["state"], meta
 
+    def restore_params(self, like: Any, *, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restore only the ``params`` of ``step``'s train state, into the structure of
+        ``like``: a run's weights for sampling, export or fine-tuning, without rebuilding
+        the optimizer (and schedule) whose state ``restore`` needs as its target.
+
+        Args:
+          like: a params pytree like the saved one (arrays or ``jax.ShapeDtypeStruct``, e.g.
+            ``jax.eval_shape(init_gpt, key, config)``); a leaf's sharding, when it has one,
+            is the restored leaf's.
+          step: which step; None for the latest.
+
+        Returns:
+          ``(params, metadata)``.
+
+        Raises:
+          FileNotFoundError: no checkpoint (or not that step).
+          IncompatibleCheckpointError: the saved params differ from ``like``.
+          CheckpointError: the checkpoint cannot be read.
+        """
+        step = self._resolve_step(step)
+        meta = self.read_metadata(step)
+        saved = [row for row in meta["tree_signature"] if row[0].split("/")[0] == "params"]
+        target = {"params": like}
+        check_compatible(saved, target, where=f"checkpoint {self.step_dir(step)}")
+        abstract = jax.tree.map(_abstract, target)
+        # The manager restores its "state" item whole; a plain PyTree reader restores a
+        # part of the same files.
+        args = ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        )
+        try:
+            with ocp.PyTreeCheckpointer() as reader:
+                restored = reader.restore(self.step_dir(step) / "state", args=args)
+        except Exception as e:
+            raise self._corrupt(step, _first_line(e)) from e
+        return restored["params"], meta
+
     def _corrupt(self, step: int, detail: str) -> CheckpointError:
         """The error for an unreadable ``step``, pointing at the steps that could be used."""
         unparsable = _unparsable_json(self.step_dir(step))

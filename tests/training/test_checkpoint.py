@@ -84,6 +84,30 @@ def test_restore_into_abstract_target(tmp_path, toy):
     assert_trees_equal(restored, state)
 
 
+def test_restore_params_needs_no_optimizer(tmp_path, toy):
+    """A run's weights without its optimizer: restore needs the whole TrainState as its
+    target, so a user exporting lm.py's weights had to rebuild the script's optimizer and
+    schedule exactly ("leaf 'opt_state/1/2/count' () is not in the target")."""
+    state, _ = _trained_state(toy)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, toy.state())
+        ckpt.save(2, state, metadata={"vocab": "ab"})
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        params, meta = ckpt.restore_params(jax.eval_shape(toy.params))
+        first, _ = ckpt.restore_params(toy.params(), step=1)
+        assert meta["vocab"] == "ab" and meta["step"] == 2
+        assert_trees_equal(params, state.params)
+        assert not np.any(np.asarray(state.params["w"]) == 0)  # (trained, so not step 1's)
+        assert_trees_equal(first, toy.state().params)
+        wide = {"w": jnp.zeros((toy.D, 2)), "b": jnp.zeros((1,))}
+        with pytest.raises(
+            IncompatibleCheckpointError, match=r"leaf 'params/w' has shape \(\d+, 1\) float32"
+        ):
+            ckpt.restore_params(wide)
+        with pytest.raises(IncompatibleCheckpointError, match=r"leaf 'params/extra' \(\) float"):
+            ckpt.restore_params({**toy.params(), "extra": jnp.zeros(())})
+
+
 def test_restore_defaults_to_the_latest_step(tmp_path, toy):
     state, _ = _trained_state(toy)
     with Checkpointer(tmp_path, async_save=False) as ckpt:
