@@ -156,6 +156,10 @@ def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool 
             )
     extra = sorted(set(stored) - set(expected))
     if strict and extra:
-        raise ValueError(f"{os.fspath(path)}: unexpected tensors {extra} (pass strict=False)")
+        raise ValueError(
+            f"{os.fspath(path)}: unexpected tensors {extra}: the template has no place for "
+            "them (a model of another config, e.g. one with biases into use_bias=False?); "
+            "strict=False drops them"
+        )
     treedef = jax.tree_util.tree_structure(like)
     return jax.tree_util.tree_unflatten(treedef, [stored[name] for name in expected])
