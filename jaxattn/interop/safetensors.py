@@ -58,7 +58,8 @@ def save_safetensors(
         ``torch.save`` do), but only by a whole new file: it is written beside it and
         renamed over it, so a save that fails (a bad leaf, a full disk) leaves it as it was.
         A symbolic link is followed: the file it names is replaced and the link kept.
-      metadata: optional string-to-string metadata stored in the header.
+      metadata: optional string-to-string metadata stored in the header (read it back
+        with ``read_safetensors_metadata``), e.g. a JSON config.
     """
     from safetensors.flax import save_file
 
@@ -97,6 +98,25 @@ def save_safetensors(
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string-to-string ``metadata`` a ``save_safetensors`` call (or any safetensors
+    writer) stored in ``path``'s header; ``{}`` when it stored none. No tensor is read.
+
+    Raises:
+      ValueError: ``path`` is not a valid safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, expected a .safetensors file")
+    try:
+        with safe_open(path, framework="np") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as e:  # truncated, empty or not a safetensors file at all
+        raise ValueError(f"{path}: not a valid .safetensors file ({e})") from e
 
 
 def _kind(dtype: Any) -> str:

@@ -10,6 +10,7 @@ pytest.importorskip("safetensors")
 from jaxattn.interop.safetensors import (
     flatten_with_names,
     load_safetensors,
+    read_safetensors_metadata,
     save_safetensors,
 )
 from jaxattn.ops.attention import MultiHeadAttentionWeights
@@ -188,6 +189,13 @@ def test_metadata_is_stored_in_the_header(tmp_path):
     save_safetensors(_tree(), path, metadata={"model": "test", "step": "3"})
     with safe_open(path, framework="numpy") as f:
         assert f.metadata() == {"model": "test", "step": "3"}
+    # ... and jaxattn reads it back (load_safetensors returns only the weights).
+    assert read_safetensors_metadata(path) == {"model": "test", "step": "3"}
+    save_safetensors(_tree(), path)
+    assert read_safetensors_metadata(path) == {}
+    path.write_bytes(path.read_bytes()[:5])
+    with pytest.raises(ValueError, match=r"w.safetensors: not a valid .safetensors file"):
+        read_safetensors_metadata(path)
 
 
 def test_two_leaves_with_one_name_are_refused_not_overwritten(tmp_path):
