@@ -156,7 +156,8 @@ def check_data_settings(config: ml_collections.ConfigDict) -> None:
     check_seed(config.seed, "config.seed", "train/translate.py")
     # (0 was named as the model's src_vocab_size, a key the config does not have)
     check_size(config.vocab_size, "config.vocab_size", "train/translate.py")
-    if config.data_path and not Path(config.data_path).is_file():  # else after the folder check
+    # (else after the folder check; ~ expanded as load_pairs does)
+    if config.data_path and not Path(config.data_path).expanduser().is_file():
         raise FileNotFoundError(
             f"translation corpus not found: {config.data_path!r} (config.data_path)"
         )

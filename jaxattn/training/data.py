@@ -35,13 +35,15 @@ def default_text_path(name: str = DEFAULT_TEXT) -> Path:
 
 
 def load_text(path: str | os.PathLike | None = None) -> str:
-    """Read a UTF-8 text file; ``None`` or ``""`` means the bundled tinyshakespeare.
+    """Read a UTF-8 text file (``~`` expanded); ``None`` or ``""`` means the bundled
+    tinyshakespeare.
 
     Raises:
       FileNotFoundError: naming the path when it does not exist (or is a folder).
       ValueError: naming the path when it is empty or not UTF-8.
     """
-    path = default_text_path() if not path else Path(path)
+    # (~ expanded: in --config.data_path=~/x.txt the shell leaves it, as it does not after "=")
+    path = default_text_path() if not path else Path(path).expanduser()
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "not found"
         raise FileNotFoundError(f"text data file {what}: {str(path)!r}")

@@ -64,7 +64,7 @@ def load_pairs(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
       FileNotFoundError: naming the path; ValueError: naming a line without exactly one tab,
         or the path of a file that is not (gzipped) UTF-8 text.
     """
-    path = default_corpus_path() if not path else Path(path)
+    path = default_corpus_path() if not path else Path(path).expanduser()  # (as load_text)
     if not path.is_file():
         raise FileNotFoundError(f"translation corpus not found: {str(path)!r}")
     opener = gzip.open if path.suffix == ".gz" else open

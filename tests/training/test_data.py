@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxattn.training import data
+from jaxattn.training import translation_data as td
 
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
@@ -60,6 +61,15 @@ def test_bundled_tinyshakespeare():
 def test_load_text_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
         data.load_text(tmp_path / "nope.txt")
+
+
+def test_data_files_expand_the_home_folder(tmp_path, monkeypatch):
+    # The shell leaves ~ in --config.data_path=~/x.txt (not a word start); it was "not found".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "x.txt").write_text("hello", encoding="utf-8")
+    (tmp_path / "p.txt").write_text("Hi.\tHola.\n", encoding="utf-8")
+    assert data.load_text("~/x.txt") == "hello"
+    assert td.load_pairs("~/p.txt") == [("Hi.", "Hola.")]
 
 
 @pytest.mark.parametrize(
