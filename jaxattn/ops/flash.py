@@ -24,7 +24,9 @@ keeps its ``log l``, which the sum would round away (its gradients then came out
 too large).
 
 Attention dropout multiplies ``p`` by ``keep / (1 - rate)`` in the product with v only (the
-normaliser ``l`` counts every key, as in ``softmax(s) * keep / (1 - rate) @ v``); then
+normaliser ``l`` counts every key, as in ``softmax(s) * keep / (1 - rate) @ v``; ``p keep``
+enters the product and ``1 / (1 - rate)`` the float32 output, so that in bfloat16 ``D``
+below sees only the rounding of ``p``, as without dropout); then
 ``dv_j += (p keep)ᵀ dout_i / (1 - rate)`` and ``dp`` takes the same multiplier, while ``D``
 is unchanged (``rowsum(dp p) = rowsum(dout * out)`` still). ``keep`` is a hash of each
 entry's (row, key) position (``jaxattn.ops.masks.attention_dropout_keep``), so each tile's
@@ -507,9 +509,13 @@ def _row_ids(z, i, g: int, p: _Plan) -> Array:
     return (heads[:, None] * p.t + times[None, :]).reshape(-1)
 
 
-def _dropout_multiplier(seed, rows, j, num_cols: int, p: _Plan, transposed: bool, dtype):
+def _dropout_multiplier(
+    seed, rows, j, num_cols: int, p: _Plan, transposed: bool, dtype, scaled: bool = True
+):
     """``1 / (1 - rate)`` in ``dtype`` on the kept entries of tile j's first ``num_cols``
-    keys, 0 on the dropped ones: ``[R, C]`` (``[C, R]`` transposed); None without dropout."""
+    keys, 0 on the dropped ones: ``[R, C]`` (``[C, R]`` transposed); None without dropout.
+    ``scaled=False``: 1 on the kept entries instead (the forward applies ``1 / (1 - rate)``
+    to its float32 output, see ``_forward``)."""
     if seed is None:
         return None
     keep = attention_dropout_keep(
@@ -521,6 +527,8 @@ def _dropout_multiplier(seed, rows, j, num_cols: int, p: _Plan, transposed: bool
         col_axis=0 if transposed else -1,
         even_start=p.bk % 2 == 0,
     )
+    if not scaled:
+        return keep.astype(dtype)
     return dropout_scale(keep, p.dropout_rate, dtype)
 
 
@@ -589,7 +597,7 @@ def _forward(q, k, v, mask, bias, seed, scale, p: _Plan) -> tuple[Array, tuple[A
                 tiles = _tile(mz, i, j), _tile(bz, i, j)
                 diagonal = None if band else diag_bias  # a window's edge: _visible
                 s = _mask_logits(s, i, j, edge, diagonal, *tiles, rows, g, p, False)
-                drop = _dropout_multiplier(seed, row_ids, j, p.bk, p, False, wide)
+                drop = _dropout_multiplier(seed, row_ids, j, p.bk, p, False, wide, False)
                 return update(s, raw, vz[j], drop, *carry)
 
             def diagonal_step(j, carry):
@@ -604,7 +612,7 @@ def _forward(q, k, v, mask, bias, seed, scale, p: _Plan) -> tuple[Array, tuple[A
                     s = _mask_diagonal(s, edge, mask_tile, bias_tile, g, False)
                     state = (_half_rows(x, g, first) for x in carry)
                     drop = None if seed is None else _half_rows(row_ids, g, first)
-                    drop = _dropout_multiplier(seed, drop, j, s.shape[1], p, False, wide)
+                    drop = _dropout_multiplier(seed, drop, j, s.shape[1], p, False, wide, False)
                     halves.append(update(s, raw, vz[j][keys], drop, *state))
                 return tuple(_merge_halves(a, b, g) for a, b in zip(*halves))
 
@@ -621,6 +629,12 @@ def _forward(q, k, v, mask, bias, seed, scale, p: _Plan) -> tuple[Array, tuple[A
             edge_step = diagonal_step if p.split_diagonal else partial(step, edge=True)
             m, denom, acc, *mean = lax.fori_loop(b, end, edge_step, carry)
             out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]  # empty rows: 0 / 1
+            if seed is not None:
+                # 1 / (1 - rate) here, in float32, not on each kept p before it is rounded
+                # to v's dtype: p keep / (1 - rate) rounded to bfloat16 is off by up to 2^-9
+                # even where p = 1, and the backward's delta = rowsum(dout * out) then
+                # disagreed with its exact rowsum(dp p), giving a one-key row nonzero dq, dk.
+                out = out * jnp.asarray(1.0 / (1.0 - p.dropout_rate), wide)
             row_max = jnp.where(denom > 0, m, 0.0)
             log_l = jnp.where(denom > 0, jnp.log(denom), jnp.inf)  # exp(s - 0 - inf) = 0
             mean = [x / jnp.where(denom > 0, denom, 1.0) for x in mean]

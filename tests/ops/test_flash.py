@@ -352,6 +352,24 @@ def test_dropout_matches_numpy_and_xla(np_rng, name, batch_heads):
     assert_all_close(out, grads, want, want_grads)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_dropout_one_key_has_zero_q_and_k_gradients_in_half_precision(dtype):
+    """Over one key softmax is 1 whatever q and k are, with dropout too: dq = dk = 0, as on
+    the einsum path. (p / (1 - rate) rounded to bfloat16 before the product with v gave
+    the backward a delta off by 2^-9 and dq, dk of about 1e-3 |dp|, here ~1e-2.)"""
+    q, k, v = (jnp.full((1, 3, 2, 1), x, dtype) for x in (2.0, 3.0, 5.0))
+    rng = jax.random.key(0)
+
+    def f(q, k):
+        out = flash_attention(q, k[:, :1], v[:, :1], dropout_rate=0.3, dropout_rng=rng)
+        return out.astype(jnp.float32).sum()
+
+    assert float(f(q, k)) != 0.0  # some entries kept
+    dq, dk = jax.grad(f, argnums=(0, 1))(q, k)
+    for grad in (dq, dk):  # (before: ~1e-2; float32 rounding leaves ~1e-6)
+        np.testing.assert_allclose(np.asarray(grad, np.float32), 0.0, atol=1e-5)
+
+
 def test_dropout_is_one_function_of_the_key_at_any_block_size(np_rng):
     """Odd blocks (tiles starting at odd keys), the default blocks and the einsum path drop
     the same entries, in the forward and in the backward's transposed tiles; under vmap
