@@ -672,8 +672,8 @@ class Checkpointer:
 
         Args:
           like: a params pytree like the saved one (arrays or ``jax.ShapeDtypeStruct``, e.g.
-            ``jax.eval_shape(init_gpt, key, config)``); a leaf's sharding, when it has one,
-            is the restored leaf's.
+            ``jax.eval_shape(lambda: init_gpt(key, config))``); a leaf's sharding, when it
+            has one, is the restored leaf's.
           step: which step; None for the latest.
 
         Returns:

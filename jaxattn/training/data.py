@@ -42,7 +42,7 @@ def load_text(path: str | os.PathLike | None = None) -> str:
       FileNotFoundError: naming the path when it does not exist (or is a folder).
       ValueError: naming the path when it is empty or not UTF-8.
     """
-    # (~ expanded: in --config.data_path=~/x.txt the shell leaves it, as it does not after "=")
+    # (~ expanded: the shell leaves it in --config.data_path=~/x.txt, not at a word's start)
     path = default_text_path() if not path else Path(path).expanduser()
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "not found"
