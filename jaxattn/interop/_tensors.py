@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -166,18 +167,30 @@ def export(arr: Any, framework: str) -> Any:
     return torch.tensor(out)  # copies: exported tensors never share storage (safetensors-safe)
 
 
+@contextlib.contextmanager
+def naming_the_file(path: str) -> Iterator[None]:
+    """Reading the safetensors file ``path`` inside: its errors name the file
+    (safetensors' own do not), and a folder is refused as one."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, expected a .safetensors file")
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:  # truncated, empty or not a safetensors file at all
+        raise ValueError(f"{path}: not a valid .safetensors file ({e})") from e
+
+
 def read_safetensors(path: str | os.PathLike, load_file: Callable[[str], Any]) -> Any:
-    """``load_file(path)``, with errors that name the file (safetensors' own do not).
+    """``load_file(path)``, with errors that name the file (``naming_the_file``).
 
     A file with float8 tensors, which safetensors' loaders cannot give NumPy or JAX
     ("module 'numpy' has no attribute 'float8_e4m3fn'"), is read as NumPy arrays, the
     float8 ones as ml_dtypes' (JAX's) float8."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a directory, expected a .safetensors file")
-    from safetensors import SafetensorError, deserialize, safe_open
+    from safetensors import deserialize, safe_open
 
-    try:
+    with naming_the_file(path):
         with safe_open(path, framework="np") as f:  # (reads and checks the header)
             dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
             if not set(dtypes.values()) & set(_SAFETENSORS_FLOAT8):
@@ -188,6 +201,4 @@ def read_safetensors(path: str | os.PathLike, load_file: Callable[[str], Any]) -
                 if t["dtype"] in _SAFETENSORS_FLOAT8:
                     dtype = getattr(ml_dtypes, _SAFETENSORS_FLOAT8[t["dtype"]])
                     out[name] = np.frombuffer(t["data"], dtype).reshape(t["shape"])
-    except SafetensorError as e:  # truncated, empty or not a safetensors file at all
-        raise ValueError(f"{path}: not a valid .safetensors file ({e})") from e
     return {name: out[name] for name in dtypes}  # (the file's order)

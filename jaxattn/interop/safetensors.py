@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.interop._tensors import pure_weights_of, read_safetensors, to_numpy
+from jaxattn.interop._tensors import naming_the_file, pure_weights_of, read_safetensors, to_numpy
 
 
 def _key_name(entry: Any) -> str:
@@ -107,16 +107,11 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     Raises:
       ValueError: ``path`` is not a valid safetensors file.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a directory, expected a .safetensors file")
-    try:
-        with safe_open(path, framework="np") as f:
-            return dict(f.metadata() or {})
-    except SafetensorError as e:  # truncated, empty or not a safetensors file at all
-        raise ValueError(f"{path}: not a valid .safetensors file ({e})") from e
+    with naming_the_file(path), safe_open(path, framework="np") as f:
+        return dict(f.metadata() or {})
 
 
 def _kind(dtype: Any) -> str:
