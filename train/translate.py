@@ -499,10 +499,10 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         batch_sharding, config.batch_size, "config.batch_size"
     )
     optimizer, schedule = translate_optimizer(config, kind)
-    # A finished run may sit in a read-only folder: it only reads its checkpoint and, when
-    # its BLEU is recorded, metrics.jsonl (probed below before it decodes to record one).
     split = split_corpus(config)
     check_batch_fits(config, split)
+    # A finished run may sit in a read-only folder: it only reads its checkpoint and, when
+    # its BLEU is recorded, metrics.jsonl (probed below before it decodes to record one).
     if meta is None or meta["step"] < config.num_steps:
         check_checkpoints_folder(workdir / "checkpoints")  # (creating workdir) before anything
     sp, split, (train_src, train_tgt), (val_src, val_tgt), test_pairs = load_data(
