@@ -11,29 +11,50 @@ sys.path.insert(0, str(REPO))
 from benchmarks import attention, gpu, lstm, scaling  # noqa: E402
 
 
-@pytest.mark.parametrize("script", [attention, lstm, gpu])
-def test_zero_repeats_are_refused(monkeypatch, capsys, script):
-    """Read as ``args.repeats or default``, 0 silently meant the default. (The unknown flag
-    after it makes argparse stop before timing anything if the 0 were ever accepted again.)"""
-    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", "--repeats", "0", "--no-such"])
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        # Read as ``args.repeats or default``, 0 silently meant the default.
+        (attention, ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        (lstm, ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        (gpu, ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        # A length or LSTM size of 0 failed after compiling, deep inside (ZeroDivisionError
+        # for attention's batch, numpy's "negative dimensions", torch's "sequence length").
+        (attention, ["--lengths", "0"], "must be >= 1, got 0"),
+        (attention, ["--lengths", "256", "-4"], "must be >= 1, got -4"),
+        (gpu, ["--lengths", "0"], "must be >= 1, got 0"),
+        (lstm, ["--shape", "4", "0", "8", "16"], "must be >= 1, got 0"),
+    ],
+)
+def test_counts_and_sizes_below_one_are_refused(monkeypatch, capsys, script, flags, message):
+    """(The unknown flag after them makes argparse stop before timing anything if such a
+    value were ever accepted again.)"""
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *flags, "--no-such"])
     with pytest.raises(SystemExit) as exit_info:
         script.main()
     assert exit_info.value.code == 2
-    assert "argument --repeats: must be >= 1, got 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
-def test_zero_scaling_steps_are_refused(monkeypatch, capsys):
-    """It failed after timing every mesh, in the median of no step times."""
-
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        # It failed after timing every mesh, in the median of no step times.
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        # It failed in the worker, in JAX's CPU backend start-up.
+        (["--devices", "2", "0"], "--devices must be >= 1, got 0"),
+    ],
+)
+def test_zero_scaling_steps_or_devices_are_refused(monkeypatch, capsys, flags, message):
     def no_worker(*args, **kwargs):
         raise AssertionError("a worker was started")
 
     monkeypatch.setattr(scaling.subprocess, "run", no_worker)
-    monkeypatch.setattr(sys, "argv", ["scaling.py", "--steps", "0"])
+    monkeypatch.setattr(sys, "argv", ["scaling.py", *flags])
     with pytest.raises(SystemExit) as exit_info:
         scaling.main()
     assert exit_info.value.code == 2
-    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_zero_whole_run_repeats_are_refused(monkeypatch, capsys):
@@ -49,36 +70,3 @@ def test_zero_whole_run_repeats_are_refused(monkeypatch, capsys):
         whole_run.main()
     assert exit_info.value.code == 2
     assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "script, flags",
-    [
-        (attention, ["--lengths", "0"]),
-        (attention, ["--lengths", "256", "-4"]),
-        (gpu, ["--lengths", "0"]),
-        (lstm, ["--shape", "4", "0", "8", "16"]),
-    ],
-)
-def test_zero_or_negative_sizes_are_refused(monkeypatch, capsys, script, flags):
-    """A length or LSTM size of 0 failed after compiling, deep inside (ZeroDivisionError for
-    attention's batch, numpy's "negative dimensions", torch's "sequence length")."""
-    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *flags, "--no-such"])
-    with pytest.raises(SystemExit) as exit_info:
-        script.main()
-    assert exit_info.value.code == 2
-    assert "must be >= 1, got" in capsys.readouterr().err
-
-
-def test_zero_scaling_devices_are_refused(monkeypatch, capsys):
-    """``--devices 0`` failed in the worker, in JAX's CPU backend start-up."""
-
-    def no_worker(*args, **kwargs):
-        raise AssertionError("a worker was started")
-
-    monkeypatch.setattr(scaling.subprocess, "run", no_worker)
-    monkeypatch.setattr(sys, "argv", ["scaling.py", "--devices", "2", "0"])
-    with pytest.raises(SystemExit) as exit_info:
-        scaling.main()
-    assert exit_info.value.code == 2
-    assert "--devices must be >= 1, got 0" in capsys.readouterr().err
