@@ -361,6 +361,8 @@ def seq2seq_logits(
       to 1 over the real source tokens and are 0 on padding.
     """
     _check_config(config, "seq2seq_logits")
+    if jnp.ndim(src) != 2:  # (else the check below blamed tgt_in for a 1-D src)
+        raise ValueError(f"seq2seq_logits: src must be [B, S], got {jnp.shape(src)}")
     tgt_in = ids_to_check(tgt_in)
     if tgt_in.ndim != 2 or tgt_in.shape[0] != jnp.shape(src)[0]:
         raise ValueError(

@@ -95,12 +95,14 @@ def dot_scores(query: Array, keys: Array, *, scale: float | None = None) -> Arra
     Args:
       query: ``[..., Tq, d]``.
       keys: ``[..., Tk, d]``.
-      scale: optional multiplier (e.g. ``1/sqrt(d)``); None = unscaled (Luong's "dot").
+      scale: optional multiplier (e.g. ``1/sqrt(d)``), a finite real scalar; None =
+        unscaled (Luong's "dot").
 
     Returns:
       ``[..., Tq, Tk]``.
     """
     _check_qk("dot_scores", query, keys)
+    check_scale(scale, "dot_scores")  # (NaN gave NaN scores; "0.5" an einsum index error)
     if query.shape[-1] != keys.shape[-1]:
         raise ValueError(f"dot_scores: feature dims differ: query {query.shape}, keys {keys.shape}")
     scores = jnp.einsum("...qd,...kd->...qk", query, keys)  # [..., Tq, Tk]
@@ -182,6 +184,11 @@ def additive_scores(weights: AdditiveWeights, query: Array, keys: Array) -> Arra
     Returns:
       ``[..., Tq, Tk]``.
     """
+    if not isinstance(weights, AdditiveWeights):
+        raise TypeError(  # (a bare tuple failed as "'tuple' object has no attribute 'v'")
+            f"additive_scores: weights must be AdditiveWeights (init_additive), got "
+            f"{type(weights).__name__}"
+        )
     _check_qk("additive_scores", query, keys)
     d = weights.v.shape[-1] if weights.v.ndim == 1 else None
     if d is None or weights.w_query.shape[-1] != d or weights.w_key.shape[-1] != d:

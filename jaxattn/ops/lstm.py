@@ -400,6 +400,7 @@ def lstm_stack(
             f"lstm_stack: mixed uni- and bidirectional layers: {[type(w).__name__ for w in layers]}"
         )
     check_dropout_rate(dropout_rate, "lstm_stack: dropout_rate")
+    xs = jnp.asarray(xs)  # (as in lstm_scan; a list failed as "no attribute 'ndim'")
     dirs = 2 if bidirectional else 1
     hidden = (layers[0].forward if bidirectional else layers[0]).w_hh.shape[0]
     if xs.ndim != 3:  # before the carry, whose expected shape needs B = xs.shape[0]

@@ -434,6 +434,9 @@ def test_bad_inputs_raise(np_rng):
         encode(w, src.at[0, 0].set(11), lengths, config)
     with pytest.raises(ValueError, match="tgt_in"):
         seq2seq_logits(w, src, lengths, tgt_in[:2], config)
+    # A 1-D src is named as such, not blamed on a correct tgt_in.
+    with pytest.raises(ValueError, match=r"seq2seq_logits: src must be \[B, S\], got \(5,\)"):
+        seq2seq_logits(w, src[0, :5], lengths[:1], tgt_in[:1], config)
     with pytest.raises(ValueError, match="lacks"):
         seq2seq_loss(w, dict(src=src, src_lengths=lengths, tgt_in=tgt_in), config)
     # translate jits its encoder: it checks the lengths first (not clipped to [0, S]).

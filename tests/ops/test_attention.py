@@ -1400,3 +1400,20 @@ def test_init_multi_head_attention_checks_sizes(kwargs, name):
 def test_seq2seq_attention_inits_name_a_bad_size(rng, init, args, match):
     with pytest.raises(ValueError, match=match):  # were "math domain error", ZeroDivisionError
         init(rng, *args)
+
+
+def test_seq2seq_scores_refuse_bad_scale_and_bare_tuple_weights():
+    """``dot_scores`` checks ``scale`` as ``dot_product_attention`` does (NaN gave NaN
+    scores silently, a string an einsum index error); ``additive_scores`` names a bare
+    tuple (was "'tuple' object has no attribute 'v'")."""
+    q, k = jnp.ones((2, 3, 4)), jnp.ones((2, 5, 4))
+    with pytest.raises(ValueError, match=r"dot_scores: scale must be finite, got nan"):
+        dot_scores(q, k, scale=float("nan"))
+    with pytest.raises(ValueError, match=r"dot_scores: scale must be a real scalar.*str"):
+        dot_scores(q, k, scale="0.5")
+    # A traced scale (a learned temperature) still works.
+    scaled = jax.jit(lambda s: dot_scores(q, k, scale=s))(0.5)
+    np.testing.assert_allclose(scaled, 0.5 * dot_scores(q, k))
+    weights = init_additive(jax.random.key(0), 4, 4, 3)
+    with pytest.raises(TypeError, match=r"additive_scores: weights must be AdditiveWeights.*tuple"):
+        additive_scores(tuple(weights), q, k)

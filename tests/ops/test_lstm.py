@@ -811,3 +811,15 @@ def test_implementation_choice(rng):
     with pytest.raises(TypeError, match=r"implementation='scan' \(the default\).*jax\.jvp.*"
                        r"pass implementation='autodiff'"):  # fmt: skip
         jax.jvp(lambda x: lstm_scan(w, x)[0], (xs,), (xs,))
+
+
+def test_lstm_stack_takes_nested_lists_as_lstm_scan_does(rng, np_rng):
+    """``lstm_scan`` converts ``xs`` with ``jnp.asarray``; ``lstm_stack`` read ``xs.ndim``
+    first and failed on a list with "'list' object has no attribute 'ndim'"."""
+    layers = init_lstm_stack(rng, IN, HID, num_layers=2)
+    xs = np_rng.normal(size=(B, T, IN)).astype(np.float32)
+    ys, (h, c) = lstm_stack(layers, xs.tolist())
+    ys_want, (h_want, c_want) = lstm_stack(layers, jnp.asarray(xs))
+    np.testing.assert_allclose(ys, ys_want)
+    np.testing.assert_allclose(h, h_want)
+    np.testing.assert_allclose(c, c_want)
