@@ -345,7 +345,8 @@ def generate(
         ``jax_threefry_partitionable``, so the parts are cut from one split.
       temperature, top_k, top_p, greedy: as in ``sample_logits`` (temperature and top_p may
         be traced).
-      eos_id: end-of-sequence id, or None to draw all ``max_new_tokens`` in every row.
+      eos_id: end-of-sequence id in ``[0, V)``, or None to draw all ``max_new_tokens`` in
+        every row.
 
     Returns:
       ``[B, T0 + max_new_tokens]`` int32.
@@ -368,6 +369,9 @@ def generate(
 
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     logits, cache = decode_fn(prompt, cache)  # [B, T0, V]
+    # V is known from the prefill: an eos_id past it is never drawn, and every row silently
+    # ran to max_new_tokens (beam_search refuses such an eos_id too).
+    check_eos_id(eos_id, "generate", logits.shape[-1])
     # One key per new token, split here: token i is drawn with the noise
     # sample_logits(keys[i], ...) would draw.
     if keys is None and not greedy:
@@ -468,8 +472,8 @@ def generate_cropped(
         would; ``None`` only when greedy (``temperature == 0`` or ``greedy``).
       temperature, top_k, top_p, greedy: as in ``sample_logits`` (temperature and top_p may
         be traced).
-      eos_id: as in ``generate``: a row ends at its first new ``eos_id`` and repeats it;
-        once all have ended, the remaining steps skip the model.
+      eos_id: as in ``generate`` (in ``[0, V)``): a row ends at its first new ``eos_id`` and
+        repeats it; once all have ended, the remaining steps skip the model.
       ended: ``[B]`` bool, rows that have ended already (a cached part before this one drew
         their ``eos_id``); default none.
 
@@ -498,6 +502,7 @@ def generate_cropped(
     def draw(i, out):  # -> token [B] at position t0 + i
         offset = t0 + i - context
         logits = next_logits_fn(jax.lax.dynamic_slice(out, (0, offset), (b, context)), offset)
+        check_eos_id(eos_id, "generate_cropped", logits.shape[-1])  # (V: known when traced)
         noise = None if greedy else _gumbel(keys[i], logits.shape)
         return _pick(logits, noise, **settings)  # [B]
 

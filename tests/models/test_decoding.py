@@ -777,6 +777,21 @@ def test_generate_cropped_rejects_bad_requests():
         decoding.generate_cropped(fn, tokens, 3, context=4, keys=None, greedy="no")
 
 
+def test_decoding_refuses_an_eos_id_past_the_vocabulary():
+    """An eos_id the model cannot emit was accepted and never matched: every row silently
+    ran to max_new_tokens (beam_search refuses such an eos_id)."""
+    step = lambda tok, cache: (jnp.zeros((*tok.shape, 5)), cache)
+    window = lambda window, offset: jnp.zeros((window.shape[0], 5))
+    prompt = jnp.zeros((2, 2), jnp.int32)
+    with pytest.raises(ValueError, match=r"generate: eos_id=5 is not in the vocabulary \[0, 5\)"):
+        decoding.generate(step, None, prompt, 3, temperature=0.0, eos_id=5)
+    with pytest.raises(ValueError, match=r"generate_cropped: eos_id=7 is not in the vocab"):
+        decoding.generate_cropped(window, prompt, 3, context=2, keys=None, greedy=True, eos_id=7)
+    # The last id is a fine eos_id (argmax of zeros draws 0, no row ends).
+    out = decoding.generate(step, None, prompt, 3, temperature=0.0, eos_id=4)
+    np.testing.assert_array_equal(out, jnp.zeros((2, 5), jnp.int32))
+
+
 def test_decoding_refuses_prompts_that_are_not_integer_ids():
     # Cast to int32 inside: 1.7 was read as token 1 and True as token 1, silently.
     step = lambda tok, cache: (jnp.zeros((tok.shape[0], 5)), cache)
