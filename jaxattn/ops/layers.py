@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jaxattn.ops._checks import check_flag, check_float_dtype, check_size
+from jaxattn.ops._checks import as_size, check_flag, check_float_dtype, check_size
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -108,6 +108,13 @@ def project(x: Array, w: Array, b: Array | None = None, *, contract_dims: int = 
     # A JAX array from here on: NumPy inputs would otherwise run NumPy's own matmul (in
     # float64, whatever x64 says) on one path and JAX's on the other.
     x = jnp.asarray(x)
+    # An int in [0, w.ndim]: -1 silently made an outer product of a 1-D kernel (w.shape[:-1]
+    # is empty), and True passed as 1.
+    if as_size(contract_dims, 0) is None or contract_dims > jnp.ndim(w):
+        raise ValueError(
+            f"project: contract_dims must be an int in [0, {jnp.ndim(w)}] (the kernel's rank, "
+            f"{jnp.shape(w)}), got {contract_dims!r}"
+        )
     in_shape = w.shape[:contract_dims]
     out_shape = w.shape[contract_dims:]
     if tuple(x.shape[x.ndim - contract_dims :]) != tuple(in_shape):

@@ -48,6 +48,7 @@ def cross_entropy(
       Scalar loss, float32 (float64 for float64 logits).
     """
     targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
+    logits = jnp.asarray(logits)  # (a nested list: logits.ndim was an AttributeError)
     # (0-d logits have no vocab axis: logits.shape[-1] below was a bare IndexError.)
     if logits.ndim < 1 or targets.shape != logits.shape[:-1]:
         raise ValueError(

@@ -737,3 +737,15 @@ def test_weights_and_tables_refuse_a_dtype_that_is_not_floating(name):
     for dtype in (jnp.float32, jnp.bfloat16, np.float16):  # (each leaf in the dtype asked)
         leaves = jax.tree.leaves(make(dtype))
         assert leaves and all(leaf.dtype == jnp.dtype(dtype) for leaf in leaves), name
+
+
+@pytest.mark.parametrize("contract_dims", [-1, True, 1.0, 3])
+def test_project_refuses_a_contract_dims_outside_the_kernel_rank(contract_dims):
+    # -1 took w.shape[:-1] = () as the contracted axes of a [F] kernel and silently returned
+    # the outer product [B, D, F]; True and 1.0 passed as 1.
+    with pytest.raises(ValueError, match=r"project: contract_dims must be an int in \[0, "):
+        project(
+            jnp.ones((B, D)),
+            jnp.ones((F,) if contract_dims == -1 else (D, F)),
+            contract_dims=contract_dims,
+        )

@@ -356,3 +356,11 @@ def test_an_uncounted_row_of_minus_inf_logits_leaves_the_gradient_finite(np_rng,
     value, grad = jax.value_and_grad(loss)(w)
     np.testing.assert_allclose(value, cross_entropy(h @ w, targets, mask), rtol=1e-6)
     assert bool(jnp.isfinite(grad).all())  # the output layer's gradient was all NaN
+
+
+def test_nested_list_logits_are_taken_as_an_array():
+    # Lists, as targets take them: logits.ndim was an AttributeError naming nothing.
+    logits = [[0.0, 1.0, 2.0], [2.0, 0.0, -1.0]]
+    logp = np.array(logits) - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -(logp[0, 2] + logp[1, 0]) / 2
+    np.testing.assert_allclose(cross_entropy(logits, [2, 0]), expected, rtol=1e-6)
