@@ -129,13 +129,30 @@ def make_optimizer(
     if grad_clip is not None:
         _check_setting("grad_clip", grad_clip, lambda v: not math.isnan(v), "a number or None")
     parts = []
-    if grad_clip is not None and grad_clip > 0:
+    if isinstance(grad_clip, jax.Array):
+        # optax.inject_hyperparams passes a JAX array, traced in a jitted update (where
+        # `> 0` is no bool), concrete in init: one chain for both, whatever the value.
+        parts.append(_clip_by_global_norm_if_positive(grad_clip))
+    elif grad_clip is not None and grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
     adamw = optax.adamw(
         learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
     )
     parts.append(adamw)
     return _standard_promotion(optax.chain(*parts))
+
+
+def _clip_by_global_norm_if_positive(max_norm: jax.Array) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm(max_norm)`` for a traced ``max_norm``, a no-op where it is
+    ``<= 0`` (the rule a concrete ``grad_clip`` follows)."""
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        clipped, state = clip.update(updates, state, params)
+        on = max_norm > 0
+        return jax.tree.map(lambda c, u: jnp.where(on, c, u), clipped, updates), state
+
+    return optax.GradientTransformation(clip.init, update)
 
 
 def _check_setting(name: str, value: Any, ok: Callable[[float], bool], expected: str) -> None:

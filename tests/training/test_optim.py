@@ -313,3 +313,18 @@ def test_real_scalars_of_any_float_dtype_pass(dtype):
     value = jnp.asarray(1e-3, dtype)
     optim.make_optimizer(value, b1=jnp.asarray(0.5, dtype), eps=jnp.asarray(0.0, dtype))
     optim.learning_rate_schedule(value, warmup_steps=1, lr_decay_steps=5, min_lr=value)
+
+
+@pytest.mark.parametrize("grad_clip", [0.5, 0.0, -1.0])
+def test_traced_grad_clip_clips_like_a_concrete_one(grad_clip):
+    # inject_hyperparams traces grad_clip too: `grad_clip > 0` raised
+    # TracerBoolConversionError inside the jitted update.
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    grads = {"w": jnp.full((2, 2), 3.0), "b": jnp.full(2, -4.0)}
+    settings = dict(learning_rate=0.1, eps=1.0, grad_clip=grad_clip)  # (eps: size counts)
+    tx = optax.inject_hyperparams(optim.make_optimizer)(**settings)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    plain = optim.make_optimizer(**settings)
+    expected, _ = plain.update(grads, plain.init(params), params)
+    for name in params:
+        np.testing.assert_allclose(updates[name], expected[name], rtol=1e-5)
