@@ -120,6 +120,11 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def split(x: jax.Array) -> jax.Array:
+        if jnp.ndim(x) == 0:  # (x.shape[0] raised a bare IndexError)
+            raise ValueError(
+                f"grad_accum_steps={k} deals every batch leaf's leading axis into "
+                f"microbatches, but a batch leaf is a scalar (shape ())"
+            )
         if x.shape[0] % k:
             raise ValueError(
                 f"batch leading axis {x.shape[0]} (shape {x.shape}) is not divisible by "

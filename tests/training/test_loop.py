@@ -136,6 +136,17 @@ def test_gradient_accumulation_equals_one_big_batch(toy):
         accum(s_acc, next(it))  # 6 rows, not 4 microbatches
 
 
+def test_gradient_accumulation_names_a_scalar_batch_leaf(toy):
+    # A leaf without a leading axis raised a bare "IndexError: tuple index out of range".
+    def loss(params, batch, rng):
+        return toy.loss(params, batch["rows"], None)[0] * batch["scale"], {}
+
+    batch = {"rows": next(toy.iterator()), "scale": jnp.float32(2.0)}
+    step = make_train_step(loss, toy.optimizer(), grad_accum_steps=2)
+    with pytest.raises(ValueError, match=r"grad_accum_steps=2 .* a batch leaf is a scalar"):
+        step(toy.state(), batch)
+
+
 def test_train_step_uses_a_fresh_key_each_step(toy):
     def loss(params, batch, rng):
         noise = jax.random.normal(rng, ())
