@@ -113,6 +113,9 @@ def make_optimizer(
         refused).
       decay_mask: ``params -> pytree of bools`` (True = decay); default ``ndim >= 2``.
 
+    Every number may be injected with ``optax.inject_hyperparams(make_optimizer)(...)``
+    (to log or change it during training); values traced there are not range-checked.
+
     Returns:
       An optax gradient transformation.
     """
