@@ -139,8 +139,9 @@ def gpt2_from_hf(source: Any, config: GPTConfig, *, strict: bool = True) -> GPTW
 
     The ``attn.bias``/``attn.masked_bias`` causal-mask buffers of older ``transformers`` are
     not weights and are skipped; with ``config.tie_embeddings`` a stored ``lm_head.weight``
-    must equal ``wte`` (it is a copy). Blocks beyond ``config.num_layers`` are an error, not
-    dropped.
+    must equal ``wte`` (it is a copy), and stands for it in a source without ``wte`` (a
+    file that kept the tied pair's other name, as ``safetensors.torch.save_model`` does).
+    Blocks beyond ``config.num_layers`` are an error, not dropped.
 
     Args:
       source: module, ``{name: tensor or array}``, or a path to a ``.safetensors`` file.
@@ -160,6 +161,10 @@ def gpt2_from_hf(source: Any, config: GPTConfig, *, strict: bool = True) -> GPTW
     """
     _check_config(config, "gpt2_from_hf")
     state = _load_state(source)
+    if config.tie_embeddings and "wte.weight" not in state and "lm_head.weight" in state:
+        # A tied pair saved once under the other name (safetensors.torch.save_model keeps
+        # lm_head.weight): the same tensor, else "missing tensor 'wte.weight'".
+        state["wte.weight"] = state.pop("lm_head.weight")
     blocks = {k.split(".")[1] for k in state if k.startswith("h.")}
     if not all(b.isdigit() for b in blocks):  # else int()'s message, naming no tensor
         bad = next(k for k in state if k.startswith("h.") and not k.split(".")[1].isdigit())
@@ -204,7 +209,10 @@ def gpt2_from_hf(source: Any, config: GPTConfig, *, strict: bool = True) -> GPTW
     head = None
     if not config.tie_embeddings:
         head = DenseWeights(jnp.asarray(f32(read("lm_head.weight", (v, d))).T), None)
-    elif "lm_head.weight" in state and not np.array_equal(f32(read("lm_head.weight", (v, d))), wte):
+    # equal_nan: a tied model's lm_head is wte itself, NaNs (a diverged run) and all.
+    elif "lm_head.weight" in state and not np.array_equal(
+        f32(read("lm_head.weight", (v, d))), wte, equal_nan=True
+    ):
         raise ValueError(
             "gpt2_from_hf: config.tie_embeddings is True but the source's lm_head.weight "
             "differs from wte.weight (an untied model: use tie_embeddings=False)"

@@ -96,6 +96,24 @@ def test_safetensors_file_import(tmp_path):
     _close(gpt(weights, tokens.astype(np.int32), config), want)
 
 
+def test_a_safetensors_save_model_file_that_kept_lm_head_imports(tmp_path):
+    """safetensors.torch.save_model stores a tied pair once, as lm_head.weight (no wte):
+    gpt2_from_hf said "missing tensor 'wte.weight'"."""
+    from safetensors.torch import save_model
+
+    model = _hf_model(seed=4)
+    save_model(model, tmp_path / "model.safetensors")
+    config = gpt2_config_from_hf(model.config)
+    weights = gpt2_from_hf(tmp_path / "model.safetensors", config)
+    tokens = np.random.default_rng(3).integers(0, 31, size=(2, 7))
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(tokens)).logits.numpy()
+    _close(gpt(weights, tokens.astype(np.int32), config), want)
+    untied = dataclasses.replace(config, tie_embeddings=False)  # no wte: still missing
+    with pytest.raises(KeyError, match=r"missing tensor 'wte\.weight'"):
+        gpt2_from_hf(tmp_path / "model.safetensors", untied)
+
+
 def test_greedy_generation_matches_hf():
     # 7 prompt tokens + 20 new ones must fit the position table (n_positions).
     model = _hf_model(seed=4, n_positions=27)
@@ -309,6 +327,16 @@ def test_config_and_weights_must_agree():
         gpt2_to_hf_state_dict(
             untied, dataclasses.replace(config, mlp_ratio=3, tie_embeddings=False)
         )
+
+
+def test_a_tied_model_with_a_nan_in_wte_imports_as_tied():
+    """Its lm_head.weight is wte itself: the tie check said "differs from wte.weight (an
+    untied model: use tie_embeddings=False)", as NaN != NaN."""
+    model = _hf_model()
+    with torch.no_grad():
+        model.transformer.wte.weight[5, 2] = float("nan")
+    weights = gpt2_from_hf(model, gpt2_config_from_hf(model.config))
+    assert weights.head is None and np.isnan(weights.token_embedding.table[5, 2])
 
 
 @pytest.mark.parametrize("tied", [True, False])
