@@ -35,8 +35,8 @@ def default_text_path(name: str = DEFAULT_TEXT) -> Path:
 
 
 def load_text(path: str | os.PathLike | None = None) -> str:
-    """Read a UTF-8 text file (``~`` expanded); ``None`` or ``""`` means the bundled
-    tinyshakespeare.
+    """Read a UTF-8 text file (``~`` expanded, a leading byte-order mark dropped, ``\r\n``
+    read as ``\n``); ``None`` or ``""`` means the bundled tinyshakespeare.
 
     Raises:
       FileNotFoundError: naming the path when it does not exist (or is a folder).
@@ -48,11 +48,15 @@ def load_text(path: str | os.PathLike | None = None) -> str:
         what = "is a folder, not a file" if path.is_dir() else "not found"
         raise FileNotFoundError(f"text data file {what}: {str(path)!r}")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (editors saving "UTF-8 with BOM") is not a character
+        # of the text; kept, it became a vocabulary entry and the first training token.
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
+        # The decoder counts from after a byte-order mark; the message, from the file's start.
+        offset = e.start + path.stat().st_size - len(e.object)
         raise ValueError(
             f"text data file {str(path)!r} is not UTF-8: byte {e.object[e.start]:#04x} at "
-            f"offset {e.start}"
+            f"offset {offset}"
         ) from e
     if not text:
         raise ValueError(f"text data file {str(path)!r} is empty")

@@ -78,6 +78,12 @@ def test_data_files_expand_the_home_folder(tmp_path, monkeypatch):
         (None, FileNotFoundError, "text data file is a folder, not a file: '{path}'"),
         (b"", ValueError, "text data file '{path}' is empty"),
         (b"ok\n\xff", ValueError, "text data file '{path}' is not UTF-8: byte 0xff at offset 3"),
+        (b"\xef\xbb\xbf", ValueError, "text data file '{path}' is empty"),  # a BOM alone
+        (
+            b"\xef\xbb\xbfok\n\xff",
+            ValueError,
+            "text data file '{path}' is not UTF-8: byte 0xff at offset 6",
+        ),
     ],
 )
 def test_load_text_names_the_file_and_what_is_wrong(tmp_path, content, error, message):
@@ -89,6 +95,13 @@ def test_load_text_names_the_file_and_what_is_wrong(tmp_path, content, error, me
     with pytest.raises(error) as info:
         data.load_text(path)
     assert str(info.value) == message.format(path=path)
+
+
+def test_load_text_drops_a_byte_order_mark(tmp_path):
+    # Saved as "UTF-8 with BOM" it read as "\ufeffhi": a vocabulary entry of its own.
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfhi\r\nthere\n")
+    assert data.load_text(path) == "hi\nthere\n"
 
 
 def _stream(n=1000):
