@@ -68,6 +68,13 @@ def save_safetensors(
     # from the array's data pointer, so a transposed or strided NumPy view would be stored
     # in its memory order (silently scrambled); a C-contiguous copy is taken only for those.
     leaves = flatten_with_names(pure_weights_of(weights))
+    for name, leaf in leaves.items():
+        # (JAX's own error says what to do but not which leaf; safetensors has no key dtype)
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            raise TypeError(
+                f"save_safetensors: leaf {name!r} is a typed PRNG key, which safetensors "
+                "cannot store; save jax.random.key_data(key) (a uint32 array) instead"
+            )
     flat = {
         # (torch tensors, e.g. a framework="pt" export, through to_numpy: bfloat16, grads)
         name: np.asarray(to_numpy(leaf) if hasattr(leaf, "detach") else leaf, order="C")

@@ -105,6 +105,14 @@ def test_an_abstract_tree_is_refused_naming_the_leaf(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_a_typed_prng_key_is_refused_naming_the_leaf(tmp_path):
+    # JAX's own error ("PRNGKey dtype cannot be converted to a NumPy array") named no leaf.
+    tree = dict(_tree(), dropout_key=jax.random.key(1))
+    with pytest.raises(TypeError, match=r"leaf 'dropout_key' is a typed PRNG key.*key_data"):
+        save_safetensors(tree, tmp_path / "w.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_failed_save_leaves_the_existing_file(tmp_path, monkeypatch):
     """The new file is written beside the old one and renamed over it: a write that fails
     half-way (here: a full disk) must not leave a truncated file in its place."""
