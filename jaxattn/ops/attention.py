@@ -829,6 +829,27 @@ def init_multi_head_attention(
     )
 
 
+def _check_qkv_inputs(weights: MultiHeadAttentionWeights, x_q: Array, x_kv: Array | None):
+    """Name the input and kernel that disagree (``project``'s own error names neither)."""
+    d_q, d_k, d_v = (jnp.shape(w)[0] for w in (weights.w_q, weights.w_k, weights.w_v))
+    if d_k != d_v:  # e.g. a torch MultiheadAttention with kdim != vdim
+        raise ValueError(
+            f"project_qkv: w_k takes {d_k} input features but w_v takes {d_v}: keys and values "
+            "are projected from the same x_kv, so the two must agree"
+        )
+    if jnp.shape(x_q)[-1:] != (d_q,):
+        raise ValueError(f"project_qkv: x_q {jnp.shape(x_q)} must end in w_q's {d_q} features")
+    if x_kv is None and d_k != d_q:
+        raise ValueError(
+            f"project_qkv: x_kv is None (self-attention, keys from x_q), but w_k and w_v take "
+            f"{d_k} features and x_q has {d_q}: pass the keys' inputs as x_kv"
+        )
+    if x_kv is not None and jnp.shape(x_kv)[-1:] != (d_k,):
+        raise ValueError(
+            f"project_qkv: x_kv {jnp.shape(x_kv)} must end in w_k's and w_v's {d_k} features"
+        )
+
+
 def project_qkv(
     weights: MultiHeadAttentionWeights,
     x_q: Array,
@@ -850,8 +871,14 @@ def project_qkv(
 
     Returns:
       ``(q [B, T, N, H], k [B, S, K, H], v [B, S, K, H])``.
+
+    Raises:
+      ValueError: naming the input and kernel whose feature counts disagree (also ``w_k``
+        against ``w_v``: one ``x_kv`` feeds both, so torch's ``kdim != vdim`` cannot run).
     """
-    if check_flag(fused, "fused", "project_qkv") and x_kv is None:
+    fused = check_flag(fused, "fused", "project_qkv")
+    _check_qkv_inputs(weights, x_q, x_kv)
+    if fused and x_kv is None:
         kernels = (weights.w_q, weights.w_k, weights.w_v)  # [Dq, N|K, H]
         biases = (weights.b_q, weights.b_k, weights.b_v)
         for w, b in zip(kernels, biases):  # (checked before the reshape below)

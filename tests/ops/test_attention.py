@@ -1348,6 +1348,29 @@ def test_init_multi_head_attention_refuses_zero_heads():
         init_multi_head_attention(jax.random.PRNGKey(0), 8, 0)
 
 
+@pytest.mark.parametrize(
+    ("x_q_dim", "x_kv_dim", "w_v_rows", "match"),
+    [
+        (8, 7, 6, r"x_kv \(1, 3, 7\) must end in w_k's and w_v's 6 features"),
+        (9, 6, 6, r"x_q \(1, 4, 9\) must end in w_q's 8 features"),
+        (8, None, 6, r"x_kv is None .* take 6 features and x_q has 8: pass .* x_kv"),
+        (8, 6, 5, r"w_k takes 6 input features but w_v takes 5"),  # torch kdim != vdim
+    ],
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_project_qkv_names_the_input_and_kernel_that_disagree(
+    x_q_dim, x_kv_dim, w_v_rows, fused, match
+):
+    # project's own error named neither ("project: x has shape ... the kernel ...").
+    w = init_multi_head_attention(jax.random.key(0), 8, 2, kv_dim=6)
+    w = w._replace(w_v=jnp.ones((w_v_rows, *w.w_v.shape[1:])))
+    x_kv = None if x_kv_dim is None else jnp.ones((1, 3, x_kv_dim))
+    with pytest.raises(ValueError, match=f"project_qkv: {match}"):
+        project_qkv(w, jnp.ones((1, 4, x_q_dim)), x_kv, fused=fused)
+    with pytest.raises(ValueError, match=f"project_qkv: {match}"):
+        multi_head_attention(w, jnp.ones((1, 4, x_q_dim)), x_kv)
+
+
 def test_dropout_without_a_key_names_the_argument(np_rng):
     q = normal(np_rng, 1, 3, 2, 4)
     with pytest.raises(ValueError, match=r"dot_product_attention: .*dropout_rng"):
