@@ -333,9 +333,61 @@ def json_metadata(
 
 
 def tree_signature(tree: Any) -> list[list[Any]]:
-    """Return ``[[path, shape, dtype], ...]`` for every array leaf of ``tree`` (JSON-ready)."""
+    """Return ``[[path, shape, dtype], ...]`` for every array leaf of ``tree`` (JSON-ready).
+
+    Raises:
+      ValueError: naming the first leaf that is not an array (a Python number or string;
+        without a shape and dtype the tree cannot be compared with a checkpoint's).
+    """
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for p, x in leaves:
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise ValueError(
+                f"leaf {path_string(p)!r} is a {type(x).__name__} ({x!r:.40}), not an array: "
+                "a checkpoint holds arrays (jnp.asarray it)"
+            )
     return [[path_string(p), list(np.shape(x)), str(x.dtype)] for p, x in leaves]
+
+
+def _is_signature(saved: Any) -> bool:
+    """Whether ``saved`` (read from a checkpoint's meta) is a list of ``[path, shape,
+    dtype]`` rows, as ``tree_signature`` writes."""
+    return isinstance(saved, list) and all(
+        isinstance(row, list)
+        and len(row) == 3
+        and isinstance(row[0], str)
+        and isinstance(row[1], list)
+        and all(isinstance(n, int) for n in row[1])
+        and isinstance(row[2], str)
+        for row in saved
+    )
+
+
+# How orbax's errors for a tree that differs from the checkpoint's only in its structure (no
+# leaf's path, shape or dtype, which ``check_compatible`` compares) begin: the state's (a
+# missing empty node, a dict for a list) and the partial reader's (``restore_params``).
+_STRUCTURE_ERRORS = (
+    "User-provided restore item and on-disk value metadata tree structures do not match",
+    "Type mismatch at key path",
+)
+
+
+def _structure_difference(error: BaseException) -> str | None:
+    """Where orbax found the target's tree structure to differ from the checkpoint's, on
+    one line (None when ``error`` is another error)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if text.startswith(_STRUCTURE_ERRORS):
+            # orbax's diff: "<path>:\n    - Source: <target's>\n    - Target: <saved>"
+            lines = [line.strip() for line in text.splitlines()[1:]]
+            lines = [line for line in lines if line and not line.startswith("If this mismatch")]
+            diff = " ".join(lines).replace("- Source:", "target:").replace("- Target:", "saved:")
+            diff = diff or text
+            return diff if len(diff) <= 300 else diff[:297] + "..."
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def check_compatible(saved: list[list[Any]], target: Any, *, where: str = "checkpoint") -> None:
@@ -560,14 +612,19 @@ class Checkpointer:
         """
         if self.read_only:
             raise ValueError(f"cannot save: Checkpointer({self.directory}) is read-only")
-        if step in self._manager.all_steps():
-            raise ValueError(f"checkpoint step {step} already exists in {self.directory}")
         if (what := _not_a_checkpoint(self.step_dir(step))) is not None:
             # (orbax's forced save deletes whatever has the step's name)
             raise CheckpointError(
                 f"cannot save step {step}: {self.step_dir(step)} is {what}; move it out of "
                 f"{self.directory}"
             )
+        if step not in self._manager.all_steps() and folder_exists(self.step_dir(step)):
+            # orbax lists the steps when it opens the folder: one saved since (by another
+            # Checkpointer on it) its forced save replaced. (A save that did not finish on an
+            # object store, not listed after the reload either, orbax replaces as before.)
+            self._manager.reload()
+        if step in self._manager.all_steps():
+            raise ValueError(f"checkpoint step {step} already exists in {self.directory}")
         # (before orbax writes anything)
         meta = json_metadata(metadata, "checkpoint metadata", reserved=SAVE_WRITES)
         meta["step"] = int(step)
@@ -610,6 +667,11 @@ class Checkpointer:
             raise self._corrupt(step, f"cannot read its metadata ({_first_line(e)})") from e
         if "tree_signature" not in meta:
             raise CheckpointError(f"checkpoint {self.step_dir(step)} has no tree signature")
+        if not _is_signature(meta["tree_signature"]):  # (a meta edited by hand)
+            raise CheckpointError(
+                f"{self.step_dir(step) / 'meta' / 'metadata'}: its tree_signature is not a list "
+                f"of [path, shape, dtype] ({json.dumps(meta['tree_signature'])[:80]})"
+            )
         return meta
 
     def restore(
@@ -659,7 +721,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            raise self._corrupt(step, _first_line(e)) from e
+            raise self._unreadable(step, e) from e
         if position is not None:
             data_iter.set_state(position)
             data_iter.start_prefetch()  # (as grain's own restore does)
@@ -701,8 +763,21 @@ class Checkpointer:
             with ocp.PyTreeCheckpointer() as reader:
                 restored = reader.restore(self.step_dir(step) / "state", args=args)
         except Exception as e:
-            raise self._corrupt(step, _first_line(e)) from e
+            raise self._unreadable(step, e) from e
         return restored["params"], meta
+
+    def _unreadable(self, step: int, error: Exception) -> ValueError:
+        """The error for a failed read of ``step``'s arrays: ``IncompatibleCheckpointError``
+        when orbax found the target's tree to differ in structure where it holds no arrays
+        (an empty node more or less, a dict for a list: leaves ``check_compatible`` found
+        alike), else ``CheckpointError`` (``_corrupt``)."""
+        if (diff := _structure_difference(error)) is not None:
+            return IncompatibleCheckpointError(
+                f"checkpoint {self.step_dir(step)} is incompatible: the target's tree differs "
+                f"from the checkpoint's in structure ({diff}) (a different model or "
+                "optimizer?); nothing was restored or overwritten"
+            )
+        return self._corrupt(step, _first_line(error))
 
     def _corrupt(self, step: int, detail: str) -> CheckpointError:
         """The error for an unreadable ``step``, pointing at the steps that could be used."""

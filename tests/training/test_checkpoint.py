@@ -537,3 +537,75 @@ def test_first_line_leaves_only_orbaxs_read_wrapper_for_its_cause():
     assert _first_line(clear) == "ValueError: Topology mismatch detected: provide a target tree"
     looped = Exception("Encountered error while reading array index: (1,)")
     assert _first_line(chained(looped, looped)).startswith("Exception: Encountered")  # ends
+
+
+def test_a_step_another_checkpointer_saved_since_opening_is_not_overwritten(tmp_path, toy):
+    # orbax lists the steps when it opens the folder: a second Checkpointer (another run on
+    # the same workdir, a notebook's) then saved over a step the first had written since.
+    first = Checkpointer(tmp_path, async_save=False)
+    second = Checkpointer(tmp_path, async_save=False)
+    first.save(2, toy.state())
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=f"checkpoint step 2 already exists in {tmp_path}"):
+        second.save(2, toy.state(seed=1))
+    second.wait()
+    assert snapshot(tmp_path) == before
+    second.save(3, toy.state(seed=1))  # and other steps still save
+    first.close()
+    second.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_tree_that_differs_only_where_it_holds_no_arrays_is_incompatible_not_corrupt(
+    tmp_path, toy
+):
+    # The leaves' paths, shapes and dtypes agree, so only orbax saw the difference, and it
+    # was reported as a corrupt step, with the advice to move that (intact) step away.
+    import optax
+
+    saved = create_train_state(toy.params(), optax.chain(optax.adam(1e-3)), jax.random.key(0))
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, saved)
+        ckpt.save(2, saved._replace(params={"w": saved.params["w"], "b": [saved.params["b"]]}))
+    before = snapshot(tmp_path)
+    # A stateless transform (its state is an empty node) added to the end of the chain.
+    target = create_train_state(
+        toy.params(), optax.chain(optax.adam(1e-3), optax.clip(1.0)), jax.random.key(0)
+    )
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(IncompatibleCheckpointError) as info:
+            ckpt.restore(target, step=1)
+        message = str(info.value)
+        assert message.startswith(f"checkpoint {tmp_path / '1'} is incompatible: ")
+        assert "opt_state" in message and "nothing was restored or overwritten" in message
+        assert "corrupt" not in message and "move" not in message
+        # saved b as a list, asked for as a dict holding key "0": the same leaf path
+        with pytest.raises(IncompatibleCheckpointError, match=r"incompatible: .*params.*b"):
+            ckpt.restore_params({"w": toy.params()["w"], "b": {"0": toy.params()["b"]}}, step=2)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("leaf", [1.5, 3, "text"])
+def test_a_leaf_that_is_not_an_array_is_named_before_anything_is_written(tmp_path, toy, leaf):
+    state = toy.state()._replace(params={**toy.params(), "scale": leaf})
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(
+            ValueError, match=rf"leaf 'params/scale' is a {type(leaf).__name__} .*not an array"
+        ):
+            ckpt.save(1, state)
+        assert ckpt.all_steps() == []
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("signature", [5, None, [[1, 2]], [["params/w", 5, "float32"]]])
+def test_a_malformed_tree_signature_is_named(tmp_path, toy, signature):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, toy.state())
+    metadata = tmp_path / "1" / "meta" / "metadata"
+    meta = json.loads(metadata.read_text())
+    metadata.write_text(json.dumps(meta | {"tree_signature": signature}))
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(
+            CheckpointError, match=rf"{metadata}: its tree_signature is not a list of \[path"
+        ):
+            ckpt.restore(toy.state())
