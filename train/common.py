@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxattn.models._config import init_shapes
@@ -204,7 +205,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             # traceback ml_collections wrote into the message: its last line is the error.
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             if "Error whilst parsing config file" not in str(e) or not lines:
-                return app.parse_flags_with_usage(argv)  # absl's own report (it exits)
+                _exit_with_flags_error(e)  # absl's own report
             where = f"--config={_config_file(argv, None)}"
             print(f"error: cannot load {where}: {lines[-1]}", file=sys.stderr)
             sys.exit(2)
@@ -219,6 +220,21 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
     except _CONFIG_ERRORS as e:
         _report_config_error(e, argv)
+
+
+def _exit_with_flags_error(error: flags.Error) -> NoReturn:
+    """Report ``error`` as absl's ``app.parse_flags_with_usage`` does, and exit with status 1.
+
+    That function parses the command line again to get the error: with ``--config=FILE``
+    on it, ml_collections then defines the ``--config.<key>`` overrides a second time, and
+    a mistyped override (``--config.num_steps=abc``) or any other bad flag was reported as
+    "The flag 'config.num_steps' is defined twice".
+    """
+    message = str(error)
+    message = f"\n{textwrap.indent(message, '  ')}" if "\n" in message else f" {message}"
+    sys.stderr.write(f"FATAL Flags parsing error:{message}\n")
+    sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
 
 
 def define_config_file(default: str, help_string: str):

@@ -424,6 +424,23 @@ def test_unknown_config_key_is_an_error(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--config.num_steps=abc", "flag --config.num_steps=abc: invalid literal for int()"),
+        ("--config.model.use_bias=maybe", "Non-boolean argument to boolean flag"),
+    ],
+)
+def test_a_bad_flag_beside_a_config_file_is_named(tmp_path, flag, message):
+    """With --config=FILE on the command line, absl's report of a bad flag (parsing the
+    command line again) said "The flag 'config.num_steps' is defined twice"."""
+    proc = run_lm(f"--workdir={tmp_path / 'run'}", flag, check=False)  # (--config=tiny.py)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "defined twice" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_config_key_of_the_default_config_is_an_error(tmp_path):
     """Without --config, ml_collections loads the default config and checks the overrides
     when lm.py defines its flags, before parse_flags runs: this used to be a traceback."""
