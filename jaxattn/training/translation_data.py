@@ -152,9 +152,9 @@ def train_sentencepiece(
       A ``sentencepiece.SentencePieceProcessor``.
 
     Raises:
-      ValueError: the cached model was trained with another ``vocab_size`` or on other
-        sentences, or sentencepiece could not train one (e.g. ``vocab_size`` below the
-        number of distinct characters).
+      ValueError: the cached model is unreadable, was trained with another ``vocab_size``
+        or on other sentences, or sentencepiece could not train one (e.g. ``vocab_size``
+        below the number of distinct characters).
     """
     import sentencepiece as spm  # The train extra; only the translation data needs it.
 
@@ -187,7 +187,14 @@ def train_sentencepiece(
             ) from None
         record = {"vocab_size": vocab_size, "sentences_sha256": sentences_sha256(sentences)}
         trained_with.write_text(json.dumps(record), encoding="utf-8")
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except RuntimeError as e:  # (a cut-off or overwritten file: a traceback of its parser)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"train_sentencepiece: {model_file} is not a sentencepiece model ({reason}); "
+            "restore it, or delete it (and any checkpoints trained with it) to train anew"
+        ) from None
     # A model cached by a run with another vocab_size would otherwise be reused silently.
     # The model itself records only the size reached (below vocab_size on a small corpus).
     record = {}

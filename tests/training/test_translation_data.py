@@ -520,3 +520,15 @@ def test_translation_dataset_refuses_special_ids_in_a_target(np_rng, special):
         rf"got {special} at index 2",
     ):
         td.translation_dataset(src, tgt, **kw)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage"])
+def test_an_unreadable_sentencepiece_model_is_named(tmp_path, content):
+    """A cut or overwritten spm.model was sentencepiece's RuntimeError ("could not parse
+    ModelProto") with a traceback through train/translate.py, for training, --bleu_only and
+    --translate alike."""
+    prefix = tmp_path / "spm"
+    td.train_sentencepiece([s for p in PAIRS for s in p], prefix, vocab_size=60)
+    prefix.with_suffix(".model").write_bytes(content)
+    with pytest.raises(ValueError, match=r"spm\.model is not a sentencepiece model \("):
+        td.train_sentencepiece([], prefix, vocab_size=60)
