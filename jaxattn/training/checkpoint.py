@@ -12,8 +12,9 @@ Before any array is read, ``restore`` compares the saved signature with the targ
 raises ``IncompatibleCheckpointError`` naming the first mismatched leaf, so a workdir that
 holds another model's checkpoint is an error that deletes and overwrites nothing. Saves are
 asynchronous (orbax copies the arrays to host memory before ``save`` returns, so the
-caller may donate them to the next step). Kept: the ``max_to_keep`` latest steps, plus
-the step with the best ``best_metric`` (lowest) among those saved with metrics.
+caller may donate them to the next step). Kept: the ``max_to_keep`` most recently saved
+steps (in a run, the latest; orbax counts a step saved below a later one as the newest),
+plus the step with the best ``best_metric`` (lowest) among those saved with metrics.
 """
 
 from __future__ import annotations
@@ -439,7 +440,8 @@ class Checkpointer:
 
     Args:
       directory: the checkpoints folder (``WORKDIR/checkpoints``); steps go in ``<step>/``.
-      max_to_keep: how many of the latest steps to keep (None keeps all).
+      max_to_keep: how many of the most recently saved steps to keep (None keeps all):
+        with steps 4 and 5 kept, ``save(3)`` removes 4, and ``restore()`` still takes 5.
       best_metric: metric name (lower is better) whose best step is kept as well; None to
         keep only the latest.
       async_save: write in a background thread; ``wait()``/``close()`` joins it.
