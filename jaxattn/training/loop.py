@@ -87,6 +87,40 @@ def _all_finite_on_device(leaves: list[jax.Array]) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] + [jnp.bool_(True)]))
 
 
+def _checked_loss_fn(loss_fn: LossFn, caller: str) -> LossFn:
+    """``loss_fn`` that checks, while tracing, that it returns ``(loss, aux)`` of scalars.
+
+    ``Mean`` totals are summed on the host, so a per-row loss or a vector in ``aux`` was
+    logged as the sum of its elements (an eval loss of shape [B], B times the mean), and an
+    ``aux`` key ``"loss"`` replaced the loss itself as ``train_loss`` / ``val_loss``.
+    """
+
+    def checked(params: Any, batch: Batch, rng: jax.Array | None):
+        loss, aux = loss_fn(params, batch, rng)
+        if not isinstance(aux, Mapping):
+            raise ValueError(
+                f"{caller}: loss_fn must return (loss, aux) with aux a dict of scalars, got "
+                f"aux of type {type(aux).__name__}"
+            )
+        if "loss" in aux:
+            raise ValueError(
+                f"{caller}: loss_fn's aux has the key 'loss', which would replace the loss "
+                f"itself in the metrics; name it otherwise"
+            )
+        named = [
+            ("loss (a mean over the batch)", loss),
+            *((f"aux[{k!r}]", v) for k, v in aux.items()),
+        ]
+        for name, value in named:
+            if jnp.ndim(value) != 0:
+                raise ValueError(
+                    f"{caller}: loss_fn's {name} must be a scalar, got shape {jnp.shape(value)}"
+                )
+        return loss, aux
+
+    return checked
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -117,7 +151,7 @@ def make_train_step(
     those shardings from step to step and returns replicated metrics.
     """
     k = check_size(grad_accum_steps, "grad_accum_steps", "make_train_step")
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(_checked_loss_fn(loss_fn, "train_step"), has_aux=True)
 
     def split(x: jax.Array) -> jax.Array:
         if jnp.ndim(x) == 0:  # (x.shape[0] raised a bare IndexError)
@@ -192,8 +226,10 @@ def make_eval_step(
     ``params_sharding`` and ``batch_sharding`` place it on a mesh as in ``make_train_step``.
     """
 
+    checked_loss_fn = _checked_loss_fn(loss_fn, "eval_step")
+
     def eval_step(params: Any, batch: Batch) -> dict[str, Mean]:
-        loss, aux = loss_fn(params, batch, None)
+        loss, aux = checked_loss_fn(params, batch, None)
         weight = jnp.float32(1) if weight_fn is None else jnp.asarray(weight_fn(batch), jnp.float32)
         # (where: a batch of weight 0 adds nothing, even if its loss is NaN)
         weighted = lambda value: Mean(jnp.where(weight > 0, value, 0.0) * weight, weight)
@@ -361,6 +397,13 @@ class Trainer:
         self.batch_sharding = batch_sharding
         self.primary = jax.process_index() == 0
         self.say = (tqdm.write if loop.progress else print) if self.primary else _silent
+        if loop.eval_batches > 0 and (eval_step is None) != (eval_data is None):
+            # (it evaluated nothing, and keep_best never saved, without a word)
+            given, missing = ("eval_step", "eval_data")[:: 1 if eval_data is None else -1]
+            raise ValueError(
+                f"fit: loop.eval_batches={loop.eval_batches} with {given} but no {missing}: "
+                f"pass both to evaluate, or eval_batches=0 not to"
+            )
         self.evaluating = eval_step is not None and eval_data is not None and loop.eval_batches > 0
 
     def fit(self, state: TrainState, train_iter: Iterator[Batch]) -> FitResult:
@@ -479,7 +522,10 @@ class Trainer:
                 try:
                     batch = self._place(next(self.train_iter))
                 except StopIteration:
-                    raise RuntimeError(f"train_iter ran out at step {self.step}") from None
+                    self._stop(
+                        RuntimeError,
+                        f"train_iter ran out at step {self.step} of num_steps={loop.num_steps}",
+                    )
                 tokens = self._count_tokens(batch)
                 self.state, metrics = self.train_step(self.state, batch)
                 self.step += 1
@@ -629,13 +675,17 @@ class Trainer:
         return means
 
     def _stop_non_finite(self, what: str) -> None:
+        self._stop(NonFiniteLossError, what, good=" good")
+
+    def _stop(self, error: type[Exception], what: str, good: str = "") -> None:
+        """Raise ``error`` naming ``what`` and the last checkpoint (once it is written)."""
         self.ckpt.wait()
         kept = self.ckpt.latest_step()
         where = "none" if kept is None else f"step {kept} in {self.ckpt.directory}"
-        raise NonFiniteLossError(
-            f"{what}: training stopped. Nothing was saved after it; the last good "
+        raise error(
+            f"{what}: training stopped. Nothing was saved after it; the last{good} "
             f"checkpoint is {where}."
-        )
+        ) from None
 
 
 def _abstract_leaves(tree: Any) -> list[str]:
@@ -686,7 +736,8 @@ def fit(
         resume, so the resume is not exact).
       workdir: holds ``checkpoints/<step>/``, ``metrics.jsonl`` and ``tb/``.
       loop: when to evaluate, log and checkpoint.
-      eval_step: from ``make_eval_step``; used with ``eval_data``.
+      eval_step: from ``make_eval_step``; used with ``eval_data`` (one without the other is
+        a ``ValueError`` unless ``loop.eval_batches`` is 0).
       eval_data: returns a fresh iterator over validation batches (the same ones each time).
       tokens_per_step: the tokens a step trains on, for tokens/s: an int, or a function of
         the (global) batch, called on every step, that reads shapes only (a value would
@@ -711,6 +762,9 @@ def fit(
         before the first step).
       ValueError: ``metadata`` holds a value JSON cannot hold (checked before the first step),
         or a batch's rows do not split over ``batch_sharding`` (``sharding.global_batch``).
+      RuntimeError: ``train_iter`` ran out before ``num_steps`` (names the step and the last
+        checkpoint; the steps after it are not saved), or ``eval_data`` held fewer than
+        ``eval_batches`` batches.
     """
     trainer = Trainer(
         train_step,

@@ -177,6 +177,44 @@ def test_eval_step_is_deterministic_loss(toy):
     assert set(metrics) == {"val_loss", "val_mae"}
 
 
+@pytest.mark.parametrize("step_kind", ["train", "eval"])
+def test_a_loss_fn_returning_non_scalars_or_an_aux_loss_is_named(toy, step_kind):
+    """Mean totals are summed on the host: a per-row eval loss was logged as B times the
+    mean (the sum of its rows), a vector aux as the sum of its elements, and an aux key
+    'loss' silently replaced the loss as train_loss / val_loss."""
+
+    def make(loss_fn):
+        if step_kind == "train":
+            step = make_train_step(loss_fn, toy.optimizer())
+            return lambda batch: step(toy.state(), batch)
+        step = make_eval_step(loss_fn)
+        return lambda batch: step(toy.params(), batch)
+
+    def per_row(params, batch, rng):
+        err = (batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2  # [B, 1]
+        return err[:, 0], {}
+
+    def vector_aux(params, batch, rng):
+        loss, _ = toy.loss(params, batch, rng)
+        return loss, {"abs_x": jnp.mean(jnp.abs(batch["x"]), axis=0)}  # [D]
+
+    def aux_named_loss(params, batch, rng):
+        loss, _ = toy.loss(params, batch, rng)
+        return loss + 1.0, {"loss": loss}
+
+    batch = next(toy.iterator())
+    checks = [
+        (vector_aux, r"loss_fn's aux\['abs_x'\] must be a scalar, got shape \(5,\)"),
+        (aux_named_loss, r"aux has the key 'loss'"),
+        (lambda p, b, r: (toy.loss(p, b, r)[0], None), r"aux a dict.*got aux of type NoneType"),
+    ]
+    if step_kind == "eval":  # (grad refuses a non-scalar loss itself)
+        checks.append((per_row, r"eval_step: loss_fn's loss .* must be a scalar, got shape \(6,\)"))
+    for loss_fn, message in checks:
+        with pytest.raises(ValueError, match=message):
+            make(loss_fn)(batch)
+
+
 def test_eval_step_weights_each_batch_by_weight_fn(tmp_path, toy):
     """With weight_fn the evaluation is the mean over what the weights count (a masked
     loss's tokens), not the mean of the batch means: batches of 1 and 3 counted tokens
@@ -1119,6 +1157,36 @@ def test_short_evaluation_data_is_named(tmp_path, toy):
     one_batch = lambda: iter([next(data.batch_iterator(toy.dataset(1)))])
     with pytest.raises(RuntimeError, match=r"eval_data ran out after 1 of loop.eval_batches=3 "):
         _fit(toy, tmp_path, num_steps=2, eval_data=one_batch, eval_batches=3)
+
+
+def test_training_data_that_runs_out_names_the_step_and_the_last_checkpoint(tmp_path, toy):
+    """A finite dataset shorter than num_steps: the error said only the step, not that the
+    steps since the last checkpoint were lost, nor which checkpoint a rerun resumes from."""
+    five = grain.MapDataset.range(5).random_map(toy.Regression(), seed=0)
+    message = r"train_iter ran out at step 5 of num_steps=8: .*last checkpoint is step 3 in "
+    with pytest.raises(RuntimeError, match=message):
+        _fit(toy, tmp_path, num_steps=8, dataset=five, checkpoint_every=3, eval_batches=0)
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [3]
+
+
+def test_an_eval_step_without_eval_data_or_the_reverse_is_named(tmp_path, toy):
+    """Either alone evaluated nothing, and keep_best never saved, without a word."""
+    optimizer = toy.optimizer()
+    for given, missing, kwargs in [
+        ("eval_step", "eval_data", {"eval_step": make_eval_step(toy.loss)}),
+        ("eval_data", "eval_step", {"eval_data": lambda: toy.iterator(1)}),
+    ]:
+        with pytest.raises(ValueError, match=rf"eval_batches=2 with {given} but no {missing}"):
+            fit(
+                create_train_state(toy.params(), optimizer, jax.random.key(7)),
+                make_train_step(toy.loss, optimizer),
+                toy.iterator(),
+                workdir=tmp_path,
+                loop=LoopConfig(num_steps=2, eval_batches=2, progress=False),
+                **kwargs,
+            )
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing trained or made
 
 
 def test_an_eval_step_without_val_loss_is_named(tmp_path, toy):
