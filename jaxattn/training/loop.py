@@ -397,6 +397,12 @@ class Trainer:
         self.batch_sharding = batch_sharding
         self.primary = jax.process_index() == 0
         self.say = (tqdm.write if loop.progress else print) if self.primary else _silent
+        if eval_data is not None and not callable(eval_data):  # (an iterator ends after one use)
+            raise TypeError(
+                "fit: eval_data must be a function returning a fresh iterator over the "
+                f"validation batches (e.g. lambda: iter(val_batches)), got a "
+                f"{type(eval_data).__name__}"
+            )
         if loop.eval_batches > 0 and (eval_step is None) != (eval_data is None):
             # (it evaluated nothing, and keep_best never saved, without a word)
             given, missing = ("eval_step", "eval_data")[:: 1 if eval_data is None else -1]
@@ -408,6 +414,11 @@ class Trainer:
 
     def fit(self, state: TrainState, train_iter: Iterator[Batch]) -> FitResult:
         loop = self.loop
+        if not hasattr(train_iter, "__next__"):  # (else "'list' object is not an iterator")
+            raise TypeError(
+                f"fit: train_iter must be an iterator of batches, got a {type(train_iter).__name__}"
+                " (iter() a list; a grain dataset's iterator keeps its position in checkpoints)"
+            )
         ckpt_dir = self.workdir / "checkpoints"
         # A finished run only reads its checkpoint, so it may sit in a read-only folder.
         finished = False
@@ -592,7 +603,7 @@ class Trainer:
         self.eval_step_done = self.step
 
     def _evaluate(self) -> dict[str, float]:
-        batches = self.eval_data()
+        batches = iter(self.eval_data())  # (a list of batches too)
         params = self.state.params
         means = []
         for i in range(self.loop.eval_batches):
@@ -738,7 +749,8 @@ def fit(
       loop: when to evaluate, log and checkpoint.
       eval_step: from ``make_eval_step``; used with ``eval_data`` (one without the other is
         a ``ValueError`` unless ``loop.eval_batches`` is 0).
-      eval_data: returns a fresh iterator over validation batches (the same ones each time).
+      eval_data: a function returning a fresh iterator (or list) of validation batches, the
+        same ones each time.
       tokens_per_step: the tokens a step trains on, for tokens/s: an int, or a function of
         the (global) batch, called on every step, that reads shapes only (a value would
         wait for the device), e.g. ``lambda b: b["targets"].size``. Default: the size of

@@ -1,6 +1,7 @@
 """The loop: jitted steps, gradient accumulation, fit, NaN guard, exact resume, SIGTERM."""
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -1187,6 +1188,28 @@ def test_an_eval_step_without_eval_data_or_the_reverse_is_named(tmp_path, toy):
                 **kwargs,
             )
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing trained or made
+
+
+def test_train_iter_and_eval_data_of_the_wrong_kind_are_named(tmp_path, toy):
+    # Their errors were "'list' object is not an iterator" and "... is not callable".
+    optimizer = toy.optimizer()
+    batches = list(itertools.islice(toy.iterator(), 4))
+    run = lambda train_iter, **kwargs: fit(
+        create_train_state(toy.params(), optimizer, jax.random.key(7)),
+        make_train_step(toy.loss, optimizer),
+        train_iter,
+        workdir=tmp_path / "run",
+        loop=LoopConfig(num_steps=2, eval_batches=1, progress=False),
+        eval_step=make_eval_step(toy.loss),
+        **kwargs,
+    )
+    with pytest.raises(TypeError, match=r"fit: train_iter must be an iterator .*got a list"):
+        run(batches, eval_data=lambda: iter(batches))
+    with pytest.raises(TypeError, match=r"fit: eval_data must be a function .*got a list_iter"):
+        run(iter(batches), eval_data=iter(batches))
+    assert not (tmp_path / "run").exists()
+    result = run(iter(batches), eval_data=lambda: batches)  # a list of batches evaluates
+    assert "val_loss" in result.last_eval
 
 
 def test_an_eval_step_without_val_loss_is_named(tmp_path, toy):
