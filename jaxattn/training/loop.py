@@ -13,7 +13,8 @@ reduced on the host (see ``metrics.py``).
 ``fit`` resumes from the latest checkpoint in the workdir, shows a tqdm bar with loss and
 tokens/s, evaluates, logs, checkpoints, stops with ``NonFiniteLossError`` when a loss,
 gradient norm or the state to be saved is not finite (saving nothing after the last good
-checkpoint), and on SIGTERM/SIGINT saves a checkpoint at the current step and returns.
+checkpoint), and on SIGTERM/SIGINT saves a checkpoint at the current step and returns
+(when it runs in the main thread: Python delivers signals to that thread only).
 """
 
 from __future__ import annotations
