@@ -68,6 +68,10 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     if not devices:  # (the size check below failed with an IndexError naming nothing)
         raise ValueError("make_mesh: devices is empty; pass at least one device (or None)")
+    # (a repeat made a mesh, and global_batch then failed asking for twice the batch's rows)
+    if len(set(devices)) < len(devices):
+        repeated = sorted({str(d) for d in devices if devices.count(d) > 1})
+        raise ValueError(f"make_mesh: devices lists {', '.join(repeated)} more than once")
     given = {"data": data, "fsdp": fsdp, "tensor": tensor}
     # (as_size refuses bools, which would read as 1; a NumPy integer from a config file is a
     # size like any int)
@@ -123,7 +127,8 @@ def leaf_spec(
     dimension and is not used by an earlier dimension of the same leaf.
 
     Raises:
-      ValueError: a rule names more axes than the leaf has.
+      ValueError: a rule names more axes than the leaf has, or ``logical_to_mesh`` maps a
+        name to an axis the mesh does not have.
     """
     match = next(((p, names) for p, names in rules if re.search(p, path)), None)
     if match is None:
@@ -138,6 +143,11 @@ def leaf_spec(
     spec, used = [], set()
     for dim, name in zip(shape, padded, strict=True):
         axis = logical_to_mesh.get(name) if name is not None else None
+        if axis is not None and axis not in mesh.shape:  # (a bare KeyError named the axis only)
+            raise ValueError(
+                f"logical axis {name!r} of {path} maps to mesh axis {axis!r}, but the mesh's "
+                f"axes are {tuple(mesh.shape)}"
+            )
         size = mesh.shape[axis] if axis is not None else 1
         if axis is None or size == 1 or dim % size or axis in used:
             spec.append(None)
@@ -159,16 +169,32 @@ def tree_shardings(
 
     Pass the whole ``TrainState``: optimizer moments live under paths that end like their
     parameter's (``opt_state/.../mu/blocks/attn/w_q``), so they shard like it; leaves no
-    rule matches (step, PRNG key, counters, norms) are replicated.
+    rule matches (step, PRNG key, counters, norms) are replicated, and so is optimizer
+    state of fewer axes than its parameter's rule names (Adafactor's factored ``v_row`` /
+    ``v_col``, ``[1]`` for a parameter it does not factor).
     """
 
     def sharding(path, leaf):
-        spec = leaf_spec(path_string(path), tuple(np.shape(leaf)), rules, mesh, logical_to_mesh)
+        name, shape = path_string(path), tuple(np.shape(leaf))
+        try:
+            spec = leaf_spec(name, shape, rules, mesh, logical_to_mesh)
+        except ValueError:
+            # (a rule describes the parameter: the error is for a parameter it does not fit;
+            # optax.adafactor's state made every TrainState fail, on one device too)
+            if "opt_state" not in name.split("/") or not _rule_longer_than(name, shape, rules):
+                raise
+            spec = PartitionSpec()
         return NamedSharding(mesh, spec)
 
     shardings = jax.tree_util.tree_map_with_path(sharding, tree)
     _warn_about_idle_axes(shardings, mesh, logical_to_mesh)
     return shardings
+
+
+def _rule_longer_than(path: str, shape: tuple[int, ...], rules: Rules) -> bool:
+    """Whether the first rule matching ``path`` names more axes than ``shape`` has."""
+    match = next((names for p, names in rules if re.search(p, path)), None)
+    return match is not None and len(match) > len(shape)
 
 
 def _warn_about_idle_axes(shardings: Any, mesh: Mesh, logical_to_mesh: Mapping[str, str]) -> None:
@@ -232,17 +258,20 @@ def process_batch_slice(
 ) -> slice:
     """The rows of a ``[global_batch_size, ...]`` batch that this process's devices hold.
 
-    With the batch split over ``data`` x ``fsdp`` and devices grouped by process, they are
-    one contiguous range; a process loads only those rows.
+    With the batch split over ``data`` x ``fsdp`` (or the mesh axes that ``sharding``'s
+    spec names for the rows, as ``global_batch`` reads them) and devices grouped by
+    process, they are one contiguous range; a process loads only those rows.
 
     Raises:
       ValueError: the batch does not split evenly over the devices (the error names the
         size as ``name``), or this process's rows are not contiguous.
     """
-    shards = math.prod(sharding.mesh.shape[a] for a in BATCH_AXES)
+    # (the axes of the spec, not BATCH_AXES: a batch over `data` alone was refused when
+    # data x fsdp did not divide it, and one over all three axes met JAX's IndivisibleError)
+    axes, shards, _ = _row_blocks(sharding)
     if global_batch_size % shards:
         raise ValueError(
-            f"{name} {global_batch_size} does not split over data x fsdp = {shards} devices"
+            f"{name} {global_batch_size} does not split over {' x '.join(axes)} = {shards} devices"
         )
     index_map = sharding.addressable_devices_indices_map((global_batch_size,))
     rows = sorted({(s[0].start or 0, s[0].stop or global_batch_size) for s in index_map.values()})

@@ -9,6 +9,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
@@ -17,6 +18,7 @@ from jaxattn.models.partitioning import SEQ2SEQ_RULES, TRANSFORMER_RULES
 from jaxattn.models.seq2seq import Seq2SeqConfig, init_seq2seq
 from jaxattn.training import data, sharding, translation_data
 from jaxattn.training.metrics import MetricsWriter
+from jaxattn.training.state import create_train_state
 
 MESH_222 = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
 RULES = (
@@ -223,6 +225,40 @@ def test_global_batch_names_a_scalar_leaf():
     local = {"inputs": np.zeros((2, 3), np.int32), "temperature": np.float32(1.0)}
     with pytest.raises(ValueError, match=r"global_batch: batch leaf temperature is a scalar"):
         sharding.global_batch(local, batch_sharding)
+
+
+def test_adafactor_state_shards_and_a_rule_too_long_for_a_parameter_is_still_refused():
+    """Adafactor keeps ``v_row``/``v_col`` of fewer axes than the parameter (``[1]`` for one
+    it does not factor): tree_shardings refused every such TrainState, also on one device
+    ("partition rule 'embedding/table$' names 2 axes ... opt_state/0/v_row/... (1,)")."""
+    state = jax.eval_shape(
+        lambda: create_train_state(
+            gpt.init_gpt(jax.random.key(0), gpt.GPTConfig(65, 8, 2, 4, 16)),
+            optax.adafactor(1e-2),
+            jax.random.key(1),
+        )
+    )
+    specs = sharding.tree_shardings(state, TRANSFORMER_RULES, MESH_222)
+    assert specs.params.blocks.attn.w_q.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert specs.opt_state[0].v_row.token_embedding.table.spec == PartitionSpec()
+    vector = {"head": {"w": jax.ShapeDtypeStruct((16,), jnp.float32)}}  # rule: [D, V]
+    too_short = {"params": vector, "opt_state": {"mu": vector}}
+    with pytest.raises(ValueError, match=r"names 2 axes .* params/head/w has shape \(16,\)"):
+        sharding.tree_shardings(too_short, TRANSFORMER_RULES, MESH_222)
+
+
+def test_leaf_spec_names_a_logical_axis_mapped_to_an_axis_the_mesh_lacks():
+    # A typo in logical_to_mesh was a bare "KeyError: 'fdsp'".
+    with pytest.raises(ValueError, match=r"'embed' of a/w maps to mesh axis 'fdsp'.*'data'"):
+        sharding.leaf_spec("a/w", (4, 4), [("w$", ("embed",))], MESH_222, {"embed": "fdsp"})
+
+
+def test_make_mesh_refuses_a_device_listed_twice():
+    # The mesh was made; global_batch then failed asking for a global shape of 8 rows
+    # for a batch of 4, naming no device.
+    device = jax.devices()[0]
+    with pytest.raises(ValueError, match=rf"make_mesh: devices lists {device} more than once"):
+        sharding.make_mesh(2, 1, 1, devices=[device, device])
 
 
 def test_make_mesh_refuses_an_empty_device_list():

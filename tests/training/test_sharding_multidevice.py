@@ -98,6 +98,30 @@ def test_mesh_sizes_and_batch_rows_on_8_devices(run_on_8_devices):
     assert out["named"] == "config.batch_size 6 does not split over data x fsdp = 4 devices"
 
 
+ROW_AXES = """
+import json
+from jax.sharding import NamedSharding, PartitionSpec
+from jaxattn.training import sharding
+mesh = sharding.make_mesh(2, 2, 2)
+rows = sharding.process_batch_slice(NamedSharding(mesh, PartitionSpec("data")), 6)
+out = {"data": [rows.start, rows.stop]}
+try:
+    sharding.process_batch_slice(NamedSharding(mesh, PartitionSpec(sharding.MESH_AXES)), 4)
+except ValueError as e:
+    out["all"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_process_batch_slice_splits_the_rows_over_the_axes_of_the_sharding(run_on_8_devices):
+    """A batch over data alone (6 rows over data=2, which global_batch places) was refused
+    as not splitting over data x fsdp = 4; one over all 8 devices met JAX's own
+    IndivisibleError naming neither the batch size nor the axes."""
+    out = run_on_8_devices(["-c", ROW_AXES], timeout=300)
+    assert out["data"] == [0, 6]
+    assert out["all"] == "batch size 4 does not split over data x fsdp x tensor = 8 devices"
+
+
 IDLE_AXIS = """
 import json, warnings, jax
 from jaxattn.models import gpt
