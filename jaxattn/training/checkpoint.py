@@ -624,6 +624,9 @@ class Checkpointer:
             # orbax lists the steps when it opens the folder: one saved since (by another
             # Checkpointer on it) its forced save replaced. (A save that did not finish on an
             # object store, not listed after the reload either, orbax replaces as before.)
+            # The reload lists the folder: this one's own save still in flight (a temporary
+            # folder until it commits) would drop out of all_steps and max_to_keep.
+            self._manager.wait_until_finished()
             self._manager.reload()
         if step in self._manager.all_steps():
             raise ValueError(f"checkpoint step {step} already exists in {self.directory}")

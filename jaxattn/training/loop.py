@@ -113,6 +113,12 @@ def _checked_loss_fn(loss_fn: LossFn, caller: str) -> LossFn:
             *((f"aux[{k!r}]", v) for k, v in aux.items()),
         ]
         for name, value in named:
+            # (jnp.ndim reads a dict or None as 0-d: a nested aux then failed at the first
+            # log, after training, as "float() argument must be ... not 'dict'")
+            if not (hasattr(value, "shape") or isinstance(value, (int, float, complex, np.number))):
+                raise ValueError(
+                    f"{caller}: loss_fn's {name} must be a scalar, got a {type(value).__name__}"
+                )
             if jnp.ndim(value) != 0:
                 raise ValueError(
                     f"{caller}: loss_fn's {name} must be a scalar, got shape {jnp.shape(value)}"

@@ -555,6 +555,21 @@ def test_a_step_another_checkpointer_saved_since_opening_is_not_overwritten(tmp_
     second.close()
 
 
+def test_the_reload_for_a_step_saved_elsewhere_keeps_this_checkpointers_own_save(tmp_path):
+    # save() reloads orbax's list of steps when the step's folder appeared since it opened;
+    # a save of its own still in flight (a temporary folder) then dropped out of the list.
+    other = Checkpointer(tmp_path, async_save=False)
+    ckpt = Checkpointer(tmp_path, async_save=True)
+    other.save(5, {"w": jnp.ones(3)})
+    ckpt.save(4, {"w": jnp.ones((2048, 2048))})  # (16 MB: still writing at the next save)
+    with pytest.raises(ValueError, match="checkpoint step 5 already exists"):
+        ckpt.save(5, {"w": jnp.ones(3)})
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 5]
+    other.close()
+    ckpt.close()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_tree_that_differs_only_where_it_holds_no_arrays_is_incompatible_not_corrupt(
     tmp_path, toy

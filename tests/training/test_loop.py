@@ -203,11 +203,17 @@ def test_a_loss_fn_returning_non_scalars_or_an_aux_loss_is_named(toy, step_kind)
         loss, _ = toy.loss(params, batch, rng)
         return loss + 1.0, {"loss": loss}
 
+    def nested_aux(params, batch, rng):
+        loss, _ = toy.loss(params, batch, rng)
+        return loss, {"grads": {"w": jnp.sum(params["w"])}}
+
     batch = next(toy.iterator())
     checks = [
         (vector_aux, r"loss_fn's aux\['abs_x'\] must be a scalar, got shape \(5,\)"),
         (aux_named_loss, r"aux has the key 'loss'"),
         (lambda p, b, r: (toy.loss(p, b, r)[0], None), r"aux a dict.*got aux of type NoneType"),
+        # (jnp.ndim reads a dict as 0-d: fit failed at its first log, after training)
+        (nested_aux, r"loss_fn's aux\['grads'\] must be a scalar, got a dict"),
     ]
     if step_kind == "eval":  # (grad refuses a non-scalar loss itself)
         checks.append((per_row, r"eval_step: loss_fn's loss .* must be a scalar, got shape \(6,\)"))
