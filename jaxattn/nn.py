@@ -186,7 +186,21 @@ class WeightsModule(nnx.Module):
         ``from_weights`` of a ``jax.eval_shape`` tree) holds ``ShapeDtypeStruct``s, which
         cannot be indexed; its pure tree is then the shapes (a ``load_safetensors`` template).
         """
-        return jax.tree.map(lambda p: p.get_value(), self.weights, is_leaf=_is_param)
+        return jax.tree.map(self._value_of, self.weights, is_leaf=_is_param)
+
+    def _value_of(self, param: Any) -> Any:
+        if not _is_param(param):
+            # ``module.weights = tree`` of plain arrays (as in Flax, an attribute set to an
+            # array is no Param: nnx.state and an optimizer no longer see it); the call then
+            # failed as "'ArrayImpl' object has no attribute 'get_value'".
+            name = type(self).__name__
+            raise TypeError(
+                f"{name}.weights holds a leaf of type {type(param).__name__}, not an "
+                f"nnx.Param (a pure tree assigned to .weights?): build "
+                f"{name}.from_weights(tree), or nnx.update(module, "
+                f"nnx.state({name}.from_weights(tree)))"
+            )
+        return param.get_value()
 
 
 class _DropoutModule(WeightsModule):

@@ -832,3 +832,17 @@ def test_an_orbax_checkpoint_of_a_module_restores_into_an_abstract_one(cls, tmp_
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_pure_tree_assigned_to_weights_is_named_with_the_way_to_do_it(rng):
+    # As in Flax, an attribute set to arrays holds no nnx.Param; the call failed as
+    # "'ArrayImpl' object has no attribute 'get_value'", naming neither module nor cause.
+    module = nn.MultiHeadAttention(12, 3, rngs=nnx.Rngs(0))
+    new = attention_ops.init_multi_head_attention(rng, 12, 3)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 12))
+    nnx.update(module, nnx.state(nn.MultiHeadAttention.from_weights(new)))  # the way named
+    np.testing.assert_array_equal(module(x), attention_ops.multi_head_attention(new, x))
+    module.weights = new
+    message = r"MultiHeadAttention.weights holds .* not an nnx.Param .*\.from_weights\(tree\)"
+    with pytest.raises(TypeError, match=message):
+        module(x)
