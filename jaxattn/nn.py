@@ -85,6 +85,20 @@ def _holds_params(weights: Any) -> bool:
     return any(map(_is_param, jax.tree.leaves(weights, is_leaf=_is_param)))
 
 
+def _stacked_hint(weights: Any) -> str:
+    """A hint for an error about ``weights`` when every leaf has the same leading size, as
+    in the stacked tree of an ``nnx.vmap`` ensemble (its size was read as a module size)."""
+    shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(weights)]
+    if not shapes or not all(shapes) or len({shape[0] for shape in shapes}) != 1:
+        return ""
+    if len(shapes) == 1 and len(shapes[0]) < 3:  # (one matrix: its rows are no stack)
+        return ""
+    return (
+        f" (every weight has the leading size {shapes[0][0]}: a stacked tree, such as an "
+        "nnx.vmap ensemble's? build those modules inside nnx.vmap(Module.from_weights))"
+    )
+
+
 def _check_fits(name: str, weights: Any, expected: Any, sizes: dict[str, Any]) -> None:
     """Raise unless ``weights`` has the tree and shapes of the module its sizes describe.
 
@@ -106,7 +120,7 @@ def _check_fits(name: str, weights: Any, expected: Any, sizes: dict[str, Any]) -
         if shape != expected_shape:
             raise ValueError(
                 f"{name}.from_weights: weight {path} has shape {shape}, but the sizes read "
-                f"off the others ({sizes}) give {expected_shape}"
+                f"off the others ({sizes}) give {expected_shape}{_stacked_hint(weights)}"
             )
 
 
@@ -157,6 +171,7 @@ class WeightsModule(nnx.Module):
             raise TypeError(
                 f"{cls.__name__}.from_weights: expected the pure weights tree of a "
                 f"{cls.__name__} (e.g. module.pure_weights()), got {type(weights).__name__}: {e}"
+                f"{_stacked_hint(weights)}"
             ) from e
         # Options the weights fix failed as "got multiple values for keyword argument", or for
         # MultiHeadAttention's dtype= (param_dtype's old name) as "got dtype= and param_dtype=",

@@ -846,3 +846,26 @@ def test_a_pure_tree_assigned_to_weights_is_named_with_the_way_to_do_it(rng):
     message = r"MultiHeadAttention.weights holds .* not an nnx.Param .*\.from_weights\(tree\)"
     with pytest.raises(TypeError, match=message):
         module(x)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rngs: nn.MultiHeadAttention(12, 3, rngs=rngs),  # fails in _sizes
+        lambda rngs: nn.LSTM(12, 7, rngs=rngs),  # sizes read wrong, fails in the fit check
+    ],
+)
+def test_from_weights_of_an_ensembles_stacked_tree_says_so(make):
+    # The ensemble axis was read as a size: "too many values to unpack" or an LSTM "of
+    # hidden size 4", with nothing about the stack; inside nnx.vmap it builds exactly.
+    @nnx.split_rngs(splits=4)
+    @nnx.vmap
+    def ensemble(rngs):
+        return make(rngs)
+
+    stacked = ensemble(nnx.Rngs(0)).pure_weights()
+    cls = type(make(nnx.Rngs(0)))
+    with pytest.raises((TypeError, ValueError), match=r"every weight has the leading size 4: "):
+        cls.from_weights(stacked)
+    rebuilt = nnx.vmap(cls.from_weights)(stacked)
+    _leaves_equal(rebuilt.pure_weights(), stacked)
