@@ -346,7 +346,9 @@ class _StopOnSignal:
         self.multihost = jax.process_count() > 1
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if signal.SIGINT in self._old:  # A second Ctrl-C kills as usual.
+        # A second Ctrl-C kills as usual; a Ctrl-C after a SIGTERM still waits for the save
+        # (it raised KeyboardInterrupt before the checkpoint was written).
+        if signum == signal.SIGINT and signal.SIGINT in self._old:
             signal.signal(signal.SIGINT, self._old[signal.SIGINT])
         if self.multihost:  # (SIGINT only) every host stops at the step they agree on
             os.kill(os.getpid(), signal.SIGTERM)

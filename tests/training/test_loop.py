@@ -774,6 +774,24 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, toy):
     assert int(restored.step) == step
 
 
+def test_a_ctrl_c_after_a_sigterm_still_waits_for_the_save():
+    """The first signal gave SIGINT its old handler back, so a Ctrl-C right after a
+    SIGTERM raised KeyboardInterrupt before the checkpoint; a second Ctrl-C still kills."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("fit handles signals in the main thread only")
+    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with loop_module._StopOnSignal() as stop:
+            stop._handle(signal.SIGTERM, None)
+            assert signal.getsignal(signal.SIGINT) == stop._handle
+            stop._handle(signal.SIGINT, None)
+            assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
 def test_an_ignored_sigint_stays_ignored_while_training():
     """A script's background job starts with SIGINT ignored (Ctrl-C is for the foreground
     job): fit keeps it so, and still saves on SIGTERM."""
