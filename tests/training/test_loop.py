@@ -774,75 +774,66 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, toy):
     assert int(restored.step) == step
 
 
-def test_a_ctrl_c_after_a_sigterm_still_waits_for_the_save():
+@pytest.fixture
+def signal_handlers():
+    """The SIGINT and SIGTERM handlers as they were, put back after the test, which runs
+    only in the main thread (where fit handles signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("fit handles signals in the main thread only")
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield old
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
+def test_a_ctrl_c_after_a_sigterm_still_waits_for_the_save(signal_handlers):
     """The first signal gave SIGINT its old handler back, so a Ctrl-C right after a
     SIGTERM raised KeyboardInterrupt before the checkpoint; a second Ctrl-C still kills."""
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("fit handles signals in the main thread only")
-    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        with loop_module._StopOnSignal() as stop:
-            stop._handle(signal.SIGTERM, None)
-            assert signal.getsignal(signal.SIGINT) == stop._handle
-            stop._handle(signal.SIGINT, None)
-            assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with loop_module._StopOnSignal() as stop:
+        stop._handle(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+        stop._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 
-def test_an_ignored_sigint_stays_ignored_while_training():
+def test_an_ignored_sigint_stays_ignored_while_training(signal_handlers):
     """A script's background job starts with SIGINT ignored (Ctrl-C is for the foreground
     job): fit keeps it so, and still saves on SIGTERM."""
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("fit handles signals in the main thread only")
-    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with loop_module._StopOnSignal() as stop:
-            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-            assert signal.getsignal(signal.SIGTERM) == stop._handle
-            stop._handle(signal.SIGTERM, None)  # as a SIGTERM would
-            assert stop.signal_name == "SIGTERM"
-            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with loop_module._StopOnSignal() as stop:
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) == old_term
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        with loop_module._StopOnSignal() as stop:  # otherwise both are caught
-            assert signal.getsignal(signal.SIGINT) == stop._handle
-        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        stop._handle(signal.SIGTERM, None)  # as a SIGTERM would
+        assert stop.signal_name == "SIGTERM"
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) == signal_handlers[signal.SIGTERM]
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with loop_module._StopOnSignal() as stop:  # otherwise both are caught
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 
-def test_ctrl_c_on_one_of_several_processes_is_a_preemption_notice():
+def test_ctrl_c_on_one_of_several_processes_is_a_preemption_notice(signal_handlers):
     """With several processes SIGTERM stays with JAX's preemption service, and a SIGINT is
     passed on to it as a SIGTERM, so that every process stops at the same step and saves:
     a KeyboardInterrupt on one left the others waiting in a collective for minutes."""
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("fit handles signals in the main thread only")
-    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     notices = []  # stands in for the preemption service's own SIGTERM handler
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, lambda signum, frame: notices.append(signum))
-        service = signal.getsignal(signal.SIGTERM)
-        stop = loop_module._StopOnSignal()
-        stop.multihost = True  # as after jax.distributed.initialize with 2+ processes
-        with stop:
-            assert signal.getsignal(signal.SIGTERM) is service
-            assert signal.getsignal(signal.SIGINT) == stop._handle
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C
-            assert notices == [signal.SIGTERM]
-            assert stop.signal_name is None  # the agreed step stops it, in poll
-            assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # 2nd kills
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: notices.append(signum))
+    service = signal.getsignal(signal.SIGTERM)
+    stop = loop_module._StopOnSignal()
+    stop.multihost = True  # as after jax.distributed.initialize with 2+ processes
+    with stop:
         assert signal.getsignal(signal.SIGTERM) is service
-        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C
+        assert notices == [signal.SIGTERM]
+        assert stop.signal_name is None  # the agreed step stops it, in poll
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # 2nd kills
+    assert signal.getsignal(signal.SIGTERM) is service
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 
 def test_loop_config_validates_and_reads_a_config():
