@@ -113,6 +113,11 @@ def path_string(path: tuple[Any, ...]) -> str:
     return "/".join(parts)
 
 
+def _first_rule(path: str, rules: Rules) -> tuple[str, tuple[str | None, ...]] | None:
+    """``(regex, logical names)`` of the first rule whose regex ``re.search``-es ``path``."""
+    return next(((p, names) for p, names in rules if re.search(p, path)), None)
+
+
 def leaf_spec(
     path: str,
     shape: tuple[int, ...],
@@ -130,7 +135,7 @@ def leaf_spec(
       ValueError: a rule names more axes than the leaf has, or ``logical_to_mesh`` maps a
         name to an axis the mesh does not have.
     """
-    match = next(((p, names) for p, names in rules if re.search(p, path)), None)
+    match = _first_rule(path, rules)
     if match is None:
         return PartitionSpec()
     pattern, logical = match
@@ -181,7 +186,8 @@ def tree_shardings(
         except ValueError:
             # (a rule describes the parameter: the error is for a parameter it does not fit;
             # optax.adafactor's state made every TrainState fail, on one device too)
-            if "opt_state" not in name.split("/") or not _rule_longer_than(name, shape, rules):
+            rule = _first_rule(name, rules)
+            if "opt_state" not in name.split("/") or rule is None or len(rule[1]) <= len(shape):
                 raise
             spec = PartitionSpec()
         return NamedSharding(mesh, spec)
@@ -189,12 +195,6 @@ def tree_shardings(
     shardings = jax.tree_util.tree_map_with_path(sharding, tree)
     _warn_about_idle_axes(shardings, mesh, logical_to_mesh)
     return shardings
-
-
-def _rule_longer_than(path: str, shape: tuple[int, ...], rules: Rules) -> bool:
-    """Whether the first rule matching ``path`` names more axes than ``shape`` has."""
-    match = next((names for p, names in rules if re.search(p, path)), None)
-    return match is not None and len(match) > len(shape)
 
 
 def _warn_about_idle_axes(shardings: Any, mesh: Mesh, logical_to_mesh: Mapping[str, str]) -> None:
