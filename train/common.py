@@ -34,6 +34,7 @@ from jaxattn.training.checkpoint import (
     IncompatibleCheckpointError,
     NotWritableError,
     check_compatible,
+    error_chain,
     folder_exists,
     holds_step_folders,
     json_metadata,
@@ -91,13 +92,9 @@ _LEFTOVER_MESSAGES = (ORBAX_READ_ERROR, "Event loop is closed")
 
 def _is_leftover(error: BaseException | None) -> bool:
     """True if ``error`` or an error in its chain is one of orbax's leftovers."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if any(message in str(error) for message in _LEFTOVER_MESSAGES):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(
+        message in str(link) for link in error_chain(error) for message in _LEFTOVER_MESSAGES
+    )
 
 
 def drop_orbax_leftovers() -> None:

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -373,13 +373,21 @@ _STRUCTURE_ERRORS = (
 )
 
 
-def _structure_difference(error: BaseException) -> str | None:
-    """Where orbax found the target's tree structure to differ from the checkpoint's, on
-    one line (None when ``error`` is another error)."""
+def error_chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error``, then the error it was raised from (``__cause__``) or during
+    (``__context__``), and so on, each once (a chain may loop)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        text = str(error)
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _structure_difference(error: BaseException) -> str | None:
+    """Where orbax found the target's tree structure to differ from the checkpoint's, on
+    one line (None when ``error`` is another error)."""
+    for link in error_chain(error):
+        text = str(link)
         if text.startswith(_STRUCTURE_ERRORS):
             # orbax's diff: "<path>:\n    - Source: <target's>\n    - Target: <saved>"
             lines = [line.strip() for line in text.splitlines()[1:]]
@@ -387,7 +395,6 @@ def _structure_difference(error: BaseException) -> str | None:
             diff = " ".join(lines).replace("- Source:", "target:").replace("- Target:", "saved:")
             diff = diff or text
             return diff if len(diff) <= 300 else diff[:297] + "..."
-        error = error.__cause__ or error.__context__
     return None
 
 
