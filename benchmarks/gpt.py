@@ -417,7 +417,6 @@ def main() -> None:
         rows = bench_train_step(run, repeats)
         torch_s = rows[1][1] if len(rows) > 1 else None
         results["train_step"] = {"jaxattn_s": rows[0][1], "torch_s": torch_s}
-        base = rows[-1][1]
         print(
             f"\n## train step: shakespeare_char_cpu, "
             f"batch {run.batch_size} x {run.model.block_size}"
@@ -427,7 +426,7 @@ def main() -> None:
         for name, sec in rows:
             print(
                 f"| {name} | {sec * 1e3:.1f} | {tokens / sec:,.0f} | {sec * run.num_steps:.0f} s "
-                f"| {sec / base:.2f}x |"
+                f"| {'-' if torch_s is None else f'{sec / torch_s:.2f}x'} |"  # (no PyTorch)
             )
     if "generate" in sections:
         new = run.model.block_size - 1

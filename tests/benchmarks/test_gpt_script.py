@@ -33,3 +33,24 @@ def test_unknown_section_is_an_error_naming_it(monkeypatch, capsys):
         gpt_bench.main()
     assert exit_info.value.code == 2
     assert "unknown --sections generat" in capsys.readouterr().err
+
+
+def test_train_table_without_pytorch_has_no_ratio_to_it(monkeypatch, capsys):
+    """Without PyTorch the train section has jaxattn's row alone; its "vs PyTorch" cell
+    said 1.00x (jaxattn over itself)."""
+    monkeypatch.setattr(gpt_bench, "bench_train_step", lambda run, repeats: [("jaxattn", 0.05)])
+    monkeypatch.setattr(sys, "argv", ["gpt.py", "--sections", "train"])
+    gpt_bench.main()
+    out = capsys.readouterr().out.splitlines()
+    row = next(line for line in out if line.startswith("| jaxattn"))
+    assert row.endswith("| - |"), row
+
+
+def test_train_table_ratio_is_to_pytorch(monkeypatch, capsys):
+    rows = [("jaxattn", 0.06), ("PyTorch", 0.05)]
+    monkeypatch.setattr(gpt_bench, "bench_train_step", lambda run, repeats: rows)
+    monkeypatch.setattr(sys, "argv", ["gpt.py", "--sections", "train"])
+    gpt_bench.main()
+    out = capsys.readouterr().out.splitlines()
+    assert next(line for line in out if line.startswith("| jaxattn")).endswith("| 1.20x |")
+    assert next(line for line in out if line.startswith("| PyTorch")).endswith("| 1.00x |")
