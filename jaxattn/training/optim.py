@@ -87,6 +87,9 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+_NDIM_DECAY_MASK = decay_mask  # (make_optimizer's argument of the same name hides it)
+
+
 def make_optimizer(
     learning_rate: float | optax.Schedule,
     *,
@@ -95,7 +98,7 @@ def make_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     grad_clip: float | None = None,
-    decay_mask: Callable[[Any], Any] = decay_mask,
+    decay_mask: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
     """Build AdamW (decay on matrices only) preceded by global-norm clipping.
 
@@ -111,10 +114,16 @@ def make_optimizer(
         with ``ndim >= 2``.
       grad_clip: maximum global gradient norm; None or <= 0 disables clipping (NaN is
         refused).
-      decay_mask: ``params -> pytree of bools`` (True = decay); default ``ndim >= 2``.
+      decay_mask: ``params -> pytree of bools`` (True = decay); None: ``decay_mask``
+        (``ndim >= 2``).
 
     Every number may be injected with ``optax.inject_hyperparams(make_optimizer)(...)``
     (to log or change it during training); values traced there are not range-checked.
+    inject_hyperparams calls any function it is given as a schedule of the step count, so
+    a custom ``decay_mask`` goes in its ``static_args=("decay_mask",)``.
+
+    Raises:
+      ValueError: a setting out of its range, or a ``decay_mask`` that is not a function.
 
     Returns:
       An optax gradient transformation.
@@ -131,6 +140,16 @@ def make_optimizer(
         _check_setting("learning_rate", learning_rate, finite, "a finite float32 >= 0")
     if grad_clip is not None:
         _check_setting("grad_clip", grad_clip, lambda v: not math.isnan(v), "a number or None")
+    if decay_mask is None:
+        decay_mask = _NDIM_DECAY_MASK
+    elif not callable(decay_mask):
+        # optax.inject_hyperparams called a decay_mask passed to it as a schedule of the
+        # count and handed on the result, a 0-d False: AdamW then decayed no weight at all.
+        raise ValueError(
+            f"make_optimizer: decay_mask must be a function params -> pytree of bools, got "
+            f"{type(decay_mask).__name__} {decay_mask!r} (under optax.inject_hyperparams "
+            "pass static_args=('decay_mask',))"
+        )
     parts = []
     if isinstance(grad_clip, jax.Array):
         # optax.inject_hyperparams passes a JAX array, traced in a jitted update (where

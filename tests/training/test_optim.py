@@ -328,3 +328,27 @@ def test_traced_grad_clip_clips_like_a_concrete_one(grad_clip):
     expected, _ = plain.update(grads, plain.init(params), params)
     for name in params:
         np.testing.assert_allclose(updates[name], expected[name], rtol=1e-5)
+
+
+def test_injected_hyperparameters_keep_the_weight_decay_mask():
+    # inject_hyperparams took the default decay_mask for a schedule, called it on the step
+    # count and passed on its 0-d False: no weight was decayed, without a word.
+    params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    grads = jax.tree.map(jnp.zeros_like, params)
+    settings = dict(learning_rate=0.1, weight_decay=0.5)
+    tx = optax.inject_hyperparams(optim.make_optimizer)(**settings)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    plain = optim.make_optimizer(**settings)
+    expected, _ = plain.update(grads, plain.init(params), params)
+    np.testing.assert_allclose(expected["w"], -0.05)  # decayed: lr * weight_decay * w
+    for name in params:
+        np.testing.assert_allclose(updates[name], expected[name], rtol=1e-6)
+    # A custom mask goes in static_args; passed as a hyperparameter it is refused by name.
+    mask = lambda p: {"w": False, "b": True}
+    factory = optax.inject_hyperparams(optim.make_optimizer, static_args=("decay_mask",))
+    tx = factory(**settings, decay_mask=mask)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], 0.0)
+    np.testing.assert_allclose(updates["b"], -0.05)
+    with pytest.raises(ValueError, match=r"decay_mask must be a function .*static_args"):
+        optax.inject_hyperparams(optim.make_optimizer)(**settings, decay_mask=mask).init(params)
