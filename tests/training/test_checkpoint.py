@@ -118,6 +118,15 @@ def test_restore_defaults_to_the_latest_step(tmp_path, toy):
     assert_trees_equal(restored, state)
 
 
+def test_latest_step_is_the_step_restore_reads_after_a_lower_save(tmp_path):
+    # orbax's latest_step was the step saved last: 3 here, while restore read 5.
+    with Checkpointer(tmp_path, async_save=False, max_to_keep=2) as ckpt:
+        for step in (4, 5, 3):
+            ckpt.save(step, {"w": jnp.full(2, float(step))})
+        assert ckpt.all_steps() == [3, 5] and ckpt.latest_step() == 5
+        assert ckpt.restore({"w": jnp.zeros(2)})[1]["step"] == 5
+
+
 def test_keeps_latest_n_plus_best(tmp_path, toy):
     state = toy.state()
     val_losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: None, 5: 3.0, 6: None}
