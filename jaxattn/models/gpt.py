@@ -395,12 +395,31 @@ def _as_tokens(tokens, config: GPTConfig, where: str) -> Array:
     return tokens if isinstance(tokens, jax.Array) else jnp.asarray(tokens)
 
 
+def _check_weights_type(weights: GPTWeights, config: GPTConfig, where: str) -> None:
+    """Raise ``ValueError`` unless ``weights`` is a ``GPTWeights`` whose blocks are a
+    ``BlockWeights`` stack or ``unstack_layers``' tuple of them: a dict (an orbax restore
+    without a target), another model's weights or None failed as "AttributeError: ...
+    has no attribute 'blocks'"; ``check_weights`` names what differs."""
+    blocks = getattr(weights, "blocks", None)
+    per_layer = (
+        isinstance(blocks, tuple)
+        and not isinstance(blocks, BlockWeights)
+        and len(blocks) > 0
+        and all(isinstance(b, BlockWeights) for b in blocks)
+    )
+    if isinstance(weights, GPTWeights) and (isinstance(blocks, BlockWeights) or per_layer):
+        return
+    check_weights(weights, init_gpt, config, where)  # raises, naming the difference
+    raise ValueError(f"{where}: weights must be GPTWeights, got {type(weights).__name__}")
+
+
 def check_gpt_weights(
     weights: GPTWeights, config: GPTConfig, where: str, *, per_layer_ok: bool = True
 ) -> None:
     """Raise ``ValueError`` when ``weights`` were not made for ``config`` (tree paths and
     shapes, as ``init_gpt`` makes them), or hold ``unstack_layers``' per-layer blocks where
     only stacked ones will do."""
+    _check_weights_type(weights, config, where)
     per_layer = not isinstance(weights.blocks, BlockWeights)  # a tuple of BlockWeights
     if per_layer and not per_layer_ok:  # the layer scan needs stacks
         raise ValueError(
@@ -738,6 +757,7 @@ def gpt_decode(
       or per layer as given.
     """
     tokens = _as_tokens(tokens, config, "gpt_decode")
+    _check_weights_type(weights, config, "gpt_decode")
     per_layer = not isinstance(weights.blocks, BlockWeights)  # a tuple of BlockWeights
     if per_layer != isinstance(cache.k, tuple):
         raise ValueError(

@@ -862,3 +862,22 @@ def test_gpt_decode_refuses_a_hand_made_cache_past_the_model():
             ValueError, match=rf"gpt_decode: cache.index must be an integer.*{shown}"
         ):
             gpt_decode(w, tokens, init_cache(BASE, 1, 4)._replace(index=bad), BASE)
+
+
+def test_weights_that_are_not_gpt_weights_raise_naming_the_difference():
+    """A dict of the same arrays (an orbax restore without a target), another model's
+    weights or None failed as "AttributeError: 'dict' object has no attribute 'blocks'"."""
+    from jaxattn.models import gpt as gpt_module
+
+    w = random_weights(BASE)
+    tokens = tokens_for(BASE)
+    as_dict = jax.tree.map(lambda x: x, w._asdict())
+    for bad, kind in [(as_dict, "dict"), (None, "NoneType"), (tuple(w), "tuple")]:
+        with pytest.raises(ValueError, match=rf"gpt: the weights \({kind}\) do not match"):
+            gpt(bad, tokens, BASE)
+        with pytest.raises(ValueError, match=rf"gpt_loss: the weights \({kind}\) do not match"):
+            gpt_loss(bad, tokens, tokens, BASE)
+        with pytest.raises(ValueError, match=rf"generate: the weights \({kind}\) do not match"):
+            gpt_module.generate(bad, BASE, tokens[:, :2], 1, temperature=0)
+        with pytest.raises(ValueError, match=rf"gpt_decode: the weights \({kind}\) do not"):
+            gpt_decode(bad, tokens[:, :2], init_cache(BASE, B, 4), BASE)
