@@ -628,6 +628,11 @@ def decode_step(
     _check_config(config, "decode_step")
     check_weights(weights, init_transformer, config, "decode_step")
     token = jnp.asarray(token)
+    if jnp.ndim(cache.k) != 5 or jnp.shape(cache.v) != jnp.shape(cache.k):
+        raise ValueError(  # (else "not enough values to unpack (expected 5, got 4)")
+            f"decode_step: cache k and v must be [Ld, B, T_max, N, H] (init_cache(config, B, "
+            f"T_max)), got k {jnp.shape(cache.k)}, v {jnp.shape(cache.v)}"
+        )
     layers, b, t_max, _, _ = cache.k.shape
     if layers != config.num_decoder_layers or cross.k.shape[0] != config.num_decoder_layers:
         raise ValueError(  # (else jax's scan error about mismatched leading axes)

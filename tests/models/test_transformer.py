@@ -889,3 +889,17 @@ def test_deterministic_pass_of_a_dropout_config_is_the_reference(np_rng):
     for rng in (None, jax.random.key(1)):
         got = transformer_logits(w, src, lengths, tgt_in, config, rng=rng, deterministic=True)
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_decode_step_names_a_cache_of_the_wrong_rank(np_rng):
+    """One layer's [B, T_max, N, H] cache (init_cache's without its layer axis) failed as
+    "not enough values to unpack (expected 5, got 4)", naming neither function nor cache."""
+    w = random_weights(BASE)
+    _, _, tgt_in = example_batch(BASE, np_rng)
+    cache, cross = init_cache(BASE, 3, 4), CrossKV(*(jnp.zeros((3, 3, 5, 3, 4)),) * 2)
+    one_layer = cache._replace(k=cache.k[0], v=cache.v[0])
+    with pytest.raises(
+        ValueError,
+        match=r"decode_step: cache k and v must be \[Ld, B, T_max, N, H\].*\(3, 4, 3, 4\)",
+    ):
+        decode_step(w, one_layer, tgt_in[:, 0], cross, jnp.ones((3, 5), bool), BASE)
