@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxattn.ops._checks import as_size, check_flag, check_seed, check_size
 from jaxattn.ops.attention import DROPOUT_IMPLEMENTATIONS, IMPLEMENTATIONS
-from jaxattn.ops.layers import check_dropout_rate
+from jaxattn.ops.layers import check_dropout_key, check_dropout_rate
 
 __all__ = ["check_seed", "check_size"]  # re-exported: the models import their checks from here
 
@@ -85,6 +85,20 @@ def check_key(rng: Any, where: str) -> None:
     if not is_key(rng):
         raise TypeError(
             f"{where}: rng must be a PRNG key such as jax.random.key(seed), got {describe_key(rng)}"
+        )
+
+
+def check_dropout_rng(rng: Any, active: bool, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and ``rng`` when dropout is ``active`` and ``rng``
+    is not one PRNG key: None (``check_dropout_key``), or an int seed, a float array or a
+    batch of keys, which failed inside JAX as "invalid PRNG key data" or "split accepts a
+    single key", naming neither (``generate`` and the NNX modules refuse them the same way).
+    Not checked when dropout is off: the key is then unused."""
+    check_dropout_key(rng, active, f"{where}: dropout > 0 with deterministic=False")
+    if active and not (is_key(rng) and key_shape(rng) == ()):
+        raise ValueError(
+            f"{where}: dropout > 0 with deterministic=False needs rng to be one PRNG key such "
+            f"as jax.random.key(seed), got {describe_key(rng)}"
         )
 
 

@@ -32,6 +32,7 @@ from jaxattn.models._config import (
     check_attention_implementation,
     check_bools,
     check_compute_dtype,
+    check_dropout_rng,
     check_key,
     check_positive,
     check_positive_ints,
@@ -58,7 +59,6 @@ from jaxattn.ops.layers import (
     EmbeddingWeights,
     FeedForwardWeights,
     LayerNormWeights,
-    check_dropout_key,
     check_token_ids,
     dense,
     dropout,
@@ -500,7 +500,7 @@ def _hidden(
             f"(tokens shape {tokens.shape})"
         )
     use_dropout = not check_flag(deterministic, "deterministic", where) and config.dropout > 0
-    check_dropout_key(rng, use_dropout, f"{where}: dropout > 0 with deterministic=False")
+    check_dropout_rng(rng, use_dropout, where)
     weights = cast_floating(weights, config.compute_dtype)
     return _trunk(weights, tokens, config, rng, use_dropout), weights
 
@@ -642,6 +642,29 @@ def empty_kv_cache(
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
+def check_kv_cache(cache: KVCache, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``cache`` is a ``KVCache`` with floating
+    keys and values, as ``init_cache`` makes it (stacked, or ``unstack_layers``' tuples).
+
+    A dict (an orbax restore without a target), a plain ``(k, v, index)`` tuple or None
+    failed as "AttributeError: ... has no attribute 'k'", as weights of the wrong type did;
+    integer keys and values (which ``init_cache`` refuses) truncated every written key and
+    value and silently gave wrong logits.
+    """
+    if not isinstance(cache, KVCache):
+        hint = " (KVCache(**d) of a restored dict)" if isinstance(cache, dict) else ""
+        raise ValueError(
+            f"{where}: cache must be a KVCache from init_cache{hint}, got {type(cache).__name__}"
+        )
+    for name, kv in (("k", cache.k), ("v", cache.v)):
+        dtypes = {jnp.result_type(leaf) for leaf in jax.tree.leaves(kv)}
+        if not all(jnp.issubdtype(dtype, jnp.floating) for dtype in dtypes):
+            raise ValueError(
+                f"{where}: cache.{name} must be floating (init_cache's dtype), got "
+                f"{sorted(str(dtype) for dtype in dtypes)}: integer keys and values are truncated"
+            )
+
+
 def cache_index(cache: KVCache, where: str) -> int | None:
     """``cache.index`` as an int, or None when it is traced (then the caller's to keep in
     range); ``ValueError`` unless it is an integer scalar ``>= 0`` (a Python int is one).
@@ -678,6 +701,11 @@ def unstack_layers(weights: GPTWeights, cache: KVCache) -> tuple[GPTWeights, KVC
       ``(weights with blocks: tuple of L BlockWeights, KVCache(k, v: tuples of L
       [B*K, S, H], index))``.
     """
+    if not isinstance(weights, GPTWeights):  # (else "... has no attribute 'blocks'")
+        raise ValueError(
+            f"unstack_layers: weights must be GPTWeights (init_gpt's), got {type(weights).__name__}"
+        )
+    check_kv_cache(cache, "unstack_layers")
     if not isinstance(weights.blocks, BlockWeights) or isinstance(cache.k, tuple):
         raise ValueError(
             "unstack_layers: weights.blocks and the cache must both be stacked [L, ...] "
@@ -758,6 +786,7 @@ def gpt_decode(
     """
     tokens = _as_tokens(tokens, config, "gpt_decode")
     _check_weights_type(weights, config, "gpt_decode")
+    check_kv_cache(cache, "gpt_decode")
     per_layer = not isinstance(weights.blocks, BlockWeights)  # a tuple of BlockWeights
     if per_layer != isinstance(cache.k, tuple):
         raise ValueError(

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jaxattn.models import beam_search as search
 from jaxattn.models._config import (
     check_bools,
+    check_dropout_rng,
     check_finite,
     check_key,
     check_positive_ints,
@@ -65,7 +66,6 @@ from jaxattn.ops.attention import (
 from jaxattn.ops.layers import (
     DenseWeights,
     EmbeddingWeights,
-    check_dropout_key,
     check_token_ids,
     dense,
     dropout,
@@ -252,7 +252,7 @@ def encode(
     check_weights(weights, init_seq2seq, config, "encode")
     src, src_lengths = _as_source(src, src_lengths, config, "encode")
     active = not check_flag(deterministic, "deterministic", "encode") and config.dropout > 0
-    check_dropout_key(rng, active, "encode: dropout > 0 with deterministic=False")
+    check_dropout_rng(rng, active, "encode")
     rng_embed, rng_lstm = _split(rng, 2, active)
     x = dropout(
         rng_embed, embed(weights.src_embedding, src), config.dropout, deterministic=not active
@@ -371,7 +371,7 @@ def seq2seq_logits(
     check_token_ids(tgt_in, config.tgt_vocab_size, "seq2seq_logits: tgt_in ids")
     tgt_in = jnp.asarray(tgt_in)
     active = not check_flag(deterministic, "deterministic", "seq2seq_logits") and config.dropout > 0
-    check_dropout_key(rng, active, "seq2seq_logits: dropout > 0 with deterministic=False")
+    check_dropout_rng(rng, active, "seq2seq_logits")
     rng_enc, rng_embed, rng_lstm, rng_out = _split(rng, 4, active)
     memory, final = encode(
         weights, src, src_lengths, config, rng=rng_enc, deterministic=deterministic

@@ -44,6 +44,7 @@ from jaxattn.models._config import (
     check_attention_implementation,
     check_bools,
     check_compute_dtype,
+    check_dropout_rng,
     check_key,
     check_positive,
     check_positive_ints,
@@ -56,7 +57,7 @@ from jaxattn.models._config import (
     float32_argument,
     weight_decay_mask,  # noqa: F401 (public here: the model's weight-decay rule)
 )
-from jaxattn.models.gpt import KVCache, cache_index, empty_kv_cache
+from jaxattn.models.gpt import KVCache, cache_index, check_kv_cache, empty_kv_cache
 from jaxattn.models.seq2seq import check_batch
 from jaxattn.ops._checks import check_flag, jit_when_eager
 from jaxattn.ops.attention import (
@@ -72,7 +73,6 @@ from jaxattn.ops.layers import (
     EmbeddingWeights,
     FeedForwardWeights,
     LayerNormWeights,
-    check_dropout_key,
     check_floating,
     check_token_ids,
     dense,
@@ -340,7 +340,7 @@ def _as_tokens(tokens, vocab: int, config: TransformerConfig, what: str) -> Arra
 
 def _dropout_setup(rng, deterministic, config, where) -> tuple[float, Array | None]:
     rate = 0.0 if check_flag(deterministic, "deterministic", where) else config.dropout
-    check_dropout_key(rng, rate > 0, f"{where}: dropout > 0 with deterministic=False")
+    check_dropout_rng(rng, rate > 0, where)
     return rate, (rng if rate > 0 else None)
 
 
@@ -525,7 +525,9 @@ def transformer_logits(
 ) -> Array:
     """``decode(encode(src), tgt_in)``: teacher-forced logits ``[B, T, V]`` (float32)."""
     _check_config(config, "transformer_logits")
-    y, w = _teacher_forced(weights, src, src_lengths, tgt_in, config, rng, deterministic)
+    y, w = _teacher_forced(
+        weights, src, src_lengths, tgt_in, config, rng, deterministic, "transformer_logits"
+    )
     return _logits(w, y, config)
 
 
@@ -537,8 +539,12 @@ def _teacher_forced(
     config: TransformerConfig,
     rng: Array | None,
     deterministic: bool,
+    where: str,
 ) -> tuple[Array, TransformerWeights]:
     """``transformer_logits`` up to the output layer: ``(y [B, T, D], cast weights)``."""
+    # Checked before the split: an int seed or a batch of keys failed inside jax.random, and
+    # an unused key (dropout off) was split all the same, failing where encode ignores it.
+    _, rng = _dropout_setup(rng, deterministic, config, where)
     r_enc, r_dec = _keys(rng, 2)
     memory = encode(weights, src, src_lengths, config, rng=r_enc, deterministic=deterministic)
     src_mask = padding_mask(jnp.asarray(src_lengths), memory.shape[1])
@@ -566,7 +572,9 @@ def transformer_loss(
     _check_config(config, "transformer_loss")
     check_batch(batch, config.tgt_vocab_size, "transformer_loss")
     src, lengths, tgt_in = batch["src"], batch["src_lengths"], batch["tgt_in"]
-    y, w = _teacher_forced(weights, src, lengths, tgt_in, config, rng, deterministic)
+    y, w = _teacher_forced(
+        weights, src, lengths, tgt_in, config, rng, deterministic, "transformer_loss"
+    )
     targets, mask = batch["tgt_out"], batch["tgt_mask"]
     if config.loss_chunk_size is None:
         logits = _logits(w, y, config)  # [B, T, V]
@@ -627,6 +635,15 @@ def decode_step(
     """
     _check_config(config, "decode_step")
     check_weights(weights, init_transformer, config, "decode_step")
+    check_kv_cache(cache, "decode_step")
+    if not isinstance(cross, CrossKV):  # (e.g. encode's memory: "... has no attribute 'k'")
+        raise ValueError(
+            f"decode_step: cross must be a CrossKV (cross_kv(weights, memory, config)), got "
+            f"{type(cross).__name__}"
+        )
+    # Checked before jnp.asarray (see ids_to_check), naming decode_step as seq2seq's does.
+    token = ids_to_check(token)
+    check_token_ids(token, config.tgt_vocab_size, "decode_step: token ids")
     token = jnp.asarray(token)
     if jnp.ndim(cache.k) != 5 or jnp.shape(cache.v) != jnp.shape(cache.k):
         raise ValueError(  # (else "not enough values to unpack (expected 5, got 4)")

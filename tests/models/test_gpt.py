@@ -881,3 +881,46 @@ def test_weights_that_are_not_gpt_weights_raise_naming_the_difference():
             gpt_module.generate(bad, BASE, tokens[:, :2], 1, temperature=0)
         with pytest.raises(ValueError, match=rf"gpt_decode: the weights \({kind}\) do not"):
             gpt_decode(bad, tokens[:, :2], init_cache(BASE, B, 4), BASE)
+
+
+def test_caches_and_weights_of_the_wrong_kind_raise_naming_the_argument():
+    """A cache that is no KVCache (a restored dict, a plain (k, v, index) tuple, None) failed
+    as "AttributeError: 'dict' object has no attribute 'k'", as did unstack_layers' weights
+    ("... no attribute 'blocks'"); an integer cache, which init_cache refuses, truncated
+    every key and value and silently gave wrong logits."""
+    w = random_weights(BASE)
+    tokens = tokens_for(BASE)[:, :2]
+    cache = init_cache(BASE, B, 4)
+    for bad, kind in [(cache._asdict(), "dict"), (tuple(cache), "tuple"), (None, "NoneType")]:
+        with pytest.raises(ValueError, match=rf"gpt_decode: cache must be a KVCache.*got {kind}"):
+            gpt_decode(w, tokens, bad, BASE)
+        with pytest.raises(ValueError, match=rf"unstack_layers: cache must be a KVCache.*{kind}"):
+            unstack_layers(w, bad)
+    for bad, kind in [(w._asdict(), "dict"), (None, "NoneType")]:
+        with pytest.raises(
+            ValueError, match=rf"unstack_layers: weights must be GPTWeights.*{kind}"
+        ):
+            unstack_layers(bad, cache)
+    ints = cache._replace(k=cache.k.astype(jnp.int32), v=cache.v.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"gpt_decode: cache.k must be floating.*int32"):
+        gpt_decode(w, tokens, ints, BASE)
+    per_layer = unstack_layers(w, cache)
+    per_layer_ints = per_layer[1]._replace(v=tuple(v.astype(jnp.int32) for v in per_layer[1].v))
+    with pytest.raises(ValueError, match=r"gpt_decode: cache.v must be floating.*int32"):
+        gpt_decode(per_layer[0], tokens, per_layer_ints, BASE)
+
+
+def test_dropout_rng_that_is_not_one_key_raises_naming_rng():
+    """An int seed or a batch of keys failed inside jax.random ("invalid PRNG key data",
+    "split accepts a single key"), naming neither gpt nor rng, where generate and nn.GPT
+    name it; unused (dropout off), such an rng is still ignored."""
+    config = dataclasses.replace(BASE, dropout=0.1)
+    w, tokens = random_weights(config), tokens_for(config)
+    for bad, shown in [(0, "0"), (jax.random.split(key(0), 2), r"\(2,\)")]:
+        with pytest.raises(ValueError, match=rf"gpt: dropout > 0 .*one PRNG key.*got .*{shown}"):
+            gpt(w, tokens, config, rng=bad, deterministic=False)
+        with pytest.raises(ValueError, match=r"gpt_loss: dropout > 0 .*one PRNG key"):
+            gpt_loss(w, tokens, tokens, config, rng=bad, deterministic=False)
+        gpt(w, tokens, config, rng=bad)  # deterministic: the key is not used
+    raw = jax.random.PRNGKey(0)  # raw uint32 keys stay accepted
+    assert jnp.isfinite(gpt(w, tokens, config, rng=raw, deterministic=False)).all()

@@ -736,3 +736,16 @@ def test_weight_decay_mask_takes_every_matrix_and_table(attention):
         assert decays == (leaf.ndim >= 2), jax.tree_util.keystr(path)
     if attention == "general":
         assert mask.attention is True
+
+
+def test_dropout_rng_that_is_not_one_key_raises_naming_rng(np_rng):
+    """An int seed or a batch of keys failed inside jax.random, naming neither the function
+    nor rng (generate and the NNX modules name it)."""
+    config = dataclasses.replace(BASE, dropout=0.2)
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    for bad in [0, jax.random.split(jax.random.key(0), 2)]:
+        with pytest.raises(ValueError, match=r"seq2seq_logits: dropout > 0 .*one PRNG key"):
+            seq2seq_logits(w, src, lengths, tgt_in, config, rng=bad, deterministic=False)
+        with pytest.raises(ValueError, match=r"encode: dropout > 0 .*one PRNG key"):
+            encode(w, src, lengths, config, rng=bad, deterministic=False)

@@ -903,3 +903,53 @@ def test_decode_step_names_a_cache_of_the_wrong_rank(np_rng):
         match=r"decode_step: cache k and v must be \[Ld, B, T_max, N, H\].*\(3, 4, 3, 4\)",
     ):
         decode_step(w, one_layer, tgt_in[:, 0], cross, jnp.ones((3, 5), bool), BASE)
+
+
+def test_decode_step_names_a_cache_cross_or_token_of_the_wrong_kind(np_rng):
+    """A cache or cross that is no KVCache / CrossKV (a restored dict, encode's memory) failed
+    as "AttributeError: ... has no attribute 'k'"; an integer cache (init_cache refuses one)
+    silently truncated the keys and values; token ids were converted before their check, so
+    an int64 2**32 + 5 wrapped to id 5 (seq2seq.decode_step refuses it), and the errors named
+    no function."""
+    w = random_weights(BASE)
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    memory = encode(w, src, lengths, BASE)
+    cross, src_mask = cross_kv(w, memory, BASE), padding_mask(lengths, src.shape[1])
+    cache = init_cache(BASE, 3, 4)
+    token = tgt_in[:, 0]
+    for bad, kind in [(cache._asdict(), "dict"), (None, "NoneType")]:
+        with pytest.raises(ValueError, match=rf"decode_step: cache must be a KVCache.*got {kind}"):
+            decode_step(w, bad, token, cross, src_mask, BASE)
+    ints = cache._replace(k=cache.k.astype(jnp.int32), v=cache.v.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"decode_step: cache.k must be floating.*int32"):
+        decode_step(w, ints, token, cross, src_mask, BASE)
+    with pytest.raises(ValueError, match=r"decode_step: cross must be a CrossKV.*ArrayImpl"):
+        decode_step(w, cache, token, memory, src_mask, BASE)
+    wrapped = np.asarray(token, np.int64)
+    wrapped[0] = 2**32 + 5
+    with pytest.raises(ValueError, match=r"decode_step: token ids must lie in \[0, 13\)"):
+        decode_step(w, cache, wrapped, cross, src_mask, BASE)
+    with pytest.raises(ValueError, match=r"decode_step: token ids must be integers"):
+        decode_step(w, cache, token.astype(jnp.float32), cross, src_mask, BASE)
+
+
+def test_dropout_rng_that_is_not_one_key_raises_naming_rng(np_rng):
+    """An int seed or a batch of keys failed inside jax.random ("invalid PRNG key data",
+    "split accepts a single key"), naming neither the function nor rng; transformer_logits
+    and transformer_loss split it even with dropout off, where encode and gpt ignore it."""
+    config = dataclasses.replace(BASE, dropout=0.1)
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_in, tgt_mask=tgt_in > 0)
+    for bad in [0, jax.random.split(jax.random.key(0), 2)]:
+        for where, call in [
+            (
+                "transformer_logits",
+                lambda **kw: transformer_logits(w, src, lengths, tgt_in, config, **kw),
+            ),
+            ("transformer_loss", lambda **kw: transformer_loss(w, batch, config, **kw)),
+            ("encode", lambda **kw: encode(w, src, lengths, config, **kw)),
+        ]:
+            with pytest.raises(ValueError, match=rf"{where}: dropout > 0 .*one PRNG key"):
+                call(rng=bad, deterministic=False)
+            call(rng=bad)  # deterministic: the key is not used
