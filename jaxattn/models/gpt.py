@@ -470,7 +470,8 @@ def gpt(
 
     Args:
       weights: ``GPTWeights`` from ``init_gpt``.
-      tokens: ``[B, T]`` integer ids in ``[0, V)``, ``T <= block_size``.
+      tokens: ``[B, T]`` integer ids in ``[0, V)``, ``T <= block_size`` (others are a
+        ``ValueError``; traced under ``jit``, where they cannot be checked, NaN logits).
       config: the model's ``GPTConfig``.
       rng: dropout key; required when ``deterministic=False`` and ``config.dropout > 0``.
       deterministic: disable dropout (evaluation).
@@ -570,7 +571,9 @@ def gpt_loss(
 
     Args:
       tokens: ``[B, T]`` inputs.
-      targets: ``[B, T]`` ids in ``[0, V)`` (usually ``tokens`` shifted left by one).
+      targets: ``[B, T]`` ids in ``[0, V)`` (usually ``tokens`` shifted left by one); under
+        ``jit`` a counted one outside it gives a NaN loss (a negative "ignore" label
+        included: leave such positions out with ``mask``).
       mask: optional ``[B, T]``; the loss is the mean over positions where it is nonzero
         (True = count this token).
 

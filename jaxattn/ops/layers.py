@@ -229,7 +229,9 @@ def check_token_ids(ids: Array, vocab_size: int, what: str = "token ids") -> Non
     """Raise ``ValueError`` if concrete ``ids`` fall outside ``[0, vocab_size)``.
 
     Under ``jit`` the ids are tracers and cannot be inspected; callers validate data at the
-    boundary (the data pipeline, ``generate``), and this check is then a no-op.
+    boundary (the data pipeline, ``generate``), and this check is then a no-op: ``embed``
+    and the losses then give NaN for an id outside ``[0, vocab_size)`` (a negative one
+    included), never a silently wrong number.
     """
     if isinstance(ids, jax.core.Tracer):
         return
@@ -254,12 +256,17 @@ def check_token_ids(ids: Array, vocab_size: int, what: str = "token ids") -> Non
 def embed(weights: EmbeddingWeights, ids: Array) -> Array:
     """Look up ``ids: [...]`` (integers in ``[0, V)``) -> ``[..., D]``.
 
-    Out-of-range ids raise ``ValueError`` when ``ids`` is concrete (see ``check_token_ids``).
+    Out-of-range ids raise ``ValueError`` when ``ids`` is concrete (see ``check_token_ids``);
+    traced under ``jit``, where they cannot be refused, they give rows of NaN.
     """
     if not isinstance(ids, jax.Array | np.ndarray):
         ids = np.asarray(ids)  # lists, tuples: jnp.take refuses them
-    check_token_ids(ids, weights.table.shape[0])
-    return jnp.take(weights.table, ids, axis=0)
+    vocab = weights.table.shape[0]
+    check_token_ids(ids, vocab)
+    # jnp.take fills an id >= V with NaN but wraps a negative one to a real row (-1: the
+    # last), which gave a silently wrong output under jit: both are NaN now.
+    ids = jnp.where(jnp.asarray(ids) < 0, vocab, ids)
+    return jnp.take(weights.table, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 
 def unembed(weights: EmbeddingWeights, x: Array) -> Array:

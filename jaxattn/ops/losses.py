@@ -38,7 +38,8 @@ def cross_entropy(
 
     Args:
       logits: ``[..., V]`` (any float dtype; computed in ``float32_or_wider``).
-      targets: ``[...]`` integer ids in ``[0, V)`` (checked when concrete).
+      targets: ``[...]`` integer ids in ``[0, V)`` (checked when concrete; traced, a counted
+        id outside it gives a NaN loss).
       mask: optional ``[...]``, True (or nonzero) = count this token. Not a weight: a
         count of 2 counts the token once.
       label_smoothing: ``eps`` in ``[0, 1)`` (checked when concrete; may be traced, e.g.
@@ -188,6 +189,11 @@ def _token_losses(logits: Array, targets: Array, label_smoothing: float | Array)
     float32 (float64 for float64 logits)."""
     logits = logits.astype(float32_or_wider(logits.dtype))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [...]
+    # A traced target outside [0, V) cannot be refused: >= V gave NaN, but a negative one
+    # (-1, or PyTorch's -100 "ignore" label) wrapped to a real token, a silently wrong loss.
+    # NaN for both; an uncounted one is dropped by _counted_losses' where, gradient too.
+    in_vocab = (targets >= 0) & (targets < logits.shape[-1])
+    losses = jnp.where(in_vocab, losses, jnp.nan)
     if isinstance(label_smoothing, jax.core.Tracer) or label_smoothing > 0.0:
         # -sum_v p(v) log q(v) = (1 - eps) * nll + eps * mean_v(-log q(v)). Not through
         # optax.smooth_labels: its 0 * log q(v) is NaN where a logit is -inf (a vocab entry

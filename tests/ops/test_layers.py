@@ -293,6 +293,20 @@ def test_embed_jit_vmap(np_rng):
     )
 
 
+def test_embed_gives_nan_rows_for_traced_ids_outside_the_vocab(np_rng):
+    # An id >= V gave NaN, but a negative one wrapped to a real row (-1: the last) under jit.
+    weights = EmbeddingWeights(f32(np_rng, V, D))
+    out = jax.jit(embed)(weights, jnp.asarray([-1, -V, V, 2], jnp.int32))
+    assert bool(jnp.isnan(out[:3]).all())
+    np.testing.assert_array_equal(out[3], weights.table[2])
+    # The gradient reaches the in-range id's row only.
+    ids = jnp.asarray([-1, 2])
+    grad = jax.grad(lambda t: jnp.sum(jax.jit(embed)(EmbeddingWeights(t), ids)[1]))(weights.table)
+    want = np.zeros((V, D))
+    want[2] = 1.0
+    np.testing.assert_array_equal(grad, want)
+
+
 @pytest.mark.parametrize(
     ("ids", "match"),
     [

@@ -364,3 +364,29 @@ def test_nested_list_logits_are_taken_as_an_array():
     logp = np.array(logits) - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected = -(logp[0, 2] + logp[1, 0]) / 2
     np.testing.assert_allclose(cross_entropy(logits, [2, 0]), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1, -7, 7])  # -7 = -V: wrapped to id 0
+def test_traced_targets_outside_the_vocab_give_nan_unless_masked(np_rng, bad):
+    """Under jit an id cannot be refused: one >= V gave NaN, but a negative one (PyTorch's
+    -100 "ignore" label among them) wrapped to a real token and gave a silently wrong loss."""
+    logits = jnp.asarray(np_rng.normal(size=(2, 3, 7)), jnp.float32)
+    targets = jnp.asarray(np_rng.integers(0, 7, size=(2, 3))).at[0, 2].set(bad)
+    keep = jnp.ones((2, 3), bool).at[0, 2].set(False)
+    w = jnp.asarray(np_rng.normal(size=(7, 7)), jnp.float32)
+    losses = {
+        "whole": jax.jit(lambda x, t, m: cross_entropy(x, t, m)),
+        "smoothed": jax.jit(lambda x, t, m: cross_entropy(x, t, m, label_smoothing=0.1)),
+        "chunked": jax.jit(
+            lambda x, t, m: chunked_cross_entropy(x, lambda h: h @ w, t, m, chunk_size=2)
+        ),
+    }
+    for name, loss in losses.items():
+        assert bool(jnp.isnan(loss(logits, targets, None))), name
+        # Left out by the mask, it counts for nothing, nor reaches the gradient as NaN.
+        fixed = targets.at[0, 2].set(0)
+        np.testing.assert_allclose(
+            loss(logits, targets, keep), loss(logits, fixed, keep), rtol=1e-6
+        )
+        grad = jax.grad(loss)(logits, targets, keep)
+        np.testing.assert_allclose(grad, jax.grad(loss)(logits, fixed, keep), rtol=1e-6)
