@@ -14,7 +14,9 @@ reduced on the host (see ``metrics.py``).
 tokens/s, evaluates, logs, checkpoints, stops with ``NonFiniteLossError`` when a loss,
 gradient norm or the state to be saved is not finite (saving nothing after the last good
 checkpoint), and on SIGTERM/SIGINT saves a checkpoint at the current step and returns
-(when it runs in the main thread: Python delivers signals to that thread only).
+(when it runs in the main thread: Python delivers signals to that thread only); the sums
+of a log window the signal cut short go with that checkpoint, for the resumed run to log
+at the window's end as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -456,6 +458,8 @@ class Trainer:
         self.saved_step: int | None = None
         self.best_val = math.inf
         self.pending: list[tuple[int, dict[str, Mean]]] = []
+        # A log window a signal cut short: its steps' sums, saved with the checkpoint.
+        self.open_window: dict[str, Any] | None = None
         self.last_eval: dict[str, float] = {}
         self.eval_step_done: int | None = None  # the step last_eval evaluated
         try:
@@ -476,6 +480,7 @@ class Trainer:
                 self.best_val = math.inf if best is None else best
                 self.last_eval = meta.get("eval") or {}
                 self.saved_step = int(self.state.step)
+                self.pending = _window_from_json(meta.get("log_window"))
                 self.say(f"Resumed from {self.ckpt.step_dir(self.saved_step)}")
             elif abstract := _abstract_leaves(state):
                 raise ValueError(
@@ -588,9 +593,12 @@ class Trainer:
                     self._save()
                 # Each log window times its own steps; eval and saving stay out of it.
                 t0, timed, timed_tokens = time.perf_counter(), 0, 0
-            if self.pending:  # a signal stopped the run inside a log window: write it
-                record, _ = self._window_record(t0, timed, timed_tokens, tokens_per_s)
-                self.writer.write(self.step, record)
+            if self.pending:
+                # A signal stopped the run inside a log window. Not written: its sums go
+                # into the checkpoint, and the resumed run's record at the window's end
+                # takes them in, so metrics.jsonl reads as an uninterrupted run's (a record
+                # here, then one of the rest of the window alone, did not).
+                self.open_window = _window_to_json(self._fetch_window())
 
     def _window_record(
         self, t0: float | None, timed: int, timed_tokens: int, tokens_per_s: float | None
@@ -665,6 +673,8 @@ class Trainer:
         best = self.best_val if math.isfinite(self.best_val) else None
         evaluation = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         meta = self.metadata | {"best_val_loss": best, "eval": evaluation}
+        if self.open_window is not None:
+            meta["log_window"] = self.open_window
         self.ckpt.save(
             self.step, self.state, data_iter=self.saved_iter, metadata=meta, metrics=metrics
         )
@@ -677,8 +687,9 @@ class Trainer:
             return math.prod(jax.tree.leaves(batch)[0].shape)
         return int(count(batch) if callable(count) else count)
 
-    def _flush(self) -> dict[str, float]:
-        """Fetch the pending step metrics (one host sync) and apply the NaN guard."""
+    def _fetch_window(self) -> list[tuple[int, dict[str, Mean]]]:
+        """Fetch the pending step metrics (one host sync), apply the NaN guard and clear
+        them."""
         host = to_host(self.pending)
         self.pending.clear()
         for step, metrics in host:
@@ -686,6 +697,11 @@ class Trainer:
                 value = float(metrics[name].total)
                 if not math.isfinite(value):
                     self._stop_non_finite(f"{name} is {value} at step {step}")
+        return host
+
+    def _flush(self) -> dict[str, float]:
+        """The pending steps' means (``_fetch_window``), the learning rate the last one's."""
+        host = self._fetch_window()
         means = reduce_means(m for _, m in host)
         if host and "learning_rate" in host[-1][1]:
             # The rate of the window's last update, as nanoGPT and optax's loggers report it:
@@ -706,6 +722,27 @@ class Trainer:
             f"{what}: training stopped. Nothing was saved after it; the last{good} "
             f"checkpoint is {where}."
         ) from None
+
+
+def _window_to_json(host: list[tuple[int, dict[str, Mean]]]) -> dict[str, Any]:
+    """A log window's fetched steps as ``{"steps": [first, last], "sums": {name: [total,
+    count]}}``: summed in step order, as ``reduce_means`` sums them (so a resumed window's
+    mean is the uninterrupted one's, bit for bit)."""
+    sums: dict[str, list[float]] = {}
+    for _, metrics in host:
+        for name, mean in metrics.items():
+            total, count = sums.setdefault(name, [0.0, 0.0])
+            sums[name] = [total + float(np.sum(mean.total)), count + float(np.sum(mean.count))]
+    return {"steps": [host[0][0], host[-1][0]], "sums": sums}
+
+
+def _window_from_json(window: Any) -> list[tuple[int, dict[str, Mean]]]:
+    """``_window_to_json``'s record back as one pending step (none for None)."""
+    if window is None:
+        return []
+    sums = {name: Mean(np.float64(total), np.float64(count)) for name, (total, count) in
+            window["sums"].items()}  # fmt: skip
+    return [(int(window["steps"][-1]), sums)]
 
 
 def _abstract_leaves(tree: Any) -> list[str]:

@@ -1134,15 +1134,31 @@ def test_a_signal_at_a_checkpoint_step_saves_once_and_returns(tmp_path, toy):
         assert ckpt.all_steps() == [4]
 
 
-def test_a_signal_inside_a_log_window_writes_the_window_timed(tmp_path, toy):
-    """SIGTERM at step 6 of windows of 4: steps 5 and 6 are written as one record with
-    their tokens/s and step time, as a full window is (it came without them)."""
-    loop = LoopConfig(num_steps=20, log_every=4, progress=False)
-    result = _fit_signalled_at(toy, tmp_path, 6, loop)
+def test_a_log_window_cut_by_a_signal_is_logged_by_the_resumed_run_as_uninterrupted(tmp_path, toy):
+    """SIGTERM at step 6 of windows of 4: the run wrote steps 5-6 as a record of their own
+    and the resumed one steps 7-8 as step 8's, so metrics.jsonl differed from an
+    uninterrupted run's. The window's sums now go with the checkpoint: step 8's record
+    covers steps 5-8, equal to the uninterrupted run's bit for bit, and is timed."""
+    loop = LoopConfig(num_steps=12, log_every=4, progress=False)
+    straight = _fit_signalled_at(toy, tmp_path / "straight", 99, loop)
+    assert not straight.interrupted
+    result = _fit_signalled_at(toy, tmp_path / "resumed", 6, loop)
     assert result.interrupted and result.step == 6
-    records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
-    assert sorted(records) == [4, 6]
-    assert records[6]["tokens_per_s"] > 0 and records[6]["step_time_ms"] > 0
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [4]
+    resumed = _fit_signalled_at(toy, tmp_path / "resumed", 99, loop)
+    assert resumed.step == 12 and resumed.trained_steps == 6
+
+    def records(run):
+        return {r["step"]: r for r in read_metrics(tmp_path / run / "metrics.jsonl")}
+
+    want, got = records("straight"), records("resumed")
+    assert sorted(got) == sorted(want) == [4, 8, 12]
+    timing = {"tokens_per_s", "step_time_ms", "time"}  # (time: when it was written)
+    for step in want:
+        assert {"train_loss", "grad_norm"} <= set(want[step])
+        for name in set(want[step]) - timing:
+            assert got[step][name] == want[step][name], (step, name)
+    assert got[8]["tokens_per_s"] > 0 and got[8]["step_time_ms"] > 0
 
 
 def test_a_signal_in_the_last_step_does_not_report_an_interrupted_run(tmp_path, toy):
