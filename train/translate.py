@@ -438,8 +438,7 @@ def load_data(config, workdir: Path, split: td.Split | None = None):
     by default ``split_corpus(config)``)."""
     split = split_corpus(config) if split is None else split
     corpus = _corpus_name(config)
-    train_pairs = split.train[: config.max_train_examples or None]
-    sentences = [s for pair in train_pairs for s in pair]
+    train_pairs, sentences = _tokenizer_sentences(config, split)
     # Process 0 trains and caches the model; the others then load the same file.
     refused = None
     if jax.process_index() == 0:
@@ -470,6 +469,22 @@ def load_data(config, workdir: Path, split: td.Split | None = None):
     return sp, split, train, val, bleu_pairs(split, config)
 
 
+def _tokenizer_sentences(config, split: td.Split) -> tuple[list, list[str]]:
+    """``(train pairs used, their sentences)``: what the sentencepiece model trains on."""
+    train_pairs = split.train[: config.max_train_examples or None]
+    return train_pairs, [s for pair in train_pairs for s in pair]
+
+
+def check_cached_tokenizer(config, workdir: Path, split: td.Split) -> None:
+    """Refuse the workdir's cached sentencepiece model when it was trained with other
+    settings (``vocab_size``, or other sentences: corpus, split, example count), as
+    ``load_data`` would, but before a resumed run's note on the changed settings (which
+    called the run resumed, then refused it). Only loads: with no cached model, nothing."""
+    if (workdir / "spm.model").is_file():
+        sentences = _tokenizer_sentences(config, split)[1]
+        td.train_sentencepiece(sentences, workdir / "spm", vocab_size=config.vocab_size)
+
+
 def bleu_pairs(split: td.Split, config) -> list[tuple[str, str]]:
     """The test pairs scored for BLEU: all, or ``max_test_examples`` drawn at random."""
     return td.sample(split.test, config.max_test_examples, seed=config.split_seed)
@@ -486,11 +501,15 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     # The loss checks it only when it first runs, inside fit: after the workdir and its
     # sentencepiece model are made.
     check_label_smoothing(config.label_smoothing, "train/translate.py")
+    split = split_corpus(config)
+
+    def check(meta, where, changed):
+        check_resumable(meta, where, changed, config)
+        if changed:  # (unchanged, load_data's own check of the tokenizer comes soon enough)
+            check_cached_tokenizer(config, workdir, split)
+
     meta = latest_checkpoint_metadata(  # notes changes; refuses another model
-        workdir,
-        config,
-        also_free=DECODE_SETTINGS,
-        check=lambda meta, where, changed: check_resumable(meta, where, changed, config),
+        workdir, config, also_free=DECODE_SETTINGS, check=check
     )
     # Settings errors (loop, mesh, batch split, optimizer) before the workdir is created.
     loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
@@ -499,7 +518,6 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
         batch_sharding, config.batch_size, "config.batch_size"
     )
     optimizer, schedule = translate_optimizer(config, kind)
-    split = split_corpus(config)
     check_batch_fits(config, split)
     # A finished run may sit in a read-only folder: it only reads its checkpoint and, when
     # its BLEU is recorded, metrics.jsonl (probed below before it decodes to record one).

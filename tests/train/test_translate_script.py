@@ -161,6 +161,24 @@ def test_a_changed_optimizer_structure_is_refused_naming_the_setting(lstm_run):
 
 
 @pytest.mark.slow
+def test_a_tokenizer_of_other_settings_is_refused_before_a_resume_note(lstm_run):
+    """vocab_size, max_train_examples or split_seed changed on a resume: the run printed a
+    note that called it a resumed run, then refused the cached sentencepiece model."""
+    workdir, _ = lstm_run
+    before = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    for override, error in [
+        ("--config.vocab_size=250", "was trained with vocab_size=300, not 250"),
+        ("--config.max_train_examples=1500", "was trained on other sentences"),
+        ("--config.split_seed=1", "was trained on other sentences"),
+    ]:
+        proc = run_translate(f"--workdir={workdir}", "--config.num_steps=9", override, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"error: {workdir / 'spm.model'} {error}" in proc.stderr, proc.stderr
+        assert "note:" not in proc.stdout and "data:" not in proc.stdout, proc.stdout
+    assert {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(lstm_run, killed_run_copy, assert_same_saved_state):
     workdir, _ = lstm_run
     # A run killed after its step-3 checkpoint: the same workdir without step 6.
