@@ -195,7 +195,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     for a ``--config`` file that cannot be loaded."""
     try:
         try:
-            rest = flags.FLAGS(argv)
+            rest = flags.FLAGS(_without_none_overrides(argv))
         except flags.Error as e:
             # A config file whose get_config raised (a ValueError in it, FILE:arg for a
             # get_config of no argument) came as absl's "FATAL Flags parsing error" with the
@@ -316,28 +316,43 @@ def _check_config_loaded() -> None:
         hasattr(flags.FLAGS["config"].value, "to_dict")  # a failed load raises OSError here
 
 
-def _override_values() -> dict[str, Any]:
-    """The ``--config.KEY=VALUE`` overrides, with ``None`` for a VALUE of ``None``.
+# The keys of the command line's --config.KEY=None overrides (see _without_none_overrides).
+_NONE_OVERRIDES: list[str] = []
 
-    ml_collections parses ``=None`` into the string ``'None'`` for a str field or a str
-    placeholder (``model.attention_implementation``, whose check then said "must be None
-    or one of (...), got 'None'"). No setting of ours takes that string.
+
+def _without_none_overrides(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--config.KEY=None`` overrides, whose keys go to
+    ``_NONE_OVERRIDES`` for ``_read_none_overrides`` to set after parsing.
+
+    ml_collections parses ``None`` with the field's type: ``int('None')`` for an int
+    placeholder failed (``--config.model.attention_window=None`` could not switch a window
+    off), and a str field got the string ``'None'`` (``model.attention_implementation``,
+    whose check then said "must be None or one of (...), got 'None'"). No setting of ours
+    takes that string.
     """
+    none = re.compile(r"--config\.([\w.]+)=None")
+    _NONE_OVERRIDES[:] = [m.group(1) for arg in argv if (m := none.fullmatch(arg))]
+    return [arg for arg in argv if not none.fullmatch(arg)]
+
+
+def _override_values() -> dict[str, Any]:
+    """The ``--config.KEY=VALUE`` overrides, with ``None`` for a VALUE of ``None``."""
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    return {key: None if value == "None" else value for key, value in overrides.items()}
+    return overrides | dict.fromkeys(_NONE_OVERRIDES)
 
 
 def _read_none_overrides() -> None:
     """Set each ``--config.KEY=None`` override to None in the config (see
-    ``_override_values``)."""
+    ``_without_none_overrides``); an unknown key raises AttributeError, reported as
+    ``parse_flags`` reports any unknown override."""
     if "config" not in flags.FLAGS:
         return
     config = flags.FLAGS["config"].value
-    for key, value in _override_values().items():
-        if value is None:
-            *parents, name = key.split(".")
-            owner = functools.reduce(getattr, parents, config)
-            setattr(owner, name, None)
+    for key in _NONE_OVERRIDES:
+        *parents, name = key.split(".")
+        owner = functools.reduce(getattr, parents, config)
+        getattr(owner, name)  # (setattr would add an unknown key)
+        setattr(owner, name, None)
 
 
 def _load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -653,7 +668,7 @@ def checkpoint_config_file(
     """
     if not flags.FLAGS["config"].present:
         return
-    overridden = config_flags.get_override_values(flags.FLAGS["config"])
+    overridden = _override_values()
     config = flags.FLAGS["config"].value
     free = _RESUMABLE_CHANGES | set(overridden)
     changed = _config_changes(meta, config, free, both_only=True)

@@ -199,7 +199,7 @@ def use_config_flag(monkeypatch, config_file, *overrides):
     config_flags.DEFINE_config_file(
         "config", str(config_file), "Run config.", flag_values=values, sys_argv=argv
     )
-    values(argv)
+    values(common._without_none_overrides(argv))  # as parse_flags parses them
     monkeypatch.setattr(flags, "FLAGS", values)
 
 
@@ -289,7 +289,9 @@ def test_checkpoint_config_file_takes_an_allowed_override_of_a_model_key(config_
 
 def test_a_none_override_sets_the_field_to_none(monkeypatch, tmp_path):
     """ml_collections reads ``--config.KEY=None`` for a str placeholder as the string
-    'None'; the scripts' flag parsing makes it None in the config and in the overrides."""
+    'None', and for an int one as int('None'), a flags error (an attention window set in a
+    config file could not be switched off); the scripts' flag parsing makes it None in the
+    config and in the overrides."""
     config_file = tmp_path / "str_config.py"
     config_file.write_text(
         "import ml_collections\n"
@@ -297,16 +299,19 @@ def test_a_none_override_sets_the_field_to_none(monkeypatch, tmp_path):
         "def get_config():\n"
         "    config = ml_collections.ConfigDict({'seed': 1, 'model': {'kernel': 'xla'}})\n"
         "    config.model.impl = placeholder(str)\n"
+        "    config.model.window = placeholder(int)\n"
+        "    config.model.window = 32\n"
         "    return config\n"
     )
-    use_config_flag(
-        monkeypatch, config_file, "--config.model.impl=None", "--config.model.kernel=None"
-    )
+    nones = ["--config.model.impl=None", "--config.model.kernel=None", "--config.model.window=None"]
+    use_config_flag(monkeypatch, config_file, *nones, "--config.seed=2")
     common._read_none_overrides()
     config = flags.FLAGS["config"].value
-    assert config.model.impl is None and config.model.kernel is None and config.seed == 1
-    overrides = common.checkpoint_config_overrides("--mode", ["model.impl", "model.kernel"])
-    assert overrides == {"model.impl": None, "model.kernel": None}
+    assert config.model.impl is None and config.model.kernel is None and config.seed == 2
+    assert config.model.window is None
+    keys = ["model.impl", "model.kernel", "model.window", "seed"]
+    overrides = common.checkpoint_config_overrides("--mode", keys)
+    assert overrides == {"model.impl": None, "model.kernel": None, "model.window": None, "seed": 2}
 
 
 def test_checkpoint_config_file_hints_only_at_allowed_overrides(config_flag):

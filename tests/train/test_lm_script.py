@@ -187,6 +187,7 @@ def test_attention_variants_from_the_command_line(tmp_path):
         "--config.checkpoint_every=2", "--num_samples=0", "--config.model.attention_window=3",
         "--config.model.num_kv_heads=1", "--config.model.positions=rope",
         "--config.model.rope_base=500.0", "--config.model.attention_implementation=None",
+        "--config.model.loss_chunk_size=None",  # (an int: was a flags error, int('None'))
     )  # fmt: skip
     with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         model = GPTConfig(**ckpt.read_metadata()["model"])
