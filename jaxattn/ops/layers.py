@@ -265,7 +265,10 @@ def embed(weights: EmbeddingWeights, ids: Array) -> Array:
     check_token_ids(ids, vocab)
     # jnp.take fills an id >= V with NaN but wraps a negative one to a real row (-1: the
     # last), which gave a silently wrong output under jit: both are NaN now.
-    ids = jnp.where(jnp.asarray(ids) < 0, vocab, ids)
+    ids = jnp.asarray(ids)
+    if jnp.issubdtype(ids.dtype, jnp.integer) and jnp.iinfo(ids.dtype).max < vocab:
+        ids = ids.astype(jnp.int32)  # (V in int8/int16/uint8 wraps: int16 -1 -> row V-65536)
+    ids = jnp.where(ids < 0, vocab, ids)
     return jnp.take(weights.table, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 

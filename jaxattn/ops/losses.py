@@ -192,7 +192,11 @@ def _token_losses(logits: Array, targets: Array, label_smoothing: float | Array)
     # A traced target outside [0, V) cannot be refused: >= V gave NaN, but a negative one
     # (-1, or PyTorch's -100 "ignore" label) wrapped to a real token, a silently wrong loss.
     # NaN for both; an uncounted one is dropped by _counted_losses' where, gradient too.
-    in_vocab = (targets >= 0) & (targets < logits.shape[-1])
+    # (V compared in a narrow dtype wraps: uint8 targets < 256 were all False, all NaN.)
+    vocab = logits.shape[-1]
+    in_vocab = targets >= 0
+    if not jnp.issubdtype(targets.dtype, jnp.integer) or jnp.iinfo(targets.dtype).max >= vocab:
+        in_vocab = in_vocab & (targets < vocab)
     losses = jnp.where(in_vocab, losses, jnp.nan)
     if isinstance(label_smoothing, jax.core.Tracer) or label_smoothing > 0.0:
         # -sum_v p(v) log q(v) = (1 - eps) * nll + eps * mean_v(-log q(v)). Not through

@@ -763,3 +763,12 @@ def test_project_refuses_a_contract_dims_outside_the_kernel_rank(contract_dims):
             jnp.ones((F,) if contract_dims == -1 else (D, F)),
             contract_dims=contract_dims,
         )
+
+
+@pytest.mark.parametrize(("dtype", "vocab"), [(jnp.int8, 200), (jnp.int16, 40000)])
+def test_embed_gives_nan_for_negative_narrow_ids_of_a_vocab_beyond_their_range(dtype, vocab):
+    # jnp.where(ids < 0, V, ids) wrapped V in the ids' dtype: int16 -1 became row V - 65536.
+    weights = EmbeddingWeights(jnp.arange(vocab, dtype=jnp.float32)[:, None])
+    out = jax.jit(embed)(weights, jnp.asarray([-1, 5, 100], dtype))
+    assert bool(jnp.isnan(out[0]).all())
+    np.testing.assert_array_equal(out[1:, 0], [5.0, 100.0])

@@ -390,3 +390,17 @@ def test_traced_targets_outside_the_vocab_give_nan_unless_masked(np_rng, bad):
         )
         grad = jax.grad(loss)(logits, targets, keep)
         np.testing.assert_allclose(grad, jax.grad(loss)(logits, fixed, keep), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "vocab"), [(jnp.uint8, 256), (jnp.int8, 200), (jnp.int16, 40000)]
+)
+def test_narrow_targets_of_a_vocab_beyond_their_range_are_not_nan(dtype, vocab):
+    # V compared in the targets' dtype wrapped (uint8: 256 -> 0): every loss was NaN.
+    logits = jnp.zeros((2, 3, vocab), jnp.float32)
+    targets = jnp.asarray([[0, 1, 2], [3, 4, 5]], dtype)
+    want = np.log(vocab)
+    for loss in (cross_entropy, jax.jit(cross_entropy)):
+        np.testing.assert_allclose(loss(logits, targets), want, rtol=1e-6)
+    if jnp.issubdtype(dtype, jnp.signedinteger):
+        assert bool(jnp.isnan(jax.jit(cross_entropy)(logits, targets.at[0, 0].set(-1))))
