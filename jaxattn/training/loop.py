@@ -55,7 +55,7 @@ from jaxattn.training.state import TrainState
 
 Batch = Any
 # The keys fit adds to its caller's metadata in each checkpoint (beside save's own).
-_FIT_WRITES = (*SAVE_WRITES, "best_val_loss", "eval")
+_FIT_WRITES = (*SAVE_WRITES, "best_val_loss", "eval", "log_window")
 LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, Mapping[str, jax.Array]]]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, Mean]]]
 EvalFn = Callable[[Any, Batch], dict[str, Mean]]
