@@ -645,10 +645,12 @@ def decode_step(
     token = ids_to_check(token)
     check_token_ids(token, config.tgt_vocab_size, "decode_step: token ids")
     token = jnp.asarray(token)
-    if jnp.ndim(cache.k) != 5 or jnp.shape(cache.v) != jnp.shape(cache.k):
+    # (a per-layer tuple, gpt.unstack_layers' layout, has ndim 5 too: "... no attribute 'shape'")
+    shape = lambda a: f"a tuple of {len(a)}" if isinstance(a, tuple) else jnp.shape(a)
+    if isinstance(cache.k, tuple) or jnp.ndim(cache.k) != 5 or shape(cache.v) != shape(cache.k):
         raise ValueError(  # (else "not enough values to unpack (expected 5, got 4)")
             f"decode_step: cache k and v must be [Ld, B, T_max, N, H] (init_cache(config, B, "
-            f"T_max)), got k {jnp.shape(cache.k)}, v {jnp.shape(cache.v)}"
+            f"T_max)), got k {shape(cache.k)}, v {shape(cache.v)}"
         )
     layers, b, t_max, _, _ = cache.k.shape
     if layers != config.num_decoder_layers or cross.k.shape[0] != config.num_decoder_layers:

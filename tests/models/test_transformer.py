@@ -903,6 +903,11 @@ def test_decode_step_names_a_cache_of_the_wrong_rank(np_rng):
         match=r"decode_step: cache k and v must be \[Ld, B, T_max, N, H\].*\(3, 4, 3, 4\)",
     ):
         decode_step(w, one_layer, tgt_in[:, 0], cross, jnp.ones((3, 5), bool), BASE)
+    # gpt.unstack_layers' per-layer tuples (ndim 5 as an array) failed as "'tuple' object
+    # has no attribute 'shape'".
+    per_layer = cache._replace(k=tuple(cache.k), v=tuple(cache.v))
+    with pytest.raises(ValueError, match=r"decode_step: cache k and v must be .*a tuple of"):
+        decode_step(w, per_layer, tgt_in[:, 0], cross, jnp.ones((3, 5), bool), BASE)
 
 
 def test_decode_step_names_a_cache_cross_or_token_of_the_wrong_kind(np_rng):
