@@ -338,6 +338,8 @@ def _without_none_overrides(argv: list[str]) -> list[str]:
 def _override_values() -> dict[str, Any]:
     """The ``--config.KEY=VALUE`` overrides, with ``None`` for a VALUE of ``None``."""
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    # ("--config.KEY None", in two words, still reaches a str field as the string 'None')
+    overrides = {key: None if value == "None" else value for key, value in overrides.items()}
     return overrides | dict.fromkeys(_NONE_OVERRIDES)
 
 
@@ -348,11 +350,12 @@ def _read_none_overrides() -> None:
     if "config" not in flags.FLAGS:
         return
     config = flags.FLAGS["config"].value
-    for key in _NONE_OVERRIDES:
-        *parents, name = key.split(".")
-        owner = functools.reduce(getattr, parents, config)
-        getattr(owner, name)  # (setattr would add an unknown key)
-        setattr(owner, name, None)
+    for key, value in _override_values().items():
+        if value is None:
+            *parents, name = key.split(".")
+            owner = functools.reduce(getattr, parents, config)
+            getattr(owner, name)  # (setattr would add an unknown key)
+            setattr(owner, name, None)
 
 
 def _load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
