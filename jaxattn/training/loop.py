@@ -49,7 +49,7 @@ from jaxattn.training.checkpoint import (
     folder_exists,
     json_metadata,
 )
-from jaxattn.training.metrics import Mean, MetricsWriter, is_remote, reduce_means
+from jaxattn.training.metrics import Mean, MetricsWriter, is_remote, reduce_means, sum_means
 from jaxattn.training.sharding import global_batch, replicated, to_host
 from jaxattn.training.state import TrainState
 
@@ -726,14 +726,10 @@ class Trainer:
 
 def _window_to_json(host: list[tuple[int, dict[str, Mean]]]) -> dict[str, Any]:
     """A log window's fetched steps as ``{"steps": [first, last], "sums": {name: [total,
-    count]}}``: summed in step order, as ``reduce_means`` sums them (so a resumed window's
-    mean is the uninterrupted one's, bit for bit)."""
-    sums: dict[str, list[float]] = {}
-    for _, metrics in host:
-        for name, mean in metrics.items():
-            total, count = sums.setdefault(name, [0.0, 0.0])
-            sums[name] = [total + float(np.sum(mean.total)), count + float(np.sum(mean.count))]
-    return {"steps": [host[0][0], host[-1][0]], "sums": sums}
+    count]}}``: ``sum_means``' sums, which ``reduce_means`` then continues in the same
+    order (so a resumed window's mean is the uninterrupted one's, bit for bit)."""
+    sums = sum_means(metrics for _, metrics in host)
+    return {"steps": [host[0][0], host[-1][0]], "sums": {k: list(v) for k, v in sums.items()}}
 
 
 def _window_from_json(window: Any) -> list[tuple[int, dict[str, Mean]]]:

@@ -29,8 +29,9 @@ class Mean(NamedTuple):
     count: Any
 
 
-def reduce_means(steps: Iterable[Mapping[str, Mean]]) -> dict[str, float]:
-    """Fetch and combine per-step ``{name: Mean}`` dicts into ``{name: total / count}``.
+def sum_means(steps: Iterable[Mapping[str, Mean]]) -> dict[str, Mean]:
+    """Fetch and add up per-step ``{name: Mean}`` dicts into ``{name: Mean(total, count)}``
+    of Python floats, in step order (so sums resumed from saved ones come out the same).
 
     One ``jax.device_get`` for the whole list, so a window costs one host sync.
     """
@@ -40,7 +41,14 @@ def reduce_means(steps: Iterable[Mapping[str, Mean]]) -> dict[str, float]:
         for name, mean in metrics.items():
             totals[name] = totals.get(name, 0.0) + float(np.sum(mean.total))
             counts[name] = counts.get(name, 0.0) + float(np.sum(mean.count))
-    return {name: totals[name] / counts[name] if counts[name] else math.nan for name in totals}
+    return {name: Mean(totals[name], counts[name]) for name in totals}
+
+
+def reduce_means(steps: Iterable[Mapping[str, Mean]]) -> dict[str, float]:
+    """Fetch and combine per-step ``{name: Mean}`` dicts into ``{name: total / count}``
+    (``sum_means``, then one division each; NaN for a count of 0)."""
+    sums = sum_means(steps).items()
+    return {name: total / count if count else math.nan for name, (total, count) in sums}
 
 
 def _json_value(value: Any) -> Any:
