@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops._checks import as_size, check_flag, check_seed, check_size
+from jaxattn.ops._checks import (
+    as_size,
+    check_flag,
+    check_floating_leaves,
+    check_seed,
+    check_size,
+)
 from jaxattn.ops.attention import DROPOUT_IMPLEMENTATIONS, IMPLEMENTATIONS
 from jaxattn.ops.layers import check_dropout_key, check_dropout_rate
 
@@ -312,8 +318,9 @@ def init_shapes(init_fn: Callable, config: Any) -> dict[str, tuple[int, ...]]:
 
 
 def check_weights(weights: Any, init_fn: Callable, config: Any, where: str) -> None:
-    """Raise ``ValueError`` unless ``weights`` has the leaves (paths and shapes, not dtypes)
-    that ``init_fn(key, config)`` gives, e.g. dot-attention weights for a general config.
+    """Raise ``ValueError`` unless ``weights`` has the leaves (paths and shapes) that
+    ``init_fn(key, config)`` gives, e.g. dot-attention weights for a general config, and
+    every leaf is floating (any float dtype: an integer one gave wrong outputs silently).
 
     Cheap: compares ``jax.eval_shape`` of the init, cached per config, with the tree
     structure and shapes (a few µs; ``generate`` checks on every call). The tree paths, which
@@ -322,8 +329,21 @@ def check_weights(weights: Any, init_fn: Callable, config: Any, where: str) -> N
     leaves, treedef = jax.tree_util.tree_flatten(weights)
     leaf_shapes = tuple(tuple(getattr(leaf, "shape", ("not an array",))) for leaf in leaves)
     want_treedef, want_shapes = _init_signature(init_fn, config)
-    if treedef == want_treedef and leaf_shapes == want_shapes:
-        return
+    if treedef != want_treedef or leaf_shapes != want_shapes:
+        _check_weight_paths(weights, leaf_shapes, init_fn, config, where)
+    check_floating_leaves(weights, "weights", where, leaves)
+
+
+def _check_weight_paths(
+    weights: Any,
+    leaf_shapes: tuple[tuple[int, ...], ...],
+    init_fn: Callable,
+    config: Any,
+    where: str,
+) -> None:
+    """``check_weights``' slow path: raise ``ValueError`` naming the paths that are missing,
+    unexpected or of another shape than ``init_fn``'s (``leaf_shapes``: ``weights``' leaves'
+    shapes, in ``tree_flatten``'s order)."""
     want = init_shapes(init_fn, config)
     # The same leaves in the same order (tree_flatten's), now with their paths.
     paths = jax.tree_util.tree_flatten_with_path(weights)[0]

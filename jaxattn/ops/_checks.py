@@ -80,6 +80,37 @@ def check_float_dtype(dtype: Any, where: str, name: str = "dtype") -> None:
         raise ValueError(f"{where}: {name} must be a floating dtype, got {dtype!r}")
 
 
+@functools.lru_cache(maxsize=64)
+def _is_floating(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def check_floating_leaves(tree: Any, name: str, where: str, leaves: list | None = None) -> None:
+    """``ValueError`` naming ``where``, ``name`` and the offending leaves (path and dtype)
+    unless every leaf of the weight pytree ``tree`` is floating. A leaf without a dtype is
+    left to the caller's shape checks. ``leaves``: ``tree``'s, when the caller has them.
+
+    An integer leaf (a kernel cast with ``astype(jnp.int32)``) ran silently: the layers
+    cast it back to the compute dtype, and the truncated values gave wrong outputs. Cheap
+    when all leaves are floating (one cached ``issubdtype`` per distinct dtype); the
+    paths are only spelled out to name a leaf that is not.
+    """
+    leaves = jax.tree_util.tree_leaves(tree) if leaves is None else leaves
+    dtypes = {getattr(leaf, "dtype", None) for leaf in leaves}
+    if all(dtype is None or _is_floating(dtype) for dtype in dtypes):
+        return
+    bad = [
+        f"{jax.tree_util.keystr(path)} {leaf.dtype}"
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if getattr(leaf, "dtype", None) is not None and not _is_floating(leaf.dtype)
+    ]
+    more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+    raise ValueError(
+        f"{where}: {name} must be floating (an init's float32, or another float dtype), got "
+        f"{', '.join(bad[:3])}{more}"
+    )
+
+
 # jax.random.key takes a seed up to int64's maximum; the scripts seed their validation
 # batches with seed + 1.
 MAX_SEED = 2**63 - 2

@@ -1,5 +1,7 @@
 """The argument checks every model's init shares (``jaxattn/models/_config.py``)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +74,27 @@ def test_check_seed_takes_0_to_2_63_minus_2():
         check_seed(2**63 - 1, "seed", "here")
     with pytest.raises(ValueError, match="here: seed"):
         check_seed(-1, "seed", "here")
+
+
+@pytest.mark.parametrize("init, config", INITS, ids=[init.__name__ for init, _ in INITS])
+def test_check_weights_refuses_an_integer_leaf_naming_its_path(init, config):
+    """One kernel cast to int32 ran silently (gpt.gpt gave finite, wrong logits): the layers
+    cast it back to the compute dtype. Every model's weight check shares the refusal."""
+    from jaxattn.models import gpt, seq2seq, transformer
+
+    run = {
+        init_gpt: lambda w: gpt.gpt(w, jnp.array([[1, 2, 3]]), config),
+        init_seq2seq: lambda w: seq2seq.encode(w, np.array([[1, 2]]), np.array([2]), config),
+        init_transformer: lambda w: transformer.encode(
+            w, np.array([[1, 2]]), np.array([2]), config
+        ),
+    }[init]
+    weights = init(jax.random.key(0), config)
+    run(weights)  # float32, and bfloat16 below: any float dtype passes
+    run(jax.tree.map(lambda a: a.astype(jnp.bfloat16), weights))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(weights)
+    for i in (0, len(leaves) // 2, len(leaves) - 1):
+        path = jax.tree_util.keystr(leaves[i][0])
+        bad = [leaf.astype(jnp.int32) if j == i else leaf for j, (_, leaf) in enumerate(leaves)]
+        with pytest.raises(ValueError, match=rf"weights must be floating.*{re.escape(path)} int32"):
+            run(jax.tree_util.tree_unflatten(treedef, bad))
