@@ -66,6 +66,7 @@ from jaxattn.ops.attention import (
 from jaxattn.ops.layers import (
     DenseWeights,
     EmbeddingWeights,
+    as_floating,
     check_token_ids,
     dense,
     dropout,
@@ -79,6 +80,7 @@ from jaxattn.ops.lstm import (
     IMPLEMENTATIONS,
     BidirectionalWeights,
     LSTMWeights,
+    check_pair,
     init_lstm_stack,
     lstm_cell,
     lstm_stack,
@@ -282,6 +284,7 @@ def init_decode_state(final_state: Carry, config: Seq2SeqConfig) -> Carry:
     """
     _check_config(config, "init_decode_state")
     dirs = 2 if config.bidirectional_encoder else 1
+    check_pair(final_state, "final_state", "(h_n, c_n) (encode's)", "init_decode_state")
     h_n, c_n = final_state
     layers, hidden = config.num_layers * dirs, config.hidden_size
     for name, x in (("h_n", h_n), ("c_n", c_n)):
@@ -461,13 +464,16 @@ def decode_step(
     token = ids_to_check(token)
     check_token_ids(token, config.tgt_vocab_size, "decode_step: token ids")
     token = jnp.asarray(token)
-    h, c = state
+    layout = "(h, c), each [L, B, h] (init_decode_state's or the last step's)"
+    check_pair(state, "state", layout, "decode_step")
+    h, c = (jnp.asarray(a) for a in state)  # (nested lists too, as token)
     want = (config.num_layers, token.shape[0] if token.ndim == 1 else -1, config.hidden_size)
     if token.ndim != 1 or h.shape != want or c.shape != want:
         raise ValueError(
             f"decode_step: expected token [B] and state (h, c) of shape {want}, got token "
             f"{token.shape}, h {h.shape}, c {c.shape}"
         )
+    encoder_outputs = as_floating(encoder_outputs, "encoder_outputs", "decode_step")
     if jnp.shape(src_mask) != encoder_outputs.shape[:2] or encoder_outputs.shape[0] != want[1]:
         raise ValueError(
             f"decode_step: encoder_outputs [B, S, h'] and src_mask [B, S] disagree with B="

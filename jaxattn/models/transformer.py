@@ -73,7 +73,7 @@ from jaxattn.ops.layers import (
     EmbeddingWeights,
     FeedForwardWeights,
     LayerNormWeights,
-    check_floating,
+    as_floating,
     check_token_ids,
     dense,
     dropout,
@@ -432,12 +432,12 @@ def cross_kv(weights: TransformerWeights, memory: Array, config: TransformerConf
     _check_config(config, "cross_kv")
     check_weights(weights, init_transformer, config, "cross_kv")
     # (Else another rank came out silently mislabelled: [S, D] gave k [Ld, S, N, H].)
-    if jnp.ndim(memory) != 3 or jnp.shape(memory)[-1] != config.embed_dim:
+    memory = as_floating(memory, "memory", "cross_kv")  # (a nested list too, as decode's)
+    if memory.ndim != 3 or memory.shape[-1] != config.embed_dim:
         raise ValueError(
             f"cross_kv: memory must be [B, S, D={config.embed_dim}] (encode's output), got "
-            f"{jnp.shape(memory)}"
+            f"{memory.shape}"
         )
-    check_floating(memory, "memory", "cross_kv")
     attn = cast_floating(weights.decoder.cross_attn, config.compute_dtype)
     memory = memory.astype(config.compute_dtype)
     kv = lambda a: (project(memory, a.w_k, a.b_k), project(memory, a.w_v, a.b_v))
@@ -493,6 +493,8 @@ def _decoder_hidden(
     check_weights(weights, init_transformer, config, "decode")
     tgt_in = _as_tokens(tgt_in, config.tgt_vocab_size, config, "decode: tgt_in")
     check_size(tgt_in.shape[0], "tgt_in's batch size B", "decode")  # (as encode's src)
+    # A nested list, as tgt_in and src_mask may be (failed on memory.ndim).
+    memory = as_floating(memory, "memory", "decode")
     if (
         memory.ndim != 3
         or jnp.shape(src_mask) != memory.shape[:2]

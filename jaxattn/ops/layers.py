@@ -39,6 +39,22 @@ def check_floating(x: Array, name: str, where: str) -> None:
         )
 
 
+def as_floating(x: Any, name: str, where: str) -> Array | np.ndarray:
+    """``x [...]`` after ``check_floating``: an array (JAX, NumPy, a tracer) as it is, an
+    array-like without a dtype (a nested list) as ``jnp.asarray`` makes it, as the models
+    take token ids. A list failed as "'list' object has no attribute 'ndim'"; None or a
+    ragged list now fail here, naming ``where`` and ``name``."""
+    if not hasattr(x, "dtype"):
+        try:
+            x = jnp.asarray(x)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where}: {name} must be a floating array, got {type(x).__name__}"
+            ) from None
+    check_floating(x, name, where)
+    return x
+
+
 def float32_or_wider(dtype: DType) -> jnp.dtype:
     """The dtype that norms, softmax, losses and RoPE compute in for inputs of ``dtype``:
     float32 for bfloat16, float16 and float32 (and non-floats), float64 for float64 (with

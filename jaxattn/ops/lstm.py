@@ -35,12 +35,18 @@ reverse, such a row starts from its last valid step ``length - 1``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops._checks import check_flag, check_float_dtype, check_size, forward_mode_hint
+from jaxattn.ops._checks import (
+    check_flag,
+    check_float_dtype,
+    check_floating_leaves,
+    check_size,
+    forward_mode_hint,
+)
 from jaxattn.ops.layers import (
     check_dropout_key,
     check_dropout_rate,
@@ -123,11 +129,12 @@ def init_lstm(
 
 
 def _check_weights(weights: LSTMWeights, where: str) -> tuple[int, int]:
-    """Return ``(I, h)`` after checking that the three arrays agree."""
+    """Return ``(I, h)`` after checking that the three arrays are floating and agree."""
     if not isinstance(weights, LSTMWeights):
         raise TypeError(  # (a bare tuple failed as "no attribute 'w_hh'", a dict's keys unpacked)
             f"{where}: weights must be LSTMWeights (init_lstm), got {type(weights).__name__}"
         )
+    check_floating_leaves(weights, "weights", where)  # (cast back, int ones ran silently)
     w_ih, w_hh, b = weights
     if w_hh.ndim != 2 or w_hh.shape[1] != 4 * w_hh.shape[0]:
         raise ValueError(f"{where}: w_hh must be [h, 4h], got {w_hh.shape}")
@@ -140,8 +147,29 @@ def _check_weights(weights: LSTMWeights, where: str) -> tuple[int, int]:
     return w_ih.shape[0], h
 
 
+def check_pair(value: Any, name: str, layout: str, where: str) -> None:
+    """``ValueError`` naming ``where``, ``name`` and its ``layout`` (e.g. ``"(h, c)"``)
+    unless ``value`` unpacks into two: a tuple or list of two, or an array of leading size 2.
+
+    None (a state not made yet), a dict (an orbax restore without a target) or a triple
+    failed as "cannot unpack non-iterable NoneType object" and the like, naming neither.
+    """
+    if isinstance(value, (tuple, list)):
+        if len(value) == 2:
+            return
+        got = f"a {type(value).__name__} of {len(value)}"
+    elif getattr(value, "ndim", 0) > 0:
+        if len(value) == 2:
+            return
+        got = f"an array of shape {tuple(value.shape)}"
+    else:
+        got = type(value).__name__
+    raise ValueError(f"{where}: {name} must be a pair {layout}, got {got}")
+
+
 def _check_carry(carry: Carry, batch: int, hidden: int, where: str) -> None:
-    shapes = tuple(jnp.shape(a) for a in carry) if len(carry) == 2 else None
+    check_pair(carry, "carry", "(h [B, h], c [B, h])", where)
+    shapes = tuple(jnp.shape(a) for a in carry)
     if shapes != ((batch, hidden), (batch, hidden)):
         raise ValueError(
             f"{where}: carry must be (h [B, h], c [B, h]) = "
@@ -309,6 +337,8 @@ def bidirectional_lstm(
     shapes = [tuple(a.shape for a in w) for w in weights]
     if shapes[0] != shapes[1]:
         raise ValueError(f"bidirectional_lstm: direction shapes differ: {shapes[0]} vs {shapes[1]}")
+    if carry is not None:
+        check_pair(carry, "carry", "((h_f, c_f), (h_b, c_b))", "bidirectional_lstm")
     carry_f, carry_b = (None, None) if carry is None else carry
     xs = jnp.asarray(xs)  # (as in lstm_scan)
     where = "bidirectional_lstm"
@@ -425,6 +455,7 @@ def lstm_stack(
                     f"I = {dirs * hidden} ({dirs} x layer 0's h = {hidden}) and h = {hidden}"
                 )
     if carry is not None:
+        check_pair(carry, "carry", "(h_0, c_0)", "lstm_stack")
         want = (len(layers) * dirs, xs.shape[0], hidden)
         got = tuple(jnp.shape(a) for a in carry)
         if got != (want, want):

@@ -501,6 +501,37 @@ def test_decode_step_reads_src_mask_as_transformer_decode_step_does(np_rng):
         decode_step(w, state, tgt_in[:, 0], memory, np.where(mask, 0.0, -np.inf), config)
 
 
+def test_decode_step_names_a_state_that_is_not_a_pair_and_takes_lists(np_rng):
+    # A None state failed as "cannot unpack non-iterable NoneType object", a list state or
+    # encoder_outputs as "'list' object has no attribute 'shape'".
+    config = VARIANTS[1]
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    memory, final = encode_jit(w, src, lengths, config)
+    state, mask = init_decode_state(final, config), lengths[:, None] > jnp.arange(src.shape[1])
+    for bad, got in (
+        (None, "NoneType"),
+        (state[:1], "a tuple of 1"),
+        ((*state, state[0]), "a tuple of 3"),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"decode_step: state must be a pair \(h, c\), each \[L, B, h\].*got {got}",
+        ):
+            decode_step(w, bad, tgt_in[:, 0], memory, mask, config)
+    with pytest.raises(
+        ValueError, match=r"init_decode_state: final_state must be a pair.*NoneType"
+    ):
+        init_decode_state(None, config)
+    want = decode_step(w, state, tgt_in[:, 0], memory, mask, config)
+    listed = [a.tolist() for a in state]
+    got = decode_step(w, listed, tgt_in[:, 0], memory.tolist(), mask, config)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"decode_step: encoder_outputs must be floating.*int32"):
+        decode_step(w, state, tgt_in[:, 0], memory.astype(jnp.int32), mask, config)
+
+
 def test_int64_ids_are_checked_before_the_int32_conversion(np_rng):
     # With 64-bit types off jnp.asarray wraps the int64 id 2**32 + 3 to 3, a valid id: it
     # passed the range check and silently stood for token 3.

@@ -668,6 +668,21 @@ def test_cross_kv_refuses_memory_that_is_not_b_s_d(np_rng):
         cross_kv(w, jnp.zeros((3, 5, 12), jnp.int32), BASE)
 
 
+def test_decode_and_cross_kv_take_memory_as_a_nested_list(np_rng):
+    # decode failed on memory.ndim ("'list' object has no attribute 'ndim'") and cross_kv
+    # on its dtype, while tgt_in and src_mask may be lists; None is named.
+    w = random_weights(BASE)
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    memory = encode(w, src, lengths, BASE)
+    mask = padding_mask(lengths, src.shape[1])
+    want = decode(w, memory, mask, tgt_in, BASE)
+    np.testing.assert_array_equal(decode(w, memory.tolist(), mask, tgt_in, BASE), want)
+    for a, b in zip(cross_kv(w, memory.tolist(), BASE), cross_kv(w, memory, BASE)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"decode: memory must be a floating array, got NoneType"):
+        decode(w, None, mask, tgt_in, BASE)
+
+
 def test_decode_step_takes_a_python_int_index_and_names_a_bad_one(np_rng):
     # A Python int index (KVCache(k, v, 0), as gpt_decode takes it) failed on index[None];
     # a float or [1] index failed inside take or int(), naming neither the cache nor its index.

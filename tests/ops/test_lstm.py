@@ -823,3 +823,30 @@ def test_lstm_stack_takes_nested_lists_as_lstm_scan_does(rng, np_rng):
     np.testing.assert_allclose(ys, ys_want)
     np.testing.assert_allclose(h, h_want)
     np.testing.assert_allclose(c, c_want)
+
+
+def test_integer_weights_and_a_carry_that_is_not_a_pair_are_named(rng):
+    # An int32 w_ih was cast back to the compute dtype and ran silently; a None carry
+    # failed as "object of type 'NoneType' has no len()", naming neither.
+    w = init_lstm(rng, IN, HID)
+    xs, zeros = jnp.zeros((B, T, IN)), jnp.zeros((B, HID))
+    bad = w._replace(w_ih=w.w_ih.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"lstm_scan: weights must be floating.*\.w_ih int32"):
+        lstm_scan(bad, xs)
+    with pytest.raises(ValueError, match=r"lstm_cell: weights must be floating.*\.w_ih int32"):
+        lstm_cell(bad, (zeros, zeros), xs[:, 0])
+    with pytest.raises(ValueError, match=r"lstm_stack: layer 0: weights must be floating"):
+        lstm_stack((bad,), xs)
+    for carry, got in ((None, "NoneType"), ((zeros,), "a tuple of 1")):
+        with pytest.raises(ValueError, match=rf"lstm_cell: carry must be a pair .*got {got}"):
+            lstm_cell(w, carry, xs[:, 0])
+    with pytest.raises(ValueError, match=r"lstm_stack: carry must be a pair .*got a list of 3"):
+        lstm_stack((w,), xs, [zeros[None]] * 3)  # (None: zeros, as lstm_scan's)
+    with pytest.raises(
+        ValueError, match=r"bidirectional_lstm: carry must be a pair .*a tuple of 3"
+    ):
+        bidirectional_lstm(BidirectionalWeights(w, w), xs, (None,) * 3)
+    # An array of leading size 2 unpacks as (h, c), as before.
+    stacked = lstm_cell(w, jnp.stack([zeros, zeros]), xs[:, 0])
+    for a, b in zip(stacked, lstm_cell(w, (zeros, zeros), xs[:, 0])):
+        np.testing.assert_array_equal(a, b)
