@@ -16,7 +16,8 @@ gradient norm or the state to be saved is not finite (saving nothing after the l
 checkpoint), and on SIGTERM/SIGINT saves a checkpoint at the current step and returns
 (when it runs in the main thread: Python delivers signals to that thread only); the sums
 of a log window the signal cut short go with that checkpoint, for the resumed run to log
-at the window's end as an uninterrupted run would.
+at the window's end as an uninterrupted run would (or, with nothing left to train, as its
+own record at the stopped step, once).
 """
 
 from __future__ import annotations
@@ -49,7 +50,15 @@ from jaxattn.training.checkpoint import (
     folder_exists,
     json_metadata,
 )
-from jaxattn.training.metrics import Mean, MetricsWriter, is_remote, reduce_means, sum_means
+from jaxattn.training.metrics import (
+    Mean,
+    MetricsWriter,
+    is_remote,
+    json_value,
+    read_metrics,
+    reduce_means,
+    sum_means,
+)
 from jaxattn.training.sharding import global_batch, replicated, to_host
 from jaxattn.training.state import TrainState
 
@@ -460,6 +469,8 @@ class Trainer:
         self.pending: list[tuple[int, dict[str, Mean]]] = []
         # A log window a signal cut short: its steps' sums, saved with the checkpoint.
         self.open_window: dict[str, Any] | None = None
+        # A restored such window's last learning rate (its record's, as _flush gives it).
+        self.window_learning_rate: float | None = None
         self.last_eval: dict[str, float] = {}
         self.eval_step_done: int | None = None  # the step last_eval evaluated
         try:
@@ -480,7 +491,11 @@ class Trainer:
                 self.best_val = math.inf if best is None else best
                 self.last_eval = meta.get("eval") or {}
                 self.saved_step = int(self.state.step)
-                self.pending = _window_from_json(meta.get("log_window"))
+                window = meta.get("log_window")
+                self.pending = _window_from_json(window)
+                self.window_learning_rate = (window or {}).get("learning_rate")
+                if self._window_logged():  # by a rerun that had nothing to train
+                    self.pending = []
                 self.say(f"Resumed from {self.ckpt.step_dir(self.saved_step)}")
             elif abstract := _abstract_leaves(state):
                 raise ValueError(
@@ -493,7 +508,10 @@ class Trainer:
             self.state = _committed(self.state)
             self.step = int(self.state.step)
             if self.step >= self.loop.num_steps and self.saved_step is not None:
-                # A finished run: nothing to train, evaluate or write (not even a TB file).
+                # A finished run: nothing to train, evaluate or write (not even a TB file),
+                # but for a log window a signal cut short, which no resume would log.
+                if self.pending:
+                    self._log_saved_window()
                 self.say(f"Step {self.step} >= num_steps={self.loop.num_steps}: nothing to do.")
                 return FitResult(self.state, self.step, False, self.last_eval, 0)
             # A resumed run logs from the checkpoint's step + 1, a fresh one from its step
@@ -600,6 +618,45 @@ class Trainer:
                 # here, then one of the rest of the window alone, did not).
                 self.open_window = _window_to_json(self._fetch_window())
 
+    def _window_logged(self) -> bool:
+        """Whether ``metrics.jsonl`` already holds the record of the restored log window
+        (``pending``'s one entry), as ``_log_saved_window`` writes it: a later resume then
+        neither writes it again nor merges its steps into its own first record."""
+        path = self.workdir / "metrics.jsonl"
+        if not self.pending or not path.exists():
+            return False
+        step = self.pending[-1][0]
+        want = {name: json_value(v) for name, v in self._saved_window_record().items()}
+        return any(
+            r.get("step") == step and all(k in r and r[k] == v for k, v in want.items())
+            for r in read_metrics(path)
+        )
+
+    def _log_saved_window(self) -> None:
+        """Write the restored log window (one a signal cut short) as its own record at its
+        last step, for a resumed run with nothing left to train: its steps were otherwise
+        missing from the metrics. A workdir it cannot write is named in a note (a finished
+        run may sit in a read-only folder)."""
+        step = self.pending[-1][0]
+        try:
+            check_writable(self.workdir)
+            _check_metrics_writable(self.workdir)
+        except NotWritableError as e:
+            self.say(f"note: the log window saved at step {step} is not logged: {e}")
+            return
+        with MetricsWriter(self.workdir, active=self.primary, purge_step=step) as writer:
+            writer.write(step, self._saved_window_record() | {"tokens_per_s": None})
+        self.pending = []
+
+    def _saved_window_record(self) -> dict[str, float]:
+        """The restored log window's record: its means (``pending``'s one entry, fetched
+        and NaN-checked before it was saved), with its last step's learning rate."""
+        ((_, sums),) = self.pending
+        record = reduce_means([sums])
+        if self.window_learning_rate is not None:
+            record["learning_rate"] = self.window_learning_rate
+        return record
+
     def _window_record(
         self, t0: float | None, timed: int, timed_tokens: int, tokens_per_s: float | None
     ) -> tuple[dict[str, float], float | None]:
@@ -703,11 +760,8 @@ class Trainer:
         """The pending steps' means (``_fetch_window``), the learning rate the last one's."""
         host = self._fetch_window()
         means = reduce_means(m for _, m in host)
-        if host and "learning_rate" in host[-1][1]:
-            # The rate of the window's last update, as nanoGPT and optax's loggers report it:
-            # the window's mean lags a warmup ramp by half a window.
-            last = host[-1][1]["learning_rate"]
-            means["learning_rate"] = float(np.sum(last.total) / np.sum(last.count))
+        if (rate := _last_learning_rate(host)) is not None:
+            means["learning_rate"] = rate
         return means
 
     def _stop_non_finite(self, what: str) -> None:
@@ -729,7 +783,19 @@ def _window_to_json(host: list[tuple[int, dict[str, Mean]]]) -> dict[str, Any]:
     count]}}``: ``sum_means``' sums, which ``reduce_means`` then continues in the same
     order (so a resumed window's mean is the uninterrupted one's, bit for bit)."""
     sums = sum_means(metrics for _, metrics in host)
-    return {"steps": [host[0][0], host[-1][0]], "sums": {k: list(v) for k, v in sums.items()}}
+    window = {"steps": [host[0][0], host[-1][0]], "sums": {k: list(v) for k, v in sums.items()}}
+    if (rate := _last_learning_rate(host)) is not None:
+        window["learning_rate"] = rate  # (the record of a rerun with no steps left shows it)
+    return window
+
+
+def _last_learning_rate(host: list[tuple[int, dict[str, Mean]]]) -> float | None:
+    """The learning rate of a fetched window's last update, as nanoGPT and optax's loggers
+    report it (the window's mean lags a warmup ramp by half a window); None without one."""
+    if not host or "learning_rate" not in host[-1][1]:
+        return None
+    last = host[-1][1]["learning_rate"]
+    return float(np.sum(last.total) / np.sum(last.count))
 
 
 def _window_from_json(window: Any) -> list[tuple[int, dict[str, Mean]]]:
@@ -776,7 +842,7 @@ def fit(
     with ``interrupted=True``, unless the signal came after the last step). ``eval_step``
     must return a ``val_loss`` (``make_eval_step``'s default prefix). A finished run
     (``state.step >= num_steps`` after restoring) returns at once, with ``trained_steps=0``,
-    and writes nothing.
+    and writes nothing, but for the record of a log window a signal cut short (once).
 
     Args:
       state: the initial state (also the restore target: a checkpoint must match its tree).

@@ -51,7 +51,7 @@ def reduce_means(steps: Iterable[Mapping[str, Mean]]) -> dict[str, float]:
     return {name: total / count if count else math.nan for name, (total, count) in sums}
 
 
-def _json_value(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """Plain-JSON version of a scalar: non-finite floats become null (JSON has no NaN)."""
     # Any one-element value, not only arrays: a list [nan] was written as [NaN], not JSON.
     if value is not None and not isinstance(value, str):
@@ -134,7 +134,7 @@ class MetricsWriter:
                     f"MetricsWriter.write: {name} at step {step} must be a scalar, got shape "
                     f"{np.shape(value)}"
                 )
-        record.update({k: _json_value(v) for k, v in scalars.items()})
+        record.update({k: json_value(v) for k, v in scalars.items()})
         line = json.dumps(record) + "\n"
         if self.remote:
             self._lines.append(line)
@@ -144,7 +144,7 @@ class MetricsWriter:
             self._file.flush()
         if self._tb is not None:
             for name, value in scalars.items():
-                value = _json_value(value)
+                value = json_value(value)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(name, value, global_step=int(step))
 

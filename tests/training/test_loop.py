@@ -1097,7 +1097,9 @@ def _fit_signalled_at(toy, workdir, signal_step: int, loop: LoopConfig):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("fit handles signals in the main thread only")
     optimizer = toy.optimizer()
-    step = make_train_step(toy.loss, optimizer)
+    # A logged rate that ramps, so that a window's last rate differs from its mean.
+    ramp = lambda count: 1e-3 * (jnp.asarray(count).astype(jnp.float32) + 1.0)
+    step = make_train_step(toy.loss, optimizer, learning_rate_fn=ramp)
 
     def signalling_step(state, batch):
         state, metrics = step(state, batch)
@@ -1162,6 +1164,44 @@ def test_a_log_window_cut_by_a_signal_is_logged_by_the_resumed_run_as_uninterrup
         for name in set(want[step]) - timing:
             assert got[step][name] == want[step][name], (step, name)
     assert got[8]["tokens_per_s"] > 0 and got[8]["step_time_ms"] > 0
+
+
+def test_a_log_window_cut_by_a_signal_is_logged_once_by_a_resumed_run_with_nothing_to_train(
+    tmp_path, toy
+):
+    """SIGTERM at step 6 of windows of 4, then reruns with num_steps=6 (or below): the run
+    had nothing to train and returned without logging the saved window, so steps 5-6 were
+    missing from metrics.jsonl. The rerun writes it as step 6's record, equal to that of an
+    uninterrupted run of 6 steps; a second rerun does not write it again, nor does a later
+    run that trains on (its first record covers its own steps only)."""
+    loop = LoopConfig(num_steps=12, log_every=4, progress=False)
+    straight = _fit_signalled_at(
+        toy, tmp_path / "straight", 99, dataclasses.replace(loop, num_steps=6)
+    )
+    assert not straight.interrupted
+    _fit_signalled_at(toy, tmp_path / "straight", 99, dataclasses.replace(loop, num_steps=12))
+    result = _fit_signalled_at(toy, tmp_path / "resumed", 6, loop)
+    assert result.interrupted and result.step == 6
+
+    def records(run):
+        return [r for r in read_metrics(tmp_path / run / "metrics.jsonl")]
+
+    assert [r["step"] for r in records("resumed")] == [4]
+    for num_steps in (5, 6):  # below the stopped step, then at it
+        rerun = _fit_signalled_at(
+            toy, tmp_path / "resumed", 99, dataclasses.replace(loop, num_steps=num_steps)
+        )
+        assert rerun.trained_steps == 0
+        assert [r["step"] for r in records("resumed")] == [4, 6]
+    resumed = _fit_signalled_at(toy, tmp_path / "resumed", 99, loop)
+    assert resumed.step == 12 and resumed.trained_steps == 6
+    want, got = records("straight"), records("resumed")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [4, 6, 8, 12]
+    timing = {"tokens_per_s", "step_time_ms", "time"}  # (time: when it was written)
+    for w, g in zip(want, got, strict=True):
+        assert {"train_loss", "grad_norm", "learning_rate"} <= set(w)
+        for name in set(w) - timing:
+            assert g[name] == w[name], (w["step"], name)
 
 
 def test_a_signal_in_the_last_step_does_not_report_an_interrupted_run(tmp_path, toy):
