@@ -235,6 +235,23 @@ def _unparsable_json(step_dir: epath.Path) -> list[epath.Path]:
     return sorted(found, key=str)
 
 
+def _unreadable_step_record(step_dir: epath.Path) -> tuple[epath.Path, Exception] | None:
+    """``(path, error)`` when ``step_dir``'s ``_CHECKPOINT_METADATA`` parses as JSON but not
+    as orbax's record of the save (edited by hand: a list, a timestamp of another type),
+    which fails orbax's opening of the whole folder; None otherwise (a record that is
+    missing or does not parse is only logged by orbax, see ``unreadable_step_records``)."""
+    record = step_dir / _STEP_RECORD_NAME
+    try:
+        saved = json.loads(record.read_text())
+    except Exception:  # missing, or not JSON
+        return None
+    try:
+        ocp.path.step.step_metadata_serialization.deserialize(saved)
+    except Exception as e:
+        return record, e
+    return None
+
+
 def _rankable(metrics: Any, name: str) -> float:
     """``metrics[name]`` for ranking by "lower is better": NaN ranks last, never as the best,
     and so does a step whose saved metrics lack ``name`` or hold no number there (saved
@@ -833,8 +850,10 @@ class Checkpointer:
 
     def _unopenable(self, error: Exception) -> CheckpointError:
         """The error for a folder orbax cannot open, naming the steps whose saved metrics
-        (which orbax reads on opening) do not parse, each with its own reason."""
-        damaged: list[tuple[epath.Path, Exception]] = []
+        or step record (``_CHECKPOINT_METADATA``), which orbax reads on opening, it cannot
+        read, each with its own reason."""
+        damaged: list[tuple[epath.Path, Exception]] = []  # metrics files
+        records: list[tuple[epath.Path, Exception]] = []  # step records
         try:
             # Not orbax's *.orbax-checkpoint-tmp-* folders: never read.
             for step in self._steps_on_disk():
@@ -844,17 +863,28 @@ class Checkpointer:
                         json.loads(metrics_file.read_text())
                     except Exception as e:  # object stores raise their own types
                         damaged.append((metrics_file, e))
+                if (found := _unreadable_step_record(self.step_dir(step))) is not None:
+                    records.append(found)
         except Exception:  # the scan only refines the message
-            damaged = []
-        if not damaged:
+            damaged, records = [], []
+        if not (damaged or records):
             return CheckpointError(
                 f"cannot open the checkpoints in {self.directory}: {_first_line(error)}"
             )
-        files = "; ".join(f"{path} ({_first_line(e)})" for path, e in damaged)
-        step_dirs = ", ".join(str(path.parent.parent) for path, _ in damaged)
+        parts, hints = [], []
+        if damaged:
+            files = "; ".join(f"{path} ({_first_line(e)})" for path, e in damaged)
+            step_dirs = ", ".join(str(path.parent.parent) for path, _ in damaged)
+            parts.append(f"corrupt metrics file {files}")
+            hints.append(f"move {step_dirs} out of the folder to use the other steps")
+        if records:
+            files = "; ".join(f"{path} ({_first_line(e)})" for path, e in records)
+            names = ", ".join(str(path) for path, _ in records)
+            parts.append(f"corrupt step record {files}")
+            hints.append(f"delete {names} (orbax reads a step without one)")
         return CheckpointError(
-            f"cannot open the checkpoints in {self.directory}: corrupt metrics file {files}; "
-            f"move {step_dirs} out of the folder to use the other steps"
+            f"cannot open the checkpoints in {self.directory}: {'; '.join(parts)}; "
+            f"{', or '.join(hints)}"
         )
 
     def wait(self) -> None:

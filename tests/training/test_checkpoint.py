@@ -506,6 +506,32 @@ def test_a_damaged_metrics_file_names_its_step_and_changes_nothing(tmp_path, toy
         assert ckpt.all_steps() == [3] and ckpt.best_step() == 3
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_hand_edited_step_record_names_its_step_and_changes_nothing(tmp_path, toy, read_only):
+    """A ``_CHECKPOINT_METADATA`` that parses but is not orbax's record (a list, a timestamp
+    of another type) fails orbax's opening of the folder: the error named the folder and
+    orbax's reason only ("Metadata dict must be a dictionary, but got list")."""
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        for step in (2, 3, 10):
+            ckpt.save(step, toy.state())
+    edits = {3: "[1, 2]", 10: '{"commit_timestamp_nsecs": "yesterday"}'}
+    for step, text in edits.items():
+        (tmp_path / str(step) / "_CHECKPOINT_METADATA").write_text(text)
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        Checkpointer(tmp_path, read_only=read_only)
+    message = str(info.value)
+    records = [tmp_path / str(step) / "_CHECKPOINT_METADATA" for step in edits]
+    assert f"corrupt step record {records[0]} (ValueError: Metadata dict must be a " in message
+    assert f"; {records[1]} (ValueError: " in message
+    assert message.endswith(f"delete {records[0]}, {records[1]} (orbax reads a step without one)")
+    assert snapshot(tmp_path) == before
+    for record in records:  # the hint works
+        record.unlink()
+    with Checkpointer(tmp_path, read_only=read_only) as ckpt:
+        assert ckpt.all_steps() == [2, 3, 10] and ckpt.unreadable_step_records() == records
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_truncated_array_names_the_reason_not_orbaxs_wrapper(tmp_path):
     # orbax raises "Encountered error while reading array index ... <the store's repr>" from
