@@ -318,28 +318,38 @@ def _check_config_loaded() -> None:
 
 # The keys of the command line's --config.KEY=None overrides (see _without_none_overrides).
 _NONE_OVERRIDES: list[str] = []
+# An override's flag: --config.KEY=None, or --config.KEY before a word (with one dash too).
+_CONFIG_OVERRIDE = re.compile(r"--?config\.([\w.]+)(=None)?")
 
 
 def _without_none_overrides(argv: list[str]) -> list[str]:
-    """``argv`` without its ``--config.KEY=None`` overrides, whose keys go to
-    ``_NONE_OVERRIDES`` for ``_read_none_overrides`` to set after parsing.
+    """``argv`` without its ``--config.KEY=None`` and ``--config.KEY None`` overrides,
+    whose keys go to ``_NONE_OVERRIDES`` for ``_read_none_overrides`` to set after parsing.
 
     ml_collections parses ``None`` with the field's type: ``int('None')`` for an int
     placeholder failed (``--config.model.attention_window=None`` could not switch a window
     off), and a str field got the string ``'None'`` (``model.attention_implementation``,
     whose check then said "must be None or one of (...), got 'None'"). No setting of ours
-    takes that string.
+    takes that string. A setting that cannot be None is refused by the script's own check
+    of it, whichever form set it.
     """
-    none = re.compile(r"--config\.([\w.]+)=None")
-    _NONE_OVERRIDES[:] = [m.group(1) for arg in argv if (m := none.fullmatch(arg))]
-    return [arg for arg in argv if not none.fullmatch(arg)]
+    _NONE_OVERRIDES.clear()
+    kept, i = [], 0
+    while i < len(argv) and argv[i] != "--":  # (absl reads no flags after "--")
+        match = _CONFIG_OVERRIDE.fullmatch(argv[i])
+        # --config.KEY=None, or --config.KEY None in two words
+        if match and (match.group(2) or argv[i + 1 : i + 2] == ["None"]):
+            _NONE_OVERRIDES.append(match.group(1))
+            i += 1 if match.group(2) else 2
+        else:
+            kept.append(argv[i])
+            i += 1
+    return kept + argv[i:]
 
 
 def _override_values() -> dict[str, Any]:
     """The ``--config.KEY=VALUE`` overrides, with ``None`` for a VALUE of ``None``."""
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    # ("--config.KEY None", in two words, still reaches a str field as the string 'None')
-    overrides = {key: None if value == "None" else value for key, value in overrides.items()}
     return overrides | dict.fromkeys(_NONE_OVERRIDES)
 
 

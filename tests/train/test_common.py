@@ -314,6 +314,34 @@ def test_a_none_override_sets_the_field_to_none(monkeypatch, tmp_path):
     assert overrides == {"model.impl": None, "model.kernel": None, "model.window": None, "seed": 2}
 
 
+def test_a_none_override_in_two_words_sets_the_field_to_none(monkeypatch, tmp_path):
+    """``--config.KEY None`` (absl's two-word form) reached ml_collections' parser, which
+    failed for an int placeholder as ``int('None')``; it now reads as ``--config.KEY=None``
+    (a setting that cannot be None is then refused by the script's check of it)."""
+    config_file = tmp_path / "two_words_config.py"
+    config_file.write_text(
+        "import ml_collections\n"
+        "from ml_collections.config_dict import placeholder\n\n\n"
+        "def get_config():\n"
+        "    config = ml_collections.ConfigDict({'seed': 1, 'model': {'kernel': 'xla'}})\n"
+        "    config.model.window = placeholder(int)\n"
+        "    config.model.window = 32\n"
+        "    return config\n"
+    )
+    argv = ["--config.model.window", "None", "-config.model.kernel", "None", "--config.seed", "2"]
+    use_config_flag(monkeypatch, config_file, *argv)
+    common._read_none_overrides()
+    config = flags.FLAGS["config"].value
+    assert config.model.window is None and config.model.kernel is None and config.seed == 2
+    overrides = common.checkpoint_config_overrides(
+        "--mode", ["model.window", "model.kernel", "seed"]
+    )
+    assert overrides == {"model.window": None, "model.kernel": None, "seed": 2}
+    # Only a flag's next word of None: absl still reads the rest (and what follows "--").
+    rest = ["--config.seed", "--config.model.window", "3", "--", "--config.seed", "None"]
+    assert common._without_none_overrides(["x", *rest]) == ["x", *rest]
+
+
 def test_checkpoint_config_file_hints_only_at_allowed_overrides(config_flag):
     """No "give --config.model.embed_dim=..." hint: a model setting cannot be overridden."""
     config_flag()
