@@ -501,6 +501,14 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     # The loss checks it only when it first runs, inside fit: after the workdir and its
     # sentencepiece model are made.
     check_label_smoothing(config.label_smoothing, "train/translate.py")
+    # Settings errors (loop, mesh, batch split, optimizer) before the corpus is split (~1 s)
+    # and the workdir is created.
+    loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
+    mesh, batch_sharding = setup_mesh(config)
+    process_rows = sharding.process_batch_slice(
+        batch_sharding, config.batch_size, "config.batch_size"
+    )
+    optimizer, schedule = translate_optimizer(config, kind)
     split = split_corpus(config)
 
     def check(meta, where, changed):
@@ -511,14 +519,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     meta = latest_checkpoint_metadata(  # notes changes; refuses another model
         workdir, config, also_free=DECODE_SETTINGS, check=check
     )
-    # Settings errors (loop, mesh, batch split, optimizer) before the workdir is created.
-    loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
-    mesh, batch_sharding = setup_mesh(config)
-    process_rows = sharding.process_batch_slice(
-        batch_sharding, config.batch_size, "config.batch_size"
-    )
-    optimizer, schedule = translate_optimizer(config, kind)
-    check_batch_fits(config, split)
+    check_batch_fits(config, split)  # (the split's sizes) before the workdir is created
     # A finished run may sit in a read-only folder: it only reads its checkpoint and, when
     # its BLEU is recorded, metrics.jsonl (probed below before it decodes to record one).
     if meta is None or meta["step"] < config.num_steps:

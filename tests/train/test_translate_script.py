@@ -5,7 +5,9 @@ so they are module-scoped and marked slow; the argument errors fail before any c
 """
 
 import dataclasses
+import functools
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -557,6 +559,29 @@ class FakePieces:  # a sentencepiece stand-in: one piece per character
 def translate(load_script):
     """train/translate.py imported in process (its flags kept out of absl's global FLAGS)."""
     return load_script("translate")
+
+
+def test_loop_mesh_and_optimizer_settings_fail_before_the_corpus_is_split(
+    translate, monkeypatch, tmp_path, tiny_config
+):
+    """They were checked after the corpus was read and split (about 1 s), so a bad
+    --config of theirs took that long to fail."""
+
+    def split_corpus(config):
+        raise AssertionError("the corpus was split before the settings were checked")
+
+    monkeypatch.setattr(translate, "split_corpus", split_corpus)
+    for key, value, message in [
+        ("eval_every", -1, "LoopConfig.eval_every must be an integer >= 0, got -1"),
+        ("learning_rate", -1.0, "learning rates must be finite float32 values >= 0"),
+        ("mesh.data", 3, "the product must equal the device count"),
+    ]:
+        config = tiny_config.copy_and_resolve_references()
+        *parents, name = key.split(".")
+        functools.reduce(getattr, parents, config)[name] = value
+        with pytest.raises(ValueError, match=re.escape(message)):
+            translate.train(config, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
 
 
 def test_decoding_uses_the_decode_settings_and_stops_at_eos(translate, monkeypatch):
