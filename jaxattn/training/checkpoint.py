@@ -872,19 +872,22 @@ class Checkpointer:
                 f"cannot open the checkpoints in {self.directory}: {_first_line(error)}"
             )
         parts, hints = [], []
+        moved = [path.parent.parent for path, _ in damaged]  # (their records go with them)
         if damaged:
             files = "; ".join(f"{path} ({_first_line(e)})" for path, e in damaged)
-            step_dirs = ", ".join(str(path.parent.parent) for path, _ in damaged)
             parts.append(f"corrupt metrics file {files}")
-            hints.append(f"move {step_dirs} out of the folder to use the other steps")
+            hints.append(
+                f"move {', '.join(map(str, moved))} out of the folder to use the other steps"
+            )
         if records:
             files = "; ".join(f"{path} ({_first_line(e)})" for path, e in records)
-            names = ", ".join(str(path) for path, _ in records)
             parts.append(f"corrupt step record {files}")
-            hints.append(f"delete {names} (orbax reads a step without one)")
+            if names := ", ".join(str(path) for path, _ in records if path.parent not in moved):
+                hints.append(f"delete {names} (orbax reads a step without one)")
+        # Both hints when both kinds are damaged: either alone leaves the folder unopenable.
         return CheckpointError(
             f"cannot open the checkpoints in {self.directory}: {'; '.join(parts)}; "
-            f"{', or '.join(hints)}"
+            f"{', and '.join(hints)}"
         )
 
     def wait(self) -> None:

@@ -532,6 +532,33 @@ def test_a_hand_edited_step_record_names_its_step_and_changes_nothing(tmp_path, 
         assert ckpt.all_steps() == [2, 3, 10] and ckpt.unreadable_step_records() == records
 
 
+@pytest.mark.parametrize("record_step", [2, 3])
+def test_a_bad_metrics_file_and_a_bad_step_record_get_hints_that_work_together(
+    tmp_path, toy, record_step
+):
+    """Step 2's metrics file cut, and step 2's or 3's ``_CHECKPOINT_METADATA`` a list: the
+    hints read "move .../2 ..., or delete .../_CHECKPOINT_METADATA", but either alone left
+    the folder unopenable; and a record in a step to be moved needs no deleting."""
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        for step in (2, 3, 4):
+            ckpt.save(step, toy.state(), metrics={"val_loss": 1.0})
+    (tmp_path / "2" / "metrics" / "metrics").write_text("{")
+    record = tmp_path / str(record_step) / "_CHECKPOINT_METADATA"
+    record.write_text("[1, 2]")
+    with pytest.raises(CheckpointError) as info:
+        Checkpointer(tmp_path)
+    message = str(info.value)
+    assert f"corrupt step record {record} (ValueError: " in message
+    move = f"move {tmp_path / '2'} out of the folder to use the other steps"
+    delete = f", and delete {record} (orbax reads a step without one)"
+    assert message.endswith(move + (delete if record_step == 3 else ""))
+    (tmp_path / "2").rename(tmp_path.parent / f"{tmp_path.name}_moved_2")  # the hints work
+    if record_step == 3:
+        record.unlink()
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [3, 4]
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_truncated_array_names_the_reason_not_orbaxs_wrapper(tmp_path):
     # orbax raises "Encountered error while reading array index ... <the store's repr>" from
