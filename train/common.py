@@ -318,8 +318,8 @@ def _check_config_loaded() -> None:
 
 # The keys of the command line's --config.KEY=None overrides (see _without_none_overrides).
 _NONE_OVERRIDES: list[str] = []
-# An override's flag: --config.KEY=None, or --config.KEY before a word (with one dash too).
-_CONFIG_OVERRIDE = re.compile(r"--?config\.([\w.]+)(=None)?")
+# An override's flag, --config.KEY=VALUE or --config.KEY before a word (one dash too).
+_CONFIG_OVERRIDE = re.compile(r"--?config\.([\w.]+)(?:=(.*))?", re.DOTALL)
 
 
 def _without_none_overrides(argv: list[str]) -> list[str]:
@@ -331,16 +331,20 @@ def _without_none_overrides(argv: list[str]) -> list[str]:
     off), and a str field got the string ``'None'`` (``model.attention_implementation``,
     whose check then said "must be None or one of (...), got 'None'"). No setting of ours
     takes that string. A setting that cannot be None is refused by the script's own check
-    of it, whichever form set it.
+    of it, whichever form set it. As absl's, the last override of a key wins: a None one
+    before ``--config.KEY=5`` is dropped (it set None, the value ignored).
     """
     _NONE_OVERRIDES.clear()
     kept, i = [], 0
     while i < len(argv) and argv[i] != "--":  # (absl reads no flags after "--")
         match = _CONFIG_OVERRIDE.fullmatch(argv[i])
+        if match and match.group(1) in _NONE_OVERRIDES:  # overridden again: the last wins
+            _NONE_OVERRIDES.remove(match.group(1))
         # --config.KEY=None, or --config.KEY None in two words
-        if match and (match.group(2) or argv[i + 1 : i + 2] == ["None"]):
+        two_words = match and match.group(2) is None and argv[i + 1 : i + 2] == ["None"]
+        if match and (match.group(2) == "None" or two_words):
             _NONE_OVERRIDES.append(match.group(1))
-            i += 1 if match.group(2) else 2
+            i += 2 if two_words else 1
         else:
             kept.append(argv[i])
             i += 1

@@ -342,6 +342,38 @@ def test_a_none_override_in_two_words_sets_the_field_to_none(monkeypatch, tmp_pa
     assert common._without_none_overrides(["x", *rest]) == ["x", *rest]
 
 
+@pytest.mark.parametrize(
+    ("argv", "window", "name"),
+    [
+        (["--config.model.window", "None", "--config.model.window=5"], 5, "a"),
+        (["--config.model.window=None", "-config.model.window", "5"], 5, "a"),
+        (["--config.model.window=5", "--config.model.window", "None"], None, "a"),
+        (["--config.name", "None", "--config.name", "b"], 32, "b"),
+        (["--config.name=b", "--config.name=None"], 32, None),
+    ],
+)
+def test_the_last_override_of_a_key_wins_also_over_a_none_one(
+    monkeypatch, tmp_path, argv, window, name
+):
+    """absl keeps a flag's last value, but a None override won from anywhere: a launcher's
+    default ``--config.KEY None`` could not be overridden after it (a str setting's two-word
+    None, read by absl itself before, then lost its later value too)."""
+    config_file = tmp_path / "last_wins_config.py"
+    config_file.write_text(
+        "import ml_collections\n"
+        "from ml_collections.config_dict import placeholder\n\n\n"
+        "def get_config():\n"
+        "    config = ml_collections.ConfigDict({'name': 'a', 'model': {}})\n"
+        "    config.model.window = placeholder(int)\n"
+        "    config.model.window = 32\n"
+        "    return config\n"
+    )
+    use_config_flag(monkeypatch, config_file, *argv)
+    common._read_none_overrides()
+    config = flags.FLAGS["config"].value
+    assert (config.model.window, config.name) == (window, name)
+
+
 def test_checkpoint_config_file_hints_only_at_allowed_overrides(config_flag):
     """No "give --config.model.embed_dim=..." hint: a model setting cannot be overridden."""
     config_flag()
