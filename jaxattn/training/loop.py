@@ -621,15 +621,21 @@ class Trainer:
     def _window_logged(self) -> bool:
         """Whether ``metrics.jsonl`` already holds the record of the restored log window
         (``pending``'s one entry), as ``_log_saved_window`` writes it: a later resume then
-        neither writes it again nor merges its steps into its own first record."""
+        neither writes it again nor merges its steps into its own first record. A file it
+        cannot read holds none (a folder of that name: a finished run, which checks nothing
+        before, then names it in ``_log_saved_window``'s note; it failed as IsADirectoryError)."""
         path = self.workdir / "metrics.jsonl"
         if not self.pending or not path.exists():
+            return False
+        try:
+            records = read_metrics(path)
+        except OSError:
             return False
         step = self.pending[-1][0]
         want = {name: json_value(v) for name, v in self._saved_window_record().items()}
         return any(
             r.get("step") == step and all(k in r and r[k] == v for k, v in want.items())
-            for r in read_metrics(path)
+            for r in records
         )
 
     def _log_saved_window(self) -> None:

@@ -1204,6 +1204,24 @@ def test_a_log_window_cut_by_a_signal_is_logged_once_by_a_resumed_run_with_nothi
             assert g[name] == w[name], (w["step"], name)
 
 
+def test_a_finished_run_with_a_saved_log_window_and_a_metrics_folder_notes_it(
+    tmp_path, toy, capsys
+):
+    """A rerun with nothing to train returns without checking metrics.jsonl (a finished
+    run may sit in any folder), but reading it for the saved window's record failed as
+    IsADirectoryError on a folder of that name; it is now the note of a window not logged."""
+    loop = LoopConfig(num_steps=12, log_every=4, progress=False)
+    assert _fit_signalled_at(toy, tmp_path, 6, loop).interrupted
+    path = tmp_path / "metrics.jsonl"
+    path.unlink()
+    path.mkdir()
+    capsys.readouterr()
+    rerun = _fit_signalled_at(toy, tmp_path, 99, dataclasses.replace(loop, num_steps=6))
+    assert rerun.trained_steps == 0 and rerun.step == 6
+    out = capsys.readouterr().out
+    assert f"the log window saved at step 6 is not logged: cannot write to {path}: it is a " in out
+
+
 def test_a_signal_in_the_last_step_does_not_report_an_interrupted_run(tmp_path, toy):
     """SIGTERM during the last step, seen after it (as one during the final save): every
     step ran, so the run is complete."""
