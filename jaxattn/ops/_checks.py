@@ -111,6 +111,43 @@ def check_floating_leaves(tree: Any, name: str, where: str, leaves: list | None 
     )
 
 
+def check_floating_array(value: Any, name: str, where: str) -> None:
+    """``ValueError`` naming ``where`` and ``name`` unless ``value`` is an array (JAX, NumPy,
+    a tracer) of a floating dtype. For a weight of a layer: an integer one ran silently
+    (cast back to the compute dtype, its truncated values gave wrong outputs; an integer
+    table's rows came out as integers), and a nested list or None failed as "'list' object
+    has no attribute 'shape'" or with JAX's DeprecationWarning, naming neither. Cheap: one
+    cached ``issubdtype`` per distinct dtype (well under a microsecond)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not _is_floating(dtype):
+        got = type(value).__name__ if dtype is None else str(dtype)
+        raise ValueError(
+            f"{where}: {name} must be a floating array (an init's float32, or another float "
+            f"dtype), got {got}"
+        )
+
+
+def check_weights_type(weights: Any, cls: type, init: str, where: str) -> None:
+    """``TypeError`` naming ``where`` unless ``weights`` is a ``cls``, the NamedTuple that
+    ``init`` makes. A bare tuple, a dict (an orbax restore without a target) or a bare array
+    failed on an attribute ("'tuple' object has no attribute 'w'"), naming neither."""
+    if not isinstance(weights, cls):
+        raise TypeError(
+            f"{where}: weights must be {cls.__name__} ({init}), got {type(weights).__name__}"
+        )
+
+
+def check_weight_arrays(
+    weights: Any, cls: type, init: str, where: str, optional: tuple[str, ...] = ()
+) -> None:
+    """``check_weights_type``, then ``check_floating_array`` on each field of ``weights``
+    (named ``weights.<field>``); a field in ``optional`` (a bias) may also be None."""
+    check_weights_type(weights, cls, init, where)
+    for field, value in zip(weights._fields, weights):
+        if value is not None or field not in optional:
+            check_floating_array(value, f"weights.{field}", where)
+
+
 # jax.random.key takes a seed up to int64's maximum; the scripts seed their validation
 # batches with seed + 1.
 MAX_SEED = 2**63 - 2

@@ -23,7 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jaxattn.ops._checks import as_size, check_flag, check_float_dtype, check_size
+from jaxattn.ops._checks import (
+    _is_floating,
+    as_size,
+    check_flag,
+    check_float_dtype,
+    check_floating_array,
+    check_size,
+    check_weight_arrays,
+    check_weights_type,
+)
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -31,8 +40,11 @@ DType = jnp.dtype | type | str
 
 def check_floating(x: Array, name: str, where: str) -> None:
     """Raise ``ValueError`` unless ``x`` is floating: it sets the compute dtype, so integer
-    activations (token ids where embeddings belong) would run on weights truncated to ints."""
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    activations (token ids where embeddings belong) would run on weights truncated to ints.
+    (An array's own dtype is looked up in ``_is_floating``'s cache: ``jnp.result_type``
+    took ~3 us a call, in every layer.)"""
+    dtype = getattr(x, "dtype", None)
+    if not _is_floating(jnp.result_type(x) if dtype is None else dtype):
         raise ValueError(
             f"{where}: {name} must be floating (it sets the compute dtype), got "
             f"{jnp.result_type(x)}"
@@ -120,10 +132,13 @@ def project(x: Array, w: Array, b: Array | None = None, *, contract_dims: int = 
     Returns:
       ``[..., *out_shape]`` in ``x``'s dtype (the kernel is cast to it).
     """
-    check_floating(x, "x", "project")
     # A JAX array from here on: NumPy inputs would otherwise run NumPy's own matmul (in
     # float64, whatever x64 says) on one path and JAX's on the other.
-    x = jnp.asarray(x)
+    x = jnp.asarray(as_floating(x, "x", "project"))
+    # (An integer kernel or bias was cast to x's dtype and ran silently.)
+    check_floating_array(w, "the kernel w", "project")
+    if b is not None:
+        check_floating_array(b, "the bias b", "project")
     # An int in [0, w.ndim]: -1 silently made an outer product of a 1-D kernel (w.shape[:-1]
     # is empty), and True passed as 1.
     if as_size(contract_dims, 0) is None or contract_dims > jnp.ndim(w):
@@ -212,6 +227,7 @@ def dense(weights: DenseWeights, x: Array) -> Array:
     Returns:
       ``[..., out]``.
     """
+    check_weights_type(weights, DenseWeights, "init_dense", "dense")
     return project(x, weights.w, weights.b)
 
 
@@ -247,15 +263,17 @@ def check_token_ids(ids: Array, vocab_size: int, what: str = "token ids") -> Non
     Under ``jit`` the ids are tracers and cannot be inspected; callers validate data at the
     boundary (the data pipeline, ``generate``), and this check is then a no-op: ``embed``
     and the losses then give NaN for an id outside ``[0, vocab_size)`` (a negative one
-    included), never a silently wrong number.
+    included), never a silently wrong number. The dtype is checked traced too (float ids
+    failed inside ``jnp.take`` or optax, naming neither the function nor the argument).
     """
-    if isinstance(ids, jax.core.Tracer):
-        return
-    # On the host: a concrete array closed over by a jitted function is not a tracer, but
-    # jnp.min of it would be traced and could not be converted to an int.
-    ids = np.asarray(ids)
+    if not isinstance(ids, jax.core.Tracer):
+        # On the host: a concrete array closed over by a jitted function is not a tracer,
+        # but jnp.min of it would be traced and could not be converted to an int.
+        ids = np.asarray(ids)
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{what} must be integers, got dtype {ids.dtype}")
+    if isinstance(ids, jax.core.Tracer):
+        return
     if ids.size == 0:
         return
     lo, hi = int(ids.min()), int(ids.max())
@@ -275,10 +293,12 @@ def embed(weights: EmbeddingWeights, ids: Array) -> Array:
     Out-of-range ids raise ``ValueError`` when ``ids`` is concrete (see ``check_token_ids``);
     traced under ``jit``, where they cannot be refused, they give rows of NaN.
     """
+    # (An integer table gave integer rows, silently.)
+    check_weight_arrays(weights, EmbeddingWeights, "init_embedding", "embed")
     if not isinstance(ids, jax.Array | np.ndarray):
         ids = np.asarray(ids)  # lists, tuples: jnp.take refuses them
     vocab = weights.table.shape[0]
-    check_token_ids(ids, vocab)
+    check_token_ids(ids, vocab, "embed: token ids")
     # jnp.take fills an id >= V with NaN but wraps a negative one to a real row (-1: the
     # last), which gave a silently wrong output under jit: both are NaN now.
     ids = jnp.asarray(ids)
@@ -290,6 +310,7 @@ def embed(weights: EmbeddingWeights, ids: Array) -> Array:
 
 def unembed(weights: EmbeddingWeights, x: Array) -> Array:
     """Tied output layer: ``logits = x E^T``. ``x: [..., D]`` -> ``[..., V]``."""
+    check_weight_arrays(weights, EmbeddingWeights, "init_embedding", "unembed")
     return project(x, weights.table.T)
 
 
@@ -331,14 +352,16 @@ def layer_norm(weights: LayerNormWeights, x: Array, *, eps: float = 1e-5) -> Arr
       weights: ``LayerNormWeights(scale [D], bias [D] | None)``.
       x: ``[..., D]``.
     """
-    x = jnp.asarray(x)  # (NumPy float64 data: float32 without x64, and no warning)
+    # (An integer scale or bias ran silently; None or a list failed naming neither.)
+    check_weight_arrays(weights, LayerNormWeights, "init_layer_norm", "layer_norm", ("bias",))
+    # (NumPy float64 data: float32 without x64, and no warning.)
+    x = jnp.asarray(as_floating(x, "x", "layer_norm"))
     _check_norm_dim("layer_norm", weights.scale, x)
     if weights.bias is not None and jnp.shape(weights.bias) != jnp.shape(weights.scale):
         raise ValueError(
             f"layer_norm: bias {jnp.shape(weights.bias)} must match scale "
             f"{jnp.shape(weights.scale)}"
         )
-    check_floating(x, "x", "layer_norm")
     wide = float32_or_wider(x.dtype)
     xw = x.astype(wide)
     mean = jnp.mean(xw, axis=-1, keepdims=True)
@@ -371,9 +394,10 @@ def rms_norm(weights: RMSNormWeights, x: Array, *, eps: float = 1e-6) -> Array:
     Args:
       x: ``[..., D]``.
     """
-    x = jnp.asarray(x)  # (NumPy float64 data: float32 without x64, and no warning)
+    check_weight_arrays(weights, RMSNormWeights, "init_rms_norm", "rms_norm")
+    # (NumPy float64 data: float32 without x64, and no warning.)
+    x = jnp.asarray(as_floating(x, "x", "rms_norm"))
     _check_norm_dim("rms_norm", weights.scale, x)
-    check_floating(x, "x", "rms_norm")
     wide = float32_or_wider(x.dtype)
     xw = x.astype(wide)
     y = xw * jax.lax.rsqrt(jnp.mean(jnp.square(xw), axis=-1, keepdims=True) + eps)
@@ -423,6 +447,7 @@ def init_feed_forward(
 
 def feed_forward(weights: FeedForwardWeights, x: Array, *, approximate_gelu: bool = True) -> Array:
     """Position-wise MLP ``gelu(x W_up + b_up) W_down + b_down``: ``[..., D]`` -> ``[..., D]``."""
+    check_weights_type(weights, FeedForwardWeights, "init_feed_forward", "feed_forward")
     return dense(weights.down, gelu(dense(weights.up, x), approximate=approximate_gelu))
 
 
@@ -449,6 +474,7 @@ def init_swiglu(
 
 def swiglu(weights: SwiGLUWeights, x: Array) -> Array:
     """``(silu(x W_gate) * x W_up) W_down``. ``x: [..., D]`` -> ``[..., D]``."""
+    check_weights_type(weights, SwiGLUWeights, "init_swiglu", "swiglu")
     return dense(weights.down, jax.nn.silu(dense(weights.gate, x)) * dense(weights.up, x))
 
 
@@ -489,7 +515,8 @@ def dropout(rng: Array | None, x: Array, rate: float, *, deterministic: bool = F
     hidden global RNG).
     """
     check_dropout_rate(rate, "dropout rate")
-    check_floating(x, "x", "dropout")  # x / (1 - rate) would silently turn ints into floats
+    # x / (1 - rate) would silently turn ints into floats; a list failed naming nothing.
+    x = as_floating(x, "x", "dropout")
     if check_flag(deterministic, "deterministic", "dropout") or rate == 0.0:
         return x
     check_dropout_key(rng, True, "dropout with rate > 0 and deterministic=False")

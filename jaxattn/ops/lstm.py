@@ -45,6 +45,7 @@ from jaxattn.ops._checks import (
     check_float_dtype,
     check_floating_leaves,
     check_size,
+    check_weights_type,
     forward_mode_hint,
 )
 from jaxattn.ops.layers import (
@@ -130,10 +131,8 @@ def init_lstm(
 
 def _check_weights(weights: LSTMWeights, where: str) -> tuple[int, int]:
     """Return ``(I, h)`` after checking that the three arrays are floating and agree."""
-    if not isinstance(weights, LSTMWeights):
-        raise TypeError(  # (a bare tuple failed as "no attribute 'w_hh'", a dict's keys unpacked)
-            f"{where}: weights must be LSTMWeights (init_lstm), got {type(weights).__name__}"
-        )
+    # (A bare tuple failed as "no attribute 'w_hh'", a dict's keys unpacked.)
+    check_weights_type(weights, LSTMWeights, "init_lstm", where)
     check_floating_leaves(weights, "weights", where)  # (cast back, int ones ran silently)
     w_ih, w_hh, b = weights
     if w_hh.ndim != 2 or w_hh.shape[1] != 4 * w_hh.shape[0]:

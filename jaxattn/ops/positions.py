@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops._checks import as_size, check_float_dtype, check_size
+from jaxattn.ops._checks import as_size, check_float_dtype, check_size, check_weight_arrays
 from jaxattn.ops.layers import (
     check_floating,
     check_token_ids,
@@ -122,6 +122,9 @@ def learned_positions(weights: LearnedPositionWeights, positions: Array) -> Arra
     Returns:
       ``[..., D]``.
     """
+    check_weight_arrays(  # (an integer table gave integer rows, silently)
+        weights, LearnedPositionWeights, "init_learned_positions", "learned_positions"
+    )
     max_len = weights.table.shape[0]
     positions = ids_to_check(positions)  # checked before jnp.asarray, which wraps int64s
     check_token_ids(positions, max_len, f"positions (the table was built for max_len={max_len})")

@@ -772,3 +772,100 @@ def test_embed_gives_nan_for_negative_narrow_ids_of_a_vocab_beyond_their_range(d
     out = jax.jit(embed)(weights, jnp.asarray([-1, 5, 100], dtype))
     assert bool(jnp.isnan(out[0]).all())
     np.testing.assert_array_equal(out[1:, 0], [5.0, 100.0])
+
+
+@pytest.mark.parametrize(
+    ("fn", "field", "kind"),
+    [
+        ("dense", "w", "int"),
+        ("dense", "b", "int"),
+        ("dense", "w", "list"),
+        ("embed", "table", "int"),
+        ("embed", "table", "None"),
+        ("unembed", "table", "int"),
+        ("layer_norm", "scale", "int"),
+        ("layer_norm", "bias", "list"),
+        ("rms_norm", "scale", "int"),
+        ("rms_norm", "scale", "None"),
+    ],
+)
+def test_layers_refuse_weights_that_are_not_floating_arrays(rng, fn, field, kind):
+    """An integer kernel, bias, norm scale or table ran silently (cast to x's dtype: the
+    truncated values gave wrong outputs; embed returned integer rows); a list or None leaf
+    failed with JAX's DeprecationWarning or an AttributeError, naming neither."""
+    from jaxattn.ops import layers
+
+    good = {
+        "dense": init_dense(rng, D, F),
+        "embed": init_embedding(rng, V, D),
+        "unembed": init_embedding(rng, V, D),
+        "layer_norm": init_layer_norm(D),
+        "rms_norm": init_rms_norm(D),
+    }[fn]
+    value = getattr(good, field)
+    bad = {"int": jnp.asarray(value).astype(jnp.int32), "list": value.tolist(), "None": None}
+    weights = good._replace(**{field: bad[kind]})
+    x = jnp.asarray([1, 2]) if fn == "embed" else jnp.ones((B, D))
+    name = {"w": "project: the kernel w", "b": "project: the bias b"}.get(field)
+    match = (name or f"{fn}: weights.{field}") + " must be a floating array"
+    with pytest.raises(ValueError, match=rf"^{match} \(an init's float32, .*got {kind}"):
+        getattr(layers, fn)(weights, x)
+    with pytest.raises(ValueError, match=rf"^{match}"):  # (under jit too)
+        jax.jit(lambda x: getattr(layers, fn)(weights, x))(x)
+
+
+def test_layers_name_weights_of_another_container(rng):
+    """A bare tuple, a dict (an orbax restore without a target) or the bare table failed as
+    "'tuple' object has no attribute 'w'", naming neither the function nor the argument."""
+    x = jnp.ones((B, D))
+    dense_w, ff, sw = init_dense(rng, D, F), init_feed_forward(rng, D, F), init_swiglu(rng, D, F)
+    table = init_embedding(rng, V, D).table
+    cases = [
+        (lambda: dense(tuple(dense_w), x), r"dense: weights must be DenseWeights \(init_dense\)"),
+        (lambda: dense(dense_w._asdict(), x), r"dense: weights must be DenseWeights.*got dict"),
+        (lambda: embed(table, [1]), r"embed: weights must be EmbeddingWeights"),
+        (lambda: unembed({"table": table}, x), r"unembed: weights must be EmbeddingWeights"),
+        (lambda: layer_norm(tuple(init_layer_norm(D)), x), r"layer_norm: weights must be Layer"),
+        (lambda: rms_norm(jnp.ones(D), x), r"rms_norm: weights must be RMSNormWeights.*ArrayImpl"),
+        (lambda: feed_forward(tuple(ff), x), r"feed_forward: weights must be FeedForwardWeights"),
+        (lambda: swiglu(tuple(sw), x), r"swiglu: weights must be SwiGLUWeights \(init_swiglu\)"),
+    ]
+    for call, match in cases:
+        with pytest.raises(TypeError, match=match):
+            call()
+
+
+def test_layers_take_nested_list_activations_and_name_none(rng):
+    """A nested list of floats failed in project and dropout as "Cannot determine dtype of
+    [[...]]" (the norms took one); None failed as "None is not a valid value for jnp.array"
+    or "'NoneType' object has no attribute 'shape'", naming neither."""
+    x = np.linspace(-1.0, 1.0, B * D).reshape(B, D)
+    ff, sw = init_feed_forward(rng, D, F), init_swiglu(rng, D, F)
+    for fn in (
+        lambda x: dense(init_dense(rng, D, F), x),
+        lambda x: unembed(init_embedding(rng, V, D), x),
+        lambda x: feed_forward(ff, x),
+        lambda x: swiglu(sw, x),
+        lambda x: dropout(rng, x, 0.5),
+    ):
+        np.testing.assert_array_equal(fn(x.tolist()), fn(jnp.asarray(x, jnp.float32)))
+    for call, where in (
+        (lambda: dense(init_dense(rng, D, F), None), "project"),
+        (lambda: layer_norm(init_layer_norm(D), None), "layer_norm"),
+        (lambda: rms_norm(init_rms_norm(D), None), "rms_norm"),
+        (lambda: dropout(rng, None, 0.5), "dropout"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"^{where}: x must be a floating array, got NoneType"
+        ):
+            call()
+
+
+def test_embed_names_float_ids_under_jit():
+    # Concrete float ids were refused by name; traced ones failed in jnp.take as "indices
+    # must have an integer type", naming neither embed nor the ids.
+    weights = EmbeddingWeights(jnp.ones((V, D)))
+    match = r"^embed: token ids must be integers, got dtype float32"
+    for fn in (embed, jax.jit(embed)):
+        with pytest.raises(ValueError, match=match):
+            fn(weights, jnp.asarray([1.0, 2.0]))

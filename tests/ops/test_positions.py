@@ -347,3 +347,18 @@ def test_rope_refuses_positions_that_cannot_count(dtype):
     # Integers of any width, and float32 positions (e.g. interpolated ones), still rotate.
     for ok in (jnp.int8, jnp.uint16, jnp.int32, jnp.float32):
         apply_rope(jnp.zeros((B, T, N, H)), jnp.arange(T).astype(ok))
+
+
+def test_learned_positions_refuse_a_table_that_is_not_a_floating_array():
+    """An integer table gave integer rows silently; a list or the bare table failed as
+    "'list' object has no attribute 'shape'", naming neither; float positions under jit
+    failed in jnp.take as "indices must have an integer type"."""
+    table = jnp.linspace(-1, 1, 12).reshape(4, 3)
+    match = r"^learned_positions: weights.table must be a floating array .*got"
+    for bad, got in ((table.astype(jnp.int32), "int32"), (table.tolist(), "list")):
+        with pytest.raises(ValueError, match=rf"{match} {got}"):
+            learned_positions(LearnedPositionWeights(bad), jnp.arange(2))
+    with pytest.raises(TypeError, match=r"^learned_positions: weights must be LearnedPosition"):
+        learned_positions(table, jnp.arange(2))
+    with pytest.raises(ValueError, match=r"positions .* must be integers, got dtype float32"):
+        jax.jit(learned_positions)(LearnedPositionWeights(table), jnp.arange(2.0))
