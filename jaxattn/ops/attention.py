@@ -36,7 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.ops._checks import check_flag, check_float_dtype, check_int_scalar, check_size
+from jaxattn.ops._checks import (
+    check_flag,
+    check_float_dtype,
+    check_floating_array,
+    check_int_scalar,
+    check_size,
+    check_weight_arrays,
+)
 from jaxattn.ops.flash import (
     check_attention_dropout,
     check_attention_inputs,
@@ -45,6 +52,7 @@ from jaxattn.ops.flash import (
     fold_traced_scale,
 )
 from jaxattn.ops.layers import (
+    as_floating,
     check_dropout_key,
     check_dropout_rate,
     check_floating,
@@ -74,7 +82,11 @@ DType = jnp.dtype | type | str
 # ----------------------------------------------------------------------------------------
 
 
-def _check_qk(name: str, query: Array, keys: Array) -> None:
+def _check_qk(name: str, query: Array, keys: Array) -> tuple[Array, Array]:
+    """``(query, keys)`` as ``as_floating`` gives them (a nested list failed as "'list'
+    object has no attribute 'ndim'"; integer ones gave integer scores), checked as a
+    score function's ``[..., Tq, dq]`` and ``[..., Tk, dk]``."""
+    query, keys = as_floating(query, "query", name), as_floating(keys, "keys", name)
     if query.ndim < 2 or keys.ndim < 2:
         raise ValueError(
             f"{name}: query [..., Tq, dq] and keys [..., Tk, dk] need rank >= 2, got "
@@ -87,6 +99,7 @@ def _check_qk(name: str, query: Array, keys: Array) -> None:
             f"{name}: the leading axes of query {query.shape} and keys {keys.shape} do not "
             "broadcast"
         ) from None
+    return query, keys
 
 
 def dot_scores(query: Array, keys: Array, *, scale: float | None = None) -> Array:
@@ -101,7 +114,7 @@ def dot_scores(query: Array, keys: Array, *, scale: float | None = None) -> Arra
     Returns:
       ``[..., Tq, Tk]``.
     """
-    _check_qk("dot_scores", query, keys)
+    query, keys = _check_qk("dot_scores", query, keys)
     check_scale(scale, "dot_scores")  # (NaN gave NaN scores; "0.5" an einsum index error)
     if query.shape[-1] != keys.shape[-1]:
         raise ValueError(f"dot_scores: feature dims differ: query {query.shape}, keys {keys.shape}")
@@ -139,7 +152,8 @@ def general_scores(w: Array, query: Array, keys: Array) -> Array:
     Returns:
       ``[..., Tq, Tk]``.
     """
-    _check_qk("general_scores", query, keys)
+    query, keys = _check_qk("general_scores", query, keys)
+    check_floating_array(w, "w", "general_scores")  # (an integer one ran silently)
     if w.ndim != 2 or w.shape != (query.shape[-1], keys.shape[-1]):
         raise ValueError(
             f"general_scores: w must be [dq, dk] = {(query.shape[-1], keys.shape[-1])}, got "
@@ -184,12 +198,9 @@ def additive_scores(weights: AdditiveWeights, query: Array, keys: Array) -> Arra
     Returns:
       ``[..., Tq, Tk]``.
     """
-    if not isinstance(weights, AdditiveWeights):
-        raise TypeError(  # (a bare tuple failed as "'tuple' object has no attribute 'v'")
-            f"additive_scores: weights must be AdditiveWeights (init_additive), got "
-            f"{type(weights).__name__}"
-        )
-    _check_qk("additive_scores", query, keys)
+    # (A bare tuple failed as "'tuple' object has no attribute 'v'"; an integer v ran.)
+    check_weight_arrays(weights, AdditiveWeights, "init_additive", "additive_scores")
+    query, keys = _check_qk("additive_scores", query, keys)
     d = weights.v.shape[-1] if weights.v.ndim == 1 else None
     if d is None or weights.w_query.shape[-1] != d or weights.w_key.shape[-1] != d:
         raise ValueError(
@@ -829,6 +840,16 @@ def init_multi_head_attention(
     )
 
 
+def _check_mha_weights(weights: MultiHeadAttentionWeights, where: str) -> None:
+    """``check_weight_arrays`` for ``MultiHeadAttentionWeights`` (the biases may be None):
+    an integer kernel ran silently, a dict (an orbax restore without a target) failed as
+    "'dict' object has no attribute 'w_q'"."""
+    biases = ("b_q", "b_k", "b_v", "b_o")
+    check_weight_arrays(
+        weights, MultiHeadAttentionWeights, "init_multi_head_attention", where, biases
+    )
+
+
 def _check_qkv_inputs(weights: MultiHeadAttentionWeights, x_q: Array, x_kv: Array | None):
     """Name the input and kernel that disagree (``project``'s own error names neither)."""
     d_q, d_k, d_v = (jnp.shape(w)[0] for w in (weights.w_q, weights.w_k, weights.w_v))
@@ -877,6 +898,9 @@ def project_qkv(
         against ``w_v``: one ``x_kv`` feeds both, so torch's ``kdim != vdim`` cannot run).
     """
     fused = check_flag(fused, "fused", "project_qkv")
+    _check_mha_weights(weights, "project_qkv")
+    x_q = as_floating(x_q, "x_q", "project_qkv")  # (a list warned from jnp.shape)
+    x_kv = None if x_kv is None else as_floating(x_kv, "x_kv", "project_qkv")
     _check_qkv_inputs(weights, x_q, x_kv)
     if fused and x_kv is None:
         kernels = (weights.w_q, weights.w_k, weights.w_v)  # [Dq, N|K, H]
@@ -917,6 +941,7 @@ def project_output(weights: MultiHeadAttentionWeights, context: Array) -> Array:
     Returns:
       ``[B, T, Dout]``.
     """
+    _check_mha_weights(weights, "project_output")
     return project(context, weights.w_o, weights.b_o, contract_dims=2)  # [B, T, Dout]
 
 
@@ -1138,7 +1163,9 @@ def multi_head_attention(
       ``[B, T, Dout]``, or ``(out, weights [B, N, T, S])`` when ``return_weights``; the
       returned weights are the probabilities before dropout.
     """
-    x_q = jnp.asarray(x_q)
+    # (NumPy float64 data: float32 without x64, and no warning; a list x_kv warned.)
+    x_q = jnp.asarray(as_floating(x_q, "x_q", "multi_head_attention"))
+    x_kv = None if x_kv is None else jnp.asarray(as_floating(x_kv, "x_kv", "multi_head_attention"))
     if x_q.ndim != 3 or (x_kv is not None and jnp.ndim(x_kv) != 3):
         raise ValueError(
             f"multi_head_attention: x_q [B, T, Dq] and x_kv [B, S, Dkv] must be rank 3, got "

@@ -915,10 +915,11 @@ def check_scale(scale: Any, where: str) -> None:
     blockwise one, so a call's fate hung on the sequence length.)"""
     if scale is None:
         return
-    if isinstance(scale, (str, bytes, bool)) or jnp.ndim(scale) != 0:
+    # np.ndim, np.shape: JAX's warn (DeprecationWarning) for a list.
+    if isinstance(scale, (str, bytes, bool)) or np.ndim(scale) != 0:
         raise ValueError(
             f"{where}: scale must be a real scalar (a number or a 0-d array), got "
-            f"{type(scale).__name__} of shape {jnp.shape(scale)}"
+            f"{type(scale).__name__} of shape {np.shape(scale)}"
         )
     dtype = jnp.result_type(scale)
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):

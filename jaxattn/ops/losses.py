@@ -159,8 +159,9 @@ def _check_mask_and_smoothing(
 ) -> float | Array:
     """Check the mask's shape and ``label_smoothing``; return the latter as
     ``check_label_smoothing`` does."""
-    if mask is not None and jnp.shape(mask) != shape:
-        raise ValueError(f"{where}: mask {jnp.shape(mask)} must match targets {shape}")
+    # np.shape: JAX's warns (DeprecationWarning) for a list mask, which runs.
+    if mask is not None and np.shape(mask) != shape:
+        raise ValueError(f"{where}: mask {np.shape(mask)} must match targets {shape}")
     return check_label_smoothing(label_smoothing, where)
 
 

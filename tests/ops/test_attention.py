@@ -1,5 +1,6 @@
 """Tests for jaxattn.ops.attention against float64 NumPy, PyTorch and jax.nn."""
 
+import warnings
 from functools import partial
 
 import jax
@@ -470,6 +471,7 @@ def test_attention_dropout(rng, np_rng):
     ("scale", "match"),
     [
         (jnp.ones((7,)), r"scale must be a real scalar.*shape \(7,\)"),  # per key on one path
+        ([0.5], r"scale must be a real scalar.*list of shape \(1,\)"),  # (warned from jnp.ndim)
         (float("nan"), "scale must be finite, got nan"),
         (float("inf"), "scale must be finite, got inf"),
         ("0.5", "scale must be a real scalar"),
@@ -1440,3 +1442,52 @@ def test_seq2seq_scores_refuse_bad_scale_and_bare_tuple_weights():
     weights = init_additive(jax.random.key(0), 4, 4, 3)
     with pytest.raises(TypeError, match=r"additive_scores: weights must be AdditiveWeights.*tuple"):
         additive_scores(tuple(weights), q, k)
+
+
+def test_seq2seq_scores_take_nested_lists_and_refuse_integer_inputs_and_weights(rng):
+    """query and keys as nested lists failed as "'list' object has no attribute 'ndim'";
+    integer ones gave integer scores (dot) or ran silently (general's keys), as did an
+    integer ``w`` or ``v``; a list ``v`` failed as "'list' object has no attribute 'ndim'"."""
+    q, k = jnp.linspace(-1, 1, 24).reshape(2, 3, 4), jnp.linspace(1, -1, 40).reshape(2, 5, 4)
+    w, aw = init_general(rng, 4, 4), init_additive(rng, 4, 4, 3)
+    for score in (dot_scores, partial(general_scores, w), partial(additive_scores, aw)):
+        np.testing.assert_array_equal(score(q.tolist(), k.tolist()), score(q, k))
+    for name, query, keys in (("query", q.astype(int), k), ("keys", q, k.astype(int))):
+        for where, score in (
+            ("dot_scores", dot_scores),
+            ("general_scores", partial(general_scores, w)),
+        ):
+            with pytest.raises(ValueError, match=rf"^{where}: {name} must be floating.*int32"):
+                score(query, keys)
+    with pytest.raises(ValueError, match=r"^dot_scores: query must be a floating array, got None"):
+        dot_scores(None, k)
+    floating = r"must be a floating array \(an init's float32, or another float dtype\), got"
+    with pytest.raises(ValueError, match=rf"^general_scores: w {floating} int32"):
+        general_scores(w.astype(jnp.int32), q, k)
+    with pytest.raises(ValueError, match=rf"^additive_scores: weights.v {floating} int32"):
+        additive_scores(aw._replace(v=aw.v.astype(jnp.int32)), q, k)
+    with pytest.raises(ValueError, match=rf"^additive_scores: weights.v {floating} list"):
+        additive_scores(aw._replace(v=aw.v.tolist()), q, k)
+
+
+def test_multi_head_attention_refuses_integer_or_misshapen_weights_and_takes_list_inputs(rng):
+    """An integer kernel ran silently (cast to x's dtype); a dict of weights (an orbax restore
+    without a target) failed as "'dict' object has no attribute 'w_q'"; a list x_kv, and a
+    list x_q of project_qkv, warned from jnp.ndim / jnp.shape (DeprecationWarning)."""
+    weights = init_multi_head_attention(rng, 8, 2)
+    x = jnp.linspace(-1, 1, 2 * 3 * 8).reshape(2, 3, 8)
+    floating = r"must be a floating array \(an init's float32, or another float dtype\), got"
+    with pytest.raises(ValueError, match=rf"^project_qkv: weights.w_k {floating} int32"):
+        multi_head_attention(weights._replace(w_k=weights.w_k.astype(jnp.int32)), x)
+    with pytest.raises(ValueError, match=rf"^project_output: weights.b_o {floating} int32"):
+        project_output(weights._replace(b_o=weights.b_o.astype(jnp.int32)), jnp.ones((2, 3, 2, 4)))
+    with pytest.raises(TypeError, match=r"^project_qkv: weights must be MultiHeadAttentionWeights"):
+        multi_head_attention(weights._asdict(), x)
+    want = multi_head_attention(weights, x, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(multi_head_attention(weights, x, x.tolist()), want)
+        got = project_qkv(weights, x.tolist())
+    np.testing.assert_array_equal(got[0], project_qkv(weights, x)[0])
+    with pytest.raises(ValueError, match=r"^multi_head_attention: x_kv must be a floating array"):
+        multi_head_attention(weights, x, "keys")

@@ -1,5 +1,7 @@
 """cross_entropy (and chunked_cross_entropy) against a float64 NumPy reference and torch."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -404,3 +406,17 @@ def test_narrow_targets_of_a_vocab_beyond_their_range_are_not_nan(dtype, vocab):
         np.testing.assert_allclose(loss(logits, targets), want, rtol=1e-6)
     if jnp.issubdtype(dtype, jnp.signedinteger):
         assert bool(jnp.isnan(jax.jit(cross_entropy)(logits, targets.at[0, 0].set(-1))))
+
+
+def test_a_list_mask_runs_without_a_warning_and_float_targets_are_named_under_jit():
+    """A list mask warned from jnp.shape (JAX's DeprecationWarning) before it ran; float
+    targets under jit failed inside optax ("Expected the input to have a dtype that is a
+    subdtype of <class 'numpy.integer'>"), naming neither the function nor the argument."""
+    logits = jnp.asarray([[0.0, 1.0, 2.0], [2.0, 0.0, -1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = cross_entropy(logits, [2, 0], [True, False])
+    np.testing.assert_allclose(got, cross_entropy(logits[:1], [2]), rtol=1e-6)
+    match = r"^cross_entropy: targets must be integers, got dtype float32"
+    with pytest.raises(ValueError, match=match):
+        jax.jit(cross_entropy)(logits, jnp.asarray([2.0, 0.0]))
