@@ -41,7 +41,12 @@ from jaxattn.models import transformer as transformer_model
 from jaxattn.models._config import check_rate_value, check_weights, describe_key, is_key, key_shape
 from jaxattn.ops import attention as attention_ops
 from jaxattn.ops import lstm as lstm_ops
-from jaxattn.ops._checks import caller_stacklevel, check_flag, check_float_dtype
+from jaxattn.ops._checks import (
+    caller_stacklevel,
+    check_flag,
+    check_float_dtype,
+    check_floating_leaves,
+)
 
 __all__ = [
     "GPT",
@@ -78,6 +83,18 @@ def _params(weights: Any) -> Any:
     """
 
     return jax.tree.map(lambda a: nnx.Param(_own(a)), weights)
+
+
+def _params_key(rngs: Any, module: Any) -> Array:
+    """``rngs.params()``, the key a constructor draws ``module``'s weights with; ``TypeError``
+    naming the module unless ``rngs`` is an ``nnx.Rngs`` (a key, as the pure inits take, or
+    a seed failed as "'PRNGKeyArray' object has no attribute 'params'")."""
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(
+            f"{type(module).__name__}: rngs must be an nnx.Rngs such as nnx.Rngs(0), got "
+            f"{describe_key(rngs)}"
+        )
+    return rngs.params()
 
 
 def _holds_params(weights: Any) -> bool:
@@ -164,6 +181,9 @@ class WeightsModule(nnx.Module):
                 f"module.pure_weights()), got {type(weights).__name__} of nnx.Params"
             )
         weights = jax.tree.map(_own, weights)  # NumPy -> JAX copies, dtypes canonical
+        # As the models' weight check does: an integer tree ran silently in the attention
+        # modules, or MultiHeadAttention blamed a param_dtype the caller never passed.
+        check_floating_leaves(weights, "weights", f"{cls.__name__}.from_weights")
         try:
             sizes = cls._sizes(weights)
         except (AttributeError, TypeError, LookupError, ValueError) as e:
@@ -202,6 +222,22 @@ class WeightsModule(nnx.Module):
         cannot be indexed; its pure tree is then the shapes (a ``load_safetensors`` template).
         """
         return jax.tree.map(self._value_of, self.weights, is_leaf=_is_param)
+
+    def _call_weights(self) -> Any:
+        """``pure_weights()`` for a computation (a call, loss, decoding): ``TypeError`` for an
+        abstract module's ``ShapeDtypeStruct``s, which failed inside JAX naming neither the
+        module nor the cause ("'ShapeDtypeStruct' object has no attribute 'astype'", or "is
+        not a valid JAX type")."""
+        weights = self.pure_weights()
+        if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(weights)):
+            name = type(self).__name__
+            raise TypeError(
+                f"{name} holds abstract weights (jax.ShapeDtypeStruct: a module of "
+                f"nnx.eval_shape, or {name}.from_weights of shapes), a template to load into: "
+                "give it arrays first (nnx.update(module, restored_state), or from_weights of "
+                "the loaded tree)"
+            )
+        return weights
 
     def _value_of(self, param: Any) -> Any:
         if not _is_param(param):
@@ -292,7 +328,7 @@ class LSTM(_DropoutModule):
     ):
         super().__init__(
             lstm_ops.init_lstm_stack(
-                rngs.params(),
+                _params_key(rngs, self),
                 input_size,
                 hidden_size,
                 num_layers=num_layers,
@@ -344,7 +380,7 @@ class LSTM(_DropoutModule):
         Dropout (``dropout_rate``) is active when not ``deterministic`` and needs ``rng``;
         ``deterministic=None`` uses ``self.deterministic`` (set by ``train()``/``eval()``).
         """
-        weights = self.pure_weights()
+        weights = self._call_weights()
         _check_width(self, weights, "xs", xs, "input_size")
         between_layers = self.dropout_rate if len(weights) > 1 else 0.0  # (one layer: none)
         rng, deterministic = self._dropout_args(rng, deterministic, between_layers)
@@ -375,7 +411,7 @@ class _ScoredAttention(WeightsModule):
         ``[..., Tq, Tk]``, True = attend.
         Returns ``(context [..., Tq, dv], weights [..., Tq, Tk])``.
         """
-        weights = self.pure_weights()
+        weights = self._call_weights()
         _check_width(self, weights, "query", query, "query_dim")
         _check_width(self, weights, "keys", keys, "key_dim")
         scores = self._scores(weights, query, keys)
@@ -386,7 +422,7 @@ class GeneralAttention(_ScoredAttention):
     """Luong "general" attention: ``scores = q W kᵀ``."""
 
     def __init__(self, query_dim: int, key_dim: int, *, rngs: nnx.Rngs):
-        super().__init__(attention_ops.init_general(rngs.params(), query_dim, key_dim))
+        super().__init__(attention_ops.init_general(_params_key(rngs, self), query_dim, key_dim))
 
     @staticmethod
     def _sizes(weights: Any) -> dict[str, Any]:
@@ -401,7 +437,9 @@ class AdditiveAttention(_ScoredAttention):
     """Bahdanau additive attention: ``scores = v · tanh(q W_q + k W_k)``."""
 
     def __init__(self, query_dim: int, key_dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
-        super().__init__(attention_ops.init_additive(rngs.params(), query_dim, key_dim, hidden_dim))
+        super().__init__(
+            attention_ops.init_additive(_params_key(rngs, self), query_dim, key_dim, hidden_dim)
+        )
 
     @staticmethod
     def _sizes(weights: Any) -> dict[str, Any]:
@@ -459,7 +497,7 @@ class MultiHeadAttention(_DropoutModule):
             )
         super().__init__(
             attention_ops.init_multi_head_attention(
-                rngs.params(),
+                _params_key(rngs, self),
                 q_dim,
                 num_heads,
                 head_dim=head_dim,
@@ -508,7 +546,7 @@ class MultiHeadAttention(_DropoutModule):
         See ``jaxattn.ops.multi_head_attention`` for the arguments; ``deterministic=None``
         uses ``self.deterministic`` (set by ``train()``/``eval()``).
         """
-        weights = self.pure_weights()
+        weights = self._call_weights()
         _check_width(self, weights, "x_q", x_q, "q_dim")
         # (self-attention: x_q is also the keys' input)
         kv_name, kv = ("x_q", x_q) if x_kv is None else ("x_kv", x_kv)
@@ -540,7 +578,7 @@ class _ModelModule(_DropoutModule):
 
     def __init__(self, config: Any, *, deterministic: bool = True, rngs: nnx.Rngs):
         self._check_config(config, type(self).__name__)
-        super().__init__(type(self)._init(rngs.params(), config))
+        super().__init__(type(self)._init(_params_key(rngs, self), config))
         self.config = config
         self.deterministic = deterministic  # see LSTM
 
@@ -622,7 +660,7 @@ class GPT(_ModelModule):
         ``self.deterministic`` (set by ``train()``/``eval()``).
         """
         return gpt_model.gpt(
-            self.pure_weights(), tokens, self.config, **self._dropout(rng, deterministic)
+            self._call_weights(), tokens, self.config, **self._dropout(rng, deterministic)
         )
 
     def loss(
@@ -636,7 +674,7 @@ class GPT(_ModelModule):
     ) -> Array:
         """Mean next-token cross-entropy of ``targets: [B, T]`` (see ``gpt.gpt_loss``)."""
         return gpt_model.gpt_loss(
-            self.pure_weights(),
+            self._call_weights(),
             tokens,
             targets,
             self.config,
@@ -652,7 +690,7 @@ class GPT(_ModelModule):
         ``temperature``, ``top_k``, ``top_p``, ``unroll_layers``, ``prompt_lengths``,
         ``eos_id`` (see ``gpt.generate``)."""
         return gpt_model.generate(
-            self.pure_weights(), self.config, prompt, max_new_tokens, rng=rng, **sampling
+            self._call_weights(), self.config, prompt, max_new_tokens, rng=rng, **sampling
         )
 
 
@@ -677,7 +715,7 @@ class _Translator(_ModelModule):
         ``[B, T, V]`` (Seq2Seq: with its attention, see the model's ``*_logits``);
         ``deterministic=None`` uses ``self.deterministic``."""
         return type(self)._logits(
-            self.pure_weights(),
+            self._call_weights(),
             src,
             src_lengths,
             tgt_in,
@@ -695,7 +733,7 @@ class _Translator(_ModelModule):
     ) -> Array:
         """Cross-entropy per real target token of ``batch`` (see the model's ``*_loss``)."""
         return type(self)._loss(
-            self.pure_weights(),
+            self._call_weights(),
             batch,
             self.config,
             **self._dropout(rng, deterministic),
@@ -705,7 +743,7 @@ class _Translator(_ModelModule):
     def translate(self, src: Array, src_lengths: Array, **options: Any) -> Array:
         """Greedy or beam-search translations ``[B, max_len]``; ``options``: ``beam_size``,
         ``max_len``, ``length_penalty`` (see the model's ``translate``)."""
-        return type(self)._translate(self.pure_weights(), self.config, src, src_lengths, **options)
+        return type(self)._translate(self._call_weights(), self.config, src, src_lengths, **options)
 
 
 class Seq2Seq(_Translator):

@@ -1,6 +1,7 @@
 """NNX modules hold the same trees as the pure functions and compute the same numbers."""
 
 import functools
+import re
 import warnings
 
 import jax
@@ -188,6 +189,29 @@ def test_from_weights_names_a_wrong_tree(rng):
         nn.MultiHeadAttention.from_weights(mha.weights)
 
 
+def test_from_weights_refuses_integer_weights_by_path(rng):
+    """As the models' from_weights do: the attention modules took an integer tree silently,
+    and MultiHeadAttention blamed a param_dtype= the caller never passed."""
+    as_int = lambda tree: jax.tree.map(lambda a: (a * 10).astype(jnp.int32), tree)
+    cases = [
+        (
+            nn.MultiHeadAttention,
+            attention_ops.init_multi_head_attention(rng, 12, 3),
+            r"\.w_q int32",
+        ),
+        (nn.AdditiveAttention, attention_ops.init_additive(rng, 5, 11, 13), r"\.w_query int32"),
+        (nn.GeneralAttention, attention_ops.init_general(rng, 5, 11), r"got int32"),
+        (nn.LSTM, lstm_ops.init_lstm_stack(rng, 3, 4), r"\[0\]\.w_ih int32"),
+    ]
+    for cls, weights, where in cases:
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\.from_weights: weights must be "):
+            cls.from_weights(as_int(weights))
+        with pytest.raises(ValueError, match=where):
+            cls.from_weights(as_int(weights))
+        half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), weights)  # any float dtype
+        _leaves_equal(cls.from_weights(half).pure_weights(), half)
+
+
 def test_from_weights_names_a_flat_state_tree(rng):
     """nnx.to_pure_dict(nnx.state(m)) or an orbax restore without a target: nested dicts, not
     the weights NamedTuples (LSTM's raised a bare KeyError: 0)."""
@@ -321,6 +345,32 @@ def test_from_weights_refuses_an_option_the_weights_set(rng):
             nn.MultiHeadAttention.from_weights(mha, **option)
     with pytest.raises(TypeError, match=r"LSTM\.from_weights: takes no rngs"):
         nn.LSTM.from_weights(lstm_ops.init_lstm_stack(rng, 3, 4), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda rngs: nn.LSTM(3, 4, rngs=rngs),
+        lambda rngs: nn.GeneralAttention(3, 4, rngs=rngs),
+        lambda rngs: nn.AdditiveAttention(3, 4, 5, rngs=rngs),
+        lambda rngs: nn.MultiHeadAttention(8, 2, rngs=rngs),
+        lambda rngs: nn.GPT(_tiny_gpt(), rngs=rngs),
+    ],
+    ids=["LSTM", "GeneralAttention", "AdditiveAttention", "MultiHeadAttention", "GPT"],
+)
+def test_a_constructors_rngs_must_be_an_nnx_rngs(build):
+    """A key (what the pure inits take), a seed or a stream failed as "'PRNGKeyArray' object
+    has no attribute 'params'", naming neither the module nor the argument."""
+    name = type(build(nnx.Rngs(0))).__name__
+    for rngs, got in [
+        (jax.random.key(0), "key<fry> ()"),
+        (0, "0"),
+        (nnx.Rngs(0).params, "RngStream"),
+    ]:
+        with pytest.raises(
+            TypeError, match=rf"^{name}: rngs must be an nnx\.Rngs .*got {re.escape(got)}$"
+        ):
+            build(rngs)
 
 
 def test_multi_head_attention_names_a_bad_param_dtype():
@@ -528,6 +578,40 @@ def test_an_abstract_module_gives_its_pure_shapes(rng, tmp_path):
     path = tmp_path / "lstm.safetensors"
     save_safetensors(module, path)
     _leaves_equal(load_safetensors(path, like=abstract), module.pure_weights())
+
+
+@pytest.mark.parametrize(
+    "build, inputs",
+    [
+        (lambda: nn.LSTM(3, 5, rngs=nnx.Rngs(0)), lambda: (jnp.ones((2, 4, 3)),)),
+        (lambda: nn.MultiHeadAttention(8, 2, rngs=nnx.Rngs(0)), lambda: (jnp.ones((2, 4, 8)),)),
+        (
+            lambda: nn.AdditiveAttention(3, 5, 7, rngs=nnx.Rngs(0)),
+            lambda: (jnp.ones((2, 4, 3)), jnp.ones((2, 6, 5))),
+        ),
+        (lambda: nn.GPT(_tiny_gpt(), rngs=nnx.Rngs(0)), lambda: (jnp.zeros((2, 8), jnp.int32),)),
+    ],
+    ids=["LSTM", "MultiHeadAttention", "AdditiveAttention", "GPT"],
+)
+def test_calling_an_abstract_module_names_the_module_and_the_way_out(build, inputs):
+    """An abstract module (a load template) called before it was given arrays failed inside
+    JAX: "'ShapeDtypeStruct' object has no attribute 'astype'" or "... is not a valid JAX
+    type", naming neither the module nor the cause."""
+    abstract = nnx.eval_shape(build)
+    name = type(abstract).__name__
+    message = rf"{name} holds abstract weights \(jax\.ShapeDtypeStruct.*nnx\.update"
+    with pytest.raises(TypeError, match=message):
+        abstract(*inputs())
+    if isinstance(abstract, nn.GPT):  # every computing method: the loss and decoding too
+        tokens = inputs()[0]
+        with pytest.raises(TypeError, match=message):
+            abstract.loss(tokens, tokens)
+        with pytest.raises(TypeError, match=message):
+            abstract.generate(tokens[:, :2], 2, temperature=0.0)
+    # Tracing it is still fine (nnx.eval_shape of a call), and a loaded one computes.
+    assert nnx.eval_shape(lambda m: m(*inputs()), abstract) is not None
+    nnx.update(abstract, nnx.state(build()))
+    _leaves_equal(abstract(*inputs()), build()(*inputs()))
 
 
 def test_multi_head_attention_module_forwards_the_implementation(rng):

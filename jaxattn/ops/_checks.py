@@ -100,7 +100,7 @@ def check_floating_leaves(tree: Any, name: str, where: str, leaves: list | None 
     if all(dtype is None or _is_floating(dtype) for dtype in dtypes):
         return
     bad = [
-        f"{jax.tree_util.keystr(path)} {leaf.dtype}"
+        f"{jax.tree_util.keystr(path)} {leaf.dtype}".lstrip()  # (a bare array: no path)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
         if getattr(leaf, "dtype", None) is not None and not _is_floating(leaf.dtype)
     ]
