@@ -589,7 +589,8 @@ def _select_implementation(q, k, v, mask, bias, is_causal, dropout_rate, window=
 
 
 def _check_implementation(implementation: str, where: str) -> None:
-    if implementation not in _KERNELS:
+    # (Not a str: a list failed as "unhashable type: 'list'" in the dict lookup.)
+    if not isinstance(implementation, str) or implementation not in _KERNELS:
         raise ValueError(
             f"{where}: unknown implementation {implementation!r}; expected None or one of "
             f"{IMPLEMENTATIONS}"

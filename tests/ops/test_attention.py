@@ -549,6 +549,9 @@ def test_dot_product_attention_bad_inputs(np_rng):
             dot_product_attention(q, k, v[..., :0], implementation=impl)
     with pytest.raises(ValueError, match="unknown implementation"):
         dot_product_attention(q, k, v, implementation="flash")
+    # (a list failed as "unhashable type: 'list'")
+    with pytest.raises(ValueError, match=r"unknown implementation \['xla'\]; expected None"):
+        dot_product_attention(q, k, v, implementation=["xla"])
     with pytest.raises(ValueError, match="dropout"):
         dot_product_attention(
             q, k, v, implementation="cudnn", dropout_rate=0.1, dropout_rng=jax.random.key(0)
