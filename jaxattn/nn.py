@@ -149,7 +149,11 @@ def _check_width(module: Any, weights: Any, name: str, x: Any, field: str) -> No
     ("w must be [dq, dk] = (6, 6), got (8, 6)") for an input of the wrong width.
     """
     size = module._sizes(weights)[field]
-    shape = jnp.shape(x)
+    try:
+        # np.shape: JAX's warns (DeprecationWarning) for a nested list, which the ops take.
+        shape = np.shape(x)
+    except ValueError:  # a ragged list: the op refuses it by name
+        return
     if not shape or shape[-1] != size:
         raise ValueError(
             f"{type(module).__name__}: {name} has shape {shape}, but the module was built for "

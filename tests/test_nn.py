@@ -953,3 +953,22 @@ def test_from_weights_of_an_ensembles_stacked_tree_says_so(make):
         cls.from_weights(stacked)
     rebuilt = nnx.vmap(cls.from_weights)(stacked)
     _leaves_equal(rebuilt.pure_weights(), stacked)
+
+
+def test_modules_take_nested_list_inputs_without_a_warning():
+    """The ops take nested-list activations; the modules' width check warned from jnp.shape
+    first (JAX's DeprecationWarning, "shape requires ndarray or scalar arguments")."""
+    q = np.linspace(-1.0, 1.0, 2 * 3 * 4).reshape(2, 3, 4)
+    k = np.linspace(1.0, -1.0, 2 * 5 * 6).reshape(2, 5, 6)
+    modules = [
+        (nn.MultiHeadAttention(4, 2, rngs=nnx.Rngs(0)), (q,)),
+        (nn.GeneralAttention(4, 6, rngs=nnx.Rngs(0)), (q, k)),
+        (nn.AdditiveAttention(4, 6, 7, rngs=nnx.Rngs(0)), (q, k)),
+        (nn.LSTM(4, 3, rngs=nnx.Rngs(0)), (q,)),
+    ]
+    for module, args in modules:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = module(*(a.tolist() for a in args))
+        want = module(*(jnp.asarray(a, jnp.float32) for a in args))
+        jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -82,7 +82,25 @@ def check_float_dtype(dtype: Any, where: str, name: str = "dtype") -> None:
 
 @functools.lru_cache(maxsize=64)
 def _is_floating(dtype: Any) -> bool:
-    return bool(jnp.issubdtype(dtype, jnp.floating))
+    """Whether ``dtype`` is a floating JAX/NumPy dtype. One JAX cannot read (a torch
+    tensor's ``torch.float32``) is not: ``issubdtype`` raised "Cannot interpret
+    'torch.float32' as a data type", so the checks that call this named nothing."""
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.floating))
+    except TypeError:
+        return False
+
+
+def describe_dtype(value: Any) -> str:
+    """``value``'s dtype for an error message: ``int32``; its type without a dtype (``list``,
+    ``NoneType``); with its type where the dtype is not JAX's or NumPy's (``Tensor of
+    torch.float32 (not a JAX or NumPy array)``: a torch tensor, floating to torch)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return type(value).__name__
+    if isinstance(dtype, np.dtype) or isinstance(value, jax.Array):  # (key<fry>: JAX's own)
+        return str(dtype)
+    return f"{type(value).__name__} of {dtype} (not a JAX or NumPy array)"
 
 
 def check_floating_leaves(tree: Any, name: str, where: str, leaves: list | None = None) -> None:
@@ -100,7 +118,7 @@ def check_floating_leaves(tree: Any, name: str, where: str, leaves: list | None 
     if all(dtype is None or _is_floating(dtype) for dtype in dtypes):
         return
     bad = [
-        f"{jax.tree_util.keystr(path)} {leaf.dtype}".lstrip()  # (a bare array: no path)
+        f"{jax.tree_util.keystr(path)} {describe_dtype(leaf)}".lstrip()  # (a bare array: no path)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
         if getattr(leaf, "dtype", None) is not None and not _is_floating(leaf.dtype)
     ]
@@ -120,10 +138,9 @@ def check_floating_array(value: Any, name: str, where: str) -> None:
     cached ``issubdtype`` per distinct dtype (well under a microsecond)."""
     dtype = getattr(value, "dtype", None)
     if dtype is None or not _is_floating(dtype):
-        got = type(value).__name__ if dtype is None else str(dtype)
         raise ValueError(
             f"{where}: {name} must be a floating array (an init's float32, or another float "
-            f"dtype), got {got}"
+            f"dtype), got {describe_dtype(value)}"
         )
 
 

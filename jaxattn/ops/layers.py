@@ -32,6 +32,7 @@ from jaxattn.ops._checks import (
     check_size,
     check_weight_arrays,
     check_weights_type,
+    describe_dtype,
 )
 
 Array = jax.Array
@@ -45,10 +46,10 @@ def check_floating(x: Array, name: str, where: str) -> None:
     took ~3 us a call, in every layer.)"""
     dtype = getattr(x, "dtype", None)
     if not _is_floating(jnp.result_type(x) if dtype is None else dtype):
-        raise ValueError(
-            f"{where}: {name} must be floating (it sets the compute dtype), got "
-            f"{jnp.result_type(x)}"
-        )
+        # (A dtype JAX cannot read, a torch tensor's: jnp.result_type raised naming nothing.)
+        known = dtype is None or isinstance(dtype, np.dtype)
+        got = jnp.result_type(x) if known else describe_dtype(x)
+        raise ValueError(f"{where}: {name} must be floating (it sets the compute dtype), got {got}")
 
 
 def as_floating(x: Any, name: str, where: str) -> Array | np.ndarray:

@@ -104,10 +104,10 @@ def chunked_cross_entropy(
       Scalar loss, float32 (float64 for float64 logits).
     """
     targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
-    if targets.ndim < 1 or targets.shape != jnp.shape(hidden)[:-1]:
+    if targets.ndim < 1 or targets.shape != np.shape(hidden)[:-1]:
         raise ValueError(
             f"chunked_cross_entropy: targets {targets.shape} must be [..., T] and hidden "
-            f"{jnp.shape(hidden)} [..., T, D]"
+            f"{np.shape(hidden)} [..., T, D]"
         )
     chunk_size = check_size(chunk_size, "chunk_size", "chunked_cross_entropy")
     label_smoothing = _check_mask_and_smoothing(

@@ -869,3 +869,25 @@ def test_embed_names_float_ids_under_jit():
     for fn in (embed, jax.jit(embed)):
         with pytest.raises(ValueError, match=match):
             fn(weights, jnp.asarray([1.0, 2.0]))
+
+
+def test_weights_and_activations_of_torch_tensors_are_named(rng):
+    """A torch tensor (its dtype torch.float32, which JAX cannot read) as a weight or an
+    activation failed inside the floating checks as "Cannot interpret 'torch.float32' as a
+    data type", naming neither the function nor the argument."""
+    torch = pytest.importorskip("torch")
+    from jaxattn.ops.lstm import init_lstm, lstm_scan
+
+    x = jnp.ones((B, D))
+    dense_w, ln = init_dense(rng, D, F), init_layer_norm(D)
+    as_torch = lambda a: torch.from_numpy(np.array(a))
+    got = r"Tensor of torch.float32 \(not a JAX or NumPy array\)"
+    cases = [
+        (lambda: dense(dense_w._replace(w=as_torch(dense_w.w)), x), r"project: the kernel w"),
+        (lambda: layer_norm(ln._replace(scale=as_torch(ln.scale)), x), r"layer_norm: weights."),
+        (lambda: dense(dense_w, as_torch(x)), r"project: x must be floating"),
+        (lambda: lstm_scan(jax.tree.map(as_torch, init_lstm(rng, D, 3)), x[None]), r"lstm_scan"),
+    ]
+    for call, where in cases:
+        with pytest.raises(ValueError, match=rf"^{where}.*got (.w_ih )?{got}"):
+            call()

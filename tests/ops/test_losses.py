@@ -420,3 +420,15 @@ def test_a_list_mask_runs_without_a_warning_and_float_targets_are_named_under_ji
     match = r"^cross_entropy: targets must be integers, got dtype float32"
     with pytest.raises(ValueError, match=match):
         jax.jit(cross_entropy)(logits, jnp.asarray([2.0, 0.0]))
+
+
+def test_chunked_cross_entropy_takes_a_list_hidden_without_a_warning():
+    """A nested-list ``hidden`` ran, but warned from jnp.shape (JAX's DeprecationWarning,
+    "shape requires ndarray or scalar arguments"), as a list mask did."""
+    hidden = np.linspace(-1.0, 1.0, 2 * 3 * 4).reshape(2, 3, 4)
+    w = jnp.linspace(-1.0, 1.0, 4 * V).reshape(4, V)
+    targets = jnp.asarray([[0, 1, 2], [3, 4, 5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = chunked_cross_entropy(hidden.tolist(), lambda h: h @ w, targets, chunk_size=2)
+    np.testing.assert_allclose(got, cross_entropy(jnp.asarray(hidden, jnp.float32) @ w, targets))
