@@ -81,7 +81,7 @@ def check_float_dtype(dtype: Any, where: str, name: str = "dtype") -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _is_floating(dtype: Any) -> bool:
+def is_floating_dtype(dtype: Any) -> bool:
     """Whether ``dtype`` is a floating JAX/NumPy dtype. One JAX cannot read (a torch
     tensor's ``torch.float32``) is not: ``issubdtype`` raised "Cannot interpret
     'torch.float32' as a data type", so the checks that call this named nothing."""
@@ -115,12 +115,12 @@ def check_floating_leaves(tree: Any, name: str, where: str, leaves: list | None 
     """
     leaves = jax.tree_util.tree_leaves(tree) if leaves is None else leaves
     dtypes = {getattr(leaf, "dtype", None) for leaf in leaves}
-    if all(dtype is None or _is_floating(dtype) for dtype in dtypes):
+    if all(dtype is None or is_floating_dtype(dtype) for dtype in dtypes):
         return
     bad = [
         f"{jax.tree_util.keystr(path)} {describe_dtype(leaf)}".lstrip()  # (a bare array: no path)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if getattr(leaf, "dtype", None) is not None and not _is_floating(leaf.dtype)
+        if getattr(leaf, "dtype", None) is not None and not is_floating_dtype(leaf.dtype)
     ]
     more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
     raise ValueError(
@@ -137,7 +137,7 @@ def check_floating_array(value: Any, name: str, where: str) -> None:
     has no attribute 'shape'" or with JAX's DeprecationWarning, naming neither. Cheap: one
     cached ``issubdtype`` per distinct dtype (well under a microsecond)."""
     dtype = getattr(value, "dtype", None)
-    if dtype is None or not _is_floating(dtype):
+    if dtype is None or not is_floating_dtype(dtype):
         raise ValueError(
             f"{where}: {name} must be a floating array (an init's float32, or another float "
             f"dtype), got {describe_dtype(value)}"

@@ -24,7 +24,6 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from jaxattn.ops._checks import (
-    _is_floating,
     as_size,
     check_flag,
     check_float_dtype,
@@ -33,6 +32,7 @@ from jaxattn.ops._checks import (
     check_weight_arrays,
     check_weights_type,
     describe_dtype,
+    is_floating_dtype,
 )
 
 Array = jax.Array
@@ -42,10 +42,10 @@ DType = jnp.dtype | type | str
 def check_floating(x: Array, name: str, where: str) -> None:
     """Raise ``ValueError`` unless ``x`` is floating: it sets the compute dtype, so integer
     activations (token ids where embeddings belong) would run on weights truncated to ints.
-    (An array's own dtype is looked up in ``_is_floating``'s cache: ``jnp.result_type``
+    (An array's own dtype is looked up in ``is_floating_dtype``'s cache: ``jnp.result_type``
     took ~3 us a call, in every layer.)"""
     dtype = getattr(x, "dtype", None)
-    if not _is_floating(jnp.result_type(x) if dtype is None else dtype):
+    if not is_floating_dtype(jnp.result_type(x) if dtype is None else dtype):
         # (A dtype JAX cannot read, a torch tensor's: jnp.result_type raised naming nothing.)
         known = dtype is None or isinstance(dtype, np.dtype)
         got = jnp.result_type(x) if known else describe_dtype(x)
