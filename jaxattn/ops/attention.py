@@ -45,6 +45,7 @@ from jaxattn.ops._checks import (
     check_weight_arrays,
 )
 from jaxattn.ops.flash import (
+    as_qkv,
     check_attention_dropout,
     check_attention_inputs,
     check_scale,
@@ -660,7 +661,7 @@ def dot_product_attention(
     Returns:
       ``[B, T, N, Hv]`` in q's dtype.
     """
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    q, k, v = as_qkv(q, k, v, "dot_product_attention")
     return _dot_product_attention(
         q, k, v, mask, bias, is_causal, scale, implementation, dropout_rate, dropout_rng,
         local_window_size,

@@ -845,6 +845,17 @@ def _broadcast_rank4(where: str, name: str, x: Array, target: tuple[int, ...]) -
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
+def as_qkv(q: Any, k: Any, v: Any, where: str) -> tuple[Array, Array, Array]:
+    """``(q, k, v)`` as JAX arrays, a None among them named (JAX's "None is not a valid
+    value for jnp.array" named neither the function nor the argument)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x is None:
+            raise ValueError(
+                f"{where}: {name} must be an array [B, T|S, heads, head_dim], got None"
+            )
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+
+
 def check_attention_inputs(
     where: str, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None
 ) -> tuple[Array | None, Array | None]:
@@ -1052,7 +1063,7 @@ def flash_attention(
     differentiates such loops only forward: JAX then raises "Reverse-mode differentiation
     does not work for lax.while_loop or lax.fori_loop with dynamic start/stop values".
     """
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    q, k, v = as_qkv(q, k, v, "flash_attention")
     mask, bias = check_attention_inputs("flash_attention", q, k, v, mask, bias)
     seed = check_attention_dropout("flash_attention", dropout_rate, dropout_rng)
     check_scale(scale, "flash_attention")

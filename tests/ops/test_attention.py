@@ -549,6 +549,10 @@ def test_dot_product_attention_bad_inputs(np_rng):
             dot_product_attention(q, k, v[..., :0], implementation=impl)
     with pytest.raises(ValueError, match="unknown implementation"):
         dot_product_attention(q, k, v, implementation="flash")
+    for fn in (dot_product_attention, flash_attention):  # (JAX's error named neither)
+        name = fn.__name__
+        with pytest.raises(ValueError, match=rf"^{name}: k must be an array \[B, T\|S, heads"):
+            fn(q, None, v)
     # (a list failed as "unhashable type: 'list'")
     with pytest.raises(ValueError, match=r"unknown implementation \['xla'\]; expected None"):
         dot_product_attention(q, k, v, implementation=["xla"])
