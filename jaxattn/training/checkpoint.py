@@ -871,17 +871,16 @@ class Checkpointer:
             return CheckpointError(
                 f"cannot open the checkpoints in {self.directory}: {_first_line(error)}"
             )
+        listed = lambda found: "; ".join(f"{path} ({_first_line(e)})" for path, e in found)
         parts, hints = [], []
         moved = [path.parent.parent for path, _ in damaged]  # (their records go with them)
         if damaged:
-            files = "; ".join(f"{path} ({_first_line(e)})" for path, e in damaged)
-            parts.append(f"corrupt metrics file {files}")
+            parts.append(f"corrupt metrics file {listed(damaged)}")
             hints.append(
                 f"move {', '.join(map(str, moved))} out of the folder to use the other steps"
             )
         if records:
-            files = "; ".join(f"{path} ({_first_line(e)})" for path, e in records)
-            parts.append(f"corrupt step record {files}")
+            parts.append(f"corrupt step record {listed(records)}")
             if names := ", ".join(str(path) for path, _ in records if path.parent not in moved):
                 hints.append(f"delete {names} (orbax reads a step without one)")
         # Both hints when both kinds are damaged: either alone leaves the folder unopenable.
