@@ -53,6 +53,7 @@ from jaxattn.ops.flash import (
     fold_traced_scale,
 )
 from jaxattn.ops.layers import (
+    as_array,
     as_floating,
     check_dropout_key,
     check_dropout_rate,
@@ -231,7 +232,8 @@ def attend(scores: Array, values: Array, mask: Array | None = None) -> tuple[Arr
       ``(context [..., Tq, dv]`` in ``values``' dtype, ``weights [..., Tq, Tk]`` float32, or
       float64 for float64 scores).
     """
-    scores, values = jnp.asarray(scores), jnp.asarray(values)  # (NumPy float64: no warning)
+    # (NumPy float64: no warning; a None named)
+    scores, values = as_array(scores, "scores", "attend"), as_array(values, "values", "attend")
     if scores.ndim < 2 or values.ndim < 2 or scores.shape[-1] != values.shape[-2]:
         raise ValueError(
             f"attend: scores [..., Tq, Tk] and values [..., Tk, dv] disagree: scores "

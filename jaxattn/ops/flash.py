@@ -81,7 +81,7 @@ import numpy as np
 from jax import lax
 
 from jaxattn.ops._checks import as_size, check_flag, forward_mode_hint, jit_when_eager
-from jaxattn.ops.layers import check_dropout_key, check_dropout_rate, float32_or_wider
+from jaxattn.ops.layers import as_array, check_dropout_key, check_dropout_rate, float32_or_wider
 from jaxattn.ops.masks import (
     attention_dropout_keep,
     check_local_window,
@@ -848,12 +848,8 @@ def _broadcast_rank4(where: str, name: str, x: Array, target: tuple[int, ...]) -
 def as_qkv(q: Any, k: Any, v: Any, where: str) -> tuple[Array, Array, Array]:
     """``(q, k, v)`` as JAX arrays, a None among them named (JAX's "None is not a valid
     value for jnp.array" named neither the function nor the argument)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x is None:
-            raise ValueError(
-                f"{where}: {name} must be an array [B, T|S, heads, head_dim], got None"
-            )
-    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    what = "an array [B, T|S, heads, head_dim]"
+    return tuple(as_array(x, name, where, what=what) for name, x in (("q", q), ("k", k), ("v", v)))
 
 
 def check_attention_inputs(

@@ -58,14 +58,24 @@ def as_floating(x: Any, name: str, where: str) -> Array | np.ndarray:
     take token ids. A list failed as "'list' object has no attribute 'ndim'"; None or a
     ragged list now fail here, naming ``where`` and ``name``."""
     if not hasattr(x, "dtype"):
-        try:
-            x = jnp.asarray(x)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{where}: {name} must be a floating array, got {type(x).__name__}"
-            ) from None
+        x = as_array(x, name, where, what="a floating array")
     check_floating(x, name, where)
     return x
+
+
+def as_array(x: Any, name: str, where: str, *, what: str = "an array") -> Array:
+    """``jnp.asarray(x)``, with a None or a ragged nested list named: JAX's "None is not a
+    valid value for jnp.array" and NumPy's "inhomogeneous shape" named neither the function
+    nor the argument."""
+    if x is None:
+        raise ValueError(f"{where}: {name} must be {what}, got NoneType")
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        reason = str(e).splitlines()[0]
+        raise ValueError(
+            f"{where}: {name} must be {what}, got {type(x).__name__} ({reason})"
+        ) from None
 
 
 def float32_or_wider(dtype: DType) -> jnp.dtype:

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from jaxattn.ops._checks import check_size
-from jaxattn.ops.layers import check_token_ids, float32_or_wider, ids_to_check
+from jaxattn.ops.layers import as_array, check_token_ids, float32_or_wider, ids_to_check
 
 Array = jax.Array
 
@@ -49,7 +49,7 @@ def cross_entropy(
       Scalar loss, float32 (float64 for float64 logits).
     """
     targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
-    logits = jnp.asarray(logits)  # (a nested list: logits.ndim was an AttributeError)
+    logits = as_array(logits, "logits", "cross_entropy")  # (a list: no .ndim; None: named)
     # (0-d logits have no vocab axis: logits.shape[-1] below was a bare IndexError.)
     if logits.ndim < 1 or targets.shape != logits.shape[:-1]:
         raise ValueError(

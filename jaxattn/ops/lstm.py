@@ -49,6 +49,7 @@ from jaxattn.ops._checks import (
     forward_mode_hint,
 )
 from jaxattn.ops.layers import (
+    as_array,
     check_dropout_key,
     check_dropout_rate,
     check_floating,
@@ -242,7 +243,9 @@ def lstm_scan(
       ``(ys [B, T, h], (h [B, h], c [B, h]))``: the output at every step (zero past a row's
       length) and the final state (for ``reverse``, the state after step 0).
     """
-    xs = jnp.asarray(xs)  # (NumPy float64 data: float32, as jnp.asarray gives, no warning)
+    # (NumPy float64 data: float32, as jnp.asarray gives, no warning; a None or ragged list
+    # is named.)
+    xs = as_array(xs, "xs", "lstm_scan")
     carry, lengths = _check_inputs(weights, xs, carry, lengths, "lstm_scan")
     implementation = _pick(implementation, [weights], xs, [carry], "lstm_scan")
     reverse = check_flag(reverse, "reverse", "lstm_scan")
@@ -339,7 +342,7 @@ def bidirectional_lstm(
     if carry is not None:
         check_pair(carry, "carry", "((h_f, c_f), (h_b, c_b))", "bidirectional_lstm")
     carry_f, carry_b = (None, None) if carry is None else carry
-    xs = jnp.asarray(xs)  # (as in lstm_scan)
+    xs = as_array(xs, "xs", "bidirectional_lstm")  # (as in lstm_scan)
     where = "bidirectional_lstm"
     carry_f, lengths = _check_inputs(weights.forward, xs, carry_f, lengths, where)
     carry_b, _ = _check_inputs(weights.backward, xs, carry_b, None, where)
@@ -429,7 +432,7 @@ def lstm_stack(
             f"lstm_stack: mixed uni- and bidirectional layers: {[type(w).__name__ for w in layers]}"
         )
     check_dropout_rate(dropout_rate, "lstm_stack: dropout_rate")
-    xs = jnp.asarray(xs)  # (as in lstm_scan; a list failed as "no attribute 'ndim'")
+    xs = as_array(xs, "xs", "lstm_stack")  # (as in lstm_scan)
     dirs = 2 if bidirectional else 1
     hidden = (layers[0].forward if bidirectional else layers[0]).w_hh.shape[0]
     if xs.ndim != 3:  # before the carry, whose expected shape needs B = xs.shape[0]

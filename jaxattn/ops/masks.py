@@ -25,7 +25,7 @@ import numpy as np
 from jax.extend.random import threefry2x32_p
 
 from jaxattn.ops._checks import check_size
-from jaxattn.ops.layers import check_dropout_rate, float32_or_wider, ids_to_check
+from jaxattn.ops.layers import as_array, check_dropout_rate, float32_or_wider, ids_to_check
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -270,7 +270,7 @@ def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> 
     Returns:
       Probabilities with ``scores``' shape, in ``float32_or_wider(scores.dtype)``.
     """
-    scores = jnp.asarray(scores)
+    scores = as_array(scores, "scores", "masked_softmax")
     x = scores.astype(float32_or_wider(scores.dtype))
     if mask is not None:
         mask = check_mask(mask, x.shape, "masked_softmax")

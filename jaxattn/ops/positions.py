@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxattn.ops._checks import as_size, check_float_dtype, check_size, check_weight_arrays
 from jaxattn.ops.layers import (
+    as_array,
     check_floating,
     check_token_ids,
     float32_or_wider,
@@ -161,7 +162,7 @@ def rope_frequencies(
       ``(sin, cos)``, each ``[..., T, H/2]`` in ``dtype``.
     """
     head_dim = _check_wavelengths(head_dim, base, "head_dim", "rope_frequencies")
-    positions = jnp.asarray(positions)
+    positions = as_array(positions, "positions", "rope_frequencies")
     _check_rope_positions(positions, "rope_frequencies")
     if positions.ndim not in (1, 2):
         raise ValueError(
@@ -193,12 +194,12 @@ def apply_rope(x: Array, positions: Array, *, base: float = 10000.0) -> Array:
     Returns:
       ``[B, T, N, H]``.
     """
-    x = jnp.asarray(x)  # (NumPy float64 data: float32 without x64, and no warning)
+    x = as_array(x, "x", "apply_rope")  # (NumPy float64: float32 without x64, no warning)
     if x.ndim != 4:
         raise ValueError(f"apply_rope: x must be [B, T, N, H], got shape {x.shape}")
     check_floating(x, "x", "apply_rope")
     b, t, _, h = x.shape
-    positions = jnp.asarray(positions)
+    positions = as_array(positions, "positions", "apply_rope")
     _check_rope_positions(positions, "apply_rope")
     if positions.shape not in ((t,), (b, t)):
         raise ValueError(
