@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -628,7 +629,11 @@ class Trainer:
         if not self.pending or not path.exists():
             return False
         try:
-            records = read_metrics(path)
+            with warnings.catch_warnings():
+                # A cut-off line (a run killed mid-write) is no record of the window, and
+                # read_metrics's warning of it came again on every such resume.
+                warnings.simplefilter("ignore")
+                records = read_metrics(path)
         except OSError:
             return False
         step = self.pending[-1][0]

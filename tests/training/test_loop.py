@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from pathlib import Path
 
 import grain
@@ -1202,6 +1203,25 @@ def test_a_log_window_cut_by_a_signal_is_logged_once_by_a_resumed_run_with_nothi
         assert {"train_loss", "grad_norm", "learning_rate"} <= set(w)
         for name in set(w) - timing:
             assert g[name] == w[name], (w["step"], name)
+
+
+def test_a_cut_off_line_in_metrics_is_not_warned_of_by_the_saved_window_check(tmp_path, toy):
+    """Each rerun of a run with a saved log window reads metrics.jsonl for the window's
+    record; a line cut off by a kill (kept in the file, which is appended to) was warned
+    of by that read on every rerun, a warning from inside fit about a read the user did
+    not ask for. The window is still found (and not written twice)."""
+    loop = LoopConfig(num_steps=12, log_every=4, progress=False)
+    assert _fit_signalled_at(toy, tmp_path, 6, loop).interrupted
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "train_lo')  # a record cut off mid-write
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rerun = _fit_signalled_at(toy, tmp_path, 99, dataclasses.replace(loop, num_steps=6))
+        assert rerun.trained_steps == 0
+    with pytest.warns(UserWarning, match="line 2 is not a JSON record"):
+        assert [r["step"] for r in read_metrics(path)] == [4, 6]
 
 
 def test_a_finished_run_with_a_saved_log_window_and_a_metrics_folder_notes_it(
