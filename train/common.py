@@ -55,6 +55,15 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "VMs (and SLURM/Open MPI clusters) JAX finds the coordinator and process ids itself.",
 )
 
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout",
+    300,
+    "Seconds each process waits for all the others to join (jax.distributed's "
+    "initialization_timeout): a process that fails before it joins (a missing file on its "
+    "host) leaves the others waiting this long.",
+    lower_bound=1,
+)
+
 
 def _user_cache_dir() -> Path:
     """``$XDG_CACHE_HOME``, or ``~/.cache`` where it is unset, empty or relative (as the XDG
@@ -494,7 +503,8 @@ def initialize_distributed() -> None:
     """Join the other processes of a multi-host run, before anything touches a device.
 
     ``--coordinator_address --num_processes --process_id`` (all three) or ``--distributed``
-    (auto-detect); with neither, the run is one process.
+    (auto-detect); with neither, the run is one process. Each process waits
+    ``--distributed_timeout`` seconds for the others to join.
 
     Raises:
       ValueError: some but not all of the three explicit flags were given.
@@ -508,12 +518,24 @@ def initialize_distributed() -> None:
     if given and len(given) != len(explicit):
         missing = sorted(set(explicit) - set(given))
         raise ValueError(f"--{' --'.join(missing)} missing: joining processes needs all three")
-    if given:
-        jax.distributed.initialize(**given)
-    elif _DISTRIBUTED.value:
-        jax.distributed.initialize()
-    else:
+    if not given and not _DISTRIBUTED.value:
         return
+    timeout = _DISTRIBUTED_TIMEOUT.value
+    # Said first: the wait is silent, and a process that fails before it joins (or is never
+    # started) ends it only with JAX's abort "DEADLINE_EXCEEDED" after the timeout.
+    who = (
+        f"as process {given['process_id']} of {given['num_processes']} through "
+        f"{given['coordinator_address']}"
+        if given
+        else "(found by jax.distributed)"
+    )
+    print(
+        f"Joining the run's processes {who}; each waits up to {timeout} s for all of them "
+        "(--distributed_timeout)",
+        file=sys.stderr,
+        flush=True,
+    )
+    jax.distributed.initialize(**given, initialization_timeout=timeout)
     # Start the backend now, which waits for every process: a process that failed a check
     # before it touched a device (its data file missing on that host) otherwise left the
     # others waiting for its devices for 2 minutes (5 when it was process 0) before a

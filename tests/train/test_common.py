@@ -185,10 +185,13 @@ def test_initialize_distributed_needs_all_three_flags_or_none(parse_flags, monke
     assert calls == []
     parse_flags("--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=1")
     common.initialize_distributed()
-    assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}]
-    parse_flags("--distributed")
-    common.initialize_distributed()  # auto-detect: no arguments
-    assert calls[-1] == {} and len(calls) == 2
+    joined = {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}
+    assert calls == [joined | {"initialization_timeout": 300}]  # (JAX's default)
+    parse_flags("--distributed", "--distributed_timeout=30")
+    common.initialize_distributed()  # auto-detect: no process arguments
+    assert calls[-1] == {"initialization_timeout": 30} and len(calls) == 2
+    with pytest.raises(flags.IllegalFlagValueError, match="distributed_timeout"):
+        parse_flags("--distributed_timeout=0")
 
 
 def use_config_flag(monkeypatch, config_file, *overrides):
@@ -394,7 +397,8 @@ def test_initialize_distributed_joins_once_with_explicit_flags_and_distributed(
         "--distributed",
     )  # fmt: skip
     common.initialize_distributed()
-    assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 0}]
+    joined = {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 0}
+    assert calls == [joined | {"initialization_timeout": 300}]
 
 
 def test_orbaxs_leftovers_are_dropped_and_other_exit_errors_reported(tmp_path):

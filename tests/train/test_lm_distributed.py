@@ -191,6 +191,28 @@ def test_joining_processes_needs_all_three_flags(tmp_path):
     assert not any(tmp_path.iterdir())  # Nothing written.
 
 
+@pytest.mark.slow
+def test_a_process_whose_peers_never_join_gives_up_after_the_distributed_timeout(tmp_path):
+    """Process 0 of 2 started alone (process 1 failed before it joined): it waited
+    jax.distributed's 300 s in silence; --distributed_timeout shortens the wait, and the
+    process says what it waits for before it does."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *COMMON, f"--workdir={tmp_path / 'run'}",
+         f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2",
+         "--process_id=0", "--distributed_timeout=3"],
+        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode != 0 and time.monotonic() - start < 200
+    assert (
+        "Joining the run's processes as process 0 of 2 through 127.0.0.1:"
+        in proc.stderr.splitlines()[0]
+    )
+    assert "each waits up to 3 s for all of them (--distributed_timeout)" in proc.stderr
+    assert "DEADLINE_EXCEEDED" in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
 def test_a_mesh_that_does_not_fit_the_devices_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *COMMON, f"--workdir={tmp_path}", "--config.mesh.data=2"],
