@@ -72,7 +72,7 @@ from jaxattn.ops.layers import (
     layer_norm,
     unembed,
 )
-from jaxattn.ops.losses import chunked_cross_entropy, cross_entropy
+from jaxattn.ops.losses import check_counted_ids, chunked_cross_entropy, cross_entropy
 from jaxattn.ops.masks import check_lengths
 from jaxattn.ops.positions import (
     LearnedPositionWeights,
@@ -571,9 +571,9 @@ def gpt_loss(
 
     Args:
       tokens: ``[B, T]`` inputs.
-      targets: ``[B, T]`` ids in ``[0, V)`` (usually ``tokens`` shifted left by one); under
-        ``jit`` a counted one outside it gives a NaN loss (a negative "ignore" label
-        included: leave such positions out with ``mask``).
+      targets: ``[B, T]`` ids in ``[0, V)`` (usually ``tokens`` shifted left by one); a
+        counted one outside it is refused (under ``jit``, where it cannot be, it gives a NaN
+        loss); one that ``mask`` leaves out may be any integer (a -100 "ignore" label).
       mask: optional ``[B, T]``; the loss is the mean over positions where it is nonzero
         (True = count this token).
 
@@ -584,10 +584,10 @@ def gpt_loss(
     targets = ids_to_check(targets)  # checked before jnp.asarray (see ids_to_check)
     if targets.shape != jnp.shape(tokens):
         raise ValueError(f"gpt_loss: targets {targets.shape} must match tokens {jnp.shape(tokens)}")
-    check_token_ids(targets, config.vocab_size, "gpt_loss: targets")
+    if mask is not None and np.shape(mask) != targets.shape:
+        raise ValueError(f"gpt_loss: mask {np.shape(mask)} must match targets {targets.shape}")
+    check_counted_ids(targets, mask, config.vocab_size, "gpt_loss: targets")
     targets = jnp.asarray(targets)
-    if mask is not None and jnp.shape(mask) != targets.shape:
-        raise ValueError(f"gpt_loss: mask {jnp.shape(mask)} must match targets {targets.shape}")
     x, weights = _hidden(weights, tokens, config, rng, deterministic, "gpt_loss")  # [B, T, D]
     if config.loss_chunk_size is None:
         return cross_entropy(_logits(weights, x, config), targets, mask)

@@ -75,7 +75,7 @@ from jaxattn.ops.layers import (
     init_dense,
     init_embedding,
 )
-from jaxattn.ops.losses import cross_entropy
+from jaxattn.ops.losses import check_counted_ids, cross_entropy
 from jaxattn.ops.lstm import (
     IMPLEMENTATIONS,
     BidirectionalWeights,
@@ -404,7 +404,9 @@ def check_batch(batch: dict, tgt_vocab_size: int, where: str) -> None:
     shapes = {key: jnp.shape(batch[key]) for key in keys[2:]}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"{where}: tgt_in, tgt_out and tgt_mask must be [B, T], got {shapes}")
-    check_token_ids(ids_to_check(batch["tgt_out"]), tgt_vocab_size, f"{where}: tgt_out ids")
+    # (tgt_out where tgt_mask is 0 may hold any integer: the loss drops it)
+    targets, mask = ids_to_check(batch["tgt_out"]), batch["tgt_mask"]
+    check_counted_ids(targets, mask, tgt_vocab_size, f"{where}: tgt_out ids")
 
 
 def seq2seq_loss(

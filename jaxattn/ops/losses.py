@@ -38,8 +38,9 @@ def cross_entropy(
 
     Args:
       logits: ``[..., V]`` (any float dtype; computed in ``float32_or_wider``).
-      targets: ``[...]`` integer ids in ``[0, V)`` (checked when concrete; traced, a counted
-        id outside it gives a NaN loss).
+      targets: ``[...]`` integer ids in ``[0, V)`` where counted (checked when concrete;
+        traced, a counted id outside it gives a NaN loss); an uncounted one may be any
+        integer (a -100 "ignore" label).
       mask: optional ``[...]``, True (or nonzero) = count this token. Not a weight: a
         count of 2 counts the token once.
       label_smoothing: ``eps`` in ``[0, 1)`` (checked when concrete; may be traced, e.g.
@@ -60,7 +61,7 @@ def cross_entropy(
         mask, targets.shape, label_smoothing, "cross_entropy"
     )
     # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
-    check_token_ids(targets, logits.shape[-1], "cross_entropy: targets")
+    check_counted_ids(targets, mask, logits.shape[-1], "cross_entropy: targets")
     if mask is None:
         return jnp.mean(_token_losses(logits, jnp.asarray(targets), label_smoothing))
     total, count = _counted_losses(logits, jnp.asarray(targets), jnp.asarray(mask), label_smoothing)
@@ -95,7 +96,8 @@ def chunked_cross_entropy(
       hidden: ``[..., T, D]`` the inputs of the output layer (any float dtype).
       logits_fn: the output layer, ``[..., t, D] -> [..., t, V]`` for any t (e.g. the final
         norm and the unembedding); it may close over weights, whose gradients flow through.
-      targets: ``[..., T]`` integer ids in ``[0, V)`` (checked when concrete).
+      targets: ``[..., T]`` integer ids in ``[0, V)`` where counted (checked when
+        concrete), as in ``cross_entropy``.
       mask, label_smoothing: as in ``cross_entropy``.
       chunk_size: positions per chunk, a positive int; the last chunk is padded (the
         padding is not counted).
@@ -125,7 +127,7 @@ def chunked_cross_entropy(
             f"{logits_shape} for {[*lead, chunk, d]}"
         )
     # An id outside [0, V) would give NaN (>= V) or a silently wrong loss (< 0).
-    check_token_ids(targets, logits_shape[-1], "chunked_cross_entropy: targets")
+    check_counted_ids(targets, mask, logits_shape[-1], "chunked_cross_entropy: targets")
     counted = jnp.ones(targets.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
 
     def chunked(a: Array, mode: str = "constant") -> Array:
@@ -152,6 +154,18 @@ def chunked_cross_entropy(
     if mask is None:
         return total / targets.size
     return total / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def check_counted_ids(targets: Array, mask: Array | None, vocab_size: int, what: str) -> None:
+    """``check_token_ids`` on the targets that a loss counts: where a concrete ``mask`` is 0
+    a target may be any integer (a -1 pad, PyTorch's -100 "ignore" label), which the loss
+    drops, as it does under ``jit``. (Eager calls refused the uncounted ids that jitted
+    ones took.) ``mask`` must already have ``targets``' shape."""
+    traced = isinstance(targets, jax.core.Tracer) or isinstance(mask, jax.core.Tracer)
+    if mask is not None and not traced:
+        # 0 in the uncounted places keeps the shape, so the error's index stays right.
+        targets = np.where(np.asarray(mask).astype(bool), np.asarray(targets), 0)
+    check_token_ids(targets, vocab_size, what)
 
 
 def _check_mask_and_smoothing(

@@ -327,6 +327,13 @@ def test_loss_matches_reference_with_and_without_mask():
     )
     empty = loss_jit(w, tokens, targets, BASE, mask=np.zeros((B, T), bool))
     assert float(empty) == 0.0
+    # A -100 "ignore" label where the mask is 0: dropped under jit, refused eagerly before.
+    ignored = np.where(mask, targets, -100)
+    np.testing.assert_allclose(
+        gpt_loss(w, tokens, ignored, BASE, mask=mask), ce[mask].mean(), rtol=1e-4
+    )
+    with pytest.raises(ValueError, match=r"gpt_loss: targets must lie in .*first: -100 at"):
+        gpt_loss(w, tokens, ignored, BASE, mask=np.ones((B, T), bool))
     with pytest.raises(ValueError, match="targets"):
         gpt_loss(w, tokens, targets[:, :-1], BASE)
     with pytest.raises(ValueError, match="mask"):

@@ -254,6 +254,9 @@ def test_loss_masks_padding_and_grads(np_rng):
     np.testing.assert_allclose(loss, (nll * m).sum() / m.sum(), rtol=1e-5)
     junk = dict(batch, tgt_out=jnp.where(mask, tgt_out, 5))
     np.testing.assert_allclose(loss_and_grad_jit(w, junk, config)[0], loss, rtol=1e-6)
+    # So is a -100 "ignore" label there, in an eager call too (which refused it before).
+    ignored = dict(batch, tgt_out=jnp.where(mask, tgt_out, -100))
+    np.testing.assert_allclose(transformer_loss(w, ignored, config), loss, rtol=1e-5)
     # Label smoothing eps (the translate configs use 0.1): (1 - eps) nll + eps mean_v(-log p_v).
     eps = 0.1
     smooth = (1 - eps) * nll + eps * (-logp.mean(-1))

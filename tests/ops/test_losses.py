@@ -394,6 +394,37 @@ def test_traced_targets_outside_the_vocab_give_nan_unless_masked(np_rng, bad):
         np.testing.assert_allclose(grad, jax.grad(loss)(logits, fixed, keep), rtol=1e-6)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_eager_calls_take_any_uncounted_target_as_jitted_ones_do(np_rng, eps):
+    """PyTorch's -100 "ignore" label (or a -1 or V pad) where the mask is 0: a jitted call
+    dropped it, but an eager one refused it as outside [0, V). A counted one is refused by
+    its index still."""
+    logits = np_rng.normal(size=(B, T, V)).astype(np.float32)
+    targets = np_rng.integers(0, V, (B, T))
+    mask = np.ones((B, T), bool)
+    mask[:, -2:] = False
+    padded = np.where(mask, targets, -100)
+    padded[0, -1], padded[1, -1] = -1, V
+    w = np_rng.normal(size=(V, V)).astype(np.float32)
+    want = np_cross_entropy(logits, targets, mask.astype(float), eps)
+    want_chunked = np_cross_entropy(logits @ w, targets, mask.astype(float), eps)
+    for mask_of in (np.asarray, jnp.asarray, lambda m: m.tolist()):
+        got = cross_entropy(logits, padded, mask_of(mask), label_smoothing=eps)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        got = chunked_cross_entropy(
+            logits, lambda h: h @ w, padded, mask_of(mask), chunk_size=2, label_smoothing=eps
+        )
+        np.testing.assert_allclose(got, want_chunked, rtol=1e-5)
+    counted_bad = padded.copy()
+    counted_bad[2, 1] = -100  # counted
+    for fn in (
+        lambda t: cross_entropy(logits, t, mask),
+        lambda t: chunked_cross_entropy(logits, lambda h: h @ w, t, mask, chunk_size=2),
+    ):
+        with pytest.raises(ValueError, match=r"first: -100 at index \(2, 1\)"):
+            fn(counted_bad)
+
+
 @pytest.mark.parametrize(
     ("dtype", "vocab"), [(jnp.uint8, 256), (jnp.int8, 200), (jnp.int16, 40000)]
 )
