@@ -505,6 +505,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     # and the workdir is created.
     loop = LoopConfig.from_config(config, progress=_PROGRESS.value)
     mesh, batch_sharding = setup_mesh(config)
+    # (None failed with a TypeError, 0 only in the dataset, after the sentencepiece model)
+    check_size(config.batch_size, "config.batch_size", "train/translate.py")
     process_rows = sharding.process_batch_slice(
         batch_sharding, config.batch_size, "config.batch_size"
     )

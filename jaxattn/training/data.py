@@ -14,6 +14,7 @@ resumed run sees exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import importlib.resources
+import numbers
 import os
 import sys
 from collections.abc import Sequence
@@ -127,8 +128,14 @@ class CharTokenizer:
 
 def train_val_split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """Split a token stream: the first ``int(n * train_fraction)`` tokens train, the rest val."""
-    if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    # (None, or a string from a config, failed as "'<' not supported between instances")
+    real = isinstance(train_fraction, numbers.Real) and not isinstance(
+        train_fraction, (bool, np.bool_)
+    )
+    if not (real and 0.0 < train_fraction < 1.0):
+        raise ValueError(
+            f"train_val_split: train_fraction must be a number in (0, 1), got {train_fraction!r}"
+        )
     n = int(len(ids) * train_fraction)
     return ids[:n], ids[n:]
 

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxattn.ops._checks import as_size, caller_stacklevel
+from jaxattn.ops._checks import as_size, caller_stacklevel, check_size
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch (leading) axis of every input is split over both data-parallel axes.
@@ -263,11 +263,14 @@ def process_batch_slice(
     process, they are one contiguous range; a process loads only those rows.
 
     Raises:
-      ValueError: the batch does not split evenly over the devices (the error names the
-        size as ``name``), or this process's rows are not contiguous.
+      ValueError: the size is not an int >= 1, or the batch does not split evenly over the
+        devices (the errors name the size as ``name``), or this process's rows are not
+        contiguous.
     """
     # (the axes of the spec, not BATCH_AXES: a batch over `data` alone was refused when
     # data x fsdp did not divide it, and one over all three axes met JAX's IndivisibleError)
+    # (None failed as "unsupported operand type(s) for %", and 0 passed, as 0 rows)
+    global_batch_size = check_size(global_batch_size, name, "process_batch_slice")
     axes, shards, _ = _row_blocks(sharding)
     if global_batch_size % shards:
         raise ValueError(

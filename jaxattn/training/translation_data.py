@@ -28,7 +28,7 @@ import importlib.resources
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -262,6 +262,13 @@ def encode_pairs(
 def check_buckets(buckets: Sequence[int], where: str, name: str = "buckets") -> tuple[int, ...]:
     """Return ``buckets`` as a tuple of ints; ``ValueError`` unless they are increasing
     integers >= 1 (one check for the pipeline and the script's early config check)."""
+    # (None or one length failed as "TypeError: 'NoneType' object is not iterable", naming
+    # neither the setting nor the function; a string's characters as "lengths")
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Iterable):
+        raise ValueError(
+            f"{where}: {name} must be increasing lengths >= 1 (a sequence, e.g. (16, 32)), "
+            f"got {buckets!r}"
+        )
     buckets = tuple(buckets)
     if (
         not buckets

@@ -575,6 +575,10 @@ def test_loop_mesh_and_optimizer_settings_fail_before_the_corpus_is_split(
         ("eval_every", -1, "LoopConfig.eval_every must be an integer >= 0, got -1"),
         ("learning_rate", -1.0, "learning rates must be finite float32 values >= 0"),
         ("mesh.data", 3, "the product must equal the device count"),
+        # None failed as "TypeError: unsupported operand type(s) for %", and 0 only in the
+        # dataset, after the workdir and its sentencepiece model were made.
+        ("batch_size", None, "train/translate.py: config.batch_size must be an int >= 1, got"),
+        ("batch_size", 0, "train/translate.py: config.batch_size must be an int >= 1, got 0"),
     ]:
         config = tiny_config.copy_and_resolve_references()
         *parents, name = key.split(".")

@@ -198,6 +198,15 @@ def test_token_ids_are_validated():
 def test_train_val_split_rejects_bad_fraction():
     with pytest.raises(ValueError, match="train_fraction"):
         data.train_val_split(_stream(), 1.0)
+    # --config.train_fraction=None failed as "TypeError: '<' not supported between
+    # instances of 'float' and 'NoneType'"; True passed as a fraction of 1 would not.
+    for bad in (None, "0.9", True, np.array([0.5, 0.9]), float("nan")):
+        with pytest.raises(
+            ValueError, match=r"^train_val_split: train_fraction must be a number in \(0, 1\)"
+        ):
+            data.train_val_split(_stream(), bad)
+    train, val = data.train_val_split(np.arange(10), np.float32(0.75))
+    assert (len(train), len(val)) == (7, 3)
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, True])

@@ -219,6 +219,18 @@ def test_one_process_loads_the_whole_batch_and_global_batch_keeps_it():
     np.testing.assert_array_equal(sharding.to_host(placed)["inputs"], local["inputs"])
 
 
+def test_process_batch_slice_names_a_batch_size_that_is_not_a_size():
+    # None failed as "unsupported operand type(s) for %: 'NoneType' and 'int'"; 0 (and
+    # False) passed, as a slice of no rows.
+    batch_sharding = sharding.batch_sharding(sharding.make_mesh())
+    for bad in (None, 0, False, 4.0):
+        with pytest.raises(
+            ValueError, match=r"^process_batch_slice: config.batch_size must be an int >= 1"
+        ):
+            sharding.process_batch_slice(batch_sharding, bad, "config.batch_size")
+    assert sharding.process_batch_slice(batch_sharding, np.int64(4)) == slice(0, 4)
+
+
 def test_global_batch_names_a_scalar_leaf():
     # JAX refused it with a rank error that named neither the leaf nor the batch.
     batch_sharding = sharding.batch_sharding(sharding.make_mesh())

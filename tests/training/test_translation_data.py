@@ -303,6 +303,21 @@ def test_batches_are_deterministic_and_resume_exactly(np_rng):
     assert any(other[i]["src"].tobytes() != expected[i - 9]["src"].tobytes() for i in range(9, 14))
 
 
+def test_buckets_that_are_not_a_sequence_are_named():
+    """``--config.buckets=None`` (or one length, as in ``max_len``) failed as "TypeError:
+    'NoneType' object is not iterable", naming neither the setting nor the function; a
+    string was read as lengths character by character."""
+    for buckets in (None, 16, "16"):
+        with pytest.raises(
+            ValueError, match=r"^train/translate.py: config.buckets must be increasing lengths"
+        ) as e:
+            td.check_buckets(buckets, "train/translate.py", "config.buckets")
+        assert str(e.value).endswith(f"got {buckets!r}")
+        with pytest.raises(ValueError, match=r"^decode_batches: buckets must be increasing"):
+            td.decode_batches([np.array([5, 6])], batch_size=2, buckets=buckets)
+    assert td.check_buckets(np.array([8, 16]), "f") == (8, 16)
+
+
 def test_dataset_validates_inputs(np_rng):
     src, tgt = _examples(20, np_rng)
     with pytest.raises(ValueError, match=r"must lie in \[0, 40\)"):
