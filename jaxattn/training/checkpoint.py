@@ -138,6 +138,12 @@ def check_writable(directory: str | os.PathLike) -> None:
         probe.unlink()
     except Exception as e:  # OSError locally; object stores raise their own types.
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if isinstance(e, (FileExistsError, NotADirectoryError)) and not is_remote(directory):
+            # (the folder or one above it is a file: "File exists" or "Not a directory"
+            # alone named neither)
+            file = next((p for p in (directory, *directory.parents) if p.is_file()), None)
+            if file is not None:
+                reason += f" ({file} is a file, not a folder)"
         raise NotWritableError(f"cannot write to {directory}: {reason}") from e
 
 

@@ -431,6 +431,24 @@ def test_unwritable_checkpoint_folder_fails_before_any_save(tmp_path, toy):
     assert (tmp_path / "checkpoints").read_text() == "a file, not a folder"
 
 
+def test_check_writable_names_the_file_in_the_way(tmp_path):
+    # A workdir (or a folder above it) that is a file failed as "cannot write to
+    # RUN/checkpoints: Not a directory" (or "RUN: File exists"), naming neither the file
+    # nor what was wrong with it.
+    (tmp_path / "run").write_text("a file, not a folder")
+    for folder in (
+        tmp_path / "run",
+        tmp_path / "run" / "checkpoints",
+        tmp_path / "run" / "a" / "b",
+    ):
+        with pytest.raises(NotWritableError) as e:
+            check_writable(folder)
+        reason = "File exists" if folder == tmp_path / "run" else "Not a directory"
+        assert str(e.value) == (
+            f"cannot write to {folder}: {reason} ({tmp_path / 'run'} is a file, not a folder)"
+        )
+
+
 def test_check_writable_creates_the_folder_and_leaves_no_probe(tmp_path):
     check_writable(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir() and not any((tmp_path / "a" / "b").iterdir())
