@@ -147,6 +147,70 @@ def check_writable(directory: str | os.PathLike) -> None:
         raise NotWritableError(f"cannot write to {directory}: {reason}") from e
 
 
+class FolderInUseError(NotWritableError):
+    """Another process holds the folder's lock: a run is already training there."""
+
+
+class FolderLock:
+    """An exclusive lock on a local folder, held by process 0 while it trains there.
+
+    Two runs in one workdir deleted and overwrote each other's checkpoints (each one's
+    keep-N removed the other's steps; the later one then failed as "checkpoint step N
+    already exists", or in orbax's thread at the first save) and interleaved their metrics.
+    ``flock`` on the folder itself: no file is left behind, and the kernel drops the lock
+    when its process ends, however it ends. Best effort: an object store (``gs://``), a
+    filesystem without ``flock`` or a platform without ``fcntl`` is not locked. On several
+    processes only process 0 locks (they share the folder) and all get its answer (a
+    collective: all must call it).
+
+    Raises:
+      FolderInUseError: another process holds the lock (naming the folder and ``what``).
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str):
+        self._fd: int | None = None
+        directory = epath.Path(directory)
+        in_use = False
+        if jax.process_index() == 0 and not is_remote(directory):
+            in_use = not self._acquire(str(directory))
+        if jax.process_count() > 1:
+            in_use = bool(multihost_utils.broadcast_one_to_all(np.int32(in_use)))
+        if in_use:
+            raise FolderInUseError(
+                f"{what}: another process is training in {directory} (it holds the folder's "
+                "lock): two runs there would delete and overwrite each other's checkpoints "
+                "and metrics. Let it finish (or stop it: SIGTERM saves its checkpoint), or "
+                "use another folder; nothing was changed"
+            )
+
+    def _acquire(self, path: str) -> bool:
+        """Lock ``path``; False only if another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # (Windows)
+            return True
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # unreadable: the writes that follow report it
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:  # no flock on this filesystem (some network ones): unlocked
+            os.close(fd)
+            return True
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Drop the lock (again: nothing)."""
+        if self._fd is not None:
+            os.close(self._fd)  # (closing the only descriptor drops the flock)
+            self._fd = None
+
+
 def folder_exists(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` is a folder, as process 0 sees it: one answer on every process.
 

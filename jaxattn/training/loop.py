@@ -46,6 +46,7 @@ from jaxattn.ops._checks import as_size, check_size
 from jaxattn.training.checkpoint import (
     SAVE_WRITES,
     Checkpointer,
+    FolderLock,
     NotWritableError,
     check_writable,
     folder_exists,
@@ -454,13 +455,20 @@ class Trainer:
             # the others would wait 5 minutes at orbax's first barrier for it.
             check_writable(self.workdir)
             _check_metrics_writable(self.workdir)
-        self.ckpt = Checkpointer(
-            ckpt_dir,
-            max_to_keep=loop.max_to_keep,
-            best_metric="val_loss" if loop.keep_best else None,
-            async_save=loop.async_checkpointing,
-            read_only=finished,  # (otherwise it checks that it can write its folder)
-        )
+        # One run at a time in a workdir (a finished run only reads): held to the end.
+        lock = None if finished else FolderLock(self.workdir, "fit")
+        try:
+            self.ckpt = Checkpointer(
+                ckpt_dir,
+                max_to_keep=loop.max_to_keep,
+                best_metric="val_loss" if loop.keep_best else None,
+                async_save=loop.async_checkpointing,
+                read_only=finished,  # (otherwise it checks that it can write its folder)
+            )
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         self.state, self.train_iter = state, train_iter
         # Only grain iterators have a position to save; others restart (resume not exact).
         grain_iterators = (grain.DatasetIterator, grain.DataLoaderIterator)
@@ -551,7 +559,11 @@ class Trainer:
             interrupted = stop.signal_name is not None and self.step < loop.num_steps
             return FitResult(self.state, self.step, interrupted, self.last_eval, self.step - start)
         finally:
-            self.ckpt.close()
+            try:
+                self.ckpt.close()
+            finally:  # (a failed final save is raised, and the lock still dropped)
+                if lock is not None:
+                    lock.release()
 
     def _train(self, stop: _StopOnSignal) -> None:
         loop = self.loop
@@ -890,7 +902,8 @@ def fit(
         written to ``metrics.jsonl`` as null, with that log window's train metrics.
       IncompatibleCheckpointError, CheckpointError: the workdir's checkpoint cannot be used.
       NotWritableError: the workdir or its checkpoint folder cannot be written (checked
-        before the first step).
+        before the first step); ``FolderInUseError`` (one) when another process is training
+        in the workdir (``checkpoint.FolderLock``), before anything is written.
       ValueError: ``metadata`` holds a value JSON cannot hold (checked before the first step),
         or a batch's rows do not split over ``batch_sharding`` (``sharding.global_batch``).
       RuntimeError: ``train_iter`` ran out before ``num_steps`` (names the step and the last

@@ -744,19 +744,20 @@ print(f"returned step={{result.step}} interrupted={{result.interrupted}}", flush
 """
 
 
-def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, toy):
+def _start_training_child(tmp_path) -> tuple[subprocess.Popen, Path]:
+    """``(process, workdir)``: ``_SIGTERM_CHILD`` training in ``tmp_path / "run"``, once it
+    has logged its first step."""
     script = tmp_path / "child.py"
     workdir = tmp_path / "run"
     script.write_text(
         _SIGTERM_CHILD.format(tests_dir=str(Path(__file__).parent), workdir=str(workdir))
     )
-    env = cpu_env()
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=cpu_env(),
     )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 120
@@ -764,6 +765,12 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, toy):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "the child never logged a step"
         time.sleep(0.1)
+    return proc, workdir
+
+
+def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, toy):
+    proc, workdir = _start_training_child(tmp_path)
+    metrics = workdir / "metrics.jsonl"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -776,6 +783,43 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, toy):
         assert ckpt.latest_step() == step
         restored, _ = ckpt.restore(toy.state(), data_iter=toy.iterator())
     assert int(restored.step) == step
+
+
+def test_a_second_run_in_a_workdir_being_trained_in_is_refused(tmp_path, toy):
+    """Two runs in one workdir: each one's keep-N deleted the other's steps, and one then
+    failed as "checkpoint step N already exists" (or in orbax's thread), their metrics
+    interleaved. The second fit trained and saved here (as if the workdir were its own)."""
+    proc, workdir = _start_training_child(tmp_path)
+    try:
+        before = {p.name for p in workdir.iterdir()}
+        with pytest.raises(NotWritableError, match="another process is training in") as e:
+            fit(
+                toy.state(),
+                make_train_step(toy.loss, toy.optimizer()),
+                toy.iterator(),
+                workdir=workdir,
+                loop=LoopConfig(num_steps=3, checkpoint_every=1, progress=False),
+            )
+        assert isinstance(e.value, checkpoint_module.FolderInUseError)
+        assert str(workdir) in str(e.value)
+        assert {p.name for p in workdir.iterdir()} == before  # (no checkpoints/ yet)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    step = int(re.search(r"SIGTERM: saved a checkpoint at step (\d+)", out).group(1))
+    with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.all_steps() == [step]
+    # Once the first run has ended, the workdir is free: it resumes there.
+    result = fit(
+        toy.state(),
+        make_train_step(toy.loss, toy.optimizer()),
+        toy.iterator(),
+        workdir=workdir,
+        loop=LoopConfig(num_steps=step + 2, progress=False),
+    )
+    assert result.step == step + 2 and result.trained_steps == 2
 
 
 @pytest.fixture
