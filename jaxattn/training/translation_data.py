@@ -164,10 +164,17 @@ def train_sentencepiece(
         if not sentences:
             raise ValueError("train_sentencepiece: no sentences to train on")
         model_file.parent.mkdir(parents=True, exist_ok=True)
+        # Trained under a temporary name, then renamed settings first and model last: a run
+        # killed while sentencepiece wrote the model left a cut-off one that every later
+        # run refused until it was deleted by hand. (A model without its settings file
+        # would be taken as one cached before that file existed, checked less.)
+        for leftover in model_file.parent.glob(f".{model_file.stem}.*.partial.*"):
+            leftover.unlink(missing_ok=True)  # a killed run's
+        staging = model_file.with_name(f".{model_file.stem}.{os.getpid()}.partial")
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(sentences),
-                model_prefix=str(model_prefix),
+                model_prefix=str(staging),
                 vocab_size=vocab_size,
                 model_type="unigram",
                 character_coverage=1.0,
@@ -180,13 +187,17 @@ def train_sentencepiece(
                 minloglevel=2,
             )
         except RuntimeError as e:  # e.g. a vocab_size below the corpus's character count
+            for leftover in model_file.parent.glob(f"{staging.name}.*"):
+                leftover.unlink()
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise ValueError(
                 f"train_sentencepiece: sentencepiece could not train a vocabulary of "
                 f"vocab_size={vocab_size}: {reason}"
             ) from None
         record = {"vocab_size": vocab_size, "sentences_sha256": sentences_sha256(sentences)}
-        trained_with.write_text(json.dumps(record), encoding="utf-8")
+        Path(f"{staging}.json").write_text(json.dumps(record), encoding="utf-8")
+        for suffix in (".json", ".vocab", ".model"):  # (os.replace: atomic on one filesystem)
+            os.replace(f"{staging}{suffix}", f"{model_prefix}{suffix}")
     try:
         sp = spm.SentencePieceProcessor(model_file=str(model_file))
     except RuntimeError as e:  # (a cut-off or overwritten file: a traceback of its parser)

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -535,6 +536,37 @@ def test_translation_dataset_refuses_special_ids_in_a_target(np_rng, special):
         rf"got {special} at index 2",
     ):
         td.translation_dataset(src, tgt, **kw)
+
+
+def test_a_sentencepiece_training_cut_short_leaves_no_model(tmp_path, monkeypatch):
+    """A run killed while sentencepiece wrote spm.model left a cut-off model, which every
+    later run refused until it was deleted by hand; the model is now written under a
+    temporary name and renamed when whole, and the next run trains it."""
+    import sentencepiece as spm
+
+    sentences = [s for p in PAIRS for s in p]
+    train = spm.SentencePieceTrainer.train
+
+    def killed(*, model_prefix, **kwargs):  # a model half written, then the signal
+        Path(f"{model_prefix}.model").write_bytes(b"\x0a\x05half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", killed)
+    prefix = tmp_path / "spm"
+    with pytest.raises(KeyboardInterrupt):
+        td.train_sentencepiece(sentences, prefix, vocab_size=60)
+    assert not prefix.with_suffix(".model").exists() and not prefix.with_suffix(".json").exists()
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", train)
+    sp = td.train_sentencepiece(sentences, prefix, vocab_size=60)
+    assert sp.decode(sp.encode("we swim and stop.")) == "we swim and stop."
+    # (and the killed run's partial files are gone)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spm.json", "spm.model", "spm.vocab"]
+
+
+def test_a_failed_sentencepiece_training_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="could not train a vocabulary of vocab_size=5"):
+        td.train_sentencepiece([s for p in PAIRS for s in p], tmp_path / "spm", vocab_size=5)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage"])
