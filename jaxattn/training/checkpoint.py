@@ -35,6 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from jaxattn.ops._checks import check_size
 from jaxattn.training.metrics import is_remote
 from jaxattn.training.sharding import path_string
 
@@ -704,7 +705,7 @@ class Checkpointer:
         """Start saving ``state`` (and ``data_iter``'s position) as ``<step>/``.
 
         Args:
-          step: the step number (directory name); must not exist yet.
+          step: the step number (directory name), an int >= 0; must not exist yet.
           state: the train state pytree.
           data_iter: a grain iterator whose ``get_state`` is saved (optional).
           metadata: JSON-serialisable dict saved as the ``meta`` item (NumPy values as
@@ -714,6 +715,8 @@ class Checkpointer:
         """
         if self.read_only:
             raise ValueError(f"cannot save: Checkpointer({self.directory}) is read-only")
+        # (a float 4.0 or a -2 was saved as a folder "4.0" or "-2", which no restore finds)
+        step = check_size(step, "step", "Checkpointer.save", minimum=0)
         if (what := _not_a_checkpoint(self.step_dir(step))) is not None:
             # (orbax's forced save deletes whatever has the step's name)
             raise CheckpointError(
@@ -748,7 +751,12 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
-    def _resolve_step(self, step: int | None) -> int:
+    def _resolve_step(self, step: int | None, where: str) -> int:
+        """``step`` as an int (None: the latest); ``where`` names the caller."""
+        if step is not None:
+            # A "3" (from argv) failed as "no checkpoint for step 3; available steps: [3]",
+            # and 3.0 or True as "checkpoint <dir>/3.0 is corrupt or incomplete".
+            step = check_size(step, "step", where, minimum=0)
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoint found in {self.directory}")
@@ -762,7 +770,7 @@ class Checkpointer:
 
     def read_metadata(self, step: int | None = None) -> dict[str, Any]:
         """Return the ``meta`` JSON of ``step`` (default: latest)."""
-        step = self._resolve_step(step)
+        step = self._resolve_step(step, "Checkpointer.read_metadata")
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -802,7 +810,7 @@ class Checkpointer:
           IncompatibleCheckpointError: the saved tree differs from ``target``.
           CheckpointError: the checkpoint cannot be read.
         """
-        step = self._resolve_step(step)
+        step = self._resolve_step(step, "Checkpointer.restore")
         meta = self.read_metadata(step)
         check_compatible(meta["tree_signature"], target, where=f"checkpoint {self.step_dir(step)}")
         abstract = jax.tree.map(_abstract, target)
@@ -851,7 +859,7 @@ class Checkpointer:
           IncompatibleCheckpointError: the saved params differ from ``like``.
           CheckpointError: the checkpoint cannot be read.
         """
-        step = self._resolve_step(step)
+        step = self._resolve_step(step, "Checkpointer.restore_params")
         meta = self.read_metadata(step)
         saved = [row for row in meta["tree_signature"] if row[0].split("/")[0] == "params"]
         target = {"params": like}

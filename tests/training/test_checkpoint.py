@@ -215,6 +215,37 @@ def test_saving_an_existing_step_is_refused(tmp_path, toy):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("step", [4.0, -2, "4", True])
+def test_a_step_that_is_not_an_int_is_refused_before_anything_is_written(tmp_path, toy, step):
+    """save wrote a float 4.0 or a -2 as a folder "4.0" or "-2" that no restore finds."""
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        before = snapshot(tmp_path)
+        with pytest.raises(ValueError, match=r"Checkpointer\.save: step must be an int >= 0"):
+            ckpt.save(step, toy.state())
+        assert snapshot(tmp_path) == before and ckpt.all_steps() == []
+        ckpt.save(np.int64(5), toy.state())  # an integer scalar is a step
+        ckpt.save(jnp.int32(6), toy.state())  # (a state's own step)
+        assert ckpt.all_steps() == [5, 6]
+
+
+@pytest.mark.parametrize("step", [3.0, "3", True, -1])
+def test_reading_a_step_that_is_not_an_int_names_the_method_and_the_step(tmp_path, toy, step):
+    """A "3" (from argv) was "no checkpoint for step 3 ...; available steps: [3]"; 3.0 or
+    True (== 1) read the folder "3.0" or "True" and called the checkpoint corrupt."""
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, toy.state())
+        ckpt.save(3, toy.state())
+        params_like = toy.state().params
+        for method, call in [
+            ("read_metadata", lambda: ckpt.read_metadata(step)),
+            ("restore", lambda: ckpt.restore(toy.state(), step=step)),
+            ("restore_params", lambda: ckpt.restore_params(params_like, step=step)),
+        ]:
+            with pytest.raises(ValueError, match=rf"Checkpointer\.{method}: step must be an int"):
+                call()
+        assert ckpt.read_metadata(np.int64(3))["step"] == 3
+
+
 def test_metadata_takes_numpy_values_and_refuses_others_before_writing(tmp_path, toy):
     """orbax writes the metadata in its background thread: a NumPy integer from a config
     file (which LoopConfig and make_mesh accept) or any other value JSON cannot hold failed
