@@ -110,7 +110,19 @@ def _checked_loss_fn(loss_fn: LossFn, caller: str) -> LossFn:
     """
 
     def checked(params: Any, batch: Batch, rng: jax.Array | None):
-        loss, aux = loss_fn(params, batch, rng)
+        out = loss_fn(params, batch, rng)
+        # (a loss_fn returning the loss alone failed as "iteration over a 0-d array")
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            got = f"a {type(out).__name__}"
+            if isinstance(out, (tuple, list)):
+                got += f" of {len(out)} items"
+            elif hasattr(out, "shape"):  # (a tracer's type name says nothing to a user)
+                got = f"an array of shape {jnp.shape(out)}"
+            raise ValueError(
+                f"{caller}: loss_fn must return a pair (loss, aux), aux a dict of scalars "
+                f"(return loss, {{}} for none), got {got}"
+            )
+        loss, aux = out
         if not isinstance(aux, Mapping):
             raise ValueError(
                 f"{caller}: loss_fn must return (loss, aux) with aux a dict of scalars, got "

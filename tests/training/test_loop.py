@@ -223,6 +223,28 @@ def test_a_loss_fn_returning_non_scalars_or_an_aux_loss_is_named(toy, step_kind)
             make(loss_fn)(batch)
 
 
+@pytest.mark.parametrize("step_kind", ["train", "eval"])
+def test_a_loss_fn_returning_no_pair_is_named(toy, step_kind):
+    """A loss_fn returning the loss alone failed as "iteration over a 0-d array" (and a
+    triple as "too many values to unpack"), naming neither the step nor loss_fn."""
+    batch = next(toy.iterator())
+    if step_kind == "train":
+        make = lambda f: lambda: make_train_step(f, toy.optimizer())(toy.state(), batch)
+    else:
+        make = lambda f: lambda: make_eval_step(f)(toy.params(), batch)
+    checks = [
+        (lambda p, b, r: toy.loss(p, b, r)[0], r"got an array of shape \(\)"),
+        (lambda p, b, r: (*toy.loss(p, b, r), 1.0), r"got a tuple of 3 items"),
+    ]
+    for loss_fn, got in checks:
+        message = rf"{step_kind}_step: loss_fn must return a pair \(loss, aux\).*{got}"
+        with pytest.raises(ValueError, match=message):
+            make(loss_fn)()
+    # a list pair is a pair
+    as_list = lambda p, b, r: list(toy.loss(p, b, r))
+    assert np.isfinite(float(jax.tree.leaves(make(as_list)())[-1]))
+
+
 def test_eval_step_weights_each_batch_by_weight_fn(tmp_path, toy):
     """With weight_fn the evaluation is the mean over what the weights count (a masked
     loss's tokens), not the mean of the batch means: batches of 1 and 3 counted tokens
