@@ -17,7 +17,7 @@ import importlib.resources
 import numbers
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import grain
@@ -75,9 +75,23 @@ class CharTokenizer:
     """
 
     def __init__(self, chars: str | Sequence[str]):
-        vocab = sorted(set(chars))
-        if not vocab or any(len(c) != 1 for c in vocab):
-            raise ValueError(f"vocabulary must be non-empty single characters, got {chars!r}")
+        # Bytes (a file read in binary mode) iterate as ints: they failed as "object of type
+        # 'int' has no len()", an int as "'int' object is not iterable".
+        if isinstance(chars, (bytes, bytearray)) or not isinstance(chars, Iterable):
+            raise TypeError(
+                f"CharTokenizer: chars must be a str (or a sequence of 1-character strs), got "
+                f"a {type(chars).__name__}"
+                + (" (decode it first)" if isinstance(chars, bytes) else "")
+            )
+        # (a str's items are characters: a whole corpus skips the per-item check)
+        items = chars if isinstance(chars, str) else list(chars)
+        if not items or (
+            not isinstance(chars, str) and any(not isinstance(c, str) or len(c) != 1 for c in items)
+        ):
+            raise ValueError(
+                f"CharTokenizer: vocabulary must be non-empty single characters, got {items!r:.200}"
+            )
+        vocab = sorted(set(items))
         self.chars: str = "".join(vocab)
         # Code points, sorted, so encoding is one vectorised searchsorted.
         self._codes = np.array([ord(c) for c in vocab], dtype=np.int64)
@@ -97,6 +111,10 @@ class CharTokenizer:
         Raises:
           ValueError: naming the first character not in the vocabulary and its position.
         """
+        if not isinstance(text, str):  # (bytes failed as "'bytes' object has no attribute")
+            raise TypeError(
+                f"CharTokenizer.encode: text must be a str, got a {type(text).__name__}"
+            )
         # surrogatepass: a lone surrogate (text read with errors="surrogateescape") is one
         # character the constructor accepts, so encode must take it too.
         raw = text.encode("utf-32-le", "surrogatepass")

@@ -35,6 +35,23 @@ def test_unknown_character_is_named():
         tok.encode("abzc")
 
 
+def test_tokenizer_names_a_text_that_is_not_a_str():
+    """Bytes (a file read in binary mode) failed as "'bytes' object has no attribute
+    'encode'" in encode and as "object of type 'int' has no len()" in the constructor,
+    naming neither CharTokenizer nor the argument."""
+    tok = data.CharTokenizer.from_text("abc")
+    for text in [b"abc", None, ["a", "b"]]:
+        with pytest.raises(TypeError, match=r"CharTokenizer\.encode: text must be a str"):
+            tok.encode(text)
+    with pytest.raises(TypeError, match=r"CharTokenizer: chars must be a str.*bytes"):
+        data.CharTokenizer.from_text(b"abc")
+    with pytest.raises(TypeError, match=r"CharTokenizer: chars must be a str.*int"):
+        data.CharTokenizer(123)
+    with pytest.raises(ValueError, match=r"CharTokenizer: vocabulary must be non-empty single"):
+        data.CharTokenizer(["a", 1])  # (failed in sorted: '<' not supported)
+    assert data.CharTokenizer(["b", "a"]).chars == "ab"  # a sequence of characters
+
+
 def test_decode_rejects_out_of_range_ids():
     tok = data.CharTokenizer.from_text("abc")
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 3\).*first: 3 at"):
