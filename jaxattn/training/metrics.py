@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -124,15 +125,34 @@ class MetricsWriter:
             )  # fmt: skip
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """Record ``scalars`` at ``step`` (None values go to JSON only, as null)."""
+        """Record ``scalars`` at ``step``: real numbers and bools (one-element arrays and
+        lists too), strs and None; numbers go to TensorBoard as well, None to JSON only, as
+        null.
+
+        Raises:
+          ValueError: naming the first value that is none of these, and its step.
+        """
         if not self.active:
             return
         record = {"step": int(step), "time": round(time.time(), 3)}
         for name, value in scalars.items():
-            if value is not None and np.size(value) != 1:
+            if value is None or isinstance(value, str):
+                continue
+            if np.size(value) != 1:
                 raise ValueError(
                     f"MetricsWriter.write: {name} at step {step} must be a scalar, got shape "
                     f"{np.shape(value)}"
+                )
+            # A dict (np.size 1) was written as a nested JSON object; a complex number or
+            # another object failed in json.dumps as "Object of type ... is not JSON
+            # serializable", naming neither the metric nor the step.
+            dtype = np.asarray(value).dtype
+            if not any(jnp.issubdtype(dtype, kind) for kind in (jnp.number, jnp.bool_)) or (
+                jnp.issubdtype(dtype, jnp.complexfloating)
+            ):
+                raise ValueError(
+                    f"MetricsWriter.write: {name} at step {step} must be a real number, a "
+                    f"bool, a str or None, got a {type(value).__name__} ({value!r:.60})"
                 )
         record.update({k: json_value(v) for k, v in scalars.items()})
         line = json.dumps(record) + "\n"

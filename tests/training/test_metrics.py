@@ -89,6 +89,26 @@ def test_a_non_scalar_metric_is_named(tmp_path):
             writer.write(3, {"train_loss": np.ones(2), "tokens_per_s": None})
 
 
+def test_a_metric_that_is_no_number_is_named_before_anything_is_written(tmp_path):
+    """A dict (np.size 1) was written as a nested JSON object, and a complex number or
+    another object failed in json.dumps as "Object of type complex is not JSON
+    serializable", naming neither the metric nor the step."""
+    with MetricsWriter(tmp_path) as writer:
+        for bad, kind in [({"loss": 1.0}, "dict"), (1 + 2j, "complex"), (object(), "object")]:
+            message = rf"val at step 4 must be a real number, a bool, a str or None, got a {kind}"
+            with pytest.raises(ValueError, match=message):
+                writer.write(4, {"loss": 1.0, "val": bad})
+        writer.write(5, {"b": np.bool_(True), "h": jnp.bfloat16(1.5), "s": "x", "n": np.int64(2)})
+    [record] = read_metrics(tmp_path / "metrics.jsonl")
+    assert (record["step"], record["b"], record["h"], record["s"], record["n"]) == (
+        5,
+        True,
+        1.5,
+        "x",
+        2,
+    )
+
+
 def test_writer_appends_across_runs(tmp_path):
     for step in (1, 2):
         with MetricsWriter(tmp_path, tensorboard=False) as writer:
