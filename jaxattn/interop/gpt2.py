@@ -37,6 +37,8 @@ from jaxattn.ops.attention import MultiHeadAttentionWeights
 from jaxattn.ops.layers import DenseWeights, EmbeddingWeights, FeedForwardWeights, LayerNormWeights
 from jaxattn.ops.positions import LearnedPositionWeights
 
+# Prefixes of a wrapped model's state dict: DistributedDataParallel, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _GELU = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True, "gelu": False}
 
 
@@ -104,14 +106,20 @@ def _load_state(source: Any) -> dict[str, Any]:
         state = read_safetensors(source, load_file)
     else:
         state = dict(state_dict_of(source))
-    # GPT2LMHeadModel prefixes "transformer."; GPT2Model and the hub's files do not.
+    # GPT2LMHeadModel prefixes "transformer."; GPT2Model and the hub's files do not. A
+    # wrapper's state dict (saved from DistributedDataParallel, or torch.compile's
+    # OptimizedModule, as nanoGPT's checkpoints are) puts "module." / "_orig_mod." before
+    # it: gpt2_from_hf takes no prefix=, so those are dropped too.
     names = {}
     for key, value in state.items():
-        name = key.removeprefix("transformer.")
+        name = key
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        name = name.removeprefix("transformer.")
         if name in names:  # one of the two would silently win
             raise ValueError(
                 f"gpt2_from_hf: the source holds {name!r} twice (with and without the "
-                "'transformer.' prefix)"
+                f"prefixes {('transformer.', *_WRAPPER_PREFIXES)})"
             )
         names[name] = value
     return names
@@ -145,6 +153,8 @@ def gpt2_from_hf(source: Any, config: GPTConfig, *, strict: bool = True) -> GPTW
 
     Args:
       source: module, ``{name: tensor or array}``, or a path to a ``.safetensors`` file.
+        Names may start with ``transformer.``, and before it with the ``module.`` or
+        ``_orig_mod.`` of a ``DistributedDataParallel`` or ``torch.compile`` wrapper.
       config: from ``gpt2_config_from_hf``.
       strict: refuse tensors that GPT-2's layout has no place for (a misspelt name,
         cross-attention, another head such as ``score.weight``), as PyTorch's

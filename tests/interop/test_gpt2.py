@@ -297,6 +297,20 @@ def test_old_mask_buffers_are_not_weights():
     gpt2_from_hf(state, config)  # strict, and accepted
 
 
+@pytest.mark.parametrize("wrapper", ["_orig_mod.", "module.", "module._orig_mod."])
+def test_a_wrapped_models_state_dict_imports(wrapper):
+    """A torch.compile'd (or DistributedDataParallel) GPT2LMHeadModel's state dict names every
+    tensor "_orig_mod.transformer..." ("module."): it failed with "missing tensor
+    'h.0.attn.c_attn.weight'", and gpt2_from_hf has no prefix= to get past it."""
+    model = _hf_model()
+    config = gpt2_config_from_hf(model.config)
+    state = {wrapper + k: v for k, v in model.state_dict().items()}
+    tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        want = model.double()(torch.tensor(tokens)).logits.numpy()  # float64 reference
+    _close(gpt(gpt2_from_hf(state, config), tokens, config), want)
+
+
 def test_an_nn_gpt_module_exports():
     from flax import nnx
 
