@@ -22,7 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.interop._tensors import naming_the_file, pure_weights_of, read_safetensors, to_numpy
+from jaxattn.interop._tensors import (
+    missing_tensor,
+    naming_the_file,
+    pure_weights_of,
+    read_safetensors,
+    to_numpy,
+)
 
 
 def _key_name(entry: Any) -> str:
@@ -161,7 +167,15 @@ def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool 
     expected = flatten_with_names(like)
     missing = [name for name in expected if name not in stored]
     if missing:
-        raise KeyError(f"{os.fspath(path)}: missing tensors {missing}")
+        # Each with its shape, and the file's names ending like the first: a tree saved
+        # whole (a TrainState's params/...) or from nnx.state (.../value) holds them all.
+        listed = ", ".join(f"{n!r} {tuple(jnp.shape(expected[n]))}" for n in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        hint = str(missing_tensor(stored, missing[0], sep="/").args[0]).partition("; ")[2]
+        raise KeyError(
+            f"load_safetensors: {os.fspath(path)}: {len(missing)} missing tensor(s) (expected "
+            f"shapes after each): {listed}{more}{f'; {hint}' if hint else ''}"
+        )
     for name, leaf in expected.items():
         if tuple(stored[name].shape) != tuple(jnp.shape(leaf)):
             raise ValueError(

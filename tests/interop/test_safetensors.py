@@ -14,7 +14,7 @@ from jaxattn.interop.safetensors import (
     save_safetensors,
 )
 from jaxattn.ops.attention import MultiHeadAttentionWeights
-from jaxattn.ops.lstm import BidirectionalWeights, LSTMWeights
+from jaxattn.ops.lstm import BidirectionalWeights, LSTMWeights, init_lstm_stack
 
 
 def _tree(seed: int = 0):
@@ -161,7 +161,6 @@ def test_a_jaxattn_nn_module_is_saved_and_loaded_as_its_pure_weights(tmp_path):
     from flax import nnx
 
     from jaxattn import nn
-    from jaxattn.ops.lstm import init_lstm_stack
 
     module = nn.LSTM(3, 5, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
     path = tmp_path / "m.safetensors"
@@ -282,3 +281,18 @@ def test_a_path_in_a_missing_folder_or_a_folder_is_named(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         save_safetensors({"a": np.ones(2, np.float32)}, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_tensors_are_named_with_their_shapes_and_the_names_ending_alike(tmp_path):
+    """The error listed the missing names only: no expected shape (the README promises
+    one), and for a tree saved whole ({"params": ..., "step": ...}) loaded into its params'
+    template, no word that the file holds every one of them under "params/"."""
+    layers = init_lstm_stack(jax.random.key(0), 3, 4, num_layers=2)
+    path = tmp_path / "state.safetensors"
+    save_safetensors({"params": layers, "step": jnp.int32(3)}, path)
+    with pytest.raises(
+        KeyError,
+        match=r"load_safetensors: .*6 missing tensor\(s\).*'0/w_ih' \(3, 16\), '0/w_hh' \(4, 16\)"
+        r".*keys ending alike: \['params/0/w_ih'\]",
+    ):
+        load_safetensors(path, like=layers)
