@@ -116,23 +116,27 @@ def _common_prefix(a: list[str], b: list[str]) -> int:
     return n
 
 
-def missing_tensor(
-    state: Mapping[str, Any], name: str, expected: str = "", sep: str = "."
-) -> KeyError:
-    """The KeyError for ``name`` missing from ``state``, naming the keys that end alike.
+def names_ending_alike(state: Mapping[str, Any], name: str, sep: str = ".") -> list[str]:
+    """Up to 5 keys of ``state`` that end like ``name``, for the error of a missing tensor.
 
-    Those share the longest dotted tail with it: for h.1.mlp.c_fc.weight, a prefixed
-    transformer.h.1.mlp.c_fc.weight or else h.0.mlp.c_fc.weight; for self_attn's
-    out_proj.weight, layers.0.self_attn.out_proj.weight. A tail of the last part alone
-    ("weight") is no hint unless it is the whole name: every weight would share it.
-    ``expected`` (e.g. "expected shape (3, 4)") goes in brackets after the name; ``sep``
-    joins the parts of a name ("/" in ``save_safetensors``' files)."""
+    Those share the longest tail of ``sep``-joined parts with it: for h.1.mlp.c_fc.weight,
+    a prefixed transformer.h.1.mlp.c_fc.weight or else h.0.mlp.c_fc.weight; for
+    self_attn's out_proj.weight, layers.0.self_attn.out_proj.weight. A tail of the last
+    part alone ("weight") is no hint unless it is the whole name: every weight would share
+    it. ``sep`` is "/" in ``save_safetensors``' files."""
     parts = name.split(sep)[::-1]
     shared = {k: _common_prefix(str(k).split(sep)[::-1], parts) for k in state}
     longest = max(shared.values(), default=0)
-    near = []
-    if longest >= min(2, len(parts)):
-        near = sorted(k for k, n in shared.items() if n == longest)[:5]
+    if longest < min(2, len(parts)):
+        return []
+    return sorted(k for k, n in shared.items() if n == longest)[:5]
+
+
+def missing_tensor(state: Mapping[str, Any], name: str, expected: str = "") -> KeyError:
+    """The KeyError for ``name`` missing from ``state``, naming the keys that end alike
+    (``names_ending_alike``). ``expected`` (e.g. "expected shape (3, 4)") goes in brackets
+    after the name."""
+    near = names_ending_alike(state, name)
     hint = f"; keys ending alike: {near}" if near else ""
     return KeyError(f"missing tensor {name!r}{f' ({expected})' if expected else ''}{hint}")
 

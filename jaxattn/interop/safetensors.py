@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.interop._tensors import (
-    missing_tensor,
+    names_ending_alike,
     naming_the_file,
     pure_weights_of,
     read_safetensors,
@@ -171,10 +171,11 @@ def load_safetensors(path: str | os.PathLike, like: Any = None, *, strict: bool 
         # whole (a TrainState's params/...) or from nnx.state (.../value) holds them all.
         listed = ", ".join(f"{n!r} {tuple(jnp.shape(expected[n]))}" for n in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        hint = str(missing_tensor(stored, missing[0], sep="/").args[0]).partition("; ")[2]
+        near = names_ending_alike(stored, missing[0], sep="/")
+        hint = f"; keys ending alike: {near}" if near else ""
         raise KeyError(
             f"load_safetensors: {os.fspath(path)}: {len(missing)} missing tensor(s) (expected "
-            f"shapes after each): {listed}{more}{f'; {hint}' if hint else ''}"
+            f"shapes after each): {listed}{more}{hint}"
         )
     for name, leaf in expected.items():
         if tuple(stored[name].shape) != tuple(jnp.shape(leaf)):
