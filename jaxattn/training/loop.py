@@ -518,6 +518,8 @@ class Trainer:
                 if self._window_logged():  # by a rerun that had nothing to train
                     self.pending = []
                 self.say(f"Resumed from {self.ckpt.step_dir(self.saved_step)}")
+                if not finished:
+                    self._note_steps_the_next_save_deletes()
             elif abstract := _abstract_leaves(state):
                 raise ValueError(
                     f"fit: the state has abstract leaves ({abstract[0]}, a restore target) but "
@@ -642,6 +644,24 @@ class Trainer:
                 # takes them in, so metrics.jsonl reads as an uninterrupted run's (a record
                 # here, then one of the rest of the window alone, did not).
                 self.open_window = _window_to_json(self._fetch_window())
+
+    def _note_steps_the_next_save_deletes(self) -> None:
+        """Name the saved steps this run's settings no longer keep: resumed with
+        ``keep_best=False`` (the earlier run's best step) or a smaller ``max_to_keep``,
+        orbax deleted them at the first save without a word."""
+        loop, steps = self.loop, self.ckpt.all_steps()
+        kept = set(steps[-loop.max_to_keep :])
+        if loop.keep_best:
+            kept.add(self.ckpt.best_step())
+        if doomed := [step for step in steps if step not in kept]:
+            settings = f"max_to_keep={loop.max_to_keep}" + (
+                "" if loop.keep_best else " and keep_best=False"
+            )
+            folders = ", ".join(str(self.ckpt.step_dir(step)) for step in doomed)
+            self.say(
+                f"note: the first save deletes {folders}: with {settings} this run does not "
+                "keep them (copy them elsewhere first to keep them)"
+            )
 
     def _window_logged(self) -> bool:
         """Whether ``metrics.jsonl`` already holds the record of the restored log window

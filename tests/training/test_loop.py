@@ -688,6 +688,35 @@ def test_resume_remembers_the_best_val_loss(tmp_path, toy, best, at_step_8):
         assert ckpt.read_metadata()["best_val_loss"] == best
 
 
+@pytest.mark.parametrize("keep_best, max_to_keep, deleted", [(False, 1, [4]), (True, 1, [])])
+def test_a_resume_names_the_saved_steps_its_settings_no_longer_keep(
+    tmp_path, toy, capsys, keep_best, max_to_keep, deleted
+):
+    """Resumed with keep_best=False, the earlier run's best step (4 here, better than the
+    latest, 8) was deleted at the first save without a word."""
+    evaluate, scripted = make_eval_step(toy.loss), iter([3.0, 1.0, 2.0, 2.5])
+
+    def eval_step(params, batch):  # val_loss at steps 0, 4, 8 | resumed: 12
+        metrics = evaluate(params, batch)
+        value = jnp.float32(next(scripted)) * metrics["val_loss"].count
+        return metrics | {"val_loss": metrics["val_loss"]._replace(total=value)}
+
+    kw = dict(eval_step=eval_step, eval_every=4, eval_batches=1, checkpoint_every=4)
+    _fit(toy, tmp_path, num_steps=8, max_to_keep=1, **kw)
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(int(p.name) for p in checkpoints.iterdir()) == [4, 8]
+    capsys.readouterr()
+    _fit(toy, tmp_path, num_steps=12, max_to_keep=max_to_keep, keep_best=keep_best, **kw)
+    out = capsys.readouterr().out
+    if deleted:
+        note = f"note: the first save deletes {checkpoints / '4'}: with max_to_keep=1 and "
+        assert note + "keep_best=False this run does not keep them" in out
+    else:
+        assert "note: the first save deletes" not in out
+    left = sorted(int(p.name) for p in checkpoints.iterdir())
+    assert left == [s for s in [4, 12] if s not in deleted]  # (the note says what happened)
+
+
 def test_nan_guard_checks_the_gradient_norm(tmp_path, toy):
     """A finite loss with a NaN gradient (d sqrt(x)/dx at 0) stops at that step."""
 
