@@ -251,10 +251,15 @@ def encode(
       final states (row ``l * dirs + d``).
     """
     _check_config(config, "encode")
-    check_weights(weights, init_seq2seq, config, "encode")
-    src, src_lengths = _as_source(src, src_lengths, config, "encode")
-    active = not check_flag(deterministic, "deterministic", "encode") and config.dropout > 0
-    check_dropout_rng(rng, active, "encode")
+    return _encode(weights, src, src_lengths, config, rng, deterministic, "encode")
+
+
+def _encode(weights, src, src_lengths, config, rng, deterministic, where: str):
+    """``encode``, its errors naming ``where`` (the function the user called)."""
+    check_weights(weights, init_seq2seq, config, where)
+    src, src_lengths = _as_source(src, src_lengths, config, where)
+    active = not check_flag(deterministic, "deterministic", where) and config.dropout > 0
+    check_dropout_rng(rng, active, where)
     rng_embed, rng_lstm = _split(rng, 2, active)
     x = dropout(
         rng_embed, embed(weights.src_embedding, src), config.dropout, deterministic=not active
@@ -364,21 +369,26 @@ def seq2seq_logits(
       to 1 over the real source tokens and are 0 on padding.
     """
     _check_config(config, "seq2seq_logits")
+    return _teacher_forced(
+        weights, src, src_lengths, tgt_in, config, rng, deterministic, "seq2seq_logits"
+    )
+
+
+def _teacher_forced(weights, src, src_lengths, tgt_in, config, rng, deterministic, where: str):
+    """``seq2seq_logits``, its errors naming ``where`` (the function the user called)."""
     if jnp.ndim(src) != 2:  # (else the check below blamed tgt_in for a 1-D src)
-        raise ValueError(f"seq2seq_logits: src must be [B, S], got {jnp.shape(src)}")
+        raise ValueError(f"{where}: src must be [B, S], got {jnp.shape(src)}")
     tgt_in = ids_to_check(tgt_in)
     if tgt_in.ndim != 2 or tgt_in.shape[0] != jnp.shape(src)[0]:
         raise ValueError(
-            f"seq2seq_logits: tgt_in must be [B, T], got {tgt_in.shape} for src {jnp.shape(src)}"
+            f"{where}: tgt_in must be [B, T], got {tgt_in.shape} for src {jnp.shape(src)}"
         )
-    check_token_ids(tgt_in, config.tgt_vocab_size, "seq2seq_logits: tgt_in ids")
+    check_token_ids(tgt_in, config.tgt_vocab_size, f"{where}: tgt_in ids")
     tgt_in = jnp.asarray(tgt_in)
-    active = not check_flag(deterministic, "deterministic", "seq2seq_logits") and config.dropout > 0
-    check_dropout_rng(rng, active, "seq2seq_logits")
+    active = not check_flag(deterministic, "deterministic", where) and config.dropout > 0
+    check_dropout_rng(rng, active, where)
     rng_enc, rng_embed, rng_lstm, rng_out = _split(rng, 4, active)
-    memory, final = encode(
-        weights, src, src_lengths, config, rng=rng_enc, deterministic=deterministic
-    )
+    memory, final = _encode(weights, src, src_lengths, config, rng_enc, deterministic, where)
     x = dropout(
         rng_embed, embed(weights.tgt_embedding, tgt_in), config.dropout, deterministic=not active
     )
@@ -428,14 +438,9 @@ def seq2seq_loss(
     """
     _check_config(config, "seq2seq_loss")
     check_batch(batch, config.tgt_vocab_size, "seq2seq_loss")
-    logits, _ = seq2seq_logits(
-        weights,
-        batch["src"],
-        batch["src_lengths"],
-        batch["tgt_in"],
-        config,
-        rng=rng,
-        deterministic=deterministic,
+    src, lengths, tgt_in = batch["src"], batch["src_lengths"], batch["tgt_in"]
+    logits, _ = _teacher_forced(
+        weights, src, lengths, tgt_in, config, rng, deterministic, "seq2seq_loss"
     )
     return cross_entropy(
         logits, batch["tgt_out"], batch["tgt_mask"], label_smoothing=label_smoothing

@@ -408,12 +408,17 @@ def encode(
       ``memory [B, S, D]`` in the compute dtype (padding rows are defined but never read).
     """
     _check_config(config, "encode")
-    check_weights(weights, init_transformer, config, "encode")
-    src = _as_tokens(src, config.src_vocab_size, config, "encode: src")
-    # (B = 0: else an error from inside attention, naming neither encode nor src)
-    check_size(src.shape[0], "src's batch size B", "encode")
-    src_lengths = check_lengths(src_lengths, src.shape[0], src.shape[1], "encode: src_lengths")
-    rate, rng = _dropout_setup(rng, deterministic, config, "encode")
+    return _encode(weights, src, src_lengths, config, rng, deterministic, "encode")
+
+
+def _encode(weights, src, src_lengths, config, rng, deterministic, where: str) -> Array:
+    """``encode``, its errors naming ``where`` (the function the user called)."""
+    check_weights(weights, init_transformer, config, where)
+    src = _as_tokens(src, config.src_vocab_size, config, f"{where}: src")
+    # (B = 0: else an error from inside attention, naming neither the function nor src)
+    check_size(src.shape[0], "src's batch size B", where)
+    src_lengths = check_lengths(src_lengths, src.shape[0], src.shape[1], f"{where}: src_lengths")
+    rate, rng = _dropout_setup(rng, deterministic, config, where)
     w = cast_floating(weights, config.compute_dtype)
     r_embed, r_layers = _keys(rng, 2)
     x = dropout(r_embed, _embed(w.src_embedding, src, jnp.arange(src.shape[1]), config), rate)
@@ -472,9 +477,7 @@ def decode(
       ``[B, T, V]`` float32 logits.
     """
     _check_config(config, "decode")
-    y, w = _decoder_hidden(
-        weights, memory, src_mask, tgt_in, config, rng=rng, deterministic=deterministic
-    )
+    y, w = _decoder_hidden(weights, memory, src_mask, tgt_in, config, rng, deterministic, "decode")
     return _logits(w, y, config)
 
 
@@ -484,33 +487,33 @@ def _decoder_hidden(
     src_mask: Array,
     tgt_in: Array,
     config: TransformerConfig,
-    *,
     rng: Array | None,
     deterministic: bool,
+    where: str,
 ) -> tuple[Array, TransformerWeights]:
     """``decode`` up to the output layer: ``(y [B, T, D] the decoder stack's output, the
-    weights cast to the compute dtype)``."""
-    check_weights(weights, init_transformer, config, "decode")
-    tgt_in = _as_tokens(tgt_in, config.tgt_vocab_size, config, "decode: tgt_in")
-    check_size(tgt_in.shape[0], "tgt_in's batch size B", "decode")  # (as encode's src)
+    weights cast to the compute dtype)``; errors name ``where``, the function called."""
+    check_weights(weights, init_transformer, config, where)
+    tgt_in = _as_tokens(tgt_in, config.tgt_vocab_size, config, f"{where}: tgt_in")
+    check_size(tgt_in.shape[0], "tgt_in's batch size B", where)  # (as encode's src)
     # A nested list, as tgt_in and src_mask may be (failed on memory.ndim).
-    memory = as_floating(memory, "memory", "decode")
+    memory = as_floating(memory, "memory", where)
     if (
         memory.ndim != 3
         or jnp.shape(src_mask) != memory.shape[:2]
         or (memory.shape[0] != tgt_in.shape[0])
     ):
         raise ValueError(
-            f"decode: expected memory [B, S, D], src_mask [B, S], tgt_in [B, T], "
+            f"{where}: expected memory [B, S, D], src_mask [B, S], tgt_in [B, T], "
             f"got {memory.shape}, {jnp.shape(src_mask)}, {tgt_in.shape}"
         )
-    rate, rng = _dropout_setup(rng, deterministic, config, "decode")
+    rate, rng = _dropout_setup(rng, deterministic, config, where)
     w = cast_floating(weights, config.compute_dtype)
     cross = cross_kv(weights, memory, config)
     r_embed, r_layers = _keys(rng, 2)
     positions = jnp.arange(tgt_in.shape[1])
     y = dropout(r_embed, _embed(w.tgt_embedding, tgt_in, positions, config), rate)
-    mask = as_bool_mask(src_mask, "src_mask", "decode")[:, None, None, :]  # [B, 1, 1, S]
+    mask = as_bool_mask(src_mask, "src_mask", where)[:, None, None, :]  # [B, 1, 1, S]
     layer_keys = None if rng is None else jax.random.split(r_layers, config.num_decoder_layers)
     return _decoder_stack(w.decoder, y, cross, mask, layer_keys, config, rate), w
 
@@ -548,11 +551,9 @@ def _teacher_forced(
     # an unused key (dropout off) was split all the same, failing where encode ignores it.
     _, rng = _dropout_setup(rng, deterministic, config, where)
     r_enc, r_dec = _keys(rng, 2)
-    memory = encode(weights, src, src_lengths, config, rng=r_enc, deterministic=deterministic)
+    memory = _encode(weights, src, src_lengths, config, r_enc, deterministic, where)
     src_mask = padding_mask(jnp.asarray(src_lengths), memory.shape[1])
-    return _decoder_hidden(
-        weights, memory, src_mask, tgt_in, config, rng=r_dec, deterministic=deterministic
-    )
+    return _decoder_hidden(weights, memory, src_mask, tgt_in, config, r_dec, deterministic, where)
 
 
 def transformer_loss(

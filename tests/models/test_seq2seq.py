@@ -535,6 +535,28 @@ def test_decode_step_names_a_state_that_is_not_a_pair_and_takes_lists(np_rng):
         decode_step(w, state, tgt_in[:, 0], memory.astype(jnp.int32), mask, config)
 
 
+def test_the_logits_and_the_loss_name_themselves_not_encode(np_rng):
+    """seq2seq_loss's inputs were checked inside seq2seq_logits and encode, whose names the
+    errors gave."""
+    config = VARIANTS[3]
+    w = random_weights(config)
+    src, lengths, tgt_in = example_batch(config, np_rng)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_in, tgt_mask=tgt_in > 0)
+    logits = functools.partial(seq2seq_logits, config=config)
+    calls = [
+        ("seq2seq_loss: src ids", dict(batch, src=src.at[0, 0].set(11))),
+        ("seq2seq_loss: src must be", dict(batch, src=src[0])),
+        ("seq2seq_loss: src_lengths: lengths", dict(batch, src_lengths=lengths.at[0].set(-1))),
+    ]
+    for where, bad in calls:
+        with pytest.raises(ValueError, match=f"^{where}"):
+            seq2seq_loss(w, bad, config)
+    with pytest.raises(ValueError, match=r"^seq2seq_logits: src_lengths: lengths"):
+        logits(w, src, lengths.at[0].set(-1), tgt_in)
+    with pytest.raises(ValueError, match=r"^seq2seq_logits: the weights"):
+        logits(w._replace(decoder=None), src, lengths, tgt_in)
+
+
 def test_int64_ids_are_checked_before_the_int32_conversion(np_rng):
     # With 64-bit types off jnp.asarray wraps the int64 id 2**32 + 3 to 3, a valid id: it
     # passed the range check and silently stood for token 3.
@@ -564,7 +586,7 @@ def test_weights_must_match_the_config(np_rng):
         translate(dot, config, src, lengths, max_len=4)
     wide = random_weights(dataclasses.replace(config, hidden_size=8))
     with pytest.raises(
-        ValueError, match=r"encode: .* shape .*\.encoder\[0\]\.w_hh \(8, 32\) != \(7, 28\)"
+        ValueError, match=r"seq2seq_logits: .* shape .*\.encoder\[0\]\.w_hh \(8, 32\) != \(7, 28\)"
     ):
         seq2seq_logits(wide, src, lengths, tgt_in, config)
     one_layer = random_weights(dataclasses.replace(config, num_layers=1))

@@ -646,8 +646,8 @@ def test_an_empty_batch_is_named(np_rng):
     batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_in, tgt_mask=tgt_in > 0)
     calls = [
         ("encode: src", lambda: encode(w, src, lengths, BASE)),
-        ("encode: src", lambda: transformer_logits(w, src, lengths, tgt_in, BASE)),
-        ("encode: src", lambda: transformer_loss(w, batch, BASE)),
+        ("transformer_logits: src", lambda: transformer_logits(w, src, lengths, tgt_in, BASE)),
+        ("transformer_loss: src", lambda: transformer_loss(w, batch, BASE)),
         (
             "decode: tgt_in",
             lambda: decode(w, jnp.zeros((0, 5, 12)), jnp.zeros((0, 5), bool), tgt_in, BASE),
@@ -655,6 +655,31 @@ def test_an_empty_batch_is_named(np_rng):
     ]
     for where, call in calls:
         with pytest.raises(ValueError, match=rf"{where}'s batch size B must be an int >= 1, got 0"):
+            call()
+
+
+def test_the_logits_and_the_loss_name_themselves_not_encode_or_decode(np_rng):
+    """Their inputs were checked inside encode and decode, whose names the errors gave."""
+    w = random_weights(BASE)
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    batch = dict(src=src, src_lengths=lengths, tgt_in=tgt_in, tgt_out=tgt_in, tgt_mask=tgt_in > 0)
+    long_tgt = jnp.zeros((3, BASE.max_len + 1), jnp.int32)
+    long = dict(batch, tgt_in=long_tgt, tgt_out=long_tgt, tgt_mask=long_tgt > 0)
+    bad_src, bad_lengths = dict(batch, src=src.at[0, 0].set(11)), lengths.at[0].set(-1)
+    calls = [
+        ("transformer_loss: src", lambda: transformer_loss(w, bad_src, BASE)),
+        ("transformer_loss: tgt_in must be", lambda: transformer_loss(w, long, BASE)),
+        (
+            "transformer_logits: src_lengths",
+            lambda: transformer_logits(w, src, bad_lengths, tgt_in, BASE),
+        ),
+        (
+            "transformer_logits: the weights",
+            lambda: transformer_logits(w._replace(decoder=None), src, lengths, tgt_in, BASE),
+        ),
+    ]
+    for where, call in calls:
+        with pytest.raises(ValueError, match=f"^{where}"):
             call()
 
 
