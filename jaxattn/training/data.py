@@ -137,10 +137,11 @@ class CharTokenizer:
         """
         ids = np.asarray(ids)
         if ids.ndim != 1:
-            raise ValueError(f"decode expects 1-D ids, got shape {ids.shape}")
+            raise ValueError(f"CharTokenizer.decode: ids must be 1-D, got shape {ids.shape}")
         if ids.size == 0:
             return ""  # (np.asarray([]) is float64, which the id check would refuse)
-        check_token_ids(ids, self.vocab_size)
+        # (the check's own "token ids must lie in [0, 65)" named no function)
+        check_token_ids(ids, self.vocab_size, "CharTokenizer.decode: token ids")
         return "".join(self.chars[i] for i in ids.tolist())
 
 
@@ -156,6 +157,25 @@ def train_val_split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.nd
         )
     n = int(len(ids) * train_fraction)
     return ids[:n], ids[n:]
+
+
+def check_process_rows(process_rows: slice | None, batch_size: int, where: str) -> slice:
+    """Return ``process_rows`` (None: every row) as the slice of a batch's rows it is;
+    ``ValueError`` naming ``where`` unless it is a slice that selects at least one row of a
+    batch of ``batch_size`` (one check for both pipelines)."""
+    rows = slice(None) if process_rows is None else process_rows
+    try:  # (an int failed as "object of type 'int' has no len()", naming nothing)
+        count = len(range(batch_size)[rows]) if isinstance(rows, slice) else None
+    except TypeError:  # a slice of floats or strings
+        count = None
+    if count is None:
+        raise ValueError(
+            f"{where}: process_rows must be a slice of a batch's rows (from "
+            f"sharding.process_batch_slice) or None, got {process_rows!r}"
+        )
+    if count == 0:
+        raise ValueError(f"{where}: process_rows {rows} selects no row of a batch of {batch_size}")
+    return rows
 
 
 class _RandomWindows(grain.transforms.RandomMap):
@@ -205,12 +225,12 @@ def lm_dataset(
       inputs[:, t + 1]`` for ``t < T - 1``.
 
     Raises:
-      ValueError: bad shapes, a negative seed, a stream too short for one window, or an id
-        out of range.
+      ValueError: bad shapes, a negative seed, a stream too short for one window, an id
+        out of range, or a ``process_rows`` that is not a slice selecting some row.
     """
     tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.ndim != 1:  # (named neither the function nor the data)
+        raise ValueError(f"lm_dataset: the {name}'s tokens must be 1-D, got shape {tokens.shape}")
     # The checked ints from here on: a 0-d NumPy or JAX integer passes the check, but
     # grain's generator and NumPy's shapes would refuse it at the first batch.
     batch_size = check_size(batch_size, "batch_size", name)
@@ -224,9 +244,7 @@ def lm_dataset(
             f"seq_len + 1 = {seq_len + 1} tokens"
         )
     check_token_ids(tokens, vocab_size, f"{name}: token ids")
-    rows = slice(None) if process_rows is None else process_rows
-    if len(range(batch_size)[rows]) == 0:
-        raise ValueError(f"process_rows {rows} selects no row of a batch of {batch_size}")
+    rows = check_process_rows(process_rows, batch_size, name)
     tokens = tokens.astype(np.int32)
     ds = grain.MapDataset.range(sys.maxsize)  # Unbounded: an index per batch.
     return ds.random_map(_RandomWindows(tokens, batch_size, seq_len, rows), seed=seed)

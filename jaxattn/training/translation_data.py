@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import importlib.resources
 import json
+import numbers
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,7 @@ import numpy as np
 
 from jaxattn.ops._checks import as_size, check_size
 from jaxattn.ops.layers import check_token_ids
+from jaxattn.training.data import check_process_rows
 
 DEFAULT_CORPUS = "spa-eng.txt.gz"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -61,12 +63,14 @@ def load_pairs(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
     """Read ``source<TAB>target`` lines (``.gz`` or plain UTF-8); ``None``/``""``: bundled.
 
     Raises:
-      FileNotFoundError: naming the path; ValueError: naming a line without exactly one tab,
-        or the path of a file that is not (gzipped) UTF-8 text.
+      FileNotFoundError: naming the path (not found, or a folder); ValueError: naming a line
+        without exactly one tab, or the path of a file that is empty or not (gzipped) UTF-8
+        text.
     """
     path = default_corpus_path() if not path else Path(path).expanduser()  # (as load_text)
-    if not path.is_file():
-        raise FileNotFoundError(f"translation corpus not found: {str(path)!r}")
+    if not path.is_file():  # (a folder was "not found"; named as a folder, as in load_text)
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"translation corpus {what}: {str(path)!r}")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         # utf-8-sig: a byte-order mark (editors saving "UTF-8 with BOM") is not part of the
@@ -84,6 +88,8 @@ def load_pairs(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
         if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
             raise ValueError(f"{path}:{number}: expected 'source<TAB>target', got {line!r}")
         pairs.append((fields[0].strip(), fields[1].strip()))
+    if not pairs:  # (as load_text: an empty file passed, to fail later naming no file)
+        raise ValueError(f"translation corpus {str(path)!r} is empty")
     return pairs
 
 
@@ -100,9 +106,23 @@ def split_pairs(
     """
     # None (or True, 1.5) reached NumPy's generator: None drew a new split on every call.
     seed = check_size(seed, "seed", "split_pairs", minimum=0)
+    # (three fractions failed as "too many values to unpack", a None or "0.1" from a config
+    # as "'<' not supported", and neither message named split_pairs or fractions)
+    given = fractions
+    fractions = tuple(fractions) if isinstance(fractions, Iterable) else ()
+    real = [isinstance(f, numbers.Real) and not isinstance(f, (bool, np.bool_)) for f in fractions]
+    if not (
+        len(fractions) == 2
+        and all(real)
+        and 0 < fractions[0]
+        and 0 < fractions[1]
+        and fractions[0] + fractions[1] < 1
+    ):
+        raise ValueError(
+            "split_pairs: fractions must be two numbers (train, val), positive with a sum "
+            f"below 1, got {given!r}"
+        )
     train_f, val_f = fractions
-    if not (0 < train_f and 0 < val_f and train_f + val_f < 1):
-        raise ValueError(f"fractions must be positive with a sum below 1, got {fractions}")
     sources = sorted({s for s, _ in pairs})  # Sorted: independent of the corpus order.
     order = np.random.default_rng(seed).permutation(len(sources))
     n_train, n_val = int(len(sources) * train_f), int(len(sources) * val_f)
@@ -134,8 +154,23 @@ def sample(items: Sequence, n: int, *, seed: int) -> list:
     return [items[i] for i in keep.tolist()]
 
 
+def _another_live_process(pid_and_rest: str) -> bool:
+    """Whether ``"<pid>.partial..."`` names a process other than this one that is running
+    (on this host): its partial files are its own training, started seconds before."""
+    pid = pid_and_rest.split(".", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)  # (signal 0: only asks whether it exists)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's: running
+        return True
+    return True
+
+
 def train_sentencepiece(
-    sentences: Sequence[str], model_prefix: str | os.PathLike, *, vocab_size: int
+    sentences: Iterable[str] | None, model_prefix: str | os.PathLike, *, vocab_size: int
 ):
     """Train (or load, when ``<model_prefix>.model`` exists) a unigram sentencepiece model.
 
@@ -143,7 +178,8 @@ def train_sentencepiece(
     ``sentences_sha256``, the SHA-256 of the training sentences (in order, joined by
     ``"\\n"``), which a later load checks. The hash is checked only when ``sentences`` are
     given (a load with none, as a restore-only run does, takes the cached model as it is)
-    and the json records one (a model cached before it did is not checked).
+    and the json records one (a model cached before it did is not checked). ``sentences``
+    may be any iterable of str (a generator too: it is read once, into a list) or None.
 
     The ids are ``pad=0, bos=1, eos=2, unk=3``. ``vocab_size`` is an upper bound on a
     small corpus (``hard_vocab_limit=False``).
@@ -152,11 +188,24 @@ def train_sentencepiece(
       A ``sentencepiece.SentencePieceProcessor``.
 
     Raises:
-      ValueError: the cached model is unreadable, was trained with another ``vocab_size``
-        or on other sentences, or sentencepiece could not train one (e.g. ``vocab_size``
-        below the number of distinct characters).
+      ValueError: ``vocab_size`` is not an int >= 1, ``sentences`` is a str, the cached model
+        is unreadable, was trained with another ``vocab_size`` or on other sentences, or
+        sentencepiece could not train one (e.g. ``vocab_size`` below the number of distinct
+        characters).
     """
     import sentencepiece as spm  # The train extra; only the translation data needs it.
+
+    # A string "64" (a config value) trained and recorded "64", and the next run's 64 was
+    # then refused as "trained with vocab_size=64, not 64"; np.int64(64) trained, then
+    # failed writing the record; None and 64.0 failed in sentencepiece, naming neither.
+    vocab_size = check_size(vocab_size, "vocab_size", "train_sentencepiece")
+    if isinstance(sentences, str):  # (its characters would be the sentences)
+        raise ValueError(
+            f"train_sentencepiece: sentences must be a sequence of str, got a str {sentences!r:.80}"
+        )
+    # A list: a generator was used up by the training, and the record then held the hash of
+    # no sentences, so the next run with the same sentences was refused as "other sentences".
+    sentences = [] if sentences is None else list(sentences)
 
     model_file = Path(f"{model_prefix}.model")
     trained_with = Path(f"{model_prefix}.json")  # the settings the cached model was trained with
@@ -169,7 +218,8 @@ def train_sentencepiece(
         # run refused until it was deleted by hand. (A model without its settings file
         # would be taken as one cached before that file existed, checked less.)
         for leftover in model_file.parent.glob(f".{model_file.stem}.*.partial.*"):
-            leftover.unlink(missing_ok=True)  # a killed run's
+            if not _another_live_process(leftover.name[len(model_file.stem) + 2 :]):
+                leftover.unlink(missing_ok=True)  # a killed run's (not one still training)
         staging = model_file.with_name(f".{model_file.stem}.{os.getpid()}.partial")
         try:
             spm.SentencePieceTrainer.train(
@@ -314,6 +364,8 @@ def _as_ids(ids, what: str, where: str = "make_batch") -> np.ndarray:
     3.5 would become 3, ``True`` 1, the string "5" 5, and an int64 ``2**32 + 5`` wrap to 5.
     (Negative ids are refused afterwards, on the whole batch at once.)"""
     ids = np.asarray(ids)
+    if ids.ndim != 1:  # (NumPy's "could not broadcast" named neither the function nor the row)
+        raise ValueError(f"{where}: {what} token ids must be 1-D, got shape {ids.shape}")
     if ids.dtype in _INT32_SAFE:  # encode_pairs' int32 rows: one set lookup per row
         return ids
     if ids.dtype.kind not in "iu" and ids.size:  # (an empty list is float64: no id to cast)
@@ -344,20 +396,25 @@ def make_batch(
     With ``tgt=None`` only ``src`` and ``src_lengths`` are returned (for decoding).
 
     Raises:
-      ValueError: mismatched lists, an example longer than ``length``, or ids that are not
-        integers >= 0 (a float, a bool or a string, which the int32 batch would cast). The
-        vocabulary bound is ``translation_dataset``'s and the models' check.
+      ValueError: a ``length`` that is not an int >= 1, mismatched lists, an example that
+        is not 1-D or is longer than ``length``, or ids that are not integers >= 0 (a
+        float, a bool or a string, which the int32 batch would cast). The vocabulary bound
+        is ``translation_dataset``'s and the models' check.
     """
+    # (a float 8.0 failed in NumPy as "'float' object cannot be interpreted as an integer",
+    # a negative one as "negative dimensions are not allowed", naming neither)
+    length = check_size(length, "length", "make_batch")
     b = len(src)
     if tgt is not None and len(tgt) != b:  # (the targets' rows would silently stay padding)
         raise ValueError(f"make_batch: {b} sources but {len(tgt)} targets")
     out = {"src": np.full((b, length), PAD_ID, np.int32), "src_lengths": np.zeros(b, np.int32)}
     for i, s in enumerate(src):
+        s = _as_ids(s, f"source {i}")
         if len(s) > length:
             raise ValueError(
                 f"make_batch: source {i} has {len(s)} tokens, more than the length {length}"
             )
-        out["src"][i, : len(s)] = _as_ids(s, f"source {i}")
+        out["src"][i, : len(s)] = s
         out["src_lengths"][i] = len(s)
     _check_not_negative(out["src"], "source")
     if tgt is None:
@@ -365,12 +422,12 @@ def make_batch(
     tgt_in = np.full((b, length), PAD_ID, np.int32)
     tgt_out = np.full((b, length), PAD_ID, np.int32)
     for i, t in enumerate(tgt):
+        t = _as_ids(t, f"target {i}")
         if len(t) + 1 > length:
             raise ValueError(
                 f"make_batch: target {i} has {len(t)} tokens + 1 (BOS or EOS), more than the "
                 f"length {length}"
             )
-        t = _as_ids(t, f"target {i}")
         tgt_in[i, 0], tgt_in[i, 1 : len(t) + 1] = BOS_ID, t
         tgt_out[i, : len(t)], tgt_out[i, len(t)] = t, EOS_ID
     _check_not_negative(tgt_out, "target")
@@ -453,11 +510,13 @@ def translation_dataset(
       A ``grain.MapDataset``; element ``i`` is the batch dict of the module docstring.
 
     Raises:
-      ValueError: mismatched lists, unsorted buckets, ids out of range, a special id in a
-        target, an example longer than the largest bucket, or no bucket with a full batch.
+      ValueError: mismatched lists, an example that is not 1-D, unsorted buckets, ids out
+        of range, a special id in a target, an example longer than the largest bucket, no
+        bucket with a full batch, or a ``process_rows`` that is not a slice selecting some
+        row.
     """
-    if len(src) != len(tgt):
-        raise ValueError(f"src and tgt differ in length: {len(src)} vs {len(tgt)}")
+    if len(src) != len(tgt):  # (named neither the function nor the data)
+        raise ValueError(f"{name}: src and tgt differ in length: {len(src)} vs {len(tgt)}")
     # The checked ints from here on: a 0-d NumPy or JAX integer passes the check, but
     # NumPy's generator and reshape would refuse it at the first batch.
     batch_size = check_size(batch_size, "batch_size", name)
@@ -465,6 +524,14 @@ def translation_dataset(
     seed = check_size(seed, "seed", name, minimum=0)
     # (None failed with a TypeError from a comparison; True and 7.0 passed as sizes)
     vocab_size = check_size(vocab_size, "vocab_size", name)
+    for i, (s, t) in enumerate(zip(src, tgt)):
+        for what, ids in (("source", s), ("target", t)):
+            # (one flat list of ids for src failed as "object of type 'int' has no len()")
+            if np.ndim(ids) != 1:
+                raise ValueError(
+                    f"{name}: {what} {i}: token ids must be 1-D (src and tgt are lists of "
+                    f"examples), got shape {np.shape(ids)}"
+                )
     lengths = [pair_length(s, t) for s, t in zip(src, tgt)]
     for i, (s, t) in enumerate(zip(src, tgt)):  # (which example: the index within it is no help)
         check_token_ids(s, vocab_size, f"{name}: source {i}: token ids")
@@ -484,9 +551,7 @@ def translation_dataset(
                 f"{name}: example {i} (source {len(s)} tokens, target {len(t)} + EOS) "
                 f"exceeds the largest bucket {buckets[-1]}"
             )
-    rows = slice(None) if process_rows is None else process_rows
-    if len(range(batch_size)[rows]) == 0:
-        raise ValueError(f"process_rows {rows} selects no row of a batch of {batch_size}")
+    rows = check_process_rows(process_rows, batch_size, name)
     ds = grain.MapDataset.range(sys.maxsize)  # Unbounded: an index per batch.
     batches = _BucketedBatches(list(src), list(tgt), lengths, buckets, batch_size, seed, rows, name)
     return ds.map(batches)
@@ -499,6 +564,10 @@ def decode_batches(
 
     The last batch of a bucket is filled up with copies of its first row (so every batch
     has B rows and jit sees few shapes); ``indices`` names only the real rows, in order.
+
+    Raises:
+      ValueError: a ``batch_size`` or ``buckets`` that ``translation_dataset`` refuses, a
+        source whose ids are not integers >= 0, or one longer than the largest bucket.
     """
     batch_size = check_size(batch_size, "batch_size", "decode_batches")
     buckets = check_buckets(buckets, "decode_batches")  # (bucket_of needs them sorted)
@@ -508,6 +577,13 @@ def decode_batches(
         if s.size and s.min() < 0:
             raise ValueError(
                 f"decode_batches: source {i} token ids must be in [0, 2**31), got {s.min()}"
+            )
+        # (bucket_of's "length 40 exceeds the largest bucket 32" named neither the function
+        # nor which of the sources)
+        if len(s) > buckets[-1]:
+            raise ValueError(
+                f"decode_batches: source {i} has {len(s)} tokens, more than the largest "
+                f"bucket {buckets[-1]}; leave it out or add a larger bucket"
             )
     keys = np.array([bucket_of(len(s), buckets) for s in src])
     out = []

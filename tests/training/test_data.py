@@ -279,3 +279,20 @@ def test_lm_dataset_refuses_a_vocab_size_that_is_not_a_size(vocab_size):
             vocab_size=vocab_size,
             name="train split",
         )
+
+
+def test_tokenizer_and_lm_dataset_errors_name_the_function():
+    """A float id in decode ("token ids must be integers"), 2-D tokens ("tokens must be
+    1-D") and an int process_rows ("object of type 'int' has no len()") named no function."""
+    tok = data.CharTokenizer.from_text("abc")
+    with pytest.raises(ValueError, match=r"^CharTokenizer\.decode: token ids must be integers"):
+        tok.decode(np.array([1.0]))
+    with pytest.raises(ValueError, match=r"^CharTokenizer\.decode: ids must be 1-D"):
+        tok.decode([[1]])
+    kw = dict(batch_size=2, seq_len=3, seed=0, vocab_size=3)
+    with pytest.raises(ValueError, match=r"^lm_dataset: the train split's tokens must be 1-D"):
+        data.lm_dataset(np.zeros((2, 8), np.int32), name="train split", **kw)
+    tokens = np.arange(20, dtype=np.int32) % 3
+    for rows in [1, [0, 1], slice(0.0, 1.0)]:
+        with pytest.raises(ValueError, match=r"^token stream: process_rows must be a slice"):
+            data.lm_dataset(tokens, process_rows=rows, **kw)

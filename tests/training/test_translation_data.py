@@ -3,6 +3,8 @@
 import gzip
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -563,6 +565,23 @@ def test_a_sentencepiece_training_cut_short_leaves_no_model(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spm.json", "spm.model", "spm.vocab"]
 
 
+def test_sentencepiece_leaves_the_partial_files_of_a_run_still_training(tmp_path):
+    """Every partial file was deleted as a killed run's, also those of a second run in the
+    same workdir that was still training."""
+    sentences = [s for p in PAIRS for s in p]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".spm.{sleeper.pid}.partial.model"
+        live.write_bytes(b"being written")
+        dead = tmp_path / f".spm.{2**22 + 1}.partial.model"  # above Linux's largest pid
+        dead.write_bytes(b"killed")
+        td.train_sentencepiece(sentences, tmp_path / "spm", vocab_size=60)
+        assert live.exists() and not dead.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_a_failed_sentencepiece_training_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="could not train a vocabulary of vocab_size=5"):
         td.train_sentencepiece([s for p in PAIRS for s in p], tmp_path / "spm", vocab_size=5)
@@ -579,3 +598,95 @@ def test_an_unreadable_sentencepiece_model_is_named(tmp_path, content):
     prefix.with_suffix(".model").write_bytes(content)
     with pytest.raises(ValueError, match=r"spm\.model is not a sentencepiece model \("):
         td.train_sentencepiece([], prefix, vocab_size=60)
+
+
+def test_train_sentencepiece_checks_vocab_size_before_training(tmp_path):
+    """A config's np.int64(60) trained, then failed writing the settings file ("Object of
+    type int64 is not JSON serializable"); a string "60" trained and recorded "60", so the
+    next run's 60 was refused as "trained with vocab_size=60, not 60"; None and 60.0 failed
+    in sentencepiece ("cannot parse") naming neither the function nor the argument."""
+    sentences = [s for p in PAIRS for s in p]
+    sp = td.train_sentencepiece(sentences, tmp_path / "a" / "spm", vocab_size=np.int64(60))
+    record = json.loads((tmp_path / "a" / "spm.json").read_text(encoding="utf-8"))
+    assert record["vocab_size"] == 60 and type(record["vocab_size"]) is int
+    again = td.train_sentencepiece(sentences, tmp_path / "a" / "spm", vocab_size=60)  # loads
+    assert again.get_piece_size() == sp.get_piece_size()
+    for bad in ["60", None, 60.0, True, 0]:
+        with pytest.raises(
+            ValueError, match=r"^train_sentencepiece: vocab_size must be an int >= 1"
+        ):
+            td.train_sentencepiece(sentences, tmp_path / "b" / "spm", vocab_size=bad)
+    assert not (tmp_path / "b").exists()  # nothing trained, nothing cached
+
+
+def test_train_sentencepiece_records_the_hash_of_sentences_from_a_generator(tmp_path):
+    """A generator was used up by the training, so the settings file recorded the hash of
+    no sentences, and the next run with the very same sentences was refused as "trained on
+    other sentences"; a str trained on its characters."""
+    sentences = [s for p in PAIRS for s in p]
+    prefix = tmp_path / "spm"
+    td.train_sentencepiece((s for s in sentences), prefix, vocab_size=60)
+    record = json.loads(prefix.with_suffix(".json").read_text(encoding="utf-8"))
+    want = hashlib.sha256("\n".join(sentences).encode("utf-8")).hexdigest()
+    assert record["sentences_sha256"] == want
+    td.train_sentencepiece(sentences, prefix, vocab_size=60)  # the same sentences: loads
+    td.train_sentencepiece(None, prefix, vocab_size=60)  # none given: loads
+    with pytest.raises(ValueError, match=r"^train_sentencepiece: sentences must be a sequence"):
+        td.train_sentencepiece("we go and run.", tmp_path / "s", vocab_size=60)
+
+
+def test_decode_batches_names_a_source_longer_than_the_largest_bucket():
+    """It failed as bucket_of's "length 5 exceeds the largest bucket 4", naming neither
+    decode_batches nor which source."""
+    src = [np.array([4, 5], np.int32), np.arange(4, 9, dtype=np.int32)]
+    with pytest.raises(
+        ValueError, match=r"^decode_batches: source 1 has 5 tokens, more than the largest bucket 4"
+    ):
+        td.decode_batches(src, batch_size=2, buckets=(2, 4))
+
+
+@pytest.mark.parametrize(
+    "fractions", [(0.8, 0.1, 0.05), (0.9, None), ("0.8", "0.1"), None, 0.9, (0.5, True)]
+)
+def test_split_pairs_names_fractions_it_cannot_use(fractions):
+    """Three fractions failed as "too many values to unpack", a None or a string from a
+    config as "'<' not supported between instances", a number as "cannot unpack non-iterable
+    float": none named split_pairs or fractions."""
+    with pytest.raises(ValueError, match=r"^split_pairs: fractions must be two numbers"):
+        td.split_pairs(PAIRS, seed=0, fractions=fractions)
+    split = td.split_pairs(PAIRS, seed=0, fractions=[np.float64(0.6), 0.2])  # a list is fine
+    assert split == td.split_pairs(PAIRS, seed=0, fractions=(0.6, 0.2))
+
+
+@pytest.mark.parametrize("length", [4.0, -1, 0, None])
+def test_make_batch_names_a_length_that_is_not_a_size(length):
+    """4.0 failed in NumPy as "'float' object cannot be interpreted as an integer", -1 as
+    "negative dimensions are not allowed", naming neither make_batch nor length."""
+    with pytest.raises(ValueError, match=r"^make_batch: length must be an int >= 1"):
+        td.make_batch([np.array([4, 5])], [np.array([6])], length)
+
+
+def test_make_batch_and_translation_dataset_name_rows_that_are_not_1d():
+    """A [1, n] row failed in NumPy as "could not broadcast input array", and one flat list of
+    ids given as src as "object of type 'int' has no len()": neither named the function."""
+    with pytest.raises(ValueError, match=r"^make_batch: source 0 token ids must be 1-D"):
+        td.make_batch([np.array([[4, 5]])], [np.array([6])], 4)
+    with pytest.raises(ValueError, match=r"^make_batch: target 0 token ids must be 1-D"):
+        td.make_batch([np.array([4, 5])], [np.array([[6]])], 4)
+    kw = dict(batch_size=1, buckets=(4,), seed=0, vocab_size=10)
+    with pytest.raises(ValueError, match=r"^toy: source 0: token ids must be 1-D"):
+        td.translation_dataset([4, 5], [6, 7], name="toy", **kw)
+    with pytest.raises(ValueError, match=r"^toy: src and tgt differ in length: 2 vs 1"):
+        td.translation_dataset([np.array([4]), np.array([5])], [np.array([6])], name="toy", **kw)
+    with pytest.raises(ValueError, match=r"^toy: process_rows must be a slice"):
+        td.translation_dataset([np.array([4])], [np.array([6])], name="toy", process_rows=0, **kw)
+
+
+def test_load_pairs_names_an_empty_file_and_a_folder(tmp_path):
+    """An empty file read as no pairs (load_text refuses one), and a folder as "not found"."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"translation corpus '.*empty\.txt' is empty"):
+        td.load_pairs(empty)
+    with pytest.raises(FileNotFoundError, match=r"translation corpus is a folder, not a file"):
+        td.load_pairs(tmp_path)
