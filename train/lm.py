@@ -117,7 +117,11 @@ def _top_k(model: GPTConfig) -> int | None:
 
 
 def _check_sampling(model: GPTConfig, tokenizer: data.CharTokenizer) -> None:
-    check_sampling(temperature=_TEMPERATURE.value, top_k=_top_k(model))
+    try:  # (the error named the setting, not the flag to mend)
+        check_sampling(temperature=_TEMPERATURE.value)
+    except ValueError as e:
+        raise ValueError(f"--temperature={_TEMPERATURE.value}: {e}") from None
+    check_sampling(top_k=_top_k(model))
     for prompt in _PROMPT.value:
         if not prompt:
             raise ValueError("--prompt must hold at least one character")

@@ -551,7 +551,8 @@ def test_missing_config_file_is_an_error(tmp_path, overrides):
     [
         ("--prompt=€uro", "'€' at position 0 is not in the vocabulary"),
         ("--prompt=", "--prompt must hold at least one character"),
-        ("--temperature=-1", "temperature must be >= 0, got -1.0"),
+        ("--temperature=-1", "--temperature=-1.0: temperature must be >= 0, got -1.0"),
+        ("--temperature=nan", "--temperature=nan: temperature must be >= 0, got nan"),
         ("--config.batch_size=0", "config.batch_size must be an int >= 1, got 0"),
         ("--config.grad_accum_steps=0", "config.grad_accum_steps must be an int >= 1, got 0"),
         ("--config.mesh.data=3", "the product must equal the device count"),
