@@ -759,7 +759,15 @@ class Checkpointer:
             step = check_size(step, "step", where, minimum=0)
         steps = self.all_steps()
         if not steps:
-            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+            # (a read-only open of a file, or a folder that is not there, lists no step)
+            what = (
+                " (it is a file, not a folder)"
+                if self.directory.is_file()
+                else " (no such folder)"
+                if not self.directory.exists()
+                else ""
+            )
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}{what}")
         if step is None:
             return steps[-1]
         if step not in steps:

@@ -336,6 +336,14 @@ def test_missing_checkpoint_errors(tmp_path, toy):
             ckpt.restore(toy.state(), step=9)
         with pytest.raises(CheckpointError, match="no data iterator state"):
             ckpt.restore(toy.state(), data_iter=toy.iterator())
+    # Read-only opens of a file and of a missing folder list no step: the error said only
+    # "no checkpoint found in X", as for an empty folder.
+    (tmp_path / "file").write_text("not a checkpoint")
+    for name, why in [("file", "it is a file, not a folder"), ("absent", "no such folder")]:
+        with Checkpointer(tmp_path / name, read_only=True) as ckpt:
+            with pytest.raises(FileNotFoundError, match=rf"found in .*{name} \({why}\)$"):
+                ckpt.read_metadata()
+    assert not (tmp_path / "absent").exists()
 
 
 def test_resume_with_another_process_count(tmp_path, toy):
