@@ -99,17 +99,55 @@ def positive_int(text: str) -> int:
     return value
 
 
+def probability(text: str) -> float:
+    """argparse type for ``--dropout``: a probability in [0, 1), refused by name at once
+    rather than by the attention op after the first rows are compiled."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for ``--window`` (0: no window)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def json_path(text: str) -> str:
+    """argparse type for ``--json FILE``: a file that can be written, checked before the
+    benchmark runs (a folder, or a file in a folder that does not exist, used to fail
+    only when the results were written, after minutes of timing)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {str(path.parent)!r} does not exist")
+    return text
+
+
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     """``--json FILE``, shared by the benchmark scripts (read by ``run_all.py``)."""
-    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    parser.add_argument(
+        "--json", type=json_path, metavar="FILE", help="also write the results to FILE as JSON"
+    )
 
 
 def write_json(path: str | None, results: dict) -> None:
-    """Write ``results`` (plus machine and date) to ``path``; a no-op without a path."""
+    """Write ``results`` (plus machine and date) to ``path``; a no-op without a path.
+
+    Written to a temporary file beside it, then renamed over it: a script stopped while
+    writing (the scripts rewrite the file as figures come in) leaves the previous complete
+    JSON, never a cut-off one.
+    """
     if path:
         header = {"machine": machine(), "date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}"}
-        with open(path, "w") as f:
+        partial_path = f"{path}.partial"
+        with open(partial_path, "w") as f:
             json.dump(header | results, f, indent=1)
+        os.replace(partial_path, path)
 
 
 def wait_quiet(limit: float = 30.0) -> None:
@@ -416,7 +454,8 @@ def run_long(t: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="T = 256, 1024, 2048; 3 repeats")
-    parser.add_argument("--lengths", type=positive_int, nargs="*", help="override the T values")
+    # nargs="+": a bare --lengths (say, from an empty shell variable) ran the full default.
+    parser.add_argument("--lengths", type=positive_int, nargs="+", help="override the T values")
     parser.add_argument("--repeats", type=positive_int, help="timed calls (default 5)")
     parser.add_argument(
         "--slow",
@@ -432,10 +471,13 @@ def main() -> None:
     )
     parser.add_argument("--long", action="store_true", help="also run T = 32768 (minutes)")
     parser.add_argument(
-        "--dropout", type=float, default=0.0, help="attention dropout rate of every row"
+        "--dropout", type=probability, default=0.0, help="attention dropout rate of every row"
     )
     parser.add_argument(
-        "--window", type=int, default=0, help="causal sliding window: W keys before each query"
+        "--window",
+        type=non_negative_int,
+        default=0,
+        help="causal sliding window: W keys before each query",
     )
     add_wait_quiet_flag(parser)
     add_json_flag(parser)

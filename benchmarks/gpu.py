@@ -552,9 +552,10 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="toy sizes, 1 repeat: checks that the script runs"
     )
-    parser.add_argument("--lengths", type=positive_int, nargs="*", help="override the T values")
+    # nargs="+": a bare --lengths ran the full default lengths, a bare --sections nothing.
+    parser.add_argument("--lengths", type=positive_int, nargs="+", help="override the T values")
     parser.add_argument("--repeats", type=positive_int, help="timed rounds (default 7)")
-    parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument(
         "--lstm-shapes",
         nargs="+",

@@ -202,6 +202,18 @@ def summary(results: dict[str, dict], skipped: dict[str, str]) -> list[str]:
     return lines
 
 
+def read_figures(path: Path) -> tuple[dict | None, str | None]:
+    """A script's ``--json`` figures, or ``(None, why)`` when the file is not a JSON object
+    (empty, cut off by a script killed while writing it, or not what the scripts write)."""
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    if not isinstance(figures, dict):
+        return None, f"a JSON {type(figures).__name__}, not an object"
+    return figures, None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="quick modes, no whole run")
@@ -227,11 +239,18 @@ def main() -> None:
             if proc.returncode != 0:
                 failed.append(why)
             if out.exists():  # what a failing script measured before it failed still counts
-                results[name] = json.loads(out.read_text())
+                figures, error = read_figures(out)
+                if error:  # (an empty or cut-off file raised here: no targets table at all)
+                    why = f"{cmd[0]} wrote an unreadable {out.name} ({error})"
+                    failed.append(why)
+                    skipped[name] = why
+                else:
+                    results[name] = figures
             else:
                 skipped[name] = why
     minutes = (datetime.datetime.now() - started).total_seconds() / 60
-    machine = next((r["machine"] for r in results.values()), "no benchmark ran")
+    known = [r["machine"] for r in results.values() if "machine" in r]
+    machine = known[0] if known else "machine unknown" if results else "no benchmark ran"
     print(f"\n# Targets — {machine}, {started:%Y-%m-%d %H:%M}, {minutes:.0f} min in all\n")
     print("\n".join(summary(results, skipped)))
     if failed:

@@ -105,6 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:  # (0 ran no job and exited 0, with a header and no JSON)
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.steps < 1:  # (0 ran lm.py, then nanoGPT's loop saved no checkpoint to sample)
+        parser.error(f"--steps must be >= 1, got {args.steps}")
 
     print(f"# Whole Shakespeare run — {machine()}, {versions()}, "
           f"{datetime.datetime.now():%Y-%m-%d %H:%M}")  # fmt: skip

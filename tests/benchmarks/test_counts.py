@@ -1,5 +1,6 @@
 """The benchmark scripts refuse a count of 0 by name, before timing anything."""
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -70,3 +71,98 @@ def test_zero_whole_run_repeats_are_refused(monkeypatch, capsys):
         whole_run.main()
     assert exit_info.value.code == 2
     assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        # A bare --lengths (nargs="*") gave [], read as "the default": the full-size run.
+        (attention, ["--lengths"], "argument --lengths: expected at least one argument"),
+        (gpu, ["--lengths"], "argument --lengths: expected at least one argument"),
+        # A bare --sections ran no section and exited 0.
+        (gpu, ["--sections"], "argument --sections: expected at least one argument"),
+        # These failed in dot_product_attention after compiling, naming its arguments
+        # (local_window_size, dropout_rate), not the flag.
+        (attention, ["--window", "-3"], "argument --window: must be >= 0, got -3"),
+        (attention, ["--dropout", "1.5"], "argument --dropout: must be in [0, 1), got 1.5"),
+        (attention, ["--dropout", "-0.1"], "argument --dropout: must be in [0, 1), got -0.1"),
+    ],
+)
+def test_empty_lists_and_out_of_range_settings_are_refused(
+    monkeypatch, capsys, script, flags, message
+):
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *flags, "--no-such"])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["attention", "lstm", "gpt", "gpu", "whole_run"])
+@pytest.mark.parametrize("where", ["folder", "missing folder"])
+def test_a_json_path_that_cannot_be_written_is_refused_before_timing(
+    monkeypatch, capsys, tmp_path, script, where
+):
+    """It failed in write_json (IsADirectoryError, FileNotFoundError) only after the whole
+    benchmark had run, and its figures were lost."""
+    module = importlib.import_module(f"benchmarks.{script}")
+    path = tmp_path if where == "folder" else tmp_path / "no-such-folder" / "out.json"
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--json", str(path), "--no-such"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --json:" in err
+    if where == "folder":
+        assert f"{str(tmp_path)!r} is a folder, not a file" in err
+    else:
+        assert f"folder {str(path.parent)!r} does not exist" in err
+
+
+def test_whole_run_steps_below_one_are_refused(monkeypatch, capsys):
+    """``--steps 0`` ran lm.py (about 15 s), then nanoGPT's loop, which saved no checkpoint,
+    and its sample.py failed on the missing file."""
+    from benchmarks import whole_run
+
+    def no_job(cmd):
+        raise AssertionError("a job was started")
+
+    monkeypatch.setattr(whole_run, "run", no_job)
+    monkeypatch.setattr(sys, "argv", ["whole_run.py", "--steps", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        whole_run.main()
+    assert exit_info.value.code == 2
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_negative_peak_tflops_is_refused(monkeypatch, capsys):
+    """It printed a negative MFU after timing every mesh."""
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(scaling.subprocess, "run", no_worker)
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--peak-tflops", "-197"])
+    with pytest.raises(SystemExit) as exit_info:
+        scaling.main()
+    assert exit_info.value.code == 2
+    assert "--peak-tflops must be >= 0, got -197.0" in capsys.readouterr().err
+
+
+def test_write_json_never_leaves_a_cut_off_file(monkeypatch, tmp_path):
+    """A script stopped while rewriting its JSON (whole_run.py rewrites it after each job)
+    left a cut-off file in place of the figures written before; run_all.py then failed on
+    it. Now the previous complete file stays."""
+    import json
+
+    out = tmp_path / "figures.json"
+    attention.write_json(str(out), {"whole_run": {"jaxattn_s": 130.0}})
+
+    def dump_then_die(obj, f, **kwargs):
+        f.write('{"machine": "cut off')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attention.json, "dump", dump_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        attention.write_json(str(out), {"whole_run": {"jaxattn_s": 130.0, "torch_s": 120.0}})
+    assert json.loads(out.read_text())["whole_run"] == {"jaxattn_s": 130.0}

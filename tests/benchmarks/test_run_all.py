@@ -308,3 +308,40 @@ def test_whole_run_that_failed_part_way_is_not_judged():
     whole["torch"] = None  # what whole_run.py writes without torch
     del whole["torch_sampled_s"]
     assert _rows(run_all.summary(results, {}))[target][1:] == ["PyTorch not installed", "-"]
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("", "JSONDecodeError"),  # killed before it wrote a byte
+        ('{"machine": "test machine", "lstm": {"rows": {"jaxattn', "JSONDecodeError"),  # cut off
+        ("[]", "a JSON list, not an object"),
+    ],
+)
+def test_an_unreadable_json_is_reported_and_the_table_still_printed(
+    monkeypatch, capsys, tmp_path, text, error
+):
+    """An empty or cut-off JSON raised JSONDecodeError in run_all.main: no targets table, and
+    the other scripts' figures lost with it."""
+    figures = _results()
+
+    def fake_run(cmd):
+        script = Path(cmd[1]).stem
+        out = Path(cmd[cmd.index("--json") + 1])
+        if script == "lstm":
+            out.write_text(text)
+            return subprocess.CompletedProcess(cmd, 0)
+        out.write_text(json.dumps({"machine": "test machine"} | figures[script]))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    argv = ["run_all.py", "--only", "lstm", "gpt", "--json-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=rf"lstm\.py wrote an unreadable lstm\.json \({error}"):
+        run_all.main()
+    out = capsys.readouterr().out
+    assert "# Targets — test machine" in out
+    rows = _rows(out[out.index("| target |") :].strip().splitlines())
+    lstm = rows["LSTM fwd+bwd, B=64 T=200 I=256 h=512: <= 1.0x PyTorch nn.LSTM"]
+    assert lstm[1].startswith(f"lstm.py wrote an unreadable lstm.json ({error}") and lstm[2] == "-"
+    assert rows["train-step compile, 48 layers: <= 1.5x 4 layers"][2] == "yes"
