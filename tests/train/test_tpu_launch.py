@@ -278,3 +278,41 @@ def test_run_logs_and_stop_with_a_space_in_the_run_name(fake_slice):
     assert "training..." in launch("logs", env=env).stdout
     assert "SIGTERM sent to my run" in launch("stop", env=env).stdout
     assert wait_for(lambda: (home / "term.txt").exists() and not alive(pid))
+
+
+@pytest.mark.parametrize(
+    "command, setting, value",
+    [
+        ("create", "DRY_RUN", "true"),  # ran the real `gcloud ... create`: a billed slice
+        ("create", "SPOT", "yes"),  # created an on-demand slice
+        ("delete", "USE_QUEUED", "true"),  # deleted the node, left the queued request
+        ("run", "ALLOW_LOCAL_WORKDIR", "yes"),
+        ("logs", "FOLLOW", "true"),
+    ],
+)
+def test_on_off_settings_other_than_0_or_1_are_refused(no_gcloud, command, setting, value):
+    """Every value but 1 read as 0, silently."""
+    env = no_gcloud | {"DRY_RUN": "1", "WORKDIR": "gs://b/run-x", setting: value}
+    result = launch(command, env=env)
+    assert result.returncode == 2
+    assert f"launch.sh: {setting} must be 0 or 1, got '{value}'" in result.stderr
+    assert "gcloud was called" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["logs", "stop"])
+def test_logs_and_stop_without_workdir_or_run_name_are_refused(no_gcloud, command):
+    """Without WORKDIR they looked for a run named "run": `stop` printed "run is not running"
+    and exited 0 while the run started with WORKDIR=gs://.../shakespeare went on."""
+    result = launch(command, env=no_gcloud | {"DRY_RUN": "1"})
+    assert result.returncode == 2
+    assert "set WORKDIR (the one given to `run`) or RUN_NAME" in result.stderr
+    assert result.stdout == ""
+    (argv,) = dry_run(command, env=no_gcloud | {"DRY_RUN": "1", "RUN_NAME": "shakespeare"})
+    assert "name=shakespeare;" in option(argv, "command")
+
+
+def test_run_without_workdir_is_refused_even_when_local_is_allowed(no_gcloud):
+    """With ALLOW_LOCAL_WORKDIR=1 it sent `--workdir=` (empty) to every worker."""
+    result = launch("run", env=no_gcloud | {"DRY_RUN": "1", "ALLOW_LOCAL_WORKDIR": "1"})
+    assert result.returncode == 2
+    assert "set WORKDIR=" in result.stderr and result.stdout == ""

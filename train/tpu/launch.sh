@@ -28,6 +28,7 @@ SCRIPT="${SCRIPT:-train/lm.py}"       # or train/translate.py
 CONFIG="${CONFIG:-train/configs/shakespeare_char.py}"
 WORKDIR="${WORKDIR:-}"                # gs://BUCKET/path: seen by every host (checkpoints).
 ALLOW_LOCAL_WORKDIR="${ALLOW_LOCAL_WORKDIR:-0}" # 1: accept a non-gs:// WORKDIR (one host).
+RUN_NAME_GIVEN="${RUN_NAME:+1}"
 RUN_NAME="${RUN_NAME:-$(basename "${WORKDIR:-run}")}" # Names the log and pid files.
 WORKER="${WORKER:-0}"                 # Worker for `logs` and `ssh`.
 FOLLOW="${FOLLOW:-0}"                 # 1: `logs` keeps following (tail -f).
@@ -38,7 +39,7 @@ usage() {
   cat <<EOF
 Usage: train/tpu/launch.sh COMMAND [TRAIN_FLAGS...]
 
-Commands (settings are environment variables; see the top of this file):
+Commands (settings are environment variables, on/off ones 0 or 1; see the top of this file):
   create          create the TPU VM slice now (gcloud compute tpus tpu-vm create)
   create-queued   queue a request for the slice (queued-resources create; SPOT=1 for Spot)
   status          describe the slice (and list queued resources)
@@ -47,7 +48,8 @@ Commands (settings are environment variables; see the top of this file):
   check           on every worker: join the cluster and print the devices each host sees
   run [FLAGS]     start \`python ${SCRIPT} --config=${CONFIG} --distributed
                   --workdir=\$WORKDIR FLAGS\` on every worker, in the background
-  logs            print the run's log on worker \$WORKER (FOLLOW=1 to follow)
+  logs            print the run's log on worker \$WORKER (FOLLOW=1 to follow); the run
+                  is named by WORKDIR (its last part) or RUN_NAME, for \`stop\` too
   ssh             open a shell on worker \$WORKER
   stop            send SIGTERM to the run on every worker (it checkpoints and exits)
   delete          delete the slice (and the queued resource, if one was used)
@@ -63,6 +65,26 @@ EOF
 die() {
   echo "launch.sh: $*" >&2
   exit 2
+}
+
+# The on/off settings take 0 or 1: anything else (DRY_RUN=true, SPOT=yes) used to read as
+# 0, so `DRY_RUN=true launch.sh create` created the slice and SPOT=yes billed on-demand.
+check_flags() {
+  local name
+  for name in DRY_RUN SPOT USE_QUEUED ALLOW_LOCAL_WORKDIR FOLLOW; do
+    case "${!name}" in
+    0 | 1) ;;
+    *) die "${name} must be 0 or 1, got '${!name}'" ;;
+    esac
+  done
+}
+
+# `logs` and `stop` find the run by RUN_NAME; without it or WORKDIR they looked for a run
+# named "run", and `stop` reported "run is not running" while the real run went on.
+need_run_name() {
+  if [[ -z "${WORKDIR}" && -z "${RUN_NAME_GIVEN}" ]]; then
+    die "set WORKDIR (the one given to \`run\`) or RUN_NAME: which run to $1"
+  fi
 }
 
 # Quote one word for a POSIX shell, leaving plain words readable.
@@ -179,6 +201,9 @@ print(\"process\", jax.process_index(), \"of\", jax.process_count(), \"local dev
 }
 
 cmd_run() {
+  if [[ -z "${WORKDIR}" ]]; then # (with ALLOW_LOCAL_WORKDIR=1 it ran --workdir= as "run")
+    die "set WORKDIR=gs://BUCKET/path (or a folder every host sees, with ALLOW_LOCAL_WORKDIR=1)"
+  fi
   if [[ "${WORKDIR}" != gs://* && "${ALLOW_LOCAL_WORKDIR}" != 1 ]]; then
     die "set WORKDIR=gs://BUCKET/path: every host must see the same checkpoints \
 (ALLOW_LOCAL_WORKDIR=1 to override: a single-host slice, or a folder every host mounts)"
@@ -199,6 +224,7 @@ echo \"started \$name on \$(hostname): pid \$(cat \"\$pid\"), log \$log\""
 }
 
 cmd_logs() {
+  need_run_name "show the log of"
   local tail_cmd="tail -n 100"
   [[ "${FOLLOW}" == 1 ]] && tail_cmd="tail -n 100 -f"
   tpu_vm ssh "${TPU_NAME}" --worker="${WORKER}" --command="$(run_vars)${tail_cmd} \"\$log\""
@@ -209,6 +235,7 @@ cmd_ssh() {
 }
 
 cmd_stop() {
+  need_run_name stop
   on_all_workers "$(run_vars)if [ -f \"\$pid\" ] && kill -0 \"\$(cat \"\$pid\")\" 2>/dev/null; then \
 kill -TERM \"\$(cat \"\$pid\")\" && echo \"SIGTERM sent to \$name on \$(hostname)\"; \
 else echo \"\$name is not running on \$(hostname)\"; fi"
@@ -231,6 +258,7 @@ main() {
   fi
   local command="$1"
   shift
+  [[ "${command}" == -h || "${command}" == --help || "${command}" == help ]] || check_flags
   case "${command}" in
   -h | --help | help) usage ;;
   create) cmd_create ;;
