@@ -58,21 +58,6 @@ def test_zero_scaling_steps_or_devices_are_refused(monkeypatch, capsys, flags, m
     assert message in capsys.readouterr().err
 
 
-def test_zero_whole_run_repeats_are_refused(monkeypatch, capsys):
-    """``--repeats 0`` ran no job, printed an empty table and exited 0 without its JSON."""
-    from benchmarks import whole_run
-
-    def no_job(cmd):
-        raise AssertionError("a job was started")
-
-    monkeypatch.setattr(whole_run, "run", no_job)
-    monkeypatch.setattr(sys, "argv", ["whole_run.py", "--repeats", "0"])
-    with pytest.raises(SystemExit) as exit_info:
-        whole_run.main()
-    assert exit_info.value.code == 2
-    assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     "script, flags, message",
     [
@@ -119,20 +104,28 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_timing(
         assert f"folder {str(path.parent)!r} does not exist" in err
 
 
-def test_whole_run_steps_below_one_are_refused(monkeypatch, capsys):
-    """``--steps 0`` ran lm.py (about 15 s), then nanoGPT's loop, which saved no checkpoint,
-    and its sample.py failed on the missing file."""
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        # ran no job, printed an empty table and exited 0 without its JSON
+        ("--repeats", "--repeats must be >= 1, got 0"),
+        # ran lm.py (about 15 s), then nanoGPT's loop, which saved no checkpoint at step 0,
+        # and its sample.py failed on the missing file
+        ("--steps", "--steps must be >= 1, got 0"),
+    ],
+)
+def test_whole_run_settings_below_one_are_refused(monkeypatch, capsys, flag, message):
     from benchmarks import whole_run
 
     def no_job(cmd):
         raise AssertionError("a job was started")
 
     monkeypatch.setattr(whole_run, "run", no_job)
-    monkeypatch.setattr(sys, "argv", ["whole_run.py", "--steps", "0"])
+    monkeypatch.setattr(sys, "argv", ["whole_run.py", flag, "0"])
     with pytest.raises(SystemExit) as exit_info:
         whole_run.main()
     assert exit_info.value.code == 2
-    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_negative_peak_tflops_is_refused(monkeypatch, capsys):
