@@ -6,7 +6,9 @@ import ast
 import dataclasses
 import difflib
 import functools
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -541,6 +543,61 @@ def initialize_distributed() -> None:
     # others waiting for its devices for 2 minutes (5 when it was process 0) before a
     # traceback of an unstarted backend.
     jax.devices()
+
+
+# Where each process of a multi-process run leaves its settings and their digest
+# (``check_processes_agree``): ``<prefix><process index>``.
+_SETTINGS_KEY = "jaxattn/settings/"
+_DIGEST_KEY = "jaxattn/settings_digest/"
+
+
+def check_processes_agree(settings: Mapping[str, Any]) -> None:
+    """Refuse a multi-process run whose processes were given different ``settings`` (the
+    config, ``--workdir`` and the flags that pick what the run does).
+
+    Every process runs one program on its own rows and shards: a learning rate given to
+    one process alone trained its replicas of the weights with it, silently (the
+    checkpoint recorded process 0's config); a ``num_steps`` or ``--workdir`` of its own
+    left a process waiting in a collective for minutes before JAX aborted it, and another
+    workdir failed orbax's save naming a temporary file. Every process calls it, after
+    ``initialize_distributed`` and before anything is written; it does nothing on one
+    process. The settings go through the coordinator's key-value store, not a collective
+    (one would connect the processes, and a later error on one host then left the others
+    hanging in their next collective instead of stopping).
+
+    Raises:
+      ValueError: on every process alike, naming the settings in which the first process
+        that differs from process 0 differs, with both values.
+    """
+    client = _distributed_client()
+    if client is None or jax.process_count() == 1:
+        return
+    flat = _flatten(json_metadata(dict(settings), "settings"))  # (tuples as lists, as saved)
+    mine, index = json.dumps(flat, sort_keys=True), jax.process_index()
+    timeout_ms = _DISTRIBUTED_TIMEOUT.value * 1000
+    client.key_value_set(f"{_SETTINGS_KEY}{index}", mine)
+    client.key_value_set(f"{_DIGEST_KEY}{index}", hashlib.sha256(mine.encode()).hexdigest())
+    client.wait_at_barrier("jaxattn/settings", timeout_ms)  # every digest is there
+    # Digests only (a few bytes per process), for a pod slice of many hosts.
+    digests = {int(key.rsplit("/", 1)[-1]): d for key, d in client.key_value_dir_get(_DIGEST_KEY)}
+    differ = sorted(i for i, digest in digests.items() if digest != digests[0])
+    if not differ:
+        return
+    get = lambda i: client.blocking_key_value_get(f"{_SETTINGS_KEY}{i}", timeout_ms)
+    other = differ[0]
+    want, got = json.loads(get(0)), json.loads(get(other))
+    show = lambda flat, key: repr(flat[key]) if key in flat else "(unset)"
+    changes = [
+        f"{key} {show(want, key)} -> {show(got, key)}"
+        for key in sorted(set(want) | set(got))
+        if want.get(key) != got.get(key)
+    ]
+    shown = ", ".join(changes[:4]) + (", ..." if len(changes) > 4 else "")
+    raise ValueError(
+        f"process {other} of the run was given other settings than process 0 (process 0 "
+        f"-> process {other}: {shown}); give every process the same command line (but "
+        "--process_id)"
+    )
 
 
 def sigterm_ends_the_process() -> None:

@@ -35,6 +35,7 @@ from common import (  # train/common.py (this script's directory)
     abstract_train_state,
     check_config_keys,
     check_model_shapes,
+    check_processes_agree,
     check_state_tree,
     checkpoint_config_file,
     checkpoint_config_overrides,
@@ -399,6 +400,11 @@ def main(argv: list[str]) -> None:
         workdir = epath.Path(workdir_from_flag(_WORKDIR.value))
         enable_compilation_cache()
         initialize_distributed()
+        # (sampling takes its config from the checkpoint: only training's is compared)
+        run = {"config": config.to_dict()} if not _SAMPLE_ONLY.value else {}
+        check_processes_agree(
+            {"--workdir": str(workdir), "--sample_only": _SAMPLE_ONLY.value, **run}
+        )
         if _SAMPLE_ONLY.value:
             sigterm_ends_the_process()  # (nothing to save: SIGTERM stops it at once)
             sample(workdir)

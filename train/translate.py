@@ -55,6 +55,7 @@ from common import (  # train/common.py (this script's directory)
     abstract_train_state,
     check_config_keys,
     check_model_shapes,
+    check_processes_agree,
     check_state_tree,
     checkpoint_config_file,
     checkpoint_config_overrides,
@@ -758,6 +759,11 @@ def main(argv: list[str]) -> None:
         workdir = Path(workdir_from_flag(_WORKDIR.value))
         enable_compilation_cache()
         initialize_distributed()
+        # (--translate and --bleu_only take the config from the checkpoint)
+        run = {"--translate": _TRANSLATE.value, "--bleu_only": _BLEU_ONLY.value}
+        if not (_TRANSLATE.value or _BLEU_ONLY.value):
+            run["config"] = _CONFIG.value.to_dict()
+        check_processes_agree({"--workdir": str(workdir), **run})
         if _TRANSLATE.value or _BLEU_ONLY.value:
             sigterm_ends_the_process()  # (nothing to save: SIGTERM stops it at once)
         if _TRANSLATE.value:

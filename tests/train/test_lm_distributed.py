@@ -223,13 +223,13 @@ def test_a_mesh_that_does_not_fit_the_devices_is_a_clear_error(tmp_path):
     assert "product must equal the device count" in proc.stderr
 
 
-def start_joined(args_of, devices_each=1, **env_changes):
+def start_joined(args_of, devices_each=1, command=(str(SCRIPT),), **env_changes):
     """Two processes of ``SCRIPT``, joined; ``args_of(i)``: process i's flags."""
     env, port = cpu_env(devices_each, **env_changes), free_port()
     joined = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
     return [
         subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args_of(i), *joined, f"--process_id={i}"],
+            [sys.executable, *command, *args_of(i), *joined, f"--process_id={i}"],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -264,14 +264,70 @@ def test_sigterm_stops_sampling_on_every_process(tmp_path):
     assert [proc.returncode for proc in procs] == [-signal.SIGTERM] * 2, outputs
 
 
+# train/lm.py (argv[1]) whose data file is missing on process 1's host only.
+MISSING_ON_PROCESS_1 = """
+import runpy, sys
+from pathlib import Path
+import jax
+from jaxattn.training import data
+load = data.load_text
+def load_here(path=None):
+    return load(f"{path}.not-on-this-host" if jax.process_index() == 1 else path)
+data.load_text = load_here
+sys.argv = sys.argv[1:]
+sys.path.insert(0, str(Path(sys.argv[0]).parent))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_an_error_on_one_process_is_named_by_the_other(tmp_path):
     """A data file missing on process 1's host only: process 1 said so, and process 0 waited
     2 minutes for its devices, then ended in a traceback that did not say why."""
-    args = [*COMMON, f"--workdir={tmp_path / 'run'}", "--config.mesh.data=2"]
-    missing = tmp_path / "missing.txt"
-    procs = start_joined(lambda i: args + ([f"--config.data_path={missing}"] if i else []))
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 200, encoding="utf-8")
+    args = [
+        *COMMON, f"--workdir={tmp_path / 'run'}", "--config.mesh.data=2",
+        f"--config.data_path={text}",
+    ]  # fmt: skip
+    # The same command on both, the file missing on process 1's host (as every process
+    # must be given the same settings).
+    procs = start_joined(lambda i: args, command=("-c", MISSING_ON_PROCESS_1, str(SCRIPT)))
+    missing = f"{text}.not-on-this-host"
     first, second = finish(procs, returncode=1, timeout=150)
     assert f"error: text data file not found: '{missing}'" in second, second[-3000:]
     assert "error: process 1 of the run failed" in first and "not found" in first, first[-3000:]
     assert "Traceback" not in first
+
+
+@pytest.mark.parametrize(
+    "process_1, named",
+    [
+        (["--config.learning_rate=0.05"], "config.learning_rate 0.01 -> 0.05"),
+        (["--config.num_steps=4"], "config.num_steps 2 -> 4"),
+        ("workdir", "--workdir '{run}' -> '{other}'"),
+    ],
+    ids=["learning_rate", "num_steps", "workdir"],
+)
+def test_processes_given_different_settings_are_refused_naming_them(tmp_path, process_1, named):
+    """Process 1's own learning rate trained its replicas of the weights with it, silently
+    (the checkpoint recorded process 0's config); its own num_steps left process 0 waiting
+    in a collective after its last step until JAX aborted the other; its own workdir failed
+    orbax's save naming a temporary file while process 0 hung."""
+    run, other = tmp_path / "run", tmp_path / "other"
+
+    def args_of(i):
+        args = [*COMMON, f"--workdir={run}", "--config.num_steps=2", "--config.mesh.data=2"]
+        if i == 1:
+            args += [f"--workdir={other}"] if process_1 == "workdir" else process_1
+        return args
+
+    outputs = finish(start_joined(args_of), returncode=1, timeout=120)
+    want = (
+        "error: process 1 of the run was given other settings than process 0 (process 0 -> "
+        f"process 1: {named.format(run=run, other=other)}); give every process the same "
+        "command line"
+    )
+    for out in outputs:  # Both stop at once with the same line, naming the setting.
+        assert want in out and "Traceback" not in out, out[-3000:]
+    assert not run.exists() and not other.exists()  # Nothing written.

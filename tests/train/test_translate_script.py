@@ -536,6 +536,34 @@ def test_two_processes_share_the_test_decoding(tmp_path):
         assert proc.returncode == 1 and "was trained with vocab_size=" in out, out[-4000:]
 
 
+def test_processes_given_different_settings_are_refused_naming_them(tmp_path):
+    """Each process built its sentencepiece model and batches from its own config: a
+    vocab_size given to one process alone was not caught before the runs diverged."""
+    workdir, port = tmp_path / "run", free_port()
+    args = [
+        sys.executable, str(run_translate.script), f"--config={TINY}", "--noprogress",
+        f"--workdir={workdir}", "--config.mesh.data=2", "--compilation_cache=",
+        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+    ]  # fmt: skip
+    own = [[], ["--config.vocab_size=200"]]
+    pipe = dict(cwd=REPO, env=cpu_env(devices=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs = [
+        subprocess.Popen([*args, *own[i], f"--process_id={i}"], text=True, **pipe) for i in range(2)
+    ]
+    try:
+        outs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    want = (
+        "error: process 1 of the run was given other settings than process 0 (process 0 -> "
+        "process 1: config.vocab_size 300 -> 200)"
+    )
+    for proc, out in zip(procs, outs, strict=True):
+        assert proc.returncode == 1 and want in out and "Traceback" not in out, out[-3000:]
+    assert not workdir.exists()  # Nothing written.
+
+
 def test_object_store_workdir_is_refused(tmp_path):
     """Path() would fold gs://bucket into a local gs:/bucket folder on each host."""
     proc = run_translate("--workdir=gs://bucket/run", check=False)
