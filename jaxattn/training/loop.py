@@ -648,7 +648,8 @@ class Trainer:
     def _note_steps_the_next_save_deletes(self) -> None:
         """Name the saved steps this run's settings no longer keep: resumed with
         ``keep_best=False`` (the earlier run's best step) or a smaller ``max_to_keep``,
-        orbax deleted them at the first save without a word."""
+        orbax deleted them at the first save without a word. (That save also rotates out
+        the oldest step the settings keep now, as every save does: not named.)"""
         loop, steps = self.loop, self.ckpt.all_steps()
         kept = set(steps[-loop.max_to_keep :])
         if loop.keep_best:
@@ -659,8 +660,8 @@ class Trainer:
             )
             folders = ", ".join(str(self.ckpt.step_dir(step)) for step in doomed)
             self.say(
-                f"note: the first save deletes {folders}: with {settings} this run does not "
-                "keep them (copy them elsewhere first to keep them)"
+                f"note: this run's settings ({settings}) no longer keep {folders}: its first "
+                "save deletes them (copy them elsewhere first to keep them)"
             )
 
     def _window_logged(self) -> bool:

@@ -709,10 +709,10 @@ def test_a_resume_names_the_saved_steps_its_settings_no_longer_keep(
     _fit(toy, tmp_path, num_steps=12, max_to_keep=max_to_keep, keep_best=keep_best, **kw)
     out = capsys.readouterr().out
     if deleted:
-        note = f"note: the first save deletes {checkpoints / '4'}: with max_to_keep=1 and "
-        assert note + "keep_best=False this run does not keep them" in out
+        note = "note: this run's settings (max_to_keep=1 and keep_best=False) no longer keep "
+        assert note + f"{checkpoints / '4'}: its first save deletes them" in out
     else:
-        assert "note: the first save deletes" not in out
+        assert "no longer keep" not in out
     left = sorted(int(p.name) for p in checkpoints.iterdir())
     assert left == [s for s in [4, 12] if s not in deleted]  # (the note says what happened)
 
