@@ -45,6 +45,16 @@ def check_size(value: int, name: str, where: str, minimum: int = 1) -> int:
     return size
 
 
+def is_real_scalar(value: Any) -> bool:
+    """True for a real scalar (a Python, NumPy or 0-d JAX number), not a bool: float("1.0")
+    would pass a string, which then fails in a comparison; None and complex numbers are
+    refused too. bfloat16 counts: its NumPy kind is "V", not "f"."""
+    if np.ndim(value) != 0:
+        return False
+    dtype = np.asarray(value).dtype
+    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+
+
 def check_flag(value: bool, name: str, where: str) -> bool:
     """Return ``value`` as a bool; ``ValueError`` unless it is a bool or ``np.bool_``.
 

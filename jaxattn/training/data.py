@@ -166,7 +166,7 @@ def check_process_rows(process_rows: slice | None, batch_size: int, where: str) 
     rows = slice(None) if process_rows is None else process_rows
     try:  # (an int failed as "object of type 'int' has no len()", naming nothing)
         count = len(range(batch_size)[rows]) if isinstance(rows, slice) else None
-    except TypeError:  # a slice of floats or strings
+    except (TypeError, ValueError):  # a slice of floats or strings, or a step of 0
         count = None
     if count is None:
         raise ValueError(

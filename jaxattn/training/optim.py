@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxattn.ops._checks import check_size
+from jaxattn.ops._checks import check_size, is_real_scalar
 
 # The schedule runs in float32: a larger rate would be inf there.
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -66,7 +66,7 @@ def learning_rate_schedule(
             f"lr_decay_steps={lr_decay_steps}"
         )
     # (a string failed in the comparison, True ran as a rate of 1.0; NaN fails it too)
-    if not all(_real(v) and 0 <= float(v) <= _F32_MAX for v in (learning_rate, min_lr)):
+    if not all(is_real_scalar(v) and 0 <= float(v) <= _F32_MAX for v in (learning_rate, min_lr)):
         raise ValueError(
             f"learning rates must be finite float32 values >= 0, got {learning_rate=}, {min_lr=}"
         )
@@ -182,18 +182,8 @@ def _check_setting(name: str, value: Any, ok: Callable[[float], bool], expected:
     values (``optax.inject_hyperparams`` inside ``jit``) pass unchecked."""
     if isinstance(value, jax.core.Tracer):
         return
-    if not (_real(value) and ok(float(value))):
+    if not (is_real_scalar(value) and ok(float(value))):
         raise ValueError(f"make_optimizer: {name} must be {expected}, got {value!r}")
-
-
-def _real(value: Any) -> bool:
-    """True for a real scalar, not a bool (float("1.0") would pass a string, which then
-    fails in a comparison; None and complex numbers are refused too). bfloat16 counts:
-    its NumPy kind is "V", not "f"."""
-    if np.ndim(value) != 0:
-        return False
-    dtype = np.asarray(value).dtype
-    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
 
 
 def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:

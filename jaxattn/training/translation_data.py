@@ -26,7 +26,7 @@ import gzip
 import hashlib
 import importlib.resources
 import json
-import numbers
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from jaxattn.ops._checks import as_size, check_size
+from jaxattn.ops._checks import as_size, check_size, is_real_scalar
 from jaxattn.ops.layers import check_token_ids
 from jaxattn.training.data import check_process_rows
 
@@ -110,19 +110,14 @@ def split_pairs(
     # as "'<' not supported", and neither message named split_pairs or fractions)
     given = fractions
     fractions = tuple(fractions) if isinstance(fractions, Iterable) else ()
-    real = [isinstance(f, numbers.Real) and not isinstance(f, (bool, np.bool_)) for f in fractions]
-    if not (
-        len(fractions) == 2
-        and all(real)
-        and 0 < fractions[0]
-        and 0 < fractions[1]
-        and fractions[0] + fractions[1] < 1
-    ):
+    if not (len(fractions) == 2 and all(map(is_real_scalar, fractions))):
+        fractions = (math.nan, math.nan)  # (refused below)
+    train_f, val_f = (float(f) for f in fractions)
+    if not (0 < train_f and 0 < val_f and train_f + val_f < 1):
         raise ValueError(
             "split_pairs: fractions must be two numbers (train, val), positive with a sum "
             f"below 1, got {given!r}"
         )
-    train_f, val_f = fractions
     sources = sorted({s for s, _ in pairs})  # Sorted: independent of the corpus order.
     order = np.random.default_rng(seed).permutation(len(sources))
     n_train, n_val = int(len(sources) * train_f), int(len(sources) * val_f)
@@ -158,13 +153,14 @@ def _another_live_process(pid_and_rest: str) -> bool:
     """Whether ``"<pid>.partial..."`` names a process other than this one that is running
     (on this host): its partial files are its own training, started seconds before."""
     pid = pid_and_rest.split(".", 1)[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
+    # (0 would ask about this process's group; a pid too large for C's int is no process)
+    if not pid.isdigit() or int(pid) in (0, os.getpid()) or int(pid) >= 2**31:
         return False
     try:
         os.kill(int(pid), 0)  # (signal 0: only asks whether it exists)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):  # another user's: running
+    except PermissionError:  # another user's: running
         return True
     return True
 

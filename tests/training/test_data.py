@@ -293,6 +293,6 @@ def test_tokenizer_and_lm_dataset_errors_name_the_function():
     with pytest.raises(ValueError, match=r"^lm_dataset: the train split's tokens must be 1-D"):
         data.lm_dataset(np.zeros((2, 8), np.int32), name="train split", **kw)
     tokens = np.arange(20, dtype=np.int32) % 3
-    for rows in [1, [0, 1], slice(0.0, 1.0)]:
+    for rows in [1, [0, 1], slice(0.0, 1.0), slice(0, 2, 0)]:
         with pytest.raises(ValueError, match=r"^token stream: process_rows must be a slice"):
             data.lm_dataset(tokens, process_rows=rows, **kw)

@@ -573,10 +573,13 @@ def test_sentencepiece_leaves_the_partial_files_of_a_run_still_training(tmp_path
     try:
         live = tmp_path / f".spm.{sleeper.pid}.partial.model"
         live.write_bytes(b"being written")
-        dead = tmp_path / f".spm.{2**22 + 1}.partial.model"  # above Linux's largest pid
-        dead.write_bytes(b"killed")
+        # Above Linux's largest pid; 0 (os.kill(0, 0) asks about this process's group); too
+        # large for a C int (os.kill's OverflowError): none is a running process.
+        dead = [tmp_path / f".spm.{pid}.partial.model" for pid in (2**22 + 1, 0, 10**20)]
+        for path in dead:
+            path.write_bytes(b"killed")
         td.train_sentencepiece(sentences, tmp_path / "spm", vocab_size=60)
-        assert live.exists() and not dead.exists()
+        assert live.exists() and not any(path.exists() for path in dead)
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -654,7 +657,8 @@ def test_split_pairs_names_fractions_it_cannot_use(fractions):
     float": none named split_pairs or fractions."""
     with pytest.raises(ValueError, match=r"^split_pairs: fractions must be two numbers"):
         td.split_pairs(PAIRS, seed=0, fractions=fractions)
-    split = td.split_pairs(PAIRS, seed=0, fractions=[np.float64(0.6), 0.2])  # a list is fine
+    # A list, NumPy and JAX scalars are fine.
+    split = td.split_pairs(PAIRS, seed=0, fractions=[np.float64(0.6), jnp.float32(0.2)])
     assert split == td.split_pairs(PAIRS, seed=0, fractions=(0.6, 0.2))
 
 
