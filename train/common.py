@@ -551,9 +551,13 @@ _SETTINGS_KEY = "jaxattn/settings/"
 _DIGEST_KEY = "jaxattn/settings_digest/"
 
 
-def check_processes_agree(settings: Mapping[str, Any]) -> None:
-    """Refuse a multi-process run whose processes were given different ``settings`` (the
-    config, ``--workdir`` and the flags that pick what the run does).
+def check_processes_agree(
+    flag_values: Mapping[str, Any], config: ml_collections.ConfigDict | None
+) -> None:
+    """Refuse a multi-process run whose processes were given different settings: the
+    ``flag_values`` (``--workdir`` as typed, and the flags that pick what the run does)
+    and the ``config`` of a training run (None: taken from the checkpoint). Its
+    ``data_path`` may differ: a host may read its own copy of the data.
 
     Every process runs one program on its own rows and shards: a learning rate given to
     one process alone trained its replicas of the weights with it, silently (the
@@ -572,7 +576,10 @@ def check_processes_agree(settings: Mapping[str, Any]) -> None:
     client = _distributed_client()
     if client is None or jax.process_count() == 1:
         return
-    flat = _flatten(json_metadata(dict(settings), "settings"))  # (tuples as lists, as saved)
+    settings = dict(flag_values)
+    if config is not None:
+        settings["config"] = {k: v for k, v in config.to_dict().items() if k != "data_path"}
+    flat = _flatten(json_metadata(settings, "settings"))  # (tuples as lists, as saved)
     mine, index = json.dumps(flat, sort_keys=True), jax.process_index()
     timeout_ms = _DISTRIBUTED_TIMEOUT.value * 1000
     client.key_value_set(f"{_SETTINGS_KEY}{index}", mine)

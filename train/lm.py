@@ -401,9 +401,9 @@ def main(argv: list[str]) -> None:
         enable_compilation_cache()
         initialize_distributed()
         # (sampling takes its config from the checkpoint: only training's is compared)
-        run = {"config": config.to_dict()} if not _SAMPLE_ONLY.value else {}
         check_processes_agree(
-            {"--workdir": str(workdir), "--sample_only": _SAMPLE_ONLY.value, **run}
+            {"--workdir": _WORKDIR.value, "--sample_only": _SAMPLE_ONLY.value},
+            None if _SAMPLE_ONLY.value else config,
         )
         if _SAMPLE_ONLY.value:
             sigterm_ends_the_process()  # (nothing to save: SIGTERM stops it at once)

@@ -760,10 +760,11 @@ def main(argv: list[str]) -> None:
         enable_compilation_cache()
         initialize_distributed()
         # (--translate and --bleu_only take the config from the checkpoint)
-        run = {"--translate": _TRANSLATE.value, "--bleu_only": _BLEU_ONLY.value}
-        if not (_TRANSLATE.value or _BLEU_ONLY.value):
-            run["config"] = _CONFIG.value.to_dict()
-        check_processes_agree({"--workdir": str(workdir), **run})
+        modes = {"--translate": _TRANSLATE.value, "--bleu_only": _BLEU_ONLY.value}
+        check_processes_agree(
+            {"--workdir": _WORKDIR.value, **modes},
+            None if any(modes.values()) else _CONFIG.value,
+        )
         if _TRANSLATE.value or _BLEU_ONLY.value:
             sigterm_ends_the_process()  # (nothing to save: SIGTERM stops it at once)
         if _TRANSLATE.value:
