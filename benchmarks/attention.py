@@ -117,9 +117,11 @@ def non_negative_int(text: str) -> int:
 
 
 def json_path(text: str) -> str:
-    """argparse type for ``--json FILE``: a file that can be written, checked before the
-    benchmark runs (a folder, or a file in a folder that does not exist, used to fail
-    only when the results were written, after minutes of timing)."""
+    """argparse type for ``--json FILE``: not a folder, in a folder that exists (checked
+    before the benchmark runs: either used to fail only when the results were written,
+    after minutes of timing). ``""`` stays "no JSON"."""
+    if not text:
+        return text
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
@@ -145,9 +147,12 @@ def write_json(path: str | None, results: dict) -> None:
     if path:
         header = {"machine": machine(), "date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}"}
         partial_path = f"{path}.partial"
-        with open(partial_path, "w") as f:
-            json.dump(header | results, f, indent=1)
-        os.replace(partial_path, path)
+        try:
+            with open(partial_path, "w") as f:
+                json.dump(header | results, f, indent=1)
+            os.replace(partial_path, path)
+        finally:  # (a failed or interrupted write leaves no partial file behind)
+            Path(partial_path).unlink(missing_ok=True)
 
 
 def wait_quiet(limit: float = 30.0) -> None:

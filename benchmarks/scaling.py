@@ -132,8 +132,9 @@ def main() -> None:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if min(args.devices) < 1:  # (0 failed in the worker, in JAX's backend start-up)
         parser.error(f"--devices must be >= 1, got {min(args.devices)}")
-    if args.peak_tflops < 0:  # (printed a negative MFU; 0 leaves the column out)
-        parser.error(f"--peak-tflops must be >= 0, got {args.peak_tflops}")
+    # (a negative or NaN peak printed a negative or NaN MFU; 0 leaves the column out)
+    if not 0 <= args.peak_tflops < math.inf:
+        parser.error(f"--peak-tflops must be a finite number >= 0, got {args.peak_tflops}")
     if args.worker:
         print(json.dumps(worker(tuple(args.worker), args.steps)))
         return

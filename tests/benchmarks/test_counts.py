@@ -128,18 +128,20 @@ def test_whole_run_settings_below_one_are_refused(monkeypatch, capsys, flag, mes
     assert message in capsys.readouterr().err
 
 
-def test_negative_peak_tflops_is_refused(monkeypatch, capsys):
-    """It printed a negative MFU after timing every mesh."""
+@pytest.mark.parametrize("peak", ["-197", "nan", "inf"])
+def test_a_peak_tflops_that_is_not_a_finite_size_is_refused(monkeypatch, capsys, peak):
+    """It printed a negative (or NaN, or zero) MFU after timing every mesh."""
 
     def no_worker(*args, **kwargs):
         raise AssertionError("a worker was started")
 
     monkeypatch.setattr(scaling.subprocess, "run", no_worker)
-    monkeypatch.setattr(sys, "argv", ["scaling.py", "--peak-tflops", "-197"])
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--peak-tflops", peak])
     with pytest.raises(SystemExit) as exit_info:
         scaling.main()
     assert exit_info.value.code == 2
-    assert "--peak-tflops must be >= 0, got -197.0" in capsys.readouterr().err
+    want = f"--peak-tflops must be a finite number >= 0, got {float(peak)}"
+    assert want in capsys.readouterr().err
 
 
 def test_write_json_never_leaves_a_cut_off_file(monkeypatch, tmp_path):
@@ -159,3 +161,10 @@ def test_write_json_never_leaves_a_cut_off_file(monkeypatch, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         attention.write_json(str(out), {"whole_run": {"jaxattn_s": 130.0, "torch_s": 120.0}})
     assert json.loads(out.read_text())["whole_run"] == {"jaxattn_s": 130.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.json"]  # no .partial left
+    # A value JSON cannot hold fails the write the same way; "" means no JSON, as before.
+    monkeypatch.undo()
+    with pytest.raises(TypeError):
+        attention.write_json(str(out), {"x": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.json"]
+    assert attention.json_path("") == ""
