@@ -552,6 +552,13 @@ def _teacher_forced(
     _, rng = _dropout_setup(rng, deterministic, config, where)
     r_enc, r_dec = _keys(rng, 2)
     memory = _encode(weights, src, src_lengths, config, r_enc, deterministic, where)
+    # (else decode's check named memory and src_mask, which the caller never passed)
+    tgt_in = _as_tokens(tgt_in, config.tgt_vocab_size, config, f"{where}: tgt_in")
+    if tgt_in.shape[0] != memory.shape[0]:
+        raise ValueError(
+            f"{where}: src [B, S] and tgt_in [B, T] must share B, got src "
+            f"{memory.shape[:2]} and tgt_in {tgt_in.shape}"
+        )
     src_mask = padding_mask(jnp.asarray(src_lengths), memory.shape[1])
     return _decoder_hidden(weights, memory, src_mask, tgt_in, config, r_dec, deterministic, where)
 

@@ -674,6 +674,11 @@ def test_the_logits_and_the_loss_name_themselves_not_encode_or_decode(np_rng):
             lambda: transformer_logits(w, src, bad_lengths, tgt_in, BASE),
         ),
         (
+            r"transformer_logits: src \[B, S\] and tgt_in \[B, T\] must share B, got src "
+            r"\(3, 5\) and tgt_in \(2, 4\)",
+            lambda: transformer_logits(w, src, lengths, tgt_in[:2], BASE),
+        ),
+        (
             "transformer_logits: the weights",
             lambda: transformer_logits(w._replace(decoder=None), src, lengths, tgt_in, BASE),
         ),
