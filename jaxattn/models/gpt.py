@@ -70,6 +70,7 @@ from jaxattn.ops.layers import (
     init_feed_forward,
     init_layer_norm,
     layer_norm,
+    to_rank,
     unembed,
 )
 from jaxattn.ops.losses import check_counted_ids, chunked_cross_entropy, cross_entropy
@@ -356,7 +357,8 @@ def _embed(weights: GPTWeights, tokens: Array, positions: Array, config: GPTConf
     """Token (+ learned position) embeddings in the compute dtype. -> ``[B, T, D]``."""
     x = embed(weights.token_embedding, tokens)  # [B, T, D]
     if weights.position_embedding is not None:
-        x = x + learned_positions(weights.position_embedding, positions)  # [T, D] broadcast
+        # [T, D] or [B, T, D]; to_rank: an explicit broadcast (rank promotion may be "raise")
+        x = x + to_rank(learned_positions(weights.position_embedding, positions), x.ndim)
     return x
 
 

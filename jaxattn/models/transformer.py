@@ -86,6 +86,7 @@ from jaxattn.ops.layers import (
     init_layer_norm,
     layer_norm,
     project,
+    to_rank,
     unembed,
 )
 from jaxattn.ops.losses import check_label_smoothing, chunked_cross_entropy, cross_entropy
@@ -259,7 +260,8 @@ def init_transformer(rng: Array, config: TransformerConfig) -> TransformerWeight
 def _embed(table: EmbeddingWeights, tokens: Array, positions: Array, config) -> Array:
     """``embed(tokens) * sqrt(D) + PE[positions]``: ``[B, T]`` -> ``[B, T, D]``."""
     pe = sinusoidal_positions(config.max_len, config.embed_dim, dtype=table.table.dtype)
-    return embed(table, tokens) * math.sqrt(config.embed_dim) + jnp.take(pe, positions, axis=0)
+    x = embed(table, tokens) * math.sqrt(config.embed_dim)  # [B, T, D]
+    return x + to_rank(jnp.take(pe, positions, axis=0), x.ndim)  # (explicit: see to_rank)
 
 
 def _sublayer(x, ln, fn, config, rate, rng):

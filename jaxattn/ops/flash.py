@@ -43,7 +43,7 @@ keys plus its second half of rows against all keys, since the top-right quarter 
 (``local_window_size``) skips the blocks below its lower edge (and above its upper edge)
 in the same way and masks the tiles its edges cross, so a causal window of W keys visits
 about ``T / bq * (W / bk + 2)`` tiles per head instead of about ``T² / (2 bq bk)``.
-A query row with nothing to attend to gets output 0, zero gradients and ``log l = +inf``,
+A query row with nothing to attend to gets output 0, zero gradients and ``log l = 0``,
 as in the einsum path of ``jaxattn.ops.attention``. Queries are the last T of the S key
 positions (``jaxattn.ops.masks.causal_mask``).
 
@@ -410,11 +410,14 @@ def _visible(i, j, rows: int, p: _Plan, transposed: bool) -> Array:
     return visible
 
 
-def _diagonal_bias(g: int, bq: int, transposed: bool) -> Array:
-    """0 where a diagonal tile's key c <= query row's time r % bq, else -inf: ``[G bq, bq]``
-    (``[bq, G bq]`` transposed). A constant, so edge tiles skip ``_visible``'s index math."""
+def _diagonal_visible(g: int, bq: int, transposed: bool) -> Array:
+    """True where a diagonal tile's key c <= query row's time r % bq: ``[G bq, bq]`` (``[bq,
+    G bq]`` transposed). A constant, so edge tiles skip ``_visible``'s index math. Boolean,
+    not a 0 / -inf bias: run eagerly (a ``jax.vjp`` outside ``jit``), a -inf constant was
+    an "invalid value (inf)" error under ``jax.debug_infs``; ``_mask_diagonal`` makes the
+    bias inside the traced tile loop, where XLA folds it to the same constant."""
     time = np.arange(g * bq) % bq
-    tile = np.where(np.arange(bq)[None, :] <= time[:, None], 0.0, -np.inf).astype(np.float32)
+    tile = np.arange(bq)[None, :] <= time[:, None]
     return jnp.asarray(tile.T if transposed else tile)
 
 
@@ -452,18 +455,19 @@ def _part_tile(tile: Array | None, rows: slice, cols: slice, transposed: bool) -
     return tile[:, pick(rows, tile.shape[1]), pick(cols, tile.shape[2])]
 
 
-def _mask_diagonal(s: Array, diag_bias, mask_tile, bias_tile, g: int, transposed: bool) -> Array:
-    """``_mask_and_bias`` of a diagonal tile whose causal mask is ``diag_bias`` (0 / -inf)."""
+def _mask_diagonal(s: Array, diag_visible, mask_tile, bias_tile, g: int, transposed: bool) -> Array:
+    """``_mask_and_bias`` of a diagonal tile whose causal mask is ``diag_visible``."""
     if bias_tile is None:  # adding the -inf is cheaper than a select (a bias may be +inf)
-        return _mask_and_bias(s + diag_bias.astype(s.dtype), None, mask_tile, None, g, transposed)
-    return _mask_and_bias(s, diag_bias == 0, mask_tile, bias_tile, g, transposed)
+        diag_bias = jnp.where(diag_visible, 0.0, -jnp.inf).astype(s.dtype)
+        return _mask_and_bias(s + diag_bias, None, mask_tile, None, g, transposed)
+    return _mask_and_bias(s, diag_visible, mask_tile, bias_tile, g, transposed)
 
 
-def _mask_logits(s, i, j, edge: bool, diag_bias, mask_tile, bias_tile, rows, g, p, transposed):
+def _mask_logits(s, i, j, edge: bool, diag_visible, mask_tile, bias_tile, rows, g, p, transposed):
     """Mask and bias the logits of tile (i, j). An edge tile (one the causal diagonal, a
-    window edge or padding crosses) takes ``diag_bias`` when given, else ``_visible``."""
-    if edge and diag_bias is not None:
-        return _mask_diagonal(s, diag_bias, mask_tile, bias_tile, g, transposed)
+    window edge or padding crosses) takes ``diag_visible`` when given, else ``_visible``."""
+    if edge and diag_visible is not None:
+        return _mask_diagonal(s, diag_visible, mask_tile, bias_tile, g, transposed)
     vis = _visible(i, j, rows, p, transposed) if edge else None
     return _mask_and_bias(s, vis, mask_tile, bias_tile, g, transposed)
 
@@ -549,7 +553,7 @@ def _forward(q, k, v, mask, bias, seed, scale, p: _Plan) -> tuple[Array, tuple[A
     ``softmax(s) * keep / (1 - rate) @ v``.
 
     ``m`` (each row's logit max; 0 for a row that sees no key) and ``log l`` (its log
-    normaliser; +inf for such a row) are float32 ``[B*K, nq, R]``. A traced ``scale`` adds
+    normaliser; 0 for such a row) are float32 ``[B*K, nq, R]``. A traced ``scale`` adds
     a third: each row's mean unscaled logit ``sum(p q kᵀ)`` (0 for a row that sees no
     key), which ``_backward`` takes from the logits in its ``dscale``.
     """
@@ -560,7 +564,7 @@ def _forward(q, k, v, mask, bias, seed, scale, p: _Plan) -> tuple[Array, tuple[A
     masks = None if mask is None else _pair_blocks(mask, kh, p, False, False)
     biases = None if bias is None else _pair_blocks(bias, kh, p, False, 0)
 
-    diag_bias = _diagonal_bias(g, p.bq, False) if p.diagonal_edges else None
+    diag_visible = _diagonal_visible(g, p.bq, False) if p.diagonal_edges else None
     traced = scale is not None
     scale = p.scale if scale is None else scale
 
@@ -595,7 +599,7 @@ def _forward(q, k, v, mask, bias, seed, scale, p: _Plan) -> tuple[Array, tuple[A
             def step(j, carry, edge, band=False):
                 s, raw = logits(qi, kz[j])
                 tiles = _tile(mz, i, j), _tile(bz, i, j)
-                diagonal = None if band else diag_bias  # a window's edge: _visible
+                diagonal = None if band else diag_visible  # a window's edge: _visible
                 s = _mask_logits(s, i, j, edge, diagonal, *tiles, rows, g, p, False)
                 drop = _dropout_multiplier(seed, row_ids, j, p.bk, p, False, wide, False)
                 return update(s, raw, vz[j], drop, *carry)
@@ -607,7 +611,7 @@ def _forward(q, k, v, mask, bias, seed, scale, p: _Plan) -> tuple[Array, tuple[A
                 halves = []
                 for first, rows_in, keys in _diagonal_halves(h):
                     s, raw = logits(_half_rows(qi, g, first), kz[j][keys])
-                    edge = _half_rows(diag_bias, g, first)[:, keys]
+                    edge = _half_rows(diag_visible, g, first)[:, keys]
                     mask_tile, bias_tile = (_part_tile(t, rows_in, keys, False) for t in tiles)
                     s = _mask_diagonal(s, edge, mask_tile, bias_tile, g, False)
                     state = (_half_rows(x, g, first) for x in carry)
@@ -636,7 +640,9 @@ def _forward(q, k, v, mask, bias, seed, scale, p: _Plan) -> tuple[Array, tuple[A
                 # disagreed with its exact rowsum(dp p), giving a one-key row nonzero dq, dk.
                 out = out * jnp.asarray(1.0 / (1.0 - p.dropout_rate), wide)
             row_max = jnp.where(denom > 0, m, 0.0)
-            log_l = jnp.where(denom > 0, jnp.log(denom), jnp.inf)  # exp(s - 0 - inf) = 0
+            # A row that sees no key: its logits are -inf in the backward too, so
+            # exp(s - 0 - 0) = 0 there. (Not +inf: a residual that jax.debug_infs reported.)
+            log_l = jnp.where(denom > 0, jnp.log(denom), 0.0)
             mean = [x / jnp.where(denom > 0, denom, 1.0) for x in mean]
             return out, row_max, log_l, *mean  # out in float32: the backward's delta reads it
 
@@ -669,7 +675,7 @@ def _backward(q, k, v, mask, bias, seed, scale, out, stats, dout, p: _Plan):
     masks = None if mask is None else _pair_blocks(mask, kh, p, True, False)
     biases = None if bias is None else _pair_blocks(bias, kh, p, True, 0)
 
-    diag_bias = _diagonal_bias(g, p.bq, True) if p.diagonal_edges else None
+    diag_visible = _diagonal_visible(g, p.bq, True) if p.diagonal_edges else None
     traced = scale is not None
     scale = p.scale if scale is None else scale
 
@@ -716,7 +722,7 @@ def _backward(q, k, v, mask, bias, seed, scale, out, stats, dout, p: _Plan):
                 # Transposed tiles [C, R]: dk and dv then contract over the minor axis.
                 st, raw_t = logits_t(kj, qi)
                 tiles = _tile(mz, j, i), _tile(bz, j, i)
-                diagonal = None if band else diag_bias  # a window's edge: _visible
+                diagonal = None if band else diag_visible  # a window's edge: _visible
                 st = _mask_logits(st, i, j, edge, diagonal, *tiles, rows, g, p, True)
                 stats_i = maxz[i], log_lz[i], deltaz[i]
                 row_ids = None if seed is None else _row_ids(z, i, g, p)
@@ -737,7 +743,7 @@ def _backward(q, k, v, mask, bias, seed, scale, out, stats, dout, p: _Plan):
                     half = partial(_half_rows, g=g, first=first)
                     qh = half(qz[i])
                     st, raw_t = logits_t(kj[keys], qh)
-                    edge = _half_rows(diag_bias, g, first, axis=1)[keys]
+                    edge = _half_rows(diag_visible, g, first, axis=1)[keys]
                     mask_tile, bias_tile = (_part_tile(t, rows_in, keys, True) for t in tiles)
                     st = _mask_diagonal(st, edge, mask_tile, bias_tile, g, True)
                     row_ids = None if seed is None else half(_row_ids(z, i, g, p))

@@ -78,6 +78,13 @@ def as_array(x: Any, name: str, where: str, *, what: str = "an array") -> Array:
         ) from None
 
 
+def to_rank(x: Array, ndim: int) -> Array:
+    """``x`` with leading size-1 axes up to ``ndim`` axes (a ``[D]`` scale or bias against
+    ``[..., D]`` activations), so that the library's own broadcasts are explicit: under
+    ``jax.numpy_rank_promotion("raise")`` an implicit rank promotion is an error."""
+    return jnp.reshape(x, (1,) * (ndim - jnp.ndim(x)) + jnp.shape(x))
+
+
 def float32_or_wider(dtype: DType) -> jnp.dtype:
     """The dtype that norms, softmax, losses and RoPE compute in for inputs of ``dtype``:
     float32 for bfloat16, float16 and float32 (and non-floats), float64 for float64 (with
@@ -176,7 +183,7 @@ def project(x: Array, w: Array, b: Array | None = None, *, contract_dims: int = 
     # math.prod(lead), not -1: with n_in = 0 (an LSTM with input_size 0) -1 is ambiguous.
     y = _tokens_matmul(x.reshape(math.prod(lead), n_in), w.reshape(n_in, n_out).astype(x.dtype))
     if b is not None:
-        y = y + b.reshape(n_out).astype(x.dtype)
+        y = y + b.reshape(1, n_out).astype(x.dtype)  # (explicit: see to_rank)
     return y.reshape(*lead, *out_shape)
 
 
@@ -377,9 +384,9 @@ def layer_norm(weights: LayerNormWeights, x: Array, *, eps: float = 1e-5) -> Arr
     xw = x.astype(wide)
     mean = jnp.mean(xw, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xw - mean), axis=-1, keepdims=True)
-    y = (xw - mean) * jax.lax.rsqrt(var + eps) * weights.scale.astype(wide)
+    y = (xw - mean) * jax.lax.rsqrt(var + eps) * to_rank(weights.scale.astype(wide), x.ndim)
     if weights.bias is not None:
-        y = y + weights.bias.astype(wide)
+        y = y + to_rank(weights.bias.astype(wide), x.ndim)
     return y.astype(x.dtype)
 
 
@@ -412,7 +419,7 @@ def rms_norm(weights: RMSNormWeights, x: Array, *, eps: float = 1e-6) -> Array:
     wide = float32_or_wider(x.dtype)
     xw = x.astype(wide)
     y = xw * jax.lax.rsqrt(jnp.mean(jnp.square(xw), axis=-1, keepdims=True) + eps)
-    return (y * weights.scale.astype(wide)).astype(x.dtype)
+    return (y * to_rank(weights.scale.astype(wide), x.ndim)).astype(x.dtype)
 
 
 def gelu(x: Array, *, approximate: bool = True) -> Array:

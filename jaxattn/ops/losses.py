@@ -234,6 +234,9 @@ def _counted_losses(
     # An uncounted row's logits never reach the loss, nor (as NaN) its gradient: a row of
     # all -inf gives NaN in log_softmax's backward even under a zero cotangent.
     logits = jnp.where(counted[..., None], logits, jnp.zeros_like(logits))
+    # Nor its target: a -100 "ignore" label made a NaN loss (dropped by the where below),
+    # which jax.debug_nans reported as an error in the user's model.
+    targets = jnp.where(counted, targets, jnp.zeros_like(targets))
     losses = _token_losses(logits, targets, label_smoothing)  # [...]
     # where, not losses * counted: an uncounted token's loss may be inf (its target's
     # logit is -inf, e.g. a pad target the model never predicts) and inf * 0 = NaN.

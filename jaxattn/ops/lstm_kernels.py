@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from jaxattn.ops.layers import project
+from jaxattn.ops.layers import project, to_rank
 
 if TYPE_CHECKING:
     from jaxattn.ops.lstm import LSTMWeights
@@ -56,8 +56,8 @@ def _activate(z: Array, c: Array) -> tuple[Array, Carry]:
     work = jnp.float32 if z.dtype.itemsize < 4 else z.dtype
     # Per column: 1/2 on the sigmoid blocks (i, f, o), 1 on the tanh block (g).
     is_g = jnp.arange(4 * hidden) // hidden == 2
-    scale = jnp.where(is_g, 1.0, 0.5).astype(work)
-    offset = jnp.where(is_g, 0.0, 0.5).astype(work)
+    scale = to_rank(jnp.where(is_g, 1.0, 0.5).astype(work), z.ndim)  # [1, 4h]
+    offset = to_rank(jnp.where(is_g, 0.0, 0.5).astype(work), z.ndim)
     gates = (scale * jnp.tanh(scale * z.astype(work)) + offset).astype(z.dtype)
     i, f, g, o = jnp.split(gates, 4, axis=-1)  # each [B, h]
     c = f * c + i * g
@@ -163,7 +163,7 @@ def _forward(w_hh, gx, carry, valid, reverse, save_gates=False, proj=None):
             gates, new = _cell(w_hh, state, gx_t)
         else:
             x_h = jnp.concatenate([gx_t, state[0]], axis=-1)  # [B, I + h]
-            gates, new = _activate(x_h @ w_in_hh + proj[1], state[1])
+            gates, new = _activate(x_h @ w_in_hh + to_rank(proj[1], 2), state[1])
         if valid_t is not None:
             new = (jnp.where(valid_t, new[0], state[0]), jnp.where(valid_t, new[1], state[1]))
         # The gates as one [B, 4h] row: the backward overwrites it with dz (see there).

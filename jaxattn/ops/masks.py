@@ -25,7 +25,13 @@ import numpy as np
 from jax.extend.random import threefry2x32_p
 
 from jaxattn.ops._checks import check_size
-from jaxattn.ops.layers import as_array, check_dropout_rate, float32_or_wider, ids_to_check
+from jaxattn.ops.layers import (
+    as_array,
+    check_dropout_rate,
+    float32_or_wider,
+    ids_to_check,
+    to_rank,
+)
 
 Array = jax.Array
 DType = jnp.dtype | type | str
@@ -234,9 +240,12 @@ def combine_masks(*masks: Array | None) -> Array | None:
     except ValueError:
         shapes = ", ".join(str(m.shape) for m in present)
         raise ValueError(f"combine_masks: shapes do not broadcast: {shapes}") from None
-    out = present[0]
+    # Ranks made equal first: an implicit rank promotion is an error under
+    # jax.numpy_rank_promotion("raise"), and the broadcasting is this function's promise.
+    ndim = max(m.ndim for m in present)
+    out = to_rank(present[0], ndim)
     for m in present[1:]:
-        out = jnp.logical_and(out, m)
+        out = jnp.logical_and(out, to_rank(m, ndim))
     return out
 
 
@@ -274,15 +283,21 @@ def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> 
     x = scores.astype(float32_or_wider(scores.dtype))
     if mask is not None:
         mask = check_mask(mask, x.shape, "masked_softmax")
-        # -inf before the max, so huge masked logits cannot dominate it or overflow exp. Not
-        # a finite stand-in: visible logits below it (a float32-min bias) would lose.
-        x = jnp.where(mask, x, -jnp.inf)
     if x.shape[axis] == 0:  # no keys at all: an empty result, as jax.nn.softmax gives
         return x
-    row_max = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-    # A row with nothing visible (all -inf) would give -inf - -inf = NaN: exp(-inf) = 0.
+    # The max over visible entries only, so huge masked logits cannot dominate it. Masked
+    # entries are then shifted to 0 and their exp zeroed, never set to -inf: an inf (or
+    # -inf - -inf = NaN) made by the mask itself was a false alarm under jax.debug_infs,
+    # and zeroing after the exp keeps visible logits at float32's min (a bias) exact.
+    visible = x if mask is None else jnp.where(mask, x, jnp.finfo(x.dtype).min)
+    row_max = jax.lax.stop_gradient(jnp.max(visible, axis=axis, keepdims=True))
+    # A row whose visible logits are all -inf would give -inf - -inf = NaN: exp(-inf) = 0.
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    if mask is not None:
+        x = jnp.where(mask, x, row_max)
     e = jnp.exp(x - row_max)
+    if mask is not None:
+        e = jnp.where(mask, e, 0.0)
     total = jnp.sum(e, axis=axis, keepdims=True)
     return e / jnp.where(total > 0, total, 1.0)
 

@@ -42,6 +42,7 @@ from jaxattn.ops.layers import (
     float32_or_wider,
     ids_to_check,
     normal,
+    to_rank,
 )
 
 Array = jax.Array
@@ -173,6 +174,7 @@ def rope_frequencies(
         # Past 256 (bfloat16) or 2048 (float16) positions would snap to coarser steps.
         raise ValueError(f"rope_frequencies: dtype must be float32 or float64, got {dtype}")
     inv_freq = jnp.asarray(_inverse_frequencies(head_dim, base), dtype=dtype)  # [H/2]
+    inv_freq = to_rank(inv_freq, positions.ndim + 1)  # [1.., H/2]: broadcast explicitly
     theta = positions.astype(dtype)[..., None] * inv_freq  # [..., T, H/2]
     return jnp.sin(theta), jnp.cos(theta)
 

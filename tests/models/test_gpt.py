@@ -2,6 +2,7 @@
 (logits and gradients), causality, dropout, remat, bfloat16 and bad inputs."""
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -12,6 +13,7 @@ import pytest
 from jaxattn.models.gpt import (
     GPTConfig,
     GPTWeights,
+    generate,
     gpt,
     gpt_decode,
     gpt_loss,
@@ -340,6 +342,23 @@ def test_loss_matches_reference_with_and_without_mask():
         gpt_loss(w, tokens, targets, BASE, mask=mask[:, :-1])
     with pytest.raises(ValueError, match="targets"):
         gpt_loss(w, tokens, jnp.full((B, T), 13), BASE)
+
+
+@pytest.mark.parametrize("config", [BASE, GQA, ROPE], ids=["learned", "gqa", "rope"])
+def test_loss_and_generate_under_rank_promotion_raise(config):
+    """Under jax.numpy_rank_promotion("raise") (a user's guard against their own implicit
+    broadcasts) gpt, gpt_loss and generate failed inside the library: the [T, D] position
+    table added to [B, T, D] embeddings, the norms' [D] scales, the biases, rope."""
+    w = random_weights(config)
+    tokens, targets = tokens_for(config, seed=1), tokens_for(config, seed=2)
+    want = np_cross_entropy(np_gpt(w, tokens, config), targets).mean()
+    run = functools.partial(generate, w, config, tokens[:, :3], 4, temperature=0.0)
+    with jax.numpy_rank_promotion("raise"):
+        loss, grads = jax.value_and_grad(gpt_loss)(w, tokens, targets, config)
+        greedy = run()
+    np.testing.assert_allclose(loss, want, rtol=1e-4)
+    np.testing.assert_array_equal(greedy, run())
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
 # --------------------------------------------------------------------------------------

@@ -207,6 +207,22 @@ def test_cached_decode_step_equals_teacher_forcing(config, np_rng):
     assert int(index) == tgt_in.shape[1]
 
 
+def test_logits_and_translate_under_rank_promotion_raise(np_rng):
+    """Under jax.numpy_rank_promotion("raise") the [T, D] position encodings added to the
+    [B, T, D] embeddings (and the norms' scales) failed with "Operands could not be
+    broadcast together" from inside the model."""
+    pytest.importorskip("torch")
+    w = random_weights(BASE)
+    src, lengths, tgt_in = example_batch(BASE, np_rng)
+    _, want_logits = torch_forward(*torch_model(w, BASE), w, BASE, src, lengths, tgt_in)
+    run = functools.partial(translate, w, BASE, src, lengths, beam_size=2, max_len=5)
+    with jax.numpy_rank_promotion("raise"):
+        got = transformer_logits(w, src, lengths, tgt_in, BASE)
+        beams = run()
+    np.testing.assert_allclose(got, want_logits, rtol=2e-4, atol=2e-4)
+    np.testing.assert_array_equal(beams, run())
+
+
 @pytest.mark.parametrize("beam_size", [1, 2])
 def test_translate_under_x64_equals_default(np_rng, beam_size):
     """With jax_enable_x64 the cache write's start indices must share the index's dtype."""

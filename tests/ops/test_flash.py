@@ -193,6 +193,19 @@ def test_outputs_and_grads_match_numpy_and_xla(np_rng, name, batch_heads):
         assert_all_close(out, grads, want, want_grads)
 
 
+@pytest.mark.parametrize("batch_heads", [False, True], ids=["per_head", "batch_heads"])
+@pytest.mark.parametrize("name", ["causal_t>s_gqa3", "mask_bias_gqa3"])
+def test_rows_that_see_no_key_make_no_inf_under_debug_infs(np_rng, name, batch_heads):
+    """A row with nothing to attend to stored log l = +inf for the backward: run eagerly
+    under jax.debug_infs, the gradient failed with "invalid value (inf) encountered in
+    scan" though nothing the user gave was infinite."""
+    (q, k, v, bias), kw, blocks = make_case(np_rng, name)
+    cot = normal(np_rng, *q.shape)
+    with jax.debug_infs(True):
+        out, grads = vjp_of("flash", q, k, v, bias, cot, kw, blocks, batch_heads)
+    assert_all_close(out, grads, *np_attention_vjp(q, k, v, cot, bias=bias, **kw))
+
+
 @pytest.mark.parametrize("name", ["causal", "mask_bias_gqa3", "causal_bias_gqa3_split"])
 def test_float64_inputs_compute_in_float64(np_rng, name):
     """With jax_enable_x64 the tiles, statistics and accumulators of float64 inputs are

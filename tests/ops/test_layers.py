@@ -195,6 +195,27 @@ def test_dense_grads_jit_vmap(np_rng):
     np.testing.assert_allclose(jax.jit(dense)(weights, xs), dense(weights, xs), **TOL)
 
 
+def test_project_and_norms_under_rank_promotion_raise(np_rng):
+    """A [D] bias or scale against [..., D] activations is broadcast explicitly: under
+    jax.numpy_rank_promotion("raise") (a user's guard against their own broadcasting bugs)
+    dense, layer_norm and rms_norm, so every model, failed with "Operands could not be
+    broadcast together" from inside the library."""
+    x, w, b = f32(np_rng, B, T, D), f32(np_rng, D, F), f32(np_rng, F)
+    scale, bias = f32(np_rng, D), f32(np_rng, D)
+    with jax.numpy_rank_promotion("raise"):
+        y = project(x, w, b)
+        ln, dln = jax.value_and_grad(
+            lambda s: jnp.sum(layer_norm(LayerNormWeights(s, bias), x)), argnums=0
+        )(scale)
+        rms = rms_norm(RMSNormWeights(scale), x)
+    np.testing.assert_allclose(y, f64(x) @ f64(w) + f64(b), **TOL)
+    want_ln = np_layer_norm(f64(x), f64(scale), f64(bias), 1e-5)
+    np.testing.assert_allclose(ln, want_ln.sum(), rtol=1e-5)
+    normalised = np_layer_norm(f64(x), np.ones(D), None, 1e-5)  # d sum / d scale
+    np.testing.assert_allclose(dln, normalised.sum((0, 1)), **TOL)
+    np.testing.assert_allclose(rms, np_rms_norm(f64(x), f64(scale), 1e-6), **TOL)
+
+
 def test_project_grad_matches_torch(np_rng):
     torch = pytest.importorskip("torch")
     x, w, b = f32(np_rng, B, 5, 7), f32(np_rng, 5, 7, F), f32(np_rng, F)

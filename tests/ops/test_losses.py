@@ -463,3 +463,32 @@ def test_chunked_cross_entropy_takes_a_list_hidden_without_a_warning():
         warnings.simplefilter("error")
         got = chunked_cross_entropy(hidden.tolist(), lambda h: h @ w, targets, chunk_size=2)
     np.testing.assert_allclose(got, cross_entropy(jnp.asarray(hidden, jnp.float32) @ w, targets))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_ignored_targets_make_no_nan_under_debug_nans(np_rng, chunk_size):
+    """An uncounted -100 "ignore" label gave a NaN token loss (then dropped), which
+    jax.debug_nans reported as "invalid value (nan) encountered in gather": a false alarm
+    for a user hunting a NaN in their model. The loss and its gradient are the reference's."""
+    logits = np_rng.normal(size=(B, T, V)).astype(np.float32)
+    targets = np_rng.integers(0, V, (B, T))
+    mask = np_rng.random((B, T)) > 0.4
+    ignored = jnp.asarray(np.where(mask, targets, -100), jnp.int32)
+
+    def loss(x):
+        if chunk_size is None:
+            return cross_entropy(x, ignored, mask, label_smoothing=0.1)
+        return chunked_cross_entropy(
+            x, lambda h: h, ignored, mask, chunk_size=chunk_size, label_smoothing=0.1
+        )
+
+    with jax.debug_nans(True):
+        got, grad = jax.value_and_grad(loss)(jnp.asarray(logits))
+    np.testing.assert_allclose(got, np_cross_entropy(logits, targets, mask, 0.1), rtol=1e-5)
+    # d/dlogits of the mean: (softmax - p) / count on counted tokens, 0 elsewhere.
+    x = logits.astype(np.float64)
+    q = np.exp(x - x.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    p = np.eye(V)[targets] * 0.9 + 0.1 / V
+    want = (q - p) * mask[..., None] / mask.sum()
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-7)

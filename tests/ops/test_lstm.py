@@ -75,6 +75,36 @@ def test_lstm_scan_matches_numpy_reference(rng, np_rng, reverse, lengths):
     np.testing.assert_allclose(c, c_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["scan", "autodiff"])
+def test_lstm_scan_under_rank_promotion_raise(rng, np_rng, implementation):
+    """The [4h] bias and gate constants against [B, 4h] rows are broadcast explicitly:
+    under jax.numpy_rank_promotion("raise") lstm_scan (forward and gradient, so every
+    seq2seq model) failed with "Operands could not be broadcast together"."""
+    weights = init_lstm(rng, IN, HID)
+    xs, h0, c0 = _inputs(np_rng)
+    run = lambda w: lstm_scan(w, xs, (h0, c0), lengths=LENGTHS, implementation=implementation)
+    with jax.numpy_rank_promotion("raise"):
+        ys, (h, c) = run(weights)
+        grads = jax.grad(lambda w: jnp.sum(run(w)[0]))(weights)
+    ys_ref, (h_ref, c_ref) = reference_lstm(weights, xs, h0, c0, LENGTHS)
+    np.testing.assert_allclose(ys, ys_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h, h_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(c, c_ref, atol=1e-5, rtol=1e-5)
+    # The bias gradient against the reference's, by central differences in float64.
+    eps, b = 1e-6, np.asarray(weights.b, np.float64)
+    want_db = [
+        (
+            reference_lstm((weights.w_ih, weights.w_hh, b + eps * e), xs, h0, c0, LENGTHS)[0].sum()
+            - reference_lstm((weights.w_ih, weights.w_hh, b - eps * e), xs, h0, c0, LENGTHS)[
+                0
+            ].sum()
+        )
+        / (2 * eps)
+        for e in np.eye(4 * HID)
+    ]
+    np.testing.assert_allclose(grads.b, want_db, atol=1e-4, rtol=1e-4)
+
+
 def test_lstm_cell_matches_numpy_reference(rng, np_rng):
     weights = init_lstm(rng, IN, HID)
     xs, h0, c0 = _inputs(np_rng)

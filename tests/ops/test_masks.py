@@ -263,6 +263,36 @@ def test_masked_softmax_fully_masked_row_zero_with_finite_zero_grad(np_rng):
     np.testing.assert_allclose(np.asarray(grad)[0], p * (w0 - p @ w0), rtol=1e-4, atol=1e-6)
 
 
+def test_masked_softmax_makes_no_inf_under_debug_infs(np_rng):
+    """The mask's own fill is finite: a user running jax.debug_infs on a model got an
+    "invalid value (inf)" error from masked_softmax's -inf fill (forward and gradient),
+    not from anything in their data."""
+    x = 3 * np_rng.standard_normal((3, 5, 7)).astype(np.float32)
+    mask = np_rng.random((3, 5, 7)) > 0.4
+    mask[0, 1] = False  # one fully masked row
+    w = np_rng.standard_normal((3, 5, 7))
+    with jax.debug_infs(True):
+        probs = masked_softmax(jnp.asarray(x), jnp.asarray(mask))
+        grad = jax.grad(lambda x: jnp.sum(masked_softmax(x, mask) * w.astype(np.float32)))(
+            jnp.asarray(x)
+        )
+    p = np_masked_softmax(x, mask)
+    np.testing.assert_allclose(probs, p, rtol=1e-5, atol=1e-6)
+    want = p * (w - np.sum(p * w, axis=-1, keepdims=True))  # the softmax Jacobian, row-wise
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
+
+
+def test_combine_masks_of_other_ranks_under_rank_promotion_raise(np_rng):
+    """A [T, S] mask with a [B, 1, T, S] one is the broadcast combine_masks promises; under
+    jax.numpy_rank_promotion("raise") it (and so attention with a mask and is_causal) was
+    "Operands could not be broadcast together" from inside the library."""
+    a = np_rng.random((3, 1, 5, 7)) > 0.5
+    c = np_causal(5, 7)
+    with jax.numpy_rank_promotion("raise"):
+        got = combine_masks(a, None, c)
+    np.testing.assert_array_equal(got, a & c)
+
+
 def test_masked_softmax_all_neg_inf_row_is_zero():
     x = jnp.array([[-jnp.inf] * 3, [0.0, -jnp.inf, 1.0]], jnp.float32)
     probs = np.asarray(masked_softmax(x))

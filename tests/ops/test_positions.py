@@ -271,6 +271,18 @@ def test_apply_rope_of_float64_inputs_computes_in_float64(np_rng):
     np.testing.assert_allclose(got, np_rope(x, positions), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["[T]", "[B, T]"])
+def test_apply_rope_under_rank_promotion_raise(np_rng, per_row):
+    """positions [..., T, 1] times the [H/2] frequencies, broadcast explicitly: under
+    jax.numpy_rank_promotion("raise") rope failed with "Operands could not be broadcast
+    together" from inside rope_frequencies."""
+    x = f32(np_rng, B, T, N, H)
+    positions = np_rng.integers(0, 50, (B, T) if per_row else (T,))
+    with jax.numpy_rank_promotion("raise"):
+        got = apply_rope(x, jnp.asarray(positions))
+    np.testing.assert_allclose(got, np_rope(x, positions), **TOL)
+
+
 def test_apply_rope_jit_vmap_grad(np_rng):
     x = f32(np_rng, B, T, N, H)
     positions = jnp.asarray(np_rng.integers(0, 30, (B, T)), jnp.int32)
