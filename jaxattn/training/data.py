@@ -14,7 +14,6 @@ resumed run sees exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import importlib.resources
-import numbers
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -23,7 +22,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from jaxattn.ops._checks import check_size
+from jaxattn.ops._checks import check_size, is_real_scalar
 from jaxattn.ops.layers import check_token_ids
 
 DEFAULT_TEXT = "tinyshakespeare.txt"
@@ -148,10 +147,7 @@ class CharTokenizer:
 def train_val_split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """Split a token stream: the first ``int(n * train_fraction)`` tokens train, the rest val."""
     # (None, or a string from a config, failed as "'<' not supported between instances")
-    real = isinstance(train_fraction, numbers.Real) and not isinstance(
-        train_fraction, (bool, np.bool_)
-    )
-    if not (real and 0.0 < train_fraction < 1.0):
+    if not (is_real_scalar(train_fraction) and 0.0 < train_fraction < 1.0):
         raise ValueError(
             f"train_val_split: train_fraction must be a number in (0, 1), got {train_fraction!r}"
         )

@@ -222,8 +222,9 @@ def test_train_val_split_rejects_bad_fraction():
             ValueError, match=r"^train_val_split: train_fraction must be a number in \(0, 1\)"
         ):
             data.train_val_split(_stream(), bad)
-    train, val = data.train_val_split(np.arange(10), np.float32(0.75))
-    assert (len(train), len(val)) == (7, 3)
+    for fraction in (np.float32(0.75), jnp.float32(0.75)):  # (NumPy and JAX scalars)
+        train, val = data.train_val_split(np.arange(10), fraction)
+        assert (len(train), len(val)) == (7, 3)
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, True])
