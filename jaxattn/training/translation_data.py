@@ -520,7 +520,8 @@ def translation_dataset(
     seed = check_size(seed, "seed", name, minimum=0)
     # (None failed with a TypeError from a comparison; True and 7.0 passed as sizes)
     vocab_size = check_size(vocab_size, "vocab_size", name)
-    for i, (s, t) in enumerate(zip(src, tgt)):
+    lengths = []
+    for i, (s, t) in enumerate(zip(src, tgt)):  # (which example: the index within it is no help)
         for what, ids in (("source", s), ("target", t)):
             # (one flat list of ids for src failed as "object of type 'int' has no len()")
             if np.ndim(ids) != 1:
@@ -528,10 +529,7 @@ def translation_dataset(
                     f"{name}: {what} {i}: token ids must be 1-D (src and tgt are lists of "
                     f"examples), got shape {np.shape(ids)}"
                 )
-    lengths = [pair_length(s, t) for s, t in zip(src, tgt)]
-    for i, (s, t) in enumerate(zip(src, tgt)):  # (which example: the index within it is no help)
-        check_token_ids(s, vocab_size, f"{name}: source {i}: token ids")
-        check_token_ids(t, vocab_size, f"{name}: target {i}: token ids")
+            check_token_ids(ids, vocab_size, f"{name}: {what} {i}: token ids")
         # The batches add BOS and EOS, and decoding never emits pad or BOS: an EOS already
         # in a target trained "y EOS EOS", a pad or BOS a label no decode can produce.
         # (The special ids are the lowest three: a min is 10x faster than np.isin, 0.1
@@ -542,6 +540,7 @@ def translation_dataset(
                 f"{name}: target {i}: token ids must not hold pad, BOS or EOS "
                 f"{_SPECIAL_IDS} (the batches add BOS and EOS), got {int(t[j])} at index {j}"
             )
+        lengths.append(pair_length(s, t))
         if lengths[i] > buckets[-1]:
             raise ValueError(
                 f"{name}: example {i} (source {len(s)} tokens, target {len(t)} + EOS) "
